@@ -1,0 +1,34 @@
+"""stabilitycheck: property-based tests and diagnostics for exploding gradients in PyTorch.
+
+The public API is re-exported lazily, so `import stabilitycheck` does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Config": "stabilitycheck.config",
+    "StabilityCheckError": "stabilitycheck.errors",
+    "UsageError": "stabilitycheck.errors",
+    "ConfigError": "stabilitycheck.errors",
+    "StabilityError": "stabilitycheck.errors",
+    "Measurement": "stabilitycheck.probing",
+    "NonFinite": "stabilitycheck.probing",
+    "probe": "stabilitycheck.probing",
+    "probe_module": "stabilitycheck.probing",
+    "Limits": "stabilitycheck.verdicts",
+    "Verdict": "stabilitycheck.verdicts",
+    "verdict": "stabilitycheck.verdicts",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'stabilitycheck' has no attribute {name!r}")

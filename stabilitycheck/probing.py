@@ -1,0 +1,349 @@
+"""The probe: forward, backward and optimiser steps on a model, measuring every gradient norm.
+
+All norms of a step are computed on the device in float64 and brought to the host together:
+one host synchronisation per step, never one per tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from stabilitycheck.config import Config
+from stabilitycheck.errors import UsageError
+from stabilitycheck.subject import Inputs, LossFn, Subject, find_blocks
+
+ACC = torch.float64  # norms are accumulated in float64 so a finite float32 tensor never overflows
+TENSOR_KINDS = ("weight", "activation", "loss", "activation_grad", "gradient")
+
+
+@dataclass(frozen=True)
+class NonFinite:
+    """The first NaN/Inf seen: its step, the block, which tensor, and the offending norm."""
+
+    step: int
+    layer: str
+    tensor: str  # one of TENSOR_KINDS; "activation_grad" is dL/d(output of `layer`)
+    value: float
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Everything the probe measured; numbers are Python floats, per-call lists input side first."""
+
+    layer_names: tuple[str, ...]
+    activation_names: tuple[str, ...]
+    loss: tuple[float, ...]
+    grad_norm: tuple[float, ...]
+    layer_grad_norms: tuple[float, ...]
+    activation_norms: tuple[float, ...]
+    activation_grad_norms: tuple[float, ...]
+    gains: tuple[float, ...]
+    growth: float
+    weight_norms: tuple[float, ...]
+    first_nonfinite: NonFinite | None
+    steps_run: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (non-finite floats are kept: json writes them as NaN/Infinity)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Measurement:
+        """Inverse of `to_dict`."""
+        kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        nf = data.get("first_nonfinite")
+        kwargs["first_nonfinite"] = NonFinite(**nf) if nf else None
+        return cls(**kwargs)
+
+
+def ratio(num: float, den: float) -> float:
+    """num / den where 0/0 is NaN and x/0 is +Inf, instead of raising."""
+    if den == 0.0:
+        return math.nan if num == 0.0 else math.inf
+    return num / den
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    """The tensor a block returned (the first one, for blocks returning tuples like LSTMCell)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, tuple | list) and value:
+        return _first_tensor(value[0])
+    return None
+
+
+class _Recorder:
+    """Forward hooks, registered once, recording per block call the output norm and dL/d(output)."""
+
+    def __init__(self, blocks: Sequence[tuple[str, nn.Module]]) -> None:
+        self.active = False
+        self.names: list[str] = []
+        self.forward: list[torch.Tensor] = []
+        self.backward: dict[int, torch.Tensor] = {}
+        self.handles = [module.register_forward_hook(self._hook(name)) for name, module in blocks]
+
+    def _hook(self, name: str) -> Any:
+        def on_forward(module: nn.Module, args: Any, output: Any) -> None:
+            out = _first_tensor(output)
+            if not self.active or out is None:
+                return
+            index = len(self.forward)
+            self.names.append(name)
+            self.forward.append(torch.linalg.vector_norm(out.detach(), dtype=ACC))
+            if out.requires_grad:
+                out.register_hook(lambda g: self._on_grad(index, g))
+
+        return on_forward
+
+    def _on_grad(self, index: int, grad: torch.Tensor) -> None:
+        self.backward[index] = torch.linalg.vector_norm(grad, dtype=ACC)
+
+    def start(self) -> None:
+        self.active, self.names, self.forward, self.backward = True, [], [], {}
+
+    def stop(self) -> None:
+        self.active = False
+
+    def call_names(self) -> tuple[str, ...]:
+        """One name per recorded call: the block name, with [k] for blocks called more than once."""
+        counts = Counter(self.names)
+        seen: Counter[str] = Counter()
+        out = []
+        for name in self.names:
+            out.append(f"{name}[{seen[name]}]" if counts[name] > 1 else name)
+            seen[name] += 1
+        return tuple(out)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def call_model(model: nn.Module, inputs: Inputs) -> Any:
+    """Call the model the way its inputs are packed: tensor, tuple/list (positional) or dict."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, tuple | list):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _check_loss(loss: Any) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise UsageError(f"the loss must be a scalar float tensor, got {shape}; return e.g. out.mean()")
+    if not loss.requires_grad:
+        raise UsageError(
+            "the loss does not require grad: it is not differentiable with respect to the "
+            "model's parameters (was the output detached or computed under torch.no_grad()?)"
+        )
+    return loss
+
+
+def _block_of(params: Sequence[nn.Parameter], blocks: Sequence[tuple[str, nn.Module]]) -> list[int]:
+    """For each parameter, the index of the first block owning it, or -1."""
+    owner: dict[int, int] = {}
+    for b, (_, module) in enumerate(blocks):
+        for p in module.parameters():
+            owner.setdefault(id(p), b)
+    return [owner.get(id(p), -1) for p in params]
+
+
+def _per_block(norms: Sequence[float], owner: Sequence[int], n_blocks: int) -> tuple[float, ...]:
+    """Combine per-parameter L2 norms into per-block L2 norms."""
+    squares = [0.0] * n_blocks
+    for value, b in zip(norms, owner, strict=True):
+        if b >= 0:
+            squares[b] += value * value
+    return tuple(math.sqrt(s) for s in squares)
+
+
+def _optimizer(name: str, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    return torch.optim.SGD(params, lr=lr)
+
+
+@dataclass
+class _Step:
+    """The host-side numbers of one step (after the single synchronisation); one entry per
+    parameter in `grads` and `weights` (0.0 for a parameter that got no gradient)."""
+
+    loss: float
+    grads: list[float]
+    weights: list[float]
+    calls: tuple[str, ...]
+    forward: list[float]
+    backward: list[float]
+
+
+def _run_step(
+    model: nn.Module,
+    inputs: Inputs,
+    loss_fn: LossFn,
+    params: list[nn.Parameter],
+    rec: _Recorder,
+    hooks: bool,
+) -> _Step:
+    """Forward and backward once, then every norm computed on the device and copied in one go."""
+    for p in params:
+        p.grad = None
+    if hooks:
+        rec.start()
+    try:
+        loss = _check_loss(loss_fn(call_model(model, inputs), inputs))
+        loss.backward()
+    finally:
+        rec.stop()
+    present = [i for i, p in enumerate(params) if p.grad is not None]
+    grads = [params[i].grad for i in present]
+    n_calls = len(rec.forward) if hooks else 0
+    zero = torch.zeros((), dtype=ACC, device=loss.device)  # an output no gradient reached
+    parts = [loss.detach().to(ACC).reshape(())]
+    parts += list(torch._foreach_norm(grads, 2, dtype=ACC)) if grads else []  # type: ignore[arg-type]
+    parts += list(torch._foreach_norm([p.detach() for p in params], 2, dtype=ACC))
+    if hooks:
+        parts += rec.forward
+        parts += [rec.backward.get(i, zero) for i in range(n_calls)]
+    host = torch.stack(parts).tolist()  # the one host synchronisation of this step
+    g, w = len(grads), len(params)
+    full = [0.0] * w
+    for i, value in zip(present, host[1 : 1 + g], strict=True):
+        full[i] = value
+    return _Step(
+        loss=host[0],
+        grads=full,
+        weights=host[1 + g : 1 + g + w],
+        calls=rec.call_names() if hooks else (),
+        forward=host[1 + g + w : 1 + g + w + n_calls],
+        backward=host[1 + g + w + n_calls :],
+    )
+
+
+def _locate(step: int, s: _Step, names: Sequence[str], owner: Sequence[int]) -> NonFinite | None:
+    """The first non-finite value of a step, in the order it came to be: the weights from the
+    previous update, forward outputs, the loss, output gradients (output side first), weight grads."""
+
+    def block(b: int) -> str:
+        return names[b] if b >= 0 else "(outside blocks)"
+
+    for value, b in zip(s.weights, owner, strict=True):
+        if not math.isfinite(value):
+            return NonFinite(max(step - 1, 0), block(b), "weight", value)
+    for value, name in zip(s.forward, s.calls, strict=True):
+        if not math.isfinite(value):
+            return NonFinite(step, name, "activation", value)
+    if not math.isfinite(s.loss):
+        return NonFinite(step, "(loss)", "loss", s.loss)
+    for value, name in reversed(list(zip(s.backward, s.calls, strict=True))):
+        if not math.isfinite(value):
+            return NonFinite(step, name, "activation_grad", value)
+    for value, b in zip(s.grads, owner, strict=True):
+        if not math.isfinite(value):
+            return NonFinite(step, block(b), "gradient", value)
+    return None
+
+
+def probe_module(
+    model: nn.Module,
+    inputs: Inputs,
+    loss_fn: LossFn,
+    *,
+    blocks: Sequence[tuple[str, nn.Module]] | None = None,
+    steps: int = 0,
+    lr: float = 0.01,
+    optimizer: str = "sgd",
+    clip: float | None = None,
+    warmup: int = 0,
+    seed: int = 0,
+) -> Measurement:
+    """Probe any module: forward + backward at step 0, then `steps` optimiser steps, each followed
+    by another forward + backward. Per-block numbers come from step 0. A non-finite value stops the
+    run; when it shows up after step 0, that step is re-run with the hooks on to name the block.
+    """
+    blocks = tuple(blocks) if blocks is not None else find_blocks(model)
+    names = tuple(name for name, _ in blocks)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UsageError(
+            "the model has no parameters that require grad: nothing to differentiate "
+            "(check requires_grad, or that layers are registered as submodules)"
+        )
+    owner = _block_of(params, blocks)
+    opt = _optimizer(optimizer, params, lr)
+    rec = _Recorder(blocks)
+    losses: list[float] = []
+    totals: list[float] = []
+    nonfinite: NonFinite | None = None
+    devices = [params[0].device] if params[0].device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            first = last = _run_step(model, inputs, loss_fn, params, rec, hooks=True)
+            for step in range(steps + 1):
+                if step > 0:
+                    last = _run_step(model, inputs, loss_fn, params, rec, hooks=False)
+                    if _locate(step, last, names, owner) is not None:  # name the block
+                        last = _run_step(model, inputs, loss_fn, params, rec, hooks=True)
+                nonfinite = _locate(step, last, names, owner)
+                losses.append(last.loss)
+                totals.append(math.sqrt(sum(v * v for v in last.grads)))
+                if nonfinite is not None or step == steps:
+                    break
+                if clip is not None:
+                    coef = min(1.0, clip / (totals[-1] + 1e-6))  # torch's clip_grad_norm_ contract
+                    torch._foreach_mul_([p.grad for p in params if p.grad is not None], coef)
+                if warmup:
+                    for group in opt.param_groups:
+                        group["lr"] = lr * min(1.0, (step + 1) / warmup)
+                opt.step()
+    finally:
+        rec.remove()
+    act = tuple(first.backward)
+    return Measurement(
+        layer_names=names,
+        activation_names=first.calls,
+        loss=tuple(losses),
+        grad_norm=tuple(totals),
+        layer_grad_norms=_per_block(first.grads, owner, len(names)),
+        activation_norms=tuple(first.forward),
+        activation_grad_norms=act,
+        gains=tuple(ratio(act[i], act[i + 1]) for i in range(len(act) - 1)),
+        growth=ratio(act[0], act[-1]) if act else 1.0,
+        weight_norms=_per_block(last.weights, owner, len(names)),
+        first_nonfinite=nonfinite,
+        steps_run=len(losses) - 1,
+    )
+
+
+def probe(config: Config, subject: Subject | None = None) -> Measurement:
+    """Build `config` with `subject` (default: the zoo) and probe it."""
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(
+            f"Config.device={config.device!r} but CUDA is not available on this machine; use device='cpu'"
+        )
+    if subject is None:
+        from stabilitycheck.zoo import Zoo
+
+        subject = Zoo()
+    built = subject.build(config)
+    return probe_module(
+        built.model,
+        built.inputs,
+        built.loss_fn,
+        blocks=built.blocks,
+        steps=config.steps,
+        lr=config.lr,
+        optimizer=config.optimizer,
+        clip=config.clip,
+        warmup=config.warmup,
+        seed=config.seed,
+    )

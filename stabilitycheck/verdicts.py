@@ -1,0 +1,101 @@
+"""Verdict: which named criteria a Measurement trips, against documented limits."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from stabilitycheck.errors import ConfigError
+from stabilitycheck.probing import Measurement, ratio
+
+CRITERIA = ("nonfinite", "grad_norm", "growth", "divergence", "vanishing")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Thresholds of the criteria; None switches a criterion off.
+
+    - grad_norm = 1e3: the zoo's readout cross-entropy has an output gradient of norm <= sqrt(2)
+      per example, so at a stable init the total norm is O(1)-O(10); usual clip thresholds are
+      1-5, and a norm a thousand times above them means the update is dominated by a blow-up.
+    - growth = 1e2: input-side over output-side activation-gradient norm. Critical inits keep it
+      O(1) at any depth (mean-field chi = 1); two orders of magnitude means exponential growth
+      (chi = 1.1 per layer passes it at depth ~ 50), beyond what per-layer learning rates absorb.
+    - divergence = 2.0: final loss over initial loss after `steps` steps. A stable optimiser at a
+      sane learning rate does not double the loss; bounded models (tanh with a fixed readout)
+      cannot go non-finite, so a doubled loss is how their explosion shows.
+    - vanishing = None: growth below 1/limit is measured and shown, a failure only when asked for.
+    """
+
+    grad_norm: float | None = 1e3
+    growth: float | None = 1e2
+    divergence: float | None = 2.0
+    vanishing: float | None = None
+    nonfinite: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("grad_norm", "growth", "divergence", "vanishing"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int | float) and value > 0):
+                raise ConfigError(f"Limits.{name}={value!r} must be a number > 0 or None (off)")
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """One criterion that fired: its name, the measured value and the limit it passed."""
+
+    name: str
+    value: float
+    limit: float
+
+    def describe(self) -> str:
+        """A short text like 'growth 3.2e+04 > 1e+02'."""
+        if self.name == "nonfinite":
+            return "nonfinite"
+        op = "<" if self.name == "vanishing" else ">"
+        return f"{self.name} {self.value:.3g} {op} {self.limit:.3g}"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether the Measurement counts as an explosion, and which criteria fired (in CRITERIA order)."""
+
+    exploded: bool
+    criteria: tuple[Criterion, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.criteria)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"exploded": self.exploded, "criteria": [vars(c) for c in self.criteria]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Verdict:
+        return cls(data["exploded"], tuple(Criterion(**c) for c in data["criteria"]))
+
+
+def _above(value: float, limit: float | None) -> bool:
+    """value > limit, where an infinite value counts and NaN does not (nonfinite covers it)."""
+    return limit is not None and not math.isnan(value) and value > limit
+
+
+def verdict(m: Measurement, limits: Limits | None = None) -> Verdict:
+    """Judge a Measurement against `limits` (defaults: Limits())."""
+    lim = limits or Limits()
+    fired: list[Criterion] = []
+    if lim.nonfinite and m.first_nonfinite is not None:
+        fired.append(Criterion("nonfinite", m.first_nonfinite.value, math.inf))
+    peak = max((g for g in m.grad_norm if not math.isnan(g)), default=0.0)
+    if _above(peak, lim.grad_norm):
+        fired.append(Criterion("grad_norm", peak, float(lim.grad_norm or 0)))
+    if _above(m.growth, lim.growth):
+        fired.append(Criterion("growth", m.growth, float(lim.growth or 0)))
+    if len(m.loss) > 1:
+        rise = ratio(m.loss[-1], m.loss[0])
+        if _above(rise, lim.divergence):
+            fired.append(Criterion("divergence", rise, float(lim.divergence or 0)))
+    if lim.vanishing is not None and m.growth < 1.0 / lim.vanishing:
+        fired.append(Criterion("vanishing", m.growth, 1.0 / lim.vanishing))
+    return Verdict(exploded=bool(fired), criteria=tuple(fired))

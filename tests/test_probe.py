@@ -1,0 +1,157 @@
+"""The probe's bookkeeping: determinism, non-finite localisation, norms against torch's own."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from stabilitycheck.config import FAMILIES, Config
+from stabilitycheck.errors import UsageError
+from stabilitycheck.probing import Measurement, probe, probe_module
+from stabilitycheck.verdicts import Limits, verdict
+from stabilitycheck.zoo import build
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_same_config_gives_bit_identical_measurements(family: str) -> None:
+    c = Config(
+        family=family, norm="pre", depth=3, width=16, seq_len=6, batch_size=4, steps=3, optimizer="adam"
+    )
+    assert probe(c) == probe(c)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_measurement_json_round_trip(family: str) -> None:
+    m = probe(Config(family=family, depth=2, width=8, seq_len=3, batch_size=2, steps=1))
+    assert Measurement.from_dict(json.loads(json.dumps(m.to_dict()))) == m
+
+
+class Poisoned(nn.Module):
+    """A stack of linear layers whose block `k` returns NaN (or Inf) in the forward pass."""
+
+    def __init__(self, depth: int, k: int, poison: float) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(*(nn.Linear(8, 8) for _ in range(depth)))
+        self.k, self.poison = k, poison
+        self.layers[k].register_forward_hook(lambda mod, args, out: out * self.poison)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(("k", "poison"), [(0, math.nan), (3, math.nan), (5, math.inf)])
+def test_forward_nan_or_inf_is_located_at_its_block(k: int, poison: float) -> None:
+    model = Poisoned(6, k, poison)
+    m = probe_module(model, torch.randn(4, 8), lambda out, _: out.pow(2).mean())
+    assert m.first_nonfinite is not None
+    assert (m.first_nonfinite.step, m.first_nonfinite.layer) == (0, f"layers.{k}")
+    assert m.first_nonfinite.tensor == "activation"
+    assert verdict(m).names[0] == "nonfinite"
+
+
+def test_backward_only_nan_is_located_at_the_gradient() -> None:
+    class NanGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx: object, g: torch.Tensor) -> torch.Tensor:
+            return g * math.nan
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for i, layer in enumerate(self.layers):
+                x = layer(x)
+                if i == 2:
+                    x = NanGrad.apply(x)
+            return x
+
+    m = probe_module(Model(), torch.randn(3, 4), lambda out, _: out.sum())
+    assert m.first_nonfinite is not None
+    # dL/d(output of layers.1) is the first NaN: it is made by NanGrad sitting after layers.2.
+    assert (m.first_nonfinite.layer, m.first_nonfinite.tensor) == ("layers.2", "activation_grad")
+    assert math.isnan(m.first_nonfinite.value)
+
+
+def test_blow_up_during_training_is_located_and_stops_the_run() -> None:
+    c = Config(depth=30, width=64, init_scale=8.0, activation="linear", steps=10, lr=1.0)
+    m = probe(c)
+    nf = m.first_nonfinite
+    assert nf is not None and nf.step >= 1 and nf.layer.startswith("layers.")
+    assert m.steps_run == nf.step < c.steps
+    assert math.isfinite(m.loss[0]) and not math.isfinite(m.loss[-1])
+
+
+def test_total_and_per_block_norms_match_torch() -> None:
+    built = build(Config(family="resmlp", norm="post", depth=5, width=32, init_scale=1.3))
+    m = probe_module(built.model, built.inputs, built.loss_fn, blocks=built.blocks)
+    model = built.model
+    model.zero_grad()
+    built.loss_fn(model(built.inputs), built.inputs).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert m.grad_norm[0] == pytest.approx(float(torch.nn.utils.get_total_norm(grads)), rel=1e-5)
+    for (_, block), norm in zip(built.blocks, m.layer_grad_norms, strict=True):
+        block_grads = [p.grad for p in block.parameters() if p.grad is not None]
+        assert norm == pytest.approx(float(torch.nn.utils.get_total_norm(block_grads)), rel=1e-5)
+    assert m.growth == pytest.approx(math.prod(m.gains), rel=1e-9)
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 0.5, 1e6])
+def test_clipped_training_matches_clip_grad_norm(max_norm: float) -> None:
+    c = Config(family="mlp", depth=4, width=16, init_scale=2.0, steps=3, lr=0.5, clip=max_norm)
+    built = build(c)
+    reference = copy.deepcopy(built.model)
+    probe_module(
+        built.model, built.inputs, built.loss_fn, blocks=built.blocks, steps=3, lr=0.5, clip=max_norm
+    )
+    opt = torch.optim.SGD(reference.parameters(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        built.loss_fn(reference(built.inputs), built.inputs).backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm)
+        opt.step()
+    for ours, theirs in zip(built.model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_deep_tanh_at_sigma_3_is_flagged_by_growth_and_at_sigma_1_is_not() -> None:
+    for family, norm in [("mlp", "none"), ("resmlp", "post"), ("resmlp", "none")]:
+        hot = verdict(probe(Config(family=family, norm=norm, depth=32, width=128, init_scale=3.0)))
+        assert "growth" in hot.names, (family, norm, hot)
+        cool = verdict(probe(Config(family=family, norm=norm, depth=8, width=128, init_scale=1.0)))
+        assert not cool.exploded, (family, norm, cool)
+
+
+def test_usage_errors_are_one_line_messages() -> None:
+    x = torch.randn(2, 3)
+    with pytest.raises(UsageError, match="no parameters that require grad"):
+        probe_module(nn.ReLU(), x, lambda out, _: out.sum())
+    with pytest.raises(UsageError, match="scalar float tensor, got \\(2, 3\\)"):
+        probe_module(nn.Linear(3, 3), x, lambda out, _: out)
+    with pytest.raises(UsageError, match="does not require grad"):
+        probe_module(nn.Linear(3, 3), x, lambda out, _: out.detach().sum())
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="CUDA is not available"):
+            probe(Config(device="cuda"))
+
+
+def test_verdict_criteria_and_limits() -> None:
+    m = probe(Config(depth=3, width=8, steps=2))
+    assert not verdict(m).exploded
+    tight = verdict(m, Limits(grad_norm=1e-9, growth=1e-9, divergence=1e-9))
+    assert tight.names == ("grad_norm", "growth", "divergence")
+    # vanishing fires when growth < 1 / limit
+    assert verdict(m, Limits(vanishing=0.5 / m.growth)).names == ("vanishing",)
+    assert verdict(m, Limits(vanishing=2.0 / m.growth)).names == ()
+    with pytest.raises(ValueError, match=r"Limits\.growth=-1"):
+        Limits(growth=-1)
