@@ -1,0 +1,104 @@
+"""The search against an exhaustive grid sweep, its determinism, and the remedies."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from stabilitycheck import report
+from stabilitycheck.config import Config
+from stabilitycheck.probing import probe
+from stabilitycheck.remedies import critical_init
+from stabilitycheck.searching import boundary, search, sweep
+from stabilitycheck.space import Axis, Space
+from stabilitycheck.verdicts import verdict
+
+SMALL_SPACES = {
+    # tanh MLP: growth ~ chi^(depth/2), chi > 1 above sigma_w = 1
+    "tanh-mlp": Space(
+        "tanh-mlp",
+        Config(family="mlp", width=16, batch_size=8),
+        (Axis.range("depth", 1, 40), Axis.range("init_scale", 0.5, 3.0, 0.25)),
+    ),
+    # linear RNN: the backward signal grows like sigma_w^t over t steps
+    "linear-rnn": Space(
+        "linear-rnn",
+        Config(family="rnn", activation="linear", width=16, batch_size=4),
+        (Axis.range("seq_len", 1, 60), Axis.range("init_scale", 0.9, 1.5, 0.1)),
+    ),
+    # post-norm residual MLP: LayerNorm after the sum does not stop the backward growth
+    "post-resmlp": Space(
+        "post-resmlp",
+        Config(family="resmlp", norm="post", width=16, batch_size=8),
+        (Axis.range("depth", 1, 40), Axis.range("init_scale", 0.5, 3.0, 0.25)),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_SPACES))
+def test_search_finds_a_one_minimal_point_of_the_exhaustive_grid(name: str) -> None:
+    space = SMALL_SPACES[name]
+    grid = sweep(space)
+    assert any(grid.values()), "the space must contain an explosion for this test to mean anything"
+    result = search(space, max_examples=60, seed=0)
+    assert result.counterexample is not None
+    found = tuple(
+        a.values.index(result.counterexample.config.knob(a.name))  # type: ignore[arg-type]
+        for a in space.axes
+    )
+    assert found in boundary(grid), f"{found} is not on the grid's stable/unstable boundary"
+    assert result.probes < space.size / 4, (result.probes, space.size)
+
+
+def test_same_seed_same_counterexample_and_table() -> None:
+    space = SMALL_SPACES["tanh-mlp"]
+    first, second = search(space, seed=3), search(space, seed=3)
+    assert first.counterexample == second.counterexample
+    assert report.text([first]) == report.text([second])
+
+
+def test_stable_space_reports_no_counterexample_and_the_largest_tried() -> None:
+    space = Space("lstm", Config(family="lstm", width=8, batch_size=4), (Axis.range("seq_len", 1, 24),))
+    result = search(space, max_examples=10)
+    assert result.counterexample is None
+    assert result.largest_stable is not None and result.largest_stable.seq_len <= 24
+    assert "stable (tried up to seq_len=" in report.table([result])
+
+
+def test_critical_init_fixes_the_deep_tanh_mlp() -> None:
+    config = Config(family="mlp", depth=40, width=64, init_scale=2.0)
+    assert "growth" in verdict(probe(config)).names
+    fixed = critical_init(config)
+    assert fixed is not None and fixed.init_scale == 1.0
+    assert not verdict(probe(fixed)).exploded
+
+
+@pytest.mark.parametrize("lr", [30.0, 100.0])
+def test_clipping_bounds_the_weight_drift_of_a_tanh_rnn_at_sigma_1_5(lr: float) -> None:
+    # Each clipped SGD step moves the weights by at most lr * max_norm, so after k steps
+    # ||W_k|| <= ||W_0|| + k * lr * max_norm. Without clipping the spikes of the backward signal
+    # (Pascanu et al. 2013) throw the weights far past that bound.
+    base = Config(family="rnn", init_scale=1.5, width=32, seq_len=32, batch_size=8, steps=20, lr=lr)
+    w0 = math.hypot(*probe(base.with_knobs(steps=0)).weight_norms)
+    bound = w0 + base.steps * lr * 1.0
+    clipped = probe(base.with_knobs(clip=1.0))
+    unclipped = probe(base)
+    assert clipped.first_nonfinite is None
+    assert math.hypot(*clipped.weight_norms) <= bound
+    assert math.hypot(*unclipped.weight_norms) > 3 * bound
+
+
+def test_remedies_are_measured_and_not_applicable_ones_say_so() -> None:
+    base = Config(family="rnn", activation="linear", width=16, batch_size=4, seq_len=40, steps=2)
+    space = Space("rnn", base, (Axis("init_scale", (1.5,)),))
+    result = search(space, max_examples=5)
+    cx = result.counterexample
+    assert cx is not None
+    by_name = {r.name: r for r in cx.remedies}
+    assert by_name["pre-norm"].config is None and by_name["pre-norm"].fixed is None
+    assert by_name["lstm"].config is not None and by_name["lstm"].config.family == "lstm"
+    assert by_name["critical-init"].fixed  # a linear RNN at spectral radius 1 cannot grow
+    for r in cx.remedies:
+        if r.config is not None:
+            assert r.fixed == (not verdict(probe(r.config)).exploded)
