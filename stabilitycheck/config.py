@@ -114,9 +114,9 @@ class Config:
 
     def with_knobs(self, **values: Any) -> Config:
         """A copy with knobs replaced; names not among the fields go to `params`."""
-        fields = {k: v for k, v in values.items() if k in _FIELD_NAMES}
-        extra = {k: v for k, v in values.items() if k not in _FIELD_NAMES}
         params = dict(self.params)
+        fields = {k: v for k, v in values.items() if k in _FIELD_NAMES and k not in params}
+        extra = {k: v for k, v in values.items() if k not in fields}
         unknown = set(extra) - set(params)
         if unknown:
             raise ConfigError(

@@ -1,12 +1,15 @@
 """The probe: forward, backward and optimiser steps on a model, measuring every gradient norm.
 
-All norms of a step are computed on the device in float64 and brought to the host together:
-one host synchronisation per step, never one per tensor.
+All norms of a step are computed on the device in float32 (float64 for float64 tensors) and brought
+to the host together: one host synchronisation per step, never one per tensor. A step where any of
+them is non-finite is re-run with every norm in float64, so a finite tensor whose float32 norm
+overflows is never reported as non-finite.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -20,7 +23,7 @@ from stabilitycheck.config import Config
 from stabilitycheck.errors import UsageError
 from stabilitycheck.subject import Inputs, LossFn, Subject, find_blocks
 
-ACC = torch.float64  # norms are accumulated in float64 so a finite float32 tensor never overflows
+EXACT = torch.float64
 TENSOR_KINDS = ("weight", "activation", "loss", "activation_grad", "gradient")
 
 
@@ -80,11 +83,17 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
     return None
 
 
+def accumulator(dtype: torch.dtype, exact: bool) -> torch.dtype:
+    """The dtype norms of `dtype` tensors are computed in: float32 or wider, float64 when exact."""
+    return EXACT if exact or dtype == torch.float64 else torch.float32
+
+
 class _Recorder:
     """Forward hooks, registered once, recording per block call the output norm and dL/d(output)."""
 
     def __init__(self, blocks: Sequence[tuple[str, nn.Module]]) -> None:
         self.active = False
+        self.exact = False
         self.names: list[str] = []
         self.forward: list[torch.Tensor] = []
         self.backward: dict[int, torch.Tensor] = {}
@@ -97,17 +106,19 @@ class _Recorder:
                 return
             index = len(self.forward)
             self.names.append(name)
-            self.forward.append(torch.linalg.vector_norm(out.detach(), dtype=ACC))
+            acc = accumulator(out.dtype, self.exact)
+            self.forward.append(torch.linalg.vector_norm(out.detach(), dtype=acc).to(EXACT))
             if out.requires_grad:
                 out.register_hook(lambda g: self._on_grad(index, g))
 
         return on_forward
 
     def _on_grad(self, index: int, grad: torch.Tensor) -> None:
-        self.backward[index] = torch.linalg.vector_norm(grad, dtype=ACC)
+        acc = accumulator(grad.dtype, self.exact)
+        self.backward[index] = torch.linalg.vector_norm(grad, dtype=acc).to(EXACT)
 
-    def start(self) -> None:
-        self.active, self.names, self.forward, self.backward = True, [], [], {}
+    def start(self, exact: bool) -> None:
+        self.active, self.exact, self.names, self.forward, self.backward = True, exact, [], [], {}
 
     def stop(self) -> None:
         self.active = False
@@ -185,37 +196,55 @@ class _Step:
     backward: list[float]
 
 
+def _norms(tensors: list[torch.Tensor], exact: bool) -> list[torch.Tensor]:
+    """The L2 norm of each tensor as a float64 0-d tensor, fused per dtype (no host sync)."""
+    out: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
+    for dtype in {t.dtype for t in tensors}:
+        where = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+        group = [tensors[i] for i in where]
+        norms = torch._foreach_norm(group, 2, dtype=accumulator(dtype, exact))
+        for i, n in zip(where, norms, strict=True):
+            out[i] = n.to(EXACT)
+    return out
+
+
 def _run_step(
     model: nn.Module,
     inputs: Inputs,
     loss_fn: LossFn,
     params: list[nn.Parameter],
     rec: _Recorder,
+    *,
     hooks: bool,
+    exact: bool = False,
+    weights: bool = False,
 ) -> _Step:
-    """Forward and backward once, then every norm computed on the device and copied in one go."""
+    """Forward and backward once, then the norms computed on the device and copied in one go:
+    the loss, every weight gradient, and (on request) the block outputs, their gradients and the
+    weights. `exact` computes every norm in float64."""
     for p in params:
         p.grad = None
     if hooks:
-        rec.start()
+        rec.start(exact)
     try:
         loss = _check_loss(loss_fn(call_model(model, inputs), inputs))
         loss.backward()
     finally:
         rec.stop()
     present = [i for i, p in enumerate(params) if p.grad is not None]
-    grads = [params[i].grad for i in present]
+    grads = [g for g in (params[i].grad for i in present) if g is not None]
     n_calls = len(rec.forward) if hooks else 0
-    zero = torch.zeros((), dtype=ACC, device=loss.device)  # an output no gradient reached
-    parts = [loss.detach().to(ACC).reshape(())]
-    parts += list(torch._foreach_norm(grads, 2, dtype=ACC)) if grads else []  # type: ignore[arg-type]
-    parts += list(torch._foreach_norm([p.detach() for p in params], 2, dtype=ACC))
+    zero = torch.zeros((), dtype=EXACT, device=loss.device)  # an output no gradient reached
+    parts = [loss.detach().to(EXACT).reshape(())]
+    parts += _norms(grads, exact)
+    if weights:
+        parts += _norms([p.detach() for p in params], exact)
     if hooks:
         parts += rec.forward
         parts += [rec.backward.get(i, zero) for i in range(n_calls)]
     host = torch.stack(parts).tolist()  # the one host synchronisation of this step
-    g, w = len(grads), len(params)
-    full = [0.0] * w
+    g, w = len(grads), len(params) if weights else 0
+    full = [0.0] * len(params)
     for i, value in zip(present, host[1 : 1 + g], strict=True):
         full[i] = value
     return _Step(
@@ -235,7 +264,7 @@ def _locate(step: int, s: _Step, names: Sequence[str], owner: Sequence[int]) -> 
     def block(b: int) -> str:
         return names[b] if b >= 0 else "(outside blocks)"
 
-    for value, b in zip(s.weights, owner, strict=True):
+    for value, b in zip(s.weights, owner, strict=False):  # weights are measured on request only
         if not math.isfinite(value):
             return NonFinite(max(step - 1, 0), block(b), "weight", value)
     for value, name in zip(s.forward, s.calls, strict=True):
@@ -287,12 +316,15 @@ def probe_module(
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            first = last = _run_step(model, inputs, loss_fn, params, rec, hooks=True)
+            first = last = _run_step(model, inputs, loss_fn, params, rec, hooks=True, weights=steps == 0)
             for step in range(steps + 1):
                 if step > 0:
-                    last = _run_step(model, inputs, loss_fn, params, rec, hooks=False)
-                    if _locate(step, last, names, owner) is not None:  # name the block
-                        last = _run_step(model, inputs, loss_fn, params, rec, hooks=True)
+                    last = _run_step(model, inputs, loss_fn, params, rec, hooks=False, weights=step == steps)
+                if _locate(step, last, names, owner) is not None:  # name the block, in float64
+                    last = _run_step(
+                        model, inputs, loss_fn, params, rec, hooks=True, exact=True, weights=True
+                    )
+                    first = last if step == 0 else first
                 nonfinite = _locate(step, last, names, owner)
                 losses.append(last.loss)
                 totals.append(math.sqrt(sum(v * v for v in last.grads)))
@@ -318,23 +350,33 @@ def probe_module(
         activation_grad_norms=act,
         gains=tuple(ratio(act[i], act[i + 1]) for i in range(len(act) - 1)),
         growth=ratio(act[0], act[-1]) if act else 1.0,
-        weight_norms=_per_block(last.weights, owner, len(names)),
+        weight_norms=_per_block(last.weights, owner, len(names)) if last.weights else (),
         first_nonfinite=nonfinite,
         steps_run=len(losses) - 1,
     )
 
 
+@functools.lru_cache(maxsize=32)
+def subject_for(family: str) -> Subject:
+    """The Subject a Config's family names: the zoo, or the model file 'path.py[:factory]'."""
+    from stabilitycheck.config import FAMILIES
+
+    if family in FAMILIES:
+        from stabilitycheck.zoo import Zoo
+
+        return Zoo()
+    from stabilitycheck.modelfile import load
+
+    return load(family)
+
+
 def probe(config: Config, subject: Subject | None = None) -> Measurement:
-    """Build `config` with `subject` (default: the zoo) and probe it."""
+    """Build `config` with `subject` (default: the one its family names) and probe it."""
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(
             f"Config.device={config.device!r} but CUDA is not available on this machine; use device='cpu'"
         )
-    if subject is None:
-        from stabilitycheck.zoo import Zoo
-
-        subject = Zoo()
-    built = subject.build(config)
+    built = (subject or subject_for(config.family)).build(config)
     return probe_module(
         built.model,
         built.inputs,

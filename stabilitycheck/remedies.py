@@ -62,7 +62,7 @@ def pre_norm(c: Config) -> Config | None:
 def critical_init(c: Config) -> Config | None:
     """init_scale at the critical point of the activation (zoo) or the model's own init (user)."""
     target = CRITICAL_SCALE[c.activation] if _zoo(c) else 1.0
-    return None if c.init_scale == target else dataclasses.replace(c, init_scale=target)
+    return None if c.knob("init_scale") == target else c.with_knobs(init_scale=target)
 
 
 def lstm(c: Config) -> Config | None:

@@ -12,7 +12,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from stabilitycheck.config import FAMILIES, Config
+from stabilitycheck.config import Config
 from stabilitycheck.searching import Counterexample, SearchResult
 
 SPARKS = "▁▂▃▄▅▆▇█"
@@ -100,10 +100,8 @@ def config_call(config: Config) -> str:
 
 def reproduction(config: Config) -> str:
     """A line a user can paste to re-probe the Config and print its verdict."""
-    subject = "" if config.family in FAMILIES else f", sc.load({config.family!r})"
     return (
-        f'python -c "import stabilitycheck as sc; c = {config_call(config)}; '
-        f'print(sc.verdict(sc.probe(c{subject})))"'
+        f'python -c "import stabilitycheck as sc; c = {config_call(config)}; print(sc.verdict(sc.probe(c)))"'
     )
 
 

@@ -1,0 +1,28 @@
+"""torch.amp.GradScaler skips every step whose gradients hold Inf or NaN, over every zoo family."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from stabilitycheck.config import Config
+from stabilitycheck.invariants import assert_gradscaler_guards
+from stabilitycheck.strategies import configs
+from stabilitycheck.zoo import build
+
+models = configs(
+    max_depth=4, max_width=16, max_seq_len=6, max_batch_size=3, init_scales=(1.0, 0.5), dtypes=("float32",)
+)
+
+
+@given(models, st.integers(0, 16), st.sampled_from(["sgd", "adam"]))
+def test_gradscaler_skips_nonfinite_steps_and_takes_clean_ones(c: Config, log2_scale: int, opt: str) -> None:
+    b = build(c)
+    scaler = torch.amp.GradScaler(c.device, init_scale=2.0**log2_scale)
+
+    def optimizer(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=1e-3) if opt == "adam" else torch.optim.SGD(params, lr=0.01)
+
+    assert_gradscaler_guards(b.model, b.inputs, b.loss_fn, scaler, optimizer=optimizer, seed=c.seed)
+    assert scaler.get_scale() == 2.0 ** (log2_scale - 2)  # halved once for Inf, once for NaN

@@ -1,0 +1,82 @@
+"""`stabilitycheck zoo`: exit codes, the table, JSON, Markdown and --replay."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stabilitycheck.cli import main
+
+FAST = ["--database", "none", "--max-examples", "20"]
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_exploding_family_exits_1_with_its_row(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    js, md = tmp_path / "r.json", tmp_path / "r.md"
+    code, out, err = run(capsys, "zoo", "--family", "mlp", *FAST, "--json", str(js), "--markdown", str(md))
+    assert code == 1
+    header, _, row = out.splitlines()[:3]
+    assert header.split()[:4] == ["target", "device", "dtype", "smallest"]
+    assert row.split()[:3] == ["mlp", "cpu", "float32"] and "growth" in row
+    assert "reproduce python -c" in out
+    assert "searching mlp on cpu" in err
+    data = json.loads(js.read_text())
+    assert data[0]["counterexample"]["config"]["family"] == "mlp"
+    assert md.read_text().startswith("## stabilitycheck") and "```bash" in md.read_text()
+    # --replay re-probes the stored Config and prints the same row
+    code2, out2, _ = run(capsys, "zoo", "--replay", str(js), *FAST)
+    assert code2 == 1
+    assert out2.splitlines()[2].split()[:6] == row.split()[:6]
+
+
+def test_stable_family_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(
+        capsys, "zoo", "--family", "lstm", "--knob", "seq_len=1:16", "--knob", "init_scale=1.0", *FAST
+    )
+    assert code == 0
+    assert "stable (tried up to seq_len=" in out
+
+
+def test_same_seed_same_output(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["zoo", "--family", "rnn", "--knob", "seq_len=1:64", "--seed", "5", *FAST]
+    assert run(capsys, *args)[:2] == run(capsys, *args)[:2]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["zoo", "--family", "mpl"], "--family 'mpl' is not a zoo family"),
+        (["zoo", "--knob", "depth=5:1"], "depth=5:1 is empty"),
+        (["zoo", "--knob", "depth"], "--knob 'depth' is malformed"),
+        (["zoo", "--knob", "dept=1:4"], "no knob 'dept'"),
+        (["zoo", "--lr", "-1"], "argument --lr"),
+        (["zoo", "--dtype", "fp8"], "Config.dtype='fp8'"),
+        (["zoo", "--replay", "/nonexistent.json"], "cannot read it"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    code, _, err = run(capsys, *argv, *FAST)
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_console_script_runs(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "stabilitycheck.cli", "zoo", "--family", "nope"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 2 and proc.stderr.startswith("stabilitycheck: error:")

@@ -1,0 +1,306 @@
+"""Each invariant passes on PyTorch's own implementation and catches a deliberately broken one
+(tests/broken.py), with the numbers in its message."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+
+import broken
+import pytest
+import torch
+from torch import nn
+
+from stabilitycheck.config import Config
+from stabilitycheck.errors import StabilityError, UsageError
+from stabilitycheck.invariants import (
+    assert_bounded_growth,
+    assert_clipped_norm_bounded,
+    assert_clipped_value_bounded,
+    assert_direction_preserved,
+    assert_finite_training,
+    assert_gradscaler_guards,
+    assert_rescaling_equivariant,
+)
+from stabilitycheck.probing import probe_module
+from stabilitycheck.subject import Built
+from stabilitycheck.zoo import build
+
+Clipper = Callable[[list[nn.Parameter], float], object]
+
+
+class Params(list[nn.Parameter]):
+    """A model's parameters, keeping the model so invariants can name them (`.named`)."""
+
+    named: nn.Module
+
+
+def with_grads(dtype: str = "float32", seed: int = 0) -> tuple[Params, list[torch.Tensor]]:
+    """A small pre-norm resmlp's parameters after one backward (total gradient norm ~1.6), and
+    copies of their gradients."""
+    b = build(Config(family="resmlp", norm="pre", depth=3, width=16, batch_size=4, dtype=dtype, seed=seed))
+    b.loss_fn(b.model(b.inputs), b.inputs).backward()
+    params = Params(b.model.parameters())
+    params.named = b.model
+    return params, [p.grad.detach().clone() for p in params if p.grad is not None]
+
+
+def total(grads: list[torch.Tensor]) -> float:
+    return float(torch.linalg.vector_norm(torch.stack([g.double().norm() for g in grads])))
+
+
+def torch_clip(params: list[nn.Parameter], max_norm: float) -> object:
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16", "float16"])
+@pytest.mark.parametrize("max_norm", [1e-6, 0.1, 1.0, 1e6])
+def test_torch_norm_clipping_passes(dtype: str, max_norm: float) -> None:
+    params, before = with_grads(dtype)
+    returned = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    assert float(returned) == pytest.approx(total(before), rel=1e-2)  # the pre-clip norm
+    assert_clipped_norm_bounded(params, max_norm, before=before)
+    factor = assert_direction_preserved(before, [p.grad for p in params if p.grad is not None])
+    coef = min(1.0, max_norm / (total(before) + 1e-6))
+    rel = 0.1 if dtype == "float16" else 1e-2  # float16 holds a coefficient ~5e-7 only to 6e-8 (subnormal)
+    assert factor == pytest.approx(coef, rel=rel)
+
+
+@pytest.mark.parametrize("norm_type", [1.0, math.inf])
+def test_torch_norm_clipping_passes_for_other_norms(norm_type: float) -> None:
+    params, before = with_grads()
+    torch.nn.utils.clip_grad_norm_(params, 0.05, norm_type=norm_type)
+    assert_clipped_norm_bounded(params, 0.05, norm_type, before=before)
+
+
+@pytest.mark.parametrize(
+    ("clipper", "expected"),
+    [
+        (broken.clip_per_tensor, "Total 2-norm after clipping: 0.374"),
+        (broken.clip_twice_as_loose, "Total 2-norm after clipping: 0.2 (allowed: <= 0.1"),
+        (broken.clip_value_as_norm, "Tensors over bound on their own: 14 / 14"),
+    ],
+)
+def test_clipped_norm_catches_wrong_clippers(clipper: Clipper, expected: str) -> None:
+    params, before = with_grads()
+    clipper(params, 0.1)
+    for given_before in (None, before):
+        with pytest.raises(StabilityError) as info:
+            assert_clipped_norm_bounded(params.named, 0.1, before=given_before)
+        assert expected in str(info.value)
+        assert "max_norm 0.1" in str(info.value) and "Largest: 'layers." in str(info.value)
+
+
+def test_clipped_norm_catches_inf_turned_into_nan() -> None:
+    params, _ = with_grads()
+    broken.inject(params, math.inf)
+    broken.clip_inf_to_nan(params, 1.0)
+    with pytest.raises(StabilityError) as info:
+        assert_clipped_norm_bounded(params.named, 1.0)
+    message = str(info.value)
+    assert "Non-finite tensors: 1 / 14" in message and "'layers.0.w1' holds 1 NaN and 0 Inf of 256" in message
+    assert "error_if_nonfinite=True" in message
+
+
+def test_clipped_norm_catches_small_gradients_scaled_up() -> None:
+    params, before = with_grads()
+    broken.clip_always_normalise(params, 10.0)
+    assert_clipped_norm_bounded(params, 10.0)  # the bound alone cannot see it...
+    with pytest.raises(StabilityError, match=r"before clipping was 1\.\d+ <= max_norm 10, so clipping must"):
+        assert_clipped_norm_bounded(params, 10.0, before=before)  # ...the before/after contract does
+
+
+def test_clipped_norm_catches_float16_total_norm_overflow_in_torch() -> None:
+    """A finding in torch itself: clip_grad_norm_ computes the total norm in float16, which overflows
+    above 65504, so finite gradients are all multiplied by max_norm / inf = 0."""
+    p = nn.Parameter(torch.zeros(4, dtype=torch.float16))
+    p.grad = torch.full((4,), 40000.0, dtype=torch.float16)  # every entry finite; total norm 80000
+    before = [p.grad.clone()]
+    torch.nn.utils.clip_grad_norm_([p], 1.0)
+    assert_clipped_norm_bounded([p], 1.0)  # zeros are within the bound...
+    with pytest.raises(StabilityError, match=r"Expected every gradient x 1\.25e-05"):
+        assert_clipped_norm_bounded([p], 1.0, before=before)  # ...but not what the contract promises
+
+
+def test_value_clipping_passes_and_one_sided_clipping_is_caught() -> None:
+    params, before = with_grads()
+    torch.nn.utils.clip_grad_value_(params, 0.01)
+    assert_clipped_value_bounded(params, 0.01, before=before)
+    params, before = with_grads()
+    broken.clip_value_one_sided(params, 0.01)
+    with pytest.raises(StabilityError) as info:
+        assert_clipped_value_bounded(params, 0.01)
+    assert "exceed clip_value=0.01" in str(info.value) and "(allowed: <= 0.01" in str(info.value)
+
+
+def test_value_clipping_an_inf_into_a_finite_value_is_caught() -> None:
+    params, _ = with_grads()
+    broken.inject(params, -math.inf)
+    before = [p.grad.clone() for p in params if p.grad is not None]
+    torch.nn.utils.clip_grad_value_(params, 0.01)  # maps -Inf to -0.01: the blow-up disappears
+    assert_clipped_value_bounded(params, 0.01)
+    with pytest.raises(StabilityError, match=r"'layers\.0\.w1' holds 0 NaN and 1 Inf of 256"):
+        assert_clipped_value_bounded(params.named, 0.01, before=before)
+
+
+@pytest.mark.parametrize("clipper", [broken.clip_per_tensor, broken.clip_value_as_norm])
+def test_direction_preserved_catches_per_tensor_and_value_clipping(clipper: Clipper) -> None:
+    params, before = with_grads()
+    clipper(params, 0.1)
+    after = {n: p.grad for n, p in zip("abcdefghijklmn", params, strict=True) if p.grad is not None}
+    with pytest.raises(StabilityError) as info:
+        assert_direction_preserved(before, after)
+    message = str(info.value)
+    assert "Tensors off the common factor" in message and "/ 14" in message and "with cosine" in message
+
+
+def test_direction_preserved_catches_a_flip_and_a_changed_shape() -> None:
+    _, before = with_grads()
+    with pytest.raises(StabilityError, match="The common factor -2 is negative"):
+        assert_direction_preserved(before, [-2 * g for g in before])
+    with pytest.raises(StabilityError, match=r"Shape changed: '\[0\]' was \(16, 16\), is \(256,\)"):
+        assert_direction_preserved(before, [before[0].reshape(-1), *before[1:]])
+    assert assert_direction_preserved(before, [0.25 * g for g in before]) == pytest.approx(0.25)
+
+
+def zoo(family: str, **knobs: object) -> Built:
+    return build(Config(family=family, depth=4, width=16, seq_len=5, batch_size=3, **knobs))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("family", ["mlp", "resmlp", "lstm", "transformer"])
+@pytest.mark.parametrize("c", [1e-3, 3.7, 1e3])
+def test_rescaling_passes_on_zoo_models(family: str, c: float) -> None:
+    b = zoo(family, norm="pre")
+    assert_rescaling_equivariant(b.model, b.inputs, b.loss_fn, c)
+    assert all(p.grad is None for p in b.model.parameters())  # .grad restored
+
+
+def test_rescaling_catches_a_loss_whose_backward_ignores_grad_output() -> None:
+    b = zoo("mlp")
+    assert_rescaling_equivariant(b.model, b.inputs, b.loss_fn, 4.0)
+    with pytest.raises(StabilityError) as info:
+        assert_rescaling_equivariant(b.model, b.inputs, broken.loss_ignoring_grad_output, 4.0)
+    message = str(info.value)
+    assert (
+        "did not scale every gradient by 4" in message and "Tensors off the common factor 4: 4 / 4" in message
+    )
+    assert "scaled by 1 with cosine 1" in message
+
+
+def test_rescaling_catches_gradient_clamping_hooks() -> None:
+    b = zoo("resmlp", norm="pre", init_scale=2.0)
+    broken.clamp_grad_hooks(b.model, bound=1e-3)
+    with pytest.raises(StabilityError, match=r"did not scale every gradient by 1000"):
+        assert_rescaling_equivariant(b.model, b.inputs, b.loss_fn, 1e3)
+
+
+@pytest.mark.parametrize("c", [0.0, -1.0, math.inf, math.nan])
+def test_rescaling_rejects_a_bad_factor(c: float) -> None:
+    b = zoo("mlp")
+    with pytest.raises(UsageError, match="c must be a finite number > 0"):
+        assert_rescaling_equivariant(b.model, b.inputs, b.loss_fn, c)
+
+
+DEEP = Config(family="resmlp", norm="pre", init_scale=3.0, depth=48, width=32, batch_size=4)
+"""Deep enough for a per-block gain above 1 to compound: the settings the two broken stacks fail at."""
+
+
+def probe_built(b: Built, **kw: object) -> object:
+    return probe_module(b.model, b.inputs, b.loss_fn, blocks=b.blocks, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_bounded_growth_catches_post_norm_in_disguise(seed: int) -> None:
+    """Pre-norm: the skip path is the identity, each block adds f(LN(x)) whose Jacobian shrinks as
+    1/||x|| while the stream grows, so the gradient grows polynomially in depth (measured here, seeds
+    0-11: growth 23-78). The disguise normalises after the sum: each block's Jacobian is
+    J_LN(x + f(x)) (I + J_f), and with tanh at init_scale 3 that is about 1.2-1.4 per block, which
+    compounds over 48 blocks (measured, seeds 0-11: growth 2.2e4-2.1e6). A limit of 1e3 sits an
+    order of magnitude from both."""
+    c = Config(**{**DEEP.to_dict(), "activation": "tanh", "seed": seed, "params": ()})
+    assert_bounded_growth(probe_built(build(c)), 1e3)  # type: ignore[arg-type]
+    fake = probe_built(broken.disguised_prenorm(c))
+    with pytest.raises(StabilityError) as info:
+        assert_bounded_growth(fake, 1e3)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert f"Overall growth: {fake.growth:.4g} (allowed: <= 1000)" in message  # type: ignore[attr-defined]
+    assert "Layers over bound: 0 / 47" in message and "Worst layer: 'layers." in message
+
+
+def test_bounded_growth_counts_layers_over_a_gain_limit_and_nan() -> None:
+    m = probe_built(
+        broken.disguised_prenorm(Config(**{**DEEP.to_dict(), "activation": "tanh", "params": ()}))
+    )
+    with pytest.raises(StabilityError, match=r"Layers over bound: \d+ / 47"):
+        assert_bounded_growth(m, 1e9, gain_limit=1.5)  # type: ignore[arg-type]
+    nan = probe_module(
+        nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), torch.ones(1, 2), lambda o, _: o.sum() * 0
+    )
+    with pytest.raises(StabilityError, match="Overall growth: nan"):
+        assert_bounded_growth(nan, 10.0)  # 0 / 0 is NaN, reported rather than passed
+    with pytest.raises(UsageError):
+        assert_bounded_growth(nan, -1.0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_finite_training_catches_a_pre_norm_block_whose_norm_never_runs(seed: int) -> None:
+    """Without the LayerNorm, a linear branch multiplies the stream by about sqrt(1 + init_scale**4)
+    = 9 per block, and 9**40 passes float32's 3.4e38: it overflows near block 40 (measured: 39-40)."""
+    c = Config(**{**DEEP.to_dict(), "activation": "linear", "seed": seed, "params": ()})
+    real = build(c)
+    m = assert_finite_training(real.model, real.inputs, real.loss_fn, blocks=real.blocks, steps=5)
+    assert m.steps_run == 5
+    fake = broken.prenorm_without_norm(c)
+    with pytest.raises(StabilityError) as info:
+        assert_finite_training(fake.model, fake.inputs, fake.loss_fn, blocks=fake.blocks, steps=5)
+    message = str(info.value)
+    assert "Training went non-finite within 5 adam steps at lr=0.001" in message
+    assert "Steps finite: 0 / 5" in message
+    assert re.search(r"First non-finite: step 0, layer 'layers\.(39|40)', tensor 'activation'", message)
+
+
+def test_finite_training_names_the_step_when_a_large_lr_blows_up() -> None:
+    b = zoo("mlp", activation="relu", init_scale=1.5)
+    with pytest.raises(StabilityError, match=r"First non-finite: step [1-9]"):
+        assert_finite_training(b.model, b.inputs, b.loss_fn, steps=20, lr=1e30, optimizer="sgd")
+    with pytest.raises(UsageError, match="steps must be an int >= 1"):
+        assert_finite_training(b.model, b.inputs, b.loss_fn, steps=0)
+
+
+def test_gradscaler_guards_pass_for_torch_gradscaler() -> None:
+    b = zoo("resmlp", norm="pre")
+    assert_gradscaler_guards(b.model, b.inputs, b.loss_fn)  # torch.amp.GradScaler("cpu")
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    assert_gradscaler_guards(b.model, b.inputs, b.loss_fn, scaler)
+    assert scaler.get_scale() == 256.0  # backed off once per poisoned step (Inf, NaN)
+
+
+@pytest.mark.parametrize(
+    ("scaler", "expected"),
+    [
+        (broken.UnguardedScaler(), "UnguardedScaler stepped on a gradient holding inf"),
+        (broken.NanOnlyScaler(), "NanOnlyScaler stepped on a gradient holding inf"),
+        (broken.NeverStepsScaler(), "did not take a clean step (finite gradients)"),
+        (torch.amp.GradScaler("cpu", enabled=False), "GradScaler stepped on a gradient holding inf"),
+    ],
+)
+def test_gradscaler_guards_catch_broken_scalers(scaler: object, expected: str) -> None:
+    b = zoo("mlp")
+    with pytest.raises(StabilityError) as info:
+        assert_gradscaler_guards(b.model, b.inputs, b.loss_fn, scaler)  # type: ignore[arg-type]
+    assert expected in str(info.value)
+    if "stepped on" in expected:
+        assert "Weight tensors changed: 4 / 4; non-finite: 1 / 4" in str(
+            info.value
+        ) and "(allowed: unchanged)" in str(info.value)
+
+
+def test_errors_are_assertion_errors_with_a_hidden_traceback_frame() -> None:
+    import inspect
+
+    import stabilitycheck.invariants as inv
+
+    for name in [n for n in dir(inv) if n.startswith("assert_")]:
+        assert "__tracebackhide__ = True" in inspect.getsource(getattr(inv, name)), name
+    assert issubclass(StabilityError, AssertionError)

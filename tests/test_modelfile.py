@@ -1,0 +1,362 @@
+"""The user's model file as a Subject: the examples probe, every misuse is a one-line UsageError."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from stabilitycheck.config import Config
+from stabilitycheck.errors import UsageError
+from stabilitycheck.modelfile import DefaultLoss, ModelFile, ModelFileError, load, space_of
+from stabilitycheck.probing import probe
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+FILES = Path(__file__).resolve().parent / "modelfiles"
+EXAMPLE_NAMES = ("mlp", "rnn_lm", "fixed_model", "transformer")
+
+
+@pytest.fixture(autouse=True)
+def _no_onednn_rnn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """oneDNN's CPU RNN costs ~1 s per call on small CI machines (2 ms without): keep these tests fast."""
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+
+
+def example(name: str) -> ModelFile:
+    return load(str(EXAMPLES / f"{name}.py"))
+
+
+def broken(name: str) -> str:
+    return str(FILES / f"{name}.py")
+
+
+def weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+# --- the examples --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", EXAMPLE_NAMES)
+def test_example_loads_and_probes(name: str) -> None:
+    subject = example(name)
+    m = probe(subject.base_config(steps=1), subject)
+    assert Path(subject.name).name.startswith(f"{name}.py:")
+    assert m.layer_names and m.first_nonfinite is None
+    assert all(math.isfinite(v) for v in m.loss + m.grad_norm)
+    assert m.steps_run == 1
+
+
+@pytest.mark.parametrize("name", EXAMPLE_NAMES)
+def test_check_at_the_defaults_is_the_probe(name: str) -> None:
+    subject = example(name)
+    assert subject.check() == probe(subject.base_config(), subject)
+
+
+def test_example_knobs_and_bounds() -> None:
+    mlp = example("mlp")
+    assert mlp.knobs == {"depth": 4, "width": 64, "init_scale": 1.0}
+    assert mlp.bounds["init_scale"] == (0.25, 4.0, 0.25)
+    rnn = example("rnn_lm")
+    assert rnn.knobs == {"width": 64, "num_layers": 1, "seq_len": 32, "batch_size": 8}
+    assert example("fixed_model").knobs == {}
+    assert example("transformer").knobs["norm_first"] == 0
+
+
+def test_knobs_reach_the_factory_and_batch() -> None:
+    rnn = example("rnn_lm")
+    built = rnn.build(rnn.base_config(seq_len=5, batch_size=3, width=16))
+    assert built.inputs.shape == (3, 6)  # seq_len + 1 tokens
+    assert built.model.rnn.hidden_size == 16  # type: ignore[union-attr]
+    tf = example("transformer")
+    built = tf.build(tf.base_config(num_layers=3, norm_first=1))
+    assert [name for name, _ in built.blocks] == [f"encoder.layers.{i}" for i in range(3)]
+    assert built.model.encoder.layers[0].norm_first  # type: ignore[index,union-attr]
+
+
+def test_base_config_puts_knobs_in_params_sorted_and_the_rest_in_fields() -> None:
+    c = example("mlp").base_config(depth=8, seed=3, dtype="float64")
+    assert c.family.endswith("mlp.py:build")
+    assert c.params == (("depth", 8), ("init_scale", 1.0), ("width", 64))
+    assert (c.seed, c.dtype) == (3, "float64")
+    assert Config.from_json(c.to_json()) == c
+
+
+def test_space_of_has_one_axis_per_space_bound_in_order() -> None:
+    space = space_of(example("transformer"))
+    assert space.label.endswith("examples/transformer.py:build")
+    assert [a.name for a in space.axes] == ["num_layers", "norm_first", "seq_len"]
+    assert space.axes[1].values == (0, 1)
+    assert space.base == example("transformer").base_config()
+    assert space_of(example("fixed_model")).axes == ()
+
+
+def test_a_space_point_reaches_a_knob_named_like_a_config_field() -> None:
+    subject = example("mlp")
+    config = space_of(subject).config((7, 0, 0))  # depth 8
+    assert subject.values(config)["depth"] == 8
+
+
+def test_device_and_dtype_apply_to_floating_tensors_only() -> None:
+    rnn = example("rnn_lm")
+    built = rnn.build(rnn.base_config(dtype="float64"))
+    assert all(p.dtype == torch.float64 for p in built.model.parameters())
+    assert built.inputs.dtype == torch.long
+    mlp = example("mlp")
+    assert mlp.build(mlp.base_config(dtype="float64")).inputs.dtype == torch.float64
+
+
+# --- determinism ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", EXAMPLE_NAMES)
+def test_same_config_gives_equal_measurements(name: str) -> None:
+    subject = example(name)
+    c = subject.base_config(steps=2, seed=5)
+    assert probe(c, subject) == probe(c, subject)
+    assert probe(c, example(name)) == probe(c, subject)  # a fresh import builds the same thing
+
+
+def test_seed_changes_the_model_and_inputs() -> None:
+    mlp = example("mlp")
+    a, b = mlp.build(mlp.base_config(seed=0)), mlp.build(mlp.base_config(seed=1))
+    assert not torch.equal(a.inputs, b.inputs)
+    assert not torch.equal(a.model.layers[0].weight, b.model.layers[0].weight)  # type: ignore[index,union-attr]
+
+
+def test_build_leaves_the_global_rng_alone() -> None:
+    mlp = example("mlp")
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    mlp.build(mlp.base_config(seed=7))
+    assert torch.equal(torch.rand(3), expected)
+
+
+# --- init_scale ----------------------------------------------------------------------------------
+
+
+def test_init_scale_multiplies_rank_2_weights_of_a_fixed_model() -> None:
+    fixed = example("fixed_model")
+    base = weights(fixed.build(fixed.base_config()).model)
+    config = fixed.base_config(init_scale=2.5)
+    assert (config.init_scale, config.params) == (2.5, ())
+    scaled = weights(fixed.build(config).model)
+    for name, value in base.items():
+        factor = 2.5 if value.dim() >= 2 else 1.0
+        torch.testing.assert_close(scaled[name], value * factor, rtol=0, atol=0)
+    assert torch.equal(fixed.module.model[0].weight, base["0.weight"])  # the user's model is untouched
+
+
+def test_init_scale_field_scales_a_factory_without_init_scale() -> None:
+    rnn = example("rnn_lm")
+    base = weights(rnn.build(rnn.base_config()).model)
+    scaled = weights(rnn.build(rnn.base_config(init_scale=3.0)).model)
+    assert "init_scale" not in rnn.knobs
+    assert rnn.base_config().with_knobs(init_scale=3.0) == rnn.base_config(init_scale=3.0)  # Space's way
+    for name, value in base.items():
+        torch.testing.assert_close(scaled[name], value * (3.0 if value.dim() >= 2 else 1.0))
+
+
+def test_a_factory_with_init_scale_gets_it_as_a_knob_and_no_extra_scaling() -> None:
+    mlp = example("mlp")
+    one = mlp.build(mlp.base_config()).model.layers[0].weight  # type: ignore[index,union-attr]
+    two = mlp.build(mlp.base_config(init_scale=2.0)).model.layers[0].weight  # type: ignore[index,union-attr]
+    torch.testing.assert_close(two, 2 * one)  # the factory's own N(0, 2²/width), not scaled twice
+
+
+# --- outputs and the default loss ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factory", ["as_tuple", "as_dict", "as_attrs"])
+def test_packed_outputs_measure_like_the_plain_tensor(factory: str) -> None:
+    plain = load(f"{broken('outputs')}:plain")
+    packed = load(f"{broken('outputs')}:{factory}")
+    assert packed.name.endswith(f"outputs.py:{factory}")
+    assert probe(packed.base_config(), packed).loss == probe(plain.base_config(), plain).loss
+
+
+def test_a_loss_in_the_output_is_used_as_the_loss() -> None:
+    subject = load(f"{broken('outputs')}:with_loss")
+    built = subject.build(subject.base_config())
+    expected = built.model.layers(built.inputs).logsumexp(dim=-1).mean()  # type: ignore[operator]
+    assert probe(subject.base_config(), subject).loss[0] == pytest.approx(expected.item())
+
+
+def test_default_loss_is_cross_entropy_over_the_last_dimension() -> None:
+    loss = DefaultLoss(seed=0)
+    zeros = torch.zeros(4, 7, 5, requires_grad=True)
+    value = loss(zeros)
+    assert value.item() == pytest.approx(math.log(5))  # uniform logits; the mean square would be 0
+    value.backward()
+    assert zeros.grad is not None and zeros.grad.abs().sum() > 0
+    assert loss(zeros).item() == value.item() and len(loss.cache) == 1  # labels drawn once
+
+
+def test_default_loss_is_mse_to_fixed_targets_for_one_output() -> None:
+    subject = load(broken("scalar_output"))
+    built = subject.build(subject.base_config())
+    out = built.model(built.inputs)
+    first = built.loss_fn(out, built.inputs)
+    assert built.loss_fn(out, built.inputs).item() == first.item()
+    assert first.item() != pytest.approx(out.pow(2).mean().item())
+    targets = next(iter(DefaultLoss(0).cache.values()), None)
+    assert targets is None  # a fresh DefaultLoss has drawn nothing yet
+    assert torch.equal(
+        DefaultLoss(0)(out.detach()), F.mse_loss(out.detach(), DefaultLoss(0).target("mse", (6, 1), 0, out))
+    )
+
+
+def test_default_labels_depend_on_the_seed_only() -> None:
+    out = torch.zeros(3, 4)
+    a, b, c = DefaultLoss(1), DefaultLoss(1), DefaultLoss(2)
+    b(torch.zeros(9, 9))  # another shape drawn first does not change these labels
+    assert torch.equal(a.target("ce", (3,), 4, out), b.target("ce", (3,), 4, out))
+    assert not torch.equal(a.target("ce", (50,), 4, out), c.target("ce", (50,), 4, out))
+
+
+def test_a_model_that_makes_nan_is_a_finding_not_an_error() -> None:
+    subject = load(broken("nan_model"))
+    m = subject.check()
+    assert m.first_nonfinite is not None and m.first_nonfinite.layer == "(loss)"
+
+
+# --- file handling -------------------------------------------------------------------------------
+
+
+def test_sibling_imports_work_and_sys_path_is_restored() -> None:
+    before = list(sys.path)
+    subject = load(broken("sibling"))
+    assert sys.path == before
+    assert len(subject.build(subject.base_config(depth=5)).blocks) == 5
+
+
+def test_a_bounded_parameter_without_default_starts_at_its_lower_bound() -> None:
+    subject = load(broken("space_bounded"))
+    assert subject.knobs == {"depth": 2, "width": 8}  # str and bool parameters are not knobs
+    assert len(subject.build(subject.base_config()).blocks) == 2
+
+
+def test_seq_dim_cuts_or_tiles_every_matching_input() -> None:
+    subject = load(broken("sequence"))
+    assert subject.knobs == {"seq_len": 5}
+    assert subject.bounds == {"seq_len": (1, 64), "init_scale": (0.5, 4.0)}  # init_scale: the Config field
+    short = subject.build(subject.base_config(seq_len=3)).inputs
+    assert short["ids"].tolist() == [[0, 1, 2], [5, 6, 7]] and short["mask"].shape == (2, 3)
+    long = subject.build(subject.base_config(seq_len=12)).inputs
+    assert long["ids"][0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1]
+    assert long["mask"].shape == (2, 12)
+    assert probe(subject.base_config(seq_len=12), subject).first_nonfinite is None
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+
+def assert_one_line(exc: pytest.ExceptionInfo[UsageError], file: str, *fragments: str) -> None:
+    message = str(exc.value)
+    assert isinstance(exc.value, ModelFileError)
+    assert "\n" not in message, message
+    assert Path(file).name in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+LOAD_ERRORS = [
+    ("raises_on_import", ("raises_on_import.py:6:", "RuntimeError: cannot find the dataset")),
+    ("exits_on_import", ("sys.exit(3)", "if __name__ == '__main__'")),
+    ("no_factory", ("no top-level `build`", "['WIDTH', 'make_net']", "def build(")),
+    ("no_default", ("parameter 'depth' has no default", "SPACE = {'depth': (1, 64)}")),
+    ("space_reversed", ("SPACE['depth']=(5, 1) is empty (lo > hi)", "'depth': (1, 5)")),
+    ("space_unknown", ("SPACE names 'detph'", "knobs are ['depth', 'init_scale']")),
+    ("space_malformed", ("SPACE['depth']=8 is malformed", "(lo, hi)")),
+    ("bad_seq_dim", ("SEQ_DIM=3", "e.g. SEQ_DIM = 1")),
+    ("model_without_input", ("no `example_input`", "torch.randn")),
+    ("model_not_module", ("`model` is a str, not an nn.Module",)),
+]
+
+
+@pytest.mark.parametrize(("name", "fragments"), LOAD_ERRORS, ids=[e[0] for e in LOAD_ERRORS])
+def test_load_errors_are_one_line(name: str, fragments: tuple[str, ...]) -> None:
+    with pytest.raises(UsageError) as exc:
+        load(broken(name))
+    assert_one_line(exc, name, *fragments)
+
+
+BUILD_ERRORS = [
+    ("returns_int", ("build(width=8) returned an int, not an nn.Module",)),
+    ("batch_not_tensors", ("batch(model, batch_size=2) is a list of ['float'", "not tensors")),
+    ("loss_vector", ("the loss must be a scalar", "(16,)")),
+    ("loss_detached", ("does not require grad",)),
+    ("loss_raises", ("loss(output, inputs) raised AttributeError",)),
+    ("no_parameters", ("no parameters that require grad",)),
+    ("frozen", ("no parameters that require grad",)),
+    ("no_tensor_output", ("output is a dict with no tensor in it", "def loss(output, inputs)")),
+    ("forward_raises", ("raised RuntimeError: mat1 and mat2", "batch()")),
+]
+
+
+@pytest.mark.parametrize(("name", "fragments"), BUILD_ERRORS, ids=[e[0] for e in BUILD_ERRORS])
+def test_check_errors_are_one_line(name: str, fragments: tuple[str, ...]) -> None:
+    subject = load(broken(name))
+    with pytest.raises(UsageError) as exc:
+        subject.check()
+    assert_one_line(exc, name, *fragments)
+
+
+def test_probe_raises_usage_errors_too() -> None:
+    subject = load(broken("loss_raises"))
+    expected = r"loss_raises\.py: loss\(output, inputs\) raised AttributeError"
+    with pytest.raises(ModelFileError, match=expected):
+        probe(subject.base_config(), subject)
+
+
+def test_a_factory_that_rejects_a_knob_value_names_it() -> None:
+    subject = load(broken("factory_raises"))
+    subject.check()
+    with pytest.raises(UsageError) as exc:
+        subject.build(subject.base_config(width=3))
+    assert_one_line(exc, "factory_raises", "build(width=3) raised ValueError: width must be even, got 3")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(UsageError) as exc:
+        load(str(tmp_path / "nope.py"))
+    assert_one_line(exc, "nope.py", "no such file", "e.g.")
+
+
+def test_not_a_python_file(tmp_path: Path) -> None:
+    path = tmp_path / "model.txt"
+    path.write_text("x = 1\n")
+    with pytest.raises(UsageError) as exc:
+        load(str(path))
+    assert_one_line(exc, "model.txt", "not a .py file")
+
+
+def test_syntax_error_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "model.py"
+    path.write_text("import torch\n\ndef build(depth=4:\n    pass\n")
+    with pytest.raises(UsageError) as exc:
+        load(str(path))
+    assert_one_line(exc, "model.py", "model.py:3: syntax error")
+
+
+def test_a_named_factory_that_does_not_exist() -> None:
+    with pytest.raises(UsageError) as exc:
+        load(f"{EXAMPLES / 'mlp.py'}:make")
+    assert_one_line(exc, "mlp.py", "no top-level `make`", "['SPACE', 'MLP', 'build']")
+
+
+def test_config_params_must_be_knobs_of_the_file() -> None:
+    mlp = example("mlp")
+    with pytest.raises(UsageError) as exc:
+        mlp.build(Config(family=mlp.name, params=(("detph", 3),)))
+    assert_one_line(exc, "mlp.py", "'detph'", "knobs are ['depth', 'init_scale', 'width']")
+    with pytest.raises(UsageError) as exc:
+        mlp.build(Config(family=mlp.name, params=(("depth", 2.5),)))
+    assert_one_line(exc, "mlp.py", "depth=2.5 is not an int")

@@ -1,0 +1,124 @@
+"""The strategies: lazy validation, shrinking towards the simplest Config, and replayable draws."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+from hypothesis import find, given, settings
+from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
+
+from stabilitycheck.config import FAMILIES, SEQUENCE_FAMILIES, Config
+from stabilitycheck.strategies import INIT_SCALES, configs, devices, dtypes, load_profile, register_profiles
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_depth": "8"}, "Expected int but got max_depth='8' (type=str)"),
+        ({"min_depth": True}, "Expected int but got min_depth=True (type=bool)"),
+        ({"min_depth": 0}, "min_depth=0 must be >= 1"),
+        ({"min_width": 9, "max_width": 4}, "Cannot have max_width=4 < min_width=9"),
+        ({"family": "lstn"}, "did you mean 'lstm'?"),
+        ({"norms": ("pre", "layer")}, "norms contains 'layer'"),
+        ({"init_scales": (1.0, -2.0)}, "init_scales contains -2.0"),
+        ({"init_scales": ()}, "must be a non-empty sequence"),
+        ({"lrs": (math.nan,)}, "lrs contains nan"),
+        ({"dtypes": ("float32", "fp16")}, "dtypes contains 'fp16'"),
+        ({"optimizers": ("adamw",)}, "did you mean 'adam'?"),
+    ],
+)
+def test_bad_arguments_raise_invalid_argument_at_draw_time_not_creation(kwargs: Any, message: str) -> None:
+    strategy = configs(**kwargs)  # creating it never raises
+    with pytest.raises(InvalidArgument) as info:
+        strategy.validate()
+    assert message in str(info.value)
+
+
+def test_cuda_device_without_cuda_is_invalid() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(InvalidArgument, match="CUDA is not available"):
+        configs(devices=("cuda",)).validate()
+    assert find(devices(), lambda d: True) == "cpu"
+
+
+def test_dtypes_exclude_validation() -> None:
+    with pytest.raises(InvalidArgument, match="exclude contains 'float61'"):
+        dtypes(exclude=("float61",)).validate()  # a typo of float16
+    with pytest.raises(InvalidArgument, match="leaves no dtype"):
+        dtypes(exclude=("float32", "float64", "bfloat16", "float16")).validate()
+
+
+def test_shrinks_to_the_simplest_config() -> None:
+    simplest = find(configs(), lambda c: True)
+    assert simplest == Config(
+        family="mlp", depth=1, width=8, init_scale=1.0, seq_len=1, norm="none", activation="tanh",
+        dtype="float32", device="cpu", batch_size=1, steps=0, lr=0.01, optimizer="sgd", seed=0,
+    )  # fmt: skip
+
+
+def test_shrinks_each_knob_to_the_boundary_of_the_condition() -> None:
+    c = find(configs(max_depth=30), lambda c: c.family == "gru" and c.depth >= 7 and c.width >= 20)
+    assert (c.family, c.depth, c.width, c.seq_len, c.init_scale, c.seed) == ("gru", 7, 20, 1, 1.0, 0)
+
+
+def test_dtypes_and_devices_shrink_to_float32_and_cpu() -> None:
+    assert find(dtypes(), lambda d: True) == "float32"
+    assert find(dtypes(exclude=("float32",)), lambda d: True) == "float64"
+    assert find(configs(), lambda c: c.dtype != "float32").dtype == "float64"
+
+
+def test_derandomized_draws_are_identical_across_runs() -> None:
+    def run() -> list[Config]:
+        seen: list[Config] = []
+
+        @settings(derandomize=True, max_examples=20, database=None)
+        @given(configs(max_depth=64, dtypes=dtypes()))
+        def record(c: Config) -> None:
+            seen.append(c)
+
+        record()
+        return seen
+
+    first = run()
+    assert len(first) >= 10 and first == run()
+
+
+@settings(max_examples=60, deadline=None)
+@given(configs(max_depth=64, min_width=2, max_width=48, max_seq_len=32, max_steps=3))
+def test_every_draw_is_within_bounds(c: Config) -> None:
+    assert c.family in FAMILIES and 1 <= c.depth <= 64 and 2 <= c.width <= 48
+    assert c.init_scale in INIT_SCALES and 0 <= c.steps <= 3 and c.device == "cpu"
+    assert 1 <= c.seq_len <= 32 if c.family in SEQUENCE_FAMILIES else c.seq_len == 1
+    assert Config.from_json(c.to_json()) == c
+
+
+@given(st.data())
+@settings(max_examples=20)
+def test_a_given_family_and_dtype_strategy_are_honoured(data: st.DataObject) -> None:
+    c = data.draw(configs(family=("lstm", "gru"), dtypes=st.just("bfloat16"), init_scales=(2.0,)))
+    assert c.family in ("lstm", "gru") and c.dtype == "bfloat16" and c.init_scale == 2.0
+
+
+def test_profiles_register_and_unknown_names_are_rejected() -> None:
+    from hypothesis import settings as hs
+
+    register_profiles()
+    assert hs.get_profile("ci").derandomize and hs.get_profile("ci").print_blob
+    assert hs.get_profile("quick").max_examples < hs.get_profile("thorough").max_examples
+    with pytest.raises(InvalidArgument, match="did you mean 'quick'"):
+        load_profile("quik")
+
+
+def test_importing_strategies_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, stabilitycheck.strategies; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
