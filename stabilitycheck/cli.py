@@ -71,6 +71,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="optimiser steps per probe (default 0: at init only)")
     p.add_argument("--lr", type=_positive_float, help="learning rate of the steps")
     p.add_argument("--optimizer", choices=("sgd", "adam"))
+    p.add_argument("--amp", nargs="?", const="auto", choices=("auto", "bfloat16", "float16"),
+                   help="forward under torch.autocast (auto: bfloat16 on CPU, float16 + GradScaler on CUDA)")
     p.add_argument("--clip", type=_positive_float, help="clip the total gradient norm during steps")
     p.add_argument("--grad-norm-limit", type=_limit, default=1e3, help="peak total grad norm (1e3; off)")
     p.add_argument("--growth-limit", type=_limit, default=1e2, help="input/output grad growth (1e2; off)")
@@ -174,7 +176,8 @@ def _spaces(args: argparse.Namespace) -> list[Any]:
         space = _apply_knobs(space.with_base(**overrides), args.knob)
         for device in _devices(args.device):
             for dtype in dtypes or [space.base.dtype]:
-                out.append(space.with_base(device=device, dtype=dtype))
+                amp = args.amp if args.amp != "auto" else ("bfloat16" if device == "cpu" else "float16")
+                out.append(space.with_base(device=device, dtype=dtype, amp=amp or "none"))
     return out
 
 

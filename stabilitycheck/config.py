@@ -15,6 +15,7 @@ NORMS = ("none", "pre", "post")
 ACTIVATIONS = ("tanh", "relu", "linear", "gelu")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 OPTIMIZERS = ("sgd", "adam")
+AMPS = ("none", "bfloat16", "float16")
 SEQUENCE_FAMILIES = ("rnn", "lstm", "gru", "transformer")
 
 Scalar = int | float | bool | str
@@ -74,6 +75,7 @@ class Config:
     optimizer: str = "sgd"
     clip: float | None = None
     warmup: int = 0
+    amp: str = "none"
     seed: int = 0
     params: tuple[tuple[str, Scalar], ...] = field(default=())
 
@@ -92,6 +94,12 @@ class Config:
         _choice("activation", self.activation, ACTIVATIONS)
         _choice("dtype", self.dtype, DTYPES)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("amp", self.amp, AMPS)
+        if self.amp != "none" and self.dtype != "float32":
+            raise ConfigError(
+                f"Config.amp={self.amp!r} needs dtype='float32' (autocast lowers the precision itself), "
+                f"got dtype={self.dtype!r}"
+            )
         _device(self.device)
         if not isinstance(self.params, tuple) or not all(
             isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in self.params

@@ -53,6 +53,10 @@ class Measurement:
     weight_norms: tuple[float, ...]
     first_nonfinite: NonFinite | None
     steps_run: int
+    loss_scale: tuple[float, ...] = ()
+    skipped_steps: int = 0
+    allow_tf32: bool = False
+    overflow: NonFinite | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (non-finite floats are kept: json writes them as NaN/Infinity)."""
@@ -62,8 +66,9 @@ class Measurement:
     def from_dict(cls, data: dict[str, Any]) -> Measurement:
         """Inverse of `to_dict`."""
         kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        nf = data.get("first_nonfinite")
-        kwargs["first_nonfinite"] = NonFinite(**nf) if nf else None
+        for key in ("first_nonfinite", "overflow"):
+            nf = data.get(key)
+            kwargs[key] = NonFinite(**nf) if nf else None
         return cls(**kwargs)
 
 
@@ -94,6 +99,7 @@ class _Recorder:
     def __init__(self, blocks: Sequence[tuple[str, nn.Module]]) -> None:
         self.active = False
         self.exact = False
+        self.scale: torch.Tensor | None = None  # the loss scale under a GradScaler: hooks unscale
         self.names: list[str] = []
         self.forward: list[torch.Tensor] = []
         self.backward: dict[int, torch.Tensor] = {}
@@ -115,10 +121,12 @@ class _Recorder:
 
     def _on_grad(self, index: int, grad: torch.Tensor) -> None:
         acc = accumulator(grad.dtype, self.exact)
-        self.backward[index] = torch.linalg.vector_norm(grad, dtype=acc).to(EXACT)
+        norm = torch.linalg.vector_norm(grad, dtype=acc).to(EXACT)
+        self.backward[index] = norm if self.scale is None else norm / self.scale
 
-    def start(self, exact: bool) -> None:
-        self.active, self.exact, self.names, self.forward, self.backward = True, exact, [], [], {}
+    def start(self, exact: bool, scale: torch.Tensor | None) -> None:
+        self.active, self.exact, self.scale = True, exact, scale
+        self.names, self.forward, self.backward = [], [], {}
 
     def stop(self) -> None:
         self.active = False
@@ -194,6 +202,25 @@ class _Step:
     calls: tuple[str, ...]
     forward: list[float]
     backward: list[float]
+    scale: float = 1.0
+
+
+@dataclass
+class _Run:
+    """What every step of one probe shares: the model and its data, optimiser, hooks and AMP."""
+
+    model: nn.Module
+    inputs: Inputs
+    loss_fn: LossFn
+    params: list[nn.Parameter]
+    rec: _Recorder
+    opt: torch.optim.Optimizer
+    autocast: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
 
 
 def _norms(tensors: list[torch.Tensor], exact: bool) -> list[torch.Tensor]:
@@ -208,58 +235,58 @@ def _norms(tensors: list[torch.Tensor], exact: bool) -> list[torch.Tensor]:
     return out
 
 
-def _run_step(
-    model: nn.Module,
-    inputs: Inputs,
-    loss_fn: LossFn,
-    params: list[nn.Parameter],
-    rec: _Recorder,
-    *,
-    hooks: bool,
-    exact: bool = False,
-    weights: bool = False,
-) -> _Step:
+def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = False) -> _Step:
     """Forward and backward once, then the norms computed on the device and copied in one go:
-    the loss, every weight gradient, and (on request) the block outputs, their gradients and the
-    weights. `exact` computes every norm in float64."""
-    for p in params:
+    the loss, every weight gradient (unscaled under a GradScaler), and on request the block
+    outputs, their gradients and the weights. `exact` computes every norm in float64 and runs
+    without the GradScaler (a re-run that only locates a non-finite value)."""
+    for p in run.params:
         p.grad = None
+    scaler = None if exact else run.scaler
+    scale = scaler.scale(torch.ones((), device=run.device)).to(EXACT) if scaler else None
     if hooks:
-        rec.start(exact)
+        run.rec.start(exact, scale)
     try:
-        loss = _check_loss(loss_fn(call_model(model, inputs), inputs))
-        loss.backward()
+        with torch.autocast(run.device.type, dtype=run.autocast, enabled=run.autocast is not None):
+            loss = _check_loss(run.loss_fn(call_model(run.model, run.inputs), run.inputs))
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(run.opt)
     finally:
-        rec.stop()
-    present = [i for i, p in enumerate(params) if p.grad is not None]
-    grads = [g for g in (params[i].grad for i in present) if g is not None]
-    n_calls = len(rec.forward) if hooks else 0
+        run.rec.stop()
+    present = [i for i, p in enumerate(run.params) if p.grad is not None]
+    grads = [g for g in (run.params[i].grad for i in present) if g is not None]
+    n_calls = len(run.rec.forward) if hooks else 0
     zero = torch.zeros((), dtype=EXACT, device=loss.device)  # an output no gradient reached
-    parts = [loss.detach().to(EXACT).reshape(())]
+    parts = [loss.detach().to(EXACT).reshape(()), zero + 1 if scale is None else scale]
     parts += _norms(grads, exact)
     if weights:
-        parts += _norms([p.detach() for p in params], exact)
+        parts += _norms([p.detach() for p in run.params], exact)
     if hooks:
-        parts += rec.forward
-        parts += [rec.backward.get(i, zero) for i in range(n_calls)]
+        parts += run.rec.forward
+        parts += [run.rec.backward.get(i, zero) for i in range(n_calls)]
     host = torch.stack(parts).tolist()  # the one host synchronisation of this step
-    g, w = len(grads), len(params) if weights else 0
-    full = [0.0] * len(params)
-    for i, value in zip(present, host[1 : 1 + g], strict=True):
+    g, w = len(grads), len(run.params) if weights else 0
+    full = [0.0] * len(run.params)
+    for i, value in zip(present, host[2 : 2 + g], strict=True):
         full[i] = value
     return _Step(
         loss=host[0],
+        scale=host[1],
         grads=full,
-        weights=host[1 + g : 1 + g + w],
-        calls=rec.call_names() if hooks else (),
-        forward=host[1 + g + w : 1 + g + w + n_calls],
-        backward=host[1 + g + w + n_calls :],
+        weights=host[2 + g : 2 + g + w],
+        calls=run.rec.call_names() if hooks else (),
+        forward=host[2 + g + w : 2 + g + w + n_calls],
+        backward=host[2 + g + w + n_calls :],
     )
 
 
-def _locate(step: int, s: _Step, names: Sequence[str], owner: Sequence[int]) -> NonFinite | None:
+def _locate(
+    step: int, s: _Step, names: Sequence[str], owner: Sequence[int], grads_count: bool = True
+) -> NonFinite | None:
     """The first non-finite value of a step, in the order it came to be: the weights from the
-    previous update, forward outputs, the loss, output gradients (output side first), weight grads."""
+    previous update, forward outputs, the loss, output gradients (output side first), weight grads.
+    Under a GradScaler (`grads_count` False) non-finite gradients are a skipped step, not a finding."""
 
     def block(b: int) -> str:
         return names[b] if b >= 0 else "(outside blocks)"
@@ -272,6 +299,8 @@ def _locate(step: int, s: _Step, names: Sequence[str], owner: Sequence[int]) -> 
             return NonFinite(step, name, "activation", value)
     if not math.isfinite(s.loss):
         return NonFinite(step, "(loss)", "loss", s.loss)
+    if not grads_count:
+        return None
     for value, name in reversed(list(zip(s.backward, s.calls, strict=True))):
         if not math.isfinite(value):
             return NonFinite(step, name, "activation_grad", value)
@@ -279,6 +308,9 @@ def _locate(step: int, s: _Step, names: Sequence[str], owner: Sequence[int]) -> 
         if not math.isfinite(value):
             return NonFinite(step, block(b), "gradient", value)
     return None
+
+
+AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def probe_module(
@@ -292,11 +324,15 @@ def probe_module(
     optimizer: str = "sgd",
     clip: float | None = None,
     warmup: int = 0,
+    amp: str = "none",
     seed: int = 0,
 ) -> Measurement:
     """Probe any module: forward + backward at step 0, then `steps` optimiser steps, each followed
     by another forward + backward. Per-block numbers come from step 0. A non-finite value stops the
-    run; when it shows up after step 0, that step is re-run with the hooks on to name the block.
+    run; the step that shows it is re-run in float64 with the hooks on to name the block.
+
+    `amp` ('bfloat16' or 'float16') runs the forward under torch.autocast; float16 also uses a
+    torch.amp.GradScaler, whose loss scale is recorded per step, with the steps it skipped.
     """
     blocks = tuple(blocks) if blocks is not None else find_blocks(model)
     names = tuple(name for name, _ in blocks)
@@ -307,38 +343,38 @@ def probe_module(
             "(check requires_grad, or that layers are registered as submodules)"
         )
     owner = _block_of(params, blocks)
-    opt = _optimizer(optimizer, params, lr)
-    rec = _Recorder(blocks)
+    device = params[0].device
+    scaler = torch.amp.GradScaler(device.type) if amp == "float16" else None
+    run = _Run(model, inputs, loss_fn, params, _Recorder(blocks), _optimizer(optimizer, params, lr),
+               AUTOCAST.get(amp), scaler)
     losses: list[float] = []
     totals: list[float] = []
+    scales: list[float] = []
+    skipped = 0
     nonfinite: NonFinite | None = None
-    devices = [params[0].device] if params[0].device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            first = last = _run_step(model, inputs, loss_fn, params, rec, hooks=True, weights=steps == 0)
+            first = last = _run_step(run, hooks=True, weights=steps == 0)
             for step in range(steps + 1):
                 if step > 0:
-                    last = _run_step(model, inputs, loss_fn, params, rec, hooks=False, weights=step == steps)
-                if _locate(step, last, names, owner) is not None:  # name the block, in float64
-                    last = _run_step(
-                        model, inputs, loss_fn, params, rec, hooks=True, exact=True, weights=True
-                    )
+                    last = _run_step(run, hooks=False, weights=step == steps)
+                scales.append(last.scale)
+                if _locate(step, last, names, owner, scaler is None) is not None:  # name it, in float64
+                    last = _run_step(run, hooks=True, exact=True, weights=True)
                     first = last if step == 0 else first
-                nonfinite = _locate(step, last, names, owner)
+                nonfinite = _locate(step, last, names, owner, scaler is None)
+                if step == 0 and scaler is not None and not math.isfinite(sum(last.grads)):
+                    # the scaled gradients overflowed (the scaler will skip this step): take the
+                    # per-block profile from an unscaled float64-norm re-run of the same step
+                    first = _run_step(run, hooks=True, exact=True, weights=steps == 0)
                 losses.append(last.loss)
                 totals.append(math.sqrt(sum(v * v for v in last.grads)))
                 if nonfinite is not None or step == steps:
                     break
-                if clip is not None:
-                    coef = min(1.0, clip / (totals[-1] + 1e-6))  # torch's clip_grad_norm_ contract
-                    torch._foreach_mul_([p.grad for p in params if p.grad is not None], coef)
-                if warmup:
-                    for group in opt.param_groups:
-                        group["lr"] = lr * min(1.0, (step + 1) / warmup)
-                opt.step()
+                skipped += _update(run, step, totals[-1], lr, clip, warmup)
     finally:
-        rec.remove()
+        run.rec.remove()
     act = tuple(first.backward)
     return Measurement(
         layer_names=names,
@@ -353,7 +389,27 @@ def probe_module(
         weight_norms=_per_block(last.weights, owner, len(names)) if last.weights else (),
         first_nonfinite=nonfinite,
         steps_run=len(losses) - 1,
+        loss_scale=tuple(scales) if scaler else (),
+        skipped_steps=skipped,
+        allow_tf32=bool(torch.backends.cuda.matmul.allow_tf32) if device.type == "cuda" else False,
     )
+
+
+def _update(run: _Run, step: int, total: float, lr: float, clip: float | None, warmup: int) -> int:
+    """One optimiser update (clipped, warmed up, through the GradScaler); 1 if it was skipped."""
+    finite = math.isfinite(total)
+    if clip is not None and finite:
+        coef = min(1.0, clip / (total + 1e-6))  # torch's clip_grad_norm_ contract
+        torch._foreach_mul_([p.grad for p in run.params if p.grad is not None], coef)
+    if warmup:
+        for group in run.opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / warmup)
+    if run.scaler is None:
+        run.opt.step()
+        return 0
+    run.scaler.step(run.opt)  # skips the update when the unscaled gradients hold Inf/NaN
+    run.scaler.update()
+    return 0 if finite else 1
 
 
 @functools.lru_cache(maxsize=32)
@@ -376,7 +432,18 @@ def probe(config: Config, subject: Subject | None = None) -> Measurement:
         raise UsageError(
             f"Config.device={config.device!r} but CUDA is not available on this machine; use device='cpu'"
         )
-    built = (subject or subject_for(config.family)).build(config)
+    subject = subject or subject_for(config.family)
+    m = _probe(config, subject)
+    reduced = config.dtype in ("float16", "bfloat16") or config.amp != "none"
+    if reduced and m.first_nonfinite is not None:  # would float32 have stayed finite there?
+        wide = _probe(dataclasses.replace(config, dtype="float32", amp="none"), subject)
+        if wide.first_nonfinite is None or wide.first_nonfinite.step > m.first_nonfinite.step:
+            m = dataclasses.replace(m, overflow=m.first_nonfinite)
+    return m
+
+
+def _probe(config: Config, subject: Subject) -> Measurement:
+    built = subject.build(config)
     return probe_module(
         built.model,
         built.inputs,
@@ -387,5 +454,6 @@ def probe(config: Config, subject: Subject | None = None) -> Measurement:
         optimizer=config.optimizer,
         clip=config.clip,
         warmup=config.warmup,
+        amp=config.amp,
         seed=config.seed,
     )

@@ -75,10 +75,17 @@ def warmup(c: Config) -> Config | None:
     return dataclasses.replace(c, warmup=c.steps) if c.steps > 1 and c.warmup == 0 else None
 
 
+def float32(c: Config) -> Config | None:
+    """float32 in place of float16/bfloat16 or autocast: enough range for what overflowed."""
+    reduced = c.dtype in ("float16", "bfloat16") or c.amp != "none"
+    return dataclasses.replace(c, dtype="float32", amp="none") if reduced else None
+
+
 REMEDIES: dict[str, Callable[[Config], Config | None]] = {
     "clip": clip,
     "pre-norm": pre_norm,
     "critical-init": critical_init,
     "lstm": lstm,
     "warmup": warmup,
+    "float32": float32,
 }

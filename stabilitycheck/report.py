@@ -16,7 +16,16 @@ from stabilitycheck.config import Config
 from stabilitycheck.searching import Counterexample, SearchResult
 
 SPARKS = "▁▂▃▄▅▆▇█"
-HEADERS = ("target", "device", "dtype", "smallest exploding", "criterion", "culprit", "fixed by", "probes")
+HEADERS = (
+    "target",
+    "device",
+    "precision",
+    "smallest exploding",
+    "criterion",
+    "culprit",
+    "fixed by",
+    "probes",
+)
 
 
 def knobs(result: SearchResult, config: Config) -> str:
@@ -28,12 +37,13 @@ def row(result: SearchResult) -> list[str]:
     """One table row: the counterexample, or the largest stable Config tried."""
     base = result.space.base
     cx = result.counterexample
+    precision = base.dtype if base.amp == "none" else f"amp:{base.amp}"
     if cx is None:
         tried = knobs(result, result.largest_stable) if result.largest_stable else "-"
         return [
             result.space.label,
             base.device,
-            base.dtype,
+            precision,
             f"stable (tried up to {tried})",
             "-",
             "-",
@@ -44,7 +54,7 @@ def row(result: SearchResult) -> list[str]:
     return [
         result.space.label,
         cx.config.device,
-        cx.config.dtype,
+        precision,
         knobs(result, cx.config),
         cx.verdict.criteria[0].describe() if cx.verdict.criteria else "-",
         cx.culprit,
@@ -123,10 +133,24 @@ def details(results: Sequence[SearchResult]) -> str:
     return "\n\n".join(blocks)
 
 
+def one_sided(results: Sequence[SearchResult]) -> list[str]:
+    """Lines naming each target that explodes on some devices or precisions but not on others."""
+    out = []
+    for label in dict.fromkeys(r.space.label for r in results):
+        rows = [r for r in results if r.space.label == label]
+        bad = {f"{r.space.base.device}/{row(r)[2]}" for r in rows if r.counterexample}
+        good = {f"{r.space.base.device}/{row(r)[2]}" for r in rows if not r.counterexample}
+        if bad and good:
+            out.append(
+                f"! {label} explodes only on {', '.join(sorted(bad))} (stable on {', '.join(sorted(good))})"
+            )
+    return out
+
+
 def text(results: Sequence[SearchResult]) -> str:
     """The full terminal report."""
-    more = details(results)
-    return table(results) + ("\n\n" + more if more else "")
+    parts = [table(results), "\n".join(one_sided(results)), details(results)]
+    return "\n\n".join(p for p in parts if p)
 
 
 def to_json(results: Sequence[SearchResult]) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 from stabilitycheck.errors import ConfigError
 from stabilitycheck.probing import Measurement, ratio
 
-CRITERIA = ("nonfinite", "grad_norm", "growth", "divergence", "vanishing")
+CRITERIA = ("overflow", "nonfinite", "grad_norm", "growth", "divergence", "vanishing")
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,8 @@ class Limits:
     - divergence = 2.0: final loss over initial loss after `steps` steps. A stable optimiser at a
       sane learning rate does not double the loss; bounded models (tanh with a fixed readout)
       cannot go non-finite, so a doubled loss is how their explosion shows.
+    - nonfinite = True: NaN/Inf anywhere; reported as `overflow` when the same Config in float32
+      stays finite (a float16/bfloat16 range problem: loss scaling or wider types fix it).
     - vanishing = None: growth below 1/limit is measured and shown, a failure only when asked for.
     """
 
@@ -51,8 +53,8 @@ class Criterion:
 
     def describe(self) -> str:
         """A short text like 'growth 3.2e+04 > 1e+02'."""
-        if self.name == "nonfinite":
-            return "nonfinite"
+        if self.name in ("nonfinite", "overflow"):
+            return self.name
         op = "<" if self.name == "vanishing" else ">"
         return f"{self.name} {self.value:.3g} {op} {self.limit:.3g}"
 
@@ -85,7 +87,9 @@ def verdict(m: Measurement, limits: Limits | None = None) -> Verdict:
     """Judge a Measurement against `limits` (defaults: Limits())."""
     lim = limits or Limits()
     fired: list[Criterion] = []
-    if lim.nonfinite and m.first_nonfinite is not None:
+    if lim.nonfinite and m.overflow is not None:  # Inf in float16/bfloat16, finite in float32
+        fired.append(Criterion("overflow", m.overflow.value, math.inf))
+    elif lim.nonfinite and m.first_nonfinite is not None:
         fired.append(Criterion("nonfinite", m.first_nonfinite.value, math.inf))
     peak = max((g for g in m.grad_norm if not math.isnan(g)), default=0.0)
     if _above(peak, lim.grad_norm):

@@ -25,7 +25,7 @@ def test_exploding_family_exits_1_with_its_row(capsys: pytest.CaptureFixture[str
     code, out, err = run(capsys, "zoo", "--family", "mlp", *FAST, "--json", str(js), "--markdown", str(md))
     assert code == 1
     header, _, row = out.splitlines()[:3]
-    assert header.split()[:4] == ["target", "device", "dtype", "smallest"]
+    assert header.split()[:4] == ["target", "device", "precision", "smallest"]
     assert row.split()[:3] == ["mlp", "cpu", "float32"] and "growth" in row
     assert "reproduce python -c" in out
     assert "searching mlp on cpu" in err

@@ -1,0 +1,144 @@
+"""Devices, dtypes and mixed precision: overflow in float16 before float32, AMP with GradScaler."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from stabilitycheck import report
+from stabilitycheck.cli import main
+from stabilitycheck.config import Config
+from stabilitycheck.probing import probe
+from stabilitycheck.searching import search
+from stabilitycheck.space import Axis, Space
+from stabilitycheck.verdicts import Limits, verdict
+
+NONFINITE_ONLY = Limits(grad_norm=None, growth=None, divergence=None)
+
+
+def linear_mlp(dtype: str) -> Space:
+    # a linear MLP at sigma_w = 8 multiplies the forward signal by ~8 per layer: float16's range
+    # (65504) runs out after ~5 layers, float32's (3.4e38) after ~40
+    base = Config(family="mlp", activation="linear", width=16, batch_size=4, init_scale=8.0, dtype=dtype)
+    return Space("mlp-linear", base, (Axis.range("depth", 1, 64),))
+
+
+def test_float16_explodes_at_a_strictly_smaller_depth_than_float32() -> None:
+    wide = search(linear_mlp("float32"), limits=NONFINITE_ONLY, max_examples=30)
+    half = search(linear_mlp("float16"), limits=NONFINITE_ONLY, max_examples=30)
+    assert wide.counterexample is not None and half.counterexample is not None
+    assert half.counterexample.config.depth < wide.counterexample.config.depth
+    assert half.counterexample.verdict.names == ("overflow",)  # finite in float32 at that depth
+    assert wide.counterexample.verdict.names == ("nonfinite",)
+    # 1-minimal: one layer less is finite in its own dtype
+    for r in (wide, half):
+        assert r.counterexample is not None
+        smaller = r.counterexample.config.with_knobs(depth=r.counterexample.config.depth - 1)
+        assert not verdict(probe(smaller), NONFINITE_ONLY).exploded
+    text = report.text([wide, half])
+    assert "float16" in text and "float32" in text and "overflow" in text
+    assert {r.name: r.fixed for r in half.counterexample.remedies}["float32"] is True
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_reduced_precision_runs_end_to_end_through_the_cli(
+    dtype: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        [
+            "zoo",
+            "--family",
+            "mlp,rnn",
+            "--dtype",
+            dtype,
+            "--knob",
+            "depth=1:12",
+            "--knob",
+            "seq_len=1:24",
+            "--max-examples",
+            "10",
+            "--database",
+            "none",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code in (0, 1)
+    rows = [line.split() for line in out.splitlines()[2:4]]
+    assert [r[:3] for r in rows] == [["mlp", "cpu", dtype], ["rnn", "cpu", dtype]]
+
+
+@pytest.mark.parametrize("family", ["mlp", "resmlp"])
+def test_amp_gradscaler_skips_overflowing_steps_and_leaves_weights_unchanged(family: str) -> None:
+    # At the initial loss scale 2**16 the scaled float16 gradients of this deep net overflow; the
+    # scaler must skip those steps (scale halved, weights untouched: the next loss is identical).
+    c = Config(
+        family=family, norm="post", depth=24, width=16, init_scale=3.0, batch_size=4, steps=6, amp="float16"
+    )
+    m = probe(c)
+    assert m.first_nonfinite is None
+    halved = [s for s in range(m.steps_run) if m.loss_scale[s + 1] == m.loss_scale[s] / 2]
+    assert m.skipped_steps == len(halved) > 0
+    for s in halved:
+        assert m.loss[s + 1] == m.loss[s]
+    assert all(math.isfinite(x) for x in m.loss + m.layer_grad_norms)
+
+
+def test_amp_bfloat16_on_cpu_has_no_loss_scale() -> None:
+    m = probe(Config(depth=4, width=16, steps=2, amp="bfloat16"))
+    assert m.loss_scale == () and m.skipped_steps == 0 and m.steps_run == 2
+
+
+def test_amp_needs_float32_weights() -> None:
+    with pytest.raises(ValueError, match="needs dtype='float32'"):
+        Config(amp="float16", dtype="float16")
+
+
+def test_cli_amp_flag_labels_the_precision(capsys: pytest.CaptureFixture[str]) -> None:
+    main(
+        [
+            "zoo",
+            "--family",
+            "mlp",
+            "--amp",
+            "--knob",
+            "depth=1:8",
+            "--max-examples",
+            "5",
+            "--database",
+            "none",
+        ]
+    )
+    assert capsys.readouterr().out.splitlines()[2].split()[:3] == ["mlp", "cpu", "amp:bfloat16"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none on this machine")
+def test_cuda_and_cpu_rows_side_by_side(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        [
+            "zoo",
+            "--family",
+            "mlp",
+            "--device",
+            "all",
+            "--knob",
+            "depth=1:24",
+            "--max-examples",
+            "20",
+            "--database",
+            "none",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code in (0, 1)
+    devices = [line.split()[1] for line in out.splitlines()[2:4]]
+    assert devices == ["cpu", "cuda"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none on this machine")
+def test_cuda_probe_matches_cpu_in_float64() -> None:
+    c = Config(family="resmlp", norm="pre", depth=6, width=32, dtype="float64", steps=2)
+    cpu, gpu = probe(c), probe(c.with_knobs(device="cuda"))
+    assert gpu.growth == pytest.approx(cpu.growth, rel=1e-9)
+    assert gpu.loss == pytest.approx(cpu.loss, rel=1e-9)
