@@ -71,14 +71,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="optimiser steps per probe (default 0: at init only)")
     p.add_argument("--lr", type=_positive_float, help="learning rate of the steps")
     p.add_argument("--optimizer", choices=("sgd", "adam"))
-    p.add_argument("--amp", nargs="?", const="auto", choices=("auto", "bfloat16", "float16"),
-                   help="forward under torch.autocast (auto: bfloat16 on CPU, float16 + GradScaler on CUDA)")
+    p.add_argument(
+        "--amp",
+        nargs="?",
+        const="auto",
+        choices=("auto", "bfloat16", "float16"),
+        help="forward under torch.autocast (auto: bfloat16 on CPU, float16 + GradScaler on CUDA)",
+    )
     p.add_argument("--clip", type=_positive_float, help="clip the total gradient norm during steps")
     p.add_argument("--grad-norm-limit", type=_limit, default=1e3, help="peak total grad norm (1e3; off)")
     p.add_argument("--growth-limit", type=_limit, default=1e2, help="input/output grad growth (1e2; off)")
     p.add_argument("--divergence-limit", type=_limit, default=2.0, help="final/initial loss (2; off)")
     p.add_argument("--json", type=Path, help="write the results as JSON (configs replay with --replay)")
     p.add_argument("--markdown", type=Path, help="write a Markdown summary (also GITHUB_STEP_SUMMARY)")
+    p.add_argument("--plot", type=Path, help="write a PNG of each counterexample (extra: plot)")
     p.add_argument("--replay", type=Path, help="re-probe the counterexamples of a --json file")
     p.add_argument(
         "--database",
@@ -185,6 +191,10 @@ def _write(args: argparse.Namespace, results: Sequence[Any]) -> None:
     from stabilitycheck import report
 
     print(report.text(results))
+    if args.plot:
+        from stabilitycheck.plot import plot
+
+        plot(results, args.plot)
     if args.json:
         args.json.write_text(report.to_json(results))
     summary = os.environ.get("GITHUB_STEP_SUMMARY")

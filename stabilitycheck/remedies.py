@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stabilitycheck.config import FAMILIES, Config
+from stabilitycheck.probing import Measurement
 
 # sigma_w at which a bias-free deep net's backward gain chi = sigma_w^2 E[phi'(h)^2] is 1
 # (tanh, linear: 1; ReLU: He's sqrt 2; GELU has no fixed point without bias: He's value).
@@ -18,12 +19,14 @@ CLIP_NORM = 1.0
 
 @dataclass(frozen=True)
 class Remedy:
-    """A remedy tried on a counterexample: `config` is None when it does not apply."""
+    """A remedy tried on a counterexample: `config` (and what it measured) is None when it does not
+    apply."""
 
     name: str
     config: Config | None
     fixed: bool | None
     still_fires: tuple[str, ...] = ()
+    measurement: Measurement | None = None
 
     def describe(self) -> str:
         if self.config is None:
@@ -36,12 +39,15 @@ class Remedy:
             "config": None if self.config is None else self.config.to_dict(),
             "fixed": self.fixed,
             "still_fires": list(self.still_fires),
+            "measurement": None if self.measurement is None else self.measurement.to_dict(),
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Remedy:
         config = None if data["config"] is None else Config.from_dict(data["config"])
-        return cls(data["name"], config, data["fixed"], tuple(data["still_fires"]))
+        m = data.get("measurement")
+        measured = None if m is None else Measurement.from_dict(m)
+        return cls(data["name"], config, data["fixed"], tuple(data["still_fires"]), measured)
 
 
 def _zoo(c: Config) -> bool:

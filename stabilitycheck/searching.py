@@ -233,8 +233,9 @@ def try_remedies(config: Config, subject: Subject | None, limits: Limits) -> tup
         if changed is None:
             out.append(Remedy(name, None, None))
             continue
-        v = verdict(probe(changed, subject), limits)
-        out.append(Remedy(name, changed, not v.exploded, v.names))
+        m = probe(changed, subject)
+        v = verdict(m, limits)
+        out.append(Remedy(name, changed, not v.exploded, v.names, m))
     return tuple(out)
 
 

@@ -80,3 +80,15 @@ def test_console_script_runs(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 2 and proc.stderr.startswith("stabilitycheck: error:")
+
+
+def test_github_step_summary_is_appended(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    summary = tmp_path / "summary.md"
+    summary.write_text("earlier step\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    run(capsys, "zoo", "--family", "mlp", "--knob", "depth=1:24", *FAST)
+    text = summary.read_text()
+    assert text.startswith("earlier step\n## stabilitycheck")
+    assert "| mlp " in text and "```bash\npython -c" in text

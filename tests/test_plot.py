@@ -1,0 +1,66 @@
+"""--plot: a valid PNG of sensible size for a known counterexample; a clear error without matplotlib."""
+
+from __future__ import annotations
+
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+
+from stabilitycheck.cli import main
+from stabilitycheck.config import Config
+from stabilitycheck.errors import UsageError
+from stabilitycheck.searching import search
+from stabilitycheck.space import Axis, Space
+
+KNOWN = Space("mlp", Config(family="mlp", width=16, batch_size=4, steps=2), (Axis.range("depth", 1, 30),))
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG signature"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_plot_renders_a_png_of_a_counterexample(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from stabilitycheck.plot import plot
+
+    result = search(KNOWN.with_base(init_scale=3.0), max_examples=20)
+    assert result.counterexample is not None
+    out = tmp_path / "cx.png"
+    assert plot([result], out) == 1
+    width, height = png_size(out)
+    assert 600 <= width <= 2000 and 200 <= height <= 2000
+    assert out.stat().st_size > 10_000  # a drawn figure, not an empty canvas
+
+
+def test_cli_plot_writes_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "zoo.png"
+    code = main(
+        [
+            "zoo",
+            "--family",
+            "mlp",
+            "--knob",
+            "depth=1:24",
+            "--max-examples",
+            "10",
+            "--database",
+            "none",
+            "--plot",
+            str(out),
+        ]
+    )
+    assert code == 1 and png_size(out)[0] > 0
+
+
+def test_missing_matplotlib_is_a_usage_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from stabilitycheck.plot import plot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    with pytest.raises(UsageError, match=r"pip install 'stabilitycheck\[plot\]'"):
+        plot([], tmp_path / "x.png")
