@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-SPACE = {"depth": (1, 64), "width": (8, 256), "init_scale": (0.25, 4.0, 0.25)}
+SPACE = {"depth": (1, 32), "width": (8, 64), "init_scale": (0.25, 4.0, 0.25)}
 
 
 class MLP(nn.Module):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 D_MODEL = 32
-SPACE = {"num_layers": (1, 48), "norm_first": (0, 1), "seq_len": (1, 128)}
+SPACE = {"num_layers": (1, 24), "norm_first": (0, 1), "seq_len": (1, 64)}
 
 
 class Encoder(nn.Module):

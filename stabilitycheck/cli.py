@@ -115,14 +115,24 @@ def _knob(text: str) -> tuple[str, list[float]]:
     return name, numbers
 
 
-def _apply_knobs(space: Any, knobs: Sequence[str]) -> Any:
-    """The Space with each --knob replacing (or adding) its axis; a single value fixes the knob."""
+RUN_KNOBS = ("init_scale", "lr", "steps", "warmup")  # Config fields that every Subject reads
+
+
+def _apply_knobs(space: Any, knobs: Sequence[str], allowed: Sequence[str] | None = None) -> Any:
+    """The Space with each --knob replacing (or adding) its axis; a single value fixes the knob.
+    `allowed`: the knobs of a model file (None for the zoo, whose knobs are the Config fields)."""
+    from stabilitycheck.errors import UsageError
     from stabilitycheck.space import Axis
 
     axes = list(space.axes)
     base = space.base
     for text in knobs:
         name, numbers = _knob(text)
+        if allowed is not None and name not in allowed and name not in RUN_KNOBS:
+            raise UsageError(
+                f"--knob {name!r} is not a knob of {space.label}; its knobs are {sorted(allowed)} "
+                f"(and the run settings {', '.join(RUN_KNOBS[1:])}), e.g. --knob {sorted(allowed)[0]}=1:8"
+            )
         base.knob(name)  # raises ConfigError naming the knobs there are
         axes = [a for a in axes if a.name != name]
         if len(numbers) == 1:
@@ -159,6 +169,7 @@ def _spaces(args: argparse.Namespace) -> list[Any]:
         if unknown:
             raise UsageError(f"--family {unknown[0]!r} is not a zoo family; expected one of {', '.join(zoo)}")
         spaces = [zoo[n] for n in names]
+        allowed: list[str] | None = None
     else:
         if args.family:
             raise UsageError("--family applies to 'stabilitycheck zoo' only, not to a model file")
@@ -172,6 +183,7 @@ def _spaces(args: argparse.Namespace) -> list[Any]:
             space = dataclasses.replace(space, axes=(Axis("init_scale", INIT_SCALES),))
         subject.check(space.base)
         spaces = [space]
+        allowed = sorted({*subject.knobs, "init_scale"})
     overrides = {
         k: getattr(args, k) for k in ("steps", "lr", "optimizer", "clip") if getattr(args, k) is not None
     }
@@ -179,7 +191,7 @@ def _spaces(args: argparse.Namespace) -> list[Any]:
     dtypes = [d for group in args.dtype for d in group]
     out = []
     for space in spaces:
-        space = _apply_knobs(space.with_base(**overrides), args.knob)
+        space = _apply_knobs(space.with_base(**overrides), args.knob, allowed)
         for device in _devices(args.device):
             for dtype in dtypes or [space.base.dtype]:
                 amp = args.amp if args.amp != "auto" else ("bfloat16" if device == "cpu" else "float16")

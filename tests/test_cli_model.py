@@ -1,0 +1,281 @@
+"""`stabilitycheck MODEL.py`: every example end to end, every model-file mistake a one-line exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from stabilitycheck.cli import main
+from stabilitycheck.report import HEADERS
+
+ROOT = Path(__file__).resolve().parent.parent
+FILES = "tests/modelfiles"
+FAST = ["--database", "none", "--max-examples", "20"]
+LIMIT = 100.0  # the CLI's default --growth-limit
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_at_the_root(monkeypatch: pytest.MonkeyPatch) -> object:
+    """Run from the repository root (labels are the relative paths users type) on one torch thread:
+    two intra-op threads on 2 busy cores made a 32-layer Transformer probe 20-70x slower."""
+    monkeypatch.chdir(ROOT)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def columns(line: str) -> list[str]:
+    """A table row split into its 8 columns (tabulate separates them by two or more spaces)."""
+    cells = [c.strip() for c in line.split("  ") if c.strip()]
+    assert len(cells) == len(HEADERS), (line, cells)
+    return cells
+
+
+def knob_values(cell: str) -> dict[str, float]:
+    """'depth=19 width=8 init_scale=3.0' -> {'depth': 19.0, ...}."""
+    return {k: float(v) for k, v in (kv.split("=") for kv in cell.split())}
+
+
+def assert_header(out: str) -> list[str]:
+    """The table's header is the report's, and the rows follow the dashed rule; returns the rows."""
+    lines = out.splitlines()
+    assert lines[0].split() == " ".join(HEADERS).split(), lines[0]
+    assert lines[0].startswith("target") and "smallest exploding" in lines[0] and "fixed by" in lines[0]
+    assert set(lines[1]) == {"-", " "}
+    rows = lines[2:]
+    return rows[: rows.index("")] if "" in rows else rows  # the table ends at the first blank line
+
+
+# --- the examples, end to end --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "knobs", "culprits"),
+    [
+        # tanh MLP: above the critical init_scale 1.0, gradients grow ~ (gain)^depth towards the input
+        ("mlp", {"depth", "width", "init_scale"}, None),
+        # tanh RNN with its weights scaled up (init_scale is in SPACE): gradients grow through time
+        ("rnn_lm", {"width", "num_layers", "seq_len", "init_scale"}, {"embed", "rnn", "head"}),
+    ],
+)
+def test_exploding_example_exits_1_with_its_row(
+    capsys: pytest.CaptureFixture[str], name: str, knobs: set[str], culprits: set[str] | None
+) -> None:
+    code, out, err = run(capsys, f"examples/{name}.py", *FAST)
+    assert code == 1, err
+    (row,) = assert_header(out)
+    target, device, precision, smallest, criterion, culprit, fixed, probes = columns(row)
+    assert (target, device, precision) == (f"examples/{name}.py:build", "cpu", "float32")
+    values = knob_values(smallest)
+    assert set(values) == knobs
+    assert values["init_scale"] > 1.0  # at or below the critical scale these models do not explode
+    kind, number, op, limit = criterion.split()
+    assert kind == "growth" and op == ">" and float(number) > float(limit) == LIMIT
+    assert culprit.startswith("layers.") if culprits is None else culprit in culprits
+    assert "critical-init" in fixed.split(", ")  # re-probed at init_scale 1.0: stable
+    assert int(probes) >= 1
+    assert f"searching examples/{name}.py:build on cpu" in err and "explodes at" in err
+    assert (
+        f"reproduce python -c \"import stabilitycheck as sc; c = sc.Config(family='examples/{name}.py:build'"
+        in out
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "attr", "tried"),
+    [
+        # a ReLU MLP only 4 layers deep: even init_scale 4 (2.8x the critical sqrt 2) stays below growth 100
+        ("fixed_model", "model", {"init_scale"}),
+        # post-norm and pre-norm encoders at init: LayerNorm keeps the backward signal bounded
+        ("transformer", "build", {"num_layers", "norm_first", "seq_len"}),
+    ],
+)
+def test_stable_example_exits_0_with_the_largest_config_tried(
+    capsys: pytest.CaptureFixture[str], name: str, attr: str, tried: set[str]
+) -> None:
+    code, out, err = run(capsys, f"examples/{name}.py", *FAST)
+    assert code == 0, err
+    (row,) = assert_header(out)
+    target, device, precision, smallest, criterion, culprit, fixed, probes = columns(row)
+    assert (target, device, precision) == (f"examples/{name}.py:{attr}", "cpu", "float32")
+    assert smallest.startswith("stable (tried up to ") and smallest.endswith(")")
+    assert set(knob_values(smallest[len("stable (tried up to ") : -1])) == tried
+    assert (criterion, culprit, fixed) == ("-", "-", "-")
+    assert 1 <= int(probes) <= 20
+    assert "reproduce" not in out and "stable" in err
+
+
+def test_fixed_model_searches_init_scale_up_to_4(capsys: pytest.CaptureFixture[str]) -> None:
+    _, out, _ = run(capsys, "examples/fixed_model.py", *FAST)
+    assert "stable (tried up to init_scale=4.0)" in out
+
+
+def test_console_script_matches_the_in_process_run(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    script = Path(sys.executable).with_name("stabilitycheck")
+    assert script.exists(), f"console script not installed next to {sys.executable}"
+    js = tmp_path / "mlp.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [str(script), "examples/mlp.py", *FAST, "--json", str(js)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        check=False,
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    code, out, _ = run(capsys, "examples/mlp.py", *FAST)
+    assert code == 1
+    assert proc.stdout.splitlines()[:3] == out.splitlines()[:3]  # same seed, same table
+    (entry,) = json.loads(js.read_text())
+    assert entry["counterexample"]["config"]["family"] == "examples/mlp.py:build"
+
+
+def test_replay_of_a_model_file_prints_the_same_row(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    js = tmp_path / "rnn.json"
+    code, out, _ = run(capsys, "examples/rnn_lm.py", *FAST, "--json", str(js))
+    assert code == 1
+    (row,) = assert_header(out)
+    code2, out2, _ = run(capsys, "examples/rnn_lm.py", "--replay", str(js), *FAST)
+    assert code2 == 1
+    (row2,) = assert_header(out2)
+    assert columns(row2)[:-1] == columns(row)[:-1]  # everything but the probe count
+    assert columns(row2)[-1] == "1"  # one re-probe, no search
+
+
+# --- findings: NaN and Inf -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "culprit"), [("nan_model", "(loss)"), ("inf_model", "1")])
+def test_nonfinite_model_is_a_finding(capsys: pytest.CaptureFixture[str], name: str, culprit: str) -> None:
+    code, out, err = run(capsys, f"{FILES}/{name}.py", *FAST)
+    assert code == 1, err
+    (row,) = assert_header(out)
+    cells = columns(row)
+    assert cells[0] == f"{FILES}/{name}.py:build"
+    assert cells[4] == "nonfinite" and cells[5] == culprit  # inf_model: block 1 overflows
+    assert "Traceback" not in err and "error" not in err
+
+
+# --- model-file errors: exit 2, one line on stderr, no traceback ---------------------------------
+
+
+ERRORS = [
+    ("missing", ["{tmp}/nope.py"], ["nope.py: no such file", "e.g. `stabilitycheck examples/mlp.py`"]),
+    ("not_py", ["{tmp}/model.txt"], ["model.txt: not a .py file"]),
+    ("syntax", ["{tmp}/syntax.py"], ["syntax.py:3: syntax error"]),
+    (
+        "raises_on_import",
+        [f"{FILES}/raises_on_import.py"],
+        ["raises_on_import.py:6:", "RuntimeError: cannot find the dataset"],
+    ),
+    ("exits_on_import", [f"{FILES}/exits_on_import.py"], ["sys.exit(3)"]),
+    (
+        "no_factory",
+        [f"{FILES}/no_factory.py"],
+        ["no top-level `build`", "found top-level names ['WIDTH', 'make_net']"],
+    ),
+    ("named_factory", ["examples/mlp.py:make"], ["no top-level `make`", "['SPACE', 'MLP', 'build']"]),
+    (
+        "no_default",
+        [f"{FILES}/no_default.py"],
+        ["parameter 'depth' has no default", "SPACE = {'depth': (1, 64)}"],
+    ),
+    ("knob_reversed", ["examples/mlp.py", "--knob", "depth=5:1"], ["depth=5:1 is empty", "depth=1:5"]),
+    ("knob_malformed", ["examples/mlp.py", "--knob", "depth=a:b"], ["--knob 'depth=a:b' is malformed"]),
+    ("space_reversed", [f"{FILES}/space_reversed.py"], ["SPACE['depth']=(5, 1) is empty (lo > hi)"]),
+    ("space_malformed", [f"{FILES}/space_malformed.py"], ["SPACE['depth']=8 is malformed"]),
+    ("space_unknown", [f"{FILES}/space_unknown.py"], ["SPACE names 'detph'"]),
+    ("returns_int", [f"{FILES}/returns_int.py"], ["build(width=8) returned an int, not an nn.Module"]),
+    (
+        "batch_not_tensors",
+        [f"{FILES}/batch_not_tensors.py"],
+        ["batch(model, batch_size=2) is a list", "not tensors"],
+    ),
+    ("loss_vector", [f"{FILES}/loss_vector.py"], ["the loss must be a scalar", "(16,)"]),
+    ("loss_detached", [f"{FILES}/loss_detached.py"], ["the loss does not require grad"]),
+    ("no_parameters", [f"{FILES}/no_parameters.py"], ["no parameters that require grad"]),
+    ("frozen", [f"{FILES}/frozen.py"], ["no parameters that require grad"]),
+    ("model_not_module", [f"{FILES}/model_not_module.py"], ["`model` is a str, not an nn.Module"]),
+]
+
+UNKNOWN_KNOBS = [
+    # a typo: the message lists the file's knobs
+    ("typo", ["examples/mlp.py", "--knob", "detph=1:4"], ["'detph'", "['depth', 'init_scale', 'width']"]),
+    # a Config field the model file never reads: an error, not a silent search of nothing
+    (
+        "config_field",
+        ["examples/transformer.py", "--knob", "depth=1:8"],
+        ["'depth'", "['batch_size', 'init_scale', 'norm_first', 'num_layers', 'seq_len']"],
+    ),
+    ("fixed_model", ["examples/fixed_model.py", "--knob", "width=1:8"], ["'width'", "['init_scale']"]),
+]
+
+
+def error_argv(argv: list[str], tmp_path: Path) -> list[str]:
+    (tmp_path / "model.txt").write_text("x = 1\n")
+    (tmp_path / "syntax.py").write_text("import torch\n\ndef build(depth=4:\n    pass\n")
+    return [a.replace("{tmp}", str(tmp_path)) for a in argv]
+
+
+def assert_one_line_error(code: int, out: str, err: str, fragments: list[str]) -> None:
+    assert code == 2, err
+    assert out == ""
+    assert err.startswith("stabilitycheck: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+@pytest.mark.parametrize(("argv", "fragments"), [e[1:] for e in ERRORS], ids=[e[0] for e in ERRORS])
+def test_model_file_error_exits_2_with_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, argv: list[str], fragments: list[str]
+) -> None:
+    code, out, err = run(capsys, *error_argv(argv, tmp_path), *FAST)
+    assert_one_line_error(code, out, err, fragments)
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragments"), [e[1:] for e in UNKNOWN_KNOBS], ids=[e[0] for e in UNKNOWN_KNOBS]
+)
+def test_unknown_knob_names_the_files_knobs(
+    capsys: pytest.CaptureFixture[str], argv: list[str], fragments: list[str]
+) -> None:
+    code, out, err = run(capsys, *argv, *FAST)
+    assert_one_line_error(code, out, err, fragments)
+
+
+def test_debug_shows_the_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, f"{FILES}/no_factory.py", "--debug", *FAST)
+    assert code == 2 and out == ""
+    assert err.startswith("Traceback (most recent call last):")
+    assert "ModelFileError" in err
+    assert err.splitlines()[-1].startswith("stabilitycheck: error: ") and "no top-level `build`" in err
+
+
+def test_console_script_error_is_one_line(tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("stabilitycheck")
+    proc = subprocess.run(
+        [str(script), str(tmp_path / "nope.py")], capture_output=True, text=True, check=False, timeout=120
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("stabilitycheck: error: ") and proc.stderr.count("\n") == 1
