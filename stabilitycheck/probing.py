@@ -93,43 +93,55 @@ def accumulator(dtype: torch.dtype, exact: bool) -> torch.dtype:
     return EXACT if exact or dtype == torch.float64 else torch.float32
 
 
+class _Pending:
+    """Tensors whose L2 norms are wanted, normed in fused calls (one per accumulator dtype)."""
+
+    def __init__(self, exact: bool) -> None:
+        self.exact = exact
+        self.waiting: dict[torch.dtype, list[tuple[int, torch.Tensor]]] = {}
+
+    def add(self, index: int, tensor: torch.Tensor) -> None:
+        self.waiting.setdefault(accumulator(tensor.dtype, self.exact), []).append((index, tensor))
+
+    def result(self, n: int, fill: torch.Tensor) -> list[torch.Tensor]:
+        """The n norms by index (float32 or float64 0-d tensors); `fill` where none was added."""
+        out = [fill] * n
+        for acc, items in self.waiting.items():
+            norms = torch._foreach_norm([t for _, t in items], 2, dtype=acc)
+            for (i, _), norm in zip(items, norms, strict=True):
+                out[i] = norm
+        return out
+
+
 class _Recorder:
-    """Forward hooks, registered once, recording per block call the output norm and dL/d(output)."""
+    """Forward hooks, registered once, collecting the output of every block call while active;
+    dL/d(output) is then captured by the backward pass itself (torch.autograd.grad), no tensor hooks."""
 
     def __init__(self, blocks: Sequence[tuple[str, nn.Module]]) -> None:
         self.active = False
-        self.exact = False
-        self.scale: torch.Tensor | None = None  # the loss scale under a GradScaler: hooks unscale
         self.names: list[str] = []
-        self.forward: list[torch.Tensor] = []
-        self.backward: dict[int, torch.Tensor] = {}
+        self.outputs: list[torch.Tensor] = []
         self.handles = [module.register_forward_hook(self._hook(name)) for name, module in blocks]
 
     def _hook(self, name: str) -> Any:
         def on_forward(module: nn.Module, args: Any, output: Any) -> None:
             out = _first_tensor(output)
-            if not self.active or out is None:
-                return
-            index = len(self.forward)
-            self.names.append(name)
-            acc = accumulator(out.dtype, self.exact)
-            self.forward.append(torch.linalg.vector_norm(out.detach(), dtype=acc).to(EXACT))
-            if out.requires_grad:
-                out.register_hook(lambda g: self._on_grad(index, g))
+            if self.active and out is not None:
+                self.names.append(name)
+                self.outputs.append(out)
 
         return on_forward
 
-    def _on_grad(self, index: int, grad: torch.Tensor) -> None:
-        acc = accumulator(grad.dtype, self.exact)
-        norm = torch.linalg.vector_norm(grad, dtype=acc).to(EXACT)
-        self.backward[index] = norm if self.scale is None else norm / self.scale
-
-    def start(self, exact: bool, scale: torch.Tensor | None) -> None:
-        self.active, self.exact, self.scale = True, exact, scale
-        self.names, self.forward, self.backward = [], [], {}
+    def start(self) -> None:
+        self.active, self.names, self.outputs = True, [], []
 
     def stop(self) -> None:
         self.active = False
+
+    def take(self) -> list[torch.Tensor]:
+        """The recorded outputs, dropping the recorder's references to them."""
+        outputs, self.outputs = self.outputs, []
+        return outputs
 
     def call_names(self) -> tuple[str, ...]:
         """One name per recorded call: the block name, with [k] for blocks called more than once."""
@@ -223,15 +235,45 @@ class _Run:
         return self.params[0].device
 
 
-def _norms(tensors: list[torch.Tensor], exact: bool) -> list[torch.Tensor]:
-    """The L2 norm of each tensor as a float64 0-d tensor, fused per dtype (no host sync)."""
-    out: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
-    for dtype in {t.dtype for t in tensors}:
-        where = [i for i, t in enumerate(tensors) if t.dtype == dtype]
-        group = [tensors[i] for i in where]
-        norms = torch._foreach_norm(group, 2, dtype=accumulator(dtype, exact))
-        for i, n in zip(where, norms, strict=True):
-            out[i] = n.to(EXACT)
+def _norms(tensors: Sequence[torch.Tensor | None], exact: bool, fill: torch.Tensor) -> list[torch.Tensor]:
+    """The L2 norm of each tensor (float32 or float64 0-d tensors), fused per accumulator dtype;
+    `fill` for a None."""
+    pending = _Pending(exact)
+    for i, t in enumerate(tensors):
+        if t is not None:
+            pending.add(i, t)
+    return pending.result(len(tensors), fill)
+
+
+def _backward(run: _Run, loss: torch.Tensor, outputs: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """Backward from `loss` into the parameters' .grad, returning dL/d(output) of each recorded
+    output (None where the loss does not depend on it), captured by the same single pass."""
+    wanted = [i for i, out in enumerate(outputs) if out.requires_grad]
+    if not wanted:
+        loss.backward()
+        return [None] * len(outputs)
+    inputs: list[torch.Tensor] = [outputs[i] for i in wanted] + list(run.params)
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    for p, g in zip(run.params, grads[len(wanted) :], strict=True):
+        p.grad = g
+    captured: list[torch.Tensor | None] = [None] * len(outputs)
+    for i, g in zip(wanted, grads, strict=False):
+        captured[i] = g
+    return captured
+
+
+def _stack(parts: list[torch.Tensor]) -> list[float]:
+    """0-d tensors of mixed float dtypes to Python floats: one stack and cast per dtype, one sync."""
+    dtypes = {p.dtype for p in parts}
+    if len(dtypes) == 1:
+        return torch.stack(parts).to(EXACT).tolist()
+    groups = {d: [i for i, p in enumerate(parts) if p.dtype == d] for d in dtypes}
+    stacked = torch.cat([torch.stack([parts[i] for i in idx]).to(EXACT) for idx in groups.values()])
+    order = [i for idx in groups.values() for i in idx]
+    flat = stacked.tolist()  # the one host synchronisation
+    out = [0.0] * len(parts)
+    for i, v in zip(order, flat, strict=True):
+        out[i] = v
     return out
 
 
@@ -245,27 +287,32 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
     scaler = None if exact else run.scaler
     scale = scaler.scale(torch.ones((), device=run.device)).to(EXACT) if scaler else None
     if hooks:
-        run.rec.start(exact, scale)
+        run.rec.start()
     try:
         with torch.autocast(run.device.type, dtype=run.autocast, enabled=run.autocast is not None):
             loss = _check_loss(run.loss_fn(call_model(run.model, run.inputs), run.inputs))
-        (scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            scaler.unscale_(run.opt)
     finally:
         run.rec.stop()
+    outputs = run.rec.take() if hooks else []
+    zero = torch.zeros((), dtype=EXACT, device=loss.device)  # an output no gradient reached
+    forward = _norms([out.detach() for out in outputs], exact, zero)
+    captured = _backward(run, scaler.scale(loss) if scaler else loss, outputs)
+    del outputs
+    if scaler:
+        scaler.unscale_(run.opt)
     present = [i for i, p in enumerate(run.params) if p.grad is not None]
     grads = [g for g in (run.params[i].grad for i in present) if g is not None]
-    n_calls = len(run.rec.forward) if hooks else 0
-    zero = torch.zeros((), dtype=EXACT, device=loss.device)  # an output no gradient reached
-    parts = [loss.detach().to(EXACT).reshape(()), zero + 1 if scale is None else scale]
-    parts += _norms(grads, exact)
+    n_calls = len(forward)
+    ones = torch.ones((), dtype=loss.dtype, device=loss.device)
+    parts = [loss.detach().reshape(()), ones if scale is None else scale]
+    parts += _norms(grads, exact, zero)
     if weights:
-        parts += _norms([p.detach() for p in run.params], exact)
+        parts += _norms([p.detach() for p in run.params], exact, zero)
     if hooks:
-        parts += run.rec.forward
-        parts += [run.rec.backward.get(i, zero) for i in range(n_calls)]
-    host = torch.stack(parts).tolist()  # the one host synchronisation of this step
+        backward = _norms(captured, exact, zero)
+        parts += forward
+        parts += backward if scale is None else [b / scale for b in backward]
+    host = _stack(parts)  # the one host synchronisation of this step
     g, w = len(grads), len(run.params) if weights else 0
     full = [0.0] * len(run.params)
     for i, value in zip(present, host[2 : 2 + g], strict=True):
@@ -354,7 +401,10 @@ def probe_module(
     nonfinite: NonFinite | None = None
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
+            if device.type == "cuda":
+                index = torch.cuda.current_device() if device.index is None else device.index
+                torch.cuda.default_generators[index].manual_seed(seed)
             first = last = _run_step(run, hooks=True, weights=steps == 0)
             for step in range(steps + 1):
                 if step > 0:

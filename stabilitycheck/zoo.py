@@ -147,22 +147,22 @@ class Recurrent(nn.Module):
         return [("cell", self.cell)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, steps, _ = x.shape  # (batch, seq_len, width)
+        batch = x.shape[0]  # x: (batch, seq_len, width)
         h = x.new_zeros(batch, self.width)
         c = x.new_zeros(batch, self.width)
         outputs = []
         if self.weight_ih is not None:
             u = F.linear(x, self.weight_ih)  # (batch, seq_len, width)
-            for t in range(steps):
-                h = self.cell(u[:, t], h)
+            for u_t in u.unbind(1):  # not u[:, t]: its backward would allocate all of u per step
+                h = self.cell(u_t, h)
                 outputs.append(h)
         elif self.kind == "lstm":
-            for t in range(steps):
-                h, c = self.cell(x[:, t], (h, c))
+            for x_t in x.unbind(1):
+                h, c = self.cell(x_t, (h, c))
                 outputs.append(h)
         else:
-            for t in range(steps):
-                h = self.cell(x[:, t], h)
+            for x_t in x.unbind(1):
+                h = self.cell(x_t, h)
                 outputs.append(h)
         return torch.stack(outputs, dim=1)  # (batch, seq_len, width)
 
