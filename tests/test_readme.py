@@ -30,7 +30,7 @@ def test_python_block_runs(source: str) -> None:
 def test_model_file_example_prints_what_the_readme_shows(tmp_path: Path) -> None:
     (model,) = [s for s in PYTHON if s.startswith("# model.py")]
     (tmp_path / "model.py").write_text(model)
-    command, shown = OUTPUTS[0]
+    ((command, shown),) = [o for o in OUTPUTS if o[0] == "stabilitycheck model.py"]
     proc = subprocess.run(
         [sys.executable, "-m", "stabilitycheck.cli", *command.split()[1:], "--database", "none"],
         cwd=tmp_path,
@@ -40,3 +40,15 @@ def test_model_file_example_prints_what_the_readme_shows(tmp_path: Path) -> None
     )
     assert proc.returncode == 1, proc.stderr
     assert proc.stdout.strip() == shown.strip()
+
+
+def test_zoo_table_is_what_stabilitycheck_zoo_prints() -> None:
+    ((_, shown),) = [o for o in OUTPUTS if o[0] == "stabilitycheck zoo"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "stabilitycheck.cli", "zoo", "--database", "none"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout.split("\n\n")[0].strip() == shown.strip()
