@@ -1,15 +1,13 @@
-"""The property suites' settings: the Hypothesis profile from HYPOTHESIS_PROFILE (default "quick"),
-and one torch thread per xdist worker (two workers on two cores were 6x slower oversubscribed)."""
+"""The property suites' settings: the Hypothesis profile from HYPOTHESIS_PROFILE (default "quick") unless
+--stability-profile chose one. (The stabilitycheck plugin sets each xdist worker's torch threads.)"""
 
 from __future__ import annotations
 
-import os
+import pytest
 
 from stabilitycheck.strategies import load_profile
 
-load_profile()
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    import torch
-
-    torch.set_num_threads(1)
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--stability-profile", None) is None:  # None also under -p no:stabilitycheck
+        load_profile()

@@ -58,7 +58,7 @@ def parser() -> argparse.ArgumentParser:
         metavar="NAME=LO:HI[:STEP]",
         help="search NAME over LO..HI (or fix it with NAME=VALUE); repeatable",
     )
-    p.add_argument("--max-examples", type=int, default=60, help="Hypothesis examples per search (60)")
+    p.add_argument("--max-examples", type=int, default=100, help="Hypothesis examples per search (100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the search and of every model (0)")
     p.add_argument("--device", action="append", type=_csv, default=[], help="cpu, cuda, cuda:N or all")
     p.add_argument(

@@ -288,7 +288,9 @@ def assert_clipped_value_bounded(
         )
     _require_finite(grads, "Gradients after value clipping are not finite.")
     dtype = _coarsest(g for _, g in grads)
-    bound = clip_value * (1 + rtol_of(dtype))  # clip_value itself rounds to the gradient dtype
+    # clip_value itself rounds to the gradient dtype: relatively, or absolutely in the subnormal range
+    rounded = torch.tensor(clip_value, dtype=torch.float64).to(dtype).item()
+    bound = max(clip_value * (1 + rtol_of(dtype)), rounded)
     peaks = _norms([g for _, g in grads], math.inf)
     over = [i for i, p in enumerate(peaks) if p > bound]
     if over:

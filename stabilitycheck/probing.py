@@ -392,8 +392,16 @@ def probe_module(
     owner = _block_of(params, blocks)
     device = params[0].device
     scaler = torch.amp.GradScaler(device.type) if amp == "float16" else None
-    run = _Run(model, inputs, loss_fn, params, _Recorder(blocks), _optimizer(optimizer, params, lr),
-               AUTOCAST.get(amp), scaler)
+    run = _Run(
+        model,
+        inputs,
+        loss_fn,
+        params,
+        _Recorder(blocks),
+        _optimizer(optimizer, params, lr),
+        AUTOCAST.get(amp),
+        scaler,
+    )
     losses: list[float] = []
     totals: list[float] = []
     scales: list[float] = []

@@ -255,13 +255,13 @@ def search(
     *,
     subject: Subject | None = None,
     limits: Limits | None = None,
-    max_examples: int = 60,
+    max_examples: int = 100,
     seed: int = 0,
     database: ExampleDatabase | None = None,
     progress: Progress | None = None,
 ) -> SearchResult:
-    """Find the smallest exploding Config of `space`: Hypothesis finds and shrinks, then a
-    deterministic pass makes it 1-minimal, then every remedy is re-probed on it."""
+    """Find the smallest exploding Config of `space`: Hypothesis finds and shrinks (else the top
+    corner is tried), then a deterministic pass makes it 1-minimal, then every remedy is re-probed."""
     limits = limits or Limits()
     prober = Prober(space, subject, limits, progress or (lambda _: None))
     start = time.perf_counter()
@@ -269,6 +269,10 @@ def search(
     interrupted = False
     try:
         found = hypothesis_phase(prober, max_examples, seed, database)
+        if found is None and prober.explodes(space.top()):
+            # Hypothesis missed a corner region; in a space where explosions grow with every knob,
+            # the top corner explodes whenever anything does, and minimize() descends from it
+            found = space.top()
         if found is not None:
             found = minimize(prober, found)
     except KeyboardInterrupt:

@@ -1,0 +1,539 @@
+"""pytest plugin (entry point pytest11): --stability-* options, the device and recording fixtures, and a
+terminal summary of the counterexamples found in the session, gathered from pytest-xdist workers too.
+
+Cheap to import: torch, Hypothesis and the rest of stabilitycheck load lazily inside the hooks that need
+them. Counterexamples get into the summary three ways: the `stability_record` fixture; `assert_stable`,
+whose error carries its Counterexample; and any test failing with an AssertionError (StabilityError
+included) whose arguments hold a Config, e.g. a Hypothesis property over `strategies.configs()`: the
+Config recorded is the one of the failing call, so after Hypothesis's shrinking, the minimal one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import random
+import sys
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from stabilitycheck.errors import StabilityError
+
+if TYPE_CHECKING:
+    from stabilitycheck.config import Config
+    from stabilitycheck.searching import Counterexample, SearchResult
+    from stabilitycheck.space import Space
+    from stabilitycheck.verdicts import Limits
+
+PREFIX = "--stability-"
+DEVICES = ("cpu", "cuda", "all")
+PROFILES = ("quick", "ci", "thorough")  # stabilitycheck.strategies.PROFILES, kept import-free here
+SIZE_KNOBS = ("depth", "width", "init_scale")
+"""The knobs shown (and summed for the order) when a counterexample does not say which were searched;
+sequence families add seq_len."""
+HEADERS = ("#", "test", "target", "device", "dtype", "knobs", "failure", "culprit", "fixed by")
+WORKER_KEY = "stabilitycheck"
+SEED_ATTRIBUTE = "_hypothesis_internal_use_seed"  # what hypothesis.seed() sets on a test
+FAILURE_WIDTH = 90
+
+Scalar = int | float | bool | str
+
+
+def add_options(addoption: Callable[..., Any], prefix: str = PREFIX) -> None:
+    """Declare the shared options with `addoption` (pytest's group.addoption, or argparse's add_argument
+    with prefix "--"), so the plugin and a CLI define them once."""
+    addoption(
+        f"{prefix}device",
+        choices=DEVICES,
+        default="cpu",
+        help="device of the stability_device fixture: cpu (default), cuda, or all (one test per device)",
+    )
+    addoption(
+        f"{prefix}profile",
+        choices=PROFILES,
+        default=None,
+        help="Hypothesis profile: quick, ci (derandomized) or thorough (default: the one already loaded)",
+    )
+    addoption(
+        f"{prefix}seed",
+        type=int,
+        default=None,
+        help="seed of the Hypothesis tests that are not derandomized (default: random, shown in the header)",
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Findings: what the summary shows, rendered where it was found (a worker has torch loaded already)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One counterexample recorded in the session, as the strings the summary shows, plus its Config
+    and, when there is one, its Counterexample as JSON-ready dicts (Counterexample.to_dict)."""
+
+    test: str
+    label: str
+    device: str
+    dtype: str
+    knobs: tuple[tuple[str, Scalar], ...]
+    failure: str
+    culprit: str
+    fixed_by: str
+    reproduce: str
+    config: dict[str, Any]
+    counterexample: dict[str, Any] | None = None
+
+    @property
+    def size(self) -> float:
+        """The order of the summary: the sum of the numeric knob values shown (smallest first)."""
+        return float(sum(v for _, v in self.knobs if isinstance(v, int | float) and not isinstance(v, bool)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**vars(self), "knobs": [list(k) for k in self.knobs]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Finding:
+        return cls(**{**data, "knobs": tuple((str(k), v) for k, v in data["knobs"])})
+
+    def to_counterexample(self) -> Counterexample | None:
+        """The recorded Counterexample (None for a failing property's Config); imports torch."""
+        from stabilitycheck.searching import Counterexample
+
+        return None if self.counterexample is None else Counterexample.from_dict(self.counterexample)
+
+
+def _label(config: Config) -> str:
+    return config.family + ("" if config.norm == "none" else f"-{config.norm}")
+
+
+def _knobs(config: Config, names: tuple[str, ...] | None) -> tuple[tuple[str, Scalar], ...]:
+    if names is None:
+        names = SIZE_KNOBS + (("seq_len",) if config.is_sequence else ())
+    return tuple((n, v) for n in names if (v := config.knob(n)) is not None)
+
+
+def _short(text: str, width: int = FAILURE_WIDTH) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _failure_text(exc: BaseException) -> str:
+    """The header and first detail line of an assert_close-style message (or the first line)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return _short(" ".join(lines[:2]) if isinstance(exc, StabilityError) else lines[0])
+
+
+def finding(
+    found: SearchResult | Counterexample | Config,
+    test: str,
+    *,
+    failure: str | None = None,
+    knobs: tuple[str, ...] | None = None,
+) -> Finding | None:
+    """A Finding of a SearchResult (None when it found nothing), a Counterexample, or a failing Config
+    (with the `failure` message); `knobs` are the knob names to show (default: a search's axes)."""
+    from stabilitycheck.config import Config
+    from stabilitycheck.report import reproduction
+    from stabilitycheck.searching import Counterexample, SearchResult
+
+    if isinstance(found, SearchResult):
+        if found.counterexample is None:
+            return None
+        knobs = knobs or tuple(a.name for a in found.space.axes)
+        found = found.counterexample
+    if isinstance(found, Counterexample):
+        c = found.config
+        fixed = [r.name for r in found.remedies if r.fixed]
+        return Finding(
+            test=test,
+            label=found.label,
+            device=c.device,
+            dtype=c.dtype,
+            knobs=_knobs(c, knobs),
+            failure=failure or _short(", ".join(x.describe() for x in found.verdict.criteria) or "-"),
+            culprit=found.culprit,
+            fixed_by=", ".join(fixed) or ("none" if found.remedies else "-"),
+            reproduce=reproduction(c),
+            config=c.to_dict(),
+            counterexample=found.to_dict(),
+        )
+    if isinstance(found, Config):
+        return Finding(
+            test=test,
+            label=_label(found),
+            device=found.device,
+            dtype=found.dtype,
+            knobs=_knobs(found, knobs),
+            failure=failure or "-",
+            culprit="-",
+            fixed_by="-",
+            reproduce=reproduction(found),
+            config=found.to_dict(),
+        )
+    raise TypeError(
+        f"Expected a SearchResult, Counterexample or Config but got {found!r} (type={type(found).__name__})"
+    )
+
+
+def summary(findings: list[Finding]) -> str:
+    """The summary table, smallest first (sum of the shown knob values, then target and test), then each
+    row's test id and reproduction line. Rendering only: every number was measured where it was found."""
+    from tabulate import tabulate
+
+    ordered = sorted(findings, key=lambda f: (f.size, f.label, f.test))
+    rows = [
+        [
+            str(i),
+            f.test.rpartition("::")[2],
+            f.label,
+            f.device,
+            f.dtype,
+            " ".join(f"{k}={v}" for k, v in f.knobs),
+            f.failure,
+            f.culprit,
+            f.fixed_by,
+        ]
+        for i, f in enumerate(ordered, 1)
+    ]
+    table = tabulate(rows, headers=HEADERS, tablefmt="simple", disable_numparse=True)
+    lines = [f"{i:>3}  {f.test}\n     {f.reproduce}" for i, f in enumerate(ordered, 1)]
+    return table + "\n\n" + "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-session state, kept in config.stash (never in module globals: pytester runs nest sessions)
+
+
+@dataclass
+class _State:
+    seed: int
+    findings: list[Finding] = field(default_factory=list)
+    seen: set[tuple[str, str]] = field(default_factory=set)
+    previous_profile: str | None = None
+
+    def add(self, f: Finding | None) -> bool:
+        if f is None:
+            return False
+        key = (f.test, json.dumps(f.config, sort_keys=True))
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        self.findings.append(f)
+        return True
+
+
+_STATE = pytest.StashKey[_State]()
+
+
+def _state(config: pytest.Config) -> _State:
+    return config.stash[_STATE]
+
+
+class Recorder:
+    """The `stability_record` fixture: record(found) adds a SearchResult's counterexample, a
+    Counterexample or a failing Config to the session summary; True when something was added."""
+
+    def __init__(self, state: _State, test: str) -> None:
+        self._state, self._test = state, test
+
+    def __call__(
+        self,
+        found: SearchResult | Counterexample | Config,
+        *,
+        failure: str | None = None,
+        knobs: tuple[str, ...] | None = None,
+    ) -> bool:
+        return self._state.add(finding(found, self._test, failure=failure, knobs=knobs))
+
+
+# --------------------------------------------------------------------------------------------------
+# assert_stable: an invariant whose error carries the Counterexample
+
+
+class Unstable(StabilityError):
+    """assert_stable's error: the message shows the Counterexample, which it also carries."""
+
+    def __init__(self, counterexample: Counterexample, knobs: tuple[str, ...] | None = None) -> None:
+        from stabilitycheck.report import reproduction
+
+        cx = counterexample
+        self.stability_counterexample, self.stability_knobs = cx, knobs
+        remedies = "; ".join(r.describe() for r in cx.remedies) or "not tried"
+        super().__init__(
+            "\n".join(
+                (
+                    f"{cx.label} explodes: {', '.join(c.describe() for c in cx.verdict.criteria)}",
+                    "",
+                    f"Config: {cx.config}",
+                    f"Culprit: {cx.culprit}",
+                    f"Remedies: {remedies}",
+                    f"Reproduce: {reproduction(cx.config)}",
+                )
+            )
+        )
+
+
+def assert_stable(
+    target: Config | Space, limits: Limits | None = None, *, max_examples: int = 60, seed: int = 0
+) -> None:
+    """Raise Unstable when `target` explodes: a Config is probed once, a Space searched for its smallest
+    exploding Config (use a Space in plain tests, not inside @given). The plugin records it."""
+    __tracebackhide__ = True
+    from stabilitycheck.probing import probe
+    from stabilitycheck.searching import Counterexample, culprit, search, try_remedies
+    from stabilitycheck.space import Space
+    from stabilitycheck.verdicts import Limits, verdict
+
+    limits = limits or Limits()
+    if isinstance(target, Space):
+        cx = search(target, limits=limits, max_examples=max_examples, seed=seed).counterexample
+        if cx is not None:
+            raise Unstable(cx, tuple(a.name for a in target.axes))
+        return
+    m = probe(target)
+    v = verdict(m, limits)
+    if v.exploded:
+        remedies = try_remedies(target, None, limits)
+        raise Unstable(Counterexample(_label(target), target, m, v, culprit(m), remedies))
+
+
+# --------------------------------------------------------------------------------------------------
+# Hooks
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    add_options(parser.getgroup("stabilitycheck", "stabilitycheck: exploding-gradient properties").addoption)
+
+
+def _hypothesis_seed_option(config: pytest.Config) -> str | None:
+    try:
+        value = config.getoption("--hypothesis-seed")
+    except ValueError:  # Hypothesis's pytest plugin is not loaded
+        return None
+    return None if value is None else str(value)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    workerinput: dict[str, Any] | None = getattr(config, "workerinput", None)
+    seed = config.getoption(f"{PREFIX}seed")
+    if seed is None and workerinput is not None:
+        seed = workerinput.get("stabilitycheck_seed")
+    state = _State(seed=random.randrange(2**32) if seed is None else int(seed))
+    profile = config.getoption(f"{PREFIX}profile")
+    if profile is not None:
+        from hypothesis import settings
+
+        from stabilitycheck.strategies import load_profile
+
+        state.previous_profile = settings.get_current_profile_name()
+        load_profile(profile)
+    config.stash[_STATE] = state
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Put back the Hypothesis profile that was loaded before --stability-profile (nested pytester runs)."""
+    state = config.stash.get(_STATE, None)
+    if state is not None and state.previous_profile is not None:
+        from hypothesis import settings
+
+        settings.load_profile(state.previous_profile)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist controller: every worker seeds its Hypothesis tests like the controller would."""
+    node.workerinput["stabilitycheck_seed"] = _state(node.config).seed
+
+
+def _threads_per_worker() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """xdist worker: cores // workers torch threads (2 workers x 2 threads on 2 cores ran 6x slower),
+    unless OMP_NUM_THREADS is set; torch is not imported for it (the variable is set before it loads)."""
+    if not hasattr(session.config, "workerinput") or "OMP_NUM_THREADS" in os.environ:
+        return
+    threads = _threads_per_worker()
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """The Hypothesis profile, the seed and the device, so a run can be repeated."""
+    from hypothesis import settings
+
+    current = settings()  # the loaded profile's values
+    name = settings.get_current_profile_name()
+    profile = f"hypothesis profile {name!r} (max_examples={current.max_examples})"
+    forced = _hypothesis_seed_option(config)
+    if forced is not None:
+        seed = f"seed {forced} (--hypothesis-seed)"
+    elif current.derandomize:
+        seed = "seed derandomized"
+    else:
+        seed = f"seed {_state(config).seed} (repeat with {PREFIX}seed={_state(config).seed})"
+    return f"stabilitycheck: {profile}, {seed}, device {config.getoption(f'{PREFIX}device')}"
+
+
+def _derandomized(test: Any) -> bool:
+    from hypothesis import settings
+
+    used = getattr(test, "_hypothesis_internal_use_settings", None)
+    return bool(settings().derandomize or getattr(used, "derandomize", False))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, None]:
+    """Seed each Hypothesis test from the session seed and its node id (so -n 0 and -n 2 draw the same
+    examples), unless it is derandomized, has its own @seed, or --hypothesis-seed is given."""
+    test = getattr(item, "obj", None)
+    seeded = False
+    if (
+        test is not None
+        and "hypothesis" in sys.modules
+        and _hypothesis_seed_option(item.config) is None
+        and getattr(test, "is_hypothesis_test", False)
+        and getattr(test, SEED_ATTRIBUTE, None) is None
+        and not _derandomized(test)
+    ):
+        digest = hashlib.sha256(f"{_state(item.config).seed}:{item.nodeid}".encode()).digest()
+        setattr(test, SEED_ATTRIBUTE, int.from_bytes(digest[:8], "big"))
+        seeded = True
+    try:
+        yield
+    finally:
+        if seeded:
+            setattr(test, SEED_ATTRIBUTE, None)
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    inner = getattr(exc, "exceptions", None)  # an ExceptionGroup (Hypothesis's report_multiple_bugs)
+    if isinstance(inner, tuple | list):
+        for e in inner:
+            yield from _leaves(e)
+    else:
+        yield exc
+
+
+def _test_codes(item: pytest.Item) -> set[Any]:
+    """The code objects of the test function and, for a Hypothesis test, of the function @given wraps."""
+    codes = set()
+    for fn in (getattr(item, "obj", None), getattr(getattr(item, "obj", None), "hypothesis", None)):
+        fn = getattr(fn, "inner_test", fn)
+        if callable(fn):
+            code = getattr(inspect.unwrap(fn), "__code__", None)
+            if code is not None:
+                codes.add(code)
+    return codes
+
+
+def _failing_configs(exc: BaseException, codes: set[Any]) -> list[Config]:
+    """The Configs among the arguments (else the locals) of the test's frame in the traceback."""
+    from stabilitycheck.config import Config
+
+    tb: TracebackType | None = exc.__traceback__
+    configs: list[Config] = []
+    while tb is not None:  # the innermost matching frame wins (@given's wrapper shares the test's name)
+        frame = tb.tb_frame
+        if frame.f_code in codes:
+            code, local = frame.f_code, frame.f_locals
+            params = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+            found = [local[n] for n in params if isinstance(local.get(n), Config)]
+            found = found or [v for v in local.values() if isinstance(v, Config)]
+            configs = list(dict.fromkeys(found)) or configs
+        tb = tb.tb_next
+    return configs
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
+    """Record the counterexample of a test failing with an AssertionError: the one an Unstable carries,
+    else each Config among the test's arguments at the failing call (Hypothesis's shrunk example)."""
+    yield
+    if call.when != "call" or call.excinfo is None or "stabilitycheck.config" not in sys.modules:
+        return
+    state = item.config.stash.get(_STATE, None)
+    if state is None:
+        return
+    codes = _test_codes(item)
+    for exc in _leaves(call.excinfo.value):
+        if not isinstance(exc, AssertionError):
+            continue
+        cx = getattr(exc, "stability_counterexample", None)
+        if cx is not None:
+            state.add(finding(cx, item.nodeid, knobs=getattr(exc, "stability_knobs", None)))
+            continue
+        for c in _failing_configs(exc, codes):
+            state.add(finding(c, item.nodeid, failure=_failure_text(exc)))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """xdist worker: hand the findings to the controller as JSON (pytest_testnodedown collects them)."""
+    workeroutput: dict[str, Any] | None = getattr(session.config, "workeroutput", None)
+    state = session.config.stash.get(_STATE, None)
+    if workeroutput is not None and state is not None:
+        workeroutput[WORKER_KEY] = json.dumps([f.to_dict() for f in state.findings])
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """xdist controller: collect the findings a worker sent (a crashed worker sends none)."""
+    data = getattr(node, "workeroutput", {}).get(WORKER_KEY)
+    state = node.config.stash.get(_STATE, None)
+    if data and state is not None:
+        for item in json.loads(data):
+            state.add(Finding.from_dict(item))
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """The table of the session's counterexamples (nothing when there are none)."""
+    state = config.stash.get(_STATE, None)
+    if state is None or not state.findings or hasattr(config, "workerinput"):
+        return
+    n = len(state.findings)
+    terminalreporter.section(f"stabilitycheck: {n} counterexample{'s' * (n != 1)}, smallest first")
+    for line in summary(state.findings).splitlines():
+        terminalreporter.line(line)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixtures
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Under --stability-device all, every test using stability_device runs once per device."""
+    if "stability_device" in metafunc.fixturenames and metafunc.config.getoption(f"{PREFIX}device") == "all":
+        metafunc.parametrize("stability_device", ["cpu", "cuda"], indirect=True)
+
+
+@pytest.fixture
+def stability_device(request: pytest.FixtureRequest) -> str:
+    """The device to test on ("cpu" or "cuda"); a cuda test skips where CUDA is not available."""
+    device: str = getattr(request, "param", None) or request.config.getoption(f"{PREFIX}device")
+    if device == "all":
+        device = "cpu"
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            reason = "CUDA is not available here (torch.cuda.is_available() is False)"
+            pytest.skip(f"{PREFIX}device cuda: {reason}")
+    return device
+
+
+@pytest.fixture
+def stability_record(request: pytest.FixtureRequest) -> Recorder:
+    """record(found): add a SearchResult's counterexample, a Counterexample or a failing Config to the
+    session summary (returns whether it was added)."""
+    return Recorder(_state(request.config), request.node.nodeid)

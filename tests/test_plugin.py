@@ -1,0 +1,193 @@
+"""The pytest plugin: options, header, fixtures, and the summary of counterexamples, asserted on the output
+lines of pytester runs (in process where possible: a subprocess pays torch's import again)."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from stabilitycheck.config import Config
+from stabilitycheck.errors import StabilityError
+from stabilitycheck.invariants import assert_bounded_growth
+from stabilitycheck.probing import probe
+from stabilitycheck.pytest_plugin import Finding, add_options, finding, summary
+
+pytest_plugins = ["pytester"]
+
+GROWTH_PROPERTY = """
+from hypothesis import Phase, given, settings
+from stabilitycheck.invariants import assert_bounded_growth
+from stabilitycheck.probing import probe
+from stabilitycheck.strategies import configs
+
+deep_linear = configs(
+    family="mlp", min_depth=1, max_depth=30, min_width=32, max_width=32, init_scales=(2.0,),
+    norms=("none",), activations=("linear",), dtypes=("float32",), devices=("cpu",),
+    min_batch_size=4, max_batch_size=4, max_seed=0,
+)
+
+@settings(max_examples=30, deadline=None, database=None, phases=set(Phase) - {Phase.explain})
+@given(deep_linear)
+def test_growth_is_bounded(c):
+    assert_bounded_growth(probe(c), 100)
+"""
+"""A linear MLP at init_scale 2 doubles the backward signal per layer (measured: growth 90 at depth 8,
+310 at depth 9, rising monotonically to depth 30), so the property fails and the shrunk depth is known."""
+
+UNSTABLE_RESIDUAL = """
+from stabilitycheck.config import Config
+from stabilitycheck.pytest_plugin import assert_stable
+
+def test_residual_is_stable():
+    assert_stable(Config(family="resmlp", depth=14, width=16, init_scale=2.0, batch_size=8))
+"""
+
+DRAWS = """
+from hypothesis import given, settings, strategies as st
+
+@settings(max_examples=5, database=None)
+@given(st.integers(0, 2**60))
+def test_draws(n):
+    with open("draws.txt", "a") as f:
+        f.write(f"{n}\\n")
+"""
+
+DEVICE_TEST = """
+def test_device(stability_device):
+    assert stability_device in ("cpu", "cuda")
+"""
+
+
+def smallest_failing_depth() -> int:
+    """The true smallest depth at which GROWTH_PROPERTY fails, by probing every depth directly."""
+    base = Config(family="mlp", activation="linear", width=32, init_scale=2.0, seq_len=1, batch_size=4)
+    for depth in range(1, 31):
+        try:
+            assert_bounded_growth(probe(base.with_knobs(depth=depth)), 100)
+        except StabilityError:
+            return depth
+    raise AssertionError("GROWTH_PROPERTY does not fail at any depth in 1..30")
+
+
+def test_the_plugin_imports_without_torch() -> None:
+    code = "import sys, stabilitycheck.pytest_plugin; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_options_are_defined_once_for_argparse_too() -> None:
+    parser = argparse.ArgumentParser()
+    add_options(parser.add_argument, "--")
+    args = parser.parse_args(["--device", "all", "--profile", "ci", "--seed", "7"])
+    assert (args.device, args.profile, args.seed) == ("all", "ci", 7)
+    assert parser.parse_args([]).device == "cpu"
+
+
+def test_findings_round_trip_and_sort_smallest_first() -> None:
+    small = finding(Config(depth=3, init_scale=2.0), "t.py::a", failure="boom")
+    large = finding(Config(depth=30, init_scale=2.0), "t.py::b", failure="boom")
+    assert small is not None and large is not None
+    assert Finding.from_dict(small.to_dict()) == small
+    text = summary([large, small])
+    assert text.index("depth=3 ") < text.index("depth=30 ")
+    with pytest.raises(TypeError, match="Expected a SearchResult, Counterexample or Config"):
+        finding(3, "t.py::c")  # type: ignore[arg-type]
+
+
+def test_summary_shows_a_failing_property(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_prop=GROWTH_PROPERTY)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*= stabilitycheck: 1 counterexample, smallest first =*",
+            "#*test*target*device*dtype*knobs*failure*culprit*fixed by",
+            "1 *test_growth_is_bounded*mlp*cpu*float32*depth=* width=32 init_scale=2.0"
+            "*Gradient growth is above the limit. Overall growth: *(allowed: <= 100)*",
+            "*1  test_prop.py::test_growth_is_bounded",
+            "*python -c \"import stabilitycheck as sc; c = sc.Config(*activation='linear'*",
+        ]
+    )
+
+
+def test_the_shrunk_depth_is_the_smallest_failing_depth(pytester: pytest.Pytester) -> None:
+    depth = smallest_failing_depth()
+    pytester.makepyfile(test_prop=GROWTH_PROPERTY)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    hypothesis_report = ["*Falsifying example: test_growth_is_bounded(", "*c=Config(family='mlp',"]
+    result.stdout.fnmatch_lines([*hypothesis_report, f"E *depth={depth},"])
+    result.stdout.fnmatch_lines([f"1 *test_growth_is_bounded*depth={depth} width=32 init_scale=2.0*"])
+
+
+def test_profile_and_seed_are_in_the_header(pytester: pytest.Pytester) -> None:
+    from hypothesis import settings
+
+    before = settings.get_current_profile_name()
+    pytester.makepyfile(test_ok="def test_ok():\n    pass\n")
+    ci = pytester.runpytest("-p", "no:cacheprovider", "--stability-profile", "ci")
+    ci.assert_outcomes(passed=1)
+    ci.stdout.fnmatch_lines(
+        ["stabilitycheck: hypothesis profile 'ci' (max_examples=50), seed derandomized, device cpu"]
+    )
+    assert settings.get_current_profile_name() == before  # the profile is put back after the run
+    seeded = pytester.runpytest(
+        "-p", "no:cacheprovider", "--stability-profile", "quick", "--stability-seed", "42"
+    )
+    seeded.stdout.fnmatch_lines(
+        ["stabilitycheck: *'quick'*seed 42 (repeat with --stability-seed=42), device cpu"]
+    )
+    bad = pytester.runpytest("-p", "no:cacheprovider", "--stability-profile", "fast")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(["*--stability-profile: invalid choice: 'fast'*"])
+
+
+def test_the_seed_in_the_header_repeats_the_examples(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_draws=DRAWS)
+    draws = []
+    for seed in ("5", "5", "6"):
+        result = pytester.runpytest(
+            "-p", "no:cacheprovider", "--stability-profile", "quick", "--stability-seed", seed
+        )
+        result.assert_outcomes(passed=1)
+        draws.append((pytester.path / "draws.txt").read_text())
+        (pytester.path / "draws.txt").unlink()
+    assert draws[0] == draws[1] != draws[2]
+
+
+def test_workers_send_their_counterexamples(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("PYTEST_ADDOPTS", raising=False)
+    pytester.makepyfile(test_prop=GROWTH_PROPERTY, test_residual=UNSTABLE_RESIDUAL)
+    pytester.makepyfile(
+        test_threads="import os, torch\n\ndef test_threads():\n"
+        "    assert torch.get_num_threads() == max(1, len(os.sched_getaffinity(0)) // 2)\n"
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2")
+    result.assert_outcomes(failed=2, passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*= stabilitycheck: 2 counterexamples, smallest first =*",
+            "1 *test_residual_is_stable*resmlp*depth=14 width=16 init_scale=2.0*growth * > 100*pre-norm*",
+            "2 *test_growth_is_bounded*mlp*depth=* width=32 init_scale=2.0*",  # sizes 32 < 43: smallest first
+        ]
+    )
+
+
+def test_a_cuda_request_skips_without_cuda(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_device=DEVICE_TEST)
+    result = pytester.runpytest("-p", "no:cacheprovider", "-rs", "--stability-device", "cuda")
+    if torch.cuda.is_available():
+        result.assert_outcomes(passed=1)
+        return
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["SKIPPED*--stability-device cuda: CUDA is not available here*"])
+    both = pytester.runpytest("-p", "no:cacheprovider", "-v", "--stability-device", "all")
+    both.assert_outcomes(passed=1, skipped=1)
+    both.stdout.fnmatch_lines(["*test_device[[]cpu[]] PASSED*", "*test_device[[]cuda[]] SKIPPED*"])
