@@ -219,10 +219,12 @@ _CONFIG_DEFAULTS: dict[str, Any] = {k: v.default for k, v in inspect.signature(c
 def register_profiles() -> None:
     """Register the Hypothesis profiles "quick" (a few examples, for local runs), "ci" (derandomized,
     so CI runs repeat, with reproduction blobs printed) and "thorough" (a long search). Probes take
-    milliseconds to seconds, so no profile has a deadline."""
-    settings.register_profile("quick", max_examples=25, deadline=None)
-    settings.register_profile("ci", max_examples=50, deadline=None, derandomize=True, print_blob=True)
-    settings.register_profile("thorough", max_examples=300, deadline=None)
+    milliseconds to seconds, so no profile has a deadline. Each derives from Hypothesis' "default"
+    profile, not from whatever is loaded (Hypothesis loads its own derandomized "ci" when CI is set)."""
+    base = settings.get_profile("default")
+    settings.register_profile("quick", base, max_examples=25, deadline=None, derandomize=False)
+    settings.register_profile("ci", base, max_examples=50, deadline=None, derandomize=True, print_blob=True)
+    settings.register_profile("thorough", base, max_examples=300, deadline=None, derandomize=False)
 
 
 def load_profile(name: str | None = None) -> str:
