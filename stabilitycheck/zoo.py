@@ -48,23 +48,6 @@ class Dense(nn.Module):
         return self.act(F.linear(x, self.weight))  # (batch, width)
 
 
-class MLP(nn.Module):
-    """A stack of `depth` Dense blocks of equal width."""
-
-    def __init__(self, c: Config, gen: torch.Generator) -> None:
-        super().__init__()
-        act = ACTIVATION_FNS[c.activation]
-        self.layers = nn.ModuleList(Dense(c.width, c.init_scale, act, gen) for _ in range(c.depth))
-
-    def stability_blocks(self) -> list[tuple[str, nn.Module]]:
-        return [(f"layers.{i}", m) for i, m in enumerate(self.layers)]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x)
-        return x
-
-
 class ResBlock(nn.Module):
     """x + W2 act(W1 x) with LayerNorm before the branch (pre), after the sum (post) or none."""
 
@@ -87,19 +70,14 @@ class ResBlock(nn.Module):
         return x + self.branch(x)
 
 
-def _stack(c: Config, block: Callable[[], nn.Module]) -> tuple[nn.ModuleList, nn.Module]:
-    """`depth` blocks plus the final LayerNorm that pre-norm stacks need (Identity otherwise)."""
-    layers = nn.ModuleList(block() for _ in range(c.depth))
-    final = nn.LayerNorm(c.width, dtype=torch.float64) if c.norm == "pre" else nn.Identity()
-    return layers, final
+class Stack(nn.Module):
+    """`depth` blocks in a row, then the final LayerNorm a pre-norm stack needs (as in GPT-2)."""
 
-
-class ResMLP(nn.Module):
-    """A stack of residual MLP blocks; pre-norm ends with a final LayerNorm, as in GPT-2."""
-
-    def __init__(self, c: Config, gen: torch.Generator) -> None:
+    def __init__(self, c: Config, block: Callable[[], nn.Module]) -> None:
         super().__init__()
-        self.layers, self.ln_f = _stack(c, lambda: ResBlock(c, gen))
+        self.layers = nn.ModuleList(block() for _ in range(c.depth))
+        pre = c.norm == "pre" and c.family != "mlp"
+        self.ln_f = nn.LayerNorm(c.width, dtype=torch.float64) if pre else nn.Identity()
 
     def stability_blocks(self) -> list[tuple[str, nn.Module]]:
         return [(f"layers.{i}", m) for i, m in enumerate(self.layers)]
@@ -202,29 +180,13 @@ class TransformerBlock(nn.Module):
         return self.ln2(x + self.mlp(x))  # type: ignore[no-any-return]
 
 
-class Transformer(nn.Module):
-    """A stack of encoder blocks over given input embeddings; norm 'none' drops every LayerNorm."""
-
-    def __init__(self, c: Config, gen: torch.Generator) -> None:
-        super().__init__()
-        self.layers, self.ln_f = _stack(c, lambda: TransformerBlock(c, gen))
-
-    def stability_blocks(self) -> list[tuple[str, nn.Module]]:
-        return [(f"layers.{i}", m) for i, m in enumerate(self.layers)]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x)
-        return self.ln_f(x)  # type: ignore[no-any-return]
-
-
 BUILDERS: dict[str, Callable[[Config, torch.Generator], nn.Module]] = {
-    "mlp": MLP,
-    "resmlp": ResMLP,
+    "mlp": lambda c, gen: Stack(c, lambda: Dense(c.width, c.init_scale, ACTIVATION_FNS[c.activation], gen)),
+    "resmlp": lambda c, gen: Stack(c, lambda: ResBlock(c, gen)),
     "rnn": Recurrent,
     "lstm": Recurrent,
     "gru": Recurrent,
-    "transformer": Transformer,
+    "transformer": lambda c, gen: Stack(c, lambda: TransformerBlock(c, gen)),
 }
 
 
