@@ -222,7 +222,7 @@ def register_profiles() -> None:
     milliseconds to seconds, so no profile has a deadline. Each derives from Hypothesis' "default"
     profile, not from whatever is loaded (Hypothesis loads its own derandomized "ci" when CI is set)."""
     base = settings.get_profile("default")
-    settings.register_profile("quick", base, max_examples=25, deadline=None, derandomize=False)
+    settings.register_profile("quick", base, max_examples=100, deadline=None, derandomize=False)
     settings.register_profile("ci", base, max_examples=50, deadline=None, derandomize=True, print_blob=True)
     settings.register_profile("thorough", base, max_examples=300, deadline=None, derandomize=False)
 
