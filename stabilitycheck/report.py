@@ -44,7 +44,7 @@ def row(result: SearchResult) -> list[str]:
             result.space.label,
             base.device,
             precision,
-            f"stable (tried up to {tried})",
+            f"{'interrupted, ' if result.interrupted else ''}stable (tried up to {tried})",
             "-",
             "-",
             "-",

@@ -92,3 +92,26 @@ def test_github_step_summary_is_appended(
     text = summary.read_text()
     assert text.startswith("earlier step\n## stabilitycheck")
     assert "| mlp " in text and "```bash\npython -c" in text
+
+
+def test_ctrl_c_exits_130_and_still_prints_what_was_found(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    js = tmp_path / "partial.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stabilitycheck.cli", "zoo", "--database", "none", "--json", str(js)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # wait until mlp is done and the next family has started
+        if "probes in" in (proc.stderr.readline() if proc.stderr else ""):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert out.startswith("target") and "\nmlp " in out
+    assert json.loads(js.read_text())[0]["label"] == "mlp"  # what was found so far is written
