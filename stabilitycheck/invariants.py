@@ -575,7 +575,8 @@ def assert_gradscaler_guards(
     step(None)
     changed = [n for (n, p), w in zip(named, weights, strict=True) if not torch.equal(p.detach(), w)]
     nonfinite = [n for n, p in named if not bool(p.detach().isfinite().all())]
-    if nonfinite or not changed:
+    moved = any(p.grad is not None and bool(p.grad.ne(0).any()) for p in params)
+    if nonfinite or (moved and not changed):  # all-zero gradients (e.g. dead ReLUs) move nothing
         _fail(
             f"{kind} did not take a clean step (finite gradients): it guards by never stepping.",
             f"Weight tensors changed: {len(changed)} / {len(named)}; "

@@ -304,3 +304,17 @@ def test_errors_are_assertion_errors_with_a_hidden_traceback_frame() -> None:
     for name in [n for n in dir(inv) if n.startswith("assert_")]:
         assert "__tracebackhide__ = True" in inspect.getsource(getattr(inv, name)), name
     assert issubclass(StabilityError, AssertionError)
+
+
+def test_gradscaler_guard_accepts_a_clean_step_whose_gradients_are_all_zero() -> None:
+    # A dead ReLU stack (all pre-activations negative) has zero gradients: a correct clean step
+    # leaves its weights unchanged, which is not a scaler that "never steps".
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)
+    x = torch.randn(2, 4)
+
+    def loss_fn(out: torch.Tensor, _: object) -> torch.Tensor:
+        return out.sum() * 0.0 + model[0](x).relu().sum()
+
+    assert_gradscaler_guards(model, x, loss_fn)
