@@ -228,9 +228,10 @@ def register_profiles() -> None:
 
 
 def load_profile(name: str | None = None) -> str:
-    """Register the profiles and load `name` (default: env HYPOTHESIS_PROFILE, else "quick")."""
+    """Register the profiles and load `name` (default: env HYPOTHESIS_PROFILE, else "ci" when the CI
+    variable is set, so CI runs are derandomised and repeat, else "quick")."""
     register_profiles()
-    chosen = name or os.environ.get("HYPOTHESIS_PROFILE") or "quick"
+    chosen = name or os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "quick")
     if chosen not in PROFILES:
         raise InvalidArgument(
             f"Unknown stabilitycheck profile {chosen!r}; expected one of {PROFILES}{_hint(chosen, PROFILES)}"
