@@ -82,6 +82,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-norm-limit", type=_limit, default=1e3, help="peak total grad norm (1e3; off)")
     p.add_argument("--growth-limit", type=_limit, default=1e2, help="input/output grad growth (1e2; off)")
     p.add_argument("--divergence-limit", type=_limit, default=2.0, help="final/initial loss (2; off)")
+    p.add_argument(
+        "--vanishing-limit", type=_limit, default=None, help="growth below 1/X fails (default off)"
+    )
+    p.add_argument(
+        "--stall-limit",
+        type=_limit,
+        default=None,
+        help="final/initial loss above X fails, e.g. 0.95 (default off; needs --steps)",
+    )
     p.add_argument("--json", type=Path, help="write the results as JSON (configs replay with --replay)")
     p.add_argument("--markdown", type=Path, help="write a Markdown summary (also GITHUB_STEP_SUMMARY)")
     p.add_argument("--plot", type=Path, help="write a PNG of each counterexample (extra: plot)")
@@ -251,7 +260,11 @@ def run(argv: Sequence[str] | None = None) -> int:
     from stabilitycheck.verdicts import Limits
 
     limits = Limits(
-        grad_norm=args.grad_norm_limit, growth=args.growth_limit, divergence=args.divergence_limit
+        grad_norm=args.grad_norm_limit,
+        growth=args.growth_limit,
+        divergence=args.divergence_limit,
+        vanishing=args.vanishing_limit,
+        stall=args.stall_limit,
     )
     if args.replay:
         results = _replay(args, limits)

@@ -9,7 +9,7 @@ from typing import Any
 from stabilitycheck.errors import ConfigError
 from stabilitycheck.probing import Measurement, ratio
 
-CRITERIA = ("overflow", "nonfinite", "grad_norm", "growth", "divergence", "vanishing")
+CRITERIA = ("overflow", "nonfinite", "grad_norm", "growth", "divergence", "vanishing", "stall")
 
 
 @dataclass(frozen=True)
@@ -28,16 +28,20 @@ class Limits:
     - nonfinite = True: NaN/Inf anywhere; reported as `overflow` when the same Config in float32
       stays finite (a float16/bfloat16 range problem: loss scaling or wider types fix it).
     - vanishing = None: growth below 1/limit is measured and shown, a failure only when asked for.
+    - stall = None: final over initial loss above this limit (e.g. 0.95: the loss fell by less
+      than 5% over the steps), a failure only when asked for. Deep post-norm Transformers without
+      warmup stall near chance rather than explode (Liu et al. 2020): this is how that shows.
     """
 
     grad_norm: float | None = 1e3
     growth: float | None = 1e2
     divergence: float | None = 2.0
     vanishing: float | None = None
+    stall: float | None = None
     nonfinite: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("grad_norm", "growth", "divergence", "vanishing"):
+        for name in ("grad_norm", "growth", "divergence", "vanishing", "stall"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int | float) and value > 0):
                 raise ConfigError(f"Limits.{name}={value!r} must be a number > 0 or None (off)")
@@ -102,4 +106,6 @@ def verdict(m: Measurement, limits: Limits | None = None) -> Verdict:
             fired.append(Criterion("divergence", rise, float(lim.divergence or 0)))
     if lim.vanishing is not None and m.growth < 1.0 / lim.vanishing:
         fired.append(Criterion("vanishing", m.growth, 1.0 / lim.vanishing))
+    if lim.stall is not None and len(m.loss) > 1 and _above(ratio(m.loss[-1], m.loss[0]), lim.stall):
+        fired.append(Criterion("stall", ratio(m.loss[-1], m.loss[0]), lim.stall))
     return Verdict(exploded=bool(fired), criteria=tuple(fired))

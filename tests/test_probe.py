@@ -155,3 +155,13 @@ def test_verdict_criteria_and_limits() -> None:
     assert verdict(m, Limits(vanishing=2.0 / m.growth)).names == ()
     with pytest.raises(ValueError, match=r"Limits\.growth=-1"):
         Limits(growth=-1)
+
+
+def test_stall_fires_when_the_loss_barely_moves_and_is_off_by_default() -> None:
+    frozen = probe(Config(depth=3, width=16, steps=5, lr=1e-6))  # the loss cannot move at lr 1e-6
+    learning = probe(Config(depth=3, width=16, steps=5, lr=0.5, optimizer="sgd"))
+    assert frozen.loss[-1] / frozen.loss[0] > 0.999
+    assert verdict(frozen).names == ()
+    assert verdict(frozen, Limits(stall=0.99)).names == ("stall",)
+    assert learning.loss[-1] < 0.99 * learning.loss[0]
+    assert "stall" not in verdict(learning, Limits(stall=0.99)).names
