@@ -21,6 +21,12 @@ _EXPORTS = {
     "probe": "stabilitycheck.probing",
     "probe_module": "stabilitycheck.probing",
     "Limits": "stabilitycheck.verdicts",
+    "Space": "stabilitycheck.space",
+    "Axis": "stabilitycheck.space",
+    "search": "stabilitycheck.searching",
+    "SearchResult": "stabilitycheck.searching",
+    "Counterexample": "stabilitycheck.searching",
+    "load": "stabilitycheck.modelfile",
     "Verdict": "stabilitycheck.verdicts",
     "verdict": "stabilitycheck.verdicts",
 }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -310,8 +310,3 @@ def boundary(exploded: dict[Index, bool]) -> set[Index]:
         for i, bad in exploded.items()
         if bad and all(not exploded[_at(list(i), k, i[k] - 1)] for k in range(len(i)) if i[k] > 0)
     }
-
-
-def searches(spaces: Iterable[Space], **kwargs: Any) -> list[SearchResult]:
-    """`search` over several spaces in order."""
-    return [search(s, **kwargs) for s in spaces]

@@ -72,3 +72,14 @@ def test_knobs_cover_fields_and_params() -> None:
         c.with_knobs(nope=1)
     with pytest.raises(ConfigError, match="no knob 'nope'"):
         c.knob("nope")
+
+
+def test_package_import_is_cheap_and_exports_resolve() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, stabilitycheck as sc; assert 'torch' not in sys.modules; "
+        "[getattr(sc, name) for name in sc.__all__]; assert 'torch' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
