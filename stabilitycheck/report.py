@@ -147,9 +147,19 @@ def one_sided(results: Sequence[SearchResult]) -> list[str]:
     return out
 
 
+def too_large(results: Sequence[SearchResult]) -> list[str]:
+    """Lines naming the configurations skipped because their activations would not fit in memory."""
+    return [
+        f"! {r.space.label}: {len(r.too_large)} configuration(s) skipped as too large for this machine's "
+        f"free memory, e.g. {knobs(r, r.too_large[-1])}"
+        for r in results
+        if r.too_large
+    ]
+
+
 def text(results: Sequence[SearchResult]) -> str:
     """The full terminal report."""
-    parts = [table(results), "\n".join(one_sided(results)), details(results)]
+    parts = [table(results), "\n".join(one_sided(results) + too_large(results)), details(results)]
     return "\n\n".join(p for p in parts if p)
 
 

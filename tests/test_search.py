@@ -102,3 +102,14 @@ def test_remedies_are_measured_and_not_applicable_ones_say_so() -> None:
     for r in cx.remedies:
         if r.config is not None:
             assert r.fixed == (not verdict(probe(r.config)).exploded)
+
+
+def test_configs_too_large_for_memory_are_skipped_and_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stabilitycheck import searching
+
+    space = Space("mlp", Config(family="mlp", width=16, batch_size=4), (Axis.range("depth", 1, 64),))
+    # half of this "free memory" fits depths up to ~21 (6 tensors x 4 x 16 x 8 bytes per block)
+    monkeypatch.setattr(searching, "free_memory", lambda device: 2 * 6 * 4 * 16 * 8 * 21)
+    result = search(space.with_base(init_scale=1.0), max_examples=20)
+    assert result.too_large and all(c.depth > 21 for c in result.too_large)
+    assert "skipped as too large for this machine's free memory" in report.text([result])
