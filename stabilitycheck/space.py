@@ -102,6 +102,7 @@ def default_spaces() -> dict[str, Space]:
     depth = Axis.range("depth", 1, 64)
     seq = Axis.range("seq_len", 1, 256)
     tdepth = Axis.range("depth", 1, 24)
+    transformer: dict[str, Any] = {"family": "transformer", "seq_len": 16, "activation": "gelu"}
     return {
         "mlp": _zoo("mlp", (depth, scale), family="mlp"),
         "resmlp-post": _zoo("resmlp-post", (depth, scale), family="resmlp", norm="post"),
@@ -109,20 +110,6 @@ def default_spaces() -> dict[str, Space]:
         "rnn": _zoo("rnn", (seq, scale), family="rnn", depth=1),
         "lstm": _zoo("lstm", (seq, scale), family="lstm", depth=1),
         "gru": _zoo("gru", (seq, scale), family="gru", depth=1),
-        "transformer-post": _zoo(
-            "transformer-post",
-            (tdepth, scale),
-            family="transformer",
-            norm="post",
-            seq_len=16,
-            activation="gelu",
-        ),
-        "transformer-pre": _zoo(
-            "transformer-pre",
-            (tdepth, scale),
-            family="transformer",
-            norm="pre",
-            seq_len=16,
-            activation="gelu",
-        ),
+        "transformer-post": _zoo("transformer-post", (tdepth, scale), norm="post", **transformer),
+        "transformer-pre": _zoo("transformer-pre", (tdepth, scale), norm="pre", **transformer),
     }
