@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 from hypothesis import event, given, note
 
 from stabilitycheck.config import Config
@@ -38,6 +39,7 @@ long_sequences = configs(
 )
 
 
+@pytest.mark.slow
 @given(long_sequences)
 def test_tanh_rnn_grows_more_than_lstm_at_the_same_init(c: Config) -> None:
     growth = {f: probe(dataclasses.replace(c, family=f)).growth for f in ("rnn", "lstm")}

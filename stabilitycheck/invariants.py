@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn, Protocol, overload
 
 import torch
 from torch import nn
 
+from stabilitycheck.config import Config
 from stabilitycheck.errors import StabilityError, UsageError
-from stabilitycheck.probing import Measurement, call_model, probe_module
+from stabilitycheck.probing import Measurement, call_model, probe, probe_module
 from stabilitycheck.subject import Inputs, LossFn
 
 ACC = torch.float64
@@ -426,6 +427,11 @@ def assert_rescaling_equivariant(
     )
 
 
+@overload
+def assert_finite_training(model: Config) -> Measurement: ...
+
+
+@overload
 def assert_finite_training(
     model: nn.Module,
     inputs: Inputs,
@@ -437,16 +443,47 @@ def assert_finite_training(
     clip: float | None = None,
     blocks: Sequence[tuple[str, nn.Module]] | None = None,
     seed: int = 0,
+) -> Measurement: ...
+
+
+def assert_finite_training(
+    model: nn.Module | Config,
+    inputs: Inputs | None = None,
+    loss_fn: LossFn | None = None,
+    *,
+    steps: int = 10,
+    lr: float = 1e-3,
+    optimizer: str = "adam",
+    clip: float | None = None,
+    blocks: Sequence[tuple[str, nn.Module]] | None = None,
+    seed: int = 0,
 ) -> Measurement:
     """Weights, activations, gradients and loss stay finite over `steps` optimiser steps (probe_module
     does the steps and names the first non-finite value). Returns the Measurement for further checks.
-    For a Config, build it first: `b = zoo.build(c)`, then pass b.model, b.inputs, b.loss_fn, b.blocks."""
+    Given a Config instead of a model, probes it (`probe(config)`) with its own steps, lr and optimiser."""
     __tracebackhide__ = True
+    if isinstance(model, Config):
+        if inputs is not None or loss_fn is not None:
+            raise UsageError("assert_finite_training(config) takes no inputs or loss_fn; the Config has them")
+        steps, lr, optimizer = model.steps, model.lr, model.optimizer
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise UsageError(f"steps must be an int >= 1, got steps={steps!r}")
-    m = probe_module(
-        model, inputs, loss_fn, blocks=blocks, steps=steps, lr=lr, optimizer=optimizer, clip=clip, seed=seed
-    )
+    if isinstance(model, Config):
+        m = probe(model)
+    elif inputs is None or loss_fn is None:
+        raise UsageError("assert_finite_training(model, inputs, loss_fn): pass inputs and loss_fn too")
+    else:
+        m = probe_module(
+            model,
+            inputs,
+            loss_fn,
+            blocks=blocks,
+            steps=steps,
+            lr=lr,
+            optimizer=optimizer,
+            clip=clip,
+            seed=seed,
+        )
     nf = m.first_nonfinite
     if nf is not None:
         losses = ", ".join(f"{x:.4g}" for x in m.loss)

@@ -136,7 +136,7 @@ def configs(
     max_depth: int = 8,
     min_width: int = 8,
     max_width: int = 32,
-    init_scales: Sequence[float] = INIT_SCALES,
+    init_scales: Sequence[float] | st.SearchStrategy[float] = INIT_SCALES,
     min_seq_len: int = 1,
     max_seq_len: int = 16,
     norms: Sequence[str] = NORMS,
@@ -155,6 +155,7 @@ def configs(
     """Zoo Configs within the given bounds, knobs drawn in order of importance (family, depth, width,
     init_scale, seq_len, ...); seq_len is drawn for sequence families only (min_seq_len otherwise).
     `dtypes`/`devices` take names or a strategy; None means every dtype and every available device.
+    `init_scales` takes values to choose from or a strategy (say st.floats(0.5, 2.0) for a continuum).
 
     Examples shrink towards the first family, min_depth, min_width, init_scales[0], min_seq_len, the
     first of each choice, float32, cpu, min_batch_size, min_steps and seed 0.
@@ -169,7 +170,11 @@ def configs(
         seq_len = _check_range("seq_len", min_seq_len, max_seq_len, 1)
         batch = _check_range("batch_size", min_batch_size, max_batch_size, 1)
         steps = _check_range("steps", min_steps, max_steps, 0)
-        scales = _check_floats("init_scales", init_scales)
+        scale_st = (
+            init_scales
+            if isinstance(init_scales, st.SearchStrategy)
+            else st.sampled_from(_check_floats("init_scales", init_scales))
+        )
         lr_values = _check_floats("lrs", lrs)
         clip_values = _check_floats("clips", clips, allow_none=True)
         norm_values = _check_choices("norms", norms, NORMS)
@@ -193,7 +198,7 @@ def configs(
                 family=fam,
                 depth=draw(st.integers(*depth)),
                 width=draw(st.integers(*width)),
-                init_scale=float(draw(st.sampled_from(scales))),
+                init_scale=float(draw(scale_st)),
                 seq_len=draw(st.integers(*seq_len)) if fam in SEQUENCE_FAMILIES else seq_len[0],
                 norm=draw(st.sampled_from(norm_values)),
                 activation=draw(st.sampled_from(act_values)),

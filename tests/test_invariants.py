@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from stabilitycheck.invariants import (
     assert_gradscaler_guards,
     assert_rescaling_equivariant,
 )
-from stabilitycheck.probing import probe_module
+from stabilitycheck.probing import probe, probe_module
 from stabilitycheck.subject import Built
 from stabilitycheck.zoo import build
 
@@ -266,6 +267,22 @@ def test_finite_training_names_the_step_when_a_large_lr_blows_up() -> None:
         assert_finite_training(b.model, b.inputs, b.loss_fn, steps=20, lr=1e30, optimizer="sgd")
     with pytest.raises(UsageError, match="steps must be an int >= 1"):
         assert_finite_training(b.model, b.inputs, b.loss_fn, steps=0)
+
+
+def test_finite_training_of_a_config_uses_its_steps_lr_and_optimizer() -> None:
+    """The Config form probes the Config itself: the same lr 1e30 blows up, lr 0.01 does not."""
+    c = Config(family="mlp", activation="relu", init_scale=1.5, steps=20, optimizer="sgd", lr=0.01)
+    assert assert_finite_training(c) == probe(c)
+    with pytest.raises(StabilityError, match=r"within 20 sgd steps at lr=1e\+30") as info:
+        assert_finite_training(dataclasses.replace(c, lr=1e30))
+    assert re.search(r"First non-finite: step [1-9]", str(info.value))
+    with pytest.raises(UsageError, match="steps must be an int >= 1, got steps=0"):
+        assert_finite_training(dataclasses.replace(c, steps=0))
+    b = build(c)
+    with pytest.raises(UsageError, match="takes no inputs or loss_fn"):
+        assert_finite_training(c, b.inputs, b.loss_fn)  # type: ignore[call-overload]
+    with pytest.raises(UsageError, match="pass inputs and loss_fn too"):
+        assert_finite_training(b.model)  # type: ignore[call-overload]
 
 
 def test_gradscaler_guards_pass_for_torch_gradscaler() -> None:

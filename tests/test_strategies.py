@@ -105,6 +105,14 @@ def test_a_given_family_and_dtype_strategy_are_honoured(data: st.DataObject) -> 
     assert c.family in ("lstm", "gru") and c.dtype == "bfloat16" and c.init_scale == 2.0
 
 
+@given(st.data())
+@settings(max_examples=20)
+def test_init_scales_may_be_a_strategy_of_floats(data: st.DataObject) -> None:
+    c = data.draw(configs(family="mlp", init_scales=st.floats(0.5, 2.0)))
+    assert isinstance(c.init_scale, float) and 0.5 <= c.init_scale <= 2.0
+    assert data.draw(configs(init_scales=st.just(1.2345))).init_scale == 1.2345  # off the grid
+
+
 def test_profiles_register_and_unknown_names_are_rejected() -> None:
     from hypothesis import settings as hs
 

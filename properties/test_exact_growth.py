@@ -1,0 +1,74 @@
+"""Exact growth in linear networks: the probe's growth is sigma ** (n - 1) at any shape, seed and sigma.
+
+With y_l = W_l y_(l-1) and W_l = sigma x an orthogonal matrix, dL/dy_(l-1) = W_l^T dL/dy_l has exactly
+sigma times the norm of dL/dy_l (an orthogonal matrix keeps norms). So from the last block's output
+back to the first's the gradient norm is multiplied by sigma ** (depth - 1), one factor per block
+after the first, and every per-block gain is sigma. A linear RNN h_t = W h_(t-1) + U x_t with W =
+sigma x orthogonal and the loss on h_T alone has growth ||dL/dh_1|| / ||dL/dh_T|| = sigma ** (T - 1)
+for the same reason (Pascanu et al. 2013: the gradient over T steps scales as the T-th power of W's
+singular value). The loss is linear, L = <v, y> with a fixed random v, so dL/dy = v is never zero
+(a cross-entropy saturates at growth 2 ** 33 and its gradient rounds to 0: growth 0/0). Everything
+is float64, so the only error is rounding: about n ulps.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from stabilitycheck.config import Config
+from stabilitycheck.probing import probe_module
+from stabilitycheck.strategies import configs
+from stabilitycheck.subject import LossFn, generator
+from stabilitycheck.zoo import build, orthogonal
+
+SIGMAS = st.floats(0.5, 2.0)
+"""sigma ** 127 stays within float64 at both ends (0.5 ** 127 = 5.9e-39, 2 ** 127 = 1.7e38)."""
+
+RTOL = 1e-9
+"""Rounding of n <= 128 float64 matrix products is about 128 * 1.1e-16 relative: far below 1e-9."""
+
+
+def linear(family: str, **bounds: int) -> st.SearchStrategy[Config]:
+    """Linear float64 zoo Configs of `family` at any width 1..48, batch 1..8, seed and sigma in SIGMAS."""
+    return configs(
+        family=family,
+        min_width=1,
+        max_width=48,
+        max_batch_size=8,
+        activations=("linear",),
+        norms=("none",),
+        dtypes=("float64",),
+        init_scales=SIGMAS,
+        **bounds,  # type: ignore[arg-type]
+    )
+
+
+def linear_loss(c: Config) -> LossFn:
+    """L = <v, y> over the last output (the last time step for a sequence), v fixed by the seed."""
+    v = torch.randn(c.batch_size, c.width, generator=generator(c.seed + 1), dtype=torch.float64)
+    return lambda out, _: (v * (out[:, -1] if c.is_sequence else out)).sum()
+
+
+@given(linear("mlp", max_depth=64))
+def test_linear_orthogonal_mlp_grows_by_exactly_sigma_per_block(c: Config) -> None:
+    sigma = c.init_scale
+    built = build(c)
+    gen = generator(c.seed + 2)
+    with torch.no_grad():
+        for _, block in built.blocks:
+            block.weight.copy_(orthogonal(c.width, sigma, gen))
+    m = probe_module(built.model, built.inputs, linear_loss(c), blocks=built.blocks)
+    assert len(m.gains) == c.depth - 1
+    assert m.growth == pytest.approx(sigma ** (c.depth - 1), rel=RTOL)
+    assert m.gains == pytest.approx([sigma] * (c.depth - 1), rel=RTOL)
+
+
+@given(linear("rnn", max_seq_len=128))
+def test_linear_rnn_grows_by_exactly_sigma_per_step(c: Config) -> None:
+    built = build(c)  # the zoo's recurrent matrix is init_scale x orthogonal
+    m = probe_module(built.model, built.inputs, linear_loss(c), blocks=built.blocks)
+    assert len(m.activation_grad_norms) == c.seq_len
+    assert m.growth == pytest.approx(c.init_scale ** (c.seq_len - 1), rel=RTOL)
