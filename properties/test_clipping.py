@@ -49,8 +49,19 @@ def test_norm_clipping_bounds_the_norm_and_keeps_the_direction(
     model, before = backward(c)
     returned = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, norm_type)
     pre = total_norm(before, norm_type)
-    if c.dtype != "float16" or pre < torch.finfo(torch.float16).max:  # float16 sums overflow past 65504
-        assert math.isclose(float(returned), pre, rel_tol=4 * rtol_of(torch_dtype(c.dtype)))
+    f16_max = torch.finfo(torch.float16).max
+    if c.dtype == "float16" and pre > 2 * f16_max:
+        # torch's own finding (tests/test_invariants.py): the float16 total norm overflows to Inf
+        # past 65504 and every finite gradient is multiplied by max_norm / Inf = 0. The contract check
+        # must catch it wherever the correctly clipped gradients are above float16's resolution.
+        event("float16 total norm past 65504: torch zeroes the gradients")
+        assert math.isinf(float(returned))
+        if max_norm >= 1e-2:
+            with pytest.raises(StabilityError, match="not clipped correctly"):
+                assert_clipped_norm_bounded(model, max_norm, norm_type, before=before)
+        return
+    assume(c.dtype != "float16" or pre < f16_max / 2)  # near 65504 float16 rounding decides
+    assert math.isclose(float(returned), pre, rel_tol=4 * rtol_of(torch_dtype(c.dtype)))
     event(f"clipped: {max_norm < pre}")
     assert_clipped_norm_bounded(model, max_norm, norm_type, before=before)
     assert_direction_preserved(before, [p.grad for p in model.parameters() if p.grad is not None])
