@@ -18,6 +18,9 @@ def pytest_configure(config: pytest.Config) -> None:
 DURATIONS = "stabilitycheck/durations"
 """Cache key of the seconds each test's call took in the last run (pytest's cache, .pytest_cache)."""
 
+_durations: dict[str, float] = {}
+"""This run's call durations by test id, written to the cache at the end of the session."""
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Longest first, so pytest-xdist hands the long tests out before the short ones and the workers
@@ -41,5 +44,3 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if cache and _durations and not hasattr(session.config, "workerinput"):  # xdist's controller or -n 0
         cache.set(DURATIONS, {**cache.get(DURATIONS, {}), **_durations})
 
-
-_durations: dict[str, float] = {}
