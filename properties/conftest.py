@@ -43,4 +43,3 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     cache = getattr(session.config, "cache", None)
     if cache and _durations and not hasattr(session.config, "workerinput"):  # xdist's controller or -n 0
         cache.set(DURATIONS, {**cache.get(DURATIONS, {}), **_durations})
-

@@ -72,12 +72,19 @@ class SearchResult:
 
 
 def culprit(m: Measurement) -> str:
-    """The block to blame: the first non-finite one, else the one with the largest backward gain.
+    """The block to blame: the one that made the first non-finite value, else the one with the largest
+    backward gain.
 
-    gains[i] maps dL/d(out_{i+1}) to dL/d(out_i), so it belongs to the block called at i + 1.
+    gains[i] maps dL/d(out_{i+1}) to dL/d(out_i), so it belongs to the block called at i + 1; for the
+    same reason a first non-finite dL/d(out_i) was made by the backward of the call at i + 1 (of the
+    loss, after the last call).
     """
-    if m.first_nonfinite is not None:
-        return m.first_nonfinite.layer
+    nf = m.first_nonfinite
+    if nf is not None:
+        if nf.tensor == "activation_grad" and nf.layer in m.activation_names:
+            i = m.activation_names.index(nf.layer) + 1
+            return m.activation_names[i] if i < len(m.activation_names) else "(loss)"
+        return nf.layer
     finite = [(g, i) for i, g in enumerate(m.gains) if not math.isnan(g)]
     if not finite:
         return m.activation_names[0] if m.activation_names else (m.layer_names or ("(model)",))[0]

@@ -13,6 +13,7 @@ from torch import nn
 from stabilitycheck.config import FAMILIES, Config
 from stabilitycheck.errors import UsageError
 from stabilitycheck.probing import Measurement, probe, probe_module
+from stabilitycheck.searching import culprit
 from stabilitycheck.verdicts import Limits, verdict
 from stabilitycheck.zoo import build
 
@@ -81,6 +82,48 @@ def test_backward_only_nan_is_located_at_the_gradient() -> None:
     # dL/d(output of layers.1) is the first NaN: it is made by NanGrad sitting after layers.2.
     assert (m.first_nonfinite.layer, m.first_nonfinite.tensor) == ("layers.2", "activation_grad")
     assert math.isnan(m.first_nonfinite.value)
+
+
+class NanBackward(torch.autograd.Function):
+    """Identity forward; NaN gradient backward: a block whose backward alone goes wrong."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: object, g: torch.Tensor) -> torch.Tensor:
+        return g * math.nan
+
+
+class BadBackward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return NanBackward.apply(self.linear(x))  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("k", [0, 3, 5])
+def test_culprit_of_a_backward_nan_is_the_block_whose_backward_made_it(k: int) -> None:
+    """The first NaN is dL/d(output of block k-1), made by block k's backward: block k is to blame
+    (for k = 0 the NaN is only in the weight gradients and the input gradient, and block 0 is named)."""
+    layers: list[nn.Module] = [nn.Linear(8, 8) for _ in range(6)]
+    layers[k] = BadBackward()
+    m = probe_module(nn.Sequential(*layers), torch.randn(4, 8), lambda out, _: out.sum())
+    assert m.first_nonfinite is not None
+    assert culprit(m) == str(k)
+
+
+def test_culprit_of_a_nan_made_by_the_loss_backward_is_the_loss() -> None:
+    m = probe_module(
+        nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)),
+        torch.randn(4, 8),
+        lambda out, _: NanBackward.apply(out).sum(),
+    )
+    assert m.first_nonfinite is not None and m.first_nonfinite.tensor == "activation_grad"
+    assert culprit(m) == "(loss)"
 
 
 def test_blow_up_during_training_is_located_and_stops_the_run() -> None:
