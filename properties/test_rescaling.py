@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -25,8 +26,14 @@ thorough profile found it at c = 64 in a norm-free transformer); that is GradSca
 
 
 def finite_model(c: Config) -> object:
+    """The built model, where its loss and gradients at c=1 are finite: a gradient that is already
+    non-finite is an explosion, not a question of linearity (found: a norm-free bfloat16 transformer,
+    depth 5, init_scale 2, whose fused attention backward makes NaN at scores near 1e10 where the
+    float32 gradient is finite; tests/test_precision.py keeps it as a finding)."""
     b = build(c)
-    assume(bool(b.loss_fn(b.model(b.inputs), b.inputs).isfinite()))
+    loss = b.loss_fn(b.model(b.inputs), b.inputs)
+    grads = torch.autograd.grad(loss, [p for p in b.model.parameters() if p.requires_grad])
+    assume(bool(loss.isfinite()) and all(bool(g.isfinite().all()) for g in grads))
     return b
 
 

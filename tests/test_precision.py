@@ -11,7 +11,7 @@ from stabilitycheck import report
 from stabilitycheck.cli import main
 from stabilitycheck.config import Config
 from stabilitycheck.probing import probe
-from stabilitycheck.searching import search
+from stabilitycheck.searching import culprit, search
 from stabilitycheck.space import Axis, Space
 from stabilitycheck.verdicts import Limits, verdict
 
@@ -142,3 +142,21 @@ def test_cuda_probe_matches_cpu_in_float64() -> None:
     cpu, gpu = probe(c), probe(c.with_knobs(device="cuda"))
     assert gpu.growth == pytest.approx(cpu.growth, rel=1e-9)
     assert gpu.loss == pytest.approx(cpu.loss, rel=1e-9)
+
+
+def test_bfloat16_attention_backward_nan_is_an_overflow_blamed_on_its_block() -> None:
+    """Found by the rescaling property: in this norm-free transformer the attention scores of the last
+    block reach ~1e10, and torch's fused CPU attention backward in bfloat16 turns them into NaN
+    (its math kernel, and float32, stay finite). The probe names it `overflow`, culprit the block
+    whose backward made the NaN (layers.4: the first NaN is dL/d(output of layers.3))."""
+    c = Config(
+        family="transformer", depth=5, width=8, init_scale=2.0, seq_len=1, activation="relu",
+        dtype="bfloat16", batch_size=1, seed=1,
+    )  # fmt: skip
+    m = probe(c)
+    assert m.first_nonfinite is not None
+    assert (m.first_nonfinite.layer, m.first_nonfinite.tensor) == ("layers.3", "activation_grad")
+    assert verdict(m).names == ("overflow",)
+    assert culprit(m) == "layers.4"
+    wide = probe(c.with_knobs(dtype="float32"))
+    assert wide.first_nonfinite is None and math.isfinite(wide.grad_norm[0])
