@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.jit import ScriptModule
 from torch.nn import functional as F
 
 from stabilitycheck.config import Config
@@ -656,13 +657,24 @@ class ModelFile:
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(config.seed)
             model = self.source.make_model(self, values)
+            blocks = find_blocks(model)
+            self.check_eager(model, blocks)
             if self.scales_weights and config.init_scale != 1.0:
                 _scale_weights(model, config.init_scale)
             torch.manual_seed(_derived(config.seed, _SALT_BATCH))
             inputs = self.source.make_inputs(self, model, values, config)
         device, dtype = torch.device(config.device), torch_dtype(config.dtype)
         model.to(device=device, dtype=dtype)
-        return Built(model, _move(inputs, device, dtype), self.loss_fn(config.seed), find_blocks(model))
+        return Built(model, _move(inputs, device, dtype), self.loss_fn(config.seed), blocks)
+
+    def check_eager(self, model: nn.Module, blocks: tuple[tuple[str, nn.Module], ...]) -> None:
+        """The probe hooks the model's blocks; TorchScript modules take no hooks: say so up front."""
+        scripted = [name or "the model" for name, m in (("", model), *blocks) if isinstance(m, ScriptModule)]
+        if scripted:
+            raise self.error(
+                f"{scripted[0]} is a TorchScript module (torch.jit.script/trace), which takes no forward "
+                "hooks; give the eager nn.Module, e.g. `model = Net()` rather than `torch.jit.script(Net())`"
+            )
 
     def loss_fn(self, seed: int) -> LossFn:
         """The user's loss(output, inputs), or the default loss on the unpacked output."""

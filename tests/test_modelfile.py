@@ -298,6 +298,8 @@ BUILD_ERRORS = [
     ("frozen", ("no parameters that require grad",)),
     ("no_tensor_output", ("output is a dict with no tensor in it", "def loss(output, inputs)")),
     ("forward_raises", ("raised RuntimeError: mat1 and mat2", "batch()")),
+    ("scripted", ("the model is a TorchScript module",)),
+    ("scripted_block", ("0 is a TorchScript module",)),
 ]
 
 
