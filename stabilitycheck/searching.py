@@ -73,7 +73,8 @@ class SearchResult:
 
 def culprit(m: Measurement) -> str:
     """The block to blame: the one that made the first non-finite value, else the one with the largest
-    backward gain.
+    backward gain when some block amplifies the backward signal, else the one with the largest weight
+    gradient: the growth was inside a block (an nn.RNN over time shows no gain between blocks).
 
     gains[i] maps dL/d(out_{i+1}) to dL/d(out_i), so it belongs to the block called at i + 1; for the
     same reason a first non-finite dL/d(out_i) was made by the backward of the call at i + 1 (of the
@@ -85,11 +86,13 @@ def culprit(m: Measurement) -> str:
             i = m.activation_names.index(nf.layer) + 1
             return m.activation_names[i] if i < len(m.activation_names) else "(loss)"
         return nf.layer
-    finite = [(g, i) for i, g in enumerate(m.gains) if not math.isnan(g)]
-    if not finite:
-        return m.activation_names[0] if m.activation_names else (m.layer_names or ("(model)",))[0]
-    _, i = max(finite)
-    return m.activation_names[i + 1]
+    gains = [(g, i) for i, g in enumerate(m.gains) if not math.isnan(g)]
+    if gains and max(gains)[0] > 1.0:
+        return m.activation_names[max(gains)[1] + 1]
+    weights = [(v, i) for i, v in enumerate(m.layer_grad_norms) if not math.isnan(v)]
+    if weights:
+        return m.layer_names[max(weights)[1]]
+    return m.activation_names[0] if m.activation_names else (m.layer_names or ("(model)",))[0]
 
 
 def memory_estimate(c: Config) -> int:

@@ -126,6 +126,34 @@ def test_culprit_of_a_nan_made_by_the_loss_backward_is_the_loss() -> None:
     assert culprit(m) == "(loss)"
 
 
+class RecurrentHead(nn.Module):
+    """nn.RNN (recurrent matrix gain x orthogonal) and a linear readout: two blocks, and the growth
+    through time happens inside the first, where no gain between blocks can show it."""
+
+    def __init__(self, gain: float) -> None:
+        super().__init__()
+        self.rnn = nn.RNN(8, 8, batch_first=True, bias=False)
+        with torch.no_grad():
+            q, _ = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(0)))
+            self.rnn.weight_hh_l0.copy_(gain * q)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0])  # type: ignore[no-any-return]
+
+
+def test_culprit_of_a_growth_inside_a_block_is_the_block_with_the_largest_weight_gradient() -> None:
+    x = torch.randn(2, 64, 8, generator=torch.Generator().manual_seed(1))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = RecurrentHead(3.0)
+    m = probe_module(model, x, lambda out, _: out.sum())
+    assert m.gains[0] < 1.0  # between the blocks the backward signal shrinks...
+    assert m.layer_grad_norms[0] > 10 * m.layer_grad_norms[1]  # ...while W_hh's gradient exploded
+    assert verdict(m).names == ("grad_norm",)
+    assert culprit(m) == "rnn"  # was "head", the block of the largest (sub-unit) gain
+
+
 def test_blow_up_during_training_is_located_and_stops_the_run() -> None:
     c = Config(depth=30, width=64, init_scale=8.0, activation="linear", steps=10, lr=1.0)
     m = probe(c)
