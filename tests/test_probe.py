@@ -55,35 +55,6 @@ def test_forward_nan_or_inf_is_located_at_its_block(k: int, poison: float) -> No
     assert verdict(m).names[0] == "nonfinite"
 
 
-def test_backward_only_nan_is_located_at_the_gradient() -> None:
-    class NanGrad(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
-            return x.clone()
-
-        @staticmethod
-        def backward(ctx: object, g: torch.Tensor) -> torch.Tensor:
-            return g * math.nan
-
-    class Model(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(4))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            for i, layer in enumerate(self.layers):
-                x = layer(x)
-                if i == 2:
-                    x = NanGrad.apply(x)
-            return x
-
-    m = probe_module(Model(), torch.randn(3, 4), lambda out, _: out.sum())
-    assert m.first_nonfinite is not None
-    # dL/d(output of layers.1) is the first NaN: it is made by NanGrad sitting after layers.2.
-    assert (m.first_nonfinite.layer, m.first_nonfinite.tensor) == ("layers.2", "activation_grad")
-    assert math.isnan(m.first_nonfinite.value)
-
-
 class NanBackward(torch.autograd.Function):
     """Identity forward; NaN gradient backward: a block whose backward alone goes wrong."""
 
@@ -94,6 +65,26 @@ class NanBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx: object, g: torch.Tensor) -> torch.Tensor:
         return g * math.nan
+
+
+def test_backward_only_nan_is_located_at_the_gradient() -> None:
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for i, layer in enumerate(self.layers):
+                x = layer(x)
+                if i == 2:
+                    x = NanBackward.apply(x)
+            return x
+
+    m = probe_module(Model(), torch.randn(3, 4), lambda out, _: out.sum())
+    assert m.first_nonfinite is not None
+    # dL/d(output of layers.2) is the first NaN: NanBackward sits between layers.2 and layers.3.
+    assert (m.first_nonfinite.layer, m.first_nonfinite.tensor) == ("layers.2", "activation_grad")
+    assert math.isnan(m.first_nonfinite.value)
 
 
 class BadBackward(nn.Module):
