@@ -86,9 +86,9 @@ def culprit(m: Measurement) -> str:
             i = m.activation_names.index(nf.layer) + 1
             return m.activation_names[i] if i < len(m.activation_names) else "(loss)"
         return nf.layer
-    gains = [(g, i) for i, g in enumerate(m.gains) if not math.isnan(g)]
-    if gains and max(gains)[0] > 1.0:
-        return m.activation_names[max(gains)[1] + 1]
+    gain, i = max(((g, i) for i, g in enumerate(m.gains) if not math.isnan(g)), default=(math.nan, -1))
+    if gain > 1.0:
+        return m.activation_names[i + 1]
     weights = [(v, i) for i, v in enumerate(m.layer_grad_norms) if not math.isnan(v)]
     if weights:
         return m.layer_names[max(weights)[1]]
