@@ -9,7 +9,6 @@ overflows is never reported as non-finite.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -21,7 +20,9 @@ from torch import nn
 
 from stabilitycheck.config import Config
 from stabilitycheck.errors import UsageError
-from stabilitycheck.subject import Inputs, LossFn, Subject, find_blocks
+from stabilitycheck.losses import Inputs, LossFn
+from stabilitycheck.subject import Subject, find_blocks
+from stabilitycheck.subjects import resolve
 
 EXACT = torch.float64
 TENSOR_KINDS = ("weight", "activation", "loss", "activation_grad", "gradient")
@@ -381,7 +382,7 @@ def probe_module(
     `amp` ('bfloat16' or 'float16') runs the forward under torch.autocast; float16 also uses a
     torch.amp.GradScaler, whose loss scale is recorded per step, with the steps it skipped.
     """
-    blocks = tuple(blocks) if blocks is not None else find_blocks(model)
+    blocks = tuple(blocks) if blocks is not None else find_blocks(model)[0]
     names = tuple(name for name, _ in blocks)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -470,48 +471,39 @@ def _update(run: _Run, step: int, total: float, lr: float, clip: float | None, w
     return 0 if finite else 1
 
 
-@functools.lru_cache(maxsize=32)
-def subject_for(family: str) -> Subject:
-    """The Subject a Config's family names: the zoo, or the model file 'path.py[:factory]'."""
-    from stabilitycheck.config import FAMILIES
-
-    if family in FAMILIES:
-        from stabilitycheck.zoo import Zoo
-
-        return Zoo()
-    from stabilitycheck.modelfile import load
-
-    return load(family)
-
-
-def probe(config: Config, subject: Subject | None = None) -> Measurement:
-    """Build `config` with `subject` (default: the one its family names) and probe it."""
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
+def probe(config: Config, subject: Subject | None = None, *, last_step: bool = False) -> Measurement:
+    """Build `config` with `subject` (default: the one its name resolves to) and probe it.
+    `last_step`: a sequence subject's loss on the last step alone (None where it has none)."""
+    if config.run.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(
-            f"Config.device={config.device!r} but CUDA is not available on this machine; use device='cpu'"
+            f"Run.device={config.run.device!r} but CUDA is not available on this machine; use device='cpu'"
         )
-    subject = subject or subject_for(config.family)
-    m = _probe(config, subject)
-    reduced = config.dtype in ("float16", "bfloat16") or config.amp != "none"
+    subject = subject or resolve(config.subject)
+    m = _probe(config, subject, last_step)
+    run = config.run
+    reduced = run.dtype in ("float16", "bfloat16") or run.amp != "none"
     if reduced and m.first_nonfinite is not None:  # would float32 have stayed finite there?
-        wide = _probe(dataclasses.replace(config, dtype="float32", amp="none"), subject)
+        wide = _probe(config.with_run(dtype="float32", amp="none"), subject, last_step)
         if wide.first_nonfinite is None or wide.first_nonfinite.step > m.first_nonfinite.step:
             m = dataclasses.replace(m, overflow=m.first_nonfinite)
     return m
 
 
-def _probe(config: Config, subject: Subject) -> Measurement:
-    built = subject.build(config)
+def _probe(config: Config, subject: Subject, last_step: bool) -> Measurement:
+    built = subject.last_step(config) if last_step else subject.build(config)
+    if built is None:
+        raise UsageError(f"{config.subject} has no last-step loss (only recurrent subjects do)")
+    run = config.run
     return probe_module(
         built.model,
         built.inputs,
         built.loss_fn,
         blocks=built.blocks,
-        steps=config.steps,
-        lr=config.lr,
-        optimizer=config.optimizer,
-        clip=config.clip,
-        warmup=config.warmup,
-        amp=config.amp,
-        seed=config.seed,
+        steps=run.steps,
+        lr=run.lr,
+        optimizer=run.optimizer,
+        clip=run.clip,
+        warmup=run.warmup,
+        amp=run.amp,
+        seed=run.seed,
     )

@@ -6,41 +6,80 @@ import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
-from stabilitycheck.config import Config, Scalar
+from stabilitycheck.config import RUN_FIELDS, Config, Scalar
 from stabilitycheck.errors import ConfigError
 
 INIT_SCALES = tuple(0.25 * k for k in range(2, 17))  # 0.5, 0.75, ..., 4.0
+RUN_AXES = tuple(f for f in RUN_FIELDS if f in ("steps", "lr", "warmup", "clip"))
+"""Run settings a search may vary like knobs."""
+
+
+class FloatGrid(Sequence[float]):
+    """lo, lo + step, ... <= hi without building the list (a grid may have 10**9 points)."""
+
+    def __init__(self, lo: float, step: float, n: int) -> None:
+        self.lo, self.step, self.n = lo, step, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    @overload
+    def __getitem__(self, i: int) -> float: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[float]: ...
+    def __getitem__(self, i: int | slice) -> float | Sequence[float]:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(self.n))]
+        if i < 0:
+            i += self.n
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return round(self.lo + i * self.step, 12)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def __hash__(self) -> int:
+        return hash((self.lo, self.step, self.n))
+
+    def __repr__(self) -> str:
+        return f"FloatGrid({self.lo}, step={self.step}, n={self.n})"
 
 
 @dataclass(frozen=True)
 class Axis:
-    """One knob and its grid, ascending: index 0 is the smallest (simplest) value."""
+    """One knob and its grid, ascending: index 0 is the smallest (simplest) value. `values` is lazy
+    for ranges (a range or FloatGrid), so a huge grid costs nothing until a point is asked for."""
 
     name: str
-    values: tuple[Scalar, ...]
+    values: Sequence[Scalar]
 
     def __post_init__(self) -> None:
-        if not self.values:
+        if len(self.values) == 0:
             raise ConfigError(f"knob {self.name!r} has an empty range; give LO <= HI, e.g. {self.name}=1:8")
-        if list(self.values) != sorted(set(self.values)):
+        lazy = isinstance(self.values, range | FloatGrid)
+        if not lazy and list(self.values) != sorted(set(self.values)):
             raise ConfigError(f"knob {self.name!r} grid must be strictly ascending, got {self.values}")
 
     @classmethod
     def range(cls, name: str, lo: float, hi: float, step: float | None = None) -> Axis:
         """lo..hi inclusive; integers when lo, hi (and step) are ints, else a float grid of `step`
         (default: 16 points)."""
+        numbers = (lo, hi) if step is None else (lo, hi, step)
+        if not all(isinstance(v, int | float) and math.isfinite(v) for v in numbers):
+            raise ConfigError(f"knob {name}={lo}:{hi} needs finite numbers, e.g. {name}=1:8")
         if lo > hi:
             raise ConfigError(f"knob {name}={lo}:{hi} is empty: LO must be <= HI, e.g. {name}={hi}:{lo}")
+        if step is not None and step <= 0:
+            raise ConfigError(f"knob {name} step must be > 0, got {step}")
         ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (lo, hi, step or 1))
         if ints:
-            return cls(name, tuple(range(int(lo), int(hi) + 1, int(step or 1))))
+            return cls(name, range(int(lo), int(hi) + 1, int(step or 1)))
         step = step if step is not None else (hi - lo) / 15 or 1.0
-        if step <= 0:
-            raise ConfigError(f"knob {name} step must be > 0, got {step}")
         n = math.floor((hi - lo) / step + 1e-9)
-        return cls(name, tuple(round(lo + k * step, 12) for k in range(n + 1)))
+        return cls(name, FloatGrid(float(lo), float(step), n + 1))
 
 
 @dataclass(frozen=True)
@@ -56,7 +95,8 @@ class Space:
         if len(set(names)) != len(names):
             raise ConfigError(f"Space {self.label!r} repeats a knob: {names}")
         for axis in self.axes:
-            self.base.knob(axis.name)  # raises for a knob the Config does not have
+            if axis.name not in RUN_AXES:
+                self.base.knob(axis.name)  # raises for a knob the Config does not have
         self.config(tuple(0 for _ in self.axes))  # the smallest point must be a valid Config
         self.config(self.top())
 
@@ -86,30 +126,8 @@ class Space:
 
         return rec((), self.axes)
 
-    def with_base(self, **changes: Any) -> Space:
-        """The same axes around a base Config with fields replaced (device, dtype, steps...)."""
-        return dataclasses.replace(self, base=dataclasses.replace(self.base, **changes))
+    def with_run(self, **changes: Any) -> Space:
+        """The same axes around a base Config with run settings replaced (device, dtype, steps...)."""
+        return dataclasses.replace(self, base=self.base.with_run(**changes))
 
 
-def _zoo(label: str, axes: tuple[Axis, ...], **base: Any) -> Space:
-    defaults: dict[str, Any] = {"width": 32, "batch_size": 8, "activation": "tanh"}
-    return Space(label, Config(**{**defaults, **base}), axes)
-
-
-def default_spaces() -> dict[str, Space]:
-    """The zoo's searches: one Space per family (and norm placement), sized to finish fast on CPU."""
-    scale = Axis("init_scale", INIT_SCALES)
-    depth = Axis.range("depth", 1, 64)
-    seq = Axis.range("seq_len", 1, 256)
-    tdepth = Axis.range("depth", 1, 24)
-    transformer: dict[str, Any] = {"family": "transformer", "seq_len": 16, "activation": "gelu"}
-    return {
-        "mlp": _zoo("mlp", (depth, scale), family="mlp"),
-        "resmlp-post": _zoo("resmlp-post", (depth, scale), family="resmlp", norm="post"),
-        "resmlp-pre": _zoo("resmlp-pre", (depth, scale), family="resmlp", norm="pre"),
-        "rnn": _zoo("rnn", (seq, scale), family="rnn", depth=1),
-        "lstm": _zoo("lstm", (seq, scale), family="lstm", depth=1),
-        "gru": _zoo("gru", (seq, scale), family="gru", depth=1),
-        "transformer-post": _zoo("transformer-post", (tdepth, scale), norm="post", **transformer),
-        "transformer-pre": _zoo("transformer-pre", (tdepth, scale), norm="pre", **transformer),
-    }

@@ -1,42 +1,74 @@
-"""Subject: anything that turns a Config into (model, inputs, loss); the zoo and model files are Subjects."""
+"""Subject: anything that turns a Config into (model, inputs, loss, blocks). The zoo, model files and
+Hugging Face model types are Subjects; search, remedies and reports are written once against this."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
 
-from stabilitycheck.config import Config
+from stabilitycheck.config import Config, Scalar
+from stabilitycheck.losses import Inputs, LossFn
 
-Inputs = Any  # a tensor, a tuple/list of tensors or a dict of tensors
-LossFn = Callable[[Any, Inputs], torch.Tensor]
+if TYPE_CHECKING:
+    from stabilitycheck.space import Space
 
-NUM_CLASSES = 10
+Blocks = tuple[tuple[str, nn.Module], ...]
 
 
 @dataclass(frozen=True)
 class Built:
-    """What a Subject builds: the model, its inputs, the loss, and its blocks (input side first)."""
+    """What a Subject builds: the model, its inputs, the loss, its blocks (input side first), and one
+    line saying how the blocks were chosen."""
 
     model: nn.Module
     inputs: Inputs
     loss_fn: LossFn
-    blocks: tuple[tuple[str, nn.Module], ...]
+    blocks: Blocks
+    blocks_note: str = ""
 
 
 class Subject(Protocol):
-    """Turns a Config into a Built; `name` labels it in reports."""
+    """What only the subject knows: its knobs and their space, how to build, its memory needs, which
+    knob is its init scale (and the critical value), and which architecture remedies apply."""
 
-    name: str
+    name: str  # what Config.subject holds, e.g. "mlp", "/abs/model.py:build", "hf:gpt2"
+    init_knob: str | None  # the knob that scales the initialisation, if any
 
-    def build(self, config: Config) -> Built: ...
+    def config(self, **values: Scalar) -> Config:
+        """A Config of this subject: every knob at its default unless given (run settings by name)."""
+        ...
+
+    def space(self) -> Space:
+        """The knobs to search and their grids, around `config()`."""
+        ...
+
+    def build(self, config: Config) -> Built:
+        """The model, inputs, loss and blocks of `config`, all drawn from config.run.seed."""
+        ...
+
+    def memory_estimate(self, config: Config) -> int | None:
+        """Bytes a probe of `config` needs (None: unknown, guarded by catching out-of-memory)."""
+        ...
+
+    def critical_init(self, config: Config) -> Scalar | None:
+        """The value of `init_knob` at which the backward signal neither grows nor shrinks."""
+        ...
+
+    def variants(self, config: Config) -> dict[str, Config | None]:
+        """Architecture remedies (e.g. pre-norm, LSTM in place of RNN): Config, or None where n/a."""
+        ...
+
+    def last_step(self, config: Config) -> Built | None:
+        """For sequence subjects: the same model and inputs with the loss on the last step alone
+        (the through-time product of Jacobians); None for other subjects."""
+        ...
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a Config.dtype string."""
+    """The torch dtype of a Run.dtype string."""
     return {
         "float32": torch.float32,
         "float64": torch.float64,
@@ -45,49 +77,52 @@ def torch_dtype(name: str) -> torch.dtype:
     }[name]
 
 
-def generator(seed: int) -> torch.Generator:
-    """A CPU generator: every random number of a build comes from it, so builds replay exactly."""
-    return torch.Generator().manual_seed(seed)
+def _stacks(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
+    """Outermost ModuleLists/Sequentials of >= 1 modules of one type that own parameters."""
+    found: list[tuple[str, list[nn.Module]]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList | nn.Sequential) or len(module) == 0:
+            continue
+        children = list(module)
+        if len({type(m) for m in children}) != 1 or not any(True for _ in module.parameters()):
+            continue
+        if any(name.startswith(f"{outer}.") or outer == "" for outer, _ in found):
+            continue
+        found.append((name, children))
+    return found
 
 
-def readout_loss(features: int, gen: torch.Generator, labels: torch.Tensor) -> LossFn:
-    """Cross-entropy of a fixed random readout (N(0, 1/features), not trained) against fixed labels.
-
-    At init its output gradient is nearly independent of the forward pass, so per-layer gains
-    match mean-field theory (the mean of squared outputs would not; see DESIGN.md "Which loss").
-    """
-    weight = torch.randn(NUM_CLASSES, features, generator=gen, dtype=torch.float64)
-    weight /= features**0.5
-    cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def loss(output: torch.Tensor, inputs: Inputs) -> torch.Tensor:
-        acc = torch.float64 if output.dtype == torch.float64 else torch.float32
-        key = (output.device, acc)
-        if key not in cache:
-            cache[key] = (weight.to(output.device, acc), labels.to(output.device))
-        w, y = cache[key]
-        logits = output.to(acc) @ w.T  # (..., NUM_CLASSES)
-        return nn.functional.cross_entropy(logits.reshape(-1, NUM_CLASSES), y.reshape(-1))
-
-    return loss
+def _named(prefix: str, modules: list[nn.Module]) -> Blocks:
+    return tuple((f"{prefix}.{i}" if prefix else str(i), m) for i, m in enumerate(modules))
 
 
-def find_blocks(model: nn.Module) -> tuple[tuple[str, nn.Module], ...]:
-    """The model's blocks, input side first: its `stability_blocks()` if defined, else the
-    longest ModuleList/Sequential inside it, else its leaf modules that own parameters."""
+def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
+    """The model's chain of repeated blocks, input side first, and one line saying which rule chose
+    them: its `stability_blocks()` if defined; else the longest stack of same-type modules (length 1
+    included), with every other stack of composite blocks beside it (an encoder-decoder's two stacks);
+    else the longest ModuleList/Sequential of >= 2 modules; else its leaf modules that own parameters."""
     declared = getattr(model, "stability_blocks", None)
     if callable(declared):
-        return tuple(declared())
-    best: tuple[str, Sequence[nn.Module]] | None = None
-    for name, module in model.named_modules():
-        is_list = isinstance(module, nn.ModuleList | nn.Sequential) and len(module) >= 2
-        if is_list and (best is None or len(module) > len(best[1])):
-            best = (name, list(module))
-    if best is not None:
-        prefix = f"{best[0]}." if best[0] else ""
-        return tuple((f"{prefix}{i}", m) for i, m in enumerate(best[1]))
-    return tuple(
+        return tuple(declared()), "blocks: declared by stability_blocks()"
+    stacks = _stacks(model)
+    if stacks:
+        primary = max(stacks, key=lambda s: len(s[1]))
+        composite = [s for s in stacks if list(s[1][0].children())]
+        chosen = composite if primary in composite and len(composite) > 1 else [primary]
+        blocks = tuple(b for name, mods in chosen for b in _named(name, mods))
+        parts = " + ".join(f"{name or '(model)'} ({len(mods)})" for name, mods in chosen)
+        return blocks, f"blocks: {parts}"
+    lists = [
+        (name, list(m))
+        for name, m in model.named_modules()
+        if isinstance(m, nn.ModuleList | nn.Sequential) and len(m) >= 2
+    ]
+    if lists:
+        name, mods = max(lists, key=lambda s: len(s[1]))
+        return _named(name, mods), f"blocks: {name or '(model)'} ({len(mods)}, mixed module types)"
+    leaves = tuple(
         (name, m)
         for name, m in model.named_modules()
         if not list(m.children()) and any(True for _ in m.parameters(recurse=False))
     )
+    return leaves, "blocks: leaf modules with parameters (no repeated stack found)"

@@ -6,15 +6,39 @@ orthogonal matrix (spectral radius exactly init_scale); biases are absent or zer
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from stabilitycheck.config import Config
-from stabilitycheck.errors import ConfigError
-from stabilitycheck.subject import NUM_CLASSES, Built, generator, readout_loss, torch_dtype
+from stabilitycheck.config import Config, Scalar
+from stabilitycheck.families import RECURRENT, knob_specs
+from stabilitycheck.losses import NUM_CLASSES, generator, readout_loss
+from stabilitycheck.space import INIT_SCALES, Axis, Space
+from stabilitycheck.subject import Built, torch_dtype
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """A zoo Config's knobs as attributes; knobs its family lacks keep values its builder ignores."""
+
+    family: str
+    depth: int = 1
+    width: int = 64
+    init_scale: float = 1.0
+    seq_len: int = 1
+    norm: str = "none"
+    activation: str = "tanh"
+    batch_size: int = 16
+
+    @classmethod
+    def of(cls, config: Config) -> Knobs:
+        return cls(config.subject, **config.values)  # type: ignore[arg-type]
+
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 ACTIVATION_FNS: dict[str, Activation] = {
@@ -51,7 +75,7 @@ class Dense(nn.Module):
 class ResBlock(nn.Module):
     """x + W2 act(W1 x) with LayerNorm before the branch (pre), after the sum (post) or none."""
 
-    def __init__(self, c: Config, gen: torch.Generator) -> None:
+    def __init__(self, c: Knobs, gen: torch.Generator) -> None:
         super().__init__()
         self.w1 = gaussian(c.width, c.width, c.init_scale, gen)
         self.w2 = gaussian(c.width, c.width, c.init_scale, gen)
@@ -73,10 +97,10 @@ class ResBlock(nn.Module):
 class Stack(nn.Module):
     """`depth` blocks in a row, then the final LayerNorm a pre-norm stack needs (as in GPT-2)."""
 
-    def __init__(self, c: Config, block: Callable[[], nn.Module]) -> None:
+    def __init__(self, c: Knobs, block: Callable[[], nn.Module]) -> None:
         super().__init__()
         self.layers = nn.ModuleList(block() for _ in range(c.depth))
-        pre = c.norm == "pre" and c.family != "mlp"
+        pre = c.norm == "pre"
         self.ln_f = nn.LayerNorm(c.width, dtype=torch.float64) if pre else nn.Identity()
 
     def stability_blocks(self) -> list[tuple[str, nn.Module]]:
@@ -91,7 +115,7 @@ class Stack(nn.Module):
 class RNNCell(nn.Module):
     """h_t = act(u_t + W_hh h_{t-1}) where u_t = W_ih x_t is computed once for all t."""
 
-    def __init__(self, c: Config, gen: torch.Generator) -> None:
+    def __init__(self, c: Knobs, gen: torch.Generator) -> None:
         super().__init__()
         self.weight_hh = nn.Parameter(orthogonal(c.width, c.init_scale, gen))
         self.act = ACTIVATION_FNS[c.activation]
@@ -103,7 +127,7 @@ class RNNCell(nn.Module):
 class Recurrent(nn.Module):
     """One recurrent layer unrolled over time; each call of `cell` (one time step) is a block."""
 
-    def __init__(self, c: Config, gen: torch.Generator) -> None:
+    def __init__(self, c: Knobs, gen: torch.Generator) -> None:
         super().__init__()
         self.kind = c.family
         self.weight_ih = gaussian(c.width, c.width, c.init_scale, gen) if c.family == "rnn" else None
@@ -148,7 +172,7 @@ class Recurrent(nn.Module):
 class TransformerBlock(nn.Module):
     """An encoder block (self-attention then MLP), pre-norm or post-norm, nanoGPT style."""
 
-    def __init__(self, c: Config, gen: torch.Generator) -> None:
+    def __init__(self, c: Knobs, gen: torch.Generator) -> None:
         super().__init__()
         d, s = c.width, c.init_scale
         self.heads = 4 if d % 4 == 0 else 1
@@ -180,7 +204,7 @@ class TransformerBlock(nn.Module):
         return self.ln2(x + self.mlp(x))  # type: ignore[no-any-return]
 
 
-BUILDERS: dict[str, Callable[[Config, torch.Generator], nn.Module]] = {
+BUILDERS: dict[str, Callable[[Knobs, torch.Generator], nn.Module]] = {
     "mlp": lambda c, gen: Stack(c, lambda: Dense(c.width, c.init_scale, ACTIVATION_FNS[c.activation], gen)),
     "resmlp": lambda c, gen: Stack(c, lambda: ResBlock(c, gen)),
     "rnn": Recurrent,
@@ -190,27 +214,102 @@ BUILDERS: dict[str, Callable[[Config, torch.Generator], nn.Module]] = {
 }
 
 
-def build(config: Config) -> Built:
-    """Build the zoo model of `config.family` with its inputs and readout loss, all from the seed."""
-    if config.family not in BUILDERS:
-        raise ConfigError(
-            f"Config.family={config.family!r} is not a zoo family; expected one of {tuple(BUILDERS)}"
-        )
-    gen = generator(config.seed)
-    model = BUILDERS[config.family](config, gen)
-    shape = (config.batch_size, config.seq_len) if config.is_sequence else (config.batch_size,)
-    loss = readout_loss(config.width, gen, torch.randint(0, NUM_CLASSES, shape, generator=gen))
-    x = torch.randn(*shape, config.width, generator=gen, dtype=torch.float64)
-    device, dtype = torch.device(config.device), torch_dtype(config.dtype)
-    model.to(device=device, dtype=dtype)
-    blocks = tuple(model.stability_blocks())  # type: ignore[operator]
-    return Built(model=model, inputs=x.to(device=device, dtype=dtype), loss_fn=loss, blocks=blocks)
 
 
-class Zoo:
-    """The zoo as a Subject: `config.family` picks the builder."""
+# sigma_w at which a bias-free deep net's backward gain chi = sigma_w^2 E[phi'(h)^2] is 1
+# (tanh, linear: 1; ReLU: He's sqrt 2; GELU has no fixed point without bias: He's value).
+CRITICAL_SCALE = {"tanh": 1.0, "linear": 1.0, "relu": math.sqrt(2), "gelu": math.sqrt(2)}
+SEARCH_BASE: dict[str, Scalar] = {"width": 32, "batch_size": 8}  # sized for a search on a CPU
 
-    name = "zoo"
 
-    def build(self, config: Config) -> Built:
-        return build(config)
+def _readout(k: Knobs, gen: torch.Generator, last: bool) -> Callable[..., torch.Tensor]:
+    """The zoo's loss: the fixed random readout per token, or on the last step alone (`last`)."""
+    sequence = k.family in RECURRENT or k.family == "transformer"
+    shape = (k.batch_size, k.seq_len) if sequence else (k.batch_size,)
+    labels = torch.randint(0, NUM_CLASSES, shape, generator=gen)
+    if not last:
+        return readout_loss(k.width, gen, labels)
+    per_step = readout_loss(k.width, gen, labels[:, -1])
+    return lambda output, inputs: per_step(output[:, -1], inputs)
+
+
+class Family:
+    """One zoo family as a Subject (`Family("mlp")`): its knobs come from `families.FAMILIES`."""
+
+    def __init__(self, name: str) -> None:
+        self.specs = knob_specs(name)
+        self.name = name
+        self.init_knob: str | None = "init_scale"
+
+    def __repr__(self) -> str:
+        return f"Family({self.name!r})"
+
+    def config(self, **values: Scalar) -> Config:
+        return Config.of(self.name, **values)
+
+    def space(self, **fixed: Scalar) -> Space:
+        """depth (or seq_len for recurrent families) x init_scale around SEARCH_BASE and `fixed`."""
+        first = Axis.range("seq_len", 1, 256) if self.name in RECURRENT else Axis.range("depth", 1, 64)
+        if self.name == "transformer":
+            first = Axis.range("depth", 1, 24)
+            fixed = {"seq_len": 16, **fixed}
+        label = "-".join([self.name, *(str(v) for k, v in fixed.items() if k == "norm")])
+        return Space(label, self.config(**{**SEARCH_BASE, **fixed}), (first, Axis("init_scale", INIT_SCALES)))
+
+    def build(self, config: Config, last: bool = False) -> Built:
+        """The model, inputs and readout loss (per token, or on the last step), all from the seed."""
+        k = Knobs.of(config)
+        gen = generator(config.run.seed)
+        model = BUILDERS[k.family](k, gen)
+        loss = _readout(k, gen, last)
+        sequence = k.family in RECURRENT or k.family == "transformer"
+        shape = (k.batch_size, k.seq_len) if sequence else (k.batch_size,)
+        x = torch.randn(*shape, k.width, generator=gen, dtype=torch.float64)
+        device, dtype = torch.device(config.run.device), torch_dtype(config.run.dtype)
+        model.to(device=device, dtype=dtype)
+        blocks = tuple(model.stability_blocks())  # type: ignore[operator]
+        note = "blocks: time steps of the cell" if k.family in RECURRENT else f"blocks: layers ({k.depth})"
+        return Built(model, x.to(device=device, dtype=dtype), loss, blocks, note)
+
+    def last_step(self, config: Config) -> Built | None:
+        return self.build(config, last=True) if self.name in RECURRENT else None
+
+    def memory_estimate(self, config: Config) -> int:
+        """Bytes of float64 activations kept for backward: tensors per block x their size."""
+        k = Knobs.of(config)
+        per_block = 12 if k.family == "transformer" else 6
+        tokens = k.batch_size * (k.seq_len if k.family in (*RECURRENT, "transformer") else 1)
+        blocks = k.seq_len if k.family in RECURRENT else k.depth
+        return 8 * per_block * tokens * k.width * blocks
+
+    def critical_init(self, config: Config) -> float:
+        return CRITICAL_SCALE[Knobs.of(config).activation] if "activation" in config.values else 1.0
+
+    def variants(self, config: Config) -> dict[str, Config | None]:
+        values = config.values
+        pre = config.with_knobs(norm="pre") if values.get("norm") not in (None, "pre") else None
+        lstm = None
+        if self.name == "rnn":
+            kept = {k: v for k, v in values.items() if k != "activation"}
+            lstm = Config("lstm", tuple(kept.items()), config.run)
+        return {"pre-norm": pre, "lstm": lstm}
+
+
+def targets() -> dict[str, Space]:
+    """The searches `stabilitycheck zoo` runs: one per family, and per norm placement of the residual
+    ones, sized to finish fast on a CPU."""
+    fam = {name: Family(name) for name in ("mlp", "resmlp", "rnn", "lstm", "gru", "transformer")}
+    spaces = [
+        fam["mlp"].space(),
+        fam["resmlp"].space(norm="post"),
+        fam["resmlp"].space(norm="pre"),
+        fam["rnn"].space(),
+        fam["lstm"].space(),
+        fam["gru"].space(),
+        fam["transformer"].space(norm="post"),
+        fam["transformer"].space(norm="pre"),
+    ]
+    return {s.label: s for s in spaces}
+
+
+__all__ = ["Family", "dataclasses", "targets"]

@@ -1,0 +1,44 @@
+"""Nested model inputs: a tensor, or tuples/lists/dicts of them, with None and scalars beside
+(e.g. `(tokens, (h0, c0))` of a word-level LSTM language model)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+LEAVES = (int, float, bool, str, type(None))
+
+
+def tree_map(fn: Callable[[torch.Tensor], Any], tree: Any) -> Any:
+    """`tree` with every tensor replaced by fn(tensor); a Mapping becomes a plain dict."""
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    if isinstance(tree, Mapping):
+        return {k: tree_map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, tuple | list):
+        return type(tree)(tree_map(fn, v) for v in tree)
+    return tree
+
+
+def tensors(tree: Any) -> list[torch.Tensor]:
+    """Every tensor of `tree`, depth first in order."""
+    found: list[torch.Tensor] = []
+    tree_map(found.append, tree)
+    return found
+
+
+def invalid_leaf(tree: Any) -> object | None:
+    """The first value that is neither a tensor, a container nor a plain scalar/None; else None."""
+    if isinstance(tree, torch.Tensor | LEAVES):
+        return None
+    if isinstance(tree, Mapping):
+        if not all(isinstance(k, str) for k in tree):
+            return tree
+        values: Any = tree.values()
+    elif isinstance(tree, tuple | list):
+        values = tree
+    else:
+        return tree
+    return next((bad for bad in map(invalid_leaf, values) if bad is not None), None)

@@ -1,0 +1,28 @@
+"""Small helpers for one-line error messages about user values and user exceptions."""
+
+from __future__ import annotations
+
+MAX_MESSAGE = 300  # characters kept of a user exception's message
+
+
+def one_line(text: str) -> str:
+    """Whitespace collapsed and cut to MAX_MESSAGE characters, so a message stays one line."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= MAX_MESSAGE else flat[: MAX_MESSAGE - 3] + "..."
+
+
+def describe(exc: BaseException) -> str:
+    """`Type: message` of an exception, on one line."""
+    message = one_line(str(exc))
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def article(value: object) -> str:
+    """The type of `value` with its article: 'an int', 'a str'."""
+    name = type(value).__name__
+    return f"an {name}" if name[:1].lower() in "aeiou" else f"a {name}"
+
+
+def is_number(value: object) -> bool:
+    """An int or float, not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -1,0 +1,120 @@
+"""The one "which loss" (DESIGN.md): cross-entropy against fixed random labels, never the mean of
+squared outputs, whose gradient is aligned with the forward signal and reads as a false explosion."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+Inputs = Any  # a tensor, or nested tuples/lists/dicts of tensors (and None, scalars)
+LossFn = Callable[[Any, Inputs], torch.Tensor]
+
+NUM_CLASSES = 10
+
+
+def generator(seed: int) -> torch.Generator:
+    """A CPU generator: every random number of a build comes from it, so builds replay exactly."""
+    return torch.Generator().manual_seed(seed)
+
+
+def accumulate(output: torch.Tensor) -> torch.Tensor:
+    """The output in the dtype a loss is computed in: float64 stays, anything else goes to float32."""
+    return output.to(torch.float64 if output.dtype == torch.float64 else torch.float32)
+
+
+def readout_loss(features: int, gen: torch.Generator, labels: torch.Tensor) -> LossFn:
+    """Cross-entropy of a fixed random readout (N(0, 1/features), not trained) against fixed labels.
+
+    At init its output gradient is nearly independent of the forward pass, so per-layer gains
+    match mean-field theory (the mean of squared outputs would not; see DESIGN.md "Which loss").
+    """
+    weight = torch.randn(NUM_CLASSES, features, generator=gen, dtype=torch.float64)
+    weight /= features**0.5
+    cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def loss(output: torch.Tensor, inputs: Inputs) -> torch.Tensor:
+        out = accumulate(output)
+        key = (out.device, out.dtype)
+        if key not in cache:
+            cache[key] = (weight.to(out.device, out.dtype), labels.to(out.device))
+        w, y = cache[key]
+        logits = out @ w.T  # (..., NUM_CLASSES)
+        return F.cross_entropy(logits.reshape(-1, NUM_CLASSES), y.reshape(-1))
+
+    return loss
+
+
+def unpack(output: object) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(output tensor, model-computed loss) of a model output: tensor, tuple/list, dict or object
+    (Hugging Face style: its `loss`, else its `logits`, else its first tensor)."""
+    if isinstance(output, torch.Tensor):
+        return output, None
+    if isinstance(output, tuple | list):
+        for item in output:
+            tensor, loss = unpack(item)
+            if tensor is not None or loss is not None:
+                return tensor, loss
+        return None, None
+    if isinstance(output, Mapping):
+        fields = dict(output)
+    elif hasattr(output, "__dict__"):
+        fields = vars(output)
+    else:
+        return None, None
+    first = next((v for v in fields.values() if isinstance(v, torch.Tensor)), None)
+    loss, logits = fields.get("loss"), fields.get("logits")
+    tensor = logits if isinstance(logits, torch.Tensor) else first
+    return tensor, loss if isinstance(loss, torch.Tensor) else None
+
+
+class DefaultLoss:
+    """Cross-entropy against fixed random labels over the last dimension when it has >= 2 entries,
+    else MSE to fixed random targets: bounded below and nearly independent of the forward signal."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.cache: dict[tuple[object, ...], torch.Tensor] = {}
+
+    def target(self, kind: str, shape: tuple[int, ...], classes: int, out: torch.Tensor) -> torch.Tensor:
+        """Labels or targets for this shape, drawn once from the seed (same for any call order)."""
+        key = (kind, shape, classes, out.device, out.dtype)
+        if key not in self.cache:
+            gen = generator(self.seed)
+            if kind == "ce":
+                drawn = torch.randint(0, classes, shape, generator=gen)
+            else:
+                drawn = torch.randn(shape, generator=gen, dtype=torch.float64).to(out.dtype)
+            self.cache[key] = drawn.to(out.device)
+        return self.cache[key]
+
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        out = accumulate(output)
+        if out.dim() >= 1 and out.shape[-1] >= 2:
+            classes = out.shape[-1]
+            labels = self.target("ce", tuple(out.shape[:-1]), classes, out)
+            return F.cross_entropy(out.reshape(-1, classes), labels.reshape(-1))
+        return F.mse_loss(out, self.target("mse", tuple(out.shape), 0, out))
+
+
+def on_output(default: DefaultLoss, what: str) -> LossFn:
+    """The default loss applied to a model's unpacked output (its own `loss` when it computes one)."""
+
+    def loss(output: Any, inputs: Inputs) -> torch.Tensor:
+        tensor, model_loss = unpack(output)
+        if model_loss is not None:
+            return model_loss
+        if tensor is None:
+            raise ValueError(
+                f"{what}: the model's output is a {type(output).__name__} with no tensor in it; return a "
+                "tensor (e.g. logits), a tuple/dict holding one, or define `def loss(output, inputs)`"
+            )
+        return default(tensor)
+
+    return loss
+
+
+__all__ = ["NUM_CLASSES", "DefaultLoss", "Inputs", "LossFn", "nn", "on_output", "readout_loss", "unpack"]

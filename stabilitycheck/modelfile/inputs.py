@@ -1,0 +1,72 @@
+"""A model file's inputs: checked (nested tensors), moved to the device, resized along SEQ_DIM, or
+inferred from the first layer when the file gives none."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from stabilitycheck._tree import invalid_leaf, tensors, tree_map
+from stabilitycheck._validation import article
+from stabilitycheck.losses import Inputs, generator
+from stabilitycheck.modelfile.importer import ModelFileError
+
+EXAMPLE = "e.g. `return torch.randn(batch_size, 16)` or `return (tokens, model.init_hidden(batch_size))`"
+
+
+def check_inputs(given: str, label: str, inputs: object) -> Inputs:
+    """A tensor, or nested tuples/lists/dicts holding at least one tensor (None and scalars beside)."""
+    bad = invalid_leaf(inputs)
+    if bad is not None or not tensors(inputs):
+        what = f"holds {article(bad)}" if bad is not None and bad is not inputs else f"is {article(inputs)}"
+        raise ModelFileError(
+            f"{given}: {label} {what}, not tensors; expected a tensor or nested tuples/lists/dicts "
+            f"(str keys) of tensors, None and scalars, {EXAMPLE}"
+        )
+    return dict(inputs) if isinstance(inputs, Mapping) else inputs  # model(**inputs) takes a plain dict
+
+
+def move(inputs: Inputs, device: torch.device, dtype: torch.dtype) -> Inputs:
+    """Inputs on `device`, floating tensors cast to `dtype`, each a fresh tensor (never the user's)."""
+
+    def one(x: torch.Tensor) -> torch.Tensor:
+        moved = x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device=device)
+        return moved.clone() if moved is x else moved
+
+    return tree_map(one, inputs)
+
+
+def _resize(x: torch.Tensor, dim: int, n: int) -> torch.Tensor:
+    """`x` cut to `n` entries along `dim`, or tiled end to end and then cut to lengthen it."""
+    length = x.shape[dim]
+    if n > length:
+        x = torch.cat([x] * -(-n // length), dim=dim)
+    return x.narrow(dim, 0, n)
+
+
+def resize(inputs: Inputs, dim: int, n: int) -> Inputs:
+    """Resize every tensor whose size along `dim` is the first tensor's to `n` (ids and mask alike)."""
+    base = tensors(inputs)[0].shape[dim]
+
+    def one(x: torch.Tensor) -> torch.Tensor:
+        return _resize(x, dim, n) if x.dim() > dim and x.shape[dim] == base else x
+
+    return tree_map(one, inputs)
+
+
+def infer(given: str, model: nn.Module, batch_size: int, seq_len: int, seed: int) -> torch.Tensor:
+    """Inputs for a model without batch() or example_input, read off its first layer."""
+    gen = generator(seed)
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            return torch.randn(batch_size, module.in_features, generator=gen)
+        if isinstance(module, nn.Embedding):
+            return torch.randint(0, module.num_embeddings, (batch_size, seq_len), generator=gen)
+        if not list(module.children()) and any(True for _ in module.parameters(recurse=False)):
+            break
+    raise ModelFileError(
+        f"{given}: has no batch() and its first layer is not nn.Linear or nn.Embedding, so the inputs "
+        "cannot be inferred; add e.g. `def batch(model, batch_size=8): return torch.randn(batch_size, 16)`"
+    )

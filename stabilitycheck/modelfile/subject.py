@@ -1,0 +1,212 @@
+"""A user's model file as a Subject: knobs from the factory's signature, bounds from SPACE, inputs
+from batch() / example_input, the user's loss or the default one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+from torch.jit import ScriptModule
+
+from stabilitycheck._validation import article, describe
+from stabilitycheck.config import Config, Scalar
+from stabilitycheck.errors import StabilityCheckError
+from stabilitycheck.losses import DefaultLoss, Inputs, LossFn, on_output
+from stabilitycheck.memory import meta_bytes
+from stabilitycheck.modelfile.convention import (
+    Bound,
+    Factory,
+    Fixed,
+    Knob,
+    check_bounds,
+    factory_source,
+    fixed_source,
+    parse_space,
+    show,
+)
+from stabilitycheck.modelfile.importer import ModelFileError
+from stabilitycheck.modelfile.inputs import move
+from stabilitycheck.space import INIT_SCALES, Axis, Space
+from stabilitycheck.subject import Built, find_blocks, torch_dtype
+
+SCALE = "init_scale"
+INIT_NAMES = (SCALE, "initializer_range", "init_std", "initializer_factor", "init_gain")
+"""Knob names recognised as the init scale when the file declares no INIT; the critical value is the
+knob's default (the init the model was designed with), unless INIT = (name, value) says otherwise."""
+_RESOURCE: tuple[type[BaseException], ...] = (MemoryError, torch.cuda.OutOfMemoryError)
+_PASS_THROUGH: tuple[type[BaseException], ...] = (StabilityCheckError, *_RESOURCE)
+_SALT_BATCH, _SALT_LOSS, _SALT_INFER = 1, 2, 3
+
+
+def _derived(seed: int, salt: int) -> int:
+    """A seed for one purpose (inputs, labels), distinct from the factory's so draws don't coincide."""
+    return (seed + salt * 0x9E3779B97F4A7C15) % 2**63
+
+
+class ModelFile:
+    """A user's model file as a Subject. `knobs` are the defaults; `bounds` come from SPACE."""
+
+    def __init__(self, given: str, attr: str, module: ModuleType, *, is_factory: bool = True) -> None:
+        self.given = given
+        self.path = Path(given).resolve()
+        self.attr = attr
+        self.module = module
+        self.name = f"{self.path}:{attr}"
+        space = parse_space(given, module)
+        self.source: Factory | Fixed
+        if is_factory:
+            self.source, self.knobs = factory_source(given, attr, module, space)
+            label = f"{attr}() or batch()"
+        else:
+            self.source, self.knobs = fixed_source(given, attr, module)
+            label = f"the module-level `{attr}` (its knob is seq_len, with SEQ_DIM)"
+        self.init_knob, self.critical = self._init(getattr(module, "INIT", None))
+        self.scales_weights = self.init_knob == SCALE and SCALE not in self.knobs
+        if self.scales_weights:
+            self.knobs[SCALE] = 1.0  # multiplies every weight of rank >= 2 after the model's own init
+        check_bounds(given, label, space, self.knobs)
+        self.bounds: dict[str, Bound] = dict(space)
+        user_loss = getattr(module, "loss", None)
+        if user_loss is not None and not callable(user_loss):
+            raise self.error(
+                f"`loss` is {article(user_loss)}, not a function; expected "
+                "`def loss(output, inputs): return F.cross_entropy(output, labels)` (a scalar)"
+            )
+        self.user_loss: Callable[..., Any] | None = user_loss
+
+    def _init(self, declared: object) -> tuple[str, Knob]:
+        """The init knob and its critical value: INIT = name or (name, value), else a known name."""
+        if declared is not None:
+            name, value = declared if isinstance(declared, tuple) and len(declared) == 2 else (declared, None)
+            if not isinstance(name, str) or (name not in self.knobs and name != SCALE):
+                raise self.error(
+                    f"INIT={declared!r} names no knob; its knobs are {sorted(self.knobs)}, "
+                    "e.g. INIT = 'initializer_range' or INIT = ('initializer_range', 0.02)"
+                )
+            default = self.knobs.get(name, 1.0)
+            return name, value if isinstance(value, int | float) else default
+        name = next((n for n in INIT_NAMES if n in self.knobs), SCALE)
+        return name, self.knobs.get(name, 1.0)
+
+    def __repr__(self) -> str:
+        return f"ModelFile({self.name!r}, knobs={self.knobs!r}, bounds={self.bounds!r})"
+
+    def error(self, what: str) -> ModelFileError:
+        """A ModelFileError naming this file."""
+        return ModelFileError(f"{self.given}: {what}")
+
+    def call_user(self, label: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call the user's code; an exception it raises (or sys.exit) becomes a one-line ModelFileError."""
+        try:
+            return fn(*args, **kwargs)
+        except _PASS_THROUGH:
+            raise
+        except SystemExit as exc:
+            raise self.error(f"{label} called sys.exit({exc.code!r}); a factory must return a model") from None
+        except Exception as exc:
+            raise self.error(
+                f"{label} raised {describe(exc)}; fix the code, or narrow SPACE to values it accepts"
+            ) from None
+
+    def config(self, **values: Scalar) -> Config:
+        """A Config of this file: every knob at its default unless given (run settings by name)."""
+        return Config.of(self.name, **self.knobs).with_knobs(**values)
+
+    def values(self, config: Config) -> dict[str, Knob]:
+        """The knob values of `config`, each coerced to its knob's type."""
+        given = config.values
+        unknown = sorted(set(given) - set(self.knobs))
+        if unknown:
+            raise self.error(f"{unknown[0]!r} is not a knob of {self.given}; its knobs are {sorted(self.knobs)}")
+        return {n: self._coerce(n, given.get(n, d), d) for n, d in self.knobs.items()}
+
+    def _coerce(self, name: str, value: object, default: Knob) -> Knob:
+        """`value` as the knob's type: an int knob takes ints (or integral floats), a float knob numbers."""
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if isinstance(default, float):
+                return float(value)
+            if float(value).is_integer():
+                return int(value)
+        raise self.error(f"knob {name}={value!r} is not {article(default)}; expected e.g. {name}={default!r}")
+
+    def space(self) -> Space:
+        """SPACE's bounds as axes (in SPACE order); without SPACE, the init knob over x0.5..x4 its
+        default (init_scale: 0.5..4.0)."""
+        axes = tuple(Axis.range(name, *bound) for name, bound in self.bounds.items())
+        if not axes:
+            default = float(self.knobs[self.init_knob])
+            axes = (Axis(self.init_knob, tuple(round(default * s, 12) for s in INIT_SCALES)),)
+        return Space(self.given, self.config(), axes)
+
+    def _make(self, config: Config) -> tuple[nn.Module, Inputs, tuple[tuple[str, nn.Module], ...], str]:
+        """The user's model (weights scaled if asked), blocks and inputs, seeded from config.run.seed."""
+        values, seed = self.values(config), config.run.seed
+        cuda = [torch.device(config.run.device)] if config.run.device.startswith("cuda") else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
+            model = self.source.make_model(self, values)
+            blocks, note = find_blocks(model)
+            self.check_eager(model, blocks)
+            if self.scales_weights and values[SCALE] != 1.0:
+                _scale_weights(model, float(values[SCALE]))
+            torch.manual_seed(_derived(seed, _SALT_BATCH))
+            inputs = self.source.make_inputs(self, model, values, _derived(seed, _SALT_INFER))
+        return model, inputs, blocks, note
+
+    def build(self, config: Config) -> Built:
+        """The model and inputs of `config` on its device and dtype, with the loss and blocks."""
+        model, inputs, blocks, note = self._make(config)
+        device, dtype = torch.device(config.run.device), torch_dtype(config.run.dtype)
+        model.to(device=device, dtype=dtype)
+        return Built(model, move(inputs, device, dtype), self.loss_fn(config.run.seed), blocks, note)
+
+    def memory_estimate(self, config: Config) -> int | None:
+        """Bytes from a build and forward on the meta device; None where the model cannot run there."""
+        from stabilitycheck.probing import call_model
+
+        try:
+            return meta_bytes(lambda: self._make(config)[:2], call_model)
+        except (Exception, SystemExit):  # data-dependent code (.item(), numpy) cannot run on meta
+            return None
+
+    def critical_init(self, config: Config) -> Scalar:
+        return self.critical
+
+    def variants(self, config: Config) -> dict[str, Config | None]:
+        return {}
+
+    def last_step(self, config: Config) -> Built | None:
+        return None
+
+    def check_eager(self, model: nn.Module, blocks: tuple[tuple[str, nn.Module], ...]) -> None:
+        """The probe hooks the model's blocks; TorchScript modules take no hooks: say so up front."""
+        scripted = [name or "the model" for name, m in (("", model), *blocks) if isinstance(m, ScriptModule)]
+        if scripted:
+            raise self.error(
+                f"{scripted[0]} is a TorchScript module (torch.jit.script/trace), which takes no forward "
+                "hooks; give the eager nn.Module, e.g. `model = Net()` rather than `torch.jit.script(Net())`"
+            )
+
+    def loss_fn(self, seed: int) -> LossFn:
+        """The user's loss(output, inputs), or the default loss on the unpacked output."""
+        user = self.user_loss
+        if user is None:
+            default = on_output(DefaultLoss(_derived(seed, _SALT_LOSS)), self.given)
+            return lambda output, inputs: self.call_user("the default loss", default, output, inputs)  # type: ignore[no-any-return]
+        return lambda output, inputs: self.call_user("loss(output, inputs)", user, output, inputs)  # type: ignore[no-any-return]
+
+    def describe_knobs(self, config: Config) -> str:
+        """'depth=4, width=8' of a Config, for messages."""
+        return show(self.values(config))
+
+
+def _scale_weights(model: nn.Module, scale: float) -> None:
+    """Multiply every parameter of rank >= 2 (the weights, not biases or norms' gains) by `scale`."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(scale)
