@@ -65,18 +65,18 @@ class Sizes:
 def sizes(quick: bool) -> Sizes:
     """The full bench, or tiny sizes for `--quick`."""
     if quick:
-        tiny = Config(family="mlp", depth=2, width=8, batch_size=4)
+        tiny = Config.of("mlp", depth=2, width=8, batch_size=4)
         return Sizes(
             rounds=3,
             mlp=tiny,
-            transformer=Config(family="transformer", depth=1, width=8, seq_len=4, norm="pre", batch_size=2),
-            rnn=Config(family="rnn", depth=1, width=8, seq_len=8, batch_size=2),
+            transformer=Config.of("transformer", depth=1, width=8, seq_len=4, norm="pre", batch_size=2),
+            rnn=Config.of("rnn", depth=1, width=8, seq_len=8, batch_size=2),
             depths=(2, 4),
             widths=(8, 16),
             seq_lens=(4, 8),
             scaling_mlp=tiny,
-            scaling_rnn=Config(family="rnn", depth=1, width=8, batch_size=2),
-            scaling_transformer=Config(family="transformer", depth=1, width=8, norm="pre", batch_size=2),
+            scaling_rnn=Config.of("rnn", depth=1, width=8, batch_size=2),
+            scaling_transformer=Config.of("transformer", depth=1, width=8, norm="pre", batch_size=2),
             space2=Space("mlp 2-knob", tiny, (Axis.range("depth", 1, 4), Axis("init_scale", (1.0, 4.0)))),
             space4=Space(
                 "mlp 4-knob",
@@ -93,10 +93,10 @@ def sizes(quick: bool) -> Sizes:
             pytest_target="tests/test_config.py",
             pytest_timeout=120.0,
         )
-    base = Config(family="mlp", width=32, batch_size=8, activation="tanh")
+    base = Config.of("mlp", width=32, batch_size=8, activation="tanh")
     return Sizes(
         rounds=21,
-        mlp=Config(family="mlp", depth=16, width=256, activation="tanh", batch_size=16, lr=1e-4),
+        mlp=Config.of("mlp", depth=16, width=256, activation="tanh", batch_size=16, lr=1e-4),
         transformer=Config(
             family="transformer",
             depth=4,
@@ -107,12 +107,12 @@ def sizes(quick: bool) -> Sizes:
             batch_size=2,
             lr=1e-4,
         ),
-        rnn=Config(family="rnn", depth=1, width=64, seq_len=256, batch_size=16, lr=1e-4),
+        rnn=Config.of("rnn", depth=1, width=64, seq_len=256, batch_size=16, lr=1e-4),
         depths=(8, 16, 32, 64),
         widths=(64, 128, 256, 512, 1024),
         seq_lens=(16, 64, 256, 1024),
-        scaling_mlp=Config(family="mlp", depth=8, width=256, batch_size=32),
-        scaling_rnn=Config(family="rnn", depth=1, width=64, batch_size=8),
+        scaling_mlp=Config.of("mlp", depth=8, width=256, batch_size=32),
+        scaling_rnn=Config.of("rnn", depth=1, width=64, batch_size=8),
         scaling_transformer=Config(
             family="transformer", depth=2, width=64, norm="pre", activation="gelu", batch_size=2
         ),

@@ -25,7 +25,7 @@ AXES = (Axis.range("depth", 1, 40), Axis("init_scale", INIT_SCALES))
 
 def residual_space(norm: str, device: str) -> Space:
     """The residual MLP searched here: small enough for a probe to take milliseconds."""
-    base = Config(family="resmlp", norm=norm, activation="tanh", width=16, batch_size=8, device=device)
+    base = Config.of("resmlp", norm=norm, activation="tanh", width=16, batch_size=8, device=device)
     return Space(f"resmlp-{norm}", base, AXES)
 
 

@@ -12,6 +12,10 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Config": "stabilitycheck.config",
+    "Run": "stabilitycheck.config",
+    "assess": "stabilitycheck.seeds",
+    "Judgement": "stabilitycheck.seeds",
+    "resolve": "stabilitycheck.subjects",
     "StabilityCheckError": "stabilitycheck.errors",
     "UsageError": "stabilitycheck.errors",
     "ConfigError": "stabilitycheck.errors",

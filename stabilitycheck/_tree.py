@@ -41,4 +41,8 @@ def invalid_leaf(tree: Any) -> object | None:
         values = tree
     else:
         return tree
-    return next((bad for bad in map(invalid_leaf, values) if bad is not None), None)
+    for value in values:
+        bad = invalid_leaf(value)
+        if bad is not None:
+            return bad
+    return None

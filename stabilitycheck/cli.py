@@ -1,22 +1,26 @@
-"""The `stabilitycheck` command: search the zoo or a user's model file and report what explodes.
+"""The `stabilitycheck` command: search the zoo, a model file or a Hugging Face model type for the
+smallest configuration whose gradients explode, and report it.
 
-Exit codes: 0 nothing explodes, 1 an explosion found, 2 usage or model-file error, 3 internal
-error, 130 interrupted (what was found so far is still printed and written).
+Exit codes: 0 nothing explodes, 1 an explosion found, 2 usage or model-file error, 3 internal error,
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM); what was found so far is still printed and written.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import math
 import os
+import signal
 import sys
+import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
+PROGRESS_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,19 +32,36 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see stabilitycheck --help)")
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
+def _number(kind: type, lo: float, hi: float = math.inf, open_lo: bool = False) -> Callable[[str], Any]:
+    """An argparse type: a finite `kind` in [lo, hi] ((lo, hi] with open_lo), else a one-line error."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        ok = math.isfinite(value) and (value > lo if open_lo else value >= lo) and value <= hi
+        if not ok:
+            span = f"{'(' if open_lo else '['}{lo:g}, {hi:g}]"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {span}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+_positive = _number(float, 0, open_lo=True)
 
 
 def _limit(text: str) -> float | None:
-    return None if text.lower() == "off" else _positive_float(text)
+    return None if text.lower() == "off" else _positive(text)
 
 
 def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return items
 
 
 def parser() -> argparse.ArgumentParser:
@@ -49,8 +70,12 @@ def parser() -> argparse.ArgumentParser:
         prog="stabilitycheck",
         description="Find the smallest configuration whose gradients explode, and what fixes it.",
     )
-    p.add_argument("target", help="'zoo' for the built-in families, or MODEL.py[:factory]")
-    p.add_argument("--family", action="append", type=_csv, default=[], help="zoo families (repeatable)")
+    p.add_argument(
+        "target",
+        nargs="?",
+        help="'zoo', a zoo family (mlp, rnn...), MODEL.py[:factory], or hf:TYPE (hf:gpt2)",
+    )
+    p.add_argument("--family", action="append", type=_csv, default=[], help="zoo targets (repeatable)")
     p.add_argument(
         "--knob",
         action="append",
@@ -58,8 +83,25 @@ def parser() -> argparse.ArgumentParser:
         metavar="NAME=LO:HI[:STEP]",
         help="search NAME over LO..HI (or fix it with NAME=VALUE); repeatable",
     )
-    p.add_argument("--max-examples", type=int, default=100, help="Hypothesis examples per search (100)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the search and of every model (0)")
+    p.add_argument(
+        "--max-examples",
+        type=_number(int, 1, 10**6),
+        default=100,
+        help="Hypothesis examples per search (100); the canonical descent and the remedies come on top",
+    )
+    p.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0, help="first seed of everything (0)")
+    p.add_argument(
+        "--seeds",
+        type=_number(int, 1, 1000),
+        default=5,
+        help="initialisations a verdict may spend (5; 1 = a single draw); more only near the limit",
+    )
+    p.add_argument(
+        "--quantile",
+        type=_number(float, 0, 1, open_lo=True),
+        default=0.5,
+        help="the quantile over seeds each criterion is judged on (0.5: the median)",
+    )
     p.add_argument("--device", action="append", type=_csv, default=[], help="cpu, cuda, cuda:N or all")
     p.add_argument(
         "--dtype",
@@ -68,8 +110,10 @@ def parser() -> argparse.ArgumentParser:
         default=[],
         help="float32, float64, bfloat16, float16 (repeatable or comma-separated)",
     )
-    p.add_argument("--steps", type=int, help="optimiser steps per probe (default 0: at init only)")
-    p.add_argument("--lr", type=_positive_float, help="learning rate of the steps")
+    p.add_argument(
+        "--steps", type=_number(int, 0, 10**6), help="optimiser steps per probe (default 0: at init)"
+    )
+    p.add_argument("--lr", type=_positive, help="learning rate of the steps")
     p.add_argument("--optimizer", choices=("sgd", "adam"))
     p.add_argument(
         "--amp",
@@ -78,7 +122,7 @@ def parser() -> argparse.ArgumentParser:
         choices=("auto", "bfloat16", "float16"),
         help="forward under torch.autocast (auto: bfloat16 on CPU, float16 + GradScaler on CUDA)",
     )
-    p.add_argument("--clip", type=_positive_float, help="clip the total gradient norm during steps")
+    p.add_argument("--clip", type=_positive, help="clip the total gradient norm during steps")
     p.add_argument("--grad-norm-limit", type=_limit, default=1e3, help="peak total grad norm (1e3; off)")
     p.add_argument("--growth-limit", type=_limit, default=1e2, help="input/output grad growth (1e2; off)")
     p.add_argument("--divergence-limit", type=_limit, default=2.0, help="final/initial loss (2; off)")
@@ -91,23 +135,44 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="final/initial loss above X fails, e.g. 0.95 (default off; needs --steps)",
     )
-    p.add_argument("--json", type=Path, help="write the results as JSON (configs replay with --replay)")
+    p.add_argument("--probe-timeout", type=_positive, help="seconds one verdict may take (default: no limit)")
+    p.add_argument("--json", type=Path, help="write the results as JSON (written as they are found)")
     p.add_argument("--markdown", type=Path, help="write a Markdown summary (also GITHUB_STEP_SUMMARY)")
-    p.add_argument("--plot", type=Path, help="write a PNG of each counterexample (extra: plot)")
-    p.add_argument("--replay", type=Path, help="re-probe the counterexamples of a --json file")
+    p.add_argument("--plot", type=Path, help="write a PNG of each result's gradient profile (extra: plot)")
+    p.add_argument("--replay", type=Path, help="re-judge the counterexamples of a --json file")
     p.add_argument(
         "--database",
         default=".hypothesis/stabilitycheck",
         help="Hypothesis example database directory, or 'none' (default %(default)s)",
     )
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 
-def _progress(message: str) -> None:
-    if sys.stderr.isatty():
-        sys.stderr.write(f"\r\033[K{message}")
+class Progress:
+    """Progress on stderr: rewritten in place on a terminal; elsewhere (CI logs) a line every
+    PROGRESS_EVERY seconds; nothing with --quiet."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet, self.tty, self.last = quiet, sys.stderr.isatty(), 0.0
+
+    def __call__(self, message: str) -> None:
+        if self.quiet:
+            return
+        if self.tty:
+            sys.stderr.write(f"\r\033[K{message}")
+        elif message and time.monotonic() - self.last >= PROGRESS_EVERY:
+            self.last = time.monotonic()
+            sys.stderr.write(f"{message}\n")
         sys.stderr.flush()
+
+    def say(self, message: str) -> None:
+        if not self.quiet:
+            if self.tty:
+                sys.stderr.write("\r\033[K")
+            sys.stderr.write(f"{message}\n")
+            sys.stderr.flush()
 
 
 def _knob(text: str) -> tuple[str, list[float]]:
@@ -116,39 +181,38 @@ def _knob(text: str) -> tuple[str, list[float]]:
 
     name, sep, spec = text.partition("=")
     try:
-        numbers = [float(x) if any(c in x for c in ".eE") else int(x) for x in spec.split(":")]
+        numbers = [float(x) if any(c in x for c in ".eEn") else int(x) for x in spec.split(":")]
     except ValueError:
         numbers = []
-    if not sep or not name or not 1 <= len(numbers) <= 3:
+    if not sep or not name or not 1 <= len(numbers) <= 3 or not all(math.isfinite(x) for x in numbers):
         raise UsageError(f"--knob {text!r} is malformed; expected NAME=LO:HI[:STEP], e.g. --knob depth=1:32")
     return name, numbers
 
 
-RUN_KNOBS = ("init_scale", "lr", "steps", "warmup")  # Config fields that every Subject reads
+def _apply_knobs(space: Any, knobs: Sequence[str], subject: Any) -> Any:
+    """The Space with --knob axes: with any --knob given, the searched axes are exactly the knobs named
+    with a range (nothing added behind the user's back); a single value fixes the knob."""
+    import dataclasses
 
-
-def _apply_knobs(space: Any, knobs: Sequence[str], allowed: Sequence[str] | None = None) -> Any:
-    """The Space with each --knob replacing (or adding) its axis; a single value fixes the knob.
-    `allowed`: the knobs of a model file (None for the zoo, whose knobs are the Config fields)."""
     from stabilitycheck.errors import UsageError
-    from stabilitycheck.space import Axis
+    from stabilitycheck.space import RUN_AXES, Axis
 
-    axes = list(space.axes)
-    base = space.base
+    if not knobs:
+        return space
+    base, axes = space.base, list[Any]()
     for text in knobs:
         name, numbers = _knob(text)
-        if allowed is not None and name not in allowed and name not in RUN_KNOBS:
+        if name not in base.values and name not in RUN_AXES:
             raise UsageError(
-                f"--knob {name!r} is not a knob of {space.label}; its knobs are {sorted(allowed)} "
-                f"(and the run settings {', '.join(RUN_KNOBS[1:])}), e.g. --knob {sorted(allowed)[0]}=1:8"
+                f"--knob {name!r} is not a knob of {space.label}; its knobs are {sorted(base.values)} "
+                f"(and the run settings {', '.join(RUN_AXES)}), e.g. --knob {sorted(base.values)[0]}=1:8"
             )
-        base.knob(name)  # raises ConfigError naming the knobs there are
         axes = [a for a in axes if a.name != name]
         if len(numbers) == 1:
             base = base.with_knobs(**{name: numbers[0]})
         else:
             axes.append(Axis.range(name, *numbers))
-    return dataclasses.replace(space, base=base, axes=tuple(axes))
+    return dataclasses.replace(space, base=base, axes=tuple(axes or space.axes))
 
 
 def _devices(requested: list[list[str]]) -> list[str]:
@@ -168,95 +232,168 @@ def _devices(requested: list[list[str]]) -> list[str]:
 def _spaces(args: argparse.Namespace) -> list[Any]:
     """Every Space to search: target x device x dtype, with the CLI's overrides."""
     from stabilitycheck.errors import UsageError
+    from stabilitycheck.subjects import resolve
 
+    if args.target is None:
+        raise UsageError("no target given; expected 'zoo', a zoo family, MODEL.py[:factory] or hf:TYPE")
     if args.target == "zoo":
-        from stabilitycheck.space import default_spaces
+        from stabilitycheck.zoo import targets
 
-        zoo = default_spaces()
+        zoo = targets()
         names = [f for group in args.family for f in group] or list(zoo)
         unknown = [n for n in names if n not in zoo]
         if unknown:
-            raise UsageError(f"--family {unknown[0]!r} is not a zoo family; expected one of {', '.join(zoo)}")
-        spaces = [zoo[n] for n in names]
-        allowed: list[str] | None = None
+            raise UsageError(f"--family {unknown[0]!r} is not a zoo target; expected one of {', '.join(zoo)}")
+        pairs = [(resolve(zoo[n].base.subject), zoo[n]) for n in names]
     else:
         if args.family:
-            raise UsageError("--family applies to 'stabilitycheck zoo' only, not to a model file")
-        from stabilitycheck.modelfile import load, space_of
+            raise UsageError("--family applies to 'stabilitycheck zoo' only")
+        from stabilitycheck.searching import check
 
-        subject = load(args.target)
-        space = space_of(subject)
-        if not space.axes:
-            from stabilitycheck.space import INIT_SCALES, Axis
-
-            space = dataclasses.replace(space, axes=(Axis("init_scale", INIT_SCALES),))
-        subject.check(space.base)
-        spaces = [space]
-        allowed = sorted({*subject.knobs, "init_scale"})
-    overrides = {
+        subject = resolve(args.target)
+        space = subject.space()
+        check(subject, space.config(tuple(0 for _ in space.axes)))
+        pairs = [(subject, space)]
+    run: dict[str, Any] = {
         k: getattr(args, k) for k in ("steps", "lr", "optimizer", "clip") if getattr(args, k) is not None
     }
-    overrides["seed"] = args.seed
+    run.update(seed=args.seed, seeds=args.seeds, quantile=args.quantile)
     dtypes = [d for group in args.dtype for d in group]
     out = []
-    for space in spaces:
-        space = _apply_knobs(space.with_base(**overrides), args.knob, allowed)
+    for subject, space in pairs:
+        space = _apply_knobs(space.with_run(**run), args.knob, subject)
         for device in _devices(args.device):
-            for dtype in dtypes or [space.base.dtype]:
+            for dtype in dtypes or [space.base.run.dtype]:
                 amp = args.amp if args.amp != "auto" else ("bfloat16" if device == "cpu" else "float16")
-                out.append(space.with_base(device=device, dtype=dtype, amp=amp or "none"))
+                out.append((subject, space.with_run(device=device, dtype=dtype, amp=amp or "none")))
     return out
 
 
-def _write(args: argparse.Namespace, results: Sequence[Any]) -> None:
-    from stabilitycheck import report
+class Outputs:
+    """The files a run writes: checked writable before the search, rewritten as results come in, each
+    written on its own (one failing never stops the others)."""
 
-    print(report.text(results))
-    if args.plot:
-        from stabilitycheck.plot import plot
+    def __init__(self, args: argparse.Namespace) -> None:
+        from stabilitycheck.errors import UsageError
 
-        plot(results, args.plot)
-    if args.json:
-        args.json.write_text(report.to_json(results))
-    summary = os.environ.get("GITHUB_STEP_SUMMARY")
-    md = report.markdown(results) if args.markdown or summary else ""
-    if args.markdown:
-        args.markdown.write_text(md)
-    if summary and Path(summary) != args.markdown:
-        with open(summary, "a") as f:
-            f.write(md)
+        self.args = args
+        self.summary = os.environ.get("GITHUB_STEP_SUMMARY")
+        self.failures: list[str] = []
+        for flag, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
+            if path is not None and not _writable(path):
+                raise UsageError(f"{flag} {path}: cannot write there (no such directory or no permission)")
+        if args.plot is not None:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                raise UsageError("--plot needs matplotlib: pip install 'stabilitycheck[plot]'") from None
+
+    def save(self, results: Sequence[Any]) -> None:
+        """Rewrite the JSON (atomically) with what is known so far."""
+        from stabilitycheck import report
+
+        if self.args.json:
+            self._attempt("--json", lambda: _atomic_write(self.args.json, report.to_json(results)))
+
+    def final(self, results: Sequence[Any]) -> None:
+        """Everything: JSON, Markdown, plot, then the report on stdout (a closed pipe loses only that)."""
+        from stabilitycheck import report
+
+        self.save(results)
+        md = report.markdown(results) if self.args.markdown or self.summary else ""
+        if self.args.markdown:
+            self._attempt("--markdown", lambda: self.args.markdown.write_text(md))
+        if self.summary and Path(self.summary) != self.args.markdown:
+            self._attempt("GITHUB_STEP_SUMMARY", lambda: _append(Path(self.summary or ""), md))
+        if self.args.plot:
+            from stabilitycheck.plot import plot
+
+            self._attempt("--plot", lambda: plot(results, self.args.plot))
+        try:
+            print(report.text(results), flush=True)
+        except BrokenPipeError:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (the interpreter flushes stdout at exit)
+        for failure in self.failures:
+            sys.stderr.write(f"stabilitycheck: error: {failure}\n")
+
+    def _attempt(self, what: str, write: Callable[[], object]) -> None:
+        from stabilitycheck._validation import describe
+
+        try:
+            write()
+        except Exception as exc:
+            self.failures.append(f"{what}: writing it failed: {describe(exc)}")
+
+
+def _writable(path: Path) -> bool:
+    folder = path.parent if str(path.parent) else Path(".")
+    return folder.is_dir() and os.access(folder, os.W_OK) and not path.is_dir()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _append(path: Path, text: str) -> None:
+    with open(path, "a") as f:
+        f.write(text)
 
 
 def _replay(args: argparse.Namespace, limits: Any) -> list[Any]:
-    """Re-probe the counterexamples stored in a --json file, keeping their labels and spaces."""
-    from stabilitycheck.config import Config
+    """Re-judge the counterexamples stored in a --json file. Replay is data, not code: a model file
+    named in the JSON is imported only when the command line names that same file as the target."""
+    from stabilitycheck.config import Config, kind
     from stabilitycheck.errors import UsageError
-    from stabilitycheck.searching import SearchResult, counterexample
+    from stabilitycheck.searching import Counterexample, SearchResult, try_remedies
+    from stabilitycheck.seeds import assess
+    from stabilitycheck.space import Space
+    from stabilitycheck.subjects import resolve
 
+    where = f"--replay {args.replay}"
     try:
-        stored = json.loads(args.replay.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UsageError(f"--replay {args.replay}: cannot read it as JSON ({exc})") from None
+        stored = json.loads(args.replay.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{where}: cannot read it as UTF-8 JSON ({type(exc).__name__}: {exc})") from None
+    if not isinstance(stored, list) or not all(isinstance(e, dict) for e in stored):
+        raise UsageError(f"{where}: expected the list written by --json, got {type(stored).__name__}")
+    target = resolve(args.target) if args.target not in (None, "zoo") else None
     results = []
-    spaces = {s.label: s for s in _spaces(args)} if args.target == "zoo" else {}
     for entry in stored:
-        if not entry.get("counterexample"):
+        cx = entry.get("counterexample")
+        if not cx:
             continue
-        config = Config.from_dict(entry["counterexample"]["config"])
-        label = entry["label"]
-        space = spaces.get(label) or _spaces(args)[0]
-        cx = counterexample(label, config, limits=limits)
-        results.append(SearchResult(space.with_base(**{}), cx, 1, 0.0, None))
+        if not isinstance(cx, dict) or "config" not in cx:
+            raise UsageError(f"{where}: a counterexample has no 'config'; expected the output of --json")
+        config = Config.from_dict(cx["config"])
+        if kind(config.subject) == "file" and (target is None or target.name != config.subject):
+            raise UsageError(
+                f"{where} names the model file {config.subject}; replaying would run its code, so name "
+                f"it on the command line: stabilitycheck {config.subject} --replay {args.replay}"
+            )
+        subject = target if target is not None and target.name == config.subject else resolve(config.subject)
+        j = assess(config, subject, limits)
+        label = str(entry.get("label", config.subject))
+        found = Counterexample(label, config, j, limits, tuple(try_remedies(config, subject, limits)))
+        space = Space(label, config, ())
+        results.append(
+            SearchResult(
+                space,
+                found if j.exploded else None,
+                len(j.seeds),
+                1,
+                0.0,
+                None if j.exploded else config,
+                None if j.exploded else j,
+            )
+        )
     return results
 
 
-def run(argv: Sequence[str] | None = None) -> int:
+def run(argv: Sequence[str] | None, progress: Progress | None = None) -> int:
     """Parse, search, report; returns the exit code."""
     args = parser().parse_args(argv)
-    from hypothesis.database import DirectoryBasedExampleDatabase
-
-    from stabilitycheck import report
-    from stabilitycheck.searching import search
     from stabilitycheck.verdicts import Limits
 
     limits = Limits(
@@ -266,39 +403,71 @@ def run(argv: Sequence[str] | None = None) -> int:
         vanishing=args.vanishing_limit,
         stall=args.stall_limit,
     )
+    outputs = Outputs(args)
+    progress = progress or Progress(args.quiet)
     if args.replay:
         results = _replay(args, limits)
-        _write(args, results)
-        return (
-            EXIT_FOUND if any(r.counterexample and r.counterexample.verdict.exploded for r in results) else 0
-        )
+        outputs.final(results)
+        return EXIT_FOUND if any(r.counterexample for r in results) else EXIT_OK
+    from hypothesis.database import DirectoryBasedExampleDatabase
+
+    from stabilitycheck.searching import search
+
     db = None if args.database == "none" else DirectoryBasedExampleDatabase(args.database)
-    results = []
+    spaces = _spaces(args)
+    results = list[Any]()
+    code = EXIT_OK
     try:
-        for space in _spaces(args):
-            sys.stderr.write(f"searching {space.label} on {space.base.device} ({space.base.dtype})...\n")
+        for subject, space in spaces:
+            budget = (
+                f"{args.max_examples} Hypothesis examples, then the canonical descent and remedies; "
+                f"each verdict up to {space.base.run.seeds} seeds"
+            )
+            progress.say(
+                f"searching {space.label} on {space.base.run.device} ({space.base.run.dtype}): {budget}"
+            )
+            done = len(results)
+
+            def partial(r: Any, done: int = done) -> None:
+                outputs.save([*results[:done], r])
+
             result = search(
                 space,
+                subject=subject,
                 limits=limits,
                 max_examples=args.max_examples,
                 seed=args.seed,
                 database=db,
-                progress=_progress,
+                progress=progress,
+                timeout=args.probe_timeout,
+                on_result=partial,
             )
             results.append(result)
-            _progress("")
+            outputs.save(results)
             found = result.counterexample
-            sys.stderr.write(
-                f"  {result.probes} probes in {result.elapsed:.1f} s: "
-                + (f"explodes at {report.knobs(result, found.config)}\n" if found else "stable\n")
+            progress.say(
+                f"  {result.points} points, {result.probes} probes in {result.elapsed:.1f} s: "
+                + (f"explodes at {found.config.describe()}" if found else "stable")
             )
             if result.interrupted:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
-        _write(args, results)
-        return EXIT_INTERRUPTED
-    _write(args, results)
+        code = EXIT_INTERRUPTED
+    except _Terminated:
+        code = EXIT_TERMINATED
+    finally:
+        outputs.final(results)
+    if code != EXIT_OK:
+        return code
     return EXIT_FOUND if any(r.counterexample for r in results) else EXIT_OK
+
+
+class _Terminated(BaseException):
+    """SIGTERM (a CI timeout): stop like Ctrl-C, write what was found, exit 143."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -306,6 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from stabilitycheck.errors import UsageError
 
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return run(argv)
     except UsageError as exc:
@@ -315,6 +485,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except _Terminated:
+        return EXIT_TERMINATED
+    except ModuleNotFoundError as exc:
+        sys.stderr.write(f"stabilitycheck: error: {exc.name} is not installed; pip install stabilitycheck\n")
+        return EXIT_USAGE
     except Exception as exc:  # an internal error: say so, and how to get the traceback
         if debug:
             traceback.print_exc()
@@ -323,6 +498,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "(rerun with --debug for the traceback)\n"
         )
         return EXIT_INTERNAL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

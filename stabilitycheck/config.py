@@ -43,9 +43,7 @@ def _int(name: str, value: object, lo: int, hi: int = 2**63 - 1) -> None:
 
 def _positive(name: str, value: object, hi: float = math.inf) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(
-            f"Run.{name} expected float but got {name}={value!r} (type={type(value).__name__})"
-        )
+        raise ConfigError(f"Run.{name} expected float but got {name}={value!r} (type={type(value).__name__})")
     if not (math.isfinite(value) and 0 < value <= hi):
         raise ConfigError(f"Run.{name}={value!r} must be a finite number in (0, {hi:g}]")
 
@@ -227,7 +225,9 @@ class Config:
             raise ConfigError("Config JSON: 'knobs' and 'run' must be objects")
         bad = set(run) - set(RUN_FIELDS)
         if bad:
-            raise ConfigError(f"Config JSON run has unknown keys {sorted(bad)}; allowed are {list(RUN_FIELDS)}")
+            raise ConfigError(
+                f"Config JSON run has unknown keys {sorted(bad)}; allowed are {list(RUN_FIELDS)}"
+            )
         try:
             return cls(str(data.get("subject", "")), tuple(data.get("knobs", {}).items()), Run(**run))
         except TypeError as exc:

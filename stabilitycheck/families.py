@@ -31,9 +31,8 @@ class KnobSpec:
             return str(value)
         kind = type(self.default)
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(
-                f"{where} expected {kind.__name__} but got {self.name}={value!r} (type={type(value).__name__})"
-            )
+            got = f"{self.name}={value!r} (type={type(value).__name__})"
+            raise ConfigError(f"{where} expected {kind.__name__} but got {got}")
         if kind is int:
             if not float(value).is_integer():
                 raise ConfigError(f"{where} expected int but got {self.name}={value!r}")

@@ -16,8 +16,8 @@ from torch import nn
 
 from stabilitycheck.config import Config
 from stabilitycheck.errors import StabilityError, UsageError
+from stabilitycheck.losses import Inputs, LossFn
 from stabilitycheck.probing import Measurement, call_model, probe, probe_module
-from stabilitycheck.subject import Inputs, LossFn
 
 ACC = torch.float64
 
@@ -465,7 +465,7 @@ def assert_finite_training(
     if isinstance(model, Config):
         if inputs is not None or loss_fn is not None:
             raise UsageError("assert_finite_training(config) takes no inputs or loss_fn; the Config has them")
-        steps, lr, optimizer = model.steps, model.lr, model.optimizer
+        steps, lr, optimizer = model.run.steps, model.run.lr, model.run.optimizer
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise UsageError(f"steps must be an int >= 1, got steps={steps!r}")
     if isinstance(model, Config):

@@ -37,40 +37,41 @@ def _profile(m: Measurement) -> list[float]:
     return [v if math.isfinite(v) and v > 0 else math.nan for v in m.activation_grad_norms]
 
 
-def plot(results: Sequence[SearchResult], path: Path, limits: Limits | None = None) -> int:
-    """Write one PNG with a row per counterexample; returns how many rows were drawn."""
+def plot(results: Sequence[SearchResult], path: Path) -> int:
+    """Write one PNG with a row per result: a counterexample's profile with the limits it was judged on,
+    or a stable result's profile at the largest configuration tried; returns how many rows were drawn."""
     plt = _pyplot()
-    limits = limits or Limits()
-    found = [r.counterexample for r in results if r.counterexample is not None]
-    if not found:
-        raise UsageError(f"--plot {path}: nothing to plot, no configuration exploded")
-    fig, axes = plt.subplots(len(found), 2, figsize=(12, 3.6 * len(found)), squeeze=False)
-    for (left, right), cx in zip(axes, found, strict=True):
-        m = cx.measurement
-        left.semilogy(
-            _profile(m),
-            marker=".",
-            color="tab:red",
-            label=f"counterexample (init_scale={cx.config.init_scale})",
-        )
-        for remedy in cx.remedies:
-            if remedy.fixed and remedy.measurement is not None:
-                left.semilogy(
-                    _profile(remedy.measurement), marker=".", alpha=0.7, label=f"with {remedy.name}"
-                )
-        if cx.culprit in m.activation_names:
+    rows = [
+        (r, r.counterexample.judgement if r.counterexample else r.largest_stable_judgement) for r in results
+    ]
+    drawn = [(r, j) for r, j in rows if j is not None]
+    if not drawn:
+        raise UsageError(f"--plot {path}: nothing was measured, so there is no profile to draw")
+    fig, axes = plt.subplots(len(drawn), 2, figsize=(12, 3.6 * len(drawn)), squeeze=False)
+    for (left, right), (r, j) in zip(axes, drawn, strict=True):
+        cx = r.counterexample
+        config = cx.config if cx else r.largest_stable
+        limits = cx.limits if cx else Limits()
+        m = j.measurement
+        left.semilogy(_profile(m), marker=".", color="tab:red" if cx else "tab:blue", label=j.summary())
+        if cx and cx.culprit in m.activation_names:
             left.axvline(m.activation_names.index(cx.culprit), color="gray", linestyle=":", label="culprit")
         last = m.activation_grad_norms[-1] if m.activation_grad_norms else math.nan
         if limits.growth is not None and math.isfinite(last) and last > 0:
-            left.axhline(last * limits.growth, color="black", linestyle="--", label="growth limit")
-        criteria = ", ".join(c.describe() for c in cx.verdict.criteria)
-        left.set_title(f"{cx.label} [{cx.config.device}, {cx.config.dtype}]: {criteria}", fontsize=9)
+            left.axhline(
+                last * limits.growth, color="black", linestyle="--", label=f"growth limit {limits.growth:g}"
+            )
+        what = ", ".join(c.describe() for c in j.verdict.criteria) if cx else "stable (largest tried)"
+        knobs = config.describe() if config else r.space.label
+        left.set_title(f"{knobs} [{r.space.base.run.device}, {r.space.base.run.dtype}]: {what}", fontsize=8)
         left.set_xlabel("block call (input side left)")
-        left.set_ylabel("|dL/d output|")
+        left.set_ylabel("|dL/d output| (median seed)")
         left.legend(fontsize=7)
         if m.steps_run > 0:
             right.semilogy(m.grad_norm, marker=".", label="total grad norm")
             right.semilogy(m.loss, marker=".", label="loss")
+            if limits.grad_norm is not None:
+                right.axhline(limits.grad_norm, color="black", linestyle="--", label="grad-norm limit")
             right.set_xlabel("step")
             right.legend(fontsize=7)
         else:
@@ -80,4 +81,4 @@ def plot(results: Sequence[SearchResult], path: Path, limits: Limits | None = No
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return len(found)
+    return len(drawn)

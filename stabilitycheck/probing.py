@@ -58,6 +58,7 @@ class Measurement:
     skipped_steps: int = 0
     allow_tf32: bool = False
     overflow: NonFinite | None = None
+    blocks_note: str = ""  # how the blocks were chosen (the Subject's one line)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (non-finite floats are kept: json writes them as NaN/Infinity)."""
@@ -494,7 +495,7 @@ def _probe(config: Config, subject: Subject, last_step: bool) -> Measurement:
     if built is None:
         raise UsageError(f"{config.subject} has no last-step loss (only recurrent subjects do)")
     run = config.run
-    return probe_module(
+    m = probe_module(
         built.model,
         built.inputs,
         built.loss_fn,
@@ -507,3 +508,4 @@ def _probe(config: Config, subject: Subject, last_step: bool) -> Measurement:
         amp=run.amp,
         seed=run.seed,
     )
+    return dataclasses.replace(m, blocks_note=built.blocks_note)

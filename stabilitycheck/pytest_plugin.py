@@ -34,9 +34,9 @@ if TYPE_CHECKING:
 PREFIX = "--stability-"
 DEVICES = ("cpu", "cuda", "all")
 PROFILES = ("quick", "ci", "thorough")  # stabilitycheck.strategies.PROFILES, kept import-free here
-SIZE_KNOBS = ("depth", "width", "init_scale")
-"""The knobs shown (and summed for the order) when a counterexample does not say which were searched;
-sequence families add seq_len."""
+SIZE_KNOBS = ("depth", "width", "init_scale", "seq_len")
+"""The zoo knobs shown (and summed for the order) when a counterexample does not say which were searched;
+other subjects show all their numeric knobs."""
 HEADERS = ("#", "test", "target", "device", "dtype", "knobs", "failure", "culprit", "fixed by")
 WORKER_KEY = "stabilitycheck"
 SEED_ATTRIBUTE = "_hypothesis_internal_use_seed"  # what hypothesis.seed() sets on a test
@@ -109,13 +109,16 @@ class Finding:
 
 
 def _label(config: Config) -> str:
-    return config.family + ("" if config.norm == "none" else f"-{config.norm}")
+    norm = config.values.get("norm", "none")
+    name = config.subject.rpartition("/")[2]
+    return name + ("" if norm == "none" else f"-{norm}")
 
 
 def _knobs(config: Config, names: tuple[str, ...] | None) -> tuple[tuple[str, Scalar], ...]:
+    values = config.values
     if names is None:
-        names = SIZE_KNOBS + (("seq_len",) if config.is_sequence else ())
-    return tuple((n, v) for n in names if (v := config.knob(n)) is not None)
+        names = SIZE_KNOBS if config.family else tuple(k for k, v in values.items() if not isinstance(v, str))
+    return tuple((n, values[n]) for n in names if n in values)
 
 
 def _short(text: str, width: int = FAILURE_WIDTH) -> str:
@@ -155,13 +158,14 @@ def finding(
         return Finding(
             test=test,
             label=found.label,
-            device=c.device,
-            dtype=c.dtype,
+            device=c.run.device,
+            dtype=c.run.dtype,
             knobs=_knobs(c, knobs),
-            failure=failure or _short(", ".join(x.describe() for x in found.verdict.criteria) or "-"),
+            failure=failure
+            or _short(", ".join(x.describe() for x in found.judgement.verdict.criteria) or "-"),
             culprit=found.culprit,
             fixed_by=", ".join(fixed) or ("none" if found.remedies else "-"),
-            reproduce=reproduction(c),
+            reproduce=reproduction(c, found.limits),
             config=c.to_dict(),
             counterexample=found.to_dict(),
         )
@@ -169,8 +173,8 @@ def finding(
         return Finding(
             test=test,
             label=_label(found),
-            device=found.device,
-            dtype=found.dtype,
+            device=found.run.device,
+            dtype=found.run.dtype,
             knobs=_knobs(found, knobs),
             failure=failure or "-",
             culprit="-",
@@ -270,12 +274,12 @@ class Unstable(StabilityError):
         super().__init__(
             "\n".join(
                 (
-                    f"{cx.label} explodes: {', '.join(c.describe() for c in cx.verdict.criteria)}",
-                    "",
-                    f"Config: {cx.config}",
+                    f"{cx.label} explodes: {', '.join(c.describe() for c in cx.judgement.verdict.criteria)}",
+                    f"Seeds: {cx.judgement.summary()}",
+                    f"Config: {cx.config.describe()}",
                     f"Culprit: {cx.culprit}",
                     f"Remedies: {remedies}",
-                    f"Reproduce: {reproduction(cx.config)}",
+                    f"Reproduce: {reproduction(cx.config, cx.limits)}",
                 )
             )
         )
@@ -284,13 +288,14 @@ class Unstable(StabilityError):
 def assert_stable(
     target: Config | Space, limits: Limits | None = None, *, max_examples: int = 60, seed: int = 0
 ) -> None:
-    """Raise Unstable when `target` explodes: a Config is probed once, a Space searched for its smallest
-    exploding Config (use a Space in plain tests, not inside @given). The plugin records it."""
+    """Raise Unstable when `target` explodes: a Config is judged over its seeds, a Space searched for its
+    smallest exploding Config (use a Space in plain tests, not inside @given). The plugin records it."""
     __tracebackhide__ = True
-    from stabilitycheck.probing import probe
-    from stabilitycheck.searching import Counterexample, culprit, search, try_remedies
+    from stabilitycheck.searching import Counterexample, search, try_remedies
+    from stabilitycheck.seeds import assess
     from stabilitycheck.space import Space
-    from stabilitycheck.verdicts import Limits, verdict
+    from stabilitycheck.subjects import resolve
+    from stabilitycheck.verdicts import Limits
 
     limits = limits or Limits()
     if isinstance(target, Space):
@@ -298,11 +303,11 @@ def assert_stable(
         if cx is not None:
             raise Unstable(cx, tuple(a.name for a in target.axes))
         return
-    m = probe(target)
-    v = verdict(m, limits)
-    if v.exploded:
-        remedies = try_remedies(target, None, limits)
-        raise Unstable(Counterexample(_label(target), target, m, v, culprit(m), remedies))
+    subject = resolve(target.subject)
+    j = assess(target, subject, limits)
+    if j.exploded:
+        remedies = tuple(try_remedies(target, subject, limits))
+        raise Unstable(Counterexample(_label(target), target, j, limits, remedies))
 
 
 # --------------------------------------------------------------------------------------------------

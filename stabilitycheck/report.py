@@ -12,8 +12,10 @@ from typing import Any
 
 from tabulate import tabulate
 
-from stabilitycheck.config import Config
-from stabilitycheck.searching import Counterexample, SearchResult
+from stabilitycheck.config import Config, Run
+from stabilitycheck.searching import SearchResult
+from stabilitycheck.seeds import Judgement
+from stabilitycheck.verdicts import Limits
 
 SPARKS = "▁▂▃▄▅▆▇█"
 HEADERS = (
@@ -21,7 +23,9 @@ HEADERS = (
     "device",
     "precision",
     "smallest exploding",
-    "criterion",
+    "criterion (quantile)",
+    "growth: q (min-max), seeds",
+    "kind",
     "culprit",
     "fixed by",
     "probes",
@@ -30,35 +34,52 @@ HEADERS = (
 
 def knobs(result: SearchResult, config: Config) -> str:
     """The searched knobs of a Config, e.g. 'depth=18 init_scale=2.5'."""
-    return " ".join(f"{a.name}={config.knob(a.name)}" for a in result.space.axes)
+    return " ".join(f"{a.name}={_value(config, a.name)}" for a in result.space.axes)
+
+
+def _value(config: Config, name: str) -> object:
+    return config.values[name] if name in config.values else getattr(config.run, name)
+
+
+def _spread(j: Judgement) -> str:
+    return f"{j.growth.describe()}, {len(j.seeds)} ({j.exploded_seeds} exploded)"
 
 
 def row(result: SearchResult) -> list[str]:
     """One table row: the counterexample, or the largest stable Config tried."""
-    base = result.space.base
+    run = result.space.base.run
     cx = result.counterexample
-    precision = base.dtype if base.amp == "none" else f"amp:{base.amp}"
+    precision = run.dtype if run.amp == "none" else f"amp:{run.amp}"
     if cx is None:
         tried = knobs(result, result.largest_stable) if result.largest_stable else "-"
+        j = result.largest_stable_judgement
         return [
             result.space.label,
-            base.device,
+            run.device,
             precision,
             f"{'interrupted, ' if result.interrupted else ''}stable (tried up to {tried})",
             "-",
+            _spread(j) if j else "-",
+            j.kind.describe() if j else "-",
             "-",
             "-",
             str(result.probes),
         ]
+    j = cx.judgement
     fixed = [r.name for r in cx.remedies if r.fixed]
+    attempted = [r for r in cx.remedies if r.config is not None]
+    skipped = f", {j.skipped_steps} skipped steps" if j.skipped_steps else ""
     return [
         result.space.label,
-        cx.config.device,
+        run.device,
         precision,
         knobs(result, cx.config),
-        cx.verdict.criteria[0].describe() if cx.verdict.criteria else "-",
+        (j.verdict.criteria[0].describe() if j.verdict.criteria else "-") + skipped,
+        _spread(j),
+        j.kind.describe(),
         cx.culprit,
-        ", ".join(fixed) or "none",
+        ", ".join(fixed)
+        or ("none of " + ", ".join(r.name for r in attempted) if attempted else "none applies"),
         str(result.probes),
     ]
 
@@ -89,46 +110,58 @@ def sparkline(values: Sequence[float], width: int = 64) -> str:
     return "".join(out)
 
 
-def profile(cx: Counterexample) -> str:
-    """The per-block gradient-norm profile of a counterexample, input side on the left."""
-    m = cx.measurement
+def profile(j: Judgement) -> str:
+    """The per-block gradient-norm profile of the representative seed, input side first."""
+    m = j.measurement
     values = m.activation_grad_norms or m.layer_grad_norms
     names = m.activation_names or m.layer_names
     if not values:
         return "(no blocks)"
     finite = [v for v in values if math.isfinite(v)]
-    span = f"{max(finite):.3g} .. {min(finite):.3g}" if finite else "all non-finite"
-    return f"{names[0]} {sparkline(values)} {names[-1]}   |dL/d out|: {span}"
+    span = f"{finite[0]:.3g} .. {finite[-1]:.3g}" if finite else "all non-finite"
+    return f"{names[0]} {sparkline(values)} {names[-1]}   |dL/d out| first .. last: {span}"
 
 
 def config_call(config: Config) -> str:
-    """Python source of `config` with only the fields that differ from the defaults."""
-    default = Config()
-    args = [f"{k}={v!r}" for k, v in vars(config).items() if v != getattr(default, k)]
-    return f"sc.Config({', '.join(args)})"
+    """Python source of `config`: its knobs, then the run settings that differ from the defaults."""
+    run = [f"{k}={v!r}" for k, v in vars(config.run).items() if v != getattr(Run(), k)]
+    args = [repr(config.subject), *(f"{k}={v!r}" for k, v in config.knobs), *run]
+    return f"sc.Config.of({', '.join(args)})"
 
 
-def reproduction(config: Config) -> str:
-    """A line a user can paste to re-probe the Config and print its verdict."""
+def reproduction(config: Config, limits: Limits | None = None) -> str:
+    """A line a user can paste to re-judge the Config, with the limits and seeds used."""
+    limits = limits or Limits()
+    lim = ", ".join(f"{k}={v!r}" for k, v in vars(limits).items() if v != getattr(Limits(), k))
     return (
-        f'python -c "import stabilitycheck as sc; c = {config_call(config)}; print(sc.verdict(sc.probe(c)))"'
+        f'python -c "import stabilitycheck as sc; c = {config_call(config)}; '
+        f'print(sc.assess(c, limits=sc.Limits({lim})).verdict)"'
     )
 
 
 def details(results: Sequence[SearchResult]) -> str:
-    """Below the table: for each counterexample its remedies, profile and reproduction line."""
+    """Below the table: for each counterexample its spread, growth kind, remedies, profile and
+    reproduction line."""
     blocks = []
     for r in results:
         cx = r.counterexample
         if cx is None:
             continue
+        j = cx.judgement
         remedies = "; ".join(x.describe() for x in cx.remedies) or "not tried (interrupted)"
+        q = cx.config.run.quantile
+        through = (
+            f"; through time (loss on the last step): {j.through_time.describe()}" if j.through_time else ""
+        )
         blocks.append(
-            f"{r.space.label} [{cx.config.device}, {cx.config.dtype}]: "
-            f"{', '.join(c.describe() for c in cx.verdict.criteria)}\n"
-            f"  profile   {profile(cx)}\n"
+            f"{r.space.label} [{cx.config.run.device}, {cx.config.run.dtype}]: "
+            f"{', '.join(c.describe() for c in j.verdict.criteria)} "
+            f"(q={q:g} over seeds {', '.join(map(str, j.seeds))})\n"
+            f"  growth    {j.summary()}; peak grad norm {j.grad_norm.describe()}{through}\n"
+            f"  kind      {j.kind.describe()}; {j.measurement.blocks_note}\n"
+            f"  profile   {profile(j)}\n"
             f"  remedies  {remedies}\n"
-            f"  reproduce {reproduction(cx.config)}"
+            f"  reproduce {reproduction(cx.config, cx.limits)}"
         )
     return "\n\n".join(blocks)
 
@@ -138,8 +171,8 @@ def one_sided(results: Sequence[SearchResult]) -> list[str]:
     out = []
     for label in dict.fromkeys(r.space.label for r in results):
         rows = [r for r in results if r.space.label == label]
-        bad = {f"{r.space.base.device}/{row(r)[2]}" for r in rows if r.counterexample}
-        good = {f"{r.space.base.device}/{row(r)[2]}" for r in rows if not r.counterexample}
+        bad = {f"{r.space.base.run.device}/{row(r)[2]}" for r in rows if r.counterexample}
+        good = {f"{r.space.base.run.device}/{row(r)[2]}" for r in rows if not r.counterexample}
         if bad and good:
             out.append(
                 f"! {label} explodes only on {', '.join(sorted(bad))} (stable on {', '.join(sorted(good))})"
@@ -147,19 +180,19 @@ def one_sided(results: Sequence[SearchResult]) -> list[str]:
     return out
 
 
-def too_large(results: Sequence[SearchResult]) -> list[str]:
-    """Lines naming the configurations skipped because their activations would not fit in memory."""
+def skipped(results: Sequence[SearchResult]) -> list[str]:
+    """Lines naming the configurations skipped (too large, too slow, failing in user code)."""
     return [
-        f"! {r.space.label}: {len(r.too_large)} configuration(s) skipped as too large for this machine's "
-        f"free memory, e.g. {knobs(r, r.too_large[-1])}"
+        f"! {r.space.label}: {len(r.skipped)} configuration(s) skipped, e.g. "
+        f"{knobs(r, r.skipped[-1][0])}: {r.skipped[-1][1]}"
         for r in results
-        if r.too_large
+        if r.skipped
     ]
 
 
 def text(results: Sequence[SearchResult]) -> str:
     """The full terminal report."""
-    parts = [table(results), "\n".join(one_sided(results) + too_large(results)), details(results)]
+    parts = [table(results), "\n".join(one_sided(results) + skipped(results)), details(results)]
     return "\n\n".join(p for p in parts if p)
 
 
@@ -169,6 +202,8 @@ def to_json(results: Sequence[SearchResult]) -> str:
         {
             "label": r.space.label,
             "probes": r.probes,
+            "points": r.points,
+            "skipped": [{"config": c.to_dict(), "reason": why} for c, why in r.skipped],
             "elapsed_s": r.elapsed,
             "interrupted": r.interrupted,
             "largest_stable": r.largest_stable.to_dict() if r.largest_stable else None,
@@ -186,10 +221,10 @@ def markdown(results: Sequence[SearchResult]) -> str:
         if r.counterexample is not None:
             parts += [
                 "",
-                f"**{r.space.label}** ({r.counterexample.config.device}): reproduce with",
+                f"**{r.space.label}** ({r.counterexample.config.run.device}): reproduce with",
                 "",
                 "```bash",
-                reproduction(r.counterexample.config),
+                reproduction(r.counterexample.config, r.counterexample.limits),
                 "```",
             ]
     return "\n".join(parts) + "\n"

@@ -1,12 +1,17 @@
-"""Search: the smallest exploding Config of a Space: Hypothesis finds it, a pass verifies it 1-minimal."""
+"""Search: the smallest exploding Config of a Space. Hypothesis finds any failure (its database replays
+old ones first); a deterministic pass then descends to a canonical point, the lexicographically
+smallest exploding point in axis order, and verifies it 1-minimal; then every remedy is re-judged."""
 
 from __future__ import annotations
 
 import hashlib
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hypothesis import HealthCheck, Phase, event, given, note, settings, target
@@ -14,35 +19,45 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from hypothesis.database import ExampleDatabase
 
+from stabilitycheck._validation import describe
 from stabilitycheck.config import Config
-from stabilitycheck.probing import Measurement, probe
-from stabilitycheck.remedies import REMEDIES, Remedy
+from stabilitycheck.errors import StabilityCheckError, UsageError
+from stabilitycheck.memory import free_memory
+from stabilitycheck.remedies import Remedy, candidates
+from stabilitycheck.seeds import Judgement, assess, through_time
 from stabilitycheck.space import Space
 from stabilitycheck.subject import Subject
-from stabilitycheck.verdicts import Limits, Verdict, verdict
+from stabilitycheck.subjects import resolve
+from stabilitycheck.verdicts import Limits
 
 Index = tuple[int, ...]
 Progress = Callable[[str], None]
 
 
+class ProbeTimeout(Exception):
+    """A probe ran past its time budget."""
+
+
 @dataclass(frozen=True)
 class Counterexample:
-    """An exploding Config with what was measured, the culprit block and the remedies tried."""
+    """An exploding Config with its judgement over seeds, the limits used and the remedies tried."""
 
     label: str
     config: Config
-    measurement: Measurement
-    verdict: Verdict
-    culprit: str
+    judgement: Judgement
+    limits: Limits
     remedies: tuple[Remedy, ...]
+
+    @property
+    def culprit(self) -> str:
+        return self.judgement.culprit
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "label": self.label,
             "config": self.config.to_dict(),
-            "measurement": self.measurement.to_dict(),
-            "verdict": self.verdict.to_dict(),
-            "culprit": self.culprit,
+            "judgement": self.judgement.to_dict(),
+            "limits": vars(self.limits),
             "remedies": [r.to_dict() for r in self.remedies],
         }
 
@@ -51,108 +66,113 @@ class Counterexample:
         return cls(
             label=data["label"],
             config=Config.from_dict(data["config"]),
-            measurement=Measurement.from_dict(data["measurement"]),
-            verdict=Verdict.from_dict(data["verdict"]),
-            culprit=data["culprit"],
+            judgement=Judgement.from_dict(data["judgement"]),
+            limits=Limits(**data["limits"]),
             remedies=tuple(Remedy.from_dict(r) for r in data["remedies"]),
         )
 
 
 @dataclass(frozen=True)
 class SearchResult:
-    """The outcome of one search: the counterexample (or None) and what it cost."""
+    """The outcome of one search: the counterexample (or None) and what it cost; `skipped` holds the
+    Configs not probed (too large for free memory, over the time budget, or failing in user code)."""
 
     space: Space
     counterexample: Counterexample | None
     probes: int
+    points: int
     elapsed: float
     largest_stable: Config | None
+    largest_stable_judgement: Judgement | None = None
     interrupted: bool = False
-    too_large: tuple[Config, ...] = field(default=())
+    skipped: tuple[tuple[Config, str], ...] = field(default=())
 
 
-def culprit(m: Measurement) -> str:
-    """The block to blame: the one that made the first non-finite value, else the one with the largest
-    backward gain when some block amplifies the backward signal, else the one with the largest weight
-    gradient: the growth was inside a block (an nn.RNN over time shows no gain between blocks).
+@contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """Raise ProbeTimeout in the block after `seconds` (SIGALRM: the main thread of a Unix process;
+    elsewhere no limit is applied)."""
+    usable = (
+        seconds is not None
+        and hasattr(signal, "setitimer")
+        and threading.current_thread() is threading.main_thread()
+    )
+    if not usable:
+        yield
+        return
 
-    gains[i] maps dL/d(out_{i+1}) to dL/d(out_i), so it belongs to the block called at i + 1; for the
-    same reason a first non-finite dL/d(out_i) was made by the backward of the call at i + 1 (of the
-    loss, after the last call).
-    """
-    nf = m.first_nonfinite
-    if nf is not None:
-        if nf.tensor == "activation_grad" and nf.layer in m.activation_names:
-            i = m.activation_names.index(nf.layer) + 1
-            return m.activation_names[i] if i < len(m.activation_names) else "(loss)"
-        return nf.layer
-    gain, i = max(((g, i) for i, g in enumerate(m.gains) if not math.isnan(g)), default=(math.nan, -1))
-    if gain > 1.0:
-        return m.activation_names[i + 1]
-    weights = [(v, i) for i, v in enumerate(m.layer_grad_norms) if not math.isnan(v)]
-    if weights:
-        return m.layer_names[max(weights)[1]]
-    return m.activation_names[0] if m.activation_names else (m.layer_names or ("(model)",))[0]
+    def expire(signum: int, frame: Any) -> None:
+        raise ProbeTimeout
 
-
-def memory_estimate(c: Config) -> int:
-    """Bytes the activations of a probe need, roughly: kept tensors per block x their size."""
-    per_block = 12 if c.family == "transformer" else 6  # tensors saved for backward per block
-    tokens = c.batch_size * (c.seq_len if c.is_sequence else 1)
-    blocks = c.depth * (c.seq_len if c.family in ("rnn", "lstm", "gru") else 1)
-    return 8 * per_block * tokens * c.width * blocks
-
-
-def free_memory(device: str) -> int:
-    """Bytes free on the device (CUDA: the driver's figure; CPU: MemAvailable)."""
-    import torch
-
-    if device.startswith("cuda"):
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, float(seconds or 0))
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 class Prober:
-    """Probes Configs of a Space once each (a cache by grid index) and judges them."""
+    """Judges Configs of a Space once each (a cache by grid index); a point that cannot be judged
+    (too large, too slow, user code failing there) is skipped with the reason."""
 
-    def __init__(self, space: Space, subject: Subject | None, limits: Limits, progress: Progress) -> None:
+    def __init__(
+        self, space: Space, subject: Subject, limits: Limits, progress: Progress, timeout: float | None
+    ) -> None:
         self.space, self.subject, self.limits, self.progress = space, subject, limits, progress
-        self.seen: dict[Index, tuple[Measurement, Verdict] | None] = {}
-        self.budget = free_memory(space.base.device) // 2
+        self.timeout = timeout
+        self.seen: dict[Index, Judgement | str] = {}
+        self.probes = 0
+        self.budget = free_memory(space.base.run.device) // 2
 
-    def __call__(self, index: Index) -> tuple[Measurement, Verdict] | None:
-        """(measurement, verdict) at `index`, or None when the Config is too large to run here."""
+    def __call__(self, index: Index) -> Judgement | str:
+        """The Judgement at `index`, or why it was skipped."""
         if index not in self.seen:
-            config = self.space.config(index)
-            if memory_estimate(config) > self.budget:
-                self.seen[index] = None
-            else:
-                m = probe(config, self.subject)
-                self.seen[index] = (m, verdict(m, self.limits))
-                self.progress(f"{self.space.label}: probe {len(self.seen)} {self._knobs(index)}")
+            self.seen[index] = self._judge(self.space.config(index))
+            got = self.seen[index]
+            shown = got.summary() if isinstance(got, Judgement) else f"skipped: {got}"
+            self.progress(f"{self.space.label}: point {len(self.seen)} {self.knobs(index)}: {shown}")
         return self.seen[index]
 
-    def explodes(self, index: Index) -> bool:
-        result = self(index)
-        return result is not None and result[1].exploded
+    def _judge(self, config: Config) -> Judgement | str:
+        need = self.subject.memory_estimate(config)
+        if need is not None and need > self.budget:
+            return f"too large ({need / 2**20:.0f} MiB estimated, {self.budget / 2**20:.0f} MiB allowed)"
+        try:
+            with time_limit(self.timeout):
+                j = assess(config, self.subject, self.limits)
+        except ProbeTimeout:
+            return f"too slow (over the {self.timeout:g} s probe budget)"
+        except MemoryError as exc:
+            return f"out of memory ({describe(exc)})"
+        except UsageError:
+            raise
+        except StabilityCheckError as exc:
+            return describe(exc)
+        except SystemExit as exc:
+            return f"the model called sys.exit({exc.code!r})"
+        except Exception as exc:
+            if type(exc).__name__ == "OutOfMemoryError":
+                return f"out of memory ({describe(exc)})"
+            return f"the model raised {describe(exc)}"
+        self.probes += len(j.seeds)
+        return j
 
-    def _knobs(self, index: Index) -> str:
+    def explodes(self, index: Index) -> bool:
+        got = self(index)
+        return isinstance(got, Judgement) and got.exploded
+
+    def knobs(self, index: Index) -> str:
         return " ".join(f"{a.name}={a.values[i]}" for a, i in zip(self.space.axes, index, strict=True))
 
-    def largest_stable(self) -> Config | None:
-        """The stable Config seen with the largest grid indices (sum, then lexicographic)."""
-        stable = [i for i, r in self.seen.items() if r is not None and not r[1].exploded]
-        return self.space.config(max(stable, key=lambda i: (sum(i), i))) if stable else None
+    def largest_stable(self) -> Index | None:
+        """The stable index seen with the largest grid indices (sum, then lexicographic)."""
+        stable = [i for i, r in self.seen.items() if isinstance(r, Judgement) and not r.exploded]
+        return max(stable, key=lambda i: (sum(i), i)) if stable else None
 
-    def too_large(self) -> tuple[Config, ...]:
-        return tuple(self.space.config(i) for i, r in sorted(self.seen.items()) if r is None)
+    def skipped(self) -> tuple[tuple[Config, str], ...]:
+        return tuple((self.space.config(i), r) for i, r in sorted(self.seen.items()) if isinstance(r, str))
 
 
 class _Exploded(Exception):
@@ -161,34 +181,34 @@ class _Exploded(Exception):
 
 def _digest(space: Space) -> bytes:
     """A database key per Space, so a stored counterexample replays only in its own search."""
-    text = space.base.to_json() + repr([(a.name, a.values) for a in space.axes])
+    text = space.base.to_json() + repr([(a.name, list(a.values[:3]), len(a.values)) for a in space.axes])
     return hashlib.sha256(text.encode()).digest()
 
 
 def hypothesis_phase(
     prober: Prober, max_examples: int, seed: int, database: ExampleDatabase | None
 ) -> Index | None:
-    """Run Hypothesis over the grid indices with the property "stable"; the shrunk failure or None.
+    """Run Hypothesis over the grid indices with the property "stable"; a failure or None.
 
     Axes are drawn in order of importance, so shortlex shrinking lowers the first ones first;
-    `target` on the log growth steers generation towards explosions.
+    `target` on the log growth steers generation towards explosions. No shrinking: the canonical
+    pass that follows finds the smallest point deterministically.
     """
     space = prober.space
     failures: list[Index] = []
 
     def stable(data: st.DataObject) -> None:
         index = tuple(data.draw(st.integers(0, len(a.values) - 1), label=a.name) for a in space.axes)
-        result = prober(index)
-        if result is None:
-            event("too large to probe")
+        got = prober(index)
+        if isinstance(got, str):
+            event("skipped")
             return
-        m, v = result
-        note(f"activation grad norms: {[f'{x:.3g}' for x in m.activation_grad_norms]}")
-        if math.isfinite(m.growth) and m.growth > 0:
-            target(math.log(m.growth), label="(stabilitycheck) log growth")
-        for name in v.names:
+        note(f"activation grad norms: {[f'{x:.3g}' for x in got.measurement.activation_grad_norms]}")
+        if math.isfinite(got.growth.mid) and got.growth.mid > 0:
+            target(math.log(got.growth.mid), label="(stabilitycheck) log growth")
+        for name in got.verdict.names:
             event(f"criterion: {name}")
-        if v.exploded:
+        if got.exploded:
             failures.append(index)
             raise _Exploded
 
@@ -199,35 +219,49 @@ def hypothesis_phase(
         deadline=None,
         derandomize=False,
         suppress_health_check=list(HealthCheck),
-        phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink),
+        phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.target),
         report_multiple_bugs=False,
         print_blob=False,
     )(hypothesis_seed(seed)(given(st.data())(stable)))
     try:
         run()
     except _Exploded:
-        return failures[-1]  # Hypothesis replays the shrunk example last
+        return failures[0]
     return None
 
 
+def canonical(prober: Prober, found: Index) -> Index:
+    """The lexicographically smallest exploding point in axis order, descending from the top corner
+    (from `found` when the top corner does not explode): axis by axis, the smallest value that still
+    explodes with the later axes at their upper values (a binary search: explosions grow with the
+    knobs). Then each knob is lowered while the point still explodes, so the result is 1-minimal
+    even where growth is not monotone. The answer depends on the space, never on `found` when the
+    top corner explodes, so the example database and concurrency change how fast it comes, not what."""
+    upper = prober.space.top() if prober.explodes(prober.space.top()) else found
+    current = list(upper)
+    for k in range(len(current)):
+        lo, hi = 0, current[k]
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if prober.explodes(_at(current, k, mid)):
+                hi = mid
+            else:
+                lo = mid + 1
+        current[k] = hi
+    return minimize(prober, tuple(current))
+
+
 def minimize(prober: Prober, index: Index) -> Index:
-    """Lower each knob while the Config still explodes (binary search per axis, in axis order),
-    until lowering any single knob by one grid step makes it stable: a verified 1-minimal point."""
+    """Lower single knobs one grid step at a time while the Config still explodes, until lowering any
+    single knob makes it stable: a verified 1-minimal point."""
     current = list(index)
     changed = True
     while changed:
         changed = False
         for k in range(len(current)):
-            if current[k] == 0 or not prober.explodes(_at(current, k, current[k] - 1)):
-                continue
-            lo, hi = 0, current[k] - 1  # hi explodes; find the smallest that does
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if prober.explodes(_at(current, k, mid)):
-                    hi = mid
-                else:
-                    lo = mid + 1
-            current[k], changed = hi, True
+            while current[k] > 0 and prober.explodes(_at(current, k, current[k] - 1)):
+                current[k] -= 1
+                changed = True
     return tuple(current)
 
 
@@ -235,29 +269,21 @@ def _at(index: list[int], k: int, value: int) -> Index:
     return tuple(value if j == k else v for j, v in enumerate(index))
 
 
-def try_remedies(config: Config, subject: Subject | None, limits: Limits) -> tuple[Remedy, ...]:
-    """Re-probe the counterexample with each remedy; report fixed / not fixed as measured."""
-    out = []
-    for name, remedy in REMEDIES.items():
-        changed = remedy(config)
+def try_remedies(config: Config, subject: Subject, limits: Limits) -> Iterator[Remedy]:
+    """Re-judge the counterexample with each remedy; yields fixed / not fixed as measured."""
+    for name, changed in candidates(config, subject).items():
         if changed is None:
-            out.append(Remedy(name, None, None))
+            yield Remedy(name, None, None)
             continue
-        m = probe(changed, subject)
-        v = verdict(m, limits)
-        out.append(Remedy(name, changed, not v.exploded, v.names, m))
-    return tuple(out)
+        j = assess(changed, subject, limits)
+        yield Remedy(name, changed, not j.exploded, j.verdict.names, j.growth.describe())
 
 
-def counterexample(
-    label: str, config: Config, subject: Subject | None = None, limits: Limits | None = None
-) -> Counterexample:
-    """Probe `config` and package it with its culprit and remedies (also used by --replay)."""
-    limits = limits or Limits()
-    m = probe(config, subject)
-    return Counterexample(
-        label, config, m, verdict(m, limits), culprit(m), try_remedies(config, subject, limits)
-    )
+def _with_through_time(j: Judgement, config: Config, subject: Subject) -> Judgement:
+    """The judgement with the through-time growth (loss on the last step) of a recurrent subject."""
+    if j.through_time is not None or not config.recurrent:
+        return j
+    return replace(j, through_time=through_time(config, subject, config.run.quantile))
 
 
 def search(
@@ -269,47 +295,70 @@ def search(
     seed: int = 0,
     database: ExampleDatabase | None = None,
     progress: Progress | None = None,
+    timeout: float | None = None,
+    on_result: Callable[[SearchResult], None] | None = None,
 ) -> SearchResult:
-    """Find the smallest exploding Config of `space`: Hypothesis finds and shrinks (else the top
-    corner is tried), then a deterministic pass makes it 1-minimal, then every remedy is re-probed."""
+    """Find the smallest exploding Config of `space`: Hypothesis finds one (else the top corner is
+    tried), the canonical pass makes it the smallest and 1-minimal, then every remedy is re-judged.
+    `on_result` gets the result as soon as the counterexample is known, then after each remedy, so an
+    interrupted run still has it. Ctrl-C returns what was found, marked interrupted."""
     limits = limits or Limits()
-    prober = Prober(space, subject, limits, progress or (lambda _: None))
+    subject = subject or resolve(space.base.subject)
+    prober = Prober(space, subject, limits, progress or (lambda _: None), timeout)
     start = time.perf_counter()
     found: Index | None = None
     interrupted = False
+    remedies: list[Remedy] = []
+
+    def result(cx: Counterexample | None) -> SearchResult:
+        stable = prober.largest_stable()
+        judged = prober.seen.get(stable) if stable is not None else None
+        return SearchResult(
+            space=space,
+            counterexample=cx,
+            probes=prober.probes,
+            points=len(prober.seen),
+            elapsed=time.perf_counter() - start,
+            largest_stable=space.config(stable) if stable is not None else None,
+            largest_stable_judgement=judged if isinstance(judged, Judgement) else None,
+            interrupted=interrupted,
+            skipped=prober.skipped(),
+        )
+
+    cx: Counterexample | None = None
     try:
         found = hypothesis_phase(prober, max_examples, seed, database)
         if found is None and prober.explodes(space.top()):
-            # Hypothesis missed a corner region; in a space where explosions grow with every knob,
-            # the top corner explodes whenever anything does, and minimize() descends from it
-            found = space.top()
+            found = space.top()  # Hypothesis missed a corner region
         if found is not None:
-            found = minimize(prober, found)
+            found = canonical(prober, found)
+            config = space.config(found)
+            judged = prober(found)
+            assert isinstance(judged, Judgement)
+            judged = _with_through_time(judged, config, subject)
+            cx = Counterexample(space.label, config, judged, limits, ())
+            if on_result:
+                on_result(result(cx))
+            for remedy in try_remedies(config, subject, limits):
+                remedies.append(remedy)
+                cx = replace(cx, remedies=tuple(remedies))
+                if on_result:
+                    on_result(result(cx))
     except KeyboardInterrupt:
         interrupted = True
-        failing = [i for i, r in prober.seen.items() if r is not None and r[1].exploded]
-        found = min(failing, key=lambda i: (sum(i), i)) if failing else None
-    cx = None
-    if found is not None:
-        config = space.config(found)
-        m, v = prober(found) or (None, None)
-        assert m is not None and v is not None
-        remedies = () if interrupted else try_remedies(config, subject, limits)
-        cx = Counterexample(space.label, config, m, v, culprit(m), remedies)
-    return SearchResult(
-        space=space,
-        counterexample=cx,
-        probes=len(prober.seen),
-        elapsed=time.perf_counter() - start,
-        largest_stable=prober.largest_stable(),
-        interrupted=interrupted,
-        too_large=prober.too_large(),
-    )
+        if cx is None:
+            failing = [i for i, r in prober.seen.items() if isinstance(r, Judgement) and r.exploded]
+            if failing:
+                best = min(failing, key=lambda i: (sum(i), i))
+                judged = prober.seen[best]
+                assert isinstance(judged, Judgement)
+                cx = Counterexample(space.label, space.config(best), judged, limits, ())
+    return result(cx)
 
 
 def sweep(space: Space, *, subject: Subject | None = None, limits: Limits | None = None) -> dict[Index, bool]:
-    """Probe every grid point (the exhaustive baseline): index -> exploded."""
-    prober = Prober(space, subject, limits or Limits(), lambda _: None)
+    """Judge every grid point (the exhaustive baseline): index -> exploded."""
+    prober = Prober(space, subject or resolve(space.base.subject), limits or Limits(), lambda _: None, None)
     return {index: prober.explodes(index) for index in space.grid()}
 
 
@@ -320,3 +369,20 @@ def boundary(exploded: dict[Index, bool]) -> set[Index]:
         for i, bad in exploded.items()
         if bad and all(not exploded[_at(list(i), k, i[k] - 1)] for k in range(len(i)) if i[k] > 0)
     }
+
+
+def check(subject: Subject, config: Config) -> None:
+    """Probe `config` once before a search: a model that cannot run at all is a one-line UsageError
+    naming the subject and its knobs (at other points of the search the same failure is a skip)."""
+    from stabilitycheck.probing import probe
+
+    try:
+        probe(config.with_run(seeds=1), subject)
+    except UsageError as exc:
+        raise UsageError(f"{exc} (with {config.describe()})") from None
+    except (Exception, SystemExit) as exc:
+        what = f"called sys.exit({exc.code!r})" if isinstance(exc, SystemExit) else f"raised {describe(exc)}"
+        raise UsageError(
+            f"{config.subject}: running the model with {config.describe()} {what}; check that batch() "
+            "or example_input matches what forward() expects"
+        ) from None

@@ -8,8 +8,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
-from stabilitycheck.config import RUN_FIELDS, Config, Scalar
+from stabilitycheck.config import RUN_FIELDS, Config
 from stabilitycheck.errors import ConfigError
+from stabilitycheck.families import Scalar
 
 INIT_SCALES = tuple(0.25 * k for k in range(2, 17))  # 0.5, 0.75, ..., 4.0
 RUN_AXES = tuple(f for f in RUN_FIELDS if f in ("steps", "lr", "warmup", "clip"))
@@ -129,5 +130,3 @@ class Space:
     def with_run(self, **changes: Any) -> Space:
         """The same axes around a base Config with run settings replaced (device, dtype, steps...)."""
         return dataclasses.replace(self, base=self.base.with_run(**changes))
-
-

@@ -19,7 +19,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
-from stabilitycheck.config import ACTIVATIONS, FAMILIES, NORMS, OPTIMIZERS, SEQUENCE_FAMILIES, Config
+from stabilitycheck.config import OPTIMIZERS, Config, Run
+from stabilitycheck.families import ACTIVATIONS, FAMILIES, NORMS, Scalar, knob_specs
 
 T = TypeVar("T")
 
@@ -153,7 +154,7 @@ def configs(
     max_seed: int = 2**32 - 1,
 ) -> st.SearchStrategy[Config]:
     """Zoo Configs within the given bounds, knobs drawn in order of importance (family, depth, width,
-    init_scale, seq_len, ...); seq_len is drawn for sequence families only (min_seq_len otherwise).
+    init_scale, seq_len, ...); each Config holds only its family's knobs, and one seed (seeds=1).
     `dtypes`/`devices` take names or a strategy; None means every dtype and every available device.
     `init_scales` takes values to choose from or a strategy (say st.floats(0.5, 2.0) for a continuum).
 
@@ -164,7 +165,7 @@ def configs(
     args = {k: v for k, v in locals().items() if k in _CONFIG_DEFAULTS and v != _CONFIG_DEFAULTS[k]}
 
     def build() -> st.SearchStrategy[Config]:
-        fams = FAMILIES if family is None else _check_choices("family", family, FAMILIES)
+        fams = tuple(FAMILIES) if family is None else _check_choices("family", family, tuple(FAMILIES))
         depth = _check_range("depth", min_depth, max_depth, 1)
         width = _check_range("width", min_width, max_width, 1)
         seq_len = _check_range("seq_len", min_seq_len, max_seq_len, 1)
@@ -194,23 +195,27 @@ def configs(
         @st.composite
         def draw_config(draw: st.DrawFn) -> Config:
             fam = draw(st.sampled_from(fams))
-            return Config(
-                family=fam,
-                depth=draw(st.integers(*depth)),
-                width=draw(st.integers(*width)),
-                init_scale=float(draw(scale_st)),
-                seq_len=draw(st.integers(*seq_len)) if fam in SEQUENCE_FAMILIES else seq_len[0],
-                norm=draw(st.sampled_from(norm_values)),
-                activation=draw(st.sampled_from(act_values)),
+            names = {spec.name for spec in knob_specs(fam)}
+            knobs: dict[str, Scalar] = {
+                "depth": draw(st.integers(*depth)),
+                "width": draw(st.integers(*width)),
+                "init_scale": float(draw(scale_st)),
+                "seq_len": draw(st.integers(*seq_len)) if "seq_len" in names else seq_len[0],
+                "norm": draw(st.sampled_from(norm_values)),
+                "activation": draw(st.sampled_from(act_values)),
+            }
+            run = Run(
                 dtype=draw(dtype_st),
                 device=draw(device_st),
-                batch_size=draw(st.integers(*batch)),
                 steps=draw(st.integers(*steps)),
                 lr=float(draw(st.sampled_from(lr_values))),
                 optimizer=draw(st.sampled_from(opt_values)),
                 clip=draw(st.sampled_from(clip_values)),
                 seed=draw(st.integers(0, max_seed)),
+                seeds=1,  # a property draws its own seeds: each example is one initialisation
             )
+            knobs["batch_size"] = draw(st.integers(*batch))
+            return Config(fam, tuple((k, v) for k, v in knobs.items() if k in names), run)
 
         return draw_config()
 

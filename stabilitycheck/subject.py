@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import nn
 
-from stabilitycheck.config import Config, Scalar
+from stabilitycheck.config import Config
+from stabilitycheck.families import Scalar
 from stabilitycheck.losses import Inputs, LossFn
 
 if TYPE_CHECKING:

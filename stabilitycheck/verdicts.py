@@ -87,25 +87,58 @@ def _above(value: float, limit: float | None) -> bool:
     return limit is not None and not math.isnan(value) and value > limit
 
 
-def verdict(m: Measurement, limits: Limits | None = None) -> Verdict:
-    """Judge a Measurement against `limits` (defaults: Limits())."""
-    lim = limits or Limits()
-    fired: list[Criterion] = []
-    if lim.nonfinite and m.overflow is not None:  # Inf in float16/bfloat16, finite in float32
-        fired.append(Criterion("overflow", m.overflow.value, math.inf))
-    elif lim.nonfinite and m.first_nonfinite is not None:
-        fired.append(Criterion("nonfinite", m.first_nonfinite.value, math.inf))
-    peak = max((g for g in m.grad_norm if not math.isnan(g)), default=0.0)
-    if _above(peak, lim.grad_norm):
-        fired.append(Criterion("grad_norm", peak, float(lim.grad_norm or 0)))
-    if _above(m.growth, lim.growth):
-        fired.append(Criterion("growth", m.growth, float(lim.growth or 0)))
-    if len(m.loss) > 1:
-        rise = ratio(m.loss[-1], m.loss[0])
-        if _above(rise, lim.divergence):
-            fired.append(Criterion("divergence", rise, float(lim.divergence or 0)))
-    if lim.vanishing is not None and m.growth < 1.0 / lim.vanishing:
-        fired.append(Criterion("vanishing", m.growth, 1.0 / lim.vanishing))
-    if lim.stall is not None and len(m.loss) > 1 and _above(ratio(m.loss[-1], m.loss[0]), lim.stall):
-        fired.append(Criterion("stall", ratio(m.loss[-1], m.loss[0]), lim.stall))
+def peak_grad_norm(m: Measurement) -> float:
+    """The largest total gradient norm over the steps; under a GradScaler a non-finite step is one the
+    scaler skipped (counted in `skipped_steps`), not an explosion, so it is left out."""
+    scaled = bool(m.loss_scale)
+    values = [g for g in m.grad_norm if not math.isnan(g) and not (scaled and math.isinf(g))]
+    return max(values, default=0.0)
+
+
+def values(m: Measurement) -> dict[str, float]:
+    """Each criterion's raw value for one Measurement (nonfinite/overflow: +inf when present, else 0)."""
+    rise = ratio(m.loss[-1], m.loss[0]) if len(m.loss) > 1 else math.nan
+    return {
+        "overflow": math.inf if m.overflow is not None else 0.0,
+        "nonfinite": math.inf if m.first_nonfinite is not None and m.overflow is None else 0.0,
+        "grad_norm": peak_grad_norm(m),
+        "growth": m.growth,
+        "divergence": rise,
+        "vanishing": m.growth,
+        "stall": rise,
+    }
+
+
+def bound(name: str, lim: Limits) -> float | None:
+    """The bound a criterion's value is compared with (vanishing: 1/limit, from below); None when off."""
+    if name in ("overflow", "nonfinite"):
+        return 0.0 if lim.nonfinite else None
+    if name == "vanishing":
+        return None if lim.vanishing is None else 1.0 / lim.vanishing
+    limit: float | None = getattr(lim, name)
+    return limit
+
+
+def fires(name: str, value: float, lim: Limits) -> bool:
+    """Whether a criterion's value passes its bound (vanishing: below it; NaN never fires)."""
+    b = bound(name, lim)
+    if b is None or math.isnan(value):
+        return False
+    return value < b if name == "vanishing" else _above(value, b)
+
+
+def judge(named: dict[str, float], lim: Limits) -> Verdict:
+    """The Verdict of criterion values (one seed's, or quantiles over seeds)."""
+    fired = [
+        Criterion(
+            name, named[name], math.inf if name in ("overflow", "nonfinite") else float(bound(name, lim) or 0)
+        )
+        for name in CRITERIA
+        if fires(name, named[name], lim)
+    ]
     return Verdict(exploded=bool(fired), criteria=tuple(fired))
+
+
+def verdict(m: Measurement, limits: Limits | None = None) -> Verdict:
+    """Judge one Measurement against `limits` (defaults: Limits())."""
+    return judge(values(m), limits or Limits())

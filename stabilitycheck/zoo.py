@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from stabilitycheck.config import Config, Scalar
-from stabilitycheck.families import RECURRENT, knob_specs
+from stabilitycheck.config import Config
+from stabilitycheck.families import RECURRENT, Scalar, knob_specs
 from stabilitycheck.losses import NUM_CLASSES, generator, readout_loss
 from stabilitycheck.space import INIT_SCALES, Axis, Space
 from stabilitycheck.subject import Built, torch_dtype
@@ -212,8 +212,6 @@ BUILDERS: dict[str, Callable[[Knobs, torch.Generator], nn.Module]] = {
     "gru": Recurrent,
     "transformer": lambda c, gen: Stack(c, lambda: TransformerBlock(c, gen)),
 }
-
-
 
 
 # sigma_w at which a bias-free deep net's backward gain chi = sigma_w^2 E[phi'(h)^2] is 1

@@ -89,7 +89,7 @@ def test_exploding_example_exits_1_with_its_row(
     assert int(probes) >= 1
     assert f"searching examples/{name}.py:build on cpu" in err and "explodes at" in err
     assert (
-        f"reproduce python -c \"import stabilitycheck as sc; c = sc.Config(family='examples/{name}.py:build'"
+        f"reproduce python -c \"import stabilitycheck as sc; c = sc.Config.of('examples/{name}.py:build'"
         in out
     )
 

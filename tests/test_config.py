@@ -37,15 +37,15 @@ def test_bad_field_names_field_value_and_allowed(field: str, value: object, mess
 
 
 def test_cuda_index_is_a_valid_device() -> None:
-    assert Config(device="cuda:1").device == "cuda:1"
+    assert Config.of("mlp", device="cuda:1").device == "cuda:1"
 
 
 @pytest.mark.parametrize(
     "config",
     [
-        Config(),
-        Config(family="rnn", init_scale=1.1, clip=0.1, lr=1e-3, seed=2**40, dtype="bfloat16"),
-        Config(family="model.py:build", init_scale=0.30000000000000004, params=(("d", 3), ("p", 0.5))),
+        Config.of("mlp"),
+        Config.of("rnn", init_scale=1.1, clip=0.1, lr=1e-3, seed=2**40, dtype="bfloat16"),
+        Config.of("model.py:build", init_scale=0.30000000000000004, params=(("d", 3), ("p", 0.5))),
     ],
 )
 def test_json_round_trip_is_exact(config: Config) -> None:
@@ -64,7 +64,7 @@ def test_from_json_rejects_unknown_keys_and_non_objects() -> None:
 
 
 def test_knobs_cover_fields_and_params() -> None:
-    c = Config(family="f.py", params=(("layers", 3),))
+    c = Config.of("f.py", params=(("layers", 3),))
     assert c.knob("layers") == 3 and c.knob("depth") == 4
     d = c.with_knobs(layers=5, depth=7)
     assert d.knob("layers") == 5 and d.depth == 7

@@ -40,7 +40,7 @@ class Params(list[nn.Parameter]):
 def with_grads(dtype: str = "float32", seed: int = 0) -> tuple[Params, list[torch.Tensor]]:
     """A small pre-norm resmlp's parameters after one backward (total gradient norm ~1.6), and
     copies of their gradients."""
-    b = build(Config(family="resmlp", norm="pre", depth=3, width=16, batch_size=4, dtype=dtype, seed=seed))
+    b = build(Config.of("resmlp", norm="pre", depth=3, width=16, batch_size=4, dtype=dtype, seed=seed))
     b.loss_fn(b.model(b.inputs), b.inputs).backward()
     params = Params(b.model.parameters())
     params.named = b.model
@@ -166,7 +166,7 @@ def test_direction_preserved_catches_a_flip_and_a_changed_shape() -> None:
 
 
 def zoo(family: str, **knobs: object) -> Built:
-    return build(Config(family=family, depth=4, width=16, seq_len=5, batch_size=3, **knobs))  # type: ignore[arg-type]
+    return build(Config.of(family, depth=4, width=16, seq_len=5, batch_size=3, **knobs))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("family", ["mlp", "resmlp", "lstm", "transformer"])
@@ -203,7 +203,7 @@ def test_rescaling_rejects_a_bad_factor(c: float) -> None:
         assert_rescaling_equivariant(b.model, b.inputs, b.loss_fn, c)
 
 
-DEEP = Config(family="resmlp", norm="pre", init_scale=3.0, depth=48, width=32, batch_size=4)
+DEEP = Config.of("resmlp", norm="pre", init_scale=3.0, depth=48, width=32, batch_size=4)
 """Deep enough for a per-block gain above 1 to compound: the settings the two broken stacks fail at."""
 
 
@@ -271,7 +271,7 @@ def test_finite_training_names_the_step_when_a_large_lr_blows_up() -> None:
 
 def test_finite_training_of_a_config_uses_its_steps_lr_and_optimizer() -> None:
     """The Config form probes the Config itself: the same lr 1e30 blows up, lr 0.01 does not."""
-    c = Config(family="mlp", activation="relu", init_scale=1.5, steps=20, optimizer="sgd", lr=0.01)
+    c = Config.of("mlp", activation="relu", init_scale=1.5, steps=20, optimizer="sgd", lr=0.01)
     assert assert_finite_training(c) == probe(c)
     with pytest.raises(StabilityError, match=r"within 20 sgd steps at lr=1e\+30") as info:
         assert_finite_training(dataclasses.replace(c, lr=1e30))

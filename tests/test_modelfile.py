@@ -357,8 +357,8 @@ def test_a_named_factory_that_does_not_exist() -> None:
 def test_config_params_must_be_knobs_of_the_file() -> None:
     mlp = example("mlp")
     with pytest.raises(UsageError) as exc:
-        mlp.build(Config(family=mlp.name, params=(("detph", 3),)))
+        mlp.build(Config.of(mlp.name, params=(("detph", 3),)))
     assert_one_line(exc, "mlp.py", "'detph'", "knobs are ['depth', 'init_scale', 'width']")
     with pytest.raises(UsageError) as exc:
-        mlp.build(Config(family=mlp.name, params=(("depth", 2.5),)))
+        mlp.build(Config.of(mlp.name, params=(("depth", 2.5),)))
     assert_one_line(exc, "mlp.py", "depth=2.5 is not an int")

@@ -14,7 +14,7 @@ from stabilitycheck.errors import UsageError
 from stabilitycheck.searching import search
 from stabilitycheck.space import Axis, Space
 
-KNOWN = Space("mlp", Config(family="mlp", width=16, batch_size=4, steps=2), (Axis.range("depth", 1, 30),))
+KNOWN = Space("mlp", Config.of("mlp", width=16, batch_size=4, steps=2), (Axis.range("depth", 1, 30),))
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -28,7 +28,7 @@ def test_plot_renders_a_png_of_a_counterexample(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     from stabilitycheck.plot import plot
 
-    result = search(KNOWN.with_base(init_scale=3.0), max_examples=20)
+    result = search(KNOWN.with_run(init_scale=3.0), max_examples=20)
     assert result.counterexample is not None
     out = tmp_path / "cx.png"
     assert plot([result], out) == 1

@@ -43,7 +43,7 @@ from stabilitycheck.config import Config
 from stabilitycheck.pytest_plugin import assert_stable
 
 def test_residual_is_stable():
-    assert_stable(Config(family="resmlp", depth=14, width=16, init_scale=2.0, batch_size=8))
+    assert_stable(Config.of("resmlp", depth=14, width=16, init_scale=2.0, batch_size=8))
 """
 
 DRAWS = """
@@ -64,7 +64,7 @@ def test_device(stability_device):
 
 def smallest_failing_depth() -> int:
     """The true smallest depth at which GROWTH_PROPERTY fails, by probing every depth directly."""
-    base = Config(family="mlp", activation="linear", width=32, init_scale=2.0, seq_len=1, batch_size=4)
+    base = Config.of("mlp", activation="linear", width=32, init_scale=2.0, seq_len=1, batch_size=4)
     for depth in range(1, 31):
         try:
             assert_bounded_growth(probe(base.with_knobs(depth=depth)), 100)
@@ -88,8 +88,8 @@ def test_options_are_defined_once_for_argparse_too() -> None:
 
 
 def test_findings_round_trip_and_sort_smallest_first() -> None:
-    small = finding(Config(depth=3, init_scale=2.0), "t.py::a", failure="boom")
-    large = finding(Config(depth=30, init_scale=2.0), "t.py::b", failure="boom")
+    small = finding(Config.of("mlp", depth=3, init_scale=2.0), "t.py::a", failure="boom")
+    large = finding(Config.of("mlp", depth=30, init_scale=2.0), "t.py::b", failure="boom")
     assert small is not None and large is not None
     assert Finding.from_dict(small.to_dict()) == small
     text = summary([large, small])

@@ -21,7 +21,7 @@ NONFINITE_ONLY = Limits(grad_norm=None, growth=None, divergence=None)
 def linear_mlp(dtype: str) -> Space:
     # a linear MLP at sigma_w = 8 multiplies the forward signal by ~8 per layer: float16's range
     # (65504) runs out after ~5 layers, float32's (3.4e38) after ~40
-    base = Config(family="mlp", activation="linear", width=16, batch_size=4, init_scale=8.0, dtype=dtype)
+    base = Config.of("mlp", activation="linear", width=16, batch_size=4, init_scale=8.0, dtype=dtype)
     return Space("mlp-linear", base, (Axis.range("depth", 1, 64),))
 
 
@@ -73,7 +73,7 @@ def test_reduced_precision_runs_end_to_end_through_the_cli(
 def test_amp_gradscaler_skips_overflowing_steps_and_leaves_weights_unchanged(family: str) -> None:
     # At the initial loss scale 2**16 the scaled float16 gradients of this deep net overflow; the
     # scaler must skip those steps (scale halved, weights untouched: the next loss is identical).
-    c = Config(
+    c = Config.of("mlp", 
         family=family, norm="post", depth=24, width=16, init_scale=3.0, batch_size=4, steps=6, amp="float16"
     )
     m = probe(c)
@@ -86,13 +86,13 @@ def test_amp_gradscaler_skips_overflowing_steps_and_leaves_weights_unchanged(fam
 
 
 def test_amp_bfloat16_on_cpu_has_no_loss_scale() -> None:
-    m = probe(Config(depth=4, width=16, steps=2, amp="bfloat16"))
+    m = probe(Config.of("mlp", depth=4, width=16, steps=2, amp="bfloat16"))
     assert m.loss_scale == () and m.skipped_steps == 0 and m.steps_run == 2
 
 
 def test_amp_needs_float32_weights() -> None:
     with pytest.raises(ValueError, match="needs dtype='float32'"):
-        Config(amp="float16", dtype="float16")
+        Config.of("mlp", amp="float16", dtype="float16")
 
 
 def test_cli_amp_flag_labels_the_precision(capsys: pytest.CaptureFixture[str]) -> None:
@@ -138,7 +138,7 @@ def test_cuda_and_cpu_rows_side_by_side(capsys: pytest.CaptureFixture[str]) -> N
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none on this machine")
 def test_cuda_probe_matches_cpu_in_float64() -> None:
-    c = Config(family="resmlp", norm="pre", depth=6, width=32, dtype="float64", steps=2)
+    c = Config.of("resmlp", norm="pre", depth=6, width=32, dtype="float64", steps=2)
     cpu, gpu = probe(c), probe(c.with_knobs(device="cuda"))
     assert gpu.growth == pytest.approx(cpu.growth, rel=1e-9)
     assert gpu.loss == pytest.approx(cpu.loss, rel=1e-9)
@@ -149,7 +149,7 @@ def test_bfloat16_attention_backward_nan_is_an_overflow_blamed_on_its_block() ->
     block reach ~1e10, and torch's fused CPU attention backward in bfloat16 turns them into NaN
     (its math kernel, and float32, stay finite). The probe names it `overflow`, culprit the block
     whose backward made the NaN (layers.4: the first NaN is dL/d(output of layers.3))."""
-    c = Config(
+    c = Config.of("mlp", 
         family="transformer", depth=5, width=8, init_scale=2.0, seq_len=1, activation="relu",
         dtype="bfloat16", batch_size=1, seed=1,
     )  # fmt: skip

@@ -20,7 +20,7 @@ from stabilitycheck.zoo import build
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_same_config_gives_bit_identical_measurements(family: str) -> None:
-    c = Config(
+    c = Config.of("mlp", 
         family=family, norm="pre", depth=3, width=16, seq_len=6, batch_size=4, steps=3, optimizer="adam"
     )
     assert probe(c) == probe(c)
@@ -28,7 +28,7 @@ def test_same_config_gives_bit_identical_measurements(family: str) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_measurement_json_round_trip(family: str) -> None:
-    m = probe(Config(family=family, depth=2, width=8, seq_len=3, batch_size=2, steps=1))
+    m = probe(Config.of(family, depth=2, width=8, seq_len=3, batch_size=2, steps=1))
     assert Measurement.from_dict(json.loads(json.dumps(m.to_dict()))) == m
 
 
@@ -146,7 +146,7 @@ def test_culprit_of_a_growth_inside_a_block_is_the_block_with_the_largest_weight
 
 
 def test_blow_up_during_training_is_located_and_stops_the_run() -> None:
-    c = Config(depth=30, width=64, init_scale=8.0, activation="linear", steps=10, lr=1.0)
+    c = Config.of("mlp", depth=30, width=64, init_scale=8.0, activation="linear", steps=10, lr=1.0)
     m = probe(c)
     nf = m.first_nonfinite
     assert nf is not None and nf.step >= 1 and nf.layer.startswith("layers.")
@@ -155,7 +155,7 @@ def test_blow_up_during_training_is_located_and_stops_the_run() -> None:
 
 
 def test_total_and_per_block_norms_match_torch() -> None:
-    built = build(Config(family="resmlp", norm="post", depth=5, width=32, init_scale=1.3))
+    built = build(Config.of("resmlp", norm="post", depth=5, width=32, init_scale=1.3))
     m = probe_module(built.model, built.inputs, built.loss_fn, blocks=built.blocks)
     model = built.model
     model.zero_grad()
@@ -170,7 +170,7 @@ def test_total_and_per_block_norms_match_torch() -> None:
 
 @pytest.mark.parametrize("max_norm", [1e-3, 0.5, 1e6])
 def test_clipped_training_matches_clip_grad_norm(max_norm: float) -> None:
-    c = Config(family="mlp", depth=4, width=16, init_scale=2.0, steps=3, lr=0.5, clip=max_norm)
+    c = Config.of("mlp", depth=4, width=16, init_scale=2.0, steps=3, lr=0.5, clip=max_norm)
     built = build(c)
     reference = copy.deepcopy(built.model)
     probe_module(
@@ -188,9 +188,9 @@ def test_clipped_training_matches_clip_grad_norm(max_norm: float) -> None:
 
 def test_deep_tanh_at_sigma_3_is_flagged_by_growth_and_at_sigma_1_is_not() -> None:
     for family, norm in [("mlp", "none"), ("resmlp", "post"), ("resmlp", "none")]:
-        hot = verdict(probe(Config(family=family, norm=norm, depth=32, width=128, init_scale=3.0)))
+        hot = verdict(probe(Config.of(family, norm=norm, depth=32, width=128, init_scale=3.0)))
         assert "growth" in hot.names, (family, norm, hot)
-        cool = verdict(probe(Config(family=family, norm=norm, depth=8, width=128, init_scale=1.0)))
+        cool = verdict(probe(Config.of(family, norm=norm, depth=8, width=128, init_scale=1.0)))
         assert not cool.exploded, (family, norm, cool)
 
 
@@ -204,11 +204,11 @@ def test_usage_errors_are_one_line_messages() -> None:
         probe_module(nn.Linear(3, 3), x, lambda out, _: out.detach().sum())
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="CUDA is not available"):
-            probe(Config(device="cuda"))
+            probe(Config.of("mlp", device="cuda"))
 
 
 def test_verdict_criteria_and_limits() -> None:
-    m = probe(Config(depth=3, width=8, steps=2))
+    m = probe(Config.of("mlp", depth=3, width=8, steps=2))
     assert not verdict(m).exploded
     tight = verdict(m, Limits(grad_norm=1e-9, growth=1e-9, divergence=1e-9))
     assert tight.names == ("grad_norm", "growth", "divergence")
@@ -220,8 +220,8 @@ def test_verdict_criteria_and_limits() -> None:
 
 
 def test_stall_fires_when_the_loss_barely_moves_and_is_off_by_default() -> None:
-    frozen = probe(Config(depth=3, width=16, steps=5, lr=1e-6))  # the loss cannot move at lr 1e-6
-    learning = probe(Config(depth=3, width=16, steps=5, lr=0.5, optimizer="sgd"))
+    frozen = probe(Config.of("mlp", depth=3, width=16, steps=5, lr=1e-6))  # the loss cannot move at lr 1e-6
+    learning = probe(Config.of("mlp", depth=3, width=16, steps=5, lr=0.5, optimizer="sgd"))
     assert frozen.loss[-1] / frozen.loss[0] > 0.999
     assert verdict(frozen).names == ()
     assert verdict(frozen, Limits(stall=0.99)).names == ("stall",)

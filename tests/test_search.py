@@ -18,19 +18,19 @@ SMALL_SPACES = {
     # tanh MLP: growth ~ chi^(depth/2), chi > 1 above sigma_w = 1
     "tanh-mlp": Space(
         "tanh-mlp",
-        Config(family="mlp", width=16, batch_size=8),
+        Config.of("mlp", width=16, batch_size=8),
         (Axis.range("depth", 1, 40), Axis.range("init_scale", 0.5, 3.0, 0.25)),
     ),
     # linear RNN: the backward signal grows like sigma_w^t over t steps
     "linear-rnn": Space(
         "linear-rnn",
-        Config(family="rnn", activation="linear", width=16, batch_size=4),
+        Config.of("rnn", activation="linear", width=16, batch_size=4),
         (Axis.range("seq_len", 1, 60), Axis.range("init_scale", 0.9, 1.5, 0.1)),
     ),
     # post-norm residual MLP: LayerNorm after the sum does not stop the backward growth
     "post-resmlp": Space(
         "post-resmlp",
-        Config(family="resmlp", norm="post", width=16, batch_size=8),
+        Config.of("resmlp", norm="post", width=16, batch_size=8),
         (Axis.range("depth", 1, 40), Axis.range("init_scale", 0.5, 3.0, 0.25)),
     ),
 }
@@ -59,7 +59,7 @@ def test_same_seed_same_counterexample_and_table() -> None:
 
 
 def test_stable_space_reports_no_counterexample_and_the_largest_tried() -> None:
-    space = Space("lstm", Config(family="lstm", width=8, batch_size=4), (Axis.range("seq_len", 1, 24),))
+    space = Space("lstm", Config.of("lstm", width=8, batch_size=4), (Axis.range("seq_len", 1, 24),))
     result = search(space, max_examples=10)
     assert result.counterexample is None
     assert result.largest_stable is not None and result.largest_stable.seq_len <= 24
@@ -67,7 +67,7 @@ def test_stable_space_reports_no_counterexample_and_the_largest_tried() -> None:
 
 
 def test_critical_init_fixes_the_deep_tanh_mlp() -> None:
-    config = Config(family="mlp", depth=40, width=64, init_scale=2.0)
+    config = Config.of("mlp", depth=40, width=64, init_scale=2.0)
     assert "growth" in verdict(probe(config)).names
     fixed = critical_init(config)
     assert fixed is not None and fixed.init_scale == 1.0
@@ -79,7 +79,7 @@ def test_clipping_bounds_the_weight_drift_of_a_tanh_rnn_at_sigma_1_5(lr: float) 
     # Each clipped SGD step moves the weights by at most lr * max_norm, so after k steps
     # ||W_k|| <= ||W_0|| + k * lr * max_norm. Without clipping the spikes of the backward signal
     # (Pascanu et al. 2013) throw the weights far past that bound.
-    base = Config(family="rnn", init_scale=1.5, width=32, seq_len=32, batch_size=8, steps=20, lr=lr)
+    base = Config.of("rnn", init_scale=1.5, width=32, seq_len=32, batch_size=8, steps=20, lr=lr)
     w0 = math.hypot(*probe(base.with_knobs(steps=0)).weight_norms)
     bound = w0 + base.steps * lr * 1.0
     clipped = probe(base.with_knobs(clip=1.0))
@@ -90,7 +90,7 @@ def test_clipping_bounds_the_weight_drift_of_a_tanh_rnn_at_sigma_1_5(lr: float) 
 
 
 def test_remedies_are_measured_and_not_applicable_ones_say_so() -> None:
-    base = Config(family="rnn", activation="linear", width=16, batch_size=4, seq_len=40, steps=2)
+    base = Config.of("rnn", activation="linear", width=16, batch_size=4, seq_len=40, steps=2)
     space = Space("rnn", base, (Axis("init_scale", (1.5,)),))
     result = search(space, max_examples=5)
     cx = result.counterexample
@@ -107,9 +107,9 @@ def test_remedies_are_measured_and_not_applicable_ones_say_so() -> None:
 def test_configs_too_large_for_memory_are_skipped_and_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     from stabilitycheck import searching
 
-    space = Space("mlp", Config(family="mlp", width=16, batch_size=4), (Axis.range("depth", 1, 64),))
+    space = Space("mlp", Config.of("mlp", width=16, batch_size=4), (Axis.range("depth", 1, 64),))
     # half of this "free memory" fits depths up to ~21 (6 tensors x 4 x 16 x 8 bytes per block)
     monkeypatch.setattr(searching, "free_memory", lambda device: 2 * 6 * 4 * 16 * 8 * 21)
-    result = search(space.with_base(init_scale=1.0), max_examples=20)
+    result = search(space.with_run(init_scale=1.0), max_examples=20)
     assert result.too_large and all(c.depth > 21 for c in result.too_large)
     assert "skipped as too large for this machine's free memory" in report.text([result])

@@ -56,7 +56,7 @@ def test_dtypes_exclude_validation() -> None:
 
 def test_shrinks_to_the_simplest_config() -> None:
     simplest = find(configs(), lambda c: True)
-    assert simplest == Config(
+    assert simplest == Config.of("mlp", 
         family="mlp", depth=1, width=8, init_scale=1.0, seq_len=1, norm="none", activation="tanh",
         dtype="float32", device="cpu", batch_size=1, steps=0, lr=0.01, optimizer="sgd", seed=0,
     )  # fmt: skip

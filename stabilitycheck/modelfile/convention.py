@@ -4,9 +4,9 @@ a module-level `model` with `example_input` (and SEQ_DIM); reading it into knobs
 from __future__ import annotations
 
 import copy
-import math
 import dataclasses
 import inspect
+import math
 from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -48,10 +48,16 @@ def parse_space(given: str, module: ModuleType) -> dict[str, Bound]:
         return {}
     example = "e.g. SPACE = {'depth': (1, 64), 'init_scale': (0.25, 4.0, 0.25)}"
     if not isinstance(space, Mapping):
-        raise ModelFileError(f"{given}: SPACE is {article(space)}; expected a dict of name -> (lo, hi), {example}")
+        raise ModelFileError(
+            f"{given}: SPACE is {article(space)}; expected a dict of name -> (lo, hi), {example}"
+        )
     out: dict[str, Bound] = {}
     for name, bound in space.items():
-        ok = isinstance(bound, tuple | list) and len(bound) in (2, 3) and all(is_number(b) and math.isfinite(b) for b in bound)
+        ok = (
+            isinstance(bound, tuple | list)
+            and len(bound) in (2, 3)
+            and all(is_number(b) and math.isfinite(b) for b in bound)
+        )
         if not isinstance(name, str) or not ok:
             raise ModelFileError(
                 f"{given}: SPACE[{name!r}]={bound!r} is malformed; expected (lo, hi) or (lo, hi, step) "
@@ -140,7 +146,9 @@ class Factory:
             )
         return model
 
-    def make_inputs(self, owner: ModelFile, model: nn.Module, values: Mapping[str, Knob], seed: int) -> Inputs:
+    def make_inputs(
+        self, owner: ModelFile, model: nn.Module, values: Mapping[str, Knob], seed: int
+    ) -> Inputs:
         if self.batch is not None:
             args = call_args(values, self.batch_params)
             label = f"batch(model, {show(args)})" if args else "batch(model)"
@@ -167,7 +175,9 @@ class Fixed:
                 "define a factory instead, e.g. `def build(): return MyModel()`"
             ) from None
 
-    def make_inputs(self, owner: ModelFile, model: nn.Module, values: Mapping[str, Knob], seed: int) -> Inputs:
+    def make_inputs(
+        self, owner: ModelFile, model: nn.Module, values: Mapping[str, Knob], seed: int
+    ) -> Inputs:
         if self.seq_dim is None:
             return self.example_input
         seq_len = int(values["seq_len"])

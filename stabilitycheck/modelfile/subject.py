@@ -13,8 +13,9 @@ from torch import nn
 from torch.jit import ScriptModule
 
 from stabilitycheck._validation import article, describe
-from stabilitycheck.config import Config, Scalar
+from stabilitycheck.config import Config
 from stabilitycheck.errors import StabilityCheckError
+from stabilitycheck.families import Scalar
 from stabilitycheck.losses import DefaultLoss, Inputs, LossFn, on_output
 from stabilitycheck.memory import meta_bytes
 from stabilitycheck.modelfile.convention import (
@@ -64,6 +65,7 @@ class ModelFile:
         else:
             self.source, self.knobs = fixed_source(given, attr, module)
             label = f"the module-level `{attr}` (its knob is seq_len, with SEQ_DIM)"
+        self.init_knob: str | None
         self.init_knob, self.critical = self._init(getattr(module, "INIT", None))
         self.scales_weights = self.init_knob == SCALE and SCALE not in self.knobs
         if self.scales_weights:
@@ -106,7 +108,9 @@ class ModelFile:
         except _PASS_THROUGH:
             raise
         except SystemExit as exc:
-            raise self.error(f"{label} called sys.exit({exc.code!r}); a factory must return a model") from None
+            raise self.error(
+                f"{label} called sys.exit({exc.code!r}); a factory must return a model"
+            ) from None
         except Exception as exc:
             raise self.error(
                 f"{label} raised {describe(exc)}; fix the code, or narrow SPACE to values it accepts"
@@ -121,7 +125,9 @@ class ModelFile:
         given = config.values
         unknown = sorted(set(given) - set(self.knobs))
         if unknown:
-            raise self.error(f"{unknown[0]!r} is not a knob of {self.given}; its knobs are {sorted(self.knobs)}")
+            raise self.error(
+                f"{unknown[0]!r} is not a knob of {self.given}; its knobs are {sorted(self.knobs)}"
+            )
         return {n: self._coerce(n, given.get(n, d), d) for n, d in self.knobs.items()}
 
     def _coerce(self, name: str, value: object, default: Knob) -> Knob:
@@ -138,8 +144,8 @@ class ModelFile:
         default (init_scale: 0.5..4.0)."""
         axes = tuple(Axis.range(name, *bound) for name, bound in self.bounds.items())
         if not axes:
-            default = float(self.knobs[self.init_knob])
-            axes = (Axis(self.init_knob, tuple(round(default * s, 12) for s in INIT_SCALES)),)
+            default = float(self.knobs[self.init_knob or SCALE])
+            axes = (Axis(self.init_knob or SCALE, tuple(round(default * s, 12) for s in INIT_SCALES)),)
         return Space(self.given, self.config(), axes)
 
     def _make(self, config: Config) -> tuple[nn.Module, Inputs, tuple[tuple[str, nn.Module], ...], str]:
@@ -196,8 +202,8 @@ class ModelFile:
         user = self.user_loss
         if user is None:
             default = on_output(DefaultLoss(_derived(seed, _SALT_LOSS)), self.given)
-            return lambda output, inputs: self.call_user("the default loss", default, output, inputs)  # type: ignore[no-any-return]
-        return lambda output, inputs: self.call_user("loss(output, inputs)", user, output, inputs)  # type: ignore[no-any-return]
+            return lambda output, inputs: self.call_user("the default loss", default, output, inputs)
+        return lambda output, inputs: self.call_user("loss(output, inputs)", user, output, inputs)
 
     def describe_knobs(self, config: Config) -> str:
         """'depth=4, width=8' of a Config, for messages."""

@@ -1,0 +1,295 @@
+"""A verdict about a Config's initialisation distribution, not one draw: criteria judged on a quantile
+(default the median) of per-seed values, with seeds spent sequentially, more only near the limit.
+
+The rule. The budget is K = run.seeds initialisations (weights and inputs); the q-quantile of K values
+is the r-th smallest, r = ceil(q K). After each seed, a criterion whose r-th smallest value is already
+known to pass (K - r + 1 seeds fire) or not (r seeds do not) is decided: the K-seed answer cannot change
+(curtailment, exact). Before that, the seeds so far decide alone when every one of them lies on the same
+side of every limit by at least a factor MARGIN ** (1 / n) after n seeds: one seed 10x from the limit,
+two both 3.2x. Near the limit one seed's growth varies 3-10x between seeds (tanh MLP width 32,
+sigma 2.5, depth 18: 18-126 over 20 seeds, median 36, so no seed was over 3.5x from the median); a seed
+10x from the limit is therefore far beyond the spread that could put the median on the other side.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from stabilitycheck.config import Config
+from stabilitycheck.probing import Measurement, probe
+from stabilitycheck.subject import Subject
+from stabilitycheck.verdicts import CRITERIA, Limits, Verdict, bound, fires, judge, values
+
+MARGIN = 10.0
+SEED_MIX = 0x9E3779B9  # seeds after the first: base + i * this, mod 2**32 (no overlap between bases)
+
+
+def seed_of(base: int, i: int) -> int:
+    """The i-th seed of a verdict that starts at `base` (the 0th is `base` itself)."""
+    return (base + i * SEED_MIX) % 2**32
+
+
+def quantile(xs: Sequence[float], q: float) -> float:
+    """Nearest-rank q-quantile (the ceil(q n)-th smallest); NaN sorts below every number."""
+    ordered = sorted(xs, key=lambda x: -math.inf if math.isnan(x) else x)
+    return ordered[max(1, math.ceil(q * len(ordered))) - 1]
+
+
+@dataclass(frozen=True)
+class Spread:
+    """min, q-quantile and max of one number over the seeds probed."""
+
+    low: float
+    mid: float
+    high: float
+
+    @classmethod
+    def of(cls, xs: Sequence[float], q: float) -> Spread:
+        finite = [x for x in xs if not math.isnan(x)] or [math.nan]
+        return cls(min(finite), quantile(xs, q), max(finite))
+
+    def describe(self) -> str:
+        """'36 (18-126)': the quantile, then the range over seeds."""
+        return f"{self.mid:.3g} ({self.low:.3g}-{self.high:.3g})"
+
+
+@dataclass(frozen=True)
+class Growth:
+    """What kind of growth the stack shows, from a fit of each block's log-gain l_j = rate + exponent / j
+    (j = 1.. blocks from the input side): exponential (a constant rate per block), polynomial (rate
+    decays like 1/j, growth ~ depth ** exponent, e.g. pre-norm residual stacks), or none; medians and
+    spreads over seeds."""
+
+    kind: str
+    rate: Spread
+    exponent: Spread
+
+    def describe(self) -> str:
+        if self.kind == "exponential":
+            return f"exponential, x{math.exp(self.rate.mid):.3g}/block"
+        if self.kind == "polynomial":
+            return f"polynomial, ~depth^{self.exponent.mid:.2f}"
+        return self.kind
+
+
+def fit_growth(gains: Sequence[float]) -> tuple[float, float]:
+    """(rate, exponent) of the least-squares fit l_j = rate + exponent / j to the log-gains."""
+    pts = [(1.0 / (j + 1), math.log(g)) for j, g in enumerate(gains) if g > 0 and math.isfinite(g)]
+    if len(pts) < 3:
+        total = sum(y for _, y in pts)
+        return (total / len(pts) if pts else math.nan), math.nan
+    n = len(pts)
+    mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
+    sxx = sum((x - mx) ** 2 for x, _ in pts)
+    p = sum((x - mx) * (y - my) for x, y in pts) / sxx if sxx > 0 else 0.0
+    return my - p * mx, p
+
+
+def classify(fits: Sequence[tuple[float, float]], q: float, blocks: int) -> Growth:
+    """The kind of growth from per-seed fits: whichever term carries more of the total log growth."""
+    rate = Spread.of([r for r, _ in fits], q)
+    exponent = Spread.of([p for _, p in fits], q)
+    if blocks < 4 or math.isnan(rate.mid):
+        return Growth("n/a", rate, exponent)
+    harmonic = sum(1.0 / j for j in range(1, blocks))
+    linear, poly = rate.mid * (blocks - 1), (0.0 if math.isnan(exponent.mid) else exponent.mid) * harmonic
+    if linear + poly <= 0:
+        return Growth("none", rate, exponent)
+    return Growth("exponential" if linear >= poly else "polynomial", rate, exponent)
+
+
+def culprit_of(ms: Sequence[Measurement]) -> str:
+    """The block to blame, over seeds: where the first non-finite value was made; else a block whose
+    backward log-gain exceeds the stack's median log-gain by more than log 2 and by more than 3x the
+    spread of the other blocks' excesses, in the median over seeds, and which has the largest gain in
+    at least 80% of the seeds; else 'uniform xG/block' with G the typical gain."""
+    first = ms[0]
+    if any(m.first_nonfinite is not None for m in ms):
+        return _single(next(m for m in ms if m.first_nonfinite is not None))
+    logs = [[math.log(g) if g > 0 and math.isfinite(g) else math.nan for g in m.gains] for m in ms]
+    if not first.gains or any(all(math.isnan(x) for x in row) for row in logs):
+        return _single(first)
+    excess = []
+    for row in logs:
+        mid = statistics.median(x for x in row if not math.isnan(x))
+        excess.append([x - mid for x in row])
+    per_block = [
+        statistics.median(e[i] for e in excess if not math.isnan(e[i])) for i in range(len(first.gains))
+    ]
+    top = max(range(len(per_block)), key=lambda i: per_block[i])
+    others = [abs(x) for i, x in enumerate(per_block) if i != top]
+    spread = statistics.median(others) if others else 0.0
+    wins = sum(1 for e in excess if max(range(len(e)), key=lambda i: e[i]) == top)
+    if per_block[top] > max(math.log(2), 3 * spread) and wins >= math.ceil(0.8 * len(ms)):
+        return first.activation_names[top + 1]
+    typical = statistics.median(statistics.median(x for x in row if not math.isnan(x)) for row in logs)
+    return f"uniform x{math.exp(typical):.3g}/block"
+
+
+def _single(m: Measurement) -> str:
+    """One seed's culprit: the block that made the first non-finite value (a non-finite dL/d(out_i)
+    was made by the backward of call i + 1, or of the loss after the last call), else the block with
+    the largest weight gradient (the growth was inside a block, e.g. an nn.RNN over time)."""
+    nf = m.first_nonfinite
+    if nf is not None:
+        if nf.tensor == "activation_grad" and nf.layer in m.activation_names:
+            i = m.activation_names.index(nf.layer) + 1
+            return m.activation_names[i] if i < len(m.activation_names) else "(loss)"
+        return nf.layer
+    weights = [(v, i) for i, v in enumerate(m.layer_grad_norms) if not math.isnan(v)]
+    if weights:
+        return m.layer_names[max(weights)[1]]
+    return m.activation_names[0] if m.activation_names else (m.layer_names or ("(model)",))[0]
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """A Config's verdict over its initialisation distribution, with what it cost and the spreads."""
+
+    verdict: Verdict
+    seeds: tuple[int, ...]
+    exploded_seeds: int
+    growth: Spread
+    grad_norm: Spread
+    skipped_steps: int
+    culprit: str
+    kind: Growth
+    through_time: Spread | None
+    measurement: Measurement  # the seed whose growth is the quantile: its per-block profile is shown
+
+    @property
+    def exploded(self) -> bool:
+        return self.verdict.exploded
+
+    def summary(self) -> str:
+        """'growth 36 (18-126) over 5 seeds, 2 exploded': what the numbers are."""
+        n = len(self.seeds)
+        return (
+            f"growth {self.growth.describe()} over {n} seed{'s' * (n != 1)}, {self.exploded_seeds} exploded"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "verdict": self.verdict.to_dict(),
+            "seeds": list(self.seeds),
+            "exploded_seeds": self.exploded_seeds,
+            "growth": vars(self.growth),
+            "grad_norm": vars(self.grad_norm),
+            "skipped_steps": self.skipped_steps,
+            "culprit": self.culprit,
+            "kind": {
+                "kind": self.kind.kind,
+                "rate": vars(self.kind.rate),
+                "exponent": vars(self.kind.exponent),
+            },
+            "through_time": None if self.through_time is None else vars(self.through_time),
+            "measurement": self.measurement.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Judgement:
+        k = d["kind"]
+        return cls(
+            verdict=Verdict.from_dict(d["verdict"]),
+            seeds=tuple(d["seeds"]),
+            exploded_seeds=d["exploded_seeds"],
+            growth=Spread(**d["growth"]),
+            grad_norm=Spread(**d["grad_norm"]),
+            skipped_steps=d["skipped_steps"],
+            culprit=d["culprit"],
+            kind=Growth(k["kind"], Spread(**k["rate"]), Spread(**k["exponent"])),
+            through_time=None if d["through_time"] is None else Spread(**d["through_time"]),
+            measurement=Measurement.from_dict(d["measurement"]),
+        )
+
+
+def _decided(per_seed: list[dict[str, float]], lim: Limits, budget: int, q: float) -> bool:
+    """Whether the K-seed quantile verdict is known from the seeds so far (see the module docstring)."""
+    n, r = len(per_seed), max(1, math.ceil(q * budget))
+    active = [c for c in CRITERIA if bound(c, lim) is not None]
+    fire = {c: sum(fires(c, v[c], lim) for v in per_seed) for c in active}
+    if any(fire[c] >= budget - r + 1 for c in active):
+        return True
+    if all(n - fire[c] >= r for c in active):
+        return True
+    factor = MARGIN ** (1.0 / n)
+    return all(_far(c, v[c], lim, factor) for c in active for v in per_seed) and all(
+        fire[c] in (0, n) for c in active
+    )
+
+
+def _far(name: str, value: float, lim: Limits, factor: float) -> bool:
+    """The value is at least `factor` away from the criterion's bound (non-finite counts as far)."""
+    b = bound(name, lim)
+    if b is None or name in ("overflow", "nonfinite") or math.isnan(value):
+        return True
+    if b == 0 or value == 0 or math.isinf(value):
+        return True
+    return abs(math.log(value / b)) >= math.log(factor)
+
+
+def assess(config: Config, subject: Subject | None = None, limits: Limits | None = None) -> Judgement:
+    """Probe `config` over up to run.seeds initialisations and judge the run.quantile of each criterion.
+    For recurrent subjects with a vanishing limit, vanishing is judged on the through-time growth (the
+    loss on the last step): a per-token loss hides it under gradients from later tokens."""
+    lim = limits or Limits()
+    run = config.run
+    ms: list[Measurement] = []
+    per_seed: list[dict[str, float]] = []
+    through: list[float] = []
+    used: list[int] = []
+    for i in range(run.seeds):
+        used.append(seed_of(run.seed, i))
+        seeded = config.with_run(seed=used[-1])
+        m = probe(seeded, subject)
+        named = values(m)
+        if lim.vanishing is not None and config.recurrent:
+            through.append(probe(seeded, subject, last_step=True).growth)
+            named["vanishing"] = through[-1]
+        ms.append(m)
+        per_seed.append(named)
+        if _decided(per_seed, lim, run.seeds, run.quantile):
+            break
+    return _judgement(ms, per_seed, through, tuple(used), lim, run.quantile)
+
+
+def _judgement(
+    ms: list[Measurement],
+    per_seed: list[dict[str, float]],
+    through: list[float],
+    seeds: tuple[int, ...],
+    lim: Limits,
+    q: float,
+) -> Judgement:
+    quantiles = {c: quantile([v[c] for v in per_seed], q) for c in CRITERIA}
+    growth = [m.growth for m in ms]
+    mid = quantile(growth, q)
+    rep = next((m for m in ms if m.growth == mid or (math.isnan(mid) and math.isnan(m.growth))), ms[0])
+    blocks = len(ms[0].activation_names)
+    return Judgement(
+        verdict=judge(quantiles, lim),
+        seeds=seeds,
+        exploded_seeds=sum(judge(v, lim).exploded for v in per_seed),
+        growth=Spread.of(growth, q),
+        grad_norm=Spread.of([v["grad_norm"] for v in per_seed], q),
+        skipped_steps=sum(m.skipped_steps for m in ms),
+        culprit=culprit_of(ms),
+        kind=classify([fit_growth(m.gains) for m in ms], q, blocks),
+        through_time=Spread.of(through, q) if through else None,
+        measurement=rep,
+    )
+
+
+def through_time(config: Config, subject: Subject, q: float) -> Spread | None:
+    """The through-time growth (loss on the last step) over the seeds, for recurrent subjects."""
+    if not config.recurrent:
+        return None
+    xs = [
+        probe(config.with_run(seed=seed_of(config.run.seed, i)), subject, last_step=True).growth
+        for i in range(config.run.seeds)
+    ]
+    return Spread.of(xs, q)
