@@ -30,8 +30,9 @@ from stabilitycheck.config import Config
 from stabilitycheck.probing import call_model, probe_module
 from stabilitycheck.searching import boundary, search, sweep
 from stabilitycheck.space import INIT_SCALES, Axis, Space
+from stabilitycheck.subject import Built
+from stabilitycheck.subjects import resolve
 from stabilitycheck.verdicts import Limits
-from stabilitycheck.zoo import build
 
 ROOT = Path(__file__).resolve().parent.parent
 SLOW_MS = 5.0  # a bare step at least this long is held to the tight overhead target
@@ -70,19 +71,19 @@ def sizes(quick: bool) -> Sizes:
             rounds=3,
             mlp=tiny,
             transformer=Config.of("transformer", depth=1, width=8, seq_len=4, norm="pre", batch_size=2),
-            rnn=Config.of("rnn", depth=1, width=8, seq_len=8, batch_size=2),
+            rnn=Config.of("rnn", width=8, seq_len=8, batch_size=2),
             depths=(2, 4),
             widths=(8, 16),
             seq_lens=(4, 8),
             scaling_mlp=tiny,
-            scaling_rnn=Config.of("rnn", depth=1, width=8, batch_size=2),
+            scaling_rnn=Config.of("rnn", width=8, batch_size=2),
             scaling_transformer=Config.of("transformer", depth=1, width=8, norm="pre", batch_size=2),
             space2=Space("mlp 2-knob", tiny, (Axis.range("depth", 1, 4), Axis("init_scale", (1.0, 4.0)))),
             space4=Space(
                 "mlp 4-knob",
                 tiny,
                 (
-                    Axis.range("depth", 1, 3),
+                    Axis.range("depth", 1, 4),  # depth 3 at init_scale 4 is stable over seeds
                     Axis("width", (4, 8)),
                     Axis("init_scale", (1.0, 4.0)),
                     Axis.range("steps", 0, 1),
@@ -97,8 +98,8 @@ def sizes(quick: bool) -> Sizes:
     return Sizes(
         rounds=21,
         mlp=Config.of("mlp", depth=16, width=256, activation="tanh", batch_size=16, lr=1e-4),
-        transformer=Config(
-            family="transformer",
+        transformer=Config.of(
+            "transformer",
             depth=4,
             width=128,
             seq_len=64,
@@ -107,14 +108,14 @@ def sizes(quick: bool) -> Sizes:
             batch_size=2,
             lr=1e-4,
         ),
-        rnn=Config.of("rnn", depth=1, width=64, seq_len=256, batch_size=16, lr=1e-4),
+        rnn=Config.of("rnn", width=64, seq_len=256, batch_size=16, lr=1e-4),
         depths=(8, 16, 32, 64),
         widths=(64, 128, 256, 512, 1024),
         seq_lens=(16, 64, 256, 1024),
         scaling_mlp=Config.of("mlp", depth=8, width=256, batch_size=32),
-        scaling_rnn=Config.of("rnn", depth=1, width=64, batch_size=8),
-        scaling_transformer=Config(
-            family="transformer", depth=2, width=64, norm="pre", activation="gelu", batch_size=2
+        scaling_rnn=Config.of("rnn", width=64, batch_size=8),
+        scaling_transformer=Config.of(
+            "transformer", depth=2, width=64, norm="pre", activation="gelu", batch_size=2
         ),
         space2=Space("mlp 2-knob", base, (Axis.range("depth", 1, 64), Axis("init_scale", INIT_SCALES))),
         space4=Space(
@@ -171,12 +172,17 @@ def paired_ratio(num: Sequence[tuple[float, float]], den: Sequence[tuple[float, 
 # -------------------------------------------------------------------------------------------- overhead
 
 
+def build(config: Config) -> Built:
+    """The model, inputs and loss of a Config, built by its Subject."""
+    return resolve(config.subject).build(config)
+
+
 def bare_step(config: Config) -> tuple[Callable[[], None], Callable[[], None], Callable[[], Any]]:
     """(bare, anomaly, probed) on one built model: 2 x (forward + backward) + 1 SGD step, the same
     under detect_anomaly, and probe_module(steps=1) doing that same work with hooks and norms."""
     built = build(config)
     model, inputs, loss_fn = built.model, built.inputs, built.loss_fn
-    opt = torch.optim.SGD(model.parameters(), lr=config.lr)
+    opt = torch.optim.SGD(model.parameters(), lr=config.run.lr)
 
     def bare() -> None:
         for i in range(2):
@@ -192,7 +198,7 @@ def bare_step(config: Config) -> tuple[Callable[[], None], Callable[[], None], C
                 bare()
 
     def probed() -> Any:
-        return probe_module(model, inputs, loss_fn, blocks=built.blocks, steps=1, lr=config.lr)
+        return probe_module(model, inputs, loss_fn, blocks=built.blocks, steps=1, lr=config.run.lr)
 
     return bare, anomaly, probed
 
@@ -203,9 +209,9 @@ def calibrate_batch(config: Config, min_ms: float, cap: int = 4096) -> Config:
         bare, _, _ = bare_step(config)
         bare()
         ms = med([timed(bare) for _ in range(5)], 1)
-        if ms >= min_ms or config.batch_size >= cap:
+        if ms >= min_ms or int(config.knob("batch_size")) >= cap:
             return config
-        config = config.with_knobs(batch_size=config.batch_size * 2)
+        config = config.with_knobs(batch_size=int(config.knob("batch_size")) * 2)
 
 
 def overhead(s: Sizes) -> list[Row]:
@@ -214,7 +220,9 @@ def overhead(s: Sizes) -> list[Row]:
         cases = {"mlp (quick)": s.mlp, "transformer (quick)": s.transformer, "rnn (quick)": s.rnn}
     else:
         mlp = calibrate_batch(s.mlp, 1.5 * SLOW_MS)  # a margin: the calibration itself is noisy
-        big = mlp.with_knobs(batch_size=4 * mlp.batch_size)  # the per-parameter norm cost is fixed
+        big = mlp.with_knobs(
+            batch_size=4 * int(mlp.knob("batch_size"))
+        )  # the per-parameter norm cost is fixed
         cases = {
             "mlp 16x256": mlp,
             "mlp 16x256, 4x batch": big,
@@ -232,7 +240,7 @@ def overhead(s: Sizes) -> list[Row]:
         rows.append(
             {
                 "model": label,
-                "batch": config.batch_size,
+                "batch": config.knob("batch_size"),
                 "bare ms": bare_ms,
                 "probe ms": med(t["probe"], 1),
                 "probe/bare": ratio,
@@ -251,7 +259,12 @@ def overhead(s: Sizes) -> list[Row]:
 
 def index_of(space: Space, config: Config) -> tuple[int, ...]:
     """The grid index of a Config of `space`."""
-    return tuple(a.values.index(config.knob(a.name)) for a in space.axes)
+    return tuple(a.values.index(value(config, a.name)) for a in space.axes)
+
+
+def value(config: Config, name: str) -> Any:
+    """A knob's value, or a run setting's (a Space may vary steps, lr, warmup, clip)."""
+    return config.values[name] if name in config.values else getattr(config.run, name)
 
 
 def search_vs_sweep(space: Space, limits: Limits, max_examples: int) -> Row:
@@ -266,7 +279,7 @@ def search_vs_sweep(space: Space, limits: Limits, max_examples: int) -> Row:
     minimal = boundary(grid)
     found = index_of(space, cx.config) if cx else None
     same = "n/a (grid has no explosion)" if not minimal else ("yes" if found in minimal else "NO")
-    knobs = " ".join(f"{a.name}={cx.config.knob(a.name)}" for a in space.axes) if cx else "none found"
+    knobs = " ".join(f"{a.name}={value(cx.config, a.name)}" for a in space.axes) if cx else "none found"
     return {
         "space": space.label,
         "grid": space.size,
@@ -329,11 +342,11 @@ def scaling(s: Sizes) -> tuple[list[Row], list[Row]]:
     """Probe time vs depth, width and seq_len, with the fitted exponents."""
     rounds = max(3, s.rounds // 2)
     axes = [
-        (f"mlp depth (width {s.scaling_mlp.width})", s.scaling_mlp, "depth", s.depths),
-        (f"mlp width (depth {s.scaling_mlp.depth})", s.scaling_mlp, "width", s.widths),
-        (f"rnn seq_len (width {s.scaling_rnn.width})", s.scaling_rnn, "seq_len", s.seq_lens),
+        (f"mlp depth (width {s.scaling_mlp.knob('width')})", s.scaling_mlp, "depth", s.depths),
+        (f"mlp width (depth {s.scaling_mlp.knob('depth')})", s.scaling_mlp, "width", s.widths),
+        (f"rnn seq_len (width {s.scaling_rnn.knob('width')})", s.scaling_rnn, "seq_len", s.seq_lens),
         (
-            f"transformer seq_len (2x{s.scaling_transformer.width})",
+            f"transformer seq_len (2x{s.scaling_transformer.knob('width')})",
             s.scaling_transformer,
             "seq_len",
             s.seq_lens,

@@ -59,7 +59,7 @@ def at_init(depths: list[int], seeds: int, seq_len: int, batch_size: int) -> Non
         for depth in depths:
             ms: list[Measurement] = []
             for seed in range(seeds):
-                config = subject.base_config(seed=seed).with_knobs(
+                config = subject.config(seed=seed).with_knobs(
                     num_layers=depth, norm_first=norm_first, seq_len=seq_len, batch_size=batch_size
                 )
                 ms.append(probe(config, subject))
@@ -124,7 +124,7 @@ def training(depths: list[int], steps: int, seq_len: int, batch_size: int) -> No
     marks = sorted({0, steps // 5, steps // 2, steps})
     for norm_first in (0, 1):
         for depth in depths:
-            config = subject.base_config(steps=steps, lr=1e-3, optimizer="adam", warmup=0).with_knobs(
+            config = subject.config(steps=steps, lr=1e-3, optimizer="adam", warmup=0).with_knobs(
                 num_layers=depth, norm_first=norm_first, seq_len=seq_len, batch_size=batch_size
             )
             start = time.perf_counter()
@@ -172,7 +172,7 @@ def training(depths: list[int], steps: int, seq_len: int, batch_size: int) -> No
 
 def timing(depth: int, seq_len: int, batch_size: int) -> None:
     subject = load(str(EXAMPLE))
-    config = subject.base_config().with_knobs(num_layers=depth, seq_len=seq_len, batch_size=batch_size)
+    config = subject.config().with_knobs(num_layers=depth, seq_len=seq_len, batch_size=batch_size)
     threads, mkldnn = torch.get_num_threads(), bool(torch.backends.mkldnn.enabled)
     rows = []
     try:

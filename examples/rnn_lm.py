@@ -17,7 +17,8 @@ from torch import nn
 from torch.nn import functional as F
 
 VOCAB = 50
-SPACE = {"width": (8, 64), "num_layers": (1, 4), "seq_len": (1, 64), "init_scale": (0.5, 4.0, 0.5)}
+# init_scale up to 8: at 4 the median over seeds of the top corner stays below growth 100 (tanh saturates)
+SPACE = {"width": (8, 64), "num_layers": (1, 4), "seq_len": (1, 64), "init_scale": (0.5, 8.0, 0.5)}
 
 
 class RNNLM(nn.Module):

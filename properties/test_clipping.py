@@ -20,12 +20,17 @@ from stabilitycheck.invariants import (
     subnormal_spacing,
 )
 from stabilitycheck.strategies import configs
-from stabilitycheck.subject import torch_dtype
-from stabilitycheck.zoo import build
+from stabilitycheck.subject import Built, torch_dtype
+from stabilitycheck.zoo import Family
 
 small = configs(max_depth=4, max_width=16, max_seq_len=6, max_batch_size=3, init_scales=(1.0, 0.5, 2.0))
 max_norms = st.one_of(st.floats(-6, 6).map(lambda e: 10.0**e), st.sampled_from([1e-6, 1e6]))
 """Log-uniform from 1e-6 to 1e6 (shrinking to 1.0), plus both ends exactly."""
+
+
+def build(c: Config) -> Built:
+    """The zoo model, inputs and loss of `c`."""
+    return Family(c.subject).build(c)
 
 
 def backward(c: Config) -> tuple[nn.Module, list[torch.Tensor]]:
@@ -50,7 +55,7 @@ def test_norm_clipping_bounds_the_norm_and_keeps_the_direction(
     returned = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, norm_type)
     pre = total_norm(before, norm_type)
     f16_max = torch.finfo(torch.float16).max
-    if c.dtype == "float16" and pre > 2 * f16_max:
+    if c.run.dtype == "float16" and pre > 2 * f16_max:
         # torch's own finding (tests/test_invariants.py): the float16 total norm overflows to Inf
         # past 65504 and every finite gradient is multiplied by max_norm / Inf = 0. The contract check
         # must catch it wherever the correctly clipped gradients are above float16's resolution.
@@ -60,8 +65,8 @@ def test_norm_clipping_bounds_the_norm_and_keeps_the_direction(
             with pytest.raises(StabilityError, match="not clipped correctly"):
                 assert_clipped_norm_bounded(model, max_norm, norm_type, before=before)
         return
-    assume(c.dtype != "float16" or pre < f16_max / 2)  # near 65504 float16 rounding decides
-    assert math.isclose(float(returned), pre, rel_tol=4 * rtol_of(torch_dtype(c.dtype)))
+    assume(c.run.dtype != "float16" or pre < f16_max / 2)  # near 65504 float16 rounding decides
+    assert math.isclose(float(returned), pre, rel_tol=4 * rtol_of(torch_dtype(c.run.dtype)))
     event(f"clipped: {max_norm < pre}")
     assert_clipped_norm_bounded(model, max_norm, norm_type, before=before)
     assert_direction_preserved(before, [p.grad for p in model.parameters() if p.grad is not None])
@@ -78,7 +83,7 @@ def test_value_clipping_bounds_entries_and_turns_the_direction(c: Config, quanti
     flat = torch.cat([g.reshape(-1).to(torch.float64).abs() for g in before])
     clip_value = float(torch.quantile(flat, quantile))
     assume(clip_value > 0)
-    resolved = 4 * subnormal_spacing(torch_dtype(c.dtype)) * math.sqrt(flat.numel())
+    resolved = 4 * subnormal_spacing(torch_dtype(c.run.dtype)) * math.sqrt(flat.numel())
     torch.nn.utils.clip_grad_value_(model.parameters(), clip_value)
     assert_clipped_value_bounded(model, clip_value, before=before)
     after = [p.grad for p in model.parameters() if p.grad is not None]

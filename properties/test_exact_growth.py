@@ -19,16 +19,22 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from stabilitycheck.config import Config
+from stabilitycheck.losses import LossFn, generator
 from stabilitycheck.probing import probe_module
 from stabilitycheck.strategies import configs
-from stabilitycheck.subject import LossFn, generator
-from stabilitycheck.zoo import build, orthogonal
+from stabilitycheck.subject import Built
+from stabilitycheck.zoo import Family, orthogonal
 
 SIGMAS = st.floats(0.5, 2.0)
 """sigma ** 127 stays within float64 at both ends (0.5 ** 127 = 5.9e-39, 2 ** 127 = 1.7e38)."""
 
 RTOL = 1e-9
 """Rounding of n <= 128 float64 matrix products is about 128 * 1.1e-16 relative: far below 1e-9."""
+
+
+def build(c: Config) -> Built:
+    """The zoo model, inputs and loss of `c`."""
+    return Family(c.subject).build(c)
 
 
 def linear(family: str, **bounds: int) -> st.SearchStrategy[Config]:
@@ -48,27 +54,29 @@ def linear(family: str, **bounds: int) -> st.SearchStrategy[Config]:
 
 def linear_loss(c: Config) -> LossFn:
     """L = <v, y> over the last output (the last time step for a sequence), v fixed by the seed."""
-    v = torch.randn(c.batch_size, c.width, generator=generator(c.seed + 1), dtype=torch.float64)
-    return lambda out, _: (v * (out[:, -1] if c.is_sequence else out)).sum()
+    k = c.values
+    v = torch.randn(k["batch_size"], k["width"], generator=generator(c.run.seed + 1), dtype=torch.float64)
+    return lambda out, _: (v * (out[:, -1] if c.recurrent else out)).sum()
 
 
 @given(linear("mlp", max_depth=64))
 def test_linear_orthogonal_mlp_grows_by_exactly_sigma_per_block(c: Config) -> None:
-    sigma = c.init_scale
+    sigma, depth = float(c.knob("init_scale")), int(c.knob("depth"))
     built = build(c)
-    gen = generator(c.seed + 2)
+    gen = generator(c.run.seed + 2)
     with torch.no_grad():
         for _, block in built.blocks:
-            block.weight.copy_(orthogonal(c.width, sigma, gen))
+            block.weight.copy_(orthogonal(int(c.knob("width")), sigma, gen))
     m = probe_module(built.model, built.inputs, linear_loss(c), blocks=built.blocks)
-    assert len(m.gains) == c.depth - 1
-    assert m.growth == pytest.approx(sigma ** (c.depth - 1), rel=RTOL)
-    assert m.gains == pytest.approx([sigma] * (c.depth - 1), rel=RTOL)
+    assert len(m.gains) == depth - 1
+    assert m.growth == pytest.approx(sigma ** (depth - 1), rel=RTOL)
+    assert m.gains == pytest.approx([sigma] * (depth - 1), rel=RTOL)
 
 
 @given(linear("rnn", max_seq_len=128))
 def test_linear_rnn_grows_by_exactly_sigma_per_step(c: Config) -> None:
     built = build(c)  # the zoo's recurrent matrix is init_scale x orthogonal
     m = probe_module(built.model, built.inputs, linear_loss(c), blocks=built.blocks)
-    assert len(m.activation_grad_norms) == c.seq_len
-    assert m.growth == pytest.approx(c.init_scale ** (c.seq_len - 1), rel=RTOL)
+    seq_len = int(c.knob("seq_len"))
+    assert len(m.activation_grad_norms) == seq_len
+    assert m.growth == pytest.approx(float(c.knob("init_scale")) ** (seq_len - 1), rel=RTOL)

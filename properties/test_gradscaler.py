@@ -9,20 +9,26 @@ from hypothesis import strategies as st
 from stabilitycheck.config import Config
 from stabilitycheck.invariants import assert_gradscaler_guards
 from stabilitycheck.strategies import configs
-from stabilitycheck.zoo import build
+from stabilitycheck.subject import Built
+from stabilitycheck.zoo import Family
 
 models = configs(
     max_depth=4, max_width=16, max_seq_len=6, max_batch_size=3, init_scales=(1.0, 0.5), dtypes=("float32",)
 )
 
 
+def build(c: Config) -> Built:
+    """The zoo model, inputs and loss of `c`."""
+    return Family(c.subject).build(c)
+
+
 @given(models, st.integers(0, 16), st.sampled_from(["sgd", "adam"]))
 def test_gradscaler_skips_nonfinite_steps_and_takes_clean_ones(c: Config, log2_scale: int, opt: str) -> None:
     b = build(c)
-    scaler = torch.amp.GradScaler(c.device, init_scale=2.0**log2_scale)
+    scaler = torch.amp.GradScaler(c.run.device, init_scale=2.0**log2_scale)
 
     def optimizer(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=1e-3) if opt == "adam" else torch.optim.SGD(params, lr=0.01)
 
-    assert_gradscaler_guards(b.model, b.inputs, b.loss_fn, scaler, optimizer=optimizer, seed=c.seed)
+    assert_gradscaler_guards(b.model, b.inputs, b.loss_fn, scaler, optimizer=optimizer, seed=c.run.seed)
     assert scaler.get_scale() == 2.0 ** (log2_scale - 2)  # halved once for Inf, once for NaN

@@ -28,12 +28,18 @@ from theory import layer_chis
 from stabilitycheck.config import Config
 from stabilitycheck.probing import probe_module
 from stabilitycheck.strategies import configs
-from stabilitycheck.zoo import build
+from stabilitycheck.subject import Built
+from stabilitycheck.zoo import Family
 
 SIGMAS = {"tanh": st.floats(0.5, 3.0), "relu": st.floats(0.5, 2.5)}
 """Both phases: ordered (chi < 1) and chaotic (chi > 1), and the critical point between them."""
 
 TOL = 0.05
+
+
+def build(c: Config) -> Built:
+    """The zoo model, inputs and loss of `c`."""
+    return Family(c.subject).build(c)
 
 
 @pytest.mark.slow
@@ -57,7 +63,9 @@ def test_mean_log_gain_per_block_matches_mean_field(activation: str, data: st.Da
     )
     b = build(c)
     m = probe_module(b.model, b.inputs, b.loss_fn, blocks=b.blocks)
-    chis = layer_chis(c.init_scale, activation, float(b.inputs.pow(2).mean()), c.depth)
+    chis = layer_chis(
+        float(c.knob("init_scale")), activation, float(b.inputs.pow(2).mean()), int(c.knob("depth"))
+    )
     measured = statistics.fmean(math.log(g) for g in m.gains)
     predicted = statistics.fmean(0.5 * math.log(x) for x in chis[1:])
     assert measured == pytest.approx(predicted, abs=TOL), f"chi per block: {chis}"

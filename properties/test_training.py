@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -34,7 +32,7 @@ def pre_norm_stacks(family: str) -> st.SearchStrategy[Config]:
         min_steps=3,
         max_steps=5,
         optimizers=("adam", "sgd"),
-    ).map(lambda c: dataclasses.replace(c, lr=LR[c.optimizer]))
+    ).map(lambda c: c.with_run(lr=LR[c.run.optimizer]))
 
 
 @pytest.mark.slow

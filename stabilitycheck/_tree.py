@@ -31,16 +31,18 @@ def tensors(tree: Any) -> list[torch.Tensor]:
 
 def invalid_leaf(tree: Any) -> object | None:
     """The first value that is neither a tensor, a container nor a plain scalar/None; else None."""
-    if isinstance(tree, torch.Tensor | LEAVES):
+    if isinstance(tree, (torch.Tensor, *LEAVES)):
         return None
     if isinstance(tree, Mapping):
         if not all(isinstance(k, str) for k in tree):
-            return tree
+            mapping: object = tree
+            return mapping
         values: Any = tree.values()
     elif isinstance(tree, tuple | list):
         values = tree
     else:
-        return tree
+        found: object = tree
+        return found
     for value in values:
         bad = invalid_leaf(value)
         if bad is not None:

@@ -376,7 +376,7 @@ def _replay(args: argparse.Namespace, limits: Any) -> list[Any]:
         j = assess(config, subject, limits)
         label = str(entry.get("label", config.subject))
         found = Counterexample(label, config, j, limits, tuple(try_remedies(config, subject, limits)))
-        space = Space(label, config, ())
+        space = Space(label, config, _searched_axes(label, subject))
         results.append(
             SearchResult(
                 space,
@@ -389,6 +389,14 @@ def _replay(args: argparse.Namespace, limits: Any) -> list[Any]:
             )
         )
     return results
+
+
+def _searched_axes(label: str, subject: Any) -> tuple[Any, ...]:
+    """The axes a replayed row names its knobs by: the zoo target's, else the subject's own space."""
+    from stabilitycheck.zoo import targets
+
+    zoo = targets()
+    return tuple(zoo[label].axes if label in zoo else subject.space().axes)
 
 
 def run(argv: Sequence[str] | None, progress: Progress | None = None) -> int:

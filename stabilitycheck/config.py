@@ -202,8 +202,9 @@ class Config:
         }
 
     def to_json(self) -> str:
-        """JSON text that `Config.from_json` turns back into an equal Config."""
-        return json.dumps(self.to_dict(), sort_keys=True)
+        """JSON text that `Config.from_json` turns back into an equal Config (keys in to_dict's fixed
+        order, not sorted: a model file's knobs keep their order, which Config equality compares)."""
+        return json.dumps(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: Any) -> Config:

@@ -6,6 +6,7 @@ order of importance: the order a Space draws and a search lowers them.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 
 from stabilitycheck.errors import ConfigError
@@ -27,7 +28,9 @@ class KnobSpec:
         where = f"{family} knob {self.name}"
         if self.choices:
             if value not in self.choices:
-                raise ConfigError(f"{where}={value!r} is not allowed; expected one of {self.choices}")
+                close = difflib.get_close_matches(str(value).lower(), self.choices, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"{where}={value!r} is not allowed; expected one of {self.choices}{hint}")
             return str(value)
         kind = type(self.default)
         if isinstance(value, bool) or not isinstance(value, int | float):

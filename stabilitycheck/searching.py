@@ -21,7 +21,7 @@ from hypothesis.database import ExampleDatabase
 
 from stabilitycheck._validation import describe
 from stabilitycheck.config import Config
-from stabilitycheck.errors import StabilityCheckError, UsageError
+from stabilitycheck.errors import StabilityCheckError, UsageError, UserCodeError
 from stabilitycheck.memory import free_memory
 from stabilitycheck.remedies import Remedy, candidates
 from stabilitycheck.seeds import Judgement, assess, through_time
@@ -34,8 +34,8 @@ Index = tuple[int, ...]
 Progress = Callable[[str], None]
 
 
-class ProbeTimeout(Exception):
-    """A probe ran past its time budget."""
+class ProbeTimeout(BaseException):
+    """A probe ran past its time budget (a BaseException, so user code catching Exception lets it by)."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +146,8 @@ class Prober:
             return f"too slow (over the {self.timeout:g} s probe budget)"
         except MemoryError as exc:
             return f"out of memory ({describe(exc)})"
+        except UserCodeError as exc:
+            return str(exc)
         except UsageError:
             raise
         except StabilityCheckError as exc:

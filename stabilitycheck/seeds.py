@@ -59,10 +59,12 @@ class Spread:
 
 @dataclass(frozen=True)
 class Growth:
-    """What kind of growth the stack shows, from a fit of each block's log-gain l_j = rate + exponent / j
-    (j = 1.. blocks from the input side): exponential (a constant rate per block), polynomial (rate
-    decays like 1/j, growth ~ depth ** exponent, e.g. pre-norm residual stacks), or none; medians and
-    spreads over seeds."""
+    """What kind of growth the stack shows, from the cumulative log growth C(j) of the backward signal
+    between block call j and the output (j = 1..L from the input side): exponential when C is linear in
+    the number of blocks L - j (a constant rate per block, e.g. a tanh MLP off criticality), polynomial
+    when it is linear in log(L / j) (growth ~ depth ** exponent, e.g. pre-norm residual stacks whose
+    per-block log-gain decays like 1 / j), whichever least-squares fit explains more of C; flat when the
+    total growth is within x2. Quantiles and spreads over seeds."""
 
     kind: str
     rate: Spread
@@ -76,43 +78,63 @@ class Growth:
         return self.kind
 
 
-def fit_growth(gains: Sequence[float]) -> tuple[float, float]:
-    """(rate, exponent) of the least-squares fit l_j = rate + exponent / j to the log-gains."""
-    pts = [(1.0 / (j + 1), math.log(g)) for j, g in enumerate(gains) if g > 0 and math.isfinite(g)]
-    if len(pts) < 3:
-        total = sum(y for _, y in pts)
-        return (total / len(pts) if pts else math.nan), math.nan
-    n = len(pts)
-    mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
-    sxx = sum((x - mx) ** 2 for x, _ in pts)
-    p = sum((x - mx) * (y - my) for x, y in pts) / sxx if sxx > 0 else 0.0
-    return my - p * mx, p
+Fit = tuple[float, float, float, float]  # rate, r2 of the linear fit, exponent, r2 of the log fit
 
 
-def classify(fits: Sequence[tuple[float, float]], q: float, blocks: int) -> Growth:
-    """The kind of growth from per-seed fits: whichever term carries more of the total log growth."""
-    rate = Spread.of([r for r, _ in fits], q)
-    exponent = Spread.of([p for _, p in fits], q)
-    if blocks < 4 or math.isnan(rate.mid):
+def _least_squares(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    """(slope, r2) of y = a + slope x."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx > 0 else 0.0
+    total = sum((y - my) ** 2 for y in ys)
+    resid = sum((y - my - slope * (x - mx)) ** 2 for x, y in zip(xs, ys, strict=True))
+    return slope, (1 - resid / total) if total > 0 else 1.0
+
+
+def fit_growth(gains: Sequence[float]) -> Fit:
+    """The exponential and polynomial fits of one seed's cumulative log growth (see Growth)."""
+    if not gains or not all(g > 0 and math.isfinite(g) for g in gains):
+        return math.nan, math.nan, math.nan, math.nan
+    logs = [math.log(g) for g in gains]
+    n = len(logs) + 1  # block calls
+    cumulative = [sum(logs[j:]) for j in range(n - 1)]
+    if n < 4:
+        return cumulative[0] / (n - 1), math.nan, math.nan, math.nan
+    rate, r2_lin = _least_squares([float(n - 1 - j) for j in range(n - 1)], cumulative)
+    exponent, r2_log = _least_squares([math.log(n / (j + 1)) for j in range(n - 1)], cumulative)
+    return rate, r2_lin, exponent, r2_log
+
+
+def classify(fits: Sequence[Fit], growths: Sequence[float], q: float) -> Growth:
+    """The kind of growth from per-seed fits and growths (see Growth)."""
+    rate = Spread.of([f[0] for f in fits], q)
+    exponent = Spread.of([f[2] for f in fits], q)
+    growth = quantile(growths, q)
+    if math.isnan(exponent.mid) or math.isnan(growth):
         return Growth("n/a", rate, exponent)
-    harmonic = sum(1.0 / j for j in range(1, blocks))
-    linear, poly = rate.mid * (blocks - 1), (0.0 if math.isnan(exponent.mid) else exponent.mid) * harmonic
-    if linear + poly <= 0:
-        return Growth("none", rate, exponent)
-    return Growth("exponential" if linear >= poly else "polynomial", rate, exponent)
+    if growth > 0 and abs(math.log(growth)) < math.log(2):
+        return Growth("flat", rate, exponent)
+    linear = quantile([f[1] for f in fits], q)
+    return Growth(
+        "exponential" if linear >= quantile([f[3] for f in fits], q) else "polynomial", rate, exponent
+    )
 
 
 def culprit_of(ms: Sequence[Measurement]) -> str:
     """The block to blame, over seeds: where the first non-finite value was made; else a block whose
     backward log-gain exceeds the stack's median log-gain by more than log 2 and by more than 3x the
     spread of the other blocks' excesses, in the median over seeds, and which has the largest gain in
-    at least 80% of the seeds; else 'uniform xG/block' with G the typical gain."""
+    at least 80% of the seeds; else, when the typical gain G is over 1, 'uniform xG/block'; else the
+    block with the largest weight gradient (the growth was inside a block). A stack with fewer than
+    three gains cannot show a uniform rate: there the seeds vote for their largest amplifying block."""
     first = ms[0]
     if any(m.first_nonfinite is not None for m in ms):
         return _single(next(m for m in ms if m.first_nonfinite is not None))
     logs = [[math.log(g) if g > 0 and math.isfinite(g) else math.nan for g in m.gains] for m in ms]
-    if not first.gains or any(all(math.isnan(x) for x in row) for row in logs):
-        return _single(first)
+    if len(first.gains) < 3 or any(all(math.isnan(x) for x in row) for row in logs):
+        votes = [_largest_gain(m) for m in ms]  # too few gains to tell a uniform stack from one block
+        return max(set(votes), key=votes.count)
     excess = []
     for row in logs:
         mid = statistics.median(x for x in row if not math.isnan(x))
@@ -127,7 +149,17 @@ def culprit_of(ms: Sequence[Measurement]) -> str:
     if per_block[top] > max(math.log(2), 3 * spread) and wins >= math.ceil(0.8 * len(ms)):
         return first.activation_names[top + 1]
     typical = statistics.median(statistics.median(x for x in row if not math.isnan(x)) for row in logs)
+    if typical <= 0:  # no block amplifies: the growth was inside a block (an nn.RNN over time)
+        return _single(first)
     return f"uniform x{math.exp(typical):.3g}/block"
+
+
+def _largest_gain(m: Measurement) -> str:
+    """One seed's block with the largest backward gain when it amplifies (> 1), else `_single`."""
+    gains = [(g, i) for i, g in enumerate(m.gains) if not math.isnan(g)]
+    if m.first_nonfinite is None and gains and max(gains)[0] > 1.0:
+        return m.activation_names[max(gains)[1] + 1]
+    return _single(m)
 
 
 def _single(m: Measurement) -> str:
@@ -269,7 +301,6 @@ def _judgement(
     growth = [m.growth for m in ms]
     mid = quantile(growth, q)
     rep = next((m for m in ms if m.growth == mid or (math.isnan(mid) and math.isnan(m.growth))), ms[0])
-    blocks = len(ms[0].activation_names)
     return Judgement(
         verdict=judge(quantiles, lim),
         seeds=seeds,
@@ -278,7 +309,7 @@ def _judgement(
         grad_norm=Spread.of([v["grad_norm"] for v in per_seed], q),
         skipped_steps=sum(m.skipped_steps for m in ms),
         culprit=culprit_of(ms),
-        kind=classify([fit_growth(m.gains) for m in ms], q, blocks),
+        kind=classify([fit_growth(m.gains) for m in ms], growth, q),
         through_time=Spread.of(through, q) if through else None,
         measurement=rep,
     )

@@ -5,7 +5,6 @@ Each is a plausible bug, written the way it shows up in real training code.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -14,8 +13,16 @@ import torch
 from torch import nn
 
 from stabilitycheck.config import Config
+from stabilitycheck.families import knob_specs
 from stabilitycheck.subject import Built
-from stabilitycheck.zoo import ResBlock, build
+from stabilitycheck.zoo import Family, ResBlock
+
+
+def _prenorm_resmlp(config: Config) -> Built:
+    """The zoo's pre-norm resmlp with `config`'s run settings and those of its knobs a resmlp has."""
+    names = {spec.name for spec in knob_specs("resmlp")}
+    knobs = {k: v for k, v in config.values.items() if k in names}
+    return Family("resmlp").build(Config("resmlp", tuple({**knobs, "norm": "pre"}.items()), config.run))
 
 
 def _grads(parameters: Iterable[nn.Parameter]) -> list[torch.Tensor]:
@@ -109,7 +116,7 @@ class PostNormInDisguise(ResBlock):
 def disguised_prenorm(config: Config) -> Built:
     """The zoo's pre-norm resmlp of `config`, same weights and block names, with every block's
     forward replaced by the post-norm one (the class is swapped in place, so nothing else differs)."""
-    built = build(dataclasses.replace(config, family="resmlp", norm="pre"))
+    built = _prenorm_resmlp(config)
     for block in built.model.layers:  # type: ignore[union-attr]
         block.__class__ = PostNormInDisguise
     return built
@@ -167,7 +174,7 @@ class NormIsIdentity(ResBlock):
 
 def prenorm_without_norm(config: Config) -> Built:
     """The zoo's pre-norm resmlp of `config` with every block's LayerNorm skipped (class swapped)."""
-    built = build(dataclasses.replace(config, family="resmlp", norm="pre"))
+    built = _prenorm_resmlp(config)
     for block in built.model.layers:  # type: ignore[union-attr]
         block.__class__ = NormIsIdentity
     return built

@@ -30,7 +30,7 @@ def test_exploding_family_exits_1_with_its_row(capsys: pytest.CaptureFixture[str
     assert "reproduce python -c" in out
     assert "searching mlp on cpu" in err
     data = json.loads(js.read_text())
-    assert data[0]["counterexample"]["config"]["family"] == "mlp"
+    assert data[0]["counterexample"]["config"]["subject"] == "mlp"
     assert md.read_text().startswith("## stabilitycheck") and "```bash" in md.read_text()
     # --replay re-probes the stored Config and prints the same row
     code2, out2, _ = run(capsys, "zoo", "--replay", str(js), *FAST)
@@ -54,12 +54,12 @@ def test_same_seed_same_output(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["zoo", "--family", "mpl"], "--family 'mpl' is not a zoo family"),
+        (["zoo", "--family", "mpl"], "--family 'mpl' is not a zoo target"),
         (["zoo", "--knob", "depth=5:1"], "depth=5:1 is empty"),
         (["zoo", "--knob", "depth"], "--knob 'depth' is malformed"),
-        (["zoo", "--knob", "dept=1:4"], "no knob 'dept'"),
+        (["zoo", "--knob", "dept=1:4"], "'dept' is not a knob of mlp"),
         (["zoo", "--lr", "-1"], "argument --lr"),
-        (["zoo", "--dtype", "fp8"], "Config.dtype='fp8'"),
+        (["zoo", "--dtype", "fp8"], "Run.dtype='fp8'"),
         (["zoo", "--replay", "/nonexistent.json"], "cannot read it"),
     ],
 )
@@ -88,7 +88,8 @@ def test_github_step_summary_is_appended(
     summary = tmp_path / "summary.md"
     summary.write_text("earlier step\n")
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
-    run(capsys, "zoo", "--family", "mlp", "--knob", "depth=1:24", *FAST)
+    # init_scale 3 (above the critical 1.0): the tanh MLP explodes with depth, so a reproduction is shown
+    run(capsys, "zoo", "--family", "mlp", "--knob", "depth=1:24", "--knob", "init_scale=3.0", *FAST)
     text = summary.read_text()
     assert text.startswith("earlier step\n## stabilitycheck")
     assert "| mlp " in text and "```bash\npython -c" in text

@@ -13,8 +13,10 @@ from torch.nn import functional as F
 
 from stabilitycheck.config import Config
 from stabilitycheck.errors import UsageError
-from stabilitycheck.modelfile import DefaultLoss, ModelFile, ModelFileError, load, space_of
+from stabilitycheck.losses import DefaultLoss
+from stabilitycheck.modelfile import ModelFile, ModelFileError, load
 from stabilitycheck.probing import probe
+from stabilitycheck.searching import check
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -36,6 +38,11 @@ def broken(name: str) -> str:
     return str(FILES / f"{name}.py")
 
 
+def check_defaults(subject: ModelFile) -> None:
+    """The pre-search check at the file's defaults (a model that cannot run is a one-line UsageError)."""
+    check(subject, subject.config())
+
+
 def weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
@@ -46,7 +53,7 @@ def weights(model: nn.Module) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("name", EXAMPLE_NAMES)
 def test_example_loads_and_probes(name: str) -> None:
     subject = example(name)
-    m = probe(subject.base_config(steps=1), subject)
+    m = probe(subject.config(steps=1), subject)
     assert Path(subject.name).name.startswith(f"{name}.py:")
     assert m.layer_names and m.first_nonfinite is None
     assert all(math.isfinite(v) for v in m.loss + m.grad_norm)
@@ -54,62 +61,70 @@ def test_example_loads_and_probes(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", EXAMPLE_NAMES)
-def test_check_at_the_defaults_is_the_probe(name: str) -> None:
+def test_check_at_the_defaults_passes_and_probes_one_seed(name: str) -> None:
     subject = example(name)
-    assert subject.check() == probe(subject.base_config(), subject)
+    assert check_defaults(subject) is None  # type: ignore[func-returns-value]
+    m = probe(subject.config(), subject)
+    assert m == probe(subject.config(seeds=1), subject)  # probe() is one seed whatever run.seeds says
 
 
 def test_example_knobs_and_bounds() -> None:
     mlp = example("mlp")
     assert mlp.knobs == {"depth": 4, "width": 64, "init_scale": 1.0}
     assert mlp.bounds["init_scale"] == (0.25, 4.0, 0.25)
+    assert mlp.init_knob == "init_scale" and not mlp.scales_weights  # the factory's own parameter
     rnn = example("rnn_lm")
-    assert rnn.knobs == {"width": 64, "num_layers": 1, "seq_len": 32, "batch_size": 8}
-    assert example("fixed_model").knobs == {}
+    # init_scale is added as a knob where the factory has none: it scales the built weights
+    assert rnn.knobs == {"width": 64, "num_layers": 1, "seq_len": 32, "batch_size": 8, "init_scale": 1.0}
+    assert rnn.scales_weights
+    assert example("fixed_model").knobs == {"init_scale": 1.0}
     assert example("transformer").knobs["norm_first"] == 0
 
 
 def test_knobs_reach_the_factory_and_batch() -> None:
     rnn = example("rnn_lm")
-    built = rnn.build(rnn.base_config(seq_len=5, batch_size=3, width=16))
+    built = rnn.build(rnn.config(seq_len=5, batch_size=3, width=16))
     assert built.inputs.shape == (3, 6)  # seq_len + 1 tokens
     assert built.model.rnn.hidden_size == 16  # type: ignore[union-attr]
     tf = example("transformer")
-    built = tf.build(tf.base_config(num_layers=3, norm_first=1))
+    built = tf.build(tf.config(num_layers=3, norm_first=1))
     assert [name for name, _ in built.blocks] == [f"encoder.layers.{i}" for i in range(3)]
     assert built.model.encoder.layers[0].norm_first  # type: ignore[index,union-attr]
 
 
-def test_base_config_puts_knobs_in_params_sorted_and_the_rest_in_fields() -> None:
-    c = example("mlp").base_config(depth=8, seed=3, dtype="float64")
-    assert c.family.endswith("mlp.py:build")
-    assert c.params == (("depth", 8), ("init_scale", 1.0), ("width", 64))
-    assert (c.seed, c.dtype) == (3, "float64")
+def test_config_holds_the_files_knobs_in_order_and_run_settings_in_run() -> None:
+    c = example("mlp").config(depth=8, seed=3, dtype="float64")
+    path, _, factory = c.subject.rpartition(":")
+    assert Path(path).is_absolute() and path.endswith("mlp.py") and factory == "build"
+    assert c.knobs == (("depth", 8), ("width", 64), ("init_scale", 1.0))
+    assert (c.run.seed, c.run.dtype) == (3, "float64")
     assert Config.from_json(c.to_json()) == c
 
 
-def test_space_of_has_one_axis_per_space_bound_in_order() -> None:
-    space = space_of(example("transformer"))
-    assert space.label.endswith("examples/transformer.py:build")
+def test_space_has_one_axis_per_space_bound_in_order() -> None:
+    space = example("transformer").space()
+    assert "examples/transformer.py" in space.label
     assert [a.name for a in space.axes] == ["num_layers", "norm_first", "seq_len"]
-    assert space.axes[1].values == (0, 1)
-    assert space.base == example("transformer").base_config()
-    assert space_of(example("fixed_model")).axes == ()
+    assert list(space.axes[1].values) == [0, 1]
+    assert space.base == example("transformer").config()
+    fixed = example("fixed_model").space()  # no SPACE: the init knob over x0.5..x4 its default
+    assert [a.name for a in fixed.axes] == ["init_scale"]
+    assert min(fixed.axes[0].values) == 0.5 and max(fixed.axes[0].values) == 4.0
 
 
 def test_a_space_point_reaches_a_knob_named_like_a_config_field() -> None:
     subject = example("mlp")
-    config = space_of(subject).config((7, 0, 0))  # depth 8
+    config = subject.space().config((7, 0, 0))  # depth 8
     assert subject.values(config)["depth"] == 8
 
 
 def test_device_and_dtype_apply_to_floating_tensors_only() -> None:
     rnn = example("rnn_lm")
-    built = rnn.build(rnn.base_config(dtype="float64"))
+    built = rnn.build(rnn.config(dtype="float64"))
     assert all(p.dtype == torch.float64 for p in built.model.parameters())
     assert built.inputs.dtype == torch.long
     mlp = example("mlp")
-    assert mlp.build(mlp.base_config(dtype="float64")).inputs.dtype == torch.float64
+    assert mlp.build(mlp.config(dtype="float64")).inputs.dtype == torch.float64
 
 
 # --- determinism ---------------------------------------------------------------------------------
@@ -118,14 +133,14 @@ def test_device_and_dtype_apply_to_floating_tensors_only() -> None:
 @pytest.mark.parametrize("name", EXAMPLE_NAMES)
 def test_same_config_gives_equal_measurements(name: str) -> None:
     subject = example(name)
-    c = subject.base_config(steps=2, seed=5)
+    c = subject.config(steps=2, seed=5)
     assert probe(c, subject) == probe(c, subject)
     assert probe(c, example(name)) == probe(c, subject)  # a fresh import builds the same thing
 
 
 def test_seed_changes_the_model_and_inputs() -> None:
     mlp = example("mlp")
-    a, b = mlp.build(mlp.base_config(seed=0)), mlp.build(mlp.base_config(seed=1))
+    a, b = mlp.build(mlp.config(seed=0)), mlp.build(mlp.config(seed=1))
     assert not torch.equal(a.inputs, b.inputs)
     assert not torch.equal(a.model.layers[0].weight, b.model.layers[0].weight)  # type: ignore[index,union-attr]
 
@@ -135,7 +150,7 @@ def test_build_leaves_the_global_rng_alone() -> None:
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    mlp.build(mlp.base_config(seed=7))
+    mlp.build(mlp.config(seed=7))
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -144,9 +159,9 @@ def test_build_leaves_the_global_rng_alone() -> None:
 
 def test_init_scale_multiplies_rank_2_weights_of_a_fixed_model() -> None:
     fixed = example("fixed_model")
-    base = weights(fixed.build(fixed.base_config()).model)
-    config = fixed.base_config(init_scale=2.5)
-    assert (config.init_scale, config.params) == (2.5, ())
+    base = weights(fixed.build(fixed.config()).model)
+    config = fixed.config(init_scale=2.5)
+    assert config.values == {"init_scale": 2.5}
     scaled = weights(fixed.build(config).model)
     for name, value in base.items():
         factor = 2.5 if value.dim() >= 2 else 1.0
@@ -156,18 +171,18 @@ def test_init_scale_multiplies_rank_2_weights_of_a_fixed_model() -> None:
 
 def test_init_scale_field_scales_a_factory_without_init_scale() -> None:
     rnn = example("rnn_lm")
-    base = weights(rnn.build(rnn.base_config()).model)
-    scaled = weights(rnn.build(rnn.base_config(init_scale=3.0)).model)
-    assert "init_scale" not in rnn.knobs
-    assert rnn.base_config().with_knobs(init_scale=3.0) == rnn.base_config(init_scale=3.0)  # Space's way
+    base = weights(rnn.build(rnn.config()).model)
+    scaled = weights(rnn.build(rnn.config(init_scale=3.0)).model)
+    assert rnn.scales_weights  # build() has no init_scale parameter
+    assert rnn.config().with_knobs(init_scale=3.0) == rnn.config(init_scale=3.0)  # Space's way
     for name, value in base.items():
         torch.testing.assert_close(scaled[name], value * (3.0 if value.dim() >= 2 else 1.0))
 
 
 def test_a_factory_with_init_scale_gets_it_as_a_knob_and_no_extra_scaling() -> None:
     mlp = example("mlp")
-    one = mlp.build(mlp.base_config()).model.layers[0].weight  # type: ignore[index,union-attr]
-    two = mlp.build(mlp.base_config(init_scale=2.0)).model.layers[0].weight  # type: ignore[index,union-attr]
+    one = mlp.build(mlp.config()).model.layers[0].weight  # type: ignore[index,union-attr]
+    two = mlp.build(mlp.config(init_scale=2.0)).model.layers[0].weight  # type: ignore[index,union-attr]
     torch.testing.assert_close(two, 2 * one)  # the factory's own N(0, 2²/width), not scaled twice
 
 
@@ -179,14 +194,14 @@ def test_packed_outputs_measure_like_the_plain_tensor(factory: str) -> None:
     plain = load(f"{broken('outputs')}:plain")
     packed = load(f"{broken('outputs')}:{factory}")
     assert packed.name.endswith(f"outputs.py:{factory}")
-    assert probe(packed.base_config(), packed).loss == probe(plain.base_config(), plain).loss
+    assert probe(packed.config(), packed).loss == probe(plain.config(), plain).loss
 
 
 def test_a_loss_in_the_output_is_used_as_the_loss() -> None:
     subject = load(f"{broken('outputs')}:with_loss")
-    built = subject.build(subject.base_config())
+    built = subject.build(subject.config())
     expected = built.model.layers(built.inputs).logsumexp(dim=-1).mean()  # type: ignore[operator]
-    assert probe(subject.base_config(), subject).loss[0] == pytest.approx(expected.item())
+    assert probe(subject.config(), subject).loss[0] == pytest.approx(expected.item())
 
 
 def test_default_loss_is_cross_entropy_over_the_last_dimension() -> None:
@@ -201,7 +216,7 @@ def test_default_loss_is_cross_entropy_over_the_last_dimension() -> None:
 
 def test_default_loss_is_mse_to_fixed_targets_for_one_output() -> None:
     subject = load(broken("scalar_output"))
-    built = subject.build(subject.base_config())
+    built = subject.build(subject.config())
     out = built.model(built.inputs)
     first = built.loss_fn(out, built.inputs)
     assert built.loss_fn(out, built.inputs).item() == first.item()
@@ -223,7 +238,8 @@ def test_default_labels_depend_on_the_seed_only() -> None:
 
 def test_a_model_that_makes_nan_is_a_finding_not_an_error() -> None:
     subject = load(broken("nan_model"))
-    m = subject.check()
+    check_defaults(subject)
+    m = probe(subject.config(seeds=1), subject)
     assert m.first_nonfinite is not None and m.first_nonfinite.layer == "(loss)"
 
 
@@ -234,33 +250,39 @@ def test_sibling_imports_work_and_sys_path_is_restored() -> None:
     before = list(sys.path)
     subject = load(broken("sibling"))
     assert sys.path == before
-    assert len(subject.build(subject.base_config(depth=5)).blocks) == 5
+    assert len(subject.build(subject.config(depth=5)).blocks) == 5
 
 
 def test_a_bounded_parameter_without_default_starts_at_its_lower_bound() -> None:
     subject = load(broken("space_bounded"))
-    assert subject.knobs == {"depth": 2, "width": 8}  # str and bool parameters are not knobs
-    assert len(subject.build(subject.base_config()).blocks) == 2
+    assert subject.knobs == {
+        "depth": 2,
+        "width": 8,
+        "init_scale": 1.0,
+    }  # str and bool parameters are not knobs
+    assert len(subject.build(subject.config()).blocks) == 2
 
 
 def test_seq_dim_cuts_or_tiles_every_matching_input() -> None:
     subject = load(broken("sequence"))
-    assert subject.knobs == {"seq_len": 5}
-    assert subject.bounds == {"seq_len": (1, 64), "init_scale": (0.5, 4.0)}  # init_scale: the Config field
-    short = subject.build(subject.base_config(seq_len=3)).inputs
+    assert subject.knobs == {"seq_len": 5, "init_scale": 1.0}
+    assert subject.bounds == {"seq_len": (1, 64), "init_scale": (0.5, 4.0)}  # init_scale: the added knob
+    short = subject.build(subject.config(seq_len=3)).inputs
     assert short["ids"].tolist() == [[0, 1, 2], [5, 6, 7]] and short["mask"].shape == (2, 3)
-    long = subject.build(subject.base_config(seq_len=12)).inputs
+    long = subject.build(subject.config(seq_len=12)).inputs
     assert long["ids"][0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1]
     assert long["mask"].shape == (2, 12)
-    assert probe(subject.base_config(seq_len=12), subject).first_nonfinite is None
+    assert probe(subject.config(seq_len=12), subject).first_nonfinite is None
 
 
 # --- errors --------------------------------------------------------------------------------------
 
 
-def assert_one_line(exc: pytest.ExceptionInfo[UsageError], file: str, *fragments: str) -> None:
+def assert_one_line(
+    exc: pytest.ExceptionInfo[UsageError], file: str, *fragments: str, kind: type[UsageError] = ModelFileError
+) -> None:
     message = str(exc.value)
-    assert isinstance(exc.value, ModelFileError)
+    assert isinstance(exc.value, kind)
     assert "\n" not in message, message
     assert Path(file).name in message, message
     for fragment in fragments:
@@ -290,7 +312,7 @@ def test_load_errors_are_one_line(name: str, fragments: tuple[str, ...]) -> None
 
 BUILD_ERRORS = [
     ("returns_int", ("build(width=8) returned an int, not an nn.Module",)),
-    ("batch_not_tensors", ("batch(model, batch_size=2) is a list of ['float'", "not tensors")),
+    ("batch_not_tensors", ("batch(model, batch_size=2) is a list", "not tensors")),
     ("loss_vector", ("the loss must be a scalar", "(16,)")),
     ("loss_detached", ("does not require grad",)),
     ("loss_raises", ("loss(output, inputs) raised AttributeError",)),
@@ -307,22 +329,22 @@ BUILD_ERRORS = [
 def test_check_errors_are_one_line(name: str, fragments: tuple[str, ...]) -> None:
     subject = load(broken(name))
     with pytest.raises(UsageError) as exc:
-        subject.check()
-    assert_one_line(exc, name, *fragments)
+        check_defaults(subject)
+    assert_one_line(exc, name, *fragments, kind=UsageError)
 
 
 def test_probe_raises_usage_errors_too() -> None:
     subject = load(broken("loss_raises"))
     expected = r"loss_raises\.py: loss\(output, inputs\) raised AttributeError"
     with pytest.raises(ModelFileError, match=expected):
-        probe(subject.base_config(), subject)
+        probe(subject.config(), subject)
 
 
 def test_a_factory_that_rejects_a_knob_value_names_it() -> None:
     subject = load(broken("factory_raises"))
-    subject.check()
+    check_defaults(subject)
     with pytest.raises(UsageError) as exc:
-        subject.build(subject.base_config(width=3))
+        subject.build(subject.config(width=3))
     assert_one_line(exc, "factory_raises", "build(width=3) raised ValueError: width must be even, got 3")
 
 
@@ -357,8 +379,8 @@ def test_a_named_factory_that_does_not_exist() -> None:
 def test_config_params_must_be_knobs_of_the_file() -> None:
     mlp = example("mlp")
     with pytest.raises(UsageError) as exc:
-        mlp.build(Config.of(mlp.name, params=(("detph", 3),)))
+        mlp.build(Config.of(mlp.name, detph=3))
     assert_one_line(exc, "mlp.py", "'detph'", "knobs are ['depth', 'init_scale', 'width']")
     with pytest.raises(UsageError) as exc:
-        mlp.build(Config.of(mlp.name, params=(("depth", 2.5),)))
+        mlp.build(Config.of(mlp.name, depth=2.5))
     assert_one_line(exc, "mlp.py", "depth=2.5 is not an int")

@@ -14,7 +14,12 @@ from stabilitycheck.errors import UsageError
 from stabilitycheck.searching import search
 from stabilitycheck.space import Axis, Space
 
-KNOWN = Space("mlp", Config.of("mlp", width=16, batch_size=4, steps=2), (Axis.range("depth", 1, 30),))
+# a tanh MLP at init_scale 3 (above the critical 1.0): its gradients grow ~ gain^depth and explode
+KNOWN = Space(
+    "mlp",
+    Config.of("mlp", width=16, batch_size=4, init_scale=3.0, steps=2, seeds=1),
+    (Axis.range("depth", 1, 30),),
+)
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -28,7 +33,7 @@ def test_plot_renders_a_png_of_a_counterexample(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     from stabilitycheck.plot import plot
 
-    result = search(KNOWN.with_run(init_scale=3.0), max_examples=20)
+    result = search(KNOWN, max_examples=20)
     assert result.counterexample is not None
     out = tmp_path / "cx.png"
     assert plot([result], out) == 1
@@ -47,6 +52,10 @@ def test_cli_plot_writes_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[
             "mlp",
             "--knob",
             "depth=1:24",
+            "--knob",
+            "init_scale=3.0",  # above the critical 1.0: with any --knob, only the named knobs move
+            "--seeds",
+            "1",
             "--max-examples",
             "10",
             "--database",

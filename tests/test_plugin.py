@@ -43,8 +43,10 @@ from stabilitycheck.config import Config
 from stabilitycheck.pytest_plugin import assert_stable
 
 def test_residual_is_stable():
-    assert_stable(Config.of("resmlp", depth=14, width=16, init_scale=2.0, batch_size=8))
+    assert_stable(Config.of("resmlp", depth=14, width=16, init_scale=3.0, batch_size=8))
 """
+"""Judged over its seeds (the median): growth 173..369..933 over the seeds (init_scale 2.0 had a median
+of 91, stable, though seed 0 alone measured 161)."""
 
 DRAWS = """
 from hypothesis import given, settings, strategies as st
@@ -64,7 +66,7 @@ def test_device(stability_device):
 
 def smallest_failing_depth() -> int:
     """The true smallest depth at which GROWTH_PROPERTY fails, by probing every depth directly."""
-    base = Config.of("mlp", activation="linear", width=32, init_scale=2.0, seq_len=1, batch_size=4)
+    base = Config.of("mlp", activation="linear", width=32, init_scale=2.0, batch_size=4, seeds=1)
     for depth in range(1, 31):
         try:
             assert_bounded_growth(probe(base.with_knobs(depth=depth)), 100)
@@ -109,9 +111,14 @@ def test_summary_shows_a_failing_property(pytester: pytest.Pytester) -> None:
             "1 *test_growth_is_bounded*mlp*cpu*float32*depth=* width=32 init_scale=2.0"
             "*Gradient growth is above the limit. Overall growth: *(allowed: <= 100)*",
             "*1  test_prop.py::test_growth_is_bounded",
-            "*python -c \"import stabilitycheck as sc; c = sc.Config(*activation='linear'*",
+            "*python -c \"import stabilitycheck as sc; c = sc.Config.of('mlp', *activation='linear'*",
         ]
     )
+    # the reproduction line is an oracle of its own: run it, and it judges the same Config exploded
+    line = next(x for x in result.outlines if 'python -c "import stabilitycheck' in x)
+    code = line.split('python -c "', 1)[1].rstrip().removesuffix('"')
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("Verdict(exploded=True") and "name='growth'" in out.stdout
 
 
 def test_the_shrunk_depth_is_the_smallest_failing_depth(pytester: pytest.Pytester) -> None:
@@ -172,8 +179,8 @@ def test_workers_send_their_counterexamples(
     result.stdout.fnmatch_lines(
         [
             "*= stabilitycheck: 2 counterexamples, smallest first =*",
-            "1 *test_residual_is_stable*resmlp*depth=14 width=16 init_scale=2.0*growth * > 100*pre-norm*",
-            "2 *test_growth_is_bounded*mlp*depth=* width=32 init_scale=2.0*",  # sizes 32 < 43: smallest first
+            "1 *test_residual_is_stable*resmlp*depth=14 width=16 init_scale=3.0*growth * > 100*pre-norm*",
+            "2 *test_growth_is_bounded*mlp*depth=* width=32 init_scale=2.0*",  # sizes 33 < 43: smallest first
         ]
     )
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -11,7 +14,8 @@ from stabilitycheck import report
 from stabilitycheck.cli import main
 from stabilitycheck.config import Config
 from stabilitycheck.probing import probe
-from stabilitycheck.searching import culprit, search
+from stabilitycheck.searching import SearchResult, search
+from stabilitycheck.seeds import assess, culprit_of
 from stabilitycheck.space import Axis, Space
 from stabilitycheck.verdicts import Limits, verdict
 
@@ -29,53 +33,55 @@ def test_float16_explodes_at_a_strictly_smaller_depth_than_float32() -> None:
     wide = search(linear_mlp("float32"), limits=NONFINITE_ONLY, max_examples=30)
     half = search(linear_mlp("float16"), limits=NONFINITE_ONLY, max_examples=30)
     assert wide.counterexample is not None and half.counterexample is not None
-    assert half.counterexample.config.depth < wide.counterexample.config.depth
-    assert half.counterexample.verdict.names == ("overflow",)  # finite in float32 at that depth
-    assert wide.counterexample.verdict.names == ("nonfinite",)
-    # 1-minimal: one layer less is finite in its own dtype
+    assert half.counterexample.config.knob("depth") < wide.counterexample.config.knob("depth")
+    # finite in float32 at that depth
+    assert half.counterexample.judgement.verdict.names == ("overflow",)
+    assert wide.counterexample.judgement.verdict.names == ("nonfinite",)
+    # 1-minimal: one layer less is finite in its own dtype, judged over the same seeds
     for r in (wide, half):
         assert r.counterexample is not None
-        smaller = r.counterexample.config.with_knobs(depth=r.counterexample.config.depth - 1)
-        assert not verdict(probe(smaller), NONFINITE_ONLY).exploded
+        cx = r.counterexample.config
+        smaller = cx.with_knobs(depth=cx.knob("depth") - 1)
+        assert not assess(smaller, limits=NONFINITE_ONLY).exploded
     text = report.text([wide, half])
     assert "float16" in text and "float32" in text and "overflow" in text
     assert {r.name: r.fixed for r in half.counterexample.remedies}["float32"] is True
 
 
+def cli_results(tmp_path: Path, args: list[str]) -> tuple[int, list[dict[str, Any]]]:
+    """Run the CLI with --json; its exit code and the results it wrote (structured, not the table)."""
+    out = tmp_path / "results.json"
+    code = main([*args, "--json", str(out), "--quiet"])
+    data = json.loads(out.read_text())
+    return code, data if isinstance(data, list) else data["results"]
+
+
+def judged(result: dict[str, Any]) -> dict[str, Any]:
+    """The Config a result row reports: its counterexample, else the largest stable one tried."""
+    cx = result["counterexample"]
+    config = cx["config"] if cx else result["largest_stable"]
+    assert config is not None, result
+    return config  # type: ignore[no-any-return]
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_reduced_precision_runs_end_to_end_through_the_cli(
-    dtype: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    code = main(
-        [
-            "zoo",
-            "--family",
-            "mlp,rnn",
-            "--dtype",
-            dtype,
-            "--knob",
-            "depth=1:12",
-            "--knob",
-            "seq_len=1:24",
-            "--max-examples",
-            "10",
-            "--database",
-            "none",
-        ]
-    )
-    out = capsys.readouterr().out
-    assert code in (0, 1)
-    rows = [line.split() for line in out.splitlines()[2:4]]
-    assert [r[:3] for r in rows] == [["mlp", "cpu", dtype], ["rnn", "cpu", dtype]]
+def test_reduced_precision_runs_end_to_end_through_the_cli(dtype: str, tmp_path: Path) -> None:
+    # each family has its own knobs (an mlp has no seq_len, an rnn no depth): one search each
+    rows = []
+    for family, knob in [("mlp", "depth=1:12"), ("rnn", "seq_len=1:24")]:
+        args = ["zoo", "--family", family, "--dtype", dtype, "--knob", knob]
+        code, results = cli_results(tmp_path, [*args, "--max-examples", "10", "--database", "none"])
+        assert code in (0, 1)
+        rows += [(r["label"], judged(r)["run"]["device"], judged(r)["run"]["dtype"]) for r in results]
+    assert rows == [("mlp", "cpu", dtype), ("rnn", "cpu", dtype)]
 
 
 @pytest.mark.parametrize("family", ["mlp", "resmlp"])
 def test_amp_gradscaler_skips_overflowing_steps_and_leaves_weights_unchanged(family: str) -> None:
     # At the initial loss scale 2**16 the scaled float16 gradients of this deep net overflow; the
     # scaler must skip those steps (scale halved, weights untouched: the next loss is identical).
-    c = Config.of("mlp", 
-        family=family, norm="post", depth=24, width=16, init_scale=3.0, batch_size=4, steps=6, amp="float16"
-    )
+    knobs = {"norm": "post"} if family == "resmlp" else {}  # an mlp has no norm
+    c = Config.of(family, **knobs, depth=24, width=16, init_scale=3.0, batch_size=4, steps=6, amp="float16")
     m = probe(c)
     assert m.first_nonfinite is None
     halved = [s for s in range(m.steps_run) if m.loss_scale[s + 1] == m.loss_scale[s] / 2]
@@ -95,8 +101,9 @@ def test_amp_needs_float32_weights() -> None:
         Config.of("mlp", amp="float16", dtype="float16")
 
 
-def test_cli_amp_flag_labels_the_precision(capsys: pytest.CaptureFixture[str]) -> None:
-    main(
+def test_cli_amp_flag_labels_the_precision(tmp_path: Path) -> None:
+    _, results = cli_results(
+        tmp_path,
         [
             "zoo",
             "--family",
@@ -108,14 +115,19 @@ def test_cli_amp_flag_labels_the_precision(capsys: pytest.CaptureFixture[str]) -
             "5",
             "--database",
             "none",
-        ]
+        ],
     )
-    assert capsys.readouterr().out.splitlines()[2].split()[:3] == ["mlp", "cpu", "amp:bfloat16"]
+    [result] = results
+    run = judged(result)["run"]
+    assert (result["label"], run["device"], run["dtype"], run["amp"]) == ("mlp", "cpu", "float32", "bfloat16")
+    space = Space("mlp", Config.from_dict(judged(result)), ())
+    assert report.row(SearchResult(space, None, 0, 0, 0.0, None))[2] == "amp:bfloat16"  # the table's label
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none on this machine")
-def test_cuda_and_cpu_rows_side_by_side(capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(
+def test_cuda_and_cpu_rows_side_by_side(tmp_path: Path) -> None:
+    code, results = cli_results(
+        tmp_path,
         [
             "zoo",
             "--family",
@@ -128,18 +140,16 @@ def test_cuda_and_cpu_rows_side_by_side(capsys: pytest.CaptureFixture[str]) -> N
             "20",
             "--database",
             "none",
-        ]
+        ],
     )
-    out = capsys.readouterr().out
     assert code in (0, 1)
-    devices = [line.split()[1] for line in out.splitlines()[2:4]]
-    assert devices == ["cpu", "cuda"]
+    assert [judged(r)["run"]["device"] for r in results] == ["cpu", "cuda"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none on this machine")
 def test_cuda_probe_matches_cpu_in_float64() -> None:
     c = Config.of("resmlp", norm="pre", depth=6, width=32, dtype="float64", steps=2)
-    cpu, gpu = probe(c), probe(c.with_knobs(device="cuda"))
+    cpu, gpu = probe(c), probe(c.with_run(device="cuda"))
     assert gpu.growth == pytest.approx(cpu.growth, rel=1e-9)
     assert gpu.loss == pytest.approx(cpu.loss, rel=1e-9)
 
@@ -149,14 +159,14 @@ def test_bfloat16_attention_backward_nan_is_an_overflow_blamed_on_its_block() ->
     block reach ~1e10, and torch's fused CPU attention backward in bfloat16 turns them into NaN
     (its math kernel, and float32, stay finite). The probe names it `overflow`, culprit the block
     whose backward made the NaN (layers.4: the first NaN is dL/d(output of layers.3))."""
-    c = Config.of("mlp", 
-        family="transformer", depth=5, width=8, init_scale=2.0, seq_len=1, activation="relu",
+    c = Config.of(
+        "transformer", depth=5, width=8, init_scale=2.0, seq_len=1, activation="relu",
         dtype="bfloat16", batch_size=1, seed=1,
     )  # fmt: skip
     m = probe(c)
     assert m.first_nonfinite is not None
     assert (m.first_nonfinite.layer, m.first_nonfinite.tensor) == ("layers.3", "activation_grad")
     assert verdict(m).names == ("overflow",)
-    assert culprit(m) == "layers.4"
-    wide = probe(c.with_knobs(dtype="float32"))
+    assert culprit_of([m]) == "layers.4"
+    wide = probe(c.with_run(dtype="float32"))
     assert wide.first_nonfinite is None and math.isfinite(wide.grad_norm[0])

@@ -10,25 +10,41 @@ import pytest
 import torch
 from torch import nn
 
-from stabilitycheck.config import FAMILIES, Config
+from stabilitycheck.config import FAMILIES, RUN_FIELDS, Config
 from stabilitycheck.errors import UsageError
+from stabilitycheck.families import knob_specs
 from stabilitycheck.probing import Measurement, probe, probe_module
-from stabilitycheck.searching import culprit
+from stabilitycheck.seeds import culprit_of
+from stabilitycheck.subject import Built
+from stabilitycheck.subjects import resolve
 from stabilitycheck.verdicts import Limits, verdict
-from stabilitycheck.zoo import build
+
+
+def zoo(family: str, **values: object) -> Config:
+    """A zoo Config from flat keywords, dropping the knobs `family` does not have (an mlp has no
+    norm or seq_len, an rnn no depth)."""
+    names = {spec.name for spec in knob_specs(family)} | set(RUN_FIELDS)
+    return Config.of(family, **{k: v for k, v in values.items() if k in names})
+
+
+def build(config: Config) -> Built:
+    return resolve(config.subject).build(config)
+
+
+def culprit(m: Measurement) -> str:
+    """The culprit of one measurement (a verdict over one seed)."""
+    return culprit_of([m])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_same_config_gives_bit_identical_measurements(family: str) -> None:
-    c = Config.of("mlp", 
-        family=family, norm="pre", depth=3, width=16, seq_len=6, batch_size=4, steps=3, optimizer="adam"
-    )
+    c = zoo(family, norm="pre", depth=3, width=16, seq_len=6, batch_size=4, steps=3, optimizer="adam")
     assert probe(c) == probe(c)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_measurement_json_round_trip(family: str) -> None:
-    m = probe(Config.of(family, depth=2, width=8, seq_len=3, batch_size=2, steps=1))
+    m = probe(zoo(family, depth=2, width=8, seq_len=3, batch_size=2, steps=1))
     assert Measurement.from_dict(json.loads(json.dumps(m.to_dict()))) == m
 
 
@@ -150,7 +166,7 @@ def test_blow_up_during_training_is_located_and_stops_the_run() -> None:
     m = probe(c)
     nf = m.first_nonfinite
     assert nf is not None and nf.step >= 1 and nf.layer.startswith("layers.")
-    assert m.steps_run == nf.step < c.steps
+    assert m.steps_run == nf.step < c.run.steps
     assert math.isfinite(m.loss[0]) and not math.isfinite(m.loss[-1])
 
 
@@ -188,9 +204,9 @@ def test_clipped_training_matches_clip_grad_norm(max_norm: float) -> None:
 
 def test_deep_tanh_at_sigma_3_is_flagged_by_growth_and_at_sigma_1_is_not() -> None:
     for family, norm in [("mlp", "none"), ("resmlp", "post"), ("resmlp", "none")]:
-        hot = verdict(probe(Config.of(family, norm=norm, depth=32, width=128, init_scale=3.0)))
+        hot = verdict(probe(zoo(family, norm=norm, depth=32, width=128, init_scale=3.0)))
         assert "growth" in hot.names, (family, norm, hot)
-        cool = verdict(probe(Config.of(family, norm=norm, depth=8, width=128, init_scale=1.0)))
+        cool = verdict(probe(zoo(family, norm=norm, depth=8, width=128, init_scale=1.0)))
         assert not cool.exploded, (family, norm, cool)
 
 

@@ -10,7 +10,8 @@ from hypothesis import find, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
-from stabilitycheck.config import FAMILIES, SEQUENCE_FAMILIES, Config
+from stabilitycheck.config import Config
+from stabilitycheck.families import FAMILIES
 from stabilitycheck.strategies import INIT_SCALES, configs, devices, dtypes, load_profile, register_profiles
 
 
@@ -54,23 +55,35 @@ def test_dtypes_exclude_validation() -> None:
         dtypes(exclude=("float32", "float64", "bfloat16", "float16")).validate()
 
 
+def knobs_of(family: str) -> list[str]:
+    return [s.name for s in FAMILIES[family]]
+
+
 def test_shrinks_to_the_simplest_config() -> None:
     simplest = find(configs(), lambda c: True)
-    assert simplest == Config.of("mlp", 
-        family="mlp", depth=1, width=8, init_scale=1.0, seq_len=1, norm="none", activation="tanh",
-        dtype="float32", device="cpu", batch_size=1, steps=0, lr=0.01, optimizer="sgd", seed=0,
+    assert simplest == Config.of(
+        "mlp", depth=1, width=8, init_scale=1.0, activation="tanh", batch_size=1,
+        dtype="float32", device="cpu", steps=0, lr=0.01, optimizer="sgd", seed=0, seeds=1,
     )  # fmt: skip
 
 
 def test_shrinks_each_knob_to_the_boundary_of_the_condition() -> None:
-    c = find(configs(max_depth=30), lambda c: c.family == "gru" and c.depth >= 7 and c.width >= 20)
-    assert (c.family, c.depth, c.width, c.seq_len, c.init_scale, c.seed) == ("gru", 7, 20, 1, 1.0, 0)
+    def deep_wide(c: Config) -> bool:
+        return c.family == "transformer" and c.knob("depth") >= 7 and c.knob("width") >= 20
+
+    c = find(configs(max_depth=30), deep_wide)
+    v = c.values
+    assert (c.family, v["depth"], v["width"], v["seq_len"], v["init_scale"], c.run.seed) == (
+        "transformer", 7, 20, 1, 1.0, 0,
+    )  # fmt: skip
+    g = find(configs(max_seq_len=30), lambda c: c.family == "gru" and c.knob("seq_len") >= 7)
+    assert (g.values["seq_len"], g.values["width"], g.values["init_scale"], g.run.seed) == (7, 8, 1.0, 0)
 
 
 def test_dtypes_and_devices_shrink_to_float32_and_cpu() -> None:
     assert find(dtypes(), lambda d: True) == "float32"
     assert find(dtypes(exclude=("float32",)), lambda d: True) == "float64"
-    assert find(configs(), lambda c: c.dtype != "float32").dtype == "float64"
+    assert find(configs(), lambda c: c.run.dtype != "float32").run.dtype == "float64"
 
 
 def test_derandomized_draws_are_identical_across_runs() -> None:
@@ -92,9 +105,11 @@ def test_derandomized_draws_are_identical_across_runs() -> None:
 @settings(max_examples=60, deadline=None)
 @given(configs(max_depth=64, min_width=2, max_width=48, max_seq_len=32, max_steps=3))
 def test_every_draw_is_within_bounds(c: Config) -> None:
-    assert c.family in FAMILIES and 1 <= c.depth <= 64 and 2 <= c.width <= 48
-    assert c.init_scale in INIT_SCALES and 0 <= c.steps <= 3 and c.device == "cpu"
-    assert 1 <= c.seq_len <= 32 if c.family in SEQUENCE_FAMILIES else c.seq_len == 1
+    assert c.family in FAMILIES and [k for k, _ in c.knobs] == knobs_of(c.family)  # only its own knobs
+    v = c.values
+    assert 1 <= v.get("depth", 1) <= 64 and 2 <= v["width"] <= 48 and 1 <= v.get("seq_len", 1) <= 32
+    assert v["init_scale"] in INIT_SCALES and 0 <= c.run.steps <= 3 and c.run.device == "cpu"
+    assert c.run.seeds == 1  # one initialisation per example
     assert Config.from_json(c.to_json()) == c
 
 
@@ -102,15 +117,15 @@ def test_every_draw_is_within_bounds(c: Config) -> None:
 @settings(max_examples=20)
 def test_a_given_family_and_dtype_strategy_are_honoured(data: st.DataObject) -> None:
     c = data.draw(configs(family=("lstm", "gru"), dtypes=st.just("bfloat16"), init_scales=(2.0,)))
-    assert c.family in ("lstm", "gru") and c.dtype == "bfloat16" and c.init_scale == 2.0
+    assert c.family in ("lstm", "gru") and c.run.dtype == "bfloat16" and c.knob("init_scale") == 2.0
 
 
 @given(st.data())
 @settings(max_examples=20)
 def test_init_scales_may_be_a_strategy_of_floats(data: st.DataObject) -> None:
     c = data.draw(configs(family="mlp", init_scales=st.floats(0.5, 2.0)))
-    assert isinstance(c.init_scale, float) and 0.5 <= c.init_scale <= 2.0
-    assert data.draw(configs(init_scales=st.just(1.2345))).init_scale == 1.2345  # off the grid
+    assert isinstance(c.knob("init_scale"), float) and 0.5 <= c.knob("init_scale") <= 2.0
+    assert data.draw(configs(init_scales=st.just(1.2345))).knob("init_scale") == 1.2345  # off the grid
 
 
 def test_profiles_register_and_unknown_names_are_rejected() -> None:

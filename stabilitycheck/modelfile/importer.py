@@ -12,12 +12,12 @@ from types import ModuleType
 import torch
 
 from stabilitycheck._validation import describe
-from stabilitycheck.errors import UsageError
+from stabilitycheck.errors import UserCodeError
 
 _counter = itertools.count()
 
 
-class ModelFileError(UsageError):
+class ModelFileError(UserCodeError):
     """The user's model file cannot be loaded or used: one line naming the file and the fix."""
 
 

@@ -1,0 +1,281 @@
+"""A Hugging Face `transformers` model type as a Subject: `hf:gpt2`, `hf:llama`, `hf:bert`, `hf:t5`...
+
+The model is built at random init from its config class, offline (no hub, no tokenizer: its inputs
+are random token ids), with the config's int/float fields as knobs, at SMALL sizes for a CPU probe,
+plus `batch_size` and `seq_len`. The loss is the default one on the logits, never the model's own LM
+loss. `transformers` is the optional extra `hf`, imported only when an HF subject is asked for.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from stabilitycheck._validation import describe
+from stabilitycheck.config import RUN_FIELDS, Config
+from stabilitycheck.errors import UsageError
+from stabilitycheck.families import Scalar
+from stabilitycheck.losses import DefaultLoss, on_output
+from stabilitycheck.memory import meta_bytes
+from stabilitycheck.space import Axis, Space
+from stabilitycheck.subject import Built, find_blocks, torch_dtype
+
+Knob = int | float
+
+SMALL: dict[str, Knob] = {
+    **dict.fromkeys(("n_layer", "num_hidden_layers", "num_layers", "n_layers"), 2),
+    **dict.fromkeys(("encoder_layers", "decoder_layers"), 2),
+    **dict.fromkeys(("n_embd", "hidden_size", "d_model", "dim"), 64),
+    **dict.fromkeys(("n_head", "num_attention_heads", "num_heads", "n_heads"), 2),
+    **dict.fromkeys(("encoder_attention_heads", "decoder_attention_heads", "num_key_value_heads"), 2),
+    **dict.fromkeys(("intermediate_size", "d_ff", "hidden_dim", "ffn_dim"), 128),
+    **dict.fromkeys(("encoder_ffn_dim", "decoder_ffn_dim"), 128),
+    "word_embed_proj_dim": 64,
+    **dict.fromkeys(("d_kv", "head_dim"), 32),
+    "vocab_size": 256,
+}
+"""Defaults that replace the config class's own, by field name: 2 layers, width 64, 2 heads of 32,
+feed-forward 128, 256 tokens. Dropout fields default to 0.0 (the probe measures the network, not a
+mask). Every other int/float field keeps its config class's default."""
+
+INPUTS: dict[str, Knob] = {"batch_size": 4, "seq_len": 16}
+"""Knobs of the random token ids fed to the model (not config fields)."""
+
+LAYER_FIELDS = ("n_layer", "num_hidden_layers", "num_layers", "n_layers", "encoder_layers")
+INIT_FIELDS = ("initializer_range", "initializer_factor", "init_std")
+POSITION_FIELDS = ("n_positions", "max_position_embeddings")
+MAX_LAYERS = 24
+INIT_STEPS = 50
+"""The default init axis: its default x1, x2, ..., x50 (initializer_range: 0.02, 0.04, ..., 1.0)."""
+
+_SALT_INPUTS, _SALT_LOSS = 1, 2
+
+
+def _salted(seed: int, salt: int) -> int:
+    """A seed for one purpose (inputs, labels), distinct from the model's in its low 32 bits, the only
+    ones torch's CPU generator keeps (manual_seed(2**32) draws what manual_seed(0) draws)."""
+    return (seed + salt * 0x9E3779B9) % 2**32
+
+
+def _import(model_type: str) -> ModuleType:
+    """transformers, or the one-line UsageError naming the extra that installs it."""
+    try:
+        import transformers as module
+    except ImportError:
+        raise UsageError(
+            f"hf:{model_type} needs the optional extra: pip install 'stabilitycheck[hf]'"
+        ) from None
+    found: ModuleType = module
+    return found
+
+
+def _is_dropout(name: str) -> bool:
+    return "dropout" in name or name.endswith("pdrop") or name.endswith("layerdrop")
+
+
+def _fields(config_class: type, base_class: type) -> dict[str, Any]:
+    """The parameters of the config class's __init__ with their defaults, less the base class's."""
+    base = set(inspect.signature(base_class).parameters)
+    own = inspect.signature(config_class).parameters.items()
+    return {n: p.default for n, p in own if n not in base and p.default is not inspect.Parameter.empty}
+
+
+def _is_knob(name: str, default: object) -> bool:
+    """An int/float field (not a bool, a token id, a run setting or one derived from others: None)."""
+    number = isinstance(default, int | float) and not isinstance(default, bool)
+    return number and not name.endswith("_token_id") and name not in RUN_FIELDS and name not in INPUTS
+
+
+def _auto_class(transformers: ModuleType, model_type: str, encoder_decoder: bool) -> Any:
+    """Seq2Seq LM for encoder-decoders, else masked LM (encoders), else causal LM, else the bare model."""
+    names = transformers.models.auto.modeling_auto
+    order = (
+        [("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "AutoModelForSeq2SeqLM")] if encoder_decoder else []
+    )
+    order += [
+        ("MODEL_FOR_MASKED_LM_MAPPING_NAMES", "AutoModelForMaskedLM"),
+        ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "AutoModelForCausalLM"),
+    ]
+    for mapping, auto in order:
+        if model_type in getattr(names, mapping, {}):
+            return getattr(transformers, auto)
+    return transformers.AutoModel
+
+
+class HFModel:
+    """A `transformers` model type at random init. Its init knob is `initializer_range` (or
+    `initializer_factor` / `init_std`, whichever the config has); the critical init is that field's
+    default in the config class (the init the model was designed with, e.g. 0.02 for GPT-2, 1.0 for
+    T5's factor). Knobs derived from others (default None: llama's num_key_value_heads, T5's
+    num_decoder_layers) follow them and are not knobs."""
+
+    def __init__(self, model_type: str) -> None:
+        transformers = _import(model_type)
+        mapping = transformers.CONFIG_MAPPING
+        if model_type not in mapping:
+            close = difflib.get_close_matches(model_type, list(mapping.keys()), n=1)
+            hint = f" (did you mean 'hf:{close[0]}'?)" if close else ""
+            raise UsageError(
+                f"hf:{model_type} is not a transformers model type{hint}; expected a key of "
+                "transformers' CONFIG_MAPPING, e.g. hf:gpt2, hf:llama, hf:bert, hf:t5"
+            )
+        self.model_type = model_type
+        self.name = f"hf:{model_type}"
+        self.config_class: type = mapping[model_type]
+        fields = _fields(self.config_class, transformers.PretrainedConfig)
+        if not isinstance(fields.get("vocab_size"), int):
+            raise UsageError(
+                f"{self.name} has no vocab_size in its config: it is not a text model, and stabilitycheck "
+                "feeds HF models random token ids; pick a text model type, e.g. hf:gpt2"
+            )
+        knobs = {n: _small(n, d) for n, d in fields.items() if _is_knob(n, d)}
+        self.knobs: dict[str, Knob] = {**knobs, **INPUTS}
+        self.token_ids = {n: d for n, d in fields.items() if n.endswith("_token_id") and isinstance(d, int)}
+        self.layers_knob = next((n for n in LAYER_FIELDS if n in knobs), None)
+        self.init_knob: str | None = next((n for n in INIT_FIELDS if n in knobs), None)
+        self.critical: Knob | None = fields[self.init_knob] if self.init_knob else None
+        self.encoder_decoder = bool(self.config_class().is_encoder_decoder)
+        self.auto = _auto_class(transformers, model_type, self.encoder_decoder)
+
+    def __repr__(self) -> str:
+        return f"HFModel({self.model_type!r}, auto={self.auto.__name__}, knobs={self.knobs!r})"
+
+    def config(self, **values: Scalar) -> Config:
+        """A Config of this model type: every knob at its default unless given (run settings by name)."""
+        return Config.of(self.name, **self.knobs).with_knobs(**values)
+
+    def space(self) -> Space:
+        """The number of layers 1..24, then the init knob from its default to x50 its default in steps
+        of the default (initializer_range 0.02..1.0 step 0.02)."""
+        axes = [Axis.range(self.layers_knob, 1, MAX_LAYERS)] if self.layers_knob else []
+        if self.init_knob and isinstance(self.critical, int | float) and self.critical > 0:
+            d = float(self.critical)
+            axes.append(Axis.range(self.init_knob, d, INIT_STEPS * d, d))
+        return Space(self.name, self.config(), tuple(axes))
+
+    def values(self, config: Config) -> dict[str, Knob]:
+        """The knobs of `config`, each as its default's type, or a one-line UsageError."""
+        unknown = sorted(set(config.values) - set(self.knobs))
+        if config.subject != self.name or unknown:
+            what = f"knob {unknown[0]!r}" if unknown else f"subject {config.subject!r}"
+            raise UsageError(f"{self.name} has no {what}; its knobs are {sorted(self.knobs)}")
+        given = config.values
+        return {n: _coerce(self.name, n, given.get(n, d), d) for n, d in self.knobs.items()}
+
+    def hf_config(self, values: dict[str, Knob]) -> Any:
+        """The transformers config of these knob values (no cache; token ids past the vocab: None)."""
+        transformers = _import(self.model_type)
+        fields: dict[str, Knob | None] = {n: v for n, v in values.items() if n not in INPUTS}
+        vocab = int(values["vocab_size"])
+        fields.update({n: None for n, d in self.token_ids.items() if d >= vocab and n != "pad_token_id"})
+        if self.token_ids.get("pad_token_id", 0) >= vocab:
+            fields["pad_token_id"] = None
+        limit = min((int(values[n]) for n in POSITION_FIELDS if n in values), default=None)
+        if limit is not None and values["seq_len"] > limit:
+            raise UsageError(
+                f"{self.name}: seq_len={values['seq_len']} exceeds the model's {limit} positions"
+            )
+        try:
+            made = transformers.AutoConfig.for_model(self.model_type, **fields)
+        except Exception as exc:
+            raise UsageError(f"{self.name} rejects these knobs: {describe(exc)}") from None
+        if hasattr(made, "use_cache"):
+            made.use_cache = False  # the probe wants the logits, not a key/value cache
+        return made
+
+    def _model(self, hf_config: Any, **options: Any) -> nn.Module:
+        try:
+            model: nn.Module = self.auto.from_config(hf_config, **options)
+        except (MemoryError, torch.cuda.OutOfMemoryError):
+            raise
+        except Exception as exc:
+            raise UsageError(f"{self.name} cannot be built from these knobs: {describe(exc)}") from None
+        return model
+
+    def inputs(
+        self, model: nn.Module, values: dict[str, Knob], seed: int, device: torch.device, masks: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Random token ids (batch_size, seq_len) drawn on the CPU from the seed, then moved to `device`
+        (an encoder-decoder gets decoder_input_ids too); with `masks`, all-ones attention masks where
+        the model's forward takes them."""
+        gen = torch.Generator().manual_seed(_salted(seed, _SALT_INPUTS))
+        shape = (int(values["batch_size"]), int(values["seq_len"]))
+        takes = inspect.signature(model.forward).parameters if masks else {}
+        drawn: dict[str, torch.Tensor] = {}
+        for prefix in ("", "decoder_") if self.encoder_decoder else ("",):
+            drawn[f"{prefix}input_ids"] = torch.randint(0, int(values["vocab_size"]), shape, generator=gen)
+            if f"{prefix}attention_mask" in takes:
+                drawn[f"{prefix}attention_mask"] = torch.ones(shape, dtype=torch.long)
+        return {n: t.to(device) for n, t in drawn.items()}
+
+    def build(self, config: Config) -> Built:
+        """The model (seeded from config.run.seed) on the run's device and dtype, its token ids, the
+        default loss on its logits and its blocks."""
+        values, seed = self.values(config), config.run.seed
+        hf_config = self.hf_config(values)
+        device = torch.device(config.run.device)
+        cuda = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
+            model = self._model(hf_config)
+        blocks, note = find_blocks(model)
+        model.to(device=device, dtype=torch_dtype(config.run.dtype))
+        loss = on_output(DefaultLoss(_salted(seed, _SALT_LOSS)), self.name)
+        return Built(model, self.inputs(model, values, seed, device), loss, blocks, note)
+
+    def memory_estimate(self, config: Config) -> int | None:
+        """Bytes from a build and forward on the meta device, None where the model cannot run there.
+        Eager attention (the attention weights are a module output, so counted) and token ids with,
+        then without, all-ones masks: transformers' mask code reads tensors on the host (`.all()`)
+        for bidirectional masks given, and for causal masks not given, which meta tensors cannot do."""
+        values, seed = self.values(config), config.run.seed
+        hf_config = self.hf_config(values)
+        dtype = torch_dtype(config.run.dtype)
+        for masks in (False, True):
+
+            def make(masks: bool = masks) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+                model = self._model(hf_config, attn_implementation="eager").to(dtype=dtype)
+                return model, self.inputs(model, values, seed, torch.device("meta"), masks)
+
+            try:
+                return meta_bytes(make, _call)
+            except UsageError:
+                raise
+            except Exception:  # host reads of tensor data, or an op without a meta kernel
+                continue
+        return None
+
+    def critical_init(self, config: Config) -> Scalar | None:
+        return self.critical
+
+    def variants(self, config: Config) -> dict[str, Config | None]:
+        return {}
+
+    def last_step(self, config: Config) -> Built | None:
+        return None
+
+
+def _call(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
+    return model(**inputs)
+
+
+def _small(name: str, default: Knob) -> Knob:
+    """The SMALL default of a field (dropout: 0.0), as the type of the config class's default."""
+    value = 0.0 if _is_dropout(name) and isinstance(default, float) else SMALL.get(name, default)
+    return float(value) if isinstance(default, float) else int(value)
+
+
+def _coerce(subject: str, name: str, value: object, default: Knob) -> Knob:
+    """`value` as the type of the knob's default: an int knob takes integral numbers only."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if isinstance(default, float):
+            return float(value)
+        if float(value).is_integer():
+            return int(value)
+    kind = type(default).__name__
+    raise UsageError(f"{subject} knob {name}={value!r} is not {'an' if kind == 'int' else 'a'} {kind}")

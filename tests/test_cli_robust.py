@@ -1,0 +1,302 @@
+"""The CLI under bad input and bad luck: every bad flag value is one line and exit 2; nothing found is
+lost on Ctrl-C, SIGTERM or a model failing at some knob values; replay is data, not code; the same
+seed gives the same table whatever the example database holds."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from stabilitycheck import cli
+
+EXPLODING = """
+import torch
+from torch import nn
+
+SPACE = {"depth": (1, 40)}
+COUNT = {}
+
+def build(depth=4, init_scale=3.0):
+    {guard}
+    layers = [nn.Linear(16, 16, bias=False) for _ in range(depth)]
+    for layer in layers:
+        nn.init.normal_(layer.weight, std=init_scale / 4)
+    return nn.Sequential(*[nn.Sequential(l, nn.Tanh()) for l in layers])
+"""
+
+
+def _file(tmp_path: Path, guard: str = "pass", name: str = "model.py") -> Path:
+    path = tmp_path / name
+    path.write_text(EXPLODING.replace("{guard}", guard))
+    return path
+
+
+def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = cli.main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+FUZZ = {
+    "--max-examples": ["x", "-3", "0", "nan", ""],
+    "--seed": ["x", "-1", "nan", "", str(2**40)],
+    "--seeds": ["x", "-1", "0", "nan", ""],
+    "--quantile": ["x", "-0.5", "0", "nan", "", "1.5"],
+    "--steps": ["x", "-1", "nan", ""],
+    "--lr": ["x", "-1", "0", "nan", "", "inf"],
+    "--clip": ["x", "-1", "0", "nan", ""],
+    "--growth-limit": ["x", "-1", "0", "nan", ""],
+    "--grad-norm-limit": ["x", "-1", "0", "nan", ""],
+    "--divergence-limit": ["x", "-1", "0", "nan", ""],
+    "--vanishing-limit": ["x", "-1", "0", "nan", ""],
+    "--probe-timeout": ["x", "-1", "0", "nan", ""],
+    "--optimizer": ["x", ""],
+    "--amp": ["x"],
+    "--dtype": ["fp8", ""],
+    "--device": ["tpu", ""],
+    "--knob": ["depth", "depth=a:b", "depth=nan:3", "=1:2", "depth=3:1", "nope=1:2"],
+    "--family": ["mpl", ""],
+}
+
+
+@pytest.mark.parametrize(("flag", "value"), [(f, v) for f, vs in FUZZ.items() for v in vs])
+def test_every_bad_flag_value_is_one_line_and_exit_2(
+    flag: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = _run(["zoo", "--database", "none", "--quiet", flag, value], capsys)
+    assert code == cli.EXIT_USAGE, (flag, value, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stabilitycheck: error:"), err
+    assert "Traceback" not in err and out == ""
+
+
+def test_replay_never_imports_a_model_file_it_is_not_told_to(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    marker = tmp_path / "imported.txt"
+    evil = tmp_path / "evil.py"
+    evil.write_text(f"open({str(marker)!r}, 'w').write('ran')\n" + EXPLODING.replace("{guard}", "pass"))
+    record = {"schema": 2, "subject": f"{evil}:build", "knobs": {"depth": 3, "init_scale": 3.0}, "run": {}}
+    stored = tmp_path / "found.json"
+    stored.write_text(json.dumps([{"label": "mlp", "counterexample": {"config": record}}]))
+    for argv in (
+        ["--replay", str(stored)],
+        ["zoo", "--replay", str(stored)],
+        ["mlp", "--replay", str(stored)],
+    ):
+        code, _, err = _run(argv, capsys)
+        assert code == cli.EXIT_USAGE and str(evil) in err, err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [("{", "JSON"), ('{"a": 1}', "expected the list"), ('[{"counterexample": {"x": 1}}]', "no 'config'")],
+)
+def test_replay_json_of_the_wrong_shape_is_exit_2(
+    tmp_path: Path, content: str, needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stored = tmp_path / "bad.json"
+    stored.write_text(content)
+    code, _, err = _run(["--replay", str(stored)], capsys)
+    assert code == cli.EXIT_USAGE and needle in err, err
+    stored.write_bytes(b"\xff\xfe[")
+    code, _, err = _run(["--replay", str(stored)], capsys)
+    assert code == cli.EXIT_USAGE and "UTF-8" in err, err
+
+
+def test_ctrl_c_during_the_remedies_keeps_the_counterexample(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stabilitycheck import searching
+
+    real = searching.try_remedies
+
+    def interrupted(*args: object, **kwargs: object) -> object:
+        for i, remedy in enumerate(real(*args, **kwargs)):  # type: ignore[arg-type]
+            if i == 1:
+                raise KeyboardInterrupt
+            yield remedy
+
+    monkeypatch.setattr(searching, "try_remedies", interrupted)
+    out_json = tmp_path / "out.json"
+    code, _, _ = _run(
+        [str(_file(tmp_path)), "--database", "none", "--seeds", "1", "--quiet", "--json", str(out_json)],
+        capsys,
+    )
+    assert code == cli.EXIT_INTERRUPTED
+    data = json.loads(out_json.read_text())
+    cx = data[0]["counterexample"]
+    assert data[0]["interrupted"] and cx is not None and len(cx["remedies"]) == 1
+
+
+def test_a_model_failing_at_some_depths_keeps_the_findings_below(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _file(tmp_path, "if depth >= 20: raise MemoryError('no room at depth %d' % depth)")
+    out_json = tmp_path / "out.json"
+    code, out, _ = _run(
+        [str(path), "--database", "none", "--seeds", "1", "--quiet", "--json", str(out_json)], capsys
+    )
+    assert code == cli.EXIT_FOUND
+    data = json.loads(out_json.read_text())[0]
+    assert data["counterexample"]["config"]["knobs"]["depth"] < 20
+    assert all(s["config"]["knobs"]["depth"] >= 20 for s in data["skipped"])
+    assert "skipped" in out
+
+
+def test_a_model_calling_sys_exit_is_not_reported_stable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _file(tmp_path, "import sys; sys.exit(0)")
+    code, _, err = _run([str(path), "--database", "none", "--quiet"], capsys)
+    assert code == cli.EXIT_USAGE and "sys.exit(0)" in err
+
+
+def test_the_memory_guard_skips_a_model_that_would_not_fit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Oracle: the meta-device estimate of the factory grows with width; a width whose parameters alone
+    exceed the allowed budget is skipped, never built."""
+    from stabilitycheck import searching
+
+    monkeypatch.setattr(searching, "free_memory", lambda device: 2 * 4 * 4 * 64 * 64 * 2)
+    path = tmp_path / "wide.py"
+    path.write_text(
+        "from torch import nn\nSPACE = {'width': (8, 4096, 8)}\n"
+        "def build(width=8):\n    return nn.Sequential(nn.Linear(width, width), nn.Tanh())\n"
+    )
+    out_json = tmp_path / "out.json"
+    _run([str(path), "--database", "none", "--seeds", "1", "--quiet", "--json", str(out_json)], capsys)
+    data = json.loads(out_json.read_text())[0]
+    widths = [s["config"]["knobs"]["width"] for s in data["skipped"]]
+    assert widths and min(widths) > 64 and all("too large" in s["reason"] for s in data["skipped"])
+
+
+def test_a_probe_over_its_time_budget_is_skipped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _file(tmp_path, "import time\n    if depth > 30: time.sleep(5)")
+    out_json = tmp_path / "out.json"
+    start = time.monotonic()
+    _run(
+        [
+            str(path),
+            "--database",
+            "none",
+            "--seeds",
+            "1",
+            "--quiet",
+            "--probe-timeout",
+            "0.5",
+            "--json",
+            str(out_json),
+        ],
+        capsys,
+    )
+    data = json.loads(out_json.read_text())[0]
+    assert any("too slow" in s["reason"] for s in data["skipped"])
+    assert time.monotonic() - start < 30
+
+
+def test_the_model_file_is_imported_once_per_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    counter = tmp_path / "imports.txt"
+    path = tmp_path / "counted.py"
+    path.write_text(f"open({str(counter)!r}, 'a').write('x')\n" + EXPLODING.replace("{guard}", "pass"))
+    _run([str(path), "--database", "none", "--seeds", "1", "--quiet", "--max-examples", "5"], capsys)
+    assert counter.read_text() == "x"
+
+
+WORD_LM = """
+import torch
+from torch import nn
+
+class WordLM(nn.Module):
+    def __init__(self, vocab=50, width=16, layers=2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.rnn = nn.LSTM(width, width, layers, batch_first=True)
+        self.out = nn.Linear(width, vocab)
+        self.layers, self.width = layers, width
+
+    def init_hidden(self, bsz):
+        return (torch.zeros(self.layers, bsz, self.width), torch.zeros(self.layers, bsz, self.width))
+
+    def forward(self, tokens, hidden):
+        out, _ = self.rnn(self.embed(tokens), hidden)
+        return self.out(out)
+
+def build(init_scale=1.0):
+    return WordLM()
+
+def batch(model, batch_size=4, seq_len=8):
+    return torch.randint(0, 50, (batch_size, seq_len)), model.init_hidden(batch_size)
+"""
+
+
+def test_nested_inputs_of_a_word_language_model_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "word_lm.py"
+    path.write_text(WORD_LM)
+    code, out, err = _run(
+        [str(path), "--database", "none", "--seeds", "1", "--quiet", "--max-examples", "5"], capsys
+    )
+    assert code in (cli.EXIT_OK, cli.EXIT_FOUND), err
+    assert "word_lm.py" in out
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "stabilitycheck.cli", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+@pytest.mark.slow
+def test_sigterm_mid_search_writes_what_was_found_and_progress_shows_off_a_tty(tmp_path: Path) -> None:
+    out_json = tmp_path / "out.json"
+    proc = _cli(["zoo", "--family", "mlp,rnn,gru", "--database", "none", "--json", str(out_json)], tmp_path)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait until the first search is written
+        if out_json.exists() and any(e["counterexample"] for e in json.loads(out_json.read_text())):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == cli.EXIT_TERMINATED, err
+    data = json.loads(out_json.read_text())
+    assert data[0]["label"] == "mlp" and data[0]["counterexample"] is not None
+    assert any(": point " in line for line in err.splitlines())  # progress lines, stderr not a terminal
+
+
+@pytest.mark.slow
+def test_the_same_seed_gives_the_same_table_whatever_the_database_holds(tmp_path: Path) -> None:
+    args = ["zoo", "--family", "mlp,rnn", "--seed", "0", "--quiet"]
+
+    def table(proc: subprocess.Popen[str]) -> str:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == cli.EXIT_FOUND, err
+        return out.split("\n\n")[0]
+
+    none = table(_cli([*args, "--database", "none"], tmp_path))
+    fresh = table(_cli([*args, "--database", str(tmp_path / "db")], tmp_path))
+    reused = table(_cli([*args, "--database", str(tmp_path / "db")], tmp_path))
+    shared = [_cli([*args, "--database", str(tmp_path / "db2")], tmp_path) for _ in range(2)]
+    concurrent = [table(p) for p in shared]
+
+    def strip_probes(t: str) -> list[str]:  # the probe count says how fast, not what
+        return [line.rsplit(None, 1)[0] for line in t.splitlines()]
+
+    assert strip_probes(none) == strip_probes(fresh) == strip_probes(reused)
+    assert all(strip_probes(c) == strip_probes(none) for c in concurrent)

@@ -1,0 +1,192 @@
+"""The Hugging Face subject: knobs from a transformers config class, blocks, loss, memory, growth."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from stabilitycheck.config import Config
+from stabilitycheck.errors import UsageError
+from stabilitycheck.hf import HFModel
+from stabilitycheck.probing import probe_module
+from stabilitycheck.subject import Built
+from stabilitycheck.subjects import resolve
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing below may reach the hub
+transformers = pytest.importorskip("transformers")
+
+
+def built(model_type: str, **values: float) -> Built:
+    subject = HFModel(model_type)
+    return subject.build(subject.config(**values))
+
+
+def test_gpt2_knobs_are_its_config_numbers_at_small_sizes() -> None:
+    subject = resolve("hf:gpt2")
+    assert isinstance(subject, HFModel) and subject.name == "hf:gpt2"
+    knobs = subject.knobs
+    defaults = transformers.GPT2Config()
+    for name in ("n_layer", "n_embd", "n_head", "vocab_size", "initializer_range", "layer_norm_epsilon"):
+        assert name in knobs
+    assert (knobs["n_layer"], knobs["n_embd"], knobs["n_head"], knobs["vocab_size"]) == (2, 64, 2, 256)
+    assert (knobs["batch_size"], knobs["seq_len"]) == (4, 16)
+    assert knobs["n_positions"] == defaults.n_positions  # not in the small table: the class default
+    assert knobs["resid_pdrop"] == 0.0  # dropout off by default
+    assert all(isinstance(v, int | float) and not isinstance(v, bool) for v in knobs.values())
+    assert not [k for k in knobs if k.endswith("_token_id")]
+    assert subject.init_knob == "initializer_range"
+    assert subject.critical_init(subject.config()) == defaults.initializer_range == 0.02
+    assert subject.config(n_layer=5).knob("n_layer") == 5
+    assert subject.variants(subject.config()) == {} and subject.last_step(subject.config()) is None
+
+
+def test_t5_init_knob_is_its_factor() -> None:
+    subject = HFModel("t5")
+    assert subject.init_knob == "initializer_factor"
+    assert subject.critical_init(subject.config()) == transformers.T5Config().initializer_factor == 1.0
+    axes = {a.name: list(a.values) for a in subject.space().axes}
+    assert axes["num_layers"] == list(range(1, 25))
+    assert axes["initializer_factor"] == [float(k) for k in range(1, 51)]
+
+
+def test_gpt2_space_is_layers_then_initializer_range() -> None:
+    space = HFModel("gpt2").space()
+    assert [a.name for a in space.axes] == ["n_layer", "initializer_range"]
+    assert list(space.axes[0].values) == list(range(1, 25))
+    assert list(space.axes[1].values) == [round(0.02 * k, 12) for k in range(1, 51)]
+    assert space.config(space.top()).values["initializer_range"] == 1.0
+
+
+BLOCKS = {
+    "gpt2": ["transformer.h.{i}"],
+    "llama": ["model.layers.{i}"],
+    "bert": ["bert.encoder.layer.{i}"],
+    "t5": ["encoder.block.{i}", "decoder.block.{i}"],
+}
+LAYERS = {"gpt2": "n_layer", "llama": "num_hidden_layers", "bert": "num_hidden_layers", "t5": "num_layers"}
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+@pytest.mark.parametrize("model_type", sorted(BLOCKS))
+def test_blocks_are_the_layer_stacks(model_type: str, layers: int) -> None:
+    b = built(model_type, **{LAYERS[model_type]: layers})
+    want = [p.format(i=i) for p in BLOCKS[model_type] for i in range(layers)]
+    assert [name for name, _ in b.blocks] == want
+    modules = dict(b.model.named_modules())
+    assert all(modules[name] is module for name, module in b.blocks)
+
+
+def test_t5_gets_decoder_inputs_and_probes() -> None:
+    b = built("t5", num_layers=1)
+    assert sorted(b.inputs) == ["decoder_input_ids", "input_ids"]
+    m = probe_module(b.model, b.inputs, b.loss_fn, blocks=b.blocks)
+    assert m.layer_names == ("encoder.block.0", "decoder.block.0")
+    assert math.isfinite(m.loss[0]) and m.first_nonfinite is None
+
+
+def test_probe_gpt2_uses_the_default_loss_on_logits() -> None:
+    """Cross-entropy against labels drawn independently of the logits is >= ln(vocab) in expectation
+    (Jensen), and ~ln(vocab) at initializer_range 0.02 where the logits are near 0. A loss whose labels
+    are the input ids (what a seed shared by inputs and labels gives, with GPT-2's tied embeddings)
+    falls well below: the check can fail."""
+    subject = HFModel("gpt2")
+    ln_v = math.log(subject.knobs["vocab_size"])
+    for seed in range(3):
+        b = subject.build(subject.config(seed=seed))
+        assert set(b.inputs) == {"input_ids"}
+        m = probe_module(b.model, b.inputs, b.loss_fn, blocks=b.blocks)
+        assert m.layer_names == ("transformer.h.0", "transformer.h.1")
+        assert ln_v - 0.1 < m.loss[0] < ln_v + 0.1, (seed, m.loss[0], ln_v)
+        logits = b.model(**b.inputs).logits
+        copied = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), b.inputs["input_ids"].reshape(-1))
+        assert copied.item() < ln_v - 0.3  # the broken loss the bound above rejects
+        own = b.model(**b.inputs, labels=b.inputs["input_ids"]).loss  # the model's own LM loss
+        assert b.loss_fn(b.model(**b.inputs), b.inputs).item() != pytest.approx(own.item(), abs=1e-4)
+
+
+def test_same_seed_same_model_and_inputs() -> None:
+    subject = HFModel("llama")
+    first, again, other = (subject.build(subject.config(seed=s)) for s in (7, 7, 8))
+    for a, b in zip(first.model.parameters(), again.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(first.inputs["input_ids"], again.inputs["input_ids"])
+    assert not torch.equal(first.inputs["input_ids"], other.inputs["input_ids"])
+    p1, p2 = next(iter(first.model.parameters())), next(iter(other.model.parameters()))
+    assert not torch.equal(p1, p2)
+    probe = [probe_module(b.model, b.inputs, b.loss_fn, blocks=b.blocks).grad_norm for b in (first, again)]
+    assert probe[0] == probe[1]
+
+
+def test_build_honours_run_dtype_and_a_json_round_trip() -> None:
+    subject = HFModel("gpt2")
+    config = Config.from_json(subject.config(n_layer=1, dtype="float64").to_json())
+    b = subject.build(config)
+    assert {p.dtype for p in b.model.parameters()} == {torch.float64}
+    assert [name for name, _ in b.blocks] == ["transformer.h.0"]
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "bert", "t5"])
+def test_memory_estimate_grows_and_bounds_the_real_model(model_type: str) -> None:
+    """Lower bound (the estimate's own rule, from the real model): 4 x the parameter bytes plus 2 x the
+    logits' bytes (the top module's output). It grows with depth and width."""
+    subject = HFModel(model_type)
+    layers = subject.layers_knob
+    width = {"gpt2": "n_embd", "bert": "hidden_size", "t5": "d_model"}[model_type]
+    assert layers is not None
+    estimate = {}
+    for n, w in [(2, 64), (4, 64), (2, 128)]:
+        config = subject.config(**{layers: n, width: w})
+        estimate[n, w] = subject.memory_estimate(config)
+        b = subject.build(config)
+        params = sum(p.numel() * p.element_size() for p in b.model.parameters())
+        logits = b.model(**b.inputs).logits
+        got = estimate[n, w]
+        assert got is not None and got >= 4 * params + 2 * logits.numel() * logits.element_size()
+    assert estimate[4, 64] > estimate[2, 64] and estimate[2, 128] > estimate[2, 64]  # type: ignore[operator]
+
+
+def test_unknown_model_type_says_did_you_mean() -> None:
+    with pytest.raises(UsageError) as err:
+        resolve("hf:gtp2")
+    message = str(err.value)
+    assert "\n" not in message and "hf:gtp2 is not a transformers model type" in message
+    assert "did you mean 'hf:gpt2'" in message
+
+
+def test_non_text_model_type_is_refused() -> None:
+    with pytest.raises(UsageError, match="not a text model"):
+        HFModel("vit")
+
+
+def test_bad_knob_values_are_one_line_usage_errors() -> None:
+    subject = HFModel("gpt2")
+    with pytest.raises(UsageError, match=r"n_layer=2\.5 is not an int"):
+        subject.build(Config("hf:gpt2", (("n_layer", 2.5),)))
+    with pytest.raises(UsageError, match="has no knob 'depth'"):
+        subject.build(Config("hf:gpt2", (("depth", 2),)))
+    with pytest.raises(UsageError, match="seq_len=2000 exceeds the model's 1024 positions"):
+        subject.build(subject.config(seq_len=2000))
+    with pytest.raises(UsageError) as err:
+        subject.build(subject.config(n_embd=65))  # 65 is not divisible by 2 heads
+    assert "\n" not in str(err.value) and "cannot be built from these knobs" in str(err.value)
+
+
+@pytest.mark.slow
+def test_gpt2_grows_more_at_a_larger_initializer_range() -> None:
+    """Growth (input-side over output-side gradient norm) across 4 blocks, 4 seeds each: every seed at
+    initializer_range 0.5 grows more than any seed at the designed 0.02."""
+    subject = HFModel("gpt2")
+
+    def growth(init: float) -> list[float]:
+        out = []
+        for seed in range(4):
+            b = subject.build(subject.config(n_layer=4, initializer_range=init, seed=seed))
+            out.append(probe_module(b.model, b.inputs, b.loss_fn, blocks=b.blocks).growth)
+        return out
+
+    small, large = growth(0.02), growth(0.5)
+    assert min(large) > 2 * max(small), (small, large)
