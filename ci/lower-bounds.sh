@@ -27,7 +27,7 @@ PY
 )"
 echo "lower bounds: $(echo "$pins" | tr '\n' ' ')"
 # shellcheck disable=SC2086
-python -m pip install --quiet torch==2.13.0 $pins
+python -m pip install --quiet torch==2.13.0 $pins "matplotlib>=3.7"  # the plot extra, as the README installs it (numpy with it)
 python -m pip install --quiet --no-deps -e .
 python -m pip check
 python -m pip list 2>/dev/null | grep -iE '^(hypothesis|pytest|pytest-xdist|tabulate|torch) '
