@@ -47,7 +47,9 @@ def subnormal_spacing(dtype: torch.dtype) -> float:
 
 
 def _fail(header: str, *lines: str) -> NoReturn:
-    """Raise StabilityError with an assert_close-style message: a header, a blank line, the details."""
+    """Raise StabilityError with an assert_close-style message: a header, a blank line, the details.
+    Like every helper that can fail, it hides its frame: a failure report ends at the user's call."""
+    __tracebackhide__ = True
     raise StabilityError("\n".join((header, "", *lines)))
 
 
@@ -119,6 +121,7 @@ def _describe_nonfinite(name: str, t: torch.Tensor) -> str:
 
 def _require_finite(named: Named, header: str, hint: str = "") -> None:
     """Fail with `header` when any tensor holds NaN or Inf, naming the first and counting them all."""
+    __tracebackhide__ = True
     if not named:
         return
     finite = _host([t.isfinite().all() for _, t in named])
@@ -140,6 +143,7 @@ def _check_factor(
     """Check after[i] == s * before[i] for one common s >= 0 (`factor`, or the least-squares one);
     returns s. Each tensor may be off by rtol of its norm, a subnormal spacing per element, and
     `slack[i]` (an absolute allowance in after's units)."""
+    __tracebackhide__ = True
     if len(before) != len(after):
         raise UsageError(f"before has {len(before)} tensors but after has {len(after)}; pass them aligned")
     for (name, b), (_, a) in zip(before, after, strict=True):
@@ -154,6 +158,13 @@ def _check_factor(
     if factor is None:
         bb = sum(x * x for x in nb)
         factor = sum(dots) / bb if bb > 0 else 0.0
+        if factor == 0 and bb > 0 and not any(na):
+            _fail(
+                header,
+                f"Every tensor is zero after, though before was finite and nonzero (total norm "
+                f"{math.sqrt(bb):.6g}): a factor of 0 keeps no direction",
+                "e.g. a clip coefficient max_norm / total that became 0 because the total overflowed",
+            )
     s = factor
     resid = _norms([a - s * b for a, b in zip(as_, bs, strict=True)])
     tol = rtol if rtol is not None else rtol_of(_coarsest(t for _, t in before + after))
@@ -259,6 +270,14 @@ def assert_clipped_norm_bounded(
                 f"Tensors changed: {len(changed)} / {len(grads)}; first: {changed[0]!r}",
             )
         return
+    if total == 0 and total_before > 0:
+        _fail(
+            header,
+            f"Every gradient is zero after clipping, though the total norm before was "
+            f"{total_before:.6g} (finite); expected them x {coef:.6g}",
+            "clip_grad_norm_ does this when the total norm overflows the gradient dtype "
+            "(coefficient max_norm / inf = 0): compute the total in a wider dtype",
+        )
     pre_named = [(name, b) for (name, _), b in zip(grads, before, strict=True)]
     _check_factor(
         pre_named,
@@ -322,7 +341,8 @@ def assert_direction_preserved(
     rtol: float | None = None,
 ) -> float:
     """`after` is `before` rescaled by ONE common factor s >= 0 (every cosine 1, every ratio s): true
-    of norm clipping, false of value clipping and per-tensor clipping. Returns s."""
+    of norm clipping, false of value clipping and per-tensor clipping. Returns s. An all-zero `after`
+    of a nonzero `before` fails: it keeps no direction (s = 0 is allowed only when before is zero)."""
     __tracebackhide__ = True
     b, a = _named(before, "before"), _named(after, "after")
     if isinstance(after, Mapping) and not isinstance(before, Mapping) and len(a) == len(b):

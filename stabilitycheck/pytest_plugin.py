@@ -1,6 +1,10 @@
 """pytest plugin (entry point pytest11): --stability-* options, the device and recording fixtures, and a
 terminal summary of the counterexamples found in the session, gathered from pytest-xdist workers too.
 
+It changes nothing unasked: Hypothesis tests are seeded only under --stability-seed or
+--stability-profile (and tests that use its fixtures), and torch's thread count only under
+--stability-threads.
+
 Cheap to import: torch, Hypothesis and the rest of stabilitycheck load lazily inside the hooks that need
 them. Counterexamples get into the summary three ways: the `stability_record` fixture; `assert_stable`,
 whose error carries its Counterexample; and any test failing with an AssertionError (StabilityError
@@ -39,7 +43,14 @@ SIZE_KNOBS = ("depth", "width", "init_scale", "seq_len")
 other subjects show all their numeric knobs."""
 HEADERS = ("#", "test", "target", "device", "dtype", "knobs", "failure", "culprit", "fixed by")
 WORKER_KEY = "stabilitycheck"
-SEED_ATTRIBUTE = "_hypothesis_internal_use_seed"  # what hypothesis.seed() sets on a test
+SEED_ATTRIBUTE = "_hypothesis_internal_use_seed"
+"""What hypothesis.seed() sets on a test. The plugin sets it directly, and only when asked: the public
+hypothesis.seed() and --hypothesis-seed both turn the example database off (Hypothesis 6.100-6.170),
+and a seeded CI run must still replay what an earlier run found (tests/test_plugin.py checks it)."""
+FIXTURES = ("stability_device", "stability_record")
+CI_SEED = 0
+"""The seed of --stability-profile ci when --stability-seed is not given: CI runs repeat, and the
+example database (kept) replays what an earlier run found first."""
 FAILURE_WIDTH = 90
 
 Scalar = int | float | bool | str
@@ -58,13 +69,21 @@ def add_options(addoption: Callable[..., Any], prefix: str = PREFIX) -> None:
         f"{prefix}profile",
         choices=PROFILES,
         default=None,
-        help="Hypothesis profile: quick, ci (derandomized) or thorough (default: the one already loaded)",
+        help="Hypothesis profile (registered as stabilitycheck-NAME): quick (100 examples), ci (50, seed 0 "
+        "unless --stability-seed, example database kept) or thorough (300); default: leave the loaded one",
     )
     addoption(
         f"{prefix}seed",
         type=int,
         default=None,
-        help="seed of the Hypothesis tests that are not derandomized (default: random, shown in the header)",
+        help="seed every Hypothesis test from N and its test id (default: only under --stability-profile "
+        "and for tests using the stabilitycheck fixtures, with a random seed shown in the header)",
+    )
+    addoption(
+        f"{prefix}threads",
+        default=None,
+        help="torch threads per process: N, or auto = cores // pytest-xdist workers (default: leave "
+        "torch's own; 2 workers x 2 threads on 2 cores ran 6x slower than with auto)",
     )
 
 
@@ -219,6 +238,9 @@ def summary(findings: list[Finding]) -> str:
 @dataclass
 class _State:
     seed: int
+    seed_all: bool = False
+    """Seed every Hypothesis test (--stability-seed or --stability-profile given), not only those
+    using the plugin's fixtures."""
     findings: list[Finding] = field(default_factory=list)
     seen: set[tuple[str, str]] = field(default_factory=set)
     previous_profile: str | None = None
@@ -329,10 +351,16 @@ def _hypothesis_seed_option(config: pytest.Config) -> str | None:
 def pytest_configure(config: pytest.Config) -> None:
     workerinput: dict[str, Any] | None = getattr(config, "workerinput", None)
     seed = config.getoption(f"{PREFIX}seed")
+    profile = config.getoption(f"{PREFIX}profile")
     if seed is None and workerinput is not None:
         seed = workerinput.get("stabilitycheck_seed")
-    state = _State(seed=random.randrange(2**32) if seed is None else int(seed))
-    profile = config.getoption(f"{PREFIX}profile")
+    if seed is None and profile == "ci":
+        seed = CI_SEED
+    _threads_option(config)  # a bad value is a usage error before anything runs
+    state = _State(
+        seed=random.randrange(2**32) if seed is None else int(seed),
+        seed_all=config.getoption(f"{PREFIX}seed") is not None or profile is not None,
+    )
     if profile is not None:
         from hypothesis import settings
 
@@ -358,17 +386,25 @@ def pytest_configure_node(node: Any) -> None:
     node.workerinput["stabilitycheck_seed"] = _state(node.config).seed
 
 
-def _threads_per_worker() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+def _threads_option(config: pytest.Config) -> int | None:
+    """--stability-threads as a count (auto: cores // pytest-xdist workers), None when not given."""
+    value = config.getoption(f"{PREFIX}threads")
+    if value is None:
+        return None
+    if value == "auto":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(1, cores // max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    if not value.isdigit() or int(value) < 1:
+        raise pytest.UsageError(f"{PREFIX}threads={value!r}: expected a count >= 1 or 'auto'")
+    return int(value)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """xdist worker: cores // workers torch threads (2 workers x 2 threads on 2 cores ran 6x slower),
-    unless OMP_NUM_THREADS is set; torch is not imported for it (the variable is set before it loads)."""
-    if not hasattr(session.config, "workerinput") or "OMP_NUM_THREADS" in os.environ:
+    """Under --stability-threads: that many torch threads in this process (each xdist worker), set
+    through OMP_NUM_THREADS before torch loads, or torch.set_num_threads once it has."""
+    threads = _threads_option(session.config)
+    if threads is None:
         return
-    threads = _threads_per_worker()
     os.environ["OMP_NUM_THREADS"] = str(threads)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
@@ -380,14 +416,17 @@ def pytest_report_header(config: pytest.Config) -> str:
 
     current = settings()  # the loaded profile's values
     name = settings.get_current_profile_name()
-    profile = f"hypothesis profile {name!r} (max_examples={current.max_examples})"
+    database = "off" if current.database is None or current.derandomize else "on"
+    profile = f"hypothesis profile {name!r} (max_examples={current.max_examples}, database {database})"
+    state = _state(config)
     forced = _hypothesis_seed_option(config)
     if forced is not None:
         seed = f"seed {forced} (--hypothesis-seed)"
     elif current.derandomize:
         seed = "seed derandomized"
     else:
-        seed = f"seed {_state(config).seed} (repeat with {PREFIX}seed={_state(config).seed})"
+        which = "" if state.seed_all else " for tests using its fixtures"
+        seed = f"seed {state.seed}{which} (repeat with {PREFIX}seed={state.seed})"
     return f"stabilitycheck: {profile}, {seed}, device {config.getoption(f'{PREFIX}device')}"
 
 
@@ -400,26 +439,31 @@ def _derandomized(test: Any) -> bool:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, None]:
-    """Seed each Hypothesis test from the session seed and its node id (so -n 0 and -n 2 draw the same
-    examples), unless it is derandomized, has its own @seed, or --hypothesis-seed is given."""
+    """Seed a Hypothesis test from the session seed and its node id (so -n 0 and -n 2 draw the same
+    examples) when asked (--stability-seed or --stability-profile) or when it uses the plugin's
+    fixtures; never when it is derandomised, has its own @seed, or --hypothesis-seed is given. The
+    example database stays on (see SEED_ATTRIBUTE)."""
     test = getattr(item, "obj", None)
+    state = item.config.stash.get(_STATE, None)
     seeded = False
     if (
         test is not None
+        and state is not None
+        and (state.seed_all or any(f in getattr(item, "fixturenames", ()) for f in FIXTURES))
         and "hypothesis" in sys.modules
         and _hypothesis_seed_option(item.config) is None
         and getattr(test, "is_hypothesis_test", False)
         and getattr(test, SEED_ATTRIBUTE, None) is None
         and not _derandomized(test)
     ):
-        digest = hashlib.sha256(f"{_state(item.config).seed}:{item.nodeid}".encode()).digest()
+        digest = hashlib.sha256(f"{state.seed}:{item.nodeid}".encode()).digest()
         setattr(test, SEED_ATTRIBUTE, int.from_bytes(digest[:8], "big"))
         seeded = True
     try:
         yield
     finally:
         if seeded:
-            setattr(test, SEED_ATTRIBUTE, None)
+            setattr(test, SEED_ATTRIBUTE, None)  # the function outlives this session (pytester nests)
 
 
 def _leaves(exc: BaseException) -> Iterator[BaseException]:

@@ -32,6 +32,8 @@ INIT_SCALES = (1.0, 0.75, 1.25, 0.5, 1.5, 2.0, 0.25, 3.0, 4.0)
 examples shrink towards the standard init."""
 
 PROFILES = ("quick", "ci", "thorough")
+"""The user-facing profile names (--stability-profile); registered as PROFILE_PREFIX + name."""
+PROFILE_PREFIX = "stabilitycheck-"
 
 
 def _hint(value: object, allowed: Sequence[str]) -> str:
@@ -226,25 +228,36 @@ _all_dtypes, _all_devices = dtypes, devices  # configs() has arguments of the sa
 _CONFIG_DEFAULTS: dict[str, Any] = {k: v.default for k, v in inspect.signature(configs).parameters.items()}
 
 
+def profile_name(name: str) -> str:
+    """The registered Hypothesis profile of a user-facing name: "ci" -> "stabilitycheck-ci" (prefixed,
+    so it cannot clash with Hypothesis' own "ci" profile or a project's)."""
+    return f"{PROFILE_PREFIX}{name}"
+
+
 def register_profiles() -> None:
-    """Register the Hypothesis profiles "quick" (a few examples, for local runs), "ci" (derandomized,
-    so CI runs repeat, with reproduction blobs printed) and "thorough" (a long search). Probes take
+    """Register the Hypothesis profiles "stabilitycheck-quick" (for local runs), "stabilitycheck-ci"
+    (keeps the example database, so a counterexample found by one CI run replays first in the next;
+    reproduction blobs printed) and "stabilitycheck-thorough" (a long search). None is derandomised:
+    in Hypothesis derandomize=True turns the database off. Runs repeat through the plugin's seed
+    instead (--stability-seed, printed in the header; the ci profile's defaults to 0). Probes take
     milliseconds to seconds, so no profile has a deadline. Each derives from Hypothesis' "default"
-    profile, not from whatever is loaded (Hypothesis loads its own derandomized "ci" when CI is set)."""
+    profile, not from whatever is loaded (Hypothesis loads its own derandomised "ci" when CI is set)."""
     base = settings.get_profile("default")
-    settings.register_profile("quick", base, max_examples=100, deadline=None, derandomize=False)
-    settings.register_profile("ci", base, max_examples=50, deadline=None, derandomize=True, print_blob=True)
-    settings.register_profile("thorough", base, max_examples=300, deadline=None, derandomize=False)
+    for name, examples in (("quick", 100), ("ci", 50), ("thorough", 300)):
+        settings.register_profile(
+            profile_name(name), base, max_examples=examples, deadline=None, print_blob=name == "ci"
+        )
 
 
 def load_profile(name: str | None = None) -> str:
-    """Register the profiles and load `name` (default: env HYPOTHESIS_PROFILE, else "ci" when the CI
-    variable is set, so CI runs are derandomised and repeat, else "quick")."""
+    """Register the profiles and load `name` (quick, ci or thorough; default: env HYPOTHESIS_PROFILE,
+    else "ci" when the CI variable is set, else "quick"); returns the user-facing name."""
     register_profiles()
     chosen = name or os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "quick")
+    chosen = chosen.removeprefix(PROFILE_PREFIX)
     if chosen not in PROFILES:
         raise InvalidArgument(
             f"Unknown stabilitycheck profile {chosen!r}; expected one of {PROFILES}{_hint(chosen, PROFILES)}"
         )
-    settings.load_profile(chosen)
+    settings.load_profile(profile_name(chosen))
     return chosen

@@ -52,6 +52,17 @@ def clip_inf_to_nan(parameters: Iterable[nn.Parameter], max_norm: float) -> floa
     return total
 
 
+def clip_floor_division(parameters: Iterable[nn.Parameter], max_norm: float) -> None:
+    """Norm clipping with `//` where `/` was meant: the coefficient max_norm // total is 0 whenever
+    clipping is needed, so every gradient is set to zero (what torch's clip_grad_norm_ does when the
+    total norm overflows the gradient dtype: max_norm / inf = 0)."""
+    grads = _grads(parameters)
+    total = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+    coef = min(1.0, max_norm // (total + 1e-6))
+    for g in grads:
+        g.mul_(coef)
+
+
 def clip_value_as_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> None:
     """Value clipping passed off as norm clipping: each entry clamped to +-max_norm. The total
     norm can stay above max_norm and the direction changes."""

@@ -319,13 +319,22 @@ BUILD_ERRORS = [
     ("no_parameters", ("no parameters that require grad",)),
     ("frozen", ("no parameters that require grad",)),
     ("no_tensor_output", ("output is a dict with no tensor in it", "def loss(output, inputs)")),
-    ("forward_raises", ("raised RuntimeError: mat1 and mat2", "batch()")),
+    ("forward_raises", ("raised RuntimeError", "batch()")),  # the rest of the message is torch's
     ("scripted", ("the model is a TorchScript module",)),
     ("scripted_block", ("0 is a TorchScript module",)),
 ]
 
 
-@pytest.mark.parametrize(("name", "fragments"), BUILD_ERRORS, ids=[e[0] for e in BUILD_ERRORS])
+TORCHSCRIPT = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+"""The scripted* model files build TorchScript modules on purpose (to check they are refused); torch
+2.13 deprecates torch.jit.script with a DeprecationWarning, which is no error of theirs. (By category,
+not by torch's wording; only these parameters carry the mark.)"""
+
+
+@pytest.mark.parametrize(
+    ("name", "fragments"),
+    [pytest.param(*e, id=e[0], marks=TORCHSCRIPT if "scripted" in e[0] else ()) for e in BUILD_ERRORS],
+)
 def test_check_errors_are_one_line(name: str, fragments: tuple[str, ...]) -> None:
     subject = load(broken(name))
     with pytest.raises(UsageError) as exc:

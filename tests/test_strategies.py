@@ -132,8 +132,12 @@ def test_profiles_register_and_unknown_names_are_rejected() -> None:
     from hypothesis import settings as hs
 
     register_profiles()
-    assert hs.get_profile("ci").derandomize and hs.get_profile("ci").print_blob
-    assert hs.get_profile("quick").max_examples < hs.get_profile("thorough").max_examples
+    ci = hs.get_profile("stabilitycheck-ci")
+    assert not ci.derandomize and ci.database is not None and ci.print_blob  # the database replays
+    assert (
+        hs.get_profile("stabilitycheck-quick").max_examples
+        < hs.get_profile("stabilitycheck-thorough").max_examples
+    )
     with pytest.raises(InvalidArgument, match="did you mean 'quick'"):
         load_profile("quik")
 
