@@ -1,6 +1,6 @@
 """Search: the smallest exploding Config of a Space. Hypothesis finds any failure (its database replays
-old ones first); a deterministic pass then descends to a canonical point, the lexicographically
-smallest exploding point in axis order, and verifies it 1-minimal; then every remedy is re-judged."""
+old ones first); a deterministic pass then descends to a canonical point and verifies it 1-minimal;
+then every remedy is re-judged."""
 
 from __future__ import annotations
 
@@ -233,12 +233,14 @@ def hypothesis_phase(
 
 
 def canonical(prober: Prober, found: Index) -> Index:
-    """The lexicographically smallest exploding point in axis order, descending from the top corner
-    (from `found` when the top corner does not explode): axis by axis, the smallest value that still
-    explodes with the later axes at their upper values (a binary search: explosions grow with the
-    knobs). Then each knob is lowered while the point still explodes, so the result is 1-minimal
-    even where growth is not monotone. The answer depends on the space, never on `found` when the
-    top corner explodes, so the example database and concurrency change how fast it comes, not what."""
+    """A canonical smallest exploding point, descending from the top corner (from `found` when the top
+    corner does not explode): axis by axis, the smallest value that still explodes with the later
+    axes at their upper values (a binary search). Where explosions grow with every knob this is the
+    lexicographically smallest exploding point in axis order; where they do not (a tanh net saturates
+    at large init_scale) it can differ from it, and each knob is then lowered while the point still
+    explodes, so the result is 1-minimal either way. The answer depends on the space, never on
+    `found` when the top corner explodes: the example database and concurrency change how fast it
+    comes, not what."""
     upper = prober.space.top() if prober.explodes(prober.space.top()) else found
     current = list(upper)
     for k in range(len(current)):
