@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ class Measurement:
     activation_grad_norms: tuple[float, ...]
     gains: tuple[float, ...]
     growth: float
-    weight_norms: tuple[float, ...]
+    weight_norms: tuple[float, ...]  # per block, after the last update; () at steps=0 (the caller's own)
     first_nonfinite: NonFinite | None
     steps_run: int
     loss_scale: tuple[float, ...] = ()
@@ -95,64 +96,64 @@ def accumulator(dtype: torch.dtype, exact: bool) -> torch.dtype:
     return EXACT if exact or dtype == torch.float64 else torch.float32
 
 
-class _Pending:
-    """Tensors whose L2 norms are wanted, normed in fused calls (one per accumulator dtype)."""
-
-    def __init__(self, exact: bool) -> None:
-        self.exact = exact
-        self.waiting: dict[torch.dtype, list[tuple[int, torch.Tensor]]] = {}
-
-    def add(self, index: int, tensor: torch.Tensor) -> None:
-        self.waiting.setdefault(accumulator(tensor.dtype, self.exact), []).append((index, tensor))
-
-    def result(self, n: int, fill: torch.Tensor) -> list[torch.Tensor]:
-        """The n norms by index (float32 or float64 0-d tensors); `fill` where none was added."""
-        out = [fill] * n
-        for acc, items in self.waiting.items():
-            norms = torch._foreach_norm([t for _, t in items], 2, dtype=acc)
-            for (i, _), norm in zip(items, norms, strict=True):
-                out[i] = norm
-        return out
+def _fused_norms(tensors: list[torch.Tensor], exact: bool) -> list[torch.Tensor]:
+    """The L2 norm of each tensor as a 0-d tensor: one fused call per accumulator dtype, so one call
+    in all when the tensors share a dtype, as they do in most models."""
+    accs = {accumulator(t.dtype, exact) for t in tensors}
+    if len(accs) <= 1:
+        return list(torch._foreach_norm(tensors, 2, dtype=accs.pop())) if accs else []
+    out = list(tensors)
+    for acc in accs:
+        idx = [i for i, t in enumerate(tensors) if accumulator(t.dtype, exact) == acc]
+        for i, norm in zip(idx, torch._foreach_norm([tensors[i] for i in idx], 2, dtype=acc), strict=True):
+            out[i] = norm
+    return out
 
 
 class _Recorder:
-    """Forward hooks, registered once, collecting the output of every block call while active;
+    """Forward hooks on the blocks, collecting (block index, output) of every block call while active;
     dL/d(output) is then captured by the backward pass itself (torch.autograd.grad), no tensor hooks."""
 
     def __init__(self, blocks: Sequence[tuple[str, nn.Module]]) -> None:
         self.active = False
-        self.names: list[str] = []
+        self.calls: list[int] = []
         self.outputs: list[torch.Tensor] = []
-        self.handles = [module.register_forward_hook(self._hook(name)) for name, module in blocks]
+        self.handles = [module.register_forward_hook(self._hook(b)) for b, (_, module) in enumerate(blocks)]
 
-    def _hook(self, name: str) -> Any:
+    def _hook(self, b: int) -> Any:
+        calls, outputs = self.calls, self.outputs  # cleared in place, never rebound
+
         def on_forward(module: nn.Module, args: Any, output: Any) -> None:
-            out = _first_tensor(output)
-            if self.active and out is not None:
-                self.names.append(name)
-                self.outputs.append(out)
+            if self.active:
+                out = output if isinstance(output, torch.Tensor) else _first_tensor(output)
+                if out is not None:
+                    calls.append(b)
+                    outputs.append(out)
 
         return on_forward
 
     def start(self) -> None:
-        self.active, self.names, self.outputs = True, [], []
+        self.calls.clear()
+        self.outputs.clear()
+        self.active = True
 
     def stop(self) -> None:
         self.active = False
 
     def take(self) -> list[torch.Tensor]:
         """The recorded outputs, dropping the recorder's references to them."""
-        outputs, self.outputs = self.outputs, []
+        outputs = self.outputs[:]
+        self.outputs.clear()
         return outputs
 
-    def call_names(self) -> tuple[str, ...]:
+    def call_names(self, names: Sequence[str]) -> tuple[str, ...]:
         """One name per recorded call: the block name, with [k] for blocks called more than once."""
-        counts = Counter(self.names)
-        seen: Counter[str] = Counter()
+        counts = Counter(self.calls)
+        seen: Counter[int] = Counter()
         out = []
-        for name in self.names:
-            out.append(f"{name}[{seen[name]}]" if counts[name] > 1 else name)
-            seen[name] += 1
+        for b in self.calls:
+            out.append(f"{names[b]}[{seen[b]}]" if counts[b] > 1 else names[b])
+            seen[b] += 1
         return tuple(out)
 
     def remove(self) -> None:
@@ -181,13 +182,38 @@ def _check_loss(loss: Any) -> torch.Tensor:
     return loss
 
 
-def _block_of(params: Sequence[nn.Parameter], blocks: Sequence[tuple[str, nn.Module]]) -> list[int]:
-    """For each parameter, the index of the first block owning it, or -1."""
-    owner: dict[int, int] = {}
-    for b, (_, module) in enumerate(blocks):
+@dataclass(frozen=True)
+class _Layout:
+    """The trainable parameters, the blocks and which block owns each parameter (-1: none)."""
+
+    params: tuple[nn.Parameter, ...]
+    blocks: tuple[nn.Module, ...]
+    owner: tuple[int, ...]
+
+
+_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, _Layout] = weakref.WeakKeyDictionary()
+"""Per model, its last _Layout: the owner map is rebuilt only when the parameters or blocks change."""
+
+
+def _same(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
+def _layout(model: nn.Module, blocks: Sequence[tuple[str, nn.Module]]) -> _Layout:
+    """The model's _Layout, from the cache while its trainable parameters and blocks are the same
+    objects (checked on every call: a frozen, added or replaced parameter makes a new one)."""
+    params = tuple(p for p in model.parameters() if p.requires_grad)
+    modules = tuple(module for _, module in blocks)
+    cached = _LAYOUTS.get(model)
+    if cached is not None and _same(cached.params, params) and _same(cached.blocks, modules):
+        return cached
+    first: dict[int, int] = {}
+    for b, module in enumerate(modules):
         for p in module.parameters():
-            owner.setdefault(id(p), b)
-    return [owner.get(id(p), -1) for p in params]
+            first.setdefault(id(p), b)
+    layout = _Layout(params, modules, tuple(first.get(id(p), -1) for p in params))
+    _LAYOUTS[model] = layout
+    return layout
 
 
 def _per_block(norms: Sequence[float], owner: Sequence[int], n_blocks: int) -> tuple[float, ...]:
@@ -199,7 +225,7 @@ def _per_block(norms: Sequence[float], owner: Sequence[int], n_blocks: int) -> t
     return tuple(math.sqrt(s) for s in squares)
 
 
-def _optimizer(name: str, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+def _optimizer(name: str, params: Sequence[nn.Parameter], lr: float) -> torch.optim.Optimizer:
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
     return torch.optim.SGD(params, lr=lr)
@@ -217,6 +243,7 @@ class _Step:
     forward: list[float]
     backward: list[float]
     scale: float = 1.0
+    finite: bool = True  # every number above is finite
 
 
 @dataclass
@@ -226,9 +253,10 @@ class _Run:
     model: nn.Module
     inputs: Inputs
     loss_fn: LossFn
-    params: list[nn.Parameter]
+    names: tuple[str, ...]
+    params: tuple[nn.Parameter, ...]
     rec: _Recorder
-    opt: torch.optim.Optimizer
+    opt: torch.optim.Optimizer | None  # built only when an update or a GradScaler needs one
     autocast: torch.dtype | None
     scaler: torch.amp.GradScaler | None
 
@@ -237,27 +265,17 @@ class _Run:
         return self.params[0].device
 
 
-def _norms(tensors: Sequence[torch.Tensor | None], exact: bool, fill: torch.Tensor) -> list[torch.Tensor]:
-    """The L2 norm of each tensor (float32 or float64 0-d tensors), fused per accumulator dtype;
-    `fill` for a None."""
-    pending = _Pending(exact)
-    for i, t in enumerate(tensors):
-        if t is not None:
-            pending.add(i, t)
-    return pending.result(len(tensors), fill)
-
-
 def _backward(run: _Run, loss: torch.Tensor, outputs: list[torch.Tensor]) -> list[torch.Tensor | None]:
-    """Backward from `loss` into the parameters' .grad, returning dL/d(output) of each recorded
-    output (None where the loss does not depend on it), captured by the same single pass."""
+    """Backward from `loss`, setting every parameter's .grad (None where none reached it) and
+    returning dL/d(output) of each recorded output (None where the loss does not depend on it),
+    all from one torch.autograd.grad pass (measured cheaper than backward() with tensor hooks or
+    retain_grad on many-call blocks, and no dearer on dense ones; see ci/bench.py)."""
     wanted = [i for i, out in enumerate(outputs) if out.requires_grad]
-    if not wanted:
-        loss.backward()
-        return [None] * len(outputs)
-    inputs: list[torch.Tensor] = [outputs[i] for i in wanted] + list(run.params)
-    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    grads = torch.autograd.grad(loss, [outputs[i] for i in wanted] + list(run.params), allow_unused=True)
     for p, g in zip(run.params, grads[len(wanted) :], strict=True):
         p.grad = g
+    if len(wanted) == len(outputs):
+        return list(grads[: len(outputs)])
     captured: list[torch.Tensor | None] = [None] * len(outputs)
     for i, g in zip(wanted, grads, strict=False):
         captured[i] = g
@@ -265,10 +283,10 @@ def _backward(run: _Run, loss: torch.Tensor, outputs: list[torch.Tensor]) -> lis
 
 
 def _stack(parts: list[torch.Tensor]) -> list[float]:
-    """0-d tensors of mixed float dtypes to Python floats: one stack and cast per dtype, one sync."""
+    """0-d tensors of mixed float dtypes to Python floats (exactly): one stack per dtype, one sync."""
     dtypes = {p.dtype for p in parts}
     if len(dtypes) == 1:
-        return torch.stack(parts).to(EXACT).tolist()
+        return torch.stack(parts).tolist()  # the one host synchronisation
     groups = {d: [i for i, p in enumerate(parts) if p.dtype == d] for d in dtypes}
     stacked = torch.cat([torch.stack([parts[i] for i in idx]).to(EXACT) for idx in groups.values()])
     order = [i for idx in groups.values() for i in idx]
@@ -279,15 +297,20 @@ def _stack(parts: list[torch.Tensor]) -> list[float]:
     return out
 
 
+def _scatter(values: Sequence[float], where: Sequence[int], n: int) -> list[float]:
+    """`values` put at the indices `where` of n zeros (0.0: a tensor no gradient reached)."""
+    out = [0.0] * n
+    for i, v in zip(where, values, strict=True):
+        out[i] = v
+    return out
+
+
 def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = False) -> _Step:
-    """Forward and backward once, then the norms computed on the device and copied in one go:
-    the loss, every weight gradient (unscaled under a GradScaler), and on request the block
+    """Forward and backward once, then every norm of the step in one fused call and one copy to the
+    host: the loss, every weight gradient (unscaled under a GradScaler), and on request the block
     outputs, their gradients and the weights. `exact` computes every norm in float64 and runs
     without the GradScaler (a re-run that only locates a non-finite value)."""
-    for p in run.params:
-        p.grad = None
     scaler = None if exact else run.scaler
-    scale = scaler.scale(torch.ones((), device=run.device)).to(EXACT) if scaler else None
     if hooks:
         run.rec.start()
     try:
@@ -296,37 +319,36 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
     finally:
         run.rec.stop()
     outputs = run.rec.take() if hooks else []
-    zero = torch.zeros((), dtype=EXACT, device=loss.device)  # an output no gradient reached
-    forward = _norms([out.detach() for out in outputs], exact, zero)
     captured = _backward(run, scaler.scale(loss) if scaler else loss, outputs)
-    del outputs
     if scaler:
+        assert run.opt is not None  # built whenever there is a GradScaler
         scaler.unscale_(run.opt)
-    present = [i for i, p in enumerate(run.params) if p.grad is not None]
-    grads = [g for g in (run.params[i].grad for i in present) if g is not None]
-    n_calls = len(forward)
-    ones = torch.ones((), dtype=loss.dtype, device=loss.device)
-    parts = [loss.detach().reshape(()), ones if scale is None else scale]
-    parts += _norms(grads, exact, zero)
-    if weights:
-        parts += _norms([p.detach() for p in run.params], exact, zero)
-    if hooks:
-        backward = _norms(captured, exact, zero)
-        parts += forward
-        parts += backward if scale is None else [b / scale for b in backward]
-    host = _stack(parts)  # the one host synchronisation of this step
-    g, w = len(grads), len(run.params) if weights else 0
-    full = [0.0] * len(run.params)
-    for i, value in zip(present, host[2 : 2 + g], strict=True):
-        full[i] = value
+    with torch.no_grad():
+        present = [i for i, p in enumerate(run.params) if p.grad is not None]
+        reached = [i for i, g in enumerate(captured) if g is not None]
+        tensors = [g for g in (run.params[i].grad for i in present) if g is not None]
+        tensors += outputs
+        tensors += [g for g in captured if g is not None]
+        tensors += run.params if weights else ()
+        norms = _fused_norms(tensors, exact)
+        g, n, r = len(present), len(outputs), len(reached)
+        if scaler and r:  # output gradients of the scaled loss, unscaled
+            scale = scaler.scale(torch.ones((), device=run.device)).to(EXACT)
+            norms[g + n : g + n + r] = [b / scale for b in norms[g + n : g + n + r]]
+        extra = [scaler.scale(torch.ones((), device=run.device)).to(EXACT)] if scaler else []
+        host = _stack([loss.detach().reshape(()), *extra, *norms])  # the one host synchronisation
+    del outputs, captured, tensors, norms
+    loss_value, scale_value = host[0], host[1] if scaler else 1.0
+    host = host[1 + len(extra) :]
     return _Step(
-        loss=host[0],
-        scale=host[1],
-        grads=full,
-        weights=host[2 + g : 2 + g + w],
-        calls=run.rec.call_names() if hooks else (),
-        forward=host[2 + g + w : 2 + g + w + n_calls],
-        backward=host[2 + g + w + n_calls :],
+        loss=loss_value,
+        scale=scale_value,
+        grads=_scatter(host[:g], present, len(run.params)),
+        weights=host[g + n + r :],
+        calls=run.rec.call_names(run.names) if hooks else (),
+        forward=host[g : g + n],
+        backward=_scatter(host[g + n : g + n + r], reached, n),
+        finite=math.isfinite(loss_value + sum(host)),
     )
 
 
@@ -385,25 +407,17 @@ def probe_module(
     """
     blocks = tuple(blocks) if blocks is not None else find_blocks(model)[0]
     names = tuple(name for name, _ in blocks)
-    params = [p for p in model.parameters() if p.requires_grad]
+    layout = _layout(model, blocks)
+    params, owner = layout.params, layout.owner
     if not params:
         raise UsageError(
             "the model has no parameters that require grad: nothing to differentiate "
             "(check requires_grad, or that layers are registered as submodules)"
         )
-    owner = _block_of(params, blocks)
     device = params[0].device
     scaler = torch.amp.GradScaler(device.type) if amp == "float16" else None
-    run = _Run(
-        model,
-        inputs,
-        loss_fn,
-        params,
-        _Recorder(blocks),
-        _optimizer(optimizer, params, lr),
-        AUTOCAST.get(amp),
-        scaler,
-    )
+    opt = _optimizer(optimizer, params, lr) if steps > 0 or scaler is not None else None
+    run = _Run(model, inputs, loss_fn, names, params, _Recorder(blocks), opt, AUTOCAST.get(amp), scaler)
     losses: list[float] = []
     totals: list[float] = []
     scales: list[float] = []
@@ -415,19 +429,21 @@ def probe_module(
             if device.type == "cuda":
                 index = torch.cuda.current_device() if device.index is None else device.index
                 torch.cuda.default_generators[index].manual_seed(seed)
-            first = last = _run_step(run, hooks=True, weights=steps == 0)
+            # weights are measured after the last update; at steps=0 they are the caller's own
+            first = last = _run_step(run, hooks=True)
             for step in range(steps + 1):
                 if step > 0:
                     last = _run_step(run, hooks=False, weights=step == steps)
                 scales.append(last.scale)
-                if _locate(step, last, names, owner, scaler is None) is not None:  # name it, in float64
+                found = None if last.finite else _locate(step, last, names, owner, scaler is None)
+                if found is not None:  # name it, in float64
                     last = _run_step(run, hooks=True, exact=True, weights=True)
                     first = last if step == 0 else first
-                nonfinite = _locate(step, last, names, owner, scaler is None)
+                    nonfinite = _locate(step, last, names, owner, scaler is None)
                 if step == 0 and scaler is not None and not math.isfinite(sum(last.grads)):
                     # the scaled gradients overflowed (the scaler will skip this step): take the
                     # per-block profile from an unscaled float64-norm re-run of the same step
-                    first = _run_step(run, hooks=True, exact=True, weights=steps == 0)
+                    first = _run_step(run, hooks=True, exact=True)
                 losses.append(last.loss)
                 totals.append(math.sqrt(sum(v * v for v in last.grads)))
                 if nonfinite is not None or step == steps:
@@ -457,6 +473,7 @@ def probe_module(
 
 def _update(run: _Run, step: int, total: float, lr: float, clip: float | None, warmup: int) -> int:
     """One optimiser update (clipped, warmed up, through the GradScaler); 1 if it was skipped."""
+    assert run.opt is not None  # built whenever steps > 0
     finite = math.isfinite(total)
     if clip is not None and finite:
         coef = min(1.0, clip / (total + 1e-6))  # torch's clip_grad_norm_ contract
