@@ -287,7 +287,14 @@ def _with_through_time(j: Judgement, config: Config, subject: Subject) -> Judgem
     """The judgement with the through-time growth (loss on the last step) of a recurrent subject."""
     if j.through_time is not None or not config.recurrent:
         return j
-    return replace(j, through_time=through_time(config, subject, config.run.quantile))
+    spread = through_time(config, subject, config.run.quantile)
+    accumulated = (
+        spread is not None
+        and "growth" in j.verdict.names
+        and spread.mid <= j.verdict.criteria[j.verdict.names.index("growth")].limit
+    )
+    kind = replace(j.kind, kind="accumulated") if accumulated else j.kind
+    return replace(j, through_time=spread, kind=kind)
 
 
 def search(

@@ -64,7 +64,9 @@ class Growth:
     the number of blocks L - j (a constant rate per block, e.g. a tanh MLP off criticality), polynomial
     when it is linear in log(L / j) (growth ~ depth ** exponent, e.g. pre-norm residual stacks whose
     per-block log-gain decays like 1 / j), whichever least-squares fit explains more of C; flat when the
-    total growth is within x2. Quantiles and spreads over seeds."""
+    total growth is within x2; accumulated when a recurrent subject's per-token growth passes the limit
+    but its through-time growth (the loss on the last step) does not: the gradient of early steps is a
+    sum over every later token's loss, not a product of Jacobians. Quantiles and spreads over seeds."""
 
     kind: str
     rate: Spread
@@ -75,6 +77,8 @@ class Growth:
             return f"exponential, x{math.exp(self.rate.mid):.3g}/block"
         if self.kind == "polynomial":
             return f"polynomial, ~depth^{self.exponent.mid:.2f}"
+        if self.kind == "accumulated":
+            return "accumulated over tokens"
         return self.kind
 
 
