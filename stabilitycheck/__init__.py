@@ -29,6 +29,9 @@ _EXPORTS = {
     "load": "stabilitycheck.modelfile",
     "Verdict": "stabilitycheck.verdicts",
     "verdict": "stabilitycheck.verdicts",
+    "watch": "stabilitycheck.watch",
+    "Watcher": "stabilitycheck.watch",
+    "SpikeRule": "stabilitycheck.spikes",
 }
 
 __all__ = sorted(_EXPORTS)
