@@ -102,9 +102,10 @@ def gather(rows: torch.Tensor) -> torch.Tensor:
     _, size = world()
     if size == 1:
         return rows.unsqueeze(0)
-    out = torch.empty((size, *rows.shape), dtype=rows.dtype, device=rows.device)
-    dist.all_gather_into_tensor(out, rows.contiguous())
-    return out
+    out = torch.empty((size * rows.shape[0], *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
+    collective = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in 2.13
+    collective(out, rows.contiguous())
+    return out.view(size, *rows.shape)
 
 
 def nonfinite_rank(rows: list[list[float]], layout: Layout, series: int) -> int | None:
