@@ -46,12 +46,16 @@ class PreNorm(nn.Module):
 
 
 class Fault:
-    """A forward hook that changes one block's output at one step: x`factor`, NaN or +Inf."""
+    """A forward hook that changes one block's output at one step: x`factor`, NaN or +Inf. The loop
+    sets `step`, or with `count=True` the hook counts its own calls (one per training step)."""
 
-    def __init__(self, at: int, kind: str = "scale", factor: float = 50.0) -> None:
-        self.at, self.kind, self.factor, self.step = at, kind, factor, -1
+    def __init__(self, at: int, kind: str = "scale", factor: float = 50.0, count: bool = False) -> None:
+        self.at, self.kind, self.factor, self.count = at, kind, factor, count
+        self.step = -1
 
     def __call__(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+        if self.count and torch.is_grad_enabled():
+            self.step += 1
         if self.step != self.at:
             return None
         if self.kind == "nan":
@@ -83,9 +87,11 @@ def train(
     optimizer: torch.optim.Optimizer | None = None,
     seed: int = 0,
     batch_size: int = 32,
+    bad_batch: tuple[int, float] | None = None,
     **options: Any,
 ) -> Watcher:
-    """Train `steps` SGD (or `optimizer`) steps under watch, faults planted on blocks by index."""
+    """Train `steps` SGD (or `optimizer`) steps under watch, faults planted on blocks by index;
+    `bad_batch` (step, factor) multiplies that step's inputs (a fault a replay can reproduce)."""
     gen = torch.Generator().manual_seed(seed)
     opt = optimizer or torch.optim.SGD(model.parameters(), lr=0.01)
     handles = [model.blocks[b].register_forward_hook(f) for b, f in (faults or {}).items()]
@@ -96,6 +102,8 @@ def train(
                 for f in (faults or {}).values():
                     f.step = step
                 data = batch(gen, model, batch_size)
+                if bad_batch is not None and step == bad_batch[0]:
+                    data = (data[0] * bad_batch[1], data[1])
                 loss = compute_loss(model, data)
                 w.loss(loss, batch=data)
                 opt.zero_grad(set_to_none=True)
