@@ -246,6 +246,65 @@ def overhead(s: Sizes) -> list[Row]:
     return rows
 
 
+# ----------------------------------------------------------------------------------------------- watch
+
+WATCH_STEPS = 10  # training steps per timed call; the watcher flushes once per call (default: every 50)
+
+
+def watch_overhead(s: Sizes) -> list[Row]:
+    """stabilitycheck.watch on a training loop vs the same loop bare, on two copies of each model."""
+    from stabilitycheck.watch import Watcher
+
+    if s.rounds < 5:
+        cases = {"mlp (quick)": s.mlp, "transformer (quick)": s.transformer, "rnn (quick)": s.rnn}
+    else:
+        mlp = calibrate_batch(s.mlp, 2 * 1.5 * SLOW_MS)  # calibrate_batch times 2 forward+backward
+        cases = {"mlp 16x256": mlp, "transformer 4x128 pre, T=64": s.transformer, "rnn T=256": s.rnn}
+    rows = []
+    for label, config in cases.items():
+        loops, watchers = {}, []
+        for name in ("bare", "watch"):
+            built = build(config)
+            opt = torch.optim.SGD(built.model.parameters(), lr=config.lr)
+            w = Watcher(built.model, opt, blocks=built.blocks, flush_every=WATCH_STEPS, report=None)
+            if name == "watch":
+                watchers.append(w.__enter__())
+
+            def loop(
+                b: Any = built, o: Any = opt, w: Watcher | None = w if name == "watch" else None
+            ) -> None:
+                for _ in range(WATCH_STEPS):
+                    o.zero_grad(set_to_none=True)
+                    loss = b.loss_fn(call_model(b.model, b.inputs), b.inputs)
+                    if w is not None:
+                        w.loss(loss)
+                    loss.backward()
+                    o.step()
+
+            loops[name] = loop
+        t = interleaved(loops, s.rounds)
+        report = watchers[0].close()
+        bare_ms = med(t["bare"], 1) / WATCH_STEPS
+        target = TARGET_SLOW if bare_ms >= SLOW_MS else TARGET_FAST
+        ratio = paired_ratio(t["watch"], t["bare"], 1)
+        rows.append(
+            {
+                "model": label,
+                "batch": config.batch_size,
+                "bare ms/step": bare_ms,
+                "watch ms/step": med(t["watch"], 1) / WATCH_STEPS,
+                "watch/bare": ratio,
+                "wall watch/bare": paired_ratio(t["watch"], t["bare"], 0),
+                "target": target,
+                "met": "yes" if ratio <= target else "NO",
+                "steps": report.steps,
+                "flagged": len(report.flagged_steps),
+                "host reads": report.host_reads,
+            }
+        )
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------- search
 
 
@@ -404,6 +463,14 @@ NOTES = {
         "torch.autograd.detect_anomaly. The MLP batch is doubled until bare takes >= 7.5 ms (5 ms plus\n"
         "a margin), then 4x that batch again. Target: <= 1.05x when bare >= 5 ms, else <= 1.15x."
     ),
+    "watch": (
+        "CPU time of {watch_steps} training steps (zero_grad, forward, backward, SGD step) per call, median\n"
+        "over {rounds} interleaved rounds, per step; bare and watched run on two identical copies of the\n"
+        "model. watch = stabilitycheck.watch with flush_every={watch_steps} (one host read per call; the\n"
+        "default, 50, reads 5x less often) and the spike rule on every series. The MLP batch is doubled\n"
+        "until a bare step takes about 7.5 ms (5 ms plus a margin).\n"
+        "Target: <= 1.05x when bare >= 5 ms/step, else <= 1.15x."
+    ),
     "search": (
         "search(): Hypothesis (max_examples={max_examples}, seed 0, no database) + 1-minimal pass +\n"
         "remedy re-probes (counted in its probes and time). sweep(): every grid point probed once.\n"
@@ -427,7 +494,7 @@ NOTES = {
 }
 
 
-SECTIONS = ("overhead", "search", "scaling", "parallel")
+SECTIONS = ("overhead", "watch", "search", "scaling", "parallel")
 
 
 def run(quick: bool, only: Sequence[str] = SECTIONS) -> dict[str, Any]:
@@ -436,7 +503,12 @@ def run(quick: bool, only: Sequence[str] = SECTIONS) -> dict[str, Any]:
     start = time.perf_counter()
     result: dict[str, Any] = {"machine": machine(), "quick": quick}
     sections: dict[str, float] = {}
-    for name, section in (("overhead", overhead), ("search", searching), ("parallel", parallel)):
+    for name, section in (
+        ("overhead", overhead),
+        ("watch", watch_overhead),
+        ("search", searching),
+        ("parallel", parallel),
+    ):
         if name in only:
             t0 = time.perf_counter()
             result[name] = section(s)
@@ -452,6 +524,7 @@ def run(quick: bool, only: Sequence[str] = SECTIONS) -> dict[str, Any]:
             max_examples=s.max_examples,
             scaling_rounds=max(3, s.rounds // 2),
             timeout=s.pytest_timeout,
+            watch_steps=WATCH_STEPS,
         )
         for k, v in NOTES.items()
     }
@@ -465,6 +538,7 @@ def render(result: dict[str, Any]) -> str:
     parts = ["## machine", tabulate(list(result["machine"].items()), tablefmt="simple")]
     sections = [
         ("probe overhead (CPU ms)", "overhead", "overhead"),
+        ("watch overhead on a training loop (CPU ms)", "watch", "watch"),
         ("search vs exhaustive sweep", "search", "search"),
         ("probe time vs size (CPU ms)", "scaling", "scaling"),
         ("scaling exponents (time ~ size^k)", "exponents", None),

@@ -28,6 +28,13 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a DTensor (FSDP2, tensor parallel): its norms need its local values."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
 def local(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The values this rank holds and how many ranks hold the same values (its replication)."""
     from torch.distributed.tensor import DTensor, Partial, Replicate

@@ -41,39 +41,79 @@ class SpikeRule:
         """An empty window for `n_series` series, in float64 on `device`."""
         return SpikeState(
             values=torch.zeros(n_series, self.window, dtype=torch.float64, device=device),
-            pos=torch.zeros(n_series, dtype=torch.long, device=device),
             count=torch.zeros(n_series, dtype=torch.long, device=device),
             slots=torch.arange(self.window, device=device),
-            rows=torch.arange(n_series, device=device),
         )
+
+    def _threshold(self, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        return mean + torch.maximum(self.sigmas * var.clamp(min=0).sqrt(), self.floor * mean.abs())
 
     def update(self, state: SpikeState, x: torch.Tensor) -> torch.Tensor:
         """Flag each entry of `x` (one value per series) and let the accepted ones enter the window.
         Returns a bool tensor; only tensor ops, so no host synchronisation."""
         x = x.to(torch.float64)
         finite = torch.isfinite(x)
-        valid = state.slots < state.count.unsqueeze(1)
+        valid = state.slots >= self.window - state.count.unsqueeze(1)
         n = state.count.clamp(min=1).to(torch.float64)
         mean = torch.where(valid, state.values, 0.0).sum(1) / n
         var = torch.where(valid, (state.values - mean.unsqueeze(1)) ** 2, 0.0).sum(1) / n
-        threshold = mean + torch.maximum(self.sigmas * var.sqrt(), self.floor * mean.abs())
+        threshold = self._threshold(mean, var)
         warm = state.count >= self.warmup
         flagged = ~finite | (warm & (x > threshold))
         entering = torch.where(warm, torch.minimum(x, threshold), x)
-        old = state.values[state.rows, state.pos]
-        state.values[state.rows, state.pos] = torch.where(finite, entering, old)
-        step = finite.long()
-        state.pos = (state.pos + step) % self.window
-        state.count = (state.count + step).clamp(max=self.window)
+        shifted = torch.cat([state.values[:, 1:], entering.unsqueeze(1)], 1)
+        state.values = torch.where(finite.unsqueeze(1), shifted, state.values)
+        state.count = (state.count + finite.long()).clamp(max=self.window)
         return flagged
+
+    def update_many(self, state: SpikeState, xs: torch.Tensor) -> torch.Tensor:
+        """`update` over the rows of xs (steps x series), with the same flags, in a few vectorised
+        passes: each assumes every later value enters the window as it is (rolling sums over the
+        window and the new values), which holds up to the first step flagging anything; that step
+        is then run through `update`, and the next pass starts after it. Reads the host (once per
+        pass), so it is for host tensors: 1 + (flagged steps) passes."""
+        xs = xs.to(torch.float64)
+        flags = torch.zeros(xs.shape, dtype=torch.bool, device=xs.device)
+        w, start = self.window, 0
+        while start < xs.shape[0]:
+            rest = xs[start:]
+            m = rest.shape[0]
+            valid = state.slots >= w - state.count.unsqueeze(1)
+            ref = torch.where(valid, state.values, 0.0).sum(1) / state.count.clamp(min=1)
+            seq = torch.cat(
+                [torch.where(valid, state.values - ref.unsqueeze(1), 0.0), rest.T - ref.unsqueeze(1)], 1
+            )
+            seq = torch.where(torch.isfinite(seq), seq, 0.0)  # the pass stops before a non-finite value
+            zero = torch.zeros(seq.shape[0], 1, dtype=torch.float64, device=seq.device)
+            s1 = torch.cat([zero, seq.cumsum(1)], 1)
+            s2 = torch.cat([zero, (seq * seq).cumsum(1)], 1)
+            steps = torch.arange(m, device=xs.device)
+            sizes = (state.count.unsqueeze(1) + steps).clamp(max=w)  # window size at each step
+            end = (w + steps).expand_as(sizes)
+            first = end - sizes
+            n = sizes.clamp(min=1).to(torch.float64)
+            mean_shift = (s1.gather(1, end) - s1.gather(1, first)) / n
+            var = (s2.gather(1, end) - s2.gather(1, first)) / n - mean_shift**2
+            mean = torch.where(sizes > 0, ref.unsqueeze(1) + mean_shift, 0.0)
+            threshold = self._threshold(mean, var)
+            x = rest.T
+            pass_flags = ~torch.isfinite(x) | ((sizes >= self.warmup) & (x > threshold))
+            hit = pass_flags.any(0).nonzero()
+            stop = int(hit[0, 0]) if hit.numel() else m  # the pass's only host read
+            if stop:
+                state.values = torch.cat([state.values, x[:, :stop]], 1)[:, -w:]
+                state.count = (state.count + stop).clamp(max=w)
+            if stop < m:
+                flags[start + stop] = self.update(state, rest[stop])
+            start += stop + 1
+        return flags
 
 
 @dataclass
 class SpikeState:
-    """The rolling windows: a ring buffer per series, its write position and fill count."""
+    """The rolling windows: per series the accepted values, oldest first, right-aligned in `values`
+    (the last `count` columns hold them)."""
 
     values: torch.Tensor
-    pos: torch.Tensor
     count: torch.Tensor
     slots: torch.Tensor
-    rows: torch.Tensor

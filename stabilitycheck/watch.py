@@ -34,29 +34,32 @@ FLUSH_EVERY = 50  # one host read per 50 steps: < 1 us/step amortised, and a fin
 
 
 class _Scatter:
-    """Squares of 0-d norms added into per-block slots: one stack per dtype and one index_add, with
-    the slot index tensors built once per call pattern (a host-to-device copy is not repeated)."""
+    """Squares of 0-d norms added into the slots of a row: one stack and one index_add, the slot
+    index and scale tensors built once per call pattern (no host-to-device copy per step)."""
 
-    def __init__(self, n: int, device: torch.device) -> None:
-        self.n, self.device = n, device
-        self.cache: dict[tuple[int, ...], torch.Tensor] = {}
+    def __init__(self, width: int, device: torch.device) -> None:
+        self.width, self.device = width, device
+        self.cache: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def __call__(
-        self, norms: Sequence[torch.Tensor], slots: Sequence[int], scale: torch.Tensor | None = None
+        self, norms: Sequence[torch.Tensor], slots: Sequence[int], scale: Sequence[float]
     ) -> torch.Tensor:
-        out = torch.zeros(self.n, dtype=torch.float64, device=self.device)
+        out = torch.zeros(self.width, dtype=torch.float64, device=self.device)
         if not norms:
             return out
         key = tuple(slots)
         if key not in self.cache:
-            self.cache[key] = torch.tensor(key, device=self.device)
-        dtypes = {t.dtype for t in norms}
-        if len(dtypes) == 1:
-            values = torch.stack(list(norms)).double()
+            factors = None if all(f == 1.0 for f in scale) else torch.tensor(scale, dtype=torch.float64)
+            self.cache[key] = (
+                torch.tensor(key, device=self.device),
+                None if factors is None else factors.to(self.device),
+            )
+        index, factors = self.cache[key]
+        if len({t.dtype for t in norms}) == 1:
+            squares = torch.stack(list(norms)).double().square()
         else:
-            values = torch.stack([t.double() for t in norms])
-        squares = values.square()
-        return out.index_add_(0, self.cache[key], squares if scale is None else squares * scale)
+            squares = torch.stack([t.double() for t in norms]).square()
+        return out.index_add_(0, index, squares if factors is None else squares * factors)
 
 
 def _foreach_norms(tensors: Sequence[torch.Tensor | None], zero: torch.Tensor) -> list[torch.Tensor]:
@@ -111,13 +114,17 @@ class Watcher:
         n = len(self.blocks)
         self.owner = [b if b >= 0 else n for b in _block_of(self.params, self.blocks)]
         copies = [distributed.local(p)[1] for p in self.params]
-        self.inv_copies = torch.tensor([1.0 / c for c in copies], dtype=torch.float64, device=self.device)
-        self._blocks_scatter = _Scatter(n, self.device)
-        self._params_scatter = _Scatter(n + 1, self.device)
+        self.sharded = any(distributed.is_dtensor(p) for p in self.params)
+        self.param_scale = [1.0 / c for c in copies] * 2  # gradients, then weights
+        grad_slots = [self.layout.parts()["gradient"].start + b for b in self.owner]
+        self.param_slots = grad_slots + [self.layout.parts()["weight"].start + b for b in self.owner]
+        self._scatter = _Scatter(self.layout.width, self.device)
         self._zero = torch.zeros((), dtype=accumulator(self.params[0].dtype, False), device=self.device)
         self.fused = bool(optimizer is not None and optimizer.defaults.get("fused"))
         self._check_options(bundle, compute_loss)
-        on_device = self.world == 1  # the rule runs per step on the device; else at the flush, on the host
+        # skip= and bundle= need each step's flag on the device: the rule runs there, per step; else
+        # it runs at the flush on the host, vectorised over the flushed steps (spikes.update_many)
+        on_device = self.skip or bundle is not None
         width = self.layout.n_series * 2 if on_device else self.layout.width
         self.buffer = torch.zeros(flush_every, width, dtype=torch.float64, device=self.device)
         self.state = self.rule.state(self.layout.n_series, self.device) if on_device else None
@@ -227,23 +234,22 @@ class Watcher:
 
     def _row(self) -> torch.Tensor:
         """This step's squared local norms (see Layout), on the device; resets the accumulators."""
-        fwd = self._blocks_scatter(self._fwd, self._fwd_slots)
-        bwd = self._blocks_scatter(self._bwd, self._bwd_slots)
+        n = len(self.blocks)
+        with torch.no_grad():
+            if self.sharded:
+                grads = [_local(p.grad) for p in self.params]
+                weights: list[torch.Tensor | None] = [_local(p) for p in self.params]
+            else:
+                grads, weights = [p.grad for p in self.params], list(self.params)
+            norms = self._fwd + self._bwd + _foreach_norms(grads + weights, self._zero)
+            slots = [1 + b for b in self._fwd_slots] + [1 + n + b for b in self._bwd_slots]
+            scale = [1.0] * len(slots) + self.param_scale
+            row = self._scatter(norms, slots + self.param_slots, scale)
+            if self._loss is not None:
+                row.select(0, 0).copy_(self._loss)
         self._fwd, self._fwd_slots, self._bwd, self._bwd_slots = [], [], [], []
-        grads = _foreach_norms([_local(p.grad) for p in self.params], self._zero)
-        weights = _foreach_norms([_local(p.detach()) for p in self.params], self._zero)
-        zero = torch.zeros(1, dtype=torch.float64, device=self.device)
-        loss = zero if self._loss is None else self._loss.reshape(1).to(self.device)
         self._loss_seen, self._loss = self._loss is not None, None
-        return torch.cat(
-            [
-                loss,
-                fwd,
-                bwd,
-                self._params_scatter(grads, self.owner, self.inv_copies),
-                self._params_scatter(weights, self.owner, self.inv_copies),
-            ]
-        )
+        return row
 
     def before_step(self) -> torch.Tensor | None:
         """Close the step: measure, apply the rule on the device (single process), buffer the row.

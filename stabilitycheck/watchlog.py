@@ -114,14 +114,16 @@ class Log:
             self._record(first + i, row[:n], [v != 0.0 for v in row[n:]], None)
 
     def add_ranks(self, first: int, host: list[list[list[float]]]) -> None:
-        """Distributed: every rank's rows (rank, step, width); combined, then the rule, on the host."""
+        """Rows of squared local norms (rank, step, width): combined, then the rule, on the host."""
         rows = torch.tensor(host, dtype=torch.float64).transpose(0, 1)  # (step, rank, width)
         series = to_series(rows, self.layout)
         if self.host_state is None:
             self.host_state = self.rule.state(self.layout.n_series)
+        flags = self.rule.update_many(self.host_state, series).tolist()
+        values = series.tolist()
         for i in range(rows.shape[0]):
-            flags = self.rule.update(self.host_state, series[i]).tolist()
-            self._record(first + i, series[i].tolist(), flags, [r[i] for r in host])
+            ranks = [r[i] for r in host] if self.world > 1 else None
+            self._record(first + i, values[i], flags[i], ranks)
 
     def _record(
         self, step: int, values: list[float], flags: list[bool], ranks: list[list[float]] | None

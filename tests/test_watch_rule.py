@@ -46,6 +46,14 @@ def run(rule: SpikeRule, columns: list[list[float]]) -> list[list[bool]]:
     return out
 
 
+def run_many(rule: SpikeRule, columns: list[list[float]], chunk: int) -> list[list[bool]]:
+    """update_many over chunks of `chunk` steps (as the watcher's flushes do)."""
+    state = rule.state(len(columns))
+    xs = torch.tensor(columns, dtype=torch.float64).T
+    flags = torch.cat([rule.update_many(state, xs[i : i + chunk]) for i in range(0, len(xs), chunk)])
+    return [list(map(bool, col)) for col in flags.T.tolist()]
+
+
 def noisy(n: int, rng: random.Random, level: float = 1.0, noise: float = 0.05) -> list[float]:
     return [level * (1 + noise * rng.gauss(0, 1)) for _ in range(n)]
 
@@ -63,6 +71,8 @@ def test_matches_the_reference_on_series_with_spikes_and_non_finite_values(seed:
         columns.append(series)
     got = run(rule, columns)
     assert got == [reference(rule, s) for s in columns]
+    for chunk in (1, 7, 50, 120):
+        assert run_many(rule, columns, chunk) == got
     assert any(any(f) for f in got)  # the series do contain flags: the comparison is not vacuous
 
 
@@ -74,6 +84,7 @@ def test_one_nan_flags_one_step_and_a_x3_spike_50_steps_later_is_caught() -> Non
     ours = [i for i, f in enumerate(reference(rule, series)) if f]
     assert ours == [200, 250]
     assert [i for i, f in enumerate(run(rule, [series])[0]) if f] == ours
+    assert [i for i, f in enumerate(run_many(rule, [series], 50)[0]) if f] == ours
     published = [i for i, f in enumerate(reference(rule, series, published=True)) if f]
     assert len(published) >= rule.window  # the NaN stays in OLMo's window for 128 steps
 
@@ -84,6 +95,7 @@ def test_a_x4_spike_20_steps_after_a_x10_spike_is_caught() -> None:
     series[200] *= 10
     series[220] *= 4
     assert [i for i, f in enumerate(run(rule, [series])[0]) if f] == [200, 220]
+    assert [i for i, f in enumerate(run_many(rule, [series], 64)[0]) if f] == [200, 220]
     published = [i for i, f in enumerate(reference(rule, series, published=True)) if f]
     assert 200 in published and 220 not in published  # the unclamped x10 inflates the std
 
