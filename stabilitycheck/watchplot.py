@@ -10,7 +10,7 @@ from pathlib import Path
 from stabilitycheck.errors import UsageError
 from stabilitycheck.watchlog import Report
 
-NAN_COLOUR, INF_COLOUR = "magenta", "black"
+NAN_COLOUR, INF_COLOUR = "magenta", "orange"
 
 
 def heatmap(columns: Sequence[Sequence[float]], blocks: Sequence[str], report: Report, path: Path) -> None:
@@ -43,7 +43,8 @@ def heatmap(columns: Sequence[Sequence[float]], blocks: Sequence[str], report: R
         ax.set_yticks(range(n), list(blocks), fontsize=7)
         ax.set_title(title, fontsize=9)
         spike = report.first_spike
-        if spike is not None and spike.block in blocks:
+        kind = ("activation", "activation_grad")[panel]
+        if spike is not None and spike.tensor == kind and spike.block in blocks:
             ax.plot(spike.step, list(blocks).index(spike.block), marker="o", mfc="none", mec="red", ms=10)
     axes[-1, 0].set_xlabel("step")
     axes[0, 0].legend(
