@@ -92,6 +92,7 @@ class Watcher:
         blocks: Sequence[tuple[str, nn.Module]] | None = None,
         rule: SpikeRule | None = None,
         flush_every: int = FLUSH_EVERY,
+        weights_every: int | None = None,
         log: str | Path | None = None,
         heatmap: str | Path | None = None,
         bundle: str | Path | None = None,
@@ -102,6 +103,11 @@ class Watcher:
     ) -> None:
         if flush_every < 1:
             raise UsageError(f"watch: flush_every must be >= 1, got {flush_every}")
+        # weight norms cost a pass over every parameter, as much as the gradient norms: by default
+        # they are measured once per flush interval (every step for a replay bundle, which replays them)
+        self.weights_every = weights_every or (1 if bundle is not None else flush_every)
+        if self.weights_every < 1:
+            raise UsageError(f"watch: weights_every must be >= 1, got {weights_every}")
         self.model, self.optimizer, self.rule = model, optimizer, rule or SpikeRule()
         self.blocks = tuple(blocks) if blocks is not None else find_blocks(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -140,6 +146,8 @@ class Watcher:
         self._bwd_slots: list[int] = []
         self._loss: torch.Tensor | None = None
         self._loss_seen = False
+        self.weights_measured = True
+        self._last_weights = torch.zeros(0)
         self._handles: list[Any] = []
         self._original_step: Any = None
         self.report: Report | None = None
@@ -236,15 +244,17 @@ class Watcher:
         """This step's squared local norms (see Layout), on the device; resets the accumulators."""
         n = len(self.blocks)
         with torch.no_grad():
+            measured = len(self.params) * (2 if self.weights_measured else 1)
             if self.sharded:
                 grads = [_local(p.grad) for p in self.params]
                 weights: list[torch.Tensor | None] = [_local(p) for p in self.params]
             else:
                 grads, weights = [p.grad for p in self.params], list(self.params)
-            norms = self._fwd + self._bwd + _foreach_norms(grads + weights, self._zero)
+            tensors = grads + weights if self.weights_measured else grads
+            norms = self._fwd + self._bwd + _foreach_norms(tensors, self._zero)
             slots = [1 + b for b in self._fwd_slots] + [1 + n + b for b in self._bwd_slots]
-            scale = [1.0] * len(slots) + self.param_scale
-            row = self._scatter(norms, slots + self.param_slots, scale)
+            scale = [1.0] * len(slots) + self.param_scale[:measured]
+            row = self._scatter(norms, slots + self.param_slots[:measured], scale)
             if self._loss is not None:
                 row.select(0, 0).copy_(self._loss)
         self._fwd, self._fwd_slots, self._bwd, self._bwd_slots = [], [], [], []
@@ -254,6 +264,7 @@ class Watcher:
     def before_step(self) -> torch.Tensor | None:
         """Close the step: measure, apply the rule on the device (single process), buffer the row.
         Returns the device flag 'this step is flagged' (single process), else None."""
+        self.weights_measured = self.step % self.weights_every == 0
         row = self._row()
         flagged = None
         slot = self._filled
@@ -261,6 +272,11 @@ class Watcher:
             self.buffer[slot].copy_(row)
         else:
             series = distributed.to_series(row.unsqueeze(0), self.layout).squeeze(0)
+            weight = self.layout.parts()["weight"]
+            if self.weights_measured:
+                self._last_weights = series[weight].clone()
+            else:  # the last measured weight norms stand in for this step's
+                series[weight] = self._last_weights
             flags = self.rule.update(self.state, series)
             self.buffer[slot].copy_(torch.cat([series, flags.double()]))
             flagged = flags.any()
@@ -268,7 +284,7 @@ class Watcher:
                 self.optimizer.found_inf = flagged.float()  # type: ignore[attr-defined]
             if self.snapshot is not None:
                 self.snapshot.on_flag(flagged)
-        self.out.on_step(self._loss_seen)
+        self.out.on_step(self._loss_seen, self.weights_measured)
         self._loss_seen = False
         self.step += 1
         self._filled += 1
@@ -321,6 +337,7 @@ def watch(
     """Watch a training loop: `with watch(model, opt, log="watch.jsonl") as w: ... w.loss(loss) ...`.
 
     Options: blocks (default: found like the probe finds them), rule (a SpikeRule), flush_every (50),
+    weights_every (steps between weight-norm measurements; default flush_every, 1 with a bundle),
     log (JSONL path, a row per step), heatmap (PNG path; needs the `plot` extra), bundle (a replay
     bundle path, written for the first flagged step; needs compute_loss), skip (skip flagged steps;
     on the device for fused optimizers), report (a stream for the report at exit; None for none),

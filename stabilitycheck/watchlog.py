@@ -98,14 +98,17 @@ class Log:
         self.last_values: list[float] = []
         self.columns: list[list[float]] = []
         self.loss_seen: list[bool] = []
+        self.weights_measured: list[bool] = []
+        self.last_weights: torch.Tensor | None = None
         self.host_state: SpikeState | None = None
 
     @property
     def first_flag(self) -> int | None:
         return self.result.first_spike.step if self.result.first_spike is not None else None
 
-    def on_step(self, loss_seen: bool) -> None:
+    def on_step(self, loss_seen: bool, weights_measured: bool) -> None:
         self.loss_seen.append(loss_seen)
+        self.weights_measured.append(weights_measured)
 
     def add(self, first: int, host: list[list[float]]) -> None:
         """Single process: rows of series then flags (0/1), as the device computed them."""
@@ -117,6 +120,12 @@ class Log:
         """Rows of squared local norms (rank, step, width): combined, then the rule, on the host."""
         rows = torch.tensor(host, dtype=torch.float64).transpose(0, 1)  # (step, rank, width)
         series = to_series(rows, self.layout)
+        weight = self.layout.parts()["weight"]
+        for i in range(rows.shape[0]):  # unmeasured weight norms: the last measured ones stand in
+            if self.weights_measured[first + i]:
+                self.last_weights = series[i, weight].clone()
+            elif self.last_weights is not None:
+                series[i, weight] = self.last_weights
         if self.host_state is None:
             self.host_state = self.rule.state(self.layout.n_series)
         flags = self.rule.update_many(self.host_state, series).tolist()
@@ -164,6 +173,8 @@ class Log:
             }
             for kind in ("activation", "activation_grad", "gradient", "weight"):
                 row[kind] = values[parts[kind]]
+            if not self.weights_measured[step]:
+                row["weight"] = None  # not measured at this step (see watch's weights_every)
             self.file.write(json.dumps(row) + "\n")
 
     def finish(self, host_reads: int) -> Report:

@@ -197,6 +197,7 @@ def test_the_log_has_a_row_per_step_with_non_finite_values_kept(tmp_path: Path) 
     assert math.isnan(rows[40]["activation"][1]) and math.isfinite(rows[40]["activation"][0])
     assert rows[40]["first"]["block"] == "blocks.1" and rows[40]["flagged"][0] == "activation:blocks.1"
     assert rows[39]["flagged"] == [] and isinstance(rows[39]["loss"], float)
+    assert [r["step"] for r in rows if r["weight"] is not None] == [0, 16, 32]  # weights_every=16
 
 
 def test_the_report_is_written_at_exit_even_when_the_loop_raises(tmp_path: Path) -> None:
