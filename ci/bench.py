@@ -253,7 +253,7 @@ WATCH_STEPS = 10  # training steps per timed call; the watcher flushes once per 
 
 def watch_overhead(s: Sizes) -> list[Row]:
     """stabilitycheck.watch on a training loop vs the same loop bare, on two copies of each model."""
-    from stabilitycheck.watch import Watcher
+    from stabilitycheck.watching import Watcher
 
     if s.rounds < 5:
         cases = {"mlp (quick)": s.mlp, "transformer (quick)": s.transformer, "rnn (quick)": s.rnn}

@@ -13,7 +13,7 @@ import torch
 
 from stabilitycheck.config import Config
 from stabilitycheck.probing import call_model
-from stabilitycheck.watch import watch
+from stabilitycheck.watching import watch
 from stabilitycheck.zoo import build
 
 STEPS, SPIKE, NAN = 240, (150, 2), (200, 4)

@@ -29,8 +29,8 @@ _EXPORTS = {
     "load": "stabilitycheck.modelfile",
     "Verdict": "stabilitycheck.verdicts",
     "verdict": "stabilitycheck.verdicts",
-    "watch": "stabilitycheck.watch",
-    "Watcher": "stabilitycheck.watch",
+    "watch": "stabilitycheck.watching",
+    "Watcher": "stabilitycheck.watching",
     "SpikeRule": "stabilitycheck.spikes",
 }
 

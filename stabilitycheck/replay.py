@@ -70,7 +70,7 @@ def replay(path: Path | str) -> Replayed:
     import torch
 
     from stabilitycheck.subject import find_blocks
-    from stabilitycheck.watch import Watcher
+    from stabilitycheck.watching import Watcher
 
     meta, data = _read(Path(path))
     model = data["model"]

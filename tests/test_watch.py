@@ -15,7 +15,7 @@ from torch.overrides import TorchFunctionMode
 from watch_models import MLP, Fault, PreNorm, batch, compute_loss, report_of, train
 
 from stabilitycheck.errors import UsageError
-from stabilitycheck.watch import watch
+from stabilitycheck.watching import watch
 from stabilitycheck.watchlog import Log
 
 PLANTED = [  # (model, block, step, kind): x50 at varied steps and blocks, a NaN and an Inf
@@ -239,3 +239,10 @@ def test_bad_options_are_one_line_usage_errors() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         watch(model, opt).close()  # a plain watcher warns about nothing
+
+
+def test_the_package_exposes_the_function_watch_even_after_its_module_is_imported() -> None:
+    import stabilitycheck
+    import stabilitycheck.watching  # a submodule import sets a package attribute of its name
+
+    assert stabilitycheck.watch is watch and callable(stabilitycheck.watch)

@@ -21,7 +21,7 @@ from watch_models import MLP, Fault, batch, compute_loss
 
 from stabilitycheck import distributed
 from stabilitycheck.errors import StabilityError
-from stabilitycheck.watch import Watcher, watch
+from stabilitycheck.watching import Watcher, watch
 
 pytestmark = pytest.mark.slow  # two spawned processes importing torch: ~10 s on an idle 2-core machine
 

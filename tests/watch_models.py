@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from stabilitycheck.watch import Watcher, watch
+from stabilitycheck.watching import Watcher, watch
 from stabilitycheck.watchlog import Report
 
 WIDTH = 16

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from stabilitycheck.watch import Watcher
+from stabilitycheck.watching import Watcher
 from stabilitycheck.watchlog import Report
 
 

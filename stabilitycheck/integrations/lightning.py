@@ -10,7 +10,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from stabilitycheck.watch import Watcher
+from stabilitycheck.watching import Watcher
 from stabilitycheck.watchlog import Report
 
 
