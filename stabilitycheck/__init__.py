@@ -33,6 +33,9 @@ _EXPORTS = {
     "load": "stabilitycheck.modelfile",
     "Verdict": "stabilitycheck.verdicts",
     "verdict": "stabilitycheck.verdicts",
+    "watch": "stabilitycheck.watching",
+    "Watcher": "stabilitycheck.watching",
+    "SpikeRule": "stabilitycheck.spikes",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,163 @@
+"""Full-model norms under torch.distributed (DDP, FSDP2 `fully_shard`) from squared local norms.
+
+Each rank stores squared norms of what it holds; a parameter's square is pre-divided by the number of
+ranks holding the same values (all of them for a DDP replica, the Replicate mesh dimensions of a
+DTensor), so summing over ranks counts every value once whatever its mesh. One `all_gather` per
+flush brings every rank's rows to every rank; the rows are combined on the host, which also names the
+lowest rank that held a non-finite value. Block outputs are per-rank data (each rank its own batch):
+their squares add up. Their gradients are dL_rank/d(output), where the full-batch loss is the mean
+of the ranks' losses (how DDP and FSDP average gradients), so their squares add up divided by W^2.
+A `.to_local()` norm of a sharded gradient is never reported as the model's norm.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from stabilitycheck.errors import StabilityError, UsageError
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) when torch.distributed is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a DTensor (FSDP2, tensor parallel): its norms need its local values."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def local(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The values this rank holds and how many ranks hold the same values (its replication)."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    if isinstance(tensor, DTensor):
+        copies = 1
+        for dim, placement in enumerate(tensor.placements):
+            if isinstance(placement, Partial):
+                raise UsageError(
+                    "watch: a parameter or gradient is a Partial DTensor (its local values are partial "
+                    "sums, whose norms do not add up); reduce it (e.g. .redistribute()) before the step"
+                )
+            if isinstance(placement, Replicate):
+                copies *= tensor.device_mesh.size(dim)
+        return tensor.to_local(), copies
+    return tensor, world()[1]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One row per rank and step: loss | forward^2 | output-grad^2 per block | weight-grad^2 |
+    weight^2 per block plus one slot for parameters outside the blocks. Series (what the rule sees):
+    the same with square roots taken, the ranks combined, and the total gradient norm appended."""
+
+    n_blocks: int
+
+    @property
+    def width(self) -> int:
+        return 1 + 4 * self.n_blocks + 2
+
+    @property
+    def n_series(self) -> int:
+        return self.width + 1
+
+    def parts(self) -> dict[str, slice]:
+        b = self.n_blocks
+        return {
+            "loss": slice(0, 1),
+            "activation": slice(1, 1 + b),
+            "activation_grad": slice(1 + b, 1 + 2 * b),
+            "gradient": slice(1 + 2 * b, 2 + 3 * b),
+            "weight": slice(2 + 3 * b, 3 + 4 * b),
+            "grad_norm": slice(3 + 4 * b, 4 + 4 * b),
+        }
+
+    def causal_order(self) -> list[int]:
+        """Series indices in the order their values come to be within a step: weights (from the last
+        update), block outputs input side first, the loss, output gradients output side first, weight
+        gradients, the total gradient norm."""
+        p = self.parts()
+        span = {k: list(range(s.start, s.stop)) for k, s in p.items()}
+        order = span["weight"] + span["activation"] + span["loss"]
+        return order + span["activation_grad"][::-1] + span["gradient"] + span["grad_norm"]
+
+
+def to_series(rows: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Rows (..., W, width) of squared local norms to series (..., n_series) of full-model values."""
+    p = layout.parts()
+    w = rows.shape[-2]
+    summed = rows.sum(-2)
+    out = torch.empty((*summed.shape[:-1], layout.n_series), dtype=rows.dtype, device=rows.device)
+    out[..., p["loss"]] = summed[..., p["loss"]] / w
+    squares = summed[..., 1:]
+    squares[..., p["activation_grad"].start - 1 : p["activation_grad"].stop - 1] /= w * w
+    out[..., 1 : layout.width] = squares.sqrt()
+    out[..., p["grad_norm"]] = summed[..., p["gradient"]].sum(-1, keepdim=True).sqrt()
+    return out
+
+
+def gather(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's `rows` stacked (W, ...): one all_gather; the tensor itself outside distributed."""
+    _, size = world()
+    if size == 1:
+        return rows.unsqueeze(0)
+    out = torch.empty((size * rows.shape[0], *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
+    collective = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in 2.13
+    collective(out, rows.contiguous())
+    return out.view(size, *rows.shape)
+
+
+def nonfinite_rank(rows: list[list[float]], layout: Layout, series: int) -> int | None:
+    """The lowest rank whose local entry of a series is non-finite (rows: one list per rank)."""
+    if series >= layout.width:  # the total grad norm: any rank with a non-finite weight gradient
+        cols = list(range(layout.parts()["gradient"].start, layout.parts()["gradient"].stop))
+    else:
+        cols = [series]
+    for rank, row in enumerate(rows):
+        if any(not math.isfinite(row[c]) for c in cols):
+            return rank
+    return None
+
+
+def full_grad_norm(parameters: list[torch.Tensor]) -> float:
+    """The whole model's gradient L2 norm from squared local norms and one all_reduce (a host read)."""
+    squares = []
+    for p in parameters:
+        if p.grad is not None:
+            values, copies = local(p.grad)
+            squares.append(values.double().pow(2).sum() / copies)
+    total = torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64)
+    if world()[1] > 1:
+        dist.all_reduce(total)
+    return float(total.sqrt())
+
+
+def check_clip_grad_norm(parameters: list[torch.Tensor], rtol: float = 1e-5) -> float:
+    """Invariant: torch.nn.utils.clip_grad_norm_ (with an infinite max norm: nothing is scaled) returns
+    the full-model gradient norm on every rank. Raises StabilityError with both numbers if not, and a
+    UsageError where torch's clip cannot handle the parameters (e.g. DTensors on different meshes)."""
+    expected = full_grad_norm(parameters)
+    try:
+        got = torch.nn.utils.clip_grad_norm_(parameters, math.inf)
+    except (RuntimeError, ValueError, NotImplementedError) as exc:
+        raise UsageError(
+            f"clip_grad_norm_ cannot combine these parameters ({str(exc).splitlines()[0]}); group them "
+            "by mesh and clip each group, or compute the norm with stabilitycheck.distributed"
+        ) from None
+    from torch.distributed.tensor import DTensor
+
+    value = float(got.full_tensor() if isinstance(got, DTensor) else got)
+    if not math.isclose(value, expected, rel_tol=rtol):
+        raise StabilityError(
+            f"clip_grad_norm_ returned {value:.9g} but the full-model gradient norm is {expected:.9g} "
+            f"(rank {world()[0]} of {world()[1]}; a local-shard norm?)"
+        )
+    return value

@@ -1,0 +1,52 @@
+"""`WatchCallback` for the Hugging Face Trainer (extra `hf`): the watcher from `on_train_begin` to
+`on_train_end`. The loss is read from the model's output (`output.loss`, as Trainer computes it when
+the batch has labels); the step is closed in `on_pre_optimizer_step`, which Trainer calls after
+its gradient clipping, so the weight-gradient norms are the clipped ones (the activation norms and
+their gradients are not affected by clipping).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from stabilitycheck.watching import Watcher
+from stabilitycheck.watchlog import Report
+
+
+class WatchCallback(TrainerCallback):
+    """`Trainer(..., callbacks=[WatchCallback(log="watch.jsonl")])`; takes `watch`'s options."""
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+        self.watcher: Watcher | None = None
+        self.report: Report | None = None
+        self._handle: Any = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        model: nn.Module = kwargs["model"]
+        optimizer = kwargs.get("optimizer")
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch one
+        self.watcher = Watcher(model, optimizer, hook_optimizer=False, **self.options).__enter__()
+        self._handle = model.register_forward_hook(self._on_output)
+
+    def _on_output(self, module: nn.Module, args: Any, output: Any) -> None:
+        loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+        if self.watcher is not None and isinstance(loss, torch.Tensor) and loss.requires_grad:
+            self.watcher.loss(loss)
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.watcher is not None:
+            self.watcher.before_step()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        if self.watcher is not None:
+            self.report = self.watcher.close()
+            self.watcher = None

@@ -1,0 +1,50 @@
+"""`WatchCallback` for Lightning (extra `lightning`): the watcher on `Trainer.fit`, closed at the end.
+
+The loss comes from `on_before_backward`, the step is closed in `on_before_optimizer_step` (after
+the closure's backward, before the update), so the norms are those the optimizer is about to use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+
+from stabilitycheck.watching import Watcher
+from stabilitycheck.watchlog import Report
+
+
+class WatchCallback(pl.Callback):
+    """`Trainer(callbacks=[WatchCallback(log="watch.jsonl")])`; takes `watch`'s options."""
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+        self.watcher: Watcher | None = None
+        self.report: Report | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        self.watcher = Watcher(pl_module, optimizer, hook_optimizer=False, **self.options).__enter__()
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
+        if self.watcher is not None:
+            self.watcher.loss(loss)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        if self.watcher is not None:
+            self.watcher.before_step()
+
+    def _close(self) -> None:
+        if self.watcher is not None:
+            self.report = self.watcher.close()
+            self.watcher = None
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._close()  # an interrupted run still writes what it found

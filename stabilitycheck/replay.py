@@ -1,0 +1,125 @@
+"""`stabilitycheck replay BUNDLE`: re-run the flagged step a `watch` bundle saved, and compare the
+norms it measures now with those measured during training (exit 0 when every one agrees within
+`--rtol`, 1 when one does not, 2 when the bundle cannot be used)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stabilitycheck.errors import UsageError
+
+RTOL = 1e-6
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """The norms measured during training and on replay, per series (kind, block)."""
+
+    step: int
+    names: list[tuple[str, str]]
+    recorded: list[float]
+    replayed: list[float]
+
+    def mismatches(self, rtol: float = RTOL) -> list[int]:
+        """Series where the two differ by more than rtol (relative), or differ in finiteness."""
+        bad = []
+        for i, (a, b) in enumerate(zip(self.recorded, self.replayed, strict=True)):
+            if math.isfinite(a) and math.isfinite(b):
+                if abs(a - b) > rtol * max(abs(a), abs(b)):
+                    bad.append(i)
+            elif not (a == b or (math.isnan(a) and math.isnan(b))):
+                bad.append(i)
+        return bad
+
+
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    import torch
+
+    from stabilitycheck.watchstate import FORMAT
+
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"replay {path}: not a watch bundle directory (meta.json: {exc})") from None
+    if meta.get("format") != FORMAT:
+        raise UsageError(f"replay {path}: unknown bundle format {meta.get('format')!r}, expected {FORMAT!r}")
+    if not meta.get("has_batch"):
+        raise UsageError(f"replay {path}: the bundle has no batch; pass batch= to w.loss() each step")
+    for root in meta["import_roots"]:
+        if root not in sys.path:
+            sys.path.insert(0, root)
+    location = None if torch.cuda.is_available() else "cpu"
+    try:
+        data = torch.load(path / "data.pt", map_location=location, weights_only=False)
+    except (OSError, ImportError, AttributeError, RuntimeError) as exc:
+        raise UsageError(
+            f"replay {path}: cannot load data.pt ({type(exc).__name__}: {exc}); the model class and "
+            "compute_loss must be importable from the roots in meta.json"
+        ) from None
+    return meta, data
+
+
+def replay(path: Path | str) -> Replayed:
+    """Restore the model state, batch and RNG of the flagged step, run it once under a watcher."""
+    import torch
+
+    from stabilitycheck.subject import find_blocks
+    from stabilitycheck.watching import Watcher
+
+    meta, data = _read(Path(path))
+    model = data["model"]
+    tensors = [*model.parameters(), *model.buffers()]
+    with torch.no_grad():
+        for t, saved in zip(tensors, data["state"], strict=True):
+            t.copy_(saved)
+    for p in model.parameters():
+        p.grad = None
+    modules = dict(model.named_modules())
+    found = dict(find_blocks(model))
+    missing = [name for name in meta["blocks"] if name not in modules and name not in found]
+    if missing:
+        raise UsageError(f"replay {path}: the model has no blocks named {missing}")
+    blocks = [(name, found.get(name) or modules[name]) for name in meta["blocks"]]
+    rng = data["rng"] or {}
+    if rng.get("cpu") is not None:
+        torch.set_rng_state(rng["cpu"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    model.train()
+    watcher = Watcher(model, None, blocks=blocks, report=None, flush_every=1)
+    with watcher:
+        loss = data["compute_loss"](model, data["batch"])
+        watcher.loss(loss)
+        loss.backward()
+        watcher.before_step()
+    return Replayed(meta["step"], watcher.out.names, meta["values"], watcher.out.last_values)
+
+
+def main(argv: Sequence[str]) -> int:
+    """`stabilitycheck replay BUNDLE [--rtol R]`: print the comparison; exit 0 if it reproduces."""
+    from stabilitycheck.cli import _Parser
+
+    parser = _Parser(prog="stabilitycheck replay", description=__doc__)
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--rtol", type=float, default=RTOL)
+    args = parser.parse_args(argv)
+    result = replay(args.bundle)
+    bad = result.mismatches(args.rtol)
+    worst = 0.0
+    for a, b in zip(result.recorded, result.replayed, strict=True):
+        if math.isfinite(a) and math.isfinite(b) and max(abs(a), abs(b)) > 0:
+            worst = max(worst, abs(a - b) / max(abs(a), abs(b)))
+    print(f"replayed step {result.step}: {len(result.names)} norms, largest relative difference {worst:.3g}")
+    for i in bad:
+        kind, block = result.names[i]
+        print(
+            f"  differs: {kind} of {block}: recorded {result.recorded[i]:.9g}, "
+            f"replayed {result.replayed[i]:.9g}"
+        )
+    return 1 if bad else 0

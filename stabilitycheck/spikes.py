@@ -1,0 +1,119 @@
+"""The spike rule: a value is flagged when it is non-finite, or, once its series has warmed up,
+above the mean of the last `window` accepted values by more than max(sigmas x std, floor x |mean|).
+
+Two fixes over the rule as OLMo-core publishes it (mean + 6 sigma of the last 128 losses): a
+non-finite value never enters the window (one NaN would otherwise poison the mean for the next 128
+steps), and a flagged value enters clamped to the threshold (a x10 spike would otherwise inflate the
+std so much that a x4 spike 20 steps later passes). The rule is written in torch ops on a vector of
+series, so it runs on the device inside a training step (no host sync) or on the host at a flush.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SpikeRule:
+    """Defaults: `window` 128 and `sigmas` 6 are OLMo-core's published values (rare enough on a
+    clean run's noise that 2,000 steps raise nothing); `warmup` 32 accepted values before a finite
+    value can be flagged (a std from fewer is itself too noisy); `floor` 1.0: the excess must also be
+    at least |mean|, i.e. only values above twice the recent mean are spikes, so a series with almost
+    no noise (a normalised activation) is not flagged for drifting by a few percent."""
+
+    window: int = 128
+    sigmas: float = 6.0
+    warmup: int = 32
+    floor: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.window < 2 or not 1 <= self.warmup <= self.window:
+            raise ValueError(
+                f"SpikeRule needs window >= 2 and 1 <= warmup <= window, got window={self.window}, "
+                f"warmup={self.warmup}"
+            )
+        if self.sigmas <= 0 or self.floor < 0:
+            raise ValueError(f"SpikeRule needs sigmas > 0 and floor >= 0, got {self.sigmas}, {self.floor}")
+
+    def state(self, n_series: int, device: torch.device | str = "cpu") -> SpikeState:
+        """An empty window for `n_series` series, in float64 on `device`."""
+        return SpikeState(
+            values=torch.zeros(n_series, self.window, dtype=torch.float64, device=device),
+            count=torch.zeros(n_series, dtype=torch.long, device=device),
+            slots=torch.arange(self.window, device=device),
+        )
+
+    def _threshold(self, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        return mean + torch.maximum(self.sigmas * var.clamp(min=0).sqrt(), self.floor * mean.abs())
+
+    def update(self, state: SpikeState, x: torch.Tensor) -> torch.Tensor:
+        """Flag each entry of `x` (one value per series) and let the accepted ones enter the window.
+        Returns a bool tensor; only tensor ops, so no host synchronisation."""
+        x = x.to(torch.float64)
+        finite = torch.isfinite(x)
+        valid = state.slots >= self.window - state.count.unsqueeze(1)
+        n = state.count.clamp(min=1).to(torch.float64)
+        mean = torch.where(valid, state.values, 0.0).sum(1) / n
+        var = torch.where(valid, (state.values - mean.unsqueeze(1)) ** 2, 0.0).sum(1) / n
+        threshold = self._threshold(mean, var)
+        warm = state.count >= self.warmup
+        flagged = ~finite | (warm & (x > threshold))
+        entering = torch.where(warm, torch.minimum(x, threshold), x)
+        shifted = torch.cat([state.values[:, 1:], entering.unsqueeze(1)], 1)
+        state.values = torch.where(finite.unsqueeze(1), shifted, state.values)
+        state.count = (state.count + finite.long()).clamp(max=self.window)
+        return flagged
+
+    def update_many(self, state: SpikeState, xs: torch.Tensor) -> torch.Tensor:
+        """`update` over the rows of xs (steps x series), with the same flags, in a few vectorised
+        passes: each assumes every later value enters the window as it is (rolling sums over the
+        window and the new values), which holds up to the first step flagging anything; that step
+        is then run through `update`, and the next pass starts after it. Reads the host (once per
+        pass), so it is for host tensors: 1 + (flagged steps) passes."""
+        xs = xs.to(torch.float64)
+        flags = torch.zeros(xs.shape, dtype=torch.bool, device=xs.device)
+        w, start = self.window, 0
+        while start < xs.shape[0]:
+            rest = xs[start:]
+            m = rest.shape[0]
+            valid = state.slots >= w - state.count.unsqueeze(1)
+            ref = torch.where(valid, state.values, 0.0).sum(1) / state.count.clamp(min=1)
+            seq = torch.cat(
+                [torch.where(valid, state.values - ref.unsqueeze(1), 0.0), rest.T - ref.unsqueeze(1)], 1
+            )
+            seq = torch.where(torch.isfinite(seq), seq, 0.0)  # the pass stops before a non-finite value
+            zero = torch.zeros(seq.shape[0], 1, dtype=torch.float64, device=seq.device)
+            s1 = torch.cat([zero, seq.cumsum(1)], 1)
+            s2 = torch.cat([zero, (seq * seq).cumsum(1)], 1)
+            steps = torch.arange(m, device=xs.device)
+            sizes = (state.count.unsqueeze(1) + steps).clamp(max=w)  # window size at each step
+            end = (w + steps).expand_as(sizes)
+            first = end - sizes
+            n = sizes.clamp(min=1).to(torch.float64)
+            mean_shift = (s1.gather(1, end) - s1.gather(1, first)) / n
+            var = (s2.gather(1, end) - s2.gather(1, first)) / n - mean_shift**2
+            mean = torch.where(sizes > 0, ref.unsqueeze(1) + mean_shift, 0.0)
+            threshold = self._threshold(mean, var)
+            x = rest.T
+            pass_flags = ~torch.isfinite(x) | ((sizes >= self.warmup) & (x > threshold))
+            hit = pass_flags.any(0).nonzero()
+            stop = int(hit[0, 0]) if hit.numel() else m  # the pass's only host read
+            if stop:
+                state.values = torch.cat([state.values, x[:, :stop]], 1)[:, -w:]
+                state.count = (state.count + stop).clamp(max=w)
+            if stop < m:
+                flags[start + stop] = self.update(state, rest[stop])
+            start += stop + 1
+        return flags
+
+
+@dataclass
+class SpikeState:
+    """The rolling windows: per series the accepted values, oldest first, right-aligned in `values`
+    (the last `count` columns hold them)."""
+
+    values: torch.Tensor
+    count: torch.Tensor
+    slots: torch.Tensor

@@ -1,0 +1,192 @@
+"""The host side of `watch`: flushed rows turned into findings, the JSONL log, the report at exit
+and the heatmap. Everything here runs on Python floats after the flush's one host read."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from stabilitycheck.distributed import Layout, nonfinite_rank, to_series
+from stabilitycheck.spikes import SpikeRule, SpikeState
+
+OUTSIDE = "(outside blocks)"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A flagged value: the step, which tensor (a probing.TENSOR_KINDS name or 'grad_norm'), the
+    block, the value, and under torch.distributed the lowest rank holding a non-finite value."""
+
+    step: int
+    tensor: str
+    block: str
+    value: float
+    rank: int | None = None
+
+    def describe(self) -> str:
+        where = f" on rank {self.rank}" if self.rank is not None else ""
+        return f"step {self.step}: {self.tensor} of {self.block} = {self.value:.4g}{where}"
+
+
+@dataclass
+class Report:
+    """What a watched run found: the first spike and the first non-finite value (in causal order
+    within their step), every flagged step, the skipped ones, and the host reads it cost."""
+
+    steps: int = 0
+    first_spike: Finding | None = None
+    first_nonfinite: Finding | None = None
+    flagged_steps: list[int] = field(default_factory=list)
+    skipped_steps: list[int] = field(default_factory=list)
+    host_reads: int = 0
+
+    def text(self) -> str:
+        lines = [f"stabilitycheck watch: {self.steps} steps, {len(self.flagged_steps)} flagged"]
+        if self.first_spike is not None:
+            lines.append(f"  first flagged value: {self.first_spike.describe()}")
+        if self.first_nonfinite is not None:
+            lines.append(f"  first non-finite value: {self.first_nonfinite.describe()}")
+        if self.skipped_steps:
+            shown = ", ".join(map(str, self.skipped_steps[:10]))
+            lines.append(f"  skipped steps: {shown}{' ...' if len(self.skipped_steps) > 10 else ''}")
+        lines.append(f"  host reads: {self.host_reads}")
+        return "\n".join(lines)
+
+
+def series_names(layout: Layout, blocks: list[str]) -> list[tuple[str, str]]:
+    """(tensor kind, block) of each series index."""
+    names: list[tuple[str, str]] = [("", "")] * layout.n_series
+    for kind, part in layout.parts().items():
+        owners = [*blocks, OUTSIDE] if kind in ("gradient", "weight") else blocks
+        for i, index in enumerate(range(part.start, part.stop)):
+            names[index] = (
+                kind,
+                "(loss)" if kind == "loss" else "(all)" if kind == "grad_norm" else owners[i],
+            )
+    return names
+
+
+class Log:
+    """Collects the flushed steps: findings, the JSONL rows, and the heatmap's columns."""
+
+    def __init__(
+        self,
+        layout: Layout,
+        blocks: list[str],
+        rule: SpikeRule,
+        log: str | Path | None,
+        heatmap: str | Path | None,
+        report: TextIO | None,
+        rank: int,
+        world: int,
+        skip: bool,
+    ) -> None:
+        self.layout, self.blocks, self.rule, self.world, self.skip = layout, blocks, rule, world, skip
+        self.names = series_names(layout, blocks)
+        self.order = layout.causal_order()
+        self.writes = rank == 0  # under torch.distributed rank 0 writes; every rank gets the report
+        self.file = open(log, "w") if log is not None and self.writes else None  # noqa: SIM115
+        self.heatmap = Path(heatmap) if heatmap is not None and self.writes else None
+        self.stream = report if self.writes else None
+        self.result = Report()
+        self.first_flag_values: list[float] = []
+        self.last_values: list[float] = []
+        self.columns: list[list[float]] = []
+        self.loss_seen: list[bool] = []
+        self.weights_measured: list[bool] = []
+        self.last_weights: torch.Tensor | None = None
+        self.host_state: SpikeState | None = None
+
+    @property
+    def first_flag(self) -> int | None:
+        return self.result.first_spike.step if self.result.first_spike is not None else None
+
+    def on_step(self, loss_seen: bool, weights_measured: bool) -> None:
+        self.loss_seen.append(loss_seen)
+        self.weights_measured.append(weights_measured)
+
+    def add(self, first: int, host: list[list[float]]) -> None:
+        """Single process: rows of series then flags (0/1), as the device computed them."""
+        n = self.layout.n_series
+        for i, row in enumerate(host):
+            self._record(first + i, row[:n], [v != 0.0 for v in row[n:]], None)
+
+    def add_ranks(self, first: int, host: list[list[list[float]]]) -> None:
+        """Rows of squared local norms (rank, step, width): combined, then the rule, on the host."""
+        rows = torch.tensor(host, dtype=torch.float64).transpose(0, 1)  # (step, rank, width)
+        series = to_series(rows, self.layout)
+        weight = self.layout.parts()["weight"]
+        for i in range(rows.shape[0]):  # unmeasured weight norms: the last measured ones stand in
+            if self.weights_measured[first + i]:
+                self.last_weights = series[i, weight].clone()
+            elif self.last_weights is not None:
+                series[i, weight] = self.last_weights
+        if self.host_state is None:
+            self.host_state = self.rule.state(self.layout.n_series)
+        flags = self.rule.update_many(self.host_state, series).tolist()
+        values = series.tolist()
+        for i in range(rows.shape[0]):
+            ranks = [r[i] for r in host] if self.world > 1 else None
+            self._record(first + i, values[i], flags[i], ranks)
+
+    def _record(
+        self, step: int, values: list[float], flags: list[bool], ranks: list[list[float]] | None
+    ) -> None:
+        found: Finding | None = None
+        for index in self.order:
+            if flags[index]:
+                kind, block = self.names[index]
+                rank = nonfinite_rank(ranks, self.layout, index) if ranks is not None else None
+                found = Finding(step, kind, block, values[index], rank)
+                break
+        r = self.result
+        r.steps, self.last_values = step + 1, values
+        if found is not None:
+            r.flagged_steps.append(step)
+            if r.first_spike is None:
+                r.first_spike, self.first_flag_values = found, values
+            if self.skip:
+                r.skipped_steps.append(step)
+        if r.first_nonfinite is None:
+            for index in self.order:
+                if not math.isfinite(values[index]):
+                    kind, block = self.names[index]
+                    rank = nonfinite_rank(ranks, self.layout, index) if ranks is not None else None
+                    r.first_nonfinite = Finding(step, kind, block, values[index], rank)
+                    break
+        parts = self.layout.parts()
+        if self.heatmap is not None:
+            self.columns.append(values[parts["activation"]] + values[parts["activation_grad"]])
+        if self.file is not None:
+            row: dict[str, Any] = {
+                "step": step,
+                "loss": values[0] if self.loss_seen[step] else None,
+                "grad_norm": values[parts["grad_norm"].start],
+                "skipped": self.skip and found is not None,
+                "flagged": [":".join(self.names[i]) for i in self.order if flags[i]],
+                "first": asdict(found) if found is not None else None,
+            }
+            for kind in ("activation", "activation_grad", "gradient", "weight"):
+                row[kind] = values[parts[kind]]
+            if not self.weights_measured[step]:
+                row["weight"] = None  # not measured at this step (see watch's weights_every)
+            self.file.write(json.dumps(row) + "\n")
+
+    def finish(self, host_reads: int) -> Report:
+        """Close the log, draw the heatmap, print the report; returns it."""
+        self.result.host_reads = host_reads
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        if self.heatmap is not None and self.columns:
+            from stabilitycheck.watchplot import heatmap
+
+            heatmap(self.columns, self.blocks, self.result, self.heatmap)
+        if self.stream is not None:
+            self.stream.write(self.result.text() + "\n")
+        return self.result

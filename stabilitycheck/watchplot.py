@@ -1,0 +1,61 @@
+"""The blocks x steps heatmap of a watched run (needs the `plot` extra): log10 of each block's output
+norm and of its gradient's norm; NaN and Inf cells drawn in their own colours, never dropped."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from stabilitycheck.errors import UsageError
+from stabilitycheck.watchlog import Report
+
+NAN_COLOUR, INF_COLOUR = "magenta", "orange"
+
+
+def heatmap(columns: Sequence[Sequence[float]], blocks: Sequence[str], report: Report, path: Path) -> None:
+    """Write the PNG: one column per step; top panel block outputs, bottom panel their gradients."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.colors import ListedColormap
+        from matplotlib.patches import Patch
+    except ImportError:
+        raise UsageError(
+            "watch(heatmap=...) needs matplotlib; install the extra: pip install 'stabilitycheck[plot]'"
+        ) from None
+    n = len(blocks)
+    fig, axes = plt.subplots(2, 1, figsize=(10, 1.5 + 0.5 * n), sharex=True, squeeze=False)
+    special = ListedColormap([NAN_COLOUR, INF_COLOUR])
+    for panel, (ax, title) in enumerate(
+        zip(axes[:, 0], ("block output", "d loss / d block output"), strict=True)
+    ):
+        values = [[col[panel * n + b] for col in columns] for b in range(n)]
+        finite = [[math.log10(v) if math.isfinite(v) and v > 0 else math.nan for v in row] for row in values]
+        marks = [
+            [0.0 if math.isnan(v) else 1.0 if math.isinf(v) else math.nan for v in row] for row in values
+        ]
+        image = ax.imshow(finite, aspect="auto", interpolation="nearest", cmap="viridis")
+        ax.imshow(marks, aspect="auto", interpolation="nearest", cmap=special, vmin=0, vmax=1)
+        fig.colorbar(image, ax=ax, label="log10 norm")
+        ax.set_yticks(range(n), list(blocks), fontsize=7)
+        ax.set_title(title, fontsize=9)
+        spike = report.first_spike
+        kind = ("activation", "activation_grad")[panel]
+        if spike is not None and spike.tensor == kind and spike.block in blocks:
+            ax.plot(spike.step, list(blocks).index(spike.block), marker="o", mfc="none", mec="red", ms=10)
+    axes[-1, 0].set_xlabel("step")
+    axes[0, 0].legend(
+        handles=[
+            Patch(color=NAN_COLOUR, label="NaN"),
+            Patch(color=INF_COLOUR, label="Inf"),
+            Patch(fill=False, edgecolor="red", label="first flagged value"),
+        ],
+        fontsize=7,
+        loc="upper left",
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,119 @@
+"""The replay bundle of `watch`: the state before the first flagged step, kept on the device
+without a host sync, then written with that step's batch and RNG state once a flush names it.
+
+A bundle is a directory: meta.json (step, block names, the norms measured, import roots) and
+data.pt (the model, its parameters and buffers before the step, the batch, the RNG states and the
+compute_loss function, which must be importable: defined in a module, not in a script run as
+__main__). `stabilitycheck replay DIR` re-runs the step from it (stabilitycheck.replay).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMAT = "stabilitycheck-watch-bundle/1"
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def import_root(obj: Any) -> str | None:
+    """The sys.path entry from which the module defining `obj` imports (None for __main__ or builtins)."""
+    module = sys.modules.get(getattr(obj, "__module__", "") or "")
+    file = getattr(module, "__file__", None)
+    if module is None or file is None or module.__name__ == "__main__":
+        return None
+    root = Path(file).resolve().parent
+    for _ in range(module.__name__.count(".")):
+        root = root.parent
+    return str(root)
+
+
+@contextmanager
+def _without_hooks(model: nn.Module) -> Iterator[None]:
+    """The model with no module hooks (they hold the watcher, which cannot be pickled), restored after."""
+    saved = [(m, name, getattr(m, name)) for m in model.modules() for name in _HOOKS if hasattr(m, name)]
+    for m, name, _ in saved:
+        setattr(m, name, OrderedDict())
+    try:
+        yield
+    finally:
+        for m, name, value in saved:
+            setattr(m, name, value)
+
+
+class Snapshot:
+    """Keeps, on the device, the parameters and buffers before the current step (`prev`) and
+    before the first flagged step (`kept`, chosen by torch.where on the device flag); the batches
+    and RNG states of the steps not yet flushed stay on the host, as references."""
+
+    def __init__(self, model: nn.Module, compute_loss: Any, path: Path) -> None:
+        self.model, self.compute_loss, self.path = model, compute_loss, path
+        self.tensors = [t for t in (*model.parameters(), *model.buffers())]
+        self.prev = [t.detach().clone() for t in self.tensors]
+        self.kept = [torch.zeros_like(t) for t in self.tensors]
+        device = self.tensors[0].device
+        self.have = torch.zeros((), dtype=torch.bool, device=device)
+        self.batches: dict[int, Any] = {}
+        self.rng: dict[int, dict[str, Any]] = {}
+        self.written = False
+
+    def on_call(self, step: int) -> None:
+        """The RNG state at the step's first model call (what the replay restores)."""
+        if step not in self.rng:
+            cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+            self.rng[step] = {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+    def on_batch(self, step: int, batch: Any) -> None:
+        self.batches[step] = batch
+
+    def on_flag(self, flagged: torch.Tensor) -> None:
+        """Keep `prev` when this is the first flagged step (decided on the device)."""
+        first = flagged & ~self.have
+        self.have |= first
+        for kept, prev in zip(self.kept, self.prev, strict=True):
+            kept.copy_(torch.where(first, prev, kept))
+
+    def after_update(self) -> None:
+        torch._foreach_copy_(self.prev, [t.detach() for t in self.tensors])
+
+    def write_if_flagged(
+        self, flagged: int | None, first: int, n: int, values: list[float], blocks: list[str]
+    ) -> None:
+        """Write the bundle when the first flagged step is among the `n` steps just flushed."""
+        if not self.written and flagged is not None and first <= flagged < first + n:
+            self._write(flagged, values, blocks)
+            self.written = True
+        for store in (self.batches, self.rng):
+            for step in [s for s in store if s < first + n]:
+                del store[step]
+
+    def _write(self, step: int, values: list[float], blocks: list[str]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        roots = {import_root(type(self.model)), import_root(self.compute_loss)}
+        meta = {
+            "format": FORMAT,
+            "step": step,
+            "batch_index": step,
+            "blocks": blocks,
+            "values": values,
+            "import_roots": sorted(r for r in roots if r is not None),
+            "has_batch": step in self.batches,
+        }
+        (self.path / "meta.json").write_text(json.dumps(meta, indent=1))
+        data = {
+            "model": self.model,
+            "state": [t.detach().clone() for t in self.kept],
+            "batch": self.batches.get(step),
+            "rng": self.rng.get(step),
+            "compute_loss": self.compute_loss,
+        }
+        with _without_hooks(self.model):
+            torch.save(data, self.path / "data.pt")

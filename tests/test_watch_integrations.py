@@ -1,0 +1,102 @@
+"""The Lightning callback and the Hugging Face TrainerCallback: a short real fit()/train() with a
+planted x50 fault, named at its step and block by the same watcher."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from watch_models import MLP, Fault, batch
+
+STEPS, AT, BLOCK = 60, 45, 2
+
+
+def _data(n: int = STEPS) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    xs, ys = zip(*(batch(gen, MLP(), 32) for _ in range(n)), strict=True)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def test_lightning_fit_names_the_planted_fault(tmp_path: Any) -> None:
+    lightning = pytest.importorskip("lightning.pytorch")
+    from stabilitycheck.integrations.lightning import WatchCallback
+
+    class Module(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = MLP()
+
+        def training_step(self, data: Any, index: int) -> torch.Tensor:
+            x, y = data
+            return ((self.net(x) - y) ** 2).mean()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    torch.manual_seed(0)
+    module = Module()
+    module.net.blocks[BLOCK].register_forward_hook(Fault(AT, count=True))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*_data()), batch_size=32)
+    callback = WatchCallback(report=None, log=tmp_path / "watch.jsonl")
+    trainer = lightning.Trainer(
+        max_steps=STEPS,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, loader)
+    assert callback.report is not None and callback.report.steps == STEPS
+    first = callback.report.first_spike
+    assert first is not None, callback.report.text()
+    assert (first.step, first.tensor, first.block) == (AT, "activation", f"net.blocks.{BLOCK}")
+
+
+class HFModel(nn.Module):
+    """A plain module shaped like a Hugging Face model: forward(x, labels) -> {'loss', 'logits'}."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = MLP()
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        out = self.net(x)
+        result = {"logits": out}
+        if labels is not None:
+            result["loss"] = ((out - labels) ** 2).mean()
+        return result
+
+
+def test_hf_trainer_names_the_planted_fault(tmp_path: Any) -> None:
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from stabilitycheck.integrations.hf import WatchCallback
+
+    torch.manual_seed(0)
+    model = HFModel()
+    model.net.blocks[BLOCK].register_forward_hook(Fault(AT, count=True))
+    x, y = _data()
+    dataset = [{"x": x[i], "labels": y[i]} for i in range(len(x))]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=STEPS,
+        per_device_train_batch_size=32,
+        learning_rate=1e-3,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    callback = WatchCallback(report=None)
+    transformers.Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback]).train()
+    assert callback.report is not None and callback.report.steps == STEPS
+    first = callback.report.first_spike
+    assert first is not None, callback.report.text()
+    assert (first.step, first.tensor, first.block) == (AT, "activation", f"net.blocks.{BLOCK}")

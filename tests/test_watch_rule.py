@@ -1,0 +1,114 @@
+"""The spike rule against a plain-Python reference, and against the rule as OLMo-core publishes it
+(non-finite values enter the window, flagged values enter unclamped), which fails both fixes."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import deque
+
+import pytest
+import torch
+
+from stabilitycheck.spikes import SpikeRule
+
+
+def reference(rule: SpikeRule, series: list[float], published: bool = False) -> list[bool]:
+    """The rule written out with a deque; `published` is OLMo's: every value enters as it is, and a
+    step is taken only when x <= mean + sigmas * std (so a NaN anywhere in the window flags)."""
+    window: deque[float] = deque(maxlen=rule.window)
+    flags = []
+    for x in series:
+        n = len(window)
+        mean = sum(window) / n if n else 0.0
+        std = math.sqrt(sum((v - mean) ** 2 for v in window) / n) if n else 0.0
+        warm = n >= rule.warmup
+        if published:
+            threshold = mean + rule.sigmas * std
+            flags.append(warm and not x <= threshold)
+            window.append(x)
+            continue
+        threshold = mean + max(rule.sigmas * std, rule.floor * abs(mean))
+        flags.append(not math.isfinite(x) or (warm and x > threshold))
+        if math.isfinite(x):
+            window.append(min(x, threshold) if warm else x)
+    return flags
+
+
+def run(rule: SpikeRule, columns: list[list[float]]) -> list[list[bool]]:
+    """The torch rule over several series at once: flags per series."""
+    state = rule.state(len(columns))
+    out: list[list[bool]] = [[] for _ in columns]
+    for step in range(len(columns[0])):
+        flags = rule.update(state, torch.tensor([c[step] for c in columns], dtype=torch.float64))
+        for s, f in enumerate(flags.tolist()):
+            out[s].append(f)
+    return out
+
+
+def run_many(rule: SpikeRule, columns: list[list[float]], chunk: int) -> list[list[bool]]:
+    """update_many over chunks of `chunk` steps (as the watcher's flushes do)."""
+    state = rule.state(len(columns))
+    xs = torch.tensor(columns, dtype=torch.float64).T
+    flags = torch.cat([rule.update_many(state, xs[i : i + chunk]) for i in range(0, len(xs), chunk)])
+    return [list(map(bool, col)) for col in flags.T.tolist()]
+
+
+def noisy(n: int, rng: random.Random, level: float = 1.0, noise: float = 0.05) -> list[float]:
+    return [level * (1 + noise * rng.gauss(0, 1)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_matches_the_reference_on_series_with_spikes_and_non_finite_values(seed: int) -> None:
+    rng = random.Random(seed)
+    rule = SpikeRule(window=16, warmup=4, sigmas=3.0, floor=0.2)
+    columns = []
+    for _ in range(6):
+        series = noisy(120, rng, level=rng.uniform(0.1, 10), noise=rng.uniform(0.01, 0.3))
+        for _ in range(8):
+            series[rng.randrange(120)] *= rng.choice([3.0, 10.0, 0.1])
+        series[rng.randrange(120)] = rng.choice([math.nan, math.inf, -math.inf])
+        columns.append(series)
+    got = run(rule, columns)
+    assert got == [reference(rule, s) for s in columns]
+    for chunk in (1, 7, 50, 120):
+        assert run_many(rule, columns, chunk) == got
+    assert any(any(f) for f in got)  # the series do contain flags: the comparison is not vacuous
+
+
+def test_one_nan_flags_one_step_and_a_x3_spike_50_steps_later_is_caught() -> None:
+    rule = SpikeRule()
+    series = noisy(400, random.Random(1))
+    series[200] = math.nan
+    series[250] *= 3
+    ours = [i for i, f in enumerate(reference(rule, series)) if f]
+    assert ours == [200, 250]
+    assert [i for i, f in enumerate(run(rule, [series])[0]) if f] == ours
+    assert [i for i, f in enumerate(run_many(rule, [series], 50)[0]) if f] == ours
+    published = [i for i, f in enumerate(reference(rule, series, published=True)) if f]
+    assert len(published) >= rule.window  # the NaN stays in OLMo's window for 128 steps
+
+
+def test_a_x4_spike_20_steps_after_a_x10_spike_is_caught() -> None:
+    rule = SpikeRule()
+    series = noisy(400, random.Random(2))
+    series[200] *= 10
+    series[220] *= 4
+    assert [i for i, f in enumerate(run(rule, [series])[0]) if f] == [200, 220]
+    assert [i for i, f in enumerate(run_many(rule, [series], 64)[0]) if f] == [200, 220]
+    published = [i for i, f in enumerate(reference(rule, series, published=True)) if f]
+    assert 200 in published and 220 not in published  # the unclamped x10 inflates the std
+
+
+def test_nothing_is_flagged_during_warm_up_except_non_finite_values() -> None:
+    rule = SpikeRule(warmup=8, window=16)
+    series = [1.0, 1.0, 100.0, 1.0, math.inf, 1.0, 1.0, 1.0, 1.0, 1.0, 1000.0]
+    flags = run(rule, [series])[0]
+    assert [i for i, f in enumerate(flags) if f] == [4, 10]  # the 100 entered (unclamped) in warm-up
+
+
+def test_bad_parameters_are_refused() -> None:
+    with pytest.raises(ValueError, match="warmup"):
+        SpikeRule(window=8, warmup=9)
+    with pytest.raises(ValueError, match="sigmas"):
+        SpikeRule(sigmas=0)
