@@ -69,6 +69,11 @@ def test_norm_clipping_bounds_the_norm_and_keeps_the_direction(
     assert math.isclose(float(returned), pre, rel_tol=4 * rtol_of(torch_dtype(c.run.dtype)))
     event(f"clipped: {max_norm < pre}")
     assert_clipped_norm_bounded(model, max_norm, norm_type, before=before)
+    coef = min(1.0, max_norm / (pre + 1e-6))
+    largest = max(float(g.abs().max()) for g in before) * coef
+    if largest < subnormal_spacing(torch_dtype(c.run.dtype)):  # the right answer is all zeros: no direction
+        event("every clipped entry underflows the dtype")
+        return
     assert_direction_preserved(before, [p.grad for p in model.parameters() if p.grad is not None])
 
 

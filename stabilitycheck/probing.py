@@ -195,6 +195,15 @@ _LAYOUTS: weakref.WeakKeyDictionary[nn.Module, _Layout] = weakref.WeakKeyDiction
 """Per model, its last _Layout: the owner map is rebuilt only when the parameters or blocks change."""
 
 
+def block_of(params: Sequence[nn.Parameter], blocks: Sequence[tuple[str, nn.Module]]) -> list[int]:
+    """For each parameter, the index of the first block owning it, or -1."""
+    owner: dict[int, int] = {}
+    for b, (_, module) in enumerate(blocks):
+        for p in module.parameters():
+            owner.setdefault(id(p), b)
+    return [owner.get(id(p), -1) for p in params]
+
+
 def _same(a: Sequence[Any], b: Sequence[Any]) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
@@ -207,11 +216,7 @@ def _layout(model: nn.Module, blocks: Sequence[tuple[str, nn.Module]]) -> _Layou
     cached = _LAYOUTS.get(model)
     if cached is not None and _same(cached.params, params) and _same(cached.blocks, modules):
         return cached
-    first: dict[int, int] = {}
-    for b, module in enumerate(modules):
-        for p in module.parameters():
-            first.setdefault(id(p), b)
-    layout = _Layout(params, modules, tuple(first.get(id(p), -1) for p in params))
+    layout = _Layout(params, modules, tuple(block_of(params, blocks)))
     _LAYOUTS[model] = layout
     return layout
 

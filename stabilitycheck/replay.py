@@ -81,7 +81,7 @@ def replay(path: Path | str) -> Replayed:
     for p in model.parameters():
         p.grad = None
     modules = dict(model.named_modules())
-    found = dict(find_blocks(model))
+    found = dict(find_blocks(model)[0])
     missing = [name for name in meta["blocks"] if name not in modules and name not in found]
     if missing:
         raise UsageError(f"replay {path}: the model has no blocks named {missing}")

@@ -24,7 +24,7 @@ from torch import nn
 from stabilitycheck import distributed
 from stabilitycheck.distributed import Layout
 from stabilitycheck.errors import UsageError
-from stabilitycheck.probing import _block_of, _first_tensor, accumulator
+from stabilitycheck.probing import _first_tensor, accumulator, block_of
 from stabilitycheck.spikes import SpikeRule
 from stabilitycheck.subject import find_blocks
 from stabilitycheck.watchlog import Log, Report
@@ -109,7 +109,7 @@ class Watcher:
         if self.weights_every < 1:
             raise UsageError(f"watch: weights_every must be >= 1, got {weights_every}")
         self.model, self.optimizer, self.rule = model, optimizer, rule or SpikeRule()
-        self.blocks = tuple(blocks) if blocks is not None else find_blocks(model)
+        self.blocks = tuple(blocks) if blocks is not None else find_blocks(model)[0]
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise UsageError("watch: the model has no parameters that require grad: nothing to watch")
@@ -118,7 +118,7 @@ class Watcher:
         self.rank, self.world = distributed.world()
         self.flush_every, self.skip, self.hook_optimizer = flush_every, skip, hook_optimizer
         n = len(self.blocks)
-        self.owner = [b if b >= 0 else n for b in _block_of(self.params, self.blocks)]
+        self.owner = [b if b >= 0 else n for b in block_of(self.params, self.blocks)]
         copies = [distributed.local(p)[1] for p in self.params]
         self.sharded = any(distributed.is_dtensor(p) for p in self.params)
         self.param_scale = [1.0 / c for c in copies] * 2  # gradients, then weights

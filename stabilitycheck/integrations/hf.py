@@ -18,7 +18,7 @@ from stabilitycheck.watching import Watcher
 from stabilitycheck.watchlog import Report
 
 
-class WatchCallback(TrainerCallback):
+class WatchCallback(TrainerCallback):  # type: ignore[misc, unused-ignore]  # untyped before transformers 5
     """`Trainer(..., callbacks=[WatchCallback(log="watch.jsonl")])`; takes `watch`'s options."""
 
     def __init__(self, **options: Any) -> None:
