@@ -31,7 +31,7 @@ def tensors(tree: Any) -> list[torch.Tensor]:
 
 def invalid_leaf(tree: Any) -> object | None:
     """The first value that is neither a tensor, a container nor a plain scalar/None; else None."""
-    if isinstance(tree, torch.Tensor | LEAVES):
+    if isinstance(tree, (torch.Tensor, *LEAVES)):
         return None
     if isinstance(tree, Mapping):
         if not all(isinstance(k, str) for k in tree):
