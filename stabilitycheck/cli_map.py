@@ -128,10 +128,6 @@ def run(argv: Sequence[str]) -> int:
     space, x, y = _axes(args, subject)
     check(subject, space.base.with_knobs(**{x.name: x.values[0], y.name: y.values[0]}))
     progress = Progress(args.quiet)
-    progress.say(
-        f"mapping {space.label}: {x.name} ({len(x.values)}) x {y.name} ({len(y.values)}), "
-        f"each verdict up to {args.seeds} seeds"
-    )
 
     def save(pm: Any) -> None:
         if args.json:

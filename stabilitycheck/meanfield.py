@@ -89,8 +89,10 @@ def log_growths(sigma: float, activation: str, depth: int, q_in: float = 1.0) ->
 
 def q_star(sigma: float, activation: str, q0: float = 1.0, tol: float = 1e-12) -> float:
     """The fixed point of q -> sigma^2 E[phi(sqrt(q) z)^2] reached from q0 (0 in the ordered phase)."""
+    if activation == "tanh" and sigma <= 1:
+        return 0.0  # tanh(h)^2 < h^2: q shrinks to 0 (as 1/l at sigma = 1, too slowly to iterate)
     q = q0
-    for _ in range(100_000):
+    for _ in range(10_000):
         q_next, _ = step(sigma, activation, q)
         if abs(q_next - q) <= tol * max(1.0, q) or not math.isfinite(q_next):
             return q_next

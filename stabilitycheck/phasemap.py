@@ -281,7 +281,7 @@ def phase_map(
         raise UsageError(f"loss={loss!r} is not allowed; expected one of {LOSSES}")
     judged: Subject = LastStep(subject) if loss == "last" else subject
     space = space or subject.space()
-    xa, ya = _axis(x, space), _axis(y, space)
+    xa, ya = (dataclasses.replace(a, values=tuple(a.values)) for a in (_axis(x, space), _axis(y, space)))
     if xa.name == ya.name:
         raise UsageError(f"x and y are both {xa.name!r}; map two different knobs")
     base = space.base if seeds is None else space.base.with_run(seeds=seeds)
@@ -327,6 +327,10 @@ def phase_map(
         return cache[i, j]
 
     nx, ny = len(xa.values), len(ya.values)
+    if progress is not None:
+        progress(
+            f"mapping {space.label}: {xa.name} ({nx}) x {ya.name} ({ny}), up to {base.run.seeds} seeds each"
+        )
     try:
         trace(lambda i, j: judge(i, j).exploded, nx, ny, explode, notes)
         if vanish is not None:

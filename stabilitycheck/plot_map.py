@@ -35,6 +35,15 @@ def _edges(values: Sequence[Any], log: bool) -> list[float]:
     return [math.exp(m) if log else m for m in mids]
 
 
+def _round_ticks(lo: float, hi: float) -> list[float]:
+    """Round values (1, 1.5, 2, 3, 4, 5, 7 x 10^k) in [lo, hi] for a log axis: at most nine."""
+    for mantissas in ((1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 7), (1, 1.5, 2, 3, 5, 7), (1, 2, 5), (1,)):
+        ticks = [m * 10.0**k for k in range(-6, 7) for m in mantissas if lo <= m * 10.0**k <= hi]
+        if len(ticks) <= 9:
+            return ticks or [lo, hi]
+    return [lo, hi]
+
+
 def _regions(pm: PhaseMap) -> list[list[float]]:
     """Per row, per x: 0 stable, 1 explodes, 2 vanishes (inferred from the frontiers), NaN untraced."""
     grid = []
@@ -115,7 +124,7 @@ def plot_map(pm: PhaseMap, path: Path) -> None:
     """Write the PhaseMap's figure to `path` (PNG)."""
     plt = _pyplot()
     from matplotlib.colors import ListedColormap
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from matplotlib.ticker import NullLocator, ScalarFormatter
 
     fig, ax = plt.subplots(figsize=(8, 5.4))
     xlog, ylog = _log(pm, pm.x.name, pm.x.values), _log(pm, pm.y.name, pm.y.values)
@@ -162,10 +171,11 @@ def plot_map(pm: PhaseMap, path: Path) -> None:
     _theory(ax, pm, ylog)
     ax.set_xscale("log" if xlog else "linear")
     ax.set_yscale("log" if ylog else "linear")
-    if ylog:
-        ax.yaxis.set_major_formatter(ScalarFormatter())
-        ax.yaxis.set_minor_formatter(NullFormatter())
-        ax.set_yticks([float(v) for v in pm.y.values][:: max(1, len(pm.y.values) // 8)])
+    for axis, log, values in ((ax.xaxis, xlog, pm.x.values), (ax.yaxis, ylog, pm.y.values)):
+        if log:
+            axis.set_major_formatter(ScalarFormatter())
+            axis.set_minor_locator(NullLocator())
+            axis.set_ticks(_round_ticks(float(values[0]), float(values[-1])))
     ax.set_xlabel(pm.x.name)
     ax.set_ylabel(pm.y.name)
     fixed = ", ".join(f"{k}={v}" for k, v in pm.base.knobs if k not in (pm.x.name, pm.y.name))
