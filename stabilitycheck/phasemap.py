@@ -110,7 +110,13 @@ class PhaseMap:
             some = [p.x for p in row if p.vanished or p.growth.low < 1 / lim]
             every = [p.x for p in row if p.growth.high < 1 / lim]
         else:
-            some = [p.x for p in row if p.fired_seeds > 0 and not p.vanished]
+            # a seed's verdict may have fired on vanishing; only a point no seed of which fell below
+            # 1/limit attributes its fired seeds to explosion
+            some = [
+                p.x
+                for p in row
+                if p.exploded or (p.fired_seeds > 0 and (lim is None or p.growth.low >= 1 / lim))
+            ]
             every = [p.x for p in row if p.exploded and p.fired_seeds == p.seeds]
         return (some[0] if some else None), (every[0] if every else None)
 

@@ -116,7 +116,7 @@ def _frontier(ax: Any, pm: PhaseMap, vanishing: bool) -> None:
         markersize=4,
         linewidth=1.6,
         capsize=2,
-        label=f"traced frontier: first {pm.x.name} that {what} (bars: seed spread)",
+        label=f"traced frontier: first {pm.x.name}\nthat {what} (bars: seed spread)",
     )
 
 
@@ -126,7 +126,7 @@ def plot_map(pm: PhaseMap, path: Path) -> None:
     from matplotlib.colors import ListedColormap
     from matplotlib.ticker import NullLocator, ScalarFormatter
 
-    fig, ax = plt.subplots(figsize=(8, 5.4))
+    fig, ax = plt.subplots(figsize=(10.5, 5.4))
     xlog, ylog = _log(pm, pm.x.name, pm.x.values), _log(pm, pm.y.name, pm.y.values)
     cmap = ListedColormap([COLOURS["stable"], COLOURS["explodes"], COLOURS["vanishes"]])
     ax.pcolormesh(
@@ -188,7 +188,7 @@ def plot_map(pm: PhaseMap, path: Path) -> None:
         f"{pm.verdicts}/{pm.grid} points judged ({100 * pm.verdicts / pm.grid:.0f}%)",
         fontsize=9,
     )
-    ax.legend(fontsize=7, loc="upper right", framealpha=0.9)
+    ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
