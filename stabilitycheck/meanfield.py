@@ -74,17 +74,21 @@ def step(sigma: float, activation: str, q: float) -> tuple[float, float]:
     raise ValueError(f"no mean-field theory for activation {activation!r}; expected one of {ACTIVATIONS}")
 
 
-@functools.lru_cache(maxsize=4096)
+_CHAINS: dict[tuple[float, str, float], tuple[list[float], float]] = {}
+"""Per (sigma, activation, q_in): ln growth at depths 1..n so far, and q of block n (extended lazily,
+so a figure's thousands of (sigma, depth) points cost one pass per sigma)."""
+
+
 def log_growths(sigma: float, activation: str, depth: int, q_in: float = 1.0) -> tuple[float, ...]:
     """ln of the predicted growth at depths 1..depth (the first is 0: one block has no gain)."""
-    q, total, out = sigma * sigma * q_in, 0.0, []
-    for layer in range(depth):
+    key = (sigma, activation, q_in)
+    out, q = _CHAINS.get(key, ([], sigma * sigma * q_in))
+    while len(out) < depth:
         q_next, chi = step(sigma, activation, q)
-        if layer > 0:
-            total += 0.5 * math.log(chi)
-        out.append(total)
+        out.append(out[-1] + 0.5 * math.log(chi) if out else 0.0)
         q = q_next
-    return tuple(out)
+    _CHAINS[key] = (out, q)
+    return tuple(out[:depth])
 
 
 def q_star(sigma: float, activation: str, q0: float = 1.0, tol: float = 1e-12) -> float:

@@ -67,7 +67,7 @@ def _theory(ax: Any, pm: PhaseMap, ylog: bool) -> bool:
     """Draw the mean-field contours (growth = limit, and 1/limit when vanishing is judged)."""
     ys = pm.y.values
     lo, hi = float(ys[0]), float(ys[-1])
-    fine = [lo * (hi / lo) ** (k / 199) if ylog else lo + (hi - lo) * k / 199 for k in range(200)]
+    fine = [lo * (hi / lo) ** (k / 119) if ylog else lo + (hi - lo) * k / 119 for k in range(120)]
     if isinstance(ys[0], int):
         fine = list(range(int(lo), int(hi) + 1))
     z = []
