@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from stabilitycheck.phasemap import Edge, PhaseMap, theory
+from stabilitycheck.phasemap import PhaseMap, theory
+from stabilitycheck.staircase import Edge
 
 LEGEND = (
     "X explodes, V vanishes, o stable (measured); # explodes, ~ vanishes, . stable (inferred from the "

@@ -21,9 +21,10 @@ from hypothesis import strategies as st
 from stabilitycheck import meanfield
 from stabilitycheck.cli import main
 from stabilitycheck.maptext import markdown, text
-from stabilitycheck.phasemap import Edge, PhaseMap, phase_map, theory, trace
+from stabilitycheck.phasemap import PhaseMap, phase_map, theory
 from stabilitycheck.seeds import assess
 from stabilitycheck.space import Axis, Space
+from stabilitycheck.staircase import Edge, trace
 from stabilitycheck.verdicts import Limits
 from stabilitycheck.zoo import Family
 
