@@ -54,6 +54,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (cpu)")
     p.add_argument("--dtype", default=None, help="float32, float64, bfloat16 or float16")
     p.add_argument("--steps", type=_number(int, 0, 10**6), help="optimiser steps per probe (0)")
+    p.add_argument("--lr", type=_number(float, 0, open_lo=True), help="learning rate of the steps (0.01)")
+    p.add_argument("--optimizer", choices=("sgd", "adam"), help="optimiser of the steps (sgd)")
     p.add_argument(
         "--loss",
         choices=("default", "last"),
@@ -79,9 +81,8 @@ def _axes(args: argparse.Namespace, subject: Any) -> tuple[Any, Any, Any]:
 
     original = subject.space()
     run: dict[str, Any] = {"seed": args.seed, "seeds": args.seeds, "quantile": args.quantile}
-    run.update(
-        {k: v for k, v in (("device", args.device), ("dtype", args.dtype), ("steps", args.steps)) if v}
-    )
+    given = {"device": args.device, "dtype": args.dtype, "steps": args.steps, "lr": args.lr}
+    run.update({k: v for k, v in {**given, "optimizer": args.optimizer}.items() if v is not None})
     if args.device.startswith("cuda"):
         import torch
 

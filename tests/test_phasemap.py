@@ -11,6 +11,10 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -318,3 +322,22 @@ def test_map_of_the_transformer_example_runs_end_to_end(
         if e.x is not None:
             assert pm.point(e.x, e.y).exploded and (e.x == 0 or not pm.point(e.x - 1, e.y).exploded)
     assert theory(pm) is None
+
+
+@pytest.mark.slow
+def test_sigterm_writes_what_was_traced_and_exits_143(tmp_path: Path) -> None:
+    path = tmp_path / "m.json"
+    argv = ["map", "mlp", "--x", "depth", "--y", "init_scale", "--knob", "depth=1:64"]
+    argv += ["--knob", "init_scale=1.0:4.0:0.125", "--knob", "width=16", "--seeds", "1", "--json", str(path)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stabilitycheck.cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 60
+    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    pm = PhaseMap.from_dict(json.loads(path.read_text()))
+    assert pm.interrupted and 0 < pm.verdicts < pm.grid
+    assert b"not traced" in out
