@@ -8,6 +8,7 @@ map was traced, 2 for bad input (one line), 3 for an internal error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
@@ -46,7 +47,8 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME=LO:HI[:STEP]",
-        help="the grid of --x or --y (default: the target's search grid), or NAME=VALUE to fix a knob",
+        help="the grid of --x or --y (default: the target's search grid); NAME=VALUE fixes a knob "
+        "(a word for a choice knob: activation=relu)",
     )
     p.add_argument("--seeds", type=_number(int, 1, 1000), default=5, help="seeds per verdict (5)")
     p.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0, help="first seed (0)")
@@ -90,7 +92,11 @@ def _axes(args: argparse.Namespace, subject: Any) -> tuple[Any, Any, Any]:
             raise UsageError(
                 f"--device {args.device}: CUDA is not available on this machine; use --device cpu"
             )
-    space = _apply_knobs(original.with_run(**run), args.knob, subject)
+    words = {n: v for n, _, v in (k.partition("=") for k in args.knob) if v.isidentifier()}
+    numbers = [k for k in args.knob if k.partition("=")[0] not in words]
+    space = _apply_knobs(original.with_run(**run), numbers, subject)
+    if words:  # a choice knob fixed by name, e.g. --knob activation=relu
+        space = dataclasses.replace(space, base=space.base.with_knobs(**words))
     axes = []
     for flag, name in (("--x", args.x), ("--y", args.y)):
         found = [a for a in (*space.axes, *original.axes) if a.name == name]

@@ -283,6 +283,7 @@ def test_cli_map_writes_json_markdown_png(tmp_path: Path, capsys: pytest.Capture
         (["map", "mlp", "--x", "depth", "--y", "depth"], "both 'depth'"),
         (["map", "mlp", "--x", "depth", "--y", "init_scale", "--loss", "last"], "no last-step loss"),
         (["map", "nosuch", "--x", "depth", "--y", "init_scale"], "not a zoo family"),
+        (["map", "mlp", "--x", "depth", "--y", "init_scale", "--knob", "activation=nope"], "not allowed"),
         (
             ["map", "mlp", "--x", "depth", "--y", "init_scale", "--json", "/nonexistent/m.json"],
             "cannot write",
