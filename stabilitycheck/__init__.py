@@ -16,6 +16,8 @@ _EXPORTS = {
     "assess": "stabilitycheck.seeds",
     "Judgement": "stabilitycheck.seeds",
     "resolve": "stabilitycheck.subjects",
+    "phase_map": "stabilitycheck.phasemap",
+    "PhaseMap": "stabilitycheck.phasemap",
     "StabilityCheckError": "stabilitycheck.errors",
     "UsageError": "stabilitycheck.errors",
     "ConfigError": "stabilitycheck.errors",

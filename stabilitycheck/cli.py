@@ -487,6 +487,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: one-line errors with exit code 2 for bad input, 3 for internal errors."""
     from stabilitycheck.errors import UsageError
 
+    if (given := sys.argv[1:] if argv is None else list(argv))[:1] == ["map"]:
+        from stabilitycheck.cli_map import main_map
+
+        return main_map(given[1:])
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:

@@ -101,7 +101,7 @@ def _mean_field_depth(sigma: float, limit: float = 100.0) -> int:
     for _ in range(1000):
         q = sigma**2 * float(np.sum(w * np.tanh(np.sqrt(q) * z) ** 2))
     chi = sigma**2 * float(np.sum(w * (1 - np.tanh(np.sqrt(q) * z) ** 2) ** 2))
-    return int(math.floor(math.log(limit) / math.log(math.sqrt(chi)))) + 2
+    return math.floor(math.log(limit) / math.log(math.sqrt(chi))) + 2
 
 
 def test_the_zoo_table_shown_is_true_over_seeds() -> None:

@@ -1,0 +1,106 @@
+"""Text and Markdown renderings of a PhaseMap: one row per y value, each x a character, the frontier
+and its spread over seeds beside it, the mean-field prediction where there is one, and the cost."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from stabilitycheck.phasemap import PhaseMap, theory
+from stabilitycheck.staircase import Edge
+
+LEGEND = (
+    "X explodes, V vanishes, o stable (measured); # explodes, ~ vanishes, . stable (inferred from the "
+    "frontier, assuming monotonicity in x); ? not traced"
+)
+
+
+def _cell(pm: PhaseMap, x: int, y: int) -> str:
+    p = pm.point(x, y)
+    if p is not None:
+        return "X" if p.exploded else "V" if p.vanished else "o"
+    e = pm.explode[y]
+    v = pm.vanish[y] if pm.vanish is not None else None
+    if e.how == "untraced" or (v is not None and v.how == "untraced"):
+        return "?"
+    if e.x is not None and x >= e.x:
+        return "#"
+    if v is not None and v.x is not None and x >= v.x:
+        return "~"
+    return "."
+
+
+def _at(pm: PhaseMap, i: int | None) -> str:
+    return "none" if i is None else f"{pm.x.values[i]}"
+
+
+def _band(pm: PhaseMap, y: int, vanishing: bool) -> str:
+    lo, hi = pm.band(y, vanishing)
+    return f"{_at(pm, lo)}-{_at(pm, hi)}" if lo is not None else "-"
+
+
+def _edge(pm: PhaseMap, e: Edge, th: Sequence[int | None] | None, vanishing: bool) -> list[str]:
+    if e.how == "untraced":
+        return ["not traced", "", "" if th is None else _at(pm, th[e.y]), ""]
+    return [_at(pm, e.x), _band(pm, e.y, vanishing), "" if th is None else _at(pm, th[e.y]), e.how]
+
+
+def cost(pm: PhaseMap) -> str:
+    """'163 verdicts (412 seed probes) of the 1600-point grid (10.2%) in 95 s'."""
+    share = 100 * pm.verdicts / pm.grid
+    stop = ", interrupted: what was traced so far" if pm.interrupted else ""
+    return (
+        f"{pm.verdicts} verdicts ({pm.probes} seed probes) of the {pm.grid}-point grid ({share:.1f}%) "
+        f"in {pm.elapsed:.1f} s{stop}"
+    )
+
+
+def _rows(pm: PhaseMap) -> list[tuple[str, list[str]]]:
+    """Per y: its value, and the columns of the frontier table."""
+    th, tv = theory(pm), theory(pm, vanishing=True) if pm.vanish is not None else None
+    rows = []
+    for y, yv in enumerate(pm.y.values):
+        cols = _edge(pm, pm.explode[y], th, False)
+        if pm.vanish is not None:
+            cols += _edge(pm, pm.vanish[y], tv, True)
+        rows.append((f"{yv}", cols))
+    return rows
+
+
+def _header(pm: PhaseMap) -> list[str]:
+    cols = [f"explodes at {pm.x.name}", "seed spread", "mean field", "how"]
+    if pm.vanish is not None:
+        cols += [f"vanishes at {pm.x.name}", "seed spread", "mean field", "how"]
+    return cols
+
+
+def text(pm: PhaseMap) -> str:
+    """The terminal rendering: the grid, one row per y (largest on top), then the frontier table."""
+    width = max(len(f"{v}") for v in pm.y.values)
+    lines = [
+        f"phase map of {pm.label}: {pm.x.name} across ({pm.x.values[0]}..{pm.x.values[-1]}), "
+        f"{pm.y.name} down; {LEGEND}"
+    ]
+    for y in reversed(range(len(pm.y.values))):
+        cells = "".join(_cell(pm, x, y) for x in range(len(pm.x.values)))
+        lines.append(f"{pm.y.values[y]!s:>{width}} {cells}")
+    lines.append("")
+    head = [pm.y.name, *_header(pm)]
+    table = [head, *([v, *c] for v, c in _rows(pm))]
+    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
+    lines += ["", *(f"note: {v}" for v in pm.violations), cost(pm)]
+    return "\n".join(lines)
+
+
+def markdown(pm: PhaseMap) -> str:
+    """The frontier table as Markdown, with the cost and any monotonicity notes."""
+    head = [pm.y.name, *_header(pm)]
+    lines = [
+        f"## Phase map of {pm.label}: {pm.x.name} x {pm.y.name}",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    lines += ["| " + " | ".join([v, *c]) + " |" for v, c in _rows(pm)]
+    lines += ["", *(f"- {v}" for v in pm.violations), "", cost(pm), ""]
+    return "\n".join(lines)

@@ -1,0 +1,94 @@
+"""The staircase trace of a frontier on a grid: for each row y, the smallest x where `fires(x, y)`,
+in O(nx + ny) calls when the frontier moves little between rows.
+
+It assumes monotonicity in x and checks it: the first row is bisected, each next row is walked one x
+step per call from the previous row's frontier until a quiet point sits right below a firing one,
+and both sides are confirmed by one more point (two quiet below, two firing above, where the grid
+allows). A row whose measured points break monotonicity (one fires below a quiet one) is bisected
+again below its lowest firing point for its lowest transition, and a note says so. Every frontier
+returned is a measured pair: x fires and x - 1 is quiet (or x = 0); None means the top is quiet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Edge:
+    """The frontier at grid row y: the smallest x index that fires (None: none in range), found by
+    'walk', 'bisection' (monotonicity was violated, or the first row) or 'untraced' (interrupted)."""
+
+    y: int
+    x: int | None
+    how: str
+
+
+Fires = Callable[[int], bool]
+
+
+def _bisect(fires: Fires, lo: int, hi: int) -> int:
+    """The upper end of a transition in (lo, hi]: lo is stable (or -1), hi fires."""
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fires(mid) else (mid, hi)
+    return hi
+
+
+def _walk(fires: Fires, nx: int, start: int) -> int | None:
+    """From `start`, one x step per verdict to the smallest x that fires (None: none does)."""
+    i = min(max(start, 0), nx - 1)
+    if fires(i):
+        while i > 0 and fires(i - 1):
+            i -= 1
+        return i
+    while i < nx - 1 and not fires(i + 1):
+        i += 1
+    return i + 1 if i < nx - 1 else None
+
+
+def _confirm(fires: Fires, nx: int, f: int | None) -> None:
+    """Judge one more point on each side of the frontier, so monotonicity is checked on two points."""
+    top = nx if f is None else f
+    if f is not None and f + 1 < nx:
+        fires(f + 1)
+    if top - 2 >= 0:
+        fires(top - 2)
+
+
+def _violation(measured: dict[int, bool]) -> tuple[int, int] | None:
+    """A pair (a, b), a < b, where a fires and b does not, among the measured points of a row."""
+    firing = [i for i, v in measured.items() if v]
+    quiet = [i for i, v in measured.items() if not v]
+    if firing and quiet and min(firing) < max(quiet):
+        return min(firing), max(quiet)
+    return None
+
+
+def trace(fires: Callable[[int, int], bool], nx: int, ny: int, edges: list[Edge], notes: list[str]) -> None:
+    """Append the frontier of every row to `edges` (see the module docstring) and what broke
+    monotonicity to `notes`; `fires(x, y)` judges a point (cached by the caller)."""
+    start = 0
+    for y in range(ny):
+        seen: dict[int, bool] = {}
+
+        def at(x: int, y: int = y, seen: dict[int, bool] = seen) -> bool:
+            seen[x] = fires(x, y)
+            return seen[x]
+
+        if y == 0:
+            f: int | None = _bisect(at, -1, nx - 1) if at(nx - 1) else None
+            how = "bisection"
+        else:
+            f, how = _walk(at, nx, start), "walk"
+        _confirm(at, nx, f)
+        bad = _violation(seen)
+        if bad is not None:
+            f, how = _bisect(at, -1, bad[0]), "bisection"
+            notes.append(
+                f"row {y}: x index {bad[0]} fires but {bad[1]} does not (not monotone in x); "
+                f"bisected the row below {bad[0]} for its lowest transition: x index {f}"
+            )
+        edges.append(Edge(y, f, how))
+        start = nx - 1 if f is None else f

@@ -1,0 +1,344 @@
+"""Phase maps: the traced frontier against theory computed here (mean field by our own quadrature,
+exact linear growth), against the exhaustive grid judged by brute force, and the trace's own
+guarantees (exact on monotone grids, a measured transition on any grid, the cost bound).
+
+The theory tests judge growth alone (grad_norm and divergence off): growth is what mean-field theory
+predicts; with the default limits a linear RNN's weight-gradient norm passes 1e3 first at small sigma.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stabilitycheck import meanfield
+from stabilitycheck.cli import main
+from stabilitycheck.maptext import markdown, text
+from stabilitycheck.phasemap import PhaseMap, phase_map, theory
+from stabilitycheck.seeds import assess
+from stabilitycheck.space import Axis, Space
+from stabilitycheck.staircase import Edge, trace
+from stabilitycheck.verdicts import Limits
+from stabilitycheck.zoo import Family
+
+GROWTH_ONLY = Limits(growth=10.0, grad_norm=None, divergence=None)
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+# -- theory, computed here: Simpson's rule on [-10, 10] (step 1e-3), independent of stabilitycheck ----
+_Z = torch.linspace(-10, 10, 20_001, dtype=torch.float64)
+_S = torch.ones_like(_Z)
+_S[1:-1:2], _S[2:-1:2] = 4.0, 2.0
+_W = _S * (_Z[1] - _Z[0]) / 3 * torch.exp(-0.5 * _Z**2) / math.sqrt(2 * math.pi)
+
+
+def tanh_log_growth(sigma: float, depth: int) -> float:
+    """ln of the mean-field growth of a bias-free tanh net on N(0, 1) inputs: sum over blocks
+    1..depth-1 of 0.5 ln chi_l, chi_l = sigma^2 E[tanh'(sqrt(q_l) z)^2], q_0 = sigma^2."""
+    q, total = sigma**2, 0.0
+    for layer in range(depth):
+        h = math.sqrt(q) * _Z
+        if layer > 0:
+            total += 0.5 * math.log(sigma**2 * float((_W * (1 - torch.tanh(h) ** 2) ** 2).sum()))
+        q = sigma**2 * float((_W * torch.tanh(h) ** 2).sum())
+    return total
+
+
+def first(depths: range, log_growth: object, limit: float, below: bool = False) -> int | None:
+    """The index of the first depth whose growth passes the limit (below 1/limit with `below`)."""
+    for i, d in enumerate(depths):
+        g = log_growth(d)  # type: ignore[operator]
+        if (g < -math.log(limit)) if below else (g > math.log(limit)):
+            return i
+    return None
+
+
+def mlp_map(activation: str, sigmas: Axis, depth: int, limits: Limits, width: int = 128) -> PhaseMap:
+    base = Family("mlp").config(width=width, batch_size=8, activation=activation)
+    space = Space("mlp", base, (Axis.range("depth", 1, depth), sigmas))
+    return phase_map("mlp", x="depth", y="init_scale", space=space, limits=limits)
+
+
+def within_spread(pm: PhaseMap, predicted: list[int | None], vanishing: bool = False) -> None:
+    """Each row's predicted index lies in the frontier's seed spread, one grid step either side."""
+    edges = pm.vanish if vanishing else pm.explode
+    assert edges is not None
+    for e, want in zip(edges, predicted, strict=True):
+        lo, hi = pm.band(e.y, vanishing)
+        where = f"{pm.y.name}={pm.y.values[e.y]}: traced {e.x}, spread {lo}-{hi}, theory {want}"
+        if want is None:
+            assert e.x is None or e.x >= len(pm.x.values) - 2, where
+        else:
+            assert e.x is not None, where
+            assert min(e.x, lo if lo is not None else e.x) - 1 <= want <= max(e.x, hi or e.x) + 1, where
+
+
+# -- theory and brute force ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_tanh_frontier_matches_mean_field_and_the_exhaustive_grid() -> None:
+    sigmas = Axis.range("init_scale", 2.0, 4.0, 0.5)
+    pm = mlp_map("tanh", sigmas, 16, GROWTH_ONLY)
+    depths = range(1, 17)
+    predicted = [first(depths, lambda d, s=s: tanh_log_growth(s, d), 10.0) for s in sigmas.values]
+    assert sum(p is not None for p in predicted) >= 4  # the frontier crosses the map
+    within_spread(pm, predicted)
+    base = pm.base
+    for j, s in enumerate(sigmas.values):  # brute force: every point of the row judged
+        row = [assess(base.with_knobs(depth=d, init_scale=s), None, GROWTH_ONLY).exploded for d in depths]
+        assert pm.explode[j].x == next((i for i, x in enumerate(row) if x), None), f"sigma {s}: {row}"
+    assert pm.violations == ()
+
+
+def test_relu_frontier_follows_sigma_over_root_two_per_block() -> None:
+    sigmas = Axis.range("init_scale", 2.0, 4.0, 0.5)
+    pm = mlp_map("relu", sigmas, 16, GROWTH_ONLY)
+    depths = range(1, 17)
+    predicted = [
+        first(depths, lambda d, s=s: (d - 1) * math.log(s / math.sqrt(2)), 10.0) for s in sigmas.values
+    ]
+    within_spread(pm, predicted)
+    assert [e.x for e in pm.explode] != [None] * len(sigmas.values)
+
+
+@pytest.mark.slow
+def test_linear_rnn_seq_len_frontier_is_exact_and_costs_under_15_percent_of_the_grid() -> None:
+    """Linear RNN, recurrence sigma x orthogonal, loss on the last step: growth is sigma^(T-1) exactly,
+    so T* is the smallest T with (T-1) ln sigma > ln 100; on the 64 x 25 grid of the issue."""
+    base = Family("rnn").config(width=8, batch_size=2, activation="linear")
+    space = Space("rnn", base, (Axis.range("seq_len", 1, 64), Axis.range("init_scale", 1.0, 4.0, 0.125)))
+    limits = Limits(grad_norm=None, divergence=None)
+    pm = phase_map("rnn", x="seq_len", y="init_scale", space=space, limits=limits, loss="last")
+    for e in pm.explode:
+        s = float(pm.y.values[e.y])
+        exact = next((t for t in range(1, 65) if (t - 1) * math.log(s) > math.log(100)), None)
+        got = None if e.x is None else pm.x.values[e.x]
+        assert got == exact, f"sigma {s}: traced T* {got}, exact {exact}"
+    assert pm.verdicts <= 0.15 * pm.grid, pm.verdicts
+    assert pm.verdicts == len({(p.x, p.y) for p in pm.points})
+
+
+def test_vanishing_frontier_below_critical_sigma_matches_mean_field() -> None:
+    sigmas = Axis.range("init_scale", 0.5, 1.5, 0.25)
+    limits = Limits(growth=10.0, grad_norm=None, divergence=None, vanishing=10.0)
+    pm = mlp_map("tanh", sigmas, 16, limits)
+    depths = range(1, 17)
+    predicted = [first(depths, lambda d, s=s: tanh_log_growth(s, d), 10.0, below=True) for s in sigmas.values]
+    assert predicted[0] is not None and predicted[-1] is None  # vanishes below sigma 1, not above
+    within_spread(pm, predicted, vanishing=True)
+    assert pm.vanish is not None and all(
+        e.x is None for e, s in zip(pm.vanish, sigmas.values, strict=True) if s > 1
+    )
+
+
+def test_meanfield_module_agrees_with_the_quadrature_here() -> None:
+    for sigma in (0.5, 1.0, 1.5, 2.5, 4.0):
+        for depth in (2, 9, 30):
+            ours = meanfield.log_growths(sigma, "tanh", depth)[-1]
+            assert ours == pytest.approx(tanh_log_growth(sigma, depth), rel=1e-6, abs=1e-9)
+    assert meanfield.chi_1(2.0, "relu") == pytest.approx(2.0)  # sigma^2 / 2 exactly
+    assert meanfield.chi_1(1.3, "linear") == pytest.approx(1.69)
+    assert meanfield.chi_1(1.0, "tanh") == pytest.approx(1.0, abs=1e-4)  # the critical point
+
+
+# -- the trace on synthetic grids ---------------------------------------------------------------------
+
+
+def run_trace(grid: list[list[bool]]) -> tuple[list[Edge], list[str], set[tuple[int, int]]]:
+    seen: set[tuple[int, int]] = set()
+
+    def fires(x: int, y: int) -> bool:
+        seen.add((x, y))
+        return grid[y][x]
+
+    edges: list[Edge] = []
+    notes: list[str] = []
+    trace(fires, len(grid[0]), len(grid), edges, notes)
+    return edges, notes, seen
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 40), st.lists(st.integers(0, 40), min_size=1, max_size=30))
+def test_trace_is_exact_on_monotone_grids(nx: int, frontier: list[int]) -> None:
+    grid = [[x >= f for x in range(nx)] for f in frontier]
+    edges, notes, seen = run_trace(grid)
+    assert [e.x for e in edges] == [f if f < nx else None for f in frontier]
+    assert notes == []
+    assert len(seen) <= 4 * len(frontier) + sum(abs(a - b) for a, b in itertools.pairwise(frontier)) + nx
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 30).flatmap(
+        lambda nx: st.lists(st.lists(st.booleans(), min_size=nx, max_size=nx), min_size=1)
+    )
+)
+def test_trace_only_reports_measured_transitions(grid: list[list[bool]]) -> None:
+    edges, _, seen = run_trace(grid)
+    for e in edges:
+        if e.x is None:
+            assert (len(grid[0]) - 1, e.y) in seen and not grid[e.y][-1]
+        else:
+            assert (e.x, e.y) in seen and grid[e.y][e.x]
+            assert e.x == 0 or ((e.x - 1, e.y) in seen and not grid[e.y][e.x - 1])
+
+
+def test_a_blip_next_to_the_frontier_is_reported_and_bisected() -> None:
+    """Deliberately non-monotone rows: one explodes at 4, is stable at 5 and explodes from 6 on (the
+    walk's check two below the frontier sees it); one explodes at 6 only, then from 8 on."""
+    blip_below = [False] * 4 + [True, False] + [True] * 4
+    blip_above = [False] * 6 + [True, False] + [True] * 2
+    edges, notes, _ = run_trace([[x >= 6 for x in range(10)], blip_below, blip_above])
+    assert len(notes) == 2 and all("not monotone" in n for n in notes)
+    assert [(e.x, e.how) for e in edges] == [(6, "bisection"), (4, "bisection"), (6, "bisection")]
+    monotone, quiet, _ = run_trace([[x >= 6 for x in range(10)]] * 3)
+    assert quiet == [] and [e.how for e in monotone] == ["bisection", "walk", "walk"]
+
+
+# -- interruption, JSON, renderings, CLI ---------------------------------------------------------------
+
+
+def small_space() -> Space:
+    base = Family("mlp").config(width=16, batch_size=4, seeds=1)
+    return Space("mlp", base, (Axis.range("depth", 1, 8), Axis.range("init_scale", 2.0, 4.0, 1.0)))
+
+
+def test_ctrl_c_returns_what_was_traced_and_the_map_round_trips_through_json() -> None:
+    calls: list[int] = []
+
+    def interrupt(pm: PhaseMap) -> None:
+        calls.append(pm.verdicts)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+
+    pm = phase_map("mlp", x="depth", y="init_scale", space=small_space(), on_point=interrupt)
+    assert pm.interrupted and pm.verdicts == 5
+    assert any(e.how == "untraced" for e in pm.explode)
+    back = PhaseMap.from_dict(json.loads(json.dumps(pm.to_dict())))
+    assert back == pm
+    assert "not traced" in text(back) and "interrupted" in markdown(back)
+
+
+def test_theory_is_offered_for_zoo_mlps_and_not_for_model_files() -> None:
+    pm = phase_map("mlp", x="depth", y="init_scale", space=small_space())
+    assert theory(pm) is not None
+    other = PhaseMap.from_dict(
+        {**pm.to_dict(), "base": {**pm.base.to_dict(), "knobs": {**pm.base.values, "activation": "gelu"}}}
+    )
+    assert theory(other) is None
+
+
+def test_cli_map_writes_json_markdown_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    out = {k: tmp_path / f"map.{k}" for k in ("json", "md", "png")}
+    argv = [
+        "map",
+        "mlp",
+        "--x",
+        "depth",
+        "--y",
+        "init_scale",
+        "--knob",
+        "depth=1:8",
+        "--knob",
+        "init_scale=2.0:4.0:1.0",
+    ]
+    argv += [
+        "--knob",
+        "width=16",
+        "--seeds",
+        "1",
+        "--json",
+        str(out["json"]),
+        "--markdown",
+        str(out["md"]),
+        "--png",
+        str(out["png"]),
+    ]
+    assert main(argv) == 0
+    pm = PhaseMap.from_dict(json.loads(out["json"].read_text()))
+    assert pm.grid == 24 and not pm.interrupted and all(e.how != "untraced" for e in pm.explode)
+    assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| init_scale |" in out["md"].read_text()
+    assert "explodes at depth" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["map", "mlp", "--x", "depth"], "--y"),
+        (["map", "mlp", "--x", "depth", "--y", "norm"], "not a knob of mlp"),
+        (["map", "mlp", "--x", "depth", "--y", "width"], "give its grid"),
+        (["map", "mlp", "--x", "depth", "--y", "depth"], "both 'depth'"),
+        (["map", "mlp", "--x", "depth", "--y", "init_scale", "--loss", "last"], "no last-step loss"),
+        (["map", "nosuch", "--x", "depth", "--y", "init_scale"], "not a zoo family"),
+        (["map", "mlp", "--x", "depth", "--y", "init_scale", "--knob", "activation=nope"], "not allowed"),
+        (
+            ["map", "mlp", "--x", "depth", "--y", "init_scale", "--json", "/nonexistent/m.json"],
+            "cannot write",
+        ),
+    ],
+)
+def test_cli_map_bad_input_is_one_line_and_exit_2(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_map_of_the_transformer_example_runs_end_to_end(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "m.json"
+    argv = ["map", str(EXAMPLES / "transformer.py"), "--x", "num_layers", "--y", "init_scale"]
+    argv += [
+        "--knob",
+        "num_layers=1:6",
+        "--knob",
+        "init_scale=0.5:4.0:0.5",
+        "--knob",
+        "seq_len=8",
+        "--seeds",
+        "1",
+        "--json",
+        str(path),
+    ]
+    assert main(argv) == 0
+    pm = PhaseMap.from_dict(json.loads(path.read_text()))
+    assert (pm.x.name, pm.y.name) == ("num_layers", "init_scale") and len(pm.explode) == 8
+    assert all(e.how in ("walk", "bisection") for e in pm.explode)
+    for e in pm.explode:  # every frontier drawn is a measured pair
+        if e.x is not None:
+            assert pm.point(e.x, e.y).exploded and (e.x == 0 or not pm.point(e.x - 1, e.y).exploded)
+    assert theory(pm) is None
+
+
+@pytest.mark.slow
+def test_sigterm_writes_what_was_traced_and_exits_143(tmp_path: Path) -> None:
+    path = tmp_path / "m.json"
+    argv = ["map", "mlp", "--x", "depth", "--y", "init_scale", "--knob", "depth=1:64"]
+    argv += ["--knob", "init_scale=1.0:4.0:0.125", "--knob", "width=16", "--seeds", "1", "--json", str(path)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stabilitycheck.cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 60
+    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    pm = PhaseMap.from_dict(json.loads(path.read_text()))
+    assert pm.interrupted and 0 < pm.verdicts < pm.grid
+    assert b"not traced" in out
