@@ -1,10 +1,13 @@
-"""Smoke tests of ci/bench.py: every section runs on tiny sizes and yields its rows; no timing asserted."""
+"""Tests of ci/bench.py: every section runs on tiny sizes and yields its rows, and every printed number
+agrees with its own definition (a ratio is the median of the per-round ratios behind it, a fraction is
+its numerator over its denominator, met/NO follows from the ratio and the target). No timing asserted."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +44,37 @@ def test_paired_ratio_is_the_median_of_per_round_ratios() -> None:
     assert bench.med(num, 0) == 3000.0
 
 
+def test_judged_seeds_derives_its_ratios_and_verdicts_from_the_rounds() -> None:
+    bench = load_bench()
+    row = {"space": "x", "seeds": 5}
+    for key, many, one in (("points", 10, 12), ("probes", 25, 12), ("all probes", 30, 14)):
+        row[f"{key} rounds"], row[f"{key} 1 seed rounds"] = [many] * 3, [one] * 3
+    row["found"], row["found 1 seed"] = "mlp depth=3", "mlp depth=3"
+    got = bench.judged_seeds(row, [3.0, 1.0, 2.0], [1.0, 1.0, 1.0])
+    assert got["probe x"] == 25 / 12 and got["all probe x"] == 30 / 14
+    assert got["CPU ratio"] == 2.0 and got["CPU s"] == 2.0 and got["CPU s 1 seed"] == 1.0
+    assert got["CPU x"].startswith("2.000x [")
+    assert got["#14: probes <= 3x"] == "yes"  # 2.08x
+    assert got["#18: probes, CPU <= 2x"] == "NO"  # 2.08x > 2
+    assert got["same point"] == "yes"
+
+
+def test_counting_subject_counts_one_build_per_probe() -> None:
+    bench = load_bench()
+    from stabilitycheck.config import Config
+    from stabilitycheck.probing import probe
+    from stabilitycheck.seeds import assess
+
+    config = Config.of("rnn", width=4, seq_len=3, batch_size=2, seeds=3)
+    subject = bench.Counting(bench.resolve("rnn"))
+    probe(config, subject)
+    probe(config, subject, last_step=True)
+    assert subject.builds == 2
+    j = assess(config, subject)
+    assert subject.builds == 2 + len(j.seeds)
+    assert subject.name == "rnn"  # everything else is the wrapped subject's
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any]]:
     """The stdout and the JSON of one `python ci/bench.py --quick --json FILE` run."""
@@ -56,8 +90,95 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any]
     return proc.stdout, json.loads(out.read_text())
 
 
+def spread_agrees(text: str, rounds: list[float]) -> bool:
+    """'m.mmmx [q1, q3]' is the median and quartiles of `rounds`."""
+    q1, m, q3 = statistics.quantiles(rounds, n=4) if len(rounds) > 1 else (rounds[0],) * 3
+    return text == f"{m:.3f}x [{q1:.2f}, {q3:.2f}]"
+
+
+def check_overhead(rows: list[dict[str, Any]]) -> None:
+    assert [r["model"].split()[0] for r in rows] == ["mlp", "transformer", "rnn"]
+    for row in rows:
+        assert row["bare ms"] > 0 and row["bare x2 + step ms"] > 0
+        probes = []
+        for key in (
+            "probe steps=0",
+            "probe steps=1",
+            "floor",
+            "detect_anomaly",
+            "lightning norms",
+            "hooks + .item()",
+        ):
+            ratio, rounds = row[f"{key} ratio"], row[f"{key} rounds"]
+            assert ratio > 0 and math.isfinite(ratio), (key, row)
+            assert ratio == statistics.median(rounds), (key, row)
+            assert spread_agrees(row[key], rounds), (key, row)
+            if key.startswith("probe"):
+                probes.append(ratio)
+        assert row["watch"] == "-"  # its slot: nothing measured until the watch mode exists
+        assert row["target"] == f"<= {row['target ratio']:.2f}x"
+        assert row["target ratio"] == (1.15 if row["model"].startswith("rnn") else 1.05)
+        assert row["met"] == ("yes" if all(r <= row["target ratio"] for r in probes) else "NO")
+
+
+def check_search(rows: list[dict[str, Any]]) -> None:
+    assert [r["space"] for r in rows] == ["mlp 2-knob", "mlp 4-knob"]
+    for row in rows:
+        assert row["seeds"] == 5  # both sides judge over the default seeds budget
+        assert 0 < row["search points"] <= row["grid"]
+        assert row["point frac"] == row["search points"] / row["grid"]
+        # each judged point costs 1..seeds probes; the sweep judges every point of the grid
+        assert row["search points"] <= row["search judged probes"] <= row["seeds"] * row["search points"]
+        assert row["search judged probes"] <= row["search probes"]  # + remedies
+        assert row["grid"] <= row["sweep probes"] <= row["seeds"] * row["grid"]
+        assert row["probe frac"] == row["search probes"] / row["sweep probes"]
+        assert row["search s"] > 0 and row["sweep s"] > 0
+        assert row["time frac"] == row["search s"] / row["sweep s"]
+        assert row["boundary pts"] > 0  # the quick limits make the tiny grids explode
+        assert row["same minimum"] == "yes"
+    assert rows[0]["met"] == "-"
+    ok = rows[1]["probe frac"] <= 0.10 and rows[1]["time frac"] <= 0.10
+    assert rows[1]["met"] == ("yes" if ok else "NO")
+
+
+def check_seeds(rows: list[dict[str, Any]]) -> None:
+    from stabilitycheck.zoo import targets
+
+    labels = list(targets())
+    assert len(labels) == 8
+    assert [r["space"] for r in rows] == [*labels, "total (8 targets)"]
+    for row in rows:
+        for key in ("points", "probes", "all probes"):
+            assert row[key] == statistics.median(row[f"{key} rounds"]), (key, row)
+            assert row[f"{key} 1 seed"] == statistics.median(row[f"{key} 1 seed rounds"]), (key, row)
+        assert row["probes 1 seed"] == row["points 1 seed"]  # one seed: one probe per point judged
+        assert row["points"] <= row["probes"] <= 5 * row["points"]
+        assert row["probes"] <= row["all probes"] and row["probes 1 seed"] <= row["all probes 1 seed"]
+        assert row["probe x"] == row["probes"] / row["probes 1 seed"]
+        assert row["all probe x"] == row["all probes"] / row["all probes 1 seed"]
+        cpu = [a / b for a, b in zip(row["CPU rounds"], row["CPU 1 seed rounds"], strict=True)]
+        assert len(cpu) == len(row["probes rounds"]) >= 3
+        assert row["CPU ratio"] == statistics.median(cpu)
+        assert spread_agrees(row["CPU x"], cpu)
+        assert row["CPU s"] == statistics.median(row["CPU rounds"]) > 0
+        assert row["CPU s 1 seed"] == statistics.median(row["CPU 1 seed rounds"]) > 0
+        assert row["#14: probes <= 3x"] == ("yes" if row["probe x"] <= 3 else "NO")
+        ok = row["probe x"] <= 2 and row["CPU ratio"] <= 2
+        assert row["#18: probes, CPU <= 2x"] == ("yes" if ok else "NO")
+    per_target, total = rows[:-1], rows[-1]
+    for key in ("points", "probes", "all probes", "CPU"):
+        for side in (f"{key} rounds", f"{key} 1 seed rounds"):
+            sums = [sum(col) for col in zip(*(r[side] for r in per_target), strict=True)]
+            assert total[side] == pytest.approx(sums), side
+    for row in per_target:
+        assert row["seeds"] == 5
+        # a search is deterministic: every round judged the same points with the same probes
+        for key in ("points rounds", "probes rounds", "all probes rounds", "points 1 seed rounds"):
+            assert len(set(row[key])) == 1, (key, row)
+
+
 @pytest.mark.slow
-def test_quick_run_prints_every_table_and_its_rows_hold_positive_numbers(
+def test_quick_run_prints_every_table_and_its_numbers_follow_their_definitions(
     quick: tuple[str, dict[str, Any]],
 ) -> None:
     stdout, result = quick
@@ -65,6 +186,7 @@ def test_quick_run_prints_every_table_and_its_rows_hold_positive_numbers(
         "## machine",
         "## probe and its peers vs a bare step",
         "## search vs exhaustive sweep",
+        "## seeds vs one seed",
         "## probe time vs size",
         "## scaling exponents",
         "## parallel property suite",
@@ -77,37 +199,49 @@ def test_quick_run_prints_every_table_and_its_rows_hold_positive_numbers(
         "probe steps=0",
         "detect_anomaly",
         "same minimum",
+        "search points",
+        "probe x",
+        "CPU x",
+        "#14: probes <= 3x",
+        "#18: probes, CPU <= 2x",
         "target",
         "met",
     ):
         assert word in stdout
-    # the JSON of the same run (one test: under xdist two tests could each run the 10 s bench)
+    assert "probes rounds" not in stdout and "CPU rounds" not in stdout  # per-round values: JSON only
+    # the JSON of the same run (one test: under xdist two tests could each run the bench)
     assert result["quick"] is True
     assert result["machine"]["cpus"] >= 1
-    assert [r["model"].split()[0] for r in result["overhead"]] == ["mlp", "transformer", "rnn"]
-    for row in result["overhead"]:
-        assert row["bare ms"] > 0 and row["bare x2 + step ms"] > 0
-        for key in (
-            "probe steps=0",
-            "probe steps=1",
-            "floor",
-            "detect_anomaly",
-            "lightning norms",
-            "hooks + .item()",
-        ):
-            assert row[f"{key} ratio"] > 0 and math.isfinite(row[f"{key} ratio"]), (key, row)
-            assert row[key].endswith("]") and "x [" in row[key], (key, row)
-        assert row["watch"] == "-"  # its slot: nothing measured until the watch mode exists
-        assert row["met"] in ("yes", "NO")
-    assert [r["space"] for r in result["search"]] == ["mlp 2-knob", "mlp 4-knob"]
-    for row in result["search"]:
-        assert row["search probes"] > 0 and row["sweep probes"] == row["grid"]
-        assert row["search s"] > 0 and row["sweep s"] > 0
-        assert row["same minimum"] == "yes"  # the quick limits make the tiny grids explode
+    check_overhead(result["overhead"])
+    check_search(result["search"])
+    check_seeds(result["seeds"])
     assert len(result["scaling"]) == len(result["exponents"]) == 4
     for row in result["scaling"]:
         assert all(v > 0 for k, v in row.items() if k != "axis")
     assert all(math.isfinite(row["k"]) for row in result["exponents"])
     assert [r["run"].split(",")[0].split(" (")[0] for r in result["parallel"]] == ["-n 2", "-n 0", "-n 0"]
     for row in result["parallel"]:
-        assert row["exit"] == 0 and row["wall s"] > 0
+        # pytest ran the suite (0: all passed, 1: some failed; whether they pass is not the bench's
+        # business, only how long they take); 2-5 would be a usage or internal error
+        assert row["exit"] in (0, 1) and "passed" in row["summary"] and row["wall s"] > 0, row
+        assert row["vs -n 2"] == row["wall s"] / result["parallel"][0]["wall s"]
+    assert set(result["section_s"]) == {"overhead", "search", "seeds", "scaling", "parallel"}
+
+
+def test_only_runs_the_sections_named_and_rejects_unknown_ones(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--only", "search", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert "search" in result and not {"overhead", "seeds", "scaling", "parallel"} & set(result)
+    assert "## seeds vs one seed" not in proc.stdout
+    bad = subprocess.run(
+        [sys.executable, str(BENCH), "--only", "nonsense"], capture_output=True, text=True, check=False
+    )
+    assert bad.returncode == 2 and "unknown section" in bad.stderr
