@@ -207,7 +207,8 @@ def test_a_probe_over_its_time_budget_is_skipped(tmp_path: Path, capsys: pytest.
 def test_the_model_file_is_imported_once_per_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     counter = tmp_path / "imports.txt"
     path = tmp_path / "counted.py"
-    path.write_text(f"open({str(counter)!r}, 'a').write('x')\n" + EXPLODING.replace("{guard}", "pass"))
+    count = f"with open({str(counter)!r}, 'a') as f:\n    f.write('x')\n"
+    path.write_text(count + EXPLODING.replace("{guard}", "pass"))
     _run([str(path), "--database", "none", "--seeds", "1", "--quiet", "--max-examples", "5"], capsys)
     assert counter.read_text() == "x"
 
