@@ -287,6 +287,12 @@ def _backward(run: _Run, loss: torch.Tensor, outputs: list[torch.Tensor]) -> lis
     return captured
 
 
+def _dense(grad: torch.Tensor) -> torch.Tensor:
+    """A tensor with the same L2 norm as `grad`: its values when sparse (nn.Embedding(sparse=True)),
+    coalesced so repeated indices add up as in the dense gradient; else `grad` itself."""
+    return grad.coalesce().values() if grad.is_sparse else grad
+
+
 def _stack(parts: list[torch.Tensor]) -> list[float]:
     """0-d tensors of mixed float dtypes to Python floats (exactly): one stack per dtype, one sync."""
     dtypes = {p.dtype for p in parts}
@@ -331,7 +337,7 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
     with torch.no_grad():
         present = [i for i, p in enumerate(run.params) if p.grad is not None]
         reached = [i for i, g in enumerate(captured) if g is not None]
-        tensors = [g for g in (run.params[i].grad for i in present) if g is not None]
+        tensors = [_dense(g) for g in (run.params[i].grad for i in present) if g is not None]
         tensors += outputs
         tensors += [g for g in captured if g is not None]
         tensors += run.params if weights else ()

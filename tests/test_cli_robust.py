@@ -301,3 +301,37 @@ def test_the_same_seed_gives_the_same_table_whatever_the_database_holds(tmp_path
 
     assert strip_probes(none) == strip_probes(fresh) == strip_probes(reused)
     assert all(strip_probes(c) == strip_probes(none) for c in concurrent)
+
+
+def test_an_empty_batch_is_a_usage_error_not_a_finding(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _file(tmp_path)
+    path.write_text(
+        path.read_text() + "\ndef batch(model, batch_size=0):\n    return torch.randn(batch_size, 16)\n"
+    )
+    code, _, err = _run([str(path), "--database", "none", "--quiet"], capsys)
+    assert code == cli.EXIT_USAGE and "empty tensor" in err, err
+
+
+def test_sparse_embedding_gradients_are_measured_like_dense_ones() -> None:
+    """Oracle: the same model with a dense embedding; torch's own get_total_norm of its gradients."""
+    import torch
+    from torch import nn
+
+    from stabilitycheck.probing import probe_module
+
+    torch.manual_seed(0)
+    sparse = nn.Sequential(nn.Embedding(20, 8, sparse=True), nn.Linear(8, 5))
+    dense = nn.Sequential(nn.Embedding(20, 8), nn.Linear(8, 5))
+    dense.load_state_dict(sparse.state_dict())
+    x, y = torch.randint(0, 20, (4, 6)), torch.randint(0, 5, (4, 6))
+
+    def loss(out: torch.Tensor, _: object) -> torch.Tensor:
+        return nn.functional.cross_entropy(out.reshape(-1, 5), y.reshape(-1))
+
+    m = probe_module(sparse, x, loss)
+    loss(dense(x), None).backward()
+    expected = float(torch.nn.utils.get_total_norm([p.grad for p in dense.parameters()]))
+    assert m.first_nonfinite is None
+    assert m.grad_norm[0] == pytest.approx(expected, rel=1e-6)

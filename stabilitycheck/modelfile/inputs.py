@@ -25,6 +25,12 @@ def check_inputs(given: str, label: str, inputs: object) -> Inputs:
             f"{given}: {label} {what}, not tensors; expected a tensor or nested tuples/lists/dicts "
             f"(str keys) of tensors, None and scalars, {EXAMPLE}"
         )
+    empty = [t for t in tensors(inputs) if t.numel() == 0]
+    if empty:
+        raise ModelFileError(
+            f"{given}: {label} holds an empty tensor (shape {tuple(empty[0].shape)}): an empty batch has "
+            f"no gradient to measure; give every tensor at least one entry (check batch_size >= 1), {EXAMPLE}"
+        )
     return dict(inputs) if isinstance(inputs, Mapping) else inputs  # model(**inputs) takes a plain dict
 
 
