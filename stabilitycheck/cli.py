@@ -9,210 +9,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import signal
 import sys
-import time
 import traceback
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
-PROGRESS_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises UsageError instead of exiting, so every error is one line + exit 2."""
-
-    def error(self, message: str) -> Any:
-        from stabilitycheck.errors import UsageError
-
-        raise UsageError(f"{message} (see stabilitycheck --help)")
-
-
-def _number(kind: type, lo: float, hi: float = math.inf, open_lo: bool = False) -> Callable[[str], Any]:
-    """An argparse type: a finite `kind` in [lo, hi] ((lo, hi] with open_lo), else a one-line error."""
-
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
-        ok = math.isfinite(value) and (value > lo if open_lo else value >= lo) and value <= hi
-        if not ok:
-            span = f"{'(' if open_lo else '['}{lo:g}, {hi:g}]"
-            raise argparse.ArgumentTypeError(f"must be a finite number in {span}, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-_positive = _number(float, 0, open_lo=True)
-
-
-def _limit(text: str) -> float | None:
-    return None if text.lower() == "off" else _positive(text)
-
-
-def _csv(text: str) -> list[str]:
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
-    return items
-
-
-def parser() -> argparse.ArgumentParser:
-    """The command line, defined once."""
-    p = _Parser(
-        prog="stabilitycheck",
-        description="Find the smallest configuration whose gradients explode, and what fixes it.",
-    )
-    p.add_argument(
-        "target",
-        nargs="?",
-        help="'zoo', a zoo family (mlp, rnn...), MODEL.py[:factory], or hf:TYPE (hf:gpt2)",
-    )
-    p.add_argument("--family", action="append", type=_csv, default=[], help="zoo targets (repeatable)")
-    p.add_argument(
-        "--knob",
-        action="append",
-        default=[],
-        metavar="NAME=LO:HI[:STEP]",
-        help="search NAME over LO..HI (or fix it with NAME=VALUE); repeatable",
-    )
-    p.add_argument(
-        "--max-examples",
-        type=_number(int, 1, 10**6),
-        default=100,
-        help="Hypothesis examples per search (100); the canonical descent and the remedies come on top",
-    )
-    p.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0, help="first seed of everything (0)")
-    p.add_argument(
-        "--seeds",
-        type=_number(int, 1, 1000),
-        default=5,
-        help="initialisations a verdict may spend (5; 1 = a single draw); more only near the limit",
-    )
-    p.add_argument(
-        "--quantile",
-        type=_number(float, 0, 1, open_lo=True),
-        default=0.5,
-        help="the quantile over seeds each criterion is judged on (0.5: the median)",
-    )
-    p.add_argument("--device", action="append", type=_csv, default=[], help="cpu, cuda, cuda:N or all")
-    p.add_argument(
-        "--dtype",
-        action="append",
-        type=_csv,
-        default=[],
-        help="float32, float64, bfloat16, float16 (repeatable or comma-separated)",
-    )
-    p.add_argument(
-        "--steps", type=_number(int, 0, 10**6), help="optimiser steps per probe (default 0: at init)"
-    )
-    p.add_argument("--lr", type=_positive, help="learning rate of the steps")
-    p.add_argument("--optimizer", choices=("sgd", "adam"))
-    p.add_argument(
-        "--amp",
-        nargs="?",
-        const="auto",
-        choices=("auto", "bfloat16", "float16"),
-        help="forward under torch.autocast (auto: bfloat16 on CPU, float16 + GradScaler on CUDA)",
-    )
-    p.add_argument("--clip", type=_positive, help="clip the total gradient norm during steps")
-    p.add_argument("--grad-norm-limit", type=_limit, default=1e3, help="peak total grad norm (1e3; off)")
-    p.add_argument("--growth-limit", type=_limit, default=1e2, help="input/output grad growth (1e2; off)")
-    p.add_argument("--divergence-limit", type=_limit, default=2.0, help="final/initial loss (2; off)")
-    p.add_argument(
-        "--vanishing-limit", type=_limit, default=None, help="growth below 1/X fails (default off)"
-    )
-    p.add_argument(
-        "--stall-limit",
-        type=_limit,
-        default=None,
-        help="final/initial loss above X fails, e.g. 0.95 (default off; needs --steps)",
-    )
-    p.add_argument("--probe-timeout", type=_positive, help="seconds one verdict may take (default: no limit)")
-    p.add_argument("--json", type=Path, help="write the results as JSON (written as they are found)")
-    p.add_argument("--markdown", type=Path, help="write a Markdown summary (also GITHUB_STEP_SUMMARY)")
-    p.add_argument("--plot", type=Path, help="write a PNG of each result's gradient profile (extra: plot)")
-    p.add_argument("--replay", type=Path, help="re-judge the counterexamples of a --json file")
-    p.add_argument(
-        "--database",
-        default=".hypothesis/stabilitycheck",
-        help="Hypothesis example database directory, or 'none' (default %(default)s)",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
-
-
-class Progress:
-    """Progress on stderr: rewritten in place on a terminal; elsewhere (CI logs) a line every
-    PROGRESS_EVERY seconds; nothing with --quiet."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet, self.tty, self.last = quiet, sys.stderr.isatty(), 0.0
-
-    def __call__(self, message: str) -> None:
-        if self.quiet:
-            return
-        if self.tty:
-            sys.stderr.write(f"\r\033[K{message}")
-        elif message and time.monotonic() - self.last >= PROGRESS_EVERY:
-            self.last = time.monotonic()
-            sys.stderr.write(f"{message}\n")
-        sys.stderr.flush()
-
-    def say(self, message: str) -> None:
-        if not self.quiet:
-            if self.tty:
-                sys.stderr.write("\r\033[K")
-            sys.stderr.write(f"{message}\n")
-            sys.stderr.flush()
-
-
-def _knob(text: str) -> tuple[str, list[float]]:
-    """Parse NAME=LO:HI[:STEP] or NAME=VALUE into the name and its numbers."""
-    from stabilitycheck.errors import UsageError
-
-    name, sep, spec = text.partition("=")
-    try:
-        numbers = [float(x) if any(c in x for c in ".eEn") else int(x) for x in spec.split(":")]
-    except ValueError:
-        numbers = []
-    if not sep or not name or not 1 <= len(numbers) <= 3 or not all(math.isfinite(x) for x in numbers):
-        raise UsageError(f"--knob {text!r} is malformed; expected NAME=LO:HI[:STEP], e.g. --knob depth=1:32")
-    return name, numbers
-
-
-def _apply_knobs(space: Any, knobs: Sequence[str], subject: Any) -> Any:
-    """The Space with --knob axes: with any --knob given, the searched axes are exactly the knobs named
-    with a range (nothing added behind the user's back); a single value fixes the knob."""
-    import dataclasses
-
-    from stabilitycheck.errors import UsageError
-    from stabilitycheck.space import RUN_AXES, Axis
-
-    if not knobs:
-        return space
-    base, axes = space.base, list[Any]()
-    for text in knobs:
-        name, numbers = _knob(text)
-        if name not in base.values and name not in RUN_AXES:
-            raise UsageError(
-                f"--knob {name!r} is not a knob of {space.label}; its knobs are {sorted(base.values)} "
-                f"(and the run settings {', '.join(RUN_AXES)}), e.g. --knob {sorted(base.values)[0]}=1:8"
-            )
-        axes = [a for a in axes if a.name != name]
-        if len(numbers) == 1:
-            base = base.with_knobs(**{name: numbers[0]})
-        else:
-            axes.append(Axis.range(name, *numbers))
-    return dataclasses.replace(space, base=base, axes=tuple(axes or space.axes))
+from stabilitycheck._options import EXIT_FOUND as EXIT_FOUND  # `X as X`: re-exported, these were defined here
+from stabilitycheck._options import EXIT_INTERNAL as EXIT_INTERNAL
+from stabilitycheck._options import EXIT_INTERRUPTED as EXIT_INTERRUPTED
+from stabilitycheck._options import EXIT_OK as EXIT_OK
+from stabilitycheck._options import EXIT_TERMINATED as EXIT_TERMINATED
+from stabilitycheck._options import EXIT_USAGE as EXIT_USAGE
+from stabilitycheck._options import _apply_knobs
+from stabilitycheck._options import parser as parser
+from stabilitycheck._outputs import PROGRESS_EVERY as PROGRESS_EVERY
+from stabilitycheck._outputs import Outputs as Outputs
+from stabilitycheck._outputs import Progress as Progress
 
 
 def _devices(requested: list[list[str]]) -> list[str]:
@@ -267,78 +80,6 @@ def _spaces(args: argparse.Namespace) -> list[Any]:
                 amp = args.amp if args.amp != "auto" else ("bfloat16" if device == "cpu" else "float16")
                 out.append((subject, space.with_run(device=device, dtype=dtype, amp=amp or "none")))
     return out
-
-
-class Outputs:
-    """The files a run writes: checked writable before the search, rewritten as results come in, each
-    written on its own (one failing never stops the others)."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        from stabilitycheck.errors import UsageError
-
-        self.args = args
-        self.summary = os.environ.get("GITHUB_STEP_SUMMARY")
-        self.failures: list[str] = []
-        for flag, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
-            if path is not None and not _writable(path):
-                raise UsageError(f"{flag} {path}: cannot write there (no such directory or no permission)")
-        if args.plot is not None:
-            try:
-                import matplotlib  # noqa: F401
-            except ImportError:
-                raise UsageError("--plot needs matplotlib: pip install 'stabilitycheck[plot]'") from None
-
-    def save(self, results: Sequence[Any]) -> None:
-        """Rewrite the JSON (atomically) with what is known so far."""
-        from stabilitycheck import report
-
-        if self.args.json:
-            self._attempt("--json", lambda: _atomic_write(self.args.json, report.to_json(results)))
-
-    def final(self, results: Sequence[Any]) -> None:
-        """Everything: JSON, Markdown, plot, then the report on stdout (a closed pipe loses only that)."""
-        from stabilitycheck import report
-
-        self.save(results)
-        md = report.markdown(results) if self.args.markdown or self.summary else ""
-        if self.args.markdown:
-            self._attempt("--markdown", lambda: self.args.markdown.write_text(md))
-        if self.summary and Path(self.summary) != self.args.markdown:
-            self._attempt("GITHUB_STEP_SUMMARY", lambda: _append(Path(self.summary or ""), md))
-        if self.args.plot:
-            from stabilitycheck.plot import plot
-
-            self._attempt("--plot", lambda: plot(results, self.args.plot))
-        try:
-            print(report.text(results), flush=True)
-        except BrokenPipeError:
-            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (the interpreter flushes stdout at exit)
-        for failure in self.failures:
-            sys.stderr.write(f"stabilitycheck: error: {failure}\n")
-
-    def _attempt(self, what: str, write: Callable[[], object]) -> None:
-        from stabilitycheck._validation import describe
-
-        try:
-            write()
-        except Exception as exc:
-            self.failures.append(f"{what}: writing it failed: {describe(exc)}")
-
-
-def _writable(path: Path) -> bool:
-    folder = path.parent if str(path.parent) else Path(".")
-    return folder.is_dir() and os.access(folder, os.W_OK) and not path.is_dir()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _append(path: Path, text: str) -> None:
-    with open(path, "a") as f:
-        f.write(text)
 
 
 def _replay(args: argparse.Namespace, limits: Any) -> list[Any]:

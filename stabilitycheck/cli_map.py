@@ -17,20 +17,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from stabilitycheck.cli import (
+from stabilitycheck._options import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_TERMINATED,
     EXIT_USAGE,
-    Progress,
     _apply_knobs,
-    _atomic_write,
     _limit,
     _number,
     _Parser,
-    _writable,
 )
+from stabilitycheck._outputs import Progress, _atomic_write, _writable
 
 
 def parser() -> argparse.ArgumentParser:

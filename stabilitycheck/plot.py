@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from stabilitycheck.counterexample import SearchResult
 from stabilitycheck.errors import UsageError
-from stabilitycheck.probing import Measurement
-from stabilitycheck.searching import SearchResult
+from stabilitycheck.measurement import Measurement
 from stabilitycheck.verdicts import Limits
 
 

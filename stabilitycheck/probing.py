@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import weakref
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,152 +20,19 @@ from torch import nn
 from stabilitycheck.config import Config
 from stabilitycheck.errors import UsageError
 from stabilitycheck.losses import Inputs, LossFn
+from stabilitycheck.measurement import (
+    TENSOR_KINDS as TENSOR_KINDS,  # `X as X`: re-exported, it was defined here
+)
+from stabilitycheck.measurement import Measurement as Measurement
+from stabilitycheck.measurement import NonFinite as NonFinite
+from stabilitycheck.measurement import ratio as ratio
+from stabilitycheck.recording import EXACT as EXACT
+from stabilitycheck.recording import _dense, _fused_norms, _layout, _per_block, _Recorder, _scatter, _stack
+from stabilitycheck.recording import accumulator as accumulator
+from stabilitycheck.recording import block_of as block_of
+from stabilitycheck.recording import call_model as call_model
 from stabilitycheck.subject import Subject, find_blocks
 from stabilitycheck.subjects import resolve
-
-EXACT = torch.float64
-TENSOR_KINDS = ("weight", "activation", "loss", "activation_grad", "gradient")
-
-
-@dataclass(frozen=True)
-class NonFinite:
-    """The first NaN/Inf seen: its step, the block, which tensor, and the offending norm."""
-
-    step: int
-    layer: str
-    tensor: str  # one of TENSOR_KINDS; "activation_grad" is dL/d(output of `layer`)
-    value: float
-
-
-@dataclass(frozen=True)
-class Measurement:
-    """Everything the probe measured; numbers are Python floats, per-call lists input side first."""
-
-    layer_names: tuple[str, ...]
-    activation_names: tuple[str, ...]
-    loss: tuple[float, ...]
-    grad_norm: tuple[float, ...]
-    layer_grad_norms: tuple[float, ...]
-    activation_norms: tuple[float, ...]
-    activation_grad_norms: tuple[float, ...]
-    gains: tuple[float, ...]
-    growth: float
-    weight_norms: tuple[float, ...]  # per block, after the last update; () at steps=0 (the caller's own)
-    first_nonfinite: NonFinite | None
-    steps_run: int
-    loss_scale: tuple[float, ...] = ()
-    skipped_steps: int = 0
-    allow_tf32: bool = False
-    overflow: NonFinite | None = None
-    blocks_note: str = ""  # how the blocks were chosen (the Subject's one line)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (non-finite floats are kept: json writes them as NaN/Infinity)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Measurement:
-        """Inverse of `to_dict`."""
-        kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        for key in ("first_nonfinite", "overflow"):
-            nf = data.get(key)
-            kwargs[key] = NonFinite(**nf) if nf else None
-        return cls(**kwargs)
-
-
-def ratio(num: float, den: float) -> float:
-    """num / den where 0/0 is NaN and x/0 is +Inf, instead of raising."""
-    if den == 0.0:
-        return math.nan if num == 0.0 else math.inf
-    return num / den
-
-
-def _first_tensor(value: Any) -> torch.Tensor | None:
-    """The tensor a block returned (the first one, for blocks returning tuples like LSTMCell)."""
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, tuple | list) and value:
-        return _first_tensor(value[0])
-    return None
-
-
-def accumulator(dtype: torch.dtype, exact: bool) -> torch.dtype:
-    """The dtype norms of `dtype` tensors are computed in: float32 or wider, float64 when exact."""
-    return EXACT if exact or dtype == torch.float64 else torch.float32
-
-
-def _fused_norms(tensors: list[torch.Tensor], exact: bool) -> list[torch.Tensor]:
-    """The L2 norm of each tensor as a 0-d tensor: one fused call per accumulator dtype, so one call
-    in all when the tensors share a dtype, as they do in most models."""
-    accs = {accumulator(t.dtype, exact) for t in tensors}
-    if len(accs) <= 1:
-        return list(torch._foreach_norm(tensors, 2, dtype=accs.pop())) if accs else []
-    out = list(tensors)
-    for acc in accs:
-        idx = [i for i, t in enumerate(tensors) if accumulator(t.dtype, exact) == acc]
-        for i, norm in zip(idx, torch._foreach_norm([tensors[i] for i in idx], 2, dtype=acc), strict=True):
-            out[i] = norm
-    return out
-
-
-class _Recorder:
-    """Forward hooks on the blocks, collecting (block index, output) of every block call while active;
-    dL/d(output) is then captured by the backward pass itself (torch.autograd.grad), no tensor hooks."""
-
-    def __init__(self, blocks: Sequence[tuple[str, nn.Module]]) -> None:
-        self.active = False
-        self.calls: list[int] = []
-        self.outputs: list[torch.Tensor] = []
-        self.handles = [module.register_forward_hook(self._hook(b)) for b, (_, module) in enumerate(blocks)]
-
-    def _hook(self, b: int) -> Any:
-        calls, outputs = self.calls, self.outputs  # cleared in place, never rebound
-
-        def on_forward(module: nn.Module, args: Any, output: Any) -> None:
-            if self.active:
-                out = output if isinstance(output, torch.Tensor) else _first_tensor(output)
-                if out is not None:
-                    calls.append(b)
-                    outputs.append(out)
-
-        return on_forward
-
-    def start(self) -> None:
-        self.calls.clear()
-        self.outputs.clear()
-        self.active = True
-
-    def stop(self) -> None:
-        self.active = False
-
-    def take(self) -> list[torch.Tensor]:
-        """The recorded outputs, dropping the recorder's references to them."""
-        outputs = self.outputs[:]
-        self.outputs.clear()
-        return outputs
-
-    def call_names(self, names: Sequence[str]) -> tuple[str, ...]:
-        """One name per recorded call: the block name, with [k] for blocks called more than once."""
-        counts = Counter(self.calls)
-        seen: Counter[int] = Counter()
-        out = []
-        for b in self.calls:
-            out.append(f"{names[b]}[{seen[b]}]" if counts[b] > 1 else names[b])
-            seen[b] += 1
-        return tuple(out)
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
-def call_model(model: nn.Module, inputs: Inputs) -> Any:
-    """Call the model the way its inputs are packed: tensor, tuple/list (positional) or dict."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, tuple | list):
-        return model(*inputs)
-    return model(inputs)
 
 
 def _check_loss(loss: Any) -> torch.Tensor:
@@ -180,54 +45,6 @@ def _check_loss(loss: Any) -> torch.Tensor:
             "model's parameters (was the output detached or computed under torch.no_grad()?)"
         )
     return loss
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """The trainable parameters, the blocks and which block owns each parameter (-1: none)."""
-
-    params: tuple[nn.Parameter, ...]
-    blocks: tuple[nn.Module, ...]
-    owner: tuple[int, ...]
-
-
-_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, _Layout] = weakref.WeakKeyDictionary()
-"""Per model, its last _Layout: the owner map is rebuilt only when the parameters or blocks change."""
-
-
-def block_of(params: Sequence[nn.Parameter], blocks: Sequence[tuple[str, nn.Module]]) -> list[int]:
-    """For each parameter, the index of the first block owning it, or -1."""
-    owner: dict[int, int] = {}
-    for b, (_, module) in enumerate(blocks):
-        for p in module.parameters():
-            owner.setdefault(id(p), b)
-    return [owner.get(id(p), -1) for p in params]
-
-
-def _same(a: Sequence[Any], b: Sequence[Any]) -> bool:
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
-
-
-def _layout(model: nn.Module, blocks: Sequence[tuple[str, nn.Module]]) -> _Layout:
-    """The model's _Layout, from the cache while its trainable parameters and blocks are the same
-    objects (checked on every call: a frozen, added or replaced parameter makes a new one)."""
-    params = tuple(p for p in model.parameters() if p.requires_grad)
-    modules = tuple(module for _, module in blocks)
-    cached = _LAYOUTS.get(model)
-    if cached is not None and _same(cached.params, params) and _same(cached.blocks, modules):
-        return cached
-    layout = _Layout(params, modules, tuple(block_of(params, blocks)))
-    _LAYOUTS[model] = layout
-    return layout
-
-
-def _per_block(norms: Sequence[float], owner: Sequence[int], n_blocks: int) -> tuple[float, ...]:
-    """Combine per-parameter L2 norms into per-block L2 norms."""
-    squares = [0.0] * n_blocks
-    for value, b in zip(norms, owner, strict=True):
-        if b >= 0:
-            squares[b] += value * value
-    return tuple(math.sqrt(s) for s in squares)
 
 
 def _optimizer(name: str, params: Sequence[nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -285,35 +102,6 @@ def _backward(run: _Run, loss: torch.Tensor, outputs: list[torch.Tensor]) -> lis
     for i, g in zip(wanted, grads, strict=False):
         captured[i] = g
     return captured
-
-
-def _dense(grad: torch.Tensor) -> torch.Tensor:
-    """A tensor with the same L2 norm as `grad`: its values when sparse (nn.Embedding(sparse=True)),
-    coalesced so repeated indices add up as in the dense gradient; else `grad` itself."""
-    return grad.coalesce().values() if grad.is_sparse else grad
-
-
-def _stack(parts: list[torch.Tensor]) -> list[float]:
-    """0-d tensors of mixed float dtypes to Python floats (exactly): one stack per dtype, one sync."""
-    dtypes = {p.dtype for p in parts}
-    if len(dtypes) == 1:
-        return torch.stack(parts).tolist()  # the one host synchronisation
-    groups = {d: [i for i, p in enumerate(parts) if p.dtype == d] for d in dtypes}
-    stacked = torch.cat([torch.stack([parts[i] for i in idx]).to(EXACT) for idx in groups.values()])
-    order = [i for idx in groups.values() for i in idx]
-    flat = stacked.tolist()  # the one host synchronisation
-    out = [0.0] * len(parts)
-    for i, v in zip(order, flat, strict=True):
-        out[i] = v
-    return out
-
-
-def _scatter(values: Sequence[float], where: Sequence[int], n: int) -> list[float]:
-    """`values` put at the indices `where` of n zeros (0.0: a tensor no gradient reached)."""
-    out = [0.0] * n
-    for i, v in zip(where, values, strict=True):
-        out[i] = v
-    return out
 
 
 def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = False) -> _Step:

@@ -10,6 +10,9 @@ them. Counterexamples get into the summary three ways: the `stability_record` fi
 whose error carries its Counterexample; and any test failing with an AssertionError (StabilityError
 included) whose arguments hold a Config, e.g. a Hypothesis property over `strategies.configs()`: the
 Config recorded is the one of the failing call, so after Hypothesis's shrinking, the minimal one.
+
+Hooks, fixtures and session state only: the options are declared in _options.py, the findings and
+their summary rendered in findings.py, and assert_stable lives in invariants_stable.py.
 """
 
 from __future__ import annotations
@@ -20,28 +23,31 @@ import json
 import os
 import random
 import sys
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from stabilitycheck.errors import StabilityError
+from stabilitycheck._options import DEVICES as DEVICES  # `X as X`: re-exported, these were defined here
+from stabilitycheck._options import PREFIX as PREFIX
+from stabilitycheck._options import PROFILES as PROFILES
+from stabilitycheck._options import add_options as add_options
+from stabilitycheck.findings import FAILURE_WIDTH as FAILURE_WIDTH
+from stabilitycheck.findings import HEADERS as HEADERS
+from stabilitycheck.findings import SIZE_KNOBS as SIZE_KNOBS
+from stabilitycheck.findings import Finding as Finding
+from stabilitycheck.findings import Scalar as Scalar
+from stabilitycheck.findings import _failing_configs, _failure_text, _leaves
+from stabilitycheck.findings import finding as finding
+from stabilitycheck.findings import summary as summary
+from stabilitycheck.invariants_stable import Unstable as Unstable
+from stabilitycheck.invariants_stable import assert_stable as assert_stable
 
 if TYPE_CHECKING:
     from stabilitycheck.config import Config
-    from stabilitycheck.searching import Counterexample, SearchResult
-    from stabilitycheck.space import Space
-    from stabilitycheck.verdicts import Limits
+    from stabilitycheck.counterexample import Counterexample, SearchResult
 
-PREFIX = "--stability-"
-DEVICES = ("cpu", "cuda", "all")
-PROFILES = ("quick", "ci", "thorough")  # stabilitycheck.strategies.PROFILES, kept import-free here
-SIZE_KNOBS = ("depth", "width", "init_scale", "seq_len")
-"""The zoo knobs shown (and summed for the order) when a counterexample does not say which were searched;
-other subjects show all their numeric knobs."""
-HEADERS = ("#", "test", "target", "device", "dtype", "knobs", "failure", "culprit", "fixed by")
 WORKER_KEY = "stabilitycheck"
 SEED_ATTRIBUTE = "_hypothesis_internal_use_seed"
 """What hypothesis.seed() sets on a test. The plugin sets it directly, and only when asked: the public
@@ -51,185 +57,6 @@ FIXTURES = ("stability_device", "stability_record")
 CI_SEED = 0
 """The seed of --stability-profile ci when --stability-seed is not given: CI runs repeat, and the
 example database (kept) replays what an earlier run found first."""
-FAILURE_WIDTH = 90
-
-Scalar = int | float | bool | str
-
-
-def add_options(addoption: Callable[..., Any], prefix: str = PREFIX) -> None:
-    """Declare the shared options with `addoption` (pytest's group.addoption, or argparse's add_argument
-    with prefix "--"), so the plugin and a CLI define them once."""
-    addoption(
-        f"{prefix}device",
-        choices=DEVICES,
-        default="cpu",
-        help="device of the stability_device fixture: cpu (default), cuda, or all (one test per device)",
-    )
-    addoption(
-        f"{prefix}profile",
-        choices=PROFILES,
-        default=None,
-        help="Hypothesis profile (registered as stabilitycheck-NAME): quick (100 examples), ci (50, seed 0 "
-        "unless --stability-seed, example database kept) or thorough (300); default: leave the loaded one",
-    )
-    addoption(
-        f"{prefix}seed",
-        type=int,
-        default=None,
-        help="seed every Hypothesis test from N and its test id (default: only under --stability-profile "
-        "and for tests using the stabilitycheck fixtures, with a random seed shown in the header)",
-    )
-    addoption(
-        f"{prefix}threads",
-        default=None,
-        help="torch threads per process: N, or auto = cores // pytest-xdist workers (default: leave "
-        "torch's own; 2 workers x 2 threads on 2 cores ran 6x slower than with auto)",
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# Findings: what the summary shows, rendered where it was found (a worker has torch loaded already)
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One counterexample recorded in the session, as the strings the summary shows, plus its Config
-    and, when there is one, its Counterexample as JSON-ready dicts (Counterexample.to_dict)."""
-
-    test: str
-    label: str
-    device: str
-    dtype: str
-    knobs: tuple[tuple[str, Scalar], ...]
-    failure: str
-    culprit: str
-    fixed_by: str
-    reproduce: str
-    config: dict[str, Any]
-    counterexample: dict[str, Any] | None = None
-
-    @property
-    def size(self) -> float:
-        """The order of the summary: the sum of the numeric knob values shown (smallest first)."""
-        return float(sum(v for _, v in self.knobs if isinstance(v, int | float) and not isinstance(v, bool)))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**vars(self), "knobs": [list(k) for k in self.knobs]}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Finding:
-        return cls(**{**data, "knobs": tuple((str(k), v) for k, v in data["knobs"])})
-
-    def to_counterexample(self) -> Counterexample | None:
-        """The recorded Counterexample (None for a failing property's Config); imports torch."""
-        from stabilitycheck.searching import Counterexample
-
-        return None if self.counterexample is None else Counterexample.from_dict(self.counterexample)
-
-
-def _label(config: Config) -> str:
-    norm = config.values.get("norm", "none")
-    name = config.subject.rpartition("/")[2]
-    return name + ("" if norm == "none" else f"-{norm}")
-
-
-def _knobs(config: Config, names: tuple[str, ...] | None) -> tuple[tuple[str, Scalar], ...]:
-    values = config.values
-    if names is None:
-        names = SIZE_KNOBS if config.family else tuple(k for k, v in values.items() if not isinstance(v, str))
-    return tuple((n, values[n]) for n in names if n in values)
-
-
-def _short(text: str, width: int = FAILURE_WIDTH) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _failure_text(exc: BaseException) -> str:
-    """The header and first detail line of an assert_close-style message (or the first line)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    return _short(" ".join(lines[:2]) if isinstance(exc, StabilityError) else lines[0])
-
-
-def finding(
-    found: SearchResult | Counterexample | Config,
-    test: str,
-    *,
-    failure: str | None = None,
-    knobs: tuple[str, ...] | None = None,
-) -> Finding | None:
-    """A Finding of a SearchResult (None when it found nothing), a Counterexample, or a failing Config
-    (with the `failure` message); `knobs` are the knob names to show (default: a search's axes)."""
-    from stabilitycheck.config import Config
-    from stabilitycheck.report import reproduction
-    from stabilitycheck.searching import Counterexample, SearchResult
-
-    if isinstance(found, SearchResult):
-        if found.counterexample is None:
-            return None
-        knobs = knobs or tuple(a.name for a in found.space.axes)
-        found = found.counterexample
-    if isinstance(found, Counterexample):
-        c = found.config
-        fixed = [r.name for r in found.remedies if r.fixed]
-        return Finding(
-            test=test,
-            label=found.label,
-            device=c.run.device,
-            dtype=c.run.dtype,
-            knobs=_knobs(c, knobs),
-            failure=failure
-            or _short(", ".join(x.describe() for x in found.judgement.verdict.criteria) or "-"),
-            culprit=found.culprit,
-            fixed_by=", ".join(fixed) or ("none" if found.remedies else "-"),
-            reproduce=reproduction(c, found.limits),
-            config=c.to_dict(),
-            counterexample=found.to_dict(),
-        )
-    if isinstance(found, Config):
-        return Finding(
-            test=test,
-            label=_label(found),
-            device=found.run.device,
-            dtype=found.run.dtype,
-            knobs=_knobs(found, knobs),
-            failure=failure or "-",
-            culprit="-",
-            fixed_by="-",
-            reproduce=reproduction(found),
-            config=found.to_dict(),
-        )
-    raise TypeError(
-        f"Expected a SearchResult, Counterexample or Config but got {found!r} (type={type(found).__name__})"
-    )
-
-
-def summary(findings: list[Finding]) -> str:
-    """The summary table, smallest first (sum of the shown knob values, then target and test), then each
-    row's test id and reproduction line. Rendering only: every number was measured where it was found."""
-    from tabulate import tabulate
-
-    ordered = sorted(findings, key=lambda f: (f.size, f.label, f.test))
-    rows = [
-        [
-            str(i),
-            f.test.rpartition("::")[2],
-            f.label,
-            f.device,
-            f.dtype,
-            " ".join(f"{k}={v}" for k, v in f.knobs),
-            f.failure,
-            f.culprit,
-            f.fixed_by,
-        ]
-        for i, f in enumerate(ordered, 1)
-    ]
-    table = tabulate(rows, headers=HEADERS, tablefmt="simple", disable_numparse=True)
-    lines = [f"{i:>3}  {f.test}\n     {f.reproduce}" for i, f in enumerate(ordered, 1)]
-    return table + "\n\n" + "\n".join(lines)
-
 
 # --------------------------------------------------------------------------------------------------
 # Per-session state, kept in config.stash (never in module globals: pytester runs nest sessions)
@@ -278,58 +105,6 @@ class Recorder:
         knobs: tuple[str, ...] | None = None,
     ) -> bool:
         return self._state.add(finding(found, self._test, failure=failure, knobs=knobs))
-
-
-# --------------------------------------------------------------------------------------------------
-# assert_stable: an invariant whose error carries the Counterexample
-
-
-class Unstable(StabilityError):
-    """assert_stable's error: the message shows the Counterexample, which it also carries."""
-
-    def __init__(self, counterexample: Counterexample, knobs: tuple[str, ...] | None = None) -> None:
-        from stabilitycheck.report import reproduction
-
-        cx = counterexample
-        self.stability_counterexample, self.stability_knobs = cx, knobs
-        remedies = "; ".join(r.describe() for r in cx.remedies) or "not tried"
-        super().__init__(
-            "\n".join(
-                (
-                    f"{cx.label} explodes: {', '.join(c.describe() for c in cx.judgement.verdict.criteria)}",
-                    f"Seeds: {cx.judgement.summary()}",
-                    f"Config: {cx.config.describe()}",
-                    f"Culprit: {cx.culprit}",
-                    f"Remedies: {remedies}",
-                    f"Reproduce: {reproduction(cx.config, cx.limits)}",
-                )
-            )
-        )
-
-
-def assert_stable(
-    target: Config | Space, limits: Limits | None = None, *, max_examples: int = 60, seed: int = 0
-) -> None:
-    """Raise Unstable when `target` explodes: a Config is judged over its seeds, a Space searched for its
-    smallest exploding Config (use a Space in plain tests, not inside @given). The plugin records it."""
-    __tracebackhide__ = True
-    from stabilitycheck.searching import Counterexample, search, try_remedies
-    from stabilitycheck.seeds import assess
-    from stabilitycheck.space import Space
-    from stabilitycheck.subjects import resolve
-    from stabilitycheck.verdicts import Limits
-
-    limits = limits or Limits()
-    if isinstance(target, Space):
-        cx = search(target, limits=limits, max_examples=max_examples, seed=seed).counterexample
-        if cx is not None:
-            raise Unstable(cx, tuple(a.name for a in target.axes))
-        return
-    subject = resolve(target.subject)
-    j = assess(target, subject, limits)
-    if j.exploded:
-        remedies = tuple(try_remedies(target, subject, limits))
-        raise Unstable(Counterexample(_label(target), target, j, limits, remedies))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -466,15 +241,6 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, None]:
             setattr(test, SEED_ATTRIBUTE, None)  # the function outlives this session (pytester nests)
 
 
-def _leaves(exc: BaseException) -> Iterator[BaseException]:
-    inner = getattr(exc, "exceptions", None)  # an ExceptionGroup (Hypothesis's report_multiple_bugs)
-    if isinstance(inner, tuple | list):
-        for e in inner:
-            yield from _leaves(e)
-    else:
-        yield exc
-
-
 def _test_codes(item: pytest.Item) -> set[Any]:
     """The code objects of the test function and, for a Hypothesis test, of the function @given wraps."""
     codes = set()
@@ -485,24 +251,6 @@ def _test_codes(item: pytest.Item) -> set[Any]:
             if code is not None:
                 codes.add(code)
     return codes
-
-
-def _failing_configs(exc: BaseException, codes: set[Any]) -> list[Config]:
-    """The Configs among the arguments (else the locals) of the test's frame in the traceback."""
-    from stabilitycheck.config import Config
-
-    tb: TracebackType | None = exc.__traceback__
-    configs: list[Config] = []
-    while tb is not None:  # the innermost matching frame wins (@given's wrapper shares the test's name)
-        frame = tb.tb_frame
-        if frame.f_code in codes:
-            code, local = frame.f_code, frame.f_locals
-            params = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
-            found = [local[n] for n in params if isinstance(local.get(n), Config)]
-            found = found or [v for v in local.values() if isinstance(v, Config)]
-            configs = list(dict.fromkeys(found)) or configs
-        tb = tb.tb_next
-    return configs
 
 
 @pytest.hookimpl(hookwrapper=True)

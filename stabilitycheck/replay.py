@@ -103,7 +103,7 @@ def replay(path: Path | str) -> Replayed:
 
 def main(argv: Sequence[str]) -> int:
     """`stabilitycheck replay BUNDLE [--rtol R]`: print the comparison; exit 0 if it reproduces."""
-    from stabilitycheck.cli import _Parser
+    from stabilitycheck._options import _Parser
 
     parser = _Parser(prog="stabilitycheck replay", description=__doc__)
     parser.add_argument("bundle", type=Path)

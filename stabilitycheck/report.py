@@ -13,7 +13,7 @@ from typing import Any
 from tabulate import tabulate
 
 from stabilitycheck.config import Config, Run
-from stabilitycheck.searching import SearchResult
+from stabilitycheck.counterexample import SearchResult
 from stabilitycheck.seeds import Judgement
 from stabilitycheck.verdicts import Limits
 

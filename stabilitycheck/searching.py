@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from hypothesis import HealthCheck, Phase, event, given, note, settings, target
@@ -20,7 +20,13 @@ from hypothesis import strategies as st
 from hypothesis.database import ExampleDatabase
 
 from stabilitycheck._validation import describe
+from stabilitycheck.canonical import Index as Index  # `X as X`: re-exported, these were defined here
+from stabilitycheck.canonical import boundary as boundary
+from stabilitycheck.canonical import canonical as canonical
+from stabilitycheck.canonical import minimize as minimize
 from stabilitycheck.config import Config
+from stabilitycheck.counterexample import Counterexample as Counterexample
+from stabilitycheck.counterexample import SearchResult as SearchResult
 from stabilitycheck.errors import StabilityCheckError, UsageError, UserCodeError
 from stabilitycheck.memory import free_memory
 from stabilitycheck.remedies import Remedy, candidates
@@ -30,62 +36,11 @@ from stabilitycheck.subject import Subject
 from stabilitycheck.subjects import resolve
 from stabilitycheck.verdicts import Limits
 
-Index = tuple[int, ...]
 Progress = Callable[[str], None]
 
 
 class ProbeTimeout(BaseException):
     """A probe ran past its time budget (a BaseException, so user code catching Exception lets it by)."""
-
-
-@dataclass(frozen=True)
-class Counterexample:
-    """An exploding Config with its judgement over seeds, the limits used and the remedies tried."""
-
-    label: str
-    config: Config
-    judgement: Judgement
-    limits: Limits
-    remedies: tuple[Remedy, ...]
-
-    @property
-    def culprit(self) -> str:
-        return self.judgement.culprit
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "label": self.label,
-            "config": self.config.to_dict(),
-            "judgement": self.judgement.to_dict(),
-            "limits": vars(self.limits),
-            "remedies": [r.to_dict() for r in self.remedies],
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Counterexample:
-        return cls(
-            label=data["label"],
-            config=Config.from_dict(data["config"]),
-            judgement=Judgement.from_dict(data["judgement"]),
-            limits=Limits(**data["limits"]),
-            remedies=tuple(Remedy.from_dict(r) for r in data["remedies"]),
-        )
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    """The outcome of one search: the counterexample (or None) and what it cost; `skipped` holds the
-    Configs not probed (too large for free memory, over the time budget, or failing in user code)."""
-
-    space: Space
-    counterexample: Counterexample | None
-    probes: int
-    points: int
-    elapsed: float
-    largest_stable: Config | None
-    largest_stable_judgement: Judgement | None = None
-    interrupted: bool = False
-    skipped: tuple[tuple[Config, str], ...] = field(default=())
 
 
 @contextmanager
@@ -232,47 +187,6 @@ def hypothesis_phase(
     return None
 
 
-def canonical(prober: Prober, found: Index) -> Index:
-    """A canonical smallest exploding point, descending from the top corner (from `found` when the top
-    corner does not explode): axis by axis, the smallest value that still explodes with the later
-    axes at their upper values (a binary search). Where explosions grow with every knob this is the
-    lexicographically smallest exploding point in axis order; where they do not (a tanh net saturates
-    at large init_scale) it can differ from it, and each knob is then lowered while the point still
-    explodes, so the result is 1-minimal either way. The answer depends on the space, never on
-    `found` when the top corner explodes: the example database and concurrency change how fast it
-    comes, not what."""
-    upper = prober.space.top() if prober.explodes(prober.space.top()) else found
-    current = list(upper)
-    for k in range(len(current)):
-        lo, hi = 0, current[k]
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if prober.explodes(_at(current, k, mid)):
-                hi = mid
-            else:
-                lo = mid + 1
-        current[k] = hi
-    return minimize(prober, tuple(current))
-
-
-def minimize(prober: Prober, index: Index) -> Index:
-    """Lower single knobs one grid step at a time while the Config still explodes, until lowering any
-    single knob makes it stable: a verified 1-minimal point."""
-    current = list(index)
-    changed = True
-    while changed:
-        changed = False
-        for k in range(len(current)):
-            while current[k] > 0 and prober.explodes(_at(current, k, current[k] - 1)):
-                current[k] -= 1
-                changed = True
-    return tuple(current)
-
-
-def _at(index: list[int], k: int, value: int) -> Index:
-    return tuple(value if j == k else v for j, v in enumerate(index))
-
-
 def try_remedies(config: Config, subject: Subject, limits: Limits) -> Iterator[Remedy]:
     """Re-judge the counterexample with each remedy; yields fixed / not fixed as measured."""
     for name, changed in candidates(config, subject).items():
@@ -371,15 +285,6 @@ def sweep(space: Space, *, subject: Subject | None = None, limits: Limits | None
     """Judge every grid point (the exhaustive baseline): index -> exploded."""
     prober = Prober(space, subject or resolve(space.base.subject), limits or Limits(), lambda _: None, None)
     return {index: prober.explodes(index) for index in space.grid()}
-
-
-def boundary(exploded: dict[Index, bool]) -> set[Index]:
-    """The grid's 1-minimal exploding points: exploding, and every one-step-lower neighbour is stable."""
-    return {
-        i
-        for i, bad in exploded.items()
-        if bad and all(not exploded[_at(list(i), k, i[k] - 1)] for k in range(len(i)) if i[k] > 0)
-    }
 
 
 def check(subject: Subject, config: Config) -> None:

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from stabilitycheck.config import Config
-from stabilitycheck.probing import Measurement, probe
+from stabilitycheck.measurement import Measurement
+from stabilitycheck.probing import probe
 from stabilitycheck.subject import Subject
 from stabilitycheck.verdicts import CRITERIA, Limits, Verdict, bound, fires, judge, values
 

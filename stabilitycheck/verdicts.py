@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stabilitycheck.errors import ConfigError
-from stabilitycheck.probing import Measurement, ratio
+from stabilitycheck.measurement import Measurement, ratio
 
 CRITERIA = ("overflow", "nonfinite", "grad_norm", "growth", "divergence", "vanishing", "stall")
 

@@ -24,7 +24,7 @@ from torch import nn
 from stabilitycheck import distributed
 from stabilitycheck.distributed import Layout
 from stabilitycheck.errors import UsageError
-from stabilitycheck.probing import _first_tensor, accumulator, block_of
+from stabilitycheck.recording import _first_tensor, accumulator, block_of
 from stabilitycheck.spikes import SpikeRule
 from stabilitycheck.subject import find_blocks
 from stabilitycheck.watchlog import Log, Report

@@ -19,7 +19,7 @@ OUTSIDE = "(outside blocks)"
 
 @dataclass(frozen=True)
 class Finding:
-    """A flagged value: the step, which tensor (a probing.TENSOR_KINDS name or 'grad_norm'), the
+    """A flagged value: the step, which tensor (a measurement.TENSOR_KINDS name or 'grad_norm'), the
     block, the value, and under torch.distributed the lowest rank holding a non-finite value."""
 
     step: int

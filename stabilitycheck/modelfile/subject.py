@@ -172,7 +172,7 @@ class ModelFile:
 
     def memory_estimate(self, config: Config) -> int | None:
         """Bytes from a build and forward on the meta device; None where the model cannot run there."""
-        from stabilitycheck.probing import call_model
+        from stabilitycheck.recording import call_model
 
         try:
             return meta_bytes(lambda: self._make(config)[:2], call_model)

@@ -1,0 +1,213 @@
+"""The command lines: the parser of `stabilitycheck`, the argparse types of its flags, --knob, the exit
+codes, and the --stability-* options the pytest plugin shares with a CLI. No torch, no Hypothesis."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
+PREFIX = "--stability-"
+DEVICES = ("cpu", "cuda", "all")
+PROFILES = ("quick", "ci", "thorough")  # stabilitycheck.strategies.PROFILES, kept import-free here
+
+
+def add_options(addoption: Callable[..., Any], prefix: str = PREFIX) -> None:
+    """Declare the shared options with `addoption` (pytest's group.addoption, or argparse's add_argument
+    with prefix "--"), so the plugin and a CLI define them once."""
+    addoption(
+        f"{prefix}device",
+        choices=DEVICES,
+        default="cpu",
+        help="device of the stability_device fixture: cpu (default), cuda, or all (one test per device)",
+    )
+    addoption(
+        f"{prefix}profile",
+        choices=PROFILES,
+        default=None,
+        help="Hypothesis profile (registered as stabilitycheck-NAME): quick (100 examples), ci (50, seed 0 "
+        "unless --stability-seed, example database kept) or thorough (300); default: leave the loaded one",
+    )
+    addoption(
+        f"{prefix}seed",
+        type=int,
+        default=None,
+        help="seed every Hypothesis test from N and its test id (default: only under --stability-profile "
+        "and for tests using the stabilitycheck fixtures, with a random seed shown in the header)",
+    )
+    addoption(
+        f"{prefix}threads",
+        default=None,
+        help="torch threads per process: N, or auto = cores // pytest-xdist workers (default: leave "
+        "torch's own; 2 workers x 2 threads on 2 cores ran 6x slower than with auto)",
+    )
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of exiting, so every error is one line + exit 2."""
+
+    def error(self, message: str) -> Any:
+        from stabilitycheck.errors import UsageError
+
+        raise UsageError(f"{message} (see stabilitycheck --help)")
+
+
+def _number(kind: type, lo: float, hi: float = math.inf, open_lo: bool = False) -> Callable[[str], Any]:
+    """An argparse type: a finite `kind` in [lo, hi] ((lo, hi] with open_lo), else a one-line error."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        ok = math.isfinite(value) and (value > lo if open_lo else value >= lo) and value <= hi
+        if not ok:
+            span = f"{'(' if open_lo else '['}{lo:g}, {hi:g}]"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {span}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+_positive = _number(float, 0, open_lo=True)
+
+
+def _limit(text: str) -> float | None:
+    return None if text.lower() == "off" else _positive(text)
+
+
+def _csv(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return items
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line, defined once."""
+    p = _Parser(
+        prog="stabilitycheck",
+        description="Find the smallest configuration whose gradients explode, and what fixes it.",
+    )
+    p.add_argument(
+        "target",
+        nargs="?",
+        help="'zoo', a zoo family (mlp, rnn...), MODEL.py[:factory], or hf:TYPE (hf:gpt2)",
+    )
+    p.add_argument("--family", action="append", type=_csv, default=[], help="zoo targets (repeatable)")
+    p.add_argument(
+        "--knob",
+        action="append",
+        default=[],
+        metavar="NAME=LO:HI[:STEP]",
+        help="search NAME over LO..HI (or fix it with NAME=VALUE); repeatable",
+    )
+    p.add_argument(
+        "--max-examples",
+        type=_number(int, 1, 10**6),
+        default=100,
+        help="Hypothesis examples per search (100); the canonical descent and the remedies come on top",
+    )
+    p.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0, help="first seed of everything (0)")
+    p.add_argument(
+        "--seeds",
+        type=_number(int, 1, 1000),
+        default=5,
+        help="initialisations a verdict may spend (5; 1 = a single draw); more only near the limit",
+    )
+    p.add_argument(
+        "--quantile",
+        type=_number(float, 0, 1, open_lo=True),
+        default=0.5,
+        help="the quantile over seeds each criterion is judged on (0.5: the median)",
+    )
+    p.add_argument("--device", action="append", type=_csv, default=[], help="cpu, cuda, cuda:N or all")
+    p.add_argument(
+        "--dtype",
+        action="append",
+        type=_csv,
+        default=[],
+        help="float32, float64, bfloat16, float16 (repeatable or comma-separated)",
+    )
+    p.add_argument(
+        "--steps", type=_number(int, 0, 10**6), help="optimiser steps per probe (default 0: at init)"
+    )
+    p.add_argument("--lr", type=_positive, help="learning rate of the steps")
+    p.add_argument("--optimizer", choices=("sgd", "adam"))
+    p.add_argument(
+        "--amp",
+        nargs="?",
+        const="auto",
+        choices=("auto", "bfloat16", "float16"),
+        help="forward under torch.autocast (auto: bfloat16 on CPU, float16 + GradScaler on CUDA)",
+    )
+    p.add_argument("--clip", type=_positive, help="clip the total gradient norm during steps")
+    p.add_argument("--grad-norm-limit", type=_limit, default=1e3, help="peak total grad norm (1e3; off)")
+    p.add_argument("--growth-limit", type=_limit, default=1e2, help="input/output grad growth (1e2; off)")
+    p.add_argument("--divergence-limit", type=_limit, default=2.0, help="final/initial loss (2; off)")
+    p.add_argument(
+        "--vanishing-limit", type=_limit, default=None, help="growth below 1/X fails (default off)"
+    )
+    p.add_argument(
+        "--stall-limit",
+        type=_limit,
+        default=None,
+        help="final/initial loss above X fails, e.g. 0.95 (default off; needs --steps)",
+    )
+    p.add_argument("--probe-timeout", type=_positive, help="seconds one verdict may take (default: no limit)")
+    p.add_argument("--json", type=Path, help="write the results as JSON (written as they are found)")
+    p.add_argument("--markdown", type=Path, help="write a Markdown summary (also GITHUB_STEP_SUMMARY)")
+    p.add_argument("--plot", type=Path, help="write a PNG of each result's gradient profile (extra: plot)")
+    p.add_argument("--replay", type=Path, help="re-judge the counterexamples of a --json file")
+    p.add_argument(
+        "--database",
+        default=".hypothesis/stabilitycheck",
+        help="Hypothesis example database directory, or 'none' (default %(default)s)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def _knob(text: str) -> tuple[str, list[float]]:
+    """Parse NAME=LO:HI[:STEP] or NAME=VALUE into the name and its numbers."""
+    from stabilitycheck.errors import UsageError
+
+    name, sep, spec = text.partition("=")
+    try:
+        numbers = [float(x) if any(c in x for c in ".eEn") else int(x) for x in spec.split(":")]
+    except ValueError:
+        numbers = []
+    if not sep or not name or not 1 <= len(numbers) <= 3 or not all(math.isfinite(x) for x in numbers):
+        raise UsageError(f"--knob {text!r} is malformed; expected NAME=LO:HI[:STEP], e.g. --knob depth=1:32")
+    return name, numbers
+
+
+def _apply_knobs(space: Any, knobs: Sequence[str], subject: Any) -> Any:
+    """The Space with --knob axes: with any --knob given, the searched axes are exactly the knobs named
+    with a range (nothing added behind the user's back); a single value fixes the knob."""
+    import dataclasses
+
+    from stabilitycheck.errors import UsageError
+    from stabilitycheck.space import RUN_AXES, Axis
+
+    if not knobs:
+        return space
+    base, axes = space.base, list[Any]()
+    for text in knobs:
+        name, numbers = _knob(text)
+        if name not in base.values and name not in RUN_AXES:
+            raise UsageError(
+                f"--knob {name!r} is not a knob of {space.label}; its knobs are {sorted(base.values)} "
+                f"(and the run settings {', '.join(RUN_AXES)}), e.g. --knob {sorted(base.values)[0]}=1:8"
+            )
+        axes = [a for a in axes if a.name != name]
+        if len(numbers) == 1:
+            base = base.with_knobs(**{name: numbers[0]})
+        else:
+            axes.append(Axis.range(name, *numbers))
+    return dataclasses.replace(space, base=base, axes=tuple(axes or space.axes))

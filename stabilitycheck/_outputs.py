@@ -1,0 +1,111 @@
+"""What a command writes: progress on stderr, and the files (JSON, Markdown, PNG, the GitHub step
+summary), each written on its own so one failing never stops the others."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+PROGRESS_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
+
+
+class Progress:
+    """Progress on stderr: rewritten in place on a terminal; elsewhere (CI logs) a line every
+    PROGRESS_EVERY seconds; nothing with --quiet."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet, self.tty, self.last = quiet, sys.stderr.isatty(), 0.0
+
+    def __call__(self, message: str) -> None:
+        if self.quiet:
+            return
+        if self.tty:
+            sys.stderr.write(f"\r\033[K{message}")
+        elif message and time.monotonic() - self.last >= PROGRESS_EVERY:
+            self.last = time.monotonic()
+            sys.stderr.write(f"{message}\n")
+        sys.stderr.flush()
+
+    def say(self, message: str) -> None:
+        if not self.quiet:
+            if self.tty:
+                sys.stderr.write("\r\033[K")
+            sys.stderr.write(f"{message}\n")
+            sys.stderr.flush()
+
+
+class Outputs:
+    """The files a run writes: checked writable before the search, rewritten as results come in, each
+    written on its own (one failing never stops the others)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from stabilitycheck.errors import UsageError
+
+        self.args = args
+        self.summary = os.environ.get("GITHUB_STEP_SUMMARY")
+        self.failures: list[str] = []
+        for flag, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
+            if path is not None and not _writable(path):
+                raise UsageError(f"{flag} {path}: cannot write there (no such directory or no permission)")
+        if args.plot is not None:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                raise UsageError("--plot needs matplotlib: pip install 'stabilitycheck[plot]'") from None
+
+    def save(self, results: Sequence[Any]) -> None:
+        """Rewrite the JSON (atomically) with what is known so far."""
+        from stabilitycheck import report
+
+        if self.args.json:
+            self._attempt("--json", lambda: _atomic_write(self.args.json, report.to_json(results)))
+
+    def final(self, results: Sequence[Any]) -> None:
+        """Everything: JSON, Markdown, plot, then the report on stdout (a closed pipe loses only that)."""
+        from stabilitycheck import report
+
+        self.save(results)
+        md = report.markdown(results) if self.args.markdown or self.summary else ""
+        if self.args.markdown:
+            self._attempt("--markdown", lambda: self.args.markdown.write_text(md))
+        if self.summary and Path(self.summary) != self.args.markdown:
+            self._attempt("GITHUB_STEP_SUMMARY", lambda: _append(Path(self.summary or ""), md))
+        if self.args.plot:
+            from stabilitycheck.plot import plot
+
+            self._attempt("--plot", lambda: plot(results, self.args.plot))
+        try:
+            print(report.text(results), flush=True)
+        except BrokenPipeError:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (the interpreter flushes stdout at exit)
+        for failure in self.failures:
+            sys.stderr.write(f"stabilitycheck: error: {failure}\n")
+
+    def _attempt(self, what: str, write: Callable[[], object]) -> None:
+        from stabilitycheck._validation import describe
+
+        try:
+            write()
+        except Exception as exc:
+            self.failures.append(f"{what}: writing it failed: {describe(exc)}")
+
+
+def _writable(path: Path) -> bool:
+    folder = path.parent if str(path.parent) else Path(".")
+    return folder.is_dir() and os.access(folder, os.W_OK) and not path.is_dir()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _append(path: Path, text: str) -> None:
+    with open(path, "a") as f:
+        f.write(text)

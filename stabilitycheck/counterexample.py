@@ -1,0 +1,63 @@
+"""What a search returns: the Counterexample (an exploding Config, judged, with its remedies) and the
+SearchResult around it; both round-trip through JSON."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from stabilitycheck.config import Config
+from stabilitycheck.remedies import Remedy
+from stabilitycheck.seeds import Judgement
+from stabilitycheck.space import Space
+from stabilitycheck.verdicts import Limits
+
+
+@dataclass(frozen=True)
+class Counterexample:
+    """An exploding Config with its judgement over seeds, the limits used and the remedies tried."""
+
+    label: str
+    config: Config
+    judgement: Judgement
+    limits: Limits
+    remedies: tuple[Remedy, ...]
+
+    @property
+    def culprit(self) -> str:
+        return self.judgement.culprit
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "config": self.config.to_dict(),
+            "judgement": self.judgement.to_dict(),
+            "limits": vars(self.limits),
+            "remedies": [r.to_dict() for r in self.remedies],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Counterexample:
+        return cls(
+            label=data["label"],
+            config=Config.from_dict(data["config"]),
+            judgement=Judgement.from_dict(data["judgement"]),
+            limits=Limits(**data["limits"]),
+            remedies=tuple(Remedy.from_dict(r) for r in data["remedies"]),
+        )
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The outcome of one search: the counterexample (or None) and what it cost; `skipped` holds the
+    Configs not probed (too large for free memory, over the time budget, or failing in user code)."""
+
+    space: Space
+    counterexample: Counterexample | None
+    probes: int
+    points: int
+    elapsed: float
+    largest_stable: Config | None
+    largest_stable_judgement: Judgement | None = None
+    interrupted: bool = False
+    skipped: tuple[tuple[Config, str], ...] = field(default=())

@@ -1,0 +1,191 @@
+"""Findings: the counterexamples a test session records, as the strings its summary shows (rendered
+where they were found: a worker has torch loaded already), the summary table, and the Configs a failing
+test was called with. Cheap to import: torch and the rest of stabilitycheck load inside the functions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from stabilitycheck.errors import StabilityError
+
+if TYPE_CHECKING:
+    from stabilitycheck.config import Config
+    from stabilitycheck.counterexample import Counterexample, SearchResult
+
+SIZE_KNOBS = ("depth", "width", "init_scale", "seq_len")
+"""The zoo knobs shown (and summed for the order) when a counterexample does not say which were searched;
+other subjects show all their numeric knobs."""
+HEADERS = ("#", "test", "target", "device", "dtype", "knobs", "failure", "culprit", "fixed by")
+FAILURE_WIDTH = 90
+
+Scalar = int | float | bool | str
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One counterexample recorded in the session, as the strings the summary shows, plus its Config
+    and, when there is one, its Counterexample as JSON-ready dicts (Counterexample.to_dict)."""
+
+    test: str
+    label: str
+    device: str
+    dtype: str
+    knobs: tuple[tuple[str, Scalar], ...]
+    failure: str
+    culprit: str
+    fixed_by: str
+    reproduce: str
+    config: dict[str, Any]
+    counterexample: dict[str, Any] | None = None
+
+    @property
+    def size(self) -> float:
+        """The order of the summary: the sum of the numeric knob values shown (smallest first)."""
+        return float(sum(v for _, v in self.knobs if isinstance(v, int | float) and not isinstance(v, bool)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**vars(self), "knobs": [list(k) for k in self.knobs]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Finding:
+        return cls(**{**data, "knobs": tuple((str(k), v) for k, v in data["knobs"])})
+
+    def to_counterexample(self) -> Counterexample | None:
+        """The recorded Counterexample (None for a failing property's Config); imports torch."""
+        from stabilitycheck.counterexample import Counterexample
+
+        return None if self.counterexample is None else Counterexample.from_dict(self.counterexample)
+
+
+def _label(config: Config) -> str:
+    norm = config.values.get("norm", "none")
+    name = config.subject.rpartition("/")[2]
+    return name + ("" if norm == "none" else f"-{norm}")
+
+
+def _knobs(config: Config, names: tuple[str, ...] | None) -> tuple[tuple[str, Scalar], ...]:
+    values = config.values
+    if names is None:
+        names = SIZE_KNOBS if config.family else tuple(k for k, v in values.items() if not isinstance(v, str))
+    return tuple((n, values[n]) for n in names if n in values)
+
+
+def _short(text: str, width: int = FAILURE_WIDTH) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _failure_text(exc: BaseException) -> str:
+    """The header and first detail line of an assert_close-style message (or the first line)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return _short(" ".join(lines[:2]) if isinstance(exc, StabilityError) else lines[0])
+
+
+def finding(
+    found: SearchResult | Counterexample | Config,
+    test: str,
+    *,
+    failure: str | None = None,
+    knobs: tuple[str, ...] | None = None,
+) -> Finding | None:
+    """A Finding of a SearchResult (None when it found nothing), a Counterexample, or a failing Config
+    (with the `failure` message); `knobs` are the knob names to show (default: a search's axes)."""
+    from stabilitycheck.config import Config
+    from stabilitycheck.counterexample import Counterexample, SearchResult
+    from stabilitycheck.report import reproduction
+
+    if isinstance(found, SearchResult):
+        if found.counterexample is None:
+            return None
+        knobs = knobs or tuple(a.name for a in found.space.axes)
+        found = found.counterexample
+    if isinstance(found, Counterexample):
+        c = found.config
+        fixed = [r.name for r in found.remedies if r.fixed]
+        return Finding(
+            test=test,
+            label=found.label,
+            device=c.run.device,
+            dtype=c.run.dtype,
+            knobs=_knobs(c, knobs),
+            failure=failure
+            or _short(", ".join(x.describe() for x in found.judgement.verdict.criteria) or "-"),
+            culprit=found.culprit,
+            fixed_by=", ".join(fixed) or ("none" if found.remedies else "-"),
+            reproduce=reproduction(c, found.limits),
+            config=c.to_dict(),
+            counterexample=found.to_dict(),
+        )
+    if isinstance(found, Config):
+        return Finding(
+            test=test,
+            label=_label(found),
+            device=found.run.device,
+            dtype=found.run.dtype,
+            knobs=_knobs(found, knobs),
+            failure=failure or "-",
+            culprit="-",
+            fixed_by="-",
+            reproduce=reproduction(found),
+            config=found.to_dict(),
+        )
+    raise TypeError(
+        f"Expected a SearchResult, Counterexample or Config but got {found!r} (type={type(found).__name__})"
+    )
+
+
+def summary(findings: list[Finding]) -> str:
+    """The summary table, smallest first (sum of the shown knob values, then target and test), then each
+    row's test id and reproduction line. Rendering only: every number was measured where it was found."""
+    from tabulate import tabulate
+
+    ordered = sorted(findings, key=lambda f: (f.size, f.label, f.test))
+    rows = [
+        [
+            str(i),
+            f.test.rpartition("::")[2],
+            f.label,
+            f.device,
+            f.dtype,
+            " ".join(f"{k}={v}" for k, v in f.knobs),
+            f.failure,
+            f.culprit,
+            f.fixed_by,
+        ]
+        for i, f in enumerate(ordered, 1)
+    ]
+    table = tabulate(rows, headers=HEADERS, tablefmt="simple", disable_numparse=True)
+    lines = [f"{i:>3}  {f.test}\n     {f.reproduce}" for i, f in enumerate(ordered, 1)]
+    return table + "\n\n" + "\n".join(lines)
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    inner = getattr(exc, "exceptions", None)  # an ExceptionGroup (Hypothesis's report_multiple_bugs)
+    if isinstance(inner, tuple | list):
+        for e in inner:
+            yield from _leaves(e)
+    else:
+        yield exc
+
+
+def _failing_configs(exc: BaseException, codes: set[Any]) -> list[Config]:
+    """The Configs among the arguments (else the locals) of the test's frame in the traceback."""
+    from stabilitycheck.config import Config
+
+    tb: TracebackType | None = exc.__traceback__
+    configs: list[Config] = []
+    while tb is not None:  # the innermost matching frame wins (@given's wrapper shares the test's name)
+        frame = tb.tb_frame
+        if frame.f_code in codes:
+            code, local = frame.f_code, frame.f_locals
+            params = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+            found = [local[n] for n in params if isinstance(local.get(n), Config)]
+            found = found or [v for v in local.values() if isinstance(v, Config)]
+            configs = list(dict.fromkeys(found)) or configs
+        tb = tb.tb_next
+    return configs

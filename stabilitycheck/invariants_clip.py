@@ -1,0 +1,182 @@
+"""Invariants of gradient clipping: norm clipping bounds the total norm and keeps the direction, value
+clipping bounds every entry, and a rescaling keeps every gradient's direction."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from stabilitycheck.errors import UsageError
+from stabilitycheck.invariants_common import (
+    TensorsLike,
+    _check_factor,
+    _coarsest,
+    _fail,
+    _grads,
+    _named,
+    _norms,
+    _positive,
+    _require_finite,
+    _total,
+    rtol_of,
+    subnormal_spacing,
+)
+
+
+def assert_clipped_norm_bounded(
+    parameters: TensorsLike,
+    max_norm: float,
+    norm_type: float = 2.0,
+    before: Sequence[torch.Tensor] | None = None,
+    *,
+    rtol: float | None = None,
+) -> None:
+    """After norm clipping: every gradient finite and the total norm <= max_norm (torch's contract:
+    grads x min(1, max_norm / (total + 1e-6))); with `before`, the pre-clip gradients in the order of
+    the parameters that have a .grad, also that clipping scaled them by exactly that coefficient."""
+    __tracebackhide__ = True
+    max_norm = _positive("max_norm", max_norm)
+    grads = _grads(parameters)
+    header = f"Gradients after clipping to max_norm={max_norm:g} are not clipped correctly."
+    _require_finite(
+        grads,
+        "Gradients after clipping are not finite.",
+        "A non-finite gradient is a finding, not something to clip: "
+        "use clip_grad_norm_(..., error_if_nonfinite=True).",
+    )
+    dtype = _coarsest(g for _, g in grads)
+    # torch rounds max_norm, the total, total + 1e-6, their quotient and each product in the gradient
+    # dtype: up to 5 roundings of eps / 2, more than rtol alone allows in half precision.
+    tol = rtol if rtol is not None else rtol_of(dtype) + 2.5 * torch.finfo(dtype).eps
+    spacing = subnormal_spacing(dtype)
+    norms = _norms([g for _, g in grads], norm_type)
+    total = _total(norms, norm_type)
+    numel = sum(g.numel() for _, g in grads)
+    slack = spacing * math.sqrt(numel)  # products that land among the subnormals
+    coef = math.nan
+    if before is not None:
+        if len(before) != len(grads):
+            raise UsageError(
+                f"before has {len(before)} tensors but {len(grads)} parameters have a .grad; pass "
+                "[p.grad.detach().clone() for p in params if p.grad is not None] taken before clipping"
+            )
+        pre = _named(list(before), "before")
+        pre = [(name, b) for (name, _), (_, b) in zip(grads, pre, strict=True)]
+        _require_finite(
+            pre,
+            "Gradients before clipping are not finite, yet clipping returned finite ones.",
+            "Clipping hid a blow-up: use clip_grad_norm_(..., error_if_nonfinite=True).",
+        )
+        total_before = _total(_norms([b for _, b in pre], norm_type), norm_type)
+        coef = min(1.0, max_norm / (total_before + 1e-6))
+        slack += spacing * total_before  # the coefficient itself rounds to a subnormal in half precision
+    bound = max_norm * (1 + tol) + slack
+    if total > bound:
+        over = [i for i, n in enumerate(norms) if n > max_norm * (1 + tol) + slack]
+        worst = max(range(len(norms)), key=lambda i: norms[i])
+        _fail(
+            header,
+            f"Total {norm_type:g}-norm after clipping: {total:.6g} (allowed: <= {bound:.6g}, "
+            f"max_norm {max_norm:g} with rtol {tol:.2g})",
+            f"Tensors over bound on their own: {len(over)} / {len(norms)}",
+            f"Largest: {grads[worst][0]!r} with norm {norms[worst]:.6g} (bound allowed {bound:.6g})",
+        )
+    if before is None:
+        return
+    if max_norm >= (total_before + 1e-6) * (1 + 4 * tol):  # torch's clip_coef saturates at 1
+        changed = [
+            name
+            for (name, g), b in zip(grads, before, strict=True)
+            if not torch.equal(g, b.to(g.device, g.dtype))
+        ]
+        if changed:
+            _fail(
+                header,
+                f"The total norm before clipping was {total_before:.6g} <= max_norm {max_norm:g}, "
+                "so clipping must leave every gradient unchanged",
+                f"Tensors changed: {len(changed)} / {len(grads)}; first: {changed[0]!r}",
+            )
+        return
+    largest = max(float(b.abs().max()) for _, b in pre) * coef if pre else 0.0
+    if total == 0 and total_before > 0 and largest >= spacing:  # else the right answer underflows to 0
+        _fail(
+            header,
+            f"Every gradient is zero after clipping, though the total norm before was "
+            f"{total_before:.6g} (finite); expected them x {coef:.6g}",
+            "clip_grad_norm_ does this when the total norm overflows the gradient dtype "
+            "(coefficient max_norm / inf = 0): compute the total in a wider dtype",
+        )
+    pre_named = [(name, b) for (name, _), b in zip(grads, before, strict=True)]
+    _check_factor(
+        pre_named,
+        grads,
+        coef,
+        f"{header} Expected every gradient x {coef:.6g} = min(1, max_norm / (total before "
+        f"{total_before:.6g} + 1e-6)).",
+        tol + spacing / coef if coef > 0 else tol,
+    )
+
+
+def assert_clipped_value_bounded(
+    parameters: TensorsLike, clip_value: float, before: Sequence[torch.Tensor] | None = None
+) -> None:
+    """After value clipping: every gradient finite and every entry within [-clip_value, clip_value];
+    with `before`, also that non-finite entries were not clipped into finite ones and that each
+    entry equals before.clamp(-clip_value, clip_value) (clamping is exact, no tolerance)."""
+    __tracebackhide__ = True
+    clip_value = _positive("clip_value", clip_value)
+    grads = _grads(parameters)
+    if before is not None:
+        if len(before) != len(grads):
+            raise UsageError(f"before has {len(before)} tensors but {len(grads)} parameters have a .grad")
+        _require_finite(
+            [(name, b) for (name, _), b in zip(grads, before, strict=True)],
+            "Gradients before value clipping are not finite; clipping hides that.",
+            "clip_grad_value_ maps Inf to +-clip_value: check the gradients are finite before clipping.",
+        )
+    _require_finite(grads, "Gradients after value clipping are not finite.")
+    dtype = _coarsest(g for _, g in grads)
+    # clip_value itself rounds to the gradient dtype: relatively, or absolutely in the subnormal range
+    rounded = torch.tensor(clip_value, dtype=torch.float64).to(dtype).item()
+    bound = max(clip_value * (1 + rtol_of(dtype)), rounded)
+    peaks = _norms([g for _, g in grads], math.inf)
+    over = [i for i, p in enumerate(peaks) if p > bound]
+    if over:
+        worst = max(over, key=lambda i: peaks[i])
+        _fail(
+            f"Gradients after value clipping exceed clip_value={clip_value:g}.",
+            f"Tensors over bound: {len(over)} / {len(grads)}",
+            f"Worst: {grads[worst][0]!r} with largest |entry| {peaks[worst]:.6g} (allowed: <= {bound:.6g})",
+        )
+    if before is None:
+        return
+    wrong = [
+        name
+        for (name, g), b in zip(grads, before, strict=True)
+        if not torch.equal(g, b.to(g.device).clamp(-clip_value, clip_value).to(g.dtype))
+    ]
+    if wrong:
+        _fail(
+            f"Gradients after value clipping differ from before.clamp(-{clip_value:g}, {clip_value:g}).",
+            f"Tensors differing: {len(wrong)} / {len(grads)}; first: {wrong[0]!r}",
+        )
+
+
+def assert_direction_preserved(
+    before: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
+    after: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
+    *,
+    rtol: float | None = None,
+) -> float:
+    """`after` is `before` rescaled by ONE common factor s >= 0 (every cosine 1, every ratio s): true
+    of norm clipping, false of value clipping and per-tensor clipping. Returns s. An all-zero `after`
+    of a nonzero `before` fails: it keeps no direction (s = 0 is allowed only when before is zero)."""
+    __tracebackhide__ = True
+    b, a = _named(before, "before"), _named(after, "after")
+    if isinstance(after, Mapping) and not isinstance(before, Mapping) and len(a) == len(b):
+        b = [(name, t) for (name, _), (_, t) in zip(a, b, strict=True)]  # name both by after's keys
+    return _check_factor(
+        b, a, None, "Gradients were not rescaled by one common factor: direction changed.", rtol
+    )

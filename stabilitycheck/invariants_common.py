@@ -1,0 +1,189 @@
+"""What the invariants share: tolerances per dtype, named tensors, norms in float64 brought to the host
+together, assert_close-style failures, and the check that tensors are one common multiple of others."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NoReturn
+
+import torch
+from torch import nn
+
+from stabilitycheck.errors import StabilityError, UsageError
+
+ACC = torch.float64
+
+DTYPE_RTOL: dict[torch.dtype, float] = {
+    torch.float16: 1e-3,
+    torch.bfloat16: 1.6e-2,
+    torch.float32: 1.3e-6,
+    torch.float64: 1e-7,
+}
+"""Relative tolerance per dtype: torch.testing's _DTYPE_PRECISIONS rtol. Its atol is left out on
+purpose (an absolute 1e-5 would wave through any max_norm below it); the absolute slack used instead
+is `subnormal_spacing(dtype)` per element, the largest rounding error a value near zero can take."""
+
+Named = list[tuple[str, torch.Tensor]]
+TensorsLike = torch.Tensor | Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | nn.Module
+
+
+def rtol_of(dtype: torch.dtype) -> float:
+    """The relative tolerance of `dtype` (DTYPE_RTOL; float64's for dtypes not in the table)."""
+    return DTYPE_RTOL.get(dtype, DTYPE_RTOL[torch.float64])
+
+
+def subnormal_spacing(dtype: torch.dtype) -> float:
+    """The gap between adjacent subnormals of `dtype`: how coarsely it rounds values near zero."""
+    info = torch.finfo(dtype)
+    return float(info.smallest_normal * info.eps)
+
+
+def _fail(header: str, *lines: str) -> NoReturn:
+    """Raise StabilityError with an assert_close-style message: a header, a blank line, the details.
+    Like every helper that can fail, it hides its frame: a failure report ends at the user's call."""
+    __tracebackhide__ = True
+    raise StabilityError("\n".join((header, "", *lines)))
+
+
+def _named(tensors: Any, what: str) -> Named:
+    """(name, tensor) pairs from a tensor, a Module (its named parameters), a Mapping, or an iterable
+    of tensors or of (name, tensor) pairs; unnamed tensors are called '[i]'."""
+    if isinstance(tensors, torch.Tensor):
+        return [("[0]", tensors)]
+    if isinstance(tensors, nn.Module):
+        return list(tensors.named_parameters())
+    if isinstance(tensors, Mapping):
+        items = list(tensors.items())
+    else:
+        items = [t if isinstance(t, tuple) else (f"[{i}]", t) for i, t in enumerate(tensors)]
+    for name, t in items:
+        if not isinstance(t, torch.Tensor):
+            raise UsageError(f"{what} must hold tensors, got {name}={type(t).__name__}")
+    return [(str(n), t) for n, t in items]
+
+
+def _grads(parameters: TensorsLike) -> Named:
+    """The gradients of `parameters` that have one, named like the parameters."""
+    return [(name, p.grad) for name, p in _named(parameters, "parameters") if p.grad is not None]
+
+
+def _host(values: Sequence[torch.Tensor]) -> list[float]:
+    """Scalars to Python floats with one host synchronisation per device."""
+    out: list[float] = [0.0] * len(values)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, v in enumerate(values):
+        by_device.setdefault(v.device, []).append(i)
+    for idx in by_device.values():
+        for i, f in zip(idx, torch.stack([values[i].reshape(()) for i in idx]).tolist(), strict=True):
+            out[i] = float(f)
+    return out
+
+
+def _norms(tensors: Sequence[torch.Tensor], ord: float = 2.0) -> list[float]:
+    """Per-tensor norms in float64 as Python floats."""
+    if not tensors:
+        return []
+    ts = [t.detach() for t in tensors]
+    return _host(list(torch._foreach_norm(ts, ord, dtype=ACC)))
+
+
+def _total(norms: Sequence[float], ord: float) -> float:
+    """The total norm of tensors with these per-tensor norms (NaN and Inf propagate)."""
+    if not norms:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.tensor(norms, dtype=ACC), ord))
+
+
+def _coarsest(tensors: Iterable[torch.Tensor]) -> torch.dtype:
+    """The floating dtype with the largest tolerance among `tensors` (float64 if none is floating)."""
+    dtypes = [t.dtype for t in tensors if t.is_floating_point()]
+    return max(dtypes, key=rtol_of, default=torch.float64)
+
+
+def _positive(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (0 < value < math.inf):
+        raise UsageError(f"{name} must be a finite number > 0, got {name}={value!r}")
+    return float(value)
+
+
+def _describe_nonfinite(name: str, t: torch.Tensor) -> str:
+    nan, inf = _host([t.isnan().sum(), t.isinf().sum()])
+    return f"{name!r} holds {int(nan)} NaN and {int(inf)} Inf of {t.numel()} values"
+
+
+def _require_finite(named: Named, header: str, hint: str = "") -> None:
+    """Fail with `header` when any tensor holds NaN or Inf, naming the first and counting them all."""
+    __tracebackhide__ = True
+    if not named:
+        return
+    finite = _host([t.isfinite().all() for _, t in named])
+    bad = [i for i, ok in enumerate(finite) if not ok]
+    if bad:
+        name, t = named[bad[0]]
+        lines = [f"Non-finite tensors: {len(bad)} / {len(named)}", f"First: {_describe_nonfinite(name, t)}"]
+        _fail(header, *lines, *([hint] if hint else []))
+
+
+def _check_factor(
+    before: Named,
+    after: Named,
+    factor: float | None,
+    header: str,
+    rtol: float | None,
+    slack: Sequence[float] | None = None,
+) -> float:
+    """Check after[i] == s * before[i] for one common s >= 0 (`factor`, or the least-squares one);
+    returns s. Each tensor may be off by rtol of its norm, a subnormal spacing per element, and
+    `slack[i]` (an absolute allowance in after's units)."""
+    __tracebackhide__ = True
+    if len(before) != len(after):
+        raise UsageError(f"before has {len(before)} tensors but after has {len(after)}; pass them aligned")
+    for (name, b), (_, a) in zip(before, after, strict=True):
+        if b.shape != a.shape:
+            _fail(header, f"Shape changed: {name!r} was {tuple(b.shape)}, is {tuple(a.shape)}")
+    _require_finite(before, header + " (before is not finite, so no direction is defined)")
+    _require_finite(after, header + " (after is not finite)")
+    bs = [b.detach().to(ACC) for _, b in before]
+    as_ = [a.detach().to(ACC).to(b.device) for (_, a), b in zip(after, bs, strict=True)]
+    dots = _host([torch.vdot(a.reshape(-1), b.reshape(-1)) for a, b in zip(as_, bs, strict=True)])
+    nb, na = _norms(bs), _norms(as_)
+    if factor is None:
+        bb = sum(x * x for x in nb)
+        factor = sum(dots) / bb if bb > 0 else 0.0
+        if factor == 0 and bb > 0 and not any(na):
+            _fail(
+                header,
+                f"Every tensor is zero after, though before was finite and nonzero (total norm "
+                f"{math.sqrt(bb):.6g}): a factor of 0 keeps no direction",
+                "e.g. a clip coefficient max_norm / total that became 0 because the total overflowed",
+            )
+    s = factor
+    resid = _norms([a - s * b for a, b in zip(as_, bs, strict=True)])
+    tol = rtol if rtol is not None else rtol_of(_coarsest(t for _, t in before + after))
+    spacing = subnormal_spacing(_coarsest(t for _, t in after))
+    extra = list(slack) if slack is not None else [0.0] * len(bs)
+    allowed = [
+        tol * abs(s) * n + spacing * math.sqrt(b.numel()) + x for n, b, x in zip(nb, bs, extra, strict=True)
+    ]
+    over = [i for i in range(len(bs)) if resid[i] > allowed[i]]
+    if s < 0 or over:
+        worst = max(range(len(bs)), key=lambda i: resid[i] / allowed[i]) if over else 0
+        name = before[worst][0]
+        ratio = na[worst] / nb[worst] if nb[worst] > 0 else math.inf
+        cosine = dots[worst] / (na[worst] * nb[worst]) if na[worst] * nb[worst] > 0 else math.nan
+        _fail(
+            header,
+            f"Tensors off the common factor {s:.6g}: {len(over)} / {len(bs)}",
+            f"Worst: {name!r} scaled by {ratio:.6g} with cosine {cosine:.6g} to before; "
+            f"deviation {resid[worst]:.3g} "
+            f"(allowed: factor {s:.6g}, cosine 1, deviation <= {allowed[worst]:.3g})",
+            *([f"The common factor {s:.6g} is negative: the gradients were flipped"] if s < 0 else []),
+            f"Ratios after/before: {_ratios(na, nb)}",
+        )
+    return s
+
+
+def _ratios(na: Sequence[float], nb: Sequence[float], most: int = 8) -> str:
+    parts = [f"{a / b:.4g}" if b > 0 else ("1" if a == 0 else "inf") for a, b in zip(na, nb, strict=True)]
+    return ", ".join(parts[:most]) + (f", ... ({len(parts)} in all)" if len(parts) > most else "")

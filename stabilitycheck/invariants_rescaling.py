@@ -1,0 +1,108 @@
+"""The rescaling invariant: scaling the loss by c > 0 scales every gradient by c (backward is linear in
+its upstream gradient), to within the rounding error a float64 re-run measures."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from stabilitycheck.invariants_common import ACC, Named, _check_factor, _coarsest, _fail, _norms, _positive
+from stabilitycheck.losses import Inputs, LossFn
+from stabilitycheck.recording import call_model
+
+
+def _gradients(
+    model: nn.Module, inputs: Inputs, loss_fn: LossFn, scale: float, seed: int
+) -> tuple[float, Named]:
+    """The loss and the parameter gradients of scale x loss, computed from fresh (None) grads."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    for _, p in params:
+        p.grad = None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        loss = loss_fn(call_model(model, inputs), inputs)
+    (loss * scale).backward()
+    grads = [(n, p.grad.detach().clone()) for n, p in params if p.grad is not None]
+    return float(loss.detach().to(ACC)), grads
+
+
+def _to64(inputs: Inputs) -> Inputs:
+    """`inputs` with every floating tensor in float64 (tensors, tuples, lists and dicts)."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(ACC) if inputs.is_floating_point() else inputs
+    if isinstance(inputs, dict):
+        return {k: _to64(v) for k, v in inputs.items()}
+    if isinstance(inputs, tuple | list):
+        return type(inputs)(_to64(v) for v in inputs)
+    return inputs
+
+
+def _rounding_error(
+    model: nn.Module, inputs: Inputs, loss_fn: LossFn, grads: Named, seed: int
+) -> list[float]:
+    """Per tensor, how far `grads` (the c=1 gradients) are from a float64 re-run: the rounding error
+    they carry, capped at sqrt(eps) of their norm (beyond that it is not rounding). The model is
+    converted in place and back (exact), so its hooks and modules are the ones that ran."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    if all(t.dtype == ACC for t in tensors):
+        return [0.0] * len(grads)
+    dtypes = [t.dtype for t in tensors]
+    saved = [(p, p.grad) for p in model.parameters()]
+    try:
+        for t in tensors:
+            t.data = t.data.to(ACC)
+        _, exact = _gradients(model, _to64(inputs), loss_fn, 1.0, seed)
+    finally:
+        for t, dtype in zip(tensors, dtypes, strict=True):
+            t.data = t.data.to(dtype)
+        for p, g in saved:
+            p.grad = g
+    if [n for n, _ in exact] != [n for n, _ in grads]:
+        return [0.0] * len(grads)
+    errors = _norms([g.to(ACC) - e.to(g.device) for (_, g), (_, e) in zip(grads, exact, strict=True)])
+    cap = math.sqrt(torch.finfo(_coarsest(g for _, g in grads)).eps)
+    return [min(e, cap * n) for e, n in zip(errors, _norms([g for _, g in grads]), strict=True)]
+
+
+def assert_rescaling_equivariant(
+    model: nn.Module,
+    inputs: Inputs,
+    loss_fn: LossFn,
+    c: float,
+    *,
+    seed: int = 0,
+    rtol: float | None = None,
+) -> None:
+    """Scaling the loss by c > 0 scales every gradient by c (direction kept): backward is linear in
+    its upstream gradient. Fails for hooks or custom backwards that clamp, normalise or ignore it.
+    Tolerance per tensor: c x (rtol of its norm + 4 x its rounding error at c=1, measured against a
+    float64 re-run and capped at sqrt(eps) of its norm), since a gradient summed from cancelling terms
+    carries more than rtol of its own norm, and the run at c makes rounding errors of the same size.
+    The .grad fields are restored."""
+    __tracebackhide__ = True
+    c = _positive("c", c)
+    saved = [(p, p.grad) for p in model.parameters()]
+    try:
+        loss, g1 = _gradients(model, inputs, loss_fn, 1.0, seed)
+        _, gc = _gradients(model, inputs, loss_fn, c, seed)
+    finally:
+        for p, g in saved:
+            p.grad = g
+    if [n for n, _ in g1] != [n for n, _ in gc]:
+        _fail(
+            f"Scaling the loss by c={c:g} changed which parameters get a gradient.",
+            f"At c=1: {len(g1)} tensors; at c={c:g}: {len(gc)} tensors",
+        )
+    if not math.isfinite(loss):
+        _fail(f"The loss is not finite ({loss}), so no gradient rescaling can be checked.")
+    rounding = _rounding_error(model, inputs, loss_fn, g1, seed)
+    _check_factor(
+        g1,
+        gc,
+        c,
+        f"Scaling the loss by c={c:g} did not scale every gradient by {c:g}.",
+        rtol,
+        [4.0 * c * e for e in rounding],
+    )

@@ -1,0 +1,214 @@
+"""Invariants of training: it stays finite over optimiser steps, the gradient growth stays bounded, and a
+GradScaler skips the steps whose gradients overflow."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, overload
+
+import torch
+from torch import nn
+
+from stabilitycheck.config import Config
+from stabilitycheck.errors import UsageError
+from stabilitycheck.invariants_common import _fail, _norms, _positive
+from stabilitycheck.losses import Inputs, LossFn
+from stabilitycheck.measurement import Measurement
+from stabilitycheck.probing import probe, probe_module
+from stabilitycheck.recording import call_model
+
+
+@overload
+def assert_finite_training(model: Config) -> Measurement: ...
+
+
+@overload
+def assert_finite_training(
+    model: nn.Module,
+    inputs: Inputs,
+    loss_fn: LossFn,
+    *,
+    steps: int = 10,
+    lr: float = 1e-3,
+    optimizer: str = "adam",
+    clip: float | None = None,
+    blocks: Sequence[tuple[str, nn.Module]] | None = None,
+    seed: int = 0,
+) -> Measurement: ...
+
+
+def assert_finite_training(
+    model: nn.Module | Config,
+    inputs: Inputs | None = None,
+    loss_fn: LossFn | None = None,
+    *,
+    steps: int = 10,
+    lr: float = 1e-3,
+    optimizer: str = "adam",
+    clip: float | None = None,
+    blocks: Sequence[tuple[str, nn.Module]] | None = None,
+    seed: int = 0,
+) -> Measurement:
+    """Weights, activations, gradients and loss stay finite over `steps` optimiser steps (probe_module
+    does the steps and names the first non-finite value). Returns the Measurement for further checks.
+    Given a Config instead of a model, probes it (`probe(config)`) with its own steps, lr and optimiser."""
+    __tracebackhide__ = True
+    if isinstance(model, Config):
+        if inputs is not None or loss_fn is not None:
+            raise UsageError("assert_finite_training(config) takes no inputs or loss_fn; the Config has them")
+        steps, lr, optimizer = model.run.steps, model.run.lr, model.run.optimizer
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise UsageError(f"steps must be an int >= 1, got steps={steps!r}")
+    if isinstance(model, Config):
+        m = probe(model)
+    elif inputs is None or loss_fn is None:
+        raise UsageError("assert_finite_training(model, inputs, loss_fn): pass inputs and loss_fn too")
+    else:
+        m = probe_module(
+            model,
+            inputs,
+            loss_fn,
+            blocks=blocks,
+            steps=steps,
+            lr=lr,
+            optimizer=optimizer,
+            clip=clip,
+            seed=seed,
+        )
+    nf = m.first_nonfinite
+    if nf is not None:
+        losses = ", ".join(f"{x:.4g}" for x in m.loss)
+        norms = ", ".join(f"{x:.3g}" for x in m.grad_norm)
+        _fail(
+            f"Training went non-finite within {steps} {optimizer} steps at lr={lr:g}.",
+            f"Steps finite: {nf.step} / {steps}",
+            f"First non-finite: step {nf.step}, layer {nf.layer!r}, tensor {nf.tensor!r} (norm {nf.value})",
+            f"Loss per step: {losses}",
+            f"Total gradient norm per step: {norms}",
+        )
+    return m
+
+
+def assert_bounded_growth(measurement: Measurement, limit: float, *, gain_limit: float | None = None) -> None:
+    """The overall growth (input-side over output-side activation-gradient norm) is <= limit and so is
+    every per-layer gain (or <= gain_limit). NaN and Inf count as over: never hidden."""
+    __tracebackhide__ = True
+    limit = _positive("limit", limit)
+    per_layer = limit if gain_limit is None else _positive("gain_limit", gain_limit)
+    m = measurement
+    names = m.activation_names[1:]  # gain i is across the block whose output is activation i + 1
+    over = [i for i, g in enumerate(m.gains) if not g <= per_layer]
+    growth_bad = not m.growth <= limit
+    if not over and not growth_bad:
+        return
+    lines = [
+        f"Overall growth: {m.growth:.4g} (allowed: <= {limit:g})",
+        f"Layers over bound: {len(over)} / {len(m.gains)}",
+    ]
+    if m.gains:
+        worst = max(range(len(m.gains)), key=lambda i: math.inf if math.isnan(m.gains[i]) else m.gains[i])
+        lines.append(
+            f"Worst layer: {names[worst]!r} with gain {m.gains[worst]:.4g} (allowed: <= {per_layer:g})"
+        )
+    if m.activation_grad_norms:
+        lines.append(
+            f"Activation-gradient norm at {m.activation_names[0]!r}: {m.activation_grad_norms[0]:.4g}, "
+            f"at {m.activation_names[-1]!r}: {m.activation_grad_norms[-1]:.4g}"
+        )
+    _fail("Gradient growth is above the limit.", *lines)
+
+
+class ScalerLike(Protocol):
+    """What assert_gradscaler_guards needs of a scaler: torch.amp.GradScaler's scale/step/update."""
+
+    def scale(self, outputs: torch.Tensor) -> torch.Tensor: ...
+
+    def step(self, optimizer: torch.optim.Optimizer) -> Any: ...
+
+    def update(self) -> Any: ...
+
+
+def _poison(params: Sequence[nn.Parameter], value: float) -> str:
+    """Put `value` into one entry of the first gradient; returns that parameter's index as a name."""
+    for i, p in enumerate(params):
+        if p.grad is not None:
+            with torch.no_grad():
+                p.grad[(0,) * p.grad.dim()] = value
+            return str(i)
+    raise UsageError("no parameter got a gradient, so none can be made non-finite")
+
+
+def assert_gradscaler_guards(
+    model: nn.Module,
+    inputs: Inputs,
+    loss_fn: LossFn,
+    scaler: ScalerLike | None = None,
+    *,
+    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    lr: float = 0.01,
+    poisons: Sequence[float] = (math.inf, math.nan),
+    seed: int = 0,
+) -> None:
+    """A scaler step whose gradients hold Inf or NaN (each of `poisons`, put in after backward) is
+    skipped: weights unchanged and finite, and the scale backed off (when the scaler has get_scale);
+    a clean step afterwards does update the weights. Default scaler: torch.amp.GradScaler on the
+    model's device type; default optimizer: SGD at `lr`."""
+    __tracebackhide__ = True
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    if not params:
+        raise UsageError("the model has no parameters that require grad")
+    if scaler is None:
+        scaler = torch.amp.GradScaler(params[0].device.type)
+    opt = optimizer(params) if optimizer is not None else torch.optim.SGD(params, lr=lr)
+    get_scale = getattr(scaler, "get_scale", None)
+    kind = type(scaler).__name__
+
+    def step(poison: float | None) -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            loss = loss_fn(call_model(model, inputs), inputs)
+        scaler.scale(loss).backward()
+        if poison is not None:
+            _poison(params, poison)
+        scaler.step(opt)
+        scaler.update()
+
+    for poison in poisons:
+        weights = [p.detach().clone() for p in params]
+        scale_before = float(get_scale()) if callable(get_scale) else math.nan
+        step(poison)
+        scale_after = float(get_scale()) if callable(get_scale) else math.nan
+        changed = [n for (n, p), w in zip(named, weights, strict=True) if not torch.equal(p.detach(), w)]
+        nonfinite = [n for n, p in named if not bool(p.detach().isfinite().all())]
+        if changed or nonfinite:
+            first = changed[0] if changed else nonfinite[0]
+            before_norm, after_norm = _norms(
+                [weights[[n for n, _ in named].index(first)], dict(named)[first]]
+            )
+            _fail(
+                f"{kind} stepped on a gradient holding {poison}: the step was not skipped.",
+                f"Weight tensors changed: {len(changed)} / {len(named)}; non-finite: "
+                f"{len(nonfinite)} / {len(named)}",
+                f"First: {first!r} with norm {before_norm:.6g} before the step and {after_norm:.6g} after "
+                "(allowed: unchanged)",
+            )
+        if callable(get_scale) and not scale_after < scale_before:
+            _fail(
+                f"{kind} skipped a step on {poison} but did not back off its scale.",
+                f"Scale before: {scale_before:g}, after: {scale_after:g} (allowed: < {scale_before:g})",
+            )
+    weights = [p.detach().clone() for p in params]
+    step(None)
+    changed = [n for (n, p), w in zip(named, weights, strict=True) if not torch.equal(p.detach(), w)]
+    nonfinite = [n for n, p in named if not bool(p.detach().isfinite().all())]
+    moved = any(p.grad is not None and bool(p.grad.ne(0).any()) for p in params)
+    if nonfinite or (moved and not changed):  # all-zero gradients (e.g. dead ReLUs) move nothing
+        _fail(
+            f"{kind} did not take a clean step (finite gradients): it guards by never stepping.",
+            f"Weight tensors changed: {len(changed)} / {len(named)}; "
+            f"non-finite: {len(nonfinite)} / {len(named)}",
+            "If the scaled gradients overflow, start from a smaller init_scale.",
+        )

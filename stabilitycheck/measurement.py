@@ -1,0 +1,66 @@
+"""What a probe measured: the Measurement and its first non-finite value, as plain Python numbers.
+
+No torch here: a Measurement read back from JSON, judged or rendered, never needs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+TENSOR_KINDS = ("weight", "activation", "loss", "activation_grad", "gradient")
+
+
+@dataclass(frozen=True)
+class NonFinite:
+    """The first NaN/Inf seen: its step, the block, which tensor, and the offending norm."""
+
+    step: int
+    layer: str
+    tensor: str  # one of TENSOR_KINDS; "activation_grad" is dL/d(output of `layer`)
+    value: float
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Everything the probe measured; numbers are Python floats, per-call lists input side first."""
+
+    layer_names: tuple[str, ...]
+    activation_names: tuple[str, ...]
+    loss: tuple[float, ...]
+    grad_norm: tuple[float, ...]
+    layer_grad_norms: tuple[float, ...]
+    activation_norms: tuple[float, ...]
+    activation_grad_norms: tuple[float, ...]
+    gains: tuple[float, ...]
+    growth: float
+    weight_norms: tuple[float, ...]  # per block, after the last update; () at steps=0 (the caller's own)
+    first_nonfinite: NonFinite | None
+    steps_run: int
+    loss_scale: tuple[float, ...] = ()
+    skipped_steps: int = 0
+    allow_tf32: bool = False
+    overflow: NonFinite | None = None
+    blocks_note: str = ""  # how the blocks were chosen (the Subject's one line)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (non-finite floats are kept: json writes them as NaN/Infinity)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Measurement:
+        """Inverse of `to_dict`."""
+        kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        for key in ("first_nonfinite", "overflow"):
+            nf = data.get(key)
+            kwargs[key] = NonFinite(**nf) if nf else None
+        return cls(**kwargs)
+
+
+def ratio(num: float, den: float) -> float:
+    """num / den where 0/0 is NaN and x/0 is +Inf, instead of raising."""
+    if den == 0.0:
+        return math.nan if num == 0.0 else math.inf
+    return num / den
