@@ -44,19 +44,11 @@ class Outputs:
     written on its own (one failing never stops the others)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from stabilitycheck.errors import UsageError
 
         self.args = args
         self.summary = os.environ.get("GITHUB_STEP_SUMMARY")
         self.failures: list[str] = []
-        for flag, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
-            if path is not None and not _writable(path):
-                raise UsageError(f"{flag} {path}: cannot write there (no such directory or no permission)")
-        if args.plot is not None:
-            try:
-                import matplotlib  # noqa: F401
-            except ImportError:
-                raise UsageError("--plot needs matplotlib: pip install 'stabilitycheck[plot]'") from None
+        check_outputs((("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)))
 
     def save(self, results: Sequence[Any]) -> None:
         """Rewrite the JSON (atomically) with what is known so far."""
@@ -93,6 +85,22 @@ class Outputs:
             write()
         except Exception as exc:
             self.failures.append(f"{what}: writing it failed: {describe(exc)}")
+
+
+def check_outputs(named: Sequence[tuple[str, Path | None]]) -> None:
+    """Before any work: each output path given is writable, and matplotlib is there for the last one
+    (the image); else a one-line UsageError naming the flag."""
+    from stabilitycheck.errors import UsageError
+
+    for flag, path in named:
+        if path is not None and not _writable(path):
+            raise UsageError(f"{flag} {path}: cannot write there (no such directory or no permission)")
+    flag, image = named[-1]
+    if image is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError(f"{flag} needs matplotlib: pip install 'stabilitycheck[plot]'") from None
 
 
 def _writable(path: Path) -> bool:

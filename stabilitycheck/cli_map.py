@@ -28,7 +28,7 @@ from stabilitycheck._options import (
     _number,
     _Parser,
 )
-from stabilitycheck._outputs import Progress, _atomic_write, _writable
+from stabilitycheck._outputs import Progress, _atomic_write, check_outputs
 
 
 def parser() -> argparse.ArgumentParser:
@@ -112,18 +112,10 @@ def _axes(args: argparse.Namespace, subject: Any) -> tuple[Any, Any, Any]:
 def run(argv: Sequence[str]) -> int:
     """Parse, trace, write, print; returns the exit code."""
     args = parser().parse_args(argv)
-    from stabilitycheck.errors import UsageError
     from stabilitycheck.verdicts import Limits
 
     limits = Limits(args.grad_norm_limit, args.growth_limit, args.divergence_limit, args.vanishing_limit)
-    for flag, path in (("--json", args.json), ("--markdown", args.markdown), ("--png", args.png)):
-        if path is not None and not _writable(path):
-            raise UsageError(f"{flag} {path}: cannot write there (no such directory or no permission)")
-    if args.png is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise UsageError("--png needs matplotlib: pip install 'stabilitycheck[plot]'") from None
+    check_outputs((("--json", args.json), ("--markdown", args.markdown), ("--png", args.png)))
     from stabilitycheck import maptext
     from stabilitycheck.phasemap import phase_map
     from stabilitycheck.searching import check
