@@ -11,6 +11,7 @@ import argparse
 import json
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Sequence
 from typing import Any
@@ -158,7 +159,12 @@ def run(argv: Sequence[str] | None, progress: Progress | None = None) -> int:
         stall=args.stall_limit,
     )
     outputs = Outputs(args)
-    progress = progress or Progress(args.quiet)
+    shown = progress or Progress(args.quiet)
+
+    def progress_or_stop(message: str) -> None:
+        _stop_if_terminated()
+        shown(message)
+
     if args.replay:
         results = _replay(args, limits)
         outputs.final(results)
@@ -170,6 +176,7 @@ def run(argv: Sequence[str] | None, progress: Progress | None = None) -> int:
     db = None if args.database == "none" else DirectoryBasedExampleDatabase(args.database)
     spaces = _spaces(args)
     results = list[Any]()
+    pending = list[Any]()  # the latest partial result of the search under way (its counterexample)
     code = EXIT_OK
     try:
         for subject, space in spaces:
@@ -177,12 +184,13 @@ def run(argv: Sequence[str] | None, progress: Progress | None = None) -> int:
                 f"{args.max_examples} Hypothesis examples, then the canonical descent and remedies; "
                 f"each verdict up to {space.base.run.seeds} seeds"
             )
-            progress.say(
+            shown.say(
                 f"searching {space.label} on {space.base.run.device} ({space.base.run.dtype}): {budget}"
             )
             done = len(results)
 
             def partial(r: Any, done: int = done) -> None:
+                pending[:] = [r]
                 outputs.save([*results[:done], r])
 
             result = search(
@@ -192,17 +200,19 @@ def run(argv: Sequence[str] | None, progress: Progress | None = None) -> int:
                 max_examples=args.max_examples,
                 seed=args.seed,
                 database=db,
-                progress=progress,
+                progress=progress_or_stop,
                 timeout=args.probe_timeout,
                 on_result=partial,
             )
             results.append(result)
+            pending.clear()
             outputs.save(results)
             found = result.counterexample
-            progress.say(
+            shown.say(
                 f"  {result.points} points, {result.probes} probes in {result.elapsed:.1f} s: "
                 + (f"explodes at {found.config.describe()}" if found else "stable")
             )
+            _stop_if_terminated()
             if result.interrupted:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
@@ -210,7 +220,7 @@ def run(argv: Sequence[str] | None, progress: Progress | None = None) -> int:
     except _Terminated:
         code = EXIT_TERMINATED
     finally:
-        outputs.final(results)
+        outputs.final(results + pending)
     if code != EXIT_OK:
         return code
     return EXIT_FOUND if any(r.counterexample for r in results) else EXIT_OK
@@ -220,8 +230,21 @@ class _Terminated(BaseException):
     """SIGTERM (a CI timeout): stop like Ctrl-C, write what was found, exit 143."""
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise _Terminated
+_SIGNALLED: list[int] = []
+"""The signals received. Each handler also raises, but an exception raised while Python runs a gc
+callback or a __del__ is printed and dropped, so the search checks this after every point as well."""
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    _SIGNALLED.append(signum)
+    _stop_if_terminated()
+
+
+def _stop_if_terminated() -> None:
+    if signal.SIGTERM in _SIGNALLED:
+        raise _Terminated
+    if _SIGNALLED:
+        raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -233,7 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return main_map(given[1:])
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    _SIGNALLED.clear()
+    handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    previous = {s: signal.signal(s, _on_signal) for s in handled}
     try:
         return run(argv)
     except UsageError as exc:
@@ -257,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return EXIT_INTERNAL
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 if __name__ == "__main__":
