@@ -65,18 +65,15 @@ def assert_outputs(cwd: Path, code: int, expected: int, stderr: str) -> None:
     assert (cwd / "stability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def shell(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(MODELS))
 def test_check_sh(tmp_path: Path, kind: str) -> None:
     cwd, env = workdir(tmp_path, kind)
-    proc = subprocess.run(
-        ["bash", str(CI / "check.sh"), "model.py"],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = shell(["bash", str(CI / "check.sh"), "model.py"], cwd, env)
     assert_outputs(cwd, proc.returncode, MODELS[kind][1], proc.stderr + proc.stdout)
     assert (cwd / "stability.md").read_text().startswith("## stabilitycheck")
 
@@ -104,22 +101,8 @@ def test_github_workflow_steps(tmp_path: Path, kind: str) -> None:
     cwd, env = workdir(tmp_path, kind)
     summary = cwd / "summary.md"
     env["GITHUB_STEP_SUMMARY"] = str(summary)
-    props = subprocess.run(
-        ["bash", "-c", steps["Property suites"]],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    props = shell(["bash", "-c", steps["Property suites"]], cwd, env)
     assert props.returncode == 0, props.stdout[-2000:]
-    check = subprocess.run(
-        ["bash", "-c", steps["Check the model"]],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    check = shell(["bash", "-c", steps["Check the model"]], cwd, env)
     assert_outputs(cwd, check.returncode, MODELS[kind][1], check.stderr + check.stdout)
     assert summary.read_text().startswith("## stabilitycheck") and "model.py" in summary.read_text()
