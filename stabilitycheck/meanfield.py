@@ -109,18 +109,6 @@ def chi_1(sigma: float, activation: str) -> float:
     return step(sigma, activation, q_star(sigma, activation))[1]
 
 
-def critical_depth(
-    sigma: float, activation: str, limit: float, max_depth: int, vanishing: bool = False, q_in: float = 1.0
-) -> int | None:
-    """L*: the smallest depth whose predicted growth passes `limit` (below 1/limit when `vanishing`),
-    or None if no depth up to max_depth does."""
-    bound = -math.log(limit) if vanishing else math.log(limit)
-    for depth, g in enumerate(log_growths(sigma, activation, max_depth, q_in), start=1):
-        if (g < bound) if vanishing else (g > bound):
-            return depth
-    return None
-
-
 def zoo_growth(family: str, knobs: Mapping[str, object], last_step: bool) -> float | None:
     """The growth mean-field theory predicts for a zoo Config, or None where it has no prediction:
     a bias-free mlp (tanh, relu, linear; inputs N(0, 1)), or a linear rnn judged on its last step,

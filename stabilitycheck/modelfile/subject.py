@@ -27,7 +27,6 @@ from stabilitycheck.modelfile.convention import (
     factory_source,
     fixed_source,
     parse_space,
-    show,
 )
 from stabilitycheck.modelfile.importer import ModelFileError
 from stabilitycheck.modelfile.inputs import move
@@ -204,10 +203,6 @@ class ModelFile:
             default = on_output(DefaultLoss(_derived(seed, _SALT_LOSS)), self.given)
             return lambda output, inputs: self.call_user("the default loss", default, output, inputs)
         return lambda output, inputs: self.call_user("loss(output, inputs)", user, output, inputs)
-
-    def describe_knobs(self, config: Config) -> str:
-        """'depth=4, width=8' of a Config, for messages."""
-        return show(self.values(config))
 
 
 def _scale_weights(model: nn.Module, scale: float) -> None:
