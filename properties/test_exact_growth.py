@@ -1,9 +1,10 @@
-"""Exact growth in linear networks: the probe's growth is sigma ** (n - 1) at any shape, seed and sigma.
+"""Exact growth in linear networks: the probe's growth is sigma ** depth (an MLP, measured from its
+input) and sigma ** (T - 1) (an RNN, over its T steps) at any shape, seed and sigma.
 
 With y_l = W_l y_(l-1) and W_l = sigma x an orthogonal matrix, dL/dy_(l-1) = W_l^T dL/dy_l has exactly
 sigma times the norm of dL/dy_l (an orthogonal matrix keeps norms). So from the last block's output
-back to the first's the gradient norm is multiplied by sigma ** (depth - 1), one factor per block
-after the first, and every per-block gain is sigma. A linear RNN h_t = W h_(t-1) + U x_t with W =
+back to the MLP's input y_(-1) = x the gradient norm is multiplied by sigma ** depth, one factor per
+block, block 0 included, and every per-block gain is sigma. A linear RNN h_t = W h_(t-1) + U x_t with W =
 sigma x orthogonal and the loss on h_T alone has growth ||dL/dh_1|| / ||dL/dh_T|| = sigma ** (T - 1)
 for the same reason (Pascanu et al. 2013: the gradient over T steps scales as the T-th power of W's
 singular value). The loss is linear, L = <v, y> with a fixed random v, so dL/dy = v is never zero
@@ -68,9 +69,9 @@ def test_linear_orthogonal_mlp_grows_by_exactly_sigma_per_block(c: Config) -> No
         for _, block in built.blocks:
             block.weight.copy_(orthogonal(int(c.knob("width")), sigma, gen))
     m = probe_module(built.model, built.inputs, linear_loss(c), blocks=built.blocks)
-    assert len(m.gains) == depth - 1
-    assert m.growth == pytest.approx(sigma ** (depth - 1), rel=RTOL)
-    assert m.gains == pytest.approx([sigma] * (depth - 1), rel=RTOL)
+    assert len(m.gains) == depth
+    assert m.growth == pytest.approx(sigma**depth, rel=RTOL)
+    assert m.gains == pytest.approx([sigma] * depth, rel=RTOL)
 
 
 @given(linear("rnn", max_seq_len=128))

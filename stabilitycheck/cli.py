@@ -274,6 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"stabilitycheck: error: {exc.name} is not installed; pip install stabilitycheck\n")
         return EXIT_USAGE
     except Exception as exc:  # an internal error: say so, and how to get the traceback
+        if _SIGNALLED:  # library code that turned the signal's KeyboardInterrupt into its own error
+            return EXIT_TERMINATED if signal.SIGTERM in _SIGNALLED else EXIT_INTERRUPTED
         if debug:
             traceback.print_exc()
         sys.stderr.write(

@@ -3,11 +3,12 @@ a zoo Config's probe should measure, drawn beside a phase map as the theory's fr
 
 In a bias-free net y_l = phi(W_l y_(l-1)), W_l ~ N(0, sigma^2 / n), block l's pre-activations have
 variance q_l (q_0 = sigma^2 q_in, q_(l+1) = sigma^2 E[phi(sqrt(q_l) z)^2]) and its backward pass
-multiplies the squared gradient norm by chi_l = sigma^2 E[phi'(sqrt(q_l) z)^2]. The probe's growth
-is ||dL/dy_0|| / ||dL/dy_(L-1)||: the product of sqrt(chi_l) over blocks 1..L-1. Expectations over
-z ~ N(0, 1) are Gauss-Hermite sums (100 nodes); tanh'(s z)^2 is peaked for s > 1, so those are summed
-in h = s z with the Gaussian's ratio as a weight (relative error < 1e-8 against a 2.4e5-point
-Riemann sum at s = 0.3..8). The properties suite holds the probe to its own, independent integrals.
+multiplies the squared gradient norm by chi_l = sigma^2 E[phi'(sqrt(q_l) z)^2]. The probe's growth is
+||dL/dx|| / ||dL/dy_(L-1)|| from the input x: the product of sqrt(chi_l) over blocks 0..L-1.
+Expectations over z ~ N(0, 1) are Gauss-Hermite sums (100 nodes); tanh'(s z)^2 is peaked for s > 1, so
+those are summed in h = s z with the Gaussian's ratio as a weight (relative error < 1e-8 against a
+2.4e5-point Riemann sum at s = 0.3..8). The properties suite holds the probe to its own, independent
+integrals.
 """
 
 from __future__ import annotations
@@ -80,12 +81,12 @@ so a figure's thousands of (sigma, depth) points cost one pass per sigma)."""
 
 
 def log_growths(sigma: float, activation: str, depth: int, q_in: float = 1.0) -> tuple[float, ...]:
-    """ln of the predicted growth at depths 1..depth (the first is 0: one block has no gain)."""
+    """ln of the predicted growth at depths 1..depth (from the input: one block has its own gain)."""
     key = (sigma, activation, q_in)
     out, q = _CHAINS.get(key, ([], sigma * sigma * q_in))
     while len(out) < depth:
         q_next, chi = step(sigma, activation, q)
-        out.append(out[-1] + 0.5 * math.log(chi) if out else 0.0)
+        out.append((out[-1] if out else 0.0) + 0.5 * math.log(chi))
         q = q_next
     _CHAINS[key] = (out, q)
     return tuple(out[:depth])

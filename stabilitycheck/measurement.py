@@ -12,6 +12,9 @@ from typing import Any
 
 TENSOR_KINDS = ("weight", "activation", "loss", "activation_grad", "gradient")
 
+INPUT = "(input)"
+"""The name of block 0's input, the first entry of a chain (activation_names) when the probe took it."""
+
 
 @dataclass(frozen=True)
 class NonFinite:

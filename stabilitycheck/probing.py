@@ -216,7 +216,17 @@ def probe_module(
     device = params[0].device
     scaler = torch.amp.GradScaler(device.type) if amp == "float16" else None
     opt = _optimizer(optimizer, params, lr) if steps > 0 or scaler is not None else None
-    run = _Run(model, inputs, loss_fn, names, params, _Recorder(blocks), opt, AUTOCAST.get(amp), scaler)
+    run = _Run(
+        model,
+        inputs,
+        loss_fn,
+        names,
+        params,
+        _Recorder(blocks, input_side=True),
+        opt,
+        AUTOCAST.get(amp),
+        scaler,
+    )
     losses: list[float] = []
     totals: list[float] = []
     scales: list[float] = []

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from stabilitycheck.losses import Inputs
+from stabilitycheck.measurement import INPUT
 
 EXACT = torch.float64
 
@@ -46,15 +47,62 @@ def _fused_norms(tensors: list[torch.Tensor], exact: bool) -> list[torch.Tensor]
     return out
 
 
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors in a (nested) tuple/list of arguments."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, tuple | list):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _chain_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """The tensor a block's chain enters by: its first positional argument (or `hidden_states`, HF's
+    name, when passed by keyword alone), if floating and no other positional tensor has its shape. A
+    recurrent cell's call (u_t, h) or (x_t, (h, c)) has two such tensors: which one is the chain is
+    not knowable from the call, so none is taken."""
+    x = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return None
+    if any(t.shape == x.shape for t in _tensors(args[1:])):
+        return None
+    return x
+
+
 class _Recorder:
     """Forward hooks on the blocks, collecting (block index, output) of every block call while active;
-    dL/d(output) is then captured by the backward pass itself (torch.autograd.grad), no tensor hooks."""
+    dL/d(output) is then captured by the backward pass itself (torch.autograd.grad), no tensor hooks.
 
-    def __init__(self, blocks: Sequence[tuple[str, nn.Module]]) -> None:
+    With `input_side`, block 0's input is the chain's first entry (index -1, named INPUT), so block
+    0's own gain is measured: taken on block 0's first call when no block has run before it, its
+    input is the chain's entry (`_chain_input`) and the output has the input's shape. An input outside
+    the graph (the model's own float input) is made a leaf that requires grad, for dL/d input.
+    """
+
+    def __init__(self, blocks: Sequence[tuple[str, nn.Module]], input_side: bool = False) -> None:
         self.active = False
         self.calls: list[int] = []
         self.outputs: list[torch.Tensor] = []
+        self.entry: torch.Tensor | None = None  # block 0's input, until its first call returns
         self.handles = [module.register_forward_hook(self._hook(b)) for b, (_, module) in enumerate(blocks)]
+        if input_side and blocks:
+            self.handles.append(blocks[0][1].register_forward_pre_hook(self._on_input, with_kwargs=True))
+
+    def _on_input(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        if not self.active or self.calls or self.entry is not None:
+            return None
+        x = _chain_input(args, kwargs)
+        if x is None or not torch.is_grad_enabled():
+            return None
+        if x.requires_grad:
+            self.entry = x
+            return None
+        self.entry = x.detach().requires_grad_()
+        if args:
+            return (self.entry, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": self.entry}
 
     def _hook(self, b: int) -> Any:
         calls, outputs = self.calls, self.outputs  # cleared in place, never rebound
@@ -63,6 +111,10 @@ class _Recorder:
             if self.active:
                 out = output if isinstance(output, torch.Tensor) else _first_tensor(output)
                 if out is not None:
+                    entry, self.entry = self.entry, None
+                    if b == 0 and not calls and entry is not None and entry.shape == out.shape:
+                        calls.append(-1)
+                        outputs.append(entry)
                     calls.append(b)
                     outputs.append(out)
 
@@ -71,10 +123,12 @@ class _Recorder:
     def start(self) -> None:
         self.calls.clear()
         self.outputs.clear()
+        self.entry = None
         self.active = True
 
     def stop(self) -> None:
         self.active = False
+        self.entry = None
 
     def take(self) -> list[torch.Tensor]:
         """The recorded outputs, dropping the recorder's references to them."""
@@ -83,11 +137,15 @@ class _Recorder:
         return outputs
 
     def call_names(self, names: Sequence[str]) -> tuple[str, ...]:
-        """One name per recorded call: the block name, with [k] for blocks called more than once."""
+        """One name per recorded call: the block name, with [k] for blocks called more than once (INPUT
+        for block 0's input)."""
         counts = Counter(self.calls)
         seen: Counter[int] = Counter()
         out = []
         for b in self.calls:
+            if b < 0:
+                out.append(INPUT)
+                continue
             out.append(f"{names[b]}[{seen[b]}]" if counts[b] > 1 else names[b])
             seen[b] += 1
         return tuple(out)

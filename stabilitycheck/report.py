@@ -14,6 +14,7 @@ from tabulate import tabulate
 
 from stabilitycheck.config import Config, Run
 from stabilitycheck.counterexample import SearchResult
+from stabilitycheck.measurement import INPUT
 from stabilitycheck.seeds import Judgement
 from stabilitycheck.verdicts import Limits
 
@@ -119,7 +120,8 @@ def profile(j: Judgement) -> str:
         return "(no blocks)"
     finite = [v for v in values if math.isfinite(v)]
     span = f"{finite[0]:.3g} .. {finite[-1]:.3g}" if finite else "all non-finite"
-    return f"{names[0]} {sparkline(values)} {names[-1]}   |dL/d out| first .. last: {span}"
+    what = "|dL/d out|" if names[0] != INPUT else "|dL/d (input)|, then |dL/d out|"
+    return f"{names[0]} {sparkline(values)} {names[-1]}   {what} first .. last: {span}"
 
 
 def config_call(config: Config) -> str:

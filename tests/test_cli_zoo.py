@@ -112,7 +112,7 @@ def test_ctrl_c_exits_130_and_still_prints_what_was_found(tmp_path: Path) -> Non
         if "probes in" in (proc.stderr.readline() if proc.stderr else ""):
             break
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
     assert out.startswith("target") and "\nmlp " in out
     assert json.loads(js.read_text())[0]["label"] == "mlp"  # what was found so far is written

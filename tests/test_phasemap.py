@@ -43,13 +43,12 @@ _W = _S * (_Z[1] - _Z[0]) / 3 * torch.exp(-0.5 * _Z**2) / math.sqrt(2 * math.pi)
 
 
 def tanh_log_growth(sigma: float, depth: int) -> float:
-    """ln of the mean-field growth of a bias-free tanh net on N(0, 1) inputs: sum over blocks
-    1..depth-1 of 0.5 ln chi_l, chi_l = sigma^2 E[tanh'(sqrt(q_l) z)^2], q_0 = sigma^2."""
+    """ln of the mean-field growth of a bias-free tanh net on N(0, 1) inputs, measured from the input:
+    sum over blocks 0..depth-1 of 0.5 ln chi_l, chi_l = sigma^2 E[tanh'(sqrt(q_l) z)^2], q_0 = sigma^2."""
     q, total = sigma**2, 0.0
-    for layer in range(depth):
+    for _ in range(depth):
         h = math.sqrt(q) * _Z
-        if layer > 0:
-            total += 0.5 * math.log(sigma**2 * float((_W * (1 - torch.tanh(h) ** 2) ** 2).sum()))
+        total += 0.5 * math.log(sigma**2 * float((_W * (1 - torch.tanh(h) ** 2) ** 2).sum()))
         q = sigma**2 * float((_W * torch.tanh(h) ** 2).sum())
     return total
 

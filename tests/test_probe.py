@@ -133,28 +133,54 @@ def test_culprit_of_a_nan_made_by_the_loss_backward_is_the_loss() -> None:
     assert culprit(m) == "(loss)"
 
 
-class RecurrentHead(nn.Module):
-    """nn.RNN (recurrent matrix gain x orthogonal) and a linear readout: two blocks, and the growth
-    through time happens inside the first, where no gain between blocks can show it."""
+class Recurrence(nn.Module):
+    """nn.RNN with recurrent matrix gain x orthogonal, reading floats or (`tokens`) an embedding of
+    integer tokens inside the block, so that the block's input has no gradient."""
 
-    def __init__(self, gain: float) -> None:
+    def __init__(self, gain: float, tokens: bool) -> None:
         super().__init__()
+        self.embed = nn.Embedding(16, 8) if tokens else nn.Identity()
         self.rnn = nn.RNN(8, 8, batch_first=True, bias=False)
         with torch.no_grad():
             q, _ = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(0)))
             self.rnn.weight_hh_l0.copy_(gain * q)
-        self.head = nn.Linear(8, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.rnn(x)[0])  # type: ignore[no-any-return]
+        return self.rnn(self.embed(x))[0]  # type: ignore[no-any-return]
+
+
+class RecurrentHead(nn.Module):
+    """A Recurrence and a linear readout: two blocks, and the growth through time (3^t) happens
+    inside the first."""
+
+    def __init__(self, tokens: bool) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.rnn = Recurrence(3.0, tokens)
+            self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x))  # type: ignore[no-any-return]
+
+
+def probe_recurrent_head(tokens: bool) -> Measurement:
+    model = RecurrentHead(tokens)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 16, (2, 64), generator=gen) if tokens else torch.randn(2, 64, 8, generator=gen)
+    return probe_module(model, x, lambda out, _: out.sum(), blocks=[("rnn", model.rnn), ("head", model.head)])
+
+
+def test_growth_inside_block_0_shows_as_its_gain_from_the_input() -> None:
+    m = probe_recurrent_head(tokens=False)
+    assert m.activation_names == ("(input)", "rnn", "head")
+    assert m.gains[0] > 10.0  # ||dL/dx|| / ||dL/d(rnn output)||: 3^t through time, summed over t
+    assert culprit(m) == "rnn"
 
 
 def test_culprit_of_a_growth_inside_a_block_is_the_block_with_the_largest_weight_gradient() -> None:
-    x = torch.randn(2, 64, 8, generator=torch.Generator().manual_seed(1))
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = RecurrentHead(3.0)
-    m = probe_module(model, x, lambda out, _: out.sum())
+    m = probe_recurrent_head(tokens=True)
+    assert m.activation_names == ("rnn", "head")  # integer tokens: no input side
     assert m.gains[0] < 1.0  # between the blocks the backward signal shrinks...
     assert m.layer_grad_norms[0] > 10 * m.layer_grad_norms[1]  # ...while W_hh's gradient exploded
     assert verdict(m).names == ("grad_norm",)

@@ -91,7 +91,7 @@ def _zoo_config(label: str, knobs: str) -> Config:
 
 
 def _mean_field_depth(sigma: float, limit: float = 100.0) -> int:
-    """Oracle: the depth at which a bias-free tanh MLP's mean-field growth sqrt(chi_1)^(depth - 1)
+    """Oracle: the depth at which a bias-free tanh MLP's mean-field growth sqrt(chi_1)^depth (from the input)
     first passes the limit (Poole et al. 2016), chi_1 from Gauss-Hermite quadrature at the fixed point."""
     import numpy as np
 
@@ -101,7 +101,7 @@ def _mean_field_depth(sigma: float, limit: float = 100.0) -> int:
     for _ in range(1000):
         q = sigma**2 * float(np.sum(w * np.tanh(np.sqrt(q) * z) ** 2))
     chi = sigma**2 * float(np.sum(w * (1 - np.tanh(np.sqrt(q) * z) ** 2) ** 2))
-    return math.floor(math.log(limit) / math.log(math.sqrt(chi))) + 2
+    return math.floor(math.log(limit) / math.log(math.sqrt(chi))) + 1
 
 
 def test_the_zoo_table_shown_is_true_over_seeds() -> None:

@@ -11,10 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from torch import nn
 
 from stabilitycheck.config import Config
-from stabilitycheck.probing import probe
+from stabilitycheck.probing import probe, probe_module
 from stabilitycheck.report import reproduction, text
 from stabilitycheck.searching import search
 from stabilitycheck.seeds import assess
@@ -88,6 +89,41 @@ def test_a_one_entry_stack_is_the_block_list_not_its_leaves() -> None:
     assert [name for name, _ in blocks] == ["1.0"] and "(1)" in note
 
 
+class OneLayer(nn.Module):
+    """Token embedding, a 1-entry stack of one Transformer encoder layer, a readout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.layers = nn.ModuleList([nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)])
+        self.head = nn.Linear(16, 32)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)  # type: ignore[no-any-return]
+
+
+def test_a_one_block_stack_is_measured_across_its_block_from_the_embedding() -> None:
+    """Oracle: dL/d(embedding output) and dL/d(block output) from retain_grad and a plain backward."""
+    torch.manual_seed(0)
+    model = OneLayer()
+    tokens = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(1))
+    loss_fn = lambda out, _: out.square().mean()  # noqa: E731
+    m = probe_module(model, tokens, loss_fn)
+    assert m.activation_names == ("(input)", "layers.0") and len(m.gains) == 1
+    seen: list[torch.Tensor] = []
+    handle = model.layers[0].register_forward_hook(lambda mod, args, out: seen.extend([args[0], out]))
+    loss_fn(model(tokens), tokens)
+    handle.remove()
+    for t in seen:
+        t.retain_grad()
+    loss_fn(model.head(seen[1]), tokens).backward()
+    expected = float(seen[0].grad.norm() / seen[1].grad.norm())  # type: ignore[union-attr]
+    assert m.growth == pytest.approx(expected, rel=1e-5) and m.gains[0] == m.growth
+
+
 def test_an_encoder_decoder_has_both_stacks_named() -> None:
     model = nn.Transformer(
         d_model=8, nhead=2, num_encoder_layers=2, num_decoder_layers=3, dim_feedforward=16, batch_first=True
@@ -96,6 +132,11 @@ def test_an_encoder_decoder_has_both_stacks_named() -> None:
     names = [name for name, _ in blocks]
     assert names == [f"encoder.layers.{i}" for i in range(2)] + [f"decoder.layers.{i}" for i in range(3)]
     assert "encoder.layers (2) + decoder.layers (3)" in note
+    gen = torch.Generator().manual_seed(0)
+    src, tgt = torch.randn(2, 5, 8, generator=gen), torch.randn(2, 4, 8, generator=gen)
+    m = probe_module(model.eval(), (src, tgt), lambda out, _: out.square().mean())
+    assert m.activation_names == ("(input)", *names)  # from src, through both stacks
+    assert len(m.gains) == 5 and all(g > 0 for g in m.gains)
 
 
 def test_the_reproduction_line_reproduces_a_verdict_on_non_default_limits() -> None:
