@@ -75,8 +75,10 @@ class _Recorder:
 
     With `input_side`, block 0's input is the chain's first entry (index -1, named INPUT), so block
     0's own gain is measured: taken on block 0's first call when no block has run before it, its
-    input is the chain's entry (`_chain_input`) and the output has the input's shape. An input outside
-    the graph (the model's own float input) is made a leaf that requires grad, for dL/d input.
+    input is the chain's entry (`_chain_input`), the output has the input's shape and the block did not
+    modify its input in place (its version counter). An input outside the graph (the model's own float
+    input) is replaced by a copy that requires grad, for dL/d input (a copy, not a leaf: an in-place
+    op on a leaf that requires grad would raise inside the user's model).
     """
 
     def __init__(self, blocks: Sequence[tuple[str, nn.Module]], input_side: bool = False) -> None:
@@ -84,6 +86,7 @@ class _Recorder:
         self.calls: list[int] = []
         self.outputs: list[torch.Tensor] = []
         self.entry: torch.Tensor | None = None  # block 0's input, until its first call returns
+        self.version = 0  # the entry's version counter when block 0 received it
         self.handles = [module.register_forward_hook(self._hook(b)) for b, (_, module) in enumerate(blocks)]
         if input_side and blocks:
             self.handles.append(blocks[0][1].register_forward_pre_hook(self._on_input, with_kwargs=True))
@@ -97,9 +100,10 @@ class _Recorder:
         if x is None or not torch.is_grad_enabled():
             return None
         if x.requires_grad:
-            self.entry = x
+            self.entry, self.version = x, x._version
             return None
-        self.entry = x.detach().requires_grad_()
+        self.entry = x.detach().requires_grad_().clone()
+        self.version = self.entry._version
         if args:
             return (self.entry, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": self.entry}
@@ -112,7 +116,13 @@ class _Recorder:
                 out = output if isinstance(output, torch.Tensor) else _first_tensor(output)
                 if out is not None:
                     entry, self.entry = self.entry, None
-                    if b == 0 and not calls and entry is not None and entry.shape == out.shape:
+                    if (
+                        b == 0
+                        and not calls
+                        and entry is not None
+                        and entry.shape == out.shape
+                        and entry._version == self.version
+                    ):
                         calls.append(-1)
                         outputs.append(entry)
                     calls.append(b)

@@ -269,3 +269,17 @@ def test_stall_fires_when_the_loss_barely_moves_and_is_off_by_default() -> None:
     assert verdict(frozen, Limits(stall=0.99)).names == ("stall",)
     assert learning.loss[-1] < 0.99 * learning.loss[0]
     assert "stall" not in verdict(learning, Limits(stall=0.99)).names
+
+
+def test_block_0_modifying_its_input_in_place_runs_and_has_no_input_side() -> None:
+    """An in-place op on block 0's input must not raise (it would on a leaf that requires grad), and
+    dL/d of a tensor changed in place is not dL/d input: no (input) entry then."""
+    torch.manual_seed(0)
+    relu_in_place = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(4, 4))
+    model = nn.Sequential(relu_in_place, nn.Sequential(nn.ReLU(), nn.Linear(4, 4)))
+    blocks = [("a", model[0]), ("b", model[1])]
+    m = probe_module(model, torch.randn(3, 4), lambda o, _: o.square().mean(), blocks=blocks)
+    assert m.activation_names == ("a", "b") and len(m.gains) == 1
+    relu_in_place[0] = nn.ReLU()
+    m = probe_module(model, torch.randn(3, 4), lambda o, _: o.square().mean(), blocks=blocks)
+    assert m.activation_names == ("(input)", "a", "b") and len(m.gains) == 2
