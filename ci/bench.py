@@ -258,14 +258,19 @@ def hooks_item(blocks: Sequence[tuple[str, nn.Module]], step: Variant) -> Varian
     return run
 
 
-def floor(built: Built, params: list[nn.Parameter]) -> Variant:
+def floor(built: Built, params: list[nn.Parameter], input_side: bool) -> Variant:
     """An ideal probe with no bookkeeping: forward hooks appending outputs, one autograd.grad over the
-    outputs and parameters, one fused norm call, one copy to the host. What probe(steps=0) could cost."""
+    outputs (and, with `input_side`, the model's float input, as the probe takes block 0's input) and
+    parameters, one fused norm call, one copy to the host. What probe(steps=0) could cost."""
 
     def run() -> list[float]:
         outputs: list[torch.Tensor] = []
+        inputs = built.inputs
+        if input_side and isinstance(inputs, torch.Tensor):
+            inputs = inputs.detach().requires_grad_()
+            outputs.append(inputs)
         handles = [m.register_forward_hook(lambda m, a, o: outputs.append(o)) for _, m in built.blocks]
-        loss = built.loss_fn(call_model(built.model, built.inputs), built.inputs)
+        loss = built.loss_fn(call_model(built.model, inputs), inputs)
         for h in handles:
             h.remove()
         grads = torch.autograd.grad(loss, [*outputs, *params])
@@ -309,7 +314,7 @@ def variants(config: Config) -> dict[str, Variant]:
         "probe steps=1": functools.partial(
             probe_module, model, inputs, loss_fn, blocks=built.blocks, steps=1, lr=config.run.lr
         ),
-        "floor": floor(built, params),
+        "floor": floor(built, params, input_side=not config.recurrent),
         "detect_anomaly": anomaly,
         "lightning norms": lightning_norms(params, bare),
         "hooks + .item()": hooks_item(built.blocks, bare),
