@@ -26,7 +26,9 @@ def test_crossing_finds_the_threshold_of_a_monotone_predicate(threshold: int, gu
 
 
 @given(st.lists(st.booleans(), min_size=1, max_size=40), st.data())
-def test_crossing_of_any_predicate_is_a_bad_value_above_a_good_one(bits: list[bool], data: st.DataObject) -> None:
+def test_crossing_of_any_predicate_is_a_bad_value_above_a_good_one(
+    bits: list[bool], data: st.DataObject
+) -> None:
     """Oracle: brute force over the list: bad at the answer, and not one step below it."""
     bits[-1] = True  # bad(top) is known
     top = len(bits) - 1
