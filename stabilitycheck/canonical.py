@@ -1,8 +1,9 @@
-"""The canonical smallest exploding point of a grid, verified 1-minimal: lowering any single knob by one
-grid step makes it stable."""
+"""The canonical smallest exploding point of a grid, verified 1-minimal on the full rule over seeds:
+lowering any single knob by one grid step makes it stable."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from stabilitycheck.space import Space
@@ -12,20 +13,26 @@ Index = tuple[int, ...]
 
 class Explodes(Protocol):
     """What the descent needs of a prober (searching.Prober): its Space and, per grid index, whether
-    the Config there explodes."""
+    the Config there explodes on the full rule over seeds (`explodes`) and on a cheap screen that
+    only steers (`screens`: the first seed alone; the full rule itself where there is one seed)."""
 
     space: Space
 
     def explodes(self, index: Index) -> bool: ...
 
+    def screens(self, index: Index) -> bool: ...
+
 
 def canonical(prober: Explodes, found: Index) -> Index:
     """A canonical smallest exploding point, descending from the top corner (from `found` when the top
     corner does not explode): axis by axis, the smallest value that still explodes with the later
-    axes at their upper values (a binary search). Where explosions grow with every knob this is the
-    lexicographically smallest exploding point in axis order; where they do not (a tanh net saturates
-    at large init_scale) it can differ from it, and each knob is then lowered while the point still
-    explodes, so the result is 1-minimal either way. The answer depends on the space, never on
+    axes at their upper values. Each axis is bisected on the screen, then the full rule settles the
+    value next to the screen's answer (`crossing`), so the binary search's many steps cost one seed
+    each and the full rule is spent only at the boundary. Where explosions grow with every knob this
+    is the lexicographically smallest exploding point in axis order (up to where the full rule's
+    verdict is not monotone along an axis); where they do not (a tanh net saturates at large
+    init_scale) it can differ from it, and each knob is then lowered while the point still explodes,
+    so the result is 1-minimal on the full rule either way. The answer depends on the space, never on
     `found` when the top corner explodes: the example database and concurrency change how fast it
     comes, not what."""
     upper = prober.space.top() if prober.explodes(prober.space.top()) else found
@@ -34,12 +41,43 @@ def canonical(prober: Explodes, found: Index) -> Index:
         lo, hi = 0, current[k]
         while lo < hi:
             mid = (lo + hi) // 2
-            if prober.explodes(_at(current, k, mid)):
+            if prober.screens(_at(current, k, mid)):
                 hi = mid
             else:
                 lo = mid + 1
-        current[k] = hi
+        current[k] = crossing(_along(prober, current, k), hi, current[k])
     return minimize(prober, tuple(current))
+
+
+def _along(prober: Explodes, index: list[int], k: int) -> Callable[[int], bool]:
+    """Whether the full rule says explodes at `index` with axis k set to a value."""
+    fixed = list(index)
+    return lambda value: prober.explodes(_at(fixed, k, value))
+
+
+def crossing(bad: Callable[[int], bool], guess: int, top: int) -> int:
+    """A value v in [0, top] where `bad` holds and not at v - 1 (bad(top) is known), found from
+    `guess`: where bad holds at guess or at guess - 1, one step down at a time while it holds; else
+    guess + 1, guess + 2, then a bisection up to top. Where bad is monotone this is its smallest
+    value; where it is not (the full rule near the limit, where the median over seeds wobbles around
+    it), a crossing near `guess`. A right guess costs two calls."""
+    if bad(guess) or (guess > 0 and bad(guess - 1)):
+        value = guess if bad(guess) else guess - 1
+        while value > 0 and bad(value - 1):
+            value -= 1
+        return value
+    good, worse = guess, top  # good: known not bad; worse: known bad
+    for value in range(guess + 1, min(guess + 3, top)):
+        if bad(value):
+            return value
+        good = value
+    while good + 1 < worse:
+        mid = (good + worse) // 2
+        if bad(mid):
+            worse = mid
+        else:
+            good = mid
+    return worse
 
 
 def minimize(prober: Explodes, index: Index) -> Index:

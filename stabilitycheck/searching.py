@@ -1,6 +1,15 @@
 """Search: the smallest exploding Config of a Space. Hypothesis finds any failure (its database replays
 old ones first); a deterministic pass then descends to a canonical point and verifies it 1-minimal;
-then every remedy is re-judged."""
+then every remedy is re-judged.
+
+Seeds. The search steers on a screen, the first seed alone: Hypothesis' property and the descent's
+bisection steps, exactly the single-seed search's path. The full rule over seeds (seeds.assess) is
+spent only where a claim is made: the failure Hypothesis stops at (unless the top corner, where the
+descent starts, explodes on the full rule), the value each axis settles on and the one below it
+(canonical.crossing), the 1-minimality check and the remedies. Sound because the screen only chooses
+where the full rule is asked: the point reported explodes on the full rule and each one-step-lower
+neighbour does not, whatever the screen said. Cheap because a (Config, seed) is probed once
+(seeds.SeedProbes): the full rule starts from the screen's probe."""
 
 from __future__ import annotations
 
@@ -30,7 +39,7 @@ from stabilitycheck.counterexample import SearchResult as SearchResult
 from stabilitycheck.errors import StabilityCheckError, UsageError, UserCodeError
 from stabilitycheck.memory import free_memory
 from stabilitycheck.remedies import Remedy, candidates
-from stabilitycheck.seeds import Judgement, assess, through_time
+from stabilitycheck.seeds import Judgement, SeedProbes, assess, through_time
 from stabilitycheck.space import Space
 from stabilitycheck.subject import Subject
 from stabilitycheck.subjects import resolve
@@ -69,34 +78,63 @@ def time_limit(seconds: float | None) -> Iterator[None]:
 
 
 class Prober:
-    """Judges Configs of a Space once each (a cache by grid index); a point that cannot be judged
-    (too large, too slow, user code failing there) is skipped with the reason."""
+    """Judges Configs of a Space once each (a cache by grid index): on the full rule over seeds
+    (`explodes`, `__call__`) or on the first seed alone (`screens`, `screen`), which only steers the
+    search; the full rule reuses the first seed's probe. A point that cannot be judged (too large,
+    too slow, user code failing there) is skipped with the reason."""
 
     def __init__(
         self, space: Space, subject: Subject, limits: Limits, progress: Progress, timeout: float | None
     ) -> None:
         self.space, self.subject, self.limits, self.progress = space, subject, limits, progress
         self.timeout = timeout
-        self.seen: dict[Index, Judgement | str] = {}
-        self.probes = 0
+        self.seen: dict[Index, Judgement | str] = {}  # the full rule
+        self.first: dict[Index, Judgement | str] = {}  # the first seed alone
+        self.cache = SeedProbes()
+        self.probes = 0  # per-seed probes run to judge points (each (Config, seed) once)
         self.budget = free_memory(space.base.run.device) // 2
 
+    @property
+    def points(self) -> int:
+        """Grid points judged so far, on the first seed or the full rule."""
+        return len(self.seen.keys() | self.first.keys())
+
     def __call__(self, index: Index) -> Judgement | str:
-        """The Judgement at `index`, or why it was skipped."""
+        """The Judgement at `index` on the full rule, or why it was skipped."""
         if index not in self.seen:
-            self.seen[index] = self._judge(self.space.config(index))
-            got = self.seen[index]
-            shown = got.summary() if isinstance(got, Judgement) else f"skipped: {got}"
-            self.progress(f"{self.space.label}: point {len(self.seen)} {self.knobs(index)}: {shown}")
+            skipped = self.first.get(index)
+            config = self.space.config(index)
+            self.seen[index] = skipped if isinstance(skipped, str) else self._judge(config)
+            self._show(index, self.seen[index], "")
         return self.seen[index]
 
+    def screen(self, index: Index) -> Judgement | str:
+        """The full rule's Judgement where known, else the first seed's (a one-seed Judgement)."""
+        if index in self.seen or self.space.config(index).run.seeds == 1:
+            return self(index)  # one seed: the screen is the full rule
+        if index not in self.first:
+            self.first[index] = self._judge(self.space.config(index).with_run(seeds=1))
+            self._show(index, self.first[index], " (first seed)")
+        return self.first[index]
+
+    def _show(self, index: Index, got: Judgement | str, how: str) -> None:
+        shown = got.summary() if isinstance(got, Judgement) else f"skipped: {got}"
+        self.progress(f"{self.space.label}: point {self.points} {self.knobs(index)}{how}: {shown}")
+
     def _judge(self, config: Config) -> Judgement | str:
+        before = self.cache.made
+        try:
+            return self._assess(config)
+        finally:
+            self.probes += self.cache.made - before
+
+    def _assess(self, config: Config) -> Judgement | str:
         need = self.subject.memory_estimate(config)
         if need is not None and need > self.budget:
             return f"too large ({need / 2**20:.0f} MiB estimated, {self.budget / 2**20:.0f} MiB allowed)"
         try:
             with time_limit(self.timeout):
-                j = assess(config, self.subject, self.limits)
+                return assess(config, self.subject, self.limits, self.cache)
         except ProbeTimeout:
             return f"too slow (over the {self.timeout:g} s probe budget)"
         except MemoryError as exc:
@@ -113,23 +151,33 @@ class Prober:
             if type(exc).__name__ == "OutOfMemoryError":
                 return f"out of memory ({describe(exc)})"
             return f"the model raised {describe(exc)}"
-        self.probes += len(j.seeds)
-        return j
 
     def explodes(self, index: Index) -> bool:
         got = self(index)
+        return isinstance(got, Judgement) and got.exploded
+
+    def screens(self, index: Index) -> bool:
+        got = self.screen(index)
         return isinstance(got, Judgement) and got.exploded
 
     def knobs(self, index: Index) -> str:
         return " ".join(f"{a.name}={a.values[i]}" for a, i in zip(self.space.axes, index, strict=True))
 
     def largest_stable(self) -> Index | None:
-        """The stable index seen with the largest grid indices (sum, then lexicographic)."""
-        stable = [i for i, r in self.seen.items() if isinstance(r, Judgement) and not r.exploded]
+        """The stable index judged with the largest grid indices (sum, then lexicographic); the full
+        rule's judgement where there is one."""
+        judged = self.judged()
+        stable = [i for i, r in judged.items() if isinstance(r, Judgement) and not r.exploded]
         return max(stable, key=lambda i: (sum(i), i)) if stable else None
 
+    def judged(self) -> dict[Index, Judgement | str]:
+        """Every point judged: the full rule's judgement, else the first seed's."""
+        return {**self.first, **self.seen}
+
     def skipped(self) -> tuple[tuple[Config, str], ...]:
-        return tuple((self.space.config(i), r) for i, r in sorted(self.seen.items()) if isinstance(r, str))
+        return tuple(
+            (self.space.config(i), r) for i, r in sorted(self.judged().items()) if isinstance(r, str)
+        )
 
 
 class _Exploded(Exception):
@@ -143,20 +191,21 @@ def _digest(space: Space) -> bytes:
 
 
 def hypothesis_phase(
-    prober: Prober, max_examples: int, seed: int, database: ExampleDatabase | None
+    prober: Prober, max_examples: int, seed: int, database: ExampleDatabase | None, confirm: bool = True
 ) -> Index | None:
-    """Run Hypothesis over the grid indices with the property "stable"; a failure or None.
+    """Run Hypothesis over the grid indices with the property "stable" on the first seed (the screen);
+    a failure or None. `confirm`: a failure must also explode on the full rule over seeds.
 
     Axes are drawn in order of importance, so shortlex shrinking lowers the first ones first;
-    `target` on the log growth steers generation towards explosions. No shrinking: the canonical
-    pass that follows finds the smallest point deterministically.
+    `target` on the first seed's log growth steers generation towards explosions. No shrinking: the
+    canonical pass that follows finds the smallest point deterministically.
     """
     space = prober.space
     failures: list[Index] = []
 
     def stable(data: st.DataObject) -> None:
         index = tuple(data.draw(st.integers(0, len(a.values) - 1), label=a.name) for a in space.axes)
-        got = prober(index)
+        got = prober.screen(index)
         if isinstance(got, str):
             event("skipped")
             return
@@ -165,7 +214,7 @@ def hypothesis_phase(
             target(math.log(got.growth.mid), label="(stabilitycheck) log growth")
         for name in got.verdict.names:
             event(f"criterion: {name}")
-        if got.exploded:
+        if got.exploded and (not confirm or prober.explodes(index)):
             failures.append(index)
             raise _Exploded
 
@@ -187,21 +236,24 @@ def hypothesis_phase(
     return None
 
 
-def try_remedies(config: Config, subject: Subject, limits: Limits) -> Iterator[Remedy]:
+def try_remedies(
+    config: Config, subject: Subject, limits: Limits, probes: SeedProbes | None = None
+) -> Iterator[Remedy]:
     """Re-judge the counterexample with each remedy; yields fixed / not fixed as measured."""
     for name, changed in candidates(config, subject).items():
         if changed is None:
             yield Remedy(name, None, None)
             continue
-        j = assess(changed, subject, limits)
+        j = assess(changed, subject, limits, probes)
         yield Remedy(name, changed, not j.exploded, j.verdict.names, j.growth.describe())
 
 
-def _with_through_time(j: Judgement, config: Config, subject: Subject) -> Judgement:
-    """The judgement with the through-time growth (loss on the last step) of a recurrent subject."""
+def _with_through_time(j: Judgement, config: Config, subject: Subject, probes: SeedProbes) -> Judgement:
+    """The judgement with the through-time growth (loss on the last step) of a recurrent subject, over
+    the seeds the verdict used."""
     if j.through_time is not None or not config.recurrent:
         return j
-    spread = through_time(config, subject, config.run.quantile)
+    spread = through_time(config, subject, config.run.quantile, j.seeds, probes)
     accumulated = (
         spread is not None
         and "growth" in j.verdict.names
@@ -237,12 +289,12 @@ def search(
 
     def result(cx: Counterexample | None) -> SearchResult:
         stable = prober.largest_stable()
-        judged = prober.seen.get(stable) if stable is not None else None
+        judged = prober.judged().get(stable) if stable is not None else None
         return SearchResult(
             space=space,
             counterexample=cx,
             probes=prober.probes,
-            points=len(prober.seen),
+            points=prober.points,
             elapsed=time.perf_counter() - start,
             largest_stable=space.config(stable) if stable is not None else None,
             largest_stable_judgement=judged if isinstance(judged, Judgement) else None,
@@ -252,19 +304,24 @@ def search(
 
     cx: Counterexample | None = None
     try:
-        found = hypothesis_phase(prober, max_examples, seed, database)
-        if found is None and prober.explodes(space.top()):
+        found = hypothesis_phase(prober, max_examples, seed, database, confirm=False)
+        top = prober.explodes(space.top())
+        if found is not None and not top and not prober.explodes(found):
+            # the descent starts from the top corner where it explodes, else from `found`, which must
+            # then explode on the full rule: look on, confirming each failure on it
+            found = hypothesis_phase(prober, max_examples, seed, database)
+        if found is None and top:
             found = space.top()  # Hypothesis missed a corner region
         if found is not None:
             found = canonical(prober, found)
             config = space.config(found)
             judged = prober(found)
             assert isinstance(judged, Judgement)
-            judged = _with_through_time(judged, config, subject)
+            judged = _with_through_time(judged, config, subject, prober.cache)
             cx = Counterexample(space.label, config, judged, limits, ())
             if on_result:
                 on_result(result(cx))
-            for remedy in try_remedies(config, subject, limits):
+            for remedy in try_remedies(config, subject, limits, prober.cache):
                 remedies.append(remedy)
                 cx = replace(cx, remedies=tuple(remedies))
                 if on_result:

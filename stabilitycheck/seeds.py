@@ -269,12 +269,40 @@ def _far(name: str, value: float, lim: Limits, factor: float) -> bool:
     return abs(math.log(value / b)) >= math.log(factor)
 
 
-def assess(config: Config, subject: Subject | None = None, limits: Limits | None = None) -> Judgement:
+class SeedProbes:
+    """Probes by (Config, seed), each run once: a search judges a point on its first seed, then the
+    full rule there reuses that probe (and the remedies reuse any grid point's). `made` counts the
+    probes run, last-step probes apart in `made_last`."""
+
+    def __init__(self) -> None:
+        self.done: dict[tuple[Config, bool], Measurement] = {}
+        self.made = 0
+        self.made_last = 0
+
+    def __call__(self, config: Config, subject: Subject | None, last_step: bool = False) -> Measurement:
+        key = (config.with_run(seeds=1, quantile=0.5), last_step)  # what a probe does not read
+        if key not in self.done:
+            self.done[key] = probe(config, subject, last_step=last_step)
+            if last_step:
+                self.made_last += 1
+            else:
+                self.made += 1
+        return self.done[key]
+
+
+def assess(
+    config: Config,
+    subject: Subject | None = None,
+    limits: Limits | None = None,
+    probes: SeedProbes | None = None,
+) -> Judgement:
     """Probe `config` over up to run.seeds initialisations and judge the run.quantile of each criterion.
     For recurrent subjects with a vanishing limit, vanishing is judged on the through-time growth (the
-    loss on the last step): a per-token loss hides it under gradients from later tokens."""
+    loss on the last step): a per-token loss hides it under gradients from later tokens. `probes`:
+    a cache of per-seed probes to reuse (a search's)."""
     lim = limits or Limits()
     run = config.run
+    measure = probes or SeedProbes()
     ms: list[Measurement] = []
     per_seed: list[dict[str, float]] = []
     through: list[float] = []
@@ -282,10 +310,10 @@ def assess(config: Config, subject: Subject | None = None, limits: Limits | None
     for i in range(run.seeds):
         used.append(seed_of(run.seed, i))
         seeded = config.with_run(seed=used[-1])
-        m = probe(seeded, subject)
+        m = measure(seeded, subject)
         named = values(m)
         if lim.vanishing is not None and config.recurrent:
-            through.append(probe(seeded, subject, last_step=True).growth)
+            through.append(measure(seeded, subject, last_step=True).growth)
             named["vanishing"] = through[-1]
         ms.append(m)
         per_seed.append(named)
@@ -320,12 +348,18 @@ def _judgement(
     )
 
 
-def through_time(config: Config, subject: Subject, q: float) -> Spread | None:
-    """The through-time growth (loss on the last step) over the seeds, for recurrent subjects."""
+def through_time(
+    config: Config,
+    subject: Subject,
+    q: float,
+    seeds: Sequence[int] | None = None,
+    probes: SeedProbes | None = None,
+) -> Spread | None:
+    """The through-time growth (loss on the last step) of a recurrent subject over `seeds` (default:
+    every seed of the budget; a search passes the seeds its verdict used, so the spreads match)."""
     if not config.recurrent:
         return None
-    xs = [
-        probe(config.with_run(seed=seed_of(config.run.seed, i)), subject, last_step=True).growth
-        for i in range(config.run.seeds)
-    ]
+    measure = probes or SeedProbes()
+    used = seeds if seeds is not None else [seed_of(config.run.seed, i) for i in range(config.run.seeds)]
+    xs = [measure(config.with_run(seed=s), subject, last_step=True).growth for s in used]
     return Spread.of(xs, q)

@@ -1,0 +1,131 @@
+"""The search steers on the first seed and claims only on the full rule over seeds: the settling step
+against brute force, a lying screen that still yields a point 1-minimal on the full rule, the
+per-seed probe cache against fresh probes, and a seeds search against the exhaustive full-rule grid."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from stabilitycheck.canonical import Index, boundary, canonical, crossing
+from stabilitycheck.config import Config
+from stabilitycheck.searching import search, sweep
+from stabilitycheck.seeds import SeedProbes, assess
+from stabilitycheck.space import Axis, Space
+from stabilitycheck.verdicts import Limits
+
+
+@given(st.integers(0, 40), st.integers(0, 40), st.integers(0, 40))
+def test_crossing_finds_the_threshold_of_a_monotone_predicate(threshold: int, guess: int, top: int) -> None:
+    """Oracle: the smallest value where v >= threshold holds, whatever the guess."""
+    top = max(top, threshold)
+    guess = min(guess, top)
+    assert crossing(lambda v: v >= threshold, guess, top) == threshold
+
+
+@given(st.lists(st.booleans(), min_size=1, max_size=40), st.data())
+def test_crossing_of_any_predicate_is_a_bad_value_above_a_good_one(
+    bits: list[bool], data: st.DataObject
+) -> None:
+    """Oracle: brute force over the list: bad at the answer, and not one step below it."""
+    bits[-1] = True  # bad(top) is known
+    top = len(bits) - 1
+    guess = data.draw(st.integers(0, top))
+    v = crossing(lambda i: bits[i], guess, top)
+    assert bits[v] and (v == 0 or not bits[v - 1])
+
+
+class Grid:
+    """A prober over a fixed grid verdict (the full rule) whose screen is a given, possibly lying,
+    function; counts the full-rule calls."""
+
+    def __init__(self, space: Space, full: dict[Index, bool], screen: dict[Index, bool]) -> None:
+        self.space, self.full, self.screen = space, full, screen
+        self.asked: set[Index] = set()
+
+    def explodes(self, index: Index) -> bool:
+        self.asked.add(index)
+        return self.full[index]
+
+    def screens(self, index: Index) -> bool:
+        return self.screen[index]
+
+
+SPACE = Space("grid", Config.of("mlp"), (Axis.range("depth", 1, 12), Axis.range("width", 1, 8)))
+
+
+def _grid(rng: random.Random, noise: float) -> dict[Index, bool]:
+    """Explodes above a staircase falling with width (monotone in both knobs), each point flipped
+    with probability `noise` (then non-monotone)."""
+    cut = dict(enumerate(sorted((rng.randint(0, 11) for _ in range(8)), reverse=True)))
+    return {
+        (d, w): (d >= cut[w]) != (rng.random() < noise) or (d, w) == (11, 7)
+        for d in range(12)
+        for w in range(8)
+    }
+
+
+def test_a_lying_screen_still_gives_a_point_one_minimal_on_the_full_rule() -> None:
+    """A deliberately broken screen (random, inverted, always stable, always exploding): the descent
+    still ends on a point of the full rule's boundary (brute force: boundary() of the whole grid)."""
+    rng = random.Random(0)
+    for trial in range(200):
+        full = _grid(rng, noise=0.1 if trial % 2 else 0.0)
+        screens = {
+            "random": {i: rng.random() < 0.5 for i in full},
+            "inverted": {i: not bad for i, bad in full.items()},
+            "stable": dict.fromkeys(full, False),
+            "explodes": dict.fromkeys(full, True),
+        }
+        for name, screen in screens.items():
+            grid = Grid(SPACE, full, screen)
+            assert canonical(grid, (11, 7)) in boundary(full), (trial, name)
+
+
+def test_a_truthful_screen_asks_the_full_rule_only_near_the_boundary() -> None:
+    """With the screen equal to the full rule on a monotone grid, the full rule is asked at the top
+    corner, each axis' settled value and the one below it, and the 1-minimality check: at most 2 per
+    axis plus 2, against every bisection step of the old descent."""
+    rng = random.Random(1)
+    for _ in range(50):
+        full = _grid(rng, noise=0.0)
+        grid = Grid(SPACE, full, full)
+        canonical(grid, (11, 7))
+        assert len(grid.asked) <= 2 * len(SPACE.axes) + 2, sorted(grid.asked)
+
+
+def test_a_cached_probe_is_the_fresh_probe_and_runs_once() -> None:
+    """Oracle: assess without a cache. The first seed's judgement, then the full rule from the same
+    cache, give the full rule's own Judgement with the first seed probed once."""
+    config = Config.of("mlp", depth=6, width=8, init_scale=2.0, batch_size=4, seeds=5)
+    fresh = assess(config)
+    cache = SeedProbes()
+    first = assess(config.with_run(seeds=1), probes=cache)
+    assert cache.made == 1
+    again = assess(config, probes=cache)
+    assert again == fresh
+    assert cache.made == len(fresh.seeds)  # the first seed's probe was reused
+    assert first.measurement == fresh.measurement or len(fresh.seeds) > 1
+    assess(config, probes=cache)
+    assert cache.made == len(fresh.seeds)  # nothing probed twice
+
+
+def test_a_seeds_search_ends_on_the_full_rules_boundary() -> None:
+    """Oracle: sweep() judges every grid point on the full rule (3 seeds); the search's point is one
+    of that grid's 1-minimal points."""
+    space = Space(
+        "mlp",
+        Config.of("mlp", width=8, batch_size=4, activation="linear", seeds=3),
+        (Axis.range("depth", 1, 10), Axis.range("init_scale", 1.0, 2.5, 0.5)),
+    )
+    limits = Limits(growth=10.0)
+    grid = sweep(space, limits=limits)
+    assert not all(grid.values()) and any(grid.values())
+    result = search(space, limits=limits, max_examples=10, seed=0)
+    cx = result.counterexample
+    assert cx is not None
+    found = tuple(a.values.index(cx.config.knob(a.name)) for a in space.axes)  # type: ignore[arg-type]
+    assert found in boundary(grid)
+    assert result.points <= result.probes <= 3 * result.points
