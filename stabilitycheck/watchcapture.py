@@ -52,6 +52,8 @@ class Capture:
         self._norm_slots: list[int] = []
         self._index: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._groups: list[tuple[tuple[int, ...], list[torch.Tensor]]] = []
+        self._dtypes: set[torch.dtype] = set()  # of the norms in _norms
+        self._zeros: dict[torch.dtype, torch.Tensor] = {}  # the loss of a step without one
         self.device = self.params[0].device
         n = len(blocks)
         self._grad_hooks: dict[tuple[int, int], GradHook] = {}
@@ -71,7 +73,7 @@ class Capture:
                 return
             kept = out.detach()
             if self.eager:
-                self._norms.extend(_norms([kept]))
+                self._norms += _norms([kept], self._dtypes)
                 self._norm_slots.append(slot)
             else:
                 self._versions.append((kept, kept._version))
@@ -119,7 +121,7 @@ class Capture:
                 self.eager = True
         tensors = self._pending + list(extra)
         if tensors:
-            self._norms.extend(_norms(tensors))
+            self._norms += _norms(tensors, self._dtypes)
             self._norm_slots.extend(self._pending_slots)
             self._norm_slots.extend(extra_slots)
         self._pending, self._pending_slots, self._versions, self._held = [], [], [], 0
@@ -136,14 +138,16 @@ class Capture:
                     grads.append(distributed.local(p.grad)[0] if self.sharded else p.grad)
                     which.append(i)
             self._reduce(grads, [self.param_slots[i] for i in which])
-            norms, slots = self._norms, self._norm_slots
-            self._norms, self._norm_slots = [], []
-            dtype = torch.float64 if any(t.dtype == torch.float64 for t in norms) else torch.float32
+            norms, slots, dtypes = self._norms, self._norm_slots, self._dtypes
+            self._norms, self._norm_slots, self._dtypes = [], [], set()
+            dtype = torch.float64 if torch.float64 in dtypes else torch.float32
             if loss is None:
-                loss = torch.zeros((), dtype=dtype, device=self.device)
+                loss = self._zeros.get(dtype)
+                if loss is None:
+                    loss = self._zeros[dtype] = torch.zeros((), dtype=dtype, device=self.device)
             if loss.dtype != dtype:
                 loss = loss.to(dtype)
-            if any(t.dtype != dtype for t in norms):
+            if len(dtypes) > 1:
                 norms = [t.to(dtype) for t in norms]
             key = (*slots[: len(slots) - len(which)], -1, *which)
             if not self._groups or self._groups[-1][0] != key:
@@ -152,13 +156,8 @@ class Capture:
             if weights:
                 tensors = [distributed.local(p)[0] for p in self.params] if self.sharded else self.params
                 index, factors = self._lookup((-2, *range(n, 2 * n)))
-                squares = torch.stack([t.double() for t in _norms(tensors)]).square()
+                squares = torch.stack([t.double() for t in _norms(tensors, set())]).square()
                 row.index_add_(0, index, squares if factors is None else squares * factors)
-
-    @property
-    def unsettled(self) -> int:
-        """Steps closed but not yet written into rows."""
-        return sum(len(steps) for _, steps in self._groups)
 
     def settle(self, rows: torch.Tensor) -> None:
         """Write the closed steps into `rows` (one row each, in order, zeroed but for weight norms):
@@ -192,19 +191,21 @@ class Capture:
         return self._index[key]
 
 
-def _norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def _norms(tensors: Sequence[torch.Tensor], dtypes: set[torch.dtype]) -> list[torch.Tensor]:
     """The L2 norm of each tensor as a 0-d tensor, in float32 or wider: one fused call per dtype
-    (dtype= passed only where it widens: on CPU it makes the fused call half as fast again)."""
-    dtypes = {t.dtype for t in tensors}
-    if len(dtypes) == 1:
-        dtype = dtypes.pop()
-        return list(torch._foreach_norm(list(tensors), 2, dtype=_widened(dtype)))
+    (dtype= passed only where it widens: on CPU it makes the fused call half as slow again). The
+    dtypes of the norms are added to `dtypes`."""
+    kinds = {t.dtype for t in tensors}
+    if len(kinds) == 1:
+        kind = kinds.pop()
+        dtypes.add(_widened(kind) or kind)
+        return list(torch._foreach_norm(list(tensors), 2, dtype=_widened(kind)))
     out = list(tensors)
-    for dtype in dtypes:
-        idx = [i for i, t in enumerate(tensors) if t.dtype == dtype]
-        for i, norm in zip(
-            idx, torch._foreach_norm([tensors[i] for i in idx], 2, dtype=_widened(dtype)), strict=True
-        ):
+    for kind in kinds:
+        dtypes.add(_widened(kind) or kind)
+        idx = [i for i, t in enumerate(tensors) if t.dtype == kind]
+        norms = torch._foreach_norm([tensors[i] for i in idx], 2, dtype=_widened(kind))
+        for i, norm in zip(idx, norms, strict=True):
             out[i] = norm
     return out
 

@@ -138,7 +138,7 @@ class Log:
         self, step: int, values: list[float], flags: list[bool], ranks: list[list[float]] | None
     ) -> None:
         found: Finding | None = None
-        for index in self.order:
+        for index in self.order if any(flags) else ():
             if flags[index]:
                 kind, block = self.names[index]
                 rank = nonfinite_rank(ranks, self.layout, index) if ranks is not None else None
@@ -152,7 +152,7 @@ class Log:
                 r.first_spike, self.first_flag_values = found, values
             if self.skip:
                 r.skipped_steps.append(step)
-        if r.first_nonfinite is None:
+        if r.first_nonfinite is None and not math.isfinite(sum(values)):  # a fast check first
             for index in self.order:
                 if not math.isfinite(values[index]):
                     kind, block = self.names[index]
