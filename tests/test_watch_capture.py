@@ -1,0 +1,85 @@
+"""The watcher's lazy capture (stabilitycheck.watchcapture): norms taken late or in batches equal
+torch's own, and an output changed in place before its norm is taken is caught, not misreported."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from watch_models import MLP, batch, train
+
+from stabilitycheck import watchcapture
+from stabilitycheck.watching import watch
+
+
+def reference(model: MLP, data: tuple[torch.Tensor, torch.Tensor]) -> tuple[list[float], list[float]]:
+    """Block output norms and their gradients' norms on `data`, with autograd.grad (no hooks)."""
+    x, y = data
+    outs, h = [], x
+    for block in model.blocks:
+        h = block(h)
+        outs.append(h)
+    loss = ((model.head(h).squeeze(-1) - y) ** 2).mean()
+    grads = torch.autograd.grad(loss, outs)
+    norms = [float(torch.linalg.vector_norm(t.detach())) for t in outs]
+    return norms, [float(torch.linalg.vector_norm(g)) for g in grads]
+
+
+@pytest.mark.parametrize("cap", [1, 1 << 22])
+def test_norms_taken_at_once_or_at_the_step_end_are_torchs_own(
+    cap: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cap 1: every kept tensor is normed as soon as it is kept; the default: all at the step's end."""
+    monkeypatch.setattr(watchcapture, "PENDING_CAP", cap)
+    torch.manual_seed(0)
+    model = MLP(depth=4)
+    data = batch(torch.Generator().manual_seed(0), model)  # what train(seed=0) draws first
+    w = train(model, 1, flush_every=1)
+    values = dict(zip(w.out.names, w.out.last_values, strict=True))
+    torch.manual_seed(0)
+    outs, grads = reference(MLP(depth=4), data)
+    for b in range(4):
+        assert values[("activation", f"blocks.{b}")] == pytest.approx(outs[b], rel=1e-6)
+        assert values[("activation_grad", f"blocks.{b}")] == pytest.approx(grads[b], rel=1e-6)
+
+
+class Doubling(nn.Module):
+    """Linear blocks whose outputs the model doubles in place after each block returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+            x.mul_(2.0)
+        return self.head(x).squeeze(-1)
+
+
+def test_an_output_changed_in_place_is_caught_and_later_steps_are_exact(tmp_path: Path) -> None:
+    """Step 0 norms the doubled outputs (kept until the step's end) and warns; from step 1 on the
+    norms are taken at each block call, so they are the outputs as the blocks returned them."""
+    torch.manual_seed(0)
+    model = Doubling()
+    x = torch.randn(8, 16)
+    log = tmp_path / "watch.jsonl"
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the same weights at both steps
+    with pytest.warns(UserWarning, match="modified in place"), watch(model, opt, log=log, report=None):
+        for _ in range(2):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    with torch.no_grad():
+        h, returned = x, []
+        for block in model.blocks:
+            h = block(h)
+            returned.append(float(torch.linalg.vector_norm(h)))
+            h = 2.0 * h
+    assert rows[0]["activation"] == pytest.approx([2.0 * v for v in returned], rel=1e-6)
+    assert rows[1]["activation"] == pytest.approx(returned, rel=1e-6)
