@@ -23,6 +23,7 @@ from stabilitycheck import distributed
 from stabilitycheck.recording import _first_tensor
 
 PENDING_CAP = 1 << 22  # elements kept for lazy norms (16 MiB in float32) before they are normed
+STACK_MIN, STACK_NUMEL = 64, 1 << 13  # a block's >= 64 captures of <= 8K elements: stacked, one norm
 
 GradHook = Callable[[Any], None]
 
@@ -44,18 +45,17 @@ class Capture:
         self.param_slots, self.param_scale = list(param_slots), list(param_scale)
         self.sharded = any(distributed.is_dtensor(p) for p in self.params)
         self.eager = False  # set once a kept output was modified in place before its norm
-        self._pending: list[torch.Tensor] = []
-        self._pending_slots: list[int] = []
+        n = len(blocks)
+        self._pending: dict[int, list[torch.Tensor]] = {slot: [] for slot in range(1, 1 + 2 * n)}
         self._versions: list[tuple[torch.Tensor, int]] = []
         self._held = 0
-        self._norms: list[torch.Tensor] = []
-        self._norm_slots: list[int] = []
+        self._norms: list[torch.Tensor] = []  # 1-d chunks of norms
+        self._norm_slots: list[int] = []  # the slot of each norm, in the chunks' order
         self._index: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._groups: list[tuple[tuple[int, ...], list[torch.Tensor]]] = []
-        self._dtypes: set[torch.dtype] = set()  # of the norms in _norms
+        self._dtypes: set[torch.dtype] = set()  # of the chunks in _norms
         self._zeros: dict[torch.dtype, torch.Tensor] = {}  # the loss of a step without one
         self.device = self.params[0].device
-        n = len(blocks)
         self._grad_hooks: dict[tuple[int, int], GradHook] = {}
         self._out_slot = [1 + b for b in range(n)]
         self._grad_slot = [1 + n + b for b in range(n)]
@@ -66,6 +66,7 @@ class Capture:
 
     def _forward_hook(self, b: int) -> Callable[[nn.Module, Any, Any], None]:
         slot = self._out_slot[b]
+        outputs = self._pending[slot]  # cleared in place, never rebound
 
         def on_forward(module: nn.Module, args: Any, output: Any) -> None:
             out = output if isinstance(output, torch.Tensor) else _first_tensor(output)
@@ -73,11 +74,10 @@ class Capture:
                 return
             kept = out.detach()
             if self.eager:
-                self._norms += _norms([kept], self._dtypes)
-                self._norm_slots.append(slot)
+                self._norms += _norms([kept], [slot], self._norm_slots, self._dtypes)
             else:
                 self._versions.append((kept, kept._version))
-                self._keep(kept, slot)
+                self._keep(kept, outputs)
             if out.requires_grad:
                 node = out.grad_fn
                 if node is None:  # a leaf: only a tensor hook sees its gradient
@@ -91,27 +91,26 @@ class Capture:
         """The hook keeping the gradient of output `index` of a node as block b's (built once)."""
         key = (b, index)
         if key not in self._grad_hooks:
-            slot = self._grad_slot[b]
+            kept = self._pending[self._grad_slot[b]]
 
             def on_grad(grads: Any) -> None:
                 grad = grads[index] if isinstance(grads, tuple) else grads
                 if grad is not None:
-                    self._keep(grad, slot)
+                    self._keep(grad, kept)
 
             self._grad_hooks[key] = on_grad
         return self._grad_hooks[key]
 
-    def _keep(self, tensor: torch.Tensor, slot: int) -> None:
-        self._pending.append(tensor)
-        self._pending_slots.append(slot)
+    def _keep(self, tensor: torch.Tensor, into: list[torch.Tensor]) -> None:
+        into.append(tensor)
         self._held += tensor.numel()
         if self._held >= PENDING_CAP:
             self._reduce()
 
     def _reduce(self, extra: Sequence[torch.Tensor] = (), extra_slots: Sequence[int] = ()) -> None:
         """Norm what is kept (and `extra`) in one fused call per dtype; forget the tensors."""
-        for kept, version in self._versions:
-            if kept._version != version and not self.eager:
+        for output, version in self._versions:
+            if output._version != version and not self.eager:
                 warnings.warn(
                     "watch: a block's output was modified in place after the block returned; its norm "
                     "is that of the modified values this step, and output norms are taken eagerly "
@@ -119,12 +118,24 @@ class Capture:
                     stacklevel=2,
                 )
                 self.eager = True
-        tensors = self._pending + list(extra)
+        tensors, codes = list(extra), list(extra_slots)
+        for slot, kept in self._pending.items():
+            if len(kept) >= STACK_MIN and kept[0].numel() <= STACK_NUMEL:
+                stacked = _stack(kept)
+                if stacked is not None:  # one norm over all calls: the block's norm this step
+                    self._norms.append(
+                        torch.linalg.vector_norm(stacked, dtype=_widened(stacked.dtype)).reshape(1)
+                    )
+                    self._norm_slots.append(slot)
+                    self._dtypes.add(self._norms[-1].dtype)
+                    kept.clear()
+                    continue
+            tensors += kept
+            codes += [slot] * len(kept)
+            kept.clear()
         if tensors:
-            self._norms += _norms(tensors, self._dtypes)
-            self._norm_slots.extend(self._pending_slots)
-            self._norm_slots.extend(extra_slots)
-        self._pending, self._pending_slots, self._versions, self._held = [], [], [], 0
+            self._norms += _norms(tensors, codes, self._norm_slots, self._dtypes)
+        self._versions, self._held = [], 0
 
     def close_step(self, row: torch.Tensor, loss: torch.Tensor | None, weights: bool) -> None:
         """Norm this step's captures and gradients and keep them (one stacked tensor) until `settle`;
@@ -137,8 +148,8 @@ class Capture:
                 if p.grad is not None:
                     grads.append(distributed.local(p.grad)[0] if self.sharded else p.grad)
                     which.append(i)
-            self._reduce(grads, [self.param_slots[i] for i in which])
-            norms, slots, dtypes = self._norms, self._norm_slots, self._dtypes
+            self._reduce(grads, [-2 - i for i in which])
+            norms, codes, dtypes = self._norms, self._norm_slots, self._dtypes
             self._norms, self._norm_slots, self._dtypes = [], [], set()
             dtype = torch.float64 if torch.float64 in dtypes else torch.float32
             if loss is None:
@@ -149,14 +160,18 @@ class Capture:
                 loss = loss.to(dtype)
             if len(dtypes) > 1:
                 norms = [t.to(dtype) for t in norms]
-            key = (*slots[: len(slots) - len(which)], -1, *which)
+            if loss.dim():
+                loss = loss.reshape(())
+            key = tuple(codes)
             if not self._groups or self._groups[-1][0] != key:
                 self._groups.append((key, []))
-            self._groups[-1][1].append(torch.stack([loss, *norms]))
+            self._groups[-1][1].append(torch.cat([loss.unsqueeze(0), *norms]))
             if weights:
                 tensors = [distributed.local(p)[0] for p in self.params] if self.sharded else self.params
-                index, factors = self._lookup((-2, *range(n, 2 * n)))
-                squares = torch.stack([t.double() for t in _norms(tensors, set())]).square()
+                order: list[int] = []
+                chunks = _norms(tensors, [-2 - i for i in range(n, 2 * n)], order, set())
+                index, factors = self._lookup(tuple(order))
+                squares = torch.cat([t.double() for t in chunks]).square()
                 row.index_add_(0, index, squares if factors is None else squares * factors)
 
     def settle(self, rows: torch.Tensor) -> None:
@@ -176,13 +191,11 @@ class Capture:
         self._groups = []
 
     def _lookup(self, key: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The slots and scale factors of a step's norms: `key` is the captures' slots, then -1 (or
-        -2 for weights only) and the indices of the parameters normed (gradients, then weights)."""
+        """The slots and scale factors of a step's norms, built once per `key`: a code per norm, its
+        slot for a block capture, -2 - i for parameter i's gradient (-2 - n - i for its weight)."""
         if key not in self._index:
-            cut = key.index(-1) if -1 in key else key.index(-2)
-            params = key[cut + 1 :]
-            slots = [*key[:cut], *(self.param_slots[i] for i in params)]
-            scale = [1.0] * cut + [self.param_scale[i] for i in params]
+            slots = [c if c >= 0 else self.param_slots[-2 - c] for c in key]
+            scale = [1.0 if c >= 0 else self.param_scale[-2 - c] for c in key]
             factors = None if all(f == 1.0 for f in scale) else torch.tensor(scale, dtype=torch.float64)
             self._index[key] = (
                 torch.tensor(slots, device=self.device),
@@ -191,23 +204,34 @@ class Capture:
         return self._index[key]
 
 
-def _norms(tensors: Sequence[torch.Tensor], dtypes: set[torch.dtype]) -> list[torch.Tensor]:
-    """The L2 norm of each tensor as a 0-d tensor, in float32 or wider: one fused call per dtype
-    (dtype= passed only where it widens: on CPU it makes the fused call half as slow again). The
-    dtypes of the norms are added to `dtypes`."""
+def _norms(
+    tensors: Sequence[torch.Tensor], codes: Sequence[int], order: list[int], dtypes: set[torch.dtype]
+) -> list[torch.Tensor]:
+    """The L2 norms of `tensors` as 1-d chunks, in float32 or wider, one fused call per dtype (a
+    loop over the tensors, on a CPU); the tensors' codes are appended to `order` in the chunks'
+    order, the chunks' dtypes added to `dtypes`."""
     kinds = {t.dtype for t in tensors}
     if len(kinds) == 1:
         kind = kinds.pop()
-        dtypes.add(_widened(kind) or kind)
-        return list(torch._foreach_norm(list(tensors), 2, dtype=_widened(kind)))
-    out = list(tensors)
+        order += codes
+        chunk = torch.stack(torch._foreach_norm(list(tensors), 2, dtype=_widened(kind)))
+        dtypes.add(chunk.dtype)
+        return [chunk]
+    chunks = []
     for kind in kinds:
-        dtypes.add(_widened(kind) or kind)
         idx = [i for i, t in enumerate(tensors) if t.dtype == kind]
-        norms = torch._foreach_norm([tensors[i] for i in idx], 2, dtype=_widened(kind))
-        for i, norm in zip(idx, norms, strict=True):
-            out[i] = norm
-    return out
+        chunks.append(torch.stack(torch._foreach_norm([tensors[i] for i in idx], 2, dtype=_widened(kind))))
+        order += (codes[i] for i in idx)
+        dtypes.add(chunks[-1].dtype)
+    return chunks
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The tensors stacked, or None when their shapes differ."""
+    try:
+        return torch.stack(tensors)
+    except RuntimeError:
+        return None
 
 
 def _widened(dtype: torch.dtype) -> torch.dtype | None:

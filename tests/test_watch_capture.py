@@ -83,3 +83,45 @@ def test_an_output_changed_in_place_is_caught_and_later_steps_are_exact(tmp_path
             h = 2.0 * h
     assert rows[0]["activation"] == pytest.approx([2.0 * v for v in returned], rel=1e-6)
     assert rows[1]["activation"] == pytest.approx(returned, rel=1e-6)
+
+
+class Unrolled(nn.Module):
+    """One block called 70 times a step (more than STACK_MIN): a recurrent cell, or a linear map
+    applied to pieces of varying lengths (whose captures cannot be stacked)."""
+
+    def __init__(self, ragged: bool) -> None:
+        super().__init__()
+        self.ragged = ragged
+        self.cell = nn.Linear(4, 4) if ragged else nn.RNNCell(4, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The loss and the block's outputs."""
+        outs: list[torch.Tensor] = []
+        hs: list[torch.Tensor] = []
+        h = torch.zeros(3, 4)
+        for t in range(x.shape[0]):
+            y = self.cell(x[t, : 1 + t % 3]) if self.ragged else self.cell(x[t], h)
+            h = y.tanh() if self.ragged else y
+            outs.append(y)
+            hs.append(h)
+        return torch.cat([h.reshape(-1) for h in hs]).sin().sum(), outs
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_a_block_called_70_times_has_the_norm_of_all_its_calls(ragged: bool) -> None:
+    assert watchcapture.STACK_MIN < 70
+    torch.manual_seed(0)
+    model = Unrolled(ragged)
+    x = torch.randn(70, 3, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with watch(model, opt, blocks=[("cell", model.cell)], flush_every=1, report=None) as w:
+        opt.zero_grad()
+        model(x)[0].backward()
+        opt.step()
+    values = dict(zip(w.out.names, w.out.last_values, strict=True))
+    loss, outs = model(x)
+    grads = torch.autograd.grad(loss, outs)
+    expect = torch.linalg.vector_norm(torch.cat([o.detach().reshape(-1) for o in outs]))
+    expect_grad = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads]))
+    assert values[("activation", "cell")] == pytest.approx(float(expect), rel=1e-6)
+    assert values[("activation_grad", "cell")] == pytest.approx(float(expect_grad), rel=1e-6)
