@@ -121,11 +121,17 @@ class Log:
         rows = torch.tensor(host, dtype=torch.float64).transpose(0, 1)  # (step, rank, width)
         series = to_series(rows, self.layout)
         weight = self.layout.parts()["weight"]
-        for i in range(rows.shape[0]):  # unmeasured weight norms: the last measured ones stand in
-            if self.weights_measured[first + i]:
-                self.last_weights = series[i, weight].clone()
-            elif self.last_weights is not None:
-                series[i, weight] = self.last_weights
+        # unmeasured weight norms: the last measured ones stand in (row 0 of `known`: before these)
+        known = torch.cat([torch.zeros_like(series[:1, weight]), series[:, weight]])
+        if self.last_weights is not None:
+            known[0] = self.last_weights
+        source, last = [], 0
+        for i in range(rows.shape[0]):
+            last = i + 1 if self.weights_measured[first + i] else last
+            source.append(last)
+        if self.last_weights is not None or last:
+            series[:, weight] = known[source]
+            self.last_weights = known[last].clone()
         if self.host_state is None:
             self.host_state = self.rule.state(self.layout.n_series)
         flags = self.rule.update_many(self.host_state, series).tolist()
