@@ -1,11 +1,12 @@
 """`watch(model, optimizer)`: the probe's instruments on a user's own training loop.
 
-Per step, on the device: the norm of every block output and of its gradient (forward hooks and
-tensor hooks), the per-block and total weight-gradient norms, the per-block weight norms and the
-loss, as squared norms in one float64 row. Single-process, the spike rule (stabilitycheck.spikes)
-runs on the device too, so `skip=True` can skip a flagged step without a host sync. Rows are
-buffered on the device and read every `flush_every` steps (one read; under torch.distributed one
-all_gather before it); stabilitycheck.watchlog turns them into the log, the report and the heatmap.
+Per step, on the device: the norm of every block output and of its gradient, the per-block and
+total weight-gradient norms, the per-block weight norms and the loss, as squared norms in one
+float64 row (stabilitycheck.watchcapture: the hooks, and the norms in a few fused calls).
+Single-process, the spike rule (stabilitycheck.spikes) runs on the device too, so `skip=True` can
+skip a flagged step without a host sync. Rows are buffered on the device and read every
+`flush_every` steps (one read; under torch.distributed one all_gather before it);
+stabilitycheck.watchlog turns them into the log, the report and the heatmap.
 """
 
 from __future__ import annotations
