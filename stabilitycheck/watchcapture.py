@@ -1,13 +1,14 @@
 """What the watcher measures in a step, reduced to one row of squared norms on the device: block
 outputs and their gradients (hooks), the parameters' gradients and, when asked, their weights.
 
-Norms are taken lazily: a block call only keeps its output, and a pre-hook on the autograd node that
-made it keeps dL/d(output) when the backward pass reaches that node (no tensor hook, whose Python
-setup costs more than the norm). Everything kept is normed in one fused call per dtype when the step
-closes, or sooner once PENDING_CAP elements are held, so the memory kept stays bounded and a large
-output costs what an eager norm costs. A recurrent cell called 256 times then costs one fused call,
-not 512 norm kernels. A kept output modified in place before its norm is taken is caught by its
-version counter; the watcher then warns and takes output norms eagerly from then on.
+A block call keeps its output, and a pre-hook on the autograd node that made it keeps dL/d(output)
+when the backward pass reaches that node (no tensor hook, whose Python setup costs more than the
+norm). A capture larger than EAGER_NUMEL elements is normed at once, while it is still in cache;
+smaller ones are kept and normed together when the step closes, with the weight gradients in one
+fused call, or stacked per block when a block made STACK_MIN or more of them (a recurrent cell
+called 256 times costs two kernels, not 512), or sooner once PENDING_CAP elements are kept (the
+memory held stays bounded). A kept output modified in place before its norm is taken is caught by
+its version counter; the watcher then warns and norms every output at once from then on.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from stabilitycheck.recording import _first_tensor
 
 PENDING_CAP = 1 << 22  # elements kept for lazy norms (16 MiB in float32) before they are normed
 STACK_MIN, STACK_NUMEL = 64, 1 << 13  # a block's >= 64 captures of <= 8K elements: stacked, one norm
+EAGER_NUMEL = 1 << 13  # a capture larger than this is normed at once, while it is in cache
 
 GradHook = Callable[[Any], None]
 
@@ -48,6 +50,8 @@ class Capture:
         n = len(blocks)
         self._pending: dict[int, list[torch.Tensor]] = {slot: [] for slot in range(1, 1 + 2 * n)}
         self._versions: list[tuple[torch.Tensor, int]] = []
+        self._now: list[torch.Tensor] = []  # norms of large captures, taken at once
+        self._now_slots: list[int] = []
         self._held = 0
         self._norms: list[torch.Tensor] = []  # 1-d chunks of norms
         self._norm_slots: list[int] = []  # the slot of each norm, in the chunks' order
@@ -73,8 +77,8 @@ class Capture:
             if out is None or not out.is_floating_point() or not torch.is_grad_enabled():
                 return
             kept = out.detach()
-            if self.eager:
-                self._norms += _norms([kept], [slot], self._norm_slots, self._dtypes)
+            if self.eager or kept.numel() > EAGER_NUMEL:
+                self._norm_now(kept, slot)
             else:
                 self._versions.append((kept, kept._version))
                 self._keep(kept, outputs)
@@ -91,15 +95,24 @@ class Capture:
         """The hook keeping the gradient of output `index` of a node as block b's (built once)."""
         key = (b, index)
         if key not in self._grad_hooks:
-            kept = self._pending[self._grad_slot[b]]
+            slot = self._grad_slot[b]
+            kept = self._pending[slot]
 
             def on_grad(grads: Any) -> None:
                 grad = grads[index] if isinstance(grads, tuple) else grads
-                if grad is not None:
+                if grad is None:
+                    return
+                if grad.numel() > EAGER_NUMEL:
+                    self._norm_now(grad, slot)
+                else:
                     self._keep(grad, kept)
 
             self._grad_hooks[key] = on_grad
         return self._grad_hooks[key]
+
+    def _norm_now(self, tensor: torch.Tensor, slot: int) -> None:
+        self._now.append(torch.linalg.vector_norm(tensor, dtype=_widened(tensor.dtype)))
+        self._now_slots.append(slot)
 
     def _keep(self, tensor: torch.Tensor, into: list[torch.Tensor]) -> None:
         into.append(tensor)
@@ -118,6 +131,13 @@ class Capture:
                     stacklevel=2,
                 )
                 self.eager = True
+        if self._now:
+            kinds = {t.dtype for t in self._now}
+            now = self._now if len(kinds) == 1 else [t.double() for t in self._now]
+            self._norms.append(torch.stack(now))
+            self._norm_slots += self._now_slots
+            self._dtypes.add(now[0].dtype)
+            self._now, self._now_slots = [], []
         tensors, codes = list(extra), list(extra_slots)
         for slot, kept in self._pending.items():
             if len(kept) >= STACK_MIN and kept[0].numel() <= STACK_NUMEL:

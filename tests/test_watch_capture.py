@@ -28,12 +28,14 @@ def reference(model: MLP, data: tuple[torch.Tensor, torch.Tensor]) -> tuple[list
     return norms, [float(torch.linalg.vector_norm(g)) for g in grads]
 
 
-@pytest.mark.parametrize("cap", [1, 1 << 22])
+@pytest.mark.parametrize(("cap", "eager"), [(1, 1 << 13), (1 << 22, 1 << 13), (1 << 22, 0)])
 def test_norms_taken_at_once_or_at_the_step_end_are_torchs_own(
-    cap: int, monkeypatch: pytest.MonkeyPatch
+    cap: int, eager: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """cap 1: every kept tensor is normed as soon as it is kept; the default: all at the step's end."""
+    """cap 1: every kept tensor is normed as soon as it is kept; eager 0: no tensor is kept, each
+    is normed in its hook; the defaults: these small captures are normed at the step's end."""
     monkeypatch.setattr(watchcapture, "PENDING_CAP", cap)
+    monkeypatch.setattr(watchcapture, "EAGER_NUMEL", eager)
     torch.manual_seed(0)
     model = MLP(depth=4)
     data = batch(torch.Generator().manual_seed(0), model)  # what train(seed=0) draws first
