@@ -38,6 +38,8 @@ from stabilitycheck.space import INIT_SCALES, Axis, Space
 from stabilitycheck.subject import Built, Subject
 from stabilitycheck.subjects import resolve
 from stabilitycheck.verdicts import Limits
+from stabilitycheck.watching import FLUSH_EVERY as WATCH_STEPS  # a call holds one flush interval
+from stabilitycheck.watching import Watcher
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS_DENSE, TARGETS_RNN = 1.05, 1.15  # probe (steps=0 and 1) / bare, dense models and the RNN
@@ -284,12 +286,6 @@ def floor(built: Built, params: list[nn.Parameter], input_side: bool) -> Variant
     return run
 
 
-def watch_variant(built: Built) -> Variant | None:
-    """The watch mode's row: a training step under stabilitycheck's watch mode, once that exists.
-    Slot kept for it; until then None, and the table shows '-' (nothing is measured or invented)."""
-    return None
-
-
 def variants(config: Config) -> dict[str, Variant]:
     """Every variant of the table on one built model, each a callable that runs it once."""
     built = build(config)
@@ -319,9 +315,6 @@ def variants(config: Config) -> dict[str, Variant]:
         "lightning norms": lightning_norms(params, bare),
         "hooks + .item()": hooks_item(built.blocks, bare),
     }
-    watch = watch_variant(built)
-    if watch is not None:
-        fns["watch"] = watch
     return fns
 
 
@@ -332,7 +325,6 @@ RATIOS = {  # column: (variant, the baseline it is divided by)
     "detect_anomaly": ("detect_anomaly", "bare"),
     "lightning norms": ("lightning norms", "bare"),
     "hooks + .item()": ("hooks + .item()", "bare"),
-    "watch": ("watch", "bare x2 + step"),
 }
 
 
@@ -368,6 +360,92 @@ def overhead(s: Sizes) -> list[Row]:
         row["target"] = f"<= {targets:.2f}x"
         row["target ratio"] = targets
         row["met"] = "yes" if all(met) else "NO"
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- watch
+
+WATCH_TARGET_SLOW, WATCH_TARGET_TINY, SLOW_MS = 1.05, 1.15, 5.0  # issue 17: watch / bare training step
+
+
+def train_loop(config: Config, watched: str) -> tuple[Variant, Any]:
+    """`steps` training steps (zero_grad, forward, backward, SGD step) on a fresh copy of the model:
+    bare, under watch() with its defaults, or under `floor_capture`. Returns the loop and its watcher."""
+    built = build(config)
+    opt = torch.optim.SGD(built.model.parameters(), lr=config.run.lr)
+    w = None
+    if watched == "watch":
+        w = Watcher(built.model, opt, blocks=built.blocks, report=None).__enter__()
+    done = floor_capture(built, opt) if watched == "floor" else None
+
+    def loop() -> None:
+        for _ in range(WATCH_STEPS):
+            opt.zero_grad(set_to_none=True)
+            loss = built.loss_fn(call_model(built.model, built.inputs), built.inputs)
+            if w is not None:
+                w.loss(loss)
+            loss.backward()
+            opt.step()
+        if done is not None:
+            done()
+
+    return loop, w
+
+
+def floor_capture(built: Built, opt: torch.optim.Optimizer) -> Callable[[], list[Any]]:
+    """An ideal watcher with no bookkeeping: forward hooks keep each block output, a pre-hook on its
+    autograd node keeps its gradient, and before each optimizer step one fused norm call over them and
+    the weight gradients and one stack; one host read per loop. Returns the read."""
+    kept: list[torch.Tensor] = []
+    steps: list[torch.Tensor] = []
+    params = [p for p in built.model.parameters() if p.requires_grad]
+
+    def on_forward(module: nn.Module, args: Any, out: Any) -> None:
+        kept.append(out.detach())
+        if out.grad_fn is not None:
+            out.grad_fn.register_prehook(lambda grads: kept.append(grads[0]))
+
+    def close(*_: Any) -> None:
+        tensors = kept + [p.grad for p in params if p.grad is not None]
+        steps.append(torch.stack(torch._foreach_norm(tensors, 2)))
+        kept.clear()
+
+    for _, module in built.blocks:
+        module.register_forward_hook(on_forward)
+    opt.register_step_pre_hook(close)
+
+    def read() -> list[Any]:
+        values: list[Any] = torch.stack(steps).tolist()
+        steps.clear()
+        return values
+
+    return read
+
+
+def watch_overhead(s: Sizes) -> list[Row]:
+    """Per model (the overhead table's and the tiny ones): a training loop under watch() vs bare."""
+    rows = []
+    rounds = max(3, s.rounds // 2)
+    for label, config in {**s.models, **sizes(True).models}.items():
+        loops, watchers = {}, {}
+        for name in ("bare", "watch", "floor", "bare copy"):
+            loops[name], watchers[name] = train_loop(config, name)
+        t = interleaved(loops, rounds)
+        report = watchers["watch"].close()
+        bare_ms = med(t["bare"], 1) / WATCH_STEPS
+        target = WATCH_TARGET_SLOW if bare_ms >= SLOW_MS else WATCH_TARGET_TINY
+        row: Row = {"model": label, "bare ms/step": bare_ms}
+        row["watch ms/step"] = med(t["watch"], 1) / WATCH_STEPS
+        for column, name in (("watch", "watch"), ("floor", "floor"), ("2nd copy", "bare copy")):
+            ratios = [a[1] / b[1] for a, b in zip(t[name], t["bare"], strict=True)]  # CPU
+            row[column] = spread(ratios)
+            row[f"{column} ratio"] = statistics.median(ratios)
+            row[f"{column} rounds"] = ratios
+        row["target"] = f"<= {target:.2f}x"
+        row["target ratio"] = target
+        row["met"] = "yes" if row["watch ratio"] <= target else "NO"
+        row["steps"], row["host reads"] = report.steps, report.host_reads
         rows.append(row)
     return rows
 
@@ -692,9 +770,19 @@ NOTES = {
         "one host copy, no bookkeeping. detect_anomaly = bare under torch.autograd.detect_anomaly;\n"
         "lightning norms = bare + p.grad.norm().item() per parameter; hooks + .item() = bare with a\n"
         "forward hook per block logging ||output|| and, via a tensor hook, ||dL/d(output)|| with .item().\n"
-        "watch = the watch mode ('-' until it exists). The probe caches its per-model layout, warm\n"
+        "The watch mode is measured in its own section. The probe caches its per-model layout, warm\n"
         "after the warm-up calls (as for repeated calls on one model; a search builds a new model per\n"
         "probe). Target: probe <= 1.05x on the MLPs and the transformer, <= 1.15x on the RNN."
+    ),
+    "watch": (
+        "Per model, {watch_steps} training steps (zero_grad, forward, backward, SGD step) per call, on four\n"
+        "copies of the model built alike: bare; under watch() with its defaults (flush every\n"
+        "{watch_steps} steps, so each call holds one flush: its host read, the rule and the log); floor =\n"
+        "an ideal watcher with no bookkeeping (hooks keeping block outputs and their gradients, one\n"
+        "fused norm call and one stack per step, one host read per call); 2nd copy = bare again, the\n"
+        "copy-to-copy noise. {watch_rounds} interleaved rounds after 2 warm-up calls; CPU time; each\n"
+        "ratio is the median over rounds of the per-round ratio to bare, [quartiles]. ms/step are\n"
+        "medians. Target (issue 17): watch <= 1.05x where a bare step takes >= 5 ms, else <= 1.15x."
     ),
     "search": (
         "search(): Hypothesis (max_examples={max_examples}, seed 0, no database) + canonical descent\n"
@@ -739,7 +827,7 @@ NOTES = {
 }
 
 
-SECTIONS = ("overhead", "search", "seeds", "scaling", "parallel")
+SECTIONS = ("overhead", "watch", "search", "seeds", "scaling", "parallel")
 
 
 def run(quick: bool, only: Sequence[str] = SECTIONS) -> dict[str, Any]:
@@ -750,6 +838,7 @@ def run(quick: bool, only: Sequence[str] = SECTIONS) -> dict[str, Any]:
     sections: dict[str, float] = {}
     for name, section in (
         ("overhead", overhead),
+        ("watch", watch_overhead),
         ("search", searching),
         ("seeds", seeds_vs_one),
         ("parallel", parallel),
@@ -771,6 +860,8 @@ def run(quick: bool, only: Sequence[str] = SECTIONS) -> dict[str, Any]:
             seeds_max_examples=s.seeds_max_examples,
             scaling_rounds=max(3, s.rounds // 2),
             timeout=s.pytest_timeout,
+            watch_steps=WATCH_STEPS,
+            watch_rounds=max(3, s.rounds // 2),
         )
         for k, v in NOTES.items()
     }
@@ -790,6 +881,7 @@ def render(result: dict[str, Any]) -> str:
     parts = ["## machine", tabulate(list(result["machine"].items()), tablefmt="simple")]
     sections = [
         ("probe and its peers vs a bare step (CPU time ratios)", "overhead", "overhead"),
+        ("watch mode vs a bare training step (CPU time ratios)", "watch", "watch"),
         ("search vs exhaustive sweep", "search", "search"),
         ("seeds vs one seed (zoo targets)", "seeds", "seeds"),
         ("probe time vs size (CPU ms)", "scaling", "scaling"),

@@ -1,16 +1,16 @@
 """`watch(model, optimizer)`: the probe's instruments on a user's own training loop.
 
-Per step, on the device: the norm of every block output and of its gradient (forward hooks and
-tensor hooks), the per-block and total weight-gradient norms, the per-block weight norms and the
-loss, as squared norms in one float64 row. Single-process, the spike rule (stabilitycheck.spikes)
-runs on the device too, so `skip=True` can skip a flagged step without a host sync. Rows are
-buffered on the device and read every `flush_every` steps (one read; under torch.distributed one
-all_gather before it); stabilitycheck.watchlog turns them into the log, the report and the heatmap.
+Per step, on the device: the norm of every block output and of its gradient, the per-block and
+total weight-gradient norms, the per-block weight norms and the loss, as squared norms in one
+float64 row (stabilitycheck.watchcapture: the hooks, and the norms in a few fused calls).
+Single-process, the spike rule (stabilitycheck.spikes) runs on the device too, so `skip=True` can
+skip a flagged step without a host sync. Rows are buffered on the device and read every
+`flush_every` steps (one read; under torch.distributed one all_gather before it);
+stabilitycheck.watchlog turns them into the log, the report and the heatmap.
 """
 
 from __future__ import annotations
 
-import functools
 import sys
 import warnings
 from collections.abc import Sequence
@@ -24,61 +24,14 @@ from torch import nn
 from stabilitycheck import distributed
 from stabilitycheck.distributed import Layout
 from stabilitycheck.errors import UsageError
-from stabilitycheck.recording import _first_tensor, accumulator, block_of
+from stabilitycheck.recording import block_of
 from stabilitycheck.spikes import SpikeRule
 from stabilitycheck.subject import find_blocks
+from stabilitycheck.watchcapture import Capture
 from stabilitycheck.watchlog import Log, Report
 from stabilitycheck.watchstate import Snapshot
 
 FLUSH_EVERY = 50  # one host read per 50 steps: < 1 us/step amortised, and a finding is out within 50 steps
-
-
-class _Scatter:
-    """Squares of 0-d norms added into the slots of a row: one stack and one index_add, the slot
-    index and scale tensors built once per call pattern (no host-to-device copy per step)."""
-
-    def __init__(self, width: int, device: torch.device) -> None:
-        self.width, self.device = width, device
-        self.cache: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor | None]] = {}
-
-    def __call__(
-        self, norms: Sequence[torch.Tensor], slots: Sequence[int], scale: Sequence[float]
-    ) -> torch.Tensor:
-        out = torch.zeros(self.width, dtype=torch.float64, device=self.device)
-        if not norms:
-            return out
-        key = tuple(slots)
-        if key not in self.cache:
-            factors = None if all(f == 1.0 for f in scale) else torch.tensor(scale, dtype=torch.float64)
-            self.cache[key] = (
-                torch.tensor(key, device=self.device),
-                None if factors is None else factors.to(self.device),
-            )
-        index, factors = self.cache[key]
-        if len({t.dtype for t in norms}) == 1:
-            squares = torch.stack(list(norms)).double().square()
-        else:
-            squares = torch.stack([t.double() for t in norms]).square()
-        return out.index_add_(0, index, squares if factors is None else squares * factors)
-
-
-def _foreach_norms(tensors: Sequence[torch.Tensor | None], zero: torch.Tensor) -> list[torch.Tensor]:
-    """The L2 norm of each tensor as a 0-d tensor, fused into one call per accumulator dtype; `zero`
-    for a None (a parameter without a gradient), so the call pattern stays the same every step."""
-    groups: dict[torch.dtype, list[tuple[int, torch.Tensor]]] = {}
-    for i, t in enumerate(tensors):
-        if t is not None:
-            groups.setdefault(accumulator(t.dtype, False), []).append((i, t))
-    out: list[torch.Tensor] = [zero] * len(tensors)
-    for acc, items in groups.items():
-        norms = torch._foreach_norm([t for _, t in items], 2, dtype=acc)
-        for (i, _), norm in zip(items, norms, strict=True):
-            out[i] = norm
-    return out
-
-
-def _local(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    return None if tensor is None else distributed.local(tensor)[0]
 
 
 class Watcher:
@@ -120,12 +73,10 @@ class Watcher:
         n = len(self.blocks)
         self.owner = [b if b >= 0 else n for b in block_of(self.params, self.blocks)]
         copies = [distributed.local(p)[1] for p in self.params]
-        self.sharded = any(distributed.is_dtensor(p) for p in self.params)
-        self.param_scale = [1.0 / c for c in copies] * 2  # gradients, then weights
         grad_slots = [self.layout.parts()["gradient"].start + b for b in self.owner]
-        self.param_slots = grad_slots + [self.layout.parts()["weight"].start + b for b in self.owner]
-        self._scatter = _Scatter(self.layout.width, self.device)
-        self._zero = torch.zeros((), dtype=accumulator(self.params[0].dtype, False), device=self.device)
+        weight_slots = [self.layout.parts()["weight"].start + b for b in self.owner]
+        scale = [1.0 / c for c in copies] * 2  # gradients, then weights
+        self.capture = Capture(self.blocks, self.params, self.layout.width, grad_slots + weight_slots, scale)
         self.fused = bool(optimizer is not None and optimizer.defaults.get("fused"))
         self._check_options(bundle, compute_loss)
         # skip= and bundle= need each step's flag on the device: the rule runs there, per step; else
@@ -140,10 +91,6 @@ class Watcher:
         self.step = 0  # optimizer steps seen
         self.host_reads = 0
         self._filled = 0
-        self._fwd: list[torch.Tensor] = []
-        self._fwd_slots: list[int] = []
-        self._bwd: list[torch.Tensor] = []
-        self._bwd_slots: list[int] = []
         self._loss: torch.Tensor | None = None
         self._loss_seen = False
         self.weights_measured = True
@@ -180,8 +127,7 @@ class Watcher:
     # ------------------------------------------------------------------------------------ hooks
 
     def __enter__(self) -> Watcher:
-        for b, (_, module) in enumerate(self.blocks):
-            self._handles.append(module.register_forward_hook(functools.partial(self._on_forward, b)))
+        self._handles += self.capture.attach()
         if self.snapshot is not None:
             self._handles.append(self.model.register_forward_pre_hook(self._on_model_call))
         if self.optimizer is not None:
@@ -214,63 +160,37 @@ class Watcher:
             self.report = self.out.finish(self.host_reads)
         return self.report
 
-    def _on_forward(self, b: int, module: nn.Module, args: Any, output: Any) -> None:
-        out = _first_tensor(output)
-        if out is None or not out.is_floating_point() or not torch.is_grad_enabled():
-            return
-        self._fwd.append(torch.linalg.vector_norm(out.detach(), dtype=accumulator(out.dtype, False)))
-        self._fwd_slots.append(b)
-        if out.requires_grad:
-            out.register_hook(functools.partial(self._on_grad, b))
-
-    def _on_grad(self, b: int, grad: torch.Tensor) -> None:
-        self._bwd.append(torch.linalg.vector_norm(grad, dtype=accumulator(grad.dtype, False)))
-        self._bwd_slots.append(b)
-
     def _on_model_call(self, module: nn.Module, args: Any) -> None:
         if torch.is_grad_enabled() and self.snapshot is not None:
             self.snapshot.on_call(self.step)
 
     def loss(self, loss: torch.Tensor, batch: Any = None) -> None:
         """Record this step's loss (summed over micro-batches) and, for a replay bundle, its batch."""
-        value = loss.detach().reshape(()).double()
+        value = loss.detach().reshape(())
+        value = value if value.dtype in (torch.float32, torch.float64) else value.float()
         self._loss = value if self._loss is None else self._loss + value
         if self.snapshot is not None and batch is not None:
             self.snapshot.on_batch(self.step, batch)
 
     # ----------------------------------------------------------------------------------- a step
 
-    def _row(self) -> torch.Tensor:
-        """This step's squared local norms (see Layout), on the device; resets the accumulators."""
-        n = len(self.blocks)
-        with torch.no_grad():
-            measured = len(self.params) * (2 if self.weights_measured else 1)
-            if self.sharded:
-                grads = [_local(p.grad) for p in self.params]
-                weights: list[torch.Tensor | None] = [_local(p) for p in self.params]
-            else:
-                grads, weights = [p.grad for p in self.params], list(self.params)
-            tensors = grads + weights if self.weights_measured else grads
-            norms = self._fwd + self._bwd + _foreach_norms(tensors, self._zero)
-            slots = [1 + b for b in self._fwd_slots] + [1 + n + b for b in self._bwd_slots]
-            scale = [1.0] * len(slots) + self.param_scale[:measured]
-            row = self._scatter(norms, slots + self.param_slots[:measured], scale)
-            if self._loss is not None:
-                row.select(0, 0).copy_(self._loss)
-        self._fwd, self._fwd_slots, self._bwd, self._bwd_slots = [], [], [], []
+    def _close(self, row: torch.Tensor) -> None:
+        """Close this step's measurements (see Capture); `row` is its zeroed row (see Layout)."""
+        self.capture.close_step(row, self._loss, self.weights_measured)
         self._loss_seen, self._loss = self._loss is not None, None
-        return row
 
     def before_step(self) -> torch.Tensor | None:
         """Close the step: measure, apply the rule on the device (single process), buffer the row.
         Returns the device flag 'this step is flagged' (single process), else None."""
         self.weights_measured = self.step % self.weights_every == 0
-        row = self._row()
         flagged = None
         slot = self._filled
         if self.state is None:
-            self.buffer[slot].copy_(row)
+            self._close(self.buffer[slot])  # zeroed at the last flush; written at the next
         else:
+            row = torch.zeros(self.layout.width, dtype=torch.float64, device=self.device)
+            self._close(row)
+            self.capture.settle(row.unsqueeze(0))
             series = distributed.to_series(row.unsqueeze(0), self.layout).squeeze(0)
             weight = self.layout.parts()["weight"]
             if self.weights_measured:
@@ -315,9 +235,12 @@ class Watcher:
             return
         data = self.buffer[:n]
         if self.state is None:
+            self.capture.settle(data)
             data = distributed.gather(data)
         self.host_reads += 1
         host = data.tolist()  # the one host read of this flush
+        if self.state is None:
+            self.buffer.zero_()  # before_step adds each step's squares into its zeroed row
         first = self.step - n
         if self.state is None:
             self.out.add_ranks(first, host)

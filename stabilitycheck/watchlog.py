@@ -121,11 +121,17 @@ class Log:
         rows = torch.tensor(host, dtype=torch.float64).transpose(0, 1)  # (step, rank, width)
         series = to_series(rows, self.layout)
         weight = self.layout.parts()["weight"]
-        for i in range(rows.shape[0]):  # unmeasured weight norms: the last measured ones stand in
-            if self.weights_measured[first + i]:
-                self.last_weights = series[i, weight].clone()
-            elif self.last_weights is not None:
-                series[i, weight] = self.last_weights
+        # unmeasured weight norms: the last measured ones stand in (row 0 of `known`: before these)
+        known = torch.cat([torch.zeros_like(series[:1, weight]), series[:, weight]])
+        if self.last_weights is not None:
+            known[0] = self.last_weights
+        source, last = [], 0
+        for i in range(rows.shape[0]):
+            last = i + 1 if self.weights_measured[first + i] else last
+            source.append(last)
+        if self.last_weights is not None or last:
+            series[:, weight] = known[source]
+            self.last_weights = known[last].clone()
         if self.host_state is None:
             self.host_state = self.rule.state(self.layout.n_series)
         flags = self.rule.update_many(self.host_state, series).tolist()
@@ -138,7 +144,7 @@ class Log:
         self, step: int, values: list[float], flags: list[bool], ranks: list[list[float]] | None
     ) -> None:
         found: Finding | None = None
-        for index in self.order:
+        for index in self.order if any(flags) else ():
             if flags[index]:
                 kind, block = self.names[index]
                 rank = nonfinite_rank(ranks, self.layout, index) if ranks is not None else None
@@ -152,7 +158,7 @@ class Log:
                 r.first_spike, self.first_flag_values = found, values
             if self.skip:
                 r.skipped_steps.append(step)
-        if r.first_nonfinite is None:
+        if r.first_nonfinite is None and not math.isfinite(sum(values)):  # a fast check first
             for index in self.order:
                 if not math.isfinite(values[index]):
                     kind, block = self.names[index]

@@ -115,10 +115,24 @@ def check_overhead(rows: list[dict[str, Any]]) -> None:
             assert spread_agrees(row[key], rounds), (key, row)
             if key.startswith("probe"):
                 probes.append(ratio)
-        assert row["watch"] == "-"  # its slot: nothing measured until the watch mode exists
         assert row["target"] == f"<= {row['target ratio']:.2f}x"
         assert row["target ratio"] == (1.15 if row["model"].startswith("rnn") else 1.05)
         assert row["met"] == ("yes" if all(r <= row["target ratio"] for r in probes) else "NO")
+
+
+def check_watch(rows: list[dict[str, Any]]) -> None:
+    assert [r["model"].split()[0] for r in rows] == ["mlp", "transformer", "rnn"]
+    for row in rows:
+        for key in ("watch", "floor", "2nd copy"):
+            ratio, rounds = row[f"{key} ratio"], row[f"{key} rounds"]
+            assert ratio > 0 and math.isfinite(ratio) and ratio == statistics.median(rounds), (key, row)
+            assert spread_agrees(row[key], rounds), (key, row)
+        assert row["bare ms/step"] > 0 and row["watch ms/step"] > 0
+        assert row["target ratio"] == (1.05 if row["bare ms/step"] >= 5.0 else 1.15)
+        assert row["target"] == f"<= {row['target ratio']:.2f}x"
+        assert row["met"] == ("yes" if row["watch ratio"] <= row["target ratio"] else "NO")
+        # one flush (one host read) per timed call of 50 steps: warm-up calls and rounds
+        assert row["steps"] == 50 * (2 + len(row["watch rounds"])) and row["host reads"] == row["steps"] // 50
 
 
 def check_search(rows: list[dict[str, Any]]) -> None:
@@ -185,6 +199,7 @@ def test_quick_run_prints_every_table_and_its_numbers_follow_their_definitions(
     for title in (
         "## machine",
         "## probe and its peers vs a bare step",
+        "## watch mode vs a bare training step",
         "## search vs exhaustive sweep",
         "## seeds vs one seed",
         "## probe time vs size",
@@ -213,6 +228,7 @@ def test_quick_run_prints_every_table_and_its_numbers_follow_their_definitions(
     assert result["quick"] is True
     assert result["machine"]["cpus"] >= 1
     check_overhead(result["overhead"])
+    check_watch(result["watch"])
     check_search(result["search"])
     check_seeds(result["seeds"])
     assert len(result["scaling"]) == len(result["exponents"]) == 4
@@ -225,7 +241,7 @@ def test_quick_run_prints_every_table_and_its_numbers_follow_their_definitions(
         # business, only how long they take); 2-5 would be a usage or internal error
         assert row["exit"] in (0, 1) and "passed" in row["summary"] and row["wall s"] > 0, row
         assert row["vs -n 2"] == row["wall s"] / result["parallel"][0]["wall s"]
-    assert set(result["section_s"]) == {"overhead", "search", "seeds", "scaling", "parallel"}
+    assert set(result["section_s"]) == {"overhead", "watch", "search", "seeds", "scaling", "parallel"}
 
 
 def test_only_runs_the_sections_named_and_rejects_unknown_ones(tmp_path: Path) -> None:
@@ -239,7 +255,7 @@ def test_only_runs_the_sections_named_and_rejects_unknown_ones(tmp_path: Path) -
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert "search" in result and not {"overhead", "seeds", "scaling", "parallel"} & set(result)
+    assert "search" in result and not {"overhead", "watch", "seeds", "scaling", "parallel"} & set(result)
     assert "## seeds vs one seed" not in proc.stdout
     bad = subprocess.run(
         [sys.executable, str(BENCH), "--only", "nonsense"], capture_output=True, text=True, check=False

@@ -1,0 +1,259 @@
+"""What the watcher measures in a step, reduced to one row of squared norms on the device: block
+outputs and their gradients (hooks), the parameters' gradients and, when asked, their weights.
+
+A block call keeps its output, and a pre-hook on the autograd node that made it keeps dL/d(output)
+when the backward pass reaches that node (no tensor hook, whose Python setup costs more than the
+norm). A capture larger than EAGER_NUMEL elements is normed at once, while it is still in cache;
+smaller ones are kept and normed together when the step closes, with the weight gradients in one
+fused call, or stacked per block when a block made STACK_MIN or more of them (a recurrent cell
+called 256 times costs two kernels, not 512), or sooner once PENDING_CAP elements are kept (the
+memory held stays bounded). A kept output modified in place before its norm is taken is caught by
+its version counter; the watcher then warns and norms every output at once from then on.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from stabilitycheck import distributed
+from stabilitycheck.recording import _first_tensor
+
+PENDING_CAP = 1 << 22  # elements kept for lazy norms (16 MiB in float32) before they are normed
+STACK_MIN, STACK_NUMEL = 64, 1 << 13  # a block's >= 64 captures of <= 8K elements: stacked, one norm
+EAGER_NUMEL = 1 << 13  # a capture larger than this is normed at once, while it is in cache
+
+GradHook = Callable[[Any], None]
+
+
+class Capture:
+    """Hooks on the blocks and the per-step row of squared norms (slots as distributed.Layout).
+    `param_slots` and `param_scale` give, for each parameter's gradient then weight, its slot and
+    the factor its square is multiplied by (1 / the ranks holding the same values)."""
+
+    def __init__(
+        self,
+        blocks: Sequence[tuple[str, nn.Module]],
+        params: Sequence[nn.Parameter],
+        width: int,
+        param_slots: Sequence[int],
+        param_scale: Sequence[float],
+    ) -> None:
+        self.blocks, self.params, self.width = blocks, list(params), width
+        self.param_slots, self.param_scale = list(param_slots), list(param_scale)
+        self.sharded = any(distributed.is_dtensor(p) for p in self.params)
+        self.eager = False  # set once a kept output was modified in place before its norm
+        n = len(blocks)
+        self._pending: dict[int, list[torch.Tensor]] = {slot: [] for slot in range(1, 1 + 2 * n)}
+        self._versions: list[tuple[torch.Tensor, int]] = []
+        self._now: list[torch.Tensor] = []  # norms of large captures, taken at once
+        self._now_slots: list[int] = []
+        self._held = 0
+        self._norms: list[torch.Tensor] = []  # 1-d chunks of norms
+        self._norm_slots: list[int] = []  # the slot of each norm, in the chunks' order
+        self._index: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._groups: list[tuple[tuple[int, ...], list[torch.Tensor]]] = []
+        self._dtypes: set[torch.dtype] = set()  # of the chunks in _norms
+        self._zeros: dict[torch.dtype, torch.Tensor] = {}  # the loss of a step without one
+        self.device = self.params[0].device
+        self._grad_hooks: dict[tuple[int, int], GradHook] = {}
+        self._out_slot = [1 + b for b in range(n)]
+        self._grad_slot = [1 + n + b for b in range(n)]
+
+    def attach(self) -> list[Any]:
+        """Register the forward hooks on the blocks; returns their handles."""
+        return [m.register_forward_hook(self._forward_hook(b)) for b, (_, m) in enumerate(self.blocks)]
+
+    def _forward_hook(self, b: int) -> Callable[[nn.Module, Any, Any], None]:
+        slot = self._out_slot[b]
+        outputs = self._pending[slot]  # cleared in place, never rebound
+
+        def on_forward(module: nn.Module, args: Any, output: Any) -> None:
+            out = output if isinstance(output, torch.Tensor) else _first_tensor(output)
+            if out is None or not out.is_floating_point() or not torch.is_grad_enabled():
+                return
+            kept = out.detach()
+            if self.eager or kept.numel() > EAGER_NUMEL:
+                self._norm_now(kept, slot)
+            else:
+                self._versions.append((kept, kept._version))
+                self._keep(kept, outputs)
+            if out.requires_grad:
+                node = out.grad_fn
+                if node is None:  # a leaf: only a tensor hook sees its gradient
+                    out.register_hook(self._grad_hook(b, 0))
+                else:
+                    node.register_prehook(self._grad_hook(b, out.output_nr))
+
+        return on_forward
+
+    def _grad_hook(self, b: int, index: int) -> GradHook:
+        """The hook keeping the gradient of output `index` of a node as block b's (built once)."""
+        key = (b, index)
+        if key not in self._grad_hooks:
+            slot = self._grad_slot[b]
+            kept = self._pending[slot]
+
+            def on_grad(grads: Any) -> None:
+                grad = grads[index] if isinstance(grads, tuple) else grads
+                if grad is None:
+                    return
+                if grad.numel() > EAGER_NUMEL:
+                    self._norm_now(grad, slot)
+                else:
+                    self._keep(grad, kept)
+
+            self._grad_hooks[key] = on_grad
+        return self._grad_hooks[key]
+
+    def _norm_now(self, tensor: torch.Tensor, slot: int) -> None:
+        self._now.append(torch.linalg.vector_norm(tensor, dtype=_widened(tensor.dtype)))
+        self._now_slots.append(slot)
+
+    def _keep(self, tensor: torch.Tensor, into: list[torch.Tensor]) -> None:
+        into.append(tensor)
+        self._held += tensor.numel()
+        if self._held >= PENDING_CAP:
+            self._reduce()
+
+    def _reduce(self, extra: Sequence[torch.Tensor] = (), extra_slots: Sequence[int] = ()) -> None:
+        """Norm what is kept (and `extra`) in one fused call per dtype; forget the tensors."""
+        for output, version in self._versions:
+            if output._version != version and not self.eager:
+                warnings.warn(
+                    "watch: a block's output was modified in place after the block returned; its norm "
+                    "is that of the modified values this step, and output norms are taken eagerly "
+                    "(at each block call, which costs more) from now on",
+                    stacklevel=2,
+                )
+                self.eager = True
+        if self._now:
+            kinds = {t.dtype for t in self._now}
+            now = self._now if len(kinds) == 1 else [t.double() for t in self._now]
+            self._norms.append(torch.stack(now))
+            self._norm_slots += self._now_slots
+            self._dtypes.add(now[0].dtype)
+            self._now, self._now_slots = [], []
+        tensors, codes = list(extra), list(extra_slots)
+        for slot, kept in self._pending.items():
+            if len(kept) >= STACK_MIN and kept[0].numel() <= STACK_NUMEL:
+                stacked = _stack(kept)
+                if stacked is not None:  # one norm over all calls: the block's norm this step
+                    self._norms.append(
+                        torch.linalg.vector_norm(stacked, dtype=_widened(stacked.dtype)).reshape(1)
+                    )
+                    self._norm_slots.append(slot)
+                    self._dtypes.add(self._norms[-1].dtype)
+                    kept.clear()
+                    continue
+            tensors += kept
+            codes += [slot] * len(kept)
+            kept.clear()
+        if tensors:
+            self._norms += _norms(tensors, codes, self._norm_slots, self._dtypes)
+        self._versions, self._held = [], 0
+
+    def close_step(self, row: torch.Tensor, loss: torch.Tensor | None, weights: bool) -> None:
+        """Norm this step's captures and gradients and keep them (one stacked tensor) until `settle`;
+        the weight norms, when `weights`, are added into `row` (this step's zeroed row) at once."""
+        with torch.no_grad():
+            n = len(self.params)
+            grads: list[torch.Tensor] = []
+            which: list[int] = []
+            for i, p in enumerate(self.params):
+                if p.grad is not None:
+                    grads.append(distributed.local(p.grad)[0] if self.sharded else p.grad)
+                    which.append(i)
+            self._reduce(grads, [-2 - i for i in which])
+            norms, codes, dtypes = self._norms, self._norm_slots, self._dtypes
+            self._norms, self._norm_slots, self._dtypes = [], [], set()
+            dtype = torch.float64 if torch.float64 in dtypes else torch.float32
+            if loss is None:
+                loss = self._zeros.get(dtype)
+                if loss is None:
+                    loss = self._zeros[dtype] = torch.zeros((), dtype=dtype, device=self.device)
+            if loss.dtype != dtype:
+                loss = loss.to(dtype)
+            if len(dtypes) > 1:
+                norms = [t.to(dtype) for t in norms]
+            if loss.dim():
+                loss = loss.reshape(())
+            key = tuple(codes)
+            if not self._groups or self._groups[-1][0] != key:
+                self._groups.append((key, []))
+            self._groups[-1][1].append(torch.cat([loss.unsqueeze(0), *norms]))
+            if weights:
+                tensors = [distributed.local(p)[0] for p in self.params] if self.sharded else self.params
+                order: list[int] = []
+                chunks = _norms(tensors, [-2 - i for i in range(n, 2 * n)], order, set())
+                index, factors = self._lookup(tuple(order))
+                squares = torch.cat([t.double() for t in chunks]).square()
+                row.index_add_(0, index, squares if factors is None else squares * factors)
+
+    def settle(self, rows: torch.Tensor) -> None:
+        """Write the closed steps into `rows` (one row each, in order, zeroed but for weight norms):
+        the loss in slot 0, squared norms added into their slots; a few ops per run of steps whose
+        captures came in the same order (per flush, usually)."""
+        start = 0
+        with torch.no_grad():
+            for key, steps in self._groups:
+                values = torch.stack(steps).double()
+                out = rows[start : start + len(steps)]
+                out.select(1, 0).copy_(values.select(1, 0))
+                index, factors = self._lookup(key)
+                squares = values[:, 1:].square()
+                out.index_add_(1, index, squares if factors is None else squares * factors)
+                start += len(steps)
+        self._groups = []
+
+    def _lookup(self, key: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The slots and scale factors of a step's norms, built once per `key`: a code per norm, its
+        slot for a block capture, -2 - i for parameter i's gradient (-2 - n - i for its weight)."""
+        if key not in self._index:
+            slots = [c if c >= 0 else self.param_slots[-2 - c] for c in key]
+            scale = [1.0 if c >= 0 else self.param_scale[-2 - c] for c in key]
+            factors = None if all(f == 1.0 for f in scale) else torch.tensor(scale, dtype=torch.float64)
+            self._index[key] = (
+                torch.tensor(slots, device=self.device),
+                None if factors is None else factors.to(self.device),
+            )
+        return self._index[key]
+
+
+def _norms(
+    tensors: Sequence[torch.Tensor], codes: Sequence[int], order: list[int], dtypes: set[torch.dtype]
+) -> list[torch.Tensor]:
+    """The L2 norms of `tensors` as 1-d chunks, in float32 or wider, one fused call per dtype (a
+    loop over the tensors, on a CPU); the tensors' codes are appended to `order` in the chunks'
+    order, the chunks' dtypes added to `dtypes`."""
+    kinds = {t.dtype for t in tensors}
+    if len(kinds) == 1:
+        kind = kinds.pop()
+        order += codes
+        chunk = torch.stack(torch._foreach_norm(list(tensors), 2, dtype=_widened(kind)))
+        dtypes.add(chunk.dtype)
+        return [chunk]
+    chunks = []
+    for kind in kinds:
+        idx = [i for i, t in enumerate(tensors) if t.dtype == kind]
+        chunks.append(torch.stack(torch._foreach_norm([tensors[i] for i in idx], 2, dtype=_widened(kind))))
+        order += (codes[i] for i in idx)
+        dtypes.add(chunks[-1].dtype)
+    return chunks
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The tensors stacked, or None when their shapes differ."""
+    try:
+        return torch.stack(tensors)
+    except RuntimeError:
+        return None
+
+
+def _widened(dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype= for a fused norm of `dtype` tensors: None for float32 and float64 (kept as is)."""
+    return None if dtype in (torch.float32, torch.float64) else torch.float32
