@@ -105,8 +105,9 @@ def assert_clipped_norm_bounded(
             header,
             f"Every gradient is zero after clipping, though the total norm before was "
             f"{total_before:.6g} (finite); expected them x {coef:.6g}",
-            "clip_grad_norm_ does this when the total norm overflows the gradient dtype "
-            "(coefficient max_norm / inf = 0): compute the total in a wider dtype",
+            "clip_grad_norm_ does this when its coefficient max_norm / total is 0 in the gradient "
+            "dtype (the total overflows it, or the coefficient underflows it): compute both in a "
+            "wider dtype",
         )
     pre_named = [(name, b) for (name, _), b in zip(grads, before, strict=True)]
     _check_factor(
