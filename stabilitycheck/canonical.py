@@ -56,20 +56,21 @@ def _along(prober: Explodes, index: list[int], k: int) -> Callable[[int], bool]:
 
 
 def crossing(bad: Callable[[int], bool], guess: int, top: int) -> int:
-    """A value v in [0, top] where `bad` holds and not at v - 1 (bad(top) is known), found from
-    `guess`: where bad holds at guess or at guess - 1, one step down at a time while it holds; else
-    guess + 1, guess + 2, then a bisection up to top. Where bad is monotone this is its smallest
-    value; where it is not (the full rule near the limit, where the median over seeds wobbles around
-    it), a crossing near `guess`. A right guess costs two calls."""
-    if bad(guess) or (guess > 0 and bad(guess - 1)):
-        value = guess if bad(guess) else guess - 1
-        while value > 0 and bad(value - 1):
-            value -= 1
-        return value
+    """A value v in [0, top] where `bad` holds and not at v - 1 nor at v - 2 (bad(top) is known), found
+    from `guess`: where bad holds at guess or at guess - 1, one step down at a time while it holds at
+    either of the next two values below; else guess + 1, guess + 2, then a bisection up to top, and the
+    same walk down from there. Where bad is monotone this is its smallest value; where it is not (the
+    full rule near the limit, where the median over seeds wobbles around it: seen as explodes at 22-24,
+    not at 25, explodes at 26), a crossing near `guess` that one stable value alone does not stop.
+    A right guess costs three calls."""
+    if bad(guess):
+        return _settle(bad, guess)
+    if guess > 0 and bad(guess - 1):
+        return _settle(bad, guess - 1)
     good, worse = guess, top  # good: known not bad; worse: known bad
     for value in range(guess + 1, min(guess + 3, top)):
         if bad(value):
-            return value
+            return _settle(bad, value)
         good = value
     while good + 1 < worse:
         mid = (good + worse) // 2
@@ -77,7 +78,18 @@ def crossing(bad: Callable[[int], bool], guess: int, top: int) -> int:
             worse = mid
         else:
             good = mid
-    return worse
+    return _settle(bad, worse)
+
+
+def _settle(bad: Callable[[int], bool], value: int) -> int:
+    """From a bad `value`, step down while bad holds one or two values lower."""
+    while True:
+        if value > 0 and bad(value - 1):
+            value -= 1
+        elif value > 1 and bad(value - 2):
+            value -= 2
+        else:
+            return value
 
 
 def minimize(prober: Explodes, index: Index) -> Index:
