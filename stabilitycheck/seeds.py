@@ -7,7 +7,7 @@ known to pass (K - r + 1 seeds fire) or not (r seeds do not) is decided: the K-s
 (curtailment, exact). Before that, the seeds so far decide alone when every one of them lies on the same
 side of every limit by at least a factor MARGIN ** (1 / n) after n seeds: one seed 10x from the limit,
 two both 3.2x. Near the limit one seed's growth varies 3-10x between seeds (tanh MLP width 32,
-sigma 2.5, depth 18: 18-126 over 20 seeds, median 36, so no seed was over 3.5x from the median); a seed
+sigma 2.5, depth 18: 16.5-119 over 20 seeds, median 52, so no seed was over 3.2x from the median); a seed
 10x from the limit is therefore far beyond the spread that could put the median on the other side.
 """
 
