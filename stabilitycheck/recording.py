@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from stabilitycheck._tree import tensors
 from stabilitycheck.losses import Inputs
 from stabilitycheck.measurement import INPUT
 
@@ -47,15 +48,6 @@ def _fused_norms(tensors: list[torch.Tensor], exact: bool) -> list[torch.Tensor]
     return out
 
 
-def _tensors(value: Any) -> list[torch.Tensor]:
-    """The tensors in a (nested) tuple/list of arguments."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, tuple | list):
-        return [t for v in value for t in _tensors(v)]
-    return []
-
-
 def _chain_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
     """The tensor a block's chain enters by: its first positional argument (or `hidden_states`, HF's
     name, when passed by keyword alone), if floating and no other positional tensor has its shape. A
@@ -64,7 +56,7 @@ def _chain_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor 
     x = args[0] if args else kwargs.get("hidden_states")
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         return None
-    if any(t.shape == x.shape for t in _tensors(args[1:])):
+    if any(t.shape == x.shape for t in tensors(args[1:])):
         return None
     return x
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from stabilitycheck import distributed
-from stabilitycheck.recording import _first_tensor
+from stabilitycheck.recording import _first_tensor, accumulator
 
 PENDING_CAP = 1 << 22  # elements kept for lazy norms (16 MiB in float32) before they are normed
 STACK_MIN, STACK_NUMEL = 64, 1 << 13  # a block's >= 64 captures of <= 8K elements: stacked, one norm
@@ -111,7 +111,7 @@ class Capture:
         return self._grad_hooks[key]
 
     def _norm_now(self, tensor: torch.Tensor, slot: int) -> None:
-        self._now.append(torch.linalg.vector_norm(tensor, dtype=_widened(tensor.dtype)))
+        self._now.append(torch.linalg.vector_norm(tensor, dtype=accumulator(tensor.dtype, False)))
         self._now_slots.append(slot)
 
     def _keep(self, tensor: torch.Tensor, into: list[torch.Tensor]) -> None:
@@ -144,7 +144,7 @@ class Capture:
                 stacked = _stack(kept)
                 if stacked is not None:  # one norm over all calls: the block's norm this step
                     self._norms.append(
-                        torch.linalg.vector_norm(stacked, dtype=_widened(stacked.dtype)).reshape(1)
+                        torch.linalg.vector_norm(stacked, dtype=accumulator(stacked.dtype, False)).reshape(1)
                     )
                     self._norm_slots.append(slot)
                     self._dtypes.add(self._norms[-1].dtype)
@@ -234,13 +234,15 @@ def _norms(
     if len(kinds) == 1:
         kind = kinds.pop()
         order += codes
-        chunk = torch.stack(torch._foreach_norm(list(tensors), 2, dtype=_widened(kind)))
+        chunk = torch.stack(torch._foreach_norm(list(tensors), 2, dtype=accumulator(kind, False)))
         dtypes.add(chunk.dtype)
         return [chunk]
     chunks = []
     for kind in kinds:
         idx = [i for i, t in enumerate(tensors) if t.dtype == kind]
-        chunks.append(torch.stack(torch._foreach_norm([tensors[i] for i in idx], 2, dtype=_widened(kind))))
+        chunks.append(
+            torch.stack(torch._foreach_norm([tensors[i] for i in idx], 2, dtype=accumulator(kind, False)))
+        )
         order += (codes[i] for i in idx)
         dtypes.add(chunks[-1].dtype)
     return chunks
@@ -252,8 +254,3 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor | None:
         return torch.stack(tensors)
     except RuntimeError:
         return None
-
-
-def _widened(dtype: torch.dtype) -> torch.dtype | None:
-    """The dtype= for a fused norm of `dtype` tensors: None for float32 and float64 (kept as is)."""
-    return None if dtype in (torch.float32, torch.float64) else torch.float32
