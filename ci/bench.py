@@ -286,6 +286,32 @@ def floor(built: Built, params: list[nn.Parameter], input_side: bool) -> Variant
     return run
 
 
+def norms_alone(built: Built, params: list[nn.Parameter], input_side: bool) -> Variant:
+    """The floor's fused norm call and host copy alone, on the tensors one floor step leaves (block
+    outputs, their gradients, the weight gradients): what any exact probe pays to read every byte
+    once, its lower bound over bare."""
+    step = floor(built, params, input_side)
+    tensors: list[torch.Tensor] = []
+
+    def on_forward(module: nn.Module, args: Any, output: Any) -> None:
+        tensors.append(output.detach() if isinstance(output, torch.Tensor) else output[0].detach())
+
+    handles = [m.register_forward_hook(on_forward) for _, m in built.blocks]
+    step()
+    for h in handles:
+        h.remove()
+    tensors += [p.grad for p in params if p.grad is not None]
+    tensors += [torch.randn_like(t) for t in tensors[: len(tensors) - len(params)]]  # output-grad sized
+
+    def run() -> list[float]:
+        with torch.no_grad():
+            norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+            values: list[float] = torch.stack(norms).tolist()
+            return values
+
+    return run
+
+
 def variants(config: Config) -> dict[str, Variant]:
     """Every variant of the table on one built model, each a callable that runs it once."""
     built = build(config)
@@ -311,6 +337,7 @@ def variants(config: Config) -> dict[str, Variant]:
             probe_module, model, inputs, loss_fn, blocks=built.blocks, steps=1, lr=config.run.lr
         ),
         "floor": floor(built, params, input_side=not config.recurrent),
+        "norms alone": norms_alone(built, params, input_side=not config.recurrent),
         "detect_anomaly": anomaly,
         "lightning norms": lightning_norms(params, bare),
         "hooks + .item()": hooks_item(built.blocks, bare),
@@ -322,6 +349,7 @@ RATIOS = {  # column: (variant, the baseline it is divided by)
     "probe steps=0": ("probe steps=0", "bare"),
     "probe steps=1": ("probe steps=1", "bare x2 + step"),
     "floor": ("floor", "bare"),
+    "norms alone": ("norms alone", "bare"),
     "detect_anomaly": ("detect_anomaly", "bare"),
     "lightning norms": ("lightning norms", "bare"),
     "hooks + .item()": ("hooks + .item()", "bare"),
@@ -767,9 +795,12 @@ NOTES = {
         "per-round ratio to its baseline, [quartiles] of those ratios. Baselines: bare = zero grads +\n"
         "forward + backward(); probe steps=1 is divided by 2 x (forward + backward) + 1 SGD step, the\n"
         "same work unprobed. floor = hooks appending block outputs + one autograd.grad + one fused norm +\n"
-        "one host copy, no bookkeeping. detect_anomaly = bare under torch.autograd.detect_anomaly;\n"
-        "lightning norms = bare + p.grad.norm().item() per parameter; hooks + .item() = bare with a\n"
-        "forward hook per block logging ||output|| and, via a tensor hook, ||dL/d(output)|| with .item().\n"
+        "one host copy, no bookkeeping; norms alone = that fused norm call and host copy by itself, over\n"
+        "tensors of the same sizes (block outputs, as many output-gradient-sized ones, weight gradients):\n"
+        "the cost of reading every byte once, which any exact probe pays. detect_anomaly = bare under\n"
+        "torch.autograd.detect_anomaly; lightning norms = bare + p.grad.norm().item() per parameter;\n"
+        "hooks + .item() = bare with a forward hook per block logging ||output|| and, via a tensor hook,\n"
+        "||dL/d(output)|| with .item().\n"
         "The watch mode is measured in its own section. The probe caches its per-model layout, warm\n"
         "after the warm-up calls (as for repeated calls on one model; a search builds a new model per\n"
         "probe). Target: probe <= 1.05x on the MLPs and the transformer, <= 1.15x on the RNN."

@@ -37,7 +37,7 @@ def accumulator(dtype: torch.dtype, exact: bool) -> torch.dtype:
 def _fused_norms(tensors: list[torch.Tensor], exact: bool) -> list[torch.Tensor]:
     """The L2 norm of each tensor as a 0-d tensor: one fused call per accumulator dtype, so one call
     in all when the tensors share a dtype, as they do in most models."""
-    accs = {accumulator(t.dtype, exact) for t in tensors}
+    accs = {accumulator(d, exact) for d in {t.dtype for t in tensors}}
     if len(accs) <= 1:
         return list(torch._foreach_norm(tensors, 2, dtype=accs.pop())) if accs else []
     out = list(tensors)
@@ -80,13 +80,14 @@ class _Recorder:
         self.entry: torch.Tensor | None = None  # block 0's input, until its first call returns
         self.version = 0  # the entry's version counter when block 0 received it
         self.handles = [module.register_forward_hook(self._hook(b)) for b, (_, module) in enumerate(blocks)]
-        if input_side and blocks:
-            self.handles.append(blocks[0][1].register_forward_pre_hook(self._on_input, with_kwargs=True))
+        self.first = blocks[0][1] if input_side and blocks else None
+        self.pre: Any = None  # the input pre-hook's handle, from start() to block 0's first call
 
     def _on_input(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-        if not self.active or self.calls or self.entry is not None:
+        self._unhook()  # block 0's first call only: a recurrent cell is called once per token
+        if not self.active or self.calls:
             return None
         x = _chain_input(args, kwargs)
         if x is None or not torch.is_grad_enabled():
@@ -127,10 +128,18 @@ class _Recorder:
         self.outputs.clear()
         self.entry = None
         self.active = True
+        if self.first is not None:
+            self.pre = self.first.register_forward_pre_hook(self._on_input, with_kwargs=True)
 
     def stop(self) -> None:
         self.active = False
         self.entry = None
+        self._unhook()
+
+    def _unhook(self) -> None:
+        if self.pre is not None:
+            self.pre.remove()
+            self.pre = None
 
     def take(self) -> list[torch.Tensor]:
         """The recorded outputs, dropping the recorder's references to them."""
@@ -155,6 +164,7 @@ class _Recorder:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+        self._unhook()
 
 
 def call_model(model: nn.Module, inputs: Inputs) -> Any:

@@ -283,3 +283,25 @@ def test_block_0_modifying_its_input_in_place_runs_and_has_no_input_side() -> No
     relu_in_place[0] = nn.ReLU()
     m = probe_module(model, torch.randn(3, 4), lambda o, _: o.square().mean(), blocks=blocks)
     assert m.activation_names == ("(input)", "a", "b") and len(m.gains) == 2
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_probe_leaves_no_hook_on_the_model(fails: bool) -> None:
+    """The recorder's hooks (forward hooks on every block, block 0's input pre-hook) are gone after a
+    probe, also one whose model raises before block 0 runs; a recurrent cell keeps its input side off
+    (two same-shape arguments) and its 8 calls are all recorded. Oracle: the modules' own hook dicts."""
+    rnn = resolve("rnn").build(Config.of("rnn", width=4, seq_len=8, batch_size=2))
+    modules = [m for _, m in rnn.blocks]
+    if fails:
+
+        def refuse(module: nn.Module, args: object) -> None:
+            raise ValueError("the user's model failed")
+
+        handle = rnn.model.register_forward_pre_hook(refuse)
+        with pytest.raises(ValueError, match="model failed"):
+            probe_module(rnn.model, rnn.inputs, rnn.loss_fn, blocks=rnn.blocks)
+        handle.remove()
+    else:
+        m = probe_module(rnn.model, rnn.inputs, rnn.loss_fn, blocks=rnn.blocks)
+        assert m.activation_names == tuple(f"cell[{t}]" for t in range(8))
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in modules)
