@@ -67,10 +67,13 @@ class _Recorder:
 
     With `input_side`, block 0's input is the chain's first entry (index -1, named INPUT), so block
     0's own gain is measured: taken on block 0's first call when no block has run before it, its
-    input is the chain's entry (`_chain_input`), the output has the input's shape and the block did not
-    modify its input in place (its version counter). An input outside the graph (the model's own float
-    input) is replaced by a copy that requires grad, for dL/d input (a copy, not a leaf: an in-place
-    op on a leaf that requires grad would raise inside the user's model).
+    input is the chain's entry (`_chain_input`) and the block did not modify its input in place (its
+    version counter). The shapes may differ (an nn.RNN from input to hidden width, a stem widening
+    the channels): under fan-in init a layer's backward gain does not depend on its widths, and for
+    a whole-sequence recurrent block it is where the growth through time shows. An input outside the
+    graph (the model's own float input) is replaced by a copy that requires grad, for dL/d input (a
+    copy, not a leaf: an in-place op on a leaf that requires grad would raise inside the user's
+    model).
     """
 
     def __init__(self, blocks: Sequence[tuple[str, nn.Module]], input_side: bool = False) -> None:
@@ -109,13 +112,7 @@ class _Recorder:
                 out = output if isinstance(output, torch.Tensor) else _first_tensor(output)
                 if out is not None:
                     entry, self.entry = self.entry, None
-                    if (
-                        b == 0
-                        and not calls
-                        and entry is not None
-                        and entry.shape == out.shape
-                        and entry._version == self.version
-                    ):
+                    if b == 0 and not calls and entry is not None and entry._version == self.version:
                         calls.append(-1)
                         outputs.append(entry)
                     calls.append(b)

@@ -26,7 +26,7 @@ from typing import Any
 from hypothesis import HealthCheck, Phase, event, given, note, settings, target
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
-from hypothesis.database import ExampleDatabase
+from hypothesis.database import ExampleDatabase, InMemoryExampleDatabase
 
 from stabilitycheck._validation import describe
 from stabilitycheck.canonical import Index as Index  # `X as X`: re-exported, these were defined here
@@ -283,7 +283,10 @@ def search(
     """Find the smallest exploding Config of `space`: Hypothesis finds one (else the top corner is
     tried), the canonical pass makes it the smallest and 1-minimal, then every remedy is re-judged.
     `on_result` gets the result as soon as the counterexample is known, then after each remedy, so an
-    interrupted run still has it. Ctrl-C returns what was found, marked interrupted."""
+    interrupted run still has it. Ctrl-C returns what was found, marked interrupted. `database` None:
+    one in memory, for this search alone (Hypothesis generates differently with a database than
+    without one, so a fresh directory and None give the same path)."""
+    database = database if database is not None else InMemoryExampleDatabase()
     limits = limits or Limits()
     subject = subject or resolve(space.base.subject)
     prober = Prober(space, subject, limits, progress or (lambda _: None), timeout)

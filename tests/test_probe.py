@@ -305,3 +305,34 @@ def test_the_probe_leaves_no_hook_on_the_model(fails: bool) -> None:
         m = probe_module(rnn.model, rnn.inputs, rnn.loss_fn, blocks=rnn.blocks)
         assert m.activation_names == tuple(f"cell[{t}]" for t in range(8))
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in modules)
+
+
+def test_a_whole_sequence_rnn_wider_than_its_input_has_its_input_side() -> None:
+    """An nn.RNN from 8 inputs to 16 hidden, the loss on the last step: its growth through time is
+    block 0's gain from the input, though the shapes differ. Oracle: dL/dx and dL/d(rnn output) from
+    torch's own backward; and rho^T growth makes it large (rho 3, relu: ~(3 / sqrt 2)^T)."""
+    torch.manual_seed(0)
+    rnn = nn.RNN(8, 16, batch_first=True, nonlinearity="relu", bias=False)
+    with torch.no_grad():
+        rnn.weight_hh_l0.copy_(3.0 * torch.linalg.qr(torch.randn(16, 16))[0])
+    head = nn.Linear(16, 4)
+
+    class Last(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.head = rnn, head
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(x)[0][:, -1])
+
+    model, x = Last(), torch.randn(4, 16, 8)
+    loss = lambda out, _: out.square().mean()  # noqa: E731
+    m = probe_module(model, x, loss, blocks=[("rnn", rnn), ("head", head)])
+    assert m.activation_names == ("(input)", "rnn", "head")
+    xg = x.clone().requires_grad_()
+    out = rnn(xg)[0]
+    out.retain_grad()
+    loss(head(out[:, -1]), None).backward()
+    assert m.activation_grad_norms[0] == pytest.approx(xg.grad.norm().item(), rel=1e-5)
+    assert m.activation_grad_norms[1] == pytest.approx(out.grad.norm().item(), rel=1e-5)
+    assert m.growth > 100

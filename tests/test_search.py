@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from hypothesis.database import DirectoryBasedExampleDatabase
 
 from stabilitycheck import report
 from stabilitycheck.config import Config
@@ -15,6 +17,7 @@ from stabilitycheck.searching import boundary, search, sweep
 from stabilitycheck.seeds import assess
 from stabilitycheck.space import Axis, Space
 from stabilitycheck.subjects import resolve
+from stabilitycheck.zoo import targets
 
 SMALL_SPACES = {
     # tanh MLP: growth ~ chi^(depth/2), chi > 1 above sigma_w = 1
@@ -124,3 +127,18 @@ def test_configs_too_large_for_memory_are_skipped_and_reported(monkeypatch: pyte
     result = search(space.with_run(seeds=1), max_examples=20)
     assert result.skipped and all(c.knob("depth") > 21 and "too large" in why for c, why in result.skipped)
     assert "configuration(s) skipped" in report.text([result]) and "too large" in report.text([result])
+
+
+def test_the_example_database_changes_nothing_but_the_path_to_the_answer(tmp_path: Path) -> None:
+    """The post-norm transformer's top corner is stable (its growth falls again at depth 24), so the
+    descent starts from Hypothesis' failure, which Hypothesis finds by another path with a database
+    than without (it keeps a Pareto front only with one): no database, a fresh directory and the same
+    directory again (replaying the stored failure) give one counterexample."""
+    space = targets()["transformer-post"]
+    got = []
+    for db in (None, DirectoryBasedExampleDatabase(tmp_path), DirectoryBasedExampleDatabase(tmp_path)):
+        cx = search(space, database=db).counterexample
+        assert cx is not None
+        got.append(cx.config)
+    assert not assess(space.config(space.top())).exploded
+    assert got[0] == got[1] == got[2]
