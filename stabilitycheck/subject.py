@@ -101,7 +101,10 @@ def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
     """The model's chain of repeated blocks, input side first, and one line saying which rule chose
     them: its `stability_blocks()` if defined; else the longest stack of same-type modules (length 1
     included), with every other stack of composite blocks beside it (an encoder-decoder's two stacks);
-    else the longest ModuleList/Sequential of >= 2 modules; else its leaf modules that own parameters."""
+    else the longest ModuleList/Sequential of >= 2 modules, those owning parameters where there are
+    two or more (Linear, Tanh, Linear, ...: each gain is then a whole layer's, activation included,
+    not alternately a weight's x2 and an activation's x0.5); else its leaf modules that own
+    parameters."""
     declared = getattr(model, "stability_blocks", None)
     if callable(declared):
         return tuple(declared()), "blocks: declared by stability_blocks()"
@@ -120,7 +123,12 @@ def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
     ]
     if lists:
         name, mods = max(lists, key=lambda s: len(s[1]))
-        return _named(name, mods), f"blocks: {name or '(model)'} ({len(mods)}, mixed module types)"
+        blocks = _named(name, mods)
+        weighted = tuple((n, m) for n, m in blocks if any(True for _ in m.parameters()))
+        label = name or "(model)"
+        if len(weighted) >= 2 and len(weighted) < len(blocks):  # activations fold into the layer before
+            return weighted, f"blocks: {label} ({len(weighted)} of {len(mods)} with parameters, mixed types)"
+        return blocks, f"blocks: {label} ({len(mods)}, mixed module types)"
     leaves = tuple(
         (name, m)
         for name, m in model.named_modules()

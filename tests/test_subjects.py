@@ -168,3 +168,21 @@ def test_the_linear_rnn_seq_len_boundary_matches_the_20_seed_median() -> None:
             truth,
             cx.config.knob("seq_len"),
         )
+
+
+@pytest.mark.parametrize("scale", [0.5, 2.0])
+def test_a_flat_sequential_has_its_weighted_layers_as_blocks_with_the_theorys_gains(scale: float) -> None:
+    """Linear, ReLU, Linear, ReLU, ...: the blocks are the Linears (the ReLU folds into the layer
+    before), so every gain is a whole layer's. Oracle, mean field: weights N(0, 2 s^2 / fan_in) and
+    ReLU give a per-layer backward gain of s (chi_1 = sigma_w^2 / 2 = s^2), at width 512 within 10%."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(512, 512, bias=False) for _ in range(8)]
+    for layer in layers:
+        nn.init.normal_(layer.weight, std=scale * (2.0 / 512) ** 0.5)
+    model = nn.Sequential(*[m for layer in layers for m in (layer, nn.ReLU())])
+    blocks, note = find_blocks(model)
+    assert [m for _, m in blocks] == layers and "8 of 16 with parameters" in note
+    readout = torch.randn(64, 512)  # a loss whose gradient is independent of the forward signal
+    m = probe_module(model, torch.randn(64, 512), lambda out, _: (out * readout).sum())
+    inner = m.gains[1:]  # gain i + 1: across Linear i + 1 and the ReLU before it
+    assert statistics.median(inner) == pytest.approx(scale, rel=0.1)
