@@ -205,6 +205,14 @@ def _apply_knobs(space: Any, knobs: Sequence[str], subject: Any) -> Any:
                 f"--knob {name!r} is not a knob of {space.label}; its knobs are {sorted(base.values)} "
                 f"(and the run settings {', '.join(RUN_AXES)}), e.g. --knob {sorted(base.values)[0]}=1:8"
             )
+        now = base.values[name] if name in base.values else getattr(base.run, name)
+        if isinstance(now, int) and not isinstance(now, bool):
+            if not all(float(x).is_integer() for x in numbers):
+                raise UsageError(
+                    f"--knob {text!r}: {name} is a whole-number knob (now {now}); give whole numbers, "
+                    f"e.g. --knob {name}=1:8"
+                )
+            numbers = [int(x) for x in numbers]
         axes = [a for a in axes if a.name != name]
         if len(numbers) == 1:
             base = base.with_knobs(**{name: numbers[0]})

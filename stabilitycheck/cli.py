@@ -62,12 +62,8 @@ def _spaces(args: argparse.Namespace) -> list[Any]:
     else:
         if args.family:
             raise UsageError("--family applies to 'stabilitycheck zoo' only")
-        from stabilitycheck.searching import check
-
         subject = resolve(args.target)
-        space = subject.space()
-        check(subject, space.config(tuple(0 for _ in space.axes)))
-        pairs = [(subject, space)]
+        pairs = [(subject, subject.space())]
     run: dict[str, Any] = {
         k: getattr(args, k) for k in ("steps", "lr", "optimizer", "clip") if getattr(args, k) is not None
     }
@@ -76,6 +72,10 @@ def _spaces(args: argparse.Namespace) -> list[Any]:
     out = []
     for subject, space in pairs:
         space = _apply_knobs(space.with_run(**run), args.knob, subject)
+        if args.target != "zoo":  # the user's code, at the lowest corner of the space searched
+            from stabilitycheck.searching import check
+
+            check(subject, space.config(tuple(0 for _ in space.axes)))
         for device in _devices(args.device):
             for dtype in dtypes or [space.base.run.dtype]:
                 amp = args.amp if args.amp != "auto" else ("bfloat16" if device == "cpu" else "float16")
@@ -149,6 +149,7 @@ def run(argv: Sequence[str] | None, progress: Progress | None = None) -> int:
 
         return replay_main(given[1:])
     args = parser().parse_args(argv)
+    from stabilitycheck.errors import UsageError
     from stabilitycheck.verdicts import Limits
 
     limits = Limits(
@@ -223,6 +224,13 @@ def run(argv: Sequence[str] | None, progress: Progress | None = None) -> int:
         outputs.final(results + pending)
     if code != EXIT_OK:
         return code
+    for r in results:
+        if r.counterexample is None and r.points and len(r.skipped) == r.points:
+            config, why = r.skipped[0]
+            raise UsageError(
+                f"{r.space.label}: every configuration tried was skipped ({r.points}), e.g. "
+                f"{config.describe()}: {why}; nothing was tested, check the knob ranges"
+            )
     return EXIT_FOUND if any(r.counterexample for r in results) else EXIT_OK
 
 

@@ -335,3 +335,39 @@ def test_sparse_embedding_gradients_are_measured_like_dense_ones() -> None:
     expected = float(torch.nn.utils.get_total_norm([p.grad for p in dense.parameters()]))
     assert m.first_nonfinite is None
     assert m.grad_norm[0] == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_search_that_tested_nothing_is_exit_2_with_what_it_wrote(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every configuration skipped (here: none fits the memory allowed) is not 'stable': one line, exit
+    2, the skipped points still in the JSON."""
+    from stabilitycheck import searching
+
+    monkeypatch.setattr(searching, "free_memory", lambda device: 16)
+    path = tmp_path / "wide.py"
+    path.write_text(
+        "from torch import nn\nSPACE = {'width': (8, 64, 8)}\n"
+        "def build(width=8):\n    return nn.Sequential(nn.Linear(width, width), nn.Tanh())\n"
+    )
+    out_json = tmp_path / "out.json"
+    code, _, err = _run(
+        [str(path), "--database", "none", "--seeds", "1", "--quiet", "--json", str(out_json)], capsys
+    )
+    assert code == cli.EXIT_USAGE and err.count("\n") == 1 and "every configuration tried was skipped" in err
+    assert json.loads(out_json.read_text())[0]["skipped"]
+
+
+def test_knob_ranges_are_checked_against_the_knobs_type_and_applied_before_the_first_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A fractional range on a whole-number knob is a usage error up front; a model that cannot run at
+    depth 1 is searched from the lower end the user gave (--knob), not from its SPACE's."""
+    path = _file(tmp_path, "if depth < 3: raise ValueError('needs depth >= 3')")
+    code, _, err = _run([str(path), "--knob", "depth=1.5:4", "--quiet"], capsys)
+    assert code == cli.EXIT_USAGE and "whole-number knob" in err and err.count("\n") == 1
+    code, _, err = _run([str(path), "--database", "none", "--quiet"], capsys)
+    assert code == cli.EXIT_USAGE and "needs depth >= 3" in err
+    args = ["--knob", "depth=3:40", "--database", "none", "--seeds", "1", "--quiet"]
+    code, out, _ = _run([str(path), *args], capsys)
+    assert code == cli.EXIT_FOUND and "depth=" in out
