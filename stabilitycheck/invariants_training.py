@@ -92,14 +92,20 @@ def assert_finite_training(
 
 def assert_bounded_growth(measurement: Measurement, limit: float, *, gain_limit: float | None = None) -> None:
     """The overall growth (input-side over output-side activation-gradient norm) is <= limit and so is
-    every per-layer gain (or <= gain_limit). NaN and Inf count as over: never hidden."""
+    every per-layer gain (or <= gain_limit). NaN and Inf count as over: never hidden; but a ratio of
+    two gradient norms that are both exactly 0 (no gradient reached there: dead ReLUs) is no growth."""
     __tracebackhide__ = True
     limit = _positive("limit", limit)
     per_layer = limit if gain_limit is None else _positive("gain_limit", gain_limit)
     m = measurement
     names = m.activation_names[1:]  # gain i is across the block whose output is activation i + 1
-    over = [i for i, g in enumerate(m.gains) if not g <= per_layer]
-    growth_bad = not m.growth <= limit
+    acts = m.activation_grad_norms
+
+    def silent(i: int, j: int) -> bool:
+        return acts[i] == 0.0 and acts[j] == 0.0
+
+    over = [i for i, g in enumerate(m.gains) if not g <= per_layer and not silent(i, i + 1)]
+    growth_bad = not m.growth <= limit and not (acts and silent(0, -1))
     if not over and not growth_bad:
         return
     lines = [

@@ -89,10 +89,11 @@ def _above(value: float, limit: float | None) -> bool:
 
 def peak_grad_norm(m: Measurement) -> float:
     """The largest total gradient norm over the steps; under a GradScaler a non-finite step is one the
-    scaler skipped (counted in `skipped_steps`), not an explosion, so it is left out."""
+    scaler skipped (counted in `skipped_steps`), not an explosion, so it is left out. NaN where no
+    step has a number to show (a NaN is the nonfinite criterion's, never shown as a norm of 0)."""
     scaled = bool(m.loss_scale)
     values = [g for g in m.grad_norm if not math.isnan(g) and not (scaled and math.isinf(g))]
-    return max(values, default=0.0)
+    return max(values, default=math.nan)
 
 
 def values(m: Measurement) -> dict[str, float]:

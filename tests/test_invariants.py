@@ -287,15 +287,20 @@ def test_bounded_growth_catches_post_norm_in_disguise(seed: int) -> None:
     assert "Layers over bound: 0 / 48" in message and "Worst layer: 'layers." in message
 
 
-def test_bounded_growth_counts_layers_over_a_gain_limit_and_nan() -> None:
+def test_bounded_growth_counts_layers_over_a_gain_limit_and_nan_but_not_a_silent_gradient() -> None:
     m = probe_built(broken.disguised_prenorm(DEEP.with_knobs(activation="tanh")))
     with pytest.raises(StabilityError, match=r"Layers over bound: \d+ / 48"):
         assert_bounded_growth(m, 1e9, gain_limit=1.5)  # type: ignore[arg-type]
-    nan = probe_module(
-        nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), torch.ones(1, 2), lambda o, _: o.sum() * 0
-    )
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2))
+    silent = probe_module(net, torch.ones(1, 2), lambda o, _: o.sum() * 0)
+    assert math.isnan(silent.growth) and all(g == 0.0 for g in silent.activation_grad_norms)
+    assert_bounded_growth(silent, 10.0)  # no gradient reached any block (0 / 0): nothing grew
+    with torch.no_grad():
+        net[1].weight[0, 0] = math.nan
+    nan = probe_module(net, torch.ones(1, 2), lambda o, _: o.sum())
     with pytest.raises(StabilityError, match="Overall growth: nan"):
-        assert_bounded_growth(nan, 10.0)  # 0 / 0 is NaN, reported rather than passed
+        assert_bounded_growth(nan, 10.0)  # a NaN gradient is reported, never passed
     with pytest.raises(UsageError):
         assert_bounded_growth(nan, -1.0)
 

@@ -336,3 +336,18 @@ def test_a_whole_sequence_rnn_wider_than_its_input_has_its_input_side() -> None:
     assert m.activation_grad_norms[0] == pytest.approx(xg.grad.norm().item(), rel=1e-5)
     assert m.activation_grad_norms[1] == pytest.approx(out.grad.norm().item(), rel=1e-5)
     assert m.growth > 100
+
+
+def test_a_nan_gradient_norm_is_shown_as_nan_not_0() -> None:
+    """Oracle: the Measurement's own grad_norm. A run whose every gradient norm is NaN has no peak to
+    show: NaN (the nonfinite criterion fires), never a reassuring 0; a finite run shows its largest."""
+    from stabilitycheck.verdicts import values
+
+    net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    with torch.no_grad():
+        net[1].weight[0, 0] = math.nan
+    m = probe_module(net, torch.ones(1, 2), lambda o, _: o.sum())
+    assert math.isnan(m.grad_norm[0]) and math.isnan(values(m)["grad_norm"])
+    assert verdict(m).names == ("nonfinite",)
+    fine = probe_module(nn.Linear(2, 2), torch.ones(1, 2), lambda o, _: o.sum(), steps=2)
+    assert values(fine)["grad_norm"] == max(fine.grad_norm)
