@@ -10,7 +10,10 @@ __main__). `stabilitycheck replay DIR` re-runs the step from it (stabilitycheck.
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import sys
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +25,18 @@ from torch import nn
 
 FORMAT = "stabilitycheck-watch-bundle/1"
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def check_loadable(compute_loss: Any) -> str | None:
+    """Why `stabilitycheck replay` could not load `compute_loss` by name (a lambda, a local function,
+    one defined in the script run as __main__), or None when it can."""
+    if getattr(compute_loss, "__module__", None) == "__main__":
+        return f"{getattr(compute_loss, '__name__', compute_loss)!r} is defined in the script run as __main__"
+    try:
+        pickle.dumps(compute_loss)
+    except Exception as exc:
+        return f"it cannot be pickled by name ({type(exc).__name__}: {exc})"
+    return None
 
 
 def import_root(obj: Any) -> str | None:
@@ -89,8 +104,15 @@ class Snapshot:
     ) -> None:
         """Write the bundle when the first flagged step is among the `n` steps just flushed."""
         if not self.written and flagged is not None and first <= flagged < first + n:
-            self._write(flagged, values, blocks)
             self.written = True
+            try:
+                self._write(flagged, values, blocks)
+            except Exception as exc:  # the user's training goes on: a bundle is never worth a crash
+                warnings.warn(
+                    f"watch: the replay bundle for step {flagged} could not be written to {self.path} "
+                    f"({type(exc).__name__}: {exc}); training goes on without it",
+                    stacklevel=2,
+                )
         for store in (self.batches, self.rng):
             for step in [s for s in store if s < first + n]:
                 del store[step]
@@ -107,7 +129,6 @@ class Snapshot:
             "import_roots": sorted(r for r in roots if r is not None),
             "has_batch": step in self.batches,
         }
-        (self.path / "meta.json").write_text(json.dumps(meta, indent=1))
         data = {
             "model": self.model,
             "state": [t.detach().clone() for t in self.kept],
@@ -115,5 +136,8 @@ class Snapshot:
             "rng": self.rng.get(step),
             "compute_loss": self.compute_loss,
         }
+        partial = self.path / "data.pt.partial"
         with _without_hooks(self.model):
-            torch.save(data, self.path / "data.pt")
+            torch.save(data, partial)
+        os.replace(partial, self.path / "data.pt")  # never a half-written data.pt
+        (self.path / "meta.json").write_text(json.dumps(meta, indent=1))

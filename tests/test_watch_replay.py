@@ -6,10 +6,13 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 from watch_models import PreNorm, compute_loss, report_of, train
 
+from stabilitycheck import watchstate
 from stabilitycheck.cli import main
+from stabilitycheck.errors import UsageError
 from stabilitycheck.replay import replay
 
 
@@ -44,3 +47,37 @@ def test_a_missing_bundle_is_a_one_line_usage_error(tmp_path: Path, capsys: obje
     assert main(["replay", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err  # type: ignore[attr-defined]
     assert err.startswith("stabilitycheck: error: replay") and err.count("\n") == 1
+
+
+def test_a_compute_loss_replay_cannot_load_is_refused_at_the_start(tmp_path: Path) -> None:
+    """A lambda (not picklable by name) or a function of the script run as __main__ (not importable by
+    replay) is a usage error when watch() starts, before any training step."""
+    closs = lambda model, batch: compute_loss(model, batch)  # noqa: E731
+    main_fn = compute_loss.__class__(compute_loss.__code__, {"__name__": "__main__"}, "closs")
+    main_fn.__module__ = "__main__"
+    for fn, why in ((closs, "cannot be pickled"), (main_fn, "__main__")):
+        with pytest.raises(UsageError, match=why):
+            train(PreNorm(depth=2), 1, bundle=tmp_path / "b", compute_loss=fn)
+        assert not (tmp_path / "b").exists()
+
+
+def test_a_bundle_that_cannot_be_written_warns_and_training_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writing fails (the bundle path is a file; torch.save dies half-way): a warning, the run finishes
+    every step, and no data.pt is left for replay to choke on."""
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file, not a directory")
+
+    def dies_half_way(obj: object, f: Path) -> None:
+        Path(f).write_bytes(b"PK half a zip")
+        raise OSError("disk full")
+
+    for path in (blocked, tmp_path / "bundle"):
+        if path.name == "bundle":
+            monkeypatch.setattr(watchstate.torch, "save", dies_half_way)
+        with pytest.warns(UserWarning, match="could not be written"):
+            options = {"bundle": path, "compute_loss": compute_loss, "flush_every": 16}
+            w = train(PreNorm(depth=3), 52, bad_batch=(48, 50.0), **options)
+        assert w.report is not None and w.report.steps == 52
+        assert not (path / "data.pt").exists() if path.is_dir() else path.read_text().startswith("a file")
