@@ -92,6 +92,11 @@ def parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="stabilitycheck",
         description="Find the smallest configuration whose gradients explode, and what fixes it.",
+        epilog=(
+            "other commands: 'stabilitycheck map TARGET --x KNOB --y KNOB' traces the stable/exploding "
+            "frontier over two knobs; 'stabilitycheck replay BUNDLE' re-runs the step a watch() bundle "
+            "saved. Each takes --help."
+        ),
     )
     p.add_argument(
         "target",

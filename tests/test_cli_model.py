@@ -202,6 +202,7 @@ ERRORS = [
         [f"{FILES}/no_factory.py"],
         ["no top-level `build`", "found top-level names ['WIDTH', 'make_net']"],
     ),
+    ("instance_only", [f"{FILES}/only_a_layer.py"], ["found top-level names ['layer']"]),
     ("named_factory", ["examples/mlp.py:make"], ["no top-level `make`", "['SPACE', 'MLP', 'build']"]),
     (
         "no_default",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import itertools
 import sys
 import traceback
@@ -94,7 +95,8 @@ def top_level_names(module: ModuleType) -> list[str]:
     for key, value in vars(module).items():
         if key.startswith("_") or isinstance(value, ModuleType) or type(value).__module__ == "__future__":
             continue
-        owner = getattr(value, "__module__", module.__name__) if callable(value) else module.__name__
+        defined = inspect.isfunction(value) or inspect.isclass(value)  # an instance is the file's own
+        owner = getattr(value, "__module__", module.__name__) if defined else module.__name__
         if owner == module.__name__:
             names.append(key)
     return names
