@@ -130,7 +130,7 @@ def culprit_of(ms: Sequence[Measurement]) -> str:
     """The block to blame, over seeds: where the first non-finite value was made; else a block whose
     backward log-gain exceeds the stack's median log-gain by more than log 2 and by more than 3x the
     spread of the other blocks' excesses, in the median over seeds, and which has the largest gain in
-    at least 80% of the seeds; else, when the typical gain G is over 1, 'uniform xG/block'; else the
+    at least 80% of the seeds; else, when the typical gain G is over 1, 'uniform, median gain xG'; else the
     block with the largest weight gradient (the growth was inside a block). A stack with fewer than
     three gains cannot show a uniform rate: there the seeds vote for their largest amplifying block."""
     first = ms[0]
@@ -156,7 +156,7 @@ def culprit_of(ms: Sequence[Measurement]) -> str:
     typical = statistics.median(statistics.median(x for x in row if not math.isnan(x)) for row in logs)
     if typical <= 0:  # no block amplifies: the growth was inside a block (an nn.RNN over time)
         return _single(first)
-    return f"uniform x{math.exp(typical):.3g}/block"
+    return f"uniform, median gain x{math.exp(typical):.3g}"
 
 
 def _largest_gain(m: Measurement) -> str:

@@ -131,7 +131,7 @@ def test_a_uniform_stack_has_no_single_culprit() -> None:
         return _planted(-1, sigma=2.5)
 
     named = [_culprit_over_seeds(uniform, base) for base in range(5)]
-    assert all(c.startswith("uniform x") for c in named), named
+    assert all(c.startswith("uniform, median gain x") for c in named), named
 
 
 def _tanh_chi1(sigma: float) -> float:
