@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from stabilitycheck._options import (
+    EXIT_FOUND,
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -154,7 +155,7 @@ def run(argv: Sequence[str]) -> int:
     print(maptext.text(pm), flush=True)
     if pm.interrupted:
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
-    return EXIT_OK
+    return EXIT_FOUND if any(p.criteria for p in pm.points) else EXIT_OK  # as the search's CLI
 
 
 def main_map(argv: Sequence[str]) -> int:

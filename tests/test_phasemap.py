@@ -341,3 +341,13 @@ def test_sigterm_writes_what_was_traced_and_exits_143(tmp_path: Path) -> None:
     pm = PhaseMap.from_dict(json.loads(path.read_text()))
     assert pm.interrupted and 0 < pm.verdicts < pm.grid
     assert b"not traced" in out
+
+
+def test_cli_map_exit_code_is_the_searchs_1_when_a_point_fires(capsys: pytest.CaptureFixture[str]) -> None:
+    """Oracle: the map's own points. Exit 1 when any measured point fired a criterion, 0 when none did
+    (the exit codes the README gives for the whole CLI)."""
+    argv = ["map", "mlp", "--x", "depth", "--y", "init_scale", "--knob", "depth=1:8"]
+    argv += ["--knob", "init_scale=2.0:4.0:1.0", "--knob", "width=16", "--seeds", "1", "--quiet"]
+    for limit, code in (("2", 1), ("100", 0)):
+        assert main([*argv, "--growth-limit", limit]) == code
+        assert ("X" in capsys.readouterr().out.split("\n")[1]) == (code == 1)  # the top row
