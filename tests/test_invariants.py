@@ -419,3 +419,36 @@ def test_gradscaler_guard_accepts_a_clean_step_whose_gradients_are_all_zero() ->
         return out.sum() * 0.0 + model[0](x).relu().sum()
 
     assert_gradscaler_guards(model, x, loss_fn)
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 2.0])
+def test_torchs_own_clip_passes_on_a_million_float32_values_and_a_1_percent_error_does_not(
+    norm_type: float,
+) -> None:
+    """Oracle: torch.nn.utils.clip_grad_norm_. Its float32 total over 1e6 values is off by up to 1e-5
+    (L2) and 1e-4 (L1) relative, which the clipped norm inherits: that is allowed, measured with
+    torch's own reduction; a clip 1% too weak is still caught at that size."""
+    for seed in range(3):
+        grad = torch.randn(1_000_000, generator=torch.Generator().manual_seed(seed))
+        p = nn.Parameter(torch.zeros(1_000_000))
+        p.grad = grad.clone()
+        torch.nn.utils.clip_grad_norm_([p], 1.0, norm_type=norm_type)
+        assert_clipped_norm_bounded([p], 1.0, norm_type, before=[grad])
+        p.grad = grad.clone()
+        torch.nn.utils.clip_grad_norm_([p], 1.01, norm_type=norm_type)  # the broken one: 1% over
+        with pytest.raises(StabilityError, match="torch's own rounding of the total included"):
+            assert_clipped_norm_bounded([p], 1.0, norm_type, before=[grad])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rescaling_passes_a_bias_whose_exact_gradient_is_zero(dtype: torch.dtype) -> None:
+    """A bias before a BatchNorm has gradient 0 in exact arithmetic (the normalisation removes any
+    shift), so its computed gradient is rounding noise with no direction to keep; backward is still
+    linear, and the invariant must pass at c = 5 and 1000 (it failed on that one tensor)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.Linear(32, 4)).to(dtype)
+    x, y = torch.randn(8, 16, dtype=dtype), torch.randint(0, 4, (8,))
+    for c in (5.0, 1000.0):
+        assert_rescaling_equivariant(model, x, lambda out, _: nn.functional.cross_entropy(out, y), c)
+    nn.functional.cross_entropy(model(x), y).backward()  # the .grad fields were restored to None
+    assert float(model[0].bias.grad.norm()) < 1e-6 * float(model[0].weight.grad.norm())  # type: ignore[union-attr]
