@@ -92,9 +92,12 @@ def finding(
     *,
     failure: str | None = None,
     knobs: tuple[str, ...] | None = None,
+    reproduce: str | None = None,
 ) -> Finding | None:
     """A Finding of a SearchResult (None when it found nothing), a Counterexample, or a failing Config
-    (with the `failure` message); `knobs` are the knob names to show (default: a search's axes)."""
+    (with the `failure` message and the line that `reproduce`s it: a test's own assertion is not the
+    verdict, so the default is only a probe of the Config); `knobs` are the knob names to show
+    (default: a search's axes)."""
     from stabilitycheck.config import Config
     from stabilitycheck.counterexample import Counterexample, SearchResult
     from stabilitycheck.report import reproduction
@@ -131,7 +134,7 @@ def finding(
             failure=failure or "-",
             culprit="-",
             fixed_by="-",
-            reproduce=reproduction(found),
+            reproduce=reproduce or reproduction(found),
             config=found.to_dict(),
         )
     raise TypeError(

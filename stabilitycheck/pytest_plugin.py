@@ -22,6 +22,7 @@ import inspect
 import json
 import os
 import random
+import shlex
 import sys
 from collections.abc import Generator
 from dataclasses import dataclass, field
@@ -271,8 +272,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         if cx is not None:
             state.add(finding(cx, item.nodeid, knobs=getattr(exc, "stability_knobs", None)))
             continue
+        seed = f" {PREFIX}seed={state.seed}" if state.seed_all else ""
+        again = f"pytest {shlex.quote(item.nodeid)}{seed}  # the test's own assertion, on this config"
         for c in _failing_configs(exc, codes):
-            state.add(finding(c, item.nodeid, failure=_failure_text(exc)))
+            state.add(finding(c, item.nodeid, failure=_failure_text(exc), reproduce=again))
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
