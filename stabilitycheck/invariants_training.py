@@ -82,7 +82,7 @@ def assert_finite_training(
         norms = ", ".join(f"{x:.3g}" for x in m.grad_norm)
         _fail(
             f"Training went non-finite within {steps} {optimizer} steps at lr={lr:g}.",
-            f"Steps finite: {nf.step} / {steps}",
+            f"Steps finite: {nf.step} / {steps + 1} (step 0 at init, then one per update)",
             f"First non-finite: step {nf.step}, layer {nf.layer!r}, tensor {nf.tensor!r} (norm {nf.value})",
             f"Loss per step: {losses}",
             f"Total gradient norm per step: {norms}",

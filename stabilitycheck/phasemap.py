@@ -256,9 +256,10 @@ def phase_map(
             f"mapping {space.label}: {xa.name} ({nx}) x {ya.name} ({ny}), up to {base.run.seeds} seeds each"
         )
     try:
-        trace(lambda i, j: judge(i, j).exploded, nx, ny, explode, notes)
+        names = (lambda i: f"{xa.name}={xa.values[i]}", lambda j: f"{ya.name}={ya.values[j]}")
+        trace(lambda i, j: judge(i, j).exploded, nx, ny, explode, notes, names)
         if vanish is not None:
-            trace(lambda i, j: judge(i, j).vanished, nx, ny, vanish, notes)
+            trace(lambda i, j: judge(i, j).vanished, nx, ny, vanish, notes, names)
     except KeyboardInterrupt:
         return snapshot(True)
     return snapshot(False)

@@ -66,9 +66,21 @@ def _violation(measured: dict[int, bool]) -> tuple[int, int] | None:
     return None
 
 
-def trace(fires: Callable[[int, int], bool], nx: int, ny: int, edges: list[Edge], notes: list[str]) -> None:
+def trace(
+    fires: Callable[[int, int], bool],
+    nx: int,
+    ny: int,
+    edges: list[Edge],
+    notes: list[str],
+    names: tuple[Callable[[int], str], Callable[[int], str]] = (
+        lambda x: f"x index {x}",
+        lambda y: f"row {y}",
+    ),
+) -> None:
     """Append the frontier of every row to `edges` (see the module docstring) and what broke
-    monotonicity to `notes`; `fires(x, y)` judges a point (cached by the caller)."""
+    monotonicity to `notes`, naming x and y values by `names`; `fires(x, y)` judges a point (cached
+    by the caller)."""
+    name_x, name_y = names
     start = 0
     for y in range(ny):
         seen: dict[int, bool] = {}
@@ -87,8 +99,9 @@ def trace(fires: Callable[[int, int], bool], nx: int, ny: int, edges: list[Edge]
         if bad is not None:
             f, how = _bisect(at, -1, bad[0]), "bisection"
             notes.append(
-                f"row {y}: x index {bad[0]} fires but {bad[1]} does not (not monotone in x); "
-                f"bisected the row below {bad[0]} for its lowest transition: x index {f}"
+                f"{name_y(y)}: {name_x(bad[0])} fires but {name_x(bad[1])} does not (not monotone in x); "
+                f"bisected the row below {name_x(bad[0])} for its lowest transition: "
+                + (name_x(f) if f is not None else "none")
             )
         edges.append(Edge(y, f, how))
         start = nx - 1 if f is None else f

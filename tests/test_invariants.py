@@ -318,14 +318,16 @@ def test_finite_training_catches_a_pre_norm_block_whose_norm_never_runs(seed: in
         assert_finite_training(fake.model, fake.inputs, fake.loss_fn, blocks=fake.blocks, steps=5)
     message = str(info.value)
     assert "Training went non-finite within 5 adam steps at lr=0.001" in message
-    assert "Steps finite: 0 / 5" in message
+    assert "Steps finite: 0 / 6 (step 0 at init, then one per update)" in message
     assert re.search(r"First non-finite: step 0, layer 'layers\.(39|40)', tensor 'activation'", message)
 
 
 def test_finite_training_names_the_step_when_a_large_lr_blows_up() -> None:
     b = zoo("mlp", activation="relu", init_scale=1.5)
-    with pytest.raises(StabilityError, match=r"First non-finite: step [1-9]"):
+    with pytest.raises(StabilityError, match=r"First non-finite: step [1-9]") as info:
         assert_finite_training(b.model, b.inputs, b.loss_fn, steps=20, lr=1e30, optimizer="sgd")
+    step = int(re.search(r"First non-finite: step (\d+)", str(info.value))[1])  # type: ignore[index]
+    assert f"Steps finite: {step} / 21" in str(info.value)  # steps 0..step-1 of the 21 measured
     with pytest.raises(UsageError, match="steps must be an int >= 1"):
         assert_finite_training(b.model, b.inputs, b.loss_fn, steps=0)
 

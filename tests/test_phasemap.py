@@ -351,3 +351,16 @@ def test_cli_map_exit_code_is_the_searchs_1_when_a_point_fires(capsys: pytest.Ca
     for limit, code in (("2", 1), ("100", 0)):
         assert main([*argv, "--growth-limit", limit]) == code
         assert ("X" in capsys.readouterr().out.split("\n")[1]) == (code == 1)  # the top row
+
+
+def test_a_non_monotone_rows_note_names_the_knob_values() -> None:
+    """The note says which knob values broke monotonicity (depth=5 fires, depth=6 does not), not grid
+    indices, when the tracer is given the axes' names, as the phase map gives them."""
+    row = [False] * 4 + [True, False] + [True] * 4
+    edges: list[Edge] = []
+    notes: list[str] = []
+    depth, scale = Axis.range("depth", 1, 10), Axis("init_scale", (2.5,))
+    names = (lambda i: f"depth={depth.values[i]}", lambda j: f"init_scale={scale.values[j]}")
+    trace(lambda x, y: row[x], 10, 1, edges, notes, names)
+    assert notes and notes[0].startswith("init_scale=2.5: depth=5 fires but depth=6 does not")
+    assert notes[0].endswith("lowest transition: depth=5") and edges[0].x == 4
