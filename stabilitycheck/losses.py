@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from stabilitycheck.errors import UsageError
+
 Inputs = Any  # a tensor, or nested tuples/lists/dicts of tensors (and None, scalars)
 LossFn = Callable[[Any, Inputs], torch.Tensor]
 
@@ -108,7 +110,7 @@ def on_output(default: DefaultLoss, what: str) -> LossFn:
         if model_loss is not None:
             return model_loss
         if tensor is None:
-            raise ValueError(
+            raise UsageError(
                 f"{what}: the model's output is a {type(output).__name__} with no tensor in it; return a "
                 "tensor (e.g. logits), a tuple/dict holding one, or define `def loss(output, inputs)`"
             )

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from hypothesis import HealthCheck, Phase, event, given, note, settings, target
@@ -150,6 +151,8 @@ class Prober:
         except Exception as exc:
             if type(exc).__name__ == "OutOfMemoryError":
                 return f"out of memory ({describe(exc)})"
+            if _raised_here(exc):
+                raise  # a bug of this package, not the model's: an internal error, never a skipped point
             return f"the model raised {describe(exc)}"
 
     def explodes(self, index: Index) -> bool:
@@ -183,6 +186,17 @@ class Prober:
         return tuple(
             (self.space.config(i), r) for i, r in sorted(self.judged().items()) if isinstance(r, str)
         )
+
+
+def _raised_here(exc: BaseException) -> bool:
+    """Whether the innermost frame of `exc` is this package's own code."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE)
+
+
+_PACKAGE = Path(__file__).resolve().parent
 
 
 class _Exploded(Exception):

@@ -142,3 +142,14 @@ def test_the_example_database_changes_nothing_but_the_path_to_the_answer(tmp_pat
         got.append(cx.config)
     assert not assess(space.config(space.top())).exploded
     assert got[0] == got[1] == got[2]
+
+
+def test_a_bug_of_the_package_is_raised_not_reported_as_the_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception whose innermost frame is this package's code (here seeds.quantile on no values,
+    planted in the verdict) propagates as an internal error; it was caught as 'the model raised ...'
+    and the point skipped, so a bug of ours read as the user's model failing."""
+    from stabilitycheck import seeds
+
+    monkeypatch.setattr(seeds, "culprit_of", lambda ms: seeds.quantile([], 0.5))
+    with pytest.raises(IndexError):
+        search(SMALL_SPACES["tanh-mlp"], max_examples=5)

@@ -193,3 +193,13 @@ def test_vanishing_fires_on_a_tanh_rnn_at_sigma_1_through_time() -> None:
     j = assess(c, limits=Limits(vanishing=100.0))
     assert "vanishing" in j.verdict.names
     assert j.growth.mid > 1 / 100.0  # the per-token figure alone would not have fired
+
+
+def test_a_block_with_no_gain_in_any_seed_does_not_break_the_culprit_rule() -> None:
+    """float16, tanh at sigma 0.5, depth 54: the gradient underflows to 0 on the input side, so some
+    blocks' gains are 0/0 in every seed. The verdict is still made (it raised StatisticsError, which
+    the search reported as the model's own failure), and the culprit is one of the blocks."""
+    c = Config.of("mlp", depth=54, init_scale=0.5, width=32, activation="tanh", batch_size=8, dtype="float16")
+    j = assess(c, limits=Limits())
+    assert any(math.isnan(g) for g in j.measurement.gains)
+    assert j.culprit in j.measurement.activation_names
