@@ -249,15 +249,17 @@ def probe_module(
                     last = _run_step(run, hooks=True, exact=True, weights=True)
                     first = last if step == 0 else first
                     nonfinite = _locate(step, last, names, owner, scaler is None)
-                if step == 0 and scaler is not None and not math.isfinite(sum(last.grads)):
-                    # the scaled gradients overflowed (the scaler will skip this step): take the
-                    # per-block profile from an unscaled float64-norm re-run of the same step
+                overflowed = step == 0 and scaler is not None and not math.isfinite(sum(last.grads))
+                if overflowed:
+                    # the scaled gradients overflowed (the scaler skips this step): take the per-block
+                    # profile and the total norm from an unscaled float64-norm re-run of the same step
                     first = _run_step(run, hooks=True, exact=True)
                 losses.append(last.loss)
-                totals.append(math.sqrt(sum(v * v for v in last.grads)))
+                totals.append(math.sqrt(sum(v * v for v in (first if overflowed else last).grads)))
                 if nonfinite is not None or step == steps:
+                    skipped += overflowed  # no update follows, but the scaler would have skipped it
                     break
-                skipped += _update(run, step, totals[-1], lr, clip, warmup)
+                skipped += _update(run, step, totals[-1], lr, clip, warmup, overflowed)
     finally:
         run.rec.remove()
     act = tuple(first.backward)
@@ -280,10 +282,13 @@ def probe_module(
     )
 
 
-def _update(run: _Run, step: int, total: float, lr: float, clip: float | None, warmup: int) -> int:
-    """One optimiser update (clipped, warmed up, through the GradScaler); 1 if it was skipped."""
+def _update(
+    run: _Run, step: int, total: float, lr: float, clip: float | None, warmup: int, overflowed: bool = False
+) -> int:
+    """One optimiser update (clipped, warmed up, through the GradScaler); 1 if it was skipped (a
+    non-finite total, or scaled gradients that `overflowed`, whose unscaled total is finite)."""
     assert run.opt is not None  # built whenever steps > 0
-    finite = math.isfinite(total)
+    finite = math.isfinite(total) and not overflowed
     if clip is not None and finite:
         coef = min(1.0, clip / (total + 1e-6))  # torch's clip_grad_norm_ contract
         torch._foreach_mul_([p.grad for p in run.params if p.grad is not None], coef)

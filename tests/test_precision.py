@@ -170,3 +170,16 @@ def test_bfloat16_attention_backward_nan_is_an_overflow_blamed_on_its_block() ->
     assert culprit_of([m]) == "layers.4"
     wide = probe(c.with_run(dtype="float32"))
     assert wide.first_nonfinite is None and math.isfinite(wide.grad_norm[0])
+
+
+def test_a_step_0_whose_scaled_gradients_overflow_reports_the_unscaled_norm_and_a_skip() -> None:
+    """float16 autocast with GradScaler on the CPU: at the initial scale 65536 the scaled gradients of a
+    51-block tanh MLP overflow, so the scaler skips the step. Its gradient norm is the unscaled one
+    (oracle: the float32 run's, within 10%; it was NaN, so the grad_norm limit could never fire) and
+    the step is counted as skipped, at steps=0 as at steps=3."""
+    c = Config.of("mlp", depth=51, init_scale=1.5, width=32, activation="tanh", batch_size=8, amp="float16")
+    wide = probe(c.with_run(amp="none")).grad_norm[0]
+    for steps, skipped in ((0, 1), (3, 3)):
+        m = probe(c.with_run(steps=steps))
+        assert m.loss_scale[0] == 65536.0 and m.skipped_steps == skipped and m.first_nonfinite is None
+        assert m.grad_norm[0] == pytest.approx(wide, rel=0.1)
