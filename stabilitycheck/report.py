@@ -46,11 +46,16 @@ def _spread(j: Judgement) -> str:
     return f"{j.growth.describe()}, {len(j.seeds)} ({j.exploded_seeds} exploded)"
 
 
+def _precision(run: Run) -> str:
+    """The dtype, or `amp:<dtype>` under autocast: the table's column and the detail heading alike."""
+    return run.dtype if run.amp == "none" else f"amp:{run.amp}"
+
+
 def row(result: SearchResult) -> list[str]:
     """One table row: the counterexample, or the largest stable Config tried."""
     run = result.space.base.run
     cx = result.counterexample
-    precision = run.dtype if run.amp == "none" else f"amp:{run.amp}"
+    precision = _precision(run)
     if cx is None:
         tried = knobs(result, result.largest_stable) if result.largest_stable else "-"
         j = result.largest_stable_judgement
@@ -156,7 +161,7 @@ def details(results: Sequence[SearchResult]) -> str:
             f"; through time (loss on the last step): {j.through_time.describe()}" if j.through_time else ""
         )
         blocks.append(
-            f"{r.space.label} [{cx.config.run.device}, {cx.config.run.dtype}]: "
+            f"{r.space.label} [{cx.config.run.device}, {_precision(cx.config.run)}]: "
             f"{', '.join(c.describe() for c in j.verdict.criteria)} "
             f"(q={q:g} over seeds {', '.join(map(str, j.seeds))})\n"
             f"  growth    {j.summary()}; peak grad norm {j.grad_norm.describe()}{through}\n"

@@ -183,3 +183,13 @@ def test_a_step_0_whose_scaled_gradients_overflow_reports_the_unscaled_norm_and_
         m = probe(c.with_run(steps=steps))
         assert m.loss_scale[0] == 65536.0 and m.skipped_steps == skipped and m.first_nonfinite is None
         assert m.grad_norm[0] == pytest.approx(wide, rel=0.1)
+
+
+def test_the_detail_heading_names_the_autocast_precision_as_the_table_does() -> None:
+    """Under amp the weights stay float32; the table said amp:bfloat16 and the heading below it
+    [cpu, float32]. Both now say amp:bfloat16."""
+    base = Config.of("mlp", width=8, batch_size=4, init_scale=4.0, activation="tanh", amp="bfloat16")
+    result = search(Space("mlp", base, (Axis.range("depth", 1, 30),)), max_examples=5)
+    assert result.counterexample is not None
+    text = report.text([result])
+    assert "mlp [cpu, amp:bfloat16]:" in text and "[cpu, float32]" not in text
