@@ -194,7 +194,8 @@ def _knob(text: str) -> tuple[str, list[float]]:
 
 def _apply_knobs(space: Any, knobs: Sequence[str], subject: Any) -> Any:
     """The Space with --knob axes: with any --knob given, the searched axes are exactly the knobs named
-    with a range (nothing added behind the user's back); a single value fixes the knob."""
+    with a range (nothing added behind the user's back); a single value fixes the knob, and so does a
+    word for a choice knob (activation=relu, norm=post)."""
     import dataclasses
 
     from stabilitycheck.errors import UsageError
@@ -202,14 +203,20 @@ def _apply_knobs(space: Any, knobs: Sequence[str], subject: Any) -> Any:
 
     if not knobs:
         return space
-    base, axes = space.base, list[Any]()
+    base, axes, fixed = space.base, list[Any](), set[str]()
     for text in knobs:
-        name, numbers = _knob(text)
+        name, _, word = text.partition("=")
         if name not in base.values and name not in RUN_AXES:
+            numeric = [k for k, v in base.values.items() if type(v) in (int, float)] or ["depth"]
             raise UsageError(
                 f"--knob {name!r} is not a knob of {space.label}; its knobs are {sorted(base.values)} "
-                f"(and the run settings {', '.join(RUN_AXES)}), e.g. --knob {sorted(base.values)[0]}=1:8"
+                f"(and the run settings {', '.join(RUN_AXES)}), e.g. --knob {numeric[0]}=1:8"
             )
+        if word.isidentifier() and name in base.values:  # a choice knob fixed by name: activation=relu
+            base = base.with_knobs(**{name: word})
+            fixed.add(name)
+            continue
+        name, numbers = _knob(text)
         now = base.values[name] if name in base.values else getattr(base.run, name)
         if isinstance(now, int) and not isinstance(now, bool):
             if not all(float(x).is_integer() for x in numbers):
@@ -223,4 +230,5 @@ def _apply_knobs(space: Any, knobs: Sequence[str], subject: Any) -> Any:
             base = base.with_knobs(**{name: numbers[0]})
         else:
             axes.append(Axis.range(name, *numbers))
-    return dataclasses.replace(space, base=base, axes=tuple(axes or space.axes))
+    default = tuple(a for a in space.axes if a.name not in fixed)
+    return dataclasses.replace(space, base=base, axes=tuple(axes or default))

@@ -8,7 +8,6 @@ map was traced, 2 for bad input (one line), 3 for an internal error.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import signal
 import sys
@@ -91,11 +90,7 @@ def _axes(args: argparse.Namespace, subject: Any) -> tuple[Any, Any, Any]:
             raise UsageError(
                 f"--device {args.device}: CUDA is not available on this machine; use --device cpu"
             )
-    words = {n: v for n, _, v in (k.partition("=") for k in args.knob) if v.isidentifier()}
-    numbers = [k for k in args.knob if k.partition("=")[0] not in words]
-    space = _apply_knobs(original.with_run(**run), numbers, subject)
-    if words:  # a choice knob fixed by name, e.g. --knob activation=relu
-        space = dataclasses.replace(space, base=space.base.with_knobs(**words))
+    space = _apply_knobs(original.with_run(**run), args.knob, subject)
     axes = []
     for flag, name in (("--x", args.x), ("--y", args.y)):
         found = [a for a in (*space.axes, *original.axes) if a.name == name]

@@ -371,3 +371,21 @@ def test_knob_ranges_are_checked_against_the_knobs_type_and_applied_before_the_f
     args = ["--knob", "depth=3:40", "--database", "none", "--seeds", "1", "--quiet"]
     code, out, _ = _run([str(path), *args], capsys)
     assert code == cli.EXIT_FOUND and "depth=" in out
+
+
+def test_a_choice_knob_is_fixed_by_a_word_in_the_search_as_in_the_map(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--knob activation=linear fixes the knob (it was 'malformed' in the search, accepted by map): a
+    linear RNN at g 1.5 then explodes, judged on the linear model; a misspelt word is a one-line
+    usage error with a suggestion, and a word for a knob the family lacks says so."""
+    args = ["rnn", "--knob", "seq_len=1:64", "--knob", "init_scale=1.5", "--seeds", "1", "--database", "none"]
+    out_json = tmp_path / "out.json"
+    code, _, err = _run([*args, "--knob", "activation=linear", "--quiet", "--json", str(out_json)], capsys)
+    assert code == cli.EXIT_FOUND, err
+    config = json.loads(out_json.read_text())[0]["counterexample"]["config"]
+    assert config["knobs"]["activation"] == "linear"
+    code, _, err = _run(["mlp", "--knob", "activation=rleu"], capsys)
+    assert code == cli.EXIT_USAGE and "did you mean 'relu'" in err and err.count("\n") == 1
+    code, _, err = _run(["mlp", "--knob", "norm=post"], capsys)
+    assert code == cli.EXIT_USAGE and "'norm' is not a knob of mlp" in err and "--knob depth=1:8" in err
