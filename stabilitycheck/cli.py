@@ -36,7 +36,10 @@ def _devices(requested: list[list[str]]) -> list[str]:
 
     names = [d for group in requested for d in group] or ["cpu"]
     if "all" in names:
-        return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        if not torch.cuda.is_available():
+            sys.stderr.write("stabilitycheck: note: --device all: no CUDA device on this machine, CPU only\n")
+            return ["cpu"]
+        return ["cpu", "cuda"]
     for name in names:
         if name.startswith("cuda") and not torch.cuda.is_available():
             raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")

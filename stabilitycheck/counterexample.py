@@ -61,3 +61,4 @@ class SearchResult:
     largest_stable_judgement: Judgement | None = None
     interrupted: bool = False
     skipped: tuple[tuple[Config, str], ...] = field(default=())
+    top_stable: bool = False  # the top corner judged stable: the space is not monotone in its knobs

@@ -146,6 +146,16 @@ def reproduction(config: Config, limits: Limits | None = None) -> str:
     )
 
 
+def _top_note(r: SearchResult) -> str:
+    """Why the point reported is one 1-minimal point among others, where the top corner is stable."""
+    top = knobs(r, r.space.config(r.space.top()))
+    return (
+        f"\n  note      the top corner ({top}) is stable: growth is not monotone in the knobs here, so "
+        "the descent started from Hypothesis' first failure, and another --seed can end on another "
+        "1-minimal point, maybe smaller"
+    )
+
+
 def details(results: Sequence[SearchResult]) -> str:
     """Below the table: for each counterexample its spread, growth kind, remedies, profile and
     reproduction line."""
@@ -168,7 +178,7 @@ def details(results: Sequence[SearchResult]) -> str:
             f"  kind      {j.kind.describe()}; {j.measurement.blocks_note}\n"
             f"  profile   {profile(j)}\n"
             f"  remedies  {remedies}\n"
-            f"  reproduce {reproduction(cx.config, cx.limits)}"
+            f"  reproduce {reproduction(cx.config, cx.limits)}" + (_top_note(r) if r.top_stable else "")
         )
     return "\n\n".join(blocks)
 
@@ -213,6 +223,7 @@ def to_json(results: Sequence[SearchResult]) -> str:
             "skipped": [{"config": c.to_dict(), "reason": why} for c, why in r.skipped],
             "elapsed_s": r.elapsed,
             "interrupted": r.interrupted,
+            "top_stable": r.top_stable,
             "largest_stable": r.largest_stable.to_dict() if r.largest_stable else None,
             "counterexample": r.counterexample.to_dict() if r.counterexample else None,
         }

@@ -322,6 +322,7 @@ def search(
             largest_stable_judgement=judged if isinstance(judged, Judgement) else None,
             interrupted=interrupted,
             skipped=prober.skipped(),
+            top_stable=space.top() in prober.seen and not prober.explodes(space.top()),
         )
 
     cx: Counterexample | None = None

@@ -75,7 +75,9 @@ class Growth:
 
     def describe(self) -> str:
         if self.kind == "exponential":
-            return f"exponential, x{math.exp(self.rate.mid):.3g}/block"
+            rate = math.exp(self.rate.mid)  # 4 digits near 1: x1.008/block over 128 steps is 2.7, not x1
+            digits = 4 if abs(rate - 1) < 0.01 else 3
+            return f"exponential, x{rate:.{digits}g}/block"
         if self.kind == "polynomial":
             return f"polynomial, ~depth^{self.exponent.mid:.2f}"
         if self.kind == "accumulated":

@@ -193,3 +193,14 @@ def test_the_detail_heading_names_the_autocast_precision_as_the_table_does() -> 
     assert result.counterexample is not None
     text = report.text([result])
     assert "mlp [cpu, amp:bfloat16]:" in text and "[cpu, float32]" not in text
+
+
+def test_device_all_without_cuda_says_it_runs_on_the_cpu_only(capsys: pytest.CaptureFixture[str]) -> None:
+    """--device all on a machine without CUDA: CPU rows only, and a note saying why (it was silent)."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: --device all runs both")
+    args = ["zoo", "--family", "mlp", "--device", "all", "--knob", "depth=1:4", "--max-examples", "3"]
+    assert main([*args, "--database", "none", "--quiet", "--seeds", "1"]) in (0, 1)
+    out, err = capsys.readouterr()
+    assert "note: --device all: no CUDA device on this machine, CPU only" in err
+    assert "cuda" not in out.split("\n", 2)[2]  # no CUDA row under the table's header

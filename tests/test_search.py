@@ -65,6 +65,7 @@ def test_same_seed_same_counterexample_and_table() -> None:
     first, second = search(space, seed=3), search(space, seed=3)
     assert first.counterexample == second.counterexample
     assert report.text([first]) == report.text([second])
+    assert not first.top_stable and "top corner" not in report.text([first])  # it explodes there
 
 
 def test_stable_space_reports_no_counterexample_and_the_largest_tried() -> None:
@@ -137,11 +138,12 @@ def test_the_example_database_changes_nothing_but_the_path_to_the_answer(tmp_pat
     space = targets()["transformer-post"]
     got = []
     for db in (None, DirectoryBasedExampleDatabase(tmp_path), DirectoryBasedExampleDatabase(tmp_path)):
-        cx = search(space, database=db).counterexample
-        assert cx is not None
-        got.append(cx.config)
+        result = search(space, database=db)
+        assert result.counterexample is not None and result.top_stable
+        got.append(result.counterexample.config)
     assert not assess(space.config(space.top())).exploded
     assert got[0] == got[1] == got[2]
+    assert "note      the top corner (depth=24 init_scale=4.0) is stable" in report.text([result])
 
 
 def test_a_bug_of_the_package_is_raised_not_reported_as_the_models(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,7 +16,7 @@ from torch import nn
 from stabilitycheck.config import Config
 from stabilitycheck.probing import probe, probe_module
 from stabilitycheck.searching import search
-from stabilitycheck.seeds import _decided, assess, culprit_of, quantile, seed_of
+from stabilitycheck.seeds import Growth, Spread, _decided, assess, culprit_of, quantile, seed_of
 from stabilitycheck.space import Axis, Space
 from stabilitycheck.verdicts import Limits
 
@@ -203,3 +203,10 @@ def test_a_block_with_no_gain_in_any_seed_does_not_break_the_culprit_rule() -> N
     j = assess(c, limits=Limits())
     assert any(math.isnan(g) for g in j.measurement.gains)
     assert j.culprit in j.measurement.activation_names
+
+
+def test_an_exponential_rate_near_1_keeps_its_digits() -> None:
+    """x1.008/block compounds to 2.7 over 128 steps: printed as x1/block it read as no growth."""
+    near = Growth("exponential", Spread(0.0, math.log(1.0078), 0.0), Spread(0.0, 0.0, 0.0))
+    far = Growth("exponential", Spread(0.0, math.log(1.4512), 0.0), Spread(0.0, 0.0, 0.0))
+    assert near.describe() == "exponential, x1.008/block" and far.describe() == "exponential, x1.45/block"
