@@ -13,6 +13,7 @@ neighbour does not, whatever the screen said. Cheap because a (Config, seed) is 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import math
 import signal
@@ -53,6 +54,16 @@ class ProbeTimeout(BaseException):
     """A probe ran past its time budget (a BaseException, so user code catching Exception lets it by)."""
 
 
+def _in_gc_callback(frame: Any) -> bool:
+    """Whether `frame` runs inside a gc callback (Hypothesis registers one), up its call chain."""
+    codes = {getattr(cb, "__code__", None) for cb in gc.callbacks}
+    while frame is not None:
+        if frame.f_code in codes:
+            return True
+        frame = frame.f_back
+    return False
+
+
 @contextmanager
 def time_limit(seconds: float | None) -> Iterator[None]:
     """Raise ProbeTimeout in the block after `seconds` (SIGALRM: the main thread of a Unix process;
@@ -67,6 +78,9 @@ def time_limit(seconds: float | None) -> Iterator[None]:
         return
 
     def expire(signum: int, frame: Any) -> None:
+        if _in_gc_callback(frame):  # an exception raised there is printed and dropped: retry just after
+            signal.setitimer(signal.ITIMER_REAL, 0.01)
+            return
         raise ProbeTimeout
 
     previous = signal.signal(signal.SIGALRM, expire)
@@ -130,11 +144,13 @@ class Prober:
             self.probes += self.cache.made - before
 
     def _assess(self, config: Config) -> Judgement | str:
-        need = self.subject.memory_estimate(config)
-        if need is not None and need > self.budget:
-            return f"too large ({need / 2**20:.0f} MiB estimated, {self.budget / 2**20:.0f} MiB allowed)"
         try:
-            with time_limit(self.timeout):
+            with time_limit(self.timeout):  # the memory estimate builds the model too: within the budget
+                need = self.subject.memory_estimate(config)
+                if need is not None and need > self.budget:
+                    return (
+                        f"too large ({need / 2**20:.0f} MiB estimated, {self.budget / 2**20:.0f} MiB allowed)"
+                    )
                 return assess(config, self.subject, self.limits, self.cache)
         except ProbeTimeout:
             return f"too slow (over the {self.timeout:g} s probe budget)"

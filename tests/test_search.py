@@ -155,3 +155,26 @@ def test_a_bug_of_the_package_is_raised_not_reported_as_the_models(monkeypatch: 
     monkeypatch.setattr(seeds, "culprit_of", lambda ms: seeds.quantile([], 0.5))
     with pytest.raises(IndexError):
         search(SMALL_SPACES["tanh-mlp"], max_examples=5)
+
+
+def test_the_probe_timer_never_raises_inside_a_gc_callback() -> None:
+    """An exception raised in a gc callback (Hypothesis registers one) is printed and dropped, so the
+    time limit lost its ProbeTimeout there: the timer sees the callback up the frame chain (and retries
+    10 ms later instead). Oracle: a callback of our own, run by gc.collect()."""
+    import gc
+    import sys
+
+    from stabilitycheck.searching import _in_gc_callback
+
+    seen: list[bool] = []
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        seen.append(_in_gc_callback(sys._getframe()))
+
+    gc.callbacks.append(callback)
+    try:
+        gc.collect()
+    finally:
+        gc.callbacks.remove(callback)
+    assert seen and all(seen)
+    assert not _in_gc_callback(sys._getframe())
