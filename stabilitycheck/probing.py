@@ -252,8 +252,11 @@ def probe_module(
                 overflowed = step == 0 and scaler is not None and not math.isfinite(sum(last.grads))
                 if overflowed:
                     # the scaled gradients overflowed (the scaler skips this step): take the per-block
-                    # profile and the total norm from an unscaled float64-norm re-run of the same step
+                    # profile and the total norm from an unscaled float64-norm re-run of the same step;
+                    # non-finite there too, at scale 1, the dtype cannot hold the gradient: a finding
                     first = _run_step(run, hooks=True, exact=True)
+                    if not first.finite:
+                        nonfinite = _locate(step, first, names, owner)
                 losses.append(last.loss)
                 totals.append(math.sqrt(sum(v * v for v in (first if overflowed else last).grads)))
                 if nonfinite is not None or step == steps:

@@ -205,3 +205,15 @@ def test_device_all_without_cuda_says_it_runs_on_the_cpu_only(capsys: pytest.Cap
     out, err = capsys.readouterr()
     assert "note: --device all: no CUDA device on this machine, CPU only" in err
     assert "cuda" not in out.split("\n", 2)[2]  # no CUDA row under the table's header
+
+
+def test_a_gradient_float16_cannot_hold_even_unscaled_is_an_overflow_under_amp() -> None:
+    """Depth 64, sigma 4: the float16 backward overflows at loss scale 1 too, not only at 65536. The
+    scaler would skip step after step; that is a finding, the overflow criterion (float32 stays
+    finite: the oracle), where it read as a skipped step with NaN growth and no criterion, so the
+    zoo's --amp float16 search could not start from its top corner (it reported depth 51, not 13)."""
+    c = Config.of("mlp", depth=64, init_scale=4.0, width=32, activation="tanh", batch_size=8, amp="float16")
+    assert probe(c.with_run(amp="none")).first_nonfinite is None
+    m = probe(c)
+    assert m.overflow is not None and m.overflow.tensor == "activation_grad"
+    assert verdict(m).names == ("overflow",)
