@@ -72,12 +72,12 @@ def _spaces(args: argparse.Namespace) -> list[Any]:
     }
     run.update(seed=args.seed, seeds=args.seeds, quantile=args.quantile)
     dtypes = [d for group in args.dtype for d in group]
+    from stabilitycheck.searching import check
+
     out = []
     for subject, space in pairs:
         space = _apply_knobs(space.with_run(**run), args.knob, subject)
         if args.target != "zoo":  # the user's code, at the lowest corner of the space searched
-            from stabilitycheck.searching import check
-
             check(subject, space.config(tuple(0 for _ in space.axes)))
         for device in _devices(args.device):
             for dtype in dtypes or [space.base.run.dtype]:

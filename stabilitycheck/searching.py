@@ -328,6 +328,7 @@ def search(
     def result(cx: Counterexample | None) -> SearchResult:
         stable = prober.largest_stable()
         judged = prober.judged().get(stable) if stable is not None else None
+        corner = prober.seen.get(space.top())  # judged stable, not skipped: the space is not monotone
         return SearchResult(
             space=space,
             counterexample=cx,
@@ -338,7 +339,7 @@ def search(
             largest_stable_judgement=judged if isinstance(judged, Judgement) else None,
             interrupted=interrupted,
             skipped=prober.skipped(),
-            top_stable=space.top() in prober.seen and not prober.explodes(space.top()),
+            top_stable=isinstance(corner, Judgement) and not corner.exploded,
         )
 
     cx: Counterexample | None = None

@@ -144,7 +144,7 @@ def culprit_of(ms: Sequence[Measurement]) -> str:
         return max(set(votes), key=votes.count)
     excess = []
     for row in logs:
-        mid = statistics.median(x for x in row if not math.isnan(x))
+        mid = _median(row)
         excess.append([x - mid for x in row])
     per_block = [_median([e[i] for e in excess]) for i in range(len(first.gains))]
     top = max(range(len(per_block)), key=lambda i: _ordered(per_block[i]))
@@ -153,15 +153,15 @@ def culprit_of(ms: Sequence[Measurement]) -> str:
     wins = sum(1 for e in excess if max(range(len(e)), key=lambda i: _ordered(e[i])) == top)
     if per_block[top] > max(math.log(2), 3 * spread) and wins >= math.ceil(0.8 * len(ms)):
         return first.activation_names[top + 1]
-    typical = statistics.median(statistics.median(x for x in row if not math.isnan(x)) for row in logs)
+    typical = statistics.median(_median(row) for row in logs)
     if typical <= 0:  # no block amplifies: the growth was inside a block (an nn.RNN over time)
         return _single(first)
     return f"uniform, median gain x{math.exp(typical):.3g}"
 
 
 def _median(xs: Sequence[float]) -> float:
-    """The median of the numbers among `xs`, NaN where there are none (a gain of 0/0 in every seed:
-    a block no gradient reached, e.g. underflowed in float16)."""
+    """The median of the numbers among `xs` (NaN is a gain of 0/0: a block no gradient reached, e.g.
+    underflowed in float16), NaN where there are none."""
     numbers = [x for x in xs if not math.isnan(x)]
     return statistics.median(numbers) if numbers else math.nan
 
