@@ -53,13 +53,13 @@ class Capture:
         self._now: list[torch.Tensor] = []  # norms of large captures, taken at once
         self._now_slots: list[int] = []
         self._held = 0
-        self._norms: list[torch.Tensor] = []  # 1-d chunks of norms
-        self._norm_slots: list[int] = []  # the slot of each norm, in the chunks' order
+        self._norms: list[torch.Tensor] = []  # 0-d norms, float32 or wider
+        self._norm_slots: list[int] = []  # the slot of each norm
         self._index: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._groups: list[tuple[tuple[int, ...], list[torch.Tensor]]] = []
-        self._dtypes: set[torch.dtype] = set()  # of the chunks in _norms
-        self._zeros: dict[torch.dtype, torch.Tensor] = {}  # the loss of a step without one
+        self._grad_codes = [-2 - i for i in range(len(self.params))]  # when every parameter has one
         self.device = self.params[0].device
+        self._no_loss = torch.zeros((), device=self.device)  # the loss of a step without one
         self._grad_hooks: dict[tuple[int, int], GradHook] = {}
         self._out_slot = [1 + b for b in range(n)]
         self._grad_slot = [1 + n + b for b in range(n)]
@@ -132,11 +132,8 @@ class Capture:
                 )
                 self.eager = True
         if self._now:
-            kinds = {t.dtype for t in self._now}
-            now = self._now if len(kinds) == 1 else [t.double() for t in self._now]
-            self._norms.append(torch.stack(now))
+            self._norms += self._now
             self._norm_slots += self._now_slots
-            self._dtypes.add(now[0].dtype)
             self._now, self._now_slots = [], []
         tensors, codes = list(extra), list(extra_slots)
         for slot, kept in self._pending.items():
@@ -144,54 +141,46 @@ class Capture:
                 stacked = _stack(kept)
                 if stacked is not None:  # one norm over all calls: the block's norm this step
                     self._norms.append(
-                        torch.linalg.vector_norm(stacked, dtype=accumulator(stacked.dtype, False)).reshape(1)
+                        torch.linalg.vector_norm(stacked, dtype=accumulator(stacked.dtype, False))
                     )
                     self._norm_slots.append(slot)
-                    self._dtypes.add(self._norms[-1].dtype)
                     kept.clear()
                     continue
             tensors += kept
             codes += [slot] * len(kept)
             kept.clear()
         if tensors:
-            self._norms += _norms(tensors, codes, self._norm_slots, self._dtypes)
+            self._norms += _norms(tensors, codes, self._norm_slots)
         self._versions, self._held = [], 0
 
     def close_step(self, row: torch.Tensor, loss: torch.Tensor | None, weights: bool) -> None:
         """Norm this step's captures and gradients and keep them (one stacked tensor) until `settle`;
         the weight norms, when `weights`, are added into `row` (this step's zeroed row) at once."""
         with torch.no_grad():
-            n = len(self.params)
-            grads: list[torch.Tensor] = []
-            which: list[int] = []
-            for i, p in enumerate(self.params):
-                if p.grad is not None:
-                    grads.append(distributed.local(p.grad)[0] if self.sharded else p.grad)
-                    which.append(i)
-            self._reduce(grads, [-2 - i for i in which])
-            norms, codes, dtypes = self._norms, self._norm_slots, self._dtypes
-            self._norms, self._norm_slots, self._dtypes = [], [], set()
-            dtype = torch.float64 if torch.float64 in dtypes else torch.float32
-            if loss is None:
-                loss = self._zeros.get(dtype)
-                if loss is None:
-                    loss = self._zeros[dtype] = torch.zeros((), dtype=dtype, device=self.device)
-            if loss.dtype != dtype:
-                loss = loss.to(dtype)
-            if len(dtypes) > 1:
-                norms = [t.to(dtype) for t in norms]
-            if loss.dim():
-                loss = loss.reshape(())
-            key = tuple(codes)
+            got = [p.grad for p in self.params]
+            grads = [g for g in got if g is not None]
+            codes = self._grad_codes
+            if len(grads) < len(got):
+                codes = [c for c, g in zip(codes, got, strict=True) if g is not None]
+            if self.sharded:
+                grads = [distributed.local(g)[0] for g in grads]
+            self._reduce(grads, codes)
+            norms, order = self._norms, self._norm_slots
+            self._norms, self._norm_slots = [], []
+            key = tuple(order)
             if not self._groups or self._groups[-1][0] != key:
                 self._groups.append((key, []))
-            self._groups[-1][1].append(torch.cat([loss.unsqueeze(0), *norms]))
+            # one op: the loss then the norms, in the widest of their dtypes
+            self._groups[-1][1].append(
+                torch.stack([self._no_loss if loss is None else loss.reshape(()), *norms])
+            )
             if weights:
+                n = len(self.params)
                 tensors = [distributed.local(p)[0] for p in self.params] if self.sharded else self.params
-                order: list[int] = []
-                chunks = _norms(tensors, [-2 - i for i in range(n, 2 * n)], order, set())
-                index, factors = self._lookup(tuple(order))
-                squares = torch.cat([t.double() for t in chunks]).square()
+                weight_order: list[int] = []
+                values = _norms(tensors, [-2 - i for i in range(n, 2 * n)], weight_order)
+                index, factors = self._lookup(tuple(weight_order))
+                squares = torch.stack(values).double().square()
                 row.index_add_(0, index, squares if factors is None else squares * factors)
 
     def settle(self, rows: torch.Tensor) -> None:
@@ -224,28 +213,19 @@ class Capture:
         return self._index[key]
 
 
-def _norms(
-    tensors: Sequence[torch.Tensor], codes: Sequence[int], order: list[int], dtypes: set[torch.dtype]
-) -> list[torch.Tensor]:
-    """The L2 norms of `tensors` as 1-d chunks, in float32 or wider, one fused call per dtype (a
-    loop over the tensors, on a CPU); the tensors' codes are appended to `order` in the chunks'
-    order, the chunks' dtypes added to `dtypes`."""
+def _norms(tensors: Sequence[torch.Tensor], codes: Sequence[int], order: list[int]) -> list[torch.Tensor]:
+    """The L2 norms of `tensors` (0-d, in float32 or wider), one fused call per dtype (a loop over
+    the tensors, on a CPU); the tensors' codes are appended to `order` in the norms' order."""
     kinds = {t.dtype for t in tensors}
     if len(kinds) == 1:
-        kind = kinds.pop()
         order += codes
-        chunk = torch.stack(torch._foreach_norm(list(tensors), 2, dtype=accumulator(kind, False)))
-        dtypes.add(chunk.dtype)
-        return [chunk]
-    chunks = []
+        return list(torch._foreach_norm(list(tensors), 2, dtype=accumulator(kinds.pop(), False)))
+    norms: list[torch.Tensor] = []
     for kind in kinds:
         idx = [i for i, t in enumerate(tensors) if t.dtype == kind]
-        chunks.append(
-            torch.stack(torch._foreach_norm([tensors[i] for i in idx], 2, dtype=accumulator(kind, False)))
-        )
+        norms += torch._foreach_norm([tensors[i] for i in idx], 2, dtype=accumulator(kind, False))
         order += (codes[i] for i in idx)
-        dtypes.add(chunks[-1].dtype)
-    return chunks
+    return norms
 
 
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor | None:
