@@ -12,6 +12,7 @@ stabilitycheck.watchlog turns them into the log, the report and the heatmap.
 from __future__ import annotations
 
 import sys
+import types
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -96,7 +97,9 @@ class Watcher:
         self.weights_measured = True
         self._last_weights = torch.zeros(0)
         self._handles: list[Any] = []
+        self._open = False
         self._original_step: Any = None
+        self._step: Any = None
         self.report: Report | None = None
 
     def _check_options(self, bundle: Any, compute_loss: Any) -> None:
@@ -133,13 +136,17 @@ class Watcher:
     # ------------------------------------------------------------------------------------ hooks
 
     def __enter__(self) -> Watcher:
+        self._open = True
         self._handles += self.capture.attach()
         if self.snapshot is not None:
             self._handles.append(self.model.register_forward_pre_hook(self._on_model_call))
         if self.optimizer is not None:
             if self.hook_optimizer and self.skip and not self.fused:
                 self._original_step = self.optimizer.step
-                self.optimizer.step = self._synced_step  # type: ignore[method-assign]
+                # a method of the optimizer, not of the watcher: an LR scheduler created later takes
+                # step.__func__ and binds it to the optimizer again (its 'step called' tracking)
+                self._step = types.MethodType(self._synced_step_of(), self.optimizer)
+                self.optimizer.step = self._step  # type: ignore[method-assign]
             elif self.hook_optimizer:
                 self._handles.append(self.optimizer.register_step_pre_hook(self._pre_hook))
             if self.snapshot is not None:
@@ -153,12 +160,13 @@ class Watcher:
 
     def close(self) -> Report:
         """Remove the hooks, flush what is buffered, write the report and the heatmap; idempotent."""
+        self._open = False
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        if self._original_step is not None and self.optimizer is not None:
-            self.optimizer.step = self._original_step  # type: ignore[method-assign]
-            self._original_step = None
+        # restored unless wrapped since (by an LR scheduler): the wrapper then passes through
+        if self._step is not None and vars(self.optimizer).get("step") is self._step:
+            self.optimizer.step = self._original_step  # type: ignore[method-assign, union-attr]
         if self.fused and self.skip and self.optimizer is not None:
             self.optimizer.__dict__.pop("found_inf", None)
         self.flush()
@@ -226,13 +234,20 @@ class Watcher:
         if self.snapshot is not None:
             self.snapshot.after_update()
 
-    def _synced_step(self, *args: Any, **kwargs: Any) -> Any:
-        """optimizer.step for skip=True on a non-fused optimizer: one host sync to decide."""
-        flagged = self.before_step()
-        self.host_reads += 1
-        if flagged is not None and bool(flagged):
-            return None
-        return self._original_step(*args, **kwargs)
+    def _synced_step_of(self) -> Any:
+        """optimizer.step for skip=True on a non-fused optimizer: one host sync to decide (a plain
+        call of the original step once the watcher is closed)."""
+        original = self._original_step
+
+        def step(optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+            if self._open:
+                flagged = self.before_step()
+                self.host_reads += 1
+                if flagged is not None and bool(flagged):
+                    return None
+            return original(*args, **kwargs)
+
+        return step
 
     def flush(self) -> None:
         """Read the buffered steps (one host read; one all_gather first under torch.distributed)."""

@@ -246,3 +246,29 @@ def test_the_package_exposes_the_function_watch_even_after_its_module_is_importe
     import stabilitycheck.watching  # a submodule import sets a package attribute of its name
 
     assert stabilitycheck.watch is watch and callable(stabilitycheck.watch)
+
+
+def test_skip_with_a_non_fused_optimizer_keeps_working_under_an_lr_scheduler_made_inside() -> None:
+    """torch's LRScheduler rebinds optimizer.step.__func__ to the optimizer: the watcher's step must
+    be the optimizer's method. The scheduler's own schedule (x0.1 every 10 steps) is the oracle."""
+    torch.manual_seed(0)
+    model = MLP(depth=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(0)
+    with pytest.warns(UserWarning, match="one host sync"), watch(model, opt, skip=True, report=None) as w:
+        sched = torch.optim.lr_scheduler.StepLR(opt, 10, gamma=0.1)
+        for _ in range(20):
+            loss = compute_loss(model, batch(gen, model))
+            w.loss(loss)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    assert report_of(w).steps == 20
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.1**2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the scheduler still sees optimizer.step called first
+        loss = compute_loss(model, batch(gen, model))
+        loss.backward()
+        opt.step()  # after the block: a plain step
+        sched.step()
