@@ -54,6 +54,7 @@ class Watcher:
         skip: bool = False,
         report: TextIO | None = sys.stderr,
         hook_optimizer: bool = True,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         if flush_every < 1:
             raise UsageError(f"watch: flush_every must be >= 1, got {flush_every}")
@@ -79,12 +80,23 @@ class Watcher:
         scale = [1.0 / c for c in copies] * 2  # gradients, then weights
         self.capture = Capture(self.blocks, self.params, self.layout.width, grad_slots + weight_slots, scale)
         self.fused = bool(optimizer is not None and optimizer.defaults.get("fused"))
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self._check_options(bundle, compute_loss)
         # skip= and bundle= need each step's flag on the device: the rule runs there, per step; else
         # it runs at the flush on the host, vectorised over the flushed steps (spikes.update_many)
         on_device = self.skip or bundle is not None
-        width = self.layout.n_series * 2 if on_device else self.layout.width
+        # a row: the squared norms (or the series and their flags), then 1.0 if the scaler skipped it
+        width = (self.layout.n_series * 2 if on_device else self.layout.width) + 1
         self.buffer = torch.zeros(flush_every, width, dtype=torch.float64, device=self.device)
+        # with a scaler, each step's factors on its squared norms (applied once they are settled)
+        self.factors = (
+            torch.ones(flush_every, self.layout.width, dtype=torch.float64, device=self.device)
+            if self.scaler is not None and not on_device
+            else None
+        )
+        self._stepped = False  # a step was closed since the scaler's last update()
+        self._original_update: Any = None
+        self._update: Any = None
         self.state = self.rule.state(self.layout.n_series, self.device) if on_device else None
         self.names = [name for name, _ in self.blocks]
         self.out = Log(self.layout, self.names, self.rule, log, heatmap, report, self.rank, self.world, skip)
@@ -151,6 +163,10 @@ class Watcher:
                 self._handles.append(self.optimizer.register_step_pre_hook(self._pre_hook))
             if self.snapshot is not None:
                 self._handles.append(self.optimizer.register_step_post_hook(lambda *_: self.after_step()))
+        if self.scaler is not None:  # update() ends every iteration, also one whose step it skipped
+            self._original_update = self.scaler.update
+            self._update = self._scaler_update_of()
+            self.scaler.update = self._update  # type: ignore[method-assign]
         return self
 
     def __exit__(
@@ -167,6 +183,8 @@ class Watcher:
         # restored unless wrapped since (by an LR scheduler): the wrapper then passes through
         if self._step is not None and vars(self.optimizer).get("step") is self._step:
             self.optimizer.step = self._original_step  # type: ignore[method-assign, union-attr]
+        if self._update is not None and vars(self.scaler).get("update") is self._update:
+            self.scaler.update = self._original_update  # type: ignore[method-assign, union-attr]
         if self.fused and self.skip and self.optimizer is not None:
             self.optimizer.__dict__.pop("found_inf", None)
         self.flush()
@@ -196,26 +214,64 @@ class Watcher:
     def before_step(self) -> torch.Tensor | None:
         """Close the step: measure, apply the rule on the device (single process), buffer the row.
         Returns the device flag 'this step is flagged' (single process), else None."""
+        return self._close_step(scaler_skipped=False)
+
+    def _loss_scale(self, scaler_skipped: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """With a GradScaler: this step's factors on its squared norms (1/scale^2 on what the loss
+        scale multiplied: the output gradients always, the weight gradients while the scaler has not
+        unscaled them, as for a fused optimizer) and whether the scaler skips the step (0-d 0/1)."""
+        scale = self.scaler._get_scale_async() if self.scaler is not None else None
+        if scale is None:
+            return None
+        parts = self.layout.parts()
+        factors = torch.ones(self.layout.width, dtype=torch.float64, device=self.device)
+        factors[parts["activation_grad"]] = scale.to(self.device, torch.float64).reciprocal().square()
+        grad_scale = getattr(self.optimizer, "grad_scale", None)  # set by scaler.step for a fused one
+        if grad_scale is not None:
+            factors[parts["gradient"]] = grad_scale.to(self.device, torch.float64).reciprocal().square()
+        found = getattr(self.optimizer, "found_inf", None) if hasattr(self.optimizer, "grad_scale") else None
+        if scaler_skipped or found is None:
+            skipped = torch.full((), float(scaler_skipped), dtype=torch.float64, device=self.device)
+        else:  # a fused optimizer is stepped, and skips on the scaler's found_inf itself
+            skipped = (found.to(self.device) > 0).double()
+        return factors, skipped
+
+    def _close_step(self, scaler_skipped: bool) -> torch.Tensor | None:
+        self._stepped = True
         self.weights_measured = self.step % self.weights_every == 0
         flagged = None
         slot = self._filled
+        amp = self._loss_scale(scaler_skipped)
         if self.state is None:
-            self._close(self.buffer[slot])  # zeroed at the last flush; written at the next
+            self._close(self.buffer[slot, :-1])  # zeroed at the last flush; written at the next
+            if amp is not None and self.factors is not None:
+                self.factors[slot].copy_(amp[0])
+                self.buffer[slot, -1].copy_(amp[1])
         else:
             row = torch.zeros(self.layout.width, dtype=torch.float64, device=self.device)
             self._close(row)
             self.capture.settle(row.unsqueeze(0))
+            if amp is not None:
+                row *= amp[0]
             series = distributed.to_series(row.unsqueeze(0), self.layout).squeeze(0)
             weight = self.layout.parts()["weight"]
             if self.weights_measured:
                 self._last_weights = series[weight].clone()
             else:  # the last measured weight norms stand in for this step's
                 series[weight] = self._last_weights
-            flags = self.rule.update(self.state, series)
-            self.buffer[slot].copy_(torch.cat([series, flags.double()]))
+            if amp is None:
+                flags = self.rule.update(self.state, series)
+                skipped = torch.zeros(1, dtype=torch.float64, device=self.device)
+            else:  # a step the scaler skips is no finding, and none of its values enters the window
+                off = amp[1].bool()
+                flags = self.rule.update(self.state, torch.where(off, torch.nan, series)) & ~off
+                skipped = amp[1].reshape(1)
+            self.buffer[slot].copy_(torch.cat([series, flags.double(), skipped]))
             flagged = flags.any()
-            if self.skip and self.fused and self.optimizer is not None:
-                self.optimizer.found_inf = flagged.float()  # type: ignore[attr-defined]
+            if self.skip and self.fused and self.optimizer is not None and not scaler_skipped:
+                found = getattr(self.optimizer, "found_inf", None) if amp is not None else None
+                flag = flagged.float()
+                self.optimizer.found_inf = flag if found is None else torch.maximum(flag, found)  # type: ignore[attr-defined]
             if self.snapshot is not None:
                 self.snapshot.on_flag(flagged)
         self.out.on_step(self._loss_seen, self.weights_measured)
@@ -228,6 +284,19 @@ class Watcher:
 
     def _pre_hook(self, *_: Any) -> None:
         self.before_step()
+
+    def _scaler_update_of(self) -> Any:
+        """scaler.update, closing first an iteration whose optimizer step the scaler skipped (found
+        Inf/NaN gradients: a non-fused optimizer's step() is then never called)."""
+        original = self._original_update
+
+        def update(*args: Any, **kwargs: Any) -> Any:
+            if self._open and not self._stepped:
+                self._close_step(scaler_skipped=True)
+            self._stepped = False
+            return original(*args, **kwargs)
+
+        return update
 
     def after_step(self) -> None:
         """After the optimizer's update: the bundle's copy of 'the state before the next step'."""
@@ -256,7 +325,9 @@ class Watcher:
             return
         data = self.buffer[:n]
         if self.state is None:
-            self.capture.settle(data)
+            self.capture.settle(data[:, :-1])
+            if self.factors is not None:
+                data[:, :-1] *= self.factors[:n]
             data = distributed.gather(data)
         self.host_reads += 1
         host = data.tolist()  # the one host read of this flush
@@ -285,6 +356,8 @@ def watch(
     log (JSONL path, a row per step), heatmap (PNG path; needs the `plot` extra), bundle (a replay
     bundle path, written for the first flagged step; needs compute_loss), skip (skip flagged steps;
     on the device for fused optimizers), report (a stream for the report at exit; None for none),
-    hook_optimizer (False when a callback calls before_step, as the Lightning and HF adapters do).
+    hook_optimizer (False when a callback calls before_step, as the Lightning and HF adapters do),
+    scaler (the torch.amp.GradScaler stepping the optimizer: a step it skips is a row marked so, and
+    gradient norms are divided by the loss scale).
     """
     return Watcher(model, optimizer, **options)

@@ -36,13 +36,16 @@ class Finding:
 @dataclass
 class Report:
     """What a watched run found: the first spike and the first non-finite value (in causal order
-    within their step), every flagged step, the skipped ones, and the host reads it cost."""
+    within their step), every flagged step, the skipped ones (by `skip=True`; by the GradScaler
+    passed as `scaler=`, whose Inf gradients are its normal overflow handling, not findings), and
+    the host reads it cost."""
 
     steps: int = 0
     first_spike: Finding | None = None
     first_nonfinite: Finding | None = None
     flagged_steps: list[int] = field(default_factory=list)
     skipped_steps: list[int] = field(default_factory=list)
+    scaler_skipped_steps: list[int] = field(default_factory=list)
     host_reads: int = 0
 
     def text(self) -> str:
@@ -51,9 +54,13 @@ class Report:
             lines.append(f"  first flagged value: {self.first_spike.describe()}")
         if self.first_nonfinite is not None:
             lines.append(f"  first non-finite value: {self.first_nonfinite.describe()}")
-        if self.skipped_steps:
-            shown = ", ".join(map(str, self.skipped_steps[:10]))
-            lines.append(f"  skipped steps: {shown}{' ...' if len(self.skipped_steps) > 10 else ''}")
+        for what, steps in (
+            ("skipped steps", self.skipped_steps),
+            ("steps the GradScaler skipped (Inf/NaN gradients)", self.scaler_skipped_steps),
+        ):
+            if steps:
+                shown = ", ".join(map(str, steps[:10]))
+                lines.append(f"  {what}: {shown}{' ...' if len(steps) > 10 else ''}")
         lines.append(f"  host reads: {self.host_reads}")
         return "\n".join(lines)
 
@@ -111,14 +118,17 @@ class Log:
         self.weights_measured.append(weights_measured)
 
     def add(self, first: int, host: list[list[float]]) -> None:
-        """Single process: rows of series then flags (0/1), as the device computed them."""
+        """Single process: rows of series, flags (0/1) and 'skipped by the scaler' (0/1), as the
+        device computed them."""
         n = self.layout.n_series
         for i, row in enumerate(host):
-            self._record(first + i, row[:n], [v != 0.0 for v in row[n:]], None)
+            self._record(first + i, row[:n], [v != 0.0 for v in row[n:-1]], None, row[-1] != 0.0)
 
     def add_ranks(self, first: int, host: list[list[list[float]]]) -> None:
-        """Rows of squared local norms (rank, step, width): combined, then the rule, on the host."""
-        rows = torch.tensor(host, dtype=torch.float64).transpose(0, 1)  # (step, rank, width)
+        """Rows of squared local norms and 'skipped by the scaler' (rank, step, width + 1):
+        combined, then the rule, on the host."""
+        full = torch.tensor(host, dtype=torch.float64).transpose(0, 1)  # (step, rank, width + 1)
+        rows, off = full[..., :-1], full[..., -1].amax(1) != 0
         series = to_series(rows, self.layout)
         weight = self.layout.parts()["weight"]
         # unmeasured weight norms: the last measured ones stand in (row 0 of `known`: before these)
@@ -134,14 +144,21 @@ class Log:
             self.last_weights = known[last].clone()
         if self.host_state is None:
             self.host_state = self.rule.state(self.layout.n_series)
-        flags = self.rule.update_many(self.host_state, series).tolist()
-        values = series.tolist()
+        # a step the scaler skipped is no finding, and none of its values enters the window
+        masked = torch.where(off.unsqueeze(1), torch.nan, series)
+        flags = (self.rule.update_many(self.host_state, masked) & ~off.unsqueeze(1)).tolist()
+        values, skipped = series.tolist(), off.tolist()
         for i in range(rows.shape[0]):
             ranks = [r[i] for r in host] if self.world > 1 else None
-            self._record(first + i, values[i], flags[i], ranks)
+            self._record(first + i, values[i], flags[i], ranks, skipped[i])
 
     def _record(
-        self, step: int, values: list[float], flags: list[bool], ranks: list[list[float]] | None
+        self,
+        step: int,
+        values: list[float],
+        flags: list[bool],
+        ranks: list[list[float]] | None,
+        scaler_skipped: bool,
     ) -> None:
         found: Finding | None = None
         for index in self.order if any(flags) else ():
@@ -158,7 +175,9 @@ class Log:
                 r.first_spike, self.first_flag_values = found, values
             if self.skip:
                 r.skipped_steps.append(step)
-        if r.first_nonfinite is None and not math.isfinite(sum(values)):  # a fast check first
+        if scaler_skipped:
+            r.scaler_skipped_steps.append(step)
+        elif r.first_nonfinite is None and not math.isfinite(sum(values)):  # a fast check first
             for index in self.order:
                 if not math.isfinite(values[index]):
                     kind, block = self.names[index]
@@ -173,7 +192,8 @@ class Log:
                 "step": step,
                 "loss": values[0] if self.loss_seen[step] else None,
                 "grad_norm": values[parts["grad_norm"].start],
-                "skipped": self.skip and found is not None,
+                "skipped": scaler_skipped or (self.skip and found is not None),
+                "skipped_by": "scaler" if scaler_skipped else "watch" if self.skip and found else None,
                 "flagged": [":".join(self.names[i]) for i in self.order if flags[i]],
                 "first": asdict(found) if found is not None else None,
             }

@@ -1,0 +1,88 @@
+"""watch(..., scaler=GradScaler): a row per iteration, also for one whose step the scaler skipped
+(its Inf gradients are the scaler's normal overflow handling, not a finding), and norms divided by
+the loss scale, so the series are the unscaled ones."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from watch_models import MLP, batch, compute_loss, report_of
+
+from stabilitycheck.watching import Watcher, watch
+
+
+def scaled_run(
+    opt_of: str, steps: int, scaler: torch.amp.GradScaler | None, log: Path, half: bool, **options: object
+) -> tuple[Watcher, list[float], list[bool]]:
+    """`steps` iterations of the GradScaler recipe (float16 autocast when `half`); returns the
+    watcher, each iteration's loss and whether the scaler skipped it (its scale went down)."""
+    torch.manual_seed(0)
+    model = MLP(depth=4)
+    opt = (
+        torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        if opt_of == "fused"
+        else torch.optim.SGD(model.parameters(), lr=0.01)
+    )
+    gen = torch.Generator().manual_seed(0)
+    losses, skipped = [], []
+    with watch(model, opt, scaler=scaler, log=log, report=None, flush_every=7, **options) as w:
+        for _ in range(steps):
+            with torch.autocast("cpu", dtype=torch.float16, enabled=half):
+                loss = compute_loss(model, batch(gen, model))
+            w.loss(loss)
+            losses.append(loss.item())
+            opt.zero_grad()
+            if scaler is None:
+                loss.backward()
+                opt.step()
+                continue
+            before = scaler.get_scale()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            skipped.append(scaler.get_scale() < before)  # the scaler's own record of a skip
+    return w, losses, skipped
+
+
+@pytest.mark.parametrize(("opt_of", "skip"), [("sgd", False), ("fused", False), ("fused", True)])
+@pytest.mark.parametrize("init_scale", [2.0**20, 2.0**40])
+def test_a_step_the_scaler_skips_is_its_own_row_marked_skipped(
+    opt_of: str, skip: bool, init_scale: float, tmp_path: Path
+) -> None:
+    """With skip=True a fused optimizer skips on the scaler's found_inf or the watcher's flag."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=4)
+    w, losses, skipped = scaled_run(opt_of, 12, scaler, tmp_path / "w.jsonl", half=True, skip=skip)
+    rows = [json.loads(line) for line in (tmp_path / "w.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(12))
+    assert [r["loss"] for r in rows] == pytest.approx(losses, rel=1e-6)
+    assert any(skipped) and (not all(skipped) or init_scale == 2.0**40)  # both kinds of step occur
+    assert [r["skipped_by"] == "scaler" for r in rows] == skipped
+    assert [r["skipped"] for r in rows] == skipped
+    report = report_of(w)
+    assert report.scaler_skipped_steps == [i for i, s in enumerate(skipped) if s]
+    assert report.steps == 12 and report.flagged_steps == [] and report.first_nonfinite is None
+    assert all(math.isfinite(float(p.detach().sum())) for p in w.model.parameters())
+
+
+@pytest.mark.parametrize("opt_of", ["sgd", "fused"])
+@pytest.mark.parametrize("skip", [False, True])
+def test_norms_are_divided_by_the_loss_scale(opt_of: str, skip: bool, tmp_path: Path) -> None:
+    """float32 with a power-of-two scale is exact (no overflow, nothing skipped): every series
+    equals that of the same run without a scaler, while the scale grows x4 every 10 steps."""
+    if skip and opt_of == "sgd":
+        pytest.skip("skip=True with a non-fused optimizer is the synced path, tested in test_watch")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_factor=4.0, growth_interval=10)
+    w, _, skipped = scaled_run(opt_of, 25, scaler, tmp_path / "a.jsonl", half=False, skip=skip)
+    assert scaler.get_scale() == 2.0**12 and not any(skipped)
+    bare, _, _ = scaled_run(opt_of, 25, None, tmp_path / "b.jsonl", half=False, skip=skip)
+    scaled = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    plain = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
+    for a, b in zip(scaled, plain, strict=True):
+        for kind in ("grad_norm", "activation_grad", "gradient", "activation", "loss"):
+            assert a[kind] == pytest.approx(b[kind], rel=1e-6), (a["step"], kind)
+    assert report_of(w).flagged_steps == [] == report_of(bare).flagged_steps
+    assert math.isfinite(scaled[-1]["grad_norm"])
