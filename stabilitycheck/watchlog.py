@@ -3,8 +3,11 @@ and the heatmap. Everything here runs on Python floats after the flush's one hos
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -12,6 +15,7 @@ from typing import Any, TextIO
 import torch
 
 from stabilitycheck.distributed import Layout, nonfinite_rank, to_series
+from stabilitycheck.errors import UsageError
 from stabilitycheck.spikes import SpikeRule, SpikeState
 
 OUTSIDE = "(outside blocks)"
@@ -97,8 +101,8 @@ class Log:
         self.names = series_names(layout, blocks)
         self.order = layout.causal_order()
         self.writes = rank == 0  # under torch.distributed rank 0 writes; every rank gets the report
-        self.file = open(log, "w") if log is not None and self.writes else None  # noqa: SIM115
-        self.heatmap = Path(heatmap) if heatmap is not None and self.writes else None
+        self.file = _open_log(log) if log is not None and self.writes else None
+        self.heatmap = _heatmap_path(heatmap) if heatmap is not None and self.writes else None
         self.stream = report if self.writes else None
         self.result = Report()
         self.first_flag_values: list[float] = []
@@ -201,18 +205,60 @@ class Log:
                 row[kind] = values[parts[kind]]
             if not self.weights_measured[step]:
                 row["weight"] = None  # not measured at this step (see watch's weights_every)
-            self.file.write(json.dumps(row) + "\n")
+            try:
+                self.file.write(json.dumps(row) + "\n")
+            except OSError as error:
+                self._close_log(error)
+
+    def _close_log(self, error: OSError | None = None) -> None:
+        """Close the log; a failure to write it is a warning, never a crash of the training run."""
+        if self.file is not None:
+            try:
+                if error is None:
+                    self.file.close()
+            except OSError as late:
+                error = late
+            self.file = None
+        if error is not None:
+            warnings.warn(f"watch: the log could not be written ({error}); it stops here", stacklevel=3)
 
     def finish(self, host_reads: int) -> Report:
-        """Close the log, draw the heatmap, print the report; returns it."""
+        """Close the log, print the report, then draw the heatmap (a failure to write the log or
+        the heatmap is a warning: the report is out first); returns the report."""
         self.result.host_reads = host_reads
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        self._close_log()
+        if self.stream is not None:
+            self.stream.write(self.result.text() + "\n")
         if self.heatmap is not None and self.columns:
             from stabilitycheck.watchplot import heatmap
 
-            heatmap(self.columns, self.blocks, self.result, self.heatmap)
-        if self.stream is not None:
-            self.stream.write(self.result.text() + "\n")
+            try:
+                heatmap(self.columns, self.blocks, self.result, self.heatmap)
+            except OSError as error:
+                warnings.warn(f"watch: the heatmap could not be written ({error})", stacklevel=3)
         return self.result
+
+
+def _open_log(path: str | Path) -> TextIO:
+    try:
+        return open(path, "w")  # closed by finish
+    except OSError as error:
+        raise UsageError(
+            f"watch: cannot write the log {str(path)!r} ({error.strerror}); pass a writable path"
+        ) from None
+
+
+def _heatmap_path(path: str | Path) -> Path:
+    """The heatmap's path, checked when watch starts (it is drawn at the end of the run)."""
+    out = Path(path)
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError(
+            "watch(heatmap=...) needs matplotlib; install the extra: pip install 'stabilitycheck[plot]'"
+        )
+    folder = out.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK) or out.is_dir():
+        raise UsageError(
+            f"watch: cannot write the heatmap {str(out)!r} (its folder is missing or read-only); "
+            "pass a writable path"
+        )
+    return out

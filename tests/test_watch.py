@@ -3,6 +3,8 @@ torch's own, no flag on a clean run, skipped steps bit-identical, host reads cou
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import json
 import math
 import warnings
@@ -272,3 +274,38 @@ def test_skip_with_a_non_fused_optimizer_keeps_working_under_an_lr_scheduler_mad
         loss.backward()
         opt.step()  # after the block: a plain step
         sched.step()
+
+
+def test_unwritable_log_and_heatmap_paths_are_usage_errors_when_watch_starts(tmp_path: Path) -> None:
+    model = MLP(depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(UsageError, match="cannot write the log"):
+        watch(model, opt, log=tmp_path / "missing" / "w.jsonl")
+    if importlib.util.find_spec("matplotlib") is not None:
+        with pytest.raises(UsageError, match="cannot write the heatmap"):
+            watch(model, opt, heatmap=tmp_path / "missing" / "h.png")
+
+
+def test_a_heatmap_that_cannot_be_written_at_exit_is_a_warning_after_the_report(tmp_path: Path) -> None:
+    """The folder goes away during the run: the report is still written, w.report set, and the
+    loop's own exception (in flight at exit) is the one that propagates."""
+    pytest.importorskip("matplotlib")
+    torch.manual_seed(0)
+    model = MLP(depth=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    folder = tmp_path / "plots"
+    folder.mkdir()
+    stream = io.StringIO()
+    with (
+        pytest.warns(UserWarning, match="heatmap could not be written"),
+        pytest.raises(KeyboardInterrupt),
+        watch(model, opt, heatmap=folder / "h.png", report=stream) as w,
+    ):
+        for step in range(3):
+            loss = compute_loss(model, batch(torch.Generator().manual_seed(step), model))
+            loss.backward()
+            opt.step()
+        folder.rmdir()
+        raise KeyboardInterrupt
+    assert stream.getvalue().startswith("stabilitycheck watch: 3 steps, 0 flagged")
+    assert w.report is not None and w.close() is w.report
