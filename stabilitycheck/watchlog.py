@@ -19,22 +19,27 @@ from stabilitycheck.errors import UsageError
 from stabilitycheck.spikes import SpikeRule, SpikeState
 
 OUTSIDE = "(outside blocks)"
+AFTER_LAST = "the loss after the last block"
 
 
 @dataclass(frozen=True)
 class Finding:
     """A flagged value: the step, which tensor (a measurement.TENSOR_KINDS name or 'grad_norm'), the
-    block, the value, and under torch.distributed the lowest rank holding a non-finite value."""
+    block, the value, under torch.distributed the lowest rank holding a non-finite value, and for an
+    output gradient the code that made it: dL/d(output of block i) is made by the backward of block
+    i + 1, or of the loss after the last block (the probe's rule), so that is the block to look at."""
 
     step: int
     tensor: str
     block: str
     value: float
     rank: int | None = None
+    made_by: str | None = None
 
     def describe(self) -> str:
         where = f" on rank {self.rank}" if self.rank is not None else ""
-        return f"step {self.step}: {self.tensor} of {self.block} = {self.value:.4g}{where}"
+        made = f" (made by the backward of {self.made_by})" if self.made_by is not None else ""
+        return f"step {self.step}: {self.tensor} of {self.block} = {self.value:.4g}{where}{made}"
 
 
 @dataclass
@@ -99,6 +104,9 @@ class Log:
     ) -> None:
         self.layout, self.blocks, self.rule, self.world, self.skip = layout, blocks, rule, world, skip
         self.names = series_names(layout, blocks)
+        grads = layout.parts()["activation_grad"]
+        # the backward that made each output gradient: the next block's, the loss's after the last
+        self.made_by = {grads.start + i: name for i, name in enumerate([*blocks[1:], AFTER_LAST])}
         self.order = layout.causal_order()
         self.writes = rank == 0  # under torch.distributed rank 0 writes; every rank gets the report
         self.file = _open_log(log) if log is not None and self.writes else None
@@ -156,6 +164,13 @@ class Log:
             ranks = [r[i] for r in host] if self.world > 1 else None
             self._record(first + i, values[i], flags[i], ranks, skipped[i])
 
+    def _finding(
+        self, step: int, index: int, values: list[float], ranks: list[list[float]] | None
+    ) -> Finding:
+        kind, block = self.names[index]
+        rank = nonfinite_rank(ranks, self.layout, index) if ranks is not None else None
+        return Finding(step, kind, block, values[index], rank, self.made_by.get(index))
+
     def _record(
         self,
         step: int,
@@ -167,9 +182,7 @@ class Log:
         found: Finding | None = None
         for index in self.order if any(flags) else ():
             if flags[index]:
-                kind, block = self.names[index]
-                rank = nonfinite_rank(ranks, self.layout, index) if ranks is not None else None
-                found = Finding(step, kind, block, values[index], rank)
+                found = self._finding(step, index, values, ranks)
                 break
         r = self.result
         r.steps, self.last_values = step + 1, values
@@ -184,9 +197,7 @@ class Log:
         elif r.first_nonfinite is None and not math.isfinite(sum(values)):  # a fast check first
             for index in self.order:
                 if not math.isfinite(values[index]):
-                    kind, block = self.names[index]
-                    rank = nonfinite_rank(ranks, self.layout, index) if ranks is not None else None
-                    r.first_nonfinite = Finding(step, kind, block, values[index], rank)
+                    r.first_nonfinite = self._finding(step, index, values, ranks)
                     break
         parts = self.layout.parts()
         if self.heatmap is not None:

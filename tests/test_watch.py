@@ -309,3 +309,47 @@ def test_a_heatmap_that_cannot_be_written_at_exit_is_a_warning_after_the_report(
         raise KeyboardInterrupt
     assert stream.getvalue().startswith("stabilitycheck watch: 3 steps, 0 flagged")
     assert w.report is not None and w.close() is w.report
+
+
+class NanGrad(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by NaN."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad * torch.nan
+
+
+class PoisonBackward(torch.nn.Module):
+    """At its `at`-th training call, its backward makes a NaN gradient for its input."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at, self.calls = at, -1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return NanGrad.apply(x) if self.calls == self.at else x
+
+
+@pytest.mark.parametrize("where", [1, 3, "head"])
+def test_a_nan_made_by_a_backward_names_the_block_whose_backward_made_it(where: int | str) -> None:
+    """Theory: dL/d(output of block i) is made by the backward of block i + 1 (of the loss after
+    the last block); the NaN is planted at the input of block `where`'s backward (or the head's)."""
+    torch.manual_seed(0)
+    model = MLP(depth=4)
+    if where == "head":
+        model.head = torch.nn.Sequential(PoisonBackward(8), model.head)
+        expect, block = "the loss after the last block", "blocks.3"
+    else:
+        assert isinstance(where, int)
+        model.blocks[where] = torch.nn.Sequential(PoisonBackward(8), *model.blocks[where])
+        expect, block = f"blocks.{where}", f"blocks.{where - 1}"
+    report = report_of(train(model, 10))
+    found = report.first_nonfinite
+    assert found is not None and found.step == 8, report.text()
+    assert (found.tensor, found.block, found.made_by) == ("activation_grad", block, expect)
+    assert f"made by the backward of {expect}" in report.text()
