@@ -10,9 +10,12 @@ series, so it runs on the device inside a training step (no host sync) or on the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from stabilitycheck.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -30,12 +33,14 @@ class SpikeRule:
 
     def __post_init__(self) -> None:
         if self.window < 2 or not 1 <= self.warmup <= self.window:
-            raise ValueError(
+            raise ConfigError(
                 f"SpikeRule needs window >= 2 and 1 <= warmup <= window, got window={self.window}, "
                 f"warmup={self.warmup}"
             )
-        if self.sigmas <= 0 or self.floor < 0:
-            raise ValueError(f"SpikeRule needs sigmas > 0 and floor >= 0, got {self.sigmas}, {self.floor}")
+        if not (0 < self.sigmas < math.inf and 0 <= self.floor < math.inf):  # NaN fails too
+            raise ConfigError(
+                f"SpikeRule needs finite sigmas > 0 and floor >= 0, got {self.sigmas}, {self.floor}"
+            )
 
     def state(self, n_series: int, device: torch.device | str = "cpu") -> SpikeState:
         """An empty window for `n_series` series, in float64 on `device`."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import sys
 import types
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -30,7 +29,8 @@ from stabilitycheck.spikes import SpikeRule
 from stabilitycheck.subject import find_blocks
 from stabilitycheck.watchcapture import Capture
 from stabilitycheck.watchlog import Log, Report
-from stabilitycheck.watchstate import Snapshot, check_loadable
+from stabilitycheck.watchoptions import check_arguments, check_loss, check_modes, count
+from stabilitycheck.watchstate import Snapshot
 
 FLUSH_EVERY = 50  # one host read per 50 steps: < 1 us/step amortised, and a finding is out within 50 steps
 
@@ -56,13 +56,12 @@ class Watcher:
         hook_optimizer: bool = True,
         scaler: torch.amp.GradScaler | None = None,
     ) -> None:
-        if flush_every < 1:
-            raise UsageError(f"watch: flush_every must be >= 1, got {flush_every}")
+        check_arguments(model, optimizer, rule, report, scaler)
+        flush_every = count("flush_every", flush_every)
         # weight norms cost a pass over every parameter, as much as the gradient norms: by default
         # they are measured once per flush interval (every step for a replay bundle, which replays them)
-        self.weights_every = weights_every or (1 if bundle is not None else flush_every)
-        if self.weights_every < 1:
-            raise UsageError(f"watch: weights_every must be >= 1, got {weights_every}")
+        default = 1 if bundle is not None else flush_every
+        self.weights_every = default if weights_every is None else count("weights_every", weights_every)
         self.model, self.optimizer, self.rule = model, optimizer, rule or SpikeRule()
         self.blocks = tuple(blocks) if blocks is not None else find_blocks(model)[0]
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -81,7 +80,7 @@ class Watcher:
         self.capture = Capture(self.blocks, self.params, self.layout.width, grad_slots + weight_slots, scale)
         self.fused = bool(optimizer is not None and optimizer.defaults.get("fused"))
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
-        self._check_options(bundle, compute_loss)
+        check_modes(self.world, skip, bundle, compute_loss, optimizer, self.fused, hook_optimizer)
         # skip= and bundle= need each step's flag on the device: the rule runs there, per step; else
         # it runs at the flush on the host, vectorised over the flushed steps (spikes.update_many)
         on_device = self.skip or bundle is not None
@@ -114,40 +113,11 @@ class Watcher:
         self._step: Any = None
         self.report: Report | None = None
 
-    def _check_options(self, bundle: Any, compute_loss: Any) -> None:
-        if self.world > 1 and (self.skip or bundle is not None):
-            raise UsageError(
-                "watch: skip= and bundle= are single-process only (under torch.distributed the rule "
-                "runs at each flush, on every rank's rows); drop them, or watch a single-process run"
-            )
-        if bundle is not None and compute_loss is None:
-            raise UsageError(
-                "watch: bundle= needs compute_loss=fn(model, batch) -> loss (a module-level function) "
-                "and w.loss(loss, batch=batch) each step, so `stabilitycheck replay` can re-run the step"
-            )
-        why = check_loadable(compute_loss) if bundle is not None else None
-        if why is not None:
-            raise UsageError(
-                f"watch: compute_loss cannot be replayed: {why}; define it at the top level of a module "
-                "you import (e.g. losses.py), so `stabilitycheck replay` can load it by name"
-            )
-        if self.skip and self.optimizer is None:
-            raise UsageError("watch: skip=True needs the optimizer whose steps it skips")
-        if self.skip and not self.fused:
-            if not self.hook_optimizer:
-                raise UsageError(
-                    "watch: skip=True through a callback needs a fused optimizer (e.g. "
-                    "torch.optim.AdamW(..., fused=True)): its found_inf input skips a step on the device"
-                )
-            warnings.warn(
-                f"watch: skip=True with a non-fused {type(self.optimizer).__name__}: deciding costs one host "
-                "sync per step (counted in host_reads); pass fused=True to skip on the device",
-                stacklevel=3,
-            )
-
     # ------------------------------------------------------------------------------------ hooks
 
     def __enter__(self) -> Watcher:
+        if self._open or self.report is not None:
+            raise UsageError("watch: a watcher runs once; make a new one with watch(...) for another run")
         self._open = True
         self._handles += self.capture.attach()
         if self.snapshot is not None:
@@ -198,7 +168,7 @@ class Watcher:
 
     def loss(self, loss: torch.Tensor, batch: Any = None) -> None:
         """Record this step's loss (summed over micro-batches) and, for a replay bundle, its batch."""
-        value = loss.detach().reshape(())
+        value = check_loss(loss).detach().reshape(())
         value = value if value.dtype in (torch.float32, torch.float64) else value.float()
         self._loss = value if self._loss is None else self._loss + value
         if self.snapshot is not None and batch is not None:

@@ -232,7 +232,7 @@ def test_the_heatmap_shows_non_finite_cells(tmp_path: Path) -> None:
 def test_bad_options_are_one_line_usage_errors() -> None:
     model = MLP(depth=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    with pytest.raises(UsageError, match="flush_every must be >= 1"):
+    with pytest.raises(UsageError, match="flush_every must be a whole number >= 1"):
         watch(model, opt, flush_every=0)
     with pytest.raises(UsageError, match="needs compute_loss"):
         watch(model, opt, bundle="somewhere")
@@ -241,6 +241,57 @@ def test_bad_options_are_one_line_usage_errors() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         watch(model, opt).close()  # a plain watcher warns about nothing
+
+
+BAD = [  # (arguments, options, what the message says)
+    (("opt", "model"), {}, "first argument must be the model"),
+    (("model", "adam"), {}, "second argument must be the torch.optim.Optimizer"),
+    (("model", "opt"), {"flush_every": "5"}, "flush_every must be a whole number >= 1, got '5'"),
+    (("model", "opt"), {"flush_every": 2.5}, "flush_every must be a whole number >= 1, got 2.5"),
+    (("model", "opt"), {"flush_every": True}, "flush_every must be a whole number"),
+    (("model", "opt"), {"weights_every": 0}, "weights_every must be a whole number >= 1, got 0"),
+    (("model", "opt"), {"rule": {"window": 10}}, "rule must be a stabilitycheck.spikes.SpikeRule"),
+    (("model", "opt"), {"report": "stderr"}, "report must be a text stream"),
+    (("model", "opt"), {"scaler": 2.0**16}, "scaler must be a torch.amp.GradScaler"),
+]
+
+
+@pytest.mark.parametrize(("args", "options", "message"), BAD)
+def test_wrong_arguments_are_one_line_usage_errors_when_watch_starts(
+    args: tuple[str, str], options: dict[str, Any], message: str
+) -> None:
+    model = MLP(depth=2)
+    given = {"model": model, "opt": torch.optim.SGD(model.parameters(), lr=0.01), "adam": "adam"}
+    with pytest.raises(UsageError) as caught:
+        watch(*(given[a] for a in args), **options)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_bad_loss_and_a_second_run_of_a_watcher_are_usage_errors() -> None:
+    torch.manual_seed(0)
+    model = MLP(depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = batch(torch.Generator().manual_seed(0), model)
+    per_sample = (model(x) - y) ** 2
+    with watch(model, opt, report=None) as w:
+        with pytest.raises(UsageError, match=r"not loss.item\(\)"):
+            w.loss(per_sample.mean().item())  # type: ignore[arg-type]
+        with pytest.raises(UsageError, match=r"the scalar loss, got shape \(32,\)"):
+            w.loss(per_sample)
+        w.loss(per_sample.mean())
+        per_sample.mean().backward()
+        opt.step()
+    with pytest.raises(UsageError, match="a watcher runs once"), w:
+        pass
+    assert report_of(w).steps == 1
+
+
+@pytest.mark.parametrize("bad", [{"sigmas": math.nan}, {"sigmas": math.inf}, {"floor": math.nan}])
+def test_a_spike_rule_with_a_nan_or_inf_threshold_is_refused(bad: dict[str, float]) -> None:
+    from stabilitycheck.spikes import SpikeRule
+
+    with pytest.raises(UsageError, match="SpikeRule needs finite sigmas > 0"):
+        SpikeRule(**bad)
 
 
 def test_the_package_exposes_the_function_watch_even_after_its_module_is_imported() -> None:

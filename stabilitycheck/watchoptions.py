@@ -1,0 +1,101 @@
+"""The checks of `watch`'s arguments, when it starts: each wrong one a one-line UsageError that says
+what was passed and what to pass instead (never a traceback from deep inside a training run)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from stabilitycheck.errors import UsageError
+from stabilitycheck.spikes import SpikeRule
+from stabilitycheck.watchstate import check_loadable
+
+
+def count(name: str, value: Any) -> int:
+    """`value` as a whole number >= 1 (an int, not a bool, a float or a string)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"watch: {name} must be a whole number >= 1, got {value!r}")
+    return value
+
+
+def check_arguments(model: Any, optimizer: Any, rule: Any, report: Any, scaler: Any) -> None:
+    """The types of watch's arguments (a swapped pair, a dict for a rule, a path for a stream)."""
+    if not isinstance(model, nn.Module):
+        raise UsageError(
+            f"watch: the first argument must be the model (a torch.nn.Module), got {type(model).__name__}; "
+            "call watch(model, optimizer, ...)"
+        )
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise UsageError(
+            "watch: the second argument must be the torch.optim.Optimizer that steps the model (or "
+            f"None), got {type(optimizer).__name__}; call watch(model, optimizer, ...)"
+        )
+    if rule is not None and not isinstance(rule, SpikeRule):
+        raise UsageError(
+            f"watch: rule must be a stabilitycheck.spikes.SpikeRule, got {type(rule).__name__}; "
+            "e.g. rule=SpikeRule(window=64)"
+        )
+    if report is not None and not callable(getattr(report, "write", None)):
+        raise UsageError(
+            f"watch: report must be a text stream (e.g. sys.stderr or an open file) or None, got {report!r}"
+        )
+    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+        raise UsageError(f"watch: scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+
+
+def check_modes(
+    world: int,
+    skip: bool,
+    bundle: Any,
+    compute_loss: Any,
+    optimizer: torch.optim.Optimizer | None,
+    fused: bool,
+    hook_optimizer: bool,
+) -> None:
+    """Which combinations of skip=, bundle= and the optimizer work; a warning for the costly one."""
+    if world > 1 and (skip or bundle is not None):
+        raise UsageError(
+            "watch: skip= and bundle= are single-process only (under torch.distributed the rule "
+            "runs at each flush, on every rank's rows); drop them, or watch a single-process run"
+        )
+    if bundle is not None and compute_loss is None:
+        raise UsageError(
+            "watch: bundle= needs compute_loss=fn(model, batch) -> loss (a module-level function) "
+            "and w.loss(loss, batch=batch) each step, so `stabilitycheck replay` can re-run the step"
+        )
+    why = check_loadable(compute_loss) if bundle is not None else None
+    if why is not None:
+        raise UsageError(
+            f"watch: compute_loss cannot be replayed: {why}; define it at the top level of a module "
+            "you import (e.g. losses.py), so `stabilitycheck replay` can load it by name"
+        )
+    if skip and optimizer is None:
+        raise UsageError("watch: skip=True needs the optimizer whose steps it skips")
+    if skip and not fused:
+        if not hook_optimizer:
+            raise UsageError(
+                "watch: skip=True through a callback needs a fused optimizer (e.g. "
+                "torch.optim.AdamW(..., fused=True)): its found_inf input skips a step on the device"
+            )
+        warnings.warn(
+            f"watch: skip=True with a non-fused {type(optimizer).__name__}: deciding costs one host "
+            "sync per step (counted in host_reads); pass fused=True to skip on the device",
+            stacklevel=4,
+        )
+
+
+def check_loss(loss: Any) -> torch.Tensor:
+    """A step's loss: a tensor of one element (metadata only: no host read)."""
+    if not isinstance(loss, torch.Tensor):
+        raise UsageError(
+            f"watch: w.loss() takes the loss tensor, got {type(loss).__name__}; pass `loss`, not loss.item()"
+        )
+    if loss.numel() != 1:
+        raise UsageError(
+            f"watch: w.loss() takes the scalar loss, got shape {tuple(loss.shape)}; pass the reduced "
+            "loss (e.g. loss.mean()) that backward() is called on"
+        )
+    return loss
