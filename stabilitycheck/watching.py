@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import types
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -159,8 +160,23 @@ class Watcher:
             self.optimizer.__dict__.pop("found_inf", None)
         self.flush()
         if self.report is None:
+            if self.step == 0:
+                self._no_step()
             self.report = self.out.finish(self.host_reads)
         return self.report
+
+    def _no_step(self) -> None:
+        """No step was closed: say how steps are closed (in the report, and as a warning when the
+        loop did train: a loss was recorded or a parameter has a gradient)."""
+        how = "the optimizer's step() closes each step: pass it, watch(model, optimizer)"
+        if self.optimizer is not None:
+            how = "optimizer.step() was never called on the watched optimizer"
+            if self.scaler is None:
+                how += " (a GradScaler skips it on Inf gradients: pass scaler=)"
+        note = f"no step was closed: {how}, or call w.before_step() once per step"
+        self.out.result.note = note
+        if self._loss is not None or any(p.grad is not None for p in self.params):
+            warnings.warn(f"watch: {note}", stacklevel=3)
 
     def _on_model_call(self, module: nn.Module, args: Any) -> None:
         if torch.is_grad_enabled() and self.snapshot is not None:

@@ -56,6 +56,7 @@ class Report:
     skipped_steps: list[int] = field(default_factory=list)
     scaler_skipped_steps: list[int] = field(default_factory=list)
     host_reads: int = 0
+    note: str | None = None
 
     def text(self) -> str:
         lines = [f"stabilitycheck watch: {self.steps} steps, {len(self.flagged_steps)} flagged"]
@@ -70,6 +71,8 @@ class Report:
             if steps:
                 shown = ", ".join(map(str, steps[:10]))
                 lines.append(f"  {what}: {shown}{' ...' if len(steps) > 10 else ''}")
+        if self.note is not None:
+            lines.append(f"  note: {self.note}")
         lines.append(f"  host reads: {self.host_reads}")
         return "\n".join(lines)
 

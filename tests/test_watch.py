@@ -404,3 +404,33 @@ def test_a_nan_made_by_a_backward_names_the_block_whose_backward_made_it(where: 
     assert found is not None and found.step == 8, report.text()
     assert (found.tensor, found.block, found.made_by) == ("activation_grad", block, expect)
     assert f"made by the backward of {expect}" in report.text()
+
+
+def test_a_run_that_closes_no_step_says_how_steps_are_closed() -> None:
+    """watch(model) without an optimizer: the loop trains, nothing closes a step; with
+    w.before_step() each step is measured (its loss the one recorded)."""
+    torch.manual_seed(0)
+    model = MLP(depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    for closes in (False, True):
+        stream = io.StringIO()
+        with warnings.catch_warnings(record=True) as seen, watch(model, report=stream) as w:
+            warnings.simplefilter("always")
+            losses = []
+            for _ in range(3):
+                loss = compute_loss(model, batch(gen, model))
+                w.loss(loss)
+                losses.append(loss.item())
+                opt.zero_grad()
+                loss.backward()
+                if closes:
+                    w.before_step()
+                opt.step()
+        said = [str(m.message) for m in seen if "no step was closed" in str(m.message)]
+        if closes:
+            assert said == [] and "note" not in stream.getvalue()
+            assert report_of(w).steps == 3 and w.out.last_values[0] == pytest.approx(losses[-1])
+        else:
+            assert len(said) == 1 and "watch(model, optimizer)" in said[0]
+            assert "note: no step was closed" in stream.getvalue() and report_of(w).steps == 0
