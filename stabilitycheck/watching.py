@@ -65,8 +65,10 @@ class Watcher:
         self.weights_every = default if weights_every is None else count("weights_every", weights_every)
         self.model, self.optimizer, self.rule = model, optimizer, rule or SpikeRule()
         self.blocks = tuple(blocks) if blocks is not None else find_blocks(model)[0]
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        if not self.params:
+        # frozen parameters too: they have no gradient, but their weights count in their block's
+        # weight norm (a frozen block's is its real norm, not 0)
+        self.params = list(model.parameters())
+        if not any(p.requires_grad for p in self.params):
             raise UsageError("watch: the model has no parameters that require grad: nothing to watch")
         self.layout = Layout(len(self.blocks))
         self.device = self.params[0].device

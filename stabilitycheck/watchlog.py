@@ -113,6 +113,13 @@ class Log:
         self.order = layout.causal_order()
         self.writes = rank == 0  # under torch.distributed rank 0 writes; every rank gets the report
         self.file = _open_log(log) if log is not None and self.writes else None
+        owners = [*blocks, OUTSIDE]  # the first row also says which block each entry of its lists is
+        self.columns_of = {
+            "activation": blocks,
+            "activation_grad": blocks,
+            "gradient": owners,
+            "weight": owners,
+        }
         self.heatmap = _heatmap_path(heatmap) if heatmap is not None and self.writes else None
         self.stream = report if self.writes else None
         self.result = Report()
@@ -219,6 +226,8 @@ class Log:
                 row[kind] = values[parts[kind]]
             if not self.weights_measured[step]:
                 row["weight"] = None  # not measured at this step (see watch's weights_every)
+            if step == 0:
+                row["columns"] = self.columns_of
             try:
                 self.file.write(json.dumps(row) + "\n")
             except OSError as error:

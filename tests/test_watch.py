@@ -434,3 +434,22 @@ def test_a_run_that_closes_no_step_says_how_steps_are_closed() -> None:
         else:
             assert len(said) == 1 and "watch(model, optimizer)" in said[0]
             assert "note: no step was closed" in stream.getvalue() and report_of(w).steps == 0
+
+
+def test_a_frozen_blocks_weight_norm_is_its_own_and_the_log_names_the_columns(tmp_path: Path) -> None:
+    """Block 1 frozen: its logged weight norm is torch's norm of its parameters (not 0), its weight
+    gradient is 0 (it has none); the first row maps each list entry to a block."""
+    torch.manual_seed(0)
+    model = MLP(depth=3)
+    model.blocks[1].requires_grad_(False)
+    log = tmp_path / "w.jsonl"
+    train(model, 3, log=log, weights_every=1)
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    columns = rows[0]["columns"]
+    assert columns["activation"] == ["blocks.0", "blocks.1", "blocks.2"]
+    assert columns["weight"] == columns["gradient"] == [*columns["activation"], "(outside blocks)"]
+    assert all("columns" not in r for r in rows[1:])
+    frozen = columns["weight"].index("blocks.1")
+    expect = torch.linalg.vector_norm(torch.cat([p.flatten() for p in model.blocks[1].parameters()]))
+    assert rows[-1]["weight"][frozen] == pytest.approx(float(expect), rel=1e-6)
+    assert rows[-1]["gradient"][frozen] == 0.0 and rows[-1]["gradient"][0] > 0
