@@ -74,14 +74,9 @@ class HFModel(nn.Module):
         return result
 
 
-def test_hf_trainer_names_the_planted_fault(tmp_path: Any) -> None:
+def _hf_trainer(model: nn.Module, callback: Any, tmp_path: Any) -> Any:
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    from stabilitycheck.integrations.hf import WatchCallback
-
-    torch.manual_seed(0)
-    model = HFModel()
-    model.net.blocks[BLOCK].register_forward_hook(Fault(AT, count=True))
     x, y = _data()
     dataset = [{"x": x[i], "labels": y[i]} for i in range(len(x))]
     args = transformers.TrainingArguments(
@@ -96,9 +91,48 @@ def test_hf_trainer_names_the_planted_fault(tmp_path: Any) -> None:
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
+    return transformers.Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback])
+
+
+def test_hf_trainer_names_the_planted_fault(tmp_path: Any) -> None:
+    pytest.importorskip("transformers")
+    from stabilitycheck.integrations.hf import WatchCallback
+
+    torch.manual_seed(0)
+    model = HFModel()
+    model.net.blocks[BLOCK].register_forward_hook(Fault(AT, count=True))
     callback = WatchCallback(report=None)
-    transformers.Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback]).train()
+    _hf_trainer(model, callback, tmp_path).train()
     assert callback.report is not None and callback.report.steps == STEPS
     first = callback.report.first_spike
     assert first is not None, callback.report.text()
     assert (first.step, first.tensor, first.block) == (AT, "activation", f"net.blocks.{BLOCK}")
+
+
+def test_hf_train_that_raises_is_closed_by_the_callback_as_a_context_manager(tmp_path: Any) -> None:
+    """Trainer has no failure event: `with callback: trainer.train()` closes the watcher when the
+    model raises at step 20: the 20 steps before are reported and logged, no hook is left."""
+    pytest.importorskip("transformers")
+    import json
+
+    from stabilitycheck.integrations.hf import WatchCallback
+
+    calls: list[int] = []
+
+    def fail_at_20(module: nn.Module, args: Any, output: Any) -> None:
+        calls.append(1)
+        if len(calls) == 21:
+            raise RuntimeError("planted failure")
+
+    torch.manual_seed(0)
+    model = HFModel()
+    model.net.blocks[BLOCK].register_forward_hook(fail_at_20)
+    hooks = [len(m._forward_hooks) for m in model.modules()]
+    callback = WatchCallback(report=None, log=tmp_path / "watch.jsonl", flush_every=8)
+    trainer = _hf_trainer(model, callback, tmp_path)
+    with pytest.raises(RuntimeError, match="planted failure"), callback:
+        trainer.train()
+    assert callback.report is not None and callback.report.steps == 20
+    rows = (tmp_path / "watch.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == list(range(20))
+    assert [len(m._forward_hooks) for m in model.modules()] == hooks

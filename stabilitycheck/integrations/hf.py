@@ -3,11 +3,17 @@
 the batch has labels); the step is closed in `on_pre_optimizer_step`, which Trainer calls after
 its gradient clipping, so the weight-gradient norms are the clipped ones (the activation norms and
 their gradients are not affected by clipping).
+
+Trainer has no callback event for a failed train() (transformers' TrainerCallback has none), so a
+run that raises never reaches `on_train_end`: use the callback as a context manager around
+`train()` (or call `close()` in a `finally:`), which closes the watcher, removes its hooks and
+writes the log and the report of what it saw.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -19,7 +25,8 @@ from stabilitycheck.watchlog import Report
 
 
 class WatchCallback(TrainerCallback):  # type: ignore[misc, unused-ignore]  # untyped before transformers 5
-    """`Trainer(..., callbacks=[WatchCallback(log="watch.jsonl")])`; takes `watch`'s options."""
+    """`Trainer(..., callbacks=[cb := WatchCallback(log="watch.jsonl")])`, then `with cb: trainer.train()`
+    (so a failed run is closed too); takes `watch`'s options."""
 
     def __init__(self, **options: Any) -> None:
         self.options = options
@@ -44,9 +51,23 @@ class WatchCallback(TrainerCallback):  # type: ignore[misc, unused-ignore]  # un
             self.watcher.before_step()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.close()
+
+    def close(self) -> Report | None:
+        """Close the watcher (its hooks off, the log and report written); idempotent. Returns the
+        report (None if training never began)."""
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
         if self.watcher is not None:
             self.report = self.watcher.close()
             self.watcher = None
+        return self.report
+
+    def __enter__(self) -> WatchCallback:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
