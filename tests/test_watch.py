@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from test_probe import NanBackward
 from torch.overrides import TorchFunctionMode
 from watch_models import MLP, Fault, PreNorm, batch, compute_loss, report_of, train
 
@@ -362,18 +363,6 @@ def test_a_heatmap_that_cannot_be_written_at_exit_is_a_warning_after_the_report(
     assert w.report is not None and w.close() is w.report
 
 
-class NanGrad(torch.autograd.Function):
-    """Identity forward; the backward multiplies the gradient by NaN."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        return grad * torch.nan
-
-
 class PoisonBackward(torch.nn.Module):
     """At its `at`-th training call, its backward makes a NaN gradient for its input."""
 
@@ -383,7 +372,7 @@ class PoisonBackward(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        return NanGrad.apply(x) if self.calls == self.at else x
+        return NanBackward.apply(x) if self.calls == self.at else x
 
 
 @pytest.mark.parametrize("where", [1, 3, "head"])
