@@ -97,6 +97,7 @@ class Watcher:
             else None
         )
         self._stepped = False  # a step was closed since the scaler's last update()
+        self._not_skipped = torch.zeros(1, dtype=torch.float64, device=self.device)
         self._original_update: Any = None
         self._update: Any = None
         self.state = self.rule.state(self.layout.n_series, self.device) if on_device else None
@@ -248,8 +249,7 @@ class Watcher:
             else:  # the last measured weight norms stand in for this step's
                 series[weight] = self._last_weights
             if amp is None:
-                flags = self.rule.update(self.state, series)
-                skipped = torch.zeros(1, dtype=torch.float64, device=self.device)
+                flags, skipped = self.rule.update(self.state, series), self._not_skipped
             else:  # a step the scaler skips is no finding, and none of its values enters the window
                 off = amp[1].bool()
                 flags = self.rule.update(self.state, torch.where(off, torch.nan, series)) & ~off
