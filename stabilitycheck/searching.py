@@ -179,11 +179,6 @@ class Prober:
         got = self.screen(index)
         return isinstance(got, Judgement) and got.exploded
 
-    def contested(self, index: Index) -> bool:
-        """Stable on the full rule, yet at least one of the seeds it probed exploded."""
-        got = self(index)
-        return isinstance(got, Judgement) and not got.exploded and got.exploded_seeds > 0
-
     def knobs(self, index: Index) -> str:
         return " ".join(f"{a.name}={a.values[i]}" for a, i in zip(self.space.axes, index, strict=True))
 
