@@ -61,6 +61,16 @@ def _chain_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor 
     return x
 
 
+def _stack_starts(blocks: Sequence[tuple[str, nn.Module]]) -> list[int]:
+    """The blocks that begin another stack (`encoder.layers.5` then `decoder.layers.0`): there the
+    recorder checks that the block takes the last block's output (a ResNet's next stage does; an
+    encoder-decoder's decoder does not, its chain starts anew)."""
+    stacks = [name.rpartition(".")[0] if name.rpartition(".")[2].isdigit() else None for name, _ in blocks]
+    return [
+        b for b in range(1, len(blocks)) if stacks[b] is not None and stacks[b - 1] not in (None, stacks[b])
+    ]
+
+
 class _Recorder:
     """Forward hooks on the blocks, collecting (block index, output) of every block call while active;
     dL/d(output) is then captured by the backward pass itself (torch.autograd.grad), no tensor hooks.
@@ -83,6 +93,11 @@ class _Recorder:
         self.entry: torch.Tensor | None = None  # block 0's input, until its first call returns
         self.version = 0  # the entry's version counter when block 0 received it
         self.handles = [module.register_forward_hook(self._hook(b)) for b, (_, module) in enumerate(blocks)]
+        self.breaks: set[int] = set()  # positions in `outputs` whose block does not take the last output
+        self.handles += [
+            blocks[b][1].register_forward_pre_hook(self._join(), with_kwargs=True)
+            for b in _stack_starts(blocks)
+        ]
         self.first = blocks[0][1] if input_side and blocks else None
         self.pre: Any = None  # the input pre-hook's handle, from start() to block 0's first call
 
@@ -104,6 +119,13 @@ class _Recorder:
             return (self.entry, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": self.entry}
 
+    def _join(self) -> Any:
+        def on_join(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if self.active and self.outputs and _chain_input(args, kwargs) is not self.outputs[-1]:
+                self.breaks.add(len(self.outputs))
+
+        return on_join
+
     def _hook(self, b: int) -> Any:
         calls, outputs = self.calls, self.outputs  # cleared in place, never rebound
 
@@ -123,6 +145,7 @@ class _Recorder:
     def start(self) -> None:
         self.calls.clear()
         self.outputs.clear()
+        self.breaks.clear()
         self.entry = None
         self.active = True
         if self.first is not None:

@@ -4,6 +4,7 @@ reproduction line reproducing a verdict judged on non-default limits."""
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import subprocess
@@ -136,7 +137,8 @@ def test_an_encoder_decoder_has_both_stacks_named() -> None:
     src, tgt = torch.randn(2, 5, 8, generator=gen), torch.randn(2, 4, 8, generator=gen)
     m = probe_module(model.eval(), (src, tgt), lambda out, _: out.square().mean())
     assert m.activation_names == ("(input)", *names)  # from src, through both stacks
-    assert len(m.gains) == 5 and all(g > 0 for g in m.gains)
+    assert len(m.gains) == 5 and math.isnan(m.gains[2])  # decoder.layers.0 takes tgt: no gain across
+    assert all(g > 0 for i, g in enumerate(m.gains) if i != 2)
 
 
 def test_the_reproduction_line_reproduces_a_verdict_on_non_default_limits() -> None:
@@ -212,3 +214,58 @@ def test_a_flat_sequential_layer_ends_after_its_activation_even_a_shared_one() -
     g = [o.grad.norm().item() for o in outs if o.grad is not None]
     assert m.growth == pytest.approx(xr.grad.norm().item() / g[-1], rel=1e-12)
     assert list(m.gains[1:]) == pytest.approx([g[i] / g[i + 1] for i in range(depth - 1)], rel=1e-12)
+
+
+class _TwoStages(nn.Module):
+    """Two stacks, the second fed by the first (a ResNet's stages): one chain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3)])
+        self.b = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in [*self.a, *self.b]:
+            x = layer(x)
+        return x
+
+
+class _EncoderDecoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.t = nn.Transformer(
+            d_model=16,
+            nhead=2,
+            num_encoder_layers=2,
+            num_decoder_layers=2,
+            dim_feedforward=32,
+            dropout=0.0,
+            batch_first=True,
+        )
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        return self.t(src, tgt)
+
+
+def test_a_gain_is_measured_across_two_stacks_only_where_the_second_takes_the_firsts_output() -> None:
+    """Oracle, autograd in float64: chained stages give the exact gain across the junction (|dL/d out
+    of a.2| / |dL/d out of b.0|); an encoder-decoder's decoder.layers.0 takes the target, not the
+    encoder's output, so there is no gain across that junction (NaN, never a ratio of two chains)."""
+    torch.manual_seed(0)
+    model = _TwoStages().double()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    m = probe_module(model, x, lambda out, _: out.pow(2).sum())
+    outs, h = [], x
+    for layer in [*model.a, *model.b]:
+        h = layer(h)
+        h.retain_grad()
+        outs.append(h)
+    h.pow(2).sum().backward()
+    g = [o.grad.norm().item() for o in outs if o.grad is not None]
+    assert m.gains[3] == pytest.approx(g[2] / g[3], rel=1e-12)  # a.2 -> b.0
+    ed = _EncoderDecoder().double()
+    src, tgt = torch.randn(2, 5, 16, dtype=torch.float64), torch.randn(2, 4, 16, dtype=torch.float64)
+    m = probe_module(ed, (src, tgt), lambda out, _: out.pow(2).sum())
+    junction = m.activation_names.index("t.decoder.layers.0") - 1
+    assert math.isnan(m.gains[junction])
+    assert all(math.isfinite(g) for i, g in enumerate(m.gains) if i != junction)
