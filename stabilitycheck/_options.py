@@ -109,7 +109,7 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME=LO:HI[:STEP]",
-        help="search NAME over LO..HI (or fix it with NAME=VALUE); repeatable",
+        help="search NAME over LO..HI (or fix it with NAME=VALUE); repeatable, once per NAME",
     )
     p.add_argument(
         "--max-examples",
@@ -193,9 +193,10 @@ def _knob(text: str) -> tuple[str, list[float]]:
 
 
 def _apply_knobs(space: Any, knobs: Sequence[str], subject: Any) -> Any:
-    """The Space with --knob axes: with any --knob given, the searched axes are exactly the knobs named
-    with a range (nothing added behind the user's back); a single value fixes the knob, and so does a
-    word for a choice knob (activation=relu, norm=post)."""
+    """The Space with --knob axes: with any knob given a range, the searched axes are exactly those
+    (nothing added behind the user's back); a single value fixes the knob, and so does a word for a
+    choice knob (activation=relu, norm=post). Fixing knobs alone leaves the space's other axes
+    searched; a fixed knob is never an axis, and a knob given twice is an error (which one was meant?)."""
     import dataclasses
 
     from stabilitycheck.errors import UsageError
@@ -204,8 +205,14 @@ def _apply_knobs(space: Any, knobs: Sequence[str], subject: Any) -> Any:
     if not knobs:
         return space
     base, axes, fixed = space.base, list[Any](), set[str]()
-    for text in knobs:
+    for i, text in enumerate(knobs):
         name, _, word = text.partition("=")
+        twice = [t for t in knobs[:i] if t.partition("=")[0] == name]
+        if twice:
+            raise UsageError(
+                f"--knob {name} is given twice ({twice[0]}, {text}); give it once: {name}=LO:HI[:STEP] "
+                f"searches it, {name}=VALUE fixes it"
+            )
         if name not in base.values and name not in RUN_AXES:
             numeric = [k for k, v in base.values.items() if type(v) in (int, float)] or ["depth"]
             raise UsageError(
@@ -225,9 +232,9 @@ def _apply_knobs(space: Any, knobs: Sequence[str], subject: Any) -> Any:
                     f"e.g. --knob {name}=1:8"
                 )
             numbers = [int(x) for x in numbers]
-        axes = [a for a in axes if a.name != name]
         if len(numbers) == 1:
             base = base.with_knobs(**{name: numbers[0]})
+            fixed.add(name)
         else:
             axes.append(Axis.range(name, *numbers))
     default = tuple(a for a in space.axes if a.name not in fixed)

@@ -91,8 +91,14 @@ def _axes(args: argparse.Namespace, subject: Any) -> tuple[Any, Any, Any]:
                 f"--device {args.device}: CUDA is not available on this machine; use --device cpu"
             )
     space = _apply_knobs(original.with_run(**run), args.knob, subject)
+    given_knobs = {text.partition("=")[0]: text for text in args.knob}
     axes = []
     for flag, name in (("--x", args.x), ("--y", args.y)):
+        if name in given_knobs and all(a.name != name for a in space.axes):
+            raise UsageError(
+                f"{flag} {name}: --knob {given_knobs[name]} fixes it to one value; give the grid to map "
+                f"instead, e.g. --knob {name}=1:16"
+            )
         found = [a for a in (*space.axes, *original.axes) if a.name == name]
         if not found:
             if name not in space.base.values:
