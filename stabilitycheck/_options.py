@@ -80,6 +80,30 @@ def _limit(text: str) -> float | None:
     return None if text.lower() == "off" else _positive(text)
 
 
+class _StepLimit(argparse.Action):
+    """Store a limit judged on the loss after training steps, and note in `step_limits` that a value
+    (not `off`) was given (a default cannot tell), so `require_steps` can refuse it without steps."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        given = [f for f in getattr(namespace, "step_limits", []) if f != self.option_strings[0]]
+        namespace.step_limits = given + [self.option_strings[0]] * (values is not None)
+
+
+def require_steps(args: argparse.Namespace) -> None:
+    """A --divergence-limit or --stall-limit value without --steps (or a steps --knob) would never be
+    checked: the losses they compare are the ones before and after the steps. One line, exit 2;
+    `off` is accepted (it turns off what would not run)."""
+    from stabilitycheck.errors import UsageError
+
+    given = sorted(set(getattr(args, "step_limits", [])))
+    if given and not args.steps and all(k.partition("=")[0] != "steps" for k in args.knob):
+        raise UsageError(
+            f"{' and '.join(given)}: judged on the loss after training steps against the initial loss, "
+            f"but no steps are taken; add --steps K (e.g. --steps 20) or drop {' or '.join(given)}"
+        )
+
+
 def _csv(text: str) -> list[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
@@ -153,7 +177,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", type=_positive, help="clip the total gradient norm during steps")
     p.add_argument("--grad-norm-limit", type=_limit, default=1e3, help="peak total grad norm (1e3; off)")
     p.add_argument("--growth-limit", type=_limit, default=1e2, help="input/output grad growth (1e2; off)")
-    p.add_argument("--divergence-limit", type=_limit, default=2.0, help="final/initial loss (2; off)")
+    p.add_argument(
+        "--divergence-limit",
+        type=_limit,
+        default=2.0,
+        action=_StepLimit,
+        help="final/initial loss (2; off; needs --steps)",
+    )
     p.add_argument(
         "--vanishing-limit", type=_limit, default=None, help="growth below 1/X fails (default off)"
     )
@@ -161,6 +191,7 @@ def parser() -> argparse.ArgumentParser:
         "--stall-limit",
         type=_limit,
         default=None,
+        action=_StepLimit,
         help="final/initial loss above X fails, e.g. 0.95 (default off; needs --steps)",
     )
     p.add_argument("--probe-timeout", type=_positive, help="seconds one verdict may take (default: no limit)")

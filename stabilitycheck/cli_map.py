@@ -27,6 +27,8 @@ from stabilitycheck._options import (
     _limit,
     _number,
     _Parser,
+    _StepLimit,
+    require_steps,
 )
 from stabilitycheck._outputs import Progress, _atomic_write, check_outputs
 
@@ -64,7 +66,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--grad-norm-limit", type=_limit, default=1e3, help="peak total grad norm (1e3; off)")
     p.add_argument("--growth-limit", type=_limit, default=1e2, help="input/output grad growth (1e2; off)")
-    p.add_argument("--divergence-limit", type=_limit, default=2.0, help="final/initial loss (2; off)")
+    p.add_argument(
+        "--divergence-limit",
+        type=_limit,
+        default=2.0,
+        action=_StepLimit,
+        help="final/initial loss (2; off; needs --steps)",
+    )
     p.add_argument("--vanishing-limit", type=_limit, default=None, help="also trace growth < 1/X (off)")
     p.add_argument("--json", type=Path, help="write the map as JSON (rewritten after every verdict)")
     p.add_argument("--markdown", type=Path, help="write the frontier table as Markdown")
@@ -114,6 +122,7 @@ def _axes(args: argparse.Namespace, subject: Any) -> tuple[Any, Any, Any]:
 def run(argv: Sequence[str]) -> int:
     """Parse, trace, write, print; returns the exit code."""
     args = parser().parse_args(argv)
+    require_steps(args)
     from stabilitycheck.verdicts import Limits
 
     limits = Limits(args.grad_norm_limit, args.growth_limit, args.divergence_limit, args.vanishing_limit)

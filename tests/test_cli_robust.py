@@ -445,3 +445,41 @@ def test_the_cli_judges_only_the_fixed_value_and_a_knob_given_twice_is_a_usage_e
         assert code == cli.EXIT_USAGE and "init_scale is given twice" in err and err.count("\n") == 1
     code, _, err = _run(["map", "mlp", "--x", "depth", "--y", "init_scale", "--knob", "depth=10"], capsys)
     assert code == cli.EXIT_USAGE and "fixes it to one value" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "refused"),
+    [
+        (["--stall-limit", "0.95"], "--stall-limit"),
+        (["--divergence-limit", "3"], "--divergence-limit"),
+        (["--stall-limit", "0.9", "--steps", "0"], "--stall-limit"),
+        (["--divergence-limit", "3", "--stall-limit", "0.9"], "--divergence-limit and --stall-limit"),
+        (["--stall-limit", "0.95", "--steps", "5"], None),
+        (["--stall-limit", "0.95", "--knob", "steps=1:5"], None),
+        (["--divergence-limit", "off"], None),  # turning off what would not run is harmless
+        (["--divergence-limit", "3", "--divergence-limit", "off"], None),  # the last one given counts
+        ([], None),  # the default divergence limit is no request
+    ],
+)
+def test_a_loss_limit_without_training_steps_is_a_usage_error(
+    argv: list[str], refused: str | None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--stall-limit (and --divergence-limit) compare the loss after the steps with the initial loss;
+    without steps they were accepted and never checked: now refused up front, one line, exit 2."""
+    from stabilitycheck._options import parser, require_steps
+    from stabilitycheck.errors import UsageError
+
+    args = parser().parse_args(["mlp", *argv])
+    if refused is None:
+        require_steps(args)
+        return
+    with pytest.raises(UsageError, match=f"^{refused}: judged on the loss after training steps"):
+        require_steps(args)
+    code, out, err = _run(["mlp", "--quiet", "--database", "none", *argv], capsys)
+    assert code == cli.EXIT_USAGE and err.count("\n") == 1 and refused in err and out == ""
+
+
+def test_the_maps_divergence_limit_without_steps_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["map", "mlp", "--x", "depth", "--y", "init_scale", "--divergence-limit", "3"]
+    code, _, err = _run(argv, capsys)
+    assert code == cli.EXIT_USAGE and err.count("\n") == 1 and "--divergence-limit: judged on the loss" in err
