@@ -393,3 +393,40 @@ def test_config_params_must_be_knobs_of_the_file() -> None:
     with pytest.raises(UsageError) as exc:
         mlp.build(Config.of(mlp.name, depth=2.5))
     assert_one_line(exc, "mlp.py", "depth=2.5 is not an int")
+
+
+def test_declared_stability_blocks_are_the_blocks_probed() -> None:
+    subject = load(f"{broken('blocks_declared')}:pairs")
+    assert probe(subject.config(), subject).layer_names[-2:] == ("a", "b")
+
+
+@pytest.mark.parametrize(
+    ("factory", "says"),
+    [
+        ("bare", "stability_blocks() item 0 is a Linear, not a (name, module) pair"),
+        ("module", "stability_blocks() returned a Linear; it must return a non-empty list of (name, module)"),
+        ("empty", "stability_blocks() returned an empty list"),
+        ("foreign", "stability_blocks() item 1 ('other') is not a submodule of the model"),
+    ],
+)
+def test_a_stability_blocks_of_the_wrong_shape_says_what_it_must_return(factory: str, says: str) -> None:
+    """It read 'running the model raised TypeError: cannot unpack non-iterable Linear object; check
+    that batch() or example_input matches': the hook is named, and the shape it must have."""
+    subject = load(f"{broken('blocks_declared')}:{factory}")
+    with pytest.raises(UsageError) as exc:
+        check_defaults(subject)
+    assert_one_line(exc, "blocks_declared", says, "e.g. `return [(", kind=UsageError)
+    assert "running the model" not in str(exc.value)
+
+
+def test_an_error_in_the_models_own_forward_names_its_line_and_blames_no_input() -> None:
+    subject = load(f"{broken('blocks_declared')}:view")
+    with pytest.raises(UsageError) as exc:
+        check_defaults(subject)
+    line = next(
+        i for i, t in enumerate(Path(broken("blocks_declared")).read_text().splitlines(), 1) if ".view(" in t
+    )
+    assert_one_line(
+        exc, "blocks_declared", f"blocks_declared.py:{line} in forward", "may not", kind=UsageError
+    )
+    assert "check that batch()" not in str(exc.value)

@@ -23,6 +23,7 @@ from stabilitycheck.modelfile.convention import (
     Factory,
     Fixed,
     Knob,
+    check_blocks,
     check_bounds,
     factory_source,
     fixed_source,
@@ -154,6 +155,7 @@ class ModelFile:
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
             model = self.source.make_model(self, values)
+            check_blocks(self, model)
             blocks, note = find_blocks(model)
             self.check_eager(model, blocks)
             if self.scales_weights and values[SCALE] != 1.0:
