@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from stabilitycheck.config import Config
 from stabilitycheck.errors import UsageError
-from stabilitycheck.losses import DefaultLoss
+from stabilitycheck.losses import DefaultLoss, unpack
 from stabilitycheck.modelfile import ModelFile, ModelFileError, load
 from stabilitycheck.probing import probe
 from stabilitycheck.searching import check
@@ -195,6 +195,30 @@ def test_packed_outputs_measure_like_the_plain_tensor(factory: str) -> None:
     packed = load(f"{broken('outputs')}:{factory}")
     assert packed.name.endswith(f"outputs.py:{factory}")
     assert probe(packed.config(), packed).loss == probe(plain.config(), plain).loss
+
+
+@pytest.mark.parametrize(("factory", "entry"), [("aux_dict", "output['out']"), ("aux_tuple", "output[1]")])
+def test_a_0d_auxiliary_loss_first_in_the_output_is_not_taken_for_the_output(
+    factory: str, entry: str
+) -> None:
+    """{"aux_loss": (h**2).mean(), "out": logits}: the 0-d aux loss was the output (MSE to a random
+    target). The logits are used, so the loss is the plain model's, and the report names the entry."""
+    plain = load(f"{broken('outputs')}:plain")
+    packed = load(f"{broken('outputs')}:{factory}")
+    m = probe(packed.config(), packed)
+    assert m.loss == probe(plain.config(), plain).loss
+    assert f"loss on {entry} (of 2 tensors" in m.blocks_note and "; " in m.blocks_note
+    assert "loss on" not in probe(plain.config(), plain).blocks_note
+
+
+def test_unpack_prefers_logits_then_the_first_tensor_with_a_dimension() -> None:
+    big, logits, aux = torch.zeros(4, 64), torch.zeros(4, 5), torch.tensor(1.0)
+    assert unpack({"hidden": big, "logits": logits})[0] is logits  # named: no note
+    assert unpack({"hidden": big, "logits": logits})[2] == ""
+    assert unpack((aux, (logits, big)))[0] is logits  # nested, position order (not the largest)
+    assert unpack((aux, (logits, big)))[2].startswith("loss on output[1][0] (of 3 tensors")
+    assert unpack({"loss": aux, "out": big})[1:] == (aux, "")  # the model's own loss: no output chosen
+    assert unpack((aux,))[0] is aux  # only a 0-d tensor: it is the output, as before
 
 
 def test_a_loss_in_the_output_is_used_as_the_loss() -> None:
