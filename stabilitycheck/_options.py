@@ -90,6 +90,19 @@ class _StepLimit(argparse.Action):
         namespace.step_limits = given + [self.option_strings[0]] * (values is not None)
 
 
+def add_limits(p: argparse.ArgumentParser) -> None:
+    """The limits the search and the map share: grad norm, growth and divergence (X or off)."""
+    p.add_argument("--grad-norm-limit", type=_limit, default=1e3, help="peak total grad norm (1e3; off)")
+    p.add_argument("--growth-limit", type=_limit, default=1e2, help="input/output grad growth (1e2; off)")
+    p.add_argument(
+        "--divergence-limit",
+        type=_limit,
+        default=2.0,
+        action=_StepLimit,
+        help="final/initial loss (2; off; needs --steps)",
+    )
+
+
 def require_steps(args: argparse.Namespace) -> None:
     """A --divergence-limit or --stall-limit value without --steps (or a steps --knob) would never be
     checked: the losses they compare are the ones before and after the steps. One line, exit 2;
@@ -175,15 +188,7 @@ def parser() -> argparse.ArgumentParser:
         help="forward under torch.autocast (auto: bfloat16 on CPU, float16 + GradScaler on CUDA)",
     )
     p.add_argument("--clip", type=_positive, help="clip the total gradient norm during steps")
-    p.add_argument("--grad-norm-limit", type=_limit, default=1e3, help="peak total grad norm (1e3; off)")
-    p.add_argument("--growth-limit", type=_limit, default=1e2, help="input/output grad growth (1e2; off)")
-    p.add_argument(
-        "--divergence-limit",
-        type=_limit,
-        default=2.0,
-        action=_StepLimit,
-        help="final/initial loss (2; off; needs --steps)",
-    )
+    add_limits(p)
     p.add_argument(
         "--vanishing-limit", type=_limit, default=None, help="growth below 1/X fails (default off)"
     )

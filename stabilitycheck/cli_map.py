@@ -27,7 +27,7 @@ from stabilitycheck._options import (
     _limit,
     _number,
     _Parser,
-    _StepLimit,
+    add_limits,
     require_steps,
 )
 from stabilitycheck._outputs import Progress, _atomic_write, check_outputs
@@ -64,15 +64,7 @@ def parser() -> argparse.ArgumentParser:
         default="default",
         help="'last': judge a recurrent subject on its last step alone (the through-time growth)",
     )
-    p.add_argument("--grad-norm-limit", type=_limit, default=1e3, help="peak total grad norm (1e3; off)")
-    p.add_argument("--growth-limit", type=_limit, default=1e2, help="input/output grad growth (1e2; off)")
-    p.add_argument(
-        "--divergence-limit",
-        type=_limit,
-        default=2.0,
-        action=_StepLimit,
-        help="final/initial loss (2; off; needs --steps)",
-    )
+    add_limits(p)
     p.add_argument("--vanishing-limit", type=_limit, default=None, help="also trace growth < 1/X (off)")
     p.add_argument("--json", type=Path, help="write the map as JSON (rewritten after every verdict)")
     p.add_argument("--markdown", type=Path, help="write the frontier table as Markdown")
