@@ -46,7 +46,7 @@ class Measurement:
     skipped_steps: int = 0
     allow_tf32: bool = False
     overflow: NonFinite | None = None
-    blocks_note: str = ""  # how the blocks were chosen (the Subject's one line)
+    blocks_note: str = ""  # how the blocks were chosen (the Subject's line), and the output entry used
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (non-finite floats are kept: json writes them as NaN/Infinity)."""

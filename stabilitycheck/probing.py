@@ -19,7 +19,7 @@ from torch import nn
 
 from stabilitycheck.config import Config
 from stabilitycheck.errors import UsageError
-from stabilitycheck.losses import Inputs, LossFn
+from stabilitycheck.losses import Inputs, LossFn, OutputLoss
 from stabilitycheck.measurement import (
     TENSOR_KINDS as TENSOR_KINDS,  # `X as X`: re-exported, it was defined here
 )
@@ -346,4 +346,5 @@ def _probe(config: Config, subject: Subject, last_step: bool) -> Measurement:
         amp=run.amp,
         seed=run.seed,
     )
-    return dataclasses.replace(m, blocks_note=built.blocks_note)
+    output = built.loss_fn.note if isinstance(built.loss_fn, OutputLoss) else ""  # the entry it used
+    return dataclasses.replace(m, blocks_note="; ".join(n for n in (built.blocks_note, output) if n))

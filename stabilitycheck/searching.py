@@ -30,7 +30,7 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from hypothesis.database import ExampleDatabase, InMemoryExampleDatabase
 
-from stabilitycheck._validation import describe
+from stabilitycheck._validation import describe, raised_at
 from stabilitycheck.canonical import Index as Index  # `X as X`: re-exported, these were defined here
 from stabilitycheck.canonical import boundary as boundary
 from stabilitycheck.canonical import canonical as canonical
@@ -391,6 +391,7 @@ def check(subject: Subject, config: Config) -> None:
     except (Exception, SystemExit) as exc:
         what = f"called sys.exit({exc.code!r})" if isinstance(exc, SystemExit) else f"raised {describe(exc)}"
         raise UsageError(
-            f"{config.subject}: running the model with {config.describe()} {what}; check that batch() "
-            "or example_input matches what forward() expects"
+            f"{config.subject}: running the model with {config.describe()} {what}{raised_at(exc)}; its "
+            "code may not accept these knob values (narrow SPACE or --knob), or its inputs (batch(), "
+            "example_input or the ones inferred) may not match what forward() expects"
         ) from None
