@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from stabilitycheck.config import Config
@@ -65,9 +65,10 @@ class Growth:
     the number of blocks L - j (a constant rate per block, e.g. a tanh MLP off criticality), polynomial
     when it is linear in log(L / j) (growth ~ depth ** exponent, e.g. pre-norm residual stacks whose
     per-block log-gain decays like 1 / j), whichever least-squares fit explains more of C; flat when the
-    total growth is within x2; accumulated when a recurrent subject's per-token growth passes the limit
-    but its through-time growth (the loss on the last step) does not: the gradient of early steps is a
-    sum over every later token's loss, not a product of Jacobians. Quantiles and spreads over seeds."""
+    total growth is within x2; accumulated when a recurrent subject's through-time growth T (the loss on
+    the last step: the exact product of the Jacobians) explains less than half the log growth G,
+    ln T < ln(G) / 2: the rest is the gradient of early steps summed over every later token's loss,
+    whatever the limits. Quantiles and spreads over seeds."""
 
     kind: str
     rate: Spread
@@ -126,6 +127,16 @@ def classify(fits: Sequence[Fit], growths: Sequence[float], q: float) -> Growth:
     return Growth(
         "exponential" if linear >= quantile([f[3] for f in fits], q) else "polynomial", rate, exponent
     )
+
+
+def over_tokens(kind: Growth, growth: float, through: float) -> Growth:
+    """`kind`, or accumulated when it is growth (not flat, not n/a) of which the through-time product
+    explains less than half: ln(through) < ln(growth) / 2 (see Growth)."""
+    if kind.kind in ("flat", "n/a") or not growth > 1 or math.isnan(through):
+        return kind
+    if through <= 0 or math.log(through) < 0.5 * math.log(growth):
+        return replace(kind, kind="accumulated")
+    return kind
 
 
 def culprit_of(ms: Sequence[Measurement]) -> str:
@@ -346,6 +357,7 @@ def _judgement(
     growth = [m.growth for m in ms]
     mid = quantile(growth, q)
     rep = next((m for m in ms if m.growth == mid or (math.isnan(mid) and math.isnan(m.growth))), ms[0])
+    kind = classify([fit_growth(m.gains) for m in ms], growth, q)
     return Judgement(
         verdict=judge(quantiles, lim),
         seeds=seeds,
@@ -354,7 +366,7 @@ def _judgement(
         grad_norm=Spread.of([v["grad_norm"] for v in per_seed], q),
         skipped_steps=sum(m.skipped_steps for m in ms),
         culprit=culprit_of(ms),
-        kind=classify([fit_growth(m.gains) for m in ms], growth, q),
+        kind=over_tokens(kind, mid, quantile(through, q)) if through else kind,
         through_time=Spread.of(through, q) if through else None,
         measurement=rep,
     )

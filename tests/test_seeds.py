@@ -210,3 +210,29 @@ def test_an_exponential_rate_near_1_keeps_its_digits() -> None:
     near = Growth("exponential", Spread(0.0, math.log(1.0078), 0.0), Spread(0.0, 0.0, 0.0))
     far = Growth("exponential", Spread(0.0, math.log(1.4512), 0.0), Spread(0.0, 0.0, 0.0))
     assert near.describe() == "exponential, x1.008/block" and far.describe() == "exponential, x1.45/block"
+
+
+@pytest.mark.parametrize("limits", [Limits(), Limits(growth=10.0, vanishing=100.0)])
+def test_accumulated_over_tokens_is_judged_on_the_share_of_log_growth_whatever_the_limits(
+    limits: Limits,
+) -> None:
+    """Theory: a linear RNN with W_hh = s x orthogonal has through-time growth exactly s^(T-1). At s = 1.5
+    that product is most of the log growth: exponential, never accumulated (it was, where the growth
+    limit was above the through-time figure). At s = 1 it is exactly 1 while the per-token growth is
+    ~8: all of it is summed over tokens, accumulated (it was not, where vanishing was judged). The
+    kind is the same whether the verdict judged vanishing (assess has the through-time figure) or
+    not (the search adds it), whatever the limits."""
+    from stabilitycheck.searching import _with_through_time
+    from stabilitycheck.seeds import SeedProbes
+    from stabilitycheck.zoo import Family
+
+    kinds = {}
+    for scale, steps in ((1.5, 12), (1.0, 32)):
+        c = Config.of("rnn", seq_len=steps, width=32, init_scale=scale, activation="linear", batch_size=8)
+        probes = SeedProbes()
+        j = _with_through_time(assess(c, limits=limits, probes=probes), c, Family("rnn"), probes)
+        assert j.through_time is not None
+        assert j.through_time.mid == pytest.approx(scale ** (steps - 1), rel=1e-4)
+        kinds[scale] = (j.kind.kind, math.log(j.through_time.mid) / math.log(j.growth.mid))
+    assert kinds[1.5][0] == "exponential" and kinds[1.5][1] > 0.5, kinds
+    assert kinds[1.0][0] == "accumulated" and kinds[1.0][1] < 0.5, kinds
