@@ -26,6 +26,7 @@ from stabilitycheck.subject import Subject
 from stabilitycheck.verdicts import CRITERIA, Limits, Verdict, bound, fires, judge, values
 
 MARGIN = 10.0
+FIT_R2 = 0.9  # below it no fit explains the growth (a clean stack fits >= 0.95, a lone spike 0.76)
 SEED_MIX = 0x9E3779B9  # seeds after the first: base + i * this, mod 2**32 (no overlap between bases)
 
 
@@ -64,8 +65,10 @@ class Growth:
     between block call j and the output (j = 1..L from the input side): exponential when C is linear in
     the number of blocks L - j (a constant rate per block, e.g. a tanh MLP off criticality), polynomial
     when it is linear in log(L / j) (growth ~ depth ** exponent, e.g. pre-norm residual stacks whose
-    per-block log-gain decays like 1 / j), whichever least-squares fit explains more of C; flat when the
-    total growth is within x2; accumulated when a recurrent subject's through-time growth T (the loss on
+    per-block log-gain decays like 1 / j), whichever least-squares fit explains more of C; irregular
+    when neither explains FIT_R2 of C's variance (one block's spike among gain-1 blocks, growth that
+    rises then falls along the stack: no rate or exponent describes it); flat when the total growth is
+    within x2; accumulated when a recurrent subject's through-time growth T (the loss on
     the last step: the exact product of the Jacobians) explains less than half the log growth G,
     ln T < ln(G) / 2: the rest is the gradient of early steps summed over every later token's loss,
     whatever the limits. Quantiles and spreads over seeds."""
@@ -83,6 +86,8 @@ class Growth:
             return f"polynomial, ~depth^{self.exponent.mid:.2f}"
         if self.kind == "accumulated":
             return "accumulated over tokens"
+        if self.kind == "irregular":
+            return "irregular: no constant rate or depth law fits"
         return self.kind
 
 
@@ -123,10 +128,10 @@ def classify(fits: Sequence[Fit], growths: Sequence[float], q: float) -> Growth:
         return Growth("n/a", rate, exponent)
     if growth > 0 and abs(math.log(growth)) < math.log(2):
         return Growth("flat", rate, exponent)
-    linear = quantile([f[1] for f in fits], q)
-    return Growth(
-        "exponential" if linear >= quantile([f[3] for f in fits], q) else "polynomial", rate, exponent
-    )
+    linear, log = quantile([f[1] for f in fits], q), quantile([f[3] for f in fits], q)
+    if max(linear, log) < FIT_R2:
+        return Growth("irregular", rate, exponent)
+    return Growth("exponential" if linear >= log else "polynomial", rate, exponent)
 
 
 def over_tokens(kind: Growth, growth: float, through: float) -> Growth:

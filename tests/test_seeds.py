@@ -16,7 +16,17 @@ from torch import nn
 from stabilitycheck.config import Config
 from stabilitycheck.probing import probe, probe_module
 from stabilitycheck.searching import search
-from stabilitycheck.seeds import Growth, Spread, _decided, assess, culprit_of, quantile, seed_of
+from stabilitycheck.seeds import (
+    Growth,
+    Spread,
+    _decided,
+    assess,
+    classify,
+    culprit_of,
+    fit_growth,
+    quantile,
+    seed_of,
+)
 from stabilitycheck.space import Axis, Space
 from stabilitycheck.verdicts import Limits
 
@@ -236,3 +246,53 @@ def test_accumulated_over_tokens_is_judged_on_the_share_of_log_growth_whatever_t
         kinds[scale] = (j.kind.kind, math.log(j.through_time.mid) / math.log(j.growth.mid))
     assert kinds[1.5][0] == "exponential" and kinds[1.5][1] > 0.5, kinds
     assert kinds[1.0][0] == "accumulated" and kinds[1.0][1] < 0.5, kinds
+
+
+class _GainFn(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by a known gain."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, gain: float) -> torch.Tensor:
+        ctx.gain = gain  # type: ignore[attr-defined]
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.gain, None  # type: ignore[attr-defined]
+
+
+class _GainBlock(nn.Module):
+    """An identity Linear then _GainFn: the block's backward gain is exactly `gain`."""
+
+    def __init__(self, gain: float, width: int = 16) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width, bias=False)
+        nn.init.eye_(self.linear.weight)
+        self.gain = gain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _GainFn.apply(self.linear(x), self.gain)  # type: ignore[no-any-return]
+
+
+def _exact_kind(gains: list[float]) -> Growth:
+    torch.manual_seed(0)
+    m = probe_module(
+        nn.Sequential(*[_GainBlock(g) for g in gains]), torch.randn(8, 16), lambda o, _: o.square().sum()
+    )
+    assert m.growth == pytest.approx(math.prod(gains), rel=1e-5)  # the model is what it says
+    return classify([fit_growth(m.gains)] * 3, [m.growth] * 3, 0.5)
+
+
+def test_exact_gain_stacks_are_exponential_polynomial_or_irregular() -> None:
+    """Theory, on stacks whose every block's backward gain is set exactly: gain 1.5 per block is
+    exponential at ln 1.5; gains (1 + 1/j)^1.6 from the input side (total (L + 1)^1.6) are polynomial
+    with exponent ~1.6; one block x150 among gain-1 blocks, and growth that rises then falls along the
+    stack, fit neither (they read 'polynomial ~depth^2.25' or 'x1.88/block': 1.88^12 = 1960, not 150)."""
+    exp = _exact_kind([1.5] * 12)
+    assert exp.kind == "exponential" and exp.rate.mid == pytest.approx(math.log(1.5), rel=1e-6)
+    poly = _exact_kind([(1 + 1 / j) ** 1.6 for j in range(1, 25)])
+    assert poly.kind == "polynomial" and poly.exponent.mid == pytest.approx(1.6, abs=0.1)
+    for gains in ([1.0] * 5 + [150.0] + [1.0] * 6, [0.5] * 4 + [2.0] * 8):
+        odd = _exact_kind(gains)
+        assert odd.kind == "irregular", (gains, odd)
+        assert odd.describe() == "irregular: no constant rate or depth law fits"
