@@ -43,7 +43,7 @@ def _value(config: Config, name: str) -> object:
 
 
 def _spread(j: Judgement) -> str:
-    return f"{j.growth.describe()}, {len(j.seeds)} ({j.exploded_seeds} exploded)"
+    return f"{j.growth.describe()}, {len(j.seeds)} ({j.failures})"
 
 
 def _precision(run: Run) -> str:

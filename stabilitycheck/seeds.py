@@ -148,9 +148,10 @@ def culprit_of(ms: Sequence[Measurement]) -> str:
     """The block to blame, over seeds: where the first non-finite value was made; else a block whose
     backward log-gain exceeds the stack's median log-gain by more than log 2 and by more than 3x the
     spread of the other blocks' excesses, in the median over seeds, and which has the largest gain in
-    at least 80% of the seeds; else, when the typical gain G is over 1, 'uniform, median gain xG'; else the
-    block with the largest weight gradient (the growth was inside a block). A stack with fewer than
-    three gains cannot show a uniform rate: there the seeds vote for their largest amplifying block."""
+    at least 80% of the seeds; else, when the typical gain G is over 1, or the stack's growth is under 1
+    (every block shrinks the gradient alike: vanishing), 'uniform, median gain xG'; else the block with
+    the largest weight gradient (the growth was inside a block). A stack with fewer than three gains
+    cannot show a uniform rate: there the seeds vote for their largest amplifying block."""
     first = ms[0]
     if any(m.first_nonfinite is not None for m in ms):
         return _single(next(m for m in ms if m.first_nonfinite is not None))
@@ -170,7 +171,8 @@ def culprit_of(ms: Sequence[Measurement]) -> str:
     if per_block[top] > max(math.log(2), 3 * spread) and wins >= math.ceil(0.8 * len(ms)):
         return first.activation_names[top + 1]
     typical = statistics.median(_median(row) for row in logs)
-    if typical <= 0:  # no block amplifies: the growth was inside a block (an nn.RNN over time)
+    vanishing = _median([m.growth for m in ms]) < 1
+    if typical <= 0 and not vanishing:  # no block amplifies: the growth was inside a block (an nn.RNN)
         return _single(first)
     return f"uniform, median gain x{math.exp(typical):.3g}"
 
@@ -230,12 +232,17 @@ class Judgement:
     def exploded(self) -> bool:
         return self.verdict.exploded
 
+    @property
+    def failures(self) -> str:
+        """'2 exploded', or '2 failed' where the verdict fired on vanishing or stall alone (the gradient
+        shrank or the loss stalled: a failure, not an explosion): how many seeds failed on their own."""
+        quiet = bool(self.verdict.names) and set(self.verdict.names) <= {"vanishing", "stall"}
+        return f"{self.exploded_seeds} {'failed' if quiet else 'exploded'}"
+
     def summary(self) -> str:
         """'growth 36 (18-126) over 5 seeds, 2 exploded': what the numbers are."""
         n = len(self.seeds)
-        return (
-            f"growth {self.growth.describe()} over {n} seed{'s' * (n != 1)}, {self.exploded_seeds} exploded"
-        )
+        return f"growth {self.growth.describe()} over {n} seed{'s' * (n != 1)}, {self.failures}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
