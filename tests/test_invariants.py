@@ -495,3 +495,27 @@ def test_per_tensor_clipping_fails_with_before_whatever_its_total(norm_type: flo
             assert_clipped_norm_bounded(params, max_norm, norm_type, before=before)
     if norm_type == math.inf:
         assert caught_by_bound == 0  # the inf-norm total of per-tensor clipped gradients is <= max_norm
+
+
+def test_gradscaler_guard_blames_a_nan_weight_on_the_model_not_the_scaler() -> None:
+    """Oracle: torch's GradScaler itself skips the step (the weights keep every value, NaN included,
+    compared with equal_nan); the invariant said it 'stepped on a gradient holding inf' because
+    NaN != NaN. It now says the model's weight was non-finite before any step, and names it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    with torch.no_grad():
+        model[0].weight[0, 0] = math.nan
+    x = torch.randn(4, 8)
+    weights = [p.detach().clone() for p in model.parameters()]
+    scaler, opt = torch.amp.GradScaler("cpu"), torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler.scale(model(x).square().mean()).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert all(
+        torch.allclose(p, w, rtol=0, atol=0, equal_nan=True)
+        for p, w in zip(model.parameters(), weights, strict=True)
+    )
+    with pytest.raises(StabilityError) as info:
+        assert_gradscaler_guards(model, x, lambda out, _: out.square().mean())
+    message = str(info.value)
+    assert "before any step" in message and "first: '0.weight'" in message and "stepped" not in message
