@@ -40,7 +40,7 @@ from stabilitycheck.counterexample import Counterexample as Counterexample
 from stabilitycheck.counterexample import SearchResult as SearchResult
 from stabilitycheck.errors import StabilityCheckError, UsageError, UserCodeError
 from stabilitycheck.memory import free_memory
-from stabilitycheck.remedies import Remedy, candidates
+from stabilitycheck.remedies import Remedy, candidates, judged_on
 from stabilitycheck.seeds import Judgement, SeedProbes, assess, over_tokens, through_time
 from stabilitycheck.space import Space
 from stabilitycheck.subject import Subject
@@ -274,12 +274,14 @@ def hypothesis_phase(
 def try_remedies(
     config: Config, subject: Subject, limits: Limits, probes: SeedProbes | None = None
 ) -> Iterator[Remedy]:
-    """Re-judge the counterexample with each remedy; yields fixed / not fixed as measured."""
+    """Re-judge the counterexample with each remedy (on vanishing too: remedies.judged_on); yields
+    fixed / not fixed as measured."""
+    judged = judged_on(limits)
     for name, changed in candidates(config, subject).items():
         if changed is None:
             yield Remedy(name, None, None)
             continue
-        j = assess(changed, subject, limits, probes)
+        j = assess(changed, subject, judged, probes)
         yield Remedy(name, changed, not j.exploded, j.verdict.names, j.growth.describe())
 
 
