@@ -55,7 +55,7 @@ class Spread:
         return cls(min(finite), quantile(xs, q), max(finite))
 
     def describe(self) -> str:
-        """'36 (18-126)': the quantile, then the range over seeds."""
+        """'36 (18-126)': the quantile (nearest rank: over 2 seeds the lower), then the range over seeds."""
         return f"{self.mid:.3g} ({self.low:.3g}-{self.high:.3g})"
 
 
