@@ -54,6 +54,11 @@ class Spread:
         finite = [x for x in xs if not math.isnan(x)] or [math.nan]
         return cls(min(finite), quantile(xs, q), max(finite))
 
+    @classmethod
+    def from_dict(cls, d: dict[str, float | None]) -> Spread:
+        """Inverse of vars(spread); null (how strict JSON writes NaN) is NaN."""
+        return cls(*(math.nan if (x := d[k]) is None else x for k in ("low", "mid", "high")))
+
     def describe(self) -> str:
         """'36 (18-126)': the quantile (nearest rank: over 2 seeds the lower), then the range over seeds."""
         return f"{self.mid:.3g} ({self.low:.3g}-{self.high:.3g})"
@@ -269,12 +274,12 @@ class Judgement:
             verdict=Verdict.from_dict(d["verdict"]),
             seeds=tuple(d["seeds"]),
             exploded_seeds=d["exploded_seeds"],
-            growth=Spread(**d["growth"]),
-            grad_norm=Spread(**d["grad_norm"]),
+            growth=Spread.from_dict(d["growth"]),
+            grad_norm=Spread.from_dict(d["grad_norm"]),
             skipped_steps=d["skipped_steps"],
             culprit=d["culprit"],
-            kind=Growth(k["kind"], Spread(**k["rate"]), Spread(**k["exponent"])),
-            through_time=None if d["through_time"] is None else Spread(**d["through_time"]),
+            kind=Growth(k["kind"], Spread.from_dict(k["rate"]), Spread.from_dict(k["exponent"])),
+            through_time=None if d["through_time"] is None else Spread.from_dict(d["through_time"]),
             measurement=Measurement.from_dict(d["measurement"]),
         )
 

@@ -212,3 +212,35 @@ def test_the_probe_timer_never_raises_inside_a_gc_callback() -> None:
         gc.callbacks.remove(callback)
     assert seen and all(seen)
     assert not _in_gc_callback(sys._getframe())
+
+
+def test_json_report_is_strict_json_and_reads_back_nan_and_inf() -> None:
+    """Python wrote bare NaN/Infinity tokens, which strict parsers reject. Oracle: json.loads with
+    parse_constant raising (what a strict parser does on those tokens); NaN comes back as NaN (from
+    null) and Inf as Inf (from 1e999), and the result read back writes the same text."""
+    import dataclasses
+    import json
+
+    from stabilitycheck.counterexample import Counterexample
+
+    space = Space(
+        "mlp", Config.of("mlp", width=8, batch_size=4, init_scale=3.0, seeds=1), (Axis("depth", (30,)),)
+    )
+    result = search(space, max_examples=2)
+    cx = result.counterexample
+    assert cx is not None
+    j = cx.judgement
+    m = dataclasses.replace(j.measurement, gains=(math.nan, math.inf, 1.0), growth=-math.inf)
+    j = dataclasses.replace(j, measurement=m, grad_norm=dataclasses.replace(j.grad_norm, high=math.nan))
+    result = dataclasses.replace(result, counterexample=dataclasses.replace(cx, judgement=j))
+    text = report.to_json([result])
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"non-standard JSON token {token}")
+
+    (entry,) = json.loads(text, parse_constant=refuse)
+    back = Counterexample.from_dict(entry["counterexample"])
+    gains = back.judgement.measurement.gains
+    assert math.isnan(gains[0]) and gains[1] == math.inf and gains[2] == 1.0
+    assert back.judgement.measurement.growth == -math.inf and math.isnan(back.judgement.grad_norm.high)
+    assert report.to_json([dataclasses.replace(result, counterexample=back)]) == text
