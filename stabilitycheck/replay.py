@@ -50,7 +50,9 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if meta.get("format") != FORMAT:
         raise UsageError(f"replay {path}: unknown bundle format {meta.get('format')!r}, expected {FORMAT!r}")
     if not meta.get("has_batch"):
-        raise UsageError(f"replay {path}: the bundle has no batch; pass batch= to w.loss() each step")
+        raise UsageError(
+            f"replay {path}: the bundle lacks a batch; pass batch= to w.loss() for every micro-batch"
+        )
     for root in meta["import_roots"]:
         if root not in sys.path:
             sys.path.insert(0, root)
@@ -66,7 +68,7 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def replay(path: Path | str) -> Replayed:
-    """Restore the model state, batch and RNG of the flagged step, run it once under a watcher."""
+    """Restore the model state, micro-batches and RNG of the flagged step, run it once under a watcher."""
     import torch
 
     from stabilitycheck.subject import find_blocks
@@ -94,11 +96,25 @@ def replay(path: Path | str) -> Replayed:
     model.train()
     watcher = Watcher(model, None, blocks=blocks, report=None, flush_every=1)
     with watcher:
-        loss = data["compute_loss"](model, data["batch"])
-        watcher.loss(loss)
-        loss.backward()
+        for batch, recorded in zip(data["batches"], data["losses"], strict=True):
+            loss = _as_passed(data["compute_loss"](model, batch), recorded)
+            watcher.loss(loss)
+            loss.backward()
         watcher.before_step()
     return Replayed(meta["step"], watcher.out.names, meta["values"], watcher.out.last_values)
+
+
+def _as_passed(loss: Any, passed: Any) -> Any:
+    """compute_loss's `loss` scaled as training passed it to w.loss: divided by their ratio (the
+    number of micro-batches, usually: `loss / accumulation_steps`), by the integer itself where the
+    ratio is one to 1e-6, so the gradients are those of the same division."""
+    ratio = float(loss.detach().double() / passed.double())
+    if not math.isfinite(ratio) or ratio <= 0:
+        return loss  # a non-finite or zero loss: no ratio to take
+    whole = round(ratio)
+    if whole >= 1 and abs(ratio - whole) <= 1e-6 * ratio:
+        return loss if whole == 1 else loss / whole
+    return loss / ratio
 
 
 def main(argv: Sequence[str]) -> int:

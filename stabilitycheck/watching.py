@@ -175,8 +175,8 @@ class Watcher:
         value = loss.detach().reshape(())
         value = value if value.dtype in (torch.float32, torch.float64) else value.float()
         self._loss = value if self._loss is None else self._loss + value
-        if self.snapshot is not None and batch is not None:
-            self.snapshot.on_batch(self.step, batch)
+        if self.snapshot is not None:
+            self.snapshot.on_batch(self.step, batch, value)
 
     # ----------------------------------------------------------------------------------- a step
 

@@ -1,10 +1,11 @@
 """The replay bundle of `watch`: the state before the first flagged step, kept on the device
-without a host sync, then written with that step's batch and RNG state once a flush names it.
+without a host sync, then written with that step's micro-batches and RNG state once a flush names it.
 
 A bundle is a directory: meta.json (step, block names, the norms measured, import roots) and
-data.pt (the model, its parameters and buffers before the step, the batch, the RNG states and the
-compute_loss function, which must be importable: defined in a module, not in a script run as
-__main__). `stabilitycheck replay DIR` re-runs the step from it (stabilitycheck.replay).
+data.pt (the model, its parameters and buffers before the step, every micro-batch of the step with
+the loss passed for it to `w.loss`, the RNG states and the compute_loss function, which must be
+importable: defined in a module, not in a script run as __main__). `stabilitycheck replay DIR`
+re-runs the step from it (stabilitycheck.replay).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-FORMAT = "stabilitycheck-watch-bundle/1"
+FORMAT = "stabilitycheck-watch-bundle/2"  # 2: every micro-batch, with its loss
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
@@ -67,7 +68,8 @@ def _without_hooks(model: nn.Module) -> Iterator[None]:
 class Snapshot:
     """Keeps, on the device, the parameters and buffers before the current step (`prev`) and
     before the first flagged step (`kept`, chosen by torch.where on the device flag); the batches
-    and RNG states of the steps not yet flushed stay on the host, as references."""
+    (each step's micro-batches, with the losses passed for them) and RNG states of the steps not yet
+    flushed stay as references."""
 
     def __init__(self, model: nn.Module, compute_loss: Any, path: Path) -> None:
         self.model, self.compute_loss, self.path = model, compute_loss, path
@@ -76,7 +78,7 @@ class Snapshot:
         self.kept = [torch.zeros_like(t) for t in self.tensors]
         device = self.tensors[0].device
         self.have = torch.zeros((), dtype=torch.bool, device=device)
-        self.batches: dict[int, Any] = {}
+        self.batches: dict[int, list[tuple[Any, torch.Tensor]]] = {}
         self.rng: dict[int, dict[str, Any]] = {}
         self.written = False
 
@@ -86,8 +88,9 @@ class Snapshot:
             cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
             self.rng[step] = {"cpu": torch.get_rng_state(), "cuda": cuda}
 
-    def on_batch(self, step: int, batch: Any) -> None:
-        self.batches[step] = batch
+    def on_batch(self, step: int, batch: Any, loss: torch.Tensor) -> None:
+        """One micro-batch of the step (None when not given) and the loss passed for it (detached)."""
+        self.batches.setdefault(step, []).append((batch, loss))
 
     def on_flag(self, flagged: torch.Tensor) -> None:
         """Keep `prev` when this is the first flagged step (decided on the device)."""
@@ -120,6 +123,7 @@ class Snapshot:
     def _write(self, step: int, values: list[float], blocks: list[str]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         roots = {import_root(type(self.model)), import_root(self.compute_loss)}
+        micro = self.batches.get(step, [])
         meta = {
             "format": FORMAT,
             "step": step,
@@ -127,12 +131,14 @@ class Snapshot:
             "blocks": blocks,
             "values": values,
             "import_roots": sorted(r for r in roots if r is not None),
-            "has_batch": step in self.batches,
+            "has_batch": bool(micro) and all(batch is not None for batch, _ in micro),
+            "micro_batches": len(micro),
         }
         data = {
             "model": self.model,
             "state": [t.detach().clone() for t in self.kept],
-            "batch": self.batches.get(step),
+            "batches": [batch for batch, _ in micro],
+            "losses": [loss.cpu() for _, loss in micro],
             "rng": self.rng.get(step),
             "compute_loss": self.compute_loss,
         }
