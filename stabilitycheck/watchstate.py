@@ -24,20 +24,41 @@ from typing import Any
 import torch
 from torch import nn
 
+from stabilitycheck.errors import UsageError
+
 FORMAT = "stabilitycheck-watch-bundle/2"  # 2: every micro-batch, with its loss
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 def check_loadable(compute_loss: Any) -> str | None:
-    """Why `stabilitycheck replay` could not load `compute_loss` by name (a lambda, a local function,
-    one defined in the script run as __main__), or None when it can."""
+    """Why `stabilitycheck replay` could not load `compute_loss` (or a class) by name (a lambda, a
+    local function, one defined in the script run as __main__), or None when it can."""
+    name = getattr(compute_loss, "__name__", compute_loss)
     if getattr(compute_loss, "__module__", None) == "__main__":
-        return f"{getattr(compute_loss, '__name__', compute_loss)!r} is defined in the script run as __main__"
+        return f"{name!r} is defined in the script run as __main__"
     try:
         pickle.dumps(compute_loss)
     except Exception as exc:
-        return f"it cannot be pickled by name ({type(exc).__name__}: {exc})"
+        return f"{name!r} cannot be pickled by name ({type(exc).__name__}: {exc})"
     return None
+
+
+def check_replayable(model: nn.Module, compute_loss: Any) -> None:
+    """Refuse, when watch() starts, a bundle `stabilitycheck replay` could not load: compute_loss or a
+    class of the model's modules (torch.save pickles them by name) not loadable (`check_loadable`)."""
+    why = check_loadable(compute_loss)
+    if why is not None:
+        raise UsageError(
+            f"watch: compute_loss cannot be replayed: {why}; define it at the top level of a module "
+            "you import (e.g. losses.py), so `stabilitycheck replay` can load it by name"
+        )
+    for cls in dict.fromkeys(type(module) for module in model.modules()):
+        why = check_loadable(cls)
+        if why is not None:
+            raise UsageError(
+                f"watch: the model cannot be replayed: its class {why}; define the model's classes in a "
+                "module you import (e.g. model.py), so `stabilitycheck replay` can load the bundle"
+            )
 
 
 def import_root(obj: Any) -> str | None:

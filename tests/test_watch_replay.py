@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from watch_models import PreNorm, batch, compute_loss, report_of, train
 
 from stabilitycheck import watchstate
@@ -114,3 +116,71 @@ def test_a_step_of_micro_batches_is_replayed_whole(tmp_path: Path, micro: int, d
     assert result.mismatches(1e-6) == []
     assert sum(math.isfinite(v) and v > 0 for v in result.replayed) > 10
     assert main(["replay", str(tmp_path / "b")]) == 0
+
+
+class Local(nn.Module):
+    """Stands for a model class of the training script: its __module__ is set to __main__ below."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(16, 16)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks[0](x).sum(-1)
+
+
+def test_a_model_class_replay_cannot_load_is_refused_at_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model (or a block of it) whose class is defined in the script run as __main__, or inside a
+    function (not picklable by name), could be saved but never loaded by replay: a usage error when
+    watch() starts, naming the class, before any step; the same model from a module is accepted."""
+
+    class Inner(nn.Linear):
+        pass
+
+    monkeypatch.setattr(Local, "__module__", "__main__")
+    wrapped = PreNorm(depth=2)
+    wrapped.head = Local()  # type: ignore[assignment]
+    inner = PreNorm(depth=2)
+    inner.head = Inner(16, 1)
+    for model, why in (
+        (Local(), "'Local' is defined in the script run as __main__"),
+        (wrapped, "'Local'"),
+        (inner, "'Inner' cannot be pickled by name"),
+    ):
+        with pytest.raises(UsageError, match=f"model cannot be replayed: its class {why}") as caught:
+            train(model, 1, bundle=tmp_path / "b", compute_loss=compute_loss)
+        assert "\n" not in str(caught.value)
+        assert not (tmp_path / "b").exists()
+    monkeypatch.undo()
+    train(PreNorm(depth=2), 1, bundle=tmp_path / "b", compute_loss=compute_loss)
+
+
+def test_an_edited_meta_json_or_a_negative_rtol_is_a_one_line_usage_error(
+    tmp_path: Path, capsys: object
+) -> None:
+    """meta.json without `step`, with a step that is not an integer, with fewer values than the step
+    measures, with a value that is not a number, or not an object; --rtol below 0 or NaN: exit 2 and
+    one line, never the internal error (exit 3)."""
+    _bundle(tmp_path / "bundle")
+    meta = json.loads((tmp_path / "bundle" / "meta.json").read_text())
+    edits = [
+        {k: v for k, v in meta.items() if k != "step"},
+        {**meta, "step": "48"},
+        {**meta, "values": meta["values"][:-1]},
+        {**meta, "values": [*meta["values"][:-1], "1.0"]},
+        [meta],
+    ]
+    for i, edited in enumerate(edits):
+        bundle = tmp_path / f"edit{i}"
+        shutil.copytree(tmp_path / "bundle", bundle)
+        (bundle / "meta.json").write_text(json.dumps(edited))
+        assert main(["replay", str(bundle)]) == 2
+        err = capsys.readouterr().err  # type: ignore[attr-defined]
+        assert err.startswith("stabilitycheck: error: replay") and err.count("\n") == 1
+    for rtol in ("-1", "nan"):
+        assert main(["replay", str(tmp_path / "bundle"), "--rtol", rtol]) == 2
+        err = capsys.readouterr().err  # type: ignore[attr-defined]
+        assert err.startswith("stabilitycheck: error:") and "--rtol" in err and err.count("\n") == 1
+    assert main(["replay", str(tmp_path / "bundle"), "--rtol", "0"]) in (0, 1)
