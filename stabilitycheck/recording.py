@@ -29,23 +29,67 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
     return None
 
 
-def accumulator(dtype: torch.dtype, exact: bool) -> torch.dtype:
-    """The dtype norms of `dtype` tensors are computed in: float32 or wider, float64 when exact."""
-    return EXACT if exact or dtype == torch.float64 else torch.float32
+RANGED = (torch.float32, torch.bfloat16)  # dtypes whose squares can leave float32's range
+
+
+def accumulator(dtype: torch.dtype, exact: bool, device: torch.device | None = None) -> torch.dtype:
+    """The dtype norms of `dtype` tensors are computed in: float64 when exact, for float64 tensors and,
+    on CUDA, for RANGED ones (its fused norm sums in the output dtype, memory-bound: at float32's
+    cost); else float32, where `_refine` takes again the few norms that float32 squares spoiled."""
+    wide = device is not None and device.type == "cuda" and dtype in RANGED
+    return EXACT if exact or wide or dtype == torch.float64 else torch.float32
+
+
+LOW = 2.0**-60  # x sqrt(numel): a float32 sum of squares above its square lost < 2^-30 to subnormals
+
+
+def _spoiled(value: float, tensor: torch.Tensor) -> bool:
+    """Whether a float32 norm `value` of `tensor` was spoiled by float32 squares: inf where the squares
+    of finite values overflowed (a norm above 1.8e19), or below LOW * sqrt(numel), where subnormal
+    squares cost precision (0.0 under 1e-19 or so)."""
+    return value == math.inf or value < LOW * math.sqrt(tensor.numel())
+
+
+def _refine(tensors: Sequence[torch.Tensor], norms: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`norms` with each float32 norm of a RANGED tensor that is `_spoiled` taken again in float64.
+    One host read when there are such norms: on the CPU, where it costs nothing and a float64 sum is
+    10-40x slower than a float32 one (on CUDA these norms are float64 already)."""
+    narrow = [i for i, t in enumerate(tensors) if t.dtype in RANGED and norms[i].dtype != EXACT]
+    if narrow:
+        values = torch.stack([norms[i] for i in narrow]).tolist()
+        for i, value in zip(narrow, values, strict=True):
+            if _spoiled(value, tensors[i]):
+                norms[i] = torch.linalg.vector_norm(tensors[i], dtype=EXACT)
+    return norms
+
+
+def norm(tensor: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of `tensor` (0-d, float32 or wider), finite for any finite tensor (as `_refine`)."""
+    value: torch.Tensor = torch.linalg.vector_norm(
+        tensor, dtype=accumulator(tensor.dtype, False, tensor.device)
+    )
+    if tensor.dtype in RANGED and value.dtype != EXACT and _spoiled(value.item(), tensor):
+        value = torch.linalg.vector_norm(tensor, dtype=EXACT)
+    return value
 
 
 def _fused_norms(tensors: list[torch.Tensor], exact: bool) -> list[torch.Tensor]:
-    """The L2 norm of each tensor as a 0-d tensor: one fused call per accumulator dtype, so one call
-    in all when the tensors share a dtype, as they do in most models."""
-    accs = {accumulator(d, exact) for d in {t.dtype for t in tensors}}
-    if len(accs) <= 1:
-        return list(torch._foreach_norm(tensors, 2, dtype=accs.pop())) if accs else []
-    out = list(tensors)
-    for acc in accs:
-        idx = [i for i, t in enumerate(tensors) if accumulator(t.dtype, exact) == acc]
-        for i, norm in zip(idx, torch._foreach_norm([tensors[i] for i in idx], 2, dtype=acc), strict=True):
-            out[i] = norm
-    return out
+    """The L2 norm of each tensor as a 0-d tensor, finite for any finite tensor: one fused call per
+    accumulator dtype, so one call in all when the tensors share a dtype, as they do in most models."""
+    if not tensors:
+        return []
+    device = tensors[0].device
+    accs = {accumulator(d, exact, device) for d in {t.dtype for t in tensors}}
+    if len(accs) == 1:
+        out = list(torch._foreach_norm(tensors, 2, dtype=accs.pop()))
+    else:
+        out = list(tensors)
+        for acc in accs:
+            idx = [i for i, t in enumerate(tensors) if accumulator(t.dtype, exact, device) == acc]
+            norms = torch._foreach_norm([tensors[i] for i in idx], 2, dtype=acc)
+            for i, value in zip(idx, norms, strict=True):
+                out[i] = value
+    return _refine(tensors, out)
 
 
 def _chain_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:

@@ -29,7 +29,7 @@ from stabilitycheck.spikes import SpikeRule
 from stabilitycheck.subject import find_blocks
 from stabilitycheck.watchcapture import Capture
 from stabilitycheck.watchlog import Log, Report
-from stabilitycheck.watchstate import Snapshot, check_loadable
+from stabilitycheck.watchstate import Snapshot, check_replayable
 
 FLUSH_EVERY = 50  # one host read per 50 steps: < 1 us/step amortised, and a finding is out within 50 steps
 
@@ -110,12 +110,8 @@ class Watcher:
                 "watch: bundle= needs compute_loss=fn(model, batch) -> loss (a module-level function) "
                 "and w.loss(loss, batch=batch) each step, so `stabilitycheck replay` can re-run the step"
             )
-        why = check_loadable(compute_loss) if bundle is not None else None
-        if why is not None:
-            raise UsageError(
-                f"watch: compute_loss cannot be replayed: {why}; define it at the top level of a module "
-                "you import (e.g. losses.py), so `stabilitycheck replay` can load it by name"
-            )
+        if bundle is not None:
+            check_replayable(self.model, compute_loss)
         if self.skip and self.optimizer is None:
             raise UsageError("watch: skip=True needs the optimizer whose steps it skips")
         if self.skip and not self.fused:
@@ -175,8 +171,8 @@ class Watcher:
         value = loss.detach().reshape(())
         value = value if value.dtype in (torch.float32, torch.float64) else value.float()
         self._loss = value if self._loss is None else self._loss + value
-        if self.snapshot is not None and batch is not None:
-            self.snapshot.on_batch(self.step, batch)
+        if self.snapshot is not None:
+            self.snapshot.on_batch(self.step, batch, value)
 
     # ----------------------------------------------------------------------------------- a step
 
