@@ -80,6 +80,43 @@ def _limit(text: str) -> float | None:
     return None if text.lower() == "off" else _positive(text)
 
 
+class _StepLimit(argparse.Action):
+    """Store a limit judged on the loss after training steps, and note in `step_limits` that a value
+    (not `off`) was given (a default cannot tell), so `require_steps` can refuse it without steps."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        given = [f for f in getattr(namespace, "step_limits", []) if f != self.option_strings[0]]
+        namespace.step_limits = given + [self.option_strings[0]] * (values is not None)
+
+
+def add_limits(p: argparse.ArgumentParser) -> None:
+    """The limits the search and the map share: grad norm, growth and divergence (X or off)."""
+    p.add_argument("--grad-norm-limit", type=_limit, default=1e3, help="peak total grad norm (1e3; off)")
+    p.add_argument("--growth-limit", type=_limit, default=1e2, help="input/output grad growth (1e2; off)")
+    p.add_argument(
+        "--divergence-limit",
+        type=_limit,
+        default=2.0,
+        action=_StepLimit,
+        help="final/initial loss (2; off; needs --steps)",
+    )
+
+
+def require_steps(args: argparse.Namespace) -> None:
+    """A --divergence-limit or --stall-limit value without --steps (or a steps --knob) would never be
+    checked: the losses they compare are the ones before and after the steps. One line, exit 2;
+    `off` is accepted (it turns off what would not run)."""
+    from stabilitycheck.errors import UsageError
+
+    given = sorted(set(getattr(args, "step_limits", [])))
+    if given and not args.steps and all(k.partition("=")[0] != "steps" for k in args.knob):
+        raise UsageError(
+            f"{' and '.join(given)}: judged on the loss after training steps against the initial loss, "
+            f"but no steps are taken; add --steps K (e.g. --steps 20) or drop {' or '.join(given)}"
+        )
+
+
 def _csv(text: str) -> list[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
@@ -109,7 +146,7 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME=LO:HI[:STEP]",
-        help="search NAME over LO..HI (or fix it with NAME=VALUE); repeatable",
+        help="search NAME over LO..HI (or fix it with NAME=VALUE); repeatable, once per NAME",
     )
     p.add_argument(
         "--max-examples",
@@ -151,9 +188,7 @@ def parser() -> argparse.ArgumentParser:
         help="forward under torch.autocast (auto: bfloat16 on CPU, float16 + GradScaler on CUDA)",
     )
     p.add_argument("--clip", type=_positive, help="clip the total gradient norm during steps")
-    p.add_argument("--grad-norm-limit", type=_limit, default=1e3, help="peak total grad norm (1e3; off)")
-    p.add_argument("--growth-limit", type=_limit, default=1e2, help="input/output grad growth (1e2; off)")
-    p.add_argument("--divergence-limit", type=_limit, default=2.0, help="final/initial loss (2; off)")
+    add_limits(p)
     p.add_argument(
         "--vanishing-limit", type=_limit, default=None, help="growth below 1/X fails (default off)"
     )
@@ -161,6 +196,7 @@ def parser() -> argparse.ArgumentParser:
         "--stall-limit",
         type=_limit,
         default=None,
+        action=_StepLimit,
         help="final/initial loss above X fails, e.g. 0.95 (default off; needs --steps)",
     )
     p.add_argument("--probe-timeout", type=_positive, help="seconds one verdict may take (default: no limit)")
@@ -193,9 +229,10 @@ def _knob(text: str) -> tuple[str, list[float]]:
 
 
 def _apply_knobs(space: Any, knobs: Sequence[str], subject: Any) -> Any:
-    """The Space with --knob axes: with any --knob given, the searched axes are exactly the knobs named
-    with a range (nothing added behind the user's back); a single value fixes the knob, and so does a
-    word for a choice knob (activation=relu, norm=post)."""
+    """The Space with --knob axes: with any knob given a range, the searched axes are exactly those
+    (nothing added behind the user's back); a single value fixes the knob, and so does a word for a
+    choice knob (activation=relu, norm=post). Fixing knobs alone leaves the space's other axes
+    searched; a fixed knob is never an axis, and a knob given twice is an error (which one was meant?)."""
     import dataclasses
 
     from stabilitycheck.errors import UsageError
@@ -204,8 +241,14 @@ def _apply_knobs(space: Any, knobs: Sequence[str], subject: Any) -> Any:
     if not knobs:
         return space
     base, axes, fixed = space.base, list[Any](), set[str]()
-    for text in knobs:
+    for i, text in enumerate(knobs):
         name, _, word = text.partition("=")
+        twice = [t for t in knobs[:i] if t.partition("=")[0] == name]
+        if twice:
+            raise UsageError(
+                f"--knob {name} is given twice ({twice[0]}, {text}); give it once: {name}=LO:HI[:STEP] "
+                f"searches it, {name}=VALUE fixes it"
+            )
         if name not in base.values and name not in RUN_AXES:
             numeric = [k for k, v in base.values.items() if type(v) in (int, float)] or ["depth"]
             raise UsageError(
@@ -225,9 +268,9 @@ def _apply_knobs(space: Any, knobs: Sequence[str], subject: Any) -> Any:
                     f"e.g. --knob {name}=1:8"
                 )
             numbers = [int(x) for x in numbers]
-        axes = [a for a in axes if a.name != name]
         if len(numbers) == 1:
             base = base.with_knobs(**{name: numbers[0]})
+            fixed.add(name)
         else:
             axes.append(Axis.range(name, *numbers))
     default = tuple(a for a in space.axes if a.name not in fixed)

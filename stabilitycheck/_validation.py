@@ -17,6 +17,19 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
+def raised_at(exc: BaseException) -> str:
+    """' at FILE:LINE in FUNC': the innermost frame of `exc` outside torch and stabilitycheck (the
+    user's code, or a library it calls), or '' when it was raised in those alone."""
+    import os
+    import sys
+    import traceback
+
+    ours = [m for m in (sys.modules.get("torch"), sys.modules.get("stabilitycheck")) if m and m.__file__]
+    dirs = tuple(os.path.dirname(m.__file__ or "") + os.sep for m in ours)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(dirs)]
+    return f" at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+
+
 def article(value: object) -> str:
     """The type of `value` with its article: 'an int', 'a str'."""
     name = type(value).__name__

@@ -14,16 +14,13 @@ Index = tuple[int, ...]
 class Explodes(Protocol):
     """What the descent needs of a prober (searching.Prober): its Space and, per grid index, whether
     the Config there explodes on the full rule over seeds (`explodes`) and on a cheap screen that
-    only steers (`screens`: the first seed alone; the full rule itself where there is one seed), and
-    whether a point stable on the full rule had seeds that exploded (`contested`)."""
+    only steers (`screens`: the first seed alone; the full rule itself where there is one seed)."""
 
     space: Space
 
     def explodes(self, index: Index) -> bool: ...
 
     def screens(self, index: Index) -> bool: ...
-
-    def contested(self, index: Index) -> bool: ...
 
 
 def canonical(prober: Explodes, found: Index) -> Index:
@@ -48,8 +45,7 @@ def canonical(prober: Explodes, found: Index) -> Index:
                 hi = mid
             else:
                 lo = mid + 1
-        explodes, contested = _along(prober.explodes, current, k), _along(prober.contested, current, k)
-        current[k] = crossing(explodes, hi, current[k], contested)
+        current[k] = crossing(_along(prober.explodes, current, k), hi, current[k])
     return minimize(prober, tuple(current))
 
 
@@ -59,23 +55,20 @@ def _along(holds: Callable[[Index], bool], index: list[int], k: int) -> Callable
     return lambda value: holds(_at(fixed, k, value))
 
 
-def crossing(
-    bad: Callable[[int], bool], guess: int, top: int, near: Callable[[int], bool] = lambda _: True
-) -> int:
-    """A value v in [0, top] where `bad` holds and not at v - 1, nor at v - 2 where v - 1 is `near`
-    (bad(top) is known), found from `guess`: where bad holds at guess or at guess - 1, one step down at a
-    time while it holds at either of the next two values below; else a bisection from guess up to top,
-    and the same walk down from there (a screen that guessed low guessed by many steps on the
-    resmlp-pre target, where a walk up one step at a time spent a full verdict near the limit on each).
-    Where bad is monotone this is its smallest value; where it is not (the full rule near the limit,
-    where the median over seeds wobbles around it: seen as explodes at 22-24, not at 25, explodes at
-    26), a crossing near `guess` that one stable value alone does not stop, unless that value is not
-    `near` (stable with no seed exploding: no wobble to step over). A right guess costs two or three
-    calls."""
+def crossing(bad: Callable[[int], bool], guess: int, top: int) -> int:
+    """A value v in [0, top] where `bad` holds and not at v - 1 nor at v - 2 (bad(top) is known), found
+    from `guess`: where bad holds at guess or at guess - 1, one step down at a time while it holds at
+    either of the next two values below; else a bisection from guess up to top, and the same walk down
+    from there (a screen that guessed low guessed by many steps on the resmlp-pre target, where a walk
+    up one step at a time spent a full verdict near the limit on each). Where bad is monotone this is
+    its smallest value; where it is not (the full rule near the limit, where the median over seeds
+    wobbles around it: seen as explodes at 22-24, not at 25, explodes at 26; and 31, not 32 with no
+    seed exploding, 33), a crossing near `guess` that one stable value alone does not stop. A right
+    guess costs three calls."""
     if bad(guess):
-        return _settle(bad, guess, near)
+        return _settle(bad, guess)
     if guess > 0 and bad(guess - 1):
-        return _settle(bad, guess - 1, near)
+        return _settle(bad, guess - 1)
     good, worse = guess, top  # good: known not bad; worse: known bad
     while good + 1 < worse:
         mid = (good + worse) // 2
@@ -83,16 +76,15 @@ def crossing(
             worse = mid
         else:
             good = mid
-    return _settle(bad, worse, near)
+    return _settle(bad, worse)
 
 
-def _settle(bad: Callable[[int], bool], value: int, near: Callable[[int], bool]) -> int:
-    """From a bad `value`, step down while bad holds one value lower, or two where the one between
-    is near."""
+def _settle(bad: Callable[[int], bool], value: int) -> int:
+    """From a bad `value`, step down while bad holds one or two values lower."""
     while True:
         if value > 0 and bad(value - 1):
             value -= 1
-        elif value > 1 and near(value - 1) and bad(value - 2):
+        elif value > 1 and bad(value - 2):
             value -= 2
         else:
             return value

@@ -22,7 +22,7 @@ from stabilitycheck._options import EXIT_INTERRUPTED as EXIT_INTERRUPTED
 from stabilitycheck._options import EXIT_OK as EXIT_OK
 from stabilitycheck._options import EXIT_TERMINATED as EXIT_TERMINATED
 from stabilitycheck._options import EXIT_USAGE as EXIT_USAGE
-from stabilitycheck._options import _apply_knobs
+from stabilitycheck._options import _apply_knobs, require_steps
 from stabilitycheck._options import parser as parser
 from stabilitycheck._outputs import PROGRESS_EVERY as PROGRESS_EVERY
 from stabilitycheck._outputs import Outputs as Outputs
@@ -177,6 +177,7 @@ def run(argv: Sequence[str] | None, progress: Progress | None = None) -> int:
 
     from stabilitycheck.searching import search
 
+    require_steps(args)
     db = None if args.database == "none" else DirectoryBasedExampleDatabase(args.database)
     spaces = _spaces(args)
     results = list[Any]()

@@ -27,6 +27,8 @@ from stabilitycheck._options import (
     _limit,
     _number,
     _Parser,
+    add_limits,
+    require_steps,
 )
 from stabilitycheck._outputs import Progress, _atomic_write, check_outputs
 
@@ -62,9 +64,7 @@ def parser() -> argparse.ArgumentParser:
         default="default",
         help="'last': judge a recurrent subject on its last step alone (the through-time growth)",
     )
-    p.add_argument("--grad-norm-limit", type=_limit, default=1e3, help="peak total grad norm (1e3; off)")
-    p.add_argument("--growth-limit", type=_limit, default=1e2, help="input/output grad growth (1e2; off)")
-    p.add_argument("--divergence-limit", type=_limit, default=2.0, help="final/initial loss (2; off)")
+    add_limits(p)
     p.add_argument("--vanishing-limit", type=_limit, default=None, help="also trace growth < 1/X (off)")
     p.add_argument("--json", type=Path, help="write the map as JSON (rewritten after every verdict)")
     p.add_argument("--markdown", type=Path, help="write the frontier table as Markdown")
@@ -91,8 +91,14 @@ def _axes(args: argparse.Namespace, subject: Any) -> tuple[Any, Any, Any]:
                 f"--device {args.device}: CUDA is not available on this machine; use --device cpu"
             )
     space = _apply_knobs(original.with_run(**run), args.knob, subject)
+    given_knobs = {text.partition("=")[0]: text for text in args.knob}
     axes = []
     for flag, name in (("--x", args.x), ("--y", args.y)):
+        if name in given_knobs and all(a.name != name for a in space.axes):
+            raise UsageError(
+                f"{flag} {name}: --knob {given_knobs[name]} fixes it to one value; give the grid to map "
+                f"instead, e.g. --knob {name}=1:16"
+            )
         found = [a for a in (*space.axes, *original.axes) if a.name == name]
         if not found:
             if name not in space.base.values:
@@ -108,6 +114,7 @@ def _axes(args: argparse.Namespace, subject: Any) -> tuple[Any, Any, Any]:
 def run(argv: Sequence[str]) -> int:
     """Parse, trace, write, print; returns the exit code."""
     args = parser().parse_args(argv)
+    require_steps(args)
     from stabilitycheck.verdicts import Limits
 
     limits = Limits(args.grad_norm_limit, args.growth_limit, args.divergence_limit, args.vanishing_limit)

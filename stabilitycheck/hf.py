@@ -20,7 +20,7 @@ from stabilitycheck._validation import describe
 from stabilitycheck.config import RUN_FIELDS, Config
 from stabilitycheck.errors import UsageError
 from stabilitycheck.families import Scalar
-from stabilitycheck.losses import DefaultLoss, on_output
+from stabilitycheck.losses import DefaultLoss, OutputLoss
 from stabilitycheck.memory import meta_bytes
 from stabilitycheck.space import Axis, Space
 from stabilitycheck.subject import Built, find_blocks, torch_dtype
@@ -225,7 +225,7 @@ class HFModel:
             model = self._model(hf_config)
         blocks, note = find_blocks(model)
         model.to(device=device, dtype=torch_dtype(config.run.dtype))
-        loss = on_output(DefaultLoss(_salted(seed, _SALT_LOSS)), self.name)
+        loss = OutputLoss(DefaultLoss(_salted(seed, _SALT_LOSS)), self.name)
         return Built(model, self.inputs(model, values, seed, device), loss, blocks, note)
 
     def memory_estimate(self, config: Config) -> int | None:

@@ -10,11 +10,13 @@ import torch
 
 from stabilitycheck.errors import UsageError
 from stabilitycheck.invariants_common import (
+    ACC,
     TensorsLike,
     _check_factor,
     _coarsest,
     _fail,
     _grads,
+    _host,
     _named,
     _norms,
     _positive,
@@ -47,7 +49,9 @@ def assert_clipped_norm_bounded(
 ) -> None:
     """After norm clipping: every gradient finite and the total norm <= max_norm (torch's contract:
     grads x min(1, max_norm / (total + 1e-6))); with `before`, the pre-clip gradients in the order of
-    the parameters that have a .grad, also that clipping scaled them by exactly that coefficient."""
+    the parameters that have a .grad, also that clipping scaled them all by one coefficient between
+    torch's and the exact min(1, max_norm / total) (so a clip per tensor fails: its factors differ),
+    and changed nothing where the total was within max_norm."""
     __tracebackhide__ = True
     max_norm = _positive("max_norm", max_norm)
     grads = _grads(parameters)
@@ -127,15 +131,29 @@ def assert_clipped_norm_bounded(
             "dtype (the total overflows it, or the coefficient underflows it): compute both in a "
             "wider dtype",
         )
+    # torch's coefficient max_norm / (total + 1e-6) and the exact max_norm / total are both right:
+    # the factor the gradients were scaled by (least squares) may lie anywhere between them
+    exact = min(1.0, max_norm / total_before)
     pre_named = [(name, b) for (name, _), b in zip(grads, before, strict=True)]
     _check_factor(
         pre_named,
         grads,
-        coef,
-        f"{header} Expected every gradient x {coef:.6g} = min(1, max_norm / (total before "
-        f"{total_before:.6g} + 1e-6)).",
+        min(max(_factor(pre_named, grads), coef), exact),
+        f"{header} Expected every gradient x c, c from {coef:.6g} = max_norm / (total before "
+        f"{total_before:.6g} + 1e-6) (torch's) to {exact:.6g} = max_norm / total (exact).",
         tol + spacing / coef if coef > 0 else tol,
     )
+
+
+def _factor(before: Sequence[tuple[str, torch.Tensor]], after: Sequence[tuple[str, torch.Tensor]]) -> float:
+    """The least-squares s of after = s x before, in float64 (0 for an all-zero before)."""
+    pairs = [
+        (a.detach().to(ACC).flatten(), b.detach().to(a.device, ACC).flatten())
+        for (_, a), (_, b) in zip(after, before, strict=True)
+    ]
+    dots = _host([torch.vdot(a, b) for a, b in pairs] + [torch.vdot(b, b) for _, b in pairs])
+    bb = sum(dots[len(pairs) :])
+    return sum(dots[: len(pairs)]) / bb if bb > 0 else 0.0
 
 
 def assert_clipped_value_bounded(

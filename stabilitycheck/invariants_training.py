@@ -158,8 +158,9 @@ def assert_gradscaler_guards(
 ) -> None:
     """A scaler step whose gradients hold Inf or NaN (each of `poisons`, put in after backward) is
     skipped: weights unchanged and finite, and the scale backed off (when the scaler has get_scale);
-    a clean step afterwards does update the weights. Default scaler: torch.amp.GradScaler on the
-    model's device type; default optimizer: SGD at `lr`."""
+    a clean step afterwards does update the weights. Weights non-finite before any step fail as the
+    model's finding (no step of any scaler can be judged on them). Default scaler:
+    torch.amp.GradScaler on the model's device type; default optimizer: SGD at `lr`."""
     __tracebackhide__ = True
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -182,6 +183,13 @@ def assert_gradscaler_guards(
         scaler.step(opt)
         scaler.update()
 
+    broken = [n for n, p in named if not bool(p.detach().isfinite().all())]
+    if broken:
+        _fail(
+            f"The model's weights hold NaN or Inf before any step, so no {kind} step can be judged.",
+            f"Non-finite weight tensors: {len(broken)} / {len(named)}; first: {broken[0]!r}",
+            "This is the model's finding, not the scaler's: check its initialisation or loaded state.",
+        )
     for poison in poisons:
         weights = [p.detach().clone() for p in params]
         scale_before = float(get_scale()) if callable(get_scale) else math.nan

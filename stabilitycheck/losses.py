@@ -50,27 +50,44 @@ def readout_loss(features: int, gen: torch.Generator, labels: torch.Tensor) -> L
     return loss
 
 
-def unpack(output: object) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(output tensor, model-computed loss) of a model output: tensor, tuple/list, dict or object
-    (Hugging Face style: its `loss`, else its `logits`, else its first tensor)."""
+def _entries(output: object, path: str = "") -> list[tuple[str, torch.Tensor]]:
+    """(path, tensor) of every tensor in nested tuples/lists/dicts, depth first: "[1]['out']"."""
     if isinstance(output, torch.Tensor):
-        return output, None
+        return [(path, output)]
     if isinstance(output, tuple | list):
-        for item in output:
-            tensor, loss = unpack(item)
-            if tensor is not None or loss is not None:
-                return tensor, loss
-        return None, None
-    if isinstance(output, Mapping):
-        fields = dict(output)
-    elif hasattr(output, "__dict__"):
-        fields = vars(output)
+        items: Any = ((f"[{i}]", v) for i, v in enumerate(output))
+    elif isinstance(output, Mapping):
+        items = ((f"[{k!r}]", v) for k, v in output.items())
     else:
-        return None, None
-    first = next((v for v in fields.values() if isinstance(v, torch.Tensor)), None)
-    loss, logits = fields.get("loss"), fields.get("logits")
-    tensor = logits if isinstance(logits, torch.Tensor) else first
-    return tensor, loss if isinstance(loss, torch.Tensor) else None
+        return []
+    return [entry for sub, v in items for entry in _entries(v, path + sub)]
+
+
+def unpack(output: object) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
+    """(output tensor, model-computed loss, note) of a model output: a tensor, tuple/list, dict or
+    object (Hugging Face style: its `loss`, else its `logits`). Without `logits` the tensor is the
+    first with a dimension (a 0-d auxiliary loss is no output; nor is the largest, which may be a
+    hidden state beside the logits), else the first; `note` names it when the output held several."""
+    if isinstance(output, torch.Tensor):
+        return output, None, ""
+    fields = output if isinstance(output, Mapping) else None
+    if fields is None and not isinstance(output, tuple | list) and hasattr(output, "__dict__"):
+        fields = vars(output)
+    found = _entries(dict(fields) if fields is not None else output)
+    loss, logits = (fields.get("loss"), fields.get("logits")) if fields is not None else (None, None)
+    loss = loss if isinstance(loss, torch.Tensor) else None
+    if isinstance(logits, torch.Tensor) and logits.dim() >= 1:
+        return logits, loss, ""
+    shaped = [(path, t) for path, t in found if t.dim() >= 1] or found[:1]
+    if not shaped:
+        return None, loss, ""
+    path, tensor = shaped[0]
+    others = [p for p, _ in found]
+    note = (
+        f"loss on output{path} (of {len(found)} tensors {', '.join(others[:4])}{'...' * (len(found) > 4)}: "
+        "the first with a dimension; a `logits` entry would be used first)"
+    )
+    return tensor, loss, note if len(found) > 1 and loss is None else ""
 
 
 class DefaultLoss:
@@ -102,21 +119,27 @@ class DefaultLoss:
         return F.mse_loss(out, self.target("mse", tuple(out.shape), 0, out))
 
 
-def on_output(default: DefaultLoss, what: str) -> LossFn:
-    """The default loss applied to a model's unpacked output (its own `loss` when it computes one)."""
+class OutputLoss:
+    """The default loss applied to a model's unpacked output (its own `loss` when it computes one).
+    `note` says which tensor it used when the output held several (a line for the report); `guard`
+    calls the default loss (a model file's, to turn an exception into a one-line error)."""
 
-    def loss(output: Any, inputs: Inputs) -> torch.Tensor:
-        tensor, model_loss = unpack(output)
+    def __init__(self, default: DefaultLoss, what: str, guard: Callable[..., Any] | None = None) -> None:
+        self.default, self.what, self.guard, self.note = default, what, guard, ""
+
+    def __call__(self, output: Any, inputs: Inputs) -> torch.Tensor:
+        tensor, model_loss, self.note = unpack(output)
         if model_loss is not None:
             return model_loss
         if tensor is None:
             raise UsageError(
-                f"{what}: the model's output is a {type(output).__name__} with no tensor in it; return a "
-                "tensor (e.g. logits), a tuple/dict holding one, or define `def loss(output, inputs)`"
+                f"{self.what}: the model's output is a {type(output).__name__} with no tensor in it; return "
+                "a tensor (e.g. logits), a tuple/dict holding one, or define `def loss(output, inputs)`"
             )
-        return default(tensor)
+        if self.guard is None:
+            return self.default(tensor)
+        loss: torch.Tensor = self.guard("the default loss", self.default, tensor)
+        return loss
 
-    return loss
 
-
-__all__ = ["NUM_CLASSES", "DefaultLoss", "Inputs", "LossFn", "nn", "on_output", "readout_loss", "unpack"]
+__all__ = ["NUM_CLASSES", "DefaultLoss", "Inputs", "LossFn", "OutputLoss", "nn", "readout_loss", "unpack"]

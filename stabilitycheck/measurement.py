@@ -46,20 +46,28 @@ class Measurement:
     skipped_steps: int = 0
     allow_tf32: bool = False
     overflow: NonFinite | None = None
-    blocks_note: str = ""  # how the blocks were chosen (the Subject's one line)
+    blocks_note: str = ""  # how the blocks were chosen (the Subject's line), and the output entry used
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (non-finite floats are kept: json writes them as NaN/Infinity)."""
+        """A JSON-ready dict (non-finite floats are kept: report.strict_json writes NaN as null)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Measurement:
         """Inverse of `to_dict`."""
-        kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        kwargs: dict[str, Any] = {
+            k: tuple(map(_nan, v)) if isinstance(v, list) else v for k, v in data.items()
+        }
+        kwargs["growth"] = _nan(data["growth"])
         for key in ("first_nonfinite", "overflow"):
             nf = data.get(key)
-            kwargs[key] = NonFinite(**nf) if nf else None
+            kwargs[key] = NonFinite(**{**nf, "value": _nan(nf["value"])}) if nf else None
         return cls(**kwargs)
+
+
+def _nan(x: Any) -> Any:
+    """null, how strict JSON writes NaN, read back as NaN."""
+    return math.nan if x is None else x
 
 
 def ratio(num: float, den: float) -> float:

@@ -1,13 +1,15 @@
 """PNG plots of counterexamples (needs the optional extra `plot`: matplotlib).
 
-Per counterexample: the per-block gradient-norm profile (log scale, input side left) beside the
-same Config with each remedy that fixed it, the culprit marked and the growth limit drawn; and the
-loss and total gradient norm per step when there were steps. Rendering only, no probing.
+Per result, on the left the per-block gradient-norm profile of the median seed (log scale, input side
+left), the culprit marked and the growth limit drawn (at limit x the last block's gradient norm:
+growth is the first over the last); on the right the loss and total gradient norm per step when there
+were steps, else the weight-gradient norm per block. Rendering only, no probing.
 """
 
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,8 @@ from stabilitycheck.counterexample import SearchResult
 from stabilitycheck.errors import UsageError
 from stabilitycheck.measurement import Measurement
 from stabilitycheck.verdicts import Limits
+
+TITLE_CHARS = 90  # a title line's length at fontsize 8 on a half-width (6 inch) panel: no cut-off
 
 
 def _pyplot() -> Any:
@@ -41,12 +45,21 @@ def plot(results: Sequence[SearchResult], path: Path) -> int:
     """Write one PNG with a row per result: a counterexample's profile with the limits it was judged on,
     or a stable result's profile at the largest configuration tried; returns how many rows were drawn."""
     plt = _pyplot()
+    fig, drawn = figure(results, f"--plot {path}")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return drawn
+
+
+def figure(results: Sequence[SearchResult], what: str = "--plot") -> tuple[Any, int]:
+    """The matplotlib figure `plot` writes, and how many rows it has (`what` names it in errors)."""
+    plt = _pyplot()
     rows = [
         (r, r.counterexample.judgement if r.counterexample else r.largest_stable_judgement) for r in results
     ]
     drawn = [(r, j) for r, j in rows if j is not None]
     if not drawn:
-        raise UsageError(f"--plot {path}: nothing was measured, so there is no profile to draw")
+        raise UsageError(f"{what}: nothing was measured, so there is no profile to draw")
     fig, axes = plt.subplots(len(drawn), 2, figsize=(12, 3.6 * len(drawn)), squeeze=False)
     for (left, right), (r, j) in zip(axes, drawn, strict=True):
         cx = r.counterexample
@@ -59,11 +72,15 @@ def plot(results: Sequence[SearchResult], path: Path) -> int:
         last = m.activation_grad_norms[-1] if m.activation_grad_norms else math.nan
         if limits.growth is not None and math.isfinite(last) and last > 0:
             left.axhline(
-                last * limits.growth, color="black", linestyle="--", label=f"growth limit {limits.growth:g}"
+                last * limits.growth,
+                color="black",
+                linestyle="--",
+                label=f"growth limit {limits.growth:g} x the last block's |dL/d out|",
             )
         what = ", ".join(c.describe() for c in j.verdict.criteria) if cx else "stable (largest tried)"
         knobs = config.describe() if config else r.space.label
-        left.set_title(f"{knobs} [{r.space.base.run.device}, {r.space.base.run.dtype}]: {what}", fontsize=8)
+        title = f"{knobs} [{r.space.base.run.device}, {r.space.base.run.dtype}]: {what}"
+        left.set_title(textwrap.fill(title, TITLE_CHARS, break_long_words=True), fontsize=8)
         left.set_xlabel("block call (input side left)")
         left.set_ylabel("|dL/d output| (median seed)")
         left.legend(fontsize=7)
@@ -79,6 +96,4 @@ def plot(results: Sequence[SearchResult], path: Path) -> int:
             right.set_title("weight-gradient norm per block (step 0)", fontsize=9)
             right.set_xlabel("block (input side left)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return len(drawn)
+    return fig, len(drawn)

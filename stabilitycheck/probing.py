@@ -19,7 +19,7 @@ from torch import nn
 
 from stabilitycheck.config import Config
 from stabilitycheck.errors import UsageError
-from stabilitycheck.losses import Inputs, LossFn
+from stabilitycheck.losses import Inputs, LossFn, OutputLoss
 from stabilitycheck.measurement import (
     TENSOR_KINDS as TENSOR_KINDS,  # `X as X`: re-exported, it was defined here
 )
@@ -62,6 +62,7 @@ class _Step:
     grads: list[float]
     weights: list[float]
     calls: tuple[str, ...]
+    breaks: frozenset[int]  # calls (positions in `calls`) that start a new chain: no gain across
     forward: list[float]
     backward: list[float]
     scale: float = 1.0
@@ -145,6 +146,7 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         grads=_scatter(host[:g], present, len(run.params)),
         weights=host[g + n + r :],
         calls=run.rec.call_names(run.names) if hooks else (),
+        breaks=frozenset(run.rec.breaks) if hooks else frozenset(),
         forward=host[g : g + n],
         backward=_scatter(host[g + n : g + n + r], reached, n),
         finite=math.isfinite(loss_value + sum(host)),
@@ -274,7 +276,9 @@ def probe_module(
         layer_grad_norms=_per_block(first.grads, owner, len(names)),
         activation_norms=tuple(first.forward),
         activation_grad_norms=act,
-        gains=tuple(ratio(act[i], act[i + 1]) for i in range(len(act) - 1)),
+        gains=tuple(
+            math.nan if i + 1 in first.breaks else ratio(act[i], act[i + 1]) for i in range(len(act) - 1)
+        ),
         growth=ratio(act[0], act[-1]) if act else 1.0,
         weight_norms=_per_block(last.weights, owner, len(names)) if last.weights else (),
         first_nonfinite=nonfinite,
@@ -342,4 +346,5 @@ def _probe(config: Config, subject: Subject, last_step: bool) -> Measurement:
         amp=run.amp,
         seed=run.seed,
     )
-    return dataclasses.replace(m, blocks_note=built.blocks_note)
+    output = built.loss_fn.note if isinstance(built.loss_fn, OutputLoss) else ""  # the entry it used
+    return dataclasses.replace(m, blocks_note="; ".join(n for n in (built.blocks_note, output) if n))

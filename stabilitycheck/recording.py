@@ -29,23 +29,67 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
     return None
 
 
-def accumulator(dtype: torch.dtype, exact: bool) -> torch.dtype:
-    """The dtype norms of `dtype` tensors are computed in: float32 or wider, float64 when exact."""
-    return EXACT if exact or dtype == torch.float64 else torch.float32
+RANGED = (torch.float32, torch.bfloat16)  # dtypes whose squares can leave float32's range
+
+
+def accumulator(dtype: torch.dtype, exact: bool, device: torch.device | None = None) -> torch.dtype:
+    """The dtype norms of `dtype` tensors are computed in: float64 when exact, for float64 tensors and,
+    on CUDA, for RANGED ones (its fused norm sums in the output dtype, memory-bound: at float32's
+    cost); else float32, where `_refine` takes again the few norms that float32 squares spoiled."""
+    wide = device is not None and device.type == "cuda" and dtype in RANGED
+    return EXACT if exact or wide or dtype == torch.float64 else torch.float32
+
+
+LOW = 2.0**-60  # x sqrt(numel): a float32 sum of squares above its square lost < 2^-30 to subnormals
+
+
+def _spoiled(value: float, tensor: torch.Tensor) -> bool:
+    """Whether a float32 norm `value` of `tensor` was spoiled by float32 squares: inf where the squares
+    of finite values overflowed (a norm above 1.8e19), or below LOW * sqrt(numel), where subnormal
+    squares cost precision (0.0 under 1e-19 or so)."""
+    return value == math.inf or value < LOW * math.sqrt(tensor.numel())
+
+
+def _refine(tensors: Sequence[torch.Tensor], norms: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`norms` with each float32 norm of a RANGED tensor that is `_spoiled` taken again in float64.
+    One host read when there are such norms: on the CPU, where it costs nothing and a float64 sum is
+    10-40x slower than a float32 one (on CUDA these norms are float64 already)."""
+    narrow = [i for i, t in enumerate(tensors) if t.dtype in RANGED and norms[i].dtype != EXACT]
+    if narrow:
+        values = torch.stack([norms[i] for i in narrow]).tolist()
+        for i, value in zip(narrow, values, strict=True):
+            if _spoiled(value, tensors[i]):
+                norms[i] = torch.linalg.vector_norm(tensors[i], dtype=EXACT)
+    return norms
+
+
+def norm(tensor: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of `tensor` (0-d, float32 or wider), finite for any finite tensor (as `_refine`)."""
+    value: torch.Tensor = torch.linalg.vector_norm(
+        tensor, dtype=accumulator(tensor.dtype, False, tensor.device)
+    )
+    if tensor.dtype in RANGED and value.dtype != EXACT and _spoiled(value.item(), tensor):
+        value = torch.linalg.vector_norm(tensor, dtype=EXACT)
+    return value
 
 
 def _fused_norms(tensors: list[torch.Tensor], exact: bool) -> list[torch.Tensor]:
-    """The L2 norm of each tensor as a 0-d tensor: one fused call per accumulator dtype, so one call
-    in all when the tensors share a dtype, as they do in most models."""
-    accs = {accumulator(d, exact) for d in {t.dtype for t in tensors}}
-    if len(accs) <= 1:
-        return list(torch._foreach_norm(tensors, 2, dtype=accs.pop())) if accs else []
-    out = list(tensors)
-    for acc in accs:
-        idx = [i for i, t in enumerate(tensors) if accumulator(t.dtype, exact) == acc]
-        for i, norm in zip(idx, torch._foreach_norm([tensors[i] for i in idx], 2, dtype=acc), strict=True):
-            out[i] = norm
-    return out
+    """The L2 norm of each tensor as a 0-d tensor, finite for any finite tensor: one fused call per
+    accumulator dtype, so one call in all when the tensors share a dtype, as they do in most models."""
+    if not tensors:
+        return []
+    device = tensors[0].device
+    accs = {accumulator(d, exact, device) for d in {t.dtype for t in tensors}}
+    if len(accs) == 1:
+        out = list(torch._foreach_norm(tensors, 2, dtype=accs.pop()))
+    else:
+        out = list(tensors)
+        for acc in accs:
+            idx = [i for i, t in enumerate(tensors) if accumulator(t.dtype, exact, device) == acc]
+            norms = torch._foreach_norm([tensors[i] for i in idx], 2, dtype=acc)
+            for i, value in zip(idx, norms, strict=True):
+                out[i] = value
+    return _refine(tensors, out)
 
 
 def _chain_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
@@ -59,6 +103,16 @@ def _chain_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor 
     if any(t.shape == x.shape for t in tensors(args[1:])):
         return None
     return x
+
+
+def _stack_starts(blocks: Sequence[tuple[str, nn.Module]]) -> list[int]:
+    """The blocks that begin another stack (`encoder.layers.5` then `decoder.layers.0`): there the
+    recorder checks that the block takes the last block's output (a ResNet's next stage does; an
+    encoder-decoder's decoder does not, its chain starts anew)."""
+    stacks = [name.rpartition(".")[0] if name.rpartition(".")[2].isdigit() else None for name, _ in blocks]
+    return [
+        b for b in range(1, len(blocks)) if stacks[b] is not None and stacks[b - 1] not in (None, stacks[b])
+    ]
 
 
 class _Recorder:
@@ -83,6 +137,11 @@ class _Recorder:
         self.entry: torch.Tensor | None = None  # block 0's input, until its first call returns
         self.version = 0  # the entry's version counter when block 0 received it
         self.handles = [module.register_forward_hook(self._hook(b)) for b, (_, module) in enumerate(blocks)]
+        self.breaks: set[int] = set()  # positions in `outputs` whose block does not take the last output
+        self.handles += [
+            blocks[b][1].register_forward_pre_hook(self._join(), with_kwargs=True)
+            for b in _stack_starts(blocks)
+        ]
         self.first = blocks[0][1] if input_side and blocks else None
         self.pre: Any = None  # the input pre-hook's handle, from start() to block 0's first call
 
@@ -104,6 +163,13 @@ class _Recorder:
             return (self.entry, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": self.entry}
 
+    def _join(self) -> Any:
+        def on_join(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if self.active and self.outputs and _chain_input(args, kwargs) is not self.outputs[-1]:
+                self.breaks.add(len(self.outputs))
+
+        return on_join
+
     def _hook(self, b: int) -> Any:
         calls, outputs = self.calls, self.outputs  # cleared in place, never rebound
 
@@ -123,6 +189,7 @@ class _Recorder:
     def start(self) -> None:
         self.calls.clear()
         self.outputs.clear()
+        self.breaks.clear()
         self.entry = None
         self.active = True
         if self.first is not None:

@@ -5,11 +5,12 @@ init knob; architecture remedies (pre-norm, LSTM in place of RNN) come from the 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from stabilitycheck.config import Config
 from stabilitycheck.subject import Subject
+from stabilitycheck.verdicts import Limits
 
 CLIP_NORM = 1.0
 
@@ -45,14 +46,25 @@ class Remedy:
         return cls(data["name"], config, data["fixed"], tuple(data["still_fires"]), data.get("growth", ""))
 
 
+def judged_on(limits: Limits) -> Limits:
+    """The limits a remedy is re-judged on: the search's, with vanishing judged at the growth limit
+    (growth < 1/100 by default) where no vanishing limit is set: a remedy that turns the explosion
+    into a vanishing gradient (an init that is not critical for the model: bias-free GELU at sqrt(2),
+    a tanh RNN with input drive at 1) has not fixed it."""
+    return limits if limits.vanishing is not None else replace(limits, vanishing=limits.growth)
+
+
 def clip(c: Config, s: Subject) -> Config | None:
     """Norm clipping at 1.0 during the optimiser steps (only meaningful when there are steps)."""
     return c.with_run(clip=CLIP_NORM) if c.run.steps > 0 and c.run.clip is None else None
 
 
 def critical_init(c: Config, s: Subject) -> Config | None:
-    """The subject's init knob at its critical value (where the backward signal neither grows nor
-    shrinks: the zoo's mean-field point, a model's own designed init)."""
+    """The subject's init knob at its critical value: a model's own designed init; for the zoo, the
+    bias-free MLP's mean-field point (chi_1 = 1: tanh and linear at 1, ReLU at sqrt(2)). Elsewhere the
+    same value is a guess that can undershoot: GELU at sqrt(2) is ordered (chi_1 -> 1/2 as the
+    activations shrink; bias-free GELU has no critical scale), a tanh RNN at 1 with its input drive
+    shrinks the gradient x0.63 per step. Re-judged on vanishing (judged_on), it then says so."""
     if s.init_knob is None or s.init_knob not in c.values:
         return None
     target = s.critical_init(c)

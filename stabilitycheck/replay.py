@@ -47,10 +47,14 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         meta = json.loads((path / "meta.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise UsageError(f"replay {path}: not a watch bundle directory (meta.json: {exc})") from None
-    if meta.get("format") != FORMAT:
-        raise UsageError(f"replay {path}: unknown bundle format {meta.get('format')!r}, expected {FORMAT!r}")
+    found = meta.get("format") if isinstance(meta, dict) else None
+    if found != FORMAT:
+        raise UsageError(f"replay {path}: unknown bundle format {found!r}, expected {FORMAT!r}")
+    _check_meta(path, meta)
     if not meta.get("has_batch"):
-        raise UsageError(f"replay {path}: the bundle has no batch; pass batch= to w.loss() each step")
+        raise UsageError(
+            f"replay {path}: the bundle lacks a batch; pass batch= to w.loss() for every micro-batch"
+        )
     for root in meta["import_roots"]:
         if root not in sys.path:
             sys.path.insert(0, root)
@@ -65,8 +69,26 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return meta, data
 
 
+def _is_list(value: Any, kind: type | tuple[type, ...]) -> bool:
+    return isinstance(value, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
+
+
+def _check_meta(path: Path, meta: dict[str, Any]) -> None:
+    """A one-line UsageError naming the first field of meta.json that is missing or of a wrong type."""
+    step = meta.get("step")
+    valid = {
+        "step (an integer)": isinstance(step, int) and not isinstance(step, bool) and step >= 0,
+        "blocks (a list of names)": _is_list(meta.get("blocks"), str),
+        "values (a list of numbers)": _is_list(meta.get("values"), (int, float)),
+        "import_roots (a list of paths)": _is_list(meta.get("import_roots"), str),
+    }
+    for field, ok in valid.items():
+        if not ok:
+            raise UsageError(f"replay {path}: meta.json lacks a valid {field}; it is not as watch wrote it")
+
+
 def replay(path: Path | str) -> Replayed:
-    """Restore the model state, batch and RNG of the flagged step, run it once under a watcher."""
+    """Restore the model state, micro-batches and RNG of the flagged step, run it once under a watcher."""
     import torch
 
     from stabilitycheck.subject import find_blocks
@@ -94,20 +116,40 @@ def replay(path: Path | str) -> Replayed:
     model.train()
     watcher = Watcher(model, None, blocks=blocks, report=None, flush_every=1)
     with watcher:
-        loss = data["compute_loss"](model, data["batch"])
-        watcher.loss(loss)
-        loss.backward()
+        for batch, recorded in zip(data["batches"], data["losses"], strict=True):
+            loss = _as_passed(data["compute_loss"](model, batch), recorded)
+            watcher.loss(loss)
+            loss.backward()
         watcher.before_step()
-    return Replayed(meta["step"], watcher.out.names, meta["values"], watcher.out.last_values)
+    names, values = watcher.out.names, meta["values"]
+    if len(values) != len(names):
+        raise UsageError(
+            f"replay {path}: meta.json has {len(values)} values, the replayed step measures {len(names)}; "
+            "the bundle was edited or is not from this model"
+        )
+    return Replayed(meta["step"], names, values, watcher.out.last_values)
+
+
+def _as_passed(loss: Any, passed: Any) -> Any:
+    """compute_loss's `loss` scaled as training passed it to w.loss: divided by their ratio (the
+    number of micro-batches, usually: `loss / accumulation_steps`), by the integer itself where the
+    ratio is one to 1e-6, so the gradients are those of the same division."""
+    ratio = float(loss.detach().double() / passed.double())
+    if not math.isfinite(ratio) or ratio <= 0:
+        return loss  # a non-finite or zero loss: no ratio to take
+    whole = round(ratio)
+    if whole >= 1 and abs(ratio - whole) <= 1e-6 * ratio:
+        return loss if whole == 1 else loss / whole
+    return loss / ratio
 
 
 def main(argv: Sequence[str]) -> int:
     """`stabilitycheck replay BUNDLE [--rtol R]`: print the comparison; exit 0 if it reproduces."""
-    from stabilitycheck._options import _Parser
+    from stabilitycheck._options import _number, _Parser
 
     parser = _Parser(prog="stabilitycheck replay", description=__doc__)
     parser.add_argument("bundle", type=Path)
-    parser.add_argument("--rtol", type=float, default=RTOL)
+    parser.add_argument("--rtol", type=_number(float, 0), default=RTOL)
     args = parser.parse_args(argv)
     result = replay(args.bundle)
     bad = result.mismatches(args.rtol)

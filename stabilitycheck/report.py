@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,7 +44,7 @@ def _value(config: Config, name: str) -> object:
 
 
 def _spread(j: Judgement) -> str:
-    return f"{j.growth.describe()}, {len(j.seeds)} ({j.exploded_seeds} exploded)"
+    return f"{j.growth.describe()}, {len(j.seeds)} ({j.failures})"
 
 
 def _precision(run: Run) -> str:
@@ -229,7 +230,26 @@ def to_json(results: Sequence[SearchResult]) -> str:
         }
         for r in results
     ]
-    return json.dumps(data, indent=2, sort_keys=True)
+    return strict_json(data)
+
+
+def strict_json(data: Any) -> str:
+    """JSON any strict parser reads: NaN is written null and +-Inf +-1e999 (a number too large for a
+    double, which parsers read as +-Infinity), not the bare NaN/Infinity tokens Python writes. The
+    from_dict readers take null in a float field back as NaN."""
+    mark = f"inf-{uuid.uuid4().hex}"  # a string no value holds, swapped for the number after dumping
+
+    def clean(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None if math.isnan(x) else ("+" if x > 0 else "-") + mark
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [clean(v) for v in x]
+        return x
+
+    text = json.dumps(clean(data), indent=2, sort_keys=True, allow_nan=False)
+    return text.replace(f'"+{mark}"', "1e999").replace(f'"-{mark}"', "-1e999")
 
 
 def markdown(results: Sequence[SearchResult]) -> str:

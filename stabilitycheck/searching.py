@@ -30,7 +30,7 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from hypothesis.database import ExampleDatabase, InMemoryExampleDatabase
 
-from stabilitycheck._validation import describe
+from stabilitycheck._validation import describe, raised_at
 from stabilitycheck.canonical import Index as Index  # `X as X`: re-exported, these were defined here
 from stabilitycheck.canonical import boundary as boundary
 from stabilitycheck.canonical import canonical as canonical
@@ -40,8 +40,8 @@ from stabilitycheck.counterexample import Counterexample as Counterexample
 from stabilitycheck.counterexample import SearchResult as SearchResult
 from stabilitycheck.errors import StabilityCheckError, UsageError, UserCodeError
 from stabilitycheck.memory import free_memory
-from stabilitycheck.remedies import Remedy, candidates
-from stabilitycheck.seeds import Judgement, SeedProbes, assess, through_time
+from stabilitycheck.remedies import Remedy, candidates, judged_on
+from stabilitycheck.seeds import Judgement, SeedProbes, assess, over_tokens, through_time
 from stabilitycheck.space import Space
 from stabilitycheck.subject import Subject
 from stabilitycheck.subjects import resolve
@@ -179,11 +179,6 @@ class Prober:
         got = self.screen(index)
         return isinstance(got, Judgement) and got.exploded
 
-    def contested(self, index: Index) -> bool:
-        """Stable on the full rule, yet at least one of the seeds it probed exploded."""
-        got = self(index)
-        return isinstance(got, Judgement) and not got.exploded and got.exploded_seeds > 0
-
     def knobs(self, index: Index) -> str:
         return " ".join(f"{a.name}={a.values[i]}" for a, i in zip(self.space.axes, index, strict=True))
 
@@ -274,27 +269,27 @@ def hypothesis_phase(
 def try_remedies(
     config: Config, subject: Subject, limits: Limits, probes: SeedProbes | None = None
 ) -> Iterator[Remedy]:
-    """Re-judge the counterexample with each remedy; yields fixed / not fixed as measured."""
+    """Re-judge the counterexample with each remedy (on vanishing too: remedies.judged_on); yields
+    fixed / not fixed as measured."""
+    judged = judged_on(limits)
     for name, changed in candidates(config, subject).items():
         if changed is None:
             yield Remedy(name, None, None)
             continue
-        j = assess(changed, subject, limits, probes)
+        j = assess(changed, subject, judged, probes)
         yield Remedy(name, changed, not j.exploded, j.verdict.names, j.growth.describe())
 
 
 def _with_through_time(j: Judgement, config: Config, subject: Subject, probes: SeedProbes) -> Judgement:
     """The judgement with the through-time growth (loss on the last step) of a recurrent subject, over
-    the seeds the verdict used."""
+    the seeds the verdict used, and its kind judged on it (seeds.over_tokens); a verdict that judged
+    vanishing has both already."""
     if j.through_time is not None or not config.recurrent:
         return j
     spread = through_time(config, subject, config.run.quantile, j.seeds, probes)
-    accumulated = (
-        spread is not None
-        and "growth" in j.verdict.names
-        and spread.mid <= j.verdict.criteria[j.verdict.names.index("growth")].limit
-    )
-    kind = replace(j.kind, kind="accumulated") if accumulated else j.kind
+    if spread is None:
+        return j
+    kind = over_tokens(j.kind, j.growth.mid, spread.mid)
     return replace(j, through_time=spread, kind=kind)
 
 
@@ -396,6 +391,7 @@ def check(subject: Subject, config: Config) -> None:
     except (Exception, SystemExit) as exc:
         what = f"called sys.exit({exc.code!r})" if isinstance(exc, SystemExit) else f"raised {describe(exc)}"
         raise UsageError(
-            f"{config.subject}: running the model with {config.describe()} {what}; check that batch() "
-            "or example_input matches what forward() expects"
+            f"{config.subject}: running the model with {config.describe()} {what}{raised_at(exc)}; its "
+            "code may not accept these knob values (narrow SPACE or --knob), or its inputs (batch(), "
+            "example_input or the ones inferred) may not match what forward() expects"
         ) from None

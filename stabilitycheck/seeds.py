@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from stabilitycheck.config import Config
@@ -26,6 +26,7 @@ from stabilitycheck.subject import Subject
 from stabilitycheck.verdicts import CRITERIA, Limits, Verdict, bound, fires, judge, values
 
 MARGIN = 10.0
+FIT_R2 = 0.9  # below it no fit explains the growth (a clean stack fits >= 0.95, a lone spike 0.76)
 SEED_MIX = 0x9E3779B9  # seeds after the first: base + i * this, mod 2**32 (no overlap between bases)
 
 
@@ -53,8 +54,13 @@ class Spread:
         finite = [x for x in xs if not math.isnan(x)] or [math.nan]
         return cls(min(finite), quantile(xs, q), max(finite))
 
+    @classmethod
+    def from_dict(cls, d: dict[str, float | None]) -> Spread:
+        """Inverse of vars(spread); null (how strict JSON writes NaN) is NaN."""
+        return cls(*(math.nan if (x := d[k]) is None else x for k in ("low", "mid", "high")))
+
     def describe(self) -> str:
-        """'36 (18-126)': the quantile, then the range over seeds."""
+        """'36 (18-126)': the quantile (nearest rank: over 2 seeds the lower), then the range over seeds."""
         return f"{self.mid:.3g} ({self.low:.3g}-{self.high:.3g})"
 
 
@@ -64,10 +70,13 @@ class Growth:
     between block call j and the output (j = 1..L from the input side): exponential when C is linear in
     the number of blocks L - j (a constant rate per block, e.g. a tanh MLP off criticality), polynomial
     when it is linear in log(L / j) (growth ~ depth ** exponent, e.g. pre-norm residual stacks whose
-    per-block log-gain decays like 1 / j), whichever least-squares fit explains more of C; flat when the
-    total growth is within x2; accumulated when a recurrent subject's per-token growth passes the limit
-    but its through-time growth (the loss on the last step) does not: the gradient of early steps is a
-    sum over every later token's loss, not a product of Jacobians. Quantiles and spreads over seeds."""
+    per-block log-gain decays like 1 / j), whichever least-squares fit explains more of C; irregular
+    when neither explains FIT_R2 of C's variance (one block's spike among gain-1 blocks, growth that
+    rises then falls along the stack: no rate or exponent describes it); flat when the total growth is
+    within x2; accumulated when a recurrent subject's through-time growth T (the loss on
+    the last step: the exact product of the Jacobians) explains less than half the log growth G,
+    ln T < ln(G) / 2: the rest is the gradient of early steps summed over every later token's loss,
+    whatever the limits. Quantiles and spreads over seeds."""
 
     kind: str
     rate: Spread
@@ -82,6 +91,8 @@ class Growth:
             return f"polynomial, ~depth^{self.exponent.mid:.2f}"
         if self.kind == "accumulated":
             return "accumulated over tokens"
+        if self.kind == "irregular":
+            return "irregular: no constant rate or depth law fits"
         return self.kind
 
 
@@ -122,19 +133,30 @@ def classify(fits: Sequence[Fit], growths: Sequence[float], q: float) -> Growth:
         return Growth("n/a", rate, exponent)
     if growth > 0 and abs(math.log(growth)) < math.log(2):
         return Growth("flat", rate, exponent)
-    linear = quantile([f[1] for f in fits], q)
-    return Growth(
-        "exponential" if linear >= quantile([f[3] for f in fits], q) else "polynomial", rate, exponent
-    )
+    linear, log = quantile([f[1] for f in fits], q), quantile([f[3] for f in fits], q)
+    if max(linear, log) < FIT_R2:
+        return Growth("irregular", rate, exponent)
+    return Growth("exponential" if linear >= log else "polynomial", rate, exponent)
+
+
+def over_tokens(kind: Growth, growth: float, through: float) -> Growth:
+    """`kind`, or accumulated when it is growth (not flat, not n/a) of which the through-time product
+    explains less than half: ln(through) < ln(growth) / 2 (see Growth)."""
+    if kind.kind in ("flat", "n/a") or not growth > 1 or math.isnan(through):
+        return kind
+    if through <= 0 or math.log(through) < 0.5 * math.log(growth):
+        return replace(kind, kind="accumulated")
+    return kind
 
 
 def culprit_of(ms: Sequence[Measurement]) -> str:
     """The block to blame, over seeds: where the first non-finite value was made; else a block whose
     backward log-gain exceeds the stack's median log-gain by more than log 2 and by more than 3x the
     spread of the other blocks' excesses, in the median over seeds, and which has the largest gain in
-    at least 80% of the seeds; else, when the typical gain G is over 1, 'uniform, median gain xG'; else the
-    block with the largest weight gradient (the growth was inside a block). A stack with fewer than
-    three gains cannot show a uniform rate: there the seeds vote for their largest amplifying block."""
+    at least 80% of the seeds; else, when the typical gain G is over 1, or the stack's growth is under 1
+    (every block shrinks the gradient alike: vanishing), 'uniform, median gain xG'; else the block with
+    the largest weight gradient (the growth was inside a block). A stack with fewer than three gains
+    cannot show a uniform rate: there the seeds vote for their largest amplifying block."""
     first = ms[0]
     if any(m.first_nonfinite is not None for m in ms):
         return _single(next(m for m in ms if m.first_nonfinite is not None))
@@ -154,7 +176,8 @@ def culprit_of(ms: Sequence[Measurement]) -> str:
     if per_block[top] > max(math.log(2), 3 * spread) and wins >= math.ceil(0.8 * len(ms)):
         return first.activation_names[top + 1]
     typical = statistics.median(_median(row) for row in logs)
-    if typical <= 0:  # no block amplifies: the growth was inside a block (an nn.RNN over time)
+    vanishing = _median([m.growth for m in ms]) < 1
+    if typical <= 0 and not vanishing:  # no block amplifies: the growth was inside a block (an nn.RNN)
         return _single(first)
     return f"uniform, median gain x{math.exp(typical):.3g}"
 
@@ -214,12 +237,17 @@ class Judgement:
     def exploded(self) -> bool:
         return self.verdict.exploded
 
+    @property
+    def failures(self) -> str:
+        """'2 exploded', or '2 failed' where the verdict fired on vanishing or stall alone (the gradient
+        shrank or the loss stalled: a failure, not an explosion): how many seeds failed on their own."""
+        quiet = bool(self.verdict.names) and set(self.verdict.names) <= {"vanishing", "stall"}
+        return f"{self.exploded_seeds} {'failed' if quiet else 'exploded'}"
+
     def summary(self) -> str:
         """'growth 36 (18-126) over 5 seeds, 2 exploded': what the numbers are."""
         n = len(self.seeds)
-        return (
-            f"growth {self.growth.describe()} over {n} seed{'s' * (n != 1)}, {self.exploded_seeds} exploded"
-        )
+        return f"growth {self.growth.describe()} over {n} seed{'s' * (n != 1)}, {self.failures}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -246,12 +274,12 @@ class Judgement:
             verdict=Verdict.from_dict(d["verdict"]),
             seeds=tuple(d["seeds"]),
             exploded_seeds=d["exploded_seeds"],
-            growth=Spread(**d["growth"]),
-            grad_norm=Spread(**d["grad_norm"]),
+            growth=Spread.from_dict(d["growth"]),
+            grad_norm=Spread.from_dict(d["grad_norm"]),
             skipped_steps=d["skipped_steps"],
             culprit=d["culprit"],
-            kind=Growth(k["kind"], Spread(**k["rate"]), Spread(**k["exponent"])),
-            through_time=None if d["through_time"] is None else Spread(**d["through_time"]),
+            kind=Growth(k["kind"], Spread.from_dict(k["rate"]), Spread.from_dict(k["exponent"])),
+            through_time=None if d["through_time"] is None else Spread.from_dict(d["through_time"]),
             measurement=Measurement.from_dict(d["measurement"]),
         )
 
@@ -346,6 +374,7 @@ def _judgement(
     growth = [m.growth for m in ms]
     mid = quantile(growth, q)
     rep = next((m for m in ms if m.growth == mid or (math.isnan(mid) and math.isnan(m.growth))), ms[0])
+    kind = classify([fit_growth(m.gains) for m in ms], growth, q)
     return Judgement(
         verdict=judge(quantiles, lim),
         seeds=seeds,
@@ -354,7 +383,7 @@ def _judgement(
         grad_norm=Spread.of([v["grad_norm"] for v in per_seed], q),
         skipped_steps=sum(m.skipped_steps for m in ms),
         culprit=culprit_of(ms),
-        kind=classify([fit_growth(m.gains) for m in ms], growth, q),
+        kind=over_tokens(kind, mid, quantile(through, q)) if through else kind,
         through_time=Spread.of(through, q) if through else None,
         measurement=rep,
     )

@@ -3,11 +3,13 @@ Hugging Face model types are Subjects; search, remedies and reports are written 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from stabilitycheck.config import Config
 from stabilitycheck.families import Scalar
@@ -97,6 +99,33 @@ def _named(prefix: str, modules: list[nn.Module]) -> Blocks:
     return tuple((f"{prefix}.{i}" if prefix else str(i), m) for i, m in enumerate(modules))
 
 
+class Layer(nn.Module):
+    """A layer of a flat Sequential of mixed modules (Linear, Tanh, Linear, ...), as a block for the
+    hooks (never called): the parameters and input of its module with parameters, and as output the
+    input of the next one (the activation after it included, even one shared between layers), or
+    for the last layer the output of `after` itself (the Sequential). Each gain is a whole layer's,
+    not alternately a weight's x2 and an activation's x0.5, and the last activation is in the chain."""
+
+    def __init__(self, weighted: nn.Module, after: nn.Module, last: bool) -> None:
+        super().__init__()
+        self.weighted = weighted  # a child: the layer's parameters are its own
+        self._after = (after, last)  # in a tuple, not a child: the next layer's parameters are not ours
+
+    def register_forward_hook(self, hook: Callable[..., Any]) -> RemovableHandle:  # type: ignore[override]
+        after, last = self._after
+        if last:
+            return after.register_forward_hook(hook)
+
+        def on_next_input(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if args:
+                hook(self, args, args[0])
+
+        return after.register_forward_pre_hook(on_next_input)
+
+    def register_forward_pre_hook(self, hook: Callable[..., Any], **kwargs: Any) -> RemovableHandle:
+        return self.weighted.register_forward_pre_hook(hook, **kwargs)
+
+
 def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
     """The model's chain of repeated blocks, input side first, and one line saying which rule chose
     them: its `stability_blocks()` if defined; else the longest stack of same-type modules (length 1
@@ -124,10 +153,23 @@ def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
     if lists:
         name, mods = max(lists, key=lambda s: len(s[1]))
         blocks = _named(name, mods)
-        weighted = tuple((n, m) for n, m in blocks if any(True for _ in m.parameters()))
+        weighted = [(n, m) for n, m in blocks if any(True for _ in m.parameters())]
         label = name or "(model)"
-        if len(weighted) >= 2 and len(weighted) < len(blocks):  # activations fold into the layer before
-            return weighted, f"blocks: {label} ({len(weighted)} of {len(mods)} with parameters, mixed types)"
+        if len(weighted) >= 2 and len(weighted) < len(blocks):
+            container = dict(model.named_modules())[name]
+            layers = tuple(
+                (
+                    n,
+                    Layer(
+                        m, weighted[i + 1][1] if i + 1 < len(weighted) else container, i + 1 == len(weighted)
+                    ),
+                )
+                for i, (n, m) in enumerate(weighted)
+            )
+            return layers, (
+                f"blocks: {label} ({len(weighted)} layers of {len(mods)} mixed modules: each module with "
+                "parameters and those after it)"
+            )
         return blocks, f"blocks: {label} ({len(mods)}, mixed module types)"
     leaves = tuple(
         (name, m)

@@ -79,7 +79,12 @@ class Verdict:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Verdict:
-        return cls(data["exploded"], tuple(Criterion(**c) for c in data["criteria"]))
+        return cls(data["exploded"], tuple(Criterion(**_nan_for_null(c)) for c in data["criteria"]))
+
+
+def _nan_for_null(d: dict[str, Any]) -> dict[str, Any]:
+    """A criterion read back from strict JSON, where NaN was written null."""
+    return {k: math.nan if v is None and k in ("value", "limit") else v for k, v in d.items()}
 
 
 def _above(value: float, limit: float | None) -> bool:

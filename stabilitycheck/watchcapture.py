@@ -8,7 +8,9 @@ smaller ones are kept and normed together when the step closes, with the weight 
 fused call, or stacked per block when a block made STACK_MIN or more of them (a recurrent cell
 called 256 times costs two kernels, not 512), or sooner once PENDING_CAP elements are kept (the
 memory held stays bounded). A kept output modified in place before its norm is taken is caught by
-its version counter; the watcher then warns and norms every output at once from then on.
+its version counter; the watcher then warns and norms every output at once from then on. Every
+norm of a finite tensor is finite and exact to float32 rounding, above 1.8e19 and below 1e-19 too
+(recording._fused_norms).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from torch import nn
 
 from stabilitycheck import distributed
-from stabilitycheck.recording import _first_tensor, accumulator
+from stabilitycheck.recording import _first_tensor, _fused_norms, norm
 
 PENDING_CAP = 1 << 22  # elements kept for lazy norms (16 MiB in float32) before they are normed
 STACK_MIN, STACK_NUMEL = 64, 1 << 13  # a block's >= 64 captures of <= 8K elements: stacked, one norm
@@ -111,7 +113,7 @@ class Capture:
         return self._grad_hooks[key]
 
     def _norm_now(self, tensor: torch.Tensor, slot: int) -> None:
-        self._now.append(torch.linalg.vector_norm(tensor, dtype=accumulator(tensor.dtype, False)))
+        self._now.append(norm(tensor))
         self._now_slots.append(slot)
 
     def _keep(self, tensor: torch.Tensor, into: list[torch.Tensor]) -> None:
@@ -140,9 +142,7 @@ class Capture:
             if len(kept) >= STACK_MIN and kept[0].numel() <= STACK_NUMEL:
                 stacked = _stack(kept)
                 if stacked is not None:  # one norm over all calls: the block's norm this step
-                    self._norms.append(
-                        torch.linalg.vector_norm(stacked, dtype=accumulator(stacked.dtype, False))
-                    )
+                    self._norms.append(norm(stacked))
                     self._norm_slots.append(slot)
                     kept.clear()
                     continue
@@ -150,7 +150,8 @@ class Capture:
             codes += [slot] * len(kept)
             kept.clear()
         if tensors:
-            self._norms += _norms(tensors, codes, self._norm_slots)
+            self._norms += _fused_norms(tensors, False)
+            self._norm_slots += codes
         self._versions, self._held = [], 0
 
     def close_step(self, row: torch.Tensor, loss: torch.Tensor | None, weights: bool) -> None:
@@ -177,9 +178,8 @@ class Capture:
             if weights:
                 n = len(self.params)
                 tensors = [distributed.local(p)[0] for p in self.params] if self.sharded else self.params
-                weight_order: list[int] = []
-                values = _norms(tensors, [-2 - i for i in range(n, 2 * n)], weight_order)
-                index, factors = self._lookup(tuple(weight_order))
+                values = _fused_norms(list(tensors), False)
+                index, factors = self._lookup(tuple(range(-2 - n, -2 - 2 * n, -1)))
                 squares = torch.stack(values).double().square()
                 row.index_add_(0, index, squares if factors is None else squares * factors)
 
@@ -211,21 +211,6 @@ class Capture:
                 None if factors is None else factors.to(self.device),
             )
         return self._index[key]
-
-
-def _norms(tensors: Sequence[torch.Tensor], codes: Sequence[int], order: list[int]) -> list[torch.Tensor]:
-    """The L2 norms of `tensors` (0-d, in float32 or wider), one fused call per dtype (a loop over
-    the tensors, on a CPU); the tensors' codes are appended to `order` in the norms' order."""
-    kinds = {t.dtype for t in tensors}
-    if len(kinds) == 1:
-        order += codes
-        return list(torch._foreach_norm(list(tensors), 2, dtype=accumulator(kinds.pop(), False)))
-    norms: list[torch.Tensor] = []
-    for kind in kinds:
-        idx = [i for i, t in enumerate(tensors) if t.dtype == kind]
-        norms += torch._foreach_norm([tensors[i] for i in idx], 2, dtype=accumulator(kind, False))
-        order += (codes[i] for i in idx)
-    return norms
 
 
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor | None:

@@ -83,7 +83,7 @@ class Watcher:
         self.capture = Capture(self.blocks, self.params, self.layout.width, grad_slots + weight_slots, scale)
         self.fused = bool(optimizer is not None and optimizer.defaults.get("fused"))
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
-        check_modes(self.world, skip, bundle, compute_loss, optimizer, self.fused, hook_optimizer)
+        check_modes(model, self.world, skip, bundle, compute_loss, optimizer, self.fused, hook_optimizer)
         # skip= and bundle= need each step's flag on the device: the rule runs there, per step; else
         # it runs at the flush on the host, vectorised over the flushed steps (spikes.update_many)
         on_device = self.skip or bundle is not None
@@ -190,8 +190,8 @@ class Watcher:
         value = check_loss(loss).detach().reshape(())
         value = value if value.dtype in (torch.float32, torch.float64) else value.float()
         self._loss = value if self._loss is None else self._loss + value
-        if self.snapshot is not None and batch is not None:
-            self.snapshot.on_batch(self.step, batch)
+        if self.snapshot is not None:
+            self.snapshot.on_batch(self.step, batch, value)
 
     # ----------------------------------------------------------------------------------- a step
 

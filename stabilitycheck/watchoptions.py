@@ -11,7 +11,7 @@ from torch import nn
 
 from stabilitycheck.errors import UsageError
 from stabilitycheck.spikes import SpikeRule
-from stabilitycheck.watchstate import check_loadable
+from stabilitycheck.watchstate import check_replayable
 
 
 def count(name: str, value: Any) -> int:
@@ -47,6 +47,7 @@ def check_arguments(model: Any, optimizer: Any, rule: Any, report: Any, scaler: 
 
 
 def check_modes(
+    model: nn.Module,
     world: int,
     skip: bool,
     bundle: Any,
@@ -66,12 +67,8 @@ def check_modes(
             "watch: bundle= needs compute_loss=fn(model, batch) -> loss (a module-level function) "
             "and w.loss(loss, batch=batch) each step, so `stabilitycheck replay` can re-run the step"
         )
-    why = check_loadable(compute_loss) if bundle is not None else None
-    if why is not None:
-        raise UsageError(
-            f"watch: compute_loss cannot be replayed: {why}; define it at the top level of a module "
-            "you import (e.g. losses.py), so `stabilitycheck replay` can load it by name"
-        )
+    if bundle is not None:
+        check_replayable(model, compute_loss)
     if skip and optimizer is None:
         raise UsageError("watch: skip=True needs the optimizer whose steps it skips")
     if skip and not fused:

@@ -1,10 +1,11 @@
 """The replay bundle of `watch`: the state before the first flagged step, kept on the device
-without a host sync, then written with that step's batch and RNG state once a flush names it.
+without a host sync, then written with that step's micro-batches and RNG state once a flush names it.
 
 A bundle is a directory: meta.json (step, block names, the norms measured, import roots) and
-data.pt (the model, its parameters and buffers before the step, the batch, the RNG states and the
-compute_loss function, which must be importable: defined in a module, not in a script run as
-__main__). `stabilitycheck replay DIR` re-runs the step from it (stabilitycheck.replay).
+data.pt (the model, its parameters and buffers before the step, every micro-batch of the step with
+the loss passed for it to `w.loss`, the RNG states and the compute_loss function, which must be
+importable: defined in a module, not in a script run as __main__). `stabilitycheck replay DIR`
+re-runs the step from it (stabilitycheck.replay).
 """
 
 from __future__ import annotations
@@ -23,20 +24,41 @@ from typing import Any
 import torch
 from torch import nn
 
-FORMAT = "stabilitycheck-watch-bundle/1"
+from stabilitycheck.errors import UsageError
+
+FORMAT = "stabilitycheck-watch-bundle/2"  # 2: every micro-batch, with its loss
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 def check_loadable(compute_loss: Any) -> str | None:
-    """Why `stabilitycheck replay` could not load `compute_loss` by name (a lambda, a local function,
-    one defined in the script run as __main__), or None when it can."""
+    """Why `stabilitycheck replay` could not load `compute_loss` (or a class) by name (a lambda, a
+    local function, one defined in the script run as __main__), or None when it can."""
+    name = getattr(compute_loss, "__name__", compute_loss)
     if getattr(compute_loss, "__module__", None) == "__main__":
-        return f"{getattr(compute_loss, '__name__', compute_loss)!r} is defined in the script run as __main__"
+        return f"{name!r} is defined in the script run as __main__"
     try:
         pickle.dumps(compute_loss)
     except Exception as exc:
-        return f"it cannot be pickled by name ({type(exc).__name__}: {exc})"
+        return f"{name!r} cannot be pickled by name ({type(exc).__name__}: {exc})"
     return None
+
+
+def check_replayable(model: nn.Module, compute_loss: Any) -> None:
+    """Refuse, when watch() starts, a bundle `stabilitycheck replay` could not load: compute_loss or a
+    class of the model's modules (torch.save pickles them by name) not loadable (`check_loadable`)."""
+    why = check_loadable(compute_loss)
+    if why is not None:
+        raise UsageError(
+            f"watch: compute_loss cannot be replayed: {why}; define it at the top level of a module "
+            "you import (e.g. losses.py), so `stabilitycheck replay` can load it by name"
+        )
+    for cls in dict.fromkeys(type(module) for module in model.modules()):
+        why = check_loadable(cls)
+        if why is not None:
+            raise UsageError(
+                f"watch: the model cannot be replayed: its class {why}; define the model's classes in a "
+                "module you import (e.g. model.py), so `stabilitycheck replay` can load the bundle"
+            )
 
 
 def import_root(obj: Any) -> str | None:
@@ -67,7 +89,8 @@ def _without_hooks(model: nn.Module) -> Iterator[None]:
 class Snapshot:
     """Keeps, on the device, the parameters and buffers before the current step (`prev`) and
     before the first flagged step (`kept`, chosen by torch.where on the device flag); the batches
-    and RNG states of the steps not yet flushed stay on the host, as references."""
+    (each step's micro-batches, with the losses passed for them) and RNG states of the steps not yet
+    flushed stay as references."""
 
     def __init__(self, model: nn.Module, compute_loss: Any, path: Path) -> None:
         self.model, self.compute_loss, self.path = model, compute_loss, path
@@ -76,7 +99,7 @@ class Snapshot:
         self.kept = [torch.zeros_like(t) for t in self.tensors]
         device = self.tensors[0].device
         self.have = torch.zeros((), dtype=torch.bool, device=device)
-        self.batches: dict[int, Any] = {}
+        self.batches: dict[int, list[tuple[Any, torch.Tensor]]] = {}
         self.rng: dict[int, dict[str, Any]] = {}
         self.written = False
 
@@ -86,8 +109,9 @@ class Snapshot:
             cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
             self.rng[step] = {"cpu": torch.get_rng_state(), "cuda": cuda}
 
-    def on_batch(self, step: int, batch: Any) -> None:
-        self.batches[step] = batch
+    def on_batch(self, step: int, batch: Any, loss: torch.Tensor) -> None:
+        """One micro-batch of the step (None when not given) and the loss passed for it (detached)."""
+        self.batches.setdefault(step, []).append((batch, loss))
 
     def on_flag(self, flagged: torch.Tensor) -> None:
         """Keep `prev` when this is the first flagged step (decided on the device)."""
@@ -120,6 +144,7 @@ class Snapshot:
     def _write(self, step: int, values: list[float], blocks: list[str]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         roots = {import_root(type(self.model)), import_root(self.compute_loss)}
+        micro = self.batches.get(step, [])
         meta = {
             "format": FORMAT,
             "step": step,
@@ -127,12 +152,14 @@ class Snapshot:
             "blocks": blocks,
             "values": values,
             "import_roots": sorted(r for r in roots if r is not None),
-            "has_batch": step in self.batches,
+            "has_batch": bool(micro) and all(batch is not None for batch, _ in micro),
+            "micro_batches": len(micro),
         }
         data = {
             "model": self.model,
             "state": [t.detach().clone() for t in self.kept],
-            "batch": self.batches.get(step),
+            "batches": [batch for batch, _ in micro],
+            "losses": [loss.cpu() for _, loss in micro],
             "rng": self.rng.get(step),
             "compute_loss": self.compute_loss,
         }

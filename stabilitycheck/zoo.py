@@ -216,6 +216,9 @@ BUILDERS: dict[str, Callable[[Knobs, torch.Generator], nn.Module]] = {
 
 # sigma_w at which a bias-free deep net's backward gain chi = sigma_w^2 E[phi'(h)^2] is 1
 # (tanh, linear: 1; ReLU: He's sqrt 2; GELU has no fixed point without bias: He's value).
+# the bias-free MLP's mean-field critical sigma_w (chi_1 = 1) for tanh, linear and relu; gelu has
+# none (chi_1 -> sigma^2 / 4 for small activations, sigma^2 / 2 for large): sqrt(2) is relu's, ordered
+# for gelu. The remedy is re-judged on vanishing (remedies.judged_on), which shows where it is not.
 CRITICAL_SCALE = {"tanh": 1.0, "linear": 1.0, "relu": math.sqrt(2), "gelu": math.sqrt(2)}
 SEARCH_BASE: dict[str, Scalar] = {"width": 32, "batch_size": 8}  # sized for a search on a CPU
 

@@ -394,3 +394,92 @@ def test_a_choice_knob_is_fixed_by_a_word_in_the_search_as_in_the_map(
     assert code == cli.EXIT_USAGE and "did you mean 'relu'" in err and err.count("\n") == 1
     code, _, err = _run(["mlp", "--knob", "norm=post"], capsys)
     assert code == cli.EXIT_USAGE and "'norm' is not a knob of mlp" in err and "--knob depth=1:8" in err
+
+
+@pytest.mark.parametrize(
+    ("knobs", "searched"),
+    [
+        (["depth=10"], ["init_scale"]),  # a fixed searched knob is no axis; the other axis still is
+        (["depth=10", "init_scale=3.5"], []),  # every axis fixed: the one point is judged
+        (["init_scale=1.0:2.0:0.5", "depth=10"], ["init_scale"]),
+        (["activation=relu"], ["depth", "init_scale"]),
+    ],
+)
+def test_a_fixed_knob_stays_fixed_whether_or_not_a_range_is_given(
+    knobs: list[str], searched: list[str]
+) -> None:
+    """--knob NAME=VALUE on a knob the space searches fixes it (it fell back to the default axes,
+    depth included, when no range was left): the searched axes are the ranges given, else the
+    space's own axes less the fixed ones, and every fixed value is in the base."""
+    from stabilitycheck._options import _apply_knobs
+    from stabilitycheck.subjects import resolve
+
+    subject = resolve("mlp")
+    space = _apply_knobs(subject.space(), knobs, subject)
+    assert [a.name for a in space.axes] == searched
+    for text in knobs:
+        name, _, value = text.partition("=")
+        if ":" not in value:
+            assert str(space.base.values[name]) == value
+            assert space.config(space.top()).values[name] == space.base.values[name]
+
+
+def test_the_cli_judges_only_the_fixed_value_and_a_knob_given_twice_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`mlp --knob depth=10` reported depth=13: every configuration judged (the counterexample, the
+    largest stable one, the skipped) has depth 10. The same knob twice is one line and exit 2, in the
+    search and in the map; the map's --x cannot be a fixed knob."""
+    out_json = tmp_path / "out.json"
+    args = ["mlp", "--knob", "depth=10", "--seeds", "1", "--max-examples", "5", "--database", "none"]
+    code, _, err = _run([*args, "--quiet", "--json", str(out_json)], capsys)
+    assert code in (cli.EXIT_OK, cli.EXIT_FOUND), err
+    [row] = json.loads(out_json.read_text())
+    found = [row["counterexample"]["config"]] if row["counterexample"] else []
+    configs = found + [row["largest_stable"]] * bool(row["largest_stable"])
+    configs += [s["config"] for s in row["skipped"]]
+    assert configs and all(c["knobs"]["depth"] == 10 for c in configs)
+    twice = ["--knob", "init_scale=0.1:0.5:0.1", "--knob", "init_scale=0.2"]
+    for argv in (["mlp", *twice], ["map", "mlp", "--x", "depth", "--y", "init_scale", *twice]):
+        code, _, err = _run(argv, capsys)
+        assert code == cli.EXIT_USAGE and "init_scale is given twice" in err and err.count("\n") == 1
+    code, _, err = _run(["map", "mlp", "--x", "depth", "--y", "init_scale", "--knob", "depth=10"], capsys)
+    assert code == cli.EXIT_USAGE and "fixes it to one value" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "refused"),
+    [
+        (["--stall-limit", "0.95"], "--stall-limit"),
+        (["--divergence-limit", "3"], "--divergence-limit"),
+        (["--stall-limit", "0.9", "--steps", "0"], "--stall-limit"),
+        (["--divergence-limit", "3", "--stall-limit", "0.9"], "--divergence-limit and --stall-limit"),
+        (["--stall-limit", "0.95", "--steps", "5"], None),
+        (["--stall-limit", "0.95", "--knob", "steps=1:5"], None),
+        (["--divergence-limit", "off"], None),  # turning off what would not run is harmless
+        (["--divergence-limit", "3", "--divergence-limit", "off"], None),  # the last one given counts
+        ([], None),  # the default divergence limit is no request
+    ],
+)
+def test_a_loss_limit_without_training_steps_is_a_usage_error(
+    argv: list[str], refused: str | None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--stall-limit (and --divergence-limit) compare the loss after the steps with the initial loss;
+    without steps they were accepted and never checked: now refused up front, one line, exit 2."""
+    from stabilitycheck._options import parser, require_steps
+    from stabilitycheck.errors import UsageError
+
+    args = parser().parse_args(["mlp", *argv])
+    if refused is None:
+        require_steps(args)
+        return
+    with pytest.raises(UsageError, match=f"^{refused}: judged on the loss after training steps"):
+        require_steps(args)
+    code, out, err = _run(["mlp", "--quiet", "--database", "none", *argv], capsys)
+    assert code == cli.EXIT_USAGE and err.count("\n") == 1 and refused in err and out == ""
+
+
+def test_the_maps_divergence_limit_without_steps_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["map", "mlp", "--x", "depth", "--y", "init_scale", "--divergence-limit", "3"]
+    code, _, err = _run(argv, capsys)
+    assert code == cli.EXIT_USAGE and err.count("\n") == 1 and "--divergence-limit: judged on the loss" in err

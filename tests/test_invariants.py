@@ -454,3 +454,68 @@ def test_rescaling_passes_a_bias_whose_exact_gradient_is_zero(dtype: torch.dtype
         assert_rescaling_equivariant(model, x, lambda out, _: nn.functional.cross_entropy(out, y), c)
     nn.functional.cross_entropy(model(x), y).backward()  # the .grad fields were restored to None
     assert float(model[0].bias.grad.norm()) < 1e-6 * float(model[0].weight.grad.norm())  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_clipped_norm_accepts_any_coefficient_from_torchs_to_the_exact_one(dtype: torch.dtype) -> None:
+    """Oracle: torch's coefficient max_norm / (total + 1e-6) and the exact max_norm / total both clip
+    correctly. [3e-3, 4e-3, 0] has total 5e-3: scaled by exactly 0.2 it has norm max_norm = 1e-3 and
+    its direction, yet it was rejected for not being x 0.19996. A factor outside the two fails."""
+    grad = torch.tensor([3e-3, 4e-3, 0.0], dtype=dtype)
+    p = nn.Parameter(torch.zeros(3, dtype=dtype))
+    torchs, exact = 1e-3 / (5e-3 + 1e-6), 1e-3 / 5e-3
+    for c in (torchs, (torchs + exact) / 2, exact):
+        p.grad = grad * c
+        assert_clipped_norm_bounded([p], 1e-3, before=[grad])
+    p.grad = grad.clone()
+    torch.nn.utils.clip_grad_norm_([p], 1e-3)  # torch's own
+    assert_clipped_norm_bounded([p], 1e-3, before=[grad])
+    for c in (torchs * (1 - 1e-3), exact * (1 + 1e-3)):
+        p.grad = grad * c
+        with pytest.raises(StabilityError):
+            assert_clipped_norm_bounded([p], 1e-3, before=[grad])
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_per_tensor_clipping_fails_with_before_whatever_its_total(norm_type: float) -> None:
+    """Brute force over 20 gradient draws: a clip per tensor (each to max_norm on its own) can leave
+    the total within max_norm (always for the inf-norm), so the bound alone passes it; with before=
+    the contract of one common coefficient catches every draw where it changed anything."""
+    caught_by_bound = 0
+    for seed in range(20):
+        params, before = with_grads(seed=seed)
+        max_norm = 0.5 * max(float(torch.linalg.vector_norm(b, norm_type)) for b in before)
+        for g in (p.grad for p in params if p.grad is not None):
+            g.mul_(min(1.0, max_norm / (float(torch.linalg.vector_norm(g, norm_type)) + 1e-6)))
+        try:
+            assert_clipped_norm_bounded(params, max_norm, norm_type)
+        except StabilityError:
+            caught_by_bound += 1
+        with pytest.raises(StabilityError):
+            assert_clipped_norm_bounded(params, max_norm, norm_type, before=before)
+    if norm_type == math.inf:
+        assert caught_by_bound == 0  # the inf-norm total of per-tensor clipped gradients is <= max_norm
+
+
+def test_gradscaler_guard_blames_a_nan_weight_on_the_model_not_the_scaler() -> None:
+    """Oracle: torch's GradScaler itself skips the step (the weights keep every value, NaN included,
+    compared with equal_nan); the invariant said it 'stepped on a gradient holding inf' because
+    NaN != NaN. It now says the model's weight was non-finite before any step, and names it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    with torch.no_grad():
+        model[0].weight[0, 0] = math.nan
+    x = torch.randn(4, 8)
+    weights = [p.detach().clone() for p in model.parameters()]
+    scaler, opt = torch.amp.GradScaler("cpu"), torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler.scale(model(x).square().mean()).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert all(
+        torch.allclose(p, w, rtol=0, atol=0, equal_nan=True)
+        for p, w in zip(model.parameters(), weights, strict=True)
+    )
+    with pytest.raises(StabilityError) as info:
+        assert_gradscaler_guards(model, x, lambda out, _: out.square().mean())
+    message = str(info.value)
+    assert "before any step" in message and "first: '0.weight'" in message and "stepped" not in message

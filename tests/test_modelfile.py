@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from stabilitycheck.config import Config
 from stabilitycheck.errors import UsageError
-from stabilitycheck.losses import DefaultLoss
+from stabilitycheck.losses import DefaultLoss, unpack
 from stabilitycheck.modelfile import ModelFile, ModelFileError, load
 from stabilitycheck.probing import probe
 from stabilitycheck.searching import check
@@ -195,6 +195,30 @@ def test_packed_outputs_measure_like_the_plain_tensor(factory: str) -> None:
     packed = load(f"{broken('outputs')}:{factory}")
     assert packed.name.endswith(f"outputs.py:{factory}")
     assert probe(packed.config(), packed).loss == probe(plain.config(), plain).loss
+
+
+@pytest.mark.parametrize(("factory", "entry"), [("aux_dict", "output['out']"), ("aux_tuple", "output[1]")])
+def test_a_0d_auxiliary_loss_first_in_the_output_is_not_taken_for_the_output(
+    factory: str, entry: str
+) -> None:
+    """{"aux_loss": (h**2).mean(), "out": logits}: the 0-d aux loss was the output (MSE to a random
+    target). The logits are used, so the loss is the plain model's, and the report names the entry."""
+    plain = load(f"{broken('outputs')}:plain")
+    packed = load(f"{broken('outputs')}:{factory}")
+    m = probe(packed.config(), packed)
+    assert m.loss == probe(plain.config(), plain).loss
+    assert f"loss on {entry} (of 2 tensors" in m.blocks_note and "; " in m.blocks_note
+    assert "loss on" not in probe(plain.config(), plain).blocks_note
+
+
+def test_unpack_prefers_logits_then_the_first_tensor_with_a_dimension() -> None:
+    big, logits, aux = torch.zeros(4, 64), torch.zeros(4, 5), torch.tensor(1.0)
+    assert unpack({"hidden": big, "logits": logits})[0] is logits  # named: no note
+    assert unpack({"hidden": big, "logits": logits})[2] == ""
+    assert unpack((aux, (logits, big)))[0] is logits  # nested, position order (not the largest)
+    assert unpack((aux, (logits, big)))[2].startswith("loss on output[1][0] (of 3 tensors")
+    assert unpack({"loss": aux, "out": big})[1:] == (aux, "")  # the model's own loss: no output chosen
+    assert unpack((aux,))[0] is aux  # only a 0-d tensor: it is the output, as before
 
 
 def test_a_loss_in_the_output_is_used_as_the_loss() -> None:
@@ -393,3 +417,40 @@ def test_config_params_must_be_knobs_of_the_file() -> None:
     with pytest.raises(UsageError) as exc:
         mlp.build(Config.of(mlp.name, depth=2.5))
     assert_one_line(exc, "mlp.py", "depth=2.5 is not an int")
+
+
+def test_declared_stability_blocks_are_the_blocks_probed() -> None:
+    subject = load(f"{broken('blocks_declared')}:pairs")
+    assert probe(subject.config(), subject).layer_names[-2:] == ("a", "b")
+
+
+@pytest.mark.parametrize(
+    ("factory", "says"),
+    [
+        ("bare", "stability_blocks() item 0 is a Linear, not a (name, module) pair"),
+        ("module", "stability_blocks() returned a Linear; it must return a non-empty list of (name, module)"),
+        ("empty", "stability_blocks() returned an empty list"),
+        ("foreign", "stability_blocks() item 1 ('other') is not a submodule of the model"),
+    ],
+)
+def test_a_stability_blocks_of_the_wrong_shape_says_what_it_must_return(factory: str, says: str) -> None:
+    """It read 'running the model raised TypeError: cannot unpack non-iterable Linear object; check
+    that batch() or example_input matches': the hook is named, and the shape it must have."""
+    subject = load(f"{broken('blocks_declared')}:{factory}")
+    with pytest.raises(UsageError) as exc:
+        check_defaults(subject)
+    assert_one_line(exc, "blocks_declared", says, "e.g. `return [(", kind=UsageError)
+    assert "running the model" not in str(exc.value)
+
+
+def test_an_error_in_the_models_own_forward_names_its_line_and_blames_no_input() -> None:
+    subject = load(f"{broken('blocks_declared')}:view")
+    with pytest.raises(UsageError) as exc:
+        check_defaults(subject)
+    line = next(
+        i for i, t in enumerate(Path(broken("blocks_declared")).read_text().splitlines(), 1) if ".view(" in t
+    )
+    assert_one_line(
+        exc, "blocks_declared", f"blocks_declared.py:{line} in forward", "may not", kind=UsageError
+    )
+    assert "check that batch()" not in str(exc.value)

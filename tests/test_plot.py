@@ -73,3 +73,34 @@ def test_missing_matplotlib_is_a_usage_error(monkeypatch: pytest.MonkeyPatch, tm
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     with pytest.raises(UsageError, match=r"pip install 'stabilitycheck\[plot\]'"):
         plot([], tmp_path / "x.png")
+
+
+def test_a_long_title_stays_inside_the_figure_and_the_limit_line_says_where_it_is() -> None:
+    """A model path of 150 characters: its title line ran past the panel and was cut off on the left.
+    Oracle: matplotlib's own rendered extents (every title line inside the figure). The dashed line is
+    drawn at limit x the last block's |dL/d out|, and its label says so."""
+    pytest.importorskip("matplotlib")
+    import dataclasses
+
+    from stabilitycheck.plot import figure
+
+    result = search(KNOWN, max_examples=5)
+    cx = result.counterexample
+    assert cx is not None
+    long = "/" + "/".join(["a-rather-long-folder-name"] * 6) + "/model.py:build"
+    result = dataclasses.replace(
+        result, counterexample=dataclasses.replace(cx, config=dataclasses.replace(cx.config, subject=long))
+    )
+    fig, rows = figure([result])
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box = fig.bbox
+    left = fig.axes[0]
+    title = left.title.get_window_extent(renderer)
+    assert long[:40] in left.get_title().replace("\n", "")
+    assert box.x0 <= title.x0 and title.x1 <= box.x1, (title, box)
+    (line,) = [ln for ln in left.get_lines() if ln.get_linestyle() == "--"]
+    last = cx.judgement.measurement.activation_grad_norms[-1]
+    assert line.get_ydata()[0] == pytest.approx(last * cx.limits.growth)  # type: ignore[index, operator]
+    assert "x the last block's |dL/d out|" in str(line.get_label())
+    assert rows == 1

@@ -351,3 +351,33 @@ def test_a_nan_gradient_norm_is_shown_as_nan_not_0() -> None:
     assert verdict(m).names == ("nonfinite",)
     fine = probe_module(nn.Linear(2, 2), torch.ones(1, 2), lambda o, _: o.sum(), steps=2)
     assert values(fine)["grad_norm"] == max(fine.grad_norm)
+
+
+@pytest.mark.parametrize(("factor", "loss_scale"), [(1e20, 1e22), (1e-22, 1e-25)])
+def test_huge_and_tiny_finite_norms_are_measured_exactly(factor: float, loss_scale: float) -> None:
+    """Oracle: float64 torch.linalg.vector_norm of the same float32 tensors. Block 1's output x1e20
+    and the loss x1e22 (float32 squares overflow), or x1e-22 and x1e-25 (subnormal squares): every
+    norm is finite and exact, as it is for norms of ordinary size."""
+    torch.manual_seed(0)
+    net = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3)])
+    net[1].register_forward_hook(lambda module, args, out: out * factor)
+    x = torch.randn(16, 8)
+    blocks = [(str(b), net[b]) for b in range(3)]
+    m = probe_module(net, x, lambda out, _: loss_scale * out.square().mean(), blocks=blocks)
+    outs, h = [], x.clone().requires_grad_()
+    entry = h
+    for b in range(3):
+        h = net[b](h)
+        outs.append(h)
+    grads = torch.autograd.grad(loss_scale * h.square().mean(), [entry, *outs])
+    expect_out = [float(torch.linalg.vector_norm(t.detach().double())) for t in [x, *outs]]
+    expect_grad = [float(torch.linalg.vector_norm(g.double())) for g in grads]
+    assert m.first_nonfinite is None
+    assert m.activation_norms == pytest.approx(expect_out, rel=1e-6, abs=0)
+    assert m.activation_grad_norms == pytest.approx(expect_grad, rel=1e-6, abs=0)
+    net.zero_grad()
+    (loss_scale * net(x).square().mean()).backward()
+    weight_grads = [torch.cat([p.grad.double().reshape(-1) for p in net[b].parameters()]) for b in range(3)]
+    assert m.layer_grad_norms == pytest.approx([float(g.norm()) for g in weight_grads], rel=1e-6, abs=0)
+    extreme = [v for v in (*m.activation_norms, *m.activation_grad_norms) if v > 1.8e19 or 0 < v < 1e-19]
+    assert len(extreme) >= 2  # the ranges float32 squares cannot hold were measured

@@ -12,7 +12,7 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 from stabilitycheck import report
 from stabilitycheck.config import Config
 from stabilitycheck.probing import probe
-from stabilitycheck.remedies import critical_init
+from stabilitycheck.remedies import critical_init, judged_on
 from stabilitycheck.searching import boundary, search, sweep
 from stabilitycheck.seeds import assess
 from stabilitycheck.space import Axis, Space
@@ -85,6 +85,40 @@ def test_critical_init_fixes_the_deep_tanh_mlp() -> None:
     assert not assess(fixed).exploded
 
 
+def test_critical_init_that_is_not_critical_is_not_fixed_but_vanishing() -> None:
+    """Bias-free GELU at sqrt(2) (the ReLU value) is ordered: each block's chi lies between its limits
+    sigma^2 / 4 = 1/2 (small activations) and sigma^2 / 2 = 1 (large, ReLU-like), so the gradient
+    shrinks by a per-block gain in (sqrt(1/2), 1) and vanishes with depth; it was reported 'fixed'.
+    A tanh RNN at spectral radius 1 with its input drive shrinks through time (tanh' < 1): also
+    vanishing. The tanh MLP's sigma 1 (mean field chi_1 = 1) still fixes."""
+    from stabilitycheck.searching import try_remedies
+    from stabilitycheck.seeds import through_time
+    from stabilitycheck.verdicts import Limits
+
+    cases = [
+        (
+            Config.of("mlp", depth=32, width=64, init_scale=1.75, activation="gelu", batch_size=8, seeds=3),
+            False,
+        ),
+        (Config.of("rnn", seq_len=24, width=32, init_scale=4.0, batch_size=8, seeds=3), False),
+        (Config.of("mlp", depth=24, width=64, init_scale=2.5, batch_size=8, seeds=3), True),
+    ]
+    for config, fixes in cases:
+        subject = resolve(config.subject)
+        (remedy,) = [r for r in try_remedies(config, subject, Limits()) if r.name == "critical-init"]
+        assert remedy.config is not None and remedy.fixed is fixes, (config.subject, remedy)
+        if fixes:
+            continue
+        assert remedy.still_fires == ("vanishing",)
+        j = assess(remedy.config, limits=Limits(vanishing=100.0))
+        if config.recurrent:  # judged on the last step's loss: the product of the Jacobians
+            spread = through_time(remedy.config, subject, 0.5, j.seeds)
+            assert spread is not None and spread.high < 1e-2
+        else:
+            gain = float(j.culprit.removeprefix("uniform, median gain x"))
+            assert math.sqrt(0.5) < gain < 1 and j.growth.high < 1e-2, (j.culprit, j.growth)
+
+
 @pytest.mark.parametrize("lr", [30.0, 100.0])
 def test_clipping_bounds_the_weight_drift_of_a_tanh_rnn_at_sigma_1_5(lr: float) -> None:
     # Each clipped SGD step moves the weights by at most lr * max_norm, so after k steps
@@ -114,7 +148,7 @@ def test_remedies_are_measured_and_not_applicable_ones_say_so() -> None:
     assert by_name["critical-init"].fixed  # a linear RNN at spectral radius 1 cannot grow
     for r in cx.remedies:
         if r.config is not None:
-            assert r.fixed == (not assess(r.config, limits=cx.limits).exploded)
+            assert r.fixed == (not assess(r.config, limits=judged_on(cx.limits)).exploded)
 
 
 def test_configs_too_large_for_memory_are_skipped_and_reported(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -178,3 +212,35 @@ def test_the_probe_timer_never_raises_inside_a_gc_callback() -> None:
         gc.callbacks.remove(callback)
     assert seen and all(seen)
     assert not _in_gc_callback(sys._getframe())
+
+
+def test_json_report_is_strict_json_and_reads_back_nan_and_inf() -> None:
+    """Python wrote bare NaN/Infinity tokens, which strict parsers reject. Oracle: json.loads with
+    parse_constant raising (what a strict parser does on those tokens); NaN comes back as NaN (from
+    null) and Inf as Inf (from 1e999), and the result read back writes the same text."""
+    import dataclasses
+    import json
+
+    from stabilitycheck.counterexample import Counterexample
+
+    space = Space(
+        "mlp", Config.of("mlp", width=8, batch_size=4, init_scale=3.0, seeds=1), (Axis("depth", (30,)),)
+    )
+    result = search(space, max_examples=2)
+    cx = result.counterexample
+    assert cx is not None
+    j = cx.judgement
+    m = dataclasses.replace(j.measurement, gains=(math.nan, math.inf, 1.0), growth=-math.inf)
+    j = dataclasses.replace(j, measurement=m, grad_norm=dataclasses.replace(j.grad_norm, high=math.nan))
+    result = dataclasses.replace(result, counterexample=dataclasses.replace(cx, judgement=j))
+    text = report.to_json([result])
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"non-standard JSON token {token}")
+
+    (entry,) = json.loads(text, parse_constant=refuse)
+    back = Counterexample.from_dict(entry["counterexample"])
+    gains = back.judgement.measurement.gains
+    assert math.isnan(gains[0]) and gains[1] == math.inf and gains[2] == 1.0
+    assert back.judgement.measurement.growth == -math.inf and math.isnan(back.judgement.grad_norm.high)
+    assert report.to_json([dataclasses.replace(result, counterexample=back)]) == text

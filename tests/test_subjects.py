@@ -4,6 +4,7 @@ reproduction line reproducing a verdict judged on non-default limits."""
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import subprocess
@@ -136,7 +137,8 @@ def test_an_encoder_decoder_has_both_stacks_named() -> None:
     src, tgt = torch.randn(2, 5, 8, generator=gen), torch.randn(2, 4, 8, generator=gen)
     m = probe_module(model.eval(), (src, tgt), lambda out, _: out.square().mean())
     assert m.activation_names == ("(input)", *names)  # from src, through both stacks
-    assert len(m.gains) == 5 and all(g > 0 for g in m.gains)
+    assert len(m.gains) == 5 and math.isnan(m.gains[2])  # decoder.layers.0 takes tgt: no gain across
+    assert all(g > 0 for i, g in enumerate(m.gains) if i != 2)
 
 
 def test_the_reproduction_line_reproduces_a_verdict_on_non_default_limits() -> None:
@@ -172,17 +174,98 @@ def test_the_linear_rnn_seq_len_boundary_matches_the_20_seed_median() -> None:
 
 @pytest.mark.parametrize("scale", [0.5, 2.0])
 def test_a_flat_sequential_has_its_weighted_layers_as_blocks_with_the_theorys_gains(scale: float) -> None:
-    """Linear, ReLU, Linear, ReLU, ...: the blocks are the Linears (the ReLU folds into the layer
-    before), so every gain is a whole layer's. Oracle, mean field: weights N(0, 2 s^2 / fan_in) and
-    ReLU give a per-layer backward gain of s (chi_1 = sigma_w^2 / 2 = s^2), at width 512 within 10%."""
+    """Linear, ReLU, Linear, ReLU, ...: a block per Linear, with the ReLU after it, so every gain is a
+    whole layer's. Oracle, mean field: weights N(0, 2 s^2 / fan_in) and ReLU give a per-layer
+    backward gain of s (chi_1 = sigma_w^2 / 2 = s^2), at width 512 within 10%."""
     torch.manual_seed(0)
     layers = [nn.Linear(512, 512, bias=False) for _ in range(8)]
     for layer in layers:
         nn.init.normal_(layer.weight, std=scale * (2.0 / 512) ** 0.5)
     model = nn.Sequential(*[m for layer in layers for m in (layer, nn.ReLU())])
     blocks, note = find_blocks(model)
-    assert [m for _, m in blocks] == layers and "8 of 16 with parameters" in note
+    assert [m.weighted for _, m in blocks] == layers and "8 layers of 16 mixed modules" in note  # type: ignore[union-attr]
     readout = torch.randn(64, 512)  # a loss whose gradient is independent of the forward signal
     m = probe_module(model, torch.randn(64, 512), lambda out, _: (out * readout).sum())
-    inner = m.gains[1:]  # gain i + 1: across Linear i + 1 and the ReLU before it
+    inner = m.gains[1:]  # gain i + 1: across Linear i + 1 and the ReLU after it
     assert statistics.median(inner) == pytest.approx(scale, rel=0.1)
+
+
+def test_a_flat_sequential_layer_ends_after_its_activation_even_a_shared_one() -> None:
+    """Oracle, autograd in float64: in Linear, Tanh, Linear, Tanh, ... (one Tanh instance shared by
+    every layer), each block's output is the activation's, so the growth is |dL/dx| / |dL/d(model
+    output)| and every gain the ratio of post-activation gradients, exactly (taken at the Linears'
+    outputs, the growth was ~2x off and the last activation outside the chain)."""
+    torch.manual_seed(0)
+    width, depth = 64, 6
+    act, linears = nn.Tanh(), [nn.Linear(width, width) for _ in range(depth)]
+    for linear in linears:
+        nn.init.normal_(linear.weight, std=3.0 / width**0.5)
+    model = nn.Sequential(*[m for linear in linears for m in (linear, act)]).double()
+    x = torch.randn(16, width, dtype=torch.float64)
+    m = probe_module(model, x, lambda out, _: out.pow(2).sum())
+    xr, outs = x.clone().requires_grad_(), []
+    h = xr
+    for linear in linears:
+        h = act(linear(h))
+        h.retain_grad()
+        outs.append(h)
+    h.pow(2).sum().backward()
+    assert xr.grad is not None
+    g = [o.grad.norm().item() for o in outs if o.grad is not None]
+    assert m.growth == pytest.approx(xr.grad.norm().item() / g[-1], rel=1e-12)
+    assert list(m.gains[1:]) == pytest.approx([g[i] / g[i + 1] for i in range(depth - 1)], rel=1e-12)
+
+
+class _TwoStages(nn.Module):
+    """Two stacks, the second fed by the first (a ResNet's stages): one chain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3)])
+        self.b = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in [*self.a, *self.b]:
+            x = layer(x)
+        return x
+
+
+class _EncoderDecoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.t = nn.Transformer(
+            d_model=16,
+            nhead=2,
+            num_encoder_layers=2,
+            num_decoder_layers=2,
+            dim_feedforward=32,
+            dropout=0.0,
+            batch_first=True,
+        )
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        return self.t(src, tgt)
+
+
+def test_a_gain_is_measured_across_two_stacks_only_where_the_second_takes_the_firsts_output() -> None:
+    """Oracle, autograd in float64: chained stages give the exact gain across the junction (|dL/d out
+    of a.2| / |dL/d out of b.0|); an encoder-decoder's decoder.layers.0 takes the target, not the
+    encoder's output, so there is no gain across that junction (NaN, never a ratio of two chains)."""
+    torch.manual_seed(0)
+    model = _TwoStages().double()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    m = probe_module(model, x, lambda out, _: out.pow(2).sum())
+    outs, h = [], x
+    for layer in [*model.a, *model.b]:
+        h = layer(h)
+        h.retain_grad()
+        outs.append(h)
+    h.pow(2).sum().backward()
+    g = [o.grad.norm().item() for o in outs if o.grad is not None]
+    assert m.gains[3] == pytest.approx(g[2] / g[3], rel=1e-12)  # a.2 -> b.0
+    ed = _EncoderDecoder().double()
+    src, tgt = torch.randn(2, 5, 16, dtype=torch.float64), torch.randn(2, 4, 16, dtype=torch.float64)
+    m = probe_module(ed, (src, tgt), lambda out, _: out.pow(2).sum())
+    junction = m.activation_names.index("t.decoder.layers.0") - 1
+    assert math.isnan(m.gains[junction])
+    assert all(math.isfinite(g) for i, g in enumerate(m.gains) if i != junction)

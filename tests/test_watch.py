@@ -17,6 +17,7 @@ from test_probe import NanBackward
 from torch.overrides import TorchFunctionMode
 from watch_models import MLP, Fault, PreNorm, batch, compute_loss, report_of, train
 
+from stabilitycheck import recording
 from stabilitycheck.errors import UsageError
 from stabilitycheck.watching import watch
 from stabilitycheck.watchlog import Log
@@ -164,7 +165,13 @@ def test_host_reads_are_one_per_flush_interval(
     options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Counted everywhere except in watchlog.Log, which works on the host copy the read made (on a
-    GPU its tensors are CPU tensors; here everything is, so it is told apart by where it runs)."""
+    GPU its tensors are CPU tensors; here everything is, so it is told apart by where it runs). Norms
+    are summed in float64 as on CUDA (on the CPU they are summed in float32 and the few out of its
+    range redone after a per-step read, which there is no sync)."""
+    wide = recording.accumulator
+    monkeypatch.setattr(
+        recording, "accumulator", lambda d, exact, device=None: wide(d, exact, torch.device("cuda"))
+    )
     with HostReads() as probe:  # the counter itself sees reads (the check can fail)
         t = torch.ones(2)
         t.sum().item()

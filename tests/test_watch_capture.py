@@ -4,6 +4,7 @@ torch's own, and an output changed in place before its norm is taken is caught, 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 from watch_models import MLP, batch, train
 
-from stabilitycheck import watchcapture
+from stabilitycheck import recording, watchcapture
 from stabilitycheck.watching import watch
 
 
@@ -127,3 +128,98 @@ def test_a_block_called_70_times_has_the_norm_of_all_its_calls(ragged: bool) -> 
     expect_grad = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads]))
     assert values[("activation", "cell")] == pytest.approx(float(expect), rel=1e-6)
     assert values[("activation_grad", "cell")] == pytest.approx(float(expect_grad), rel=1e-6)
+
+
+CUDA = torch.device("cuda")
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("wide", [False, True])
+def test_norms_of_finite_tensors_are_finite_and_exact_at_any_scale(
+    device: str, wide: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Float32 and bfloat16 values (uniform in +-scale) whose squares overflow float32 (norms from
+    1.8e19 up to the largest float32) or are subnormal (norms below 1e-19), float16 and float64 among
+    them, in one fused call and one at a time: each norm equals float64 torch.linalg.vector_norm.
+    `wide`: summed in float64 from the start, as on CUDA."""
+    if wide:
+        choice = recording.accumulator
+        monkeypatch.setattr(recording, "accumulator", lambda d, exact, _=None: choice(d, exact, CUDA))
+    gen = torch.Generator().manual_seed(0)
+    tensors = [
+        ((2 * torch.rand(n, generator=gen, dtype=torch.float64) - 1) * scale).to(dtype)
+        for n, scale, dtype in [
+            (1000, 1e20, torch.float32),
+            (1 << 16, 1e35, torch.float32),
+            (4, 3e38, torch.float32),
+            (1000, 1e-22, torch.float32),
+            (100, 1e-40, torch.float32),  # subnormal values
+            (1000, 1e-19, torch.float32),
+            (1000, 0.0, torch.float32),
+            (1000, 1.0, torch.float32),
+            (1000, 1e25, torch.bfloat16),
+            (1000, 1e-25, torch.bfloat16),
+            (1000, 6e4, torch.float16),
+            (1000, 1e-6, torch.float16),
+            (1000, 1e100, torch.float64),
+        ]
+    ]
+    tensors = [t.to(device) for t in tensors]
+    assert all(bool(t.isfinite().all()) for t in tensors)
+    expect = [float(torch.linalg.vector_norm(t.double())) for t in tensors]
+    fused = [float(v) for v in recording._fused_norms(tensors, False)]
+    alone = [float(recording.norm(t)) for t in tensors]
+    same = [
+        [float(v) for v in recording._fused_norms([t for t in tensors if t.dtype == d], False)]
+        for d in (torch.float32, torch.bfloat16)
+    ]
+    assert fused == pytest.approx(expect, rel=1e-6, abs=0)
+    assert alone == pytest.approx(expect, rel=1e-6, abs=0)
+    assert [*same[0], *same[1]] == pytest.approx(
+        [e for t, e in zip(tensors, expect, strict=True) if t.dtype == torch.float32]
+        + [e for t, e in zip(tensors, expect, strict=True) if t.dtype == torch.bfloat16],
+        rel=1e-6,
+        abs=0,
+    )
+    assert math.isinf(float(recording.norm(torch.tensor([1.0, math.inf], device=device))))
+    assert math.isnan(float(recording.norm(torch.tensor([1e30, math.nan], device=device))))
+
+
+@pytest.mark.parametrize(("factor", "loss_scale"), [(1e20, 1e22), (1e-22, 1e-25)])
+def test_the_watch_logs_huge_and_tiny_finite_norms_exactly(factor: float, loss_scale: float) -> None:
+    """Block 1's output x1e20 and the loss x1e22 (finite values whose float32 squares overflow), or
+    x1e-22 and x1e-25 (subnormal squares): every logged norm equals the float64 norm of the tensor."""
+    torch.manual_seed(0)
+    model = MLP(depth=3)
+    model.blocks[1].register_forward_hook(lambda module, args, out: out * factor)
+    x, y = batch(torch.Generator().manual_seed(0), model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with watch(model, opt, flush_every=1, report=None) as w:
+        opt.zero_grad()
+        loss = loss_scale * ((model(x) - y) ** 2).mean()
+        w.loss(loss)
+        loss.backward()
+        opt.step()
+    values = dict(zip(w.out.names, w.out.last_values, strict=True))
+    outs, h = [], x
+    for block in model.blocks:
+        h = block(h)
+        outs.append(h)
+    grads = torch.autograd.grad(loss_scale * ((model.head(h).squeeze(-1) - y) ** 2).mean(), outs)
+    for b in range(3):
+        expect_out = float(torch.linalg.vector_norm(outs[b].detach().double()))
+        expect_grad = float(torch.linalg.vector_norm(grads[b].double()))
+        weight_grads = torch.cat([p.grad.double().reshape(-1) for p in model.blocks[b].parameters()])
+        assert values[("activation", f"blocks.{b}")] == pytest.approx(expect_out, rel=1e-6, abs=0)
+        assert values[("activation_grad", f"blocks.{b}")] == pytest.approx(expect_grad, rel=1e-6, abs=0)
+        assert values[("gradient", f"blocks.{b}")] == pytest.approx(
+            float(weight_grads.norm()), rel=1e-6, abs=0
+        )
+    extreme = [v for v in values.values() if v > 1.8e19 or 0 < v < 1e-19]
+    assert len(extreme) >= 2  # the ranges float32 squares cannot hold were measured

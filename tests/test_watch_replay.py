@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from watch_models import PreNorm, compute_loss, report_of, train
+from torch import nn
+from watch_models import PreNorm, batch, compute_loss, report_of, train
 
 from stabilitycheck import watchstate
 from stabilitycheck.cli import main
 from stabilitycheck.errors import UsageError
 from stabilitycheck.replay import replay
+from stabilitycheck.watching import watch
 
 
 def _bundle(path: Path) -> int:
@@ -81,3 +84,103 @@ def test_a_bundle_that_cannot_be_written_warns_and_training_goes_on(
             w = train(PreNorm(depth=3), 52, bad_batch=(48, 50.0), **options)
         assert w.report is not None and w.report.steps == 52
         assert not (path / "data.pt").exists() if path.is_dir() else path.read_text().startswith("a file")
+
+
+@pytest.mark.parametrize(("micro", "divide"), [(2, True), (3, True), (2, False)])
+def test_a_step_of_micro_batches_is_replayed_whole(tmp_path: Path, micro: int, divide: bool) -> None:
+    """Gradient accumulation: `micro` micro-batches a step, each w.loss(loss / micro) (or the undivided
+    loss), the first micro-batch of step 40 x50. The replay runs every micro-batch, scaled as they
+    were passed, and reproduces every norm the training step measured (within 1e-6)."""
+    torch.manual_seed(0)
+    model = PreNorm(depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    with watch(
+        model, opt, bundle=tmp_path / "b", compute_loss=compute_loss, flush_every=16, report=None
+    ) as w:
+        for step in range(44):
+            opt.zero_grad()
+            for k in range(micro):
+                x, y = batch(gen, model, 8)
+                x = x * 50.0 if (step, k) == (40, 0) else x
+                loss = compute_loss(model, (x, y))
+                loss = loss / micro if divide else loss
+                w.loss(loss, batch=(x, y))
+                loss.backward()
+            opt.step()
+    first = report_of(w).first_spike
+    assert first is not None and first.step == 40
+    meta = json.loads((tmp_path / "b" / "meta.json").read_text())
+    assert meta["step"] == 40 and meta["micro_batches"] == micro
+    result = replay(tmp_path / "b")
+    assert result.mismatches(1e-6) == []
+    assert sum(math.isfinite(v) and v > 0 for v in result.replayed) > 10
+    assert main(["replay", str(tmp_path / "b")]) == 0
+
+
+class Local(nn.Module):
+    """Stands for a model class of the training script: its __module__ is set to __main__ below."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(16, 16)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks[0](x).sum(-1)
+
+
+def test_a_model_class_replay_cannot_load_is_refused_at_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model (or a block of it) whose class is defined in the script run as __main__, or inside a
+    function (not picklable by name), could be saved but never loaded by replay: a usage error when
+    watch() starts, naming the class, before any step; the same model from a module is accepted."""
+
+    class Inner(nn.Linear):
+        pass
+
+    monkeypatch.setattr(Local, "__module__", "__main__")
+    wrapped = PreNorm(depth=2)
+    wrapped.head = Local()  # type: ignore[assignment]
+    inner = PreNorm(depth=2)
+    inner.head = Inner(16, 1)
+    for model, why in (
+        (Local(), "'Local' is defined in the script run as __main__"),
+        (wrapped, "'Local'"),
+        (inner, "'Inner' cannot be pickled by name"),
+    ):
+        with pytest.raises(UsageError, match=f"model cannot be replayed: its class {why}") as caught:
+            train(model, 1, bundle=tmp_path / "b", compute_loss=compute_loss)
+        assert "\n" not in str(caught.value)
+        assert not (tmp_path / "b").exists()
+    monkeypatch.undo()
+    train(PreNorm(depth=2), 1, bundle=tmp_path / "b", compute_loss=compute_loss)
+
+
+def test_an_edited_meta_json_or_a_negative_rtol_is_a_one_line_usage_error(
+    tmp_path: Path, capsys: object
+) -> None:
+    """meta.json without `step`, with a step that is not an integer, with fewer values than the step
+    measures, with a value that is not a number, or not an object; --rtol below 0 or NaN: exit 2 and
+    one line, never the internal error (exit 3)."""
+    _bundle(tmp_path / "bundle")
+    meta = json.loads((tmp_path / "bundle" / "meta.json").read_text())
+    edits = [
+        {k: v for k, v in meta.items() if k != "step"},
+        {**meta, "step": "48"},
+        {**meta, "values": meta["values"][:-1]},
+        {**meta, "values": [*meta["values"][:-1], "1.0"]},
+        [meta],
+    ]
+    for i, edited in enumerate(edits):
+        bundle = tmp_path / f"edit{i}"
+        shutil.copytree(tmp_path / "bundle", bundle)
+        (bundle / "meta.json").write_text(json.dumps(edited))
+        assert main(["replay", str(bundle)]) == 2
+        err = capsys.readouterr().err  # type: ignore[attr-defined]
+        assert err.startswith("stabilitycheck: error: replay") and err.count("\n") == 1
+    for rtol in ("-1", "nan"):
+        assert main(["replay", str(tmp_path / "bundle"), "--rtol", rtol]) == 2
+        err = capsys.readouterr().err  # type: ignore[attr-defined]
+        assert err.startswith("stabilitycheck: error:") and "--rtol" in err and err.count("\n") == 1
+    assert main(["replay", str(tmp_path / "bundle"), "--rtol", "0"]) in (0, 1)

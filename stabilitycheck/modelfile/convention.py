@@ -158,6 +158,35 @@ class Factory:
         return infer(owner.given, model, INFER_BATCH, INFER_SEQ, seed)
 
 
+def check_blocks(owner: ModelFile, model: nn.Module) -> None:
+    """The model's `stability_blocks()`, where it defines one, returns (name, module) pairs of its own
+    submodules, input side first: anything else is a one-line error saying so, not a failed probe."""
+    declared = getattr(model, "stability_blocks", None)
+    if not callable(declared):
+        return
+    got = owner.call_user("stability_blocks()", declared)
+    example = 'e.g. `return [(f"layers.{i}", m) for i, m in enumerate(self.layers)]`'
+    items = list(got) if isinstance(got, list | tuple) else None
+    if not items:
+        what = f"an empty {type(got).__name__}" if items == [] else article(got)
+        raise owner.error(
+            f"stability_blocks() returned {what}; it must return a non-empty list of "
+            f"(name, module) pairs, input side first, {example}"
+        )
+    own = {id(m) for m in model.modules()}
+    for i, item in enumerate(items):
+        pair = isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[0], str)
+        if not pair or not isinstance(item[1], nn.Module):
+            raise owner.error(
+                f"stability_blocks() item {i} is {article(item)}, not a (name, module) pair; {example}"
+            )
+        if id(item[1]) not in own:
+            raise owner.error(
+                f"stability_blocks() item {i} ({item[0]!r}) is not a submodule of the model, so its "
+                f"gradients are never seen; return the model's own blocks, {example}"
+            )
+
+
 @dataclasses.dataclass
 class Fixed:
     """A module-level `model` and `example_input`, copied on each build; `SEQ_DIM` adds seq_len."""

@@ -16,13 +16,14 @@ from stabilitycheck._validation import article, describe
 from stabilitycheck.config import Config
 from stabilitycheck.errors import StabilityCheckError
 from stabilitycheck.families import Scalar
-from stabilitycheck.losses import DefaultLoss, Inputs, LossFn, on_output
+from stabilitycheck.losses import DefaultLoss, Inputs, LossFn, OutputLoss
 from stabilitycheck.memory import meta_bytes
 from stabilitycheck.modelfile.convention import (
     Bound,
     Factory,
     Fixed,
     Knob,
+    check_blocks,
     check_bounds,
     factory_source,
     fixed_source,
@@ -154,6 +155,7 @@ class ModelFile:
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
             model = self.source.make_model(self, values)
+            check_blocks(self, model)
             blocks, note = find_blocks(model)
             self.check_eager(model, blocks)
             if self.scales_weights and values[SCALE] != 1.0:
@@ -200,8 +202,7 @@ class ModelFile:
         """The user's loss(output, inputs), or the default loss on the unpacked output."""
         user = self.user_loss
         if user is None:
-            default = on_output(DefaultLoss(_derived(seed, _SALT_LOSS)), self.given)
-            return lambda output, inputs: self.call_user("the default loss", default, output, inputs)
+            return OutputLoss(DefaultLoss(_derived(seed, _SALT_LOSS)), self.given, guard=self.call_user)
         return lambda output, inputs: self.call_user("loss(output, inputs)", user, output, inputs)
 
 

@@ -1,4 +1,5 @@
-"""Models whose outputs are a tuple, a dict, an object with .logits, or one with .loss (Hugging Face style).
+"""Models whose outputs are a tuple, a dict, an object with .logits, or one with .loss (Hugging Face style),
+or a dict/tuple whose first tensor is a 0-d auxiliary loss (not the output).
 
 Each factory is picked with `outputs.py:NAME`; every model returns the same logits, so they measure alike.
 """
@@ -38,6 +39,10 @@ class Net(nn.Module):
             return {"hidden_count": 2, "logits": logits, "hidden": h}
         if self.kind == "attrs":
             return WithLogits(logits=logits, hidden=h)
+        if self.kind == "aux_dict":
+            return {"aux_loss": (h**2).mean(), "out": logits}
+        if self.kind == "aux_tuple":
+            return ((h**2).mean(), logits, None)
         if self.kind == "loss":
             return WithLoss(loss=logits.logsumexp(dim=-1).mean(), logits=logits)
         return logits
@@ -57,6 +62,14 @@ def as_dict() -> nn.Module:
 
 def as_attrs() -> nn.Module:
     return Net("attrs")
+
+
+def aux_dict() -> nn.Module:
+    return Net("aux_dict")
+
+
+def aux_tuple() -> nn.Module:
+    return Net("aux_tuple")
 
 
 def with_loss() -> nn.Module:
