@@ -64,7 +64,8 @@ def row(result: SearchResult) -> list[str]:
             result.space.label,
             run.device,
             precision,
-            f"{'interrupted, ' if result.interrupted else ''}stable (tried up to {tried})",
+            f"{'interrupted, ' if result.interrupted else ''}stable "
+            + (f"(tried up to {tried})" if tried else "(its one configuration: every knob fixed)"),
             "-",
             _spread(j) if j else "-",
             j.kind.describe() if j else "-",

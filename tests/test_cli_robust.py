@@ -445,6 +445,10 @@ def test_the_cli_judges_only_the_fixed_value_and_a_knob_given_twice_is_a_usage_e
         assert code == cli.EXIT_USAGE and "init_scale is given twice" in err and err.count("\n") == 1
     code, _, err = _run(["map", "mlp", "--x", "depth", "--y", "init_scale", "--knob", "depth=10"], capsys)
     assert code == cli.EXIT_USAGE and "fixes it to one value" in err and err.count("\n") == 1
+    code, out, err = _run(
+        ["mlp", "--knob", "depth=2", "--knob", "init_scale=1.0", "--database", "none"], capsys
+    )
+    assert code == cli.EXIT_OK and "stable (its one configuration: every knob fixed)" in out, err
 
 
 @pytest.mark.parametrize(
