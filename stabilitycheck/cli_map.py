@@ -8,7 +8,6 @@ map was traced, 2 for bad input (one line), 3 for an internal error.
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 import traceback
@@ -31,6 +30,7 @@ from stabilitycheck._options import (
     require_steps,
 )
 from stabilitycheck._outputs import Progress, _atomic_write, check_outputs
+from stabilitycheck.report import strict_json
 
 
 def parser() -> argparse.ArgumentParser:
@@ -131,7 +131,7 @@ def run(argv: Sequence[str]) -> int:
 
     def save(pm: Any) -> None:
         if args.json:
-            _atomic_write(args.json, json.dumps(pm.to_dict(), indent=1))
+            _atomic_write(args.json, strict_json(pm.to_dict()))
 
     terminated: list[bool] = []
 

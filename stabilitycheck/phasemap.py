@@ -50,7 +50,7 @@ class Point:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Point:
-        return cls(**{**d, "criteria": tuple(d["criteria"]), "growth": Spread(**d["growth"])})
+        return cls(**{**d, "criteria": tuple(d["criteria"]), "growth": Spread.from_dict(d["growth"])})
 
 
 @dataclass(frozen=True)

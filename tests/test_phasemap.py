@@ -8,6 +8,7 @@ predicts; with the default limits a linear RNN's weight-gradient norm passes 1e3
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -26,7 +27,8 @@ from stabilitycheck import meanfield
 from stabilitycheck.cli import main
 from stabilitycheck.maptext import markdown, text
 from stabilitycheck.phasemap import PhaseMap, phase_map, theory
-from stabilitycheck.seeds import assess
+from stabilitycheck.report import strict_json
+from stabilitycheck.seeds import Spread, assess
 from stabilitycheck.space import Axis, Space
 from stabilitycheck.staircase import Edge, trace
 from stabilitycheck.verdicts import Limits
@@ -226,6 +228,10 @@ def test_ctrl_c_returns_what_was_traced_and_the_map_round_trips_through_json() -
     assert any(e.how == "untraced" for e in pm.explode)
     back = PhaseMap.from_dict(json.loads(json.dumps(pm.to_dict())))
     assert back == pm
+    nan = dataclasses.replace(pm.points[0], growth=Spread(math.nan, math.nan, math.nan))
+    odd = dataclasses.replace(pm, points=(nan, *pm.points[1:]))
+    strict = json.loads(strict_json(odd.to_dict()), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert math.isnan(PhaseMap.from_dict(strict).points[0].growth.mid)  # NaN written null, read back
     assert "not traced" in text(back) and "interrupted" in markdown(back)
 
 
