@@ -215,7 +215,7 @@ def run(argv: Sequence[str] | None, progress: Progress | None = None) -> int:
             found = result.counterexample
             shown.say(
                 f"  {result.points} points, {result.probes} probes in {result.elapsed:.1f} s: "
-                + (f"explodes at {found.config.describe()}" if found else "stable")
+                + (f"{found.judgement.verdict.how} at {found.config.describe()}" if found else "stable")
             )
             _stop_if_terminated()
             if result.interrupted:

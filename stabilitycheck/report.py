@@ -81,7 +81,7 @@ def row(result: SearchResult) -> list[str]:
         result.space.label,
         run.device,
         precision,
-        knobs(result, cx.config),
+        knobs(result, cx.config) + (" (vanishes)" if j.verdict.how == "vanishes" else ""),
         (j.verdict.criteria[0].describe() if j.verdict.criteria else "-") + skipped,
         _spread(j),
         j.kind.describe(),

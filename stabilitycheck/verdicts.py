@@ -74,6 +74,11 @@ class Verdict:
     def names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.criteria)
 
+    @property
+    def how(self) -> str:
+        """'vanishes' where vanishing alone fired, else 'explodes': the word for a failing point."""
+        return "vanishes" if self.names == ("vanishing",) else "explodes"
+
     def to_dict(self) -> dict[str, Any]:
         return {"exploded": self.exploded, "criteria": [vars(c) for c in self.criteria]}
 

@@ -487,3 +487,15 @@ def test_the_maps_divergence_limit_without_steps_is_a_usage_error(capsys: pytest
     argv = ["map", "mlp", "--x", "depth", "--y", "init_scale", "--divergence-limit", "3"]
     code, _, err = _run(argv, capsys)
     assert code == cli.EXIT_USAGE and err.count("\n") == 1 and "--divergence-limit: judged on the loss" in err
+
+
+def test_a_vanishing_counterexample_is_said_to_vanish_not_to_explode(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """tanh at sigma 0.5: every layer shrinks the gradient (mean field: x0.5), so with a vanishing limit
+    the smallest failing depth fails on vanishing alone; the table and the progress say it vanishes."""
+    args = ["mlp", "--knob", "depth=1:12", "--knob", "init_scale=0.5", "--knob", "width=32"]
+    args += ["--vanishing-limit", "100", "--grad-norm-limit", "off", "--seeds", "1", "--database", "none"]
+    code, out, err = _run(args, capsys)
+    assert code == cli.EXIT_FOUND, err
+    assert "(vanishes)" in out and "explodes at" not in err and "vanishes at" in err
