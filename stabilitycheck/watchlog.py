@@ -39,7 +39,8 @@ class Finding:
     def describe(self) -> str:
         where = f" on rank {self.rank}" if self.rank is not None else ""
         made = f" (made by the backward of {self.made_by})" if self.made_by is not None else ""
-        return f"step {self.step}: {self.tensor} of {self.block} = {self.value:.4g}{where}{made}"
+        what = "" if self.tensor == "loss" else "L2 norm "  # every series but the loss is a norm
+        return f"step {self.step}: {self.tensor} of {self.block}, {what}{self.value:.4g}{where}{made}"
 
 
 @dataclass

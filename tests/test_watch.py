@@ -20,7 +20,7 @@ from watch_models import MLP, Fault, PreNorm, batch, compute_loss, report_of, tr
 from stabilitycheck import recording
 from stabilitycheck.errors import UsageError
 from stabilitycheck.watching import watch
-from stabilitycheck.watchlog import Log
+from stabilitycheck.watchlog import Finding, Log
 
 PLANTED = [  # (model, block, step, kind): x50 at varied steps and blocks, a NaN and an Inf
     ("mlp", 0, 40, "scale"),
@@ -449,3 +449,12 @@ def test_a_frozen_blocks_weight_norm_is_its_own_and_the_log_names_the_columns(tm
     expect = torch.linalg.vector_norm(torch.cat([p.flatten() for p in model.blocks[1].parameters()]))
     assert rows[-1]["weight"][frozen] == pytest.approx(float(expect), rel=1e-6)
     assert rows[-1]["gradient"][frozen] == 0.0 and rows[-1]["gradient"][0] > 0
+
+
+def test_a_finding_says_its_value_is_an_l2_norm_except_the_loss() -> None:
+    """The report's value is what the series holds: an L2 norm for activations, their gradients and the
+    weights and their gradients; the loss itself for the loss."""
+    norm = Finding(step=70, tensor="activation", block="5", value=232.7).describe()
+    assert norm == "step 70: activation of 5, L2 norm 232.7"
+    loss = Finding(step=3, tensor="loss", block="(model)", value=4.5).describe()
+    assert "L2 norm" not in loss and loss.endswith(", 4.5")
