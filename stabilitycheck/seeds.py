@@ -14,12 +14,12 @@ sigma 2.5, depth 18: 16.5-119 over 20 seeds, median 52, so no seed was over 3.2x
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from stabilitycheck.config import Config
+from stabilitycheck.culprit import culprit_of
 from stabilitycheck.measurement import Measurement
 from stabilitycheck.probing import probe
 from stabilitycheck.subject import Subject
@@ -147,75 +147,6 @@ def over_tokens(kind: Growth, growth: float, through: float) -> Growth:
     if through <= 0 or math.log(through) < 0.5 * math.log(growth):
         return replace(kind, kind="accumulated")
     return kind
-
-
-def culprit_of(ms: Sequence[Measurement]) -> str:
-    """The block to blame, over seeds: where the first non-finite value was made; else a block whose
-    backward log-gain exceeds the stack's median log-gain by more than log 2 and by more than 3x the
-    spread of the other blocks' excesses, in the median over seeds, and which has the largest gain in
-    at least 80% of the seeds; else, when the typical gain G is over 1, or the stack's growth is under 1
-    (every block shrinks the gradient alike: vanishing), 'uniform, median gain xG'; else the block with
-    the largest weight gradient (the growth was inside a block). A stack with fewer than three gains
-    cannot show a uniform rate: there the seeds vote for their largest amplifying block."""
-    first = ms[0]
-    if any(m.first_nonfinite is not None for m in ms):
-        return _single(next(m for m in ms if m.first_nonfinite is not None))
-    logs = [[math.log(g) if g > 0 and math.isfinite(g) else math.nan for g in m.gains] for m in ms]
-    if len(first.gains) < 3 or any(all(math.isnan(x) for x in row) for row in logs):
-        votes = [_largest_gain(m) for m in ms]  # too few gains to tell a uniform stack from one block
-        return max(set(votes), key=votes.count)
-    excess = []
-    for row in logs:
-        mid = _median(row)
-        excess.append([x - mid for x in row])
-    per_block = [_median([e[i] for e in excess]) for i in range(len(first.gains))]
-    top = max(range(len(per_block)), key=lambda i: _ordered(per_block[i]))
-    others = [abs(x) for i, x in enumerate(per_block) if i != top and not math.isnan(x)]
-    spread = statistics.median(others) if others else 0.0
-    wins = sum(1 for e in excess if max(range(len(e)), key=lambda i: _ordered(e[i])) == top)
-    if per_block[top] > max(math.log(2), 3 * spread) and wins >= math.ceil(0.8 * len(ms)):
-        return first.activation_names[top + 1]
-    typical = statistics.median(_median(row) for row in logs)
-    vanishing = _median([m.growth for m in ms]) < 1
-    if typical <= 0 and not vanishing:  # no block amplifies: the growth was inside a block (an nn.RNN)
-        return _single(first)
-    return f"uniform, median gain x{math.exp(typical):.3g}"
-
-
-def _median(xs: Sequence[float]) -> float:
-    """The median of the numbers among `xs` (NaN is a gain of 0/0: a block no gradient reached, e.g.
-    underflowed in float16), NaN where there are none."""
-    numbers = [x for x in xs if not math.isnan(x)]
-    return statistics.median(numbers) if numbers else math.nan
-
-
-def _ordered(x: float) -> float:
-    """NaN below every number, for max()."""
-    return -math.inf if math.isnan(x) else x
-
-
-def _largest_gain(m: Measurement) -> str:
-    """One seed's block with the largest backward gain when it amplifies (> 1), else `_single`."""
-    gains = [(g, i) for i, g in enumerate(m.gains) if not math.isnan(g)]
-    if m.first_nonfinite is None and gains and max(gains)[0] > 1.0:
-        return m.activation_names[max(gains)[1] + 1]
-    return _single(m)
-
-
-def _single(m: Measurement) -> str:
-    """One seed's culprit: the block that made the first non-finite value (a non-finite dL/d(out_i)
-    was made by the backward of call i + 1, or of the loss after the last call), else the block with
-    the largest weight gradient (the growth was inside a block, e.g. an nn.RNN over time)."""
-    nf = m.first_nonfinite
-    if nf is not None:
-        if nf.tensor == "activation_grad" and nf.layer in m.activation_names:
-            i = m.activation_names.index(nf.layer) + 1
-            return m.activation_names[i] if i < len(m.activation_names) else "(loss)"
-        return nf.layer
-    weights = [(v, i) for i, v in enumerate(m.layer_grad_norms) if not math.isnan(v)]
-    if weights:
-        return m.layer_names[max(weights)[1]]
-    return m.activation_names[0] if m.activation_names else (m.layer_names or ("(model)",))[0]
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,10 @@ import torch
 from stabilitycheck import report
 from stabilitycheck.cli import main
 from stabilitycheck.config import Config
+from stabilitycheck.culprit import culprit_of
 from stabilitycheck.probing import probe
 from stabilitycheck.searching import SearchResult, search
-from stabilitycheck.seeds import assess, culprit_of
+from stabilitycheck.seeds import assess
 from stabilitycheck.space import Axis, Space
 from stabilitycheck.verdicts import Limits, verdict
 

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from stabilitycheck.config import FAMILIES, RUN_FIELDS, Config
+from stabilitycheck.culprit import culprit_of
 from stabilitycheck.errors import UsageError
 from stabilitycheck.families import knob_specs
 from stabilitycheck.probing import Measurement, probe, probe_module
-from stabilitycheck.seeds import culprit_of
 from stabilitycheck.subject import Built
 from stabilitycheck.subjects import resolve
 from stabilitycheck.verdicts import Limits, verdict

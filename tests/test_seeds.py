@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from stabilitycheck.config import Config
+from stabilitycheck.culprit import culprit_of
 from stabilitycheck.measurement import Measurement
 from stabilitycheck.probing import probe, probe_module
 from stabilitycheck.searching import search
@@ -23,7 +24,6 @@ from stabilitycheck.seeds import (
     _decided,
     assess,
     classify,
-    culprit_of,
     fit_growth,
     quantile,
     seed_of,
