@@ -53,9 +53,9 @@ class SpikeRule:
     def _threshold(self, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
         return mean + torch.maximum(self.sigmas * var.clamp(min=0).sqrt(), self.floor * mean.abs())
 
-    def update(self, state: SpikeState, x: torch.Tensor) -> torch.Tensor:
-        """Flag each entry of `x` (one value per series) and let the accepted ones enter the window.
-        Returns a bool tensor; only tensor ops, so no host synchronisation."""
+    def update(self, state: SpikeState, x: torch.Tensor) -> Judged:
+        """Flag each entry of `x` (one value per series) and let the accepted ones enter the window;
+        with the mean and threshold each was judged against. Only tensor ops: no host synchronisation."""
         x = x.to(torch.float64)
         finite = torch.isfinite(x)
         valid = state.slots >= self.window - state.count.unsqueeze(1)
@@ -69,9 +69,9 @@ class SpikeRule:
         shifted = torch.cat([state.values[:, 1:], entering.unsqueeze(1)], 1)
         state.values = torch.where(finite.unsqueeze(1), shifted, state.values)
         state.count = (state.count + finite.long()).clamp(max=self.window)
-        return flagged
+        return Judged(flagged, mean, threshold)
 
-    def update_many(self, state: SpikeState, xs: torch.Tensor) -> torch.Tensor:
+    def update_many(self, state: SpikeState, xs: torch.Tensor) -> Judged:
         """`update` over the rows of xs (steps x series), with the same flags, in a few vectorised
         passes: each assumes every later value enters the window as it is (rolling sums over the
         window and the new values), which holds up to the first step flagging anything; that step
@@ -79,6 +79,7 @@ class SpikeRule:
         pass), so it is for host tensors: 1 + (flagged steps) passes."""
         xs = xs.to(torch.float64)
         flags = torch.zeros(xs.shape, dtype=torch.bool, device=xs.device)
+        means, thresholds = torch.full_like(xs, math.nan), torch.full_like(xs, math.nan)
         w, start = self.window, 0
         while start < xs.shape[0]:
             rest = xs[start:]
@@ -108,10 +109,25 @@ class SpikeRule:
             if stop:
                 state.values = torch.cat([state.values, x[:, :stop]], 1)[:, -w:]
                 state.count = (state.count + stop).clamp(max=w)
+                means[start : start + stop] = mean[:, :stop].T
+                thresholds[start : start + stop] = threshold[:, :stop].T
             if stop < m:
-                flags[start + stop] = self.update(state, rest[stop])
+                judged = self.update(state, rest[stop])
+                flags[start + stop] = judged.flags
+                means[start + stop], thresholds[start + stop] = judged.mean, judged.threshold
             start += stop + 1
-        return flags
+        return Judged(flags, means, thresholds)
+
+
+@dataclass(frozen=True)
+class Judged:
+    """What the rule said of values (one per series, or steps x series): `flags`, and the `mean` of
+    the window each was judged against and its `threshold` (mean + max(sigmas x std, floor x |mean|);
+    a flagged finite value is above it, a report shows both beside it)."""
+
+    flags: torch.Tensor
+    mean: torch.Tensor
+    threshold: torch.Tensor
 
 
 @dataclass

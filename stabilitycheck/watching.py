@@ -87,8 +87,9 @@ class Watcher:
         # skip= and bundle= need each step's flag on the device: the rule runs there, per step; else
         # it runs at the flush on the host, vectorised over the flushed steps (spikes.update_many)
         on_device = self.skip or bundle is not None
-        # a row: the squared norms (or the series and their flags), then 1.0 if the scaler skipped it
-        width = (self.layout.n_series * 2 if on_device else self.layout.width) + 1
+        # a row: the squared norms (or the series, their flags, and the mean and threshold each was
+        # judged against), then 1.0 if the scaler skipped it
+        width = (self.layout.n_series * 4 if on_device else self.layout.width) + 1
         self.buffer = torch.zeros(flush_every, width, dtype=torch.float64, device=self.device)
         # with a scaler, each step's factors on its squared norms (applied once they are settled)
         self.factors = (
@@ -249,12 +250,14 @@ class Watcher:
             else:  # the last measured weight norms stand in for this step's
                 series[weight] = self._last_weights
             if amp is None:
-                flags, skipped = self.rule.update(self.state, series), self._not_skipped
+                judged, skipped = self.rule.update(self.state, series), self._not_skipped
+                flags = judged.flags
             else:  # a step the scaler skips is no finding, and none of its values enters the window
                 off = amp[1].bool()
-                flags = self.rule.update(self.state, torch.where(off, torch.nan, series)) & ~off
-                skipped = amp[1].reshape(1)
-            self.buffer[slot].copy_(torch.cat([series, flags.double(), skipped]))
+                judged = self.rule.update(self.state, torch.where(off, torch.nan, series))
+                flags, skipped = judged.flags & ~off, amp[1].reshape(1)
+            judged_row = [series, flags.double(), judged.mean, judged.threshold, skipped]
+            self.buffer[slot].copy_(torch.cat(judged_row))
             flagged = flags.any()
             if self.skip and self.fused and self.optimizer is not None and not scaler_skipped:
                 found = getattr(self.optimizer, "found_inf", None) if amp is not None else None

@@ -19,15 +19,17 @@ from stabilitycheck.errors import UsageError
 from stabilitycheck.spikes import SpikeRule, SpikeState
 
 OUTSIDE = "(outside blocks)"
+Limits = tuple[list[float], list[float]]  # per series, the window mean and the threshold of one step
 AFTER_LAST = "the loss after the last block"
 
 
 @dataclass(frozen=True)
 class Finding:
     """A flagged value: the step, which tensor (a measurement.TENSOR_KINDS name or 'grad_norm'), the
-    block, the value, under torch.distributed the lowest rank holding a non-finite value, and for an
+    block, the value, under torch.distributed the lowest rank holding a non-finite value, for an
     output gradient the code that made it: dL/d(output of block i) is made by the backward of block
-    i + 1, or of the loss after the last block (the probe's rule), so that is the block to look at."""
+    i + 1, or of the loss after the last block (the probe's rule), so that is the block to look at;
+    and for a finite spike the threshold it passed and the mean of the window it was judged on."""
 
     step: int
     tensor: str
@@ -35,12 +37,17 @@ class Finding:
     value: float
     rank: int | None = None
     made_by: str | None = None
+    threshold: float | None = None
+    mean: float | None = None
 
     def describe(self) -> str:
         where = f" on rank {self.rank}" if self.rank is not None else ""
         made = f" (made by the backward of {self.made_by})" if self.made_by is not None else ""
         what = "" if self.tensor == "loss" else "L2 norm "  # every series but the loss is a norm
-        return f"step {self.step}: {self.tensor} of {self.block}, {what}{self.value:.4g}{where}{made}"
+        limit = ""
+        if self.threshold is not None and self.mean is not None:
+            limit = f" > threshold {self.threshold:.4g} (window mean {self.mean:.4g})"
+        return f"step {self.step}: {self.tensor} of {self.block}, {what}{self.value:.4g}{limit}{where}{made}"
 
 
 @dataclass
@@ -141,11 +148,13 @@ class Log:
         self.weights_measured.append(weights_measured)
 
     def add(self, first: int, host: list[list[float]]) -> None:
-        """Single process: rows of series, flags (0/1) and 'skipped by the scaler' (0/1), as the
-        device computed them."""
+        """Single process: rows of series, flags (0/1), the means and thresholds they were judged
+        against and 'skipped by the scaler' (0/1), as the device computed them."""
         n = self.layout.n_series
         for i, row in enumerate(host):
-            self._record(first + i, row[:n], [v != 0.0 for v in row[n:-1]], None, row[-1] != 0.0)
+            flags = [v != 0.0 for v in row[n : 2 * n]]
+            limits = (row[2 * n : 3 * n], row[3 * n : 4 * n])
+            self._record(first + i, row[:n], flags, limits, None, row[-1] != 0.0)
 
     def add_ranks(self, first: int, host: list[list[list[float]]]) -> None:
         """Rows of squared local norms and 'skipped by the scaler' (rank, step, width + 1):
@@ -169,31 +178,42 @@ class Log:
             self.host_state = self.rule.state(self.layout.n_series)
         # a step the scaler skipped is no finding, and none of its values enters the window
         masked = torch.where(off.unsqueeze(1), torch.nan, series)
-        flags = (self.rule.update_many(self.host_state, masked) & ~off.unsqueeze(1)).tolist()
+        judged = self.rule.update_many(self.host_state, masked)
+        flags = (judged.flags & ~off.unsqueeze(1)).tolist()
+        means, thresholds = judged.mean.tolist(), judged.threshold.tolist()
         values, skipped = series.tolist(), off.tolist()
         for i in range(rows.shape[0]):
             ranks = [r[i] for r in host] if self.world > 1 else None
-            self._record(first + i, values[i], flags[i], ranks, skipped[i])
+            self._record(first + i, values[i], flags[i], (means[i], thresholds[i]), ranks, skipped[i])
 
     def _finding(
-        self, step: int, index: int, values: list[float], ranks: list[list[float]] | None
+        self,
+        step: int,
+        index: int,
+        values: list[float],
+        ranks: list[list[float]] | None,
+        limits: Limits | None = None,
     ) -> Finding:
         kind, block = self.names[index]
         rank = nonfinite_rank(ranks, self.layout, index) if ranks is not None else None
-        return Finding(step, kind, block, values[index], rank, self.made_by.get(index))
+        value, made_by = values[index], self.made_by.get(index)
+        if limits is None or not math.isfinite(value):  # a non-finite value is flagged for that alone
+            return Finding(step, kind, block, value, rank, made_by)
+        return Finding(step, kind, block, value, rank, made_by, limits[1][index], limits[0][index])
 
     def _record(
         self,
         step: int,
         values: list[float],
         flags: list[bool],
+        limits: Limits,
         ranks: list[list[float]] | None,
         scaler_skipped: bool,
     ) -> None:
         found: Finding | None = None
         for index in self.order if any(flags) else ():
             if flags[index]:
-                found = self._finding(step, index, values, ranks)
+                found = self._finding(step, index, values, ranks, limits)
                 break
         r = self.result
         r.steps, self.last_values = step + 1, values

@@ -14,11 +14,13 @@ from typing import Any
 import pytest
 import torch
 from test_probe import NanBackward
+from test_watch_rule import reference_steps
 from torch.overrides import TorchFunctionMode
 from watch_models import MLP, Fault, PreNorm, batch, compute_loss, report_of, train
 
 from stabilitycheck import recording
 from stabilitycheck.errors import UsageError
+from stabilitycheck.spikes import SpikeRule
 from stabilitycheck.watching import watch
 from stabilitycheck.watchlog import Finding, Log
 
@@ -458,3 +460,26 @@ def test_a_finding_says_its_value_is_an_l2_norm_except_the_loss() -> None:
     assert norm == "step 70: activation of 5, L2 norm 232.7"
     loss = Finding(step=3, tensor="loss", block="(model)", value=4.5).describe()
     assert "L2 norm" not in loss and loss.endswith(", 4.5")
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_spike_is_reported_with_the_threshold_and_window_mean_it_was_judged_on(
+    skip: bool, tmp_path: Path
+) -> None:
+    """The threshold and mean beside a flagged value are those of the spike rule written out in plain
+    Python (test_watch_rule.reference_steps) over the logged series, in both places the rule runs:
+    on the host at each flush (default) and on the device per step (skip=True)."""
+    torch.manual_seed(3)
+    log, model = tmp_path / "w.jsonl", MLP()
+    opt = fused_adam(model) if skip else None
+    report = report_of(train(model, 60, {2: Fault(45, "scale")}, opt, seed=3, log=log, skip=skip))
+    first = report.first_spike
+    assert first is not None and (first.step, first.block) == (45, "blocks.2")
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    column = rows[0]["columns"]["activation"].index("blocks.2")
+    series = [row["activation"][column] for row in rows]
+    flagged, mean, threshold = reference_steps(SpikeRule(), series)[45]
+    assert flagged and first.value == series[45] > threshold
+    assert first.threshold == pytest.approx(threshold, rel=1e-9)
+    assert first.mean == pytest.approx(mean, rel=1e-9)
+    assert f"> threshold {threshold:.4g} (window mean {mean:.4g})" in report.text()

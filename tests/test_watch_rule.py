@@ -12,12 +12,16 @@ import torch
 
 from stabilitycheck.spikes import SpikeRule
 
+Step = tuple[bool, float, float]  # flagged, the window's mean, the threshold
+KEYS = ("flags", "mean", "threshold")  # spikes.Judged's fields
 
-def reference(rule: SpikeRule, series: list[float], published: bool = False) -> list[bool]:
-    """The rule written out with a deque; `published` is OLMo's: every value enters as it is, and a
-    step is taken only when x <= mean + sigmas * std (so a NaN anywhere in the window flags)."""
+
+def reference_steps(rule: SpikeRule, series: list[float], published: bool = False) -> list[Step]:
+    """The rule written out with a deque: per value, (flagged, window mean, threshold). `published`
+    is OLMo's: every value enters as it is, and a step is taken only when x <= mean + sigmas * std
+    (so a NaN anywhere in the window flags)."""
     window: deque[float] = deque(maxlen=rule.window)
-    flags = []
+    steps = []
     for x in series:
         n = len(window)
         mean = sum(window) / n if n else 0.0
@@ -25,33 +29,49 @@ def reference(rule: SpikeRule, series: list[float], published: bool = False) -> 
         warm = n >= rule.warmup
         if published:
             threshold = mean + rule.sigmas * std
-            flags.append(warm and not x <= threshold)
+            steps.append((warm and not x <= threshold, mean, threshold))
             window.append(x)
             continue
         threshold = mean + max(rule.sigmas * std, rule.floor * abs(mean))
-        flags.append(not math.isfinite(x) or (warm and x > threshold))
+        steps.append((not math.isfinite(x) or (warm and x > threshold), mean, threshold))
         if math.isfinite(x):
             window.append(min(x, threshold) if warm else x)
-    return flags
+    return steps
+
+
+def reference(rule: SpikeRule, series: list[float], published: bool = False) -> list[bool]:
+    return [flag for flag, _, _ in reference_steps(rule, series, published)]
 
 
 def run(rule: SpikeRule, columns: list[list[float]]) -> list[list[bool]]:
     """The torch rule over several series at once: flags per series."""
+    return [[flag for flag, _, _ in col] for col in run_steps(rule, columns)]
+
+
+def run_steps(rule: SpikeRule, columns: list[list[float]]) -> list[list[Step]]:
+    """The torch rule over several series at once, step by step: (flag, mean, threshold) per series."""
     state = rule.state(len(columns))
-    out: list[list[bool]] = [[] for _ in columns]
+    out: list[list[Step]] = [[] for _ in columns]
     for step in range(len(columns[0])):
-        flags = rule.update(state, torch.tensor([c[step] for c in columns], dtype=torch.float64))
-        for s, f in enumerate(flags.tolist()):
-            out[s].append(f)
+        judged = rule.update(state, torch.tensor([c[step] for c in columns], dtype=torch.float64))
+        got = zip(judged.flags.tolist(), judged.mean.tolist(), judged.threshold.tolist(), strict=True)
+        for s, entry in enumerate(got):
+            out[s].append(entry)
     return out
 
 
-def run_many(rule: SpikeRule, columns: list[list[float]], chunk: int) -> list[list[bool]]:
-    """update_many over chunks of `chunk` steps (as the watcher's flushes do)."""
+def run_many(rule: SpikeRule, columns: list[list[float]], chunk: int) -> list[list[Step]]:
+    """update_many over chunks of `chunk` steps (as the watcher's flushes do): (flag, mean,
+    threshold) per series."""
     state = rule.state(len(columns))
     xs = torch.tensor(columns, dtype=torch.float64).T
-    flags = torch.cat([rule.update_many(state, xs[i : i + chunk]) for i in range(0, len(xs), chunk)])
-    return [list(map(bool, col)) for col in flags.T.tolist()]
+    parts = [rule.update_many(state, xs[i : i + chunk]) for i in range(0, len(xs), chunk)]
+    flags, means, limits = (torch.cat([getattr(p, k) for p in parts]).T.tolist() for k in KEYS)
+    return [list(zip(map(bool, f), m, t, strict=True)) for f, m, t in zip(flags, means, limits, strict=True)]
+
+
+def flags_of(steps: list[Step]) -> list[bool]:
+    return [flag for flag, _, _ in steps]
 
 
 def noisy(n: int, rng: random.Random, level: float = 1.0, noise: float = 0.05) -> list[float]:
@@ -72,8 +92,32 @@ def test_matches_the_reference_on_series_with_spikes_and_non_finite_values(seed:
     got = run(rule, columns)
     assert got == [reference(rule, s) for s in columns]
     for chunk in (1, 7, 50, 120):
-        assert run_many(rule, columns, chunk) == got
+        assert [flags_of(col) for col in run_many(rule, columns, chunk)] == got
     assert any(any(f) for f in got)  # the series do contain flags: the comparison is not vacuous
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_mean_and_threshold_of_each_judged_value_match_the_reference(seed: int) -> None:
+    rng = random.Random(seed)
+    rule = SpikeRule(window=16, warmup=4, sigmas=3.0, floor=0.2)
+    columns = []
+    for _ in range(4):
+        series = noisy(90, rng, level=rng.uniform(0.1, 10), noise=rng.uniform(0.01, 0.3))
+        for _ in range(6):
+            series[rng.randrange(90)] *= rng.choice([3.0, 10.0])
+        series[rng.randrange(90)] = math.nan
+        columns.append(series)
+    expected = [reference_steps(rule, col) for col in columns]
+    for chunk in (None, 1, 13, 90):
+        got = run_steps(rule, columns) if chunk is None else run_many(rule, columns, chunk)
+        for col, want in zip(got, expected, strict=True):
+            for (flag, mean, threshold), (flag0, mean0, threshold0) in zip(col, want, strict=True):
+                assert flag == flag0
+                assert mean == pytest.approx(mean0, rel=1e-9, abs=1e-12)
+                assert threshold == pytest.approx(threshold0, rel=1e-9, abs=1e-12)
+        pairs = [(x, s) for xs, col in zip(columns, got, strict=True) for x, s in zip(xs, col, strict=True)]
+        spikes = [(x, t) for x, (f, _, t) in pairs if f and math.isfinite(x)]
+        assert spikes and all(x > t for x, t in spikes)  # a finite flagged value is above its threshold
 
 
 def test_one_nan_flags_one_step_and_a_x3_spike_50_steps_later_is_caught() -> None:
@@ -84,7 +128,7 @@ def test_one_nan_flags_one_step_and_a_x3_spike_50_steps_later_is_caught() -> Non
     ours = [i for i, f in enumerate(reference(rule, series)) if f]
     assert ours == [200, 250]
     assert [i for i, f in enumerate(run(rule, [series])[0]) if f] == ours
-    assert [i for i, f in enumerate(run_many(rule, [series], 50)[0]) if f] == ours
+    assert [i for i, f in enumerate(flags_of(run_many(rule, [series], 50)[0])) if f] == ours
     published = [i for i, f in enumerate(reference(rule, series, published=True)) if f]
     assert len(published) >= rule.window  # the NaN stays in OLMo's window for 128 steps
 
@@ -95,7 +139,7 @@ def test_a_x4_spike_20_steps_after_a_x10_spike_is_caught() -> None:
     series[200] *= 10
     series[220] *= 4
     assert [i for i, f in enumerate(run(rule, [series])[0]) if f] == [200, 220]
-    assert [i for i, f in enumerate(run_many(rule, [series], 64)[0]) if f] == [200, 220]
+    assert [i for i, f in enumerate(flags_of(run_many(rule, [series], 64)[0])) if f] == [200, 220]
     published = [i for i, f in enumerate(reference(rule, series, published=True)) if f]
     assert 200 in published and 220 not in published  # the unclamped x10 inflates the std
 
