@@ -8,7 +8,10 @@ smaller ones are kept and normed together when the step closes, with the weight 
 fused call, or stacked per block when a block made STACK_MIN or more of them (a recurrent cell
 called 256 times costs two kernels, not 512), or sooner once PENDING_CAP elements are kept (the
 memory held stays bounded). A kept output modified in place before its norm is taken is caught by
-its version counter; the watcher then warns and norms every output at once from then on. Every
+its version counter; the watcher then warns and norms every output at once from then on. Under
+torch.compile the forward hook runs outside the graph (torch.compiler.disable: a graph break at each
+watched block), on the real outputs: traced, it read a version counter that the compiled graph's
+outputs do not keep, and a host read in the norm broke the graph anyway. Every
 norm of a finite tensor is finite and exact to float32 rounding, above 1.8e19 and below 1e-19 too
 (recording._fused_norms).
 """
@@ -75,6 +78,9 @@ class Capture:
         outputs = self._pending[slot]  # cleared in place, never rebound
 
         def on_forward(module: nn.Module, args: Any, output: Any) -> None:
+            if torch.compiler.is_compiling():  # traced: a graph break, the hook runs as is on the outputs
+                eager(module, args, output)
+                return
             out = output if isinstance(output, torch.Tensor) else _first_tensor(output)
             if out is None or not out.is_floating_point() or not torch.is_grad_enabled():
                 return
@@ -91,6 +97,7 @@ class Capture:
                 else:
                     node.register_prehook(self._grad_hook(b, out.output_nr))
 
+        eager = torch.compiler.disable(on_forward)
         return on_forward
 
     def _grad_hook(self, b: int, index: int) -> GradHook:
