@@ -55,8 +55,16 @@ class Capture:
         n = len(blocks)
         self._pending: dict[int, list[torch.Tensor]] = {slot: [] for slot in range(1, 1 + 2 * n)}
         self._versions: list[tuple[torch.Tensor, int]] = []
-        self._now: list[torch.Tensor] = []  # norms of large captures, taken at once
+        self._now: list[torch.Tensor] = []  # norms of large output gradients, taken at once
         self._now_slots: list[int] = []
+        self._fwd_now: list[torch.Tensor] = []  # norms of large block outputs, taken at once
+        self._fwd_now_slots: list[int] = []
+        # per call of the watched model this step (a pass): where its forward captures start, whether
+        # it hooked an output gradient and whether one arrived; passes before `_settled` are normed
+        self._passes: list[list[int]] = []
+        self._hooked: list[bool] = []
+        self._fed: list[bool] = []
+        self._settled = 0
         self._held = 0
         self._norms: list[torch.Tensor] = []  # 0-d norms, float32 or wider
         self._norm_slots: list[int] = []  # the slot of each norm
@@ -65,13 +73,42 @@ class Capture:
         self._grad_codes = [-2 - i for i in range(len(self.params))]  # when every parameter has one
         self.device = self.params[0].device
         self._no_loss = torch.zeros((), device=self.device)  # the loss of a step without one
-        self._grad_hooks: dict[tuple[int, int], GradHook] = {}
+        self._grad_hooks: dict[tuple[int, int, int], GradHook] = {}
         self._out_slot = [1 + b for b in range(n)]
         self._grad_slot = [1 + n + b for b in range(n)]
 
-    def attach(self) -> list[Any]:
-        """Register the forward hooks on the blocks; returns their handles."""
-        return [m.register_forward_hook(self._forward_hook(b)) for b, (_, m) in enumerate(self.blocks)]
+    def attach(self, model: nn.Module) -> list[Any]:
+        """Register the forward hooks on the blocks and the pass hook on `model`; returns the handles."""
+        handles = [m.register_forward_hook(self._forward_hook(b)) for b, (_, m) in enumerate(self.blocks)]
+        return [*handles, model.register_forward_pre_hook(self._pass_hook())]
+
+    def _pass_hook(self) -> Callable[[nn.Module, Any], None]:
+        """A pre-hook on the watched model: each call starts a pass (see `_drop_unfed`)."""
+
+        def on_call(module: nn.Module, args: Any) -> None:
+            if torch.compiler.is_compiling():
+                eager(module, args)
+            elif torch.is_grad_enabled():
+                self._passes.append([len(self._pending[s]) for s in self._out_slot] + [len(self._fwd_now)])
+                self._hooked.append(False)
+                self._fed.append(False)
+
+        eager = torch.compiler.disable(on_call)
+        return on_call
+
+    def _drop_unfed(self) -> None:
+        """Forget the block outputs of every pass this step that hooked output gradients of which none
+        arrived: a forward that no backward went through (a validation pass run with gradients on) is
+        not part of the step. Passes backpropagated together (a contrastive loss) each got theirs."""
+        ends = [len(self._pending[s]) for s in self._out_slot] + [len(self._fwd_now)]
+        for k in reversed(range(self._settled, len(self._passes))):
+            starts = self._passes[k]
+            if self._hooked[k] and not self._fed[k]:
+                for slot, a, b in zip(self._out_slot, starts, ends, strict=False):
+                    del self._pending[slot][a:b]
+                del self._fwd_now[starts[-1] : ends[-1]], self._fwd_now_slots[starts[-1] : ends[-1]]
+            ends = starts
+        self._passes, self._hooked, self._fed, self._settled = [], [], [], 0
 
     def _forward_hook(self, b: int) -> Callable[[nn.Module, Any, Any], None]:
         slot = self._out_slot[b]
@@ -86,23 +123,28 @@ class Capture:
                 return
             kept = out.detach()
             if self.eager or kept.numel() > EAGER_NUMEL:
-                self._norm_now(kept, slot)
+                self._fwd_now.append(norm(kept))
+                self._fwd_now_slots.append(slot)
             else:
                 self._versions.append((kept, kept._version))
                 self._keep(kept, outputs)
             if out.requires_grad:
+                k = len(self._passes) - 1  # -1: no pass (the model itself was not called)
+                if k >= 0:
+                    self._hooked[k] = True
                 node = out.grad_fn
                 if node is None:  # a leaf: only a tensor hook sees its gradient
-                    out.register_hook(self._grad_hook(b, 0))
+                    out.register_hook(self._grad_hook(b, 0, k))
                 else:
-                    node.register_prehook(self._grad_hook(b, out.output_nr))
+                    node.register_prehook(self._grad_hook(b, out.output_nr, k))
 
         eager = torch.compiler.disable(on_forward)
         return on_forward
 
-    def _grad_hook(self, b: int, index: int) -> GradHook:
-        """The hook keeping the gradient of output `index` of a node as block b's (built once)."""
-        key = (b, index)
+    def _grad_hook(self, b: int, index: int, k: int) -> GradHook:
+        """The hook keeping the gradient of output `index` of a node as block b's, output of pass k
+        (built once)."""
+        key = (b, index, k)
         if key not in self._grad_hooks:
             slot = self._grad_slot[b]
             kept = self._pending[slot]
@@ -111,6 +153,8 @@ class Capture:
                 grad = grads[index] if isinstance(grads, tuple) else grads
                 if grad is None:
                     return
+                if 0 <= k < len(self._fed):
+                    self._fed[k] = True
                 if grad.numel() > EAGER_NUMEL:
                     self._norm_now(grad, slot)
                 else:
@@ -140,10 +184,11 @@ class Capture:
                     stacklevel=2,
                 )
                 self.eager = True
-        if self._now:
-            self._norms += self._now
-            self._norm_slots += self._now_slots
-            self._now, self._now_slots = [], []
+        for norms, slots in ((self._fwd_now, self._fwd_now_slots), (self._now, self._now_slots)):
+            self._norms += norms
+            self._norm_slots += slots
+        self._now, self._now_slots, self._fwd_now, self._fwd_now_slots = [], [], [], []
+        self._settled = len(self._passes)  # what was kept so far is normed: no pass of it is dropped
         tensors, codes = list(extra), list(extra_slots)
         for slot, kept in self._pending.items():
             if len(kept) >= STACK_MIN and kept[0].numel() <= STACK_NUMEL:
@@ -172,6 +217,7 @@ class Capture:
                 codes = [c for c, g in zip(codes, got, strict=True) if g is not None]
             if self.sharded:
                 grads = [distributed.local(g)[0] for g in grads]
+            self._drop_unfed()
             self._reduce(grads, codes)
             norms, order = self._norms, self._norm_slots
             self._norms, self._norm_slots = [], []

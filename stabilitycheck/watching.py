@@ -124,7 +124,7 @@ class Watcher:
         if self._open or self.report is not None:
             raise UsageError("watch: a watcher runs once; make a new one with watch(...) for another run")
         self._open = True
-        self._handles += self.capture.attach()
+        self._handles += self.capture.attach(self.model)
         if self.snapshot is not None:
             self._handles.append(self.model.register_forward_pre_hook(self._on_model_call))
         if self.optimizer is not None:

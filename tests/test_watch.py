@@ -505,3 +505,49 @@ def test_a_compiled_model_is_watched_without_a_false_in_place_warning() -> None:
     eager, compiled_run = (w.out.last_values for w in runs)
     assert not runs[1].capture.eager
     assert compiled_run == pytest.approx(eager, rel=1e-5)
+
+
+@pytest.mark.parametrize("where", ["after the step", "before the step", "both"])
+def test_a_forward_pass_that_is_never_backpropagated_is_not_in_the_row(where: str, tmp_path: Path) -> None:
+    """A validation forward with gradients on (no torch.no_grad()) between training steps made no
+    backward; its block outputs were added into the next row's activation norms. Every row must equal
+    the same run's without it; two forward passes backpropagated together (a contrastive loss) both count."""
+    rows = []
+    for validate in (False, True):
+        torch.manual_seed(0)
+        model = MLP()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        gen, val = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+        log = tmp_path / f"{validate}.jsonl"
+        with watch(model, opt, report=None, flush_every=3, log=log):
+            for _ in range(5):
+                data = batch(gen, model)
+                loss = compute_loss(model, data)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if validate and where in ("before the step", "both"):
+                    model(batch(val, model)[0])
+                opt.step()
+                if validate and where in ("after the step", "both"):
+                    model(batch(val, model)[0])
+        rows.append([json.loads(line) for line in log.read_text().splitlines()])
+    assert len(rows[1]) == 5 and rows[1] == rows[0]
+
+
+def test_two_forward_passes_backpropagated_together_both_count() -> None:
+    """The counterpart: two passes, one backward of their summed loss (as a contrastive loss does);
+    a block's activation norm is over both passes' outputs (their squares add)."""
+    torch.manual_seed(0)
+    model = MLP(depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    a, b = batch(gen, model), batch(gen, model)
+    with torch.no_grad():  # the outputs of block 0 on both batches, before the step changes the weights
+        expected = math.hypot(*(float(torch.linalg.vector_norm(model.blocks[0](x))) for x in (a[0], b[0])))
+    with watch(model, opt, report=None, flush_every=1) as w:
+        loss = compute_loss(model, a) + compute_loss(model, b)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    values = dict(zip(w.out.names, w.out.last_values, strict=True))
+    assert values[("activation", "blocks.0")] == pytest.approx(expected, rel=1e-6)
