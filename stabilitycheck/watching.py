@@ -92,14 +92,12 @@ class Watcher:
         width = (self.layout.n_series * 4 if on_device else self.layout.width) + 1
         self.buffer = torch.zeros(flush_every, width, dtype=torch.float64, device=self.device)
         # with a scaler, each step's factors on its squared norms (applied once they are settled)
-        self.factors = (
-            torch.ones(flush_every, self.layout.width, dtype=torch.float64, device=self.device)
-            if self.scaler is not None and not on_device
-            else None
-        )
+        self.factors: torch.Tensor | None = None  # allocated when a scaler is adopted (_adopt)
         self._stepped = False  # a step was closed since the scaler's last update()
         self._not_skipped = torch.zeros(1, dtype=torch.float64, device=self.device)
         self._original_update: Any = None
+        self._own_update: Any = None  # the scaler's own instance attribute `update`, if it had one
+        self._scaler_step: tuple[Any, Any] | None = None  # GradScaler.step and its wrapper (_find_scaler)
         self._update: Any = None
         self.state = self.rule.state(self.layout.n_series, self.device) if on_device else None
         self.names = [name for name, _ in self.blocks]
@@ -138,11 +136,39 @@ class Watcher:
                 self._handles.append(self.optimizer.register_step_pre_hook(self._pre_hook))
             if self.snapshot is not None:
                 self._handles.append(self.optimizer.register_step_post_hook(lambda *_: self.after_step()))
-        if self.scaler is not None:  # update() ends every iteration, also one whose step it skipped
-            self._original_update = self.scaler.update
-            self._update = self._scaler_update_of()
-            self.scaler.update = self._update  # type: ignore[method-assign]
+        if self.scaler is not None:
+            self._adopt(self.scaler)
+        elif self.optimizer is not None:
+            self._find_scaler()
         return self
+
+    def _adopt(self, scaler: torch.amp.GradScaler) -> None:
+        """Watch through `scaler` (passed as scaler=, or found stepping the watched optimizer): its
+        update() ends every iteration, so it closes one whose optimizer step it skipped, and every
+        step's norms are divided by its loss scale."""
+        self.scaler, self._stepped = scaler, False
+        if self.state is None and self.factors is None:
+            self.factors = torch.ones(
+                self.flush_every, self.layout.width, dtype=torch.float64, device=self.device
+            )
+        self._original_update, self._own_update = scaler.update, vars(scaler).get("update")
+        self._update = self._scaler_update_of()
+        scaler.update = self._update  # type: ignore[method-assign]
+
+    def _find_scaler(self) -> None:
+        """Without scaler=: while the watcher is open, GradScaler.step is wrapped, and the scaler
+        whose step() is first called with the watched optimizer is adopted there, before that step
+        closes its row (with float16 the first iterations are often skipped: none is missed)."""
+        cls = torch.amp.GradScaler
+        original = cls.step
+
+        def step(scaler: torch.amp.GradScaler, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+            if self._open and self.scaler is None and optimizer is self.optimizer and scaler.is_enabled():
+                self._adopt(scaler)
+            return original(scaler, optimizer, *args, **kwargs)
+
+        self._scaler_step = (original, step)
+        cls.step = step  # type: ignore[method-assign, assignment]
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -159,7 +185,13 @@ class Watcher:
         if self._step is not None and vars(self.optimizer).get("step") is self._step:
             self.optimizer.step = self._original_step  # type: ignore[method-assign, union-attr]
         if self._update is not None and vars(self.scaler).get("update") is self._update:
-            self.scaler.update = self._original_update  # type: ignore[method-assign, union-attr]
+            if self._own_update is None:
+                del self.scaler.update  # type: ignore[union-attr]  # the class's method again
+            else:
+                self.scaler.update = self._own_update  # type: ignore[method-assign, union-attr]
+        if self._scaler_step is not None and vars(torch.amp.GradScaler).get("step") is self._scaler_step[1]:
+            torch.amp.GradScaler.step = self._scaler_step[0]  # type: ignore[method-assign]
+        self._scaler_step = None
         if self.fused and self.skip and self.optimizer is not None:
             self.optimizer.__dict__.pop("found_inf", None)
         self.flush()
@@ -349,6 +381,6 @@ def watch(
     on the device for fused optimizers), report (a stream for the report at exit; None for none),
     hook_optimizer (False when a callback calls before_step, as the Lightning and HF adapters do),
     scaler (the torch.amp.GradScaler stepping the optimizer: a step it skips is a row marked so, and
-    gradient norms are divided by the loss scale).
+    gradient norms are divided by the loss scale; not given, the one whose step() gets the optimizer).
     """
     return Watcher(model, optimizer, **options)

@@ -1,6 +1,7 @@
-"""watch(..., scaler=GradScaler): a row per iteration, also for one whose step the scaler skipped
-(its Inf gradients are the scaler's normal overflow handling, not a finding), and norms divided by
-the loss scale, so the series are the unscaled ones."""
+"""watch with a GradScaler, passed as scaler= or found stepping the watched optimizer: a row per
+iteration, also for one whose step the scaler skipped (its Inf gradients are the scaler's normal
+overflow handling, not a finding), and norms divided by the loss scale, so the series are the
+unscaled ones."""
 
 from __future__ import annotations
 
@@ -16,10 +17,17 @@ from stabilitycheck.watching import Watcher, watch
 
 
 def scaled_run(
-    opt_of: str, steps: int, scaler: torch.amp.GradScaler | None, log: Path, half: bool, **options: object
+    opt_of: str,
+    steps: int,
+    scaler: torch.amp.GradScaler | None,
+    log: Path,
+    half: bool,
+    given: bool = True,
+    **options: object,
 ) -> tuple[Watcher, list[float], list[bool]]:
-    """`steps` iterations of the GradScaler recipe (float16 autocast when `half`); returns the
-    watcher, each iteration's loss and whether the scaler skipped it (its scale went down)."""
+    """`steps` iterations of the GradScaler recipe (float16 autocast when `half`), the scaler passed
+    to watch when `given` (else the watcher finds it); returns the watcher, each iteration's loss
+    and whether the scaler skipped it (its scale went down)."""
     torch.manual_seed(0)
     model = MLP(depth=4)
     opt = (
@@ -29,7 +37,8 @@ def scaled_run(
     )
     gen = torch.Generator().manual_seed(0)
     losses, skipped = [], []
-    with watch(model, opt, scaler=scaler, log=log, report=None, flush_every=7, **options) as w:
+    passed = scaler if given else None
+    with watch(model, opt, scaler=passed, log=log, report=None, flush_every=7, **options) as w:
         for _ in range(steps):
             with torch.autocast("cpu", dtype=torch.float16, enabled=half):
                 loss = compute_loss(model, batch(gen, model))
@@ -48,14 +57,17 @@ def scaled_run(
     return w, losses, skipped
 
 
+@pytest.mark.parametrize("given", [True, False])
 @pytest.mark.parametrize(("opt_of", "skip"), [("sgd", False), ("fused", False), ("fused", True)])
 @pytest.mark.parametrize("init_scale", [2.0**20, 2.0**40])
 def test_a_step_the_scaler_skips_is_its_own_row_marked_skipped(
-    opt_of: str, skip: bool, init_scale: float, tmp_path: Path
+    opt_of: str, skip: bool, init_scale: float, given: bool, tmp_path: Path
 ) -> None:
-    """With skip=True a fused optimizer skips on the scaler's found_inf or the watcher's flag."""
+    """With skip=True a fused optimizer skips on the scaler's found_inf or the watcher's flag. Not
+    given, the scaler is found on its first step(), the first iteration, which it skips at 2^40."""
     scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=4)
-    w, losses, skipped = scaled_run(opt_of, 12, scaler, tmp_path / "w.jsonl", half=True, skip=skip)
+    log = tmp_path / "w.jsonl"
+    w, losses, skipped = scaled_run(opt_of, 12, scaler, log, half=True, given=given, skip=skip)
     rows = [json.loads(line) for line in (tmp_path / "w.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(12))
     assert [r["loss"] for r in rows] == pytest.approx(losses, rel=1e-6)
@@ -68,12 +80,14 @@ def test_a_step_the_scaler_skips_is_its_own_row_marked_skipped(
     assert all(math.isfinite(float(p.detach().sum())) for p in w.model.parameters())
 
 
+@pytest.mark.parametrize("given", [True, False])
 @pytest.mark.parametrize(("opt_of", "skip"), [("sgd", False), ("fused", False), ("fused", True)])
-def test_norms_are_divided_by_the_loss_scale(opt_of: str, skip: bool, tmp_path: Path) -> None:
+def test_norms_are_divided_by_the_loss_scale(opt_of: str, skip: bool, given: bool, tmp_path: Path) -> None:
     """float32 with a power-of-two scale is exact (no overflow, nothing skipped): every series
     equals that of the same run without a scaler, while the scale grows x4 every 10 steps."""
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_factor=4.0, growth_interval=10)
-    w, _, skipped = scaled_run(opt_of, 25, scaler, tmp_path / "a.jsonl", half=False, skip=skip)
+    log = tmp_path / "a.jsonl"
+    w, _, skipped = scaled_run(opt_of, 25, scaler, log, half=False, given=given, skip=skip)
     assert scaler.get_scale() == 2.0**12 and not any(skipped)
     bare, _, _ = scaled_run(opt_of, 25, None, tmp_path / "b.jsonl", half=False, skip=skip)
     scaled = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
@@ -83,3 +97,21 @@ def test_norms_are_divided_by_the_loss_scale(opt_of: str, skip: bool, tmp_path: 
             assert a[kind] == pytest.approx(b[kind], rel=1e-6), (a["step"], kind)
     assert report_of(w).flagged_steps == [] == report_of(bare).flagged_steps
     assert math.isfinite(scaled[-1]["grad_norm"])
+
+
+def test_a_found_scaler_is_let_go_when_the_watcher_closes(tmp_path: Path) -> None:
+    """GradScaler.step is wrapped only while the watcher is open; another optimizer's steps pass
+    through untouched, and the scaler's own update() is restored."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    original = vars(torch.amp.GradScaler)["step"]
+    w, _, _ = scaled_run("sgd", 3, scaler, tmp_path / "w.jsonl", half=False, given=False)
+    assert w.scaler is scaler
+    assert vars(torch.amp.GradScaler)["step"] is original and "update" not in vars(scaler)
+    model = MLP(depth=1)
+    other = torch.optim.SGD(model.parameters(), lr=0.1)  # not the watched optimizer: not adopted
+    watched = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match="no step was closed"), watch(model, watched, report=None) as w2:
+        scaler.scale(compute_loss(model, batch(torch.Generator().manual_seed(0), model))).backward()
+        scaler.step(other)
+        scaler.update()
+    assert w2.scaler is None and "update" not in vars(scaler)
