@@ -78,17 +78,25 @@ def noisy(n: int, rng: random.Random, level: float = 1.0, noise: float = 0.05) -
     return [level * (1 + noise * rng.gauss(0, 1)) for _ in range(n)]
 
 
+def spiky(
+    rng: random.Random, series: int, n: int, spikes: int, factors: list[float], bad: list[float]
+) -> list[list[float]]:
+    """`series` noisy series of `n` values at random levels, each with `spikes` values multiplied by
+    one of `factors` and one value replaced by one of `bad`."""
+    columns = []
+    for _ in range(series):
+        column = noisy(n, rng, level=rng.uniform(0.1, 10), noise=rng.uniform(0.01, 0.3))
+        for _ in range(spikes):
+            column[rng.randrange(n)] *= rng.choice(factors)
+        column[rng.randrange(n)] = rng.choice(bad)
+        columns.append(column)
+    return columns
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_matches_the_reference_on_series_with_spikes_and_non_finite_values(seed: int) -> None:
-    rng = random.Random(seed)
     rule = SpikeRule(window=16, warmup=4, sigmas=3.0, floor=0.2)
-    columns = []
-    for _ in range(6):
-        series = noisy(120, rng, level=rng.uniform(0.1, 10), noise=rng.uniform(0.01, 0.3))
-        for _ in range(8):
-            series[rng.randrange(120)] *= rng.choice([3.0, 10.0, 0.1])
-        series[rng.randrange(120)] = rng.choice([math.nan, math.inf, -math.inf])
-        columns.append(series)
+    columns = spiky(random.Random(seed), 6, 120, 8, [3.0, 10.0, 0.1], [math.nan, math.inf, -math.inf])
     got = run(rule, columns)
     assert got == [reference(rule, s) for s in columns]
     for chunk in (1, 7, 50, 120):
@@ -98,15 +106,8 @@ def test_matches_the_reference_on_series_with_spikes_and_non_finite_values(seed:
 
 @pytest.mark.parametrize("seed", range(3))
 def test_the_mean_and_threshold_of_each_judged_value_match_the_reference(seed: int) -> None:
-    rng = random.Random(seed)
     rule = SpikeRule(window=16, warmup=4, sigmas=3.0, floor=0.2)
-    columns = []
-    for _ in range(4):
-        series = noisy(90, rng, level=rng.uniform(0.1, 10), noise=rng.uniform(0.01, 0.3))
-        for _ in range(6):
-            series[rng.randrange(90)] *= rng.choice([3.0, 10.0])
-        series[rng.randrange(90)] = math.nan
-        columns.append(series)
+    columns = spiky(random.Random(seed), 4, 90, 6, [3.0, 10.0], [math.nan])
     expected = [reference_steps(rule, col) for col in columns]
     for chunk in (None, 1, 13, 90):
         got = run_steps(rule, columns) if chunk is None else run_many(rule, columns, chunk)
