@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,7 @@ from stabilitycheck.measurement import Measurement as Measurement
 from stabilitycheck.measurement import NonFinite as NonFinite
 from stabilitycheck.measurement import ratio as ratio
 from stabilitycheck.recording import EXACT as EXACT
-from stabilitycheck.recording import _dense, _fused_norms, _layout, _per_block, _Recorder, _scatter, _stack
+from stabilitycheck.recording import STACK_MIN, _dense, _layout, _per_block, _Recorder, _scatter, norm_values
 from stabilitycheck.recording import accumulator as accumulator
 from stabilitycheck.recording import block_of as block_of
 from stabilitycheck.recording import call_model as call_model
@@ -130,16 +131,15 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         tensors += outputs
         tensors += [g for g in captured if g is not None]
         tensors += run.params if weights else ()
-        norms = _fused_norms(tensors, exact)
         g, n, r = len(present), len(outputs), len(reached)
-        if scaler and r:  # output gradients of the scaled loss, unscaled
-            scale = scaler.scale(torch.ones((), device=run.device)).to(EXACT)
-            norms[g + n : g + n + r] = [b / scale for b in norms[g + n : g + n + r]]
-        extra = [scaler.scale(torch.ones((), device=run.device)).to(EXACT)] if scaler else []
-        host = _stack([loss.detach().reshape(()), *extra, *norms])  # the one host synchronisation
-    del outputs, captured, tensors, norms
+        extra = [scaler.scale(torch.ones((), device=run.device))] if scaler else []
+        groups = _groups(run.rec.calls, g, reached) if hooks else []
+        host = norm_values(tensors, exact, [loss.detach().reshape(()), *extra], groups)  # one host read
+    del outputs, captured, tensors
     loss_value, scale_value = host[0], host[1] if scaler else 1.0
     host = host[1 + len(extra) :]
+    if scaler:  # output gradients of the scaled loss, unscaled
+        host[g + n : g + n + r] = [b / scale_value for b in host[g + n : g + n + r]]
     return _Step(
         loss=loss_value,
         scale=scale_value,
@@ -151,6 +151,24 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         backward=_scatter(host[g + n : g + n + r], reached, n),
         finite=math.isfinite(loss_value + sum(host)),
     )
+
+
+def _groups(calls: Sequence[int], g: int, reached: Sequence[int]) -> list[list[int]]:
+    """Per block called STACK_MIN or more times in a step (a recurrent cell, once per token): the
+    positions of its outputs, then of their gradients, in `_run_step`'s norm list (g weight
+    gradients, the outputs, the gradients of the `reached` outputs), to be normed as stacks."""
+    many = {b for b, count in Counter(calls).items() if count >= STACK_MIN}
+    if not many:
+        return []
+    outputs: dict[int, list[int]] = {b: [] for b in many}
+    grads: dict[int, list[int]] = {b: [] for b in many}
+    for pos, b in enumerate(calls):
+        if b in many:
+            outputs[b].append(g + pos)
+    for j, pos in enumerate(reached):
+        if calls[pos] in many:
+            grads[calls[pos]].append(g + len(calls) + j)
+    return [*outputs.values(), *grads.values()]
 
 
 def _locate(

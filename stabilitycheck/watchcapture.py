@@ -26,10 +26,9 @@ import torch
 from torch import nn
 
 from stabilitycheck import distributed
-from stabilitycheck.recording import _first_tensor, _fused_norms, norm
+from stabilitycheck.recording import STACK_MIN, STACK_NUMEL, _first_tensor, _fused_norms, norm
 
 PENDING_CAP = 1 << 22  # elements kept for lazy norms (16 MiB in float32) before they are normed
-STACK_MIN, STACK_NUMEL = 64, 1 << 13  # a block's >= 64 captures of <= 8K elements: stacked, one norm
 EAGER_NUMEL = 1 << 13  # a capture larger than this is normed at once, while it is in cache
 
 GradHook = Callable[[Any], None]

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from stabilitycheck import recording
 from stabilitycheck.config import FAMILIES, RUN_FIELDS, Config
 from stabilitycheck.culprit import culprit_of
 from stabilitycheck.errors import UsageError
@@ -381,3 +382,38 @@ def test_huge_and_tiny_finite_norms_are_measured_exactly(factor: float, loss_sca
     assert m.layer_grad_norms == pytest.approx([float(g.norm()) for g in weight_grads], rel=1e-6, abs=0)
     extreme = [v for v in (*m.activation_norms, *m.activation_grad_norms) if v > 1.8e19 or 0 < v < 1e-19]
     assert len(extreme) >= 2  # the ranges float32 squares cannot hold were measured
+
+
+def test_norm_values_stacked_and_fused_equal_float64_norms() -> None:
+    """Oracle: float64 torch.linalg.vector_norm of each tensor. 70 float32 tensors of one shape (a
+    recurrent cell's outputs: normed as one stack) and 64 bfloat16 ones (another), at magnitudes whose float32
+    squares overflow or go subnormal, mixed with tensors of other shapes (one fused call), after two
+    head scalars of different dtypes: every value exact to float32 rounding, in the given order."""
+    gen = torch.Generator().manual_seed(0)
+    scales = [1.0, 1e20, 1e-22, 3e-3, 1e30]
+
+    def tensor(shape: tuple[int, ...], scale: float, dtype: torch.dtype) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+    tensors = [tensor((4, 8), scales[i % 5], torch.float32) for i in range(70)]
+    tensors += [tensor((3,), scales[i % 5], torch.bfloat16) for i in range(64)]
+    tensors += [tensor((5, 2), s, torch.float32) for s in scales] + [tensor((7,), 1e100, torch.float64)]
+    order = torch.randperm(len(tensors), generator=gen).tolist()
+    tensors = [tensors[i] for i in order]  # the groups interleaved
+    where = {old: new for new, old in enumerate(order)}
+    groups = [
+        [where[i] for i in range(70)],
+        [where[i] for i in range(70, 134)],
+        [where[i] for i in range(134, 140)],
+    ]
+    groups.append(
+        [where[i] for i in range(60, 74)] + [where[i] for i in range(74, 134)]
+    )  # shapes differ: fused
+    head = [torch.tensor(2.5, dtype=torch.bfloat16), torch.tensor(1e300, dtype=torch.float64)]
+    got = recording.norm_values(tensors, False, head, groups[:2])
+    fused = recording.norm_values(tensors, False, head, groups[2:])  # no stack there
+    assert fused == pytest.approx(got, rel=1e-6, abs=0)
+    assert got[:2] == [2.5, 1e300]
+    expect = [float(torch.linalg.vector_norm(t.double())) for t in tensors]
+    assert got[2:] == pytest.approx(expect, rel=1e-6, abs=0)
+    assert recording.norm_values(tensors, True)[:3] == pytest.approx(expect[:3], rel=1e-12, abs=0)
