@@ -22,21 +22,10 @@ from stabilitycheck.invariants_common import (
     _positive,
     _require_finite,
     _total,
+    reduction_error,
     rtol_of,
     subnormal_spacing,
 )
-
-
-def _reduction_error(tensors: Sequence[torch.Tensor], norm_type: float, exact: float) -> float:
-    """How far the total norm torch computes (each tensor's norm in its own dtype, then the norm of
-    those, as clip_grad_norm_ does) is from `exact`, relative; 0 for an exact total of 0 or inf."""
-    if not tensors or exact == 0 or not math.isfinite(exact):
-        return 0.0
-    norms = [torch.linalg.vector_norm(t.detach(), norm_type) for t in tensors]
-    dtype = norms[0].dtype
-    device = norms[0].device
-    got = float(torch.linalg.vector_norm(torch.stack([n.to(device, dtype) for n in norms]), norm_type))
-    return abs(got - exact) / exact if math.isfinite(got) else 0.0
 
 
 def assert_clipped_norm_bounded(
@@ -72,7 +61,7 @@ def assert_clipped_norm_bounded(
     # torch sums the total in the gradients' dtype: over many elements its own rounding (1e-5 relative
     # for 1e6 float32 values, 1e-3 for an L1 norm of 4e6) moves the clipped norm off max_norm by as
     # much. Measured here on these gradients, with torch's own reduction, and allowed twice over.
-    rounding = _reduction_error([g for _, g in grads], norm_type, total)
+    rounding = reduction_error([g for _, g in grads], norm_type, total)
     numel = sum(g.numel() for _, g in grads)
     slack = spacing * math.sqrt(numel)  # products that land among the subnormals
     coef = math.nan
@@ -90,7 +79,7 @@ def assert_clipped_norm_bounded(
             "Clipping hid a blow-up: use clip_grad_norm_(..., error_if_nonfinite=True).",
         )
         total_before = _total(_norms([b for _, b in pre], norm_type), norm_type)
-        rounding = max(rounding, _reduction_error([b for _, b in pre], norm_type, total_before))
+        rounding = max(rounding, reduction_error([b for _, b in pre], norm_type, total_before))
         coef = min(1.0, max_norm / (total_before + 1e-6))
         slack += spacing * total_before  # the coefficient itself rounds to a subnormal in half precision
     tol += 2 * rounding

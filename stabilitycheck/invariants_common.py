@@ -39,6 +39,18 @@ def subnormal_spacing(dtype: torch.dtype) -> float:
     return float(info.smallest_normal * info.eps)
 
 
+def reduction_error(tensors: Sequence[torch.Tensor], norm_type: float, exact: float) -> float:
+    """How far the total norm torch computes (each tensor's norm in its own dtype, then the norm of
+    those, as clip_grad_norm_ does) is from `exact`, relative; 0 for an exact total of 0 or inf."""
+    if not tensors or exact == 0 or not math.isfinite(exact):
+        return 0.0
+    norms = [torch.linalg.vector_norm(t.detach(), norm_type) for t in tensors]
+    dtype = norms[0].dtype
+    device = norms[0].device
+    got = float(torch.linalg.vector_norm(torch.stack([n.to(device, dtype) for n in norms]), norm_type))
+    return abs(got - exact) / exact if math.isfinite(got) else 0.0
+
+
 def _fail(header: str, *lines: str) -> NoReturn:
     """Raise StabilityError with an assert_close-style message: a header, a blank line, the details.
     Like every helper that can fail, it hides its frame: a failure report ends at the user's call."""

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from stabilitycheck.config import RUN_FIELDS, Config
+from stabilitycheck.distributed import check_clip_grad_norm
 from stabilitycheck.errors import StabilityError, UsageError
 from stabilitycheck.families import knob_specs
 from stabilitycheck.invariants import (
@@ -519,3 +520,51 @@ def test_gradscaler_guard_blames_a_nan_weight_on_the_model_not_the_scaler() -> N
         assert_gradscaler_guards(model, x, lambda out, _: out.square().mean())
     message = str(info.value)
     assert "before any step" in message and "first: '0.weight'" in message and "stepped" not in message
+
+
+def _layer_grads(shapes: list[tuple[int, ...]], seed: int = 0) -> list[nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    params = [nn.Parameter(torch.zeros(shape)) for shape in shapes]
+    for p in params:
+        p.grad = torch.randn(*p.shape, generator=gen) * 0.01
+    return params
+
+
+@pytest.mark.parametrize("shapes", [[(2048, 2048)], [(1024, 4096), (4096,)], [(1 << 22,)]])
+def test_clip_grad_norm_check_allows_torchs_own_rounding_of_large_float32_layers(
+    shapes: list[tuple[int, ...]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Single process, torch's own clip: a correct total off the float64 norm by torch's float32
+    rounding (5e-5 relative on a 2048 x 2048 layer) passes; a total 1e-3 off (a wrong reduction) or a
+    local-shard-like half of it does not. The fixed rtol of 1e-5 failed torch itself here."""
+    params = _layer_grads(shapes)
+    exact = math.sqrt(sum(float(p.grad.double().square().sum()) for p in params))  # type: ignore[union-attr]
+    assert check_clip_grad_norm(params) == pytest.approx(exact, rel=1e-3)
+    clip = torch.nn.utils.clip_grad_norm_
+    for factor in (1 + 1e-3, 0.5):
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda ps, m, f=factor: clip(ps, m) * f)
+        with pytest.raises(StabilityError, match="full-model gradient norm"):
+            check_clip_grad_norm(params)
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_clip_grad_norm_check_leaves_non_finite_gradients_as_they_were(bad: float) -> None:
+    """An infinite max norm scales by inf / inf = NaN when the total is non-finite: the check turned
+    every gradient into NaN. Now they are unchanged (bitwise), and a non-finite total matches in kind."""
+    params = _layer_grads([(16, 16), (16,)])
+    params[0].grad[3, 4] = bad  # type: ignore[index]
+    before = [p.grad.clone() for p in params]  # type: ignore[union-attr]
+    value = check_clip_grad_norm(params)
+    assert math.isnan(value) if math.isnan(bad) else value == math.inf
+    for p, b in zip(params, before, strict=True):
+        assert torch.equal(p.grad.isnan(), b.isnan())  # type: ignore[union-attr]
+        assert torch.equal(p.grad.nan_to_num(), b.nan_to_num())  # type: ignore[union-attr]
+
+
+def test_clip_grad_norm_check_takes_a_generator_of_parameters() -> None:
+    """model.parameters(), as clip_grad_norm_ accepts: the first norm used it up, so torch's clip saw
+    no parameters and returned 0."""
+    model = nn.Linear(8, 8)
+    model(torch.randn(4, 8)).square().sum().backward()
+    expected = math.sqrt(sum(float(p.grad.double().square().sum()) for p in model.parameters()))  # type: ignore[union-attr]
+    assert check_clip_grad_norm(model.parameters()) == pytest.approx(expected, rel=1e-6)
