@@ -135,12 +135,15 @@ class ScalerLike(Protocol):
     def update(self) -> Any: ...
 
 
-def _poison(params: Sequence[nn.Parameter], value: float) -> str:
-    """Put `value` into one entry of the first gradient; returns that parameter's index as a name."""
-    for i, p in enumerate(params):
+def _poison(params: Sequence[nn.Parameter], value: float, last: bool = False) -> str:
+    """Put `value` into the first entry of the first gradient (with `last`: the last entry of the last
+    gradient, so a scaler checking one tensor alone fails one of the two); returns that parameter's
+    index as a name."""
+    order = list(enumerate(params))
+    for i, p in reversed(order) if last else order:
         if p.grad is not None:
             with torch.no_grad():
-                p.grad[(0,) * p.grad.dim()] = value
+                p.grad.view(-1)[-1 if last else 0] = value
             return str(i)
     raise UsageError("no parameter got a gradient, so none can be made non-finite")
 
@@ -156,11 +159,12 @@ def assert_gradscaler_guards(
     poisons: Sequence[float] = (math.inf, math.nan),
     seed: int = 0,
 ) -> None:
-    """A scaler step whose gradients hold Inf or NaN (each of `poisons`, put in after backward) is
-    skipped: weights unchanged and finite, and the scale backed off (when the scaler has get_scale);
-    a clean step afterwards does update the weights. Weights non-finite before any step fail as the
-    model's finding (no step of any scaler can be judged on them). Default scaler:
-    torch.amp.GradScaler on the model's device type; default optimizer: SGD at `lr`."""
+    """A scaler step whose gradients hold Inf or NaN (each of `poisons`, put in after backward, in the
+    first gradient, then in the last) is skipped: weights unchanged and finite, and the scale backed
+    off (when the scaler has get_scale); a clean step afterwards does update the weights. Weights
+    non-finite before any step fail as the model's finding (no step of any scaler can be judged on
+    them). Default scaler: torch.amp.GradScaler on the model's device type; default optimizer: SGD
+    at `lr`."""
     __tracebackhide__ = True
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -172,16 +176,16 @@ def assert_gradscaler_guards(
     get_scale = getattr(scaler, "get_scale", None)
     kind = type(scaler).__name__
 
-    def step(poison: float | None) -> None:
+    def step(poison: float | None, last: bool = False) -> str:
         opt.zero_grad(set_to_none=True)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             loss = loss_fn(call_model(model, inputs), inputs)
         scaler.scale(loss).backward()
-        if poison is not None:
-            _poison(params, poison)
+        where = _poison(params, poison, last) if poison is not None else ""
         scaler.step(opt)
         scaler.update()
+        return where
 
     broken = [n for n, p in named if not bool(p.detach().isfinite().all())]
     if broken:
@@ -190,10 +194,10 @@ def assert_gradscaler_guards(
             f"Non-finite weight tensors: {len(broken)} / {len(named)}; first: {broken[0]!r}",
             "This is the model's finding, not the scaler's: check its initialisation or loaded state.",
         )
-    for poison in poisons:
+    for poison, last in ((poison, last) for poison in poisons for last in (False, True)):
         weights = [p.detach().clone() for p in params]
         scale_before = float(get_scale()) if callable(get_scale) else math.nan
-        step(poison)
+        where = named[int(step(poison, last))][0]
         scale_after = float(get_scale()) if callable(get_scale) else math.nan
         changed = [n for (n, p), w in zip(named, weights, strict=True) if not torch.equal(p.detach(), w)]
         nonfinite = [n for n, p in named if not bool(p.detach().isfinite().all())]
@@ -203,7 +207,7 @@ def assert_gradscaler_guards(
                 [weights[[n for n, _ in named].index(first)], dict(named)[first]]
             )
             _fail(
-                f"{kind} stepped on a gradient holding {poison}: the step was not skipped.",
+                f"{kind} stepped on a gradient holding {poison} (in {where!r}): the step was not skipped.",
                 f"Weight tensors changed: {len(changed)} / {len(named)}; non-finite: "
                 f"{len(nonfinite)} / {len(named)}",
                 f"First: {first!r} with norm {before_norm:.6g} before the step and {after_norm:.6g} after "

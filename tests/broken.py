@@ -109,6 +109,18 @@ class NanOnlyScaler(UnguardedScaler):
         super().step(optimizer)
 
 
+class FirstGradOnlyScaler(UnguardedScaler):
+    """Skips steps on Inf/NaN found in the first gradient only (checks `grads[0]` where every one
+    was meant, like a scaler that looks at param_groups[0] alone)."""
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not bool(grads[0].isfinite().all()):
+            self._scale /= 2.0
+            return
+        super().step(optimizer)
+
+
 class NeverStepsScaler(UnguardedScaler):
     """Guards against Inf by never stepping at all (and still backs off the scale)."""
 
