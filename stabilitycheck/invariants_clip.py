@@ -198,10 +198,19 @@ def assert_direction_preserved(
 ) -> float:
     """`after` is `before` rescaled by ONE common factor s >= 0 (every cosine 1, every ratio s): true
     of norm clipping, false of value clipping and per-tensor clipping. Returns s. An all-zero `after`
-    of a nonzero `before` fails: it keeps no direction (s = 0 is allowed only when before is zero)."""
+    of a nonzero `before` fails: it keeps no direction (s = 0 is allowed only when before is zero).
+    Two mappings are paired by key (in any order)."""
     __tracebackhide__ = True
     b, a = _named(before, "before"), _named(after, "after")
-    if isinstance(after, Mapping) and not isinstance(before, Mapping) and len(a) == len(b):
+    if isinstance(after, Mapping) and isinstance(before, Mapping):  # paired by key, not by position
+        if set(after) != set(before):
+            missing, extra = sorted(set(before) - set(after)), sorted(set(after) - set(before))
+            raise UsageError(
+                f"before and after must name the same tensors: only in before {missing[:3]}, only in "
+                f"after {extra[:3]}"
+            )
+        a = [(name, after[name]) for name, _ in b]
+    elif isinstance(after, Mapping) and len(a) == len(b):
         b = [(name, t) for (name, _), (_, t) in zip(a, b, strict=True)]  # name both by after's keys
     return _check_factor(
         b, a, None, "Gradients were not rescaled by one common factor: direction changed.", rtol

@@ -569,3 +569,20 @@ def test_clip_grad_norm_check_takes_a_generator_of_parameters() -> None:
     model(torch.randn(4, 8)).square().sum().backward()
     expected = math.sqrt(sum(float(p.grad.double().square().sum()) for p in model.parameters()))  # type: ignore[union-attr]
     assert check_clip_grad_norm(model.parameters()) == pytest.approx(expected, rel=1e-6)
+
+
+def test_direction_preserved_pairs_two_mappings_by_key() -> None:
+    """A correct clip_grad_norm_ with `after` built in another key order passes (the two dicts were
+    paired by position: 'Shape changed' or a cosine of a pair never meant); a clip that scales one
+    tensor differently still fails; different key sets are a usage error naming them."""
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 3))
+    model(torch.randn(8, 16)).square().sum().backward()
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}  # type: ignore[union-attr]
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+    after = {n: p.grad.clone() for n, p in reversed(list(model.named_parameters()))}  # type: ignore[union-attr]
+    assert assert_direction_preserved(before, after) < 1
+    after["1.bias"] *= 0.5
+    with pytest.raises(StabilityError, match=re.escape("'1.bias'")):
+        assert_direction_preserved(before, after)
+    with pytest.raises(UsageError, match=re.escape("only in before ['1.bias']")):
+        assert_direction_preserved(before, {k: v for k, v in after.items() if k != "1.bias"})
