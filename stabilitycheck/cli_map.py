@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from stabilitycheck._json import strict_json
 from stabilitycheck._options import (
     EXIT_FOUND,
     EXIT_INTERNAL,
@@ -30,7 +31,6 @@ from stabilitycheck._options import (
     require_steps,
 )
 from stabilitycheck._outputs import Progress, _atomic_write, check_outputs
-from stabilitycheck.report import strict_json
 
 
 def parser() -> argparse.ArgumentParser:

@@ -5,14 +5,13 @@ Rendering only: every number shown was computed by the probe or the search.
 
 from __future__ import annotations
 
-import json
 import math
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
 from tabulate import tabulate
 
+from stabilitycheck._json import strict_json
 from stabilitycheck.config import Config, Run
 from stabilitycheck.counterexample import SearchResult
 from stabilitycheck.measurement import INPUT
@@ -232,25 +231,6 @@ def to_json(results: Sequence[SearchResult]) -> str:
         for r in results
     ]
     return strict_json(data)
-
-
-def strict_json(data: Any) -> str:
-    """JSON any strict parser reads: NaN is written null and +-Inf +-1e999 (a number too large for a
-    double, which parsers read as +-Infinity), not the bare NaN/Infinity tokens Python writes. The
-    from_dict readers take null in a float field back as NaN."""
-    mark = f"inf-{uuid.uuid4().hex}"  # a string no value holds, swapped for the number after dumping
-
-    def clean(x: Any) -> Any:
-        if isinstance(x, float) and not math.isfinite(x):
-            return None if math.isnan(x) else ("+" if x > 0 else "-") + mark
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, list | tuple):
-            return [clean(v) for v in x]
-        return x
-
-    text = json.dumps(clean(data), indent=2, sort_keys=True, allow_nan=False)
-    return text.replace(f'"+{mark}"', "1e999").replace(f'"-{mark}"', "-1e999")
 
 
 def markdown(results: Sequence[SearchResult]) -> str:

@@ -4,7 +4,6 @@ and the heatmap. Everything here runs on Python floats after the flush's one hos
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import os
 import warnings
@@ -14,6 +13,7 @@ from typing import Any, TextIO
 
 import torch
 
+from stabilitycheck._json import strict_json
 from stabilitycheck.distributed import Layout, nonfinite_rank, to_series
 from stabilitycheck.errors import UsageError
 from stabilitycheck.spikes import SpikeRule, SpikeState
@@ -250,7 +250,7 @@ class Log:
             if step == 0:
                 row["columns"] = self.columns_of
             try:
-                self.file.write(json.dumps(row) + "\n")
+                self.file.write(strict_json(row, indent=None) + "\n")
             except OSError as error:
                 self._close_log(error)
 

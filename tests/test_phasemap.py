@@ -24,10 +24,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stabilitycheck import meanfield
+from stabilitycheck._json import strict_json
 from stabilitycheck.cli import main
 from stabilitycheck.maptext import markdown, text
 from stabilitycheck.phasemap import PhaseMap, phase_map, theory
-from stabilitycheck.report import strict_json
 from stabilitycheck.seeds import Spread, assess
 from stabilitycheck.space import Axis, Space
 from stabilitycheck.staircase import Edge, trace
