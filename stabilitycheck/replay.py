@@ -79,7 +79,7 @@ def _check_meta(path: Path, meta: dict[str, Any]) -> None:
     valid = {
         "step (an integer)": isinstance(step, int) and not isinstance(step, bool) and step >= 0,
         "blocks (a list of names)": _is_list(meta.get("blocks"), str),
-        "values (a list of numbers)": _is_list(meta.get("values"), (int, float)),
+        "values (a list of numbers, null for NaN)": _is_list(meta.get("values"), (int, float, type(None))),
         "import_roots (a list of paths)": _is_list(meta.get("import_roots"), str),
     }
     for field, ok in valid.items():
@@ -121,7 +121,8 @@ def replay(path: Path | str) -> Replayed:
             watcher.loss(loss)
             loss.backward()
         watcher.before_step()
-    names, values = watcher.out.names, meta["values"]
+    names = watcher.out.names
+    values = [math.nan if v is None else float(v) for v in meta["values"]]  # strict JSON: NaN is null
     if len(values) != len(names):
         raise UsageError(
             f"replay {path}: meta.json has {len(values)} values, the replayed step measures {len(names)}; "

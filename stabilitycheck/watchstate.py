@@ -10,7 +10,6 @@ re-runs the step from it (stabilitycheck.replay).
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import sys
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from stabilitycheck._json import strict_json
 from stabilitycheck.errors import UsageError
 
 FORMAT = "stabilitycheck-watch-bundle/2"  # 2: every micro-batch, with its loss
@@ -167,4 +167,4 @@ class Snapshot:
         with _without_hooks(self.model):
             torch.save(data, partial)
         os.replace(partial, self.path / "data.pt")  # never a half-written data.pt
-        (self.path / "meta.json").write_text(json.dumps(meta, indent=1))
+        (self.path / "meta.json").write_text(strict_json(meta, indent=1))

@@ -184,3 +184,19 @@ def test_an_edited_meta_json_or_a_negative_rtol_is_a_one_line_usage_error(
         err = capsys.readouterr().err  # type: ignore[attr-defined]
         assert err.startswith("stabilitycheck: error:") and "--rtol" in err and err.count("\n") == 1
     assert main(["replay", str(tmp_path / "bundle"), "--rtol", "0"]) in (0, 1)
+
+
+def test_a_bundle_of_a_nan_step_is_strict_json_and_replays(tmp_path: Path) -> None:
+    """A step whose batch makes the model's norms NaN (a NaN in the inputs): meta.json writes the NaN
+    as null (it held a bare NaN token, which strict parsers refuse), and replay reads it back as NaN
+    and reproduces the step, NaN for NaN."""
+    torch.manual_seed(0)
+    w = train(
+        PreNorm(depth=3), 52, bad_batch=(48, math.nan), bundle=tmp_path / "b", compute_loss=compute_loss
+    )
+    assert report_of(w).first_spike is not None and report_of(w).first_spike.step == 48  # type: ignore[union-attr]
+    refuse = lambda token: pytest.fail(f"{token} in meta.json")  # noqa: E731
+    meta = json.loads((tmp_path / "b" / "meta.json").read_text(), parse_constant=refuse)
+    assert None in meta["values"]
+    result = replay(tmp_path / "b")
+    assert any(math.isnan(v) for v in result.replayed) and result.mismatches(1e-6) == []
