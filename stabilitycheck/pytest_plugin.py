@@ -72,6 +72,7 @@ class _State:
     findings: list[Finding] = field(default_factory=list)
     seen: set[tuple[str, str]] = field(default_factory=set)
     previous_profile: str | None = None
+    current: str = ""  # the node id of the test running now (stability_record names its findings by it)
 
     def add(self, f: Finding | None) -> bool:
         if f is None:
@@ -93,10 +94,11 @@ def _state(config: pytest.Config) -> _State:
 
 class Recorder:
     """The `stability_record` fixture: record(found) adds a SearchResult's counterexample, a
-    Counterexample or a failing Config to the session summary; True when something was added."""
+    Counterexample or a failing Config to the session summary, under the test running now; True when
+    something was added."""
 
-    def __init__(self, state: _State, test: str) -> None:
-        self._state, self._test = state, test
+    def __init__(self, state: _State) -> None:
+        self._state = state
 
     def __call__(
         self,
@@ -105,7 +107,7 @@ class Recorder:
         failure: str | None = None,
         knobs: tuple[str, ...] | None = None,
     ) -> bool:
-        return self._state.add(finding(found, self._test, failure=failure, knobs=knobs))
+        return self._state.add(finding(found, self._state.current, failure=failure, knobs=knobs))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,6 +223,8 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, None]:
     example database stays on (see SEED_ATTRIBUTE)."""
     test = getattr(item, "obj", None)
     state = item.config.stash.get(_STATE, None)
+    if state is not None:
+        state.current = item.nodeid
     seeded = False
     if (
         test is not None
@@ -314,10 +318,12 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Under --stability-device all, every test using stability_device runs once per device."""
     if "stability_device" in metafunc.fixturenames and metafunc.config.getoption(f"{PREFIX}device") == "all":
-        metafunc.parametrize("stability_device", ["cpu", "cuda"], indirect=True)
+        metafunc.parametrize("stability_device", ["cpu", "cuda"], indirect=True, scope="session")
 
 
-@pytest.fixture
+# Session-scoped, so a Hypothesis test can use them: @given refuses function-scoped fixtures (they
+# are not reset between its examples), and neither holds per-test state.
+@pytest.fixture(scope="session")
 def stability_device(request: pytest.FixtureRequest) -> str:
     """The device to test on ("cpu" or "cuda"); a cuda test skips where CUDA is not available."""
     device: str = getattr(request, "param", None) or request.config.getoption(f"{PREFIX}device")
@@ -332,8 +338,8 @@ def stability_device(request: pytest.FixtureRequest) -> str:
     return device
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def stability_record(request: pytest.FixtureRequest) -> Recorder:
     """record(found): add a SearchResult's counterexample, a Counterexample or a failing Config to the
     session summary (returns whether it was added)."""
-    return Recorder(_state(request.config), request.node.nodeid)
+    return Recorder(_state(request.config))

@@ -281,3 +281,30 @@ def test_a_counterexample_found_by_one_ci_run_replays_first_in_the_next(pytester
         calls.unlink()
     assert counts[1] <= 2 < counts[0], counts
     assert (pytester.path / ".hypothesis" / "examples").is_dir()
+
+
+FIXTURES_IN_A_PROPERTY = """
+from hypothesis import given, settings, strategies as st
+from stabilitycheck.config import Config
+
+@settings(max_examples=3, database=None)
+@given(st.integers(2, 4))
+def test_recorded(stability_device, stability_record, depth):
+    assert stability_device == "cpu"
+    stability_record(Config.of("mlp", depth=depth, init_scale=9.0), failure="recorded by the property")
+
+def test_other(stability_record):
+    stability_record(Config.of("mlp", depth=7, init_scale=9.0), failure="recorded by the other")
+"""
+
+
+def test_the_fixtures_work_in_a_hypothesis_property(pytester: pytest.Pytester) -> None:
+    """The fixtures were function-scoped, so @given refused them (FailedHealthCheck: function-scoped
+    fixture). Session-scoped now: the property runs, and each finding is named by the test that
+    recorded it."""
+    pytester.makepyfile(test_fix=FIXTURES_IN_A_PROPERTY)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    out = result.stdout.str()
+    assert "test_fix.py::test_recorded" in out and "test_fix.py::test_other" in out
+    assert "recorded by the property" in out and "recorded by the other" in out
