@@ -10,8 +10,10 @@ two both 10x. Near the limit one seed's growth is off its 5-seed median by up to
 3.0x on a pre-norm resmlp, 14x on a post-norm transformer and a tanh RNN, 55x on a GRU (each zoo
 target at its crossing, 20 base seeds x 5 seeds); a seed 100x from the limit is beyond that spread, so
 the median cannot be on the other side (10x was not: a GRU seed 12x below the limit had a median above
-it). A seed that went non-finite, or a NaN value, is never on that continuous spread: it decides
-nothing alone, only through the counts.
+it). Going non-finite is not on that continuous spread (one initialisation that stays finite says
+nothing of the next, and one NaN nothing of the others): while the nonfinite criterion is on (the
+default) every verdict is left to the counts, at least ceil(q K) seeds; the margin decides only
+growth-like criteria with nonfinite off.
 """
 
 from __future__ import annotations
@@ -235,14 +237,15 @@ def _decided(per_seed: list[dict[str, float]], lim: Limits, budget: int, q: floa
 
 def _far(name: str, value: float, lim: Limits, factor: float) -> bool:
     """The value is at least `factor` away from the criterion's bound (an infinite growth counts as
-    far). A NaN, or a seed that went non-finite, is never far: it is no point on the continuous
-    spread between seeds that the margin relies on (a NaN in one initialisation says little of the
-    next), so such a verdict is left to the counts alone."""
+    far). Going non-finite is all or nothing, no point on the continuous spread between seeds that
+    the margin relies on (one initialisation that stays finite says nothing of the next): while the
+    nonfinite or overflow criterion is on, no seed is far from it, so a verdict waits for the counts;
+    a NaN value is never far either."""
     b = bound(name, lim)
-    if name in ("overflow", "nonfinite"):
-        return value == 0  # this seed stayed finite
     if b is None:
         return True
+    if name in ("overflow", "nonfinite"):
+        return False
     if math.isnan(value):
         return False
     if b == 0 or value == 0 or math.isinf(value):

@@ -327,31 +327,29 @@ def test_a_vanishing_verdict_counts_failed_seeds_not_exploded_ones() -> None:
 
 
 def test_a_non_finite_seed_never_decides_alone() -> None:
-    """A NaN in one initialisation says little of the next: where the first seed is broken (a NaN
-    weight), the verdict over seeds equals the full K-seed median's. The margin rule counted a
-    non-finite value as far from every limit, so that first seed alone made the verdict `nonfinite`
-    where the 5-seed median is stable. (A clean first seed far from every limit still decides alone:
-    the module docstring says why.)"""
+    """Going non-finite is all or nothing: the verdict over seeds equals the full K-seed median's
+    whichever seeds are broken (a NaN weight in about 3 initialisations in 10). The margin rule
+    counted a non-finite value as far from every limit and a clean seed as far from nonfinite, so
+    the first seed alone decided: `nonfinite` where the 5-seed median is stable, or stable where
+    3 of 5 seeds make NaN."""
     from stabilitycheck.modelfile import load
     from stabilitycheck.verdicts import CRITERIA, judge
     from stabilitycheck.verdicts import values as criterion_values
 
     subject = load(str(Path(__file__).resolve().parent / "modelfiles" / "nan_some_seeds.py"))
     wrong_alone = 0
-    for base in range(30):
+    for base in range(24):
         config = subject.config(seed=base)
-        if criterion_values(probe(config, subject))["nonfinite"] == 0:
-            continue  # the first seed is clean
         seeded = [config.with_run(seed=seed_of(base, k)) for k in range(5)]
         per_seed = [criterion_values(probe(c, subject)) for c in seeded]
         full = judge({c: quantile([v[c] for v in per_seed], 0.5) for c in CRITERIA}, Limits()).exploded
         assert assess(config, subject).exploded == full, base
-        wrong_alone += not full  # the first seed alone says nonfinite; the median is stable
-    assert wrong_alone >= 2  # the comparison covers the case that was wrong
+        wrong_alone += judge(per_seed[0], Limits()).exploded != full  # the first seed alone is wrong
+    assert wrong_alone >= 2  # the comparison covers cases that were wrong
 
 
 @pytest.mark.parametrize(
-    ("growths", "decided"),
+    ("growths", "decided"),  # growth alone judged (nonfinite off), where the margin still decides
     [
         ([8.3], False),  # a GRU seed 12x below the limit: its 5-seed median was 143 (over the limit)
         ([0.9], True),  # 111x below: beyond the 55x measured spread
