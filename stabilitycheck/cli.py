@@ -221,9 +221,7 @@ def run(argv: Sequence[str] | None, progress: Progress | None = None) -> int:
             if result.interrupted:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
-        code = EXIT_INTERRUPTED
-    except _Terminated:
-        code = EXIT_TERMINATED
+        code = _interrupted()
     finally:
         outputs.final(results + pending)
     if code != EXIT_OK:
@@ -238,10 +236,6 @@ def run(argv: Sequence[str] | None, progress: Progress | None = None) -> int:
     return EXIT_FOUND if any(r.counterexample for r in results) else EXIT_OK
 
 
-class _Terminated(BaseException):
-    """SIGTERM (a CI timeout): stop like Ctrl-C, write what was found, exit 143."""
-
-
 _SIGNALLED: list[int] = []
 """The signals received. Each handler also raises, but an exception raised while Python runs a gc
 callback or a __del__ is printed and dropped, so the search checks this after every point as well."""
@@ -253,10 +247,15 @@ def _on_signal(signum: int, frame: Any) -> None:
 
 
 def _stop_if_terminated() -> None:
-    if signal.SIGTERM in _SIGNALLED:
-        raise _Terminated
+    """SIGINT or SIGTERM (a CI timeout) stop the same way, as a KeyboardInterrupt, so the search keeps
+    what it found either way; only the exit code tells them apart (`_interrupted`)."""
     if _SIGNALLED:
         raise KeyboardInterrupt
+
+
+def _interrupted() -> int:
+    """The exit code of a stopped run: 143 after SIGTERM, 130 after Ctrl-C."""
+    return EXIT_TERMINATED if signal.SIGTERM in _SIGNALLED else EXIT_INTERRUPTED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -279,15 +278,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"stabilitycheck: error: {exc}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-    except _Terminated:
-        return EXIT_TERMINATED
+        return _interrupted()
     except ModuleNotFoundError as exc:
         sys.stderr.write(f"stabilitycheck: error: {exc.name} is not installed; pip install stabilitycheck\n")
         return EXIT_USAGE
     except Exception as exc:  # an internal error: say so, and how to get the traceback
         if _SIGNALLED:  # library code that turned the signal's KeyboardInterrupt into its own error
-            return EXIT_TERMINATED if signal.SIGTERM in _SIGNALLED else EXIT_INTERRUPTED
+            return _interrupted()
         if debug:
             traceback.print_exc()
         sys.stderr.write(

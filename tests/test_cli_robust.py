@@ -499,3 +499,28 @@ def test_a_vanishing_counterexample_is_said_to_vanish_not_to_explode(
     code, out, err = _run(args, capsys)
     assert code == cli.EXIT_FOUND, err
     assert "(vanishes)" in out and "explodes at" not in err and "vanishes at" in err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_the_descent_keeps_the_failure_found(
+    signum: int, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C and SIGTERM (a CI timeout) stop alike and keep the exploding point found so far, marked
+    interrupted; only the exit code differs. SIGTERM raised its own exception, which the search's
+    Ctrl-C handler did not catch: the table had only its header and the JSON was []."""
+    from stabilitycheck import searching
+
+    def stopped(*args: object, **kwargs: object) -> object:
+        cli._on_signal(signum, None)  # what the handler does when the signal arrives here
+        raise AssertionError("the handler raises")
+
+    monkeypatch.setattr(searching, "canonical", stopped)
+    out_json = tmp_path / "out.json"
+    code, out, _ = _run(
+        [str(_file(tmp_path)), "--database", "none", "--seeds", "1", "--quiet", "--json", str(out_json)],
+        capsys,
+    )
+    assert code == (cli.EXIT_TERMINATED if signum == signal.SIGTERM else cli.EXIT_INTERRUPTED)
+    data = json.loads(out_json.read_text())
+    assert data[0]["interrupted"] and data[0]["counterexample"] is not None
+    assert "depth=" in out.splitlines()[2]  # the table row shows the point
