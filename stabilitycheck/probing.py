@@ -9,6 +9,7 @@ overflows is never reported as non-finite.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -151,6 +152,20 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         backward=_scatter(host[g + n : g + n + r], reached, n),
         finite=math.isfinite(loss_value + sum(host)),
     )
+
+
+def _growth(act: Sequence[float], breaks: frozenset[int]) -> float:
+    """The first over the last output-gradient norm, the product of the gains; across a junction where
+    a new chain starts (a decoder after its encoder) no gain is taken, so each chain's own growth
+    (its first over its last) multiplies: the ratio across would read the encoder's dL/d input against
+    the decoder's last output."""
+    if not act:
+        return 1.0
+    starts = [0, *sorted(b for b in breaks if 0 < b < len(act)), len(act)]
+    growth = 1.0
+    for a, b in itertools.pairwise(starts):
+        growth *= ratio(act[a], act[b - 1])
+    return growth
 
 
 def _groups(calls: Sequence[int], g: int, reached: Sequence[int]) -> list[list[int]]:
@@ -297,7 +312,7 @@ def probe_module(
         gains=tuple(
             math.nan if i + 1 in first.breaks else ratio(act[i], act[i + 1]) for i in range(len(act) - 1)
         ),
-        growth=ratio(act[0], act[-1]) if act else 1.0,
+        growth=_growth(act, first.breaks),
         weight_norms=_per_block(last.weights, owner, len(names)) if last.weights else (),
         first_nonfinite=nonfinite,
         steps_run=len(losses) - 1,

@@ -117,9 +117,10 @@ def _least_squares(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, flo
 
 def fit_growth(gains: Sequence[float]) -> Fit:
     """The exponential and polynomial fits of one seed's cumulative log growth (see Growth)."""
-    if not gains or not all(g > 0 and math.isfinite(g) for g in gains):
+    kept = [g for g in gains if not math.isnan(g)]  # NaN: a junction between chains, no gain there
+    if not kept or not all(g > 0 and math.isfinite(g) for g in kept):
         return math.nan, math.nan, math.nan, math.nan
-    logs = [math.log(g) for g in gains]
+    logs = [0.0 if math.isnan(g) else math.log(g) for g in gains]
     n = len(logs) + 1  # block calls
     cumulative = [sum(logs[j:]) for j in range(n - 1)]
     if n < 4:
