@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -106,24 +106,56 @@ class Layer(nn.Module):
     for the last layer the output of `after` itself (the Sequential). Each gain is a whole layer's,
     not alternately a weight's x2 and an activation's x0.5, and the last activation is in the chain."""
 
-    def __init__(self, weighted: nn.Module, after: nn.Module, last: bool) -> None:
+    def __init__(
+        self, weighted: nn.Module, after: nn.Module, last: bool, container: nn.Module, nth: int = 1
+    ) -> None:
         super().__init__()
         self.weighted = weighted  # a child: the layer's parameters are its own
-        self._after = (after, last)  # in a tuple, not a child: the next layer's parameters are not ours
+        # in a tuple, not children: the next layer's parameters are not ours. `after` is the nth use
+        # of its module in `container` (a module used at several places in one Sequential)
+        self._after = (after, last, container, nth)
 
     def register_forward_hook(self, hook: Callable[..., Any]) -> RemovableHandle:  # type: ignore[override]
-        after, last = self._after
+        after, last, container, nth = self._after
         if last:
             return after.register_forward_hook(hook)
+        calls = [0]  # calls of `after` in this pass of the container
 
         def on_next_input(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if args:
+            calls[0] += 1
+            if args and calls[0] == nth:
                 hook(self, args, args[0])
 
-        return after.register_forward_pre_hook(on_next_input)
+        def on_pass(module: nn.Module, args: tuple[Any, ...]) -> None:
+            calls[0] = 0
+
+        handles = after.register_forward_pre_hook(on_next_input), container.register_forward_pre_hook(on_pass)
+        return cast(RemovableHandle, _Handles(handles))
 
     def register_forward_pre_hook(self, hook: Callable[..., Any], **kwargs: Any) -> RemovableHandle:
         return self.weighted.register_forward_pre_hook(hook, **kwargs)
+
+
+class _Handles:
+    """Several hook handles removed as one."""
+
+    def __init__(self, handles: tuple[RemovableHandle, ...]) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _nth_uses(mods: list[nn.Module]) -> list[int]:
+    """For each position, which use of its module it is (1 for the first; a module at several places
+    in one Sequential is called once per place)."""
+    seen: dict[int, int] = {}
+    out = []
+    for m in mods:
+        seen[id(m)] = seen.get(id(m), 0) + 1
+        out.append(seen[id(m)])
+    return out
 
 
 def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
@@ -157,12 +189,14 @@ def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
         label = name or "(model)"
         if len(weighted) >= 2 and len(weighted) < len(blocks):
             container = dict(model.named_modules())[name]
+            nth = _nth_uses(mods)
+            where = {n: k for k, (n, _) in enumerate(blocks)}  # position of each named module in mods
             layers = tuple(
                 (
                     n,
-                    Layer(
-                        m, weighted[i + 1][1] if i + 1 < len(weighted) else container, i + 1 == len(weighted)
-                    ),
+                    Layer(m, weighted[i + 1][1], False, container, nth[where[weighted[i + 1][0]]])
+                    if i + 1 < len(weighted)
+                    else Layer(m, container, True, container),
                 )
                 for i, (n, m) in enumerate(weighted)
             )

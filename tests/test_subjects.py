@@ -4,6 +4,7 @@ reproduction line reproducing a verdict judged on non-default limits."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import statistics
@@ -288,3 +289,27 @@ def test_an_encoder_decoders_growth_is_the_product_of_its_chains_growths() -> No
     assert m.growth == pytest.approx(act[0] / act[start - 1] * act[start] / act[-1], rel=1e-12)
     assert m.growth != pytest.approx(act[0] / act[-1], rel=1e-3)  # the ratio across differs here
     assert all(math.isfinite(x) for x in fit_growth(m.gains)[:2])
+
+
+def test_a_module_used_at_several_places_of_a_flat_sequential_is_one_layer_per_place() -> None:
+    """Oracle, autograd in float64: Linear, Tanh, then one Linear used three times (each with a Tanh),
+    then a head. Each use is its own layer, its output the input of the next weighted module's call
+    at the next place. The shared module's hook fired at every call, for every layer after it: 11
+    recorded outputs for 5 layers, six gains exactly 1."""
+    torch.manual_seed(0)
+    shared = nn.Linear(16, 16, bias=False)
+    model = nn.Sequential(
+        nn.Linear(8, 16), nn.Tanh(), shared, nn.Tanh(), shared, nn.Tanh(), shared, nn.Tanh(), nn.Linear(16, 4)
+    ).double()
+    x = torch.randn(8, 8, dtype=torch.float64)
+    m = probe_module(model, x, lambda out, _: out.pow(2).sum())
+    assert m.activation_names == ("(input)", "0", "2", "4", "6", "8")
+    h = x.clone().requires_grad_()
+    outs = [h]
+    for k in range(0, 9, 2):  # a layer: the weighted module and the activation after it
+        h = model[k](h) if k == 8 else model[k + 1](model[k](h))
+        outs.append(h)
+    grads = torch.autograd.grad(h.pow(2).sum(), outs)
+    norms = [float(g.norm()) for g in grads]
+    assert m.activation_grad_norms == pytest.approx(norms, rel=1e-12)
+    assert m.gains == pytest.approx([a / b for a, b in itertools.pairwise(norms)], rel=1e-12)
