@@ -126,7 +126,8 @@ def run(argv: Sequence[str]) -> int:
 
     subject = resolve(args.target)
     space, x, y = _axes(args, subject)
-    check(subject, space.base.with_knobs(**{x.name: x.values[0], y.name: y.values[0]}))
+    corners = [space.base.with_knobs(**{x.name: x.values[k], y.name: y.values[k]}) for k in (0, -1)]
+    check(subject, *corners)
     progress = Progress(args.quiet)
 
     def save(pm: Any) -> None:

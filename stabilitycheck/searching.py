@@ -379,19 +379,27 @@ def sweep(space: Space, *, subject: Subject | None = None, limits: Limits | None
     return {index: prober.explodes(index) for index in space.grid()}
 
 
-def check(subject: Subject, config: Config) -> None:
-    """Probe `config` once before a search: a model that cannot run at all is a one-line UsageError
-    naming the subject and its knobs (at other points of the search the same failure is a skip)."""
+def check(subject: Subject, config: Config, *others: Config) -> None:
+    """Probe `config` once before a search (then each of `others` while they all fail): a model that
+    cannot run at any of them is a one-line UsageError naming the subject, its knobs at `config` and
+    the failure there; one that runs at any is searched, and the points where it fails are skipped
+    with the reason (a model raising at the lowest corner alone is no usage error)."""
     from stabilitycheck.probing import probe
 
-    try:
-        probe(config.with_run(seeds=1), subject)
-    except UsageError as exc:
-        raise UsageError(f"{exc} (with {config.describe()})") from None
-    except (Exception, SystemExit) as exc:
-        what = f"called sys.exit({exc.code!r})" if isinstance(exc, SystemExit) else f"raised {describe(exc)}"
-        raise UsageError(
-            f"{config.subject}: running the model with {config.describe()} {what}{raised_at(exc)}; its "
-            "code may not accept these knob values (narrow SPACE or --knob), or its inputs (batch(), "
-            "example_input or the ones inferred) may not match what forward() expects"
-        ) from None
+    first: UsageError | None = None
+    for tried in (config, *others):
+        try:
+            probe(tried.with_run(seeds=1), subject)
+            return
+        except UsageError as exc:
+            first = first or UsageError(f"{exc} (with {tried.describe()})")
+        except (Exception, SystemExit) as exc:
+            code = exc.code if isinstance(exc, SystemExit) else None
+            what = f"called sys.exit({code!r})" if isinstance(exc, SystemExit) else f"raised {describe(exc)}"
+            first = first or UsageError(
+                f"{tried.subject}: running the model with {tried.describe()} {what}{raised_at(exc)}; its "
+                "code may not accept these knob values (narrow SPACE or --knob), or its inputs (batch(), "
+                "example_input or the ones inferred) may not match what forward() expects"
+            )
+    assert first is not None
+    raise first

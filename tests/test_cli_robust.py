@@ -367,12 +367,13 @@ def test_knob_ranges_are_checked_against_the_knobs_type_and_applied_before_the_f
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A fractional range on a whole-number knob is a usage error up front; a model that cannot run at
-    depth 1 is searched from the lower end the user gave (--knob), not from its SPACE's."""
+    depth 1 is searched from the lower end the user gave (--knob), not from its SPACE's; from its
+    SPACE's, it runs at the top corner, so it is searched too, depths 1-2 skipped with the reason."""
     path = _file(tmp_path, "if depth < 3: raise ValueError('needs depth >= 3')")
     code, _, err = _run([str(path), "--knob", "depth=1.5:4", "--quiet"], capsys)
     assert code == cli.EXIT_USAGE and "whole-number knob" in err and err.count("\n") == 1
-    code, _, err = _run([str(path), "--database", "none", "--quiet"], capsys)
-    assert code == cli.EXIT_USAGE and "needs depth >= 3" in err
+    code, out, err = _run([str(path), "--database", "none", "--seeds", "1", "--quiet"], capsys)
+    assert code == cli.EXIT_FOUND and "needs depth >= 3" in out, err
     args = ["--knob", "depth=3:40", "--database", "none", "--seeds", "1", "--quiet"]
     code, out, _ = _run([str(path), *args], capsys)
     assert code == cli.EXIT_FOUND and "depth=" in out
@@ -524,3 +525,25 @@ def test_a_signal_during_the_descent_keeps_the_failure_found(
     data = json.loads(out_json.read_text())
     assert data[0]["interrupted"] and data[0]["counterexample"] is not None
     assert "depth=" in out.splitlines()[2]  # the table row shows the point
+
+
+@pytest.mark.parametrize(
+    ("guard", "code"),
+    [
+        ("if depth == 1: raise ValueError('depth 1 is not supported')", cli.EXIT_FOUND),
+        ("raise ValueError('never supported')", cli.EXIT_USAGE),
+    ],
+)
+def test_a_model_raising_at_the_lowest_corner_alone_is_searched(
+    guard: str, code: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model that raises at depth 1 only was refused whole (exit 2: 'could test no configuration'),
+    though a configuration that raises is a skipped point; one raising everywhere still is exit 2,
+    named at the lowest corner with file:line."""
+    args = [str(_file(tmp_path, guard)), "--database", "none", "--seeds", "1", "--quiet"]
+    got, out, err = _run(args, capsys)
+    assert got == code, err
+    if code == cli.EXIT_USAGE:
+        assert "depth=1" in err and "model.py:" in err and err.count("\n") == 1
+    else:
+        assert "depth=" in out.splitlines()[2] and "depth=1 " not in out.splitlines()[2]
