@@ -222,6 +222,9 @@ def run(argv: Sequence[str] | None, progress: Progress | None = None) -> int:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         code = _interrupted()
+        left = [space.label for _, space in spaces[len(results) + len(pending) :]]
+        if left:  # on stderr even with --quiet: the table has no row for them
+            sys.stderr.write(f"stabilitycheck: not searched (interrupted first): {', '.join(left)}\n")
     finally:
         outputs.final(results + pending)
     if code != EXIT_OK:

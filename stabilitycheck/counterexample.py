@@ -62,3 +62,4 @@ class SearchResult:
     interrupted: bool = False
     skipped: tuple[tuple[Config, str], ...] = field(default=())
     top_stable: bool = False  # the top corner judged stable: the space is not monotone in its knobs
+    minimal: bool = True  # False: interrupted before the descent verified the counterexample 1-minimal

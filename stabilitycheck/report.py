@@ -59,12 +59,16 @@ def row(result: SearchResult) -> list[str]:
     if cx is None:
         tried = knobs(result, result.largest_stable) if result.largest_stable else "-"
         j = result.largest_stable_judgement
+        stable = "stable " + (
+            f"(tried up to {tried})" if tried else "(its one configuration: every knob fixed)"
+        )
+        if result.interrupted:
+            stable = f"interrupted, {stable}" if result.largest_stable else "interrupted before any verdict"
         return [
             result.space.label,
             run.device,
             precision,
-            f"{'interrupted, ' if result.interrupted else ''}stable "
-            + (f"(tried up to {tried})" if tried else "(its one configuration: every knob fixed)"),
+            stable,
             "-",
             _spread(j) if j else "-",
             j.kind.describe() if j else "-",
@@ -76,17 +80,22 @@ def row(result: SearchResult) -> list[str]:
     fixed = [r.name for r in cx.remedies if r.fixed]
     attempted = [r for r in cx.remedies if r.config is not None]
     skipped = f", {j.skipped_steps} skipped steps" if j.skipped_steps else ""
+    remedies = ", ".join(fixed) or (
+        "none of " + ", ".join(r.name for r in attempted) if attempted else "none applies"
+    )
+    if result.interrupted:  # the descent or the remedies were cut short: say so in the row itself
+        remedies = ", ".join(fixed) + " (interrupted)" if fixed else "not tried (interrupted)"
+    interrupted = " (interrupted: not verified minimal)" if not result.minimal else ""
     return [
         result.space.label,
         run.device,
         precision,
-        knobs(result, cx.config) + (" (vanishes)" if j.verdict.how == "vanishes" else ""),
+        knobs(result, cx.config) + (" (vanishes)" if j.verdict.how == "vanishes" else "") + interrupted,
         (j.verdict.criteria[0].describe() if j.verdict.criteria else "-") + skipped,
         _spread(j),
         j.kind.describe(),
         cx.culprit,
-        ", ".join(fixed)
-        or ("none of " + ", ".join(r.name for r in attempted) if attempted else "none applies"),
+        remedies,
         str(result.probes),
     ]
 
@@ -225,6 +234,7 @@ def to_json(results: Sequence[SearchResult]) -> str:
             "elapsed_s": r.elapsed,
             "interrupted": r.interrupted,
             "top_stable": r.top_stable,
+            "minimal": r.minimal,
             "largest_stable": r.largest_stable.to_dict() if r.largest_stable else None,
             "counterexample": r.counterexample.to_dict() if r.counterexample else None,
         }

@@ -335,9 +335,11 @@ def search(
             interrupted=interrupted,
             skipped=prober.skipped(),
             top_stable=isinstance(corner, Judgement) and not corner.exploded,
+            minimal=not rough,
         )
 
     cx: Counterexample | None = None
+    rough = False  # the counterexample is the smallest exploding point seen, not a verified one
     try:
         found = hypothesis_phase(prober, max_examples, seed, database, confirm=False)
         top = prober.explodes(space.top())
@@ -369,7 +371,7 @@ def search(
                 best = min(failing, key=lambda i: (sum(i), i))
                 judged = prober.seen[best]
                 assert isinstance(judged, Judgement)
-                cx = Counterexample(space.label, space.config(best), judged, limits, ())
+                cx, rough = Counterexample(space.label, space.config(best), judged, limits, ()), True
     return result(cx)
 
 

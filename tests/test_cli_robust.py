@@ -547,3 +547,29 @@ def test_a_model_raising_at_the_lowest_corner_alone_is_searched(
         assert "depth=1" in err and "model.py:" in err and err.count("\n") == 1
     else:
         assert "depth=" in out.splitlines()[2] and "depth=1 " not in out.splitlines()[2]
+
+
+def test_an_interrupted_zoo_says_what_is_not_minimal_and_what_was_not_searched(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C during the second target's descent: its row shows the smallest exploding point seen,
+    marked not verified minimal, remedies 'not tried (interrupted)' (it read 'none applies'); the
+    targets never started are named on stderr (they were missing without a word)."""
+    from stabilitycheck import searching
+
+    real, calls = searching.canonical, []
+
+    def descent(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(searching, "canonical", descent)
+    args = ["zoo", "--family", "mlp,rnn,gru", "--database", "none", "--seeds", "1", "--quiet"]
+    code, out, err = _run(args, capsys)
+    assert code == cli.EXIT_INTERRUPTED
+    rows = out.splitlines()[2:4]
+    assert "interrupted" not in rows[0] and "(interrupted: not verified minimal)" in rows[1]
+    assert "not tried (interrupted)" in rows[1] and "none applies" not in rows[1]
+    assert "not searched (interrupted first): gru" in err
