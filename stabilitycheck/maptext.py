@@ -1,5 +1,6 @@
 """Text and Markdown renderings of a PhaseMap: one row per y value, each x a character, the frontier
-and its spread over seeds beside it, the mean-field prediction where there is one, and the cost."""
+and beside it where the seeds spent began to fire, the mean-field prediction where there is one, and
+the cost."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ from collections.abc import Sequence
 
 from stabilitycheck.phasemap import PhaseMap, theory
 from stabilitycheck.staircase import Edge
+
+SEEDS_FIRED = "measured: one seed-all seeds"
+"""The band column (PhaseMap.band): the smallest measured x where one of the seeds spent fired, and
+where all of them did; from the points the trace measured and the seeds their verdicts spent, not
+each seed's own frontier (which can lie outside it)."""
 
 LEGEND = (
     "X explodes, V vanishes, o stable (measured); # explodes, ~ vanishes, . stable (inferred from the "
@@ -67,9 +73,9 @@ def _rows(pm: PhaseMap) -> list[tuple[str, list[str]]]:
 
 
 def _header(pm: PhaseMap) -> list[str]:
-    cols = [f"explodes at {pm.x.name}", "seed spread", "mean field", "how"]
+    cols = [f"explodes at {pm.x.name}", SEEDS_FIRED, "mean field", "how"]
     if pm.vanish is not None:
-        cols += [f"vanishes at {pm.x.name}", "seed spread", "mean field", "how"]
+        cols += [f"vanishes at {pm.x.name}", SEEDS_FIRED, "mean field", "how"]
     return cols
 
 

@@ -89,8 +89,9 @@ class PhaseMap:
         return next((p for p in self.points if (p.x, p.y) == (x, y)), None)
 
     def band(self, y: int, vanishing: bool = False) -> tuple[int | None, int | None]:
-        """The frontier's spread over seeds in row y: the smallest measured x where some seed fired,
-        and where every seed fired (None where no measured point did)."""
+        """Where the seeds began to fire in row y: the smallest measured x where one of the seeds spent
+        fired, and where all of them did (None where no measured point did). Only the points the
+        trace measured and the seeds their verdicts spent: not each seed's own frontier."""
         lim = self.limits.vanishing
         row = sorted((p for p in self.points if p.y == y), key=lambda p: p.x)
         if vanishing and lim is not None:

@@ -92,7 +92,8 @@ def _theory(ax: Any, pm: PhaseMap, ylog: bool) -> bool:
 
 
 def _frontier(ax: Any, pm: PhaseMap, vanishing: bool) -> None:
-    """The traced frontier (first firing x per row) with the seed spread as horizontal bars."""
+    """The traced frontier (first firing x per row), with bars from the measured x where one seed
+    fired to where all the seeds spent did (PhaseMap.band)."""
     edges = pm.vanish if vanishing else pm.explode
     assert edges is not None
     xs, ys, lo, hi = [], [], [], []
@@ -116,7 +117,10 @@ def _frontier(ax: Any, pm: PhaseMap, vanishing: bool) -> None:
         markersize=4,
         linewidth=1.6,
         capsize=2,
-        label=f"traced frontier: first {pm.x.name}\nthat {what} (bars: seed spread)",
+        label=(
+            f"traced frontier: first {pm.x.name}\nthat {what} (bars: measured, one seed\n"
+            "fired to all seeds spent did)"
+        ),
     )
 
 

@@ -71,7 +71,8 @@ def mlp_map(activation: str, sigmas: Axis, depth: int, limits: Limits, width: in
 
 
 def within_spread(pm: PhaseMap, predicted: list[int | None], vanishing: bool = False) -> None:
-    """Each row's predicted index lies in the frontier's seed spread, one grid step either side."""
+    """Each row's predicted index lies in its measured band (one seed fired to all fired), one grid
+    step either side."""
     edges = pm.vanish if vanishing else pm.explode
     assert edges is not None
     for e, want in zip(edges, predicted, strict=True):
