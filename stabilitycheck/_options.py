@@ -105,15 +105,24 @@ def add_limits(p: argparse.ArgumentParser) -> None:
 
 def require_steps(args: argparse.Namespace) -> None:
     """A --divergence-limit or --stall-limit value without --steps (or a steps --knob) would never be
-    checked: the losses they compare are the ones before and after the steps. One line, exit 2;
-    `off` is accepted (it turns off what would not run)."""
+    checked: the losses they compare are the ones before and after the steps; --lr, --optimizer or
+    --clip would change nothing. One line, exit 2; a limit `off` is accepted (it turns off what would
+    not run)."""
     from stabilitycheck.errors import UsageError
 
+    if args.steps or any(k.partition("=")[0] == "steps" for k in args.knob):
+        return
     given = sorted(set(getattr(args, "step_limits", [])))
-    if given and not args.steps and all(k.partition("=")[0] != "steps" for k in args.knob):
+    if given:
         raise UsageError(
             f"{' and '.join(given)}: judged on the loss after training steps against the initial loss, "
             f"but no steps are taken; add --steps K (e.g. --steps 20) or drop {' or '.join(given)}"
+        )
+    training = [f"--{k}" for k in ("lr", "optimizer", "clip") if getattr(args, k, None) is not None]
+    if training:
+        raise UsageError(
+            f"{' and '.join(training)}: settings of the training steps, but no steps are taken (the probe "
+            f"at step 0 does not train); add --steps K (e.g. --steps 20) or drop {' or '.join(training)}"
         )
 
 

@@ -99,8 +99,15 @@ def check_outputs(named: Sequence[tuple[str, Path | None]]) -> None:
     if image is not None:
         try:
             import matplotlib  # noqa: F401
+            from matplotlib.figure import Figure
         except ImportError:
             raise UsageError(f"{flag} needs matplotlib: pip install 'stabilitycheck[plot]'") from None
+        kinds = Figure().canvas.get_supported_filetypes()
+        if image.suffix.lstrip(".").lower() not in kinds:
+            raise UsageError(
+                f"{flag} {image}: matplotlib cannot write {image.suffix or 'a file without a suffix'}; "
+                "name it .png, .pdf or .svg"
+            )
 
 
 def _writable(path: Path) -> bool:

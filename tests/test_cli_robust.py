@@ -573,3 +573,21 @@ def test_an_interrupted_zoo_says_what_is_not_minimal_and_what_was_not_searched(
     assert "interrupted" not in rows[0] and "(interrupted: not verified minimal)" in rows[1]
     assert "not tried (interrupted)" in rows[1] and "none applies" not in rows[1]
     assert "not searched (interrupted first): gru" in err
+
+
+@pytest.mark.parametrize("flags", [["--lr", "0.1"], ["--optimizer", "adam"], ["--clip", "1"]])
+def test_a_training_setting_without_steps_is_a_usage_error(
+    flags: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--lr 0.1 without --steps was accepted and changed nothing (the probe at step 0 does not train),
+    as --divergence-limit was before it was refused; with --steps it runs."""
+    code, _, err = _run([str(_file(tmp_path)), *flags, "--quiet"], capsys)
+    assert code == cli.EXIT_USAGE and flags[0] in err and "--steps" in err and err.count("\n") == 1
+
+
+def test_a_plot_format_matplotlib_cannot_write_is_refused_before_the_search(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--plot x.txt was refused only after the whole search ('Format txt is not supported', exit 1)."""
+    code, out, err = _run([str(_file(tmp_path)), "--plot", str(tmp_path / "x.txt"), "--quiet"], capsys)
+    assert code == cli.EXIT_USAGE and ".txt" in err and ".png" in err and err.count("\n") == 1 and not out
