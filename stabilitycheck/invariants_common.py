@@ -4,7 +4,8 @@ together, assert_close-style failures, and the check that tensors are one common
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, NoReturn
 
 import torch
@@ -49,6 +50,19 @@ def reduction_error(tensors: Sequence[torch.Tensor], norm_type: float, exact: fl
     device = norms[0].device
     got = float(torch.linalg.vector_norm(torch.stack([n.to(device, dtype) for n in norms]), norm_type))
     return abs(got - exact) / exact if math.isfinite(got) else 0.0
+
+
+@contextmanager
+def state_kept(model: nn.Module) -> Iterator[None]:
+    """The model's parameters and buffers (a BatchNorm's running statistics) as they were, whatever
+    runs inside: a check leaves the model it was given untouched."""
+    kept = [(t, t.detach().clone()) for t in (*model.parameters(), *model.buffers())]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, before in kept:
+                t.copy_(before)
 
 
 def _fail(header: str, *lines: str) -> NoReturn:

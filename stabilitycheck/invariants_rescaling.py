@@ -4,6 +4,7 @@ its upstream gradient), to within the rounding error a float64 re-run measures."
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from stabilitycheck.invariants_common import (
     _norms,
     _positive,
     rtol_of,
+    state_kept,
 )
 from stabilitycheck.losses import Inputs, LossFn
 from stabilitycheck.recording import call_model
@@ -90,9 +92,17 @@ def assert_rescaling_equivariant(
     error at c=1, measured against a float64 re-run and capped at sqrt(eps) of its norm), since a
     gradient summed from cancelling terms carries more than rtol of its own norm, and the run at c
     makes rounding errors of the same size.
-    The .grad fields are restored."""
+    The .grad fields and the buffers (a BatchNorm's running statistics) are restored."""
     __tracebackhide__ = True
     c = _positive("c", c)
+    with state_kept(model):
+        _check_rescaling(model, inputs, loss_fn, c, seed, rtol)
+
+
+def _check_rescaling(
+    model: nn.Module, inputs: Inputs, loss_fn: LossFn, c: float, seed: int, rtol: float | None
+) -> None:
+    __tracebackhide__ = True
     saved = [(p, p.grad) for p in model.parameters()]
     try:
         loss, g1 = _gradients(model, inputs, loss_fn, 1.0, seed)
@@ -118,7 +128,22 @@ def assert_rescaling_equivariant(
         g1,
         gc,
         c,
-        f"Scaling the loss by c={c:g} did not scale every gradient by {c:g}.",
+        f"Scaling the loss by c={c:g} did not scale every gradient by {c:g}." + _subnormal_hint(g1, c),
         rtol,
         [c * (4.0 * e + floor) for e in rounding],
+    )
+
+
+def _subnormal_hint(grads: Sequence[tuple[str, torch.Tensor]], c: float) -> str:
+    """Where gradients times c < 1 fall below the smallest normal number of a half-precision dtype,
+    they lose precision to subnormals, not to a non-linear backward: say so beside the failure."""
+    dtype = _coarsest(g for _, g in grads)
+    if c >= 1 or dtype not in (torch.float16, torch.bfloat16):
+        return ""
+    tiny = torch.finfo(dtype).smallest_normal
+    if not any(bool((g.abs() * c < tiny).logical_and(g != 0).any()) for _, g in grads):
+        return ""
+    return (
+        f" (In {str(dtype).removeprefix('torch.')}, gradients x {c:g} fall below {tiny:.3g}, among the "
+        "subnormals, and lose precision: a c near 1 or above checks the same linearity.)"
     )

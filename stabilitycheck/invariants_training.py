@@ -12,7 +12,7 @@ from torch import nn
 
 from stabilitycheck.config import Config
 from stabilitycheck.errors import UsageError
-from stabilitycheck.invariants_common import _fail, _norms, _positive
+from stabilitycheck.invariants_common import _fail, _norms, _positive, state_kept
 from stabilitycheck.losses import Inputs, LossFn
 from stabilitycheck.measurement import Measurement
 from stabilitycheck.probing import probe, probe_module
@@ -164,7 +164,22 @@ def assert_gradscaler_guards(
     off (when the scaler has get_scale); a clean step afterwards does update the weights. Weights
     non-finite before any step fail as the model's finding (no step of any scaler can be judged on
     them). Default scaler: torch.amp.GradScaler on the model's device type; default optimizer: SGD
-    at `lr`."""
+    at `lr`. The model's parameters and buffers are left as they were (the scaler's state is not)."""
+    __tracebackhide__ = True
+    with state_kept(model):
+        _check_guards(model, inputs, loss_fn, scaler, optimizer, lr, poisons, seed)
+
+
+def _check_guards(
+    model: nn.Module,
+    inputs: Inputs,
+    loss_fn: LossFn,
+    scaler: ScalerLike | None,
+    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None,
+    lr: float,
+    poisons: Sequence[float],
+    seed: int,
+) -> None:
     __tracebackhide__ = True
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]

@@ -586,3 +586,32 @@ def test_direction_preserved_pairs_two_mappings_by_key() -> None:
         assert_direction_preserved(before, after)
     with pytest.raises(UsageError, match=re.escape("only in before ['1.bias']")):
         assert_direction_preserved(before, {k: v for k, v in after.items() if k != "1.bias"})
+
+
+def test_rescaling_check_leaves_batchnorm_statistics_as_they_were() -> None:
+    """Its forward passes updated a BatchNorm's running mean and variance and its batch count; only
+    the .grad fields were restored."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert_rescaling_equivariant(model, torch.randn(16, 8), lambda out, _: out.square().mean(), c=7.0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_float16_rescaling_failure_from_subnormals_says_so() -> None:
+    """float16 gradients x 1e-4 fall among the subnormals: the check may fail there, and the message
+    names the cause instead of reading like a non-linear backward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 4)).half()
+    x = torch.randn(32, 16).half()
+    with pytest.raises(StabilityError, match="among the subnormals"):
+        assert_rescaling_equivariant(model, x, lambda out, _: out.float().square().mean(), c=1e-4)
+
+
+def test_gradscaler_guard_leaves_the_model_as_it_was() -> None:
+    """It left the model one SGD step further on, with its BatchNorm statistics updated."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert_gradscaler_guards(model, torch.randn(16, 8), lambda out, _: out.square().mean())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
