@@ -7,7 +7,7 @@ import math
 import statistics
 from collections.abc import Sequence
 
-from stabilitycheck.measurement import Measurement
+from stabilitycheck.measurement import AFTER_LAST, Measurement
 
 
 def culprit_of(ms: Sequence[Measurement]) -> str:
@@ -71,7 +71,7 @@ def _single(m: Measurement) -> str:
     if nf is not None:
         if nf.tensor == "activation_grad" and nf.layer in m.activation_names:
             i = m.activation_names.index(nf.layer) + 1
-            return m.activation_names[i] if i < len(m.activation_names) else "(loss)"
+            return m.activation_names[i] if i < len(m.activation_names) else AFTER_LAST
         return nf.layer
     weights = [(v, i) for i, v in enumerate(m.layer_grad_norms) if not math.isnan(v)]
     if weights:

@@ -10,6 +10,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+AFTER_LAST = "(after the last block)"
+"""Where a non-finite value no block made came from: the model's code after its last block (a head, a
+log) or the loss function; the loss is the first value found non-finite."""
+
 TENSOR_KINDS = ("weight", "activation", "loss", "activation_grad", "gradient")
 
 INPUT = "(input)"

@@ -22,6 +22,7 @@ from torch import nn
 from stabilitycheck.config import Config
 from stabilitycheck.errors import UsageError
 from stabilitycheck.losses import Inputs, LossFn, OutputLoss
+from stabilitycheck.measurement import AFTER_LAST
 from stabilitycheck.measurement import (
     TENSOR_KINDS as TENSOR_KINDS,  # `X as X`: re-exported, it was defined here
 )
@@ -203,7 +204,7 @@ def _locate(
         if not math.isfinite(value):
             return NonFinite(step, name, "activation", value)
     if not math.isfinite(s.loss):
-        return NonFinite(step, "(loss)", "loss", s.loss)
+        return NonFinite(step, AFTER_LAST, "loss", s.loss)
     if not grads_count:
         return None
     for value, name in reversed(list(zip(s.backward, s.calls, strict=True))):

@@ -174,7 +174,7 @@ def test_replay_of_a_model_file_prints_the_same_row(
 # --- findings: NaN and Inf -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "culprit"), [("nan_model", "(loss)"), ("inf_model", "1")])
+@pytest.mark.parametrize(("name", "culprit"), [("nan_model", "(after the last block)"), ("inf_model", "1")])
 def test_nonfinite_model_is_a_finding(capsys: pytest.CaptureFixture[str], name: str, culprit: str) -> None:
     code, out, err = run(capsys, f"{FILES}/{name}.py", *FAST)
     assert code == 1, err

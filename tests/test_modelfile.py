@@ -264,7 +264,7 @@ def test_a_model_that_makes_nan_is_a_finding_not_an_error() -> None:
     subject = load(broken("nan_model"))
     check_defaults(subject)
     m = probe(subject.config(seeds=1), subject)
-    assert m.first_nonfinite is not None and m.first_nonfinite.layer == "(loss)"
+    assert m.first_nonfinite is not None and m.first_nonfinite.layer == "(after the last block)"
 
 
 # --- file handling -------------------------------------------------------------------------------

@@ -131,7 +131,7 @@ def test_culprit_of_a_nan_made_by_the_loss_backward_is_the_loss() -> None:
         lambda out, _: NanBackward.apply(out).sum(),
     )
     assert m.first_nonfinite is not None and m.first_nonfinite.tensor == "activation_grad"
-    assert culprit(m) == "(loss)"
+    assert culprit(m) == "(after the last block)"
 
 
 class Recurrence(nn.Module):
