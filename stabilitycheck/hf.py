@@ -49,6 +49,7 @@ INPUTS: dict[str, Knob] = {"batch_size": 4, "seq_len": 16}
 LAYER_FIELDS = ("n_layer", "num_hidden_layers", "num_layers", "n_layers", "encoder_layers")
 INIT_FIELDS = ("initializer_range", "initializer_factor", "init_std")
 POSITION_FIELDS = ("n_positions", "max_position_embeddings")
+NON_TEXT_INPUTS = ("pixel_values", "input_values", "input_features")  # what image and audio models take
 MAX_LAYERS = 24
 INIT_STEPS = 50
 """The default init axis: its default x1, x2, ..., x50 (initializer_range: 0.02, 0.04, ..., 1.0)."""
@@ -168,11 +169,13 @@ class HFModel:
         return {n: _coerce(self.name, n, given.get(n, d), d) for n, d in self.knobs.items()}
 
     def hf_config(self, values: dict[str, Knob]) -> Any:
-        """The transformers config of these knob values (no cache; token ids past the vocab: None)."""
+        """The transformers config of these knob values (no cache; special token ids past the vocab
+        wrapped into it, a pad id past it None)."""
         transformers = _import(self.model_type)
         fields: dict[str, Knob | None] = {n: v for n, v in values.items() if n not in INPUTS}
         vocab = int(values["vocab_size"])
-        fields.update({n: None for n, d in self.token_ids.items() if d >= vocab and n != "pad_token_id"})
+        # special token ids past the small vocab: wrapped into it (None failed models that need an int)
+        fields.update({n: d % vocab for n, d in self.token_ids.items() if d >= vocab and n != "pad_token_id"})
         if self.token_ids.get("pad_token_id", 0) >= vocab:
             fields["pad_token_id"] = None
         limit = min((int(values[n]) for n in POSITION_FIELDS if n in values), default=None)
@@ -203,9 +206,16 @@ class HFModel:
         """Random token ids (batch_size, seq_len) drawn on the CPU from the seed, then moved to `device`
         (an encoder-decoder gets decoder_input_ids too); with `masks`, all-ones attention masks where
         the model's forward takes them."""
+        params = inspect.signature(model.forward).parameters
+        if "input_ids" not in params:
+            other = next((n for n in NON_TEXT_INPUTS if n in params), "no input_ids")
+            raise UsageError(
+                f"{self.name} is not a text model: its {type(model).__name__}.forward takes {other}, and "
+                "stabilitycheck feeds HF models random token ids; pick a text model type, e.g. hf:gpt2"
+            )
         gen = torch.Generator().manual_seed(_salted(seed, _SALT_INPUTS))
         shape = (int(values["batch_size"]), int(values["seq_len"]))
-        takes = inspect.signature(model.forward).parameters if masks else {}
+        takes = params if masks else {}
         drawn: dict[str, torch.Tensor] = {}
         for prefix in ("", "decoder_") if self.encoder_decoder else ("",):
             drawn[f"{prefix}input_ids"] = torch.randint(0, int(values["vocab_size"]), shape, generator=gen)

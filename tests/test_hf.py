@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from stabilitycheck.config import Config
 from stabilitycheck.errors import UsageError
 from stabilitycheck.hf import HFModel
-from stabilitycheck.probing import probe_module
+from stabilitycheck.probing import probe, probe_module
 from stabilitycheck.subject import Built
 from stabilitycheck.subjects import resolve
 
@@ -190,3 +190,20 @@ def test_gpt2_grows_more_at_a_larger_initializer_range() -> None:
 
     small, large = growth(0.02), growth(0.5)
     assert min(large) > 2 * max(small), (small, large)
+
+
+def test_a_model_type_whose_forward_takes_no_token_ids_is_refused_in_one_line() -> None:
+    """beit (pixel_values) and hubert (input_values) have a vocab_size in their config but take no
+    input_ids: they failed with 'missing pixel_values' and advice about batch()."""
+    for model_type, takes in (("beit", "pixel_values"), ("hubert", "input_values")):
+        subject = resolve(f"hf:{model_type}")
+        with pytest.raises(UsageError, match=f"not a text model: .* takes {takes}"):
+            subject.build(subject.config())
+
+
+def test_special_token_ids_past_the_small_vocab_are_wrapped_into_it() -> None:
+    """whisper's decoder_start_token_id (50257) is past the 256-token vocab: set to None it failed
+    ('expected int, got NoneType'); wrapped into the vocab, the model builds and probes."""
+    subject = resolve("hf:whisper")
+    m = probe(subject.config(seeds=1), subject)
+    assert math.isfinite(m.growth) and m.first_nonfinite is None
