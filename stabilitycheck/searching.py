@@ -169,7 +169,7 @@ class Prober:
                 return f"out of memory ({describe(exc)})"
             if _raised_here(exc):
                 raise  # a bug of this package, not the model's: an internal error, never a skipped point
-            return f"the model raised {describe(exc)}"
+            return f"the model raised {describe(exc)}{raised_at(exc)}"
 
     def explodes(self, index: Index) -> bool:
         got = self(index)

@@ -374,6 +374,7 @@ def test_knob_ranges_are_checked_against_the_knobs_type_and_applied_before_the_f
     assert code == cli.EXIT_USAGE and "whole-number knob" in err and err.count("\n") == 1
     code, out, err = _run([str(path), "--database", "none", "--seeds", "1", "--quiet"], capsys)
     assert code == cli.EXIT_FOUND and "needs depth >= 3" in out, err
+    assert f"at {path}:" in out  # the skip reason names the line that raised
     args = ["--knob", "depth=3:40", "--database", "none", "--seeds", "1", "--quiet"]
     code, out, _ = _run([str(path), *args], capsys)
     assert code == cli.EXIT_FOUND and "depth=" in out

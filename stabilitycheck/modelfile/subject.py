@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.jit import ScriptModule
 
-from stabilitycheck._validation import article, describe
+from stabilitycheck._validation import article, describe, raised_at
 from stabilitycheck.config import Config
 from stabilitycheck.errors import StabilityCheckError
 from stabilitycheck.families import Scalar
@@ -113,7 +113,8 @@ class ModelFile:
             ) from None
         except Exception as exc:
             raise self.error(
-                f"{label} raised {describe(exc)}; fix the code, or narrow SPACE to values it accepts"
+                f"{label} raised {describe(exc)}{raised_at(exc)}; fix the code, or narrow SPACE to values "
+                "it accepts"
             ) from None
 
     def config(self, **values: Scalar) -> Config:
