@@ -60,7 +60,7 @@ class Capture:
         self._fwd_now_slots: list[int] = []
         # per call of the watched model this step (a pass): where its forward captures start, whether
         # it hooked an output gradient and whether one arrived; passes before `_settled` are normed
-        self._passes: list[list[int]] = []
+        self._passes: list[list[int] | None] = []  # None: every mark 0 (nothing kept yet this step)
         self._hooked: list[bool] = []
         self._fed: list[bool] = []
         self._settled = 0
@@ -88,7 +88,7 @@ class Capture:
             if torch.compiler.is_compiling():
                 eager(module, args)
             elif torch.is_grad_enabled():
-                self._passes.append([len(self._pending[s]) for s in self._out_slot] + [len(self._fwd_now)])
+                self._passes.append(self._marks() if self._held or self._fwd_now else None)
                 self._hooked.append(False)
                 self._fed.append(False)
 
@@ -99,15 +99,29 @@ class Capture:
         """Forget the block outputs of every pass this step that hooked output gradients of which none
         arrived: a forward that no backward went through (a validation pass run with gradients on) is
         not part of the step. Passes backpropagated together (a contrastive loss) each got theirs."""
-        ends = [len(self._pending[s]) for s in self._out_slot] + [len(self._fwd_now)]
+        if all(self._fed[self._settled :]):  # every pass got its gradients, as in most steps
+            self._clear_passes()
+            return
+        ends = self._marks()
         for k in reversed(range(self._settled, len(self._passes))):
-            starts = self._passes[k]
+            starts = self._passes[k] or [0] * len(ends)
             if self._hooked[k] and not self._fed[k]:
                 for slot, a, b in zip(self._out_slot, starts, ends, strict=False):
                     del self._pending[slot][a:b]
                 del self._fwd_now[starts[-1] : ends[-1]], self._fwd_now_slots[starts[-1] : ends[-1]]
             ends = starts
-        self._passes, self._hooked, self._fed, self._settled = [], [], [], 0
+        self._clear_passes()
+
+    def _marks(self) -> list[int]:
+        """Where the next forward captures go: the length of each block's kept outputs, then of the
+        outputs normed at once."""
+        return [len(self._pending[s]) for s in self._out_slot] + [len(self._fwd_now)]
+
+    def _clear_passes(self) -> None:
+        self._passes.clear()
+        self._hooked.clear()
+        self._fed.clear()
+        self._settled = 0
 
     def _forward_hook(self, b: int) -> Callable[[nn.Module, Any, Any], None]:
         slot = self._out_slot[b]
