@@ -31,6 +31,7 @@ from stabilitycheck.subject import Subject
 from stabilitycheck.verdicts import CRITERIA, Limits, Verdict, bound, fires, judge, values
 
 MARGIN = 100.0
+LAW_SLACK = math.log(2)  # a polynomial kind's depth ** exponent must give the growth within x2
 FIT_R2 = 0.9  # below it no fit explains the growth (a clean stack fits >= 0.95, a lone spike 0.76)
 SEED_MIX = 0x9E3779B9  # seeds after the first: base + i * this, mod 2**32 (no overlap between bases)
 
@@ -75,7 +76,8 @@ class Growth:
     between block call j and the output (j = 1..L from the input side): exponential when C is linear in
     the number of blocks L - j (a constant rate per block, e.g. a tanh MLP off criticality), polynomial
     when it is linear in log(L / j) (growth ~ depth ** exponent, e.g. pre-norm residual stacks whose
-    per-block log-gain decays like 1 / j), whichever least-squares fit explains more of C; irregular
+    per-block log-gain decays like 1 / j; so depth ** exponent must give the growth within x2),
+    whichever least-squares fit explains more of C; irregular
     when neither explains FIT_R2 of C's variance (one block's spike among gain-1 blocks, growth that
     rises then falls along the stack: no rate or exponent describes it); flat when the total growth is
     within x2; accumulated when a recurrent subject's through-time growth T (the loss on
@@ -127,6 +129,9 @@ def fit_growth(gains: Sequence[float]) -> Fit:
         return cumulative[0] / (n - 1), math.nan, math.nan, math.nan
     rate, r2_lin = _least_squares([float(n - 1 - j) for j in range(n - 1)], cumulative)
     exponent, r2_log = _least_squares([math.log(n / (j + 1)) for j in range(n - 1)], cumulative)
+    if abs(exponent * math.log(n) - cumulative[0]) > LAW_SLACK:
+        r2_log = -math.inf  # a fitted shape whose depth law is not the growth: no law (depth^3.43 of 9
+        # blocks is 1870, with a growth of 363: the fit's intercept carried the difference)
     return rate, r2_lin, exponent, r2_log
 
 

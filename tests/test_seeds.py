@@ -362,3 +362,19 @@ def test_the_margin_exceeds_the_measured_spread_between_seeds(growths: list[floa
     lim = Limits(growth=100.0, grad_norm=None, divergence=None, nonfinite=False)
     per_seed = [dict.fromkeys(CRITERIA_NAMES, 0.0) | {"growth": g, "vanishing": g} for g in growths]
     assert _decided(per_seed, lim, 5, 0.5) is decided
+
+
+def test_a_polynomial_kind_is_a_depth_law_that_gives_the_growth() -> None:
+    """Oracle, exact laws: gains ((j + 1) / j) ** 1.5 along 12 blocks are growth ~ depth ** 1.5 (the
+    fitted exponent, and 12 ** 1.5 the growth); the same gains with the last block x0.2 fit that
+    shape exactly, but 12 ** 1.5 is 5x their growth (the intercept carries it), as a post-norm
+    transformer read 'polynomial, ~depth^3.43' with growth 363 where 9 ** 3.43 is 1870. Such a fit is
+    no depth law: the kind falls to the other fit, or irregular."""
+    law = [((j + 1) / j) ** 1.5 for j in range(1, 12)]
+    fit = fit_growth(law)
+    assert fit[2] == pytest.approx(1.5, rel=1e-9) and fit[3] == pytest.approx(1.0)
+    assert classify([fit], [math.prod(law)], 0.5).kind == "polynomial"
+    dropped = [*law[:-1], law[-1] * 0.2]  # the same shape, the last block x0.2: C shifted by ln 0.2
+    fit = fit_growth(dropped)
+    assert fit[2] == pytest.approx(1.5, rel=1e-9) and fit[3] == -math.inf  # 12^1.5 is 5x the growth
+    assert classify([fit], [math.prod(dropped)], 0.5).kind != "polynomial"
