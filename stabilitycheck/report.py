@@ -134,7 +134,8 @@ def profile(j: Judgement) -> str:
     if not values:
         return "(no blocks)"
     finite = [v for v in values if math.isfinite(v)]
-    span = f"{finite[0]:.3g} .. {finite[-1]:.3g}" if finite else "all non-finite"
+    # the first and the last value as they are (a NaN shows as nan, as '!' in the sparkline)
+    span = f"{values[0]:.3g} .. {values[-1]:.3g}" if finite else "all non-finite"
     what = "|dL/d out|" if names[0] != INPUT else "|dL/d (input)|, then |dL/d out|"
     return f"{names[0]} {sparkline(values)} {names[-1]}   {what} first .. last: {span}"
 

@@ -244,3 +244,16 @@ def test_json_report_is_strict_json_and_reads_back_nan_and_inf() -> None:
     assert math.isnan(gains[0]) and gains[1] == math.inf and gains[2] == 1.0
     assert back.judgement.measurement.growth == -math.inf and math.isnan(back.judgement.grad_norm.high)
     assert report.to_json([dataclasses.replace(result, counterexample=back)]) == text
+
+
+def test_the_profile_line_gives_its_first_and_last_values_as_they_are() -> None:
+    """A backward NaN whose first value is NaN read 'first .. last: 0.139 .. 0.139' (the first and
+    last finite ones); it reads nan .. 0.139 now, as the sparkline shows '!' there."""
+    import dataclasses
+
+    from stabilitycheck.seeds import assess
+
+    j = assess(Config.of("mlp", depth=3, width=8, batch_size=4, seeds=1))
+    m = dataclasses.replace(j.measurement, activation_grad_norms=(math.nan, 0.5, 0.139))
+    line = report.profile(dataclasses.replace(j, measurement=m))
+    assert line.endswith("first .. last: nan .. 0.139") and "!" in line
