@@ -63,3 +63,4 @@ class SearchResult:
     skipped: tuple[tuple[Config, str], ...] = field(default=())
     top_stable: bool = False  # the top corner judged stable: the space is not monotone in its knobs
     minimal: bool = True  # False: interrupted before the descent verified the counterexample 1-minimal
+    unjudged: tuple[tuple[Config, str], ...] = ()  # one-step-lower neighbours skipped: minimality unverified

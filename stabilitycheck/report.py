@@ -157,6 +157,14 @@ def reproduction(config: Config, limits: Limits | None = None) -> str:
     )
 
 
+def _unjudged_note(r: SearchResult, below: Config, why: str) -> str:
+    """A one-step-lower neighbour that could not be judged: 1-minimal there is unverified."""
+    return (
+        f"\n  note      one step lower, {knobs(r, below)} was skipped ({why}): the point is 1-minimal "
+        "only among the neighbours judged, a smaller one may explode"
+    )
+
+
 def _top_note(r: SearchResult) -> str:
     """Why the point reported is one 1-minimal point among others, where the top corner is stable."""
     top = knobs(r, r.space.config(r.space.top()))
@@ -189,7 +197,9 @@ def details(results: Sequence[SearchResult]) -> str:
             f"  kind      {j.kind.describe()}; {j.measurement.blocks_note}\n"
             f"  profile   {profile(j)}\n"
             f"  remedies  {remedies}\n"
-            f"  reproduce {reproduction(cx.config, cx.limits)}" + (_top_note(r) if r.top_stable else "")
+            f"  reproduce {reproduction(cx.config, cx.limits)}"
+            + (_top_note(r) if r.top_stable else "")
+            + "".join(_unjudged_note(r, c, why) for c, why in r.unjudged)
         )
     return "\n\n".join(blocks)
 
@@ -236,6 +246,7 @@ def to_json(results: Sequence[SearchResult]) -> str:
             "interrupted": r.interrupted,
             "top_stable": r.top_stable,
             "minimal": r.minimal,
+            "unjudged": [{"config": c.to_dict(), "reason": why} for c, why in r.unjudged],
             "largest_stable": r.largest_stable.to_dict() if r.largest_stable else None,
             "counterexample": r.counterexample.to_dict() if r.counterexample else None,
         }

@@ -336,10 +336,12 @@ def search(
             skipped=prober.skipped(),
             top_stable=isinstance(corner, Judgement) and not corner.exploded,
             minimal=not rough,
+            unjudged=unjudged,
         )
 
     cx: Counterexample | None = None
     rough = False  # the counterexample is the smallest exploding point seen, not a verified one
+    unjudged: tuple[tuple[Config, str], ...] = ()
     try:
         found = hypothesis_phase(prober, max_examples, seed, database, confirm=False)
         top = prober.explodes(space.top())
@@ -351,6 +353,7 @@ def search(
             found = space.top()  # Hypothesis missed a corner region
         if found is not None:
             found = canonical(prober, found)
+            unjudged = _unjudged(prober, found)
             config = space.config(found)
             judged = prober(found)
             assert isinstance(judged, Judgement)
@@ -373,6 +376,19 @@ def search(
                 assert isinstance(judged, Judgement)
                 cx, rough = Counterexample(space.label, space.config(best), judged, limits, ()), True
     return result(cx)
+
+
+def _unjudged(prober: Prober, index: Index) -> tuple[tuple[Config, str], ...]:
+    """The one-step-lower neighbours of the point at `index` that were skipped (the model raised
+    there, or was too large or slow): the descent took them as not exploding, unverified."""
+    out = []
+    for k in range(len(index)):
+        if index[k] > 0:
+            below = tuple(v - 1 if j == k else v for j, v in enumerate(index))
+            why = prober.judged().get(below)
+            if isinstance(why, str):
+                out.append((prober.space.config(below), why))
+    return tuple(out)
 
 
 def sweep(space: Space, *, subject: Subject | None = None, limits: Limits | None = None) -> dict[Index, bool]:

@@ -592,3 +592,22 @@ def test_a_plot_format_matplotlib_cannot_write_is_refused_before_the_search(
     """--plot x.txt was refused only after the whole search ('Format txt is not supported', exit 1)."""
     code, out, err = _run([str(_file(tmp_path)), "--plot", str(tmp_path / "x.txt"), "--quiet"], capsys)
     assert code == cli.EXIT_USAGE and ".txt" in err and ".png" in err and err.count("\n") == 1 and not out
+
+
+def test_a_skipped_neighbour_below_the_counterexample_is_said(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The model explodes from depth 17 (seed 0 alone) and raises at depth 16: depth 17 was reported
+    1-minimal with no word, though the point below it was never judged. A note says so, and the
+    JSON lists it."""
+    out_json = tmp_path / "out.json"
+    args = ["--database", "none", "--seeds", "1", "--quiet", "--json", str(out_json)]
+    guard = "if depth == 16: raise ValueError('depth 16 is not supported')"
+    code, out, err = _run([str(_file(tmp_path, guard)), *args], capsys)
+    assert code == cli.EXIT_FOUND, err
+    assert "depth=17" in out.splitlines()[2]
+    assert "one step lower, depth=16 was skipped" in out and "a smaller one may explode" in out
+    unjudged = json.loads(out_json.read_text())[0]["unjudged"]
+    assert [u["config"]["knobs"]["depth"] for u in unjudged] == [16]
+    code, out, _ = _run([str(_file(tmp_path, name="clean.py")), *args], capsys)  # nothing skipped
+    assert "depth=17" in out.splitlines()[2] and "one step lower" not in out
