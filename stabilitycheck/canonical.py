@@ -108,10 +108,11 @@ def _at(index: list[int], k: int, value: int) -> Index:
     return tuple(value if j == k else v for j, v in enumerate(index))
 
 
+def lower(index: Index) -> list[Index]:
+    """The one-step-lower neighbours of `index`: each knob above its lowest value lowered by one step."""
+    return [_at(list(index), k, index[k] - 1) for k in range(len(index)) if index[k] > 0]
+
+
 def boundary(exploded: dict[Index, bool]) -> set[Index]:
     """The grid's 1-minimal exploding points: exploding, and every one-step-lower neighbour is stable."""
-    return {
-        i
-        for i, bad in exploded.items()
-        if bad and all(not exploded[_at(list(i), k, i[k] - 1)] for k in range(len(i)) if i[k] > 0)
-    }
+    return {i for i, bad in exploded.items() if bad and not any(exploded[b] for b in lower(i))}

@@ -74,8 +74,15 @@ def norm(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _fused_norms(tensors: list[torch.Tensor], exact: bool) -> list[torch.Tensor]:
-    """The L2 norm of each tensor as a 0-d tensor, finite for any finite tensor: one fused call per
-    accumulator dtype, so one call in all when the tensors share a dtype, as they do in most models."""
+    """The L2 norm of each tensor as a 0-d tensor, finite for any finite tensor (`_accumulated`, then
+    `_refine`)."""
+    return _refine(tensors, _accumulated(tensors, exact))
+
+
+def _accumulated(tensors: list[torch.Tensor], exact: bool) -> list[torch.Tensor]:
+    """The L2 norm of each tensor as a 0-d tensor in its accumulator dtype, float32 ones maybe spoiled:
+    one fused call per accumulator dtype, so one call in all when the tensors share a dtype, as they
+    do in most models."""
     if not tensors:
         return []
     device = tensors[0].device
@@ -89,7 +96,7 @@ def _fused_norms(tensors: list[torch.Tensor], exact: bool) -> list[torch.Tensor]
             norms = torch._foreach_norm([tensors[i] for i in idx], 2, dtype=acc)
             for i, value in zip(idx, norms, strict=True):
                 out[i] = value
-    return _refine(tensors, out)
+    return out
 
 
 def _chain_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
@@ -326,12 +333,10 @@ def norm_values(
         largest = max(largest, block[0].numel())
     done = set(order)
     rest = [i for i in range(len(tensors)) if i not in done]
-    for acc in {accumulator(tensors[i].dtype, exact, device) for i in rest}:
-        idx = [i for i in rest if accumulator(tensors[i].dtype, exact, device) == acc]
-        norms = torch._foreach_norm([tensors[i] for i in idx], 2, dtype=acc)
-        pieces.append(torch.stack(list(norms)).to(EXACT))
-        order += idx
-        largest = max([largest, *(tensors[i].numel() for i in idx)])
+    if rest:  # stack widens mixed accumulator dtypes exactly
+        pieces.append(torch.stack(_accumulated([tensors[i] for i in rest], exact)).to(EXACT))
+        order += rest
+        largest = max([largest, *(tensors[i].numel() for i in rest)])
     flat: list[float] = torch.cat(pieces).tolist() if pieces else []  # the one host synchronisation
     out = [0.0] * len(tensors)
     for i, value in zip(order, flat[len(head) :], strict=True):

@@ -34,6 +34,7 @@ from stabilitycheck._validation import describe, raised_at
 from stabilitycheck.canonical import Index as Index  # `X as X`: re-exported, these were defined here
 from stabilitycheck.canonical import boundary as boundary
 from stabilitycheck.canonical import canonical as canonical
+from stabilitycheck.canonical import lower
 from stabilitycheck.canonical import minimize as minimize
 from stabilitycheck.config import Config
 from stabilitycheck.counterexample import Counterexample as Counterexample
@@ -381,14 +382,8 @@ def search(
 def _unjudged(prober: Prober, index: Index) -> tuple[tuple[Config, str], ...]:
     """The one-step-lower neighbours of the point at `index` that were skipped (the model raised
     there, or was too large or slow): the descent took them as not exploding, unverified."""
-    out = []
-    for k in range(len(index)):
-        if index[k] > 0:
-            below = tuple(v - 1 if j == k else v for j, v in enumerate(index))
-            why = prober.judged().get(below)
-            if isinstance(why, str):
-                out.append((prober.space.config(below), why))
-    return tuple(out)
+    judged = prober.judged()
+    return tuple((prober.space.config(b), why) for b in lower(index) if isinstance(why := judged.get(b), str))
 
 
 def sweep(space: Space, *, subject: Subject | None = None, limits: Limits | None = None) -> dict[Index, bool]:
@@ -412,8 +407,9 @@ def check(subject: Subject, config: Config, *others: Config) -> None:
         except UsageError as exc:
             first = first or UsageError(f"{exc} (with {tried.describe()})")
         except (Exception, SystemExit) as exc:
-            code = exc.code if isinstance(exc, SystemExit) else None
-            what = f"called sys.exit({code!r})" if isinstance(exc, SystemExit) else f"raised {describe(exc)}"
+            what = (
+                f"called sys.exit({exc.code!r})" if isinstance(exc, SystemExit) else f"raised {describe(exc)}"
+            )
             first = first or UsageError(
                 f"{tried.subject}: running the model with {tried.describe()} {what}{raised_at(exc)}; its "
                 "code may not accept these knob values (narrow SPACE or --knob), or its inputs (batch(), "
