@@ -9,12 +9,14 @@ from typing import Protocol
 from stabilitycheck.space import Space
 
 Index = tuple[int, ...]
+STEERS = 3  # answers of the screen checked on the full rule before `canonical` is the way (screened)
 
 
 class Explodes(Protocol):
     """What the descent needs of a prober (searching.Prober): its Space and, per grid index, whether
     the Config there explodes on the full rule over seeds (`explodes`) and on a cheap screen that
-    only steers (`screens`: the first seed alone; the full rule itself where there is one seed)."""
+    only steers (`screens`: one seed alone; the full rule itself where there is one seed), and a way
+    to make the screen's seed a typical one (`steer`)."""
 
     space: Space
 
@@ -22,31 +24,96 @@ class Explodes(Protocol):
 
     def screens(self, index: Index) -> bool: ...
 
+    def steer(self, index: Index) -> None: ...
+
 
 def canonical(prober: Explodes, found: Index) -> Index:
-    """A canonical smallest exploding point, descending from the top corner (from `found` when the top
-    corner does not explode): axis by axis, the smallest value that still explodes with the later
-    axes at their upper values. Each axis is bisected on the screen, then the full rule settles the
-    value next to the screen's answer (`crossing`), so the binary search's many steps cost one seed
-    each and the full rule is spent only at the boundary. Where explosions grow with every knob this
-    is the lexicographically smallest exploding point in axis order (up to where the full rule's
-    verdict is not monotone along an axis); where they do not (a tanh net saturates at large
-    init_scale) it can differ from it, and each knob is then lowered while the point still explodes,
-    so the result is 1-minimal on the full rule either way. The answer depends on the space, never on
-    `found` when the top corner explodes: the example database and concurrency change how fast it
-    comes, not what."""
+    """A canonical smallest exploding point, verified 1-minimal on the full rule over seeds, from the
+    top corner (from `found` when the top corner does not explode; one of them must explode on the
+    full rule). The screen is steered to the seed whose growth is the full rule's quantile there
+    (`steer`) and the descent runs on it alone: axis by axis, the smallest value where it explodes
+    with the later axes at their upper values. Its answer is checked on the full rule; where the full
+    rule is stable there (the seed crossed before the quantile), the screen is steered to the
+    quantile's seed at that answer and climbs to where that seed explodes (`_climb`), up to STEERS
+    answers. An answer exploding on the full rule is lowered knob by knob while it still explodes
+    (`minimize`): the full rule is asked at the answers and at the neighbours that verify the claim,
+    the fewest points a 1-minimal claim needs. Where no answer explodes, the descent is run again with
+    the full rule settling each axis next to the screen's answer (`crossing`). Where explosions grow
+    with every knob the answer is the lexicographically smallest exploding point in axis order, of a
+    typical seed's verdict or, on the second way, of the full rule (up to where a verdict is not
+    monotone along an axis). It depends on the space, never on `found` when the top corner explodes:
+    the example database and concurrency change how fast it comes, not what."""
     upper = prober.space.top() if prober.explodes(prober.space.top()) else found
+    prober.steer(upper)
+    guess: Index | None = _descend(prober.screens, prober.screens, upper)
+    stable: Index | None = None  # the last answer, stable on the full rule
+    for _ in range(STEERS):
+        if guess is None:
+            break
+        if prober.explodes(guess):
+            return minimize(prober, _bisect(prober.explodes, guess, stable))
+        prober.steer(guess)
+        stable, guess = guess, _climb(prober, guess)
+    return minimize(prober, _descend(prober.screens, prober.explodes, upper))
+
+
+def _bisect(explodes: Callable[[Index], bool], bad: Index, good: Index | None) -> Index:
+    """Where `good` (stable on the full rule) differs from `bad` (exploding on it) along one axis
+    alone: the full rule's bisection between them, a value exploding with the one below it stable (a
+    climbing seed's growth is not monotone: it overshot a model file's crossing by 4 blocks, which
+    `minimize` would walk down one full verdict at a time); else `bad`."""
+    axes = [k for k, (a, b) in enumerate(zip(bad, good or bad, strict=True)) if a != b]
+    if good is None or len(axes) != 1:
+        return bad
+    (k,) = axes
+    lo, hi = good[k], bad[k]
+    while lo + 1 < hi:
+        mid = (lo + hi) // 2
+        if explodes(_at(list(bad), k, mid)):
+            hi = mid
+        else:
+            lo = mid
+    return _at(list(bad), k, hi)
+
+
+def _climb(prober: Explodes, guess: Index) -> Index | None:
+    """The smallest value where the screen explodes above `guess` along its last axis (galloping up:
+    1, 2, 4 ... steps, then bisecting back), with the earlier axes as they are; where the screen
+    explodes nowhere up that axis, the same along the axis before it with the last one at its top,
+    and so on; None where the screen explodes nowhere above `guess`."""
+    current = list(guess)
+    for k in reversed(range(len(current))):
+        last = len(prober.space.axes[k].values) - 1
+        good, step = current[k], 1  # good: the screen is stable there
+        while good < last:
+            value = min(good + step, last)
+            if prober.screens(_at(current, k, value)):
+                while good + 1 < value:
+                    mid = (good + value) // 2
+                    if prober.screens(_at(current, k, mid)):
+                        value = mid
+                    else:
+                        good = mid
+                return _at(current, k, value)
+            good, step = value, step * 2
+        current[k] = last
+    return None
+
+
+def _descend(screens: Callable[[Index], bool], settles: Callable[[Index], bool], upper: Index) -> Index:
+    """From `upper` (where `settles` holds), axis by axis: bisect on `screens` with the later axes at
+    their current values, then settle the value next to its answer on `settles` (`crossing`)."""
     current = list(upper)
     for k in range(len(current)):
         lo, hi = 0, current[k]
         while lo < hi:
             mid = (lo + hi) // 2
-            if prober.screens(_at(current, k, mid)):
+            if screens(_at(current, k, mid)):
                 hi = mid
             else:
                 lo = mid + 1
-        current[k] = crossing(_along(prober.explodes, current, k), hi, current[k])
-    return minimize(prober, tuple(current))
+        current[k] = crossing(_along(settles, current, k), hi, current[k])
+    return tuple(current)
 
 
 def _along(holds: Callable[[Index], bool], index: list[int], k: int) -> Callable[[int], bool]:

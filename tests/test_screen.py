@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 
 from stabilitycheck.canonical import Index, boundary, canonical, crossing
 from stabilitycheck.config import Config
-from stabilitycheck.searching import search, sweep
-from stabilitycheck.seeds import SeedProbes, assess
+from stabilitycheck.searching import Prober, search, sweep
+from stabilitycheck.seeds import Judgement, SeedProbes, assess
 from stabilitycheck.space import Axis, Space
+from stabilitycheck.subjects import resolve
 from stabilitycheck.verdicts import Limits
 
 
@@ -51,14 +52,17 @@ class Grid:
 
     def __init__(self, space: Space, full: dict[Index, bool], screen: dict[Index, bool]) -> None:
         self.space, self.full, self.screen = space, full, screen
-        self.asked: set[Index] = set()
+        self.asked: dict[Index, None] = {}  # in the order asked
 
     def explodes(self, index: Index) -> bool:
-        self.asked.add(index)
+        self.asked[index] = None
         return self.full[index]
 
     def screens(self, index: Index) -> bool:
         return self.screen[index]
+
+    def steer(self, index: Index) -> None:
+        """The screen here is fixed: steering changes nothing (a lying screen stays lying)."""
 
 
 SPACE = Space("grid", Config.of("mlp"), (Axis.range("depth", 1, 12), Axis.range("width", 1, 8)))
@@ -94,14 +98,79 @@ def test_a_lying_screen_still_gives_a_point_one_minimal_on_the_full_rule() -> No
 
 def test_a_truthful_screen_asks_the_full_rule_only_near_the_boundary() -> None:
     """With the screen equal to the full rule on a monotone grid, the full rule is asked at the top
-    corner, each axis' settled value and the two below it, and the 1-minimality check: at most 3 per
-    axis plus 2, against every bisection step of the old descent."""
+    corner, the screen's answer and its one-step-lower neighbours (the 1-minimality check), nowhere
+    else: at most 2 plus one per axis."""
     rng = random.Random(1)
     for _ in range(50):
         full = _grid(rng, noise=0.0)
         grid = Grid(SPACE, full, full)
         canonical(grid, (11, 7))
-        assert len(grid.asked) <= 3 * len(SPACE.axes) + 2, sorted(grid.asked)
+        assert len(grid.asked) <= len(SPACE.axes) + 2, sorted(grid.asked)
+
+
+class Steered(Grid):
+    """A Grid whose first screen crosses `early` steps before the full rule along depth (a seed above
+    the median), and whose screen after `steer` is the full rule itself (the quantile's seed)."""
+
+    def __init__(self, full: dict[Index, bool], early: int) -> None:
+        low = {(d, w): full[min(d + early, 11), w] for d, w in full}
+        super().__init__(SPACE, full, low)
+        self.steered = 0
+
+    def steer(self, index: Index) -> None:
+        self.steered += 1
+        if self.steered > 1:  # the first steer is at the top corner, where every seed explodes
+            self.screen = self.full
+
+
+def _frontier(full: dict[Index, bool]) -> set[Index]:
+    """The points whose full verdict differs from a one-step neighbour's (the frontier, both sides)."""
+    steps = ((1, 0), (-1, 0), (0, 1), (0, -1))
+    return {
+        (d, w)
+        for (d, w), bad in full.items()
+        if any((n := (d + a, w + b)) in full and full[n] != bad for a, b in steps)
+    }
+
+
+def test_a_screen_crossing_early_is_steered_and_climbs_to_the_full_rules_boundary() -> None:
+    """Oracle: boundary() of the whole grid. A screen crossing 1-4 steps early along depth is wrong at
+    its first answer; steered there, it climbs to the full rule's crossing: apart from the top corner
+    and that answer the full rule is asked only on the frontier (where a one-step neighbour's verdict
+    differs) and on the climbed line above the answer (a bisection of that gap), never along a
+    bisection from the top corner through either side."""
+    rng = random.Random(2)
+    wrong = 0  # grids where the first answer was stable on the full rule
+    for _ in range(50):
+        full = _grid(rng, noise=0.0)
+        grid = Steered(full, early=rng.randint(1, 4))
+        assert canonical(grid, (11, 7)) in boundary(full)
+        top, first, *rest = grid.asked
+        assert top == (11, 7) and grid.steered == 1 + (not full[first])
+        wrong += not full[first]
+        above = {p for p in full if sum(a != b for a, b in zip(p, first, strict=True)) == 1 and p > first}
+        assert set(rest) <= _frontier(full) | above, sorted(set(rest) - _frontier(full) - above)
+    assert wrong >= 25
+
+
+def test_steering_screens_with_the_seed_of_the_full_rules_quantile() -> None:
+    """Oracle: the full rule's own Judgement at the point. After `steer` there, the screen's one-seed
+    growth is the full rule's quantile growth, and judging it probes nothing new."""
+    space = Space(
+        "mlp",
+        Config.of("mlp", width=8, batch_size=4, seeds=5),
+        (Axis.range("depth", 4, 12), Axis.range("init_scale", 1.5, 3.0, 0.5)),
+    )
+    prober = Prober(space, resolve("mlp"), Limits(growth=1e9, nonfinite=False), lambda _: None, None)
+    index = (6, 2)
+    full = prober(index)
+    assert isinstance(full, Judgement) and len(full.seeds) >= 3
+    made = prober.cache.made
+    prober.steer(index)
+    screen = prober.screen(index)
+    assert isinstance(screen, Judgement)
+    assert screen.growth.mid == full.growth.mid != prober.first.get((index, space.base.run.seed))
+    assert prober.screen_seed in full.seeds[1:] and prober.cache.made == made  # not the first seed
 
 
 def test_a_cached_probe_is_the_fresh_probe_and_runs_once() -> None:
