@@ -18,7 +18,9 @@ CLIP_NORM = 1.0
 @dataclass(frozen=True)
 class Remedy:
     """A remedy tried on a counterexample: `config` is None (and nothing was probed) where it does not
-    apply; `fixed` says whether the re-judged Config stopped exploding, `growth` what it measured."""
+    apply; `fixed` says whether the re-judged Config stopped exploding, `growth` what it measured
+    (the growth spread over seeds; for a recurrent subject also its through-time growth, on which
+    vanishing is judged: 'not fixed (vanishing)' beside a per-token growth of 1.4 alone misleads)."""
 
     name: str
     config: Config | None

@@ -291,7 +291,8 @@ def try_remedies(
             yield Remedy(name, None, None)
             continue
         j = assess(changed, subject, judged, probes)
-        yield Remedy(name, changed, not j.exploded, j.verdict.names, j.growth.describe())
+        through = f"; through time {j.through_time.describe()}" if j.through_time else ""
+        yield Remedy(name, changed, not j.exploded, j.verdict.names, j.growth.describe() + through)
 
 
 def _with_through_time(j: Judgement, config: Config, subject: Subject, probes: SeedProbes) -> Judgement:

@@ -148,7 +148,10 @@ def test_remedies_are_measured_and_not_applicable_ones_say_so() -> None:
     assert by_name["critical-init"].fixed  # a linear RNN at spectral radius 1 cannot grow
     for r in cx.remedies:
         if r.config is not None:
-            assert r.fixed == (not assess(r.config, limits=judged_on(cx.limits)).exploded)
+            fresh = assess(r.config, limits=judged_on(cx.limits))
+            assert r.fixed == (not fresh.exploded)
+            assert fresh.through_time is not None  # recurrent, judged on vanishing: both growths said
+            assert r.growth == f"{fresh.growth.describe()}; through time {fresh.through_time.describe()}"
 
 
 def test_configs_too_large_for_memory_are_skipped_and_reported(monkeypatch: pytest.MonkeyPatch) -> None:
