@@ -73,8 +73,12 @@ def _knobs(config: Config, names: tuple[str, ...] | None) -> tuple[tuple[str, Sc
     return tuple((n, values[n]) for n in names if n in values)
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 def _short(text: str, width: int = FAILURE_WIDTH) -> str:
-    text = " ".join(text.split())
+    """The table's cell: `text` cut to `width` (the whole text follows under the table)."""
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
@@ -83,7 +87,7 @@ def _failure_text(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     if not lines:
         return type(exc).__name__
-    return _short(" ".join(lines[:2]) if isinstance(exc, StabilityError) else lines[0])
+    return _one_line(" ".join(lines[:2]) if isinstance(exc, StabilityError) else lines[0])
 
 
 def finding(
@@ -102,6 +106,7 @@ def finding(
     from stabilitycheck.counterexample import Counterexample, SearchResult
     from stabilitycheck.report import reproduction
 
+    failure = _one_line(failure) if failure else None
     if isinstance(found, SearchResult):
         if found.counterexample is None:
             return None
@@ -116,8 +121,7 @@ def finding(
             device=c.run.device,
             dtype=c.run.dtype,
             knobs=_knobs(c, knobs),
-            failure=failure
-            or _short(", ".join(x.describe() for x in found.judgement.verdict.criteria) or "-"),
+            failure=failure or ", ".join(x.describe() for x in found.judgement.verdict.criteria) or "-",
             culprit=found.culprit,
             fixed_by=", ".join(fixed) or ("none" if found.remedies else "-"),
             reproduce=reproduction(c, found.limits),
@@ -144,7 +148,8 @@ def finding(
 
 def summary(findings: list[Finding]) -> str:
     """The summary table, smallest first (sum of the shown knob values, then target and test), then each
-    row's test id and reproduction line. Rendering only: every number was measured where it was found."""
+    row's test id and reproduction line, and its whole failure text where the table cut it. Rendering
+    only: every number was measured where it was found."""
     from tabulate import tabulate
 
     ordered = sorted(findings, key=lambda f: (f.size, f.label, f.test))
@@ -156,14 +161,18 @@ def summary(findings: list[Finding]) -> str:
             f.device,
             f.dtype,
             " ".join(f"{k}={v}" for k, v in f.knobs),
-            f.failure,
+            _short(f.failure),
             f.culprit,
             f.fixed_by,
         ]
         for i, f in enumerate(ordered, 1)
     ]
     table = tabulate(rows, headers=HEADERS, tablefmt="simple", disable_numparse=True)
-    lines = [f"{i:>3}  {f.test}\n     {f.reproduce}" for i, f in enumerate(ordered, 1)]
+    lines = [
+        f"{i:>3}  {f.test}\n     {f.reproduce}"
+        + (f"\n     {f.failure}" if _short(f.failure) != f.failure else "")
+        for i, f in enumerate(ordered, 1)
+    ]
     return table + "\n\n" + "\n".join(lines)
 
 

@@ -122,6 +122,20 @@ def test_findings_round_trip_and_sort_smallest_first() -> None:
         finding(3, "t.py::c")  # type: ignore[arg-type]
 
 
+def test_a_long_failure_is_cut_in_the_table_and_kept_whole_below_it_and_in_the_record() -> None:
+    """Oracle: the message itself. The table cell is cut (with an ellipsis); the record (JSON) and the
+    lines under the table keep every word, the second line of a multi-line message joined on."""
+    message = "Gradient growth is above the limit. " + " ".join(f"block{i}=x{i}.5" for i in range(40))
+    found = finding(Config.of("mlp", depth=3), "t.py::a", failure=message + "\n  and more")
+    assert found is not None and found.failure == message + " and more"
+    assert Finding.from_dict(found.to_dict()).failure == found.failure
+    table, _, below = summary([found]).partition("\n\n")
+    assert (
+        message not in table and "Gradient growth is above the limit. block0=x0.5" in table and "…" in table
+    )
+    assert found.failure in below
+
+
 def test_summary_shows_a_failing_property(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_prop=GROWTH_PROPERTY)
     result = pytester.runpytest("-p", "no:cacheprovider")
