@@ -50,8 +50,18 @@ def _check_loss(loss: Any) -> torch.Tensor:
     return loss
 
 
-def _optimizer(name: str, params: Sequence[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+def _optimizer(
+    name: str, model: nn.Module, params: Sequence[nn.Parameter], lr: float
+) -> torch.optim.Optimizer:
+    """The optimiser the steps use; Adam refused upfront where the model makes sparse gradients (torch's
+    Adam raises on them at the first step, which read as the knobs' fault)."""
     if name == "adam":
+        sparse = [n for n, m in model.named_modules() if getattr(m, "sparse", False) is True]
+        if sparse:
+            raise UsageError(
+                f"--optimizer adam cannot step the sparse gradients of {sparse[0] or 'the model'} "
+                "(an embedding built with sparse=True): use --optimizer sgd, or sparse=False"
+            )
         return torch.optim.Adam(params, lr=lr)
     return torch.optim.SGD(params, lr=lr)
 
@@ -251,7 +261,7 @@ def probe_module(
         )
     device = params[0].device
     scaler = torch.amp.GradScaler(device.type) if amp == "float16" else None
-    opt = _optimizer(optimizer, params, lr) if steps > 0 or scaler is not None else None
+    opt = _optimizer(optimizer, model, params, lr) if steps > 0 or scaler is not None else None
     run = _Run(
         model,
         inputs,

@@ -228,7 +228,37 @@ ERRORS = [
     ("model_not_module", [f"{FILES}/model_not_module.py"], ["`model` is a str, not an nn.Module"]),
     ("scripted", [f"{FILES}/scripted.py"], ["the model is a TorchScript module", "torch.jit.script(Net())"]),
     ("scripted_block", [f"{FILES}/scripted_block.py"], ["0 is a TorchScript module", "eager nn.Module"]),
+    # torch's Adam raises on sparse gradients (test_sparse_gradients_break_torchs_adam): the
+    # optimiser is named, not the knobs
+    (
+        "sparse_adam",
+        [f"{FILES}/sparse_embedding.py", "--steps", "2", "--optimizer", "adam"],
+        ["--optimizer adam cannot step the sparse gradients of emb", "--optimizer sgd"],
+    ),
 ]
+
+
+def test_sparse_gradients_break_torchs_adam() -> None:
+    """The oracle of the sparse_adam error: torch's own Adam raises at the first step on this model,
+    and SGD steps it (so the search with --optimizer sgd runs)."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("sparse_embedding", f"{FILES}/sparse_embedding.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name, ok in (("adam", False), ("sgd", True)):
+        model = module.build()
+        opt = (torch.optim.Adam if name == "adam" else torch.optim.SGD)(model.parameters(), lr=1e-3)
+        model(module.batch(model)).sum().backward()
+        if ok:
+            opt.step()
+        else:
+            with pytest.raises(RuntimeError, match="sparse"):
+                opt.step()
+
 
 UNKNOWN_KNOBS = [
     # a typo: the message lists the file's knobs
