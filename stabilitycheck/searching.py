@@ -165,7 +165,7 @@ class Prober:
                     return (
                         f"too large ({need / 2**20:.0f} MiB estimated, {self.budget / 2**20:.0f} MiB allowed)"
                     )
-                return assess(config, self.subject, self.limits, self.cache)
+                return assess(config, self.subject, self.limits, self.cache, through_time=False)
         except ProbeTimeout:
             return f"too slow (over the {self.timeout:g} s probe budget)"
         except MemoryError as exc:

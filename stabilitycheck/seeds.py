@@ -308,11 +308,14 @@ def assess(
     subject: Subject | None = None,
     limits: Limits | None = None,
     probes: SeedProbes | None = None,
+    through_time: bool = True,
 ) -> Judgement:
     """Probe `config` over up to run.seeds initialisations and judge the run.quantile of each criterion.
     For recurrent subjects with a vanishing limit, vanishing is judged on the through-time growth (the
     loss on the last step): a per-token loss hides it under gradients from later tokens. `probes`:
-    a cache of per-seed probes to reuse (a search's)."""
+    a cache of per-seed probes to reuse (a search's). `through_time`: a recurrent subject's
+    through-time growth is measured (a last-step probe per seed) and its kind judged on it, as the
+    search's report does; False skips that where no vanishing limit needs it (a search's points)."""
     lim = limits or Limits()
     run = config.run
     measure = probes or SeedProbes()
@@ -325,9 +328,10 @@ def assess(
         seeded = config.with_run(seed=used[-1])
         m = measure(seeded, subject)
         named = values(m)
-        if lim.vanishing is not None and config.recurrent:
+        if config.recurrent and (through_time or lim.vanishing is not None):
             through.append(measure(seeded, subject, last_step=True).growth)
-            named["vanishing"] = through[-1]
+            if lim.vanishing is not None:
+                named["vanishing"] = through[-1]
         ms.append(m)
         per_seed.append(named)
         if _decided(per_seed, lim, run.seeds, run.quantile):

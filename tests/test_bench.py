@@ -70,8 +70,11 @@ def test_counting_subject_counts_one_build_per_probe() -> None:
     probe(config, subject)
     probe(config, subject, last_step=True)
     assert subject.builds == 2
-    j = assess(config, subject)
+    j = assess(config, subject, through_time=False)
     assert subject.builds == 2 + len(j.seeds)
+    fresh = bench.Counting(bench.resolve("rnn"))
+    again = assess(config, fresh)  # with the through-time growth: a last-step probe per seed too
+    assert again.through_time is not None and fresh.builds == 2 * len(again.seeds)
     assert subject.name == "rnn"  # everything else is the wrapped subject's
 
 

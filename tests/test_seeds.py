@@ -240,7 +240,7 @@ def test_accumulated_over_tokens_is_judged_on_the_share_of_log_growth_whatever_t
     limit was above the through-time figure). At s = 1 it is exactly 1 while the per-token growth is
     ~8: all of it is summed over tokens, accumulated (it was not, where vanishing was judged). The
     kind is the same whether the verdict judged vanishing (assess has the through-time figure) or
-    not (the search adds it), whatever the limits."""
+    not (the search adds it), whatever the limits, and assess alone gives it too."""
     from stabilitycheck.searching import _with_through_time
     from stabilitycheck.seeds import SeedProbes
     from stabilitycheck.zoo import Family
@@ -253,6 +253,8 @@ def test_accumulated_over_tokens_is_judged_on_the_share_of_log_growth_whatever_t
         assert j.through_time is not None
         assert j.through_time.mid == pytest.approx(scale ** (steps - 1), rel=1e-4)
         kinds[scale] = (j.kind.kind, math.log(j.through_time.mid) / math.log(j.growth.mid))
+        alone = assess(c, limits=limits)  # the API and --replay: no search adds the figure
+        assert alone.through_time == j.through_time and alone.kind == j.kind
     assert kinds[1.5][0] == "exponential" and kinds[1.5][1] > 0.5, kinds
     assert kinds[1.0][0] == "accumulated" and kinds[1.0][1] < 0.5, kinds
 
