@@ -33,6 +33,7 @@ from stabilitycheck.verdicts import CRITERIA, Limits, Verdict, bound, fires, jud
 
 MARGIN = 100.0
 LAW_SLACK = math.log(2)  # a polynomial kind's depth ** exponent must give the growth within x2
+INPUT_SPREAD, INPUT_SD = 3.0, 0.05  # input_apart: how far its log-gain lies from the others' (in sd)
 FIT_R2 = 0.9  # below it no fit explains the growth (a clean stack fits >= 0.95, a lone spike 0.76)
 SEED_MIX = 0x9E3779B9  # seeds after the first: base + i * this, mod 2**32 (no overlap between bases)
 
@@ -79,10 +80,11 @@ class Growth:
     when it is linear in log(L / j) (growth ~ depth ** exponent, e.g. pre-norm residual stacks whose
     per-block log-gain decays like 1 / j; so depth ** exponent must give the growth within x2),
     whichever least-squares fit explains more of C, fitted on the seeds' typical stack (each gain the
-    geometric mean over seeds) and without the input segment where there are 4 blocks or more (the
-    input is not on the stack's fixed point, nor does it pass what runs between blocks: a tanh MLP
-    whose blocks are its Linear layers has a first gain of sigma_w, 2.5x the others at 3.75, which
-    read as depth^p on 6 blocks; the law is checked on the growth past it too); irregular
+    geometric mean over seeds) and without the input segment where its gain stands apart from the
+    others' (`input_apart`: the input is not on the stack's fixed point, nor does it pass what runs
+    between blocks; a tanh MLP whose blocks are its Linear layers has a first gain of sigma_w, 2.5x
+    the others at 3.75, which read as depth^p on 6 blocks; the law is then checked on the growth
+    past it); irregular
     when neither explains FIT_R2 of C's variance (one block's spike among gain-1 blocks, growth that
     rises then falls along the stack: no rate or exponent describes it); flat when the total growth is
     within x2; accumulated when a recurrent subject's through-time growth T (the loss on
@@ -122,8 +124,9 @@ def _least_squares(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, flo
     return slope, (1 - resid / total) if total > 0 else 1.0
 
 
-def fit_growth(gains: Sequence[float]) -> Fit:
-    """The exponential and polynomial fits of one seed's cumulative log growth (see Growth)."""
+def fit_growth(gains: Sequence[float], apart: bool | None = None) -> Fit:
+    """The exponential and polynomial fits of one seed's cumulative log growth (see Growth); `apart`:
+    whether the input segment is left out of them (None: as `input_apart` says of these gains)."""
     kept = [g for g in gains if not math.isnan(g)]  # NaN: a junction between chains, no gain there
     if not kept or not all(g > 0 and math.isfinite(g) for g in kept):
         return math.nan, math.nan, math.nan, math.nan
@@ -132,7 +135,7 @@ def fit_growth(gains: Sequence[float]) -> Fit:
     cumulative = [sum(logs[j:]) for j in range(n - 1)]
     if n < 4:
         return cumulative[0] / (n - 1), math.nan, math.nan, math.nan
-    shape = range(1 if n >= 5 else 0, n - 1)  # the input segment apart (see Growth)
+    shape = range(1 if (input_apart(gains) if apart is None else apart) else 0, n - 1)
     ys = [cumulative[j] for j in shape]
     rate, r2_lin = _least_squares([float(n - 1 - j) for j in shape], ys)
     exponent, r2_log = _least_squares([math.log(n / (j + 1)) for j in shape], ys)
@@ -142,22 +145,39 @@ def fit_growth(gains: Sequence[float]) -> Fit:
     return rate, r2_lin, exponent, r2_log
 
 
-def typical_fit(profiles: Sequence[Sequence[float]]) -> Fit | None:
-    """The fit of the seeds' typical stack: each block's gain the geometric mean over seeds (a block's
-    noise between initialisations averages out: at width 15 one seed's gains spread 0.5-2.5 around a
-    tanh MLP's 1.5); None where the seeds' stacks differ in length or a gain is not a positive number."""
-    if len({len(p) for p in profiles}) != 1 or not all(
-        g > 0 and math.isfinite(g) for p in profiles for g in p
-    ):
-        return None
-    return fit_growth(
-        [math.exp(statistics.fmean(math.log(g) for g in gains)) for gains in zip(*profiles, strict=True)]
-    )
+def input_apart(gains: Sequence[float]) -> bool:
+    """Whether the input segment's gain stands apart from the stack's (see Growth): 4 blocks or more,
+    its log-gain more than INPUT_SPREAD standard deviations (at least INPUT_SD) from the others' mean,
+    and the others carrying at least half the log growth (else the input segment is the growth, as
+    one block's spike, and leaving it out would fit what is left of nothing)."""
+    if len(gains) < 4 or not all(g > 0 and math.isfinite(g) for g in gains):
+        return False
+    logs = [math.log(g) for g in gains]
+    rest = logs[1:]
+    far = abs(logs[0] - statistics.fmean(rest)) > INPUT_SPREAD * max(statistics.pstdev(rest), INPUT_SD)
+    return far and abs(sum(rest)) >= abs(sum(logs)) / 2
+
+
+def kind_of(profiles: Sequence[Sequence[float]], growths: Sequence[float], q: float) -> Growth:
+    """The kind of growth of per-seed gain profiles: which fit explains the growth is read on the seeds'
+    typical stack, each block's gain the geometric mean over seeds (a block's noise between
+    initialisations averages out: at width 15 one seed's gains spread 0.5-2.5 around a tanh MLP's
+    1.5), whose input segment is left apart or not for every seed alike; on the quantile of the
+    per-seed fits where the stacks differ in length or a gain is not a positive number."""
+    typical = None
+    if len({len(p) for p in profiles}) == 1 and all(g > 0 and math.isfinite(g) for p in profiles for g in p):
+        typical = [
+            math.exp(statistics.fmean(math.log(g) for g in gains)) for gains in zip(*profiles, strict=True)
+        ]
+    apart = input_apart(typical) if typical else None
+    fits = [fit_growth(p, apart) for p in profiles]
+    return classify(fits, growths, q, fit_growth(typical, apart) if typical else None)
 
 
 def classify(fits: Sequence[Fit], growths: Sequence[float], q: float, typical: Fit | None = None) -> Growth:
     """The kind of growth from per-seed fits and growths (see Growth); which fit explains the growth
-    is read on `typical` (typical_fit) where given, else on the quantile of the per-seed fits."""
+    is read on `typical` (the typical stack's fit, kind_of) where given, else on the quantile of the
+    per-seed fits."""
     rate = Spread.of([f[0] for f in fits], q)
     exponent = Spread.of([f[2] for f in fits], q)
     growth = quantile(growths, q)
@@ -351,7 +371,7 @@ def _judgement(
     growth = [m.growth for m in ms]
     mid = quantile(growth, q)
     rep = next((m for m in ms if m.growth == mid or (math.isnan(mid) and math.isnan(m.growth))), ms[0])
-    kind = classify([fit_growth(m.gains) for m in ms], growth, q, typical_fit([m.gains for m in ms]))
+    kind = kind_of([m.gains for m in ms], growth, q)
     return Judgement(
         verdict=judge(quantiles, lim),
         seeds=seeds,

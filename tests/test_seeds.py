@@ -27,9 +27,9 @@ from stabilitycheck.seeds import (
     assess,
     classify,
     fit_growth,
+    kind_of,
     quantile,
     seed_of,
-    typical_fit,
 )
 from stabilitycheck.space import Axis, Space
 from stabilitycheck.verdicts import CRITERIA as CRITERIA_NAMES
@@ -388,11 +388,29 @@ def test_a_polynomial_kind_is_a_depth_law_that_gives_the_growth() -> None:
 def test_an_exponential_stack_with_a_larger_input_gain_is_exponential(depth: int) -> None:
     """Theory, exact: a tanh MLP whose blocks are its Linear layers has gain sigma_w at the input
     segment (no tanh' before it) and sigma_w sqrt(E tanh'^2) between blocks: 3.75 then 1.5 each. The
-    input segment is no block of the stack; the growth is exponential at ln 1.5 per block."""
+    input segment is no block of the stack; the growth is exponential at ln 1.5 per block (the old
+    fit read depth^p on 6 and 9 blocks)."""
     gains = [3.75] + [1.5] * (depth - 1)
-    fit = fit_growth(gains)
-    kind = classify([fit], [math.prod(gains)], 0.5, typical_fit([gains]))
-    assert kind.kind == "exponential" and fit[0] == pytest.approx(math.log(1.5))
+    kind = kind_of([gains] * 3, [math.prod(gains)] * 3, 0.5)
+    assert kind.kind == "exponential" and kind.rate.mid == pytest.approx(math.log(1.5))
+
+
+@pytest.mark.parametrize("depth", [4, 12])
+def test_a_spike_at_the_input_segment_is_irregular(depth: int) -> None:
+    """The Growth definition: one block's spike among gain-1 blocks is irregular, wherever it is; at
+    the input segment too (leaving it out of the fit left a flat stack read as x1/block, a kind that
+    explains none of a growth of 150)."""
+    gains = [150.0] + [1.0] * (depth - 1)
+    assert kind_of([gains] * 3, [150.0] * 3, 0.5).kind == "irregular"
+
+
+@pytest.mark.parametrize("depth", [4, 6, 12, 30])
+def test_an_exact_depth_law_is_polynomial_with_its_exponent(depth: int) -> None:
+    """Theory, exact: gains ((j + 1) / j) ** 1.6 along the stack are growth (depth + 1) ** 1.6, whether
+    or not the input segment (2 ** 1.6, the largest) is taken apart from the rest."""
+    gains = [((j + 1) / j) ** 1.6 for j in range(1, depth + 1)]
+    kind = kind_of([gains] * 3, [math.prod(gains)] * 3, 0.5)
+    assert kind.kind == "polynomial" and kind.exponent.mid == pytest.approx(1.6, rel=1e-9)
 
 
 def test_the_kind_reads_the_seeds_typical_stack() -> None:
@@ -403,7 +421,7 @@ def test_the_kind_reads_the_seeds_typical_stack() -> None:
     typical = per_seed = 0
     for _ in range(300):
         seeds = [[3.75] + [1.5 * math.exp(rng.gauss(0, 0.35)) for _ in range(10)] for _ in range(5)]
-        fits, growths = [fit_growth(g) for g in seeds], [math.prod(g) for g in seeds]
-        typical += classify(fits, growths, 0.5, typical_fit(seeds)).kind != "exponential"
-        per_seed += classify(fits, growths, 0.5).kind != "exponential"
+        growths = [math.prod(g) for g in seeds]
+        typical += kind_of(seeds, growths, 0.5).kind != "exponential"
+        per_seed += classify([fit_growth(g) for g in seeds], growths, 0.5).kind != "exponential"
     assert typical < 15 and per_seed > 2 * typical
