@@ -158,17 +158,30 @@ def input_apart(gains: Sequence[float]) -> bool:
     return far and abs(sum(rest)) >= abs(sum(logs)) / 2
 
 
+def _typical_stack(profiles: Sequence[Sequence[float]]) -> list[float] | None:
+    """Each block's geometric-mean gain over the seeds; NaN where every seed has NaN there (a junction
+    between chains, the same in every draw); None where the stacks differ in length or a gain is
+    otherwise not a positive number."""
+    if len({len(p) for p in profiles}) != 1:
+        return None
+    typical = []
+    for gains in zip(*profiles, strict=True):
+        if all(math.isnan(g) for g in gains):
+            typical.append(math.nan)
+        elif all(g > 0 and math.isfinite(g) for g in gains):
+            typical.append(math.exp(statistics.fmean(math.log(g) for g in gains)))
+        else:
+            return None
+    return typical
+
+
 def kind_of(profiles: Sequence[Sequence[float]], growths: Sequence[float], q: float) -> Growth:
     """The kind of growth of per-seed gain profiles: which fit explains the growth is read on the seeds'
     typical stack, each block's gain the geometric mean over seeds (a block's noise between
     initialisations averages out: at width 15 one seed's gains spread 0.5-2.5 around a tanh MLP's
     1.5), whose input segment is left apart or not for every seed alike; on the quantile of the
-    per-seed fits where the stacks differ in length or a gain is not a positive number."""
-    typical = None
-    if len({len(p) for p in profiles}) == 1 and all(g > 0 and math.isfinite(g) for p in profiles for g in p):
-        typical = [
-            math.exp(statistics.fmean(math.log(g) for g in gains)) for gains in zip(*profiles, strict=True)
-        ]
+    per-seed fits where there is no typical stack (_typical_stack)."""
+    typical = _typical_stack(profiles)
     apart = input_apart(typical) if typical else None
     fits = [fit_growth(p, apart) for p in profiles]
     return classify(fits, growths, q, fit_growth(typical, apart) if typical else None)

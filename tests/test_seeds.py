@@ -425,3 +425,19 @@ def test_the_kind_reads_the_seeds_typical_stack() -> None:
         typical += kind_of(seeds, growths, 0.5).kind != "exponential"
         per_seed += classify([fit_growth(g) for g in seeds], growths, 0.5).kind != "exponential"
     assert typical < 15 and per_seed > 2 * typical
+
+
+def test_the_typical_stack_keeps_a_junction_between_chains() -> None:
+    """Oracle, by construction: two chains of 6 blocks (an encoder and a decoder, NaN gain at the
+    junction in every draw) with log-gains ln 1.5 plus noise (sd 0.35) are exponential. The typical
+    stack keeps the junction and is read: under 3% of 300 draws misread, fewer than on the median of
+    the per-seed fits (it fell back to those when any gain was NaN)."""
+    rng = random.Random(0)
+    typical = per_seed = 0
+    for _ in range(300):
+        seeds = [[1.5 * math.exp(rng.gauss(0, 0.35)) for _ in range(12)] for _ in range(5)]
+        joined = [[*g[:6], math.nan, *g[6:]] for g in seeds]
+        growths = [math.prod(g) for g in seeds]
+        typical += kind_of(joined, growths, 0.5).kind != "exponential"
+        per_seed += classify([fit_growth(g) for g in joined], growths, 0.5).kind != "exponential"
+    assert typical < 9 and per_seed > 2 * typical
