@@ -9,7 +9,7 @@ from typing import Protocol
 from stabilitycheck.space import Space
 
 Index = tuple[int, ...]
-STEERS = 3  # answers of the screen checked on the full rule before `canonical` is the way (screened)
+STEERS = 3  # answers of the screen checked on the full rule before it settles every axis (canonical)
 
 
 class Explodes(Protocol):
