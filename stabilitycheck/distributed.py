@@ -82,6 +82,16 @@ class Layout:
             "grad_norm": slice(3 + 4 * b, 4 + 4 * b),
         }
 
+    def scaled(self) -> list[bool]:
+        """Per series, whether a GradScaler's loss scale multiplies it (the gradients: output
+        gradients, weight gradients, the total): on a step the scaler skips, their Inf is its overflow
+        handling, while the loss, block outputs and weights are the model's own values."""
+        p = self.parts()
+        mask = [False] * self.n_series
+        for kind in ("activation_grad", "gradient", "grad_norm"):
+            mask[p[kind]] = [True] * (p[kind].stop - p[kind].start)
+        return mask
+
     def causal_order(self) -> list[int]:
         """Series indices in the order their values come to be within a step: weights (from the last
         update), block outputs input side first, the loss, output gradients output side first, weight

@@ -95,6 +95,7 @@ class Watcher:
         self.factors: torch.Tensor | None = None  # allocated when a scaler is adopted (_adopt)
         self._stepped = False  # a step was closed since the scaler's last update()
         self._not_skipped = torch.zeros(1, dtype=torch.float64, device=self.device)
+        self._scaled = torch.tensor(self.layout.scaled(), device=self.device)  # Layout.scaled
         self._original_update: Any = None
         self._own_update: Any = None  # the scaler's own instance attribute `update`, if it had one
         self._scaler_step: tuple[Any, Any] | None = None  # GradScaler.step and its wrapper (_find_scaler)
@@ -284,8 +285,8 @@ class Watcher:
             if amp is None:
                 judged, skipped = self.rule.update(self.state, series), self._not_skipped
                 flags = judged.flags
-            else:  # a step the scaler skips is no finding, and none of its values enters the window
-                off = amp[1].bool()
+            else:  # on a step the scaler skips, its scaled values (the gradients) are no finding
+                off = amp[1].bool() & self._scaled  # and none of them enters the window
                 judged = self.rule.update(self.state, torch.where(off, torch.nan, series))
                 flags, skipped = judged.flags & ~off, amp[1].reshape(1)
             judged_row = [series, flags.double(), judged.mean, judged.threshold, skipped]

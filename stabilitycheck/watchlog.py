@@ -54,8 +54,9 @@ class Finding:
 class Report:
     """What a watched run found: the first spike and the first non-finite value (in causal order
     within their step), every flagged step, the skipped ones (by `skip=True`; by the GradScaler
-    passed as `scaler=`, whose Inf gradients are its normal overflow handling, not findings), and
-    the host reads it cost."""
+    passed as `scaler=`, whose Inf gradients are its normal overflow handling, not findings, while
+    that step's loss, block outputs and weights are judged as on any step), and the host reads it
+    cost."""
 
     steps: int = 0
     first_spike: Finding | None = None
@@ -118,7 +119,7 @@ class Log:
         grads = layout.parts()["activation_grad"]
         # the backward that made each output gradient: the next block's, the loss's after the last
         self.made_by = {grads.start + i: name for i, name in enumerate([*blocks[1:], AFTER_LAST])}
-        self.order = layout.causal_order()
+        self.order, self.scaled = layout.causal_order(), layout.scaled()
         self.writes = rank == 0  # under torch.distributed rank 0 writes; every rank gets the report
         self.file = _open_log(log) if log is not None and self.writes else None
         owners = [*blocks, OUTSIDE]  # the first row also says which block each entry of its lists is
@@ -176,12 +177,13 @@ class Log:
             self.last_weights = known[last].clone()
         if self.host_state is None:
             self.host_state = self.rule.state(self.layout.n_series)
-        # a step the scaler skipped is no finding, and none of its values enters the window
-        masked = torch.where(off.unsqueeze(1), torch.nan, series)
-        judged = self.rule.update_many(self.host_state, masked)
-        flags = (judged.flags & ~off.unsqueeze(1)).tolist()
+        # on a step the scaler skipped, its scaled values (the gradients) are no finding, and none of
+        # them enters the window (Layout.scaled)
+        off = off.unsqueeze(1) & torch.tensor(self.layout.scaled())
+        judged = self.rule.update_many(self.host_state, torch.where(off, torch.nan, series))
+        flags = (judged.flags & ~off).tolist()
         means, thresholds = judged.mean.tolist(), judged.threshold.tolist()
-        values, skipped = series.tolist(), off.tolist()
+        values, skipped = series.tolist(), off.any(1).tolist()
         for i in range(rows.shape[0]):
             ranks = [r[i] for r in host] if self.world > 1 else None
             self._record(first + i, values[i], flags[i], (means[i], thresholds[i]), ranks, skipped[i])
@@ -225,9 +227,9 @@ class Log:
                 r.skipped_steps.append(step)
         if scaler_skipped:
             r.scaler_skipped_steps.append(step)
-        elif r.first_nonfinite is None and not math.isfinite(sum(values)):  # a fast check first
+        if r.first_nonfinite is None and not math.isfinite(sum(values)):  # a fast check first
             for index in self.order:
-                if not math.isfinite(values[index]):
+                if not math.isfinite(values[index]) and not (scaler_skipped and self.scaled[index]):
                     r.first_nonfinite = self._finding(step, index, values, ranks)
                     break
         parts = self.layout.parts()

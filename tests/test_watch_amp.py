@@ -115,3 +115,46 @@ def test_a_found_scaler_is_let_go_when_the_watcher_closes(tmp_path: Path) -> Non
         scaler.step(other)
         scaler.update()
     assert w2.scaler is None and "update" not in vars(scaler)
+
+
+@pytest.mark.parametrize("given", [True, False])
+@pytest.mark.parametrize(("opt_of", "skip"), [("sgd", False), ("fused", False), ("fused", True)])
+def test_a_nan_in_the_forward_of_a_step_the_scaler_skips_is_found(
+    opt_of: str, skip: bool, given: bool, tmp_path: Path
+) -> None:
+    """Oracle, the planted fault: a NaN written into block 2's Linear output at iteration 8 (so block
+    2's output holds it). Its loss is NaN,
+    so the scaler skips the step on Inf/NaN gradients; its gradients are not judged (the scaler's
+    handling), but the block outputs are the model's own values: the step is flagged and the first
+    non-finite value is block 2's output there (it was 'flagged: []', never reported)."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    calls = {"n": 0}
+
+    def poison(module: torch.nn.Module, args: object, out: torch.Tensor) -> torch.Tensor | None:
+        calls["n"] += 1
+        return out.clone().index_fill_(-1, torch.tensor([0]), math.nan) if calls["n"] == 9 else None
+
+    handle = torch.nn.Module.register_forward_hook  # the model is built inside scaled_run
+    hooked: list[torch.utils.hooks.RemovableHandle] = []
+
+    def build_hook(module: torch.nn.Module, *_: object) -> None:
+        if isinstance(module, MLP) and not hooked:
+            hooked.append(handle(module.blocks[2][0], poison))  # its Linear: block 2's output is NaN
+
+    registration = torch.nn.modules.module.register_module_forward_pre_hook(build_hook)
+    try:
+        w, _, skipped = scaled_run(
+            opt_of, 12, scaler, tmp_path / "w.jsonl", half=True, given=given, skip=skip
+        )
+    finally:
+        registration.remove()
+    report = report_of(w)
+    assert skipped[8] and 8 in report.scaler_skipped_steps
+    assert report.first_nonfinite is not None
+    first = report.first_nonfinite
+    assert (first.step, first.tensor, first.block) == (8, "activation", "blocks.2") and math.isnan(
+        first.value
+    )
+    assert 8 in report.flagged_steps and report.first_spike is not None and report.first_spike.step == 8
+    row = json.loads((tmp_path / "w.jsonl").read_text().splitlines()[8])
+    assert row["flagged"][0] == "activation:blocks.2" and row["skipped_by"] == "scaler"
