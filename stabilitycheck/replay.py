@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,6 +66,11 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise UsageError(
             f"replay {path}: cannot load data.pt ({type(exc).__name__}: {exc}); the model class and "
             "compute_loss must be importable from the roots in meta.json"
+        ) from None
+    except (ValueError, EOFError, pickle.UnpicklingError) as exc:
+        raise UsageError(
+            f"replay {path}: data.pt is not as watch wrote it ({type(exc).__name__}: {exc}); write the "
+            "bundle again with watch(..., bundle=...)"
         ) from None
     return meta, data
 

@@ -32,6 +32,14 @@ class SpikeRule:
     floor: float = 1.0
 
     def __post_init__(self) -> None:
+        for name in ("window", "warmup"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"SpikeRule needs a whole number for {name}, got {value!r}")
+        for name in ("sigmas", "floor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"SpikeRule needs a number for {name}, got {value!r}")
         if self.window < 2 or not 1 <= self.warmup <= self.window:
             raise ConfigError(
                 f"SpikeRule needs window >= 2 and 1 <= warmup <= window, got window={self.window}, "

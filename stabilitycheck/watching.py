@@ -30,7 +30,14 @@ from stabilitycheck.spikes import SpikeRule
 from stabilitycheck.subject import find_blocks
 from stabilitycheck.watchcapture import Capture
 from stabilitycheck.watchlog import Log, Report
-from stabilitycheck.watchoptions import check_arguments, check_loss, check_modes, count
+from stabilitycheck.watchoptions import (
+    check_arguments,
+    check_blocks,
+    check_loss,
+    check_modes,
+    check_skip,
+    count,
+)
 from stabilitycheck.watchstate import Snapshot
 
 FLUSH_EVERY = 50  # one host read per 50 steps: < 1 us/step amortised, and a finding is out within 50 steps
@@ -64,7 +71,7 @@ class Watcher:
         default = 1 if bundle is not None else flush_every
         self.weights_every = default if weights_every is None else count("weights_every", weights_every)
         self.model, self.optimizer, self.rule = model, optimizer, rule or SpikeRule()
-        self.blocks = tuple(blocks) if blocks is not None else find_blocks(model)[0]
+        self.blocks = check_blocks(model, blocks) if blocks is not None else find_blocks(model)[0]
         # frozen parameters too: they have no gradient, but their weights count in their block's
         # weight norm (a frozen block's is its real norm, not 0)
         self.params = list(model.parameters())
@@ -73,7 +80,7 @@ class Watcher:
         self.layout = Layout(len(self.blocks))
         self.device = self.params[0].device
         self.rank, self.world = distributed.world()
-        self.flush_every, self.skip, self.hook_optimizer = flush_every, skip, hook_optimizer
+        self.flush_every, self.skip, self.hook_optimizer = flush_every, check_skip(skip), hook_optimizer
         n = len(self.blocks)
         self.owner = [b if b >= 0 else n for b in block_of(self.params, self.blocks)]
         copies = [distributed.local(p)[1] for p in self.params]

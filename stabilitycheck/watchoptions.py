@@ -46,6 +46,32 @@ def check_arguments(model: Any, optimizer: Any, rule: Any, report: Any, scaler: 
         raise UsageError(f"watch: scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
 
 
+def check_blocks(model: nn.Module, blocks: Any) -> tuple[tuple[str, nn.Module], ...]:
+    """`blocks` as (name, module) pairs of the model's own submodules, input side first."""
+    pairs = tuple(tuple(pair) if isinstance(pair, list) else pair for pair in blocks)
+    owned = {id(m) for m in model.modules()}
+    for pair in pairs:
+        if not (
+            isinstance(pair, tuple)
+            and len(pair) == 2
+            and isinstance(pair[0], str)
+            and isinstance(pair[1], nn.Module)
+            and id(pair[1]) in owned
+        ):
+            raise UsageError(
+                f"watch: blocks must be (name, module) pairs of the model's own submodules, input side "
+                f"first, got {pair!r}; e.g. blocks=[(f'blocks.{{i}}', b) for i, b in enumerate(model.blocks)]"
+            )
+    return pairs
+
+
+def check_skip(skip: Any) -> bool:
+    """skip= as a bool (True or False, not a truthy string)."""
+    if not isinstance(skip, bool):
+        raise UsageError(f"watch: skip must be True or False, got {skip!r}")
+    return skip
+
+
 def check_modes(
     model: nn.Module,
     world: int,
@@ -89,6 +115,10 @@ def check_loss(loss: Any) -> torch.Tensor:
     if not isinstance(loss, torch.Tensor):
         raise UsageError(
             f"watch: w.loss() takes the loss tensor, got {type(loss).__name__}; pass `loss`, not loss.item()"
+        )
+    if not loss.is_floating_point():
+        raise UsageError(
+            f"watch: w.loss() takes the float loss that backward() is called on, got a {loss.dtype} tensor"
         )
     if loss.numel() != 1:
         raise UsageError(

@@ -46,6 +46,11 @@ def check_loadable(compute_loss: Any) -> str | None:
 def check_replayable(model: nn.Module, compute_loss: Any) -> None:
     """Refuse, when watch() starts, a bundle `stabilitycheck replay` could not load: compute_loss or a
     class of the model's modules (torch.save pickles them by name) not loadable (`check_loadable`)."""
+    if not callable(compute_loss):
+        raise UsageError(
+            f"watch: compute_loss must be a function fn(model, batch) -> loss, got {compute_loss!r}; pass "
+            "the function itself (a module-level one), not its name"
+        )
     why = check_loadable(compute_loss)
     if why is not None:
         raise UsageError(

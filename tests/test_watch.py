@@ -267,6 +267,14 @@ BAD = [  # (arguments, options, what the message says)
     (("model", "opt"), {"rule": {"window": 10}}, "rule must be a stabilitycheck.spikes.SpikeRule"),
     (("model", "opt"), {"report": "stderr"}, "report must be a text stream"),
     (("model", "opt"), {"scaler": 2.0**16}, "scaler must be a torch.amp.GradScaler"),
+    (("model", "opt"), {"skip": "yes"}, "skip must be True or False, got 'yes'"),
+    (("model", "opt"), {"blocks": ["blocks.0"]}, "blocks must be (name, module) pairs"),
+    (("model", "opt"), {"blocks": [("x", torch.nn.Linear(2, 2))]}, "of the model's own submodules"),
+    (
+        ("model", "opt"),
+        {"bundle": "b", "compute_loss": "compute_loss"},
+        "compute_loss must be a function fn(model, batch) -> loss, got 'compute_loss'",
+    ),
 ]
 
 
@@ -281,6 +289,17 @@ def test_wrong_arguments_are_one_line_usage_errors_when_watch_starts(
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
+def test_blocks_given_as_modules_alone_are_a_usage_error() -> None:
+    """blocks=[module] (no names) raised 'too many values to unpack' from deep inside."""
+    model = MLP(depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(UsageError, match="blocks must be \\(name, module\\) pairs"):
+        watch(model, opt, blocks=[model.blocks[0]])  # type: ignore[list-item]
+    w = watch(model, opt, blocks=[["blocks.0", model.blocks[0]]], report=None)  # type: ignore[list-item]
+    assert w.names == ["blocks.0"]
+    w.close()
+
+
 def test_a_bad_loss_and_a_second_run_of_a_watcher_are_usage_errors() -> None:
     torch.manual_seed(0)
     model = MLP(depth=2)
@@ -292,6 +311,9 @@ def test_a_bad_loss_and_a_second_run_of_a_watcher_are_usage_errors() -> None:
             w.loss(per_sample.mean().item())  # type: ignore[arg-type]
         with pytest.raises(UsageError, match=r"the scalar loss, got shape \(32,\)"):
             w.loss(per_sample)
+        for wrong in (torch.tensor(3), torch.tensor(True)):
+            with pytest.raises(UsageError, match="takes the float loss that backward"):
+                w.loss(wrong)
         w.loss(per_sample.mean())
         per_sample.mean().backward()
         opt.step()

@@ -161,8 +161,8 @@ def test_an_edited_meta_json_or_a_negative_rtol_is_a_one_line_usage_error(
     tmp_path: Path, capsys: object
 ) -> None:
     """meta.json without `step`, with a step that is not an integer, with fewer values than the step
-    measures, with a value that is not a number, or not an object; --rtol below 0 or NaN: exit 2 and
-    one line, never the internal error (exit 3)."""
+    measures, with a value that is not a number, or not an object; --rtol below 0 or NaN; a data.pt
+    that is garbage, empty or cut short: exit 2 and one line, never the internal error (exit 3)."""
     _bundle(tmp_path / "bundle")
     meta = json.loads((tmp_path / "bundle" / "meta.json").read_text())
     edits = [
@@ -184,6 +184,13 @@ def test_an_edited_meta_json_or_a_negative_rtol_is_a_one_line_usage_error(
         err = capsys.readouterr().err  # type: ignore[attr-defined]
         assert err.startswith("stabilitycheck: error:") and "--rtol" in err and err.count("\n") == 1
     assert main(["replay", str(tmp_path / "bundle"), "--rtol", "0"]) in (0, 1)
+    for i, data in enumerate([b"garbage\n", b"", (tmp_path / "bundle" / "data.pt").read_bytes()[:40]]):
+        bundle = tmp_path / f"data{i}"  # data.pt garbage, empty, truncated: exit 2 (garbage was 3)
+        shutil.copytree(tmp_path / "bundle", bundle)
+        (bundle / "data.pt").write_bytes(data)
+        assert main(["replay", str(bundle)]) == 2
+        err = capsys.readouterr().err  # type: ignore[attr-defined]
+        assert err.startswith("stabilitycheck: error: replay") and err.count("\n") == 1
 
 
 def test_a_bundle_of_a_nan_step_is_strict_json_and_replays(tmp_path: Path) -> None:

@@ -157,3 +157,12 @@ def test_bad_parameters_are_refused() -> None:
         SpikeRule(window=8, warmup=9)
     with pytest.raises(ValueError, match="sigmas"):
         SpikeRule(sigmas=0)
+    # wrong types: refused here, not at the first flush of a training run (window=64.5 passed every
+    # check and raised a TypeError from torch.zeros at step 49, losing the log)
+    for wrong, name in (
+        ({"window": 64.5}, "window"),
+        ({"warmup": "8"}, "warmup"),
+        ({"sigmas": "6"}, "sigmas"),
+    ):
+        with pytest.raises(ValueError, match=f"SpikeRule needs .*{name}"):
+            SpikeRule(**wrong)  # type: ignore[arg-type]
