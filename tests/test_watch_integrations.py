@@ -74,7 +74,7 @@ class HFModel(nn.Module):
         return result
 
 
-def _hf_trainer(model: nn.Module, callback: Any, tmp_path: Any) -> Any:
+def _hf_trainer(model: nn.Module, callback: Any, tmp_path: Any, **arguments: Any) -> Any:
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     x, y = _data()
@@ -90,6 +90,7 @@ def _hf_trainer(model: nn.Module, callback: Any, tmp_path: Any) -> Any:
         logging_strategy="no",
         dataloader_num_workers=0,
         disable_tqdm=True,
+        **arguments,
     )
     return transformers.Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback])
 
@@ -107,6 +108,25 @@ def test_hf_trainer_names_the_planted_fault(tmp_path: Any) -> None:
     first = callback.report.first_spike
     assert first is not None, callback.report.text()
     assert (first.step, first.tensor, first.block) == (AT, "activation", f"net.blocks.{BLOCK}")
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_hf_trainer_losses_are_what_went_into_backward(tmp_path: Any, accumulation: int) -> None:
+    """Oracle: Trainer's own training_loss, the mean over steps of each step's loss as backward got
+    it (each micro-batch's divided by the accumulation steps). The log's losses average to it; with 2
+    micro-batches a step they were each micro-batch's undivided loss summed (2x)."""
+    pytest.importorskip("transformers")
+    import json
+
+    from stabilitycheck.integrations.hf import WatchCallback
+
+    torch.manual_seed(0)
+    callback = WatchCallback(report=None, log=tmp_path / "w.jsonl")
+    trainer = _hf_trainer(HFModel(), callback, tmp_path, gradient_accumulation_steps=accumulation)
+    out = trainer.train()
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "w.jsonl").read_text().splitlines()]
+    assert len(losses) == STEPS
+    assert sum(losses) / STEPS == pytest.approx(out.training_loss, rel=1e-5)
 
 
 def test_hf_train_that_raises_is_closed_by_the_callback_as_a_context_manager(tmp_path: Any) -> None:

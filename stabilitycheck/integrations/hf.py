@@ -1,7 +1,10 @@
 """`WatchCallback` for the Hugging Face Trainer (extra `hf`): the watcher from `on_train_begin` to
-`on_train_end`. The loss is read from the model's output (`output.loss`, as Trainer computes it when
-the batch has labels); the step is closed in `on_pre_optimizer_step`, which Trainer calls after
-its gradient clipping, so the weight-gradient norms are the clipped ones (the activation norms and
+`on_train_end`. The loss is the model's output (`output.loss`, as Trainer computes it when the batch
+has labels) as it went into backward(): times the gradient that reaches it, so Trainer's division
+by the accumulation steps (or not, where the model normalises over the accumulated batch) is
+followed, the GradScaler's loss scale divided out, and a forward that no backward follows (an
+evaluation with labels) adds nothing. The step is closed in `on_pre_optimizer_step`, which Trainer
+calls after its gradient clipping, so the weight-gradient norms are the clipped ones (the activation norms and
 their gradients are not affected by clipping).
 
 Trainer has no callback event for a failed train() (transformers' TrainerCallback has none), so a
@@ -33,21 +36,30 @@ class WatchCallback(TrainerCallback):  # type: ignore[misc, unused-ignore]  # un
         self.watcher: Watcher | None = None
         self.report: Report | None = None
         self._handle: Any = None
+        self._parts: list[torch.Tensor] = []  # this step's losses as they went into backward()
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         model: nn.Module = kwargs["model"]
-        optimizer = kwargs.get("optimizer")
-        optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch one
-        self.watcher = Watcher(model, optimizer, hook_optimizer=False, **self.options).__enter__()
+        wrapper = kwargs.get("optimizer")
+        optimizer = getattr(wrapper, "optimizer", wrapper)  # accelerate's wrapper holds the torch one
+        options = {"scaler": getattr(wrapper, "scaler", None), **self.options}  # accelerate's, if any
+        self.watcher = Watcher(model, optimizer, hook_optimizer=False, **options).__enter__()
         self._handle = model.register_forward_hook(self._on_output)
 
     def _on_output(self, module: nn.Module, args: Any, output: Any) -> None:
         loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
         if self.watcher is not None and isinstance(loss, torch.Tensor) and loss.requires_grad:
-            self.watcher.loss(loss)
+            value = loss.detach()
+            loss.register_hook(lambda grad: self._parts.append(value * grad))
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.watcher is not None:
+            if self._parts:
+                total = torch.stack(self._parts).sum()
+                scaler = self.watcher.scaler
+                scale = scaler._get_scale_async() if scaler is not None else None
+                self.watcher.loss(total / scale if scale is not None else total)
+                self._parts = []
             self.watcher.before_step()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
