@@ -94,7 +94,8 @@ def _check_meta(path: Path, meta: dict[str, Any]) -> None:
 
 
 def replay(path: Path | str) -> Replayed:
-    """Restore the model state, micro-batches and RNG of the flagged step, run it once under a watcher."""
+    """Restore the model state of the flagged step, then run its micro-batches once under a watcher,
+    each from the RNG state its forward began with."""
     import torch
 
     from stabilitycheck.subject import find_blocks
@@ -114,15 +115,14 @@ def replay(path: Path | str) -> Replayed:
     if missing:
         raise UsageError(f"replay {path}: the model has no blocks named {missing}")
     blocks = [(name, found.get(name) or modules[name]) for name in meta["blocks"]]
-    rng = data["rng"] or {}
-    if rng.get("cpu") is not None:
-        torch.set_rng_state(rng["cpu"])
-    if rng.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
     model.train()
     watcher = Watcher(model, None, blocks=blocks, report=None, flush_every=1)
     with watcher:
-        for batch, recorded in zip(data["batches"], data["losses"], strict=True):
+        for batch, recorded, rng in zip(data["batches"], data["losses"], data["rng"], strict=True):
+            if rng is not None and rng.get("cpu") is not None:
+                torch.set_rng_state(rng["cpu"])
+            if rng is not None and rng.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
             loss = _as_passed(data["compute_loss"](model, batch), recorded)
             watcher.loss(loss)
             loss.backward()

@@ -224,7 +224,7 @@ class Watcher:
 
     def _on_model_call(self, module: nn.Module, args: Any) -> None:
         if torch.is_grad_enabled() and self.snapshot is not None:
-            self.snapshot.on_call(self.step)
+            self.snapshot.on_call()
 
     def loss(self, loss: torch.Tensor, batch: Any = None) -> None:
         """Record this step's loss (summed over micro-batches) and, for a replay bundle, its batch."""

@@ -26,7 +26,7 @@ from torch import nn
 from stabilitycheck._json import strict_json
 from stabilitycheck.errors import UsageError
 
-FORMAT = "stabilitycheck-watch-bundle/2"  # 2: every micro-batch, with its loss
+FORMAT = "stabilitycheck-watch-bundle/3"  # 2: every micro-batch, with its loss; 3: and its RNG state
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
@@ -104,19 +104,22 @@ class Snapshot:
         self.kept = [torch.zeros_like(t) for t in self.tensors]
         device = self.tensors[0].device
         self.have = torch.zeros((), dtype=torch.bool, device=device)
-        self.batches: dict[int, list[tuple[Any, torch.Tensor]]] = {}
-        self.rng: dict[int, dict[str, Any]] = {}
+        self.batches: dict[int, list[tuple[Any, torch.Tensor, dict[str, Any] | None]]] = {}
+        self._rng: dict[str, Any] | None = None  # at the first model call since the last micro-batch
         self.written = False
 
-    def on_call(self, step: int) -> None:
-        """The RNG state at the step's first model call (what the replay restores)."""
-        if step not in self.rng:
+    def on_call(self) -> None:
+        """The RNG state at the first model call of a micro-batch (what the replay restores before
+        it: the loop may draw random numbers between micro-batches, batches or augmentations)."""
+        if self._rng is None:
             cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-            self.rng[step] = {"cpu": torch.get_rng_state(), "cuda": cuda}
+            self._rng = {"cpu": torch.get_rng_state(), "cuda": cuda}
 
     def on_batch(self, step: int, batch: Any, loss: torch.Tensor) -> None:
-        """One micro-batch of the step (None when not given) and the loss passed for it (detached)."""
-        self.batches.setdefault(step, []).append((batch, loss))
+        """One micro-batch of the step (None when not given), the loss passed for it (detached) and
+        the RNG state its forward began with."""
+        self.batches.setdefault(step, []).append((batch, loss, self._rng))
+        self._rng = None
 
     def on_flag(self, flagged: torch.Tensor) -> None:
         """Keep `prev` when this is the first flagged step (decided on the device)."""
@@ -127,6 +130,7 @@ class Snapshot:
 
     def after_update(self) -> None:
         torch._foreach_copy_(self.prev, [t.detach() for t in self.tensors])
+        self._rng = None  # a model call no micro-batch followed (an evaluation) starts nothing
 
     def write_if_flagged(
         self, flagged: int | None, first: int, n: int, values: list[float], blocks: list[str]
@@ -142,9 +146,8 @@ class Snapshot:
                     f"({type(exc).__name__}: {exc}); training goes on without it",
                     stacklevel=2,
                 )
-        for store in (self.batches, self.rng):
-            for step in [s for s in store if s < first + n]:
-                del store[step]
+        for step in [s for s in self.batches if s < first + n]:
+            del self.batches[step]
 
     def _write(self, step: int, values: list[float], blocks: list[str]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -157,15 +160,15 @@ class Snapshot:
             "blocks": blocks,
             "values": values,
             "import_roots": sorted(r for r in roots if r is not None),
-            "has_batch": bool(micro) and all(batch is not None for batch, _ in micro),
+            "has_batch": bool(micro) and all(batch is not None for batch, _, _ in micro),
             "micro_batches": len(micro),
         }
         data = {
             "model": self.model,
             "state": [t.detach().clone() for t in self.kept],
-            "batches": [batch for batch, _ in micro],
-            "losses": [loss.cpu() for _, loss in micro],
-            "rng": self.rng.get(step),
+            "batches": [batch for batch, _, _ in micro],
+            "losses": [loss.cpu() for _, loss, _ in micro],
+            "rng": [rng for _, _, rng in micro],
             "compute_loss": self.compute_loss,
         }
         partial = self.path / "data.pt.partial"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from watch_models import PreNorm, batch, compute_loss, report_of, train
+from watch_models import Dropped, PreNorm, batch, compute_loss, report_of, train
 
 from stabilitycheck import watchstate
 from stabilitycheck.cli import main
@@ -116,6 +116,29 @@ def test_a_step_of_micro_batches_is_replayed_whole(tmp_path: Path, micro: int, d
     assert result.mismatches(1e-6) == []
     assert sum(math.isfinite(v) and v > 0 for v in result.replayed) > 10
     assert main(["replay", str(tmp_path / "b")]) == 0
+
+
+def test_micro_batches_drawn_with_the_global_rng_replay_with_dropout(tmp_path: Path) -> None:
+    """Oracle: the training step's own norms. Dropout, 4 micro-batches a step, each drawn with the
+    global RNG between the forwards (torch.randn in the loop): each micro-batch's forward is replayed
+    from the RNG state it began with (the step's first alone gave differences of 0.7)."""
+    torch.manual_seed(0)
+    model = Dropped()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with watch(model, opt, bundle=tmp_path / "b", compute_loss=compute_loss, report=None) as w:
+        for step in range(44):
+            opt.zero_grad()
+            for k in range(4):
+                x, y = torch.randn(8, 16), torch.randn(8)
+                x = x * 1000.0 if (step, k) == (40, 2) else x
+                loss = compute_loss(model, (x, y)) / 4
+                w.loss(loss, batch=(x, y))
+                loss.backward()
+            opt.step()
+    first = report_of(w).first_spike
+    assert first is not None and first.step == 40
+    result = replay(tmp_path / "b")
+    assert result.mismatches(1e-6) == []
 
 
 class Local(nn.Module):

@@ -28,6 +28,16 @@ class MLP(nn.Module):
         return self.head(x).squeeze(-1).mean(-1) if x.dim() == 3 else self.head(x).squeeze(-1)
 
 
+class Dropped(MLP):
+    """The MLP with dropout after each block: its forward draws from the global RNG."""
+
+    def __init__(self, depth: int = 4, p: float = 0.2) -> None:
+        super().__init__(depth)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh(), nn.Dropout(p)) for _ in range(depth)
+        )
+
+
 class PreNorm(nn.Module):
     """A pre-norm transformer encoder (no dropout) on (batch, seq, width) inputs, a linear head."""
 
