@@ -366,6 +366,10 @@ def search(
             found = hypothesis_phase(prober, max_examples, seed, database)
         if found is None and top:
             found = space.top()  # Hypothesis missed a corner region
+        if found is None and not top and (stable := prober.largest_stable()) is not None:
+            # the point a stable row stands on is judged on the full rule, as the top corner is
+            # (which may be skipped: the model rejecting its largest knob values)
+            found = stable if prober.explodes(stable) else None
         if found is not None:
             found = canonical(prober, found)
             unjudged = _unjudged(prober, found)

@@ -185,6 +185,24 @@ def test_nonfinite_model_is_a_finding(capsys: pytest.CaptureFixture[str], name: 
     assert "Traceback" not in err and "error" not in err
 
 
+def test_a_stable_row_is_judged_on_every_seed_where_the_top_corner_is_skipped(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The model rejects widths above 20 (its top corner is skipped) and makes NaN in most seeds but
+    the first: the first seed alone read stable everywhere, and the row said 'stable (tried up to
+    width=20)' on that one seed, exit 0. Oracle: assess at width 20 over the seeds, nonfinite."""
+    from stabilitycheck.config import Config
+    from stabilitycheck.seeds import assess
+
+    path = f"{FILES}/nan_some_seeds_top_rejected.py"
+    oracle = assess(Config.of(f"{ROOT / path}:build", width=20))
+    assert oracle.exploded and "nonfinite" in oracle.verdict.names
+    code, out, err = run(capsys, path, *FAST)
+    assert code == 1, err
+    (row,) = assert_header(out)
+    assert columns(row)[4] == "nonfinite" and not columns(row)[3].startswith("stable")
+
+
 # --- model-file errors: exit 2, one line on stderr, no traceback ---------------------------------
 
 
