@@ -65,7 +65,7 @@ def _number(kind: type, lo: float, hi: float = math.inf, open_lo: bool = False) 
             raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
         ok = math.isfinite(value) and (value > lo if open_lo else value >= lo) and value <= hi
         if not ok:
-            span = f"{'(' if open_lo else '['}{lo:g}, {hi:g}]"
+            span = f"{'(' if open_lo else '['}{lo:g}, {hi:g}{']' if math.isfinite(hi) else ')'}"
             raise argparse.ArgumentTypeError(f"must be a finite number in {span}, got {text}")
         return value
 
@@ -78,6 +78,18 @@ _positive = _number(float, 0, open_lo=True)
 
 def _limit(text: str) -> float | None:
     return None if text.lower() == "off" else _positive(text)
+
+
+def _ratio_limit(text: str) -> float | None:
+    """A limit on a ratio that grows when training goes wrong (growth, final/initial loss, 1/growth
+    for vanishing): `off`, or a number >= 1 (below 1 a shrinking gradient or a falling loss fires)."""
+    value = _limit(text)
+    if value is not None and value < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be >= 1 (or off), got {text}: it bounds a ratio that grows when training goes wrong, "
+            "so below 1 a shrinking gradient or a falling loss would fire"
+        )
+    return value
 
 
 class _StepLimit(argparse.Action):
@@ -93,10 +105,12 @@ class _StepLimit(argparse.Action):
 def add_limits(p: argparse.ArgumentParser) -> None:
     """The limits the search and the map share: grad norm, growth and divergence (X or off)."""
     p.add_argument("--grad-norm-limit", type=_limit, default=1e3, help="peak total grad norm (1e3; off)")
-    p.add_argument("--growth-limit", type=_limit, default=1e2, help="input/output grad growth (1e2; off)")
+    p.add_argument(
+        "--growth-limit", type=_ratio_limit, default=1e2, help="input/output grad growth (1e2; off)"
+    )
     p.add_argument(
         "--divergence-limit",
-        type=_limit,
+        type=_ratio_limit,
         default=2.0,
         action=_StepLimit,
         help="final/initial loss (2; off; needs --steps)",
@@ -199,7 +213,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", type=_positive, help="clip the total gradient norm during steps")
     add_limits(p)
     p.add_argument(
-        "--vanishing-limit", type=_limit, default=None, help="growth below 1/X fails (default off)"
+        "--vanishing-limit", type=_ratio_limit, default=None, help="growth below 1/X fails (default off)"
     )
     p.add_argument(
         "--stall-limit",
