@@ -90,7 +90,9 @@ def row(result: SearchResult) -> list[str]:
         result.space.label,
         run.device,
         precision,
-        knobs(result, cx.config) + (" (vanishes)" if j.verdict.how == "vanishes" else "") + interrupted,
+        (knobs(result, cx.config) or "its one configuration (every knob fixed)")
+        + (" (vanishes)" if j.verdict.how == "vanishes" else "")
+        + interrupted,
         (j.verdict.criteria[0].describe() if j.verdict.criteria else "-") + skipped,
         _spread(j),
         j.kind.describe(),

@@ -451,6 +451,10 @@ def test_the_cli_judges_only_the_fixed_value_and_a_knob_given_twice_is_a_usage_e
         ["mlp", "--knob", "depth=2", "--knob", "init_scale=1.0", "--database", "none"], capsys
     )
     assert code == cli.EXIT_OK and "stable (its one configuration: every knob fixed)" in out, err
+    code, out, err = _run(  # exploding there: the cell was empty
+        ["mlp", "--knob", "depth=30", "--knob", "init_scale=4.0", "--database", "none"], capsys
+    )
+    assert code == cli.EXIT_FOUND and "its one configuration (every knob fixed)" in out.splitlines()[2], err
 
 
 @pytest.mark.parametrize(
