@@ -62,8 +62,13 @@ def row(result: SearchResult) -> list[str]:
         stable = "stable " + (
             f"(tried up to {tried})" if tried else "(its one configuration: every knob fixed)"
         )
-        if result.interrupted:
-            stable = f"interrupted, {stable}" if result.largest_stable else "interrupted before any verdict"
+        if result.interrupted and result.largest_stable is None:
+            stable = "interrupted before any verdict"
+        elif result.interrupted:  # the point may be judged on the screen's seed alone: say so
+            alone = j is not None and len(j.seeds) == 1 and run.seeds > 1
+            stable = "interrupted, " + (
+                stable.replace("stable", "stable on one seed so far", 1) if alone else stable
+            )
         return [
             result.space.label,
             run.device,

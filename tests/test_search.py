@@ -260,3 +260,23 @@ def test_the_profile_line_gives_its_first_and_last_values_as_they_are() -> None:
     m = dataclasses.replace(j.measurement, activation_grad_norms=(math.nan, 0.5, 0.139))
     line = report.profile(dataclasses.replace(j, measurement=m))
     assert line.endswith("first .. last: nan .. 0.139") and "!" in line
+
+
+def test_an_interrupted_stable_row_says_when_it_stands_on_one_seed() -> None:
+    """Ctrl-C before any explosion: the largest stable point seen was judged on the screen's seed
+    alone, and the row said 'interrupted, stable (tried up to ...)' beside '1 (0 exploded)'. It says
+    'stable on one seed so far' where the judgement it shows has one seed of a larger budget."""
+    space = Space(
+        "mlp", Config.of("mlp", width=8, batch_size=4, init_scale=1.0), (Axis.range("depth", 1, 40),)
+    )
+    calls = []
+
+    def progress(line: str) -> None:
+        calls.append(line)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    result = search(space, max_examples=20, progress=progress)
+    j = result.largest_stable_judgement
+    assert result.interrupted and result.counterexample is None and j is not None and len(j.seeds) == 1
+    assert report.row(result)[3].startswith("interrupted, stable on one seed so far (tried up to depth=")
