@@ -16,6 +16,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
+from stabilitycheck._gc import in_gc_callback
 from stabilitycheck._options import EXIT_FOUND as EXIT_FOUND  # `X as X`: re-exported, these were defined here
 from stabilitycheck._options import EXIT_INTERNAL as EXIT_INTERNAL
 from stabilitycheck._options import EXIT_INTERRUPTED as EXIT_INTERRUPTED
@@ -246,7 +247,8 @@ callback or a __del__ is printed and dropped, so the search checks this after ev
 
 def _on_signal(signum: int, frame: Any) -> None:
     _SIGNALLED.append(signum)
-    _stop_if_terminated()
+    if not in_gc_callback(frame):  # there a KeyboardInterrupt is printed as a traceback and dropped:
+        _stop_if_terminated()  # the search's check after the point raises it instead
 
 
 def _stop_if_terminated() -> None:

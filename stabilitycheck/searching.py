@@ -13,7 +13,6 @@ full rule starts from the screen's probes."""
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import math
 import signal
@@ -30,6 +29,7 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from hypothesis.database import ExampleDatabase, InMemoryExampleDatabase
 
+from stabilitycheck._gc import in_gc_callback as _in_gc_callback
 from stabilitycheck._validation import describe, raised_at
 from stabilitycheck.canonical import Index as Index  # `X as X`: re-exported, these were defined here
 from stabilitycheck.canonical import boundary as boundary
@@ -53,16 +53,6 @@ Progress = Callable[[str], None]
 
 class ProbeTimeout(BaseException):
     """A probe ran past its time budget (a BaseException, so user code catching Exception lets it by)."""
-
-
-def _in_gc_callback(frame: Any) -> bool:
-    """Whether `frame` runs inside a gc callback (Hypothesis registers one), up its call chain."""
-    codes = {getattr(cb, "__code__", None) for cb in gc.callbacks}
-    while frame is not None:
-        if frame.f_code in codes:
-            return True
-        frame = frame.f_back
-    return False
 
 
 @contextmanager
