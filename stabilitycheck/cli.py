@@ -134,6 +134,11 @@ def _replay(args: argparse.Namespace, limits: Any) -> list[Any]:
                 None if j.exploded else j,
             )
         )
+    if not results:
+        raise UsageError(
+            f"{where}: it holds no counterexample to replay (every result in it was stable, or it is "
+            "empty); replay re-judges the exploding rows a --json file recorded"
+        )
     return results
 
 

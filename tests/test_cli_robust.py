@@ -98,7 +98,13 @@ def test_replay_never_imports_a_model_file_it_is_not_told_to(
 
 @pytest.mark.parametrize(
     ("content", "needle"),
-    [("{", "JSON"), ('{"a": 1}', "expected the list"), ('[{"counterexample": {"x": 1}}]', "no 'config'")],
+    [
+        ("{", "JSON"),
+        ('{"a": 1}', "expected the list"),
+        ('[{"counterexample": {"x": 1}}]', "no 'config'"),
+        ("[]", "holds no counterexample to replay"),  # printed a header-only table, exit 0
+        ('[{"counterexample": null}]', "holds no counterexample to replay"),
+    ],
 )
 def test_replay_json_of_the_wrong_shape_is_exit_2(
     tmp_path: Path, content: str, needle: str, capsys: pytest.CaptureFixture[str]
