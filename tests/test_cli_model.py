@@ -341,10 +341,13 @@ def test_debug_shows_the_traceback(capsys: pytest.CaptureFixture[str]) -> None:
     assert err.splitlines()[-1].startswith("stabilitycheck: error: ") and "no top-level `build`" in err
 
 
-def test_console_script_error_is_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["script", "module"])
+def test_console_script_error_is_one_line(tmp_path: Path, how: str) -> None:
+    """The console script and `python -m stabilitycheck` (which would not run) alike."""
     script = Path(sys.executable).with_name("stabilitycheck")
+    command = [str(script)] if how == "script" else [sys.executable, "-m", "stabilitycheck"]
     proc = subprocess.run(
-        [str(script), str(tmp_path / "nope.py")], capture_output=True, text=True, check=False, timeout=120
+        [*command, str(tmp_path / "nope.py")], capture_output=True, text=True, check=False, timeout=120
     )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("stabilitycheck: error: ") and proc.stderr.count("\n") == 1
