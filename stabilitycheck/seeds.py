@@ -51,25 +51,32 @@ def quantile(xs: Sequence[float], q: float) -> float:
 
 @dataclass(frozen=True)
 class Spread:
-    """min, q-quantile and max of one number over the seeds probed."""
+    """min, q-quantile and max of one number over the seeds probed; the range is over the seeds whose
+    value is a number, `nan` counts the others (NaN: the model made NaN there)."""
 
     low: float
     mid: float
     high: float
+    nan: int = 0
 
     @classmethod
     def of(cls, xs: Sequence[float], q: float) -> Spread:
-        finite = [x for x in xs if not math.isnan(x)] or [math.nan]
-        return cls(min(finite), quantile(xs, q), max(finite))
+        finite = [x for x in xs if not math.isnan(x)]
+        return cls(
+            min(finite or [math.nan]), quantile(xs, q), max(finite or [math.nan]), len(xs) - len(finite)
+        )
 
     @classmethod
     def from_dict(cls, d: dict[str, float | None]) -> Spread:
         """Inverse of vars(spread); null (how strict JSON writes NaN) is NaN."""
-        return cls(*(math.nan if (x := d[k]) is None else x for k in ("low", "mid", "high")))
+        low, mid, high = (math.nan if (x := d[k]) is None else x for k in ("low", "mid", "high"))
+        return cls(low, mid, high, int(d.get("nan") or 0))
 
     def describe(self) -> str:
-        """'36 (18-126)': the quantile (nearest rank: over 2 seeds the lower), then the range over seeds."""
-        return f"{self.mid:.3g} ({self.low:.3g}-{self.high:.3g})"
+        """'36 (18-126)': the quantile (nearest rank: over 2 seeds the lower), then the range over seeds;
+        'nan (0.329-0.329, 3 NaN)' where some seeds' values are NaN (the range is over the others)."""
+        others = f", {self.nan} NaN" if self.nan and not math.isnan(self.low) else ""
+        return f"{self.mid:.3g} ({self.low:.3g}-{self.high:.3g}{others})"
 
 
 @dataclass(frozen=True)

@@ -441,3 +441,13 @@ def test_the_typical_stack_keeps_a_junction_between_chains() -> None:
         typical += kind_of(joined, growths, 0.5).kind != "exponential"
         per_seed += classify([fit_growth(g) for g in joined], growths, 0.5).kind != "exponential"
     assert typical < 9 and per_seed > 2 * typical
+
+
+def test_a_spread_says_how_many_seeds_its_range_leaves_out() -> None:
+    """'nan (0.329-0.329), 4 (3 exploded)' showed a range over one seed as if over four: NaN values
+    are counted and said; the JSON round trip keeps the count (older JSON without it reads 0)."""
+    spread = Spread.of([math.nan, 0.329, math.nan, math.nan], 0.5)
+    assert spread.nan == 3 and spread.describe() == "nan (0.329-0.329, 3 NaN)"
+    assert Spread.from_dict(vars(spread)) == spread
+    assert Spread.from_dict({"low": 1.0, "mid": 2.0, "high": 3.0}) == Spread(1.0, 2.0, 3.0)
+    assert Spread.of([1.0, 2.0, 3.0], 0.5).describe() == "2 (1-3)"
