@@ -1,10 +1,12 @@
 """resolve(spec) -> Subject: the one place a name becomes a Subject (zoo family, model file, HF type).
 
-A model file is imported once per process: later lookups of the same file return the same Subject.
+A model file is imported once per process: later lookups of the same file return the same Subject
+(under the path as typed this time, for its label and messages).
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 from stabilitycheck.config import kind
@@ -33,8 +35,20 @@ def resolve(spec: str) -> Subject:
         given, attr = split_spec(spec)
         key = f"{Path(given).resolve()}:{attr}" if attr else str(Path(given).resolve())
         if key in _loaded:
-            return _loaded[key]
+            return _as_typed(_loaded[key], given)
         subject = load(spec)
         _loaded[key] = subject
     _loaded[spec] = _loaded[subject.name] = subject
+    return subject
+
+
+def _as_typed(subject: Subject, given: str) -> Subject:
+    """A loaded model file under the path typed this time (relative or absolute): its label and
+    messages say the path as typed (they said whichever spelling loaded it first); not run again."""
+    from stabilitycheck.modelfile.subject import ModelFile
+
+    if isinstance(subject, ModelFile) and subject.given != given:
+        twin = copy.copy(subject)
+        twin.given = given
+        return twin
     return subject

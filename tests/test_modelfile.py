@@ -454,3 +454,16 @@ def test_an_error_in_the_models_own_forward_names_its_line_and_blames_no_input()
         exc, "blocks_declared", f"blocks_declared.py:{line} in forward", "may not", kind=UsageError
     )
     assert "check that batch()" not in str(exc.value)
+
+
+def test_a_file_loaded_under_another_path_keeps_the_path_as_typed() -> None:
+    """Oracle: the spelling given. A file loaded first by its absolute path, then by a relative one,
+    was labelled with the absolute path (the first spelling) in the row that should show it as typed;
+    the module is still imported once."""
+    from stabilitycheck.subjects import resolve
+
+    relative = "examples/fixed_model.py"
+    absolute = str(Path(relative).resolve())
+    first, second = resolve(absolute), resolve(relative)
+    assert second.space().label == relative and first.space().label == absolute
+    assert second.name == first.name and second.module is first.module  # type: ignore[attr-defined]
