@@ -22,24 +22,21 @@ def resolve(spec: str) -> Subject:
         from stabilitycheck.zoo import Family
 
         return Family(spec)
-    if spec in _loaded:
-        return _loaded[spec]
     if what == "hf":
         from stabilitycheck.hf import HFModel
 
-        subject: Subject = HFModel(spec[3:])
-    else:
-        from stabilitycheck.modelfile import load
-        from stabilitycheck.modelfile.importer import split_spec
+        if spec not in _loaded:
+            _loaded[spec] = HFModel(spec[3:])
+        return _loaded[spec]
+    from stabilitycheck.modelfile import load
+    from stabilitycheck.modelfile.importer import split_spec
 
-        given, attr = split_spec(spec)
-        key = f"{Path(given).resolve()}:{attr}" if attr else str(Path(given).resolve())
-        if key in _loaded:
-            return _as_typed(_loaded[key], given)
+    given, attr = split_spec(spec)
+    key = f"{Path(given).resolve()}:{attr}" if attr else str(Path(given).resolve())
+    if key not in _loaded:
         subject = load(spec)
-        _loaded[key] = subject
-    _loaded[spec] = _loaded[subject.name] = subject
-    return subject
+        _loaded[key] = _loaded[subject.name] = subject  # by its name too: what a Config holds
+    return _as_typed(_loaded[key], given)
 
 
 def _as_typed(subject: Subject, given: str) -> Subject:
