@@ -18,6 +18,7 @@ from stabilitycheck.invariants_common import (
     _grads,
     _host,
     _named,
+    _norm_type,
     _norms,
     _positive,
     _require_finite,
@@ -43,6 +44,7 @@ def assert_clipped_norm_bounded(
     and changed nothing where the total was within max_norm."""
     __tracebackhide__ = True
     max_norm = _positive("max_norm", max_norm)
+    norm_type = _norm_type(norm_type)
     grads = _grads(parameters)
     header = f"Gradients after clipping to max_norm={max_norm:g} are not clipped correctly."
     _require_finite(
@@ -96,7 +98,8 @@ def assert_clipped_norm_bounded(
         )
     if before is None:
         return
-    if max_norm >= (total_before + 1e-6) * (1 + 4 * tol):  # torch's clip_coef saturates at 1
+    # torch's clip_coef saturates at 1; an all-zero gradient is zero after any clip
+    if total_before == 0 or max_norm >= (total_before + 1e-6) * (1 + 4 * tol):
         changed = [
             name
             for (name, g), b in zip(grads, before, strict=True)
@@ -110,7 +113,7 @@ def assert_clipped_norm_bounded(
                 f"Tensors changed: {len(changed)} / {len(grads)}; first: {changed[0]!r}",
             )
         return
-    largest = max(float(b.abs().max()) for _, b in pre) * coef if pre else 0.0
+    largest = max((float(b.abs().max()) for _, b in pre if b.numel()), default=0.0) * coef
     if total == 0 and total_before > 0 and largest >= spacing:  # else the right answer underflows to 0
         _fail(
             header,

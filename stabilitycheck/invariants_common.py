@@ -107,11 +107,18 @@ def _host(values: Sequence[torch.Tensor]) -> list[float]:
 
 
 def _norms(tensors: Sequence[torch.Tensor], ord: float = 2.0) -> list[float]:
-    """Per-tensor norms in float64 as Python floats."""
-    if not tensors:
-        return []
-    ts = [t.detach() for t in tensors]
-    return _host(list(torch._foreach_norm(ts, ord, dtype=ACC)))
+    """Per-tensor norms in float64 as Python floats; 0.0 for an empty tensor (torch's infinity norm
+    of one raises)."""
+    full = [t.detach() for t in tensors if t.numel()]
+    values = iter(_host(list(torch._foreach_norm(full, ord, dtype=ACC)))) if full else iter(())
+    return [next(values) if t.numel() else 0.0 for t in tensors]
+
+
+def _norm_type(value: object) -> float:
+    """A norm order torch's clip_grad_norm_ computes: a number > 0, or inf."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise UsageError(f"norm_type must be a number > 0 or math.inf (2.0: the L2 norm), got {value!r}")
+    return float(value)
 
 
 def _total(norms: Sequence[float], ord: float) -> float:

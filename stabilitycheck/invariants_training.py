@@ -3,6 +3,7 @@ GradScaler skips the steps whose gradients overflow."""
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, overload
@@ -17,6 +18,8 @@ from stabilitycheck.losses import Inputs, LossFn
 from stabilitycheck.measurement import Measurement
 from stabilitycheck.probing import probe, probe_module
 from stabilitycheck.recording import call_model
+
+CLEAN_RTOL = 0.01  # a clean scaled step against a plain one: scales of 2^k undo exactly
 
 
 @overload
@@ -135,17 +138,36 @@ class ScalerLike(Protocol):
     def update(self) -> Any: ...
 
 
-def _poison(params: Sequence[nn.Parameter], value: float, last: bool = False) -> str:
-    """Put `value` into the first entry of the first gradient (with `last`: the last entry of the last
-    gradient, so a scaler checking one tensor alone fails one of the two); returns that parameter's
-    index as a name."""
-    order = list(enumerate(params))
-    for i, p in reversed(order) if last else order:
-        if p.grad is not None:
-            with torch.no_grad():
-                p.grad.view(-1)[-1 if last else 0] = value
-            return str(i)
-    raise UsageError("no parameter got a gradient, so none can be made non-finite")
+def _poison(params: Sequence[nn.Parameter], value: float, target: int) -> None:
+    """Put `value` into gradient `target` (its first entry; the last entry of the last gradient)."""
+    grad = params[target].grad
+    assert grad is not None  # targets are the parameters a clean backward reaches (_reference_step)
+    with torch.no_grad():
+        grad.view(-1)[-1 if target == len(params) - 1 else 0] = value
+
+
+def _reference_step(
+    model: nn.Module,
+    inputs: Inputs,
+    loss_fn: LossFn,
+    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None,
+    lr: float,
+    seed: int,
+) -> tuple[list[torch.Tensor], list[int]]:
+    """One plain step (no scaler) of a copy of the model from its current state with a fresh
+    optimizer: the weights a correct scaler's clean step must give (scaling by the loss scale and
+    unscaling undo each other), and the indices of the parameters the backward reaches."""
+    twin = copy.deepcopy(model)
+    params = [p for p in twin.parameters() if p.requires_grad]
+    opt = optimizer(params) if optimizer is not None else torch.optim.SGD(params, lr=lr)
+    opt.zero_grad(set_to_none=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        loss = loss_fn(call_model(twin, inputs), inputs)
+    loss.backward()
+    reached = [i for i, p in enumerate(params) if p.grad is not None]
+    opt.step()
+    return [p.detach() for p in params], reached
 
 
 def assert_gradscaler_guards(
@@ -156,15 +178,18 @@ def assert_gradscaler_guards(
     *,
     optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
     lr: float = 0.01,
-    poisons: Sequence[float] = (math.inf, math.nan),
+    poisons: Sequence[float] = (math.inf, -math.inf, math.nan),
     seed: int = 0,
 ) -> None:
     """A scaler step whose gradients hold Inf or NaN (each of `poisons`, put in after backward, in the
-    first gradient, then in the last) is skipped: weights unchanged and finite, and the scale backed
-    off (when the scaler has get_scale); a clean step afterwards does update the weights. Weights
-    non-finite before any step fail as the model's finding (no step of any scaler can be judged on
-    them). Default scaler: torch.amp.GradScaler on the model's device type; default optimizer: SGD
-    at `lr`. The model's parameters and buffers are left as they were (the scaler's state is not)."""
+    first gradient and in the last; and in every gradient between, the poisons taken in turn) is
+    skipped: weights unchanged and finite, and the scale backed off (when the scaler has get_scale);
+    a clean step afterwards updates the weights as a plain step on the unscaled gradients does
+    (within 1%: a scaler that never unscales, or unscales twice, moves them by the loss scale's
+    factor). Weights non-finite before any step fail as the model's finding (no step of any scaler
+    can be judged on them). Default scaler: torch.amp.GradScaler on the model's device type; default
+    optimizer: SGD at `lr`. The model's parameters and buffers are left as they were (the scaler's
+    state is not)."""
     __tracebackhide__ = True
     with state_kept(model):
         _check_guards(model, inputs, loss_fn, scaler, optimizer, lr, poisons, seed)
@@ -191,16 +216,16 @@ def _check_guards(
     get_scale = getattr(scaler, "get_scale", None)
     kind = type(scaler).__name__
 
-    def step(poison: float | None, last: bool = False) -> str:
+    def step(poison: float | None, target: int = 0) -> None:
         opt.zero_grad(set_to_none=True)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             loss = loss_fn(call_model(model, inputs), inputs)
         scaler.scale(loss).backward()
-        where = _poison(params, poison, last) if poison is not None else ""
+        if poison is not None:
+            _poison(params, poison, target)
         scaler.step(opt)
         scaler.update()
-        return where
 
     broken = [n for n, p in named if not bool(p.detach().isfinite().all())]
     if broken:
@@ -209,10 +234,17 @@ def _check_guards(
             f"Non-finite weight tensors: {len(broken)} / {len(named)}; first: {broken[0]!r}",
             "This is the model's finding, not the scaler's: check its initialisation or loaded state.",
         )
-    for poison, last in ((poison, last) for poison in poisons for last in (False, True)):
+    # skipped steps leave the weights and a fresh optimizer as they are: the clean step's answer
+    expected, reached = _reference_step(model, inputs, loss_fn, optimizer, lr, seed)
+    if not reached:
+        raise UsageError("no parameter got a gradient, so none can be made non-finite")
+    ends = [(poison, i) for poison in poisons for i in dict.fromkeys((reached[0], reached[-1]))]
+    between = [(poisons[k % len(poisons)], i) for k, i in enumerate(reached[1:-1])]
+    for poison, target in ends + between:
         weights = [p.detach().clone() for p in params]
         scale_before = float(get_scale()) if callable(get_scale) else math.nan
-        where = named[int(step(poison, last))][0]
+        step(poison, target)
+        where = named[target][0]
         scale_after = float(get_scale()) if callable(get_scale) else math.nan
         changed = [n for (n, p), w in zip(named, weights, strict=True) if not torch.equal(p.detach(), w)]
         nonfinite = [n for n, p in named if not bool(p.detach().isfinite().all())]
@@ -245,3 +277,26 @@ def _check_guards(
             f"non-finite: {len(nonfinite)} / {len(named)}",
             "If the scaled gradients overflow, start from a smaller init_scale.",
         )
+    _check_clean_step(named, weights, expected, kind)
+
+
+def _check_clean_step(
+    named: Sequence[tuple[str, nn.Parameter]],
+    before: Sequence[torch.Tensor],
+    expected: Sequence[torch.Tensor],
+    kind: str,
+) -> None:
+    """The clean step's update of each weight equals the plain step's (`_reference_step`) within
+    CLEAN_RTOL of its norm (power-of-two loss scales undo exactly; other scales round)."""
+    __tracebackhide__ = True
+    for (name, p), w, want in zip(named, before, expected, strict=True):
+        got, ref = (p.detach() - w).double(), (want.to(w.device) - w).double()
+        off, size = float((got - ref).norm()), float(ref.norm())
+        if off > CLEAN_RTOL * size + torch.finfo(w.dtype).tiny:
+            _fail(
+                f"{kind}'s clean step did not update the weights as a step on the unscaled gradients does.",
+                f"First: {name!r}: update norm {float(got.norm()):.6g}, a plain step's {size:.6g} "
+                f"(allowed: within {CLEAN_RTOL:g} of it)",
+                "A scaler must unscale the gradients (divide by the loss scale) once before the "
+                "optimizer steps",
+            )

@@ -121,6 +121,54 @@ class FirstGradOnlyScaler(UnguardedScaler):
         super().step(optimizer)
 
 
+class _Guarded(UnguardedScaler):
+    """Skips (and backs off) where `bad` finds a gradient to refuse; `unscale` divides the rest."""
+
+    def bad(self, grads: list[torch.Tensor]) -> bool:
+        return any(not bool(g.isfinite().all()) for g in grads)
+
+    def unscale(self, grads: list[torch.Tensor]) -> None:
+        for g in grads:
+            g.div_(self._scale)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if self.bad(grads):
+            self._scale /= 2.0
+            return
+        self.unscale(grads)
+        optimizer.step()
+
+
+class NeverUnscalesScaler(_Guarded):
+    """Guards correctly but steps on the scaled gradients (x65536 the update)."""
+
+    def unscale(self, grads: list[torch.Tensor]) -> None:
+        pass
+
+
+class UnscalesTwiceScaler(_Guarded):
+    """Guards correctly but divides by the scale twice (an unscale_() then step() that unscales again)."""
+
+    def unscale(self, grads: list[torch.Tensor]) -> None:
+        for g in grads:
+            g.div_(self._scale * self._scale)
+
+
+class WeightsOnlyScaler(_Guarded):
+    """Checks only the gradients of matrices (dim >= 2): a NaN in a bias is stepped on."""
+
+    def bad(self, grads: list[torch.Tensor]) -> bool:
+        return super().bad([g for g in grads if g.dim() >= 2])
+
+
+class PositiveInfScaler(_Guarded):
+    """Checks `== inf` and `isnan` where `isfinite` was meant: -Inf is stepped on."""
+
+    def bad(self, grads: list[torch.Tensor]) -> bool:
+        return any(bool((g == math.inf).any() or g.isnan().any()) for g in grads)
+
+
 class NeverStepsScaler(UnguardedScaler):
     """Guards against Inf by never stepping at all (and still backs off the scale)."""
 

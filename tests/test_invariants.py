@@ -354,7 +354,17 @@ def test_gradscaler_guards_pass_for_torch_gradscaler() -> None:
     assert_gradscaler_guards(b.model, b.inputs, b.loss_fn)  # torch.amp.GradScaler("cpu")
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     assert_gradscaler_guards(b.model, b.inputs, b.loss_fn, scaler)
-    assert scaler.get_scale() == 64.0  # backed off once per poisoned step (Inf, NaN; first, last grad)
+    n = sum(p.requires_grad for p in b.model.parameters())
+    poisoned = 3 * 2 + n - 2  # Inf, -Inf, NaN in the first and the last gradient; one in each between
+    assert scaler.get_scale() == 1024.0 * 0.5**poisoned  # backed off once per poisoned step
+
+
+def test_gradscaler_guards_catch_a_scaler_checking_only_the_middle_tensors_it_skips() -> None:
+    """A scaler checking matrices alone steps on a NaN in a LayerNorm's bias, a tensor between the
+    first and the last (it passed: only those two were poisoned)."""
+    b = zoo("resmlp", norm="pre")
+    with pytest.raises(StabilityError, match="WeightsOnlyScaler stepped on a gradient holding"):
+        assert_gradscaler_guards(b.model, b.inputs, b.loss_fn, broken.WeightsOnlyScaler())  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -364,6 +374,9 @@ def test_gradscaler_guards_pass_for_torch_gradscaler() -> None:
         (broken.NanOnlyScaler(), "NanOnlyScaler stepped on a gradient holding inf"),
         (broken.FirstGradOnlyScaler(), "FirstGradOnlyScaler stepped on a gradient holding inf (in 'layers.3"),
         (broken.NeverStepsScaler(), "did not take a clean step (finite gradients)"),
+        (broken.NeverUnscalesScaler(), "clean step did not update the weights as a step on the unscaled"),
+        (broken.UnscalesTwiceScaler(), "clean step did not update the weights as a step on the unscaled"),
+        (broken.PositiveInfScaler(), "PositiveInfScaler stepped on a gradient holding -inf"),
         (torch.amp.GradScaler("cpu", enabled=False), "GradScaler stepped on a gradient holding inf"),
     ],
 )
@@ -615,3 +628,35 @@ def test_gradscaler_guard_leaves_the_model_as_it_was() -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert_gradscaler_guards(model, torch.randn(16, 8), lambda out, _: out.square().mean())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_clip_checks_pass_torchs_own_clips_on_empty_and_all_zero_gradients() -> None:
+    """Oracle: torch's clip_grad_norm_ and clip_grad_value_, which the checks must pass. An empty
+    gradient tensor raised RuntimeError from max() / the infinity norm; all-zero gradients with a
+    max_norm at or below torch's 1e-6 raised ZeroDivisionError (a dead-ReLU MLP under Hypothesis)."""
+    import torch.nn as nn
+
+    params = [nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(0))]
+    for norm_type in (2.0, 1.0, math.inf):
+        if norm_type != math.inf:  # torch's own infinity norm raises on the empty tensor
+            for p in params:
+                p.grad = torch.full_like(p, 3.0)
+            before = [p.grad.clone() for p in params]  # type: ignore[union-attr]
+            torch.nn.utils.clip_grad_norm_(params, 1.0, norm_type)
+            assert_clipped_norm_bounded(params, 1.0, norm_type, before=before)
+        zeros = [nn.Parameter(torch.zeros(3))]
+        zeros[0].grad = torch.zeros(3)
+        torch.nn.utils.clip_grad_norm_(zeros, 1e-6, norm_type)
+        assert_clipped_norm_bounded(zeros, 1e-6, norm_type, before=[torch.zeros(3)])
+    for p in params:
+        p.grad = torch.full_like(p, 3.0)
+    torch.nn.utils.clip_grad_value_(params, 1.0)
+    assert_clipped_value_bounded(params, 1.0)
+
+
+@pytest.mark.parametrize("norm_type", [math.nan, "fro", -1.0, 0.0, True])
+def test_a_norm_type_torch_cannot_clip_by_is_a_usage_error(norm_type: object) -> None:
+    """NaN passed anything (every comparison with it is false); 'fro' raised from _foreach_norm."""
+    grads = [torch.full((3,), 100.0)]
+    with pytest.raises(UsageError, match=r"norm_type must be a number > 0 or math\.inf"):
+        assert_clipped_norm_bounded(grads, 1.0, norm_type, before=[g.clone() for g in grads])  # type: ignore[arg-type]
