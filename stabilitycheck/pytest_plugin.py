@@ -72,6 +72,7 @@ class _State:
     findings: list[Finding] = field(default_factory=list)
     seen: set[tuple[str, str]] = field(default_factory=set)
     previous_profile: str | None = None
+    profile: str | None = None  # --stability-profile, as given (a reproduction line repeats it)
     current: str = ""  # the node id of the test running now (stability_record names its findings by it)
 
     def add(self, f: Finding | None) -> bool:
@@ -144,6 +145,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
         from stabilitycheck.strategies import load_profile
 
+        state.profile = profile
         state.previous_profile = settings.get_current_profile_name()
         load_profile(profile)
     config.stash[_STATE] = state
@@ -277,6 +279,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             state.add(finding(cx, item.nodeid, knobs=getattr(exc, "stability_knobs", None)))
             continue
         seed = f" {PREFIX}seed={state.seed}" if state.seed_all else ""
+        seed += f" {PREFIX}profile={state.profile}" if state.profile is not None else ""  # its examples
         again = f"pytest {shlex.quote(item.nodeid)}{seed}  # the test's own assertion, on this config"
         for c in _failing_configs(exc, codes):
             state.add(finding(c, item.nodeid, failure=_failure_text(exc), reproduce=again))

@@ -136,6 +136,21 @@ def test_a_long_failure_is_cut_in_the_table_and_kept_whole_below_it_and_in_the_r
     assert found.failure in below
 
 
+def test_the_reproduction_line_repeats_the_profile(pytester: pytest.Pytester) -> None:
+    """Found under --stability-profile (its own example count), the failure's line names the profile
+    too: without it a rerun draws the default profile's examples (a failure found by 'thorough' did
+    not reproduce). Oracle: the line, run, fails on the same row."""
+    pytester.makepyfile(test_prop=GROWTH_PROPERTY)
+    result = pytester.runpytest("-p", "no:cacheprovider", "--stability-profile", "ci")
+    result.assert_outcomes(failed=1)
+    line = next(x for x in result.outlines if "pytest test_prop.py::" in x)
+    assert "--stability-profile=ci" in line and "--stability-seed=" in line
+    again = pytester.runpytest("-p", "no:cacheprovider", *line.split("#")[0].split()[1:])
+    again.assert_outcomes(failed=1)
+    row = next(x for x in result.outlines if x.startswith("1 "))
+    assert next(x for x in again.outlines if x.startswith("1 ")) == row
+
+
 def test_summary_shows_a_failing_property(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_prop=GROWTH_PROPERTY)
     result = pytester.runpytest("-p", "no:cacheprovider")
