@@ -212,6 +212,11 @@ def _check_guards(
         raise UsageError("the model has no parameters that require grad")
     if scaler is None:
         scaler = torch.amp.GradScaler(params[0].device.type)
+    if isinstance(scaler, torch.amp.GradScaler) and any(p.dtype == torch.float16 for p in params):
+        raise UsageError(
+            "the model's parameters are float16: torch.amp.GradScaler cannot unscale float16 gradients; "
+            "keep the weights float32 and run the forward under torch.autocast(dtype=torch.float16)"
+        )
     opt = optimizer(params) if optimizer is not None else torch.optim.SGD(params, lr=lr)
     get_scale = getattr(scaler, "get_scale", None)
     kind = type(scaler).__name__

@@ -660,3 +660,18 @@ def test_a_norm_type_torch_cannot_clip_by_is_a_usage_error(norm_type: object) ->
     grads = [torch.full((3,), 100.0)]
     with pytest.raises(UsageError, match=r"norm_type must be a number > 0 or math\.inf"):
         assert_clipped_norm_bounded(grads, 1.0, norm_type, before=[g.clone() for g in grads])  # type: ignore[arg-type]
+
+
+def test_gradscaler_guards_on_a_float16_model_is_a_usage_error() -> None:
+    """torch's GradScaler raises 'Attempting to unscale FP16 gradients.' on float16 parameters: the
+    check says what to do instead (float32 weights, a float16 autocast forward). Oracle: torch's own
+    GradScaler raising on the same model."""
+    model = torch.nn.Linear(4, 2).half()
+    x = torch.randn(3, 4).half()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(model(x).float().square().mean()).backward()
+    with pytest.raises(ValueError, match="FP16"):
+        scaler.step(opt)
+    with pytest.raises(UsageError, match="parameters are float16"):
+        assert_gradscaler_guards(model, x, lambda out, _: out.float().square().mean())
