@@ -43,8 +43,10 @@ class Finding:
 
     @property
     def size(self) -> float:
-        """The order of the summary: the sum of the numeric knob values shown (smallest first)."""
-        return float(sum(v for _, v in self.knobs if isinstance(v, int | float) and not isinstance(v, bool)))
+        """The order of the summary: the sum of the numeric knob values shown, the seed apart
+        (smallest first)."""
+        numbers = [v for k, v in self.knobs if k != "seed" and not isinstance(v, bool | str)]
+        return float(sum(numbers))
 
     def to_dict(self) -> dict[str, Any]:
         return {**vars(self), "knobs": [list(k) for k in self.knobs]}
@@ -67,10 +69,18 @@ def _label(config: Config) -> str:
 
 
 def _knobs(config: Config, names: tuple[str, ...] | None) -> tuple[tuple[str, Scalar], ...]:
+    """The knobs a row shows: `names` (a search's axes), else a family's size knobs and activation
+    (a linear MLP read as the default tanh without it) or a file's numeric knobs; and the seed when
+    it is not 0 (the reproduction line has every field)."""
     values = config.values
     if names is None:
-        names = SIZE_KNOBS if config.family else tuple(k for k, v in values.items() if not isinstance(v, str))
-    return tuple((n, values[n]) for n in names if n in values)
+        names = (
+            (*SIZE_KNOBS, "activation")
+            if config.family
+            else tuple(k for k, v in values.items() if not isinstance(v, str))
+        )
+    seed: tuple[tuple[str, Scalar], ...] = (("seed", config.run.seed),) if config.run.seed else ()
+    return tuple((n, values[n]) for n in names if n in values) + seed
 
 
 def _one_line(text: str) -> str:

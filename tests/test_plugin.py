@@ -111,6 +111,17 @@ def test_options_are_defined_once_for_argparse_too() -> None:
     assert parser.parse_args([]).device == "cpu"
 
 
+def test_a_finding_shows_the_activation_and_a_seed_other_than_0() -> None:
+    """A Hypothesis counterexample with activation='linear' and seed 1 printed as 'depth=3 width=8
+    init_scale=4.0', which reads as the default tanh and seed 0; the seed does not count in the size."""
+    config = Config.of("mlp", depth=3, width=8, init_scale=4.0, activation="linear", seed=1)
+    found = finding(config, "t.py::a", failure="boom")
+    assert found is not None
+    assert dict(found.knobs) == {"depth": 3, "width": 8, "init_scale": 4.0, "activation": "linear", "seed": 1}
+    assert found.size == 3 + 8 + 4.0
+    assert "depth=3 width=8 init_scale=4.0 activation=linear seed=1" in summary([found])
+
+
 def test_findings_round_trip_and_sort_smallest_first() -> None:
     small = finding(Config.of("mlp", depth=3, init_scale=2.0), "t.py::a", failure="boom")
     large = finding(Config.of("mlp", depth=30, init_scale=2.0), "t.py::b", failure="boom")
