@@ -239,6 +239,7 @@ class Log:
             row: dict[str, Any] = {
                 "step": step,
                 "loss": values[0] if self.loss_seen[step] else None,
+                "loss_passed": self.loss_seen[step],  # null above: NaN if passed, else none was
                 "grad_norm": values[parts["grad_norm"].start],
                 "skipped": scaler_skipped or (self.skip and found is not None),
                 "skipped_by": "scaler" if scaler_skipped else "watch" if self.skip and found else None,

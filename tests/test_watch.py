@@ -576,3 +576,25 @@ def test_two_forward_passes_backpropagated_together_both_count() -> None:
         opt.step()
     values = dict(zip(w.out.names, w.out.last_values, strict=True))
     assert values[("activation", "blocks.0")] == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_null_loss_in_the_log_says_whether_one_was_passed(tmp_path: Path) -> None:
+    """Strict JSON writes a NaN loss as null, as it writes a step no loss was passed for: the row's
+    loss_passed tells them apart. Oracle: what the loop passed."""
+    torch.manual_seed(0)
+    model = MLP(depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    with watch(model, opt, log=tmp_path / "w.jsonl", report=None) as w:
+        for step in range(6):
+            opt.zero_grad()
+            loss = compute_loss(model, batch(gen, model))
+            if step == 5:
+                w.loss(torch.tensor(math.nan))
+            elif step != 3:
+                w.loss(loss)
+            loss.backward()
+            opt.step()
+    rows = [json.loads(line) for line in (tmp_path / "w.jsonl").read_text().splitlines()]
+    assert [r["loss_passed"] for r in rows] == [True, True, True, False, True, True]
+    assert rows[3]["loss"] is None and rows[5]["loss"] is None and rows[0]["loss"] is not None
