@@ -347,6 +347,8 @@ class Watcher:
                     return None
             return original(*args, **kwargs)
 
+        if hasattr(original, "_wrapped_by_lr_sched"):  # an LR scheduler's wrapper, which this calls:
+            step.__dict__["_wrapped_by_lr_sched"] = True  # it warned that step() was overridden
         return step
 
     def flush(self) -> None:

@@ -598,3 +598,25 @@ def test_a_null_loss_in_the_log_says_whether_one_was_passed(tmp_path: Path) -> N
     rows = [json.loads(line) for line in (tmp_path / "w.jsonl").read_text().splitlines()]
     assert [r["loss_passed"] for r in rows] == [True, True, True, False, True, True]
     assert rows[3]["loss"] is None and rows[5]["loss"] is None and rows[0]["loss"] is not None
+
+
+def test_skip_with_a_scheduler_made_before_the_watcher_warns_nothing() -> None:
+    """skip=True on a non-fused optimizer wraps optimizer.step; an LR scheduler made before watch()
+    then warned 'optimizer.step() has been overridden after learning rate scheduler initialization',
+    though the wrapper calls the scheduler's own. The schedule still advances (oracle: the lr torch's
+    StepLR gives after 4 steps)."""
+    torch.manual_seed(0)
+    model = MLP(depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    gen = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", message="watch: skip=True with a non-fused")  # said at start
+        with watch(model, opt, skip=True, report=None):
+            for _ in range(4):
+                opt.zero_grad()
+                compute_loss(model, batch(gen, model)).backward()
+                opt.step()
+                scheduler.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
