@@ -18,6 +18,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -410,7 +411,11 @@ def check(subject: Subject, config: Config, *others: Config) -> None:
     first: UsageError | None = None
     for tried in (config, *others):
         try:
-            probe(tried.with_run(seeds=1), subject)
+            with warnings.catch_warnings(record=True) as said:  # a model's warnings on its way to an
+                warnings.simplefilter("always")  # error it runs into are that error's noise: dropped
+                probe(tried.with_run(seeds=1), subject)
+            for w in said:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             return
         except UsageError as exc:
             first = first or UsageError(f"{exc} (with {tried.describe()})")

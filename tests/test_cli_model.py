@@ -341,6 +341,23 @@ def test_debug_shows_the_traceback(capsys: pytest.CaptureFixture[str]) -> None:
     assert err.splitlines()[-1].startswith("stabilitycheck: error: ") and "no top-level `build`" in err
 
 
+def test_a_models_warnings_before_its_error_are_not_printed() -> None:
+    """`--knob width=0`: torch warns about zero-element tensors on the way to the model's own error,
+    and the warning's two lines came before the one-line error (a subprocess: pytest records warnings
+    in process)."""
+    argv = ["examples/mlp.py", "--knob", "width=0", "--database", "none"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "stabilitycheck", *argv],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("stabilitycheck: error: ") and proc.stderr.count("\n") == 1, proc.stderr
+
+
 @pytest.mark.parametrize("how", ["script", "module"])
 def test_console_script_error_is_one_line(tmp_path: Path, how: str) -> None:
     """The console script and `python -m stabilitycheck` (which would not run) alike."""
