@@ -62,18 +62,13 @@ def _bisect(explodes: Callable[[Index], bool], bad: Index, good: Index | None) -
     alone: the full rule's bisection between them, a value exploding with the one below it stable (a
     climbing seed's growth is not monotone: it overshot a model file's crossing by 4 blocks, which
     `minimize` would walk down one full verdict at a time); else `bad`."""
-    axes = [k for k, (a, b) in enumerate(zip(bad, good or bad, strict=True)) if a != b]
-    if good is None or len(axes) != 1:
+    if good is None:
+        return bad
+    axes = [k for k, (a, b) in enumerate(zip(bad, good, strict=True)) if a != b]
+    if len(axes) != 1:
         return bad
     (k,) = axes
-    lo, hi = good[k], bad[k]
-    while lo + 1 < hi:
-        mid = (lo + hi) // 2
-        if explodes(_at(list(bad), k, mid)):
-            hi = mid
-        else:
-            lo = mid
-    return _at(list(bad), k, hi)
+    return _at(list(bad), k, _first_bad(_along(explodes, list(bad), k), good[k], bad[k]))
 
 
 def _climb(prober: Explodes, guess: Index) -> Index | None:
@@ -88,13 +83,7 @@ def _climb(prober: Explodes, guess: Index) -> Index | None:
         while good < last:
             value = min(good + step, last)
             if prober.screens(_at(current, k, value)):
-                while good + 1 < value:
-                    mid = (good + value) // 2
-                    if prober.screens(_at(current, k, mid)):
-                        value = mid
-                    else:
-                        good = mid
-                return _at(current, k, value)
+                return _at(current, k, _first_bad(_along(prober.screens, current, k), good, value))
             good, step = value, step * 2
         current[k] = last
     return None
@@ -136,14 +125,19 @@ def crossing(bad: Callable[[int], bool], guess: int, top: int) -> int:
         return _settle(bad, guess)
     if guess > 0 and bad(guess - 1):
         return _settle(bad, guess - 1)
-    good, worse = guess, top  # good: known not bad; worse: known bad
+    return _settle(bad, _first_bad(bad, guess, top))
+
+
+def _first_bad(bad: Callable[[int], bool], good: int, worse: int) -> int:
+    """Bisection between `good` (bad does not hold) and `worse` (it holds): a value where bad holds
+    and not one below it (the smallest, where bad is monotone)."""
     while good + 1 < worse:
         mid = (good + worse) // 2
         if bad(mid):
             worse = mid
         else:
             good = mid
-    return _settle(bad, worse)
+    return worse
 
 
 def _settle(bad: Callable[[int], bool], value: int) -> int:
