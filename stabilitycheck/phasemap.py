@@ -16,8 +16,9 @@ from typing import Any
 
 from stabilitycheck.config import Config
 from stabilitycheck.errors import UsageError
-from stabilitycheck.seeds import Judgement, Spread, assess
+from stabilitycheck.seeds import Judgement, assess
 from stabilitycheck.space import RUN_AXES, Axis, Space
+from stabilitycheck.spread import Spread
 from stabilitycheck.staircase import Edge, trace
 from stabilitycheck.subject import Built, Subject
 from stabilitycheck.verdicts import Limits

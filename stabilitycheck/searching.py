@@ -41,9 +41,10 @@ from stabilitycheck.config import Config
 from stabilitycheck.counterexample import Counterexample as Counterexample
 from stabilitycheck.counterexample import SearchResult as SearchResult
 from stabilitycheck.errors import StabilityCheckError, UsageError, UserCodeError
+from stabilitycheck.growthkind import over_tokens
 from stabilitycheck.memory import free_memory
 from stabilitycheck.remedies import Remedy, candidates, judged_on
-from stabilitycheck.seeds import Judgement, SeedProbes, assess, over_tokens, through_time
+from stabilitycheck.seeds import Judgement, SeedProbes, assess, through_time
 from stabilitycheck.space import Space
 from stabilitycheck.subject import Subject
 from stabilitycheck.subjects import resolve

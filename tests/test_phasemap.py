@@ -28,8 +28,9 @@ from stabilitycheck._json import strict_json
 from stabilitycheck.cli import main
 from stabilitycheck.maptext import markdown, text
 from stabilitycheck.phasemap import PhaseMap, phase_map, theory
-from stabilitycheck.seeds import Spread, assess
+from stabilitycheck.seeds import assess
 from stabilitycheck.space import Axis, Space
+from stabilitycheck.spread import Spread
 from stabilitycheck.staircase import Edge, trace
 from stabilitycheck.verdicts import Limits
 from stabilitycheck.zoo import Family

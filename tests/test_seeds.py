@@ -17,21 +17,13 @@ from torch import nn
 
 from stabilitycheck.config import Config
 from stabilitycheck.culprit import culprit_of
+from stabilitycheck.growthkind import Growth, classify, fit_growth, kind_of
 from stabilitycheck.measurement import Measurement
 from stabilitycheck.probing import probe, probe_module
 from stabilitycheck.searching import search
-from stabilitycheck.seeds import (
-    Growth,
-    Spread,
-    _decided,
-    assess,
-    classify,
-    fit_growth,
-    kind_of,
-    quantile,
-    seed_of,
-)
+from stabilitycheck.seeds import _decided, assess, seed_of
 from stabilitycheck.space import Axis, Space
+from stabilitycheck.spread import Spread, quantile
 from stabilitycheck.verdicts import CRITERIA as CRITERIA_NAMES
 from stabilitycheck.verdicts import Limits
 

@@ -277,7 +277,7 @@ def test_an_encoder_decoders_growth_is_the_product_of_its_chains_growths() -> No
     chain's first over last. The ratio across (the encoder's dL/d input over the decoder's last
     output) read BART at its own init as 0.0084, 'vanishes', with every gain in 0.975-1.008. The kind
     is fitted across the junction too (it was n/a for every encoder-decoder)."""
-    from stabilitycheck.seeds import fit_growth
+    from stabilitycheck.growthkind import fit_growth
 
     torch.manual_seed(0)
     ed = _EncoderDecoder().double()
