@@ -16,7 +16,6 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from stabilitycheck._gc import in_gc_callback
 from stabilitycheck._options import EXIT_FOUND as EXIT_FOUND  # `X as X`: re-exported, these were defined here
 from stabilitycheck._options import EXIT_INTERNAL as EXIT_INTERNAL
 from stabilitycheck._options import EXIT_INTERRUPTED as EXIT_INTERRUPTED
@@ -28,6 +27,7 @@ from stabilitycheck._options import parser as parser
 from stabilitycheck._outputs import PROGRESS_EVERY as PROGRESS_EVERY
 from stabilitycheck._outputs import Outputs as Outputs
 from stabilitycheck._outputs import Progress as Progress
+from stabilitycheck.alarms import in_gc_callback
 
 
 def _devices(requested: list[list[str]]) -> list[str]:

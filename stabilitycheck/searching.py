@@ -15,23 +15,19 @@ from __future__ import annotations
 
 import hashlib
 import math
-import signal
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from hypothesis import HealthCheck, Phase, event, given, note, settings, target
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from hypothesis.database import ExampleDatabase, InMemoryExampleDatabase
 
-from stabilitycheck._gc import in_gc_callback as _in_gc_callback
 from stabilitycheck._validation import describe, raised_at
+from stabilitycheck.alarms import ProbeTimeout, time_limit
 from stabilitycheck.canonical import Index as Index  # `X as X`: re-exported, these were defined here
 from stabilitycheck.canonical import boundary as boundary
 from stabilitycheck.canonical import canonical as canonical
@@ -51,38 +47,6 @@ from stabilitycheck.subjects import resolve
 from stabilitycheck.verdicts import Limits
 
 Progress = Callable[[str], None]
-
-
-class ProbeTimeout(BaseException):
-    """A probe ran past its time budget (a BaseException, so user code catching Exception lets it by)."""
-
-
-@contextmanager
-def time_limit(seconds: float | None) -> Iterator[None]:
-    """Raise ProbeTimeout in the block after `seconds` (SIGALRM: the main thread of a Unix process;
-    elsewhere no limit is applied)."""
-    usable = (
-        seconds is not None
-        and hasattr(signal, "setitimer")
-        and threading.current_thread() is threading.main_thread()
-    )
-    if not usable:
-        yield
-        return
-
-    def expire(signum: int, frame: Any) -> None:
-        if _in_gc_callback(frame):  # an exception raised there is printed and dropped: retry just after
-            signal.setitimer(signal.ITIMER_REAL, 0.01)
-            return
-        raise ProbeTimeout
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, float(seconds or 0))
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 class Prober:

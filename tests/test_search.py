@@ -201,12 +201,12 @@ def test_the_probe_timer_never_raises_inside_a_gc_callback() -> None:
     import gc
     import sys
 
-    from stabilitycheck.searching import _in_gc_callback
+    from stabilitycheck.alarms import in_gc_callback
 
     seen: list[bool] = []
 
     def callback(phase: str, info: dict[str, int]) -> None:
-        seen.append(_in_gc_callback(sys._getframe()))
+        seen.append(in_gc_callback(sys._getframe()))
 
     gc.callbacks.append(callback)
     try:
@@ -214,7 +214,7 @@ def test_the_probe_timer_never_raises_inside_a_gc_callback() -> None:
     finally:
         gc.callbacks.remove(callback)
     assert seen and all(seen)
-    assert not _in_gc_callback(sys._getframe())
+    assert not in_gc_callback(sys._getframe())
 
 
 def test_json_report_is_strict_json_and_reads_back_nan_and_inf() -> None:
