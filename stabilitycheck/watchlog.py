@@ -179,7 +179,7 @@ class Log:
             self.host_state = self.rule.state(self.layout.n_series)
         # on a step the scaler skipped, its scaled values (the gradients) are no finding, and none of
         # them enters the window (Layout.scaled)
-        off = off.unsqueeze(1) & torch.tensor(self.layout.scaled())
+        off = off.unsqueeze(1) & torch.tensor(self.scaled)
         judged = self.rule.update_many(self.host_state, torch.where(off, torch.nan, series))
         flags = (judged.flags & ~off).tolist()
         means, thresholds = judged.mean.tolist(), judged.threshold.tolist()
