@@ -76,6 +76,7 @@ class _Step:
     weights: list[float]
     calls: tuple[str, ...]
     breaks: frozenset[int]  # calls (positions in `calls`) that start a new chain: no gain across
+    unreached: frozenset[int]  # calls whose output the loss does not depend on: no gradient, no gain
     forward: list[float]
     backward: list[float]
     scale: float = 1.0
@@ -159,24 +160,35 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         weights=host[g + n + r :],
         calls=run.rec.call_names(run.names) if hooks else (),
         breaks=frozenset(run.rec.breaks) if hooks else frozenset(),
+        unreached=frozenset(range(n)) - frozenset(reached),
         forward=host[g : g + n],
         backward=_scatter(host[g + n : g + n + r], reached, n),
         finite=math.isfinite(loss_value + sum(host)),
     )
 
 
-def _growth(act: Sequence[float], breaks: frozenset[int]) -> float:
+def _growth(act: Sequence[float], breaks: frozenset[int], unreached: frozenset[int] = frozenset()) -> float:
     """The first over the last output-gradient norm, the product of the gains; across a junction where
     a new chain starts (a decoder after its encoder) no gain is taken, so each chain's own growth
     (its first over its last) multiplies: the ratio across would read the encoder's dL/d input against
-    the decoder's last output."""
-    if not act:
-        return 1.0
+    the decoder's last output. Outputs the loss does not depend on (`unreached`: a block computed only
+    for logging) have no gradient, not a zero one, and are left out."""
     starts = [0, *sorted(b for b in breaks if 0 < b < len(act)), len(act)]
     growth = 1.0
     for a, b in itertools.pairwise(starts):
-        growth *= ratio(act[a], act[b - 1])
+        chain = [act[i] for i in range(a, b) if i not in unreached]
+        if chain:
+            growth *= ratio(chain[0], chain[-1])
     return growth
+
+
+def _gains(act: Sequence[float], breaks: frozenset[int], unreached: frozenset[int]) -> tuple[float, ...]:
+    """The backward gain of each entry's block after the first, act[i] / act[i + 1]: NaN across a
+    junction (`breaks`) and next to an output no gradient reached (there is no gain to take)."""
+    return tuple(
+        math.nan if i + 1 in breaks or i in unreached or i + 1 in unreached else ratio(act[i], act[i + 1])
+        for i in range(len(act) - 1)
+    )
 
 
 def _groups(calls: Sequence[int], g: int, reached: Sequence[int]) -> list[list[int]]:
@@ -200,8 +212,9 @@ def _groups(calls: Sequence[int], g: int, reached: Sequence[int]) -> list[list[i
 def _locate(
     step: int, s: _Step, names: Sequence[str], owner: Sequence[int], grads_count: bool = True
 ) -> NonFinite | None:
-    """The first non-finite value of a step, in the order it came to be: the weights from the
-    previous update, forward outputs, the loss, output gradients (output side first), weight grads.
+    """The first non-finite value of a step, in the order it came to be: the weights (at step k, after
+    k updates: the update of step k - 1 made them), forward outputs, the loss, output gradients
+    (output side first), weight grads.
     Under a GradScaler (`grads_count` False) non-finite gradients are a skipped step, not a finding."""
 
     def block(b: int) -> str:
@@ -209,7 +222,7 @@ def _locate(
 
     for value, b in zip(s.weights, owner, strict=False):  # weights are measured on request only
         if not math.isfinite(value):
-            return NonFinite(max(step - 1, 0), block(b), "weight", value)
+            return NonFinite(step, block(b), "weight", value)
     for value, name in zip(s.forward, s.calls, strict=True):
         if not math.isfinite(value):
             return NonFinite(step, name, "activation", value)
@@ -224,6 +237,20 @@ def _locate(
         if not math.isfinite(value):
             return NonFinite(step, block(b), "gradient", value)
     return None
+
+
+class _RandomState:
+    """The random generators' state now (the CPU's, and `device`'s on CUDA), to draw the same again."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
 
 
 AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -285,26 +312,33 @@ def probe_module(
                 index = torch.cuda.current_device() if device.index is None else device.index
                 torch.cuda.default_generators[index].manual_seed(seed)
             # weights are measured after the last update; at steps=0 they are the caller's own
-            first = last = _run_step(run, hooks=True)
             for step in range(steps + 1):
-                if step > 0:
-                    last = _run_step(run, hooks=False, weights=step == steps)
+                rng = _RandomState(device)  # a re-run of the step draws what it drew (dropout masks)
+                last = _run_step(run, hooks=step == 0, weights=0 < step == steps)
+                if step == 0:
+                    first = last  # the per-block profile
                 scales.append(last.scale)
                 found = None if last.finite else _locate(step, last, names, owner, scaler is None)
                 if found is not None:  # name it, in float64
+                    rng.restore()
                     last = _run_step(run, hooks=True, exact=True, weights=True)
-                    first = last if step == 0 else first
+                    if step == 0:
+                        first = last
                     nonfinite = _locate(step, last, names, owner, scaler is None)
-                overflowed = step == 0 and scaler is not None and not math.isfinite(sum(last.grads))
-                if overflowed:
-                    # the scaled gradients overflowed (the scaler skips this step): take the per-block
-                    # profile and the total norm from an unscaled float64-norm re-run of the same step;
-                    # non-finite there too, at scale 1, the dtype cannot hold the gradient: a finding
-                    first = _run_step(run, hooks=True, exact=True)
-                    if not first.finite:
-                        nonfinite = _locate(step, first, names, owner)
+                overflowed = scaler is not None and not math.isfinite(sum(last.grads))
+                unscaled = last
+                if overflowed and found is None:
+                    # the scaled gradients overflowed (the scaler skips this step): the total norm (at
+                    # step 0 the per-block profile too) from an unscaled float64-norm re-run of the same
+                    # step; non-finite there too, at scale 1, the dtype cannot hold the gradient: a finding
+                    rng.restore()
+                    unscaled = _run_step(run, hooks=step == 0, exact=True)
+                    if step == 0:
+                        first = unscaled
+                    if not unscaled.finite:
+                        nonfinite = _locate(step, unscaled, names, owner)
                 losses.append(last.loss)
-                totals.append(math.sqrt(sum(v * v for v in (first if overflowed else last).grads)))
+                totals.append(math.sqrt(sum(v * v for v in unscaled.grads)))
                 if nonfinite is not None or step == steps:
                     skipped += overflowed  # no update follows, but the scaler would have skipped it
                     break
@@ -320,10 +354,8 @@ def probe_module(
         layer_grad_norms=_per_block(first.grads, owner, len(names)),
         activation_norms=tuple(first.forward),
         activation_grad_norms=act,
-        gains=tuple(
-            math.nan if i + 1 in first.breaks else ratio(act[i], act[i + 1]) for i in range(len(act) - 1)
-        ),
-        growth=_growth(act, first.breaks),
+        gains=_gains(act, first.breaks, first.unreached),
+        growth=_growth(act, first.breaks, first.unreached),
         weight_norms=_per_block(last.weights, owner, len(names)) if last.weights else (),
         first_nonfinite=nonfinite,
         steps_run=len(losses) - 1,

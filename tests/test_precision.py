@@ -80,16 +80,22 @@ def test_reduced_precision_runs_end_to_end_through_the_cli(dtype: str, tmp_path:
 @pytest.mark.parametrize("family", ["mlp", "resmlp"])
 def test_amp_gradscaler_skips_overflowing_steps_and_leaves_weights_unchanged(family: str) -> None:
     # At the initial loss scale 2**16 the scaled float16 gradients of this deep net overflow; the
-    # scaler must skip those steps (scale halved, weights untouched: the next loss is identical).
+    # scaler must skip those steps (scale halved, weights untouched: the next loss is identical). The
+    # last step has no update after it: whether the scaler would skip it, one step more shows.
     knobs = {"norm": "post"} if family == "resmlp" else {}  # an mlp has no norm
     c = Config.of(family, **knobs, depth=24, width=16, init_scale=3.0, batch_size=4, steps=6, amp="float16")
     m = probe(c)
     assert m.first_nonfinite is None
     halved = [s for s in range(m.steps_run) if m.loss_scale[s + 1] == m.loss_scale[s] / 2]
-    assert m.skipped_steps == len(halved) > 0
+    longer = probe(c.with_run(steps=c.run.steps + 1))
+    last = longer.loss_scale[-1] == longer.loss_scale[-2] / 2
+    assert m.skipped_steps == len(halved) + last and halved
     for s in halved:
         assert m.loss[s + 1] == m.loss[s]
-    assert all(math.isfinite(x) for x in m.loss + m.layer_grad_norms)
+        # every skipped step's grad_norm is its unscaled one (a re-run without the scaler), not the
+        # overflow: the weights did not move, so the next step's gradient is the same
+        assert m.grad_norm[s + 1] == pytest.approx(m.grad_norm[s], rel=1e-2)
+    assert all(math.isfinite(x) for x in m.loss + m.layer_grad_norms + m.grad_norm)
 
 
 def test_amp_bfloat16_on_cpu_has_no_loss_scale() -> None:

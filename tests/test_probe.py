@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 
@@ -195,6 +196,87 @@ def test_blow_up_during_training_is_located_and_stops_the_run() -> None:
     assert nf is not None and nf.step >= 1 and nf.layer.startswith("layers.")
     assert m.steps_run == nf.step < c.run.steps
     assert math.isfinite(m.loss[0]) and not math.isfinite(m.loss[-1])
+
+
+class Coin(nn.Module):
+    """A block whose output is Inf where a dropout coin on 1 comes up 0 (probability 1/2): the first
+    random draw of a step."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(x)) / self.drop(torch.ones(1))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_nan_from_a_random_draw_is_named_by_a_re_run_that_draws_the_same(seed: int) -> None:
+    """Oracle: the coin itself, drawn as the step draws it (seeded with `seed`, nothing drawn before
+    it). The re-run that names the block must draw the same coin: it drew another one, came out
+    finite, and the Inf was lost (seeds 2 and 5)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Linear(8, 8), nn.Tanh()), Coin(8), nn.Sequential(nn.Linear(8, 8)))
+    x = torch.randn(4, 8)
+    blocks = [(str(i), block) for i, block in enumerate(model)]
+    m = probe_module(model, x, lambda out, _: out.square().mean(), blocks=blocks, seed=seed)
+    torch.manual_seed(seed)
+    inf = bool(torch.nn.functional.dropout(torch.ones(1), 0.5, training=True) == 0)
+    found = m.first_nonfinite
+    assert (found is not None) == inf
+    if found is not None:
+        assert (found.step, found.layer, found.tensor, found.value) == (0, "1", "activation", math.inf)
+
+
+def test_a_weight_made_non_finite_by_an_update_is_at_the_step_after_it() -> None:
+    """README: step k is the model after k updates. A bias that the first update makes Inf (an lr
+    of 1e38 on a gradient of order 10) is non-finite at step 1; the loss there is the first
+    non-finite one (the oracle: the losses the probe records), and the weights at init were finite."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 4)), nn.Sequential(nn.Linear(4, 4)))
+    m = probe_module(model, torch.randn(8, 4), lambda out, _: (out * 10).sum(), steps=3, lr=1e38)
+    found = m.first_nonfinite
+    assert found is not None and found.tensor == "weight"
+    assert found.step == m.steps_run == 1 and math.isfinite(m.loss[0]) and not math.isfinite(m.loss[1])
+
+
+class Logged(nn.Module):
+    """Blocks 0-2 feed the loss; block 3 runs on block 2's output for a logged number only."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(4))
+        self.logged = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.layers[:3]:
+            x = block(x)
+        self.logged = float(self.layers[3](x).detach().norm())
+        return x
+
+
+def test_an_output_the_loss_does_not_depend_on_has_no_gain_and_no_growth() -> None:
+    """Oracle: torch.autograd.grad on the block outputs. Block 3's output gets no gradient (None,
+    not 0): it has no gain (NaN, not x/0 = inf), and the growth is over the blocks the loss depends
+    on, input over block 2's output gradient (it read inf, an explosion)."""
+    torch.manual_seed(0)
+    model, x = Logged(16), torch.randn(8, 16)
+    m = probe_module(model, x, lambda out, _: out.square().mean())
+    outs: list[torch.Tensor] = []
+    hooks = [b.register_forward_hook(lambda mod, a, o: outs.append(o)) for b in model.layers]
+    entry = x.clone().requires_grad_()
+    loss = model(entry).square().mean()
+    for h in hooks:
+        h.remove()
+    grads = torch.autograd.grad(loss, [entry, *outs], allow_unused=True)
+    assert grads[-1] is None
+    norms = [float(g.norm()) for g in grads[:-1] if g is not None]
+    assert m.activation_names == ("(input)", "layers.0", "layers.1", "layers.2", "layers.3")
+    assert m.gains[:3] == pytest.approx([a / b for a, b in itertools.pairwise(norms)], rel=1e-5)
+    assert math.isnan(m.gains[3])
+    assert m.growth == pytest.approx(norms[0] / norms[-1], rel=1e-5)
+    assert verdict(m).names == ()
 
 
 def test_total_and_per_block_norms_match_torch() -> None:
