@@ -106,14 +106,23 @@ class Prober:
         shown = got.summary() if isinstance(got, Judgement) else f"skipped: {got}"
         self.progress(f"{self.space.label}: point {self.points} {self.knobs(index)}{how}: {shown}")
 
-    def _judge(self, config: Config) -> Judgement | str:
+    def _judge(self, config: Config, every: bool = False) -> Judgement | str:
         before = self.cache.made
         try:
-            return self._assess(config)
+            return self._assess(config, every)
         finally:
             self.probes += self.cache.made - before
 
-    def _assess(self, config: Config) -> Judgement | str:
+    def complete(self, index: Index) -> Judgement | str:
+        """The full rule's Judgement at `index` with every criterion's verdict known (the report's, as
+        a fresh assess() gives it): the search's points stop once whether they explode is known."""
+        got = self(index)
+        if not isinstance(got, Judgement) or not got.exploded:  # a stable verdict knows every criterion
+            return got
+        full = self._judge(self.space.config(index), every=True)
+        return full if isinstance(full, Judgement) else got
+
+    def _assess(self, config: Config, every: bool) -> Judgement | str:
         try:
             with time_limit(self.timeout):  # the memory estimate builds the model too: within the budget
                 need = self.subject.memory_estimate(config)
@@ -121,7 +130,7 @@ class Prober:
                     return (
                         f"too large ({need / 2**20:.0f} MiB estimated, {self.budget / 2**20:.0f} MiB allowed)"
                     )
-                return assess(config, self.subject, self.limits, self.cache, through_time=False)
+                return assess(config, self.subject, self.limits, self.cache, through_time=False, every=every)
         except ProbeTimeout:
             return f"too slow (over the {self.timeout:g} s probe budget)"
         except MemoryError as exc:
@@ -330,7 +339,7 @@ def search(
             found = canonical(prober, found)
             unjudged = _unjudged(prober, found)
             config = space.config(found)
-            judged = prober(found)
+            judged = prober.complete(found)
             assert isinstance(judged, Judgement)
             judged = _with_through_time(judged, config, subject, prober.cache)
             cx = Counterexample(space.label, config, judged, limits, ())

@@ -4,7 +4,9 @@
 The rule. The budget is K = run.seeds initialisations (weights and inputs); the q-quantile of K values
 is the r-th smallest, r = ceil(q K). After each seed, a criterion whose r-th smallest value is already
 known to pass (K - r + 1 seeds fire) or not (r seeds do not) is decided: the K-seed answer cannot change
-(curtailment, exact). Before that, the seeds so far decide alone when every one of them lies on the same
+(curtailment, exact). A verdict stops once every criterion is decided; a search's points once whether
+the point explodes is (one criterion decided to fire, or all decided not to), naming only the criteria
+decided to fire. Before that, the seeds so far decide alone when every one of them lies on the same
 side of every limit by at least a factor MARGIN ** (1 / n) after n seeds: one seed 100x from the limit,
 two both 10x. Near the limit one seed's growth is off its 5-seed median by up to 5.2x on a tanh MLP,
 3.0x on a pre-norm resmlp, 14x on a post-norm transformer and a tanh RNN, 55x on a GRU (each zoo
@@ -107,19 +109,37 @@ class Judgement:
         )
 
 
-def _decided(per_seed: list[dict[str, float]], lim: Limits, budget: int, q: float) -> bool:
-    """Whether the K-seed quantile verdict is known from the seeds so far (see the module docstring)."""
+def _decided(
+    per_seed: list[dict[str, float]], lim: Limits, budget: int, q: float, every: bool = False
+) -> bool:
+    """Whether the K-seed quantile verdict is known from the seeds so far (see the module docstring):
+    whether the point explodes, or with `every`, which criteria fire too."""
+    settled = _settled(per_seed, lim, budget, q)
+    if every:
+        return None not in settled.values()
+    return True in settled.values() or all(s is False for s in settled.values())
+
+
+def _settled(per_seed: list[dict[str, float]], lim: Limits, budget: int, q: float) -> dict[str, bool | None]:
+    """Per active criterion, whether its K-seed quantile is known to fire (True) or not (False) from the
+    seeds so far, or None while that is open: by the counts (K - r + 1 seeds fire, or r do not,
+    r = ceil(q K)), or all at once by the margin (every seed far from every limit, on one side)."""
     n, r = len(per_seed), max(1, math.ceil(q * budget))
     active = [c for c in CRITERIA if bound(c, lim) is not None]
     fire = {c: sum(fires(c, v[c], lim) for v in per_seed) for c in active}
-    if any(fire[c] >= budget - r + 1 for c in active):
-        return True
-    if all(n - fire[c] >= r for c in active):
-        return True
     factor = MARGIN ** (1.0 / n)
-    return all(_far(c, v[c], lim, factor) for c in active for v in per_seed) and all(
+    far = all(_far(c, v[c], lim, factor) for c in active for v in per_seed) and all(
         fire[c] in (0, n) for c in active
     )
+
+    def known(c: str) -> bool | None:
+        if fire[c] >= budget - r + 1 or (far and fire[c] == n):
+            return True
+        if n - fire[c] >= r or far:
+            return False
+        return None
+
+    return {c: known(c) for c in active}
 
 
 def _far(name: str, value: float, lim: Limits, factor: float) -> bool:
@@ -167,13 +187,16 @@ def assess(
     limits: Limits | None = None,
     probes: SeedProbes | None = None,
     through_time: bool = True,
+    every: bool = True,
 ) -> Judgement:
     """Probe `config` over up to run.seeds initialisations and judge the run.quantile of each criterion.
     For recurrent subjects with a vanishing limit, vanishing is judged on the through-time growth (the
     loss on the last step): a per-token loss hides it under gradients from later tokens. `probes`:
     a cache of per-seed probes to reuse (a search's). `through_time`: a recurrent subject's
     through-time growth is measured (a last-step probe per seed) and its kind judged on it, as the
-    search's report does; False skips that where no vanishing limit needs it (a search's points)."""
+    search's report does; False skips that where no vanishing limit needs it (a search's points).
+    `every`: seeds are spent until every criterion's verdict is known; False stops once whether the
+    point explodes is (a search's points), and the verdict then names only the criteria known to fire."""
     lim = limits or Limits()
     run = config.run
     measure = probes or SeedProbes()
@@ -192,9 +215,9 @@ def assess(
                 named["vanishing"] = through[-1]
         ms.append(m)
         per_seed.append(named)
-        if _decided(per_seed, lim, run.seeds, run.quantile):
+        if _decided(per_seed, lim, run.seeds, run.quantile, every):
             break
-    return _judgement(ms, per_seed, through, tuple(used), lim, run.quantile)
+    return _judgement(ms, per_seed, through, tuple(used), lim, run.quantile, run.seeds)
 
 
 def _judgement(
@@ -204,14 +227,21 @@ def _judgement(
     seeds: tuple[int, ...],
     lim: Limits,
     q: float,
+    budget: int,
 ) -> Judgement:
+    """The Judgement of the seeds spent; the verdict names the criteria known to fire over the whole
+    budget (one whose quantile over the seeds spent passes its limit while its K-seed verdict is still
+    open is not named: the seeds spent were enough to know the point explodes, not why)."""
     quantiles = {c: quantile([v[c] for v in per_seed], q) for c in CRITERIA}
+    settled = _settled(per_seed, lim, budget, q)
+    judged = judge(quantiles, lim)
+    known = Verdict(judged.exploded, tuple(c for c in judged.criteria if settled.get(c.name) is True))
     growth = [m.growth for m in ms]
     mid = quantile(growth, q)
     rep = next((m for m in ms if m.growth == mid or (math.isnan(mid) and math.isnan(m.growth))), ms[0])
     kind = kind_of([m.gains for m in ms], growth, q)
     return Judgement(
-        verdict=judge(quantiles, lim),
+        verdict=known,
         seeds=seeds,
         exploded_seeds=sum(judge(v, lim).exploded for v in per_seed),
         growth=Spread.of(growth, q),

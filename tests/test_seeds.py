@@ -57,6 +57,31 @@ def test_stopping_early_never_changes_the_k_seed_verdict(growths: list[float], q
             break
 
 
+@pytest.mark.parametrize(
+    ("family", "knobs", "q"),
+    [
+        ("mlp", {"depth": 20, "init_scale": 4.0}, 0.5),
+        ("mlp", {"depth": 22, "init_scale": 3.75}, 0.5),
+        ("resmlp", {"depth": 14, "init_scale": 4.0, "norm": "post"}, 0.8),
+    ],
+)
+def test_the_verdict_names_the_criteria_of_the_k_seed_quantile(family: str, knobs: dict, q: float) -> None:
+    """Oracle: each criterion judged on the q-quantile of all 5 seeds' values (brute force). assess()
+    names exactly those; stopped as soon as the explosion is known (a search's points) it names only
+    criteria known to fire. These configs explode on growth after 2-3 seeds while grad_norm is still
+    open: it was named from 2 seeds where the 5-seed rule does not fire it, or left out where it does."""
+    from stabilitycheck.verdicts import judge, values
+
+    c = Config.of(family, **knobs, width=32, batch_size=8, quantile=q)
+    per_seed = [values(probe(c.with_run(seed=seed_of(0, i)))) for i in range(5)]
+    lim = Limits()
+    brute = judge({k: quantile([v[k] for v in per_seed], q) for k in CRITERIA_NAMES}, lim)
+    full, fast = assess(c, limits=lim), assess(c, limits=lim, every=False)
+    assert full.verdict.names == brute.names and full.exploded == brute.exploded
+    assert set(fast.verdict.names) <= set(brute.names) and fast.exploded == brute.exploded
+    assert len(fast.seeds) < len(full.seeds)  # a criterion was still open where the explosion was known
+
+
 def test_seeds_are_distinct_and_start_at_the_base() -> None:
     seeds = [seed_of(b, i) for b in range(5) for i in range(5)]
     assert seed_of(7, 0) == 7
