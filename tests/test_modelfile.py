@@ -179,6 +179,19 @@ def test_init_scale_field_scales_a_factory_without_init_scale() -> None:
         torch.testing.assert_close(scaled[name], value * (3.0 if value.dim() >= 2 else 1.0))
 
 
+def test_init_scale_scales_the_weights_of_lazy_layers_drawn_alike() -> None:
+    """Oracle: the weights at init_scale 1 times the scale. Lazy layers get their weights at their
+    first call: scaling them raised on an uninitialised parameter (reported as the model's error), and
+    drawn at the probe's first call they would differ between scales by more than the factor."""
+    lazy = load(broken("lazy"))
+    base = weights(lazy.build(lazy.config()).model)
+    scaled = weights(lazy.build(lazy.config(init_scale=3.0)).model)
+    assert base and base.keys() == scaled.keys()
+    for name, value in base.items():
+        torch.testing.assert_close(scaled[name], value * (3.0 if value.dim() >= 2 else 1.0))
+    check(lazy, lazy.config(init_scale=0.5))  # the search's first check: no UsageError
+
+
 def test_a_factory_with_init_scale_gets_it_as_a_knob_and_no_extra_scaling() -> None:
     mlp = example("mlp")
     one = mlp.build(mlp.config()).model.layers[0].weight  # type: ignore[index,union-attr]

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.jit import ScriptModule
+from torch.nn.parameter import UninitializedParameter
 
 from stabilitycheck._validation import article, describe, raised_at
 from stabilitycheck.config import Config
@@ -31,6 +32,7 @@ from stabilitycheck.modelfile.convention import (
 )
 from stabilitycheck.modelfile.importer import ModelFileError
 from stabilitycheck.modelfile.inputs import move
+from stabilitycheck.recording import call_model
 from stabilitycheck.space import INIT_SCALES, Axis, Space
 from stabilitycheck.subject import Built, find_blocks, torch_dtype
 
@@ -159,10 +161,11 @@ class ModelFile:
             check_blocks(self, model)
             blocks, note = find_blocks(model)
             self.check_eager(model, blocks)
-            if self.scales_weights and values[SCALE] != 1.0:
-                _scale_weights(model, float(values[SCALE]))
             torch.manual_seed(_derived(seed, _SALT_BATCH))
             inputs = self.source.make_inputs(self, model, values, _derived(seed, _SALT_INFER))
+            _materialize(model, inputs)  # drawn alike at every init_scale, which then scales them
+            if self.scales_weights and values[SCALE] != 1.0:
+                _scale_weights(model, float(values[SCALE]))
         return model, inputs, blocks, note
 
     def build(self, config: Config) -> Built:
@@ -174,7 +177,6 @@ class ModelFile:
 
     def memory_estimate(self, config: Config) -> int | None:
         """Bytes from a build and forward on the meta device; None where the model cannot run there."""
-        from stabilitycheck.recording import call_model
 
         try:
             return meta_bytes(lambda: self._make(config)[:2], call_model)
@@ -205,6 +207,14 @@ class ModelFile:
         if user is None:
             return OutputLoss(DefaultLoss(_derived(seed, _SALT_LOSS)), self.given, guard=self.call_user)
         return lambda output, inputs: self.call_user("loss(output, inputs)", user, output, inputs)
+
+
+def _materialize(model: nn.Module, inputs: Inputs) -> None:
+    """Give lazy modules (nn.LazyLinear, ...) their weights, made at their first call, by one forward
+    without gradients, so that they exist to be scaled; nothing for a model without them."""
+    if any(isinstance(p, UninitializedParameter) for p in model.parameters()):
+        with torch.no_grad():
+            call_model(model, inputs)
 
 
 def _scale_weights(model: nn.Module, scale: float) -> None:
