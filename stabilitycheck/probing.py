@@ -79,6 +79,7 @@ class _Step:
     unreached: frozenset[int]  # calls whose output the loss does not depend on: no gradient, no gain
     forward: list[float]
     backward: list[float]
+    entering: list[float] = dataclasses.field(default_factory=list)  # per call, ||its input|| (exact runs)
     scale: float = 1.0
     finite: bool = True  # every number above is finite
 
@@ -126,7 +127,7 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
     without the GradScaler (a re-run that only locates a non-finite value)."""
     scaler = None if exact else run.scaler
     if hooks:
-        run.rec.start()
+        run.rec.start(inputs=exact)  # an exact re-run tells a NaN made between blocks from one made in one
     try:
         with torch.autocast(run.device.type, dtype=run.autocast, enabled=run.autocast is not None):
             loss = _check_loss(run.loss_fn(call_model(run.model, run.inputs), run.inputs))
@@ -144,6 +145,8 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         tensors += outputs
         tensors += [g for g in captured if g is not None]
         tensors += run.params if weights else ()
+        entering = run.rec.entering if hooks and run.rec.entering is not None else []
+        tensors += [x for x in entering if x is not None]
         g, n, r = len(present), len(outputs), len(reached)
         extra = [scaler.scale(torch.ones((), device=run.device))] if scaler else []
         groups = _groups(run.rec.calls, g, reached) if hooks else []
@@ -151,6 +154,10 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
     del outputs, captured, tensors
     loss_value, scale_value = host[0], host[1] if scaler else 1.0
     host = host[1 + len(extra) :]
+    into = [i for i, x in enumerate(entering) if x is not None]
+    inputs = _scatter(host[len(host) - len(into) :], into, len(entering)) if into else [0.0] * len(entering)
+    host = host[: len(host) - len(into)]
+    run.rec.entering = None
     if scaler:  # output gradients of the scaled loss, unscaled
         host[g + n : g + n + r] = [b / scale_value for b in host[g + n : g + n + r]]
     return _Step(
@@ -163,6 +170,7 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         unreached=frozenset(range(n)) - frozenset(reached),
         forward=host[g : g + n],
         backward=_scatter(host[g + n : g + n + r], reached, n),
+        entering=inputs,
         finite=math.isfinite(loss_value + sum(host)),
     )
 
@@ -223,7 +231,9 @@ def _locate(
     for value, b in zip(s.weights, owner, strict=False):  # weights are measured on request only
         if not math.isfinite(value):
             return NonFinite(step, block(b), "weight", value)
-    for value, name in zip(s.forward, s.calls, strict=True):
+    for i, (value, name) in enumerate(zip(s.forward, s.calls, strict=True)):
+        if s.entering and not math.isfinite(s.entering[i]):  # every output before it is finite
+            return NonFinite(step, f"(outside blocks, before {name})", "activation", s.entering[i])
         if not math.isfinite(value):
             return NonFinite(step, name, "activation", value)
     if not math.isfinite(s.loss):

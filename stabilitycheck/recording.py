@@ -141,6 +141,7 @@ class _Recorder:
         self.active = False
         self.calls: list[int] = []
         self.outputs: list[torch.Tensor] = []
+        self.entering: list[torch.Tensor | None] | None = None  # per call, its floating input (on request)
         self.entry: torch.Tensor | None = None  # block 0's input, until its first call returns
         self.version = 0  # the entry's version counter when block 0 received it
         self.handles = [module.register_forward_hook(self._hook(b)) for b, (_, module) in enumerate(blocks)]
@@ -188,15 +189,22 @@ class _Recorder:
                     if b == 0 and not calls and entry is not None and entry._version == self.version:
                         calls.append(-1)
                         outputs.append(entry)
+                        if self.entering is not None:
+                            self.entering.append(None)
                     calls.append(b)
                     outputs.append(out)
+                    if self.entering is not None:
+                        x = _first_tensor(args)
+                        self.entering.append(x.detach() if x is not None and x.is_floating_point() else None)
 
         return on_forward
 
-    def start(self) -> None:
+    def start(self, inputs: bool = False) -> None:
+        """Record from now on; with `inputs`, each call's floating input too (`entering`)."""
         self.calls.clear()
         self.outputs.clear()
         self.breaks.clear()
+        self.entering = [] if inputs else None
         self.entry = None
         self.active = True
         if self.first is not None:

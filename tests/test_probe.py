@@ -73,6 +73,34 @@ def test_forward_nan_or_inf_is_located_at_its_block(k: int, poison: float) -> No
     assert verdict(m).names[0] == "nonfinite"
 
 
+class Between(nn.Module):
+    """Linear blocks; the model's own forward, not a block, poisons the signal before block `k`."""
+
+    def __init__(self, depth: int, k: int, poison: float) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(depth))
+        self.k, self.poison = k, poison
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x * self.poison if i == self.k else x)
+        return x
+
+
+@pytest.mark.parametrize(("k", "poison"), [(2, math.nan), (4, math.inf)])
+def test_a_nan_made_between_blocks_is_not_blamed_on_the_next_block(k: int, poison: float) -> None:
+    """Oracle: the construction. Every block output before block k is finite and block k's input is
+    not: the model's code between the blocks made it (it was blamed on block k, which only received
+    it); a NaN made inside block k (Poisoned) is still block k's."""
+    m = probe_module(Between(6, k, poison), torch.randn(4, 8), lambda out, _: out.pow(2).mean())
+    found = m.first_nonfinite
+    assert found is not None and (found.step, found.tensor) == (0, "activation")
+    assert found.layer == f"(outside blocks, before layers.{k})"
+    assert culprit(m) == found.layer
+    inside = probe_module(Poisoned(6, k, poison), torch.randn(4, 8), lambda out, _: out.pow(2).mean())
+    assert inside.first_nonfinite is not None and inside.first_nonfinite.layer == f"layers.{k}"
+
+
 class NanBackward(torch.autograd.Function):
     """Identity forward; NaN gradient backward: a block whose backward alone goes wrong."""
 
