@@ -18,7 +18,7 @@ from torch import nn
 
 from stabilitycheck._validation import describe
 from stabilitycheck.config import RUN_FIELDS, Config
-from stabilitycheck.errors import UsageError
+from stabilitycheck.errors import UsageError, UserCodeError
 from stabilitycheck.families import Scalar
 from stabilitycheck.losses import DefaultLoss, OutputLoss
 from stabilitycheck.memory import meta_bytes
@@ -37,16 +37,29 @@ SMALL: dict[str, Knob] = {
     **dict.fromkeys(("encoder_ffn_dim", "decoder_ffn_dim"), 128),
     "word_embed_proj_dim": 64,
     **dict.fromkeys(("d_kv", "head_dim"), 32),
+    "rotary_dim": 16,
     "vocab_size": 256,
 }
-"""Defaults that replace the config class's own, by field name: 2 layers, width 64, 2 heads of 32,
-feed-forward 128, 256 tokens. Dropout fields default to 0.0 (the probe measures the network, not a
-mask). Every other int/float field keeps its config class's default."""
+"""Defaults that replace the config class's own, by field name: 2 layers, width 64, 2 heads of 32
+(rotary embeddings on 16 of their dimensions: GPT-J's default 64 is wider than the head), feed-forward
+128, 256 tokens. Dropout fields default to 0.0 (the probe measures the network, not a mask). Every
+other int/float field keeps its config class's default."""
+
+
+def _gpt_neo(values: dict[str, Knob]) -> dict[str, Any]:
+    """GPT-Neo's alternating global and local attention layers, as many as num_layers (its config
+    requires their count to equal it; the default pattern is for 24)."""
+    n = int(values["num_layers"])
+    return {"attention_types": [[["global", "local"], n // 2]] + ([[["global"], 1]] if n % 2 else [])}
+
+
+DERIVED = {"gpt_neo": _gpt_neo}
+"""Per model type, config fields that follow the knobs (not knobs themselves)."""
 
 INPUTS: dict[str, Knob] = {"batch_size": 4, "seq_len": 16}
 """Knobs of the random token ids fed to the model (not config fields)."""
 
-LAYER_FIELDS = ("n_layer", "num_hidden_layers", "num_layers", "n_layers", "encoder_layers")
+LAYER_FIELDS = ("n_layer", "num_hidden_layers", "num_layers", "n_layers", "encoder_layers", "decoder_layers")
 INIT_FIELDS = ("initializer_range", "initializer_factor", "init_std")
 POSITION_FIELDS = ("n_positions", "max_position_embeddings")
 NON_TEXT_INPUTS = ("pixel_values", "input_values", "input_features")  # what image and audio models take
@@ -137,11 +150,25 @@ class HFModel:
         knobs = {n: _small(n, d) for n, d in fields.items() if _is_knob(n, d)}
         self.knobs: dict[str, Knob] = {**knobs, **INPUTS}
         self.token_ids = {n: d for n, d in fields.items() if n.endswith("_token_id") and isinstance(d, int)}
-        self.layers_knob = next((n for n in LAYER_FIELDS if n in knobs), None)
         self.init_knob: str | None = next((n for n in INIT_FIELDS if n in knobs), None)
         self.critical: Knob | None = fields[self.init_knob] if self.init_knob else None
         self.encoder_decoder = bool(self.config_class().is_encoder_decoder)
         self.auto = _auto_class(transformers, model_type, self.encoder_decoder)
+        self.layers_knob = next((n for n in LAYER_FIELDS if n in knobs and self._moves(n)), None)
+
+    def _moves(self, knob: str) -> bool:
+        """Whether the layer count `knob` changes the model built (parameters counted on the meta
+        device): WhisperForCausalLM, its decoder alone, ignores encoder_layers. True where that cannot
+        be told (a model that does not build on meta)."""
+        counts = []
+        for n in (1, 2):
+            try:
+                with torch.device("meta"):
+                    model = self._model(self.hf_config({**self.values(self.config()), knob: n}))
+            except Exception:
+                return True
+            counts.append(sum(p.numel() for p in model.parameters()))
+        return counts[0] != counts[1]
 
     def __repr__(self) -> str:
         return f"HFModel({self.model_type!r}, auto={self.auto.__name__}, knobs={self.knobs!r})"
@@ -180,13 +207,14 @@ class HFModel:
             fields["pad_token_id"] = None
         limit = min((int(values[n]) for n in POSITION_FIELDS if n in values), default=None)
         if limit is not None and values["seq_len"] > limit:
-            raise UsageError(
+            raise UserCodeError(
                 f"{self.name}: seq_len={values['seq_len']} exceeds the model's {limit} positions"
             )
+        fields.update(DERIVED[self.model_type](values) if self.model_type in DERIVED else {})
         try:
             made = transformers.AutoConfig.for_model(self.model_type, **fields)
-        except Exception as exc:
-            raise UsageError(f"{self.name} rejects these knobs: {describe(exc)}") from None
+        except Exception as exc:  # at one point of a search: that point is skipped, with the reason
+            raise UserCodeError(f"{self.name} rejects these knobs: {describe(exc)}") from None
         if hasattr(made, "use_cache"):
             made.use_cache = False  # the probe wants the logits, not a key/value cache
         return made
@@ -197,15 +225,15 @@ class HFModel:
         except (MemoryError, torch.cuda.OutOfMemoryError):
             raise
         except Exception as exc:
-            raise UsageError(f"{self.name} cannot be built from these knobs: {describe(exc)}") from None
+            raise UserCodeError(f"{self.name} cannot be built from these knobs: {describe(exc)}") from None
         return model
 
     def inputs(
         self, model: nn.Module, values: dict[str, Knob], seed: int, device: torch.device, masks: bool = False
     ) -> dict[str, torch.Tensor]:
         """Random token ids (batch_size, seq_len) drawn on the CPU from the seed, then moved to `device`
-        (an encoder-decoder gets decoder_input_ids too); with `masks`, all-ones attention masks where
-        the model's forward takes them."""
+        (decoder_input_ids too where the forward takes them: an encoder-decoder); with `masks`,
+        all-ones attention masks where the model's forward takes them."""
         params = inspect.signature(model.forward).parameters
         if "input_ids" not in params:
             other = next((n for n in NON_TEXT_INPUTS if n in params), "no input_ids")
@@ -217,7 +245,7 @@ class HFModel:
         shape = (int(values["batch_size"]), int(values["seq_len"]))
         takes = params if masks else {}
         drawn: dict[str, torch.Tensor] = {}
-        for prefix in ("", "decoder_") if self.encoder_decoder else ("",):
+        for prefix in ("", "decoder_") if "decoder_input_ids" in params else ("",):
             drawn[f"{prefix}input_ids"] = torch.randint(0, int(values["vocab_size"]), shape, generator=gen)
             if f"{prefix}attention_mask" in takes:
                 drawn[f"{prefix}attention_mask"] = torch.ones(shape, dtype=torch.long)

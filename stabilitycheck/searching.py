@@ -397,10 +397,14 @@ def check(subject: Subject, config: Config, *others: Config) -> None:
             what = (
                 f"called sys.exit({exc.code!r})" if isinstance(exc, SystemExit) else f"raised {describe(exc)}"
             )
+            hint = (
+                "the model type may not accept these knob values (set others with --knob)"
+                if tried.subject.startswith("hf:")
+                else "its code may not accept these knob values (narrow SPACE or --knob), or its inputs "
+                "(batch(), example_input or the ones inferred) may not match what forward() expects"
+            )
             first = first or UsageError(
-                f"{tried.subject}: running the model with {tried.describe()} {what}{raised_at(exc)}; its "
-                "code may not accept these knob values (narrow SPACE or --knob), or its inputs (batch(), "
-                "example_input or the ones inferred) may not match what forward() expects"
+                f"{tried.subject}: running the model with {tried.describe()} {what}{raised_at(exc)}; {hint}"
             )
     assert first is not None
     raise first

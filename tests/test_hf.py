@@ -207,3 +207,43 @@ def test_special_token_ids_past_the_small_vocab_are_wrapped_into_it() -> None:
     subject = resolve("hf:whisper")
     m = probe(subject.config(seeds=1), subject)
     assert math.isfinite(m.growth) and m.first_nonfinite is None
+
+
+def test_the_layers_knob_is_one_that_changes_the_model() -> None:
+    """Oracle: the parameter count of the model built (on the CPU, as probed). Whisper's text model is
+    its decoder alone (WhisperForCausalLM): encoder_layers, its config's first layer field, built the
+    same model at any value, and a search over it claimed a 1-minimal point on a knob that does
+    nothing; decoder_layers changes it."""
+    whisper = HFModel("whisper")
+
+    def count(**values: float) -> int:
+        return sum(p.numel() for p in whisper.build(whisper.config(**values)).model.parameters())
+
+    assert count(encoder_layers=1) == count(encoder_layers=3)
+    assert count(decoder_layers=1) != count(decoder_layers=3)
+    assert whisper.space().axes[0].name == "decoder_layers"
+    assert HFModel("gpt2").space().axes[0].name == "n_layer"
+
+
+@pytest.mark.parametrize(("model_type", "knob"), [("gptj", "n_layer"), ("gpt_neo", "num_layers")])
+def test_model_types_with_derived_fields_build_at_any_depth(model_type: str, knob: str) -> None:
+    """GPT-J's rotary dimensions (64 by default) must fit its head (32 at SMALL sizes); GPT-Neo's
+    attention pattern must have num_layers entries (its default is for 24). Both failed at every
+    point of the default space. Oracle: the probe's growth is finite at 1, 2 and 3 layers."""
+    subject = HFModel(model_type)
+    for layers in (1, 2, 3):
+        assert math.isfinite(probe(subject.config(**{knob: layers})).growth)
+
+
+def test_knobs_a_model_type_rejects_at_some_points_are_skipped_there() -> None:
+    """A search over n_head in {2, 3}: width 64 is not divisible by 3 heads, so that point cannot be
+    built. It is skipped with the reason, as a model file raising at a point is; it aborted the search."""
+    from stabilitycheck.searching import search
+    from stabilitycheck.space import Axis, Space
+    from stabilitycheck.verdicts import Limits
+
+    subject = HFModel("gpt2")
+    space = Space("hf:gpt2", subject.config(n_layer=1).with_run(seeds=1), (Axis("n_head", (2, 3)),))
+    result = search(space, subject=subject, limits=Limits(growth=1e9), max_examples=5, database=None)
+    assert [c.values["n_head"] for c, _ in result.skipped] == [3]
+    assert "cannot be built from these knobs" in result.skipped[0][1]
