@@ -137,10 +137,10 @@ def classify(fits: Sequence[Fit], growths: Sequence[float], q: float, typical: F
     rate = Spread.of([f[0] for f in fits], q)
     exponent = Spread.of([f[2] for f in fits], q)
     growth = quantile(growths, q)
+    if growth > 0 and abs(math.log(growth)) < math.log(2):  # also where a short stack has no fit
+        return Growth("flat", rate, exponent)
     if math.isnan(exponent.mid) or math.isnan(growth):
         return Growth("n/a", rate, exponent)
-    if growth > 0 and abs(math.log(growth)) < math.log(2):
-        return Growth("flat", rate, exponent)
     linear, log = (
         typical[1:4:2] if typical else (quantile([f[1] for f in fits], q), quantile([f[3] for f in fits], q))
     )

@@ -175,7 +175,7 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
     )
 
 
-def _growth(act: Sequence[float], breaks: frozenset[int], unreached: frozenset[int] = frozenset()) -> float:
+def _growth(act: Sequence[float], breaks: frozenset[int], unreached: frozenset[int]) -> float:
     """The first over the last output-gradient norm, the product of the gains; across a junction where
     a new chain starts (a decoder after its encoder) no gain is taken, so each chain's own growth
     (its first over its last) multiplies: the ratio across would read the encoder's dL/d input against

@@ -468,3 +468,14 @@ def test_a_spread_says_how_many_seeds_its_range_leaves_out() -> None:
     assert Spread.from_dict(vars(spread)) == spread
     assert Spread.from_dict({"low": 1.0, "mid": 2.0, "high": 3.0}) == Spread(1.0, 2.0, 3.0)
     assert Spread.of([1.0, 2.0, 3.0], 0.5).describe() == "2 (1-3)"
+
+
+@pytest.mark.parametrize(
+    ("gains", "kind"), [([1.5], "flat"), ([0.7], "flat"), ([1.5, 1.5], "n/a"), ([3.0], "n/a")]
+)
+def test_a_short_stack_is_flat_within_x2_else_has_no_kind(gains: list[float], kind: str) -> None:
+    """README: flat is a total growth within x2, whatever the stack's length; a rate or depth law needs
+    3 gains or more, so a short stack growing more than x2 has no kind (n/a). A single gain of 1.5
+    read n/a, a flat stack's growth notwithstanding."""
+    growth = math.prod(gains)
+    assert kind_of([gains] * 3, [growth] * 3, 0.5).kind == kind
