@@ -138,16 +138,14 @@ def replay(path: Path | str) -> Replayed:
 
 
 def _as_passed(loss: Any, passed: Any) -> Any:
-    """compute_loss's `loss` scaled as training passed it to w.loss: divided by their ratio (the
-    number of micro-batches, usually: `loss / accumulation_steps`), by the integer itself where the
-    ratio is one to 1e-6, so the gradients are those of the same division."""
+    """compute_loss's `loss` scaled as training passed it to w.loss: divided by the number of
+    micro-batches where their ratio is that whole number to 1e-6 (`loss / accumulation_steps`), so the
+    gradients are those of the same division; else as it is, so a loss that differs shows as one."""
     ratio = float(loss.detach().double() / passed.double())
-    if not math.isfinite(ratio) or ratio <= 0:
-        return loss  # a non-finite or zero loss: no ratio to take
-    whole = round(ratio)
-    if whole >= 1 and abs(ratio - whole) <= 1e-6 * ratio:
-        return loss if whole == 1 else loss / whole
-    return loss / ratio
+    whole = round(ratio) if math.isfinite(ratio) else 0
+    if whole >= 2 and abs(ratio - whole) <= 1e-6 * ratio:
+        return loss / whole
+    return loss
 
 
 def main(argv: Sequence[str]) -> int:

@@ -11,6 +11,8 @@ stabilitycheck.watchlog turns them into the log, the report and the heatmap.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import sys
 import types
 import warnings
@@ -393,4 +395,10 @@ def watch(
     scaler (the torch.amp.GradScaler stepping the optimizer: a step it skips is a row marked so, and
     gradient norms are divided by the loss scale; not given, the one whose step() gets the optimizer).
     """
+    known = [name for name in inspect.signature(Watcher).parameters if name not in ("model", "optimizer")]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UsageError(f"watch: no option {unknown[0]!r}{hint}; the options are {', '.join(known)}")
     return Watcher(model, optimizer, **options)

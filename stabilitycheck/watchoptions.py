@@ -58,9 +58,10 @@ def check_blocks(model: nn.Module, blocks: Any) -> tuple[tuple[str, nn.Module], 
             and isinstance(pair[1], nn.Module)
             and id(pair[1]) in owned
         ):
+            got = f"a {type(pair).__name__}" if isinstance(pair, nn.Module) else repr(pair).splitlines()[0]
             raise UsageError(
                 f"watch: blocks must be (name, module) pairs of the model's own submodules, input side "
-                f"first, got {pair!r}; e.g. blocks=[(f'blocks.{{i}}', b) for i, b in enumerate(model.blocks)]"
+                f"first, got {got}; e.g. blocks=[(f'blocks.{{i}}', b) for i, b in enumerate(model.blocks)]"
             )
     return pairs
 

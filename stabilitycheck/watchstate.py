@@ -92,15 +92,17 @@ def _without_hooks(model: nn.Module) -> Iterator[None]:
 
 
 class Snapshot:
-    """Keeps, on the device, the parameters and buffers before the current step (`prev`) and
-    before the first flagged step (`kept`, chosen by torch.where on the device flag); the batches
-    (each step's micro-batches, with the losses passed for them) and RNG states of the steps not yet
-    flushed stay as references."""
+    """Keeps, on the device, the parameters and buffers the current step's forward began with (`prev`,
+    copied at the first model call after an update: what the loop did to them after the optimizer's
+    step, weight clipping or an EMA swap, is in it) and those of the first flagged step (`kept`, chosen
+    by torch.where on the device flag); the batches (each step's micro-batches, with the losses passed
+    for them) and RNG states of the steps not yet flushed stay as references."""
 
     def __init__(self, model: nn.Module, compute_loss: Any, path: Path) -> None:
         self.model, self.compute_loss, self.path = model, compute_loss, path
         self.tensors = [t for t in (*model.parameters(), *model.buffers())]
         self.prev = [t.detach().clone() for t in self.tensors]
+        self.stale = True  # `prev` is taken again at the next model call
         self.kept = [torch.zeros_like(t) for t in self.tensors]
         device = self.tensors[0].device
         self.have = torch.zeros((), dtype=torch.bool, device=device)
@@ -110,7 +112,11 @@ class Snapshot:
 
     def on_call(self) -> None:
         """The RNG state at the first model call of a micro-batch (what the replay restores before
-        it: the loop may draw random numbers between micro-batches, batches or augmentations)."""
+        it: the loop may draw random numbers between micro-batches, batches or augmentations), and at
+        the first call of a step the state its forward begins with."""
+        if self.stale:
+            torch._foreach_copy_(self.prev, [t.detach() for t in self.tensors])
+            self.stale = False
         if self._rng is None:
             cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
             self._rng = {"cpu": torch.get_rng_state(), "cuda": cuda}
@@ -129,7 +135,7 @@ class Snapshot:
             kept.copy_(torch.where(first, prev, kept))
 
     def after_update(self) -> None:
-        torch._foreach_copy_(self.prev, [t.detach() for t in self.tensors])
+        self.stale = True
         self._rng = None  # a model call no micro-batch followed (an evaluation) starts nothing
 
     def write_if_flagged(

@@ -269,6 +269,7 @@ BAD = [  # (arguments, options, what the message says)
     (("model", "opt"), {"scaler": 2.0**16}, "scaler must be a torch.amp.GradScaler"),
     (("model", "opt"), {"skip": "yes"}, "skip must be True or False, got 'yes'"),
     (("model", "opt"), {"blocks": ["blocks.0"]}, "blocks must be (name, module) pairs"),
+    (("model", "opt"), {"flushevery": 10}, "no option 'flushevery' (did you mean flush_every?)"),
     (("model", "opt"), {"blocks": [("x", torch.nn.Linear(2, 2))]}, "of the model's own submodules"),
     (
         ("model", "opt"),
@@ -293,8 +294,9 @@ def test_blocks_given_as_modules_alone_are_a_usage_error() -> None:
     """blocks=[module] (no names) raised 'too many values to unpack' from deep inside."""
     model = MLP(depth=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    with pytest.raises(UsageError, match="blocks must be \\(name, module\\) pairs"):
+    with pytest.raises(UsageError, match="blocks must be \\(name, module\\) pairs") as caught:
         watch(model, opt, blocks=[model.blocks[0]])  # type: ignore[list-item]
+    assert "\n" not in str(caught.value)  # a module, not its repr over lines
     w = watch(model, opt, blocks=[["blocks.0", model.blocks[0]]], report=None)  # type: ignore[list-item]
     assert w.names == ["blocks.0"]
     w.close()

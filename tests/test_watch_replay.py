@@ -230,3 +230,47 @@ def test_a_bundle_of_a_nan_step_is_strict_json_and_replays(tmp_path: Path) -> No
     assert None in meta["values"]
     result = replay(tmp_path / "b")
     assert any(math.isnan(v) for v in result.replayed) and result.mismatches(1e-6) == []
+
+
+def test_a_state_edited_after_the_optimizer_step_is_the_one_replayed(tmp_path: Path) -> None:
+    """Oracle: the training step's own norms. Weight clipping (every parameter clamped to +-0.05 after
+    each update, as in WGAN) edits the state between the optimizer's step and the next forward: the
+    bundle kept the state of the optimizer's step and replayed norms 1e-3 off; it keeps the state the
+    flagged step's forward began with."""
+    torch.manual_seed(0)
+    model = PreNorm(depth=2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    with watch(model, opt, bundle=tmp_path / "b", compute_loss=compute_loss, report=None) as w:
+        for step in range(44):
+            opt.zero_grad()
+            x, y = batch(gen, model, 8)
+            x = x * 60.0 if step == 40 else x
+            loss = compute_loss(model, (x, y))
+            w.loss(loss, batch=(x, y))
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.clamp_(-0.05, 0.05)
+    first = report_of(w).first_spike
+    assert first is not None and first.step == 40
+    result = replay(tmp_path / "b")
+    assert result.mismatches(1e-6) == []
+
+
+def test_a_loss_that_differs_on_replay_is_a_mismatch(tmp_path: Path) -> None:
+    """The replay's loss is compared, not made to agree: a recomputed loss 15% off the one passed was
+    divided by their ratio (whatever it was) and read equal, its gradients rescaled to match. Only a
+    whole number of micro-batches (loss / accumulation steps) is divided out."""
+    _bundle(tmp_path / "bundle")
+    data = torch.load(tmp_path / "bundle" / "data.pt", weights_only=False)
+    data["losses"] = [loss * 1.15 for loss in data["losses"]]  # training passed and logged a loss 15%
+    torch.save(data, tmp_path / "bundle" / "data.pt")  # higher than compute_loss gives on replay
+    meta_path = tmp_path / "bundle" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["values"][0] *= 1.15
+    meta_path.write_text(json.dumps(meta))
+    result = replay(tmp_path / "bundle")
+    assert result.names[0] == ("loss", "(loss)") and 0 in result.mismatches(1e-6)
+    assert main(["replay", str(tmp_path / "bundle")]) == 1
