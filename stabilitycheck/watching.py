@@ -230,6 +230,7 @@ class Watcher:
 
     def loss(self, loss: torch.Tensor, batch: Any = None) -> None:
         """Record this step's loss (summed over micro-batches) and, for a replay bundle, its batch."""
+        self._check_open("loss")
         value = check_loss(loss).detach().reshape(())
         value = value if value.dtype in (torch.float32, torch.float64) else value.float()
         self._loss = value if self._loss is None else self._loss + value
@@ -246,7 +247,16 @@ class Watcher:
     def before_step(self) -> torch.Tensor | None:
         """Close the step: measure, apply the rule on the device (single process), buffer the row.
         Returns the device flag 'this step is flagged' (single process), else None."""
+        self._check_open("before_step")
         return self._close_step(scaler_skipped=False)
+
+    def _check_open(self, method: str) -> None:
+        """A one-line UsageError where the watcher is not open: nothing would be measured or written."""
+        if not self._open:
+            when = "after it closed" if self.report is not None else "before it was entered"
+            raise UsageError(
+                f"watch: w.{method}() was called {when}; call it inside `with watch(model, optimizer) as w:`"
+            )
 
     def _loss_scale(self, scaler_skipped: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
         """With a GradScaler: this step's factors on its squared norms (1/scale^2 on what the loss

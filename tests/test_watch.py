@@ -622,3 +622,22 @@ def test_skip_with_a_scheduler_made_before_the_watcher_warns_nothing() -> None:
                 opt.step()
                 scheduler.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
+
+
+def test_a_watcher_not_open_refuses_a_loss_or_a_step_in_one_line() -> None:
+    """w.loss() and w.before_step() on a watcher never entered, or after it closed, measured nothing
+    and said nothing."""
+    model = MLP(depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss = model(torch.randn(4, 16)).pow(2).mean()
+    w = watch(model, opt, report=None)
+    for call in (lambda: w.loss(loss), w.before_step):
+        with pytest.raises(UsageError, match="before it was entered"):
+            call()
+    with w:
+        w.loss(loss)
+        loss.backward()
+        opt.step()
+    with pytest.raises(UsageError, match="after it closed") as caught:
+        w.loss(loss)
+    assert "\n" not in str(caught.value)
