@@ -96,7 +96,9 @@ def assert_finite_training(
 def assert_bounded_growth(measurement: Measurement, limit: float, *, gain_limit: float | None = None) -> None:
     """The overall growth (input-side over output-side activation-gradient norm) is <= limit and so is
     every per-layer gain (or <= gain_limit). NaN and Inf count as over: never hidden; but a ratio of
-    two gradient norms that are both exactly 0 (no gradient reached there: dead ReLUs) is no growth."""
+    two gradient norms that are both exactly 0 (no gradient reached there: dead ReLUs) is no growth,
+    nor is a gain the probe does not take (NaN between finite norms: across an encoder-decoder's
+    junction, or next to an output the loss does not depend on)."""
     __tracebackhide__ = True
     limit = _positive("limit", limit)
     per_layer = limit if gain_limit is None else _positive("gain_limit", gain_limit)
@@ -107,7 +109,10 @@ def assert_bounded_growth(measurement: Measurement, limit: float, *, gain_limit:
     def silent(i: int, j: int) -> bool:
         return acts[i] == 0.0 and acts[j] == 0.0
 
-    over = [i for i, g in enumerate(m.gains) if not g <= per_layer and not silent(i, i + 1)]
+    def taken(i: int) -> bool:
+        return not (math.isnan(m.gains[i]) and math.isfinite(acts[i]) and math.isfinite(acts[i + 1]))
+
+    over = [i for i, g in enumerate(m.gains) if not g <= per_layer and not silent(i, i + 1) and taken(i)]
     growth_bad = not m.growth <= limit and not (acts and silent(0, -1))
     if not over and not growth_bad:
         return
@@ -115,8 +120,9 @@ def assert_bounded_growth(measurement: Measurement, limit: float, *, gain_limit:
         f"Overall growth: {m.growth:.4g} (allowed: <= {limit:g})",
         f"Layers over bound: {len(over)} / {len(m.gains)}",
     ]
-    if m.gains:
-        worst = max(range(len(m.gains)), key=lambda i: math.inf if math.isnan(m.gains[i]) else m.gains[i])
+    gains = [i for i in range(len(m.gains)) if taken(i)]
+    if gains:
+        worst = max(gains, key=lambda i: math.inf if math.isnan(m.gains[i]) else m.gains[i])
         lines.append(
             f"Worst layer: {names[worst]!r} with gain {m.gains[worst]:.4g} (allowed: <= {per_layer:g})"
         )

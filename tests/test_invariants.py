@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -286,6 +287,36 @@ def test_bounded_growth_catches_post_norm_in_disguise(seed: int) -> None:
     message = str(info.value)
     assert f"Overall growth: {fake.growth:.4g} (allowed: <= 1000)" in message  # type: ignore[attr-defined]
     assert "Layers over bound: 0 / 48" in message and "Worst layer: 'layers." in message
+
+
+def test_bounded_growth_passes_the_gains_the_probe_does_not_take() -> None:
+    """Oracle: the construction, a stable stack (growth < 1). A block run only for a logged number and
+    an encoder-decoder's junction have NaN gains by definition, between finite norms: there is no
+    gain to bound. They failed it as 'above the limit, worst gain nan' (every hf:t5 would); a NaN
+    gradient still fails it."""
+
+    class Logged(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3))
+            self.seen = 0.0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.blocks[1](self.blocks[0](x))
+            self.seen = float(self.blocks[2](x).detach().norm())
+            return x
+
+    torch.manual_seed(0)
+    m = probe_module(Logged(), torch.randn(4, 8), lambda o, _: o.pow(2).mean())
+    assert math.isnan(m.gains[-1]) and m.growth < 1.0
+    assert_bounded_growth(m, 1e3)
+    with warnings.catch_warnings():  # torch's note on nested tensors, about inference speed
+        warnings.simplefilter("ignore")
+        junction = nn.Transformer(8, 2, 2, 2, 16, batch_first=True)
+    src, tgt = torch.randn(2, 5, 8), torch.randn(2, 4, 8)
+    t = probe_module(junction, (src, tgt), lambda o, _: o.pow(2).mean())
+    assert any(math.isnan(g) for g in t.gains) and t.growth < 1e3
+    assert_bounded_growth(t, 1e3)
 
 
 def test_bounded_growth_counts_layers_over_a_gain_limit_and_nan_but_not_a_silent_gradient() -> None:
