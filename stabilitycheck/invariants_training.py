@@ -144,12 +144,16 @@ class ScalerLike(Protocol):
     def update(self) -> Any: ...
 
 
-def _poison(params: Sequence[nn.Parameter], value: float, target: int) -> None:
-    """Put `value` into gradient `target` (its first entry; the last entry of the last gradient)."""
+def _poison(params: Sequence[nn.Parameter], value: float, target: int, inside: bool) -> None:
+    """Put `value` into gradient `target`: at its first entry (the last of the last gradient), or
+    `inside` at an odd entry in its middle (a scaler checking only a tensor's ends, or every other
+    entry, steps on it)."""
     grad = params[target].grad
     assert grad is not None  # targets are the parameters a clean backward reaches (_reference_step)
+    flat = grad.view(-1)
+    at = min((flat.numel() // 2) | 1, flat.numel() - 1) if inside else -1 if target == len(params) - 1 else 0
     with torch.no_grad():
-        grad.view(-1)[-1 if target == len(params) - 1 else 0] = value
+        flat[at] = value
 
 
 def _reference_step(
@@ -159,10 +163,12 @@ def _reference_step(
     optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None,
     lr: float,
     seed: int,
-) -> tuple[list[torch.Tensor], list[int]]:
+) -> tuple[list[torch.Tensor], list[int], list[dict[str, Any]]]:
     """One plain step (no scaler) of a copy of the model from its current state with a fresh
     optimizer: the weights a correct scaler's clean step must give (scaling by the loss scale and
-    unscaling undo each other), and the indices of the parameters the backward reaches."""
+    unscaling undo each other), the indices of the parameters the backward reaches, and each
+    parameter's optimizer state after it (Adam's first step does not depend on the gradient's scale;
+    its moments do)."""
     twin = copy.deepcopy(model)
     params = [p for p in twin.parameters() if p.requires_grad]
     opt = optimizer(params) if optimizer is not None else torch.optim.SGD(params, lr=lr)
@@ -173,7 +179,7 @@ def _reference_step(
     loss.backward()
     reached = [i for i, p in enumerate(params) if p.grad is not None]
     opt.step()
-    return [p.detach() for p in params], reached
+    return [p.detach() for p in params], reached, [dict(opt.state.get(p, {})) for p in params]
 
 
 def assert_gradscaler_guards(
@@ -188,14 +194,14 @@ def assert_gradscaler_guards(
     seed: int = 0,
 ) -> None:
     """A scaler step whose gradients hold Inf or NaN (each of `poisons`, put in after backward, in the
-    first gradient and in the last; and in every gradient between, the poisons taken in turn) is
-    skipped: weights unchanged and finite, and the scale backed off (when the scaler has get_scale);
-    a clean step afterwards updates the weights as a plain step on the unscaled gradients does
-    (within 1%: a scaler that never unscales, or unscales twice, moves them by the loss scale's
-    factor). Weights non-finite before any step fail as the model's finding (no step of any scaler
-    can be judged on them). Default scaler: torch.amp.GradScaler on the model's device type; default
-    optimizer: SGD at `lr`. The model's parameters and buffers are left as they were (the scaler's
-    state is not)."""
+    first gradient and in the last, at an end entry and at one in the middle; and in every gradient
+    between, the poisons taken in turn) is skipped: weights unchanged and finite, and the scale backed
+    off (when the scaler has get_scale); a clean step afterwards updates the weights, and leaves the
+    optimizer's state, as one plain step on the unscaled gradients does (within 1%: a scaler that
+    never unscales, or unscales twice, moves them by the loss scale's factor). Weights non-finite
+    before any step fail as the model's finding (no step of any scaler can be judged on them).
+    Default scaler: torch.amp.GradScaler on the model's device type; default optimizer: SGD at `lr`.
+    The model's parameters and buffers are left as they were (the scaler's state is not)."""
     __tracebackhide__ = True
     with state_kept(model):
         _check_guards(model, inputs, loss_fn, scaler, optimizer, lr, poisons, seed)
@@ -227,14 +233,14 @@ def _check_guards(
     get_scale = getattr(scaler, "get_scale", None)
     kind = type(scaler).__name__
 
-    def step(poison: float | None, target: int = 0) -> None:
+    def step(poison: float | None, target: int = 0, inside: bool = False) -> None:
         opt.zero_grad(set_to_none=True)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             loss = loss_fn(call_model(model, inputs), inputs)
         scaler.scale(loss).backward()
         if poison is not None:
-            _poison(params, poison, target)
+            _poison(params, poison, target, inside)
         scaler.step(opt)
         scaler.update()
 
@@ -246,15 +252,20 @@ def _check_guards(
             "This is the model's finding, not the scaler's: check its initialisation or loaded state.",
         )
     # skipped steps leave the weights and a fresh optimizer as they are: the clean step's answer
-    expected, reached = _reference_step(model, inputs, loss_fn, optimizer, lr, seed)
+    expected, reached, states = _reference_step(model, inputs, loss_fn, optimizer, lr, seed)
     if not reached:
         raise UsageError("no parameter got a gradient, so none can be made non-finite")
-    ends = [(poison, i) for poison in poisons for i in dict.fromkeys((reached[0], reached[-1]))]
-    between = [(poisons[k % len(poisons)], i) for k, i in enumerate(reached[1:-1])]
-    for poison, target in ends + between:
+    ends = [
+        (poison, i, inside)
+        for poison in poisons
+        for i in dict.fromkeys((reached[0], reached[-1]))
+        for inside in (False, True)
+    ]
+    between = [(poisons[k % len(poisons)], i, k % 2 == 0) for k, i in enumerate(reached[1:-1])]
+    for poison, target, inside in ends + between:
         weights = [p.detach().clone() for p in params]
         scale_before = float(get_scale()) if callable(get_scale) else math.nan
-        step(poison, target)
+        step(poison, target, inside)
         where = named[target][0]
         scale_after = float(get_scale()) if callable(get_scale) else math.nan
         changed = [n for (n, p), w in zip(named, weights, strict=True) if not torch.equal(p.detach(), w)]
@@ -289,6 +300,36 @@ def _check_guards(
             "If the scaled gradients overflow, start from a smaller init_scale.",
         )
     _check_clean_step(named, weights, expected, kind)
+    _check_clean_state(named, opt, states, kind)
+
+
+def _check_clean_state(
+    named: Sequence[tuple[str, nn.Parameter]],
+    opt: torch.optim.Optimizer,
+    expected: Sequence[dict[str, Any]],
+    kind: str,
+) -> None:
+    """After the skipped steps and the clean one, each parameter's optimizer state equals the plain
+    step's (`_reference_step`) within CLEAN_RTOL: one step counted, moments of the unscaled gradients
+    (a scaler that never unscales, or steps on zeroed gradients, leaves Adam's weights as a correct
+    one does, not its moments or its step count)."""
+    __tracebackhide__ = True
+    for (name, p), want in zip(named, expected, strict=True):
+        got = opt.state.get(p, {})
+        for key, ref in want.items():
+            value = got.get(key)
+            if not isinstance(ref, torch.Tensor) or not isinstance(value, torch.Tensor):
+                continue
+            a, b = value.detach().double().cpu(), ref.detach().double().cpu()
+            off, size = float((a - b).norm()), float(b.norm())
+            if a.shape != b.shape or off > CLEAN_RTOL * size + torch.finfo(torch.float32).tiny:
+                _fail(
+                    f"{kind}'s steps left the optimizer state unlike one plain step on the unscaled "
+                    "gradients.",
+                    f"First: {name!r} state {key!r}: norm {float(a.norm()):.6g}, a plain step's {size:.6g} "
+                    f"(allowed: within {CLEAN_RTOL:g} of it)",
+                    "A skipped step must not step the optimizer, and a clean one must unscale once first",
+                )
 
 
 def _check_clean_step(

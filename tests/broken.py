@@ -155,6 +155,20 @@ class UnscalesTwiceScaler(_Guarded):
             g.div_(self._scale * self._scale)
 
 
+class EndsOnlyScaler(_Guarded):
+    """Checks only each gradient's first and last entries: a NaN inside a tensor is stepped on."""
+
+    def bad(self, grads: list[torch.Tensor]) -> bool:
+        return super().bad([g.reshape(-1)[[0, -1]] for g in grads])
+
+
+class EvenEntriesScaler(_Guarded):
+    """Checks every other entry of each gradient (a strided sample): a NaN at an odd entry is stepped on."""
+
+    def bad(self, grads: list[torch.Tensor]) -> bool:
+        return super().bad([g.reshape(-1)[::2] for g in grads])
+
+
 class WeightsOnlyScaler(_Guarded):
     """Checks only the gradients of matrices (dim >= 2): a NaN in a bias is stepped on."""
 

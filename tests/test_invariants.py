@@ -386,7 +386,7 @@ def test_gradscaler_guards_pass_for_torch_gradscaler() -> None:
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     assert_gradscaler_guards(b.model, b.inputs, b.loss_fn, scaler)
     n = sum(p.requires_grad for p in b.model.parameters())
-    poisoned = 3 * 2 + n - 2  # Inf, -Inf, NaN in the first and the last gradient; one in each between
+    poisoned = 3 * 2 * 2 + n - 2  # Inf, -Inf, NaN x first, last gradient x end, middle; one between
     assert scaler.get_scale() == 1024.0 * 0.5**poisoned  # backed off once per poisoned step
 
 
@@ -396,6 +396,31 @@ def test_gradscaler_guards_catch_a_scaler_checking_only_the_middle_tensors_it_sk
     b = zoo("resmlp", norm="pre")
     with pytest.raises(StabilityError, match="WeightsOnlyScaler stepped on a gradient holding"):
         assert_gradscaler_guards(b.model, b.inputs, b.loss_fn, broken.WeightsOnlyScaler())  # type: ignore[arg-type]
+
+
+def test_gradscaler_guards_catch_a_scaler_checking_only_the_ends_of_each_tensor() -> None:
+    """A scaler reading only each gradient's first and last entries (or every other entry) steps on a
+    NaN inside a tensor: it passed, every poison went to an end entry."""
+    b = zoo("resmlp", norm="pre")
+    for scaler in (broken.EndsOnlyScaler(), broken.EvenEntriesScaler()):
+        with pytest.raises(StabilityError, match=f"{type(scaler).__name__} stepped on a gradient holding"):
+            assert_gradscaler_guards(b.model, b.inputs, b.loss_fn, scaler)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("scaler", [broken.NeverUnscalesScaler(), broken.UnscalesTwiceScaler()])
+def test_gradscaler_guards_catch_wrong_unscaling_under_adam(scaler: object) -> None:
+    """Adam's first update, lr m / (sqrt(v) + eps), does not depend on the gradient's scale where eps
+    is negligible (1e-30 here), so the weights of a scaler that never unscales (or unscales twice)
+    matched a correct one's and it passed; Adam's moments are the gradient's, 65536x off. torch's own
+    GradScaler passes with Adam."""
+    b = zoo("resmlp", norm="pre")
+
+    def adam(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=1e-3, eps=1e-30)
+
+    assert_gradscaler_guards(b.model, b.inputs, b.loss_fn, optimizer=adam)
+    with pytest.raises(StabilityError, match="optimizer state unlike one plain step"):
+        assert_gradscaler_guards(b.model, b.inputs, b.loss_fn, scaler, optimizer=adam)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
