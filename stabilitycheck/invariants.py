@@ -1,7 +1,8 @@
 """Invariants: `assert_*` functions that raise StabilityError with the numbers, like assert_close.
 
-Every check is scale-free (a max_norm of 1e-6 is held as strictly as one of 1e6): tolerances are
-relative, from one table per dtype, plus the rounding a dtype makes near zero (its subnormal spacing).
+Every check's tolerances are relative (a max_norm of 1e-6 is held as strictly as one of 1e6), from
+one table per dtype, plus the rounding a dtype makes near zero (its subnormal spacing); the one fixed
+figure is torch's clip epsilon 1e-6, which widens the coefficients a clip may use at totals near it.
 All figures in messages are Python floats computed in float64.
 
 One import for all of them; they live by theme in invariants_clip.py, invariants_rescaling.py and
