@@ -82,6 +82,12 @@ so a figure's thousands of (sigma, depth) points cost one pass per sigma)."""
 
 def log_growths(sigma: float, activation: str, depth: int, q_in: float = 1.0) -> tuple[float, ...]:
     """ln of the predicted growth at depths 1..depth (from the input: one block has its own gain)."""
+    return tuple(_chain(sigma, activation, depth, q_in)[:depth])
+
+
+def _chain(sigma: float, activation: str, depth: int, q_in: float = 1.0) -> list[float]:
+    """The cached ln growths at depths 1..n, n >= depth, extended as needed (the list itself, not a
+    copy: a map's row reads one depth after another, which copies made quadratic in its length)."""
     key = (sigma, activation, q_in)
     out, q = _CHAINS.get(key, ([], sigma * sigma * q_in))
     while len(out) < depth:
@@ -89,7 +95,7 @@ def log_growths(sigma: float, activation: str, depth: int, q_in: float = 1.0) ->
         out.append((out[-1] if out else 0.0) + 0.5 * math.log(chi))
         q = q_next
     _CHAINS[key] = (out, q)
-    return tuple(out[:depth])
+    return out
 
 
 def q_star(sigma: float, activation: str, q0: float = 1.0, tol: float = 1e-12) -> float:
@@ -110,15 +116,19 @@ def chi_1(sigma: float, activation: str) -> float:
     return step(sigma, activation, q_star(sigma, activation))[1]
 
 
+MAX_DEPTH = 100_000  # deeper, no prediction: the chain is computed block by block, ~10 us each
+
+
 def zoo_growth(family: str, knobs: Mapping[str, object], last_step: bool) -> float | None:
     """The growth mean-field theory predicts for a zoo Config, or None where it has no prediction:
-    a bias-free mlp (tanh, relu, linear; inputs N(0, 1)), or a linear rnn judged on its last step,
-    where growth is exactly sigma^(T - 1) (the recurrence is sigma x orthogonal)."""
+    a bias-free mlp (tanh, relu, linear; inputs N(0, 1)) up to MAX_DEPTH, or a linear rnn judged on
+    its last step, where growth is exactly sigma^(T - 1) (the recurrence is sigma x orthogonal)."""
     act, sigma = knobs.get("activation"), knobs.get("init_scale")
     if not isinstance(sigma, int | float) or act not in ACTIVATIONS:
         return None
-    if family == "mlp" and isinstance(depth := knobs.get("depth"), int):
-        return math.exp(log_growths(float(sigma), str(act), depth)[-1])
+    if family == "mlp" and isinstance(depth := knobs.get("depth"), int) and 1 <= depth <= MAX_DEPTH:
+        log = _chain(float(sigma), str(act), depth)[depth - 1]
+        return math.exp(log) if log < 709.0 else math.inf  # past float64's range: inf, not an error
     if family == "rnn" and act == "linear" and last_step and isinstance(t := knobs.get("seq_len"), int):
         return float(sigma) ** (t - 1)
     return None

@@ -372,3 +372,19 @@ def test_a_non_monotone_rows_note_names_the_knob_values() -> None:
     trace(lambda x, y: row[x], 10, 1, edges, notes, names)
     assert notes and notes[0].startswith("init_scale=2.5: depth=5 fires but depth=6 does not")
     assert notes[0].endswith("lowest transition: depth=5") and edges[0].x == 4
+
+
+def test_the_theory_of_a_long_row_costs_one_pass_over_its_depths() -> None:
+    """A row of the map reads the growth at one depth after another; each read copied the chain up to
+    it (quadratic: a depth axis of 300,000 kept `map` busy for minutes after SIGTERM). Oracle: the
+    chain itself (log_growths) at each depth, and no prediction past MAX_DEPTH."""
+    knobs = {"activation": "tanh", "init_scale": 2.0}
+    chain = meanfield.log_growths(2.0, "tanh", 40)
+    for depth in (1, 7, 40):
+        got = meanfield.zoo_growth("mlp", {**knobs, "depth": depth}, False)
+        assert got == pytest.approx(math.exp(chain[depth - 1]), rel=1e-12)
+    assert meanfield.zoo_growth("mlp", {**knobs, "depth": meanfield.MAX_DEPTH + 1}, False) is None
+    start = time.process_time()
+    for depth in range(1, 20_001):
+        meanfield.zoo_growth("mlp", {**knobs, "depth": depth}, False)
+    assert time.process_time() - start < 5.0  # copies of the chain took minutes at this size
