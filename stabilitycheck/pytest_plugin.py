@@ -280,9 +280,17 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             continue
         seed = f" {PREFIX}seed={state.seed}" if state.seed_all else ""
         seed += f" {PREFIX}profile={state.profile}" if state.profile is not None else ""  # its examples
-        again = f"pytest {shlex.quote(item.nodeid)}{seed}  # the test's own assertion, on this config"
+        again = f"pytest {shlex.quote(_from_here(item))}{seed}  # the test's own assertion, on this config"
         for c in _failing_configs(exc, codes):
             state.add(finding(c, item.nodeid, failure=_failure_text(exc), reproduce=again))
+
+
+def _from_here(item: pytest.Item) -> str:
+    """The test's id as pytest takes it in the directory it was run from (a node id is relative to
+    the rootdir, and a reproduction line given relative to it was not found from a subdirectory)."""
+    path, sep, rest = item.nodeid.partition("::")
+    where = os.path.relpath(item.config.rootpath / path, item.config.invocation_params.dir)
+    return where + sep + rest
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

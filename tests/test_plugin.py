@@ -348,3 +348,21 @@ def test_the_fixtures_work_in_a_hypothesis_property(pytester: pytest.Pytester) -
     out = result.stdout.str()
     assert "test_fix.py::test_recorded" in out and "test_fix.py::test_other" in out
     assert "recorded by the property" in out and "recorded by the other" in out
+
+
+def test_the_reproduction_line_runs_from_the_directory_pytest_ran_in(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run from a subdirectory of the rootdir, the line named the test by its node id, relative to
+    the rootdir: 'file or directory not found' there. Oracle: the line, run where pytest ran, fails on
+    the same row."""
+    pytester.makeini("[pytest]\n")
+    sub = pytester.mkdir("sub")
+    (sub / "test_prop.py").write_text(GROWTH_PROPERTY)
+    monkeypatch.chdir(sub)
+    result = pytester.runpytest("-p", "no:cacheprovider", "--stability-seed=3", "test_prop.py")
+    result.assert_outcomes(failed=1)
+    line = next(x for x in result.outlines if x.lstrip().startswith("pytest ") and "::" in x)
+    assert line.split()[1].startswith("test_prop.py::")
+    again = pytester.runpytest("-p", "no:cacheprovider", *line.split("#")[0].split()[1:])
+    again.assert_outcomes(failed=1)
