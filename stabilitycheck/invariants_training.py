@@ -62,6 +62,11 @@ def assert_finite_training(
             raise UsageError("assert_finite_training(config) takes no inputs or loss_fn; the Config has them")
         steps, lr, optimizer = model.run.steps, model.run.lr, model.run.optimizer
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        if isinstance(model, Config):
+            raise UsageError(
+                f"assert_finite_training(config) trains for the Config's run.steps, which is {steps!r}; "
+                "give it steps, e.g. Config.of(..., steps=10)"
+            )
         raise UsageError(f"steps must be an int >= 1, got steps={steps!r}")
     if isinstance(model, Config):
         m = probe(model)

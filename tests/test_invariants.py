@@ -371,8 +371,8 @@ def test_finite_training_of_a_config_uses_its_steps_lr_and_optimizer() -> None:
     with pytest.raises(StabilityError, match=r"within 20 sgd steps at lr=1e\+30") as info:
         assert_finite_training(c.with_run(lr=1e30))
     assert re.search(r"First non-finite: step [1-9]", str(info.value))
-    with pytest.raises(UsageError, match="steps must be an int >= 1, got steps=0"):
-        assert_finite_training(c.with_run(steps=0))
+    with pytest.raises(UsageError, match=r"trains for the Config's run\.steps, which is 0"):
+        assert_finite_training(c.with_run(steps=0))  # the user gave no steps= (it said 'got steps=0')
     b = build(c)
     with pytest.raises(UsageError, match="takes no inputs or loss_fn"):
         assert_finite_training(c, b.inputs, b.loss_fn)  # type: ignore[call-overload]
