@@ -135,10 +135,11 @@ def _check_rescaling(
 
 
 def _subnormal_hint(grads: Sequence[tuple[str, torch.Tensor]], c: float) -> str:
-    """Where gradients times c < 1 fall below the smallest normal number of a half-precision dtype,
-    they lose precision to subnormals, not to a non-linear backward: say so beside the failure."""
+    """Where gradients times c < 1 fall below the smallest normal number of their floating dtype (any:
+    float32's is 1.2e-38), they lose precision to subnormals, not to a non-linear backward: say so
+    beside the failure."""
     dtype = _coarsest(g for _, g in grads)
-    if c >= 1 or dtype not in (torch.float16, torch.bfloat16):
+    if c >= 1 or not dtype.is_floating_point:
         return ""
     tiny = torch.finfo(dtype).smallest_normal
     if not any(bool((g.abs() * c < tiny).logical_and(g != 0).any()) for _, g in grads):

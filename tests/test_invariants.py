@@ -677,6 +677,19 @@ def test_a_float16_rescaling_failure_from_subnormals_says_so() -> None:
         assert_rescaling_equivariant(model, x, lambda out, _: out.float().square().mean(), c=1e-4)
 
 
+def test_a_float32_rescaling_failure_from_subnormals_says_so_too() -> None:
+    """float32 gradients x 1e-38 fall below float32's smallest normal (1.2e-38): torch's own backward
+    fails the check there (a trial: 4.1e-44 off, 2.8e-44 allowed), and the hint was given for float16
+    and bfloat16 alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+    x = torch.randn(32, 16)
+    with pytest.raises(
+        StabilityError, match=r"In float32, gradients x 1e-38 fall below \S+, among the subnormals"
+    ):
+        assert_rescaling_equivariant(model, x, lambda out, _: out.square().mean(), c=1e-38)
+
+
 def test_gradscaler_guard_leaves_the_model_as_it_was() -> None:
     """It left the model one SGD step further on, with its BatchNorm statistics updated."""
     torch.manual_seed(0)
