@@ -106,6 +106,12 @@ def _axes(args: argparse.Namespace, subject: Any) -> tuple[Any, Any, Any]:
                     f"{flag} {name!r} is not a knob of {space.label}; its knobs are "
                     f"{sorted(space.base.values)}"
                 )
+            value = space.base.values[name]
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise UsageError(
+                    f"{flag} {name}: a map's axes are numeric knobs, and {name} is {value!r}; fix it with "
+                    f"--knob {name}=VALUE and map once per value"
+                )
             raise UsageError(f"{flag} {name}: give its grid, e.g. --knob {name}=1:16")
         axes.append(found[0])
     return space, axes[0], axes[1]

@@ -287,6 +287,7 @@ def test_cli_map_writes_json_markdown_png(tmp_path: Path, capsys: pytest.Capture
         (["map", "mlp", "--x", "depth"], "--y"),
         (["map", "mlp", "--x", "depth", "--y", "norm"], "not a knob of mlp"),
         (["map", "mlp", "--x", "depth", "--y", "width"], "give its grid"),
+        (["map", "mlp", "--x", "depth", "--y", "activation"], "axes are numeric knobs, and activation is"),
         (["map", "mlp", "--x", "depth", "--y", "depth"], "both 'depth'"),
         (["map", "mlp", "--x", "depth", "--y", "init_scale", "--loss", "last"], "no last-step loss"),
         (["map", "nosuch", "--x", "depth", "--y", "init_scale"], "not a zoo family"),
