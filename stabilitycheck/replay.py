@@ -119,11 +119,15 @@ def replay(path: Path | str) -> Replayed:
     watcher = Watcher(model, None, blocks=blocks, report=None, flush_every=1)
     with watcher:
         for batch, recorded, rng in zip(data["batches"], data["losses"], data["rng"], strict=True):
-            if rng is not None and rng.get("cpu") is not None:
-                torch.set_rng_state(rng["cpu"])
-            if rng is not None and rng.get("cuda") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
-            loss = _as_passed(data["compute_loss"](model, batch), recorded)
+            # compute_loss from the state before it ('start'), the model's forward from its own
+            start = rng.get("start") if rng is not None else None
+            _set_rng(start if start is not None else rng)
+            hook = model.register_forward_pre_hook(_first_call(rng)) if start is not None else None
+            try:
+                loss = _as_passed(data["compute_loss"](model, batch), recorded)
+            finally:
+                if hook is not None:
+                    hook.remove()
             watcher.loss(loss)
             loss.backward()
         watcher.before_step()
@@ -135,6 +139,28 @@ def replay(path: Path | str) -> Replayed:
             "the bundle was edited or is not from this model"
         )
     return Replayed(meta["step"], names, values, watcher.out.last_values)
+
+
+def _set_rng(state: dict[str, Any] | None) -> None:
+    """Restore a recorded random state (the CPU's; the GPUs' where recorded and present)."""
+    import torch
+
+    if state is not None and state.get("cpu") is not None:
+        torch.set_rng_state(state["cpu"])
+    if state is not None and state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _first_call(state: dict[str, Any] | None) -> Any:
+    """A forward pre-hook setting `state` at the model's first call only (a micro-batch's forward)."""
+    done: list[bool] = []
+
+    def hook(module: Any, args: Any) -> None:
+        if not done:
+            done.append(True)
+            _set_rng(state)
+
+    return hook
 
 
 def _as_passed(loss: Any, passed: Any) -> Any:

@@ -91,6 +91,12 @@ def _without_hooks(model: nn.Module) -> Iterator[None]:
             setattr(m, name, value)
 
 
+def _rng_state() -> dict[str, Any]:
+    """The CPU's and, where CUDA is in use, every GPU's random state."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
 class Snapshot:
     """Keeps, on the device, the parameters and buffers the current step's forward began with (`prev`,
     copied at the first model call after an update: what the loop did to them after the optimizer's
@@ -108,6 +114,7 @@ class Snapshot:
         self.have = torch.zeros((), dtype=torch.bool, device=device)
         self.batches: dict[int, list[tuple[Any, torch.Tensor, dict[str, Any] | None]]] = {}
         self._rng: dict[str, Any] | None = None  # at the first model call since the last micro-batch
+        self._start = _rng_state()  # since the last micro-batch or update: draws before the model call
         self.written = False
 
     def on_call(self) -> None:
@@ -118,14 +125,16 @@ class Snapshot:
             torch._foreach_copy_(self.prev, [t.detach() for t in self.tensors])
             self.stale = False
         if self._rng is None:
-            cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-            self._rng = {"cpu": torch.get_rng_state(), "cuda": cuda}
+            self._rng = {**_rng_state(), "start": self._start}
 
     def on_batch(self, step: int, batch: Any, loss: torch.Tensor) -> None:
         """One micro-batch of the step (None when not given), the loss passed for it (detached) and
-        the RNG state its forward began with."""
+        the RNG state its forward began with, and the one at the end of the micro-batch or update
+        before it ('start': what compute_loss drew from before calling the model, a masking loss's
+        mask, where the loop drew nothing in between)."""
         self.batches.setdefault(step, []).append((batch, loss, self._rng))
         self._rng = None
+        self._start = _rng_state()
 
     def on_flag(self, flagged: torch.Tensor) -> None:
         """Keep `prev` when this is the first flagged step (decided on the device)."""
@@ -137,6 +146,7 @@ class Snapshot:
     def after_update(self) -> None:
         self.stale = True
         self._rng = None  # a model call no micro-batch followed (an evaluation) starts nothing
+        self._start = _rng_state()
 
     def write_if_flagged(
         self, flagged: int | None, first: int, n: int, values: list[float], blocks: list[str]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from watch_models import Dropped, PreNorm, batch, compute_loss, report_of, train
+from watch_models import Dropped, PreNorm, batch, compute_loss, masked_loss, report_of, train
 
 from stabilitycheck import watchstate
 from stabilitycheck.cli import main
@@ -274,3 +274,26 @@ def test_a_loss_that_differs_on_replay_is_a_mismatch(tmp_path: Path) -> None:
     result = replay(tmp_path / "bundle")
     assert result.names[0] == ("loss", "(loss)") and 0 in result.mismatches(1e-6)
     assert main(["replay", str(tmp_path / "bundle")]) == 1
+
+
+def test_draws_a_loss_makes_before_calling_the_model_are_replayed(tmp_path: Path) -> None:
+    """Oracle: the training step's own norms. A masking loss draws its mask from the global RNG, then
+    calls a model with dropout; the batches come from their own generator. The replay restored the
+    forward's RNG state before the loss, so the mask came from it and every norm differed (0.3 off);
+    it restores the state at the end of the update before, and the forward's at the first model call."""
+    torch.manual_seed(0)
+    model = Dropped()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    with watch(model, opt, bundle=tmp_path / "b", compute_loss=masked_loss, report=None) as w:
+        for step in range(44):
+            opt.zero_grad()
+            x, y = batch(gen, model, 8)
+            x = x * 1000.0 if step == 40 else x
+            loss = masked_loss(model, (x, y))
+            w.loss(loss, batch=(x, y))
+            loss.backward()
+            opt.step()
+    first = report_of(w).first_spike
+    assert first is not None and first.step == 40
+    assert replay(tmp_path / "b").mismatches(1e-6) == []

@@ -90,6 +90,14 @@ def compute_loss(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> t
     return ((model(x) - y) ** 2).mean()
 
 
+def masked_loss(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """A masking loss: which examples count is drawn from the global RNG before the model is called
+    (as a masked-LM loss draws its mask)."""
+    x, y = data
+    keep = (torch.rand(x.shape[0]) > 0.3).float()
+    return (((model(x) - y) ** 2) * keep).mean()
+
+
 def train(
     model: nn.Module,
     steps: int,
