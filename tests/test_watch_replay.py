@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -232,31 +233,43 @@ def test_a_bundle_of_a_nan_step_is_strict_json_and_replays(tmp_path: Path) -> No
     assert any(math.isnan(v) for v in result.replayed) and result.mismatches(1e-6) == []
 
 
+def _flag_step_40(
+    path: Path, model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Any, factor: float, after: Any = None
+) -> None:
+    """44 steps on batches from their own generator, step 40's inputs x `factor`, `after(model)` after
+    each update; the bundle of the flagged step 40 replays every norm within 1e-6."""
+    gen = torch.Generator().manual_seed(0)
+    with watch(model, opt, bundle=path, compute_loss=loss_fn, report=None) as w:
+        for step in range(44):
+            opt.zero_grad()
+            x, y = batch(gen, model, 8)
+            x = x * factor if step == 40 else x
+            loss = loss_fn(model, (x, y))
+            w.loss(loss, batch=(x, y))
+            loss.backward()
+            opt.step()
+            if after is not None:
+                after(model)
+    first = report_of(w).first_spike
+    assert first is not None and first.step == 40
+    assert replay(path).mismatches(1e-6) == []
+
+
 def test_a_state_edited_after_the_optimizer_step_is_the_one_replayed(tmp_path: Path) -> None:
     """Oracle: the training step's own norms. Weight clipping (every parameter clamped to +-0.05 after
     each update, as in WGAN) edits the state between the optimizer's step and the next forward: the
     bundle kept the state of the optimizer's step and replayed norms 1e-3 off; it keeps the state the
     flagged step's forward began with."""
+
+    def clamp(model: nn.Module) -> None:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.clamp_(-0.05, 0.05)
+
     torch.manual_seed(0)
     model = PreNorm(depth=2)
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    gen = torch.Generator().manual_seed(0)
-    with watch(model, opt, bundle=tmp_path / "b", compute_loss=compute_loss, report=None) as w:
-        for step in range(44):
-            opt.zero_grad()
-            x, y = batch(gen, model, 8)
-            x = x * 60.0 if step == 40 else x
-            loss = compute_loss(model, (x, y))
-            w.loss(loss, batch=(x, y))
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.clamp_(-0.05, 0.05)
-    first = report_of(w).first_spike
-    assert first is not None and first.step == 40
-    result = replay(tmp_path / "b")
-    assert result.mismatches(1e-6) == []
+    adam = torch.optim.Adam(model.parameters(), lr=0.01)
+    _flag_step_40(tmp_path / "b", model, adam, compute_loss, 60.0, clamp)
 
 
 def test_a_loss_that_differs_on_replay_is_a_mismatch(tmp_path: Path) -> None:
@@ -283,17 +296,4 @@ def test_draws_a_loss_makes_before_calling_the_model_are_replayed(tmp_path: Path
     it restores the state at the end of the update before, and the forward's at the first model call."""
     torch.manual_seed(0)
     model = Dropped()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    gen = torch.Generator().manual_seed(0)
-    with watch(model, opt, bundle=tmp_path / "b", compute_loss=masked_loss, report=None) as w:
-        for step in range(44):
-            opt.zero_grad()
-            x, y = batch(gen, model, 8)
-            x = x * 1000.0 if step == 40 else x
-            loss = masked_loss(model, (x, y))
-            w.loss(loss, batch=(x, y))
-            loss.backward()
-            opt.step()
-    first = report_of(w).first_spike
-    assert first is not None and first.step == 40
-    assert replay(tmp_path / "b").mismatches(1e-6) == []
+    _flag_step_40(tmp_path / "b", model, torch.optim.SGD(model.parameters(), lr=0.01), masked_loss, 1000.0)
