@@ -145,7 +145,7 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         tensors += outputs
         tensors += [g for g in captured if g is not None]
         tensors += run.params if weights else ()
-        entering = run.rec.entering if hooks and run.rec.entering is not None else []
+        entering = run.rec.take_entering() if hooks else []
         tensors += [x for x in entering if x is not None]
         g, n, r = len(present), len(outputs), len(reached)
         extra = [scaler.scale(torch.ones((), device=run.device))] if scaler else []
@@ -157,7 +157,6 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
     into = [i for i, x in enumerate(entering) if x is not None]
     inputs = _scatter(host[len(host) - len(into) :], into, len(entering)) if into else [0.0] * len(entering)
     host = host[: len(host) - len(into)]
-    run.rec.entering = None
     if scaler:  # output gradients of the scaled loss, unscaled
         host[g + n : g + n + r] = [b / scale_value for b in host[g + n : g + n + r]]
     return _Step(

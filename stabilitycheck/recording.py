@@ -226,6 +226,12 @@ class _Recorder:
         self.outputs.clear()
         return outputs
 
+    def take_entering(self) -> list[torch.Tensor | None]:
+        """Each recorded call's floating input (None where it had none; empty unless asked for at
+        `start`), dropping the recorder's references to them."""
+        entering, self.entering = self.entering or [], None
+        return entering
+
     def call_names(self, names: Sequence[str]) -> tuple[str, ...]:
         """One name per recorded call: the block name, with [k] for blocks called more than once (INPUT
         for block 0's input)."""

@@ -100,6 +100,7 @@ def replay(path: Path | str) -> Replayed:
 
     from stabilitycheck.subject import find_blocks
     from stabilitycheck.watching import Watcher
+    from stabilitycheck.watchstate import set_rng_state
 
     meta, data = _read(Path(path))
     model = data["model"]
@@ -121,7 +122,7 @@ def replay(path: Path | str) -> Replayed:
         for batch, recorded, rng in zip(data["batches"], data["losses"], data["rng"], strict=True):
             # compute_loss from the state before it ('start'), the model's forward from its own
             start = rng.get("start") if rng is not None else None
-            _set_rng(start if start is not None else rng)
+            set_rng_state(start if start is not None else rng)
             hook = model.register_forward_pre_hook(_first_call(rng)) if start is not None else None
             try:
                 loss = _as_passed(data["compute_loss"](model, batch), recorded)
@@ -141,24 +142,16 @@ def replay(path: Path | str) -> Replayed:
     return Replayed(meta["step"], names, values, watcher.out.last_values)
 
 
-def _set_rng(state: dict[str, Any] | None) -> None:
-    """Restore a recorded random state (the CPU's; the GPUs' where recorded and present)."""
-    import torch
-
-    if state is not None and state.get("cpu") is not None:
-        torch.set_rng_state(state["cpu"])
-    if state is not None and state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _first_call(state: dict[str, Any] | None) -> Any:
     """A forward pre-hook setting `state` at the model's first call only (a micro-batch's forward)."""
+    from stabilitycheck.watchstate import set_rng_state
+
     done: list[bool] = []
 
     def hook(module: Any, args: Any) -> None:
         if not done:
             done.append(True)
-            _set_rng(state)
+            set_rng_state(state)
 
     return hook
 

@@ -91,10 +91,18 @@ def _without_hooks(model: nn.Module) -> Iterator[None]:
             setattr(m, name, value)
 
 
-def _rng_state() -> dict[str, Any]:
-    """The CPU's and, where CUDA is in use, every GPU's random state."""
+def rng_state() -> dict[str, Any]:
+    """The CPU's and, where CUDA is in use, every GPU's random state (`set_rng_state` restores it)."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng_state(state: dict[str, Any] | None) -> None:
+    """Restore a state `rng_state` recorded (the GPUs' where recorded and present; None: nothing)."""
+    if state is not None and state.get("cpu") is not None:
+        torch.set_rng_state(state["cpu"])
+    if state is not None and state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class Snapshot:
@@ -114,7 +122,7 @@ class Snapshot:
         self.have = torch.zeros((), dtype=torch.bool, device=device)
         self.batches: dict[int, list[tuple[Any, torch.Tensor, dict[str, Any] | None]]] = {}
         self._rng: dict[str, Any] | None = None  # at the first model call since the last micro-batch
-        self._start = _rng_state()  # since the last micro-batch or update: draws before the model call
+        self._start = rng_state()  # since the last micro-batch or update: draws before the model call
         self.written = False
 
     def on_call(self) -> None:
@@ -125,7 +133,7 @@ class Snapshot:
             torch._foreach_copy_(self.prev, [t.detach() for t in self.tensors])
             self.stale = False
         if self._rng is None:
-            self._rng = {**_rng_state(), "start": self._start}
+            self._rng = {**rng_state(), "start": self._start}
 
     def on_batch(self, step: int, batch: Any, loss: torch.Tensor) -> None:
         """One micro-batch of the step (None when not given), the loss passed for it (detached) and
@@ -134,7 +142,7 @@ class Snapshot:
         mask, where the loop drew nothing in between)."""
         self.batches.setdefault(step, []).append((batch, loss, self._rng))
         self._rng = None
-        self._start = _rng_state()
+        self._start = rng_state()
 
     def on_flag(self, flagged: torch.Tensor) -> None:
         """Keep `prev` when this is the first flagged step (decided on the device)."""
@@ -146,7 +154,7 @@ class Snapshot:
     def after_update(self) -> None:
         self.stale = True
         self._rng = None  # a model call no micro-batch followed (an evaluation) starts nothing
-        self._start = _rng_state()
+        self._start = rng_state()
 
     def write_if_flagged(
         self, flagged: int | None, first: int, n: int, values: list[float], blocks: list[str]
