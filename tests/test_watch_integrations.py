@@ -156,3 +156,18 @@ def test_hf_train_that_raises_is_closed_by_the_callback_as_a_context_manager(tmp
     rows = (tmp_path / "watch.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in rows] == list(range(20))
     assert [len(m._forward_hooks) for m in model.modules()] == hooks
+
+
+def test_a_misspelled_callback_option_is_a_one_line_usage_error() -> None:
+    """The callbacks build their watcher through watch(), which names an unknown option with a
+    did-you-mean; they built it directly and raised a TypeError naming an internal class."""
+    pytest.importorskip("lightning.pytorch")
+    from types import SimpleNamespace
+
+    from stabilitycheck.errors import UsageError
+    from stabilitycheck.integrations.lightning import WatchCallback
+
+    model = MLP()
+    trainer = SimpleNamespace(optimizers=[torch.optim.SGD(model.parameters(), lr=0.01)])
+    with pytest.raises(UsageError, match="no option 'flushevery' \\(did you mean flush_every\\?\\)"):
+        WatchCallback(flushevery=10).on_train_start(trainer, model)  # type: ignore[arg-type]

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from stabilitycheck.watching import Watcher
+from stabilitycheck.watching import Watcher, watch
 from stabilitycheck.watchlog import Report
 
 
@@ -43,7 +43,7 @@ class WatchCallback(TrainerCallback):  # type: ignore[misc, unused-ignore]  # un
         wrapper = kwargs.get("optimizer")
         optimizer = getattr(wrapper, "optimizer", wrapper)  # accelerate's wrapper holds the torch one
         options = {"scaler": getattr(wrapper, "scaler", None), **self.options}  # accelerate's, if any
-        self.watcher = Watcher(model, optimizer, hook_optimizer=False, **options).__enter__()
+        self.watcher = watch(model, optimizer, hook_optimizer=False, **options).__enter__()
         self._handle = model.register_forward_hook(self._on_output)
 
     def _on_output(self, module: nn.Module, args: Any, output: Any) -> None:

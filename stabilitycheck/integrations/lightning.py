@@ -10,7 +10,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from stabilitycheck.watching import Watcher
+from stabilitycheck.watching import Watcher, watch
 from stabilitycheck.watchlog import Report
 
 
@@ -24,7 +24,7 @@ class WatchCallback(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        self.watcher = Watcher(pl_module, optimizer, hook_optimizer=False, **self.options).__enter__()
+        self.watcher = watch(pl_module, optimizer, hook_optimizer=False, **self.options).__enter__()
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
         if self.watcher is not None:
