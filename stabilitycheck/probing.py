@@ -34,6 +34,7 @@ from stabilitycheck.recording import STACK_MIN, _dense, _layout, _per_block, _Re
 from stabilitycheck.recording import accumulator as accumulator
 from stabilitycheck.recording import block_of as block_of
 from stabilitycheck.recording import call_model as call_model
+from stabilitycheck.rng import rng_state, set_rng_state
 from stabilitycheck.subject import Subject, find_blocks
 from stabilitycheck.subjects import resolve
 
@@ -248,20 +249,6 @@ def _locate(
     return None
 
 
-class _RandomState:
-    """The random generators' state now (the CPU's, and `device`'s on CUDA), to draw the same again."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state(self.cuda, self.device)
-
-
 AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -322,14 +309,14 @@ def probe_module(
                 torch.cuda.default_generators[index].manual_seed(seed)
             # weights are measured after the last update; at steps=0 they are the caller's own
             for step in range(steps + 1):
-                rng = _RandomState(device)  # a re-run of the step draws what it drew (dropout masks)
+                drawn = rng_state()  # a re-run of the step draws what it drew (dropout masks)
                 last = _run_step(run, hooks=step == 0, weights=0 < step == steps)
                 if step == 0:
                     first = last  # the per-block profile
                 scales.append(last.scale)
                 found = None if last.finite else _locate(step, last, names, owner, scaler is None)
                 if found is not None:  # name it, in float64
-                    rng.restore()
+                    set_rng_state(drawn)
                     last = _run_step(run, hooks=True, exact=True, weights=True)
                     if step == 0:
                         first = last
@@ -340,7 +327,7 @@ def probe_module(
                     # the scaled gradients overflowed (the scaler skips this step): the total norm (at
                     # step 0 the per-block profile too) from an unscaled float64-norm re-run of the same
                     # step; non-finite there too, at scale 1, the dtype cannot hold the gradient: a finding
-                    rng.restore()
+                    set_rng_state(drawn)
                     unscaled = _run_step(run, hooks=step == 0, exact=True)
                     if step == 0:
                         first = unscaled

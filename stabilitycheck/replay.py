@@ -98,9 +98,9 @@ def replay(path: Path | str) -> Replayed:
     each from the RNG state its forward began with."""
     import torch
 
+    from stabilitycheck.rng import set_rng_state
     from stabilitycheck.subject import find_blocks
     from stabilitycheck.watching import Watcher
-    from stabilitycheck.watchstate import set_rng_state
 
     meta, data = _read(Path(path))
     model = data["model"]
@@ -144,7 +144,7 @@ def replay(path: Path | str) -> Replayed:
 
 def _first_call(state: dict[str, Any] | None) -> Any:
     """A forward pre-hook setting `state` at the model's first call only (a micro-batch's forward)."""
-    from stabilitycheck.watchstate import set_rng_state
+    from stabilitycheck.rng import set_rng_state
 
     done: list[bool] = []
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from stabilitycheck._json import strict_json
 from stabilitycheck.errors import UsageError
+from stabilitycheck.rng import rng_state
 
 FORMAT = "stabilitycheck-watch-bundle/3"  # 2: every micro-batch, with its loss; 3: and its RNG state
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
@@ -89,20 +90,6 @@ def _without_hooks(model: nn.Module) -> Iterator[None]:
     finally:
         for m, name, value in saved:
             setattr(m, name, value)
-
-
-def rng_state() -> dict[str, Any]:
-    """The CPU's and, where CUDA is in use, every GPU's random state (`set_rng_state` restores it)."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    return {"cpu": torch.get_rng_state(), "cuda": cuda}
-
-
-def set_rng_state(state: dict[str, Any] | None) -> None:
-    """Restore a state `rng_state` recorded (the GPUs' where recorded and present; None: nothing)."""
-    if state is not None and state.get("cpu") is not None:
-        torch.set_rng_state(state["cpu"])
-    if state is not None and state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class Snapshot:
