@@ -53,3 +53,45 @@ def time_limit(seconds: float | None) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+class Termination:
+    """While open, SIGTERM ends the process as sys.exit(143) would, so `with` blocks and finally
+    clauses still run (a watched run writes its log and report) where it would otherwise be killed
+    at once: only where SIGTERM has the default handler (one a user or a framework installed is
+    theirs) and in the main thread. A signal that lands in a gc callback, where an exception is
+    dropped, is raised at the next `check`; one after the first is ignored while the run stops."""
+
+    CODE = 128 + signal.SIGTERM  # the shell's status of a process SIGTERM killed: 143
+
+    def __init__(self) -> None:
+        self.installed = False
+        self.fired = False
+        self.pending = False
+
+    def open(self) -> None:
+        main = threading.current_thread() is threading.main_thread()
+        if main and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, self._on_term)
+            self.installed = True
+
+    def _on_term(self, signum: int, frame: Any) -> None:
+        if self.fired:
+            return
+        self.fired = True
+        if in_gc_callback(frame):
+            self.pending = True
+            return
+        raise SystemExit(self.CODE)
+
+    def check(self) -> None:
+        """Raise a SIGTERM that landed in a gc callback."""
+        if self.pending:
+            self.pending = False
+            raise SystemExit(self.CODE)
+
+    def close(self) -> None:
+        """Give SIGTERM back its default handler, unless someone installed another since."""
+        if self.installed and signal.getsignal(signal.SIGTERM) == self._on_term:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        self.installed = False

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from stabilitycheck import distributed
+from stabilitycheck.alarms import Termination
 from stabilitycheck.distributed import Layout
 from stabilitycheck.errors import UsageError
 from stabilitycheck.recording import block_of
@@ -125,6 +126,7 @@ class Watcher:
         self._original_step: Any = None
         self._step: Any = None
         self.report: Report | None = None
+        self._termination = Termination()  # SIGTERM stops the run as sys.exit(143): the report is out
 
     # ------------------------------------------------------------------------------------ hooks
 
@@ -132,6 +134,8 @@ class Watcher:
         if self._open or self.report is not None:
             raise UsageError("watch: a watcher runs once; make a new one with watch(...) for another run")
         self._open = True
+        if self.world == 1:  # under torch.distributed a rank stopping alone would hang the others' flush
+            self._termination.open()
         self._handles += self.capture.attach(self.model)
         if self.snapshot is not None:
             self._handles.append(self.model.register_forward_pre_hook(self._on_model_call))
@@ -204,11 +208,14 @@ class Watcher:
         self._scaler_step = None
         if self.fused and self.skip and self.optimizer is not None:
             self.optimizer.__dict__.pop("found_inf", None)
-        self.flush()
-        if self.report is None:
-            if self.step == 0:
-                self._no_step()
-            self.report = self.out.finish(self.host_reads)
+        try:
+            self.flush()
+            if self.report is None:
+                if self.step == 0:
+                    self._no_step()
+                self.report = self.out.finish(self.host_reads)
+        finally:
+            self._termination.close()
         return self.report
 
     def _no_step(self) -> None:
@@ -279,6 +286,7 @@ class Watcher:
         return factors, skipped
 
     def _close_step(self, scaler_skipped: bool) -> torch.Tensor | None:
+        self._termination.check()
         self._stepped = True
         self.weights_measured = self.step % self.weights_every == 0
         flagged = None

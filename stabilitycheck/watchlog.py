@@ -122,6 +122,7 @@ class Log:
         self.order, self.scaled = layout.causal_order(), layout.scaled()
         self.writes = rank == 0  # under torch.distributed rank 0 writes; every rank gets the report
         self.file = _open_log(log) if log is not None and self.writes else None
+        self.lines: list[str] = []  # the rows of the flush being read, written together at its end
         owners = [*blocks, OUTSIDE]  # the first row also says which block each entry of its lists is
         self.columns_of = {
             "activation": blocks,
@@ -156,6 +157,7 @@ class Log:
             flags = [v != 0.0 for v in row[n : 2 * n]]
             limits = (row[2 * n : 3 * n], row[3 * n : 4 * n])
             self._record(first + i, row[:n], flags, limits, None, row[-1] != 0.0)
+        self._write_lines()
 
     def add_ranks(self, first: int, host: list[list[list[float]]]) -> None:
         """Rows of squared local norms and 'skipped by the scaler' (rank, step, width + 1):
@@ -187,6 +189,7 @@ class Log:
         for i in range(rows.shape[0]):
             ranks = [r[i] for r in host] if self.world > 1 else None
             self._record(first + i, values[i], flags[i], (means[i], thresholds[i]), ranks, skipped[i])
+        self._write_lines()
 
     def _finding(
         self,
@@ -252,8 +255,16 @@ class Log:
                 row["weight"] = None  # not measured at this step (see watch's weights_every)
             if step == 0:
                 row["columns"] = self.columns_of
+            self.lines.append(strict_json(row, indent=None) + "\n")
+
+    def _write_lines(self) -> None:
+        """Write a flush's rows in one call and hand them to the OS: a run killed later leaves whole
+        lines up to its last flush, never a cut one."""
+        lines, self.lines = "".join(self.lines), []
+        if self.file is not None and lines:
             try:
-                self.file.write(strict_json(row, indent=None) + "\n")
+                self.file.write(lines)
+                self.file.flush()
             except OSError as error:
                 self._close_log(error)
 

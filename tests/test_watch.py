@@ -7,7 +7,13 @@ import importlib.util
 import io
 import json
 import math
+import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,6 +22,7 @@ import pytest
 import torch
 from test_probe import NanBackward
 from test_watch_rule import reference_steps
+from torch import nn
 from torch.overrides import TorchFunctionMode
 from watch_models import MLP, Fault, PreNorm, batch, compute_loss, report_of, train
 
@@ -641,3 +648,87 @@ def test_a_watcher_not_open_refuses_a_loss_or_a_step_in_one_line() -> None:
     with pytest.raises(UsageError, match="after it closed") as caught:
         w.loss(loss)
     assert "\n" not in str(caught.value)
+
+
+def _steps(w: Any, model: nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
+    """Plain SGD steps of `model` under the open watcher `w`."""
+    for step in steps:
+        loss = compute_loss(model, batch(torch.Generator().manual_seed(step), model))
+        w.loss(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_the_log_holds_whole_rows_up_to_the_last_flush_while_the_run_goes_on(tmp_path: Path) -> None:
+    """A run killed between flushes leaves every flushed row on disk, none cut (rows sat in the file's
+    buffer, written out 8 KiB at a time, mid-row)."""
+    torch.manual_seed(0)
+    model = MLP(depth=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    log = tmp_path / "watch.jsonl"
+    with watch(model, opt, log=log, flush_every=10, report=None) as w:
+        _steps(w, model, opt, range(25))
+        text = log.read_text()
+        assert text.endswith("\n")
+        assert [json.loads(line)["step"] for line in text.splitlines()] == list(range(20))
+
+
+def test_sigterm_is_handled_only_while_watching_and_only_where_no_handler_is_installed() -> None:
+    model = MLP(depth=2)
+    with watch(model, report=None):
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    theirs = lambda *_: None  # noqa: E731
+    previous = signal.signal(signal.SIGTERM, theirs)
+    try:
+        with watch(model, report=None):
+            assert signal.getsignal(signal.SIGTERM) is theirs
+        assert signal.getsignal(signal.SIGTERM) is theirs
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+RUN_UNTIL_KILLED = """
+import sys, torch
+from pathlib import Path
+from watch_models import MLP, batch, compute_loss
+from stabilitycheck import watch
+torch.manual_seed(0)
+model = MLP(depth=3)
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+marker = Path(sys.argv[2])
+with watch(model, opt, log=sys.argv[1], flush_every=10, report=sys.stderr) as w:
+    step = 0
+    while True:
+        loss = compute_loss(model, batch(torch.Generator().manual_seed(step), model))
+        w.loss(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step += 1
+        if step == 35:
+            marker.touch()
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or sys.platform == "win32", reason="POSIX signals")
+def test_a_watched_run_stopped_by_sigterm_writes_its_log_and_report(tmp_path: Path) -> None:
+    """SIGTERM (a scheduler's stop, a CI timeout) killed a watched run at once: no report, the log cut
+    mid-row. Now the run ends as sys.exit(143): every step flushed at the end, the report out."""
+    script, log, marker = tmp_path / "run.py", tmp_path / "watch.jsonl", tmp_path / "started"
+    script.write_text(RUN_UNTIL_KILLED)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(log), str(marker)], env=env, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    said = re.search(r"stabilitycheck watch: (\d+) steps", err)
+    assert said is not None, err
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(int(said.group(1)))) and len(rows) >= 35
