@@ -35,7 +35,7 @@ from stabilitycheck.recording import accumulator as accumulator
 from stabilitycheck.recording import block_of as block_of
 from stabilitycheck.recording import call_model as call_model
 from stabilitycheck.rng import rng_state, set_rng_state
-from stabilitycheck.subject import Subject, find_blocks
+from stabilitycheck.subject import Subject, find_blocks, own_blocks
 from stabilitycheck.subjects import resolve
 
 
@@ -273,7 +273,7 @@ def probe_module(
     `amp` ('bfloat16' or 'float16') runs the forward under torch.autocast; float16 also uses a
     torch.amp.GradScaler, whose loss scale is recorded per step, with the steps it skipped.
     """
-    blocks = tuple(blocks) if blocks is not None else find_blocks(model)[0]
+    blocks = own_blocks(model, blocks, "probe_module") if blocks is not None else find_blocks(model)[0]
     names = tuple(name for name, _ in blocks)
     layout = _layout(model, blocks)
     params, owner = layout.params, layout.owner

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from stabilitycheck.config import Config
+from stabilitycheck.errors import UsageError
 from stabilitycheck.families import Scalar
 from stabilitycheck.losses import Inputs, LossFn
 
@@ -156,6 +157,28 @@ def _nth_uses(mods: list[nn.Module]) -> list[int]:
         seen[id(m)] = seen.get(id(m), 0) + 1
         out.append(seen[id(m)])
     return out
+
+
+def own_blocks(model: nn.Module, blocks: Any, who: str) -> Blocks:
+    """`blocks` as (name, module) pairs of the model's own submodules, input side first; anything
+    else is a one-line UsageError from `who` (a block the model never calls would read as a flat,
+    stable chain)."""
+    pairs = tuple(tuple(pair) if isinstance(pair, list) else pair for pair in blocks)
+    owned = {id(m) for m in model.modules()}
+    for pair in pairs:
+        if not (
+            isinstance(pair, tuple)
+            and len(pair) == 2
+            and isinstance(pair[0], str)
+            and isinstance(pair[1], nn.Module)
+            and id(pair[1].weighted if isinstance(pair[1], Layer) else pair[1]) in owned
+        ):
+            got = f"a {type(pair).__name__}" if isinstance(pair, nn.Module) else repr(pair).splitlines()[0]
+            raise UsageError(
+                f"{who}: blocks must be (name, module) pairs of the model's own submodules, input side "
+                f"first, got {got}; e.g. blocks=[(f'blocks.{{i}}', b) for i, b in enumerate(model.blocks)]"
+            )
+    return pairs
 
 
 def find_blocks(model: nn.Module) -> tuple[Blocks, str]:

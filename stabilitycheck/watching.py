@@ -30,12 +30,11 @@ from stabilitycheck.distributed import Layout
 from stabilitycheck.errors import UsageError
 from stabilitycheck.recording import block_of
 from stabilitycheck.spikes import SpikeRule
-from stabilitycheck.subject import find_blocks
+from stabilitycheck.subject import find_blocks, own_blocks
 from stabilitycheck.watchcapture import Capture
 from stabilitycheck.watchlog import Log, Report
 from stabilitycheck.watchoptions import (
     check_arguments,
-    check_blocks,
     check_loss,
     check_modes,
     check_skip,
@@ -74,7 +73,7 @@ class Watcher:
         default = 1 if bundle is not None else flush_every
         self.weights_every = default if weights_every is None else count("weights_every", weights_every)
         self.model, self.optimizer, self.rule = model, optimizer, rule or SpikeRule()
-        self.blocks = check_blocks(model, blocks) if blocks is not None else find_blocks(model)[0]
+        self.blocks = own_blocks(model, blocks, "watch") if blocks is not None else find_blocks(model)[0]
         # frozen parameters too: they have no gradient, but their weights count in their block's
         # weight norm (a frozen block's is its real norm, not 0)
         self.params = list(model.parameters())

@@ -46,26 +46,6 @@ def check_arguments(model: Any, optimizer: Any, rule: Any, report: Any, scaler: 
         raise UsageError(f"watch: scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
 
 
-def check_blocks(model: nn.Module, blocks: Any) -> tuple[tuple[str, nn.Module], ...]:
-    """`blocks` as (name, module) pairs of the model's own submodules, input side first."""
-    pairs = tuple(tuple(pair) if isinstance(pair, list) else pair for pair in blocks)
-    owned = {id(m) for m in model.modules()}
-    for pair in pairs:
-        if not (
-            isinstance(pair, tuple)
-            and len(pair) == 2
-            and isinstance(pair[0], str)
-            and isinstance(pair[1], nn.Module)
-            and id(pair[1]) in owned
-        ):
-            got = f"a {type(pair).__name__}" if isinstance(pair, nn.Module) else repr(pair).splitlines()[0]
-            raise UsageError(
-                f"watch: blocks must be (name, module) pairs of the model's own submodules, input side "
-                f"first, got {got}; e.g. blocks=[(f'blocks.{{i}}', b) for i, b in enumerate(model.blocks)]"
-            )
-    return pairs
-
-
 def check_skip(skip: Any) -> bool:
     """skip= as a bool (True or False, not a truthy string)."""
     if not isinstance(skip, bool):

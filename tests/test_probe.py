@@ -527,3 +527,16 @@ def test_norm_values_stacked_and_fused_equal_float64_norms() -> None:
     expect = [float(torch.linalg.vector_norm(t.double())) for t in tensors]
     assert got[2:] == pytest.approx(expect, rel=1e-6, abs=0)
     assert recording.norm_values(tensors, True)[:3] == pytest.approx(expect[:3], rel=1e-12, abs=0)
+
+
+def test_blocks_that_are_not_the_models_own_are_a_usage_error() -> None:
+    """Blocks of a copy of the model are never called: the probe read growth 1.0 (flat, stable) from
+    zero gradient norms whatever the model did."""
+    built = build(zoo("mlp", depth=3, init_scale=4.0))
+    other = copy.deepcopy(built.model)
+    foreign = [(f"layers.{i}", m) for i, m in enumerate(other.layers)]
+    with pytest.raises(UsageError, match=r"probe_module: blocks must be .* the model.s own submodules"):
+        probe_module(built.model, built.inputs, built.loss_fn, blocks=foreign)
+    own = [(f"layers.{i}", m) for i, m in enumerate(built.model.layers)]
+    m = probe_module(built.model, built.inputs, built.loss_fn, blocks=own)
+    assert m.growth > 1.0 and all(g > 0 for g in m.layer_grad_norms)
