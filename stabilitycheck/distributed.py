@@ -102,13 +102,20 @@ class Layout:
         return order + span["activation_grad"][::-1] + span["gradient"] + span["grad_norm"]
 
 
-def to_series(rows: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """Rows (..., W, width) of squared local norms to series (..., n_series) of full-model values."""
+def to_series(rows: torch.Tensor, layout: Layout, passed: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows (..., W, width) of squared local norms to series (..., n_series) of full-model values; the
+    loss is the mean over the ranks that passed one (`passed` (..., W), 1.0 where a rank did; all
+    ranks when None): a rank logging nothing adds no zero to it."""
     p = layout.parts()
     w = rows.shape[-2]
     summed = rows.sum(-2)
     out = torch.empty((*summed.shape[:-1], layout.n_series), dtype=rows.dtype, device=rows.device)
-    out[..., p["loss"]] = summed[..., p["loss"]] / w
+    losses = rows[..., p["loss"]]
+    if passed is None:
+        out[..., p["loss"]] = losses.sum(-2) / w
+    else:
+        n = passed.sum(-1, keepdim=True).clamp(min=1)
+        out[..., p["loss"]] = torch.where(passed.unsqueeze(-1) != 0, losses, 0.0).sum(-2) / n
     squares = summed[..., 1:]
     squares[..., p["activation_grad"].start - 1 : p["activation_grad"].stop - 1] /= w * w
     out[..., 1 : layout.width] = squares.sqrt()

@@ -96,9 +96,10 @@ class Watcher:
         # skip= and bundle= need each step's flag on the device: the rule runs there, per step; else
         # it runs at the flush on the host, vectorised over the flushed steps (spikes.update_many)
         on_device = self.skip or bundle is not None
-        # a row: the squared norms (or the series, their flags, and the mean and threshold each was
-        # judged against), then 1.0 if the scaler skipped it
-        width = (self.layout.n_series * 4 if on_device else self.layout.width) + 1
+        # a row: the series, their flags, and the mean and threshold each was judged against (on the
+        # device), or the squared norms and 1.0 if a loss was passed (the mean loss is over the ranks
+        # that passed one); then 1.0 if the scaler skipped it
+        width = (self.layout.n_series * 4 if on_device else self.layout.width + 1) + 1
         self.buffer = torch.zeros(flush_every, width, dtype=torch.float64, device=self.device)
         # with a scaler, each step's factors on its squared norms (applied once they are settled)
         self.factors: torch.Tensor | None = None  # allocated when a scaler is adopted (_adopt)
@@ -292,7 +293,9 @@ class Watcher:
         slot = self._filled
         amp = self._loss_scale(scaler_skipped)
         if self.state is None:
-            self._close(self.buffer[slot, :-1])  # zeroed at the last flush; written at the next
+            self._close(self.buffer[slot, : self.layout.width])  # zeroed at the last flush
+            if self._loss_seen:
+                self.buffer[slot, -2].fill_(1.0)
             if amp is not None and self.factors is not None:
                 self.factors[slot].copy_(amp[0])
                 self.buffer[slot, -1].copy_(amp[1])
@@ -377,9 +380,10 @@ class Watcher:
             return
         data = self.buffer[:n]
         if self.state is None:
-            self.capture.settle(data[:, :-1])
+            norms = data[:, : self.layout.width]
+            self.capture.settle(norms)
             if self.factors is not None:
-                data[:, :-1] *= self.factors[:n]
+                norms *= self.factors[:n]
             data = distributed.gather(data)
         self.host_reads += 1
         host = data.tolist()  # the one host read of this flush

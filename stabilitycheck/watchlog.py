@@ -160,11 +160,14 @@ class Log:
         self._write_lines()
 
     def add_ranks(self, first: int, host: list[list[list[float]]]) -> None:
-        """Rows of squared local norms and 'skipped by the scaler' (rank, step, width + 1):
+        """Rows of squared local norms, 'a loss was passed' and 'skipped by the scaler' (rank, step,
+        width + 2):
         combined, then the rule, on the host."""
-        full = torch.tensor(host, dtype=torch.float64).transpose(0, 1)  # (step, rank, width + 1)
-        rows, off = full[..., :-1], full[..., -1].amax(1) != 0
-        series = to_series(rows, self.layout)
+        full = torch.tensor(host, dtype=torch.float64).transpose(0, 1)  # (step, rank, width + 2)
+        rows, passed, off = full[..., :-2], full[..., -2], full[..., -1].amax(1) != 0
+        series = to_series(rows, self.layout, passed)
+        for i, any_rank in enumerate((passed.amax(1) != 0).tolist()):  # a loss passed on any rank
+            self.loss_seen[first + i] = any_rank
         weight = self.layout.parts()["weight"]
         # unmeasured weight norms: the last measured ones stand in (row 0 of `known`: before these)
         known = torch.cat([torch.zeros_like(series[:1, weight]), series[:, weight]])

@@ -42,8 +42,15 @@ def _data(step: int, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor
     return x.double(), y.double()
 
 
-def _run(model: torch.nn.Module, log: Path | None, rank: int | None, fault: Fault | None = None) -> Watcher:
-    """STEPS SGD steps on the whole batch (rank None) or on this rank's half of it."""
+def _run(
+    model: torch.nn.Module,
+    log: Path | None,
+    rank: int | None,
+    fault: Fault | None = None,
+    passed: list[float] | None = None,
+) -> Watcher:
+    """STEPS SGD steps on the whole batch (rank None) or on this rank's half of it; with `passed`,
+    the loss is given to w.loss() on rank 0 alone and kept there in `passed`."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     inner = getattr(model, "module", model)  # DDP's forward must run (it syncs the gradients)
     handle = inner.blocks[1].register_forward_hook(fault) if fault is not None else None
@@ -55,7 +62,11 @@ def _run(model: torch.nn.Module, log: Path | None, rank: int | None, fault: Faul
             if rank is not None:
                 x, y = x[rank * HALF : (rank + 1) * HALF], y[rank * HALF : (rank + 1) * HALF]
             loss = compute_loss(model, (x, y))
-            w.loss(loss)
+            if passed is None:
+                w.loss(loss)
+            elif rank == 0:
+                w.loss(loss)
+                passed.append(loss.item())
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -112,6 +123,10 @@ def _worker(rank: int, port: int, out: str) -> None:
     fully_shard(model)
     _run(model, Path(out) / "fsdp.jsonl" if rank == 0 else None, rank)
     result["fsdp_phases"] = dict(phases)
+    torch.manual_seed(0)
+    result["rank0_losses"] = losses = []
+    log = Path(out) / "rank0.jsonl" if rank == 0 else None
+    _run(DistributedDataParallel(MLP(depth=3).double()), log, rank, passed=losses)
     loss = compute_loss(model, tuple(t[rank * HALF : (rank + 1) * HALF] for t in _data(0, model)))
     loss.backward()
     params = list(model.parameters())
@@ -202,3 +217,13 @@ def test_clip_grad_norm_returns_the_full_model_norm_under_fsdp2(ranks: Any) -> N
     assert results[0]["clip"] == pytest.approx(results[1]["clip"], rel=1e-12)
     for result in results:
         assert result["broken_clip"].startswith("clip_grad_norm_ returned")
+
+
+def test_a_loss_passed_on_one_rank_alone_is_that_ranks_loss(ranks: Any) -> None:
+    """Logging on rank 0 alone (a common habit): the loss read half of rank 0's, the other rank's
+    missing loss counted as 0 in a mean over both ranks (found by a trial). The mean is over the
+    ranks that passed one."""
+    out, results = ranks
+    rows = _rows(out / "rank0.jsonl")
+    assert [r["loss_passed"] for r in rows] == [True] * STEPS
+    assert [r["loss"] for r in rows] == pytest.approx(results[0]["rank0_losses"], rel=1e-12)
