@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -47,7 +48,9 @@ class Outputs:
 
         self.args = args
         self.summary = os.environ.get("GITHUB_STEP_SUMMARY")
-        self.failures: list[str] = []
+        self.failures: dict[
+            str, str
+        ] = {}  # per output, its first failure (a JSON rewritten often fails alike)
         check_outputs((("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)))
 
     def save(self, results: Sequence[Any]) -> None:
@@ -58,7 +61,8 @@ class Outputs:
             self._attempt("--json", lambda: _atomic_write(self.args.json, report.to_json(results)))
 
     def final(self, results: Sequence[Any]) -> None:
-        """Everything: JSON, Markdown, plot, then the report on stdout (a closed pipe loses only that)."""
+        """Everything: JSON, Markdown, the report on stdout (a closed pipe loses only that), then the
+        plot, the slowest (a second Ctrl-C while it draws loses only the image)."""
         from stabilitycheck import report
 
         self.save(results)
@@ -67,15 +71,15 @@ class Outputs:
             self._attempt("--markdown", lambda: self.args.markdown.write_text(md))
         if self.summary and Path(self.summary) != self.args.markdown:
             self._attempt("GITHUB_STEP_SUMMARY", lambda: _append(Path(self.summary or ""), md))
-        if self.args.plot:
-            from stabilitycheck.plot import plot
-
-            self._attempt("--plot", lambda: plot(results, self.args.plot))
         try:
             print(report.text(results), flush=True)
         except BrokenPipeError:
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (the interpreter flushes stdout at exit)
-        for failure in self.failures:
+        if self.args.plot:
+            from stabilitycheck.plot import plot
+
+            self._attempt("--plot", lambda: plot(results, self.args.plot))
+        for failure in self.failures.values():
             sys.stderr.write(f"stabilitycheck: error: {failure}\n")
 
     def _attempt(self, what: str, write: Callable[[], object]) -> None:
@@ -84,7 +88,7 @@ class Outputs:
         try:
             write()
         except Exception as exc:
-            self.failures.append(f"{what}: writing it failed: {describe(exc)}")
+            self.failures.setdefault(what, f"{what}: writing it failed: {describe(exc)}")
 
 
 def check_outputs(named: Sequence[tuple[str, Path | None]]) -> None:
@@ -92,9 +96,17 @@ def check_outputs(named: Sequence[tuple[str, Path | None]]) -> None:
     (the image); else a one-line UsageError naming the flag."""
     from stabilitycheck.errors import UsageError
 
+    seen: dict[Path, str] = {}
     for flag, path in named:
-        if path is not None and not _writable(path):
+        if path is None:
+            continue
+        if not _writable(path):
             raise UsageError(f"{flag} {path}: cannot write there (no such directory or no permission)")
+        same = seen.setdefault(path.resolve(), flag)
+        if same != flag:
+            raise UsageError(
+                f"{same} and {flag} both name {path}: one would overwrite the other; give each its own file"
+            )
     flag, image = named[-1]
     if image is not None:
         try:
@@ -111,8 +123,16 @@ def check_outputs(named: Sequence[tuple[str, Path | None]]) -> None:
 
 
 def _writable(path: Path) -> bool:
+    """A file can be made in the path's folder (where the atomic write makes its temporary one) and
+    the path is no directory: tried, since permission bits say nothing of /proc or a read-only mount."""
     folder = path.parent if str(path.parent) else Path(".")
-    return folder.is_dir() and os.access(folder, os.W_OK) and not path.is_dir()
+    if not folder.is_dir() or path.is_dir():
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -156,12 +156,12 @@ def run(argv: Sequence[str]) -> int:
     save(pm)
     if args.markdown:
         args.markdown.write_text(maptext.markdown(pm))
-    if args.png:
+    progress.say(maptext.cost(pm))
+    print(maptext.text(pm), flush=True)
+    if args.png:  # the slowest, last: a second Ctrl-C while it draws loses only the image
         from stabilitycheck.plot_map import plot_map
 
         plot_map(pm, args.png)
-    progress.say(maptext.cost(pm))
-    print(maptext.text(pm), flush=True)
     if pm.interrupted:
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     return EXIT_FOUND if any(p.criteria for p in pm.points) else EXIT_OK  # as the search's CLI

@@ -653,3 +653,39 @@ def test_a_signal_inside_a_gc_callback_is_deferred_to_the_searchs_check() -> Non
             cli._on_signal(signal.SIGINT, sys._getframe())
     finally:
         cli._SIGNALLED.clear()
+
+
+def test_two_outputs_naming_one_file_are_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--json F --markdown F ran the search, then the Markdown overwrote the JSON."""
+    same = str(tmp_path / "same.json")
+    code, out, err = _run([str(_file(tmp_path)), "--json", same, "--markdown", same, "--quiet"], capsys)
+    assert code == cli.EXIT_USAGE and "--json and --markdown both name" in err and err.count("\n") == 1
+    assert not out and not Path(same).exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc, where no file can be made")
+def test_an_output_whose_folder_takes_no_new_file_is_refused_before_the_search(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Permission bits said /proc was writable (to root): the search ran, then each rewrite of the
+    JSON failed and said so, 9 lines of the same error."""
+    code, out, err = _run([str(_file(tmp_path)), "--json", "/proc/version", "--quiet"], capsys)
+    assert code == cli.EXIT_USAGE and "--json /proc/version: cannot write there" in err
+    assert err.count("\n") == 1 and not out
+
+
+def test_the_table_is_printed_before_the_plot_is_drawn(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second Ctrl-C while the plot drew (the slowest output) lost the table on stdout too."""
+    from stabilitycheck import plot
+
+    def interrupted(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plot, "plot", interrupted)
+    args = [str(_file(tmp_path)), "--database", "none", "--seeds", "1", "--quiet"]
+    code, out, _ = _run([*args, "--plot", str(tmp_path / "p.png")], capsys)
+    assert code == cli.EXIT_INTERRUPTED and "depth=" in out
