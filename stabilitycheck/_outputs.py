@@ -109,17 +109,25 @@ def check_outputs(named: Sequence[tuple[str, Path | None]]) -> None:
             )
     flag, image = named[-1]
     if image is not None:
-        try:
-            import matplotlib  # noqa: F401
-            from matplotlib.figure import Figure
-        except ImportError:
-            raise UsageError(f"{flag} needs matplotlib: pip install 'stabilitycheck[plot]'") from None
-        kinds = Figure().canvas.get_supported_filetypes()
-        if image.suffix.lstrip(".").lower() not in kinds:
-            raise UsageError(
-                f"{flag} {image}: matplotlib cannot write {image.suffix or 'a file without a suffix'}; "
-                "name it .png, .pdf or .svg"
-            )
+        check_image(flag, image)
+
+
+def check_image(flag: str, image: Path) -> None:
+    """matplotlib is installed and writes `image`'s format (told by its suffix); else a one-line
+    UsageError naming `flag`, before any work rather than when the image is drawn at the end."""
+    from stabilitycheck.errors import UsageError
+
+    try:
+        import matplotlib  # noqa: F401
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UsageError(f"{flag} needs matplotlib: pip install 'stabilitycheck[plot]'") from None
+    kinds = Figure().canvas.get_supported_filetypes()
+    if image.suffix.lstrip(".").lower() not in kinds:
+        raise UsageError(
+            f"{flag} {image}: matplotlib cannot write {image.suffix or 'a file without a suffix'}; "
+            "name it .png, .pdf or .svg"
+        )
 
 
 def _writable(path: Path) -> bool:

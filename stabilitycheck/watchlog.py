@@ -3,7 +3,6 @@ and the heatmap. Everything here runs on Python floats after the flush's one hos
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import warnings
@@ -14,6 +13,7 @@ from typing import Any, TextIO
 import torch
 
 from stabilitycheck._json import strict_json
+from stabilitycheck._outputs import check_image
 from stabilitycheck.distributed import Layout, nonfinite_rank, to_series
 from stabilitycheck.errors import UsageError
 from stabilitycheck.spikes import SpikeRule, SpikeState
@@ -295,7 +295,7 @@ class Log:
 
             try:
                 heatmap(self.columns, self.blocks, self.result, self.heatmap)
-            except OSError as error:
+            except Exception as error:  # whatever drawing it raised: never a crash of the training run
                 warnings.warn(f"watch: the heatmap could not be written ({error})", stacklevel=3)
         return self.result
 
@@ -312,10 +312,7 @@ def _open_log(path: str | Path) -> TextIO:
 def _heatmap_path(path: str | Path) -> Path:
     """The heatmap's path, checked when watch starts (it is drawn at the end of the run)."""
     out = Path(path)
-    if importlib.util.find_spec("matplotlib") is None:
-        raise UsageError(
-            "watch(heatmap=...) needs matplotlib; install the extra: pip install 'stabilitycheck[plot]'"
-        )
+    check_image("watch(heatmap=...)", out)
     folder = out.parent
     if not folder.is_dir() or not os.access(folder, os.W_OK) or out.is_dir():
         raise UsageError(

@@ -380,6 +380,9 @@ def test_unwritable_log_and_heatmap_paths_are_usage_errors_when_watch_starts(tmp
     if importlib.util.find_spec("matplotlib") is not None:
         with pytest.raises(UsageError, match="cannot write the heatmap"):
             watch(model, opt, heatmap=tmp_path / "missing" / "h.png")
+        # a format matplotlib cannot write: accepted, then a ValueError out of the loop at its end
+        with pytest.raises(UsageError, match=r"watch\(heatmap=...\) .*h.txt: matplotlib cannot write .txt"):
+            watch(model, opt, heatmap=tmp_path / "h.txt")
 
 
 def test_a_heatmap_that_cannot_be_written_at_exit_is_a_warning_after_the_report(tmp_path: Path) -> None:
