@@ -95,3 +95,24 @@ class Termination:
         if self.installed and signal.getsignal(signal.SIGTERM) == self._on_term:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
         self.installed = False
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive in the block are held and raised again as it ends, with the
+    handlers in place before it: bookkeeping that must not stop half-way (a flush whose rows are
+    read once) finishes first. Main thread only, and only signals whose handler Python set."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    previous = {s: h for s in (signal.SIGINT, signal.SIGTERM) if (h := signal.getsignal(s)) is not None}
+    for s in previous:
+        signal.signal(s, lambda signum, frame: got.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for signum in dict.fromkeys(got):
+            signal.raise_signal(signum)

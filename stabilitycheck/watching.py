@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from stabilitycheck import distributed
-from stabilitycheck.alarms import Termination
+from stabilitycheck.alarms import Termination, signals_held
 from stabilitycheck.distributed import Layout
 from stabilitycheck.errors import UsageError
 from stabilitycheck.recording import block_of
@@ -374,7 +374,13 @@ class Watcher:
         return step
 
     def flush(self) -> None:
-        """Read the buffered steps (one host read; one all_gather first under torch.distributed)."""
+        """Read the buffered steps (one host read; one all_gather first under torch.distributed).
+        Ctrl-C or SIGTERM waits until the flush is done: its rows are read once, and one cut short
+        was in the report, not in the log."""
+        with signals_held():
+            self._flush()
+
+    def _flush(self) -> None:
         n, self._filled = self._filled, 0
         if n == 0:
             return

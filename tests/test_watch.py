@@ -735,3 +735,34 @@ def test_a_watched_run_stopped_by_sigterm_writes_its_log_and_report(tmp_path: Pa
     assert said is not None, err
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(int(said.group(1)))) and len(rows) >= 35
+
+
+def test_ctrl_c_during_a_flush_waits_until_its_rows_are_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C landing while a flush wrote its rows cut it: the report counted a step the log did not
+    hold (found by a trial). Oracle: the report's step count against the log's rows."""
+    from stabilitycheck import watchlog
+
+    real, calls = watchlog.strict_json, [0]
+
+    def interrupted(*args: Any, **kwargs: Any) -> str:
+        calls[0] += 1
+        if calls[0] == 3:  # inside the first flush, rows 0 and 1 written
+            signal.raise_signal(signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(watchlog, "strict_json", interrupted)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a plain python run
+    try:
+        torch.manual_seed(0)
+        model = MLP(depth=3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        log, stream = tmp_path / "watch.jsonl", io.StringIO()
+        with pytest.raises(KeyboardInterrupt), watch(model, opt, log=log, flush_every=5, report=stream) as w:
+            _steps(w, model, opt, range(20))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    said = re.search(r"stabilitycheck watch: (\d+) steps", stream.getvalue())
+    assert said is not None and int(said.group(1)) == 5
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == list(range(5))
