@@ -181,6 +181,7 @@ def run(argv: Sequence[str] | None, progress: Progress | None = None) -> int:
         return EXIT_FOUND if any(r.counterexample for r in results) else EXIT_OK
     from hypothesis.database import DirectoryBasedExampleDatabase
 
+    from stabilitycheck.report import outcome
     from stabilitycheck.searching import search
 
     require_steps(args)
@@ -218,11 +219,8 @@ def run(argv: Sequence[str] | None, progress: Progress | None = None) -> int:
             results.append(result)
             pending.clear()
             outputs.save(results)
-            found = result.counterexample
-            shown.say(
-                f"  {result.points} points, {result.probes} probes in {result.elapsed:.1f} s: "
-                + (f"{found.judgement.verdict.how} at {found.config.describe()}" if found else "stable")
-            )
+            spent = f"{result.points} points, {result.probes} probes in {result.elapsed:.1f} s"
+            shown.say(f"  {spent}: {outcome(result)}")
             _stop_if_terminated()
             if result.interrupted:
                 raise KeyboardInterrupt

@@ -51,29 +51,45 @@ def _precision(run: Run) -> str:
     return run.dtype if run.amp == "none" else f"amp:{run.amp}"
 
 
+def no_explosion(result: SearchResult) -> str:
+    """What a search that found no counterexample can say: stable up to its largest stable point,
+    or nothing tested (every point skipped), or interrupted (maybe on one seed alone so far)."""
+    tried = knobs(result, result.largest_stable) if result.largest_stable else "-"
+    j = result.largest_stable_judgement
+    stable = "stable " + (f"(tried up to {tried})" if tried else "(its one configuration: every knob fixed)")
+    if result.interrupted and result.largest_stable is None:
+        return "interrupted before any verdict"
+    if result.largest_stable is None and result.points and len(result.skipped) == result.points:
+        return f"nothing tested (every configuration tried, {result.points}, was skipped)"
+    if result.interrupted:  # the point may be judged on the screen's seed alone: say so
+        alone = j is not None and len(j.seeds) == 1 and result.space.base.run.seeds > 1
+        return "interrupted, " + (
+            stable.replace("stable", "stable on one seed so far", 1) if alone else stable
+        )
+    return stable
+
+
+def outcome(result: SearchResult) -> str:
+    """A search's result in one line (the CLI's summary after each search)."""
+    cx = result.counterexample
+    if cx is None:
+        return no_explosion(result)
+    cut = " (interrupted: not verified minimal)" if not result.minimal else ""
+    return f"{cx.judgement.verdict.how} at {cx.config.describe()}{cut}"
+
+
 def row(result: SearchResult) -> list[str]:
     """One table row: the counterexample, or the largest stable Config tried."""
     run = result.space.base.run
     cx = result.counterexample
     precision = _precision(run)
     if cx is None:
-        tried = knobs(result, result.largest_stable) if result.largest_stable else "-"
         j = result.largest_stable_judgement
-        stable = "stable " + (
-            f"(tried up to {tried})" if tried else "(its one configuration: every knob fixed)"
-        )
-        if result.interrupted and result.largest_stable is None:
-            stable = "interrupted before any verdict"
-        elif result.interrupted:  # the point may be judged on the screen's seed alone: say so
-            alone = j is not None and len(j.seeds) == 1 and run.seeds > 1
-            stable = "interrupted, " + (
-                stable.replace("stable", "stable on one seed so far", 1) if alone else stable
-            )
         return [
             result.space.label,
             run.device,
             precision,
-            stable,
+            no_explosion(result),
             "-",
             _spread(j) if j else "-",
             j.kind.describe() if j else "-",
@@ -252,7 +268,7 @@ def to_json(results: Sequence[SearchResult]) -> str:
             "elapsed_s": r.elapsed,
             "interrupted": r.interrupted,
             "top_stable": r.top_stable,
-            "minimal": r.minimal,
+            "minimal": r.minimal if r.counterexample else None,  # verified 1-minimal; none: no claim
             "unjudged": [{"config": c.to_dict(), "reason": why} for c, why in r.unjudged],
             "largest_stable": r.largest_stable.to_dict() if r.largest_stable else None,
             "counterexample": r.counterexample.to_dict() if r.counterexample else None,

@@ -362,11 +362,13 @@ def test_a_search_that_tested_nothing_is_exit_2_with_what_it_wrote(
         "def build(width=8):\n    return nn.Sequential(nn.Linear(width, width), nn.Tanh())\n"
     )
     out_json = tmp_path / "out.json"
-    code, _, err = _run(
+    code, out, err = _run(
         [str(path), "--database", "none", "--seeds", "1", "--quiet", "--json", str(out_json)], capsys
     )
     assert code == cli.EXIT_USAGE and err.count("\n") == 1 and "every configuration tried was skipped" in err
-    assert json.loads(out_json.read_text())[0]["skipped"]
+    data = json.loads(out_json.read_text())[0]
+    assert data["skipped"] and data["minimal"] is None  # no counterexample: no claim of minimality
+    assert "nothing tested (every configuration tried, 8, was skipped)" in out and "stable" not in out
 
 
 def test_knob_ranges_are_checked_against_the_knobs_type_and_applied_before_the_first_check(
@@ -528,14 +530,15 @@ def test_a_signal_during_the_descent_keeps_the_failure_found(
 
     monkeypatch.setattr(searching, "canonical", stopped)
     out_json = tmp_path / "out.json"
-    code, out, _ = _run(
-        [str(_file(tmp_path)), "--database", "none", "--seeds", "1", "--quiet", "--json", str(out_json)],
-        capsys,
+    code, out, err = _run(
+        [str(_file(tmp_path)), "--database", "none", "--seeds", "1", "--json", str(out_json)], capsys
     )
     assert code == (cli.EXIT_TERMINATED if signum == signal.SIGTERM else cli.EXIT_INTERRUPTED)
     data = json.loads(out_json.read_text())
-    assert data[0]["interrupted"] and data[0]["counterexample"] is not None
+    assert data[0]["interrupted"] and data[0]["counterexample"] is not None and not data[0]["minimal"]
     assert "depth=" in out.splitlines()[2]  # the table row shows the point
+    summary = [line for line in err.splitlines() if " probes in " in line]  # it read as a verified claim
+    assert len(summary) == 1 and summary[0].endswith("(interrupted: not verified minimal)")
 
 
 @pytest.mark.parametrize(
