@@ -60,6 +60,13 @@ class Outputs:
         if self.args.json:
             self._attempt("--json", lambda: _atomic_write(self.args.json, report.to_json(results)))
 
+    def nothing(self) -> None:
+        """The JSON of a run stopped before its first search (an empty list), without importing the
+        report, which imports torch: the stop may have landed in that import."""
+        if self.args.json:
+            self._attempt("--json", lambda: _atomic_write(self.args.json, "[]"))
+        self._say_failures()
+
     def final(self, results: Sequence[Any]) -> None:
         """Everything: JSON, Markdown, the report on stdout (a closed pipe loses only that), then the
         plot, the slowest (a second Ctrl-C while it draws loses only the image)."""
@@ -79,6 +86,9 @@ class Outputs:
             from stabilitycheck.plot import plot
 
             self._attempt("--plot", lambda: plot(results, self.args.plot))
+        self._say_failures()
+
+    def _say_failures(self) -> None:
         for failure in self.failures.values():
             sys.stderr.write(f"stabilitycheck: error: {failure}\n")
 

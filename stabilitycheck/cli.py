@@ -179,14 +179,22 @@ def run(argv: Sequence[str] | None, progress: Progress | None = None) -> int:
         results = _replay(args, limits)
         outputs.final(results)
         return EXIT_FOUND if any(r.counterexample for r in results) else EXIT_OK
-    from hypothesis.database import DirectoryBasedExampleDatabase
-
-    from stabilitycheck.report import outcome
-    from stabilitycheck.searching import search
-
     require_steps(args)
-    db = None if args.database == "none" else DirectoryBasedExampleDatabase(args.database)
-    spaces = _spaces(args)
+    try:  # importing torch and checking the model take seconds: a stop there still leaves the JSON
+        from hypothesis.database import DirectoryBasedExampleDatabase
+
+        from stabilitycheck.report import outcome
+        from stabilitycheck.searching import search
+
+        db = None if args.database == "none" else DirectoryBasedExampleDatabase(args.database)
+        spaces = _spaces(args)
+    except KeyboardInterrupt:
+        named = [f for group in args.family for f in group] or [
+            "every zoo target" if args.target == "zoo" else str(args.target)
+        ]
+        sys.stderr.write(f"stabilitycheck: not searched (interrupted first): {', '.join(named)}\n")
+        outputs.nothing()
+        return _interrupted()
     results = list[Any]()
     pending = list[Any]()  # the latest partial result of the search under way (its counterexample)
     code = EXIT_OK

@@ -692,3 +692,22 @@ def test_the_table_is_printed_before_the_plot_is_drawn(
     args = [str(_file(tmp_path)), "--database", "none", "--seeds", "1", "--quiet"]
     code, out, _ = _run([*args, "--plot", str(tmp_path / "p.png")], capsys)
     assert code == cli.EXIT_INTERRUPTED and "depth=" in out
+
+
+@pytest.mark.parametrize("target", ["zoo", "file"])
+def test_a_stop_before_the_first_search_still_writes_the_json_and_names_what_was_not_searched(
+    target: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C in the first seconds (importing torch, checking the model) left no JSON and named no
+    target, where a CI job expects the artifact."""
+
+    def stopped(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_spaces", stopped)
+    out_json = tmp_path / "out.json"
+    name = "zoo" if target == "zoo" else str(_file(tmp_path))
+    code, out, err = _run([name, "--json", str(out_json), "--quiet"], capsys)
+    assert code == cli.EXIT_INTERRUPTED and json.loads(out_json.read_text()) == []
+    named = "every zoo target" if target == "zoo" else name
+    assert err == f"stabilitycheck: not searched (interrupted first): {named}\n" and not out
