@@ -52,7 +52,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:
         from stabilitycheck.errors import UsageError
 
-        raise UsageError(f"{message} (see stabilitycheck --help)")
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def _number(kind: type, lo: float, hi: float = math.inf, open_lo: bool = False) -> Callable[[str], Any]:
@@ -229,12 +229,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--replay", type=Path, help="re-judge the counterexamples of a --json file")
     p.add_argument(
         "--database",
+        type=_database,
         default=".hypothesis/stabilitycheck",
         help="Hypothesis example database directory, or 'none' (default %(default)s)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
+
+
+def _database(text: str) -> str:
+    """--database: a directory or 'none'; an empty value (an unset shell variable) would fill the
+    current directory with Hypothesis' hash folders."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a directory or 'none', got an empty value")
+    return text
 
 
 def _knob(text: str) -> tuple[str, list[float]]:

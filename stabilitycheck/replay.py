@@ -174,6 +174,7 @@ def main(argv: Sequence[str]) -> int:
     parser = _Parser(prog="stabilitycheck replay", description=__doc__)
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--rtol", type=_number(float, 0), default=RTOL)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     result = replay(args.bundle)
     bad = result.mismatches(args.rtol)

@@ -63,6 +63,7 @@ FUZZ = {
     "--device": ["tpu", ""],
     "--knob": ["depth", "depth=a:b", "depth=nan:3", "=1:2", "depth=3:1", "nope=1:2"],
     "--family": ["mpl", ""],
+    "--database": ["", " "],  # empty: Hypothesis filled the current directory with hash folders
 }
 
 
@@ -711,3 +712,14 @@ def test_a_stop_before_the_first_search_still_writes_the_json_and_names_what_was
     assert code == cli.EXIT_INTERRUPTED and json.loads(out_json.read_text()) == []
     named = "every zoo target" if target == "zoo" else name
     assert err == f"stabilitycheck: not searched (interrupted first): {named}\n" and not out
+
+
+def test_replay_takes_debug_as_documented_and_its_errors_point_to_its_own_help(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`replay DIR --debug` printed a traceback of 'unrecognized arguments: --debug', and an unknown
+    flag pointed to `stabilitycheck --help`, which does not list replay's."""
+    code, _, err = _run(["replay", str(tmp_path), "--bogus"], capsys)
+    assert code == cli.EXIT_USAGE and err.count("\n") == 1 and "see stabilitycheck replay --help" in err
+    code, _, err = _run(["replay", str(tmp_path), "--debug"], capsys)
+    assert code == cli.EXIT_USAGE and "unrecognized" not in err and str(tmp_path) in err
