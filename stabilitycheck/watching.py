@@ -34,6 +34,7 @@ from stabilitycheck.subject import find_blocks, own_blocks
 from stabilitycheck.watchcapture import Capture
 from stabilitycheck.watchlog import Log, Report
 from stabilitycheck.watchoptions import (
+    MAX_FLUSH_EVERY,
     check_arguments,
     check_loss,
     check_modes,
@@ -67,7 +68,7 @@ class Watcher:
         scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         check_arguments(model, optimizer, rule, report, scaler)
-        flush_every = count("flush_every", flush_every)
+        flush_every = count("flush_every", flush_every, MAX_FLUSH_EVERY)
         # weight norms cost a pass over every parameter, as much as the gradient norms: by default
         # they are measured once per flush interval (every step for a replay bundle, which replays them)
         default = 1 if bundle is not None else flush_every

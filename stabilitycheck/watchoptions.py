@@ -13,11 +13,18 @@ from stabilitycheck.errors import UsageError
 from stabilitycheck.spikes import SpikeRule
 from stabilitycheck.watchstate import check_replayable
 
+MAX_FLUSH_EVERY = 10_000  # the device buffer holds this many rows; a finding is out within as many steps
 
-def count(name: str, value: Any) -> int:
-    """`value` as a whole number >= 1 (an int, not a bool, a float or a string)."""
+
+def count(name: str, value: Any, most: int | None = None) -> int:
+    """`value` as a whole number >= 1 (an int, not a bool, a float or a string), at most `most`."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UsageError(f"watch: {name} must be a whole number >= 1, got {value!r}")
+    if most is not None and value > most:
+        raise UsageError(
+            f"watch: {name} must be at most {most:,} (a row per step is buffered until then, and a "
+            f"finding waits as long), got {value:,}"
+        )
     return value
 
 

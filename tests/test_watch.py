@@ -270,6 +270,8 @@ BAD = [  # (arguments, options, what the message says)
     (("model", "opt"), {"flush_every": "5"}, "flush_every must be a whole number >= 1, got '5'"),
     (("model", "opt"), {"flush_every": 2.5}, "flush_every must be a whole number >= 1, got 2.5"),
     (("model", "opt"), {"flush_every": True}, "flush_every must be a whole number"),
+    # 10**12 was a raw allocator error, 10**8 15 GB and 19 s taken before the first step
+    (("model", "opt"), {"flush_every": 10**8}, "flush_every must be at most 10,000"),
     (("model", "opt"), {"weights_every": 0}, "weights_every must be a whole number >= 1, got 0"),
     (("model", "opt"), {"rule": {"window": 10}}, "rule must be a stabilitycheck.spikes.SpikeRule"),
     (("model", "opt"), {"report": "stderr"}, "report must be a text stream"),
