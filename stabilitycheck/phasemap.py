@@ -246,7 +246,8 @@ def phase_map(
                 state = "explodes" if p.exploded else "vanishes" if p.vanished else "stable"
                 progress(
                     f"{len(cache)} verdicts of {len(xa.values) * len(ya.values)}: "
-                    f"{ya.name}={ya.values[j]} {xa.name}={xa.values[i]} {state} ({p.growth.describe()})"
+                    f"{ya.name}={ya.values[j]} {xa.name}={xa.values[i]} {state} "
+                    f"(growth {p.growth.describe()} over {p.seeds} seed{'s' * (p.seeds != 1)})"
                 )
             if on_point is not None:
                 on_point(snapshot(False))

@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -238,7 +239,11 @@ def test_ctrl_c_returns_what_was_traced_and_the_map_round_trips_through_json() -
 
 
 def test_theory_is_offered_for_zoo_mlps_and_not_for_model_files() -> None:
-    pm = phase_map("mlp", x="depth", y="init_scale", space=small_space())
+    said: list[str] = []
+    pm = phase_map("mlp", x="depth", y="init_scale", space=small_space(), progress=said.append)
+    verdicts = [line for line in said if " verdicts of " in line]  # read '(208 (139-226))': of what?
+    assert len(verdicts) == len(pm.points)
+    assert all(re.search(r" \(growth \S+ \(.+\) over 1 seed\)$", line) for line in verdicts), verdicts
     assert theory(pm) is not None
     other = PhaseMap.from_dict(
         {**pm.to_dict(), "base": {**pm.base.to_dict(), "knobs": {**pm.base.values, "activation": "gelu"}}}
