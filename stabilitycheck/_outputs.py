@@ -47,6 +47,7 @@ class Outputs:
     def __init__(self, args: argparse.Namespace) -> None:
 
         self.args = args
+        self.stdout = sys.stdout  # the report's, kept: a search sends anything else printed to stderr
         self.summary = os.environ.get("GITHUB_STEP_SUMMARY")
         self.failures: dict[
             str, str
@@ -79,9 +80,9 @@ class Outputs:
         if self.summary and Path(self.summary) != self.args.markdown:
             self._attempt("GITHUB_STEP_SUMMARY", lambda: _append(Path(self.summary or ""), md))
         try:
-            print(report.text(results), flush=True)
+            print(report.text(results), file=self.stdout, flush=True)
         except BrokenPipeError:
-            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (the interpreter flushes stdout at exit)
+            self.stdout = open(os.devnull, "w")  # noqa: SIM115 (the CLI makes it sys.stdout, flushed at exit)
         if self.args.plot:
             from stabilitycheck.plot import plot
 

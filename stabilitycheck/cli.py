@@ -8,6 +8,7 @@ Exit codes: 0 nothing explodes, 1 an explosion found, 2 usage or model-file erro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
@@ -158,7 +159,6 @@ def run(argv: Sequence[str] | None, progress: Progress | None = None) -> int:
 
         return replay_main(given[1:])
     args = parser().parse_args(argv)
-    from stabilitycheck.errors import UsageError
     from stabilitycheck.verdicts import Limits
 
     limits = Limits(
@@ -170,6 +170,16 @@ def run(argv: Sequence[str] | None, progress: Progress | None = None) -> int:
     )
     outputs = Outputs(args)
     shown = progress or Progress(args.quiet)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # what the model prints is no result: the report's
+            return _searches(args, limits, outputs, shown)  # stdout is the one Outputs kept
+    finally:
+        sys.stdout = outputs.stdout  # devnull once a closed pipe broke it (flushed at exit)
+
+
+def _searches(args: argparse.Namespace, limits: Any, outputs: Outputs, shown: Progress) -> int:
+    """Search every space the arguments name (or re-judge a --replay file) and write the results."""
+    from stabilitycheck.errors import UsageError
 
     def progress_or_stop(message: str) -> None:
         _stop_if_terminated()

@@ -8,6 +8,7 @@ map was traced, 2 for bad input (one line), 3 for an internal error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import traceback
@@ -130,10 +131,11 @@ def run(argv: Sequence[str]) -> int:
     from stabilitycheck.searching import check
     from stabilitycheck.subjects import resolve
 
-    subject = resolve(args.target)
-    space, x, y = _axes(args, subject)
-    corners = [space.base.with_knobs(**{x.name: x.values[k], y.name: y.values[k]}) for k in (0, -1)]
-    check(subject, *corners)
+    with contextlib.redirect_stdout(sys.stderr):  # what a model file prints is no result (here too)
+        subject = resolve(args.target)
+        space, x, y = _axes(args, subject)
+        corners = [space.base.with_knobs(**{x.name: x.values[k], y.name: y.values[k]}) for k in (0, -1)]
+        check(subject, *corners)
     progress = Progress(args.quiet)
 
     def save(pm: Any) -> None:
@@ -148,9 +150,17 @@ def run(argv: Sequence[str]) -> int:
 
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        pm = phase_map(
-            subject, x=x, y=y, space=space, limits=limits, loss=args.loss, progress=progress, on_point=save
-        )
+        with contextlib.redirect_stdout(sys.stderr):
+            pm = phase_map(
+                subject,
+                x=x,
+                y=y,
+                space=space,
+                limits=limits,
+                loss=args.loss,
+                progress=progress,
+                on_point=save,
+            )
     finally:
         signal.signal(signal.SIGTERM, previous)
     save(pm)

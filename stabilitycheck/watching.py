@@ -46,6 +46,13 @@ from stabilitycheck.watchstate import Snapshot
 FLUSH_EVERY = 50  # one host read per 50 steps: < 1 us/step amortised, and a finding is out within 50 steps
 
 
+class _Stderr:
+    """The default report stream: sys.stderr as it is when watch() is called."""
+
+
+STDERR = _Stderr()
+
+
 class Watcher:
     """The context manager `watch` returns; see `watch` for the arguments."""
 
@@ -63,10 +70,12 @@ class Watcher:
         bundle: str | Path | None = None,
         compute_loss: Any = None,
         skip: bool = False,
-        report: TextIO | None = sys.stderr,
+        report: TextIO | _Stderr | None = STDERR,
         hook_optimizer: bool = True,
         scaler: torch.amp.GradScaler | None = None,
     ) -> None:
+        if isinstance(report, _Stderr):  # sys.stderr when watch is called, not when this module was
+            report = sys.stderr  # imported (a test's captured stream then, closed since)
         check_arguments(model, optimizer, rule, report, scaler)
         flush_every = count("flush_every", flush_every, MAX_FLUSH_EVERY)
         # weight norms cost a pass over every parameter, as much as the gradient norms: by default

@@ -723,3 +723,34 @@ def test_replay_takes_debug_as_documented_and_its_errors_point_to_its_own_help(
     assert code == cli.EXIT_USAGE and err.count("\n") == 1 and "see stabilitycheck replay --help" in err
     code, _, err = _run(["replay", str(tmp_path), "--debug"], capsys)
     assert code == cli.EXIT_USAGE and "unrecognized" not in err and str(tmp_path) in err
+
+
+def test_what_a_model_file_prints_goes_to_stderr_and_stdout_holds_the_results(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model file's print() went to stdout before the table (`> results.txt` got it too), in a
+    search and in a map."""
+    path = _file(tmp_path, guard="print('building', depth)")
+    args = ["--database", "none", "--seeds", "1", "--quiet", "--max-examples", "5"]
+    code, out, err = _run([str(path), *args], capsys)
+    assert code == cli.EXIT_FOUND and "building" not in out and "building" in err
+    assert out.splitlines()[0].split()[:2] == ["target", "device"]
+    code, out, err = _run(
+        [
+            "map",
+            str(path),
+            "--x",
+            "depth",
+            "--y",
+            "init_scale",
+            "--knob",
+            "depth=1:6",
+            "--knob",
+            "init_scale=1:3",
+            "--seeds",
+            "1",
+            "--quiet",
+        ],
+        capsys,
+    )
+    assert code in (cli.EXIT_OK, cli.EXIT_FOUND) and "building" not in out and "building" in err

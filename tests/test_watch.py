@@ -768,3 +768,17 @@ def test_ctrl_c_during_a_flush_waits_until_its_rows_are_logged(
     said = re.search(r"stabilitycheck watch: (\d+) steps", stream.getvalue())
     assert said is not None and int(said.group(1)) == 5
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == list(range(5))
+
+
+def test_the_default_report_goes_to_stderr_as_it_is_when_watch_is_called(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The default was bound to sys.stderr when the module was imported: under a test's capture that
+    stream was closed later, and the report raised 'I/O operation on closed file'."""
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    model = MLP(depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with watch(model, opt) as w:
+        _steps(w, model, opt, range(2))
+    assert stream.getvalue().startswith("stabilitycheck watch: 2 steps")
