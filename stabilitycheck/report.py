@@ -192,7 +192,7 @@ def _top_note(r: SearchResult) -> str:
     """Why the point reported is one 1-minimal point among others, where the top corner is stable."""
     top = knobs(r, r.space.config(r.space.top()))
     return (
-        f"\n  note      the top corner ({top}) is stable: growth is not monotone in the knobs here, so "
+        f"\n  note      the top corner ({top}) is stable: the verdict is not monotone in the knobs here, so "
         "the descent started from Hypothesis' first failure, and another --seed can end on another "
         "1-minimal point, maybe smaller"
     )
