@@ -32,7 +32,7 @@ from stabilitycheck.measurement import Measurement
 from stabilitycheck.probing import probe
 from stabilitycheck.spread import Spread, quantile
 from stabilitycheck.subject import Subject
-from stabilitycheck.verdicts import CRITERIA, Limits, Verdict, bound, fires, judge, values
+from stabilitycheck.verdicts import CRITERIA, Limits, Verdict, bound, criterion, fires, judge, values
 
 MARGIN = 100.0
 SEED_MIX = 0x9E3779B9  # seeds after the first: base + i * this, mod 2**32 (no overlap between bases)
@@ -125,6 +125,7 @@ def _settled(per_seed: list[dict[str, float]], lim: Limits, budget: int, q: floa
     seeds so far, or None while that is open: by the counts (K - r + 1 seeds fire, or r do not,
     r = ceil(q K)), or all at once by the margin (every seed far from every limit, on one side)."""
     n, r = len(per_seed), max(1, math.ceil(q * budget))
+    unseen = budget - n
     active = [c for c in CRITERIA if bound(c, lim) is not None]
     fire = {c: sum(fires(c, v[c], lim) for v in per_seed) for c in active}
     factor = MARGIN ** (1.0 / n)
@@ -133,9 +134,18 @@ def _settled(per_seed: list[dict[str, float]], lim: Limits, budget: int, q: floa
     )
 
     def known(c: str) -> bool | None:
-        if fire[c] >= budget - r + 1 or (far and fire[c] == n):
+        if far:
+            return fire[c] == n
+        if c == "vanishing":  # fires below its bound: on the r-th smallest value, NaN sorting lowest
+            nan = sum(math.isnan(v[c]) for v in per_seed)
+            if nan + fire[c] >= r and nan + unseen < r:  # r-th smallest below, whatever comes
+                return True
+            if nan >= r or nan + fire[c] + unseen < r:  # r-th smallest NaN, or not enough below
+                return False
+            return None
+        if fire[c] >= budget - r + 1:  # fewer than r values can lie at or under the bound
             return True
-        if n - fire[c] >= r or far:
+        if n - fire[c] >= r:
             return False
         return None
 
@@ -234,8 +244,8 @@ def _judgement(
     open is not named: the seeds spent were enough to know the point explodes, not why)."""
     quantiles = {c: quantile([v[c] for v in per_seed], q) for c in CRITERIA}
     settled = _settled(per_seed, lim, budget, q)
-    judged = judge(quantiles, lim)
-    known = Verdict(judged.exploded, tuple(c for c in judged.criteria if settled.get(c.name) is True))
+    fired = tuple(criterion(c, quantiles[c], lim) for c in CRITERIA if settled.get(c) is True)
+    known = Verdict(bool(fired), fired)
     growth = [m.growth for m in ms]
     mid = quantile(growth, q)
     rep = next((m for m in ms if m.growth == mid or (math.isnan(mid) and math.isnan(m.growth))), ms[0])

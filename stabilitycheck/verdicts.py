@@ -138,15 +138,16 @@ def fires(name: str, value: float, lim: Limits) -> bool:
     return value < b if name == "vanishing" else _above(value, b)
 
 
+def criterion(name: str, value: float, lim: Limits) -> Criterion:
+    """The Criterion `name` fired with `value`, against its limit (inf for going non-finite)."""
+    return Criterion(
+        name, value, math.inf if name in ("overflow", "nonfinite") else float(bound(name, lim) or 0)
+    )
+
+
 def judge(named: dict[str, float], lim: Limits) -> Verdict:
     """The Verdict of criterion values (one seed's, or quantiles over seeds)."""
-    fired = [
-        Criterion(
-            name, named[name], math.inf if name in ("overflow", "nonfinite") else float(bound(name, lim) or 0)
-        )
-        for name in CRITERIA
-        if fires(name, named[name], lim)
-    ]
+    fired = [criterion(name, named[name], lim) for name in CRITERIA if fires(name, named[name], lim)]
     return Verdict(exploded=bool(fired), criteria=tuple(fired))
 
 
