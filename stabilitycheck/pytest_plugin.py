@@ -87,6 +87,9 @@ class _State:
 
 
 _STATE = pytest.StashKey[_State]()
+_SEEDED = pytest.StashKey[
+    bool
+]()  # the plugin seeded this test's examples: its reproduction line repeats the seed
 
 
 def _state(config: pytest.Config) -> _State:
@@ -240,7 +243,7 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, None]:
     ):
         digest = hashlib.sha256(f"{state.seed}:{item.nodeid}".encode()).digest()
         setattr(test, SEED_ATTRIBUTE, int.from_bytes(digest[:8], "big"))
-        seeded = True
+        seeded = item.stash[_SEEDED] = True
     try:
         yield
     finally:
@@ -278,7 +281,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         if cx is not None:
             state.add(finding(cx, item.nodeid, knobs=getattr(exc, "stability_knobs", None)))
             continue
-        seed = f" {PREFIX}seed={state.seed}" if state.seed_all else ""
+        seed = f" {PREFIX}seed={state.seed}" if state.seed_all or item.stash.get(_SEEDED, False) else ""
         seed += f" {PREFIX}profile={state.profile}" if state.profile is not None else ""  # its examples
         again = f"pytest {shlex.quote(_from_here(item))}{seed}  # the test's own assertion, on this config"
         for c in _failing_configs(exc, codes):
