@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from stabilitycheck.config import Config
-from stabilitycheck.errors import UsageError
+from stabilitycheck._validation import article
+from stabilitycheck.config import Config, Run
+from stabilitycheck.errors import ConfigError, UsageError
 from stabilitycheck.losses import Inputs, LossFn, OutputLoss
 from stabilitycheck.measurement import AFTER_LAST
 from stabilitycheck.measurement import (
@@ -273,6 +274,14 @@ def probe_module(
     `amp` ('bfloat16' or 'float16') runs the forward under torch.autocast; float16 also uses a
     torch.amp.GradScaler, whose loss scale is recorded per step, with the steps it skipped.
     """
+    if not isinstance(model, nn.Module):
+        raise UsageError(
+            f"probe_module: the first argument must be the model (an nn.Module), got {article(model)}"
+        )
+    try:  # the checks a Config's settings get: a misspelt optimizer or amp ran plain SGD in float32
+        Run(steps=steps, lr=lr, optimizer=optimizer, clip=clip, warmup=warmup, amp=amp, seed=seed)
+    except ConfigError as exc:
+        raise UsageError(f"probe_module: {str(exc).replace('Run.', '')}") from None
     blocks = own_blocks(model, blocks, "probe_module") if blocks is not None else find_blocks(model)[0]
     names = tuple(name for name, _ in blocks)
     layout = _layout(model, blocks)

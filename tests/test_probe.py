@@ -6,6 +6,7 @@ import copy
 import itertools
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -540,3 +541,23 @@ def test_blocks_that_are_not_the_models_own_are_a_usage_error() -> None:
     own = [(f"layers.{i}", m) for i, m in enumerate(built.model.layers)]
     m = probe_module(built.model, built.inputs, built.loss_fn, blocks=own)
     assert m.growth > 1.0 and all(g > 0 for g in m.layer_grad_norms)
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        ({"optimizer": "Adam", "steps": 2}, "optimizer='Adam' is not allowed"),  # ran SGD, silently
+        ({"optimizer": "adamw", "steps": 2}, "optimizer='adamw' is not allowed"),
+        ({"amp": "fp16"}, "amp='fp16' is not allowed"),  # ran float32, silently
+        ({"clip": -1.0, "steps": 1}, "clip=-1.0 must be"),  # reversed the gradient
+        ({"steps": -1}, "steps=-1 must be"),  # UnboundLocalError from inside the probe
+        ({"lr": "x", "steps": 1}, "lr"),
+    ],
+)
+def test_probe_module_refuses_training_settings_a_config_refuses(options: dict, said: str) -> None:
+    built = build(zoo("mlp", depth=2))
+    with pytest.raises(UsageError, match=re.escape(f"probe_module: {said}")) as caught:
+        probe_module(built.model, built.inputs, built.loss_fn, **options)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(UsageError, match="the first argument must be the model"):
+        probe_module(built.inputs, built.model, built.loss_fn)  # type: ignore[arg-type]
