@@ -90,8 +90,17 @@ def _named(tensors: Any, what: str) -> Named:
 
 
 def _grads(parameters: TensorsLike) -> Named:
-    """The gradients of `parameters` that have one, named like the parameters."""
-    return [(name, p.grad) for name, p in _named(parameters, "parameters") if p.grad is not None]
+    """The gradients of `parameters` that have one, named like the parameters; none at all is a
+    UsageError (the check passed with nothing to check: gradients passed for their parameters, or no
+    backward run)."""
+    named = _named(parameters, "parameters")
+    grads = [(name, p.grad) for name, p in named if p.grad is not None]
+    if not grads:
+        raise UsageError(
+            f"none of the {len(named)} parameters given has a .grad, so there is nothing to check: pass "
+            "the parameters (model.parameters()), not their gradients, after backward() and the clip"
+        )
+    return grads
 
 
 def _host(values: Sequence[torch.Tensor]) -> list[float]:

@@ -744,3 +744,19 @@ def test_gradscaler_guards_on_a_float16_model_is_a_usage_error() -> None:
         scaler.step(opt)
     with pytest.raises(UsageError, match="parameters are float16"):
         assert_gradscaler_guards(model, x, lambda out, _: out.float().square().mean())
+
+
+@pytest.mark.parametrize("check", [assert_clipped_norm_bounded, assert_clipped_value_bounded])
+def test_a_clip_check_with_no_gradient_to_check_is_a_usage_error(check: Callable[..., None]) -> None:
+    """Given the gradients instead of their parameters (total norm 1e6 against max_norm 1), or a model
+    never backpropagated, the checks passed: there was no .grad to check (found by a trial)."""
+    params, grads = with_grads()
+    huge = [g * 1e6 for g in grads]
+    with pytest.raises(UsageError, match=r"has a \.grad, so there is nothing to check") as caught:
+        check(huge, 1.0)
+    assert "\n" not in str(caught.value)
+    fresh = build(Config.of("mlp", depth=2, width=8)).model
+    with pytest.raises(UsageError, match="nothing to check"):
+        check(fresh.parameters(), 1.0)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    check(params, 1.0)  # the parameters themselves pass after torch's clip
