@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from stabilitycheck.errors import UsageError
 from stabilitycheck.invariants_common import (
     ACC,
     Named,
@@ -21,6 +22,7 @@ from stabilitycheck.invariants_common import (
     state_kept,
 )
 from stabilitycheck.losses import Inputs, LossFn
+from stabilitycheck.probing import differentiable_loss
 from stabilitycheck.recording import call_model
 
 
@@ -29,11 +31,13 @@ def _gradients(
 ) -> tuple[float, Named]:
     """The loss and the parameter gradients of scale x loss, computed from fresh (None) grads."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise UsageError("the model has no parameters that require grad: there is no gradient to rescale")
     for _, p in params:
         p.grad = None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        loss = loss_fn(call_model(model, inputs), inputs)
+        loss = differentiable_loss(loss_fn(call_model(model, inputs), inputs))
     (loss * scale).backward()
     grads = [(n, p.grad.detach().clone()) for n, p in params if p.grad is not None]
     return float(loss.detach().to(ACC)), grads

@@ -16,7 +16,7 @@ from stabilitycheck.errors import UsageError
 from stabilitycheck.invariants_common import _fail, _norms, _positive, state_kept
 from stabilitycheck.losses import Inputs, LossFn
 from stabilitycheck.measurement import Measurement
-from stabilitycheck.probing import probe, probe_module
+from stabilitycheck.probing import differentiable_loss, probe, probe_module
 from stabilitycheck.recording import call_model
 
 CLEAN_RTOL = 0.01  # a clean scaled step against a plain one: scales of 2^k undo exactly
@@ -180,7 +180,7 @@ def _reference_step(
     opt.zero_grad(set_to_none=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        loss = loss_fn(call_model(twin, inputs), inputs)
+        loss = differentiable_loss(loss_fn(call_model(twin, inputs), inputs))
     loss.backward()
     reached = [i for i, p in enumerate(params) if p.grad is not None]
     opt.step()
@@ -208,8 +208,30 @@ def assert_gradscaler_guards(
     Default scaler: torch.amp.GradScaler on the model's device type; default optimizer: SGD at `lr`.
     The model's parameters and buffers are left as they were (the scaler's state is not)."""
     __tracebackhide__ = True
+    _guard_arguments(scaler, optimizer, poisons)
     with state_kept(model):
         _check_guards(model, inputs, loss_fn, scaler, optimizer, lr, poisons, seed)
+
+
+def _guard_arguments(scaler: Any, optimizer: Any, poisons: Sequence[float]) -> None:
+    """One-line UsageErrors for what assert_gradscaler_guards cannot use (each raised deep inside)."""
+    if scaler is not None and not all(
+        callable(getattr(scaler, m, None)) for m in ("scale", "step", "update")
+    ):
+        raise UsageError(
+            "scaler must be a torch.amp.GradScaler or one with its scale/step/update, "
+            f"got {type(scaler).__name__}"
+        )
+    if isinstance(optimizer, torch.optim.Optimizer) or (optimizer is not None and not callable(optimizer)):
+        raise UsageError(
+            "optimizer must make the optimizer from the parameters (each check needs a fresh one), got "
+            f"{type(optimizer).__name__}; e.g. optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-3)"
+        )
+    if not poisons or any(not isinstance(v, int | float) or math.isfinite(v) for v in poisons):
+        raise UsageError(
+            "poisons must be non-finite values to put in the gradients (inf, -inf, nan), "
+            f"got {list(poisons)!r}"
+        )
 
 
 def _check_guards(
@@ -242,7 +264,7 @@ def _check_guards(
         opt.zero_grad(set_to_none=True)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            loss = loss_fn(call_model(model, inputs), inputs)
+            loss = differentiable_loss(loss_fn(call_model(model, inputs), inputs))
         scaler.scale(loss).backward()
         if poison is not None:
             _poison(params, poison, target, inside)

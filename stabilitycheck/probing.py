@@ -40,7 +40,8 @@ from stabilitycheck.subject import Subject, find_blocks, own_blocks
 from stabilitycheck.subjects import resolve
 
 
-def _check_loss(loss: Any) -> torch.Tensor:
+def differentiable_loss(loss: Any) -> torch.Tensor:
+    """`loss` if it is a scalar float tensor that requires grad; else a one-line UsageError saying why."""
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise UsageError(f"the loss must be a scalar float tensor, got {shape}; return e.g. out.mean()")
@@ -132,7 +133,7 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         run.rec.start(inputs=exact)  # an exact re-run tells a NaN made between blocks from one made in one
     try:
         with torch.autocast(run.device.type, dtype=run.autocast, enabled=run.autocast is not None):
-            loss = _check_loss(run.loss_fn(call_model(run.model, run.inputs), run.inputs))
+            loss = differentiable_loss(run.loss_fn(call_model(run.model, run.inputs), run.inputs))
     finally:
         run.rec.stop()
     outputs = run.rec.take() if hooks else []

@@ -760,3 +760,49 @@ def test_a_clip_check_with_no_gradient_to_check_is_a_usage_error(check: Callable
         check(fresh.parameters(), 1.0)
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     check(params, 1.0)  # the parameters themselves pass after torch's clip
+
+
+def _per_sample(out: torch.Tensor, _: object) -> torch.Tensor:
+    return out.pow(2).mean(-1)  # one loss per sample: not a scalar
+
+
+def _detached(out: torch.Tensor, _: object) -> torch.Tensor:
+    return out.detach().pow(2).mean()
+
+
+@pytest.mark.parametrize(
+    ("call", "said"),
+    [
+        (
+            lambda b: assert_rescaling_equivariant(b.model, b.inputs, _per_sample, 2.0),
+            "must be a scalar float tensor",
+        ),
+        (lambda b: assert_rescaling_equivariant(b.model, b.inputs, _detached, 2.0), "does not require grad"),
+        (lambda b: assert_gradscaler_guards(b.model, b.inputs, _per_sample), "must be a scalar float tensor"),
+        (lambda b: assert_gradscaler_guards(b.model, b.inputs, _detached), "does not require grad"),
+        (lambda b: assert_gradscaler_guards(b.model, b.inputs, b.loss_fn, poisons=[]), "poisons must be"),
+        (lambda b: assert_gradscaler_guards(b.model, b.inputs, b.loss_fn, poisons=[1.0]), "poisons must be"),
+        (
+            lambda b: assert_gradscaler_guards(
+                b.model, b.inputs, b.loss_fn, optimizer=torch.optim.SGD(b.model.parameters())
+            ),
+            "optimizer must make the optimizer from the parameters",
+        ),
+        (
+            lambda b: assert_gradscaler_guards(
+                b.model, b.inputs, b.loss_fn, torch.optim.SGD(b.model.parameters())
+            ),
+            "scaler must be a torch.amp.GradScaler",
+        ),
+    ],
+)
+def test_misusing_the_rescaling_and_gradscaler_checks_is_one_line(
+    call: Callable[[Built], None], said: str
+) -> None:
+    """Each raised from deep inside torch or the check (grad can be implicitly created only for scalar
+    outputs, ZeroDivisionError, 'SGD' object is not callable, a finite poison blamed on the scaler;
+    found by a trial)."""
+    b = zoo("mlp")
+    with pytest.raises(UsageError, match=re.escape(said)) as caught:
+        call(b)
+    assert "\n" not in str(caught.value)
