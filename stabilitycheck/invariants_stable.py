@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from stabilitycheck.errors import StabilityError
+from stabilitycheck.errors import StabilityError, UsageError
 from stabilitycheck.findings import _label
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ def assert_stable(
     """Raise Unstable when `target` explodes: a Config is judged over its seeds, a Space searched for its
     smallest exploding Config (use a Space in plain tests, not inside @given). The plugin records it."""
     __tracebackhide__ = True
+    from stabilitycheck.config import Config
     from stabilitycheck.counterexample import Counterexample
     from stabilitycheck.searching import search, try_remedies
     from stabilitycheck.seeds import assess
@@ -51,6 +52,11 @@ def assert_stable(
     from stabilitycheck.subjects import resolve
     from stabilitycheck.verdicts import Limits
 
+    if not isinstance(target, Config | Space):
+        raise UsageError(
+            f"assert_stable takes a Config or a Space, got {type(target).__name__}; e.g. "
+            "assert_stable(Config.of('mlp', depth=8)); for a module of your own, probe_module(model, ...)"
+        )
     limits = limits or Limits()
     if isinstance(target, Space):
         cx = search(target, limits=limits, max_examples=max_examples, seed=seed).counterexample

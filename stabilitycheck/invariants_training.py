@@ -105,6 +105,11 @@ def assert_bounded_growth(measurement: Measurement, limit: float, *, gain_limit:
     nor is a gain the probe does not take (NaN between finite norms: across an encoder-decoder's
     junction, or next to an output the loss does not depend on)."""
     __tracebackhide__ = True
+    if not isinstance(measurement, Measurement):
+        raise UsageError(
+            f"assert_bounded_growth takes a Measurement, got {type(measurement).__name__}: probe first, "
+            "e.g. assert_bounded_growth(probe(config), 100) or probe_module(model, inputs, loss_fn)"
+        )
     limit = _positive("limit", limit)
     per_layer = limit if gain_limit is None else _positive("gain_limit", gain_limit)
     m = measurement

@@ -395,6 +395,11 @@ def _update(
 def probe(config: Config, subject: Subject | None = None, *, last_step: bool = False) -> Measurement:
     """Build `config` with `subject` (default: the one its name resolves to) and probe it.
     `last_step`: a sequence subject's loss on the last step alone (None where it has none)."""
+    if not isinstance(config, Config):
+        raise UsageError(
+            f"probe takes a Config, got {type(config).__name__}; e.g. probe(Config.of('mlp', depth=8)); "
+            "for a module of your own, probe_module(model, inputs, loss_fn)"
+        )
     if config.run.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(
             f"Run.device={config.run.device!r} but CUDA is not available on this machine; use device='cpu'"

@@ -806,3 +806,23 @@ def test_misusing_the_rescaling_and_gradscaler_checks_is_one_line(
     with pytest.raises(UsageError, match=re.escape(said)) as caught:
         call(b)
     assert "\n" not in str(caught.value)
+
+
+def test_a_model_or_a_name_where_a_config_or_measurement_goes_is_one_line() -> None:
+    """assert_bounded_growth(config), probe(model), assert_stable('mlp') raised AttributeErrors from
+    inside (found by a trial; assert_finite_training takes a Config, so the first is an easy slip)."""
+    from stabilitycheck.invariants_stable import assert_stable
+
+    c = Config.of("mlp", depth=2, width=8)
+    model = build(c).model
+    for call, said in (
+        (lambda: assert_bounded_growth(c, 100), "assert_bounded_growth takes a Measurement, got Config"),  # type: ignore[arg-type]
+        (lambda: assert_bounded_growth(model, 100), "takes a Measurement, got Stack"),  # type: ignore[arg-type]
+        (lambda: probe(model), "probe takes a Config, got Stack"),  # type: ignore[arg-type]
+        (lambda: probe("mlp"), "probe takes a Config, got str"),  # type: ignore[arg-type]
+        (lambda: assert_stable(model), "assert_stable takes a Config or a Space, got Stack"),  # type: ignore[arg-type]
+        (lambda: assert_stable("mlp"), "assert_stable takes a Config or a Space, got str"),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(UsageError, match=re.escape(said)) as caught:
+            call()
+        assert "\n" not in str(caught.value)
