@@ -65,7 +65,9 @@ def assert_clipped_norm_bounded(
     # much. Measured here on these gradients, with torch's own reduction, and allowed twice over.
     rounding = reduction_error([g for _, g in grads], norm_type, total)
     numel = sum(g.numel() for _, g in grads)
-    slack = spacing * math.sqrt(numel)  # products that land among the subnormals
+    # products that land among the subnormals, each off by up to half a spacing: by Minkowski, a
+    # p-norm (p >= 1) of those errors is at most spacing / 2 x numel^(1/p) (sqrt for L2, all for L1)
+    slack = spacing * numel ** (1 / max(norm_type, 1.0))
     coef = math.nan
     if before is not None:
         if len(before) != len(grads):

@@ -826,3 +826,20 @@ def test_a_model_or_a_name_where_a_config_or_measurement_goes_is_one_line() -> N
         with pytest.raises(UsageError, match=re.escape(said)) as caught:
             call()
         assert "\n" not in str(caught.value)
+
+
+def test_torchs_l1_clip_of_float16_gradients_among_the_subnormals_passes() -> None:
+    """Each clipped entry rounds to the float16 subnormal grid, off by up to half a spacing: an L1
+    norm adds those errors up entry by entry, where the allowance was sized for L2's square root.
+    torch's clip failed at 1.1e-4 against 1.03e-4 allowed, though even the exact coefficient, rounded
+    once, gives 1.1e-4 (found by a trial). Oracle: that exactly-rounded answer passes too."""
+    gen = torch.Generator().manual_seed(0)
+    p = nn.Parameter(torch.zeros(2000, dtype=torch.float16))
+    before = (torch.randn(2000, generator=gen, dtype=torch.float64) * 1e-7).to(torch.float16)
+    exact = 1e-4 / float(torch.linalg.vector_norm(before.double(), 1))
+    p.grad = (before.double() * exact).to(torch.float16)  # the exact coefficient, rounded once
+    assert float(torch.linalg.vector_norm(p.grad.double(), 1)) > 1.05e-4  # over the old allowance
+    assert_clipped_norm_bounded([p], 1e-4, norm_type=1.0, before=[before])
+    p.grad = before.clone()
+    torch.nn.utils.clip_grad_norm_([p], 1e-4, norm_type=1.0)
+    assert_clipped_norm_bounded([p], 1e-4, norm_type=1.0, before=[before])
