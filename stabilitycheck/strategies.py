@@ -108,6 +108,9 @@ def dtypes(*, exclude: Sequence[str] = ()) -> st.SearchStrategy[str]:
     Examples shrink towards "float32".
     """
 
+    if isinstance(exclude, str):  # one name: iterated, it was its letters ('exclude contains "f"')
+        exclude = (exclude,)
+
     def build() -> st.SearchStrategy[str]:
         _check_choices("exclude", tuple(exclude) or ("float32",), DTYPE_ORDER)
         left = [d for d in DTYPE_ORDER if d not in exclude]
@@ -193,6 +196,7 @@ def configs(
                 )
         device_st = _as_strategy("devices", devices, device_default, ("cpu", "cuda"))
         _check_int("max_seed", max_seed, 0)
+        _check_knobs_exist(fams, norms, activations, (min_seq_len, max_seq_len), (min_depth, max_depth))
 
         @st.composite
         def draw_config(draw: st.DrawFn) -> Config:
@@ -222,6 +226,31 @@ def configs(
         return draw_config()
 
     return _deferred(build, "configs", args)
+
+
+def _check_knobs_exist(
+    fams: Sequence[str],
+    norms: Sequence[str],
+    activations: Sequence[str],
+    seq_len: tuple[int, int],
+    depth: tuple[int, int],
+) -> None:
+    """A knob narrowed to exclude what families without it are (no norm, tanh, one step, one layer)
+    would be ignored silently where no family drawn has it (configs(family='rnn', norms=('pre',))
+    drew no norm at all): an InvalidArgument instead."""
+    have = {spec.name for fam in fams for spec in knob_specs(fam)}
+    asked = {
+        "norm": ("norms", "none" not in norms),
+        "activation": ("activations", "tanh" not in activations),
+        "seq_len": ("min_seq_len", seq_len[0] > 1),
+        "depth": ("min_depth", depth[0] > 1),
+    }
+    for knob, (argument, narrowed) in asked.items():
+        if narrowed and knob not in have:
+            raise InvalidArgument(
+                f"{argument} given, but no family drawn ({', '.join(fams)}) has a {knob} knob: it would be "
+                "ignored; drop it or add a family that has it"
+            )
 
 
 _all_dtypes, _all_devices = dtypes, devices  # configs() has arguments of the same names

@@ -149,3 +149,24 @@ def test_importing_strategies_does_not_import_torch() -> None:
     code = "import sys, stabilitycheck.strategies; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_knob_narrowed_for_families_without_it_is_an_invalid_argument() -> None:
+    """configs(family='rnn', norms=('pre',)) and configs(family='lstm', activations=('relu',)) drew
+    Configs with no such knob, the choice silently ignored (found by a trial)."""
+    for bad in (
+        configs(family="rnn", norms=("pre",)),
+        configs(family="lstm", activations=("relu",)),
+        configs(family="mlp", min_seq_len=4, max_seq_len=8),
+        configs(family=("lstm", "gru"), min_depth=2, max_depth=3),
+    ):
+        with pytest.raises(InvalidArgument, match=r"has a \w+ knob: it would be ignored"):
+            bad.validate()
+    configs(family=("rnn", "resmlp"), norms=("pre",)).validate()  # one family has it: fine
+
+
+@settings(max_examples=30)
+@given(dtypes(exclude="float16"))
+def test_dtypes_takes_one_name_to_exclude(name: str) -> None:
+    """exclude='float16' was iterated as letters: 'exclude contains "f"' (found by a trial)."""
+    assert name != "float16"
