@@ -130,7 +130,14 @@ def _hypothesis_seed_option(config: pytest.Config) -> str | None:
     return None if value is None else str(value)
 
 
+MARKERS = ("slow: takes more than a few seconds", "cuda: needs a CUDA device")
+"""The markers the example properties use: registered, so copied into a project run with
+--strict-markers they still collect."""
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    for marker in MARKERS:
+        config.addinivalue_line("markers", marker)
     workerinput: dict[str, Any] | None = getattr(config, "workerinput", None)
     seed = config.getoption(f"{PREFIX}seed")
     profile = config.getoption(f"{PREFIX}profile")

@@ -401,3 +401,12 @@ def test_a_test_the_plugin_seeded_for_its_fixtures_gets_the_seed_in_its_reproduc
     monkeypatch.setenv("DRAWN", str(second))
     pytester.runpytest("-p", "no:cacheprovider", "-p", "no:randomly", *line.split("#")[0].split()[1:])
     assert first.read_text().splitlines()[0] == second.read_text().splitlines()[0]
+
+
+def test_the_example_properties_markers_need_no_registration_of_the_users(pytester: pytest.Pytester) -> None:
+    """properties/ is offered as examples to copy; their @pytest.mark.slow failed collection under
+    --strict-markers in a project that had not registered it (found by a trial)."""
+    pytester.makepyfile(
+        test_copied="import pytest\n\n@pytest.mark.slow\n@pytest.mark.cuda\ndef test_x():\n    pass\n"
+    )
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", "--strict-markers").assert_outcomes(passed=1)
