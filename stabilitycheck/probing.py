@@ -19,11 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from stabilitycheck._tree import tensors as tensors_of
 from stabilitycheck._validation import article
 from stabilitycheck.config import Config, Run
 from stabilitycheck.errors import ConfigError, UsageError
 from stabilitycheck.losses import Inputs, LossFn, OutputLoss
-from stabilitycheck.measurement import AFTER_LAST
+from stabilitycheck.measurement import AFTER_LAST, INPUT
 from stabilitycheck.measurement import (
     TENSOR_KINDS as TENSOR_KINDS,  # `X as X`: re-exported, it was defined here
 )
@@ -83,6 +84,7 @@ class _Step:
     forward: list[float]
     backward: list[float]
     entering: list[float] = dataclasses.field(default_factory=list)  # per call, ||its input|| (exact runs)
+    given_finite: bool = True  # every floating tensor given to the model is finite (exact runs)
     scale: float = 1.0
     finite: bool = True  # every number above is finite
 
@@ -173,6 +175,8 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         forward=host[g : g + n],
         backward=_scatter(host[g + n : g + n + r], reached, n),
         entering=inputs,
+        given_finite=not (hooks and exact)
+        or all(bool(x.isfinite().all()) for x in tensors_of(run.inputs) if x.is_floating_point()),
         finite=math.isfinite(loss_value + sum(host)),
     )
 
@@ -237,6 +241,8 @@ def _locate(
         if s.entering and not math.isfinite(s.entering[i]):  # every output before it is finite
             return NonFinite(step, f"(outside blocks, before {name})", "activation", s.entering[i])
         if not math.isfinite(value):
+            if name == INPUT and s.given_finite and len(s.calls) > 1:  # the model's code made it
+                return NonFinite(step, f"(outside blocks, before {s.calls[1]})", "activation", value)
             return NonFinite(step, name, "activation", value)
     if not math.isfinite(s.loss):
         return NonFinite(step, AFTER_LAST, "loss", s.loss)

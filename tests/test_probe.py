@@ -88,7 +88,7 @@ class Between(nn.Module):
         return x
 
 
-@pytest.mark.parametrize(("k", "poison"), [(2, math.nan), (4, math.inf)])
+@pytest.mark.parametrize(("k", "poison"), [(0, math.nan), (2, math.nan), (4, math.inf)])
 def test_a_nan_made_between_blocks_is_not_blamed_on_the_next_block(k: int, poison: float) -> None:
     """Oracle: the construction. Every block output before block k is finite and block k's input is
     not: the model's code between the blocks made it (it was blamed on block k, which only received
@@ -561,3 +561,12 @@ def test_probe_module_refuses_training_settings_a_config_refuses(options: dict, 
     assert "\n" not in str(caught.value)
     with pytest.raises(UsageError, match="the first argument must be the model"):
         probe_module(built.inputs, built.model, built.loss_fn)  # type: ignore[arg-type]
+
+
+def test_a_nan_in_the_data_is_the_inputs_and_one_made_before_block_0_the_models() -> None:
+    """Before block 0, a NaN the model's code made was blamed on '(input)', as a NaN in the data is
+    (found by a trial). Oracle: the construction, clean data against a poisoned batch."""
+    data = torch.randn(4, 8)
+    data[1, 3] = math.nan
+    m = probe_module(Between(4, 9, 1.0), data, lambda out, _: out.pow(2).mean())
+    assert m.first_nonfinite is not None and m.first_nonfinite.layer == "(input)"
