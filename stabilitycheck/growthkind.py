@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 from stabilitycheck.spread import Spread, quantile
 
-LAW_SLACK = math.log(2)  # a polynomial kind's depth ** exponent must give the growth within x2
+LAW_SLACK = math.log(2)  # a kind's rate ** blocks, or depth ** exponent, must give the growth within x2
 INPUT_SPREAD, INPUT_SD = 3.0, 0.05  # input_apart: how far its log-gain lies from the others' (in sd)
 FIT_R2 = 0.9  # below it no fit explains the growth (a clean stack fits >= 0.95, a lone spike 0.76)
 
@@ -19,7 +19,8 @@ FIT_R2 = 0.9  # below it no fit explains the growth (a clean stack fits >= 0.95,
 class Growth:
     """What kind of growth the stack shows, from the cumulative log growth C(j) of the backward signal
     between block call j and the output (j = 1..L from the input side): exponential when C is linear in
-    the number of blocks L - j (a constant rate per block, e.g. a tanh MLP off criticality), polynomial
+    the number of blocks L - j (a constant rate per block, e.g. a tanh MLP off criticality; so
+    rate ** blocks must give the growth within x2), polynomial
     when it is linear in log(L / j) (growth ~ depth ** exponent, e.g. pre-norm residual stacks whose
     per-block log-gain decays like 1 / j; so depth ** exponent must give the growth within x2),
     whichever least-squares fit explains more of C, fitted on the seeds' typical stack (each gain the
@@ -85,6 +86,9 @@ def fit_growth(gains: Sequence[float], apart: bool | None = None) -> Fit:
     if abs(exponent * math.log(n / (shape.start + 1)) - cumulative[shape.start]) > LAW_SLACK:
         r2_log = -math.inf  # a fitted shape whose depth law is not the growth: no law (depth^3.43 of 9
         # blocks is 1870, with a growth of 363: the fit's intercept carried the difference)
+    if abs(rate * (n - 1 - shape.start) - cumulative[shape.start]) > LAW_SLACK:
+        r2_lin = -math.inf  # the same of a rate: gains rising from x1.04 to x2 along 24 blocks fit a
+        # line, but x1.1/block gives 9.9 where the growth is 25
     return rate, r2_lin, exponent, r2_log
 
 

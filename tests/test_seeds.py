@@ -520,3 +520,16 @@ def test_a_vanishing_point_over_an_even_number_of_seeds_is_named_vanishing() -> 
     expected = quantile(growths, 0.5) < 0.01
     assert j.exploded == expected == ("vanishing" in j.verdict.names)
     assert bool(j.verdict.names) == j.exploded
+
+
+def test_a_rate_that_does_not_give_the_growth_is_no_exponential_kind() -> None:
+    """Oracle, exact gains: rising from 25/24 to 2/1 along 24 blocks, the growth is exactly 25. A line
+    fits their cumulative log growth well, but its rate, x1.1/block, gives 1.1**24 = 9.9: it read
+    'exponential, x1.1/block' (found by a trial). A constant gain g stays exponential at exactly g."""
+    rising = [(25 - j) / (24 - j) for j in range(24)]
+    assert math.prod(rising) == pytest.approx(25.0)
+    kind = classify([fit_growth(rising)], [25.0], 0.5)
+    assert kind.kind != "exponential"
+    steady = [1.3] * 24
+    kind = classify([fit_growth(steady)], [1.3**24], 0.5)
+    assert kind.kind == "exponential" and math.exp(kind.rate.mid) == pytest.approx(1.3, rel=1e-9)
