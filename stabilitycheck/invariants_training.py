@@ -331,8 +331,10 @@ def _check_guards(
             f"non-finite: {len(nonfinite)} / {len(named)}",
             "If the scaled gradients overflow, start from a smaller init_scale.",
         )
-    _check_clean_step(named, weights, expected, kind)
+    # the state first: a skipped step that stepped the optimizer shows there as such (Adam's step count),
+    # where the clean step's update, bias-corrected by that count, only reads as a wrong update
     _check_clean_state(named, opt, states, kind)
+    _check_clean_step(named, weights, expected, kind)
 
 
 def _check_clean_state(

@@ -263,3 +263,18 @@ def prenorm_without_norm(config: Config) -> Built:
     for block in built.model.layers:  # type: ignore[union-attr]
         block.__class__ = NormIsIdentity
     return built
+
+
+class ZeroesAndStepsScaler(_Guarded):
+    """Backs off on a non-finite gradient but, instead of skipping, zeroes the gradients and steps: SGD
+    and Adam's first moves leave the weights unchanged, but the optimizer counts a step."""
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if self.bad(grads):
+            self._scale /= 2.0
+            for g in grads:
+                g.zero_()
+            optimizer.step()
+            return
+        super().step(optimizer)

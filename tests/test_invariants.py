@@ -843,3 +843,17 @@ def test_torchs_l1_clip_of_float16_gradients_among_the_subnormals_passes() -> No
     p.grad = before.clone()
     torch.nn.utils.clip_grad_norm_([p], 1e-4, norm_type=1.0)
     assert_clipped_norm_bounded([p], 1e-4, norm_type=1.0, before=[before])
+
+
+def test_a_scaler_that_steps_on_zeroed_gradients_is_told_it_stepped_the_optimizer() -> None:
+    """Its skipped steps leave Adam's weights as they were but count steps, so the clean step's update,
+    bias-corrected by that count, differs: it was reported as a wrong update ('must unscale once'),
+    where the fault is the steps taken (found by a trial). The optimizer state is checked first."""
+    b = zoo("mlp")
+
+    def adam(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=1e-3)
+
+    with pytest.raises(StabilityError, match="optimizer state unlike one plain step") as caught:
+        assert_gradscaler_guards(b.model, b.inputs, b.loss_fn, broken.ZeroesAndStepsScaler(), optimizer=adam)  # type: ignore[arg-type]
+    assert "'step'" in str(caught.value) and "A skipped step must not step the optimizer" in str(caught.value)
