@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from stabilitycheck._validation import check_image
+
 PROGRESS_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
 
 
@@ -73,21 +75,23 @@ class Outputs:
         plot, the slowest (a second Ctrl-C while it draws loses only the image)."""
         from stabilitycheck import report
 
-        self.save(results)
-        md = report.markdown(results) if self.args.markdown or self.summary else ""
-        if self.args.markdown:
-            self._attempt("--markdown", lambda: self.args.markdown.write_text(md))
-        if self.summary and Path(self.summary) != self.args.markdown:
-            self._attempt("GITHUB_STEP_SUMMARY", lambda: _append(Path(self.summary or ""), md))
         try:
-            print(report.text(results), file=self.stdout, flush=True)
-        except BrokenPipeError:
-            self.stdout = open(os.devnull, "w")  # noqa: SIM115 (the CLI makes it sys.stdout, flushed at exit)
-        if self.args.plot:
-            from stabilitycheck.plot import plot
+            self.save(results)
+            md = report.markdown(results) if self.args.markdown or self.summary else ""
+            if self.args.markdown:
+                self._attempt("--markdown", lambda: self.args.markdown.write_text(md))
+            if self.summary and Path(self.summary) != self.args.markdown:
+                self._attempt("GITHUB_STEP_SUMMARY", lambda: _append(Path(self.summary or ""), md))
+            try:
+                print(report.text(results), file=self.stdout, flush=True)
+            except BrokenPipeError:
+                self.stdout = open(os.devnull, "w")  # noqa: SIM115 (the CLI makes it sys.stdout, flushed at exit)
+            if self.args.plot:
+                from stabilitycheck.plot import plot
 
-            self._attempt("--plot", lambda: plot(results, self.args.plot))
-        self._say_failures()
+                self._attempt("--plot", lambda: plot(results, self.args.plot))
+        finally:  # a second Ctrl-C while the plot draws still hears of a file that failed
+            self._say_failures()
 
     def _say_failures(self) -> None:
         for failure in self.failures.values():
@@ -121,24 +125,6 @@ def check_outputs(named: Sequence[tuple[str, Path | None]]) -> None:
     flag, image = named[-1]
     if image is not None:
         check_image(flag, image)
-
-
-def check_image(flag: str, image: Path) -> None:
-    """matplotlib is installed and writes `image`'s format (told by its suffix); else a one-line
-    UsageError naming `flag`, before any work rather than when the image is drawn at the end."""
-    from stabilitycheck.errors import UsageError
-
-    try:
-        import matplotlib  # noqa: F401
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise UsageError(f"{flag} needs matplotlib: pip install 'stabilitycheck[plot]'") from None
-    kinds = Figure().canvas.get_supported_filetypes()
-    if image.suffix.lstrip(".").lower() not in kinds:
-        raise UsageError(
-            f"{flag} {image}: matplotlib cannot write {image.suffix or 'a file without a suffix'}; "
-            "name it .png, .pdf or .svg"
-        )
 
 
 def _writable(path: Path) -> bool:

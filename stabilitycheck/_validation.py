@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 MAX_MESSAGE = 300  # characters kept of a user exception's message
 
 
@@ -39,3 +41,21 @@ def article(value: object) -> str:
 def is_number(value: object) -> bool:
     """An int or float, not a bool."""
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_image(flag: str, image: Path) -> None:
+    """matplotlib is installed and writes `image`'s format (told by its suffix); else a one-line
+    UsageError naming `flag`, before any work rather than when the image is drawn at the end."""
+    from stabilitycheck.errors import UsageError
+
+    try:
+        import matplotlib  # noqa: F401
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UsageError(f"{flag} needs matplotlib: pip install 'stabilitycheck[plot]'") from None
+    kinds = Figure().canvas.get_supported_filetypes()
+    if image.suffix.lstrip(".").lower() not in kinds:
+        raise UsageError(
+            f"{flag} {image}: matplotlib cannot write {image.suffix or 'a file without a suffix'}; "
+            "name it .png, .pdf or .svg"
+        )

@@ -1,12 +1,15 @@
-"""Signals and alarms around user code: a per-probe time limit, and the test whether code runs inside
-a gc callback, where an exception raised is printed and dropped, so a handler or an alarm that would
-raise there defers instead (standard library only: the CLI's signal handler uses it before anything
-heavy is imported)."""
+"""Signals and alarms around user code: a per-probe time limit; SIGTERM unwinding a watched run to
+its watcher before it ends the process; signals held while a flush completes; and the test whether
+code runs inside a gc callback, where an exception raised is printed and dropped, so a handler or an
+alarm that would raise there defers instead (standard library only: the CLI's signal handler uses
+it before anything heavy is imported)."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,19 +58,22 @@ def time_limit(seconds: float | None) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-class Termination:
-    """While open, SIGTERM ends the process as sys.exit(143) would, so `with` blocks and finally
-    clauses still run (a watched run writes its log and report) where it would otherwise be killed
-    at once: only where SIGTERM has the default handler (one a user or a framework installed is
-    theirs) and in the main thread. A signal that lands in a gc callback, where an exception is
-    dropped, is raised at the next `check`; one after the first is ignored while the run stops."""
+class Terminated(BaseException):
+    """Raised by Termination's SIGTERM handler to unwind a watched run to its watcher (a BaseException:
+    `except Exception` in the loop lets it by)."""
 
-    CODE = 128 + signal.SIGTERM  # the shell's status of a process SIGTERM killed: 143
+
+class Termination:
+    """While open, SIGTERM unwinds the run to the watcher (Terminated), which writes its log and report,
+    then ends the process by SIGTERM itself (`close`): what the default handler does, after the report
+    instead of before it, and nothing that catches SystemExit (pytest) can swallow it. Only where
+    SIGTERM has the default handler (one a user or a framework installed is theirs), in the main
+    thread. A SIGTERM whose exception was dropped (raised in a gc callback or a __del__) is raised
+    at the next `check`, and ends the process at `close` in any case; a second one ends it at once."""
 
     def __init__(self) -> None:
         self.installed = False
         self.fired = False
-        self.pending = False
 
     def open(self) -> None:
         main = threading.current_thread() is threading.main_thread()
@@ -76,25 +82,38 @@ class Termination:
             self.installed = True
 
     def _on_term(self, signum: int, frame: Any) -> None:
-        if self.fired:
-            return
+        if self.fired or not self.installed:  # a second SIGTERM, or one after close: the default's
+            _die()
         self.fired = True
-        if in_gc_callback(frame):
-            self.pending = True
-            return
-        raise SystemExit(self.CODE)
+        if not in_gc_callback(frame):  # there it would be printed and dropped: `check` raises it
+            raise Terminated
 
     def check(self) -> None:
-        """Raise a SIGTERM that landed in a gc callback."""
-        if self.pending:
-            self.pending = False
-            raise SystemExit(self.CODE)
+        """Raise a SIGTERM whose exception was dropped."""
+        if self.fired:
+            raise Terminated
 
     def close(self) -> None:
-        """Give SIGTERM back its default handler, unless someone installed another since."""
-        if self.installed and signal.getsignal(signal.SIGTERM) == self._on_term:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        """Give SIGTERM back its default handler (unless someone installed another since); after a
+        SIGTERM, end the process with it."""
+        if not self.installed:
+            return
         self.installed = False
+        main = threading.current_thread() is threading.main_thread()
+        if main and signal.getsignal(signal.SIGTERM) == self._on_term:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if self.fired:
+            _die()
+
+
+def _die() -> None:
+    """End the process by SIGTERM, as its default handler does, the Python streams flushed first."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.raise_signal(signal.SIGTERM)  # elsewhere our handler, now closed, does this in the main thread
 
 
 @contextmanager
@@ -114,5 +133,6 @@ def signals_held() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        for signum in dict.fromkeys(got):
+        # SIGTERM first: raised again, SIGINT's KeyboardInterrupt would leave a SIGTERM behind it unsent
+        for signum in sorted(dict.fromkeys(got), key=lambda s: s != signal.SIGTERM):
             signal.raise_signal(signum)

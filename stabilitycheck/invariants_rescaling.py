@@ -21,8 +21,7 @@ from stabilitycheck.invariants_common import (
     rtol_of,
     state_kept,
 )
-from stabilitycheck.losses import Inputs, LossFn
-from stabilitycheck.probing import differentiable_loss
+from stabilitycheck.losses import Inputs, LossFn, differentiable_loss
 from stabilitycheck.recording import call_model
 
 

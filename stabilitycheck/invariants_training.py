@@ -14,9 +14,9 @@ from torch import nn
 from stabilitycheck.config import Config
 from stabilitycheck.errors import UsageError
 from stabilitycheck.invariants_common import _fail, _norms, _positive, state_kept
-from stabilitycheck.losses import Inputs, LossFn
+from stabilitycheck.losses import Inputs, LossFn, differentiable_loss
 from stabilitycheck.measurement import Measurement
-from stabilitycheck.probing import differentiable_loss, probe, probe_module
+from stabilitycheck.probing import probe, probe_module
 from stabilitycheck.recording import call_model
 
 CLEAN_RTOL = 0.01  # a clean scaled step against a plain one: scales of 2^k undo exactly
@@ -218,6 +218,15 @@ def assert_gradscaler_guards(
         _check_guards(model, inputs, loss_fn, scaler, optimizer, lr, poisons, seed)
 
 
+def _number(value: Any) -> float:
+    """`value` as a float (a Python number, a numpy scalar or a one-element tensor); 0.0 (finite) for
+    anything else, so a poison that is no number is refused like a finite one."""
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return 0.0
+
+
 def _guard_arguments(scaler: Any, optimizer: Any, poisons: Sequence[float]) -> None:
     """One-line UsageErrors for what assert_gradscaler_guards cannot use (each raised deep inside)."""
     if scaler is not None and not all(
@@ -232,7 +241,7 @@ def _guard_arguments(scaler: Any, optimizer: Any, poisons: Sequence[float]) -> N
             "optimizer must make the optimizer from the parameters (each check needs a fresh one), got "
             f"{type(optimizer).__name__}; e.g. optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-3)"
         )
-    if not poisons or any(not isinstance(v, int | float) or math.isfinite(v) for v in poisons):
+    if not poisons or any(math.isfinite(_number(v)) for v in poisons):
         raise UsageError(
             "poisons must be non-finite values to put in the gradients (inf, -inf, nan), "
             f"got {list(poisons)!r}"

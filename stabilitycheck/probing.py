@@ -9,8 +9,10 @@ overflows is never reported as non-finite.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import itertools
 import math
+import operator
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,9 +23,9 @@ from torch import nn
 
 from stabilitycheck._tree import tensors as tensors_of
 from stabilitycheck._validation import article
-from stabilitycheck.config import Config, Run
-from stabilitycheck.errors import ConfigError, UsageError
-from stabilitycheck.losses import Inputs, LossFn, OutputLoss
+from stabilitycheck.config import AMPS, OPTIMIZERS, Config
+from stabilitycheck.errors import UsageError
+from stabilitycheck.losses import Inputs, LossFn, OutputLoss, differentiable_loss
 from stabilitycheck.measurement import AFTER_LAST, INPUT
 from stabilitycheck.measurement import (
     TENSOR_KINDS as TENSOR_KINDS,  # `X as X`: re-exported, it was defined here
@@ -41,17 +43,42 @@ from stabilitycheck.subject import Subject, find_blocks, own_blocks
 from stabilitycheck.subjects import resolve
 
 
-def differentiable_loss(loss: Any) -> torch.Tensor:
-    """`loss` if it is a scalar float tensor that requires grad; else a one-line UsageError saying why."""
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
-        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise UsageError(f"the loss must be a scalar float tensor, got {shape}; return e.g. out.mean()")
-    if not loss.requires_grad:
-        raise UsageError(
-            "the loss does not require grad: it is not differentiable with respect to the "
-            "model's parameters (was the output detached or computed under torch.no_grad()?)"
-        )
-    return loss
+def _training_settings(
+    steps: Any, warmup: Any, seed: Any, lr: Any, optimizer: Any, amp: Any, clip: Any
+) -> tuple[int, int, int, float]:
+    """probe_module's settings checked, counts as ints and lr as a float (numpy scalars welcome): a
+    misspelt optimizer or amp ran plain SGD in float32, a negative clip reversed the gradient."""
+
+    def bad(what: str) -> UsageError:
+        return UsageError(f"probe_module: {what}")
+
+    counts = []
+    for name, value in (("steps", steps), ("warmup", warmup), ("seed", seed)):
+        try:
+            counts.append(operator.index(value))
+        except TypeError:
+            raise bad(f"{name} must be a whole number, got {value!r}; pass int(...)") from None
+        if counts[-1] < 0:
+            raise bad(f"{name} must be >= 0, got {value!r}")
+    try:
+        rate = math.nan if isinstance(lr, str) else float(lr)
+    except (TypeError, ValueError):
+        rate = math.nan
+    if not (math.isfinite(rate) and rate >= 0):
+        raise bad(f"lr must be a finite number >= 0, got {lr!r}")
+    for name, value, allowed in (("optimizer", optimizer, OPTIMIZERS), ("amp", amp, AMPS)):
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value).lower(), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise bad(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}{hint}")
+    if clip is not None:
+        try:
+            cap = float(clip)
+        except (TypeError, ValueError):
+            cap = math.nan
+        if not (math.isfinite(cap) and cap > 0):
+            raise bad(f"clip must be None or a finite number > 0, got {clip!r}")
+    return counts[0], counts[1], counts[2], rate
 
 
 def _optimizer(
@@ -285,10 +312,7 @@ def probe_module(
         raise UsageError(
             f"probe_module: the first argument must be the model (an nn.Module), got {article(model)}"
         )
-    try:  # the checks a Config's settings get: a misspelt optimizer or amp ran plain SGD in float32
-        Run(steps=steps, lr=lr, optimizer=optimizer, clip=clip, warmup=warmup, amp=amp, seed=seed)
-    except ConfigError as exc:
-        raise UsageError(f"probe_module: {str(exc).replace('Run.', '')}") from None
+    steps, warmup, seed, lr = _training_settings(steps, warmup, seed, lr, optimizer, amp, clip)
     blocks = own_blocks(model, blocks, "probe_module") if blocks is not None else find_blocks(model)[0]
     names = tuple(name for name, _ in blocks)
     layout = _layout(model, blocks)

@@ -2,9 +2,12 @@
 (default the median) of per-seed values, with seeds spent sequentially, more only near the limit.
 
 The rule. The budget is K = run.seeds initialisations (weights and inputs); the q-quantile of K values
-is the r-th smallest, r = ceil(q K). After each seed, a criterion whose r-th smallest value is already
-known to pass (K - r + 1 seeds fire) or not (r seeds do not) is decided: the K-seed answer cannot change
-(curtailment, exact). A verdict stops once every criterion is decided; a search's points once whether
+is the r-th smallest, r = ceil(q K) (NaN sorting lowest, never firing). After each seed, a criterion
+whose r-th smallest value is already known to pass or not is decided: the K-seed answer cannot change
+(curtailment, exact). One that fires above its bound is known to fire once K - r + 1 seeds fire, not
+to once r do not; vanishing, which fires below its bound, once r seeds lie below it with fewer than r
+NaN possible, not to once r are NaN or too few seeds are left to put r below. A verdict stops once
+every criterion is decided; a search's points once whether
 the point explodes is (one criterion decided to fire, or all decided not to), naming only the criteria
 decided to fire. Before that, the seeds so far decide alone when every one of them lies on the same
 side of every limit by at least a factor MARGIN ** (1 / n) after n seeds: one seed 100x from the limit,
@@ -122,8 +125,8 @@ def _decided(
 
 def _settled(per_seed: list[dict[str, float]], lim: Limits, budget: int, q: float) -> dict[str, bool | None]:
     """Per active criterion, whether its K-seed quantile is known to fire (True) or not (False) from the
-    seeds so far, or None while that is open: by the counts (K - r + 1 seeds fire, or r do not,
-    r = ceil(q K)), or all at once by the margin (every seed far from every limit, on one side)."""
+    seeds so far, or None while that is open: by the counts (the module docstring's, r = ceil(q K)),
+    or all at once by the margin (every seed far from every limit, on one side)."""
     n, r = len(per_seed), max(1, math.ceil(q * budget))
     unseen = budget - n
     active = [c for c in CRITERIA if bound(c, lim) is not None]

@@ -11,6 +11,7 @@ stabilitycheck.watchlog turns them into the log, the report and the heatmap.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 import sys
@@ -48,6 +49,9 @@ FLUSH_EVERY = 50  # one host read per 50 steps: < 1 us/step amortised, and a fin
 
 class _Stderr:
     """The default report stream: sys.stderr as it is when watch() is called."""
+
+    def __repr__(self) -> str:
+        return "sys.stderr"
 
 
 STDERR = _Stderr()
@@ -136,7 +140,7 @@ class Watcher:
         self._original_step: Any = None
         self._step: Any = None
         self.report: Report | None = None
-        self._termination = Termination()  # SIGTERM stops the run as sys.exit(143): the report is out
+        self._termination = Termination()  # SIGTERM unwinds to the watcher, which writes, then dies
 
     # ------------------------------------------------------------------------------------ hooks
 
@@ -385,9 +389,10 @@ class Watcher:
 
     def flush(self) -> None:
         """Read the buffered steps (one host read; one all_gather first under torch.distributed).
-        Ctrl-C or SIGTERM waits until the flush is done: its rows are read once, and one cut short
-        was in the report, not in the log."""
-        with signals_held():
+        Single-process, Ctrl-C or SIGTERM waits until the flush is done: its rows are read once, and
+        one cut short was in the report, not in the log (under torch.distributed the flush waits on
+        the other ranks, and a rank stuck there must stay killable)."""
+        with signals_held() if self.world == 1 else contextlib.nullcontext():
             self._flush()
 
     def _flush(self) -> None:

@@ -13,7 +13,7 @@ from typing import Any, TextIO
 import torch
 
 from stabilitycheck._json import strict_json
-from stabilitycheck._outputs import check_image
+from stabilitycheck._validation import check_image
 from stabilitycheck.distributed import Layout, nonfinite_rank, to_series
 from stabilitycheck.errors import UsageError
 from stabilitycheck.spikes import SpikeRule, SpikeState

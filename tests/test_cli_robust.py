@@ -754,3 +754,26 @@ def test_what_a_model_file_prints_goes_to_stderr_and_stdout_holds_the_results(
         capsys,
     )
     assert code in (cli.EXIT_OK, cli.EXIT_FOUND) and "building" not in out and "building" in err
+
+
+def test_a_file_that_failed_is_still_said_when_a_second_ctrl_c_stops_the_plot(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The failures were said after the plot, so a Ctrl-C while it drew left a --json that could not
+    be written unreported (found in review)."""
+    from stabilitycheck import _outputs, plot
+
+    def interrupted(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    def full_disk(*_: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plot, "plot", interrupted)
+    monkeypatch.setattr(_outputs, "_atomic_write", full_disk)
+    args = [str(_file(tmp_path)), "--database", "none", "--seeds", "1", "--quiet"]
+    code, out, err = _run(
+        [*args, "--json", str(tmp_path / "o.json"), "--plot", str(tmp_path / "p.png")], capsys
+    )
+    assert code == cli.EXIT_INTERRUPTED and "depth=" in out
+    assert "--json: writing it failed: OSError" in err

@@ -857,3 +857,10 @@ def test_a_scaler_that_steps_on_zeroed_gradients_is_told_it_stepped_the_optimize
     with pytest.raises(StabilityError, match="optimizer state unlike one plain step") as caught:
         assert_gradscaler_guards(b.model, b.inputs, b.loss_fn, broken.ZeroesAndStepsScaler(), optimizer=adam)  # type: ignore[arg-type]
     assert "'step'" in str(caught.value) and "A skipped step must not step the optimizer" in str(caught.value)
+
+
+def test_gradscaler_guards_take_poisons_as_tensors_too() -> None:
+    """poisons=(torch.tensor(nan),) was checked and passed; the argument check refused it, saying a
+    NaN is not non-finite (found in review)."""
+    b = zoo("mlp")
+    assert_gradscaler_guards(b.model, b.inputs, b.loss_fn, poisons=(torch.tensor(math.nan),))

@@ -546,12 +546,13 @@ def test_blocks_that_are_not_the_models_own_are_a_usage_error() -> None:
 @pytest.mark.parametrize(
     ("options", "said"),
     [
-        ({"optimizer": "Adam", "steps": 2}, "optimizer='Adam' is not allowed"),  # ran SGD, silently
-        ({"optimizer": "adamw", "steps": 2}, "optimizer='adamw' is not allowed"),
-        ({"amp": "fp16"}, "amp='fp16' is not allowed"),  # ran float32, silently
-        ({"clip": -1.0, "steps": 1}, "clip=-1.0 must be"),  # reversed the gradient
-        ({"steps": -1}, "steps=-1 must be"),  # UnboundLocalError from inside the probe
-        ({"lr": "x", "steps": 1}, "lr"),
+        ({"optimizer": "Adam", "steps": 2}, "optimizer='Adam' is not one of"),  # ran SGD, silently
+        ({"optimizer": "adamw", "steps": 2}, "optimizer='adamw' is not one of"),
+        ({"amp": "fp16"}, "amp='fp16' is not one of"),  # ran float32, silently
+        ({"clip": -1.0, "steps": 1}, "clip must be None or a finite number > 0, got -1.0"),  # reversed
+        ({"steps": -1}, "steps must be >= 0, got -1"),  # UnboundLocalError from inside the probe
+        ({"steps": 1.5}, "steps must be a whole number, got 1.5"),
+        ({"lr": "x", "steps": 1}, "lr must be a finite number >= 0, got 'x'"),
     ],
 )
 def test_probe_module_refuses_training_settings_a_config_refuses(options: dict, said: str) -> None:
@@ -570,3 +571,20 @@ def test_a_nan_in_the_data_is_the_inputs_and_one_made_before_block_0_the_models(
     data[1, 3] = math.nan
     m = probe_module(Between(4, 9, 1.0), data, lambda out, _: out.pow(2).mean())
     assert m.first_nonfinite is not None and m.first_nonfinite.layer == "(input)"
+
+
+def test_probe_module_takes_what_torch_takes_for_its_settings() -> None:
+    """The settings' check first imposed a Config's limits on a plain module (found in review): a
+    64-bit seed, numpy counts and rates, and lr 0 (a probe that does not move the weights) all ran
+    before it and run again."""
+    import numpy as np
+
+    built = build(zoo("mlp", depth=2))
+    for options in (
+        {"seed": 2**40},
+        {"seed": np.int64(3), "steps": np.int64(1)},
+        {"steps": 1, "lr": np.float32(0.01), "clip": np.float32(1.0)},
+        {"steps": 1, "lr": 0.0},
+    ):
+        m = probe_module(built.model, built.inputs, built.loss_fn, **options)
+        assert m.steps_run == int(options.get("steps", 0)) and math.isfinite(m.growth)

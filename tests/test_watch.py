@@ -679,6 +679,9 @@ def test_the_log_holds_whole_rows_up_to_the_last_flush_while_the_run_goes_on(tmp
         assert [json.loads(line)["step"] for line in text.splitlines()] == list(range(20))
 
 
+@pytest.mark.skipif(
+    signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, reason="a harness handles SIGTERM"
+)
 def test_sigterm_is_handled_only_while_watching_and_only_where_no_handler_is_installed() -> None:
     model = MLP(depth=2)
     with watch(model, report=None):
@@ -695,48 +698,109 @@ def test_sigterm_is_handled_only_while_watching_and_only_where_no_handler_is_ins
 
 
 RUN_UNTIL_KILLED = """
-import sys, torch
+import os, signal, sys, torch
 from pathlib import Path
 from watch_models import MLP, batch, compute_loss
 from stabilitycheck import watch
 torch.manual_seed(0)
 model = MLP(depth=3)
 opt = torch.optim.SGD(model.parameters(), lr=0.01)
-marker = Path(sys.argv[2])
-with watch(model, opt, log=sys.argv[1], flush_every=10, report=sys.stderr) as w:
-    step = 0
-    while True:
-        loss = compute_loss(model, batch(torch.Generator().manual_seed(step), model))
-        w.loss(loss)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        step += 1
-        if step == 35:
-            marker.touch()
+log, marker, mode = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+
+class KillsOnDelete:  # a SIGTERM landing in a __del__: its exception is printed and dropped there
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+def loop():
+    with watch(model, opt, log=log, flush_every=10, report=sys.stderr) as w:
+        step = 0
+        try:
+            while True:
+                try:
+                    loss = compute_loss(model, batch(torch.Generator().manual_seed(step), model))
+                    w.loss(loss)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                except Exception:  # a loop that goes on after any error of its own
+                    pass
+                step += 1
+                if step == 35:
+                    if mode == "del":
+                        KillsOnDelete()
+                    else:
+                        marker.touch()
+        finally:
+            print("the loop's finally ran", file=sys.stderr, flush=True)
+
+if mode == "caught":  # as pytest does with a test that raises SystemExit
+    try:
+        loop()
+    except SystemExit:
+        print("caught: the run went on", file=sys.stderr, flush=True)
+else:
+    loop()
 """
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGTERM") or sys.platform == "win32", reason="POSIX signals")
-def test_a_watched_run_stopped_by_sigterm_writes_its_log_and_report(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["plain", "caught", "del"])
+def test_a_watched_run_stopped_by_sigterm_writes_its_log_and_report_then_dies_by_it(
+    mode: str, tmp_path: Path
+) -> None:
     """SIGTERM (a scheduler's stop, a CI timeout) killed a watched run at once: no report, the log cut
-    mid-row. Now the run ends as sys.exit(143): every step flushed at the end, the report out."""
+    mid-row. It now unwinds the loop to the watcher (its finally clauses run; `except Exception`
+    lets it by), which writes every step and the report, then dies by SIGTERM as before: a caller
+    catching SystemExit (pytest) cannot keep the run going, and a SIGTERM whose exception was dropped
+    in a __del__ is raised at the next step (both found in review)."""
     script, log, marker = tmp_path / "run.py", tmp_path / "watch.jsonl", tmp_path / "started"
     script.write_text(RUN_UNTIL_KILLED)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(log), str(marker)], env=env, stderr=subprocess.PIPE, text=True
+        [sys.executable, str(script), str(log), str(marker), mode],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    deadline = time.monotonic() + 120
-    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
+    try:
+        if mode != "del":
+            deadline = time.monotonic() + 120
+            while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # never left looping, whatever failed above
+    assert proc.returncode == -signal.SIGTERM, err
+    assert "the loop's finally ran" in err and "caught: the run went on" not in err
     said = re.search(r"stabilitycheck watch: (\d+) steps", err)
     assert said is not None, err
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(int(said.group(1)))) and len(rows) >= 35
+
+
+def test_a_watcher_closed_from_another_thread_closes(tmp_path: Path) -> None:
+    """Closing gave SIGTERM its handler back with signal.signal, which raises off the main thread: the
+    report was out, but close() raised ValueError (found in review)."""
+    import threading
+
+    model = MLP(depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    w = watch(model, opt, report=None).__enter__()
+    _steps(w, model, opt, range(2))
+    failed: list[BaseException] = []
+
+    def close() -> None:
+        try:
+            w.close()
+        except BaseException as exc:  # whatever it was, the test reports it
+            failed.append(exc)
+
+    thread = threading.Thread(target=close)
+    thread.start()
+    thread.join()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # left installed, inert, by a close off the main thread
+    assert not failed and w.report is not None and w.report.steps == 2
 
 
 def test_ctrl_c_during_a_flush_waits_until_its_rows_are_logged(
