@@ -6,13 +6,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from stabilitycheck._validation import check_image
+from stabilitycheck._validation import check_image, writable
 
 PROGRESS_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
 
@@ -51,9 +50,7 @@ class Outputs:
         self.args = args
         self.stdout = sys.stdout  # the report's, kept: a search sends anything else printed to stderr
         self.summary = os.environ.get("GITHUB_STEP_SUMMARY")
-        self.failures: dict[
-            str, str
-        ] = {}  # per output, its first failure (a JSON rewritten often fails alike)
+        self.failures: dict[str, str] = {}  # per output its first failure (each rewrite fails alike)
         check_outputs((("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)))
 
     def save(self, results: Sequence[Any]) -> None:
@@ -115,7 +112,7 @@ def check_outputs(named: Sequence[tuple[str, Path | None]]) -> None:
     for flag, path in named:
         if path is None:
             continue
-        if not _writable(path):
+        if not writable(path):
             raise UsageError(f"{flag} {path}: cannot write there (no such directory or no permission)")
         same = seen.setdefault(path.resolve(), flag)
         if same != flag:
@@ -125,19 +122,6 @@ def check_outputs(named: Sequence[tuple[str, Path | None]]) -> None:
     flag, image = named[-1]
     if image is not None:
         check_image(flag, image)
-
-
-def _writable(path: Path) -> bool:
-    """A file can be made in the path's folder (where the atomic write makes its temporary one) and
-    the path is no directory: tried, since permission bits say nothing of /proc or a read-only mount."""
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir() or path.is_dir():
-        return False
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            return True
-    except OSError:
-        return False
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 MAX_MESSAGE = 300  # characters kept of a user exception's message
@@ -59,3 +60,16 @@ def check_image(flag: str, image: Path) -> None:
             f"{flag} {image}: matplotlib cannot write {image.suffix or 'a file without a suffix'}; "
             "name it .png, .pdf or .svg"
         )
+
+
+def writable(path: Path) -> bool:
+    """A file can be made in the path's folder (where the atomic write makes its temporary one) and
+    the path is no directory: tried, since permission bits say nothing of /proc or a read-only mount."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir() or path.is_dir():
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False

@@ -25,7 +25,8 @@ OPTIMIZERS = ("sgd", "adam")
 AMPS = ("none", "bfloat16", "float16")
 
 
-def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+def choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    """`value` is one of `allowed` (a Run field's names), else a ConfigError with a did-you-mean."""
     if value not in allowed:
         hint = ""
         if isinstance(value, str):
@@ -82,9 +83,9 @@ class Run:
         _positive("quantile", self.quantile, 1.0)
         if self.clip is not None:
             _positive("clip", self.clip)
-        _choice("dtype", self.dtype, DTYPES)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("amp", self.amp, AMPS)
+        choice("dtype", self.dtype, DTYPES)
+        choice("optimizer", self.optimizer, OPTIMIZERS)
+        choice("amp", self.amp, AMPS)
         if self.amp != "none" and self.dtype != "float32":
             raise ConfigError(
                 f"Run.amp={self.amp!r} needs dtype='float32' (autocast lowers the precision itself), "

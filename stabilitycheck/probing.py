@@ -9,7 +9,6 @@ overflows is never reported as non-finite.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import itertools
 import math
 import operator
@@ -23,8 +22,8 @@ from torch import nn
 
 from stabilitycheck._tree import tensors as tensors_of
 from stabilitycheck._validation import article
-from stabilitycheck.config import AMPS, OPTIMIZERS, Config
-from stabilitycheck.errors import UsageError
+from stabilitycheck.config import AMPS, OPTIMIZERS, Config, choice
+from stabilitycheck.errors import ConfigError, UsageError
 from stabilitycheck.losses import Inputs, LossFn, OutputLoss, differentiable_loss
 from stabilitycheck.measurement import AFTER_LAST, INPUT
 from stabilitycheck.measurement import (
@@ -67,10 +66,10 @@ def _training_settings(
     if not (math.isfinite(rate) and rate >= 0):
         raise bad(f"lr must be a finite number >= 0, got {lr!r}")
     for name, value, allowed in (("optimizer", optimizer, OPTIMIZERS), ("amp", amp, AMPS)):
-        if value not in allowed:
-            close = difflib.get_close_matches(str(value).lower(), allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise bad(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}{hint}")
+        try:
+            choice(name, value, allowed)  # a Config's own check of these names
+        except ConfigError as exc:
+            raise bad(str(exc).removeprefix("Run.")) from None
     if clip is not None:
         try:
             cap = float(clip)

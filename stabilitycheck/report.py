@@ -74,8 +74,12 @@ def outcome(result: SearchResult) -> str:
     cx = result.counterexample
     if cx is None:
         return no_explosion(result)
-    cut = " (interrupted: not verified minimal)" if not result.minimal else ""
-    return f"{cx.judgement.verdict.how} at {cx.config.describe()}{cut}"
+    return f"{cx.judgement.verdict.how} at {cx.config.describe()}{_unverified(result)}"
+
+
+def _unverified(result: SearchResult) -> str:
+    """What a counterexample cut short before its descent ended says beside it."""
+    return " (interrupted: not verified minimal)" if not result.minimal else ""
 
 
 def row(result: SearchResult) -> list[str]:
@@ -106,7 +110,7 @@ def row(result: SearchResult) -> list[str]:
     )
     if result.interrupted:  # the descent or the remedies were cut short: say so in the row itself
         remedies = ", ".join(fixed) + " (interrupted)" if fixed else "not tried (interrupted)"
-    interrupted = " (interrupted: not verified minimal)" if not result.minimal else ""
+    interrupted = _unverified(result)
     return [
         result.space.label,
         run.device,

@@ -4,7 +4,6 @@ and the heatmap. Everything here runs on Python floats after the flush's one hos
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any, TextIO
 import torch
 
 from stabilitycheck._json import strict_json
-from stabilitycheck._validation import check_image
+from stabilitycheck._validation import check_image, writable
 from stabilitycheck.distributed import Layout, nonfinite_rank, to_series
 from stabilitycheck.errors import UsageError
 from stabilitycheck.spikes import SpikeRule, SpikeState
@@ -313,8 +312,7 @@ def _heatmap_path(path: str | Path) -> Path:
     """The heatmap's path, checked when watch starts (it is drawn at the end of the run)."""
     out = Path(path)
     check_image("watch(heatmap=...)", out)
-    folder = out.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK) or out.is_dir():
+    if not writable(out):
         raise UsageError(
             f"watch: cannot write the heatmap {str(out)!r} (its folder is missing or read-only); "
             "pass a writable path"

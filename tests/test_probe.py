@@ -546,9 +546,18 @@ def test_blocks_that_are_not_the_models_own_are_a_usage_error() -> None:
 @pytest.mark.parametrize(
     ("options", "said"),
     [
-        ({"optimizer": "Adam", "steps": 2}, "optimizer='Adam' is not one of"),  # ran SGD, silently
-        ({"optimizer": "adamw", "steps": 2}, "optimizer='adamw' is not one of"),
-        ({"amp": "fp16"}, "amp='fp16' is not one of"),  # ran float32, silently
+        (
+            {"optimizer": "Adam", "steps": 2},
+            "optimizer='Adam' is not allowed; expected one of ('sgd', 'adam') (did you mean 'adam'?)",
+        ),  # ran SGD, silently
+        (
+            {"optimizer": "adamw", "steps": 2},
+            "optimizer='adamw' is not allowed; expected one of ('sgd', 'adam')",
+        ),
+        (
+            {"amp": "fp16"},
+            "amp='fp16' is not allowed; expected one of ('none', 'bfloat16', 'float16')",
+        ),  # ran float32, silently
         ({"clip": -1.0, "steps": 1}, "clip must be None or a finite number > 0, got -1.0"),  # reversed
         ({"steps": -1}, "steps must be >= 0, got -1"),  # UnboundLocalError from inside the probe
         ({"steps": 1.5}, "steps must be a whole number, got 1.5"),
