@@ -343,8 +343,8 @@ class Watcher:
                 self.snapshot.on_flag(flagged)
         self.out.on_step(self._loss_seen, self.weights_measured)
         self._loss_seen = False
+        self._filled += 1  # the row is in: a signal after this line keeps it, before it drops it
         self.step += 1
-        self._filled += 1
         if self._filled == self.flush_every:
             self.flush()
         return flagged
@@ -410,7 +410,7 @@ class Watcher:
         host = data.tolist()  # the one host read of this flush
         if self.state is None:
             self.buffer.zero_()  # before_step adds each step's squares into its zeroed row
-        first = self.step - n
+        first = self.out.result.steps  # the steps logged so far: derived, never off by a step cut short
         if self.state is None:
             self.out.add_ranks(first, host)
         else:

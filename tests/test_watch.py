@@ -846,3 +846,33 @@ def test_the_default_report_goes_to_stderr_as_it_is_when_watch_is_called(
     with watch(model, opt) as w:
         _steps(w, model, opt, range(2))
     assert stream.getvalue().startswith("stabilitycheck watch: 2 steps")
+
+
+def test_a_step_cut_short_by_a_signal_leaves_the_log_numbered_from_0(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A signal landing in a step's bookkeeping after the step count rose but before the buffered
+    row was counted made the flush number its rows from 1, and the close failed on mismatched
+    sizes (a likely cause of the SIGTERM test's rare failure on a loaded machine). Oracle: the
+    report's step count against the log's rows, the interrupt placed right after the count is stored."""
+    from stabilitycheck.watching import Watcher
+
+    def get(self: Watcher) -> int:
+        return int(self.__dict__["step"])
+
+    def put(self: Watcher, value: int) -> None:
+        self.__dict__["step"] = value
+        if value == 6:
+            raise KeyboardInterrupt  # the signal, one bytecode after the store
+
+    monkeypatch.setattr(Watcher, "step", property(get, put), raising=False)
+    torch.manual_seed(0)
+    model = MLP(depth=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    log, stream = tmp_path / "watch.jsonl", io.StringIO()
+    with pytest.raises(KeyboardInterrupt), watch(model, opt, log=log, flush_every=10, report=stream) as w:
+        _steps(w, model, opt, range(20))
+    said = re.search(r"stabilitycheck watch: (\d+) steps", stream.getvalue())
+    assert said is not None
+    rows = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert rows == list(range(int(said.group(1)))) and len(rows) >= 5
