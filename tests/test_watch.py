@@ -821,17 +821,27 @@ def test_ctrl_c_during_a_flush_waits_until_its_rows_are_logged(
     monkeypatch.setattr(watchlog, "strict_json", interrupted)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a plain python run
     try:
-        torch.manual_seed(0)
-        model = MLP(depth=3)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        log, stream = tmp_path / "watch.jsonl", io.StringIO()
-        with pytest.raises(KeyboardInterrupt), watch(model, opt, log=log, flush_every=5, report=stream) as w:
-            _steps(w, model, opt, range(20))
+        reported, logged = _interrupted_run(tmp_path, flush_every=5)
     finally:
         signal.signal(signal.SIGINT, previous)
+    assert reported == 5 and logged == list(range(5))
+
+
+def _interrupted_run(tmp_path: Path, flush_every: int) -> tuple[int, list[int]]:
+    """Up to 20 steps of a watched MLP that a KeyboardInterrupt stops: the steps its report counts
+    and the step of each row its log holds."""
+    torch.manual_seed(0)
+    model = MLP(depth=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    log, stream = tmp_path / "watch.jsonl", io.StringIO()
+    with (
+        pytest.raises(KeyboardInterrupt),
+        watch(model, opt, log=log, flush_every=flush_every, report=stream) as w,
+    ):
+        _steps(w, model, opt, range(20))
     said = re.search(r"stabilitycheck watch: (\d+) steps", stream.getvalue())
-    assert said is not None and int(said.group(1)) == 5
-    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == list(range(5))
+    assert said is not None
+    return int(said.group(1)), [json.loads(line)["step"] for line in log.read_text().splitlines()]
 
 
 def test_the_default_report_goes_to_stderr_as_it_is_when_watch_is_called(
@@ -866,13 +876,5 @@ def test_a_step_cut_short_by_a_signal_leaves_the_log_numbered_from_0(
             raise KeyboardInterrupt  # the signal, one bytecode after the store
 
     monkeypatch.setattr(Watcher, "step", property(get, put), raising=False)
-    torch.manual_seed(0)
-    model = MLP(depth=3)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    log, stream = tmp_path / "watch.jsonl", io.StringIO()
-    with pytest.raises(KeyboardInterrupt), watch(model, opt, log=log, flush_every=10, report=stream) as w:
-        _steps(w, model, opt, range(20))
-    said = re.search(r"stabilitycheck watch: (\d+) steps", stream.getvalue())
-    assert said is not None
-    rows = [json.loads(line)["step"] for line in log.read_text().splitlines()]
-    assert rows == list(range(int(said.group(1)))) and len(rows) >= 5
+    reported, logged = _interrupted_run(tmp_path, flush_every=10)
+    assert logged == list(range(reported)) and reported >= 5
