@@ -3,6 +3,8 @@ and which block owns each parameter."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import weakref
 from collections import Counter
@@ -122,6 +124,45 @@ def _stack_starts(blocks: Sequence[tuple[str, nn.Module]]) -> list[int]:
     ]
 
 
+class _Wrapped:
+    """`after(module, args, output)` called after each call of `module`, from a wrapper set as its
+    `forward` for the length of a probe: a forward hook sends every call through nn.Module's slow
+    path. Measured on the zoo RNN (width 64, 256 cell calls), the recorder added 1.37 ms to an
+    8.1 ms forward with hooks, 0.61 ms with the wrapper. Not for the watcher: a model deep-copied
+    while wrapped (an EMA copy) would call the original's forward."""
+
+    def __init__(self, module: nn.Module, after: Any) -> None:
+        inner = module.forward
+
+        @functools.wraps(inner)  # inspect.signature(module.forward) still reads the module's own
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            output = inner(*args, **kwargs)
+            after(module, args, output)
+            return output
+
+        self.module, self.forward = module, forward
+        module.forward = forward
+
+    def remove(self) -> None:
+        if self.module.__dict__.get("forward") is self.forward:  # not if another wrapper went on top
+            del self.module.__dict__["forward"]
+
+
+def _after_calls(module: nn.Module, after: Any) -> Any:
+    """Call `after(module, args, output)` after each call of `module`; returns a handle to remove. A
+    wrapper of its forward (`_Wrapped`) where nothing else hooks the module and its forward is a plain
+    method; else a forward hook, which then sees the output after the module's other hooks changed it
+    (as it did before), and goes through a block's own registration (`Layer`)."""
+    plain = (
+        type(module).register_forward_hook is nn.Module.register_forward_hook
+        and not (module._forward_hooks or module._forward_pre_hooks)
+        and "forward" not in module.__dict__
+        and inspect.ismethod(module.forward)
+        and inspect.isfunction(module.forward.__func__)
+    )
+    return _Wrapped(module, after) if plain else module.register_forward_hook(after)
+
+
 class _Recorder:
     """Forward hooks on the blocks, collecting (block index, output) of every block call while active;
     dL/d(output) is then captured by the backward pass itself (torch.autograd.grad), no tensor hooks.
@@ -144,7 +185,7 @@ class _Recorder:
         self.entering: list[torch.Tensor | None] | None = None  # per call, its floating input (on request)
         self.entry: torch.Tensor | None = None  # block 0's input, until its first call returns
         self.version = 0  # the entry's version counter when block 0 received it
-        self.handles = [module.register_forward_hook(self._hook(b)) for b, (_, module) in enumerate(blocks)]
+        self.handles = [_after_calls(module, self._hook(b)) for b, (_, module) in enumerate(blocks)]
         self.breaks: set[int] = set()  # positions in `outputs` whose block does not take the last output
         self.handles += [
             blocks[b][1].register_forward_pre_hook(self._join(), with_kwargs=True)

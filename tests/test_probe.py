@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import json
 import math
@@ -417,6 +418,46 @@ def test_the_probe_leaves_no_hook_on_the_model(fails: bool) -> None:
         m = probe_module(rnn.model, rnn.inputs, rnn.loss_fn, blocks=rnn.blocks)
         assert m.activation_names == tuple(f"cell[{t}]" for t in range(8))
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in modules)
+    assert all("forward" not in m.__dict__ for m in modules)  # the recorder's wrapper is gone
+
+
+class _Doubled(nn.Module):
+    """A block whose forward is patched on the instance (as accelerate's hooks do) to double its output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        inner = self.linear.forward
+        self.linear.forward = lambda x: 2 * inner(x)  # type: ignore[method-assign,assignment]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.linear(x))
+
+
+def test_the_recorder_sees_what_the_next_block_gets_under_other_hooks_and_patches() -> None:
+    """The recorder wraps a plain block's forward (cheaper than a forward hook on a cell called per
+    token) and falls back to a forward hook where the block is hooked or patched already: the output
+    it records is the one the model passes on (a hook that rescales the output is applied first), the
+    others' hooks and patches stay, and inspect.signature(block.forward) reads the block's own while
+    it is wrapped. Oracle: the norms of the outputs computed by hand with the same weights."""
+    torch.manual_seed(0)
+    plain, hooked, patched = nn.Linear(4, 4), nn.Linear(4, 4), _Doubled()
+    model = nn.Sequential(plain, hooked, patched)
+    handle = hooked.register_forward_hook(lambda m, a, out: 3 * out)
+    signatures = []
+    model.register_forward_pre_hook(lambda m, a: signatures.append(str(inspect.signature(plain.forward))))
+    x = torch.randn(5, 4)
+    blocks = [("plain", plain), ("hooked", hooked), ("patched", patched.linear)]
+    m = probe_module(model, x, lambda o, _: o.square().mean(), blocks=blocks)
+    with torch.no_grad():
+        a = plain(x)
+        b = 3 * (a @ hooked.weight.T + hooked.bias)  # what the model passed on, its hook applied
+        c = 2 * (patched.linear.weight @ b.T).T + 2 * patched.linear.bias
+    assert m.activation_names == ("(input)", "plain", "hooked", "patched")
+    assert m.activation_norms[1:] == pytest.approx([float(t.norm()) for t in (a, b, c)], rel=1e-6)
+    assert signatures == [str(inspect.signature(nn.Linear(1, 1).forward))]
+    assert "forward" in patched.linear.__dict__ and "forward" not in plain.__dict__
+    assert list(hooked._forward_hooks) == [handle.id]
 
 
 def test_a_whole_sequence_rnn_wider_than_its_input_has_its_input_side() -> None:
