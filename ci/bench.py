@@ -261,10 +261,9 @@ def hooks_item(blocks: Sequence[tuple[str, nn.Module]], step: Variant) -> Varian
 
 
 def floor(built: Built, params: list[nn.Parameter], input_side: bool) -> Variant:
-    """An ideal probe with no bookkeeping: each block's forward wrapped to append its output (cheaper
-    than a forward hook, as the probe does), one autograd.grad over the outputs (and, with
-    `input_side`, the model's float input, as the probe takes block 0's input) and parameters, one
-    fused norm call, one copy to the host. What probe(steps=0) could cost."""
+    """An ideal probe with no bookkeeping: forward hooks appending outputs, one autograd.grad over the
+    outputs (and, with `input_side`, the model's float input, as the probe takes block 0's input) and
+    parameters, one fused norm call, one copy to the host. What probe(steps=0) could cost."""
 
     def run() -> list[float]:
         outputs: list[torch.Tensor] = []
@@ -272,11 +271,10 @@ def floor(built: Built, params: list[nn.Parameter], input_side: bool) -> Variant
         if input_side and isinstance(inputs, torch.Tensor):
             inputs = inputs.detach().requires_grad_()
             outputs.append(inputs)
-        for _, m in built.blocks:
-            m.forward = _appending(m.forward, outputs)
+        handles = [m.register_forward_hook(lambda m, a, o: outputs.append(o)) for _, m in built.blocks]
         loss = built.loss_fn(call_model(built.model, inputs), inputs)
-        for _, m in built.blocks:
-            del m.forward
+        for h in handles:
+            h.remove()
         grads = torch.autograd.grad(loss, [*outputs, *params])
         for p, g in zip(params, grads[len(outputs) :], strict=True):
             p.grad = g
@@ -286,17 +284,6 @@ def floor(built: Built, params: list[nn.Parameter], input_side: bool) -> Variant
             return values
 
     return run
-
-
-def _appending(forward: Callable[..., Any], into: list[Any]) -> Callable[..., Any]:
-    """`forward`, appending each output to `into`."""
-
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        out = forward(*args, **kwargs)
-        into.append(out)
-        return out
-
-    return wrapped
 
 
 def norms_alone(built: Built, params: list[nn.Parameter], input_side: bool) -> Variant:
@@ -807,9 +794,8 @@ NOTES = {
         "CPU time of the process (time.process_time). Each cell is the median over rounds of the\n"
         "per-round ratio to its baseline, [quartiles] of those ratios. Baselines: bare = zero grads +\n"
         "forward + backward(); probe steps=1 is divided by 2 x (forward + backward) + 1 SGD step, the\n"
-        "same work unprobed. floor = block forwards wrapped to append their outputs (the probe's capture,\n"
-        "cheaper than forward hooks) + one autograd.grad + one fused norm + one host copy, no\n"
-        "bookkeeping; norms alone = that fused norm call and host copy by itself, over\n"
+        "same work unprobed. floor = hooks appending block outputs + one autograd.grad + one fused norm +\n"
+        "one host copy, no bookkeeping; norms alone = that fused norm call and host copy by itself, over\n"
         "tensors of the same sizes (block outputs, as many output-gradient-sized ones, weight gradients):\n"
         "the cost of reading every byte once, which any exact probe pays. detect_anomaly = bare under\n"
         "torch.autograd.detect_anomaly; lightning norms = bare + p.grad.norm().item() per parameter;\n"
