@@ -166,6 +166,7 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         run.rec.stop()
     outputs = run.rec.take() if hooks else []
     captured = _backward(run, scaler.scale(loss) if scaler else loss, outputs)
+    run.rec.release()
     if scaler:
         assert run.opt is not None  # built whenever there is a GradScaler
         scaler.unscale_(run.opt)

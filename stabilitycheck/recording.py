@@ -4,11 +4,10 @@ and which block owns each parameter."""
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 import weakref
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from stabilitycheck._tree import tensors
+from stabilitycheck.errors import UsageError
 from stabilitycheck.losses import Inputs
 from stabilitycheck.measurement import INPUT
 
@@ -124,43 +124,32 @@ def _stack_starts(blocks: Sequence[tuple[str, nn.Module]]) -> list[int]:
     ]
 
 
-class _Wrapped:
-    """`after(module, args, output)` called after each call of `module`, from a wrapper set as its
-    `forward` for the length of a probe: a forward hook sends every call through nn.Module's slow
-    path. Measured on the zoo RNN (width 64, 256 cell calls), the recorder added 1.37 ms to an
-    8.1 ms forward with hooks, 0.61 ms with the wrapper. Not for the watcher: a model deep-copied
-    while wrapped (an EMA copy) would call the original's forward."""
-
-    def __init__(self, module: nn.Module, after: Any) -> None:
-        inner = module.forward
-
-        @functools.wraps(inner)  # inspect.signature(module.forward) still reads the module's own
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            output = inner(*args, **kwargs)
-            after(module, args, output)
-            return output
-
-        self.module, self.forward = module, forward
-        module.forward = forward
-
-    def remove(self) -> None:
-        if self.module.__dict__.get("forward") is self.forward:  # not if another wrapper went on top
-            del self.module.__dict__["forward"]
+def hooked(registrations: Sequence[tuple[str, Callable[[], Any]]]) -> list[Any]:
+    """The handles of the hooks each (block name, registration) makes, in order. Where torch refuses one
+    (a block that is a torch.jit.script module takes no hooks) those made are removed, none left on
+    the model, and a one-line UsageError names the block."""
+    handles: list[Any] = []
+    for name, register in registrations:
+        try:
+            handles.append(register())
+        except RuntimeError as exc:
+            for handle in handles:
+                handle.remove()
+            raise UsageError(
+                f"block {name!r} cannot be hooked to measure it ({exc}); list blocks torch can hook "
+                "(blocks=... or stability_blocks()), e.g. the module around a scripted one"
+            ) from None
+    return handles
 
 
-def _after_calls(module: nn.Module, after: Any) -> Any:
-    """Call `after(module, args, output)` after each call of `module`; returns a handle to remove. A
-    wrapper of its forward (`_Wrapped`) where nothing else hooks the module and its forward is a plain
-    method; else a forward hook, which then sees the output after the module's other hooks changed it
-    (as it did before), and goes through a block's own registration (`Layer`)."""
-    plain = (
-        type(module).register_forward_hook is nn.Module.register_forward_hook
-        and not (module._forward_hooks or module._forward_pre_hooks)
-        and "forward" not in module.__dict__
-        and inspect.ismethod(module.forward)
-        and inspect.isfunction(module.forward.__func__)
-    )
-    return _Wrapped(module, after) if plain else module.register_forward_hook(after)
+def _entering(
+    args: tuple[Any, ...], kwargs: dict[str, Any], x: torch.Tensor
+) -> tuple[torch.Tensor, tuple[tuple[Any, ...], dict[str, Any]]]:
+    """A copy of block 0's input `x` that requires grad, and the call's arguments with it in x's place."""
+    entry = x.detach().requires_grad_().clone()
+    if args:
+        return entry, ((entry, *args[1:]), kwargs)
+    return entry, (args, {**kwargs, "hidden_states": entry})
 
 
 class _Recorder:
@@ -175,7 +164,8 @@ class _Recorder:
     a whole-sequence recurrent block it is where the growth through time shows. An input outside the
     graph (the model's own float input) is replaced by a copy that requires grad, for dL/d input (a
     copy, not a leaf: an in-place op on a leaf that requires grad would raise inside the user's
-    model).
+    model). Until `release`, a later call of block 0 on that same input (torch.utils.checkpoint
+    recomputing it in the backward) gets a copy too, so it saves what the forward saved.
     """
 
     def __init__(self, blocks: Sequence[tuple[str, nn.Module]], input_side: bool = False) -> None:
@@ -185,32 +175,40 @@ class _Recorder:
         self.entering: list[torch.Tensor | None] | None = None  # per call, its floating input (on request)
         self.entry: torch.Tensor | None = None  # block 0's input, until its first call returns
         self.version = 0  # the entry's version counter when block 0 received it
-        self.handles = [_after_calls(module, self._hook(b)) for b, (_, module) in enumerate(blocks)]
         self.breaks: set[int] = set()  # positions in `outputs` whose block does not take the last output
-        self.handles += [
-            blocks[b][1].register_forward_pre_hook(self._join(), with_kwargs=True)
-            for b in _stack_starts(blocks)
-        ]
+        self.handles = hooked(
+            [
+                (name, functools.partial(module.register_forward_hook, self._hook(b)))
+                for b, (name, module) in enumerate(blocks)
+            ]
+            + [
+                (
+                    blocks[b][0],
+                    functools.partial(blocks[b][1].register_forward_pre_hook, self._join(), with_kwargs=True),
+                )
+                for b in _stack_starts(blocks)
+            ]
+        )
         self.first = blocks[0][1] if input_side and blocks else None
         self.pre: Any = None  # the input pre-hook's handle, from start() to block 0's first call
+        self.raw: torch.Tensor | None = None  # the input block 0's first call got a copy of, until release
 
     def _on_input(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-        self._unhook()  # block 0's first call only: a recurrent cell is called once per token
-        if not self.active or self.calls:
+        if self.raw is not None:  # the first call's input again: a checkpoint's recomputation of it
+            again = (args[0] if args else kwargs.get("hidden_states")) is self.raw
+            return _entering(args, kwargs, self.raw)[1] if again and torch.is_grad_enabled() else None
+        x = _chain_input(args, kwargs) if self.active and not self.calls and torch.is_grad_enabled() else None
+        if x is None or x.requires_grad:
+            self._unhook()  # block 0's first call only: a recurrent cell is called once per token
+            if x is not None:
+                self.entry, self.version = x, x._version
             return None
-        x = _chain_input(args, kwargs)
-        if x is None or not torch.is_grad_enabled():
-            return None
-        if x.requires_grad:
-            self.entry, self.version = x, x._version
-            return None
-        self.entry = x.detach().requires_grad_().clone()
+        self.raw = x  # the hook stays: a checkpoint may call block 0 on x again in the backward
+        self.entry, replaced = _entering(args, kwargs, x)
         self.version = self.entry._version
-        if args:
-            return (self.entry, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": self.entry}
+        return replaced
 
     def _join(self) -> Any:
         def on_join(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -242,6 +240,7 @@ class _Recorder:
 
     def start(self, inputs: bool = False) -> None:
         """Record from now on; with `inputs`, each call's floating input too (`entering`)."""
+        self.release()
         self.calls.clear()
         self.outputs.clear()
         self.breaks.clear()
@@ -254,6 +253,12 @@ class _Recorder:
     def stop(self) -> None:
         self.active = False
         self.entry = None
+        if self.raw is None:  # else kept for a recomputation in the backward, until `release`
+            self._unhook()
+
+    def release(self) -> None:
+        """After the step's backward: block 0's input is no longer replaced."""
+        self.raw = None
         self._unhook()
 
     def _unhook(self) -> None:

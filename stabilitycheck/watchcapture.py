@@ -18,6 +18,7 @@ norm of a finite tensor is finite and exact to float32 rounding, above 1.8e19 an
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from stabilitycheck import distributed
-from stabilitycheck.recording import STACK_MIN, STACK_NUMEL, _first_tensor, _fused_norms, norm
+from stabilitycheck.recording import STACK_MIN, STACK_NUMEL, _first_tensor, _fused_norms, hooked, norm
 
 PENDING_CAP = 1 << 22  # elements kept for lazy norms (16 MiB in float32) before they are normed
 EAGER_NUMEL = 1 << 13  # a capture larger than this is normed at once, while it is in cache
@@ -78,8 +79,13 @@ class Capture:
 
     def attach(self, model: nn.Module) -> list[Any]:
         """Register the forward hooks on the blocks and the pass hook on `model`; returns the handles."""
-        handles = [m.register_forward_hook(self._forward_hook(b)) for b, (_, m) in enumerate(self.blocks)]
-        return [*handles, model.register_forward_pre_hook(self._pass_hook())]
+        hooks = [
+            (name, functools.partial(m.register_forward_hook, self._forward_hook(b)))
+            for b, (name, m) in enumerate(self.blocks)
+        ]
+        return hooked(
+            [*hooks, ("(model)", functools.partial(model.register_forward_pre_hook, self._pass_hook()))]
+        )
 
     def _pass_hook(self) -> Callable[[nn.Module, Any], None]:
         """A pre-hook on the watched model: each call starts a pass (see `_drop_unfed`)."""

@@ -147,10 +147,10 @@ class Watcher:
     def __enter__(self) -> Watcher:
         if self._open or self.report is not None:
             raise UsageError("watch: a watcher runs once; make a new one with watch(...) for another run")
+        self._handles += self.capture.attach(self.model)  # first: a block it cannot hook leaves nothing
         self._open = True
         if self.world == 1:  # under torch.distributed a rank stopping alone would hang the others' flush
             self._termination.open()
-        self._handles += self.capture.attach(self.model)
         if self.snapshot is not None:
             self._handles.append(self.model.register_forward_pre_hook(self._on_model_call))
         if self.optimizer is not None:

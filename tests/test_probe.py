@@ -8,10 +8,12 @@ import itertools
 import json
 import math
 import re
+import warnings
 
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from stabilitycheck import recording
 from stabilitycheck.config import FAMILIES, RUN_FIELDS, Config
@@ -418,7 +420,78 @@ def test_the_probe_leaves_no_hook_on_the_model(fails: bool) -> None:
         m = probe_module(rnn.model, rnn.inputs, rnn.loss_fn, blocks=rnn.blocks)
         assert m.activation_names == tuple(f"cell[{t}]" for t in range(8))
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in modules)
-    assert all("forward" not in m.__dict__ for m in modules)  # the recorder's wrapper is gone
+
+
+class _Tanh(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.linear(x))
+
+
+def scripted_tanh() -> nn.Module:
+    """A _Tanh block as a torch.jit.script module (deprecated by torch, still what some models ship)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.script(_Tanh())
+
+
+def test_a_block_torch_cannot_hook_is_refused_in_one_line_and_leaves_no_hook() -> None:
+    """A block that is a torch.jit.script module takes no forward hook: torch's RuntimeError left the
+    hooks already put on the blocks before it on the user's model. Oracle: the modules' hook dicts,
+    and the model still computes what it did."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_Tanh(), _Tanh(), scripted_tanh())
+    x = torch.randn(3, 4)
+    before = model(x)
+    with pytest.raises(UsageError, match=r"block '2' cannot be hooked .*ScriptModule") as caught:
+        probe_module(model, x, lambda o, _: o.square().mean())
+    assert "\n" not in str(caught.value)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model[:2])
+    assert torch.equal(model(x), before)
+
+
+class _Checkpointed(nn.Module):
+    """Three _Tanh blocks, each run under torch.utils.checkpoint (non-reentrant) when `saving`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_Tanh() for _ in range(3))
+        self.saving = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.layers:
+            x = checkpoint(block, x, use_reentrant=False) if self.saving else block(x)
+        return x
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+def test_blocks_under_gradient_checkpointing_read_as_without_it(steps: int) -> None:
+    """Block 0 under torch.utils.checkpoint taking the model's own input: the probe gave it a copy that
+    requires grad, its recomputation in the backward got the input itself and saved fewer tensors
+    (CheckpointError). Oracle: the same model and weights without checkpointing, and dL/d input
+    from torch's own backward."""
+    torch.manual_seed(0)
+    model, x = _Checkpointed(), torch.randn(5, 4)
+    before = copy.deepcopy(model.state_dict())
+
+    def loss(o: torch.Tensor, _: object) -> torch.Tensor:
+        return o.square().mean()
+
+    saved = probe_module(model, x, loss, steps=steps)
+    model.load_state_dict(before)
+    model.saving = False
+    plain = probe_module(model, x, loss, steps=steps)
+    assert saved.activation_names == plain.activation_names == ("(input)", "layers.0", "layers.1", "layers.2")
+    for field in ("activation_grad_norms", "gains", "layer_grad_norms", "grad_norm", "loss"):
+        assert getattr(saved, field) == pytest.approx(getattr(plain, field), rel=1e-6), field
+    model.load_state_dict(before)
+    leaf = x.clone().requires_grad_()
+    loss(model(leaf), None).backward()
+    assert saved.activation_grad_norms[0] == pytest.approx(float(leaf.grad.norm()), rel=1e-6)
+    assert all(not m._forward_pre_hooks for m in model.layers)
 
 
 class _Doubled(nn.Module):
@@ -435,11 +508,12 @@ class _Doubled(nn.Module):
 
 
 def test_the_recorder_sees_what_the_next_block_gets_under_other_hooks_and_patches() -> None:
-    """The recorder wraps a plain block's forward (cheaper than a forward hook on a cell called per
-    token) and falls back to a forward hook where the block is hooked or patched already: the output
-    it records is the one the model passes on (a hook that rescales the output is applied first), the
-    others' hooks and patches stay, and inspect.signature(block.forward) reads the block's own while
-    it is wrapped. Oracle: the norms of the outputs computed by hand with the same weights."""
+    """The output recorded for a block is the one the model passes on: a hook of the user's that
+    rescales it is applied first, and a forward patched on the instance (as accelerate's hooks do) is
+    the one that runs; both stay after the probe, and inspect.signature(block.forward) reads the
+    block's own during it. Oracle: the norms of the outputs computed by hand with the same weights.
+    (Wrapping each block's forward instead of a hook, tried for its lower cost per call, recorded
+    before such hooks and broke copies made during a probe.)"""
     torch.manual_seed(0)
     plain, hooked, patched = nn.Linear(4, 4), nn.Linear(4, 4), _Doubled()
     model = nn.Sequential(plain, hooked, patched)
@@ -456,7 +530,7 @@ def test_the_recorder_sees_what_the_next_block_gets_under_other_hooks_and_patche
     assert m.activation_names == ("(input)", "plain", "hooked", "patched")
     assert m.activation_norms[1:] == pytest.approx([float(t.norm()) for t in (a, b, c)], rel=1e-6)
     assert signatures == [str(inspect.signature(nn.Linear(1, 1).forward))]
-    assert "forward" in patched.linear.__dict__ and "forward" not in plain.__dict__
+    assert "forward" in patched.linear.__dict__
     assert list(hooked._forward_hooks) == [handle.id]
 
 

@@ -655,6 +655,21 @@ def test_a_watcher_not_open_refuses_a_loss_or_a_step_in_one_line() -> None:
     assert "\n" not in str(caught.value)
 
 
+def test_a_watcher_refusing_a_block_leaves_no_hook_and_no_signal_handler() -> None:
+    """A block torch cannot hook (a scripted module) is a one-line UsageError at entry; the hooks put
+    on the blocks before it and the SIGTERM handler were left on the process before."""
+    from test_probe import _Tanh, scripted_tanh
+
+    model = nn.Sequential(_Tanh(), scripted_tanh())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    handler = signal.getsignal(signal.SIGTERM)
+    w = watch(model, opt, blocks=[("0", model[0]), ("1", model[1])], report=None)
+    with pytest.raises(UsageError, match=r"block '1' cannot be hooked"):
+        w.__enter__()
+    assert not model[0]._forward_hooks and not model._forward_pre_hooks
+    assert signal.getsignal(signal.SIGTERM) == handler
+
+
 def _steps(w: Any, model: nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
     """Plain SGD steps of `model` under the open watcher `w`."""
     for step in steps:
