@@ -133,3 +133,25 @@ def test_the_zoo_table_shown_is_true_over_seeds() -> None:
     mlp = _zoo_config("mlp", next(r[3] for r in rows if r[0] == "mlp"))
     expected = _mean_field_depth(float(mlp.knob("init_scale")))
     assert abs(int(mlp.knob("depth")) - expected) <= 2, (mlp.knob("depth"), expected)
+
+
+def test_the_spread_between_seeds_the_readme_states_is_measured() -> None:
+    """The README's example of one draw being one draw: its min, median and max growth over the first
+    20 seeds of a Config, re-measured here (rounded as shown), and a spread of 3-10x as it says."""
+    from stabilitycheck import probe
+    from stabilitycheck.seeds import seed_of
+    from stabilitycheck.spread import quantile
+
+    shown = re.search(
+        r"width (\d+), σ_w ([\d.]+), depth (\d+), batch (\d+): growth ([\d.]+)-([\d.]+), median ([\d.]+), "
+        r"over the first (\d+) seeds",
+        README,
+    )
+    assert shown is not None
+    width, sigma, depth, batch, low, high, mid, n = shown.groups()
+    config = Config.of(
+        "mlp", width=int(width), init_scale=float(sigma), depth=int(depth), batch_size=int(batch)
+    )
+    growth = [probe(config.with_run(seed=seed_of(0, i))).growth for i in range(int(n))]
+    assert [f"{min(growth):.3g}", f"{max(growth):.3g}", f"{quantile(growth, 0.5):.3g}"] == [low, high, mid]
+    assert 3 <= max(growth) / min(growth) <= 10
