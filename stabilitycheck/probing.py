@@ -140,7 +140,17 @@ def _backward(run: _Run, loss: torch.Tensor, outputs: list[torch.Tensor]) -> lis
     all from one torch.autograd.grad pass (measured cheaper than backward() with tensor hooks or
     retain_grad on many-call blocks, and no dearer on dense ones; see ci/bench.py)."""
     wanted = [i for i, out in enumerate(outputs) if out.requires_grad]
-    grads = torch.autograd.grad(loss, [outputs[i] for i in wanted] + list(run.params), allow_unused=True)
+    try:
+        grads = torch.autograd.grad(loss, [outputs[i] for i in wanted] + list(run.params), allow_unused=True)
+    except RuntimeError as exc:
+        if "use_reentrant=True" not in str(exc):
+            raise
+        raise UsageError(
+            "the model runs torch.utils.checkpoint with use_reentrant=True, which torch does not allow "
+            "with torch.autograd.grad (the probe's backward), and whose blocks run under no_grad, "
+            "unmeasurable; pass use_reentrant=False (Hugging Face: model.gradient_checkpointing_enable("
+            "gradient_checkpointing_kwargs={'use_reentrant': False})) or probe without checkpointing"
+        ) from None
     for p, g in zip(run.params, grads[len(wanted) :], strict=True):
         p.grad = g
     if len(wanted) == len(outputs):

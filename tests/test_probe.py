@@ -494,6 +494,30 @@ def test_blocks_under_gradient_checkpointing_read_as_without_it(steps: int) -> N
     assert all(not m._forward_pre_hooks for m in model.layers)
 
 
+def test_reentrant_checkpointing_is_refused_in_one_line() -> None:
+    """torch.utils.checkpoint with use_reentrant=True (Hugging Face's default for
+    gradient_checkpointing_enable) raised torch's RuntimeError from the probe's backward; the user
+    is told what to pass instead. Its blocks run under no_grad: nothing to measure there."""
+    torch.manual_seed(0)
+    layers = nn.ModuleList(_Tanh() for _ in range(2))
+    emb = nn.Embedding(10, 4)
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.layers = emb, layers
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.emb(x)
+            for block in self.layers:
+                h = checkpoint(block, h, use_reentrant=True)
+            return h
+
+    with pytest.raises(UsageError, match=r"use_reentrant=True.*pass use_reentrant=False") as caught:
+        probe_module(Model(), torch.randint(0, 10, (3, 5)), lambda o, _: o.square().mean())
+    assert "\n" not in str(caught.value)
+
+
 class _Doubled(nn.Module):
     """A block whose forward is patched on the instance (as accelerate's hooks do) to double its output."""
 
