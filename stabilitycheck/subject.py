@@ -3,6 +3,7 @@ Hugging Face model types are Subjects; search, remedies and reports are written 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -81,14 +82,19 @@ def torch_dtype(name: str) -> torch.dtype:
     }[name]
 
 
-def _stacks(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
-    """Outermost ModuleLists/Sequentials of >= 1 modules of one type that own parameters."""
-    found: list[tuple[str, list[nn.Module]]] = []
+def _stacks(model: nn.Module) -> list[tuple[str, Blocks]]:
+    """Outermost ModuleLists/Sequentials of >= 1 modules of one type that own parameters, as the
+    modules a forward calls (`_called`: a list of lists of blocks, stages of a model, is its blocks)."""
+    found: list[tuple[str, Blocks]] = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList | nn.Sequential) or len(module) == 0:
             continue
-        children = list(module)
-        if len({type(m) for m in children}) != 1 or not any(True for _ in module.parameters()):
+        children = _called(name, module)
+        if (
+            not children
+            or len({type(m) for _, m in children}) != 1
+            or not any(True for _ in module.parameters())
+        ):
             continue
         if any(name.startswith(f"{outer}.") or outer == "" for outer, _ in found):
             continue
@@ -96,8 +102,22 @@ def _stacks(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
     return found
 
 
-def _named(prefix: str, modules: list[nn.Module]) -> Blocks:
-    return tuple((f"{prefix}.{i}" if prefix else str(i), m) for i, m in enumerate(modules))
+def _called(prefix: str, container: nn.ModuleList | nn.Sequential | nn.ModuleDict) -> Blocks:
+    """The children of `container` named by index (`prefix.i`), each as the modules a forward calls:
+    itself, or where its class has no forward (a ModuleList or ModuleDict, never called itself) its own
+    children's, in order (`prefix.i.j`). A hook on a module never called records nothing: a stack of
+    such stages read as no blocks at all, growth 1."""
+    out: list[tuple[str, nn.Module]] = []
+    children = container.values() if isinstance(container, nn.ModuleDict) else container
+    for i, child in enumerate(children):  # each place a module is used, as iterating the container does
+        name = f"{prefix}.{i}" if prefix else str(i)
+        if isinstance(child, nn.ModuleList | nn.ModuleDict) and (
+            inspect.getattr_static(type(child), "forward") is nn.Module.forward
+        ):
+            out += _called(name, child)
+        else:
+            out.append((name, child))
+    return tuple(out)
 
 
 class Layer(nn.Module):
@@ -195,19 +215,19 @@ def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
     stacks = _stacks(model)
     if stacks:
         primary = max(stacks, key=lambda s: len(s[1]))
-        composite = [s for s in stacks if list(s[1][0].children())]
+        composite = [s for s in stacks if list(s[1][0][1].children())]
         chosen = composite if primary in composite and len(composite) > 1 else [primary]
-        blocks = tuple(b for name, mods in chosen for b in _named(name, mods))
-        parts = " + ".join(f"{name or '(model)'} ({len(mods)})" for name, mods in chosen)
+        blocks = tuple(b for _, pairs in chosen for b in pairs)
+        parts = " + ".join(f"{name or '(model)'} ({len(pairs)})" for name, pairs in chosen)
         return blocks, f"blocks: {parts}"
     lists = [
-        (name, list(m))
+        (name, _called(name, m))
         for name, m in model.named_modules()
         if isinstance(m, nn.ModuleList | nn.Sequential) and len(m) >= 2
     ]
     if lists:
-        name, mods = max(lists, key=lambda s: len(s[1]))
-        blocks = _named(name, mods)
+        name, blocks = max(lists, key=lambda s: len(s[1]))
+        mods = [m for _, m in blocks]
         weighted = [(n, m) for n, m in blocks if any(True for _ in m.parameters())]
         label = name or "(model)"
         if len(weighted) >= 2 and len(weighted) < len(blocks):

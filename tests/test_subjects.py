@@ -142,6 +142,52 @@ def test_an_encoder_decoder_has_both_stacks_named() -> None:
     assert all(g > 0 for i, g in enumerate(m.gains) if i != 2)
 
 
+class _Staged(nn.Module):
+    """Stages of tanh blocks as a ModuleList of ModuleLists (stage-based models, Funnel's encoder):
+    the outer list is the stack, but neither list is ever called."""
+
+    def __init__(self, stages: int, per_stage: int, scale: float) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stages = nn.ModuleList(
+            nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(per_stage))
+            for _ in range(stages)
+        )
+        for p in self.parameters():
+            if p.dim() == 2:
+                nn.init.normal_(p, std=scale / 16**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self.stages:
+            for block in stage:
+                x = block(x)
+        return x
+
+
+def test_stages_in_a_list_of_lists_are_measured_block_by_block() -> None:
+    """The blocks were the stages (ModuleLists, never called): no output recorded, growth 1 and
+    'stable' whatever the model did. Oracle: dL/d input over dL/d(last block's output) from
+    torch's own backward, and every gain the ratio of consecutive output-gradient norms."""
+    model, x = _Staged(3, 4, 3.0), torch.randn(8, 16)
+    blocks, note = find_blocks(model)
+    assert [n for n, _ in blocks] == [f"stages.{i}.{j}" for i in range(3) for j in range(4)]
+    assert note == "blocks: stages (12)"
+
+    def loss(out: torch.Tensor, _: object) -> torch.Tensor:
+        return out.square().mean()
+
+    m = probe_module(model, x, loss, blocks=blocks)
+    leaf = x.clone().requires_grad_()
+    outs: list[torch.Tensor] = []
+    handle = model.stages[2][3].register_forward_hook(lambda mod, a, out: outs.append(out))
+    out = model(leaf)
+    handle.remove()
+    grad_in, grad_last = torch.autograd.grad(loss(out, None), [leaf, outs[0]])
+    assert len(m.gains) == 12
+    assert m.growth == pytest.approx(float(grad_in.norm() / grad_last.norm()), rel=1e-5)
+    assert m.growth > 2
+
+
 def test_the_reproduction_line_reproduces_a_verdict_on_non_default_limits() -> None:
     limits = Limits(growth=2.0, grad_norm=None)
     config = Config.of("mlp", depth=12, width=16, init_scale=2.0, batch_size=4, seeds=3)
