@@ -79,8 +79,8 @@ def _spaces(args: argparse.Namespace) -> list[Any]:
     out = []
     for subject, space in pairs:
         space = _apply_knobs(space.with_run(**run), args.knob, subject)
-        if args.target != "zoo":  # the user's code, at the lowest corner of the space, else the top
-            check(subject, space.config(tuple(0 for _ in space.axes)), space.config(space.top()))
+        if args.target != "zoo":  # the user's code, at the lowest corner of the space, else elsewhere
+            check(subject, *(space.config(index) for index in space.spread_points()))
         for device in _devices(args.device):
             for dtype in dtypes or [space.base.run.dtype]:
                 amp = args.amp if args.amp != "auto" else ("bfloat16" if device == "cpu" else "float16")

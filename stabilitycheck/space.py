@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
@@ -109,6 +110,17 @@ class Space:
     def top(self) -> tuple[int, ...]:
         """The index of the largest point of every axis."""
         return tuple(len(a.values) - 1 for a in self.axes)
+
+    def spread_points(self, extra: int = 8) -> list[tuple[int, ...]]:
+        """The lowest corner, the top, the diagonal at 1/2, 1/4 and 3/4 of every axis, then `extra`
+        grid points drawn with a fixed seed: where to try a model before a search (its knobs may
+        not go together at either corner, as heads that divide neither end of a width range)."""
+        last = [len(a.values) - 1 for a in self.axes]
+        points = [tuple(0 for _ in self.axes), self.top()]
+        points += [tuple(round(f * n) for n in last) for f in (0.5, 0.25, 0.75)]
+        draw = random.Random(0)
+        points += [tuple(draw.randrange(n + 1) for n in last) for _ in range(extra)]
+        return list(dict.fromkeys(points))
 
     @property
     def size(self) -> int:

@@ -256,6 +256,27 @@ ERRORS = [
 ]
 
 
+def test_a_model_running_inside_the_space_alone_is_searched(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Knobs that go together at neither corner (3 heads divide neither width 64 nor 128, but 96): the
+    pre-flight tried the two corners only and exited 2, where the search skips the points that fail
+    with the reason and judges the others. Oracle: which widths divide by 3."""
+    model = tmp_path / "heads.py"
+    model.write_text(
+        "from torch import nn\n"
+        "SPACE = {'width': (64, 128, 32)}\n"
+        "def build(width=96, heads=3):\n"
+        "    if width % heads:\n"
+        "        raise ValueError(f'width {width} is not divisible by {heads} heads')\n"
+        "    return nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width))\n"
+    )
+    code, out, err = run(capsys, str(model), *FAST)
+    assert code == 0, err
+    assert "stable (tried up to width=96)" in out
+    assert "2 configuration(s) skipped, e.g. width=" in out and "not divisible by 3 heads" in out
+
+
 def test_sparse_gradients_break_torchs_adam() -> None:
     """The oracle of the sparse_adam error: torch's own Adam raises at the first step on this model,
     and SGD steps it (so the search with --optimizer sgd runs)."""
