@@ -29,6 +29,11 @@ class NonFinite:
     tensor: str  # one of TENSOR_KINDS; "activation_grad" is dL/d(output of `layer`)
     value: float
 
+    def describe(self) -> str:
+        """'step 1: activation of layers.2, L2 norm nan' (the loss is a value, every other tensor a norm)."""
+        what = "" if self.tensor == "loss" else "L2 norm "
+        return f"step {self.step}: {self.tensor} of {self.layer}, {what}{self.value:.4g}"
+
 
 @dataclass(frozen=True)
 class Measurement:

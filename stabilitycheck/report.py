@@ -14,7 +14,7 @@ from tabulate import tabulate
 from stabilitycheck._json import strict_json
 from stabilitycheck.config import Config, Run
 from stabilitycheck.counterexample import SearchResult
-from stabilitycheck.measurement import INPUT
+from stabilitycheck.measurement import INPUT, Measurement
 from stabilitycheck.seeds import Judgement
 from stabilitycheck.verdicts import Limits
 
@@ -202,6 +202,16 @@ def _top_note(r: SearchResult) -> str:
     )
 
 
+def _nonfinite_line(m: Measurement) -> str:
+    """Where the profile's seed first went non-finite (step, tensor, block), when it did: the culprit
+    column names the block alone, not whether at init or in training."""
+    nf = m.first_nonfinite
+    if nf is None:
+        return ""
+    overflow = "; float32 stays finite there: the dtype's range" if m.overflow is not None else ""
+    return f"  nonfinite {nf.describe()}, in the profile's seed{overflow}\n"
+
+
 def details(results: Sequence[SearchResult]) -> str:
     """Below the table: for each counterexample its spread, growth kind, remedies, profile and
     reproduction line."""
@@ -222,8 +232,7 @@ def details(results: Sequence[SearchResult]) -> str:
             f"(q={q:g} over seeds {', '.join(map(str, j.seeds))})\n"
             f"  growth    {j.summary()}; peak grad norm {j.grad_norm.describe()}{through}\n"
             f"  kind      {j.kind.describe()}; {j.measurement.blocks_note}\n"
-            f"  profile   {profile(j)}\n"
-            f"  remedies  {remedies}\n"
+            f"  profile   {profile(j)}\n" + _nonfinite_line(j.measurement) + f"  remedies  {remedies}\n"
             f"  reproduce {reproduction(cx.config, cx.limits)}"
             + (_top_note(r) if r.top_stable else "")
             + "".join(_unjudged_note(r, c, why) for c, why in r.unjudged)

@@ -183,6 +183,10 @@ def test_nonfinite_model_is_a_finding(capsys: pytest.CaptureFixture[str], name: 
     assert cells[0] == f"{FILES}/{name}.py"
     assert cells[4] == "nonfinite" and cells[7] == culprit  # inf_model: block 1 overflows
     assert "Traceback" not in err and "error" not in err
+    # the text says where and when, not the culprit alone: at init (step 0), which tensor, which block
+    assert re.search(
+        rf"\n  nonfinite step 0: \w+ of {re.escape(culprit)}, .*(nan|inf), in the profile's seed\n", out
+    )
 
 
 def test_a_stable_row_is_judged_on_every_seed_where_the_top_corner_is_skipped(
