@@ -101,17 +101,25 @@ def _accumulated(tensors: list[torch.Tensor], exact: bool) -> list[torch.Tensor]
     return out
 
 
-def _chain_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
-    """The tensor a block's chain enters by: its first positional argument (or `hidden_states`, HF's
-    name, when passed by keyword alone), if floating and no other positional tensor has its shape. A
-    recurrent cell's call (u_t, h) or (x_t, (h, c)) has two such tensors: which one is the chain is
-    not knowable from the call, so none is taken."""
-    x = args[0] if args else kwargs.get("hidden_states")
+def _chain_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str | None, torch.Tensor] | None:
+    """Where a block's chain enters its call and the tensor there: its first positional argument, or
+    called by keyword alone, `hidden_states` (HF's name) or else its one floating tensor argument; if
+    floating and no other positional tensor has its shape. A recurrent cell's call (u_t, h) or
+    (x_t, (h, c)) has two such tensors: which one is the chain is not knowable from the call, so
+    none is taken."""
+    key: str | None = None  # the first positional argument
+    if not args:
+        floating = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        named = ["hidden_states"] if "hidden_states" in kwargs else floating
+        if len(named) != 1:
+            return None
+        key = named[0]
+    x = args[0] if key is None else kwargs[key]
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         return None
     if any(t.shape == x.shape for t in tensors(args[1:])):
         return None
-    return x
+    return key, x
 
 
 def _stack_starts(blocks: Sequence[tuple[str, nn.Module]]) -> list[int]:
@@ -143,13 +151,14 @@ def hooked(registrations: Sequence[tuple[str, Callable[[], Any]]]) -> list[Any]:
 
 
 def _entering(
-    args: tuple[Any, ...], kwargs: dict[str, Any], x: torch.Tensor
+    args: tuple[Any, ...], kwargs: dict[str, Any], key: str | None, x: torch.Tensor
 ) -> tuple[torch.Tensor, tuple[tuple[Any, ...], dict[str, Any]]]:
-    """A copy of block 0's input `x` that requires grad, and the call's arguments with it in x's place."""
+    """A copy of block 0's input `x` that requires grad, and the call's arguments with it in x's place
+    (`key`: a keyword, None for the first positional argument)."""
     entry = x.detach().requires_grad_().clone()
-    if args:
+    if key is None:
         return entry, ((entry, *args[1:]), kwargs)
-    return entry, (args, {**kwargs, "hidden_states": entry})
+    return entry, (args, {**kwargs, key: entry})
 
 
 class _Recorder:
@@ -196,23 +205,25 @@ class _Recorder:
     def _on_input(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        chain = _chain_input(args, kwargs) if torch.is_grad_enabled() else None
         if self.raw is not None:  # the first call's input again: a checkpoint's recomputation of it
-            again = (args[0] if args else kwargs.get("hidden_states")) is self.raw
-            return _entering(args, kwargs, self.raw)[1] if again and torch.is_grad_enabled() else None
-        x = _chain_input(args, kwargs) if self.active and not self.calls and torch.is_grad_enabled() else None
-        if x is None or x.requires_grad:
+            return _entering(args, kwargs, *chain)[1] if chain is not None and chain[1] is self.raw else None
+        if chain is None or not self.active or self.calls or chain[1].requires_grad:
             self._unhook()  # block 0's first call only: a recurrent cell is called once per token
-            if x is not None:
-                self.entry, self.version = x, x._version
+            if chain is not None and self.active and not self.calls:
+                self.entry, self.version = chain[1], chain[1]._version
             return None
-        self.raw = x  # the hook stays: a checkpoint may call block 0 on x again in the backward
-        self.entry, replaced = _entering(args, kwargs, x)
+        self.raw = chain[1]  # the hook stays: a checkpoint may call block 0 on it again in the backward
+        self.entry, replaced = _entering(args, kwargs, *chain)
         self.version = self.entry._version
         return replaced
 
     def _join(self) -> Any:
         def on_join(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if self.active and self.outputs and _chain_input(args, kwargs) is not self.outputs[-1]:
+            if not (self.active and self.outputs):
+                return
+            chain = _chain_input(args, kwargs)
+            if chain is None or chain[1] is not self.outputs[-1]:
                 self.breaks.add(len(self.outputs))
 
         return on_join

@@ -518,6 +518,44 @@ def test_reentrant_checkpointing_is_refused_in_one_line() -> None:
     assert "\n" not in str(caught.value)
 
 
+class _Doubling(nn.Module):
+    """x -> W x with W twice an orthogonal matrix: a backward gain of exactly 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8, bias=False)
+        nn.init.orthogonal_(self.linear.weight)
+        with torch.no_grad():
+            self.linear.weight *= 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+def test_blocks_called_by_keyword_keep_their_input_side_and_their_chain() -> None:
+    """Stages of blocks called as block(x=x): the input side was taken from a positional argument or
+    `hidden_states` alone, so block 0's gain was lost (growth 2^5 for 2^6), and each stage's first
+    block was read as starting a new chain (a NaN gain at the junction). Oracle: exact linear growth,
+    six gains of 2."""
+    torch.manual_seed(0)
+
+    class Staged(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stages = nn.ModuleList(nn.ModuleList(_Doubling() for _ in range(3)) for _ in range(2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for stage in self.stages:
+                for block in stage:
+                    x = block(x=x)
+            return x
+
+    m = probe_module(Staged(), torch.randn(4, 8), lambda o, _: o.square().mean())
+    assert m.activation_names[0] == "(input)" and len(m.gains) == 6
+    assert m.gains == pytest.approx([2.0] * 6, rel=1e-5)
+    assert m.growth == pytest.approx(2.0**6, rel=1e-5)
+
+
 class _Doubled(nn.Module):
     """A block whose forward is patched on the instance (as accelerate's hooks do) to double its output."""
 
