@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import CheckpointError
 
 from stabilitycheck._tree import tensors as tensors_of
 from stabilitycheck._validation import article
@@ -142,6 +143,13 @@ def _backward(run: _Run, loss: torch.Tensor, outputs: list[torch.Tensor]) -> lis
     wanted = [i for i, out in enumerate(outputs) if out.requires_grad]
     try:
         grads = torch.autograd.grad(loss, [outputs[i] for i in wanted] + list(run.params), allow_unused=True)
+    except CheckpointError as exc:  # a recomputation that differs from its forward: torch's several lines
+        raise UsageError(
+            f"torch.utils.checkpoint: {str(exc).splitlines()[0]} The probe gives block 0 a copy of the "
+            "model's input that requires grad; pass the input already requiring grad, declare blocks "
+            "(blocks=... or stability_blocks()) outside the checkpointed function, or probe without "
+            "checkpointing"
+        ) from None
     except RuntimeError as exc:
         if "use_reentrant=True" not in str(exc):
             raise

@@ -126,26 +126,51 @@ def _stack_starts(blocks: Sequence[tuple[str, nn.Module]]) -> list[int]:
     """The blocks that begin another stack (`encoder.layers.5` then `decoder.layers.0`): there the
     recorder checks that the block takes the last block's output (a ResNet's next stage does; an
     encoder-decoder's decoder does not, its chain starts anew)."""
-    stacks = [name.rpartition(".")[0] if name.rpartition(".")[2].isdigit() else None for name, _ in blocks]
+    stacks = [_stack_of(name) for name, _ in blocks]
     return [
         b for b in range(1, len(blocks)) if stacks[b] is not None and stacks[b - 1] not in (None, stacks[b])
     ]
 
 
-def hooked(registrations: Sequence[tuple[str, Callable[[], Any]]]) -> list[Any]:
-    """The handles of the hooks each (block name, registration) makes, in order. Where torch refuses one
-    (a block that is a torch.jit.script module takes no hooks) those made are removed, none left on
-    the model, and a one-line UsageError names the block."""
+def _same_data(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same values in the same memory: `a` is `b`, or a view made again the same way (a checkpointed
+    function reshaping its input makes a new tensor object on its recomputation)."""
+    return a is b or (
+        a.data_ptr() == b.data_ptr()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+    )
+
+
+def _stack_of(name: str) -> str | None:
+    """The stack a block's name puts it in, its trailing indices dropped (`encoder.layers.5`: encoder.layers;
+    a list of lists of stages, `stages.1.0`: stages, one chain), or None for a name without one."""
+    parts = name.split(".")
+    kept = parts[:]
+    while kept and kept[-1].isdigit():
+        kept.pop()
+    return ".".join(kept) if len(kept) < len(parts) else None
+
+
+def hooked(registrations: Sequence[tuple[str, nn.Module, Callable[[], Any]]]) -> list[Any]:
+    """The handles of the hooks each (block name, module, registration) makes, in order. A TorchScript
+    module (torch.jit.script refuses hooks, a torch.jit.trace one takes them and never calls them:
+    growth 1, nothing measured) is a one-line UsageError naming the block, the hooks made so far
+    removed, none left on the model."""
     handles: list[Any] = []
-    for name, register in registrations:
+    for name, module, register in registrations:
         try:
+            if isinstance(module, torch.jit.ScriptModule):
+                raise RuntimeError("a TorchScript module runs no Python hooks")
             handles.append(register())
         except RuntimeError as exc:
             for handle in handles:
                 handle.remove()
             raise UsageError(
                 f"block {name!r} cannot be hooked to measure it ({exc}); list blocks torch can hook "
-                "(blocks=... or stability_blocks()), e.g. the module around a scripted one"
+                "(blocks=... or stability_blocks()), e.g. the eager module rather than its "
+                "torch.jit.script/trace"
             ) from None
     return handles
 
@@ -173,8 +198,9 @@ class _Recorder:
     a whole-sequence recurrent block it is where the growth through time shows. An input outside the
     graph (the model's own float input) is replaced by a copy that requires grad, for dL/d input (a
     copy, not a leaf: an in-place op on a leaf that requires grad would raise inside the user's
-    model). Until `release`, a later call of block 0 on that same input (torch.utils.checkpoint
-    recomputing it in the backward) gets a copy too, so it saves what the forward saved.
+    model). After the forward and until `release`, a call of block 0 on that same input (the data of
+    it: torch.utils.checkpoint recomputing it in the backward) gets a copy too, so it saves what the
+    forward saved; calls within the forward get the input as given.
     """
 
     def __init__(self, blocks: Sequence[tuple[str, nn.Module]], input_side: bool = False) -> None:
@@ -187,27 +213,28 @@ class _Recorder:
         self.breaks: set[int] = set()  # positions in `outputs` whose block does not take the last output
         self.handles = hooked(
             [
-                (name, functools.partial(module.register_forward_hook, self._hook(b)))
+                (name, module, functools.partial(module.register_forward_hook, self._hook(b)))
                 for b, (name, module) in enumerate(blocks)
             ]
             + [
                 (
-                    blocks[b][0],
+                    *blocks[b],
                     functools.partial(blocks[b][1].register_forward_pre_hook, self._join(), with_kwargs=True),
                 )
                 for b in _stack_starts(blocks)
             ]
         )
         self.first = blocks[0][1] if input_side and blocks else None
-        self.pre: Any = None  # the input pre-hook's handle, from start() to block 0's first call
+        self.pre: Any = None  # the input pre-hook's handle, from start() to block 0's first call or `release`
         self.raw: torch.Tensor | None = None  # the input block 0's first call got a copy of, until release
 
     def _on_input(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         chain = _chain_input(args, kwargs) if torch.is_grad_enabled() else None
-        if self.raw is not None:  # the first call's input again: a checkpoint's recomputation of it
-            return _entering(args, kwargs, *chain)[1] if chain is not None and chain[1] is self.raw else None
+        if self.raw is not None:  # after the forward, on the first call's input: a checkpoint recomputing it
+            again = not self.active and chain is not None and _same_data(chain[1], self.raw)
+            return _entering(args, kwargs, *chain)[1] if again and chain is not None else None
         if chain is None or not self.active or self.calls or chain[1].requires_grad:
             self._unhook()  # block 0's first call only: a recurrent cell is called once per token
             if chain is not None and self.active and not self.calls:

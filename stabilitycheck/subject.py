@@ -103,19 +103,19 @@ def _stacks(model: nn.Module) -> list[tuple[str, Blocks]]:
 
 
 def _called(prefix: str, container: nn.ModuleList | nn.Sequential | nn.ModuleDict) -> Blocks:
-    """The children of `container` named by index (`prefix.i`), each as the modules a forward calls:
-    itself, or where its class has no forward (a ModuleList or ModuleDict, never called itself) its own
-    children's, in order (`prefix.i.j`). A hook on a module never called records nothing: a stack of
-    such stages read as no blocks at all, growth 1."""
+    """The children of `container`, named as get_submodule finds them (`prefix.key`), each as the
+    modules a forward calls: itself, or where its class has no forward (a ModuleList or ModuleDict,
+    never called itself) its own children's, in order (`prefix.i.j`). A hook on a module never called
+    records nothing: a stack of such stages read as no blocks at all, growth 1. A module placed twice
+    in the container is there twice."""
     out: list[tuple[str, nn.Module]] = []
-    children = container.values() if isinstance(container, nn.ModuleDict) else container
-    for i, child in enumerate(children):  # each place a module is used, as iterating the container does
-        name = f"{prefix}.{i}" if prefix else str(i)
+    for key, child in container._modules.items():
+        name = f"{prefix}.{key}" if prefix else key
         if isinstance(child, nn.ModuleList | nn.ModuleDict) and (
             inspect.getattr_static(type(child), "forward") is nn.Module.forward
         ):
             out += _called(name, child)
-        else:
+        elif child is not None:
             out.append((name, child))
     return tuple(out)
 

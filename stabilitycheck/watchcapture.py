@@ -80,12 +80,11 @@ class Capture:
     def attach(self, model: nn.Module) -> list[Any]:
         """Register the forward hooks on the blocks and the pass hook on `model`; returns the handles."""
         hooks = [
-            (name, functools.partial(m.register_forward_hook, self._forward_hook(b)))
+            (name, m, functools.partial(m.register_forward_hook, self._forward_hook(b)))
             for b, (name, m) in enumerate(self.blocks)
         ]
-        return hooked(
-            [*hooks, ("(model)", functools.partial(model.register_forward_pre_hook, self._pass_hook()))]
-        )
+        model_hook = functools.partial(model.register_forward_pre_hook, self._pass_hook())
+        return hooked([*hooks, ("(model)", model, model_hook)])
 
     def _pass_hook(self) -> Callable[[nn.Module, Any], None]:
         """A pre-hook on the watched model: each call starts a pass (see `_drop_unfed`)."""

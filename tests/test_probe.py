@@ -446,7 +446,7 @@ def test_a_block_torch_cannot_hook_is_refused_in_one_line_and_leaves_no_hook() -
     model = nn.Sequential(_Tanh(), _Tanh(), scripted_tanh())
     x = torch.randn(3, 4)
     before = model(x)
-    with pytest.raises(UsageError, match=r"block '2' cannot be hooked .*ScriptModule") as caught:
+    with pytest.raises(UsageError, match=r"block '2' cannot be hooked .*TorchScript") as caught:
         probe_module(model, x, lambda o, _: o.square().mean())
     assert "\n" not in str(caught.value)
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model[:2])
@@ -554,6 +554,44 @@ def test_blocks_called_by_keyword_keep_their_input_side_and_their_chain() -> Non
     assert m.activation_names[0] == "(input)" and len(m.gains) == 6
     assert m.gains == pytest.approx([2.0] * 6, rel=1e-5)
     assert m.growth == pytest.approx(2.0**6, rel=1e-5)
+
+
+def test_a_traced_block_is_refused_not_read_as_flat() -> None:
+    """A torch.jit.trace module takes hooks and never calls them: the probe read growth 1 with no
+    blocks measured. Oracle: the activation count a traced model can give, none."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = nn.Sequential(_Tanh(), torch.jit.trace(_Tanh(), x))
+    with pytest.raises(UsageError, match=r"block '1' cannot be hooked .*TorchScript"):
+        probe_module(model, x, lambda o, _: o.square().mean())
+    assert not model[0]._forward_hooks
+
+
+class _Reshaping(_Checkpointed):
+    """Its blocks checkpointed as one function that reshapes its input: a new tensor object each run."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def blocks(t: torch.Tensor) -> torch.Tensor:
+            t = t.reshape(-1, 4)
+            for block in self.layers:
+                t = block(t)
+            return t
+
+        return checkpoint(blocks, x, use_reentrant=False) if self.saving else blocks(x)
+
+
+def test_a_checkpointed_function_reshaping_block_0s_input_reads_as_without_checkpointing() -> None:
+    """The recomputation gives block 0 a new view of the same data: matched by identity, it got no
+    copy and torch raised CheckpointError. Oracle: the same model and weights run plainly."""
+    torch.manual_seed(0)
+    model, x = _Reshaping(), torch.randn(5, 2, 4)
+    saved = probe_module(model, x, lambda o, _: o.square().mean())
+    model.saving = False
+    plain = probe_module(model, x, lambda o, _: o.square().mean())
+    assert saved.activation_names == plain.activation_names and len(saved.gains) == 3
+    assert saved.activation_grad_norms == pytest.approx(plain.activation_grad_norms, rel=1e-6)
 
 
 class _Doubled(nn.Module):

@@ -188,6 +188,61 @@ def test_stages_in_a_list_of_lists_are_measured_block_by_block() -> None:
     assert m.growth > 2
 
 
+class _Positional(nn.Module):
+    """tanh(W x + pos): two arguments of one shape, so which one is the chain is not read from the call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.linear(x) + pos)
+
+
+def test_one_stack_of_stages_has_no_junction_between_its_stages() -> None:
+    """Each inner list of a list of lists was read as a stack of its own, so the start of every stage
+    was checked as a junction, and a block taking (x, pos) of one shape read as starting a new chain
+    there: a NaN gain, the growth a product of the stages' own. Oracle: dL/d(block 0's output) over
+    dL/d(last block's output) from torch's backward, and each gain the ratio of consecutive norms."""
+    torch.manual_seed(0)
+
+    class Staged(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stages = nn.ModuleList(nn.ModuleList(_Positional() for _ in range(3)) for _ in range(3))
+            self.pos = torch.randn(8, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for stage in self.stages:
+                for block in stage:
+                    x = block(x, self.pos)
+            return x
+
+    model, x = Staged(), torch.randn(8, 16)
+    m = probe_module(model, x, lambda o, _: o.square().mean())
+    outs: list[torch.Tensor] = []
+    blocks = [b for stage in model.stages for b in stage]
+    handles = [b.register_forward_hook(lambda mod, a, out: outs.append(out)) for b in blocks]
+    out = model(x)
+    for h in handles:
+        h.remove()
+    grads = torch.autograd.grad(out.square().mean(), outs)
+    norms = [float(g.norm()) for g in grads]
+    assert m.gains == pytest.approx([a / b for a, b in itertools.pairwise(norms)], rel=1e-5)
+    assert m.growth == pytest.approx(norms[0] / norms[-1], rel=1e-5)
+
+
+def test_blocks_in_a_module_dict_are_named_by_their_keys() -> None:
+    """Blocks of a ModuleList of ModuleDicts were named by position (stages.0.0), a path get_submodule
+    does not find; with digit keys out of order, one naming another module. Oracle: get_submodule."""
+    stages = nn.ModuleList(nn.ModuleDict({"1": nn.Linear(4, 4), "0": nn.Linear(4, 4)}) for _ in range(2))
+    model = nn.Module()
+    model.stages = stages
+    blocks, _ = find_blocks(model)
+    assert [n for n, _ in blocks] == ["stages.0.1", "stages.0.0", "stages.1.1", "stages.1.0"]
+    assert all(model.get_submodule(n) is b for n, b in blocks)
+
+
 def test_the_reproduction_line_reproduces_a_verdict_on_non_default_limits() -> None:
     limits = Limits(growth=2.0, grad_norm=None)
     config = Config.of("mlp", depth=12, width=16, init_scale=2.0, batch_size=4, seeds=3)
