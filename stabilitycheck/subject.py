@@ -205,10 +205,10 @@ def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
     """The model's chain of repeated blocks, input side first, and one line saying which rule chose
     them: its `stability_blocks()` if defined; else the longest stack of same-type modules (length 1
     included), with every other stack of composite blocks beside it (an encoder-decoder's two stacks);
-    else the longest ModuleList/Sequential of >= 2 modules, those owning parameters where there are
-    two or more (Linear, Tanh, Linear, ...: each gain is then a whole layer's, activation included,
-    not alternately a weight's x2 and an activation's x0.5); else its leaf modules that own
-    parameters."""
+    else the longest ModuleList/Sequential of >= 2 modules, in a Sequential those owning parameters
+    where there are two or more (Linear, Tanh, Linear, ...: each gain is then a whole layer's,
+    activation included, not alternately a weight's x2 and an activation's x0.5); else its leaf
+    modules that own parameters."""
     declared = getattr(model, "stability_blocks", None)
     if callable(declared):
         return tuple(declared()), "blocks: declared by stability_blocks()"
@@ -230,8 +230,10 @@ def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
         mods = [m for _, m in blocks]
         weighted = [(n, m) for n, m in blocks if any(True for _ in m.parameters())]
         label = name or "(model)"
-        if len(weighted) >= 2 and len(weighted) < len(blocks):
-            container = dict(model.named_modules())[name]
+        container = dict(model.named_modules())[name]
+        # layers need the container called (a Sequential: its pass starts, its output the last layer's);
+        # a ModuleList is not, and a layer hooked on it was never recorded
+        if len(weighted) >= 2 and len(weighted) < len(blocks) and isinstance(container, nn.Sequential):
             nth = _nth_uses(mods)
             where = {n: k for k, (n, _) in enumerate(blocks)}  # position of each named module in mods
             layers = tuple(

@@ -243,6 +243,36 @@ def test_blocks_in_a_module_dict_are_named_by_their_keys() -> None:
     assert all(model.get_submodule(n) is b for n, b in blocks)
 
 
+def test_a_module_list_of_mixed_layers_has_every_module_recorded() -> None:
+    """Mixed layers in a ModuleList run by the model's own loop: layers were hooked on the list itself,
+    never called, so the last layer was never recorded and its pass counter never reset (the float64
+    re-run after a NaN had no profile at all). Each module is a block there. Oracle: the modules the
+    loop calls, and a planted NaN named at its block in the re-run."""
+    torch.manual_seed(0)
+
+    class Looped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh()])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    model, x = Looped(), torch.randn(3, 4)
+    blocks, note = find_blocks(model)
+    assert [n for n, _ in blocks] == ["layers.0", "layers.1", "layers.2", "layers.3"]
+    assert note == "blocks: layers (4, mixed module types)"
+    m = probe_module(model, x, lambda o, _: o.square().mean())
+    assert m.activation_names == ("(input)", "layers.0", "layers.1", "layers.2", "layers.3")
+    with torch.no_grad():
+        model.layers[2].bias[0] = math.nan
+    m = probe_module(model, x, lambda o, _: o.square().mean())
+    assert m.activation_names[-1] == "layers.3"
+    assert m.first_nonfinite is not None and m.first_nonfinite.layer == "layers.2"
+
+
 def test_the_reproduction_line_reproduces_a_verdict_on_non_default_limits() -> None:
     limits = Limits(growth=2.0, grad_norm=None)
     config = Config.of("mlp", depth=12, width=16, init_scale=2.0, batch_size=4, seeds=3)
