@@ -158,8 +158,8 @@ class HFModel:
 
     def _moves(self, knob: str) -> bool:
         """Whether the layer count `knob` changes the model built (parameters counted on the meta
-        device): WhisperForCausalLM, its decoder alone, ignores encoder_layers. True where that cannot
-        be told (a model that does not build on meta)."""
+        device, else the memory of a meta forward): WhisperForCausalLM, its decoder alone, ignores
+        encoder_layers. True where that cannot be told (a model that does not build on meta)."""
         counts = []
         for n in (1, 2):
             try:
@@ -168,7 +168,12 @@ class HFModel:
             except Exception:
                 return True
             counts.append(sum(p.numel() for p in model.parameters()))
-        return counts[0] != counts[1]
+        if counts[0] != counts[1]:
+            return True
+        # the same weights: shared across layers (ALBERT) the layers still run, so their activations
+        # take memory; an ignored knob (Whisper's encoder_layers above) changes neither
+        memory = [self.memory_estimate(self.config(**{knob: n})) for n in (1, 2)]
+        return None not in memory and memory[0] != memory[1]
 
     def __repr__(self) -> str:
         return f"HFModel({self.model_type!r}, auto={self.auto.__name__}, knobs={self.knobs!r})"

@@ -225,6 +225,16 @@ def test_the_layers_knob_is_one_that_changes_the_model() -> None:
     assert HFModel("gpt2").space().axes[0].name == "n_layer"
 
 
+def test_a_layer_count_over_shared_weights_is_searched() -> None:
+    """ALBERT shares one layer's weights across its layers: the parameter count is the same at any
+    depth, so its default search had no layer axis, though the layers run. Oracle: the block calls
+    the probe records at 2 and 4 layers."""
+    albert = HFModel("albert")
+    assert albert.space().axes[0].name == "num_hidden_layers"
+    calls = [len(probe(albert.config(num_hidden_layers=n)).activation_names) for n in (2, 4)]
+    assert calls[1] - calls[0] == 2
+
+
 @pytest.mark.parametrize(("model_type", "knob"), [("gptj", "n_layer"), ("gpt_neo", "num_layers")])
 def test_model_types_with_derived_fields_build_at_any_depth(model_type: str, knob: str) -> None:
     """GPT-J's rotary dimensions (64 by default) must fit its head (32 at SMALL sizes); GPT-Neo's
