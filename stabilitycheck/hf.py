@@ -173,7 +173,7 @@ class HFModel:
         # the same weights: shared across layers (ALBERT) the layers still run, so their activations
         # take memory; an ignored knob (Whisper's encoder_layers above) changes neither
         memory = [self.memory_estimate(self.config(**{knob: n})) for n in (1, 2)]
-        return None not in memory and memory[0] != memory[1]
+        return None in memory or memory[0] != memory[1]
 
     def __repr__(self) -> str:
         return f"HFModel({self.model_type!r}, auto={self.auto.__name__}, knobs={self.knobs!r})"

@@ -145,7 +145,7 @@ def _backward(run: _Run, loss: torch.Tensor, outputs: list[torch.Tensor]) -> lis
         grads = torch.autograd.grad(loss, [outputs[i] for i in wanted] + list(run.params), allow_unused=True)
     except CheckpointError as exc:  # a recomputation that differs from its forward: torch's several lines
         raise UsageError(
-            f"torch.utils.checkpoint: {str(exc).splitlines()[0]} The probe gives block 0 a copy of the "
+            f"{str(exc).splitlines()[0]} The probe gives block 0 a copy of the "
             "model's input that requires grad; pass the input already requiring grad, declare blocks "
             "(blocks=... or stability_blocks()) outside the checkpointed function, or probe without "
             "checkpointing"

@@ -101,20 +101,23 @@ def _accumulated(tensors: list[torch.Tensor], exact: bool) -> list[torch.Tensor]
     return out
 
 
+def _entry(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str | None, Any]:
+    """Where a block's chain enters its call (a keyword, None for the first positional argument) and
+    what is there: its first positional argument, or called by keyword alone, `hidden_states` (HF's
+    name) or else its one tensor argument; (None, None) where that is not one tensor."""
+    if args:
+        return None, args[0]
+    if "hidden_states" in kwargs:
+        return "hidden_states", kwargs["hidden_states"]
+    given = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+    return (given[0], kwargs[given[0]]) if len(given) == 1 else (None, None)
+
+
 def _chain_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str | None, torch.Tensor] | None:
-    """Where a block's chain enters its call and the tensor there: its first positional argument, or
-    called by keyword alone, `hidden_states` (HF's name) or else its one floating tensor argument; if
-    floating and no other positional tensor has its shape. A recurrent cell's call (u_t, h) or
-    (x_t, (h, c)) has two such tensors: which one is the chain is not knowable from the call, so
-    none is taken."""
-    key: str | None = None  # the first positional argument
-    if not args:
-        floating = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
-        named = ["hidden_states"] if "hidden_states" in kwargs else floating
-        if len(named) != 1:
-            return None
-        key = named[0]
-    x = args[0] if key is None else kwargs[key]
+    """The `_entry` of a block's call and its tensor, if floating and no other positional tensor has its
+    shape. A recurrent cell's call (u_t, h) or (x_t, (h, c)) has two such tensors: which one is the
+    chain is not knowable from the call, so none is taken."""
+    key, x = _entry(args, kwargs)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         return None
     if any(t.shape == x.shape for t in tensors(args[1:])):
@@ -122,14 +125,35 @@ def _chain_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str | N
     return key, x
 
 
+def _feeds(x: Any, out: torch.Tensor, nodes: int = 32) -> bool:
+    """Whether `x` is `out` or is computed from it within the first `nodes` autograd nodes behind it (a
+    residual sum, a norm, a pooling): a block taking it continues the chain of the block that made
+    `out`; an encoder-decoder's decoder taking its own embeddings, or a second tower taking the model's
+    input, starts another."""
+    if x is out:
+        return True
+    target = out.grad_fn
+    if not isinstance(x, torch.Tensor) or target is None or x.grad_fn is None:
+        return False
+    frontier, seen = [x.grad_fn], {x.grad_fn}
+    while frontier and len(seen) <= nodes:
+        node = frontier.pop(0)
+        if node is target:
+            return True
+        for child, _ in node.next_functions:
+            if child is not None and child not in seen:
+                seen.add(child)
+                frontier.append(child)
+    return False
+
+
 def _stack_starts(blocks: Sequence[tuple[str, nn.Module]]) -> list[int]:
-    """The blocks that begin another stack (`encoder.layers.5` then `decoder.layers.0`): there the
-    recorder checks that the block takes the last block's output (a ResNet's next stage does; an
-    encoder-decoder's decoder does not, its chain starts anew)."""
+    """The blocks that begin another container (`encoder.layers.5` then `decoder.layers.0`): there the
+    recorder checks that the block takes the last block's output or what is computed from it (a
+    ResNet's next stage does, as does the next stage of a list of lists; an encoder-decoder's decoder
+    does not, its chain starts anew)."""
     stacks = [_stack_of(name) for name, _ in blocks]
-    return [
-        b for b in range(1, len(blocks)) if stacks[b] is not None and stacks[b - 1] not in (None, stacks[b])
-    ]
+    return [b for b in range(1, len(blocks)) if stacks[b - 1] != stacks[b]]
 
 
 def _same_data(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -143,14 +167,10 @@ def _same_data(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-def _stack_of(name: str) -> str | None:
-    """The stack a block's name puts it in, its trailing indices dropped (`encoder.layers.5`: encoder.layers;
-    a list of lists of stages, `stages.1.0`: stages, one chain), or None for a name without one."""
-    parts = name.split(".")
-    kept = parts[:]
-    while kept and kept[-1].isdigit():
-        kept.pop()
-    return ".".join(kept) if len(kept) < len(parts) else None
+def _stack_of(name: str) -> str:
+    """The container a block's name puts it in (`encoder.layers.5`: encoder.layers; `stages.1.0`:
+    stages.1; `encoder.enc0`: encoder)."""
+    return name.rpartition(".")[0]
 
 
 def hooked(registrations: Sequence[tuple[str, nn.Module, Callable[[], Any]]]) -> list[Any]:
@@ -198,9 +218,9 @@ class _Recorder:
     a whole-sequence recurrent block it is where the growth through time shows. An input outside the
     graph (the model's own float input) is replaced by a copy that requires grad, for dL/d input (a
     copy, not a leaf: an in-place op on a leaf that requires grad would raise inside the user's
-    model). After the forward and until `release`, a call of block 0 on that same input (the data of
-    it: torch.utils.checkpoint recomputing it in the backward) gets a copy too, so it saves what the
-    forward saved; calls within the forward get the input as given.
+    model). Until `release`, every call of block 0 on that same input (its data: torch.utils.checkpoint
+    recomputing it in the backward makes new views) gets a copy too, so a recomputation saves what
+    its forward saved.
     """
 
     def __init__(self, blocks: Sequence[tuple[str, nn.Module]], input_side: bool = False) -> None:
@@ -232,8 +252,9 @@ class _Recorder:
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         chain = _chain_input(args, kwargs) if torch.is_grad_enabled() else None
-        if self.raw is not None:  # after the forward, on the first call's input: a checkpoint recomputing it
-            again = not self.active and chain is not None and _same_data(chain[1], self.raw)
+        if self.raw is not None:  # the first call's input again: each call gets a copy, so that a
+            # checkpoint's recomputation in the backward saves what its forward saved
+            again = chain is not None and _same_data(chain[1], self.raw)
             return _entering(args, kwargs, *chain)[1] if again and chain is not None else None
         if chain is None or not self.active or self.calls or chain[1].requires_grad:
             self._unhook()  # block 0's first call only: a recurrent cell is called once per token
@@ -249,8 +270,7 @@ class _Recorder:
         def on_join(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if not (self.active and self.outputs):
                 return
-            chain = _chain_input(args, kwargs)
-            if chain is None or chain[1] is not self.outputs[-1]:
+            if not _feeds(_entry(args, kwargs)[1], self.outputs[-1]):
                 self.breaks.add(len(self.outputs))
 
         return on_join

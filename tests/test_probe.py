@@ -556,6 +556,58 @@ def test_blocks_called_by_keyword_keep_their_input_side_and_their_chain() -> Non
     assert m.growth == pytest.approx(2.0**6, rel=1e-5)
 
 
+class _Injected(_Checkpointed):
+    """Block 0 called on the model's input twice within one checkpointed function (input injection)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def blocks(t: torch.Tensor) -> torch.Tensor:
+            h = self.layers[0](t)
+            h = self.layers[1](h) + self.layers[0](t)
+            return self.layers[2](h)
+
+        return checkpoint(blocks, x, use_reentrant=False) if self.saving else blocks(x)
+
+
+def test_block_0_injected_twice_under_checkpointing_reads_as_without_it() -> None:
+    """The forward gave block 0's first call a copy of the input and its second the input itself, the
+    recomputation both a copy: torch's CheckpointError. Oracle: the same model run plainly."""
+    torch.manual_seed(0)
+    model, x = _Injected(), torch.randn(5, 4)
+    saved = probe_module(model, x, lambda o, _: o.square().mean())
+    model.saving = False
+    plain = probe_module(model, x, lambda o, _: o.square().mean())
+    assert saved.activation_names == plain.activation_names
+    assert saved.activation_grad_norms == pytest.approx(plain.activation_grad_norms, rel=1e-6)
+
+
+def test_a_keyword_call_of_two_tensors_has_no_input_side() -> None:
+    """block(x=ids, bias=b) with integer ids: the one floating keyword tensor, the bias, was taken as
+    the chain's entry, and block 0 got a gain against it. Two tensors: which is the chain is not read
+    from the call. Oracle: the block's own arguments."""
+
+    class Biased(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+
+        def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+            return self.emb(x) + bias
+
+    biased, head = Biased(), nn.Linear(4, 4)
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.biased, self.head, self.bias = biased, head, torch.randn(4)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.biased(x=ids, bias=self.bias))
+
+    blocks = [("biased", biased), ("head", head)]
+    m = probe_module(Model(), torch.randint(0, 10, (3, 5)), lambda o, _: o.square().mean(), blocks=blocks)
+    assert m.activation_names[0] != "(input)"
+
+
 def test_a_traced_block_is_refused_not_read_as_flat() -> None:
     """A torch.jit.trace module takes hooks and never calls them: the probe read growth 1 with no
     blocks measured. Oracle: the activation count a traced model can give, none."""

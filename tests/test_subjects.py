@@ -232,6 +232,58 @@ def test_one_stack_of_stages_has_no_junction_between_its_stages() -> None:
     assert m.growth == pytest.approx(norms[0] / norms[-1], rel=1e-5)
 
 
+def test_junctions_between_named_stacks_and_parallel_towers_have_no_gain() -> None:
+    """An encoder-decoder of named blocks (Sequential(OrderedDict)) and two towers each run on the
+    model's input start a new chain at their junction: a block name without a trailing index had no
+    stack, and one list of lists was one stack, so the gain across read two unrelated gradients
+    (4.43 where there is none). Oracle: a NaN gain there and the growth the product of each chain's
+    own, from torch's output-gradient norms."""
+    from collections import OrderedDict
+
+    torch.manual_seed(0)
+
+    class EncDec(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = nn.Sequential(OrderedDict(enc0=_Positional(), enc1=_Positional()))
+            self.decoder = nn.Sequential(OrderedDict(dec0=_Positional(), dec1=_Positional()))
+
+        def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+            for block in self.encoder:
+                src = block(src, tgt)
+            for block in self.decoder:
+                tgt = block(tgt, src)
+            return tgt
+
+    class Towers(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.towers = nn.ModuleList(nn.ModuleList(_Positional() for _ in range(2)) for _ in range(2))
+
+        def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+            outs = []
+            for tower in self.towers:
+                h = x
+                for block in tower:
+                    h = block(h, pos)
+                outs.append(h)
+            return outs[0] + outs[1]
+
+    a, b = torch.randn(8, 16), torch.randn(8, 16)
+    for model in (EncDec(), Towers()):
+        blocks, _ = find_blocks(model)
+        m = probe_module(model, (a, b), lambda o, _: o.square().mean(), blocks=blocks)
+        outs: list[torch.Tensor] = []
+        handles = [blk.register_forward_hook(lambda mod, i, out, o=outs: o.append(out)) for _, blk in blocks]
+        out = model(a, b)
+        for h in handles:
+            h.remove()
+        norms = [float(g.norm()) for g in torch.autograd.grad(out.square().mean(), outs)]
+        assert len(m.gains) == 3 and math.isnan(m.gains[1]), type(model).__name__
+        assert [m.gains[0], m.gains[2]] == pytest.approx([norms[0] / norms[1], norms[2] / norms[3]], rel=1e-5)
+        assert m.growth == pytest.approx(norms[0] / norms[1] * norms[2] / norms[3], rel=1e-5)
+
+
 def test_blocks_in_a_module_dict_are_named_by_their_keys() -> None:
     """Blocks of a ModuleList of ModuleDicts were named by position (stages.0.0), a path get_submodule
     does not find; with digit keys out of order, one naming another module. Oracle: get_submodule."""
