@@ -124,8 +124,9 @@ class Layer(nn.Module):
     """A layer of a flat Sequential of mixed modules (Linear, Tanh, Linear, ...), as a block for the
     hooks (never called): the parameters and input of its module with parameters, and as output the
     input of the next one (the activation after it included, even one shared between layers), or
-    for the last layer the output of `after` itself (the Sequential). Each gain is a whole layer's,
-    not alternately a weight's x2 and an activation's x0.5, and the last activation is in the chain."""
+    for the last layer the output of the Sequential's last module (`after`, at its last place). Each
+    gain is a whole layer's, not alternately a weight's x2 and an activation's x0.5, and the last
+    activation is in the chain."""
 
     def __init__(
         self, weighted: nn.Module, after: nn.Module, last: bool, container: nn.Module, nth: int = 1
@@ -138,19 +139,31 @@ class Layer(nn.Module):
 
     def register_forward_hook(self, hook: Callable[..., Any]) -> RemovableHandle:  # type: ignore[override]
         after, last, container, nth = self._after
-        if last:
-            return after.register_forward_hook(hook)
-        calls = [0]  # calls of `after` in this pass of the container
+        uses = max(1, sum(m is after for m in container._modules.values()))  # its places in the container
+        calls = [0]  # calls of `after` since the container's pass began, counted modulo its places (a
+        # model looping over the Sequential itself never calls it: each pass still calls every place)
+
+        def counted() -> bool:
+            calls[0] += 1
+            return (calls[0] - 1) % uses == nth - 1
 
         def on_next_input(module: nn.Module, args: tuple[Any, ...]) -> None:
-            calls[0] += 1
-            if args and calls[0] == nth:
+            if counted() and args:
                 hook(self, args, args[0])
+
+        def on_last_output(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if counted():
+                hook(self, args, output)
 
         def on_pass(module: nn.Module, args: tuple[Any, ...]) -> None:
             calls[0] = 0
 
-        handles = after.register_forward_pre_hook(on_next_input), container.register_forward_pre_hook(on_pass)
+        own = (
+            after.register_forward_hook(on_last_output)
+            if last
+            else after.register_forward_pre_hook(on_next_input)
+        )
+        handles = own, container.register_forward_pre_hook(on_pass)
         return cast(RemovableHandle, _Handles(handles))
 
     def register_forward_pre_hook(self, hook: Callable[..., Any], **kwargs: Any) -> RemovableHandle:
@@ -231,8 +244,8 @@ def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
         weighted = [(n, m) for n, m in blocks if any(True for _ in m.parameters())]
         label = name or "(model)"
         container = dict(model.named_modules())[name]
-        # layers need the container called (a Sequential: its pass starts, its output the last layer's);
-        # a ModuleList is not, and a layer hooked on it was never recorded
+        # layers of a Sequential (called, or looped over by the model: every place runs each pass); a
+        # ModuleList's modules may run in any order, each a block
         if len(weighted) >= 2 and len(weighted) < len(blocks) and isinstance(container, nn.Sequential):
             nth = _nth_uses(mods)
             where = {n: k for k, (n, _) in enumerate(blocks)}  # position of each named module in mods
@@ -241,7 +254,7 @@ def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
                     n,
                     Layer(m, weighted[i + 1][1], False, container, nth[where[weighted[i + 1][0]]])
                     if i + 1 < len(weighted)
-                    else Layer(m, container, True, container),
+                    else Layer(m, mods[-1], True, container, nth[-1]),
                 )
                 for i, (n, m) in enumerate(weighted)
             )

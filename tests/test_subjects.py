@@ -325,6 +325,43 @@ def test_a_module_list_of_mixed_layers_has_every_module_recorded() -> None:
     assert m.first_nonfinite is not None and m.first_nonfinite.layer == "layers.2"
 
 
+def test_a_sequential_the_model_loops_over_has_every_layer_recorded_every_pass() -> None:
+    """Layers of a flat Sequential hooked the Sequential for the last layer's output and each pass's
+    start; a model looping over it (for m in self.net) never calls it: the last layer was never
+    recorded and, the count never reset, a second probe recorded nothing. Oracle: the layers
+    recorded when the model calls the Sequential itself, and torch's output-gradient norms."""
+    torch.manual_seed(0)
+
+    class Looped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(*(m for _ in range(3) for m in (nn.Linear(8, 8), nn.Tanh())))
+            self.looping = True
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not self.looping:
+                return self.net(x)
+            for layer in self.net:
+                x = layer(x)
+            return x
+
+    model, x = Looped(), torch.randn(4, 8)
+    looped = [probe_module(model, x, lambda o, _: o.square().mean()) for _ in range(2)]
+    model.looping = False
+    called = probe_module(model, x, lambda o, _: o.square().mean())
+    assert called.activation_names == ("(input)", "net.0", "net.2", "net.4")
+    for m in looped:
+        assert m.activation_names == called.activation_names
+        assert m.activation_grad_norms == pytest.approx(called.activation_grad_norms, rel=1e-6)
+    outs: list[torch.Tensor] = []
+    handles = [model.net[i].register_forward_hook(lambda mod, a, out: outs.append(out)) for i in (1, 3, 5)]
+    out = model(x)
+    for h in handles:
+        h.remove()
+    norms = [float(g.norm()) for g in torch.autograd.grad(out.square().mean(), outs)]
+    assert called.activation_grad_norms[1:] == pytest.approx(norms, rel=1e-5)
+
+
 def test_the_reproduction_line_reproduces_a_verdict_on_non_default_limits() -> None:
     limits = Limits(growth=2.0, grad_norm=None)
     config = Config.of("mlp", depth=12, width=16, init_scale=2.0, batch_size=4, seeds=3)
