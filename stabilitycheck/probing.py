@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 import math
 import operator
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +35,16 @@ from stabilitycheck.measurement import Measurement as Measurement
 from stabilitycheck.measurement import NonFinite as NonFinite
 from stabilitycheck.measurement import ratio as ratio
 from stabilitycheck.recording import EXACT as EXACT
-from stabilitycheck.recording import STACK_MIN, _dense, _layout, _per_block, _Recorder, _scatter, norm_values
+from stabilitycheck.recording import (
+    GRAPH_BREAK,
+    STACK_MIN,
+    _dense,
+    _layout,
+    _per_block,
+    _Recorder,
+    _scatter,
+    norm_values,
+)
 from stabilitycheck.recording import accumulator as accumulator
 from stabilitycheck.recording import block_of as block_of
 from stabilitycheck.recording import call_model as call_model
@@ -169,6 +179,13 @@ def _backward(run: _Run, loss: torch.Tensor, outputs: list[torch.Tensor]) -> lis
     return captured
 
 
+def _refused_graph_break(exc: Exception) -> bool:
+    """Whether `exc` is torch.compile refusing (fullgraph=True) the graph break of a block's hooks;
+    torch._dynamo is loaded by then, and is not imported here (seconds of import time)."""
+    dynamo = sys.modules.get("torch._dynamo")
+    return dynamo is not None and isinstance(exc, dynamo.exc.Unsupported) and GRAPH_BREAK in str(exc)
+
+
 def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = False) -> _Step:
     """Forward and backward once, then every norm of the step in one fused call and one copy to the
     host: the loss, every weight gradient (unscaled under a GradScaler), and on request the block
@@ -180,6 +197,14 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
     try:
         with torch.autocast(run.device.type, dtype=run.autocast, enabled=run.autocast is not None):
             loss = differentiable_loss(run.loss_fn(call_model(run.model, run.inputs), run.inputs))
+    except Exception as exc:
+        if not _refused_graph_break(exc):
+            raise
+        raise UsageError(
+            "the model is compiled with fullgraph=True, which refuses the graph break each block's "
+            "hooks need; probe the model before compiling it (the numbers are the same), or compile "
+            "it without fullgraph=True"
+        ) from None
     finally:
         run.rec.stop()
     outputs = run.rec.take() if hooks else []

@@ -9,7 +9,7 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -173,6 +173,25 @@ def _stack_of(name: str) -> str:
     return name.rpartition(".")[0]
 
 
+Hook = TypeVar("Hook", bound=Callable[..., Any])
+GRAPH_BREAK = (  # torch's error gives it as the reason where fullgraph=True refuses the break
+    "stabilitycheck records each block outside the compiled graph, a graph break per block: compile "
+    "the model without fullgraph=True, or measure it uncompiled"
+)
+
+
+def outside_graph(hook: Hook) -> Hook:
+    """`hook` as it is, and under torch.compile run outside the graph (torch.compiler.disable: a graph
+    break) on the real tensors: traced, it would read version counters and requires_grad at trace
+    time, and a tensor made to require grad cannot leave a graph."""
+    eager = torch.compiler.disable(hook, reason=GRAPH_BREAK)
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return eager(*args, **kwargs) if torch.compiler.is_compiling() else hook(*args, **kwargs)
+
+    return run  # type: ignore[return-value]
+
+
 def hooked(registrations: Sequence[tuple[str, nn.Module, Callable[[], Any]]]) -> list[Any]:
     """The handles of the hooks each (block name, module, registration) makes, in order. A TorchScript
     module (torch.jit.script refuses hooks, a torch.jit.trace one takes them and never calls them:
@@ -233,13 +252,15 @@ class _Recorder:
         self.breaks: set[int] = set()  # positions in `outputs` whose block does not take the last output
         self.handles = hooked(
             [
-                (name, module, functools.partial(module.register_forward_hook, self._hook(b)))
+                (name, module, functools.partial(module.register_forward_hook, outside_graph(self._hook(b))))
                 for b, (name, module) in enumerate(blocks)
             ]
             + [
                 (
                     *blocks[b],
-                    functools.partial(blocks[b][1].register_forward_pre_hook, self._join(), with_kwargs=True),
+                    functools.partial(
+                        blocks[b][1].register_forward_pre_hook, outside_graph(self._join()), with_kwargs=True
+                    ),
                 )
                 for b in _stack_starts(blocks)
             ]
@@ -306,7 +327,7 @@ class _Recorder:
         self.entry = None
         self.active = True
         if self.first is not None:
-            self.pre = self.first.register_forward_pre_hook(self._on_input, with_kwargs=True)
+            self.pre = self.first.register_forward_pre_hook(outside_graph(self._on_input), with_kwargs=True)
 
     def stop(self) -> None:
         self.active = False

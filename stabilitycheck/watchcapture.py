@@ -9,9 +9,9 @@ fused call, or stacked per block when a block made STACK_MIN or more of them (a 
 called 256 times costs two kernels, not 512), or sooner once PENDING_CAP elements are kept (the
 memory held stays bounded). A kept output modified in place before its norm is taken is caught by
 its version counter; the watcher then warns and norms every output at once from then on. Under
-torch.compile the forward hook runs outside the graph (torch.compiler.disable: a graph break at each
-watched block), on the real outputs: traced, it read a version counter that the compiled graph's
-outputs do not keep, and a host read in the norm broke the graph anyway. Every
+torch.compile the hooks run outside the graph (recording.outside_graph: a graph break at each watched
+block), on the real outputs: traced, they read a version counter that the compiled graph's outputs do
+not keep, and a host read in the norm broke the graph anyway. Every
 norm of a finite tensor is finite and exact to float32 rounding, above 1.8e19 and below 1e-19 too
 (recording._fused_norms).
 """
@@ -27,7 +27,15 @@ import torch
 from torch import nn
 
 from stabilitycheck import distributed
-from stabilitycheck.recording import STACK_MIN, STACK_NUMEL, _first_tensor, _fused_norms, hooked, norm
+from stabilitycheck.recording import (
+    STACK_MIN,
+    STACK_NUMEL,
+    _first_tensor,
+    _fused_norms,
+    hooked,
+    norm,
+    outside_graph,
+)
 
 PENDING_CAP = 1 << 22  # elements kept for lazy norms (16 MiB in float32) before they are normed
 EAGER_NUMEL = 1 << 13  # a capture larger than this is normed at once, while it is in cache
@@ -90,15 +98,12 @@ class Capture:
         """A pre-hook on the watched model: each call starts a pass (see `_drop_unfed`)."""
 
         def on_call(module: nn.Module, args: Any) -> None:
-            if torch.compiler.is_compiling():
-                eager(module, args)
-            elif torch.is_grad_enabled():
+            if torch.is_grad_enabled():
                 self._passes.append(self._marks() if self._held or self._fwd_now else None)
                 self._hooked.append(False)
                 self._fed.append(False)
 
-        eager = torch.compiler.disable(on_call)
-        return on_call
+        return outside_graph(on_call)
 
     def _drop_unfed(self) -> None:
         """Forget the block outputs of every pass this step that hooked output gradients of which none
@@ -133,9 +138,6 @@ class Capture:
         outputs = self._pending[slot]  # cleared in place, never rebound
 
         def on_forward(module: nn.Module, args: Any, output: Any) -> None:
-            if torch.compiler.is_compiling():  # traced: a graph break, the hook runs as is on the outputs
-                eager(module, args, output)
-                return
             out = output if isinstance(output, torch.Tensor) else _first_tensor(output)
             if out is None or not out.is_floating_point() or not torch.is_grad_enabled():
                 return
@@ -156,8 +158,7 @@ class Capture:
                 else:
                     node.register_prehook(self._grad_hook(b, out.output_nr, k))
 
-        eager = torch.compiler.disable(on_forward)
-        return on_forward
+        return outside_graph(on_forward)
 
     def _grad_hook(self, b: int, index: int, k: int) -> GradHook:
         """The hook keeping the gradient of output `index` of a node as block b's, output of pass k

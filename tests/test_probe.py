@@ -864,3 +864,22 @@ def test_probe_module_takes_what_torch_takes_for_its_settings() -> None:
     ):
         m = probe_module(built.model, built.inputs, built.loss_fn, **options)
         assert m.steps_run == int(options.get("steps", 0)) and math.isfinite(m.growth)
+
+
+# torch's own warning while tracing the hooks, turned into an error by the test settings
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
+def test_a_model_compiled_with_fullgraph_is_refused_in_one_line_and_one_without_is_measured() -> None:
+    """model.compile(fullgraph=True) refuses the graph break the probe's hooks need: torch's 20-line
+    Unsupported error ('returning intermediate with requires_grad_()') came out of probe_module.
+    Without fullgraph the compiled model is measured; oracle: the same model probed uncompiled."""
+    built = build(zoo("mlp", depth=3))
+    eager = probe_module(built.model, built.inputs, built.loss_fn)
+    torch._dynamo.reset()  # compiled code is cached per function, whichever module compiled it
+    built.model.compile(backend="eager", fullgraph=True)
+    with pytest.raises(UsageError, match="compiled with fullgraph=True") as caught:
+        probe_module(built.model, built.inputs, built.loss_fn)
+    assert "\n" not in str(caught.value)
+    torch._dynamo.reset()
+    built.model.compile(backend="eager")
+    compiled = probe_module(built.model, built.inputs, built.loss_fn)
+    assert compiled.activation_grad_norms == pytest.approx(eager.activation_grad_norms, rel=1e-6)

@@ -28,6 +28,7 @@ from watch_models import MLP, Fault, PreNorm, batch, compute_loss, report_of, tr
 
 from stabilitycheck import recording
 from stabilitycheck.errors import UsageError
+from stabilitycheck.recording import GRAPH_BREAK
 from stabilitycheck.spikes import SpikeRule
 from stabilitycheck.watching import watch
 from stabilitycheck.watchlog import Finding, Log
@@ -893,3 +894,14 @@ def test_a_step_cut_short_by_a_signal_leaves_the_log_numbered_from_0(
     monkeypatch.setattr(Watcher, "step", property(get, put), raising=False)
     reported, logged = _interrupted_run(tmp_path, flush_every=10)
     assert logged == list(range(reported)) and reported >= 5
+
+
+def test_a_model_compiled_with_fullgraph_says_why_the_watch_cannot_run() -> None:
+    """Under fullgraph=True torch's error named a disabled function of the watcher's and hinted to remove
+    it; it now gives the reason: each block is recorded outside the graph, compile without fullgraph."""
+    torch._dynamo.reset()
+    model = MLP()
+    model.compile(backend="eager", fullgraph=True)
+    with pytest.raises(torch._dynamo.exc.Unsupported) as caught:
+        train(model, 1)
+    assert GRAPH_BREAK in str(caught.value)
