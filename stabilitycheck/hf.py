@@ -210,6 +210,12 @@ class HFModel:
         fields.update({n: d % vocab for n, d in self.token_ids.items() if d >= vocab and n != "pad_token_id"})
         if self.token_ids.get("pad_token_id", 0) >= vocab:
             fields["pad_token_id"] = None
+        layers = {n: values[n] for n in LAYER_FIELDS if n in values}
+        if layers and all(int(v) < 1 for v in layers.values()):  # its leaf modules run side by side
+            raise UserCodeError(
+                f"{self.name}: {', '.join(f'{n}={v}' for n, v in layers.items())} builds no layers, "
+                "no chain of blocks to measure; give it 1 or more"
+            )
         limit = min((int(values[n]) for n in POSITION_FIELDS if n in values), default=None)
         if limit is not None and values["seq_len"] > limit:
             raise UserCodeError(

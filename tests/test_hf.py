@@ -257,3 +257,22 @@ def test_knobs_a_model_type_rejects_at_some_points_are_skipped_there() -> None:
     result = search(space, subject=subject, limits=Limits(growth=1e9), max_examples=5, database=None)
     assert [c.values["n_head"] for c, _ in result.skipped] == [3]
     assert "cannot be built from these knobs" in result.skipped[0][1]
+
+
+def test_zero_layers_are_refused_in_one_line_and_skipped_by_a_search() -> None:
+    """hf:gpt2 at n_layer=0 has no stack, so its blocks fell back to its leaf modules, of which wte and
+    wpe run side by side: the chain read wpe's gradient as following wte's and reported growth 4.07 for
+    a model with no layers. Zero layers are now refused, and skipped in a search over the layer count."""
+    from stabilitycheck.searching import search
+    from stabilitycheck.space import Axis, Space
+    from stabilitycheck.verdicts import Limits
+
+    subject = HFModel("gpt2")
+    with pytest.raises(UsageError, match="n_layer=0 builds no layers") as caught:
+        subject.build(subject.config(n_layer=0))
+    assert "\n" not in str(caught.value)
+    space = Space("hf:gpt2", subject.config().with_run(seeds=1), (Axis.range("n_layer", 0, 2),))
+    result = search(space, subject=subject, limits=Limits(growth=1e9), max_examples=5, database=None)
+    assert [c.values["n_layer"] for c, _ in result.skipped] == [0]
+    bart = HFModel("bart")  # one stack of two empty still has layers to measure
+    assert len(bart.build(bart.config(encoder_layers=0, decoder_layers=1)).blocks) >= 1
