@@ -1,5 +1,8 @@
 """The spike rule: a value is flagged when it is non-finite, or, once its series has warmed up,
 above the mean of the last `window` accepted values by more than max(sigmas x std, floor x |mean|).
+A value of exactly 0 is no measurement (the gradient of a frozen block, a part that did not run): it is
+never flagged and never enters the window, which a run of zeros would leave with mean and std 0, so
+that the first real value, and every one after it, was flagged.
 
 Two fixes over the rule as OLMo-core publishes it (mean + 6 sigma of the last 128 losses): a
 non-finite value never enters the window (one NaN would otherwise poison the mean for the next 128
@@ -62,7 +65,8 @@ class SpikeRule:
         return mean + torch.maximum(self.sigmas * var.clamp(min=0).sqrt(), self.floor * mean.abs())
 
     def update(self, state: SpikeState, x: torch.Tensor) -> Judged:
-        """Flag each entry of `x` (one value per series) and let the accepted ones enter the window;
+        """Flag each entry of `x` (one value per series) and let the accepted ones (finite, non-zero)
+        enter the window;
         with the mean and threshold each was judged against. Only tensor ops: no host synchronisation."""
         x = x.to(torch.float64)
         finite = torch.isfinite(x)
@@ -75,8 +79,9 @@ class SpikeRule:
         flagged = ~finite | (warm & (x > threshold))
         entering = torch.where(warm, torch.minimum(x, threshold), x)
         shifted = torch.cat([state.values[:, 1:], entering.unsqueeze(1)], 1)
-        state.values = torch.where(finite.unsqueeze(1), shifted, state.values)
-        state.count = (state.count + finite.long()).clamp(max=self.window)
+        accepted = finite & (x != 0)
+        state.values = torch.where(accepted.unsqueeze(1), shifted, state.values)
+        state.count = (state.count + accepted.long()).clamp(max=self.window)
         return Judged(flagged, mean, threshold)
 
     def update_many(self, state: SpikeState, xs: torch.Tensor) -> Judged:
@@ -94,29 +99,31 @@ class SpikeRule:
             m = rest.shape[0]
             valid = state.slots >= w - state.count.unsqueeze(1)
             ref = torch.where(valid, state.values, 0.0).sum(1) / state.count.clamp(min=1)
-            seq = torch.cat(
-                [torch.where(valid, state.values - ref.unsqueeze(1), 0.0), rest.T - ref.unsqueeze(1)], 1
-            )
-            seq = torch.where(torch.isfinite(seq), seq, 0.0)  # the pass stops before a non-finite value
+            x = rest.T
+            # the window, then the new values: those accepted (finite, non-zero) enter; the pass stops
+            # before a non-finite value (it is flagged)
+            accepted = torch.cat([valid, torch.isfinite(x) & (x != 0)], 1)
+            seq = torch.where(accepted, torch.cat([state.values, x], 1) - ref.unsqueeze(1), 0.0)
             zero = torch.zeros(seq.shape[0], 1, dtype=torch.float64, device=seq.device)
             s1 = torch.cat([zero, seq.cumsum(1)], 1)
             s2 = torch.cat([zero, (seq * seq).cumsum(1)], 1)
-            steps = torch.arange(m, device=xs.device)
-            sizes = (state.count.unsqueeze(1) + steps).clamp(max=w)  # window size at each step
-            end = (w + steps).expand_as(sizes)
-            first = end - sizes
+            taken = torch.cat([zero.long(), accepted.long().cumsum(1)], 1)  # accepted before each column
+            end = (w + torch.arange(m, device=xs.device)).expand(seq.shape[0], m)
+            sizes = taken.gather(1, end).clamp(max=w)  # window size at each step
+            # where each step's window starts: the column after which `sizes` accepted values remain
+            first = torch.searchsorted(taken, taken.gather(1, end) - sizes)
             n = sizes.clamp(min=1).to(torch.float64)
             mean_shift = (s1.gather(1, end) - s1.gather(1, first)) / n
             var = (s2.gather(1, end) - s2.gather(1, first)) / n - mean_shift**2
             mean = torch.where(sizes > 0, ref.unsqueeze(1) + mean_shift, 0.0)
             threshold = self._threshold(mean, var)
-            x = rest.T
             pass_flags = ~torch.isfinite(x) | ((sizes >= self.warmup) & (x > threshold))
             hit = pass_flags.any(0).nonzero()
             stop = int(hit[0, 0]) if hit.numel() else m  # the pass's only host read
-            if stop:
-                state.values = torch.cat([state.values, x[:, :stop]], 1)[:, -w:]
-                state.count = (state.count + stop).clamp(max=w)
+            if stop:  # the accepted values, in order, right-aligned (a stable sort puts them last)
+                order = torch.sort(accepted[:, : w + stop].to(torch.uint8), dim=1, stable=True).indices
+                state.values = torch.cat([state.values, x[:, :stop]], 1).gather(1, order)[:, -w:]
+                state.count = taken[:, w + stop].clamp(max=w)
                 means[start : start + stop] = mean[:, :stop].T
                 thresholds[start : start + stop] = threshold[:, :stop].T
             if stop < m:

@@ -34,7 +34,7 @@ def reference_steps(rule: SpikeRule, series: list[float], published: bool = Fals
             continue
         threshold = mean + max(rule.sigmas * std, rule.floor * abs(mean))
         steps.append((not math.isfinite(x) or (warm and x > threshold), mean, threshold))
-        if math.isfinite(x):
+        if math.isfinite(x) and x != 0:  # a zero is no measurement
             window.append(min(x, threshold) if warm else x)
     return steps
 
@@ -150,6 +150,51 @@ def test_nothing_is_flagged_during_warm_up_except_non_finite_values() -> None:
     series = [1.0, 1.0, 100.0, 1.0, math.inf, 1.0, 1.0, 1.0, 1.0, 1.0, 1000.0]
     flags = run(rule, [series])[0]
     assert [i for i, f in enumerate(flags) if f] == [4, 10]  # the 100 entered (unclamped) in warm-up
+
+
+def test_a_series_of_zeros_then_values_is_not_flagged_and_zeros_never_enter_the_window() -> None:
+    """A frozen block's gradients are exactly 0 until it is unfrozen: the window held zeros (mean and
+    std 0, threshold 0), so the first real value was flagged, entered clamped to 0, and every later
+    step was flagged (found by a trial: 100 of 200 steps; with skip=True training stopped). A zero is
+    no measurement now. Oracle: the reference rule, and the same series with its zeros removed."""
+    rule = SpikeRule()
+    rng = random.Random(3)
+    series = [0.0] * 100 + noisy(300, rng)
+    series[300] *= 3
+    flagged = [i for i, f in enumerate(run(rule, [series])[0]) if f]
+    assert flagged == [300]
+    assert [i for i, f in enumerate(flags_of(run_many(rule, [series], 64)[0])) if f] == flagged
+    # zeros anywhere (a part that did not run on some steps) change nothing else: the same flags,
+    # means and thresholds as the series without them, zeros themselves never flagged
+    holey = [0.0 if rng.random() < 0.3 else x for x in series[100:]]
+    kept = [x for x in holey if x != 0]
+    for got in (run_steps(rule, [holey])[0], run_many(rule, [holey], 37)[0]):
+        nonzero = [step for x, step in zip(holey, got, strict=True) if x != 0]
+        assert not any(flag for x, (flag, _, _) in zip(holey, got, strict=True) if x == 0)
+        for (flag, mean, threshold), (flag0, mean0, threshold0) in zip(
+            nonzero, reference_steps(rule, kept), strict=True
+        ):
+            assert flag == flag0
+            assert mean == pytest.approx(mean0, rel=1e-9) and threshold == pytest.approx(threshold0, rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_zeros_runs_and_non_finite_values_match_the_reference_in_any_chunking(seed: int) -> None:
+    rule = SpikeRule(window=16, warmup=4, sigmas=3.0, floor=0.2)
+    rng = random.Random(seed)
+    columns = spiky(rng, 5, 120, 6, [3.0, 10.0], [math.nan, math.inf])
+    for column in columns:
+        start = rng.randrange(100)
+        end = min(start + rng.randrange(40), len(column))
+        column[start:end] = [0.0] * (end - start)
+        for _ in range(10):
+            column[rng.randrange(120)] = 0.0
+    expected = [reference_steps(rule, col) for col in columns]
+    for chunk in (None, 1, 9, 120):
+        got = run_steps(rule, columns) if chunk is None else run_many(rule, columns, chunk)
+        for col, want in zip(got, expected, strict=True):
+            assert [f for f, _, _ in col] == [f for f, _, _ in want]
+            assert [t for _, _, t in col] == pytest.approx([t for _, _, t in want], rel=1e-9, abs=1e-12)
 
 
 def test_bad_parameters_are_refused() -> None:
