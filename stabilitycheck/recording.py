@@ -7,7 +7,7 @@ import functools
 import math
 import weakref
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -23,11 +23,16 @@ EXACT = torch.float64
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
-    """The tensor a block returned (the first one, for blocks returning tuples like LSTMCell)."""
+    """The tensor a block returned: the first floating-point one, in order, inside tuples, lists and
+    dicts (LSTMCell's (h, c), a layer's (None, h) or {"hidden": h, "aux": loss}, HF's outputs). Element
+    0 alone missed the dict and (None, h): their blocks read 0, a fault in them was named elsewhere."""
     if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, tuple | list) and value:
-        return _first_tensor(value[0])
+        return value if value.is_floating_point() else None
+    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, tuple | list) else ()
+    for item in items:
+        found = _first_tensor(item)
+        if found is not None:
+            return found
     return None
 
 

@@ -883,3 +883,51 @@ def test_a_model_compiled_with_fullgraph_is_refused_in_one_line_and_one_without_
     built.model.compile(backend="eager")
     compiled = probe_module(built.model, built.inputs, built.loss_fn)
     assert compiled.activation_grad_norms == pytest.approx(eager.activation_grad_norms, rel=1e-6)
+
+
+class Returns(nn.Module):
+    """tanh(W x) returned inside a dict (an MoE layer's {"hidden": h, "aux": loss}) or as (None, h)."""
+
+    def __init__(self, packing: str) -> None:
+        super().__init__()
+        self.lin, self.packing = nn.Linear(6, 6), packing
+
+    def forward(self, x: torch.Tensor) -> object:
+        h = torch.tanh(self.lin(x))
+        return {"hidden": h, "aux": self.lin.weight.pow(2).sum()} if self.packing == "dict" else (None, h)
+
+
+class Unpacks(nn.Module):
+    def __init__(self, packing: str) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Returns(packing) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            out = block(x)
+            x = out["hidden"] if isinstance(out, dict) else out[1]
+        return x
+
+
+@pytest.mark.parametrize("packing", ["dict", "tuple"])
+def test_blocks_returning_a_dict_or_none_first_are_measured(packing: str) -> None:
+    """Only element 0 of a tuple was taken as a block's output: a block returning a dict or (None, h)
+    recorded nothing, its numbers read 0 and a fault in it was named elsewhere (found by a trial).
+    Oracle: torch's gradients of the same outputs (retain_grad)."""
+    torch.manual_seed(0)
+    model, x = Unpacks(packing), torch.randn(4, 6)
+    m = probe_module(model, x, lambda out, _: out.pow(2).sum())
+    kept: list[torch.Tensor] = []
+
+    def keep(module: nn.Module, args: object, out: object) -> None:
+        h = out["hidden"] if isinstance(out, dict) else out[1]  # type: ignore[index,call-overload]
+        h.retain_grad()
+        kept.append(h)
+
+    handles = [b.register_forward_hook(keep) for b in model.blocks]
+    model(x).pow(2).sum().backward()
+    for h in handles:
+        h.remove()
+    assert m.activation_names == ("(input)", "blocks.0", "blocks.1", "blocks.2")
+    assert m.activation_grad_norms[1:] == pytest.approx([float(h.grad.norm()) for h in kept], rel=1e-6)
+    assert m.activation_norms[1:] == pytest.approx([float(h.detach().norm()) for h in kept], rel=1e-6)
