@@ -91,8 +91,11 @@ class Capture:
             (name, m, functools.partial(m.register_forward_hook, self._forward_hook(b)))
             for b, (name, m) in enumerate(self.blocks)
         ]
-        model_hook = functools.partial(model.register_forward_pre_hook, self._pass_hook())
-        return hooked([*hooks, ("(model)", model, model_hook)])
+        model_hooks = [
+            ("(model)", model, functools.partial(model.register_forward_pre_hook, self._pass_hook())),
+            ("(model)", model, functools.partial(model.register_forward_hook, self._pass_output())),
+        ]
+        return hooked([*hooks, *model_hooks])
 
     def _pass_hook(self) -> Callable[[nn.Module, Any], None]:
         """A pre-hook on the watched model: each call starts a pass (see `_drop_unfed`)."""
@@ -104,6 +107,26 @@ class Capture:
                 self._fed.append(False)
 
         return outside_graph(on_call)
+
+    def _pass_output(self) -> Callable[[nn.Module, Any, Any], None]:
+        """A forward hook on the watched model: the gradient of its output also tells a backpropagated
+        pass, for passes in which no block output wants one (every block frozen, a head trained): a
+        validation pass with gradients on was counted there."""
+
+        def on_output(module: nn.Module, args: Any, output: Any) -> None:
+            out = _first_tensor(output)
+            k = len(self._passes) - 1
+            if k < 0 or out is None or out.grad_fn is None or not torch.is_grad_enabled():
+                return
+            self._hooked[k] = True
+
+            def on_grad(grads: Any) -> None:
+                if k < len(self._fed):
+                    self._fed[k] = True
+
+            out.grad_fn.register_prehook(on_grad)
+
+        return outside_graph(on_output)
 
     def _drop_unfed(self) -> None:
         """Forget the block outputs of every pass this step that hooked output gradients of which none

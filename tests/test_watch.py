@@ -905,3 +905,31 @@ def test_a_model_compiled_with_fullgraph_says_why_the_watch_cannot_run() -> None
     with pytest.raises(torch._dynamo.exc.Unsupported) as caught:
         train(model, 1)
     assert GRAPH_BREAK in str(caught.value)
+
+
+def test_a_validation_pass_is_left_out_when_every_block_is_frozen(tmp_path: Path) -> None:
+    """A linear probe (every block frozen, the head trained) with a validation forward under eval()
+    and gradients on: no block output wanted a gradient, so nothing told the validation pass from the
+    training one and its block outputs were added into the next row (found by a trial). Oracle: the
+    same run without the validation pass."""
+    rows = []
+    for validate in (False, True):
+        torch.manual_seed(0)
+        model = MLP()
+        model.blocks.requires_grad_(False)
+        opt = torch.optim.SGD(model.head.parameters(), lr=0.01)
+        gen, val = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+        log = tmp_path / f"{validate}.jsonl"
+        with watch(model, opt, report=None, flush_every=2, log=log):
+            for _ in range(4):
+                model.train()
+                loss = compute_loss(model, batch(gen, model))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if validate:
+                    model.eval()
+                    model(batch(val, model)[0])
+        rows.append([json.loads(line) for line in log.read_text().splitlines()])
+    assert len(rows[1]) == 4 and rows[1] == rows[0]
+    assert any(v for v in rows[0][1]["activation"])  # the blocks are measured: the check is not vacuous
