@@ -29,8 +29,8 @@ Knob = int | float
 
 SMALL: dict[str, Knob] = {
     **dict.fromkeys(("n_layer", "num_hidden_layers", "num_layers", "n_layers"), 2),
-    **dict.fromkeys(("encoder_layers", "decoder_layers"), 2),
-    **dict.fromkeys(("n_embd", "hidden_size", "d_model", "dim"), 64),
+    **dict.fromkeys(("encoder_layers", "decoder_layers", "num_encoder_layers", "num_decoder_layers"), 2),
+    **dict.fromkeys(("n_embd", "hidden_size", "d_model", "dim", "emb_dim"), 64),
     **dict.fromkeys(("n_head", "num_attention_heads", "num_heads", "n_heads"), 2),
     **dict.fromkeys(("encoder_attention_heads", "decoder_attention_heads", "num_key_value_heads"), 2),
     **dict.fromkeys(("intermediate_size", "d_ff", "hidden_dim", "ffn_dim"), 128),
@@ -39,11 +39,15 @@ SMALL: dict[str, Knob] = {
     **dict.fromkeys(("d_kv", "head_dim"), 32),
     "rotary_dim": 16,
     "vocab_size": 256,
+    **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts"), 4),
+    "num_experts_per_tok": 2,
+    **dict.fromkeys(("moe_intermediate_size", "shared_expert_intermediate_size"), 128),
 }
 """Defaults that replace the config class's own, by field name: 2 layers, width 64, 2 heads of 32
 (rotary embeddings on 16 of their dimensions: GPT-J's default 64 is wider than the head), feed-forward
-128, 256 tokens. Dropout fields default to 0.0 (the probe measures the network, not a mask). Every
-other int/float field keeps its config class's default."""
+128, 256 tokens, 4 experts of which 2 per token (qwen3_next's 512 made 103M parameters). Dropout
+fields default to 0.0 (the probe measures the network, not a mask). Every other int/float field keeps
+its config class's default."""
 
 
 def _gpt_neo(values: dict[str, Knob]) -> dict[str, Any]:
@@ -59,7 +63,16 @@ DERIVED = {"gpt_neo": _gpt_neo}
 INPUTS: dict[str, Knob] = {"batch_size": 4, "seq_len": 16}
 """Knobs of the random token ids fed to the model (not config fields)."""
 
-LAYER_FIELDS = ("n_layer", "num_hidden_layers", "num_layers", "n_layers", "encoder_layers", "decoder_layers")
+LAYER_FIELDS = (
+    "n_layer",
+    "num_hidden_layers",
+    "num_layers",
+    "n_layers",
+    "encoder_layers",
+    "decoder_layers",
+    "num_encoder_layers",
+    "num_decoder_layers",
+)
 INIT_FIELDS = ("initializer_range", "initializer_factor", "init_std")
 POSITION_FIELDS = ("n_positions", "max_position_embeddings")
 NON_TEXT_INPUTS = ("pixel_values", "input_values", "input_features")  # what image and audio models take
@@ -150,10 +163,12 @@ class HFModel:
         knobs = {n: _small(n, d) for n, d in fields.items() if _is_knob(n, d)}
         self.knobs: dict[str, Knob] = {**knobs, **INPUTS}
         self.token_ids = {n: d for n, d in fields.items() if n.endswith("_token_id") and isinstance(d, int)}
-        self.init_knob: str | None = next((n for n in INIT_FIELDS if n in knobs), None)
-        self.critical: Knob | None = fields[self.init_knob] if self.init_knob else None
         self.encoder_decoder = bool(self.config_class().is_encoder_decoder)
         self.auto = _auto_class(transformers, model_type, self.encoder_decoder)
+        inits = [n for n in INIT_FIELDS if n in knobs]
+        # where there are several (CLIP's text model: range and factor), the one its init reads
+        self.init_knob: str | None = next((n for n in inits if len(inits) == 1 or self._inits(n)), None)
+        self.critical: Knob | None = fields[self.init_knob] if self.init_knob else None
         self.layers_knob = next((n for n in LAYER_FIELDS if n in knobs and self._moves(n)), None)
 
     def _moves(self, knob: str) -> bool:
@@ -174,6 +189,23 @@ class HFModel:
         # take memory; an ignored knob (Whisper's encoder_layers above) changes neither
         memory = [self.memory_estimate(self.config(**{knob: n})) for n in (1, 2)]
         return None in memory or memory[0] != memory[1]
+
+    def _inits(self, knob: str) -> bool:
+        """Whether the weights drawn depend on the init field `knob` (its default against twice it, at
+        one seed): clip_text_model has initializer_range, which its init does not read, and
+        initializer_factor, which it does. True where the model does not build at those values."""
+        weights = []
+        for scale in (1, 2):
+            values = self.values(self.config())
+            values[knob] = values[knob] * scale
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                try:
+                    model = self._model(self.hf_config(values))
+                except Exception:
+                    return True
+            weights.append([p.detach() for p in model.parameters()])
+        return not all(torch.equal(a, b) for a, b in zip(*weights, strict=True))
 
     def __repr__(self) -> str:
         return f"HFModel({self.model_type!r}, auto={self.auto.__name__}, knobs={self.knobs!r})"

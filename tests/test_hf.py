@@ -276,3 +276,35 @@ def test_zero_layers_are_refused_in_one_line_and_skipped_by_a_search() -> None:
     assert [c.values["n_layer"] for c, _ in result.skipped] == [0]
     bart = HFModel("bart")  # one stack of two empty still has layers to measure
     assert len(bart.build(bart.config(encoder_layers=0, decoder_layers=1)).blocks) >= 1
+
+
+def test_the_init_knob_is_the_field_the_init_reads() -> None:
+    """clip_text_model has initializer_range and initializer_factor; its init reads the factor, so the
+    default search over the range changed no weight and reported 'stable' (found by a trial). Oracle:
+    the weights drawn at one seed, the field at its default and twice it."""
+
+    def weights(subject: HFModel, **values: float) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        return [p.detach() for p in subject.build(subject.config(**values)).model.parameters()]
+
+    clip = HFModel("clip_text_model")
+    assert clip.init_knob == "initializer_factor"
+    base = weights(clip)
+    assert all(torch.equal(a, b) for a, b in zip(base, weights(clip, initializer_range=0.04), strict=True))
+    assert not all(
+        torch.equal(a, b) for a, b in zip(base, weights(clip, initializer_factor=2.0), strict=True)
+    )
+    assert HFModel("gpt2").init_knob == "initializer_range"  # one field: taken as it is
+
+
+def test_experts_and_the_other_stack_are_small_by_default() -> None:
+    """The README promises small defaults: qwen3_next kept its 512 experts (103M parameters), xlm its
+    emb_dim 2048, switch_transformers 12 decoder layers, and prophetnet's layer counts were neither
+    small nor searched (found by a trial)."""
+    for model_type, most in (("qwen3_next", 5e6), ("olmoe", 1e6), ("xlm", 1e6), ("switch_transformers", 1e6)):
+        model = built(model_type).model
+        assert sum(p.numel() for p in model.parameters()) < most, model_type
+    assert len(built("switch_transformers").blocks) == 4  # 2 encoder and 2 decoder layers
+    prophetnet = HFModel("prophetnet")
+    assert prophetnet.layers_knob == "num_encoder_layers"
+    assert prophetnet.space().axes[0].name == "num_encoder_layers"
