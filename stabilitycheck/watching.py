@@ -57,6 +57,40 @@ class _Stderr:
 STDERR = _Stderr()
 
 
+class _Seeking:
+    """The open watchers looking for their GradScaler: while there is one, GradScaler.step is wrapped
+    once and offers each call to them all. One wrapper per watcher, each restoring what it found,
+    left the first watcher's wrapper installed for good when two closed out of order."""
+
+    def __init__(self) -> None:
+        self.watchers: list[Watcher] = []
+        self.original: Any = None
+        self.wrapper: Any = None
+
+    def add(self, watcher: Watcher) -> None:
+        if vars(torch.amp.GradScaler).get("step") is not self.wrapper or self.wrapper is None:
+            cls = torch.amp.GradScaler
+            self.original = original = cls.step
+
+            def step(scaler: torch.amp.GradScaler, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+                for seeker in list(self.watchers):
+                    seeker._offer(scaler, optimizer)
+                return original(scaler, optimizer, *args, **kwargs)
+
+            cls.step = self.wrapper = step  # type: ignore[method-assign, assignment]
+        self.watchers.append(watcher)
+
+    def discard(self, watcher: Watcher) -> None:
+        if watcher in self.watchers:
+            self.watchers.remove(watcher)
+            # restored unless wrapped since (by another library): our wrapper then passes through
+            if not self.watchers and vars(torch.amp.GradScaler).get("step") is self.wrapper:
+                torch.amp.GradScaler.step = self.original  # type: ignore[method-assign]
+
+
+_SEEKING = _Seeking()
+
+
 class Watcher:
     """The context manager `watch` returns; see `watch` for the arguments."""
 
@@ -122,7 +156,6 @@ class Watcher:
         self._scaled = torch.tensor(self.layout.scaled(), device=self.device)  # Layout.scaled
         self._original_update: Any = None
         self._own_update: Any = None  # the scaler's own instance attribute `update`, if it had one
-        self._scaler_step: tuple[Any, Any] | None = None  # GradScaler.step and its wrapper (_find_scaler)
         self._update: Any = None
         self.state = self.rule.state(self.layout.n_series, self.device) if on_device else None
         self.names = [name for name, _ in self.blocks]
@@ -184,19 +217,14 @@ class Watcher:
         scaler.update = self._update  # type: ignore[method-assign]
 
     def _find_scaler(self) -> None:
-        """Without scaler=: while the watcher is open, GradScaler.step is wrapped, and the scaler
-        whose step() is first called with the watched optimizer is adopted there, before that step
-        closes its row (with float16 the first iterations are often skipped: none is missed)."""
-        cls = torch.amp.GradScaler
-        original = cls.step
+        """Without scaler=: while the watcher is open, GradScaler.step is wrapped (`_Seeking`), and
+        the scaler whose step() is first called with the watched optimizer is adopted there, before
+        that step closes its row (with float16 the first iterations are often skipped: none is missed)."""
+        _SEEKING.add(self)
 
-        def step(scaler: torch.amp.GradScaler, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
-            if self._open and self.scaler is None and optimizer is self.optimizer and scaler.is_enabled():
-                self._adopt(scaler)
-            return original(scaler, optimizer, *args, **kwargs)
-
-        self._scaler_step = (original, step)
-        cls.step = step  # type: ignore[method-assign, assignment]
+    def _offer(self, scaler: torch.amp.GradScaler, optimizer: Any) -> None:
+        if self._open and self.scaler is None and optimizer is self.optimizer and scaler.is_enabled():
+            self._adopt(scaler)
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -217,9 +245,7 @@ class Watcher:
                 del self.scaler.update  # type: ignore[union-attr]  # the class's method again
             else:
                 self.scaler.update = self._own_update  # type: ignore[method-assign, union-attr]
-        if self._scaler_step is not None and vars(torch.amp.GradScaler).get("step") is self._scaler_step[1]:
-            torch.amp.GradScaler.step = self._scaler_step[0]  # type: ignore[method-assign]
-        self._scaler_step = None
+        _SEEKING.discard(self)
         if self.fused and self.skip and self.optimizer is not None:
             self.optimizer.__dict__.pop("found_inf", None)
         try:

@@ -57,6 +57,27 @@ def scaled_run(
     return w, losses, skipped
 
 
+def test_two_watchers_closed_out_of_order_each_find_their_scaler_and_let_go() -> None:
+    """Each watcher wrapped GradScaler.step and restored what it found: closed in the order they were
+    opened, the first one's wrapper stayed installed for good, holding it and its model (found by a
+    trial). Oracle: the class's own step() again, and each watcher adopting its own scaler."""
+    original = vars(torch.amp.GradScaler)["step"]
+    models = [MLP(depth=1), MLP(depth=1)]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**4) for _ in models]
+    watchers = [watch(m, o, report=None).__enter__() for m, o in zip(models, opts, strict=True)]
+    gen = torch.Generator().manual_seed(0)
+    for model, opt, scaler in zip(models, opts, scalers, strict=True):
+        scaler.scale(compute_loss(model, batch(gen, model))).backward()
+        scaler.step(opt)
+        scaler.update()
+    assert [w.scaler for w in watchers] == scalers
+    watchers[0].close()
+    assert vars(torch.amp.GradScaler)["step"] is not original  # the second is still looking
+    watchers[1].close()
+    assert vars(torch.amp.GradScaler)["step"] is original
+
+
 @pytest.mark.parametrize("given", [True, False])
 @pytest.mark.parametrize(("opt_of", "skip"), [("sgd", False), ("fused", False), ("fused", True)])
 @pytest.mark.parametrize("init_scale", [2.0**20, 2.0**40])
