@@ -101,9 +101,9 @@ def check_modes(
 def check_loss(loss: Any) -> torch.Tensor:
     """A step's loss: a tensor of one element (metadata only: no host read)."""
     if not isinstance(loss, torch.Tensor):
-        raise UsageError(
-            f"watch: w.loss() takes the loss tensor, got {type(loss).__name__}; pass `loss`, not loss.item()"
-        )
+        packed = isinstance(loss, dict | tuple | list)  # a model's outputs (HF's have a "loss" entry)
+        hint = "the tensor backward() is called on, e.g. out['loss']" if packed else "`loss`, not loss.item()"
+        raise UsageError(f"watch: w.loss() takes the loss tensor, got {type(loss).__name__}; pass {hint}")
     if not loss.is_floating_point():
         raise UsageError(
             f"watch: w.loss() takes the float loss that backward() is called on, got a {loss.dtype} tensor"

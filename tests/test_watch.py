@@ -321,6 +321,10 @@ def test_a_bad_loss_and_a_second_run_of_a_watcher_are_usage_errors() -> None:
     with watch(model, opt, report=None) as w:
         with pytest.raises(UsageError, match=r"not loss.item\(\)"):
             w.loss(per_sample.mean().item())  # type: ignore[arg-type]
+        with pytest.raises(
+            UsageError, match=r"got dict; pass the tensor backward\(\) is called on, e.g. out\['loss'\]"
+        ):
+            w.loss({"loss": per_sample.mean()})  # type: ignore[arg-type]
         with pytest.raises(UsageError, match=r"the scalar loss, got shape \(32,\)"):
             w.loss(per_sample)
         for wrong in (torch.tensor(3), torch.tensor(True)):
