@@ -3,6 +3,7 @@ planted x50 fault, named at its step and block by the same watcher."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytest
@@ -171,3 +172,58 @@ def test_a_misspelled_callback_option_is_a_one_line_usage_error() -> None:
     trainer = SimpleNamespace(optimizers=[torch.optim.SGD(model.parameters(), lr=0.01)])
     with pytest.raises(UsageError, match="no option 'flushevery' \\(did you mean flush_every\\?\\)"):
         WatchCallback(flushevery=10).on_train_start(trainer, model)  # type: ignore[arg-type]
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+def test_lightning_with_two_optimizers_closes_rows_on_the_first_ones_steps(tmp_path: Any) -> None:
+    """Manual optimization with two optimizers (a GAN's): every optimizer step closed a row, and with
+    skip=True rows of the second's steps read 'skipped' though only the first's can be (found by a
+    trial). Oracle: the step counts, and the second model's weights changing at every step."""
+    lightning = pytest.importorskip("lightning.pytorch")
+    from stabilitycheck.integrations.lightning import WatchCallback
+
+    class Two(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+            self.first, self.second = MLP(depth=2), MLP(depth=2)
+            self.changed: list[bool] = []
+
+        def training_step(self, data: Any, index: int) -> None:
+            x, y = data
+            for net, opt in zip((self.first, self.second), self.optimizers(), strict=True):
+                before = [p.detach().clone() for p in net.parameters()]
+                opt.zero_grad()
+                self.manual_backward(((net(x) - y) ** 2).mean())
+                opt.step()
+                if net is self.second:
+                    self.changed.append(not all(map(torch.equal, before, net.parameters())))
+
+        def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+            return [
+                torch.optim.Adam(self.first.parameters(), lr=0.01, fused=True),
+                torch.optim.Adam(self.second.parameters(), lr=0.01, fused=True),
+            ]
+
+    torch.manual_seed(0)
+    module = Two()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*_data(8)), batch_size=32)
+    callback = WatchCallback(
+        report=None, skip=True, blocks=[(f"first.blocks.{i}", b) for i, b in enumerate(module.first.blocks)]
+    )
+    trainer = lightning.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+        default_root_dir=tmp_path,
+    )
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer.fit(module, loader)
+    assert callback.report is not None and callback.report.steps == 8 and module.changed == [True] * 8
+    assert callback.report.skipped_steps == []
+    assert any("the trainer has 2 optimizers; only the first's" in str(w.message) for w in seen)

@@ -6,6 +6,7 @@ the closure's backward, before the update), so the norms are those the optimizer
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -24,6 +25,12 @@ class WatchCallback(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        if len(trainer.optimizers) > 1:
+            warnings.warn(
+                f"WatchCallback: the trainer has {len(trainer.optimizers)} optimizers; only the first's "
+                "steps close a row (and are skipped with skip=True): the others' are not watched",
+                stacklevel=2,
+            )
         self.watcher = watch(pl_module, optimizer, hook_optimizer=False, **self.options).__enter__()
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
@@ -33,7 +40,9 @@ class WatchCallback(pl.Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
-        if self.watcher is not None:
+        # the watched optimizer's steps alone: with two (a GAN's), each closed a row, and skip=True
+        # marked the other's steps skipped though it only skips the watched one's
+        if self.watcher is not None and getattr(optimizer, "_optimizer", optimizer) is self.watcher.optimizer:
             self.watcher.before_step()
 
     def _close(self) -> None:
