@@ -50,6 +50,12 @@ fields default to 0.0 (the probe measures the network, not a mask). Every other 
 its config class's default."""
 
 
+SMALL_HINT = (  # where a model type's own constraints do not hold at SMALL's values
+    "; stabilitycheck's small defaults (2 layers, width 64, 2 heads of 32, feed-forward 128) may not fit "
+    "this model type: set the fields the error names with --knob NAME=VALUE"
+)
+
+
 def _gpt_neo(values: dict[str, Knob]) -> dict[str, Any]:
     """GPT-Neo's alternating global and local attention layers, as many as num_layers (its config
     requires their count to equal it; the default pattern is for 24)."""
@@ -257,7 +263,7 @@ class HFModel:
         try:
             made = transformers.AutoConfig.for_model(self.model_type, **fields)
         except Exception as exc:  # at one point of a search: that point is skipped, with the reason
-            raise UserCodeError(f"{self.name} rejects these knobs: {describe(exc)}") from None
+            raise UserCodeError(f"{self.name} rejects these knobs: {describe(exc)}{SMALL_HINT}") from None
         if hasattr(made, "use_cache"):
             made.use_cache = False  # the probe wants the logits, not a key/value cache
         return made
@@ -268,7 +274,15 @@ class HFModel:
         except (MemoryError, torch.cuda.OutOfMemoryError):
             raise
         except Exception as exc:
-            raise UserCodeError(f"{self.name} cannot be built from these knobs: {describe(exc)}") from None
+            if "Unrecognized configuration class" in str(exc):  # no knob helps
+                raise UserCodeError(
+                    f"{self.name}: transformers' {self.auto.__name__} has no model class for "
+                    f"{type(hf_config).__name__}, so it cannot be built from its config; probe the model "
+                    "class in a model file (stabilitycheck model.py) instead"
+                ) from None
+            raise UserCodeError(
+                f"{self.name} cannot be built from these knobs: {describe(exc)}{SMALL_HINT}"
+            ) from None
         return model
 
     def inputs(

@@ -308,3 +308,16 @@ def test_experts_and_the_other_stack_are_small_by_default() -> None:
     prophetnet = HFModel("prophetnet")
     assert prophetnet.layers_knob == "num_encoder_layers"
     assert prophetnet.space().axes[0].name == "num_encoder_layers"
+
+
+def test_a_model_type_no_knob_can_build_and_one_whose_constraints_the_defaults_miss_say_so() -> None:
+    """siglip_text_model has no AutoModel class: 'cannot be built from these knobs' sent users looking
+    for a knob; mamba2's head count x head size must equal width x expand, which the small defaults
+    miss: the error named values the user never set (found by a trial). Both stay one line."""
+    with pytest.raises(UsageError, match="has no model class for SiglipTextConfig") as caught:
+        built("siglip_text_model")
+    assert "\n" not in str(caught.value)
+    with pytest.raises(UsageError, match=r"small defaults .* may not fit this model type") as caught:
+        built("mamba2")
+    assert "\n" not in str(caught.value)
+    assert built("mamba2", num_heads=4, n_groups=2).blocks  # the knobs the error names fix it
