@@ -176,12 +176,17 @@ def _feeds(x: Any, out: torch.Tensor, nodes: int = 32) -> bool:
 
 
 def _stack_starts(blocks: Sequence[tuple[str, nn.Module]]) -> list[int]:
-    """The blocks that begin another container (`encoder.layers.5` then `decoder.layers.0`): there the
-    recorder checks that the block takes the last block's output or what is computed from it (a
-    ResNet's next stage does, as does the next stage of a list of lists; an encoder-decoder's decoder
-    does not, its chain starts anew)."""
+    """The first block of each stack (a run of blocks in one container), where the recorder checks
+    that a call continues the chain. From one stack to the next (`encoder.layers.5` then
+    `decoder.layers.0`) it does where the block takes the last block's output or what is computed from
+    it (a ResNet's next stage does, as does the next stage of a list of lists; an encoder-decoder's
+    decoder does not, its chain starts anew). A stack of two or more blocks entered again (a shared
+    tower run on a second input) continues where the call also takes one of the stack's own outputs
+    (stacked recurrent cells, each taking its own hidden state). A one-block stack, a recurrent cell
+    called per token, is not checked (a hook per token)."""
     stacks = [_stack_of(name) for name, _ in blocks]
-    return [b for b in range(1, len(blocks)) if stacks[b - 1] != stacks[b]]
+    first = [b for b in range(len(blocks)) if b == 0 or stacks[b - 1] != stacks[b]]
+    return [b for b in first if b > 0 or stacks[1:2] == stacks[:1]]
 
 
 def _same_data(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -278,6 +283,8 @@ class _Recorder:
         self.entry: torch.Tensor | None = None  # block 0's input, until its first call returns
         self.version = 0  # the entry's version counter when block 0 received it
         self.breaks: set[int] = set()  # positions in `outputs` whose block does not take the last output
+        self.stacks = [_stack_of(name) for name, _ in blocks]
+        self.own: dict[str, set[int]] = {s: set() for s in self.stacks}  # ids of its outputs this pass
         self.handles = hooked(
             [
                 (name, module, functools.partial(module.register_forward_hook, outside_graph(self._hook(b))))
@@ -287,7 +294,7 @@ class _Recorder:
                 (
                     *blocks[b],
                     functools.partial(
-                        blocks[b][1].register_forward_pre_hook, outside_graph(self._join()), with_kwargs=True
+                        blocks[b][1].register_forward_pre_hook, outside_graph(self._join(b)), with_kwargs=True
                     ),
                 )
                 for b in _stack_starts(blocks)
@@ -315,17 +322,23 @@ class _Recorder:
         self.version = self.entry._version
         return replaced
 
-    def _join(self) -> Any:
+    def _join(self, b: int) -> Any:
+        stack = self.stacks[b]
+
         def on_join(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if not (self.active and self.outputs):
                 return
-            if not _feeds(_entry(args, kwargs)[1], self.outputs[-1]):
+            if _feeds(_entry(args, kwargs)[1], self.outputs[-1]):
+                return
+            own = self.own[stack] if self.stacks[self.calls[-1]] == stack else set()
+            if not any(id(t) in own for t in tensors((args, kwargs))):
                 self.breaks.add(len(self.outputs))
 
         return on_join
 
     def _hook(self, b: int) -> Any:
         calls, outputs = self.calls, self.outputs  # cleared in place, never rebound
+        own = self.own[self.stacks[b]]
 
         def on_forward(module: nn.Module, args: Any, output: Any) -> None:
             if self.active:
@@ -339,6 +352,7 @@ class _Recorder:
                             self.entering.append(None)
                     calls.append(b)
                     outputs.append(out)
+                    own.add(id(out))
                     if self.entering is not None:
                         x = _first_tensor(args)
                         self.entering.append(x.detach() if x is not None and x.is_floating_point() else None)
@@ -351,6 +365,8 @@ class _Recorder:
         self.calls.clear()
         self.outputs.clear()
         self.breaks.clear()
+        for ids in self.own.values():
+            ids.clear()
         self.entering = [] if inputs else None
         self.entry = None
         self.active = True

@@ -570,3 +570,55 @@ def test_one_chains_vanishing_does_not_hide_anothers_explosion() -> None:
     m = probe_module(model, torch.randn(4, 8, dtype=torch.float64), lambda o, _: o.square().sum())
     assert m.activation_names[0] == "(input)" and len(m.activation_names) == 7
     assert m.growth == pytest.approx(3.0**3, rel=1e-6)  # tower 0 from the input: 3 gains of 3
+
+
+def test_a_shared_tower_run_on_two_inputs_starts_a_new_chain_and_stacked_cells_do_not() -> None:
+    """A Siamese model runs one tower on each input: the second pass's first gain was read against the
+    first pass's last output, two unrelated gradients (growth 1.025 where the chains give 1.315; found
+    by a trial). A stack entered again now continues only where the call takes one of the stack's own
+    outputs, as stacked recurrent cells do with their hidden states. Oracle: torch's output-gradient
+    norms, a NaN gain at the junction."""
+    torch.manual_seed(0)
+
+    class Siamese(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tower = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3))
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            outs = []
+            for h in (a, b):
+                for layer in self.tower:
+                    h = layer(h)
+                outs.append(h)
+            return outs[0] - outs[1]
+
+    class Stacked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cells = nn.ModuleList(nn.GRUCell(8, 8) for _ in range(2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            hs = [torch.zeros(x.shape[0], 8), torch.zeros(x.shape[0], 8)]
+            for t in range(x.shape[1]):
+                hs[0] = self.cells[0](x[:, t], hs[0])
+                hs[1] = self.cells[1](hs[0], hs[1])
+            return hs[1]
+
+    model = Siamese()
+    a, b = torch.randn(4, 8), torch.randn(4, 8)
+    m = probe_module(model, (a, b), lambda o, _: o.square().sum())
+    outs: list[torch.Tensor] = []
+    handles = [blk.register_forward_hook(lambda mod, i, out, o=outs: o.append(out)) for blk in model.tower]
+    x = a.clone().requires_grad_()
+    loss = model(x, b).square().sum()
+    for h in handles:
+        h.remove()
+    norms = [float(g.norm()) for g in torch.autograd.grad(loss, [x, *outs])]
+    assert m.activation_names == ("(input)", *(f"tower.{i}[{k}]" for k in range(2) for i in range(3)))
+    assert math.isnan(m.gains[3]) and sum(math.isnan(g) for g in m.gains) == 1
+    chains = [norms[0] / norms[3], norms[4] / norms[6]]
+    grows = max(chains) if max(chains) > max(math.prod(chains), 1.0) else math.prod(chains)
+    assert m.growth == pytest.approx(grows, rel=1e-5)
+    cells = probe_module(Stacked(), torch.randn(4, 5, 8), lambda o, _: o.square().sum())
+    assert len(cells.gains) == 9 and all(math.isfinite(g) for g in cells.gains)
