@@ -23,7 +23,7 @@ from stabilitycheck.families import Scalar
 from stabilitycheck.losses import DefaultLoss, OutputLoss
 from stabilitycheck.memory import meta_bytes
 from stabilitycheck.space import Axis, Space
-from stabilitycheck.subject import Built, find_blocks, torch_dtype
+from stabilitycheck.subject import LEAVES_NOTE, Built, find_blocks, torch_dtype
 
 Knob = int | float
 
@@ -41,15 +41,27 @@ SMALL: dict[str, Knob] = {
     "vocab_size": 256,
     **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts"), 4),
     "num_experts_per_tok": 2,
+    **dict.fromkeys(("n_group", "topk_group"), 1),
     **dict.fromkeys(("moe_intermediate_size", "shared_expert_intermediate_size"), 128),
 }
 """Defaults that replace the config class's own, by field name: 2 layers, width 64, 2 heads of 32
 (rotary embeddings on 16 of their dimensions: GPT-J's default 64 is wider than the head), feed-forward
-128, 256 tokens, 4 experts of which 2 per token (qwen3_next's 512 made 103M parameters). Dropout
-fields default to 0.0 (the probe measures the network, not a mask). Every other int/float field keeps
-its config class's default."""
+128, 256 tokens, at most 4 experts of which 2 per token, in 1 group (qwen3_next's 512 made 103M
+parameters). Dropout fields default to 0.0 (the probe measures the network, not a mask). Every other
+int/float field keeps its config class's default."""
+AT_MOST = (
+    "num_experts",
+    "num_local_experts",
+    "n_routed_experts",
+    "num_experts_per_tok",
+    "n_group",
+    "topk_group",
+)
+"""SMALL fields that only lower the class's default: top-1 routing stays top-1 (zaya allows no
+other), groups of experts stay within the 4 experts (axk1's 8 groups of 0 failed)."""
 
 
+NO_LAYERS = ", no chain of blocks to measure (its leaf modules run side by side); give it 1 or more"
 SMALL_HINT = (  # where a model type's own constraints do not hold at SMALL's values
     "; stabilitycheck's small defaults (2 layers, width 64, 2 heads of 32, feed-forward 128) may not fit "
     "this model type: set the fields the error names with --knob NAME=VALUE"
@@ -249,10 +261,9 @@ class HFModel:
         if self.token_ids.get("pad_token_id", 0) >= vocab:
             fields["pad_token_id"] = None
         layers = {n: values[n] for n in LAYER_FIELDS if n in values}
-        if layers and all(int(v) < 1 for v in layers.values()):  # its leaf modules run side by side
+        if layers and all(int(v) < 1 for v in layers.values()):
             raise UserCodeError(
-                f"{self.name}: {', '.join(f'{n}={v}' for n, v in layers.items())} builds no layers, "
-                "no chain of blocks to measure; give it 1 or more"
+                f"{self.name}: {', '.join(f'{n}={v}' for n, v in layers.items())} builds no layers{NO_LAYERS}"
             )
         limit = min((int(values[n]) for n in POSITION_FIELDS if n in values), default=None)
         if limit is not None and values["seq_len"] > limit:
@@ -319,6 +330,9 @@ class HFModel:
             torch.manual_seed(seed)
             model = self._model(hf_config)
         blocks, note = find_blocks(model)
+        empty = [f"{n}={values[n]}" for n in LAYER_FIELDS if n in values and int(values[n]) < 1]
+        if empty and note.startswith(LEAVES_NOTE):  # the stack it runs is the empty one (Whisper's decoder)
+            raise UserCodeError(f"{self.name}: {', '.join(empty)} builds no layers it runs{NO_LAYERS}")
         model.to(device=device, dtype=torch_dtype(config.run.dtype))
         loss = OutputLoss(DefaultLoss(_salted(seed, _SALT_LOSS)), self.name)
         return Built(model, self.inputs(model, values, seed, device), loss, blocks, note)
@@ -362,6 +376,7 @@ def _call(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
 def _small(name: str, default: Knob) -> Knob:
     """The SMALL default of a field (dropout: 0.0), as the type of the config class's default."""
     value = 0.0 if _is_dropout(name) and isinstance(default, float) else SMALL.get(name, default)
+    value = min(value, default) if name in AT_MOST else value
     return float(value) if isinstance(default, float) else int(value)
 
 

@@ -22,6 +22,19 @@ from stabilitycheck.measurement import INPUT
 EXACT = torch.float64
 
 
+def _output_of(args: Any, output: Any) -> torch.Tensor | None:
+    """The tensor a block call returned as its output: a floating tensor as it is (an integer one has
+    no gradient: none); inside tuples, lists and dicts (LSTMCell's (h, c), a layer's (h, attention),
+    an MoE layer's (router_logits, h) or {"aux_loss": l, "hidden": h}) the first floating one of its
+    input's shape, else the first floating one that is not a scalar."""
+    if isinstance(output, torch.Tensor):
+        return output if output.is_floating_point() else None
+    found = [t for t in tensors(output) if t.is_floating_point() and t.dim() > 0]
+    x = _first_tensor(args)
+    same = next((t for t in found if x is not None and t.shape == x.shape), None)
+    return same if same is not None else found[0] if found else None
+
+
 def _first_tensor(value: Any) -> torch.Tensor | None:
     """The tensor a block returned: the first floating-point one, in order, inside tuples, lists and
     dicts (LSTMCell's (h, c), a layer's (None, h) or {"hidden": h, "aux": loss}, HF's outputs). Element
@@ -74,14 +87,20 @@ CHUNK = 1 << 16  # elements: a larger float32 norm on the CPU is taken in pieces
 
 
 def _pieces_norm(tensor: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """The norm of a large CPU tensor from the norms of its CHUNK-element pieces. torch's float32 norm
-    on the CPU accumulates each lane in order: 1e-5 relative error at 1M elements, 2e-3 at 33M; in
-    pieces 3e-8, at the same speed (float64 costs 30x)."""
-    flat = tensor.reshape(-1)
-    whole = flat.numel() // CHUNK * CHUNK
-    parts = torch.linalg.vector_norm(flat[:whole].view(-1, CHUNK), dim=1, dtype=acc)
-    if whole < flat.numel():
-        parts = torch.cat([parts, torch.linalg.vector_norm(flat[whole:], dtype=acc).reshape(1)])
+    """The norm of a large CPU tensor from the norms of its CHUNK-element pieces (views: a tensor
+    strided in 2+ dimensions, a transposed weight, is taken by its rows in memory, never copied). torch's
+    float32 norm on the CPU accumulates each lane in order: 1e-5 relative error at 1M elements, 2e-3
+    at 33M; in pieces 3e-8 for float32 data, at the same speed (float64 costs 30x)."""
+    if tensor.dim() == 1 or tensor.is_contiguous():
+        flat = tensor.reshape(-1)  # a view: one dimension splits at any stride
+        whole = flat.numel() // CHUNK * CHUNK
+        parts = torch.linalg.vector_norm(flat[:whole].view(-1, CHUNK), dim=1, dtype=acc)
+        if whole < flat.numel():
+            parts = torch.cat([parts, torch.linalg.vector_norm(flat[whole:], dtype=acc).reshape(1)])
+    else:  # each part along the outermost dimension in memory, summed over the rest
+        outer = max(range(tensor.dim()), key=tensor.stride)
+        rest = tuple(d for d in range(tensor.dim()) if d != outer)
+        parts = torch.linalg.vector_norm(tensor, dim=rest, dtype=acc).reshape(-1)
     whole_norm: torch.Tensor = torch.linalg.vector_norm(parts)
     return whole_norm
 
@@ -217,7 +236,10 @@ def outside_graph(hook: Hook) -> Hook:
     """`hook` as it is, and under torch.compile run outside the graph (torch.compiler.disable: a graph
     break) on the real tensors: traced, it would read version counters and requires_grad at trace
     time, and a tensor made to require grad cannot leave a graph."""
-    eager = torch.compiler.disable(hook, reason=GRAPH_BREAK)
+    try:
+        eager = torch.compiler.disable(hook, reason=GRAPH_BREAK)
+    except TypeError:  # torch before 2.8 takes no reason; its error then names the hook alone
+        eager = torch.compiler.disable(hook)
 
     def run(*args: Any, **kwargs: Any) -> Any:
         return eager(*args, **kwargs) if torch.compiler.is_compiling() else hook(*args, **kwargs)
@@ -342,7 +364,7 @@ class _Recorder:
 
         def on_forward(module: nn.Module, args: Any, output: Any) -> None:
             if self.active:
-                out = output if isinstance(output, torch.Tensor) else _first_tensor(output)
+                out = _output_of(args, output)
                 if out is not None:
                     entry, self.entry = self.entry, None
                     if b == 0 and not calls and entry is not None and entry._version == self.version:

@@ -76,7 +76,7 @@ class SpikeRule:
         var = torch.where(valid, (state.values - mean.unsqueeze(1)) ** 2, 0.0).sum(1) / n
         threshold = self._threshold(mean, var)
         warm = state.count >= self.warmup
-        flagged = ~finite | (warm & (x > threshold))
+        flagged = ~finite | (warm & (x > threshold) & (x != 0))
         entering = torch.where(warm, torch.minimum(x, threshold), x)
         shifted = torch.cat([state.values[:, 1:], entering.unsqueeze(1)], 1)
         accepted = finite & (x != 0)
@@ -117,7 +117,7 @@ class SpikeRule:
             var = (s2.gather(1, end) - s2.gather(1, first)) / n - mean_shift**2
             mean = torch.where(sizes > 0, ref.unsqueeze(1) + mean_shift, 0.0)
             threshold = self._threshold(mean, var)
-            pass_flags = ~torch.isfinite(x) | ((sizes >= self.warmup) & (x > threshold))
+            pass_flags = ~torch.isfinite(x) | ((sizes >= self.warmup) & (x > threshold) & (x != 0))
             hit = pass_flags.any(0).nonzero()
             stop = int(hit[0, 0]) if hit.numel() else m  # the pass's only host read
             if stop:  # the accepted values, in order, right-aligned (a stable sort puts them last)

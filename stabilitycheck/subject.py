@@ -214,6 +214,9 @@ def own_blocks(model: nn.Module, blocks: Any, who: str) -> Blocks:
     return pairs
 
 
+LEAVES_NOTE = "blocks: leaf modules with parameters"  # the last resort of find_blocks
+
+
 def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
     """The model's chain of repeated blocks, input side first, and one line saying which rule chose
     them: its `stability_blocks()` if defined; else the longest stack of same-type modules (length 1
@@ -268,4 +271,4 @@ def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
         for name, m in model.named_modules()
         if not list(m.children()) and any(True for _ in m.parameters(recurse=False))
     )
-    return leaves, "blocks: leaf modules with parameters (no repeated stack found)"
+    return leaves, f"{LEAVES_NOTE} (no repeated stack found)"

@@ -27,11 +27,12 @@ import torch
 from torch import nn
 
 from stabilitycheck import distributed
+from stabilitycheck._tree import tensors
 from stabilitycheck.recording import (
     STACK_MIN,
     STACK_NUMEL,
-    _first_tensor,
     _fused_norms,
+    _output_of,
     hooked,
     norm,
     outside_graph,
@@ -109,22 +110,24 @@ class Capture:
         return outside_graph(on_call)
 
     def _pass_output(self) -> Callable[[nn.Module, Any, Any], None]:
-        """A forward hook on the watched model: the gradient of its output also tells a backpropagated
-        pass, for passes in which no block output wants one (every block frozen, a head trained): a
-        validation pass with gradients on was counted there."""
+        """A forward hook on the watched model: a gradient reaching any of its outputs also tells a
+        backpropagated pass, for passes in which no block output wants one (every block frozen, heads
+        trained): a validation pass with gradients on was counted there. Every output is hooked: a
+        loss on one head of two leaves the other without a gradient."""
 
         def on_output(module: nn.Module, args: Any, output: Any) -> None:
-            out = _first_tensor(output)
             k = len(self._passes) - 1
-            if k < 0 or out is None or out.grad_fn is None or not torch.is_grad_enabled():
+            if k < 0 or not torch.is_grad_enabled():
                 return
-            self._hooked[k] = True
 
             def on_grad(grads: Any) -> None:
                 if k < len(self._fed):
                     self._fed[k] = True
 
-            out.grad_fn.register_prehook(on_grad)
+            for out in tensors(output):
+                if out.grad_fn is not None:
+                    self._hooked[k] = True
+                    out.grad_fn.register_prehook(on_grad)
 
         return outside_graph(on_output)
 
@@ -161,8 +164,8 @@ class Capture:
         outputs = self._pending[slot]  # cleared in place, never rebound
 
         def on_forward(module: nn.Module, args: Any, output: Any) -> None:
-            out = output if isinstance(output, torch.Tensor) else _first_tensor(output)
-            if out is None or not out.is_floating_point() or not torch.is_grad_enabled():
+            out = _output_of(args, output)
+            if out is None or not torch.is_grad_enabled():
                 return
             kept = out.detach()
             if self.eager or kept.numel() > EAGER_NUMEL:

@@ -276,6 +276,9 @@ def test_zero_layers_are_refused_in_one_line_and_skipped_by_a_search() -> None:
     assert [c.values["n_layer"] for c, _ in result.skipped] == [0]
     bart = HFModel("bart")  # one stack of two empty still has layers to measure
     assert len(bart.build(bart.config(encoder_layers=0, decoder_layers=1)).blocks) >= 1
+    whisper = HFModel("whisper")  # its text model runs the decoder alone: encoder_layers=2 is not its
+    with pytest.raises(UsageError, match="decoder_layers=0 builds no layers it runs"):
+        whisper.build(whisper.config(decoder_layers=0))
 
 
 def test_the_init_knob_is_the_field_the_init_reads() -> None:
@@ -305,6 +308,11 @@ def test_experts_and_the_other_stack_are_small_by_default() -> None:
         model = built(model_type).model
         assert sum(p.numel() for p in model.parameters()) < most, model_type
     assert len(built("switch_transformers").blocks) == 4  # 2 encoder and 2 decoder layers
+    for model_type in ("zaya", "axk1", "llama4_text"):  # top-1 routing and groups of experts kept valid
+        subject = HFModel(model_type)
+        default = transformers.AutoConfig.for_model(model_type)
+        assert subject.knobs["num_experts_per_tok"] <= default.num_experts_per_tok
+        assert built(model_type).blocks
     prophetnet = HFModel("prophetnet")
     assert prophetnet.layers_knob == "num_encoder_layers"
     assert prophetnet.space().axes[0].name == "num_encoder_layers"

@@ -894,7 +894,11 @@ class Returns(nn.Module):
 
     def forward(self, x: torch.Tensor) -> object:
         h = torch.tanh(self.lin(x))
-        return {"hidden": h, "aux": self.lin.weight.pow(2).sum()} if self.packing == "dict" else (None, h)
+        if self.packing == "dict":  # a scalar listed first: not the output (a reviewer's case)
+            return {"aux": self.lin.weight.pow(2).sum(), "hidden": h}
+        if self.packing == "router":  # (router_logits, h): the one of the input's shape is
+            return (self.lin(x)[:, :2], h)
+        return (None, h)
 
 
 class Unpacks(nn.Module):
@@ -909,7 +913,7 @@ class Unpacks(nn.Module):
         return x
 
 
-@pytest.mark.parametrize("packing", ["dict", "tuple"])
+@pytest.mark.parametrize("packing", ["dict", "tuple", "router"])
 def test_blocks_returning_a_dict_or_none_first_are_measured(packing: str) -> None:
     """Only element 0 of a tuple was taken as a block's output: a block returning a dict or (None, h)
     recorded nothing, its numbers read 0 and a fault in it was named elsewhere (found by a trial).
@@ -931,3 +935,28 @@ def test_blocks_returning_a_dict_or_none_first_are_measured(packing: str) -> Non
     assert m.activation_names == ("(input)", "blocks.0", "blocks.1", "blocks.2")
     assert m.activation_grad_norms[1:] == pytest.approx([float(h.grad.norm()) for h in kept], rel=1e-6)
     assert m.activation_norms[1:] == pytest.approx([float(h.detach().norm()) for h in kept], rel=1e-6)
+
+
+def test_a_block_returning_integer_codes_is_not_measured_and_does_not_crash() -> None:
+    """A block returning a bare integer tensor (a quantiser's codes) raised torch's RuntimeError from
+    the fused norm (a reviewer's case): an integer output has no gradient, so it is no chain output."""
+
+    class Codes(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (x > 0).long()
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+            self.codes = Codes()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                x = torch.tanh(block(x))
+            return x * (1 + self.codes(x).sum())
+
+    model = Model()
+    blocks = [("blocks.0", model.blocks[0]), ("codes", model.codes), ("blocks.1", model.blocks[1])]
+    m = probe_module(model, torch.randn(3, 4), lambda out, _: out.sum(), blocks=blocks)
+    assert "codes" not in m.activation_names and m.first_nonfinite is None

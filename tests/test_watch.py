@@ -937,3 +937,52 @@ def test_a_validation_pass_is_left_out_when_every_block_is_frozen(tmp_path: Path
         rows.append([json.loads(line) for line in log.read_text().splitlines()])
     assert len(rows[1]) == 4 and rows[1] == rows[0]
     assert any(v for v in rows[0][1]["activation"])  # the blocks are measured: the check is not vacuous
+
+
+class TwoHeads(MLP):
+    """The MLP returning (head_a, head_b) or (features, logits): two outputs, one of which the loss
+    takes."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind, self.other = kind, nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        for block in self.blocks:
+            x = block(x)
+        first = self.other(x).squeeze(-1) if self.kind == "heads" else x
+        return first, self.head(x).squeeze(-1)
+
+
+@pytest.mark.parametrize("kind", ["heads", "features"])
+def test_a_pass_is_told_by_a_gradient_reaching_any_of_the_models_outputs(kind: str, tmp_path: Path) -> None:
+    """Frozen blocks and a tuple output: only the first output was hooked, so a loss on the second
+    head dropped every training pass (activations read 0 for 4.92; a reviewer's case), and where the
+    first output was frozen features a validation pass was still counted (9.74 for 4.92). Oracle: the
+    same run without the validation pass, and the blocks' outputs measured."""
+    rows = []
+    for validate in (False, True):
+        torch.manual_seed(0)
+        model = TwoHeads(kind)
+        model.blocks.requires_grad_(False)
+        opt = torch.optim.SGD([*model.head.parameters(), *model.other.parameters()], lr=0.01)
+        gen, val = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+        log = tmp_path / f"{validate}.jsonl"
+        with watch(model, opt, report=None, flush_every=2, log=log):
+            for _ in range(4):
+                x, y = batch(gen, model)
+                loss = ((model(x)[1] - y) ** 2).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if validate:
+                    model(batch(val, model)[0])
+        rows.append([json.loads(line) for line in log.read_text().splitlines()])
+    assert len(rows[1]) == 4 and rows[1] == rows[0]
+    with torch.no_grad():
+        torch.manual_seed(0)
+        fresh = TwoHeads(kind)
+        h = batch(torch.Generator().manual_seed(0), fresh)[0]
+        for block in fresh.blocks:
+            h = block(h)
+    assert rows[0][0]["activation"][-1] == pytest.approx(float(torch.linalg.vector_norm(h)), rel=1e-5)

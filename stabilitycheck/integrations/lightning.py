@@ -6,11 +6,11 @@ the closure's backward, before the update), so the norms are those the optimizer
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import lightning.pytorch as pl
 
+from stabilitycheck.errors import UsageError
 from stabilitycheck.watching import Watcher, watch
 from stabilitycheck.watchlog import Report
 
@@ -25,11 +25,11 @@ class WatchCallback(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        if len(trainer.optimizers) > 1:
-            warnings.warn(
-                f"WatchCallback: the trainer has {len(trainer.optimizers)} optimizers; only the first's "
-                "steps close a row (and are skipped with skip=True): the others' are not watched",
-                stacklevel=2,
+        if len(trainer.optimizers) > 1:  # its rows would mix the others' losses and stale gradients
+            raise UsageError(
+                f"WatchCallback watches one optimizer's steps and the trainer has {len(trainer.optimizers)} "
+                "(manual optimization); watch one of them in your module instead, e.g. in on_train_start: "
+                "self.w = stabilitycheck.watch(self.generator, self.optimizers()[0]).__enter__()"
             )
         self.watcher = watch(pl_module, optimizer, hook_optimizer=False, **self.options).__enter__()
 
@@ -40,9 +40,7 @@ class WatchCallback(pl.Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
-        # the watched optimizer's steps alone: with two (a GAN's), each closed a row, and skip=True
-        # marked the other's steps skipped though it only skips the watched one's
-        if self.watcher is not None and getattr(optimizer, "_optimizer", optimizer) is self.watcher.optimizer:
+        if self.watcher is not None:
             self.watcher.before_step()
 
     def _close(self) -> None:
