@@ -223,8 +223,9 @@ def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
     included), with every other stack of composite blocks beside it (an encoder-decoder's two stacks);
     else the longest ModuleList/Sequential of >= 2 modules, in a Sequential those owning parameters
     where there are two or more (Linear, Tanh, Linear, ...: each gain is then a whole layer's,
-    activation included, not alternately a weight's x2 and an activation's x0.5); else its leaf
-    modules that own parameters."""
+    activation included, not alternately a weight's x2 and an activation's x0.5); else its recurrent
+    cells (nn.RNNCell, LSTMCell, GRUCell: each call a block); else its leaf modules that own
+    parameters."""
     declared = getattr(model, "stability_blocks", None)
     if callable(declared):
         return tuple(declared()), "blocks: declared by stability_blocks()"
@@ -266,6 +267,11 @@ def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
                 "parameters and those after it)"
             )
         return blocks, f"blocks: {label} ({len(mods)}, mixed module types)"
+    # a recurrent cell outside any list is the model's repeated unit, called once per token: its
+    # input projection and head beside it would interleave with its calls (inp[t], cell[t], ...)
+    cells = tuple((name, m) for name, m in model.named_modules() if isinstance(m, nn.RNNCellBase))
+    if cells:
+        return cells, f"blocks: {' + '.join(n for n, _ in cells)} (recurrent cells: a block per call)"
     leaves = tuple(
         (name, m)
         for name, m in model.named_modules()

@@ -622,3 +622,36 @@ def test_a_shared_tower_run_on_two_inputs_starts_a_new_chain_and_stacked_cells_d
     assert m.growth == pytest.approx(grows, rel=1e-5)
     cells = probe_module(Stacked(), torch.randn(4, 5, 8), lambda o, _: o.square().sum())
     assert len(cells.gains) == 9 and all(math.isfinite(g) for g in cells.gains)
+
+
+def test_a_recurrent_cell_outside_any_list_is_the_block() -> None:
+    """A GRUCell loop with an input projection and a head, no stack: the blocks fell back to the leaf
+    modules, whose calls interleave (inp[0], cell[0], inp[1], ...), so gains were read across the
+    projection of the next token (4.67; found by a trial). The cell alone is the block now. Oracle:
+    torch's gradients of the hidden states, the chain's growth their first over last."""
+    torch.manual_seed(0)
+
+    class Loop(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.cell, self.head = nn.Linear(4, 8), nn.GRUCell(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.zeros(x.shape[0], 8)
+            for t in range(x.shape[1]):
+                h = self.cell(self.inp(x[:, t]), h)
+            return self.head(h)
+
+    model = Loop()
+    blocks, note = find_blocks(model)
+    assert [n for n, _ in blocks] == ["cell"] and "recurrent cells" in note
+    x = torch.randn(3, 6, 4)
+    m = probe_module(model, x, lambda o, _: o.square().sum(), blocks=blocks)
+    hs: list[torch.Tensor] = []
+    handle = model.cell.register_forward_hook(lambda mod, i, out: hs.append(out))
+    loss = model(x).square().sum()
+    handle.remove()
+    norms = [float(g.norm()) for g in torch.autograd.grad(loss, hs)]
+    assert m.activation_names == tuple(f"cell[{t}]" for t in range(6))
+    assert m.activation_grad_norms == pytest.approx(norms, rel=1e-5)
+    assert m.growth == pytest.approx(norms[0] / norms[-1], rel=1e-5)
