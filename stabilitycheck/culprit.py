@@ -65,12 +65,16 @@ def _largest_gain(m: Measurement) -> str:
 
 def _single(m: Measurement) -> str:
     """One seed's culprit: the block that made the first non-finite value (a non-finite dL/d(out_i)
-    was made by the backward of call i + 1, or of the loss after the last call), else the block with
-    the largest weight gradient (the growth was inside a block, e.g. an nn.RNN over time)."""
+    was made by the backward of call i + 1, or of the loss after the last call; where call i + 1
+    starts a new chain, by whichever blocks take out_i: an encoder's last output feeds every decoder
+    layer), else the block with the largest weight gradient (the growth was inside a block, e.g. an
+    nn.RNN over time)."""
     nf = m.first_nonfinite
     if nf is not None:
         if nf.tensor == "activation_grad" and nf.layer in m.activation_names:
             i = m.activation_names.index(nf.layer) + 1
+            if i in m.chain_starts:
+                return f"(a block taking {nf.layer}'s output)"
             return m.activation_names[i] if i < len(m.activation_names) else AFTER_LAST
         return nf.layer
     weights = [(v, i) for i, v in enumerate(m.layer_grad_norms) if not math.isnan(v)]

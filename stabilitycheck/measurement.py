@@ -56,6 +56,7 @@ class Measurement:
     allow_tf32: bool = False
     overflow: NonFinite | None = None
     blocks_note: str = ""  # how the blocks were chosen (the Subject's line), and the output entry used
+    chain_starts: tuple[int, ...] = ()  # calls (in activation_names) starting a new chain: no gain across
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (non-finite floats are kept: report.strict_json writes NaN as null)."""

@@ -439,6 +439,7 @@ def probe_module(
         activation_grad_norms=act,
         gains=_gains(act, first.breaks, first.unreached),
         growth=_growth(act, first.breaks, first.unreached),
+        chain_starts=tuple(sorted(b for b in first.breaks if 0 < b < len(act))),
         weight_norms=_per_block(last.weights, owner, len(names)) if last.weights else (),
         first_nonfinite=nonfinite,
         steps_run=len(losses) - 1,

@@ -655,3 +655,43 @@ def test_a_recurrent_cell_outside_any_list_is_the_block() -> None:
     assert m.activation_names == tuple(f"cell[{t}]" for t in range(6))
     assert m.activation_grad_norms == pytest.approx(norms, rel=1e-5)
     assert m.growth == pytest.approx(norms[0] / norms[-1], rel=1e-5)
+
+
+def test_a_nan_made_in_the_backward_of_a_decoders_use_of_the_encoder_is_not_blamed_on_decoder_0() -> None:
+    """A NaN made in the backward of dec1's cross-use of the encoder's output shows first in
+    dL/d(enc1's output); the culprit rule 'call i + 1 made it' named dec0, whose own output gradient is
+    finite (found by a trial on blenderbot). Past a junction the culprit is the blocks taking that
+    output. Oracle: the planted fault, and dec0's finite output gradient."""
+    from test_probe import NanBackward
+
+    from stabilitycheck.culprit import culprit_of
+
+    class Cross(nn.Module):
+        def __init__(self, poison: bool) -> None:
+            super().__init__()
+            self.linear, self.poison = nn.Linear(16, 16), poison
+
+        def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+            memory = NanBackward.apply(memory) if self.poison else memory
+            return torch.tanh(self.linear(x) + memory)
+
+    class EncDec(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = nn.ModuleList(_Positional() for _ in range(2))
+            self.decoder = nn.ModuleList([Cross(False), Cross(True)])
+
+        def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+            for block in self.encoder:
+                src = block(src, tgt)
+            for block in self.decoder:
+                tgt = block(tgt, src)
+            return tgt
+
+    torch.manual_seed(0)
+    m = probe_module(EncDec(), (torch.randn(4, 16), torch.randn(4, 16)), lambda o, _: o.square().sum())
+    nf = m.first_nonfinite
+    assert nf is not None and (nf.tensor, nf.layer) == ("activation_grad", "encoder.1")
+    assert m.chain_starts == (m.activation_names.index("decoder.0"),)
+    assert math.isfinite(m.activation_grad_norms[m.activation_names.index("decoder.0")])
+    assert culprit_of([m]) == "(a block taking encoder.1's output)"
