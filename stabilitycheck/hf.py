@@ -261,6 +261,12 @@ class HFModel:
         if self.token_ids.get("pad_token_id", 0) >= vocab:
             fields["pad_token_id"] = None
         layers = {n: values[n] for n in LAYER_FIELDS if n in values}
+        decoders = [n for n in ("decoder_layers", "num_decoder_layers") if n in layers and int(layers[n]) < 1]
+        if decoders and self.encoder_decoder:  # the encoder's output then reaches no loss
+            raise UserCodeError(
+                f"{self.name}: {decoders[0]}=0 builds no decoder layers, so its encoder's output reaches no "
+                "loss; give it 1 or more"
+            )
         if layers and all(int(v) < 1 for v in layers.values()):
             raise UserCodeError(
                 f"{self.name}: {', '.join(f'{n}={v}' for n, v in layers.items())} builds no layers{NO_LAYERS}"

@@ -57,6 +57,7 @@ class Measurement:
     overflow: NonFinite | None = None
     blocks_note: str = ""  # how the blocks were chosen (the Subject's line), and the output entry used
     chain_starts: tuple[int, ...] = ()  # calls (in activation_names) starting a new chain: no gain across
+    chain_growths: tuple[float, ...] = ()  # each chain's own growth, where there are several
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (non-finite floats are kept: report.strict_json writes NaN as null)."""

@@ -251,20 +251,29 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
     )
 
 
-def _growth(act: Sequence[float], breaks: frozenset[int], unreached: frozenset[int]) -> float:
-    """The first over the last output-gradient norm, the product of the gains. Across a junction where a new
-    chain starts (a decoder after its encoder) no gain is taken: each chain's own growth (its first over
-    its last) multiplies, or, where a chain grows (above 1) more than that product, the largest chain's
-    own stands: one chain's vanishing must not hide another's explosion (a prophetnet encoder growing
-    2558 beside its decoder at 1.4e-16 read 3.5e-13). The ratio across would read the encoder's dL/d
-    input against the decoder's last output. Outputs the loss does not depend on (`unreached`: a block
-    computed only for logging) have no gradient, not a zero one, and are left out."""
+def _chains(act: Sequence[float], breaks: frozenset[int], unreached: frozenset[int]) -> tuple[float, ...]:
+    """Each chain's own growth, its first over its last output-gradient norm: a junction (`breaks`)
+    starts another chain (a decoder after its encoder), and no ratio is taken across it (it would
+    read the encoder's dL/d input against the decoder's last output). Outputs the loss does not depend
+    on (`unreached`: a block computed only for logging) have no gradient, not a zero one, and are left
+    out; a chain of them alone has no growth."""
     starts = [0, *sorted(b for b in breaks if 0 < b < len(act)), len(act)]
     chains = []
     for a, b in itertools.pairwise(starts):
         chain = [act[i] for i in range(a, b) if i not in unreached]
         if chain:
             chains.append(ratio(chain[0], chain[-1]))
+    return tuple(chains)
+
+
+def _growth(chains: Sequence[float], calls: int) -> float:
+    """The growth of a model whose chains grow as `chains`: their product (the product of the gains),
+    or, where a chain grows (above 1) more than that, the largest chain's own, so that one chain's
+    vanishing does not hide another's explosion (a prophetnet encoder growing 2558 beside its decoder
+    at 1.4e-16 read 3.5e-13); the vanishing criterion reads the smallest (verdicts.values). NaN where
+    calls were recorded but no gradient reached any (hf:bart with no decoder layers read 1)."""
+    if calls and not chains:
+        return math.nan
     product = math.prod(chains)
     largest = max(chains, default=product)
     return largest if len(chains) > 1 and largest > max(product, 1.0) else product
@@ -429,6 +438,7 @@ def probe_module(
     finally:
         run.rec.remove()
     act = tuple(first.backward)
+    chains = _chains(act, first.breaks, first.unreached)
     return Measurement(
         layer_names=names,
         activation_names=first.calls,
@@ -438,8 +448,9 @@ def probe_module(
         activation_norms=tuple(first.forward),
         activation_grad_norms=act,
         gains=_gains(act, first.breaks, first.unreached),
-        growth=_growth(act, first.breaks, first.unreached),
+        growth=_growth(chains, len(act)),
         chain_starts=tuple(sorted(b for b in first.breaks if 0 < b < len(act))),
+        chain_growths=chains if len(chains) > 1 else (),
         weight_norms=_per_block(last.weights, owner, len(names)) if last.weights else (),
         first_nonfinite=nonfinite,
         steps_run=len(losses) - 1,

@@ -22,17 +22,24 @@ from stabilitycheck.measurement import INPUT
 EXACT = torch.float64
 
 
-def _output_of(args: Any, output: Any) -> torch.Tensor | None:
+def _output_of(output: Any) -> torch.Tensor | None:
     """The tensor a block call returned as its output: a floating tensor as it is (an integer one has
     no gradient: none); inside tuples, lists and dicts (LSTMCell's (h, c), a layer's (h, attention),
-    an MoE layer's (router_logits, h) or {"aux_loss": l, "hidden": h}) the first floating one of its
-    input's shape, else the first floating one that is not a scalar."""
+    {"aux_loss": l, "hidden": h}, (None, h)) the first floating one that is not a scalar, in order.
+    An MoE layer returning (router_logits, h) is read on its logits: declare a block that returns h."""
     if isinstance(output, torch.Tensor):
         return output if output.is_floating_point() else None
-    found = [t for t in tensors(output) if t.is_floating_point() and t.dim() > 0]
-    x = _first_tensor(args)
-    same = next((t for t in found if x is not None and t.shape == x.shape), None)
-    return same if same is not None else found[0] if found else None
+    items = (
+        output.values() if isinstance(output, Mapping) else output if isinstance(output, tuple | list) else ()
+    )
+    for item in items:
+        if not isinstance(item, torch.Tensor):
+            found = _output_of(item)
+            if found is not None:
+                return found
+        elif item.is_floating_point() and item.dim() > 0:
+            return item
+    return None
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
@@ -87,20 +94,19 @@ CHUNK = 1 << 16  # elements: a larger float32 norm on the CPU is taken in pieces
 
 
 def _pieces_norm(tensor: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """The norm of a large CPU tensor from the norms of its CHUNK-element pieces (views: a tensor
-    strided in 2+ dimensions, a transposed weight, is taken by its rows in memory, never copied). torch's
-    float32 norm on the CPU accumulates each lane in order: 1e-5 relative error at 1M elements, 2e-3
-    at 33M; in pieces 3e-8 for float32 data, at the same speed (float64 costs 30x)."""
-    if tensor.dim() == 1 or tensor.is_contiguous():
-        flat = tensor.reshape(-1)  # a view: one dimension splits at any stride
-        whole = flat.numel() // CHUNK * CHUNK
-        parts = torch.linalg.vector_norm(flat[:whole].view(-1, CHUNK), dim=1, dtype=acc)
-        if whole < flat.numel():
-            parts = torch.cat([parts, torch.linalg.vector_norm(flat[whole:], dtype=acc).reshape(1)])
-    else:  # each part along the outermost dimension in memory, summed over the rest
-        outer = max(range(tensor.dim()), key=tensor.stride)
-        rest = tuple(d for d in range(tensor.dim()) if d != outer)
-        parts = torch.linalg.vector_norm(tensor, dim=rest, dtype=acc).reshape(-1)
+    """The norm of a large CPU tensor from the norms of its CHUNK-element pieces. torch's float32 norm
+    on the CPU accumulates each lane in order: 1e-5 relative error at 1M elements, 2e-3 at 33M; in
+    pieces 3e-8 for float32 data, at the same speed (float64 costs 30x). A tensor whose dimensions,
+    put in memory order, are contiguous (a transposed weight, a channels_last activation) is taken as
+    that view, never copied; another strided one is copied first."""
+    strides = tensor.stride()
+    order = sorted(range(tensor.dim()), key=lambda d: -strides[d])
+    view = tensor.permute(order) if tensor.dim() > 1 else tensor
+    flat = view.reshape(-1) if view.is_contiguous() else view.contiguous().view(-1)
+    whole = flat.numel() // CHUNK * CHUNK
+    parts = torch.linalg.vector_norm(flat[:whole].view(-1, CHUNK), dim=1, dtype=acc)
+    if whole < flat.numel():
+        parts = torch.cat([parts, torch.linalg.vector_norm(flat[whole:], dtype=acc).reshape(1)])
     whole_norm: torch.Tensor = torch.linalg.vector_norm(parts)
     return whole_norm
 
@@ -172,23 +178,33 @@ def _chain_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str | N
     return key, x
 
 
-def _feeds(x: Any, out: torch.Tensor, nodes: int = 32) -> bool:
-    """Whether `x` is `out` or is computed from it within the first `nodes` autograd nodes behind it (a
-    residual sum, a norm, a pooling): a block taking it continues the chain of the block that made
-    `out`; an encoder-decoder's decoder taking its own embeddings, or a second tower taking the model's
-    input, starts another."""
-    if x is out:
-        return True
-    target = out.grad_fn
-    if not isinstance(x, torch.Tensor) or target is None or x.grad_fn is None:
+def _feeds(x: Any, out: torch.Tensor) -> bool:
+    """Whether `x` is `out` or is computed from it (a residual sum, a norm, a pooling, a transition
+    between loops): a block taking it continues the chain of the block that made `out`; an
+    encoder-decoder's decoder taking its own embeddings, or a second tower taking the model's input,
+    starts another."""
+    return x is out or _made_from(x, {out.grad_fn} if out.grad_fn is not None else set())
+
+
+def _made_from(x: Any, targets: set[Any]) -> bool:
+    """Whether the autograd graph behind tensor `x` reaches one of the nodes `targets`. Only nodes
+    created after the earliest target are searched (a node's inputs are older than it): the search
+    ends where the targets were made, however many nodes lie between (a cap of 32 nodes, parameter
+    leaves counted, read a 6-layer transition between two loops over a stack as a junction)."""
+    if not isinstance(x, torch.Tensor) or x.grad_fn is None or not targets:
         return False
+    oldest = min(t._sequence_nr() for t in targets)
     frontier, seen = [x.grad_fn], {x.grad_fn}
-    while frontier and len(seen) <= nodes:
-        node = frontier.pop(0)
-        if node is target:
+    while frontier:
+        node = frontier.pop()
+        if node in targets:
             return True
         for child, _ in node.next_functions:
-            if child is not None and child not in seen:
+            if child is None or child in seen or child._sequence_nr() < oldest:
+                continue
+            if child in targets:
+                return True
+            if child.next_functions:  # not a parameter's leaf
                 seen.add(child)
                 frontier.append(child)
     return False
@@ -201,7 +217,8 @@ def _stack_starts(blocks: Sequence[tuple[str, nn.Module]]) -> list[int]:
     it (a ResNet's next stage does, as does the next stage of a list of lists; an encoder-decoder's
     decoder does not, its chain starts anew). A stack of two or more blocks entered again (a shared
     tower run on a second input) continues where the call also takes one of the stack's own outputs
-    (stacked recurrent cells, each taking its own hidden state). A one-block stack, a recurrent cell
+    this pass, or what is computed from one (stacked recurrent cells, each taking its own hidden
+    state, masked or not). A one-block stack, a recurrent cell
     called per token, is not checked (a hook per token)."""
     stacks = [_stack_of(name) for name, _ in blocks]
     first = [b for b in range(len(blocks)) if b == 0 or stacks[b - 1] != stacks[b]]
@@ -306,7 +323,7 @@ class _Recorder:
         self.version = 0  # the entry's version counter when block 0 received it
         self.breaks: set[int] = set()  # positions in `outputs` whose block does not take the last output
         self.stacks = [_stack_of(name) for name, _ in blocks]
-        self.own: dict[str, set[int]] = {s: set() for s in self.stacks}  # ids of its outputs this pass
+        self.own: dict[str, set[Any]] = {s: set() for s in self.stacks}  # its outputs' nodes this pass
         self.handles = hooked(
             [
                 (name, module, functools.partial(module.register_forward_hook, outside_graph(self._hook(b))))
@@ -322,7 +339,10 @@ class _Recorder:
                 for b in _stack_starts(blocks)
             ]
         )
-        self.first = blocks[0][1] if input_side and blocks else None
+        # a recurrent cell's chain is its hidden state, not its input token (it took u_0 as the entry
+        # where the widths differ: growth 0.127 for 1.03)
+        cell = bool(blocks) and isinstance(blocks[0][1], nn.RNNCellBase)
+        self.first = blocks[0][1] if input_side and blocks and not cell else None
         self.pre: Any = None  # the input pre-hook's handle, from start() to block 0's first call or `release`
         self.raw: torch.Tensor | None = None  # the input block 0's first call got a copy of, until release
 
@@ -353,7 +373,7 @@ class _Recorder:
             if _feeds(_entry(args, kwargs)[1], self.outputs[-1]):
                 return
             own = self.own[stack] if self.stacks[self.calls[-1]] == stack else set()
-            if not any(id(t) in own for t in tensors((args, kwargs))):
+            if not any(_made_from(t, own) for t in tensors((args, kwargs))):
                 self.breaks.add(len(self.outputs))
 
         return on_join
@@ -364,7 +384,7 @@ class _Recorder:
 
         def on_forward(module: nn.Module, args: Any, output: Any) -> None:
             if self.active:
-                out = _output_of(args, output)
+                out = _output_of(output)
                 if out is not None:
                     entry, self.entry = self.entry, None
                     if b == 0 and not calls and entry is not None and entry._version == self.version:
@@ -374,7 +394,8 @@ class _Recorder:
                             self.entering.append(None)
                     calls.append(b)
                     outputs.append(out)
-                    own.add(id(out))
+                    if out.grad_fn is not None:
+                        own.add(out.grad_fn)
                     if self.entering is not None:
                         x = _first_tensor(args)
                         self.entering.append(x.detach() if x is not None and x.is_floating_point() else None)

@@ -106,6 +106,16 @@ def peak_grad_norm(m: Measurement) -> float:
     return max(values, default=math.nan)
 
 
+def vanishing(m: Measurement) -> float:
+    """What the vanishing criterion reads: the growth, or across several chains the smallest of their
+    product and each chain's own (the growth shows the largest where one chain grows: a decoder
+    vanishing beside an encoder growing 1.06 must still fire)."""
+    chains = m.chain_growths
+    if not chains or any(math.isnan(c) for c in chains):
+        return m.growth
+    return min(math.prod(chains), *chains)
+
+
 def values(m: Measurement) -> dict[str, float]:
     """Each criterion's raw value for one Measurement (nonfinite/overflow: +inf when present, else 0)."""
     rise = ratio(m.loss[-1], m.loss[0]) if len(m.loss) > 1 else math.nan
@@ -115,7 +125,7 @@ def values(m: Measurement) -> dict[str, float]:
         "grad_norm": peak_grad_norm(m),
         "growth": m.growth,
         "divergence": rise,
-        "vanishing": m.growth,
+        "vanishing": vanishing(m),
         "stall": rise,
     }
 

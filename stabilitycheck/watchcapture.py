@@ -164,7 +164,7 @@ class Capture:
         outputs = self._pending[slot]  # cleared in place, never rebound
 
         def on_forward(module: nn.Module, args: Any, output: Any) -> None:
-            out = _output_of(args, output)
+            out = _output_of(output)
             if out is None or not torch.is_grad_enabled():
                 return
             kept = out.detach()

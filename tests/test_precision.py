@@ -245,8 +245,9 @@ def test_norms_of_large_cpu_tensors_are_exact_to_float32_rounding() -> None:
     odd = big[: (1 << 23) - 7]  # a tail shorter than a piece
     assert float(norm(odd)) == pytest.approx(exact(odd), rel=1e-6)
     square = big.view(1 << 11, 1 << 12)
-    for strided in (square.t(), big[::2]):  # views, never copied (a 64 MB copy took 20x the time)
-        assert float(norm(strided)) == pytest.approx(exact(strided), rel=1e-5)
+    channels_last = big.view(2, 16, 512, 512).to(memory_format=torch.channels_last)
+    for strided in (square.t(), big[::2], channels_last, big.view(2, -1)[:, ::2], big.view(-1, 2).t()):
+        assert float(norm(strided)) == pytest.approx(exact(strided), rel=1e-6)  # a reviewer's cases
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4096, 2048), nn.Tanh(), nn.Linear(2048, 4))
     m = probe_module(model, torch.randn(2, 4096), lambda out, _: out.pow(2).sum())

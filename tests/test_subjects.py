@@ -695,3 +695,115 @@ def test_a_nan_made_in_the_backward_of_a_decoders_use_of_the_encoder_is_not_blam
     assert m.chain_starts == (m.activation_names.index("decoder.0"),)
     assert math.isfinite(m.activation_grad_norms[m.activation_names.index("decoder.0")])
     assert culprit_of([m]) == "(a block taking encoder.1's output)"
+
+
+def test_chains_re_entered_through_a_mask_or_a_long_transition_continue() -> None:
+    """Two regressions a reviewer found in the re-entry check: stacked cells whose hidden state is
+    masked (h = m * new + (1 - m) * h) took a new tensor, not the cell's own output, so every token
+    started a chain (growth 1.07 for 0.076); a shared stack looped with a 6-layer transition between
+    loops was past the 32-node search, a junction (2.12 for 5.24). Oracle: torch's gradients of the
+    block outputs, the growth their first over last."""
+    torch.manual_seed(0)
+
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cells = nn.ModuleList(nn.GRUCell(8, 8) for _ in range(2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            hs = [torch.zeros(x.shape[0], 8), torch.zeros(x.shape[0], 8)]
+            mask = torch.ones(x.shape[0], 1)
+            for t in range(x.shape[1]):
+                inp = x[:, t]
+                for i, cell in enumerate(self.cells):
+                    hs[i] = mask * cell(inp, hs[i]) + (1 - mask) * hs[i]
+                    inp = hs[i]
+            return hs[1]
+
+    class Looped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(2))
+            self.transition = nn.Sequential(
+                *(nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8), nn.GELU()) for _ in range(6))
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for loop in range(2):
+                x = self.transition(x) if loop else x
+                for block in self.blocks:
+                    x = block(x)
+            return x
+
+    for model, x in ((Masked(), torch.randn(3, 5, 8)), (Looped(), torch.randn(3, 8))):
+        blocks, _ = find_blocks(model)
+        m = probe_module(model, x, lambda o, _: o.square().sum(), blocks=blocks)
+        outs: list[torch.Tensor] = []
+        handles = [b.register_forward_hook(lambda mod, i, out, o=outs: o.append(out)) for _, b in blocks]
+        loss = model(x).square().sum()
+        for h in handles:
+            h.remove()
+        norms = [float(g.norm()) for g in torch.autograd.grad(loss, outs)]
+        assert m.chain_starts == () and all(math.isfinite(g) for g in m.gains), type(model).__name__
+        assert m.growth == pytest.approx(m.activation_grad_norms[0] / norms[-1], rel=1e-5)
+        assert m.activation_grad_norms[-len(norms) :] == pytest.approx(norms, rel=1e-5)
+
+
+def test_the_vanishing_criterion_reads_the_smallest_chain() -> None:
+    """Towers at gains 1.02 and 0.01: the growth shows the growing chain (1.06), and the vanishing
+    criterion, which read the growth, no longer fired for the other chain's 1e-4 (a reviewer's case).
+    Oracle, exact: ||W^T v|| = g ||v|| for W = g x orthogonal."""
+    from stabilitycheck.verdicts import Limits, verdict
+
+    torch.manual_seed(0)
+
+    class Towers(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.towers = nn.ModuleList(
+                nn.ModuleList(nn.Linear(8, 8, bias=False) for _ in range(2)) for _ in range(2)
+            )
+            for tower, gain in zip(self.towers, (1.02, 0.01), strict=True):
+                for layer in tower:
+                    nn.init.orthogonal_(layer.weight, gain=gain)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            outs = []
+            for tower in self.towers:
+                h = x
+                for layer in tower:
+                    h = layer(h)
+                outs.append(h)
+            return outs[0] + outs[1]
+
+    m = probe_module(Towers().double(), torch.randn(4, 8, dtype=torch.float64), lambda o, _: o.square().sum())
+    assert m.chain_growths == pytest.approx([1.02**2, 0.01], rel=1e-6)
+    assert m.growth == pytest.approx(1.02**2, rel=1e-6)
+    assert "vanishing" in verdict(m, Limits(vanishing=100)).names
+
+
+def test_a_recurrent_cell_of_another_input_width_has_no_input_entry() -> None:
+    """An LSTMCell(16, 12) looped over tokens took token 0's input as its chain's entry, so the growth
+    ran from dL/du_0 (0.127 for 1.03; a reviewer's case). Oracle: torch's gradients of h_t."""
+    torch.manual_seed(0)
+
+    class Loop(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell, self.head = nn.LSTMCell(16, 12), nn.Linear(12, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = c = torch.zeros(x.shape[0], 12)
+            for t in range(x.shape[1]):
+                h, c = self.cell(x[:, t], (h, c))
+            return self.head(h)
+
+    model, x = Loop(), torch.randn(3, 6, 16)
+    m = probe_module(model, x, lambda o, _: o.square().sum())
+    hs: list[torch.Tensor] = []
+    handle = model.cell.register_forward_hook(lambda mod, i, out: hs.append(out[0]))
+    loss = model(x).square().sum()
+    handle.remove()
+    norms = [float(g.norm()) for g in torch.autograd.grad(loss, hs)]
+    assert m.activation_names[0] == "cell[0]"
+    assert m.growth == pytest.approx(norms[0] / norms[-1], rel=1e-5)

@@ -28,8 +28,8 @@ class WatchCallback(pl.Callback):
         if len(trainer.optimizers) > 1:  # its rows would mix the others' losses and stale gradients
             raise UsageError(
                 f"WatchCallback watches one optimizer's steps and the trainer has {len(trainer.optimizers)} "
-                "(manual optimization); watch one of them in your module instead, e.g. in on_train_start: "
-                "self.w = stabilitycheck.watch(self.generator, self.optimizers()[0]).__enter__()"
+                "(manual optimization); watch one of them in your module instead: open "
+                "stabilitycheck.watch(self.generator, opt_g) in on_train_start and close() it in on_train_end"
             )
         self.watcher = watch(pl_module, optimizer, hook_optimizer=False, **self.options).__enter__()
 
