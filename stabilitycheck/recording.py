@@ -238,8 +238,11 @@ def _same_data(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _stack_of(name: str) -> str:
     """The container a block's name puts it in (`encoder.layers.5`: encoder.layers; `stages.1.0`:
-    stages.1; `encoder.enc0`: encoder)."""
-    return name.rpartition(".")[0]
+    stages.1; `encoder.enc0`: encoder); a model's own attribute is a stack of its own (two recurrent
+    cells `fwd` and `bwd` of a bidirectional reader: a junction between them), its Sequential layers
+    (`0`, `1`, ...) one stack."""
+    parent, _, last = name.rpartition(".")
+    return parent if parent or last.isdigit() else last
 
 
 Hook = TypeVar("Hook", bound=Callable[..., Any])

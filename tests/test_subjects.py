@@ -807,3 +807,37 @@ def test_a_recurrent_cell_of_another_input_width_has_no_input_entry() -> None:
     norms = [float(g.norm()) for g in torch.autograd.grad(loss, hs)]
     assert m.activation_names[0] == "cell[0]"
     assert m.growth == pytest.approx(norms[0] / norms[-1], rel=1e-5)
+
+
+def test_two_recurrent_cells_of_a_bidirectional_reader_are_two_chains() -> None:
+    """A forward and a backward GRUCell held as attributes were one stack: the gain across from the
+    forward cell's last call to the backward cell's first read 41, a ratio of two unrelated gradients
+    (a reviewer's case). Each attribute is a stack of its own now. Oracle: torch's gradients of the
+    hidden states, the growth from each chain's own first over last."""
+    torch.manual_seed(0)
+
+    class Reader(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fwd, self.bwd = nn.GRUCell(8, 8), nn.GRUCell(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            f = b = torch.zeros(x.shape[0], 8)
+            for t in range(x.shape[1]):
+                f = self.fwd(x[:, t], f)
+            for t in reversed(range(x.shape[1])):
+                b = self.bwd(x[:, t], b)
+            return f * b
+
+    model, x = Reader(), torch.randn(3, 5, 8)
+    blocks, _ = find_blocks(model)
+    m = probe_module(model, x, lambda o, _: o.square().sum(), blocks=blocks)
+    outs: list[torch.Tensor] = []
+    handles = [b.register_forward_hook(lambda mod, i, out, o=outs: o.append(out)) for _, b in blocks]
+    loss = model(x).square().sum()
+    for h in handles:
+        h.remove()
+    norms = [float(g.norm()) for g in torch.autograd.grad(loss, outs)]
+    assert m.chain_starts == (5,) and math.isnan(m.gains[4])
+    chains = [norms[0] / norms[4], norms[5] / norms[9]]
+    assert m.chain_growths == pytest.approx(chains, rel=1e-5)
