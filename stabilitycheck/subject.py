@@ -89,7 +89,7 @@ def _stacks(model: nn.Module) -> list[tuple[str, Blocks]]:
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList | nn.Sequential) or len(module) == 0:
             continue
-        children = _called(name, module)
+        children = _once(_called(name, module))
         if (
             not children
             or len({type(m) for _, m in children}) != 1
@@ -100,6 +100,19 @@ def _stacks(model: nn.Module) -> list[tuple[str, Blocks]]:
             continue
         found.append((name, children))
     return found
+
+
+def _once(pairs: Blocks) -> Blocks:
+    """`pairs` with each module at its first place only: one layer placed 4 times in a list (ALBERT's
+    shared layer) is one block called 4 times a pass, `layers.0[k]`; as 4 blocks, each call was
+    recorded 4 times, with three gains of exactly 1 between the copies."""
+    seen: set[int] = set()
+    once = []
+    for name, module in pairs:
+        if id(module) not in seen:
+            seen.add(id(module))
+            once.append((name, module))
+    return tuple(once)
 
 
 def _called(prefix: str, container: nn.ModuleList | nn.Sequential | nn.ModuleDict) -> Blocks:

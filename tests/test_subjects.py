@@ -841,3 +841,33 @@ def test_two_recurrent_cells_of_a_bidirectional_reader_are_two_chains() -> None:
     assert m.chain_starts == (5,) and math.isnan(m.gains[4])
     chains = [norms[0] / norms[4], norms[5] / norms[9]]
     assert m.chain_growths == pytest.approx(chains, rel=1e-5)
+
+
+def test_one_layer_placed_several_times_in_a_list_is_one_block_called_per_place() -> None:
+    """ALBERT-style nn.ModuleList([layer] * 4): four blocks of one module, so each call was recorded
+    four times, with three gains of exactly 1 between the copies (a reviewer's case). Oracle: torch's
+    gradients of the four calls' outputs."""
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([layer] * 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for block in self.layers:
+                x = block(x)
+            return x
+
+    model, x = Shared(), torch.randn(3, 8)
+    blocks, _ = find_blocks(model)
+    assert [n for n, _ in blocks] == ["layers.0"]
+    m = probe_module(model, x, lambda o, _: o.square().sum(), blocks=blocks)
+    outs: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda mod, i, out: outs.append(out))
+    loss = model(x).square().sum()
+    handle.remove()
+    norms = [float(g.norm()) for g in torch.autograd.grad(loss, outs)]
+    assert m.activation_names[1:] == tuple(f"layers.0[{k}]" for k in range(4))
+    assert m.activation_grad_norms[1:] == pytest.approx(norms, rel=1e-5)
