@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -541,32 +542,49 @@ def test_a_module_used_at_several_places_of_a_flat_sequential_is_one_layer_per_p
     assert m.gains == pytest.approx([a / b for a, b in itertools.pairwise(norms)], rel=1e-12)
 
 
+def torch_output_grads(
+    model: nn.Module, args: tuple[torch.Tensor, ...], modules: list[nn.Module], pick: Any = lambda out: out
+) -> list[float]:
+    """Oracle: ||dL/d output|| of every call of `modules` (the tensor `pick` takes from its output), in
+    call order, by torch.autograd.grad, for the loss the tests probe with (a sum of squares)."""
+    outs: list[torch.Tensor] = []
+    handles = [m.register_forward_hook(lambda mod, i, out: outs.append(pick(out))) for m in modules]
+    loss = model(*args).square().sum()
+    for handle in handles:
+        handle.remove()
+    return [float(g.norm()) for g in torch.autograd.grad(loss, outs)]
+
+
+class OrthogonalTowers(nn.Module):
+    """Two towers of `depth` bias-free linear layers on the same input, tower i's weights gains[i] x
+    orthogonal: ||W^T v|| = g ||v|| exactly, so tower i's chain grows gains[i] ** depth."""
+
+    def __init__(self, depth: int, gains: tuple[float, float]) -> None:
+        super().__init__()
+        self.towers = nn.ModuleList(
+            nn.ModuleList(nn.Linear(8, 8, bias=False) for _ in range(depth)) for _ in gains
+        )
+        for tower, gain in zip(self.towers, gains, strict=True):
+            for layer in tower:
+                nn.init.orthogonal_(layer.weight, gain=gain)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for tower in self.towers:
+            h = x
+            for layer in tower:
+                h = layer(h)
+            outs.append(h)
+        return outs[0] + outs[1]
+
+
 def test_one_chains_vanishing_does_not_hide_anothers_explosion() -> None:
     """Two towers of orthogonal linear layers, one at gain 3 and one at 1/3: their product (3) hid the
     first's growth 27 (a trial's prophetnet: encoder 2558, decoder 1.4e-16, growth read 3.5e-13, no
     explosion). Oracle, exact: ||W^T v|| = g ||v|| for W = g x orthogonal, float64."""
     torch.manual_seed(0)
 
-    class Towers(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.towers = nn.ModuleList(
-                nn.ModuleList(nn.Linear(8, 8, bias=False) for _ in range(3)) for _ in range(2)
-            )
-            for tower, gain in zip(self.towers, (3.0, 1 / 3), strict=True):
-                for layer in tower:
-                    nn.init.orthogonal_(layer.weight, gain=gain)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            outs = []
-            for tower in self.towers:
-                h = x
-                for layer in tower:
-                    h = layer(h)
-                outs.append(h)
-            return outs[0] + outs[1]
-
-    model = Towers().double()
+    model = OrthogonalTowers(3, (3.0, 1 / 3)).double()
     m = probe_module(model, torch.randn(4, 8, dtype=torch.float64), lambda o, _: o.square().sum())
     assert m.activation_names[0] == "(input)" and len(m.activation_names) == 7
     assert m.growth == pytest.approx(3.0**3, rel=1e-6)  # tower 0 from the input: 3 gains of 3
@@ -757,26 +775,8 @@ def test_the_vanishing_criterion_reads_the_smallest_chain() -> None:
 
     torch.manual_seed(0)
 
-    class Towers(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.towers = nn.ModuleList(
-                nn.ModuleList(nn.Linear(8, 8, bias=False) for _ in range(2)) for _ in range(2)
-            )
-            for tower, gain in zip(self.towers, (1.02, 0.01), strict=True):
-                for layer in tower:
-                    nn.init.orthogonal_(layer.weight, gain=gain)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            outs = []
-            for tower in self.towers:
-                h = x
-                for layer in tower:
-                    h = layer(h)
-                outs.append(h)
-            return outs[0] + outs[1]
-
-    m = probe_module(Towers().double(), torch.randn(4, 8, dtype=torch.float64), lambda o, _: o.square().sum())
+    model = OrthogonalTowers(2, (1.02, 0.01)).double()
+    m = probe_module(model, torch.randn(4, 8, dtype=torch.float64), lambda o, _: o.square().sum())
     assert m.chain_growths == pytest.approx([1.02**2, 0.01], rel=1e-6)
     assert m.growth == pytest.approx(1.02**2, rel=1e-6)
     assert "vanishing" in verdict(m, Limits(vanishing=100)).names
@@ -800,11 +800,7 @@ def test_a_recurrent_cell_of_another_input_width_has_no_input_entry() -> None:
 
     model, x = Loop(), torch.randn(3, 6, 16)
     m = probe_module(model, x, lambda o, _: o.square().sum())
-    hs: list[torch.Tensor] = []
-    handle = model.cell.register_forward_hook(lambda mod, i, out: hs.append(out[0]))
-    loss = model(x).square().sum()
-    handle.remove()
-    norms = [float(g.norm()) for g in torch.autograd.grad(loss, hs)]
+    norms = torch_output_grads(model, (x,), [model.cell], pick=lambda out: out[0])
     assert m.activation_names[0] == "cell[0]"
     assert m.growth == pytest.approx(norms[0] / norms[-1], rel=1e-5)
 
@@ -832,12 +828,7 @@ def test_two_recurrent_cells_of_a_bidirectional_reader_are_two_chains() -> None:
     model, x = Reader(), torch.randn(3, 5, 8)
     blocks, _ = find_blocks(model)
     m = probe_module(model, x, lambda o, _: o.square().sum(), blocks=blocks)
-    outs: list[torch.Tensor] = []
-    handles = [b.register_forward_hook(lambda mod, i, out, o=outs: o.append(out)) for _, b in blocks]
-    loss = model(x).square().sum()
-    for h in handles:
-        h.remove()
-    norms = [float(g.norm()) for g in torch.autograd.grad(loss, outs)]
+    norms = torch_output_grads(model, (x,), [b for _, b in blocks])
     assert m.chain_starts == (5,) and math.isnan(m.gains[4])
     chains = [norms[0] / norms[4], norms[5] / norms[9]]
     assert m.chain_growths == pytest.approx(chains, rel=1e-5)
