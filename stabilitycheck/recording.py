@@ -22,37 +22,20 @@ from stabilitycheck.measurement import INPUT
 EXACT = torch.float64
 
 
-def _output_of(output: Any) -> torch.Tensor | None:
-    """The tensor a block call returned as its output: a floating tensor as it is (an integer one has
-    no gradient: none); inside tuples, lists and dicts (LSTMCell's (h, c), a layer's (h, attention),
-    {"aux_loss": l, "hidden": h}, (None, h)) the first floating one that is not a scalar, in order.
-    An MoE layer returning (router_logits, h) is read on its logits: declare a block that returns h."""
-    if isinstance(output, torch.Tensor):
-        return output if output.is_floating_point() else None
-    items = (
-        output.values() if isinstance(output, Mapping) else output if isinstance(output, tuple | list) else ()
-    )
-    for item in items:
-        if not isinstance(item, torch.Tensor):
-            found = _output_of(item)
-            if found is not None:
-                return found
-        elif item.is_floating_point() and item.dim() > 0:
-            return item
-    return None
-
-
-def _first_tensor(value: Any) -> torch.Tensor | None:
-    """The tensor a block returned: the first floating-point one, in order, inside tuples, lists and
-    dicts (LSTMCell's (h, c), a layer's (None, h) or {"hidden": h, "aux": loss}, HF's outputs). Element
-    0 alone missed the dict and (None, h): their blocks read 0, a fault in them was named elsewhere."""
+def _first_tensor(value: Any, scalars: bool = True) -> torch.Tensor | None:
+    """The first floating-point tensor of `value`, in order, inside tuples, lists and dicts; within
+    them a 0-d one only with `scalars`. As a block's output (scalars False): LSTMCell's (h, c), a
+    layer's (h, attention), {"aux_loss": l, "hidden": h}, (None, h) are read on h (element 0 alone
+    missed the dict and (None, h): their blocks read 0); an integer output is none (no gradient); an
+    MoE layer returning (router_logits, h) is read on its logits: declare a block that returns h."""
     if isinstance(value, torch.Tensor):
         return value if value.is_floating_point() else None
     items = value.values() if isinstance(value, Mapping) else value if isinstance(value, tuple | list) else ()
     for item in items:
-        found = _first_tensor(item)
-        if found is not None:
-            return found
+        if scalars or not isinstance(item, torch.Tensor) or item.dim() > 0:
+            found = _first_tensor(item, scalars)
+            if found is not None:
+                return found
     return None
 
 
@@ -210,7 +193,7 @@ def _made_from(x: Any, targets: set[Any]) -> bool:
     return False
 
 
-def _stack_starts(blocks: Sequence[tuple[str, nn.Module]]) -> list[int]:
+def _stack_starts(stacks: Sequence[str]) -> list[int]:
     """The first block of each stack (a run of blocks in one container), where the recorder checks
     that a call continues the chain. From one stack to the next (`encoder.layers.5` then
     `decoder.layers.0`) it does where the block takes the last block's output or what is computed from
@@ -218,10 +201,9 @@ def _stack_starts(blocks: Sequence[tuple[str, nn.Module]]) -> list[int]:
     decoder does not, its chain starts anew). A stack of two or more blocks entered again (a shared
     tower run on a second input) continues where the call also takes one of the stack's own outputs
     this pass, or what is computed from one (stacked recurrent cells, each taking its own hidden
-    state, masked or not). A one-block stack, a recurrent cell
-    called per token, is not checked (a hook per token)."""
-    stacks = [_stack_of(name) for name, _ in blocks]
-    first = [b for b in range(len(blocks)) if b == 0 or stacks[b - 1] != stacks[b]]
+    state, masked or not). A one-block stack, a recurrent cell called per token, is not checked (a
+    hook per token). `stacks`: each block's `_stack_of`."""
+    first = [b for b in range(len(stacks)) if b == 0 or stacks[b - 1] != stacks[b]]
     return [b for b in first if b > 0 or stacks[1:2] == stacks[:1]]
 
 
@@ -339,7 +321,7 @@ class _Recorder:
                         blocks[b][1].register_forward_pre_hook, outside_graph(self._join(b)), with_kwargs=True
                     ),
                 )
-                for b in _stack_starts(blocks)
+                for b in _stack_starts(self.stacks)
             ]
         )
         # a recurrent cell's chain is its hidden state, not its input token (it took u_0 as the entry
@@ -387,7 +369,7 @@ class _Recorder:
 
         def on_forward(module: nn.Module, args: Any, output: Any) -> None:
             if self.active:
-                out = _output_of(output)
+                out = _first_tensor(output, scalars=False)
                 if out is not None:
                     entry, self.entry = self.entry, None
                     if b == 0 and not calls and entry is not None and entry._version == self.version:

@@ -31,8 +31,8 @@ from stabilitycheck._tree import tensors
 from stabilitycheck.recording import (
     STACK_MIN,
     STACK_NUMEL,
+    _first_tensor,
     _fused_norms,
-    _output_of,
     hooked,
     norm,
     outside_graph,
@@ -120,16 +120,17 @@ class Capture:
             if k < 0 or not torch.is_grad_enabled():
                 return
 
-            def on_grad(grads: Any) -> None:
-                if k < len(self._fed):
-                    self._fed[k] = True
-
             for out in tensors(output):
                 if out.grad_fn is not None:
                     self._hooked[k] = True
-                    out.grad_fn.register_prehook(on_grad)
+                    out.grad_fn.register_prehook(lambda grads: self._feed(k))
 
         return outside_graph(on_output)
+
+    def _feed(self, k: int) -> None:
+        """A gradient reached an output of pass k (-1: no pass) this step: it was backpropagated."""
+        if 0 <= k < len(self._fed):
+            self._fed[k] = True
 
     def _drop_unfed(self) -> None:
         """Forget the block outputs of every pass this step that hooked output gradients of which none
@@ -164,7 +165,7 @@ class Capture:
         outputs = self._pending[slot]  # cleared in place, never rebound
 
         def on_forward(module: nn.Module, args: Any, output: Any) -> None:
-            out = _output_of(output)
+            out = _first_tensor(output, scalars=False)
             if out is None or not torch.is_grad_enabled():
                 return
             kept = out.detach()
@@ -198,8 +199,7 @@ class Capture:
                 grad = grads[index] if isinstance(grads, tuple) else grads
                 if grad is None:
                     return
-                if 0 <= k < len(self._fed):
-                    self._fed[k] = True
+                self._feed(k)
                 if grad.numel() > EAGER_NUMEL:
                     self._norm_now(grad, slot)
                 else:
