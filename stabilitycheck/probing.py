@@ -44,6 +44,7 @@ from stabilitycheck.recording import (
     _Recorder,
     _scatter,
     norm_values,
+    recorder,
 )
 from stabilitycheck.recording import accumulator as accumulator
 from stabilitycheck.recording import block_of as block_of
@@ -208,8 +209,12 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
     finally:
         run.rec.stop()
     outputs = run.rec.take() if hooks else []
-    captured = _backward(run, scaler.scale(loss) if scaler else loss, outputs)
-    run.rec.release()
+    try:
+        captured = _backward(run, scaler.scale(loss) if scaler else loss, outputs)
+    finally:
+        run.rec.release()
+        if hooks:
+            run.rec.remove()  # steps after the first run with no hooks on the model
     if scaler:
         assert run.opt is not None  # built whenever there is a GradScaler
         scaler.unscale_(run.opt)
@@ -387,7 +392,7 @@ def probe_module(
         loss_fn,
         names,
         params,
-        _Recorder(blocks, input_side=True),
+        recorder(model, blocks, input_side=True),
         opt,
         AUTOCAST.get(amp),
         scaler,
@@ -436,7 +441,7 @@ def probe_module(
                     break
                 skipped += _update(run, step, totals[-1], lr, clip, warmup, overflowed)
     finally:
-        run.rec.remove()
+        run.rec.free()
     act = tuple(first.backward)
     chains = _chains(act, first.breaks, first.unreached)
     return Measurement(

@@ -316,21 +316,24 @@ class _Recorder:
         self.breaks: set[int] = set()  # positions in `outputs` whose block does not take the last output
         self.stacks = [_stack_of(name) for name, _ in blocks]
         self.own: dict[str, set[Any]] = {s: set() for s in self.stacks}  # its outputs' nodes this pass
-        self.handles = hooked(
-            [
-                (name, module, functools.partial(module.register_forward_hook, outside_graph(self._hook(b))))
-                for b, (name, module) in enumerate(blocks)
-            ]
-            + [
-                (
-                    *blocks[b],
-                    functools.partial(
-                        blocks[b][1].register_forward_pre_hook, outside_graph(self._join(b)), with_kwargs=True
-                    ),
-                )
-                for b in _stack_starts(self.stacks)
-            ]
-        )
+        self.modules = tuple(module for _, module in blocks)
+        self.names = tuple(name for name, _ in blocks)
+        self.input_side = input_side
+        self.registrations = [  # made once; the hooks are on the model only from `start` to `remove`
+            (name, module, functools.partial(module.register_forward_hook, outside_graph(self._hook(b))))
+            for b, (name, module) in enumerate(blocks)
+        ] + [
+            (
+                *blocks[b],
+                functools.partial(
+                    blocks[b][1].register_forward_pre_hook, outside_graph(self._join(b)), with_kwargs=True
+                ),
+            )
+            for b in _stack_starts(self.stacks)
+        ]
+        self.handles: list[Any] = []
+        self.held = False  # handed out by `recorder`, until `free`
+        self.on_input = outside_graph(self._on_input)
         # a recurrent cell's chain is its hidden state, not its input token (it took u_0 as the entry
         # where the widths differ: growth 0.127 for 1.03)
         cell = bool(blocks) and isinstance(blocks[0][1], nn.RNNCellBase)
@@ -395,7 +398,10 @@ class _Recorder:
         return on_forward
 
     def start(self, inputs: bool = False) -> None:
-        """Record from now on; with `inputs`, each call's floating input too (`entering`)."""
+        """Hook the blocks and record from now on; with `inputs`, each call's floating input too
+        (`entering`)."""
+        if not self.handles:
+            self.handles = hooked(self.registrations)
         self.release()
         self.calls.clear()
         self.outputs.clear()
@@ -406,7 +412,7 @@ class _Recorder:
         self.entry = None
         self.active = True
         if self.first is not None:
-            self.pre = self.first.register_forward_pre_hook(outside_graph(self._on_input), with_kwargs=True)
+            self.pre = self.first.register_forward_pre_hook(self.on_input, with_kwargs=True)
 
     def stop(self) -> None:
         self.active = False
@@ -451,9 +457,41 @@ class _Recorder:
         return tuple(out)
 
     def remove(self) -> None:
+        """Take every hook off the model and drop the autograd nodes kept for the junction test (they
+        hold the pass's saved tensors)."""
         for handle in self.handles:
             handle.remove()
+        self.handles.clear()
         self._unhook()
+        for nodes in self.own.values():
+            nodes.clear()
+
+    def free(self) -> None:
+        """`remove`, and the recorder may be handed out again."""
+        self.remove()
+        self.held = False
+
+
+_RECORDERS: weakref.WeakKeyDictionary[nn.Module, _Recorder] = weakref.WeakKeyDictionary()
+"""Per model, its last _Recorder, reused while the blocks are the same (its hooks and stacks made once)."""
+
+
+def recorder(model: nn.Module, blocks: Sequence[tuple[str, nn.Module]], input_side: bool) -> _Recorder:
+    """A _Recorder of `blocks` with no hooks on the model yet, held until its `free`: the model's
+    cached one where it has the same blocks (names and module objects) and is not held, else a new
+    one, cached."""
+    made = _RECORDERS.get(model)
+    if not (
+        made is not None
+        and not made.held
+        and made.input_side == input_side
+        and made.names == tuple(name for name, _ in blocks)
+        and _same(made.modules, [module for _, module in blocks])
+    ):
+        made = _Recorder(blocks, input_side)
+        _RECORDERS[model] = made
+    made.held = True
+    return made
 
 
 def call_model(model: nn.Module, inputs: Inputs) -> Any:
@@ -534,7 +572,7 @@ def norm_values(
     ~5 us a tensor); the rest in one fused call per accumulator dtype. A float32 norm spoiled by
     float32 squares (see `_spoiled`) is taken again in float64."""
     device = tensors[0].device if tensors else None
-    pieces: list[torch.Tensor] = [torch.stack([h.to(EXACT) for h in head])] if head else []
+    pieces: list[torch.Tensor] = [torch.stack(list(head))] if head else []  # cat widens dtypes exactly
     order: list[int] = []
     largest = 1  # elements of the largest tensor
     for idx in groups:
@@ -546,16 +584,18 @@ def norm_values(
             continue
         acc = accumulator(block.dtype, exact, device)
         dims = tuple(range(1, block.dim()))
-        pieces.append(torch.linalg.vector_norm(block, dim=dims, dtype=acc).reshape(-1).to(EXACT))
+        pieces.append(torch.linalg.vector_norm(block, dim=dims, dtype=acc).reshape(-1))
         order += idx
         largest = max(largest, block[0].numel())
     done = set(order)
     rest = [i for i in range(len(tensors)) if i not in done]
-    if rest:  # stack widens mixed accumulator dtypes exactly
-        pieces.append(torch.stack(_accumulated([tensors[i] for i in rest], exact)).to(EXACT))
+    if rest:
+        pieces.append(torch.stack(_accumulated([tensors[i] for i in rest], exact)))
         order += rest
         largest = max([largest, *(tensors[i].numel() for i in rest)])
-    flat: list[float] = torch.cat(pieces).tolist() if pieces else []  # the one host synchronisation
+    flat: list[float] = (  # the one host synchronisation
+        (torch.cat(pieces) if len(pieces) > 1 else pieces[0]).tolist() if pieces else []
+    )
     out = [0.0] * len(tensors)
     for i, value in zip(order, flat[len(head) :], strict=True):
         out[i] = value
