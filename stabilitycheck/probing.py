@@ -34,19 +34,17 @@ from stabilitycheck.measurement import (
 from stabilitycheck.measurement import Measurement as Measurement
 from stabilitycheck.measurement import NonFinite as NonFinite
 from stabilitycheck.measurement import ratio as ratio
-from stabilitycheck.recording import EXACT as EXACT
+from stabilitycheck.norms import EXACT as EXACT
+from stabilitycheck.norms import STACK_MIN, dense, norm_values
+from stabilitycheck.norms import accumulator as accumulator
 from stabilitycheck.recording import (
     GRAPH_BREAK,
-    STACK_MIN,
-    _dense,
     _layout,
     _per_block,
     _Recorder,
     _scatter,
-    norm_values,
     recorder,
 )
-from stabilitycheck.recording import accumulator as accumulator
 from stabilitycheck.recording import block_of as block_of
 from stabilitycheck.recording import call_model as call_model
 from stabilitycheck.rng import rng_state, set_rng_state
@@ -221,7 +219,7 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
     with torch.no_grad():
         present = [i for i, p in enumerate(run.params) if p.grad is not None]
         reached = [i for i, g in enumerate(captured) if g is not None]
-        tensors = [_dense(g) for g in (run.params[i].grad for i in present) if g is not None]
+        tensors = [dense(g) for g in (run.params[i].grad for i in present) if g is not None]
         tensors += outputs
         tensors += [g for g in captured if g is not None]
         tensors += run.params if weights else ()

@@ -13,7 +13,7 @@ torch.compile the hooks run outside the graph (recording.outside_graph: a graph 
 block), on the real outputs: traced, they read a version counter that the compiled graph's outputs do
 not keep, and a host read in the norm broke the graph anyway. Every
 norm of a finite tensor is finite and exact to float32 rounding, above 1.8e19 and below 1e-19 too
-(recording._fused_norms).
+(norms.fused_norms).
 """
 
 from __future__ import annotations
@@ -28,15 +28,8 @@ from torch import nn
 
 from stabilitycheck import distributed
 from stabilitycheck._tree import tensors
-from stabilitycheck.recording import (
-    STACK_MIN,
-    STACK_NUMEL,
-    _first_tensor,
-    _fused_norms,
-    hooked,
-    norm,
-    outside_graph,
-)
+from stabilitycheck.norms import STACK_MIN, STACK_NUMEL, fused_norms, norm
+from stabilitycheck.recording import _first_tensor, hooked, outside_graph
 
 PENDING_CAP = 1 << 22  # elements kept for lazy norms (16 MiB in float32) before they are normed
 EAGER_NUMEL = 1 << 13  # a capture larger than this is normed at once, while it is in cache
@@ -247,7 +240,7 @@ class Capture:
             codes += [slot] * len(kept)
             kept.clear()
         if tensors:
-            self._norms += _fused_norms(tensors, False)
+            self._norms += fused_norms(tensors, False)
             self._norm_slots += codes
         self._versions, self._held = [], 0
 
@@ -276,7 +269,7 @@ class Capture:
             if weights:
                 n = len(self.params)
                 tensors = [distributed.local(p)[0] for p in self.params] if self.sharded else self.params
-                values = _fused_norms(list(tensors), False)
+                values = fused_norms(list(tensors), False)
                 index, factors = self._lookup(tuple(range(-2 - n, -2 - 2 * n, -1)))
                 squares = torch.stack(values).double().square()
                 row.index_add_(0, index, squares if factors is None else squares * factors)

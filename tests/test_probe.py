@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from stabilitycheck import recording
+from stabilitycheck import norms
 from stabilitycheck.config import FAMILIES, RUN_FIELDS, Config
 from stabilitycheck.culprit import culprit_of
 from stabilitycheck.errors import UsageError
@@ -855,13 +855,13 @@ def test_norm_values_stacked_and_fused_equal_float64_norms() -> None:
         [where[i] for i in range(60, 74)] + [where[i] for i in range(74, 134)]
     )  # shapes differ: fused
     head = [torch.tensor(2.5, dtype=torch.bfloat16), torch.tensor(1e300, dtype=torch.float64)]
-    got = recording.norm_values(tensors, False, head, groups[:2])
-    fused = recording.norm_values(tensors, False, head, groups[2:])  # no stack there
+    got = norms.norm_values(tensors, False, head, groups[:2])
+    fused = norms.norm_values(tensors, False, head, groups[2:])  # no stack there
     assert fused == pytest.approx(got, rel=1e-6, abs=0)
     assert got[:2] == [2.5, 1e300]
     expect = [float(torch.linalg.vector_norm(t.double())) for t in tensors]
     assert got[2:] == pytest.approx(expect, rel=1e-6, abs=0)
-    assert recording.norm_values(tensors, True)[:3] == pytest.approx(expect[:3], rel=1e-12, abs=0)
+    assert norms.norm_values(tensors, True)[:3] == pytest.approx(expect[:3], rel=1e-12, abs=0)
 
 
 def test_blocks_that_are_not_the_models_own_are_a_usage_error() -> None:

@@ -26,7 +26,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from watch_models import MLP, Fault, PreNorm, batch, compute_loss, report_of, train
 
-from stabilitycheck import recording
+from stabilitycheck import norms
 from stabilitycheck.errors import UsageError
 from stabilitycheck.recording import GRAPH_BREAK
 from stabilitycheck.spikes import SpikeRule
@@ -179,9 +179,9 @@ def test_host_reads_are_one_per_flush_interval(
     GPU its tensors are CPU tensors; here everything is, so it is told apart by where it runs). Norms
     are summed in float64 as on CUDA (on the CPU they are summed in float32 and the few out of its
     range redone after a per-step read, which there is no sync)."""
-    wide = recording.accumulator
+    wide = norms.accumulator
     monkeypatch.setattr(
-        recording, "accumulator", lambda d, exact, device=None: wide(d, exact, torch.device("cuda"))
+        norms, "accumulator", lambda d, exact, device=None: wide(d, exact, torch.device("cuda"))
     )
     with HostReads() as probe:  # the counter itself sees reads (the check can fail)
         t = torch.ones(2)

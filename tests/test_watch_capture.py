@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from watch_models import MLP, batch, train
 
-from stabilitycheck import recording, watchcapture
+from stabilitycheck import norms, watchcapture
 from stabilitycheck.watching import watch
 
 
@@ -149,8 +149,8 @@ def test_norms_of_finite_tensors_are_finite_and_exact_at_any_scale(
     them, in one fused call and one at a time: each norm equals float64 torch.linalg.vector_norm.
     `wide`: summed in float64 from the start, as on CUDA."""
     if wide:
-        choice = recording.accumulator
-        monkeypatch.setattr(recording, "accumulator", lambda d, exact, _=None: choice(d, exact, CUDA))
+        choice = norms.accumulator
+        monkeypatch.setattr(norms, "accumulator", lambda d, exact, _=None: choice(d, exact, CUDA))
     gen = torch.Generator().manual_seed(0)
     tensors = [
         ((2 * torch.rand(n, generator=gen, dtype=torch.float64) - 1) * scale).to(dtype)
@@ -173,10 +173,10 @@ def test_norms_of_finite_tensors_are_finite_and_exact_at_any_scale(
     tensors = [t.to(device) for t in tensors]
     assert all(bool(t.isfinite().all()) for t in tensors)
     expect = [float(torch.linalg.vector_norm(t.double())) for t in tensors]
-    fused = [float(v) for v in recording._fused_norms(tensors, False)]
-    alone = [float(recording.norm(t)) for t in tensors]
+    fused = [float(v) for v in norms.fused_norms(tensors, False)]
+    alone = [float(norms.norm(t)) for t in tensors]
     same = [
-        [float(v) for v in recording._fused_norms([t for t in tensors if t.dtype == d], False)]
+        [float(v) for v in norms.fused_norms([t for t in tensors if t.dtype == d], False)]
         for d in (torch.float32, torch.bfloat16)
     ]
     assert fused == pytest.approx(expect, rel=1e-6, abs=0)
@@ -187,8 +187,8 @@ def test_norms_of_finite_tensors_are_finite_and_exact_at_any_scale(
         rel=1e-6,
         abs=0,
     )
-    assert math.isinf(float(recording.norm(torch.tensor([1.0, math.inf], device=device))))
-    assert math.isnan(float(recording.norm(torch.tensor([1e30, math.nan], device=device))))
+    assert math.isinf(float(norms.norm(torch.tensor([1.0, math.inf], device=device))))
+    assert math.isnan(float(norms.norm(torch.tensor([1e30, math.nan], device=device))))
 
 
 @pytest.mark.parametrize(("factor", "loss_scale"), [(1e20, 1e22), (1e-22, 1e-25)])
