@@ -454,6 +454,51 @@ class _TwoStages(nn.Module):
         return x
 
 
+class _Residual(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.f = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.f(x)
+
+
+class _Stages(nn.Module):
+    """A ModuleList of plain Sequential stages of residual blocks, between a stem and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.head = nn.Linear(8, 8), nn.Linear(8, 2)
+        self.stages = nn.ModuleList([nn.Sequential(*[_Residual(8) for _ in range(3)]) for _ in range(2)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.head(x)
+
+
+def test_a_list_of_sequential_stages_reads_as_its_residual_blocks_with_exact_gains() -> None:
+    """Read as its 2 stages, each residual block's gain was hidden in its stage's. Oracle: autograd in
+    float64, |dL/d out| of every residual block (retain_grad), one chain across the stages."""
+    torch.manual_seed(0)
+    model = _Stages().double()
+    blocks, note = find_blocks(model)
+    assert [n for n, _ in blocks] == [f"stages.{s}.{b}" for s in range(2) for b in range(3)]
+    assert note == "blocks: stages (6)"
+    x = torch.randn(4, 8, dtype=torch.float64)
+    m = probe_module(model, x, lambda out, _: out.pow(2).sum())
+    outs, h = [], model.stem(x)
+    for stage in model.stages:
+        for block in stage:
+            h = block(h)
+            h.retain_grad()
+            outs.append(h)
+    model.head(h).pow(2).sum().backward()
+    g = [o.grad.norm().item() for o in outs if o.grad is not None]
+    assert len(g) == 6 and list(m.gains[1:]) == pytest.approx([g[i] / g[i + 1] for i in range(5)], rel=1e-12)
+
+
 class _EncoderDecoder(nn.Module):
     def __init__(self) -> None:
         super().__init__()
