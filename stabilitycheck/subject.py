@@ -6,7 +6,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, cast
 
 import torch
 from torch import nn
@@ -136,7 +136,7 @@ def _called(prefix: str, container: nn.ModuleList | nn.Sequential | nn.ModuleDic
     return tuple(out)
 
 
-def _stage(module: nn.Module | None) -> bool:
+def _stage(module: nn.Module | None) -> TypeGuard[nn.Sequential]:
     """Whether `module` is a plain nn.Sequential (its forward calls each child in order) of one or more
     composite modules of one type: a stage of residual blocks, not a layer (Linear, Tanh)."""
     if type(module) is not nn.Sequential or len(module) == 0:
