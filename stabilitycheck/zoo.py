@@ -41,6 +41,7 @@ class Knobs:
 
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
+Block = Callable[[Knobs, torch.Generator, torch.dtype], nn.Module]  # a module built from the knobs
 ACTIVATION_FNS: dict[str, Activation] = {
     "tanh": torch.tanh,
     "relu": F.relu,
@@ -49,10 +50,13 @@ ACTIVATION_FNS: dict[str, Activation] = {
 }
 
 
-def gaussian(rows: int, cols: int, scale: float, gen: torch.Generator) -> nn.Parameter:
-    """A (rows, cols) weight drawn from N(0, scale**2 / cols) in float64."""
+def gaussian(
+    rows: int, cols: int, scale: float, gen: torch.Generator, dtype: torch.dtype = torch.float64
+) -> nn.Parameter:
+    """A (rows, cols) weight drawn from N(0, scale**2 / cols) in float64, then held in `dtype` (the
+    model's own: built in it, not cast after, which cost a walk over every module per build)."""
     w = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
-    return nn.Parameter(w * (scale / cols**0.5))
+    return nn.Parameter((w * (scale / cols**0.5)).to(dtype))
 
 
 def orthogonal(n: int, scale: float, gen: torch.Generator) -> torch.Tensor:
@@ -63,10 +67,10 @@ def orthogonal(n: int, scale: float, gen: torch.Generator) -> torch.Tensor:
 class Dense(nn.Module):
     """y = act(W x), the block of the plain MLP."""
 
-    def __init__(self, width: int, scale: float, act: Activation, gen: torch.Generator) -> None:
+    def __init__(self, c: Knobs, gen: torch.Generator, dtype: torch.dtype) -> None:
         super().__init__()
-        self.weight = gaussian(width, width, scale, gen)
-        self.act = act
+        self.weight = gaussian(c.width, c.width, c.init_scale, gen, dtype)
+        self.act = ACTIVATION_FNS[c.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(F.linear(x, self.weight))  # (batch, width)
@@ -75,13 +79,13 @@ class Dense(nn.Module):
 class ResBlock(nn.Module):
     """x + W2 act(W1 x) with LayerNorm before the branch (pre), after the sum (post) or none."""
 
-    def __init__(self, c: Knobs, gen: torch.Generator) -> None:
+    def __init__(self, c: Knobs, gen: torch.Generator, dtype: torch.dtype) -> None:
         super().__init__()
-        self.w1 = gaussian(c.width, c.width, c.init_scale, gen)
-        self.w2 = gaussian(c.width, c.width, c.init_scale, gen)
+        self.w1 = gaussian(c.width, c.width, c.init_scale, gen, dtype)
+        self.w2 = gaussian(c.width, c.width, c.init_scale, gen, dtype)
         self.act = ACTIVATION_FNS[c.activation]
         self.mode = c.norm
-        self.ln = nn.LayerNorm(c.width, dtype=torch.float64) if c.norm != "none" else nn.Identity()
+        self.ln = nn.LayerNorm(c.width, dtype=dtype) if c.norm != "none" else nn.Identity()
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.act(F.linear(x, self.w1)), self.w2)  # (batch, width)
@@ -97,11 +101,11 @@ class ResBlock(nn.Module):
 class Stack(nn.Module):
     """`depth` blocks in a row, then the final LayerNorm a pre-norm stack needs (as in GPT-2)."""
 
-    def __init__(self, c: Knobs, block: Callable[[], nn.Module]) -> None:
+    def __init__(self, c: Knobs, gen: torch.Generator, dtype: torch.dtype, block: Block) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(block() for _ in range(c.depth))
+        self.layers = nn.ModuleList(block(c, gen, dtype) for _ in range(c.depth))
         pre = c.norm == "pre"
-        self.ln_f = nn.LayerNorm(c.width, dtype=torch.float64) if pre else nn.Identity()
+        self.ln_f = nn.LayerNorm(c.width, dtype=dtype) if pre else nn.Identity()
 
     def stability_blocks(self) -> list[tuple[str, nn.Module]]:
         return [(f"layers.{i}", m) for i, m in enumerate(self.layers)]
@@ -115,9 +119,9 @@ class Stack(nn.Module):
 class RNNCell(nn.Module):
     """h_t = act(u_t + W_hh h_{t-1}) where u_t = W_ih x_t is computed once for all t."""
 
-    def __init__(self, c: Knobs, gen: torch.Generator) -> None:
+    def __init__(self, c: Knobs, gen: torch.Generator, dtype: torch.dtype) -> None:
         super().__init__()
-        self.weight_hh = nn.Parameter(orthogonal(c.width, c.init_scale, gen))
+        self.weight_hh = nn.Parameter(orthogonal(c.width, c.init_scale, gen).to(dtype))
         self.act = ACTIVATION_FNS[c.activation]
 
     def forward(self, u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -127,16 +131,17 @@ class RNNCell(nn.Module):
 class Recurrent(nn.Module):
     """One recurrent layer unrolled over time; each call of `cell` (one time step) is a block."""
 
-    def __init__(self, c: Knobs, gen: torch.Generator) -> None:
+    def __init__(self, c: Knobs, gen: torch.Generator, dtype: torch.dtype) -> None:
         super().__init__()
         self.kind = c.family
-        self.weight_ih = gaussian(c.width, c.width, c.init_scale, gen) if c.family == "rnn" else None
+        rnn = c.family == "rnn"
+        self.weight_ih = gaussian(c.width, c.width, c.init_scale, gen, dtype) if rnn else None
         if c.family == "rnn":
-            self.cell: nn.Module = RNNCell(c, gen)
+            self.cell: nn.Module = RNNCell(c, gen, dtype)
         else:
             cls = nn.LSTMCell if c.family == "lstm" else nn.GRUCell
             gates = 4 if c.family == "lstm" else 3
-            cell = torch.nn.utils.skip_init(cls, c.width, c.width, bias=False, dtype=torch.float64)
+            cell = torch.nn.utils.skip_init(cls, c.width, c.width, bias=False, dtype=dtype)
             with torch.no_grad():
                 cell.weight_ih.copy_(gaussian(gates * c.width, c.width, c.init_scale, gen))
                 for g in range(gates):  # each gate's recurrent matrix is scale x orthogonal
@@ -172,18 +177,18 @@ class Recurrent(nn.Module):
 class TransformerBlock(nn.Module):
     """An encoder block (self-attention then MLP), pre-norm or post-norm, nanoGPT style."""
 
-    def __init__(self, c: Knobs, gen: torch.Generator) -> None:
+    def __init__(self, c: Knobs, gen: torch.Generator, dtype: torch.dtype) -> None:
         super().__init__()
         d, s = c.width, c.init_scale
         self.heads = 4 if d % 4 == 0 else 1
-        self.qkv = gaussian(3 * d, d, s, gen)
-        self.proj = gaussian(d, d, s, gen)
-        self.fc = gaussian(4 * d, d, s, gen)
-        self.fc_out = gaussian(d, 4 * d, s, gen)
+        self.qkv = gaussian(3 * d, d, s, gen, dtype)
+        self.proj = gaussian(d, d, s, gen, dtype)
+        self.fc = gaussian(4 * d, d, s, gen, dtype)
+        self.fc_out = gaussian(d, 4 * d, s, gen, dtype)
         self.act = ACTIVATION_FNS[c.activation]
         norm = c.norm != "none"
-        self.ln1 = nn.LayerNorm(d, dtype=torch.float64) if norm else nn.Identity()
-        self.ln2 = nn.LayerNorm(d, dtype=torch.float64) if norm else nn.Identity()
+        self.ln1 = nn.LayerNorm(d, dtype=dtype) if norm else nn.Identity()
+        self.ln2 = nn.LayerNorm(d, dtype=dtype) if norm else nn.Identity()
         self.pre = c.norm != "post"
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
@@ -204,13 +209,13 @@ class TransformerBlock(nn.Module):
         return self.ln2(x + self.mlp(x))  # type: ignore[no-any-return]
 
 
-BUILDERS: dict[str, Callable[[Knobs, torch.Generator], nn.Module]] = {
-    "mlp": lambda c, gen: Stack(c, lambda: Dense(c.width, c.init_scale, ACTIVATION_FNS[c.activation], gen)),
-    "resmlp": lambda c, gen: Stack(c, lambda: ResBlock(c, gen)),
+BUILDERS: dict[str, Block] = {
+    "mlp": lambda c, gen, dtype: Stack(c, gen, dtype, Dense),
+    "resmlp": lambda c, gen, dtype: Stack(c, gen, dtype, ResBlock),
     "rnn": Recurrent,
     "lstm": Recurrent,
     "gru": Recurrent,
-    "transformer": lambda c, gen: Stack(c, lambda: TransformerBlock(c, gen)),
+    "transformer": lambda c, gen, dtype: Stack(c, gen, dtype, TransformerBlock),
 }
 
 
@@ -261,13 +266,14 @@ class Family:
         """The model, inputs and readout loss (per token, or on the last step), all from the seed."""
         k = Knobs.of(config)
         gen = generator(config.run.seed)
-        model = BUILDERS[k.family](k, gen)
+        device, dtype = torch.device(config.run.device), torch_dtype(config.run.dtype)
+        model = BUILDERS[k.family](k, gen, dtype)  # its weights drawn in float64, held in dtype
         loss = _readout(k, gen, last)
         sequence = k.family in RECURRENT or k.family == "transformer"
         shape = (k.batch_size, k.seq_len) if sequence else (k.batch_size,)
         x = torch.randn(*shape, k.width, generator=gen, dtype=torch.float64)
-        device, dtype = torch.device(config.run.device), torch_dtype(config.run.dtype)
-        model.to(device=device, dtype=dtype)
+        if device.type != "cpu":
+            model.to(device=device)
         blocks = tuple(model.stability_blocks())  # type: ignore[operator]
         note = "blocks: time steps of the cell" if k.family in RECURRENT else f"blocks: layers ({k.depth})"
         return Built(model, x.to(device=device, dtype=dtype), loss, blocks, note)

@@ -18,6 +18,8 @@ from stabilitycheck.probing import probe
 from stabilitycheck.searching import SearchResult, search
 from stabilitycheck.seeds import assess
 from stabilitycheck.space import Axis, Space
+from stabilitycheck.subject import torch_dtype
+from stabilitycheck.subjects import resolve
 from stabilitycheck.verdicts import Limits, verdict
 
 NONFINITE_ONLY = Limits(grad_norm=None, growth=None, divergence=None)
@@ -253,3 +255,32 @@ def test_norms_of_large_cpu_tensors_are_exact_to_float32_rounding() -> None:
     m = probe_module(model, torch.randn(2, 4096), lambda out, _: out.pow(2).sum())
     grads = torch.cat([p.grad.reshape(-1) for p in model[0].parameters() if p.grad is not None])
     assert m.layer_grad_norms[0] == pytest.approx(exact(grads), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize(
+    ("family", "knobs"),
+    [
+        ("mlp", {"depth": 2}),
+        ("resmlp", {"depth": 2, "norm": "pre"}),
+        ("rnn", {"seq_len": 3}),
+        ("lstm", {"seq_len": 3}),
+        ("gru", {"seq_len": 3}),
+        ("transformer", {"depth": 1, "norm": "post", "seq_len": 3}),
+    ],
+)
+def test_a_zoo_build_in_a_reduced_dtype_is_the_float64_build_rounded(
+    family: str, knobs: dict[str, Any], dtype: str
+) -> None:
+    """Every zoo draw is made in float64 whatever the run's dtype, so a build in another dtype holds
+    the float64 build's weights and inputs rounded to it, parameter by parameter."""
+    config = Config.of(family, width=8, batch_size=2, init_scale=1.5, seed=3, **knobs)
+    wide = resolve(family).build(config.with_run(dtype="float64"))
+    narrow = resolve(family).build(config.with_run(dtype=dtype))
+    want = torch_dtype(dtype)
+    pairs = list(zip(wide.model.named_parameters(), narrow.model.named_parameters(), strict=True))
+    assert pairs
+    for (name, p64), (other, p) in pairs:
+        assert name == other and p.dtype == want
+        assert torch.equal(p, p64.to(want))
+    assert torch.equal(narrow.inputs, wide.inputs.to(want))
