@@ -368,8 +368,15 @@ class _Recorder:
             nodes.clear()
 
     def free(self) -> None:
-        """`remove`, and the recorder may be handed out again."""
+        """`remove`, drop whatever a pass left (a model that raised left its outputs recorded), and
+        the recorder may be handed out again."""
         self.remove()
+        self.release()
+        self.active = False
+        self.entry, self.entering = None, None
+        self.outputs.clear()
+        self.calls.clear()
+        self.breaks.clear()
         self.held = False
 
 

@@ -478,8 +478,9 @@ class _Kept(_Tanh):
 def test_a_probed_model_reuses_its_recorder_and_keeps_no_autograd_graph() -> None:
     """The recorder is made once per model and blocks, and reused: a second probe gives the same
     numbers, other blocks get their own names, and no autograd node of a probed pass outlives the
-    probe (the junction test's nodes hold the pass's saved tensors). Oracle: a marker held by each
-    block output's node, dead once the probe returns; the first probe's measurement."""
+    probe (the junction test's nodes hold the pass's saved tensors), also where the loss raised.
+    Oracle: a marker held by each block output's node, dead once the probe returns; the first
+    probe's measurement."""
     torch.manual_seed(0)
     model = nn.Sequential(_Kept(), _Kept(), _Kept())
     x = torch.randn(5, 4)
@@ -496,6 +497,15 @@ def test_a_probed_model_reuses_its_recorder_and_keeps_no_autograd_graph() -> Non
     other = probe_module(model, x, loss, blocks=[("front", model[0]), ("back", model[2])])
     assert other.layer_names == ("front", "back")
     assert other.activation_names == ("(input)", "front", "back")
+
+    def failing(out: torch.Tensor, _: object) -> torch.Tensor:
+        raise ValueError("the loss failed")
+
+    _Keep.marks.clear()
+    with pytest.raises(ValueError, match="loss failed"):
+        probe_module(model, x, failing)  # raised with every block output recorded
+    gc.collect()
+    assert len(_Keep.marks) == 3 and all(mark() is None for mark in _Keep.marks)
 
 
 def scripted_tanh() -> nn.Module:
