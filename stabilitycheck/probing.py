@@ -43,7 +43,6 @@ from stabilitycheck.recording import (
     _per_block,
     _Recorder,
     _scatter,
-    recorder,
 )
 from stabilitycheck.recording import block_of as block_of
 from stabilitycheck.recording import call_model as call_model
@@ -390,7 +389,7 @@ def probe_module(
         loss_fn,
         names,
         params,
-        recorder(model, blocks, input_side=True),
+        _Recorder(blocks, input_side=True),
         opt,
         AUTOCAST.get(amp),
         scaler,
@@ -439,7 +438,7 @@ def probe_module(
                     break
                 skipped += _update(run, step, totals[-1], lr, clip, warmup, overflowed)
     finally:
-        run.rec.free()
+        run.rec.remove()
     act = tuple(first.backward)
     chains = _chains(act, first.breaks, first.unreached)
     return Measurement(

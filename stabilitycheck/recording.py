@@ -135,14 +135,15 @@ GRAPH_BREAK = (  # torch's error gives it as the reason where fullgraph=True ref
 )
 
 
-def _call(hook: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+def stabilitycheck_hook(hook: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run `hook`: the one function torch.compile is told to leave out of its graph."""
     return hook(*args, **kwargs)
 
 
 try:
-    _eager = torch.compiler.disable(_call, reason=GRAPH_BREAK)
-except TypeError:  # torch before 2.8 takes no reason; its error then names the hook alone
-    _eager = torch.compiler.disable(_call)
+    _eager = torch.compiler.disable(stabilitycheck_hook, reason=GRAPH_BREAK)
+except TypeError:  # torch before 2.8 takes no reason; its error then names this function alone
+    _eager = torch.compiler.disable(stabilitycheck_hook)
 
 
 def outside_graph(hook: Hook) -> Hook:
@@ -217,9 +218,6 @@ class _Recorder:
         self.breaks: set[int] = set()  # positions in `outputs` whose block does not take the last output
         self.stacks = [_stack_of(name) for name, _ in blocks]
         self.own: dict[str, set[Any]] = {s: set() for s in self.stacks}  # its outputs' nodes this pass
-        self.modules = tuple(module for _, module in blocks)
-        self.names = tuple(name for name, _ in blocks)
-        self.input_side = input_side
         self.registrations = [  # made once; the hooks are on the model only from `start` to `remove`
             (name, module, functools.partial(module.register_forward_hook, outside_graph(self._hook(b))))
             for b, (name, module) in enumerate(blocks)
@@ -233,7 +231,6 @@ class _Recorder:
             for b in _stack_starts(self.stacks)
         ]
         self.handles: list[Any] = []
-        self.held = False  # handed out by `recorder`, until `free`
         self.on_input = outside_graph(self._on_input)
         # a recurrent cell's chain is its hidden state, not its input token (it took u_0 as the entry
         # where the widths differ: growth 0.127 for 1.03)
@@ -367,40 +364,6 @@ class _Recorder:
         for nodes in self.own.values():
             nodes.clear()
 
-    def free(self) -> None:
-        """`remove`, drop whatever a pass left (a model that raised left its outputs recorded), and
-        the recorder may be handed out again."""
-        self.remove()
-        self.release()
-        self.active = False
-        self.entry, self.entering = None, None
-        self.outputs.clear()
-        self.calls.clear()
-        self.breaks.clear()
-        self.held = False
-
-
-_RECORDERS: weakref.WeakKeyDictionary[nn.Module, _Recorder] = weakref.WeakKeyDictionary()
-"""Per model, its last _Recorder, reused while the blocks are the same (its hooks and stacks made once)."""
-
-
-def recorder(model: nn.Module, blocks: Sequence[tuple[str, nn.Module]], input_side: bool) -> _Recorder:
-    """A _Recorder of `blocks` with no hooks on the model yet, held until its `free`: the model's
-    cached one where it has the same blocks (names and module objects) and is not held, else a new
-    one, cached."""
-    made = _RECORDERS.get(model)
-    if not (
-        made is not None
-        and not made.held
-        and made.input_side == input_side
-        and made.names == tuple(name for name, _ in blocks)
-        and _same(made.modules, [module for _, module in blocks])
-    ):
-        made = _Recorder(blocks, input_side)
-        _RECORDERS[model] = made
-    made.held = True
-    return made
-
 
 def call_model(model: nn.Module, inputs: Inputs) -> Any:
     """Call the model the way its inputs are packed: tensor, tuple/list (positional) or dict."""
@@ -416,7 +379,7 @@ class _Layout:
     """The trainable parameters, the blocks and which block owns each parameter (-1: none)."""
 
     params: tuple[nn.Parameter, ...]
-    blocks: tuple[nn.Module, ...]
+    blocks: tuple[weakref.ref[nn.Module], ...]  # weak: a block may be the model itself, the cache's key
     owner: tuple[int, ...]
 
 
@@ -439,13 +402,15 @@ def _same(a: Sequence[Any], b: Sequence[Any]) -> bool:
 
 def _layout(model: nn.Module, blocks: Sequence[tuple[str, nn.Module]]) -> _Layout:
     """The model's _Layout, from the cache while its trainable parameters and blocks are the same
-    objects (checked on every call: a frozen, added or replaced parameter makes a new one)."""
+    objects (checked on every call: a frozen, added or replaced parameter makes a new one). The cache
+    holds nothing that holds the model: a leaf model is its own block, a flat Sequential's Layer
+    blocks hold it, and either kept the model alive for good."""
     params = tuple(p for p in model.parameters() if p.requires_grad)
     modules = tuple(module for _, module in blocks)
     cached = _LAYOUTS.get(model)
-    if cached is not None and _same(cached.params, params) and _same(cached.blocks, modules):
+    if cached is not None and _same(cached.params, params) and _same([r() for r in cached.blocks], modules):
         return cached
-    layout = _Layout(params, modules, tuple(block_of(params, blocks)))
+    layout = _Layout(params, tuple(weakref.ref(m) for m in modules), tuple(block_of(params, blocks)))
     _LAYOUTS[model] = layout
     return layout
 

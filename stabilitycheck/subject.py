@@ -119,18 +119,30 @@ def _called(prefix: str, container: nn.ModuleList | nn.Sequential | nn.ModuleDic
     """The children of `container`, named as get_submodule finds them (`prefix.key`), each as the
     modules a forward calls: itself, or where its class has no forward (a ModuleList or ModuleDict,
     never called itself) its own children's, in order (`prefix.i.j`). A hook on a module never called
-    records nothing: a stack of such stages read as no blocks at all, growth 1. A plain nn.Sequential
-    stage of composite blocks of one type (a ResNet stage) is its blocks too, each called in order by
-    it: read as stages, a residual block's gain was hidden in its stage's. A module placed twice in
-    the container is there twice."""
+    records nothing: a stack of such stages read as no blocks at all, growth 1. Where that reading,
+    with each plain nn.Sequential stage of composite blocks of one type (a ResNet stage) read as its
+    blocks, is of one type, it is taken: read as stages, a residual block's gain was hidden in its
+    stage's (where some stages open with a transition, the stages are the stack: a partial descent
+    mixed types and lost the stack). A module placed twice in the container is there twice."""
+    plain = _children(prefix, container, stages=False)
+    if any(_stage(m) for _, m in plain):
+        deep = _children(prefix, container, stages=True)
+        if len({type(m) for _, m in deep}) == 1:
+            return deep
+    return plain
+
+
+def _children(prefix: str, container: nn.Module, stages: bool) -> Blocks:
+    """`_called`'s reading of `container`, descending into `_stage` children where `stages`."""
     out: list[tuple[str, nn.Module]] = []
     for key, child in container._modules.items():
         name = f"{prefix}.{key}" if prefix else key
-        if (
-            isinstance(child, nn.ModuleList | nn.ModuleDict)
-            and inspect.getattr_static(type(child), "forward") is nn.Module.forward
-        ) or _stage(child):
+        if isinstance(child, nn.ModuleList | nn.ModuleDict) and (
+            inspect.getattr_static(type(child), "forward") is nn.Module.forward
+        ):
             out += _called(name, child)
+        elif stages and _stage(child):
+            out += _children(name, child, stages=True)
         elif child is not None:
             out.append((name, child))
     return tuple(out)
@@ -138,7 +150,8 @@ def _called(prefix: str, container: nn.ModuleList | nn.Sequential | nn.ModuleDic
 
 def _stage(module: nn.Module | None) -> TypeGuard[nn.Sequential]:
     """Whether `module` is a plain nn.Sequential (its forward calls each child in order) of one or more
-    composite modules of one type: a stage of residual blocks, not a layer (Linear, Tanh)."""
+    composite modules of one type: a stage of blocks (a ResNet's residual blocks, conv-norm-activation
+    layers), not the parts of a layer (Linear, Tanh)."""
     if type(module) is not nn.Sequential or len(module) == 0:
         return False
     children = list(module.children())

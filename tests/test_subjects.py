@@ -499,6 +499,47 @@ def test_a_list_of_sequential_stages_reads_as_its_residual_blocks_with_exact_gai
     assert len(g) == 6 and list(m.gains[1:]) == pytest.approx([g[i] / g[i + 1] for i in range(5)], rel=1e-12)
 
 
+class _Transition(nn.Module):
+    """Between stages: a composite of another type than the residual blocks, x3 its input."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm, self.proj = nn.LayerNorm(width), nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(x)) * 3.0
+
+
+class _MixedStages(_Stages):
+    """Stage 0 residual blocks alone, stages 1..3 opening with a transition: the stages are the stack."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        later = [nn.Sequential(_Transition(8), _Residual(8), _Residual(8)) for _ in range(3)]
+        self.stages = nn.ModuleList([nn.Sequential(_Residual(8), _Residual(8)), *later])
+
+
+def test_stages_some_of_which_open_with_a_transition_are_read_as_the_whole_chain() -> None:
+    """Descending into stage 0 alone mixed types, lost the stack, and measured stage 0's two blocks
+    (growth 1.27 for 1.41; found by review). Oracle: float64 autograd, |dL/d stage 0's input| over
+    |dL/d the last stage's output| (retain_grad)."""
+    torch.manual_seed(0)
+    model = _MixedStages().double()
+    blocks, note = find_blocks(model)
+    assert [n for n, _ in blocks] == [f"stages.{i}" for i in range(4)] and note == "blocks: stages (4)"
+    x = torch.randn(4, 8, dtype=torch.float64)
+    m = probe_module(model, x, lambda out, _: out.pow(2).sum())
+    first = model.stem(x)
+    first.retain_grad()
+    h = first
+    for stage in model.stages:
+        h = stage(h)
+    h.retain_grad()
+    model.head(h).pow(2).sum().backward()
+    assert first.grad is not None and h.grad is not None
+    assert m.growth == pytest.approx((first.grad.norm() / h.grad.norm()).item(), rel=1e-12)
+
+
 class _EncoderDecoder(nn.Module):
     def __init__(self) -> None:
         super().__init__()
