@@ -18,7 +18,7 @@ RANGED = (torch.float32, torch.bfloat16)  # dtypes whose squares can leave float
 def accumulator(dtype: torch.dtype, exact: bool, device: torch.device | None = None) -> torch.dtype:
     """The dtype norms of `dtype` tensors are computed in: float64 when exact, for float64 tensors and,
     on CUDA, for RANGED ones (its fused norm sums in the output dtype, memory-bound: at float32's
-    cost); else float32, where `_refine` takes again the few norms that float32 squares spoiled."""
+    cost); else float32, where `refine` takes again the few norms that float32 squares spoiled."""
     wide = device is not None and device.type == "cuda" and dtype in RANGED
     return EXACT if exact or wide or dtype == torch.float64 else torch.float32
 
@@ -33,7 +33,7 @@ def _spoiled(value: float, tensor: torch.Tensor) -> bool:
     return value == math.inf or value < LOW * math.sqrt(tensor.numel())
 
 
-def _refine(tensors: Sequence[torch.Tensor], norms: list[torch.Tensor]) -> list[torch.Tensor]:
+def refine(tensors: Sequence[torch.Tensor], norms: list[torch.Tensor]) -> list[torch.Tensor]:
     """`norms` with each float32 norm of a RANGED tensor that is `_spoiled` taken again in float64.
     One host read when there are such norms: on the CPU, where it costs nothing and a float64 sum is
     10-40x slower than a float32 one (on CUDA these norms are float64 already)."""
@@ -72,7 +72,7 @@ def _in_pieces(tensor: torch.Tensor, acc: torch.dtype) -> bool:
 
 
 def norm(tensor: torch.Tensor) -> torch.Tensor:
-    """The L2 norm of `tensor` (0-d, float32 or wider), finite for any finite tensor (as `_refine`)."""
+    """The L2 norm of `tensor` (0-d, float32 or wider), finite for any finite tensor (as `refine`)."""
     acc = accumulator(tensor.dtype, False, tensor.device)
     value = (
         _pieces_norm(tensor, acc) if _in_pieces(tensor, acc) else torch.linalg.vector_norm(tensor, dtype=acc)
@@ -83,18 +83,22 @@ def norm(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def fused_norms(tensors: list[torch.Tensor], exact: bool) -> list[torch.Tensor]:
-    """The L2 norm of each tensor as a 0-d tensor, finite for any finite tensor (`_accumulated`, then
-    `_refine`)."""
-    return _refine(tensors, _accumulated(tensors, exact))
+    """The L2 norm of each tensor as a 0-d tensor, finite for any finite tensor (`accumulated`, then
+    `refine`)."""
+    return refine(tensors, accumulated(tensors, exact))
 
 
-def _accumulated(tensors: list[torch.Tensor], exact: bool) -> list[torch.Tensor]:
+def accumulated(tensors: list[torch.Tensor], exact: bool) -> list[torch.Tensor]:
     """The L2 norm of each tensor as a 0-d tensor in its accumulator dtype, float32 ones maybe spoiled:
     one fused call per accumulator dtype, so one call in all when the tensors share a dtype, as they
-    do in most models; a large CPU tensor in float32 alone, in pieces (`_pieces_norm`)."""
+    do in most models (then taken at once: the per-tensor checks cost a third of the call on a
+    2-block model); a large CPU tensor in float32 alone, in pieces (`_pieces_norm`)."""
     if not tensors:
         return []
-    device = tensors[0].device
+    device, dtype = tensors[0].device, tensors[0].dtype
+    acc = accumulator(dtype, exact, device)
+    if all(t.dtype == dtype for t in tensors) and not _in_pieces(max(tensors, key=torch.Tensor.numel), acc):
+        return list(torch._foreach_norm(tensors, 2, dtype=acc))
     acc_of = {d: accumulator(d, exact, device) for d in {t.dtype for t in tensors}}
     out = list(tensors)
     groups: dict[torch.dtype, list[int]] = {}
@@ -108,6 +112,19 @@ def _accumulated(tensors: list[torch.Tensor], exact: bool) -> list[torch.Tensor]
         for i, value in zip(idx, torch._foreach_norm([tensors[i] for i in idx], 2, dtype=acc), strict=True):
             out[i] = value
     return out
+
+
+def narrow(tensors: Sequence[torch.Tensor], norms: Sequence[torch.Tensor]) -> bool:
+    """Whether a norm of `tensors` was summed in float32 from float32 squares (on the CPU; on CUDA
+    they are summed in float64): the ones `clean` must vouch for."""
+    return any(n.dtype != EXACT and t.dtype in RANGED for t, n in zip(tensors, norms, strict=True))
+
+
+def clean(values: Sequence[float], largest: int) -> bool:
+    """Whether no float32 norm among `values` can be spoiled (`_spoiled`), `largest` the most elements
+    of a tensor they are norms of: all finite and none below LOW * sqrt(largest); else they are
+    checked one by one."""
+    return math.isfinite(sum(values)) and min(values, default=math.inf) >= LOW * math.sqrt(largest)
 
 
 def dense(grad: torch.Tensor) -> torch.Tensor:
@@ -149,7 +166,7 @@ def norm_values(
     done = set(order)
     rest = [i for i in range(len(tensors)) if i not in done]
     if rest:
-        pieces.append(torch.stack(_accumulated([tensors[i] for i in rest], exact)))
+        pieces.append(torch.stack(accumulated([tensors[i] for i in rest], exact)))
         order += rest
         largest = max([largest, *(tensors[i].numel() for i in rest)])
     flat: list[float] = (  # the one host synchronisation
@@ -158,8 +175,9 @@ def norm_values(
     out = [0.0] * len(tensors)
     for i, value in zip(order, flat[len(head) :], strict=True):
         out[i] = value
-    clean = math.isfinite(sum(out)) and min(out, default=1.0) >= LOW * math.sqrt(largest)
-    for i, t in enumerate([] if exact or clean else tensors):  # rare: a second read per spoiled norm
+    for i, t in enumerate(
+        [] if exact or clean(out, largest) else tensors
+    ):  # rare: a second read per spoiled norm
         if t.dtype in RANGED and accumulator(t.dtype, exact, device) != EXACT and _spoiled(out[i], t):
             out[i] = float(torch.linalg.vector_norm(t, dtype=EXACT))
     return flat[: len(head)] + out

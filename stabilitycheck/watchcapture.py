@@ -28,7 +28,7 @@ from torch import nn
 
 from stabilitycheck import distributed
 from stabilitycheck._tree import tensors
-from stabilitycheck.norms import STACK_MIN, STACK_NUMEL, fused_norms, norm
+from stabilitycheck.norms import STACK_MIN, STACK_NUMEL, accumulated, clean, fused_norms, narrow, norm, refine
 from stabilitycheck.recording import _first_tensor, hooked, outside_graph
 
 PENDING_CAP = 1 << 22  # elements kept for lazy norms (16 MiB in float32) before they are normed
@@ -211,8 +211,18 @@ class Capture:
         if self._held >= PENDING_CAP:
             self._reduce()
 
-    def _reduce(self, extra: Sequence[torch.Tensor] = (), extra_slots: Sequence[int] = ()) -> None:
-        """Norm what is kept (and `extra`) in one fused call per dtype; forget the tensors."""
+    def _reduce(self) -> None:
+        """Norm what is kept in one fused call per dtype (PENDING_CAP reached); forget the tensors."""
+        tensors, codes = self._taken((), ())
+        if tensors:
+            self._norms += fused_norms(tensors, False)
+            self._norm_slots += codes
+
+    def _taken(
+        self, extra: Sequence[torch.Tensor], extra_slots: Sequence[int]
+    ) -> tuple[list[torch.Tensor], list[int]]:
+        """What is kept (stacked per block where it can be), then `extra`, with their slots, to be
+        normed; forgotten here. A kept output modified in place since its block returned warns."""
         for output, version in self._versions:
             if output._version != version and not self.eager:
                 warnings.warn(
@@ -227,26 +237,27 @@ class Capture:
             self._norm_slots += slots
         self._now, self._now_slots, self._fwd_now, self._fwd_now_slots = [], [], [], []
         self._settled = len(self._passes)  # what was kept so far is normed: no pass of it is dropped
-        tensors, codes = list(extra), list(extra_slots)
+        tensors: list[torch.Tensor] = []
+        codes: list[int] = []
         for slot, kept in self._pending.items():
+            if not kept:
+                continue
             if len(kept) >= STACK_MIN and kept[0].numel() <= STACK_NUMEL:
                 stacked = _stack(kept)
                 if stacked is not None:  # one norm over all calls: the block's norm this step
-                    self._norms.append(norm(stacked))
-                    self._norm_slots.append(slot)
+                    tensors.append(stacked)
+                    codes.append(slot)
                     kept.clear()
                     continue
             tensors += kept
             codes += [slot] * len(kept)
             kept.clear()
-        if tensors:
-            self._norms += fused_norms(tensors, False)
-            self._norm_slots += codes
         self._versions, self._held = [], 0
+        return tensors + list(extra), codes + list(extra_slots)
 
-    def close_step(self, row: torch.Tensor, loss: torch.Tensor | None, weights: bool) -> None:
+    def close_step(self, row: torch.Tensor | None, loss: torch.Tensor | None) -> None:
         """Norm this step's captures and gradients and keep them (one stacked tensor) until `settle`;
-        the weight norms, when `weights`, are added into `row` (this step's zeroed row) at once."""
+        the weight norms, when `row` (this step's zeroed row) is given, are added into it at once."""
         with torch.no_grad():
             got = [p.grad for p in self.params]
             grads = [g for g in got if g is not None]
@@ -256,22 +267,24 @@ class Capture:
             if self.sharded:
                 grads = [distributed.local(g)[0] for g in grads]
             self._drop_unfed()
-            self._reduce(grads, codes)
-            norms, order = self._norms, self._norm_slots
+            tensors, codes = self._taken(grads, codes)
+            largest = max(tensors, key=torch.Tensor.numel, default=self._no_loss)
+            norms = accumulated(tensors, False)
+            head = [self._no_loss if loss is None else loss, *self._norms]  # these are exact already
+            key = (*self._norm_slots, *codes)
             self._norms, self._norm_slots = [], []
-            key = tuple(order)
+            # one op: the loss then the norms, in the widest of their dtypes
+            values = torch.stack([*head, *norms])
+            if narrow(tensors, norms) and not clean(values.tolist()[len(head) :], largest.numel()):
+                values = torch.stack([*head, *refine(tensors, norms)])
             if not self._groups or self._groups[-1][0] != key:
                 self._groups.append((key, []))
-            # one op: the loss then the norms, in the widest of their dtypes
-            self._groups[-1][1].append(
-                torch.stack([self._no_loss if loss is None else loss.reshape(()), *norms])
-            )
-            if weights:
+            self._groups[-1][1].append(values)
+            if row is not None:
                 n = len(self.params)
-                tensors = [distributed.local(p)[0] for p in self.params] if self.sharded else self.params
-                values = fused_norms(list(tensors), False)
+                weights = [distributed.local(p)[0] for p in self.params] if self.sharded else self.params
                 index, factors = self._lookup(tuple(range(-2 - n, -2 - 2 * n, -1)))
-                squares = torch.stack(values).double().square()
+                squares = torch.stack(fused_norms(list(weights), False)).double().square()
                 row.index_add_(0, index, squares if factors is None else squares * factors)
 
     def settle(self, rows: torch.Tensor) -> None:
@@ -298,7 +311,7 @@ class Capture:
             scale = [1.0 if c >= 0 else self.param_scale[-2 - c] for c in key]
             factors = None if all(f == 1.0 for f in scale) else torch.tensor(scale, dtype=torch.float64)
             self._index[key] = (
-                torch.tensor(slots, device=self.device),
+                torch.tensor(slots, dtype=torch.long, device=self.device),  # long when empty too
                 None if factors is None else factors.to(self.device),
             )
         return self._index[key]

@@ -149,6 +149,7 @@ class Watcher:
         # that passed one); then 1.0 if the scaler skipped it
         width = (self.layout.n_series * 4 if on_device else self.layout.width + 1) + 1
         self.buffer = torch.zeros(flush_every, width, dtype=torch.float64, device=self.device)
+        self._passed = [0.0] * flush_every  # per buffered step, 1.0 if a loss was passed (host rule)
         # with a scaler, each step's factors on its squared norms (applied once they are settled)
         self.factors: torch.Tensor | None = None  # allocated when a scaler is adopted (_adopt)
         self._stepped = False  # a step was closed since the scaler's last update()
@@ -278,7 +279,8 @@ class Watcher:
     def loss(self, loss: torch.Tensor, batch: Any = None) -> None:
         """Record this step's loss (summed over micro-batches) and, for a replay bundle, its batch."""
         self._check_open("loss")
-        value = check_loss(loss).detach().reshape(())
+        value = check_loss(loss).detach()
+        value = value.reshape(()) if value.dim() else value  # a 0-d view costs ~3 us a step
         value = value if value.dtype in (torch.float32, torch.float64) else value.float()
         self._loss = value if self._loss is None else self._loss + value
         if self.snapshot is not None:
@@ -286,9 +288,10 @@ class Watcher:
 
     # ----------------------------------------------------------------------------------- a step
 
-    def _close(self, row: torch.Tensor) -> None:
-        """Close this step's measurements (see Capture); `row` is its zeroed row (see Layout)."""
-        self.capture.close_step(row, self._loss, self.weights_measured)
+    def _close(self, row: torch.Tensor | None) -> None:
+        """Close this step's measurements (see Capture); `row`, given when the weight norms are
+        measured this step, is its zeroed row (see Layout)."""
+        self.capture.close_step(row, self._loss)
         self._loss_seen, self._loss = self._loss is not None, None
 
     def before_step(self) -> torch.Tensor | None:
@@ -333,15 +336,15 @@ class Watcher:
         slot = self._filled
         amp = self._loss_scale(scaler_skipped)
         if self.state is None:
-            self._close(self.buffer[slot, : self.layout.width])  # zeroed at the last flush
-            if self._loss_seen:
-                self.buffer[slot, -2].fill_(1.0)
+            measured = self.weights_measured  # the row was zeroed at the last flush
+            self._close(self.buffer[slot, : self.layout.width] if measured else None)
+            self._passed[slot] = float(self._loss_seen)  # written into the rows at the flush
             if amp is not None and self.factors is not None:
                 self.factors[slot].copy_(amp[0])
                 self.buffer[slot, -1].copy_(amp[1])
         else:
             row = torch.zeros(self.layout.width, dtype=torch.float64, device=self.device)
-            self._close(row)
+            self._close(row if self.weights_measured else None)
             self.capture.settle(row.unsqueeze(0))
             if amp is not None:
                 row *= amp[0]
@@ -427,6 +430,7 @@ class Watcher:
             return
         data = self.buffer[:n]
         if self.state is None:
+            data[:, -2].copy_(torch.tensor(self._passed[:n], dtype=torch.float64))
             norms = data[:, : self.layout.width]
             self.capture.settle(norms)
             if self.factors is not None:

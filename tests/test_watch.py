@@ -619,6 +619,28 @@ def test_a_null_loss_in_the_log_says_whether_one_was_passed(tmp_path: Path) -> N
     assert rows[3]["loss"] is None and rows[5]["loss"] is None and rows[0]["loss"] is not None
 
 
+def test_a_step_with_no_gradient_and_no_capture_is_a_row_of_zeros(tmp_path: Path) -> None:
+    """optimizer.step() before any backward (nothing captured, no gradient) was an index_add_ with a
+    float index at the flush (its empty slot list was made a float tensor). Oracle: torch's norms of
+    the gradients of the step after it."""
+    torch.manual_seed(0)
+    model = MLP(depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x, y = batch(torch.Generator().manual_seed(0), model)
+    with watch(model, opt, log=tmp_path / "w.jsonl", flush_every=2, report=None):
+        opt.step()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+    rows = [json.loads(line) for line in (tmp_path / "w.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    assert rows[0]["gradient"] == [0.0] * 3 and rows[0]["activation"] == [0.0] * 2
+    expect = [
+        float(torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in b.parameters()])))
+        for b in (*model.blocks, model.head)
+    ]
+    assert rows[1]["gradient"] == pytest.approx(expect, rel=1e-6)
+
+
 def test_skip_with_a_scheduler_made_before_the_watcher_warns_nothing() -> None:
     """skip=True on a non-fused optimizer wraps optimizer.step; an LR scheduler made before watch()
     then warned 'optimizer.step() has been overridden after learning rate scheduler initialization',
