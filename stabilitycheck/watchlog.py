@@ -237,6 +237,8 @@ class Log:
                 if not math.isfinite(values[index]) and not (scaler_skipped and self.scaled[index]):
                     r.first_nonfinite = self._finding(step, index, values, ranks)
                     break
+        if self.heatmap is None and self.file is None:
+            return  # nothing kept per step (parts() alone cost ~3 us a step)
         parts = self.layout.parts()
         if self.heatmap is not None:
             self.columns.append(values[parts["activation"]] + values[parts["activation_grad"]])
