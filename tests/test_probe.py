@@ -1085,3 +1085,197 @@ def test_a_block_returning_h_and_attention_of_the_inputs_shape_is_read_on_h() ->
         h.remove()
     norms = [float(g.norm()) for g in torch.autograd.grad(loss, hs)]
     assert m.activation_grad_norms[1:] == pytest.approx(norms, rel=1e-5)
+
+
+def test_chains_that_all_vanish_grow_by_their_product() -> None:
+    """Two towers of 3 layers at gains 0.5 and 0.8 (both chains vanish): the growth is the product of
+    the chains, 0.5^3 (from the input) x 0.8^2 (from the second tower's first output), not the larger
+    chain (that is read only where a chain grows above 1). Oracle, exact: ||W^T v|| = g ||v|| for
+    W = g x orthogonal (float32 init, so 1e-6)."""
+    torch.manual_seed(0)
+    model = _Towers(3, (0.5, 0.8)).double()
+    m = probe_module(model, torch.randn(4, 8, dtype=torch.float64), lambda o, _: o.square().sum())
+    assert m.chain_growths == pytest.approx([0.5**3, 0.8**2], rel=1e-6)
+    assert m.growth == pytest.approx(0.5**3 * 0.8**2, rel=1e-6)
+
+
+def test_three_chains_show_the_one_that_grows() -> None:
+    """Three towers of 2 layers at gains 3, 1/4 and 1/4: chains 3^2 (from the input), 1/4 and 1/4 (from
+    each later tower's first output), two junctions; their product 9/16 would hide the first chain's
+    growth 9, which is the growth. Oracle, exact: ||W^T v|| = g ||v|| for W = g x orthogonal."""
+    torch.manual_seed(0)
+    model = _Towers(2, (3.0, 0.25, 0.25)).double()
+    m = probe_module(model, torch.randn(4, 8, dtype=torch.float64), lambda o, _: o.square().sum())
+    assert m.chain_starts == (3, 5)
+    assert m.chain_growths == pytest.approx([9.0, 0.25, 0.25], rel=1e-6)
+    assert m.gains[1] == pytest.approx(3.0, rel=1e-6) and math.isnan(m.gains[2]) and math.isnan(m.gains[4])
+    assert m.growth == pytest.approx(9.0, rel=1e-6)
+
+
+class _Towers(nn.Module):
+    """Towers of `depth` bias-free linear layers on one input, tower i's weights gains[i] x orthogonal,
+    their outputs summed: tower i's chain grows gains[i] ** depth, each gain exactly gains[i]."""
+
+    def __init__(self, depth: int, gains: tuple[float, ...]) -> None:
+        super().__init__()
+        self.towers = nn.ModuleList(
+            nn.ModuleList(nn.Linear(8, 8, bias=False) for _ in range(depth)) for _ in gains
+        )
+        for tower, gain in zip(self.towers, gains, strict=True):
+            for layer in tower:
+                nn.init.orthogonal_(layer.weight, gain=gain)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros_like(x)
+        for tower in self.towers:
+            h = x
+            for layer in tower:
+                h = layer(h)
+            total = total + h
+        return total
+
+
+@pytest.mark.parametrize(("warmup", "clip"), [(3, None), (4, 0.05)])
+def test_training_with_warmup_and_clipping_matches_plain_torch(warmup: int, clip: float | None) -> None:
+    """Oracle: a plain torch loop on a copy of the model: SGD whose lr at step k is lr x min(1, (k + 1) /
+    warmup) (LambdaLR), after torch.nn.utils.clip_grad_norm_. Every step's loss and total gradient norm
+    (float64 norms of torch's gradients), the weights after the last step, the per-block weight norms
+    and the step-0 per-block gradient and activation norms (forward hooks, retain_grad) all match."""
+    c = Config.of("mlp", depth=4, width=16, init_scale=2.0, steps=5, lr=0.5)
+    built = build(c)
+    reference = copy.deepcopy(built.model)
+    m = probe_module(
+        built.model,
+        built.inputs,
+        built.loss_fn,
+        blocks=built.blocks,
+        steps=5,
+        lr=0.5,
+        clip=clip,
+        warmup=warmup,
+    )
+    opt = torch.optim.SGD(reference.parameters(), lr=0.5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warmup))
+    blocks = [dict(reference.named_modules())[name] for name, _ in built.blocks]
+    losses, totals = [], []
+    outs: list[torch.Tensor] = []
+
+    def keep(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+        out.retain_grad()
+        outs.append(out)
+
+    for step in range(6):
+        opt.zero_grad()
+        outs.clear()
+        hooks = [b.register_forward_hook(keep) for b in blocks]
+        loss = built.loss_fn(reference(built.inputs), built.inputs)
+        for h in hooks:
+            h.remove()
+        loss.backward()
+        grads = [p.grad for p in reference.parameters() if p.grad is not None]
+        losses.append(float(loss.detach()))
+        totals.append(float(torch.linalg.vector_norm(torch.cat([g.double().reshape(-1) for g in grads]))))
+        if step == 0:
+            per_block = [
+                float(
+                    torch.linalg.vector_norm(torch.cat([p.grad.double().reshape(-1) for p in b.parameters()]))
+                )
+                for b in blocks
+            ]
+            forward = [float(torch.linalg.vector_norm(o.detach().double())) for o in outs]
+            backward = [float(torch.linalg.vector_norm(o.grad.double())) for o in outs]
+        if step == 5:
+            break
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(reference.parameters(), clip)
+        opt.step()
+        sched.step()
+    assert m.steps_run == 5
+    assert m.loss == pytest.approx(losses, rel=1e-5)
+    assert m.grad_norm == pytest.approx(totals, rel=1e-5)
+    assert m.layer_grad_norms == pytest.approx(per_block, rel=1e-5)
+    assert m.activation_norms[1:] == pytest.approx(forward, rel=1e-5)
+    assert m.activation_grad_norms[1:] == pytest.approx(backward, rel=1e-5)
+    for ours, theirs in zip(built.model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs)
+    weights = [
+        float(torch.linalg.vector_norm(torch.cat([p.detach().double().reshape(-1) for p in b.parameters()])))
+        for b in blocks
+    ]
+    assert m.weight_norms == pytest.approx(weights, rel=1e-6)
+    assert probe_module(built.model, built.inputs, built.loss_fn, blocks=built.blocks).weight_norms == ()
+
+
+def test_a_nan_made_before_the_only_block_is_the_models() -> None:
+    """Oracle: the construction. With one block, a NaN the model's code multiplies into block 0's input
+    (clean data) is made outside the blocks, before that block, as with many blocks; the same NaN
+    in the data is the input's."""
+    m = probe_module(Between(1, 0, math.nan), torch.randn(4, 8), lambda out, _: out.pow(2).mean())
+    nf = m.first_nonfinite
+    assert nf is not None and (nf.layer, nf.tensor) == ("(outside blocks, before layers.0)", "activation")
+    data = torch.randn(4, 8)
+    data[0, 0] = math.nan
+    nf = probe_module(Between(1, 1, 1.0), data, lambda out, _: out.pow(2).mean()).first_nonfinite
+    assert nf is not None and nf.layer == "(input)"
+
+
+class _LoggedOnly(nn.Module):
+    """Two linear blocks whose outputs are only logged; the loss reads a head on the input alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+        self.head = nn.Linear(8, 8)
+        self.logged: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for layer in self.layers:
+            h = layer(h)
+        self.logged = [h.detach()]
+        return self.head(x)
+
+
+def test_blocks_no_gradient_reaches_have_nan_growth_not_1() -> None:
+    """Oracle: torch.autograd.grad of the loss with respect to the block outputs (forward hooks) is
+    None for every one: no gradient reaches any block, so there is no growth (NaN), not a flat 1,
+    and every gain is NaN."""
+    torch.manual_seed(0)
+    model, x = _LoggedOnly(), torch.randn(4, 8)
+    outs: list[torch.Tensor] = []
+    hooks = [b.register_forward_hook(lambda mod, a, o: outs.append(o)) for b in model.layers]
+    loss = model(x).square().sum()
+    for h in hooks:
+        h.remove()
+    assert torch.autograd.grad(loss, outs, allow_unused=True) == (None, None)
+    m = probe_module(model, x, lambda o, _: o.square().sum(), blocks=list(model.layers.named_children()))
+    assert m.activation_grad_norms[-2:] == (0.0, 0.0)
+    assert math.isnan(m.growth) and all(math.isnan(g) for g in m.gains)
+
+
+def test_output_gradients_under_a_gradscaler_are_the_unscaled_ones() -> None:
+    """Oracle: dL/d(output) of each block (forward hooks, retain_grad) in a float32 run of the same
+    model without autocast; float16 autocast under a GradScaler (scale 65536, a step it does not skip)
+    gives the same norms to float16 precision (2%), not x65536 or /65536, and its total gradient norm
+    too. The loss is taken in float32 (a float16 loss x65536 overflows: a skipped step, re-run unscaled)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(3)))
+    x = torch.randn(8, 16)
+    blocks = list(model.named_children())
+    m = probe_module(model, x, lambda o, _: o.float().square().mean(), blocks=blocks, amp="float16")
+    assert m.loss_scale == (65536.0,) and m.skipped_steps == 0 and m.first_nonfinite is None
+    outs: list[torch.Tensor] = []
+
+    def keep(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+        out.retain_grad()
+        outs.append(out)
+
+    hooks = [b.register_forward_hook(keep) for _, b in blocks]
+    model.zero_grad()
+    model(x).square().mean().backward()
+    for h in hooks:
+        h.remove()
+    expect = [float(torch.linalg.vector_norm(o.grad.double())) for o in outs]
+    assert m.activation_grad_norms[1:] == pytest.approx(expect, rel=2e-2)
+    total = torch.linalg.vector_norm(torch.cat([p.grad.double().reshape(-1) for p in model.parameters()]))
+    assert m.grad_norm[0] == pytest.approx(float(total), rel=2e-2)
