@@ -1279,3 +1279,55 @@ def test_output_gradients_under_a_gradscaler_are_the_unscaled_ones() -> None:
     assert m.activation_grad_norms[1:] == pytest.approx(expect, rel=2e-2)
     total = torch.linalg.vector_norm(torch.cat([p.grad.double().reshape(-1) for p in model.parameters()]))
     assert m.grad_norm[0] == pytest.approx(float(total), rel=2e-2)
+
+
+def measured(**fields: Any) -> Measurement:
+    """A Measurement of a 3-block stack with the given fields (the rest of a finite, flat run)."""
+    base: dict[str, Any] = {
+        "layer_names": ("a", "b", "c"),
+        "activation_names": ("(input)", "a", "b", "c"),
+        "loss": (1.0,),
+        "grad_norm": (1.0,),
+        "layer_grad_norms": (1.0, 1.0, 1.0),
+        "activation_norms": (1.0, 1.0, 1.0, 1.0),
+        "activation_grad_norms": (1.0, 1.0, 1.0, 1.0),
+        "gains": (1.0, 1.0, 1.0),
+        "growth": 1.0,
+        "weight_norms": (),
+        "first_nonfinite": None,
+        "steps_run": len(fields.get("loss", (1.0,))) - 1,
+    }
+    return Measurement(**(base | fields))
+
+
+def test_each_criterion_reads_its_documented_value_and_bound() -> None:
+    """Oracle: the definitions in Limits' docstring, by hand. grad_norm is the peak over the steps (an
+    unscaled Inf counts, a GradScaler's skipped Inf does not); divergence and stall are the last over
+    the first loss, from one step on; vanishing reads the smallest of the chains and their product and
+    fires strictly below 1/limit; a finding float32 does not make is overflow, not nonfinite; each
+    limit is passed strictly, and the defaults are 1e3, 1e2 and 2."""
+    from stabilitycheck.measurement import NonFinite
+    from stabilitycheck.verdicts import values
+
+    assert values(measured(grad_norm=(2.0, 50.0, 7.0), loss=(1.0, 2.0, 3.0)))["grad_norm"] == 50.0
+    assert values(measured(grad_norm=(2.0, math.inf)))["grad_norm"] == math.inf
+    assert values(measured(grad_norm=(2.0, math.inf), loss_scale=(1.0, 2.0)))["grad_norm"] == 2.0
+    two = values(measured(loss=(2.0, 5.0)))
+    assert two["divergence"] == two["stall"] == 2.5
+    assert math.isnan(values(measured())["divergence"])
+    chains = measured(growth=50.0, chain_growths=(50.0, 0.1), chain_starts=(2,))
+    assert values(chains)["vanishing"] == pytest.approx(0.1)
+    assert values(measured(growth=0.5, chain_growths=(0.5, 0.2), chain_starts=(2,)))["vanishing"] == 0.1
+    assert verdict(measured(growth=0.01), Limits(vanishing=100.0)).names == ()  # 0.01 is not < 1/100
+    assert verdict(measured(growth=0.0099), Limits(vanishing=100.0)).names == ("vanishing",)
+    nf = NonFinite(0, "b", "activation", math.inf)
+    both = verdict(measured(first_nonfinite=nf, overflow=nf))
+    assert both.names == ("overflow",) and both.criteria[0].limit == math.inf
+    alone = verdict(measured(first_nonfinite=nf))
+    assert alone.names == ("nonfinite",) and alone.criteria[0].limit == math.inf
+    assert verdict(measured(first_nonfinite=nf), Limits(nonfinite=False)).names == ()
+    at = measured(growth=100.0, grad_norm=(1000.0,), loss=(1.0, 2.0))
+    assert verdict(at).names == ()  # every value exactly at its default limit
+    over = measured(growth=100.0001, grad_norm=(1000.001,), loss=(1.0, 2.0001))
+    assert verdict(over).names == ("grad_norm", "growth", "divergence")
+    assert [c.limit for c in verdict(over).criteria] == [1e3, 1e2, 2.0]
