@@ -1196,6 +1196,7 @@ def test_training_with_warmup_and_clipping_matches_plain_torch(warmup: int, clip
     assert m.layer_grad_norms == pytest.approx(per_block, rel=1e-5)
     assert m.activation_norms[1:] == pytest.approx(forward, rel=1e-5)
     assert m.activation_grad_norms[1:] == pytest.approx(backward, rel=1e-5)
+    assert m.chain_starts == () and m.chain_growths == ()  # one chain: its growth is the growth
     for ours, theirs in zip(built.model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(ours, theirs)
     weights = [

@@ -86,6 +86,10 @@ def test_seeds_are_distinct_and_start_at_the_base() -> None:
     seeds = [seed_of(b, i) for b in range(5) for i in range(5)]
     assert seed_of(7, 0) == 7
     assert len(set(seeds)) == len(seeds)
+    # the documented rule: base + i x SEED_MIX mod 2**32, for any 32-bit base (a torch seed takes 64)
+    assert seed_of(2**32 - 1, 0) == 2**32 - 1
+    for base in (1, 2**31 + 5, 2**32 - 1):
+        assert [(seed_of(base, i) - seed_of(0, i)) % 2**32 for i in range(8)] == [base] * 8
 
 
 def _median_growth_depth(scale: float, seeds: int, limit: float) -> int:
