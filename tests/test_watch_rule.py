@@ -214,3 +214,19 @@ def test_bad_parameters_are_refused() -> None:
     ):
         with pytest.raises(ValueError, match=f"SpikeRule needs .*{name}"):
             SpikeRule(**wrong)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("level", [1.0, -0.5, 0.25])
+def test_a_value_exactly_at_the_threshold_is_not_a_spike(level: float) -> None:
+    """Oracle: the rule's definition, by hand. After `warmup` values of exactly `level` the window's
+    std is 0 and the threshold is level + floor x |level| (2 level, or 0 for a negative level, all
+    exact in binary): a value at it is not above it, one a step of float64 above it is. The same in
+    step-by-step and batched form."""
+    rule = SpikeRule(window=8, warmup=4)
+    at = level + abs(level)
+    for x, flagged in ((at, False), (math.nextafter(at, math.inf), True)):
+        series = [level] * 4 + [x]
+        steps = run_steps(rule, [series])[0]
+        assert steps[-1] == (flagged, level, at)
+        assert run_many(rule, [series], 5)[0][-1] == (flagged, level, at)
+        assert reference_steps(rule, series)[-1] == (flagged, level, at)
