@@ -538,3 +538,22 @@ def test_a_rate_that_does_not_give_the_growth_is_no_exponential_kind() -> None:
     steady = [1.3] * 24
     kind = classify([fit_growth(steady)], [1.3**24], 0.5)
     assert kind.kind == "exponential" and math.exp(kind.rate.mid) == pytest.approx(1.3, rel=1e-9)
+
+
+def test_far_seeds_on_both_sides_of_a_limit_leave_the_verdict_open() -> None:
+    """Oracle, brute force over the third seed of K = 3 (median: the 2nd smallest): after growths 1e5
+    and 0.1, each 1000x from the limit 100 but on opposite sides, a third seed of 1e6 makes the
+    median 1e5 (fires) and one of 1e-6 makes it 0.1 (does not), so nothing is known yet; the margin
+    decides only where every seed lies far on the same side."""
+    from stabilitycheck.seeds import _settled
+
+    lim = Limits(growth=100.0, grad_norm=None, divergence=None, nonfinite=False)
+
+    def seeds(*growths: float) -> list[dict[str, float]]:
+        return [dict.fromkeys(CRITERIA_NAMES, 0.0) | {"growth": g, "vanishing": g} for g in growths]
+
+    outcomes = {quantile([1e5, 0.1, third], 0.5) > 100.0 for third in (1e6, 1e-6)}
+    assert outcomes == {True, False}
+    assert _settled(seeds(1e5, 0.1), lim, 3, 0.5)["growth"] is None
+    assert not _decided(seeds(1e5, 0.1), lim, 3, 0.5)
+    assert _settled(seeds(1e5, 1e6), lim, 3, 0.5)["growth"] is True  # both far over: the margin
