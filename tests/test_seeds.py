@@ -380,6 +380,8 @@ def test_a_non_finite_seed_never_decides_alone() -> None:
         ([0.9], True),  # 111x below: beyond the 55x measured spread
         ([317.0, 487.0], False),  # 3.2x and 4.9x over: a tanh RNN whose 5-seed median was 75.7
         ([1001.0, 1500.0], True),  # both 10x over
+        ([1.6], False),  # 62x below: past the GRU's 55x spread, but not the 100x margin
+        ([800.0, 900.0], False),  # 8x and 9x over: two seeds need 10x each (100 ** (1 / 2))
         ([math.nan], False),  # no number is not far
     ],
 )
