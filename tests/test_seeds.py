@@ -474,6 +474,8 @@ def test_a_spread_says_how_many_seeds_its_range_leaves_out() -> None:
     assert Spread.from_dict(vars(spread)) == spread
     assert Spread.from_dict({"low": 1.0, "mid": 2.0, "high": 3.0}) == Spread(1.0, 2.0, 3.0)
     assert Spread.of([1.0, 2.0, 3.0], 0.5).describe() == "2 (1-3)"
+    # the mid is the verdict's quantile over every seed, NaN lowest (the 3rd of nan, nan, 5, 7, 9)
+    assert Spread.of([9.0, math.nan, 5.0, math.nan, 7.0], 0.5) == Spread(5.0, 5.0, 9.0, 2)
 
 
 @pytest.mark.parametrize(
