@@ -1332,3 +1332,27 @@ def test_each_criterion_reads_its_documented_value_and_bound() -> None:
     over = measured(growth=100.0001, grad_norm=(1000.001,), loss=(1.0, 2.0001))
     assert verdict(over).names == ("grad_norm", "growth", "divergence")
     assert [c.limit for c in verdict(over).criteria] == [1e3, 1e2, 2.0]
+
+
+def test_every_norm_entry_point_is_exact_for_float32_squares_out_of_range() -> None:
+    """Oracle: float64 torch.linalg.vector_norm of the same tensors. Finite float32 tensors whose
+    squares overflow (x1e20) or go subnormal (x1e-20 on 8192 elements: a norm 1-90x LOW, and x1e-22)
+    have exact norms from every entry point: norm(), fused_norms(), norm_values() with a stack of 70,
+    in exact mode too; a sparse gradient with a repeated index norms as its dense sum."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(8192, generator=gen) * s for s in (1e20, 1e-20, 1e-22, 1.0)]
+    expect = [float(torch.linalg.vector_norm(t.double())) for t in tensors]
+    assert [float(norms.norm(t)) for t in tensors] == pytest.approx(expect, rel=1e-6, abs=0)
+    assert [float(v) for v in norms.fused_norms(tensors, False)] == pytest.approx(expect, rel=1e-6, abs=0)
+    stack = [torch.randn(8192, generator=gen) * 1e-20 for _ in range(70)] + [
+        torch.randn(64, generator=gen) * 1e20 for _ in range(70)
+    ]
+    groups = [list(range(70)), list(range(70, 140))]
+    expect = [float(torch.linalg.vector_norm(t.double())) for t in stack]
+    for exact in (False, True):
+        got = norms.norm_values(stack, exact, groups=groups)
+        assert got == pytest.approx(expect, rel=1e-6, abs=0), exact
+    grad = torch.sparse_coo_tensor(
+        torch.tensor([[0, 0, 2]]), torch.tensor([3.0, 4.0, 1.0]), (4,), check_invariants=True
+    )
+    assert float(torch.linalg.vector_norm(norms.dense(grad))) == pytest.approx(math.sqrt(50.0), rel=1e-7)
