@@ -864,3 +864,145 @@ def test_gradscaler_guards_take_poisons_as_tensors_too() -> None:
     NaN is not non-finite (found in review)."""
     b = zoo("mlp")
     assert_gradscaler_guards(b.model, b.inputs, b.loss_fn, poisons=(torch.tensor(math.nan),))
+
+
+def test_value_clipping_allows_only_the_dtypes_rounding_over_clip_value() -> None:
+    """Oracle: torch.nn.utils.clip_grad_value_, whose entries are +-clip_value exactly (rounded to the
+    gradient dtype: 1e-45 becomes float32's smallest subnormal 1.4e-45), passes; a clamp 5e-6 wide of
+    clip_value (4x float32's rtol 1.3e-6) is caught; a clamp to the wrong bound inside it is caught with
+    `before`, since clamping is exact."""
+    for clip_value in (0.01, 1e-45):
+        params, before = with_grads()
+        torch.nn.utils.clip_grad_value_(params, clip_value)
+        assert_clipped_value_bounded(params, clip_value, before=before)
+    params, before = with_grads()
+    for p in params:
+        p.grad.clamp_(-0.01 * (1 + 5e-6), 0.01 * (1 + 5e-6))  # type: ignore[union-attr]
+    with pytest.raises(StabilityError, match=r"exceed clip_value=0\.01"):
+        assert_clipped_value_bounded(params, 0.01)
+    params, before = with_grads()
+    torch.nn.utils.clip_grad_value_(params, 0.005)  # half the bound: within it, but not the clamp
+    assert_clipped_value_bounded(params, 0.01)
+    with pytest.raises(StabilityError, match=r"differ from before\.clamp\(-0\.01, 0\.01\)"):
+        assert_clipped_value_bounded(params, 0.01, before=before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_direction_tolerance_is_the_dtypes_rtol(dtype: torch.dtype) -> None:
+    """Oracle: torch.testing's rtol per dtype, written out. Two tensors of equal norm scaled by 1 + 4 rtol and
+    1 - 4 rtol (least-squares factor 1, each off by 4 rtol of its norm) are caught; scaled both by the
+    exact 0.5 they pass, also when before is float64 and after is `dtype` (the coarser dtype's rtol)."""
+    rtol = {torch.float16: 1e-3, torch.bfloat16: 1.6e-2, torch.float32: 1.3e-6, torch.float64: 1e-7}[dtype]
+    d = 4 * rtol
+    base = torch.randn(2, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    base = base / base.norm(dim=1, keepdim=True)
+    before = [base[0].to(dtype), base[1].to(dtype)]
+    after = [(base[0] * (1 + d)).to(dtype), (base[1] * (1 - d)).to(dtype)]
+    with pytest.raises(StabilityError, match="Tensors off the common factor"):
+        assert_direction_preserved(before, after)
+    assert assert_direction_preserved(before, [0.5 * b for b in before]) == 0.5
+    mixed = assert_direction_preserved(list(base), [(0.5 * b).to(dtype) for b in base])
+    assert mixed == pytest.approx(0.5, rel=rtol)
+
+
+def test_rtol_of_a_dtype_not_in_the_table_is_float64s() -> None:
+    """Oracle: rtol_of's documented default (float64's rtol for dtypes not in DTYPE_RTOL)."""
+    from stabilitycheck.invariants import DTYPE_RTOL, rtol_of
+
+    assert rtol_of(torch.float8_e5m2) == DTYPE_RTOL[torch.float64] == 1e-7
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_direction_preserved_fails_on_a_non_finite_before_or_after(bad: float) -> None:
+    """Oracle: the definition (no direction is defined for NaN or Inf): a gradient holding one, before
+    or after, fails instead of passing through NaN comparisons."""
+    _, before = with_grads()
+    poisoned = [g.clone() for g in before]
+    poisoned[0][0, 0] = bad
+    with pytest.raises(StabilityError, match=r"\(after is not finite\)"):
+        assert_direction_preserved(before, poisoned)
+    with pytest.raises(StabilityError, match=r"\(before is not finite"):
+        assert_direction_preserved(poisoned, [0.5 * g for g in before])
+
+
+def test_clipped_norm_with_before_catches_one_tensor_off_the_common_factor() -> None:
+    """Oracle: torch.nn.utils.clip_grad_norm_ in float64 (rtol 1e-7), then one tensor scaled by a
+    further 1 - 5e-7: the total stays within max_norm, but the common factor does not hold."""
+    params, before = with_grads("float64")
+    torch.nn.utils.clip_grad_norm_(params, 0.1)
+    assert_clipped_norm_bounded(params, 0.1, before=before)
+    params[0].grad.mul_(1 - 5e-7)  # type: ignore[union-attr]
+    with pytest.raises(StabilityError, match="Expected every gradient x c"):
+        assert_clipped_norm_bounded(params, 0.1, before=before)
+
+
+@pytest.mark.parametrize(("norm_type", "over"), [(1.0, 2e-4), (2.0, 1e-4)])
+def test_a_clip_just_over_torchs_rounding_on_a_million_float32_values_is_caught(
+    norm_type: float, over: float
+) -> None:
+    """Oracle: torch.nn.utils.clip_grad_norm_ to max_norm x (1 + over). Its float32 total over 1e6
+    values is off by about 2e-5 (L1) and 1e-5 (L2) relative, allowed twice over: a clip 2e-4 (L1) and
+    1e-4 (L2) too weak is beyond that and caught."""
+    grad = torch.randn(1_000_000, generator=torch.Generator().manual_seed(0))
+    p = nn.Parameter(torch.zeros(1_000_000))
+    p.grad = grad.clone()
+    torch.nn.utils.clip_grad_norm_([p], 1.0 + over, norm_type=norm_type)
+    with pytest.raises(StabilityError, match="torch's own rounding of the total included"):
+        assert_clipped_norm_bounded([p], 1.0, norm_type, before=[grad])
+
+
+def test_bounded_growth_fails_each_nan_or_inf_on_its_own() -> None:
+    """Oracle: assert_bounded_growth's definition (NaN and Inf count as over, never hidden; only 0 / 0
+    is silent), on a measured Measurement with one figure set by hand (dataclasses.replace): a NaN
+    growth with finite gains, NaN gains beside a NaN middle activation gradient with a finite growth,
+    and an Inf gain out of a zero gradient (1 / 0, not 0 / 0) each fail alone."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2))
+    m = probe_module(net, torch.ones(1, 2), lambda o, _: o.sum())
+    assert_bounded_growth(m, 1e6)
+    acts, gains = list(m.activation_grad_norms), list(m.gains)
+    assert len(acts) == len(gains) + 1 >= 3 and all(0 < a < math.inf for a in acts)
+    with pytest.raises(StabilityError, match="Overall growth: nan"):
+        assert_bounded_growth(dataclasses.replace(m, growth=math.nan), 1e6)
+    nan_mid = dataclasses.replace(
+        m,
+        activation_grad_norms=(acts[0], math.nan, *acts[2:]),
+        gains=(math.nan, math.nan, *gains[2:]),
+    )
+    with pytest.raises(StabilityError, match=r"Layers over bound: 2 / "):
+        assert_bounded_growth(nan_mid, 1e6)
+    from_nothing = dataclasses.replace(
+        m, activation_grad_norms=(acts[0], 0.0, *acts[2:]), gains=(math.inf, 0.0, *gains[2:])
+    )
+    with pytest.raises(StabilityError, match=r"Layers over bound: 1 / "):
+        assert_bounded_growth(from_nothing, 1e6)
+
+
+class _NoBackoffScaler(torch.amp.GradScaler):
+    """torch's GradScaler that skips non-finite steps but keeps its scale (never backs off)."""
+
+    def update(self, new_scale: float | torch.Tensor | None = None) -> None:
+        before = self.get_scale()
+        super().update(new_scale)
+        super().update(max(before, self.get_scale()))
+
+
+class _ScalesFivePercentOverScaler(torch.amp.GradScaler):
+    """torch's GradScaler whose loss scale is 5% more than it unscales by: clean steps 5% too long."""
+
+    def scale(self, outputs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().scale(outputs) * 1.05
+
+
+def test_gradscaler_guards_catch_no_backoff_and_a_five_percent_wrong_unscale() -> None:
+    """Oracle: torch.amp.GradScaler (passes) and one plain SGD step on the unscaled gradients: a scaler
+    that skips but never backs off its scale, and one whose clean step is 5% too long (5x CLEAN_RTOL),
+    are caught."""
+    b = build(Config.of("mlp", depth=3, width=8, batch_size=4))
+    assert_gradscaler_guards(b.model, b.inputs, b.loss_fn, torch.amp.GradScaler("cpu"))
+    with pytest.raises(StabilityError, match="did not back off its scale"):
+        assert_gradscaler_guards(b.model, b.inputs, b.loss_fn, _NoBackoffScaler("cpu"))
+    with pytest.raises(StabilityError, match="clean step did not update the weights"):
+        assert_gradscaler_guards(b.model, b.inputs, b.loss_fn, _ScalesFivePercentOverScaler("cpu"))
