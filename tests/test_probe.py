@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
+from chain_models import OrthogonalTowers
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -1093,7 +1094,7 @@ def test_chains_that_all_vanish_grow_by_their_product() -> None:
     chain (that is read only where a chain grows above 1). Oracle, exact: ||W^T v|| = g ||v|| for
     W = g x orthogonal (float32 init, so 1e-6)."""
     torch.manual_seed(0)
-    model = _Towers(3, (0.5, 0.8)).double()
+    model = OrthogonalTowers(3, (0.5, 0.8)).double()
     m = probe_module(model, torch.randn(4, 8, dtype=torch.float64), lambda o, _: o.square().sum())
     assert m.chain_growths == pytest.approx([0.5**3, 0.8**2], rel=1e-6)
     assert m.growth == pytest.approx(0.5**3 * 0.8**2, rel=1e-6)
@@ -1104,35 +1105,12 @@ def test_three_chains_show_the_one_that_grows() -> None:
     each later tower's first output), two junctions; their product 9/16 would hide the first chain's
     growth 9, which is the growth. Oracle, exact: ||W^T v|| = g ||v|| for W = g x orthogonal."""
     torch.manual_seed(0)
-    model = _Towers(2, (3.0, 0.25, 0.25)).double()
+    model = OrthogonalTowers(2, (3.0, 0.25, 0.25)).double()
     m = probe_module(model, torch.randn(4, 8, dtype=torch.float64), lambda o, _: o.square().sum())
     assert m.chain_starts == (3, 5)
     assert m.chain_growths == pytest.approx([9.0, 0.25, 0.25], rel=1e-6)
     assert m.gains[1] == pytest.approx(3.0, rel=1e-6) and math.isnan(m.gains[2]) and math.isnan(m.gains[4])
     assert m.growth == pytest.approx(9.0, rel=1e-6)
-
-
-class _Towers(nn.Module):
-    """Towers of `depth` bias-free linear layers on one input, tower i's weights gains[i] x orthogonal,
-    their outputs summed: tower i's chain grows gains[i] ** depth, each gain exactly gains[i]."""
-
-    def __init__(self, depth: int, gains: tuple[float, ...]) -> None:
-        super().__init__()
-        self.towers = nn.ModuleList(
-            nn.ModuleList(nn.Linear(8, 8, bias=False) for _ in range(depth)) for _ in gains
-        )
-        for tower, gain in zip(self.towers, gains, strict=True):
-            for layer in tower:
-                nn.init.orthogonal_(layer.weight, gain=gain)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros_like(x)
-        for tower in self.towers:
-            h = x
-            for layer in tower:
-                h = layer(h)
-            total = total + h
-        return total
 
 
 @pytest.mark.parametrize(("warmup", "clip"), [(3, None), (4, 0.05)])

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from chain_models import OrthogonalTowers
 from torch import nn
 
 from stabilitycheck.config import Config
@@ -639,29 +640,6 @@ def torch_output_grads(
     for handle in handles:
         handle.remove()
     return [float(g.norm()) for g in torch.autograd.grad(loss, outs)]
-
-
-class OrthogonalTowers(nn.Module):
-    """Two towers of `depth` bias-free linear layers on the same input, tower i's weights gains[i] x
-    orthogonal: ||W^T v|| = g ||v|| exactly, so tower i's chain grows gains[i] ** depth."""
-
-    def __init__(self, depth: int, gains: tuple[float, float]) -> None:
-        super().__init__()
-        self.towers = nn.ModuleList(
-            nn.ModuleList(nn.Linear(8, 8, bias=False) for _ in range(depth)) for _ in gains
-        )
-        for tower, gain in zip(self.towers, gains, strict=True):
-            for layer in tower:
-                nn.init.orthogonal_(layer.weight, gain=gain)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outs = []
-        for tower in self.towers:
-            h = x
-            for layer in tower:
-                h = layer(h)
-            outs.append(h)
-        return outs[0] + outs[1]
 
 
 def test_one_chains_vanishing_does_not_hide_anothers_explosion() -> None:
