@@ -33,14 +33,19 @@ def _spoiled(value: float, tensor: torch.Tensor) -> bool:
     return value == math.inf or value < LOW * math.sqrt(tensor.numel())
 
 
+def _in_float32(tensor: torch.Tensor, norm: torch.Tensor) -> bool:
+    """Whether `norm` of `tensor` was summed in float32 from float32 squares, which can spoil it."""
+    return tensor.dtype in RANGED and norm.dtype != EXACT
+
+
 def refine(tensors: Sequence[torch.Tensor], norms: list[torch.Tensor]) -> list[torch.Tensor]:
     """`norms` with each float32 norm of a RANGED tensor that is `_spoiled` taken again in float64.
     One host read when there are such norms: on the CPU, where it costs nothing and a float64 sum is
     10-40x slower than a float32 one (on CUDA these norms are float64 already)."""
-    narrow = [i for i, t in enumerate(tensors) if t.dtype in RANGED and norms[i].dtype != EXACT]
-    if narrow:
-        values = torch.stack([norms[i] for i in narrow]).tolist()
-        for i, value in zip(narrow, values, strict=True):
+    summed = [i for i, (t, n) in enumerate(zip(tensors, norms, strict=True)) if _in_float32(t, n)]
+    if summed:
+        values = torch.stack([norms[i] for i in summed]).tolist()
+        for i, value in zip(summed, values, strict=True):
             if _spoiled(value, tensors[i]):
                 norms[i] = torch.linalg.vector_norm(tensors[i], dtype=EXACT)
     return norms
@@ -117,7 +122,7 @@ def accumulated(tensors: list[torch.Tensor], exact: bool) -> list[torch.Tensor]:
 def narrow(tensors: Sequence[torch.Tensor], norms: Sequence[torch.Tensor]) -> bool:
     """Whether a norm of `tensors` was summed in float32 from float32 squares (on the CPU; on CUDA
     they are summed in float64): the ones `clean` must vouch for."""
-    return any(n.dtype != EXACT and t.dtype in RANGED for t, n in zip(tensors, norms, strict=True))
+    return any(_in_float32(t, n) for t, n in zip(tensors, norms, strict=True))
 
 
 def clean(values: Sequence[float], largest: int) -> bool:
@@ -175,9 +180,8 @@ def norm_values(
     out = [0.0] * len(tensors)
     for i, value in zip(order, flat[len(head) :], strict=True):
         out[i] = value
-    for i, t in enumerate(
-        [] if exact or clean(out, largest) else tensors
-    ):  # rare: a second read per spoiled norm
+    spoilable = [] if exact or clean(out, largest) else tensors  # rare: a second read per spoiled norm
+    for i, t in enumerate(spoilable):
         if t.dtype in RANGED and accumulator(t.dtype, exact, device) != EXACT and _spoiled(out[i], t):
             out[i] = float(torch.linalg.vector_norm(t, dtype=EXACT))
     return flat[: len(head)] + out
