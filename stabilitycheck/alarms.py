@@ -1,8 +1,8 @@
 """Signals and alarms around user code: a per-probe time limit; SIGTERM unwinding a watched run to
-its watcher before it ends the process; signals held while a flush completes; and the test whether
-code runs inside a gc callback, where an exception raised is printed and dropped, so a handler or an
-alarm that would raise there defers instead (standard library only: the CLI's signal handler uses
-it before anything heavy is imported)."""
+its watcher before it ends the process (deferred while the watcher's own code runs); signals held
+while a flush completes; and the test whether code runs inside a gc callback, where an exception
+raised is printed and dropped, so a handler or an alarm that would raise there defers instead
+(standard library only: the CLI's signal handler uses it before anything heavy is imported)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,23 @@ def in_gc_callback(frame: Any) -> bool:
     while frame is not None:
         if frame.f_code in codes:
             return True
+        frame = frame.f_back
+    return False
+
+
+_PACKAGE = __name__.partition(".")[0]
+_PASSED_THROUGH = ("torch", "contextlib", "functools")  # what our code calls, or what calls it back
+
+
+def in_own_code(frame: Any) -> bool:
+    """Whether `frame` runs this package's code: itself, or code of torch (or of the standard library's
+    contextlib or functools) that this package's code called, as a hook or a helper."""
+    while frame is not None:
+        top = str(frame.f_globals.get("__name__", "")).partition(".")[0]
+        if top == _PACKAGE:
+            return True
+        if top not in _PASSED_THROUGH:
+            return False
         frame = frame.f_back
     return False
 
@@ -68,8 +85,10 @@ class Termination:
     then ends the process by SIGTERM itself (`close`): what the default handler does, after the report
     instead of before it, and nothing that catches SystemExit (pytest) can swallow it. Only where
     SIGTERM has the default handler (one a user or a framework installed is theirs), in the main
-    thread. A SIGTERM whose exception was dropped (raised in a gc callback or a __del__) is raised
-    at the next `check`, and ends the process at `close` in any case; a second one ends it at once."""
+    thread. A SIGTERM that lands in the watcher's own code (a hook, a step's bookkeeping: unwound
+    half-way, its log and report were lost) or where its exception would be dropped (a gc callback, a
+    __del__) is raised at the next `check`, and ends the process at `close` in any case; a second one
+    ends it at once."""
 
     def __init__(self) -> None:
         self.installed = False
@@ -85,11 +104,11 @@ class Termination:
         if self.fired or not self.installed:  # a second SIGTERM, or one after close: the default's
             _die()
         self.fired = True
-        if not in_gc_callback(frame):  # there it would be printed and dropped: `check` raises it
+        if not (in_own_code(frame) or in_gc_callback(frame)):  # else `check` raises it
             raise Terminated
 
     def check(self) -> None:
-        """Raise a SIGTERM whose exception was dropped."""
+        """Raise a SIGTERM that was deferred (or whose exception was dropped)."""
         if self.fired:
             raise Terminated
 

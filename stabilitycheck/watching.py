@@ -376,6 +376,7 @@ class Watcher:
         self.step += 1
         if self._filled == self.flush_every:
             self.flush()
+        self._termination.check()  # a SIGTERM deferred while the step closed (or flushed, held)
         return flagged
 
     def _pre_hook(self, *_: Any) -> None:
