@@ -1,0 +1,118 @@
+"""The culprit rule (culprit_of) on per-seed gain stacks built so that each of its thresholds sits just
+inside or just outside, every expected name worked by hand from the rule's docstring."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from stabilitycheck.culprit import culprit_of
+from stabilitycheck.measurement import Measurement
+
+C = math.log(2)  # every stack below is shifted by ln 2: a block with no excess has gain 2
+
+
+def seed(logs: list[float], growth: float | None = None) -> Measurement:
+    """One seed's Measurement of a stack with log-gains `logs` (block i is named b<i>), its growth the
+    product of the gains unless given; every weight gradient 1 (the fallback names the last block)."""
+    names = tuple(f"b{i}" for i in range(len(logs)))
+    gains = tuple(math.exp(x) for x in logs)
+    return Measurement(
+        layer_names=names,
+        activation_names=("(input)", *names),
+        loss=(1.0,),
+        grad_norm=(1.0,),
+        layer_grad_norms=(1.0,) * len(names),
+        activation_norms=(1.0,) * (len(names) + 1),
+        activation_grad_norms=(1.0,) * (len(names) + 1),
+        gains=gains,
+        growth=math.prod(gains) if growth is None else growth,
+        weight_norms=(),
+        first_nonfinite=None,
+        steps_run=0,
+    )
+
+
+UNIFORM_X2 = "uniform, median gain x2"
+
+
+@pytest.mark.parametrize(("factor", "named"), [(1.01, True), (0.99, False)])
+def test_a_block_is_named_only_past_3x_the_spread_of_the_others(factor: float, named: bool) -> None:
+    """Guards the 3x-spread rule; oracle by hand: log-gains ln 2 + (-1, -1, 0, 1, T) have median ln 2,
+    excesses (-1, -1, 0, 1, T), the others' spread median(1, 1, 0, 1) = 1, so b4 is named iff T > 3."""
+    ms = [seed([C - 1, C - 1, C, C + 1, C + 3 * factor])] * 5
+    assert culprit_of(ms) == ("b4" if named else UNIFORM_X2)
+
+
+@pytest.mark.parametrize(("spike", "named"), [(2.2, True), (1.9, False)])
+def test_a_block_is_named_only_past_twice_the_stacks_median_gain(spike: float, named: bool) -> None:
+    """Guards the log 2 floor on the excess over the stack's median (not its mean); oracle by hand:
+    gains (2, 2, 2, 2, 2 x spike) have median 2, so b4's excess is ln(spike): named iff spike > 2 (over
+    the mean log-gain, ln 2.2's excess is 0.8 ln 2.2 < ln 2)."""
+    ms = [seed([C, C, C, C, C + math.log(spike)])] * 5
+    assert culprit_of(ms) == ("b4" if named else UNIFORM_X2)
+
+
+def _voters(n: int, wins: int) -> list[Measurement]:
+    """n seeds whose stack has b4 at ln 8 over the rest; in the n - wins others b3 is at ln 8 + 1 (b3
+    is their largest block, yet b4's median excess over seeds stays ln 8 where they are a minority)."""
+    top = [C, C, C, C, C + math.log(8)]
+    other = [C, C, C, C + math.log(8) + 1, C + math.log(8)]
+    return [seed(top)] * wins + [seed(other)] * (n - wins)
+
+
+@pytest.mark.parametrize("n", range(1, 26))
+def test_a_block_is_named_only_where_it_is_largest_in_at_least_80_percent_of_seeds(n: int) -> None:
+    """Guards the 80%-of-seeds rule, the boundary included (4 of 5, 8 of 10, 19 of 24 not); oracle: the
+    count in exact integers, wins / n >= 4 / 5 iff 5 wins >= 4 n, over every majority of n <= 25 seeds
+    (b4's median excess ln 8 passes the other rules whatever the count, b3's median excess is 0)."""
+    for wins in range(n // 2 + 1, n + 1):
+        assert culprit_of(_voters(n, wins)) == ("b4" if 5 * wins >= 4 * n else UNIFORM_X2), (n, wins)
+
+
+def test_two_gains_vote_for_the_largest_amplifying_block_and_three_show_a_uniform_rate() -> None:
+    """Guards the minimum stack size of the median rule (3 gains); oracle, the docstring by hand: with 2
+    gains the seeds vote for their largest amplifying block (b1 in two seeds of three, though 2 and 4
+    read as a uniform x2.83 by the median rule); 3 equal gains of 2 are a uniform stack (the vote would
+    name a block)."""
+    two = [seed([C, 2 * C]), seed([C, 2 * C]), seed([2 * C, C])]
+    assert culprit_of(two) == "b1"
+    assert culprit_of([seed([C, C, C])] * 3) == UNIFORM_X2
+
+
+def test_one_seeds_outlier_does_not_move_a_blocks_excess_over_seeds() -> None:
+    """Guards the median over seeds of each block's excess; oracle by hand: b4 stands ln 8 over the rest
+    in all 5 seeds, b0 10 ln 8 in one seed only. Medians over seeds: b0 0, b4 ln 8, b4 is largest in 4
+    seeds of 5, so b4 (by the mean, b0's 2 ln 8 outranks b4 and is largest in one seed: no block)."""
+    t = math.log(8)
+    ms = [seed([C, C, C, C, C + t])] * 4 + [seed([C + 10 * t, C, C, C, C + t])]
+    assert culprit_of(ms) == "b4"
+
+
+def test_one_hard_shrinking_block_does_not_widen_the_others_spread() -> None:
+    """Guards the spread as the median of the other blocks' absolute excesses; oracle by hand: excesses
+    (-8 ln 8, 0, 0, 0, ln 8) give b4's others a spread of median(8 ln 8, 0, 0, 0) = 0, so b4 is named (a
+    mean spread, 2 ln 8, would need b4 over 6 ln 8)."""
+    t = math.log(8)
+    assert culprit_of([seed([C - 8 * t, C, C, C, C + t])] * 5) == "b4"
+
+
+def test_the_typical_gain_is_the_median_over_seeds_of_each_stacks_median() -> None:
+    """Guards both medians of the reported typical gain G; oracle by hand: stacks of gain 2 with b4 at
+    x1.6 (below twice the median: no culprit) in two seeds, and 8 everywhere in the third: medians
+    2, 2, 8, so G = 2 (a stack's mean gain is 2 x 1.6 ** (1 / 5); the mean over seeds is 2 ** (5 / 3))."""
+    low = [C, C, C, C, C + math.log(1.6)]
+    ms = [seed(low), seed(low), seed([3 * C] * 5)]
+    assert culprit_of(ms) == UNIFORM_X2
+
+
+def test_a_stack_shrinking_in_most_seeds_is_vanishing_whatever_one_seed_grows() -> None:
+    """Guards 'the stack's growth is under 1' as the median over seeds; oracle by hand: gains of 0.5 in
+    every block of 3 (typical gain 0.5), two seeds with growth 1/8 and one whose last block is x40
+    (growth 10): the median growth 1/8 is under 1, so a uniform x0.5 (the mean, 3.4, is over 1 and
+    blamed the block with the largest weight gradient, b2)."""
+    half = math.log(0.5)
+    ms = [seed([half] * 3), seed([half] * 3), seed([half, half, math.log(40)])]
+    assert [m.growth for m in ms] == pytest.approx([0.125, 0.125, 10.0])
+    assert culprit_of(ms) == "uniform, median gain x0.5"

@@ -1,0 +1,52 @@
+"""The growth kind's rules (growthkind) on exact gain stacks built so that each threshold sits just inside
+or just outside, every expected value worked by hand from the Growth and input_apart docstrings."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from stabilitycheck.growthkind import fit_growth, input_apart, kind_of
+
+
+@pytest.mark.parametrize(("offset", "apart"), [(0.16, True), (-0.16, True), (0.14, False), (-0.14, False)])
+def test_an_input_gain_off_a_constant_stack_is_apart_past_3_times_the_sd_floor(
+    offset: float, apart: bool
+) -> None:
+    """Guards the standard-deviation floor 0.05 (3 x 0.05 = 0.15 in log-gain); oracle by hand: the others
+    are exactly 1.5 (standard deviation 0, so the floor decides), the input's log-gain ln 1.5 + offset."""
+    assert input_apart([1.5 * math.exp(offset), *[1.5] * 5]) is apart
+
+
+@pytest.mark.parametrize(("offset", "apart"), [(0.31, True), (0.29, False)])
+def test_an_input_gain_is_apart_past_3_population_sds_of_the_others(offset: float, apart: bool) -> None:
+    """Guards INPUT_SPREAD standard deviations where they are above the floor; oracle by hand: the others'
+    log-gains are ln 1.5 +- 0.1 (mean ln 1.5, population standard deviation 0.1), so apart iff the input
+    lies more than 0.3 from ln 1.5 (the sample deviation, 0.115, would put it at 0.35)."""
+    rest = [1.5 * math.exp(0.1), 1.5 * math.exp(-0.1)] * 2
+    assert input_apart([1.5 * math.exp(offset), *rest]) is apart
+
+
+@pytest.mark.parametrize(("offset", "excess"), [(0.16, 0.0), (0.14, 0.02)])
+def test_the_exponential_rate_leaves_out_only_an_input_gain_apart(offset: float, excess: float) -> None:
+    """Guards the floor through the fitted rate; oracle, least squares by hand: gains ln 1.5 + offset then
+    5 x 1.5. Left apart (0.16 > 0.15) the rest is exactly ln 1.5 per block; kept (0.14), the cumulative
+    log growth over 6, 5, .., 1 blocks is x ln 1.5 plus 0.14 at x = 6, whose slope is ln 1.5 plus
+    0.14 (6 - 3.5) / 17.5 = 0.02."""
+    gains = [1.5 * math.exp(offset), *[1.5] * 5]
+    kind = kind_of([gains] * 3, [math.prod(gains)] * 3, 0.5)
+    assert kind.kind == "exponential"
+    assert kind.rate.mid == pytest.approx(math.log(1.5) + excess, abs=1e-12)
+
+
+@pytest.mark.parametrize(("gains", "rate"), [([3.0], math.log(3)), ([2.0, 8.0], math.log(4))])
+def test_a_short_stacks_rate_is_its_log_growth_per_block(gains: list[float], rate: float) -> None:
+    """Guards the rate of a stack too short to fit (1 or 2 gains); oracle, the Growth definition by
+    hand: rate ** blocks is the growth, 3 = 3 ** 1 and 2 x 8 = 4 ** 2 (neither gain of the two, nor
+    their growth over 3 block calls); no fit explains anything there (NaN r2 and exponent)."""
+    fit = fit_growth(gains)
+    assert fit[0] == pytest.approx(rate, rel=1e-12)
+    assert all(math.isnan(x) for x in fit[1:])
+    kind = kind_of([gains] * 3, [math.prod(gains)] * 3, 0.5)
+    assert kind.kind == "n/a" and kind.rate.mid == pytest.approx(rate, rel=1e-12)
