@@ -13,9 +13,10 @@ from stabilitycheck.measurement import AFTER_LAST, Measurement
 def culprit_of(ms: Sequence[Measurement]) -> str:
     """The block to blame, over seeds: where the first non-finite value was made; else a block whose
     backward log-gain exceeds the stack's median log-gain by more than log 2 and by more than 3x the
-    spread of the other blocks' excesses, in the median over seeds, and which has the largest gain in
-    at least 80% of the seeds; else, when the typical gain G is over 1, or the stack's growth is under 1
-    (every block shrinks the gradient alike: vanishing), 'uniform, median gain xG'; else the block with
+    spread of the other blocks' excesses (the median of their absolute values), in the median over
+    seeds, and which has the largest gain in at least 80% of the seeds; else, when the typical gain G
+    (the median over seeds of each stack's median) is over 1, or the median growth over seeds is under
+    1 (every block shrinks the gradient alike: vanishing), 'uniform, median gain xG'; else the block with
     the largest weight gradient (the growth was inside a block). A stack with fewer than three gains
     cannot show a uniform rate: there the seeds vote for their largest amplifying block."""
     first = ms[0]
