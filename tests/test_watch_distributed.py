@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -100,12 +98,14 @@ def _count_collectives(phases: dict[str, int], watcher_phase: list[str]) -> None
         setattr(Watcher, method, phased)
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, out: str) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # the ranks meet through a file of the test's own directory, not a port picked free beforehand: a
+    # port closed by the parent is free for any process to take until rank 0 binds it, seconds later
+    store = Path(out) / "store"
+    dist.init_process_group("gloo", init_method=store.as_uri(), rank=rank, world_size=2)
     torch.set_num_threads(1)
     phases: dict[str, int] = {}
     phase = ["other"]
@@ -150,18 +150,12 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
     if not dist.is_available() or sys.platform == "win32":
         pytest.skip("torch.distributed with gloo is not available here")
     out = tmp_path_factory.mktemp("ranks")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(str(out),), nprocs=2, join=True)
     return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
