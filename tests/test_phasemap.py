@@ -339,20 +339,48 @@ def test_map_of_the_transformer_example_runs_end_to_end(
     assert theory(pm) is None
 
 
+GATED = """
+import time
+from pathlib import Path
+
+from torch import nn
+
+SPACE = {{"depth": (1, 64)}}
+
+
+def build(depth=4, init_scale=1.0, width=16):
+    if Path({json!r}).exists():  # a verdict is written: the next one waits for the signal
+        Path({blocked!r}).touch()
+        time.sleep(600)
+    layers = [nn.Linear(width, width, bias=False) for _ in range(depth)]
+    for layer in layers:
+        nn.init.normal_(layer.weight, std=init_scale / width**0.5)
+    return nn.Sequential(*[nn.Sequential(layer, nn.Tanh()) for layer in layers])
+"""
+"""A tanh MLP whose builds, once the map's JSON exists, wait (for the signal) after touching `blocked`."""
+
+
 @pytest.mark.slow
 def test_sigterm_writes_what_was_traced_and_exits_143(tmp_path: Path) -> None:
-    path = tmp_path / "m.json"
-    argv = ["map", "mlp", "--x", "depth", "--y", "init_scale", "--knob", "depth=1:64"]
+    """The signal is sent while a verdict is under way, after one was written: the whole map takes
+    1.5 s, so a signal sent once the JSON appeared could come after the map had finished on a loaded
+    machine (exit 1, not interrupted). The model holds the second verdict until the signal comes."""
+    path, blocked, model = tmp_path / "m.json", tmp_path / "blocked", tmp_path / "gated.py"
+    model.write_text(GATED.format(json=str(path), blocked=str(blocked)))
+    argv = ["map", str(model), "--x", "depth", "--y", "init_scale", "--knob", "depth=1:64"]
     argv += ["--knob", "init_scale=1.0:4.0:0.125", "--knob", "width=16", "--seeds", "1", "--json", str(path)]
     proc = subprocess.Popen(
         [sys.executable, "-m", "stabilitycheck.cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    deadline = time.monotonic() + 60
-    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 143
+    try:
+        deadline = time.monotonic() + 120
+        while not blocked.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()  # never left waiting, whatever failed above
+    assert proc.returncode == 143, err[-2000:]
     pm = PhaseMap.from_dict(json.loads(path.read_text()))
     assert pm.interrupted and 0 < pm.verdicts < pm.grid
     assert b"not traced" in out
