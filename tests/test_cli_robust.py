@@ -280,17 +280,58 @@ def _cli(args: list[str], cwd: Path) -> subprocess.Popen[str]:
     )
 
 
+HOLD_THE_SECOND_SEARCH = """
+import sys
+import time
+from pathlib import Path
+
+from stabilitycheck import cli, searching
+
+real, marker = searching.search, Path(sys.argv.pop(1))
+
+
+def search(space, **kwargs):  # mlp's search runs; the next one waits for the signal at its first point
+    if space.label == "mlp":
+        return real(space, **kwargs)
+    shown = kwargs["progress"]
+
+    def progress(message):
+        shown(message)
+        marker.touch()
+        time.sleep(600)
+
+    return real(space, **{**kwargs, "progress": progress})
+
+
+searching.search = search
+sys.exit(cli.main())
+"""
+
+
 @pytest.mark.slow
 def test_sigterm_mid_search_writes_what_was_found_and_progress_shows_off_a_tty(tmp_path: Path) -> None:
-    out_json = tmp_path / "out.json"
-    proc = _cli(["zoo", "--family", "mlp,rnn,gru", "--database", "none", "--json", str(out_json)], tmp_path)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # wait until the first search is written
-        if out_json.exists() and any(e["counterexample"] for e in json.loads(out_json.read_text())):
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    """The signal lands in the second search, which waits for it at its first point: sent once the
+    JSON held mlp's counterexample, it could come after the other two searches had finished (2 s on
+    an idle machine), on a loaded one (exit 1, not terminated)."""
+    out_json, script, marker = tmp_path / "out.json", tmp_path / "held.py", tmp_path / "waiting"
+    script.write_text(HOLD_THE_SECOND_SEARCH)
+    args = ["zoo", "--family", "mlp,rnn,gru", "--database", "none", "--json", str(out_json)]
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(marker), *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()  # never left waiting, whatever failed above
     assert proc.returncode == cli.EXIT_TERMINATED, err
     data = json.loads(out_json.read_text())
     assert data[0]["label"] == "mlp" and data[0]["counterexample"] is not None
