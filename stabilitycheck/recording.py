@@ -193,7 +193,7 @@ def _entering(
 
 class _Recorder:
     """Forward hooks on the blocks, collecting (block index, output) of every block call while active;
-    dL/d(output) is then captured by the backward pass itself (torch.autograd.grad), no tensor hooks.
+    dL/d(output) is then captured by the backward pass itself (backward(inputs=...)), no tensor hooks.
 
     With `input_side`, block 0's input is the chain's first entry (index -1, named INPUT), so block
     0's own gain is measured: taken on block 0's first call when no block has run before it, its

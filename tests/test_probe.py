@@ -1334,3 +1334,48 @@ def test_every_norm_entry_point_is_exact_for_float32_squares_out_of_range() -> N
         torch.tensor([[0, 0, 2]]), torch.tensor([3.0, 4.0, 1.0]), (4,), check_invariants=True
     )
     assert float(torch.linalg.vector_norm(norms.dense(grad))) == pytest.approx(math.sqrt(50.0), rel=1e-7)
+
+
+class _PassThrough(nn.Module):
+    """Returns its input itself: the same tensor is the previous block's output and its own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_an_input_requiring_grad_keeps_its_grad_and_a_block_returning_its_input_has_gain_one() -> None:
+    """The probe's backward accumulates into .grad: a user's input that already requires grad (and
+    holds a .grad) is a recorded output of its own; it keeps its .grad, and dL/dx is read afresh,
+    not added to it. A block returning its input records the same tensor twice, each with its
+    whole gradient: gain exactly 1 (the identity's Jacobian). Oracle: torch.autograd.grad on the
+    same model and input."""
+    torch.manual_seed(0)
+    layers = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.Tanh()), _PassThrough()])
+    layers.append(nn.Sequential(nn.Linear(8, 8), nn.Tanh()))
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = layers
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    model = Model()
+    x = torch.randn(4, 8, requires_grad=True)
+    x.grad = torch.full_like(x, 7.0)
+
+    def loss(out: torch.Tensor, _: Any) -> torch.Tensor:
+        return out.square().mean()
+
+    m = probe_module(model, x, loss)
+    assert torch.equal(x.grad, torch.full_like(x, 7.0))
+    h0 = layers[0](x)
+    out = layers[2](h0)
+    dx, dh0, dout = torch.autograd.grad(loss(out, None), [x, h0, out])
+    norms = [float(g.norm()) for g in (dx, dh0, dh0, dout)]
+    assert m.activation_names == ("(input)", "layers.0", "layers.1", "layers.2")
+    assert m.activation_grad_norms == pytest.approx(norms, rel=1e-6)
+    assert m.gains[1] == 1.0
