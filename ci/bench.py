@@ -118,6 +118,9 @@ def sizes(quick: bool) -> Sizes:
         models={
             "MLP 16x256, batch 64": mlp.with_knobs(batch_size=64),
             "MLP 16x256, batch 256": mlp.with_knobs(batch_size=256),
+            "torch MLP 16x256 (nn.Linear, bias), batch 64": Config.of(
+                str(ROOT / "ci" / "torch_mlp.py"), batch_size=64, lr=1e-4
+            ),
             "pre-norm transformer 4x128, T 64": Config.of(
                 "transformer",
                 depth=4,
@@ -261,7 +264,7 @@ def hooks_item(blocks: Sequence[tuple[str, nn.Module]], step: Variant) -> Varian
 
 
 def floor(built: Built, params: list[nn.Parameter], input_side: bool) -> Variant:
-    """An ideal probe with no bookkeeping: forward hooks appending outputs, one autograd.grad over the
+    """An ideal probe with no bookkeeping: forward hooks appending outputs, one backward into the
     outputs (and, with `input_side`, the model's float input, as the probe takes block 0's input) and
     parameters, one fused norm call, one copy to the host. What probe(steps=0) could cost."""
 
@@ -275,9 +278,10 @@ def floor(built: Built, params: list[nn.Parameter], input_side: bool) -> Variant
         loss = built.loss_fn(call_model(built.model, inputs), inputs)
         for h in handles:
             h.remove()
-        grads = torch.autograd.grad(loss, [*outputs, *params])
-        for p, g in zip(params, grads[len(outputs) :], strict=True):
-            p.grad = g
+        for p in params:
+            p.grad = None
+        loss.backward(inputs=[*outputs, *params])
+        grads = [t._grad for t in [*outputs, *params]]
         with torch.no_grad():
             norms = torch._foreach_norm([*grads, *outputs], 2, dtype=torch.float32)
             values: list[float] = torch.stack([loss.detach().float(), *norms]).tolist()
@@ -794,13 +798,13 @@ NOTES = {
         "CPU time of the process (time.process_time). Each cell is the median over rounds of the\n"
         "per-round ratio to its baseline, [quartiles] of those ratios. Baselines: bare = zero grads +\n"
         "forward + backward(); probe steps=1 is divided by 2 x (forward + backward) + 1 SGD step, the\n"
-        "same work unprobed. floor = hooks appending block outputs + one autograd.grad + one fused norm +\n"
-        "one host copy, no bookkeeping; norms alone = that fused norm call and host copy by itself, over\n"
-        "tensors of the same sizes (block outputs, as many output-gradient-sized ones, weight gradients):\n"
-        "the cost of reading every byte once, which any exact probe pays. detect_anomaly = bare under\n"
-        "torch.autograd.detect_anomaly; lightning norms = bare + p.grad.norm().item() per parameter;\n"
-        "hooks + .item() = bare with a forward hook per block logging ||output|| and, via a tensor hook,\n"
-        "||dL/d(output)|| with .item().\n"
+        "same work unprobed. floor = hooks appending block outputs + one backward into them + one fused\n"
+        "norm + one host copy, no bookkeeping; norms alone = that fused norm call and host copy by\n"
+        "itself, over tensors of the same sizes (block outputs, as many output-gradient-sized ones,\n"
+        "weight gradients): the cost of reading every byte once, which any exact probe pays.\n"
+        "detect_anomaly = bare under torch.autograd.detect_anomaly; lightning norms = bare +\n"
+        "p.grad.norm().item() per parameter; hooks + .item() = bare with a forward hook per block\n"
+        "logging ||output|| and, via a tensor hook, ||dL/d(output)|| with .item().\n"
         "The watch mode is measured in its own section. The probe caches its per-model layout, warm\n"
         "after the warm-up calls (as for repeated calls on one model; a search builds a new model per\n"
         "probe). Target: probe <= 1.05x on the MLPs and the transformer, <= 1.15x on the RNN."
