@@ -1379,3 +1379,97 @@ def test_an_input_requiring_grad_keeps_its_grad_and_a_block_returning_its_input_
     assert m.activation_names == ("(input)", "layers.0", "layers.1", "layers.2")
     assert m.activation_grad_norms == pytest.approx(norms, rel=1e-6)
     assert m.gains[1] == 1.0
+
+
+class _Tanhs(nn.Module):
+    """`n` blocks of (nn.Linear 8, tanh) in a ModuleList."""
+
+    def __init__(self, n: int = 2) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(n)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def _square_mean(out: torch.Tensor, _: Any) -> torch.Tensor:
+    return out.square().mean()
+
+
+def test_a_non_leaf_input_requiring_grad_leaves_the_graph_it_came_from_as_it_was() -> None:
+    """An input that is another module's output (an encoder's, probing the decoder) is a recorded
+    output the probe differentiates to, not through: the graph behind it is not the probe's. It can
+    be probed again (another seed, another decoder), the caller can still backpropagate through it
+    afterwards, and it is left without retain_grad. Oracle: torch.autograd.grad."""
+    torch.manual_seed(0)
+    encoder = nn.Linear(8, 8)
+    x = encoder(torch.randn(4, 8))
+    decoder = _Tanhs()
+    first = probe_module(decoder, x, _square_mean)
+    again = probe_module(decoder, x, _square_mean, seed=1)
+    assert not x.retains_grad
+    (dx,) = torch.autograd.grad(_square_mean(decoder(x), None), [x], retain_graph=True)
+    assert first.activation_grad_norms[0] == pytest.approx(float(dx.norm()), rel=1e-6)
+    assert again.activation_grad_norms == first.activation_grad_norms
+    _square_mean(decoder(x), None).backward()  # the caller's own backward, through the encoder
+    assert encoder.weight.grad is not None
+
+
+def test_a_non_leaf_input_holding_a_retained_grad_reads_dl_dx_afresh() -> None:
+    """A non-leaf input the caller made retain its gradient, holding one from an earlier backward:
+    dL/dx is this loss's, not added to what the input held."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, requires_grad=True) * 1.0
+    x.retain_grad()
+    (x * 5.0).sum().backward(retain_graph=True)  # x.grad is 5 everywhere
+    model = _Tanhs()
+    m = probe_module(model, x, _square_mean)
+    (dx,) = torch.autograd.grad(_square_mean(model(x), None), [x])
+    assert m.activation_grad_norms[0] == pytest.approx(float(dx.norm()), rel=1e-6)
+
+
+def test_a_nan_step_is_located_when_the_input_is_a_non_leaf_requiring_grad() -> None:
+    """The float64 re-run that names a NaN's block backpropagates the step a second time: the graph
+    behind a non-leaf input must have survived the first pass."""
+
+    class Poison(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x) * math.inf
+
+    torch.manual_seed(0)
+    x = nn.Linear(8, 8)(torch.randn(4, 8))
+    model = nn.Sequential(nn.Sequential(nn.Linear(8, 8), nn.Tanh()), Poison(), nn.Linear(8, 8))
+    blocks = [(str(i), block) for i, block in enumerate(model)]
+    m = probe_module(model, x, _square_mean, blocks=blocks)
+    assert m.first_nonfinite is not None
+    assert (m.first_nonfinite.layer, m.first_nonfinite.tensor) == ("1", "activation")
+
+
+def test_the_probe_runs_no_post_accumulate_grad_hook_of_the_model() -> None:
+    """A model that steps its optimizer inside the backward (register_post_accumulate_grad_hook, as
+    torch's tutorial on fusing the optimizer step into the backward does): the probe at steps=0 leaves
+    its weights as they were and measures the gradient, not the zeros the hook leaves. Oracle:
+    torch.autograd.grad."""
+    torch.manual_seed(0)
+    model = _Tanhs()
+    optimizers = {p: torch.optim.SGD([p], lr=0.1) for p in model.parameters()}
+
+    def step_in_backward(p: torch.Tensor) -> None:
+        optimizers[p].step()
+        optimizers[p].zero_grad()
+
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(step_in_backward)
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(4, 8)
+    m = probe_module(model, x, _square_mean)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    grads = torch.autograd.grad(_square_mean(model(x), None), list(model.parameters()))
+    assert m.grad_norm[0] == pytest.approx(math.sqrt(sum(float(g.square().sum()) for g in grads)), rel=1e-6)
