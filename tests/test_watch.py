@@ -1022,3 +1022,65 @@ def test_a_pass_is_told_by_a_gradient_reaching_any_of_the_models_outputs(kind: s
         for block in fresh.blocks:
             h = block(h)
     assert rows[0][0]["activation"][-1] == pytest.approx(float(torch.linalg.vector_norm(h)), rel=1e-5)
+
+
+RUN_THEN_EVALUATE = """
+import os, signal, sys, types, torch
+import stabilitycheck.watchcapture as wc
+from watch_models import MLP, batch, compute_loss
+from stabilitycheck import watch
+torch.manual_seed(0)
+model = MLP(depth=3)
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+log = sys.argv[1]
+armed = [False]
+
+def term_in_the_forward_hook():  # SIGTERM in the watcher's forward hook, on the evaluation's first call
+    def _forward_hook(self, b, hook_of=wc.Capture._forward_hook):
+        hook = hook_of(self, b)
+        def on_forward(module, args, output):
+            if armed[0] and not torch.is_grad_enabled():
+                armed[0] = False
+                os.kill(os.getpid(), signal.SIGTERM)
+            return hook(module, args, output)
+        return on_forward
+    own = {**vars(wc), "os": os, "signal": signal, "torch": torch, "armed": armed}
+    code, defaults = _forward_hook.__code__, _forward_hook.__defaults__
+    wc.Capture._forward_hook = types.FunctionType(code, own, "_forward_hook", defaults)
+
+term_in_the_forward_hook()
+with watch(model, opt, log=log, flush_every=10, report=sys.stderr) as w:
+    for epoch in range(2):
+        for step in range(15):
+            loss = compute_loss(model, batch(torch.Generator().manual_seed(step), model))
+            w.loss(loss)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        armed[0] = epoch == 0
+        with torch.no_grad():  # an evaluation: forwards, no optimizer step
+            for k in range(200):
+                compute_loss(model, batch(torch.Generator().manual_seed(1000 + k), model))
+        print("the evaluation ran to its end", file=sys.stderr, flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or sys.platform == "win32", reason="POSIX signals")
+def test_a_sigterm_landing_in_a_hook_during_an_evaluation_stops_the_evaluation(tmp_path: Path) -> None:
+    """A SIGTERM that lands in the watcher's forward hook is held until the hook is done, not until
+    the loop's next optimizer step: an evaluation between two epochs (forwards under no_grad, no step)
+    would run to its end first, past a scheduler's grace period, which then kills the run with
+    SIGKILL before the watcher writes its log and report. The run stops in the evaluation, writes
+    every step taken and the report, and dies by SIGTERM."""
+    script, log = tmp_path / "run.py", tmp_path / "watch.jsonl"
+    script.write_text(RUN_THEN_EVALUATE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(log)], env=env, stderr=subprocess.PIPE, text=True, timeout=300
+    )
+    assert proc.returncode == -signal.SIGTERM, proc.stderr
+    assert "the evaluation ran to its end" not in proc.stderr
+    said = re.search(r"stabilitycheck watch: (\d+) steps", proc.stderr)
+    assert said is not None and int(said.group(1)) == 15, proc.stderr
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(15))
