@@ -145,35 +145,61 @@ class _Run:
 
 def _backward(run: _Run, loss: torch.Tensor, outputs: list[torch.Tensor]) -> list[torch.Tensor | None]:
     """Backward from `loss`, setting every parameter's .grad (None where none reached it) and
-    returning dL/d(output) of each recorded output (None where the loss does not depend on it), all
-    from the one pass over the graph that torch.autograd.grad over the same tensors would run, but
-    accumulating into .grad (backward(inputs=...)): autograd.grad returned the weight gradients
-    ~1.4 ms per million parameters dearer (a 16x256 MLP step 1.2x instead of 1.0x; see ci/bench.py)."""
+    returning dL/d(output) of each recorded output (None where the loss does not depend on it), from
+    one pass over the graph: backward(inputs=...) where it touches nothing of the caller's
+    (`_accumulable`), else torch.autograd.grad over the same tensors, which returned the weight
+    gradients of a biased nn.Linear (addmm) ~1.4 ms per million parameters dearer (a 16 x 256 MLP
+    step 1.2x instead of 1.0x; see ci/bench.py)."""
     wanted = [i for i, out in enumerate(outputs) if out.requires_grad]
-    targets = [*(outputs[i] for i in wanted), *run.params]
-    params = {id(p) for p in run.params}
-    # a leaf output of the user's own (block 0's input already requiring grad) keeps its .grad
-    kept = [(t, t.grad) for t in targets if t.is_leaf and id(t) not in params]
-    for t in itertools.chain(run.params, (t for t, _ in kept)):
-        t.grad = None
-    try:
-        _backward_into(loss, targets)
-        captured: list[torch.Tensor | None] = [None] * len(outputs)
+    if not _accumulable(run, [outputs[i] for i in wanted]):
+        grads = _differentiated(loss, [outputs[i] for i in wanted] + list(run.params))
+        for p, g in zip(run.params, grads[len(wanted) :], strict=True):
+            p.grad = g
+        found = grads[: len(wanted)]
+    else:
+        held = [p.grad for p in run.params]
+        for p in run.params:
+            p.grad = None
+        try:
+            _differentiated(loss, [*(outputs[i] for i in wanted), *run.params], into=True)
+        except BaseException:
+            for p, g in zip(run.params, held, strict=True):
+                p.grad = g
+            raise
+        found = [outputs[i]._grad for i in wanted]  # .grad warns on a non-leaf that no gradient reached
         for i in wanted:
-            captured[i] = outputs[i]._grad  # .grad warns on a non-leaf that no gradient reached
-        for out in (outputs[i] for i in wanted):
-            if id(out) not in params:
-                out.grad = None
-    finally:
-        for t, grad in kept:
-            t.grad = grad
+            if not outputs[i].is_leaf:  # a parameter's own .grad stays
+                outputs[i].grad = None
+    captured: list[torch.Tensor | None] = [None] * len(outputs)
+    for i, g in zip(wanted, found, strict=True):
+        captured[i] = g
     return captured
 
 
-def _backward_into(loss: torch.Tensor, targets: list[torch.Tensor]) -> None:
-    """loss.backward(inputs=targets), torch's errors for checkpointed models said in one line."""
+def _accumulable(run: _Run, outputs: list[torch.Tensor]) -> bool:
+    """Whether backward(inputs=...) over `outputs` and the parameters computes what autograd.grad
+    would and touches nothing of the caller's: no input requires grad (the graph behind it is the
+    caller's: backward would run its node, freeing what it saved), no output is a leaf (backward
+    would add into its .grad) but a parameter, and no parameter has a post-accumulate-grad hook
+    (backward runs it: an optimizer stepped inside the backward would move the weights)."""
+    leaves = [out for out in outputs if out.is_leaf]
+    params = {id(p) for p in run.params} if leaves else set()
+    return (
+        not any(t.requires_grad for t in tensors_of(run.inputs))
+        and all(id(out) in params for out in leaves)
+        and not any(getattr(p, "_post_accumulate_grad_hooks", None) for p in run.params)
+    )
+
+
+def _differentiated(loss: torch.Tensor, targets: list[torch.Tensor], into: bool = False) -> Any:
+    """dL/d(each target) by torch.autograd.grad (None where unused), or with `into` accumulated into
+    their .grad by loss.backward(inputs=targets); torch's errors for checkpointed models said in one
+    line."""
     try:
-        loss.backward(inputs=targets)
+        if into:
+            loss.backward(inputs=targets)
+            return None
+        return torch.autograd.grad(loss, targets, allow_unused=True)
     except CheckpointError as exc:  # a recomputation that differs from its forward: torch's several lines
         raise UsageError(
             f"{str(exc).splitlines()[0]} The probe gives block 0 a copy of the "
@@ -186,9 +212,10 @@ def _backward_into(loss: torch.Tensor, targets: list[torch.Tensor]) -> None:
             raise
         raise UsageError(
             "the model runs torch.utils.checkpoint with use_reentrant=True, which torch does not allow "
-            "with backward(inputs=...) (the probe's backward), and whose blocks run under no_grad, "
-            "unmeasurable; pass use_reentrant=False (Hugging Face: model.gradient_checkpointing_enable("
-            "gradient_checkpointing_kwargs={'use_reentrant': False})) or probe without checkpointing"
+            "with torch.autograd.grad or backward(inputs=...) (the probe's backward), and whose blocks "
+            "run under no_grad, unmeasurable; pass use_reentrant=False (Hugging Face: "
+            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': "
+            "False})) or probe without checkpointing"
         ) from None
 
 

@@ -589,7 +589,8 @@ def test_blocks_under_gradient_checkpointing_read_as_without_it(steps: int) -> N
 def test_reentrant_checkpointing_is_refused_in_one_line() -> None:
     """torch.utils.checkpoint with use_reentrant=True (Hugging Face's default for
     gradient_checkpointing_enable) raised torch's RuntimeError from the probe's backward; the user
-    is told what to pass instead. Its blocks run under no_grad: nothing to measure there."""
+    is told what to pass instead, and keeps the gradients the model held. Its blocks run under
+    no_grad: nothing to measure there."""
     torch.manual_seed(0)
     layers = nn.ModuleList(_Tanh() for _ in range(2))
     emb = nn.Embedding(10, 4)
@@ -605,9 +606,14 @@ def test_reentrant_checkpointing_is_refused_in_one_line() -> None:
                 h = checkpoint(block, h, use_reentrant=True)
             return h
 
+    model = Model()
+    for p in model.parameters():  # the caller's gradients, which a refused probe leaves as they were
+        p.grad = torch.full_like(p, 3.0)
     with pytest.raises(UsageError, match=r"use_reentrant=True.*pass use_reentrant=False") as caught:
-        probe_module(Model(), torch.randint(0, 10, (3, 5)), lambda o, _: o.square().mean())
+        probe_module(model, torch.randint(0, 10, (3, 5)), lambda o, _: o.square().mean())
     assert "\n" not in str(caught.value)
+    assert all(torch.equal(p.grad, torch.full_like(p, 3.0)) for p in model.parameters() if p.grad is not None)
+    assert all(p.grad is not None for p in model.parameters())
 
 
 class _Doubling(nn.Module):
