@@ -51,8 +51,10 @@ class Capture:
         width: int,
         param_slots: Sequence[int],
         param_scale: Sequence[float],
+        check: Callable[[], None],
     ) -> None:
         self.blocks, self.params, self.width = blocks, list(params), width
+        self.check = check  # raises a SIGTERM held while the watcher's code ran (alarms.Termination)
         self.param_slots, self.param_scale = list(param_slots), list(param_scale)
         self.sharded = any(distributed.is_dtensor(p) for p in self.params)
         self.eager = False  # set once a kept output was modified in place before its norm
@@ -160,6 +162,12 @@ class Capture:
         grad_hooks: dict[tuple[int, int], GradHook] = {}  # by (output index, pass): see _grad_hook
 
         def on_forward(module: nn.Module, args: Any, output: Any) -> None:
+            try:
+                keep(output)
+            finally:  # a SIGTERM that landed in the hook stops an evaluation too (no step closes there)
+                self.check()
+
+        def keep(output: Any) -> None:
             out = _first_tensor(output, scalars=False)
             if out is None or not torch.is_grad_enabled():
                 return

@@ -137,7 +137,9 @@ class Watcher:
         grad_slots = [self.layout.parts()["gradient"].start + b for b in self.owner]
         weight_slots = [self.layout.parts()["weight"].start + b for b in self.owner]
         scale = [1.0 / c for c in copies] * 2  # gradients, then weights
-        self.capture = Capture(self.blocks, self.params, self.layout.width, grad_slots + weight_slots, scale)
+        self._termination = Termination()  # SIGTERM unwinds to the watcher, which writes, then dies
+        slots, check = grad_slots + weight_slots, self._termination.check
+        self.capture = Capture(self.blocks, self.params, self.layout.width, slots, scale, check)
         self.fused = bool(optimizer is not None and optimizer.defaults.get("fused"))
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         check_modes(model, self.world, skip, bundle, compute_loss, optimizer, self.fused, hook_optimizer)
@@ -174,7 +176,6 @@ class Watcher:
         self._original_step: Any = None
         self._step: Any = None
         self.report: Report | None = None
-        self._termination = Termination()  # SIGTERM unwinds to the watcher, which writes, then dies
 
     # ------------------------------------------------------------------------------------ hooks
 
