@@ -9,10 +9,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from signalled import stopped_when_marked
 
 from stabilitycheck import cli
 
@@ -324,14 +324,7 @@ def test_sigterm_mid_search_writes_what_was_found_and_progress_shows_off_a_tty(t
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    try:
-        deadline = time.monotonic() + 120
-        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()  # never left waiting, whatever failed above
+    _, err = stopped_when_marked(proc, marker)
     assert proc.returncode == cli.EXIT_TERMINATED, err
     data = json.loads(out_json.read_text())
     assert data[0]["label"] == "mlp" and data[0]["counterexample"] is not None

@@ -13,10 +13,8 @@ import itertools
 import json
 import math
 import re
-import signal
 import subprocess
 import sys
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from signalled import stopped_when_marked
 
 from stabilitycheck import meanfield
 from stabilitycheck._json import strict_json
@@ -372,14 +371,7 @@ def test_sigterm_writes_what_was_traced_and_exits_143(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "stabilitycheck.cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    try:
-        deadline = time.monotonic() + 120
-        while not blocked.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()  # never left waiting, whatever failed above
+    out, err = stopped_when_marked(proc, blocked)
     assert proc.returncode == 143, err[-2000:]
     pm = PhaseMap.from_dict(json.loads(path.read_text()))
     assert pm.interrupted and 0 < pm.verdicts < pm.grid

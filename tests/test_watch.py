@@ -13,13 +13,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from signalled import stopped_when_marked
 from test_probe import NanBackward
 from test_watch_rule import reference_steps
 from torch import nn
@@ -818,15 +818,7 @@ def test_a_watched_run_stopped_by_sigterm_writes_its_log_and_report_then_dies_by
         stderr=subprocess.PIPE,
         text=True,
     )
-    try:
-        if mode in ("plain", "caught"):
-            deadline = time.monotonic() + 120
-            while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()  # never left looping, whatever failed above
+    _, err = stopped_when_marked(proc, marker if mode in ("plain", "caught") else None)
     assert proc.returncode == -signal.SIGTERM, err
     assert "the loop's finally ran" in err and "caught: the run went on" not in err
     said = re.search(r"stabilitycheck watch: (\d+) steps", err)
