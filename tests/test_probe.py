@@ -11,6 +11,7 @@ import math
 import re
 import warnings
 import weakref
+from collections import namedtuple
 from typing import Any, ClassVar
 
 import pytest
@@ -1479,3 +1480,58 @@ def test_the_probe_runs_no_post_accumulate_grad_hook_of_the_model() -> None:
         assert torch.equal(value, before[name]), name
     grads = torch.autograd.grad(_square_mean(model(x), None), list(model.parameters()))
     assert m.grad_norm[0] == pytest.approx(math.sqrt(sum(float(g.square().sum()) for g in grads)), rel=1e-6)
+
+
+_Pair = namedtuple("_Pair", "x shift")
+
+
+class _Shifted(nn.Module):
+    """_Tanhs on x, then + shift: called with a namedtuple's fields as its arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = _Tanhs()
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + shift
+
+
+def test_a_namedtuple_of_inputs_is_probed() -> None:
+    """Inputs given as a namedtuple (a tuple: its fields are the model's arguments) are probed as
+    a plain tuple of the same tensors is."""
+    torch.manual_seed(0)
+    model = _Shifted()
+    x, shift = torch.randn(4, 8), torch.randn(4, 8)
+    named = probe_module(model, _Pair(x, shift), _square_mean)
+    plain = probe_module(model, (x, shift), _square_mean)
+    assert named.grad_norm == plain.grad_norm
+    assert named.activation_grad_norms == plain.activation_grad_norms
+
+
+class _HeldInput(nn.Module):
+    """Its blocks run on a tensor it holds (set by the caller, e.g. an encoder's output), scaled by
+    its input."""
+
+    def __init__(self, held: torch.Tensor) -> None:
+        super().__init__()
+        self.held = held
+        self.body = _Tanhs()
+
+    def forward(self, scale: torch.Tensor) -> torch.Tensor:
+        return self.body(self.held) * scale
+
+
+def test_a_block_input_requiring_grad_held_by_the_model_leaves_the_graph_it_came_from_as_it_was() -> None:
+    """Block 0's input is not among the inputs given but a non-leaf requiring grad that the model
+    holds: it is the chain's entry all the same, and the graph behind it is the caller's, so the
+    caller can backpropagate through it after the probe. Oracle: torch.autograd.grad."""
+    torch.manual_seed(0)
+    encoder = nn.Linear(8, 8)
+    held = encoder(torch.randn(4, 8))
+    model = _HeldInput(held)
+    scale = torch.ones(4, 1)
+    m = probe_module(model, scale, _square_mean, blocks=[("body.layers.0", model.body.layers[0])])
+    (dx,) = torch.autograd.grad(_square_mean(model(scale), None), [held], retain_graph=True)
+    assert m.activation_grad_norms[0] == pytest.approx(float(dx.norm()), rel=1e-6)
+    held.sum().backward()  # the caller's own backward, through the encoder
+    assert encoder.weight.grad is not None
