@@ -172,22 +172,26 @@ def _backward(run: _Run, loss: torch.Tensor, outputs: list[torch.Tensor]) -> lis
                 outputs[i].grad = None
     captured: list[torch.Tensor | None] = [None] * len(outputs)
     for i, g in zip(wanted, found, strict=True):
-        captured[i] = g
+        # a parameter's own (a block returning it, a learned query into block 0) is its .grad, which
+        # a GradScaler unscales in place: kept apart, or it is unscaled twice
+        captured[i] = g.clone() if g is not None and outputs[i].is_leaf else g
     return captured
 
 
 def _accumulable(run: _Run, outputs: list[torch.Tensor]) -> bool:
     """Whether backward(inputs=...) over `outputs` and the parameters computes what autograd.grad
-    would and touches nothing of the caller's: no input requires grad (the graph behind it is the
-    caller's: backward would run its node, freeing what it saved), no output is a leaf (backward
-    would add into its .grad) but a parameter, and no parameter has a post-accumulate-grad hook
-    (backward runs it: an optimizer stepped inside the backward would move the weights)."""
+    would and touches nothing of the caller's: block 0's input is not a non-leaf of the caller's graph
+    (backward would run its node, freeing what it saved), no output is a leaf (backward would add into
+    its .grad) but a parameter, no parameter has a post-accumulate-grad hook, and no process group is
+    up (backward runs the hooks on the parameters' accumulation, where an optimizer stepped inside
+    the backward, DDP's reducer or FSDP's would act; those on the accumulation nodes cannot be seen)."""
     leaves = [out for out in outputs if out.is_leaf]
     params = {id(p) for p in run.params} if leaves else set()
     return (
-        not any(t.requires_grad for t in tensors_of(run.inputs))
+        not run.rec.foreign
         and all(id(out) in params for out in leaves)
         and not any(getattr(p, "_post_accumulate_grad_hooks", None) for p in run.params)
+        and not (torch.distributed.is_available() and torch.distributed.is_initialized())
     )
 
 

@@ -1498,7 +1498,8 @@ class _Shifted(nn.Module):
 
 def test_a_namedtuple_of_inputs_is_probed() -> None:
     """Inputs given as a namedtuple (a tuple: its fields are the model's arguments) are probed as
-    a plain tuple of the same tensors is."""
+    a plain tuple of the same tensors is, also where a NaN in them is located by the float64 re-run
+    (which walks the inputs: rebuilding the namedtuple from one iterable raised TypeError)."""
     torch.manual_seed(0)
     model = _Shifted()
     x, shift = torch.randn(4, 8), torch.randn(4, 8)
@@ -1506,6 +1507,11 @@ def test_a_namedtuple_of_inputs_is_probed() -> None:
     plain = probe_module(model, (x, shift), _square_mean)
     assert named.grad_norm == plain.grad_norm
     assert named.activation_grad_norms == plain.activation_grad_norms
+    shift[0, 0] = math.nan
+    named = probe_module(model, _Pair(x, shift), _square_mean)
+    plain = probe_module(model, (x, shift), _square_mean)
+    assert named.first_nonfinite is not None and plain.first_nonfinite is not None
+    assert named.first_nonfinite.describe() == plain.first_nonfinite.describe()
 
 
 class _HeldInput(nn.Module):
@@ -1535,3 +1541,49 @@ def test_a_block_input_requiring_grad_held_by_the_model_leaves_the_graph_it_came
     assert m.activation_grad_norms[0] == pytest.approx(float(dx.norm()), rel=1e-6)
     held.sum().backward()  # the caller's own backward, through the encoder
     assert encoder.weight.grad is not None
+
+
+def test_a_parameter_fed_to_block_0_under_float16_amp_has_its_gradient_unscaled_once() -> None:
+    """A learned query fed to block 0 is the chain's entry, and its gradient is the parameter's own
+    .grad, which the GradScaler unscales in place: it was divided by the loss scale a second time.
+    Oracle: the query is the model's only parameter, so the entry's gradient norm is the total
+    gradient norm (and the scale, 65536, is far from 1)."""
+
+    class Query(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.query = nn.Parameter(torch.randn(4, 8))
+            self.layers = nn.ModuleList([nn.Tanh(), nn.Tanh()])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.query
+            for layer in self.layers:
+                h = layer(h)
+            return h * x
+
+    torch.manual_seed(0)
+    m = probe_module(Query(), torch.randn(4, 8), _square_mean, amp="float16")
+    assert m.activation_names[0] == "(input)"
+    assert m.activation_grad_norms[0] == pytest.approx(m.grad_norm[0], rel=1e-6)
+
+
+def test_under_a_process_group_the_probe_runs_no_hook_on_a_parameters_accumulation(tmp_path: Any) -> None:
+    """DDP's reducer and FSDP hook each parameter's gradient accumulation node, where no check can
+    see them: with a process group up, the probe's backward returns the gradients without running
+    those nodes (torch.autograd.grad), so no hook of theirs acts on a probe. Oracle: a hook of that
+    kind, which would record every call."""
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    model, ran = _Tanhs(), []
+    nodes = [p.view_as(p).grad_fn.next_functions[0][0] for p in model.parameters()]  # kept alive
+    for node in nodes:
+        node.register_hook(lambda *_: ran.append(1))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        probe_module(model, torch.randn(4, 8), _square_mean)
+    finally:
+        dist.destroy_process_group()
+    assert not ran
+    probe_module(model, torch.randn(4, 8), _square_mean)  # no process group: they run, as in training
+    assert ran
