@@ -1587,3 +1587,58 @@ def test_under_a_process_group_the_probe_runs_no_hook_on_a_parameters_accumulati
     assert not ran
     probe_module(model, torch.randn(4, 8), _square_mean)  # no process group: they run, as in training
     assert ran
+
+
+def test_a_non_leaf_input_made_in_another_thread_leaves_the_graph_it_came_from_as_it_was() -> None:
+    """Autograd's sequence numbers count per thread: a caller's non-leaf made in a thread that had
+    made many nodes numbers above the mark of a probe run in a fresh thread, so it was not told as
+    the caller's and the fast backward ran (and freed) its node. Oracle: the caller's own backward."""
+    import threading
+
+    torch.manual_seed(0)
+    w = torch.randn(8, requires_grad=True)
+    for _ in range(100):
+        w * 1.0  # nodes made by this thread before the caller's tensor
+    encoder = nn.Linear(8, 8)
+    x = encoder(torch.randn(4, 8))
+    errors: list[BaseException] = []
+
+    def probe() -> None:
+        try:
+            probe_module(_Tanhs(), x, _square_mean)
+        except BaseException as exc:  # reported in the main thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    thread.join()
+    assert not errors
+    x.sum().backward()  # the caller's own backward, through the encoder
+    assert encoder.weight.grad is not None
+
+
+class _Remembering(nn.Module):
+    """A block (nn.Identity, a norm left out) on its second input, a memory the caller computed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.norm = nn.Identity()
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.a(x)) + self.norm(memory)
+
+
+def test_a_block_returning_a_non_leaf_input_leaves_the_graph_it_came_from_as_it_was() -> None:
+    """A block's output can be the caller's non-leaf itself (nn.Identity on an input that is not
+    block 0's): it is a recorded output, and the fast backward ran (and freed) its node; only block
+    0's input was checked. Oracle: the caller's own backward, and torch.autograd.grad."""
+    torch.manual_seed(0)
+    encoder = nn.Linear(8, 8)
+    memory = encoder(torch.randn(4, 8))
+    model, x = _Remembering(), torch.randn(4, 8)
+    m = probe_module(model, (x, memory), _square_mean, blocks=[("a", model.a), ("norm", model.norm)])
+    (dm,) = torch.autograd.grad(_square_mean(model(x, memory), None), [memory], retain_graph=True)
+    assert m.activation_grad_norms[-1] == pytest.approx(float(dm.norm()), rel=1e-6)
+    memory.sum().backward()  # the caller's own backward, through the encoder
+    assert encoder.weight.grad is not None
