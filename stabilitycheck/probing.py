@@ -180,15 +180,20 @@ def _backward(run: _Run, loss: torch.Tensor, outputs: list[torch.Tensor]) -> lis
 
 def _accumulable(run: _Run, outputs: list[torch.Tensor]) -> bool:
     """Whether backward(inputs=...) over `outputs` and the parameters computes what autograd.grad
-    would and touches nothing of the caller's: block 0's input is not a non-leaf of the caller's graph
-    (backward would run its node, freeing what it saved), no output is a leaf (backward would add into
-    its .grad) but a parameter, no parameter has a post-accumulate-grad hook, and no process group is
-    up (backward runs the hooks on the parameters' accumulation, where an optimizer stepped inside
-    the backward, DDP's reducer or FSDP's would act; those on the accumulation nodes cannot be seen)."""
+    would and touches nothing of the caller's: no output is a non-leaf of the caller's graph (backward
+    would run its node, freeing what it saved): no input requires grad, and every non-leaf output's
+    node was made in this pass (its sequence number, counted per thread, from the recorder's mark:
+    one the model holds, made earlier in this thread, is told apart); no output is a leaf (backward
+    would add into its .grad) but a parameter; no parameter has a post-accumulate-grad hook; and no
+    process group is up (backward runs the hooks on the parameters' accumulation, where an optimizer
+    stepped inside the backward, DDP's reducer or FSDP's would act; those on the accumulation nodes
+    cannot be seen)."""
     leaves = [out for out in outputs if out.is_leaf]
     params = {id(p) for p in run.params} if leaves else set()
+    mark = run.rec.mark
     return (
-        not run.rec.foreign
+        not any(t.requires_grad for t in tensors_of(run.inputs))
+        and all(out.grad_fn is None or out.grad_fn._sequence_nr() >= mark for out in outputs)
         and all(id(out) in params for out in leaves)
         and not any(getattr(p, "_post_accumulate_grad_hooks", None) for p in run.params)
         and not (torch.distributed.is_available() and torch.distributed.is_initialized())

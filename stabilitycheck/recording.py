@@ -246,7 +246,6 @@ class _Recorder:
         self.pre: Any = None  # the input pre-hook's handle, from start() to block 0's first call or `release`
         self.raw: torch.Tensor | None = None  # the input block 0's first call got a copy of, until release
         self.mark = 0  # the sequence number of the first autograd node of this pass (this thread's)
-        self.foreign = False  # the entry is a non-leaf of a graph made before this pass (the caller's)
 
     def _on_input(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -260,8 +259,6 @@ class _Recorder:
             self._unhook()  # block 0's first call only: a recurrent cell is called once per token
             if chain is not None and self.active and not self.calls:
                 self.entry, self.version = chain[1], chain[1]._version
-                node = chain[1].grad_fn
-                self.foreign = node is not None and node._sequence_nr() < self.mark
             return None
         self.raw = chain[1]  # the hook stays: a checkpoint may call block 0 on it again in the backward
         self.entry, replaced = _entering(args, kwargs, *chain)
@@ -319,7 +316,6 @@ class _Recorder:
             ids.clear()
         self.entering = [] if inputs else None
         self.entry = None
-        self.foreign = False
         self.mark = _next_node()
         self.active = True
         if self.first is not None:
