@@ -264,7 +264,7 @@ def hooks_item(blocks: Sequence[tuple[str, nn.Module]], step: Variant) -> Varian
 
 
 def floor(built: Built, params: list[nn.Parameter], input_side: bool) -> Variant:
-    """An ideal probe with no bookkeeping: forward hooks appending outputs, one backward into the
+    """An ideal probe with no bookkeeping: forward hooks appending outputs, one autograd.grad over the
     outputs (and, with `input_side`, the model's float input, as the probe takes block 0's input) and
     parameters, one fused norm call, one copy to the host. What probe(steps=0) could cost."""
 
@@ -278,10 +278,9 @@ def floor(built: Built, params: list[nn.Parameter], input_side: bool) -> Variant
         loss = built.loss_fn(call_model(built.model, inputs), inputs)
         for h in handles:
             h.remove()
-        for p in params:
-            p.grad = None
-        loss.backward(inputs=[*outputs, *params])
-        grads = [t._grad for t in [*outputs, *params]]
+        grads = torch.autograd.grad(loss, [*outputs, *params])
+        for p, g in zip(params, grads[len(outputs) :], strict=True):
+            p.grad = g
         with torch.no_grad():
             norms = torch._foreach_norm([*grads, *outputs], 2, dtype=torch.float32)
             values: list[float] = torch.stack([loss.detach().float(), *norms]).tolist()
@@ -798,7 +797,7 @@ NOTES = {
         "CPU time of the process (time.process_time). Each cell is the median over rounds of the\n"
         "per-round ratio to its baseline, [quartiles] of those ratios. Baselines: bare = zero grads +\n"
         "forward + backward(); probe steps=1 is divided by 2 x (forward + backward) + 1 SGD step, the\n"
-        "same work unprobed. floor = hooks appending block outputs + one backward into them + one fused\n"
+        "same work unprobed. floor = hooks appending block outputs + one autograd.grad + one fused\n"
         "norm + one host copy, no bookkeeping; norms alone = that fused norm call and host copy by\n"
         "itself, over tensors of the same sizes (block outputs, as many output-gradient-sized ones,\n"
         "weight gradients): the cost of reading every byte once, which any exact probe pays.\n"

@@ -1,6 +1,5 @@
 """The bench's model written as users write one: nn.Linear layers with bias and nn.Tanh in an
-nn.Sequential. The zoo's layers have no bias, and torch's backward of a biased layer (addmm) is where
-torch.autograd.grad cost the probe most (see probing._backward)."""
+nn.Sequential, read as Layer blocks. The zoo's layers have no bias, and their blocks are modules."""
 
 from __future__ import annotations
 

@@ -145,70 +145,15 @@ class _Run:
 
 def _backward(run: _Run, loss: torch.Tensor, outputs: list[torch.Tensor]) -> list[torch.Tensor | None]:
     """Backward from `loss`, setting every parameter's .grad (None where none reached it) and
-    returning dL/d(output) of each recorded output (None where the loss does not depend on it), from
-    one pass over the graph: backward(inputs=...) where it touches nothing of the caller's
-    (`_accumulable`), else torch.autograd.grad over the same tensors, which returned the weight
-    gradients of a biased nn.Linear (addmm) ~1.4 ms per million parameters dearer (a 16 x 256 MLP
-    step 1.2x instead of 1.0x; see ci/bench.py)."""
+    returning dL/d(output) of each recorded output (None where the loss does not depend on it),
+    all from one torch.autograd.grad pass (measured cheaper than backward() with tensor hooks or
+    retain_grad on many-call blocks, and no dearer on dense ones; see ci/bench.py). It runs no hook
+    on the parameters' accumulation (an optimizer stepped inside the backward, DDP's reducer) and
+    leaves the graph behind a caller's tensor as it was: backward(inputs=...) did both, for no
+    saving measurable on the bench's models."""
     wanted = [i for i, out in enumerate(outputs) if out.requires_grad]
-    if not _accumulable(run, [outputs[i] for i in wanted]):
-        grads = _differentiated(loss, [outputs[i] for i in wanted] + list(run.params))
-        for p, g in zip(run.params, grads[len(wanted) :], strict=True):
-            p.grad = g
-        found = grads[: len(wanted)]
-    else:
-        held = [p.grad for p in run.params]
-        for p in run.params:
-            p.grad = None
-        try:
-            _differentiated(loss, [*(outputs[i] for i in wanted), *run.params], into=True)
-        except BaseException:
-            for p, g in zip(run.params, held, strict=True):
-                p.grad = g
-            raise
-        found = [outputs[i]._grad for i in wanted]  # .grad warns on a non-leaf that no gradient reached
-        for i in wanted:
-            if not outputs[i].is_leaf:  # a parameter's own .grad stays
-                outputs[i].grad = None
-    captured: list[torch.Tensor | None] = [None] * len(outputs)
-    for i, g in zip(wanted, found, strict=True):
-        # a parameter's own (a block returning it, a learned query into block 0) is its .grad, which
-        # a GradScaler unscales in place: kept apart, or it is unscaled twice
-        captured[i] = g.clone() if g is not None and outputs[i].is_leaf else g
-    return captured
-
-
-def _accumulable(run: _Run, outputs: list[torch.Tensor]) -> bool:
-    """Whether backward(inputs=...) over `outputs` and the parameters computes what autograd.grad
-    would and touches nothing of the caller's: no output is a non-leaf of the caller's graph (backward
-    would run its node, freeing what it saved): no input requires grad, and every non-leaf output's
-    node was made in this pass (its sequence number, counted per thread, from the recorder's mark:
-    one the model holds, made earlier in this thread, is told apart); no output is a leaf (backward
-    would add into its .grad) but a parameter; no parameter has a post-accumulate-grad hook; and no
-    process group is up (backward runs the hooks on the parameters' accumulation, where an optimizer
-    stepped inside the backward, DDP's reducer or FSDP's would act; those on the accumulation nodes
-    cannot be seen)."""
-    leaves = [out for out in outputs if out.is_leaf]
-    params = {id(p) for p in run.params} if leaves else set()
-    mark = run.rec.mark
-    return (
-        not any(t.requires_grad for t in tensors_of(run.inputs))
-        and all(out.grad_fn is None or out.grad_fn._sequence_nr() >= mark for out in outputs)
-        and all(id(out) in params for out in leaves)
-        and not any(getattr(p, "_post_accumulate_grad_hooks", None) for p in run.params)
-        and not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    )
-
-
-def _differentiated(loss: torch.Tensor, targets: list[torch.Tensor], into: bool = False) -> Any:
-    """dL/d(each target) by torch.autograd.grad (None where unused), or with `into` accumulated into
-    their .grad by loss.backward(inputs=targets); torch's errors for checkpointed models said in one
-    line."""
     try:
-        if into:
-            loss.backward(inputs=targets)
-            return None
-        return torch.autograd.grad(loss, targets, allow_unused=True)
+        grads = torch.autograd.grad(loss, [outputs[i] for i in wanted] + list(run.params), allow_unused=True)
     except CheckpointError as exc:  # a recomputation that differs from its forward: torch's several lines
         raise UsageError(
             f"{str(exc).splitlines()[0]} The probe gives block 0 a copy of the "
@@ -221,11 +166,18 @@ def _differentiated(loss: torch.Tensor, targets: list[torch.Tensor], into: bool 
             raise
         raise UsageError(
             "the model runs torch.utils.checkpoint with use_reentrant=True, which torch does not allow "
-            "with torch.autograd.grad or backward(inputs=...) (the probe's backward), and whose blocks "
-            "run under no_grad, unmeasurable; pass use_reentrant=False (Hugging Face: "
-            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': "
-            "False})) or probe without checkpointing"
+            "with torch.autograd.grad (the probe's backward), and whose blocks run under no_grad, "
+            "unmeasurable; pass use_reentrant=False (Hugging Face: model.gradient_checkpointing_enable("
+            "gradient_checkpointing_kwargs={'use_reentrant': False})) or probe without checkpointing"
         ) from None
+    for p, g in zip(run.params, grads[len(wanted) :], strict=True):
+        p.grad = g
+    captured: list[torch.Tensor | None] = [None] * len(outputs)
+    for i, g in zip(wanted, grads, strict=False):
+        # a parameter's own (a block returning it, a learned query into block 0) is its .grad, which
+        # a GradScaler unscales in place: kept apart, or it is unscaled twice
+        captured[i] = g.clone() if g is not None and outputs[i].is_leaf else g
+    return captured
 
 
 def _refused_graph_break(exc: Exception) -> bool:

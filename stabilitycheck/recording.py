@@ -191,16 +191,9 @@ def _entering(
     return entry, (args, {**kwargs, key: entry})
 
 
-def _next_node() -> int:
-    """The sequence number this thread's next autograd node gets (numbers only grow)."""
-    node = torch.empty(0, requires_grad=True).view(0).grad_fn
-    assert node is not None  # a view of a tensor that requires grad has one
-    return int(node._sequence_nr()) + 1
-
-
 class _Recorder:
     """Forward hooks on the blocks, collecting (block index, output) of every block call while active;
-    dL/d(output) is then captured by the backward pass itself (backward(inputs=...)), no tensor hooks.
+    dL/d(output) is then captured by the backward pass itself (torch.autograd.grad), no tensor hooks.
 
     With `input_side`, block 0's input is the chain's first entry (index -1, named INPUT), so block
     0's own gain is measured: taken on block 0's first call when no block has run before it, its
@@ -245,7 +238,6 @@ class _Recorder:
         self.first = blocks[0][1] if input_side and blocks and not cell else None
         self.pre: Any = None  # the input pre-hook's handle, from start() to block 0's first call or `release`
         self.raw: torch.Tensor | None = None  # the input block 0's first call got a copy of, until release
-        self.mark = 0  # the sequence number of the first autograd node of this pass (this thread's)
 
     def _on_input(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -316,7 +308,6 @@ class _Recorder:
             ids.clear()
         self.entering = [] if inputs else None
         self.entry = None
-        self.mark = _next_node()
         self.active = True
         if self.first is not None:
             self.pre = self.first.register_forward_pre_hook(self.on_input, with_kwargs=True)
