@@ -263,6 +263,71 @@ def test_rescaling_rejects_a_bad_factor(c: float) -> None:
         assert_rescaling_equivariant(b.model, b.inputs, b.loss_fn, c)
 
 
+class _ProductMinus(nn.Module):
+    """out = w p q - w r for a one-element parameter w = 1 and inputs x = (p, q, r): the gradient of w
+    is p q - r, which float32 computes as fl(p q) - r (the product rounded once; the subtraction is
+    exact by Sterbenz's lemma, r being within a factor 2 of fl(p q)). Its rounding error is known by
+    hand: p = q = 1 + 2^-12 give p q = 1 + 2^-11 + 2^-24, a tie that rounds to even, 1 + 2^-11, so the
+    error is 2^-24 whatever r is, while r sets the gradient's norm n = 1 + 2^-11 - r."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.w * x[0]) * x[1] - self.w * x[2]
+
+
+@pytest.mark.parametrize("log2_n", [-7, -20])  # rounding error 2^-17 of n (under the cap), 2^-4 (over)
+@pytest.mark.parametrize("ratio", [0.8, 1.25])
+def test_rescaling_rejects_a_deviation_just_over_its_tolerance_and_passes_one_just_under(
+    log2_n: int, ratio: float
+) -> None:
+    """The tolerance as documented, worked by hand for one tensor of norm n with float32 rounding error
+    e = 2^-24 at c = 4: c x (rtol n + rtol n + 4 min(e, sqrt(eps) n)) + the subnormal spacing (the
+    total gradient norm is n). A clamping hook (nonlinear: it leaves the c = 1 gradient alone) takes
+    c n down by `ratio` x that tolerance: 0.8 x passes, 1.25 x fails. At n = 2^-7 the 4 e term and the
+    rtol terms are of a size (a 10x looser floor or 40 e in place of 4 e would pass 1.25 x); at n = 2^-20,
+    e is 1/16 of n, far beyond the sqrt(eps) cap (uncapped it would pass 1.25 x)."""
+    one, tiny = 1.0 + 2.0**-12, 2.0**-24
+    n = 2.0**log2_n
+    r = 1.0 + 2.0**-11 - n
+    x = torch.tensor([one, one, r], dtype=torch.float32)
+    assert float(x[2]) == r  # r is a float32
+    model = _ProductMinus()
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lambda out, _: out.sum()  # noqa: E731
+    loss_fn(model(x), x).backward()
+    assert float(model.w.grad) == n  # type: ignore[arg-type]  # fl(p q) - r, by hand
+    assert one * one - r == n + tiny  # the float64 gradient: the rounding error is 2^-24
+    model.w.grad = None
+    c, f32 = 4.0, torch.finfo(torch.float32)
+    rtol = 1.3e-6  # torch.testing's float32 rtol
+    e = min(tiny, math.sqrt(f32.eps) * n)
+    allowed = c * rtol * n + f32.smallest_normal * f32.eps + c * (4 * e + rtol * n)
+    bound = float(torch.tensor(c * n - ratio * allowed, dtype=torch.float32))
+    assert bound > n  # the c = 1 gradient is left alone
+    assert (c * n - bound) / allowed == pytest.approx(ratio, rel=0.01)
+    assert_rescaling_equivariant(model, x, loss_fn, c)  # honest: c n exactly (c a power of 2)
+    model.w.register_hook(lambda g: g.clamp(-bound, bound))
+    if ratio < 1:
+        assert_rescaling_equivariant(model, x, loss_fn, c)
+    else:
+        with pytest.raises(StabilityError, match=r"did not scale every gradient by 4"):
+            assert_rescaling_equivariant(model, x, loss_fn, c)
+
+
+@pytest.mark.parametrize("constant", [math.inf, -math.inf, math.nan])
+def test_rescaling_fails_on_a_non_finite_loss_even_where_the_gradients_are_finite(constant: float) -> None:
+    """A constant added to the loss leaves every gradient as it was (d/dw of a constant is 0), so the
+    gradients are finite and scale by c exactly; the loss itself is not finite, which the invariant
+    reports as such."""
+    model = _ProductMinus()
+    x = torch.tensor([1.0, 2.0, 3.0])
+    assert_rescaling_equivariant(model, x, lambda out, _: out.sum(), 4.0)
+    with pytest.raises(StabilityError, match=r"The loss is not finite \((-?inf|nan)\)"):
+        assert_rescaling_equivariant(model, x, lambda out, _: out.sum() + constant, 4.0)
+
+
 DEEP = Config.of("resmlp", norm="pre", init_scale=3.0, depth=48, width=32, batch_size=4)
 """Deep enough for a per-block gain above 1 to compound: the settings the two broken stacks fail at."""
 
