@@ -383,6 +383,8 @@ def test_a_non_finite_seed_never_decides_alone() -> None:
         ([1.6], False),  # 62x below: past the GRU's 55x spread, but not the 100x margin
         ([800.0, 900.0], False),  # 8x and 9x over: two seeds need 10x each (100 ** (1 / 2))
         ([math.nan], False),  # no number is not far
+        ([1e4], True),  # exactly 100x over: "at least" the margin
+        ([1000.0, 1000.0], True),  # both exactly 10x over (100 ** (1 / 2) = 10)
     ],
 )
 def test_the_margin_exceeds_the_measured_spread_between_seeds(growths: list[float], decided: bool) -> None:
@@ -561,3 +563,15 @@ def test_far_seeds_on_both_sides_of_a_limit_leave_the_verdict_open() -> None:
     assert _settled(seeds(1e5, 0.1), lim, 3, 0.5)["growth"] is None
     assert not _decided(seeds(1e5, 0.1), lim, 3, 0.5)
     assert _settled(seeds(1e5, 1e6), lim, 3, 0.5)["growth"] is True  # both far over: the margin
+
+
+def test_exploded_seeds_counts_every_seed_spent_that_explodes_on_its_own() -> None:
+    """Oracle, brute force: each seed the verdict spent, probed again and judged alone. A tanh MLP at
+    sigma 3 and depth 24 explodes on every seed, the first included."""
+    from stabilitycheck.verdicts import judge, values
+
+    c = Config.of("mlp", depth=24, width=16, init_scale=3.0, batch_size=8, seeds=3)
+    j = assess(c, limits=GROWTH_ONLY)
+    alone = [judge(values(probe(c.with_run(seed=s))), GROWTH_ONLY).exploded for s in j.seeds]
+    assert alone[0]  # the first seed is among those counted
+    assert j.exploded_seeds == sum(alone)
