@@ -531,6 +531,8 @@ def test_a_vanishing_point_over_an_even_number_of_seeds_is_named_vanishing() -> 
     assert expected  # the case the trial found, as measured here: it vanishes
     assert j.exploded == expected == ("vanishing" in j.verdict.names)
     assert bool(j.verdict.names) == j.exploded
+    # the profile shown is the median seed's (the 3rd probed), not the first's
+    assert j.measurement.growth == quantile(growths, 0.5) == growths[2] != growths[0]
 
 
 def test_a_rate_that_does_not_give_the_growth_is_no_exponential_kind() -> None:
