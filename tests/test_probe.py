@@ -1356,31 +1356,16 @@ def test_an_input_requiring_grad_keeps_its_grad_and_a_block_returning_its_input_
     records the same tensor twice, each with its whole gradient: gain exactly 1 (the identity's
     Jacobian). Oracle: torch.autograd.grad on the same model and input."""
     torch.manual_seed(0)
-    layers = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.Tanh()), _PassThrough()])
-    layers.append(nn.Sequential(nn.Linear(8, 8), nn.Tanh()))
-
-    class Model(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.layers = layers
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            for layer in self.layers:
-                x = layer(x)
-            return x
-
-    model = Model()
+    model = _Tanhs()
+    layers = model.layers
+    layers.insert(1, _PassThrough())
     x = torch.randn(4, 8, requires_grad=True)
     x.grad = torch.full_like(x, 7.0)
-
-    def loss(out: torch.Tensor, _: Any) -> torch.Tensor:
-        return out.square().mean()
-
-    m = probe_module(model, x, loss)
+    m = probe_module(model, x, _square_mean)
     assert torch.equal(x.grad, torch.full_like(x, 7.0))
     h0 = layers[0](x)
     out = layers[2](h0)
-    dx, dh0, dout = torch.autograd.grad(loss(out, None), [x, h0, out])
+    dx, dh0, dout = torch.autograd.grad(_square_mean(out, None), [x, h0, out])
     norms = [float(g.norm()) for g in (dx, dh0, dh0, dout)]
     assert m.activation_names == ("(input)", "layers.0", "layers.1", "layers.2")
     assert m.activation_grad_norms == pytest.approx(norms, rel=1e-6)
