@@ -16,6 +16,8 @@ import json
 import math
 import os
 import platform
+import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -69,7 +71,7 @@ class Sizes:
     seeds_targets: dict[str, Space]  # the zoo's searches (run.seeds = the default budget)
     seeds_rounds: int  # interleaved repeats of each search of the seeds section
     seeds_max_examples: int  # Hypothesis examples of each of its searches
-    pytest_target: str
+    pytest_target: tuple[str, ...]  # pytest's arguments: () runs the whole suite, as the README does
     pytest_timeout: float
 
 
@@ -108,7 +110,7 @@ def sizes(quick: bool) -> Sizes:
             seeds_targets={label: shrink(space) for label, space in zoo.targets().items()},
             seeds_rounds=3,
             seeds_max_examples=5,
-            pytest_target="tests/test_config.py",
+            pytest_target=("tests/test_config.py",),
             pytest_timeout=120.0,
         )
     base = Config.of("mlp", width=32, batch_size=8, activation="tanh")
@@ -157,8 +159,8 @@ def sizes(quick: bool) -> Sizes:
         seeds_targets=zoo.targets(),
         seeds_rounds=5,
         seeds_max_examples=100,  # what `stabilitycheck zoo` runs by default
-        pytest_target="properties",
-        pytest_timeout=120.0,
+        pytest_target=(),
+        pytest_timeout=1800.0,
     )
 
 
@@ -727,38 +729,70 @@ def scaling(s: Sizes) -> tuple[list[Row], list[Row]]:
 
 # -------------------------------------------------------------------------------------------- parallel
 
+DURATION = re.compile(r"^\s*(\d+\.\d+)s\s+(call|setup|teardown)\s+(.+?)\s*$")  # a --durations line
 
-def pytest_wall(target: str, workers: str, env: dict[str, str], timeout: float) -> Row:
-    """Wall seconds of one `pytest TARGET -q -n WORKERS` subprocess (inf when it times out)."""
-    cmd = [sys.executable, "-m", "pytest", target, "-q", "-n", workers, "-p", "no:cacheprovider"]
+
+def pytest_run(target: Sequence[str], workers: str, timeout: float) -> Row:
+    """One `pytest [TARGET] -n WORKERS --durations=10` subprocess: its wall seconds, the CPU seconds of
+    it and every process it waited for (its xdist workers), and its 10 slowest phases. Infinite
+    times when it ran past `timeout`."""
+    cmd = [sys.executable, "-m", "pytest", *target, "-q", "-n", workers, "-p", "no:cacheprovider"]
+    cmd += ["--durations=10"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     try:
-        proc = subprocess.run(
-            cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout
-        )
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"wall s": math.inf, "exit": "timeout", "summary": f"killed after {timeout:.0f} s"}
+        return {
+            "wall s": math.inf,
+            "CPU s": math.inf,
+            "exit": "timeout",
+            "summary": f"killed after {timeout:.0f} s",
+            "slowest": [],
+        }
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     lines = proc.stdout.strip().splitlines()
+    slowest = [(float(m[1]), m[2], m[3]) for m in map(DURATION.match, lines) if m]
     return {
-        "wall s": time.perf_counter() - start,
+        "wall s": wall,
+        "CPU s": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
         "exit": proc.returncode,
         "summary": lines[-1] if lines else "",
+        "slowest": slowest,
     }
 
 
-def parallel(s: Sizes) -> list[Row]:
-    """The pytest run of `s.pytest_target` with -n 2, -n 0, and -n 0 with one OpenMP thread."""
-    runs = [
-        ("-n 2 (1 torch thread per worker)", "2", {}),
-        ("-n 0 (torch default threads)", "0", {}),
-        ("-n 0, OMP_NUM_THREADS=1", "0", {"OMP_NUM_THREADS": "1"}),
-    ]
-    rows = [
-        {"run": label, **pytest_wall(s.pytest_target, n, env, s.pytest_timeout)} for label, n, env in runs
-    ]
+def start_up() -> Row:
+    """What each pytest process (each xdist worker) pays before its first test: importing torch,
+    hypothesis and this package, then collecting the suite; wall and CPU seconds of each, measured in
+    fresh subprocesses."""
+    row: Row = {"run": "start-up of one process"}
+    for label, cmd in (
+        ("import", [sys.executable, "-c", "import torch, hypothesis, stabilitycheck"]),
+        ("collect", [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"]),
+    ):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.perf_counter()
+        subprocess.run(cmd, cwd=ROOT, capture_output=True, check=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        row[f"{label} wall s"] = time.perf_counter() - start
+        row[f"{label} CPU s"] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return row
+
+
+def parallel(s: Sizes) -> tuple[list[Row], list[Row]]:
+    """The suite (`s.pytest_target`, the whole of it by default) with -n 2 and -n 0, and one process's
+    start-up (collection includes the import); then the 10 slowest test phases of the -n 0 run."""
+    rows: list[Row] = []
+    for label, n in (("-n 2", "2"), ("-n 0", "0")):
+        rows.append({"run": label, **pytest_run(s.pytest_target, n, s.pytest_timeout)})
     for row in rows:
-        row["vs -n 2"] = row["wall s"] / rows[0]["wall s"]
-    return rows
+        row["wall vs -n 2"] = row["wall s"] / rows[0]["wall s"]
+        row["CPU vs -n 2"] = row["CPU s"] / rows[0]["CPU s"]
+    slowest = [{"s": t, "phase": phase, "test": test} for t, phase, test in rows[1].pop("slowest")]
+    rows[0].pop("slowest")
+    return [*rows, start_up()], slowest
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -854,10 +888,13 @@ NOTES = {
         "attention adds a seq_len^2 term that dominates only at long sequences."
     ),
     "parallel": (
-        "Wall seconds of `python -m pytest TARGET -q -n N -p no:cacheprovider` in a subprocess, one\n"
-        "run each (the suite is long; a run past {timeout:.0f} s is killed and shown as inf). Under xdist\n"
-        "each worker sets 1 torch thread (conftest.py); plain -n 0 keeps torch's default, so the third\n"
-        "run repeats -n 0 with OMP_NUM_THREADS=1 to separate thread oversubscription from xdist."
+        "`python -m pytest [TARGET] -q -n N -p no:cacheprovider --durations=10` in a subprocess, one run\n"
+        "each; TARGET is the whole suite (the README's test command) unless --quick. wall = its wall\n"
+        "seconds; CPU = user + system seconds of it and its xdist workers (getrusage of children); a run\n"
+        "past {timeout:.0f} s is killed and shown as inf. Each xdist worker sets cores // workers torch\n"
+        "threads (--stability-threads=auto). start-up = one fresh process importing torch, hypothesis\n"
+        "and this package, and one collecting the suite (import included): the fixed cost each worker\n"
+        "pays once. The slowest phases are the -n 0 run's (no worker beside them)."
     ),
 }
 
@@ -876,7 +913,6 @@ def run(quick: bool, only: Sequence[str] = SECTIONS) -> dict[str, Any]:
         ("watch", watch_overhead),
         ("search", searching),
         ("seeds", seeds_vs_one),
-        ("parallel", parallel),
     ):
         if name in only:
             t0 = time.perf_counter()
@@ -886,6 +922,10 @@ def run(quick: bool, only: Sequence[str] = SECTIONS) -> dict[str, Any]:
         t0 = time.perf_counter()
         result["scaling"], result["exponents"] = scaling(s)
         sections["scaling"] = time.perf_counter() - t0
+    if "parallel" in only:
+        t0 = time.perf_counter()
+        result["parallel"], result["slowest"] = parallel(s)
+        sections["parallel"] = time.perf_counter() - t0
     result["section_s"] = sections
     result["notes"] = {
         k: v.format(
@@ -921,7 +961,8 @@ def render(result: dict[str, Any]) -> str:
         ("seeds vs one seed (zoo targets)", "seeds", "seeds"),
         ("probe time vs size (CPU ms)", "scaling", "scaling"),
         ("scaling exponents (time ~ size^k)", "exponents", None),
-        ("parallel property suite", "parallel", "parallel"),
+        ("the test suite in parallel and not", "parallel", "parallel"),
+        ("the 10 slowest test phases (-n 0)", "slowest", None),
     ]
     for title, key, note in sections:
         if key not in result:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import weakref
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -140,20 +141,31 @@ def stabilitycheck_hook(hook: Callable[..., Any], *args: Any, **kwargs: Any) -> 
     return hook(*args, **kwargs)
 
 
-try:
-    _eager = torch.compiler.disable(stabilitycheck_hook, reason=GRAPH_BREAK)
-except TypeError:  # torch before 2.8 takes no reason; its error then names this function alone
-    _eager = torch.compiler.disable(stabilitycheck_hook)
+_EAGER: list[Callable[..., Any]] = []  # the disabled trampoline, once built
+
+
+def _eager() -> Callable[..., Any]:
+    """`stabilitycheck_hook` disabled for torch.compile, built on first need: torch.compiler.disable
+    imports torch._dynamo (~1.5 s), which only a compiled model needs, and which has it loaded."""
+    if not _EAGER:
+        try:
+            _EAGER.append(torch.compiler.disable(stabilitycheck_hook, reason=GRAPH_BREAK))
+        except TypeError:  # torch before 2.8 takes no reason; its error then names this function alone
+            _EAGER.append(torch.compiler.disable(stabilitycheck_hook))
+    return _EAGER[0]
 
 
 def outside_graph(hook: Hook) -> Hook:
     """`hook` as it is, and under torch.compile run outside the graph (torch.compiler.disable: a graph
     break) on the real tensors: traced, it would read version counters and requires_grad at trace
     time, and a tensor made to require grad cannot leave a graph. One disabled trampoline serves every
-    hook (disabling each hook anew cost ~20 us, 4% of a 16-block probe)."""
+    hook (disabling each hook anew cost ~20 us, 4% of a 16-block probe), built here, outside any
+    trace, once torch._dynamo is loaded (a compiled model loads it when it is made)."""
+    if "torch._dynamo" in sys.modules:
+        _eager()
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        return _eager(hook, *args, **kwargs) if torch.compiler.is_compiling() else hook(*args, **kwargs)
+        return _eager()(hook, *args, **kwargs) if torch.compiler.is_compiling() else hook(*args, **kwargs)
 
     return run  # type: ignore[return-value]
 

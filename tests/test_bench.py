@@ -207,7 +207,8 @@ def test_quick_run_prints_every_table_and_its_numbers_follow_their_definitions(
         "## seeds vs one seed",
         "## probe time vs size",
         "## scaling exponents",
-        "## parallel property suite",
+        "## the test suite in parallel and not",
+        "## the 10 slowest test phases",
         "total bench time",
     ):
         assert title in stdout
@@ -238,12 +239,21 @@ def test_quick_run_prints_every_table_and_its_numbers_follow_their_definitions(
     for row in result["scaling"]:
         assert all(v > 0 for k, v in row.items() if k != "axis")
     assert all(math.isfinite(row["k"]) for row in result["exponents"])
-    assert [r["run"].split(",")[0].split(" (")[0] for r in result["parallel"]] == ["-n 2", "-n 0", "-n 0"]
-    for row in result["parallel"]:
+    runs, start = result["parallel"][:2], result["parallel"][2]
+    assert [r["run"] for r in runs] == ["-n 2", "-n 0"]
+    for row in runs:
         # pytest ran the suite (0: all passed, 1: some failed; whether they pass is not the bench's
         # business, only how long they take); 2-5 would be a usage or internal error
         assert row["exit"] in (0, 1) and "passed" in row["summary"] and row["wall s"] > 0, row
-        assert row["vs -n 2"] == row["wall s"] / result["parallel"][0]["wall s"]
+        assert row["wall vs -n 2"] == row["wall s"] / runs[0]["wall s"]
+        assert row["CPU vs -n 2"] == row["CPU s"] / runs[0]["CPU s"]
+    # the workers' CPU time is counted, not pytest's alone: with -n 2, three processes import torch
+    assert runs[0]["CPU s"] > 2 * start["import CPU s"]
+    assert 0 < start["import CPU s"] < start["collect CPU s"]  # collecting imports them too
+    phases = result["slowest"]
+    assert 0 < len(phases) <= 10 and all(p["phase"] in ("call", "setup", "teardown") for p in phases)
+    assert [p["s"] for p in phases] == sorted((p["s"] for p in phases), reverse=True)
+    assert all(p["test"].startswith("tests/test_config.py::") for p in phases)
     assert set(result["section_s"]) == {"overhead", "watch", "search", "seeds", "scaling", "parallel"}
 
 

@@ -203,6 +203,8 @@ def test_package_import_is_cheap_and_exports_resolve() -> None:
         "import sys, stabilitycheck as sc; assert 'torch' not in sys.modules; "
         "from stabilitycheck.config import Config; Config.from_json(Config.of('mlp').to_json()); "
         "assert 'torch' not in sys.modules; "
-        "[getattr(sc, name) for name in sc.__all__]; assert 'torch' in sys.modules"
+        "[getattr(sc, name) for name in sc.__all__]; assert 'torch' in sys.modules; "
+        # torch._dynamo costs ~1.5 s to import; only a compiled model needs it (and has loaded it)
+        "sc.probe(Config.of('mlp', depth=2, width=4)); assert 'torch._dynamo' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
