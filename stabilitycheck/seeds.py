@@ -170,7 +170,7 @@ def _far(name: str, value: float, lim: Limits, factor: float) -> bool:
         return False
     if b == 0 or value == 0 or math.isinf(value):
         return True
-    return abs(math.log(value / b)) >= math.log(factor)
+    return max(value / b, b / value) >= factor  # ratios, not logs: exact where the factor is
 
 
 class SeedProbes:

@@ -385,6 +385,8 @@ def test_a_non_finite_seed_never_decides_alone() -> None:
         ([math.nan], False),  # no number is not far
         ([1e4], True),  # exactly 100x over: "at least" the margin
         ([1000.0, 1000.0], True),  # both exactly 10x over (100 ** (1 / 2) = 10)
+        ([1.0], True),  # exactly 100x below (log(1 / 100) rounds one step short of -log(100))
+        ([10.0, 10.0], True),  # both exactly 10x below
     ],
 )
 def test_the_margin_exceeds_the_measured_spread_between_seeds(growths: list[float], decided: bool) -> None:
