@@ -379,6 +379,8 @@ def test_verdict_criteria_and_limits() -> None:
     assert verdict(m, Limits(vanishing=2.0 / m.growth)).names == ()
     with pytest.raises(ValueError, match=r"Limits\.growth=-1"):
         Limits(growth=-1)
+    with pytest.raises(ValueError, match=r"Limits\.stall=0 must be a number > 0"):
+        Limits(stall=0)  # a 0 bound is no limit: "off" is None
 
 
 def test_stall_fires_when_the_loss_barely_moves_and_is_off_by_default() -> None:
@@ -1301,6 +1303,8 @@ def test_each_criterion_reads_its_documented_value_and_bound() -> None:
     two = values(measured(loss=(2.0, 5.0)))
     assert two["divergence"] == two["stall"] == 2.5
     assert math.isnan(values(measured())["divergence"])
+    three = values(measured(loss=(2.0, 8.0, 5.0)))  # the last over the first, not over the one before
+    assert three["divergence"] == three["stall"] == 2.5
     chains = measured(growth=50.0, chain_growths=(50.0, 0.1), chain_starts=(2,))
     assert values(chains)["vanishing"] == pytest.approx(0.1)
     assert values(measured(growth=0.5, chain_growths=(0.5, 0.2), chain_starts=(2,)))["vanishing"] == 0.1
