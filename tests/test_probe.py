@@ -1321,6 +1321,11 @@ def test_each_criterion_reads_its_documented_value_and_bound() -> None:
     over = measured(growth=100.0001, grad_norm=(1000.001,), loss=(1.0, 2.0001))
     assert verdict(over).names == ("grad_norm", "growth", "divergence")
     assert [c.limit for c in verdict(over).criteria] == [1e3, 1e2, 2.0]
+    # a point that vanishes and nothing else vanishes; one chain growing beside another vanishing explodes
+    fading = verdict(measured(growth=0.001), Limits(vanishing=100.0))
+    split = measured(growth=500.0, chain_growths=(500.0, 1e-6), chain_starts=(2,))
+    assert fading.how == "vanishes" and verdict(split, Limits(vanishing=100.0)).how == "explodes"
+    assert verdict(split, Limits(vanishing=100.0)).names == ("growth", "vanishing")
 
 
 def test_every_norm_entry_point_is_exact_for_float32_squares_out_of_range() -> None:
