@@ -187,17 +187,14 @@ def _refused_graph_break(exc: Exception) -> bool:
     return dynamo is not None and isinstance(exc, dynamo.exc.Unsupported) and GRAPH_BREAK in str(exc)
 
 
-def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = False) -> _Step:
-    """Forward and backward once, then every norm of the step in one fused call and one copy to the
-    host: the loss, every weight gradient (unscaled under a GradScaler), and on request the block
-    outputs, their gradients and the weights. `exact` computes every norm in float64 and runs
-    without the GradScaler (a re-run that only locates a non-finite value)."""
-    scaler = None if exact else run.scaler
-    if hooks:
-        run.rec.start(inputs=exact)  # an exact re-run tells a NaN made between blocks from one made in one
+def _forward(run: _Run, *, hooks: bool, exact: bool, copied: frozenset[int] = frozenset()) -> torch.Tensor:
+    """The loss of one forward pass, the block outputs recorded when `hooks` (`copied`: see
+    _Recorder.start)."""
+    if hooks:  # an exact re-run tells a NaN made between blocks from one made in one
+        run.rec.start(inputs=exact, copied=copied)
     try:
         with torch.autocast(run.device.type, dtype=run.autocast, enabled=run.autocast is not None):
-            loss = differentiable_loss(run.loss_fn(call_model(run.model, run.inputs), run.inputs))
+            return differentiable_loss(run.loss_fn(call_model(run.model, run.inputs), run.inputs))
     except Exception as exc:
         if not _refused_graph_break(exc):
             raise
@@ -208,6 +205,25 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         ) from None
     finally:
         run.rec.stop()
+
+
+def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = False) -> _Step:
+    """Forward and backward once, then every norm of the step in one fused call and one copy to the
+    host: the loss, every weight gradient (unscaled under a GradScaler), and on request the block
+    outputs, their gradients and the weights. `exact` computes every norm in float64 and runs
+    without the GradScaler (a re-run that only locates a non-finite value)."""
+    scaler = None if exact else run.scaler
+    drawn = rng_state() if hooks else None
+    loss = _forward(run, hooks=hooks, exact=exact)
+    changed = run.rec.changed() if hooks else frozenset()
+    if changed:
+        # the model changed a block's output in place after the block returned (an in-place ReLU after
+        # it): the recorded tensor holds the changed values, and its gradient is theirs (x3 off under
+        # mul_(3)). The forward again, with the same random draws, handing the model a copy of each.
+        del loss
+        run.rec.take()
+        set_rng_state(drawn)
+        loss = _forward(run, hooks=True, exact=exact, copied=changed)
     outputs = run.rec.take() if hooks else []
     try:
         captured = _backward(run, scaler.scale(loss) if scaler else loss, outputs)

@@ -4,6 +4,7 @@ parameter."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import sys
@@ -37,6 +38,40 @@ def _first_tensor(value: Any, scalars: bool = True) -> torch.Tensor | None:
             if found is not None:
                 return found
     return None
+
+
+def _swapped(value: Any, old: torch.Tensor, new: torch.Tensor) -> Any:
+    """`value` (a block's output) with the tensor `old` in it, by identity, replaced by `new`: tuples,
+    lists and dicts along the way rebuilt (a namedtuple as its type, a dict subclass copied); None
+    where `old` is not found or a container cannot be rebuilt (the output is then left as it is)."""
+    if value is old:
+        return new
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            got = _swapped(item, old, new)
+            if got is not None:
+                rebuilt: Any = copy.copy(value)
+                try:
+                    rebuilt[key] = got
+                except TypeError:  # a read-only mapping
+                    return None
+                return rebuilt
+        return None
+    if isinstance(value, tuple | list):
+        for i, item in enumerate(value):
+            got = _swapped(item, old, new)
+            if got is not None:
+                items = [*value[:i], got, *value[i + 1 :]]
+                if isinstance(value, list):
+                    return items
+                return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    return None
+
+
+def _version(t: torch.Tensor) -> int:
+    """The tensor's version counter (bumped by each in-place change); -1 for an inference tensor, which
+    has none (and cannot change in place outside inference mode)."""
+    return -1 if t.is_inference() else t._version
 
 
 def _entry(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str | None, Any]:
@@ -227,6 +262,8 @@ class _Recorder:
         self.entering: list[torch.Tensor | None] | None = None  # per call, its floating input (on request)
         self.entry: torch.Tensor | None = None  # block 0's input, until its first call returns
         self.version = 0  # the entry's version counter when block 0 received it
+        self.versions: list[int] = []  # per recorded output, its version counter when recorded
+        self.copied: frozenset[int] = frozenset()  # positions in `outputs` whose block's caller gets a copy
         self.breaks: set[int] = set()  # positions in `outputs` whose block does not take the last output
         self.stacks = [_stack_of(name) for name, _ in blocks]
         self.own: dict[str, set[Any]] = {s: set() for s in self.stacks}  # its outputs' nodes this pass
@@ -287,7 +324,7 @@ class _Recorder:
         calls, outputs = self.calls, self.outputs  # cleared in place, never rebound
         own = self.own[self.stacks[b]]
 
-        def on_forward(module: nn.Module, args: Any, output: Any) -> None:
+        def on_forward(module: nn.Module, args: Any, output: Any) -> Any:
             if self.active:
                 out = _first_tensor(output, scalars=False)
                 if out is not None:
@@ -295,26 +332,45 @@ class _Recorder:
                     if b == 0 and not calls and entry is not None and entry._version == self.version:
                         calls.append(-1)
                         outputs.append(entry)
+                        self.versions.append(entry._version)
                         if self.entering is not None:
                             self.entering.append(None)
+                    position = len(outputs)
                     calls.append(b)
                     outputs.append(out)
+                    self.versions.append(_version(out))
                     if out.grad_fn is not None:
                         own.add(out.grad_fn)
                     if self.entering is not None:
                         x = _first_tensor(args)
                         self.entering.append(x.detach() if x is not None and x.is_floating_point() else None)
+                    if position in self.copied:  # the caller changes the copy, `out` stays as returned
+                        return _swapped(output, out, out.clone())
+            return None
 
         return on_forward
 
-    def start(self, inputs: bool = False) -> None:
+    def changed(self) -> frozenset[int]:
+        """The positions in `outputs` of block outputs changed in place since their block returned them
+        (their version counter moved: an in-place ReLU or x.mul_() after the block), whose recorded
+        tensor then holds the changed values, and whose gradient would be the changed ones'."""
+        return frozenset(
+            i
+            for i, (b, out, version) in enumerate(zip(self.calls, self.outputs, self.versions, strict=True))
+            if b >= 0 and _version(out) != version
+        )
+
+    def start(self, inputs: bool = False, copied: frozenset[int] = frozenset()) -> None:
         """Hook the blocks and record from now on; with `inputs`, each call's floating input too
-        (`entering`)."""
+        (`entering`); the outputs at positions `copied` are recorded and their block's caller gets a
+        copy of them (a re-run of a step whose model changed them in place: `changed`)."""
         if not self.handles:
             self.handles = hooked(self.registrations)
         self.release()
         self.calls.clear()
         self.outputs.clear()
+        self.versions.clear()
+        self.copied = copied
         self.breaks.clear()
         for ids in self.own.values():
             ids.clear()

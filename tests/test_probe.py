@@ -316,6 +316,76 @@ def test_an_output_the_loss_does_not_depend_on_has_no_gain_and_no_growth() -> No
     assert verdict(m).names == ()
 
 
+class _WithSum(nn.Module):
+    """A linear block returning (h, h.sum()): the chain is read on h."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8, dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.linear(x)
+        return h, h.sum()
+
+
+class ChangedAfter(nn.Module):
+    """Three blocks whose output the model changes after the block returns, in place (`inplace`) or
+    not, the same function either way: x 3 (`mul`), a ReLU (`relu`), or a tanh of h where each block
+    returns (h, h.sum()) (`tuple`)."""
+
+    def __init__(self, mode: str, inplace: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        block = _WithSum if mode == "tuple" else lambda: nn.Linear(8, 8, dtype=torch.float64)
+        self.layers = nn.ModuleList(block() for _ in range(3))
+        self.mode, self.inplace = mode, inplace
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            if self.mode == "tuple":
+                x = layer(x)[0]
+                x = x.tanh_() if self.inplace else x.tanh()
+            elif self.mode == "mul":
+                x = layer(x)
+                x = x.mul_(3.0) if self.inplace else x * 3.0
+            else:
+                x = nn.functional.relu(layer(x), inplace=self.inplace)
+        return x
+
+
+@pytest.mark.parametrize("mode", ["mul", "relu", "tuple"])
+def test_a_block_output_changed_in_place_after_it_returned_is_measured_as_returned(mode: str) -> None:
+    """Oracle: torch.autograd.grad on the block outputs of the same model computing out of place
+    (the same function): ||dL/d output|| and ||output|| of each block as it returned. The probe read
+    the changed tensor instead (the gradient of the changed values, the norm after the change): x3
+    off per block and growth 5.0 for 1.67 under mul_(3), where dL/dh = 3 dL/d(3h)."""
+    x = torch.randn(4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(4)
+
+    def loss_fn(out: torch.Tensor, _: object) -> torch.Tensor:
+        return nn.functional.cross_entropy(out, labels)
+
+    changed, twin = ChangedAfter(mode, inplace=True), ChangedAfter(mode, inplace=False)
+    m = probe_module(changed, x, loss_fn, blocks=[(f"layers.{i}", b) for i, b in enumerate(changed.layers)])
+    outs: list[torch.Tensor] = []
+
+    def keep(mod: nn.Module, args: object, out: Any) -> None:
+        outs.append(out[0] if isinstance(out, tuple) else out)
+
+    hooks = [b.register_forward_hook(keep) for b in twin.layers]
+    entry = x.clone().requires_grad_()
+    loss = loss_fn(twin(entry), None)
+    for h in hooks:
+        h.remove()
+    expect = [float(g.norm()) for g in torch.autograd.grad(loss, [entry, *outs])]
+    assert m.loss[0] == pytest.approx(float(loss.detach()), rel=1e-12)
+    assert m.activation_grad_norms == pytest.approx(expect, rel=1e-12)
+    assert m.activation_norms == pytest.approx([float(t.detach().norm()) for t in [x, *outs]], rel=1e-12)
+    assert m.growth == pytest.approx(expect[0] / expect[-1], rel=1e-12)
+    with torch.no_grad():  # the model as it was
+        assert float(loss_fn(changed(x), None)) == pytest.approx(float(loss.detach()), rel=1e-12)
+
+
 def test_total_and_per_block_norms_match_torch() -> None:
     built = build(Config.of("resmlp", norm="post", depth=5, width=32, init_scale=1.3))
     m = probe_module(built.model, built.inputs, built.loss_fn, blocks=built.blocks)
