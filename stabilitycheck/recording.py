@@ -70,8 +70,12 @@ def _swapped(value: Any, old: torch.Tensor, new: torch.Tensor) -> Any:
 
 def _version(t: torch.Tensor) -> int:
     """The tensor's version counter (bumped by each in-place change); -1 for an inference tensor, which
-    has none (and cannot change in place outside inference mode)."""
-    return -1 if t.is_inference() else t._version
+    has none (and cannot change in place outside inference mode). Read first, the rare case caught:
+    half the cost of asking is_inference() first, on every output of every call."""
+    try:
+        return t._version
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return -1
 
 
 def _entry(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str | None, Any]:
