@@ -1311,6 +1311,39 @@ def test_blocks_no_gradient_reaches_have_nan_growth_not_1() -> None:
     assert math.isnan(m.growth) and all(math.isnan(g) for g in m.gains)
 
 
+class _Detached(nn.Module):
+    """A linear block reading its input detached: no gradient reaches the block before it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(x.detach()))
+
+
+def test_no_gain_is_taken_next_to_an_output_no_gradient_reaches() -> None:
+    """Oracle: torch.autograd.grad on the block outputs (forward hooks). Block 1 detaches its input, so
+    no gradient reaches the input or block 0's output (None), while the chain takes each last output
+    (no junction): the gains beside those entries are NaN, not 0/x = 0, and the one gain between
+    reached outputs is the ratio of their gradient norms."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), _Detached(), nn.Linear(8, 8)).double()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    outs: list[torch.Tensor] = []
+    hooks = [b.register_forward_hook(lambda mod, a, o: outs.append(o)) for b in model]
+    loss = model(x).square().sum()
+    for h in hooks:
+        h.remove()
+    grads = torch.autograd.grad(loss, outs, allow_unused=True)
+    assert grads[0] is None and grads[1] is not None and grads[2] is not None
+    m = probe_module(model, x, lambda o, _: o.square().sum(), blocks=list(model.named_children()))
+    assert m.activation_names == ("(input)", "0", "1", "2") and not m.chain_starts
+    assert m.activation_grad_norms[:2] == (0.0, 0.0)
+    assert math.isnan(m.gains[0]) and math.isnan(m.gains[1])
+    assert m.gains[2] == pytest.approx(float(grads[1].norm() / grads[2].norm()), rel=1e-12)
+
+
 def test_output_gradients_under_a_gradscaler_are_the_unscaled_ones() -> None:
     """Oracle: dL/d(output) of each block (forward hooks, retain_grad) in a float32 run of the same
     model without autocast; float16 autocast under a GradScaler (scale 65536, a step it does not skip)
