@@ -968,6 +968,23 @@ def test_norm_values_stacked_and_fused_equal_float64_norms() -> None:
     assert norms.norm_values(tensors, True)[:3] == pytest.approx(expect[:3], rel=1e-12, abs=0)
 
 
+def test_norms_on_cuda_sum_float32_and_bfloat16_in_float64() -> None:
+    """The accumulator contract (no device needed: it is a choice of dtype): on CUDA, whose fused norm
+    sums in its output dtype at memory-bound cost, float32 and bfloat16 tensors (squares can leave
+    float32's range) are summed in float64; float16 in float32 (its squares cannot); on the CPU in
+    float32, refined after (norms.refine); float64 always, and everything when exact."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert [norms.accumulator(d, False, cuda) for d in (torch.float32, torch.bfloat16, torch.float16)] == [
+        torch.float64,
+        torch.float64,
+        torch.float32,
+    ]
+    assert norms.accumulator(torch.float32, False, cpu) == norms.accumulator(torch.bfloat16, False, cpu)
+    assert norms.accumulator(torch.float32, False, cpu) == torch.float32
+    assert norms.accumulator(torch.float64, False, cpu) == norms.accumulator(torch.float16, True, cpu)
+    assert norms.accumulator(torch.float64, False, cpu) == torch.float64
+
+
 def test_blocks_that_are_not_the_models_own_are_a_usage_error() -> None:
     """Blocks of a copy of the model are never called: the probe read growth 1.0 (flat, stable) from
     zero gradient norms whatever the model did."""
