@@ -237,6 +237,7 @@ ERRORS = [
     ("space_reversed", [f"{FILES}/space_reversed.py"], ["SPACE['depth']=(5, 1) is empty (lo > hi)"]),
     ("space_malformed", [f"{FILES}/space_malformed.py"], ["SPACE['depth']=8 is malformed"]),
     ("space_unknown", [f"{FILES}/space_unknown.py"], ["SPACE names 'detph'"]),
+    ("run_named_knob", [f"{FILES}/run_named_knob.py"], ["parameter 'steps' has the name of a run setting"]),
     ("returns_int", [f"{FILES}/returns_int.py"], ["build(width=8) returned an int, not an nn.Module"]),
     (
         "batch_not_tensors",

@@ -337,6 +337,8 @@ LOAD_ERRORS = [
     ("bad_seq_dim", ("SEQ_DIM=3", "e.g. SEQ_DIM = 1")),
     ("model_without_input", ("no `example_input`", "torch.randn")),
     ("model_not_module", ("`model` is a str, not an nn.Module",)),
+    ("run_named_knob", ("build() parameter 'steps' has the name of a run setting", "model_steps=2")),
+    ("run_named_batch_knob", ("batch() parameter 'clip' has the name of a run setting", "model_clip=3.0")),
 ]
 
 
@@ -480,3 +482,23 @@ def test_a_file_loaded_under_another_path_keeps_the_path_as_typed() -> None:
     first, second = resolve(absolute), resolve(relative)
     assert second.space().label == relative and first.space().label == absolute
     assert second.name == first.name and second.module is first.module  # type: ignore[attr-defined]
+
+
+def test_a_knob_named_like_a_run_setting_is_refused_and_renamed_reaches_the_factory(tmp_path: Path) -> None:
+    """A factory's own `steps` (an unroll count) was read by Config.of as the probe's optimiser steps:
+    build() always got its default and the probe ran that many SGD steps. Refused at load; renamed, the
+    value reaches the factory (the cell is called that many times) and the probe runs no steps."""
+    with pytest.raises(ModelFileError):
+        load(broken("run_named_knob"))
+    source = Path(broken("run_named_knob")).read_text()
+    renamed = source.replace(
+        "steps: int = 2) -> nn.Module:\n    return Unrolled(steps)",
+        "unroll: int = 2) -> nn.Module:\n    return Unrolled(unroll)",
+    )
+    assert renamed != source
+    path = tmp_path / "unrolled.py"
+    path.write_text(renamed)
+    subject = load(str(path))
+    m = probe(subject.config(unroll=5), subject)
+    assert m.steps_run == 0 and len(m.loss) == 1
+    assert m.activation_names == ("(input)", *(f"cell[{t}]" for t in range(5)))

@@ -15,6 +15,7 @@ from torch import nn
 
 from stabilitycheck._tree import tensors
 from stabilitycheck._validation import article, describe, is_number
+from stabilitycheck.config import RUN_FIELDS
 from stabilitycheck.losses import Inputs
 from stabilitycheck.modelfile.importer import ModelFileError, top_level_names
 from stabilitycheck.modelfile.inputs import check_inputs, infer, resize
@@ -263,10 +264,27 @@ def factory_source(
         )
     batch_params = dict(list(batch_params.items())[1:])
     knobs = _knobs_of(given, f"{attr}()", params, {k: v for k, v in space.items() if k in params})
+    _no_run_names(given, f"{attr}()", knobs)
     batch_space = {k: v for k, v in space.items() if k in batch_params and k not in params}
-    for name, default in _knobs_of(given, "batch()", batch_params, batch_space).items():
+    batch_knobs = _knobs_of(given, "batch()", batch_params, batch_space)
+    _no_run_names(given, "batch()", batch_knobs)
+    for name, default in batch_knobs.items():
         knobs.setdefault(name, default)
     return Factory(fn, params, batch, batch_params, getattr(module, "example_input", None)), knobs
+
+
+def _no_run_names(given: str, label: str, knobs: Mapping[str, Knob]) -> None:
+    """A knob named like a run setting (`steps`, `clip`, `seed`, ...) would be read as that setting by
+    Config.of: its value never reached the function, and its default set the probe's own (a factory's
+    `steps=2` ran two SGD steps, `clip=5.0` clipped the gradients): refused, to be renamed."""
+    clash = [name for name in knobs if name in RUN_FIELDS]
+    if clash:
+        name = clash[0]
+        raise ModelFileError(
+            f"{given}: {label} parameter {name!r} has the name of a run setting "
+            f"({', '.join(RUN_FIELDS)}), which stabilitycheck sets itself and would never pass to "
+            f"{label}; rename the parameter, e.g. model_{name}={knobs[name]!r}"
+        )
 
 
 def find(given: str, attr: str | None, module: ModuleType) -> tuple[str, bool]:
