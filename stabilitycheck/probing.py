@@ -25,7 +25,7 @@ from torch.utils.checkpoint import CheckpointError
 from stabilitycheck._tree import tensors as tensors_of
 from stabilitycheck._validation import article
 from stabilitycheck.config import AMPS, OPTIMIZERS, Config, choice
-from stabilitycheck.errors import ConfigError, UsageError
+from stabilitycheck.errors import ConfigError, UsageError, UserCodeError
 from stabilitycheck.losses import Inputs, LossFn, OutputLoss, differentiable_loss
 from stabilitycheck.measurement import AFTER_LAST, INPUT
 from stabilitycheck.measurement import (
@@ -399,6 +399,12 @@ def probe_module(
             "the model has no parameters that require grad: nothing to differentiate "
             "(check requires_grad, or that layers are registered as submodules)"
         )
+    if not names:
+        raise UsageError(
+            "probe_module: no blocks to measure (an empty blocks= or stability_blocks()): the growth would "
+            "read 1, stable, whatever the model does; give the model's repeated blocks, e.g. "
+            "blocks=[(f'layers.{i}', m) for i, m in enumerate(model.layers)]"
+        )
     device = params[0].device
     scaler = torch.amp.GradScaler(device.type) if amp == "float16" else None
     opt = _optimizer(optimizer, model, params, lr) if steps > 0 or scaler is not None else None
@@ -430,6 +436,8 @@ def probe_module(
                 last = _run_step(run, hooks=step == 0, weights=0 < step == steps)
                 if step == 0:
                     first = last  # the per-block profile
+                    if not first.calls:
+                        raise _never_called(names)
                 scales.append(last.scale)
                 found = None if last.finite else _locate(step, last, names, owner, scaler is None)
                 if found is not None:  # name it, in float64
@@ -478,6 +486,19 @@ def probe_module(
         loss_scale=tuple(scales) if scaler else (),
         skipped_steps=skipped,
         allow_tf32=bool(torch.backends.cuda.matmul.allow_tf32) if device.type == "cuda" else False,
+    )
+
+
+def _never_called(names: Sequence[str]) -> UserCodeError:
+    """No block's forward hook ran in the step's forward: its growth would read 1 (no gain measured),
+    stable, whatever the gradients did (a tanh stack at sigma_w 4, 30 layers deep, total gradient norm
+    3.6e3, read growth 1)."""
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return UserCodeError(
+        f"no block ran through its __call__ in the model's forward ({shown}: {len(names)} in all), so no "
+        "hook saw one and no gain can be measured: a forward calling `block.forward(x)` bypasses "
+        "module hooks (call `block(x)`), or the blocks are not the modules the forward runs (pass the "
+        "ones it calls: blocks=... or stability_blocks())"
     )
 
 

@@ -58,6 +58,8 @@ class Capture:
         self.param_slots, self.param_scale = list(param_slots), list(param_scale)
         self.sharded = any(distributed.is_dtensor(p) for p in self.params)
         self.eager = False  # set once a kept output was modified in place before its norm
+        self.seen = False  # set once a block's forward hook ran (see Watcher.close)
+        self.called = False  # set once the watched model was called with gradients on
         n = len(blocks)
         self._pending: dict[int, list[torch.Tensor]] = {slot: [] for slot in range(1, 1 + 2 * n)}
         self._versions: list[tuple[torch.Tensor, int]] = []
@@ -99,6 +101,7 @@ class Capture:
 
         def on_call(module: nn.Module, args: Any) -> None:
             if torch.is_grad_enabled():
+                self.called = True
                 self._passes.append(self._marks() if self._held or self._fwd_now else None)
                 self._hooked.append(False)
                 self._fed.append(False)
@@ -168,6 +171,7 @@ class Capture:
                 self.check()
 
         def keep(output: Any) -> None:
+            self.seen = True
             out = _first_tensor(output, scalars=False)
             if out is None or not torch.is_grad_enabled():
                 return

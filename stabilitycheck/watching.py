@@ -255,6 +255,8 @@ class Watcher:
             if self.report is None:
                 if self.step == 0:
                     self._no_step()
+                elif self.capture.called and not self.capture.seen:
+                    self._no_block_seen()
                 self.report = self.out.finish(self.host_reads)
         finally:
             self._termination.close()
@@ -272,6 +274,20 @@ class Watcher:
         self.out.result.note = note
         if self._loss is not None or any(p.grad is not None for p in self.params):
             warnings.warn(f"watch: {note}", stacklevel=3)
+
+    def _no_block_seen(self) -> None:
+        """Steps were closed and the model was called, but no block's forward hook ran (a forward
+        calling `block.forward(x)`): every block output and its gradient read 0, no measurement, so a
+        NaN a block made was named as the loss's. Said in the report and as a warning."""
+        names = [name for name, _ in self.blocks]
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        note = (
+            f"no watched block ran through its __call__ in {self.step} steps ({shown}), so their outputs "
+            "and output gradients were never measured: a forward calling `block.forward(x)` bypasses "
+            "module hooks (call `block(x)`), or pass the blocks the forward runs (blocks=...)"
+        )
+        self.out.result.note = note
+        warnings.warn(f"watch: {note}", stacklevel=3)
 
     def _on_model_call(self, module: nn.Module, args: Any) -> None:
         if torch.is_grad_enabled() and self.snapshot is not None:

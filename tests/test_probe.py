@@ -1750,3 +1750,50 @@ def test_a_block_returning_a_non_leaf_input_leaves_the_graph_it_came_from_as_it_
     assert m.activation_grad_norms[-1] == pytest.approx(float(dm.norm()), rel=1e-6)
     memory.sum().backward()  # the caller's own backward, through the encoder
     assert encoder.weight.grad is not None
+
+
+class _ForwardCalled(nn.Module):
+    """A tanh stack at sigma_w 4 whose forward calls each layer's `.forward(x)` (no module hooks run)
+    or, `hooked`, the layer itself."""
+
+    def __init__(self, depth: int, hooked: bool) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(16, 16, bias=False) for _ in range(depth)])
+        for layer in self.layers:
+            nn.init.normal_(layer.weight, std=4.0 / 16**0.5)
+        self.head = nn.Linear(16, 3)
+        self.hooked = hooked
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.tanh(layer(x) if self.hooked else layer.forward(x))
+        return self.head(x)
+
+
+def test_blocks_no_hook_sees_are_an_error_not_a_growth_of_1() -> None:
+    """A forward calling `layer.forward(x)` runs no module hook: no block call was recorded and the
+    growth read 1 ('flat', stable; the CLI said 'stable (tried up to depth=40)') for a stack whose
+    gradient grows. Oracle: torch.autograd.grad on the same model with the layers called, the
+    input's gradient over the last layer's output's; an empty blocks= is refused too."""
+    torch.manual_seed(0)
+    model, x = _ForwardCalled(12, hooked=False), torch.randn(8, 16)
+    labels = torch.arange(8) % 3
+
+    def loss_fn(out: torch.Tensor, _: Any) -> torch.Tensor:
+        return nn.functional.cross_entropy(out, labels)
+
+    with pytest.raises(UsageError, match=r"no block ran through its __call__ .*layers\.0, layers\.1"):
+        probe_module(model, x, loss_fn)
+    with pytest.raises(UsageError, match="no blocks to measure"):
+        probe_module(model, x, loss_fn, blocks=[])
+    assert not model.layers[0]._forward_hooks and not model.layers[0]._forward_pre_hooks
+    hooked = copy.deepcopy(model)
+    hooked.hooked = True
+    outs: list[torch.Tensor] = []
+    handle = hooked.layers[-1].register_forward_hook(lambda _m, _a, out: outs.append(out))
+    xr = x.clone().requires_grad_()
+    dx, dlast = torch.autograd.grad(loss_fn(hooked(xr), None), [xr, *outs])
+    handle.remove()
+    expected = float(dx.norm() / dlast.norm())
+    assert expected > 10  # the gradient grows through the stack
+    assert probe_module(hooked, x, loss_fn).growth == pytest.approx(expected, rel=1e-5)

@@ -1076,3 +1076,46 @@ def test_a_sigterm_landing_in_a_hook_during_an_evaluation_stops_the_evaluation(t
     assert said is not None and int(said.group(1)) == 15, proc.stderr
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(15))
+
+
+def test_blocks_no_hook_sees_are_said_and_a_nan_they_make_is_not_silently_the_losss() -> None:
+    """A forward calling each block's `.forward(x)` runs no module hook: every block output and its
+    gradient read 0 (no measurement) and a NaN put on block 2's output was reported as the loss's, with
+    nothing said. The report and a warning now say so; with the blocks called, the same NaN is first
+    in layers.3's output (oracle: where the test put it, after layers.2 returned)."""
+
+    class Direct(nn.Module):
+        def __init__(self, called: bool) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(8, 8) for _ in range(4)])
+            self.called, self.poison = called, False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for i, layer in enumerate(self.layers):
+                x = torch.tanh(layer(x) if self.called else layer.forward(x))
+                if self.poison and i == 2:
+                    x = x * math.nan
+            return x
+
+    for called in (False, True):
+        torch.manual_seed(0)
+        model = Direct(called)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        stream = io.StringIO()
+        with warnings.catch_warnings(record=True) as seen, watch(model, opt, report=stream) as w:
+            warnings.simplefilter("always")
+            for step in range(3):
+                model.poison = step == 2
+                loss = model(torch.randn(4, 8)).square().mean()
+                w.loss(loss)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        said = [str(m.message) for m in seen if "no watched block ran through its __call__" in str(m.message)]
+        first = report_of(w).first_nonfinite
+        assert first is not None and first.step == 2
+        if called:
+            assert said == [] and (first.tensor, first.block) == ("activation", "layers.3")
+        else:
+            assert len(said) == 1 and "block.forward(x)" in said[0] and "layers.0, layers.1" in said[0]
+            assert "note: no watched block ran" in stream.getvalue()
