@@ -219,7 +219,8 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
     if changed:
         # the model changed a block's output in place after the block returned (an in-place ReLU after
         # it): the recorded tensor holds the changed values, and its gradient is theirs (x3 off under
-        # mul_(3)). The forward again, with the same random draws, handing the model a copy of each.
+        # mul_(3)). The forward again, with the same random draws, recording a copy of each that the
+        # model computes from and never changes (recording._kept).
         del loss
         run.rec.take()
         set_rng_state(drawn)

@@ -4,7 +4,6 @@ parameter."""
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import sys
@@ -40,32 +39,19 @@ def _first_tensor(value: Any, scalars: bool = True) -> torch.Tensor | None:
     return None
 
 
-def _swapped(value: Any, old: torch.Tensor, new: torch.Tensor) -> Any:
-    """`value` (a block's output) with the tensor `old` in it, by identity, replaced by `new`: tuples,
-    lists and dicts along the way rebuilt (a namedtuple as its type, a dict subclass copied); None
-    where `old` is not found or a container cannot be rebuilt (the output is then left as it is)."""
-    if value is old:
-        return new
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            got = _swapped(item, old, new)
-            if got is not None:
-                rebuilt: Any = copy.copy(value)
-                try:
-                    rebuilt[key] = got
-                except TypeError:  # a read-only mapping
-                    return None
-                return rebuilt
-        return None
-    if isinstance(value, tuple | list):
-        for i, item in enumerate(value):
-            got = _swapped(item, old, new)
-            if got is not None:
-                items = [*value[:i], got, *value[i + 1 :]]
-                if isinstance(value, list):
-                    return items
-                return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
-    return None
+def _kept(out: torch.Tensor) -> torch.Tensor:
+    """A copy of a block's output `out` that the model never sees, written back into `out` in place, so
+    that everything the model computes from `out` afterwards (from `out` itself, its views, its base,
+    another reference to it) is computed from the copy: dL/d(copy) is dL/d(output as returned), and the
+    model's own in-place changes go into `out`, aliases and all, as without the probe. `out` itself
+    where it cannot be written (a view of a leaf that requires grad, one of several views returned
+    by one function: an in-place change by the model would have raised too)."""
+    kept = out.clone()
+    try:
+        out.copy_(kept)
+    except RuntimeError:
+        return out
+    return kept
 
 
 def _version(t: torch.Tensor) -> int:
@@ -267,7 +253,7 @@ class _Recorder:
         self.entry: torch.Tensor | None = None  # block 0's input, until its first call returns
         self.version = 0  # the entry's version counter when block 0 received it
         self.versions: list[int] = []  # per recorded output, its version counter when recorded
-        self.copied: frozenset[int] = frozenset()  # positions in `outputs` whose block's caller gets a copy
+        self.copied: frozenset[int] = frozenset()  # positions in `outputs` recorded as a copy (`_kept`)
         self.breaks: set[int] = set()  # positions in `outputs` whose block does not take the last output
         self.stacks = [_stack_of(name) for name, _ in blocks]
         self.own: dict[str, set[Any]] = {s: set() for s in self.stacks}  # its outputs' nodes this pass
@@ -328,7 +314,7 @@ class _Recorder:
         calls, outputs = self.calls, self.outputs  # cleared in place, never rebound
         own = self.own[self.stacks[b]]
 
-        def on_forward(module: nn.Module, args: Any, output: Any) -> Any:
+        def on_forward(module: nn.Module, args: Any, output: Any) -> None:
             if self.active:
                 out = _first_tensor(output, scalars=False)
                 if out is not None:
@@ -339,7 +325,8 @@ class _Recorder:
                         self.versions.append(entry._version)
                         if self.entering is not None:
                             self.entering.append(None)
-                    position = len(outputs)
+                    if len(outputs) in self.copied:  # the model changes `out`, the copy stays as returned
+                        out = _kept(out)
                     calls.append(b)
                     outputs.append(out)
                     self.versions.append(_version(out))
@@ -348,9 +335,6 @@ class _Recorder:
                     if self.entering is not None:
                         x = _first_tensor(args)
                         self.entering.append(x.detach() if x is not None and x.is_floating_point() else None)
-                    if position in self.copied:  # the caller changes the copy, `out` stays as returned
-                        return _swapped(output, out, out.clone())
-            return None
 
         return on_forward
 
@@ -366,8 +350,8 @@ class _Recorder:
 
     def start(self, inputs: bool = False, copied: frozenset[int] = frozenset()) -> None:
         """Hook the blocks and record from now on; with `inputs`, each call's floating input too
-        (`entering`); the outputs at positions `copied` are recorded and their block's caller gets a
-        copy of them (a re-run of a step whose model changed them in place: `changed`)."""
+        (`entering`); the outputs at positions `copied` are recorded as a copy the model computes from
+        and never changes (`_kept`: a re-run of a step whose model changed them in place, `changed`)."""
         if not self.handles:
             self.handles = hooked(self.registrations)
         self.release()

@@ -386,6 +386,113 @@ def test_a_block_output_changed_in_place_after_it_returned_is_measured_as_return
         assert float(loss_fn(changed(x), None)) == pytest.approx(float(loss.detach()), rel=1e-12)
 
 
+class _Reshape(nn.Module):
+    """A block returning a view of its input (shares its memory)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], -1)
+
+
+class _Twice(nn.Module):
+    """A linear block returning (h, h): the chain is read on the first, the model uses the second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8, dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.linear(x)
+        return h, h
+
+
+class ChangedThroughAlias(nn.Module):
+    """Models changing a block's output in place other than through the object the hook returns,
+    in place (`inplace`) or not, the same function either way: `layers` is a flat Sequential of mixed
+    modules (its blocks are Layers, whose hook runs in a hook of another module) whose output the
+    model multiplies by 3; `view`: a block returns a view of the last output and the model applies a
+    ReLU to that output (the view sees it); `twice`: blocks return (h, h) and the model multiplies
+    the second by 3."""
+
+    def __init__(self, mode: str, inplace: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        if mode == "layers":
+            self.net = nn.Sequential(
+                *(m for _ in range(2) for m in (nn.Linear(8, 8, dtype=torch.float64), nn.Tanh())),
+                nn.Linear(8, 8, dtype=torch.float64),
+            )
+        elif mode == "view":
+            self.l0, self.view, self.l1 = (
+                nn.Linear(8, 8, dtype=torch.float64),
+                _Reshape(),
+                nn.Linear(8, 8, dtype=torch.float64),
+            )
+        else:
+            self.layers = nn.ModuleList(_Twice() for _ in range(2))
+        self.mode, self.inplace = mode, inplace
+
+    def blocks(self) -> list[tuple[str, nn.Module]]:
+        if self.mode == "layers":
+            return []  # found: net's three layers
+        if self.mode == "view":
+            return [("l0", self.l0), ("view", self.view), ("l1", self.l1)]
+        return [(f"layers.{i}", b) for i, b in enumerate(self.layers)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "layers":
+            y = self.net(x)
+            return y.mul_(3.0) if self.inplace else y * 3.0
+        if self.mode == "view":
+            h = self.l0(x)
+            v = self.view(h)
+            if self.inplace:
+                h.relu_()
+                return self.l1(v)
+            return self.l1(v.relu())
+        for layer in self.layers:
+            h = layer(x)[1]
+            x = h.mul_(3.0) if self.inplace else h * 3.0
+        return x
+
+
+@pytest.mark.parametrize("mode", ["layers", "view", "twice"])
+def test_a_block_output_changed_in_place_through_an_alias_is_measured_as_returned(mode: str) -> None:
+    """Oracle: torch.autograd.grad on the block outputs of the same model computing out of place (the
+    same function), and the model's own loss. The re-run handed the model a copy of the output: a
+    Layer block's hook (run by another module's hook) dropped it, x3 off on the last entry (0.49 for
+    1.48); the copy of a view no longer saw its base's ReLU, another function (loss 2.10786 for the
+    model's 2.10796, the view's gradient 0); the second of (h, h) kept the change, x3 off."""
+    x = torch.randn(4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(4)
+
+    def loss_fn(out: torch.Tensor, _: object) -> torch.Tensor:
+        return nn.functional.cross_entropy(out, labels)
+
+    changed, twin = ChangedThroughAlias(mode, inplace=True), ChangedThroughAlias(mode, inplace=False)
+    m = probe_module(changed, x, loss_fn, blocks=changed.blocks() or None)
+    outs: list[torch.Tensor] = []
+    if mode == "layers":  # a Layer's output: the next Linear's input; the last, the Sequential's output
+        hooks = [twin.net[i].register_forward_pre_hook(lambda mod, a: outs.append(a[0])) for i in (2, 4)]
+        hooks.append(twin.net.register_forward_hook(lambda mod, a, out: outs.append(out)))
+    else:
+        hooks = [
+            b.register_forward_hook(
+                lambda mod, a, out: outs.append(out[0] if isinstance(out, tuple) else out)
+            )
+            for _, b in twin.blocks()
+        ]
+    entry = x.clone().requires_grad_()
+    loss = loss_fn(twin(entry), None)
+    for h in hooks:
+        h.remove()
+    expect = [float(g.norm()) for g in torch.autograd.grad(loss, [entry, *outs])]
+    with torch.no_grad():  # the model as it is
+        assert float(loss_fn(changed(x), None)) == pytest.approx(float(loss.detach()), rel=1e-12)
+    assert m.loss[0] == pytest.approx(float(loss.detach()), rel=1e-12)
+    assert m.activation_grad_norms == pytest.approx(expect, rel=1e-12)
+    assert m.activation_norms == pytest.approx([float(t.detach().norm()) for t in [x, *outs]], rel=1e-12)
+
+
 def test_total_and_per_block_norms_match_torch() -> None:
     built = build(Config.of("resmlp", norm="post", depth=5, width=32, init_scale=1.3))
     m = probe_module(built.model, built.inputs, built.loss_fn, blocks=built.blocks)
