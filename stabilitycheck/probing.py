@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 from torch.utils.checkpoint import CheckpointError
 
 from stabilitycheck._tree import tensors as tensors_of
@@ -207,6 +208,33 @@ def _forward(run: _Run, *, hooks: bool, exact: bool, copied: frozenset[int] = fr
         run.rec.stop()
 
 
+_Buffer = tuple[dict[str, Any], str, torch.Tensor, torch.Tensor]
+
+
+def _buffers(model: nn.Module) -> list[_Buffer]:
+    """Each buffer of the model as (its module's buffers, name, tensor, copy): what a forward may
+    update (BatchNorm's running statistics, spectral_norm's power-iteration vectors), for `_restore`
+    (an inference tensor, which no forward outside inference mode can update, is left out, as is a
+    lazy module's buffer before its first forward, which has no values to copy)."""
+    kept = []
+    with torch.no_grad():
+        for module in model.modules():
+            where = module._buffers
+            for name, t in where.items():
+                if t is not None and not is_lazy(t) and not t.is_inference():
+                    kept.append((where, name, t, t.clone()))
+    return kept
+
+
+def _restore(kept: Sequence[_Buffer]) -> None:
+    """Put back every buffer as `_buffers` kept it, each one: BatchNorm updates its running statistics
+    without moving their version counter, so which ones a forward changed is not knowable."""
+    with torch.no_grad():
+        for where, name, t, copy in kept:
+            where[name] = t
+            t.copy_(copy)
+
+
 def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = False) -> _Step:
     """Forward and backward once, then every norm of the step in one fused call and one copy to the
     host: the loss, every weight gradient (unscaled under a GradScaler), and on request the block
@@ -214,16 +242,19 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
     without the GradScaler (a re-run that only locates a non-finite value)."""
     scaler = None if exact else run.scaler
     drawn = rng_state() if hooks else None
+    kept = _buffers(run.model) if hooks else []
     loss = _forward(run, hooks=hooks, exact=exact)
     changed = run.rec.changed() if hooks else frozenset()
     if changed:
         # the model changed a block's output in place after the block returned (an in-place ReLU after
         # it): the recorded tensor holds the changed values, and its gradient is theirs (x3 off under
         # mul_(3)). The forward again, with the same random draws, recording a copy of each that the
-        # model computes from and never changes (recording._kept).
+        # model computes from and never changes (recording._kept), from the buffers it started from
+        # (spectral_norm's vectors iterated twice moved step 0's gradients and every later step).
         del loss
         run.rec.take()
         set_rng_state(drawn)
+        _restore(kept)
         loss = _forward(run, hooks=True, exact=exact, copied=changed)
     outputs = run.rec.take() if hooks else []
     try:

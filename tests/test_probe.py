@@ -493,6 +493,94 @@ def test_a_block_output_changed_in_place_through_an_alias_is_measured_as_returne
     assert m.activation_norms == pytest.approx([float(t.detach().norm()) for t in [x, *outs]], rel=1e-12)
 
 
+class NormedChangedAfter(nn.Module):
+    """Blocks of a spectral-normed Linear and a BatchNorm, whose forward updates buffers (the power
+    iteration's vectors, the running statistics), each output then put through a leaky ReLU in place
+    (`inplace`) or not (the same function)."""
+
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(
+            nn.Sequential(
+                nn.utils.parametrizations.spectral_norm(nn.Linear(8, 8, dtype=torch.float64)),
+                nn.BatchNorm1d(8, dtype=torch.float64),
+            )
+            for _ in range(3)
+        )
+        self.inplace = inplace
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = nn.functional.leaky_relu(layer(x), 0.2, inplace=self.inplace)
+        return x
+
+
+def test_the_re_run_of_a_step_starts_from_the_buffers_the_step_started_from() -> None:
+    """Oracle: plain torch training of the out-of-place twin (SGD, a backward per step), its losses,
+    dL/d(block output) at step 0 and its buffers after as many forwards. The re-run for an output
+    changed in place ran the power iteration and the running statistics a second time: step 0's loss
+    2.80785917 for 2.80785910, step 2's 2.099637 for 2.099642, ||dL/d input|| 0.1606679 for
+    0.1606682, the running statistics updated 4 times in 3 steps."""
+    x = torch.randn(4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(4)
+
+    def loss_fn(out: torch.Tensor, _: object) -> torch.Tensor:
+        return nn.functional.cross_entropy(out, labels)
+
+    changed, twin = NormedChangedAfter(inplace=True), NormedChangedAfter(inplace=False)
+    blocks = [(f"layers.{i}", b) for i, b in enumerate(changed.layers)]
+    m = probe_module(changed, x, loss_fn, blocks=blocks, steps=2, lr=0.1)
+    outs: list[torch.Tensor] = []
+    hooks = [b.register_forward_hook(lambda mod, a, out: outs.append(out)) for b in twin.layers]
+    opt = torch.optim.SGD(twin.parameters(), lr=0.1)
+    losses, expect = [], []
+    for step in range(3):
+        entry = x.clone().requires_grad_()
+        loss = loss_fn(twin(entry), None)
+        losses.append(float(loss.detach()))
+        if step == 0:
+            for h in hooks:
+                h.remove()
+            expect = [float(g.norm()) for g in torch.autograd.grad(loss, [entry, *outs], retain_graph=True)]
+        opt.zero_grad()
+        loss.backward()
+        if step < 2:
+            opt.step()
+    assert m.loss == pytest.approx(losses, rel=1e-12)
+    assert m.activation_grad_norms == pytest.approx(expect, rel=1e-12)
+    for (name, mine), (_, theirs) in zip(changed.named_buffers(), twin.named_buffers(), strict=True):
+        assert torch.equal(mine, theirs), name
+
+
+def test_a_lazy_module_is_probed_before_its_first_forward() -> None:
+    """Oracle: the same model (built again) run by torch, its loss and total gradient norm. Copying
+    the buffers before step 0's forward (for a re-run) raised on a lazy BatchNorm's uninitialized
+    ones."""
+
+    def lazy() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Linear(8, 8, dtype=torch.float64),
+            nn.LazyBatchNorm1d(dtype=torch.float64),
+            nn.Linear(8, 4, dtype=torch.float64),
+        )
+
+    model, twin = lazy(), lazy()
+    x = torch.randn(4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(4)
+
+    def loss_fn(out: torch.Tensor, _: object) -> torch.Tensor:
+        return nn.functional.cross_entropy(out, labels)
+
+    m = probe_module(model, x, loss_fn)
+    loss = loss_fn(twin(x), None)
+    loss.backward()
+    total = math.sqrt(sum(float(p.grad.norm()) ** 2 for p in twin.parameters() if p.grad is not None))
+    assert m.loss[0] == pytest.approx(float(loss.detach()), rel=1e-12)
+    assert m.grad_norm[0] == pytest.approx(total, rel=1e-12)
+
+
 def test_total_and_per_block_norms_match_torch() -> None:
     built = build(Config.of("resmlp", norm="post", depth=5, width=32, init_scale=1.3))
     m = probe_module(built.model, built.inputs, built.loss_fn, blocks=built.blocks)
