@@ -230,3 +230,29 @@ def test_a_value_exactly_at_the_threshold_is_not_a_spike(level: float) -> None:
         assert steps[-1] == (flagged, level, at)
         assert run_many(rule, [series], 5)[0][-1] == (flagged, level, at)
         assert reference_steps(rule, series)[-1] == (flagged, level, at)
+
+
+def test_the_default_rule_is_the_documented_one_window_128_warmup_32_six_sigma_floor_1() -> None:
+    """Oracle: the README's rule by hand, on windows whose mean and std are exact in binary. A x50
+    after 31 accepted values is warm-up, after 32 it is flagged. One value of 1000, then 64 pairs
+    (1, 3): the window of the last 128 holds the pairs alone (mean 2, std 1), so the threshold is
+    2 + max(6 x 1, 1 x 2) = 8 (a window of 127 or 129 has another mean, 5 sigma gives 7). A flat
+    window of 2.0 has std 0: the floor alone, 2 + 1 x 2 = 4."""
+    rule = SpikeRule()
+
+    def last(series: list[float]) -> Step:
+        state = rule.state(1)
+        for x in series:
+            judged = rule.update(state, torch.tensor([x], dtype=torch.float64))
+        return bool(judged.flags[0]), float(judged.mean[0]), float(judged.threshold[0])
+
+    assert last([1.0] * 31 + [50.0])[0] is False
+    assert last([1.0] * 32 + [50.0])[0] is True
+    pairs = [1000.0] + [1.0, 3.0] * 64
+    for x, flagged in ((7.5, False), (8.0, False), (8.5, True)):
+        assert last([*pairs, x]) == (flagged, 2.0, 8.0)
+        many = rule.update_many(rule.state(1), torch.tensor([*pairs, x], dtype=torch.float64).unsqueeze(1))
+        assert bool(many.flags[-1, 0]) is flagged
+        assert float(many.threshold[-1, 0]) == pytest.approx(8.0, rel=1e-12)
+    assert last([2.0] * 40 + [4.0]) == (False, 2.0, 4.0)
+    assert last([2.0] * 40 + [4.5])[0] is True
