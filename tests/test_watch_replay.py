@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from watch_models import Dropped, PreNorm, batch, compute_loss, masked_loss, report_of, train
+from watch_models import MLP, Dropped, PreNorm, batch, compute_loss, masked_loss, report_of, train
 
 from stabilitycheck import watchstate
 from stabilitycheck.cli import main
@@ -297,3 +297,76 @@ def test_draws_a_loss_makes_before_calling_the_model_are_replayed(tmp_path: Path
     torch.manual_seed(0)
     model = Dropped()
     _flag_step_40(tmp_path / "b", model, torch.optim.SGD(model.parameters(), lr=0.01), masked_loss, 1000.0)
+
+
+def test_the_bundle_keeps_the_state_at_the_first_model_call_of_the_first_flagged_step(tmp_path: Path) -> None:
+    """Oracle: copies of the parameters taken by hand. The state is taken at a step's first model
+    call, not at a later one (a loop that edits the weights between two forwards, as sharpness-aware
+    minimisation does) nor when the step closes; the first flagged step's state is kept over a later
+    flagged step's."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 4)
+    snapshot = watchstate.Snapshot(model, compute_loss, tmp_path / "b")
+
+    def state() -> list[torch.Tensor]:
+        return [t.detach().clone() for t in (*model.parameters(), *model.buffers())]
+
+    def edit() -> None:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+
+    begun = state()
+    snapshot.on_call()  # the step's first forward
+    edit()
+    snapshot.on_call()  # a second forward of the same step, on edited weights
+    edit()
+    snapshot.on_flag(torch.tensor(True))
+    snapshot.after_update()
+    snapshot.on_call()  # the next step, flagged too
+    snapshot.on_flag(torch.tensor(True))
+    assert all(torch.equal(kept, want) for kept, want in zip(snapshot.kept, begun, strict=True))
+
+
+def test_the_batches_of_flushed_steps_are_let_go(tmp_path: Path) -> None:
+    """The batches (device tensors, often) of every step a flush has read are dropped there: after
+    10 steps at flush_every=4 and the closing flush, none is held; before the close, only those of
+    the steps after the last flush (8 and 9). A flagged step's are written to the bundle first."""
+    torch.manual_seed(0)
+    model = MLP(depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    with watch(model, opt, bundle=tmp_path / "b", compute_loss=compute_loss, flush_every=4, report=None) as w:
+        for _ in range(10):
+            opt.zero_grad()
+            data = batch(gen, model, 8)
+            loss = compute_loss(model, data)
+            w.loss(loss, batch=data)
+            loss.backward()
+            opt.step()
+        assert w.snapshot is not None and sorted(w.snapshot.batches) == [8, 9]
+    assert w.snapshot.batches == {}
+
+
+def test_a_masking_loss_over_micro_batches_replays_each_mask(tmp_path: Path) -> None:
+    """Oracle: the training step's own norms. A masking loss draws its mask before calling the model,
+    two micro-batches a step: the second micro-batch's mask is drawn from the RNG state at the end of
+    the first micro-batch, not at the end of the update before (that replays the first mask twice;
+    step 33's two masks differ, as they do on all but one of these 36 steps)."""
+    torch.manual_seed(0)
+    model = Dropped(depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    with watch(model, opt, bundle=tmp_path / "b", compute_loss=masked_loss, report=None) as w:
+        for step in range(36):
+            opt.zero_grad()
+            for k in range(2):
+                x, y = batch(gen, model, 8)
+                y = y * 50.0 if (step, k) == (33, 1) else y  # the loss is flagged
+                loss = masked_loss(model, (x, y)) / 2
+                w.loss(loss, batch=(x, y))
+                loss.backward()
+            opt.step()
+    first = report_of(w).first_spike
+    assert first is not None and first.step == 33
+    assert replay(tmp_path / "b").mismatches(1e-6) == []
