@@ -16,7 +16,7 @@ from watch_models import MLP, Dropped, PreNorm, batch, compute_loss, masked_loss
 from stabilitycheck import watchstate
 from stabilitycheck.cli import main
 from stabilitycheck.errors import UsageError
-from stabilitycheck.replay import replay
+from stabilitycheck.replay import Replayed, _as_passed, replay
 from stabilitycheck.watching import watch
 
 
@@ -299,6 +299,18 @@ def test_draws_a_loss_makes_before_calling_the_model_are_replayed(tmp_path: Path
     _flag_step_40(tmp_path / "b", model, torch.optim.SGD(model.parameters(), lr=0.01), masked_loss, 1000.0)
 
 
+def test_mismatches_are_relative_to_the_norm_at_any_scale_and_nan_matches_nan_only() -> None:
+    """Oracle: the definition, |a - b| > rtol x max(|a|, |b|), by hand. A norm of 1e-3 off by 1e-5
+    of itself differs (an absolute floor of 1 would hide every difference in a small norm); one of 1e3
+    off by 1e-7 of itself agrees; NaN matches NaN, Inf the same Inf, and nothing else."""
+    recorded = [1e-3, 1e3, 1e-30, math.nan, math.inf, math.nan, math.inf, 2.0]
+    replayed = [1e-3 * (1 + 1e-5), 1e3 * (1 + 1e-7), 1e-30 * (1 + 1e-5), math.nan, math.inf, 1.0]
+    replayed += [-math.inf, 2.0]
+    result = Replayed(0, [("activation", "b")] * len(recorded), recorded, replayed)
+    assert result.mismatches(1e-6) == [0, 2, 5, 6]
+    assert result.mismatches(1e-4) == [5, 6]
+
+
 def test_the_bundle_keeps_the_state_at_the_first_model_call_of_the_first_flagged_step(tmp_path: Path) -> None:
     """Oracle: copies of the parameters taken by hand. The state is taken at a step's first model
     call, not at a later one (a loop that edits the weights between two forwards, as sharpness-aware
@@ -370,3 +382,18 @@ def test_a_masking_loss_over_micro_batches_replays_each_mask(tmp_path: Path) -> 
     first = report_of(w).first_spike
     assert first is not None and first.step == 33
     assert replay(tmp_path / "b").mismatches(1e-6) == []
+
+
+def test_a_loss_is_divided_only_by_a_whole_number_of_micro_batches_to_1e_6() -> None:
+    """Oracle: _as_passed's rule by hand. compute_loss's loss over the one passed: 2 (or 4 to 1e-7) is
+    `loss / accumulation_steps`, divided back; 1.15, 1 or 2.01 (0.5% off a whole number) is a loss that
+    differs, left as it is so the replay shows it."""
+    for loss, passed, want in (
+        (2.0, 1.0, 1.0),
+        (4.0, 1.0 + 1e-7, 1.0),
+        (2.01, 1.0, 2.01),
+        (1.15, 1.0, 1.15),
+        (3.0, 3.0, 3.0),
+    ):
+        got = _as_passed(torch.tensor(loss, dtype=torch.float64), torch.tensor(passed))
+        assert float(got) == pytest.approx(want, rel=1e-12)
