@@ -1119,3 +1119,36 @@ def test_blocks_no_hook_sees_are_said_and_a_nan_they_make_is_not_silently_the_lo
         else:
             assert len(said) == 1 and "block.forward(x)" in said[0] and "layers.0, layers.1" in said[0]
             assert "note: no watched block ran" in stream.getvalue()
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_the_logged_weight_norms_are_torchs_norms_of_that_steps_weights(skip: bool, tmp_path: Path) -> None:
+    """Oracle: torch.linalg.vector_norm of each block's parameters (the head is outside the blocks),
+    taken by hand before each update. Weights measured every 3rd step, flushed every 4 (the two
+    intervals cross): a measured row holds its own step's norms, not the last measured row's or an
+    unmeasured row's zeros; an unmeasured row holds null."""
+    torch.manual_seed(0)
+    model = MLP(depth=2)
+    opt = fused_adam(model) if skip else torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(0)
+    log, expected = tmp_path / "w.jsonl", []
+    with watch(model, opt, log=log, weights_every=3, flush_every=4, skip=skip, report=None) as w:
+        for _ in range(10):
+            opt.zero_grad()
+            x, y = batch(gen, model, 8)
+            loss = compute_loss(model, (x, y))
+            w.loss(loss)
+            loss.backward()
+            owners = [*model.blocks, model.head]
+            with torch.no_grad():
+                flat = [torch.cat([p.flatten() for p in m.parameters()]) for m in owners]
+            expected.append([float(torch.linalg.vector_norm(f)) for f in flat])
+            opt.step()
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert rows[0]["columns"]["weight"] == ["blocks.0", "blocks.1", "(outside blocks)"]
+    for step, row in enumerate(rows):
+        if step % 3:
+            assert row["weight"] is None
+        else:
+            assert row["weight"] == pytest.approx(expected[step], rel=1e-6)
+    assert expected[0] != pytest.approx(expected[3], rel=1e-6)  # the weights did change between them
