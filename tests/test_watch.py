@@ -1152,3 +1152,38 @@ def test_the_logged_weight_norms_are_torchs_norms_of_that_steps_weights(skip: bo
         else:
             assert row["weight"] == pytest.approx(expected[step], rel=1e-6)
     assert expected[0] != pytest.approx(expected[3], rel=1e-6)  # the weights did change between them
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_an_unmeasured_weight_norm_is_judged_as_the_last_measured_one(skip: bool, tmp_path: Path) -> None:
+    """Oracle: the rule written out in plain Python (test_watch_rule.reference_steps) over the logged
+    weight norms of block 0, each unmeasured step (null) filled with the last measured norm, as the
+    README says the watcher judges it. Weights measured every 3rd step, block 0's weights x10 before
+    step 36: the weight series has been warm since step 32 and flags it first (its window is full of
+    stand-ins), on the host rule and on the device rule (skip=True) alike."""
+    torch.manual_seed(0)
+    model = MLP(depth=2)
+    opt = fused_adam(model) if skip else torch.optim.SGD(model.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    log = tmp_path / "w.jsonl"
+    with watch(model, opt, log=log, weights_every=3, flush_every=8, skip=skip, report=None) as w:
+        for step in range(40):
+            if step == 36:
+                with torch.no_grad():
+                    model.blocks[0][0].weight.mul_(10.0)
+            opt.zero_grad()
+            x, y = batch(gen, model, 8)
+            loss = compute_loss(model, (x, y))
+            w.loss(loss)
+            loss.backward()
+            opt.step()
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    series: list[float] = []
+    for row in rows:
+        series.append(row["weight"][0] if row["weight"] is not None else series[-1])
+    flagged, mean, threshold = reference_steps(SpikeRule(), series)[36]
+    first = report_of(w).first_spike
+    assert flagged and first is not None
+    assert (first.step, first.tensor, first.block) == (36, "weight", "blocks.0")
+    assert first.threshold == pytest.approx(threshold, rel=1e-9)
+    assert first.mean == pytest.approx(mean, rel=1e-9)
