@@ -1187,3 +1187,27 @@ def test_an_unmeasured_weight_norm_is_judged_as_the_last_measured_one(skip: bool
     assert (first.step, first.tensor, first.block) == (36, "weight", "blocks.0")
     assert first.threshold == pytest.approx(threshold, rel=1e-9)
     assert first.mean == pytest.approx(mean, rel=1e-9)
+
+
+def test_the_logged_loss_of_a_step_is_the_sum_of_its_micro_batches_losses(tmp_path: Path) -> None:
+    """Oracle: the losses passed to w.loss, summed by hand. Gradient accumulation, three micro-batches
+    a step, each w.loss(loss / 3): the step's loss is their sum, not the last one passed."""
+    torch.manual_seed(0)
+    model = MLP(depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    log, sums = tmp_path / "w.jsonl", []
+    with watch(model, opt, log=log, report=None) as w:
+        for _ in range(4):
+            opt.zero_grad()
+            total = 0.0
+            for _ in range(3):
+                loss = compute_loss(model, batch(gen, model, 8)) / 3
+                w.loss(loss)
+                total += float(loss.detach())
+                loss.backward()
+            sums.append(total)
+            opt.step()
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [row["loss"] for row in rows] == pytest.approx(sums, rel=1e-6)
+
