@@ -1211,3 +1211,41 @@ def test_the_logged_loss_of_a_step_is_the_sum_of_its_micro_batches_losses(tmp_pa
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [row["loss"] for row in rows] == pytest.approx(sums, rel=1e-6)
 
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_the_norms_of_every_step_across_flushes_are_torchs_own(skip: bool, tmp_path: Path) -> None:
+    """Oracle: torch.linalg.vector_norm of each block's output (a forward hook of the test's own), the
+    loss and the total gradient norm (torch.nn.utils.get_total_norm), taken by hand every step. Seven
+    steps flushed every 3: the rows of the second and third flush hold their own steps' values, not
+    those added onto the rows of the flush before."""
+    torch.manual_seed(0)
+    model = MLP(depth=2)
+    opt = fused_adam(model) if skip else torch.optim.SGD(model.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    outputs: list[float] = []
+    hooks = [
+        block.register_forward_hook(
+            lambda m, a, out: outputs.append(float(torch.linalg.vector_norm(out.detach())))
+        )
+        for block in model.blocks
+    ]
+    log, expected = tmp_path / "w.jsonl", []
+    with watch(model, opt, log=log, flush_every=3, skip=skip, report=None) as w:
+        for _ in range(7):
+            opt.zero_grad()
+            outputs.clear()
+            loss = compute_loss(model, batch(gen, model, 8))
+            w.loss(loss)
+            loss.backward()
+            grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
+            expected.append((float(loss.detach()), grad_norm, list(outputs)))
+            opt.step()
+    for h in hooks:
+        h.remove()
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    got = [(row["loss"], row["grad_norm"], row["activation"]) for row in rows]
+    assert len(got) == 7
+    for (loss_value, grad_norm, acts), (want_loss, want_grad, want_acts) in zip(got, expected, strict=True):
+        assert loss_value == pytest.approx(want_loss, rel=1e-6)
+        assert grad_norm == pytest.approx(want_grad, rel=1e-6)
+        assert acts == pytest.approx(want_acts, rel=1e-6)
