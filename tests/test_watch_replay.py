@@ -397,3 +397,28 @@ def test_a_loss_is_divided_only_by_a_whole_number_of_micro_batches_to_1e_6() -> 
     ):
         got = _as_passed(torch.tensor(loss, dtype=torch.float64), torch.tensor(passed))
         assert float(got) == pytest.approx(want, rel=1e-12)
+
+
+def test_a_bundle_written_after_the_loop_switched_to_eval_replays_in_training_mode(tmp_path: Path) -> None:
+    """Oracle: the training step's own norms. The flagged step is in the last flush interval, so the
+    bundle is written when the watcher closes, after the loop put the model (with dropout) in eval mode
+    for a final evaluation: the model is saved in eval mode, and the step, trained in training mode,
+    replays in training mode (in eval mode dropout is off and every norm differs)."""
+    torch.manual_seed(0)
+    model = Dropped(depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    with watch(model, opt, bundle=tmp_path / "b", compute_loss=compute_loss, report=None) as w:
+        for step in range(36):
+            opt.zero_grad()
+            x, y = batch(gen, model, 8)
+            y = y * 50.0 if step == 33 else y  # the loss is flagged
+            loss = compute_loss(model, (x, y))
+            w.loss(loss, batch=(x, y))
+            loss.backward()
+            opt.step()
+        model.eval()
+        assert not (tmp_path / "b").exists()  # not flushed yet: written at the close, in eval mode
+    first = report_of(w).first_spike
+    assert first is not None and first.step == 33
+    assert replay(tmp_path / "b").mismatches(1e-6) == []
