@@ -360,15 +360,19 @@ def test_the_batches_of_flushed_steps_are_let_go(tmp_path: Path) -> None:
     assert w.snapshot.batches == {}
 
 
+def _dropped() -> tuple[Dropped, torch.optim.Optimizer, torch.Generator]:
+    """A 2-block model with dropout, its SGD optimizer and a data generator, all seeded."""
+    torch.manual_seed(0)
+    model = Dropped(depth=2)
+    return model, torch.optim.SGD(model.parameters(), lr=0.01), torch.Generator().manual_seed(0)
+
+
 def test_a_masking_loss_over_micro_batches_replays_each_mask(tmp_path: Path) -> None:
     """Oracle: the training step's own norms. A masking loss draws its mask before calling the model,
     two micro-batches a step: the second micro-batch's mask is drawn from the RNG state at the end of
     the first micro-batch, not at the end of the update before (that replays the first mask twice;
     step 33's two masks differ, as they do on all but one of these 36 steps)."""
-    torch.manual_seed(0)
-    model = Dropped(depth=2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    gen = torch.Generator().manual_seed(0)
+    model, opt, gen = _dropped()
     with watch(model, opt, bundle=tmp_path / "b", compute_loss=masked_loss, report=None) as w:
         for step in range(36):
             opt.zero_grad()
@@ -404,10 +408,7 @@ def test_a_bundle_written_after_the_loop_switched_to_eval_replays_in_training_mo
     bundle is written when the watcher closes, after the loop put the model (with dropout) in eval mode
     for a final evaluation: the model is saved in eval mode, and the step, trained in training mode,
     replays in training mode (in eval mode dropout is off and every norm differs)."""
-    torch.manual_seed(0)
-    model = Dropped(depth=2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    gen = torch.Generator().manual_seed(0)
+    model, opt, gen = _dropped()
     with watch(model, opt, bundle=tmp_path / "b", compute_loss=compute_loss, report=None) as w:
         for step in range(36):
             opt.zero_grad()
