@@ -1556,6 +1556,51 @@ def test_no_gain_is_taken_next_to_an_output_no_gradient_reaches() -> None:
     assert m.gains[2] == pytest.approx(float(grads[1].norm() / grads[2].norm()), rel=1e-12)
 
 
+class _Halved(nn.Module):
+    """Four tanh(linear) steps; the forward hooks each linear block's output, halving its gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            y = layer(x)
+            y.register_hook(lambda g: g * 0.5)
+            x = torch.tanh(y)
+        return x
+
+
+def test_an_output_gradient_is_read_before_the_models_own_hook_on_it() -> None:
+    """Oracle: tensor hooks run in the order registered, so a hook registered as each block returns (a
+    forward hook, before the model's own) sees the gradient autograd hands the output, and
+    retain_grad the hooked one. The probe reads the first (each retained value is half of it): the
+    model's x0.5 shows in the gain of the block whose output it hooks, and the growth is the input's
+    gradient (after every hook) over the last output's, as autograd handed it."""
+    torch.manual_seed(0)
+    model, x = _Halved().double(), torch.randn(4, 8, dtype=torch.float64)
+    blocks = list(model.layers.named_children())
+    m = probe_module(model, x, lambda o, _: o.square().sum(), blocks=blocks)
+    handed: list[torch.Tensor] = []
+    outs: list[torch.Tensor] = []
+
+    def keep(mod: nn.Module, args: Any, out: torch.Tensor) -> None:
+        out.register_hook(handed.append)
+        out.retain_grad()
+        outs.append(out)
+
+    hooks = [b.register_forward_hook(keep) for _, b in blocks]
+    model.zero_grad()
+    xx = x.clone().requires_grad_()
+    model(xx).square().sum().backward()
+    for h in hooks:
+        h.remove()
+    before = [float(g.norm()) for g in reversed(handed)]  # the backward hands them last block first
+    assert m.activation_grad_norms == pytest.approx([float(xx.grad.norm()), *before], rel=1e-12)
+    assert [float(o.grad.norm()) for o in outs] == pytest.approx([b / 2 for b in before], rel=1e-12)
+    assert m.growth == pytest.approx(float(xx.grad.norm()) / before[-1], rel=1e-12)
+
+
 def test_output_gradients_under_a_gradscaler_are_the_unscaled_ones() -> None:
     """Oracle: dL/d(output) of each block (forward hooks, retain_grad) in a float32 run of the same
     model without autocast; float16 autocast under a GradScaler (scale 65536, a step it does not skip)
