@@ -99,6 +99,8 @@ def _replay(args: argparse.Namespace, limits: Any) -> list[Any]:
     from stabilitycheck.subjects import resolve
 
     where = f"--replay {args.replay}"
+    if not args.replay.is_file():
+        raise UsageError(f"{where}: no such file; give the JSON file a run wrote with --json FILE")
     try:
         stored = json.loads(args.replay.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -173,10 +173,12 @@ class HFModel:
         self.name = f"hf:{model_type}"
         self.config_class: type = mapping[model_type]
         fields = _fields(self.config_class, transformers.PretrainedConfig)
+        text = f"{model_type}_text_model"  # a vision-language model's text tower (hf:clip_text_model)
+        self.pick = f"hf:{text}, its text part" if text in mapping else "a text model type, e.g. hf:gpt2"
         if not isinstance(fields.get("vocab_size"), int):
             raise UsageError(
                 f"{self.name} has no vocab_size in its config: it is not a text model, and stabilitycheck "
-                "feeds HF models random token ids; pick a text model type, e.g. hf:gpt2"
+                f"feeds HF models random token ids; pick {self.pick}"
             )
         knobs = {n: _small(n, d) for n, d in fields.items() if _is_knob(n, d)}
         self.knobs: dict[str, Knob] = {**knobs, **INPUTS}
@@ -313,7 +315,7 @@ class HFModel:
             other = next((n for n in NON_TEXT_INPUTS if n in params), "no input_ids")
             raise UsageError(
                 f"{self.name} is not a text model: its {type(model).__name__}.forward takes {other}, and "
-                "stabilitycheck feeds HF models random token ids; pick a text model type, e.g. hf:gpt2"
+                f"stabilitycheck feeds HF models random token ids; pick {self.pick}"
             )
         gen = torch.Generator().manual_seed(_salted(seed, _SALT_INPUTS))
         shape = (int(values["batch_size"]), int(values["seq_len"]))

@@ -117,6 +117,8 @@ def test_replay_json_of_the_wrong_shape_is_exit_2(
     stored.write_bytes(b"\xff\xfe[")
     code, _, err = _run(["--replay", str(stored)], capsys)
     assert code == cli.EXIT_USAGE and "UTF-8" in err, err
+    code, _, err = _run(["--replay", str(tmp_path / "missing.json")], capsys)
+    assert code == cli.EXIT_USAGE and "missing.json: no such file; give the JSON file" in err, err
 
 
 def test_ctrl_c_during_the_remedies_keeps_the_counterexample(

@@ -157,9 +157,12 @@ def test_unknown_model_type_says_did_you_mean() -> None:
     assert "did you mean 'hf:gpt2'" in message
 
 
-def test_non_text_model_type_is_refused() -> None:
-    with pytest.raises(UsageError, match="not a text model"):
+def test_non_text_model_type_is_refused_naming_its_text_part_where_it_has_one() -> None:
+    with pytest.raises(UsageError, match=r"not a text model.*pick a text model type, e\.g\. hf:gpt2$"):
         HFModel("vit")
+    with pytest.raises(UsageError, match=r"not a text model.*pick hf:clip_text_model, its text part$"):
+        HFModel("clip")
+    assert HFModel("clip_text_model").model_type == "clip_text_model"  # what it names is a text model
 
 
 def test_bad_knob_values_are_one_line_usage_errors() -> None:
