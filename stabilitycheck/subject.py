@@ -237,18 +237,18 @@ def own_blocks(model: nn.Module, blocks: Any, who: str) -> Blocks:
     pairs = tuple(tuple(pair) if isinstance(pair, list) else pair for pair in blocks)
     owned = {id(m) for m in model.modules()}
     for pair in pairs:
-        if not (
-            isinstance(pair, tuple)
-            and len(pair) == 2
-            and isinstance(pair[0], str)
-            and isinstance(pair[1], nn.Module)
-            and id(pair[1].weighted if isinstance(pair[1], Layer) else pair[1]) in owned
-        ):
+        shaped = isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)
+        if shaped and isinstance(pair[1], nn.Module):
+            if id(pair[1].weighted if isinstance(pair[1], Layer) else pair[1]) in owned:
+                continue
+            kind = type(pair[1]).__name__
+            got = f"({pair[0]!r}, a {kind} that is not a submodule of this model: a copy's?)"
+        else:
             got = f"a {type(pair).__name__}" if isinstance(pair, nn.Module) else repr(pair).splitlines()[0]
-            raise UsageError(
-                f"{who}: blocks must be (name, module) pairs of the model's own submodules, input side "
-                f"first, got {got}; e.g. blocks=[(f'blocks.{{i}}', b) for i, b in enumerate(model.blocks)]"
-            )
+        raise UsageError(
+            f"{who}: blocks must be (name, module) pairs of the model's own submodules, input side "
+            f"first, got {got}; e.g. blocks=[(f'blocks.{{i}}', b) for i, b in enumerate(model.blocks)]"
+        )
     return pairs
 
 

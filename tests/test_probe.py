@@ -1186,8 +1186,9 @@ def test_blocks_that_are_not_the_models_own_are_a_usage_error() -> None:
     built = build(zoo("mlp", depth=3, init_scale=4.0))
     other = copy.deepcopy(built.model)
     foreign = [(f"layers.{i}", m) for i, m in enumerate(other.layers)]
-    with pytest.raises(UsageError, match=r"probe_module: blocks must be .* the model.s own submodules"):
+    with pytest.raises(UsageError, match=r"probe_module: blocks must be .* the model.s own submodules") as e:
         probe_module(built.model, built.inputs, built.loss_fn, blocks=foreign)
+    assert "got ('layers.0', a " in str(e.value) and "that is not a submodule of this model" in str(e.value)
     own = [(f"layers.{i}", m) for i, m in enumerate(built.model.layers)]
     m = probe_module(built.model, built.inputs, built.loss_fn, blocks=own)
     assert m.growth > 1.0 and all(g > 0 for g in m.layer_grad_norms)
