@@ -263,7 +263,11 @@ def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
     where there are two or more (Linear, Tanh, Linear, ...: each gain is then a whole layer's,
     activation included, not alternately a weight's x2 and an activation's x0.5); else its recurrent
     cells (nn.RNNCell, LSTMCell, GRUCell: each call a block); else its leaf modules that own
-    parameters."""
+    parameters. Of a torch.compile'd model, the blocks of the model it wraps, named as there (not
+    `_orig_mod.layers.0`): the same modules, whose hooks the compiled forward runs."""
+    inner = getattr(model, "_orig_mod", None)
+    if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+        return find_blocks(inner)
     declared = getattr(model, "stability_blocks", None)
     if callable(declared):
         return tuple(declared()), "blocks: declared by stability_blocks()"

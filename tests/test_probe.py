@@ -1269,6 +1269,23 @@ def test_a_model_compiled_with_fullgraph_is_refused_in_one_line_and_one_without_
     assert compiled.activation_grad_norms == pytest.approx(eager.activation_grad_norms, rel=1e-6)
 
 
+# torch's dynamo warns that it reads .grad of a non-leaf tensor while it traces a forward hook's
+# arguments under torch.compile's wrapper: torch's own warning, not this package's
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
+def test_a_model_wrapped_by_torch_compile_has_its_blocks_named_as_uncompiled() -> None:
+    """torch.compile(model) wraps the model (its modules under `_orig_mod`): the blocks found are the
+    same modules, named as in the model (`layers.0`, not `_orig_mod.layers.0`); oracle: the same model
+    probed uncompiled, names and numbers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3)))
+    x = torch.randn(4, 8)
+    eager = probe_module(model, x, _square_mean)
+    torch._dynamo.reset()
+    compiled = probe_module(torch.compile(model, backend="eager"), x, _square_mean)
+    assert compiled.activation_names == eager.activation_names == ("(input)", "0", "1", "2")
+    assert compiled.activation_grad_norms == pytest.approx(eager.activation_grad_norms, rel=1e-6)
+
+
 class Returns(nn.Module):
     """tanh(W x) returned inside a dict (an MoE layer's {"hidden": h, "aux": loss}) or as (None, h)."""
 
