@@ -732,13 +732,20 @@ def scaling(s: Sizes) -> tuple[list[Row], list[Row]]:
 DURATION = re.compile(r"^\s*(\d+\.\d+)s\s+(call|setup|teardown)\s+(.+?)\s*$")  # a --durations line
 
 
+def children_cpu() -> float:
+    """User + system CPU seconds of every child process this one has waited for (their own waited-for
+    children, such as xdist workers, included)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def pytest_run(target: Sequence[str], workers: str, timeout: float) -> Row:
     """One `pytest [TARGET] -n WORKERS --durations=10` subprocess: its wall seconds, the CPU seconds of
     it and every process it waited for (its xdist workers), and its 10 slowest phases. Infinite
     times when it ran past `timeout`."""
     cmd = [sys.executable, "-m", "pytest", *target, "-q", "-n", workers, "-p", "no:cacheprovider"]
     cmd += ["--durations=10"]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    before = children_cpu()
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -750,13 +757,12 @@ def pytest_run(target: Sequence[str], workers: str, timeout: float) -> Row:
             "summary": f"killed after {timeout:.0f} s",
             "slowest": [],
         }
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall, cpu = time.perf_counter() - start, children_cpu() - before
     lines = proc.stdout.strip().splitlines()
     slowest = [(float(m[1]), m[2], m[3]) for m in map(DURATION.match, lines) if m]
     return {
         "wall s": wall,
-        "CPU s": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
+        "CPU s": cpu,
         "exit": proc.returncode,
         "summary": lines[-1] if lines else "",
         "slowest": slowest,
@@ -772,12 +778,10 @@ def start_up() -> Row:
         ("import", [sys.executable, "-c", "import torch, hypothesis, stabilitycheck"]),
         ("collect", [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"]),
     ):
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        start = time.perf_counter()
+        before, start = children_cpu(), time.perf_counter()
         subprocess.run(cmd, cwd=ROOT, capture_output=True, check=True)
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
         row[f"{label} wall s"] = time.perf_counter() - start
-        row[f"{label} CPU s"] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        row[f"{label} CPU s"] = children_cpu() - before
     return row
 
 

@@ -48,7 +48,7 @@ from stabilitycheck.recording import (
 from stabilitycheck.recording import block_of as block_of
 from stabilitycheck.recording import call_model as call_model
 from stabilitycheck.rng import rng_state, set_rng_state
-from stabilitycheck.subject import Subject, find_blocks, own_blocks
+from stabilitycheck.subject import BYPASSED, Subject, find_blocks, own_blocks, shown_blocks
 from stabilitycheck.subjects import resolve
 
 
@@ -525,12 +525,10 @@ def _never_called(names: Sequence[str]) -> UserCodeError:
     """No block's forward hook ran in the step's forward: its growth would read 1 (no gain measured),
     stable, whatever the gradients did (a tanh stack at sigma_w 4, 30 layers deep, total gradient norm
     3.6e3, read growth 1)."""
-    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
     return UserCodeError(
-        f"no block ran through its __call__ in the model's forward ({shown}: {len(names)} in all), so no "
-        "hook saw one and no gain can be measured: a forward calling `block.forward(x)` bypasses "
-        "module hooks (call `block(x)`), or the blocks are not the modules the forward runs (pass the "
-        "ones it calls: blocks=... or stability_blocks())"
+        f"no block ran through its __call__ in the model's forward ({shown_blocks(names)}: {len(names)} in "
+        f"all), so no hook saw one and no gain can be measured: {BYPASSED}, or the blocks are not the "
+        "modules the forward runs (pass the ones it calls: blocks=... or stability_blocks())"
     )
 
 

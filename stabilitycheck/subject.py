@@ -4,7 +4,7 @@ Hugging Face model types are Subjects; search, remedies and reports are written 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, cast
 
@@ -250,6 +250,14 @@ def own_blocks(model: nn.Module, blocks: Any, who: str) -> Blocks:
             f"first, got {got}; e.g. blocks=[(f'blocks.{{i}}', b) for i, b in enumerate(model.blocks)]"
         )
     return pairs
+
+
+BYPASSED = "a forward calling `block.forward(x)` bypasses module hooks (call `block(x)`)"  # no block seen
+
+
+def shown_blocks(names: Sequence[str]) -> str:
+    """The first three block names, then '...' where there are more: a message's list of blocks."""
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
 LEAVES_NOTE = "blocks: leaf modules with parameters"  # the last resort of find_blocks

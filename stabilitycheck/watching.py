@@ -31,7 +31,7 @@ from stabilitycheck.distributed import Layout
 from stabilitycheck.errors import UsageError
 from stabilitycheck.recording import block_of
 from stabilitycheck.spikes import SpikeRule
-from stabilitycheck.subject import find_blocks, own_blocks
+from stabilitycheck.subject import BYPASSED, find_blocks, own_blocks, shown_blocks
 from stabilitycheck.watchcapture import Capture
 from stabilitycheck.watchlog import Log, Report
 from stabilitycheck.watchoptions import (
@@ -279,12 +279,11 @@ class Watcher:
         """Steps were closed and the model was called, but no block's forward hook ran (a forward
         calling `block.forward(x)`): every block output and its gradient read 0, no measurement, so a
         NaN a block made was named as the loss's. Said in the report and as a warning."""
-        names = [name for name, _ in self.blocks]
-        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        shown = shown_blocks([name for name, _ in self.blocks])
         note = (
             f"no watched block ran through its __call__ in {self.step} steps ({shown}), so their outputs "
-            "and output gradients were never measured: a forward calling `block.forward(x)` bypasses "
-            "module hooks (call `block(x)`), or pass the blocks the forward runs (blocks=...)"
+            f"and output gradients were never measured: {BYPASSED}, or pass the blocks the forward runs "
+            "(blocks=...)"
         )
         self.out.result.note = note
         warnings.warn(f"watch: {note}", stacklevel=3)
