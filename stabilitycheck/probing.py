@@ -9,9 +9,7 @@ overflows is never reported as non-finite.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
-import operator
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -25,10 +23,9 @@ from torch.utils.checkpoint import CheckpointError
 
 from stabilitycheck._tree import tensors as tensors_of
 from stabilitycheck._validation import article
-from stabilitycheck.config import AMPS, OPTIMIZERS, Config, choice
-from stabilitycheck.errors import ConfigError, UsageError, UserCodeError
+from stabilitycheck.config import Config
+from stabilitycheck.errors import UsageError, UserCodeError
 from stabilitycheck.losses import Inputs, LossFn, OutputLoss, differentiable_loss
-from stabilitycheck.measurement import AFTER_LAST, INPUT
 from stabilitycheck.measurement import (
     TENSOR_KINDS as TENSOR_KINDS,  # `X as X`: re-exported, it was defined here
 )
@@ -38,6 +35,7 @@ from stabilitycheck.measurement import ratio as ratio
 from stabilitycheck.norms import EXACT as EXACT
 from stabilitycheck.norms import STACK_MIN, dense, norm_values
 from stabilitycheck.norms import accumulator as accumulator
+from stabilitycheck.readings import Step, chains_of, gains_of, growth_of, locate
 from stabilitycheck.recording import (
     GRAPH_BREAK,
     _layout,
@@ -50,79 +48,7 @@ from stabilitycheck.recording import call_model as call_model
 from stabilitycheck.rng import rng_state, set_rng_state
 from stabilitycheck.subject import BYPASSED, Subject, find_blocks, own_blocks, shown_blocks
 from stabilitycheck.subjects import resolve
-
-
-def _training_settings(
-    steps: Any, warmup: Any, seed: Any, lr: Any, optimizer: Any, amp: Any, clip: Any
-) -> tuple[int, int, int, float]:
-    """probe_module's settings checked, counts as ints and lr as a float (numpy scalars welcome): a
-    misspelt optimizer or amp ran plain SGD in float32, a negative clip reversed the gradient."""
-
-    def bad(what: str) -> UsageError:
-        return UsageError(f"probe_module: {what}")
-
-    counts = []
-    for name, value in (("steps", steps), ("warmup", warmup), ("seed", seed)):
-        try:
-            counts.append(operator.index(value))
-        except TypeError:
-            raise bad(f"{name} must be a whole number, got {value!r}; pass int(...)") from None
-        if counts[-1] < 0:
-            raise bad(f"{name} must be >= 0, got {value!r}")
-    try:
-        rate = math.nan if isinstance(lr, str) else float(lr)
-    except (TypeError, ValueError):
-        rate = math.nan
-    if not (math.isfinite(rate) and rate >= 0):
-        raise bad(f"lr must be a finite number >= 0, got {lr!r}")
-    for name, value, allowed in (("optimizer", optimizer, OPTIMIZERS), ("amp", amp, AMPS)):
-        try:
-            choice(name, value, allowed)  # a Config's own check of these names
-        except ConfigError as exc:
-            raise bad(str(exc).removeprefix("Run.")) from None
-    if clip is not None:
-        try:
-            cap = float(clip)
-        except (TypeError, ValueError):
-            cap = math.nan
-        if not (math.isfinite(cap) and cap > 0):
-            raise bad(f"clip must be None or a finite number > 0, got {clip!r}")
-    return counts[0], counts[1], counts[2], rate
-
-
-def _optimizer(
-    name: str, model: nn.Module, params: Sequence[nn.Parameter], lr: float
-) -> torch.optim.Optimizer:
-    """The optimiser the steps use; Adam refused upfront where the model makes sparse gradients (torch's
-    Adam raises on them at the first step, which read as the knobs' fault)."""
-    if name == "adam":
-        sparse = [n for n, m in model.named_modules() if getattr(m, "sparse", False) is True]
-        if sparse:
-            raise UsageError(
-                f"--optimizer adam cannot step the sparse gradients of {sparse[0] or 'the model'} "
-                "(an embedding built with sparse=True): use --optimizer sgd, or sparse=False"
-            )
-        return torch.optim.Adam(params, lr=lr)
-    return torch.optim.SGD(params, lr=lr)
-
-
-@dataclass
-class _Step:
-    """The host-side numbers of one step (after the single synchronisation); one entry per
-    parameter in `grads` and `weights` (0.0 for a parameter that got no gradient)."""
-
-    loss: float
-    grads: list[float]
-    weights: list[float]
-    calls: tuple[str, ...]
-    breaks: frozenset[int]  # calls (positions in `calls`) that start a new chain: no gain across
-    unreached: frozenset[int]  # calls whose output the loss does not depend on: no gradient, no gain
-    forward: list[float]
-    backward: list[float]
-    entering: list[float] = dataclasses.field(default_factory=list)  # per call, ||its input|| (exact runs)
-    given_finite: bool = True  # every floating tensor given to the model is finite (exact runs)
-    scale: float = 1.0
-    finite: bool = True  # every number above is finite
+from stabilitycheck.updates import optimizer_for, training_settings, update
 
 
 @dataclass
@@ -235,7 +161,7 @@ def _restore(kept: Sequence[_Buffer]) -> None:
             t.copy_(copy)
 
 
-def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = False) -> _Step:
+def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = False) -> Step:
     """Forward and backward once, then every norm of the step in one fused call and one copy to the
     host: the loss, every weight gradient (unscaled under a GradScaler), and on request the block
     outputs, their gradients and the weights. `exact` computes every norm in float64 and runs
@@ -287,7 +213,7 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
     host = host[: len(host) - len(into)]
     if scaler:  # output gradients of the scaled loss, unscaled
         host[g + n : g + n + r] = [b / scale_value for b in host[g + n : g + n + r]]
-    return _Step(
+    return Step(
         loss=loss_value,
         scale=scale_value,
         grads=_scatter(host[:g], present, len(run.params)),
@@ -301,43 +227,6 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         given_finite=not (hooks and exact)
         or all(bool(x.isfinite().all()) for x in tensors_of(run.inputs) if x.is_floating_point()),
         finite=math.isfinite(loss_value + sum(host)),
-    )
-
-
-def _chains(act: Sequence[float], breaks: frozenset[int], unreached: frozenset[int]) -> tuple[float, ...]:
-    """Each chain's own growth, its first over its last output-gradient norm: a junction (`breaks`)
-    starts another chain (a decoder after its encoder), and no ratio is taken across it (it would
-    read the encoder's dL/d input against the decoder's last output). Outputs the loss does not depend
-    on (`unreached`: a block computed only for logging) have no gradient, not a zero one, and are left
-    out; a chain of them alone has no growth."""
-    starts = [0, *sorted(b for b in breaks if 0 < b < len(act)), len(act)]
-    chains = []
-    for a, b in itertools.pairwise(starts):
-        chain = [act[i] for i in range(a, b) if i not in unreached]
-        if chain:
-            chains.append(ratio(chain[0], chain[-1]))
-    return tuple(chains)
-
-
-def _growth(chains: Sequence[float], calls: int) -> float:
-    """The growth of a model whose chains grow as `chains`: their product (the product of the gains),
-    or, where a chain grows (above 1) more than that, the largest chain's own, so that one chain's
-    vanishing does not hide another's explosion (a prophetnet encoder growing 2558 beside its decoder
-    at 1.4e-16 read 3.5e-13); the vanishing criterion reads the smallest (verdicts.values). NaN where
-    calls were recorded but no gradient reached any (hf:bart with no decoder layers read 1)."""
-    if calls and not chains:
-        return math.nan
-    product = math.prod(chains)
-    largest = max(chains, default=product)
-    return largest if len(chains) > 1 and largest > max(product, 1.0) else product
-
-
-def _gains(act: Sequence[float], breaks: frozenset[int], unreached: frozenset[int]) -> tuple[float, ...]:
-    """The backward gain of each entry's block after the first, act[i] / act[i + 1]: NaN across a
-    junction (`breaks`) and next to an output no gradient reached (there is no gain to take)."""
-    return tuple(
-        math.nan if i + 1 in breaks or i in unreached or i + 1 in unreached else ratio(act[i], act[i + 1])
-        for i in range(len(act) - 1)
     )
 
 
@@ -357,40 +246,6 @@ def _groups(calls: Sequence[int], g: int, reached: Sequence[int]) -> list[list[i
         if calls[pos] in many:
             grads[calls[pos]].append(g + len(calls) + j)
     return [*outputs.values(), *grads.values()]
-
-
-def _locate(
-    step: int, s: _Step, names: Sequence[str], owner: Sequence[int], grads_count: bool = True
-) -> NonFinite | None:
-    """The first non-finite value of a step, in the order it came to be: the weights (at step k, after
-    k updates: the update of step k - 1 made them), forward outputs, the loss, output gradients
-    (output side first), weight grads.
-    Under a GradScaler (`grads_count` False) non-finite gradients are a skipped step, not a finding."""
-
-    def block(b: int) -> str:
-        return names[b] if b >= 0 else "(outside blocks)"
-
-    for value, b in zip(s.weights, owner, strict=False):  # weights are measured on request only
-        if not math.isfinite(value):
-            return NonFinite(step, block(b), "weight", value)
-    for i, (value, name) in enumerate(zip(s.forward, s.calls, strict=True)):
-        if s.entering and not math.isfinite(s.entering[i]):  # every output before it is finite
-            return NonFinite(step, f"(outside blocks, before {name})", "activation", s.entering[i])
-        if not math.isfinite(value):
-            if name == INPUT and s.given_finite and len(s.calls) > 1:  # the model's code made it
-                return NonFinite(step, f"(outside blocks, before {s.calls[1]})", "activation", value)
-            return NonFinite(step, name, "activation", value)
-    if not math.isfinite(s.loss):
-        return NonFinite(step, AFTER_LAST, "loss", s.loss)
-    if not grads_count:
-        return None
-    for value, name in reversed(list(zip(s.backward, s.calls, strict=True))):
-        if not math.isfinite(value):
-            return NonFinite(step, name, "activation_grad", value)
-    for value, b in zip(s.grads, owner, strict=True):
-        if not math.isfinite(value):
-            return NonFinite(step, block(b), "gradient", value)
-    return None
 
 
 AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -421,7 +276,7 @@ def probe_module(
         raise UsageError(
             f"probe_module: the first argument must be the model (an nn.Module), got {article(model)}"
         )
-    steps, warmup, seed, lr = _training_settings(steps, warmup, seed, lr, optimizer, amp, clip)
+    steps, warmup, seed, lr = training_settings(steps, warmup, seed, lr, optimizer, amp, clip)
     blocks = own_blocks(model, blocks, "probe_module") if blocks is not None else find_blocks(model)[0]
     names = tuple(name for name, _ in blocks)
     layout = _layout(model, blocks)
@@ -439,7 +294,7 @@ def probe_module(
         )
     device = params[0].device
     scaler = torch.amp.GradScaler(device.type) if amp == "float16" else None
-    opt = _optimizer(optimizer, model, params, lr) if steps > 0 or scaler is not None else None
+    opt = optimizer_for(optimizer, model, params, lr) if steps > 0 or scaler is not None else None
     run = _Run(
         model,
         inputs,
@@ -471,13 +326,13 @@ def probe_module(
                     if not first.calls:
                         raise _never_called(names)
                 scales.append(last.scale)
-                found = None if last.finite else _locate(step, last, names, owner, scaler is None)
+                found = None if last.finite else locate(step, last, names, owner, scaler is None)
                 if found is not None:  # name it, in float64
                     set_rng_state(drawn)
                     last = _run_step(run, hooks=True, exact=True, weights=True)
                     if step == 0:
                         first = last
-                    nonfinite = _locate(step, last, names, owner, scaler is None)
+                    nonfinite = locate(step, last, names, owner, scaler is None)
                 overflowed = scaler is not None and not math.isfinite(sum(last.grads))
                 unscaled = last
                 if overflowed and found is None:
@@ -489,17 +344,18 @@ def probe_module(
                     if step == 0:
                         first = unscaled
                     if not unscaled.finite:
-                        nonfinite = _locate(step, unscaled, names, owner)
+                        nonfinite = locate(step, unscaled, names, owner)
                 losses.append(last.loss)
                 totals.append(math.sqrt(sum(v * v for v in unscaled.grads)))
                 if nonfinite is not None or step == steps:
                     skipped += overflowed  # no update follows, but the scaler would have skipped it
                     break
-                skipped += _update(run, step, totals[-1], lr, clip, warmup, overflowed)
+                assert opt is not None  # built whenever steps > 0
+                skipped += update(opt, scaler, params, step, totals[-1], (lr, clip, warmup), overflowed)
     finally:
         run.rec.remove()
     act = tuple(first.backward)
-    chains = _chains(act, first.breaks, first.unreached)
+    chains = chains_of(act, first.breaks, first.unreached)
     return Measurement(
         layer_names=names,
         activation_names=first.calls,
@@ -508,8 +364,8 @@ def probe_module(
         layer_grad_norms=_per_block(first.grads, owner, len(names)),
         activation_norms=tuple(first.forward),
         activation_grad_norms=act,
-        gains=_gains(act, first.breaks, first.unreached),
-        growth=_growth(chains, len(act)),
+        gains=gains_of(act, first.breaks, first.unreached),
+        growth=growth_of(chains, len(act)),
         chain_starts=tuple(sorted(b for b in first.breaks if 0 < b < len(act))),
         chain_growths=chains if len(chains) > 1 else (),
         weight_norms=_per_block(last.weights, owner, len(names)) if last.weights else (),
@@ -530,27 +386,6 @@ def _never_called(names: Sequence[str]) -> UserCodeError:
         f"all), so no hook saw one and no gain can be measured: {BYPASSED}, or the blocks are not the "
         "modules the forward runs (pass the ones it calls: blocks=... or stability_blocks())"
     )
-
-
-def _update(
-    run: _Run, step: int, total: float, lr: float, clip: float | None, warmup: int, overflowed: bool = False
-) -> int:
-    """One optimiser update (clipped, warmed up, through the GradScaler); 1 if it was skipped (a
-    non-finite total, or scaled gradients that `overflowed`, whose unscaled total is finite)."""
-    assert run.opt is not None  # built whenever steps > 0
-    finite = math.isfinite(total) and not overflowed
-    if clip is not None and finite:
-        coef = min(1.0, clip / (total + 1e-6))  # torch's clip_grad_norm_ contract
-        torch._foreach_mul_([p.grad for p in run.params if p.grad is not None], coef)
-    if warmup:
-        for group in run.opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup)
-    if run.scaler is None:
-        run.opt.step()
-        return 0
-    run.scaler.step(run.opt)  # skips the update when the unscaled gradients hold Inf/NaN
-    run.scaler.update()
-    return 0 if finite else 1
 
 
 def probe(config: Config, subject: Subject | None = None, *, last_step: bool = False) -> Measurement:
