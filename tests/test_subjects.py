@@ -869,6 +869,64 @@ def test_a_recurrent_cell_of_another_input_width_has_no_input_entry() -> None:
     assert m.growth == pytest.approx(norms[0] / norms[-1], rel=1e-5)
 
 
+class LinearCell(nn.Module):
+    """A hand-written linear recurrent cell h' = W h + U x (not an nn.RNNCellBase), W = g x orthogonal,
+    float64; `first` puts the hidden state first in its calls. Its through-time gains are exactly g."""
+
+    def __init__(self, g: float, hidden: int, width: int, first: bool) -> None:
+        super().__init__()
+        self.w = nn.Parameter(g * torch.linalg.qr(torch.randn(hidden, hidden, dtype=torch.float64))[0])
+        self.u = nn.Parameter(torch.randn(hidden, width, dtype=torch.float64) / width**0.5)
+        self.first = first
+
+    def forward(self, a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:
+        h, x = (a, b) if self.first else (b, a)
+        assert x is not None
+        h = torch.zeros(x.shape[0], self.w.shape[0], dtype=x.dtype) if h is None else h
+        return h @ self.w.T + x @ self.u.T
+
+
+class LinearLoop(nn.Module):
+    """The cell looped over the tokens, the loss on the last hidden state: calls cell(x_t, h), with h_0
+    zeros or None, or with `hidden_first` cell(h, x_t)."""
+
+    def __init__(self, g: float, h0: str = "zeros", hidden_first: bool = False) -> None:
+        super().__init__()
+        self.cell, self.h0 = LinearCell(g, 16, 5, hidden_first), h0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(x.shape[0], 16, dtype=x.dtype) if self.h0 == "zeros" else None
+        for t in range(x.shape[1]):
+            h = self.cell(h, x[:, t]) if self.cell.first else self.cell(x[:, t], h)
+        assert h is not None
+        return h
+
+
+@pytest.mark.parametrize("h0", ["zeros", "None"])
+def test_a_hand_written_cell_called_as_cell_x_h_grows_through_its_hidden_state(h0: str) -> None:
+    """A hand-written cell(x_t, h) of another input width took token 0's input as its chain's entry, as
+    LSTMCell once did: growth 15.5 for a linear cell at g = 1.3 over 12 tokens, whose through-time
+    growth is 1.3^11 = 17.9. Oracle, exact: ||W^T v|| = g ||v|| for W = g x orthogonal, so every gain
+    is g and the growth over the 12 calls is g^11."""
+    torch.manual_seed(0)
+    g, tokens = 1.3, 12
+    m = probe_module(LinearLoop(g, h0), torch.randn(4, tokens, 5, dtype=torch.float64), lambda o, _: o.sum())
+    assert m.activation_names[:2] == ("cell[0]", "cell[1]") and len(m.activation_names) == tokens
+    assert m.gains == pytest.approx([g] * (tokens - 1), rel=1e-12)
+    assert m.growth == pytest.approx(g ** (tokens - 1), rel=1e-12)
+
+
+def test_a_hand_written_cell_called_as_cell_h_x_keeps_h0_as_its_entry() -> None:
+    """Called as cell(h, x_t), the cell's first argument is its chain: h_0 is the entry (a copy that
+    requires grad), and the growth runs from dL/dh_0 over all 12 calls. Oracle, exact: g^12."""
+    torch.manual_seed(0)
+    g, tokens = 1.3, 12
+    model = LinearLoop(g, hidden_first=True)
+    m = probe_module(model, torch.randn(4, tokens, 5, dtype=torch.float64), lambda o, _: o.sum())
+    assert m.activation_names[:2] == ("(input)", "cell[0]") and len(m.activation_names) == tokens + 1
+    assert m.growth == pytest.approx(g**tokens, rel=1e-12)
+
+
 def test_two_recurrent_cells_of_a_bidirectional_reader_are_two_chains() -> None:
     """A forward and a backward GRUCell held as attributes were one stack: the gain across from the
     forward cell's last call to the backward cell's first read 41, a ratio of two unrelated gradients
