@@ -228,13 +228,17 @@ def _entering(
     return entry, (args, {**kwargs, key: entry})
 
 
-def _elsewhere(args: tuple[Any, ...], first: torch.Tensor) -> bool:
-    """Whether a call of block 0 with positional `args` takes its `first` output (or what is computed
-    from it) in another argument than the first, and not in the first: the chain of a recurrent cell
-    called as cell(x_t, h), which runs through h."""
-    if args and _feeds(args[0], first):
+def _elsewhere(args: tuple[Any, ...], kwargs: dict[str, Any], key: str | None, first: torch.Tensor) -> bool:
+    """Whether a call of block 0 takes its `first` output (or what is computed from it) in another
+    argument than the one its entry came from (`key`: see _entry), and not in that one: the chain of a
+    recurrent cell called as cell(x_t, h), which runs through h."""
+    at = (args[0] if args else None) if key is None else kwargs.get(key)
+    if _feeds(at, first):
         return False
-    return any(_feeds(t, first) for t in tensors(args[1:]))
+    others = (
+        [*args[1:], *kwargs.values()] if key is None else [*args, *(v for k, v in kwargs.items() if k != key)]
+    )
+    return any(_feeds(t, first) for t in tensors(others))
 
 
 class _Recorder:
@@ -290,21 +294,29 @@ class _Recorder:
         # where the widths differ: growth 0.127 for 1.03)
         cell = bool(blocks) and isinstance(blocks[0][1], nn.RNNCellBase)
         self.first = blocks[0][1] if input_side and blocks and not cell else None
-        self.pre: Any = None  # the input pre-hook's handle, from start() to block 0's first call or `release`
+        self.pre: Any = None  # the input pre-hook's handle, from start() to block 0's next call or `release`
         self.raw: torch.Tensor | None = None  # the input block 0's first call got a copy of, until release
 
     def _on_input(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        if self.check_at is not None:  # block 0's next call, after its first took the entry
+            self.dropped = self.active and _elsewhere(args, kwargs, self.key, self.outputs[self.check_at])
+            self.check_at = None
+            if self.raw is None:
+                self._unhook()
+                return None
         chain = _chain_input(args, kwargs) if torch.is_grad_enabled() else None
         if self.raw is not None:  # the first call's input again: each call gets a copy, so that a
             # checkpoint's recomputation in the backward saves what its forward saved
             again = chain is not None and _same_data(chain[1], self.raw)
             return _entering(args, kwargs, *chain)[1] if again and chain is not None else None
-        if chain is None or not self.active or self.calls or chain[1].requires_grad:
-            self._unhook()  # block 0's first call only: a recurrent cell is called once per token
-            if chain is not None and self.active and not self.calls:
+        first = chain is not None and self.active and not self.calls
+        if chain is None or not first or chain[1].requires_grad:
+            if chain is not None and first:  # the hook stays for block 0's next call (check_at)
                 self.entry, self.version, self.key = chain[1], chain[1]._version, chain[0]
+            else:  # block 0's first call only: a recurrent cell is called once per token
+                self._unhook()
             return None
         self.raw = chain[1]  # the hook stays: a checkpoint may call block 0 on it again in the backward
         self.key = chain[0]
@@ -335,16 +347,13 @@ class _Recorder:
                 out = _first_tensor(output, scalars=False)
                 if out is not None:
                     entry, self.entry = self.entry, None
-                    if b == 0 and self.check_at is not None:
-                        self.dropped = _elsewhere(args, outputs[self.check_at])
-                        self.check_at = None
                     if b == 0 and not calls and entry is not None and entry._version == self.version:
                         calls.append(-1)
                         outputs.append(entry)
                         self.versions.append(entry._version)
                         if self.entering is not None:
                             self.entering.append(None)
-                        self.check_at = 1 if self.key is None else None  # a forward hook sees no keywords
+                        self.check_at = 1  # block 0's first output: see _on_input
                     if len(outputs) in self.copied:  # the model changes `out`, the copy stays as returned
                         out = _kept(out)
                     calls.append(b)

@@ -888,29 +888,37 @@ class LinearCell(nn.Module):
 
 class LinearLoop(nn.Module):
     """The cell looped over the tokens, the loss on the last hidden state: calls cell(x_t, h), with h_0
-    zeros or None, or with `hidden_first` cell(h, x_t)."""
+    zeros or None, h by keyword where `keyword`, or with `hidden_first` cell(h, x_t)."""
 
-    def __init__(self, g: float, h0: str = "zeros", hidden_first: bool = False) -> None:
+    def __init__(
+        self, g: float, h0: str = "zeros", hidden_first: bool = False, keyword: bool = False
+    ) -> None:
         super().__init__()
-        self.cell, self.h0 = LinearCell(g, 16, 5, hidden_first), h0
+        self.cell, self.h0, self.keyword = LinearCell(g, 16, 5, hidden_first), h0, keyword
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.zeros(x.shape[0], 16, dtype=x.dtype) if self.h0 == "zeros" else None
         for t in range(x.shape[1]):
-            h = self.cell(h, x[:, t]) if self.cell.first else self.cell(x[:, t], h)
+            if self.cell.first:
+                h = self.cell(h, x[:, t])
+            else:
+                h = self.cell(x[:, t], b=h) if self.keyword else self.cell(x[:, t], h)
         assert h is not None
         return h
 
 
-@pytest.mark.parametrize("h0", ["zeros", "None"])
-def test_a_hand_written_cell_called_as_cell_x_h_grows_through_its_hidden_state(h0: str) -> None:
+@pytest.mark.parametrize(("h0", "keyword"), [("zeros", False), ("None", False), ("zeros", True)])
+def test_a_hand_written_cell_called_as_cell_x_h_grows_through_its_hidden_state(
+    h0: str, keyword: bool
+) -> None:
     """A hand-written cell(x_t, h) of another input width took token 0's input as its chain's entry, as
     LSTMCell once did: growth 15.5 for a linear cell at g = 1.3 over 12 tokens, whose through-time
     growth is 1.3^11 = 17.9. Oracle, exact: ||W^T v|| = g ||v|| for W = g x orthogonal, so every gain
     is g and the growth over the 12 calls is g^11."""
     torch.manual_seed(0)
     g, tokens = 1.3, 12
-    m = probe_module(LinearLoop(g, h0), torch.randn(4, tokens, 5, dtype=torch.float64), lambda o, _: o.sum())
+    model = LinearLoop(g, h0, keyword=keyword)
+    m = probe_module(model, torch.randn(4, tokens, 5, dtype=torch.float64), lambda o, _: o.sum())
     assert m.activation_names[:2] == ("cell[0]", "cell[1]") and len(m.activation_names) == tokens
     assert m.gains == pytest.approx([g] * (tokens - 1), rel=1e-12)
     assert m.growth == pytest.approx(g ** (tokens - 1), rel=1e-12)
