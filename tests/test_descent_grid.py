@@ -1,0 +1,83 @@
+"""The 1-minimality check against fixed boolean grids judged by brute force: boundary() by its
+definition, and minimize() ending on it from any exploding point."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+from stabilitycheck.canonical import Index, boundary, minimize
+from stabilitycheck.config import Config
+from stabilitycheck.space import Axis, Space
+
+
+def _lower_by_hand(index: Index) -> list[Index]:
+    """Each knob above 0 lowered by one, written out per axis."""
+    out = []
+    for k, v in enumerate(index):
+        if v >= 1:
+            out.append((*index[:k], v - 1, *index[k + 1 :]))
+    return out
+
+
+def test_boundary_is_every_exploding_point_whose_lower_neighbours_are_all_stable() -> None:
+    """Oracle: the definition, point by point over random grids of 1-3 axes (some of size 1 and 2,
+    where a knob at index 1 has the lowest value as its only lower neighbour)."""
+    rng = random.Random(0)
+    for _ in range(300):
+        shape = [rng.randint(1, 5) for _ in range(rng.randint(1, 3))]
+        grid = {i: rng.random() < 0.5 for i in itertools.product(*map(range, shape))}
+        want = {i for i, bad in grid.items() if bad and all(not grid[b] for b in _lower_by_hand(i))}
+        assert boundary(grid) == want, (shape, sorted(i for i, b in grid.items() if b))
+
+
+DEPTHS, WIDTHS = 12, 8
+SPACE = Space("grid", Config.of("mlp"), (Axis.range("depth", 1, DEPTHS), Axis.range("width", 1, WIDTHS)))
+
+
+class Grid:
+    """A prober over a fixed full-rule grid whose screen is a list of grids (default: the full rule
+    itself): the first through the descent's first `steer` (at its start), the next one after each
+    later `steer`, the last one from then on. Records the points the full rule was asked at."""
+
+    def __init__(self, space: Space, full: dict[Index, bool], *screens: dict[Index, bool]) -> None:
+        self.space, self.full = space, full
+        self.screens_after = list(screens) or [full]
+        self.steered = 0
+        self.asked: dict[Index, None] = {}
+
+    def explodes(self, index: Index) -> bool:
+        self.asked[index] = None
+        return self.full[index]
+
+    def screens(self, index: Index) -> bool:
+        return self.screens_after[min(max(self.steered - 1, 0), len(self.screens_after) - 1)][index]
+
+    def steer(self, index: Index) -> None:
+        self.steered += 1
+
+
+def _monotone(rng: random.Random) -> dict[Index, bool]:
+    """Explodes at depth >= cut(width), the cut falling with width: monotone in both knobs, the top
+    corner exploding."""
+    cut = sorted((rng.randint(0, DEPTHS - 1) for _ in range(WIDTHS)), reverse=True)
+    return {(d, w): d >= cut[w] for d in range(DEPTHS) for w in range(WIDTHS)}
+
+
+def _noisy(rng: random.Random, flip: float) -> dict[Index, bool]:
+    """A monotone grid with each point flipped with probability `flip` (then not monotone)."""
+    return {i: bad != (rng.random() < flip) for i, bad in _monotone(rng).items()}
+
+
+def test_minimize_ends_one_minimal_below_where_it_starts_on_any_grid() -> None:
+    """Oracle: boundary() of the whole grid (checked against its definition above). From any
+    exploding point of a non-monotone grid (where lowering one knob can make another one lowerable
+    again, down to its lowest value), the point minimize() returns is on the boundary, at or below
+    the start on every knob."""
+    rng = random.Random(5)
+    for _ in range(200):
+        full = _noisy(rng, 0.2)
+        want = boundary(full)
+        for start in rng.sample([i for i, bad in full.items() if bad], 5):
+            got = minimize(Grid(SPACE, full), start)
+            assert got in want and all(a <= b for a, b in zip(got, start, strict=True)), (start, got)
