@@ -1,12 +1,14 @@
-"""The 1-minimality check against fixed boolean grids judged by brute force: boundary() by its
-definition, and minimize() ending on it from any exploding point."""
+"""The canonical descent and the 1-minimality check against fixed boolean grids judged by brute
+force: boundary() by its definition, the lexicographically smallest exploding point where the screen
+is (or is steered to) the full rule, and the cost of a climb that overshoots."""
 
 from __future__ import annotations
 
 import itertools
+import math
 import random
 
-from stabilitycheck.canonical import Index, boundary, minimize
+from stabilitycheck.canonical import Index, boundary, canonical, minimize
 from stabilitycheck.config import Config
 from stabilitycheck.space import Axis, Space
 
@@ -81,3 +83,47 @@ def test_minimize_ends_one_minimal_below_where_it_starts_on_any_grid() -> None:
         for start in rng.sample([i for i, bad in full.items() if bad], 5):
             got = minimize(Grid(SPACE, full), start)
             assert got in want and all(a <= b for a, b in zip(got, start, strict=True)), (start, got)
+
+
+def test_a_truthful_screen_ends_on_the_smallest_exploding_point_whatever_failure_it_starts_from() -> None:
+    """Oracle: min() of the grid's exploding points (lexicographic in axis order: the smallest depth,
+    then the smallest width there). The top corner explodes, so the failure Hypothesis found must not
+    change the answer: each exploding point of the grid is given as the failure."""
+    rng = random.Random(3)
+    for _ in range(40):
+        full = _monotone(rng)
+        want = min(i for i, bad in full.items() if bad)
+        for found in (i for i, bad in full.items() if bad):
+            assert canonical(Grid(SPACE, full), found) == want, (found, want)
+
+
+def test_a_screen_crossing_early_is_steered_to_the_full_rules_smallest_exploding_point() -> None:
+    """A first screen crossing 1-4 depth steps early (a seed above the median), steered to the full
+    rule itself at its first answer: the answer is still min() of the full rule's exploding points
+    (brute force), whether the climb from the early answer goes up the width or, with no explosion
+    up the width, up the depth at the top width."""
+    rng = random.Random(4)
+    climbs = 0
+    for _ in range(200):
+        full = _monotone(rng)
+        early = rng.randint(1, 4)
+        first = {(d, w): full[min(d + early, DEPTHS - 1), w] for d, w in full}
+        grid = Grid(SPACE, full, first, full)
+        assert canonical(grid, SPACE.top()) == min(i for i, bad in full.items() if bad)
+        climbs += grid.steered > 1
+    assert climbs >= 100  # the early answer was stable on the full rule and climbed from
+
+
+def test_a_climb_that_overshoots_is_bisected_on_the_full_rule_not_walked_down() -> None:
+    """One knob, 64 values: the full rule explodes from index 20, the first screen from 5 (stable on
+    the full rule there), and the seed steered to at 5 explodes from 60 alone. Oracle: the answer is
+    20 (the full rule's threshold), and the full rule is asked at the top, at 5, at 60 and along a
+    bisection of 5..60 (ceil(log2 55) = 6 points), not at the 40 points walked down from 60."""
+    space = Space("line", Config.of("mlp"), (Axis.range("depth", 1, 64),))
+    line = range(64)
+    full = {(d,): d >= 20 for d in line}
+    first = {(d,): d >= 5 for d in line}
+    overshoot = {(d,): d >= 60 for d in line}
+    grid = Grid(space, full, first, overshoot)
+    assert canonical(grid, space.top()) == (20,)
+    assert len(grid.asked) <= 3 + math.ceil(math.log2(60 - 5)), sorted(grid.asked)
