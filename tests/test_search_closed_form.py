@@ -11,7 +11,7 @@ from closed_form import LIMITS_KW, ScaledIdentity
 
 from stabilitycheck import searching
 from stabilitycheck.searching import Prober, search, sweep
-from stabilitycheck.seeds import seed_of
+from stabilitycheck.seeds import assess, seed_of
 from stabilitycheck.space import Axis, Space
 from stabilitycheck.spread import quantile
 from stabilitycheck.verdicts import Limits
@@ -194,3 +194,21 @@ def test_explosions_of_the_screens_seed_alone_are_no_counterexample() -> None:
     result = search(space, subject=subject, limits=LIMITS, max_examples=20, seed=0)
     assert any(subject.growth(c) > LIMIT for c in subject.builds)
     assert result.counterexample is None
+
+
+def test_the_counterexamples_judgement_is_a_fresh_verdicts_with_every_criterion_known() -> None:
+    """Three seeds of gains 1.3, 1.0 and 0.7, a growth limit of 100 and a weight-gradient limit of
+    500: at depth 5, init_scale 3 the first two seeds' growths (3.9 ** 5, 3 ** 5) settle that the
+    point explodes, but their gradient norms (2 sqrt(5) x (init_scale x gain) ** 4: 1035 and 362) leave that
+    criterion's median open, so a fresh verdict spends the third seed. Oracle: assess() of the
+    counterexample's Config afresh, as its reproduction line runs it: the same seeds, growth spread
+    and verdict."""
+    subject = ScaledIdentity(gain=_gain)
+    limits = Limits(growth=LIMIT, grad_norm=500.0, divergence=None)
+    result = search(_space(subject, seeds=3), subject=subject, limits=limits, max_examples=10, seed=0)
+    cx = result.counterexample
+    assert cx is not None
+    fresh = assess(cx.config, subject, limits, through_time=False)
+    assert len(fresh.seeds) == 3
+    got = cx.judgement
+    assert (got.seeds, got.growth, got.verdict) == (fresh.seeds, fresh.growth, fresh.verdict)
