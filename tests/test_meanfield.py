@@ -1,0 +1,75 @@
+"""Mean-field theory: the fixed point q* and chi_1 = chi at q* against Gaussian integrals computed here by
+Simpson's rule, the fixed point found by bisection rather than by iterating the map; the linear RNN's
+predicted growth against torch's gradients on the zoo's own model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from stabilitycheck import meanfield
+from stabilitycheck.zoo import Family
+
+_Z = torch.linspace(-12, 12, 24_001, dtype=torch.float64)
+_S = torch.ones_like(_Z)
+_S[1:-1:2], _S[2:-1:2] = 4.0, 2.0
+_W = _S * (_Z[1] - _Z[0]) / 3 * torch.exp(-0.5 * _Z**2) / math.sqrt(2 * math.pi)
+"""Simpson weights of N(0, 1) on [-12, 12], step 1e-3."""
+
+
+def mean(values: torch.Tensor) -> float:
+    """E[f(z)], z ~ N(0, 1), from the values f(_Z)."""
+    return float((_W * values).sum())
+
+
+def tanh_fixed_point(sigma: float) -> float:
+    """The q > 0 with q = sigma^2 E[tanh(sqrt(q) z)^2] (sigma > 1), by bisection: below it the map
+    raises q, above it lowers q."""
+    lo, hi = 1e-12, sigma**2
+    for _ in range(50):
+        mid = 0.5 * (lo + hi)
+        if sigma**2 * mean(torch.tanh(math.sqrt(mid) * _Z) ** 2) > mid:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+@pytest.mark.parametrize("sigma", [1.05, 1.3, 2.0, 4.0])
+def test_tanh_q_star_and_chi_1_in_the_chaotic_phase_match_quadrature(sigma: float) -> None:
+    q = tanh_fixed_point(sigma)
+    chi = sigma**2 * mean((1 - torch.tanh(math.sqrt(q) * _Z) ** 2) ** 2)
+    assert meanfield.q_star(sigma, "tanh") == pytest.approx(q, rel=1e-6)
+    assert meanfield.chi_1(sigma, "tanh") == pytest.approx(chi, rel=1e-6)
+
+
+@pytest.mark.parametrize("q0", [0.25, 1.0, 7.0])
+def test_relu_q_star_is_a_fixed_point_of_the_map_only_at_sigma_root_two(q0: float) -> None:
+    """E[relu(sqrt(q) z)^2] = q / 2 (computed here): at sigma = sqrt(2) every q is fixed, so q* is the
+    q it starts from; below, q shrinks to 0 geometrically."""
+    half = mean(torch.relu(math.sqrt(q0) * _Z) ** 2) / q0
+    assert half == pytest.approx(0.5, rel=1e-9)
+    assert meanfield.q_star(math.sqrt(2), "relu", q0) == pytest.approx(q0, rel=1e-9)
+    assert meanfield.q_star(1.0, "relu", q0) == pytest.approx(0.0, abs=1e-9)
+    step = mean((_Z > 0).double())  # E[relu'(z)^2]: 1/2 to Simpson's error on a step, ~3e-4
+    assert meanfield.chi_1(1.7, "relu") == pytest.approx(1.7**2 * step, rel=1e-3)
+
+
+@pytest.mark.parametrize(("sigma", "seq_len"), [(1.5, 1), (0.8, 6), (1.3, 9)])
+def test_the_linear_rnns_predicted_last_step_growth_is_torchs(sigma: float, seq_len: int) -> None:
+    """The prediction for the zoo's linear RNN judged on its last step, against the model itself:
+    ||dL/dh_1|| / ||dL/dh_T|| by torch.autograd.grad on the hidden states of its T steps."""
+    config = Family("rnn").config(
+        width=8, batch_size=3, seq_len=seq_len, init_scale=sigma, activation="linear", dtype="float64"
+    )
+    built = Family("rnn").last_step(config)
+    assert built is not None
+    hs: list[torch.Tensor] = []
+    handle = built.model.cell.register_forward_hook(lambda mod, i, out: hs.append(out))
+    loss = built.loss_fn(built.model(built.inputs), built.inputs)
+    handle.remove()
+    grads = torch.autograd.grad(loss, hs)
+    predicted = meanfield.zoo_growth("rnn", dict(config.values), last_step=True)
+    assert predicted == pytest.approx(float(grads[0].norm() / grads[-1].norm()), rel=1e-9)
