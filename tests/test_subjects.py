@@ -992,3 +992,70 @@ def test_one_layer_placed_several_times_in_a_list_is_one_block_called_per_place(
     norms = [float(g.norm()) for g in torch.autograd.grad(loss, outs)]
     assert m.activation_names[1:] == tuple(f"layers.0[{k}]" for k in range(4))
     assert m.activation_grad_norms[1:] == pytest.approx(norms, rel=1e-5)
+
+
+def test_a_stack_re_entered_after_another_stack_starts_a_new_chain() -> None:
+    """A tower run, then another stack, then the tower again on its own first output: the tower's
+    second pass takes one of its own outputs, but the call before it was the other stack's, whose
+    gradient is unrelated; the gain across is a junction. Oracle: torch's gradients of every block
+    output, NaN at both junctions and every other gain their ratio."""
+    torch.manual_seed(0)
+
+    class Interleaved(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tower = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3))
+            self.other = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(2))
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            h = a
+            for layer in self.tower:
+                h = layer(h)
+            for layer in self.other:
+                b = layer(b)
+            for layer in self.tower:
+                h = layer(h)
+            return h * b
+
+    model, a, b = Interleaved(), torch.randn(4, 8), torch.randn(4, 8)
+    blocks, _ = find_blocks(model)
+    assert [n for n, _ in blocks] == [*(f"tower.{i}" for i in range(3)), "other.0", "other.1"]
+    m = probe_module(model, (a, b), lambda o, _: o.square().sum(), blocks=blocks)
+    outs: list[torch.Tensor] = []
+    handles = [blk.register_forward_hook(lambda mod, i, out, o=outs: o.append(out)) for _, blk in blocks]
+    x = a.clone().requires_grad_()
+    loss = model(x, b).square().sum()
+    for h in handles:
+        h.remove()
+    norms = [float(g.norm()) for g in torch.autograd.grad(loss, [x, *outs])]
+    # calls: input, tower 0-2, other 0-1, tower 0-2 again
+    assert m.chain_starts == (4, 6)
+    assert [i for i, g in enumerate(m.gains) if math.isnan(g)] == [3, 5]
+    expected = [norms[i] / norms[i + 1] for i in range(len(norms) - 1)]
+    for i in (0, 1, 2, 4, 6, 7):
+        assert m.gains[i] == pytest.approx(expected[i], rel=1e-5)
+
+
+def test_stacked_cells_taking_their_hidden_state_by_keyword_are_one_chain() -> None:
+    """Stacked GRUCells called as cell(x_t, hx=h): the re-entry of the stack each token continues the
+    chain through the hidden state given by keyword, as it does given positionally. Oracle: torch's
+    gradients of every cell call's output, no junction and each gain their ratio."""
+    torch.manual_seed(0)
+
+    class Stacked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cells = nn.ModuleList(nn.GRUCell(8, 8) for _ in range(2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            hs = [torch.zeros(x.shape[0], 8), torch.zeros(x.shape[0], 8)]
+            for t in range(x.shape[1]):
+                hs[0] = self.cells[0](x[:, t], hx=hs[0])
+                hs[1] = self.cells[1](hs[0], hx=hs[1])
+            return hs[1]
+
+    model, x = Stacked(), torch.randn(4, 5, 8)
+    m = probe_module(model, x, lambda o, _: o.square().sum())
+    norms = torch_output_grads(model, (x,), list(model.cells))
+    assert m.chain_starts == () and len(m.gains) == 9
+    assert m.gains == pytest.approx([norms[i] / norms[i + 1] for i in range(9)], rel=1e-5)
