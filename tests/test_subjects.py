@@ -24,7 +24,7 @@ from stabilitycheck.report import reproduction, text
 from stabilitycheck.searching import search
 from stabilitycheck.seeds import assess
 from stabilitycheck.space import Axis, Space
-from stabilitycheck.subject import find_blocks
+from stabilitycheck.subject import LEAVES_NOTE, find_blocks
 from stabilitycheck.subjects import resolve
 from stabilitycheck.verdicts import Limits
 
@@ -1059,3 +1059,62 @@ def test_stacked_cells_taking_their_hidden_state_by_keyword_are_one_chain() -> N
     norms = torch_output_grads(model, (x,), list(model.cells))
     assert m.chain_starts == () and len(m.gains) == 9
     assert m.gains == pytest.approx([norms[i] / norms[i + 1] for i in range(9)], rel=1e-5)
+
+
+def test_the_longest_stack_is_chosen_and_a_list_of_leaf_layers_is_not_set_beside_it() -> None:
+    """Two input projections in a ModuleList, registered first, then four composite blocks: the chain
+    is the longest stack, the blocks, and a stack of leaf layers is not a stack of composite blocks
+    to set beside it (find_blocks' rule). Oracle: the rule, and torch's output-gradient norms of the
+    chosen blocks as the probe's."""
+    torch.manual_seed(0)
+
+    class Projected(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+            self.layers = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(4))
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            x = self.proj[0](a) + self.proj[1](b)
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    model, a, b = Projected(), torch.randn(3, 8), torch.randn(3, 8)
+    blocks, note = find_blocks(model)
+    assert [n for n, _ in blocks] == [f"layers.{i}" for i in range(4)] and note == "blocks: layers (4)"
+    m = probe_module(model, (a, b), lambda o, _: o.square().sum(), blocks=blocks)
+    norms = torch_output_grads(model, (a, b), list(model.layers))
+    assert m.activation_grad_norms[-4:] == pytest.approx(norms, rel=1e-5)
+
+
+def test_two_stacks_whose_names_share_a_prefix_are_both_chosen() -> None:
+    """`layers` and `layers_dec`, two stacks of composite blocks (an encoder-decoder's): the second
+    is not inside the first (`layers.` is its prefix, not `layers`), so both are the chain."""
+
+    class Named(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3))
+            self.layers_dec = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(2))
+
+    blocks, note = find_blocks(Named())
+    assert [n for n, _ in blocks] == [*(f"layers.{i}" for i in range(3)), "layers_dec.0", "layers_dec.1"]
+    assert note == "blocks: layers (3) + layers_dec (2)"
+
+
+def test_without_a_list_the_blocks_are_the_leaf_modules_owning_parameters() -> None:
+    """A model with a parameter of its own (a positional table) and two different leaf layers, no
+    list, no recurrent cell: the blocks are its leaves owning parameters, not the model itself."""
+
+    class Flat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pos = nn.Parameter(torch.zeros(8))
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(torch.tanh(self.fc1(x + self.pos)))
+
+    blocks, note = find_blocks(Flat())
+    assert [n for n, _ in blocks] == ["fc1", "fc2"] and note.startswith(LEAVES_NOTE)
