@@ -2051,3 +2051,76 @@ def test_blocks_no_hook_sees_are_an_error_not_a_growth_of_1() -> None:
     expected = float(dx.norm() / dlast.norm())
     assert expected > 10  # the gradient grows through the stack
     assert probe_module(hooked, x, loss_fn).growth == pytest.approx(expected, rel=1e-5)
+
+
+class _Shift(nn.Module):
+    """x + b: a parameter of its own beside a shared layer."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.shift = nn.Parameter(torch.randn(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.shift
+
+
+def test_a_parameter_two_blocks_share_is_counted_in_the_first_blocks_weight_gradient() -> None:
+    """Two blocks holding one Linear (tied): its gradient belongs to the first block that owns it,
+    input side first, never to both or to the last. Oracle: torch's gradients of a plain backward,
+    the shared weight's in block 0's L2 norm, block 1 holding only its own shift."""
+    torch.manual_seed(0)
+    shared = nn.Linear(8, 8, bias=False)
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList(
+                [nn.Sequential(shared, nn.Tanh()), nn.Sequential(shared, nn.Tanh(), _Shift(8))]
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    model, x = Tied(), torch.randn(4, 8)
+    blocks = [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)]
+    m = probe_module(model, x, lambda o, _: o.square().sum(), blocks=blocks)
+    weight, shift = torch.autograd.grad(model(x).square().sum(), [shared.weight, model.blocks[1][2].shift])
+    assert m.layer_grad_norms == pytest.approx([float(weight.norm()), float(shift.norm())], rel=1e-6)
+
+
+def test_a_parameter_replaced_or_frozen_or_other_blocks_between_probes_reach_the_next_probe() -> None:
+    """The probe caches which block owns each trainable parameter; a weight replaced by a new one,
+    then a weight frozen, then other blocks given, between probes of one model, must each reach the
+    next probe, as on a fresh model. Oracle: torch's gradients of the trainable parameters, summed
+    per block (the first block owning each) and in all."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3)))
+    x = torch.randn(4, 8)
+
+    def loss_fn(o: torch.Tensor, _: object) -> torch.Tensor:
+        return o.square().sum()
+
+    def check(blocks: list[tuple[str, nn.Module]]) -> None:
+        m = probe_module(model, x, loss_fn, blocks=blocks)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        grads = dict(
+            zip(map(id, trainable), torch.autograd.grad(loss_fn(model(x), x), trainable), strict=True)
+        )
+        per_block = [
+            math.sqrt(sum(float(grads[id(p)].norm()) ** 2 for p in b.parameters() if id(p) in grads))
+            for _, b in blocks
+        ]
+        assert m.layer_grad_norms == pytest.approx(per_block, rel=1e-6)
+        assert m.grad_norm[0] == pytest.approx(
+            math.sqrt(sum(float(g.norm()) ** 2 for g in grads.values())), rel=1e-6
+        )
+
+    blocks = [(str(i), b) for i, b in enumerate(model)]
+    check(blocks)
+    model[2][0].weight = nn.Parameter(3 * model[2][0].weight.detach())
+    check(blocks)
+    model[0][0].weight.requires_grad_(False)
+    check(blocks)
+    check(blocks[1:])
