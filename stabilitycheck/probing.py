@@ -22,7 +22,6 @@ from torch.nn.parameter import is_lazy
 from torch.utils.checkpoint import CheckpointError
 
 from stabilitycheck._tree import tensors as tensors_of
-from stabilitycheck._tree import tree_map
 from stabilitycheck._validation import article
 from stabilitycheck.config import Config
 from stabilitycheck.errors import UsageError, UserCodeError
@@ -115,36 +114,14 @@ def _refused_graph_break(exc: Exception) -> bool:
     return dynamo is not None and isinstance(exc, dynamo.exc.Unsupported) and GRAPH_BREAK in str(exc)
 
 
-def _differentiable(inputs: Inputs) -> Inputs:
-    """The model's inputs with each floating tensor that does not require grad given as a copy that
-    does, for dL/d input over all its uses when block 0 takes it: given to block 0 alone, a residual
-    add around block 0 (`x = x + block(x)`) was left out of it, block 0's gain read 0.1 for 1.1 and the
-    growth 0.146 for 1.61 (it read 1.61 when the input already required grad). A copy, not the tensor
-    itself: an in-place op of the model on it would raise on a leaf; the loss function still gets the
-    originals (a reconstruction loss's own use of the input is not the chain's). Tensors that share
-    memory with another input are left as they are (copies would not see each other's changes)."""
-    given = tensors_of(inputs)
-    storages = Counter(t.untyped_storage().data_ptr() for t in given if t.layout == torch.strided)
-
-    def copied(t: torch.Tensor) -> torch.Tensor:
-        alone = t.layout == torch.strided and storages[t.untyped_storage().data_ptr()] == 1
-        if alone and t.is_floating_point() and not t.requires_grad:
-            return t.detach().requires_grad_().clone()
-        return t
-
-    return tree_map(copied, inputs) if any(t.is_floating_point() for t in given) else inputs
-
-
 def _forward(run: _Run, *, hooks: bool, exact: bool, copied: frozenset[int] = frozenset()) -> torch.Tensor:
     """The loss of one forward pass, the block outputs recorded when `hooks` (`copied`: see
     _Recorder.start)."""
-    given = run.inputs
     if hooks:  # an exact re-run tells a NaN made between blocks from one made in one
         run.rec.start(inputs=exact, copied=copied)
-        given = _differentiable(run.inputs) if run.rec.first is not None else run.inputs
     try:
         with torch.autocast(run.device.type, dtype=run.autocast, enabled=run.autocast is not None):
-            return differentiable_loss(run.loss_fn(call_model(run.model, given), run.inputs))
+            return differentiable_loss(run.loss_fn(call_model(run.model, run.inputs), run.inputs))
     except Exception as exc:
         if not _refused_graph_break(exc):
             raise
@@ -243,7 +220,7 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         weights=host[g + n + r :],
         calls=run.rec.call_names(run.names) if hooks else (),
         breaks=frozenset(run.rec.breaks) if hooks else frozenset(),
-        unreached=_unreached(run.rec.calls if hooks else [], n, reached),
+        unreached=frozenset(range(n)) - frozenset(reached),
         forward=host[g : g + n],
         backward=_scatter(host[g + n : g + n + r], reached, n),
         entering=inputs,
@@ -251,14 +228,6 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         or all(bool(x.isfinite().all()) for x in tensors_of(run.inputs) if x.is_floating_point()),
         finite=math.isfinite(loss_value + sum(host)),
     )
-
-
-def _unreached(calls: Sequence[int], n: int, reached: Sequence[int]) -> frozenset[int]:
-    """The positions of the n recorded outputs no gradient reached; the input entry too where block 0's
-    first output is one: its gradient then came by another path (a head reading the model's input),
-    not through the chain (a model whose blocks are only logged read growth 1, not NaN)."""
-    out = frozenset(range(n)) - frozenset(reached)
-    return out | {0} if calls[:1] == [-1] and 1 in out else out
 
 
 def _groups(calls: Sequence[int], g: int, reached: Sequence[int]) -> list[list[int]]:
