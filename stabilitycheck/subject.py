@@ -266,7 +266,8 @@ LEAVES_NOTE = "blocks: leaf modules with parameters"  # the last resort of find_
 def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
     """The model's chain of repeated blocks, input side first, and one line saying which rule chose
     them: its `stability_blocks()` if defined; else the longest stack of same-type modules (length 1
-    included), with every other stack of composite blocks beside it (an encoder-decoder's two stacks);
+    included), and where its blocks are composite, every other stack of composite blocks beside it (an
+    encoder-decoder's two stacks; a longest stack of leaf layers stands alone);
     else the longest ModuleList/Sequential of >= 2 modules, in a Sequential those owning parameters
     where there are two or more (Linear, Tanh, Linear, ...: each gain is then a whole layer's,
     activation included, not alternately a weight's x2 and an activation's x0.5); else its recurrent

@@ -1118,3 +1118,19 @@ def test_without_a_list_the_blocks_are_the_leaf_modules_owning_parameters() -> N
 
     blocks, note = find_blocks(Flat())
     assert [n for n, _ in blocks] == ["fc1", "fc2"] and note.startswith(LEAVES_NOTE)
+
+
+def test_a_longest_stack_of_leaf_layers_stands_alone_beside_composite_stacks() -> None:
+    """find_blocks' rule: composite stacks are set beside the longest stack only where its own blocks
+    are composite; six leaf Linear layers, the longest stack, stand alone beside two stacks of two
+    composite blocks. Oracle: the documented rule, by name."""
+
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trunk = nn.ModuleList(nn.Linear(8, 8) for _ in range(6))
+            self.enc = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(2))
+            self.dec = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(2))
+
+    blocks, note = find_blocks(Mixed())
+    assert [n for n, _ in blocks] == [f"trunk.{i}" for i in range(6)] and note == "blocks: trunk (6)"
