@@ -15,10 +15,11 @@ def culprit_of(ms: Sequence[Measurement]) -> str:
     backward log-gain exceeds the stack's median log-gain by more than log 2 and by more than 3x the
     spread of the other blocks' excesses (the median of their absolute values), in the median over
     seeds, and which has the largest gain in at least 80% of the seeds; else, when the typical gain G
-    (the median over seeds of each stack's median) is over 1, or the median growth over seeds is under
-    1 (every block shrinks the gradient alike: vanishing), 'uniform, median gain xG'; else the block with
-    the largest weight gradient (the growth was inside a block). A stack with fewer than three gains
-    cannot show a uniform rate: there the seeds vote for their largest amplifying block."""
+    (the nearest-rank median over seeds, as the verdict's quantiles, of each stack's median) is over 1,
+    or the median growth over seeds is under 1 (every block shrinks the gradient alike: vanishing),
+    'uniform, median gain xG'; else the block with the largest weight gradient (the growth was inside a
+    block). A stack with fewer than three gains cannot show a uniform rate: there the seeds vote for
+    their largest amplifying block."""
     first = ms[0]
     if any(m.first_nonfinite is not None for m in ms):
         return _single(next(m for m in ms if m.first_nonfinite is not None))
@@ -37,7 +38,7 @@ def culprit_of(ms: Sequence[Measurement]) -> str:
     wins = sum(1 for e in excess if max(range(len(e)), key=lambda i: _ordered(e[i])) == top)
     if per_block[top] > max(math.log(2), 3 * spread) and wins >= math.ceil(0.8 * len(ms)):
         return first.activation_names[top + 1]
-    typical = statistics.median(_median(row) for row in logs)
+    typical = statistics.median_low(_median(row) for row in logs)
     vanishing = _median([m.growth for m in ms]) < 1
     if typical <= 0 and not vanishing:  # no block amplifies: the growth was inside a block (an nn.RNN)
         return _single(first)

@@ -107,6 +107,14 @@ def test_the_typical_gain_is_the_median_over_seeds_of_each_stacks_median() -> No
     assert culprit_of(ms) == UNIFORM_X2
 
 
+def test_the_typical_gain_over_an_even_number_of_seeds_is_the_nearest_rank_median() -> None:
+    """Over 4 seeds (a verdict stopped early) the typical gain was the mean of the two middle seeds'
+    (x1.59 for per-seed gains 1.64, 1.62, 1.47, 1.57), where the verdict's quantiles are nearest-rank,
+    never an average: the 2nd smallest of 4, 1.57. Oracle by hand: uniform stacks of those gains."""
+    ms = [seed([math.log(g)] * 5) for g in (1.6445, 1.6216, 1.4683, 1.5678)]
+    assert culprit_of(ms) == "uniform, median gain x1.57"
+
+
 def test_a_stack_shrinking_in_most_seeds_is_vanishing_whatever_one_seed_grows() -> None:
     """Guards 'the stack's growth is under 1' as the median over seeds; oracle by hand: gains of 0.5 in
     every block of 3 (typical gain 0.5), two seeds with growth 1/8 and one whose last block is x40
