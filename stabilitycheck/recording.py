@@ -269,7 +269,7 @@ class _Recorder:
         self.entry: torch.Tensor | None = None  # block 0's input, until its first call returns
         self.version = 0  # the entry's version counter when block 0 received it
         self.key: str | None = None  # where the entry came from in block 0's call: see _entry
-        self.check_at: int | None = None  # the position of block 0's first output, until its next call
+        self.recheck = False  # block 0 took the entry: its next call is checked (`_elsewhere`)
         self.dropped = False  # the entry is not the chain's (block 0's next call): `take` drops it
         self.versions: list[int] = []  # per recorded output, its version counter when recorded
         self.copied: frozenset[int] = frozenset()  # positions in `outputs` recorded as a copy (`_kept`)
@@ -300,9 +300,9 @@ class _Recorder:
     def _on_input(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-        if self.check_at is not None:  # block 0's next call, after its first took the entry
-            self.dropped = self.active and _elsewhere(args, kwargs, self.key, self.outputs[self.check_at])
-            self.check_at = None
+        if self.recheck:  # block 0's next call; its first output follows the entry, at position 1
+            self.dropped = self.active and _elsewhere(args, kwargs, self.key, self.outputs[1])
+            self.recheck = False
             if self.raw is None:
                 self._unhook()
                 return None
@@ -313,7 +313,7 @@ class _Recorder:
             return _entering(args, kwargs, *chain)[1] if again and chain is not None else None
         first = chain is not None and self.active and not self.calls
         if chain is None or not first or chain[1].requires_grad:
-            if chain is not None and first:  # the hook stays for block 0's next call (check_at)
+            if chain is not None and first:  # the hook stays for block 0's next call (recheck)
                 self.entry, self.version, self.key = chain[1], chain[1]._version, chain[0]
             else:  # block 0's first call only: a recurrent cell is called once per token
                 self._unhook()
@@ -353,7 +353,7 @@ class _Recorder:
                         self.versions.append(entry._version)
                         if self.entering is not None:
                             self.entering.append(None)
-                        self.check_at = 1  # block 0's first output: see _on_input
+                        self.recheck = True  # see _on_input
                     if len(outputs) in self.copied:  # the model changes `out`, the copy stays as returned
                         out = _kept(out)
                     calls.append(b)
@@ -393,7 +393,7 @@ class _Recorder:
             ids.clear()
         self.entering = [] if inputs else None
         self.entry = None
-        self.check_at, self.dropped = None, False
+        self.recheck, self.dropped = False, False
         self.active = True
         if self.first is not None:
             self.pre = self.first.register_forward_pre_hook(self.on_input, with_kwargs=True)
