@@ -820,12 +820,7 @@ def test_chains_re_entered_through_a_mask_or_a_long_transition_continue() -> Non
     for model, x in ((Masked(), torch.randn(3, 5, 8)), (Looped(), torch.randn(3, 8))):
         blocks, _ = find_blocks(model)
         m = probe_module(model, x, lambda o, _: o.square().sum(), blocks=blocks)
-        outs: list[torch.Tensor] = []
-        handles = [b.register_forward_hook(lambda mod, i, out, o=outs: o.append(out)) for _, b in blocks]
-        loss = model(x).square().sum()
-        for h in handles:
-            h.remove()
-        norms = [float(g.norm()) for g in torch.autograd.grad(loss, outs)]
+        norms = torch_output_grads(model, (x,), [b for _, b in blocks])
         assert m.chain_starts == () and all(math.isfinite(g) for g in m.gains), type(model).__name__
         assert m.growth == pytest.approx(m.activation_grad_norms[0] / norms[-1], rel=1e-5)
         assert m.activation_grad_norms[-len(norms) :] == pytest.approx(norms, rel=1e-5)
