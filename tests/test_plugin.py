@@ -271,13 +271,20 @@ def test_a_cuda_request_runs_on_cuda(pytester: pytest.Pytester) -> None:
     assert sorted(p.name for p in pytester.path.glob("device-*.txt")) == ["device-cpu.txt", "device-cuda.txt"]
 
 
-def test_a_plain_hypothesis_test_is_seeded_as_without_the_plugin(pytester: pytest.Pytester) -> None:
+def test_a_plain_hypothesis_test_is_seeded_as_without_the_plugin(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Unasked, the plugin leaves a project's Hypothesis tests alone: with Python's `random` reset
     before each run (a plugin drawing its session seed from it would then seed both runs alike), two
     runs still draw differently, as Hypothesis does on its own; and --hypothesis-seed gives the same
-    draws with the plugin as without it."""
+    draws with the plugin as without it. (Hypothesis' pytest plugin keeps --hypothesis-seed in a
+    global of this process, which turns its example database off for every later search here: put
+    back after the test.)"""
     import random
 
+    from hypothesis import core
+
+    monkeypatch.setattr(core, "global_force_seed", core.global_force_seed)
     pytester.makepyfile(test_draws=DRAWS)
 
     def draws(*args: str) -> str:
