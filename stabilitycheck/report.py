@@ -24,13 +24,19 @@ HEADERS = (
     "device",
     "precision",
     "smallest exploding",
-    "criterion (quantile)",
-    "growth: q (min-max), seeds",
-    "kind",
+    "criterion ({q})",
+    "growth: {q} (min-max), seeds",
+    "kind (rate: {q})",
     "culprit",
     "fixed by",
     "probes",
 )
+
+
+def headers(q: float | None) -> tuple[str, ...]:
+    """HEADERS naming the quantile over seeds the rows were judged on (q=0.8; q alone where the rows
+    were judged on different ones, None)."""
+    return tuple(h.format(q="q" if q is None else f"q={q:g}") for h in HEADERS)
 
 
 def knobs(result: SearchResult, config: Config) -> str:
@@ -129,7 +135,9 @@ def row(result: SearchResult) -> list[str]:
 
 def table(results: Sequence[SearchResult], fmt: str = "simple") -> str:
     """The table of smallest exploding configurations, one row per target x device x dtype."""
-    return tabulate([row(r) for r in results], headers=HEADERS, tablefmt=fmt, disable_numparse=True)
+    qs = {r.space.base.run.quantile for r in results}
+    shown = headers(qs.pop() if len(qs) == 1 else None)
+    return tabulate([row(r) for r in results], headers=shown, tablefmt=fmt, disable_numparse=True)
 
 
 def sparkline(values: Sequence[float], width: int = 64) -> str:
@@ -153,9 +161,11 @@ def sparkline(values: Sequence[float], width: int = 64) -> str:
     return "".join(out)
 
 
-def profile(j: Judgement) -> str:
-    """The per-block gradient-norm profile of the representative seed, input side first."""
+def profile(j: Judgement, q: float) -> str:
+    """The per-block gradient-norm profile of the seed whose growth is the q-quantile, input side
+    first, naming that seed where there are several."""
     m = j.measurement
+    whose = f" (seed {j.measured_seed}: the q={q:g} growth of {len(j.seeds)})" if len(j.seeds) > 1 else ""
     values = m.activation_grad_norms or m.layer_grad_norms
     names = m.activation_names or m.layer_names
     if not values:
@@ -164,7 +174,13 @@ def profile(j: Judgement) -> str:
     # the first and the last value as they are (a NaN shows as nan, as '!' in the sparkline)
     span = f"{values[0]:.3g} .. {values[-1]:.3g}" if finite else "all non-finite"
     what = "|dL/d out|" if names[0] != INPUT else "|dL/d (input)|, then |dL/d out|"
-    return f"{names[0]} {sparkline(values)} {names[-1]}   {what} first .. last: {span}"
+    return f"{names[0]} {sparkline(values)} {names[-1]}   {what} first .. last: {span}{whose}"
+
+
+def _fitted(j: Judgement, q: float) -> str:
+    """What the kind's rate or exponent is, where several seeds were fitted: their q-quantile."""
+    fits = len(j.seeds) > 1 and j.kind.kind in ("exponential", "polynomial")
+    return f" (q={q:g} over {len(j.seeds)} seeds' fits)" if fits else ""
 
 
 def config_call(config: Config) -> str:
@@ -231,8 +247,8 @@ def details(results: Sequence[SearchResult]) -> str:
             f"{', '.join(c.describe() for c in j.verdict.criteria)} "
             f"(q={q:g} over seeds {', '.join(map(str, j.seeds))})\n"
             f"  growth    {j.summary()}; peak grad norm {j.grad_norm.describe()}{through}\n"
-            f"  kind      {j.kind.describe()}; {j.measurement.blocks_note}\n"
-            f"  profile   {profile(j)}\n" + _nonfinite_line(j.measurement) + f"  remedies  {remedies}\n"
+            f"  kind      {j.kind.describe()}{_fitted(j, q)}; {j.measurement.blocks_note}\n"
+            f"  profile   {profile(j, q)}\n" + _nonfinite_line(j.measurement) + f"  remedies  {remedies}\n"
             f"  reproduce {reproduction(cx.config, cx.limits)}"
             + (_top_note(r) if r.top_stable else "")
             + "".join(_unjudged_note(r, c, why) for c, why in r.unjudged)

@@ -60,6 +60,7 @@ class Judgement:
     kind: Growth
     through_time: Spread | None
     measurement: Measurement  # the seed whose growth is the quantile: its per-block profile is shown
+    measured_seed: int  # which seed `measurement` is
 
     @property
     def exploded(self) -> bool:
@@ -93,6 +94,7 @@ class Judgement:
             },
             "through_time": None if self.through_time is None else vars(self.through_time),
             "measurement": self.measurement.to_dict(),
+            "measured_seed": self.measured_seed,
         }
 
     @classmethod
@@ -109,6 +111,7 @@ class Judgement:
             kind=Growth(k["kind"], Spread.from_dict(k["rate"]), Spread.from_dict(k["exponent"])),
             through_time=None if d["through_time"] is None else Spread.from_dict(d["through_time"]),
             measurement=Measurement.from_dict(d["measurement"]),
+            measured_seed=d["measured_seed"],
         )
 
 
@@ -251,7 +254,7 @@ def _judgement(
     known = Verdict(bool(fired), fired)
     growth = [m.growth for m in ms]
     mid = quantile(growth, q)
-    rep = next((m for m in ms if m.growth == mid or (math.isnan(mid) and math.isnan(m.growth))), ms[0])
+    at = next((i for i, g in enumerate(growth) if g == mid or (math.isnan(mid) and math.isnan(g))), 0)
     kind = kind_of([m.gains for m in ms], growth, q)
     return Judgement(
         verdict=known,
@@ -263,7 +266,8 @@ def _judgement(
         culprit=culprit_of(ms),
         kind=over_tokens(kind, mid, quantile(through, q)) if through else kind,
         through_time=Spread.of(through, q) if through else None,
-        measurement=rep,
+        measurement=ms[at],
+        measured_seed=seeds[at],
     )
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from stabilitycheck.cli import main
-from stabilitycheck.report import HEADERS
+from stabilitycheck.report import headers
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = "tests/modelfiles"
@@ -41,7 +41,7 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 def columns(line: str) -> list[str]:
     """A table row split into its 10 columns (tabulate separates them by two or more spaces)."""
     cells = [c.strip() for c in line.split("  ") if c.strip()]
-    assert len(cells) == len(HEADERS), (line, cells)
+    assert len(cells) == len(headers(0.5)), (line, cells)
     return cells
 
 
@@ -53,7 +53,7 @@ def knob_values(cell: str) -> dict[str, float]:
 def assert_header(out: str) -> list[str]:
     """The table's header is the report's, and the rows follow the dashed rule; returns the rows."""
     lines = out.splitlines()
-    assert lines[0].split() == " ".join(HEADERS).split(), lines[0]
+    assert lines[0].split() == " ".join(headers(0.5)).split(), lines[0]
     assert lines[0].startswith("target") and "smallest exploding" in lines[0] and "fixed by" in lines[0]
     assert set(lines[1]) == {"-", " "}
     rows = lines[2:]

@@ -116,3 +116,18 @@ def test_ctrl_c_exits_130_and_still_prints_what_was_found(tmp_path: Path) -> Non
     assert proc.returncode == 130, err[-2000:]
     assert out.startswith("target") and "\nmlp " in out
     assert json.loads(js.read_text())[0]["label"] == "mlp"  # what was found so far is written
+
+
+def test_the_table_and_details_name_the_quantile_judged_on(capsys: pytest.CaptureFixture[str]) -> None:
+    """Under --quantile 0.8 the table's header names q=0.8 where the numbers are that quantile (the
+    criterion, the growth, the kind's rate), and the details say which seed the profile is and that
+    the kind's rate is the quantile of the seeds' fits."""
+    code, out, _ = run(
+        capsys, "mlp", "--knob", "depth=8:16", "--knob", "init_scale=3.5", "--quantile", "0.8", *FAST
+    )
+    assert code == 1
+    header = out.splitlines()[0]
+    for column in ("criterion (q=0.8)", "growth: q=0.8 (min-max), seeds", "kind (rate: q=0.8)"):
+        assert column in header, header
+    assert "q=0.8 over" in out and "seeds' fits)" in out
+    assert "the q=0.8 growth of" in out

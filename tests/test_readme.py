@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from stabilitycheck import Config, Limits, assess
-from stabilitycheck.report import HEADERS
+from stabilitycheck.report import headers
 
 README = (Path(__file__).parents[1] / "README.md").read_text()
 PYTHON = re.findall(r"```python\n(.*?)```", README, re.S)
@@ -68,7 +68,7 @@ def test_model_file_example_prints_what_the_readme_shows(tmp_path: Path) -> None
     assert proc.returncode == 1, proc.stderr
     header, (row,) = table(proc.stdout)
     shown_header, (shown_row,) = table(shown)
-    assert header == shown_header == list(HEADERS)
+    assert header == shown_header == list(headers(0.5))
     assert row[0] == shown_row[0] == "model.py"  # the target as typed
     assert row[3] == shown_row[3] and re.fullmatch(r"depth=\d+", row[3])  # the canonical point
     assert criterion_fired(row[4]) and criterion_fired(shown_row[4])
@@ -113,7 +113,7 @@ def test_the_zoo_table_shown_is_true_over_seeds() -> None:
 
     ((_, shown),) = [o for o in OUTPUTS if o[0] == "stabilitycheck zoo"]
     header, rows = table(shown)
-    assert header == list(HEADERS)
+    assert header == list(headers(0.5))
     spaces = targets()
     assert [r[0] for r in rows] == list(spaces)  # every zoo target, in order
     for label, _, _, point, criterion, *_ in rows:

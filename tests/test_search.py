@@ -272,7 +272,7 @@ def test_the_profile_line_gives_its_first_and_last_values_as_they_are() -> None:
 
     j = assess(Config.of("mlp", depth=3, width=8, batch_size=4, seeds=1))
     m = dataclasses.replace(j.measurement, activation_grad_norms=(math.nan, 0.5, 0.139))
-    line = report.profile(dataclasses.replace(j, measurement=m))
+    line = report.profile(dataclasses.replace(j, measurement=m), 0.5)
     assert line.endswith("first .. last: nan .. 0.139") and "!" in line
 
 

@@ -579,3 +579,24 @@ def test_exploded_seeds_counts_every_seed_spent_that_explodes_on_its_own() -> No
     alone = [judge(values(probe(c.with_run(seed=s))), GROWTH_ONLY).exploded for s in j.seeds]
     assert alone[0]  # the first seed is among those counted
     assert j.exploded_seeds == sum(alone)
+
+
+@pytest.mark.parametrize("q", [0.5, 0.8])
+def test_the_profile_shown_is_the_seed_whose_own_growth_is_the_quantile(q: float) -> None:
+    """Oracle: each seed the verdict spent probed on its own (seeds=1); the q-quantile of their
+    growths, by sorting them, belongs to the seed the judgement says it shows, whose
+    measurement is that seed's own probe, named in the report's profile line and kept by the JSON."""
+    from stabilitycheck.report import profile
+
+    config = Config.of("mlp", depth=12, width=16, init_scale=3.5, batch_size=8, seeds=5, quantile=q)
+    j = assess(config, limits=Limits())
+    n = len(j.seeds)
+    assert n >= 3  # the counts, never one seed alone, decide while the nonfinite criterion is on
+    own = {s: probe(config.with_run(seed=s, seeds=1)).growth for s in j.seeds}
+    ordered = sorted(own.values())
+    mid = ordered[math.ceil(q * len(ordered)) - 1]
+    assert own[j.measured_seed] == mid == j.growth.mid
+    assert j.measurement.growth == own[j.measured_seed]
+    assert f"seed {j.measured_seed}: the q={q:g} growth of {n}" in profile(j, q)
+    again = type(j).from_dict(j.to_dict())
+    assert again.measured_seed == j.measured_seed
