@@ -27,7 +27,8 @@ def _first_tensor(value: Any, scalars: bool = True) -> torch.Tensor | None:
     them a 0-d one only with `scalars`. As a block's output (scalars False): LSTMCell's (h, c), a
     layer's (h, attention), {"aux_loss": l, "hidden": h}, (None, h) are read on h (element 0 alone
     missed the dict and (None, h): their blocks read 0); an integer output is none (no gradient); an
-    MoE layer returning (router_logits, h) is read on its logits: declare a block that returns h."""
+    MoE layer returning (router_logits, h) is read on its logits: declare a block that returns h. (The
+    probe's recorder reads a block called again on the tensor its next call takes: _Recorder._repick.)"""
     if isinstance(value, torch.Tensor):
         return value if value.is_floating_point() else None
     items = value.values() if isinstance(value, Mapping) else value if isinstance(value, tuple | list) else ()
@@ -37,6 +38,15 @@ def _first_tensor(value: Any, scalars: bool = True) -> torch.Tensor | None:
             if found is not None:
                 return found
     return None
+
+
+def _floating(value: Any) -> list[torch.Tensor]:
+    """Every floating-point tensor of a block's output with a dimension, in `_first_tensor`'s order
+    (the first is what it returns with scalars False)."""
+    if isinstance(value, torch.Tensor):
+        return [value] if value.is_floating_point() and value.dim() > 0 else []
+    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, tuple | list) else ()
+    return [t for item in items for t in _floating(item)]
 
 
 def _kept(out: torch.Tensor) -> torch.Tensor:
@@ -289,6 +299,10 @@ class _Recorder:
             for b in _stack_starts(self.stacks)
         ]
         self.handles: list[Any] = []
+        self.picks: dict[int, int] = {}  # per block, which of its output's tensors is its chain's (_repick)
+        self.alts: dict[int, list[torch.Tensor]] = {}  # per position in `outputs`, its call's tensors
+        self.last: dict[int, int] = {}  # per block, the position of its last call's output
+        self.repicking: dict[int, Any] = {}  # per block whose output holds several tensors, its pre-hook
         self.on_input = outside_graph(self._on_input)
         # a recurrent cell's chain is its hidden state, not its input token (it took u_0 as the entry
         # where the widths differ: growth 0.127 for 1.03)
@@ -344,7 +358,9 @@ class _Recorder:
 
         def on_forward(module: nn.Module, args: Any, output: Any) -> None:
             if self.active:
-                out = _first_tensor(output, scalars=False)
+                outs = _floating(output)
+                pick = self.picks.get(b, 0)
+                out = outs[pick] if pick < len(outs) else _first_tensor(output, scalars=False)
                 if out is not None:
                     entry, self.entry = self.entry, None
                     if b == 0 and not calls and entry is not None and entry._version == self.version:
@@ -359,6 +375,13 @@ class _Recorder:
                     calls.append(b)
                     outputs.append(out)
                     self.versions.append(_version(out))
+                    self.last[b] = len(outputs) - 1
+                    if len(outs) > 1:  # which one continues the chain is seen at the block's next call
+                        self.alts[len(outputs) - 1] = outs
+                        if b not in self.repicking:
+                            self.repicking[b] = module.register_forward_pre_hook(
+                                outside_graph(self._repick(b)), with_kwargs=True, prepend=True
+                            )
                     if out.grad_fn is not None:
                         own.add(out.grad_fn)
                     if self.entering is not None:
@@ -366,6 +389,34 @@ class _Recorder:
                         self.entering.append(x.detach() if x is not None and x.is_floating_point() else None)
 
         return on_forward
+
+    def _repick(self, b: int) -> Any:
+        """Block b's pre-hook where its output holds several tensors (a step returning (y, h)): its
+        chain is the one its next call takes. Where the tensor recorded from its last call does not
+        feed this call and another of that call's tensors does, that one is block b's from now on, and
+        every call recorded so far is read on it (the first tensor, y, read the chain of a char-RNN
+        cell as growth 1 with no gain measured, where h grew 1.3 per step)."""
+
+        def on_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            at = self.last.get(b)
+            alts = None if at is None or not self.active else self.alts.get(at)
+            if at is None or alts is None:
+                return
+            given = list(tensors((args, kwargs)))
+            if any(_feeds(t, self.outputs[at]) for t in given):
+                return
+            for j, alt in enumerate(alts):
+                if alt is not self.outputs[at] and any(_feeds(t, alt) for t in given):
+                    self.picks[b] = j
+                    for pos, outs in self.alts.items():
+                        if self.calls[pos] == b and len(outs) > j:
+                            self.outputs[pos] = outs[j]
+                            self.versions[pos] = _version(outs[j])
+                            if outs[j].grad_fn is not None:
+                                self.own[self.stacks[b]].add(outs[j].grad_fn)
+                    return
+
+        return on_call
 
     def changed(self) -> frozenset[int]:
         """The positions in `outputs` of block outputs changed in place since their block returned them
@@ -392,6 +443,8 @@ class _Recorder:
         for ids in self.own.values():
             ids.clear()
         self.entering = [] if inputs else None
+        self.alts.clear()
+        self.last.clear()
         self.entry = None
         self.recheck, self.dropped = False, False
         self.active = True
@@ -426,6 +479,8 @@ class _Recorder:
             self.breaks = {b - 1 for b in self.breaks}
         outputs = self.outputs[:]
         self.outputs.clear()
+        self.alts.clear()
+        self.last.clear()
         return outputs
 
     def take_entering(self) -> list[torch.Tensor | None]:
@@ -451,9 +506,10 @@ class _Recorder:
     def remove(self) -> None:
         """Take every hook off the model and drop the autograd nodes kept for the junction test (they
         hold the pass's saved tensors)."""
-        for handle in self.handles:
+        for handle in [*self.handles, *self.repicking.values()]:
             handle.remove()
         self.handles.clear()
+        self.repicking.clear()
         self._unhook()
         for nodes in self.own.values():
             nodes.clear()

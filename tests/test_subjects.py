@@ -930,6 +930,66 @@ def test_a_hand_written_cell_called_as_cell_h_x_keeps_h0_as_its_entry() -> None:
     assert m.growth == pytest.approx(g**tokens, rel=1e-12)
 
 
+class TutorialCell(nn.Module):
+    """The char-RNN tutorial's cell: combined = cat(x_t, h), returning (i2o(combined), i2h(combined)),
+    the output first. Float64, its hidden-to-hidden part W = g x orthogonal: each step's gain through
+    h is exactly g (dL/dh_t = W^T dL/dh_t+1)."""
+
+    def __init__(self, g: float, width: int, hidden: int) -> None:
+        super().__init__()
+        self.i2h = nn.Linear(width + hidden, hidden, bias=False, dtype=torch.float64)
+        self.i2o = nn.Linear(width + hidden, 10, bias=False, dtype=torch.float64)
+        with torch.no_grad():
+            self.i2h.weight[:, width:] = (
+                g * torch.linalg.qr(torch.randn(hidden, hidden, dtype=torch.float64))[0]
+            )
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        combined = torch.cat((x, h), 1)
+        return self.i2o(combined), self.i2h(combined)
+
+
+class TutorialLoop(nn.Module):
+    """The tutorial's loop: the cell over the tokens from h_0 = 0, the output of the last call returned."""
+
+    def __init__(self, g: float, width: int) -> None:
+        super().__init__()
+        self.rnn = TutorialCell(g, width, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(x.shape[0], 16, dtype=x.dtype)
+        out = h
+        for t in range(x.shape[1]):
+            out, h = self.rnn(x[:, t], h)
+        return out
+
+    def stability_blocks(self) -> list[tuple[str, nn.Module]]:
+        return [("rnn", self.rnn)]
+
+
+@pytest.mark.parametrize("width", [16, 5])
+def test_a_step_returning_its_output_then_its_hidden_state_is_read_on_the_hidden_state(width: int) -> None:
+    """A cell returning (y, h), y first, was read on y, which no later call takes: every gain NaN but
+    the last call's, growth 1, stable, where h grows 1.3 per step (the tutorial's char-RNN, found by
+    an audit). Its chain is the tensor its next call takes. Oracle, exact: ||W^T v|| = g ||v||, so
+    each gain through h is g; the last call's h reaches no loss (the output is read from h_t-1), so
+    the chain is h_1 .. h_11 and the growth g^10. Of another input width, token 0's input is its
+    entry until the second call shows the chain runs through h."""
+    torch.manual_seed(0)
+    g, tokens = 1.3, 12
+    model = TutorialLoop(g, width)
+    m = probe_module(
+        model,
+        torch.randn(4, tokens, width, dtype=torch.float64),
+        lambda o, _: o.sum(),
+        blocks=model.stability_blocks(),
+    )
+    assert m.activation_names[0] == "rnn[0]" and len(m.activation_names) == tokens
+    assert m.gains[:-1] == pytest.approx([g] * (tokens - 2), rel=1e-12)
+    assert math.isnan(m.gains[-1])  # h_12 reaches no loss
+    assert m.growth == pytest.approx(g ** (tokens - 2), rel=1e-12)
+
+
 def test_two_recurrent_cells_of_a_bidirectional_reader_are_two_chains() -> None:
     """A forward and a backward GRUCell held as attributes were one stack: the gain across from the
     forward cell's last call to the backward cell's first read 41, a ratio of two unrelated gradients
