@@ -25,6 +25,7 @@ from stabilitycheck._tree import tensors as tensors_of
 from stabilitycheck._validation import article
 from stabilitycheck.config import Config
 from stabilitycheck.errors import UsageError, UserCodeError
+from stabilitycheck.loops import looped_blocks
 from stabilitycheck.losses import Inputs, LossFn, OutputLoss, differentiable_loss
 from stabilitycheck.measurement import (
     TENSOR_KINDS as TENSOR_KINDS,  # `X as X`: re-exported, it was defined here
@@ -277,7 +278,7 @@ def probe_module(
             f"probe_module: the first argument must be the model (an nn.Module), got {article(model)}"
         )
     steps, warmup, seed, lr = training_settings(steps, warmup, seed, lr, optimizer, amp, clip)
-    blocks = own_blocks(model, blocks, "probe_module") if blocks is not None else find_blocks(model)[0]
+    blocks = own_blocks(model, blocks, "probe_module") if blocks is not None else _blocks(model, inputs)
     names = tuple(name for name, _ in blocks)
     layout = _layout(model, blocks)
     params, owner = layout.params, layout.owner
@@ -375,6 +376,12 @@ def probe_module(
         skipped_steps=skipped,
         allow_tf32=bool(torch.backends.cuda.matmul.allow_tf32) if device.type == "cuda" else False,
     )
+
+
+def _blocks(model: nn.Module, inputs: Inputs) -> tuple[tuple[str, nn.Module], ...]:
+    """find_blocks' choice, or where it fell back to the leaf modules, the modules the forward calls
+    again on their own output (loops.looped_blocks)."""
+    return looped_blocks(model, inputs, *find_blocks(model))[0]
 
 
 def _never_called(names: Sequence[str]) -> UserCodeError:

@@ -300,9 +300,13 @@ class _Recorder:
         ]
         self.handles: list[Any] = []
         self.picks: dict[int, int] = {}  # per block, which of its output's tensors is its chain's (_repick)
-        self.alts: dict[int, list[torch.Tensor]] = {}  # per position in `outputs`, its call's tensors
+        # per position in `outputs`, its call's tensors, their version counters as it returned them,
+        # and which of them are the call's own positional arguments, returned as they came
+        self.alts: dict[int, tuple[list[torch.Tensor], list[int], set[int]]] = {}
+        self.alone = {b for b, stack in enumerate(self.stacks) if self.stacks.count(stack) == 1}
         self.last: dict[int, int] = {}  # per block, the position of its last call's output
-        self.repicking: dict[int, Any] = {}  # per block whose output holds several tensors, its pre-hook
+        self.repicking: dict[int, Any] = {}  # per block whose output holds several tensors, its
+        # pre-hook until its next call (_repick), then None
         self.on_input = outside_graph(self._on_input)
         # a recurrent cell's chain is its hidden state, not its input token (it took u_0 as the entry
         # where the widths differ: growth 0.127 for 1.03)
@@ -376,8 +380,10 @@ class _Recorder:
                     outputs.append(out)
                     self.versions.append(_version(out))
                     self.last[b] = len(outputs) - 1
-                    if len(outs) > 1:  # which one continues the chain is seen at the block's next call
-                        self.alts[len(outputs) - 1] = outs
+                    if len(outs) > 1 and b in self.alone and self.repicking.get(b, True) is not None:
+                        # which tensor continues the chain is seen at the block's next call, once
+                        passed = {j for j, t in enumerate(outs) if any(t is a for a in tensors(args))}
+                        self.alts[len(outputs) - 1] = (outs, [_version(t) for t in outs], passed)
                         if b not in self.repicking:
                             self.repicking[b] = module.register_forward_pre_hook(
                                 outside_graph(self._repick(b)), with_kwargs=True, prepend=True
@@ -391,27 +397,34 @@ class _Recorder:
         return on_forward
 
     def _repick(self, b: int) -> Any:
-        """Block b's pre-hook where its output holds several tensors (a step returning (y, h)): its
-        chain is the one its next call takes. Where the tensor recorded from its last call does not
-        feed this call and another of that call's tensors does, that one is block b's from now on, and
-        every call recorded so far is read on it (the first tensor, y, read the chain of a char-RNN
-        cell as growth 1 with no gain measured, where h grew 1.3 per step)."""
+        """Block b's pre-hook, once, at its second call, where b is a stack of its own (a cell called
+        per token; in a stack of two or more the chain runs on to the next block, as the first tensor
+        does) and its output holds several tensors (a step returning (y, h)): its chain is the one its
+        next call takes. Where the tensor recorded from its last call does not feed this call and
+        another of that call's tensors does, one the call made (not an argument it returned as it
+        came: a decoder step's memory), that one is block b's from now on, every call recorded so far
+        read on it with its version counter as returned (a change in place since is a re-run's). The
+        first tensor, y, read the chain of a char-RNN cell as growth 1 with no gain measured, where h
+        grew 1.3 per step."""
 
         def on_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             at = self.last.get(b)
-            alts = None if at is None or not self.active else self.alts.get(at)
-            if at is None or alts is None:
+            held = None if at is None or not self.active else self.alts.get(at)
+            if at is None or held is None:
                 return
+            alts, _, passed = held
+            self.repicking[b].remove()  # one look per pass: a cell per token pays it once
+            self.repicking[b] = None
             given = list(tensors((args, kwargs)))
             if any(_feeds(t, self.outputs[at]) for t in given):
                 return
             for j, alt in enumerate(alts):
-                if alt is not self.outputs[at] and any(_feeds(t, alt) for t in given):
+                if j not in passed and alt is not self.outputs[at] and any(_feeds(t, alt) for t in given):
                     self.picks[b] = j
-                    for pos, outs in self.alts.items():
+                    for pos, (outs, versions, _) in self.alts.items():
                         if self.calls[pos] == b and len(outs) > j:
                             self.outputs[pos] = outs[j]
-                            self.versions[pos] = _version(outs[j])
+                            self.versions[pos] = versions[j]  # as returned: a change since is re-run
                             if outs[j].grad_fn is not None:
                                 self.own[self.stacks[b]].add(outs[j].grad_fn)
                     return
@@ -507,7 +520,8 @@ class _Recorder:
         """Take every hook off the model and drop the autograd nodes kept for the junction test (they
         hold the pass's saved tensors)."""
         for handle in [*self.handles, *self.repicking.values()]:
-            handle.remove()
+            if handle is not None:
+                handle.remove()
         self.handles.clear()
         self.repicking.clear()
         self._unhook()

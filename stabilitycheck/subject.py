@@ -272,7 +272,8 @@ def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
     where there are two or more (Linear, Tanh, Linear, ...: each gain is then a whole layer's,
     activation included, not alternately a weight's x2 and an activation's x0.5); else its recurrent
     cells (nn.RNNCell, LSTMCell, GRUCell: each call a block); else its leaf modules that own
-    parameters. Of a torch.compile'd model, the blocks of the model it wraps, named as there (not
+    parameters (where a forward shows modules called again on their own output, loops.looped_blocks
+    takes those instead). Of a torch.compile'd model, the blocks of the model it wraps, named as there (not
     `_orig_mod.layers.0`): the same modules, whose hooks the compiled forward runs."""
     inner = getattr(model, "_orig_mod", None)
     if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):

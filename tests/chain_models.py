@@ -31,3 +31,41 @@ class OrthogonalTowers(nn.Module):
         for out in outs[1:]:
             total = total + out
         return total
+
+
+class TutorialCell(nn.Module):
+    """The char-RNN tutorial's cell: combined = cat(x_t, h), returning (i2o(combined), i2h(combined)),
+    the output first. Float64, its hidden-to-hidden part W = g x orthogonal: each step's gain through
+    h is exactly g (dL/dh_t = W^T dL/dh_t+1)."""
+
+    def __init__(self, g: float, width: int, hidden: int = 16) -> None:
+        super().__init__()
+        self.i2h = nn.Linear(width + hidden, hidden, bias=False, dtype=torch.float64)
+        self.i2o = nn.Linear(width + hidden, 10, bias=False, dtype=torch.float64)
+        with torch.no_grad():
+            self.i2h.weight[:, width:] = (
+                g * torch.linalg.qr(torch.randn(hidden, hidden, dtype=torch.float64))[0]
+            )
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        combined = torch.cat((x, h), 1)
+        return self.i2o(combined), self.i2h(combined)
+
+
+class TutorialLoop(nn.Module):
+    """The tutorial's loop: the cell over the tokens from h_0 = 0, the output of the last call returned;
+    with `scale`, each h multiplied by it in place after the cell returned it (the gain through h is
+    then g x scale)."""
+
+    def __init__(self, g: float, width: int, scale: float = 1.0) -> None:
+        super().__init__()
+        self.rnn, self.scale = TutorialCell(g, width), scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(x.shape[0], 16, dtype=x.dtype)
+        out = h
+        for t in range(x.shape[1]):
+            out, h = self.rnn(x[:, t], h)
+            if self.scale != 1.0:
+                h.mul_(self.scale)
+        return out

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from chain_models import OrthogonalTowers
+from chain_models import OrthogonalTowers, TutorialLoop
 from torch import nn
 
 from stabilitycheck.config import Config
@@ -633,13 +633,14 @@ def torch_output_grads(
     model: nn.Module, args: tuple[torch.Tensor, ...], modules: list[nn.Module], pick: Any = lambda out: out
 ) -> list[float]:
     """Oracle: ||dL/d output|| of every call of `modules` (the tensor `pick` takes from its output), in
-    call order, by torch.autograd.grad, for the loss the tests probe with (a sum of squares)."""
+    call order, by torch.autograd.grad, for the loss the tests probe with (a sum of squares); 0 where
+    the loss does not depend on it."""
     outs: list[torch.Tensor] = []
     handles = [m.register_forward_hook(lambda mod, i, out: outs.append(pick(out))) for m in modules]
     loss = model(*args).square().sum()
     for handle in handles:
         handle.remove()
-    return [float(g.norm()) for g in torch.autograd.grad(loss, outs)]
+    return [0.0 if g is None else float(g.norm()) for g in torch.autograd.grad(loss, outs, allow_unused=True)]
 
 
 def test_one_chains_vanishing_does_not_hide_anothers_explosion() -> None:
@@ -930,64 +931,106 @@ def test_a_hand_written_cell_called_as_cell_h_x_keeps_h0_as_its_entry() -> None:
     assert m.growth == pytest.approx(g**tokens, rel=1e-12)
 
 
-class TutorialCell(nn.Module):
-    """The char-RNN tutorial's cell: combined = cat(x_t, h), returning (i2o(combined), i2h(combined)),
-    the output first. Float64, its hidden-to-hidden part W = g x orthogonal: each step's gain through
-    h is exactly g (dL/dh_t = W^T dL/dh_t+1)."""
-
-    def __init__(self, g: float, width: int, hidden: int) -> None:
-        super().__init__()
-        self.i2h = nn.Linear(width + hidden, hidden, bias=False, dtype=torch.float64)
-        self.i2o = nn.Linear(width + hidden, 10, bias=False, dtype=torch.float64)
-        with torch.no_grad():
-            self.i2h.weight[:, width:] = (
-                g * torch.linalg.qr(torch.randn(hidden, hidden, dtype=torch.float64))[0]
-            )
-
-    def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        combined = torch.cat((x, h), 1)
-        return self.i2o(combined), self.i2h(combined)
-
-
-class TutorialLoop(nn.Module):
-    """The tutorial's loop: the cell over the tokens from h_0 = 0, the output of the last call returned."""
-
-    def __init__(self, g: float, width: int) -> None:
-        super().__init__()
-        self.rnn = TutorialCell(g, width, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.zeros(x.shape[0], 16, dtype=x.dtype)
-        out = h
-        for t in range(x.shape[1]):
-            out, h = self.rnn(x[:, t], h)
-        return out
-
-    def stability_blocks(self) -> list[tuple[str, nn.Module]]:
-        return [("rnn", self.rnn)]
-
-
-@pytest.mark.parametrize("width", [16, 5])
-def test_a_step_returning_its_output_then_its_hidden_state_is_read_on_the_hidden_state(width: int) -> None:
+@pytest.mark.parametrize(("width", "scale"), [(16, 1.0), (5, 1.0), (16, 0.5)])
+def test_a_step_returning_its_output_then_its_hidden_state_is_read_on_the_hidden_state(
+    width: int, scale: float
+) -> None:
     """A cell returning (y, h), y first, was read on y, which no later call takes: every gain NaN but
     the last call's, growth 1, stable, where h grows 1.3 per step (the tutorial's char-RNN, found by
     an audit). Its chain is the tensor its next call takes. Oracle, exact: ||W^T v|| = g ||v||, so
-    each gain through h is g; the last call's h reaches no loss (the output is read from h_t-1), so
-    the chain is h_1 .. h_11 and the growth g^10. Of another input width, token 0's input is its
-    entry until the second call shows the chain runs through h."""
+    each gain through h is g (g x scale where the loop scales h in place after the cell returned it:
+    h as returned, its first call's too, whose change came before the switch to h; a reviewer's
+    case); the last call's h reaches no loss (the output is read from h_t-1), so the chain is
+    h_1 .. h_11 and the growth (g x scale)^10. Of another input width, token 0's input is its entry
+    until the second call shows the chain runs through h."""
     torch.manual_seed(0)
     g, tokens = 1.3, 12
-    model = TutorialLoop(g, width)
+    model = TutorialLoop(g, width, scale)
     m = probe_module(
         model,
         torch.randn(4, tokens, width, dtype=torch.float64),
         lambda o, _: o.sum(),
-        blocks=model.stability_blocks(),
+        blocks=[("rnn", model.rnn)],
     )
     assert m.activation_names[0] == "rnn[0]" and len(m.activation_names) == tokens
-    assert m.gains[:-1] == pytest.approx([g] * (tokens - 2), rel=1e-12)
+    assert m.gains[:-1] == pytest.approx([g * scale] * (tokens - 2), rel=1e-12)
     assert math.isnan(m.gains[-1])  # h_12 reaches no loss
-    assert m.growth == pytest.approx(g ** (tokens - 2), rel=1e-12)
+    assert m.growth == pytest.approx((g * scale) ** (tokens - 2), rel=1e-12)
+
+
+def test_a_step_is_never_read_on_an_argument_it_returns_as_it_came() -> None:
+    """A decoder step returning (y, memory, h), memory the encoder's output passed to every call and
+    returned as is: the switch took memory, the first tensor its next call takes, and read gains of
+    exactly 1 (growth 1) where h grows 1.3 per step (a reviewer's case). Oracle, exact: each gain
+    through h is g, the growth g^7 over the 8 calls."""
+    torch.manual_seed(0)
+    g = 1.3
+
+    class Step(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wh = nn.Linear(16, 16, bias=False, dtype=torch.float64)
+            self.wm = nn.Linear(16, 16, bias=False, dtype=torch.float64)
+            self.wo = nn.Linear(16, 7, bias=False, dtype=torch.float64)
+            with torch.no_grad():
+                self.wh.weight.copy_(g * torch.linalg.qr(torch.randn(16, 16, dtype=torch.float64))[0])
+
+        def forward(self, h: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            h = self.wh(h) + self.wm(memory)
+            return self.wo(h), memory, h
+
+    class Decoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc, self.step = nn.Linear(16, 16, dtype=torch.float64), Step()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            memory = self.enc(x)
+            h = torch.zeros_like(memory)
+            for _ in range(8):
+                y, memory, h = self.step(h, memory)
+            return y
+
+    model = Decoder()
+    m = probe_module(
+        model, torch.randn(4, 16, dtype=torch.float64), lambda o, _: o.sum(), blocks=[("step", model.step)]
+    )
+    assert m.gains == pytest.approx([g] * 7, rel=1e-12)
+    assert m.growth == pytest.approx(g**7, rel=1e-12)
+
+
+def test_stacked_steps_returning_output_then_hidden_state_keep_their_first_tensor() -> None:
+    """Two tutorial cells in a list, the second taking the first's output y, each its own h: read on
+    h, the two cells' chains were read as one, gains alternating 0.3 and 5.4 across unrelated
+    gradients (a reviewer's case). A block in a stack of two or more is read on its first tensor,
+    the chain the next block takes, as before. Oracle: torch's gradient of each call's y."""
+    torch.manual_seed(0)
+    from chain_models import TutorialCell
+
+    class Stacked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cells = nn.ModuleList([TutorialCell(1.3, 16), TutorialCell(1.3, 10)])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            hs = [torch.zeros(x.shape[0], 16, dtype=x.dtype) for _ in self.cells]
+            out = x[:, 0]
+            for t in range(x.shape[1]):
+                out = x[:, t]
+                for i, cell in enumerate(self.cells):
+                    out, hs[i] = cell(out, hs[i])
+            return out
+
+    model, x = Stacked(), torch.randn(3, 4, 16, dtype=torch.float64)
+    m = probe_module(
+        model,
+        x,
+        lambda o, _: o.square().sum(),
+        blocks=[("cells.0", model.cells[0]), ("cells.1", model.cells[1])],
+    )
+    norms = torch_output_grads(model, (x,), list(model.cells), pick=lambda out: out[0])
+    reached = [v for v in m.activation_grad_norms if v > 0]
+    assert reached == pytest.approx([v for v in norms if v > 0], rel=1e-9)
 
 
 def test_two_recurrent_cells_of_a_bidirectional_reader_are_two_chains() -> None:

@@ -17,6 +17,7 @@ from stabilitycheck._validation import article, describe, raised_at
 from stabilitycheck.config import Config
 from stabilitycheck.errors import StabilityCheckError
 from stabilitycheck.families import Scalar
+from stabilitycheck.loops import looped_blocks
 from stabilitycheck.losses import DefaultLoss, Inputs, LossFn, OutputLoss
 from stabilitycheck.memory import meta_bytes
 from stabilitycheck.modelfile.convention import (
@@ -164,6 +165,10 @@ class ModelFile:
             torch.manual_seed(_derived(seed, _SALT_BATCH))
             inputs = self.source.make_inputs(self, model, values, _derived(seed, _SALT_INFER))
             _materialize(model, inputs)  # drawn alike at every init_scale, which then scales them
+            looped, note = looped_blocks(model, inputs, blocks, note)
+            if looped != blocks:
+                self.check_eager(model, looped)
+                blocks = looped
             if self.scales_weights and values[SCALE] != 1.0:
                 _scale_weights(model, float(values[SCALE]))
         return model, inputs, blocks, note

@@ -1,0 +1,228 @@
+"""Blocks a forward calls again on their own output (stabilitycheck.loops): a recurrent cell of the
+user's own, a weight-tied block looped over depth, found where the module tree has no stack, list or
+torch cell. Oracles: exact gains of linear maps W = g x orthogonal (||W^T v|| = g ||v||), torch's own
+gradients, and the model's state (buffers, modes, random state) compared before and after."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from chain_models import TutorialLoop
+from test_probe import scripted_tanh
+from torch import nn
+
+from stabilitycheck.config import Config
+from stabilitycheck.loops import LOOPED_NOTE, looped_blocks
+from stabilitycheck.probing import probe, probe_module
+from stabilitycheck.subject import LEAVES_NOTE, find_blocks
+
+
+def orthogonal(g: float, n: int) -> torch.Tensor:
+    return g * torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))[0]
+
+
+class LeafRNN(nn.Module):
+    """A linear RNN written with two leaf layers, h' = W h + U x_t: W is called again on what it made."""
+
+    def __init__(self, g: float) -> None:
+        super().__init__()
+        self.w = nn.Linear(16, 16, bias=False, dtype=torch.float64)
+        self.u = nn.Linear(5, 16, bias=False, dtype=torch.float64)
+        with torch.no_grad():
+            self.w.weight.copy_(orthogonal(g, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(x.shape[0], 16, dtype=x.dtype)
+        for t in range(x.shape[1]):
+            h = self.w(h) + self.u(x[:, t])
+        return h
+
+
+class Block(nn.Module):
+    """Linear, batch norm, tanh, dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.norm, self.drop = nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(torch.tanh(self.norm(self.lin(x))))
+
+
+class TiedResidual(nn.Module):
+    """One residual block applied `depth` times (weights tied over depth), with dropout and batch norm."""
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        self.depth = depth
+        self.block = Block()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.depth):
+            x = x + self.block(x)
+        return self.head(x)
+
+
+class Shared(nn.Module):
+    """A tower (one composite module) run once on each of two inputs: called twice, never on its own
+    output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tower = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat((self.tower(a), self.tower(b)), 1))
+
+
+def test_the_tutorial_cell_is_found_and_read_on_its_hidden_state() -> None:
+    """The char-RNN tutorial's loop, no blocks declared: the leaf layers i2h and i2o were the blocks,
+    their calls interleaved (growth 7.8 over 12 tokens where h grows 1.3^10 = 13.8). The cell is the
+    block now, each call read on h. Oracle, exact: every gain through h is g; the last call's h
+    reaches no loss."""
+    torch.manual_seed(0)
+    g, tokens = 1.3, 12
+    m = probe_module(
+        TutorialLoop(g, 16), torch.randn(4, tokens, 16, dtype=torch.float64), lambda o, _: o.sum()
+    )
+    assert m.layer_names == ("rnn",) and len(m.activation_names) == tokens
+    assert m.gains[:-1] == pytest.approx([g] * (tokens - 2), rel=1e-12) and math.isnan(m.gains[-1])
+    assert m.growth == pytest.approx(g ** (tokens - 2), rel=1e-12)
+
+
+def test_a_leaf_layer_called_again_on_its_own_output_is_the_block() -> None:
+    """h' = W h + U x_t written with two leaf layers: W is the recurrence (each call takes what the last
+    made), U is not (each call takes a new token). Oracle, exact: each gain is g, from the entry h_0
+    over the 10 calls of W."""
+    torch.manual_seed(0)
+    g, tokens = 1.2, 10
+    model = LeafRNN(g)
+    x = torch.randn(3, tokens, 5, dtype=torch.float64)
+    assert find_blocks(model)[1].startswith(LEAVES_NOTE)
+    assert looped_blocks(model, x, *find_blocks(model)) == (
+        (("w", model.w),),
+        LOOPED_NOTE.format(names="w"),
+    )
+    m = probe_module(model, x, lambda o, _: o.sum())
+    assert set(m.layer_names) == {"w"}
+    assert m.gains == pytest.approx([g] * (len(m.activation_names) - 1), rel=1e-12)
+    assert m.growth == pytest.approx(g ** (len(m.activation_names) - 1), rel=1e-12)
+    assert len(m.activation_names) >= tokens
+
+
+def test_a_block_looped_over_depth_is_read_per_call_against_torchs_gradients() -> None:
+    """A residual block with weights tied over 6 applications: one block, 6 calls. Oracle: torch's
+    dL/d(output) of each call (the probe's loss, a sum of squares), in eval mode as the probe's
+    comparison needs no dropout draws; the gains are their ratios."""
+    torch.manual_seed(0)
+    model = TiedResidual(6).double().eval()
+    x = torch.randn(5, 8, dtype=torch.float64)
+    m = probe_module(model, x, lambda o, _: o.square().sum())
+    assert m.layer_names == ("block",)
+    outs: list[torch.Tensor] = []
+    handle = model.block.register_forward_hook(lambda mod, i, out: outs.append(out))
+    loss = model(x).square().sum()
+    handle.remove()
+    norms = [float(v.norm()) for v in torch.autograd.grad(loss, outs)]
+    calls = [i for i, name in enumerate(m.activation_names) if name.startswith("block[")]
+    assert [m.activation_grad_norms[i] for i in calls] == pytest.approx(norms, rel=1e-9)
+
+
+class Scripted(nn.Module):
+    """A TorchScript layer beside an eager one, as attributes: no stack, the leaf modules its blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = scripted_tanh(), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+
+@pytest.mark.parametrize(
+    "model",
+    [Shared(), nn.Sequential(nn.Linear(8, 8)), Scripted()],
+    ids=["shared", "one-layer", "scripted"],
+)
+def test_a_module_never_called_on_its_own_output_leaves_find_blocks_choice(model: nn.Module) -> None:
+    """A tower run on two inputs is called twice but never on its own output; a one-layer model is not
+    looped at all; a TorchScript layer takes no hooks (left out, not an error): find_blocks' choice
+    stands, note and all."""
+    inputs = (torch.randn(2, 8), torch.randn(2, 8)) if isinstance(model, Shared) else torch.randn(2, 8)
+    chosen = find_blocks(model)
+    assert looped_blocks(model, inputs, *chosen) == chosen
+
+
+def test_the_forward_that_finds_them_changes_nothing_of_the_model() -> None:
+    """The finding forward runs in eval mode: batch norm's running statistics and batch counter stay,
+    dropout draws nothing (torch's random state is as before), and every module's mode is put back,
+    a mixed one (the head in eval mode, the rest training) too."""
+    torch.manual_seed(0)
+    model = TiedResidual(3)
+    model.head.eval()
+    x = torch.randn(4, 8)
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = [m.training for m in model.modules()]
+    state = torch.get_rng_state()
+    blocks, note = looped_blocks(model, x, *find_blocks(model))
+    assert blocks == (("block", model.block),) and note == LOOPED_NOTE.format(names="block")
+    assert torch.equal(torch.get_rng_state(), state)
+    assert [m.training for m in model.modules()] == modes
+    assert all(torch.equal(v, buffers[k]) for k, v in model.state_dict().items())
+
+
+MODEL_FILE = """
+import torch
+from torch import nn
+
+SPACE = {"seq_len": (1, 32)}
+
+
+class RNN(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.i2h = nn.Linear(2 * n, n, bias=False)
+        self.i2o = nn.Linear(2 * n, 4, bias=False)
+        with torch.no_grad():
+            self.i2h.weight[:, n:] = 1.3 * torch.linalg.qr(torch.randn(n, n))[0]
+
+    def forward(self, x, h):
+        combined = torch.cat((x, h), 1)
+        return self.i2o(combined), self.i2h(combined)
+
+
+class Net(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.rnn = RNN(n)
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[1], x.shape[2])
+        for t in range(x.shape[0]):
+            out, h = self.rnn(x[t], h)
+        return out
+
+
+def build(seq_len=8, width=16):
+    return Net(width)
+
+
+def batch(model, seq_len=8, width=16, batch_size=4):
+    return torch.randn(seq_len, batch_size, width)
+"""
+
+
+def test_a_model_file_looping_its_own_cell_says_so_and_grows_through_it(tmp_path: Path) -> None:
+    """The same tutorial loop as a model file: the blocks line names the rule, and the growth is the
+    exact one, 1.3 per token between the first and the last call whose h reaches the loss (its
+    orthogonal matrix drawn in float32: within 1e-6)."""
+    path = tmp_path / "charrnn.py"
+    path.write_text(MODEL_FILE)
+    m = probe(Config.of(f"{path}:build", seq_len=12, dtype="float64"))
+    assert "rnn (called again on their own output: a block per call)" in m.blocks_note
+    assert m.growth == pytest.approx(1.3**10, rel=1e-6)
