@@ -5,6 +5,9 @@ interleave (i2h[0], i2o[0], i2h[1], ...: gains read across unrelated tensors).""
 
 from __future__ import annotations
 
+import random
+import sys
+from copy import deepcopy
 from typing import Any
 
 import torch
@@ -22,10 +25,32 @@ def looped_blocks(model: nn.Module, inputs: Inputs, blocks: Blocks, note: str) -
     """`blocks` and `note` as find_blocks chose them, or, where that was its last resort (the leaf
     modules), the outermost modules owning parameters that the forward calls two or more times, each
     call after the first taking what the one before returned or what is computed from it. Seen in one
-    forward, in eval mode (no running statistics updated, no dropout drawn), with torch's random state
-    put back and every module's train/eval mode as it was."""
+    forward of a deep copy of the model and its inputs, in the model's own mode (a forward branching
+    on self.training runs its probed path), so that nothing of the model changes (buffers, Python
+    attributes, a hidden state it keeps), with the random states of torch, Python and numpy put back.
+    A model that cannot be copied, or whose copy's forward fails, keeps find_blocks' choice."""
     if not note.startswith(LEAVES_NOTE) or type(model).__name__ == "OptimizedModule":
         return blocks, note  # a compiled model's forward would compile again around the hooks
+    states = _random_states()
+    devices = [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
+    try:
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            copy, given = deepcopy((model, inputs))  # inputs too: a forward may change them in place
+            found = _looped(copy, given)
+    except Exception:  # the probe's own forward will say what is wrong, in its own words
+        return blocks, note
+    finally:
+        _set_random_states(states)
+    if not found:
+        return blocks, note
+    return tuple((name, model.get_submodule(name)) for name in found), LOOPED_NOTE.format(
+        names=" + ".join(found)
+    )
+
+
+def _looped(model: nn.Module, inputs: Inputs) -> list[str]:
+    """The names of the outermost modules owning parameters that a forward of `model` (run here)
+    calls two or more times, each later call taking what the one before returned (`_feeds`)."""
     named = [
         (name, m) for name, m in model.named_modules() if name and not isinstance(m, torch.jit.ScriptModule)
     ]
@@ -43,29 +68,27 @@ def looped_blocks(model: nn.Module, inputs: Inputs, blocks: Blocks, note: str) -
         calls[id(module)] = calls.get(id(module), 0) + 1
         last[id(module)] = _floating(output)
 
-    modes = [(m, m.training) for m in model.modules()]
-    handles = [m.register_forward_pre_hook(before, with_kwargs=True) for _, m in named]
-    handles += [m.register_forward_hook(after) for _, m in named]
-    devices = [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
-    try:
-        model.eval()
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
-            call_model(model, inputs)
-    except Exception:  # the probe's own forward will say what is wrong, in its own words
-        return blocks, note
-    finally:
-        for handle in handles:
-            handle.remove()
-        for m, training in modes:
-            m.training = training
+    for _, m in named:
+        m.register_forward_pre_hook(before, with_kwargs=True)
+        m.register_forward_hook(after)
+    call_model(model, inputs)
     looped = [
-        (name, m)
+        name
         for name, m in named
         if calls.get(id(m), 0) >= 2 and fed.get(id(m), False) and any(True for _ in m.parameters())
     ]
-    outer = tuple(
-        (name, m) for name, m in looped if not any(name.startswith(f"{other}.") for other, _ in looped)
-    )
-    if not outer:
-        return blocks, note
-    return outer, LOOPED_NOTE.format(names=" + ".join(name for name, _ in outer))
+    return [name for name in looped if not any(name.startswith(f"{other}.") for other in looped)]
+
+
+def _random_states() -> tuple[object, object]:
+    """Python's and (where loaded) numpy's global random states: a model's forward may draw from them."""
+    numpy = sys.modules.get("numpy")
+    return random.getstate(), None if numpy is None else numpy.random.get_state()
+
+
+def _set_random_states(states: tuple[object, object]) -> None:
+    python, numpy_state = states
+    random.setstate(python)  # type: ignore[arg-type]
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and numpy_state is not None:
+        numpy.random.set_state(numpy_state)

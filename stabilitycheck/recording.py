@@ -380,7 +380,7 @@ class _Recorder:
                     outputs.append(out)
                     self.versions.append(_version(out))
                     self.last[b] = len(outputs) - 1
-                    if len(outs) > 1 and b in self.alone and self.repicking.get(b, True) is not None:
+                    if len(outs) > 1 and self.repicking.get(b, True) is not None:
                         # which tensor continues the chain is seen at the block's next call, once
                         passed = {j for j, t in enumerate(outs) if any(t is a for a in tensors(args))}
                         self.alts[len(outputs) - 1] = (outs, [_version(t) for t in outs], passed)
@@ -397,10 +397,10 @@ class _Recorder:
         return on_forward
 
     def _repick(self, b: int) -> Any:
-        """Block b's pre-hook, once, at its second call, where b is a stack of its own (a cell called
-        per token; in a stack of two or more the chain runs on to the next block, as the first tensor
-        does) and its output holds several tensors (a step returning (y, h)): its chain is the one its
-        next call takes. Where the tensor recorded from its last call does not feed this call and
+        """Block b's pre-hook, once, at its second call, where b is a stack of its own or its calls
+        follow each other (a cell called per token; where another block of its stack runs between,
+        the chain runs on to it, as the first tensor does) and its output holds several tensors (a
+        step returning (y, h)): its chain is the one its next call takes. Where the tensor recorded from its last call does not feed this call and
         another of that call's tensors does, one the call made (not an argument it returned as it
         came: a decoder step's memory), that one is block b's from now on, every call recorded so far
         read on it with its version counter as returned (a change in place since is a re-run's). The
@@ -415,6 +415,8 @@ class _Recorder:
             alts, _, passed = held
             self.repicking[b].remove()  # one look per pass: a cell per token pays it once
             self.repicking[b] = None
+            if b not in self.alone and self.calls[-1] != b:
+                return  # a block of a stack with another called between: the chain runs on to it
             given = list(tensors((args, kwargs)))
             if any(_feeds(t, self.outputs[at]) for t in given):
                 return

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from chain_models import TutorialLoop
+from chain_models import TutorialCell, TutorialLoop
 from test_probe import scripted_tanh
 from torch import nn
 
@@ -159,9 +159,9 @@ def test_a_module_never_called_on_its_own_output_leaves_find_blocks_choice(model
 
 
 def test_the_forward_that_finds_them_changes_nothing_of_the_model() -> None:
-    """The finding forward runs in eval mode: batch norm's running statistics and batch counter stay,
-    dropout draws nothing (torch's random state is as before), and every module's mode is put back,
-    a mixed one (the head in eval mode, the rest training) too."""
+    """The finding forward runs on a copy: batch norm's running statistics and batch counter stay,
+    torch's random state is as before (dropout drew on it), and every module's mode stays, a mixed
+    one (the head in eval mode, the rest training) too."""
     torch.manual_seed(0)
     model = TiedResidual(3)
     model.head.eval()
@@ -226,3 +226,61 @@ def test_a_model_file_looping_its_own_cell_says_so_and_grows_through_it(tmp_path
     m = probe(Config.of(f"{path}:build", seq_len=12, dtype="float64"))
     assert "rnn (called again on their own output: a block per call)" in m.blocks_note
     assert m.growth == pytest.approx(1.3**10, rel=1e-6)
+
+
+class Reader(nn.Module):
+    """Two tutorial cells in one container, `enc.fwd` (g = 1.3) over the tokens, then `enc.bwd`
+    (g = 0.8) back over them; each direction's last h summed into the loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.ModuleDict({"fwd": TutorialCell(1.3, 8), "bwd": TutorialCell(0.8, 8)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hf = hb = torch.zeros(x.shape[0], 16, dtype=x.dtype)
+        for t in range(x.shape[1]):
+            _, hf = self.enc["fwd"](x[:, t], hf)
+        for t in reversed(range(x.shape[1])):
+            _, hb = self.enc["bwd"](x[:, t], hb)
+        return hf.sum(1) + hb.sum(1)
+
+
+def test_two_cells_of_one_container_each_called_in_a_run_are_read_on_their_hidden_state() -> None:
+    """Two (y, h) cells held in one container are one stack: the switch to h was off for both, every
+    gain NaN and the growth 1 (a reviewer's case). A block whose calls follow each other switches.
+    Oracle, exact: the gains through h are 1.3 then 0.8, 5 of each, and no gain is taken between."""
+    torch.manual_seed(0)
+    m = probe_module(Reader(), torch.randn(3, 6, 8, dtype=torch.float64), lambda o, _: o.sum())
+    assert m.layer_names == ("enc.fwd", "enc.bwd")
+    assert m.gains[:5] == pytest.approx([1.3] * 5, rel=1e-12)
+    assert m.gains[6:] == pytest.approx([0.8] * 5, rel=1e-12)
+
+
+class Branching(nn.Module):
+    """Loops `cell` in training and an averaged copy `ema` in eval mode, and counts its forwards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell, self.ema = LeafRNN(1.2), LeafRNN(1.1)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.cell(x) if self.training else self.ema(x)
+
+
+def test_the_looped_blocks_are_the_ones_the_probed_mode_runs_and_the_model_is_left_as_it_was() -> None:
+    """The finding forward ran in eval mode: a model looping another module there had that one as its
+    block, which the probe's forward never called (an error; a reviewer's case). It runs on a copy,
+    in the model's own mode: the training path's `cell.w`, the model's own counter untouched."""
+    torch.manual_seed(0)
+    model = Branching()
+    x = torch.randn(3, 7, 5, dtype=torch.float64)
+    assert looped_blocks(model, x, *find_blocks(model)) == (
+        (("cell.w", model.cell.w),),
+        LOOPED_NOTE.format(names="cell.w"),
+    )
+    assert model.calls == 0
+    m = probe_module(model, x, lambda o, _: o.sum())
+    assert m.layer_names == ("cell.w",) and model.calls == 1
+    assert m.gains == pytest.approx([1.2] * (len(m.activation_names) - 1), rel=1e-12)
