@@ -400,12 +400,12 @@ class _Recorder:
         """Block b's pre-hook, once, at its second call, where b is a stack of its own or its calls
         follow each other (a cell called per token; where another block of its stack runs between,
         the chain runs on to it, as the first tensor does) and its output holds several tensors (a
-        step returning (y, h)): its chain is the one its next call takes. Where the tensor recorded from its last call does not feed this call and
-        another of that call's tensors does, one the call made (not an argument it returned as it
-        came: a decoder step's memory), that one is block b's from now on, every call recorded so far
-        read on it with its version counter as returned (a change in place since is a re-run's). The
-        first tensor, y, read the chain of a char-RNN cell as growth 1 with no gain measured, where h
-        grew 1.3 per step."""
+        step returning (y, h)): its chain is the one its next call takes. Where the tensor recorded
+        from its last call does not feed this call and another of that call's tensors does, one the
+        call made (not an argument it returned as it came: a decoder step's memory), that one is
+        block b's from now on, every call recorded so far read on it with its version counter as
+        returned (a change in place since is a re-run's). The first tensor, y, read the chain of a
+        char-RNN cell as growth 1 with no gain measured, where h grew 1.3 per step."""
 
         def on_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             at = self.last.get(b)
