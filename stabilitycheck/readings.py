@@ -36,12 +36,14 @@ def chains_of(act: Sequence[float], breaks: frozenset[int], unreached: frozenset
     starts another chain (a decoder after its encoder), and no ratio is taken across it (it would
     read the encoder's dL/d input against the decoder's last output). Outputs the loss does not depend
     on (`unreached`: a block computed only for logging) have no gradient, not a zero one, and are left
-    out; a chain of them alone has no growth."""
+    out; a chain of them alone has no growth, nor has one where a single output of several was reached
+    (no gain between two of its outputs could be read: its growth is unknown, not 1)."""
     starts = [0, *sorted(b for b in breaks if 0 < b < len(act)), len(act)]
     chains = []
     for a, b in itertools.pairwise(starts):
         chain = [act[i] for i in range(a, b) if i not in unreached]
-        if chain:
+        if len(chain) > 1 or (chain and b - a == 1):  # one call alone grows by 1 (no gain to take);
+            # one reached among several has no growth that could be read (a (y, h) step's y)
             chains.append(ratio(chain[0], chain[-1]))
     return tuple(chains)
 

@@ -2124,3 +2124,44 @@ def test_a_parameter_replaced_or_frozen_or_other_blocks_between_probes_reach_the
     model[0][0].weight.requires_grad_(False)
     check(blocks)
     check(blocks[1:])
+
+
+def test_one_reached_output_of_a_chain_of_several_is_no_growth_of_1() -> None:
+    """Blocks whose recorded outputs the loss does not depend on but for the last: no gain between two
+    of them can be read, and the growth read 1 (flat, a bounded-growth check passing) whatever the
+    stack does. It is unknown now: NaN, and assert_bounded_growth fails saying it was not measured.
+    A chain of one call alone still grows by 1 (the empty product: a one-token RNN)."""
+    from stabilitycheck.errors import StabilityError
+    from stabilitycheck.invariants import assert_bounded_growth
+
+    torch.manual_seed(0)
+
+    class Layer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.router = nn.Linear(8, 8), nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h = torch.tanh(self.lin(x) + context)
+            return self.router(h), h
+
+    class Routed(nn.Module):
+        """Each layer also takes the model's input as context, of x's shape: no input entry."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(Layer() for _ in range(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = x
+            for layer in self.layers:
+                logits, h = layer(h, x)
+            return h.sum() + logits.sum()
+
+    m = probe_module(Routed(), torch.randn(3, 8), lambda o, _: o, blocks=None)
+    assert m.activation_names[0] == "layers.0"  # no input entry
+    assert [v > 0 for v in m.activation_grad_norms] == [False, False, False, True] and math.isnan(m.growth)
+    with pytest.raises(StabilityError, match="could not be measured"):
+        assert_bounded_growth(m, 100.0)
+    one = probe_module(nn.GRUCell(4, 4), (torch.randn(2, 4),), lambda o, _: o.sum())
+    assert len(one.activation_names) == 1 and one.growth == 1.0
