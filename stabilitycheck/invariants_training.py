@@ -127,12 +127,9 @@ def assert_bounded_growth(measurement: Measurement, limit: float, *, gain_limit:
     if not over and not growth_bad:
         return
     unread = math.isnan(m.growth) and all(math.isfinite(a) for a in acts)  # readings.chains_of
+    why = "; unmeasured: the loss reaches one block output of a chain of several, no gain between two"
     lines = [
-        f"Overall growth: {m.growth:.4g} (allowed: <= {limit:g})"
-        + (
-            "; unmeasured: the loss reaches one block output of a chain of several, no gain between two"
-            * unread
-        ),
+        f"Overall growth: {m.growth:.4g} (allowed: <= {limit:g}){why if unread else ''}",
         f"Layers over bound: {len(over)} / {len(m.gains)}",
     ]
     gains = [i for i in range(len(m.gains)) if taken(i)]

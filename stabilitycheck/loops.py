@@ -5,8 +5,6 @@ interleave (i2h[0], i2o[0], i2h[1], ...: gains read across unrelated tensors).""
 
 from __future__ import annotations
 
-import random
-import sys
 from copy import deepcopy
 from typing import Any
 
@@ -16,6 +14,7 @@ from torch import nn
 from stabilitycheck._tree import tensors
 from stabilitycheck.losses import Inputs
 from stabilitycheck.recording import _feeds, _floating, call_model
+from stabilitycheck.rng import host_rng_state, set_host_rng_state
 from stabilitycheck.subject import LEAVES_NOTE, Blocks
 
 LOOPED_NOTE = "blocks: {names} (called again on their own output: a block per call)"
@@ -31,7 +30,7 @@ def looped_blocks(model: nn.Module, inputs: Inputs, blocks: Blocks, note: str) -
     A model that cannot be copied, or whose copy's forward fails, keeps find_blocks' choice."""
     if not note.startswith(LEAVES_NOTE) or type(model).__name__ == "OptimizedModule":
         return blocks, note  # a compiled model's forward would compile again around the hooks
-    states = _random_states()
+    states = host_rng_state()
     devices = [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
     try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
@@ -40,7 +39,7 @@ def looped_blocks(model: nn.Module, inputs: Inputs, blocks: Blocks, note: str) -
     except Exception:  # the probe's own forward will say what is wrong, in its own words
         return blocks, note
     finally:
-        _set_random_states(states)
+        set_host_rng_state(states)
     if not found:
         return blocks, note
     return tuple((name, model.get_submodule(name)) for name in found), LOOPED_NOTE.format(
@@ -78,17 +77,3 @@ def _looped(model: nn.Module, inputs: Inputs) -> list[str]:
         if calls.get(id(m), 0) >= 2 and fed.get(id(m), False) and any(True for _ in m.parameters())
     ]
     return [name for name in looped if not any(name.startswith(f"{other}.") for other in looped)]
-
-
-def _random_states() -> tuple[object, object]:
-    """Python's and (where loaded) numpy's global random states: a model's forward may draw from them."""
-    numpy = sys.modules.get("numpy")
-    return random.getstate(), None if numpy is None else numpy.random.get_state()
-
-
-def _set_random_states(states: tuple[object, object]) -> None:
-    python, numpy_state = states
-    random.setstate(python)  # type: ignore[arg-type]
-    numpy = sys.modules.get("numpy")
-    if numpy is not None and numpy_state is not None:
-        numpy.random.set_state(numpy_state)

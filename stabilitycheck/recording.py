@@ -303,7 +303,8 @@ class _Recorder:
         # per position in `outputs`, its call's tensors, their version counters as it returned them,
         # and which of them are the call's own positional arguments, returned as they came
         self.alts: dict[int, tuple[list[torch.Tensor], list[int], set[int]]] = {}
-        self.alone = {b for b, stack in enumerate(self.stacks) if self.stacks.count(stack) == 1}
+        sizes = Counter(self.stacks)
+        self.alone = {b for b, stack in enumerate(self.stacks) if sizes[stack] == 1}  # a stack of its own
         self.last: dict[int, int] = {}  # per block, the position of its last call's output
         self.repicking: dict[int, Any] = {}  # per block whose output holds several tensors, its
         # pre-hook until its next call (_repick), then None

@@ -3,6 +3,8 @@ what the step drew (dropout masks, a loss's mask)."""
 
 from __future__ import annotations
 
+import random
+import sys
 from typing import Any
 
 import torch
@@ -20,3 +22,19 @@ def set_rng_state(state: dict[str, Any] | None) -> None:
         torch.set_rng_state(state["cpu"])
     if state is not None and state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def host_rng_state() -> tuple[object, object]:
+    """Python's and (where loaded) numpy's global random states: a model's forward may draw from them
+    (`set_host_rng_state` restores them)."""
+    numpy = sys.modules.get("numpy")
+    return random.getstate(), None if numpy is None else numpy.random.get_state()
+
+
+def set_host_rng_state(state: tuple[object, object]) -> None:
+    """Restore the states `host_rng_state` recorded."""
+    python, numpy_state = state
+    random.setstate(python)  # type: ignore[arg-type]
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and numpy_state is not None:
+        numpy.random.set_state(numpy_state)
