@@ -25,6 +25,8 @@ from stabilitycheck._tree import tensors as tensors_of
 from stabilitycheck._validation import article
 from stabilitycheck.config import Config
 from stabilitycheck.errors import UsageError, UserCodeError
+from stabilitycheck.layout import _layout, _per_block, _scatter
+from stabilitycheck.layout import block_of as block_of
 from stabilitycheck.loops import looped_blocks
 from stabilitycheck.losses import Inputs, LossFn, OutputLoss, differentiable_loss
 from stabilitycheck.measurement import (
@@ -37,14 +39,7 @@ from stabilitycheck.norms import EXACT as EXACT
 from stabilitycheck.norms import STACK_MIN, dense, norm_values
 from stabilitycheck.norms import accumulator as accumulator
 from stabilitycheck.readings import Step, chains_of, gains_of, growth_of, locate
-from stabilitycheck.recording import (
-    GRAPH_BREAK,
-    _layout,
-    _per_block,
-    _Recorder,
-    _scatter,
-)
-from stabilitycheck.recording import block_of as block_of
+from stabilitycheck.recording import GRAPH_BREAK, _Recorder
 from stabilitycheck.recording import call_model as call_model
 from stabilitycheck.rng import rng_state, set_rng_state
 from stabilitycheck.subject import BYPASSED, Subject, find_blocks, own_blocks, shown_blocks

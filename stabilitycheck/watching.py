@@ -29,7 +29,7 @@ from stabilitycheck import distributed
 from stabilitycheck.alarms import Termination, signals_held
 from stabilitycheck.distributed import Layout
 from stabilitycheck.errors import UsageError
-from stabilitycheck.recording import block_of
+from stabilitycheck.layout import block_of
 from stabilitycheck.spikes import SpikeRule
 from stabilitycheck.subject import BYPASSED, find_blocks, own_blocks, shown_blocks
 from stabilitycheck.watchcapture import Capture

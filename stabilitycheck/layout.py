@@ -1,0 +1,70 @@
+"""Which block owns each trainable parameter, cached per model, and per-parameter numbers combined per
+block: what the probe and the watcher read weight gradients by."""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The trainable parameters, the blocks and which block owns each parameter (-1: none)."""
+
+    params: tuple[nn.Parameter, ...]
+    blocks: tuple[weakref.ref[nn.Module], ...]  # weak: a block may be the model itself, the cache's key
+    owner: tuple[int, ...]
+
+
+_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, _Layout] = weakref.WeakKeyDictionary()
+"""Per model, its last _Layout: the owner map is rebuilt only when the parameters or blocks change."""
+
+
+def block_of(params: Sequence[nn.Parameter], blocks: Sequence[tuple[str, nn.Module]]) -> list[int]:
+    """For each parameter, the index of the first block owning it, or -1."""
+    owner: dict[int, int] = {}
+    for b, (_, module) in enumerate(blocks):
+        for p in module.parameters():
+            owner.setdefault(id(p), b)
+    return [owner.get(id(p), -1) for p in params]
+
+
+def _same(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
+def _layout(model: nn.Module, blocks: Sequence[tuple[str, nn.Module]]) -> _Layout:
+    """The model's _Layout, from the cache while its trainable parameters and blocks are the same
+    objects (checked on every call: a frozen, added or replaced parameter makes a new one). The cache
+    holds nothing that holds the model: a leaf model is its own block, a flat Sequential's Layer
+    blocks hold it, and either kept the model alive for good."""
+    params = tuple(p for p in model.parameters() if p.requires_grad)
+    modules = tuple(module for _, module in blocks)
+    cached = _LAYOUTS.get(model)
+    if cached is not None and _same(cached.params, params) and _same([r() for r in cached.blocks], modules):
+        return cached
+    layout = _Layout(params, tuple(weakref.ref(m) for m in modules), tuple(block_of(params, blocks)))
+    _LAYOUTS[model] = layout
+    return layout
+
+
+def _per_block(norms: Sequence[float], owner: Sequence[int], n_blocks: int) -> tuple[float, ...]:
+    """Combine per-parameter L2 norms into per-block L2 norms."""
+    squares = [0.0] * n_blocks
+    for value, b in zip(norms, owner, strict=True):
+        if b >= 0:
+            squares[b] += value * value
+    return tuple(math.sqrt(s) for s in squares)
+
+
+def _scatter(values: Sequence[float], where: Sequence[int], n: int) -> list[float]:
+    """`values` put at the indices `where` of n zeros (0.0: a tensor no gradient reached)."""
+    out = [0.0] * n
+    for i, v in zip(where, values, strict=True):
+        out[i] = v
+    return out
