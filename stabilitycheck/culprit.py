@@ -14,7 +14,10 @@ def culprit_of(ms: Sequence[Measurement]) -> str:
     """The block to blame, over seeds: where the first non-finite value was made; else a block whose
     backward log-gain exceeds the stack's median log-gain by more than log 2 and by more than 3x the
     spread of the other blocks' excesses (the median of their absolute values), in the median over
-    seeds, and which has the largest gain in at least 80% of the seeds; else, when the typical gain G
+    seeds, and which has the largest gain in at least 80% of the seeds; or several such blocks (each
+    past the others' spread, those outside them), up to a third of the stack, one of which has the
+    largest gain in 80% of the seeds (a ResNet's two last blocks, 12-28 each against 1.3 elsewhere,
+    which of them is larger varying by seed: 'layer4.0, layer4.1'); else, when the typical gain G
     (the nearest-rank median over seeds, as the verdict's quantiles, of each stack's median) is over 1,
     or the median growth over seeds is under 1 (every block shrinks the gradient alike: vanishing),
     'uniform, median gain xG'; else the block with the largest weight gradient (the growth was inside a
@@ -32,17 +35,27 @@ def culprit_of(ms: Sequence[Measurement]) -> str:
         mid = _median(row)
         excess.append([x - mid for x in row])
     per_block = [_median([e[i] for e in excess]) for i in range(len(first.gains))]
-    top = max(range(len(per_block)), key=lambda i: _ordered(per_block[i]))
-    others = [abs(x) for i, x in enumerate(per_block) if i != top and not math.isnan(x)]
-    spread = statistics.median(others) if others else 0.0
-    wins = sum(1 for e in excess if max(range(len(e)), key=lambda i: _ordered(e[i])) == top)
-    if per_block[top] > max(math.log(2), 3 * spread) and wins >= math.ceil(0.8 * len(ms)):
-        return first.activation_names[top + 1]
+    ranked = sorted(range(len(per_block)), key=lambda i: _ordered(per_block[i]), reverse=True)
+    largest = [max(range(len(e)), key=lambda i: _ordered(e[i])) for e in excess]  # per seed
+    k = 0  # the blocks ranked[:k] stand out
+    while k < len(ranked) and _stands_out(per_block, ranked[: k + 1]):
+        k += 1
+    wins = sum(1 for i in largest if i in ranked[:k])
+    if 0 < k <= max(1, len(per_block) // 3) and wins >= math.ceil(0.8 * len(ms)):
+        return ", ".join(first.activation_names[i + 1] for i in sorted(ranked[:k]))
     typical = statistics.median_low(_median(row) for row in logs)
     vanishing = _median([m.growth for m in ms]) < 1
     if typical <= 0 and not vanishing:  # no block amplifies: the growth was inside a block (an nn.RNN)
         return _single(first)
     return f"uniform, median gain x{math.exp(typical):.3g}"
+
+
+def _stands_out(per_block: Sequence[float], group: Sequence[int]) -> bool:
+    """The last of `group` exceeds the median by more than log 2 and 3x the spread of the blocks
+    outside the group (the median of their absolute excesses)."""
+    others = [abs(x) for i, x in enumerate(per_block) if i not in group and not math.isnan(x)]
+    spread = statistics.median(others) if others else 0.0
+    return per_block[group[-1]] > max(math.log(2), 3 * spread)
 
 
 def _median(xs: Sequence[float]) -> float:

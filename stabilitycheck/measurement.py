@@ -58,6 +58,8 @@ class Measurement:
     blocks_note: str = ""  # how the blocks were chosen (the Subject's line), and the output entry used
     chain_starts: tuple[int, ...] = ()  # calls (in activation_names) starting a new chain: no gain across
     chain_growths: tuple[float, ...] = ()  # each chain's own growth, where there are several
+    chain_feeds: tuple[tuple[int, ...], ...] = ()  # per chain, the earlier chains whose outputs it takes
+    profile_step: int = 0  # the step the per-block numbers are from (see probing.probe_module)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (non-finite floats are kept: report.strict_json writes NaN as null)."""
@@ -70,6 +72,7 @@ class Measurement:
             k: tuple(map(_nan, v)) if isinstance(v, list) else v for k, v in data.items()
         }
         kwargs["growth"] = _nan(data["growth"])
+        kwargs["chain_feeds"] = tuple(tuple(fed) for fed in data.get("chain_feeds", ()))
         for key in ("first_nonfinite", "overflow"):
             nf = data.get(key)
             kwargs[key] = NonFinite(**{**nf, "value": _nan(nf["value"])}) if nf else None

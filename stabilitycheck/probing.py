@@ -216,6 +216,7 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         weights=host[g + n + r :],
         calls=run.rec.call_names(run.names) if hooks else (),
         breaks=frozenset(run.rec.breaks) if hooks else frozenset(),
+        feeds=dict(run.rec.feeds) if hooks else {},
         unreached=frozenset(range(n)) - frozenset(reached),
         forward=host[g : g + n],
         backward=_scatter(host[g + n : g + n + r], reached, n),
@@ -262,8 +263,11 @@ def probe_module(
     seed: int = 0,
 ) -> Measurement:
     """Probe any module: forward + backward at step 0, then `steps` optimiser steps, each followed
-    by another forward + backward. Per-block numbers come from step 0. A non-finite value stops the
-    run; the step that shows it is re-run in float64 with the hooks on to name the block.
+    by another forward + backward. Per-block numbers come from step 0, or where no gradient reached
+    any block output there (a zero-initialised head: every gain 0 / 0), from the first step where
+    one did (`profile_step`: the growth is a ratio of gradients, whatever the head's scale). A
+    non-finite value stops the run; the step that shows it is re-run in float64 with the hooks on to
+    name the block.
 
     `amp` ('bfloat16' or 'float16') runs the forward under torch.autocast; float16 also uses a
     torch.amp.GradScaler, whose loss scale is recorded per step, with the steps it skipped.
@@ -273,7 +277,11 @@ def probe_module(
             f"probe_module: the first argument must be the model (an nn.Module), got {article(model)}"
         )
     steps, warmup, seed, lr = training_settings(steps, warmup, seed, lr, optimizer, amp, clip)
-    blocks = own_blocks(model, blocks, "probe_module") if blocks is not None else _blocks(model, inputs)
+    chosen = ""  # how the blocks were found, where they were not given
+    if blocks is None:
+        blocks, chosen = looped_blocks(model, inputs, *find_blocks(model))
+    else:
+        blocks = own_blocks(model, blocks, "probe_module")
     names = tuple(name for name, _ in blocks)
     layout = _layout(model, blocks)
     params, owner = layout.params, layout.owner
@@ -314,33 +322,33 @@ def probe_module(
                 index = torch.cuda.current_device() if device.index is None else device.index
                 torch.cuda.default_generators[index].manual_seed(seed)
             # weights are measured after the last update; at steps=0 they are the caller's own
+            profiling = True  # until the per-block profile is read: see probe_module
             for step in range(steps + 1):
                 drawn = rng_state()  # a re-run of the step draws what it drew (dropout masks)
-                last = _run_step(run, hooks=step == 0, weights=0 < step == steps)
-                if step == 0:
-                    first = last  # the per-block profile
-                    if not first.calls:
-                        raise _never_called(names)
+                hooked = profiling
+                last = _run_step(run, hooks=hooked, weights=0 < step == steps)
+                if step == 0 and not last.calls:
+                    raise _never_called(names)
                 scales.append(last.scale)
                 found = None if last.finite else locate(step, last, names, owner, scaler is None)
                 if found is not None:  # name it, in float64
                     set_rng_state(drawn)
                     last = _run_step(run, hooks=True, exact=True, weights=True)
-                    if step == 0:
-                        first = last
                     nonfinite = locate(step, last, names, owner, scaler is None)
                 overflowed = scaler is not None and not math.isfinite(sum(last.grads))
                 unscaled = last
                 if overflowed and found is None:
-                    # the scaled gradients overflowed (the scaler skips this step): the total norm (at
-                    # step 0 the per-block profile too) from an unscaled float64-norm re-run of the same
-                    # step; non-finite there too, at scale 1, the dtype cannot hold the gradient: a finding
+                    # the scaled gradients overflowed (the scaler skips this step): the total norm (the
+                    # per-block profile too, while it is read) from an unscaled float64-norm re-run of the
+                    # same step; non-finite there too, at scale 1, the dtype cannot hold the gradient: a
+                    # finding
                     set_rng_state(drawn)
-                    unscaled = _run_step(run, hooks=step == 0, exact=True)
-                    if step == 0:
-                        first = unscaled
+                    unscaled = _run_step(run, hooks=hooked, exact=True)
                     if not unscaled.finite:
                         nonfinite = locate(step, unscaled, names, owner)
+                if hooked and (step == 0 or found is not None or not _silent(unscaled)):
+                    first, profile_step = unscaled, step  # the per-block profile
+                    profiling = _silent(unscaled)
                 losses.append(last.loss)
                 totals.append(math.sqrt(sum(v * v for v in unscaled.grads)))
                 if nonfinite is not None or step == steps:
@@ -351,7 +359,7 @@ def probe_module(
     finally:
         run.rec.remove()
     act = tuple(first.backward)
-    chains = chains_of(act, first.breaks, first.unreached)
+    chains, feeds = chains_of(act, first.breaks, first.unreached, first.feeds)
     return Measurement(
         layer_names=names,
         activation_names=first.calls,
@@ -361,9 +369,12 @@ def probe_module(
         activation_norms=tuple(first.forward),
         activation_grad_norms=act,
         gains=gains_of(act, first.breaks, first.unreached),
-        growth=growth_of(chains, len(act)),
+        growth=growth_of(chains, feeds, len(act)),
         chain_starts=tuple(sorted(b for b in first.breaks if 0 < b < len(act))),
         chain_growths=chains if len(chains) > 1 else (),
+        chain_feeds=feeds if len(chains) > 1 else (),
+        profile_step=profile_step,
+        blocks_note=chosen,
         weight_norms=_per_block(last.weights, owner, len(names)) if last.weights else (),
         first_nonfinite=nonfinite,
         steps_run=len(losses) - 1,
@@ -373,10 +384,10 @@ def probe_module(
     )
 
 
-def _blocks(model: nn.Module, inputs: Inputs) -> tuple[tuple[str, nn.Module], ...]:
-    """find_blocks' choice, or where it fell back to the leaf modules, the modules the forward calls
-    again on their own output (loops.looped_blocks)."""
-    return looped_blocks(model, inputs, *find_blocks(model))[0]
+def _silent(step: Step) -> bool:
+    """No gradient reached any block output in a finite step (every dL/d output exactly 0): behind a
+    zero-initialised head (torchvision's VisionTransformer, timm's MLP-Mixer) every gain is 0 / 0."""
+    return step.finite and bool(step.backward) and not any(step.backward)
 
 
 def _never_called(names: Sequence[str]) -> UserCodeError:

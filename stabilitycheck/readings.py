@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from stabilitycheck.measurement import AFTER_LAST, INPUT, NonFinite, ratio
@@ -22,6 +22,7 @@ class Step:
     weights: list[float]
     calls: tuple[str, ...]
     breaks: frozenset[int]  # calls (positions in `calls`) that start a new chain: no gain across
+    feeds: dict[int, frozenset[int]]  # per break, the first calls of the chains its call takes
     unreached: frozenset[int]  # calls whose output the loss does not depend on: no gradient, no gain
     forward: list[float]
     backward: list[float]
@@ -31,34 +32,70 @@ class Step:
     finite: bool = True  # every number above is finite
 
 
-def chains_of(act: Sequence[float], breaks: frozenset[int], unreached: frozenset[int]) -> tuple[float, ...]:
-    """Each chain's own growth, its first over its last output-gradient norm: a junction (`breaks`)
-    starts another chain (a decoder after its encoder), and no ratio is taken across it (it would
-    read the encoder's dL/d input against the decoder's last output). Outputs the loss does not depend
-    on (`unreached`: a block computed only for logging) have no gradient, not a zero one, and are left
-    out; a chain of them alone has no growth, nor has one where a single output of several was reached
-    (no gain between two of its outputs could be read: its growth is unknown, not 1)."""
-    starts = [0, *sorted(b for b in breaks if 0 < b < len(act)), len(act)]
-    chains = []
-    for a, b in itertools.pairwise(starts):
+def chains_of(
+    act: Sequence[float],
+    breaks: frozenset[int],
+    unreached: frozenset[int],
+    feeds: Mapping[int, frozenset[int]],
+) -> tuple[tuple[float, ...], tuple[tuple[int, ...], ...]]:
+    """Each chain's own growth, its first over its last output-gradient norm, and the earlier chains
+    whose outputs it takes (`feeds`: per junction, the first positions of those chains): a junction
+    (`breaks`) starts another chain (a decoder after its encoder, a second tower beside the first),
+    and no ratio is taken across it (it would read the encoder's dL/d input against the decoder's
+    last output). Outputs the loss does not depend on (`unreached`: a block computed only for
+    logging) have no gradient, not a zero one, and are left out; a chain of them alone has no growth,
+    nor has one where a single output of several was reached (no gain between two of its outputs
+    could be read: its growth is unknown, not 1), and a chain taking one takes what that one took."""
+    starts = [0, *sorted(b for b in breaks if 0 < b < len(act))]
+    index: dict[int, int] = {}  # a readable chain's first position: its place in the result
+    took: dict[int, set[int]] = {}  # per chain's first position, the readable chains it takes
+    chains: list[float] = []
+    feeders: list[tuple[int, ...]] = []
+    for k, (a, b) in enumerate(itertools.pairwise([*starts, len(act)])):
+        fed = feeds.get(a, frozenset(starts[k - 1 : k]))  # a junction of no record follows the last
+        took[a] = set().union(*({index[f]} if f in index else took.get(f, set()) for f in fed))
         chain = [act[i] for i in range(a, b) if i not in unreached]
         if len(chain) > 1 or (chain and b - a == 1):  # one call alone grows by 1 (no gain to take);
             # one reached among several has no growth that could be read (a (y, h) step's y)
+            index[a] = len(chains)
             chains.append(ratio(chain[0], chain[-1]))
-    return tuple(chains)
+            feeders.append(tuple(sorted(took[a])))
+    return tuple(chains), tuple(feeders)
 
 
-def growth_of(chains: Sequence[float], calls: int) -> float:
-    """The growth of a model whose chains grow as `chains`: their product (the product of the gains),
-    or, where a chain grows (above 1) more than that, the largest chain's own, so that one chain's
-    vanishing does not hide another's explosion (a prophetnet encoder growing 2558 beside its decoder
-    at 1.4e-16 read 3.5e-13); the vanishing criterion reads the smallest (verdicts.values). NaN where
-    calls were recorded but no gradient reached any (hf:bart with no decoder layers read 1)."""
-    if calls and not chains:
+def paths_of(chains: Sequence[float], feeds: Sequence[Sequence[int]]) -> tuple[float, float]:
+    """The largest and the smallest growth of a path of chains through the model, from one that takes
+    no other chain's output to one whose output no other takes: the product of its chains' growths.
+    Chains in series (an encoder, then its decoder) make one path, their product; chains side by
+    side (two towers, a bidirectional reader's two directions) each make their own, and one gradient
+    never crosses both (their product would read g^(2T) for a reader growing g^T each way)."""
+    if not feeds:
+        feeds = [(k - 1,) if k else () for k in range(len(chains))]  # one chain, or chains in series
+    most: list[float] = []
+    least: list[float] = []
+    for growth, fed in zip(chains, feeds, strict=True):
+        most.append(growth * max((most[f] for f in fed), default=1.0))
+        least.append(growth * min((least[f] for f in fed), default=1.0))
+    taken = {f for fed in feeds for f in fed}
+    ends = [k for k in range(len(chains)) if k not in taken]
+    return max(most[k] for k in ends), min(least[k] for k in ends)
+
+
+def growth_of(chains: Sequence[float], feeds: Sequence[Sequence[int]], calls: int) -> float:
+    """The growth of a model whose chains grow as `chains`, taking each other's outputs as `feeds`:
+    the largest growth of a path of chains through it (`paths_of`: the product of the gains along
+    it), or, where a chain grows (above 1) more than that, the largest chain's own, so that one
+    chain's vanishing does not hide another's explosion (a prophetnet encoder growing 2558 beside its
+    decoder at 1.4e-16 read 3.5e-13); the vanishing criterion reads the smallest (verdicts.values).
+    NaN where calls were recorded but no gradient reached any (hf:bart with no decoder layers read
+    1), or where a chain's growth is NaN."""
+    if (calls and not chains) or any(math.isnan(c) for c in chains):
         return math.nan
-    product = math.prod(chains)
-    largest = max(chains, default=product)
-    return largest if len(chains) > 1 and largest > max(product, 1.0) else product
+    if not chains:
+        return 1.0
+    worst = paths_of(chains, feeds)[0]
+    largest = max(chains)
+    return largest if len(chains) > 1 and largest > max(worst, 1.0) else worst
 
 
 def gains_of(act: Sequence[float], breaks: frozenset[int], unreached: frozenset[int]) -> tuple[float, ...]:

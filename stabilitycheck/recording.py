@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -102,12 +102,13 @@ def _feeds(x: Any, out: torch.Tensor) -> bool:
     return x is out or _made_from(x, {out.grad_fn} if out.grad_fn is not None else set())
 
 
-def _made_from(x: Any, targets: set[Any]) -> bool:
-    """Whether the autograd graph behind tensor `x` reaches one of the nodes `targets`. Only nodes
-    created after the earliest target are searched (a node's inputs are older than it): the search
-    ends where the targets were made, however many nodes lie between (a cap of 32 nodes, parameter
-    leaves counted, read a 6-layer transition between two loops over a stack as a junction)."""
-    if not isinstance(x, torch.Tensor) or x.grad_fn is None or not targets:
+def _made_from(x: Any, targets: set[Any], past: Collection[Any] = ()) -> bool:
+    """Whether the autograd graph behind tensor `x` reaches one of the nodes `targets` by a path that
+    does not go through one of the nodes `past`. Only nodes created after the earliest target are
+    searched (a node's inputs are older than it): the search ends where the targets were made,
+    however many nodes lie between (a cap of 32 nodes, parameter leaves counted, read a 6-layer
+    transition between two loops over a stack as a junction)."""
+    if not isinstance(x, torch.Tensor) or x.grad_fn is None or not targets or x.grad_fn in past:
         return False
     oldest = min(t._sequence_nr() for t in targets)
     frontier, seen = [x.grad_fn], {x.grad_fn}
@@ -116,7 +117,7 @@ def _made_from(x: Any, targets: set[Any]) -> bool:
         if node in targets:
             return True
         for child, _ in node.next_functions:
-            if child is None or child in seen or child._sequence_nr() < oldest:
+            if child is None or child in seen or child in past or child._sequence_nr() < oldest:
                 continue
             if child in targets:
                 return True
@@ -124,6 +125,24 @@ def _made_from(x: Any, targets: set[Any]) -> bool:
                 seen.add(child)
                 frontier.append(child)
     return False
+
+
+def _taken_chains(
+    outputs: Sequence[torch.Tensor], breaks: Sequence[int], given: Sequence[Any]
+) -> frozenset[int]:
+    """The chains so far (each by its first position in `outputs`; `breaks`: where each after the
+    first starts) of which the call taking `given` takes an output, or what is computed from one other
+    than through a later chain's outputs: a decoder takes its encoder's (through the memory), a head
+    its two towers'; a second tower takes none, it runs beside the first, and a head after a decoder
+    takes the decoder's alone (the encoder's reach it through the decoder)."""
+    taken = set()
+    for a, b in zip([0, *breaks], [*breaks, len(outputs)], strict=True):
+        outs = outputs[a:b]
+        nodes = {out.grad_fn for out in outs if out.grad_fn is not None}
+        later = {out.grad_fn for out in outputs[b:] if out.grad_fn is not None}
+        if any(any(t is out for out in outs) or _made_from(t, nodes, later) for t in given):
+            taken.add(a)
+    return frozenset(taken)
 
 
 def _stack_starts(stacks: Sequence[str]) -> list[int]:
@@ -280,6 +299,7 @@ class _Recorder:
         self.versions: list[int] = []  # per recorded output, its version counter when recorded
         self.copied: frozenset[int] = frozenset()  # positions in `outputs` recorded as a copy (`_kept`)
         self.breaks: set[int] = set()  # positions in `outputs` whose block does not take the last output
+        self.feeds: dict[int, frozenset[int]] = {}  # per break, the starts of the chains its call takes
         self.stacks = [_stack_of(name) for name, _ in blocks]
         self.own: dict[str, set[Any]] = {s: set() for s in self.stacks}  # its outputs' nodes this pass
         self.registrations = [  # made once; the hooks are on the model only from `start` to `remove`
@@ -345,11 +365,19 @@ class _Recorder:
         def on_join(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if not (self.active and self.outputs):
                 return
+            given = list(tensors((args, kwargs)))
+            at = len(self.outputs)
             if _feeds(_entry(args, kwargs)[1], self.outputs[-1]):
+                if self.breaks:  # the chain runs on, unless the call also takes another's: a merge
+                    taken = _taken_chains(self.outputs, sorted(self.breaks), given)
+                    if len(taken) > 1:  # (a head on two towers) starts a chain that takes both
+                        self.feeds[at] = taken
+                        self.breaks.add(at)
                 return
             own = self.own[stack] if self.stacks[self.calls[-1]] == stack else set()
-            if not any(_made_from(t, own) for t in tensors((args, kwargs))):
-                self.breaks.add(len(self.outputs))
+            if not any(_made_from(t, own) for t in given):
+                self.feeds[at] = _taken_chains(self.outputs, sorted(self.breaks), given)
+                self.breaks.add(at)
 
         return on_join
 
@@ -452,6 +480,7 @@ class _Recorder:
         self.versions.clear()
         self.copied = copied
         self.breaks.clear()
+        self.feeds.clear()
         for ids in self.own.values():
             ids.clear()
         self.entering = [] if inputs else None
@@ -489,6 +518,7 @@ class _Recorder:
             if self.entering is not None:
                 del self.entering[0]
             self.breaks = {b - 1 for b in self.breaks}
+            self.feeds = {b - 1: frozenset(max(0, a - 1) for a in fed) for b, fed in self.feeds.items()}
         outputs = self.outputs[:]
         self.outputs.clear()
         self.alts.clear()

@@ -218,6 +218,18 @@ def _top_note(r: SearchResult) -> str:
     )
 
 
+def _bottom_note(r: SearchResult) -> str:
+    """Where the point reported is the lowest corner of the space: nothing smaller was searched."""
+    cx = r.counterexample
+    if cx is None or cx.config != r.space.config((0,) * len(r.space.axes)):
+        return ""
+    return (
+        f"\n  note      this is the lowest corner of the space searched ({knobs(r, cx.config)}): every knob "
+        "is at its smallest value, so the model explodes there already; lower the ranges (--knob) to "
+        "find where it stops"
+    )
+
+
 def _nonfinite_line(m: Measurement) -> str:
     """Where the profile's seed first went non-finite (step, tensor, block), when it did: the culprit
     column names the block alone, not whether at init or in training."""
@@ -251,6 +263,7 @@ def details(results: Sequence[SearchResult]) -> str:
             f"  profile   {profile(j, q)}\n" + _nonfinite_line(j.measurement) + f"  remedies  {remedies}\n"
             f"  reproduce {reproduction(cx.config, cx.limits)}"
             + (_top_note(r) if r.top_stable else "")
+            + _bottom_note(r)
             + "".join(_unjudged_note(r, c, why) for c, why in r.unjudged)
         )
     return "\n\n".join(blocks)
@@ -280,9 +293,32 @@ def skipped(results: Sequence[SearchResult]) -> list[str]:
     ]
 
 
+def unmeasured(results: Sequence[SearchResult]) -> list[str]:
+    """Lines naming each target whose reported growth no gradient could show: none reached any block
+    output in the step the profile was read at (a zero-initialised head), so every gain is 0 / 0 and
+    a stable row says only that nothing grew."""
+    out = []
+    for r in results:
+        j = r.counterexample.judgement if r.counterexample else r.largest_stable_judgement
+        m = j.measurement if j is not None else None
+        if m is None or not m.activation_grad_norms or any(m.activation_grad_norms):
+            continue
+        when, fix = (
+            (f"in any of its {m.steps_run + 1} steps", "initialise the head")
+            if m.steps_run
+            else ("at step 0", "--steps 1 reads it after one update, or initialise the head")
+        )
+        out.append(
+            f"! {r.space.label}: growth not measured: no gradient reached any block output {when} (every "
+            f"dL/d output is 0, as behind a zero-initialised head); {fix}"
+        )
+    return out
+
+
 def text(results: Sequence[SearchResult]) -> str:
     """The full terminal report."""
-    parts = [table(results), "\n".join(one_sided(results) + skipped(results)), details(results)]
+    notes = one_sided(results) + skipped(results) + unmeasured(results)
+    parts = [table(results), "\n".join(notes), details(results)]
     return "\n\n".join(p for p in parts if p)
 
 

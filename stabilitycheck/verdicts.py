@@ -8,6 +8,7 @@ from typing import Any
 
 from stabilitycheck.errors import ConfigError
 from stabilitycheck.measurement import Measurement, ratio
+from stabilitycheck.readings import paths_of
 
 CRITERIA = ("overflow", "nonfinite", "grad_norm", "growth", "divergence", "vanishing", "stall")
 
@@ -108,12 +109,13 @@ def peak_grad_norm(m: Measurement) -> float:
 
 def vanishing(m: Measurement) -> float:
     """What the vanishing criterion reads: the growth, or across several chains the smallest of their
-    product and each chain's own (the growth shows the largest where one chain grows: a decoder
-    vanishing beside an encoder growing 1.06 must still fire)."""
+    paths' growths (readings.paths_of: in series, their product) and each chain's own (the growth
+    shows the largest where one chain grows: a decoder vanishing beside an encoder growing 1.06 must
+    still fire)."""
     chains = m.chain_growths
     if not chains or any(math.isnan(c) for c in chains):
         return m.growth
-    return min(math.prod(chains), *chains)
+    return min(paths_of(chains, m.chain_feeds)[1], *chains)
 
 
 def values(m: Measurement) -> dict[str, float]:

@@ -394,3 +394,93 @@ def test_console_script_error_is_one_line(tmp_path: Path, how: str) -> None:
     )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("stabilitycheck: error: ") and proc.stderr.count("\n") == 1
+
+
+ZERO_HEAD = """
+import torch
+from torch import nn
+
+
+class ZeroHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3))
+        self.head = nn.Linear(8, 4)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def build() -> nn.Module:
+    return ZeroHead()
+
+
+example_input = torch.randn(4, 8)
+"""
+
+
+def test_a_zero_initialised_head_is_said_unmeasured_and_read_after_one_step(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """torchvision's VisionTransformer and timm's MLP-Mixer start with a zero head: at step 0 no
+    gradient reaches a block, every gain is 0 / 0, and a stable row said only that nothing grew, with
+    no word of it (found by a trial on third-party models). The report says the growth was not
+    measured; with --steps 1 the profile is read after the update and the note goes."""
+    path = tmp_path / "zero_head.py"
+    path.write_text(ZERO_HEAD)
+    code, out, _ = run(capsys, str(path), *FAST)
+    assert code == 0
+    (note,) = [line for line in out.splitlines() if line.startswith("! ")]
+    assert "growth not measured: no gradient reached any block output at step 0" in note
+    assert "--steps 1" in note
+    code, out, _ = run(capsys, str(path), *FAST, "--steps", "1")
+    assert code == 0 and "growth not measured" not in out
+    assert "nan" not in columns(out.splitlines()[2])[5]
+
+
+AMPLIFIED = """
+import torch
+from torch import nn
+
+SPACE = {"depth": (2, 4)}
+
+
+class Amplified(nn.Module):
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(8, 8, bias=False) for _ in range(depth))
+        for layer in self.layers:
+            nn.init.orthogonal_(layer.weight)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = 50.0 * layer(x)
+        return x
+
+
+def build(depth: int = 2) -> nn.Module:
+    return Amplified(depth)
+
+
+example_input = torch.randn(4, 8)
+"""
+
+
+def test_a_model_exploding_at_the_lowest_corner_is_said_to(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Each layer's output is multiplied by 50 before the next (orthogonal W): the gradient's norm is
+    past 1e3 from the smallest depth in SPACE on, so the point reported is the lowest corner, which the
+    report now says, with what to do (a trial's ResNet-18, exploding at its own init, read
+    init_scale=0.5, the lowest value tried, as if a crossing had been found there)."""
+    path = tmp_path / "amplified.py"
+    path.write_text(AMPLIFIED)
+    code, out, _ = run(capsys, str(path), *FAST)
+    assert code == 1
+    assert columns(out.splitlines()[2])[3] == "depth=2"
+    (note,) = [line for line in out.splitlines() if "lowest corner" in line]
+    assert "every knob is at its smallest value" in note and "--knob" in note

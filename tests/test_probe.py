@@ -28,7 +28,7 @@ from stabilitycheck.families import knob_specs
 from stabilitycheck.probing import Measurement, probe, probe_module
 from stabilitycheck.subject import Built
 from stabilitycheck.subjects import resolve
-from stabilitycheck.verdicts import Limits, verdict
+from stabilitycheck.verdicts import Limits, values, verdict
 
 
 def zoo(family: str, **values: object) -> Config:
@@ -1082,7 +1082,6 @@ def test_a_whole_sequence_rnn_wider_than_its_input_has_its_input_side() -> None:
 def test_a_nan_gradient_norm_is_shown_as_nan_not_0() -> None:
     """Oracle: the Measurement's own grad_norm. A run whose every gradient norm is NaN has no peak to
     show: NaN (the nonfinite criterion fires), never a reassuring 0; a finite run shows its largest."""
-    from stabilitycheck.verdicts import values
 
     net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
     with torch.no_grad():
@@ -1393,16 +1392,201 @@ def test_a_block_returning_h_and_attention_of_the_inputs_shape_is_read_on_h() ->
     assert m.activation_grad_norms[1:] == pytest.approx(norms, rel=1e-5)
 
 
-def test_chains_that_all_vanish_grow_by_their_product() -> None:
-    """Two towers of 3 layers at gains 0.5 and 0.8 (both chains vanish): the growth is the product of
-    the chains, 0.5^3 (from the input) x 0.8^2 (from the second tower's first output), not the larger
-    chain (that is read only where a chain grows above 1). Oracle, exact: ||W^T v|| = g ||v|| for
-    W = g x orthogonal (float32 init, so 1e-6)."""
+def test_chains_side_by_side_grow_by_the_larger_and_vanish_by_the_smaller() -> None:
+    """Two towers of 3 layers at gains 0.5 and 0.8 on the same input (both chains vanish): no gradient
+    runs through both, so the growth is the larger chain's, 0.8^2 (from the second tower's first
+    output), and the vanishing criterion reads the smaller, 0.5^3 (from the input); their product
+    read before understated the growth. Oracle, exact: ||W^T v|| = g ||v|| for W = g x orthogonal
+    (float32 init, so 1e-6)."""
     torch.manual_seed(0)
     model = OrthogonalTowers(3, (0.5, 0.8)).double()
     m = probe_module(model, torch.randn(4, 8, dtype=torch.float64), lambda o, _: o.square().sum())
     assert m.chain_growths == pytest.approx([0.5**3, 0.8**2], rel=1e-6)
-    assert m.growth == pytest.approx(0.5**3 * 0.8**2, rel=1e-6)
+    assert m.chain_feeds == ((), ())
+    assert m.growth == pytest.approx(0.8**2, rel=1e-6)
+    assert values(m)["vanishing"] == pytest.approx(0.5**3, rel=1e-6)
+
+
+class _Cell(nn.Module):
+    """h' = W h + U x_t, W = g x orthogonal: dL/dh_t = W^T dL/dh_t+1, each step's gain exactly g."""
+
+    def __init__(self, g: float) -> None:
+        super().__init__()
+        self.w, self.u = nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False)
+        nn.init.orthogonal_(self.w.weight, gain=g)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return self.w(h) + self.u(x)
+
+
+def test_a_bidirectional_reader_grows_as_one_direction_not_both() -> None:
+    """A hand-written bidirectional reader: one linear cell runs forwards over 10 tokens, another
+    backwards, their last states concatenated. Each direction's gradient grows g^9 through time and
+    none runs through both; the product of the two chains read g^18 (1.3^18 = 112, an explosion past
+    the default limit where the reader grows 10.6). Oracle, exact: every gain g (W = g x orthogonal)."""
+    torch.manual_seed(0)
+
+    class Reader(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fwd, self.bwd = _Cell(1.3), _Cell(1.3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a = b = torch.zeros(x.shape[0], 8, dtype=x.dtype)
+            for t in range(x.shape[1]):
+                a = self.fwd(x[:, t], a)
+            for t in reversed(range(x.shape[1])):
+                b = self.bwd(x[:, t], b)
+            return torch.cat((a, b), 1)
+
+    m = probe_module(
+        Reader().double(), torch.randn(4, 10, 8, dtype=torch.float64), lambda o, _: o.square().sum()
+    )
+    assert m.chain_starts == (10,) and m.chain_feeds == ((), ())
+    assert m.chain_growths == pytest.approx([1.3**9] * 2, rel=1e-6)
+    assert m.growth == pytest.approx(1.3**9, rel=1e-6)
+
+
+def test_a_head_on_two_towers_grows_by_the_larger_tower_times_the_head() -> None:
+    """A Siamese model: one tower of 3 layers (gain 1.3 each) run on each of two inputs, then a head of
+    2 layers (gain 2) on both outputs. The head took the second pass's chain on, and the first pass's
+    chain stood beside it: the growth read max(tower, tower' x head). Now the head's call, taking both
+    towers' outputs, starts a chain of its own that takes both, and the growth is the worst path:
+    1.3^3 (the first pass, from its input) x 2 (the head, from its first output). Oracle, exact:
+    ||W^T v|| = g ||v|| for W = g x orthogonal (rows orthonormal for the head's 16 -> 8 layer)."""
+    torch.manual_seed(0)
+
+    class Siamese(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tower = nn.ModuleList(nn.Linear(8, 8, bias=False) for _ in range(3))
+            self.head = nn.ModuleList(nn.Linear(16 if i == 0 else 8, 8, bias=False) for i in range(2))
+            for layer in self.tower:
+                nn.init.orthogonal_(layer.weight, gain=1.3)
+            for layer in self.head:
+                nn.init.orthogonal_(layer.weight, gain=2.0)
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            outs = []
+            for h in (a, b):
+                for layer in self.tower:
+                    h = layer(h)
+                outs.append(h)
+            y = torch.cat(outs, 1)
+            for layer in self.head:
+                y = layer(y)
+            return y
+
+    model = Siamese().double()
+    blocks = [
+        *((f"tower.{i}", t) for i, t in enumerate(model.tower)),
+        *((f"head.{i}", h) for i, h in enumerate(model.head)),
+    ]
+    a, b = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    m = probe_module(model, (a, b), lambda o, _: o.square().sum(), blocks=blocks)
+    assert m.chain_starts == (4, 7) and m.chain_feeds == ((), (), (0, 1))
+    assert m.chain_growths == pytest.approx([1.3**3, 1.3**2, 2.0], rel=1e-6)
+    assert m.growth == pytest.approx(1.3**3 * 2.0, rel=1e-6)
+    assert values(m)["vanishing"] == pytest.approx(
+        1.3**2, rel=1e-6
+    )  # the smallest path: 1.3^2 x 2 and each chain
+
+
+def test_a_head_after_a_decoder_runs_on_its_chain_not_beside_it() -> None:
+    """An encoder (2 layers, gain 2), a decoder whose layers each take their own state and the
+    encoder's output (2 layers, gain 1/2 along the state) and a head (2 layers, gain 3) on the
+    decoder's output: two chains in series, the encoder's 2^2 (from the input) and the decoder's run on
+    through the head, 1/2 x 3^2, growth 18. The head's input is made from the encoder's output too,
+    but through the decoder's: it takes the decoder's chain alone (read as taking both, the head
+    started a chain of its own and a path encoder -> head skipped the decoder: 12). Oracle, exact:
+    ||W^T v|| = g ||v|| for W = g x orthogonal."""
+    torch.manual_seed(0)
+
+    class Step(nn.Module):
+        def __init__(self, g: float) -> None:
+            super().__init__()
+            self.w, self.v = nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False)
+            nn.init.orthogonal_(self.w.weight, gain=g)
+
+        def forward(self, y: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+            return self.w(y) + self.v(memory)
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = nn.ModuleList(nn.Linear(8, 8, bias=False) for _ in range(2))
+            self.decoder = nn.ModuleList(Step(0.5) for _ in range(2))
+            self.head = nn.ModuleList(nn.Linear(8, 8, bias=False) for _ in range(2))
+            for layer, g in [*((e, 2.0) for e in self.encoder), *((h, 3.0) for h in self.head)]:
+                nn.init.orthogonal_(layer.weight, gain=g)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            for layer in self.encoder:
+                x = layer(x)
+            for step in self.decoder:
+                y = step(y, x)
+            for layer in self.head:
+                y = layer(y)
+            return y
+
+    model = Model().double()
+    blocks = [
+        (f"{s}.{i}", m) for s in ("encoder", "decoder", "head") for i, m in enumerate(getattr(model, s))
+    ]
+    x, y = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    m = probe_module(model, (x, y), lambda o, _: o.square().sum(), blocks=blocks)
+    assert m.chain_starts == (3,) and m.chain_feeds == ((), (0,))
+    assert m.chain_growths == pytest.approx([4.0, 0.5 * 3.0**2], rel=1e-6)
+    assert m.growth == pytest.approx(18.0, rel=1e-6)
+
+
+def test_behind_a_zero_head_the_profile_is_read_at_the_first_step_a_gradient_reaches() -> None:
+    """A zero-initialised head (torchvision's VisionTransformer, timm's MLP-Mixer): at step 0 every
+    dL/d(block output) is exactly 0, so every gain is 0 / 0 and the growth NaN. After one SGD step the
+    head is no longer zero and the blocks are as they were (their gradients were 0): the profile is
+    read there (`profile_step` 1), and the growth, a ratio of gradients whatever the head's scale, is
+    the blocks'. Oracle, exact: 3 blocks W = 1.5 x orthogonal, each gain 1.5 (float32 init: 1e-6)."""
+    torch.manual_seed(0)
+
+    class ZeroHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Linear(8, 8, bias=False) for _ in range(3))
+            for block in self.blocks:
+                nn.init.orthogonal_(block.weight, gain=1.5)
+            self.head = nn.Linear(8, 4)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                x = block(x)
+            return self.head(x)
+
+    model = ZeroHead().double()
+    x, y = torch.randn(4, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+
+    def loss(o: torch.Tensor, _: Any) -> torch.Tensor:
+        return nn.functional.cross_entropy(o, y)
+
+    at_init = probe_module(copy.deepcopy(model), x, loss)
+    assert at_init.profile_step == 0 and not any(at_init.activation_grad_norms)
+    assert math.isnan(at_init.growth)
+    m = probe_module(copy.deepcopy(model), x, loss, steps=2)
+    assert m.profile_step == 1 and m.steps_run == 2
+    assert m.gains == pytest.approx([1.5] * 3, rel=1e-6)
+    assert m.growth == pytest.approx(1.5**3, rel=1e-6)
+    assert Measurement.from_dict(json.loads(json.dumps(m.to_dict()))) == m
+
+
+def test_probe_module_says_which_blocks_it_found() -> None:
+    """Blocks found by probe_module itself are named in `blocks_note` (it was empty: the choice could
+    only be seen through probe(Config)); blocks given by the caller need no note."""
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 3)
+    x = torch.randn(2, 5, 16)
+    assert probe_module(model, x, lambda o, _: o.square().sum()).blocks_note == "blocks: layers (3)"
+    given = [(f"layers.{i}", layer) for i, layer in enumerate(model.layers)]
+    assert probe_module(model, x, lambda o, _: o.square().sum(), blocks=given).blocks_note == ""
 
 
 def test_three_chains_show_the_one_that_grows() -> None:
@@ -1669,7 +1853,6 @@ def test_each_criterion_reads_its_documented_value_and_bound() -> None:
     fires strictly below 1/limit; a finding float32 does not make is overflow, not nonfinite; each
     limit is passed strictly, and the defaults are 1e3, 1e2 and 2."""
     from stabilitycheck.measurement import NonFinite
-    from stabilitycheck.verdicts import values
 
     assert values(measured(grad_norm=(2.0, 50.0, 7.0), loss=(1.0, 2.0, 3.0)))["grad_norm"] == 50.0
     assert values(measured(grad_norm=(2.0, math.inf)))["grad_norm"] == math.inf

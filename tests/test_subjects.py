@@ -239,7 +239,7 @@ def test_junctions_between_named_stacks_and_parallel_towers_have_no_gain() -> No
     model's input start a new chain at their junction: a block name without a trailing index had no
     stack, and one list of lists was one stack, so the gain across read two unrelated gradients
     (4.43 where there is none). Oracle: a NaN gain there and the growth the product of each chain's
-    own (or the larger chain's), from torch's output-gradient norms."""
+    own (or the larger chain's) in series, the larger side by side, from torch's output-gradient norms."""
     from collections import OrderedDict
 
     torch.manual_seed(0)
@@ -284,7 +284,12 @@ def test_junctions_between_named_stacks_and_parallel_towers_have_no_gain() -> No
         assert len(m.gains) == 3 and math.isnan(m.gains[1]), type(model).__name__
         assert [m.gains[0], m.gains[2]] == pytest.approx([norms[0] / norms[1], norms[2] / norms[3]], rel=1e-5)
         chains = [norms[0] / norms[1], norms[2] / norms[3]]
-        grows = max(chains) if max(chains) > max(math.prod(chains), 1.0) else math.prod(chains)
+        if isinstance(model, EncDec):  # in series, the decoder taking the encoder's output
+            assert m.chain_feeds == ((), (0,))
+            grows = max(chains) if max(chains) > max(math.prod(chains), 1.0) else math.prod(chains)
+        else:  # side by side: no gradient crosses both towers
+            assert m.chain_feeds == ((), ())
+            grows = max(chains)
         assert m.growth == pytest.approx(grows, rel=1e-5)
 
 
@@ -700,9 +705,9 @@ def test_a_shared_tower_run_on_two_inputs_starts_a_new_chain_and_stacked_cells_d
     norms = [float(g.norm()) for g in torch.autograd.grad(loss, [x, *outs])]
     assert m.activation_names == ("(input)", *(f"tower.{i}[{k}]" for k in range(2) for i in range(3)))
     assert math.isnan(m.gains[3]) and sum(math.isnan(g) for g in m.gains) == 1
-    chains = [norms[0] / norms[3], norms[4] / norms[6]]
-    grows = max(chains) if max(chains) > max(math.prod(chains), 1.0) else math.prod(chains)
-    assert m.growth == pytest.approx(grows, rel=1e-5)
+    chains = [norms[0] / norms[3], norms[4] / norms[6]]  # side by side: no gradient crosses both
+    assert m.growth == pytest.approx(max(chains), rel=1e-5)
+    assert m.chain_growths == pytest.approx(chains, rel=1e-5) and m.chain_feeds == ((), ())
     cells = probe_module(Stacked(), torch.randn(4, 5, 8), lambda o, _: o.square().sum())
     assert len(cells.gains) == 9 and all(math.isfinite(g) for g in cells.gains)
 
