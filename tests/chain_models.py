@@ -33,6 +33,16 @@ class OrthogonalTowers(nn.Module):
         return total
 
 
+def run_tower(tower: nn.ModuleList, *inputs: torch.Tensor) -> list[torch.Tensor]:
+    """One tower's layers run on each input in turn (a Siamese model's two passes): its outputs."""
+    outs = []
+    for h in inputs:
+        for layer in tower:
+            h = layer(h)
+        outs.append(h)
+    return outs
+
+
 class TutorialCell(nn.Module):
     """The char-RNN tutorial's cell: combined = cat(x_t, h), returning (i2o(combined), i2h(combined)),
     the output first. Float64, its hidden-to-hidden part W = g x orthogonal: each step's gain through

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
-from chain_models import OrthogonalTowers
+from chain_models import OrthogonalTowers, run_tower
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -1467,12 +1467,7 @@ def test_a_head_on_two_towers_grows_by_the_larger_tower_times_the_head() -> None
                 nn.init.orthogonal_(layer.weight, gain=2.0)
 
         def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            outs = []
-            for h in (a, b):
-                for layer in self.tower:
-                    h = layer(h)
-                outs.append(h)
-            y = torch.cat(outs, 1)
+            y = torch.cat(run_tower(self.tower, a, b), 1)
             for layer in self.head:
                 y = layer(y)
             return y

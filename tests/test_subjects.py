@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from chain_models import OrthogonalTowers, TutorialLoop
+from chain_models import OrthogonalTowers, TutorialLoop, run_tower
 from torch import nn
 
 from stabilitycheck.config import Config
@@ -674,12 +674,8 @@ def test_a_shared_tower_run_on_two_inputs_starts_a_new_chain_and_stacked_cells_d
             self.tower = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3))
 
         def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            outs = []
-            for h in (a, b):
-                for layer in self.tower:
-                    h = layer(h)
-                outs.append(h)
-            return outs[0] - outs[1]
+            first, second = run_tower(self.tower, a, b)
+            return first - second
 
     class Stacked(nn.Module):
         def __init__(self) -> None:
