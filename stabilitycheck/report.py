@@ -174,7 +174,8 @@ def profile(j: Judgement, q: float) -> str:
     # the first and the last value as they are (a NaN shows as nan, as '!' in the sparkline)
     span = f"{values[0]:.3g} .. {values[-1]:.3g}" if finite else "all non-finite"
     what = "|dL/d out|" if names[0] != INPUT else "|dL/d (input)|, then |dL/d out|"
-    return f"{names[0]} {sparkline(values)} {names[-1]}   {what} first .. last: {span}{whose}"
+    when = f" at step {m.profile_step} (none reached a block before)" if m.profile_step else ""
+    return f"{names[0]} {sparkline(values)} {names[-1]}   {what}{when} first .. last: {span}{whose}"
 
 
 def _fitted(j: Judgement, q: float) -> str:
@@ -242,31 +243,48 @@ def _nonfinite_line(m: Measurement) -> str:
 
 def details(results: Sequence[SearchResult]) -> str:
     """Below the table: for each counterexample its spread, growth kind, remedies, profile and
-    reproduction line."""
+    reproduction line; for a stable row, the same of the largest point tried (which blocks were
+    measured, and how the gradient ran through them, whatever the verdict)."""
     blocks = []
     for r in results:
         cx = r.counterexample
         if cx is None:
+            j = r.largest_stable_judgement
+            if j is not None and r.largest_stable is not None:
+                config = r.largest_stable
+                blocks.append(
+                    f"{r.space.label} [{config.run.device}, {_precision(config.run)}]: stable at "
+                    f"{knobs(r, config)}, the largest point tried "
+                    f"(q={config.run.quantile:g} over seeds {', '.join(map(str, j.seeds))})\n"
+                    + _measured(j, config.run.quantile).rstrip("\n")
+                )
             continue
         j = cx.judgement
         remedies = "; ".join(x.describe() for x in cx.remedies) or "not tried (interrupted)"
         q = cx.config.run.quantile
-        through = (
-            f"; through time (loss on the last step): {j.through_time.describe()}" if j.through_time else ""
-        )
         blocks.append(
             f"{r.space.label} [{cx.config.run.device}, {_precision(cx.config.run)}]: "
             f"{', '.join(c.describe() for c in j.verdict.criteria)} "
             f"(q={q:g} over seeds {', '.join(map(str, j.seeds))})\n"
-            f"  growth    {j.summary()}; peak grad norm {j.grad_norm.describe()}{through}\n"
-            f"  kind      {j.kind.describe()}{_fitted(j, q)}; {j.measurement.blocks_note}\n"
-            f"  profile   {profile(j, q)}\n" + _nonfinite_line(j.measurement) + f"  remedies  {remedies}\n"
+            + _measured(j, q)
+            + f"  remedies  {remedies}\n"
             f"  reproduce {reproduction(cx.config, cx.limits)}"
             + (_top_note(r) if r.top_stable else "")
             + _bottom_note(r)
             + "".join(_unjudged_note(r, c, why) for c, why in r.unjudged)
         )
     return "\n\n".join(blocks)
+
+
+def _measured(j: Judgement, q: float) -> str:
+    """A judgement's growth, kind (with the blocks measured), profile and first non-finite value: one
+    line each."""
+    through = f"; through time (loss on the last step): {j.through_time.describe()}" if j.through_time else ""
+    return (
+        f"  growth    {j.summary()}; peak grad norm {j.grad_norm.describe()}{through}\n"
+        f"  kind      {j.kind.describe()}{_fitted(j, q)}; {j.measurement.blocks_note}\n"
+        f"  profile   {profile(j, q)}\n" + _nonfinite_line(j.measurement)
+    )
 
 
 def one_sided(results: Sequence[SearchResult]) -> list[str]:
@@ -336,6 +354,9 @@ def to_json(results: Sequence[SearchResult]) -> str:
             "minimal": r.minimal if r.counterexample else None,  # verified 1-minimal; none: no claim
             "unjudged": [{"config": c.to_dict(), "reason": why} for c, why in r.unjudged],
             "largest_stable": r.largest_stable.to_dict() if r.largest_stable else None,
+            "largest_stable_judgement": (
+                r.largest_stable_judgement.to_dict() if r.largest_stable_judgement else None
+            ),
             "counterexample": r.counterexample.to_dict() if r.counterexample else None,
         }
         for r in results

@@ -124,6 +124,24 @@ def test_stable_example_exits_0_with_the_largest_config_tried(
     # 20 Hypothesis examples, plus the top corner when none exploded; each verdict up to --seeds 5
     assert 1 <= int(probes) <= 21 * 5
     assert "reproduce" not in out and "stable" in err
+    # below the table, the largest point tried as it was measured: the blocks, the growth over seeds
+    stable_at = f"stable at {smallest[len('stable (tried up to ') : -1]}, the largest point tried"
+    assert stable_at in out
+    assert re.search(r"\n  kind      .*; blocks: ", out) and f"growth {spread.split(',')[0]} over" in out
+
+
+def test_a_stable_rows_judgement_is_in_the_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """The largest point tried of a stable row: its judgement (seeds, growth spread, measurement with
+    the blocks it was read over), as the table row shows it."""
+    js = tmp_path / "fixed.json"
+    code, out, _ = run(capsys, "examples/fixed_model.py", *FAST, "--json", str(js))
+    assert code == 0
+    (entry,) = json.loads(js.read_text())
+    judged = entry["largest_stable_judgement"]
+    assert entry["counterexample"] is None and not judged["verdict"]["exploded"]
+    assert judged["measurement"]["blocks_note"].startswith("blocks: ")
+    (row,) = assert_header(out)
+    assert columns(row)[5].startswith(f"{judged['growth']['mid']:.3g} (")
 
 
 def test_fixed_model_searches_init_scale_up_to_4(capsys: pytest.CaptureFixture[str]) -> None:
