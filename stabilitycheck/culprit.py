@@ -14,10 +14,11 @@ def culprit_of(ms: Sequence[Measurement]) -> str:
     """The block to blame, over seeds: where the first non-finite value was made; else a block whose
     backward log-gain exceeds the stack's median log-gain by more than log 2 and by more than 3x the
     spread of the other blocks' excesses (the median of their absolute values), in the median over
-    seeds, and which has the largest gain in at least 80% of the seeds; or several such blocks (each
-    past the others' spread, those outside them), up to a third of the stack, one of which has the
-    largest gain in 80% of the seeds (a ResNet's two last blocks, 12-28 each against 1.3 elsewhere,
-    which of them is larger varying by seed: 'layer4.0, layer4.1'); else, when the typical gain G
+    seeds, and which has the largest gain in at least 80% of the seeds; else every block passing the
+    same rules (each past the spread of those outside them), where they are two to a third of the
+    stack and one of them has the largest gain in 80% of the seeds (a ResNet's two last blocks, 12-28
+    each against 1.3 elsewhere, which of them is larger varying by seed: 'layer4.0, layer4.1'); else,
+    when the typical gain G
     (the nearest-rank median over seeds, as the verdict's quantiles, of each stack's median) is over 1,
     or the median growth over seeds is under 1 (every block shrinks the gradient alike: vanishing),
     'uniform, median gain xG'; else the block with the largest weight gradient (the growth was inside a
@@ -40,9 +41,9 @@ def culprit_of(ms: Sequence[Measurement]) -> str:
     k = 0  # the blocks ranked[:k] stand out
     while k < len(ranked) and _stands_out(per_block, ranked[: k + 1]):
         k += 1
-    wins = sum(1 for i in largest if i in ranked[:k])
-    if 0 < k <= max(1, len(per_block) // 3) and wins >= math.ceil(0.8 * len(ms)):
-        return ", ".join(first.activation_names[i + 1] for i in sorted(ranked[:k]))
+    for group in [ranked[:1], ranked[:k]] if 1 < k <= len(per_block) // 3 else [ranked[:1]]:
+        if k and sum(1 for i in largest if i in group) >= math.ceil(0.8 * len(ms)):
+            return ", ".join(first.activation_names[i + 1] for i in sorted(group))
     typical = statistics.median_low(_median(row) for row in logs)
     vanishing = _median([m.growth for m in ms]) < 1
     if typical <= 0 and not vanishing:  # no block amplifies: the growth was inside a block (an nn.RNN)

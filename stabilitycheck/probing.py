@@ -265,9 +265,9 @@ def probe_module(
     """Probe any module: forward + backward at step 0, then `steps` optimiser steps, each followed
     by another forward + backward. Per-block numbers come from step 0, or where no gradient reached
     any block output there (a zero-initialised head: every gain 0 / 0), from the first step where
-    one did (`profile_step`: the growth is a ratio of gradients, whatever the head's scale). A
-    non-finite value stops the run; the step that shows it is re-run in float64 with the hooks on to
-    name the block.
+    one did or a non-finite value shows (`profile_step`: the growth is a ratio of gradients, whatever
+    the head's scale). A non-finite value stops the run; the step that shows it is re-run in float64
+    with the hooks on to name the block.
 
     `amp` ('bfloat16' or 'float16') runs the forward under torch.autocast; float16 also uses a
     torch.amp.GradScaler, whose loss scale is recorded per step, with the steps it skipped.

@@ -128,20 +128,26 @@ def _made_from(x: Any, targets: set[Any], past: Collection[Any] = ()) -> bool:
 
 
 def _taken_chains(
-    outputs: Sequence[torch.Tensor], breaks: Sequence[int], given: Sequence[Any]
+    outputs: Sequence[torch.Tensor], breaks: Sequence[int], given: Sequence[Any], entry: bool
 ) -> frozenset[int]:
     """The chains so far (each by its first position in `outputs`; `breaks`: where each after the
     first starts) of which the call taking `given` takes an output, or what is computed from one other
     than through a later chain's outputs: a decoder takes its encoder's (through the memory), a head
     its two towers'; a second tower takes none, it runs beside the first, and a head after a decoder
-    takes the decoder's alone (the encoder's reach it through the decoder)."""
+    takes the decoder's alone (the encoder's reach it through the decoder). With `entry`, outputs[0]
+    is block 0's input, not an output of chain 0: a second tower taking that input too (a stem's
+    output, which needs no copy) runs beside the first."""
     taken = set()
-    for a, b in zip([0, *breaks], [*breaks, len(outputs)], strict=True):
-        outs = outputs[a:b]
+    later: set[Any] = set()  # the nodes of the chains after the one looked at
+    spans = list(zip([0, *breaks], [*breaks, len(outputs)], strict=True))
+    for a, b in reversed(spans):
+        outs = outputs[a + (entry and a == 0) : b]
         nodes = {out.grad_fn for out in outs if out.grad_fn is not None}
-        later = {out.grad_fn for out in outputs[b:] if out.grad_fn is not None}
-        if any(any(t is out for out in outs) or _made_from(t, nodes, later) for t in given):
+        if any(any(t is out for out in outs) for t in given) or any(
+            _made_from(t, nodes, later) for t in given
+        ):
             taken.add(a)
+        later |= nodes
     return frozenset(taken)
 
 
@@ -365,18 +371,22 @@ class _Recorder:
         def on_join(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if not (self.active and self.outputs):
                 return
-            given = list(tensors((args, kwargs)))
-            at = len(self.outputs)
-            if _feeds(_entry(args, kwargs)[1], self.outputs[-1]):
-                if self.breaks:  # the chain runs on, unless the call also takes another's: a merge
-                    taken = _taken_chains(self.outputs, sorted(self.breaks), given)
-                    if len(taken) > 1:  # (a head on two towers) starts a chain that takes both
+            at, x = len(self.outputs), _entry(args, kwargs)[1]
+            entry = self.calls[0] < 0
+            if _feeds(x, self.outputs[-1]):
+                if self.breaks and x is not self.outputs[-1]:  # the chain runs on, unless what the
+                    # call takes as its chain's input is made from another chain's output too: a
+                    # merge (a head on two towers' outputs) starts a chain that takes both (memory
+                    # in another argument, as every decoder layer takes, is no merge)
+                    taken = _taken_chains(self.outputs, sorted(self.breaks), [x], entry)
+                    if len(taken) > 1:
                         self.feeds[at] = taken
                         self.breaks.add(at)
                 return
+            given = list(tensors((args, kwargs)))
             own = self.own[stack] if self.stacks[self.calls[-1]] == stack else set()
             if not any(_made_from(t, own) for t in given):
-                self.feeds[at] = _taken_chains(self.outputs, sorted(self.breaks), given)
+                self.feeds[at] = _taken_chains(self.outputs, sorted(self.breaks), given, entry)
                 self.breaks.add(at)
 
         return on_join

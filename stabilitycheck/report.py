@@ -328,7 +328,8 @@ def unmeasured(results: Sequence[SearchResult]) -> list[str]:
         )
         out.append(
             f"! {r.space.label}: growth not measured: no gradient reached any block output {when} (every "
-            f"dL/d output is 0, as behind a zero-initialised head); {fix}"
+            f"dL/d output is 0, as behind a zero-initialised head, or where the loss does not depend on "
+            f"the blocks); {fix}"
         )
     return out
 

@@ -147,3 +147,13 @@ def test_blocks_that_stand_out_together_are_named_together() -> None:
     assert culprit_of(_alternating(9, [2, 4, 8])) == "b2, b4, b8"
     assert culprit_of(_alternating(7, [2, 4, 5])) == UNIFORM_X2
     assert culprit_of(_alternating(8, [5])) == "b5"  # one block alone, as before
+
+
+def test_a_block_largest_in_every_seed_is_named_alone_beside_lesser_standouts() -> None:
+    """Guards the order of the rules; oracle by hand: of 14 blocks, b5 stands ln 100 over the rest and
+    is the largest in every seed, three or four others ln 2.5 (past log 2, the others' spread 0):
+    b5 alone is named, as by the one-block rule (named with the lesser three, or with four of them,
+    too many for a group, nothing, the group rule had hidden it)."""
+    for lesser in ([10, 11, 12], [9, 10, 11, 12]):
+        logs = [C + (math.log(100) if i == 5 else math.log(2.5) if i in lesser else 0.0) for i in range(14)]
+        assert culprit_of([seed(logs)] * 5) == "b5"

@@ -1487,13 +1487,16 @@ def test_a_head_on_two_towers_grows_by_the_larger_tower_times_the_head() -> None
     )  # the smallest path: 1.3^2 x 2 and each chain
 
 
-def test_a_head_after_a_decoder_runs_on_its_chain_not_beside_it() -> None:
+@pytest.mark.parametrize("stages", [1, 2])
+def test_a_head_after_a_decoder_runs_on_its_chain_not_beside_it(stages: int) -> None:
     """An encoder (2 layers, gain 2), a decoder whose layers each take their own state and the
-    encoder's output (2 layers, gain 1/2 along the state) and a head (2 layers, gain 3) on the
-    decoder's output: two chains in series, the encoder's 2^2 (from the input) and the decoder's run on
-    through the head, 1/2 x 3^2, growth 18. The head's input is made from the encoder's output too,
-    but through the decoder's: it takes the decoder's chain alone (read as taking both, the head
-    started a chain of its own and a path encoder -> head skipped the decoder: 12). Oracle, exact:
+    encoder's output (4 layers, gain 1/2 along the state; one stack, or two stacks of 2) and a head (2
+    layers, gain 3) on the decoder's output: two chains in series, the encoder's 2^2 (from the input)
+    and the decoder's run on through the head, 1/2^3 x 3^2, growth 4.5. The head's input is made from
+    the encoder's output too, but through the decoder's: it takes the decoder's chain alone (read as
+    taking both, the head started a chain of its own and a path encoder -> head skipped the decoder:
+    18); the second decoder stack takes the memory as every decoder layer does, in another argument
+    than its state, which is no merge (read as one, the growth was 18 too). Oracle, exact:
     ||W^T v|| = g ||v|| for W = g x orthogonal."""
     torch.manual_seed(0)
 
@@ -1510,7 +1513,9 @@ def test_a_head_after_a_decoder_runs_on_its_chain_not_beside_it() -> None:
         def __init__(self) -> None:
             super().__init__()
             self.encoder = nn.ModuleList(nn.Linear(8, 8, bias=False) for _ in range(2))
-            self.decoder = nn.ModuleList(Step(0.5) for _ in range(2))
+            self.decoder = nn.ModuleList(
+                nn.ModuleList(Step(0.5) for _ in range(4 // stages)) for _ in range(stages)
+            )
             self.head = nn.ModuleList(nn.Linear(8, 8, bias=False) for _ in range(2))
             for layer, g in [*((e, 2.0) for e in self.encoder), *((h, 3.0) for h in self.head)]:
                 nn.init.orthogonal_(layer.weight, gain=g)
@@ -1518,70 +1523,58 @@ def test_a_head_after_a_decoder_runs_on_its_chain_not_beside_it() -> None:
         def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             for layer in self.encoder:
                 x = layer(x)
-            for step in self.decoder:
-                y = step(y, x)
+            for stage in self.decoder:
+                for step in stage:
+                    y = step(y, x)
             for layer in self.head:
                 y = layer(y)
             return y
 
     model = Model().double()
     blocks = [
-        (f"{s}.{i}", m) for s in ("encoder", "decoder", "head") for i, m in enumerate(getattr(model, s))
+        *((f"encoder.{i}", m) for i, m in enumerate(model.encoder)),
+        *((f"decoder.{i}.{j}", m) for i, stage in enumerate(model.decoder) for j, m in enumerate(stage)),
+        *((f"head.{i}", m) for i, m in enumerate(model.head)),
     ]
     x, y = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
     m = probe_module(model, (x, y), lambda o, _: o.square().sum(), blocks=blocks)
     assert m.chain_starts == (3,) and m.chain_feeds == ((), (0,))
-    assert m.chain_growths == pytest.approx([4.0, 0.5 * 3.0**2], rel=1e-6)
-    assert m.growth == pytest.approx(18.0, rel=1e-6)
+    assert m.chain_growths == pytest.approx([4.0, 0.5**3 * 3.0**2], rel=1e-6)
+    assert m.growth == pytest.approx(4.5, rel=1e-6)
 
 
-def test_behind_a_zero_head_the_profile_is_read_at_the_first_step_a_gradient_reaches() -> None:
-    """A zero-initialised head (torchvision's VisionTransformer, timm's MLP-Mixer): at step 0 every
-    dL/d(block output) is exactly 0, so every gain is 0 / 0 and the growth NaN. After one SGD step the
-    head is no longer zero and the blocks are as they were (their gradients were 0): the profile is
-    read there (`profile_step` 1), and the growth, a ratio of gradients whatever the head's scale, is
-    the blocks'. Oracle, exact: 3 blocks W = 1.5 x orthogonal, each gain 1.5 (float32 init: 1e-6)."""
+def test_towers_on_a_stems_output_run_side_by_side() -> None:
+    """Two towers on the output of a stem layer (it needs no copy to take dL/d input: block 0's
+    input is that output itself, read over all its uses): the second tower takes it too, which read
+    as taking the first tower's chain, in series (growth 8.16 for towers at 1.5^3 and 1.3^2). The
+    input is before the first chain, not an output of it: side by side, the growth is the larger
+    chain's, and chain 0 is read from that input (its gradient sums both towers, as the README says of
+    an input that requires grad). Oracle: torch's output-gradient norms, exact gains elsewhere."""
     torch.manual_seed(0)
 
-    class ZeroHead(nn.Module):
+    class Stemmed(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.blocks = nn.ModuleList(nn.Linear(8, 8, bias=False) for _ in range(3))
-            for block in self.blocks:
-                nn.init.orthogonal_(block.weight, gain=1.5)
-            self.head = nn.Linear(8, 4)
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+            self.stem = nn.Linear(8, 8, bias=False)
+            self.towers = OrthogonalTowers(3, (1.5, 1.3)).towers
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            for block in self.blocks:
-                x = block(x)
-            return self.head(x)
+            h = self.stem(x)
+            return sum(run_tower(tower, h)[0] for tower in self.towers)  # type: ignore[return-value]
 
-    model = ZeroHead().double()
-    x, y = torch.randn(4, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
-
-    def loss(o: torch.Tensor, _: Any) -> torch.Tensor:
-        return nn.functional.cross_entropy(o, y)
-
-    at_init = probe_module(copy.deepcopy(model), x, loss)
-    assert at_init.profile_step == 0 and not any(at_init.activation_grad_norms)
-    assert math.isnan(at_init.growth)
-    m = probe_module(copy.deepcopy(model), x, loss, steps=2)
-    assert m.profile_step == 1 and m.steps_run == 2
-    assert m.gains == pytest.approx([1.5] * 3, rel=1e-6)
-    assert m.growth == pytest.approx(1.5**3, rel=1e-6)
-    assert Measurement.from_dict(json.loads(json.dumps(m.to_dict()))) == m
-
-
-def test_probe_module_says_which_blocks_it_found() -> None:
-    """Blocks found by probe_module itself are named in `blocks_note` (it was empty: the choice could
-    only be seen through probe(Config)); blocks given by the caller need no note."""
-    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 3)
-    x = torch.randn(2, 5, 16)
-    assert probe_module(model, x, lambda o, _: o.square().sum()).blocks_note == "blocks: layers (3)"
-    given = [(f"layers.{i}", layer) for i, layer in enumerate(model.layers)]
-    assert probe_module(model, x, lambda o, _: o.square().sum(), blocks=given).blocks_note == ""
+    model = Stemmed().double()
+    blocks = [
+        (f"towers.{i}.{j}", layer) for i, tower in enumerate(model.towers) for j, layer in enumerate(tower)
+    ]
+    x = torch.randn(4, 8, dtype=torch.float64)
+    m = probe_module(model, x, lambda o, _: o.square().sum(), blocks=blocks)
+    h = model.stem(x)
+    (tower_out,) = run_tower(model.towers[0], h)
+    loss = (tower_out + run_tower(model.towers[1], h)[0]).square().sum()
+    first, last = (float(g.norm()) for g in torch.autograd.grad(loss, [h, tower_out]))
+    assert m.chain_starts == (4,) and m.chain_feeds == ((), ())
+    assert m.chain_growths == pytest.approx([first / last, 1.3**2], rel=1e-6)
+    assert m.growth == pytest.approx(max(first / last, 1.3**2), rel=1e-6)
 
 
 def test_three_chains_show_the_one_that_grows() -> None:
