@@ -157,3 +157,11 @@ def test_a_block_largest_in_every_seed_is_named_alone_beside_lesser_standouts() 
     for lesser in ([10, 11, 12], [9, 10, 11, 12]):
         logs = [C + (math.log(100) if i == 5 else math.log(2.5) if i in lesser else 0.0) for i in range(14)]
         assert culprit_of([seed(logs)] * 5) == "b5"
+
+
+def test_a_stack_of_gain_exactly_one_blames_the_largest_weight_gradient() -> None:
+    """Guards the edge of the 'uniform' rule, by hand from the docstring: uniform needs a typical gain
+    over 1 (or a median growth under 1); gains of exactly 1 (permutations, a growth of 1) amplify
+    nothing, so the growth, if any, was inside a block: the block with the largest weight gradient,
+    b3 here (every weight gradient 1: the last of the ties)."""
+    assert culprit_of([seed([0.0] * 4)] * 3) == "b3"

@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from stabilitycheck.growthkind import fit_growth, input_apart, kind_of
+from stabilitycheck.growthkind import Growth, fit_growth, input_apart, kind_of, over_tokens
+from stabilitycheck.spread import Spread
 
 
 @pytest.mark.parametrize(("offset", "apart"), [(0.16, True), (-0.16, True), (0.14, False), (-0.14, False)])
@@ -50,3 +51,14 @@ def test_a_short_stacks_rate_is_its_log_growth_per_block(gains: list[float], rat
     assert all(math.isnan(x) for x in fit[1:])
     kind = kind_of([gains] * 3, [math.prod(gains)] * 3, 0.5)
     assert kind.kind == "n/a" and kind.rate.mid == pytest.approx(rate, rel=1e-12)
+
+
+@pytest.mark.parametrize(("share", "accumulated"), [(0.4, True), (0.49, True), (0.51, False), (0.6, False)])
+def test_growth_is_accumulated_where_the_through_time_product_explains_less_than_half(
+    share: float, accumulated: bool
+) -> None:
+    """Guards over_tokens' threshold, by hand from its rule ln T < ln(G) / 2: a per-token growth G =
+    e^10 with a through-time product T = e^(10 share) is accumulated over tokens below share 1/2."""
+    kind = Growth("exponential", Spread.of([1.2], 0.5), Spread.of([math.nan], 0.5))
+    got = over_tokens(kind, math.exp(10), math.exp(10 * share))
+    assert got.kind == ("accumulated" if accumulated else "exponential")

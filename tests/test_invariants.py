@@ -1071,3 +1071,21 @@ def test_gradscaler_guards_catch_no_backoff_and_a_five_percent_wrong_unscale() -
         assert_gradscaler_guards(b.model, b.inputs, b.loss_fn, _NoBackoffScaler("cpu"))
     with pytest.raises(StabilityError, match="clean step did not update the weights"):
         assert_gradscaler_guards(b.model, b.inputs, b.loss_fn, _ScalesFivePercentOverScaler("cpu"))
+
+
+@pytest.mark.parametrize("over", [2e-6, 3e-6, 5e-6, 1e-5])
+def test_torch_clipping_a_total_just_over_max_norm_passes(over: float) -> None:
+    """Oracle: torch's own clip_grad_norm_ must pass. A float32 total a few rounding steps over
+    max_norm is clipped by a coefficient just under 1: the gradients change, and the check that they
+    must not (for a total at or under max_norm) must leave that case alone."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.zeros(10)) for _ in range(100)]
+    for p in params:
+        p.grad = torch.randn(10)
+    scale = (1 + over) / float(torch.linalg.vector_norm(torch.cat([p.grad for p in params]).double()))
+    for p in params:
+        p.grad.mul_(scale)
+    before = [p.grad.clone() for p in params]
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    assert any(not torch.equal(p.grad, b) for p, b in zip(params, before, strict=True))
+    assert_clipped_norm_bounded(params, 1.0, before=before)

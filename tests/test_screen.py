@@ -4,6 +4,7 @@ per-seed probe cache against fresh probes, and a seeds search against the exhaus
 
 from __future__ import annotations
 
+import itertools
 import random
 
 from hypothesis import given
@@ -37,6 +38,19 @@ def test_crossing_of_any_predicate_is_a_bad_value_above_two_good_ones(
     v = crossing(lambda i: bits[i], guess, top)
     assert bits[v] and (v == 0 or not bits[v - 1])
     assert v < 2 or not bits[v - 2]
+
+
+def test_crossing_walks_down_from_the_guess_where_the_value_below_it_is_bad() -> None:
+    """Guards the walk's start, brute force over every bad/good pattern of 8 values and every guess:
+    where bad holds at guess - 1 but not at guess, the answer is found walking down from guess - 1
+    (at or below it), never by bisecting up from the guess (on a wobbling median that climbed to a
+    crossing far above: bad only at 4 and from 9 on, guess 5, read 9)."""
+    for pattern in itertools.product([False, True], repeat=7):
+        bits = [*pattern, True]
+        for guess in range(1, 8):
+            if bits[guess - 1] and not bits[guess]:
+                assert crossing(lambda i, b=bits: b[i], guess, 7) <= guess - 1, (bits, guess)
+    assert crossing(lambda v: v == 4 or v >= 9, 5, 10) == 4
 
 
 def test_one_stable_value_with_no_exploding_seed_does_not_end_the_walk_down() -> None:

@@ -1,0 +1,59 @@
+"""The readings of one step's numbers (readings.py) where a probe cannot easily reach them: the paths
+of chains against brute force over every path, and a junction with no record of what it takes."""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from stabilitycheck.readings import chains_of, paths_of
+
+
+def _paths(feeds: list[tuple[int, ...]]) -> list[list[int]]:
+    """Every path of chains, brute force: from each chain that takes none, along every chain that takes
+    it, to each chain that none takes."""
+    taken = {f for fed in feeds for f in fed}
+    starts = [k for k, fed in enumerate(feeds) if not fed]
+    out: list[list[int]] = []
+
+    def walk(path: list[int]) -> None:
+        nexts = [k for k, fed in enumerate(feeds) if path[-1] in fed]
+        if path[-1] not in taken:
+            out.append(path)
+        for k in nexts:
+            walk([*path, k])
+
+    for s in starts:
+        walk([s])
+    return out
+
+
+@given(st.data(), st.integers(1, 6))
+def test_paths_of_is_the_largest_and_smallest_product_over_every_path(data: st.DataObject, n: int) -> None:
+    """Oracle: brute force, every path from a chain taking none to a chain none takes, its growth the
+    product of its chains'; feeds drawn as any sets of earlier chains (a DAG in order)."""
+    growths = data.draw(st.lists(st.floats(0.05, 20.0), min_size=n, max_size=n))
+    feeds = [
+        tuple(sorted(data.draw(st.sets(st.integers(0, k - 1), max_size=k)))) if k else () for k in range(n)
+    ]
+    products = [math.prod(growths[k] for k in path) for path in _paths(feeds)]
+    most, least = paths_of(growths, feeds)
+    assert math.isclose(most, max(products), rel_tol=1e-12)
+    assert math.isclose(least, min(products), rel_tol=1e-12)
+
+
+def test_a_head_on_two_shrinking_towers_has_its_smallest_path_through_the_smaller() -> None:
+    """By hand: towers at 0.5 and 0.2, a head at 0.5 taking both: paths 0.25 and 0.1."""
+    assert paths_of([0.5, 0.2, 0.5], [(), (), (0, 1)]) == (0.25, 0.1)
+
+
+def test_a_junction_of_no_record_follows_the_chain_before_it() -> None:
+    """Three chains (junctions at calls 2 and 4), what the first junction takes recorded, the second's
+    not: it is read as following the chain before it, in series (the rule before junctions were
+    recorded), not the first. Growth per chain, first over last of its output-gradient norms."""
+    act = [8.0, 4.0, 6.0, 3.0, 5.0, 1.0]
+    chains, feeds = chains_of(act, frozenset({2, 4}), frozenset(), {2: frozenset({0})})
+    assert chains == (2.0, 2.0, 5.0)
+    assert feeds == ((), (0,), (1,))
