@@ -79,10 +79,9 @@ def _backward(run: _Run, loss: torch.Tensor, outputs: list[torch.Tensor]) -> lis
         grads = torch.autograd.grad(loss, [outputs[i] for i in wanted] + list(run.params), allow_unused=True)
     except CheckpointError as exc:  # a recomputation that differs from its forward: torch's several lines
         raise UsageError(
-            f"{str(exc).splitlines()[0]} The probe gives block 0 a copy of the "
-            "model's input that requires grad; pass the input already requiring grad, declare blocks "
-            "(blocks=... or stability_blocks()) outside the checkpointed function, or probe without "
-            "checkpointing"
+            f"{str(exc).splitlines()[0]} The probe gives block 0 a copy of its input that requires "
+            "grad; declare blocks (blocks=... or stability_blocks()) outside the checkpointed function, "
+            "or probe without checkpointing"
         ) from None
     except RuntimeError as exc:
         if "use_reentrant=True" not in str(exc):
@@ -96,10 +95,14 @@ def _backward(run: _Run, loss: torch.Tensor, outputs: list[torch.Tensor]) -> lis
     for p, g in zip(run.params, grads[len(wanted) :], strict=True):
         p.grad = g
     captured: list[torch.Tensor | None] = [None] * len(outputs)
+    held = {g.data_ptr() for g in grads[len(wanted) :] if g is not None and g.layout == torch.strided}
     for i, g in zip(wanted, grads, strict=False):
-        # a parameter's own (a block returning it, a learned query into block 0) is its .grad, which
-        # a GradScaler unscales in place: kept apart, or it is unscaled twice
-        captured[i] = g.clone() if g is not None and outputs[i].is_leaf else g
+        # a parameter's own (a block returning it, a learned query into block 0 or block 0's copy of
+        # it, whose gradient autograd hands on as it is) is in its .grad, which a GradScaler unscales
+        # in place: kept apart, or it is unscaled twice
+        if g is not None and (outputs[i].is_leaf or (g.layout == torch.strided and g.data_ptr() in held)):
+            g = g.clone()
+        captured[i] = g
     return captured
 
 

@@ -252,8 +252,10 @@ def _entering(
     args: tuple[Any, ...], kwargs: dict[str, Any], key: str | None, x: torch.Tensor
 ) -> tuple[torch.Tensor, tuple[tuple[Any, ...], dict[str, Any]]]:
     """A copy of block 0's input `x` that requires grad, and the call's arguments with it in x's place
-    (`key`: a keyword, None for the first positional argument)."""
-    entry = x.detach().requires_grad_().clone()
+    (`key`: a keyword, None for the first positional argument): of an `x` that requires grad already
+    (a stem's or an embedding's output), a copy in its graph, so the gradient still reaches what made
+    it, while the copy's is the gradient through block 0 alone."""
+    entry = x.clone() if x.requires_grad else x.detach().requires_grad_().clone()
     if key is None:
         return entry, ((entry, *args[1:]), kwargs)
     return entry, (args, {**kwargs, key: entry})
@@ -281,12 +283,14 @@ class _Recorder:
     input is the chain's entry (`_chain_input`) and the block did not modify its input in place (its
     version counter). The shapes may differ (an nn.RNN from input to hidden width, a stem widening
     the channels): under fan-in init a layer's backward gain does not depend on its widths, and for
-    a whole-sequence recurrent block it is where the growth through time shows. An input outside the
-    graph (the model's own float input) is replaced by a copy that requires grad, for dL/d input (a
-    copy, not a leaf: an in-place op on a leaf that requires grad would raise inside the user's
-    model). Until `release`, every call of block 0 on that same input (its data: torch.utils.checkpoint
-    recomputing it in the backward makes new views) gets a copy too, so a recomputation saves what
-    its forward saved. Block 0 called again with its first output in another argument than the one
+    a whole-sequence recurrent block it is where the growth through time shows. The input is replaced
+    by a copy that requires grad, for dL/d input through block 0 alone (a copy, not a leaf: an
+    in-place op on a leaf that requires grad would raise inside the user's model); of an input in the
+    graph already (a stem's output), a copy in that graph, so what made it still gets its gradient,
+    and a skip around the stack from it (h + blocks(h)) is not read as block 0's gain. Until
+    `release`, every call of block 0 on that same input (its data: torch.utils.checkpoint recomputing
+    it in the backward makes new views) gets a copy too, so a recomputation saves what its forward
+    saved. Block 0 called again with its first output in another argument than the one
     the entry came from is a recurrent cell of another kind (a hand-written `cell(x_t, h)`): its chain
     runs through h, not x_0, and the entry is dropped, as for nn.RNNCellBase (x_0 as the entry of a
     linear cell W = 1.3 O, 12 tokens, read growth 15.5 for 1.3^11 = 17.9).
@@ -353,11 +357,8 @@ class _Recorder:
             again = chain is not None and _same_data(chain[1], self.raw)
             return _entering(args, kwargs, *chain)[1] if again and chain is not None else None
         first = chain is not None and self.active and not self.calls
-        if chain is None or not first or chain[1].requires_grad:
-            if chain is not None and first:  # the hook stays for block 0's next call (recheck)
-                self.entry, self.version, self.key = chain[1], chain[1]._version, chain[0]
-            else:  # block 0's first call only: a recurrent cell is called once per token
-                self._unhook()
+        if chain is None or not first:  # block 0's first call only: a recurrent cell is called once
+            self._unhook()  # per token
             return None
         self.raw = chain[1]  # the hook stays: a checkpoint may call block 0 on it again in the backward
         self.key = chain[0]
