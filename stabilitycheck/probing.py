@@ -115,11 +115,13 @@ def _refused_graph_break(exc: Exception) -> bool:
     return dynamo is not None and isinstance(exc, dynamo.exc.Unsupported) and GRAPH_BREAK in str(exc)
 
 
-def _forward(run: _Run, *, hooks: bool, exact: bool, copied: frozenset[int] = frozenset()) -> torch.Tensor:
-    """The loss of one forward pass, the block outputs recorded when `hooks` (`copied`: see
+def _forward(
+    run: _Run, *, hooks: bool, exact: bool, copied: frozenset[int] = frozenset(), entry: bool = True
+) -> torch.Tensor:
+    """The loss of one forward pass, the block outputs recorded when `hooks` (`copied`, `entry`: see
     _Recorder.start)."""
     if hooks:  # an exact re-run tells a NaN made between blocks from one made in one
-        run.rec.start(inputs=exact, copied=copied)
+        run.rec.start(inputs=exact, copied=copied, entry=entry)
     try:
         with torch.autocast(run.device.type, dtype=run.autocast, enabled=run.autocast is not None):
             return differentiable_loss(run.loss_fn(call_model(run.model, run.inputs), run.inputs))
@@ -172,17 +174,21 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
     kept = _buffers(run.model) if hooks else []
     loss = _forward(run, hooks=hooks, exact=exact)
     changed = run.rec.changed() if hooks else frozenset()
-    if changed:
+    moved = hooks and run.rec.entry_moved()
+    if changed or moved:
         # the model changed a block's output in place after the block returned (an in-place ReLU after
         # it): the recorded tensor holds the changed values, and its gradient is theirs (x3 off under
         # mul_(3)). The forward again, with the same random draws, recording a copy of each that the
         # model computes from and never changes (recording._kept), from the buffers it started from
-        # (spectral_norm's vectors iterated twice moved step 0's gradients and every later step).
+        # (spectral_norm's vectors iterated twice moved step 0's gradients and every later step); where
+        # it changed block 0's copy of its input, without that copy (no `(input)`: positions shift)
+        shift = int(moved and run.rec.calls[:1] == [-1])
         del loss
         run.rec.take()
         set_rng_state(drawn)
         _restore(kept)
-        loss = _forward(run, hooks=True, exact=exact, copied=changed)
+        copied = frozenset(p - shift for p in changed if p >= shift)
+        loss = _forward(run, hooks=True, exact=exact, copied=copied, entry=not moved)
     outputs = run.rec.take() if hooks else []
     try:
         captured = _backward(run, scaler.scale(loss) if scaler else loss, outputs)

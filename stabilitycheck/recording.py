@@ -306,6 +306,7 @@ class _Recorder:
         self.key: str | None = None  # where the entry came from in block 0's call: see _entry
         self.recheck = False  # block 0 took the entry: its next call is checked (`_elsewhere`)
         self.dropped = False  # the entry is not the chain's (block 0's next call): `take` drops it
+        self.touched = False  # block 0 changed its copy of the input in place (`entry_moved`)
         self.versions: list[int] = []  # per recorded output, its version counter when recorded
         self.copied: frozenset[int] = frozenset()  # positions in `outputs` recorded as a copy (`_kept`)
         self.breaks: set[int] = set()  # positions in `outputs` whose block does not take the last output
@@ -403,6 +404,7 @@ class _Recorder:
                 out = outs[pick] if pick < len(outs) else _first_tensor(output, scalars=False)
                 if out is not None:
                     entry, self.entry = self.entry, None
+                    self.touched |= b == 0 and entry is not None and entry._version != self.version
                     if b == 0 and not calls and entry is not None and entry._version == self.version:
                         calls.append(-1)
                         outputs.append(entry)
@@ -479,10 +481,12 @@ class _Recorder:
             if b >= 0 and _version(out) != version
         )
 
-    def start(self, inputs: bool = False, copied: frozenset[int] = frozenset()) -> None:
+    def start(self, inputs: bool = False, copied: frozenset[int] = frozenset(), entry: bool = True) -> None:
         """Hook the blocks and record from now on; with `inputs`, each call's floating input too
         (`entering`); the outputs at positions `copied` are recorded as a copy the model computes from
-        and never changes (`_kept`: a re-run of a step whose model changed them in place, `changed`)."""
+        and never changes (`_kept`: a re-run of a step whose model changed them in place, `changed`);
+        without `entry`, block 0's input is left as it is, no copy, no `(input)` (a re-run of a step
+        whose model changed the copy in place: `entry_moved`)."""
         if not self.handles:
             self.handles = hooked(self.registrations)
         self.release()
@@ -498,10 +502,19 @@ class _Recorder:
         self.alts.clear()
         self.last.clear()
         self.entry = None
-        self.recheck, self.dropped = False, False
+        self.recheck, self.dropped, self.touched = False, False, False
         self.active = True
-        if self.first is not None:
+        if self.first is not None and entry:
             self.pre = self.first.register_forward_pre_hook(self.on_input, with_kwargs=True)
+
+    def entry_moved(self) -> bool:
+        """Whether the model changed block 0's copy of its input in place (block 0 itself, or the
+        model through block 0's output returned as it came): the copy no longer stands for the input,
+        which the model may read again (a skip around the stack), so the step is not the model's own
+        until it is run again without the copy (a skip reading the input unchanged read loss 8.86 for
+        29.98)."""
+        entry = bool(self.calls) and self.calls[0] < 0 and _version(self.outputs[0]) != self.versions[0]
+        return self.touched or entry
 
     def stop(self) -> None:
         self.active = False

@@ -1601,6 +1601,60 @@ def test_a_skip_around_the_whole_stack_does_not_hide_its_vanishing() -> None:
     assert m.growth == pytest.approx(0.5**4, rel=1e-6)
 
 
+class _InPlaceFirst(nn.Module):
+    """A block changing its input in place before its layer (x.mul_(3)), or returning it as it came."""
+
+    def __init__(self, identity: bool) -> None:
+        super().__init__()
+        self.identity, self.lin = identity, nn.Linear(8, 8, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.identity else self.lin(x.mul_(3.0))
+
+
+@pytest.mark.parametrize(("stem", "identity"), [(True, False), (False, False), (True, True)])
+def test_block_0_changing_its_input_in_place_computes_what_the_model_does(stem: bool, identity: bool) -> None:
+    """Block 0 gets a copy of its input; a model that then changes that copy in place (block 0's
+    x.mul_(3), or y.mul_(3) on block 0's output returned as it came) and reads its input again (a skip
+    y + h) computed another model under the probe: loss 10.5 for 66.6 (the skip read h unchanged).
+    Such a step is run again without the copy, as the model runs it, with no `(input)`. Oracle: a plain
+    torch forward and backward on a copy of the model, float64."""
+    torch.manual_seed(0)
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Linear(8, 8, bias=False)
+            self.blocks = nn.ModuleList(
+                [_InPlaceFirst(identity), nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False)]
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.stem(x) if stem else x
+            y = self.blocks[0](h)
+            if identity:
+                y.mul_(3.0)
+            for block in self.blocks[1:]:
+                y = block(y)
+            return y + h
+
+    model = Model().double()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    plain = copy.deepcopy(model)
+    loss = plain(x.clone()).square().sum()
+    loss.backward()
+    norm = float(
+        torch.linalg.vector_norm(
+            torch.stack([p.grad.norm() for p in plain.parameters() if p.grad is not None])
+        )
+    )
+    blocks = [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)]
+    m = probe_module(model, x, lambda o, _: o.square().sum(), blocks=blocks)
+    assert m.loss[0] == pytest.approx(float(loss.detach()), rel=1e-12)
+    assert m.grad_norm[0] == pytest.approx(norm, rel=1e-12)
+    assert m.activation_names[0] == "blocks.0"
+
+
 def test_three_chains_show_the_one_that_grows() -> None:
     """Three towers of 2 layers at gains 3, 1/4 and 1/4: chains 3^2 (from the input), 1/4 and 1/4 (from
     each later tower's first output), two junctions; their product 9/16 would hide the first chain's
