@@ -64,3 +64,8 @@ class SearchResult:
     top_stable: bool = False  # the top corner judged stable: the space is not monotone in its knobs
     minimal: bool = True  # False: interrupted before the descent verified the counterexample 1-minimal
     unjudged: tuple[tuple[Config, str], ...] = ()  # one-step-lower neighbours skipped: minimality unverified
+
+    @property
+    def shown(self) -> Judgement | None:
+        """The judgement its row shows: the counterexample's, else the largest stable point's."""
+        return self.counterexample.judgement if self.counterexample else self.largest_stable_judgement

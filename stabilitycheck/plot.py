@@ -54,9 +54,7 @@ def plot(results: Sequence[SearchResult], path: Path) -> int:
 def figure(results: Sequence[SearchResult], what: str = "--plot") -> tuple[Any, int]:
     """The matplotlib figure `plot` writes, and how many rows it has (`what` names it in errors)."""
     plt = _pyplot()
-    rows = [
-        (r, r.counterexample.judgement if r.counterexample else r.largest_stable_judgement) for r in results
-    ]
+    rows = [(r, r.shown) for r in results]
     drawn = [(r, j) for r, j in rows if j is not None]
     if not drawn:
         raise UsageError(f"{what}: nothing was measured, so there is no profile to draw")

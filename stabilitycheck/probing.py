@@ -94,18 +94,22 @@ def _backward(run: _Run, loss: torch.Tensor, outputs: list[torch.Tensor]) -> lis
         ) from None
     for p, g in zip(run.params, grads[len(wanted) :], strict=True):
         p.grad = g
-    captured: list[torch.Tensor | None] = list(grads[: len(wanted)])
-    if run.scaler is not None:  # it unscales each .grad in place: a gradient that is one is kept apart
-        held = {g.data_ptr() for g in grads[len(wanted) :] if g is not None and g.layout == torch.strided}
-        for k, (i, d) in enumerate(zip(wanted, captured, strict=True)):
-            # a parameter's own (a block returning it, a learned query into block 0, or block 0's copy
-            # of it, whose gradient autograd hands on as it is) is in its .grad: unscaled twice
-            if d is not None and (outputs[i].is_leaf or (d.layout == torch.strided and d.data_ptr() in held)):
-                captured[k] = d.clone()
-    out: list[torch.Tensor | None] = [None] * len(outputs)
-    for i, d in zip(wanted, captured, strict=True):
-        out[i] = d
-    return out
+    captured: list[torch.Tensor | None] = [None] * len(outputs)
+    scaled = run.scaler is not None  # it unscales each .grad in place: a gradient that is one is kept apart
+    held = {
+        g.data_ptr() for g in grads[len(wanted) :] if scaled and g is not None and g.layout == torch.strided
+    }
+    for i, g in zip(wanted, grads, strict=False):
+        # a parameter's own (a block returning it, a learned query into block 0, or block 0's copy of
+        # it, whose gradient autograd hands on as it is) is in its .grad: unscaled twice
+        if (
+            scaled
+            and g is not None
+            and (outputs[i].is_leaf or (g.layout == torch.strided and g.data_ptr() in held))
+        ):
+            g = g.clone()
+        captured[i] = g
+    return captured
 
 
 def _refused_graph_break(exc: Exception) -> bool:

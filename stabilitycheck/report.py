@@ -317,8 +317,7 @@ def unmeasured(results: Sequence[SearchResult]) -> list[str]:
     a stable row says only that nothing grew."""
     out = []
     for r in results:
-        j = r.counterexample.judgement if r.counterexample else r.largest_stable_judgement
-        m = j.measurement if j is not None else None
+        m = r.shown.measurement if r.shown is not None else None
         if m is None or not m.activation_grad_norms or any(m.activation_grad_norms):
             continue
         when, fix = (
