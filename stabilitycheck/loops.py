@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from stabilitycheck._tree import tensors
+from stabilitycheck.junctions import _feeds
 from stabilitycheck.losses import Inputs
-from stabilitycheck.recording import _feeds, _floating, call_model
+from stabilitycheck.recording import _floating, call_model
 from stabilitycheck.rng import host_rng_state, set_host_rng_state
 from stabilitycheck.subject import LEAVES_NOTE, Blocks
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections import Counter
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -14,6 +14,7 @@ from torch import nn
 
 from stabilitycheck._tree import tensors
 from stabilitycheck.errors import UsageError
+from stabilitycheck.junctions import _feeds, _made_from, _stack_starts, _taken_chains
 from stabilitycheck.losses import Inputs
 from stabilitycheck.measurement import INPUT
 
@@ -92,77 +93,6 @@ def _chain_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str | N
     if any(t.shape == x.shape for t in tensors(args[1:])):
         return None
     return key, x
-
-
-def _feeds(x: Any, out: torch.Tensor) -> bool:
-    """Whether `x` is `out` or is computed from it (a residual sum, a norm, a pooling, a transition
-    between loops): a block taking it continues the chain of the block that made `out`; an
-    encoder-decoder's decoder taking its own embeddings, or a second tower taking the model's input,
-    starts another."""
-    return x is out or _made_from(x, {out.grad_fn} if out.grad_fn is not None else set())
-
-
-def _made_from(x: Any, targets: set[Any], past: Collection[Any] = ()) -> bool:
-    """Whether the autograd graph behind tensor `x` reaches one of the nodes `targets` by a path that
-    does not go through one of the nodes `past`. Only nodes created after the earliest target are
-    searched (a node's inputs are older than it): the search ends where the targets were made,
-    however many nodes lie between (a cap of 32 nodes, parameter leaves counted, read a 6-layer
-    transition between two loops over a stack as a junction)."""
-    if not isinstance(x, torch.Tensor) or x.grad_fn is None or not targets or x.grad_fn in past:
-        return False
-    oldest = min(t._sequence_nr() for t in targets)
-    frontier, seen = [x.grad_fn], {x.grad_fn}
-    while frontier:
-        node = frontier.pop()
-        if node in targets:
-            return True
-        for child, _ in node.next_functions:
-            if child is None or child in seen or child in past or child._sequence_nr() < oldest:
-                continue
-            if child in targets:
-                return True
-            if child.next_functions:  # not a parameter's leaf
-                seen.add(child)
-                frontier.append(child)
-    return False
-
-
-def _taken_chains(
-    outputs: Sequence[torch.Tensor], breaks: Sequence[int], given: Sequence[Any], entry: bool
-) -> frozenset[int]:
-    """The chains so far (each by its first position in `outputs`; `breaks`: where each after the
-    first starts) of which the call taking `given` takes an output, or what is computed from one other
-    than through a later chain's outputs: a decoder takes its encoder's (through the memory), a head
-    its two towers'; a second tower takes none, it runs beside the first, and a head after a decoder
-    takes the decoder's alone (the encoder's reach it through the decoder). With `entry`, outputs[0]
-    is block 0's input, not an output of chain 0: a second tower taking that input too (a stem's
-    output, which needs no copy) runs beside the first."""
-    taken = set()
-    later: set[Any] = set()  # the nodes of the chains after the one looked at
-    spans = list(zip([0, *breaks], [*breaks, len(outputs)], strict=True))
-    for a, b in reversed(spans):
-        outs = outputs[a + (entry and a == 0) : b]
-        nodes = {out.grad_fn for out in outs if out.grad_fn is not None}
-        if any(any(t is out for out in outs) for t in given) or any(
-            _made_from(t, nodes, later) for t in given
-        ):
-            taken.add(a)
-        later |= nodes
-    return frozenset(taken)
-
-
-def _stack_starts(stacks: Sequence[str]) -> list[int]:
-    """The first block of each stack (a run of blocks in one container), where the recorder checks
-    that a call continues the chain. From one stack to the next (`encoder.layers.5` then
-    `decoder.layers.0`) it does where the block takes the last block's output or what is computed from
-    it (a ResNet's next stage does, as does the next stage of a list of lists; an encoder-decoder's
-    decoder does not, its chain starts anew). A stack of two or more blocks entered again (a shared
-    tower run on a second input) continues where the call also takes one of the stack's own outputs
-    this pass, or what is computed from one (stacked recurrent cells, each taking its own hidden
-    state, masked or not). A one-block stack, a recurrent cell called per token, is not checked (a
-    hook per token). `stacks`: each block's `_stack_of`."""
-    first = [b for b in range(len(stacks)) if b == 0 or stacks[b - 1] != stacks[b]]
-    return [b for b in first if b > 0 or stacks[1:2] == stacks[:1]]
 
 
 def _same_data(a: torch.Tensor, b: torch.Tensor) -> bool:
