@@ -204,6 +204,20 @@ def _elsewhere(args: tuple[Any, ...], kwargs: dict[str, Any], key: str | None, f
     return any(_feeds(t, first) for t in tensors(others))
 
 
+def _around(args: tuple[Any, ...], raw: torch.Tensor, first: torch.Tensor) -> torch.Tensor | None:
+    """The chain input of the call after block 0's first where it is `raw` + `first`, block 0's input
+    plus its output, to the last bit, made by one add (a residual add written around block 0 in the
+    model's forward, `x = x + block(x)`): dL/d input along the chain then runs through that add too.
+    None otherwise (x + 0.5 * block(x), a norm after the add: not the identity, left unread)."""
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor) or x is first or type(x.grad_fn).__name__ != "AddBackward0":
+        return None
+    if x.shape != first.shape or x.shape != raw.shape or x._version != 0:
+        return None
+    with torch.no_grad():
+        return x if torch.equal(x, raw + first) else None
+
+
 class _Recorder:
     """Forward hooks on the blocks, collecting (block index, output) of every block call while active;
     dL/d(output) is then captured by the backward pass itself (torch.autograd.grad), no tensor hooks.
@@ -237,6 +251,8 @@ class _Recorder:
         self.recheck = False  # block 0 took the entry: its next call is checked (`_elsewhere`)
         self.dropped = False  # the entry is not the chain's (block 0's next call): `take` drops it
         self.touched = False  # block 0 changed its copy of the input in place (`entry_moved`)
+        self.around: torch.Tensor | None = None  # the next call's input where it is input + block 0's
+        # output, a residual add written around block 0 (`_around`)
         self.versions: list[int] = []  # per recorded output, its version counter when recorded
         self.copied: frozenset[int] = frozenset()  # positions in `outputs` recorded as a copy (`_kept`)
         self.breaks: set[int] = set()  # positions in `outputs` whose block does not take the last output
@@ -342,6 +358,8 @@ class _Recorder:
                         if self.entering is not None:
                             self.entering.append(None)
                         self.recheck = True  # see _on_input
+                    if len(calls) == 2 and calls[0] < 0 and self.raw is not None:
+                        self.around = _around(args, self.raw, outputs[1])
                     if len(outputs) in self.copied:  # the model changes `out`, the copy stays as returned
                         out = _kept(out)
                     calls.append(b)
@@ -431,7 +449,7 @@ class _Recorder:
         self.entering = [] if inputs else None
         self.alts.clear()
         self.last.clear()
-        self.entry = None
+        self.entry = self.around = None
         self.recheck, self.dropped, self.touched = False, False, False
         self.active = True
         if self.first is not None and entry:
@@ -478,6 +496,12 @@ class _Recorder:
         self.alts.clear()
         self.last.clear()
         return outputs
+
+    def take_around(self) -> torch.Tensor | None:
+        """The second call's input where it is block 0's input plus its output (`_around`), dropping the
+        recorder's reference to it; None where it is not, or the entry is not the chain's."""
+        around, self.around = self.around, None
+        return around if self.calls[:1] == [-1] and around is not None and around._version == 0 else None
 
     def take_entering(self) -> list[torch.Tensor | None]:
         """Each recorded call's floating input (None where it had none; empty unless asked for at

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, cast
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 from torch.utils.hooks import RemovableHandle
 
 from stabilitycheck.config import Config
@@ -100,6 +101,14 @@ def _stacks(model: nn.Module) -> list[tuple[str, Blocks]]:
             continue
         found.append((name, children))
     return found
+
+
+def _longest(stack: tuple[str, Blocks]) -> tuple[int, int]:
+    """A stack's rank as the chain: its length, then its first block's parameter count. Of two lists
+    of one length, the layers of `x = x + layer(norm(x))` rank above the norms (d^2 + d parameters to
+    2d), which the first defined won: read on the norms' outputs, every gain was a branch input's.
+    A lazy layer's parameters, not yet shaped, count 0."""
+    return len(stack[1]), sum(p.numel() for p in stack[1][0][1].parameters() if not is_lazy(p))
 
 
 def _once(pairs: Blocks) -> Blocks:
@@ -283,7 +292,7 @@ def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
         return tuple(declared()), "blocks: declared by stability_blocks()"
     stacks = _stacks(model)
     if stacks:
-        primary = max(stacks, key=lambda s: len(s[1]))
+        primary = max(stacks, key=_longest)
         composite = [s for s in stacks if list(s[1][0][1].children())]
         chosen = composite if primary in composite and len(composite) > 1 else [primary]
         blocks = tuple(b for _, pairs in chosen for b in pairs)

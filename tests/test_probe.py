@@ -1601,6 +1601,77 @@ def test_a_skip_around_the_whole_stack_does_not_hide_its_vanishing() -> None:
     assert m.growth == pytest.approx(0.5**4, rel=1e-6)
 
 
+class _AroundBlocks(nn.Module):
+    """Branch blocks with the residual add written in the model's forward, x = x + block(x) (or
+    block(x) + x), optionally behind a stem whose output requires grad; `scale` multiplies the
+    branch (x + scale * block(x))."""
+
+    def __init__(self, stem: bool, first: bool, scale: float = 1.0) -> None:
+        super().__init__()
+        self.stem = nn.Linear(8, 8, bias=False, dtype=torch.float64) if stem else None
+        self.layers = nn.ModuleList(nn.Linear(8, 8, bias=False, dtype=torch.float64) for _ in range(4))
+        for layer in self.layers:
+            nn.init.orthogonal_(layer.weight, gain=0.3)
+        self.first, self.scale = first, scale
+
+    def stream(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The residual stream: the input to the stack, then the sum after each block."""
+        h = self.stem(x) if self.stem is not None else x
+        out = [h]
+        for layer in self.layers:
+            branch = self.scale * layer(h) if self.scale != 1.0 else layer(h)
+            h = branch + h if self.first else h + branch
+            out.append(h)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stream(x)[-1]
+
+
+@pytest.mark.parametrize(("stem", "first"), [(False, False), (False, True), (True, False)])
+def test_a_residual_add_around_block_0_is_in_its_gain(stem: bool, first: bool) -> None:
+    """Blocks that are residual branches, the add written in the model's forward (x = x + block(x)):
+    block 0's input was read through block 0 alone, gain a (0.3 here) where the stream's is |I + W|,
+    so the growth read about 0.3x what the gradient did. The add of block 0's input and output, as the
+    next block takes it, is now on the chain too. Oracle: torch's gradients of the residual stream
+    (the stack's input, then each sum), float64, their ratios."""
+    torch.manual_seed(0)
+    model = _AroundBlocks(stem, first)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    loss = lambda o, _: o.square().sum()  # noqa: E731
+    m = probe_module(model, x, loss)
+    given = x.clone().requires_grad_()
+    stream = model.stream(given)
+    if not stem:
+        stream[0] = given
+    grads = [g.norm().item() for g in torch.autograd.grad(loss(stream[-1], x), stream)]
+    want = [grads[i] / grads[i + 1] for i in range(4)]
+    assert m.gains == pytest.approx(want, rel=1e-9)
+    assert m.gains[0] > 0.9  # the branch alone is 0.3
+    assert m.growth == pytest.approx(grads[0] / grads[-1], rel=1e-9)
+    model.zero_grad()
+    loss(model(x), x).backward()
+    assert m.grad_norm[0] == pytest.approx(
+        math.sqrt(sum(p.grad.square().sum().item() for p in model.parameters())), rel=1e-12
+    )
+
+
+def test_a_scaled_residual_around_block_0_is_read_through_block_0_alone() -> None:
+    """x + 0.5 * block(x) is not one add of block 0's input and output: block 0 is read through its
+    branch alone, as the README says (gain exactly 0.3 for W = 0.3 x orthogonal: dL/d output is
+    taken before the 0.5), the later blocks along the stream. Oracle: exact for block 0, torch's
+    stream gradients for the rest."""
+    torch.manual_seed(0)
+    model = _AroundBlocks(stem=False, first=False, scale=0.5)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    loss = lambda o, _: o.square().sum()  # noqa: E731
+    m = probe_module(model, x, loss)
+    stream = model.stream(x)
+    grads = [g.norm().item() for g in torch.autograd.grad(loss(stream[-1], x), stream[1:])]
+    assert m.gains[0] == pytest.approx(0.3, rel=1e-9)
+    assert m.gains[1:] == pytest.approx([grads[i] / grads[i + 1] for i in range(3)], rel=1e-9)
+
+
 class _InPlaceFirst(nn.Module):
     """A block changing its input in place before its layer (x.mul_(3)), or returning it as it came."""
 

@@ -1187,6 +1187,38 @@ def test_the_longest_stack_is_chosen_and_a_list_of_leaf_layers_is_not_set_beside
     assert m.activation_grad_norms[-4:] == pytest.approx(norms, rel=1e-5)
 
 
+def test_of_two_stacks_of_one_length_the_layers_rank_above_the_norms() -> None:
+    """`x = x + layer(norm(x))` with the norms in a ModuleList defined before the layers: the first
+    defined of two equally long stacks was the chain, read on the norms' outputs (gradients at each
+    branch's input, no gain of the residual stream). Of equal lengths, the blocks with more parameters
+    are the chain, so blocks 1.. read the stream. Oracle: the rule, and torch's gradients of the
+    residual stream (each sum), float64, their ratios."""
+    torch.manual_seed(0)
+
+    class PreNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norms = nn.ModuleList(nn.LayerNorm(8, dtype=torch.float64) for _ in range(4))
+            self.layers = nn.ModuleList(nn.Linear(8, 8, dtype=torch.float64) for _ in range(4))
+
+        def stream(self, x: torch.Tensor) -> list[torch.Tensor]:
+            out = [x]
+            for norm, layer in zip(self.norms, self.layers, strict=True):
+                out.append(out[-1] + layer(norm(out[-1])))
+            return out
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.stream(x)[-1]
+
+    model, x = PreNorm(), torch.randn(4, 8, dtype=torch.float64)
+    blocks, note = find_blocks(model)
+    assert [n for n, _ in blocks] == [f"layers.{i}" for i in range(4)] and note == "blocks: layers (4)"
+    m = probe_module(model, x, lambda o, _: o.square().sum())
+    stream = model.stream(x)
+    grads = [g.norm().item() for g in torch.autograd.grad(stream[-1].square().sum(), stream[1:])]
+    assert m.gains[1:] == pytest.approx([grads[i] / grads[i + 1] for i in range(3)], rel=1e-9)
+
+
 def test_two_stacks_whose_names_share_a_prefix_are_both_chosen() -> None:
     """`layers` and `layers_dec`, two stacks of composite blocks (an encoder-decoder's): the second
     is not inside the first (`layers.` is its prefix, not `layers`), so both are the chain."""
