@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import Counter
 from collections.abc import Sequence
 
 from stabilitycheck.measurement import AFTER_LAST, Measurement
@@ -23,14 +24,16 @@ def culprit_of(ms: Sequence[Measurement]) -> str:
     or the median growth over seeds is under 1 (every block shrinks the gradient alike: vanishing),
     'uniform, median gain xG'; else the block with the largest weight gradient (the growth was inside a
     block). A stack with fewer than three gains cannot show a uniform rate: there the seeds vote for
-    their largest amplifying block."""
+    their largest amplifying block, a tie going to the block of the earliest seed among the tied
+    (a set's order, which varies with PYTHONHASHSEED, named layers.0 or layers.1 from one process to
+    the next)."""
     first = ms[0]
     if any(m.first_nonfinite is not None for m in ms):
         return _single(next(m for m in ms if m.first_nonfinite is not None))
     logs = [[math.log(g) if g > 0 and math.isfinite(g) else math.nan for g in m.gains] for m in ms]
     if len(first.gains) < 3 or any(all(math.isnan(x) for x in row) for row in logs):
         votes = [_largest_gain(m) for m in ms]  # too few gains to tell a uniform stack from one block
-        return max(set(votes), key=votes.count)
+        return max(votes, key=Counter(votes).__getitem__)  # a tie: the earliest seed's, never set order
     excess = []
     for row in logs:
         mid = _median(row)

@@ -165,3 +165,13 @@ def test_a_stack_of_gain_exactly_one_blames_the_largest_weight_gradient() -> Non
     nothing, so the growth, if any, was inside a block: the block with the largest weight gradient,
     b3 here (every weight gradient 1: the last of the ties)."""
     assert culprit_of([seed([0.0] * 4)] * 3) == "b3"
+
+
+def test_a_tie_between_two_seeds_votes_goes_to_the_earlier_seed() -> None:
+    """Two gains, two seeds, each with another largest block: a 1-1 tie, broken by set order (it named
+    layers.0 or layers.1 by PYTHONHASHSEED across processes for one command and --seed). Oracle, the
+    rule: the earlier seed's block, whichever order the seeds come in (under set order one of the two
+    orders gives the other block)."""
+    b0_first, b1_first = seed([C + 1, C]), seed([C, C + 1])
+    assert culprit_of([b0_first, b1_first]) == "b0"
+    assert culprit_of([b1_first, b0_first]) == "b1"
