@@ -24,10 +24,12 @@ def tree_map(fn: Callable[[torch.Tensor], Any], tree: Any) -> Any:
 
 
 def tensors(tree: Any) -> list[torch.Tensor]:
-    """Every tensor of `tree`, depth first in order."""
-    found: list[torch.Tensor] = []
-    tree_map(found.append, tree)
-    return found
+    """Every tensor of `tree`, depth first in order. Read, never rebuilt: a namedtuple whose class
+    checks its fields (a PackedSequence, an LSTM's usual input) raised when made again of Nones."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    items = tree.values() if isinstance(tree, Mapping) else tree if isinstance(tree, tuple | list) else ()
+    return [t for item in items for t in tensors(item)]
 
 
 def invalid_leaf(tree: Any) -> object | None:

@@ -648,6 +648,32 @@ def torch_output_grads(
     return [0.0 if g is None else float(g.norm()) for g in torch.autograd.grad(loss, outs, allow_unused=True)]
 
 
+def test_a_stack_of_grus_passing_a_packed_sequence_is_probed() -> None:
+    """nn.GRU layers passing a PackedSequence along (the variable-length recipe): reading the tensors
+    of a block's arguments rebuilt the PackedSequence of Nones, which raised inside the model's forward
+    (the CLI blamed the user's code). Each block is read on its output's packed data. Oracle: torch's
+    gradients of the same tensors, float64."""
+    torch.manual_seed(0)
+
+    class Packed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.grus = nn.ModuleList(nn.GRU(8, 8, batch_first=True, dtype=torch.float64) for _ in range(3))
+
+        def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            p = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+            for gru in self.grus:
+                p, _ = gru(p)
+            return nn.utils.rnn.pad_packed_sequence(p, batch_first=True)[0]
+
+    model = Packed()
+    args = (torch.randn(3, 5, 8, dtype=torch.float64), torch.tensor([5, 3, 2]))
+    m = probe_module(model, args, lambda o, _: o.square().sum())
+    norms = torch_output_grads(model, args, list(model.grus), pick=lambda out: out[0].data)
+    assert m.activation_grad_norms[-3:] == pytest.approx(norms, rel=1e-9)
+    assert m.gains == pytest.approx([norms[0] / norms[1], norms[1] / norms[2]], rel=1e-9)
+
+
 def test_one_chains_vanishing_does_not_hide_anothers_explosion() -> None:
     """Two towers of orthogonal linear layers, one at gain 3 and one at 1/3: their product (3) hid the
     first's growth 27 (a trial's prophetnet: encoder 2558, decoder 1.4e-16, growth read 3.5e-13, no
