@@ -24,10 +24,18 @@ def _made_from(x: Any, targets: set[Any], past: Collection[Any] = ()) -> bool:
     searched (a node's inputs are older than it): the search ends where the targets were made,
     however many nodes lie between (a cap of 32 nodes, parameter leaves counted, read a 6-layer
     transition between two loops over a stack as a junction)."""
-    if not isinstance(x, torch.Tensor) or x.grad_fn is None or not targets or x.grad_fn in past:
+    if not isinstance(x, torch.Tensor) or x.grad_fn is None:
+        return False
+    return _reaches(x.grad_fn, targets, past)
+
+
+def _reaches(start: Any, targets: set[Any], past: Collection[Any] = ()) -> bool:
+    """Whether autograd node `start` is one of `targets` or reaches one not through `past` (see
+    _made_from)."""
+    if not targets or start in past:
         return False
     oldest = min(t._sequence_nr() for t in targets)
-    frontier, seen = [x.grad_fn], {x.grad_fn}
+    frontier, seen = [start], {start}
     while frontier:
         node = frontier.pop()
         if node in targets:
@@ -41,6 +49,34 @@ def _made_from(x: Any, targets: set[Any], past: Collection[Any] = ()) -> bool:
                 seen.add(child)
                 frontier.append(child)
     return False
+
+
+def _residual_add(x: Any, raw: torch.Tensor, first: torch.Tensor) -> Any:
+    """The autograd node of an add, alpha 1, of block 0's input `raw` and what is computed from block
+    0's output `first`, on the graph behind `x`, the next block call's chain input: a residual written
+    around block 0 in the model's forward, x + block(x), maybe behind a norm (XLM's
+    LayerNorm(x + attention(x))). Its `raw` side hands dL/d sum to the input as it is: the gradient
+    along the chain that block 0's copy of its input does not see. `raw` requires grad (a stem's or
+    an embedding's output: its gradient edge names it). None where there is none, or the shapes
+    differ (a broadcast add is no identity)."""
+    out = first.grad_fn
+    if not isinstance(x, torch.Tensor) or x.grad_fn is None or out is None or raw.shape != first.shape:
+        return None
+    edge = torch.autograd.graph.get_gradient_edge(raw)
+    at = (edge.node, edge.output_nr)
+    frontier, seen = [x.grad_fn], {x.grad_fn}
+    while frontier:
+        node = frontier.pop()
+        edges = node.next_functions
+        if type(node).__name__ == "AddBackward0" and getattr(node, "_saved_alpha", None) == 1 and at in edges:
+            other = [child for child, nr in edges if (child, nr) != at]
+            if len(other) == 1 and other[0] is not None and _reaches(other[0], {out}):
+                return node
+        for child, _ in edges:
+            if child is not None and child not in seen and child._sequence_nr() > out._sequence_nr():
+                seen.add(child)
+                frontier.append(child)
+    return None
 
 
 def _taken_chains(

@@ -66,25 +66,20 @@ class _Run:
         return self.params[0].device
 
 
-def _backward(
-    run: _Run, loss: torch.Tensor, outputs: list[torch.Tensor], around: torch.Tensor | None = None
-) -> list[torch.Tensor | None]:
+def _backward(run: _Run, loss: torch.Tensor, outputs: list[torch.Tensor]) -> list[torch.Tensor | None]:
     """Backward from `loss`, setting every parameter's .grad (None where none reached it) and
     returning dL/d(output) of each recorded output (None where the loss does not depend on it); the
-    entry's (outputs[0], block 0's copy of its input) plus dL/d `around`, the add of a residual
-    written around block 0 (recording._around), which the copy does not pass through. All from one
+    entry's (outputs[0], block 0's copy of its input) plus what a residual add written around block 0
+    hands its input (recording._around), which the copy does not see. All from one
     torch.autograd.grad pass (measured cheaper than backward() with tensor hooks or retain_grad on
     many-call blocks, and no dearer on dense ones; see ci/bench.py). It runs no hook on the
     parameters' accumulation (an optimizer stepped inside the backward, DDP's reducer) and leaves the
     graph behind a caller's tensor as it was: backward(inputs=...) did both, for no saving
     measurable on the bench's models."""
     wanted = [i for i, out in enumerate(outputs) if out.requires_grad]
-    extra = [around] if around is not None else []
     try:
         grads = list(
-            torch.autograd.grad(
-                loss, [outputs[i] for i in wanted] + list(run.params) + extra, allow_unused=True
-            )
+            torch.autograd.grad(loss, [outputs[i] for i in wanted] + list(run.params), allow_unused=True)
         )
     except CheckpointError as exc:  # a recomputation that differs from its forward: torch's several lines
         raise UsageError(
@@ -101,10 +96,9 @@ def _backward(
             "unmeasurable; pass use_reentrant=False (Hugging Face: model.gradient_checkpointing_enable("
             "gradient_checkpointing_kwargs={'use_reentrant': False})) or probe without checkpointing"
         ) from None
-    if extra:
-        *grads, through = grads
-        if through is not None and wanted[:1] == [0]:
-            grads[0] = through if grads[0] is None else grads[0] + through
+    through = run.rec.through()
+    if through is not None and wanted[:1] == [0]:
+        grads[0] = through if grads[0] is None else grads[0] + through
     for p, g in zip(run.params, grads[len(wanted) :], strict=True):
         p.grad = g
     captured: list[torch.Tensor | None] = [None] * len(outputs)
@@ -208,8 +202,7 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         loss = _forward(run, hooks=True, exact=exact, copied=copied, entry=not moved)
     outputs = run.rec.take() if hooks else []
     try:
-        around = run.rec.take_around() if hooks else None
-        captured = _backward(run, scaler.scale(loss) if scaler else loss, outputs, around)
+        captured = _backward(run, scaler.scale(loss) if scaler else loss, outputs)
     finally:
         run.rec.release()
         if hooks:

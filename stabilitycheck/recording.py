@@ -14,7 +14,7 @@ from torch import nn
 
 from stabilitycheck._tree import tensors
 from stabilitycheck.errors import UsageError
-from stabilitycheck.junctions import _feeds, _made_from, _stack_starts, _taken_chains
+from stabilitycheck.junctions import _feeds, _made_from, _residual_add, _stack_starts, _taken_chains
 from stabilitycheck.losses import Inputs
 from stabilitycheck.measurement import INPUT
 
@@ -204,18 +204,23 @@ def _elsewhere(args: tuple[Any, ...], kwargs: dict[str, Any], key: str | None, f
     return any(_feeds(t, first) for t in tensors(others))
 
 
-def _around(args: tuple[Any, ...], raw: torch.Tensor, first: torch.Tensor) -> torch.Tensor | None:
-    """The chain input of the call after block 0's first where it is `raw` + `first`, block 0's input
-    plus its output, to the last bit, made by one add (a residual add written around block 0 in the
-    model's forward, `x = x + block(x)`): dL/d input along the chain then runs through that add too.
-    None otherwise (x + 0.5 * block(x), a norm after the add: not the identity, left unread)."""
+def _around(args: tuple[Any, ...], raw: torch.Tensor, first: torch.Tensor) -> Any:
+    """The autograd node of a residual add written around block 0 in the model's forward
+    (x = x + block(x)), seen from the call after block 0's first (`args`): the add of block 0's input
+    `raw` and its output `first`, dL/d input along the chain running through it too. Of an input that
+    requires grad, the add of `raw` and what is computed from `first` behind that call's input
+    (junctions._residual_add: behind a norm too); of a plain input, whose uses autograd does not
+    record, only that call's input itself when it is `raw` + `first` to the last bit. None otherwise
+    (x + 0.5 * block(x), a norm before the branch: left unread)."""
     x = args[0] if args else None
-    if not isinstance(x, torch.Tensor) or x is first or type(x.grad_fn).__name__ != "AddBackward0":
+    if not isinstance(x, torch.Tensor) or x is first:
         return None
-    if x.shape != first.shape or x.shape != raw.shape or x._version != 0:
+    if raw.requires_grad:
+        return _residual_add(x, raw, first)
+    if type(x.grad_fn).__name__ != "AddBackward0" or x.shape != first.shape or x.shape != raw.shape:
         return None
     with torch.no_grad():
-        return x if torch.equal(x, raw + first) else None
+        return x.grad_fn if x._version == 0 and torch.equal(x, raw + first) else None
 
 
 class _Recorder:
@@ -251,8 +256,8 @@ class _Recorder:
         self.recheck = False  # block 0 took the entry: its next call is checked (`_elsewhere`)
         self.dropped = False  # the entry is not the chain's (block 0's next call): `take` drops it
         self.touched = False  # block 0 changed its copy of the input in place (`entry_moved`)
-        self.around: torch.Tensor | None = None  # the next call's input where it is input + block 0's
-        # output, a residual add written around block 0 (`_around`)
+        self.around: list[torch.Tensor] = []  # dL/d sum of a residual add around block 0 (`_around`)
+        self.around_hook: Any = None  # the hook on that add's node that fills `around`, until release
         self.versions: list[int] = []  # per recorded output, its version counter when recorded
         self.copied: frozenset[int] = frozenset()  # positions in `outputs` recorded as a copy (`_kept`)
         self.breaks: set[int] = set()  # positions in `outputs` whose block does not take the last output
@@ -359,7 +364,9 @@ class _Recorder:
                             self.entering.append(None)
                         self.recheck = True  # see _on_input
                     if len(calls) == 2 and calls[0] < 0 and self.raw is not None:
-                        self.around = _around(args, self.raw, outputs[1])
+                        add = _around(args, self.raw, outputs[1])
+                        if add is not None:
+                            self.around_hook = add.register_prehook(self._through)
                     if len(outputs) in self.copied:  # the model changes `out`, the copy stays as returned
                         out = _kept(out)
                     calls.append(b)
@@ -449,7 +456,8 @@ class _Recorder:
         self.entering = [] if inputs else None
         self.alts.clear()
         self.last.clear()
-        self.entry = self.around = None
+        self.entry = None
+        self.around.clear()
         self.recheck, self.dropped, self.touched = False, False, False
         self.active = True
         if self.first is not None and entry:
@@ -471,9 +479,13 @@ class _Recorder:
             self._unhook()
 
     def release(self) -> None:
-        """After the step's backward: block 0's input is no longer replaced."""
+        """After the step's backward: block 0's input is no longer replaced, the residual add's hook
+        is off."""
         self.raw = None
         self._unhook()
+        if self.around_hook is not None:
+            self.around_hook.remove()
+            self.around_hook = None
 
     def _unhook(self) -> None:
         if self.pre is not None:
@@ -497,11 +509,18 @@ class _Recorder:
         self.last.clear()
         return outputs
 
-    def take_around(self) -> torch.Tensor | None:
-        """The second call's input where it is block 0's input plus its output (`_around`), dropping the
-        recorder's reference to it; None where it is not, or the entry is not the chain's."""
-        around, self.around = self.around, None
-        return around if self.calls[:1] == [-1] and around is not None and around._version == 0 else None
+    def _through(self, grads: tuple[torch.Tensor | None, ...]) -> None:
+        """The residual add's node pre-hook (`_around`): keeps dL/d sum, changing nothing."""
+        if grads[0] is not None:
+            self.around.append(grads[0])
+
+    def through(self) -> torch.Tensor | None:
+        """After the backward, dL/d sum of the residual add around block 0 (`_around`), what its input
+        side hands to block 0's input besides the copy's; None where there is none, or the entry is not
+        the chain's."""
+        through = self.around[0] if len(self.around) == 1 and self.calls[:1] == [-1] else None
+        self.around.clear()
+        return through
 
     def take_entering(self) -> list[torch.Tensor | None]:
         """Each recorded call's floating input (None where it had none; empty unless asked for at

@@ -1656,6 +1656,44 @@ def test_a_residual_add_around_block_0_is_in_its_gain(stem: bool, first: bool) -
     )
 
 
+def test_a_residual_add_around_block_0_behind_a_norm_is_in_its_gain() -> None:
+    """XLM's layers written in the model's forward: h = LayerNorm(h + attention(h)), the branches the
+    blocks, on an embedding-like stem's output. Block 0's input was read through its branch alone, so
+    hf:xlm read growth 0.0067, a vanishing gradient, where the stream's is 0.998 (found by an audit).
+    The add of the input and what block 0's output became, behind the next block's input, is now on
+    the chain. Oracle: torch's gradients of the stem's output and of each sum, float64."""
+    torch.manual_seed(0)
+
+    class PostNormOutside(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Linear(8, 8, dtype=torch.float64)
+            self.branches = nn.ModuleList(nn.Linear(8, 8, dtype=torch.float64) for _ in range(3))
+            self.norms = nn.ModuleList(nn.LayerNorm(8, dtype=torch.float64) for _ in range(3))
+            for branch in self.branches:
+                nn.init.orthogonal_(branch.weight, gain=0.05)
+
+        def stream(self, x: torch.Tensor) -> list[torch.Tensor]:
+            out = [self.stem(x)]
+            for branch, norm in zip(self.branches, self.norms, strict=True):
+                out.append(out[-1] + branch(out[-1]))
+                out.append(norm(out[-1]))
+            return out
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.stream(x)[-1]
+
+    model, x = PostNormOutside(), torch.randn(4, 8, dtype=torch.float64)
+    loss = lambda o, _: (o * torch.arange(8.0, dtype=torch.float64)).square().sum()  # noqa: E731
+    m = probe_module(model, x, loss)
+    assert m.layer_names == ("branches.0", "branches.1", "branches.2")
+    stream = model.stream(x)
+    sums = [stream[0], *stream[1::2]]  # the stem's output, then each add
+    grads = [g.norm().item() for g in torch.autograd.grad(loss(stream[-1], x), sums)]
+    assert m.gains == pytest.approx([grads[i] / grads[i + 1] for i in range(3)], rel=1e-9)
+    assert m.gains[0] > 0.5  # through the branch alone, about 0.05 / the norm's scale
+
+
 def test_a_scaled_residual_around_block_0_is_read_through_block_0_alone() -> None:
     """x + 0.5 * block(x) is not one add of block 0's input and output: block 0 is read through its
     branch alone, as the README says (gain exactly 0.3 for W = 0.3 x orthogonal: dL/d output is
