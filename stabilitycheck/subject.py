@@ -333,8 +333,8 @@ def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
     cells = tuple((name, m) for name, m in model.named_modules() if isinstance(m, nn.RNNCellBase))
     if cells:
         return cells, f"blocks: {' + '.join(n for n, _ in cells)} (recurrent cells: a block per call)"
-    leaves = tuple(
-        (name, m)
+    leaves = tuple(  # the model itself, a bare nn.RNN, by a name (its own is ''): a blank culprit
+        (name or "(model)", m)
         for name, m in model.named_modules()
         if not list(m.children()) and any(True for _ in m.parameters(recurse=False))
     )

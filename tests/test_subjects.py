@@ -19,6 +19,7 @@ from chain_models import OrthogonalTowers, TutorialLoop, run_tower
 from torch import nn
 
 from stabilitycheck.config import Config
+from stabilitycheck.culprit import culprit_of
 from stabilitycheck.probing import probe, probe_module
 from stabilitycheck.report import reproduction, text
 from stabilitycheck.searching import search
@@ -1275,6 +1276,17 @@ def test_without_a_list_the_blocks_are_the_leaf_modules_owning_parameters() -> N
 
     blocks, note = find_blocks(Flat())
     assert [n for n, _ in blocks] == ["fc1", "fc2"] and note.startswith(LEAVES_NOTE)
+
+
+def test_a_bare_recurrent_module_as_the_model_is_named_as_a_block() -> None:
+    """A bare nn.RNN as the model is its own only block; its name in named_modules is '', so the
+    culprit column and the JSON's culprit were blank and the profile had no last label (found by an
+    audit). It is named '(model)', as the report's notes name the model."""
+    model = nn.RNN(4, 8, num_layers=2, batch_first=True)
+    blocks, note = find_blocks(model)
+    assert blocks == (("(model)", model),) and note.startswith(LEAVES_NOTE)
+    m = probe_module(model, torch.randn(2, 5, 4), lambda o, _: o[0].square().sum())
+    assert m.layer_names == ("(model)",) and culprit_of([m]) == "(model)"
 
 
 def test_a_longest_stack_of_leaf_layers_stands_alone_beside_composite_stacks() -> None:
