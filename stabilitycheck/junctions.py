@@ -52,31 +52,45 @@ def _reaches(start: Any, targets: set[Any], past: Collection[Any] = ()) -> bool:
 
 
 def _residual_add(x: Any, raw: torch.Tensor, first: torch.Tensor) -> Any:
-    """The autograd node of an add, alpha 1, of block 0's input `raw` and what is computed from block
-    0's output `first`, on the graph behind `x`, the next block call's chain input: a residual written
+    """The autograd node of an add, alpha 1, of block 0's input `raw` and its output `first`
+    themselves, on the graph behind `x`, the next block call's chain input: a residual written
     around block 0 in the model's forward, x + block(x), maybe behind a norm (XLM's
-    LayerNorm(x + attention(x))). Its `raw` side hands dL/d sum to the input as it is: the gradient
-    along the chain that block 0's copy of its input does not see. `raw` requires grad (a stem's or
-    an embedding's output: its gradient edge names it). None where there is none, or the shapes
-    differ (a broadcast add is no identity)."""
-    out = first.grad_fn
-    if not isinstance(x, torch.Tensor) or x.grad_fn is None or out is None or raw.shape != first.shape:
+    LayerNorm(x + attention(x))). Its `raw` side hands dL/d sum to the input as it is, the gradient
+    along the chain that block 0's copy of its input does not see, and its `first` side the same to
+    block 0's output, whose gradient is the gain's denominator (an add of what is computed from the
+    output, x + 0.1 * block(x), read the stream's gain / 0.1). `raw` requires grad (a stem's or an
+    embedding's output: its gradient edge names it). None where there is none, or the shapes differ
+    (a broadcast add is no identity)."""
+    if (
+        not isinstance(x, torch.Tensor)
+        or x.grad_fn is None
+        or first.grad_fn is None
+        or raw.shape != first.shape
+    ):
         return None
-    edge = torch.autograd.graph.get_gradient_edge(raw)
-    at = (edge.node, edge.output_nr)
+    both = {_edge(raw), _edge(first)}
+    oldest = first.grad_fn._sequence_nr()
     frontier, seen = [x.grad_fn], {x.grad_fn}
     while frontier:
         node = frontier.pop()
         edges = node.next_functions
-        if type(node).__name__ == "AddBackward0" and getattr(node, "_saved_alpha", None) == 1 and at in edges:
-            other = [child for child, nr in edges if (child, nr) != at]
-            if len(other) == 1 and other[0] is not None and _reaches(other[0], {out}):
-                return node
+        if (
+            type(node).__name__ == "AddBackward0"
+            and getattr(node, "_saved_alpha", None) == 1
+            and set(edges) == both
+        ):
+            return node
         for child, _ in edges:
-            if child is not None and child not in seen and child._sequence_nr() > out._sequence_nr():
+            if child is not None and child not in seen and child._sequence_nr() > oldest:
                 seen.add(child)
                 frontier.append(child)
     return None
+
+
+def _edge(t: torch.Tensor) -> tuple[Any, int]:
+    """Where `t`'s gradient goes in the autograd graph: (node, input number)."""
+    edge = torch.autograd.graph.get_gradient_edge(t)
+    return edge.node, edge.output_nr
 
 
 def _taken_chains(

@@ -97,7 +97,7 @@ def _backward(run: _Run, loss: torch.Tensor, outputs: list[torch.Tensor]) -> lis
             "gradient_checkpointing_kwargs={'use_reentrant': False})) or probe without checkpointing"
         ) from None
     through = run.rec.through()
-    if through is not None and wanted[:1] == [0]:
+    if through is not None and wanted[:1] == [0] and through.shape == outputs[0].shape:
         grads[0] = through if grads[0] is None else grads[0] + through
     for p, g in zip(run.params, grads[len(wanted) :], strict=True):
         p.grad = g

@@ -204,20 +204,21 @@ def _elsewhere(args: tuple[Any, ...], kwargs: dict[str, Any], key: str | None, f
     return any(_feeds(t, first) for t in tensors(others))
 
 
-def _around(args: tuple[Any, ...], raw: torch.Tensor, first: torch.Tensor) -> Any:
+def _around(args: tuple[Any, ...], raw: torch.Tensor, first: torch.Tensor, again: bool) -> Any:
     """The autograd node of a residual add written around block 0 in the model's forward
-    (x = x + block(x)), seen from the call after block 0's first (`args`): the add of block 0's input
-    `raw` and its output `first`, dL/d input along the chain running through it too. Of an input that
-    requires grad, the add of `raw` and what is computed from `first` behind that call's input
-    (junctions._residual_add: behind a norm too); of a plain input, whose uses autograd does not
-    record, only that call's input itself when it is `raw` + `first` to the last bit. None otherwise
-    (x + 0.5 * block(x), a norm before the branch: left unread)."""
+    (x = x + block(x)), seen from the call after block 0's first (`args`; `again`: block 0 again): the
+    add of block 0's input `raw` and its output `first`, dL/d input along the chain running through
+    it too. Of an input that requires grad, that add behind the call's input (junctions._residual_add:
+    behind a norm too); of a plain input, whose uses autograd does not record, only the call's input
+    itself when it is `raw` + `first` to the last bit and the call is another block's (a cell called
+    per token on x_t + h, x_1 equal to x_0 by value, would read as one). None otherwise (x + 0.5 *
+    block(x), a norm before the branch: left unread)."""
     x = args[0] if args else None
     if not isinstance(x, torch.Tensor) or x is first:
         return None
     if raw.requires_grad:
         return _residual_add(x, raw, first)
-    if type(x.grad_fn).__name__ != "AddBackward0" or x.shape != first.shape or x.shape != raw.shape:
+    if again or type(x.grad_fn).__name__ != "AddBackward0" or x.shape != first.shape or x.shape != raw.shape:
         return None
     with torch.no_grad():
         return x.grad_fn if x._version == 0 and torch.equal(x, raw + first) else None
@@ -364,7 +365,7 @@ class _Recorder:
                             self.entering.append(None)
                         self.recheck = True  # see _on_input
                     if len(calls) == 2 and calls[0] < 0 and self.raw is not None:
-                        add = _around(args, self.raw, outputs[1])
+                        add = _around(args, self.raw, outputs[1], again=b == 0)
                         if add is not None:
                             self.around_hook = add.register_prehook(self._through)
                     if len(outputs) in self.copied:  # the model changes `out`, the copy stays as returned
@@ -480,17 +481,21 @@ class _Recorder:
 
     def release(self) -> None:
         """After the step's backward: block 0's input is no longer replaced, the residual add's hook
-        is off."""
+        is off (`_unhook`)."""
         self.raw = None
         self._unhook()
-        if self.around_hook is not None:
-            self.around_hook.remove()
-            self.around_hook = None
+        self._unhook_around()
 
     def _unhook(self) -> None:
         if self.pre is not None:
             self.pre.remove()
             self.pre = None
+
+    def _unhook_around(self) -> None:
+        """Take the residual add's node hook (`_around`) off the pass's graph, which may outlive it."""
+        if self.around_hook is not None:
+            self.around_hook.remove()
+            self.around_hook = None
 
     def take(self) -> list[torch.Tensor]:
         """The recorded outputs, dropping the recorder's references to them (and the entry, where it is
@@ -551,6 +556,8 @@ class _Recorder:
         self.handles.clear()
         self.repicking.clear()
         self._unhook()
+        self._unhook_around()
+        self.around.clear()
         for nodes in self.own.values():
             nodes.clear()
 

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, cast
 
 import torch
 from torch import nn
-from torch.nn.parameter import is_lazy
 from torch.utils.hooks import RemovableHandle
 
 from stabilitycheck.config import Config
@@ -103,12 +102,13 @@ def _stacks(model: nn.Module) -> list[tuple[str, Blocks]]:
     return found
 
 
-def _longest(stack: tuple[str, Blocks]) -> tuple[int, int]:
-    """A stack's rank as the chain: its length, then its first block's parameter count. Of two lists
-    of one length, the layers of `x = x + layer(norm(x))` rank above the norms (d^2 + d parameters to
-    2d), which the first defined won: read on the norms' outputs, every gain was a branch input's.
-    A lazy layer's parameters, not yet shaped, count 0."""
-    return len(stack[1]), sum(p.numel() for p in stack[1][0][1].parameters() if not is_lazy(p))
+def _longest(stack: tuple[str, Blocks]) -> tuple[int, bool]:
+    """A stack's rank as the chain: its length, then whether its blocks are not normalisation layers
+    (a class named *Norm*). Of two lists of one length, the layers of `x = x + layer(norm(x))` rank
+    above the norms, which the first defined won: read on the norms' outputs, every gain was a branch
+    input's. Other ties go to the first defined (a deep-supervision model's per-layer heads, which
+    no head feeds, beside its layers)."""
+    return len(stack[1]), "Norm" not in type(stack[1][0][1]).__name__
 
 
 def _once(pairs: Blocks) -> Blocks:

@@ -20,7 +20,7 @@ from chain_models import OrthogonalTowers, run_tower
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from stabilitycheck import norms
+from stabilitycheck import norms, recording
 from stabilitycheck.config import FAMILIES, RUN_FIELDS, Config
 from stabilitycheck.culprit import culprit_of
 from stabilitycheck.errors import UsageError
@@ -1694,13 +1694,16 @@ def test_a_residual_add_around_block_0_behind_a_norm_is_in_its_gain() -> None:
     assert m.gains[0] > 0.5  # through the branch alone, about 0.05 / the norm's scale
 
 
-def test_a_scaled_residual_around_block_0_is_read_through_block_0_alone() -> None:
+@pytest.mark.parametrize("stem", [False, True])
+def test_a_scaled_residual_around_block_0_is_read_through_block_0_alone(stem: bool) -> None:
     """x + 0.5 * block(x) is not one add of block 0's input and output: block 0 is read through its
     branch alone, as the README says (gain exactly 0.3 for W = 0.3 x orthogonal: dL/d output is
-    taken before the 0.5), the later blocks along the stream. Oracle: exact for block 0, torch's
-    stream gradients for the rest."""
+    taken before the 0.5), the later blocks along the stream. Behind a stem, the add of the input and
+    0.5 * block(x) was taken while the gain's denominator, dL/d block(x), is 0.5 x dL/d sum: the
+    stream's gain / 0.5 (ReZero's alpha 0 read growth inf, found in review). Oracle: exact for block
+    0, torch's stream gradients for the rest."""
     torch.manual_seed(0)
-    model = _AroundBlocks(stem=False, first=False, scale=0.5)
+    model = _AroundBlocks(stem=stem, first=False, scale=0.5)
     x = torch.randn(4, 8, dtype=torch.float64)
     loss = lambda o, _: o.square().sum()  # noqa: E731
     m = probe_module(model, x, loss)
@@ -1708,6 +1711,77 @@ def test_a_scaled_residual_around_block_0_is_read_through_block_0_alone() -> Non
     grads = [g.norm().item() for g in torch.autograd.grad(loss(stream[-1], x), stream[1:])]
     assert m.gains[0] == pytest.approx(0.3, rel=1e-9)
     assert m.gains[1:] == pytest.approx([grads[i] / grads[i + 1] for i in range(3)], rel=1e-9)
+
+
+def test_a_cell_fed_its_input_plus_its_state_is_no_residual_whatever_the_tokens() -> None:
+    """A cell called per token on x_t + h (input feeding): no residual around block 0, but where
+    x_1 equals x_0 by value (a repeated token), x_1 + h_1 equalled block 0's input plus its output
+    to the last bit, and its gradient was added to the input's: |dL/d input| 197.9 for 130.0 (found
+    in review). For a plain input, the add is taken only where another block makes the next call.
+    Oracle: torch's gradients of x_0 and of each call's output, float64."""
+    torch.manual_seed(0)
+    cell = nn.Sequential(nn.Linear(8, 8, bias=False, dtype=torch.float64), nn.Tanh())
+    nn.init.orthogonal_(cell[0].weight, gain=0.9)
+
+    class Feed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell = cell
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.stack(self.steps(x, x[:, 0]), 1)
+
+        def steps(self, x: torch.Tensor, first: torch.Tensor) -> list[torch.Tensor]:
+            outs = [self.cell(first)]
+            for t in range(1, x.shape[1]):
+                outs.append(self.cell(x[:, t] + outs[-1]))
+            return outs
+
+    model, x = Feed(), torch.randn(3, 5, 8, dtype=torch.float64)
+    x[:, 1] = x[:, 0]
+    loss = lambda o, _: (o * torch.arange(8.0, dtype=torch.float64)).square().sum()  # noqa: E731
+    m = probe_module(model, x, loss, blocks=[("cell", model.cell)])
+    first = x[:, 0].clone().requires_grad_()
+    outs = model.steps(x, first)
+    norms = [g.norm().item() for g in torch.autograd.grad(loss(torch.stack(outs, 1), x), [first, *outs])]
+    assert m.activation_grad_norms == pytest.approx(norms, rel=1e-9)
+
+
+def test_no_hook_of_the_probe_is_left_on_a_graph_the_model_keeps_when_the_loss_raises(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The residual add's node hook was taken off after the step's backward alone: where the loss
+    function raised, a graph the model kept (its last output) ran the probe's hook in the user's own
+    backward (found in review). Oracle: the hook runs once in a probe that works, never in the
+    user's backward after one that raised."""
+
+    class Keeps(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+            self.kept = torch.zeros(())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                x = x + layer(x)
+            self.kept = x
+            return x
+
+    def fails(out: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        raise ValueError("the loss fails")
+
+    ran: list[int] = []
+    through = recording._Recorder._through
+    monkeypatch.setattr(
+        recording._Recorder, "_through", lambda rec, grads: (ran.append(1), through(rec, grads))[1]
+    )
+    model, x = Keeps(), torch.randn(4, 8)
+    probe_module(model, x, lambda o, _: o.square().sum())
+    assert ran == [1]
+    with pytest.raises(Exception, match="the loss fails"):
+        probe_module(model, x, fails)
+    model.kept.square().sum().backward()
+    assert ran == [1]
 
 
 class _InPlaceFirst(nn.Module):
