@@ -24,18 +24,10 @@ def _made_from(x: Any, targets: set[Any], past: Collection[Any] = ()) -> bool:
     searched (a node's inputs are older than it): the search ends where the targets were made,
     however many nodes lie between (a cap of 32 nodes, parameter leaves counted, read a 6-layer
     transition between two loops over a stack as a junction)."""
-    if not isinstance(x, torch.Tensor) or x.grad_fn is None:
-        return False
-    return _reaches(x.grad_fn, targets, past)
-
-
-def _reaches(start: Any, targets: set[Any], past: Collection[Any] = ()) -> bool:
-    """Whether autograd node `start` is one of `targets` or reaches one not through `past` (see
-    _made_from)."""
-    if not targets or start in past:
+    if not isinstance(x, torch.Tensor) or x.grad_fn is None or not targets or x.grad_fn in past:
         return False
     oldest = min(t._sequence_nr() for t in targets)
-    frontier, seen = [start], {start}
+    frontier, seen = [x.grad_fn], {x.grad_fn}
     while frontier:
         node = frontier.pop()
         if node in targets:

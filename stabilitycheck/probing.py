@@ -77,6 +77,7 @@ def _backward(run: _Run, loss: torch.Tensor, outputs: list[torch.Tensor]) -> lis
     graph behind a caller's tensor as it was: backward(inputs=...) did both, for no saving
     measurable on the bench's models."""
     wanted = [i for i, out in enumerate(outputs) if out.requires_grad]
+    run.rec.backward_starts()
     try:
         grads = list(
             torch.autograd.grad(loss, [outputs[i] for i in wanted] + list(run.params), allow_unused=True)

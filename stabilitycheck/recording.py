@@ -480,8 +480,8 @@ class _Recorder:
             self._unhook()
 
     def release(self) -> None:
-        """After the step's backward: block 0's input is no longer replaced, the residual add's hook
-        is off (`_unhook`)."""
+        """After the step's backward: block 0's input is no longer replaced, and the residual add's
+        node hook is off (`_unhook_around`)."""
         self.raw = None
         self._unhook()
         self._unhook_around()
@@ -518,6 +518,12 @@ class _Recorder:
         """The residual add's node pre-hook (`_around`): keeps dL/d sum, changing nothing."""
         if grads[0] is not None:
             self.around.append(grads[0])
+
+    def backward_starts(self) -> None:
+        """The probe's own backward is next: a dL/d sum kept before it is dropped (a loss with a
+        gradient penalty, torch.autograd.grad with create_graph inside it, ran the add's node once
+        already: two kept, none read, block 0 read through its branch alone)."""
+        self.around.clear()
 
     def through(self) -> torch.Tensor | None:
         """After the backward, dL/d sum of the residual add around block 0 (`_around`), what its input

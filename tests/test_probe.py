@@ -1694,6 +1694,32 @@ def test_a_residual_add_around_block_0_behind_a_norm_is_in_its_gain() -> None:
     assert m.gains[0] > 0.5  # through the branch alone, about 0.05 / the norm's scale
 
 
+def test_a_residual_around_block_0_is_read_under_a_loss_with_a_gradient_penalty() -> None:
+    """A loss taking torch.autograd.grad with create_graph (R1, WGAN-GP) runs the residual add's node
+    once itself before the probe's backward does: two dL/d sum were kept, none read, and block 0 read
+    through its branch alone, |dL/d input| 608 for 1185 (found in review). Oracle: torch's gradients
+    of the same loss with respect to the stem's output (used by block 0 and the add alone) and each
+    block's output, float64."""
+    torch.manual_seed(0)
+    model = _AroundBlocks(stem=True, first=False)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    assert model.stem is not None
+    stem = model.stem.weight
+
+    def penalised(out: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        (g,) = torch.autograd.grad(out.square().sum(), stem, create_graph=True)
+        return out.square().sum() + 10.0 * g.square().sum()
+
+    m = probe_module(model, x, penalised)
+    outs: list[torch.Tensor] = []
+    handles = [layer.register_forward_hook(lambda mod, i, o: outs.append(o)) for layer in model.layers]
+    stream = model.stream(x)
+    for handle in handles:
+        handle.remove()
+    norms = [g.norm().item() for g in torch.autograd.grad(penalised(stream[-1], x), [stream[0], *outs])]
+    assert m.activation_grad_norms == pytest.approx(norms, rel=1e-9)
+
+
 @pytest.mark.parametrize("stem", [False, True])
 def test_a_scaled_residual_around_block_0_is_read_through_block_0_alone(stem: bool) -> None:
     """x + 0.5 * block(x) is not one add of block 0's input and output: block 0 is read through its
