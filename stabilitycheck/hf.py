@@ -334,9 +334,12 @@ class HFModel:
         hf_config = self.hf_config(values)
         device = torch.device(config.run.device)
         cuda = [device] if device.type == "cuda" else []
+        # transformers' grouped_mm experts take no float64 (mixtral, qwen2_moe, olmoe and jamba refused
+        # every point): their eager loop computes the same experts in any dtype
+        wide = config.run.dtype == "float64" and hasattr(hf_config, "_experts_implementation")
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
-            model = self._model(hf_config)
+            model = self._model(hf_config, **({"experts_implementation": "eager"} if wide else {}))
         blocks, note = find_blocks(model)
         empty = [f"{n}={values[n]}" for n in LAYER_FIELDS if n in values and int(values[n]) < 1]
         if empty and note.startswith(LEAVES_NOTE):  # the stack it runs is the empty one (Whisper's decoder)

@@ -334,3 +334,15 @@ def test_a_model_type_no_knob_can_build_and_one_whose_constraints_the_defaults_m
         built("mamba2")
     assert "\n" not in str(caught.value)
     assert built("mamba2", num_heads=4, n_groups=2).blocks  # the knobs the error names fix it
+
+
+def test_a_mixture_of_experts_type_probes_in_float64_as_in_float32() -> None:
+    """transformers' grouped_mm experts take no float64: hf:mixtral (and qwen2_moe, olmoe, jamba)
+    raised at every float64 point (found by an audit). Built with the eager experts loop there, the
+    same weights give the same growth. Oracle: the float32 probe of the same seed, whose float32
+    rounding bounds the difference."""
+    if not hasattr(transformers.PretrainedConfig(), "_experts_implementation"):
+        pytest.skip("this transformers has one experts implementation")
+    wide, narrow = (probe(Config.of("hf:mixtral", dtype=d)) for d in ("float64", "float32"))
+    assert wide.activation_grad_norms == pytest.approx(narrow.activation_grad_norms, rel=1e-5)
+    assert wide.growth == pytest.approx(narrow.growth, rel=1e-5)
