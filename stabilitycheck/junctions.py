@@ -1,6 +1,6 @@
 """Which block calls continue a chain of blocks and which start another: what a call takes, traced
 back through the autograd graph to the outputs recorded before it (the recorder's junctions, a
-merge's chains, the loops' own-output test)."""
+merge's chains, the loops' own-output test, a residual add written around block 0)."""
 
 from __future__ import annotations
 
@@ -41,6 +41,26 @@ def _made_from(x: Any, targets: set[Any], past: Collection[Any] = ()) -> bool:
                 seen.add(child)
                 frontier.append(child)
     return False
+
+
+def _around(args: tuple[Any, ...], raw: torch.Tensor, first: torch.Tensor, again: bool) -> Any:
+    """The autograd node of a residual add written around block 0 in the model's forward
+    (x = x + block(x)), seen from the call after block 0's first (`args`; `again`: block 0 again): the
+    add of block 0's input `raw` and its output `first`, dL/d input along the chain running through
+    it too. Of an input that requires grad, that add behind the call's input (junctions._residual_add:
+    behind a norm too); of a plain input, whose uses autograd does not record, only the call's input
+    itself when it is `raw` + `first` to the last bit and the call is another block's (a cell called
+    per token on x_t + h, x_1 equal to x_0 by value, would read as one). None otherwise (x + 0.5 *
+    block(x), a norm before the branch: left unread)."""
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor) or x is first:
+        return None
+    if raw.requires_grad:
+        return _residual_add(x, raw, first)
+    if again or type(x.grad_fn).__name__ != "AddBackward0" or x.shape != first.shape or x.shape != raw.shape:
+        return None
+    with torch.no_grad():
+        return x.grad_fn if x._version == 0 and torch.equal(x, raw + first) else None
 
 
 def _residual_add(x: Any, raw: torch.Tensor, first: torch.Tensor) -> Any:

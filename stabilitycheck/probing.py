@@ -70,7 +70,7 @@ def _backward(run: _Run, loss: torch.Tensor, outputs: list[torch.Tensor]) -> lis
     """Backward from `loss`, setting every parameter's .grad (None where none reached it) and
     returning dL/d(output) of each recorded output (None where the loss does not depend on it); the
     entry's (outputs[0], block 0's copy of its input) plus what a residual add written around block 0
-    hands its input (recording._around), which the copy does not see. All from one
+    hands its input (junctions._around), which the copy does not see. All from one
     torch.autograd.grad pass (measured cheaper than backward() with tensor hooks or retain_grad on
     many-call blocks, and no dearer on dense ones; see ci/bench.py). It runs no hook on the
     parameters' accumulation (an optimizer stepped inside the backward, DDP's reducer) and leaves the

@@ -14,7 +14,7 @@ from torch import nn
 
 from stabilitycheck._tree import tensors
 from stabilitycheck.errors import UsageError
-from stabilitycheck.junctions import _feeds, _made_from, _residual_add, _stack_starts, _taken_chains
+from stabilitycheck.junctions import _around, _feeds, _made_from, _stack_starts, _taken_chains
 from stabilitycheck.losses import Inputs
 from stabilitycheck.measurement import INPUT
 
@@ -202,26 +202,6 @@ def _elsewhere(args: tuple[Any, ...], kwargs: dict[str, Any], key: str | None, f
         [*args[1:], *kwargs.values()] if key is None else [*args, *(v for k, v in kwargs.items() if k != key)]
     )
     return any(_feeds(t, first) for t in tensors(others))
-
-
-def _around(args: tuple[Any, ...], raw: torch.Tensor, first: torch.Tensor, again: bool) -> Any:
-    """The autograd node of a residual add written around block 0 in the model's forward
-    (x = x + block(x)), seen from the call after block 0's first (`args`; `again`: block 0 again): the
-    add of block 0's input `raw` and its output `first`, dL/d input along the chain running through
-    it too. Of an input that requires grad, that add behind the call's input (junctions._residual_add:
-    behind a norm too); of a plain input, whose uses autograd does not record, only the call's input
-    itself when it is `raw` + `first` to the last bit and the call is another block's (a cell called
-    per token on x_t + h, x_1 equal to x_0 by value, would read as one). None otherwise (x + 0.5 *
-    block(x), a norm before the branch: left unread)."""
-    x = args[0] if args else None
-    if not isinstance(x, torch.Tensor) or x is first:
-        return None
-    if raw.requires_grad:
-        return _residual_add(x, raw, first)
-    if again or type(x.grad_fn).__name__ != "AddBackward0" or x.shape != first.shape or x.shape != raw.shape:
-        return None
-    with torch.no_grad():
-        return x.grad_fn if x._version == 0 and torch.equal(x, raw + first) else None
 
 
 class _Recorder:
