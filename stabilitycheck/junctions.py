@@ -43,15 +43,22 @@ def _made_from(x: Any, targets: set[Any], past: Collection[Any] = ()) -> bool:
     return False
 
 
-def _around(args: tuple[Any, ...], raw: torch.Tensor, first: torch.Tensor, again: bool) -> Any:
-    """The autograd node of a residual add written around block 0 in the model's forward
-    (x = x + block(x)), seen from the call after block 0's first (`args`; `again`: block 0 again): the
-    add of block 0's input `raw` and its output `first`, dL/d input along the chain running through
-    it too. Of an input that requires grad, that add behind the call's input (junctions._residual_add:
-    behind a norm too); of a plain input, whose uses autograd does not record, only the call's input
-    itself when it is `raw` + `first` to the last bit and the call is another block's (a cell called
-    per token on x_t + h, x_1 equal to x_0 by value, would read as one). None otherwise (x + 0.5 *
-    block(x), a norm before the branch: left unread)."""
+Taps = list[tuple[Any, int]]  # (autograd node, input number): where a gradient enters a tensor
+
+
+def _around(
+    args: tuple[Any, ...], raw: torch.Tensor, first: torch.Tensor, again: bool
+) -> tuple[Any, Taps] | None:
+    """A residual add written around block 0 in the model's forward, seen from the call after block
+    0's first (`args`; `again`: block 0 again): the add, alpha 1, of block 0's output `first` and its
+    input `raw` (x = x + block(x)), or what `raw` was made from (x = x + block(norm(x))), on the chain
+    too. As (add node, taps): taps empty where the add takes `raw` itself, its dL/d sum added to the
+    copy's gradient; else where the gradient enters that x (`_taps`), whose sum is dL/dx along the
+    chain, the copy's through the norm in it. Of an input that requires grad, that add behind the
+    call's input (`_residual_add`: behind a norm too); of a plain input, whose uses autograd does not
+    record, only the call's input itself when it is `raw` + `first` to the last bit and the call is
+    another block's (a cell called per token on x_t + h, x_1 equal to x_0 by value, would read as
+    one). None otherwise (x + 0.5 * block(x): left unread)."""
     x = args[0] if args else None
     if not isinstance(x, torch.Tensor) or x is first:
         return None
@@ -60,19 +67,19 @@ def _around(args: tuple[Any, ...], raw: torch.Tensor, first: torch.Tensor, again
     if again or type(x.grad_fn).__name__ != "AddBackward0" or x.shape != first.shape or x.shape != raw.shape:
         return None
     with torch.no_grad():
-        return x.grad_fn if x._version == 0 and torch.equal(x, raw + first) else None
+        return (x.grad_fn, []) if x._version == 0 and torch.equal(x, raw + first) else None
 
 
-def _residual_add(x: Any, raw: torch.Tensor, first: torch.Tensor) -> Any:
-    """The autograd node of an add, alpha 1, of block 0's input `raw` and its output `first`
-    themselves, on the graph behind `x`, the next block call's chain input: a residual written
-    around block 0 in the model's forward, x + block(x), maybe behind a norm (XLM's
-    LayerNorm(x + attention(x))). Its `raw` side hands dL/d sum to the input as it is, the gradient
-    along the chain that block 0's copy of its input does not see, and its `first` side the same to
-    block 0's output, whose gradient is the gain's denominator (an add of what is computed from the
-    output, x + 0.1 * block(x), read the stream's gain / 0.1). `raw` requires grad (a stem's or an
-    embedding's output: its gradient edge names it). None where there is none, or the shapes differ
-    (a broadcast add is no identity)."""
+def _residual_add(x: Any, raw: torch.Tensor, first: torch.Tensor) -> tuple[Any, Taps] | None:
+    """The add, alpha 1, of block 0's output `first` itself and its input `raw` or what `raw` was made
+    from (see `_around`), on the graph behind `x`, the next block call's chain input: a residual
+    written around block 0 in the model's forward, maybe behind a norm (XLM's LayerNorm(x +
+    attention(x))). Its input side hands dL/d sum on as it is, the gradient along the chain that
+    block 0's copy of its input does not see, and its `first` side the same to block 0's output,
+    whose gradient is the gain's denominator (an add of what is computed from the output, x + 0.1 *
+    block(x), read the stream's gain / 0.1). `raw` requires grad (a stem's or an embedding's output:
+    its gradient edge names it). None where there is none, or the shapes differ (a broadcast add is
+    no identity)."""
     if (
         not isinstance(x, torch.Tensor)
         or x.grad_fn is None
@@ -80,7 +87,7 @@ def _residual_add(x: Any, raw: torch.Tensor, first: torch.Tensor) -> Any:
         or raw.shape != first.shape
     ):
         return None
-    both = {_edge(raw), _edge(first)}
+    mine, given = _edge(first), _edge(raw)
     oldest = first.grad_fn._sequence_nr()
     frontier, seen = [x.grad_fn], {x.grad_fn}
     while frontier:
@@ -89,14 +96,41 @@ def _residual_add(x: Any, raw: torch.Tensor, first: torch.Tensor) -> Any:
         if (
             type(node).__name__ == "AddBackward0"
             and getattr(node, "_saved_alpha", None) == 1
-            and set(edges) == both
+            and mine in edges
         ):
-            return node
+            other = edges[1 - edges.index(mine)]
+            if other == given and other != mine:
+                return node, []
+            taps = _taps(raw, other) if other != mine else []
+            if taps:
+                return node, [(node, edges.index(other)), *taps]
         for child, _ in edges:
             if child is not None and child not in seen and child._sequence_nr() > oldest:
                 seen.add(child)
                 frontier.append(child)
     return None
+
+
+def _taps(raw: torch.Tensor, edge: tuple[Any, int]) -> Taps:
+    """Where the gradient enters the tensor behind `edge` from the graph that made `raw` from it (a
+    norm: one node, or several for one written by hand, x * rsqrt(mean(x^2))): the (node, input
+    number) pairs whose gradients sum to what that graph hands it; [] where `raw` is not made from
+    it. Only nodes made after it are searched."""
+    source = edge[0]
+    if source is None or raw.grad_fn is None:
+        return []
+    oldest = source._sequence_nr()
+    taps: Taps = []
+    frontier, seen = [raw.grad_fn], {raw.grad_fn}
+    while frontier:
+        node = frontier.pop()
+        for j, child in enumerate(node.next_functions):
+            if child == edge:
+                taps.append((node, j))
+            elif child[0] is not None and child[0] not in seen and child[0]._sequence_nr() > oldest:
+                seen.add(child[0])
+                frontier.append(child[0])
+    return taps
 
 
 def _edge(t: torch.Tensor) -> tuple[Any, int]:

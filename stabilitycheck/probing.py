@@ -70,7 +70,8 @@ def _backward(run: _Run, loss: torch.Tensor, outputs: list[torch.Tensor]) -> lis
     """Backward from `loss`, setting every parameter's .grad (None where none reached it) and
     returning dL/d(output) of each recorded output (None where the loss does not depend on it); the
     entry's (outputs[0], block 0's copy of its input) plus what a residual add written around block 0
-    hands its input (junctions._around), which the copy does not see. All from one
+    hands its input (junctions._around), which the copy does not see, or, where the add takes what
+    the input was made from (x + block(norm(x))), the gradient of that instead. All from one
     torch.autograd.grad pass (measured cheaper than backward() with tensor hooks or retain_grad on
     many-call blocks, and no dearer on dense ones; see ci/bench.py). It runs no hook on the
     parameters' accumulation (an optimizer stepped inside the backward, DDP's reducer) and leaves the
@@ -97,9 +98,9 @@ def _backward(run: _Run, loss: torch.Tensor, outputs: list[torch.Tensor]) -> lis
             "unmeasurable; pass use_reentrant=False (Hugging Face: model.gradient_checkpointing_enable("
             "gradient_checkpointing_kwargs={'use_reentrant': False})) or probe without checkpointing"
         ) from None
-    through = run.rec.through()
+    through, instead = run.rec.through()
     if through is not None and wanted[:1] == [0] and through.shape == outputs[0].shape:
-        grads[0] = through if grads[0] is None else grads[0] + through
+        grads[0] = through if grads[0] is None or instead else grads[0] + through
     for p, g in zip(run.params, grads[len(wanted) :], strict=True):
         p.grad = g
     captured: list[torch.Tensor | None] = [None] * len(outputs)

@@ -237,8 +237,10 @@ class _Recorder:
         self.recheck = False  # block 0 took the entry: its next call is checked (`_elsewhere`)
         self.dropped = False  # the entry is not the chain's (block 0's next call): `take` drops it
         self.touched = False  # block 0 changed its copy of the input in place (`entry_moved`)
-        self.around: list[torch.Tensor] = []  # dL/d sum of a residual add around block 0 (`_around`)
-        self.around_hook: Any = None  # the hook on that add's node that fills `around`, until release
+        self.around: list[torch.Tensor] = []  # dL/d sum of a residual add around block 0 (`_around`),
+        # or what its taps hand the input the block's copy was made from
+        self.around_hooks: list[Any] = []  # the node hooks that fill `around`, until release
+        self.tapped = False  # `around` holds taps' gradients (x + block(norm(x))), not one dL/d sum
         self.versions: list[int] = []  # per recorded output, its version counter when recorded
         self.copied: frozenset[int] = frozenset()  # positions in `outputs` recorded as a copy (`_kept`)
         self.breaks: set[int] = set()  # positions in `outputs` whose block does not take the last output
@@ -345,9 +347,13 @@ class _Recorder:
                             self.entering.append(None)
                         self.recheck = True  # see _on_input
                     if len(calls) == 2 and calls[0] < 0 and self.raw is not None:
-                        add = _around(args, self.raw, outputs[1], again=b == 0)
-                        if add is not None:
-                            self.around_hook = add.register_prehook(self._through)
+                        found = _around(args, self.raw, outputs[1], again=b == 0)
+                        if found is not None:
+                            add, taps = found
+                            self.tapped = bool(taps)
+                            self.around_hooks = [
+                                node.register_hook(functools.partial(self._tap, j)) for node, j in taps
+                            ] or [add.register_prehook(self._through)]
                     if len(outputs) in self.copied:  # the model changes `out`, the copy stays as returned
                         out = _kept(out)
                     calls.append(b)
@@ -439,6 +445,7 @@ class _Recorder:
         self.last.clear()
         self.entry = None
         self.around.clear()
+        self.tapped = False
         self.recheck, self.dropped, self.touched = False, False, False
         self.active = True
         if self.first is not None and entry:
@@ -473,9 +480,9 @@ class _Recorder:
 
     def _unhook_around(self) -> None:
         """Take the residual add's node hook (`_around`) off the pass's graph, which may outlive it."""
-        if self.around_hook is not None:
-            self.around_hook.remove()
-            self.around_hook = None
+        for hook in self.around_hooks:
+            hook.remove()
+        self.around_hooks = []
 
     def take(self) -> list[torch.Tensor]:
         """The recorded outputs, dropping the recorder's references to them (and the entry, where it is
@@ -499,19 +506,28 @@ class _Recorder:
         if grads[0] is not None:
             self.around.append(grads[0])
 
+    def _tap(self, j: int, grad_inputs: tuple[torch.Tensor | None, ...], _: Any) -> None:
+        """A tap's node hook (`_around`): keeps the gradient it hands its input j, changing nothing."""
+        grad = grad_inputs[j]
+        if grad is not None:
+            self.around.append(grad)
+
     def backward_starts(self) -> None:
         """The probe's own backward is next: a dL/d sum kept before it is dropped (a loss with a
         gradient penalty, torch.autograd.grad with create_graph inside it, ran the add's node once
         already: two kept, none read, block 0 read through its branch alone)."""
         self.around.clear()
 
-    def through(self) -> torch.Tensor | None:
-        """After the backward, dL/d sum of the residual add around block 0 (`_around`), what its input
-        side hands to block 0's input besides the copy's; None where there is none, or the entry is not
-        the chain's."""
-        through = self.around[0] if len(self.around) == 1 and self.calls[:1] == [-1] else None
-        self.around.clear()
-        return through
+    def through(self) -> tuple[torch.Tensor | None, bool]:
+        """After the backward, what a residual add around block 0 (`_around`) hands the chain's input:
+        its dL/d sum, to add to the copy's gradient, or, from taps (x + block(norm(x))), dL/dx along the
+        chain, to take in its place (True); None where there is none, or the entry is not the chain's."""
+        kept, self.around = self.around, []
+        if self.calls[:1] != [-1] or not kept:
+            return None, False
+        if self.tapped:
+            return functools.reduce(torch.add, kept), True
+        return (kept[0] if len(kept) == 1 else None), False
 
     def take_entering(self) -> list[torch.Tensor | None]:
         """Each recorded call's floating input (None where it had none; empty unless asked for at

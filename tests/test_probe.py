@@ -1694,6 +1694,61 @@ def test_a_residual_add_around_block_0_behind_a_norm_is_in_its_gain() -> None:
     assert m.gains[0] > 0.5  # through the branch alone, about 0.05 / the norm's scale
 
 
+class _NormOutside(nn.Module):
+    """x = x + layer(norm(x)) on an embedding's output, the norms written outside the blocks (the
+    layers): nn.LayerNorm, or an RMS norm written by hand (several autograd nodes, x used twice)."""
+
+    def __init__(self, hand: bool) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 16, dtype=torch.float64)
+        self.norms = nn.ModuleList(nn.LayerNorm(16, dtype=torch.float64) for _ in range(4))
+        self.layers = nn.ModuleList(
+            nn.Sequential(
+                nn.Linear(16, 16, dtype=torch.float64), nn.Tanh(), nn.Linear(16, 16, dtype=torch.float64)
+            )
+            for _ in range(4)
+        )
+        self.head = nn.Linear(16, 50, dtype=torch.float64)
+        self.hand = hand
+
+    def norm(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if self.hand:
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.norms[i].weight
+        return self.norms[i](x)
+
+    def stream(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        out = [self.emb(tokens)]
+        for i, layer in enumerate(self.layers):
+            out.append(out[-1] + layer(self.norm(i, out[-1])))
+        return out
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stream(tokens)[-1])
+
+
+@pytest.mark.parametrize("hand", [False, True])
+def test_a_residual_around_block_0_with_the_norm_outside_it_is_in_its_gain(hand: bool) -> None:
+    """x = x + layer(norm(x)) with the norms outside the blocks (x-transformers' layout): block 0's
+    input is norm(x), and its gain was read through its branch alone, 0.26 where the stream's is
+    1.04, growth 0.28 for 1.14. Now the add of x and block 0's output is on the chain, its entry
+    dL/dx along it (the add's and the norm's). Oracle: torch's gradients of the embedding's output
+    and of each sum, float64, their ratios."""
+    torch.manual_seed(0)
+    model, tokens = _NormOutside(hand), torch.randint(0, 50, (2, 8))
+
+    def loss(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out.reshape(-1, 50), t.reshape(-1))
+
+    m = probe_module(
+        model, tokens, loss, blocks=[(f"layers.{i}", layer) for i, layer in enumerate(model.layers)]
+    )
+    stream = model.stream(tokens)
+    grads = [g.norm().item() for g in torch.autograd.grad(loss(model.head(stream[-1]), tokens), stream)]
+    assert m.gains == pytest.approx([grads[i] / grads[i + 1] for i in range(4)], rel=1e-9)
+    assert m.growth == pytest.approx(grads[0] / grads[-1], rel=1e-9)
+    assert m.gains[0] > 0.9  # the branch alone is about 0.3
+
+
 def test_a_residual_around_block_0_is_read_under_a_loss_with_a_gradient_penalty() -> None:
     """A loss taking torch.autograd.grad with create_graph (R1, WGAN-GP) runs the residual add's node
     once itself before the probe's backward does: two dL/d sum were kept, none read, and block 0 read
