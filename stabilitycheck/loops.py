@@ -1,7 +1,9 @@
-"""Modules a model's forward calls again on their own output: a recurrent cell of the user's own (the
-char-RNN tutorial's `rnn(x_t, h)`), a weight-tied block looped over depth. Only a forward shows them,
-so find_blocks, which reads the module tree alone, falls back to the leaf modules, whose calls then
-interleave (i2h[0], i2o[0], i2h[1], ...: gains read across unrelated tensors)."""
+"""Block choices only a forward shows. Modules a model's forward calls again on their own output: a
+recurrent cell of the user's own (the char-RNN tutorial's `rnn(x_t, h)`), a weight-tied block looped
+over depth; find_blocks, which reads the module tree alone, falls back to the leaf modules, whose
+calls then interleave (i2h[0], i2o[0], i2h[1], ...: gains read across unrelated tensors). And stacks
+of composite blocks that find_blocks takes together as an encoder's and a decoder's, but whose calls
+interleave: a deep-supervision model's per-layer heads beside its layers."""
 
 from __future__ import annotations
 
@@ -14,38 +16,93 @@ from torch import nn
 from stabilitycheck._tree import tensors
 from stabilitycheck.junctions import _feeds
 from stabilitycheck.losses import Inputs
-from stabilitycheck.recording import _floating, call_model
+from stabilitycheck.recording import _floating, _stack_of, call_model
 from stabilitycheck.rng import host_rng_state, set_host_rng_state
-from stabilitycheck.subject import LEAVES_NOTE, Blocks
+from stabilitycheck.subject import DECLARED_NOTE, LEAVES_NOTE, Blocks
 
 LOOPED_NOTE = "blocks: {names} (called again on their own output: a block per call)"
+APART_NOTE = "blocks: {name} ({n}; {others} run between its calls, off its chain: not taken with it)"
 
 
 def looped_blocks(model: nn.Module, inputs: Inputs, blocks: Blocks, note: str) -> tuple[Blocks, str]:
-    """`blocks` and `note` as find_blocks chose them, or, where that was its last resort (the leaf
-    modules), the outermost modules owning parameters that the forward calls two or more times, each
-    call after the first taking what the one before returned or what is computed from it. Seen in one
-    forward of a deep copy of the model and its inputs, in the model's own mode (a forward branching
-    on self.training runs its probed path), so that nothing of the model changes (buffers, Python
-    attributes, a hidden state it keeps), with the random states of torch, Python and numpy put back.
-    A model that cannot be copied, or whose copy's forward fails, keeps find_blocks' choice."""
-    if not note.startswith(LEAVES_NOTE) or type(model).__name__ == "OptimizedModule":
+    """`blocks` and `note` as find_blocks chose them, or where a forward shows otherwise: where that
+    was its last resort (the leaf modules), the outermost modules owning parameters that the forward
+    calls two or more times, each call after the first taking what the one before returned or what is
+    computed from it; where it took several stacks of composite blocks together, the one stack whose
+    calls chain, if another's calls fall between them (`_apart`). Seen in one forward of a deep copy
+    of the model and its inputs, in the model's own mode (a forward branching on self.training runs
+    its probed path), so that nothing of the model changes (buffers, Python attributes, a hidden state
+    it keeps), with the random states of torch, Python and numpy put back. A model that cannot be
+    copied, or whose copy's forward fails, keeps find_blocks' choice."""
+    stacks = _stacks_of(blocks) if note != DECLARED_NOTE else []
+    leaves = note.startswith(LEAVES_NOTE)
+    if not (leaves or len(stacks) > 1) or type(model).__name__ == "OptimizedModule":
         return blocks, note  # a compiled model's forward would compile again around the hooks
     states = host_rng_state()
     devices = [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
     try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
             copy, given = deepcopy((model, inputs))  # inputs too: a forward may change them in place
-            found = _looped(copy, given)
+            found = (
+                _looped(copy, given) if leaves else _apart(copy, given, [name for name, _ in blocks], stacks)
+            )
     except Exception:  # the probe's own forward will say what is wrong, in its own words
         return blocks, note
     finally:
         set_host_rng_state(states)
     if not found:
         return blocks, note
+    if not leaves:
+        kept = [b for b in blocks if _stack_of(b[0]) == found[0]]
+        others = " + ".join(stack for stack in stacks if stack != found[0])
+        return tuple(kept), APART_NOTE.format(name=found[0] or "(model)", n=len(kept), others=others)
     return tuple((name, model.get_submodule(name)) for name in found), LOOPED_NOTE.format(
         names=" + ".join(found)
     )
+
+
+def _stacks_of(blocks: Blocks) -> list[str]:
+    """The stacks (`_stack_of`) of `blocks` in order, where every block is composite (a module with
+    children: find_blocks takes several stacks together only of those, an encoder's and a decoder's);
+    else none (recurrent cells side by side, leaf layers)."""
+    if not all(any(True for _ in m.children()) for _, m in blocks):
+        return []
+    return list(dict.fromkeys(_stack_of(name) for name, _ in blocks))
+
+
+def _apart(model: nn.Module, inputs: Inputs, names: list[str], stacks: list[str]) -> list[str]:
+    """[the stack to take alone] where a forward of `model` (run here) calls a block (`names`) of one
+    of `stacks` between two calls of another (a deep-supervision model's heads, one after each layer:
+    taken with the layers, every layer after the first read its gain across the head before it,
+    growth 1.24 for 1.55): the first (find_blocks' order) whose every call after its first takes what
+    its stack's call before returned or what is computed from it, else the first; [] where each
+    stack's calls follow each other (an encoder's, then a decoder's)."""
+    order: list[str] = []
+    chained = dict.fromkeys(stacks, True)
+    last: dict[str, list[torch.Tensor]] = {}
+
+    def hooks(stack: str) -> tuple[Any, Any]:
+        def before(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if stack in last:
+                given = tensors((args, kwargs))
+                chained[stack] = chained[stack] and any(_feeds(t, out) for out in last[stack] for t in given)
+
+        def after(module: nn.Module, args: Any, output: Any) -> None:
+            order.append(stack)
+            last[stack] = _floating(output)
+
+        return before, after
+
+    for name in names:
+        module = model.get_submodule(name)
+        before, after = hooks(_stack_of(name))
+        module.register_forward_pre_hook(before, with_kwargs=True)
+        module.register_forward_hook(after)
+    call_model(model, inputs)
+    runs = [stack for i, stack in enumerate(order) if i == 0 or order[i - 1] != stack]
+    if len(runs) == len(set(runs)):
+        return []
+    return [next((stack for stack in stacks if chained[stack]), stacks[0])]
 
 
 def _looped(model: nn.Module, inputs: Inputs) -> list[str]:

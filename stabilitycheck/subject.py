@@ -270,6 +270,7 @@ def shown_blocks(names: Sequence[str]) -> str:
 
 
 LEAVES_NOTE = "blocks: leaf modules with parameters"  # the last resort of find_blocks
+DECLARED_NOTE = "blocks: declared by stability_blocks()"
 
 
 def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
@@ -289,7 +290,7 @@ def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
         return find_blocks(inner)
     declared = getattr(model, "stability_blocks", None)
     if callable(declared):
-        return tuple(declared()), "blocks: declared by stability_blocks()"
+        return tuple(declared()), DECLARED_NOTE
     stacks = _stacks(model)
     if stacks:
         primary = max(stacks, key=_longest)

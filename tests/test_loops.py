@@ -284,3 +284,84 @@ def test_the_looped_blocks_are_the_ones_the_probed_mode_runs_and_the_model_is_le
     m = probe_module(model, x, lambda o, _: o.sum())
     assert m.layer_names == ("cell.w",) and model.calls == 1
     assert m.gains == pytest.approx([1.2] * (len(m.activation_names) - 1), rel=1e-12)
+
+
+class _Supervised(nn.Module):
+    """A deep-supervision model: pre-norm residual layers and a head per layer (LayerNorm, Linear), a
+    Sequential, so both lists are stacks of composite blocks, as an encoder's and a decoder's are;
+    each head reads its layer's output, none feeds the next layer. `heads_first`: defined first."""
+
+    def __init__(self, heads_first: bool) -> None:
+        super().__init__()
+
+        def heads() -> nn.ModuleList:
+            return nn.ModuleList(
+                nn.Sequential(nn.LayerNorm(8, dtype=torch.float64), nn.Linear(8, 3, dtype=torch.float64))
+                for _ in range(4)
+            )
+
+        if heads_first:
+            self.heads = heads()
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(8, dtype=torch.float64), nn.Linear(8, 8, dtype=torch.float64))
+            for _ in range(4)
+        )
+        if not heads_first:
+            self.heads = heads()
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outs = []
+        for layer, head in zip(self.layers, self.heads, strict=True):
+            x = layer(x)
+            outs.append(head(x))
+        return outs
+
+
+@pytest.mark.parametrize("heads_first", [False, True])
+def test_per_layer_heads_called_between_the_layers_are_not_taken_with_them(heads_first: bool) -> None:
+    """Two stacks of composite blocks are taken together as an encoder's and a decoder's; a
+    deep-supervision model's heads, called between its layers, were read as blocks of the chain
+    (layers.0, heads.0, layers.1, ...): each later layer's gain across the head before it, the heads'
+    about 3, growth 1.24 for 1.55 (found by an audit). A forward shows the calls interleave: the
+    layers, whose calls chain, are taken alone. Oracle: torch's gradients of each layer's output."""
+    torch.manual_seed(0)
+    model, x = _Supervised(heads_first), torch.randn(4, 8, dtype=torch.float64)
+
+    def loss(outs: list[torch.Tensor], _: torch.Tensor) -> torch.Tensor:
+        return outs[-1].square().sum() + 0.3 * sum(o.square().sum() for o in outs[:-1])
+
+    m = probe_module(model, x, loss)
+    assert m.layer_names == tuple(f"layers.{i}" for i in range(4))
+    assert (
+        m.blocks_note == "blocks: layers (4; heads run between its calls, off its chain: not taken with it)"
+    )
+    outs: list[torch.Tensor] = []
+    handles = [layer.register_forward_hook(lambda mod, i, o: outs.append(o)) for layer in model.layers]
+    given = x.clone().requires_grad_()
+    total = loss(model(given), x)
+    for handle in handles:
+        handle.remove()
+    norms = [g.norm().item() for g in torch.autograd.grad(total, [given, *outs])]
+    assert m.activation_grad_norms == pytest.approx(norms, rel=1e-9)
+    assert m.growth == pytest.approx(norms[0] / norms[-1], rel=1e-9)
+
+
+def test_an_encoders_and_a_decoders_stacks_called_one_after_the_other_are_both_kept() -> None:
+    """The same two stacks of composite blocks, called one after the other (an encoder's layers, then
+    a decoder's on their output): find_blocks' choice of both stands."""
+
+    class EncoderDecoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3))
+            self.decoder = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in [*self.encoder, *self.decoder]:
+                x = layer(x)
+            return x
+
+    model = EncoderDecoder()
+    blocks, note = looped_blocks(model, torch.randn(2, 8), *find_blocks(model))
+    assert note == "blocks: encoder (3) + decoder (2)"
+    assert [n for n, _ in blocks] == ["encoder.0", "encoder.1", "encoder.2", "decoder.0", "decoder.1"]
