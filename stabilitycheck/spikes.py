@@ -153,3 +153,17 @@ class SpikeState:
     values: torch.Tensor
     count: torch.Tensor
     slots: torch.Tensor
+
+
+def unmeasured(series: torch.Tensor, cols: slice, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """`series` (one row, or steps x series with `rows` the unmeasured steps' mask) with `cols` set to
+    0, which the rule neither flags nor lets into its window: values not measured at a step (weight
+    norms between `weights_every` steps). Judged, their stand-in, the last measured value repeated,
+    filled the window with one value of no spread, and a weight norm that grew over 50 steps of a
+    clean SGD run was flagged, the step skipped under skip=True (found by an audit)."""
+    out = series.clone()
+    if rows is None:
+        out[..., cols] = 0.0
+    else:
+        out[rows, cols] = 0.0
+    return out

@@ -28,7 +28,17 @@ from torch import nn
 
 from stabilitycheck import distributed
 from stabilitycheck._tree import tensors
-from stabilitycheck.norms import STACK_MIN, STACK_NUMEL, accumulated, clean, fused_norms, narrow, norm, refine
+from stabilitycheck.norms import (
+    STACK_MIN,
+    STACK_NUMEL,
+    accumulated,
+    clean,
+    dense,
+    fused_norms,
+    narrow,
+    norm,
+    refine,
+)
 from stabilitycheck.recording import _first_tensor, hooked, outside_graph
 
 PENDING_CAP = 1 << 22  # elements kept for lazy norms (16 MiB in float32) before they are normed
@@ -277,7 +287,9 @@ class Capture:
         the weight norms, when `row` (this step's zeroed row) is given, are added into it at once."""
         with torch.no_grad():
             got = [p.grad for p in self.params]
-            grads = [g for g in got if g is not None]
+            grads = [
+                dense(g) for g in got if g is not None
+            ]  # a sparse one (nn.Embedding(sparse=True)): its values
             codes = self._grad_codes
             if len(grads) < len(got):
                 codes = [c for c, g in zip(codes, got, strict=True) if g is not None]

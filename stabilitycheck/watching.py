@@ -30,7 +30,7 @@ from stabilitycheck.alarms import Termination, signals_held
 from stabilitycheck.distributed import Layout
 from stabilitycheck.errors import UsageError
 from stabilitycheck.layout import block_of
-from stabilitycheck.spikes import SpikeRule
+from stabilitycheck.spikes import SpikeRule, unmeasured
 from stabilitycheck.subject import BYPASSED, find_blocks, own_blocks, shown_blocks
 from stabilitycheck.watchcapture import Capture
 from stabilitycheck.watchlog import Log, Report
@@ -365,17 +365,18 @@ class Watcher:
             if amp is not None:
                 row *= amp[0]
             series = distributed.to_series(row.unsqueeze(0), self.layout).squeeze(0)
-            weight = self.layout.parts()["weight"]
+            weight, values = self.layout.parts()["weight"], series
             if self.weights_measured:
                 self._last_weights = series[weight].clone()
-            else:  # the last measured weight norms stand in for this step's
+            else:  # the last measured weight norms stand in for this step's in its row, unjudged
+                values = unmeasured(series, weight)
                 series[weight] = self._last_weights
             if amp is None:
-                judged, skipped = self.rule.update(self.state, series), self._not_skipped
+                judged, skipped = self.rule.update(self.state, values), self._not_skipped
                 flags = judged.flags
             else:  # on a step the scaler skips, its scaled values (the gradients) are no finding
                 off = amp[1].bool() & self._scaled  # and none of them enters the window
-                judged = self.rule.update(self.state, torch.where(off, torch.nan, series))
+                judged = self.rule.update(self.state, torch.where(off, torch.nan, values))
                 flags, skipped = judged.flags & ~off, amp[1].reshape(1)
             judged_row = [series, flags.double(), judged.mean, judged.threshold, skipped]
             self.buffer[slot].copy_(torch.cat(judged_row))

@@ -15,7 +15,7 @@ from stabilitycheck._json import strict_json
 from stabilitycheck._validation import check_image, writable
 from stabilitycheck.distributed import Layout, nonfinite_rank, to_series
 from stabilitycheck.errors import UsageError
-from stabilitycheck.spikes import SpikeRule, SpikeState
+from stabilitycheck.spikes import SpikeRule, SpikeState, unmeasured
 
 OUTSIDE = "(outside blocks)"
 Limits = tuple[list[float], list[float]]  # per series, the window mean and the threshold of one step
@@ -184,7 +184,10 @@ class Log:
         # on a step the scaler skipped, its scaled values (the gradients) are no finding, and none of
         # them enters the window (Layout.scaled)
         off = off.unsqueeze(1) & torch.tensor(self.scaled)
-        judged = self.rule.update_many(self.host_state, torch.where(off, torch.nan, series))
+        measured = torch.tensor(self.weights_measured[first : first + rows.shape[0]])
+        judged = self.rule.update_many(  # the stand-ins above are for the log alone
+            self.host_state, torch.where(off, torch.nan, unmeasured(series, weight, ~measured))
+        )
         flags = (judged.flags & ~off).tolist()
         means, thresholds = judged.mean.tolist(), judged.threshold.tolist()
         values, skipped = series.tolist(), off.any(1).tolist()

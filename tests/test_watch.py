@@ -1154,21 +1154,26 @@ def test_the_logged_weight_norms_are_torchs_norms_of_that_steps_weights(skip: bo
     assert expected[0] != pytest.approx(expected[3], rel=1e-6)  # the weights did change between them
 
 
-@pytest.mark.parametrize("skip", [False, True])
-def test_an_unmeasured_weight_norm_is_judged_as_the_last_measured_one(skip: bool, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("skip", "planted"), [(False, 108), (True, 108), (False, 60), (True, 60)])
+def test_a_weight_norm_is_judged_at_the_steps_it_is_measured_alone(
+    skip: bool, planted: int, tmp_path: Path
+) -> None:
     """Oracle: the rule written out in plain Python (test_watch_rule.reference_steps) over the logged
-    weight norms of block 0, each unmeasured step (null) filled with the last measured norm, as the
-    README says the watcher judges it. Weights measured every 3rd step, block 0's weights x10 before
-    step 36: the weight series has been warm since step 32 and flags it first (its window is full of
-    stand-ins), on the host rule and on the device rule (skip=True) alike."""
+    weight norms of block 0 at the steps they were measured (the others are null). Weights measured
+    every 3rd step, block 0's weights x10 before a measured step: at step 108 the weight series,
+    warm since its 32nd measurement (step 93), flags it first, on the host rule and on the device
+    rule (skip=True) alike, with the window's mean and threshold; at step 60, its 21st measurement,
+    it is not warm, and the first flag is another series' (block 0's output, x10 too). Judged as
+    the last measured norm repeated, the stand-ins counted: warm at step 32, flagged at 60 (and a
+    clean run flagged, see test_weight_norms_between_their_measurements_raise_no_flag)."""
     torch.manual_seed(0)
     model = MLP(depth=2)
     opt = fused_adam(model) if skip else torch.optim.SGD(model.parameters(), lr=0.01)
     gen = torch.Generator().manual_seed(0)
     log = tmp_path / "w.jsonl"
     with watch(model, opt, log=log, weights_every=3, flush_every=8, skip=skip, report=None) as w:
-        for step in range(40):
-            if step == 36:
+        for step in range(planted + 4):
+            if step == planted:
                 with torch.no_grad():
                     model.blocks[0][0].weight.mul_(10.0)
             opt.zero_grad()
@@ -1178,13 +1183,14 @@ def test_an_unmeasured_weight_norm_is_judged_as_the_last_measured_one(skip: bool
             loss.backward()
             opt.step()
     rows = [json.loads(line) for line in log.read_text().splitlines()]
-    series: list[float] = []
-    for row in rows:
-        series.append(row["weight"][0] if row["weight"] is not None else series[-1])
-    flagged, mean, threshold = reference_steps(SpikeRule(), series)[36]
+    assert [row["step"] for row in rows if row["weight"] is not None] == list(range(0, planted + 4, 3))
+    series = [row["weight"][0] for row in rows if row["weight"] is not None]
+    flagged, mean, threshold = reference_steps(SpikeRule(), series)[planted // 3]
     first = report_of(w).first_spike
-    assert flagged and first is not None
-    assert (first.step, first.tensor, first.block) == (36, "weight", "blocks.0")
+    assert first is not None and (first.step, first.block) == (planted, "blocks.0")
+    assert flagged == (planted == 108) == (first.tensor == "weight")
+    if not flagged:
+        return
     assert first.threshold == pytest.approx(threshold, rel=1e-9)
     assert first.mean == pytest.approx(mean, rel=1e-9)
 
@@ -1249,3 +1255,52 @@ def test_the_norms_of_every_step_across_flushes_are_torchs_own(skip: bool, tmp_p
         assert loss_value == pytest.approx(want_loss, rel=1e-6)
         assert grad_norm == pytest.approx(want_grad, rel=1e-6)
         assert acts == pytest.approx(want_acts, rel=1e-6)
+
+
+def test_weight_norms_between_their_measurements_raise_no_flag() -> None:
+    """Weight norms are measured every weights_every steps (default: flush_every, 50); the last
+    measured ones stood in for the steps between and were judged: the window held 50 copies of step
+    0's value, no spread, and a weight norm that doubled over 50 clean SGD steps with momentum was
+    flagged at steps 50 and 51, skipped under skip=True (found by an audit). Between measurements
+    the weights are not judged; measured every step, the same run flags nothing either."""
+    for every in (None, 1):
+        torch.manual_seed(0)
+        model = MLP(depth=3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        report = report_of(train(model, 120, optimizer=opt, batch_size=128, weights_every=every))
+        assert report.flagged_steps == [], report.text()
+
+
+def test_a_sparse_embedding_gradient_is_normed_as_its_dense_gradient() -> None:
+    """nn.Embedding(sparse=True) gives a sparse .grad, which torch's norm cannot take: the watcher's
+    norm call raised inside the optimizer's pre-hook and stopped the user's training (found by an
+    audit). Its values are normed, coalesced, as the probe does. Oracle: the norm of the dense
+    gradient, torch's own."""
+    torch.manual_seed(0)
+
+    class Bag(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(20, 8, sparse=True)
+            self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            h = self.emb(tokens)
+            for block in self.blocks:
+                h = torch.tanh(block(h))
+            return h.square().mean()
+
+    model, tokens = Bag(), torch.tensor([[1, 2, 2, 3], [3, 4, 1, 1]])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with watch(model, opt, report=None, flush_every=1) as w:
+        loss = model(tokens)
+        w.loss(loss)
+        opt.zero_grad()
+        loss.backward()
+        grads = [p.grad.to_dense() if p.grad.is_sparse else p.grad.clone() for p in model.parameters()]
+        opt.step()
+    values = dict(zip(w.out.names, w.out.last_values, strict=True))
+    assert values[("grad_norm", "(all)")] == pytest.approx(
+        torch.nn.utils.get_total_norm(grads).item(), rel=1e-6
+    )
+    assert values[("gradient", "(outside blocks)")] == pytest.approx(grads[0].norm().item(), rel=1e-6)
