@@ -3,7 +3,8 @@ without a host sync, then written with that step's micro-batches and RNG state o
 
 A bundle is a directory: meta.json (step, block names, the norms measured, import roots) and
 data.pt (the model, its parameters and buffers before the step, every micro-batch of the step with
-the loss passed for it to `w.loss`, the RNG states and the compute_loss function, which must be
+the loss passed for it to `w.loss`, the RNG states, each module's training mode at the micro-batch's
+forward (a frozen BatchNorm kept in eval) and the compute_loss function, which must be
 importable: defined in a module, not in a script run as __main__). `stabilitycheck replay DIR`
 re-runs the step from it (stabilitycheck.replay).
 """
@@ -27,7 +28,9 @@ from stabilitycheck._json import strict_json
 from stabilitycheck.errors import UsageError
 from stabilitycheck.rng import rng_state
 
-FORMAT = "stabilitycheck-watch-bundle/3"  # 2: every micro-batch, with its loss; 3: and its RNG state
+FORMAT = (
+    "stabilitycheck-watch-bundle/4"  # 2: every micro-batch, with its loss; 3: its RNG state; 4: its modes
+)
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
@@ -107,8 +110,10 @@ class Snapshot:
         self.kept = [torch.zeros_like(t) for t in self.tensors]
         device = self.tensors[0].device
         self.have = torch.zeros((), dtype=torch.bool, device=device)
-        self.batches: dict[int, list[tuple[Any, torch.Tensor, dict[str, Any] | None]]] = {}
+        self.batches: dict[int, list[tuple[Any, torch.Tensor, dict[str, Any] | None, list[bool] | None]]] = {}
         self._rng: dict[str, Any] | None = None  # at the first model call since the last micro-batch
+        self.modules = list(model.modules())
+        self._modes: list[bool] | None = None  # each module's .training then
         self._start = rng_state()  # since the last micro-batch or update: draws before the model call
         self.written = False
 
@@ -121,14 +126,15 @@ class Snapshot:
             self.stale = False
         if self._rng is None:
             self._rng = {**rng_state(), "start": self._start}
+            self._modes = [m.training for m in self.modules]
 
     def on_batch(self, step: int, batch: Any, loss: torch.Tensor) -> None:
         """One micro-batch of the step (None when not given), the loss passed for it (detached) and
         the RNG state its forward began with, and the one at the end of the micro-batch or update
         before it ('start': what compute_loss drew from before calling the model, a masking loss's
         mask, where the loop drew nothing in between)."""
-        self.batches.setdefault(step, []).append((batch, loss, self._rng))
-        self._rng = None
+        self.batches.setdefault(step, []).append((batch, loss, self._rng, self._modes))
+        self._rng, self._modes = None, None
         self._start = rng_state()
 
     def on_flag(self, flagged: torch.Tensor) -> None:
@@ -140,7 +146,8 @@ class Snapshot:
 
     def after_update(self) -> None:
         self.stale = True
-        self._rng = None  # a model call no micro-batch followed (an evaluation) starts nothing
+        self._rng, self._modes = None, None  # a model call no micro-batch followed (an evaluation)
+        # starts nothing
         self._start = rng_state()
 
     def write_if_flagged(
@@ -171,15 +178,16 @@ class Snapshot:
             "blocks": blocks,
             "values": values,
             "import_roots": sorted(r for r in roots if r is not None),
-            "has_batch": bool(micro) and all(batch is not None for batch, _, _ in micro),
+            "has_batch": bool(micro) and all(batch is not None for batch, *_ in micro),
             "micro_batches": len(micro),
         }
         data = {
             "model": self.model,
             "state": [t.detach().clone() for t in self.kept],
-            "batches": [batch for batch, _, _ in micro],
-            "losses": [loss.cpu() for _, loss, _ in micro],
-            "rng": [rng for _, _, rng in micro],
+            "batches": [batch for batch, *_ in micro],
+            "losses": [loss.cpu() for _, loss, *_ in micro],
+            "rng": [rng for _, _, rng, _ in micro],
+            "modes": [modes for *_, modes in micro],
             "compute_loss": self.compute_loss,
         }
         partial = self.path / "data.pt.partial"

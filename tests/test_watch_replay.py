@@ -11,7 +11,17 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from watch_models import MLP, Dropped, PreNorm, batch, compute_loss, masked_loss, report_of, train
+from watch_models import (
+    MLP,
+    BatchNormed,
+    Dropped,
+    PreNorm,
+    batch,
+    compute_loss,
+    masked_loss,
+    report_of,
+    train,
+)
 
 from stabilitycheck import watchstate
 from stabilitycheck.cli import main
@@ -423,3 +433,35 @@ def test_a_bundle_written_after_the_loop_switched_to_eval_replays_in_training_mo
     first = report_of(w).first_spike
     assert first is not None and first.step == 33
     assert replay(tmp_path / "b").mismatches(1e-6) == []
+
+
+def test_a_block_kept_in_eval_mode_in_a_training_run_replays_in_eval_mode(tmp_path: Path) -> None:
+    """Oracle: the training step's own norms. A frozen block kept in eval mode while the rest trains
+    (a frozen BatchNorm backbone in fine-tuning): replay put the whole model in training mode, and
+    block 0's BatchNorm normalised by the batch's statistics, not its running ones: its output norm
+    63.4 for 18.9 in the audit's model, exit 1 (found by an audit). Each module's mode at the
+    micro-batch's forward is in the bundle and replayed."""
+    torch.manual_seed(0)
+    model = BatchNormed()
+    for p in model.blocks[0].parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():  # running statistics far from a batch's own
+        model.blocks[0][1].running_mean.fill_(0.5)
+        model.blocks[0][1].running_var.fill_(4.0)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    with watch(model, opt, bundle=tmp_path / "b", compute_loss=compute_loss, report=None) as w:
+        for step in range(36):
+            model.train()
+            model.blocks[0].eval()
+            opt.zero_grad()
+            x, y = batch(gen, model, 8)
+            y = y * 50.0 if step == 33 else y  # the loss is flagged
+            loss = compute_loss(model, (x, y))
+            w.loss(loss, batch=(x, y))
+            loss.backward()
+            opt.step()
+    first = report_of(w).first_spike
+    assert first is not None and first.step == 33
+    result = replay(tmp_path / "b")
+    assert result.mismatches(1e-6) == []

@@ -38,6 +38,17 @@ class Dropped(MLP):
         )
 
 
+class BatchNormed(MLP):
+    """The MLP with a BatchNorm1d in each block: in training mode it normalises by the batch's own
+    statistics, in eval mode by its running ones."""
+
+    def __init__(self, depth: int = 4) -> None:
+        super().__init__(depth)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.BatchNorm1d(WIDTH), nn.Tanh()) for _ in range(depth)
+        )
+
+
 class PreNorm(nn.Module):
     """A pre-norm transformer encoder (no dropout) on (batch, seq, width) inputs, a linear head."""
 
