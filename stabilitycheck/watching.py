@@ -300,7 +300,8 @@ class Watcher:
         value = value if value.dtype in (torch.float32, torch.float64) else value.float()
         self._loss = value if self._loss is None else self._loss + value
         if self.snapshot is not None:
-            self.snapshot.on_batch(self.step, batch, value)
+            scale = self.scaler._get_scale_async() if self.scaler is not None else None
+            self.snapshot.on_batch(self.step, batch, value, scale)
 
     # ----------------------------------------------------------------------------------- a step
 

@@ -4,7 +4,8 @@ without a host sync, then written with that step's micro-batches and RNG state o
 A bundle is a directory: meta.json (step, block names, the norms measured, import roots) and
 data.pt (the model, its parameters and buffers before the step, every micro-batch of the step with
 the loss passed for it to `w.loss`, the RNG states, each module's training mode at the micro-batch's
-forward (a frozen BatchNorm kept in eval) and the compute_loss function, which must be
+forward (a frozen BatchNorm kept in eval), the GradScaler's loss scale, and the compute_loss function,
+which must be
 importable: defined in a module, not in a script run as __main__). `stabilitycheck replay DIR`
 re-runs the step from it (stabilitycheck.replay).
 """
@@ -28,9 +29,7 @@ from stabilitycheck._json import strict_json
 from stabilitycheck.errors import UsageError
 from stabilitycheck.rng import rng_state
 
-FORMAT = (
-    "stabilitycheck-watch-bundle/4"  # 2: every micro-batch, with its loss; 3: its RNG state; 4: its modes
-)
+FORMAT = "stabilitycheck-watch-bundle/4"  # 2: micro-batches, losses; 3: RNG states; 4: modes, scale
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
@@ -95,6 +94,11 @@ def _without_hooks(model: nn.Module) -> Iterator[None]:
             setattr(m, name, value)
 
 
+Micro = tuple[Any, torch.Tensor, dict[str, Any] | None, list[bool] | None, torch.Tensor | None]
+"""A micro-batch as the bundle keeps it: batch, loss passed, RNG state and module modes at its forward,
+the GradScaler's loss scale (None without one)."""
+
+
 class Snapshot:
     """Keeps, on the device, the parameters and buffers the current step's forward began with (`prev`,
     copied at the first model call after an update: what the loop did to them after the optimizer's
@@ -110,7 +114,7 @@ class Snapshot:
         self.kept = [torch.zeros_like(t) for t in self.tensors]
         device = self.tensors[0].device
         self.have = torch.zeros((), dtype=torch.bool, device=device)
-        self.batches: dict[int, list[tuple[Any, torch.Tensor, dict[str, Any] | None, list[bool] | None]]] = {}
+        self.batches: dict[int, list[Micro]] = {}
         self._rng: dict[str, Any] | None = None  # at the first model call since the last micro-batch
         self.modules = list(model.modules())
         self._modes: list[bool] | None = None  # each module's .training then
@@ -128,12 +132,13 @@ class Snapshot:
             self._rng = {**rng_state(), "start": self._start}
             self._modes = [m.training for m in self.modules]
 
-    def on_batch(self, step: int, batch: Any, loss: torch.Tensor) -> None:
+    def on_batch(self, step: int, batch: Any, loss: torch.Tensor, scale: torch.Tensor | None) -> None:
         """One micro-batch of the step (None when not given), the loss passed for it (detached) and
         the RNG state its forward began with, and the one at the end of the micro-batch or update
         before it ('start': what compute_loss drew from before calling the model, a masking loss's
         mask, where the loop drew nothing in between)."""
-        self.batches.setdefault(step, []).append((batch, loss, self._rng, self._modes))
+        kept = None if scale is None else scale.detach().clone()  # on the device: no host read
+        self.batches.setdefault(step, []).append((batch, loss, self._rng, self._modes, kept))
         self._rng, self._modes = None, None
         self._start = rng_state()
 
@@ -186,8 +191,9 @@ class Snapshot:
             "state": [t.detach().clone() for t in self.kept],
             "batches": [batch for batch, *_ in micro],
             "losses": [loss.cpu() for _, loss, *_ in micro],
-            "rng": [rng for _, _, rng, _ in micro],
-            "modes": [modes for *_, modes in micro],
+            "rng": [rng for _, _, rng, *_ in micro],
+            "modes": [modes for *_, modes, _ in micro],
+            "scales": [None if scale is None else float(scale) for *_, scale in micro],
             "compute_loss": self.compute_loss,
         }
         partial = self.path / "data.pt.partial"

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from watch_models import MLP, batch, compute_loss, report_of
+from watch_models import MLP, autocast_loss, batch, compute_loss, report_of
 
+from stabilitycheck.replay import replay
 from stabilitycheck.watching import Watcher, watch
 
 
@@ -179,3 +180,33 @@ def test_a_nan_in_the_forward_of_a_step_the_scaler_skips_is_found(
     assert 8 in report.flagged_steps and report.first_spike is not None and report.first_spike.step == 8
     row = json.loads((tmp_path / "w.jsonl").read_text().splitlines()[8])
     assert row["flagged"][0] == "activation:blocks.2" and row["skipped_by"] == "scaler"
+
+
+def test_a_bundle_of_a_scaled_step_replays_its_norms(tmp_path: Path) -> None:
+    """Oracle: the training step's own norms. Under float16 autocast with a GradScaler the step's
+    backward ran on the scaled loss; replay ran the unscaled one, whose float16 gradients round
+    otherwise: weight-gradient norms off by up to 6.6e-6, exit 1 (found by an audit). The bundle
+    keeps the loss scale; replay backpropagates the loss scaled alike, unscales the weight gradients
+    as scaler.step did, and the watcher divides the scale out as it did."""
+    torch.manual_seed(0)
+    model = MLP(depth=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    gen = torch.Generator().manual_seed(0)
+    with watch(
+        model, opt, bundle=tmp_path / "b", compute_loss=autocast_loss, flush_every=16, report=None
+    ) as w:
+        for step in range(43):
+            if step == 40:
+                with torch.no_grad():
+                    model.blocks[1][0].weight.mul_(50.0)
+            data = batch(gen, model)
+            loss = autocast_loss(model, data)
+            w.loss(loss, batch=data)
+            opt.zero_grad()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    first = report_of(w).first_spike
+    assert first is not None and (first.step, first.block) == (40, "blocks.1")
+    assert replay(tmp_path / "b").mismatches(1e-6) == []

@@ -101,6 +101,12 @@ def compute_loss(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> t
     return ((model(x) - y) ** 2).mean()
 
 
+def autocast_loss(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """compute_loss with the forward under float16 autocast (mixed precision, with a GradScaler)."""
+    with torch.autocast("cpu", dtype=torch.float16):
+        return compute_loss(model, data)
+
+
 def masked_loss(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """A masking loss: which examples count is drawn from the global RNG before the model is called
     (as a masked-LM loss draws its mask)."""
