@@ -51,7 +51,7 @@ def _positive(name: str, value: object, hi: float = math.inf) -> None:
 
 def _device(value: object) -> None:
     ok = isinstance(value, str) and (
-        value in ("cpu", "cuda", "meta") or (value.startswith("cuda:") and value[5:].isdigit())
+        value in ("cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit())
     )
     if not ok:
         raise ConfigError(f"Run.device={value!r} is not allowed; expected 'cpu', 'cuda' or 'cuda:N'")
@@ -63,7 +63,7 @@ class Run:
     spends (`seed` is the first; up to `seeds` initialisations, judged on their `quantile`)."""
 
     dtype: str = "float32"
-    device: str = "cpu"  # "meta" only inside memory estimates: shapes, no data
+    device: str = "cpu"
     steps: int = 0
     lr: float = 0.01
     optimizer: str = "sgd"

@@ -136,6 +136,7 @@ def test_bad_subject_or_knob_names_the_value(
         ("amp", "fp16", "Run.amp='fp16'"),
         ("device", "gpu", "Run.device='gpu' is not allowed; expected 'cpu', 'cuda' or 'cuda:N'"),
         ("device", "cuda:x", "Run.device='cuda:x'"),
+        ("device", "meta", "Run.device='meta' is not allowed"),  # was accepted: a raw RuntimeError later
         ("steps", -1, "Run.steps=-1 must be in 0..1000000"),
         ("steps", 1.0, "Run.steps expected int but got steps=1.0 (type=float)"),
         ("warmup", True, "Run.warmup expected int but got warmup=True"),

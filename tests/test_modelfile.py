@@ -179,6 +179,16 @@ def test_init_scale_field_scales_a_factory_without_init_scale() -> None:
         torch.testing.assert_close(scaled[name], value * (3.0 if value.dim() >= 2 else 1.0))
 
 
+@pytest.mark.parametrize("scale", [0.0, -2.0, float("inf")])
+def test_an_init_scale_the_weights_cannot_be_multiplied_by_is_refused(scale: float) -> None:
+    """init_scale multiplies the weights: 0, a negative or an infinite one was taken (a search over
+    -8..-1 reported "stable (tried up to init_scale=-1)", its smallest multiplier, found by a trial),
+    where the zoo refuses it. Now a one-line error naming the file, as the zoo's."""
+    rnn = example("rnn_lm")
+    with pytest.raises(ModelFileError, match=r"knob init_scale=.* must be a finite number > 0"):
+        rnn.build(rnn.config(init_scale=scale))
+
+
 def test_init_scale_scales_the_weights_of_lazy_layers_drawn_alike() -> None:
     """Oracle: the weights at init_scale 1 times the scale. Lazy layers get their weights at their
     first call: scaling them raised on an uninitialised parameter (reported as the model's error), and

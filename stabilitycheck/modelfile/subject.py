@@ -3,6 +3,7 @@ from batch() / example_input, the user's loss or the default one."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -132,7 +133,13 @@ class ModelFile:
             raise self.error(
                 f"{unknown[0]!r} is not a knob of {self.given}; its knobs are {sorted(self.knobs)}"
             )
-        return {n: self._coerce(n, given.get(n, d), d) for n, d in self.knobs.items()}
+        values = {n: self._coerce(n, given.get(n, d), d) for n, d in self.knobs.items()}
+        scale = float(values.get(SCALE, 1.0))
+        if self.scales_weights and not (math.isfinite(scale) and scale > 0):  # the weights' multiplier
+            raise self.error(
+                f"knob {SCALE}={scale!r} must be a finite number > 0 (it multiplies the weights)"
+            )
+        return values
 
     def _coerce(self, name: str, value: object, default: Knob) -> Knob:
         """`value` as the knob's type: an int knob takes ints (or integral floats), a float knob numbers."""
