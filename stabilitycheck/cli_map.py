@@ -172,6 +172,9 @@ def run(argv: Sequence[str]) -> int:
         from stabilitycheck.plot_map import plot_map
 
         plot_map(pm, args.png)
+    if pm.stopped:  # the model's code failed at a point: the map so far is out, then the reason
+        sys.stderr.write(f"stabilitycheck map: error: {pm.stopped}\n")
+        return EXIT_USAGE
     if pm.interrupted:
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     return EXIT_FOUND if any(p.criteria for p in pm.points) else EXIT_OK  # as the search's CLI

@@ -53,7 +53,13 @@ def _edge(pm: PhaseMap, e: Edge, th: Sequence[int | None] | None, vanishing: boo
 def cost(pm: PhaseMap) -> str:
     """'163 verdicts (412 seed probes) of the 1600-point grid (10.2%) in 95 s'."""
     share = 100 * pm.verdicts / pm.grid
-    stop = ", interrupted: what was traced so far" if pm.interrupted else ""
+    stop = (
+        ", stopped: what was traced so far"
+        if pm.stopped
+        else ", interrupted: what was traced so far"
+        if pm.interrupted
+        else ""
+    )
     return (
         f"{pm.verdicts} verdicts ({pm.probes} seed probes) of the {pm.grid}-point grid ({share:.1f}%) "
         f"in {pm.elapsed:.1f} s{stop}"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stabilitycheck.config import Config
-from stabilitycheck.errors import UsageError
+from stabilitycheck.errors import UsageError, UserCodeError
 from stabilitycheck.seeds import Judgement, assess
 from stabilitycheck.space import RUN_AXES, Axis, Space
 from stabilitycheck.spread import Spread
@@ -71,6 +71,7 @@ class PhaseMap:
     violations: tuple[str, ...]
     elapsed: float
     interrupted: bool
+    stopped: str = ""  # why tracing stopped early other than Ctrl-C: the model's code failed at a point
 
     @property
     def verdicts(self) -> int:
@@ -124,6 +125,7 @@ class PhaseMap:
             "violations": list(self.violations),
             "elapsed": self.elapsed,
             "interrupted": self.interrupted,
+            "stopped": self.stopped,
             "verdicts": self.verdicts,
             "probes": self.probes,
             "grid": self.grid,
@@ -145,6 +147,7 @@ class PhaseMap:
             violations=tuple(d["violations"]),
             elapsed=d["elapsed"],
             interrupted=d["interrupted"],
+            stopped=d.get("stopped", ""),
         )
 
 
@@ -199,7 +202,9 @@ def phase_map(
 ) -> PhaseMap:
     """Trace the frontier over knobs `x` (the one explosion is monotone in) and `y` around `space`'s
     base Config (default: the subject's space; knobs given as names take that space's grids).
-    `loss="last"`: judge a sequence subject on its last step. Ctrl-C returns what was traced."""
+    `loss="last"`: judge a sequence subject on its last step. Ctrl-C returns what was traced, as does
+    the model's own code failing at a point (`stopped` says how: the CLI prints and writes the map,
+    then exits 2)."""
     from stabilitycheck.subjects import resolve
 
     subject = resolve(subject_or_spec) if isinstance(subject_or_spec, str) else subject_or_spec
@@ -218,7 +223,7 @@ def phase_map(
     notes: list[str] = []
     began = time.monotonic()
 
-    def snapshot(interrupted: bool) -> PhaseMap:
+    def snapshot(interrupted: bool, stopped: str = "") -> PhaseMap:
         def rows(edges: list[Edge]) -> tuple[Edge, ...]:
             return (*edges, *(Edge(j, None, "untraced") for j in range(len(edges), len(ya.values))))
 
@@ -236,6 +241,7 @@ def phase_map(
             violations=tuple(notes),
             elapsed=time.monotonic() - began,
             interrupted=interrupted,
+            stopped=stopped,
         )
 
     def judge(i: int, j: int) -> Point:
@@ -265,6 +271,8 @@ def phase_map(
             trace(lambda i, j: judge(i, j).vanished, nx, ny, vanish, notes, names)
     except KeyboardInterrupt:
         return snapshot(True)
+    except UserCodeError as exc:  # the model's code failed at a point: what was traced is kept
+        return snapshot(True, str(exc))
     return snapshot(False)
 
 

@@ -817,3 +817,24 @@ def test_a_file_that_failed_is_still_said_when_a_second_ctrl_c_stops_the_plot(
     )
     assert code == cli.EXIT_INTERRUPTED and "depth=" in out
     assert "--json: writing it failed: OSError" in err
+
+
+def test_a_map_whose_model_raises_at_a_point_still_prints_and_writes_what_it_traced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model file raising at some grid points (init_scale 2): the map stopped with exit 2 and wrote
+    neither the table nor the markdown, only the JSON of each point as it came (found by a trial as a
+    new user). What was traced is printed and written, marked stopped, then the one-line reason."""
+    path = _file(tmp_path, guard="if init_scale == 2.0: raise ValueError('too deep for me')")
+    json_path, md_path = tmp_path / "map.json", tmp_path / "map.md"
+    argv = ["map", str(path), "--x", "depth", "--y", "init_scale", "--knob", "depth=1:8"]
+    argv += ["--knob", "init_scale=1:3", "--seeds", "1", "--json", str(json_path), "--markdown", str(md_path)]
+    code, out, err = _run(argv, capsys)
+    assert code == cli.EXIT_USAGE
+    assert "phase map of" in out and "depth" in md_path.read_text()
+    saved = json.loads(json_path.read_text())
+    assert saved["interrupted"] and "raised ValueError: too deep for me" in saved["stopped"]
+    assert saved["verdicts"] >= 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("stabilitycheck map: error:") and "too deep for me" in last
+    assert "stopped: what was traced so far" in err
