@@ -305,7 +305,7 @@ def skipped(results: Sequence[SearchResult]) -> list[str]:
     """Lines naming the configurations skipped (too large, too slow, failing in user code)."""
     return [
         f"! {r.space.label}: {len(r.skipped)} configuration(s) skipped, e.g. "
-        f"{knobs(r, r.skipped[-1][0])}: {r.skipped[-1][1]}"
+        f"{knobs(r, r.skipped[-1][0]) or r.skipped[-1][0].describe()}: {r.skipped[-1][1]}"  # no axis: all
         for r in results
         if r.skipped
     ]

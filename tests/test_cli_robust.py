@@ -838,3 +838,15 @@ def test_a_map_whose_model_raises_at_a_point_still_prints_and_writes_what_it_tra
     last = err.strip().splitlines()[-1]
     assert last.startswith("stabilitycheck map: error:") and "too deep for me" in last
     assert "stopped: what was traced so far" in err
+
+
+def test_a_fixed_knob_too_large_for_memory_is_skipped_before_it_is_built(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--knob depth=100000000` fixed every point beyond the memory allowed, and the check before the
+    search built it anyway (zoo.Stack allocating for minutes, found by a trial). The estimate comes
+    first: skipped as too large, as the search skips such points, one line and exit 2, in seconds."""
+    code, out, err = _run(["mlp", "--knob", "depth=100000000", "--knob", "init_scale=2", "--quiet"], capsys)
+    assert code == cli.EXIT_USAGE and err.count("\n") == 1
+    assert "every configuration tried was skipped" in err and "too large" in err
+    assert "nothing tested" in out and "e.g. mlp depth=100000000" in out
