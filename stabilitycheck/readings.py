@@ -112,7 +112,8 @@ def locate(
 ) -> NonFinite | None:
     """The first non-finite value of a step, in the order it came to be: the weights (at step k, after
     k updates: the update of step k - 1 made them), forward outputs, the loss, output gradients
-    (output side first), weight grads.
+    (output side first), weight grads (output side first too, as a backward makes them: the
+    parameters in reverse order, a model's being defined input side first).
     Under a GradScaler (`grads_count` False) non-finite gradients are a skipped step, not a finding."""
 
     def block(b: int) -> str:
@@ -135,7 +136,7 @@ def locate(
     for value, name in reversed(list(zip(s.backward, s.calls, strict=True))):
         if not math.isfinite(value):
             return NonFinite(step, name, "activation_grad", value)
-    for value, b in zip(s.grads, owner, strict=True):
+    for value, b in reversed(list(zip(s.grads, owner, strict=True))):
         if not math.isfinite(value):
             return NonFinite(step, block(b), "gradient", value)
     return None

@@ -142,6 +142,44 @@ def test_backward_only_nan_is_located_at_the_gradient() -> None:
     assert math.isnan(m.first_nonfinite.value)
 
 
+class _NanWeightGrad(nn.Module):
+    """A linear map whose weight gets a NaN gradient when `bad`, its input an exact one."""
+
+    def __init__(self, bad: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4) / 2)
+        self.bad = bad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ (NanBackward.apply(self.weight) if self.bad else self.weight).T
+
+
+def test_a_nan_in_weight_gradients_alone_is_named_where_the_backward_made_it_first() -> None:
+    """Blocks 0 and 1 of 3 give their weights NaN gradients, every output gradient finite: the first
+    non-finite value is a weight gradient, and the first one the backward made is block 1's (the
+    output side's). Named block 0 before, by parameter order (found by mutation testing: reversed,
+    no test told). Oracle: torch's own backward, the order its tensor hooks on the weights run in."""
+    model = nn.Sequential(_NanWeightGrad(True), _NanWeightGrad(True), _NanWeightGrad(False))
+    x = torch.randn(3, 4)
+    made: list[int] = []
+    handles = [layer.weight.register_hook(lambda g, b=b: made.append(b)) for b, layer in enumerate(model)]
+    outs = []
+    h = x
+    for layer in model:
+        h = layer(h)
+        outs.append(h)
+    grads = torch.autograd.grad(h.sum(), [*outs, *(layer.weight for layer in model)])
+    for handle in handles:
+        handle.remove()
+    assert all(bool(g.isfinite().all()) for g in grads[:3])  # every output gradient finite
+    first = next(b for b in made if not bool(grads[3 + b].isfinite().all()))
+    m = probe_module(model, x, lambda out, _: out.sum())
+    assert m.first_nonfinite is not None
+    assert (
+        (m.first_nonfinite.layer, m.first_nonfinite.tensor) == (str(first), "gradient") == ("1", "gradient")
+    )
+
+
 class BadBackward(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -2218,10 +2256,13 @@ def test_each_criterion_reads_its_documented_value_and_bound() -> None:
 def test_every_norm_entry_point_is_exact_for_float32_squares_out_of_range() -> None:
     """Oracle: float64 torch.linalg.vector_norm of the same tensors. Finite float32 tensors whose
     squares overflow (x1e20) or go subnormal (x1e-20 on 8192 elements: a norm 1-90x LOW, and x1e-22)
-    have exact norms from every entry point: norm(), fused_norms(), norm_values() with a stack of 70,
+    have exact norms from every entry point (a million squares of 1e-21 each, subnormal, sum to a norm
+    above LOW: the threshold scales with sqrt(numel), found by mutation testing): norm(),
+    fused_norms(), norm_values() with a stack of 70,
     in exact mode too; a sparse gradient with a repeated index norms as its dense sum."""
     gen = torch.Generator().manual_seed(0)
     tensors = [torch.randn(8192, generator=gen) * s for s in (1e20, 1e-20, 1e-22, 1.0)]
+    tensors.append(torch.full((1 << 20,), 1e-21))  # a norm of 1e-18, above LOW but not LOW x sqrt(n)
     expect = [float(torch.linalg.vector_norm(t.double())) for t in tensors]
     assert [float(norms.norm(t)) for t in tensors] == pytest.approx(expect, rel=1e-6, abs=0)
     assert [float(v) for v in norms.fused_norms(tensors, False)] == pytest.approx(expect, rel=1e-6, abs=0)
