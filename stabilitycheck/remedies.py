@@ -20,17 +20,21 @@ class Remedy:
     """A remedy tried on a counterexample: `config` is None (and nothing was probed) where it does not
     apply; `fixed` says whether the re-judged Config stopped exploding, `growth` what it measured
     (the growth spread over seeds; for a recurrent subject also its through-time growth, on which
-    vanishing is judged: 'not fixed (vanishing)' beside a per-token growth of 1.4 alone misleads)."""
+    vanishing is judged: 'not fixed (vanishing)' beside a per-token growth of 1.4 alone misleads);
+    `skipped` why the remedied model could not be judged (its code raised there), `fixed` then None."""
 
     name: str
     config: Config | None
     fixed: bool | None
     still_fires: tuple[str, ...] = ()
     growth: str = ""
+    skipped: str = ""
 
     def describe(self) -> str:
         if self.config is None:
             return f"{self.name}: n/a"
+        if self.skipped:
+            return f"{self.name}: not judged ({self.skipped})"
         return f"{self.name}: {'fixed' if self.fixed else 'not fixed (' + ', '.join(self.still_fires) + ')'}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -40,12 +44,14 @@ class Remedy:
             "fixed": self.fixed,
             "still_fires": list(self.still_fires),
             "growth": self.growth,
+            "skipped": self.skipped,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Remedy:
         config = None if data["config"] is None else Config.from_dict(data["config"])
-        return cls(data["name"], config, data["fixed"], tuple(data["still_fires"]), data.get("growth", ""))
+        fires, growth, skipped = tuple(data["still_fires"]), data.get("growth", ""), data.get("skipped", "")
+        return cls(data["name"], config, data["fixed"], fires, growth, skipped)
 
 
 def judged_on(limits: Limits) -> Limits:

@@ -109,10 +109,15 @@ def row(result: SearchResult) -> list[str]:
         ]
     j = cx.judgement
     fixed = [r.name for r in cx.remedies if r.fixed]
-    attempted = [r for r in cx.remedies if r.config is not None]
+    attempted = [r.name for r in cx.remedies if r.config is not None and not r.skipped]
+    unjudged = [r.name for r in cx.remedies if r.skipped]  # the model's code failed with it
     skipped = f", {j.skipped_steps} skipped steps" if j.skipped_steps else ""
     remedies = ", ".join(fixed) or (
-        "none of " + ", ".join(r.name for r in attempted) if attempted else "none applies"
+        f"none of {', '.join(attempted)}"
+        if attempted
+        else f"not judged: {', '.join(unjudged)}"
+        if unjudged
+        else "none applies"
     )
     if result.interrupted:  # the descent or the remedies were cut short: say so in the row itself
         remedies = ", ".join(fixed) + " (interrupted)" if fixed else "not tried (interrupted)"

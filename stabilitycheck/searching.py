@@ -249,13 +249,24 @@ def try_remedies(
     config: Config, subject: Subject, limits: Limits, probes: SeedProbes | None = None
 ) -> Iterator[Remedy]:
     """Re-judge the counterexample with each remedy (on vanishing too: remedies.judged_on); yields
-    fixed / not fixed as measured."""
+    fixed / not fixed as measured, or not judged where the model's code fails with the remedy (a
+    model file raising at the critical init: the whole search stopped there, exit 2, its
+    counterexample lost; found by mutation testing's test)."""
     judged = judged_on(limits)
     for name, changed in candidates(config, subject).items():
         if changed is None:
             yield Remedy(name, None, None)
             continue
-        j = assess(changed, subject, judged, probes)
+        try:
+            j = assess(changed, subject, judged, probes)
+        except UserCodeError as exc:
+            yield Remedy(name, changed, None, skipped=str(exc))
+            continue
+        except Exception as exc:
+            if isinstance(exc, StabilityCheckError) or _raised_here(exc):
+                raise  # bad input, or a bug of this package: never a remedy left unjudged
+            yield Remedy(name, changed, None, skipped=f"the model raised {describe(exc)}{raised_at(exc)}")
+            continue
         through = f"; through time {j.through_time.describe()}" if j.through_time else ""
         yield Remedy(name, changed, not j.exploded, j.verdict.names, j.growth.describe() + through)
 

@@ -667,6 +667,30 @@ def test_a_skipped_neighbour_below_the_counterexample_is_said(
     assert "depth=17" in out.splitlines()[2] and "one step lower" not in out
 
 
+def test_a_skipped_neighbour_below_the_counterexample_on_the_second_axis_is_said(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two axes: the model explodes from depth 14 at init_scale 4 (seed 0 alone) and raises at depth
+    14, init_scale 3, the point one step lower on the second axis. Only the first axis's neighbour
+    was looked at, no test told (found by mutation testing); and the critical-init remedy, init_scale
+    3 there, raised out of the search: exit 2, the counterexample lost. Oracle: the guard's own rule
+    over both one-step-lower neighbours of the counterexample reported."""
+    out_json = tmp_path / "out.json"
+    args = ["--database", "none", "--seeds", "1", "--quiet", "--json", str(out_json)]
+    args += ["--knob", "depth=1:40", "--knob", "init_scale=2:4:1"]
+    guard = "if depth == 14 and init_scale == 3.0: raise ValueError('not at 14 x 3')"
+    code, out, err = _run([str(_file(tmp_path, guard)), *args], capsys)
+    assert code == cli.EXIT_FOUND, err
+    found = json.loads(out_json.read_text())[0]
+    knobs = found["counterexample"]["config"]["knobs"]
+    below = [(knobs["depth"] - 1, knobs["init_scale"]), (knobs["depth"], knobs["init_scale"] - 1.0)]
+    raising = [point for point in below if point == (14, 3.0)]
+    assert raising == [(14, 3.0)]  # the guard sits below the counterexample, as planned
+    listed = [(u["config"]["knobs"]["depth"], u["config"]["knobs"]["init_scale"]) for u in found["unjudged"]]
+    assert listed == raising and "one step lower" in out
+    assert "critical-init: not judged (" in out and "not judged: critical-init" in out
+
+
 def test_a_signal_inside_a_gc_callback_is_deferred_to_the_searchs_check() -> None:
     """Ctrl-C landing in a gc callback (Hypothesis registers one) printed 'Exception ignored in ...
     Traceback ... raise KeyboardInterrupt' (about 1 run in 13): there the handler only records the
