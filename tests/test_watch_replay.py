@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from stabilitycheck import watchstate
 from stabilitycheck.cli import main
 from stabilitycheck.errors import UsageError
 from stabilitycheck.replay import Replayed, _as_passed, replay
-from stabilitycheck.watching import watch
+from stabilitycheck.watching import Watcher, watch
 
 
 def _bundle(path: Path) -> int:
@@ -419,8 +420,29 @@ def test_a_bundle_written_after_the_loop_switched_to_eval_replays_in_training_mo
     for a final evaluation: the model is saved in eval mode, and the step, trained in training mode,
     replays in training mode (in eval mode dropout is off and every norm differs)."""
     model, opt, gen = _dropped()
-    with watch(model, opt, bundle=tmp_path / "b", compute_loss=compute_loss, report=None) as w:
+
+    def evaluate() -> None:
+        model.eval()
+        assert not (tmp_path / "b").exists()  # not flushed yet: written at the close, in eval mode
+
+    first = report_of(_flagged_at_33(model, opt, gen, tmp_path / "b", after=evaluate)).first_spike
+    assert first is not None and first.step == 33
+    assert replay(tmp_path / "b").mismatches(1e-6) == []
+
+
+def _flagged_at_33(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    path: Path,
+    each: Callable[[], None] = lambda: None,
+    after: Callable[[], None] = lambda: None,
+) -> Watcher:
+    """36 steps under watch with a bundle at `path`, the targets x50 at step 33 (its loss flagged);
+    `each` runs before every step, `after` after the last, the watcher still open."""
+    with watch(model, opt, bundle=path, compute_loss=compute_loss, report=None) as w:
         for step in range(36):
+            each()
             opt.zero_grad()
             x, y = batch(gen, model, 8)
             y = y * 50.0 if step == 33 else y  # the loss is flagged
@@ -428,11 +450,8 @@ def test_a_bundle_written_after_the_loop_switched_to_eval_replays_in_training_mo
             w.loss(loss, batch=(x, y))
             loss.backward()
             opt.step()
-        model.eval()
-        assert not (tmp_path / "b").exists()  # not flushed yet: written at the close, in eval mode
-    first = report_of(w).first_spike
-    assert first is not None and first.step == 33
-    assert replay(tmp_path / "b").mismatches(1e-6) == []
+        after()
+    return w
 
 
 def test_a_block_kept_in_eval_mode_in_a_training_run_replays_in_eval_mode(tmp_path: Path) -> None:
@@ -450,18 +469,12 @@ def test_a_block_kept_in_eval_mode_in_a_training_run_replays_in_eval_mode(tmp_pa
         model.blocks[0][1].running_var.fill_(4.0)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
     gen = torch.Generator().manual_seed(0)
-    with watch(model, opt, bundle=tmp_path / "b", compute_loss=compute_loss, report=None) as w:
-        for step in range(36):
-            model.train()
-            model.blocks[0].eval()
-            opt.zero_grad()
-            x, y = batch(gen, model, 8)
-            y = y * 50.0 if step == 33 else y  # the loss is flagged
-            loss = compute_loss(model, (x, y))
-            w.loss(loss, batch=(x, y))
-            loss.backward()
-            opt.step()
-    first = report_of(w).first_spike
+
+    def modes() -> None:
+        model.train()
+        model.blocks[0].eval()
+
+    first = report_of(_flagged_at_33(model, opt, gen, tmp_path / "b", each=modes)).first_spike
     assert first is not None and first.step == 33
     result = replay(tmp_path / "b")
     assert result.mismatches(1e-6) == []
