@@ -21,7 +21,7 @@ from stabilitycheck.rng import host_rng_state, set_host_rng_state
 from stabilitycheck.subject import DECLARED_NOTE, LEAVES_NOTE, Blocks
 
 LOOPED_NOTE = "blocks: {names} (called again on their own output: a block per call)"
-APART_NOTE = "blocks: {name} ({n}; {others} run between its calls, off its chain: not taken with it)"
+APART_NOTE = "blocks: {names} ({n}; {others} run between their calls, off the chain: not taken)"
 
 
 def looped_blocks(model: nn.Module, inputs: Inputs, blocks: Blocks, note: str) -> tuple[Blocks, str]:
@@ -53,9 +53,11 @@ def looped_blocks(model: nn.Module, inputs: Inputs, blocks: Blocks, note: str) -
     if not found:
         return blocks, note
     if not leaves:
-        kept = [b for b in blocks if _stack_of(b[0]) == found[0]]
-        others = " + ".join(stack for stack in stacks if stack != found[0])
-        return tuple(kept), APART_NOTE.format(name=found[0] or "(model)", n=len(kept), others=others)
+        kept = [b for b in blocks if _stack_of(b[0]) in found]
+        names, others = (
+            " + ".join(s or "(model)" for s in stacks if (s in found) == keep) for keep in (True, False)
+        )
+        return tuple(kept), APART_NOTE.format(names=names, n=len(kept), others=others)
     return tuple((name, model.get_submodule(name)) for name in found), LOOPED_NOTE.format(
         names=" + ".join(found)
     )
@@ -71,12 +73,14 @@ def _stacks_of(blocks: Blocks) -> list[str]:
 
 
 def _apart(model: nn.Module, inputs: Inputs, names: list[str], stacks: list[str]) -> list[str]:
-    """[the stack to take alone] where a forward of `model` (run here) calls a block (`names`) of one
-    of `stacks` between two calls of another (a deep-supervision model's heads, one after each layer:
-    taken with the layers, every layer after the first read its gain across the head before it,
-    growth 1.24 for 1.55): the first (find_blocks' order) whose every call after its first takes what
-    its stack's call before returned or what is computed from it, else the first; [] where each
-    stack's calls follow each other (an encoder's, then a decoder's)."""
+    """The stacks to take, where a forward of `model` (run here) calls a block (`names`) of one of
+    `stacks` between two calls of another, and some of them chain (every call after the first takes
+    what its stack's call before returned or what is computed from it) and some do not: those that
+    do (a deep-supervision model's heads, one after each layer, none taking the head before it: taken
+    with the layers, every layer after the first read its gain across the head before it, growth 1.24
+    for 1.55). [] where the calls of each stack follow each other (an encoder's, then a decoder's), or
+    every stack chains (a decoder layer after each encoder layer; heads refining the head before
+    them), or none does: find_blocks' choice stands."""
     order: list[str] = []
     chained = dict.fromkeys(stacks, True)
     last: dict[str, list[torch.Tensor]] = {}
@@ -100,9 +104,8 @@ def _apart(model: nn.Module, inputs: Inputs, names: list[str], stacks: list[str]
         module.register_forward_hook(after)
     call_model(model, inputs)
     runs = [stack for i, stack in enumerate(order) if i == 0 or order[i - 1] != stack]
-    if len(runs) == len(set(runs)):
-        return []
-    return [next((stack for stack in stacks if chained[stack]), stacks[0])]
+    kept = [stack for stack in stacks if chained[stack]]
+    return kept if len(runs) > len(set(runs)) and 0 < len(kept) < len(stacks) else []
 
 
 def _looped(model: nn.Module, inputs: Inputs) -> list[str]:

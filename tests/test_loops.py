@@ -332,9 +332,7 @@ def test_per_layer_heads_called_between_the_layers_are_not_taken_with_them(heads
 
     m = probe_module(model, x, loss)
     assert m.layer_names == tuple(f"layers.{i}" for i in range(4))
-    assert (
-        m.blocks_note == "blocks: layers (4; heads run between its calls, off its chain: not taken with it)"
-    )
+    assert m.blocks_note == "blocks: layers (4; heads run between their calls, off the chain: not taken)"
     outs: list[torch.Tensor] = []
     handles = [layer.register_forward_hook(lambda mod, i, o: outs.append(o)) for layer in model.layers]
     given = x.clone().requires_grad_()
@@ -365,3 +363,27 @@ def test_an_encoders_and_a_decoders_stacks_called_one_after_the_other_are_both_k
     blocks, note = looped_blocks(model, torch.randn(2, 8), *find_blocks(model))
     assert note == "blocks: encoder (3) + decoder (2)"
     assert [n for n, _ in blocks] == ["encoder.0", "encoder.1", "encoder.2", "decoder.0", "decoder.1"]
+
+
+def test_two_stacks_whose_calls_interleave_and_both_chain_are_both_kept() -> None:
+    """A ladder: decoder layer i takes encoder layer i's output and the decoder layer before it, so
+    the calls interleave (enc.0, dec.0, enc.1, ...) and both stacks chain; taking the first alone
+    dropped the decoder from a model whose loss is on it (found in review). find_blocks' choice of
+    both stands."""
+
+    class Ladder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3))
+            self.dec = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.zeros_like(x)
+            for enc, dec in zip(self.enc, self.dec, strict=True):
+                x = enc(x)
+                y = dec(x + y)
+            return y
+
+    model = Ladder()
+    blocks, note = looped_blocks(model, torch.randn(2, 8), *find_blocks(model))
+    assert note == "blocks: enc (3) + dec (3)" and len(blocks) == 6
