@@ -42,14 +42,14 @@ class Replayed:
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     import torch
 
-    from stabilitycheck.watchstate import FORMAT
+    from stabilitycheck.watchstate import FORMAT, OLDER
 
     try:
         meta = json.loads((path / "meta.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise UsageError(f"replay {path}: not a watch bundle directory (meta.json: {exc})") from None
     found = meta.get("format") if isinstance(meta, dict) else None
-    if found != FORMAT:
+    if found != FORMAT and found not in OLDER:
         raise UsageError(f"replay {path}: unknown bundle format {found!r}, expected {FORMAT!r}")
     _check_meta(path, meta)
     if not meta.get("has_batch"):
@@ -116,10 +116,11 @@ def replay(path: Path | str) -> Replayed:
     if missing:
         raise UsageError(f"replay {path}: the model has no blocks named {missing}")
     blocks = [(name, found.get(name) or modules[name]) for name in meta["blocks"]]
-    scaler = _scaler(model, data["scales"])
+    n = len(data["batches"])  # a format-3 bundle has no modes nor scales: training mode, unscaled
+    scaler = _scaler(model, data.get("scales", [None] * n))
     watcher = Watcher(model, None, blocks=blocks, report=None, flush_every=1, scaler=scaler)
     with watcher:
-        micro = zip(data["batches"], data["losses"], data["rng"], data["modes"], strict=True)
+        micro = zip(data["batches"], data["losses"], data["rng"], data.get("modes", [None] * n), strict=True)
         for batch, recorded, rng, modes in micro:
             _set_modes(model, modes)
             # compute_loss from the state before it ('start'), the model's forward from its own

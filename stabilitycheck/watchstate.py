@@ -30,6 +30,7 @@ from stabilitycheck.errors import UsageError
 from stabilitycheck.rng import rng_state
 
 FORMAT = "stabilitycheck-watch-bundle/4"  # 2: micro-batches, losses; 3: RNG states; 4: modes, scale
+OLDER = ("stabilitycheck-watch-bundle/3",)  # replayed too: in training mode, unscaled, as written then
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
@@ -130,7 +131,9 @@ class Snapshot:
             self.stale = False
         if self._rng is None:
             self._rng = {**rng_state(), "start": self._start}
-            self._modes = [m.training for m in self.modules]
+        # the modes of the last call before w.loss: a validation pass with gradients on run before
+        # the micro-batch's forward (model.eval(), a forward, model.train()) is not the step's
+        self._modes = [m.training for m in self.modules]
 
     def on_batch(self, step: int, batch: Any, loss: torch.Tensor, scale: torch.Tensor | None) -> None:
         """One micro-batch of the step (None when not given), the loss passed for it (detached) and

@@ -478,3 +478,42 @@ def test_a_block_kept_in_eval_mode_in_a_training_run_replays_in_eval_mode(tmp_pa
     assert first is not None and first.step == 33
     result = replay(tmp_path / "b")
     assert result.mismatches(1e-6) == []
+
+
+def test_a_validation_pass_before_the_flagged_steps_forward_leaves_its_modes_alone(tmp_path: Path) -> None:
+    """Oracle: the training step's own norms. At the flagged step the loop first validates in eval
+    mode with gradients on (model.eval(), a forward, model.train()), then trains (dropout on): the
+    modes were read at the step's first model call, the validation's, and the step replayed with
+    dropout off, 9 of 12 norms off (found in review). They are read at the last call before w.loss."""
+    model, opt, gen = _dropped()
+    steps: list[int] = []
+
+    def validate_at_33() -> None:
+        steps.append(len(steps))
+        if steps[-1] == 33:
+            model.eval()
+            compute_loss(model, batch(torch.Generator().manual_seed(99), model, 8))
+            model.train()
+
+    first = report_of(_flagged_at_33(model, opt, gen, tmp_path / "b", each=validate_at_33)).first_spike
+    assert first is not None and first.step == 33
+    assert replay(tmp_path / "b").mismatches(1e-6) == []
+
+
+def test_a_bundle_of_the_previous_format_still_replays(tmp_path: Path) -> None:
+    """A format-3 bundle (no modes, no loss scale: written before they were kept) was refused as an
+    unknown format once format 4 came (found in review); it replays in training mode, unscaled, as
+    it was written for. Oracle: the training step's own norms."""
+    _bundle(tmp_path / "bundle")
+    data_path, meta_path = tmp_path / "bundle" / "data.pt", tmp_path / "bundle" / "meta.json"
+    data = torch.load(data_path, weights_only=False)
+    del data["modes"], data["scales"]
+    torch.save(data, data_path)
+    meta = json.loads(meta_path.read_text())
+    meta["format"] = "stabilitycheck-watch-bundle/3"
+    meta_path.write_text(json.dumps(meta))
+    assert replay(tmp_path / "bundle").mismatches(1e-6) == []
+    meta["format"] = "stabilitycheck-watch-bundle/2"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(UsageError, match="unknown bundle format"):
+        replay(tmp_path / "bundle")
