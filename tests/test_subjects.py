@@ -1263,12 +1263,13 @@ def test_of_two_stacks_of_one_length_per_layer_heads_do_not_outrank_the_layers()
 
 
 class _Inverted(nn.Module):
-    """An inverted-residual block (MobileNet's): its own Sequential of three conv layers inside, a
-    stack of one type of its own."""
+    """An inverted-residual block (MobileNet's): a conv layer with its activation, a conv and a norm."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.block = nn.Sequential(*(nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU()) for _ in range(3)))
+        self.block = nn.Sequential(
+            nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU()), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.block(x)
@@ -1305,6 +1306,19 @@ def test_a_sequential_mostly_of_one_composite_block_is_its_stack() -> None:
         "features.3.0",
         "features.3.1",
     ]
+
+    class Stage(nn.Module):  # a stage of a class of its own (timm's TinyVitStage), its blocks inside
+        def __init__(self, k: int) -> None:
+            super().__init__()
+            self.blocks = nn.Sequential(*(_Inverted() for _ in range(k)))
+
+    class TinyVit(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stages = nn.Sequential(nn.Conv2d(3, 4, 1), *(Stage(k) for k in (2, 3, 2)))
+
+    blocks, note = find_blocks(TinyVit())
+    assert len(blocks) == 7 and all(".blocks." in n for n, _ in blocks), note  # was the 3 stages
 
     layers = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
     blocks, note = find_blocks(layers)
