@@ -66,7 +66,9 @@ class _Run:
         return self.params[0].device
 
 
-def _backward(run: _Run, loss: torch.Tensor, outputs: list[torch.Tensor]) -> list[torch.Tensor | None]:
+def _backward(
+    run: _Run, loss: torch.Tensor, outputs: list[torch.Tensor], made: list[int] | None = None
+) -> list[torch.Tensor | None]:
     """Backward from `loss`, setting every parameter's .grad (None where none reached it) and
     returning dL/d(output) of each recorded output (None where the loss does not depend on it); the
     entry's (outputs[0], block 0's copy of its input) plus what a residual add written around block 0
@@ -76,9 +78,15 @@ def _backward(run: _Run, loss: torch.Tensor, outputs: list[torch.Tensor]) -> lis
     many-call blocks, and no dearer on dense ones; see ci/bench.py). It runs no hook on the
     parameters' accumulation (an optimizer stepped inside the backward, DDP's reducer) and leaves the
     graph behind a caller's tensor as it was: backward(inputs=...) did both, for no saving
-    measurable on the bench's models."""
+    measurable on the bench's models. `made`, where given, gets the parameters' indices in the order
+    the backward made their gradients (hooks on them for this pass alone: an exact re-run's)."""
     wanted = [i for i, out in enumerate(outputs) if out.requires_grad]
     run.rec.backward_starts()
+    hooks = (
+        [p.register_hook(lambda _, i=i: made.append(i)) for i, p in enumerate(run.params)]
+        if made is not None
+        else []
+    )
     try:
         grads = list(
             torch.autograd.grad(loss, [outputs[i] for i in wanted] + list(run.params), allow_unused=True)
@@ -98,6 +106,9 @@ def _backward(run: _Run, loss: torch.Tensor, outputs: list[torch.Tensor]) -> lis
             "unmeasurable; pass use_reentrant=False (Hugging Face: model.gradient_checkpointing_enable("
             "gradient_checkpointing_kwargs={'use_reentrant': False})) or probe without checkpointing"
         ) from None
+    finally:
+        for hook in hooks:
+            hook.remove()
     through, instead = run.rec.through()
     if through is not None and wanted[:1] == [0] and through.shape == outputs[0].shape:
         grads[0] = through if grads[0] is None or instead else grads[0] + through
@@ -204,7 +215,8 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         loss = _forward(run, hooks=True, exact=exact, copied=copied, entry=not moved)
     outputs = run.rec.take() if hooks else []
     try:
-        captured = _backward(run, scaler.scale(loss) if scaler else loss, outputs)
+        made: list[int] | None = [] if exact else None  # the order of the weight gradients, to locate
+        captured = _backward(run, scaler.scale(loss) if scaler else loss, outputs, made)
     finally:
         run.rec.release()
         if hooks:
@@ -248,6 +260,7 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         given_finite=not (hooks and exact)
         or all(bool(x.isfinite().all()) for x in tensors_of(run.inputs) if x.is_floating_point()),
         finite=math.isfinite(loss_value + sum(host)),
+        made=tuple(made or ()),
     )
 
 

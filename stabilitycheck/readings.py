@@ -30,6 +30,7 @@ class Step:
     given_finite: bool = True  # every floating tensor given to the model is finite (exact runs)
     scale: float = 1.0
     finite: bool = True  # every number above is finite
+    made: tuple[int, ...] = ()  # parameters in the order the backward made their gradients (exact runs)
 
 
 def chains_of(
@@ -112,8 +113,8 @@ def locate(
 ) -> NonFinite | None:
     """The first non-finite value of a step, in the order it came to be: the weights (at step k, after
     k updates: the update of step k - 1 made them), forward outputs, the loss, output gradients
-    (output side first), weight grads (output side first too, as a backward makes them: the
-    parameters in reverse order, a model's being defined input side first).
+    (output side first), weight grads (in the order the backward made them, `made`, on an exact
+    re-run; else the parameters in reverse order, a model's being defined input side first).
     Under a GradScaler (`grads_count` False) non-finite gradients are a skipped step, not a finding."""
 
     def block(b: int) -> str:
@@ -136,7 +137,8 @@ def locate(
     for value, name in reversed(list(zip(s.backward, s.calls, strict=True))):
         if not math.isfinite(value):
             return NonFinite(step, name, "activation_grad", value)
-    for value, b in reversed(list(zip(s.grads, owner, strict=True))):
-        if not math.isfinite(value):
-            return NonFinite(step, block(b), "gradient", value)
+    made = set(s.made)
+    for i in (*s.made, *(i for i in reversed(range(len(s.grads))) if i not in made)):
+        if not math.isfinite(s.grads[i]):
+            return NonFinite(step, block(owner[i]), "gradient", s.grads[i])
     return None

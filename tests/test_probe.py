@@ -154,30 +154,52 @@ class _NanWeightGrad(nn.Module):
         return x @ (NanBackward.apply(self.weight) if self.bad else self.weight).T
 
 
-def test_a_nan_in_weight_gradients_alone_is_named_where_the_backward_made_it_first() -> None:
-    """Blocks 0 and 1 of 3 give their weights NaN gradients, every output gradient finite: the first
-    non-finite value is a weight gradient, and the first one the backward made is block 1's (the
-    output side's). Named block 0 before, by parameter order (found by mutation testing: reversed,
-    no test told). Oracle: torch's own backward, the order its tensor hooks on the weights run in."""
-    model = nn.Sequential(_NanWeightGrad(True), _NanWeightGrad(True), _NanWeightGrad(False))
-    x = torch.randn(3, 4)
-    made: list[int] = []
-    handles = [layer.weight.register_hook(lambda g, b=b: made.append(b)) for b, layer in enumerate(model)]
-    outs = []
-    h = x
-    for layer in model:
-        h = layer(h)
-        outs.append(h)
-    grads = torch.autograd.grad(h.sum(), [*outs, *(layer.weight for layer in model)])
-    for handle in handles:
+class _HeadFirst(nn.Module):
+    """Blocks of _NanWeightGrad (0 and 1 of 3 bad), and a head, bad too where `bad_head`, defined
+    before them and run after them."""
+
+    def __init__(self, bad_head: bool) -> None:
+        super().__init__()
+        self.head = _NanWeightGrad(bad_head)
+        self.blocks = nn.ModuleList([_NanWeightGrad(True), _NanWeightGrad(True), _NanWeightGrad(False)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("bad_head", [False, True])
+def test_a_nan_in_weight_gradients_alone_is_named_where_the_backward_made_it_first(bad_head: bool) -> None:
+    """Blocks 0 and 1 of 3 (and the head, defined first) give their weights NaN gradients, every
+    output gradient finite: the first non-finite value is the weight gradient the backward made
+    first: block 1's, or the head's. Read by parameter order it was block 0's, or (in reverse) block
+    0's again where the head was defined first (found by mutation testing, then in review); the exact
+    re-run now records the order. Oracle: torch's own backward, the order its tensor hooks on the
+    weights run in."""
+    model, x = _HeadFirst(bad_head), torch.randn(3, 4)
+    names = {
+        id(p): ("(outside blocks)" if n.startswith("head") else n.split(".")[1])
+        for n, p in model.named_parameters()
+    }
+    made: list[str] = []
+    handles = [
+        p.register_hook(lambda g, p=p: made.append(names[id(p)]) if not bool(g.isfinite().all()) else None)
+        for p in model.parameters()
+    ]
+    outs: list[torch.Tensor] = []
+    hooks = [b.register_forward_hook(lambda m, i, o: outs.append(o)) for b in model.blocks]
+    total = model(x).sum()
+    grads = torch.autograd.grad(total, [*outs, *model.parameters()])
+    for handle in [*handles, *hooks]:
         handle.remove()
-    assert all(bool(g.isfinite().all()) for g in grads[:3])  # every output gradient finite
-    first = next(b for b in made if not bool(grads[3 + b].isfinite().all()))
-    m = probe_module(model, x, lambda out, _: out.sum())
-    assert m.first_nonfinite is not None
-    assert (
-        (m.first_nonfinite.layer, m.first_nonfinite.tensor) == (str(first), "gradient") == ("1", "gradient")
+    assert all(bool(g.isfinite().all()) for g in grads[:3])  # every block output's gradient finite
+    m = probe_module(
+        model, x, lambda out, _: out.sum(), blocks=[(str(i), b) for i, b in enumerate(model.blocks)]
     )
+    assert m.first_nonfinite is not None
+    assert (m.first_nonfinite.layer, m.first_nonfinite.tensor) == (made[0], "gradient")
+    assert made[0] == ("(outside blocks)" if bad_head else "1")
 
 
 class BadBackward(nn.Module):
