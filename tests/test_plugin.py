@@ -417,3 +417,18 @@ def test_the_example_properties_markers_need_no_registration_of_the_users(pytest
         test_copied="import pytest\n\n@pytest.mark.slow\n@pytest.mark.cuda\ndef test_x():\n    pass\n"
     )
     pytester.runpytest_subprocess("-p", "no:cacheprovider", "--strict-markers").assert_outcomes(passed=1)
+
+
+def test_the_fixed_by_cell_says_when_no_remedy_could_be_judged() -> None:
+    """A remedy whose model raised is not judged (Remedy.skipped): where every one tried was, the
+    summary's 'fixed by' said 'none', as if each had been tried and failed (found in review)."""
+    from stabilitycheck.findings import _unfixed
+    from stabilitycheck.remedies import Remedy
+
+    config = Config.of("mlp")
+    raised = Remedy("critical-init", config, None, skipped="build raised ValueError")
+    tried = Remedy("pre-norm", config, False, ("growth",))
+    absent = Remedy("lstm", None, None)
+    assert _unfixed([raised, absent]) == "not judged: critical-init"
+    assert _unfixed([raised, tried]) == "none"
+    assert _unfixed([absent]) == "none" and _unfixed([]) == "-"
