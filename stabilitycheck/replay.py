@@ -26,6 +26,7 @@ class Replayed:
     names: list[tuple[str, str]]
     recorded: list[float]
     replayed: list[float]
+    changed: tuple[str, ...] = ()  # code (compute_loss, the model's classes) edited since the bundle
 
     def mismatches(self, rtol: float = RTOL) -> list[int]:
         """Series where the two differ by more than rtol (relative), or differ in finiteness."""
@@ -101,6 +102,7 @@ def replay(path: Path | str) -> Replayed:
     from stabilitycheck.rng import set_rng_state
     from stabilitycheck.subject import find_blocks
     from stabilitycheck.watching import Watcher
+    from stabilitycheck.watchstate import sources
 
     meta, data = _read(Path(path))
     model = data["model"]
@@ -144,7 +146,10 @@ def replay(path: Path | str) -> Replayed:
             f"replay {path}: meta.json has {len(values)} values, the replayed step measures {len(names)}; "
             "the bundle was edited or is not from this model"
         )
-    return Replayed(meta["step"], names, values, watcher.out.last_values)
+    written = meta.get("sources") or {}
+    now = sources(model, data["compute_loss"])
+    changed = tuple(sorted(name for name, digest in written.items() if now.get(name, digest) != digest))
+    return Replayed(meta["step"], names, values, watcher.out.last_values, changed)
 
 
 def _scaler(model: Any, scales: list[float | None]) -> Any:
@@ -213,6 +218,8 @@ def main(argv: Sequence[str]) -> int:
         if math.isfinite(a) and math.isfinite(b) and max(abs(a), abs(b)) > 0:
             worst = max(worst, abs(a - b) / max(abs(a), abs(b)))
     print(f"replayed step {result.step}: {len(result.names)} norms, largest relative difference {worst:.3g}")
+    if result.changed:
+        print(f"  note: the code of {', '.join(result.changed)} changed since the bundle was written")
     for i in bad:
         kind, block = result.names[i]
         print(

@@ -12,6 +12,8 @@ re-runs the step from it (stabilitycheck.replay).
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import os
 import pickle
 import sys
@@ -68,6 +70,24 @@ def check_replayable(model: nn.Module, compute_loss: Any) -> None:
                 f"watch: the model cannot be replayed: its class {why}; define the model's classes in a "
                 "module you import (e.g. model.py), so `stabilitycheck replay` can load the bundle"
             )
+
+
+def sources(model: nn.Module, compute_loss: Any) -> dict[str, str]:
+    """A digest of the source of compute_loss and of each class of the model's modules defined
+    outside torch, by qualified name: replay says which changed since the bundle was written (an
+    edited forward read as a step that does not reproduce, found by an audit). Code whose source
+    cannot be read (built in, or its file gone) is left out."""
+    found: dict[str, str] = {}
+    for obj in (compute_loss, *dict.fromkeys(type(m) for m in model.modules())):
+        module = getattr(obj, "__module__", "") or ""
+        if module.split(".")[0] == "torch":
+            continue
+        try:
+            text = inspect.getsource(obj)
+        except (OSError, TypeError):
+            continue
+        found[f"{module}.{getattr(obj, '__qualname__', obj)}"] = hashlib.sha256(text.encode()).hexdigest()
+    return found
 
 
 def import_root(obj: Any) -> str | None:
@@ -188,6 +208,7 @@ class Snapshot:
             "import_roots": sorted(r for r in roots if r is not None),
             "has_batch": bool(micro) and all(batch is not None for batch, *_ in micro),
             "micro_batches": len(micro),
+            "sources": sources(self.model, self.compute_loss),
         }
         data = {
             "model": self.model,

@@ -517,3 +517,69 @@ def test_a_bundle_of_the_previous_format_still_replays(tmp_path: Path) -> None:
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(UsageError, match="unknown bundle format"):
         replay(tmp_path / "bundle")
+
+
+NET = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x.sum(-1)
+
+
+def loss_fn(model, data):
+    x, y = data
+    return ((model(x) - y) ** 2).mean()
+"""
+
+
+def test_replay_says_which_code_changed_since_the_bundle(tmp_path: Path) -> None:
+    """A model file edited after the bundle was written (its forward x1.5): replay reported norms
+    that differ, read as a step that does not reproduce, with no word of the edit (found by an
+    audit). The bundle keeps a digest of the source of compute_loss and the model's classes; replay
+    names those that changed. Oracle: the edit made, replayed in a fresh process as a user does."""
+    import importlib
+    import subprocess
+    import sys
+
+    (tmp_path / "chgnet.py").write_text(NET)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        chgnet = importlib.import_module("chgnet")
+        torch.manual_seed(0)
+        model = chgnet.Net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        gen = torch.Generator().manual_seed(0)
+        with watch(
+            model, opt, bundle=tmp_path / "b", compute_loss=chgnet.loss_fn, flush_every=8, report=None
+        ) as w:
+            for step in range(45):
+                x = torch.randn(32, 8, generator=gen) * (50.0 if step == 40 else 1.0)
+                data = (x, torch.sin(x.sum(-1)))
+                loss = chgnet.loss_fn(model, data)
+                w.loss(loss, batch=data)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("chgnet", None)
+
+    def replayed() -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "stabilitycheck", "replay", str(tmp_path / "b")]
+        return subprocess.run(command, capture_output=True, text=True, check=False, timeout=120)
+
+    same = replayed()
+    assert same.returncode == 0 and "changed" not in same.stdout, same.stdout + same.stderr
+    (tmp_path / "chgnet.py").write_text(NET.replace("x = b(x)", "x = b(x) * 1.5"))
+    edited = replayed()
+    assert edited.returncode == 1 and "note: the code of chgnet.Net changed" in edited.stdout
+    assert "chgnet.loss_fn" not in edited.stdout
