@@ -9,6 +9,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from stabilitycheck._validation import writable
+
 EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
 PREFIX = "--stability-"
 DEVICES = ("cpu", "cuda", "all")
@@ -240,9 +242,18 @@ def parser() -> argparse.ArgumentParser:
 
 def _database(text: str) -> str:
     """--database: a directory or 'none'; an empty value (an unset shell variable) would fill the
-    current directory with Hypothesis' hash folders."""
+    current directory with Hypothesis' hash folders. A file, or a place no folder can be made in
+    (/proc, a read-only mount), was taken silently and nothing was kept (found by a trial)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a directory or 'none', got an empty value")
+    if text == "none":
+        return text
+    path = Path(text)
+    there = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not there.is_dir():
+        raise argparse.ArgumentTypeError(f"{there} is a file, not a directory; give a directory or 'none'")
+    if not writable(there / ".stabilitycheck-probe"):
+        raise argparse.ArgumentTypeError(f"cannot write in {there}; give a writable directory or 'none'")
     return text
 
 

@@ -63,7 +63,8 @@ FUZZ = {
     "--device": ["tpu", ""],
     "--knob": ["depth", "depth=a:b", "depth=nan:3", "=1:2", "depth=3:1", "nope=1:2"],
     "--family": ["mpl", ""],
-    "--database": ["", " "],  # empty: Hypothesis filled the current directory with hash folders
+    "--database": ["", " ", "/etc/hostname", "/proc/nowhere"],  # empty: Hypothesis filled the current
+    # directory with hash folders; a file or an unwritable place was taken and nothing kept (a trial)
 }
 
 
