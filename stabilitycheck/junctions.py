@@ -111,48 +111,34 @@ def _residual_add(x: Any, raw: torch.Tensor, first: torch.Tensor) -> tuple[Any, 
     return None
 
 
-TAP_NODES = 64  # a norm written by hand is a dozen autograd nodes: a larger graph is taken for no norm
+TAP_NODES = 256  # a norm written by hand is a dozen autograd nodes: a larger graph is taken for no norm
 
 
 def _taps(raw: torch.Tensor, edge: tuple[Any, int]) -> Taps:
     """Where the gradient enters the tensor behind `edge` (x) from the graph that made `raw` from it (a
-    norm: one node, or several for one written by hand, x * rsqrt(mean(x^2))): the (node, input
-    number) pairs whose gradients sum to what that graph hands it. [] where `raw` is not made from x
-    alone, parameters aside: every node between them leads to x, and none takes a tensor made before
-    x but x (raw = h + c with c re-added after every layer, h = layer(h + c), is conditioning, not a
-    stream: h's nodes do not lead to c; read as one, growth 0.120 for 0.054, found in review). x may
-    be a leaf (a learned latent array), whose node has no age: then the graph is searched to TAP_NODES
-    nodes, as any."""
+    norm: one node, or several for one written by hand, x * rsqrt(mean(x^2)) * (1 + w)): the (node,
+    input number) pairs whose gradients sum to what that graph hands x; [] where `raw` is not made
+    from x. Only nodes made after x are searched, up to TAP_NODES; x may be a leaf (a Perceiver's
+    latent array), whose node has no age. Whether x is the stream, used by the add and this graph
+    alone, only the backward tells (recording._Recorder.through: x + c re-added before every layer
+    is conditioning)."""
     source = edge[0]
     if source is None or raw.grad_fn is None:
         return []
     oldest = source._sequence_nr() if source.next_functions else -1  # a leaf: no age
     taps: Taps = []
-    kids: dict[Any, list[Any]] = {}
-    frontier = [raw.grad_fn]
+    frontier, seen = [raw.grad_fn], {raw.grad_fn}
     while frontier:
         node = frontier.pop()
-        kids[node] = []
         for j, child in enumerate(node.next_functions):
             if child == edge:
                 taps.append((node, j))
-            elif child[0] is None or not child[0].next_functions:
-                continue  # no gradient, or a parameter's leaf
-            elif child[0]._sequence_nr() <= oldest:
-                return []  # made from a tensor made before x too
-            else:
-                kids[node].append(child[0])
-                if child[0] not in kids and child[0] not in frontier:
-                    frontier.append(child[0])
-        if len(kids) > TAP_NODES:
+            elif child[0] is not None and child[0] not in seen and child[0]._sequence_nr() > oldest:
+                seen.add(child[0])
+                frontier.append(child[0])
+        if len(seen) > TAP_NODES:
             return []
-    leads = {node for node, _ in taps}
-    grew = True
-    while grew:
-        before = len(leads)
-        leads |= {node for node, under in kids.items() if any(k in leads for k in under)}
-        grew = len(leads) > before
-    return taps if len(leads) == len(kids) else []
+    return taps
 
 
 def _edge(t: torch.Tensor) -> tuple[Any, int]:

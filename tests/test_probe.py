@@ -1756,7 +1756,8 @@ def test_a_residual_add_around_block_0_behind_a_norm_is_in_its_gain() -> None:
 
 class _NormOutside(nn.Module):
     """x = x + layer(norm(x)) on an embedding's output, the norms written outside the blocks (the
-    layers): nn.LayerNorm, or an RMS norm written by hand (several autograd nodes, x used twice)."""
+    layers): nn.LayerNorm with a positional embedding added after it, or an RMS norm written by hand
+    (several autograd nodes, x used twice) scaled by (1 + w), as Gemma's."""
 
     def __init__(self, hand: bool) -> None:
         super().__init__()
@@ -1769,12 +1770,13 @@ class _NormOutside(nn.Module):
             for _ in range(4)
         )
         self.head = nn.Linear(16, 50, dtype=torch.float64)
+        self.pos = nn.Embedding(8, 16, dtype=torch.float64)
         self.hand = hand
 
     def norm(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        if self.hand:
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.norms[i].weight
-        return self.norms[i](x)
+        if self.hand:  # Gemma's (1 + w): arithmetic on a parameter, nodes that do not lead to x
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1.0 + self.norms[i].weight)
+        return self.norms[i](x) + self.pos(torch.arange(x.shape[-2]))  # an embedding added after it
 
     def stream(self, tokens: torch.Tensor) -> list[torch.Tensor]:
         out = [self.emb(tokens)]
