@@ -125,10 +125,19 @@ def _mostly(children: Blocks) -> Blocks:
 
 
 def _staged(module: nn.Module) -> bool:
-    """Whether `module` holds a stack of two or more composite blocks: a stage of a class of its own
-    (timm's TinyVitStage: its blocks are the chain, not the stages, which read growth 0.293 for 0.186,
-    stage 0 as a stem; found in review). Of MobileNet's blocks only some do (three conv layers)."""
-    return any(len(pairs) >= 2 and any(True for _ in pairs[0][1].children()) for _, pairs in _stacks(module))
+    """Whether `module` holds a stack of two or more composite blocks with most of its parameters: a
+    stage of a class of its own (timm's TinyVitStage: its blocks are the chain, not the stages, which
+    read growth 0.293 for 0.186, stage 0 as a stem; found in review). Of MobileNet's blocks only some
+    do (three conv layers); an Annotated-Transformer layer's two SublayerConnection clones hold its
+    norms alone, its attention and feed-forward beside them (taken for a stage, its 12 sublayers were
+    the chain, found in a second review)."""
+    total = sum(p.numel() for p in module.parameters())
+    return any(
+        len(pairs) >= 2
+        and any(True for _ in pairs[0][1].children())
+        and 2 * sum(p.numel() for _, m in pairs for p in m.parameters()) > total
+        for _, pairs in _stacks(module)
+    )
 
 
 def _longest(stack: tuple[str, Blocks]) -> tuple[int, bool]:

@@ -1320,6 +1320,22 @@ def test_a_sequential_mostly_of_one_composite_block_is_its_stack() -> None:
     blocks, note = find_blocks(TinyVit())
     assert len(blocks) == 7 and all(".blocks." in n for n, _ in blocks), note  # was the 3 stages
 
+    class Sublayer(nn.Module):  # the Annotated Transformer's SublayerConnection: a norm alone
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(4)
+
+    class Annotated(nn.Module):  # two Sublayer clones in a list, the weights beside them
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn, self.ff = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.sublayer = nn.ModuleList(Sublayer() for _ in range(2))
+
+    blocks, note = find_blocks(
+        nn.Sequential(nn.Linear(3, 4), *(Annotated() for _ in range(4)), nn.Linear(4, 2))
+    )
+    assert [n for n, _ in blocks] == ["1", "2", "3", "4"], note  # not the 8 sublayers, no stages
+
     layers = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
     blocks, note = find_blocks(layers)
     assert [n for n, _ in blocks] == ["0", "2", "4"] and "layers of 5 mixed modules" in note
