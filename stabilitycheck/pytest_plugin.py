@@ -234,6 +234,7 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, None]:
     fixtures; never when it is derandomised, has its own @seed, or --hypothesis-seed is given. The
     example database stays on (see SEED_ATTRIBUTE)."""
     test = getattr(item, "obj", None)
+    test = getattr(test, "__func__", test)  # a test class's method: its function holds the seed
     state = item.config.stash.get(_STATE, None)
     if state is not None:
         state.current = item.nodeid

@@ -231,6 +231,26 @@ def test_the_seed_in_the_header_repeats_the_examples(pytester: pytest.Pytester) 
     assert draws[0] == draws[1] != draws[2]
 
 
+def test_a_hypothesis_test_written_as_a_method_is_seeded(pytester: pytest.Pytester) -> None:
+    """A Hypothesis test written as a method of a test class: the plugin set its seed on the bound
+    method, and every such test crashed (AttributeError) under --stability-seed, any profile, or a
+    stabilitycheck fixture (found by a trial as a user). Oracle: the draws, repeated by the same seed
+    and not by another, as for a function."""
+    pytester.makepyfile(
+        test_draws="class TestDraws:\n"
+        + "\n".join("    " + line for line in DRAWS.replace("(n)", "(self, n)").splitlines())
+    )
+    draws = []
+    for seed in ("5", "5", "6"):
+        result = pytester.runpytest(
+            "-p", "no:cacheprovider", "--stability-profile", "quick", "--stability-seed", seed
+        )
+        result.assert_outcomes(passed=1)
+        draws.append((pytester.path / "draws.txt").read_text())
+        (pytester.path / "draws.txt").unlink()
+    assert draws[0] == draws[1] != draws[2]
+
+
 def test_workers_send_their_counterexamples(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
