@@ -335,6 +335,7 @@ def _check_guards(
                 f"{kind} skipped a step on {poison} but did not back off its scale.",
                 f"Scale before: {scale_before:g}, after: {scale_after:g} (allowed: < {scale_before:g})",
             )
+    _away_from_one(scaler, get_scale, kind, len(ends + between))
     weights = [p.detach().clone() for p in params]
     step(None)
     changed = [n for (n, p), w in zip(named, weights, strict=True) if not torch.equal(p.detach(), w)]
@@ -351,6 +352,27 @@ def _check_guards(
     # where the clean step's update, bias-corrected by that count, only reads as a wrong update
     _check_clean_state(named, opt, states, kind)
     _check_clean_step(named, weights, expected, kind)
+
+
+UNHIDDEN = 2.0**8  # the clean step's scale where the skipped steps backed it off to 1
+
+
+def _away_from_one(scaler: Any, get_scale: Any, kind: str, skipped: int) -> None:
+    """The clean step runs at a scale other than 1, where a scaler that never unscales, or unscales
+    twice, moves the update by the scale's factor: each skipped step halves it, and after 16 (a
+    3-layer MLP with biases) torch's 2^16 reached 1, where both passed (found by a trial). A
+    torch.amp.GradScaler is set to UNHIDDEN; another scaler at 1 is a usage error."""
+    __tracebackhide__ = True
+    if not callable(get_scale) or abs(float(get_scale()) - 1.0) > 10 * CLEAN_RTOL:
+        return
+    if isinstance(scaler, torch.amp.GradScaler):
+        scaler.update(UNHIDDEN)
+        return
+    raise UsageError(
+        f"{kind}'s scale is 1 after the {skipped} skipped steps, where a scaler that never unscales "
+        "cannot be told from one that does; start it at a larger scale (each skipped step backs it off) "
+        "or pass fewer poisons"
+    )
 
 
 def _check_clean_state(
@@ -377,7 +399,7 @@ def _check_clean_state(
                     f"{kind}'s steps left the optimizer state unlike one plain step on the unscaled "
                     "gradients.",
                     f"First: {name!r} state {key!r}: norm {float(a.norm()):.6g}, a plain step's {size:.6g} "
-                    f"(allowed: within {CLEAN_RTOL:g} of it)",
+                    f"(allowed: within {CLEAN_RTOL:.0%} of it)",
                     "A skipped step must not step the optimizer, and a clean one must unscale once first",
                 )
 
@@ -398,7 +420,7 @@ def _check_clean_step(
             _fail(
                 f"{kind}'s clean step did not update the weights as a step on the unscaled gradients does.",
                 f"First: {name!r}: update norm {float(got.norm()):.6g}, a plain step's {size:.6g} "
-                f"(allowed: within {CLEAN_RTOL:g} of it)",
+                f"(allowed: within {CLEAN_RTOL:.0%} of it)",
                 "A scaler must unscale the gradients (divide by the loss scale) once before the "
                 "optimizer steps",
             )

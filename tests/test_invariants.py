@@ -8,6 +8,7 @@ import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import broken
 import pytest
@@ -1089,3 +1090,33 @@ def test_torch_clipping_a_total_just_over_max_norm_passes(over: float) -> None:
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     assert any(not torch.equal(p.grad, b) for p, b in zip(params, before, strict=True))
     assert_clipped_norm_bounded(params, 1.0, before=before)
+
+
+class _UnscalesTwice(torch.amp.GradScaler):
+    """torch's GradScaler with a manual unscale before its step, which unscales again."""
+
+    def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.div_(self.get_scale())
+        return super().step(optimizer, *args, **kwargs)
+
+
+def test_gradscaler_guards_judge_the_clean_step_away_from_a_scale_of_1() -> None:
+    """Each skipped step halves the scale: on a model of 6 trainable tensors the 16 skipped steps took
+    torch's 2^16 to 1, where a scaler that unscales twice moves the update by a factor of 1, and it
+    passed (found by a trial as a user; with 5 or 7 tensors it failed). A torch GradScaler is set
+    away from 1 for the clean step; another scaler at 1 is refused in one line. torch's own passes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(m for _ in range(3) for m in (nn.Linear(4, 4), nn.Tanh())))
+    x = torch.randn(3, 4)
+
+    def loss(out: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+        return out.square().mean()
+
+    assert_gradscaler_guards(model, x, loss, torch.amp.GradScaler("cpu"))
+    with pytest.raises(StabilityError, match="within 1% of it"):
+        assert_gradscaler_guards(model, x, loss, _UnscalesTwice("cpu"))
+    with pytest.raises(UsageError, match="scale is 1 after the 16 skipped steps"):
+        assert_gradscaler_guards(model, x, loss, broken.UnscalesTwiceScaler())  # type: ignore[arg-type]
