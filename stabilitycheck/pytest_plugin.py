@@ -176,6 +176,9 @@ def pytest_configure_node(node: Any) -> None:
     node.workerinput["stabilitycheck_seed"] = _state(node.config).seed
 
 
+MAX_THREADS = 4096  # torch threads per process: more is a typo (a huge count raised INTERNALERROR)
+
+
 def _threads_option(config: pytest.Config) -> int | None:
     """--stability-threads as a count (auto: cores // pytest-xdist workers), None when not given."""
     value = config.getoption(f"{PREFIX}threads")
@@ -184,8 +187,9 @@ def _threads_option(config: pytest.Config) -> int | None:
     if value == "auto":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         return max(1, cores // max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
-    if not value.isdigit() or int(value) < 1:
-        raise pytest.UsageError(f"{PREFIX}threads={value!r}: expected a count >= 1 or 'auto'")
+    # isascii: '²' is a digit to isdigit() and not to int(); the bound: torch's set_num_threads overflows
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_THREADS:
+        raise pytest.UsageError(f"{PREFIX}threads={value!r}: expected a count in 1..{MAX_THREADS} or 'auto'")
     return int(value)
 
 
