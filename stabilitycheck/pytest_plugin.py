@@ -74,6 +74,7 @@ class _State:
     previous_profile: str | None = None
     profile: str | None = None  # --stability-profile, as given (a reproduction line repeats it)
     current: str = ""  # the node id of the test running now (stability_record names its findings by it)
+    rerun: str = ""  # the line that runs it again (`_rerun`): a Config it records reproduces by it
 
     def add(self, f: Finding | None) -> bool:
         if f is None:
@@ -111,7 +112,10 @@ class Recorder:
         failure: str | None = None,
         knobs: tuple[str, ...] | None = None,
     ) -> bool:
-        return self._state.add(finding(found, self._state.current, failure=failure, knobs=knobs))
+        again = self._state.rerun or None  # a Config's failure is the test's own criterion: rerun it
+        return self._state.add(
+            finding(found, self._state.current, failure=failure, knobs=knobs, reproduce=again)
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,6 +260,8 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, None]:
         digest = hashlib.sha256(f"{state.seed}:{item.nodeid}".encode()).digest()
         setattr(test, SEED_ATTRIBUTE, int.from_bytes(digest[:8], "big"))
         seeded = item.stash[_SEEDED] = True
+    if state is not None:
+        state.rerun = _rerun(item, state, seeded)
     try:
         yield
     finally:
@@ -293,11 +299,28 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         if cx is not None:
             state.add(finding(cx, item.nodeid, knobs=getattr(exc, "stability_knobs", None)))
             continue
-        seed = f" {PREFIX}seed={state.seed}" if state.seed_all or item.stash.get(_SEEDED, False) else ""
-        seed += f" {PREFIX}profile={state.profile}" if state.profile is not None else ""  # its examples
-        again = f"pytest {shlex.quote(_from_here(item))}{seed}  # the test's own assertion, on this config"
+        again = _rerun(item, state, item.stash.get(_SEEDED, False))
         for c in _failing_configs(exc, codes):
             state.add(finding(c, item.nodeid, failure=_failure_text(exc), reproduce=again))
+
+
+def _rerun(item: pytest.Item, state: _State, seeded: bool) -> str:
+    """The line that runs the test again on the examples it ran: its id, the seed they came from (the
+    plugin's, or --hypothesis-seed's where that was given: a line with the plugin's alone passed
+    where the test failed, found by a trial) and the profile; where nothing seeded a Hypothesis test,
+    it says so (Hypothesis drew at random: the line may pass)."""
+    line = f"pytest {shlex.quote(_from_here(item))}"
+    given = _hypothesis_seed_option(item.config)
+    if given is not None:
+        line += f" --hypothesis-seed={given}"
+    elif seeded or state.seed_all:
+        line += f" {PREFIX}seed={state.seed}"
+    line += f" {PREFIX}profile={state.profile}" if state.profile is not None else ""  # its examples
+    test = getattr(item, "obj", None)
+    drawn = getattr(test, "is_hypothesis_test", False) and given is None and not (seeded or state.seed_all)
+    if drawn and not _derandomized(getattr(test, "__func__", test)):
+        return f"{line}  # the test's own assertion; its examples were drawn unseeded: add {PREFIX}seed"
+    return f"{line}  # the test's own assertion, on this config"
 
 
 def _from_here(item: pytest.Item) -> str:

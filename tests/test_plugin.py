@@ -173,7 +173,8 @@ def test_summary_shows_a_failing_property(pytester: pytest.Pytester) -> None:
             "1 *test_growth_is_bounded*mlp*cpu*float32*depth=* width=32 init_scale=2.0"
             "*Gradient growth is above the limit. Overall growth: *(allowed: <= 100)*",
             "*1  test_prop.py::test_growth_is_bounded",
-            "*pytest test_prop.py::test_growth_is_bounded  # the test's own assertion, on this config",
+            "*pytest test_prop.py::test_growth_is_bounded  # the test's own assertion; its examples were "
+            "drawn unseeded: add --stability-seed",
         ]
     )
     # the reproduction line is an oracle of its own: run it, and the same assertion fails on the same
@@ -433,6 +434,33 @@ def test_a_test_the_plugin_seeded_for_its_fixtures_gets_the_seed_in_its_reproduc
     monkeypatch.setenv("DRAWN", str(second))
     pytester.runpytest("-p", "no:cacheprovider", "-p", "no:randomly", *line.split("#")[0].split()[1:])
     assert first.read_text().splitlines()[0] == second.read_text().splitlines()[0]
+
+
+RECORDED = """
+from stabilitycheck.config import Config
+
+def test_rec(stability_record):
+    stability_record(Config.of("mlp", depth=3, width=8), failure="my own criterion: growth 7.41 > 5")
+"""
+
+
+def test_a_recorded_config_reproduces_by_its_test_and_a_given_hypothesis_seed_is_kept(
+    pytester: pytest.Pytester,
+) -> None:
+    """A Config recorded with its own failure got a line judging it on the default limits, which
+    read it stable; with --hypothesis-seed given, the line left it out for the plugin's seed, which
+    the plugin had not used, and passed where the test failed (both found by a trial as a user). The
+    recorded row reruns its test; a given --hypothesis-seed is repeated."""
+    from stabilitycheck import pytest_plugin
+
+    pytester.makepyfile(test_rec=RECORDED)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    assert any(x.strip().startswith("pytest test_rec.py::test_rec") for x in result.outlines), result.outlines
+    assert not any("sc.assess(" in x for x in result.outlines)
+    item = pytester.getitem("def test_func(): pass")
+    item.config.option.hypothesis_seed = "1"
+    line = pytest_plugin._rerun(item, pytest_plugin._State(seed=7, seed_all=True), False)
+    assert " --hypothesis-seed=1" in line and "--stability-seed" not in line
 
 
 def test_the_example_properties_markers_need_no_registration_of_the_users(pytester: pytest.Pytester) -> None:
