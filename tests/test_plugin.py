@@ -219,28 +219,18 @@ def test_profile_and_seed_are_in_the_header(pytester: pytest.Pytester) -> None:
     assert "--stability-profile" in bad.stderr.str() and "'fast'" in bad.stderr.str()
 
 
-def test_the_seed_in_the_header_repeats_the_examples(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(test_draws=DRAWS)
-    draws = []
-    for seed in ("5", "5", "6"):
-        result = pytester.runpytest(
-            "-p", "no:cacheprovider", "--stability-profile", "quick", "--stability-seed", seed
-        )
-        result.assert_outcomes(passed=1)
-        draws.append((pytester.path / "draws.txt").read_text())
-        (pytester.path / "draws.txt").unlink()
-    assert draws[0] == draws[1] != draws[2]
+METHOD_DRAWS = "class TestDraws:\n" + "\n".join(
+    "    " + line for line in DRAWS.replace("(n)", "(self, n)").splitlines()
+)
 
 
-def test_a_hypothesis_test_written_as_a_method_is_seeded(pytester: pytest.Pytester) -> None:
-    """A Hypothesis test written as a method of a test class: the plugin set its seed on the bound
-    method, and every such test crashed (AttributeError) under --stability-seed, any profile, or a
-    stabilitycheck fixture (found by a trial as a user). Oracle: the draws, repeated by the same seed
-    and not by another, as for a function."""
-    pytester.makepyfile(
-        test_draws="class TestDraws:\n"
-        + "\n".join("    " + line for line in DRAWS.replace("(n)", "(self, n)").splitlines())
-    )
+@pytest.mark.parametrize("source", [DRAWS, METHOD_DRAWS], ids=["function", "method"])
+def test_the_seed_in_the_header_repeats_the_examples(pytester: pytest.Pytester, source: str) -> None:
+    """Oracle: the draws, repeated by the same seed and not by another. A Hypothesis test written as
+    a method of a test class too: the plugin set its seed on the bound method, and every such test
+    crashed (AttributeError) under --stability-seed, any profile, or a stabilitycheck fixture (found
+    by a trial as a user)."""
+    pytester.makepyfile(test_draws=source)
     draws = []
     for seed in ("5", "5", "6"):
         result = pytester.runpytest(
