@@ -188,6 +188,7 @@ class Watcher:
             self._termination.open()
         if self.snapshot is not None:
             self._handles.append(self.model.register_forward_pre_hook(self._on_model_call))
+            self._handles.append(self.model.register_forward_hook(self._on_model_output))
         if self.optimizer is not None:
             if self.hook_optimizer and self.skip and not self.fused:
                 self._original_step = self.optimizer.step
@@ -292,6 +293,10 @@ class Watcher:
         if torch.is_grad_enabled() and self.snapshot is not None:
             self.snapshot.on_call()
 
+    def _on_model_output(self, module: nn.Module, args: Any, output: Any) -> None:
+        if torch.is_grad_enabled() and self.snapshot is not None:
+            self.snapshot.on_output(output)
+
     def loss(self, loss: torch.Tensor, batch: Any = None) -> None:
         """Record this step's loss (summed over micro-batches) and, for a replay bundle, its batch."""
         self._check_open("loss")
@@ -301,7 +306,7 @@ class Watcher:
         self._loss = value if self._loss is None else self._loss + value
         if self.snapshot is not None:
             scale = self.scaler._get_scale_async() if self.scaler is not None else None
-            self.snapshot.on_batch(self.step, batch, value, scale)
+            self.snapshot.on_batch(self.step, batch, value, scale, loss)
 
     # ----------------------------------------------------------------------------------- a step
 

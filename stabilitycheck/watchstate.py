@@ -28,9 +28,11 @@ import torch
 from torch import nn
 
 from stabilitycheck._json import strict_json
+from stabilitycheck._tree import tensors
 from stabilitycheck.errors import UsageError
 from stabilitycheck.rng import rng_state
 
+PAIRED = 512  # autograd nodes searched from a loss for the model call it came from
 FORMAT = "stabilitycheck-watch-bundle/4"  # 2: micro-batches, losses; 3: RNG states; 4: modes, scale
 OLDER = ("stabilitycheck-watch-bundle/3",)  # replayed too: in training mode, unscaled, as written then
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
@@ -136,33 +138,64 @@ class Snapshot:
         device = self.tensors[0].device
         self.have = torch.zeros((), dtype=torch.bool, device=device)
         self.batches: dict[int, list[Micro]] = {}
-        self._rng: dict[str, Any] | None = None  # at the first model call since the last micro-batch
         self.modules = list(model.modules())
-        self._modes: list[bool] | None = None  # each module's .training then
+        # per model call since the last micro-batch: the RNG state and each module's .training as it
+        # began, and the autograd nodes of its outputs (`on_output`), to pair the loss with its call
+        self._calls: list[tuple[dict[str, Any], list[bool], set[Any]]] = []
         self._start = rng_state()  # since the last micro-batch or update: draws before the model call
         self.written = False
 
     def on_call(self) -> None:
-        """The RNG state at the first model call of a micro-batch (what the replay restores before
-        it: the loop may draw random numbers between micro-batches, batches or augmentations), and at
-        the first call of a step the state its forward begins with."""
+        """The RNG state and the modules' modes at a model call (what the replay restores before the
+        micro-batch: the loop may draw random numbers between micro-batches, batches or
+        augmentations), and at the first call of a step the state its forward begins with."""
         if self.stale:
             torch._foreach_copy_(self.prev, [t.detach() for t in self.tensors])
             self.stale = False
-        if self._rng is None:
-            self._rng = {**rng_state(), "start": self._start}
-        # the modes of the last call before w.loss: a validation pass with gradients on run before
-        # the micro-batch's forward (model.eval(), a forward, model.train()) is not the step's
-        self._modes = [m.training for m in self.modules]
+        self._calls.append(({**rng_state(), "start": self._start}, [m.training for m in self.modules], set()))
 
-    def on_batch(self, step: int, batch: Any, loss: torch.Tensor, scale: torch.Tensor | None) -> None:
-        """One micro-batch of the step (None when not given), the loss passed for it (detached) and
-        the RNG state its forward began with, and the one at the end of the micro-batch or update
-        before it ('start': what compute_loss drew from before calling the model, a masking loss's
-        mask, where the loop drew nothing in between)."""
+    def on_output(self, output: Any) -> None:
+        """The autograd nodes of a model call's outputs (`_made_by` finds the loss's call by them)."""
+        if self._calls:
+            self._calls[-1][2].update(t.grad_fn for t in tensors(output) if t.grad_fn is not None)
+
+    def _made_by(self, loss: Any) -> tuple[dict[str, Any] | None, list[bool] | None]:
+        """The RNG state and modes of the first model call the loss is computed from, found within
+        PAIRED nodes of its graph; else the first call's state and the last call's modes. Read at the
+        first call alone, a validation pass with gradients on before the forward (model.eval(), a
+        call, model.train()) replayed the step in eval mode; at the last, one after it did (found in
+        review)."""
+        if not self._calls:
+            return None, None
+        owner = {node: i for i, (_, _, nodes) in enumerate(self._calls) for node in nodes}
+        found: list[int] = []
+        top = getattr(loss, "grad_fn", None)  # a loss passed detached, or as a number: no graph
+        frontier, seen = [top] if top is not None else [], set[Any]()
+        while frontier and len(seen) < PAIRED:
+            node = frontier.pop(0)
+            if node in owner:
+                found.append(owner[node])
+                continue
+            for child, _ in node.next_functions:
+                if child is not None and child not in seen:
+                    seen.add(child)
+                    frontier.append(child)
+        if found:
+            rng, modes, _ = self._calls[min(found)]
+            return rng, modes
+        return self._calls[0][0], self._calls[-1][1]
+
+    def on_batch(
+        self, step: int, batch: Any, loss: torch.Tensor, scale: torch.Tensor | None, graph: Any
+    ) -> None:
+        """One micro-batch of the step (None when not given), the loss passed for it (detached; `graph`
+        as passed) and the RNG state its forward began with, and the one at the end of the micro-batch
+        or update before it ('start': what compute_loss drew from before calling the model, a masking
+        loss's mask, where the loop drew nothing in between)."""
         kept = None if scale is None else scale.detach().clone()  # on the device: no host read
-        self.batches.setdefault(step, []).append((batch, loss, self._rng, self._modes, kept))
-        self._rng, self._modes = None, None
+        rng, modes = self._made_by(graph)
+        self.batches.setdefault(step, []).append((batch, loss, rng, modes, kept))
+        self._calls = []
         self._start = rng_state()
 
     def on_flag(self, flagged: torch.Tensor) -> None:
@@ -174,8 +207,7 @@ class Snapshot:
 
     def after_update(self) -> None:
         self.stale = True
-        self._rng, self._modes = None, None  # a model call no micro-batch followed (an evaluation)
-        # starts nothing
+        self._calls = []  # a model call no micro-batch followed (an evaluation) starts nothing
         self._start = rng_state()
 
     def write_if_flagged(

@@ -437,9 +437,11 @@ def _flagged_at_33(
     path: Path,
     each: Callable[[], None] = lambda: None,
     after: Callable[[], None] = lambda: None,
+    between: Callable[[], None] = lambda: None,
 ) -> Watcher:
     """36 steps under watch with a bundle at `path`, the targets x50 at step 33 (its loss flagged);
-    `each` runs before every step, `after` after the last, the watcher still open."""
+    `each` runs before every step, `between` between its forward and w.loss, `after` after the last
+    step, the watcher still open."""
     with watch(model, opt, bundle=path, compute_loss=compute_loss, report=None) as w:
         for step in range(36):
             each()
@@ -447,6 +449,7 @@ def _flagged_at_33(
             x, y = batch(gen, model, 8)
             y = y * 50.0 if step == 33 else y  # the loss is flagged
             loss = compute_loss(model, (x, y))
+            between()
             w.loss(loss, batch=(x, y))
             loss.backward()
             opt.step()
@@ -480,22 +483,36 @@ def test_a_block_kept_in_eval_mode_in_a_training_run_replays_in_eval_mode(tmp_pa
     assert result.mismatches(1e-6) == []
 
 
-def test_a_validation_pass_before_the_flagged_steps_forward_leaves_its_modes_alone(tmp_path: Path) -> None:
-    """Oracle: the training step's own norms. At the flagged step the loop first validates in eval
-    mode with gradients on (model.eval(), a forward, model.train()), then trains (dropout on): the
-    modes were read at the step's first model call, the validation's, and the step replayed with
-    dropout off, 9 of 12 norms off (found in review). They are read at the last call before w.loss."""
+@pytest.mark.parametrize("where", ["before", "before, then a draw", "after"])
+def test_a_validation_pass_in_the_flagged_step_leaves_its_replay_alone(tmp_path: Path, where: str) -> None:
+    """Oracle: the training step's own norms. At the flagged step the loop validates in eval mode
+    with gradients on (model.eval(), a forward, model.train()) before the training forward (then
+    draws an augmentation from the global RNG, or not), or after it, before w.loss; the step trains
+    with dropout on. Read at the step's first model call, the modes and RNG state were the
+    validation's where it came first; read at the last call, the modes were where it came after:
+    dropout replayed off, 9 of 12 norms off (found in two reviews). They are now the call's whose
+    output the loss is computed from."""
     model, opt, gen = _dropped()
     steps: list[int] = []
 
-    def validate_at_33() -> None:
-        steps.append(len(steps))
-        if steps[-1] == 33:
-            model.eval()
-            compute_loss(model, batch(torch.Generator().manual_seed(99), model, 8))
-            model.train()
+    def validate() -> None:
+        model.eval()
+        compute_loss(model, batch(torch.Generator().manual_seed(99), model, 8))
+        model.train()
+        if where == "before, then a draw":
+            torch.rand(3)  # an augmentation of the training batch, from the global RNG
 
-    first = report_of(_flagged_at_33(model, opt, gen, tmp_path / "b", each=validate_at_33)).first_spike
+    def each() -> None:
+        steps.append(len(steps))
+        if steps[-1] == 33 and where != "after":
+            validate()
+
+    def between() -> None:
+        if steps[-1] == 33 and where == "after":
+            validate()
+
+    found = _flagged_at_33(model, opt, gen, tmp_path / "b", each=each, between=between)
+    first = report_of(found).first_spike
     assert first is not None and first.step == 33
     assert replay(tmp_path / "b").mismatches(1e-6) == []
 
