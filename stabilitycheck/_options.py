@@ -13,6 +13,7 @@ from stabilitycheck._validation import writable
 
 EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
 PREFIX = "--stability-"
+DEFAULT_DATABASE = ".hypothesis/stabilitycheck"
 DEVICES = ("cpu", "cuda", "all")
 PROFILES = ("quick", "ci", "thorough")  # stabilitycheck.strategies.PROFILES, kept import-free here
 
@@ -232,7 +233,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--database",
         type=_database,
-        default=".hypothesis/stabilitycheck",
+        default=DEFAULT_DATABASE,
         help="Hypothesis example database directory, or 'none' (default %(default)s)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -246,8 +247,8 @@ def _database(text: str) -> str:
     (/proc, a read-only mount), was taken silently and nothing was kept (found by a trial)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a directory or 'none', got an empty value")
-    if text == "none":
-        return text
+    if text in ("none", DEFAULT_DATABASE):  # the default is not checked: where it cannot be written,
+        return text  # Hypothesis goes on without it (a run from a read-only directory was refused)
     path = Path(text)
     there = next((p for p in (path, *path.parents) if p.exists()), Path("."))
     if not there.is_dir():

@@ -86,8 +86,8 @@ def sources(model: nn.Module, compute_loss: Any) -> dict[str, str]:
             continue
         try:
             text = inspect.getsource(obj)
-        except (OSError, TypeError):
-            continue
+        except (OSError, TypeError, SyntaxError):  # a file being edited does not parse: no digest, and
+            continue  # the bundle is still written
         found[f"{module}.{getattr(obj, '__qualname__', obj)}"] = hashlib.sha256(text.encode()).hexdigest()
     return found
 

@@ -875,3 +875,14 @@ def test_a_fixed_knob_too_large_for_memory_is_skipped_before_it_is_built(
     assert code == cli.EXIT_USAGE and err.count("\n") == 1
     assert "every configuration tried was skipped" in err and "too large" in err
     assert "nothing tested" in out and "e.g. mlp depth=100000000" in out
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs a directory no file can be made in: /proc")
+def test_a_run_from_a_directory_it_cannot_write_to_is_not_refused_for_its_default_database(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The --database check ran on the default the user never gave: from a read-only directory every
+    run was refused ('cannot write in .', found in review). Only a --database given is checked."""
+    monkeypatch.chdir("/proc")
+    code, _, err = _run(["mlp", "--max-examples", "2", "--seeds", "1", "--quiet"], capsys)
+    assert code in (cli.EXIT_OK, cli.EXIT_FOUND), err

@@ -600,3 +600,24 @@ def test_replay_says_which_code_changed_since_the_bundle(tmp_path: Path) -> None
     edited = replayed()
     assert edited.returncode == 1 and "note: the code of chgnet.Net changed" in edited.stdout
     assert "chgnet.loss_fn" not in edited.stdout
+
+
+def test_a_model_file_that_does_not_parse_leaves_its_digest_out_not_the_bundle(tmp_path: Path) -> None:
+    """A model file being edited when the bundle is written (a syntax error): inspect.getsource raised
+    SyntaxError, and the flagged step's bundle was not written (found in review). The file's classes
+    get no digest; the others do."""
+    import importlib
+    import sys
+
+    (tmp_path / "editing.py").write_text(NET)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        editing = importlib.import_module("editing")
+        model = editing.Net()
+        (tmp_path / "editing.py").write_text(NET + "\ndef broken(:\n")
+        digests = watchstate.sources(model, compute_loss)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("editing", None)
+    assert not any(name.startswith("editing.") for name in digests)
+    assert any(name.endswith("compute_loss") for name in digests)
