@@ -119,9 +119,8 @@ def _taps(raw: torch.Tensor, edge: tuple[Any, int]) -> Taps:
     norm: one node, or several for one written by hand, x * rsqrt(mean(x^2)) * (1 + w)): the (node,
     input number) pairs whose gradients sum to what that graph hands x; [] where `raw` is not made
     from x. Only nodes made after x are searched, up to TAP_NODES; x may be a leaf (a Perceiver's
-    latent array), whose node has no age. Whether x is the stream, used by the add and this graph
-    alone, only the backward tells (recording._Recorder.through: x + c re-added before every layer
-    is conditioning)."""
+    latent array), whose node has no age. Whether x is the stream the next call shows (`_goes_on`:
+    x + c re-added before every layer is conditioning)."""
     source = edge[0]
     if source is None or raw.grad_fn is None:
         return []
@@ -139,6 +138,32 @@ def _taps(raw: torch.Tensor, edge: tuple[Any, int]) -> Taps:
         if len(seen) > TAP_NODES:
             return []
     return taps
+
+
+def _goes_on(args: tuple[Any, ...], add: Any, out: torch.Tensor) -> bool:
+    """Whether a call's input (`args`) is made from an add, alpha 1, of the sum `add` made and `out`,
+    the call before's output (maybe behind a norm): the residual stream going on from block 0's sum,
+    s2 = s1 + out1. A tensor re-added before every layer, h = layer(h + c), gives out1 + c instead."""
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor) or x.grad_fn is None or out.grad_fn is None:
+        return False
+    both = {(add, 0), _edge(out)}
+    oldest = out.grad_fn._sequence_nr()
+    frontier, seen = [x.grad_fn], {x.grad_fn}
+    while frontier:
+        node = frontier.pop()
+        edges = node.next_functions
+        if (
+            type(node).__name__ == "AddBackward0"
+            and getattr(node, "_saved_alpha", None) == 1
+            and set(edges) == both
+        ):
+            return True
+        for child, _ in edges:
+            if child is not None and child not in seen and child._sequence_nr() > oldest:
+                seen.add(child)
+                frontier.append(child)
+    return False
 
 
 def _edge(t: torch.Tensor) -> tuple[Any, int]:

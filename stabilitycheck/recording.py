@@ -14,7 +14,7 @@ from torch import nn
 
 from stabilitycheck._tree import tensors
 from stabilitycheck.errors import UsageError
-from stabilitycheck.junctions import _around, _feeds, _made_from, _stack_starts, _taken_chains
+from stabilitycheck.junctions import _around, _feeds, _goes_on, _made_from, _stack_starts, _taken_chains
 from stabilitycheck.losses import Inputs
 from stabilitycheck.measurement import INPUT
 
@@ -115,7 +115,6 @@ def _stack_of(name: str) -> str:
     return parent if parent or last.isdigit() else last
 
 
-WHOLE_RTOL = 1e-5  # the taps' sum against x's whole gradient: float rounding of one sum in two orders
 Hook = TypeVar("Hook", bound=Callable[..., Any])
 GRAPH_BREAK = (  # torch's error gives it as the reason where fullgraph=True refuses the break
     "stabilitycheck records each block outside the compiled graph, a graph break per block: compile "
@@ -242,7 +241,8 @@ class _Recorder:
         # or what its taps hand the input the block's copy was made from
         self.around_hooks: list[Any] = []  # the node hooks that fill `around`, until release
         self.tapped = False  # `around` holds taps' gradients (x + block(norm(x))), not one dL/d sum
-        self.whole: list[torch.Tensor] = []  # then x's whole gradient, over all its uses
+        self.sum: Any = None  # then the add's node, until the next call shows the stream goes on from it
+        self.goes_on = False  # the call after block 0's next takes the add's sum plus that call's output
         self.versions: list[int] = []  # per recorded output, its version counter when recorded
         self.copied: frozenset[int] = frozenset()  # positions in `outputs` recorded as a copy (`_kept`)
         self.breaks: set[int] = set()  # positions in `outputs` whose block does not take the last output
@@ -356,8 +356,9 @@ class _Recorder:
                             self.around_hooks = [
                                 node.register_hook(functools.partial(self._tap, j)) for node, j in taps
                             ] or [add.register_prehook(self._through)]
-                            if taps:  # x's whole gradient too: `through` tells the stream from a re-used x
-                                self.around_hooks.append(self._on_whole(add.next_functions[taps[0][1]]))
+                            self.sum = add if taps else None
+                    elif len(calls) == 3 and self.sum is not None:  # does the stream go on from the sum?
+                        self.goes_on = _goes_on(args, self.sum, outputs[2])
                     if len(outputs) in self.copied:  # the model changes `out`, the copy stays as returned
                         out = _kept(out)
                     calls.append(b)
@@ -449,8 +450,7 @@ class _Recorder:
         self.last.clear()
         self.entry = None
         self.around.clear()
-        self.whole.clear()
-        self.tapped = False
+        self.tapped, self.sum, self.goes_on = False, None, False
         self.recheck, self.dropped, self.touched = False, False, False
         self.active = True
         if self.first is not None and entry:
@@ -511,20 +511,6 @@ class _Recorder:
         if grads[0] is not None:
             self.around.append(grads[0])
 
-    def _on_whole(self, edge: tuple[Any, int]) -> Any:
-        """A hook keeping the whole gradient of the tensor behind `edge` (x, the taps' input), changing
-        nothing: a leaf's on the tensor itself (its node runs no pre-hook under autograd.grad)."""
-        node, nr = edge
-        if hasattr(node, "variable"):  # a leaf: a Parameter used as it is
-            return node.variable.register_hook(lambda grad: self.whole.append(grad))
-
-        def kept(grads: tuple[torch.Tensor | None, ...]) -> None:
-            grad = grads[nr]
-            if grad is not None:
-                self.whole.append(grad)
-
-        return node.register_prehook(kept)
-
     def _tap(self, j: int, grad_inputs: tuple[torch.Tensor | None, ...], _: Any) -> None:
         """A tap's node hook (`_around`): keeps the gradient it hands its input j, changing nothing."""
         grad = grad_inputs[j]
@@ -536,24 +522,21 @@ class _Recorder:
         gradient penalty, torch.autograd.grad with create_graph inside it, ran the add's node once
         already: two kept, none read, block 0 read through its branch alone)."""
         self.around.clear()
-        self.whole.clear()
 
     def through(self) -> tuple[torch.Tensor | None, bool]:
         """After the backward, what a residual add around block 0 (`_around`) hands the chain's input:
         its dL/d sum, to add to the copy's gradient, or, from taps (x + block(norm(x))), dL/dx along the
         chain, to take in its place (True); None where there is none, or the entry is not the chain's. The
-        taps' sum is x's gradient along the chain only where it is x's whole gradient, to float rounding
-        (x used by the norm and the add alone: the stream); where x has other uses (a conditioning c
-        re-added before every layer, h = layer(h + c), read as a stream: growth 0.120 for 0.054; a skip
-        around the whole stack), None: block 0 is read through its branch alone."""
+        taps' sum is x's gradient along the chain only where the stream goes on from the add's sum (the
+        call after block 0's next takes that sum plus its own output: `_goes_on`); a tensor re-added
+        before every layer, h = layer(h + c), does not (read as a stream: growth 0.120 for 0.054),
+        and block 0 is then read through its branch alone, as where no third call shows it. Other uses
+        of x (a second tower, a skip around the whole stack) are not on this chain and leave it be."""
         kept, self.around = self.around, []
-        whole, self.whole = self.whole, []
         if self.calls[:1] != [-1] or not kept:
             return None, False
         if self.tapped:
-            taps = functools.reduce(torch.add, kept)
-            alone = len(whole) == 1 and float((taps - whole[0]).norm()) <= WHOLE_RTOL * float(whole[0].norm())
-            return (taps, True) if alone else (None, False)
+            return (functools.reduce(torch.add, kept), True) if self.goes_on else (None, False)
         return (kept[0] if len(kept) == 1 else None), False
 
     def take_entering(self) -> list[torch.Tensor | None]:
@@ -587,7 +570,7 @@ class _Recorder:
         self._unhook()
         self._unhook_around()
         self.around.clear()
-        self.whole.clear()
+        self.sum = None
         for nodes in self.own.values():
             nodes.clear()
 

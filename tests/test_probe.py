@@ -1881,6 +1881,40 @@ def test_a_residual_around_block_0_on_a_learned_latent_with_the_norm_outside_is_
     assert m.gains == pytest.approx([grads[i] / grads[i + 1] for i in range(4)], rel=1e-9)
 
 
+def test_a_residual_with_the_norm_outside_on_an_input_with_a_skip_around_the_stack_is_read_on_the_chain() -> (
+    None
+):
+    """x = x + layer(norm(x)) with the embedding's output also added to the stack's output (a skip
+    around the whole stack): x has a use off the chain, and a check that the taps' sum be x's whole
+    gradient read block 0 through its branch alone, 0.36 for 1.02 (found in review). The stream goes
+    on from block 0's sum, which is what tells it from a re-added tensor. Oracle: torch's gradient of
+    each sum, and block 0's entry as the gradient through its unit alone (autograd.grad of the first
+    sum against x, given the first sum's gradient), float64."""
+    torch.manual_seed(0)
+
+    class Skipped(_NormOutside):
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            stream = self.stream(tokens)
+            return self.head(stream[-1] + stream[0])
+
+    model, tokens = Skipped(hand=False), torch.randint(0, 50, (2, 8))
+
+    def loss(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out.reshape(-1, 50), t.reshape(-1))
+
+    m = probe_module(
+        model, tokens, loss, blocks=[(f"layers.{i}", layer) for i, layer in enumerate(model.layers)]
+    )
+    stream = model.stream(tokens)
+    sums = torch.autograd.grad(
+        loss(model.head(stream[-1] + stream[0]), tokens), stream[1:], retain_graph=True
+    )
+    (entry,) = torch.autograd.grad(stream[1], stream[0], grad_outputs=sums[0])
+    norms = [g.norm().item() for g in (entry, *sums)]
+    assert m.gains == pytest.approx([norms[i] / norms[i + 1] for i in range(4)], rel=1e-9)
+    assert m.gains[0] > 0.9  # the branch alone is about 0.3
+
+
 def test_a_residual_around_block_0_is_read_under_a_loss_with_a_gradient_penalty() -> None:
     """A loss taking torch.autograd.grad with create_graph (R1, WGAN-GP) runs the residual add's node
     once itself before the probe's backward does: two dL/d sum were kept, none read, and block 0 read
