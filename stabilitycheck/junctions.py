@@ -4,7 +4,7 @@ merge's chains, the loops' own-output test, a residual add written around block 
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -88,27 +88,32 @@ def _residual_add(x: Any, raw: torch.Tensor, first: torch.Tensor) -> tuple[Any, 
     ):
         return None
     mine, given = _edge(first), _edge(raw)
-    oldest = first.grad_fn._sequence_nr()
-    frontier, seen = [x.grad_fn], {x.grad_fn}
+    for node in _adds_behind(x, first.grad_fn):
+        edges = node.next_functions
+        if mine not in edges:
+            continue
+        other = edges[1 - edges.index(mine)]
+        if other == given and other != mine:
+            return node, []
+        taps = _taps(raw, other) if other != mine else []
+        if taps:
+            return node, [(node, edges.index(other)), *taps]
+    return None
+
+
+def _adds_behind(x: torch.Tensor, since: Any) -> Iterator[Any]:
+    """The adds, alpha 1, on the autograd graph behind `x` among the nodes made after `since`."""
+    oldest = since._sequence_nr()
+    frontier: list[Any] = [x.grad_fn] if x.grad_fn is not None else []
+    seen = set(frontier)
     while frontier:
         node = frontier.pop()
-        edges = node.next_functions
-        if (
-            type(node).__name__ == "AddBackward0"
-            and getattr(node, "_saved_alpha", None) == 1
-            and mine in edges
-        ):
-            other = edges[1 - edges.index(mine)]
-            if other == given and other != mine:
-                return node, []
-            taps = _taps(raw, other) if other != mine else []
-            if taps:
-                return node, [(node, edges.index(other)), *taps]
-        for child, _ in edges:
+        if type(node).__name__ == "AddBackward0" and getattr(node, "_saved_alpha", None) == 1:
+            yield node
+        for child, _ in node.next_functions:
             if child is not None and child not in seen and child._sequence_nr() > oldest:
                 seen.add(child)
                 frontier.append(child)
-    return None
 
 
 TAP_NODES = 256  # a norm written by hand is a dozen autograd nodes: a larger graph is taken for no norm
@@ -148,22 +153,7 @@ def _goes_on(args: tuple[Any, ...], add: Any, out: torch.Tensor) -> bool:
     if not isinstance(x, torch.Tensor) or x.grad_fn is None or out.grad_fn is None:
         return False
     both = {(add, 0), _edge(out)}
-    oldest = out.grad_fn._sequence_nr()
-    frontier, seen = [x.grad_fn], {x.grad_fn}
-    while frontier:
-        node = frontier.pop()
-        edges = node.next_functions
-        if (
-            type(node).__name__ == "AddBackward0"
-            and getattr(node, "_saved_alpha", None) == 1
-            and set(edges) == both
-        ):
-            return True
-        for child, _ in edges:
-            if child is not None and child not in seen and child._sequence_nr() > oldest:
-                seen.add(child)
-                frontier.append(child)
-    return False
+    return any(set(node.next_functions) == both for node in _adds_behind(x, out.grad_fn))
 
 
 def _edge(t: torch.Tensor) -> tuple[Any, int]:
