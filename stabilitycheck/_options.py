@@ -36,7 +36,7 @@ def add_options(addoption: Callable[..., Any], prefix: str = PREFIX) -> None:
     )
     addoption(
         f"{prefix}seed",
-        type=int,
+        type=_number(int, 0, 2**32 - 1),  # as the CLI's --seed: -1 and 2**40 were taken (found by a trial)
         default=None,
         help="seed every Hypothesis test from N and its test id (default: only under --stability-profile "
         "and for tests using the stabilitycheck fixtures, with a random seed shown in the header)",

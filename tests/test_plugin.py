@@ -475,3 +475,12 @@ def test_the_fixed_by_cell_says_when_no_remedy_could_be_judged() -> None:
     assert _unfixed([raised, absent]) == "not judged: critical-init"
     assert _unfixed([raised, tried]) == "none"
     assert _unfixed([absent]) == "none" and _unfixed([]) == "-"
+
+
+@pytest.mark.parametrize("value", ["-1", str(2**40), "x"])
+def test_a_stability_seed_out_of_range_is_a_usage_error(pytester: pytest.Pytester, value: str) -> None:
+    """--stability-seed took -1 and 2**40, which the CLI's --seed refuses (found by a trial as a user);
+    now the same range, 0..2**32 - 1, as a one-line usage error."""
+    pytester.makepyfile(test_x="def test_x():\n    pass\n")
+    bad = pytester.runpytest("-p", "no:cacheprovider", f"--stability-seed={value}")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR and "--stability-seed" in bad.stderr.str()
