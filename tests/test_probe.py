@@ -1915,6 +1915,39 @@ def test_a_residual_with_the_norm_outside_on_an_input_with_a_skip_around_the_sta
     assert m.gains[0] > 0.9  # the branch alone is about 0.3
 
 
+@pytest.mark.parametrize("after", ["norm", "half"])
+def test_a_residual_with_the_norm_outside_and_the_sum_changed_after_is_read_on_the_chain(after: str) -> None:
+    """x = norm2(x + layer(norm1(x))), or 0.5 * (x + layer(norm1(x))): the stream goes on from what
+    is made from block 0's sum, not from the sum itself, and a check asking for the sum itself read
+    block 0 through its branch alone, 1.68 for 2.09 (found in review). Oracle: torch's gradient of
+    block 0's sum, and block 0's entry as the gradient through its unit alone, float64."""
+    torch.manual_seed(0)
+
+    class Changed(_NormOutside):
+        def stream(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+            out = [self.emb(tokens)]
+            for i, layer in enumerate(self.layers):
+                added = out[-1] + layer(self.norm(i, out[-1]))
+                out += [added, self.norms[i](added) if after == "norm" else 0.5 * added]
+            return out
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.head(self.stream(tokens)[-1])
+
+    model, tokens = Changed(hand=True), torch.randint(0, 50, (2, 8))
+
+    def loss(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out.reshape(-1, 50), t.reshape(-1))
+
+    m = probe_module(
+        model, tokens, loss, blocks=[(f"layers.{i}", layer) for i, layer in enumerate(model.layers)]
+    )
+    stream = model.stream(tokens)
+    (added,) = torch.autograd.grad(loss(model.head(stream[-1]), tokens), stream[1], retain_graph=True)
+    (entry,) = torch.autograd.grad(stream[1], stream[0], grad_outputs=added)
+    assert m.gains[0] == pytest.approx(entry.norm().item() / added.norm().item(), rel=1e-9)
+
+
 def test_a_residual_around_block_0_is_read_under_a_loss_with_a_gradient_penalty() -> None:
     """A loss taking torch.autograd.grad with create_graph (R1, WGAN-GP) runs the residual add's node
     once itself before the probe's backward does: two dL/d sum were kept, none read, and block 0 read
