@@ -1788,6 +1788,17 @@ class _NormOutside(nn.Module):
         return self.head(self.stream(tokens)[-1])
 
 
+def _token_loss(out: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of a _NormOutside model's logits against its own tokens."""
+    return nn.functional.cross_entropy(out.reshape(-1, 50), tokens.reshape(-1))
+
+
+def _probe_layers(model: nn.Module, tokens: torch.Tensor) -> Measurement:
+    """The probe of a _NormOutside model (or one built like it) on its layers, under _token_loss."""
+    blocks = [(f"layers.{i}", layer) for i, layer in enumerate(model.layers)]
+    return probe_module(model, tokens, _token_loss, blocks=blocks)
+
+
 @pytest.mark.parametrize("hand", [False, True])
 def test_a_residual_around_block_0_with_the_norm_outside_it_is_in_its_gain(hand: bool) -> None:
     """x = x + layer(norm(x)) with the norms outside the blocks (x-transformers' layout): block 0's
@@ -1797,13 +1808,7 @@ def test_a_residual_around_block_0_with_the_norm_outside_it_is_in_its_gain(hand:
     and of each sum, float64, their ratios."""
     torch.manual_seed(0)
     model, tokens = _NormOutside(hand), torch.randint(0, 50, (2, 8))
-
-    def loss(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(out.reshape(-1, 50), t.reshape(-1))
-
-    m = probe_module(
-        model, tokens, loss, blocks=[(f"layers.{i}", layer) for i, layer in enumerate(model.layers)]
-    )
+    loss, m = _token_loss, _probe_layers(model, tokens)
     stream = model.stream(tokens)
     grads = [g.norm().item() for g in torch.autograd.grad(loss(model.head(stream[-1]), tokens), stream)]
     assert m.gains == pytest.approx([grads[i] / grads[i + 1] for i in range(4)], rel=1e-9)
@@ -1841,13 +1846,7 @@ def test_a_tensor_re_added_before_every_layer_is_no_residual_around_block_0() ->
             return self.head(self.stream(tokens)[1][-1])
 
     model, tokens = Conditioned(), torch.randint(0, 50, (2, 8))
-
-    def loss(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(out.reshape(-1, 50), t.reshape(-1))
-
-    m = probe_module(
-        model, tokens, loss, blocks=[(f"layers.{i}", layer) for i, layer in enumerate(model.layers)]
-    )
+    loss, m = _token_loss, _probe_layers(model, tokens)
     first, outs = model.stream(tokens)
     grads = [g.norm().item() for g in torch.autograd.grad(loss(model.head(outs[-1]), tokens), [first, *outs])]
     assert m.gains == pytest.approx([grads[i] / grads[i + 1] for i in range(4)], rel=1e-9)
@@ -1898,13 +1897,7 @@ def test_a_residual_with_the_norm_outside_on_an_input_with_a_skip_around_the_sta
             return self.head(stream[-1] + stream[0])
 
     model, tokens = Skipped(hand=False), torch.randint(0, 50, (2, 8))
-
-    def loss(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(out.reshape(-1, 50), t.reshape(-1))
-
-    m = probe_module(
-        model, tokens, loss, blocks=[(f"layers.{i}", layer) for i, layer in enumerate(model.layers)]
-    )
+    loss, m = _token_loss, _probe_layers(model, tokens)
     stream = model.stream(tokens)
     sums = torch.autograd.grad(
         loss(model.head(stream[-1] + stream[0]), tokens), stream[1:], retain_graph=True
@@ -1935,13 +1928,7 @@ def test_a_residual_with_the_norm_outside_and_the_sum_changed_after_is_read_on_t
             return self.head(self.stream(tokens)[-1])
 
     model, tokens = Changed(hand=True), torch.randint(0, 50, (2, 8))
-
-    def loss(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(out.reshape(-1, 50), t.reshape(-1))
-
-    m = probe_module(
-        model, tokens, loss, blocks=[(f"layers.{i}", layer) for i, layer in enumerate(model.layers)]
-    )
+    loss, m = _token_loss, _probe_layers(model, tokens)
     stream = model.stream(tokens)
     (added,) = torch.autograd.grad(loss(model.head(stream[-1]), tokens), stream[1], retain_graph=True)
     (entry,) = torch.autograd.grad(stream[1], stream[0], grad_outputs=added)
