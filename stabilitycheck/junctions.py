@@ -24,10 +24,15 @@ def _made_from(x: Any, targets: set[Any], past: Collection[Any] = ()) -> bool:
     searched (a node's inputs are older than it): the search ends where the targets were made,
     however many nodes lie between (a cap of 32 nodes, parameter leaves counted, read a 6-layer
     transition between two loops over a stack as a junction)."""
-    if not isinstance(x, torch.Tensor) or x.grad_fn is None or not targets or x.grad_fn in past:
+    return isinstance(x, torch.Tensor) and _node_made_from(x.grad_fn, targets, past)
+
+
+def _node_made_from(start: Any, targets: set[Any], past: Collection[Any] = ()) -> bool:
+    """`_made_from` from the autograd node `start` (None: no graph)."""
+    if start is None or not targets or start in past:
         return False
     oldest = min(t._sequence_nr() for t in targets)
-    frontier, seen = [x.grad_fn], {x.grad_fn}
+    frontier, seen = [start], {start}
     while frontier:
         node = frontier.pop()
         if node in targets:
@@ -155,34 +160,12 @@ def _goes_on(args: tuple[Any, ...], add: Any, out: torch.Tensor) -> bool:
     if not isinstance(x, torch.Tensor) or x.grad_fn is None or out.grad_fn is None:
         return False
     mine = _edge(out)
-    for node in _adds_behind(x, out.grad_fn):
-        edges = node.next_functions
-        if mine in edges and edges != (mine, mine):
-            other = edges[1 - edges.index(mine)][0]
-            if other is add or (other is not None and _reaches(other, add, out.grad_fn)):
-                return True
-    return False
-
-
-def _reaches(node: Any, target: Any, past: Any) -> bool:
-    """Whether the autograd graph from `node` reaches `target` without going through `past`, among
-    the nodes made after `target`."""
-    oldest = target._sequence_nr()
-    frontier, seen = [node], {node}
-    while frontier:
-        here = frontier.pop()
-        for child, _ in here.next_functions:
-            if child is target:
-                return True
-            if (
-                child is not None
-                and child is not past
-                and child not in seen
-                and child._sequence_nr() > oldest
-            ):
-                seen.add(child)
-                frontier.append(child)
-    return False
+    return any(
+        mine in edges
+        and edges != (mine, mine)
+        and _node_made_from(edges[1 - edges.index(mine)][0], {add}, {out.grad_fn})
+        for edges in (node.next_functions for node in _adds_behind(x, out.grad_fn))
+    )
 
 
 def _edge(t: torch.Tensor) -> tuple[Any, int]:

@@ -240,8 +240,8 @@ class _Recorder:
         self.around: list[torch.Tensor] = []  # dL/d sum of a residual add around block 0 (`_around`),
         # or what its taps hand the input the block's copy was made from
         self.around_hooks: list[Any] = []  # the node hooks that fill `around`, until release
-        self.tapped = False  # `around` holds taps' gradients (x + block(norm(x))), not one dL/d sum
-        self.sum: Any = None  # then the add's node, until the next call shows the stream goes on from it
+        # the add's node where `around` holds taps' gradients (x + block(norm(x))), not one dL/d sum
+        self.sum: Any = None
         self.goes_on = False  # the call after block 0's next takes the add's sum plus that call's output
         self.versions: list[int] = []  # per recorded output, its version counter when recorded
         self.copied: frozenset[int] = frozenset()  # positions in `outputs` recorded as a copy (`_kept`)
@@ -352,7 +352,6 @@ class _Recorder:
                         found = _around(args, self.raw, outputs[1], again=b == 0)
                         if found is not None:
                             add, taps = found
-                            self.tapped = bool(taps)
                             self.around_hooks = [
                                 node.register_hook(functools.partial(self._tap, j)) for node, j in taps
                             ] or [add.register_prehook(self._through)]
@@ -450,7 +449,7 @@ class _Recorder:
         self.last.clear()
         self.entry = None
         self.around.clear()
-        self.tapped, self.sum, self.goes_on = False, None, False
+        self.sum, self.goes_on = None, False
         self.recheck, self.dropped, self.touched = False, False, False
         self.active = True
         if self.first is not None and entry:
@@ -535,7 +534,7 @@ class _Recorder:
         kept, self.around = self.around, []
         if self.calls[:1] != [-1] or not kept:
             return None, False
-        if self.tapped:
+        if self.sum is not None:
             return (functools.reduce(torch.add, kept), True) if self.goes_on else (None, False)
         return (kept[0] if len(kept) == 1 else None), False
 
