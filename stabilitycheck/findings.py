@@ -43,11 +43,15 @@ class Finding:
     counterexample: dict[str, Any] | None = None
 
     @property
-    def size(self) -> float:
-        """The order of the summary: the sum of the numeric knob values shown, the seed apart
-        (smallest first)."""
-        numbers = [v for k, v in self.knobs if k != "seed" and not isinstance(v, bool | str)]
-        return float(sum(numbers))
+    def size(self) -> tuple[tuple[str, tuple[int, float | str]], ...]:
+        """The order of the summary within a subject: knob by knob as shown, the seed apart, numbers
+        before words. A row no larger than another on every knob comes first; a sum of the values
+        compared a depth with a width (depth=3 width=1024 after depth=30 width=8)."""
+        return tuple(
+            (k, (1, str(v)) if isinstance(v, bool | str) else (0, float(v)))
+            for k, v in self.knobs
+            if k != "seed"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {**vars(self), "knobs": [list(k) for k in self.knobs]}
@@ -158,12 +162,12 @@ def finding(
 
 
 def summary(findings: list[Finding]) -> str:
-    """The summary table, smallest first (sum of the shown knob values, then target and test), then each
+    """The summary table, smallest first (by subject, then knob by knob: `Finding.size`), then each
     row's test id and reproduction line, and its whole failure text where the table cut it. Rendering
     only: every number was measured where it was found."""
     from tabulate import tabulate
 
-    ordered = sorted(findings, key=lambda f: (f.size, f.label, f.test))
+    ordered = sorted(findings, key=lambda f: (f.label, f.size, f.test))
     rows = [
         [
             str(i),

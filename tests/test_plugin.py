@@ -118,7 +118,12 @@ def test_a_finding_shows_the_activation_and_a_seed_other_than_0() -> None:
     found = finding(config, "t.py::a", failure="boom")
     assert found is not None
     assert dict(found.knobs) == {"depth": 3, "width": 8, "init_scale": 4.0, "activation": "linear", "seed": 1}
-    assert found.size == 3 + 8 + 4.0
+    assert found.size == (
+        ("depth", (0, 3.0)),
+        ("width", (0, 8.0)),
+        ("init_scale", (0, 4.0)),
+        ("activation", (1, "linear")),
+    )
     assert "depth=3 width=8 init_scale=4.0 activation=linear seed=1" in summary([found])
 
 
@@ -131,6 +136,18 @@ def test_findings_round_trip_and_sort_smallest_first() -> None:
     assert text.index("depth=3 ") < text.index("depth=30 ")
     with pytest.raises(TypeError, match="Expected a SearchResult, Counterexample or Config"):
         finding(3, "t.py::c")  # type: ignore[arg-type]
+
+
+def test_the_summary_orders_rows_knob_by_knob_within_a_subject() -> None:
+    """Oracle: the product order, written out. A row no larger than another of its subject on every
+    knob comes first, and one subject's rows are not interleaved with another's: the sum of the shown
+    values put depth=30 width=8 before depth=3 width=1024, and an mlp between two transformers."""
+    shapes = {"m30_8": ("mlp", 30, 8), "m3_1024": ("mlp", 3, 1024), "m3_8": ("mlp", 3, 8)}
+    shapes |= {"t40": ("transformer", 40, 64), "t1": ("transformer", 1, 64)}
+    found = [finding(Config.of(f, depth=d, width=w), f"t.py::{name}") for name, (f, d, w) in shapes.items()]
+    text = summary([f for f in found if f is not None])
+    at = {name: text.index(f"  t.py::{name}\n") for name in shapes}
+    assert sorted(at, key=at.__getitem__) == ["m3_8", "m3_1024", "m30_8", "t1", "t40"]
 
 
 def test_a_long_failure_is_cut_in_the_table_and_kept_whole_below_it_and_in_the_record() -> None:
