@@ -38,7 +38,7 @@ from stabilitycheck.measurement import ratio as ratio
 from stabilitycheck.norms import EXACT as EXACT
 from stabilitycheck.norms import STACK_MIN, dense, norm_values
 from stabilitycheck.norms import accumulator as accumulator
-from stabilitycheck.readings import Step, chains_of, gains_of, growth_of, locate
+from stabilitycheck.readings import Step, chains_of, gains_of, growth_of, locate, unscored
 from stabilitycheck.recording import GRAPH_BREAK, _Recorder
 from stabilitycheck.recording import call_model as call_model
 from stabilitycheck.rng import rng_state, set_rng_state
@@ -396,7 +396,8 @@ def probe_module(
     finally:
         run.rec.remove()
     act = tuple(first.backward)
-    chains, feeds = chains_of(act, first.breaks, first.unreached, first.feeds)
+    unreached = first.unreached | unscored(act, first.breaks, first.unreached)
+    chains, feeds = chains_of(act, first.breaks, unreached, first.feeds)
     return Measurement(
         layer_names=names,
         activation_names=first.calls,
@@ -405,7 +406,7 @@ def probe_module(
         layer_grad_norms=_per_block(first.grads, owner, len(names)),
         activation_norms=tuple(first.forward),
         activation_grad_norms=act,
-        gains=gains_of(act, first.breaks, first.unreached),
+        gains=gains_of(act, first.breaks, unreached),
         growth=growth_of(chains, feeds, len(act)),
         chain_starts=tuple(sorted(b for b in first.breaks if 0 < b < len(act))),
         chain_growths=chains if len(chains) > 1 else (),

@@ -64,6 +64,24 @@ def chains_of(
     return tuple(chains), tuple(feeders)
 
 
+def unscored(act: Sequence[float], breaks: frozenset[int], unreached: frozenset[int]) -> frozenset[int]:
+    """The outputs at each chain's output end whose gradient is exactly 0 while no later output of
+    the chain has one: reached, but the loss takes nothing from them (an RNN's last step under a
+    shifted next-token loss, `logits[:, :-1]`), so read as unreached. Their 0 as the chain's last
+    norm read a contracting RNN's growth as ||dL/dh_0|| / 0 = inf, exploding. A zero at the input
+    end is kept: there the gradient died on its way back (vanishing)."""
+    starts = [0, *sorted(b for b in breaks if 0 < b < len(act))]
+    out: set[int] = set()
+    for a, b in itertools.pairwise([*starts, len(act)]):
+        for i in range(b - 1, a - 1, -1):
+            if i in unreached:
+                continue
+            if act[i] != 0.0:
+                break
+            out.add(i)
+    return frozenset(out)
+
+
 def paths_of(chains: Sequence[float], feeds: Sequence[Sequence[int]]) -> tuple[float, float]:
     """The largest and the smallest growth of a path of chains through the model, from one that takes
     no other chain's output to one whose output no other takes: the product of its chains' growths.

@@ -2867,3 +2867,77 @@ def test_one_reached_output_of_a_chain_of_several_is_no_growth_of_1() -> None:
         assert_bounded_growth(m, 100.0)
     one = probe_module(nn.GRUCell(4, 4), (torch.randn(2, 4),), lambda o, _: o.sum())
     assert len(one.activation_names) == 1 and one.growth == 1.0
+
+
+class _ShiftedLM(nn.Module):
+    """A tanh RNN language model stepped token by token, sigma_max(W_hh) = 0.5 (Pascanu et al. 2013:
+    its gradient through time cannot grow), a head on every step's state; float64."""
+
+    def __init__(self, vocab: int = 12, hidden: int = 16) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, hidden, dtype=torch.float64)
+        self.u = nn.Linear(hidden, hidden, bias=False, dtype=torch.float64)
+        self.w = nn.Parameter(nn.init.orthogonal_(torch.empty(hidden, hidden, dtype=torch.float64), gain=0.5))
+        self.cell = _ShiftedCell(self.u, self.w)
+        self.head = nn.Linear(hidden, vocab, dtype=torch.float64)
+        self.states: list[torch.Tensor] = []
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.emb(tokens)
+        h = x.new_zeros(tokens.shape[0], self.w.shape[0])
+        self.states = []
+        for t in range(tokens.shape[1]):
+            h = self.cell(x[:, t], h)
+            self.states.append(h)
+        return self.head(torch.stack(self.states, 1))
+
+
+class _ShiftedCell(nn.Module):
+    def __init__(self, u: nn.Linear, w: nn.Parameter) -> None:
+        super().__init__()
+        self.u, self.w = u, w
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.u(x) + h @ self.w.T)
+
+
+def test_an_rnn_under_a_shifted_next_token_loss_reads_its_growth_without_the_unscored_last_step() -> None:
+    """The shifted LM loss (logits[:, :-1] against tokens[:, 1:]) takes nothing from the last step:
+    dL/dh_T is exactly 0, and read as the chain's last norm it made growth ||dL/dh_1|| / 0 = inf,
+    exploding, for a contracting RNN (found in an audit against Pascanu et al.). Oracle: torch's
+    gradients of every h_t in float64; the growth is the first over the last nonzero one, the last
+    step's gain is none (NaN), and no criterion fires."""
+    torch.manual_seed(0)
+    model, tokens = _ShiftedLM(), torch.randint(0, 12, (4, 10))
+
+    def shifted(logits: torch.Tensor, toks: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 12), toks[:, 1:].reshape(-1))
+
+    m = probe_module(model, tokens, shifted, blocks=[("cell", model.cell)])
+    logits = model(tokens)
+    for h in model.states:
+        h.retain_grad()
+    shifted(logits, tokens).backward()
+    norms = [float(h.grad.norm()) for h in model.states]
+    assert norms[-1] == 0.0 and all(n > 0 for n in norms[:-1])
+    assert m.activation_grad_norms == pytest.approx(norms, rel=1e-9)
+    assert m.growth == pytest.approx(norms[0] / norms[-2], rel=1e-9)
+    assert math.isnan(m.gains[-1]) and all(math.isfinite(g) for g in m.gains[:-1])
+    assert verdict(m).names == ()
+
+
+def test_a_gradient_that_dies_on_its_way_back_still_reads_growth_0() -> None:
+    """The zeros at a chain's input end are a vanishing gradient, not an unscored output: a tanh MLP
+    whose third layer is zero passes no gradient to the layers before it. Oracle: torch's gradient
+    of block 1's output is exactly 0 and the last block's is not, so growth is 0."""
+    torch.manual_seed(0)
+    layers = nn.Sequential(
+        *(nn.Sequential(nn.Linear(8, 8, dtype=torch.float64), nn.Tanh()) for _ in range(4))
+    )
+    with torch.no_grad():
+        layers[2][0].weight.zero_()
+    x = torch.randn(5, 8, dtype=torch.float64)
+    m = probe_module(layers, x, lambda out, _: out.square().sum(), blocks=list(layers.named_children()))
+    assert m.activation_grad_norms[-1] > 0 and m.activation_grad_norms[1] == 0.0
+    assert m.growth == 0.0
+    assert verdict(m, Limits(vanishing=1e-3)).names == ("vanishing",)

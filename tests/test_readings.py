@@ -8,7 +8,7 @@ import math
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stabilitycheck.readings import chains_of, paths_of
+from stabilitycheck.readings import chains_of, paths_of, unscored
 
 
 def _paths(feeds: list[tuple[int, ...]]) -> list[list[int]]:
@@ -57,3 +57,12 @@ def test_a_junction_of_no_record_follows_the_chain_before_it() -> None:
     chains, feeds = chains_of(act, frozenset({2, 4}), frozenset(), {2: frozenset({0})})
     assert chains == (2.0, 2.0, 5.0)
     assert feeds == ((), (0,), (1,))
+
+
+def test_zero_gradients_at_a_chains_output_end_are_unscored_and_at_its_input_end_kept() -> None:
+    """By hand: per chain (junction at call 4), the trailing exact zeros, skipping unreached outputs
+    (call 2), are read as unreached; the leading ones (a gradient that died on its way back) stay."""
+    act = [0.0, 3.0, 0.0, 0.0, 5.0, 0.0, 2.0, 0.0]
+    assert unscored(act, frozenset({4}), frozenset({2})) == frozenset({3, 7})
+    assert unscored([0.0, 0.0, 1.0], frozenset(), frozenset()) == frozenset()
+    assert unscored([0.0, 0.0], frozenset(), frozenset()) == frozenset({0, 1})
