@@ -153,11 +153,14 @@ def classify(fits: Sequence[Fit], growths: Sequence[float], q: float, typical: F
     return Growth("exponential" if linear >= log else "polynomial", rate, exponent)
 
 
-def over_tokens(kind: Growth, growth: float, through: float) -> Growth:
+def over_tokens(kind: Growth, growth: float, through: float, exact: Growth) -> Growth:
     """`kind`, or accumulated when it is growth (not flat, not n/a) of which the through-time product
-    explains less than half: ln(through) < ln(growth) / 2 (see Growth)."""
+    explains less than half: ln(through) < ln(growth) / 2 (see Growth); else `exact`, the kind of
+    the through-time profile, where it has one: the product of the Jacobians, without what the
+    per-token losses add on top (a linear RNN at g = 1.1 grows g^(T-1) through time, and 2.4x that
+    under a per-token loss, which no rate law fits within x2: it read irregular)."""
     if kind.kind in ("flat", "n/a") or not growth > 1 or math.isnan(through):
         return kind
     if through <= 0 or math.log(through) < 0.5 * math.log(growth):
         return replace(kind, kind="accumulated")
-    return kind
+    return exact if exact.kind not in ("flat", "n/a") else kind

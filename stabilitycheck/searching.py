@@ -40,7 +40,7 @@ from stabilitycheck.errors import StabilityCheckError, UsageError, UserCodeError
 from stabilitycheck.growthkind import over_tokens
 from stabilitycheck.memory import free_memory
 from stabilitycheck.remedies import Remedy, candidates, judged_on
-from stabilitycheck.seeds import Judgement, SeedProbes, assess, through_time
+from stabilitycheck.seeds import Judgement, SeedProbes, assess, through_kind, through_time
 from stabilitycheck.space import Space
 from stabilitycheck.subject import Subject
 from stabilitycheck.subjects import resolve
@@ -280,7 +280,9 @@ def _with_through_time(j: Judgement, config: Config, subject: Subject, probes: S
     spread = through_time(config, subject, config.run.quantile, j.seeds, probes)
     if spread is None:
         return j
-    kind = over_tokens(j.kind, j.growth.mid, spread.mid)
+    kind = over_tokens(
+        j.kind, j.growth.mid, spread.mid, through_kind(config, subject, config.run.quantile, j.seeds, probes)
+    )
     return replace(j, through_time=spread, kind=kind)
 
 

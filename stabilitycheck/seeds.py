@@ -218,7 +218,7 @@ def assess(
     measure = probes or SeedProbes()
     ms: list[Measurement] = []
     per_seed: list[dict[str, float]] = []
-    through: list[float] = []
+    through: list[Measurement] = []
     used: list[int] = []
     for i in range(run.seeds):
         used.append(seed_of(run.seed, i))
@@ -226,9 +226,9 @@ def assess(
         m = measure(seeded, subject)
         named = values(m)
         if config.recurrent and (through_time or lim.vanishing is not None):
-            through.append(measure(seeded, subject, last_step=True).growth)
+            through.append(measure(seeded, subject, last_step=True))
             if lim.vanishing is not None:
-                named["vanishing"] = through[-1]
+                named["vanishing"] = through[-1].growth
         ms.append(m)
         per_seed.append(named)
         if _decided(per_seed, lim, run.seeds, run.quantile, every):
@@ -239,7 +239,7 @@ def assess(
 def _judgement(
     ms: list[Measurement],
     per_seed: list[dict[str, float]],
-    through: list[float],
+    through: list[Measurement],
     seeds: tuple[int, ...],
     lim: Limits,
     q: float,
@@ -256,6 +256,7 @@ def _judgement(
     mid = quantile(growth, q)
     at = next((i for i, g in enumerate(growth) if g == mid or (math.isnan(mid) and math.isnan(g))), 0)
     kind = kind_of([m.gains for m in ms], growth, q)
+    exact = [m.growth for m in through]
     return Judgement(
         verdict=known,
         seeds=seeds,
@@ -264,8 +265,10 @@ def _judgement(
         grad_norm=Spread.of([v["grad_norm"] for v in per_seed], q),
         skipped_steps=sum(m.skipped_steps for m in ms),
         culprit=culprit_of(ms),
-        kind=over_tokens(kind, mid, quantile(through, q)) if through else kind,
-        through_time=Spread.of(through, q) if through else None,
+        kind=over_tokens(kind, mid, quantile(exact, q), kind_of([m.gains for m in through], exact, q))
+        if through
+        else kind,
+        through_time=Spread.of(exact, q) if through else None,
         measurement=ms[at],
         measured_seed=seeds[at],
     )
@@ -282,7 +285,21 @@ def through_time(
     every seed of the budget; a search passes the seeds its verdict used, so the spreads match)."""
     if not config.recurrent:
         return None
+    return Spread.of([m.growth for m in _last_steps(config, subject, seeds, probes)], q)
+
+
+def through_kind(
+    config: Config, subject: Subject, q: float, seeds: Sequence[int], probes: SeedProbes
+) -> Growth:
+    """The kind of the through-time growth of `through_time`'s probes (their gain profiles), which
+    `over_tokens` takes where it explains the growth."""
+    ms = _last_steps(config, subject, seeds, probes)
+    return kind_of([m.gains for m in ms], [m.growth for m in ms], q)
+
+
+def _last_steps(
+    config: Config, subject: Subject, seeds: Sequence[int] | None, probes: SeedProbes | None
+) -> list[Measurement]:
     measure = probes or SeedProbes()
     used = seeds if seeds is not None else [seed_of(config.run.seed, i) for i in range(config.run.seeds)]
-    xs = [measure(config.with_run(seed=s), subject, last_step=True).growth for s in used]
-    return Spread.of(xs, q)
+    return [measure(config.with_run(seed=s), subject, last_step=True) for s in used]

@@ -4,11 +4,15 @@ or just outside, every expected value worked by hand from the Growth and input_a
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
+from stabilitycheck.config import Config
 from stabilitycheck.growthkind import Growth, fit_growth, input_apart, kind_of, over_tokens
+from stabilitycheck.seeds import assess
 from stabilitycheck.spread import Spread
+from stabilitycheck.verdicts import Limits
 
 
 @pytest.mark.parametrize(("offset", "apart"), [(0.16, True), (-0.16, True), (0.14, False), (-0.14, False)])
@@ -60,5 +64,20 @@ def test_growth_is_accumulated_where_the_through_time_product_explains_less_than
     """Guards over_tokens' threshold, by hand from its rule ln T < ln(G) / 2: a per-token growth G =
     e^10 with a through-time product T = e^(10 share) is accumulated over tokens below share 1/2."""
     kind = Growth("exponential", Spread.of([1.2], 0.5), Spread.of([math.nan], 0.5))
-    got = over_tokens(kind, math.exp(10), math.exp(10 * share))
-    assert got.kind == ("accumulated" if accumulated else "exponential")
+    exact = Growth("polynomial", Spread.of([1.1], 0.5), Spread.of([2.0], 0.5))
+    got = over_tokens(kind, math.exp(10), math.exp(10 * share), exact)
+    assert got == (replace(kind, kind="accumulated") if accumulated else exact)
+
+
+@pytest.mark.parametrize("g", [1.05, 1.1, 1.3])
+def test_a_linear_rnn_grows_exponentially_at_its_exact_rate_under_a_per_token_loss(g: float) -> None:
+    """Oracle, exact: a linear RNN with W = g x orthogonal grows g^(T-1) through time, x g per step. Its
+    per-token loss adds a factor ~1/sqrt(1 - g^-2) on top (3.3 at g = 1.05, 2.4 at 1.1), past the x2
+    any rate law is allowed: it read irregular (found in an audit against theory); the kind is that of
+    the through-time profile, at rate g."""
+    off = Limits(grad_norm=None, growth=None, divergence=None)
+    c = Config.of("rnn", seq_len=60, init_scale=g, activation="linear", width=16, batch_size=4, seeds=3)
+    j = assess(c, limits=off)
+    assert j.kind.kind == "exponential"
+    assert math.exp(j.kind.rate.mid) == pytest.approx(g, rel=1e-4)
+    assert j.through_time is not None and j.through_time.mid == pytest.approx(g ** (60 - 1), rel=1e-3)
