@@ -54,12 +54,13 @@ def _layout(model: nn.Module, blocks: Sequence[tuple[str, nn.Module]]) -> _Layou
 
 
 def _per_block(norms: Sequence[float], owner: Sequence[int], n_blocks: int) -> tuple[float, ...]:
-    """Combine per-parameter L2 norms into per-block L2 norms."""
-    squares = [0.0] * n_blocks
+    """Combine per-parameter L2 norms into per-block L2 norms (math.hypot: finite for any finite
+    norms, where a sum of their squares leaves float64's range above 1.3e154)."""
+    parts: list[list[float]] = [[] for _ in range(n_blocks)]
     for value, b in zip(norms, owner, strict=True):
         if b >= 0:
-            squares[b] += value * value
-    return tuple(math.sqrt(s) for s in squares)
+            parts[b].append(value)
+    return tuple(math.hypot(*p) for p in parts)
 
 
 def _scatter(values: Sequence[float], where: Sequence[int], n: int) -> list[float]:

@@ -33,6 +33,25 @@ def _spoiled(value: float, tensor: torch.Tensor) -> bool:
     return value == math.inf or value < LOW * math.sqrt(tensor.numel())
 
 
+WIDE_LOW = 2.0**-500  # the same for float64 squares of float64 values (subnormal below 2^-1022)
+
+
+def _spoiled_wide(value: float, tensor: torch.Tensor) -> bool:
+    """Whether a float64 norm `value` of a float64 `tensor` was spoiled by float64 squares: inf where
+    they overflowed (a norm above 1.3e154), or below WIDE_LOW * sqrt(numel), where they went
+    subnormal; float32 and narrower values square within float64's range."""
+    return tensor.dtype == EXACT and (value == math.inf or value < WIDE_LOW * math.sqrt(tensor.numel()))
+
+
+def _scaled_norm(tensor: torch.Tensor) -> float:
+    """The L2 norm of a float64 `tensor` from its values divided by the largest magnitude, whose
+    squares stay in range: finite for any finite tensor (inf or NaN where the tensor holds one)."""
+    top = float(tensor.abs().amax()) if tensor.numel() else 0.0
+    if not 0.0 < top < math.inf:
+        return top if top else float(torch.linalg.vector_norm(tensor))
+    return top * float(torch.linalg.vector_norm(tensor / top))
+
+
 def _in_float32(tensor: torch.Tensor, norm: torch.Tensor) -> bool:
     """Whether `norm` of `tensor` was summed in float32 from float32 squares, which can spoil it."""
     return tensor.dtype in RANGED and norm.dtype != EXACT
@@ -151,7 +170,8 @@ def norm_values(
     Each of `groups` (indices of tensors likely of one shape: a recurrent cell's per-token outputs)
     with STACK_MIN or more small tensors is normed as one stack (`_foreach_norm` on the CPU costs
     ~5 us a tensor); the rest in one fused call per accumulator dtype. A float32 norm spoiled by
-    float32 squares (see `_spoiled`) is taken again in float64."""
+    float32 squares (see `_spoiled`) is taken again in float64, a float64 tensor's spoiled by float64
+    squares (`_spoiled_wide`) scaled by its largest value."""
     device = tensors[0].device if tensors else None
     pieces: list[torch.Tensor] = [torch.stack(list(head))] if head else []  # cat widens dtypes exactly
     order: list[int] = []
@@ -180,8 +200,10 @@ def norm_values(
     out = [0.0] * len(tensors)
     for i, value in zip(order, flat[len(head) :], strict=True):
         out[i] = value
-    spoilable = [] if exact or clean(out, largest) else tensors  # rare: a second read per spoiled norm
+    spoilable = [] if clean(out, largest) else tensors  # rare: a second read per spoiled norm
     for i, t in enumerate(spoilable):
         if t.dtype in RANGED and accumulator(t.dtype, exact, device) != EXACT and _spoiled(out[i], t):
             out[i] = float(torch.linalg.vector_norm(t, dtype=EXACT))
+        elif _spoiled_wide(out[i], t):
+            out[i] = _scaled_norm(t)
     return flat[: len(head)] + out

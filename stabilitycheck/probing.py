@@ -259,7 +259,7 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         entering=inputs,
         given_finite=not (hooks and exact)
         or all(bool(x.isfinite().all()) for x in tensors_of(run.inputs) if x.is_floating_point()),
-        finite=math.isfinite(loss_value + sum(host)),
+        finite=math.isfinite(loss_value) and all(map(math.isfinite, host)),
         made=tuple(made or ()),
     )
 
@@ -387,7 +387,7 @@ def probe_module(
                     first, profile_step = unscaled, step  # the per-block profile
                     profiling = _silent(unscaled)
                 losses.append(last.loss)
-                totals.append(math.sqrt(sum(v * v for v in unscaled.grads)))
+                totals.append(math.hypot(*unscaled.grads))
                 if nonfinite is not None or step == steps:
                     skipped += overflowed  # no update follows, but the scaler would have skipped it
                     break

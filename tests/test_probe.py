@@ -2428,6 +2428,39 @@ def test_every_norm_entry_point_is_exact_for_float32_squares_out_of_range() -> N
     assert float(torch.linalg.vector_norm(norms.dense(grad))) == pytest.approx(math.sqrt(50.0), rel=1e-7)
 
 
+def test_float64_norms_whose_squares_leave_float64s_range_are_exact_in_the_probe() -> None:
+    """Oracle: math.hypot over the values (scaled, exact to rounding). Float64 tensors whose squares
+    overflow (x1e200) or go subnormal (x1e-200), alone, fused and stacked, in exact mode too; and a
+    float64 linear MLP at sigma_w 10, 160 blocks deep, every value finite with norms up to 7e154: its
+    activation norms read inf there, a non-finite value where there was none (found in an audit)."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(300, generator=gen, dtype=torch.float64) * s for s in (1e200, 1e-200, 1.0)]
+    stack = [torch.randn(64, generator=gen, dtype=torch.float64) * 1e200 for _ in range(70)]
+    for given, groups in ((tensors, []), (stack, [list(range(70))])):
+        expect = [math.hypot(*t.tolist()) for t in given]
+        for exact in (False, True):
+            assert norms.norm_values(given, exact, groups=groups) == pytest.approx(expect, rel=1e-12, abs=0)
+    c = Config.of(
+        "mlp", activation="linear", init_scale=10.0, depth=160, width=16, batch_size=2, dtype="float64"
+    )
+    built = resolve("mlp").build(c)
+    outputs: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda _m, _a, o: outputs.append(o)) for _, m in built.blocks]
+    built.loss_fn(built.model(built.inputs), built.inputs).backward()
+    for h in hooks:
+        h.remove()
+    assert (
+        all(bool(o.isfinite().all()) for o in outputs)
+        and max(math.hypot(*o.flatten().tolist()) for o in outputs) > 1e154
+    )
+    m = probe(c)
+    assert m.first_nonfinite is None
+    expect = [math.hypot(*o.flatten().tolist()) for o in outputs]
+    assert m.activation_norms[1:] == pytest.approx(expect, rel=1e-12, abs=0)
+    grads = [math.hypot(*p.grad.flatten().tolist()) for p in built.model.parameters()]
+    assert m.grad_norm[0] == pytest.approx(math.hypot(*grads), rel=1e-12)
+
+
 class _PassThrough(nn.Module):
     """Returns its input itself: the same tensor is the previous block's output and its own."""
 
