@@ -274,8 +274,8 @@ def test_workers_send_their_counterexamples(
     result.stdout.fnmatch_lines(
         [
             "*= stabilitycheck: 2 counterexamples, smallest first =*",
-            "1 *test_residual_is_stable*resmlp*depth=14 width=16 init_scale=3.0*growth * > 100*pre-norm*",
-            "2 *test_growth_is_bounded*mlp*depth=* width=32 init_scale=2.0*",  # sizes 33 < 43: smallest first
+            "1 *test_growth_is_bounded*mlp*depth=* width=32 init_scale=2.0*",  # by target: mlp, then resmlp
+            "2 *test_residual_is_stable*resmlp*depth=14 width=16 init_scale=3.0*growth * > 100*pre-norm*",
         ]
     )
 
