@@ -43,12 +43,14 @@ SMALL: dict[str, Knob] = {
     "num_experts_per_tok": 2,
     **dict.fromkeys(("n_group", "topk_group"), 1),
     **dict.fromkeys(("moe_intermediate_size", "shared_expert_intermediate_size"), 128),
+    **dict.fromkeys(("num_sparse_encoder_layers", "num_sparse_decoder_layers"), 2),
 }
 """Defaults that replace the config class's own, by field name: 2 layers, width 64, 2 heads of 32
 (rotary embeddings on 16 of their dimensions: GPT-J's default 64 is wider than the head), feed-forward
 128, 256 tokens, at most 4 experts of which 2 per token, in 1 group (qwen3_next's 512 made 103M
-parameters). Dropout fields default to 0.0 (the probe measures the network, not a mask). Every other
-int/float field keeps its config class's default."""
+parameters), every layer of 2 sparse (switch_transformers' 3 sparse layers of 2 made a step of
+2 // 3 = 0: a dense T5, no experts). Dropout fields default to 0.0 (the probe measures the network,
+not a mask). Every other int/float field keeps its config class's default."""
 AT_MOST = (
     "num_experts",
     "num_local_experts",

@@ -365,3 +365,13 @@ def test_random_token_ids_leave_out_the_pad_tokens(model_type: str) -> None:
     assert pads and set(ids.unique().tolist()) == set(range(int(values["vocab_size"]))) - pads
     growths = [probe(subject.config(seed=s), subject).growth for s in range(6)]
     assert all(0.5 < g < 2.0 for g in growths), growths
+
+
+def test_switch_transformers_has_its_experts_at_the_small_defaults() -> None:
+    """Its 3 sparse layers of the 2 made a sparse step of 2 // 3 = 0: no experts, a dense T5 whose
+    numbers were hf:t5's to 7 digits (found in an audit). Oracle: transformers' own modules, a sparse
+    MLP in every layer of both stacks."""
+    subject = HFModel("switch_transformers")
+    model = subject.build(subject.config()).model
+    sparse = [n for n, m in model.named_modules() if type(m).__name__ == "SwitchTransformersSparseMLP"]
+    assert len(sparse) == 4, sparse
