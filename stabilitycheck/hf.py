@@ -194,8 +194,10 @@ class HFModel:
         self.pick = f"hf:{text}, its text part" if text in mapping else "a text model type, e.g. hf:gpt2"
         if not isinstance(fields.get("vocab_size"), int):
             raise UsageError(
-                f"{self.name} has no vocab_size in its config: it is not a text model, and stabilitycheck "
-                f"feeds HF models random token ids; pick {self.pick}"
+                f"{self.name} has no vocab_size in its config, and stabilitycheck feeds HF models random "
+                f"token ids drawn below it (a model of images or sound has none; a translation model's "
+                f"two vocabularies, a character model's code points are not drawn); pick {self.pick}, "
+                "or probe the model in a model file (stabilitycheck model.py) with inputs of its own"
             )
         knobs = {n: _small(n, d) for n, d in fields.items() if _is_knob(n, d)}
         self.knobs: dict[str, Knob] = {**knobs, **INPUTS}

@@ -158,10 +158,15 @@ def test_unknown_model_type_says_did_you_mean() -> None:
 
 
 def test_non_text_model_type_is_refused_naming_its_text_part_where_it_has_one() -> None:
-    with pytest.raises(UsageError, match=r"not a text model.*pick a text model type, e\.g\. hf:gpt2$"):
+    """A type with no vocab_size is refused for what it lacks, not called no text model: a translation
+    model (fsmt: two vocabularies) was told it is not a text model (found in an audit)."""
+    with pytest.raises(UsageError, match=r"no vocab_size.*pick a text model type, e\.g\. hf:gpt2, or probe"):
         HFModel("vit")
-    with pytest.raises(UsageError, match=r"not a text model.*pick hf:clip_text_model, its text part$"):
+    with pytest.raises(UsageError, match=r"no vocab_size.*pick hf:clip_text_model, its text part, or probe"):
         HFModel("clip")
+    with pytest.raises(UsageError, match=r"^hf:fsmt has no vocab_size in its config") as err:
+        HFModel("fsmt")
+    assert "not a text model" not in str(err.value)
     assert HFModel("clip_text_model").model_type == "clip_text_model"  # what it names is a text model
 
 
