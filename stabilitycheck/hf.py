@@ -115,7 +115,8 @@ def _pads(model: nn.Module, vocab: int) -> list[int]:
         embedding = None
     config = getattr(model, "config", None)
     found = {getattr(config, "pad_token_id", None), getattr(embedding, "padding_idx", None)}
-    return sorted(p for p in found if isinstance(p, int) and 0 <= p < vocab)
+    pads = sorted(p for p in found if isinstance(p, int) and 0 <= p < vocab)
+    return pads if len(pads) < vocab else []  # a vocab of pads alone: drawn as it is
 
 
 def _salted(seed: int, salt: int) -> int:

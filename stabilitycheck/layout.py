@@ -53,14 +53,20 @@ def _layout(model: nn.Module, blocks: Sequence[tuple[str, nn.Module]]) -> _Layou
     return layout
 
 
+def combined(norms: Sequence[float]) -> float:
+    """The L2 norm of tensors of these L2 norms: math.hypot, finite for any finite norms (a sum of
+    their squares leaves float64's range above 1.3e154), NaN where one is (hypot reads inf and NaN
+    as inf; torch's total norm, as NaN)."""
+    return math.nan if any(map(math.isnan, norms)) else math.hypot(*norms)
+
+
 def _per_block(norms: Sequence[float], owner: Sequence[int], n_blocks: int) -> tuple[float, ...]:
-    """Combine per-parameter L2 norms into per-block L2 norms (math.hypot: finite for any finite
-    norms, where a sum of their squares leaves float64's range above 1.3e154)."""
+    """Combine per-parameter L2 norms into per-block L2 norms (`combined`)."""
     parts: list[list[float]] = [[] for _ in range(n_blocks)]
     for value, b in zip(norms, owner, strict=True):
         if b >= 0:
             parts[b].append(value)
-    return tuple(math.hypot(*p) for p in parts)
+    return tuple(combined(p) for p in parts)
 
 
 def _scatter(values: Sequence[float], where: Sequence[int], n: int) -> list[float]:

@@ -43,13 +43,16 @@ def _spoiled_wide(value: float, tensor: torch.Tensor) -> bool:
     return tensor.dtype == EXACT and (value == math.inf or value < WIDE_LOW * math.sqrt(tensor.numel()))
 
 
-def _scaled_norm(tensor: torch.Tensor) -> float:
-    """The L2 norm of a float64 `tensor` from its values divided by the largest magnitude, whose
-    squares stay in range: finite for any finite tensor (inf or NaN where the tensor holds one)."""
-    top = float(tensor.abs().amax()) if tensor.numel() else 0.0
-    if not 0.0 < top < math.inf:
-        return top if top else float(torch.linalg.vector_norm(tensor))
-    return top * float(torch.linalg.vector_norm(tensor / top))
+def _scaled_norms(tensors: Sequence[torch.Tensor]) -> list[float]:
+    """The L2 norms of float64 `tensors` from their values divided by each one's largest magnitude,
+    whose squares stay in range: finite for any finite tensor (0 for zeros, inf or NaN where the
+    tensor holds one). The largest magnitudes in one host read: most such tensors are all zeros (a
+    gradient that did not reach), which need no second pass."""
+    tops = torch.stack(torch._foreach_norm(list(tensors), math.inf)).tolist()  # none is empty
+    return [
+        top * float(torch.linalg.vector_norm(t / top)) if 0.0 < top < math.inf else top
+        for t, top in zip(tensors, tops, strict=True)
+    ]
 
 
 def _in_float32(tensor: torch.Tensor, norm: torch.Tensor) -> bool:
@@ -171,7 +174,7 @@ def norm_values(
     with STACK_MIN or more small tensors is normed as one stack (`_foreach_norm` on the CPU costs
     ~5 us a tensor); the rest in one fused call per accumulator dtype. A float32 norm spoiled by
     float32 squares (see `_spoiled`) is taken again in float64, a float64 tensor's spoiled by float64
-    squares (`_spoiled_wide`) scaled by its largest value."""
+    squares (`_spoiled_wide`) scaled by its largest value (`_scaled_norms`)."""
     device = tensors[0].device if tensors else None
     pieces: list[torch.Tensor] = [torch.stack(list(head))] if head else []  # cat widens dtypes exactly
     order: list[int] = []
@@ -201,9 +204,12 @@ def norm_values(
     for i, value in zip(order, flat[len(head) :], strict=True):
         out[i] = value
     spoilable = [] if clean(out, largest) else tensors  # rare: a second read per spoiled norm
+    wide = []
     for i, t in enumerate(spoilable):
         if t.dtype in RANGED and accumulator(t.dtype, exact, device) != EXACT and _spoiled(out[i], t):
             out[i] = float(torch.linalg.vector_norm(t, dtype=EXACT))
         elif _spoiled_wide(out[i], t):
-            out[i] = _scaled_norm(t)
+            wide.append(i)
+    for i, value in zip(wide, _scaled_norms([tensors[i] for i in wide]) if wide else [], strict=True):
+        out[i] = value
     return flat[: len(head)] + out

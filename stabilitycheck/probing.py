@@ -25,7 +25,7 @@ from stabilitycheck._tree import tensors as tensors_of
 from stabilitycheck._validation import article
 from stabilitycheck.config import Config
 from stabilitycheck.errors import UsageError, UserCodeError
-from stabilitycheck.layout import _layout, _per_block, _scatter
+from stabilitycheck.layout import _layout, _per_block, _scatter, combined
 from stabilitycheck.layout import block_of as block_of
 from stabilitycheck.loops import looped_blocks
 from stabilitycheck.losses import Inputs, LossFn, OutputLoss, differentiable_loss
@@ -387,7 +387,7 @@ def probe_module(
                     first, profile_step = unscaled, step  # the per-block profile
                     profiling = _silent(unscaled)
                 losses.append(last.loss)
-                totals.append(math.hypot(*unscaled.grads))
+                totals.append(combined(unscaled.grads))
                 if nonfinite is not None or step == steps:
                     skipped += overflowed  # no update follows, but the scaler would have skipped it
                     break

@@ -69,10 +69,13 @@ def unscored(act: Sequence[float], breaks: frozenset[int], unreached: frozenset[
     the chain has one: reached, but the loss takes nothing from them (an RNN's last step under a
     shifted next-token loss, `logits[:, :-1]`), so read as unreached. Their 0 as the chain's last
     norm read a contracting RNN's growth as ||dL/dh_0|| / 0 = inf, exploding. A zero at the input
-    end is kept: there the gradient died on its way back (vanishing)."""
+    end is kept: there the gradient died on its way back (vanishing); a chain all of zeros is kept
+    too (its growth 0 / 0 reads as none; dropped, an encoder behind a dead link read as flat)."""
     starts = [0, *sorted(b for b in breaks if 0 < b < len(act))]
     out: set[int] = set()
     for a, b in itertools.pairwise([*starts, len(act)]):
+        if not any(act[i] for i in range(a, b) if i not in unreached):
+            continue  # every gradient 0: the chain is read as it is (0 / 0, no growth), not dropped
         for i in range(b - 1, a - 1, -1):
             if i in unreached:
                 continue

@@ -380,3 +380,11 @@ def test_switch_transformers_has_its_experts_at_the_small_defaults() -> None:
     model = subject.build(subject.config()).model
     sparse = [n for n, m in model.named_modules() if type(m).__name__ == "SwitchTransformersSparseMLP"]
     assert len(sparse) == 4, sparse
+
+
+def test_a_vocab_of_pad_ids_alone_draws_them() -> None:
+    """vocab_size 1 with bert's pad id 0: no other id to draw; the pad is drawn, not an empty range
+    (an internal error in review)."""
+    subject = HFModel("bert")
+    built = subject.build(subject.config(vocab_size=1))
+    assert built.inputs["input_ids"].unique().tolist() == [0]

@@ -65,4 +65,15 @@ def test_zero_gradients_at_a_chains_output_end_are_unscored_and_at_its_input_end
     act = [0.0, 3.0, 0.0, 0.0, 5.0, 0.0, 2.0, 0.0]
     assert unscored(act, frozenset({4}), frozenset({2})) == frozenset({3, 7})
     assert unscored([0.0, 0.0, 1.0], frozenset(), frozenset()) == frozenset()
-    assert unscored([0.0, 0.0], frozenset(), frozenset()) == frozenset({0, 1})
+    assert unscored([0.0, 0.0, 4.0], frozenset({2}), frozenset()) == frozenset()
+    assert unscored([0.0, 0.0], frozenset(), frozenset()) == frozenset()
+
+
+def test_a_chain_whose_every_gradient_is_0_is_kept_and_reads_no_growth() -> None:
+    """An encoder behind a dead link (every gradient exactly 0) beside a decoder: dropped as unscored,
+    the model read the decoder's growth alone, flat (found in review); kept, its growth is 0 / 0, none
+    (NaN), as before. Oracle: the rule, first over last norm per chain, by hand."""
+    act = [0.0, 0.0, 0.0, 20.8, 20.0]
+    breaks = frozenset({3})
+    chains, _ = chains_of(act, breaks, unscored(act, breaks, frozenset()), {3: frozenset({0})})
+    assert math.isnan(chains[0]) and chains[1] == 20.8 / 20.0

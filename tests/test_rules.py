@@ -275,3 +275,17 @@ def test_gradscaler_guards_catch_a_scaler_checking_every_other_entry() -> None:
     x = torch.randn(4, 1)
     with pytest.raises(StabilityError):
         assert_gradscaler_guards(model, x, lambda out, _: (out**2).mean(), _EveryOtherEntryScaler())
+
+
+def test_norms_combine_as_torchs_total_norm_does_nan_first() -> None:
+    """math.hypot reads inf beside NaN as inf; torch's total norm of such gradients is NaN, and so is
+    the probe's (found in review). Oracle: torch.nn.utils.get_total_norm."""
+    from stabilitycheck.layout import combined
+
+    for values in ([math.inf, math.nan], [math.nan, 2.0], [3.0, 4.0], [math.inf, 1.0]):
+        expect = float(
+            torch.nn.utils.get_total_norm([torch.tensor([v], dtype=torch.float64) for v in values])
+        )
+        got = combined(values)
+        assert got == expect or (math.isnan(got) and math.isnan(expect)), values
+    assert combined([1e200, 1e200]) == math.sqrt(2) * 1e200  # where torch's squares overflow

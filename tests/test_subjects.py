@@ -1266,6 +1266,49 @@ def test_stages_of_composite_blocks_holding_more_blocks_outrank_a_longer_list_of
     assert m.growth > 100
 
 
+def test_small_composite_heads_in_lists_do_not_outrank_a_trunk_of_leaf_layers() -> None:
+    """16 Linear layers with tanh between them, and 17 small probe heads in two lists, one read on each
+    state: the heads hold more blocks, the trunk more parameters, and the trunk is the chain (the
+    heads were taken in review: growth 1 for 399). Oracle: torch's gradients, dL/dx through layers.0
+    alone over dL/d(layers.15 output)."""
+    torch.manual_seed(0)
+
+    class Probe(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(32, 8), nn.Linear(8, 1)
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.a(h)))
+
+    class Trunk(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(32, 32, bias=False) for _ in range(16))
+            for layer in self.layers:
+                nn.init.normal_(layer.weight, std=3.5 / math.sqrt(32))
+            self.even = nn.ModuleList(Probe() for _ in range(9))
+            self.odd = nn.ModuleList(Probe() for _ in range(8))
+            self.states: list[torch.Tensor] = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h, aux, self.states = x, torch.zeros(()), []
+            for i, layer in enumerate(self.layers):
+                aux = aux + (self.even if i % 2 == 0 else self.odd)[i // 2](h).sum()
+                self.states.append(layer(h))  # a block's output: the tanh runs outside it
+                h = torch.tanh(self.states[-1])
+            return h.sum() + 0.01 * (aux + self.even[8](h).sum())
+
+    model = Trunk().double()
+    x = torch.randn(8, 32, dtype=torch.float64)
+    assert find_blocks(model)[1] == "blocks: layers (16)"
+    m = probe_module(model, x, lambda o, _: o)
+    grads = torch.autograd.grad(model(x), model.states)
+    entry = x.clone().requires_grad_()
+    (through,) = torch.autograd.grad(model.layers[0](entry), entry, grad_outputs=grads[0])
+    assert m.growth == pytest.approx(float(through.norm() / grads[-1].norm()), rel=1e-9)
+
+
 def test_of_two_stacks_of_one_length_the_layers_rank_above_the_norms() -> None:
     """`x = x + layer(norm(x))` with the norms in a ModuleList defined before the layers: the first
     defined of two equally long stacks was the chain, read on the norms' outputs (gradients at each
