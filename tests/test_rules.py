@@ -1,16 +1,20 @@
-"""The documented rules of verdicts, spreads, kinds of growth, mean-field and phase-map theory, the
-merge of ranks and the GradScaler guard, each at the boundary a plausible bug crosses (each test here
-failed on a mutant that the rest of the suite let pass). Oracles: the rule written out, hand
-arithmetic, brute force, or torch itself."""
+"""The documented rules of verdicts, spreads, kinds of growth, culprits, junctions, remedies, staircases,
+mean-field and phase-map theory, the merge of ranks and the GradScaler and rescaling checks, each at the
+boundary a plausible bug crosses (each test here failed on a mutant that the rest of the suite let
+pass). Oracles: the rule written out, hand arithmetic, brute force, or torch itself."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch.multiprocessing.spawn import spawn
 
 from stabilitycheck.measurement import Measurement, NonFinite
 
@@ -289,3 +293,301 @@ def test_norms_combine_as_torchs_total_norm_does_nan_first() -> None:
         got = combined(values)
         assert got == expect or (math.isnan(got) and math.isnan(expect)), values
     assert combined([1e200, 1e200]) == math.sqrt(2) * 1e200  # where torch's squares overflow
+
+
+def _m2(**kw: Any) -> Measurement:
+    """A two-block Measurement (blocks 'a' and 'b' after the input 'in'), every reading 1 unless given."""
+    two: dict[str, Any] = {
+        "layer_names": ("a", "b"),
+        "activation_names": ("in", "a", "b"),
+        "layer_grad_norms": (1.0, 1.0),
+        "activation_norms": (1.0, 1.0, 1.0),
+        "activation_grad_norms": (1.0, 1.0, 1.0),
+        "gains": (1.0, 1.0),
+    }
+    return _m(**{**two, **kw})
+
+
+# --- culprit.py ------------------------------------------------------------------------------------
+
+
+def test_a_gain_of_exactly_one_does_not_amplify_in_the_short_stack_vote() -> None:
+    """CU7: with fewer than three gains the seeds vote for their largest *amplifying* block (gain > 1).
+    A largest gain of exactly 1.0 amplifies nothing, so the vote falls back to the block with the
+    largest weight gradient ('b' here); one ulp above 1 the largest-gain block ('a') is named."""
+    from stabilitycheck.culprit import culprit_of
+
+    flat = _m2(gains=(1.0, 0.5), layer_grad_norms=(1.0, 5.0))
+    assert culprit_of([flat, flat]) == "b"
+    above = _m2(gains=(math.nextafter(1.0, 2.0), 0.5), layer_grad_norms=(1.0, 5.0))
+    assert culprit_of([above, above]) == "a"
+
+
+# --- growthkind.py ---------------------------------------------------------------------------------
+
+
+def test_the_input_segment_stands_apart_only_on_four_gains_or_more() -> None:
+    """G1: input_apart needs 4 blocks (gains) or more -- on 3, leaving the input out would leave 2
+    points to fit, which any line and any power law fit exactly. The same shape (input gain 1, the
+    rest 3: far past 3 sd of at least 0.05, and the rest carrying all the log growth) is apart on 4."""
+    from stabilitycheck.growthkind import input_apart
+
+    assert not input_apart([1.0, 3.0, 3.0])
+    assert input_apart([1.0, 3.0, 3.0, 3.0])
+
+
+def test_an_input_segment_that_is_the_growth_is_not_left_apart() -> None:
+    """G7: the input segment is apart only where the other blocks carry at least half the log growth
+    (else it is the growth, as one block's spike). Input x100 over gain-1 blocks: far from the others
+    (any sd), but the rest carries ~0 of ln 100, so not apart; with the rest at x3 each (3 ln 3 = 3.3
+    of a total 7.9: under half) still not apart; at x6 each (5.4 of 10.0: over half) apart."""
+    from stabilitycheck.growthkind import input_apart
+
+    assert not input_apart([100.0, 1.01, 0.99, 1.0])
+    assert not input_apart([100.0, 3.0, 3.0, 3.0])
+    assert input_apart([100.0, 6.0, 6.0, 6.0])
+
+
+# --- junctions.py ----------------------------------------------------------------------------------
+
+
+def test_only_an_add_of_alpha_one_is_a_residual_written_around_block_0() -> None:
+    """J1: the residual add around block 0 is the add, alpha 1, of block 0's output and its input (its
+    input side hands dL/d sum on unchanged: torch's own AddBackward0 scales the second input by alpha).
+    torch.add(raw, first, alpha=2) is an AddBackward0 too, but no identity: it is left unread."""
+    from stabilitycheck.junctions import _around
+
+    w = torch.randn(4, requires_grad=True)
+    raw = w * 1.0
+    first = torch.tanh(raw)
+    one = torch.add(raw, first)
+    found = _around((one,), raw, first, False)
+    assert found is not None and found[0] is one.grad_fn
+    two = torch.add(raw, first, alpha=2.0)
+    assert type(two.grad_fn).__name__ == "AddBackward0"
+    assert _around((two,), raw, first, False) is None
+
+
+def test_a_call_taking_block_0s_input_takes_no_chain_when_it_is_the_entry() -> None:
+    """J3: with `entry`, outputs[0] is block 0's input, no output of chain 0: a second tower taking that
+    input (or what is computed from it) runs beside the first and takes no chain; a call taking chain
+    0's last output (or a sum on it) takes chain 0. Without `entry`, outputs[0] is chain 0's own."""
+    from stabilitycheck.junctions import _taken_chains
+
+    w = torch.randn(4, requires_grad=True)
+    inp = w * 1.0
+    out0 = torch.tanh(inp)
+    out1 = torch.tanh(out0)
+    outputs = [inp, out0, out1]
+    assert _taken_chains(outputs, [], (inp,), True) == frozenset()
+    assert _taken_chains(outputs, [], (torch.sin(inp),), True) == frozenset()
+    assert _taken_chains(outputs, [], (out1 + 1,), True) == frozenset({0})
+    assert _taken_chains(outputs, [], (inp,), False) == frozenset({0})
+
+
+# --- invariants_rescaling.py -----------------------------------------------------------------------
+
+
+def test_rescaling_runs_the_model_under_its_seed_not_the_global_random_state() -> None:
+    """IR3: every forward the check compares runs under `seed` (a dropout in training mode drops the
+    same units in each, whatever the caller's random state): the first number each forward draws is
+    torch's first draw after torch.manual_seed(seed), and the same after the global state moved."""
+    from stabilitycheck.invariants_rescaling import assert_rescaling_equivariant
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 64), torch.nn.Dropout(0.5), torch.nn.Linear(64, 4)
+    ).train()
+    inputs = torch.randn(8, 16)
+    draws: list[float] = []
+
+    def loss_fn(out: torch.Tensor, _inputs: Any) -> torch.Tensor:
+        return out.pow(2).mean()
+
+    def drawing(module: torch.nn.Module, args: Any) -> None:
+        draws.append(float(torch.rand(())))
+
+    model[0].register_forward_pre_hook(drawing)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        expected = float(torch.rand(()))
+    for state in (1, 2):
+        torch.manual_seed(state)
+        assert_rescaling_equivariant(model, inputs, loss_fn, 3.7, seed=5)
+    assert len(draws) >= 4 and all(d == expected for d in draws)
+
+
+# --- invariants_training.py ------------------------------------------------------------------------
+
+
+class _AllButTheLastEntryScaler:
+    """A broken loss scaler: checks each gradient for Inf/NaN except its last entry (g.view(-1)[:-1]),
+    an off-by-one torch's GradScaler (which reads every entry) does not make. Otherwise a correct
+    static-then-backoff scaler."""
+
+    def __init__(self) -> None:
+        self.s = 2.0**16
+
+    def get_scale(self) -> float:
+        return self.s
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.s
+
+    def step(self, opt: torch.optim.Optimizer) -> None:
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        for g in grads:
+            g.div_(self.s)
+        if any(not bool(g.view(-1)[:-1].isfinite().all()) for g in grads):
+            self.s /= 2
+            return
+        opt.step()
+
+    def update(self) -> None:
+        pass
+
+
+def _square_mean(out: torch.Tensor, _inputs: Any) -> torch.Tensor:
+    return (out**2).mean()
+
+
+def test_gradscaler_guards_poison_the_last_entry_of_the_last_gradient() -> None:
+    """IT4: the end poison of the last gradient sits at its last entry (the first gradient's at its
+    first), so a scaler that never reads a tensor's last entry steps on it. The last parameter here is
+    a bias of 3 entries: its inside poison, (3 // 2) | 1 = 1, is read by that scaler, as are every
+    other gradient's poisons (first entries, and odd middle ones short of the end): only the last
+    entry of the last gradient can catch it. torch's GradScaler passes the same model."""
+    from stabilitycheck import StabilityError
+    from stabilitycheck.invariants_training import assert_gradscaler_guards
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    assert [p.numel() for p in model.parameters()] == [5, 5, 15, 3]
+    x = torch.randn(4, 1)
+    assert_gradscaler_guards(model, x, _square_mean, torch.amp.GradScaler("cpu"))
+    with pytest.raises(StabilityError):
+        assert_gradscaler_guards(model, x, _square_mean, _AllButTheLastEntryScaler())
+
+
+# --- distributed.py --------------------------------------------------------------------------------
+
+
+def test_the_rank_behind_a_non_finite_total_grad_norm_is_the_first_with_a_bad_weight_gradient() -> None:
+    """D2: the total grad norm is the series after a row's last column (index width, parts()'s
+    grad_norm), which no rank logs: its culprit rank is the lowest whose weight-gradient entries hold a
+    non-finite value; a block series' own column is read for every other series."""
+    from stabilitycheck.distributed import Layout, nonfinite_rank
+
+    lay = Layout(n_blocks=2)
+    assert lay.parts()["grad_norm"] == slice(lay.width, lay.width + 1)
+    grad = lay.parts()["gradient"].start + 1
+    rows = [[1.0] * lay.width for _ in range(3)]
+    rows[2][grad] = math.inf
+    rows[1][0] = math.nan  # a loss column: not the total grad norm's
+    assert nonfinite_rank(rows, lay, lay.width) == 2
+    assert nonfinite_rank(rows, lay, 0) == 1
+    assert nonfinite_rank(rows, lay, grad) == 2
+    assert nonfinite_rank(rows, lay, 1) is None
+
+
+def _grad_norm_worker(rank: int, out: str) -> None:
+    """One of two gloo ranks holding the same plain (replicated, as under DDP) gradients: writes
+    full_grad_norm and torch's own norm of the one copy."""
+    from stabilitycheck.distributed import full_grad_norm
+
+    dist.init_process_group("gloo", init_method=(Path(out) / "store").as_uri(), rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)  # the same values on both ranks: one gradient, replicated
+    params: list[torch.Tensor] = [torch.nn.Parameter(torch.zeros(n, dtype=torch.float64)) for n in (3, 7)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    got = full_grad_norm(params)
+    want = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+    Path(out, f"rank{rank}.json").write_text(json.dumps([got, want]))
+    dist.destroy_process_group()
+
+
+def test_the_full_grad_norm_counts_a_replicated_gradient_once(tmp_path: Path) -> None:
+    """D3: a plain tensor's gradient is replicated on every rank (DDP), so each rank's squared norm is
+    divided by the world size before the all_reduce: on two ranks with the same gradients the full
+    norm is that gradient's norm (torch.nn.utils.get_total_norm of one copy), not sqrt(2) times it."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed with gloo is not available here")
+    spawn(_grad_norm_worker, args=(str(tmp_path),), nprocs=2, join=True)
+    for rank in range(2):
+        got, want = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got == pytest.approx(want, rel=1e-12)
+
+
+# --- remedies.py -----------------------------------------------------------------------------------
+
+
+def test_a_warmup_is_offered_only_over_two_steps_or_more() -> None:
+    """R2: a linear warmup over the probed steps runs step k (from 0) at lr x (k + 1) / steps, so over
+    one step it is the plain lr: no remedy, not offered. Over two steps or more it is, over them all;
+    never without steps, nor where a warmup is already set."""
+    from stabilitycheck import remedies
+    from stabilitycheck.config import Config
+
+    c = Config.of("mlp")
+    assert remedies.warmup(c.with_run(steps=0), None) is None  # type: ignore[arg-type]
+    assert remedies.warmup(c.with_run(steps=1), None) is None  # type: ignore[arg-type]
+    for steps in (2, 5):
+        offered = remedies.warmup(c.with_run(steps=steps), None)  # type: ignore[arg-type]
+        assert offered is not None and offered.run.warmup == steps
+    assert remedies.warmup(c.with_run(steps=5, warmup=2), None) is None  # type: ignore[arg-type]
+
+
+def test_the_critical_init_is_no_remedy_where_the_init_is_already_critical() -> None:
+    """R4: the critical-init remedy sets the init knob to its critical value, and is none (not offered)
+    where the knob already has it: mean-field theory puts a bias-free tanh MLP's chi_1 = 1 at sigma_w
+    = 1 and a ReLU MLP's at sqrt(2) (chi_1 = sigma_w^2 / 2). Off it, the remedy moves the knob there."""
+    from stabilitycheck.config import Config
+    from stabilitycheck.remedies import critical_init
+    from stabilitycheck.subjects import resolve
+
+    mlp = resolve("mlp")
+    assert critical_init(Config.of("mlp", init_scale=1.0), mlp) is None
+    assert critical_init(Config.of("mlp", activation="relu", init_scale=math.sqrt(2)), mlp) is None
+    fixed = critical_init(Config.of("mlp", init_scale=2.0), mlp)
+    assert fixed is not None and fixed.knob("init_scale") == 1.0
+    fixed = critical_init(Config.of("mlp", activation="relu", init_scale=1.0), mlp)
+    assert fixed is not None and fixed.knob("init_scale") == math.sqrt(2)
+
+
+# --- staircase.py ----------------------------------------------------------------------------------
+
+
+def test_a_row_breaking_monotonicity_is_bisected_below_its_lowest_firing_point() -> None:
+    """ST5: a row whose measured points break monotonicity (x = 2 fires, x = 3 does not) is bisected
+    again below its lowest firing point for its lowest transition: here the frontier is x = 0, the
+    brute-force smallest x that fires in that row; a bisection up to the quiet point instead keeps
+    x = 2, above a firing point it measured."""
+    from stabilitycheck.staircase import trace
+
+    rows = [(False, False, False, False), (True, False, True, False)]
+    edges: list[Any] = []
+    notes: list[str] = []
+
+    def fires(x: int, y: int) -> bool:
+        return rows[y][x]
+
+    trace(fires, 4, 2, edges, notes)
+    assert [e.x for e in edges] == [None, min(x for x in range(4) if rows[1][x])]
+    assert edges[1].how == "bisection" and len(notes) == 1 and notes[0].startswith("row 1: x index 2 fires")
+
+
+# --- meanfield.py ----------------------------------------------------------------------------------
+
+
+def test_tanh_at_sigma_one_has_fixed_point_zero_and_is_exactly_critical() -> None:
+    """M2: for tanh, tanh(h)^2 < h^2 for h != 0, so q -> sigma^2 E[tanh(sqrt(q) z)^2] < q for every
+    q > 0 when sigma <= 1: the only fixed point is q* = 0 (reached like 1 / (2 l) at sigma = 1, too
+    slowly for any iteration to converge on), and chi_1 = sigma^2 tanh'(0)^2 = 1 there (to the
+    quadrature's rounding; q = 5e-5, where 10^4 iterations stop, gives 1 - 1e-4)."""
+    from stabilitycheck.meanfield import chi_1, q_star
+
+    assert q_star(1.0, "tanh") == 0.0
+    assert chi_1(1.0, "tanh") == pytest.approx(1.0, rel=1e-12)
+    assert q_star(0.9, "tanh") == 0.0
+    assert chi_1(0.9, "tanh") == pytest.approx(0.9**2, rel=1e-12)
