@@ -319,11 +319,22 @@ def skipped(results: Sequence[SearchResult]) -> list[str]:
 def unmeasured(results: Sequence[SearchResult]) -> list[str]:
     """Lines naming each target whose reported growth no gradient could show: none reached any block
     output in the step the profile was read at (a zero-initialised head), so every gain is 0 / 0 and
-    a stable row says only that nothing grew."""
+    a stable row says only that nothing grew; or none reached one chain's (timm's RegNet, read on its
+    leaf modules, whose branches end in zero-initialised norms), whose growth NaN read as stable with
+    no word of it (found in an audit)."""
     out = []
     for r in results:
         m = r.shown.measurement if r.shown is not None else None
-        if m is None or not m.activation_grad_norms or any(m.activation_grad_norms):
+        if m is None or not m.activation_grad_norms:
+            continue
+        if any(m.activation_grad_norms):
+            if math.isnan(m.growth) and m.first_nonfinite is None:
+                out.append(
+                    f"! {r.space.label}: growth not read: every dL/d output of a chain of its blocks is 0 "
+                    "(its gains 0 / 0: a branch behind a zero-initialised norm or scale, a tower the loss "
+                    "does not use), so the growth criterion cannot fire; declare the blocks of the main "
+                    "chain (blocks=... or stability_blocks()), or --steps 1 reads them after one update"
+                )
             continue
         when, fix = (
             (f"in any of its {m.steps_run + 1} steps", "initialise the head")

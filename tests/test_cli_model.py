@@ -502,3 +502,47 @@ def test_a_model_exploding_at_the_lowest_corner_is_said_to(
     assert columns(out.splitlines()[2])[3] == "depth=2"
     (note,) = [line for line in out.splitlines() if "lowest corner" in line]
     assert "every knob is at its smallest value" in note and "--knob" in note
+
+
+ZERO_TOWER = """
+import torch
+from torch import nn
+
+
+class Towers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(2))
+        self.b = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(2))
+        self.gate = nn.Parameter(torch.zeros(8))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h, g = x, x
+        for block in self.a:
+            h = block(h)
+        for block in self.b:
+            g = block(g)
+        return self.head(g + self.gate * h)
+
+
+def build() -> nn.Module:
+    return Towers()
+
+
+example_input = torch.randn(4, 8)
+"""
+
+
+def test_a_chain_no_gradient_reaches_is_said_unread(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A tower behind a zero-initialised gate: every dL/d output of its chain is exactly 0 (torch's
+    gradients through a zero scale), its growth 0 / 0, and the model's NaN; a stable row said nothing
+    of it (timm's RegNet, found in an audit). The report says the growth was not read."""
+    path = tmp_path / "zero_tower.py"
+    path.write_text(ZERO_TOWER)
+    code, out, _ = run(capsys, str(path), *FAST)
+    assert code == 0
+    (note,) = [line for line in out.splitlines() if line.startswith("! ")]
+    assert "growth not read: every dL/d output of a chain of its blocks is 0" in note
