@@ -441,6 +441,14 @@ example_input = torch.randn(4, 8)
 """
 
 
+def _notes(capsys: pytest.CaptureFixture[str], path: Path, source: str) -> list[str]:
+    """The `!` lines under the report of a search of the model file `source`, written at `path`."""
+    path.write_text(source)
+    code, out, _ = run(capsys, str(path), *FAST)
+    assert code == 0
+    return [line for line in out.splitlines() if line.startswith("! ")]
+
+
 def test_a_zero_initialised_head_is_said_unmeasured_and_read_after_one_step(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -449,10 +457,7 @@ def test_a_zero_initialised_head_is_said_unmeasured_and_read_after_one_step(
     no word of it (found by a trial on third-party models). The report says the growth was not
     measured; with --steps 1 the profile is read after the update and the note goes."""
     path = tmp_path / "zero_head.py"
-    path.write_text(ZERO_HEAD)
-    code, out, _ = run(capsys, str(path), *FAST)
-    assert code == 0
-    (note,) = [line for line in out.splitlines() if line.startswith("! ")]
+    (note,) = _notes(capsys, path, ZERO_HEAD)
     assert "growth not measured: no gradient reached any block output at step 0" in note
     assert "--steps 1" in note
     code, out, _ = run(capsys, str(path), *FAST, "--steps", "1")
@@ -526,11 +531,7 @@ class Towers(nn.Module):
         return self.head(g + self.gate * h)
 
 
-def build() -> nn.Module:
-    return Towers()
-
-
-example_input = torch.randn(4, 8)
+model, example_input = Towers(), torch.randn(4, 8)
 """
 
 
@@ -540,9 +541,5 @@ def test_a_chain_no_gradient_reaches_is_said_unread(
     """A tower behind a zero-initialised gate: every dL/d output of its chain is exactly 0 (torch's
     gradients through a zero scale), its growth 0 / 0, and the model's NaN; a stable row said nothing
     of it (timm's RegNet, found in an audit). The report says the growth was not read."""
-    path = tmp_path / "zero_tower.py"
-    path.write_text(ZERO_TOWER)
-    code, out, _ = run(capsys, str(path), *FAST)
-    assert code == 0
-    (note,) = [line for line in out.splitlines() if line.startswith("! ")]
+    (note,) = _notes(capsys, tmp_path / "zero_tower.py", ZERO_TOWER)
     assert "growth not read: every dL/d output of a chain of its blocks is 0" in note
