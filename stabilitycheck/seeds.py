@@ -255,7 +255,6 @@ def _judgement(
     growth = [m.growth for m in ms]
     mid = quantile(growth, q)
     at = next((i for i, g in enumerate(growth) if g == mid or (math.isnan(mid) and math.isnan(g))), 0)
-    kind = kind_of([m.gains for m in ms], growth, q)
     exact = [m.growth for m in through]
     return Judgement(
         verdict=known,
@@ -265,9 +264,9 @@ def _judgement(
         grad_norm=Spread.of([v["grad_norm"] for v in per_seed], q),
         skipped_steps=sum(m.skipped_steps for m in ms),
         culprit=culprit_of(ms),
-        kind=over_tokens(kind, mid, quantile(exact, q), kind_of([m.gains for m in through], exact, q))
+        kind=over_tokens(_kind(ms, q), mid, quantile(exact, q), _kind(through, q))
         if through
-        else kind,
+        else _kind(ms, q),
         through_time=Spread.of(exact, q) if through else None,
         measurement=ms[at],
         measured_seed=seeds[at],
@@ -293,7 +292,11 @@ def through_kind(
 ) -> Growth:
     """The kind of the through-time growth of `through_time`'s probes (their gain profiles), which
     `over_tokens` takes where it explains the growth."""
-    ms = _last_steps(config, subject, seeds, probes)
+    return _kind(_last_steps(config, subject, seeds, probes), q)
+
+
+def _kind(ms: Sequence[Measurement], q: float) -> Growth:
+    """The kind of growth of these probes' gain profiles (growthkind.kind_of)."""
     return kind_of([m.gains for m in ms], [m.growth for m in ms], q)
 
 

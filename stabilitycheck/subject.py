@@ -349,9 +349,7 @@ def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
     if stacks:
         primary = max(stacks, key=_longest)
         composite = [s for s in stacks if list(s[1][0][1].children())]
-        chosen = (
-            composite if composite and (primary in composite or _outweighs(composite, primary)) else [primary]
-        )
+        chosen = composite if primary in composite or _outweighs(composite, primary) else [primary]
         blocks = tuple(b for _, pairs in chosen for b in pairs)
         parts = " + ".join(f"{name or '(model)'} ({len(pairs)})" for name, pairs in chosen)
         return blocks, f"blocks: {parts}"
