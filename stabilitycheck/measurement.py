@@ -28,11 +28,18 @@ class NonFinite:
     layer: str
     tensor: str  # one of TENSOR_KINDS; "activation_grad" is dL/d(output of `layer`)
     value: float
+    reproduced: bool = True  # False: the step's float64 re-run stayed finite, this is the step's own
 
     def describe(self) -> str:
         """'step 1: activation of layers.2, L2 norm nan' (the loss is a value, every other tensor a norm)."""
         what = "" if self.tensor == "loss" else "L2 norm "
-        return f"step {self.step}: {self.tensor} of {self.layer}, {what}{self.value:.4g}"
+        again = (
+            ""
+            if self.reproduced
+            else " (a re-run of the step stayed finite: the model draws on state the probe does not "
+            "restore, Python's or numpy's random, a counter)"
+        )
+        return f"step {self.step}: {self.tensor} of {self.layer}, {what}{self.value:.4g}{again}"
 
 
 @dataclass(frozen=True)

@@ -370,8 +370,13 @@ def probe_module(
                 found = None if last.finite else locate(step, last, names, owner, scaler is None)
                 if found is not None:  # name it, in float64
                     set_rng_state(drawn)
-                    last = _run_step(run, hooks=True, exact=True, weights=True)
-                    nonfinite = locate(step, last, names, owner, scaler is None)
+                    exact = _run_step(run, hooks=True, exact=True, weights=True)
+                    nonfinite = locate(step, exact, names, owner, scaler is None)
+                    if nonfinite is None:  # the re-run stayed finite: the model draws on what
+                        # is not restored (a counter, Python's random); the step as it ran is the finding
+                        nonfinite = dataclasses.replace(found, reproduced=False)
+                    else:
+                        last = exact
                 overflowed = scaler is not None and not math.isfinite(sum(last.grads))
                 unscaled = last
                 if overflowed and found is None:

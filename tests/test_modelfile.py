@@ -92,6 +92,25 @@ def test_knobs_reach_the_factory_and_batch() -> None:
     assert built.model.encoder.layers[0].norm_first  # type: ignore[index,union-attr]
 
 
+def test_a_batch_parameter_without_default_gets_the_factorys_knob(tmp_path: Path) -> None:
+    """`def batch(model, depth)` beside `def build(depth=4)` was refused, saying SPACE does not bound
+    depth where it did (found in an audit): the factory's knob is passed to batch() whatever its own
+    default. Oracle: the shapes batch() makes from the depth it is given."""
+    path = tmp_path / "model.py"
+    path.write_text(
+        "import torch\nfrom torch import nn\n"
+        "SPACE = {'depth': (1, 8)}\n"
+        "def build(depth=4):\n    return nn.Sequential(*(nn.Linear(3, 3) for _ in range(depth)))\n"
+        "def batch(model, depth):\n    return torch.ones(depth, 3)\n"
+    )
+    subject = load(str(path))
+    assert subject.knobs == {"depth": 4, "init_scale": 1.0}
+    assert subject.build(subject.config(depth=6)).inputs.shape == (6, 3)
+    path.write_text(path.read_text().replace("def batch(model, depth)", "def batch(model, depth, rows)"))
+    with pytest.raises(ModelFileError, match="batch\\(\\) parameter 'rows' has no default and SPACE"):
+        load(str(path))
+
+
 def test_config_holds_the_files_knobs_in_order_and_run_settings_in_run() -> None:
     c = example("mlp").config(depth=8, seed=3, dtype="float64")
     path, _, factory = c.subject.rpartition(":")

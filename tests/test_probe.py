@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import inspect
 import itertools
@@ -25,6 +26,7 @@ from stabilitycheck.config import FAMILIES, RUN_FIELDS, Config
 from stabilitycheck.culprit import culprit_of
 from stabilitycheck.errors import UsageError
 from stabilitycheck.families import knob_specs
+from stabilitycheck.measurement import NonFinite
 from stabilitycheck.probing import Measurement, probe, probe_module
 from stabilitycheck.subject import Built
 from stabilitycheck.subjects import resolve
@@ -79,6 +81,55 @@ def test_forward_nan_or_inf_is_located_at_its_block(k: int, poison: float) -> No
     assert m.first_nonfinite is not None
     assert (m.first_nonfinite.step, m.first_nonfinite.layer) == (0, f"layers.{k}")
     assert m.first_nonfinite.tensor == "activation"
+    assert verdict(m).names[0] == "nonfinite"
+
+
+class OnceNaN(nn.Module):
+    """Linear blocks; block `k` returns NaN on its `call`-th call alone (a call counter: what the
+    probe's re-run of a step does not restore, as Python's random or numpy's would not be)."""
+
+    def __init__(self, depth: int, k: int, call: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(*(nn.Linear(8, 8) for _ in range(depth)))
+        self.calls, self.call = 0, call
+        self.layers[k].register_forward_hook(self._count)
+
+    def _count(self, mod: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return out * math.nan if self.calls == self.call + 1 else out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)  # type: ignore[no-any-return]
+
+
+def test_a_nan_the_re_run_does_not_reproduce_is_kept() -> None:
+    """A NaN at step 2 whose float64 re-run came out finite was dropped: the re-run's reading replaced
+    the step's, and the probe trained on with every loss finite (found in an audit). Oracle: the same
+    model in a plain torch loop, whose loss at step 2 is NaN."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    plain = OnceNaN(4, 2, call=2)
+    opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        loss = plain(x).pow(2).mean()
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+    assert [math.isfinite(v) for v in losses] == [True, True, False]
+    torch.manual_seed(0)
+    m = probe_module(OnceNaN(4, 2, call=2), x, lambda out, _: out.pow(2).mean(), steps=5)
+    assert m.first_nonfinite is not None
+    at_init = probe_module(OnceNaN(4, 2, call=0), x, lambda out, _: out.pow(2).mean(), steps=5)
+    assert at_init.first_nonfinite is not None  # at step 0 the hooks are on: the block is named
+    assert dataclasses.replace(at_init.first_nonfinite, value=0.0) == NonFinite(
+        0, "layers.2", "activation", 0.0, reproduced=False
+    )
+    nf = m.first_nonfinite
+    assert (nf.step, nf.tensor, nf.reproduced) == (2, "loss", False)  # no hooks past step 0's profile
+    assert "re-run of the step stayed finite" in nf.describe()
+    assert m.steps_run == 2 and math.isnan(m.loss[-1])
     assert verdict(m).names[0] == "nonfinite"
 
 

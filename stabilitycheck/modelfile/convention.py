@@ -265,8 +265,8 @@ def factory_source(
     batch_params = dict(list(batch_params.items())[1:])
     knobs = _knobs_of(given, f"{attr}()", params, {k: v for k, v in space.items() if k in params})
     _no_run_names(given, f"{attr}()", knobs)
-    batch_space = {k: v for k, v in space.items() if k in batch_params and k not in params}
-    batch_knobs = _knobs_of(given, "batch()", batch_params, batch_space)
+    own = {k: p for k, p in batch_params.items() if k not in knobs}  # the rest get the factory's knob
+    batch_knobs = _knobs_of(given, "batch()", own, {k: v for k, v in space.items() if k in own})
     _no_run_names(given, "batch()", batch_knobs)
     for name, default in batch_knobs.items():
         knobs.setdefault(name, default)
