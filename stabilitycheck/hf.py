@@ -24,6 +24,7 @@ from stabilitycheck.losses import DefaultLoss, OutputLoss
 from stabilitycheck.memory import meta_bytes
 from stabilitycheck.space import Axis, Space
 from stabilitycheck.subject import LEAVES_NOTE, Built, find_blocks, torch_dtype
+from stabilitycheck.tokens import token_ids
 
 Knob = int | float
 
@@ -103,20 +104,15 @@ INIT_STEPS = 50
 _SALT_INPUTS, _SALT_LOSS = 1, 2
 
 
-def _pads(model: nn.Module, vocab: int) -> list[int]:
-    """The pad token ids of `model` in its vocab, ascending: its config's and its input embedding's
-    padding_idx. Random ids leave them out: a pad is no token (its embedding row is zero), and a
-    pre-norm block 0 normalising a zero row has gain 1/sqrt(eps): every seed whose ids held one read
-    growth 40-4e4 (recurrent_gemma, olmoe), and at seq_len 256, where one is near certain, every seed
-    exploded."""
+def _pads(model: nn.Module) -> set[object]:
+    """The pad token ids of `model`: its config's and its input embedding's padding_idx (token_ids
+    leaves them out)."""
     try:
         embedding = model.get_input_embeddings()  # type: ignore[operator]
     except (AttributeError, NotImplementedError, TypeError):
         embedding = None
     config = getattr(model, "config", None)
-    found = {getattr(config, "pad_token_id", None), getattr(embedding, "padding_idx", None)}
-    pads = sorted(p for p in found if isinstance(p, int) and 0 <= p < vocab)
-    return pads if len(pads) < vocab else []  # a vocab of pads alone: drawn as it is
+    return {getattr(config, "pad_token_id", None), getattr(embedding, "padding_idx", None)}
 
 
 def _salted(seed: int, salt: int) -> int:
@@ -341,13 +337,10 @@ class HFModel:
         shape = (int(values["batch_size"]), int(values["seq_len"]))
         takes = params if masks else {}
         vocab = int(values["vocab_size"])
-        pads = _pads(model, vocab)
+        pads = _pads(model)
         drawn: dict[str, torch.Tensor] = {}
         for prefix in ("", "decoder_") if "decoder_input_ids" in params else ("",):
-            ids = torch.randint(0, vocab - len(pads), shape, generator=gen)
-            for pad in pads:  # ascending: each id at or past a pad moves up one, uniform over the rest
-                ids += ids >= pad
-            drawn[f"{prefix}input_ids"] = ids
+            drawn[f"{prefix}input_ids"] = token_ids(vocab, pads, shape, gen)
             if f"{prefix}attention_mask" in takes:
                 drawn[f"{prefix}attention_mask"] = torch.ones(shape, dtype=torch.long)
         return {n: t.to(device) for n, t in drawn.items()}

@@ -111,6 +111,57 @@ def test_a_batch_parameter_without_default_gets_the_factorys_knob(tmp_path: Path
         load(str(path))
 
 
+PAD_LM = """
+import torch
+from torch import nn
+class Block(nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.ln, self.fc = nn.LayerNorm(w), nn.Linear(w, w)
+    def forward(self, x):
+        return x + self.fc(self.ln(x))
+class LM(nn.Module):
+    def __init__(self, depth, w=32, V=50):
+        super().__init__()
+        self.emb = nn.Embedding(V, w, padding_idx=PAD)
+        self.blocks = nn.ModuleList(Block(w) for _ in range(depth))
+        self.head = nn.Linear(w, V)
+    def forward(self, ids):
+        h = self.emb(ids)
+        for b in self.blocks:
+            h = b(h)
+        return self.head(h)
+def build(depth=2, seq_len=64):
+    return LM(depth)
+"""
+
+
+@pytest.mark.parametrize("pad", [0, -1])
+def test_inferred_token_ids_leave_the_pad_out(tmp_path: Path, pad: int) -> None:
+    """Inferred ids held the embedding's padding_idx (found by a user's trial): its row is zero, and
+    block 0's LayerNorm of a zero row has gain 1/sqrt(eps), so a pre-norm LM read growth 127 at depth
+    2, a false explosion. Oracle: the ids drawn (every id but the pad, from 1,024 draws) and torch's
+    own gradients: the growth is the ratio of dL/d(embedding output) to dL/d(last block's output)."""
+    path = tmp_path / "padlm.py"
+    path.write_text(PAD_LM.replace("PAD", str(pad)))
+    subject = load(str(path))
+    built = subject.build(subject.config(seq_len=1024))
+    assert set(built.inputs.unique().tolist()) == set(range(50)) - {pad % 50}
+    for seed in range(3):
+        built = subject.build(subject.config(seed=seed))
+        model = built.model
+        h0 = model.emb(built.inputs).detach().requires_grad_()  # type: ignore[operator]
+        h = h0
+        for block in model.blocks:  # type: ignore[union-attr]
+            h = block(h)
+            h.retain_grad()
+        built.loss_fn(model.head(h), built.inputs).backward()  # type: ignore[operator]
+        assert h0.grad is not None and h.grad is not None
+        oracle = (h0.grad.norm() / h.grad.norm()).item()
+        assert oracle < 10
+        assert probe(subject.config(seed=seed), subject).growth == pytest.approx(oracle, rel=1e-4)
+
+
 def test_config_holds_the_files_knobs_in_order_and_run_settings_in_run() -> None:
     c = example("mlp").config(depth=8, seed=3, dtype="float64")
     path, _, factory = c.subject.rpartition(":")

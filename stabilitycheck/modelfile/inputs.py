@@ -12,6 +12,7 @@ from stabilitycheck._tree import invalid_leaf, tensors, tree_map
 from stabilitycheck._validation import article
 from stabilitycheck.losses import Inputs, generator
 from stabilitycheck.modelfile.importer import ModelFileError
+from stabilitycheck.tokens import token_ids
 
 EXAMPLE = "e.g. `return torch.randn(batch_size, 16)` or `return (tokens, model.init_hidden(batch_size))`"
 
@@ -69,7 +70,7 @@ def infer(given: str, model: nn.Module, batch_size: int, seq_len: int, seed: int
         if isinstance(module, nn.Linear):
             return torch.randn(batch_size, module.in_features, generator=gen)
         if isinstance(module, nn.Embedding):
-            return torch.randint(0, module.num_embeddings, (batch_size, seq_len), generator=gen)
+            return token_ids(module.num_embeddings, [module.padding_idx], (batch_size, seq_len), gen)
         if not list(module.children()) and any(True for _ in module.parameters(recurse=False)):
             break
     raise ModelFileError(
