@@ -75,6 +75,19 @@ def _around(
         return (x.grad_fn, []) if x._version == 0 and torch.equal(x, raw + first) else None
 
 
+def _skips(args: tuple[Any, ...], raw: torch.Tensor, first: torch.Tensor) -> bool:
+    """Whether the next block call's chain input (`args`) is made from block 0's input `raw` by a path
+    around block 0's output `first`, where `_around` found no residual add it reads: x + 0.1 *
+    tanh(block(x)), x + dropout(block(x)), cat(x, block(x)). dL/dx then holds the skip's gradient and
+    dL/d first the branch's alone, a ratio of two chains (a LayerScale of 0.1 read block 0's gain
+    14.5 for about 1: a false explosion), so the chain starts at block 0's output. Seen where `raw`
+    is in the graph (a stem's or an embedding's output); a plain input's uses are not recorded."""
+    x = args[0] if args else None
+    if raw.grad_fn is None or first.grad_fn is None:
+        return False
+    return _made_from(x, {raw.grad_fn}, {first.grad_fn})
+
+
 def _residual_add(x: Any, raw: torch.Tensor, first: torch.Tensor) -> tuple[Any, Taps] | None:
     """The add, alpha 1, of block 0's output `first` itself and its input `raw` or what `raw` was made
     from (see `_around`), on the graph behind `x`, the next block call's chain input: a residual

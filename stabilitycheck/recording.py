@@ -14,7 +14,15 @@ from torch import nn
 
 from stabilitycheck._tree import tensors
 from stabilitycheck.errors import UsageError
-from stabilitycheck.junctions import _around, _feeds, _goes_on, _made_from, _stack_starts, _taken_chains
+from stabilitycheck.junctions import (
+    _around,
+    _feeds,
+    _goes_on,
+    _made_from,
+    _skips,
+    _stack_starts,
+    _taken_chains,
+)
 from stabilitycheck.losses import Inputs
 from stabilitycheck.measurement import INPUT
 
@@ -283,7 +291,7 @@ class _Recorder:
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         if self.recheck:  # block 0's next call; its first output follows the entry, at position 1
-            self.dropped = self.active and _elsewhere(args, kwargs, self.key, self.outputs[1])
+            self.dropped |= self.active and _elsewhere(args, kwargs, self.key, self.outputs[1])
             self.recheck = False
             if self.raw is None:
                 self._unhook()
@@ -356,6 +364,8 @@ class _Recorder:
                                 node.register_hook(functools.partial(self._tap, j)) for node, j in taps
                             ] or [add.register_prehook(self._through)]
                             self.sum = add if taps else None
+                        elif b != 0 and 1 not in self.copied and _skips(args, self.raw, outputs[1]):
+                            self.dropped = True  # the input is not on block 0's output's chain
                     elif len(calls) == 3 and self.sum is not None:  # does the stream go on from the sum?
                         self.goes_on = _goes_on(args, self.sum, outputs[2])
                     if len(outputs) in self.copied:  # the model changes `out`, the copy stays as returned

@@ -19,6 +19,7 @@ import pytest
 import torch
 from chain_models import OrthogonalTowers, run_tower
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from stabilitycheck import norms, recording
@@ -2014,12 +2015,13 @@ def test_a_residual_around_block_0_is_read_under_a_loss_with_a_gradient_penalty(
 
 @pytest.mark.parametrize("stem", [False, True])
 def test_a_scaled_residual_around_block_0_is_read_through_block_0_alone(stem: bool) -> None:
-    """x + 0.5 * block(x) is not one add of block 0's input and output: block 0 is read through its
-    branch alone, as the README says (gain exactly 0.3 for W = 0.3 x orthogonal: dL/d output is
-    taken before the 0.5), the later blocks along the stream. Behind a stem, the add of the input and
-    0.5 * block(x) was taken while the gain's denominator, dL/d block(x), is 0.5 x dL/d sum: the
-    stream's gain / 0.5 (ReZero's alpha 0 read growth inf, found in review). Oracle: exact for block
-    0, torch's stream gradients for the rest."""
+    """x + 0.5 * block(x) is not one add of block 0's input and output. On a plain input, whose uses
+    autograd does not record, block 0 is read through its branch alone, as the README says (gain
+    exactly 0.3 for W = 0.3 x orthogonal: dL/d output is taken before the 0.5), the later blocks
+    along the stream. Behind a stem the skip is seen in the graph and no (input) is taken: the branch
+    alone read a LayerScale of 0.1 on a branch of gain 15 as block 0's gain 14.5 where the stream's is
+    about 1 (a false explosion, found by a user's trial); every gain is then the stream's (dL/d
+    block(x) is 0.5 x dL/d sum). Oracle: exact for block 0, torch's stream gradients for the rest."""
     torch.manual_seed(0)
     model = _AroundBlocks(stem=stem, first=False, scale=0.5)
     x = torch.randn(4, 8, dtype=torch.float64)
@@ -2027,8 +2029,54 @@ def test_a_scaled_residual_around_block_0_is_read_through_block_0_alone(stem: bo
     m = probe_module(model, x, loss)
     stream = model.stream(x)
     grads = [g.norm().item() for g in torch.autograd.grad(loss(stream[-1], x), stream[1:])]
-    assert m.gains[0] == pytest.approx(0.3, rel=1e-9)
-    assert m.gains[1:] == pytest.approx([grads[i] / grads[i + 1] for i in range(3)], rel=1e-9)
+    along = [grads[i] / grads[i + 1] for i in range(3)]
+    if stem:
+        assert m.activation_names[0] == "layers.0"
+        assert m.gains == pytest.approx(along, rel=1e-9)
+    else:
+        assert m.activation_names[0] == "(input)"
+        assert m.gains == pytest.approx([0.3, *along], rel=1e-9)
+
+
+class _LayerScaled(nn.Module):
+    """A stem, then h = h + 0.1 * tanh(W h) written in the forward (LayerScale, ReZero), W of gain 15:
+    a branch far above 1 under a small scale, the stream's gain about 1.06."""
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        self.inp = nn.Linear(16, 64)
+        self.blocks = nn.ModuleList(nn.Linear(64, 64, bias=False) for _ in range(depth))
+        for block in self.blocks:
+            nn.init.normal_(block.weight, std=15.0 / 64**0.5)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor, stream: list[torch.Tensor] | None = None) -> torch.Tensor:
+        h = self.inp(x)
+        for block in self.blocks:
+            if stream is not None:
+                stream.append(h)
+            h = h + 0.1 * torch.tanh(block(h))
+        if stream is not None:
+            stream.append(h)
+        return self.head(h)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_layer_scale_around_block_0_is_no_false_explosion(seed: int) -> None:
+    """Block 0 read through its branch alone, gain 14.5, under a LayerScale of 0.1: growth 104 at depth
+    30, exploding, where torch's stream growth is 4.6-8.4 (found by a user's trial). Oracle: torch's
+    gradients of the stream h_0 .. h_30; the probe reads from block 0's output, one gain fewer, each
+    gain the stream's up to tanh' (within 1.5x)."""
+    torch.manual_seed(seed)
+    model = _LayerScaled(30).double()
+    x, y = torch.randn(8, 16, dtype=torch.float64), torch.randint(0, 10, (8,))
+    loss = lambda o, _: F.cross_entropy(o, y)  # noqa: E731
+    m = probe_module(model, x, loss)
+    stream: list[torch.Tensor] = []
+    grads = torch.autograd.grad(loss(model(x, stream), x), stream)
+    oracle = (grads[0].norm() / grads[-1].norm()).item()
+    assert m.activation_names[0] == "blocks.0" and not verdict(m).exploded
+    assert oracle / 1.5 < m.growth < oracle * 1.5
 
 
 def test_a_cell_fed_its_input_plus_its_state_is_no_residual_whatever_the_tokens() -> None:
