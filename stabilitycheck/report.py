@@ -147,11 +147,10 @@ def table(results: Sequence[SearchResult], fmt: str = "simple") -> str:
 
 def sparkline(values: Sequence[float], width: int = 64) -> str:
     """A log-scale sparkline; non-finite values show as '!' (never hidden), zeros as ' '."""
-    if len(values) > width:  # keep the largest of each bucket, so a spike is never averaged away
-        step = len(values) / width
-        values = [
-            max(values[int(k * step) : max(int((k + 1) * step), int(k * step) + 1)]) for k in range(width)
-        ]
+    if len(values) > width:  # keep the largest of each bucket, so a spike is never averaged away,
+        step = len(values) / width  # and a NaN first (max() kept one only in a bucket's first place)
+        buckets = [values[int(k * step) : max(int((k + 1) * step), int(k * step) + 1)] for k in range(width)]
+        values = [next((v for v in b if math.isnan(v)), max(b)) for b in buckets]
     logs = [math.log10(v) for v in values if math.isfinite(v) and v > 0]
     lo, hi = (min(logs), max(logs)) if logs else (0.0, 0.0)
     out = []
@@ -229,6 +228,12 @@ def _bottom_note(r: SearchResult) -> str:
     cx = r.counterexample
     if cx is None or cx.config != r.space.config((0,) * len(r.space.axes)):
         return ""
+    nf = cx.judgement.measurement.first_nonfinite
+    if nf is not None and nf.layer == INPUT and nf.step == 0:
+        return (
+            f"\n  note      the model's input is non-finite ({nf.describe()}): no knob changes that; "
+            "give finite inputs (batch(), example_input)"
+        )
     return (
         f"\n  note      this is the lowest corner of the space searched ({knobs(r, cx.config)}): every knob "
         "is at its smallest value, so the model explodes there already; lower the ranges (--knob) to "

@@ -509,6 +509,24 @@ def test_a_model_exploding_at_the_lowest_corner_is_said_to(
     assert "every knob is at its smallest value" in note and "--knob" in note
 
 
+def test_a_non_finite_input_is_said_to_be_the_inputs(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A NaN in example_input explodes every point, and the lowest corner's note said to lower the
+    ranges to find where it stops (found by a user's trial): no knob changes the input. The note says
+    it is the input. Oracle: the input is NaN by construction."""
+    path = tmp_path / "nan_input.py"
+    path.write_text(
+        "import math\nimport torch\nfrom torch import nn\n"
+        "model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))\n"
+        "example_input = torch.full((4, 8), math.nan)\n"
+    )
+    code, out, _ = run(capsys, str(path), *FAST)
+    assert code == 1
+    (note,) = [line for line in out.splitlines() if "note" in line and "input" in line]
+    assert "the model's input is non-finite" in note and "--knob" not in note
+
+
 ZERO_TOWER = """
 import torch
 from torch import nn

@@ -276,6 +276,18 @@ def test_the_profile_line_gives_its_first_and_last_values_as_they_are() -> None:
     assert line.endswith("first .. last: nan .. 0.139") and "!" in line
 
 
+@pytest.mark.parametrize("at", [0, 4, 5, 127])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_bucketed_sparkline_shows_every_non_finite_value(at: int, bad: float) -> None:
+    """128 values in 64 columns keep each pair's largest; a NaN second in its pair was dropped, max()
+    comparing False with it (found by mutation testing). Oracle: the column the value falls in, its
+    index // 2, is '!', and no other is."""
+    values = [1.0 + k / 128 for k in range(128)]
+    values[at] = bad
+    line = report.sparkline(values, width=64)
+    assert len(line) == 64 and [k for k, c in enumerate(line) if c == "!"] == [at // 2]
+
+
 def test_an_interrupted_stable_row_says_when_it_stands_on_one_seed() -> None:
     """Ctrl-C before any explosion: the largest stable point seen was judged on the screen's seed
     alone, and the row said 'interrupted, stable (tried up to ...)' beside '1 (0 exploded)'. It says
