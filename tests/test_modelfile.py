@@ -162,6 +162,23 @@ def test_inferred_token_ids_leave_the_pad_out(tmp_path: Path, pad: int) -> None:
         assert probe(subject.config(seed=seed), subject).growth == pytest.approx(oracle, rel=1e-4)
 
 
+def test_a_factorys_own_dtype_cast_to_the_runs_is_said(tmp_path: Path) -> None:
+    """A factory returning model.half() was probed in float32 with no word of it (found by a user's
+    trial: a float16 overflow at depth 4 read stable). The run's dtype is the one probed, and the
+    note says the cast. Oracle: the parameters' dtypes torch reports."""
+    path = tmp_path / "half.py"
+    path.write_text(
+        "from torch import nn\ndef build(depth=2):\n    return nn.Sequential(nn.Linear(4, 4)).half()\n"
+    )
+    subject = load(str(path))
+    built = subject.build(subject.config())
+    assert {p.dtype for p in built.model.parameters()} == {torch.float32}
+    assert "the factory made float16 weights, cast to float32" in built.blocks_note
+    assert "cast" not in subject.build(subject.config(dtype="float16")).blocks_note
+    plain = example("mlp")  # torch's default dtype is no choice of the factory's
+    assert "cast" not in plain.build(plain.config(dtype="float64")).blocks_note
+
+
 def test_config_holds_the_files_knobs_in_order_and_run_settings_in_run() -> None:
     c = example("mlp").config(depth=8, seed=3, dtype="float64")
     path, _, factory = c.subject.rpartition(":")

@@ -184,7 +184,14 @@ class ModelFile:
         """The model and inputs of `config` on its device and dtype, with the loss and blocks."""
         model, inputs, blocks, note = self._make(config)
         device, dtype = torch.device(config.run.device), torch_dtype(config.run.dtype)
+        made = sorted(
+            {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()}
+        )
         model.to(device=device, dtype=dtype)
+        if made not in ([], ["float32"], [config.run.dtype]):  # a dtype the factory chose: said, never
+            # silently replaced (torch's default, float32, is no choice: --dtype float64 casts it unsaid)
+            cast = f"the factory made {' and '.join(made)} weights, cast to {config.run.dtype} (--dtype)"
+            note = f"{note}; {cast}" if note else cast
         return Built(model, move(inputs, device, dtype), self.loss_fn(config.run.seed), blocks, note)
 
     def memory_estimate(self, config: Config) -> int | None:
