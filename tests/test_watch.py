@@ -48,6 +48,46 @@ PLANTED = [  # (model, block, step, kind): x50 at varied steps and blocks, a NaN
 
 
 @pytest.mark.parametrize(("family", "block", "step", "kind"), PLANTED)
+class _WeightSet:
+    """An optimizer wrapper that, after step `at - 1`, sets one weight of block `b` to 1e4 (a corrupted
+    load, a bit flip): step `at` runs on it."""
+
+    def __init__(self, opt: torch.optim.Optimizer, weight: torch.Tensor, at: int) -> None:
+        self.opt, self.weight, self.at, self.steps = opt, weight, at, 0
+
+    def step(self) -> None:
+        self.opt.step()
+        self.steps += 1
+        if self.steps == self.at:
+            with torch.no_grad():
+                self.weight[0, 0] = 1e4
+
+
+@pytest.mark.parametrize(("every", "named"), [(1, (40, "weight", "blocks.3")), (None, None)])
+def test_a_weight_spike_is_named_where_weights_are_judged(every: int | None, named: Any) -> None:
+    """The README's weight-series warm-up: 32 reads. Read at every step, a weight set to 1e4 before
+    step 40 is named at step 40, `weight`, its block; read once per flush (the default), its series
+    has not warmed up by step 60 and, behind a tanh that saturates, nothing else shows it (found in
+    an audit: the default named a later step and another block, or nothing). Oracle: the fault as
+    planted."""
+    torch.manual_seed(0)
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    wrapped = _WeightSet(opt, model.blocks[3][0].weight, at=40)
+    options = {} if every is None else {"weights_every": every}
+    gen = torch.Generator().manual_seed(0)
+    with watch(model, opt, report=None, **options) as w:
+        for _ in range(60):
+            loss = compute_loss(model, batch(gen, model, 32))
+            w.loss(loss)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            wrapped.step()
+    first = w.report.first_spike
+    got = None if first is None or first.tensor != "weight" else (first.step, first.tensor, first.block)
+    assert got == named
+
+
 def test_a_planted_fault_is_named_at_its_step_and_block(
     family: str, block: int, step: int, kind: str
 ) -> None:
