@@ -113,7 +113,9 @@ def replay(path: Path | str) -> Replayed:
     for p in model.parameters():
         p.grad = None
     modules = dict(model.named_modules())
-    found = dict(find_blocks(model)[0])
+    # the user's blocks by module name; the watcher's own choice again (its layers group modules: a
+    # Linear's layer '0' ends after the Tanh, and taken for a user's Linear '0' read 22.3 for 654.5)
+    found = {} if meta.get("blocks_given") else dict(find_blocks(model)[0])
     missing = [name for name in meta["blocks"] if name not in modules and name not in found]
     if missing:
         raise UsageError(f"replay {path}: the model has no blocks named {missing}")

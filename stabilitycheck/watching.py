@@ -163,7 +163,11 @@ class Watcher:
         self.state = self.rule.state(self.layout.n_series, self.device) if on_device else None
         self.names = [name for name, _ in self.blocks]
         self.out = Log(self.layout, self.names, self.rule, log, heatmap, report, self.rank, self.world, skip)
-        self.snapshot = Snapshot(model, compute_loss, Path(bundle)) if bundle is not None else None
+        self.snapshot = (
+            Snapshot(model, compute_loss, Path(bundle), given=blocks is not None)
+            if bundle is not None
+            else None
+        )
         self.step = 0  # optimizer steps seen
         self.host_reads = 0
         self._filled = 0

@@ -129,8 +129,9 @@ class Snapshot:
     by torch.where on the device flag); the batches (each step's micro-batches, with the losses passed
     for them) and RNG states of the steps not yet flushed stay as references."""
 
-    def __init__(self, model: nn.Module, compute_loss: Any, path: Path) -> None:
+    def __init__(self, model: nn.Module, compute_loss: Any, path: Path, given: bool = False) -> None:
         self.model, self.compute_loss, self.path = model, compute_loss, path
+        self.given = given  # the blocks are the user's (blocks=): replay takes them by module name
         self.tensors = [t for t in (*model.parameters(), *model.buffers())]
         self.prev = [t.detach().clone() for t in self.tensors]
         self.stale = True  # `prev` is taken again at the next model call
@@ -236,6 +237,7 @@ class Snapshot:
             "step": step,
             "batch_index": step,
             "blocks": blocks,
+            "blocks_given": self.given,
             "values": values,
             "import_roots": sorted(r for r in roots if r is not None),
             "has_batch": bool(micro) and all(batch is not None for batch, *_ in micro),
