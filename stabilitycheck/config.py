@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from stabilitycheck.errors import ConfigError
+from stabilitycheck.errors import ConfigError, did_you_mean
 from stabilitycheck.families import FAMILIES, RECURRENT, Scalar, knob_specs
 
 SCHEMA = 2
@@ -28,10 +28,7 @@ AMPS = ("none", "bfloat16", "float16")
 def choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     """`value` is one of `allowed` (a Run field's names), else a ConfigError with a did-you-mean."""
     if value not in allowed:
-        hint = ""
-        if isinstance(value, str):
-            close = [a for a in allowed if a.startswith(value[:2].lower())]
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = did_you_mean(value, allowed) if isinstance(value, str) else ""
         raise ConfigError(f"Run.{name}={value!r} is not allowed; expected one of {allowed}{hint}")
 
 
@@ -117,7 +114,9 @@ def _zoo_knobs(family: str, given: Mapping[str, Scalar]) -> tuple[tuple[str, Sca
     names = [s.name for s in specs]
     unknown = [k for k in given if k not in names]
     if unknown:
-        raise ConfigError(f"{family} has no knob {unknown[0]!r}; its knobs are {names}")
+        raise ConfigError(
+            f"{family} has no knob {unknown[0]!r}{did_you_mean(unknown[0], names)}; its knobs are {names}"
+        )
     return tuple((s.name, s.check(family, given.get(s.name, s.default))) for s in specs)
 
 

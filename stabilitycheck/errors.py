@@ -1,6 +1,10 @@
-"""Exception types: usage errors (the caller's input is wrong) versus findings."""
+"""Exception types: usage errors (the caller's input is wrong) versus findings; and the 'did you mean'
+their messages give."""
 
 from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
 
 
 class StabilityCheckError(Exception):
@@ -22,3 +26,10 @@ class ConfigError(UsageError, ValueError):
 
 class StabilityError(AssertionError):
     """An invariant failed: the message carries the numbers, like torch.testing.assert_close."""
+
+
+def did_you_mean(value: object, choices: Sequence[str]) -> str:
+    """' (did you mean 'x'?)' naming the choice closest to `value` (difflib's ratio, 0.6 or more: a
+    transposition, 'detph' for 'depth', or a slip, 'mpl' for 'mlp'), or '' where none is close."""
+    close = difflib.get_close_matches(str(value).lower(), list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -6,10 +6,9 @@ order of importance: the order a Space draws and a search lowers them.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 
-from stabilitycheck.errors import ConfigError
+from stabilitycheck.errors import ConfigError, did_you_mean
 
 Scalar = int | float | bool | str
 
@@ -28,8 +27,7 @@ class KnobSpec:
         where = f"{family} knob {self.name}"
         if self.choices:
             if value not in self.choices:
-                close = difflib.get_close_matches(str(value).lower(), self.choices, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                hint = did_you_mean(value, self.choices)
                 raise ConfigError(f"{where}={value!r} is not allowed; expected one of {self.choices}{hint}")
             return str(value)
         kind = type(self.default)
@@ -79,8 +77,7 @@ RECURRENT = ("rnn", "lstm", "gru")
 def knob_specs(family: str) -> tuple[KnobSpec, ...]:
     """The knobs of a zoo family, or a ConfigError with a 'did you mean'."""
     if family not in FAMILIES:
-        close = [f for f in FAMILIES if f[:2] == family[:2].lower()]
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = did_you_mean(family, list(FAMILIES))
         raise ConfigError(
             f"{family!r} is not a zoo family{hint}; expected one of {', '.join(FAMILIES)}, "
             "a model file 'path/model.py[:factory]' or a Hugging Face model type 'hf:gpt2'"

@@ -60,8 +60,18 @@ def test_from_json_rejects_other_schemas_unknown_keys_and_non_objects() -> None:
 
 
 @pytest.mark.parametrize(
+    ("family", "knob", "hint"), [("mlp", "detph", "depth"), ("rnn", "seqlen", "seq_len")]
+)
+def test_a_misspelt_knob_says_did_you_mean(family: str, knob: str, hint: str) -> None:
+    """A misspelt knob got its family's knob list and no hint, where the README promised one (found
+    in an audit: 'detph', and 'mpl' for a family, whose first two letters were compared)."""
+    with pytest.raises(ConfigError, match=f"has no knob {knob!r} \\(did you mean {hint!r}\\?\\)"):
+        Config.of(family, **{knob: 3})
+
+
+@pytest.mark.parametrize(
     ("name", "hint"),
-    [("mlpp", "mlp"), ("lstn", "lstm"), ("transformr", "transformer")],
+    [("mlpp", "mlp"), ("lstn", "lstm"), ("transformr", "transformer"), ("mpl", "mlp"), ("Rnn", "rnn")],
 )
 def test_unknown_zoo_name_says_did_you_mean(name: str, hint: str) -> None:
     with pytest.raises(ConfigError) as info:
