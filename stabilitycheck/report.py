@@ -226,8 +226,8 @@ def _top_note(r: SearchResult) -> str:
 def _bottom_note(r: SearchResult) -> str:
     """Where the point reported is the lowest corner of the space: nothing smaller was searched."""
     cx = r.counterexample
-    if cx is None or cx.config != r.space.config((0,) * len(r.space.axes)):
-        return ""
+    if cx is None or not r.space.axes or cx.config != r.space.config((0,) * len(r.space.axes)):
+        return ""  # no axis searched (every knob fixed): no corner to speak of
     nf = cx.judgement.measurement.first_nonfinite
     if nf is not None and nf.layer == INPUT and nf.step == 0:
         return (

@@ -507,6 +507,8 @@ def test_a_model_exploding_at_the_lowest_corner_is_said_to(
     assert columns(out.splitlines()[2])[3] == "depth=2"
     (note,) = [line for line in out.splitlines() if "lowest corner" in line]
     assert "every knob is at its smallest value" in note and "--knob" in note
+    code, out, _ = run(capsys, str(path), "--knob", "depth=3", *FAST)  # no axis searched: no corner
+    assert code == 1 and "lowest corner" not in out  # it read 'lowest corner of the space searched ()'
 
 
 def test_a_non_finite_input_is_said_to_be_the_inputs(

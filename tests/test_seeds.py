@@ -377,16 +377,20 @@ def test_a_non_finite_seed_never_decides_alone() -> None:
     ("growths", "decided"),  # growth alone judged (nonfinite off), where the margin still decides
     [
         ([8.3], False),  # a GRU seed 12x below the limit: its 5-seed median was 143 (over the limit)
-        ([0.9], True),  # 111x below: beyond the 55x measured spread
+        ([0.9], False),  # 111x below: the 100x margin decided here, within a GRU's 756x spread
+        ([7.6e4], False),  # 760x over: a GRU seed was 756x over its median at 187 steps
+        ([0.09], True),  # 1111x below: beyond the 760x measured spread
         ([317.0, 487.0], False),  # 3.2x and 4.9x over: a tanh RNN whose 5-seed median was 75.7
-        ([1001.0, 1500.0], True),  # both 10x over
-        ([1.6], False),  # 62x below: past the GRU's 55x spread, but not the 100x margin
-        ([800.0, 900.0], False),  # 8x and 9x over: two seeds need 10x each (100 ** (1 / 2))
+        ([3200.0, 4000.0], True),  # both at least 31.6x over (1000 ** (1 / 2))
+        ([1001.0, 1500.0], False),  # both 10x over: two seeds need 31.6x each
         ([math.nan], False),  # no number is not far
-        ([1e4], True),  # exactly 100x over: "at least" the margin
-        ([1000.0, 1000.0], True),  # both exactly 10x over (100 ** (1 / 2) = 10)
-        ([1.0], True),  # exactly 100x below (log(1 / 100) rounds one step short of -log(100))
-        ([10.0, 10.0], True),  # both exactly 10x below
+        ([1e5], True),  # exactly 1000x over: "at least" the margin
+        ([1e4], False),  # 100x over
+        ([3200.0, 3200.0], True),  # both 32x over
+        ([0.1], True),  # exactly 1000x below
+        ([3.0, 3.0], True),  # both 33x below
+        ([10.0, 10.0], False),  # both 10x below: two seeds need 31.6x
+        ([1.0, 1.0, 1.0], True),  # three seeds 100x below: 10x each suffices
     ],
 )
 def test_the_margin_exceeds_the_measured_spread_between_seeds(growths: list[float], decided: bool) -> None:
