@@ -16,10 +16,11 @@ limit, two both 31.6x, three 10x. Near the limit one seed's growth is off its 5-
 median at 187 steps, 55x below; each zoo target at its crossing, 20 base seeds x 5 seeds); a seed
 1000x from the limit is beyond that spread, so the median cannot be on the other side (100x, the
 margin before, was not: a GRU seed 419x above its median sits in the zoo's table; 10x was not either:
-a GRU seed 12x below the limit had a median above it). Going non-finite is not on that continuous spread (one initialisation that stays finite says
-nothing of the next, and one NaN nothing of the others): while the nonfinite criterion is on (the
-default) every verdict is left to the counts, at least ceil(q K) seeds; the margin decides only
-growth-like criteria with nonfinite off.
+a GRU seed 12x below the limit had a median above it). Going non-finite is not on that continuous
+spread (one initialisation that stays finite says nothing of the next, and one NaN nothing of the
+others): while the nonfinite criterion is on (the default) every verdict is left to the counts, at
+least ceil(q K) seeds; the margin decides only growth-like criteria with nonfinite and divergence off
+(divergence's loss ratio of 1 without steps is never 1000x from its limit).
 """
 
 from __future__ import annotations
