@@ -82,6 +82,11 @@ class Layout:
             "grad_norm": slice(3 + 4 * b, 4 + 4 * b),
         }
 
+    def logged(self) -> list[bool | None]:
+        """Per series, whether the spike rule judges it on its logarithm: every norm (positive, its
+        noise a factor); the loss as its first value says (SpikeRule.state: a loss may be negative)."""
+        return [True if i >= self.parts()["loss"].stop else None for i in range(self.n_series)]
+
     def scaled(self) -> list[bool]:
         """Per series, whether a GradScaler's loss scale multiplies it (the gradients: output
         gradients, weight gradients, the total): on a step the scaler skips, their Inf is its overflow

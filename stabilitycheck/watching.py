@@ -160,7 +160,8 @@ class Watcher:
         self._original_update: Any = None
         self._own_update: Any = None  # the scaler's own instance attribute `update`, if it had one
         self._update: Any = None
-        self.state = self.rule.state(self.layout.n_series, self.device) if on_device else None
+        logged = self.layout.logged()
+        self.state = self.rule.state(self.layout.n_series, self.device, logged) if on_device else None
         self.names = [name for name, _ in self.blocks]
         self.out = Log(self.layout, self.names, self.rule, log, heatmap, report, self.rank, self.world, skip)
         self.snapshot = (

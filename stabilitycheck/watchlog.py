@@ -28,7 +28,8 @@ class Finding:
     block, the value, under torch.distributed the lowest rank holding a non-finite value, for an
     output gradient the code that made it: dL/d(output of block i) is made by the backward of block
     i + 1, or of the loss after the last block (the probe's rule), so that is the block to look at;
-    and for a finite spike the threshold it passed and the mean of the window it was judged on."""
+    and for a finite spike the threshold it passed and the mean of the window it was judged on (a
+    norm's geometric mean: its rule is on ln x)."""
 
     step: int
     tensor: str
@@ -38,6 +39,7 @@ class Finding:
     made_by: str | None = None
     threshold: float | None = None
     mean: float | None = None
+    geometric: bool = False  # `mean` is the window's geometric mean: the rule ran on ln x (a norm)
 
     def describe(self) -> str:
         where = f" on rank {self.rank}" if self.rank is not None else ""
@@ -45,7 +47,8 @@ class Finding:
         what = "" if self.tensor == "loss" else "L2 norm "  # every series but the loss is a norm
         limit = ""
         if self.threshold is not None and self.mean is not None:
-            limit = f" > threshold {self.threshold:.4g} (window mean {self.mean:.4g})"
+            mean = "geometric mean" if self.geometric else "mean"
+            limit = f" > threshold {self.threshold:.4g} (window {mean} {self.mean:.4g})"
         return f"step {self.step}: {self.tensor} of {self.block}, {what}{self.value:.4g}{limit}{where}{made}"
 
 
@@ -139,6 +142,7 @@ class Log:
         self.weights_measured: list[bool] = []
         self.last_weights: torch.Tensor | None = None
         self.host_state: SpikeState | None = None
+        self.loss_logged: bool | None = None  # the loss judged on its logarithm (its first value > 0)
 
     @property
     def first_flag(self) -> int | None:
@@ -180,7 +184,7 @@ class Log:
             series[:, weight] = known[source]
             self.last_weights = known[last].clone()
         if self.host_state is None:
-            self.host_state = self.rule.state(self.layout.n_series)
+            self.host_state = self.rule.state(self.layout.n_series, logged=self.layout.logged())
         # on a step the scaler skipped, its scaled values (the gradients) are no finding, and none of
         # them enters the window (Layout.scaled)
         off = off.unsqueeze(1) & torch.tensor(self.scaled)
@@ -209,7 +213,8 @@ class Log:
         value, made_by = values[index], self.made_by.get(index)
         if limits is None or not math.isfinite(value):  # a non-finite value is flagged for that alone
             return Finding(step, kind, block, value, rank, made_by)
-        return Finding(step, kind, block, value, rank, made_by, limits[1][index], limits[0][index])
+        geometric = kind != "loss" or bool(self.loss_logged)  # the rule's mode (SpikeRule.state)
+        return Finding(step, kind, block, value, rank, made_by, limits[1][index], limits[0][index], geometric)
 
     def _record(
         self,
@@ -220,6 +225,8 @@ class Log:
         ranks: list[list[float]] | None,
         scaler_skipped: bool,
     ) -> None:
+        if self.loss_logged is None and math.isfinite(values[0]) and values[0] != 0:
+            self.loss_logged = values[0] > 0  # as the rule decides it: on the loss's first value
         found: Finding | None = None
         for index in self.order if any(flags) else ():
             if flags[index]:

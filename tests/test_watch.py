@@ -47,7 +47,6 @@ PLANTED = [  # (model, block, step, kind): x50 at varied steps and blocks, a NaN
 ]
 
 
-@pytest.mark.parametrize(("family", "block", "step", "kind"), PLANTED)
 class _WeightSet:
     """An optimizer wrapper that, after step `at - 1`, sets one weight of block `b` to 1e4 (a corrupted
     load, a bit flip): step `at` runs on it."""
@@ -88,6 +87,7 @@ def test_a_weight_spike_is_named_where_weights_are_judged(every: int | None, nam
     assert got == named
 
 
+@pytest.mark.parametrize(("family", "block", "step", "kind"), PLANTED)
 def test_a_planted_fault_is_named_at_its_step_and_block(
     family: str, block: int, step: int, kind: str
 ) -> None:
@@ -547,6 +547,35 @@ def test_a_finding_says_its_value_is_an_l2_norm_except_the_loss() -> None:
     assert "L2 norm" not in loss and loss.endswith(", 4.5")
 
 
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_a_loss_spike_is_judged_on_its_logarithm_where_the_loss_is_positive(
+    sign: float, tmp_path: Path
+) -> None:
+    """A spike of the loss passed at step 45 alone: a positive loss (x10) is judged on its logarithm,
+    its window's geometric mean beside the threshold; a negative one (-loss, then +20) on its values,
+    the rule's plain mean. Oracle: the rule written out in plain Python over the logged losses, in
+    its mode."""
+    torch.manual_seed(0)
+    model, log = MLP(), tmp_path / "w.jsonl"
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    with watch(model, opt, log=log, report=None) as w:
+        for step in range(60):
+            loss = compute_loss(model, batch(gen, model, 32))
+            value = sign * loss.detach()  # x10 at step 45 where positive; where negative, +20
+            w.loss(value * 10.0 if step == 45 and sign > 0 else value + 20.0 if step == 45 else value)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    first = report_of(w).first_spike
+    assert first is not None and (first.step, first.tensor) == (45, "loss")
+    series = [json.loads(line)["loss"] for line in log.read_text().splitlines()]
+    flagged, mean, threshold = reference_steps(SpikeRule(), series, logged=sign > 0)[45]
+    assert flagged and first.threshold == pytest.approx(threshold, rel=1e-9)
+    assert first.mean == pytest.approx(mean, rel=1e-9)
+    assert ("geometric mean" in first.describe()) is (sign > 0)
+
+
 @pytest.mark.parametrize("skip", [False, True])
 def test_a_spike_is_reported_with_the_threshold_and_window_mean_it_was_judged_on(
     skip: bool, tmp_path: Path
@@ -563,11 +592,11 @@ def test_a_spike_is_reported_with_the_threshold_and_window_mean_it_was_judged_on
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     column = rows[0]["columns"]["activation"].index("blocks.2")
     series = [row["activation"][column] for row in rows]
-    flagged, mean, threshold = reference_steps(SpikeRule(), series)[45]
+    flagged, mean, threshold = reference_steps(SpikeRule(), series, logged=True)[45]
     assert flagged and first.value == series[45] > threshold
     assert first.threshold == pytest.approx(threshold, rel=1e-9)
     assert first.mean == pytest.approx(mean, rel=1e-9)
-    assert f"> threshold {threshold:.4g} (window mean {mean:.4g})" in report.text()
+    assert f"> threshold {threshold:.4g} (window geometric mean {mean:.4g})" in report.text()
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile's CPU backend (inductor) needs g++")
@@ -1225,7 +1254,7 @@ def test_a_weight_norm_is_judged_at_the_steps_it_is_measured_alone(
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [row["step"] for row in rows if row["weight"] is not None] == list(range(0, planted + 4, 3))
     series = [row["weight"][0] for row in rows if row["weight"] is not None]
-    flagged, mean, threshold = reference_steps(SpikeRule(), series)[planted // 3]
+    flagged, mean, threshold = reference_steps(SpikeRule(), series, logged=True)[planted // 3]
     first = report_of(w).first_spike
     assert first is not None and (first.step, first.block) == (planted, "blocks.0")
     assert flagged == (planted == 108) == (first.tensor == "weight")
