@@ -333,6 +333,17 @@ def unmeasured(results: Sequence[SearchResult]) -> list[str]:
         if m is None or not m.activation_grad_norms:
             continue
         if any(m.activation_grad_norms):
+            grads = m.activation_grad_norms
+            if m.growth == 0 and m.first_nonfinite is None and grads[0] == 0:
+                dead = max(i for i, g in enumerate(grads) if g == 0)
+                names = m.activation_names
+                by = f"the backward of {names[dead + 1]}" if dead + 1 < len(names) else "the backward"
+                out.append(
+                    f"! {r.space.label}: growth 0: {by} passes no gradient (dL/d output is exactly 0 at "
+                    f"{names[dead]} and before it: a dead layer, a ReLU whose inputs are all negative, a "
+                    "zero weight), a vanishing the growth limit cannot fire on; --vanishing-limit X "
+                    "judges it"
+                )
             if math.isnan(m.growth) and m.first_nonfinite is None:
                 out.append(
                     f"! {r.space.label}: growth not read: every dL/d output of a chain of its blocks is 0 "

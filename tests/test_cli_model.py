@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from stabilitycheck.cli import main
 from stabilitycheck.report import headers
@@ -553,6 +554,48 @@ class Towers(nn.Module):
 
 model, example_input = Towers(), torch.randn(4, 8)
 """
+
+
+DEAD_LAYER = """
+import torch
+from torch import nn
+
+
+class Dead(nn.Module):
+    def __init__(self, depth):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(depth))
+        nn.init.constant_(self.blocks[2][0].bias, -100.0)  # every input of its ReLU negative
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+model, example_input = Dead(5), torch.randn(4, 8)
+"""
+
+
+def test_a_dead_layer_is_said_to_pass_no_gradient(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A ReLU whose inputs are all negative passes no gradient back: growth exactly 0, a stable row
+    with no word of it (found by a user's trial). Oracle: torch's gradients, 0 at blocks.1's output and
+    before it, nonzero at blocks.2's."""
+    namespace: dict[str, object] = {}
+    exec(DEAD_LAYER, namespace)  # the model file's own text, for the oracle
+    model, x = namespace["model"], namespace["example_input"]
+    assert isinstance(model, nn.Module) and isinstance(x, torch.Tensor)
+    outs: list[torch.Tensor] = []
+    h = x
+    for block in model.blocks:  # type: ignore[union-attr]
+        h = block(h)
+        h.retain_grad()
+        outs.append(h)
+    model.head(h).square().sum().backward()  # type: ignore[operator]
+    assert [bool(o.grad.abs().sum() > 0) for o in outs] == [False, False, True, True, True]  # type: ignore[union-attr]
+    (note,) = _notes(capsys, tmp_path / "dead.py", DEAD_LAYER)
+    assert "growth 0: the backward of blocks.2 passes no gradient" in note and "at blocks.1" in note
 
 
 def test_a_chain_no_gradient_reaches_is_said_unread(
