@@ -27,6 +27,7 @@ class Replayed:
     recorded: list[float]
     replayed: list[float]
     changed: tuple[str, ...] = ()  # code (compute_loss, the model's classes) edited since the bundle
+    hooked: tuple[str, ...] = ()  # modules with hooks of the user's own in training, not saved
 
     def mismatches(self, rtol: float = RTOL) -> list[int]:
         """Series where the two differ by more than rtol (relative), or differ in finiteness."""
@@ -151,7 +152,8 @@ def replay(path: Path | str) -> Replayed:
     written = meta.get("sources") or {}
     now = sources(model, data["compute_loss"])
     changed = tuple(sorted(name for name, digest in written.items() if now.get(name, digest) != digest))
-    return Replayed(meta["step"], names, values, watcher.out.last_values, changed)
+    hooked = tuple(meta.get("user_hooks", ()))
+    return Replayed(meta["step"], names, values, watcher.out.last_values, changed, hooked)
 
 
 def _scaler(model: Any, scales: list[float | None]) -> Any:
@@ -222,6 +224,11 @@ def main(argv: Sequence[str]) -> int:
     print(f"replayed step {result.step}: {len(result.names)} norms, largest relative difference {worst:.3g}")
     if result.changed:
         print(f"  note: the code of {', '.join(result.changed)} changed since the bundle was written")
+    if bad and result.hooked:
+        print(
+            f"  note: in training, {', '.join(result.hooked)} had hooks of your own, which a bundle does not "
+            "save and the replay runs without: what they did (a fault a forward hook planted) is not replayed"
+        )
     for i in bad:
         kind, block = result.names[i]
         print(

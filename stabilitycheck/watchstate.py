@@ -117,6 +117,23 @@ def _without_hooks(model: nn.Module) -> Iterator[None]:
             setattr(m, name, value)
 
 
+def user_hooked(model: nn.Module) -> list[str]:
+    """The modules holding hooks of the user's own (not this package's): a bundle does not save them,
+    so what they did (a fault planted by a forward hook) a replay does not do."""
+    named = []
+    for name, m in model.named_modules():
+        hooks = [h for attr in _HOOKS for h in getattr(m, attr, {}).values()]
+        if any(not _ours(h) for h in hooks):
+            named.append(name or "(model)")
+    return named
+
+
+def _ours(hook: Any) -> bool:
+    """A hook this package registered (its function, or the one a partial or bound method wraps)."""
+    fn = getattr(hook, "func", getattr(hook, "__func__", hook))
+    return str(getattr(fn, "__module__", "")).startswith("stabilitycheck.")
+
+
 Micro = tuple[Any, torch.Tensor, dict[str, Any] | None, list[bool] | None, torch.Tensor | None]
 """A micro-batch as the bundle keeps it: batch, loss passed, RNG state and module modes at its forward,
 the GradScaler's loss scale (None without one)."""
@@ -238,6 +255,7 @@ class Snapshot:
             "batch_index": step,
             "blocks": blocks,
             "blocks_given": self.given,
+            "user_hooks": user_hooked(self.model),
             "values": values,
             "import_roots": sorted(r for r in roots if r is not None),
             "has_batch": bool(micro) and all(batch is not None for batch, *_ in micro),

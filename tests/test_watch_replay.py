@@ -16,6 +16,7 @@ from watch_models import (
     MLP,
     BatchNormed,
     Dropped,
+    Fault,
     PreNorm,
     batch,
     compute_loss,
@@ -73,6 +74,24 @@ def test_a_replay_takes_the_users_blocks_by_their_module_names(tmp_path: Path) -
     result = replay(tmp_path / "bundle")
     assert result.mismatches(1e-6) == []
     assert sum(math.isfinite(v) and v > 0 for v in result.replayed) > 6
+
+
+def test_a_replay_says_where_the_users_own_hooks_were_not_replayed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A x50 planted by a forward hook is not in the bundle (hooks are not saved): the replay differs
+    and said nothing of why (found by a user's trial). It names the hooked block. Oracle: the fault
+    as planted, on blocks.1 by the test's own hook; the watcher's hooks are not the user's."""
+    torch.manual_seed(0)
+    w = train(
+        MLP(depth=3), 40, {1: Fault(36)}, bundle=tmp_path / "bundle", compute_loss=compute_loss, flush_every=8
+    )
+    assert report_of(w).first_spike is not None
+    meta = json.loads((tmp_path / "bundle" / "meta.json").read_text())
+    assert meta["user_hooks"] == ["blocks.1"]
+    assert main(["replay", str(tmp_path / "bundle")]) == 1
+    out = capsys.readouterr().out
+    assert "blocks.1 had hooks of your own" in out
 
 
 def test_a_bundle_whose_norms_differ_is_exit_1(tmp_path: Path) -> None:
