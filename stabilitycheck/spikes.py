@@ -5,7 +5,7 @@ weight gradient's right tail is long (block 0's of a clean pre-norm transformer 
 window mean; on the values, 21 of 32 clean 2,000-step runs, two models at batch 32 and 128, flagged
 one, on the logarithm none). So is a loss whose first value is positive (a batch-32 squared error
 reached 2.6-3.2x its window mean: 6 of those runs flagged it on its values); a loss that starts
-negative is judged on its values, OLMo-core's rule.
+negative is judged on its values, OLMo-core's rule, and so is one from its first negative value on.
 A value of exactly 0 is no measurement (the gradient of a frozen block, a part that did not run): it is
 never flagged and never enters the window, which a run of zeros would leave with mean and std 0, so
 that the first real value, and every one after it, was flagged.
@@ -86,6 +86,7 @@ class SpikeRule:
         with the mean and threshold each was judged against. Only tensor ops: no host synchronisation."""
         x = x.to(torch.float64)
         _decide(state, x.unsqueeze(0))
+        _unlog(state, x)
         y = _units(state.logged, x)
         finite = torch.isfinite(x)
         valid = state.slots >= self.window - state.count.unsqueeze(1)
@@ -138,7 +139,8 @@ class SpikeRule:
             mean = torch.where(sizes > 0, ref.unsqueeze(1) + mean_shift, 0.0)
             threshold = self._threshold(mean, var, logged)
             pass_flags = ~torch.isfinite(x) | ((sizes >= self.warmup) & (y > threshold) & (x != 0))
-            hit = pass_flags.any(0).nonzero()
+            turns = logged & torch.isfinite(x) & (x < 0)  # `update` takes that step: _unlog
+            hit = (pass_flags | turns).any(0).nonzero()
             stop = int(hit[0, 0]) if hit.numel() else m  # the pass's only host read
             if stop:  # the accepted values, in order, right-aligned (a stable sort puts them last)
                 order = torch.sort(accepted[:, : w + stop].to(torch.uint8), dim=1, stable=True).indices
@@ -163,6 +165,16 @@ def _decide(state: SpikeState, xs: torch.Tensor) -> None:
     take = state.pending & (state.count == 0) & ok.any(0)
     state.logged = torch.where(take, first > 0, state.logged)
     state.pending = state.pending & ~take
+
+
+def _unlog(state: SpikeState, x: torch.Tensor) -> None:
+    """A series judged on its logarithm (a loss that started positive) taking a negative value is
+    judged on its values from then on, its window's ln values turned back into values: read as ln 1,
+    a loss of -0.008 after a window near 0.025 was flagged over 14 steps, and skipped with skip=True
+    (found in review)."""
+    turns = state.logged & torch.isfinite(x) & (x < 0)
+    state.values = torch.where(turns.unsqueeze(1), state.values.exp(), state.values)
+    state.logged = state.logged & ~turns
 
 
 def _units(logged: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -225,8 +225,8 @@ class Log:
         ranks: list[list[float]] | None,
         scaler_skipped: bool,
     ) -> None:
-        if self.loss_logged is None and math.isfinite(values[0]) and values[0] != 0:
-            self.loss_logged = values[0] > 0  # as the rule decides it: on the loss's first value
+        if math.isfinite(values[0]) and values[0] != 0 and self.loss_logged is not False:
+            self.loss_logged = values[0] > 0  # as the rule decides it: its first value, its first < 0
         found: Finding | None = None
         for index in self.order if any(flags) else ():
             if flags[index]:

@@ -35,6 +35,12 @@ def reference_steps(
             steps.append((warm and not x <= threshold, mean, threshold))
             window.append(x)
             continue
+        if logged and math.isfinite(x) and x < 0:  # a loss gone negative: on its values from now on
+            logged = False
+            window = deque((math.exp(v) for v in window), maxlen=rule.window)
+            n = len(window)
+            mean = sum(window) / n if n else 0.0
+            std = math.sqrt(sum((v - mean) ** 2 for v in window) / n) if n else 0.0
         if logged:
             y = math.log(x) if math.isfinite(x) and x > 0 else x
             threshold = mean + max(rule.sigmas * std, math.log1p(rule.floor))
@@ -255,6 +261,25 @@ def test_a_loss_is_judged_on_its_logarithm_where_its_first_value_is_positive(see
     noise = random.Random(0)  # the draw test_a_norm_whose_noise_is_a_factor... flags on its values
     heavy = [math.exp(0.35 * noise.gauss(0, 1)) for _ in range(2000)]
     assert not any(run(SpikeRule(), [heavy], None)[0]) and any(reference(SpikeRule(), heavy))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_loss_gone_negative_is_judged_on_its_values_from_then_on(seed: int) -> None:
+    """A loss that starts positive and crosses zero (a likelihood, a scheduled bonus): its values
+    below zero were read as ln 1, a loss of 1, and a fall from 0.025 to -0.008 was flagged (found in
+    review). From its first negative value on it is judged on its values, its window turned back from
+    ln values. Oracle: the plain-Python reference, in any chunking; the fall itself is no flag."""
+    rule = SpikeRule(window=32, warmup=8)
+    rng = random.Random(seed)
+    column = [0.025 * math.exp(0.05 * rng.gauss(0, 1)) for _ in range(100)]
+    column += [-0.008 + 0.001 * rng.gauss(0, 1) for _ in range(60)]
+    column[130] = 0.5  # a real spike after the crossing: caught on the values
+    want = reference_steps(rule, column, logged=True)
+    assert [i for i, (f, _, _) in enumerate(want) if f] == [130]
+    for chunk in (None, 1, 3, 64, 160):
+        got = run_steps(rule, [column], None) if chunk is None else run_many(rule, [column], chunk, None)
+        assert [f for f, _, _ in got[0]] == [f for f, _, _ in want]
+        assert [t for _, _, t in got[0]] == pytest.approx([t for _, _, t in want], rel=1e-9, abs=1e-12)
 
 
 @pytest.mark.parametrize("seed", range(3))
