@@ -288,6 +288,31 @@ def test_a_bucketed_sparkline_shows_every_non_finite_value(at: int, bad: float) 
     assert len(line) == 64 and [k for k, c in enumerate(line) if c == "!"] == [at // 2]
 
 
+@pytest.mark.parametrize(("n", "q"), [(2, 0.5), (3, 0.5), (5, 0.5), (5, 0.9)])
+def test_the_bracket_holds_the_quantile_as_often_as_it_says(n: int, q: float) -> None:
+    """The details' bracket: the least and largest of n seeds hold the distribution's q-quantile with
+    the confidence printed. Oracle: Monte Carlo, 20,000 sets of n log-normal growths (a seed's spread
+    is a factor) against the distribution's own quantile exp(z_q)."""
+    import dataclasses
+    import random
+    import re
+    from statistics import NormalDist
+
+    from stabilitycheck.seeds import assess
+    from stabilitycheck.spread import Spread
+
+    j = assess(Config.of("mlp", depth=3, width=8, batch_size=4, seeds=1))
+    shown = dataclasses.replace(j, seeds=tuple(range(n)), growth=Spread(2.0, 3.0, 40.0))
+    line = report._bracket(shown, q)
+    match = re.search(r"lies in 2-40 with (\d+)% confidence \(the least and largest of (\d+) seeds", line)
+    assert match is not None and int(match.group(2)) == n
+    rng, truth = random.Random(0), math.exp(NormalDist().inv_cdf(q))
+    draws = [[math.exp(rng.gauss(0, 1)) for _ in range(n)] for _ in range(20_000)]
+    covered = sum(min(d) <= truth <= max(d) for d in draws) / len(draws)
+    assert int(match.group(1)) / 100 == pytest.approx(covered, abs=0.015)
+    assert report._bracket(dataclasses.replace(j, seeds=(0,)), q) == ""  # one seed brackets nothing
+
+
 def test_an_interrupted_stable_row_says_when_it_stands_on_one_seed() -> None:
     """Ctrl-C before any explosion: the largest stable point seen was judged on the screen's seed
     alone, and the row said 'interrupted, stable (tried up to ...)' beside '1 (0 exploded)'. It says
