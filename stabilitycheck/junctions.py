@@ -60,10 +60,11 @@ def _around(
     too. As (add node, taps): taps empty where the add takes `raw` itself, its dL/d sum added to the
     copy's gradient; else where the gradient enters that x (`_taps`), whose sum is dL/dx along the
     chain, the copy's through the norm in it. Of an input that requires grad, that add behind the
-    call's input (`_residual_add`: behind a norm too); of a plain input, whose uses autograd does not
-    record, only the call's input itself when it is `raw` + `first` to the last bit and the call is
-    another block's (a cell called per token on x_t + h, x_1 equal to x_0 by value, would read as
-    one). None otherwise (x + 0.5 * block(x): left unread)."""
+    call's input (`_residual_add`: behind a norm too; the probe's copy of a float input requires grad,
+    probing._in_graph); of a plain input (made in the forward, or nested deeper than the probe copies),
+    whose uses autograd does not record, only the call's input itself when it is `raw` + `first` to
+    the last bit and the call is another block's (a cell called per token on x_t + h, x_1 equal to
+    x_0 by value, would read as one). None otherwise (x + 0.5 * block(x): left unread)."""
     x = args[0] if args else None
     if not isinstance(x, torch.Tensor) or x is first:
         return None
@@ -81,7 +82,8 @@ def _skips(args: tuple[Any, ...], raw: torch.Tensor, first: torch.Tensor) -> boo
     tanh(block(x)), x + dropout(block(x)), cat(x, block(x)). dL/dx then holds the skip's gradient and
     dL/d first the branch's alone, a ratio of two chains (a LayerScale of 0.1 read block 0's gain
     14.5 for about 1: a false explosion), so the chain starts at block 0's output. Seen where `raw`
-    is in the graph (a stem's or an embedding's output); a plain input's uses are not recorded."""
+    is in the graph (a stem's or an embedding's output, the probe's copy of a float input); a plain
+    input's uses are not recorded."""
     x = args[0] if args else None
     if raw.grad_fn is None or first.grad_fn is None:
         return False

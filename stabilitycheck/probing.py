@@ -146,9 +146,10 @@ def _forward(
     _Recorder.start)."""
     if hooks:  # an exact re-run tells a NaN made between blocks from one made in one
         run.rec.start(inputs=exact, copied=copied, entry=entry)
+    given = _in_graph(run.inputs) if hooks and entry else run.inputs
     try:
         with torch.autocast(run.device.type, dtype=run.autocast, enabled=run.autocast is not None):
-            return differentiable_loss(run.loss_fn(call_model(run.model, run.inputs), run.inputs))
+            return differentiable_loss(run.loss_fn(call_model(run.model, given), run.inputs))
     except Exception as exc:
         if not _refused_graph_break(exc):
             raise
@@ -159,6 +160,24 @@ def _forward(
         ) from None
     finally:
         run.rec.stop()
+
+
+def _in_graph(inputs: Inputs) -> Inputs:
+    """The model's inputs with each floating tensor that does not require grad (given as it is, or
+    in a tuple, list or dict) replaced by a copy in a graph of its own, so autograd records its every
+    use: a skip written around block 0 (x + 0.1 * tanh(block(x))) shows in the graph, as behind a
+    stem (recording._skips). A copy, not a leaf: the model may change it in place. No gradient of it
+    is asked for, so none is computed."""
+
+    def copy(x: Any) -> Any:
+        floating = isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad
+        return x.detach().requires_grad_().clone() if floating and torch.is_grad_enabled() else x
+
+    if isinstance(inputs, dict):
+        return {k: copy(v) for k, v in inputs.items()}
+    if type(inputs) in (tuple, list):
+        return type(inputs)(copy(x) for x in inputs)
+    return copy(inputs)
 
 
 _Buffer = tuple[dict[str, Any], str, torch.Tensor, torch.Tensor]
