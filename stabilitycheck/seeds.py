@@ -63,6 +63,7 @@ class Judgement:
     through_time: Spread | None
     measurement: Measurement  # the seed whose growth is the quantile: its per-block profile is shown
     measured_seed: int  # which seed `measurement` is
+    values: tuple[dict[str, float], ...] = ()  # per seed spent, each criterion's value (verdicts.values)
 
     @property
     def exploded(self) -> bool:
@@ -97,6 +98,7 @@ class Judgement:
             "through_time": None if self.through_time is None else vars(self.through_time),
             "measurement": self.measurement.to_dict(),
             "measured_seed": self.measured_seed,
+            "values": [dict(v) for v in self.values],
         }
 
     @classmethod
@@ -114,6 +116,9 @@ class Judgement:
             through_time=None if d["through_time"] is None else Spread.from_dict(d["through_time"]),
             measurement=Measurement.from_dict(d["measurement"]),
             measured_seed=d["measured_seed"],
+            values=tuple(
+                {k: math.nan if x is None else x for k, x in v.items()} for v in d.get("values", [])
+            ),
         )
 
 
@@ -272,6 +277,7 @@ def _judgement(
         through_time=Spread.of(exact, q) if through else None,
         measurement=ms[at],
         measured_seed=seeds[at],
+        values=tuple(per_seed),
     )
 
 
