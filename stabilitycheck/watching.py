@@ -39,6 +39,7 @@ from stabilitycheck.watchoptions import (
     check_arguments,
     check_loss,
     check_modes,
+    check_optimizer_params,
     check_skip,
     count,
 )
@@ -143,6 +144,7 @@ class Watcher:
         self.fused = bool(optimizer is not None and optimizer.defaults.get("fused"))
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         check_modes(model, self.world, skip, bundle, compute_loss, optimizer, self.fused, hook_optimizer)
+        check_optimizer_params(self.params, optimizer, self.skip)
         # skip= and bundle= need each step's flag on the device: the rule runs there, per step; else
         # it runs at the flush on the host, vectorised over the flushed steps (spikes.update_many)
         on_device = self.skip or bundle is not None
@@ -155,6 +157,7 @@ class Watcher:
         # with a scaler, each step's factors on its squared norms (applied once they are settled)
         self.factors: torch.Tensor | None = None  # allocated when a scaler is adopted (_adopt)
         self._stepped = False  # a step was closed since the scaler's last update()
+        self._warned_closure = False  # an optimizer evaluating its closure more than once a step: said once
         self._not_skipped = torch.zeros(1, dtype=torch.float64, device=self.device)
         self._scaled = torch.tensor(self.layout.scaled(), device=self.device)  # Layout.scaled
         self._original_update: Any = None
@@ -407,8 +410,40 @@ class Watcher:
         self._termination.check()  # a SIGTERM deferred while the step closed (or flushed, held)
         return flagged
 
-    def _pre_hook(self, *_: Any) -> None:
+    def _pre_hook(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Close the step before the optimizer's update; `args` are step()'s own, (optimizer, closure?)."""
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            self.before_step()
+            return None
+        # step(closure): the closure runs the step's forward and backward, so it runs first and the
+        # step closes after it; the optimizer gets its loss (see _closure_once)
+        once = self._closure_once(closure)
         self.before_step()
+        return args[:1], {**{k: v for k, v in kwargs.items() if k != "closure"}, "closure": once}
+
+    def _closure_once(self, closure: Any) -> Any:
+        """Run `closure` now (the step's passes, before the step closes); returns a closure giving that
+        loss at its first call, the real closure after (LBFGS re-evaluates: those passes are in the
+        next step's row, said once by a warning)."""
+        with torch.enable_grad():
+            loss = closure()
+        calls = [0]
+
+        def once() -> Any:
+            calls[0] += 1
+            if calls[0] == 1:
+                return loss
+            if not self._warned_closure:
+                self._warned_closure = True
+                warnings.warn(
+                    f"watch: {type(self.optimizer).__name__}.step(closure) evaluates the closure more than "
+                    "once per step: the passes after the first are counted in the next step's row",
+                    stacklevel=2,
+                )
+            return closure()
+
+        return once
 
     def _scaler_update_of(self) -> Any:
         """scaler.update, closing first an iteration whose optimizer step the scaler skipped (found
@@ -435,10 +470,15 @@ class Watcher:
 
         def step(optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
             if self._open:
+                closure = kwargs.pop("closure", args[0] if args else None)
+                args = args[1:] if args else args
+                once = self._closure_once(closure) if closure is not None else None
                 flagged = self.before_step()
                 self.host_reads += 1
                 if flagged is not None and bool(flagged):
-                    return None
+                    return None if once is None else once()
+                if once is not None:
+                    kwargs["closure"] = once
             return original(*args, **kwargs)
 
         if hasattr(original, "_wrapped_by_lr_sched"):  # an LR scheduler's wrapper, which this calls:

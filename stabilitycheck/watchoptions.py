@@ -114,3 +114,26 @@ def check_loss(loss: Any) -> torch.Tensor:
             "loss (e.g. loss.mean()) that backward() is called on"
         )
     return loss
+
+
+def check_optimizer_params(params: list[Any], optimizer: Any, skip: bool) -> None:
+    """The watched optimizer must step the watched model: one holding none of its parameters (another
+    model's) closes rows at the wrong time and, with skip=True, skips the wrong update; with skip=True,
+    trainable parameters another optimizer steps are updated on a flagged step, which is said here."""
+    if optimizer is None:
+        return
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trainable = [p for p in params if p.requires_grad]
+    if not any(id(p) in held for p in params):
+        raise UsageError(
+            f"watch: the {type(optimizer).__name__} holds none of the model's parameters (the optimizer of "
+            "another model?); call watch(model, optimizer) with the optimizer that steps this model"
+        )
+    outside = sum(id(p) not in held for p in trainable)
+    if skip and outside:
+        warnings.warn(
+            f"watch: skip=True skips the {type(optimizer).__name__}'s step only, and {outside} of the "
+            f"model's {len(trainable)} trainable parameters are not in it (another optimizer's): they are "
+            "still updated on a flagged step",
+            stacklevel=4,
+        )

@@ -1373,3 +1373,63 @@ def test_a_sparse_embedding_gradient_is_normed_as_its_dense_gradient() -> None:
         torch.nn.utils.get_total_norm(grads).item(), rel=1e-6
     )
     assert values[("gradient", "(outside blocks)")] == pytest.approx(grads[0].norm().item(), rel=1e-6)
+
+
+def _closure_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(4)], nn.Linear(16, 1))
+
+
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("make", [lambda p: torch.optim.SGD(p, 0.01, momentum=0.9), torch.optim.Adam])
+def test_a_step_given_a_closure_is_closed_after_its_passes(make: Any, skip: bool) -> None:
+    """optimizer.step(closure) runs the forward and backward inside step(): the watcher closed the
+    step before they ran, so each row held the previous step's passes, a x50 at step 50 was named at
+    51, and with skip=True the faulty update went through while the clean step 51 was skipped (found
+    by a user's trial). The closure now runs first, once, its loss handed to the optimizer. Oracle:
+    the step planted, and the parameters compared bit for bit around each step."""
+    model = _closure_net()
+    opt = make(model.parameters())
+    step = -1
+    model[2].register_forward_hook(lambda mod, a, o: o * 50 if step == 50 else None)
+    changed, calls = {}, [0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # skip=True on a non-fused one: a host sync a step
+        with watch(model, opt, skip=skip, report=None) as w:
+            for step in range(70):
+                x = torch.randn(32, 16)
+
+                def closure(x: torch.Tensor = x) -> torch.Tensor:
+                    calls[0] += 1
+                    opt.zero_grad()
+                    loss = nn.functional.mse_loss(model(x), x.sum(-1, keepdim=True).sin())
+                    loss.backward()
+                    return loss
+
+                before = [p.detach().clone() for p in model.parameters()]
+                assert opt.step(closure) is not None  # the closure's loss, as step() returns it
+                after = model.parameters()
+                changed[step] = any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    found = w.report.first_spike
+    assert found is not None and (found.step, found.block) == (50, "2")
+    assert calls[0] == 70  # once a step
+    assert changed[51] and changed[50] is not skip
+    if skip:
+        assert w.report.skipped_steps == [50]
+
+
+def test_the_optimizer_of_another_model_is_refused_and_a_split_one_said() -> None:
+    """watch(model, another model's optimizer) was accepted: its steps closed the rows and skip=True
+    'skipped' an update the model never had (found by a user's trial); with skip=True, parameters
+    another optimizer steps are updated on a flagged step, which is said at start."""
+    model, other = _closure_net(), _closure_net()
+    with pytest.raises(UsageError, match="holds none of the model's parameters"):
+        watch(model, torch.optim.SGD(other.parameters(), 0.1), report=None)
+    first = torch.optim.SGD(model[:2].parameters(), 0.1)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        watch(model, first, skip=True, report=None).__enter__().close()
+    assert any("skips the SGD's step only, and 6 of the model's 10" in str(x.message) for x in said)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        watch(model, first, report=None).__enter__().close()  # without skip, nothing to say
