@@ -125,15 +125,24 @@ def replay(path: Path | str) -> Replayed:
     scaler = _scaler(model, data.get("scales", [None] * n))
     watcher = Watcher(model, None, blocks=blocks, report=None, flush_every=1, scaler=scaler)
     with watcher:
-        micro = zip(data["batches"], data["losses"], data["rng"], data.get("modes", [None] * n), strict=True)
-        for batch, recorded, rng, modes in micro:
+        micro = zip(
+            data["batches"],
+            data["losses"],
+            data["rng"],
+            data.get("modes", [None] * n),
+            data.get("autocast", [None] * n),
+            strict=True,
+        )
+        kind = tensors[0].device.type
+        for batch, recorded, rng, modes, amp in micro:
             _set_modes(model, modes)
             # compute_loss from the state before it ('start'), the model's forward from its own
             start = rng.get("start") if rng is not None else None
             set_rng_state(start if start is not None else rng)
             hook = model.register_forward_pre_hook(_first_call(rng)) if start is not None else None
-            try:
-                loss = _as_passed(data["compute_loss"](model, batch), recorded)
+            try:  # under the autocast the loop opened around it (one inside compute_loss nests)
+                with torch.autocast(kind, dtype=getattr(torch, amp or "float32"), enabled=amp is not None):
+                    loss = _as_passed(data["compute_loss"](model, batch), recorded)
             finally:
                 if hook is not None:
                     hook.remove()

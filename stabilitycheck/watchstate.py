@@ -33,7 +33,7 @@ from stabilitycheck.errors import UsageError
 from stabilitycheck.rng import rng_state
 
 PAIRED = 512  # autograd nodes searched from a loss for the model call it came from
-FORMAT = "stabilitycheck-watch-bundle/4"  # 2: micro-batches, losses; 3: RNG states; 4: modes, scale
+FORMAT = "stabilitycheck-watch-bundle/4"  # 2: micro-batches, losses; 3: RNG; 4: modes, scale, autocast
 OLDER = ("stabilitycheck-watch-bundle/3",)  # replayed too: in training mode, unscaled, as written then
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
@@ -134,7 +134,7 @@ def _ours(hook: Any) -> bool:
     return str(getattr(fn, "__module__", "")).startswith("stabilitycheck.")
 
 
-Micro = tuple[Any, torch.Tensor, dict[str, Any] | None, list[bool] | None, torch.Tensor | None]
+Micro = tuple[Any, torch.Tensor, dict[str, Any] | None, list[bool] | None, torch.Tensor | None, str | None]
 """A micro-batch as the bundle keeps it: batch, loss passed, RNG state and module modes at its forward,
 the GradScaler's loss scale (None without one)."""
 
@@ -157,35 +157,45 @@ class Snapshot:
         self.have = torch.zeros((), dtype=torch.bool, device=device)
         self.batches: dict[int, list[Micro]] = {}
         self.modules = list(model.modules())
-        # per model call since the last micro-batch: the RNG state and each module's .training as it
-        # began, and the autograd nodes of its outputs (`on_output`), to pair the loss with its call
-        self._calls: list[tuple[dict[str, Any], list[bool], set[Any]]] = []
+        # per model call since the last micro-batch: the RNG state, each module's .training and the
+        # autocast dtype (None: off) as it began, and the autograd nodes of its outputs (`on_output`),
+        # to pair the loss with its call
+        self._calls: list[tuple[dict[str, Any], list[bool], set[Any], str | None]] = []
         self._start = rng_state()  # since the last micro-batch or update: draws before the model call
         self.written = False
 
     def on_call(self) -> None:
-        """The RNG state and the modules' modes at a model call (what the replay restores before the
-        micro-batch: the loop may draw random numbers between micro-batches, batches or
-        augmentations), and at the first call of a step the state its forward begins with."""
+        """The RNG state, the modules' modes and the autocast dtype at a model call (what the replay
+        restores before the micro-batch: the loop may draw random numbers between micro-batches,
+        batches or augmentations, and open torch.autocast around compute_loss), and at the first call
+        of a step the state its forward begins with."""
         if self.stale:
             torch._foreach_copy_(self.prev, [t.detach() for t in self.tensors])
             self.stale = False
-        self._calls.append(({**rng_state(), "start": self._start}, [m.training for m in self.modules], set()))
+        kind = self.tensors[0].device.type
+        amp = (
+            str(torch.get_autocast_dtype(kind)).removeprefix("torch.")
+            if torch.is_autocast_enabled(kind)
+            else None
+        )
+        self._calls.append(
+            ({**rng_state(), "start": self._start}, [m.training for m in self.modules], set(), amp)
+        )
 
     def on_output(self, output: Any) -> None:
         """The autograd nodes of a model call's outputs (`_made_by` finds the loss's call by them)."""
         if self._calls:
             self._calls[-1][2].update(t.grad_fn for t in tensors(output) if t.grad_fn is not None)
 
-    def _made_by(self, loss: Any) -> tuple[dict[str, Any] | None, list[bool] | None]:
-        """The RNG state and modes of the first model call the loss is computed from, found within
-        PAIRED nodes of its graph; else the first call's state and the last call's modes. Read at the
-        first call alone, a validation pass with gradients on before the forward (model.eval(), a
-        call, model.train()) replayed the step in eval mode; at the last, one after it did (found in
-        review)."""
+    def _made_by(self, loss: Any) -> tuple[dict[str, Any] | None, list[bool] | None, str | None]:
+        """The RNG state, modes and autocast dtype of the first model call the loss is computed from,
+        found within PAIRED nodes of its graph; else the first call's state and the last call's modes.
+        Read at the first call alone, a validation pass with gradients on before the forward
+        (model.eval(), a call, model.train()) replayed the step in eval mode; at the last, one after
+        it did (found in review)."""
         if not self._calls:
-            return None, None
-        owner = {node: i for i, (_, _, nodes) in enumerate(self._calls) for node in nodes}
+            return None, None, None
+        owner = {node: i for i, (_, _, nodes, _) in enumerate(self._calls) for node in nodes}
         found: list[int] = []
         top = getattr(loss, "grad_fn", None)  # a loss passed detached, or as a number: no graph
         frontier, seen = [top] if top is not None else [], set[Any]()
@@ -199,9 +209,9 @@ class Snapshot:
                     seen.add(child)
                     frontier.append(child)
         if found:
-            rng, modes, _ = self._calls[min(found)]
-            return rng, modes
-        return self._calls[0][0], self._calls[-1][1]
+            rng, modes, _, amp = self._calls[min(found)]
+            return rng, modes, amp
+        return self._calls[0][0], self._calls[-1][1], self._calls[0][3]
 
     def on_batch(
         self, step: int, batch: Any, loss: torch.Tensor, scale: torch.Tensor | None, graph: Any
@@ -211,8 +221,8 @@ class Snapshot:
         or update before it ('start': what compute_loss drew from before calling the model, a masking
         loss's mask, where the loop drew nothing in between)."""
         kept = None if scale is None else scale.detach().clone()  # on the device: no host read
-        rng, modes = self._made_by(graph)
-        self.batches.setdefault(step, []).append((batch, loss, rng, modes, kept))
+        rng, modes, amp = self._made_by(graph)
+        self.batches.setdefault(step, []).append((batch, loss, rng, modes, kept, amp))
         self._calls = []
         self._start = rng_state()
 
@@ -268,8 +278,9 @@ class Snapshot:
             "batches": [batch for batch, *_ in micro],
             "losses": [loss.cpu() for _, loss, *_ in micro],
             "rng": [rng for _, _, rng, *_ in micro],
-            "modes": [modes for *_, modes, _ in micro],
-            "scales": [None if scale is None else float(scale) for *_, scale in micro],
+            "modes": [modes for *_, modes, _, _ in micro],
+            "scales": [None if scale is None else float(scale) for *_, scale, _ in micro],
+            "autocast": [amp for *_, amp in micro],
             "compute_loss": self.compute_loss,
         }
         partial = self.path / "data.pt.partial"

@@ -175,6 +175,38 @@ def test_a_step_of_micro_batches_is_replayed_whole(tmp_path: Path, micro: int, d
     assert main(["replay", str(tmp_path / "b")]) == 0
 
 
+@pytest.mark.parametrize("micro", [1, 2])
+def test_a_step_run_under_the_loops_autocast_replays_under_it(tmp_path: Path, micro: int) -> None:
+    """`with torch.autocast(...): loss = compute_loss(model, batch) / micro`, the usual idiom: the
+    replay ran compute_loss without it, every norm off by ~1e-3 (exit 1), and with 2 micro-batches
+    the loss no longer matched compute_loss / 2 to 1e-6, so it was not divided: 2x (found by a user's
+    trial). The bundle keeps each micro-batch's autocast dtype, and the replay reproduces every norm
+    within 1e-6."""
+    torch.manual_seed(0)
+    model = PreNorm(depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    with watch(
+        model, opt, bundle=tmp_path / "b", compute_loss=compute_loss, flush_every=16, report=None
+    ) as w:
+        for step in range(44):
+            opt.zero_grad()
+            for k in range(micro):
+                x, y = batch(gen, model, 8)
+                x = x * 50.0 if (step, k) == (40, 0) else x
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = compute_loss(model, (x, y)) / micro
+                w.loss(loss, batch=(x, y))
+                loss.backward()
+            opt.step()
+    first = report_of(w).first_spike
+    assert first is not None and first.step == 40
+    result = replay(tmp_path / "b")
+    assert result.mismatches(1e-6) == []
+    assert sum(math.isfinite(v) and v > 0 for v in result.replayed) > 10
+    assert main(["replay", str(tmp_path / "b")]) == 0
+
+
 def test_micro_batches_drawn_with_the_global_rng_replay_with_dropout(tmp_path: Path) -> None:
     """Oracle: the training step's own norms. Dropout, 4 micro-batches a step, each drawn with the
     global RNG between the forwards (torch.randn in the loop): each micro-batch's forward is replayed
