@@ -146,8 +146,13 @@ def table(results: Sequence[SearchResult], fmt: str = "simple") -> str:
     return tabulate([row(r) for r in results], headers=shown, tablefmt=fmt, disable_numparse=True)
 
 
+SPAN = math.log10(2.0)  # the least range the sparkline's levels span: values within 2x of each other
+
+
 def sparkline(values: Sequence[float], width: int = 64) -> str:
-    """A log-scale sparkline; non-finite values show as '!' (never hidden), zeros as ' '."""
+    """A log-scale sparkline; non-finite values show as '!' (never hidden), zeros as ' '. Its levels
+    span at least a factor 2 (SPAN): a flat profile is drawn flat (values 0.009% apart drew a full
+    ramp, found by a user's trial)."""
     if len(values) > width:  # keep the largest of each bucket, so a spike is never averaged away,
         step = len(values) / width  # and a NaN first (max() kept one only in a bucket's first place)
         buckets = [values[int(k * step) : max(int((k + 1) * step), int(k * step) + 1)] for k in range(width)]
@@ -161,7 +166,7 @@ def sparkline(values: Sequence[float], width: int = 64) -> str:
         elif v <= 0:
             out.append(" ")
         else:
-            level = 0 if hi == lo else round((math.log10(v) - lo) / (hi - lo) * (len(SPARKS) - 1))
+            level = round((math.log10(v) - lo) / max(hi - lo, SPAN) * (len(SPARKS) - 1))
             out.append(SPARKS[level])
     return "".join(out)
 

@@ -1301,6 +1301,16 @@ def test_blocks_that_are_not_the_models_own_are_a_usage_error() -> None:
     assert m.growth > 1.0 and all(g > 0 for g in m.layer_grad_norms)
 
 
+def test_a_block_listed_twice_is_a_usage_error() -> None:
+    """The same module listed twice was hooked twice: each call read as two blocks, a fictional one
+    with gain exactly 1 and weight-gradient norm 0 (found by a user's trial)."""
+    built = build(zoo("mlp", depth=3, init_scale=4.0))
+    layers = built.model.layers
+    twice = [("a", layers[0]), ("b", layers[0]), ("c", layers[1])]
+    with pytest.raises(UsageError, match=r"probe_module: blocks 'a' and 'b' are the same module"):
+        probe_module(built.model, built.inputs, built.loss_fn, blocks=twice)
+
+
 @pytest.mark.parametrize(
     ("options", "said"),
     [

@@ -103,6 +103,17 @@ def test_a_sparkline_of_more_values_than_its_width_keeps_a_lone_spike() -> None:
     assert len(line) == 64 and line[77 // 2] == SPARKS[-1] and line.count(SPARKS[-1]) == 1
 
 
+def test_a_flat_profile_is_drawn_flat_and_a_factor_of_two_spans_the_levels() -> None:
+    """Levels span at least a factor 2: values 0.009% apart drew the full ramp (found by a user's
+    trial); a profile falling by exactly 2x still reaches the top level, a 1.41x one halfway.
+    Oracle: log10 of the values over log10 2, by hand."""
+    from stabilitycheck.report import SPARKS, sparkline
+
+    assert sparkline([1.03e-5 * (1 + 2e-5 * k) for k in range(5)]) == SPARKS[0] * 5
+    assert sparkline([2.0, 1.0]) == SPARKS[-1] + SPARKS[0]
+    assert sparkline([2**0.5, 1.0]) == SPARKS[round(0.5 * (len(SPARKS) - 1))] + SPARKS[0]
+
+
 def test_the_reproduction_line_passes_the_limits_that_differ_from_the_defaults() -> None:
     """The line re-judges on the limits the search used: the changed one is in it, the defaults not."""
     from stabilitycheck.config import Config
