@@ -92,7 +92,8 @@ def _chain(sigma: float, activation: str, depth: int, q_in: float = 1.0) -> list
     out, q = _CHAINS.get(key, ([], sigma * sigma * q_in))
     while len(out) < depth:
         q_next, chi = step(sigma, activation, q)
-        out.append((out[-1] if out else 0.0) + 0.5 * math.log(chi))
+        # chi 0 where sigma^2 underflows (sigma under ~1.5e-162): ln growth -inf, growth 0, not an error
+        out.append((out[-1] if out else 0.0) + (0.5 * math.log(chi) if chi > 0 else -math.inf))
         q = q_next
     _CHAINS[key] = (out, q)
     return out
