@@ -3,12 +3,23 @@ functions (never a number the code printed). Fast and deterministic."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
+from torch import nn
 
-from stabilitycheck import norms
+from stabilitycheck import Config, meanfield, norms
+from stabilitycheck import invariants_common as ic
+from stabilitycheck import seeds as seeds_mod
+from stabilitycheck.errors import StabilityError
+from stabilitycheck.measurement import INPUT, Measurement, NonFinite, ratio
+from stabilitycheck.probing import probe, probe_module
+from stabilitycheck.readings import Step, chains_of, gains_of, growth_of, locate, paths_of, unscored
+from stabilitycheck.spread import Spread, quantile
+from stabilitycheck.tokens import token_ids
+from stabilitycheck.verdicts import CRITERIA, Limits, fires
 
 
 def _hypot(t: torch.Tensor) -> float:
@@ -111,8 +122,6 @@ def test_an_exact_stack_of_many_small_tensors_is_summed_in_float64() -> None:
 
 # ---------------------------------------------------------------- readings
 
-from stabilitycheck.measurement import INPUT, Measurement, NonFinite, ratio  # noqa: E402
-from stabilitycheck.readings import Step, chains_of, gains_of, growth_of, locate, paths_of, unscored  # noqa: E402
 
 NONE: frozenset[int] = frozenset()
 
@@ -288,14 +297,6 @@ def test_nonfinite_describe_reads_a_norm_except_for_the_loss() -> None:
 
 # ---------------------------------------------------------------- seeds and spread
 
-import itertools  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from stabilitycheck import seeds as seeds_mod  # noqa: E402
-from stabilitycheck.spread import Spread, quantile  # noqa: E402
-from stabilitycheck.verdicts import CRITERIA, Limits, fires  # noqa: E402
-
 
 def _row(growth: float, vanishing: float) -> dict[str, float]:
     row = {c: 0.0 for c in CRITERIA}
@@ -363,6 +364,7 @@ def test_seed_of_starts_at_the_base_and_stays_in_32_bits() -> None:
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 10])
 @pytest.mark.parametrize("q", [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
 def test_quantile_is_numpys_nearest_rank(n: int, q: float) -> None:
+    np = pytest.importorskip("numpy")  # torch runs without it
     xs = [float((7 * i) % n) + 0.5 * i for i in range(n)]
     want = float(np.quantile(np.array(xs), q, method="inverted_cdf"))
     assert quantile(xs, q) == want
@@ -376,8 +378,6 @@ def test_nan_sorts_below_every_number_in_a_quantile_and_the_spread() -> None:
 
 
 # ---------------------------------------------------------------- tokens
-
-from stabilitycheck.tokens import token_ids  # noqa: E402
 
 
 @pytest.mark.parametrize("vocab,pads", [(5, [0]), (5, [4]), (6, [0, 3, 5]), (5, [5, -1, None]), (3, [])])
@@ -401,8 +401,6 @@ def test_a_vocabulary_of_pads_alone_is_drawn_as_it_is() -> None:
 
 
 # ---------------------------------------------------------------- meanfield
-
-from stabilitycheck import meanfield  # noqa: E402
 
 
 def _mf_brute(sigma: float, act: str, depth: int, q_in: float) -> list[float]:
@@ -466,9 +464,6 @@ def test_a_linear_rnns_last_step_growth_is_sigma_to_the_t_minus_1_as_probed() ->
 
 
 # ---------------------------------------------------------------- invariants_common
-
-from stabilitycheck import invariants_common as ic  # noqa: E402
-from stabilitycheck.errors import StabilityError  # noqa: E402
 
 
 def test_rtols_and_spacings_per_dtype() -> None:
@@ -548,10 +543,6 @@ def test_state_kept_restores_buffers_too() -> None:
 
 
 # ---------------------------------------------------------------- probing (autograd as the oracle)
-
-from torch import nn  # noqa: E402
-
-from stabilitycheck.probing import probe_module  # noqa: E402
 
 
 class _Chain(nn.Module):
@@ -676,9 +667,6 @@ def test_a_block_output_changed_in_place_after_its_block_reads_the_gradient_as_r
 
 # ---------------------------------------------------------------- seeds: probes, through-time, quantile seed
 
-from stabilitycheck import Config  # noqa: E402
-from stabilitycheck.probing import probe  # noqa: E402
-
 
 def _linear_rnn(sigma: float, t: int) -> Config:
     return Config.of("rnn", seq_len=t, width=16, init_scale=sigma, activation="linear", batch_size=4, seeds=1)
@@ -799,6 +787,7 @@ def test_rng_state_restores_torchs_cpu_generator() -> None:
 
 
 def test_host_rng_state_restores_python_and_numpy() -> None:
+    np = pytest.importorskip("numpy")  # torch runs without it
     import random
 
     from stabilitycheck.rng import host_rng_state, set_host_rng_state
