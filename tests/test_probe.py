@@ -3081,3 +3081,29 @@ def test_a_gradient_that_dies_on_its_way_back_still_reads_growth_0() -> None:
     assert m.activation_grad_norms[-1] > 0 and m.activation_grad_norms[1] == 0.0
     assert m.growth == 0.0
     assert verdict(m, Limits(vanishing=1e-3)).names == ("vanishing",)
+
+
+class _LogOfSum(nn.Module):
+    """ln(sum of the row - 7): NaN where the dropout before it kept 3 of 8 ones or fewer (2 each)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(x.sum(-1, keepdim=True) - 7.0) * torch.ones_like(x)
+
+
+def test_the_float64_re_run_of_a_nan_step_draws_its_dropout_masks_again() -> None:
+    """The step whose NaN depends on the dropout mask is re-run in float64 from the random state it
+    began with: the same mask, the same NaN named in the block that made it; a re-run drawing on
+    would draw another mask and lose it (a mutant, found by mutation testing). Oracle: the mask
+    torch draws first under manual_seed(seed), by brute force over 20 seeds."""
+    drop, log = nn.Dropout(0.5), _LogOfSum()
+    model = nn.Sequential(drop, log, nn.Linear(8, 1))
+    for seed in range(20):
+        torch.manual_seed(seed)
+        kept = int((F.dropout(torch.ones(8), 0.5) > 0).sum())
+        m = probe_module(
+            model, torch.ones(1, 8), lambda o, _: o.sum(), blocks=[("0", drop), ("1", log)], seed=seed
+        )
+        found = m.first_nonfinite
+        assert (found is not None) == (kept <= 3)
+        if found is not None:
+            assert (found.step, found.layer, found.tensor, found.reproduced) == (0, "1", "activation", True)
