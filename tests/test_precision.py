@@ -284,3 +284,23 @@ def test_a_zoo_build_in_a_reduced_dtype_is_the_float64_build_rounded(
         assert name == other and p.dtype == want
         assert torch.equal(p, p64.to(want))
     assert torch.equal(narrow.inputs, wide.inputs.to(want))
+
+
+@pytest.mark.parametrize(("scale", "overflow"), [(1e3, True), (1e12, False)])
+def test_a_float16_failure_is_an_overflow_only_where_float32_holds_that_step(
+    scale: float, overflow: bool
+) -> None:
+    """A float16 run non-finite at step 0 is an overflow of float16 only where float32 stays finite
+    there; where float32 goes non-finite at the same step, the model's own (a mutant taking the same
+    step as float16's alone passed every test, found by mutation testing). Oracle: torch's float32
+    forward and backward of the same Config, finite or not."""
+    config = Config.of("mlp", depth=4, width=8, batch_size=4, init_scale=scale, activation="relu")
+    built = resolve("mlp").build(config.with_run(seed=config.run.seed))
+    torch.manual_seed(config.run.seed)
+    loss = built.loss_fn(built.model(built.inputs), built.inputs)
+    grads = torch.autograd.grad(loss, list(built.model.parameters()))
+    finite32 = bool(loss.isfinite()) and all(bool(g.isfinite().all()) for g in grads)
+    assert finite32 is overflow
+    m = probe(config.with_run(dtype="float16"))
+    assert m.first_nonfinite is not None and m.first_nonfinite.step == 0
+    assert (m.overflow is not None) is overflow
