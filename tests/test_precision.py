@@ -14,7 +14,7 @@ from stabilitycheck import report
 from stabilitycheck.cli import main
 from stabilitycheck.config import Config
 from stabilitycheck.culprit import culprit_of
-from stabilitycheck.probing import probe
+from stabilitycheck.probing import probe, probe_module
 from stabilitycheck.searching import SearchResult, search
 from stabilitycheck.seeds import assess
 from stabilitycheck.space import Axis, Space
@@ -304,3 +304,22 @@ def test_a_float16_failure_is_an_overflow_only_where_float32_holds_that_step(
     m = probe(config.with_run(dtype="float16"))
     assert m.first_nonfinite is not None and m.first_nonfinite.step == 0
     assert (m.overflow is not None) is overflow
+
+
+def test_a_step_the_scaler_skips_reads_its_unscaled_gradient_norm() -> None:
+    """Under amp='float16' the loss scale 65536 overflows this model's float16 backward at step 0 (the
+    scaler skips it): the total norm is the unscaled float64-norm re-run's, finite, not the overflowed
+    one (a mutant reading it passed every test, found by mutation testing). Oracle: torch's float32
+    gradient norm of the same step, within float16's rounding."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(torch.nn.Linear(8, 8) for _ in range(3)))
+    x = torch.randn(4, 8) * 30
+
+    def loss(out: torch.Tensor, _: Any) -> torch.Tensor:
+        return out.float().square().sum()
+
+    m = probe_module(model, x, loss, blocks=[(str(i), model[i]) for i in range(3)], amp="float16")
+    grads = torch.autograd.grad(loss(model(x), x), list(model.parameters()))
+    want = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+    assert m.skipped_steps == 1 and m.first_nonfinite is None  # the scaled step overflowed, no finding
+    assert m.grad_norm[0] == pytest.approx(want, rel=1e-2)
