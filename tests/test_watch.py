@@ -1433,3 +1433,54 @@ def test_the_optimizer_of_another_model_is_refused_and_a_split_one_said() -> Non
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         watch(model, first, report=None).__enter__().close()  # without skip, nothing to say
+
+
+class _AuxBlock(nn.Module):
+    """A block returning (aux_loss, h), an MoE layer's shape: a 0-d tensor before its output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = torch.tanh(self.linear(h))
+        return out.square().mean(), out
+
+
+class _AuxNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_AuxBlock() for _ in range(2))
+
+    def forward(self, x: torch.Tensor, kept: list[torch.Tensor] | None = None) -> torch.Tensor:
+        aux = x.new_zeros(())
+        for block in self.blocks:
+            loss, x = block(x)
+            aux = aux + loss
+            if kept is not None:
+                kept.append(x)
+        return x.sum() + aux
+
+
+def test_a_block_returning_a_scalar_before_its_output_is_read_on_its_output(tmp_path: Path) -> None:
+    """(aux_loss, h): the block's output is h, the 0-d aux loss before it is no block output (a mutant
+    taking 0-d tensors passed every test, found by mutation testing). Oracle: torch's norm of each
+    block's h, step by step."""
+    torch.manual_seed(0)
+    model, log = _AuxNet(), tmp_path / "w.jsonl"
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    want = []
+    with watch(
+        model, opt, blocks=[(f"blocks.{i}", b) for i, b in enumerate(model.blocks)], log=log, report=None
+    ) as w:
+        for _ in range(3):
+            kept: list[torch.Tensor] = []
+            loss = model(torch.randn(4, 8), kept)
+            want.append([float(h.detach().norm()) for h in kept])
+            w.loss(loss)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    for row, norms_of in zip(rows, want, strict=True):
+        assert row["activation"] == pytest.approx(norms_of, rel=1e-6)
