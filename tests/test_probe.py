@@ -3107,3 +3107,37 @@ def test_the_float64_re_run_of_a_nan_step_draws_its_dropout_masks_again() -> Non
         assert (found is not None) == (kept <= 3)
         if found is not None:
             assert (found.step, found.layer, found.tensor, found.reproduced) == (0, "1", "activation", True)
+
+
+class _Towers(nn.Module):
+    """A LayerScale skip around block a0 on a plain input (the chain starts at a0's output), then a
+    second tower b0 on that input beside a1: a new chain at b0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a0, self.a1, self.b0 = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor, kept: list[torch.Tensor] | None = None) -> torch.Tensor:
+        u = self.a0(x)
+        v = self.a1(x + 0.1 * torch.tanh(u))
+        g = self.b0(x)
+        if kept is not None:
+            kept += [u, v, g]
+        return self.head(torch.tanh(v) + g)  # type: ignore[no-any-return]
+
+
+def test_a_chain_start_counts_from_block_0s_output_where_the_entry_is_dropped() -> None:
+    """Where no (input) is taken (the skip around a0), every recorded position shifts by one, the
+    start of b0's chain too: left unshifted, b0 read as taking a1's output, gain 0.73 and growth 0.022
+    (a mutant passed every test, found by mutation testing). Oracle: torch's gradients of each
+    block's output; two towers side by side grow as the larger of their chains."""
+    torch.manual_seed(0)
+    model, x = _Towers(), torch.randn(4, 8)
+    loss = lambda o, _: o.square().sum()  # noqa: E731
+    m = probe_module(model, x, loss, blocks=[("a0", model.a0), ("a1", model.a1), ("b0", model.b0)])
+    kept: list[torch.Tensor] = []
+    grads = [g.norm().item() for g in torch.autograd.grad(loss(model(x, kept), x), kept)]
+    assert m.activation_names == ("a0", "a1", "b0") and m.chain_starts == (2,)
+    assert m.gains[0] == pytest.approx(grads[0] / grads[1], rel=1e-6) and math.isnan(m.gains[1])
+    assert m.growth == pytest.approx(max(grads[0] / grads[1], 1.0), rel=1e-6)
