@@ -272,7 +272,7 @@ def details(results: Sequence[SearchResult]) -> str:
                     f"{r.space.label} [{config.run.device}, {_precision(config.run)}]: stable at "
                     f"{knobs(r, config)}, the largest point tried "
                     f"(q={config.run.quantile:g} over seeds {', '.join(map(str, j.seeds))})\n"
-                    + _measured(j, config.run.quantile).rstrip("\n")
+                    + _measured(j, config.run.quantile, budget=config.run.seeds).rstrip("\n")
                 )
             continue
         j = cx.judgement
@@ -282,7 +282,7 @@ def details(results: Sequence[SearchResult]) -> str:
             f"{r.space.label} [{cx.config.run.device}, {_precision(cx.config.run)}]: "
             f"{', '.join(c.describe() for c in j.verdict.criteria)} "
             f"(q={q:g} over seeds {', '.join(map(str, j.seeds))})\n"
-            + _measured(j, q, cx.limits)
+            + _measured(j, q, cx.limits, cx.config.run.seeds)
             + f"  remedies  {remedies}\n"
             f"  reproduce {reproduction(cx.config, cx.limits)}"
             + (_top_note(r) if r.top_stable else "")
@@ -292,13 +292,13 @@ def details(results: Sequence[SearchResult]) -> str:
     return "\n\n".join(blocks)
 
 
-def _measured(j: Judgement, q: float, limits: Limits | None = None) -> str:
-    """A judgement's growth, its brackets (`limits`: a counterexample's), kind (with the blocks
-    measured), profile and first non-finite value: one line each."""
+def _measured(j: Judgement, q: float, limits: Limits | None = None, budget: int | None = None) -> str:
+    """A judgement's growth, its brackets (`limits`: a counterexample's; `budget`: the seeds it could
+    spend), kind (with the blocks measured), profile and first non-finite value: one line each."""
     through = f"; through time (loss on the last step): {j.through_time.describe()}" if j.through_time else ""
     return (
         f"  growth    {j.summary()}; peak grad norm {j.grad_norm.describe()}{through}\n"
-        + _bracket(j, q, limits)
+        + _bracket(j, q, limits, budget)
         + f"  kind      {j.kind.describe()}{_fitted(j, q)}; {j.measurement.blocks_note}\n"
         f"  profile   {profile(j, q)}\n" + _nonfinite_line(j.measurement)
     )
@@ -307,7 +307,7 @@ def _measured(j: Judgement, q: float, limits: Limits | None = None) -> str:
 BRACKETED = ("growth", "grad_norm", "divergence", "vanishing", "stall")  # criteria of continuous values
 
 
-def _bracket(j: Judgement, q: float, limits: Limits | None = None) -> str:
+def _bracket(j: Judgement, q: float, limits: Limits | None = None, budget: int | None = None) -> str:
     """Where the seeds put the initialisation distribution's q-quantile of the growth, and of each
     other criterion that fired: between two order statistics of the seeds' values, whatever the
     distribution (spread.bracket: the least and largest of 5 seeds at the median, 93%; more seeds
@@ -316,7 +316,10 @@ def _bracket(j: Judgement, q: float, limits: Limits | None = None) -> str:
     spent pin it down, and, given the `limits`, when the limit lies inside the bracket, where the
     verdict is the seeds' (a search stops at the first point its seeds fire at, which favours high
     draws: hf:bert's 4 of 4 seeds read 242 at a point whose median over 80 is 83). The confidence is
-    rounded down, never up to 100%. None over one seed, or with NaN."""
+    rounded down, never up to 100%, and for n seeds fixed in advance: where the verdict stopped
+    before its `budget`, once the seeds so far decided it, it is nominal (seeds that agree hold the
+    quantile less often: near the limit, runs stopped at 3 of 5 held the median 0 times in 16, for
+    75% printed). None over one seed, or with NaN."""
     lines = []
     for name in ("growth", *(c for c in j.verdict.names if c in BRACKETED and c != "growth")):
         got = bracket([v[name] for v in j.values], q)
@@ -333,9 +336,15 @@ def _bracket(j: Judgement, q: float, limits: Limits | None = None) -> str:
             if limit is not None and got.low < limit < got.high
             else ""
         )
+        nominal = (
+            f"; nominal: the verdict stopped at {got.n} of {budget} seeds once they decided it, and seeds "
+            "that agree hold the quantile less often than seeds fixed in advance"
+            if budget is not None and got.n < budget
+            else ""
+        )
         lines.append(
             f"  bracket   the distribution's q={q:g} {name} lies in {got.low:.3g}-{got.high:.3g} with "
-            f"{math.floor(got.confidence * 100)}% confidence ({ranks} of {got.n} seeds){inside}\n"
+            f"{math.floor(got.confidence * 100)}% confidence ({ranks} of {got.n} seeds){inside}{nominal}\n"
         )
     return "".join(lines)
 
