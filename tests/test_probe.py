@@ -3141,3 +3141,27 @@ def test_a_chain_start_counts_from_block_0s_output_where_the_entry_is_dropped() 
     assert m.activation_names == ("a0", "a1", "b0") and m.chain_starts == (2,)
     assert m.gains[0] == pytest.approx(grads[0] / grads[1], rel=1e-6) and math.isnan(m.gains[1])
     assert m.growth == pytest.approx(max(grads[0] / grads[1], 1.0), rel=1e-6)
+
+
+class _MergedTowers(_Towers):
+    """_Towers, then a block m0 on the sum of both towers' outputs: a merge of two chains."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.m0 = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, kept: list[torch.Tensor] | None = None) -> torch.Tensor:
+        v = self.a1(x + 0.1 * torch.tanh(self.a0(x)))
+        return self.head(self.m0(torch.tanh(v) + self.b0(x)))  # type: ignore[no-any-return]
+
+
+def test_a_merge_after_a_dropped_entry_is_fed_by_both_towers() -> None:
+    """The merge m0 takes the chain starting at a0 (position 0 once the entry is dropped) and b0's:
+    its feeds shift with the positions, the entry's chain onto a0's (a mutant shifting the keys
+    alone read m0 fed by one tower, found by mutation testing). Oracle: the model's own structure."""
+    torch.manual_seed(0)
+    model = _MergedTowers()
+    blocks = [("a0", model.a0), ("a1", model.a1), ("b0", model.b0), ("m0", model.m0)]
+    m = probe_module(model, torch.randn(4, 8), lambda o, _: o.square().sum(), blocks=blocks)
+    assert m.activation_names == ("a0", "a1", "b0", "m0") and m.chain_starts == (2, 3)
+    assert m.chain_feeds == ((), (), (0, 1))
