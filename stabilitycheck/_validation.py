@@ -33,6 +33,18 @@ def raised_at(exc: BaseException) -> str:
     return f" at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
 
 
+def raised_here(exc: BaseException) -> bool:
+    """Whether the innermost frame of `exc` is this package's own code: a bug of it, never a point
+    skipped as the model's failure."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE)
+
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
 def article(value: object) -> str:
     """The type of `value` with its article: 'an int', 'a str'."""
     name = type(value).__name__

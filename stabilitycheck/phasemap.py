@@ -14,8 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from stabilitycheck._validation import describe, raised_at, raised_here
 from stabilitycheck.config import Config
-from stabilitycheck.errors import UsageError, UserCodeError
+from stabilitycheck.errors import StabilityCheckError, UsageError, UserCodeError
 from stabilitycheck.seeds import Judgement, assess
 from stabilitycheck.space import RUN_AXES, Axis, Space
 from stabilitycheck.spread import Spread
@@ -273,6 +274,12 @@ def phase_map(
         return snapshot(True)
     except UserCodeError as exc:  # the model's code failed at a point: what was traced is kept
         return snapshot(True, str(exc))
+    except StabilityCheckError:
+        raise
+    except Exception as exc:  # the model's own code raised there (a ValueError of its forward), as
+        if raised_here(exc):  # the search skips such a point; a bug of this package is raised
+            raise
+        return snapshot(True, f"the model raised {describe(exc)}{raised_at(exc)}")
     return snapshot(False)
 
 

@@ -19,14 +19,13 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from pathlib import Path
 
 from hypothesis import HealthCheck, Phase, event, given, note, settings, target
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from hypothesis.database import ExampleDatabase, InMemoryExampleDatabase
 
-from stabilitycheck._validation import describe, raised_at
+from stabilitycheck._validation import describe, raised_at, raised_here
 from stabilitycheck.alarms import ProbeTimeout, time_limit
 from stabilitycheck.canonical import Index as Index  # `X as X`: re-exported, these were defined here
 from stabilitycheck.canonical import boundary as boundary
@@ -146,7 +145,7 @@ class Prober:
         except Exception as exc:
             if type(exc).__name__ == "OutOfMemoryError":
                 return f"out of memory ({describe(exc)})"
-            if _raised_here(exc):
+            if raised_here(exc):
                 raise  # a bug of this package, not the model's: an internal error, never a skipped point
             return f"the model raised {describe(exc)}{raised_at(exc)}"
 
@@ -176,17 +175,6 @@ class Prober:
         return tuple(
             (self.space.config(i), r) for i, r in sorted(self.judged().items()) if isinstance(r, str)
         )
-
-
-def _raised_here(exc: BaseException) -> bool:
-    """Whether the innermost frame of `exc` is this package's own code."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE)
-
-
-_PACKAGE = Path(__file__).resolve().parent
 
 
 class _Exploded(Exception):
@@ -263,7 +251,7 @@ def try_remedies(
             yield Remedy(name, changed, None, skipped=str(exc))
             continue
         except Exception as exc:
-            if isinstance(exc, StabilityCheckError) or _raised_here(exc):
+            if isinstance(exc, StabilityCheckError) or raised_here(exc):
                 raise  # bad input, or a bug of this package: never a remedy left unjudged
             yield Remedy(name, changed, None, skipped=f"the model raised {describe(exc)}{raised_at(exc)}")
             continue

@@ -433,3 +433,47 @@ def test_the_theory_of_a_long_row_costs_one_pass_over_its_depths(monkeypatch: py
     finally:
         tracemalloc.stop()
     assert peak < 16_000, peak  # a copy of the chain up to depth 20,000 is 160,000 bytes of pointers
+
+
+RAISES_AT = """
+import torch
+from torch import nn
+
+SPACE = {"depth": (1, 12)}
+
+
+class Net(nn.Module):
+    def __init__(self, depth):
+        super().__init__()
+        self.depth = depth
+        self.layers = nn.ModuleList(nn.Linear(8, 8, bias=False) for _ in range(depth))
+
+    def forward(self, x):
+        if self.depth >= 9:
+            raise ValueError(f"depth {self.depth} not supported")
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
+def build(depth=2):
+    return Net(depth)
+"""
+
+
+def test_a_model_raising_at_a_point_stops_the_map_with_what_was_traced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A plain ValueError from the model's forward at one point was an internal error (exit 3, no
+    map, `stopped` empty; found by a user's trial), where the search skips such a point: the map is
+    printed, `stopped` says what raised and where, exit 2, as the README says."""
+    model = tmp_path / "raises.py"
+    model.write_text(RAISES_AT)
+    out = tmp_path / "m.json"
+    argv = ["map", str(model), "--x", "depth", "--y", "init_scale", "--knob", "init_scale=0.5:1.5:0.5"]
+    assert main([*argv, "--seeds", "1", "--json", str(out), "--quiet"]) == 2
+    pm = PhaseMap.from_dict(json.loads(out.read_text()))
+    assert re.match(r"the model raised ValueError: depth (9|1[0-2]) not supported at ", pm.stopped)
+    assert f"{model}:16 in forward" in pm.stopped
+    captured = capsys.readouterr()
+    assert "not traced" in captured.out and "internal error" not in captured.err
