@@ -75,10 +75,13 @@ class Outputs:
         try:
             self.save(results)
             md = report.markdown(results) if self.args.markdown or self.summary else ""
-            if self.args.markdown:
+            summary = Path(self.summary).resolve() if self.summary else None
+            # --markdown "$GITHUB_STEP_SUMMARY", the CI recipe's, however spelt: appended once, as the
+            # step summary is (written over, it lost the step's earlier content)
+            if self.args.markdown and self.args.markdown.resolve() != summary:
                 self._attempt("--markdown", lambda: self.args.markdown.write_text(md))
-            if self.summary and Path(self.summary) != self.args.markdown:
-                self._attempt("GITHUB_STEP_SUMMARY", lambda: _append(Path(self.summary or ""), md))
+            if summary is not None:
+                self._attempt("GITHUB_STEP_SUMMARY", lambda: _append(summary, md))
             try:
                 print(report.text(results), file=self.stdout, flush=True)
             except BrokenPipeError:

@@ -95,6 +95,34 @@ def test_github_step_summary_is_appended(
     assert "| mlp " in text and "```bash\npython -c" in text
 
 
+@pytest.mark.parametrize("spelt", ["absolute", "relative"])
+def test_markdown_given_the_step_summary_appends_to_it_once(
+    spelt: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The CI recipe's --markdown "$GITHUB_STEP_SUMMARY" wrote over the step's earlier summary, and a
+    path spelt otherwise than the variable wrote it twice (found by a user's trial)."""
+    summary = tmp_path / "summary.md"
+    summary.write_text("earlier step\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    monkeypatch.chdir(tmp_path)
+    given = str(summary) if spelt == "absolute" else "summary.md"
+    run(
+        capsys,
+        "zoo",
+        "--family",
+        "mlp",
+        "--knob",
+        "depth=1:24",
+        "--knob",
+        "init_scale=3.0",
+        "--markdown",
+        given,
+        *FAST,
+    )
+    text = summary.read_text()
+    assert text.startswith("earlier step\n## stabilitycheck") and text.count("## stabilitycheck") == 1
+
+
 def test_ctrl_c_exits_130_and_still_prints_what_was_found(tmp_path: Path) -> None:
     import signal
     import time
