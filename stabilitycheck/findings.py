@@ -75,15 +75,18 @@ def _label(config: Config) -> str:
 
 def _knobs(config: Config, names: tuple[str, ...] | None) -> tuple[tuple[str, Scalar], ...]:
     """The knobs a row shows: `names` (a search's axes), else a family's size knobs and activation
-    (a linear MLP read as the default tanh without it) or a file's numeric knobs; and the seed when
-    it is not 0 (the reproduction line has every field)."""
+    (a linear MLP read as the default tanh without it) and any other knob off its default (an rnn's
+    batch_size=2, growth 233 where the default batch reads 3.0), or a file's numeric knobs; and the
+    seed when it is not 0 (the reproduction line has every field)."""
+    from stabilitycheck.config import Config
+
     values = config.values
-    if names is None:
-        names = (
-            (*SIZE_KNOBS, "activation")
-            if config.family
-            else tuple(k for k, v in values.items() if not isinstance(v, str))
-        )
+    if names is None and config.family:
+        shown = (*SIZE_KNOBS, "activation")
+        default = Config.of(config.subject).values
+        names = shown + tuple(k for k, v in values.items() if k not in shown and default.get(k) != v)
+    elif names is None:
+        names = tuple(k for k, v in values.items() if not isinstance(v, str))
     seed: tuple[tuple[str, Scalar], ...] = (("seed", config.run.seed),) if config.run.seed else ()
     return tuple((n, values[n]) for n in names if n in values) + seed
 

@@ -501,3 +501,18 @@ def test_a_stability_seed_out_of_range_is_a_usage_error(pytester: pytest.Pyteste
     pytester.makepyfile(test_x="def test_x():\n    pass\n")
     bad = pytester.runpytest("-p", "no:cacheprovider", f"--stability-seed={value}")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR and "--stability-seed" in bad.stderr.str()
+
+
+def test_a_failing_configs_row_shows_every_knob_off_its_default() -> None:
+    """A failing rnn Config with batch_size=2 was shown without it, a row whose knobs read growth
+    3.0 for the 233 that failed (found by a user's trial). Oracle: the probe of the Config the row
+    shows (every knob it lists, the rest at their defaults) is the failing one's."""
+    failing = Config.of(
+        "rnn", batch_size=2, seq_len=24, init_scale=3.0, width=16, activation="tanh", seed=233
+    )
+    found = finding(failing, "test_x", failure="growth 233 > 100")
+    assert found is not None
+    shown = Config.of("rnn", **dict(found.knobs))
+    assert shown == failing and probe(shown).growth == probe(failing).growth
+    plain = finding(Config.of("rnn", seq_len=24), "test_y", failure="x")
+    assert plain is not None and "batch_size" not in dict(plain.knobs)
