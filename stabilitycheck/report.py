@@ -247,6 +247,20 @@ def _bottom_note(r: SearchResult) -> str:
     )
 
 
+def _below_note(r: SearchResult) -> str:
+    """Where a point below the one reported in every knob failed too: the criteria are not monotone
+    there, and 'smallest exploding' means 1-minimal (found by a user's trial: a stall limit fired at
+    depth 1, seen by the search, and the report named depth 21 with no word of it)."""
+    if r.below is None:
+        return ""
+    config, how = r.below
+    return (
+        f"\n  note      {knobs(r, config)}, below it in every knob, failed too ({how}): the criteria "
+        "are not monotone in the knobs here; the point reported is 1-minimal (no knob one step lower "
+        "fails), not the smallest failing one"
+    )
+
+
 def _nonfinite_line(m: Measurement) -> str:
     """Where the profile's seed first went non-finite (step, tensor, block), when it did: the culprit
     column names the block alone, not whether at init or in training."""
@@ -288,6 +302,7 @@ def details(results: Sequence[SearchResult]) -> str:
             + (_top_note(r) if r.top_stable else "")
             + _bottom_note(r)
             + "".join(_unjudged_note(r, c, why) for c, why in r.unjudged)
+            + _below_note(r)
         )
     return "\n\n".join(blocks)
 
@@ -443,6 +458,7 @@ def to_json(results: Sequence[SearchResult]) -> str:
             "top_stable": r.top_stable,
             "minimal": r.minimal if r.counterexample else None,  # verified 1-minimal; none: no claim
             "unjudged": [{"config": c.to_dict(), "reason": why} for c, why in r.unjudged],
+            "below": None if r.below is None else {"config": r.below[0].to_dict(), "how": r.below[1]},
             "largest_stable": r.largest_stable.to_dict() if r.largest_stable else None,
             "largest_stable_judgement": (
                 r.largest_stable_judgement.to_dict() if r.largest_stable_judgement else None

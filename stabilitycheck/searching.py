@@ -318,6 +318,7 @@ def search(
             top_stable=isinstance(corner, Judgement) and not corner.exploded,
             minimal=not rough,
             unjudged=unjudged,
+            below=_failing_below(prober, cx.config) if cx is not None else None,
         )
 
     cx: Counterexample | None = None
@@ -361,6 +362,29 @@ def search(
                 assert isinstance(judged, Judgement)
                 cx, rough = Counterexample(space.label, space.config(best), judged, limits, ()), True
     return result(cx)
+
+
+def _failing_below(prober: Prober, config: Config) -> tuple[Config, str] | None:
+    """The smallest point judged at or below `config` in every knob, not `config`, that failed, and
+    how (on the full rule, or on the screen's seed alone): a criterion that is not monotone in the
+    knobs (a stall limit firing at depth 1 and again from 21; the descent verified 21 1-minimal)."""
+    judged = prober.judged()
+    at = next((i for i in judged if prober.space.config(i) == config), None)
+    if at is None:
+        return None
+    failing = [
+        i
+        for i, got in judged.items()
+        if i != at and all(a <= b for a, b in zip(i, at, strict=True))
+        if isinstance(got, Judgement) and got.exploded
+    ]
+    if not failing:
+        return None
+    index = min(failing, key=lambda i: (sum(i), i))
+    got = judged[index]
+    assert isinstance(got, Judgement)
+    how = "on the full rule" if index in prober.seen else f"on seed {got.seeds[0]} alone"
+    return prober.space.config(index), f"{how}: {got.summary()}"
 
 
 def _unjudged(prober: Prober, index: Index) -> tuple[tuple[Config, str], ...]:

@@ -375,3 +375,55 @@ def test_an_interrupted_stable_row_says_when_it_stands_on_one_seed() -> None:
     j = result.largest_stable_judgement
     assert result.interrupted and result.counterexample is None and j is not None and len(j.seeds) == 1
     assert report.row(result)[3].startswith("interrupted, stable on one seed so far (tried up to depth=")
+
+
+STALLS = """
+from torch import nn
+
+SPACE = {"depth": (1, 64)}
+
+
+def build(depth=4, width=32):
+    layers = [nn.Linear(width, width, bias=False) for _ in range(depth)]
+    for layer in layers:
+        nn.init.normal_(layer.weight, std=2.0 / width**0.5)
+    return nn.Sequential(*[m for layer in layers for m in (layer, nn.Tanh())])
+"""
+
+
+def test_a_failure_below_the_reported_point_is_said(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A stall limit fires at depth 1 and again from 21 (not monotone): the search saw depth 1 fail,
+    then reported depth 21, 1-minimal, as 'smallest exploding' with no word of it (found by a user's
+    trial). A note and the JSON's `below` now name it. Oracle: assess() at the point named fails on
+    the criterion, and at the one reported too."""
+    import json
+
+    from stabilitycheck.cli import main
+    from stabilitycheck.verdicts import Limits
+
+    model = tmp_path / "model.py"
+    model.write_text(STALLS)
+    out = tmp_path / "r.json"
+    argv = [
+        str(model),
+        "--steps",
+        "3",
+        "--divergence-limit",
+        "off",
+        "--stall-limit",
+        "0.9",
+        "--max-examples",
+        "5",
+    ]
+    assert main([*argv, "--database", "none", "--json", str(out), "--quiet"]) == 1
+    (result,) = json.loads(out.read_text())
+    below = result["below"]
+    assert below is not None and "below it in every knob, failed too" in capsys.readouterr().out
+    limits = Limits(stall=0.9, divergence=None)
+    low = Config.from_dict(below["config"])
+    reported = Config.from_dict(result["counterexample"]["config"])
+    assert low.values["depth"] < reported.values["depth"]
+    assert assess(low.with_run(seeds=1), limits=limits).verdict.names == ("stall",)
+    assert "stall" in assess(reported, limits=limits).verdict.names
