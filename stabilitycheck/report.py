@@ -254,6 +254,12 @@ def _below_note(r: SearchResult) -> str:
     if r.below is None:
         return ""
     config, how = r.below
+    if "alone" in how.partition(":")[0]:  # one seed's failure: the verdict over seeds may differ there
+        return (
+            f"\n  note      {knobs(r, config)}, below it in every knob, failed {how} (one seed steers the "
+            "search; that point was not judged over seeds): the criteria may not be monotone in the "
+            "knobs; the point reported is 1-minimal, not necessarily the smallest failing one"
+        )
     return (
         f"\n  note      {knobs(r, config)}, below it in every knob, failed too ({how}): the criteria "
         "are not monotone in the knobs here; the point reported is 1-minimal (no knob one step lower "
