@@ -41,6 +41,18 @@ def _profile(m: Measurement) -> list[float]:
     return [v if math.isfinite(v) and v > 0 else math.nan for v in m.activation_grad_norms]
 
 
+def _mark_nonfinite(ax: Any, values: Sequence[float]) -> None:
+    """A vertical red line at each non-finite value, which a log axis cannot draw (a NaN profile drew
+    two empty panels, found by a user's trial), over an x range that spans every value."""
+    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    for k, i in enumerate(bad):
+        ax.axvline(
+            i, color="tab:red", alpha=0.5, linewidth=3, label="non-finite (Inf/NaN)" if k == 0 else None
+        )
+    if values:
+        ax.set_xlim(-0.5, len(values) - 0.5)
+
+
 def plot(results: Sequence[SearchResult], path: Path) -> int:
     """Write one PNG with a row per result: a counterexample's profile with the limits it was judged on,
     or a stable result's profile at the largest configuration tried; returns how many rows were drawn."""
@@ -65,6 +77,7 @@ def figure(results: Sequence[SearchResult], what: str = "--plot") -> tuple[Any, 
         limits = cx.limits if cx else Limits()
         m = j.measurement
         left.semilogy(_profile(m), marker=".", color="tab:red" if cx else "tab:blue", label=j.summary())
+        _mark_nonfinite(left, m.activation_grad_norms)
         if cx and cx.culprit in m.activation_names:
             left.axvline(m.activation_names.index(cx.culprit), color="gray", linestyle=":", label="culprit")
         last = m.activation_grad_norms[-1] if m.activation_grad_norms else math.nan
@@ -85,12 +98,14 @@ def figure(results: Sequence[SearchResult], what: str = "--plot") -> tuple[Any, 
         if m.steps_run > 0:
             right.semilogy(m.grad_norm, marker=".", label="total grad norm")
             right.semilogy(m.loss, marker=".", label="loss")
+            _mark_nonfinite(right, [g + x for g, x in zip(m.grad_norm, m.loss, strict=True)])
             if limits.grad_norm is not None:
                 right.axhline(limits.grad_norm, color="black", linestyle="--", label="grad-norm limit")
             right.set_xlabel("step")
             right.legend(fontsize=7)
         else:
             right.semilogy([v if v > 0 else math.nan for v in m.layer_grad_norms], marker=".")
+            _mark_nonfinite(right, m.layer_grad_norms)
             right.set_title("weight-gradient norm per block (step 0)", fontsize=9)
             right.set_xlabel("block (input side left)")
     fig.tight_layout()

@@ -104,3 +104,33 @@ def test_a_long_title_stays_inside_the_figure_and_the_limit_line_says_where_it_i
     assert line.get_ydata()[0] == pytest.approx(last * cx.limits.growth)  # type: ignore[index, operator]
     assert "x the last block's |dL/d out|" in str(line.get_label())
     assert rows == 1
+
+
+def test_a_non_finite_profile_is_marked_not_left_out() -> None:
+    """A counterexample whose profile is Inf/NaN drew two empty panels (a log axis cannot draw them;
+    found by a user's trial): each non-finite block call is a red line at its index, the x range
+    spans every call. Oracle: the measurement's own non-finite entries."""
+    pytest.importorskip("matplotlib")
+    import math
+
+    from stabilitycheck.plot import figure
+
+    space = Space(
+        "mlp",
+        Config.of("mlp", width=8, batch_size=4, init_scale=1e30, activation="relu", seeds=1),
+        (Axis.range("depth", 2, 4),),
+    )
+    result = search(space, max_examples=5)
+    assert result.counterexample is not None
+    values = result.counterexample.judgement.measurement.activation_grad_norms
+    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    assert bad  # the case: a NaN profile
+    fig, _ = figure([result])
+    left = fig.axes[0]
+    marked = [
+        ln.get_xdata()[0]
+        for ln in left.get_lines()
+        if ln.get_color() == "tab:red" and ln.get_linewidth() == 3
+    ]
+    assert marked == bad and left.get_xlim() == (-0.5, len(values) - 0.5)
+    assert "non-finite (Inf/NaN)" in [t.get_text() for t in left.get_legend().get_texts()]
