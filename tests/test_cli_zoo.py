@@ -82,14 +82,17 @@ def test_console_script_runs(tmp_path: Path) -> None:
     assert proc.returncode == 2 and proc.stderr.startswith("stabilitycheck: error:")
 
 
+# init_scale 3 (above the critical 1.0): the tanh MLP explodes with depth, so a reproduction is shown
+EXPLODING = ("zoo", "--family", "mlp", "--knob", "depth=1:24", "--knob", "init_scale=3.0")
+
+
 def test_github_step_summary_is_appended(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     summary = tmp_path / "summary.md"
     summary.write_text("earlier step\n")
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
-    # init_scale 3 (above the critical 1.0): the tanh MLP explodes with depth, so a reproduction is shown
-    run(capsys, "zoo", "--family", "mlp", "--knob", "depth=1:24", "--knob", "init_scale=3.0", *FAST)
+    run(capsys, *EXPLODING, *FAST)
     text = summary.read_text()
     assert text.startswith("earlier step\n## stabilitycheck")
     assert "| mlp " in text and "```bash\npython -c" in text
@@ -106,19 +109,7 @@ def test_markdown_given_the_step_summary_appends_to_it_once(
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
     monkeypatch.chdir(tmp_path)
     given = str(summary) if spelt == "absolute" else "summary.md"
-    run(
-        capsys,
-        "zoo",
-        "--family",
-        "mlp",
-        "--knob",
-        "depth=1:24",
-        "--knob",
-        "init_scale=3.0",
-        "--markdown",
-        given,
-        *FAST,
-    )
+    run(capsys, *EXPLODING, "--markdown", given, *FAST)
     text = summary.read_text()
     assert text.startswith("earlier step\n## stabilitycheck") and text.count("## stabilitycheck") == 1
 
