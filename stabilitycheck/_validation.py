@@ -33,6 +33,12 @@ def raised_at(exc: BaseException) -> str:
     return f" at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
 
 
+def model_raised(exc: BaseException) -> str:
+    """'the model raised Type: message at FILE:LINE in FUNC': why a point was skipped or a run stopped
+    where the model's own code failed there."""
+    return f"the model raised {describe(exc)}{raised_at(exc)}"
+
+
 def raised_here(exc: BaseException) -> bool:
     """Whether the innermost frame of `exc` is this package's own code: a bug of it, never a point
     skipped as the model's failure."""

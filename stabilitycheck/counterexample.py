@@ -64,9 +64,10 @@ class SearchResult:
     top_stable: bool = False  # the top corner judged stable: the space is not monotone in its knobs
     minimal: bool = True  # False: interrupted before the descent verified the counterexample 1-minimal
     unjudged: tuple[tuple[Config, str], ...] = ()  # one-step-lower neighbours skipped: minimality unverified
-    # a point at or below the counterexample in every knob that failed too, and how it was judged:
-    # the criteria are not monotone there, and the point reported is 1-minimal, not the smallest
-    below: tuple[Config, str] | None = None
+    # a point at or below the counterexample in every knob that failed too, what it read, and the seed
+    # it failed on alone (the screen's; None: on the full rule): the criteria are not monotone there,
+    # and the point reported is 1-minimal, not the smallest
+    below: tuple[Config, str, int | None] | None = None
 
     @property
     def shown(self) -> Judgement | None:

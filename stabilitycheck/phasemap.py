@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from stabilitycheck._validation import describe, raised_at, raised_here
+from stabilitycheck._validation import model_raised, raised_here
 from stabilitycheck.config import Config
 from stabilitycheck.errors import StabilityCheckError, UsageError, UserCodeError
 from stabilitycheck.seeds import Judgement, assess
@@ -279,7 +279,7 @@ def phase_map(
     except Exception as exc:  # the model's own code raised there (a ValueError of its forward), as
         if raised_here(exc):  # the search skips such a point; a bug of this package is raised
             raise
-        return snapshot(True, f"the model raised {describe(exc)}{raised_at(exc)}")
+        return snapshot(True, model_raised(exc))
     return snapshot(False)
 
 

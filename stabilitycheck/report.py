@@ -253,17 +253,18 @@ def _below_note(r: SearchResult) -> str:
     depth 1, seen by the search, and the report named depth 21 with no word of it)."""
     if r.below is None:
         return ""
-    config, how = r.below
-    if "alone" in how.partition(":")[0]:  # one seed's failure: the verdict over seeds may differ there
+    config, read, seed = r.below
+    if seed is not None:  # one seed's failure: the verdict over seeds may differ there
         return (
-            f"\n  note      {knobs(r, config)}, below it in every knob, failed {how} (one seed steers the "
-            "search; that point was not judged over seeds): the criteria may not be monotone in the "
-            "knobs; the point reported is 1-minimal, not necessarily the smallest failing one"
+            f"\n  note      {knobs(r, config)}, below it in every knob, failed on seed {seed} alone: {read} "
+            "(one seed steers the search; that point was not judged over seeds): the criteria may not "
+            "be monotone in the knobs; the point reported is 1-minimal, not necessarily the smallest "
+            "failing one"
         )
     return (
-        f"\n  note      {knobs(r, config)}, below it in every knob, failed too ({how}): the criteria "
-        "are not monotone in the knobs here; the point reported is 1-minimal (no knob one step lower "
-        "fails), not the smallest failing one"
+        f"\n  note      {knobs(r, config)}, below it in every knob, failed too (on the full rule: "
+        f"{read}): the criteria are not monotone in the knobs here; the point reported is 1-minimal "
+        "(no knob one step lower fails), not the smallest failing one"
     )
 
 
@@ -464,7 +465,9 @@ def to_json(results: Sequence[SearchResult]) -> str:
             "top_stable": r.top_stable,
             "minimal": r.minimal if r.counterexample else None,  # verified 1-minimal; none: no claim
             "unjudged": [{"config": c.to_dict(), "reason": why} for c, why in r.unjudged],
-            "below": None if r.below is None else {"config": r.below[0].to_dict(), "how": r.below[1]},
+            "below": None
+            if r.below is None
+            else {"config": r.below[0].to_dict(), "read": r.below[1], "seed_alone": r.below[2]},
             "largest_stable": r.largest_stable.to_dict() if r.largest_stable else None,
             "largest_stable_judgement": (
                 r.largest_stable_judgement.to_dict() if r.largest_stable_judgement else None

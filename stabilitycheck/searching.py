@@ -25,7 +25,7 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from hypothesis.database import ExampleDatabase, InMemoryExampleDatabase
 
-from stabilitycheck._validation import describe, raised_at, raised_here
+from stabilitycheck._validation import describe, model_raised, raised_at, raised_here
 from stabilitycheck.alarms import ProbeTimeout, time_limit
 from stabilitycheck.canonical import Index as Index  # `X as X`: re-exported, these were defined here
 from stabilitycheck.canonical import boundary as boundary
@@ -147,7 +147,7 @@ class Prober:
                 return f"out of memory ({describe(exc)})"
             if raised_here(exc):
                 raise  # a bug of this package, not the model's: an internal error, never a skipped point
-            return f"the model raised {describe(exc)}{raised_at(exc)}"
+            return model_raised(exc)
 
     def explodes(self, index: Index) -> bool:
         got = self(index)
@@ -253,7 +253,7 @@ def try_remedies(
         except Exception as exc:
             if isinstance(exc, StabilityCheckError) or raised_here(exc):
                 raise  # bad input, or a bug of this package: never a remedy left unjudged
-            yield Remedy(name, changed, None, skipped=f"the model raised {describe(exc)}{raised_at(exc)}")
+            yield Remedy(name, changed, None, skipped=model_raised(exc))
             continue
         through = f"; through time {j.through_time.describe()}" if j.through_time else ""
         yield Remedy(name, changed, not j.exploded, j.verdict.names, j.growth.describe() + through)
@@ -364,10 +364,11 @@ def search(
     return result(cx)
 
 
-def _failing_below(prober: Prober, config: Config) -> tuple[Config, str] | None:
-    """The smallest point judged at or below `config` in every knob, not `config`, that failed, and
-    how (on the full rule, or on the screen's seed alone): a criterion that is not monotone in the
-    knobs (a stall limit firing at depth 1 and again from 21; the descent verified 21 1-minimal)."""
+def _failing_below(prober: Prober, config: Config) -> tuple[Config, str, int | None] | None:
+    """The smallest point judged at or below `config` in every knob, not `config`, that failed, what
+    it read, and the screen's seed where it failed on that alone (None: on the full rule): a
+    criterion that is not monotone in the knobs (a stall limit firing at depth 1 and again from 21;
+    the descent verified 21 1-minimal)."""
     judged = prober.judged()
     at = next((i for i in judged if prober.space.config(i) == config), None)
     if at is None:
@@ -383,8 +384,7 @@ def _failing_below(prober: Prober, config: Config) -> tuple[Config, str] | None:
     index = min(failing, key=lambda i: (sum(i), i))
     got = judged[index]
     assert isinstance(got, Judgement)
-    how = "on the full rule" if index in prober.seen else f"on seed {got.seeds[0]} alone"
-    return prober.space.config(index), f"{how}: {got.summary()}"
+    return prober.space.config(index), got.summary(), None if index in prober.seen else got.seeds[0]
 
 
 def _unjudged(prober: Prober, index: Index) -> tuple[tuple[Config, str], ...]:

@@ -136,7 +136,7 @@ def _ours(hook: Any) -> bool:
 
 Micro = tuple[Any, torch.Tensor, dict[str, Any] | None, list[bool] | None, torch.Tensor | None, str | None]
 """A micro-batch as the bundle keeps it: batch, loss passed, RNG state and module modes at its forward,
-the GradScaler's loss scale (None without one)."""
+the GradScaler's loss scale (None without one) and the autocast dtype the loop ran it under (None: off)."""
 
 
 class Snapshot:
