@@ -164,19 +164,24 @@ def _forward(
 
 def _in_graph(inputs: Inputs) -> Inputs:
     """The model's inputs with each floating tensor that does not require grad (given as it is, or
-    in a tuple, list or dict) replaced by a copy in a graph of its own, so autograd records its every
-    use: a skip written around block 0 (x + 0.1 * tanh(block(x))) shows in the graph, as behind a
-    stem (recording._skips). A copy, not a leaf: the model may change it in place. No gradient of it
-    is asked for, so none is computed."""
+    in tuples, lists and dicts, at any depth) replaced by a copy in a graph of its own, so autograd
+    records its every use: a skip written around block 0 (x + 0.1 * tanh(block(x))) shows in the
+    graph, as behind a stem (recording._skips). A copy, not a leaf: the model may change it in place.
+    No gradient of it is asked for, so none is computed. Other containers (a namedtuple such as a
+    PackedSequence, whose class checks its fields) are passed as they are."""
+    if not torch.is_grad_enabled():
+        return inputs
 
     def copy(x: Any) -> Any:
-        floating = isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad
-        return x.detach().requires_grad_().clone() if floating and torch.is_grad_enabled() else x
+        if isinstance(x, torch.Tensor):
+            floating = x.is_floating_point() and not x.requires_grad
+            return x.detach().requires_grad_().clone() if floating else x
+        if isinstance(x, dict):
+            return {k: copy(v) for k, v in x.items()}
+        if type(x) in (tuple, list):
+            return type(x)(copy(v) for v in x)
+        return x
 
-    if isinstance(inputs, dict):
-        return {k: copy(v) for k, v in inputs.items()}
-    if type(inputs) in (tuple, list):
-        return type(inputs)(copy(x) for x in inputs)
     return copy(inputs)
 
 
