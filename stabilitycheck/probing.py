@@ -140,13 +140,19 @@ def _refused_graph_break(exc: Exception) -> bool:
 
 
 def _forward(
-    run: _Run, *, hooks: bool, exact: bool, copied: frozenset[int] = frozenset(), entry: bool = True
+    run: _Run,
+    *,
+    hooks: bool,
+    exact: bool,
+    copied: frozenset[int] = frozenset(),
+    entry: bool = True,
+    plain: bool = False,
 ) -> torch.Tensor:
     """The loss of one forward pass, the block outputs recorded when `hooks` (`copied`, `entry`: see
-    _Recorder.start)."""
+    _Recorder.start); the inputs as given where `plain` or not `entry`, else `_in_graph`'s copies."""
     if hooks:  # an exact re-run tells a NaN made between blocks from one made in one
         run.rec.start(inputs=exact, copied=copied, entry=entry)
-    given = _in_graph(run.inputs) if hooks and entry else run.inputs
+    given = _in_graph(run.inputs) if hooks and entry and not plain else run.inputs
     try:
         with torch.autocast(run.device.type, dtype=run.autocast, enabled=run.autocast is not None):
             return differentiable_loss(run.loss_fn(call_model(run.model, given), run.inputs))
@@ -185,6 +191,8 @@ def _in_graph(inputs: Inputs) -> Inputs:
     return copy(inputs)
 
 
+LEAF_ONLY = "requires_grad flags of leaf variables"  # torch's refusal to set requires_grad on a non-leaf
+
 _Buffer = tuple[dict[str, Any], str, torch.Tensor, torch.Tensor]
 
 
@@ -220,7 +228,21 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
     scaler = None if exact else run.scaler
     drawn = rng_state() if hooks else None
     kept = _buffers(run.model) if hooks else []
-    loss = _forward(run, hooks=hooks, exact=exact)
+    plain = False  # the inputs as given, not `_in_graph`'s copies
+    try:
+        loss = _forward(run, hooks=hooks, exact=exact)
+    except RuntimeError as exc:
+        if not (hooks and LEAF_ONLY in str(exc)):
+            raise
+        # the model sets requires_grad on (a view of) its input, which torch allows on a leaf alone
+        # (Hugging Face's wav2vec2 feature encoder, in training): the forward again on the inputs as
+        # given, whose uses autograd then does not record (a skip around block 0 is read as a plain
+        # input's, junctions._around)
+        run.rec.take()
+        set_rng_state(drawn)
+        _restore(kept)
+        plain = True
+        loss = _forward(run, hooks=True, exact=exact, plain=True)
     changed = run.rec.changed() if hooks else frozenset()
     moved = hooks and run.rec.entry_moved()
     if changed or moved:
@@ -236,7 +258,7 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         set_rng_state(drawn)
         _restore(kept)
         copied = frozenset(p - shift for p in changed if p >= shift)
-        loss = _forward(run, hooks=True, exact=exact, copied=copied, entry=not moved)
+        loss = _forward(run, hooks=True, exact=exact, copied=copied, entry=not moved, plain=plain)
     outputs = run.rec.take() if hooks else []
     try:
         made: list[int] | None = [] if exact else None  # the order of the weight gradients, to locate

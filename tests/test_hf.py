@@ -388,3 +388,43 @@ def test_a_vocab_of_pad_ids_alone_draws_them() -> None:
     subject = HFModel("bert")
     built = subject.build(subject.config(vocab_size=1))
     assert built.inputs["input_ids"].unique().tolist() == [0]
+
+
+def test_wav2vec2_in_training_is_probed() -> None:
+    """wav2vec2's feature encoder sets requires_grad on its raw input in training, which the probe's
+    copy of the input (in a graph: not a leaf) made raise; the step runs on the input as given.
+    Oracle: torch's gradients of each encoder layer's hidden states."""
+    config = transformers.Wav2Vec2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(16, 16),
+        conv_stride=(5, 2),
+        conv_kernel=(10, 3),
+        num_feat_extract_layers=2,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+        mask_time_prob=0.0,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        feat_proj_dropout=0.0,
+        layerdrop=0.0,
+    )
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2Model(config).train()
+    inputs = {"input_values": torch.randn(2, 400)}
+    z = torch.randn(2, 39, 32)
+    loss = lambda out, _: (out.last_hidden_state * z).sum()  # noqa: E731
+    m = probe_module(model, inputs, loss)
+    outs: list[torch.Tensor] = []
+    hooks = [
+        layer.register_forward_hook(lambda _m, _a, o: outs.append(o[0] if isinstance(o, tuple) else o))
+        for layer in model.encoder.layers
+    ]
+    grads = torch.autograd.grad(loss(model(**inputs), inputs), outs)
+    for hook in hooks:
+        hook.remove()
+    assert m.activation_names == ("(input)", "encoder.layers.0", "encoder.layers.1")
+    assert m.activation_grad_norms[1:] == pytest.approx([g.norm().item() for g in grads], rel=1e-5)

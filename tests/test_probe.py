@@ -2118,6 +2118,46 @@ def test_a_layer_scale_around_block_0_on_a_nested_input_is_no_false_explosion(se
     assert oracle / 1.5 < m.growth < oracle * 1.5
 
 
+class _MarksItsInput(nn.Module):
+    """As Hugging Face's wav2vec2 feature encoder in training: sets requires_grad on a view of its
+    raw input (torch allows it on a leaf alone), then a conv and a stack of tanh layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 8, 5, stride=2, dtype=torch.float64)
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.Linear(8, 8, dtype=torch.float64), nn.Tanh()) for _ in range(3)
+        )
+        self.head = nn.Linear(8, 4, dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x[:, None]
+        h.requires_grad = True
+        h = self.conv(h).transpose(1, 2)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h)  # type: ignore[no-any-return]
+
+
+def test_a_model_setting_requires_grad_on_its_input_is_probed_on_the_input_as_given() -> None:
+    """The probe's copy of a float input (in a graph, not a leaf) made `h.requires_grad = True` on a
+    view of it raise (found by a third-party audit: Hugging Face's wav2vec2, HuBERT and WavLM in
+    training could not be probed); the step runs again on the input as given. Oracle: torch's
+    gradients of each layer's output."""
+    torch.manual_seed(0)
+    model = _MarksItsInput()
+    x = torch.randn(2, 64, dtype=torch.float64)
+    loss = lambda o, _: o.square().sum()  # noqa: E731
+    m = probe_module(model, x, loss)
+    outs: list[torch.Tensor] = []
+    handles = [layer.register_forward_hook(lambda _m, _a, o: outs.append(o)) for layer in model.layers]
+    grads = torch.autograd.grad(loss(model(x), x), outs)
+    for handle in handles:
+        handle.remove()
+    assert m.activation_names == ("(input)", "layers.0", "layers.1", "layers.2")
+    assert m.activation_grad_norms[1:] == pytest.approx([g.norm().item() for g in grads], rel=1e-12)
+
+
 def test_a_cell_fed_its_input_plus_its_state_is_no_residual_whatever_the_tokens() -> None:
     """A cell called per token on x_t + h (input feeding): no residual around block 0, but where
     x_1 equals x_0 by value (a repeated token), x_1 + h_1 equalled block 0's input plus its output
