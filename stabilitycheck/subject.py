@@ -226,7 +226,9 @@ class Layer(nn.Module):
     input of the next one (the activation after it included, even one shared between layers), or
     for the last layer the output of the Sequential's last module (`after`, at its last place). Each
     gain is a whole layer's, not alternately a weight's x2 and an activation's x0.5, and the last
-    activation is in the chain."""
+    activation is in the chain. A forward hook gets the layer's input as its `args`, as a module's
+    would (the next module's input, the layer's output, blamed a NaN the layer made on the code
+    before it)."""
 
     def __init__(
         self, weighted: nn.Module, after: nn.Module, last: bool, container: nn.Module, nth: int = 1
@@ -247,23 +249,31 @@ class Layer(nn.Module):
             calls[0] += 1
             return (calls[0] - 1) % uses == nth - 1
 
+        given: list[tuple[Any, ...]] = [()]  # the input of the module with parameters, as it ran
+
+        def on_input(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            given[0] = args
+
         def on_next_input(module: nn.Module, args: tuple[Any, ...]) -> None:
             if counted() and args:
-                hook(self, args, args[0])
+                hook(self, given[0], args[0])
+            given[0] = ()
 
         def on_last_output(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if counted():
-                hook(self, args, output)
+                hook(self, given[0], output)
+            given[0] = ()
 
         def on_pass(module: nn.Module, args: tuple[Any, ...]) -> None:
             calls[0] = 0
 
+        taken = self.weighted.register_forward_hook(on_input)  # before `after`'s, where it is the same
         own = (
             after.register_forward_hook(on_last_output)
             if last
             else after.register_forward_pre_hook(on_next_input)
         )
-        handles = own, container.register_forward_pre_hook(on_pass)
+        handles = taken, own, container.register_forward_pre_hook(on_pass)
         return cast(RemovableHandle, _Handles(handles))
 
     def register_forward_pre_hook(self, hook: Callable[..., Any], **kwargs: Any) -> RemovableHandle:

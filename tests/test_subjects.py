@@ -635,6 +635,57 @@ def test_a_module_used_at_several_places_of_a_flat_sequential_is_one_layer_per_p
     assert m.gains == pytest.approx([a / b for a, b in itertools.pairwise(norms)], rel=1e-12)
 
 
+class _Log(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(x)
+
+
+def _convs(last: nn.Module) -> nn.Sequential:
+    """A flat Sequential of mixed modules, DenseNet's `features` style: layers 0 (conv), 1 (norm and
+    its ReLU and pool), 4 (conv), 5 (norm, `last`, flatten) and 8 (the head)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        last,
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 10),
+    )
+
+
+def test_a_nan_made_inside_a_layer_of_a_flat_sequential_is_that_layers() -> None:
+    """Layer 5 (a norm, then a log of its negative values) makes the NaN from a finite input: the
+    documented order names `activation of 5`. The layer's hooks were given the next module's input
+    as the layer's, its output, so the NaN read as made before it by the model's own code between
+    the blocks, `(outside blocks, before 5)` (found by a third-party audit, on DenseNet's features)."""
+    m = probe_module(_convs(_Log()), torch.randn(2, 3, 8, 8), lambda out, _: out.sum())
+    at = m.activation_names.index("5")
+    assert all(math.isfinite(v) for v in m.activation_norms[:at]) and math.isnan(m.activation_norms[at])
+    assert m.first_nonfinite is not None
+    assert (m.first_nonfinite.tensor, m.first_nonfinite.layer) == ("activation", "5")
+
+
+@pytest.mark.parametrize("k", [0, 1, 4])
+def test_a_nan_planted_in_a_layers_module_of_a_flat_sequential_is_that_layers(k: int) -> None:
+    """A NaN planted in the output of layer k's module with parameters is in layer k's output, made
+    from its finite input: `activation of k` (it read `(outside blocks, before k)`)."""
+    model = _convs(nn.ReLU())
+
+    def plant(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        out = out.clone()
+        out.view(-1)[5] = math.nan
+        return out
+
+    model[k].register_forward_hook(plant)
+    m = probe_module(model, torch.randn(2, 3, 8, 8), lambda out, _: out.sum())
+    assert m.first_nonfinite is not None
+    assert (m.first_nonfinite.tensor, m.first_nonfinite.layer) == ("activation", str(k))
+
+
 def torch_output_grads(
     model: nn.Module, args: tuple[torch.Tensor, ...], modules: list[nn.Module], pick: Any = lambda out: out
 ) -> list[float]:
