@@ -22,7 +22,8 @@ class Limits:
       1-5, and a norm a thousand times above them means the update is dominated by a blow-up.
     - growth = 1e2: input-side over output-side activation-gradient norm. Critical inits keep it
       O(1) at any depth (mean-field chi = 1); two orders of magnitude means exponential growth
-      (chi = 1.1 per layer passes it at depth ~ 50), beyond what per-layer learning rates absorb.
+      (a gain of 1.1 per layer, chi = 1.21, passes it at depth 49), beyond what per-layer learning
+      rates absorb.
     - divergence = 2.0: final loss over initial loss after `steps` steps. A stable optimiser at a
       sane learning rate does not double the loss; bounded models (tanh with a fixed readout)
       cannot go non-finite, so a doubled loss is how their explosion shows.
