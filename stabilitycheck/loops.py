@@ -22,6 +22,7 @@ from stabilitycheck.subject import DECLARED_NOTE, LEAVES_NOTE, Blocks
 
 LOOPED_NOTE = "blocks: {names} (called again on their own output: a block per call)"
 APART_NOTE = "blocks: {names} ({n}; {others} run between their calls, off the chain: not taken)"
+ORDER_NOTE = "blocks: {parts} (in the order the forward calls them)"
 
 
 def looped_blocks(model: nn.Module, inputs: Inputs, blocks: Blocks, note: str) -> tuple[Blocks, str]:
@@ -29,11 +30,13 @@ def looped_blocks(model: nn.Module, inputs: Inputs, blocks: Blocks, note: str) -
     was its last resort (the leaf modules), the outermost modules owning parameters that the forward
     calls two or more times, each call after the first taking what the one before returned or what is
     computed from it; where it took several stacks of composite blocks together, the one stack whose
-    calls chain, if another's calls fall between them (`_apart`). Seen in one forward of a deep copy
-    of the model and its inputs, in the model's own mode (a forward branching on self.training runs
-    its probed path), so that nothing of the model changes (buffers, Python attributes, a hidden state
-    it keeps), with the random states of torch, Python and numpy put back. A model that cannot be
-    copied, or whose copy's forward fails, keeps find_blocks' choice."""
+    calls chain, if another's calls fall between them (`_apart`), and the stacks in the order the
+    forward first calls them (the chain's `(input)` is block 0's: CLIP declares its text tower first
+    and runs its vision tower first, and neither tower's input was read). Seen in one forward of a
+    deep copy of the model and its inputs, in the model's own mode (a forward branching on
+    self.training runs its probed path), so that nothing of the model changes (buffers, Python
+    attributes, a hidden state it keeps), with the random states of torch, Python and numpy put back.
+    A model that cannot be copied, or whose copy's forward fails, keeps find_blocks' choice."""
     stacks = _stacks_of(blocks) if note != DECLARED_NOTE else []
     leaves = note.startswith(LEAVES_NOTE)
     if not (leaves or len(stacks) > 1) or type(model).__name__ == "OptimizedModule":
@@ -50,10 +53,15 @@ def looped_blocks(model: nn.Module, inputs: Inputs, blocks: Blocks, note: str) -
         return blocks, note
     finally:
         set_host_rng_state(states)
-    if not found:
+    if not found or found == stacks:
         return blocks, note
     if not leaves:
-        kept = [b for b in blocks if _stack_of(b[0]) in found]
+        kept = [b for stack in found for b in blocks if _stack_of(b[0]) == stack]
+        if len(found) == len(stacks):
+            parts = " + ".join(
+                f"{s or '(model)'} ({sum(_stack_of(n) == s for n, _ in blocks)})" for s in found
+            )
+            return tuple(kept), ORDER_NOTE.format(parts=parts)
         names, others = (
             " + ".join(s or "(model)" for s in stacks if (s in found) == keep) for keep in (True, False)
         )
@@ -73,14 +81,14 @@ def _stacks_of(blocks: Blocks) -> list[str]:
 
 
 def _apart(model: nn.Module, inputs: Inputs, names: list[str], stacks: list[str]) -> list[str]:
-    """The stacks to take, where a forward of `model` (run here) calls a block (`names`) of one of
-    `stacks` between two calls of another, and some of them chain (every call after the first takes
-    what its stack's call before returned or what is computed from it) and some do not: those that
-    do (a deep-supervision model's heads, one after each layer, none taking the head before it: taken
-    with the layers, every layer after the first read its gain across the head before it, growth 1.24
-    for 1.55). [] where the calls of each stack follow each other (an encoder's, then a decoder's), or
-    every stack chains (a decoder layer after each encoder layer; heads refining the head before
-    them), or none does: find_blocks' choice stands."""
+    """The stacks to take, in the order a forward of `model` (run here) first calls them: where it
+    calls a block (`names`) of one of `stacks` between two calls of another, and some of them chain
+    (every call after the first takes what its stack's call before returned or what is computed from
+    it) and some do not, those that do (a deep-supervision model's heads, one after each layer, none
+    taking the head before it: taken with the layers, every layer after the first read its gain
+    across the head before it, growth 1.24 for 1.55); else all (the calls of each stack follow each
+    other, an encoder's, then a decoder's; or every stack chains, a decoder layer after each encoder
+    layer; or none does). A stack never called comes last."""
     order: list[str] = []
     chained = dict.fromkeys(stacks, True)
     last: dict[str, list[torch.Tensor]] = {}
@@ -104,8 +112,10 @@ def _apart(model: nn.Module, inputs: Inputs, names: list[str], stacks: list[str]
         module.register_forward_hook(after)
     call_model(model, inputs)
     runs = [stack for i, stack in enumerate(order) if i == 0 or order[i - 1] != stack]
-    kept = [stack for stack in stacks if chained[stack]]
-    return kept if len(runs) > len(set(runs)) and 0 < len(kept) < len(stacks) else []
+    first = {stack: i for i, stack in reversed(list(enumerate(order)))}
+    called = sorted(stacks, key=lambda stack: first.get(stack, len(order)))
+    kept = [stack for stack in called if chained[stack]]
+    return kept if len(runs) > len(set(runs)) and 0 < len(kept) < len(stacks) else called
 
 
 def _looped(model: nn.Module, inputs: Inputs) -> list[str]:

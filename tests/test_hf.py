@@ -428,3 +428,56 @@ def test_wav2vec2_in_training_is_probed() -> None:
         hook.remove()
     assert m.activation_names == ("(input)", "encoder.layers.0", "encoder.layers.1")
     assert m.activation_grad_norms[1:] == pytest.approx([g.norm().item() for g in grads], rel=1e-5)
+
+
+def test_clip_towers_are_read_in_the_order_its_forward_runs_them() -> None:
+    """CLIP declares its text tower first and runs its vision tower first: the found blocks are taken
+    in call order, so the vision tower's input is read (`(input)`), and the numbers are those of the
+    same blocks listed in that order (at 3x weights the growth read about 2 for about 10 before)."""
+    config = transformers.CLIPConfig(
+        text_config={
+            "vocab_size": 64,
+            "hidden_size": 32,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "max_position_embeddings": 16,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "image_size": 16,
+            "patch_size": 8,
+        },
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(3.0)
+    gen = torch.Generator().manual_seed(0)
+    inputs = {
+        "input_ids": torch.randint(3, 64, (2, 8), generator=gen),
+        "pixel_values": torch.randn(2, 3, 16, 16, generator=gen),
+    }
+    z = torch.randn(2, 2, generator=gen)
+    loss = lambda out, _: (out.logits_per_image * z).sum()  # noqa: E731
+    found = probe_module(model, inputs, loss)
+    ordered = probe_module(
+        model,
+        inputs,
+        loss,
+        blocks=[
+            (f"{tower}_model.encoder.layers.{i}", b)
+            for tower in ("vision", "text")
+            for i, b in enumerate(getattr(model, f"{tower}_model").encoder.layers)
+        ],
+    )
+    assert found.activation_names == ordered.activation_names
+    assert found.activation_names[:2] == ("(input)", "vision_model.encoder.layers.0")
+    assert found.activation_grad_norms == pytest.approx(ordered.activation_grad_norms, rel=1e-6)
+    assert found.growth == pytest.approx(ordered.growth, rel=1e-6)

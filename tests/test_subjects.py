@@ -686,6 +686,41 @@ def test_a_nan_planted_in_a_layers_module_of_a_flat_sequential_is_that_layers(k:
     assert (m.first_nonfinite.tensor, m.first_nonfinite.layer) == ("activation", str(k))
 
 
+class _TowersCalledOutOfOrder(nn.Module):
+    """Two towers of 3 bias-free linear blocks, declared text then vision (as CLIP declares them) and
+    run vision first; weights 1.5 and 2 x orthogonal, so each gain is exactly the tower's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text = nn.ModuleList(nn.Sequential(nn.Linear(8, 8, bias=False)) for _ in range(3))
+        self.vision = nn.ModuleList(nn.Sequential(nn.Linear(8, 8, bias=False)) for _ in range(3))
+        for tower, gain in ((self.text, 1.5), (self.vision, 2.0)):
+            for block in tower:
+                nn.init.orthogonal_(block[0].weight, gain=gain)
+
+    def forward(self, words: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        for block in self.vision:
+            pixels = block(pixels)
+        for block in self.text:
+            words = block(words)
+        return words + pixels
+
+
+def test_found_stacks_are_taken_in_the_order_the_forward_calls_them() -> None:
+    """The `(input)` is block 0's: found in declaration order, the text tower first, and run vision
+    first, neither tower's input was read and the vision chain grew 2^2 = 4 from its block 0's output
+    (found by a third-party audit on CLIP: growth 2 where the towers in call order read 10). In the
+    order the forward calls them: the vision chain from its input, 2^3 = 8, beside the text chain's
+    1.5^2 (exact: orthogonal weights)."""
+    torch.manual_seed(0)
+    x = (torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64))
+    m = probe_module(_TowersCalledOutOfOrder().double(), x, lambda out, _: out.square().sum())
+    assert m.activation_names == ("(input)", "vision.0", "vision.1", "vision.2", "text.0", "text.1", "text.2")
+    assert m.blocks_note == "blocks: vision (3) + text (3) (in the order the forward calls them)"
+    assert m.chain_growths == pytest.approx((2.0**3, 1.5**2), rel=1e-6)
+    assert m.growth == pytest.approx(2.0**3, rel=1e-6)
+
+
 def torch_output_grads(
     model: nn.Module, args: tuple[torch.Tensor, ...], modules: list[nn.Module], pick: Any = lambda out: out
 ) -> list[float]:
