@@ -292,6 +292,10 @@ def search(
     interrupted run still has it. Ctrl-C returns what was found, marked interrupted. `database` None:
     one in memory, for this search alone (Hypothesis generates differently with a database than
     without one, so a fresh directory and None give the same path)."""
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < math.inf
+    ):  # 0 would disarm the timer, a negative one raise from setitimer mid-search
+        raise UsageError(f"search: timeout must be seconds > 0 (None: no limit), got timeout={timeout!r}")
     database = database if database is not None else InMemoryExampleDatabase()
     limits = limits or Limits()
     subject = subject or resolve(space.base.subject)

@@ -27,6 +27,8 @@ def training_settings(
     counts = []
     for name, value in (("steps", steps), ("warmup", warmup), ("seed", seed)):
         try:
+            if isinstance(value, bool):  # an int to operator.index: steps=True ran one step
+                raise TypeError
             counts.append(operator.index(value))
         except TypeError:
             raise bad(f"{name} must be a whole number, got {value!r}; pass int(...)") from None

@@ -1329,6 +1329,7 @@ def test_a_block_listed_twice_is_a_usage_error() -> None:
         ({"clip": -1.0, "steps": 1}, "clip must be None or a finite number > 0, got -1.0"),  # reversed
         ({"steps": -1}, "steps must be >= 0, got -1"),  # UnboundLocalError from inside the probe
         ({"steps": 1.5}, "steps must be a whole number, got 1.5"),
+        ({"steps": True}, "steps must be a whole number, got True"),  # ran one step, silently
         ({"lr": "x", "steps": 1}, "lr must be a finite number >= 0, got 'x'"),
     ],
 )

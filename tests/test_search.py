@@ -13,6 +13,7 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 
 from stabilitycheck import report
 from stabilitycheck.config import Config
+from stabilitycheck.errors import UsageError
 from stabilitycheck.probing import probe
 from stabilitycheck.remedies import critical_init, judged_on
 from stabilitycheck.searching import boundary, search, sweep
@@ -427,3 +428,15 @@ def test_a_failure_below_the_reported_point_is_said(
     assert low.values["depth"] < reported.values["depth"]
     assert assess(low.with_run(seeds=1), limits=limits).verdict.names == ("stall",)
     assert "stall" in assess(reported, limits=limits).verdict.names
+
+
+@pytest.mark.parametrize("timeout", [0, 0.0, -1.0, math.inf, math.nan, True, "5"])
+def test_search_refuses_a_timeout_that_is_no_positive_number_of_seconds(timeout: Any) -> None:
+    """timeout=0 disarmed the timer (no limit, silently) and a negative one raised from setitimer
+    inside the search, as an internal error (found by a mutation audit); the CLI's --probe-timeout
+    refused both already. One line naming what to pass."""
+    space = Space("mlp", Config.of("mlp", width=8, batch_size=4), (Axis.range("depth", 1, 2),))
+    said = r"^search: timeout must be seconds > 0 \(None: no limit\)"
+    with pytest.raises(UsageError, match=said) as caught:
+        search(space, timeout=timeout, max_examples=1)
+    assert "\n" not in str(caught.value)
