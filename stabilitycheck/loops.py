@@ -62,9 +62,8 @@ def looped_blocks(model: nn.Module, inputs: Inputs, blocks: Blocks, note: str) -
                 f"{s or '(model)'} ({sum(_stack_of(n) == s for n, _ in blocks)})" for s in found
             )
             return tuple(kept), ORDER_NOTE.format(parts=parts)
-        names, others = (
-            " + ".join(s or "(model)" for s in stacks if (s in found) == keep) for keep in (True, False)
-        )
+        names = " + ".join(s or "(model)" for s in found)
+        others = " + ".join(s or "(model)" for s in stacks if s not in found)
         return tuple(kept), APART_NOTE.format(names=names, n=len(kept), others=others)
     return tuple((name, model.get_submodule(name)) for name in found), LOOPED_NOTE.format(
         names=" + ".join(found)
