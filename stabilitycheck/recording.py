@@ -16,11 +16,11 @@ from stabilitycheck._tree import tensors
 from stabilitycheck.errors import UsageError
 from stabilitycheck.junctions import (
     _around,
+    _checked_blocks,
     _feeds,
     _goes_on,
     _made_from,
     _skips,
-    _stack_starts,
     _taken_chains,
 )
 from stabilitycheck.losses import Inputs
@@ -267,7 +267,7 @@ class _Recorder:
                     blocks[b][1].register_forward_pre_hook, outside_graph(self._join(b)), with_kwargs=True
                 ),
             )
-            for b in _stack_starts(self.stacks)
+            for b in _checked_blocks(self.stacks)
         ]
         self.handles: list[Any] = []
         self.picks: dict[int, int] = {}  # per block, which of its output's tensors is its chain's (_repick)
@@ -330,6 +330,10 @@ class _Recorder:
                         self.breaks.add(at)
                 return
             given = list(tensors((args, kwargs)))
+            held = self.alts.get(at - 1) if b > 0 and self.stacks[b - 1] == stack else None
+            if held is not None and any(_feeds(t, alt) for alt in held[0] for t in given):
+                return  # a later block taking another of its predecessor's tensors (its h of
+                # (router_logits, h)): the chain runs on, read on the tensor recorded
             own = self.own[stack] if self.stacks[self.calls[-1]] == stack else set()
             if not any(_made_from(t, own) for t in given):
                 self.feeds[at] = _taken_chains(self.outputs, sorted(self.breaks), given, entry)

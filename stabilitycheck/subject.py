@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, cast
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
 from stabilitycheck.config import Config
@@ -82,18 +83,41 @@ def torch_dtype(name: str) -> torch.dtype:
     }[name]
 
 
+def _kind(module: nn.Module) -> type:
+    """A module's class, that of the module it wraps where torch.nn.utils.parametrize gave it a class
+    of its own (ParametrizedLinear, one per instance: weight_norm, spectral_norm, orthogonal)."""
+    kind = type(module)
+    return kind.__bases__[0] if parametrize.is_parametrized(module) else kind
+
+
+def _reparametrizing(model: nn.Module, name: str) -> bool:
+    """Whether `name` is a parametrized module's `parametrizations` ModuleDict or inside it (its
+    ParametrizationLists compute a weight: no block of the model)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part == "parametrizations":
+            owner = model.get_submodule(".".join(parts[:i]))
+            if parametrize.is_parametrized(owner):
+                return True
+    return False
+
+
 def _stacks(model: nn.Module) -> list[tuple[str, Blocks]]:
     """Outermost ModuleLists/Sequentials of >= 1 modules of one type that own parameters, as the
     modules a forward calls (`_called`: a list of lists of blocks, stages of a model, is its blocks);
     of one whose modules are mostly of one composite type, those (`_mostly`)."""
     found: list[tuple[str, Blocks]] = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList | nn.Sequential) or len(module) == 0:
+        if (
+            not isinstance(module, nn.ModuleList | nn.Sequential)
+            or _reparametrizing(model, name)
+            or len(module) == 0
+        ):
             continue
         children = _mostly(_once(_called(name, module)))
         if (
             not children
-            or len({type(m) for _, m in children}) != 1
+            or len({_kind(m) for _, m in children}) != 1
             or not any(True for _ in module.parameters())
         ):
             continue
@@ -112,7 +136,7 @@ def _mostly(children: Blocks) -> Blocks:
     (EfficientNet's and ConvNeXt's) or not (`_staged`): the blocks inside them are the chain; nor of
     leaf layers, which keep their activations between them (Linear, Tanh, Linear, ...: find_blocks'
     layers of a Sequential)."""
-    kinds = [type(m) for _, m in children]
+    kinds = [_kind(m) for _, m in children]
     start = int(len(kinds) > 1 and kinds[0] is not kinds[1])
     end = len(kinds) - int(len(kinds) > 1 and kinds[-1] is not kinds[-2])
     blocks = children[start:end]
@@ -189,7 +213,7 @@ def _called(prefix: str, container: nn.ModuleList | nn.Sequential | nn.ModuleDic
     plain = _children(prefix, container, stages=False)
     if any(_stage(m) for _, m in plain):
         deep = _children(prefix, container, stages=True)
-        if len({type(m) for _, m in deep}) == 1:
+        if len({_kind(m) for _, m in deep}) == 1:
             return deep
     return plain
 
@@ -217,7 +241,7 @@ def _stage(module: nn.Module | None) -> TypeGuard[nn.Sequential]:
     if type(module) is not nn.Sequential or len(module) == 0:
         return False
     children = list(module.children())
-    return len({type(m) for m in children}) == 1 and all(any(True for _ in m.children()) for m in children)
+    return len({_kind(m) for m in children}) == 1 and all(any(True for _ in m.children()) for m in children)
 
 
 class Layer(nn.Module):
@@ -373,7 +397,7 @@ def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
     lists = [
         (name, _called(name, m))
         for name, m in model.named_modules()
-        if isinstance(m, nn.ModuleList | nn.Sequential) and len(m) >= 2
+        if isinstance(m, nn.ModuleList | nn.Sequential) and not _reparametrizing(model, name) and len(m) >= 2
     ]
     if lists:
         name, blocks = max(lists, key=lambda s: len(s[1]))

@@ -1579,3 +1579,112 @@ def test_a_longest_stack_of_leaf_layers_stands_alone_beside_composite_stacks() -
 
     blocks, note = find_blocks(Mixed())
     assert [n for n, _ in blocks] == [f"trunk.{i}" for i in range(6)] and note == "blocks: trunk (6)"
+
+
+class _TanhStack(nn.Module):
+    """Four tanh layers in a ModuleList, then a head, each layer's weight reparametrized by `param`
+    (weight_norm, spectral_norm)."""
+
+    def __init__(self, param: Any) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(16, 16, dtype=torch.float64) for _ in range(4))
+        for layer in self.layers:
+            nn.init.normal_(layer.weight, std=2.0 / 16**0.5)
+            param(layer)
+        self.head = nn.Linear(16, 4, dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return self.head(x)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("param", ["weight_norm", "spectral_norm"])
+def test_parametrized_layers_are_the_stack_with_torchs_gradients(param: str) -> None:
+    """torch gives each parametrized layer a class of its own (ParametrizedLinear, one per
+    instance): the stack read as four types, and the list computing layers.0's weight inside it was
+    taken as the stack, its growth the weight's reparametrization's (a weight-normed tanh stack at
+    depth 16, growth 180, read 0.031; found by a third-party audit, HF Encodec). Oracle: torch's
+    gradients of each layer's output."""
+    torch.manual_seed(0)
+    model = _TanhStack(getattr(nn.utils.parametrizations, param)).eval()  # spectral_norm's u held
+    x = torch.randn(8, 16, dtype=torch.float64)
+    m = probe_module(model, x, lambda out, _: out.square().sum())
+    assert m.layer_names == ("layers.0", "layers.1", "layers.2", "layers.3")
+    grads = torch_output_grads(model, (x,), list(model.layers))
+    assert m.activation_grad_norms[1:] == pytest.approx(grads, rel=1e-9)
+
+
+class _StagesAndHeads(nn.Module):
+    """Segformer's decode head, an FPN's laterals: three stages, then a head per stage on that stage's
+    output, the heads side by side, not a chain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(3))
+        self.heads = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(3))
+        self.fuse = nn.Linear(48, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        return self.fuse(torch.cat([h(f) for h, f in zip(self.heads, feats, strict=True)], -1))  # type: ignore[no-any-return]
+
+
+def test_heads_side_by_side_are_no_chain_in_series() -> None:
+    """heads.1 takes stages.1's output, not heads.0's, yet only a stack's first block was checked for
+    a junction, so the heads read as one chain and |dL/d heads.0| / |dL/d heads.2| multiplied into the
+    growth: 5128 where the stages' growth is 45 (found by a third-party audit). Every head starts a
+    chain of its own. Oracle: torch's |dL/d input| / |dL/d last stage|, the worst path here."""
+    torch.manual_seed(1)
+    x, z = torch.randn(8, 16), torch.randn(8, 4)
+    torch.manual_seed(0)
+    model = _StagesAndHeads()
+    with torch.no_grad():
+        model.fuse.weight[:, :16].mul_(100.0)
+    loss = lambda out, _: (out * z).sum()  # noqa: E731
+    m = probe_module(model, x, loss)
+    assert m.chain_starts == (4, 5, 6)
+    given = x.clone().requires_grad_()
+    outs: list[torch.Tensor] = []
+    hook = model.stages[-1].register_forward_hook(lambda _m, _a, o: outs.append(o))
+    first, last = torch.autograd.grad(loss(model(given), x), [given, *outs])
+    hook.remove()
+    assert m.chain_growths[0] == pytest.approx((first.norm() / last.norm()).item(), rel=1e-5)
+    assert m.growth == pytest.approx(max(m.chain_growths), rel=1e-9)
+
+
+def test_a_decoder_whose_first_layer_was_dropped_starts_its_own_chain() -> None:
+    """LayerDrop drew decoder layer 0: layer 1 takes its own embeddings and the memory, not the
+    encoder's last output, yet only a stack's first block was checked, so the decoder read as going
+    on with the encoder's chain (Hugging Face's TimeSeriesTransformer in training: growth 0.00216 for
+    0.874; found by a third-party audit)."""
+
+    class Dec(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.own, self.mem = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, y: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(self.own(y) + self.mem(memory).mean(1, keepdim=True))
+
+    class EncDec(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(3))
+            self.dec = nn.ModuleList(Dec() for _ in range(3))
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            for layer in self.enc:
+                x = layer(x)
+            for layer in list(self.dec)[1:]:  # layer 0 dropped
+                y = layer(y, x)
+            return self.head(y)  # type: ignore[no-any-return]
+
+    torch.manual_seed(0)
+    m = probe_module(EncDec(), (torch.randn(2, 5, 16), torch.randn(2, 3, 16)), lambda out, _: out.sum())
+    assert m.activation_names[4] == "dec.1"
+    assert m.chain_starts == (4,)
