@@ -213,16 +213,18 @@ def _taken_chains(
     return frozenset(taken)
 
 
-def _checked_blocks(stacks: Sequence[str]) -> list[int]:
-    """The blocks whose calls the recorder checks continue the chain: every block but a first one
-    alone in its stack (a recurrent cell called per token: a hook per token). From one stack to the
-    next (`encoder.layers.5` then `decoder.layers.0`) a call does where the block takes the last
-    block's output or what is computed from it (a ResNet's next stage does, as does the next stage of
-    a list of lists; an encoder-decoder's decoder does not, its chain starts anew). A stack of two or
-    more blocks entered again (a shared tower run on a second input) continues where the call also
-    takes one of the stack's own outputs this pass, or what is computed from one (stacked recurrent
-    cells, each taking its own hidden state, masked or not). Within a stack too: a head per stage,
-    each on its own stage's output, is a chain of its own (read as one chain, two unrelated heads'
-    ratio was in the growth, 5128 for 45), and a decoder whose first layer LayerDrop skipped starts
-    its chain at its next. `stacks`: each block's `_stack_of`."""
-    return [b for b in range(len(stacks)) if b > 0 or stacks[1:2] == stacks[:1]]
+def _stack_starts(stacks: Sequence[str]) -> list[int]:
+    """The first block of each stack (a run of blocks in one container), where the recorder checks
+    in a pre-hook that a call continues the chain (a stack's later blocks it checks in their forward
+    hook). From one stack to the next (`encoder.layers.5` then `decoder.layers.0`) a call does where
+    the block takes the last block's output or what is computed from it (a ResNet's next stage does,
+    as does the next stage of a list of lists; an encoder-decoder's decoder does not, its chain starts
+    anew). A stack of two or more blocks entered again (a shared tower run on a second input)
+    continues where the call also takes one of the stack's own outputs this pass, or what is computed
+    from one (stacked recurrent cells, each taking its own hidden state, masked or not). Within a
+    stack too: a head per stage, each on its own stage's output, is a chain of its own (read as one
+    chain, two unrelated heads' ratio was in the growth, 5128 for 45), and a decoder whose first layer
+    LayerDrop skipped starts its chain at its next. A one-block stack, a recurrent cell called per
+    token, is not checked (a hook per token). `stacks`: each block's `_stack_of`."""
+    first = [b for b in range(len(stacks)) if b == 0 or stacks[b - 1] != stacks[b]]
+    return [b for b in first if b > 0 or stacks[1:2] == stacks[:1]]
