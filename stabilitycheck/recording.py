@@ -321,8 +321,8 @@ class _Recorder:
         return on_join
 
     def _joins(self, b: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Whether block b's call, taking `args` and `kwargs`, goes on with the chain; where it does not,
-        a junction: the chains it takes (`feeds`) and a break where its output will be recorded."""
+        """Check that block b's call, taking `args` and `kwargs`, goes on with the chain; where it does
+        not, record the junction: the chains it takes (`feeds`) and a break where its output goes."""
         stack = self.stacks[b]
         if self.active and self.outputs:
             at, x = len(self.outputs), _entry(args, kwargs)[1]
