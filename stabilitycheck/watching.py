@@ -48,6 +48,15 @@ from stabilitycheck.watchstate import Snapshot
 FLUSH_EVERY = 50  # one host read per 50 steps: < 1 us/step amortised, and a finding is out within 50 steps
 
 
+def _closure_of(
+    args: tuple[Any, ...], kwargs: dict[str, Any], at: int
+) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """optimizer.step()'s closure, by keyword or as positional argument `at` (1 in a step pre-hook's
+    (optimizer, closure), 0 in a call of the bound step), and the arguments without it."""
+    rest = {k: v for k, v in kwargs.items() if k != "closure"}
+    return kwargs.get("closure", args[at] if len(args) > at else None), args[:at], rest
+
+
 class _Stderr:
     """The default report stream: sys.stderr as it is when watch() is called."""
 
@@ -412,7 +421,7 @@ class Watcher:
 
     def _pre_hook(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Close the step before the optimizer's update; `args` are step()'s own, (optimizer, closure?)."""
-        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        closure, args, kwargs = _closure_of(args, kwargs, 1)
         if closure is None:
             self.before_step()
             return None
@@ -420,7 +429,7 @@ class Watcher:
         # step closes after it; the optimizer gets its loss (see _closure_once)
         once = self._closure_once(closure)
         self.before_step()
-        return args[:1], {**{k: v for k, v in kwargs.items() if k != "closure"}, "closure": once}
+        return args, {**kwargs, "closure": once}
 
     def _closure_once(self, closure: Any) -> Any:
         """Run `closure` now (the step's passes, before the step closes); returns a closure giving that
@@ -470,8 +479,7 @@ class Watcher:
 
         def step(optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
             if self._open:
-                closure = kwargs.pop("closure", args[0] if args else None)
-                args = args[1:] if args else args
+                closure, args, kwargs = _closure_of(args, kwargs, 0)
                 once = self._closure_once(closure) if closure is not None else None
                 flagged = self.before_step()
                 self.host_reads += 1
