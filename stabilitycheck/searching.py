@@ -322,10 +322,11 @@ def search(
             top_stable=isinstance(corner, Judgement) and not corner.exploded,
             minimal=not rough,
             unjudged=unjudged,
-            below=_failing_below(prober, cx.config) if cx is not None else None,
+            below=_failing_below(prober, at) if cx is not None and at is not None else None,
         )
 
     cx: Counterexample | None = None
+    at: Index | None = None  # cx's grid index
     rough = False  # the counterexample is the smallest exploding point seen, not a verified one
     unjudged: tuple[tuple[Config, str], ...] = ()
     try:
@@ -348,7 +349,7 @@ def search(
             judged = prober.complete(found)
             assert isinstance(judged, Judgement)
             judged = _with_through_time(judged, config, subject, prober.cache)
-            cx = Counterexample(space.label, config, judged, limits, ())
+            cx, at = Counterexample(space.label, config, judged, limits, ()), found
             if on_result:
                 on_result(result(cx))
             for remedy in try_remedies(config, subject, limits, prober.cache):
@@ -365,18 +366,16 @@ def search(
                 judged = prober.seen[best]
                 assert isinstance(judged, Judgement)
                 cx, rough = Counterexample(space.label, space.config(best), judged, limits, ()), True
+                at = best
     return result(cx)
 
 
-def _failing_below(prober: Prober, config: Config) -> tuple[Config, str, int | None] | None:
-    """The smallest point judged at or below `config` in every knob, not `config`, that failed, what
-    it read, and the screen's seed where it failed on that alone (None: on the full rule): a
-    criterion that is not monotone in the knobs (a stall limit firing at depth 1 and again from 21;
-    the descent verified 21 1-minimal)."""
+def _failing_below(prober: Prober, at: Index) -> tuple[Config, str, int | None] | None:
+    """The smallest point judged at or below the counterexample's index `at` in every knob, not `at`,
+    that failed, what it read, and the screen's seed where it failed on that alone (None: on the full
+    rule): a criterion that is not monotone in the knobs (a stall limit firing at depth 1 and again
+    from 21; the descent verified 21 1-minimal)."""
     judged = prober.judged()
-    at = next((i for i in judged if prober.space.config(i) == config), None)
-    if at is None:
-        return None
     failing = [
         i
         for i, got in judged.items()

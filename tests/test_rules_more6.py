@@ -742,11 +742,11 @@ def test_the_failure_below_is_the_smallest_judged_point_at_or_below_in_every_kno
     prober, space = _prober_with(judged)
     want = _brute_below(judged, at)
     assert want == (2, 1)  # (0, 2) has the smaller sum but a higher init_scale
-    got = _failing_below(prober, space.config(at))
+    got = _failing_below(prober, at)
     assert got is not None and got[0] == space.config(want) and got[2] is None  # judged on the full rule
     judged[(1, 0)] = True  # now two lower failures: the smallest
     prober, space = _prober_with(judged)
-    got = _failing_below(prober, space.config(at))
+    got = _failing_below(prober, at)
     assert got is not None and got[0] == space.config(_brute_below(judged, at)) == space.config((1, 0))
 
 
@@ -756,10 +756,10 @@ def test_a_failure_below_seen_on_the_screens_seed_alone_says_that_seed() -> None
     from stabilitycheck.searching import _failing_below
 
     prober, space = _prober_with({(3, 2): True}, screened={(1, 1): True})
-    got = _failing_below(prober, space.config((3, 2)))
+    got = _failing_below(prober, (3, 2))
     assert got is not None and got[0] == space.config((1, 1)) and got[2] == 7
     prober, space = _prober_with({(3, 2): True, (1, 1): True})
-    got = _failing_below(prober, space.config((3, 2)))
+    got = _failing_below(prober, (3, 2))
     assert got is not None and got[0] == space.config((1, 1)) and got[2] is None
 
 
