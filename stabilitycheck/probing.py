@@ -25,6 +25,7 @@ from stabilitycheck._tree import tensors as tensors_of
 from stabilitycheck._validation import article
 from stabilitycheck.config import Config
 from stabilitycheck.errors import UsageError, UserCodeError
+from stabilitycheck.hooking import GRAPH_BREAK
 from stabilitycheck.layout import _layout, _per_block, _scatter, combined
 from stabilitycheck.layout import block_of as block_of
 from stabilitycheck.loops import looped_blocks
@@ -39,7 +40,7 @@ from stabilitycheck.norms import EXACT as EXACT
 from stabilitycheck.norms import STACK_MIN, dense, norm_values
 from stabilitycheck.norms import accumulator as accumulator
 from stabilitycheck.readings import Step, chains_of, gains_of, growth_of, locate, unscored
-from stabilitycheck.recording import GRAPH_BREAK, _Recorder
+from stabilitycheck.recording import _Recorder
 from stabilitycheck.recording import call_model as call_model
 from stabilitycheck.rng import rng_state, set_rng_state
 from stabilitycheck.subject import BYPASSED, Subject, find_blocks, own_blocks, shown_blocks

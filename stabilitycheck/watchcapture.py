@@ -9,7 +9,7 @@ fused call, or stacked per block when a block made STACK_MIN or more of them (a 
 called 256 times costs two kernels, not 512), or sooner once PENDING_CAP elements are kept (the
 memory held stays bounded). A kept output modified in place before its norm is taken is caught by
 its version counter; the watcher then warns and norms every output at once from then on. Under
-torch.compile the hooks run outside the graph (recording.outside_graph: a graph break at each watched
+torch.compile the hooks run outside the graph (hooking.outside_graph: a graph break at each watched
 block), on the real outputs: traced, they read a version counter that the compiled graph's outputs do
 not keep, and a host read in the norm broke the graph anyway. Every
 norm of a finite tensor is finite and exact to float32 rounding, above 1.8e19 and below 1e-19 too
@@ -28,6 +28,7 @@ from torch import nn
 
 from stabilitycheck import distributed
 from stabilitycheck._tree import tensors
+from stabilitycheck.hooking import hooked, outside_graph
 from stabilitycheck.norms import (
     STACK_MIN,
     STACK_NUMEL,
@@ -39,7 +40,7 @@ from stabilitycheck.norms import (
     norm,
     refine,
 )
-from stabilitycheck.recording import _first_tensor, hooked, outside_graph
+from stabilitycheck.recording import _first_tensor
 
 PENDING_CAP = 1 << 22  # elements kept for lazy norms (16 MiB in float32) before they are normed
 # a capture larger than this (128 KiB in float32) is normed at once, while it is in cache: on the

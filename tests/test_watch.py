@@ -28,7 +28,7 @@ from watch_models import MLP, Fault, PreNorm, batch, compute_loss, report_of, tr
 
 from stabilitycheck import norms
 from stabilitycheck.errors import UsageError
-from stabilitycheck.recording import GRAPH_BREAK
+from stabilitycheck.hooking import GRAPH_BREAK
 from stabilitycheck.spikes import SpikeRule
 from stabilitycheck.watching import watch
 from stabilitycheck.watchlog import Finding, Log
