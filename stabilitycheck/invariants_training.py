@@ -354,19 +354,26 @@ def _check_guards(
     _check_clean_step(named, weights, expected, kind)
 
 
-UNHIDDEN = 2.0**8  # the clean step's scale where the skipped steps backed it off to 1
+UNHIDDEN = 2.0**8  # the clean step's scale where the skipped steps backed it off to 1 or below
 
 
 def _away_from_one(scaler: Any, get_scale: Any, kind: str, skipped: int) -> None:
-    """The clean step runs at a scale other than 1, where a scaler that never unscales, or unscales
-    twice, moves the update by the scale's factor: each skipped step halves it, and after 16 (a
-    3-layer MLP with biases) torch's 2^16 reached 1, where both passed (found by a trial). A
-    torch.amp.GradScaler is set to UNHIDDEN; another scaler at 1 is a usage error."""
+    """The clean step runs at a scale above 1, where a scaler that never unscales, or unscales
+    twice, moves the update by the scale's factor, and the scaled gradients are larger than the
+    unscaled ones: each skipped step halves it, and after 16 (a 3-layer MLP with biases) torch's
+    2^16 reached 1, where both passed (found by a trial); past 16 it is below 1, where a step that
+    clips the scaled gradients (clip_grad_norm_ before unscale_) never clips and passed (found by an
+    audit: any model of more than 6 tensors, torch's default scaler). A torch.amp.GradScaler at 1 or
+    below is set to UNHIDDEN; another scaler at 1 is a usage error."""
     __tracebackhide__ = True
-    if not callable(get_scale) or abs(float(get_scale()) - 1.0) > 2 * CLEAN_RTOL:  # a factor the check sees
+    if not callable(get_scale):
         return
+    scale = float(get_scale())
     if isinstance(scaler, torch.amp.GradScaler):
-        scaler.update(UNHIDDEN)
+        if scale <= 1.0 + 2 * CLEAN_RTOL:
+            scaler.update(UNHIDDEN)
+        return
+    if abs(scale - 1.0) > 2 * CLEAN_RTOL:  # a factor the check sees
         return
     raise UsageError(
         f"{kind}'s scale is 1 after the {skipped} skipped steps, where a scaler that never unscales "

@@ -28,6 +28,7 @@ from stabilitycheck.invariants import (
     assert_gradscaler_guards,
     assert_rescaling_equivariant,
 )
+from stabilitycheck.invariants_training import UNHIDDEN
 from stabilitycheck.probing import probe, probe_module
 from stabilitycheck.subject import Built
 from stabilitycheck.subjects import resolve
@@ -453,7 +454,8 @@ def test_gradscaler_guards_pass_for_torch_gradscaler() -> None:
     assert_gradscaler_guards(b.model, b.inputs, b.loss_fn, scaler)
     n = sum(p.requires_grad for p in b.model.parameters())
     poisoned = 3 * 2 * 2 + n - 2  # Inf, -Inf, NaN x first, last gradient x end, middle; one between
-    assert scaler.get_scale() == 1024.0 * 0.5**poisoned  # backed off once per poisoned step
+    halved = 1024.0 * 0.5**poisoned  # backed off once per poisoned step, then set to 2^8 where that
+    assert scaler.get_scale() == (UNHIDDEN if halved <= 1.0 else halved)  # left it at 1 or below
 
 
 def test_gradscaler_guards_catch_a_scaler_checking_only_the_middle_tensors_it_skips() -> None:
@@ -1120,3 +1122,42 @@ def test_gradscaler_guards_judge_the_clean_step_away_from_a_scale_of_1() -> None
         assert_gradscaler_guards(model, x, loss, _UnscalesTwice("cpu"))
     with pytest.raises(UsageError, match="scale is 1 after the 16 skipped steps"):
         assert_gradscaler_guards(model, x, loss, broken.UnscalesTwiceScaler())  # type: ignore[arg-type]
+
+
+class _ClipsTheScaledGradients(torch.amp.GradScaler):
+    """A GradScaler whose step clips, clip_grad_norm_(params, 1.0), as a training loop does between
+    backward and scaler.step, after the unscale_(opt) torch's AMP recipe puts first only where
+    `unscales` (the fault: without it the clip judges the scaled gradients)."""
+
+    def __init__(self, unscales: bool) -> None:
+        super().__init__("cpu")
+        self.unscales = unscales
+
+    def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        if self.unscales:
+            self.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        return super().step(optimizer, *args, **kwargs)
+
+
+def test_gradscaler_guards_catch_a_clip_of_the_scaled_gradients_with_torchs_default_scale() -> None:
+    """On a model of 14 tensors the 24 skipped steps take torch's default 2^16 to 2^-8, where the
+    scaled gradients are smaller than the unscaled ones and a clip before unscale_ never fires: it
+    passed (found by an audit). The clean step runs at 2^8 instead, where it clips a gradient of
+    norm < 1 that a plain step leaves alone. Oracle: torch's AMP recipe, unscale_ before the clip,
+    passes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(m for _ in range(6) for m in (nn.Linear(16, 16), nn.Tanh())), nn.Linear(16, 2))
+    x = torch.randn(8, 16)
+
+    def loss(out: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+        return out.square().mean()
+
+    model(x).square().mean().backward()  # the unscaled gradient is within the clip: a plain step's
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)
+    model.zero_grad(set_to_none=True)
+    assert norm < 1.0 < norm * 2.0**8
+    assert_gradscaler_guards(model, x, loss, _ClipsTheScaledGradients(unscales=True))
+    with pytest.raises(StabilityError, match="within 1% of it"):
+        assert_gradscaler_guards(model, x, loss, _ClipsTheScaledGradients(unscales=False))
