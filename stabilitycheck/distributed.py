@@ -82,6 +82,12 @@ class Layout:
             "grad_norm": slice(3 + 4 * b, 4 + 4 * b),
         }
 
+    def noisier(self) -> list[slice]:
+        """The series a step of fewer samples leaves unjudged (spikes.noisier): the loss and the weight
+        gradients, per block and in total."""
+        p = self.parts()
+        return [p["loss"], p["gradient"], p["grad_norm"]]
+
     def logged(self) -> list[bool | None]:
         """Per series, whether the spike rule judges it on its logarithm: every norm (positive, its
         noise a factor); the loss as its first value says (SpikeRule.state: a loss may be negative)."""

@@ -89,6 +89,8 @@ def _check_meta(path: Path, meta: dict[str, Any]) -> None:
         "blocks (a list of names)": _is_list(meta.get("blocks"), str),
         "values (a list of numbers, null for NaN)": _is_list(meta.get("values"), (int, float, type(None))),
         "import_roots (a list of paths)": _is_list(meta.get("import_roots"), str),
+        "sizes (element counts by slot)": isinstance(sizes := meta.get("sizes", {}), dict)
+        and all(k.isdigit() and isinstance(v, int) and not isinstance(v, bool) for k, v in sizes.items()),
     }
     for field, ok in valid.items():
         if not ok:
@@ -124,6 +126,9 @@ def replay(path: Path | str) -> Replayed:
     n = len(data["batches"])  # a format-3 bundle has no modes nor scales: training mode, unscaled
     scaler = _scaler(model, data.get("scales", [None] * n))
     watcher = Watcher(model, None, blocks=blocks, report=None, flush_every=1, scaler=scaler)
+    # the norms read at the element counts the run read them at (Capture.sizes; a bundle written
+    # without them: the replayed step's own)
+    watcher.capture.sizes = {int(slot): numel for slot, numel in meta.get("sizes", {}).items()}
     with watcher:
         micro = zip(
             data["batches"],

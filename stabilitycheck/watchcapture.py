@@ -19,6 +19,7 @@ norm of a finite tensor is finite and exact to float32 rounding, above 1.8e19 an
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -78,6 +79,12 @@ class Capture:
         self._now_slots: list[int] = []
         self._fwd_now: list[torch.Tensor] = []  # norms of large block outputs, taken at once
         self._fwd_now_slots: list[int] = []
+        self._fwd_now_numel: list[int] = []
+        # elements captured this step per slot, and per slot those of the first step that captured
+        # it: the reference its output and gradient norms are read at (see `_at_reference`)
+        self._counts: dict[int, int] = {}
+        self.sizes: dict[int, int] = {}
+        self.fewer = False  # the step just closed captured fewer elements than a reference somewhere
         # per call of the watched model this step (a pass): where its forward captures start, whether
         # it hooked an output gradient and whether one arrived; passes before `_settled` are normed
         self._passes: list[list[int] | None] = []  # None: every mark 0 (nothing kept yet this step)
@@ -154,8 +161,16 @@ class Capture:
             starts = self._passes[k] or [0] * len(ends)
             if self._hooked[k] and not self._fed[k]:
                 for slot, a, b in zip(self._out_slot, starts, ends, strict=False):
+                    self._counts[slot] -= sum(t.numel() for t in self._pending[slot][a:b])
                     del self._pending[slot][a:b]
+                for slot, numel in zip(
+                    self._fwd_now_slots[starts[-1] : ends[-1]],
+                    self._fwd_now_numel[starts[-1] : ends[-1]],
+                    strict=True,
+                ):
+                    self._counts[slot] -= numel
                 del self._fwd_now[starts[-1] : ends[-1]], self._fwd_now_slots[starts[-1] : ends[-1]]
+                del self._fwd_now_numel[starts[-1] : ends[-1]]
             ends = starts
         self._clear_passes()
 
@@ -188,9 +203,11 @@ class Capture:
                 return
             kept = out.detach()
             numel = kept.numel()
+            self._counts[slot] = self._counts.get(slot, 0) + numel
             if self.eager or numel > EAGER_NUMEL:
                 self._fwd_now.append(norm(kept))
                 self._fwd_now_slots.append(slot)
+                self._fwd_now_numel.append(numel)
             else:
                 self._versions.append((kept, kept._version))
                 self._keep(kept, outputs, numel)
@@ -222,6 +239,7 @@ class Capture:
                 return
             self._feed(k)
             numel = grad.numel()
+            self._counts[slot] = self._counts.get(slot, 0) + numel
             if numel > EAGER_NUMEL:
                 self._norm_now(grad, slot)
             else:
@@ -264,6 +282,7 @@ class Capture:
             self._norms += norms
             self._norm_slots += slots
         self._now, self._now_slots, self._fwd_now, self._fwd_now_slots = [], [], [], []
+        self._fwd_now_numel = []
         self._settled = len(self._passes)  # what was kept so far is normed: no pass of it is dropped
         tensors: list[torch.Tensor] = []
         codes: list[int] = []
@@ -307,6 +326,7 @@ class Capture:
             values = torch.stack([*head, *norms])
             if narrow(tensors, norms) and not clean(values.tolist()[len(head) :], largest.numel()):
                 values = torch.stack([*head, *refine(tensors, norms)])
+            values = self._at_reference(values, key)
             if not self._groups or self._groups[-1][0] != key:
                 self._groups.append((key, []))
             self._groups[-1][1].append(values)
@@ -316,6 +336,34 @@ class Capture:
                 index, factors = self._lookup(tuple(range(-2 - n, -2 - 2 * n, -1)))
                 squares = torch.stack(fused_norms(list(weights), False)).double().square()
                 row.index_add_(0, index, squares if factors is None else squares * factors)
+
+    def _at_reference(self, values: torch.Tensor, key: Sequence[int]) -> torch.Tensor:
+        """This step's norms (the loss first, then one per code of `key`) read at each block's
+        reference element count, its first step's: a block output's norm times sqrt(reference / now),
+        its gradient's times sqrt(now / reference). A norm over the whole batch grows as the square
+        root of the batch size (or token count) and, under a mean loss, its gradient's shrinks as much:
+        an epoch's short last batch, or a batch-size ramp, read as a spike (x3.9 at 32 -> 128). Read at
+        the reference, a mean loss's norms do not move with the batch, a sum's gradients still do.
+        A step of the reference sizes, nearly every one, costs one dict comparison."""
+        counts, self._counts = self._counts, {}
+        self.fewer = False
+        if counts == self.sizes:
+            return values
+        factors: dict[int, float] = {}
+        grads = set(self._grad_slot)
+        for slot, numel in counts.items():
+            reference = self.sizes.setdefault(slot, numel)
+            self.fewer |= numel < reference
+            if numel != reference and numel > 0:
+                ratio = numel / reference
+                factors[slot] = math.sqrt(ratio if slot in grads else 1.0 / ratio)
+        if not factors:
+            return values
+        entries = list(values.unbind())
+        for i, code in enumerate(key, start=1):
+            if code in factors:
+                entries[i] = entries[i] * factors[code]
+        return torch.stack(entries)
 
     def settle(self, rows: torch.Tensor) -> None:
         """Write the closed steps into `rows` (one row each, in order, zeroed but for weight norms):

@@ -30,7 +30,7 @@ from stabilitycheck.alarms import Termination, signals_held
 from stabilitycheck.distributed import Layout
 from stabilitycheck.errors import UsageError
 from stabilitycheck.layout import block_of
-from stabilitycheck.spikes import SpikeRule, unmeasured
+from stabilitycheck.spikes import SpikeRule, noisier, unmeasured
 from stabilitycheck.subject import BYPASSED, find_blocks, own_blocks, shown_blocks
 from stabilitycheck.watchcapture import Capture
 from stabilitycheck.watchlog import Log, Report
@@ -394,6 +394,8 @@ class Watcher:
             else:  # the last measured weight norms stand in for this step's in its row, unjudged
                 values = unmeasured(series, weight)
                 series[weight] = self._last_weights
+            if self.capture.fewer:
+                values = noisier(values, self.layout.noisier())
             if amp is None:
                 judged, skipped = self.rule.update(self.state, values), self._not_skipped
                 flags = judged.flags
@@ -410,7 +412,7 @@ class Watcher:
                 self.optimizer.found_inf = flag if found is None else torch.maximum(flag, found)  # type: ignore[attr-defined]
             if self.snapshot is not None:
                 self.snapshot.on_flag(flagged)
-        self.out.on_step(self._loss_seen, self.weights_measured)
+        self.out.on_step(self._loss_seen, self.weights_measured, self.capture.fewer)
         self._loss_seen = False
         self._filled += 1  # the row is in: a signal after this line keeps it, before it drops it
         self.step += 1
@@ -524,7 +526,7 @@ class Watcher:
             self.out.add(first, host)
         if self.snapshot is not None:
             self.snapshot.write_if_flagged(
-                self.out.first_flag, first, n, self.out.first_flag_values, self.names
+                self.out.first_flag, first, n, self.out.first_flag_values, self.names, self.capture.sizes
             )
 
 

@@ -15,7 +15,7 @@ from stabilitycheck._json import strict_json
 from stabilitycheck._validation import check_image, writable
 from stabilitycheck.distributed import Layout, nonfinite_rank, to_series
 from stabilitycheck.errors import UsageError
-from stabilitycheck.spikes import SpikeRule, SpikeState, unmeasured
+from stabilitycheck.spikes import SpikeRule, SpikeState, noisier, unmeasured
 
 OUTSIDE = "(outside blocks)"
 Limits = tuple[list[float], list[float]]  # per series, the window mean and the threshold of one step
@@ -140,6 +140,7 @@ class Log:
         self.columns: list[list[float]] = []
         self.loss_seen: list[bool] = []
         self.weights_measured: list[bool] = []
+        self.fewer: list[bool] = []  # per step, fewer samples than the reference (spikes.noisier)
         self.last_weights: torch.Tensor | None = None
         self.host_state: SpikeState | None = None
         self.loss_logged: bool | None = None  # the loss judged on its logarithm (its first value > 0)
@@ -148,9 +149,10 @@ class Log:
     def first_flag(self) -> int | None:
         return self.result.first_spike.step if self.result.first_spike is not None else None
 
-    def on_step(self, loss_seen: bool, weights_measured: bool) -> None:
+    def on_step(self, loss_seen: bool, weights_measured: bool, fewer: bool) -> None:
         self.loss_seen.append(loss_seen)
         self.weights_measured.append(weights_measured)
+        self.fewer.append(fewer)
 
     def add(self, first: int, host: list[list[float]]) -> None:
         """Single process: rows of series, flags (0/1), the means and thresholds they were judged
@@ -189,8 +191,12 @@ class Log:
         # them enters the window (Layout.scaled)
         off = off.unsqueeze(1) & torch.tensor(self.scaled)
         measured = torch.tensor(self.weights_measured[first : first + rows.shape[0]])
+        fewer = torch.tensor(self.fewer[first : first + rows.shape[0]])
         judged = self.rule.update_many(  # the stand-ins above are for the log alone
-            self.host_state, torch.where(off, torch.nan, unmeasured(series, weight, ~measured))
+            self.host_state,
+            torch.where(
+                off, torch.nan, noisier(unmeasured(series, weight, ~measured), self.layout.noisier(), fewer)
+            ),
         )
         flags = (judged.flags & ~off).tolist()
         means, thresholds = judged.mean.tolist(), judged.threshold.tolist()

@@ -239,13 +239,20 @@ class Snapshot:
         self._start = rng_state()
 
     def write_if_flagged(
-        self, flagged: int | None, first: int, n: int, values: list[float], blocks: list[str]
+        self,
+        flagged: int | None,
+        first: int,
+        n: int,
+        values: list[float],
+        blocks: list[str],
+        sizes: dict[int, int],
     ) -> None:
-        """Write the bundle when the first flagged step is among the `n` steps just flushed."""
+        """Write the bundle when the first flagged step is among the `n` steps just flushed; `sizes`
+        are the reference element counts its norms were read at (Capture.sizes)."""
         if not self.written and flagged is not None and first <= flagged < first + n:
             self.written = True
             try:
-                self._write(flagged, values, blocks)
+                self._write(flagged, values, blocks, sizes)
             except Exception as exc:  # the user's training goes on: a bundle is never worth a crash
                 warnings.warn(
                     f"watch: the replay bundle for step {flagged} could not be written to {self.path} "
@@ -255,7 +262,7 @@ class Snapshot:
         for step in [s for s in self.batches if s < first + n]:
             del self.batches[step]
 
-    def _write(self, step: int, values: list[float], blocks: list[str]) -> None:
+    def _write(self, step: int, values: list[float], blocks: list[str], sizes: dict[int, int]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         roots = {import_root(type(self.model)), import_root(self.compute_loss)}
         micro = self.batches.get(step, [])
@@ -267,6 +274,7 @@ class Snapshot:
             "blocks_given": self.given,
             "user_hooks": user_hooked(self.model),
             "values": values,
+            "sizes": {str(slot): numel for slot, numel in sizes.items()},
             "import_roots": sorted(r for r in roots if r is not None),
             "has_batch": bool(micro) and all(batch is not None for batch, *_ in micro),
             "micro_batches": len(micro),
