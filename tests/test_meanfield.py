@@ -37,12 +37,40 @@ def tanh_fixed_point(sigma: float) -> float:
     return 0.5 * (lo + hi)
 
 
-@pytest.mark.parametrize("sigma", [1.05, 1.3, 2.0, 4.0])
+@pytest.mark.parametrize("sigma", [1.05, 1.3, 2.0, 4.0, 8.0, 20.0])
 def test_tanh_q_star_and_chi_1_in_the_chaotic_phase_match_quadrature(sigma: float) -> None:
     q = tanh_fixed_point(sigma)
     chi = sigma**2 * mean((1 - torch.tanh(math.sqrt(q) * _Z) ** 2) ** 2)
     assert meanfield.q_star(sigma, "tanh") == pytest.approx(q, rel=1e-6)
     assert meanfield.chi_1(sigma, "tanh") == pytest.approx(chi, rel=1e-6)
+
+
+@pytest.mark.parametrize("sigma", [1.00001, 1.0001, 1.0003])
+def test_tanh_q_star_and_chi_1_just_above_the_critical_point(sigma: float) -> None:
+    """Just above sigma = 1 the map's slope at q* is nearly 1: iterating it 10,000 times stopped short
+    (q* 16% high at 1.0001, chi_1 = 0.99997, the ordered side). q* ~ (sigma^2 - 1) / (2 sigma^2) and
+    chi_1 = sigma^2 E[tanh'^2] > 1: the chaotic phase, however barely."""
+    q = tanh_fixed_point(sigma)
+    chi = sigma**2 * mean((1 - torch.tanh(math.sqrt(q) * _Z) ** 2) ** 2)
+    assert q == pytest.approx((sigma**2 - 1) / (2 * sigma**2), rel=3e-3)
+    assert meanfield.q_star(sigma, "tanh") == pytest.approx(q, rel=1e-6)
+    assert meanfield.chi_1(sigma, "tanh") == pytest.approx(chi, rel=1e-9)
+    assert meanfield.chi_1(sigma, "tanh") > 1
+
+
+@pytest.mark.parametrize(
+    ("activation", "sigma", "expected"),
+    [
+        ("relu", 1.414, 0.0),
+        ("relu", 1.4143, math.inf),
+        ("linear", 0.9999, 0.0),
+        ("linear", 1.00001, math.inf),
+    ],
+)
+def test_relu_and_linear_q_star_near_criticality(activation: str, sigma: float, expected: float) -> None:
+    """q -> a q with a = sigma^2 / 2 (ReLU) or sigma^2 (linear): q* is 0 for a < 1 and infinite for a > 1,
+    however close a is to 1 (10,000 iterations of the map left q 0.049 at ReLU sigma 1.414, 3.4 at 1.4143)."""
+    assert meanfield.q_star(sigma, activation) == expected
 
 
 @pytest.mark.parametrize("q0", [0.25, 1.0, 7.0])
