@@ -761,6 +761,43 @@ def test_a_stack_of_grus_passing_a_packed_sequence_is_probed() -> None:
     assert m.gains == pytest.approx([norms[0] / norms[1], norms[1] / norms[2]], rel=1e-9)
 
 
+def test_a_packed_sequence_made_from_a_blocks_output_continues_its_chain() -> None:
+    """Linear -> pack_padded_sequence -> nn.RNN -> pad_packed_sequence -> Linear, read on its leaf
+    modules: the RNN takes a PackedSequence whose data is the Linear's output, gathered, and the
+    junction check, given the PackedSequence rather than a tensor, started a chain at the RNN: its gain
+    (the recurrence's) was in no chain, growth 0.49 where the same model unpacked read 7814 (found by a
+    third-party audit). Oracle: torch's |dL/dx| / |dL/d head output|, float64, the same for the
+    packed and the unpacked forward (no padding: every length is the sequence's)."""
+    torch.manual_seed(0)
+
+    class Packed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(4, 8, dtype=torch.float64)
+            self.rnn = nn.RNN(8, 8, batch_first=True, dtype=torch.float64)
+            self.head = nn.Linear(8, 3, dtype=torch.float64)
+            with torch.no_grad():
+                self.rnn.weight_hh_l0.mul_(4.0)
+
+        def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            p = nn.utils.rnn.pack_padded_sequence(self.inp(x), lengths, batch_first=True)
+            y = nn.utils.rnn.pad_packed_sequence(self.rnn(p)[0], batch_first=True)[0]
+            return self.head(y)
+
+    model = Packed()
+    x, lengths = torch.randn(3, 12, 4, dtype=torch.float64), torch.tensor([12, 12, 12])
+    z = torch.randn(3, 12, 3, dtype=torch.float64)
+    m = probe_module(model, (x, lengths), lambda o, _: (o * z).sum())
+    xi = x.clone().requires_grad_()
+    out = model.head(model.rnn(model.inp(xi))[0])
+    out.retain_grad()
+    (out * z).sum().backward()
+    assert out.grad is not None and xi.grad is not None
+    assert m.activation_names == ("(input)", "inp", "rnn", "head")
+    assert m.chain_starts == ()
+    assert m.growth == pytest.approx(float(xi.grad.norm() / out.grad.norm()), rel=1e-9)
+
+
 def test_one_chains_vanishing_does_not_hide_anothers_explosion() -> None:
     """Two towers of orthogonal linear layers, one at gain 3 and one at 1/3: their product (3) hid the
     first's growth 27 (a trial's prophetnet: encoder 2558, decoder 1.4e-16, growth read 3.5e-13, no
