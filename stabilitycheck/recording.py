@@ -262,9 +262,10 @@ class _Recorder:
         stack = self.stacks[b]
         if self.active and self.outputs:
             at, x = len(self.outputs), _entry(args, kwargs)[1]
-            if isinstance(x, nn.utils.rnn.PackedSequence):  # an nn.RNN's packed input: its chain is its
-                x = x.data  # data, what the last block's output was packed from (a junction read the
-                # recurrent layer's gain in no chain: growth 0.49 where torch's is 7814)
+            if isinstance(x, tuple | list | Mapping):  # a call taking one container, an nn.RNN's
+                x = _first_tensor(x, scalars=False)  # PackedSequence or a block's (h, mask): its chain
+                # is its first floating tensor, as a block's output is read (taken whole, a junction read
+                # a packed nn.RNN's gain in no chain: growth 0.49 where torch's is 7814)
             entry = self.calls[0] < 0
             if _feeds(x, self.outputs[-1]):
                 if self.breaks and x is not self.outputs[-1]:  # the chain runs on, unless what the

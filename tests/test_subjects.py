@@ -798,6 +798,55 @@ def test_a_packed_sequence_made_from_a_blocks_output_continues_its_chain() -> No
     assert m.growth == pytest.approx(float(xi.grad.norm() / out.grad.norm()), rel=1e-9)
 
 
+def test_a_stack_taking_a_tuple_from_another_stack_continues_its_chain() -> None:
+    """Two stacks of composite blocks each called on one (h, mask) tuple and returning one: the second
+    stack's first call takes the first stack's last output, but the junction check, given the tuple
+    rather than a tensor, started a chain there, so the second stack's first gain was in no chain
+    (growth 1.44 where torch's, first block output to last, is 2.03; found by a third-party audit).
+    Oracle: torch's gradients of each block's h, float64."""
+    torch.manual_seed(0)
+
+    class A(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 8, dtype=torch.float64)
+
+        def forward(self, hm: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.tanh(self.lin(hm[0])) * hm[1], hm[1]
+
+    class B(A):
+        def forward(self, hm: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            return hm[0] + torch.tanh(self.lin(hm[0])) * hm[1], hm[1]
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.ModuleList(A() for _ in range(3))
+            self.b = nn.ModuleList(B() for _ in range(3))
+            with torch.no_grad():
+                for block in [*self.a, *self.b]:
+                    block.lin.weight.mul_(3.0)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            hm = (x, torch.ones(x.shape[0], 1, dtype=torch.float64))
+            for block in [*self.a, *self.b]:
+                hm = block(hm)
+            return hm[0]
+
+    model = Net()
+    x, z = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    m = probe_module(model, x, lambda o, _: (o * z).sum())
+    outs: list[torch.Tensor] = []
+    blocks = [*model.a, *model.b]
+    handles = [b.register_forward_hook(lambda mod, i, out: outs.append(out[0])) for b in blocks]
+    grads = torch.autograd.grad((model(x) * z).sum(), outs)
+    for handle in handles:
+        handle.remove()
+    assert m.activation_names == ("a.0", "a.1", "a.2", "b.0", "b.1", "b.2")
+    assert m.chain_starts == ()
+    assert m.growth == pytest.approx(float(grads[0].norm() / grads[-1].norm()), rel=1e-9)
+
+
 def test_one_chains_vanishing_does_not_hide_anothers_explosion() -> None:
     """Two towers of orthogonal linear layers, one at gain 3 and one at 1/3: their product (3) hid the
     first's growth 27 (a trial's prophetnet: encoder 2558, decoder 1.4e-16, growth read 3.5e-13, no
