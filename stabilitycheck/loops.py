@@ -38,7 +38,10 @@ def looped_blocks(model: nn.Module, inputs: Inputs, blocks: Blocks, note: str) -
     attributes, a hidden state it keeps), with the random states of torch, Python and numpy put back.
     A model that cannot be copied, or whose copy's forward fails, keeps find_blocks' choice."""
     stacks = _stacks_of(blocks) if note != DECLARED_NOTE else []
-    leaves = note.startswith(LEAVES_NOTE)
+    # a list of modules of mixed types, the inside of one block a loop may call again on its own
+    # output (a weight-tied Sequential(Linear, Tanh) read as its Linear and its Tanh per call)
+    mixed = note.startswith("blocks: ") and "mixed module" in note and not stacks
+    leaves = note.startswith(LEAVES_NOTE) or mixed
     if not (leaves or len(stacks) > 1) or type(model).__name__ == "OptimizedModule":
         return blocks, note  # a compiled model's forward would compile again around the hooks
     states = host_rng_state()
@@ -55,6 +58,10 @@ def looped_blocks(model: nn.Module, inputs: Inputs, blocks: Blocks, note: str) -
         set_host_rng_state(states)
     if not found or found == stacks:
         return blocks, note
+    if mixed:  # that list's own container looped (or a module holding it): else the list stands
+        inside = {_stack_of(name) for name, _ in blocks}
+        if not any(c == f or c.startswith(f"{f}.") for c in inside for f in found):
+            return blocks, note
     if not leaves:
         kept = [b for stack in found for b in blocks if _stack_of(b[0]) == stack]
         if len(found) == len(stacks):

@@ -387,3 +387,34 @@ def test_two_stacks_whose_calls_interleave_and_both_chain_are_both_kept() -> Non
     model = Ladder()
     blocks, note = looped_blocks(model, torch.randn(2, 8), *find_blocks(model))
     assert note == "blocks: enc (3) + dec (3)" and len(blocks) == 6
+
+
+def test_a_sequential_block_looped_on_its_own_output_is_read_a_call_at_a_time() -> None:
+    """Sequential(Linear, Tanh) called 8 times on its own output (a Universal-Transformer-style loop of
+    one weight-tied block): read as `block (2, mixed module types)`, each call's Linear and Tanh were
+    separate entries, half-block gains (median 1.61 where torch's per-call median is 1.39). Oracle:
+    torch's gradient of each call's output (retain_grad), float64. (found by a third-party audit)"""
+    torch.manual_seed(0)
+
+    class UT(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = nn.Sequential(nn.Linear(16, 16, dtype=torch.float64), nn.Tanh())
+            nn.init.normal_(self.block[0].weight, std=3.0 / 4.0)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for _ in range(8):
+                x = self.block(x)
+            return x
+
+    model = UT()
+    x, z = torch.randn(4, 16, dtype=torch.float64), torch.randn(4, 16, dtype=torch.float64)
+    m = probe_module(model, x, lambda o, _: (o * z).sum())
+    outs: list[torch.Tensor] = []
+    handle = model.block.register_forward_hook(lambda mod, i, out: outs.append(out))
+    xi = x.clone().requires_grad_()
+    grads = torch.autograd.grad((model(xi) * z).sum(), [xi, *outs])
+    handle.remove()
+    norms = [float(g.norm()) for g in grads]
+    assert len(m.gains) == 8
+    assert m.gains == pytest.approx([norms[i] / norms[i + 1] for i in range(8)], rel=1e-9)
