@@ -95,6 +95,8 @@ def _chain_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str | N
     shape. A recurrent cell's call (u_t, h) or (x_t, (h, c)) has two such tensors: which one is the
     chain is not knowable from the call, so none is taken."""
     key, x = _entry(args, kwargs)
+    if isinstance(x, nn.utils.rnn.PackedSequence):  # an nn.RNN's packed input: its data is the entry
+        x = x.data
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         return None
     if any(t.shape == x.shape for t in tensors(args[1:])):
@@ -130,9 +132,12 @@ def _entering(
     (a stem's or an embedding's output), a copy in its graph, so the gradient still reaches what made
     it, while the copy's is the gradient through block 0 alone."""
     entry = x.clone() if x.requires_grad else x.detach().requires_grad_().clone()
+    held = (args[0] if args else None) if key is None else kwargs.get(key)
+    # a PackedSequence keeps its batch sizes and indices around the copy of its data
+    placed = held._replace(data=entry) if isinstance(held, nn.utils.rnn.PackedSequence) else entry
     if key is None:
-        return entry, ((entry, *args[1:]), kwargs)
-    return entry, (args, {**kwargs, key: entry})
+        return entry, ((placed, *args[1:]), kwargs)
+    return entry, (args, {**kwargs, key: placed})
 
 
 def _elsewhere(args: tuple[Any, ...], kwargs: dict[str, Any], key: str | None, first: torch.Tensor) -> bool:

@@ -758,7 +758,8 @@ def test_a_stack_of_grus_passing_a_packed_sequence_is_probed() -> None:
     m = probe_module(model, args, lambda o, _: o.square().sum())
     norms = torch_output_grads(model, args, list(model.grus), pick=lambda out: out[0].data)
     assert m.activation_grad_norms[-3:] == pytest.approx(norms, rel=1e-9)
-    assert m.gains == pytest.approx([norms[0] / norms[1], norms[1] / norms[2]], rel=1e-9)
+    assert m.activation_names[0] == "(input)"  # the packed data block 0 takes: see the test below
+    assert m.gains[-2:] == pytest.approx([norms[0] / norms[1], norms[1] / norms[2]], rel=1e-9)
 
 
 def test_a_packed_sequence_made_from_a_blocks_output_continues_its_chain() -> None:
@@ -845,6 +846,45 @@ def test_a_stack_taking_a_tuple_from_another_stack_continues_its_chain() -> None
     assert m.activation_names == ("a.0", "a.1", "a.2", "b.0", "b.1", "b.2")
     assert m.chain_starts == ()
     assert m.growth == pytest.approx(float(grads[0].norm() / grads[-1].norm()), rel=1e-9)
+
+
+def test_a_stack_whose_first_block_takes_a_packed_sequence_reads_its_input() -> None:
+    """A stem's output packed, then a ModuleList of nn.RNN passing the PackedSequence along: block 0's
+    input was no tensor, so no `(input)` was taken and the first recurrent layer's gain was read
+    nowhere (growth 7.64 where torch's, stack input to last output, is 9.74; found by a third-party
+    audit). Its entry is now the packed data, the copy put back into the PackedSequence. Oracle:
+    torch's gradients of the packed data going into layer 0 and coming out of the last, float64,
+    unequal lengths."""
+    torch.manual_seed(0)
+
+    class Stack(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(4, 8, dtype=torch.float64)
+            self.layers = nn.ModuleList(nn.RNN(8, 8, batch_first=True, dtype=torch.float64) for _ in range(3))
+            with torch.no_grad():
+                for layer in self.layers:
+                    layer.weight_hh_l0.mul_(4.0)
+
+        def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            packed = nn.utils.rnn.pack_padded_sequence
+            h = packed(self.inp(x), lengths, batch_first=True, enforce_sorted=False)
+            for layer in self.layers:
+                h, _ = layer(h)
+            return nn.utils.rnn.pad_packed_sequence(h, batch_first=True, total_length=x.shape[1])[0]
+
+    model = Stack()
+    args = (torch.randn(3, 10, 4, dtype=torch.float64), torch.tensor([10, 7, 4]))
+    z = torch.randn(3, 10, 8, dtype=torch.float64)
+    m = probe_module(model, args, lambda o, _: (o * z).sum())
+    seen: list[torch.Tensor] = []
+    first = model.layers[0].register_forward_pre_hook(lambda mod, a: seen.append(a[0].data))
+    last = model.layers[-1].register_forward_hook(lambda mod, a, out: seen.append(out[0].data))
+    grads = torch.autograd.grad((model(*args) * z).sum(), seen)
+    first.remove()
+    last.remove()
+    assert m.activation_names == ("(input)", "layers.0", "layers.1", "layers.2")
+    assert m.growth == pytest.approx(float(grads[0].norm() / grads[1].norm()), rel=1e-9)
 
 
 def test_one_chains_vanishing_does_not_hide_anothers_explosion() -> None:
