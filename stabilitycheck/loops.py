@@ -18,7 +18,7 @@ from stabilitycheck.junctions import _feeds
 from stabilitycheck.losses import Inputs
 from stabilitycheck.recording import _floating, _stack_of, call_model
 from stabilitycheck.rng import host_rng_state, set_host_rng_state
-from stabilitycheck.subject import DECLARED_NOTE, LEAVES_NOTE, Blocks
+from stabilitycheck.subject import DECLARED_NOTE, LEAVES_NOTE, MIXED, Blocks
 
 LOOPED_NOTE = "blocks: {names} (called again on their own output: a block per call)"
 APART_NOTE = "blocks: {names} ({n}; {others} run between their calls, off the chain: not taken)"
@@ -40,7 +40,7 @@ def looped_blocks(model: nn.Module, inputs: Inputs, blocks: Blocks, note: str) -
     stacks = _stacks_of(blocks) if note != DECLARED_NOTE else []
     # a list of modules of mixed types, the inside of one block a loop may call again on its own
     # output (a weight-tied Sequential(Linear, Tanh) read as its Linear and its Tanh per call)
-    mixed = note.startswith("blocks: ") and "mixed module" in note and not stacks
+    mixed = MIXED in note and not stacks
     leaves = note.startswith(LEAVES_NOTE) or mixed
     if not (leaves or len(stacks) > 1) or type(model).__name__ == "OptimizedModule":
         return blocks, note  # a compiled model's forward would compile again around the hooks

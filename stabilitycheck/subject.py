@@ -365,6 +365,7 @@ def shown_blocks(names: Sequence[str]) -> str:
 
 LEAVES_NOTE = "blocks: leaf modules with parameters"  # the last resort of find_blocks
 DECLARED_NOTE = "blocks: declared by stability_blocks()"
+MIXED = "mixed module"  # in the note of blocks taken from a list of mixed module types
 
 
 def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
@@ -420,10 +421,10 @@ def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
                 for i, (n, m) in enumerate(weighted)
             )
             return layers, (
-                f"blocks: {label} ({len(weighted)} layers of {len(mods)} mixed modules: each module with "
+                f"blocks: {label} ({len(weighted)} layers of {len(mods)} {MIXED}s: each module with "
                 "parameters and those after it)"
             )
-        return blocks, f"blocks: {label} ({len(mods)}, mixed module types)"
+        return blocks, f"blocks: {label} ({len(mods)}, {MIXED} types)"
     # a recurrent cell outside any list is the model's repeated unit, called once per token: its
     # input projection and head beside it would interleave with its calls (inp[t], cell[t], ...)
     cells = tuple((name, m) for name, m in model.named_modules() if isinstance(m, nn.RNNCellBase))
