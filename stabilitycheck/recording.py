@@ -199,7 +199,13 @@ class _Recorder:
         self.stacks = [_stack_of(name) for name, _ in blocks]
         self.own: dict[str, set[Any]] = {s: set() for s in self.stacks}  # its outputs' nodes this pass
         self.registrations = [  # made once; the hooks are on the model only from `start` to `remove`
-            (name, module, functools.partial(module.register_forward_hook, outside_graph(self._hook(b))))
+            (
+                name,
+                module,
+                functools.partial(
+                    module.register_forward_hook, outside_graph(self._hook(b)), with_kwargs=True
+                ),
+            )
             for b, (name, module) in enumerate(blocks)
         ] + [
             (
@@ -210,8 +216,8 @@ class _Recorder:
             )
             for b in _stack_starts(self.stacks)
         ]
-        # a stack's later blocks are checked in their forward hook (on their positional arguments: a
-        # pre-hook per call cost ~14 us, 0.03x of a 16-block MLP's step)
+        # a stack's later blocks are checked in their forward hook, on the arguments it gets (a pre-hook
+        # per call cost ~14 us, 0.03x of a 16-block MLP's step)
         self.later = {b for b in range(1, len(self.stacks)) if self.stacks[b - 1] == self.stacks[b]}
         self.handles: list[Any] = []
         self.picks: dict[int, int] = {}  # per block, which of its output's tensors is its chain's (_repick)
@@ -296,14 +302,14 @@ class _Recorder:
         calls, outputs = self.calls, self.outputs  # cleared in place, never rebound
         own = self.own[self.stacks[b]]
 
-        def on_forward(module: nn.Module, args: Any, output: Any) -> None:
+        def on_forward(module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
             if self.active:
                 outs = _floating(output)
                 pick = self.picks.get(b, 0)
                 out = outs[pick] if pick < len(outs) else _first_tensor(output, scalars=False)
                 if out is not None:
-                    if b in self.later and args:
-                        self._joins(b, args, {})
+                    if b in self.later and (args or kwargs):
+                        self._joins(b, args, kwargs)
                     entry, self.entry = self.entry, None
                     self.touched |= b == 0 and entry is not None and entry._version != self.version
                     if b == 0 and not calls and entry is not None and entry._version == self.version:

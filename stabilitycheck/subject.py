@@ -263,8 +263,16 @@ class Layer(nn.Module):
         # of its module in `container` (a module used at several places in one Sequential)
         self._after = (after, last, container, nth)
 
-    def register_forward_hook(self, hook: Callable[..., Any]) -> RemovableHandle:  # type: ignore[override]
+    def register_forward_hook(  # type: ignore[override]
+        self, hook: Callable[..., Any], *, with_kwargs: bool = False
+    ) -> RemovableHandle:
         after, last, container, nth = self._after
+        if with_kwargs:  # the layer's module with parameters is called positionally, as a Sequential does
+            given_hook = hook
+
+            def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+                return given_hook(module, args, {}, output)
+
         uses = max(1, sum(m is after for m in container._modules.values()))  # its places in the container
         calls = [0]  # calls of `after` since the container's pass began, counted modulo its places (a
         # model looping over the Sequential itself never calls it: each pass still calls every place)

@@ -1741,33 +1741,47 @@ def test_parametrized_layers_are_the_stack_with_torchs_gradients(param: str) -> 
     assert m.activation_grad_norms[1:] == pytest.approx(grads, rel=1e-9)
 
 
-class _StagesAndHeads(nn.Module):
-    """Segformer's decode head, an FPN's laterals: three stages, then a head per stage on that stage's
-    output, the heads side by side, not a chain."""
-
+class _Head(nn.Module):
     def __init__(self) -> None:
         super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.lin(hidden_states))
+
+
+class _StagesAndHeads(nn.Module):
+    """Segformer's decode head, an FPN's laterals: three stages, then a head per stage on that stage's
+    output, the heads side by side, not a chain; each head called positionally or by keyword, as
+    Hugging Face calls its layers."""
+
+    def __init__(self, keyword: bool = False) -> None:
+        super().__init__()
         self.stages = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(3))
-        self.heads = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(3))
+        self.heads = nn.ModuleList(_Head() for _ in range(3))
         self.fuse = nn.Linear(48, 4)
+        self.keyword = keyword
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = []
         for stage in self.stages:
             x = stage(x)
             feats.append(x)
-        return self.fuse(torch.cat([h(f) for h, f in zip(self.heads, feats, strict=True)], -1))  # type: ignore[no-any-return]
+        outs = [h(hidden_states=f) if self.keyword else h(f) for h, f in zip(self.heads, feats, strict=True)]
+        return self.fuse(torch.cat(outs, -1))  # type: ignore[no-any-return]
 
 
-def test_heads_side_by_side_are_no_chain_in_series() -> None:
+@pytest.mark.parametrize("keyword", [False, True])
+def test_heads_side_by_side_are_no_chain_in_series(keyword: bool) -> None:
     """heads.1 takes stages.1's output, not heads.0's, yet only a stack's first block was checked for
     a junction, so the heads read as one chain and |dL/d heads.0| / |dL/d heads.2| multiplied into the
-    growth: 5128 where the stages' growth is 45 (found by a third-party audit). Every head starts a
-    chain of its own. Oracle: torch's |dL/d input| / |dL/d last stage|, the worst path here."""
+    growth: 5128 where the stages' growth is 45 (found by a third-party audit; called by keyword, the
+    heads were again not checked: a mutation round). Every head starts a chain of its own. Oracle:
+    torch's |dL/d input| / |dL/d last stage|, the worst path here."""
     torch.manual_seed(1)
     x, z = torch.randn(8, 16), torch.randn(8, 4)
     torch.manual_seed(0)
-    model = _StagesAndHeads()
+    model = _StagesAndHeads(keyword)
     with torch.no_grad():
         model.fuse.weight[:, :16].mul_(100.0)
     loss = lambda out, _: (out * z).sum()  # noqa: E731
@@ -1782,11 +1796,14 @@ def test_heads_side_by_side_are_no_chain_in_series() -> None:
     assert m.growth == pytest.approx(max(m.chain_growths), rel=1e-9)
 
 
-def test_a_decoder_whose_first_layer_was_dropped_starts_its_own_chain() -> None:
+@pytest.mark.parametrize("keyword", [False, True])
+def test_a_decoder_whose_first_layer_was_dropped_starts_its_own_chain(keyword: bool) -> None:
     """LayerDrop drew decoder layer 0: layer 1 takes its own embeddings and the memory, not the
     encoder's last output, yet only a stack's first block was checked, so the decoder read as going
     on with the encoder's chain (Hugging Face's TimeSeriesTransformer in training: growth 0.00216 for
-    0.874; found by a third-party audit)."""
+    0.874; found by a third-party audit). Its chain takes the encoder's, the memory, in series: the
+    growth is their product, with the memory passed by keyword too (`encoder_hidden_states=` in
+    Hugging Face; read beside the encoder, 0.496 for 0.0431: a mutation round)."""
 
     class Dec(nn.Module):
         def __init__(self) -> None:
@@ -1807,10 +1824,12 @@ def test_a_decoder_whose_first_layer_was_dropped_starts_its_own_chain() -> None:
             for layer in self.enc:
                 x = layer(x)
             for layer in list(self.dec)[1:]:  # layer 0 dropped
-                y = layer(y, x)
+                y = layer(y, memory=x) if keyword else layer(y, x)
             return self.head(y)  # type: ignore[no-any-return]
 
     torch.manual_seed(0)
     m = probe_module(EncDec(), (torch.randn(2, 5, 16), torch.randn(2, 3, 16)), lambda out, _: out.sum())
     assert m.activation_names[4] == "dec.1"
     assert m.chain_starts == (4,)
+    assert m.chain_feeds == ((), (0,))
+    assert m.growth == pytest.approx(m.chain_growths[0] * m.chain_growths[1], rel=1e-9)
