@@ -439,8 +439,18 @@ def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
     if cells:
         return cells, f"blocks: {' + '.join(n for n, _ in cells)} (recurrent cells: a block per call)"
     leaves = tuple(  # the model itself, a bare nn.RNN, by a name (its own is ''): a blank culprit
-        (name or "(model)", m)
-        for name, m in model.named_modules()
-        if not list(m.children()) and any(True for _ in m.parameters(recurse=False))
+        (name or "(model)", m) for name, m in model.named_modules() if _leaf(model, name, m)
     )
     return leaves, f"{LEAVES_NOTE} (no repeated stack found)"
+
+
+def _leaf(model: nn.Module, name: str, m: nn.Module) -> bool:
+    """A module with parameters and no submodules, a parametrized layer counted as one: its
+    `parametrizations` compute its weight, which it owns (two weight-normed Linears outside any list
+    had no leaf at all, and the probe refused the model for an empty blocks= it was never given)."""
+    if _reparametrizing(model, name):
+        return False
+    wrapped = parametrize.is_parametrized(m)
+    if any(not (wrapped and child == "parametrizations") for child, _ in m.named_children()):
+        return False
+    return wrapped or any(True for _ in m.parameters(recurse=False))

@@ -1833,3 +1833,31 @@ def test_a_decoder_whose_first_layer_was_dropped_starts_its_own_chain(keyword: b
     assert m.chain_starts == (4,)
     assert m.chain_feeds == ((), (0,))
     assert m.growth == pytest.approx(m.chain_growths[0] * m.chain_growths[1], rel=1e-9)
+
+
+def test_parametrized_layers_outside_any_list_are_the_leaf_blocks() -> None:
+    """Two weight-normed Linears as plain attributes: each has children (its `parametrizations`), so
+    the last resort, leaf modules with parameters, found none and the probe refused the model for an
+    empty blocks= it was never given (found by a mutation round). They are the blocks, as their plain
+    twins are, and never the modules computing their weights. Oracle: torch's gradients of each
+    layer's output, and of the input."""
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.utils.parametrizations.weight_norm(nn.Linear(8, 8))
+            self.b = nn.utils.parametrizations.weight_norm(nn.Linear(8, 8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.tanh(self.a(x)))  # type: ignore[no-any-return]
+
+    torch.manual_seed(0)
+    model, x = Two(), torch.randn(4, 8)
+    m = probe_module(model, x, lambda out, _: out.square().sum())
+    assert m.activation_names == ("(input)", "a", "b")
+    given = x.clone().requires_grad_()
+    (entry,) = torch.autograd.grad(model(given).square().sum(), [given])
+    assert m.activation_grad_norms[0] == pytest.approx(float(entry.norm()), rel=1e-6)
+    assert m.activation_grad_norms[1:] == pytest.approx(
+        torch_output_grads(model, (x,), [model.a, model.b]), rel=1e-6
+    )
