@@ -342,8 +342,9 @@ class Capture:
         reference element count, its first step's: a block output's norm times sqrt(reference / now),
         its gradient's times sqrt(now / reference). A norm over the whole batch grows as the square
         root of the batch size (or token count) and, under a mean loss, its gradient's shrinks as much:
-        an epoch's short last batch, or a batch-size ramp, read as a spike (x3.9 at 32 -> 128). Read at
-        the reference, a mean loss's norms do not move with the batch, a sum's gradients still do.
+        an epoch's short last batch, or a batch-size ramp, read as a spike (x2 at 32 -> 128, past the
+        rule's floor). Read at the reference, a mean loss's norms do not move with the batch, a sum's
+        gradients still do.
         A step of the reference sizes, nearly every one, costs one dict comparison."""
         counts, self._counts = self._counts, {}
         self.fewer = False
