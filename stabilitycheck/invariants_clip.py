@@ -71,9 +71,18 @@ def assert_clipped_norm_bounded(
     coef = math.nan
     if before is not None:
         if len(before) != len(grads):
+            zeros = sum(not bool(g.any()) for _, g in grads)
+            made = len(grads) - len(before)
             raise UsageError(
                 f"before has {len(before)} tensors but {len(grads)} parameters have a .grad; pass "
                 "[p.grad.detach().clone() for p in params if p.grad is not None] taken before clipping"
+                + (
+                    f"; or the clipping gave a gradient to {made} parameters that had none ({zeros} "
+                    "gradients are all zero now): a clip must leave a missing gradient missing (under "
+                    "AdamW a zero gradient still decays its weight)"
+                    if 0 < made <= zeros
+                    else ""
+                )
             )
         pre = _named(list(before), "before")
         pre = [(name, b) for (name, _), (_, b) in zip(grads, pre, strict=True)]

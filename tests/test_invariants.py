@@ -1004,6 +1004,26 @@ def test_clipped_norm_with_before_catches_one_tensor_off_the_common_factor() -> 
         assert_clipped_norm_bounded(params, 0.1, before=before)
 
 
+def test_a_clip_that_gives_zero_gradients_to_parameters_that_had_none_is_said() -> None:
+    """A clip that turns missing gradients into zeros (which AdamW's decay then moves) made `before`,
+    taken over the gradients that existed, read short, and the error blamed `before` alone (found by
+    an audit of faulty clips). Oracle: torch's clip_grad_norm_ leaves a None gradient None, and the
+    count of gradients before and after."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(4, 4)) for _ in range(3)]
+    params[0].grad, params[1].grad = torch.randn(4, 4) * 10, torch.randn(4, 4) * 10
+    before = [p.grad.detach().clone() for p in params if p.grad is not None]
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    assert params[2].grad is None
+    assert_clipped_norm_bounded(params, 1.0, before=before)
+    params[2].grad = torch.zeros(4, 4)  # the faulty clip's extra
+    with pytest.raises(UsageError, match="gave a gradient to 1 parameters that had none"):
+        assert_clipped_norm_bounded(params, 1.0, before=before)
+    with pytest.raises(UsageError, match=r"pass \[p.grad") as caught:  # a short `before`, nothing made
+        assert_clipped_norm_bounded(params[:2], 1.0, before=before[:1])
+    assert "had none" not in str(caught.value)
+
+
 @pytest.mark.parametrize(("norm_type", "over"), [(1.0, 2e-4), (2.0, 1e-4)])
 def test_a_clip_just_over_torchs_rounding_on_a_million_float32_values_is_caught(
     norm_type: float, over: float
