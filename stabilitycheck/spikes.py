@@ -217,12 +217,7 @@ def unmeasured(series: torch.Tensor, cols: slice, rows: torch.Tensor | None = No
     norms between `weights_every` steps). Judged, their stand-in, the last measured value repeated,
     filled the window with one value of no spread, and a weight norm that grew over 50 steps of a
     clean SGD run was flagged, the step skipped under skip=True (found by an audit)."""
-    out = series.clone()
-    if rows is None:
-        out[..., cols] = 0.0
-    else:
-        out[rows, cols] = 0.0
-    return out
+    return _unjudged(series, [cols], rows, finite_only=False)
 
 
 def noisier(series: torch.Tensor, cols: Sequence[slice], rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -231,12 +226,17 @@ def noisier(series: torch.Tensor, cols: Sequence[slice], rows: torch.Tensor | No
     gradients of a step of fewer samples than the reference (an epoch's short last batch), means
     over fewer samples and noisier (a batch of 8 after batches of 512: block 0's weight gradient read
     x6.6 its window's geometric mean), logged but not judged."""
+    return _unjudged(series, cols, rows, finite_only=True)
+
+
+def _unjudged(
+    series: torch.Tensor, cols: Sequence[slice], rows: torch.Tensor | None, finite_only: bool
+) -> torch.Tensor:
+    """A copy of `series` with `cols` (of every row, or of the `rows` masked) set to 0, the rule's
+    'no measurement'; with `finite_only`, their non-finite values kept (still flagged)."""
     out = series.clone()
     for c in cols:
-        part = out[..., c] if rows is None else out[rows, c]
-        part = torch.where(part.isfinite(), torch.zeros_like(part), part)
-        if rows is None:
-            out[..., c] = part
-        else:
-            out[rows, c] = part
+        where = (..., c) if rows is None else (rows, c)
+        part = out[where]
+        out[where] = torch.where(part.isfinite(), 0.0, part) if finite_only else 0.0
     return out
