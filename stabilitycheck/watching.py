@@ -17,7 +17,7 @@ import inspect
 import sys
 import types
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
@@ -50,11 +50,13 @@ FLUSH_EVERY = 50  # one host read per 50 steps: < 1 us/step amortised, and a fin
 
 def _closure_of(
     args: tuple[Any, ...], kwargs: dict[str, Any], at: int
-) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+) -> tuple[Any, Callable[[Any], tuple[tuple[Any, ...], dict[str, Any]]]]:
     """optimizer.step()'s closure, by keyword or as positional argument `at` (1 in a step pre-hook's
-    (optimizer, closure), 0 in a call of the bound step), and the arguments without it."""
-    rest = {k: v for k, v in kwargs.items() if k != "closure"}
-    return kwargs.get("closure", args[at] if len(args) > at else None), args[:at], rest
+    (optimizer, closure), 0 in a call of the bound step), and a function giving step()'s arguments
+    with another closure in its place, every other argument as step() got it."""
+    if "closure" not in kwargs and len(args) > at:
+        return args[at], lambda c: ((*args[:at], c, *args[at + 1 :]), kwargs)
+    return kwargs.get("closure"), lambda c: (args, {**kwargs, "closure": c})
 
 
 class _Stderr:
@@ -423,7 +425,7 @@ class Watcher:
 
     def _pre_hook(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Close the step before the optimizer's update; `args` are step()'s own, (optimizer, closure?)."""
-        closure, args, kwargs = _closure_of(args, kwargs, 1)
+        closure, placed = _closure_of(args, kwargs, 1)
         if closure is None:
             self.before_step()
             return None
@@ -431,7 +433,7 @@ class Watcher:
         # step closes after it; the optimizer gets its loss (see _closure_once)
         once = self._closure_once(closure)
         self.before_step()
-        return args, {**kwargs, "closure": once}
+        return placed(once)
 
     def _closure_once(self, closure: Any) -> Any:
         """Run `closure` now (the step's passes, before the step closes); returns a closure giving that
@@ -481,14 +483,14 @@ class Watcher:
 
         def step(optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
             if self._open:
-                closure, args, kwargs = _closure_of(args, kwargs, 0)
+                closure, placed = _closure_of(args, kwargs, 0)
                 once = self._closure_once(closure) if closure is not None else None
                 flagged = self.before_step()
                 self.host_reads += 1
                 if flagged is not None and bool(flagged):
                     return None if once is None else once()
                 if once is not None:
-                    kwargs["closure"] = once
+                    args, kwargs = placed(once)
             return original(*args, **kwargs)
 
         if hasattr(original, "_wrapped_by_lr_sched"):  # an LR scheduler's wrapper, which this calls:

@@ -1418,6 +1418,37 @@ def test_a_step_given_a_closure_is_closed_after_its_passes(make: Any, skip: bool
         assert w.report.skipped_steps == [50]
 
 
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_step_given_its_closure_and_more_arguments_gets_them_all(skip: bool) -> None:
+    """A step taking more than the closure, step(closure, scale), gets each argument as the loop gave
+    it, whether the watcher's step pre-hook or its skip=True step wrapper takes the closure out (the
+    wrapper dropped every positional argument after the closure). Oracle: what step() received."""
+
+    got: list[float] = []
+
+    class Scaled(torch.optim.SGD):
+        def step(self, closure: Any = None, scale: float = 1.0) -> Any:  # type: ignore[override]
+            got.append(scale)
+            return super().step(closure)
+
+    model = _closure_net()
+    opt = Scaled(model.parameters(), lr=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # skip=True on a non-fused one: a host sync a step
+        with watch(model, opt, skip=skip, report=None):
+            for _ in range(3):
+                x = torch.randn(8, 16)
+
+                def closure(x: torch.Tensor = x) -> torch.Tensor:
+                    opt.zero_grad()
+                    loss = nn.functional.mse_loss(model(x), x.sum(-1, keepdim=True).sin())
+                    loss.backward()
+                    return loss
+
+                opt.step(closure, 0.5)
+    assert got == [0.5, 0.5, 0.5]
+
+
 def test_the_optimizer_of_another_model_is_refused_and_a_split_one_said() -> None:
     """watch(model, another model's optimizer) was accepted: its steps closed the rows and skip=True
     'skipped' an update the model never had (found by a user's trial); with skip=True, parameters
