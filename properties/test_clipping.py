@@ -79,7 +79,7 @@ def test_norm_clipping_bounds_the_norm_and_keeps_the_direction(
         with pytest.raises(StabilityError, match="Every gradient is zero after clipping"):
             assert_clipped_norm_bounded(model, max_norm, norm_type, before=before)
         return
-    assert_clipped_norm_bounded(model, max_norm, norm_type, before=before)
+    assert_clipped_norm_bounded(model, max_norm, norm_type, before=before, returned=returned)
     if largest < spacing:  # the right answer is all zeros: no direction
         event("every clipped entry underflows the dtype")
         return

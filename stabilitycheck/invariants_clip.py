@@ -36,13 +36,21 @@ def assert_clipped_norm_bounded(
     before: Sequence[torch.Tensor] | None = None,
     *,
     rtol: float | None = None,
+    returned: float | torch.Tensor | None = None,
 ) -> None:
     """After norm clipping: every gradient finite and the total norm <= max_norm (torch's contract:
     grads x min(1, max_norm / (total + 1e-6))); with `before`, the pre-clip gradients in the order of
     the parameters that have a .grad, also that clipping scaled them all by one coefficient between
     torch's and the exact min(1, max_norm / total) (so a clip per tensor fails: its factors differ),
-    and changed nothing where the total was within max_norm."""
+    and changed nothing where the total was within max_norm. `returned` (with `before`): what the clip
+    returned, which must be the total norm before clipping, as clip_grad_norm_'s is (a clip returning
+    the clipped norm shows every logged spike at max_norm)."""
     __tracebackhide__ = True
+    if returned is not None and before is None:
+        raise UsageError(
+            "returned= is checked against the total norm before clipping: pass before= too, "
+            "[p.grad.detach().clone() for p in params if p.grad is not None] taken before clipping"
+        )
     max_norm = _positive("max_norm", max_norm)
     norm_type = _norm_type(norm_type)
     grads = _grads(parameters)
@@ -109,6 +117,8 @@ def assert_clipped_norm_bounded(
         )
     if before is None:
         return
+    if returned is not None:
+        _check_returned(float(returned), total_before, norm_type, tol, dtype)
     # torch's clip_coef saturates at 1; an all-zero gradient is zero after any clip
     if total_before == 0 or max_norm >= (total_before + 1e-6) * (1 + 4 * tol):
         changed = [
@@ -146,6 +156,24 @@ def assert_clipped_norm_bounded(
         f"{total_before:.6g} + 1e-6) (torch's) to {exact:.6g} = max_norm / total (exact).",
         tol + spacing / coef if coef > 0 else tol,
     )
+
+
+def _check_returned(
+    returned: float, total_before: float, norm_type: float, tol: float, dtype: torch.dtype
+) -> None:
+    """The clip's return value is the total norm before clipping, within `tol` (torch's own rounding
+    of it included); inf only where that total is past the gradient dtype's range, as torch sums it
+    in that dtype (float16 past 65504)."""
+    if math.isinf(returned) and total_before > torch.finfo(dtype).max:
+        return
+    if not abs(returned - total_before) <= tol * total_before:
+        _fail(
+            "The clip returned another value than the total norm before clipping.",
+            f"Returned {returned:.9g}; the total {norm_type:g}-norm of before= is {total_before:.9g} "
+            f"(allowed: within rtol {tol:.2g})",
+            "clip_grad_norm_ returns the norm before clipping, what a log of gradient spikes reads: a "
+            "clip returning the norm after it shows every spike capped at max_norm",
+        )
 
 
 def _factor(before: Sequence[tuple[str, torch.Tensor]], after: Sequence[tuple[str, torch.Tensor]]) -> float:

@@ -52,6 +52,17 @@ def clip_inf_to_nan(parameters: Iterable[nn.Parameter], max_norm: float) -> floa
     return total
 
 
+def clip_returning_clipped_norm(
+    parameters: Iterable[nn.Parameter], max_norm: float, norm_type: float = 2.0
+) -> torch.Tensor:
+    """Clips as torch does but returns the total norm after clipping: a training log of the returned
+    norm then shows every spike capped at max_norm."""
+    params = list(parameters)
+    torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+    norms = [torch.linalg.vector_norm(g, norm_type) for g in _grads(params)]
+    return torch.linalg.vector_norm(torch.stack(norms), norm_type)
+
+
 def clip_floor_division(parameters: Iterable[nn.Parameter], max_norm: float) -> None:
     """Norm clipping with `//` where `/` was meant: the coefficient max_norm // total is 0 whenever
     clipping is needed, so every gradient is set to zero (what torch's clip_grad_norm_ does when the

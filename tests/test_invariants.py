@@ -71,7 +71,7 @@ def test_torch_norm_clipping_passes(dtype: str, max_norm: float) -> None:
     params, before = with_grads(dtype)
     returned = torch.nn.utils.clip_grad_norm_(params, max_norm)
     assert float(returned) == pytest.approx(total(before), rel=1e-2)  # the pre-clip norm
-    assert_clipped_norm_bounded(params, max_norm, before=before)
+    assert_clipped_norm_bounded(params, max_norm, before=before, returned=returned)
     factor = assert_direction_preserved(before, [p.grad for p in params if p.grad is not None])
     coef = min(1.0, max_norm / (total(before) + 1e-6))
     rel = 0.1 if dtype == "float16" else 1e-2  # float16 holds a coefficient ~5e-7 only to 6e-8 (subnormal)
@@ -83,6 +83,41 @@ def test_torch_norm_clipping_passes_for_other_norms(norm_type: float) -> None:
     params, before = with_grads()
     torch.nn.utils.clip_grad_norm_(params, 0.05, norm_type=norm_type)
     assert_clipped_norm_bounded(params, 0.05, norm_type, before=before)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16", "float16"])
+def test_a_clip_returning_the_clipped_norm_is_caught_and_torchs_passes(norm_type: float, dtype: str) -> None:
+    """Guards `returned=`; oracle: torch's clip returns the total norm before clipping (float64 here by
+    hand) and passes; a clip returning the norm after it returns max_norm, which a log of spikes reads
+    as capped (only where no clipping happened are both the same, and it passes)."""
+    params, before = with_grads(dtype)
+    pre = float(
+        torch.linalg.vector_norm(torch.stack([g.double().norm(norm_type) for g in before]), norm_type)
+    )
+    for max_norm in (pre / 10, pre * 10):
+        for p, b in zip((p for p in params if p.grad is not None), before, strict=True):
+            p.grad = b.clone()
+        returned = broken.clip_returning_clipped_norm(params, max_norm, norm_type)
+        if max_norm > pre:
+            assert_clipped_norm_bounded(params, max_norm, norm_type, before=before, returned=returned)
+            continue
+        assert float(returned) == pytest.approx(max_norm, rel=2e-2)
+        with pytest.raises(StabilityError, match="another value than the total norm before") as info:
+            assert_clipped_norm_bounded(params, max_norm, norm_type, before=before, returned=returned)
+        assert reported(str(info.value), "of before= is ") == pytest.approx(pre, rel=1e-6)
+        for p, b in zip((p for p in params if p.grad is not None), before, strict=True):
+            p.grad = b.clone()
+        got = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+        assert_clipped_norm_bounded(params, max_norm, norm_type, before=before, returned=got)
+
+
+def test_returned_without_before_is_a_usage_error() -> None:
+    params, _ = with_grads()
+    got = torch.nn.utils.clip_grad_norm_(params, 0.1)
+    with pytest.raises(UsageError, match="pass before= too") as caught:
+        assert_clipped_norm_bounded(params, 0.1, returned=got)
+    assert "\n" not in str(caught.value)
 
 
 def reported(message: str, label: str) -> float:
