@@ -14,19 +14,18 @@ from stabilitycheck.measurement import AFTER_LAST, Measurement
 def culprit_of(ms: Sequence[Measurement]) -> str:
     """The block to blame, over seeds: where the first non-finite value was made; else a block whose
     backward log-gain exceeds the stack's median log-gain by more than log 2 and by more than 3x the
-    spread of the other blocks' excesses (the lower median of their absolute values), in the median over
-    seeds, and which has the largest gain in at least 80% of the seeds; else every block passing the
-    same rules (each past the spread of those outside them), where they are two to a third of the
-    stack and one of them has the largest gain in 80% of the seeds (a ResNet's two last blocks, 12-28
-    each against 1.3 elsewhere, which of them is larger varying by seed: 'layer4.0, layer4.1'); else,
-    when the typical gain G
-    (the nearest-rank median over seeds, as the verdict's quantiles, of each stack's median) is over 1,
-    or the median growth over seeds is under 1 (every block shrinks the gradient alike: vanishing),
-    'uniform, median gain xG'; else the block with the largest weight gradient (the growth was inside a
-    block). A stack with fewer than three gains cannot show a uniform rate: there the seeds vote for
-    their largest amplifying block, a tie going to the block of the earliest seed among the tied
-    (a set's order, which varies with PYTHONHASHSEED, named layers.0 or layers.1 from one process to
-    the next)."""
+    spread of the other blocks' excesses (the median of their absolute values, the lower of two), in
+    the median over seeds, and which has the largest gain in at least 80% of the seeds; else every
+    block passing the same rules (each past the spread of those outside them), where they are two to
+    a third of the stack and one of them has the largest gain in 80% of the seeds (a ResNet's two last
+    blocks, 12-28 each against 1.3 elsewhere, which of them is larger varying by seed: 'layer4.0,
+    layer4.1'); else, when the typical gain G (the nearest-rank median over seeds, as the verdict's
+    quantiles, of each stack's median) is over 1, or the median growth over seeds is under 1 (every
+    block shrinks the gradient alike: vanishing), 'uniform, median gain xG'; else the block with the
+    largest weight gradient (the growth was inside a block). A stack with fewer than three gains
+    cannot show a uniform rate: there the seeds vote for their largest amplifying block, a tie going
+    to the block of the earliest seed among the tied (a set's order, which varies with
+    PYTHONHASHSEED, named layers.0 or layers.1 from one process to the next)."""
     first = ms[0]
     if any(m.first_nonfinite is not None for m in ms):
         return _single(next(m for m in ms if m.first_nonfinite is not None))
@@ -56,11 +55,14 @@ def culprit_of(ms: Sequence[Measurement]) -> str:
 
 def _stands_out(per_block: Sequence[float], group: Sequence[int]) -> bool:
     """The last of `group` exceeds the median by more than log 2 and 3x the spread of the blocks
-    outside the group (the lower median of their absolute excesses)."""
+    outside the group (the median of their absolute excesses, the lower one of two)."""
     others = [abs(x) for i, x in enumerate(per_block) if i not in group and not math.isnan(x)]
-    # the lower median: of two others, one shrinking hard (a stage of gain 0.16 beside one of 1.02) set
-    # the spread at half its excess, and a block 14x the stack's median gain did not stand out
-    spread = statistics.median_low(others) if others else 0.0
+    # two others' median is their mean: one shrinking hard (a stage of gain 0.16 beside one of 1.02) set
+    # the spread at half its excess, and a block 14x the stack's median gain did not stand out; the
+    # lower of the two is the spread one outlier cannot widen (from three on, the median is that)
+    spread = (
+        statistics.median_low(others) if len(others) == 2 else statistics.median(others) if others else 0.0
+    )
     return per_block[group[-1]] > max(math.log(2), 3 * spread)
 
 
