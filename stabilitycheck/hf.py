@@ -22,6 +22,7 @@ from stabilitycheck.errors import UsageError, UserCodeError
 from stabilitycheck.families import Scalar
 from stabilitycheck.losses import DefaultLoss, OutputLoss
 from stabilitycheck.memory import meta_bytes
+from stabilitycheck.rng import SALT_BATCH, SALT_LOSS, derived
 from stabilitycheck.space import Axis, Space
 from stabilitycheck.subject import LEAVES_NOTE, Built, find_blocks, torch_dtype
 from stabilitycheck.tokens import token_ids
@@ -101,8 +102,6 @@ MAX_LAYERS = 24
 INIT_STEPS = 50
 """The default init axis: its default x1, x2, ..., x50 (initializer_range: 0.02, 0.04, ..., 1.0)."""
 
-_SALT_INPUTS, _SALT_LOSS = 1, 2
-
 
 def _pads(model: nn.Module) -> set[object]:
     """The pad token ids of `model`: its config's and its input embedding's padding_idx (token_ids
@@ -113,12 +112,6 @@ def _pads(model: nn.Module) -> set[object]:
         embedding = None
     config = getattr(model, "config", None)
     return {getattr(config, "pad_token_id", None), getattr(embedding, "padding_idx", None)}
-
-
-def _salted(seed: int, salt: int) -> int:
-    """A seed for one purpose (inputs, labels), distinct from the model's in its low 32 bits, the only
-    ones torch's CPU generator keeps (manual_seed(2**32) draws what manual_seed(0) draws)."""
-    return (seed + salt * 0x9E3779B9) % 2**32
 
 
 def _import(model_type: str) -> ModuleType:
@@ -333,7 +326,7 @@ class HFModel:
                 f"{self.name} is not a text model: its {type(model).__name__}.forward takes {other}, and "
                 f"stabilitycheck feeds HF models random token ids; pick {self.pick}"
             )
-        gen = torch.Generator().manual_seed(_salted(seed, _SALT_INPUTS))
+        gen = torch.Generator().manual_seed(derived(seed, SALT_BATCH))
         shape = (int(values["batch_size"]), int(values["seq_len"]))
         takes = params if masks else {}
         vocab = int(values["vocab_size"])
@@ -363,7 +356,7 @@ class HFModel:
         if empty and note.startswith(LEAVES_NOTE):  # the stack it runs is the empty one (Whisper's decoder)
             raise UserCodeError(f"{self.name}: {', '.join(empty)} builds no layers it runs{NO_LAYERS}")
         model.to(device=device, dtype=torch_dtype(config.run.dtype))
-        loss = OutputLoss(DefaultLoss(_salted(seed, _SALT_LOSS)), self.name)
+        loss = OutputLoss(DefaultLoss(derived(seed, SALT_LOSS)), self.name)
         return Built(model, self.inputs(model, values, seed, device), loss, blocks, note)
 
     def memory_estimate(self, config: Config) -> int | None:

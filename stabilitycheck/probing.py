@@ -42,7 +42,7 @@ from stabilitycheck.norms import accumulator as accumulator
 from stabilitycheck.readings import Step, chains_of, gains_of, growth_of, locate, unscored
 from stabilitycheck.recording import _Recorder
 from stabilitycheck.recording import call_model as call_model
-from stabilitycheck.rng import rng_state, set_rng_state
+from stabilitycheck.rng import SALT_FORWARD, derived, rng_state, set_rng_state
 from stabilitycheck.subject import BYPASSED, Subject, find_blocks, own_blocks, shown_blocks
 from stabilitycheck.subjects import resolve
 from stabilitycheck.updates import optimizer_for, training_settings, update
@@ -354,7 +354,9 @@ def probe_module(
     with the hooks on to name the block.
 
     `amp` ('bfloat16' or 'float16') runs the forward under torch.autocast; float16 also uses a
-    torch.amp.GradScaler, whose loss scale is recorded per step, with the steps it skipped.
+    torch.amp.GradScaler, whose loss scale is recorded per step, with the steps it skipped. `seed`
+    seeds what the forward draws (dropout masks, noise) through rng.derived, not as itself: a model
+    built right after torch.manual_seed(seed) drew its weights from that stream.
     """
     if not isinstance(model, nn.Module):
         raise UsageError(
@@ -401,10 +403,10 @@ def probe_module(
     nonfinite: NonFinite | None = None
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.default_generator.manual_seed(seed)
+            torch.default_generator.manual_seed(derived(seed, SALT_FORWARD))
             if device.type == "cuda":
                 index = torch.cuda.current_device() if device.index is None else device.index
-                torch.cuda.default_generators[index].manual_seed(seed)
+                torch.cuda.default_generators[index].manual_seed(derived(seed, SALT_FORWARD))
             # weights are measured after the last update; at steps=0 they are the caller's own
             profiling = True  # until the per-block profile is read: see probe_module
             for step in range(steps + 1):

@@ -29,6 +29,7 @@ from stabilitycheck.errors import UsageError
 from stabilitycheck.families import knob_specs
 from stabilitycheck.measurement import NonFinite
 from stabilitycheck.probing import Measurement, probe, probe_module
+from stabilitycheck.rng import SALT_FORWARD, derived
 from stabilitycheck.subject import Built
 from stabilitycheck.subjects import resolve
 from stabilitycheck.verdicts import Limits, values, verdict
@@ -362,15 +363,15 @@ class Coin(nn.Module):
 
 @pytest.mark.parametrize("seed", range(8))
 def test_a_nan_from_a_random_draw_is_named_by_a_re_run_that_draws_the_same(seed: int) -> None:
-    """Oracle: the coin itself, drawn as the step draws it (seeded with `seed`, nothing drawn before
-    it). The re-run that names the block must draw the same coin: it drew another one, came out
-    finite, and the Inf was lost (seeds 2 and 5)."""
+    """Oracle: the coin itself, drawn as the step draws it (seeded with derived(seed, SALT_FORWARD),
+    nothing drawn before it). The re-run that names the block must draw the same coin: it drew
+    another one, came out finite, and the Inf was lost."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Sequential(nn.Linear(8, 8), nn.Tanh()), Coin(8), nn.Sequential(nn.Linear(8, 8)))
     x = torch.randn(4, 8)
     blocks = [(str(i), block) for i, block in enumerate(model)]
     m = probe_module(model, x, lambda out, _: out.square().mean(), blocks=blocks, seed=seed)
-    torch.manual_seed(seed)
+    torch.manual_seed(derived(seed, SALT_FORWARD))
     inf = bool(torch.nn.functional.dropout(torch.ones(1), 0.5, training=True) == 0)
     found = m.first_nonfinite
     assert (found is not None) == inf
@@ -3166,11 +3167,12 @@ def test_the_float64_re_run_of_a_nan_step_draws_its_dropout_masks_again() -> Non
     """The step whose NaN depends on the dropout mask is re-run in float64 from the random state it
     began with: the same mask, the same NaN named in the block that made it; a re-run drawing on
     would draw another mask and lose it (a mutant, found by mutation testing). Oracle: the mask
-    torch draws first under manual_seed(seed), by brute force over 20 seeds."""
+    torch draws first under manual_seed(derived(seed, SALT_FORWARD)) (the forward's seed: not `seed`,
+    which the init drew from), by brute force over 20 seeds."""
     drop, log = nn.Dropout(0.5), _LogOfSum()
     model = nn.Sequential(drop, log, nn.Linear(8, 1))
     for seed in range(20):
-        torch.manual_seed(seed)
+        torch.manual_seed(derived(seed, SALT_FORWARD))
         kept = int((F.dropout(torch.ones(8), 0.5) > 0).sum())
         m = probe_module(
             model, torch.ones(1, 8), lambda o, _: o.sum(), blocks=[("0", drop), ("1", log)], seed=seed

@@ -35,6 +35,7 @@ from stabilitycheck.modelfile.convention import (
 from stabilitycheck.modelfile.importer import ModelFileError
 from stabilitycheck.modelfile.inputs import move
 from stabilitycheck.recording import call_model
+from stabilitycheck.rng import SALT_BATCH, SALT_INFER, SALT_LOSS, derived
 from stabilitycheck.space import INIT_SCALES, Axis, Space
 from stabilitycheck.subject import Built, find_blocks, torch_dtype
 
@@ -44,12 +45,6 @@ INIT_NAMES = (SCALE, "initializer_range", "init_std", "initializer_factor", "ini
 knob's default (the init the model was designed with), unless INIT = (name, value) says otherwise."""
 _RESOURCE: tuple[type[BaseException], ...] = (MemoryError, torch.cuda.OutOfMemoryError)
 _PASS_THROUGH: tuple[type[BaseException], ...] = (StabilityCheckError, *_RESOURCE)
-_SALT_BATCH, _SALT_LOSS, _SALT_INFER = 1, 2, 3
-
-
-def _derived(seed: int, salt: int) -> int:
-    """A seed for one purpose (inputs, labels), distinct from the factory's so draws don't coincide."""
-    return (seed + salt * 0x9E3779B97F4A7C15) % 2**63
 
 
 class ModelFile:
@@ -169,8 +164,8 @@ class ModelFile:
             check_blocks(self, model)
             blocks, note = find_blocks(model)
             self.check_eager(model, blocks)
-            torch.manual_seed(_derived(seed, _SALT_BATCH))
-            inputs = self.source.make_inputs(self, model, values, _derived(seed, _SALT_INFER))
+            torch.manual_seed(derived(seed, SALT_BATCH))
+            inputs = self.source.make_inputs(self, model, values, derived(seed, SALT_INFER))
             _materialize(model, inputs)  # drawn alike at every init_scale, which then scales them
             looped, note = looped_blocks(model, inputs, blocks, note)
             if looped != blocks:
@@ -224,7 +219,7 @@ class ModelFile:
         """The user's loss(output, inputs), or the default loss on the unpacked output."""
         user = self.user_loss
         if user is None:
-            return OutputLoss(DefaultLoss(_derived(seed, _SALT_LOSS)), self.given, guard=self.call_user)
+            return OutputLoss(DefaultLoss(derived(seed, SALT_LOSS)), self.given, guard=self.call_user)
         return lambda output, inputs: self.call_user("loss(output, inputs)", user, output, inputs)
 
 
