@@ -31,8 +31,11 @@ class Growth:
     past it); irregular
     when neither explains FIT_R2 of C's variance (one block's spike among gain-1 blocks, growth that
     rises then falls along the stack: no rate or exponent describes it); flat when the total growth is
-    within x2; accumulated when a recurrent subject's through-time growth T (the loss on
-    the last step: the exact product of the Jacobians) explains less than half the log growth G,
+    within x2 and so is the growth from every block to the output (`swing`: a non-normal recurrence
+    whose gradient rises 1860x inside the stack and falls back to 1.7x at the input is no flat stack,
+    and reads irregular as one that ends at 4.4x does); accumulated when a recurrent subject's
+    through-time growth T (the loss on the last step: the exact product of the Jacobians) explains
+    less than half the log growth G,
     ln T < ln(G) / 2: the rest is the gradient of early steps summed over every later token's loss,
     whatever the limits. Quantiles and spreads over seeds."""
 
@@ -92,6 +95,18 @@ def fit_growth(gains: Sequence[float], apart: bool | None = None) -> Fit:
     return rate, r2_lin, exponent, r2_log
 
 
+def swing(gains: Sequence[float]) -> float:
+    """The largest |ln| of the growth from a block call to the output, over the stack (junctions, NaN,
+    count as gain 1, as in fit_growth); NaN where a gain is not a positive finite number."""
+    if not all(math.isnan(g) or (g > 0 and math.isfinite(g)) for g in gains):
+        return math.nan
+    largest = running = 0.0
+    for g in reversed(gains):
+        running += 0.0 if math.isnan(g) else math.log(g)
+        largest = max(largest, abs(running))
+    return largest
+
+
 def input_apart(gains: Sequence[float]) -> bool:
     """Whether the input segment's gain stands apart from the stack's (see Growth): 4 blocks or more,
     its log-gain more than INPUT_SPREAD standard deviations (at least INPUT_SD) from the others' mean,
@@ -131,17 +146,21 @@ def kind_of(profiles: Sequence[Sequence[float]], growths: Sequence[float], q: fl
     typical = _typical_stack(profiles)
     apart = input_apart(typical) if typical else None
     fits = [fit_growth(p, apart) for p in profiles]
-    return classify(fits, growths, q, fit_growth(typical, apart) if typical else None)
+    wide = swing(typical) if typical else quantile([swing(p) for p in profiles], q)
+    return classify(fits, growths, q, fit_growth(typical, apart) if typical else None, wide)
 
 
-def classify(fits: Sequence[Fit], growths: Sequence[float], q: float, typical: Fit | None = None) -> Growth:
+def classify(
+    fits: Sequence[Fit], growths: Sequence[float], q: float, typical: Fit | None = None, wide: float = 0.0
+) -> Growth:
     """The kind of growth from per-seed fits and growths (see Growth); which fit explains the growth
     is read on `typical` (the typical stack's fit, kind_of) where given, else on the quantile of the
-    per-seed fits."""
+    per-seed fits. `wide`: the stack's `swing` (0 where unknown): flat needs it within x2 too."""
     rate = Spread.of([f[0] for f in fits], q)
     exponent = Spread.of([f[2] for f in fits], q)
     growth = quantile(growths, q)
-    if growth > 0 and abs(math.log(growth)) < math.log(2):  # also where a short stack has no fit
+    inside = not wide >= math.log(2)  # NaN (a gain that is no positive number): as before, the ends alone
+    if growth > 0 and abs(math.log(growth)) < math.log(2) and inside:  # also where a short stack has no fit
         return Growth("flat", rate, exponent)
     if math.isnan(exponent.mid) or math.isnan(growth):
         return Growth("n/a", rate, exponent)
