@@ -62,7 +62,9 @@ class Criterion:
         if self.name in ("nonfinite", "overflow"):
             return self.name
         op = "<" if self.name == "vanishing" else ">"
-        return f"{self.name} {self.value:.3g} {op} {self.limit:.3g}"
+        # 3 significant digits, more where 3 print the value as its limit ('growth 100 > 100' for 100.06)
+        digits = next((d for d in range(3, 18) if f"{self.value:.{d}g}" != f"{self.limit:.{d}g}"), 3)
+        return f"{self.name} {self.value:.{digits}g} {op} {self.limit:.{digits}g}"
 
 
 @dataclass(frozen=True)

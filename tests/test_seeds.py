@@ -604,3 +604,16 @@ def test_the_profile_shown_is_the_seed_whose_own_growth_is_the_quantile(q: float
     assert f"seed {j.measured_seed}: the q={q:g} growth of {n}" in profile(j, q)
     again = type(j).from_dict(j.to_dict())
     assert again.measured_seed == j.measured_seed
+
+
+def test_a_criterion_never_prints_its_value_as_its_limit() -> None:
+    """A search's smallest exploding point sits just past the limit: a growth of 100.06 printed
+    'growth 100 > 100' (3 significant digits of each), a statement that reads false; more digits
+    where 3 do not tell them apart, 3 otherwise."""
+    from stabilitycheck.verdicts import Criterion
+
+    assert Criterion("growth", 100.06164707882215, 100.0).describe() == "growth 100.1 > 100"
+    assert Criterion("grad_norm", 1000.4, 1000.0).describe() == "grad_norm 1000.4 > 1000"
+    assert Criterion("vanishing", 0.009996, 0.01).describe() == "vanishing 0.009996 < 0.01"
+    assert Criterion("growth", 133.45958461950568, 100.0).describe() == "growth 133 > 100"
+    assert Criterion("grad_norm", 1642.585, 1000.0).describe() == "grad_norm 1.64e+03 > 1e+03"
