@@ -4,7 +4,10 @@ from batch() / example_input, the user's loss or the default one."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import random
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -35,7 +38,7 @@ from stabilitycheck.modelfile.convention import (
 from stabilitycheck.modelfile.importer import ModelFileError
 from stabilitycheck.modelfile.inputs import move
 from stabilitycheck.recording import call_model
-from stabilitycheck.rng import SALT_BATCH, SALT_INFER, SALT_LOSS, derived
+from stabilitycheck.rng import SALT_BATCH, SALT_INFER, SALT_LOSS, derived, host_rng_state, set_host_rng_state
 from stabilitycheck.space import INIT_SCALES, Axis, Space
 from stabilitycheck.subject import Built, find_blocks, torch_dtype
 
@@ -158,13 +161,14 @@ class ModelFile:
         """The user's model (weights scaled if asked), blocks and inputs, seeded from config.run.seed."""
         values, seed = self.values(config), config.run.seed
         cuda = [torch.device(config.run.device)] if config.run.device.startswith("cuda") else []
-        with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(seed)
+        host = host_rng_state()  # the user's own, given back: the file's draws are seeded, not theirs
+        with torch.random.fork_rng(devices=cuda), _given_back(host):
+            _seed_all(seed)
             model = self.source.make_model(self, values)
             check_blocks(self, model)
             blocks, note = find_blocks(model)
             self.check_eager(model, blocks)
-            torch.manual_seed(derived(seed, SALT_BATCH))
+            _seed_all(derived(seed, SALT_BATCH))
             inputs = self.source.make_inputs(self, model, values, derived(seed, SALT_INFER))
             _materialize(model, inputs)  # drawn alike at every init_scale, which then scales them
             looped, note = looped_blocks(model, inputs, blocks, note)
@@ -221,6 +225,26 @@ class ModelFile:
         if user is None:
             return OutputLoss(DefaultLoss(derived(seed, SALT_LOSS)), self.given, guard=self.call_user)
         return lambda output, inputs: self.call_user("loss(output, inputs)", user, output, inputs)
+
+
+@contextmanager
+def _given_back(host: tuple[object, object]) -> Iterator[None]:
+    """Restore Python's and numpy's global random states `host` on leaving, whatever happened."""
+    try:
+        yield
+    finally:
+        set_host_rng_state(host)
+
+
+def _seed_all(seed: int) -> None:
+    """Seed torch's generator and Python's and (where loaded) numpy's global ones: a factory or batch()
+    drawing with np.random or random drew from wherever the process stood, so one Config's seeds gave
+    other inputs at every call and its verdict, and the reproduce line, other numbers each run."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed(seed % 2**32)
 
 
 def _materialize(model: nn.Module, inputs: Inputs) -> None:
