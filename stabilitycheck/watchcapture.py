@@ -71,6 +71,7 @@ class Capture:
         self.sharded = any(distributed.is_dtensor(p) for p in self.params)
         self.eager = False  # set once a kept output was modified in place before its norm
         self.seen = False  # set once a block's forward hook ran (see Watcher.close)
+        self.measured = False  # set once a block's forward hook ran with gradients on (Watcher.close)
         self.called = False  # set once the watched model was called with gradients on
         n = len(blocks)
         self._pending: dict[int, list[torch.Tensor]] = {slot: [] for slot in range(1, 1 + 2 * n)}
@@ -198,6 +199,7 @@ class Capture:
 
         def keep(output: Any) -> None:
             self.seen = True
+            self.measured = self.measured or torch.is_grad_enabled()
             out = _first_tensor(output, scalars=False)
             if out is None or not torch.is_grad_enabled():
                 return

@@ -277,6 +277,8 @@ class Watcher:
                     self._no_step()
                 elif self.capture.called and not self.capture.seen:
                     self._no_block_seen()
+                elif self.capture.called and not self.capture.measured:
+                    self._no_block_measured()
                 self.report = self.out.finish(self.host_reads)
         finally:
             self._termination.close()
@@ -304,6 +306,22 @@ class Watcher:
             f"no watched block ran through its __call__ in {self.step} steps ({shown}), so their outputs "
             f"and output gradients were never measured: {BYPASSED}, or pass the blocks the forward runs "
             "(blocks=...)"
+        )
+        self.out.result.note = note
+        warnings.warn(f"watch: {note}", stacklevel=3)
+
+    def _no_block_measured(self) -> None:
+        """Steps were closed and the model was called with gradients on, but its blocks ran only with
+        gradients off (`torch.no_grad()` inside the forward, or a reentrant `torch.utils.checkpoint` on
+        an input that does not require grad, whose backward never runs: the blocks get no gradient).
+        Their outputs and gradients were never measured, every one logged 0; said in the report and as
+        a warning, as for blocks no hook saw."""
+        shown = shown_blocks([name for name, _ in self.blocks])
+        note = (
+            f"the watched blocks ran only with gradients off in {self.step} steps ({shown}), so their "
+            "outputs and output gradients were never measured: a forward under torch.no_grad(), or a "
+            "reentrant torch.utils.checkpoint whose inputs do not require grad (its backward never "
+            "runs, and the blocks get no gradient: use_reentrant=False)"
         )
         self.out.result.note = note
         warnings.warn(f"watch: {note}", stacklevel=3)

@@ -1190,6 +1190,50 @@ def test_blocks_no_hook_sees_are_said_and_a_nan_they_make_is_not_silently_the_lo
             assert "note: no watched block ran" in stream.getvalue()
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_blocks_that_ran_only_with_gradients_off_are_said(reentrant: bool) -> None:
+    """Blocks run inside a reentrant torch.utils.checkpoint on data that does not require grad run
+    their forward under no_grad, and the checkpoint's backward never runs: they get no gradient and
+    never train, and every block output and its gradient read 0 (no measurement), with nothing said
+    (found by an audit of faulty loops). The report and a warning now say so; the non-reentrant
+    checkpoint trains the blocks and is measured, with nothing said. Oracle: torch, whether block 0's
+    weight moved."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3)])
+            self.head = nn.Linear(8, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                x = checkpoint(layer, x, use_reentrant=reentrant)
+            return self.head(x)
+
+    torch.manual_seed(0)
+    model = Checkpointed()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model.layers[0][0].weight.detach().clone()
+    stream = io.StringIO()
+    with warnings.catch_warnings(record=True) as seen, watch(model, opt, report=stream) as w:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            loss = model(torch.randn(4, 8)).square().mean()
+            w.loss(loss)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    trained = not torch.equal(before, model.layers[0][0].weight)
+    assert trained is not reentrant
+    said = [str(m.message) for m in seen if "ran only with gradients off" in str(m.message)]
+    if reentrant:
+        assert len(said) == 1 and "layers.0, layers.1" in said[0] and "use_reentrant=False" in said[0]
+        assert "note: the watched blocks ran only with gradients off in 3 steps" in stream.getvalue()
+    else:
+        assert said == [] and report_of(w).note is None
+
+
 @pytest.mark.parametrize("skip", [False, True])
 def test_the_logged_weight_norms_are_torchs_norms_of_that_steps_weights(skip: bool, tmp_path: Path) -> None:
     """Oracle: torch.linalg.vector_norm of each block's parameters (the head is outside the blocks),
