@@ -297,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     _SIGNALLED.clear()
     handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    # a signal the process was started ignoring (SIGINT in a shell script's `&` job) stays ignored
+    handled = tuple(s for s in handled if signal.getsignal(s) is not signal.SIG_IGN)
     previous = {s: signal.signal(s, _on_signal) for s in handled}
     try:
         return run(argv)

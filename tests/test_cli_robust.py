@@ -558,6 +558,30 @@ def test_a_vanishing_counterexample_is_said_to_vanish_not_to_explode(
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_the_process_ignores_stays_ignored(signum: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shell script's `stabilitycheck ... &` job starts with SIGINT ignored (as does a process its
+    parent told to ignore SIGTERM); the CLI installed its own handler over that, so a Ctrl-C meant for
+    the script stopped the search (found by an audit: `kill -INT` of such a job exited 130, where
+    Python's own default leaves an ignored SIGINT ignored). Oracle: signal.getsignal inside the run."""
+    seen: list[object] = []
+
+    def run(argv: object) -> int:
+        seen.append(signal.getsignal(signum))
+        return cli.EXIT_OK
+
+    monkeypatch.setattr(cli, "run", run)
+    previous = signal.signal(signum, signal.SIG_IGN)
+    try:
+        assert cli.main(["mlp"]) == cli.EXIT_OK
+        assert seen == [signal.SIG_IGN] and signal.getsignal(signum) is signal.SIG_IGN
+    finally:
+        signal.signal(signum, previous)
+    seen.clear()
+    assert cli.main(["mlp"]) == cli.EXIT_OK and seen == [cli._on_signal]  # one not ignored is handled
+    assert signal.getsignal(signum) is previous
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_during_the_descent_keeps_the_failure_found(
     signum: int, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
