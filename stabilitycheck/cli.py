@@ -296,9 +296,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return main_map(given[1:])
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     _SIGNALLED.clear()
-    handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    main = threading.current_thread() is threading.main_thread()
     # a signal the process was started ignoring (SIGINT in a shell script's `&` job) stays ignored
-    handled = tuple(s for s in handled if signal.getsignal(s) is not signal.SIG_IGN)
+    signals = (signal.SIGINT, signal.SIGTERM) if main else ()
+    handled = [s for s in signals if signal.getsignal(s) is not signal.SIG_IGN]
     previous = {s: signal.signal(s, _on_signal) for s in handled}
     try:
         return run(argv)
