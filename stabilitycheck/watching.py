@@ -279,6 +279,8 @@ class Watcher:
                     self._no_block_seen()
                 elif self.capture.called and not self.capture.measured:
                     self._no_block_measured()
+                elif not self.out.graded:
+                    self._no_gradient()
                 self.report = self.out.finish(self.host_reads)
         finally:
             self._termination.close()
@@ -307,8 +309,7 @@ class Watcher:
             f"and output gradients were never measured: {BYPASSED}, or pass the blocks the forward runs "
             "(blocks=...)"
         )
-        self.out.result.note = note
-        warnings.warn(f"watch: {note}", stacklevel=3)
+        self._say(note)
 
     def _no_block_measured(self) -> None:
         """Steps were closed and the model was called with gradients on, but its blocks ran only with
@@ -323,8 +324,22 @@ class Watcher:
             "reentrant torch.utils.checkpoint whose inputs do not require grad (its backward never "
             "runs, and the blocks get no gradient: use_reentrant=False)"
         )
+        self._say(note)
+
+    def _no_gradient(self) -> None:
+        """Every step closed found no gradient: each parameter's .grad None or zero when the optimizer
+        stepped (its norm, every step, 0: no measurement), so the model never trained and nothing was
+        flagged. A loop calling zero_grad() between backward() and step() does it."""
+        self._say(
+            f"no step had a gradient ({self.step} steps: every parameter's .grad was None or zero when "
+            "the step closed), so the model did not train: a zero_grad() between backward() and step(), "
+            "or a backward() after step()?"
+        )
+
+    def _say(self, note: str) -> None:
+        """`note` in the report and as a warning pointing at the caller's close() or with block."""
         self.out.result.note = note
-        warnings.warn(f"watch: {note}", stacklevel=3)
+        warnings.warn(f"watch: {note}", stacklevel=4)
 
     def _on_model_call(self, module: nn.Module, args: Any) -> None:
         if torch.is_grad_enabled() and self.snapshot is not None:

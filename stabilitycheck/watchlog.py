@@ -118,6 +118,8 @@ class Log:
     ) -> None:
         self.layout, self.blocks, self.rule, self.world, self.skip = layout, blocks, rule, world, skip
         self.names = series_names(layout, blocks)
+        self.total = layout.parts()["grad_norm"].start  # the total gradient norm's index in a row
+        self.graded = False  # set once a step's total gradient norm is not 0 (a NaN or Inf is not)
         grads = layout.parts()["activation_grad"]
         # the backward that made each output gradient: the next block's, the loss's after the last
         self.made_by = {grads.start + i: name for i, name in enumerate([*blocks[1:], AFTER_LAST])}
@@ -231,6 +233,7 @@ class Log:
         ranks: list[list[float]] | None,
         scaler_skipped: bool,
     ) -> None:
+        self.graded = self.graded or values[self.total] != 0
         if math.isfinite(values[0]) and values[0] != 0 and self.loss_logged is not False:
             self.loss_logged = values[0] > 0  # as the rule decides it: its first value, its first < 0
         found: Finding | None = None

@@ -1234,6 +1234,41 @@ def test_blocks_that_ran_only_with_gradients_off_are_said(reentrant: bool) -> No
         assert said == [] and report_of(w).note is None
 
 
+@pytest.mark.parametrize("set_to_none", [True, False])
+@pytest.mark.parametrize("misplaced", [True, False])
+def test_a_loop_stepping_on_no_gradient_is_said(misplaced: bool, set_to_none: bool) -> None:
+    """A loop calling zero_grad() between backward() and step() steps on no gradient: the model never
+    trains, every total gradient norm read 0 (no measurement) and nothing was said (found by an audit
+    of faulty loops). The report and a warning now say so; the loop in the right order, nothing.
+    Oracle: torch, whether any weight moved under plain SGD."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    stream = io.StringIO()
+    with warnings.catch_warnings(record=True) as seen, watch(model, opt, report=stream) as w:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            loss = model(torch.randn(4, 8)).square().mean()
+            w.loss(loss)
+            if not misplaced:
+                opt.zero_grad(set_to_none=set_to_none)
+            loss.backward()
+            if misplaced:
+                opt.zero_grad(set_to_none=set_to_none)
+            opt.step()
+    trained = any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+    assert trained is not misplaced
+    said = [str(m.message) for m in seen if "no step had a gradient" in str(m.message)]
+    if misplaced:
+        assert (
+            len(said) == 1 and "4 steps" in said[0] and "zero_grad() between backward() and step()" in said[0]
+        )
+        assert "note: no step had a gradient" in stream.getvalue()
+    else:
+        assert said == [] and report_of(w).note is None
+
+
 @pytest.mark.parametrize("skip", [False, True])
 def test_the_logged_weight_norms_are_torchs_norms_of_that_steps_weights(skip: bool, tmp_path: Path) -> None:
     """Oracle: torch.linalg.vector_norm of each block's parameters (the head is outside the blocks),
