@@ -432,6 +432,8 @@ def unmeasured(results: Sequence[SearchResult]) -> list[str]:
                     "chain (blocks=... or stability_blocks()), or --steps 1 reads them after one update"
                 )
             continue
+        if m.first_nonfinite is not None:  # its nonfinite line says why: an Inf divided by passes 0
+            continue
         when, fix = (
             (f"in any of its {m.steps_run + 1} steps", "initialise the head")
             if m.steps_run

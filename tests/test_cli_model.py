@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -464,6 +465,78 @@ def test_a_zero_initialised_head_is_said_unmeasured_and_read_after_one_step(
     code, out, _ = run(capsys, str(path), *FAST, "--steps", "1")
     assert code == 0 and "growth not measured" not in out
     assert "nan" not in columns(out.splitlines()[2])[5]
+
+
+OVERFLOWING = """
+import torch
+from torch import nn
+
+SPACE = {"depth": (1, 4)}
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16, bias=False)
+        nn.init.orthogonal_(self.fc.weight)
+
+    def forward(self, x):
+        return self.fc(x) * 100.0
+
+
+class Net(nn.Module):
+    def __init__(self, depth):
+        super().__init__()
+        self.layers = nn.ModuleList(Block() for _ in range(depth))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x / x.detach().abs().amax())
+
+
+def build(depth=2):
+    return Net(depth)
+
+
+def batch(model, batch_size=8):
+    return torch.randn(batch_size, 16)
+
+
+def loss(out, inputs):
+    return out.sum()
+"""
+
+
+def test_a_forward_that_overflowed_is_not_also_said_unmeasured(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A float16 forward overflows (x100 a block, Inf at depth 3) and the head divides by its Inf largest
+    entry: no gradient reaches a block, and under the nonfinite finding the report also said 'growth
+    not measured ... initialise the head', advice that does not apply (found by an audit of faulty
+    models). Oracle: torch, the float16 forward's last block output holds Inf and every dL/d output
+    is 0 (growth judged off: at x100 a block it fires first)."""
+    path = tmp_path / "overflowing.py"
+    path.write_text(OVERFLOWING)
+    spec = importlib.util.spec_from_file_location("overflowing", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    net = module.build(3).half()
+    outs: list[torch.Tensor] = []
+
+    def keep(_module: nn.Module, _args: object, out: torch.Tensor) -> None:
+        out.retain_grad()
+        outs.append(out)
+
+    for layer in net.layers:
+        layer.register_forward_hook(keep)
+    net(torch.randn(8, 16, dtype=torch.float16)).sum().backward()
+    assert torch.isinf(outs[-1]).any() and all(not bool(o.grad.any()) for o in outs)
+    code, out, _ = run(capsys, str(path), *FAST, "--dtype", "float16", "--growth-limit", "off")
+    assert code == 1 and "nonfinite step 0: activation of layers.2" in out
+    assert "growth not measured" not in out
 
 
 AMPLIFIED = """
