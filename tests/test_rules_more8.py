@@ -16,6 +16,7 @@ from torch import nn
 
 from stabilitycheck.errors import StabilityError
 from stabilitycheck.invariants import assert_clipped_norm_bounded, assert_clipped_value_bounded
+from stabilitycheck.norms import CHUNK, accumulated, norm
 from stabilitycheck.spikes import SpikeRule, noisier, unmeasured
 from stabilitycheck.watching import watch
 
@@ -304,3 +305,19 @@ def test_a_closure_stepped_under_no_grad_still_runs_its_backward(skip: bool) -> 
 
     for got, want in zip(run(True), run(False), strict=True):
         assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------- norms.py
+
+
+@pytest.mark.parametrize("tail", [1, 2, 7])
+def test_a_large_float32_norm_taken_in_pieces_counts_every_element_of_its_last_piece(tail: int) -> None:
+    """A float32 CPU tensor of more than CHUNK elements is normed in CHUNK-element pieces and a last,
+    shorter one: a last piece of one element counts as much as a longer one. Oracle: the norm in
+    float64 by hand (every element 1 but the last, 1000)."""
+    n = 2 * CHUNK + tail
+    x = torch.ones(n)
+    x[-1] = 1000.0
+    want = math.sqrt(n - 1 + 1000.0**2)
+    assert float(norm(x)) == pytest.approx(want, rel=1e-6)
+    assert float(accumulated([x], False)[0]) == pytest.approx(want, rel=1e-6)
