@@ -109,7 +109,7 @@ def test_the_host_rule_leaves_a_short_batchs_loss_and_weight_gradients_unjudged_
     """README: a step of fewer samples than the reference (an epoch's short last batch) leaves its
     loss and weight gradients logged, not judged. skip=True judges on the device, skip=False at the
     flush on the host: both read the step as fewer. Oracle: the documented rule; the same loop under
-    skip=True, which flags nothing either (batches of 512, then one of 8 at step 60)."""
+    skip=True, which flags nothing either (batches of 256, then one of 2 at step 20, a quick rule)."""
     flagged = []
     for skip in (True, False):
         torch.manual_seed(0)
@@ -117,11 +117,12 @@ def test_the_host_rule_leaves_a_short_batchs_loss_and_weight_gradients_unjudged_
         model = nn.Sequential(*blocks, nn.Linear(16, 1))
         opt = torch.optim.SGD(model.parameters(), lr=1e-2)
         gen = torch.Generator().manual_seed(0)
+        rule = SpikeRule(window=16, warmup=8)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with watch(model, opt, report=None, skip=skip) as w:
-                for step in range(64):
-                    x = torch.randn(8 if step == 60 else 512, 16, generator=gen)
+            with watch(model, opt, report=None, skip=skip, rule=rule) as w:
+                for step in range(22):
+                    x = torch.randn(2 if step == 20 else 256, 16, generator=gen)
                     loss = nn.functional.mse_loss(model(x).squeeze(-1), x.sum(-1).sin())
                     w.loss(loss)
                     opt.zero_grad()
