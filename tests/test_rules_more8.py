@@ -17,6 +17,7 @@ from torch import nn
 from stabilitycheck.errors import StabilityError
 from stabilitycheck.invariants import assert_clipped_norm_bounded, assert_clipped_value_bounded
 from stabilitycheck.norms import CHUNK, accumulated, norm
+from stabilitycheck.probing import probe_module
 from stabilitycheck.spikes import SpikeRule, noisier, unmeasured
 from stabilitycheck.watching import watch
 
@@ -322,3 +323,41 @@ def test_a_large_float32_norm_taken_in_pieces_counts_every_element_of_its_last_p
     want = math.sqrt(n - 1 + 1000.0**2)
     assert float(norm(x)) == pytest.approx(want, rel=1e-6)
     assert float(accumulated([x], False)[0]) == pytest.approx(want, rel=1e-6)
+
+
+# ---------------------------------------------------------------- probing.py
+
+
+class _InPlaceAfter(nn.Module):
+    """Three float64 Linears, each output doubled in place after its block returned (the probe then
+    runs the forward again, its buffers restored), plus a buffer made in inference mode or not."""
+
+    def __init__(self, inference: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.Linear(8, 8, dtype=torch.float64) for _ in range(3))
+        with torch.inference_mode(inference):
+            shift = torch.full((8,), 0.1, dtype=torch.float64)
+        self.register_buffer("shift", shift)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            h = block(x)
+            h.mul_(2.0)
+            x = torch.tanh(h + self.shift)
+        return x
+
+
+def test_an_inference_tensor_buffer_is_left_alone_when_the_probe_runs_the_forward_again() -> None:
+    """probing._buffers: an inference tensor, which no forward outside inference mode can update, is
+    not kept for `_restore` (copying into it there raises). Oracle: the same model with the buffer an
+    ordinary tensor, the same values, reads the same gains and growth."""
+    x = torch.randn(4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    read = []
+    for inference in (True, False):
+        model = _InPlaceAfter(inference)
+        assert model.shift.is_inference() is inference
+        blocks = [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)]
+        m = probe_module(model, x, lambda out, _: out.square().sum(), blocks=blocks)
+        read.append((m.gains, m.growth))
+    assert read[0] == read[1]
