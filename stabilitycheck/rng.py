@@ -23,6 +23,16 @@ def derived(seed: int, salt: int) -> int:
     return (seed + salt * SALT_MIX) % 2**63
 
 
+def seed_host(seed: int) -> None:
+    """Seed Python's and (where loaded) numpy's global generators, numpy's with the low 32 bits it
+    takes: a model drawing with `random` or `np.random` (a LayerDrop, input noise) draws the same for
+    the same seed in every run, whatever state the caller left them in."""
+    random.seed(seed)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed(seed % 2**32)
+
+
 def rng_state() -> dict[str, Any]:
     """The CPU's and, where CUDA is in use, every GPU's random state (`set_rng_state` restores it)."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None

@@ -4,8 +4,6 @@ from batch() / example_input, the user's loss or the default one."""
 from __future__ import annotations
 
 import math
-import random
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,7 +36,15 @@ from stabilitycheck.modelfile.convention import (
 from stabilitycheck.modelfile.importer import ModelFileError
 from stabilitycheck.modelfile.inputs import move
 from stabilitycheck.recording import call_model
-from stabilitycheck.rng import SALT_BATCH, SALT_INFER, SALT_LOSS, derived, host_rng_state, set_host_rng_state
+from stabilitycheck.rng import (
+    SALT_BATCH,
+    SALT_INFER,
+    SALT_LOSS,
+    derived,
+    host_rng_state,
+    seed_host,
+    set_host_rng_state,
+)
 from stabilitycheck.space import INIT_SCALES, Axis, Space
 from stabilitycheck.subject import Built, find_blocks, torch_dtype
 
@@ -241,10 +247,7 @@ def _seed_all(seed: int) -> None:
     drawing with np.random or random drew from wherever the process stood, so one Config's seeds gave
     other inputs at every call and its verdict, and the reproduce line, other numbers each run."""
     torch.manual_seed(seed)
-    random.seed(seed)
-    numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        numpy.random.seed(seed % 2**32)
+    seed_host(seed)
 
 
 def _materialize(model: nn.Module, inputs: Inputs) -> None:
