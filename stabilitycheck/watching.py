@@ -251,10 +251,14 @@ class Watcher:
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.close()
+        self._shut()  # as deep as close()'s: a warning of _shut points at the with block
 
     def close(self) -> Report:
         """Remove the hooks, flush what is buffered, write the report and the heatmap; idempotent."""
+        return self._shut()
+
+    def _shut(self) -> Report:
+        """close() and __exit__ alike, one frame below the caller's code (the warnings' stacklevel)."""
         self._open = False
         for handle in self._handles:
             handle.remove()
@@ -297,7 +301,7 @@ class Watcher:
         note = f"no step was closed: {how}, or call w.before_step() once per step"
         self.out.result.note = note
         if self._loss is not None or any(p.grad is not None for p in self.params):
-            warnings.warn(f"watch: {note}", stacklevel=3)
+            warnings.warn(f"watch: {note}", stacklevel=4)
 
     def _no_block_seen(self) -> None:
         """Steps were closed and the model was called, but no block's forward hook ran (a forward
@@ -339,7 +343,7 @@ class Watcher:
     def _say(self, note: str) -> None:
         """`note` in the report and as a warning pointing at the caller's close() or with block."""
         self.out.result.note = note
-        warnings.warn(f"watch: {note}", stacklevel=4)
+        warnings.warn(f"watch: {note}", stacklevel=5)
 
     def _on_model_call(self, module: nn.Module, args: Any) -> None:
         if torch.is_grad_enabled() and self.snapshot is not None:

@@ -1269,6 +1269,37 @@ def test_a_loop_stepping_on_no_gradient_is_said(misplaced: bool, set_to_none: bo
         assert said == [] and report_of(w).note is None
 
 
+@pytest.mark.parametrize("stepped", [True, False])
+@pytest.mark.parametrize("closed_by", ["with", "close"])
+def test_a_closing_note_warns_at_the_callers_line(closed_by: str, stepped: bool) -> None:
+    """The warnings of close() (no gradient at any step; no step closed) name the caller's line: under
+    `with` they named watching.py's __exit__, one frame short, so a filter by module or the line shown
+    pointed into the library. Oracle: the warning's filename is this file, for either way of closing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        w = watch(model, opt, report=None)
+        if closed_by == "with":
+            with w:
+                model(torch.randn(4, 8)).square().mean().backward()
+                if stepped:
+                    opt.zero_grad()
+                    opt.step()
+        else:
+            w.__enter__()
+            model(torch.randn(4, 8)).square().mean().backward()
+            if stepped:
+                opt.zero_grad()
+                opt.step()
+            w.close()
+    said = [m for m in seen if str(m.message).startswith("watch: ")]
+    expected = "no step had a gradient" if stepped else "no step was closed"
+    assert len(said) == 1 and expected in str(said[0].message), [str(m.message) for m in seen]
+    assert Path(said[0].filename).resolve() == Path(__file__).resolve()
+
+
 @pytest.mark.parametrize("skip", [False, True])
 def test_the_logged_weight_norms_are_torchs_norms_of_that_steps_weights(skip: bool, tmp_path: Path) -> None:
     """Oracle: torch.linalg.vector_norm of each block's parameters (the head is outside the blocks),
