@@ -296,9 +296,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return main_map(given[1:])
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     _SIGNALLED.clear()
-    main = threading.current_thread() is threading.main_thread()
+    on_main = threading.current_thread() is threading.main_thread()
     # a signal the process was started ignoring (SIGINT in a shell script's `&` job) stays ignored
-    signals = (signal.SIGINT, signal.SIGTERM) if main else ()
+    signals = (signal.SIGINT, signal.SIGTERM) if on_main else ()
     handled = [s for s in signals if signal.getsignal(s) is not signal.SIG_IGN]
     previous = {s: signal.signal(s, _on_signal) for s in handled}
     try:

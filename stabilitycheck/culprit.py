@@ -59,7 +59,9 @@ def _stands_out(per_block: Sequence[float], group: Sequence[int]) -> bool:
     others = [abs(x) for i, x in enumerate(per_block) if i not in group and not math.isnan(x)]
     # two others' median is their mean: one shrinking hard (a stage of gain 0.16 beside one of 1.02) set
     # the spread at half its excess, and a block 14x the stack's median gain did not stand out; the
-    # lower of the two is the spread one outlier cannot widen (from three on, the median is that)
+    # lower of the two is the spread one outlier cannot widen (from three on, the median is that). In a
+    # stack of three gains one of the two is the median block, excess 0: a block past twice the median
+    # gain stands out there
     spread = (
         statistics.median_low(others) if len(others) == 2 else statistics.median(others) if others else 0.0
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -42,15 +43,7 @@ from stabilitycheck.norms import accumulator as accumulator
 from stabilitycheck.readings import Step, chains_of, gains_of, growth_of, locate, unscored
 from stabilitycheck.recording import _Recorder
 from stabilitycheck.recording import call_model as call_model
-from stabilitycheck.rng import (
-    SALT_FORWARD,
-    derived,
-    host_rng_state,
-    rng_state,
-    seed_host,
-    set_host_rng_state,
-    set_rng_state,
-)
+from stabilitycheck.rng import SALT_FORWARD, derived, rng_state, set_rng_state
 from stabilitycheck.subject import BYPASSED, Subject, find_blocks, own_blocks, shown_blocks
 from stabilitycheck.subjects import resolve
 from stabilitycheck.updates import optimizer_for, training_settings, update
@@ -363,9 +356,10 @@ def probe_module(
 
     `amp` ('bfloat16' or 'float16') runs the forward under torch.autocast; float16 also uses a
     torch.amp.GradScaler, whose loss scale is recorded per step, with the steps it skipped. `seed`
-    seeds what the forward draws (dropout masks, noise; with torch, Python's `random` or numpy's
-    global generator, the caller's Python and numpy states given back) through rng.derived, not as
-    itself: a model built right after torch.manual_seed(seed) drew its weights from that stream.
+    seeds what the forward draws (dropout masks, noise; with torch or Python's `random`, the caller's
+    states given back) through rng.derived, not as itself: a model built right after
+    torch.manual_seed(seed) drew its weights from that stream. numpy's global generator is not
+    seeded: a forward drawing from it reads other numbers at each call.
     """
     if not isinstance(model, nn.Module):
         raise UsageError(
@@ -410,11 +404,13 @@ def probe_module(
     scales: list[float] = []
     skipped = 0
     nonfinite: NonFinite | None = None
-    host = host_rng_state()  # the caller's Python and numpy states, given back as torch's are
+    # the caller's Python state, given back as torch's is; numpy's global generator is left alone:
+    # saving and restoring its state costs ~0.1 ms a probe, 1.5% of a 16x256 MLP's step
+    caller = random.getstate()
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.default_generator.manual_seed(derived(seed, SALT_FORWARD))
-            seed_host(derived(seed, SALT_FORWARD))  # a forward's random / np.random draws (LayerDrop)
+            random.seed(derived(seed, SALT_FORWARD))  # a forward's `random` draws (a LayerDrop)
             if device.type == "cuda":
                 index = torch.cuda.current_device() if device.index is None else device.index
                 torch.cuda.default_generators[index].manual_seed(derived(seed, SALT_FORWARD))
@@ -422,7 +418,7 @@ def probe_module(
             profiling = True  # until the per-block profile is read: see probe_module
             for step in range(steps + 1):
                 drawn = rng_state()  # a re-run of the step draws what it drew (dropout masks)
-                drawn_host = host_rng_state()  # and what it drew with random or np.random
+                drawn_py = random.getstate()  # and what it drew with Python's random
                 hooked = profiling
                 last = _run_step(run, hooks=hooked, weights=0 < step == steps)
                 if step == 0 and not last.calls:
@@ -431,7 +427,7 @@ def probe_module(
                 found = None if last.finite else locate(step, last, names, owner, scaler is None)
                 if found is not None:  # name it, in float64
                     set_rng_state(drawn)
-                    set_host_rng_state(drawn_host)
+                    random.setstate(drawn_py)
                     exact = _run_step(run, hooks=True, exact=True, weights=True)
                     nonfinite = locate(step, exact, names, owner, scaler is None)
                     if nonfinite is None:  # the re-run stayed finite: the model draws on what
@@ -447,7 +443,7 @@ def probe_module(
                     # same step; non-finite there too, at scale 1, the dtype cannot hold the gradient: a
                     # finding
                     set_rng_state(drawn)
-                    set_host_rng_state(drawn_host)
+                    random.setstate(drawn_py)
                     unscaled = _run_step(run, hooks=hooked, exact=True)
                     if not unscaled.finite:
                         nonfinite = locate(step, unscaled, names, owner)
@@ -463,7 +459,7 @@ def probe_module(
                 skipped += update(opt, scaler, params, step, totals[-1], (lr, clip, warmup), overflowed)
     finally:
         run.rec.remove()
-        set_host_rng_state(host)
+        random.setstate(caller)
     act = tuple(first.backward)
     unreached = first.unreached | unscored(act, first.breaks, first.unreached)
     chains, feeds = chains_of(act, first.breaks, unreached, first.feeds)

@@ -19,7 +19,7 @@ def derived(seed: int, salt: int) -> int:
     and from those of every seed of its verdict (seeds.seed_of: salt x SALT_MIX is over 3e8 steps of
     SEED_MIX away mod 2^32 for salts 1-8). A model built right after manual_seed(seed) drew its weights
     from `seed`: a forward reseeded with it drew the same numbers, its noise a copy of the weights (a
-    weight-noise tanh stack read growth 101 at depth 30 where independent draws give a median of 3)."""
+    weight-noise tanh stack at depth 30 read growth 59-99 over 9 seeds, independent noise 2.4-4.3)."""
     return (seed + salt * SALT_MIX) % 2**63
 
 

@@ -335,9 +335,9 @@ class Watcher:
         stepped (its norm, every step, 0: no measurement), so the model never trained and nothing was
         flagged. A loop calling zero_grad() between backward() and step() does it."""
         self._say(
-            f"no step had a gradient ({self.step} steps: every parameter's .grad was None or zero when "
-            "the step closed), so the model did not train: a zero_grad() between backward() and step(), "
-            "or a backward() after step()?"
+            f"no step had a gradient in .grad ({self.step} steps: every parameter's was None or zero when "
+            "the step closed), so nothing was measured and, unless the gradients live elsewhere (DeepSpeed "
+            "ZeRO keeps its own), the model did not train: a zero_grad() between backward() and step()?"
         )
 
     def _say(self, note: str) -> None:
