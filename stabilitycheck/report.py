@@ -240,9 +240,10 @@ def _bottom_note(r: SearchResult) -> str:
             f"\n  note      the model's input is non-finite ({nf.describe()}): no knob changes that; "
             "give finite inputs (batch(), example_input)"
         )
+    how = cx.judgement.verdict.how  # 'vanishes' where vanishing alone fired
     return (
         f"\n  note      this is the lowest corner of the space searched ({knobs(r, cx.config)}): every knob "
-        "is at its smallest value, so the model explodes there already; lower the ranges (--knob) to "
+        f"is at its smallest value, so the model {how} there already; lower the ranges (--knob) to "
         "find where it stops"
     )
 

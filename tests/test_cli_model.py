@@ -679,3 +679,32 @@ def test_a_chain_no_gradient_reaches_is_said_unread(
     of it (timm's RegNet, found in an audit). The report says the growth was not read."""
     (note,) = _notes(capsys, tmp_path / "zero_tower.py", ZERO_TOWER)
     assert "growth not read: every dL/d output of a chain of its blocks is 0" in note
+
+
+DEAD = """
+import torch
+from torch import nn
+
+SPACE = {"depth": (2, 8)}
+
+
+def build(depth=4):
+    layers = [nn.Linear(8, 8, bias=False) for _ in range(depth)]
+    for layer in layers[:-1]:
+        nn.init.zeros_(layer.weight)
+    return nn.Sequential(*layers)
+"""
+
+
+def test_a_model_vanishing_at_the_lowest_corner_is_said_to_vanish(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Zero weights before the last layer: no gradient reaches the first block's output at any
+    depth (growth 0), so with --vanishing-limit the lowest corner vanishes; the note said the model
+    'explodes there already'."""
+    path = tmp_path / "dead.py"
+    path.write_text(DEAD)
+    code, out, _ = run(capsys, str(path), "--vanishing-limit", "100", *FAST)
+    assert code == 1
+    (note,) = [line for line in out.splitlines() if "lowest corner" in line]
+    assert "the model vanishes there already" in note and "explodes" not in note
