@@ -539,6 +539,75 @@ def test_a_forward_that_overflowed_is_not_also_said_unmeasured(
     assert "growth not measured" not in out
 
 
+CELL_PATH = """
+import math
+
+import torch
+from torch import nn
+
+SPACE = {"seq_len": (3, 16)}
+
+
+class Loop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.LSTMCell(6, 6)
+        with torch.no_grad():
+            for p in self.cell.parameters():
+                p.zero_()
+            self.cell.bias_ih[6:12] = math.log(0.999 / 0.001)  # forget gate 0.999, no recurrent weight
+
+    def stability_blocks(self):
+        return [("cell", self.cell)]
+
+    def forward(self, x):
+        h = c = x.new_zeros(x.shape[0], 6)
+        outs = []
+        for x_t in x.unbind(1):
+            h, c = self.cell(x_t, (h, c))
+            outs.append(h)
+        return torch.stack(outs, 1)
+
+
+def build():
+    return Loop()
+
+
+def batch(model, seq_len=8, batch_size=3):
+    return torch.ones(batch_size, seq_len, 6)
+
+
+def loss(output, inputs):
+    return output[:, -1].sum()
+"""
+
+
+def test_an_lstm_cells_h_chain_read_dead_says_its_cell_state_may_carry_the_gradient(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """An nn.LSTMCell is read on h: with no recurrent weight, dL/dh of every step but the last is 0,
+    while the cell state carries the gradient back (x0.999 a step). The 'passes no gradient' note
+    named only a dead layer (found by a theory audit of gated cells). Oracle: torch, dL/dh_1 is 0
+    and dL/dc_1 is not."""
+    path = tmp_path / "cell_path.py"
+    path.write_text(CELL_PATH)
+    spec = importlib.util.spec_from_file_location("cell_path", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cell = module.build().cell
+    x = torch.ones(3, 6)
+    h = torch.zeros(3, 6, requires_grad=True)
+    c = torch.zeros(3, 6, requires_grad=True)
+    h2, _ = cell(x, cell(x, (h, c)))
+    dh, dc = torch.autograd.grad(h2.sum(), (h, c))
+    assert not bool(dh.any()) and bool(dc.any())
+    code, out, _ = run(capsys, str(path), *FAST, "--vanishing-limit", "100")
+    assert code == 1  # vanishing: growth 0 on the h chain
+    (note,) = [line for line in out.splitlines() if "passes no gradient" in line]
+    assert "an nn.LSTMCell's c" in note
+
+
 AMPLIFIED = """
 import torch
 from torch import nn
