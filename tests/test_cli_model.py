@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -467,6 +468,16 @@ def test_a_zero_initialised_head_is_said_unmeasured_and_read_after_one_step(
     assert "nan" not in columns(out.splitlines()[2])[5]
 
 
+def _written(path: Path, source: str) -> Any:
+    """The model file `source`, written at `path` and imported (for torch's own oracle on it)."""
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 OVERFLOWING = """
 import torch
 from torch import nn
@@ -518,11 +529,7 @@ def test_a_forward_that_overflowed_is_not_also_said_unmeasured(
     models). Oracle: torch, the float16 forward's last block output holds Inf and every dL/d output
     is 0 (growth judged off: at x100 a block it fires first)."""
     path = tmp_path / "overflowing.py"
-    path.write_text(OVERFLOWING)
-    spec = importlib.util.spec_from_file_location("overflowing", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _written(path, OVERFLOWING)
     net = module.build(3).half()
     outs: list[torch.Tensor] = []
 
@@ -590,11 +597,7 @@ def test_an_lstm_cells_h_chain_read_dead_says_its_cell_state_may_carry_the_gradi
     named only a dead layer (found by a theory audit of gated cells). Oracle: torch, dL/dh_1 is 0
     and dL/dc_1 is not."""
     path = tmp_path / "cell_path.py"
-    path.write_text(CELL_PATH)
-    spec = importlib.util.spec_from_file_location("cell_path", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _written(path, CELL_PATH)
     cell = module.build().cell
     x = torch.ones(3, 6)
     h = torch.zeros(3, 6, requires_grad=True)
