@@ -17,7 +17,7 @@ from stabilitycheck._tree import tensors
 from stabilitycheck.junctions import _feeds
 from stabilitycheck.losses import Inputs
 from stabilitycheck.recording import _floating, _stack_of, call_model
-from stabilitycheck.rng import host_rng_state, set_host_rng_state
+from stabilitycheck.rng import host_rng_kept
 from stabilitycheck.subject import DECLARED_NOTE, LEAVES_NOTE, MIXED, Blocks
 
 LOOPED_NOTE = "blocks: {names} (called again on their own output: a block per call)"
@@ -44,18 +44,15 @@ def looped_blocks(model: nn.Module, inputs: Inputs, blocks: Blocks, note: str) -
     leaves = note.startswith(LEAVES_NOTE) or mixed
     if not (leaves or len(stacks) > 1) or type(model).__name__ == "OptimizedModule":
         return blocks, note  # a compiled model's forward would compile again around the hooks
-    states = host_rng_state()
     devices = [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
     try:
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        with torch.random.fork_rng(devices=devices), host_rng_kept(), torch.enable_grad():
             copy, given = deepcopy((model, inputs))  # inputs too: a forward may change them in place
             found = (
                 _looped(copy, given) if leaves else _apart(copy, given, [name for name, _ in blocks], stacks)
             )
     except Exception:  # the probe's own forward will say what is wrong, in its own words
         return blocks, note
-    finally:
-        set_host_rng_state(states)
     if not found or found == stacks:
         return blocks, note
     if mixed:  # that list's own container looped (or a module holding it): else the list stands

@@ -409,11 +409,12 @@ def probe_module(
     caller = random.getstate()
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.default_generator.manual_seed(derived(seed, SALT_FORWARD))
-            random.seed(derived(seed, SALT_FORWARD))  # a forward's `random` draws (a LayerDrop)
+            forward = derived(seed, SALT_FORWARD)
+            torch.default_generator.manual_seed(forward)
+            random.seed(forward)  # a forward's `random` draws (a LayerDrop)
             if device.type == "cuda":
                 index = torch.cuda.current_device() if device.index is None else device.index
-                torch.cuda.default_generators[index].manual_seed(derived(seed, SALT_FORWARD))
+                torch.cuda.default_generators[index].manual_seed(forward)
             # weights are measured after the last update; at steps=0 they are the caller's own
             profiling = True  # until the per-block profile is read: see probe_module
             for step in range(steps + 1):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -23,10 +25,11 @@ def derived(seed: int, salt: int) -> int:
     return (seed + salt * SALT_MIX) % 2**63
 
 
-def seed_host(seed: int) -> None:
-    """Seed Python's and (where loaded) numpy's global generators, numpy's with the low 32 bits it
-    takes: a model drawing with `random` or `np.random` (a LayerDrop, input noise) draws the same for
-    the same seed in every run, whatever state the caller left them in."""
+def seed_all(seed: int) -> None:
+    """Seed torch's generator and Python's and (where loaded) numpy's global ones, numpy's with the low
+    32 bits it takes: a model drawing with `random` or `np.random` (a LayerDrop, input noise) draws the
+    same for the same seed in every run, whatever state the caller left them in."""
+    torch.manual_seed(seed)
     random.seed(seed)
     numpy = sys.modules.get("numpy")
     if numpy is not None:
@@ -52,6 +55,17 @@ def host_rng_state() -> tuple[object, object]:
     (`set_host_rng_state` restores them)."""
     numpy = sys.modules.get("numpy")
     return random.getstate(), None if numpy is None else numpy.random.get_state()
+
+
+@contextmanager
+def host_rng_kept() -> Iterator[None]:
+    """Python's and numpy's global random states put back as they were on leaving, whatever ran inside
+    (torch's: torch.random.fork_rng)."""
+    state = host_rng_state()
+    try:
+        yield
+    finally:
+        set_host_rng_state(state)
 
 
 def set_host_rng_state(state: tuple[object, object]) -> None:

@@ -4,8 +4,7 @@ from batch() / example_input, the user's loss or the default one."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -36,15 +35,7 @@ from stabilitycheck.modelfile.convention import (
 from stabilitycheck.modelfile.importer import ModelFileError
 from stabilitycheck.modelfile.inputs import move
 from stabilitycheck.recording import call_model
-from stabilitycheck.rng import (
-    SALT_BATCH,
-    SALT_INFER,
-    SALT_LOSS,
-    derived,
-    host_rng_state,
-    seed_host,
-    set_host_rng_state,
-)
+from stabilitycheck.rng import SALT_BATCH, SALT_INFER, SALT_LOSS, derived, host_rng_kept, seed_all
 from stabilitycheck.space import INIT_SCALES, Axis, Space
 from stabilitycheck.subject import Built, find_blocks, torch_dtype
 
@@ -167,14 +158,15 @@ class ModelFile:
         """The user's model (weights scaled if asked), blocks and inputs, seeded from config.run.seed."""
         values, seed = self.values(config), config.run.seed
         cuda = [torch.device(config.run.device)] if config.run.device.startswith("cuda") else []
-        host = host_rng_state()  # the user's own, given back: the file's draws are seeded, not theirs
-        with torch.random.fork_rng(devices=cuda), _given_back(host):
-            _seed_all(seed)
+        # the caller's random states given back: the file's draws are seeded, not theirs (a batch()
+        # drawing with np.random drew from wherever the process stood: other inputs at every call)
+        with torch.random.fork_rng(devices=cuda), host_rng_kept():
+            seed_all(seed)
             model = self.source.make_model(self, values)
             check_blocks(self, model)
             blocks, note = find_blocks(model)
             self.check_eager(model, blocks)
-            _seed_all(derived(seed, SALT_BATCH))
+            seed_all(derived(seed, SALT_BATCH))
             inputs = self.source.make_inputs(self, model, values, derived(seed, SALT_INFER))
             _materialize(model, inputs)  # drawn alike at every init_scale, which then scales them
             looped, note = looped_blocks(model, inputs, blocks, note)
@@ -231,23 +223,6 @@ class ModelFile:
         if user is None:
             return OutputLoss(DefaultLoss(derived(seed, SALT_LOSS)), self.given, guard=self.call_user)
         return lambda output, inputs: self.call_user("loss(output, inputs)", user, output, inputs)
-
-
-@contextmanager
-def _given_back(host: tuple[object, object]) -> Iterator[None]:
-    """Restore Python's and numpy's global random states `host` on leaving, whatever happened."""
-    try:
-        yield
-    finally:
-        set_host_rng_state(host)
-
-
-def _seed_all(seed: int) -> None:
-    """Seed torch's generator and Python's and (where loaded) numpy's global ones: a factory or batch()
-    drawing with np.random or random drew from wherever the process stood, so one Config's seeds gave
-    other inputs at every call and its verdict, and the reproduce line, other numbers each run."""
-    torch.manual_seed(seed)
-    seed_host(seed)
 
 
 def _materialize(model: nn.Module, inputs: Inputs) -> None:
