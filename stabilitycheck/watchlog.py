@@ -118,9 +118,10 @@ class Log:
     ) -> None:
         self.layout, self.blocks, self.rule, self.world, self.skip = layout, blocks, rule, world, skip
         self.names = series_names(layout, blocks)
-        self.total = layout.parts()["grad_norm"].start  # the total gradient norm's index in a row
+        parts = layout.parts()
+        self.total = parts["grad_norm"].start  # the total gradient norm's index in a row
         self.graded = False  # set once a step's total gradient norm is not 0 (a NaN or Inf is not)
-        grads = layout.parts()["activation_grad"]
+        grads = parts["activation_grad"]
         # the backward that made each output gradient: the next block's, the loss's after the last
         self.made_by = {grads.start + i: name for i, name in enumerate([*blocks[1:], AFTER_LAST])}
         self.order, self.scaled = layout.causal_order(), layout.scaled()
