@@ -262,6 +262,8 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         copied = frozenset(p - shift for p in changed if p >= shift)
         loss = _forward(run, hooks=True, exact=exact, copied=copied, entry=not moved, plain=plain)
     outputs = run.rec.take() if hooks else []
+    carried = run.rec.take_carried() if hooks else []  # state beside the chain's: an LSTMCell's c
+    outputs += [t for _, t in carried]
     try:
         made: list[int] | None = [] if exact else None  # the order of the weight gradients, to locate
         captured = _backward(run, scaler.scale(loss) if scaler else loss, outputs, made)
@@ -283,7 +285,8 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         tensors += [x for x in entering if x is not None]
         g, n, r = len(present), len(outputs), len(reached)
         extra = [scaler.scale(torch.ones((), device=run.device))] if scaler else []
-        groups = _groups(run.rec.calls, g, reached) if hooks else []
+        owners = [*run.rec.calls, *(-2 - run.rec.calls[pos] for pos, _ in carried)]  # see _groups
+        groups = _groups(owners, g, reached) if hooks else []
         host = norm_values(tensors, exact, [loss.detach().reshape(()), *extra], groups)  # one host read
     del outputs, captured, tensors
     loss_value, scale_value = host[0], host[1] if scaler else 1.0
@@ -293,6 +296,10 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
     host = host[: len(host) - len(into)]
     if scaler:  # output gradients of the scaled loss, unscaled
         host[g + n : g + n + r] = [b / scale_value for b in host[g + n : g + n + r]]
+    forward, backward = host[g : g + n], _scatter(host[g + n : g + n + r], reached, n)
+    calls = n - len(carried)
+    if carried:
+        forward, backward, reached = _together(carried, calls, forward, backward, reached)
     return Step(
         loss=loss_value,
         scale=scale_value,
@@ -301,9 +308,9 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         calls=run.rec.call_names(run.names) if hooks else (),
         breaks=frozenset(run.rec.breaks) if hooks else frozenset(),
         feeds=dict(run.rec.feeds) if hooks else {},
-        unreached=frozenset(range(n)) - frozenset(reached),
-        forward=host[g : g + n],
-        backward=_scatter(host[g + n : g + n + r], reached, n),
+        unreached=frozenset(range(calls)) - frozenset(reached),
+        forward=forward,
+        backward=backward,
         entering=inputs,
         given_finite=not (hooks and exact)
         or all(bool(x.isfinite().all()) for x in tensors_of(run.inputs) if x.is_floating_point()),
@@ -312,10 +319,32 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
     )
 
 
+def _together(
+    carried: Sequence[tuple[int, torch.Tensor]],
+    calls: int,
+    forward: list[float],
+    backward: list[float],
+    reached: Sequence[int],
+) -> tuple[list[float], list[float], list[int]]:
+    """The norms of the first `calls` recorded outputs with each one's carried tensors (positions
+    `calls` on, in `carried`'s order) taken together: the L2 norm of the whole state (h and c), and
+    of its gradient; a call is reached where any of its tensors' gradients is."""
+    forward, backward = forward[:], backward[:]
+    got = set(reached)
+    for k, (pos, _) in enumerate(carried):
+        forward[pos] = math.hypot(forward[pos], forward[calls + k])
+        backward[pos] = math.hypot(backward[pos], backward[calls + k])
+        if calls + k in got:
+            got.add(pos)
+    return forward[:calls], backward[:calls], sorted(i for i in got if i < calls)
+
+
 def _groups(calls: Sequence[int], g: int, reached: Sequence[int]) -> list[list[int]]:
     """Per block called STACK_MIN or more times in a step (a recurrent cell, once per token): the
     positions of its outputs, then of their gradients, in `_run_step`'s norm list (g weight
-    gradients, the outputs, the gradients of the `reached` outputs), to be normed as stacks."""
+    gradients, the outputs, the gradients of the `reached` outputs), to be normed as stacks. `calls`
+    holds each output's block (-1: the entry), -2 - b for a tensor a call of block b carries beside
+    its chain's (`_together`), a stack of their own."""
     many = {b for b, count in Counter(calls).items() if count >= STACK_MIN}
     if not many:
         return []

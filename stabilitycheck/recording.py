@@ -32,7 +32,8 @@ def _first_tensor(value: Any, scalars: bool = True) -> torch.Tensor | None:
     layer's (h, attention), {"aux_loss": l, "hidden": h}, (None, h) are read on h (element 0 alone
     missed the dict and (None, h): their blocks read 0); an integer output is none (no gradient); an
     MoE layer returning (router_logits, h) is read on its logits: declare a block that returns h. (The
-    probe's recorder reads a block called again on the tensor its next call takes: _Recorder._repick.)"""
+    probe's recorder reads a block called again on the tensors its next call takes: _Recorder._repick
+    and _extras.)"""
     if isinstance(value, torch.Tensor):
         return value if value.is_floating_point() else None
     items = value.values() if isinstance(value, Mapping) else value if isinstance(value, tuple | list) else ()
@@ -221,6 +222,10 @@ class _Recorder:
         self.later = {b for b in range(1, len(self.stacks)) if self.stacks[b - 1] == self.stacks[b]}
         self.handles: list[Any] = []
         self.picks: dict[int, int] = {}  # per block, which of its output's tensors is its chain's (_repick)
+        self.extras: dict[int, tuple[int, ...]] = {}  # per block, the other tensors of its output its
+        # next call takes as they came (an LSTMCell's c beside h: _extras), carried with the chain
+        self.carried: dict[int, list[torch.Tensor]] = {}  # per position in `outputs`, those tensors
+        self.carried_versions: dict[int, list[int]] = {}  # their version counters as returned
         # per position in `outputs`, its call's tensors, their version counters as it returned them,
         # and which of them are the call's own positional arguments, returned as they came
         self.alts: dict[int, tuple[list[torch.Tensor], list[int], set[int]]] = {}
@@ -331,6 +336,9 @@ class _Recorder:
                             self.dropped = True  # the input is not on block 0's output's chain
                     elif len(calls) == 3 and self.sum is not None:  # does the stream go on from the sum?
                         self.goes_on = _goes_on(args, self.sum, outputs[2])
+                    extra = self.extras.get(b)
+                    if extra:
+                        self._carry(len(outputs), [outs[j] for j in extra if j < len(outs)])
                     if len(outputs) in self.copied:  # the model changes `out`, the copy stays as returned
                         out = _kept(out)
                     calls.append(b)
@@ -375,29 +383,60 @@ class _Recorder:
             if b not in self.alone and self.calls[-1] != b:
                 return  # a block of a stack with another called between: the chain runs on to it
             given = list(tensors((args, kwargs)))
-            if any(_feeds(t, self.outputs[at]) for t in given):
-                return
-            for j, alt in enumerate(alts):
-                if j not in passed and alt is not self.outputs[at] and any(_feeds(t, alt) for t in given):
-                    self.picks[b] = j
-                    for pos, (outs, versions, _) in self.alts.items():
-                        if self.calls[pos] == b and len(outs) > j:
-                            self.outputs[pos] = outs[j]
-                            self.versions[pos] = versions[j]  # as returned: a change since is re-run
-                            if outs[j].grad_fn is not None:
-                                self.own[self.stacks[b]].add(outs[j].grad_fn)
-                    return
+            if not any(_feeds(t, self.outputs[at]) for t in given):
+                for j, alt in enumerate(alts):
+                    if j not in passed and alt is not self.outputs[at] and any(_feeds(t, alt) for t in given):
+                        self.picks[b] = j
+                        for pos, (outs, versions, _) in self.alts.items():
+                            if self.calls[pos] == b and len(outs) > j:
+                                self.outputs[pos] = outs[j]
+                                self.versions[pos] = versions[j]  # as returned: a change since is re-run
+                                if outs[j].grad_fn is not None:
+                                    self.own[self.stacks[b]].add(outs[j].grad_fn)
+                        break
+            self._extras(b, alts, passed, given)
 
         return on_call
+
+    def _extras(self, b: int, alts: list[torch.Tensor], passed: set[int], given: list[torch.Tensor]) -> None:
+        """The other tensors of block b's last output that its next call takes as they came, beside the
+        chain's (an nn.LSTMCell's c beside h, `cell(x, (h, c))`), none the call got as an argument: the
+        recurrence's state is all of them, its gradient their gradients together (read on h alone, a
+        cell whose forget gate carries c at 0.999 a step with no recurrent weight read growth 0, a
+        dead layer, for 0.999^(T-1)). Each call of b recorded so far gets them (`carried`), as every
+        later call does in its forward hook."""
+        pick = self.picks.get(b, 0)
+        taken = {id(t) for t in given}
+        extra = tuple(j for j, alt in enumerate(alts) if j != pick and j not in passed and id(alt) in taken)
+        if not extra:
+            return
+        self.extras[b] = extra
+        for pos, (outs, versions, _) in self.alts.items():
+            if self.calls[pos] == b:
+                self.carried[pos] = [outs[j] for j in extra if j < len(outs)]
+                self.carried_versions[pos] = [versions[j] for j in extra if j < len(outs)]
+
+    def _carry(self, pos: int, extra: list[torch.Tensor]) -> None:
+        """Record the tensors a call at position `pos` carries beside its chain's (`_extras`), each a
+        copy the model never changes where the step is a re-run of one that changed them (`_kept`)."""
+        if pos in self.copied:
+            extra = [_kept(t) for t in extra]
+        self.carried[pos] = extra
+        self.carried_versions[pos] = [_version(t) for t in extra]
 
     def changed(self) -> frozenset[int]:
         """The positions in `outputs` of block outputs changed in place since their block returned them
         (their version counter moved: an in-place ReLU or x.mul_() after the block), whose recorded
         tensor then holds the changed values, and whose gradient would be the changed ones'."""
+        moved = {
+            pos
+            for pos, extra in self.carried.items()
+            if [_version(t) for t in extra] != self.carried_versions[pos]
+        }
         return frozenset(
             i
             for i, (b, out, version) in enumerate(zip(self.calls, self.outputs, self.versions, strict=True))
-            if b >= 0 and _version(out) != version
+            if b >= 0 and (_version(out) != version or i in moved)
         )
 
     def start(self, inputs: bool = False, copied: frozenset[int] = frozenset(), entry: bool = True) -> None:
@@ -420,6 +459,8 @@ class _Recorder:
         self.entering = [] if inputs else None
         self.alts.clear()
         self.last.clear()
+        self.carried.clear()
+        self.carried_versions.clear()
         self.entry = None
         self.around.clear()
         self.sum, self.goes_on = None, False
@@ -472,11 +513,20 @@ class _Recorder:
                 del self.entering[0]
             self.breaks = {b - 1 for b in self.breaks}
             self.feeds = {b - 1: frozenset(max(0, a - 1) for a in fed) for b, fed in self.feeds.items()}
+            self.carried = {pos - 1: extra for pos, extra in self.carried.items()}
         outputs = self.outputs[:]
         self.outputs.clear()
         self.alts.clear()
         self.last.clear()
         return outputs
+
+    def take_carried(self) -> list[tuple[int, torch.Tensor]]:
+        """(position in `take`'s outputs, tensor) of each tensor a recorded call carries beside its
+        chain's (`_extras`), dropping the recorder's references to them; call after `take`."""
+        carried = [(pos, t) for pos, extra in sorted(self.carried.items()) for t in extra]
+        self.carried.clear()
+        self.carried_versions.clear()
+        return carried
 
     def _through(self, grads: tuple[torch.Tensor | None, ...]) -> None:
         """The residual add's node pre-hook (`_around`): keeps dL/d sum, changing nothing."""

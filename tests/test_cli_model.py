@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import re
 import subprocess
@@ -589,26 +590,35 @@ def loss(output, inputs):
 """
 
 
-def test_an_lstm_cells_h_chain_read_dead_says_its_cell_state_may_carry_the_gradient(
+def test_an_lstm_cell_is_read_on_its_whole_state_h_and_c(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    """An nn.LSTMCell is read on h: with no recurrent weight, dL/dh of every step but the last is 0,
-    while the cell state carries the gradient back (x0.999 a step). The 'passes no gradient' note
-    named only a dead layer (found by a theory audit of gated cells). Oracle: torch, dL/dh_1 is 0
-    and dL/dc_1 is not."""
+    """An nn.LSTMCell's next call takes (h, c): its chain is both. With no recurrent weight, dL/dh of
+    every step but the last is 0 while the cell state carries the gradient back (x0.999 a step): read
+    on h alone, this was growth 0, a dead layer, vanishing (found by a theory audit of gated cells).
+    Oracle: torch's dL/dh_t and dL/dc_t of the unrolled cell at the largest point, their joint norm
+    at the first step over the last's."""
     path = tmp_path / "cell_path.py"
     module = _written(path, CELL_PATH)
-    cell = module.build().cell
-    x = torch.ones(3, 6)
-    h = torch.zeros(3, 6, requires_grad=True)
-    c = torch.zeros(3, 6, requires_grad=True)
-    h2, _ = cell(x, cell(x, (h, c)))
-    dh, dc = torch.autograd.grad(h2.sum(), (h, c))
-    assert not bool(dh.any()) and bool(dc.any())
-    code, out, _ = run(capsys, str(path), *FAST, "--vanishing-limit", "100")
-    assert code == 1  # vanishing: growth 0 on the h chain
-    (note,) = [line for line in out.splitlines() if "passes no gradient" in line]
-    assert "an nn.LSTMCell's c" in note
+    model = module.build()
+    x = module.batch(model, seq_len=16)
+    h = c = x.new_zeros(x.shape[0], 6)
+    hs, cs = [], []
+    for x_t in x.unbind(1):
+        h, c = model.cell(x_t, (h, c))
+        hs.append(h)
+        cs.append(c)
+    grads = torch.autograd.grad(module.loss(torch.stack(hs, 1), x), hs + cs, allow_unused=True)
+    dh, dc = grads[:16], grads[16:]
+    assert not bool(dh[0].any()) and bool(dc[0].any())  # the gradient goes back through c alone
+    joint = [math.hypot(a.norm().item(), b.norm().item()) for a, b in zip(dh, dc, strict=True)]
+    js = tmp_path / "cell.json"
+    code, out, _ = run(capsys, str(path), *FAST, "--vanishing-limit", "100", "--json", str(js))
+    assert code == 0 and "passes no gradient" not in out
+    (entry,) = json.loads(js.read_text())
+    judged = entry["largest_stable_judgement"]
+    assert entry["largest_stable"]["knobs"]["seq_len"] == 16
+    assert judged["growth"]["mid"] == pytest.approx(joint[0] / joint[-1], rel=1e-5)
 
 
 AMPLIFIED = """

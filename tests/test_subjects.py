@@ -1084,7 +1084,8 @@ def test_the_vanishing_criterion_reads_the_smallest_chain() -> None:
 
 def test_a_recurrent_cell_of_another_input_width_has_no_input_entry() -> None:
     """An LSTMCell(16, 12) looped over tokens took token 0's input as its chain's entry, so the growth
-    ran from dL/du_0 (0.127 for 1.03; a reviewer's case). Oracle: torch's gradients of h_t."""
+    ran from dL/du_0 (0.127 for 1.03; a reviewer's case). Its chain is its state (h_t, c_t), which
+    the next call takes. Oracle: torch's gradients of h_t and of c_t, their joint norm."""
     torch.manual_seed(0)
 
     class Loop(nn.Module):
@@ -1100,7 +1101,9 @@ def test_a_recurrent_cell_of_another_input_width_has_no_input_entry() -> None:
 
     model, x = Loop(), torch.randn(3, 6, 16)
     m = probe_module(model, x, lambda o, _: o.square().sum())
-    norms = torch_output_grads(model, (x,), [model.cell], pick=lambda out: out[0])
+    h = torch_output_grads(model, (x,), [model.cell], pick=lambda out: out[0])
+    c = torch_output_grads(model, (x,), [model.cell], pick=lambda out: out[1])
+    norms = [math.hypot(a, b) for a, b in zip(h, c, strict=True)]
     assert m.activation_names[0] == "cell[0]"
     assert m.growth == pytest.approx(norms[0] / norms[-1], rel=1e-5)
 
