@@ -9,6 +9,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from tabulate import tabulate
 
 from stabilitycheck._json import strict_json
@@ -17,6 +18,7 @@ from stabilitycheck.counterexample import SearchResult
 from stabilitycheck.measurement import INPUT, Measurement
 from stabilitycheck.seeds import Judgement
 from stabilitycheck.spread import bracket
+from stabilitycheck.subject import torch_dtype
 from stabilitycheck.verdicts import Limits, bound
 
 SPARKS = "▁▂▃▄▅▆▇█"
@@ -418,6 +420,18 @@ def unmeasured(results: Sequence[SearchResult]) -> list[str]:
             if m.growth == 0 and m.first_nonfinite is None and grads[0] == 0:
                 dead = max(i for i, g in enumerate(grads) if g == 0)
                 names = m.activation_names
+                config = r.counterexample.config if r.counterexample else r.largest_stable
+                dtype = config.run.dtype if config is not None and config.run.amp == "none" else None
+                tiny = torch.finfo(torch_dtype(dtype)).tiny if dtype else 0.0
+                if dead + 1 < len(grads) and grads[dead + 1] < tiny:  # every element of it subnormal
+                    out.append(
+                        f"! {r.space.label}: growth 0: the gradient underflowed to 0 in {dtype} "
+                        f"(|dL/d out| is {grads[dead + 1]:.3g} at {names[dead + 1]}, below {dtype}'s "
+                        f"smallest normal number {tiny:.3g}, and 0 at {names[dead]} and before it): a "
+                        "gradient that vanishes, which the growth limit cannot fire on (--vanishing-limit "
+                        "X judges it); --dtype float64 reads how far"
+                    )
+                    continue
                 by = f"the backward of {names[dead + 1]}" if dead + 1 < len(names) else "the backward"
                 out.append(
                     f"! {r.space.label}: growth 0: {by} passes no gradient (dL/d output is exactly 0 at "

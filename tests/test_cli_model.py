@@ -753,6 +753,61 @@ def test_a_dead_layer_is_said_to_pass_no_gradient(capsys: pytest.CaptureFixture[
     assert "growth 0: the backward of blocks.2 passes no gradient" in note and "at blocks.1" in note
 
 
+UNDERFLOW = """
+import torch
+from torch import nn
+
+SPACE = {"seq_len": (150, 200, 50)}
+
+
+class Loop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cell, self.head = nn.RNNCell(8, 32), nn.Linear(32, 5)
+        with torch.no_grad():
+            w = torch.randn(32, 32)
+            self.cell.weight_hh.copy_(w * (0.9 / torch.linalg.matrix_norm(w, ord=2)))
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[0], 32)
+        for x_t in x.unbind(1):
+            h = self.cell(x_t, h)
+        return self.head(h)
+
+
+def build():
+    return Loop()
+
+
+def batch(model, seq_len=50, batch_size=8):
+    return torch.randn(batch_size, seq_len, 8)
+"""
+
+
+def test_a_gradient_that_underflowed_to_0_is_said_so_not_a_dead_layer(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A tanh RNN cell with largest singular value 0.9 over 200 steps, loss on the last: in float32
+    dL/dh_t underflows to exactly 0 at the early steps, and the note named a dead layer, a ReLU or a
+    zero weight (a theory audit). Oracle: torch's own gradients of the same model and inputs, exactly
+    0 at step 0 in float32, not in float64, and the last nonzero one below float32's smallest normal."""
+    path = tmp_path / "underflow.py"
+    module = _written(path, UNDERFLOW)
+    torch.manual_seed(0)
+    model, x = module.build(), module.batch(None, seq_len=200)
+    for dtype, zero in ((torch.float64, False), (torch.float32, True)):
+        m = model.to(dtype)
+        h, hs = x.new_zeros(8, 32, dtype=dtype), []
+        for x_t in x.to(dtype).unbind(1):
+            h = m.cell(x_t, h)
+            hs.append(h)
+        grads = [g.double().norm().item() for g in torch.autograd.grad(m.head(h).sum(), hs)]
+        assert (grads[0] == 0) == zero
+    assert 0 < next(g for g in grads if g > 0) < torch.finfo(torch.float32).tiny
+    (note,) = _notes(capsys, path, UNDERFLOW)
+    assert "growth 0: the gradient underflowed to 0 in float32" in note and "dead layer" not in note
+
+
 def test_a_chain_no_gradient_reaches_is_said_unread(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
