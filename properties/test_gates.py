@@ -6,15 +6,16 @@ steps cell[0]..cell[T-1] every gain is z and the growth z**(T-1), whatever the i
 
 LSTM with constant gates i = o = 1/2 and forget f, the candidate's recurrent matrix w*I and every
 other weight zero, fed zeros from a zero state: the trajectory stays at 0, where tanh' = 1, so the
-backward is linear. With the loss on h_(T-1): dL/dh_(T-1) = g, dL/dc_(T-1) = o g; dL/dh_t = i w
-dL/dc_(t+1) and dL/dc_t = f dL/dc_(t+1) + o dL/dh_t, so dL/dc_t = r dL/dc_(t+1) with r = f + i o w.
-The probe reads the cell's whole state (h, c), which its next call takes, its gradient's norm
-|(dL/dh_t, dL/dc_t)| = hypot(i w, r) |dL/dc_(t+1)| before the last step, hypot(1, o) |g| at it:
-gains r for cell[0]..cell[T-3], o hypot(i w, r) / hypot(1, o) for the last step, growth r**(T-2)
-times that. (Read on h alone, the chain's rate is r too, but at f = 0.999, w = 0 it read growth 0,
-a dead layer, where the cell state carries 0.999 a step.) The gate values are taken as torch
-computes them from the biases in float64 (sigmoid of the logit), so the oracle does not depend on
-any number the tool prints.
+backward is linear. With the loss on h_(T-1): c_(T-1)'s whole gradient is o g, and going back,
+C_t = r C_(t+1) with r = f + i o w, C_t c_t's whole gradient (through h_t = o tanh(c_t) too). The
+probe reads the cell's state (h, c), which its next call takes, on the partial derivatives the
+transition Jacobians are made of: dL/dh_t = i w C_(t+1) and c_t's through the next step alone,
+f C_(t+1); their norm is hypot(i w, f) |C_(t+1)| before the last step, |g| at it (c_(T-1) goes on
+to no step). Gains r for cell[0]..cell[T-3], o hypot(i w, f) for the last step, growth r**(T-2) o
+hypot(i w, f). (Read on h alone the rate is r too, but at f = 0.999, w = 0 it read growth 0, a dead
+layer, where the cell state carries 0.999 a step.) The gate values are taken as torch computes
+them from the biases in float64 (sigmoid of the logit), so the oracle does not depend on any number
+the tool prints.
 
 Tolerances: float64 1e-12 relative (measured <= 5e-15 at T <= 60), float32 1e-5 (measured <= 3e-7).
 Gates from 0.5 and T <= 30 keep float32 gradients above 1e-10: smaller ones would send the probe
@@ -115,7 +116,7 @@ def test_lstm_constant_gates_grow_by_forget_plus_candidate(
     m = _probe(_lstm(f, w, torch_dtype), x, seed)
     i = o = _gate(0.5)
     r = _gate(f) + i * o * w
-    last = o * math.hypot(i * w, r) / math.hypot(1, o)
+    last = o * math.hypot(i * w, _gate(f))
     assert m.growth == pytest.approx(last * r ** (seq_len - 2), rel=rtol)
     assert list(m.gains) == pytest.approx([r] * (seq_len - 2) + [last], rel=rtol)
 
@@ -130,7 +131,7 @@ def test_lstm_cell_state_alone_carries_the_gradient(dtype: str, f: float, seq_le
     x = torch.zeros(2, seq_len, WIDTH, dtype=torch_dtype)
     m = _probe(_lstm(f, 0.0, torch_dtype), x, seed)
     o, ff = _gate(0.5), _gate(f)
-    last = o * ff / math.hypot(1, o)
+    last = o * ff
     assert m.growth == pytest.approx(last * ff ** (seq_len - 2), rel=rtol)
     assert list(m.gains) == pytest.approx([ff] * (seq_len - 2) + [last], rel=rtol)
 
@@ -160,8 +161,8 @@ def test_zoo_gated_gains_are_ratios_of_jacobian_products(
     """The zoo's gated cells at init, float64: each step's gain |dL/ds_t| / |dL/ds_(t+1)| against
     dL/dh_t = sum over s >= t of J_(t->s)^T g_s, J from torch.autograd.functional.jacobian of the
     rolled-out cell and g_s the readout's gradient on step s (only the last with `last`); an LSTM's
-    state s_t is (h_t, c_t), whose dL/dc_t is c_t's own Jacobian product plus what reaches it
-    through h_t = o_t tanh(c_t), dL/dh_t o_t (1 - tanh(c_t)^2), o_t its output gate."""
+    state s_t is (h_t, c_t), its dL/dc_t the same Jacobian product of the rolled-out cell with
+    respect to c_t, h_t held (the partial derivative: what reaches c_t through h_t is h_t's)."""
     from torch.autograd.functional import jacobian
 
     from stabilitycheck import Config, probe
@@ -187,11 +188,8 @@ def test_zoo_gated_gains_are_ratios_of_jacobian_products(
         if not lstm:
             norms.append(dh.norm().item())
             continue
-        h_in = hs[t - 1] if t else torch.zeros_like(hs[0])
-        gates = x[:, t] @ cell.weight_ih.T + h_in @ cell.weight_hh.T  # the zoo's cells have no bias
-        o_t = torch.sigmoid(gates[:, 3 * 4 :])  # gates i, f, g, o
         Jc = jacobian(lambda c_t, t=t: _rolled_out(cell, lstm, x, t, c_t)(hs[t]), cs[t])
-        dc = torch.einsum("bsw,bswcv->cv", g[:, t:], Jc) + dh * o_t * (1 - torch.tanh(cs[t]) ** 2)
+        dc = torch.einsum("bsw,bswcv->cv", g[:, t:], Jc)
         norms.append(math.hypot(dh.norm().item(), dc.norm().item()))
     assert list(m.gains) == pytest.approx([a / b for a, b in itertools.pairwise(norms)], rel=1e-10)
     assert m.growth == pytest.approx(norms[0] / norms[-1], rel=1e-10)

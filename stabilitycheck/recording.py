@@ -54,6 +54,23 @@ def _floating(value: Any) -> list[torch.Tensor]:
     return [t for item in items for t in _floating(item)]
 
 
+def _swapped(value: Any, swap: dict[int, torch.Tensor]) -> tuple[Any, int]:
+    """`value` with each tensor whose id is a key of `swap` replaced by its value, rebuilt through
+    plain tuples, lists and dicts (another container is left as it is), and how many were replaced."""
+    if isinstance(value, torch.Tensor):
+        new = swap.get(id(value))
+        return (value, 0) if new is None else (new, 1)
+    if type(value) in (tuple, list):
+        pairs = [_swapped(v, swap) for v in value]
+        count = sum(n for _, n in pairs)
+        return (type(value)(v for v, _ in pairs) if count else value), count
+    if type(value) is dict:
+        items = {k: _swapped(v, swap) for k, v in value.items()}
+        count = sum(n for _, n in items.values())
+        return ({k: v for k, (v, _) in items.items()} if count else value), count
+    return value, 0
+
+
 def _kept(out: torch.Tensor) -> torch.Tensor:
     """A copy of a block's output `out` that the model never sees, written back into `out` in place, so
     that everything the model computes from `out` afterwards (from `out` itself, its views, its base,
@@ -224,6 +241,7 @@ class _Recorder:
         self.picks: dict[int, int] = {}  # per block, which of its output's tensors is its chain's (_repick)
         self.extras: dict[int, tuple[int, ...]] = {}  # per block, the other tensors of its output its
         # next call takes as they came (an LSTMCell's c beside h: _extras), carried with the chain
+        self.plain: set[int] = set()  # blocks returning such a tensor as they got it: none carried
         self.carried: dict[int, list[torch.Tensor]] = {}  # per position in `outputs`, those tensors
         self.carried_versions: dict[int, list[int]] = {}  # their version counters as returned
         # per position in `outputs`, its call's tensors, their version counters as it returned them,
@@ -307,7 +325,8 @@ class _Recorder:
         calls, outputs = self.calls, self.outputs  # cleared in place, never rebound
         own = self.own[self.stacks[b]]
 
-        def on_forward(module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+        def on_forward(module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> Any:
+            swapped = None
             if self.active:
                 outs = _floating(output)
                 pick = self.picks.get(b, 0)
@@ -336,9 +355,8 @@ class _Recorder:
                             self.dropped = True  # the input is not on block 0's output's chain
                     elif len(calls) == 3 and self.sum is not None:  # does the stream go on from the sum?
                         self.goes_on = _goes_on(args, self.sum, outputs[2])
-                    extra = self.extras.get(b)
-                    if extra:
-                        self._carry(len(outputs), [outs[j] for j in extra if j < len(outs)])
+                    if b in self.extras:
+                        swapped, outs = self._carry(b, len(outputs), output, outs, (args, kwargs))
                     if len(outputs) in self.copied:  # the model changes `out`, the copy stays as returned
                         out = _kept(out)
                     calls.append(b)
@@ -358,6 +376,7 @@ class _Recorder:
                     if self.entering is not None:
                         x = _first_tensor(args)
                         self.entering.append(x.detach() if x is not None and x.is_floating_point() else None)
+            return swapped
 
         return on_forward
 
@@ -372,17 +391,24 @@ class _Recorder:
         returned (a change in place since is a re-run's). The first tensor, y, read the chain of a
         char-RNN cell as growth 1 with no gain measured, where h grew 1.3 per step."""
 
-        def on_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        def on_call(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+        ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
             at = self.last.get(b)
             held = None if at is None or not self.active else self.alts.get(at)
             if at is None or held is None:
-                return
+                return None
             alts, _, passed = held
             self.repicking[b].remove()  # one look per pass: a cell per token pays it once
             self.repicking[b] = None
-            if b not in self.alone and self.calls[-1] != b:
-                return  # a block of a stack with another called between: the chain runs on to it
             given = list(tensors((args, kwargs)))
+            if b not in self.alone and self.calls[-1] != b:
+                # a block of a stack with another called between: the chain runs on to it; where
+                # that tensor goes on to its own next call too, so does its state (stacked LSTMCells
+                # in an nn.ModuleList; not a step whose y the next cell takes and h its next call)
+                if not any(_feeds(t, self.outputs[at]) for t in given):
+                    return None
+                return self._extras(b, at, alts, passed, given, (args, kwargs))
             if not any(_feeds(t, self.outputs[at]) for t in given):
                 for j, alt in enumerate(alts):
                     if j not in passed and alt is not self.outputs[at] and any(_feeds(t, alt) for t in given):
@@ -394,49 +420,85 @@ class _Recorder:
                                 if outs[j].grad_fn is not None:
                                     self.own[self.stacks[b]].add(outs[j].grad_fn)
                         break
-            self._extras(b, alts, passed, given)
+            return self._extras(b, at, alts, passed, given, (args, kwargs))
 
         return on_call
 
-    def _extras(self, b: int, alts: list[torch.Tensor], passed: set[int], given: list[torch.Tensor]) -> None:
-        """The other tensors of block b's last output that its next call takes as they came, beside the
-        chain's (an nn.LSTMCell's c beside h, `cell(x, (h, c))`), none the call got as an argument: the
-        recurrence's state is all of them, its gradient their gradients together (read on h alone, a
-        cell whose forget gate carries c at 0.999 a step with no recurrent weight read growth 0, a
-        dead layer, for 0.999^(T-1)). Each call of b recorded so far gets them (`carried`), as every
-        later call does in its forward hook."""
+    def _extras(
+        self,
+        b: int,
+        at: int,
+        alts: list[torch.Tensor],
+        passed: set[int],
+        given: list[torch.Tensor],
+        call: tuple[tuple[Any, ...], dict[str, Any]],
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """The other tensors of block b's last output (at position `at`) that its next call takes as
+        they came, beside the chain's (an nn.LSTMCell's c beside h, `cell(x, (h, c))`), none the call
+        got as an argument: the recurrence's state is all of them (read on h alone, a cell whose
+        forget gate carries c at 0.999 a step with no recurrent weight read growth 0, a dead layer,
+        for 0.999^(T-1)). Each is read where the next call takes it, on an alias made here (or, once
+        known, by the forward hook: `_carry`): its gradient is the next step's alone, the partial
+        derivative of the state the transition Jacobians are made of, what reaches c through h, the
+        same call's output, being h's (c's gradient as a whole counted it twice, and on CUDA, whose
+        fused LSTM cell makes h and c in one node, is not what autograd gives). Returns this call's
+        arguments with the aliases in place, where it made any."""
         pick = self.picks.get(b, 0)
         taken = {id(t) for t in given}
-        extra = tuple(j for j, alt in enumerate(alts) if j != pick and j not in passed and id(alt) in taken)
-        if not extra:
-            return
+        chain = alts[pick] if pick < len(alts) else None
+        extra = tuple(
+            j
+            for j, alt in enumerate(alts)
+            if j != pick and j not in passed and alt is not chain and id(alt) in taken
+            if all(alt is not other for other in alts[:j])
+        )
+        if not extra or b in self.plain:
+            self.extras.pop(b, None)
+            return None
         self.extras[b] = extra
-        for pos, (outs, versions, _) in self.alts.items():
-            if self.calls[pos] == b:
-                self.carried[pos] = [outs[j] for j in extra if j < len(outs)]
-                self.carried_versions[pos] = [versions[j] for j in extra if j < len(outs)]
+        if at in self.carried:  # aliased in its forward hook already
+            return None
+        aliases = {id(alts[j]): alts[j].view_as(alts[j]) for j in extra}
+        swapped, count = _swapped(call, aliases)
+        if count != len(aliases):  # held in another container than tuples, lists and dicts
+            self.extras.pop(b)
+            return None
+        self.carried[at] = list(aliases.values())
+        self.carried_versions[at] = [_version(t) for t in self.carried[at]]
+        return swapped  # type: ignore[no-any-return]
 
-    def _carry(self, pos: int, extra: list[torch.Tensor]) -> None:
-        """Record the tensors a call at position `pos` carries beside its chain's (`_extras`), each a
-        copy the model never changes where the step is a re-run of one that changed them (`_kept`)."""
-        if pos in self.copied:
-            extra = [_kept(t) for t in extra]
-        self.carried[pos] = extra
-        self.carried_versions[pos] = [_version(t) for t in extra]
+    def _carry(
+        self, b: int, pos: int, output: Any, outs: list[torch.Tensor], call: Any
+    ) -> tuple[Any, list[torch.Tensor]]:
+        """The output of block b's call at position `pos` with an alias of each tensor it carries
+        beside its chain's (`_extras`), recorded, and its floating tensors with the aliases in place;
+        (None, outs) where there is none to carry. A call returning such a tensor as it got it (a bias
+        made once and passed on) carries no state: block b is read on its chain alone from now on."""
+        extra = self.extras[b]
+        got = {id(t) for t in tensors(call)}
+        if any(j >= len(outs) or id(outs[j]) in got for j in extra):
+            self.plain.add(b)
+            self.extras.pop(b)
+            for at in [at for at in self.carried if self.calls[at] == b]:
+                del self.carried[at], self.carried_versions[at]
+            return None, outs
+        aliases = {id(outs[j]): outs[j].view_as(outs[j]) for j in extra}
+        swapped, count = _swapped(output, aliases)
+        if count != len(aliases):
+            self.extras.pop(b)
+            return None, outs
+        self.carried[pos] = list(aliases.values())
+        self.carried_versions[pos] = [_version(t) for t in self.carried[pos]]
+        return swapped, [aliases.get(id(t), t) for t in outs]
 
     def changed(self) -> frozenset[int]:
         """The positions in `outputs` of block outputs changed in place since their block returned them
         (their version counter moved: an in-place ReLU or x.mul_() after the block), whose recorded
         tensor then holds the changed values, and whose gradient would be the changed ones'."""
-        moved = {
-            pos
-            for pos, extra in self.carried.items()
-            if [_version(t) for t in extra] != self.carried_versions[pos]
-        }
         return frozenset(
             i
             for i, (b, out, version) in enumerate(zip(self.calls, self.outputs, self.versions, strict=True))
-            if b >= 0 and (_version(out) != version or i in moved)
+            if b >= 0 and _version(out) != version
         )
 
     def start(self, inputs: bool = False, copied: frozenset[int] = frozenset(), entry: bool = True) -> None:
@@ -514,6 +576,7 @@ class _Recorder:
             self.breaks = {b - 1 for b in self.breaks}
             self.feeds = {b - 1: frozenset(max(0, a - 1) for a in fed) for b, fed in self.feeds.items()}
             self.carried = {pos - 1: extra for pos, extra in self.carried.items()}
+            self.carried_versions = {pos - 1: v for pos, v in self.carried_versions.items()}
         outputs = self.outputs[:]
         self.outputs.clear()
         self.alts.clear()
@@ -522,8 +585,13 @@ class _Recorder:
 
     def take_carried(self) -> list[tuple[int, torch.Tensor]]:
         """(position in `take`'s outputs, tensor) of each tensor a recorded call carries beside its
-        chain's (`_extras`), dropping the recorder's references to them; call after `take`."""
-        carried = [(pos, t) for pos, extra in sorted(self.carried.items()) for t in extra]
+        chain's (`_extras`), dropping the recorder's references to them; call after `take`. None where
+        the model changed one in place after the call returned it (`c.mul_(0.5)`): its values and
+        gradient are no longer the state's, and the state is read on the chain's tensor alone."""
+        moved = any(
+            [_version(t) for t in extra] != self.carried_versions[pos] for pos, extra in self.carried.items()
+        )
+        carried = [] if moved else [(pos, t) for pos, extra in sorted(self.carried.items()) for t in extra]
         self.carried.clear()
         self.carried_versions.clear()
         return carried

@@ -436,8 +436,8 @@ def unmeasured(results: Sequence[SearchResult]) -> list[str]:
                 out.append(
                     f"! {r.space.label}: growth 0: {by} passes no gradient (dL/d output is exactly 0 at "
                     f"{names[dead]} and before it: a dead layer, a ReLU whose inputs are all negative, a "
-                    "zero weight, or another tensor the block returns carries it), a vanishing the growth "
-                    "limit cannot fire on; "
+                    "zero weight, or another tensor the block returns carries it: an nn.LSTMCell's c "
+                    "passed on as a copy, read on h alone), a vanishing the growth limit cannot fire on; "
                     "--vanishing-limit X judges it"
                 )
             if math.isnan(m.growth) and m.first_nonfinite is None:

@@ -596,8 +596,9 @@ def test_an_lstm_cell_is_read_on_its_whole_state_h_and_c(
     """An nn.LSTMCell's next call takes (h, c): its chain is both. With no recurrent weight, dL/dh of
     every step but the last is 0 while the cell state carries the gradient back (x0.999 a step): read
     on h alone, this was growth 0, a dead layer, vanishing (found by a theory audit of gated cells).
-    Oracle: torch's dL/dh_t and dL/dc_t of the unrolled cell at the largest point, their joint norm
-    at the first step over the last's."""
+    Oracle: torch's dL/dh_t and dL/dc_t of the unrolled cell at the largest point, c_t's through the
+    next step alone (an alias of it is what the next step takes), their joint norm at the first step
+    over the last's."""
     path = tmp_path / "cell_path.py"
     module = _written(path, CELL_PATH)
     model = module.build()
@@ -606,10 +607,11 @@ def test_an_lstm_cell_is_read_on_its_whole_state_h_and_c(
     hs, cs = [], []
     for x_t in x.unbind(1):
         h, c = model.cell(x_t, (h, c))
+        c = c.view_as(c)
         hs.append(h)
         cs.append(c)
     grads = torch.autograd.grad(module.loss(torch.stack(hs, 1), x), hs + cs, allow_unused=True)
-    dh, dc = grads[:16], grads[16:]
+    dh, dc = grads[:16], [torch.zeros(()) if g is None else g for g in grads[16:]]
     assert not bool(dh[0].any()) and bool(dc[0].any())  # the gradient goes back through c alone
     joint = [math.hypot(a.norm().item(), b.norm().item()) for a, b in zip(dh, dc, strict=True)]
     js = tmp_path / "cell.json"

@@ -1,0 +1,269 @@
+"""A recurrent step whose next call takes several of its tensors (an nn.LSTMCell's (h, c)) is read on
+its whole state: each call's norms are those of h and c together, c's gradient through the next step
+alone (the partial derivative the transition Jacobians are made of). Oracle: torch's gradients of
+h_t and of an alias of c_t that the next call takes instead of c_t, float64; each case was found by
+a review of the change and fails on the code before its fix."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from stabilitycheck import probe_module
+
+T, B, IN, H = 6, 3, 4, 5
+
+
+def _oracle(model: nn.Module, cells: list[nn.Module], x: torch.Tensor, carried: bool = True) -> list[float]:
+    """Per call of `cells`, hypot(|dL/dh_t|, |dL/dc_t|) with c_t read where the next call takes it
+    (an alias of it given on in its place); |dL/dh_t| alone without `carried`."""
+    states: list[torch.Tensor] = []
+
+    def alias(module: nn.Module, args: Any, out: Any) -> Any:
+        h, c = out
+        c = c.view_as(c)
+        states.extend((h, c))
+        return h, c
+
+    handles = [cell.register_forward_hook(alias) for cell in cells]
+    loss = model(x)
+    for handle in handles:
+        handle.remove()
+    grads = torch.autograd.grad(loss, states, allow_unused=True)
+    norms = [0.0 if g is None else g.norm().item() for g in grads]
+    return [math.hypot(a, b) if carried else a for a, b in zip(norms[::2], norms[1::2], strict=True)]
+
+
+def _probe(model: nn.Module, x: torch.Tensor, blocks: list[tuple[str, nn.Module]] | None = None) -> Any:
+    return probe_module(model, x, lambda out, _: out, blocks=blocks)
+
+
+class _Fused(torch.autograd.Function):
+    """An LSTM cell whose h and c are the outputs of one autograd node, as CUDA's fused LSTM cell
+    makes them: the gradient autograd gives at c leaves out what reaches it through h."""
+
+    @staticmethod
+    def forward(ctx: Any, ig: torch.Tensor, hg: torch.Tensor, cx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        i, f, g, o = (ig + hg).chunk(4, 1)
+        i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+        cy = f * cx + i * g
+        tc = cy.tanh()
+        ctx.save_for_backward(i, f, g, o, cx, tc)
+        return o * tc, cy
+
+    @staticmethod
+    def backward(ctx: Any, ghy: torch.Tensor | None, gcy: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        i, f, g, o, cx, tc = ctx.saved_tensors
+        ghy = torch.zeros_like(tc) if ghy is None else ghy
+        gcy = torch.zeros_like(tc) if gcy is None else gcy
+        gc = gcy + ghy * o * (1 - tc * tc)
+        gates = torch.cat(
+            [gc * g * i * (1 - i), gc * cx * f * (1 - f), gc * i * (1 - g * g), ghy * tc * o * (1 - o)], 1
+        )
+        return gates, gates, gc * f
+
+
+class _Cell(nn.Module):
+    def __init__(self, fused: bool) -> None:
+        super().__init__()
+        self.ref, self.fused = nn.LSTMCell(IN, H, dtype=torch.float64), fused
+
+    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> Any:
+        if not self.fused:
+            return self.ref(x, state)
+        r = self.ref
+        return _Fused.apply(x @ r.weight_ih.T + r.bias_ih, state[0] @ r.weight_hh.T + r.bias_hh, state[1])
+
+
+class _Loop(nn.Module):
+    def __init__(self, cell: nn.Module, inplace: str = "") -> None:
+        super().__init__()
+        self.cell, self.head, self.inplace = cell, nn.Linear(H, 2, dtype=torch.float64), inplace
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = c = torch.zeros(B, H, dtype=torch.float64)
+        for x_t in x.unbind(0):
+            h, c = self.cell(x_t, (h, c))
+            if self.inplace == "h":
+                h.mul_(0.9)
+            elif self.inplace == "c":
+                c.mul_(0.5)
+            elif self.inplace == "h out of place":
+                h = h * 0.9
+            elif self.inplace == "c out of place":
+                c = c * 0.5
+        return self.head(h).pow(2).sum()
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(T, B, IN, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def test_a_cell_making_h_and_c_in_one_node_reads_as_the_composite_cell() -> None:
+    """CUDA's fused LSTM cell makes h and c in one autograd node; the CPU's composes them (h from c).
+    c's gradient as autograd gives it differed between the two (12% at step 0), so a model read other
+    numbers on each device; read where the next call takes it, both are the partial derivative."""
+    torch.manual_seed(0)
+    composite = _Loop(_Cell(fused=False))
+    fused = _Loop(_Cell(fused=True))
+    fused.load_state_dict(composite.state_dict())
+    x = _x()
+    expected = _oracle(composite, [composite.cell.ref], x)
+    for model in (composite, fused):
+        m = _probe(model, x, blocks=[("cell", model.cell)])
+        assert list(m.activation_grad_norms) == pytest.approx(expected, rel=1e-10)
+        assert m.growth == pytest.approx(expected[0] / expected[-1], rel=1e-10)
+
+
+class _Stacked(nn.Module):
+    def __init__(self, listed: bool) -> None:
+        super().__init__()
+        one, two = nn.LSTMCell(IN, H, dtype=torch.float64), nn.LSTMCell(H, H, dtype=torch.float64)
+        self.listed = listed
+        if listed:
+            self.cells = nn.ModuleList([one, two])
+        else:
+            self.cell1, self.cell2 = one, two
+        self.head = nn.Linear(H, 2, dtype=torch.float64)
+
+    def pair(self) -> list[nn.Module]:
+        return list(self.cells) if self.listed else [self.cell1, self.cell2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        one, two = self.pair()
+        h1 = c1 = h2 = c2 = torch.zeros(B, H, dtype=torch.float64)
+        for x_t in x.unbind(0):
+            h1, c1 = one(x_t, (h1, c1))
+            h2, c2 = two(h1, (h2, c2))
+        return self.head(h2).pow(2).sum()
+
+
+@pytest.mark.parametrize("listed", [False, True])
+def test_stacked_lstm_cells_read_each_cells_state(listed: bool) -> None:
+    """Two LSTMCells stacked per token: as attributes they were read on (h, c); in an nn.ModuleList
+    (another block of the stack runs between a cell's calls) on h alone (growth 0.0025 for 0.0075)."""
+    torch.manual_seed(0)
+    model, x = _Stacked(listed), _x()
+    m = _probe(model, x)
+    expected = _oracle(model, model.pair(), x)
+    assert list(m.activation_grad_norms) == pytest.approx(expected, rel=1e-10)
+
+
+class _Twice(nn.Module):
+    """A cell returning (h, h), the output and the hidden state one tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wx, self.wh = (
+            nn.Linear(IN, H, dtype=torch.float64),
+            nn.Linear(H, H, bias=False, dtype=torch.float64),
+        )
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.tanh(self.wx(x) + self.wh(h))
+        return h, h
+
+
+def test_a_cell_returning_h_twice_counts_it_once() -> None:
+    """Read as h and h, every norm was sqrt(2) times torch's."""
+    torch.manual_seed(0)
+
+    class Loop(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell, self.head = _Twice(), nn.Linear(H, 2, dtype=torch.float64)
+            self.hs: list[torch.Tensor] = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.zeros(B, H, dtype=torch.float64)
+            self.hs = []
+            for x_t in x.unbind(0):
+                _, h = self.cell(x_t, h)
+                self.hs.append(h)
+            return self.head(h).pow(2).sum()
+
+    model, x = Loop(), _x()
+    m = _probe(model, x)
+    loss = model(x)
+    expected = [g.norm().item() for g in torch.autograd.grad(loss, model.hs)]
+    assert list(m.activation_grad_norms) == pytest.approx(expected, rel=1e-10)
+    assert list(m.activation_norms) == pytest.approx([h.norm().item() for h in model.hs], rel=1e-10)
+
+
+def test_a_tensor_a_looped_block_passes_on_as_it_got_it_is_no_state() -> None:
+    """A weight-shared block looped over depth makes a bias on its first call and returns it; later
+    calls take it and return it as they got it. Counted as state, every call carried the one bias
+    with its gradient summed over all its uses: growth 0.80 where torch's h chain reads 2.24."""
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.rel = nn.Linear(H, H, dtype=torch.float64), nn.Linear(H, H, dtype=torch.float64)
+
+        def forward(
+            self, h: torch.Tensor, bias: torch.Tensor | None = None
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            bias = torch.tanh(self.rel(h)) if bias is None else bias
+            return h + 0.5 * torch.tanh(self.lin(h) + bias), bias
+
+    class Deep(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block, self.head = Block(), nn.Linear(H, 1, dtype=torch.float64)
+            self.hs: list[torch.Tensor] = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h, bias, self.hs = x, None, []
+            for _ in range(6):
+                h, bias = self.block(h, bias)
+                self.hs.append(h)
+            return self.head(h).pow(2).sum()
+
+    model = Deep()
+    x = torch.randn(B, H, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    m = _probe(model, x, blocks=[("block", model.block)])
+    expected = [g.norm().item() for g in torch.autograd.grad(model(x), model.hs)]
+    calls = [i for i, name in enumerate(m.activation_names) if name.startswith("block")]
+    assert [m.activation_grad_norms[i] for i in calls] == pytest.approx(expected, rel=1e-10)
+
+
+def test_a_cell_whose_h_the_model_changes_in_place_is_read_as_returned() -> None:
+    """h = o * c2, then h.mul_(0.9) after each call: the probe's re-run copied c too, whose write-back
+    changed a tensor autograd had saved, and the probe raised where torch runs. Oracle: the same model
+    changing h out of place, h as each call returned it."""
+
+    class Hand(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wx, self.wh = nn.Linear(IN, H, dtype=torch.float64), nn.Linear(H, H, dtype=torch.float64)
+
+        def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> Any:
+            h, c = state
+            c2 = 0.9 * c + torch.tanh(self.wx(x) + self.wh(h))
+            return torch.sigmoid(self.wh(h)) * c2, c2
+
+    torch.manual_seed(0)
+    model, x = _Loop(Hand(), inplace="h"), _x()
+    twin = _Loop(Hand(), inplace="h out of place")
+    twin.load_state_dict(model.state_dict())
+    m = _probe(model, x, blocks=[("cell", model.cell)])
+    expected = _oracle(twin, [twin.cell], x)
+    assert list(m.activation_grad_norms) == pytest.approx(expected, rel=1e-10)
+
+
+def test_an_lstm_cell_whose_c_the_model_changes_in_place_is_read_on_h_alone() -> None:
+    """c.mul_(0.5) after each call: the recorded c no longer holds the state's values, nor its
+    gradient; read on h alone (a copy of c lost what reaches c through h: 0.0035 for 0.0042).
+    Oracle: the same model changing c out of place, |dL/dh_t| alone."""
+    torch.manual_seed(0)
+    model, x = _Loop(_Cell(fused=False), inplace="c"), _x()
+    twin = _Loop(_Cell(fused=False), inplace="c out of place")
+    twin.load_state_dict(model.state_dict())
+    m = _probe(model, x, blocks=[("cell", model.cell)])
+    expected = _oracle(twin, [twin.cell.ref], x, carried=False)
+    assert list(m.activation_grad_norms) == pytest.approx(expected, rel=1e-10)
