@@ -88,9 +88,29 @@ def _spaces(args: argparse.Namespace) -> list[Any]:
     return out
 
 
+LIMIT_FIELDS = {  # the command line's limit options by Limits field
+    "grad_norm": "grad_norm_limit",
+    "growth": "growth_limit",
+    "divergence": "divergence_limit",
+    "vanishing": "vanishing_limit",
+    "stall": "stall_limit",
+}
+
+
+def _limits_given(argv: Sequence[str] | None) -> dict[str, Any]:
+    """The limits the command line sets itself (a default is not given), by Limits field."""
+    unset = object()  # not a string: argparse would parse a string default as if it were given
+    p = parser()
+    p.set_defaults(**dict.fromkeys(LIMIT_FIELDS.values(), unset))
+    given = vars(p.parse_args(argv))
+    return {field: given[dest] for field, dest in LIMIT_FIELDS.items() if given[dest] is not unset}
+
+
 def _replay(args: argparse.Namespace, limits: Any) -> list[Any]:
-    """Re-judge the counterexamples stored in a --json file. Replay is data, not code: a model file
-    named in the JSON is imported only when the command line names that same file as the target."""
+    """Re-judge the counterexamples stored in a --json file, each on the limits it was found under
+    (a counterexample found under --growth-limit 50 read stable on the default 100, exit 0: a CI job
+    replaying it passed), but for a limit the command line sets. Replay is data, not code: a model
+    file named in the JSON is imported only when the command line names that same file as the target."""
     from stabilitycheck.config import Config, kind
     from stabilitycheck.errors import UsageError
     from stabilitycheck.searching import Counterexample, SearchResult, try_remedies
@@ -122,9 +142,10 @@ def _replay(args: argparse.Namespace, limits: Any) -> list[Any]:
                 f"it on the command line: stabilitycheck {config.subject} --replay {args.replay}"
             )
         subject = target if target is not None and target.name == config.subject else resolve(config.subject)
-        j = assess(config, subject, limits)
+        judged = _stored_limits(cx, where, args.limits_given) or limits
+        j = assess(config, subject, judged)
         label = str(entry.get("label", config.subject))
-        found = Counterexample(label, config, j, limits, tuple(try_remedies(config, subject, limits)))
+        found = Counterexample(label, config, j, judged, tuple(try_remedies(config, subject, judged)))
         space = Space(label, config, _searched_axes(label, subject))
         results.append(
             SearchResult(
@@ -143,6 +164,25 @@ def _replay(args: argparse.Namespace, limits: Any) -> list[Any]:
             "empty); replay re-judges the exploding rows a --json file recorded"
         )
     return results
+
+
+def _stored_limits(cx: dict[str, Any], where: str, given: dict[str, Any]) -> Any:
+    """The Limits a stored counterexample was judged on, with those the command line sets in their
+    place; None where it stores none (a file written before limits were stored)."""
+    from stabilitycheck.errors import UsageError
+    from stabilitycheck.verdicts import Limits
+
+    stored = cx.get("limits")
+    if stored is None:
+        return None
+    fields = {**dict.fromkeys(LIMIT_FIELDS, "a number > 0 or null"), "nonfinite": "true or false"}
+    if not isinstance(stored, dict) or set(stored) - set(fields):
+        raise UsageError(f"{where}: a counterexample's 'limits' is not the object --json writes ({stored!r})")
+    for name, value in stored.items():
+        number = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+        if not (isinstance(value, bool) if name == "nonfinite" else value is None or number):
+            raise UsageError(f"{where}: a counterexample's limit {name}={value!r} must be {fields[name]}")
+    return Limits(**{**stored, **given})
 
 
 def _searched_axes(label: str, subject: Any) -> tuple[Any, ...]:
@@ -170,6 +210,8 @@ def run(argv: Sequence[str] | None, progress: Progress | None = None) -> int:
         vanishing=args.vanishing_limit,
         stall=args.stall_limit,
     )
+    if args.replay:  # each counterexample is re-judged on its own limits, but for those given here
+        args.limits_given = _limits_given(argv)
     outputs = Outputs(args)
     shown = progress or Progress(args.quiet)
     try:

@@ -38,6 +38,43 @@ def test_exploding_family_exits_1_with_its_row(capsys: pytest.CaptureFixture[str
     assert out2.splitlines()[2].split()[:6] == row.split()[:6]
 
 
+def test_replay_judges_each_counterexample_on_the_limits_it_was_found_under(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A counterexample found under --growth-limit 50 read stable on replay, judged on the default
+    100, exit 0 (a new user's trial: a CI job replaying it passed). Its stored limits judge it now;
+    one the command line sets overrides that one alone. Oracle: assess() of the stored Config on each
+    Limits."""
+    from stabilitycheck.config import Config
+    from stabilitycheck.seeds import assess
+    from stabilitycheck.verdicts import Limits
+
+    js = tmp_path / "r.json"
+    knobs = ["--knob", "depth=1:20", "--knob", "init_scale=2.5"]
+    code, out, _ = run(
+        capsys, "zoo", "--family", "mlp", *knobs, "--growth-limit", "50", *FAST, "--json", str(js)
+    )
+    assert code == 1
+    config = Config.from_dict(json.loads(js.read_text())[0]["counterexample"]["config"])
+    assert assess(config, limits=Limits(growth=50)).exploded and not assess(config).exploded
+    code, out, _ = run(capsys, "zoo", "--replay", str(js), *FAST)
+    assert code == 1 and "> 50" in out.splitlines()[2]
+    code, out, _ = run(capsys, "zoo", "--replay", str(js), "--growth-limit", "100", *FAST)
+    assert code == 0
+
+
+def test_a_replay_file_whose_limits_are_not_numbers_exits_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    js = tmp_path / "r.json"
+    assert run(capsys, "zoo", "--family", "mlp", *FAST, "--json", str(js))[0] == 1
+    data = json.loads(js.read_text())
+    data[0]["counterexample"]["limits"]["growth"] = "100"
+    js.write_text(json.dumps(data))
+    code, _, err = run(capsys, "zoo", "--replay", str(js), *FAST)
+    assert code == 2 and "limit growth='100' must be a number > 0 or null" in err and err.count("\n") == 1
+
+
 def test_stable_family_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(
         capsys, "zoo", "--family", "lstm", "--knob", "seq_len=1:16", "--knob", "init_scale=1.0", *FAST
