@@ -120,10 +120,14 @@ def add_limits(p: argparse.ArgumentParser) -> None:
     )
 
 
+TRAINING = ("lr", "warmup", "clip")  # run settings of the training steps alone, a --knob each
+
+
 def require_steps(args: argparse.Namespace) -> None:
     """A --divergence-limit or --stall-limit value without --steps (or a steps --knob) would never be
     checked: the losses they compare are the ones before and after the steps; --lr, --optimizer or
-    --clip would change nothing. One line, exit 2; a limit `off` is accepted (it turns off what would
+    --clip, or a --knob over lr, warmup or clip (searched along an axis where nothing
+    could change), would change nothing. One line, exit 2; a limit `off` is accepted (it turns off what would
     not run)."""
     from stabilitycheck.errors import UsageError
 
@@ -136,6 +140,9 @@ def require_steps(args: argparse.Namespace) -> None:
             f"but no steps are taken; add --steps K (e.g. --steps 20) or drop {' or '.join(given)}"
         )
     training = [f"--{k}" for k in ("lr", "optimizer", "clip") if getattr(args, k, None) is not None]
+    training += [  # a run setting searched as a knob: an axis along which nothing could change
+        f"--knob {name}" for name in dict.fromkeys(k.partition("=")[0] for k in args.knob) if name in TRAINING
+    ]
     if training:
         raise UsageError(
             f"{' and '.join(training)}: settings of the training steps, but no steps are taken (the probe "

@@ -93,6 +93,12 @@ def _axes(args: argparse.Namespace, subject: Any) -> tuple[Any, Any, Any]:
             )
     space = _apply_knobs(original.with_run(**run), args.knob, subject)
     given_knobs = {text.partition("=")[0]: text for text in args.knob}
+    for name, text in given_knobs.items():
+        if name not in (args.x, args.y) and any(a.name == name for a in space.axes):
+            raise UsageError(
+                f"--knob {text}: a map has two axes, --x {args.x} and --y {args.y}, and would leave "
+                f"{name} at its default; fix it to one value (--knob {name}=VALUE) and map once per value"
+            )
     axes = []
     for flag, name in (("--x", args.x), ("--y", args.y)):
         if name in given_knobs and all(a.name != name for a in space.axes):

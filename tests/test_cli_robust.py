@@ -910,3 +910,26 @@ def test_a_run_from_a_directory_it_cannot_write_to_is_not_refused_for_its_defaul
     monkeypatch.chdir("/proc")
     code, _, err = _run(["mlp", "--max-examples", "2", "--seeds", "1", "--quiet"], capsys)
     assert code in (cli.EXIT_OK, cli.EXIT_FOUND), err
+
+
+@pytest.mark.parametrize("knob", ["lr=0.1:10:0.1", "warmup=0:10", "clip=0.5:2.0:0.5"])
+def test_a_training_setting_searched_without_steps_exits_2(
+    capsys: pytest.CaptureFixture[str], knob: str
+) -> None:
+    """--lr without --steps was refused, --knob lr=0.1:10:0.1 searched 101 points along an axis where
+    nothing could change, stable, exit 0 (a new user's trial). Refused alike, in one line."""
+    code, _, err = _run(["mlp", "--knob", "depth=1:3", "--knob", knob, "--database", "none"], capsys)
+    name = knob.partition("=")[0]
+    assert code == cli.EXIT_USAGE and f"--knob {name}: settings of the training steps" in err
+    assert err.count("\n") == 1
+    code, _, err = _run(["mlp", "--knob", "depth=1:2", "--knob", knob, "--steps", "1", "--quiet"], capsys)
+    assert code in (cli.EXIT_OK, cli.EXIT_FOUND), err
+
+
+def test_a_map_range_on_a_third_knob_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    """`map --x depth --y init_scale --knob width=1:3` ran at the factory's default width, the range
+    dropped without a word (a new user's trial)."""
+    argv = ["map", "mlp", "--x", "depth", "--y", "init_scale", "--knob", "width=8:16:8"]
+    code, _, err = _run(argv, capsys)
+    assert code == cli.EXIT_USAGE and "--knob width=8:16:8: a map has two axes" in err
+    assert err.count("\n") == 1
