@@ -413,6 +413,7 @@ def check(subject: Subject, config: Config, *others: Config) -> None:
     from stabilitycheck.probing import probe
 
     first: UsageError | None = None
+    cause: BaseException | None = None  # the model's own exception behind `first`: --debug shows it
     budget = free_memory(config.run.device) // 2
     for tried in (config, *others):
         with warnings.catch_warnings():
@@ -428,7 +429,8 @@ def check(subject: Subject, config: Config, *others: Config) -> None:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             return
         except UsageError as exc:
-            first = first or UsageError(f"{exc} (with {tried.describe()})")
+            if first is None:
+                first, cause = UsageError(f"{exc} (with {tried.describe()})"), exc
         except (Exception, SystemExit) as exc:
             what = (
                 f"called sys.exit({exc.code!r})" if isinstance(exc, SystemExit) else f"raised {describe(exc)}"
@@ -439,8 +441,13 @@ def check(subject: Subject, config: Config, *others: Config) -> None:
                 else "its code may not accept these knob values (narrow SPACE or --knob), or its inputs "
                 "(batch(), example_input or the ones inferred) may not match what forward() expects"
             )
-            first = first or UsageError(
-                f"{tried.subject}: running the model with {tried.describe()} {what}{raised_at(exc)}; {hint}"
-            )
+            if first is None:
+                first, cause = (
+                    UsageError(
+                        f"{tried.subject}: running the model with {tried.describe()} {what}{raised_at(exc)}; "
+                        f"{hint}"
+                    ),
+                    exc,
+                )
     if first is not None:
-        raise first
+        raise first from cause

@@ -381,6 +381,23 @@ def test_unknown_knob_names_the_files_knobs(
     assert_one_line_error(code, out, err, fragments)
 
 
+def test_debug_shows_the_traceback_through_the_models_own_code(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A model that raises at every point is one line naming the line of its code; --debug showed only
+    this package's frames, none of the model's, nothing chained (a new user's trial)."""
+    path = tmp_path / "nested.py"
+    path.write_text(
+        "import torch\nfrom torch import nn\n\n\ndef helper(x):\n    return x @ torch.ones(3, 3)\n\n\n"
+        "def build(depth=3):\n    return nn.Sequential(*[nn.Linear(8, 8) for _ in range(depth)])\n\n\n"
+        "class Loss:\n    def __call__(self, output, inputs):\n        return helper(output).sum()\n\n\n"
+        "loss = Loss()\n\n\ndef batch(model, batch_size=4):\n    return torch.randn(batch_size, 8)\n"
+    )
+    code, _, err = run(capsys, str(path), "--debug", *FAST)
+    assert code == 2 and "nested.py:6 in helper" in err.splitlines()[-1]
+    assert f'"{path}", line 6, in helper' in err and "direct cause" in err
+
+
 def test_debug_shows_the_traceback(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, f"{FILES}/no_factory.py", "--debug", *FAST)
     assert code == 2 and out == ""

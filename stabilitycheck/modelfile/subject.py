@@ -114,7 +114,7 @@ class ModelFile:
             raise self.error(
                 f"{label} raised {describe(exc)}{raised_at(exc)}; fix the code, or narrow SPACE to values "
                 "it accepts"
-            ) from None
+            ) from exc  # the user's frames, which --debug shows
 
     def config(self, **values: Scalar) -> Config:
         """A Config of this file: every knob at its default unless given (run settings by name)."""
