@@ -80,8 +80,9 @@ class Verdict:
 
     @property
     def how(self) -> str:
-        """'vanishes' where vanishing alone fired, else 'explodes': the word for a failing point."""
-        return "vanishes" if self.names == ("vanishing",) else "explodes"
+        """'vanishes' where vanishing alone fired, 'stalls' where stall alone did, else 'explodes':
+        the word for a failing point."""
+        return {("vanishing",): "vanishes", ("stall",): "stalls"}.get(self.names, "explodes")
 
     def to_dict(self) -> dict[str, Any]:
         return {"exploded": self.exploded, "criteria": [vars(c) for c in self.criteria]}

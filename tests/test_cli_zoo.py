@@ -187,3 +187,13 @@ def test_the_table_and_details_name_the_quantile_judged_on(capsys: pytest.Captur
         assert column in header, header
     assert "q=0.8 over" in out and "seeds' fits)" in out
     assert "the q=0.8 growth of" in out
+
+
+def test_a_stall_at_the_lowest_corner_is_said_to_stall(capsys: pytest.CaptureFixture[str]) -> None:
+    """lr 1e-6 over 2 steps: the loss barely moves at every depth, so --stall-limit 0.95 fires at the
+    lowest corner, and the note said the model 'explodes there already' (a new user's trial)."""
+    knobs = ["--knob", "depth=1:3", "--knob", "init_scale=1.0", "--steps", "2", "--lr", "1e-6"]
+    code, out, _ = run(capsys, "zoo", "--family", "mlp", *knobs, "--stall-limit", "0.95", *FAST)
+    assert code == 1
+    (note,) = [line for line in out.splitlines() if "lowest corner" in line]
+    assert "the model stalls there already" in note and "explodes" not in note
