@@ -354,12 +354,16 @@ def own_blocks(model: nn.Module, blocks: Any, who: str) -> Blocks:
             f"first, got {got}; e.g. blocks=[(f'blocks.{{i}}', b) for i, b in enumerate(model.blocks)]"
         )
     first: dict[int, str] = {}  # a module listed twice is hooked twice: each call read as two blocks
+    named: set[str] = set()
     for name, module in pairs:
         if not isinstance(module, Layer) and first.setdefault(id(module), name) != name:
             raise UsageError(
                 f"{who}: blocks {first[id(module)]!r} and {name!r} are the same module, whose every call "
                 "would read as two blocks (a gain of exactly 1 between them); list each block once"
             )
+        if name in named:  # the report, the culprit and the JSON name blocks by name
+            raise UsageError(f"{who}: two blocks are named {name!r}; give each block a name of its own")
+        named.add(name)
     return pairs
 
 

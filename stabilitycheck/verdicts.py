@@ -82,7 +82,8 @@ class Verdict:
     def how(self) -> str:
         """'vanishes' where vanishing alone fired, 'stalls' where stall alone did, else 'explodes':
         the word for a failing point."""
-        return {("vanishing",): "vanishes", ("stall",): "stalls"}.get(self.names, "explodes")
+        alone: dict[tuple[str, ...], str] = {("vanishing",): "vanishes", ("stall",): "stalls"}
+        return alone.get(self.names, "explodes")
 
     def to_dict(self) -> dict[str, Any]:
         return {"exploded": self.exploded, "criteria": [vars(c) for c in self.criteria]}

@@ -933,3 +933,29 @@ def test_a_map_range_on_a_third_knob_exits_2(capsys: pytest.CaptureFixture[str])
     code, _, err = _run(argv, capsys)
     assert code == cli.EXIT_USAGE and "--knob width=8:16:8: a map has two axes" in err
     assert err.count("\n") == 1
+
+
+def test_init_naming_an_int_knob_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """INIT = ("depth", 1.0) was accepted: the init grid, the default times 0.5 .. 4, was searched over
+    depth, 7 points skipped as 'not an int', 'stable (tried up to depth=8.0)' (a new user's trial)."""
+    path = tmp_path / "init_int.py"
+    path.write_text(
+        'from torch import nn\nINIT = ("depth", 1.0)\n\n\ndef build(depth=2):\n'
+        "    return nn.Sequential(*[nn.Linear(4, 4) for _ in range(depth)])\n"
+    )
+    code, _, err = _run([str(path), "--database", "none"], capsys)
+    assert code == cli.EXIT_USAGE and "names depth, whose default 2 is no float" in err
+    assert err.count("\n") == 1
+
+
+def test_two_blocks_of_one_name_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """stability_blocks() returning ("a", ...) twice was accepted, its profile read '(input) .. a'
+    and a culprit 'a' named either (a new user's trial)."""
+    path = tmp_path / "twice.py"
+    path.write_text(
+        "from torch import nn\n\n\nclass M(nn.Sequential):\n    def stability_blocks(self):\n"
+        '        return [("a", self[0]), ("a", self[1])]\n\n\n'
+        "def build():\n    return M(nn.Linear(4, 4), nn.Linear(4, 4))\n"
+    )
+    code, _, err = _run([str(path), "--database", "none"], capsys)
+    assert code == cli.EXIT_USAGE and "two blocks are named 'a'" in err and err.count("\n") == 1

@@ -89,6 +89,11 @@ class ModelFile:
                     "e.g. INIT = 'initializer_range' or INIT = ('initializer_range', 0.02)"
                 )
             default = self.knobs.get(name, 1.0)
+            if not isinstance(default, float):  # its grid is the default times factors like 0.5, 1.25
+                raise self.error(
+                    f"INIT={declared!r} names {name}, whose default {default!r} is no float; INIT names "
+                    "the factory's float init-scale parameter (e.g. def build(depth=4, init_scale=1.0))"
+                )
             return name, value if isinstance(value, int | float) else default
         name = next((n for n in INIT_NAMES if n in self.knobs), SCALE)
         return name, self.knobs.get(name, 1.0)
