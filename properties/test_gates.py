@@ -8,9 +8,9 @@ LSTM with constant gates i = o = 1/2 and forget f, the candidate's recurrent mat
 other weight zero, fed zeros from a zero state: the trajectory stays at 0, where tanh' = 1, so the
 backward is linear. With the loss on h_(T-1): c_(T-1)'s whole gradient is o g, and going back,
 C_t = r C_(t+1) with r = f + i o w, C_t c_t's whole gradient (through h_t = o tanh(c_t) too). The
-probe reads the cell's state (h, c), which its next call takes, on the partial derivatives the
-transition Jacobians are made of: dL/dh_t = i w C_(t+1) and c_t's through the next step alone,
-f C_(t+1); their norm is hypot(i w, f) |C_(t+1)| before the last step, |g| at it (c_(T-1) goes on
+probe reads the cell's state (h, c), which its next call takes, each on its uses after the call
+(what reaches c_t through h_t is h_t's): dL/dh_t = i w C_(t+1) and c_t's, through the next step
+alone here, f C_(t+1); their norm is hypot(i w, f) |C_(t+1)| before the last step, |g| at it (c_(T-1) goes on
 to no step). Gains r for cell[0]..cell[T-3], o hypot(i w, f) for the last step, growth r**(T-2) o
 hypot(i w, f). (Read on h alone the rate is r too, but at f = 0.999, w = 0 it read growth 0, a dead
 layer, where the cell state carries 0.999 a step.) The gate values are taken as torch computes

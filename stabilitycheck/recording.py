@@ -56,18 +56,22 @@ def _floating(value: Any) -> list[torch.Tensor]:
 
 def _swapped(value: Any, swap: dict[int, torch.Tensor]) -> tuple[Any, int]:
     """`value` with each tensor whose id is a key of `swap` replaced by its value, rebuilt through
-    plain tuples, lists and dicts (another container is left as it is), and how many were replaced."""
+    tuples, namedtuples, lists and dicts (another container is left as it is), and how many were
+    replaced."""
     if isinstance(value, torch.Tensor):
         new = swap.get(id(value))
         return (value, 0) if new is None else (new, 1)
-    if type(value) in (tuple, list):
+    if isinstance(value, tuple | list) and (type(value) in (tuple, list) or hasattr(value, "_fields")):
         pairs = [_swapped(v, swap) for v in value]
         count = sum(n for _, n in pairs)
-        return (type(value)(v for v, _ in pairs) if count else value), count
+        if not count:
+            return value, 0
+        rebuilt = [v for v, _ in pairs]
+        return (type(value)(*rebuilt) if hasattr(value, "_fields") else type(value)(rebuilt)), count
     if type(value) is dict:
-        items = {k: _swapped(v, swap) for k, v in value.items()}
-        count = sum(n for _, n in items.values())
-        return ({k: v for k, (v, _) in items.items()} if count else value), count
+        entries = {k: _swapped(v, swap) for k, v in value.items()}
+        count = sum(n for _, n in entries.values())
+        return ({k: v for k, (v, _) in entries.items()} if count else value), count
     return value, 0
 
 
@@ -239,9 +243,13 @@ class _Recorder:
         self.later = {b for b in range(1, len(self.stacks)) if self.stacks[b - 1] == self.stacks[b]}
         self.handles: list[Any] = []
         self.picks: dict[int, int] = {}  # per block, which of its output's tensors is its chain's (_repick)
-        self.extras: dict[int, tuple[int, ...]] = {}  # per block, the other tensors of its output its
-        # next call takes as they came (an LSTMCell's c beside h: _extras), carried with the chain
+        # per block, the other tensors of its output its next call takes as they came, carried with the
+        # chain (_extras): an nn.LSTMCell's c from the start, a cell of the model's own once seen
+        self.extras: dict[int, tuple[int, ...]] = {
+            b: (1,) for b, (_, module) in enumerate(blocks) if isinstance(module, nn.LSTMCell)
+        }
         self.plain: set[int] = set()  # blocks returning such a tensor as they got it: none carried
+        self.discovered = False  # a block's carried tensors became known after its first call ran
         self.carried: dict[int, list[torch.Tensor]] = {}  # per position in `outputs`, those tensors
         self.carried_versions: dict[int, list[int]] = {}  # their version counters as returned
         # per position in `outputs`, its call's tensors, their version counters as it returned them,
@@ -391,13 +399,11 @@ class _Recorder:
         returned (a change in place since is a re-run's). The first tensor, y, read the chain of a
         char-RNN cell as growth 1 with no gain measured, where h grew 1.3 per step."""
 
-        def on_call(
-            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-        ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        def on_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             at = self.last.get(b)
             held = None if at is None or not self.active else self.alts.get(at)
             if at is None or held is None:
-                return None
+                return
             alts, _, passed = held
             self.repicking[b].remove()  # one look per pass: a cell per token pays it once
             self.repicking[b] = None
@@ -406,9 +412,9 @@ class _Recorder:
                 # a block of a stack with another called between: the chain runs on to it; where
                 # that tensor goes on to its own next call too, so does its state (stacked LSTMCells
                 # in an nn.ModuleList; not a step whose y the next cell takes and h its next call)
-                if not any(_feeds(t, self.outputs[at]) for t in given):
-                    return None
-                return self._extras(b, at, alts, passed, given, (args, kwargs))
+                if any(_feeds(t, self.outputs[at]) for t in given):
+                    self._extras(b, at, alts, passed, given)
+                return
             if not any(_feeds(t, self.outputs[at]) for t in given):
                 for j, alt in enumerate(alts):
                     if j not in passed and alt is not self.outputs[at] and any(_feeds(t, alt) for t in given):
@@ -420,29 +426,23 @@ class _Recorder:
                                 if outs[j].grad_fn is not None:
                                     self.own[self.stacks[b]].add(outs[j].grad_fn)
                         break
-            return self._extras(b, at, alts, passed, given, (args, kwargs))
+            self._extras(b, at, alts, passed, given)
 
         return on_call
 
     def _extras(
-        self,
-        b: int,
-        at: int,
-        alts: list[torch.Tensor],
-        passed: set[int],
-        given: list[torch.Tensor],
-        call: tuple[tuple[Any, ...], dict[str, Any]],
-    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        self, b: int, at: int, alts: list[torch.Tensor], passed: set[int], given: list[torch.Tensor]
+    ) -> None:
         """The other tensors of block b's last output (at position `at`) that its next call takes as
         they came, beside the chain's (an nn.LSTMCell's c beside h, `cell(x, (h, c))`), none the call
         got as an argument: the recurrence's state is all of them (read on h alone, a cell whose
         forget gate carries c at 0.999 a step with no recurrent weight read growth 0, a dead layer,
-        for 0.999^(T-1)). Each is read where the next call takes it, on an alias made here (or, once
-        known, by the forward hook: `_carry`): its gradient is the next step's alone, the partial
-        derivative of the state the transition Jacobians are made of, what reaches c through h, the
-        same call's output, being h's (c's gradient as a whole counted it twice, and on CUDA, whose
-        fused LSTM cell makes h and c in one node, is not what autograd gives). Returns this call's
-        arguments with the aliases in place, where it made any."""
+        for 0.999^(T-1)). Each is read on a copy that the forward hook hands on in its place (`_carry`):
+        its gradient is that of every use after the call returned it, as h's is, and none of what
+        reaches it through h, the same call's output (that is h's: counted in c too, it was counted
+        twice, and CUDA's fused LSTM cell, which makes h and c in one autograd node, gives no such
+        part). Known only now for the call at `at`, not copied when it ran: the step is run again
+        (`discovered`), every call copied alike."""
         pick = self.picks.get(b, 0)
         taken = {id(t) for t in given}
         chain = alts[pick] if pick < len(alts) else None
@@ -453,19 +453,16 @@ class _Recorder:
             if all(alt is not other for other in alts[:j])
         )
         if not extra or b in self.plain:
-            self.extras.pop(b, None)
-            return None
+            self._drop(b)
+            return
         self.extras[b] = extra
-        if at in self.carried:  # aliased in its forward hook already
-            return None
-        aliases = {id(alts[j]): alts[j].view_as(alts[j]) for j in extra}
-        swapped, count = _swapped(call, aliases)
-        if count != len(aliases):  # held in another container than tuples, lists and dicts
-            self.extras.pop(b)
-            return None
-        self.carried[at] = list(aliases.values())
-        self.carried_versions[at] = [_version(t) for t in self.carried[at]]
-        return swapped  # type: ignore[no-any-return]
+        self.discovered |= at not in self.carried
+
+    def _drop(self, b: int) -> None:
+        """Block b carries nothing beside its chain: none of its calls is read on carried tensors."""
+        self.extras.pop(b, None)
+        for at in [at for at in self.carried if self.calls[at] == b]:
+            del self.carried[at], self.carried_versions[at]
 
     def _carry(
         self, b: int, pos: int, output: Any, outs: list[torch.Tensor], call: Any
@@ -478,14 +475,14 @@ class _Recorder:
         got = {id(t) for t in tensors(call)}
         if any(j >= len(outs) or id(outs[j]) in got for j in extra):
             self.plain.add(b)
-            self.extras.pop(b)
-            for at in [at for at in self.carried if self.calls[at] == b]:
-                del self.carried[at], self.carried_versions[at]
+            self._drop(b)
             return None, outs
-        aliases = {id(outs[j]): outs[j].view_as(outs[j]) for j in extra}
+        # a copy, not a view: a truncated-BPTT loop's c.detach_() refuses views
+        aliases = {id(outs[j]): outs[j].clone() for j in extra}
         swapped, count = _swapped(output, aliases)
-        if count != len(aliases):
-            self.extras.pop(b)
+        if count != len(aliases):  # held in a container the hook cannot rebuild
+            self.plain.add(b)
+            self._drop(b)
             return None, outs
         self.carried[pos] = list(aliases.values())
         self.carried_versions[pos] = [_version(t) for t in self.carried[pos]]
@@ -523,6 +520,7 @@ class _Recorder:
         self.last.clear()
         self.carried.clear()
         self.carried_versions.clear()
+        self.discovered = False
         self.entry = None
         self.around.clear()
         self.sum, self.goes_on = None, False

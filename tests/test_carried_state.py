@@ -1,13 +1,14 @@
 """A recurrent step whose next call takes several of its tensors (an nn.LSTMCell's (h, c)) is read on
-its whole state: each call's norms are those of h and c together, c's gradient through the next step
-alone (the partial derivative the transition Jacobians are made of). Oracle: torch's gradients of
-h_t and of an alias of c_t that the next call takes instead of c_t, float64; each case was found by
-a review of the change and fails on the code before its fix."""
+its whole state: each call's norms are those of h and c together, c's gradient that of every use
+after the call returned it, as h's is (the next step's, a readout's), none of what reaches c through
+h inside the call. Oracle: torch's gradients of h_t and of a copy of c_t handed on in its place as
+the call returns, float64; each case was found by a review of the change and fails on the code
+before its fix."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -19,15 +20,15 @@ T, B, IN, H = 6, 3, 4, 5
 
 
 def _oracle(model: nn.Module, cells: list[nn.Module], x: torch.Tensor, carried: bool = True) -> list[float]:
-    """Per call of `cells`, hypot(|dL/dh_t|, |dL/dc_t|) with c_t read where the next call takes it
-    (an alias of it given on in its place); |dL/dh_t| alone without `carried`."""
+    """Per call of `cells`, hypot(|dL/dh_t|, |dL/dc_t|) with c_t a copy handed on in its place as the
+    call returns; |dL/dh_t| alone without `carried`."""
     states: list[torch.Tensor] = []
 
     def alias(module: nn.Module, args: Any, out: Any) -> Any:
         h, c = out
-        c = c.view_as(c)
+        c = c.clone()
         states.extend((h, c))
-        return h, c
+        return type(out)(h, c) if hasattr(out, "_fields") else (h, c)
 
     handles = [cell.register_forward_hook(alias) for cell in cells]
     loss = model(x)
@@ -267,3 +268,70 @@ def test_an_lstm_cell_whose_c_the_model_changes_in_place_is_read_on_h_alone() ->
     m = _probe(model, x, blocks=[("cell", model.cell)])
     expected = _oracle(twin, [twin.cell.ref], x, carried=False)
     assert list(m.activation_grad_norms) == pytest.approx(expected, rel=1e-10)
+
+
+class _Pair(NamedTuple):
+    h: torch.Tensor
+    c: torch.Tensor
+
+
+class _Hand(nn.Module):
+    """A cell of the model's own returning (h, c), or a namedtuple of them: which of its tensors is
+    state is seen at its second call only."""
+
+    def __init__(self, named: bool = False) -> None:
+        super().__init__()
+        self.wx, self.wh = nn.Linear(IN, 2 * H, dtype=torch.float64), nn.Linear(H, 2 * H, dtype=torch.float64)
+        self.named = named
+
+    def forward(self, x: torch.Tensor, state: Any) -> Any:
+        h, c = state
+        f, g = (self.wx(x) + self.wh(h)).chunk(2, 1)
+        c = torch.sigmoid(f) * c + torch.tanh(g)
+        h = torch.tanh(c) * 0.5
+        return _Pair(h, c) if self.named else (h, c)
+
+
+class _ReadsC(nn.Module):
+    """A loop whose loss reads the cell state too (a readout on c at every step), or, with `cut`, whose
+    cell state is cut from its history every two steps (truncated BPTT, c.detach_())."""
+
+    def __init__(self, cell: nn.Module, cut: bool = False) -> None:
+        super().__init__()
+        self.cell, self.head, self.cut = cell, nn.Linear(H, 2, dtype=torch.float64), cut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = c = torch.zeros(B, H, dtype=torch.float64)
+        loss = torch.zeros((), dtype=torch.float64)
+        for t, x_t in enumerate(x.unbind(0)):
+            h, c = self.cell(x_t, (h, c))
+            if self.cut and t % 2:
+                c.detach_()
+            elif not self.cut:
+                loss = loss + 0.1 * c.square().sum()
+        return loss + self.head(h).pow(2).sum()
+
+
+@pytest.mark.parametrize("cell", ["LSTMCell", "own", "own namedtuple"])
+def test_a_cell_state_read_elsewhere_reads_every_use_at_every_call(cell: str) -> None:
+    """The loss reads c at every step: call 0's c was read through the next call alone (its copy made
+    at the next call), the later calls' through every use after them, so the growth mixed the two
+    (0.203 for 0.286) and changed with the step the profile was read at; a namedtuple state was read
+    on (h, c) at call 0 and on h after. Each call alike now; a cell of the model's own, whose state is
+    seen at its second call, runs its first step again."""
+    torch.manual_seed(0)
+    module: nn.Module = _Cell(fused=False) if cell == "LSTMCell" else _Hand(named=cell == "own namedtuple")
+    model, x = _ReadsC(module), _x()
+    m = _probe(model, x, blocks=[("cell", model.cell)])
+    expected = _oracle(model, [module.ref if cell == "LSTMCell" else module], x)
+    assert list(m.activation_grad_norms) == pytest.approx(expected, rel=1e-10)
+    assert m.growth == pytest.approx(expected[0] / expected[-1], rel=1e-10)
+
+
+def test_truncated_backpropagation_with_detach_in_place_runs_as_in_torch() -> None:
+    """c.detach_() every two steps: the probe handed the model a view of c, which torch refuses to
+    detach in place, and the probe raised where torch runs. Oracle: torch's loss of the same model."""
+    torch.manual_seed(0)
+    model, x = _ReadsC(_Cell(fused=False), cut=True), _x()
+    m = _probe(model, x, blocks=[("cell", model.cell)])
+    assert m.loss[0] == pytest.approx(model(x).item(), rel=1e-12)
