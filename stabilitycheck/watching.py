@@ -30,6 +30,7 @@ from stabilitycheck.alarms import Termination, signals_held
 from stabilitycheck.distributed import Layout
 from stabilitycheck.errors import UsageError
 from stabilitycheck.layout import block_of
+from stabilitycheck.recording import _version
 from stabilitycheck.spikes import SpikeRule, noisier, unmeasured
 from stabilitycheck.subject import BYPASSED, find_blocks, own_blocks, shown_blocks
 from stabilitycheck.watchcapture import Capture
@@ -195,6 +196,7 @@ class Watcher:
         self._original_step: Any = None
         self._step: Any = None
         self.report: Report | None = None
+        self._versions: list[int] = []  # the parameters' version counters when the run began
 
     # ------------------------------------------------------------------------------------ hooks
 
@@ -203,6 +205,7 @@ class Watcher:
             raise UsageError("watch: a watcher runs once; make a new one with watch(...) for another run")
         self._handles += self.capture.attach(self.model)  # first: a block it cannot hook leaves nothing
         self._open = True
+        self._versions = [_version(p) for p in self.params]  # an update changes them: `_no_step`
         if self.world == 1:  # under torch.distributed a rank stopping alone would hang the others' flush
             self._termination.open()
         if self.snapshot is not None:
@@ -292,7 +295,8 @@ class Watcher:
 
     def _no_step(self) -> None:
         """No step was closed: say how steps are closed (in the report, and as a warning when the
-        loop did train: a loss was recorded or a parameter has a gradient)."""
+        loop did train: a loss was recorded, a parameter has a gradient, or one changed in place, as
+        a hand-written update that clears .grad does)."""
         how = "the optimizer's step() closes each step: pass it, watch(model, optimizer)"
         if self.optimizer is not None:
             how = "optimizer.step() was never called on the watched optimizer"
@@ -300,7 +304,8 @@ class Watcher:
                 how += " (a GradScaler skips it on Inf gradients: pass scaler=)"
         note = f"no step was closed: {how}, or call w.before_step() once per step"
         self.out.result.note = note
-        if self._loss is not None or any(p.grad is not None for p in self.params):
+        updated = [_version(p) for p in self.params] != self._versions
+        if self._loss is not None or updated or any(p.grad is not None for p in self.params):
             warnings.warn(f"watch: {note}", stacklevel=4)
 
     def _no_block_seen(self) -> None:

@@ -519,6 +519,31 @@ def test_a_run_that_closes_no_step_says_how_steps_are_closed() -> None:
             assert "note: no step was closed" in stream.getvalue() and report_of(w).steps == 0
 
 
+def test_a_hand_written_update_that_clears_grad_and_closes_no_step_is_warned_of() -> None:
+    """Manual SGD, p -= lr * p.grad then p.grad = None, no loss recorded, no step closed: the loop
+    trained, the weights changed, and no warning said that nothing was measured (a new user's trial);
+    a loop that only runs the model, its weights unchanged, gets the report's note alone."""
+    torch.manual_seed(0)
+    model = MLP(depth=2)
+    gen = torch.Generator().manual_seed(0)
+    for trains in (True, False):
+        before = [p.detach().clone() for p in model.parameters()]
+        with warnings.catch_warnings(record=True) as seen, watch(model, report=io.StringIO()) as w:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                loss = compute_loss(model, batch(gen, model))
+                if trains:
+                    loss.backward()
+                    with torch.no_grad():
+                        for p in model.parameters():
+                            p -= 0.01 * p.grad
+                            p.grad = None
+        changed = any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+        assert changed == trains
+        said = [str(m.message) for m in seen if "no step was closed" in str(m.message)]
+        assert len(said) == trains and report_of(w).steps == 0
+
+
 def test_a_frozen_blocks_weight_norm_is_its_own_and_the_log_names_the_columns(tmp_path: Path) -> None:
     """Block 1 frozen: its logged weight norm is torch's norm of its parameters (not 0), its weight
     gradient is 0 (it has none); the first row maps each list entry to a block."""
