@@ -4,8 +4,12 @@ Shows knobs consumed by batch(): `seq_len` and `batch_size` are parameters of ba
 and are searched like build()'s own knobs. `loss(output, inputs)` is next-token cross-entropy.
 build() has no `init_scale`, so the harness multiplies every weight of rank >= 2 (the embedding,
 the RNN's W_ih and W_hh, the readout) by Config.init_scale after PyTorch's own init; SPACE bounds it
-like a knob. With a large scale, the gradient through time grows with seq_len and the search finds
-an explosion (at PyTorch's own init, scale 1, this RNN's gradients vanish instead).
+like a knob. Its blocks are its three layers (no repeated stack): the growth is the product of the
+RNN's gain (dL/d its input over dL/d its output, every token's gradient carried back) and the
+readout's. With a large scale the RNN's gain grows with seq_len and the search finds an explosion,
+the readout adding its own factor (about x3 at the point found); at PyTorch's own init, scale 1, this
+RNN's gradients vanish instead. Declare the RNN alone as the block (stability_blocks()) to judge it
+on its own gain.
 
     stabilitycheck examples/rnn_lm.py
 """
