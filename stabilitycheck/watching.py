@@ -196,7 +196,7 @@ class Watcher:
         self._original_step: Any = None
         self._step: Any = None
         self.report: Report | None = None
-        self._versions: list[int] = []  # the parameters' version counters when the run began
+        self._versions: list[int] | None = None  # the parameters' version counters when the run began
 
     # ------------------------------------------------------------------------------------ hooks
 
@@ -304,7 +304,7 @@ class Watcher:
                 how += " (a GradScaler skips it on Inf gradients: pass scaler=)"
         note = f"no step was closed: {how}, or call w.before_step() once per step"
         self.out.result.note = note
-        updated = [_version(p) for p in self.params] != self._versions
+        updated = self._versions is not None and [_version(p) for p in self.params] != self._versions
         if self._loss is not None or updated or any(p.grad is not None for p in self.params):
             warnings.warn(f"watch: {note}", stacklevel=4)
 
