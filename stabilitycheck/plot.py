@@ -1,9 +1,10 @@
 """PNG plots of counterexamples (needs the optional extra `plot`: matplotlib).
 
-Per result, on the left the per-block gradient-norm profile of the median seed (log scale, input side
-left), the culprit marked and the growth limit drawn (at limit x the last block's gradient norm:
-growth is the first over the last); on the right the loss and total gradient norm per step when there
-were steps, else the weight-gradient norm per block. Rendering only, no probing.
+Per result, on the left the per-block gradient-norm profile of the seed whose growth is the
+verdict's quantile (the median by default; log scale, input side left), the culprit marked and the
+growth limit drawn (at limit x the last block's gradient norm: growth is the first over the last); on
+the right the loss and total gradient norm per step when there were steps, else the weight-gradient
+norm per block, of the same seed. Rendering only, no probing.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ def figure(results: Sequence[SearchResult], what: str = "--plot") -> tuple[Any, 
         title = f"{knobs} [{r.space.base.run.device}, {r.space.base.run.dtype}]: {what}"
         left.set_title(textwrap.fill(title, TITLE_CHARS, break_long_words=True), fontsize=8)
         left.set_xlabel("block call (input side left)")
-        left.set_ylabel("|dL/d output| (median seed)")
+        seed = f"seed {j.measured_seed}: the q={r.space.base.run.quantile:g} growth's"
+        left.set_ylabel(f"|dL/d output| ({seed})", fontsize=8)
         left.legend(fontsize=7)
         if m.steps_run > 0:
             right.semilogy(m.grad_norm, marker=".", label="total grad norm")
@@ -101,12 +103,12 @@ def figure(results: Sequence[SearchResult], what: str = "--plot") -> tuple[Any, 
             _mark_nonfinite(right, [g + x for g, x in zip(m.grad_norm, m.loss, strict=True)])
             if limits.grad_norm is not None:
                 right.axhline(limits.grad_norm, color="black", linestyle="--", label="grad-norm limit")
-            right.set_xlabel("step")
+            right.set_xlabel(f"step ({seed})")
             right.legend(fontsize=7)
         else:
             right.semilogy([v if v > 0 else math.nan for v in m.layer_grad_norms], marker=".")
             _mark_nonfinite(right, m.layer_grad_norms)
-            right.set_title("weight-gradient norm per block (step 0)", fontsize=9)
+            right.set_title(f"weight-gradient norm per block (step 0, {seed})", fontsize=9)
             right.set_xlabel("block (input side left)")
     fig.tight_layout()
     return fig, len(drawn)

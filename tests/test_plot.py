@@ -104,6 +104,10 @@ def test_a_long_title_stays_inside_the_figure_and_the_limit_line_says_where_it_i
     assert line.get_ydata()[0] == pytest.approx(last * cx.limits.growth)  # type: ignore[index, operator]
     assert "x the last block's |dL/d out|" in str(line.get_label())
     assert rows == 1
+    # both panels name the seed they show, the one whose growth is the verdict's quantile (a new
+    # user's trial: the right panel named none)
+    seed = f"seed {cx.judgement.measured_seed}: the q=0.5 growth's"
+    assert seed in left.get_ylabel() and seed in fig.axes[1].get_title() + fig.axes[1].get_xlabel()
 
 
 def test_a_non_finite_profile_is_marked_not_left_out() -> None:
