@@ -421,7 +421,9 @@ def unmeasured(results: Sequence[SearchResult]) -> list[str]:
                 dead = max(i for i, g in enumerate(grads) if g == 0)
                 names = m.activation_names
                 config = r.counterexample.config if r.counterexample else r.largest_stable
-                dtype = config.run.dtype if config is not None and config.run.amp == "none" else None
+                # float16's smallest normal number, 6.1e-5, is a common gradient norm: no sign of underflow
+                plain = config is not None and config.run.amp == "none" and config.run.dtype != "float16"
+                dtype = config.run.dtype if plain and config is not None else None
                 tiny = torch.finfo(torch_dtype(dtype)).tiny if dtype else 0.0
                 if dead + 1 < len(grads) and grads[dead + 1] < tiny:  # every element of it subnormal
                     out.append(

@@ -73,6 +73,7 @@ class Capture:
         self.seen = False  # set once a block's forward hook ran (see Watcher.close)
         self.measured = False  # set once a block's forward hook ran with gradients on (Watcher.close)
         self.called = False  # set once the watched model was called with gradients on
+        self.backward = False  # set once a backward reached a block output (Watcher._no_step)
         n = len(blocks)
         self._pending: dict[int, list[torch.Tensor]] = {slot: [] for slot in range(1, 1 + 2 * n)}
         self._versions: list[tuple[torch.Tensor, int]] = []
@@ -239,6 +240,7 @@ class Capture:
             grad = grads[index] if isinstance(grads, tuple) else grads
             if grad is None:
                 return
+            self.backward = True
             self._feed(k)
             numel = grad.numel()
             self._counts[slot] = self._counts.get(slot, 0) + numel

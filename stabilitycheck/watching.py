@@ -295,8 +295,9 @@ class Watcher:
 
     def _no_step(self) -> None:
         """No step was closed: say how steps are closed (in the report, and as a warning when the
-        loop did train: a loss was recorded, a parameter has a gradient, or one changed in place, as
-        a hand-written update that clears .grad does)."""
+        loop did train: a loss was recorded, a parameter has a gradient, or, a backward having run,
+        one changed in place, as a hand-written update that clears .grad does; not an evaluation
+        loop's in-place change without a backward, nn.Embedding's max_norm or load_state_dict)."""
         how = "the optimizer's step() closes each step: pass it, watch(model, optimizer)"
         if self.optimizer is not None:
             how = "optimizer.step() was never called on the watched optimizer"
@@ -304,7 +305,10 @@ class Watcher:
                 how += " (a GradScaler skips it on Inf gradients: pass scaler=)"
         note = f"no step was closed: {how}, or call w.before_step() once per step"
         self.out.result.note = note
-        updated = self._versions is not None and [_version(p) for p in self.params] != self._versions
+        versions = self._versions
+        updated = (
+            self.capture.backward and versions is not None and [_version(p) for p in self.params] != versions
+        )
         if self._loss is not None or updated or any(p.grad is not None for p in self.params):
             warnings.warn(f"watch: {note}", stacklevel=4)
 

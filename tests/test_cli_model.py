@@ -827,6 +827,26 @@ def test_a_gradient_that_underflowed_to_0_is_said_so_not_a_dead_layer(
     assert "growth 0: the gradient underflowed to 0 in float32" in note and "dead layer" not in note
 
 
+def test_a_dead_relu_in_float16_is_no_underflow(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """float16's smallest normal number, 6.1e-5, is an ordinary gradient norm: a ReLU dead in every
+    precision (bias -100), its loss weighted 1e-3, read 'underflowed to 0 in float16' (a review).
+    Oracle: float64 reads growth 0 too, exactly."""
+    path = tmp_path / "dead16.py"
+    source = (
+        "import torch\nfrom torch import nn\n\nSPACE = {'depth': (4, 5)}\n\n\ndef build(depth=4):\n"
+        "    layers = []\n    for i in range(depth):\n        lin = nn.Linear(32, 32)\n        if i == 1:\n"
+        "            nn.init.constant_(lin.bias, -100.0)\n        layers += [lin, nn.ReLU()]\n"
+        "    return nn.Sequential(*layers, nn.Linear(32, 1))\n\n\ndef batch(model):\n"
+        "    return torch.randn(8, 32)\n\n\ndef loss(output, inputs):\n    return 1e-3 * output.mean()\n"
+    )
+    path.write_text(source)
+    code, out, _ = run(capsys, str(path), "--dtype", "float64", *FAST)
+    assert code == 0 and "growth 0 (0-0)" in out
+    code, out, _ = run(capsys, str(path), "--dtype", "float16", *FAST)
+    (note,) = [line for line in out.splitlines() if line.startswith("! ") and "growth 0" in line]
+    assert "passes no gradient" in note and "underflow" not in note
+
+
 def test_a_chain_no_gradient_reaches_is_said_unread(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -542,6 +542,16 @@ def test_a_hand_written_update_that_clears_grad_and_closes_no_step_is_warned_of(
         assert changed == trains
         said = [str(m.message) for m in seen if "no step was closed" in str(m.message)]
         assert len(said) == trains and report_of(w).steps == 0
+    # an evaluation loop whose forward changes a weight in place, with no backward (nn.Embedding's
+    # max_norm renormalises its rows under no_grad): no training, no warning (a review)
+    embedded = nn.Sequential(nn.Embedding(10, 8, max_norm=0.5), nn.Linear(8, 2))
+    with warnings.catch_warnings(record=True) as seen, watch(embedded, report=io.StringIO()):
+        warnings.simplefilter("always")
+        version = embedded[0].weight._version
+        with torch.no_grad():
+            embedded(torch.arange(10))
+        assert embedded[0].weight._version != version
+    assert not [m for m in seen if "no step was closed" in str(m.message)]
 
 
 def test_a_frozen_blocks_weight_norm_is_its_own_and_the_log_names_the_columns(tmp_path: Path) -> None:
