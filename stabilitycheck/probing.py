@@ -299,7 +299,10 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         host[g + n : g + n + r] = [b / scale_value for b in host[g + n : g + n + r]]
     forward, backward = host[g : g + n], _scatter(host[g + n : g + n + r], reached, n)
     calls = n - len(carried)
+    own = host  # the norms a non-finite value counts in: not a carried tensor's (see _together)
     if carried:
+        aside = set(range(g + calls, g + n)) | {g + n + j for j, pos in enumerate(reached) if pos >= calls}
+        own = [v for i, v in enumerate(host) if i not in aside]
         forward, backward, reached = _together(carried, calls, forward, backward, reached)
     return Step(
         loss=loss_value,
@@ -315,7 +318,7 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         entering=inputs,
         given_finite=not (hooks and exact)
         or all(bool(x.isfinite().all()) for x in tensors_of(run.inputs) if x.is_floating_point()),
-        finite=math.isfinite(loss_value) and all(map(math.isfinite, host)),
+        finite=math.isfinite(loss_value) and all(map(math.isfinite, own)),
         made=tuple(made or ()),
     )
 
@@ -329,12 +332,18 @@ def _together(
 ) -> tuple[list[float], list[float], list[int]]:
     """The norms of the first `calls` recorded outputs with each one's carried tensors (positions
     `calls` on, in `carried`'s order) taken together: the L2 norm of the whole state (h and c), and
-    of its gradient; a call is reached where any of its tensors' gradients is."""
+    of its gradient; a call is reached where any of its tensors' gradients is. A carried norm that is
+    not finite is left out, and counts as no non-finite value of the step (`_run_step`): a tensor
+    passed on from call to call may hold -inf on purpose (an additive mask of used slots), and a
+    non-finite cell state that reaches the loss shows in h, the loss and the weight gradients (one
+    that reaches nothing read a finite model as non-finite)."""
     forward, backward = forward[:], backward[:]
     got = set(reached)
     for k, (pos, _) in enumerate(carried):
-        forward[pos] = math.hypot(forward[pos], forward[calls + k])
-        backward[pos] = math.hypot(backward[pos], backward[calls + k])
+        if math.isfinite(forward[calls + k]):
+            forward[pos] = math.hypot(forward[pos], forward[calls + k])
+        if math.isfinite(backward[calls + k]):
+            backward[pos] = math.hypot(backward[pos], backward[calls + k])
         if calls + k in got:
             got.add(pos)
     return forward[:calls], backward[:calls], sorted(i for i in got if i < calls)

@@ -250,6 +250,7 @@ class _Recorder:
         }
         self.plain: set[int] = set()  # blocks returning such a tensor as they got it: none carried
         self.discovered = False  # a block's carried tensors became known after its first call ran
+        self.confirmed: set[int] = set()  # blocks whose chain this pass is made from what they carry
         self.carried: dict[int, list[torch.Tensor]] = {}  # per position in `outputs`, those tensors
         self.carried_versions: dict[int, list[int]] = {}  # their version counters as returned
         # per position in `outputs`, its call's tensors, their version counters as it returned them,
@@ -363,6 +364,8 @@ class _Recorder:
                             self.dropped = True  # the input is not on block 0's output's chain
                     elif len(calls) == 3 and self.sum is not None:  # does the stream go on from the sum?
                         self.goes_on = _goes_on(args, self.sum, outputs[2])
+                    if b in self.extras and b not in self.confirmed:
+                        self._confirm(b, out)
                     if b in self.extras:
                         swapped, outs = self._carry(b, len(outputs), output, outs, (args, kwargs))
                     if len(outputs) in self.copied:  # the model changes `out`, the copy stays as returned
@@ -458,6 +461,20 @@ class _Recorder:
         self.extras[b] = extra
         self.discovered |= at not in self.carried
 
+    def _confirm(self, b: int, out: torch.Tensor) -> None:
+        """At block b's first call of the pass after one that carried tensors: they are its state only
+        where this call's chain tensor is made from each (an LSTMCell's h from c, through the cell
+        state's update), and each is in the graph; else (an accumulator of per-step losses passed on
+        beside h, an additive -inf mask with no gradient) block b is read on its chain alone."""
+        prev = self.last.get(b)
+        held = self.carried.get(prev) if prev is not None else None
+        if held is None:
+            return
+        self.confirmed.add(b)
+        if not all(t.grad_fn is not None and _made_from(out, {t.grad_fn}) for t in held):
+            self.plain.add(b)
+            self._drop(b)
+
     def _drop(self, b: int) -> None:
         """Block b carries nothing beside its chain: none of its calls is read on carried tensors."""
         self.extras.pop(b, None)
@@ -521,6 +538,7 @@ class _Recorder:
         self.carried.clear()
         self.carried_versions.clear()
         self.discovered = False
+        self.confirmed.clear()
         self.entry = None
         self.around.clear()
         self.sum, self.goes_on = None, False
@@ -589,7 +607,10 @@ class _Recorder:
         moved = any(
             [_version(t) for t in extra] != self.carried_versions[pos] for pos, extra in self.carried.items()
         )
-        carried = [] if moved else [(pos, t) for pos, extra in sorted(self.carried.items()) for t in extra]
+        kept = sorted(
+            (pos, extra) for pos, extra in self.carried.items() if self.calls[pos] in self.confirmed
+        )
+        carried = [] if moved else [(pos, t) for pos, extra in kept for t in extra]
         self.carried.clear()
         self.carried_versions.clear()
         return carried

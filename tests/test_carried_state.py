@@ -335,3 +335,84 @@ def test_truncated_backpropagation_with_detach_in_place_runs_as_in_torch() -> No
     model, x = _ReadsC(_Cell(fused=False), cut=True), _x()
     m = _probe(model, x, blocks=[("cell", model.cell)])
     assert m.loss[0] == pytest.approx(model(x).item(), rel=1e-12)
+
+
+class _Masked(nn.Module):
+    """A step carrying, beside h, an additive mask of the slots used so far (-inf there), which its next
+    call takes: no state of the recurrence (no gradient flows through it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.v = nn.Linear(2 * H, 8, dtype=torch.float64), nn.Linear(8, H, dtype=torch.float64)
+
+    def forward(
+        self, x: torch.Tensor, h: torch.Tensor, bias: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        p = (self.q(torch.cat([x, h], -1)) + bias).softmax(-1)
+        used = p.detach().argmax(-1, keepdim=True)
+        return torch.tanh(self.v(p)), bias.scatter(-1, used, float("-inf"))
+
+
+def test_a_mask_carried_from_step_to_step_is_no_state() -> None:
+    """Read as state, the -inf mask made every call's norm inf: a finite model read non-finite, exit 1
+    (a review). Oracle: torch's loss and gradients are finite, and the probe reads h alone."""
+    torch.manual_seed(0)
+
+    class Loop(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell, self.head = _Masked(), nn.Linear(H, 1, dtype=torch.float64)
+            self.hs: list[torch.Tensor] = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h, bias = torch.zeros(B, H, dtype=torch.float64), torch.zeros(B, 8, dtype=torch.float64)
+            self.hs = []
+            for x_t in x.unbind(0):
+                h, bias = self.cell(torch.cat([x_t, x_t[:, :1]], -1), h, bias)
+                self.hs.append(h)
+            return self.head(h).sum()
+
+    model, x = Loop(), _x()
+    m = _probe(model, x, blocks=[("cell", model.cell)])
+    loss = model(x)
+    grads = torch.autograd.grad(loss, [*model.hs, *model.parameters()])
+    assert all(bool(g.isfinite().all()) for g in grads) and m.first_nonfinite is None
+    assert list(m.activation_grad_norms) == pytest.approx([g.norm().item() for g in grads[:T]], rel=1e-10)
+
+
+def test_an_accumulator_passed_on_beside_h_is_no_state() -> None:
+    """A looped block taking the running sum of per-step auxiliary losses and returning it with its own
+    added, (h, aux + l): the next call takes it as it came, but h is not made from it. Read as state,
+    its constant gradient flattened the profile (gains 0.02, 1, 1, 1 for 4.35, 2.02, 1.25: a review).
+    Oracle: the same model summing the losses outside the block, whose gradients torch reads alike."""
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(H, H, dtype=torch.float64)
+
+        def forward(self, h: torch.Tensor, aux: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h = torch.tanh(self.lin(h)) * 2.0
+            return h, aux + h.square().mean(-1)
+
+    class Deep(nn.Module):
+        def __init__(self, inside: bool) -> None:
+            super().__init__()
+            self.block, self.head, self.inside = Block(), nn.Linear(H, 1, dtype=torch.float64), inside
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h, aux, total = x, torch.zeros(B, dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+            for _ in range(5):
+                h, step = self.block(h, aux if self.inside else torch.zeros(B, dtype=torch.float64))
+                aux, total = (step, total) if self.inside else (aux, total + step.sum())
+            return self.head(h).sum() + 0.01 * (aux.sum() if self.inside else total)
+
+    inside, outside = Deep(inside=True), Deep(inside=False)
+    outside.load_state_dict(inside.state_dict())
+    x = torch.randn(B, H, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    read = [_probe(model, x, blocks=[("block", model.block)]) for model in (inside, outside)]
+    assert list(read[0].activation_grad_norms) == pytest.approx(
+        list(read[1].activation_grad_norms), rel=1e-10
+    )
+    assert list(read[0].activation_norms) == pytest.approx(list(read[1].activation_norms), rel=1e-10)
