@@ -4,6 +4,7 @@ shares of it, and calling a model on its inputs."""
 from __future__ import annotations
 
 import functools
+import weakref
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -52,6 +53,13 @@ def _floating(value: Any) -> list[torch.Tensor]:
         return [value] if value.is_floating_point() and value.dim() > 0 else []
     items = value.values() if isinstance(value, Mapping) else value if isinstance(value, tuple | list) else ()
     return [t for item in items for t in _floating(item)]
+
+
+# per module class, the tensors of its output its calls were seen to carry beside their chain (an
+# nn.LSTMCell's c from the start): a probe of a new model of that class carries them from its first
+# call, where the first probe of the class saw them at its second call and ran that step again
+_CARRIED: weakref.WeakKeyDictionary[type, tuple[int, ...]] = weakref.WeakKeyDictionary()
+_CARRIED[nn.LSTMCell] = (1,)
 
 
 def _swapped(value: Any, swap: dict[int, torch.Tensor]) -> tuple[Any, int]:
@@ -244,9 +252,9 @@ class _Recorder:
         self.handles: list[Any] = []
         self.picks: dict[int, int] = {}  # per block, which of its output's tensors is its chain's (_repick)
         # per block, the other tensors of its output its next call takes as they came, carried with the
-        # chain (_extras): an nn.LSTMCell's c from the start, a cell of the model's own once seen
+        # chain (_extras): from the start where its class is known to (_CARRIED), else once seen
         self.extras: dict[int, tuple[int, ...]] = {
-            b: (1,) for b, (_, module) in enumerate(blocks) if isinstance(module, nn.LSTMCell)
+            b: _CARRIED[type(module)] for b, (_, module) in enumerate(blocks) if type(module) in _CARRIED
         }
         self.plain: set[int] = set()  # blocks returning such a tensor as they got it: none carried
         self.discovered = False  # a block's carried tensors became known after its first call ran
@@ -460,6 +468,8 @@ class _Recorder:
             return
         self.extras[b] = extra
         self.discovered |= at not in self.carried
+        if self.discovered:
+            _CARRIED[type(self.registrations[b][1])] = extra
 
     def _confirm(self, b: int, out: torch.Tensor) -> None:
         """At block b's first call of the pass after one that carried tensors: they are its state only
@@ -472,8 +482,16 @@ class _Recorder:
             return
         self.confirmed.add(b)
         if not all(t.grad_fn is not None and _made_from(out, {t.grad_fn}) for t in held):
-            self.plain.add(b)
-            self._drop(b)
+            self._plain(b)
+
+    def _plain(self, b: int) -> None:
+        """Block b carries nothing from now on, nor, in a later probe, does a block of its class (an
+        nn.LSTMCell's class aside: another use of it may carry its c)."""
+        self.plain.add(b)
+        self._drop(b)
+        kind = type(self.registrations[b][1])
+        if kind is not nn.LSTMCell:
+            _CARRIED.pop(kind, None)
 
     def _drop(self, b: int) -> None:
         """Block b carries nothing beside its chain: none of its calls is read on carried tensors."""
@@ -491,15 +509,13 @@ class _Recorder:
         extra = self.extras[b]
         got = {id(t) for t in tensors(call)}
         if any(j >= len(outs) or id(outs[j]) in got for j in extra):
-            self.plain.add(b)
-            self._drop(b)
+            self._plain(b)
             return None, outs
         # a copy, not a view: a truncated-BPTT loop's c.detach_() refuses views
         aliases = {id(outs[j]): outs[j].clone() for j in extra}
         swapped, count = _swapped(output, aliases)
         if count != len(aliases):  # held in a container the hook cannot rebuild
-            self.plain.add(b)
-            self._drop(b)
+            self._plain(b)
             return None, outs
         self.carried[pos] = list(aliases.values())
         self.carried_versions[pos] = [_version(t) for t in self.carried[pos]]
