@@ -83,6 +83,16 @@ def _swapped(value: Any, swap: dict[int, torch.Tensor]) -> tuple[Any, int]:
     return value, 0
 
 
+def _fed(given: Sequence[torch.Tensor], out: torch.Tensor, alts: Sequence[torch.Tensor]) -> bool:
+    """Whether a call taking `given` goes on from `out`, one of the tensors `alts` of a block's last
+    output: takes it, or a tensor made from it other than another of `alts` as it came. Those are
+    made by the same node where one op returns them all (oneDNN's LSTM on the CPU, y beside h_n and
+    c_n), and _made_from, which follows nodes, took h_n for one made from y: the step was read on y,
+    h_n and c_n, its head's gradient as the state's."""
+    siblings = {id(alt) for alt in alts if alt is not out}
+    return any(t is out or (id(t) not in siblings and _feeds(t, out)) for t in given)
+
+
 def _kept(out: torch.Tensor) -> torch.Tensor:
     """A copy of a block's output `out` that the model never sees, written back into `out` in place, so
     that everything the model computes from `out` afterwards (from `out` itself, its views, its base,
@@ -419,14 +429,15 @@ class _Recorder:
             self.repicking[b].remove()  # one look per pass: a cell per token pays it once
             self.repicking[b] = None
             given = list(tensors((args, kwargs)))
+            fed = _fed(given, self.outputs[at], alts)
             if b not in self.alone and self.calls[-1] != b:
                 # a block of a stack with another called between: the chain runs on to it; where
                 # that tensor goes on to its own next call too, so does its state (stacked LSTMCells
                 # in an nn.ModuleList; not a step whose y the next cell takes and h its next call)
-                if any(_feeds(t, self.outputs[at]) for t in given):
+                if fed:
                     self._extras(b, at, alts, passed, given)
                 return
-            if not any(_feeds(t, self.outputs[at]) for t in given):
+            if not fed:
                 for j, alt in enumerate(alts):
                     if j not in passed and alt is not self.outputs[at] and any(_feeds(t, alt) for t in given):
                         self.picks[b] = j

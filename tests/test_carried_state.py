@@ -442,3 +442,45 @@ def test_a_cells_state_once_seen_is_carried_from_the_first_call_of_the_next_prob
         assert Counted.calls == (2 if model is first else 1) * T  # every call of a forward
     assert list(read[1].activation_grad_norms) == list(read[0].activation_grad_norms)
     assert list(read[1].activation_norms) == list(read[0].activation_norms)
+
+
+@pytest.mark.parametrize("head", ["y", "h"])
+def test_an_lstm_module_stepped_per_token_is_read_on_its_state(head: str) -> None:
+    """nn.LSTM stepped one token at a time returns y, (h_n, c_n), which oneDNN's CPU kernel (float32)
+    makes in one autograd node: h_n read as made from y, the step was read on y, h_n and c_n, the
+    head's gradient of y as the state's (a review: 0.59 .. 0.62 for 0.42 .. 0.22, 0). Read on
+    (h_n, c_n), y the head's. Oracle: torch's gradients of
+    h_n and of a copy of c_n handed on in its place, as the README's y paragraph reads them."""
+    torch.manual_seed(0)
+
+    class Steps(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.head = nn.LSTM(IN, H), nn.Linear(H, 2)
+            self.states: list[torch.Tensor] = []
+            self.copy = False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            hx: Any = None
+            loss = torch.zeros(())
+            self.states = []
+            for x_t in x.unbind(0):
+                y, (h, c) = self.rnn(x_t[None], hx)
+                c = c.clone() if self.copy else c
+                self.states += [h, c]
+                hx = (h, c)
+                loss = loss + self.head(y if head == "y" else h).pow(2).sum()
+            return loss
+
+    model, x = Steps(), _x().float()
+    m = _probe(model, x, blocks=[("rnn", model.rnn)])
+    model.copy = True
+    grads = torch.autograd.grad(model(x), model.states, allow_unused=True)
+    norms = [0.0 if g is None else g.norm().item() for g in grads]
+    expected = [math.hypot(a, b) for a, b in zip(norms[::2], norms[1::2], strict=True)]
+    assert list(m.activation_grad_norms) == pytest.approx(expected, rel=1e-5)
+    states = model.states
+    forward = [
+        math.hypot(h.norm().item(), c.norm().item()) for h, c in zip(states[::2], states[1::2], strict=True)
+    ]
+    assert list(m.activation_norms) == pytest.approx(forward, rel=1e-5)
