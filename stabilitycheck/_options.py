@@ -126,9 +126,8 @@ TRAINING = ("lr", "warmup", "clip")  # run settings of the training steps alone,
 def require_steps(args: argparse.Namespace) -> None:
     """A --divergence-limit or --stall-limit value without --steps (or a steps --knob) would never be
     checked: the losses they compare are the ones before and after the steps; --lr, --optimizer or
-    --clip, or a --knob over lr, warmup or clip (searched along an axis where nothing
-    could change), would change nothing. One line, exit 2; a limit `off` is accepted (it turns off what would
-    not run)."""
+    --clip, or a --knob over lr, warmup or clip (an axis along which nothing could change), would
+    change nothing. One line, exit 2; a limit `off` is accepted (it turns off what would not run)."""
     from stabilitycheck.errors import UsageError
 
     if args.steps or any(k.partition("=")[0] == "steps" for k in args.knob):

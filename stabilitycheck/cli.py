@@ -88,7 +88,7 @@ def _spaces(args: argparse.Namespace) -> list[Any]:
     return out
 
 
-LIMIT_FIELDS = {  # the command line's limit options by Limits field
+LIMIT_FIELDS = {  # the command line's limit options by Limits field (`run` and `_limits_given`)
     "grad_norm": "grad_norm_limit",
     "growth": "growth_limit",
     "divergence": "divergence_limit",
@@ -203,13 +203,7 @@ def run(argv: Sequence[str] | None, progress: Progress | None = None) -> int:
     args = parser().parse_args(argv)
     from stabilitycheck.verdicts import Limits
 
-    limits = Limits(
-        grad_norm=args.grad_norm_limit,
-        growth=args.growth_limit,
-        divergence=args.divergence_limit,
-        vanishing=args.vanishing_limit,
-        stall=args.stall_limit,
-    )
+    limits = Limits(**{field: getattr(args, dest) for field, dest in LIMIT_FIELDS.items()})
     if args.replay:  # each counterexample is re-judged on its own limits, but for those given here
         args.limits_given = _limits_given(argv)
     outputs = Outputs(args)

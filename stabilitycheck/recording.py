@@ -479,8 +479,7 @@ class _Recorder:
             return
         self.extras[b] = extra
         self.discovered |= at not in self.carried
-        if self.discovered:
-            _CARRIED[type(self.registrations[b][1])] = extra
+        _CARRIED[type(self.registrations[b][1])] = extra
 
     def _confirm(self, b: int, out: torch.Tensor) -> None:
         """At block b's first call of the pass after one that carried tensors: they are its state only
