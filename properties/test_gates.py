@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from stabilitycheck import probe_module
+from stabilitycheck.seeds import _kind
 
 WIDTH = 5
 DTYPES = {"float32": (torch.float32, 1e-5), "float64": (torch.float64, 1e-12)}
@@ -134,6 +135,24 @@ def test_lstm_cell_state_alone_carries_the_gradient(dtype: str, f: float, seq_le
     last = o * ff
     assert m.growth == pytest.approx(last * ff ** (seq_len - 2), rel=rtol)
     assert list(m.gains) == pytest.approx([ff] * (seq_len - 2) + [last], rel=rtol)
+
+
+@settings(max_examples=10, deadline=None)
+@given(f=st.floats(0.5, 0.999), w=st.floats(0.0, 1.0), seq_len=st.integers(6, 30), seed=st.integers(0, 2**16))
+def test_lstm_constant_gates_read_their_rate(f: float, w: float, seq_len: int, seed: int) -> None:
+    """The kind of a constant-gate LSTM is its rate r per step, fitted without the last step's
+    gain (o hypot(i w, f), the loss's share of the state there), or flat where r**(T-2) and the
+    growth are both within x2. With the last gain in the fit, the offset ln(o hypot(i w, f) / r)
+    broke the law check beyond x2 and the kind read irregular."""
+    x = torch.zeros(2, seq_len, WIDTH, dtype=torch.float64)
+    m = _probe(_lstm(f, w, torch.float64), x, seed)
+    r = _gate(f) + _gate(0.5) ** 2 * w
+    kind = _kind([m], 0.5)
+    if abs(math.log(m.growth)) < math.log(2) and abs((seq_len - 2) * math.log(r)) < math.log(2):
+        assert kind.kind == "flat", kind
+    else:
+        assert kind.kind == "exponential", (kind, r)
+        assert math.exp(kind.rate.mid) == pytest.approx(r, rel=1e-9)
 
 
 def _rolled_out(cell: nn.Module, lstm: bool, x: torch.Tensor, t: int, c_t: torch.Tensor):  # type: ignore[no-untyped-def]

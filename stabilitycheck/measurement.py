@@ -67,6 +67,18 @@ class Measurement:
     chain_growths: tuple[float, ...] = ()  # each chain's own growth, where there are several
     chain_feeds: tuple[tuple[int, ...], ...] = ()  # per chain, the earlier chains whose outputs it takes
     profile_step: int = 0  # the step the per-block numbers are from (see probing.probe_module)
+    state_end: bool = False  # the last reached call was read on a carried state: see `law_gains`
+
+    @property
+    def law_gains(self) -> tuple[float, ...]:
+        """The gains a rate or depth law is fitted on (growthkind): all of them but, where the output
+        end is a carried state (an LSTM's h and c), its last reached call's, whose gain is what the loss
+        takes from the state there (h's share, c none), not the step's rate: with constant gates every
+        other step multiplies the state's gradient by r = f + i o w and the last by o hypot(i w, f)."""
+        if not self.state_end:
+            return self.gains
+        reached = [i for i, g in enumerate(self.gains) if not math.isnan(g)]
+        return self.gains[: reached[-1]] if reached else self.gains
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (non-finite floats are kept: report.strict_json writes NaN as null)."""

@@ -320,6 +320,7 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         or all(bool(x.isfinite().all()) for x in tensors_of(run.inputs) if x.is_floating_point()),
         finite=math.isfinite(loss_value) and all(map(math.isfinite, own)),
         made=tuple(made or ()),
+        carried=frozenset(pos for pos, _ in carried),
     )
 
 
@@ -517,6 +518,7 @@ def probe_module(
         chain_growths=chains if len(chains) > 1 else (),
         chain_feeds=feeds if len(chains) > 1 else (),
         profile_step=profile_step,
+        state_end=max((i for i in range(len(act)) if i not in unreached), default=-1) in first.carried,
         blocks_note=chosen,
         weight_norms=_per_block(last.weights, owner, len(names)) if last.weights else (),
         first_nonfinite=nonfinite,

@@ -31,6 +31,7 @@ class Step:
     scale: float = 1.0
     finite: bool = True  # every number above is finite
     made: tuple[int, ...] = ()  # parameters in the order the backward made their gradients (exact runs)
+    carried: frozenset[int] = frozenset()  # calls read on a state they carry beside it (an LSTM's h, c)
 
 
 def chains_of(

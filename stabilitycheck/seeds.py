@@ -305,7 +305,7 @@ def through_kind(
 
 def _kind(ms: Sequence[Measurement], q: float) -> Growth:
     """The kind of growth of these probes' gain profiles (growthkind.kind_of)."""
-    return kind_of([m.gains for m in ms], [m.growth for m in ms], q)
+    return kind_of([m.law_gains for m in ms], [m.growth for m in ms], q)
 
 
 def _last_steps(
