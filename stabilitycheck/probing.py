@@ -311,6 +311,7 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         weights=host[g + n + r :],
         calls=run.rec.call_names(run.names) if hooks else (),
         breaks=frozenset(run.rec.breaks) if hooks else frozenset(),
+        cuts=frozenset(run.rec.cuts) if hooks else frozenset(),
         feeds=dict(run.rec.feeds) if hooks else {},
         unreached=frozenset(range(calls)) - frozenset(reached),
         forward=forward,
@@ -502,7 +503,7 @@ def probe_module(
         run.rec.remove()
         random.setstate(caller)
     act = tuple(first.backward)
-    unreached = first.unreached | unscored(act, first.breaks, first.unreached)
+    unreached = first.unreached | unscored(act, first.breaks, first.unreached, first.cuts)
     chains, feeds = chains_of(act, first.breaks, unreached, first.feeds)
     return Measurement(
         layer_names=names,

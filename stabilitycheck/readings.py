@@ -32,6 +32,7 @@ class Step:
     finite: bool = True  # every number above is finite
     made: tuple[int, ...] = ()  # parameters in the order the backward made their gradients (exact runs)
     carried: frozenset[int] = frozenset()  # calls read on a state they carry beside it (an LSTM's h, c)
+    cuts: frozenset[int] = frozenset()  # breaks where a cell's call took its last output detached
 
 
 def chains_of(
@@ -65,18 +66,30 @@ def chains_of(
     return tuple(chains), tuple(feeders)
 
 
-def unscored(act: Sequence[float], breaks: frozenset[int], unreached: frozenset[int]) -> frozenset[int]:
+def unscored(
+    act: Sequence[float],
+    breaks: frozenset[int],
+    unreached: frozenset[int],
+    cuts: frozenset[int] = frozenset(),
+) -> frozenset[int]:
     """The outputs at each chain's output end whose gradient is exactly 0 while no later output of
     the chain has one: reached, but the loss takes nothing from them (an RNN's last step under a
     shifted next-token loss, `logits[:, :-1]`), so read as unreached. Their 0 as the chain's last
     norm read a contracting RNN's growth as ||dL/dh_0|| / 0 = inf, exploding. A zero at the input
-    end is kept: there the gradient died on its way back (vanishing); a chain all of zeros is kept
-    too (its growth 0 / 0 reads as none; dropped, an encoder behind a dead link read as flat)."""
+    end is kept: there the gradient died on its way back (vanishing). A chain all of zeros is kept
+    too (its growth 0 / 0 reads as none, which the report says; dropped, an encoder behind a dead
+    link read as flat, a tower behind a zero gate said nothing), but a window that a cut ends (`cuts`:
+    calls on the last output detached, truncated BPTT) where another chain has a gradient: the loss
+    on the last token takes nothing from the windows before it, by design (their NaN read the
+    model's growth as none)."""
     starts = [0, *sorted(b for b in breaks if 0 < b < len(act))]
+    live = any(act[i] for i in range(len(act)) if i not in unreached)
     out: set[int] = set()
     for a, b in itertools.pairwise([*starts, len(act)]):
         if not any(act[i] for i in range(a, b) if i not in unreached):
-            continue  # every gradient 0: the chain is read as it is (0 / 0, no growth), not dropped
+            if live and b in cuts:
+                out.update(i for i in range(a, b) if i not in unreached)
+            continue  # else read as it is (0 / 0, no growth), not dropped
         for i in range(b - 1, a - 1, -1):
             if i in unreached:
                 continue

@@ -93,6 +93,28 @@ def _fed(given: Sequence[torch.Tensor], out: torch.Tensor, alts: Sequence[torch.
     return any(t is out or (id(t) not in siblings and _feeds(t, out)) for t in given)
 
 
+def _cut(args: tuple[Any, ...], kwargs: dict[str, Any], prev: torch.Tensor) -> bool:
+    """Whether a cell's call takes its last output `prev` detached (`h = h.detach()` every K tokens:
+    truncated backpropagation through time) and not as it came: no gradient crosses from this call
+    to that one, and a gain across the cut is no Jacobian's (a loss on the last token read the
+    window before it as growth 0, a dead layer). Arguments and one level of tuples in them: (x, h)
+    and (x, (h, c)); a few checks a call, the cheapest that tell a detached alias."""
+    if not prev.requires_grad:
+        return False
+    found = False
+    for a in (*args, *kwargs.values()):
+        for t in a if isinstance(a, tuple | list) else (a,):
+            if t is prev:
+                return False
+            found = found or (
+                isinstance(t, torch.Tensor)
+                and not t.requires_grad
+                and t.data_ptr() == prev.data_ptr()
+                and t.shape == prev.shape
+            )
+    return found
+
+
 def _kept(out: torch.Tensor) -> torch.Tensor:
     """A copy of a block's output `out` that the model never sees, written back into `out` in place, so
     that everything the model computes from `out` afterwards (from `out` itself, its views, its base,
@@ -236,6 +258,7 @@ class _Recorder:
         self.copied: frozenset[int] = frozenset()  # positions in `outputs` recorded as a copy (`_kept`)
         self.breaks: set[int] = set()  # positions in `outputs` whose block does not take the last output
         self.feeds: dict[int, frozenset[int]] = {}  # per break, the starts of the chains its call takes
+        self.cuts: set[int] = set()  # breaks where a cell took its last output detached (`_cut`)
         self.stacks = [_stack_of(name) for name, _ in blocks]
         self.own: dict[str, set[Any]] = {s: set() for s in self.stacks}  # its outputs' nodes this pass
         self.registrations = [  # made once; the hooks are on the model only from `start` to `remove`
@@ -388,6 +411,10 @@ class _Recorder:
                         swapped, outs = self._carry(b, len(outputs), output, outs, (args, kwargs))
                     if len(outputs) in self.copied:  # the model changes `out`, the copy stays as returned
                         out = _kept(out)
+                    if calls and calls[-1] == b and b not in self.later and _cut(args, kwargs, outputs[-1]):
+                        self.breaks.add(len(outputs))  # a window of its own, beside the last
+                        self.feeds[len(outputs)] = frozenset()
+                        self.cuts.add(len(outputs))
                     calls.append(b)
                     outputs.append(out)
                     self.versions.append(_version(out))
@@ -556,6 +583,7 @@ class _Recorder:
         self.copied = copied
         self.breaks.clear()
         self.feeds.clear()
+        self.cuts.clear()
         for ids in self.own.values():
             ids.clear()
         self.entering = [] if inputs else None
@@ -616,6 +644,7 @@ class _Recorder:
             if self.entering is not None:
                 del self.entering[0]
             self.breaks = {b - 1 for b in self.breaks}
+            self.cuts = {b - 1 for b in self.cuts}
             self.feeds = {b - 1: frozenset(max(0, a - 1) for a in fed) for b, fed in self.feeds.items()}
             self.carried = {pos - 1: extra for pos, extra in self.carried.items()}
             self.carried_versions = {pos - 1: v for pos, v in self.carried_versions.items()}

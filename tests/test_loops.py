@@ -418,3 +418,64 @@ def test_a_sequential_block_looped_on_its_own_output_is_read_a_call_at_a_time() 
     norms = [float(g.norm()) for g in grads]
     assert len(m.gains) == 8
     assert m.gains == pytest.approx([norms[i] / norms[i + 1] for i in range(8)], rel=1e-9)
+
+
+class Truncated(nn.Module):
+    """A tanh cell stepped per token with `h = h.detach()` every `k` tokens (truncated
+    backpropagation through time inside the forward), a head on every step; the steps' states are
+    kept (`states`) for the oracle's own gradients."""
+
+    def __init__(self, k: int, carried: bool) -> None:
+        super().__init__()
+        kind = nn.LSTMCell if carried else nn.RNNCell
+        self.cell = kind(6, 6, dtype=torch.float64)
+        self.head = nn.Linear(6, 1, dtype=torch.float64)
+        self.k, self.carried = k, carried
+        self.states: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = c = x.new_zeros(x.shape[0], 6)
+        self.states = []
+        outs = []
+        for t, x_t in enumerate(x.unbind(1)):
+            if t and t % self.k == 0:
+                h, c = h.detach(), c.detach()
+            if self.carried:
+                h, c = self.cell(x_t, (h, c))
+            else:
+                h = self.cell(x_t, h)
+            h.retain_grad()
+            self.states.append(h)
+            outs.append(self.head(h))
+        return torch.stack(outs, 1)
+
+
+@pytest.mark.parametrize("carried", [False, True], ids=["rnn", "lstm"])
+@pytest.mark.parametrize("last", [True, False], ids=["last-token", "per-token"])
+def test_a_truncated_bptt_window_is_a_chain_of_its_own(carried: bool, last: bool) -> None:
+    """Each window between two `h.detach()` is a chain of its own: no gain across the cut (it is no
+    Jacobian's: the gradient does not cross it), and the growth is the largest window's. Under a loss
+    on the last token the windows before it get an exactly-zero gradient and are read as unreached:
+    before, the gain across the cut was 0 / |dL/dh| and the model read growth 0, a dead layer.
+    Oracle (the RNN, whose state is h alone): torch's gradients of each step's h, first over last
+    of each window, the largest."""
+    torch.manual_seed(3)
+    k, steps = 5, 20
+    model = Truncated(k, carried)
+    x = torch.randn(4, steps, 6, dtype=torch.float64)
+
+    def loss_fn(out: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+        return out[:, -1].pow(2).mean() if last else out.pow(2).mean()
+
+    m = probe_module(model, x, loss_fn, blocks=[("cell", model.cell)])
+    assert m.chain_starts == (5, 10, 15)
+    assert all(math.isnan(m.gains[s - 1]) for s in m.chain_starts)  # no gain across a cut
+    assert m.growth > 0 and math.isfinite(m.growth)
+    if carried:
+        return
+    loss_fn(model(x), x).backward()
+    grads = [float(h.grad.norm()) for h in model.states]
+    windows = [grads[a : a + k] for a in range(0, steps, k)]
+    growths = [w[0] / w[-1] for w in windows if any(w)]
+    assert len(growths) == (1 if last else 4)
+    assert m.growth == pytest.approx(max(growths), rel=1e-9)

@@ -77,3 +77,20 @@ def test_a_chain_whose_every_gradient_is_0_is_kept_and_reads_no_growth() -> None
     breaks = frozenset({3})
     chains, _ = chains_of(act, breaks, unscored(act, breaks, frozenset()), {3: frozenset({0})})
     assert math.isnan(chains[0]) and chains[1] == 20.8 / 20.0
+
+
+def test_a_window_of_zeros_before_a_cut_is_unscored_beside_a_live_one() -> None:
+    """By hand: a chain whose every gradient is exactly 0, ended by a cut (truncated BPTT: the next
+    call took its last output detached) while another chain has a gradient: the loss takes nothing
+    from it, read as unreached. The same zeros before a junction that is no cut (a tower behind a zero
+    gate, an encoder behind a dead link) are kept (0 / 0, said as unread), as is every chain where
+    none has a gradient."""
+    act = [0.0, 0.0, 0.0, 4.0, 2.0, 1.0]
+    cut = frozenset({3})
+    assert unscored(act, cut, frozenset(), cut) == frozenset({0, 1, 2})
+    assert unscored(act, cut, frozenset()) == frozenset()
+    assert unscored([0.0] * 6, cut, frozenset(), cut) == frozenset()
+    two = frozenset({3, 6})
+    assert unscored([0.0, 0.0, 0.0, 4.0, 0.0, 0.0, 2.0], two, frozenset(), frozenset({6})) == {4, 5}
+    chains, _ = chains_of(act, cut, unscored(act, cut, frozenset(), cut), {3: frozenset()})
+    assert chains == (4.0,)
