@@ -71,10 +71,16 @@ class Judgement:
 
     @property
     def failures(self) -> str:
-        """'2 exploded', or '2 failed' where the verdict fired on vanishing or stall alone (the gradient
-        shrank or the loss stalled: a failure, not an explosion): how many seeds failed on their own."""
-        quiet = bool(self.verdict.names) and set(self.verdict.names) <= {"vanishing", "stall"}
-        return f"{self.exploded_seeds} {'failed' if quiet else 'exploded'}"
+        """'2 exploded', '2 diverged' where the verdict fired on divergence alone (the loss rose: no
+        gradient need have grown), or '2 failed' where on vanishing, stall or divergence, and no
+        explosion (the gradient shrank or the loss stalled): how many seeds failed on their own."""
+        names = set(self.verdict.names)
+        word = "exploded"
+        if names and names <= {"divergence"}:
+            word = "diverged"
+        elif names and names <= {"vanishing", "stall", "divergence"}:
+            word = "failed"
+        return f"{self.exploded_seeds} {word}"
 
     def summary(self) -> str:
         """'growth 36 (18-126) over 5 seeds, 2 exploded': what the numbers are."""

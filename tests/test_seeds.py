@@ -351,6 +351,20 @@ def test_a_vanishing_verdict_counts_failed_seeds_not_exploded_ones() -> None:
     assert loud.verdict.names == ("growth",) and loud.summary().endswith(f", {loud.exploded_seeds} exploded")
 
 
+def test_a_divergence_verdict_counts_diverged_seeds_not_exploded_ones() -> None:
+    """A ReLU MLP at lr 20 diverges (its loss x3e16 after 5 steps) with growth and the gradient norm
+    off: the seeds that fired say they diverged, not exploded (a new user's trial: a loss that rose
+    said '3 exploded'); growth beside it says exploded."""
+    c = Config.of("mlp", depth=3, width=16, batch_size=8, seeds=3, activation="relu")
+    c = c.with_run(steps=5, lr=20.0)
+    j = assess(c, limits=Limits(grad_norm=None, growth=None, nonfinite=False))
+    assert j.verdict.names == ("divergence",)
+    assert j.summary().endswith(f", {j.exploded_seeds} diverged") and j.exploded_seeds > 0
+    both = assess(c, limits=Limits(grad_norm=None, growth=0.01, nonfinite=False))
+    assert set(both.verdict.names) == {"growth", "divergence"}
+    assert both.summary().endswith(f", {both.exploded_seeds} exploded")
+
+
 def test_a_non_finite_seed_never_decides_alone() -> None:
     """Going non-finite is all or nothing: the verdict over seeds equals the full K-seed median's
     whichever seeds are broken (a NaN weight in about 3 initialisations in 10). The margin rule
