@@ -247,14 +247,14 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         loss = _forward(run, hooks=True, exact=exact, plain=True)
     changed = run.rec.changed() if hooks else frozenset()
     moved = hooks and run.rec.entry_moved()
-    if changed or moved or (hooks and run.rec.discovered):
+    if changed or moved or (hooks and run.rec.carrying.discovered):
         # the model changed a block's output in place after the block returned (an in-place ReLU after
         # it): the recorded tensor holds the changed values, and its gradient is theirs (x3 off under
         # mul_(3)). The forward again, with the same random draws, recording a copy of each that the
         # model computes from and never changes (recording._kept), from the buffers it started from
         # (spectral_norm's vectors iterated twice moved step 0's gradients and every later step); where
         # it changed block 0's copy of its input, without that copy (no `(input)`: positions shift);
-        # or where a block's carried state became known after its first call (recording._extras)
+        # or where a block's carried state became known after its first call (carrying.Carrying.found)
         shift = int(moved and run.rec.calls[:1] == [-1])
         del loss
         run.rec.take()

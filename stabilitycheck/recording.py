@@ -4,7 +4,6 @@ shares of it, and calling a model on its inputs."""
 from __future__ import annotations
 
 import functools
-import weakref
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -13,6 +12,7 @@ import torch
 from torch import nn
 
 from stabilitycheck._tree import tensors
+from stabilitycheck.carrying import Carrying, _fed, _version
 from stabilitycheck.hooking import hooked, outside_graph
 from stabilitycheck.junctions import (
     _around,
@@ -34,7 +34,7 @@ def _first_tensor(value: Any, scalars: bool = True) -> torch.Tensor | None:
     missed the dict and (None, h): their blocks read 0); an integer output is none (no gradient); an
     MoE layer returning (router_logits, h) is read on its logits: declare a block that returns h. (The
     probe's recorder reads a block called again on the tensors its next call takes: _Recorder._repick
-    and _extras.)"""
+    and carrying.Carrying.found.)"""
     if isinstance(value, torch.Tensor):
         return value if value.is_floating_point() else None
     items = value.values() if isinstance(value, Mapping) else value if isinstance(value, tuple | list) else ()
@@ -53,44 +53,6 @@ def _floating(value: Any) -> list[torch.Tensor]:
         return [value] if value.is_floating_point() and value.dim() > 0 else []
     items = value.values() if isinstance(value, Mapping) else value if isinstance(value, tuple | list) else ()
     return [t for item in items for t in _floating(item)]
-
-
-# per module class, the tensors of its output its calls were seen to carry beside their chain (an
-# nn.LSTMCell's c from the start): a probe of a new model of that class carries them from its first
-# call, where the first probe of the class saw them at its second call and ran that step again
-_CARRIED: weakref.WeakKeyDictionary[type, tuple[int, ...]] = weakref.WeakKeyDictionary()
-_CARRIED[nn.LSTMCell] = (1,)
-
-
-def _swapped(value: Any, swap: dict[int, torch.Tensor]) -> tuple[Any, int]:
-    """`value` with each tensor whose id is a key of `swap` replaced by its value, rebuilt through
-    tuples, namedtuples, lists and dicts (another container is left as it is), and how many were
-    replaced."""
-    if isinstance(value, torch.Tensor):
-        new = swap.get(id(value))
-        return (value, 0) if new is None else (new, 1)
-    if isinstance(value, tuple | list) and (type(value) in (tuple, list) or hasattr(value, "_fields")):
-        pairs = [_swapped(v, swap) for v in value]
-        count = sum(n for _, n in pairs)
-        if not count:
-            return value, 0
-        rebuilt = [v for v, _ in pairs]
-        return (type(value)(*rebuilt) if hasattr(value, "_fields") else type(value)(rebuilt)), count
-    if type(value) is dict:
-        entries = {k: _swapped(v, swap) for k, v in value.items()}
-        count = sum(n for _, n in entries.values())
-        return ({k: v for k, (v, _) in entries.items()} if count else value), count
-    return value, 0
-
-
-def _fed(given: Sequence[torch.Tensor], out: torch.Tensor, alts: Sequence[torch.Tensor]) -> bool:
-    """Whether a call taking `given` goes on from `out`, one of the tensors `alts` of a block's last
-    output: takes it, or a tensor made from it other than another of `alts` as it came. Those are
-    made by the same node where one op returns them all (oneDNN's LSTM on the CPU, y beside h_n and
-    c_n), and _made_from, which follows nodes, took h_n for one made from y: the step was read on y,
-    h_n and c_n, its head's gradient as the state's."""
-    siblings = {id(alt) for alt in alts if alt is not out}
-    return any(t is out or (id(t) not in siblings and _feeds(t, out)) for t in given)
 
 
 def _cut(args: tuple[Any, ...], kwargs: dict[str, Any], prev: torch.Tensor) -> bool:
@@ -128,16 +90,6 @@ def _kept(out: torch.Tensor) -> torch.Tensor:
     except RuntimeError:
         return out
     return kept
-
-
-def _version(t: torch.Tensor) -> int:
-    """The tensor's version counter (bumped by each in-place change); -1 for an inference tensor, which
-    has none (and cannot change in place outside inference mode). Read first, the rare case caught:
-    half the cost of asking is_inference() first, on every output of every call."""
-    try:
-        return t._version
-    except RuntimeError:  # "Inference tensors do not track version counter"
-        return -1
 
 
 def _entry(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str | None, Any]:
@@ -284,16 +236,8 @@ class _Recorder:
         self.later = {b for b in range(1, len(self.stacks)) if self.stacks[b - 1] == self.stacks[b]}
         self.handles: list[Any] = []
         self.picks: dict[int, int] = {}  # per block, which of its output's tensors is its chain's (_repick)
-        # per block, the other tensors of its output its next call takes as they came, carried with the
-        # chain (_extras): from the start where its class is known to (_CARRIED), else once seen
-        self.extras: dict[int, tuple[int, ...]] = {
-            b: _CARRIED[type(module)] for b, (_, module) in enumerate(blocks) if type(module) in _CARRIED
-        }
-        self.plain: set[int] = set()  # blocks returning such a tensor as they got it: none carried
-        self.discovered = False  # a block's carried tensors became known after its first call ran
-        self.confirmed: set[int] = set()  # blocks whose chain this pass is made from what they carry
-        self.carried: dict[int, list[torch.Tensor]] = {}  # per position in `outputs`, those tensors
-        self.carried_versions: dict[int, list[int]] = {}  # their version counters as returned
+        # the tensors a block's calls carry beside its chain, its next call taking them as they came
+        self.carrying = Carrying([module for _, module in blocks])
         # per position in `outputs`, its call's tensors, their version counters as it returned them,
         # and which of them are the call's own positional arguments, returned as they came
         self.alts: dict[int, tuple[list[torch.Tensor], list[int], set[int]]] = {}
@@ -405,10 +349,11 @@ class _Recorder:
                             self.dropped = True  # the input is not on block 0's output's chain
                     elif len(calls) == 3 and self.sum is not None:  # does the stream go on from the sum?
                         self.goes_on = _goes_on(args, self.sum, outputs[2])
-                    if b in self.extras and b not in self.confirmed:
-                        self._confirm(b, out)
-                    if b in self.extras:
-                        swapped, outs = self._carry(b, len(outputs), output, outs, (args, kwargs))
+                    carrying = self.carrying
+                    if b in carrying.extras and b not in carrying.confirmed:
+                        carrying.confirm(b, self.last.get(b), out, calls)
+                    if b in carrying.extras:
+                        swapped, outs = carrying.carry(b, len(outputs), output, outs, (args, kwargs), calls)
                     if len(outputs) in self.copied:  # the model changes `out`, the copy stays as returned
                         out = _kept(out)
                     if calls and calls[-1] == b and b not in self.later and _cut(args, kwargs, outputs[-1]):
@@ -462,7 +407,7 @@ class _Recorder:
                 # that tensor goes on to its own next call too, so does its state (stacked LSTMCells
                 # in an nn.ModuleList; not a step whose y the next cell takes and h its next call)
                 if fed:
-                    self._extras(b, at, alts, passed, given)
+                    self.carrying.found(b, at, self.picks.get(b, 0), alts, passed, given, self.calls)
                 return
             if not fed:
                 for j, alt in enumerate(alts):
@@ -475,88 +420,9 @@ class _Recorder:
                                 if outs[j].grad_fn is not None:
                                     self.own[self.stacks[b]].add(outs[j].grad_fn)
                         break
-            self._extras(b, at, alts, passed, given)
+            self.carrying.found(b, at, self.picks.get(b, 0), alts, passed, given, self.calls)
 
         return on_call
-
-    def _extras(
-        self, b: int, at: int, alts: list[torch.Tensor], passed: set[int], given: list[torch.Tensor]
-    ) -> None:
-        """The other tensors of block b's last output (at position `at`) that its next call takes as
-        they came, beside the chain's (an nn.LSTMCell's c beside h, `cell(x, (h, c))`), none the call
-        got as an argument: the recurrence's state is all of them (read on h alone, a cell whose
-        forget gate carries c at 0.999 a step with no recurrent weight read growth 0, a dead layer,
-        for 0.999^(T-1)). Each is read on a copy that the forward hook hands on in its place (`_carry`):
-        its gradient is that of every use after the call returned it, as h's is, and none of what
-        reaches it through h, the same call's output (that is h's: counted in c too, it was counted
-        twice, and CUDA's fused LSTM cell, which makes h and c in one autograd node, gives no such
-        part). Known only now for the call at `at`, not copied when it ran: the step is run again
-        (`discovered`), every call copied alike."""
-        pick = self.picks.get(b, 0)
-        taken = {id(t) for t in given}
-        chain = alts[pick] if pick < len(alts) else None
-        extra = tuple(
-            j
-            for j, alt in enumerate(alts)
-            if j != pick and j not in passed and alt is not chain and id(alt) in taken
-            if all(alt is not other for other in alts[:j])
-        )
-        if not extra or b in self.plain:
-            self._drop(b)
-            return
-        self.extras[b] = extra
-        self.discovered |= at not in self.carried
-        _CARRIED[type(self.registrations[b][1])] = extra
-
-    def _confirm(self, b: int, out: torch.Tensor) -> None:
-        """At block b's first call of the pass after one that carried tensors: they are its state only
-        where this call's chain tensor is made from each (an LSTMCell's h from c, through the cell
-        state's update), and each is in the graph; else (an accumulator of per-step losses passed on
-        beside h, an additive -inf mask with no gradient) block b is read on its chain alone."""
-        prev = self.last.get(b)
-        held = self.carried.get(prev) if prev is not None else None
-        if held is None:
-            return
-        self.confirmed.add(b)
-        if not all(t.grad_fn is not None and _made_from(out, {t.grad_fn}) for t in held):
-            self._plain(b)
-
-    def _plain(self, b: int) -> None:
-        """Block b carries nothing from now on, nor, in a later probe, does a block of its class (an
-        nn.LSTMCell's class aside: another use of it may carry its c)."""
-        self.plain.add(b)
-        self._drop(b)
-        kind = type(self.registrations[b][1])
-        if kind is not nn.LSTMCell:
-            _CARRIED.pop(kind, None)
-
-    def _drop(self, b: int) -> None:
-        """Block b carries nothing beside its chain: none of its calls is read on carried tensors."""
-        self.extras.pop(b, None)
-        for at in [at for at in self.carried if self.calls[at] == b]:
-            del self.carried[at], self.carried_versions[at]
-
-    def _carry(
-        self, b: int, pos: int, output: Any, outs: list[torch.Tensor], call: Any
-    ) -> tuple[Any, list[torch.Tensor]]:
-        """The output of block b's call at position `pos` with an alias of each tensor it carries
-        beside its chain's (`_extras`), recorded, and its floating tensors with the aliases in place;
-        (None, outs) where there is none to carry. A call returning such a tensor as it got it (a bias
-        made once and passed on) carries no state: block b is read on its chain alone from now on."""
-        extra = self.extras[b]
-        got = {id(t) for t in tensors(call)}
-        if any(j >= len(outs) or id(outs[j]) in got for j in extra):
-            self._plain(b)
-            return None, outs
-        # a copy, not a view: a truncated-BPTT loop's c.detach_() refuses views
-        aliases = {id(outs[j]): outs[j].clone() for j in extra}
-        swapped, count = _swapped(output, aliases)
-        if count != len(aliases):  # held in a container the hook cannot rebuild
-            self._plain(b)
-            return None, outs
-        self.carried[pos] = list(aliases.values())
-        self.carried_versions[pos] = [_version(t) for t in self.carried[pos]]
-        return swapped, [aliases.get(id(t), t) for t in outs]
 
     def changed(self) -> frozenset[int]:
         """The positions in `outputs` of block outputs changed in place since their block returned them
@@ -589,10 +455,7 @@ class _Recorder:
         self.entering = [] if inputs else None
         self.alts.clear()
         self.last.clear()
-        self.carried.clear()
-        self.carried_versions.clear()
-        self.discovered = False
-        self.confirmed.clear()
+        self.carrying.start()
         self.entry = None
         self.around.clear()
         self.sum, self.goes_on = None, False
@@ -646,8 +509,7 @@ class _Recorder:
             self.breaks = {b - 1 for b in self.breaks}
             self.cuts = {b - 1 for b in self.cuts}
             self.feeds = {b - 1: frozenset(max(0, a - 1) for a in fed) for b, fed in self.feeds.items()}
-            self.carried = {pos - 1: extra for pos, extra in self.carried.items()}
-            self.carried_versions = {pos - 1: v for pos, v in self.carried_versions.items()}
+            self.carrying.shift()
         outputs = self.outputs[:]
         self.outputs.clear()
         self.alts.clear()
@@ -655,20 +517,8 @@ class _Recorder:
         return outputs
 
     def take_carried(self) -> list[tuple[int, torch.Tensor]]:
-        """(position in `take`'s outputs, tensor) of each tensor a recorded call carries beside its
-        chain's (`_extras`), dropping the recorder's references to them; call after `take`. None where
-        the model changed one in place after the call returned it (`c.mul_(0.5)`): its values and
-        gradient are no longer the state's, and the state is read on the chain's tensor alone."""
-        moved = any(
-            [_version(t) for t in extra] != self.carried_versions[pos] for pos, extra in self.carried.items()
-        )
-        kept = sorted(
-            (pos, extra) for pos, extra in self.carried.items() if self.calls[pos] in self.confirmed
-        )
-        carried = [] if moved else [(pos, t) for pos, extra in kept for t in extra]
-        self.carried.clear()
-        self.carried_versions.clear()
-        return carried
+        """What the blocks' calls carried beside their chains (Carrying.take); call after `take`."""
+        return self.carrying.take(self.calls)
 
     def _through(self, grads: tuple[torch.Tensor | None, ...]) -> None:
         """The residual add's node pre-hook (`_around`): keeps dL/d sum, changing nothing."""

@@ -27,10 +27,10 @@ from torch import nn
 
 from stabilitycheck import distributed
 from stabilitycheck.alarms import Termination, signals_held
+from stabilitycheck.carrying import _version
 from stabilitycheck.distributed import Layout
 from stabilitycheck.errors import UsageError
 from stabilitycheck.layout import block_of
-from stabilitycheck.recording import _version
 from stabilitycheck.spikes import SpikeRule, noisier, unmeasured
 from stabilitycheck.subject import BYPASSED, find_blocks, own_blocks, shown_blocks
 from stabilitycheck.watchcapture import Capture
