@@ -3,6 +3,7 @@ squared outputs, whose gradient is aligned with the forward signal and reads as 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -16,6 +17,7 @@ Inputs = Any  # a tensor, or nested tuples/lists/dicts of tensors (and None, sca
 LossFn = Callable[[Any, Inputs], torch.Tensor]
 
 NUM_CLASSES = 10
+READOUT_STREAM = 1  # the default loss's readout is drawn from generator(seed + this), its labels from seed
 
 
 def generator(seed: int) -> torch.Generator:
@@ -34,8 +36,7 @@ def readout_loss(features: int, gen: torch.Generator, labels: torch.Tensor) -> L
     At init its output gradient is nearly independent of the forward pass, so per-layer gains
     match mean-field theory (the mean of squared outputs would not; see DESIGN.md "Which loss").
     """
-    weight = torch.randn(NUM_CLASSES, features, generator=gen, dtype=torch.float64)
-    weight /= features**0.5
+    weight = _readout(features, gen)
     cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def loss(output: torch.Tensor, inputs: Inputs) -> torch.Tensor:
@@ -43,11 +44,20 @@ def readout_loss(features: int, gen: torch.Generator, labels: torch.Tensor) -> L
         key = (out.device, out.dtype)
         if key not in cache:
             cache[key] = (weight.to(out.device, out.dtype), labels.to(out.device))
-        w, y = cache[key]
-        logits = out @ w.T  # (..., NUM_CLASSES)
-        return F.cross_entropy(logits.reshape(-1, NUM_CLASSES), y.reshape(-1))
+        return _read_out(out, *cache[key])
 
     return loss
+
+
+def _readout(features: int, gen: torch.Generator) -> torch.Tensor:
+    """A fixed random readout from `features` to NUM_CLASSES, N(0, 1/features), in float64."""
+    weight: torch.Tensor = torch.randn(NUM_CLASSES, features, generator=gen, dtype=torch.float64)
+    return weight / math.sqrt(features)
+
+
+def _read_out(out: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the readout `weight` of `out`'s last dimension against `labels`."""
+    return F.cross_entropy((out @ weight.T).reshape(-1, NUM_CLASSES), labels.reshape(-1))
 
 
 def _entries(output: object, path: str = "") -> list[tuple[str, torch.Tensor]]:
@@ -91,31 +101,37 @@ def unpack(output: object) -> tuple[torch.Tensor | None, torch.Tensor | None, st
 
 
 class DefaultLoss:
-    """Cross-entropy against fixed random labels over the last dimension when it has >= 2 entries,
-    else MSE to fixed random targets: bounded below and nearly independent of the forward signal."""
+    """Cross-entropy of a fixed random readout of the output's last dimension (NUM_CLASSES classes,
+    N(0, 1/features), not trained) against fixed random labels when it has >= 2 entries, else MSE to
+    fixed random targets: bounded below and nearly independent of the forward signal. Cross-entropy
+    on the output itself followed it: on a ReLU stack its softmax sharpens onto the largest outputs
+    as they grow, and the growth read 1.6-2.1x the network's (width 512 depth 64, width 64 depth 32:
+    a verdict 5-6 blocks before mean field's), where the readout reads 1.0-1.35x."""
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
         self.cache: dict[tuple[object, ...], torch.Tensor] = {}
 
     def target(self, kind: str, shape: tuple[int, ...], classes: int, out: torch.Tensor) -> torch.Tensor:
-        """Labels or targets for this shape, drawn once from the seed (same for any call order)."""
+        """Labels, targets or the readout for this shape, drawn once from the seed (the same for any
+        call order; the readout from a stream of its own)."""
         key = (kind, shape, classes, out.device, out.dtype)
         if key not in self.cache:
-            gen = generator(self.seed)
             if kind == "ce":
-                drawn = torch.randint(0, classes, shape, generator=gen)
+                drawn = torch.randint(0, classes, shape, generator=generator(self.seed))
+            elif kind == "readout":
+                drawn = _readout(shape[-1], generator(self.seed + READOUT_STREAM)).to(out.dtype)
             else:
-                drawn = torch.randn(shape, generator=gen, dtype=torch.float64).to(out.dtype)
+                drawn = torch.randn(shape, generator=generator(self.seed), dtype=torch.float64).to(out.dtype)
             self.cache[key] = drawn.to(out.device)
         return self.cache[key]
 
     def __call__(self, output: torch.Tensor) -> torch.Tensor:
         out = accumulate(output)
         if out.dim() >= 1 and out.shape[-1] >= 2:
-            classes = out.shape[-1]
-            labels = self.target("ce", tuple(out.shape[:-1]), classes, out)
-            return F.cross_entropy(out.reshape(-1, classes), labels.reshape(-1))
+            weight = self.target("readout", (NUM_CLASSES, out.shape[-1]), 0, out)
+            labels = self.target("ce", tuple(out.shape[:-1]), NUM_CLASSES, out)
+            return _read_out(out, weight, labels)
         return F.mse_loss(out, self.target("mse", tuple(out.shape), 0, out))
 
 

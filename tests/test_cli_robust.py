@@ -673,44 +673,56 @@ def test_a_plot_format_matplotlib_cannot_write_is_refused_before_the_search(
     assert code == cli.EXIT_USAGE and ".txt" in err and ".png" in err and err.count("\n") == 1 and not out
 
 
+def _smallest(tmp_path: Path, args: list[str], capsys: pytest.CaptureFixture[str]) -> dict[str, float]:
+    """The knobs of the clean model's counterexample (nothing raising), from the JSON `args` write."""
+    code, out, _ = _run([str(_file(tmp_path, name="clean.py")), *args], capsys)
+    assert code == cli.EXIT_FOUND and "one step lower" not in out  # nothing skipped
+    found = json.loads((tmp_path / "out.json").read_text())[0]
+    knobs: dict[str, float] = found["counterexample"]["config"]["knobs"]
+    return knobs
+
+
 def test_a_skipped_neighbour_below_the_counterexample_is_said(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The model explodes from depth 17 (seed 0 alone) and raises at depth 16: depth 17 was reported
-    1-minimal with no word, though the point below it was never judged. A note says so, and the
-    JSON lists it."""
+    """The model explodes from depth D (seed 0 alone; the same model with no guard finds D) and raises
+    at depth D - 1: depth D was reported 1-minimal with no word, though the point below it was never
+    judged. A note says so, and the JSON lists it."""
     out_json = tmp_path / "out.json"
     args = ["--database", "none", "--seeds", "1", "--quiet", "--json", str(out_json)]
-    guard = "if depth == 16: raise ValueError('depth 16 is not supported')"
+    depth = int(_smallest(tmp_path, args, capsys)["depth"])
+    guard = f"if depth == {depth - 1}: raise ValueError('depth {depth - 1} is not supported')"
     code, out, err = _run([str(_file(tmp_path, guard)), *args], capsys)
     assert code == cli.EXIT_FOUND, err
-    assert "depth=17" in out.splitlines()[2]
-    assert "one step lower, depth=16 was skipped" in out and "a smaller one may explode" in out
+    assert f"depth={depth}" in out.splitlines()[2]
+    assert f"one step lower, depth={depth - 1} was skipped" in out and "a smaller one may explode" in out
     unjudged = json.loads(out_json.read_text())[0]["unjudged"]
-    assert [u["config"]["knobs"]["depth"] for u in unjudged] == [16]
-    code, out, _ = _run([str(_file(tmp_path, name="clean.py")), *args], capsys)  # nothing skipped
-    assert "depth=17" in out.splitlines()[2] and "one step lower" not in out
+    assert [u["config"]["knobs"]["depth"] for u in unjudged] == [depth - 1]
 
 
 def test_a_skipped_neighbour_below_the_counterexample_on_the_second_axis_is_said(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Two axes: the model explodes from depth 14 at init_scale 4 (seed 0 alone) and raises at depth
-    14, init_scale 3, the point one step lower on the second axis. Only the first axis's neighbour
-    was looked at, no test told (found by mutation testing); and the critical-init remedy, init_scale
-    3 there, raised out of the search: exit 2, the counterexample lost. Oracle: the guard's own rule
-    over both one-step-lower neighbours of the counterexample reported."""
+    """Two axes: the model explodes from depth D at init_scale 4 (seed 0 alone; the same model with
+    no guard finds it) and raises at depth D, init_scale 3, the point one step lower on the second
+    axis. Only the first axis's neighbour was looked at, no test told (found by mutation testing);
+    and the critical-init remedy, init_scale 3 there, raised out of the search: exit 2, the
+    counterexample lost. Oracle: the guard's own rule over both one-step-lower neighbours of the
+    counterexample reported."""
     out_json = tmp_path / "out.json"
     args = ["--database", "none", "--seeds", "1", "--quiet", "--json", str(out_json)]
     args += ["--knob", "depth=1:40", "--knob", "init_scale=2:4:1"]
-    guard = "if depth == 14 and init_scale == 3.0: raise ValueError('not at 14 x 3')"
+    clean = _smallest(tmp_path, args, capsys)
+    assert clean["init_scale"] == 4.0
+    depth = int(clean["depth"])
+    guard = f"if depth == {depth} and init_scale == 3.0: raise ValueError('not at {depth} x 3')"
     code, out, err = _run([str(_file(tmp_path, guard)), *args], capsys)
     assert code == cli.EXIT_FOUND, err
     found = json.loads(out_json.read_text())[0]
     knobs = found["counterexample"]["config"]["knobs"]
     below = [(knobs["depth"] - 1, knobs["init_scale"]), (knobs["depth"], knobs["init_scale"] - 1.0)]
-    raising = [point for point in below if point == (14, 3.0)]
-    assert raising == [(14, 3.0)]  # the guard sits below the counterexample, as planned
+    raising = [point for point in below if point == (depth, 3.0)]
+    assert raising == [(depth, 3.0)]  # the guard sits below the counterexample, as planned
     listed = [(u["config"]["knobs"]["depth"], u["config"]["knobs"]["init_scale"]) for u in found["unjudged"]]
     assert listed == raising and "one step lower" in out
     assert "critical-init: not judged (" in out and "not judged: critical-init" in out

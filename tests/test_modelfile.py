@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from stabilitycheck.config import Config
 from stabilitycheck.errors import UsageError
-from stabilitycheck.losses import DefaultLoss, unpack
+from stabilitycheck.losses import NUM_CLASSES, DefaultLoss, unpack
 from stabilitycheck.modelfile import ModelFile, ModelFileError, load
 from stabilitycheck.probing import probe
 from stabilitycheck.searching import check
@@ -338,14 +338,14 @@ def test_a_loss_in_the_output_is_used_as_the_loss() -> None:
     assert probe(subject.config(), subject).loss[0] == pytest.approx(expected.item())
 
 
-def test_default_loss_is_cross_entropy_over_the_last_dimension() -> None:
+def test_default_loss_is_cross_entropy_of_a_readout_of_the_last_dimension() -> None:
     loss = DefaultLoss(seed=0)
     zeros = torch.zeros(4, 7, 5, requires_grad=True)
     value = loss(zeros)
-    assert value.item() == pytest.approx(math.log(5))  # uniform logits; the mean square would be 0
+    assert value.item() == pytest.approx(math.log(NUM_CLASSES))  # uniform; the mean square would be 0
     value.backward()
     assert zeros.grad is not None and zeros.grad.abs().sum() > 0
-    assert loss(zeros).item() == value.item() and len(loss.cache) == 1  # labels drawn once
+    assert loss(zeros).item() == value.item() and len(loss.cache) == 2  # readout and labels drawn once
 
 
 def test_default_loss_is_mse_to_fixed_targets_for_one_output() -> None:

@@ -193,14 +193,17 @@ def test_a_directory_is_not_a_writable_output_file(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------- losses.py
 
 
-def test_the_default_loss_of_two_outputs_is_cross_entropy() -> None:
-    """The last dimension has >= 2 entries: cross-entropy against labels drawn from the seed, as
-    F.cross_entropy computes it on the same labels (torch.randint on generator(seed))."""
-    from stabilitycheck.losses import DefaultLoss
+def test_the_default_loss_of_two_outputs_is_cross_entropy_of_a_readout() -> None:
+    """The last dimension has >= 2 entries: cross-entropy of a readout N(0, 1/2) to NUM_CLASSES
+    classes (torch.randn on generator(seed + 1)) against labels drawn from the seed (torch.randint on
+    generator(seed)), as F.cross_entropy computes it."""
+    from stabilitycheck.losses import NUM_CLASSES, DefaultLoss
 
     out = torch.tensor([[0.3, -1.2], [2.0, 0.5], [-0.7, 0.1]], dtype=torch.float64)
-    labels = torch.randint(0, 2, (3,), generator=torch.Generator().manual_seed(7))
-    assert torch.equal(DefaultLoss(7)(out), F.cross_entropy(out, labels))
+    readout = torch.randn(NUM_CLASSES, 2, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    labels = torch.randint(0, NUM_CLASSES, (3,), generator=torch.Generator().manual_seed(7))
+    expected = F.cross_entropy(out @ (readout / 2**0.5).T, labels)
+    assert torch.allclose(DefaultLoss(7)(out), expected, rtol=1e-15)
 
 
 def test_a_float64_output_keeps_float64_for_its_loss() -> None:

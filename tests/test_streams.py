@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from stabilitycheck.config import Config
+from stabilitycheck.losses import NUM_CLASSES
 from stabilitycheck.probing import probe, probe_module
 from stabilitycheck.rng import SALT_BATCH, SALT_FORWARD, SALT_INFER, SALT_LOSS, derived
 from stabilitycheck.seeds import SEED_MIX, seed_of
@@ -74,7 +75,7 @@ def test_no_purposes_seed_is_another_seed_of_its_verdict(salt: int) -> None:
 def test_an_hf_seeds_labels_are_not_the_next_seeds_token_ids() -> None:
     """hf's inputs and labels were drawn from seed + salt x SEED_MIX, seed_of's own step: seed i's
     labels were seed i + 1's token ids, and seed i's ids were drawn from seed i + 1's weight seed.
-    Oracle: the Built inputs and the labels the default loss drew, compared directly."""
+    Oracle: the labels the default loss drew, against those the next seed's token-id stream draws."""
     pytest.importorskip("transformers")
     from stabilitycheck.hf import HFModel
 
@@ -84,8 +85,10 @@ def test_an_hf_seeds_labels_are_not_the_next_seeds_token_ids() -> None:
     ids = [b.inputs["input_ids"] for b in built]
     for i in range(2):
         built[i].loss_fn(built[i].model(**built[i].inputs), built[i].inputs)  # draws its labels
-        labels = next(iter(built[i].loss_fn.default.cache.values()))
-        assert labels.shape == ids[i + 1].shape and not torch.equal(labels, ids[i + 1])
+        (labels,) = [t for key, t in built[i].loss_fn.default.cache.items() if key[0] == "ce"]
+        next_ids = torch.Generator().manual_seed(derived(seed_of(0, i + 1), SALT_BATCH))
+        drawn_there = torch.randint(0, NUM_CLASSES, labels.shape, generator=next_ids)
+        assert labels.shape == ids[i + 1].shape and not torch.equal(labels, drawn_there)
     torch.manual_seed(seed_of(0, 1))  # no pad ids in gpt2's vocabulary: uniform over all of it
     assert not torch.equal(torch.randint(0, built[0].model.config.vocab_size, ids[0].shape), ids[0])
 
