@@ -102,7 +102,7 @@ def _chain(sigma: float, activation: str, depth: int, q_in: float = 1.0) -> list
 def q_star(sigma: float, activation: str, q0: float = 1.0, tol: float = 1e-12) -> float:
     """The fixed point of q -> sigma^2 E[phi(sqrt(q) z)^2] reached from q0 (0 in the ordered phase)."""
     if activation == "tanh" and sigma <= 1:
-        return 0.0  # tanh(h)^2 < h^2: q shrinks to 0 (as 1/l at sigma = 1, too slowly to iterate)
+        return 0.0  # tanh(h)^2 < h^2: q shrinks to 0 (as 1/(2l) at sigma = 1, too slowly to iterate)
     if activation == "tanh":
         return _tanh_fixed_point(sigma, tol) if q0 > 0 else 0.0  # 0 is fixed too, unstable: reached from 0
     q = q0
@@ -120,7 +120,7 @@ def q_star(sigma: float, activation: str, q0: float = 1.0, tol: float = 1e-12) -
 def _tanh_fixed_point(sigma: float, tol: float) -> float:
     """The q* > 0 of q = sigma^2 E[tanh(sqrt(q) z)^2] for sigma > 1, which every q > 0 is drawn to, by
     bisection: the map's slope at q* tends to 1 as sigma -> 1, so iterating it converges as slowly as
-    q_l ~ 3 / (2 l) at sigma = 1 (10,000 steps left q* 16% high at sigma 1.0001 and chi_1 below 1 there,
+    q_l ~ 1 / (2 l) at sigma = 1 (10,000 steps left q* 16% high at sigma 1.0001 and chi_1 below 1 there,
     the ordered side, up to sigma 1.0003). Below q* the map raises q, above it lowers it. For q <= 1
     tanh^2 is integrated directly, not as 1 - sech^2 (step's form), which cancels for q* ~ (sigma^2 - 1) /
     (2 sigma^2) near 0; above, as 1 - sech^2: expect() sums a wide Gaussian over the nodes' span of h,

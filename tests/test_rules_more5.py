@@ -443,7 +443,8 @@ def test_relu_growth_is_sigma_over_sqrt2_per_block() -> None:
 
 
 def test_fixed_points_at_the_edge() -> None:
-    # tanh at sigma = 1: q -> 0 (as 1/l), chi at q = 0 is sigma^2 tanh'(0)^2 = 1
+    # tanh at sigma = 1: q -> 0 (as 1/(2l): E[tanh(sqrt(q) z)^2] = q - 2q^2 + ...),
+    # chi at q = 0 is sigma^2 tanh'(0)^2 = 1
     assert meanfield.q_star(1.0, "tanh") == 0.0
     assert meanfield.chi_1(1.0, "tanh") == pytest.approx(1.0, abs=1e-12)
     # relu at sigma = 1: q halves each block, to 0
