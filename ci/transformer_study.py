@@ -9,7 +9,8 @@ d_model = 32, 4 heads, with small batches so it runs on a shared 2-core CPU in a
    last layer's gradient to be roughly independent of depth for post-norm and to shrink like
    depth^-1/2 for pre-norm; the log-log slope over depth is printed to compare.
 2. Training: 50 Adam steps at lr 1e-3, no warmup, on the example's default loss (cross-entropy of
-   each token's 32 features against fixed random labels: chance is ln 32 = 3.47): loss start / min
+   a fixed random readout of each token's 32 features to 10 classes against fixed random labels:
+   chance is ln 10 = 2.30): loss start / min
    / end and checkpoints, total gradient norm, and the verdict. Liu et al. (2020) report that deep
    post-norm without warmup stalls (loss stays near chance) rather than explodes.
 
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
+from stabilitycheck.losses import NUM_CLASSES
 from stabilitycheck.modelfile import load
 from stabilitycheck.probing import Measurement, probe
 from stabilitycheck.report import sparkline
@@ -37,7 +39,7 @@ from stabilitycheck.verdicts import verdict
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "transformer.py"
 NORMS = {0: "post", 1: "pre"}
-CHANCE = math.log(32)
+CHANCE = math.log(NUM_CLASSES)
 
 
 def gmean(values: list[float]) -> float:
@@ -164,7 +166,7 @@ def training(depths: list[int], steps: int, seq_len: int, batch_size: int) -> No
     ]
     print(
         f"Training: {steps} Adam steps, lr 1e-3, no warmup, seq_len {seq_len}, batch {batch_size} "
-        f"(chance loss ln 32 = {CHANCE:.3f})"
+        f"(chance loss ln {NUM_CLASSES} = {CHANCE:.3f})"
     )
     print(tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True))
     print()

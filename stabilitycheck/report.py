@@ -292,9 +292,11 @@ def details(results: Sequence[SearchResult]) -> str:
             j = r.largest_stable_judgement
             if j is not None and r.largest_stable is not None:
                 config = r.largest_stable
+                point = knobs(r, config)
+                one = "its one configuration (every knob fixed)"
+                where = f"{point}, the largest point tried" if point else one
                 blocks.append(
-                    f"{r.space.label} [{config.run.device}, {_precision(config.run)}]: stable at "
-                    f"{knobs(r, config)}, the largest point tried "
+                    f"{r.space.label} [{config.run.device}, {_precision(config.run)}]: stable at {where} "
                     f"(q={config.run.quantile:g} over seeds {', '.join(map(str, j.seeds))})\n"
                     + _measured(j, config.run.quantile, budget=config.run.seeds).rstrip("\n")
                 )

@@ -501,6 +501,7 @@ def test_the_cli_judges_only_the_fixed_value_and_a_knob_given_twice_is_a_usage_e
         ["mlp", "--knob", "depth=2", "--knob", "init_scale=1.0", "--database", "none"], capsys
     )
     assert code == cli.EXIT_OK and "stable (its one configuration: every knob fixed)" in out, err
+    assert "stable at its one configuration (every knob fixed) (q=0.5" in out  # it read "stable at , the"
     code, out, err = _run(  # exploding there: the cell was empty
         ["mlp", "--knob", "depth=30", "--knob", "init_scale=4.0", "--database", "none"], capsys
     )
