@@ -61,7 +61,7 @@ def _cut(args: tuple[Any, ...], kwargs: dict[str, Any], prev: torch.Tensor) -> b
     to that one, and a gain across the cut is no Jacobian's (a loss on the last token read the
     window before it as growth 0, a dead layer). Arguments and one level of tuples in them: (x, h)
     and (x, (h, c)); a few checks a call, the cheapest that tell a detached alias."""
-    if not prev.requires_grad:
+    if not prev.requires_grad or prev.layout != torch.strided:  # a sparse tensor has no data_ptr
         return False
     found = False
     for a in (*args, *kwargs.values()):
@@ -71,6 +71,7 @@ def _cut(args: tuple[Any, ...], kwargs: dict[str, Any], prev: torch.Tensor) -> b
             found = found or (
                 isinstance(t, torch.Tensor)
                 and not t.requires_grad
+                and t.layout == torch.strided
                 and t.data_ptr() == prev.data_ptr()
                 and t.shape == prev.shape
             )

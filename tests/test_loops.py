@@ -479,3 +479,17 @@ def test_a_truncated_bptt_window_is_a_chain_of_its_own(carried: bool, last: bool
     growths = [w[0] / w[-1] for w in windows if any(w)]
     assert len(growths) == (1 if last else 4)
     assert m.growth == pytest.approx(max(growths), rel=1e-9)
+
+
+def test_the_cut_check_reads_a_detached_alias_and_nothing_else() -> None:
+    """recording._cut by hand: the last output detached is a cut, as it came or a copy is not; a
+    sparse output, which has no data pointer to compare, is none (the check raised on it)."""
+    from stabilitycheck.recording import _cut
+
+    x = torch.randn(2, 3)
+    h = torch.randn(2, 3, requires_grad=True) * 1.0
+    assert _cut((x, h.detach()), {}, h) and _cut((x, (h.detach(), x)), {}, h)
+    assert not _cut((x, h), {}, h) and not _cut((x, h.detach().clone()), {}, h)
+    assert not _cut((h.detach(), h), {}, h)  # the chain goes on through h as it came
+    sparse = torch.randn(2, 3).to_sparse().requires_grad_()
+    assert not _cut((x, x), {}, sparse)
