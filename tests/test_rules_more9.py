@@ -1,4 +1,5 @@
-"""Round-9 mutation-testing additions (readings, the growth kind, the vanishing criterion). Each
+"""Round-9 mutation-testing additions (readings, the growth kind, the vanishing criterion, the
+probe's loops, cuts, junctions and carried state). Each
 test's oracle is the documented rule spelt out by hand on numbers chosen for it (never a number the
 code printed). Fast and deterministic."""
 
@@ -6,6 +7,9 @@ from __future__ import annotations
 
 import math
 from typing import Any
+
+import pytest
+import torch
 
 from stabilitycheck.growthkind import FIT_R2, Growth, classify, fit_growth, kind_of, over_tokens, swing
 from stabilitycheck.measurement import Measurement
@@ -172,3 +176,151 @@ def test_every_seed_leaves_the_input_segment_apart_as_the_typical_stack_does() -
     expected = Spread.of([fit_growth(a, apart=True)[0], fit_growth(b, apart=True)[0]], 0.5)
     assert kind.rate == expected
     assert fit_growth(b, apart=True)[0] != fit_growth(b)[0]  # the seed alone would read otherwise
+
+
+# ---------------------------------------------------------------- the probe's internals
+
+
+def test_a_module_looped_twice_and_modules_named_alike_are_found() -> None:
+    """loops._looped by construction: a cell called exactly twice on its own output is looped (two
+    calls are the least that make a loop); modules `f` and `ff` both looped are both found (`ff` is
+    no submodule of `f`, whose name it starts with)."""
+    from torch import nn
+
+    from stabilitycheck.loops import _looped
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for _ in range(2):
+                x = torch.tanh(self.cell(x))
+            return x
+
+    class Alike(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.f, self.ff = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in (self.f, self.ff):
+                for _ in range(3):
+                    x = torch.tanh(layer(x))
+            return x
+
+    x = torch.randn(2, 4)
+    assert _looped(Two(), (x,)) == ["cell"]
+    assert _looped(Alike(), (x,)) == ["f", "ff"]
+
+
+def test_the_cut_check_reads_lists_and_a_slice_is_no_cut() -> None:
+    """recording._cut by hand: a state passed as a list, [h.detach(), c], is cut as a tuple is; a
+    detached slice of h at its start (the same data pointer, another shape) beside a live view of h
+    is no cut: the gradient reaches h through the view."""
+    from stabilitycheck.recording import _cut
+
+    x = torch.randn(2, 3)
+    h = torch.randn(2, 3, requires_grad=True) * 1.0
+    assert _cut((x, [h.detach(), x]), {}, h)
+    assert not _cut((h.detach()[:, :2], h.view(2, 3)), {}, h)
+
+
+def _grads_of(model: torch.nn.Module, blocks: list[tuple[str, torch.nn.Module]], run: Any) -> list[float]:
+    """Torch's ||dL/d out|| of each block call, in call order: the oracle (retain_grad on each output)."""
+    outs: list[torch.Tensor] = []
+
+    def keep(_: Any, __: Any, out: Any) -> None:
+        first = out[0] if isinstance(out, tuple) else out
+        first.retain_grad()
+        outs.append(first)
+
+    handles = [m.register_forward_hook(keep) for _, m in blocks]
+    try:
+        run().backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [float(o.grad.norm()) if o.grad is not None else 0.0 for o in outs]
+
+
+def test_a_head_on_two_towers_one_of_one_cell_call_is_a_merge() -> None:
+    """Tower A is an RNN cell called once (block 0, whose input is no `(input)` entry), tower B two
+    Linear layers, a head on both: the head's call starts a chain that takes both towers (by
+    construction), and tower B's growth is torch's |dL/d b0| / |dL/d b1|."""
+    from torch import nn
+
+    from stabilitycheck.probing import probe_module
+
+    class Towers(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.RNNCell(4, 4)
+            self.b = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+            self.head = nn.Linear(8, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.cat([self.a(x), self.b(x)], -1))
+
+    torch.manual_seed(0)
+    x, model = torch.randn(2, 4), Towers()
+    blocks = [("a", model.a), ("b.0", model.b[0]), ("b.1", model.b[1]), ("head", model.head)]
+    m = probe_module(model, (x,), lambda out, _: out.pow(2).sum(), blocks=blocks)
+    assert m.chain_starts == (1, 3) and m.chain_feeds[-1] == (0, 1)
+    g = _grads_of(model, blocks, lambda: model(x).pow(2).sum())
+    assert m.chain_growths[1] == pytest.approx(g[1] / g[2], rel=1e-6)
+
+
+def test_an_lstm_cell_called_once_is_read_on_h() -> None:
+    """An nn.LSTMCell called once (a one-token step between two layers): no next call takes its c, so
+    its state is h alone: its norms are torch's ||h|| and ||dL/dh||."""
+    from torch import nn
+
+    from stabilitycheck.probing import probe_module
+
+    class Once(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.cell, self.out = nn.Linear(4, 4), nn.LSTMCell(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h, _ = self.cell(torch.tanh(self.inp(x)))
+            return self.out(h)  # type: ignore[no-any-return]
+
+    torch.manual_seed(0)
+    x, model = torch.randn(2, 4), Once()
+    blocks = [("inp", model.inp), ("cell", model.cell), ("out", model.out)]
+    m = probe_module(model, (x,), lambda out, _: out.pow(2).sum(), blocks=blocks)
+    h, _ = model.cell(torch.tanh(model.inp(x)))
+    at = m.activation_names.index("cell")
+    assert m.activation_norms[at] == pytest.approx(float(h.detach().norm()), rel=1e-6)
+    g = _grads_of(model, blocks, lambda: model(x).pow(2).sum())
+    assert m.activation_grad_norms[at] == pytest.approx(g[1], rel=1e-6)
+
+
+def test_a_loss_on_the_last_cell_state_reaches_the_last_call() -> None:
+    """An nn.LSTMCell over 5 tokens, the loss on c_T alone (an encoder handing its state on): the last
+    call's gradient comes through c alone, ||dL/dc_T|| = ||2 c_T||, and the call is reached (its gain
+    is read, not NaN)."""
+    from torch import nn
+
+    from stabilitycheck.probing import probe_module
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell = nn.LSTMCell(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = c = torch.zeros(2, 4)
+            for t in range(x.shape[1]):
+                h, c = self.cell(x[:, t], (h, c))
+            return c
+
+    torch.manual_seed(0)
+    x, model = torch.randn(2, 5, 4), Encoder()
+    m = probe_module(model, (x,), lambda out, _: out.pow(2).sum(), blocks=[("cell", model.cell)])
+    c_last = model(x)
+    assert m.activation_grad_norms[-1] == pytest.approx(float((2 * c_last).detach().norm()), rel=1e-6)
+    assert not any(math.isnan(g) for g in m.gains) and math.isfinite(m.growth)
