@@ -1,7 +1,7 @@
 """Round-9 mutation-testing additions (readings, the growth kind, the vanishing criterion, the
-probe's loops, cuts, junctions and carried state). Each
-test's oracle is the documented rule spelt out by hand on numbers chosen for it (never a number the
-code printed). Fast and deterministic."""
+probe's loops, cuts, junctions and carried state). Each test's oracle is the documented rule spelt
+out by hand on numbers chosen for it, the model's construction, or torch's own gradients (never a
+number the code printed). Fast and deterministic."""
 
 from __future__ import annotations
 
