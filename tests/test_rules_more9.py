@@ -324,3 +324,29 @@ def test_a_loss_on_the_last_cell_state_reaches_the_last_call() -> None:
     c_last = model(x)
     assert m.activation_grad_norms[-1] == pytest.approx(float((2 * c_last).detach().norm()), rel=1e-6)
     assert not any(math.isnan(g) for g in m.gains) and math.isfinite(m.growth)
+
+
+# ---------------------------------------------------------------- spread.py
+
+
+def test_the_bracket_is_the_most_confident_of_the_narrowest_pairs() -> None:
+    """spread.bracket against the rule spelt out: for each width w = 1, 2, ..., the pairs (i, i + w)
+    of order statistics and their coverage, the sum over k from i to i + w - 1 of C(n, k) q^k
+    (1 - q)^(n - k); the first width where one reaches 90%, and of its pairs the most confident
+    (at q 0.25 or 0.9 the pairs of one width differ, and the least confident one also reaches it)."""
+    from stabilitycheck.spread import WANT, bracket
+
+    def coverage(n: int, q: float, i: int, j: int) -> float:
+        return sum(math.comb(n, k) * q**k * (1 - q) ** (n - k) for k in range(i, j))
+
+    for n in (12, 24, 30):
+        for q in (0.25, 0.5, 0.9):
+            got = bracket([float(v) for v in range(n)], q)
+            assert got is not None
+            for w in range(1, n):
+                pairs = {(i, i + w): coverage(n, q, i, i + w) for i in range(1, n - w + 1)}
+                best = max(pairs, key=lambda p: pairs[p])
+                if pairs[best] >= WANT:
+                    assert (got.i, got.j) == best, (n, q, got, best)
+                    assert got.confidence == pytest.approx(pairs[best], rel=1e-12)
+                    break
