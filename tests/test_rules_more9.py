@@ -350,3 +350,58 @@ def test_the_bracket_is_the_most_confident_of_the_narrowest_pairs() -> None:
                     assert (got.i, got.j) == best, (n, q, got, best)
                     assert got.confidence == pytest.approx(pairs[best], rel=1e-12)
                     break
+
+
+# ---------------------------------------------------------------- culprit.py
+
+
+def _seed(gains: list[float], grads: tuple[float, ...] | None = None) -> Measurement:
+    """One seed's Measurement of a stack with these gains (block i named b<i>)."""
+    names = tuple(f"b{i}" for i in range(len(gains)))
+    return Measurement(
+        layer_names=names,
+        activation_names=("(input)", *names),
+        loss=(1.0,),
+        grad_norm=(1.0,),
+        layer_grad_norms=grads or (1.0,) * len(names),
+        activation_norms=(1.0,) * (len(names) + 1),
+        activation_grad_norms=(1.0,) * (len(names) + 1),
+        gains=tuple(gains),
+        growth=math.prod(g for g in gains if not math.isnan(g)),
+        weight_norms=(),
+        first_nonfinite=None,
+        steps_run=0,
+    )
+
+
+SPIKE = [1.0, 1.0, 40.0, 1.0, 1.0, 1.0]
+
+
+def test_a_spike_is_named_whatever_a_seed_of_no_gains_or_a_junction_or_an_infinite_gain() -> None:
+    """Block b2 gains x40 among gain-1 blocks in every seed: it is the culprit (its gain the largest in
+    every seed). So it stays beside a seed no gradient reached (every gain NaN: the seeds vote on their
+    largest amplifying block), a seed with a junction first (NaN, below every number, never the
+    largest) and a seed with an infinite gain elsewhere (x / 0: no number, left out as NaN is)."""
+    from stabilitycheck.culprit import culprit_of
+
+    spike = _seed(SPIKE)
+    assert culprit_of([spike, spike, _seed([NAN] * 6)]) == "b2"
+    junction = _seed([NAN, *SPIKE[1:]])
+    assert culprit_of([junction] * 3) == "b2"
+    infinite = _seed([1.0, INF, 40.0, 1.0, 1.0, 1.0])
+    assert culprit_of([spike, spike, spike, infinite]) == "b2"
+
+
+def test_the_largest_weight_gradient_leaves_a_nan_one_out() -> None:
+    """A stack with no amplifying block (every gain 0.9, growth above 1 given) falls to the block with
+    the largest weight gradient; a NaN one (the first) is no number and not the largest."""
+    from stabilitycheck.culprit import _single
+
+    assert _single(_seed([0.9, 0.9, 0.9], grads=(NAN, 5.0, 1.0))) == "b1"
+
+
+def test_a_spread_of_nan_values_only_names_no_count() -> None:
+    """Spread.describe by hand: the NaN count is said beside the range of the other seeds; where every
+    seed is NaN there is no range of others to say it beside."""
+    assert Spread(NAN, NAN, NAN, 3).describe() == "nan (nan-nan)"
+    assert Spread(0.329, NAN, 0.329, 2).describe() == "nan (0.329-0.329, 2 NaN)"
