@@ -6,6 +6,7 @@ number the code printed). Fast and deterministic."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -405,3 +406,78 @@ def test_a_spread_of_nan_values_only_names_no_count() -> None:
     seed is NaN there is no range of others to say it beside."""
     assert Spread(NAN, NAN, NAN, 3).describe() == "nan (nan-nan)"
     assert Spread(0.329, NAN, 0.329, 2).describe() == "nan (0.329-0.329, 2 NaN)"
+
+
+# ---------------------------------------------------------------- verdicts.py and seeds.py, more
+
+
+def test_a_limit_of_zero_is_refused() -> None:
+    """Limits by hand: a limit must be a number > 0 (a growth limit of 0 fires on every model)."""
+    from stabilitycheck.errors import ConfigError
+    from stabilitycheck.verdicts import Limits
+
+    with pytest.raises(ConfigError):
+        Limits(growth=0.0)
+
+
+def test_the_peak_grad_norm_leaves_nan_out_and_one_loss_has_no_rise() -> None:
+    """peak_grad_norm and values by hand: a NaN step (the nonfinite criterion's) is no peak, in any
+    order; a run of one loss (steps=0) has no rise: divergence and stall NaN, never firing (a rise of
+    1 would fire a stall limit of 0.5 on every model probed without steps)."""
+    from stabilitycheck.verdicts import Limits, fires, peak_grad_norm, values
+
+    m = _seed([1.0, 1.0, 1.0])
+    assert peak_grad_norm(replace(m, grad_norm=(NAN, 5.0, 1.0))) == 5.0
+    named = values(replace(m, loss=(1.0,)))
+    assert math.isnan(named["stall"]) and math.isnan(named["divergence"])
+    assert not fires("stall", named["stall"], Limits(stall=0.5))
+
+
+def test_going_non_finite_is_judged_against_an_infinite_limit() -> None:
+    """criterion by hand: nonfinite and overflow name no number as their limit; inf stands for it (the
+    JSON's limit), not the 0.0 the counts compare with."""
+    from stabilitycheck.verdicts import Limits, criterion
+
+    assert criterion("nonfinite", INF, Limits()).limit == INF
+    assert criterion("overflow", INF, Limits()).limit == INF
+
+
+def test_accumulation_is_read_on_the_through_time_quantile_not_its_largest() -> None:
+    """seeds._judgement by hand: per-token growths 1.2^30 = 237 on three seeds, through-time growths 2,
+    3 and 1e6: at the median the through-time product (3) explains under half the log growth
+    (ln 3 < ln(237) / 2), accumulated over tokens; the largest seed's (1e6) would have explained it."""
+    from stabilitycheck.seeds import _judgement
+    from stabilitycheck.verdicts import Limits, values
+
+    ms = [_seed([1.2] * 30) for _ in range(3)]
+    through = [replace(_seed([1.0] * 30), growth=g) for g in (2.0, 3.0, 1e6)]
+    judged = _judgement(ms, [values(m) for m in ms], through, (0, 1, 2), Limits(), 0.5, 3)
+    assert judged.kind.kind == "accumulated"
+
+
+def test_a_probe_is_reused_whatever_the_seeds_budget_or_quantile() -> None:
+    """SeedProbes by hand: a probe reads neither the seeds budget nor the quantile, so the same point
+    and seed asked for under another budget or quantile is the probe already run (made once)."""
+    from stabilitycheck.config import Config
+    from stabilitycheck.seeds import SeedProbes
+
+    probes = SeedProbes()
+    config = Config.of("mlp", depth=2, width=8, batch_size=4)
+    first = probes(config, None)
+    again = probes(config.with_run(seeds=1, quantile=0.9), None)
+    assert probes.made == 1 and again is first
+
+
+def test_a_recurrent_subjects_vanishing_reads_the_last_step_even_without_the_through_time_line() -> None:
+    """assess by hand: an RNN with a vanishing limit judges vanishing on the loss on the last step (the
+    through-time growth, probed here by the test) also where the report's through-time line is not
+    asked for (a search's points): a per-token loss hides the vanishing under later tokens' gradients."""
+    from stabilitycheck.config import Config
+    from stabilitycheck.probing import probe
+    from stabilitycheck.seeds import assess
+    from stabilitycheck.verdicts import Limits
+
+    config = Config.of("rnn", seq_len=6, width=8, batch_size=4, seeds=1)
+    judged = assess(config, limits=Limits(vanishing=100.0), through_time=False)
+    last = probe(config.with_run(seed=judged.seeds[0]), last_step=True)
+    assert judged.values[0]["vanishing"] == last.growth != judged.growth.mid
