@@ -481,3 +481,32 @@ def test_a_recurrent_subjects_vanishing_reads_the_last_step_even_without_the_thr
     judged = assess(config, limits=Limits(vanishing=100.0), through_time=False)
     last = probe(config.with_run(seed=judged.seeds[0]), last_step=True)
     assert judged.values[0]["vanishing"] == last.growth != judged.growth.mid
+
+
+def test_the_judgement_reads_every_quantile_at_q_and_sums_skipped_steps() -> None:
+    """seeds._judgement by hand at q = 0.9 over three seeds (nearest rank: the 3rd smallest): growths
+    50, 150 and 300 fire growth at 300, not at the median's 150; the through-time spread's quantile is
+    the largest of 2, 3 and 4; the steps a GradScaler skipped are every seed's, 1 + 2 + 3. The rate a
+    kind shows is the q-quantile of the seeds' fits too (classify: rates 0.1, 0.2, 0.3 read 0.3)."""
+    from stabilitycheck.seeds import _judgement
+    from stabilitycheck.verdicts import Limits, values
+
+    ms = [
+        replace(_seed([1.0] * 4), growth=g, skipped_steps=k) for g, k in ((50.0, 1), (150.0, 2), (300.0, 3))
+    ]
+    through = [replace(_seed([1.0] * 4), growth=g) for g in (2.0, 3.0, 4.0)]
+    judged = _judgement(ms, [values(m) for m in ms], through, (0, 1, 2), Limits(), 0.9, 3)
+    (fired,) = [c for c in judged.verdict.criteria if c.name == "growth"]
+    assert fired.value == 300.0 and judged.through_time is not None and judged.through_time.mid == 4.0
+    assert judged.skipped_steps == 6
+    fits = [_fit(r, 1.0, 0.0, 0.0) for r in (0.1, 0.2, 0.3)]
+    assert classify(fits, [1e3] * 3, 0.9).rate.mid == 0.3
+
+
+def test_a_growth_of_zero_is_far_from_every_limit() -> None:
+    """seeds._far by hand: a growth of exactly 0 (no gradient came back) is infinitely far from a
+    limit in ratio, so one seed may decide on it (a ratio b / 0 raised)."""
+    from stabilitycheck.seeds import _far
+    from stabilitycheck.verdicts import Limits
+
+    assert _far("growth", 0.0, Limits(), 1000.0)
