@@ -20,6 +20,11 @@ class UserCodeError(UsageError):
     a search starts; at one point of a search, that point is skipped and the reason reported."""
 
 
+class NoLastStep(UsageError):
+    """A last-step probe of a subject that has none (not a sequence subject, or a model file whose loss
+    is on its last step already)."""
+
+
 class ConfigError(UsageError, ValueError):
     """A Config or Space field holds a value outside what is allowed."""
 

@@ -70,6 +70,12 @@ class Measurement:
     state_end: bool = False  # the last reached call was read on a carried state: see `law_gains`
 
     @property
+    def per_call(self) -> bool:
+        """One block called again along the chain, each call a block (a recurrent cell stepped per
+        token): where a per-token loss adds every later call's gradient to the product of Jacobians."""
+        return len(self.layer_names) == 1 and sum(n != INPUT for n in self.activation_names) >= 2
+
+    @property
     def law_gains(self) -> tuple[float, ...]:
         """The gains a rate or depth law is fitted on (growthkind): all of them but, where the output
         end is a carried state (an LSTM's h and c), its last reached call's, whose gain is what the loss

@@ -158,7 +158,8 @@ class LastStep:
     def __init__(self, subject: Subject) -> None:
         if subject.last_step(subject.config()) is None:
             raise UsageError(
-                f"{subject.name} has no last-step loss (only recurrent subjects do); drop --loss"
+                f"{subject.name} has no last-step loss (only recurrent zoo families do, and model files "
+                "whose one block is called per step beside a loss on more than its last call); drop --loss"
             )
         self.subject = subject
         self.name, self.init_knob = subject.name, subject.init_knob

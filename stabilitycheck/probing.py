@@ -25,7 +25,7 @@ from torch.utils.checkpoint import CheckpointError
 from stabilitycheck._tree import tensors as tensors_of
 from stabilitycheck._validation import article
 from stabilitycheck.config import Config
-from stabilitycheck.errors import UsageError, UserCodeError
+from stabilitycheck.errors import NoLastStep, UsageError, UserCodeError
 from stabilitycheck.hooking import GRAPH_BREAK
 from stabilitycheck.layout import _layout, _per_block, _scatter, combined
 from stabilitycheck.layout import block_of as block_of
@@ -573,7 +573,10 @@ def probe(config: Config, subject: Subject | None = None, *, last_step: bool = F
 def _probe(config: Config, subject: Subject, last_step: bool) -> Measurement:
     built = subject.last_step(config) if last_step else subject.build(config)
     if built is None:
-        raise UsageError(f"{config.subject} has no last-step loss (only recurrent subjects do)")
+        raise NoLastStep(
+            f"{config.subject} has no last-step loss (only recurrent subjects do, and model files whose one "
+            "block is called per step beside a loss on more than the last)"
+        )
     run = config.run
     m = probe_module(
         built.model,

@@ -39,7 +39,7 @@ from stabilitycheck.errors import StabilityCheckError, UsageError, UserCodeError
 from stabilitycheck.growthkind import over_tokens
 from stabilitycheck.memory import free_memory
 from stabilitycheck.remedies import Remedy, candidates, judged_on
-from stabilitycheck.seeds import Judgement, SeedProbes, assess, through_kind, through_time
+from stabilitycheck.seeds import Judgement, SeedProbes, assess, stepped, through_kind, through_time
 from stabilitycheck.space import Space
 from stabilitycheck.subject import Subject
 from stabilitycheck.subjects import resolve
@@ -263,7 +263,7 @@ def _with_through_time(j: Judgement, config: Config, subject: Subject, probes: S
     """The judgement with the through-time growth (loss on the last step) of a recurrent subject, over
     the seeds the verdict used, and its kind judged on it (seeds.over_tokens); a verdict that judged
     vanishing has both already."""
-    if j.through_time is not None or not config.recurrent:
+    if j.through_time is not None or not stepped(config, j.measurement):
         return j
     spread = through_time(config, subject, config.run.quantile, j.seeds, probes)
     if spread is None:
@@ -308,6 +308,8 @@ def search(
     def result(cx: Counterexample | None) -> SearchResult:
         stable = prober.largest_stable()
         judged = prober.judged().get(stable) if stable is not None else None
+        if isinstance(judged, Judgement) and stable is not None and not interrupted:
+            judged = _with_through_time(judged, space.config(stable), subject, prober.cache)
         corner = prober.seen.get(space.top())  # judged stable, not skipped: the space is not monotone
         return SearchResult(
             space=space,

@@ -30,8 +30,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from stabilitycheck.config import Config
+from stabilitycheck.config import Config, kind
 from stabilitycheck.culprit import culprit_of
+from stabilitycheck.errors import NoLastStep
 from stabilitycheck.growthkind import Growth, kind_of, over_tokens
 from stabilitycheck.measurement import Measurement
 from stabilitycheck.probing import probe
@@ -196,6 +197,7 @@ class SeedProbes:
 
     def __init__(self) -> None:
         self.done: dict[tuple[Config, bool], Measurement] = {}
+        self.without: set[Config] = set()  # subjects with no last step, at these configs
         self.made = 0
         self.made_last = 0
 
@@ -208,6 +210,18 @@ class SeedProbes:
             else:
                 self.made += 1
         return self.done[key]
+
+    def last(self, config: Config, subject: Subject | None) -> Measurement | None:
+        """The last-step probe of `config`, or None where its subject has none (a model file whose loss
+        is on the last step already: errors.NoLastStep), which is remembered."""
+        key = config.with_run(seeds=1, quantile=0.5)
+        if key in self.without:
+            return None
+        try:
+            return self(config, subject, last_step=True)
+        except NoLastStep:
+            self.without.add(key)
+            return None
 
 
 def assess(
@@ -238,10 +252,13 @@ def assess(
         seeded = config.with_run(seed=used[-1])
         m = measure(seeded, subject)
         named = values(m)
-        if config.recurrent and (through_time or lim.vanishing is not None):
-            through.append(measure(seeded, subject, last_step=True))
+        last = (
+            measure.last(seeded, subject) if stepped(config, m) and (through_time or lim.vanishing) else None
+        )
+        if last is not None:
+            through.append(last)
             if lim.vanishing is not None:
-                named["vanishing"] = through[-1].growth
+                named["vanishing"] = last.growth
         ms.append(m)
         per_seed.append(named)
         if _decided(per_seed, lim, run.seeds, run.quantile, every):
@@ -287,6 +304,13 @@ def _judgement(
     )
 
 
+def stepped(config: Config, m: Measurement) -> bool:
+    """Whether `config`'s subject has a through-time growth (the loss on the last step alone) beside
+    the growth `m` read: a zoo recurrent family, or a model file whose one block is called per step (a
+    cell of its own, stepped per token: its last-step loss reads the last call's output)."""
+    return config.recurrent or (kind(config.subject) == "file" and m.per_call)
+
+
 def through_time(
     config: Config,
     subject: Subject,
@@ -295,10 +319,10 @@ def through_time(
     probes: SeedProbes | None = None,
 ) -> Spread | None:
     """The through-time growth (loss on the last step) of a recurrent subject over `seeds` (default:
-    every seed of the budget; a search passes the seeds its verdict used, so the spreads match)."""
-    if not config.recurrent:
-        return None
-    return Spread.of([m.growth for m in _last_steps(config, subject, seeds, probes)], q)
+    every seed of the budget; a search passes the seeds its verdict used, so the spreads match); None
+    where it has none (a model file whose loss is on its last step already)."""
+    last = _last_steps(config, subject, seeds, probes)
+    return Spread.of([m.growth for m in last], q) if last else None
 
 
 def through_kind(
@@ -319,4 +343,4 @@ def _last_steps(
 ) -> list[Measurement]:
     measure = probes or SeedProbes()
     used = seeds if seeds is not None else [seed_of(config.run.seed, i) for i in range(config.run.seeds)]
-    return [measure(config.with_run(seed=s), subject, last_step=True) for s in used]
+    return [m for s in used if (m := measure.last(config.with_run(seed=s), subject)) is not None]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from copy import deepcopy
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -14,10 +15,12 @@ from torch import nn
 from torch.jit import ScriptModule
 from torch.nn.parameter import UninitializedParameter
 
+from stabilitycheck._tree import tensors
 from stabilitycheck._validation import article, describe, raised_at
 from stabilitycheck.config import Config
 from stabilitycheck.errors import StabilityCheckError
 from stabilitycheck.families import Scalar
+from stabilitycheck.junctions import _made_from
 from stabilitycheck.loops import looped_blocks
 from stabilitycheck.losses import DefaultLoss, Inputs, LossFn, OutputLoss
 from stabilitycheck.memory import meta_bytes
@@ -34,7 +37,7 @@ from stabilitycheck.modelfile.convention import (
 )
 from stabilitycheck.modelfile.importer import ModelFileError
 from stabilitycheck.modelfile.inputs import move
-from stabilitycheck.recording import call_model
+from stabilitycheck.recording import _floating, call_model
 from stabilitycheck.rng import SALT_BATCH, SALT_INFER, SALT_LOSS, derived, host_rng_kept, seed_all
 from stabilitycheck.space import INIT_SCALES, Axis, Space
 from stabilitycheck.subject import Built, find_blocks, torch_dtype
@@ -184,7 +187,28 @@ class ModelFile:
 
     def build(self, config: Config) -> Built:
         """The model and inputs of `config` on its device and dtype, with the loss and blocks."""
+        return self._built(config, self._make(config), self.loss_fn(config.run.seed))
+
+    def last_step(self, config: Config) -> Built | None:
+        """Where the model's one block is called per step (a cell of its own, stepped per token): the
+        model with the default loss on that block's last call's output alone, whatever loss() the file
+        gives, so that each earlier call's gradient is the product of the Jacobians, which a per-token
+        loss adds every later token's gradient to; None for other models, and where the model's output
+        is made from that last call's output alone (its loss is on the last step already)."""
         model, inputs, blocks, note = self._make(config)
+        if len(blocks) != 1 or not _beside(model, inputs, blocks[0][0]):
+            return None
+        loss = OutputLoss(DefaultLoss(derived(config.run.seed, SALT_LOSS)), self.given, guard=self.call_user)
+        return self._built(config, (_LastCall(model, blocks[0][1]), inputs, blocks, note), loss)
+
+    def _built(
+        self,
+        config: Config,
+        parts: tuple[nn.Module, Inputs, tuple[tuple[str, nn.Module], ...], str],
+        loss: LossFn,
+    ) -> Built:
+        """What `_make` made, on the device and dtype of `config`, with `loss`."""
+        model, inputs, blocks, note = parts
         device, dtype = torch.device(config.run.device), torch_dtype(config.run.dtype)
         made = sorted(
             {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()}
@@ -194,7 +218,7 @@ class ModelFile:
             # silently replaced (torch's default, float32, is no choice: --dtype float64 casts it unsaid)
             cast = f"the factory made {' and '.join(made)} weights, cast to {config.run.dtype} (--dtype)"
             note = f"{note}; {cast}" if note else cast
-        return Built(model, move(inputs, device, dtype), self.loss_fn(config.run.seed), blocks, note)
+        return Built(model, move(inputs, device, dtype), loss, blocks, note)
 
     def memory_estimate(self, config: Config) -> int | None:
         """Bytes from a build and forward on the meta device; None where the model cannot run there."""
@@ -209,9 +233,6 @@ class ModelFile:
 
     def variants(self, config: Config) -> dict[str, Config | None]:
         return {}
-
-    def last_step(self, config: Config) -> Built | None:
-        return None
 
     def check_eager(self, model: nn.Module, blocks: tuple[tuple[str, nn.Module], ...]) -> None:
         """The probe hooks the model's blocks; TorchScript modules take no hooks: say so up front."""
@@ -228,6 +249,49 @@ class ModelFile:
         if user is None:
             return OutputLoss(DefaultLoss(derived(seed, SALT_LOSS)), self.given, guard=self.call_user)
         return lambda output, inputs: self.call_user("loss(output, inputs)", user, output, inputs)
+
+
+class _LastCall(nn.Module):
+    """`model`, returning what the last call of `cell` in its forward returned (the model's own output
+    is left unused): a loss on it is a loss on the last step alone."""
+
+    def __init__(self, model: nn.Module, cell: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.cell = (cell,)  # not a submodule: its parameters are the model's, named there
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        last: list[Any] = []
+
+        def keep(module: nn.Module, given: Any, output: Any) -> None:
+            last[:] = [output]
+
+        # registered at each call, after the probe's hooks: it sees the output as the next step takes it
+        handle = self.cell[0].register_forward_hook(keep)
+        try:
+            self.model(*args, **kwargs)
+        finally:
+            handle.remove()
+        return last[0] if last else None
+
+
+def _beside(model: nn.Module, inputs: Inputs, name: str) -> bool:
+    """Whether the model's output is made from an output of its block `name` other than through the
+    block's last call's (a head on every step's h): its loss then reaches earlier calls beside the
+    chain too. Seen in one forward of a deep copy, as loops.looped_blocks sees its loops (the model and
+    the random states unchanged); a model that cannot be copied or run there is taken to have it."""
+    calls: list[list[torch.Tensor]] = []
+    devices = [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
+    try:
+        with torch.random.fork_rng(devices=devices), host_rng_kept(), torch.enable_grad():
+            copy, given = deepcopy((model, inputs))
+            copy.get_submodule(name).register_forward_hook(lambda m, args, out: calls.append(_floating(out)))
+            output = call_model(copy, given)
+    except Exception:
+        return True
+    past = {t.grad_fn for t in calls[-1] if t.grad_fn is not None} if calls else set()
+    earlier = {t.grad_fn for made in calls[:-1] for t in made if t.grad_fn is not None}
+    return any(_made_from(t, earlier, past) for t in tensors(output))
 
 
 def _materialize(model: nn.Module, inputs: Inputs) -> None:

@@ -1,0 +1,183 @@
+"""The through-time growth of a model file whose one block is called per step (a cell of its own,
+an nn.RNNCell): the default loss on the last call's output alone. Oracles: a linear cell at
+g x orthogonal grows exactly g^(T-1) through time, whatever the per-token loss adds; torch's own
+gradients of every step's h under that loss."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from stabilitycheck.config import Config
+from stabilitycheck.losses import DefaultLoss
+from stabilitycheck.probing import probe
+from stabilitycheck.rng import SALT_LOSS, derived
+from stabilitycheck.seeds import assess
+from stabilitycheck.subjects import resolve
+
+LINEAR_CELL = """
+import torch
+from torch import nn
+
+
+class Cell(nn.Module):
+    def __init__(self, width, gain):
+        super().__init__()
+        self.w = nn.Linear(width, width, bias=False)
+        self.u = nn.Linear(3, width, bias=False)
+        with torch.no_grad():
+            q, _ = torch.linalg.qr(torch.randn(width, width, dtype=torch.float64))
+            self.w.weight.copy_(gain * q)
+
+    def forward(self, x, h):
+        return self.w(h) + self.u(x)
+
+
+class Net(nn.Module):
+    def __init__(self, width, gain):
+        super().__init__()
+        self.cell, self.width = Cell(width, gain), width
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[0], self.width)
+        ys = []
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], h)
+            ys.append(h)
+        return torch.stack(ys, 1)
+
+
+def build(gain=1.0, width=16):
+    return Net(width, gain)
+
+
+def batch(model, seq_len=30, batch_size=4):
+    return torch.randn(batch_size, seq_len, 3)
+"""
+
+TORCH_CELL = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.cell, self.width = nn.RNNCell(3, width), width
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[0], self.width)
+        hs = []
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], h)
+            hs.append(h)
+        return torch.stack(hs, 1)
+
+
+def build(width=16):
+    return Net(width)
+
+
+def batch(model, seq_len=12, batch_size=4):
+    return torch.randn(batch_size, seq_len, 3)
+"""
+
+STACK = """
+from torch import nn
+
+
+def build(depth=4):
+    return nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(depth)])
+
+
+example_input = __import__("torch").randn(4, 8)
+"""
+
+
+def _file(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return f"{path}:build"
+
+
+@pytest.mark.parametrize(("g", "kind"), [(0.95, "accumulated"), (1.05, "accumulated"), (1.1, "exponential")])
+def test_a_linear_cell_grows_g_to_the_steps_through_time(tmp_path: Path, g: float, kind: str) -> None:
+    """Every seed's through-time growth is g^(T-1) (T calls, T-1 Jacobians g x orthogonal; the
+    factory's float32 weights cast to float64 are orthogonal to ~1e-7), while the per-token growth,
+    which adds every later token's gradient, is larger: where the product explains less than half its
+    log (g^29 = 0.23 and 4.1 for per-token 3.2 and 19) the kind says accumulated, else (15.9 for 64)
+    it is the product's, at the rate g."""
+    name = _file(tmp_path, "cell.py", LINEAR_CELL)
+    config = Config.of(name, gain=g, seq_len=30, dtype="float64", seeds=3)
+    j = assess(config, resolve(name))
+    assert j.through_time is not None
+    exact = g**29
+    assert math.isclose(j.through_time.low, exact, rel_tol=1e-5)
+    assert math.isclose(j.through_time.high, exact, rel_tol=1e-5)
+    assert j.growth.low > 1.5 * exact
+    assert j.kind.kind == kind, j.kind
+    if kind == "exponential":
+        assert j.kind.rate is not None and math.isclose(math.exp(j.kind.rate.mid), g, rel_tol=1e-6), j.kind
+
+
+def test_a_torch_cell_reads_torch_s_gradients_of_the_last_step_loss(tmp_path: Path) -> None:
+    """The last-step probe's growth is |dL/dh_1| / |dL/dh_T| by torch's autograd, L the default loss
+    (the readout drawn from the seed) on h_T alone, the model and inputs built from the same seed."""
+    name = _file(tmp_path, "rnncell.py", TORCH_CELL)
+    subject = resolve(name)
+    config = Config.of(name, dtype="float64", seed=3)
+    built = subject.build(config)
+    hs: list[torch.Tensor] = []
+
+    def keep(module: torch.nn.Module, args: object, out: torch.Tensor) -> None:
+        out.retain_grad()
+        hs.append(out)
+
+    cell = built.model.get_submodule("cell")
+    handle = cell.register_forward_hook(keep)
+    built.model(built.inputs)
+    handle.remove()
+    DefaultLoss(derived(3, SALT_LOSS))(hs[-1]).backward()
+    grads = [float(h.grad.norm()) for h in hs if h.grad is not None]
+    assert len(grads) == 12
+    got = probe(config, subject, last_step=True)
+    assert math.isclose(got.growth, grads[0] / grads[-1], rel_tol=1e-9)
+    per_token = probe(config, subject)
+    assert per_token.growth != got.growth
+
+
+def test_a_stack_has_no_through_time_growth(tmp_path: Path) -> None:
+    name = _file(tmp_path, "stack.py", STACK)
+    subject = resolve(name)
+    config = Config.of(name, seeds=1)
+    assert subject.last_step(config) is None
+    assert assess(config, subject).through_time is None
+
+
+def test_the_through_time_loss_is_the_default_one_whatever_loss_the_file_gives(tmp_path: Path) -> None:
+    """A file's loss() on every token does not change what the last step reads."""
+    text = LINEAR_CELL + "\n\ndef loss(output, inputs):\n    return (output ** 2).sum()\n"
+    name = _file(tmp_path, "lossy.py", text)
+    config = Config.of(name, gain=1.05, seq_len=30, dtype="float64", seeds=1)
+    j = assess(config, resolve(name))
+    assert j.through_time is not None and math.isclose(j.through_time.mid, 1.05**29, rel_tol=1e-5)
+
+
+def test_a_cell_whose_output_is_its_last_h_has_no_second_loss(tmp_path: Path) -> None:
+    """Where the model returns the last call's h alone, its loss is on the last step already: no
+    through-time probe (the default loss there would only read another direction of the same chain),
+    and a head on h_T plus an earlier h is beside the chain again."""
+    last = TORCH_CELL.replace("return torch.stack(hs, 1)", "return hs[-1]")
+    name = _file(tmp_path, "last.py", last)
+    subject = resolve(name)
+    config = Config.of(name, seeds=2)
+    assert subject.last_step(config) is None
+    j = assess(config, subject)
+    assert j.through_time is None and j.measurement.per_call
+    skip = _file(
+        tmp_path, "skip.py", TORCH_CELL.replace("return torch.stack(hs, 1)", "return hs[-1] + hs[2]")
+    )
+    assert resolve(skip).last_step(Config.of(skip, seeds=1)) is not None
