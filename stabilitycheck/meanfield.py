@@ -1,5 +1,6 @@
 """Mean-field signal propagation (Poole et al. 2016, Schoenholz et al. 2017), torch-free: the growth
-a zoo Config's probe should measure, drawn beside a phase map as the theory's frontier.
+a zoo Config's probe should measure, drawn beside a phase map as the theory's frontier (plain and
+residual MLPs: residual_log_growth).
 
 In a bias-free net y_l = phi(W_l y_(l-1)), W_l ~ N(0, sigma^2 / n), block l's pre-activations have
 variance q_l (q_0 = sigma^2 q_in, q_(l+1) = sigma^2 E[phi(sqrt(q_l) z)^2]) and its backward pass
@@ -150,15 +151,50 @@ def chi_1(sigma: float, activation: str) -> float:
 MAX_DEPTH = 100_000  # deeper, no prediction: the chain is computed block by block, ~10 us each
 
 
+def residual_log_growth(sigma: float, activation: str, depth: int, norm: str) -> float:
+    """ln of the growth of a bias-free residual stack x + W2 phi(W1 x) (inputs N(0, 1)), `norm` where
+    its LayerNorm stands. The branch taking an input of variance v adds c(v) = sigma^2 E[phi^2] to the
+    variance (pre-activations sigma^2 v) and multiplies the squared gradient through it by
+    c'(v) = sigma^4 E[phi'^2]; W1 and W2 independent, the cross term averages out, so each block
+    multiplies the squared gradient norm by 1 + c' over what its input's scale takes back:
+    'none': the stream's variance q_l grows by c(q_l), each gain^2 1 + c'(q_l);
+    'pre': the branch takes LN(x), variance 1, so c and c' are constants, while the stream grows
+    q_l = 1 + c l and the LayerNorm's Jacobian divides by sqrt(q_l): gain^2 1 + c' / (1 + c l), a rate
+    that decays along the stack (growth polynomial in depth: ~ ((1 + c L) / (1 + c))^(c' / 2c));
+    'post': every block's input has variance 1, the sum 1 + c, which the LayerNorm takes back:
+    gain^2 (1 + c') / (1 + c), exponential (1 for ReLU and linear, whose c' = c)."""
+    if norm not in ("none", "pre", "post"):
+        raise ValueError(f"no residual mean field for norm {norm!r}; expected none, pre or post")
+    s2 = sigma * sigma
+    added, chi = step(sigma, activation, s2)  # a branch on an input of variance 1
+    if norm == "post":
+        return 0.5 * depth * math.log((1 + s2 * chi) / (1 + added))
+    q, log = 1.0, 0.0
+    for _ in range(depth):
+        if norm == "pre":
+            log += 0.5 * math.log1p(s2 * chi / q)
+            q += added
+        else:
+            added, chi = step(sigma, activation, s2 * q)
+            log += 0.5 * math.log1p(s2 * chi)
+            q += added
+    return log
+
+
 def zoo_growth(family: str, knobs: Mapping[str, object], last_step: bool) -> float | None:
     """The growth mean-field theory predicts for a zoo Config, or None where it has no prediction:
-    a bias-free mlp (tanh, relu, linear; inputs N(0, 1)) up to MAX_DEPTH, or a linear rnn judged on
-    its last step, where growth is exactly sigma^(T - 1) (the recurrence is sigma x orthogonal)."""
+    a bias-free mlp (tanh, relu, linear; inputs N(0, 1)) or resmlp (residual_log_growth) up to
+    MAX_DEPTH, or a linear rnn judged on its last step, where growth is exactly sigma^(T - 1) (the
+    recurrence is sigma x orthogonal)."""
     act, sigma = knobs.get("activation"), knobs.get("init_scale")
     if not isinstance(sigma, int | float) or act not in ACTIVATIONS:
         return None
-    if family == "mlp" and isinstance(depth := knobs.get("depth"), int) and 1 <= depth <= MAX_DEPTH:
-        log = _chain(float(sigma), str(act), depth)[depth - 1]
+    depth = knobs.get("depth")
+    if family in ("mlp", "resmlp") and isinstance(depth, int) and 1 <= depth <= MAX_DEPTH:
+        if family == "mlp":
+            log = _chain(float(sigma), str(act), depth)[depth - 1]
+        else:
+            log = residual_log_growth(float(sigma), str(act), depth, str(knobs.get("norm")))
         return math.exp(log) if log < 709.0 else math.inf  # past float64's range: inf, not an error
     if family == "rnn" and act == "linear" and last_step and isinstance(t := knobs.get("seq_len"), int):
         return float(sigma) ** (t - 1)
