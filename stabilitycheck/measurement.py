@@ -71,9 +71,13 @@ class Measurement:
 
     @property
     def per_call(self) -> bool:
-        """One block called again along the chain, each call a block (a recurrent cell stepped per
-        token): where a per-token loss adds every later call's gradient to the product of Jacobians."""
-        return len(self.layer_names) == 1 and sum(n != INPUT for n in self.activation_names) >= 2
+        """One block called again along one chain, each call taking what the one before returned (a
+        recurrent cell stepped per token): where a per-token loss adds every later call's gradient to
+        the product of Jacobians. Not where its calls start chains of their own (a Siamese model's
+        shared tower, a cell run forward and then backward, truncated backpropagation's windows): a
+        loss on the last call reaches only the last chain."""
+        calls = sum(n != INPUT for n in self.activation_names)
+        return len(self.layer_names) == 1 and calls >= 2 and not self.chain_starts
 
     @property
     def law_gains(self) -> tuple[float, ...]:

@@ -13,10 +13,13 @@ import torch
 
 from stabilitycheck.config import Config
 from stabilitycheck.losses import DefaultLoss
+from stabilitycheck.phasemap import phase_map
 from stabilitycheck.probing import probe
 from stabilitycheck.rng import SALT_LOSS, derived
 from stabilitycheck.seeds import assess
+from stabilitycheck.space import Axis
 from stabilitycheck.subjects import resolve
+from stabilitycheck.verdicts import Limits
 
 LINEAR_CELL = """
 import torch
@@ -181,3 +184,104 @@ def test_a_cell_whose_output_is_its_last_h_has_no_second_loss(tmp_path: Path) ->
         tmp_path, "skip.py", TORCH_CELL.replace("return torch.stack(hs, 1)", "return hs[-1] + hs[2]")
     )
     assert resolve(skip).last_step(Config.of(skip, seeds=1)) is not None
+
+
+def _variant(old: str, new: str) -> str:
+    assert old in LINEAR_CELL
+    return LINEAR_CELL.replace(old, new)
+
+
+def test_a_cell_returning_y_and_h_is_read_through_the_h_the_next_call_takes(tmp_path: Path) -> None:
+    """A cell returning (y, h), the next call taking h (an nn.LSTM stepped per token): the last-step
+    loss is on h_T, so all T-1 Jacobians are read (on y_T, h_T's gain dropped out: g^(T-2))."""
+    text = _variant(
+        "return self.w(h) + self.u(x)", "new = self.w(h) + self.u(x)\n        return new.clone(), new.clone()"
+    )
+    text = text.replace(
+        "h = self.cell(x[:, t], h)\n            ys.append(h)",
+        "y, h = self.cell(x[:, t], h)\n            ys.append(y)",
+    )
+    name = _file(tmp_path, "yh.py", text)
+    j = assess(Config.of(name, gain=1.1, seq_len=30, dtype="float64", seeds=1), resolve(name))
+    assert j.through_time is not None and math.isclose(j.through_time.mid, 1.1**29, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("what", "old", "new"),
+    [
+        (
+            "truncated backpropagation",
+            "h = self.cell(x[:, t], h)",
+            "h = self.cell(x[:, t], h if t % 4 else h.detach())",
+        ),
+        (
+            "a second pass from a fresh state",
+            "return torch.stack(hs, 1)",
+            "h = torch.zeros_like(h)\n        for t in range(x.shape[1]):\n"
+            "            h = self.cell(x[:, t], h)\n            hs.append(h)\n"
+            "        return torch.stack(hs, 1)",
+        ),
+    ],
+)
+def test_calls_that_do_not_chain_have_no_through_time_growth(
+    tmp_path: Path, what: str, old: str, new: str
+) -> None:
+    """An nn.RNNCell (the block, found by its type) whose calls do not all take the call before's
+    output: a loss on the last call reaches only the last chain (window, pass), no through-time
+    reading (it read the last window's, 1 where that window was one call)."""
+    assert old in TORCH_CELL
+    name = _file(tmp_path, "apart.py", TORCH_CELL.replace(old, new))
+    config = Config.of(name, dtype="float64", seeds=1)
+    assert resolve(name).last_step(config) is None, what
+    assert assess(config, resolve(name)).through_time is None, what
+
+
+SIAMESE = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, depth):
+        super().__init__()
+        self.enc = nn.Sequential(*[m for _ in range(depth) for m in (nn.Linear(16, 16), nn.Tanh())])
+
+    def forward(self, a, b):
+        return torch.cat([self.enc(a), self.enc(b)], -1)
+
+    def stability_blocks(self):
+        return [("enc", self.enc)]
+
+
+def build(depth=6):
+    return Net(depth)
+
+
+def batch(model, batch_size=4):
+    return torch.randn(batch_size, 16), torch.randn(batch_size, 16)
+"""
+
+
+def test_a_shared_tower_is_judged_on_its_own_loss(tmp_path: Path) -> None:
+    """One encoder on two inputs (no recurrence) has no last step: its vanishing, at init_scale 0.25,
+    is judged on its own loss and fires (a last-step reading of NaN had hidden it)."""
+    name = _file(tmp_path, "siamese.py", SIAMESE)
+    config = Config.of(name, init_scale=0.25, seeds=3)
+    assert resolve(name).last_step(config) is None
+    j = assess(config, resolve(name), Limits(vanishing=10.0))
+    assert j.through_time is None and "vanishing" in j.verdict.names, j.verdict
+
+
+def test_a_map_on_the_last_step_takes_a_single_call_s_own_loss(tmp_path: Path) -> None:
+    """At seq_len 1 the cell's one call has no last step beside the model's loss: the map judges that
+    loss there (it raised an internal error; called once, the cell is no looped block, its layers are
+    the blocks: growth g, w's gain), and from 2 on the last step's growth, g^(T-1): at g = 5 past a
+    limit of 10 from T = 3."""
+    name = _file(tmp_path, "cell.py", LINEAR_CELL)
+    lim = Limits(grad_norm=None, divergence=None, nonfinite=False, growth=10.0)
+    pm = phase_map(
+        name, x=Axis("seq_len", (1, 2, 3)), y=Axis("gain", (5.0,)), limits=lim, seeds=1, loss="last"
+    )
+    first = pm.point(0, 0)
+    assert first is not None and not first.exploded and math.isclose(first.growth.mid, 5.0, rel_tol=1e-6)
+    assert [pm.x.values[e.x] if e.x is not None else None for e in pm.explode] == [3]

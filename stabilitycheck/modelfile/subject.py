@@ -20,7 +20,7 @@ from stabilitycheck._validation import article, describe, raised_at
 from stabilitycheck.config import Config
 from stabilitycheck.errors import StabilityCheckError
 from stabilitycheck.families import Scalar
-from stabilitycheck.junctions import _made_from
+from stabilitycheck.junctions import _feeds, _made_from
 from stabilitycheck.loops import looped_blocks
 from stabilitycheck.losses import DefaultLoss, Inputs, LossFn, OutputLoss
 from stabilitycheck.memory import meta_bytes
@@ -193,10 +193,11 @@ class ModelFile:
         """Where the model's one block is called per step (a cell of its own, stepped per token): the
         model with the default loss on that block's last call's output alone, whatever loss() the file
         gives, so that each earlier call's gradient is the product of the Jacobians, which a per-token
-        loss adds every later token's gradient to; None for other models, and where the model's output
-        is made from that last call's output alone (its loss is on the last step already)."""
+        loss adds every later token's gradient to; None for other models (`_stepped_beside`: calls that
+        do not chain, a Siamese model's), and where the model's output is made from that last call's
+        output alone (its loss is on the last step already)."""
         model, inputs, blocks, note = self._make(config)
-        if len(blocks) != 1 or not _beside(model, inputs, blocks[0][0]):
+        if len(blocks) != 1 or not _stepped_beside(model, inputs, blocks[0][0]):
             return None
         loss = OutputLoss(DefaultLoss(derived(config.run.seed, SALT_LOSS)), self.given, guard=self.call_user)
         return self._built(config, (_LastCall(model, blocks[0][1]), inputs, blocks, note), loss)
@@ -252,8 +253,10 @@ class ModelFile:
 
 
 class _LastCall(nn.Module):
-    """`model`, returning what the last call of `cell` in its forward returned (the model's own output
-    is left unused): a loss on it is a loss on the last step alone."""
+    """`model`, returning the tensor of the last call of `cell` in its forward that the chain runs
+    through (the model's own output is left unused): a loss on it is a loss on the last step alone.
+    That tensor is the first of a call's outputs that the next call takes, h of (h, c), h of (y, h)
+    (a loss on y, which h's chain does not read at the last call, read one Jacobian fewer)."""
 
     def __init__(self, model: nn.Module, cell: nn.Module) -> None:
         super().__init__()
@@ -261,35 +264,59 @@ class _LastCall(nn.Module):
         self.cell = (cell,)  # not a submodule: its parameters are the model's, named there
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        last: list[Any] = []
+        outs: list[list[torch.Tensor]] = []  # each call's floating outputs
+        fed: set[int] = set()  # the places of a call's outputs that the next call took
+
+        def before(module: nn.Module, given: tuple[Any, ...], named: dict[str, Any]) -> None:
+            if outs:
+                taken = tensors((given, named))
+                fed.update(i for i, out in enumerate(outs[-1]) if any(_feeds(t, out) for t in taken))
 
         def keep(module: nn.Module, given: Any, output: Any) -> None:
-            last[:] = [output]
+            outs.append(_floating(output))
 
-        # registered at each call, after the probe's hooks: it sees the output as the next step takes it
-        handle = self.cell[0].register_forward_hook(keep)
+        # registered at each call, after the probe's hooks: they see the call as the next one takes it
+        cell = self.cell[0]
+        handles = (cell.register_forward_pre_hook(before, with_kwargs=True), cell.register_forward_hook(keep))
         try:
             self.model(*args, **kwargs)
         finally:
-            handle.remove()
-        return last[0] if last else None
+            for handle in handles:
+                handle.remove()
+        last = outs[-1] if outs else []
+        return last[min(fed)] if last and fed and min(fed) < len(last) else (last[0] if last else None)
 
 
-def _beside(model: nn.Module, inputs: Inputs, name: str) -> bool:
-    """Whether the model's output is made from an output of its block `name` other than through the
-    block's last call's (a head on every step's h): its loss then reaches earlier calls beside the
-    chain too. Seen in one forward of a deep copy, as loops.looped_blocks sees its loops (the model and
-    the random states unchanged); a model that cannot be copied or run there is taken to have it."""
+def _stepped_beside(model: nn.Module, inputs: Inputs, name: str) -> bool:
+    """Whether the model's block `name` is stepped along one chain, every call after the first taking
+    what the one before returned (not a Siamese model's shared tower, a cell run forward and then
+    backward from a fresh state, truncated backpropagation's detached state: a loss on the last call
+    would reach the last chain alone), and the model's output is made from an output of an earlier
+    call other than through the last call's (a head on every step's h): its loss then reaches earlier
+    calls beside the chain. Seen in one forward of a deep copy, as loops.looped_blocks sees its loops
+    (the model and the random states unchanged); a model that cannot be copied or run there is taken
+    not to be: its own loss is read alone."""
     calls: list[list[torch.Tensor]] = []
+    chained = [True]
+
+    def before(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if calls:
+            taken = tensors((args, kwargs))
+            chained[0] = chained[0] and any(_feeds(t, out) for out in calls[-1] for t in taken)
+
     devices = [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
     try:
         with torch.random.fork_rng(devices=devices), host_rng_kept(), torch.enable_grad():
             copy, given = deepcopy((model, inputs))
-            copy.get_submodule(name).register_forward_hook(lambda m, args, out: calls.append(_floating(out)))
+            block = copy.get_submodule(name)
+            block.register_forward_pre_hook(before, with_kwargs=True)
+            block.register_forward_hook(lambda m, args, out: calls.append(_floating(out)))
             output = call_model(copy, given)
     except Exception:
-        return True
-    past = {t.grad_fn for t in calls[-1] if t.grad_fn is not None} if calls else set()
+        return False
+    if len(calls) < 2 or not chained[0]:
+        return False
+    past = {t.grad_fn for t in calls[-1] if t.grad_fn is not None}
     earlier = {t.grad_fn for made in calls[:-1] for t in made if t.grad_fn is not None}
     return any(_made_from(t, earlier, past) for t in tensors(output))
 
