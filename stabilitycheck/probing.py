@@ -280,7 +280,7 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         reached = [i for i, g in enumerate(captured) if g is not None]
         tensors = [dense(g) for g in (run.params[i].grad for i in present) if g is not None]
         tensors += outputs
-        tensors += [g for g in captured if g is not None]
+        tensors += [dense(g) for g in captured if g is not None]  # sparse where an output is read sparsely
         tensors += run.params if weights else ()
         entering = run.rec.take_entering() if hooks else []
         tensors += [x for x in entering if x is not None]
