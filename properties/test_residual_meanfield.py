@@ -11,6 +11,7 @@ import math
 import statistics
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -72,3 +73,19 @@ def test_probe_median_growth_matches_residual_mean_field(
     predicted = meanfield.zoo_growth("resmlp", c.values, False)
     assert predicted is not None
     assert abs(math.log(measured / predicted)) < math.log(1.25), (measured, predicted)
+
+
+@pytest.mark.parametrize(("act", "sigma"), [("tanh", 4.0), ("tanh", 1.0), ("relu", 2.0)])
+def test_pre_norm_growth_tends_to_a_power_of_depth(act: str, sigma: float) -> None:
+    """Pre-norm's gains sqrt(1 + c' / (1 + c l)): for large L the log growth rises by (c' / 2c) ln 2
+    per doubling of L (c, c' computed here by Monte Carlo, 2e6 draws: not the module's quadrature)."""
+    z = torch.randn(2_000_000, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * sigma
+    phi, dphi = (
+        (torch.tanh(z), 1 - torch.tanh(z) ** 2) if act == "tanh" else (z.clamp(min=0), (z > 0).double())
+    )
+    c = sigma**2 * float(phi.pow(2).mean())
+    c_prime = sigma**4 * float(dphi.pow(2).mean())
+    rise = meanfield.residual_log_growth(sigma, act, 20_000, "pre") - meanfield.residual_log_growth(
+        sigma, act, 10_000, "pre"
+    )
+    assert rise / math.log(2) == pytest.approx(c_prime / (2 * c), rel=5e-3)

@@ -160,7 +160,7 @@ def residual_log_growth(sigma: float, activation: str, depth: int, norm: str) ->
     'none': the stream's variance q_l grows by c(q_l), each gain^2 1 + c'(q_l);
     'pre': the branch takes LN(x), variance 1, so c and c' are constants, while the stream grows
     q_l = 1 + c l and the LayerNorm's Jacobian divides by sqrt(q_l): gain^2 1 + c' / (1 + c l), a rate
-    that decays along the stack (growth polynomial in depth: ~ ((1 + c L) / (1 + c))^(c' / 2c));
+    that decays along the stack (growth polynomial in depth, ~ L^(c' / 2c) for large L);
     'post': every block's input has variance 1, the sum 1 + c, which the LayerNorm takes back:
     gain^2 (1 + c') / (1 + c), exponential (1 for ReLU and linear, whose c' = c)."""
     if norm not in ("none", "pre", "post"):
