@@ -89,3 +89,13 @@ def test_pre_norm_growth_tends_to_a_power_of_depth(act: str, sigma: float) -> No
         sigma, act, 10_000, "pre"
     )
     assert rise / math.log(2) == pytest.approx(c_prime / (2 * c), rel=5e-3)
+
+
+def test_the_cached_chain_reads_alike_in_any_order() -> None:
+    """Depths read deep first, then shallow, then deeper (a map's rows) equal each depth's value read
+    on a fresh chain in order (the chain is cached per sigma, activation and norm)."""
+    order = [30, 5, 1, 17, 45, 2]
+    got = {d: meanfield.residual_log_growth(1.375, "tanh", d, "none") for d in order}
+    meanfield._RESIDUAL.clear()
+    for d in sorted(order):
+        assert meanfield.residual_log_growth(1.375, "tanh", d, "none") == got[d]

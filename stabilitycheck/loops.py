@@ -7,8 +7,9 @@ interleave: a deep-supervision model's per-layer heads beside its layers."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from copy import deepcopy
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from stabilitycheck.recording import _floating, _stack_of, call_model
 from stabilitycheck.rng import host_rng_kept
 from stabilitycheck.subject import DECLARED_NOTE, LEAVES_NOTE, MIXED, Blocks
 
+T = TypeVar("T")
 LOOPED_NOTE = "blocks: {names} (called again on their own output: a block per call)"
 APART_NOTE = "blocks: {names} ({n}; {others} run between their calls, off the chain: not taken)"
 ORDER_NOTE = "blocks: {parts} (in the order the forward calls them)"
@@ -44,13 +46,14 @@ def looped_blocks(model: nn.Module, inputs: Inputs, blocks: Blocks, note: str) -
     leaves = note.startswith(LEAVES_NOTE) or mixed
     if not (leaves or len(stacks) > 1) or type(model).__name__ == "OptimizedModule":
         return blocks, note  # a compiled model's forward would compile again around the hooks
-    devices = [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
     try:
-        with torch.random.fork_rng(devices=devices), host_rng_kept(), torch.enable_grad():
-            copy, given = deepcopy((model, inputs))  # inputs too: a forward may change them in place
-            found = (
+        found = on_a_copy(
+            model,
+            inputs,
+            lambda copy, given: (
                 _looped(copy, given) if leaves else _apart(copy, given, [name for name, _ in blocks], stacks)
-            )
+            ),
+        )
     except Exception:  # the probe's own forward will say what is wrong, in its own words
         return blocks, note
     if not found or found == stacks:
@@ -72,6 +75,17 @@ def looped_blocks(model: nn.Module, inputs: Inputs, blocks: Blocks, note: str) -
     return tuple((name, model.get_submodule(name)) for name in found), LOOPED_NOTE.format(
         names=" + ".join(found)
     )
+
+
+def on_a_copy(model: nn.Module, inputs: Inputs, see: Callable[[nn.Module, Inputs], T]) -> T:
+    """`see(copy, given)` on a deep copy of the model and its inputs (a forward may change them in
+    place), with gradients on and torch's, Python's and numpy's random states put back: a forward there
+    changes nothing of the model (buffers, Python attributes, a hidden state it keeps) nor what the
+    caller draws next."""
+    devices = [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
+    with torch.random.fork_rng(devices=devices), host_rng_kept(), torch.enable_grad():
+        copy, given = deepcopy((model, inputs))
+        return see(copy, given)
 
 
 def _stacks_of(blocks: Blocks) -> list[str]:

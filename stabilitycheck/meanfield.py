@@ -169,16 +169,23 @@ def residual_log_growth(sigma: float, activation: str, depth: int, norm: str) ->
     added, chi = step(sigma, activation, s2)  # a branch on an input of variance 1
     if norm == "post":
         return 0.5 * depth * math.log((1 + s2 * chi) / (1 + added))
-    q, log = 1.0, 0.0
-    for _ in range(depth):
-        if norm == "pre":
-            log += 0.5 * math.log1p(s2 * chi / q)
-            q += added
-        else:
+    key = (sigma, activation, norm)
+    out, q = _RESIDUAL.get(key, ([], 1.0))  # extended lazily, as _chain is: a map reads every depth
+    while len(out) < depth:
+        if norm == "none":
             added, chi = step(sigma, activation, s2 * q)
-            log += 0.5 * math.log1p(s2 * chi)
-            q += added
-    return log
+            gain2 = 1 + s2 * chi
+        else:
+            gain2 = 1 + s2 * chi / q
+        out.append((out[-1] if out else 0.0) + 0.5 * math.log(gain2))
+        q += added
+    _RESIDUAL[key] = (out, q)
+    return out[depth - 1] if depth > 0 else 0.0
+
+
+_RESIDUAL: dict[tuple[float, str, str], tuple[list[float], float]] = {}
+"""Per (sigma, activation, norm): residual_log_growth at depths 1..n so far, and the stream's variance
+after block n."""
 
 
 def zoo_growth(family: str, knobs: Mapping[str, object], last_step: bool) -> float | None:

@@ -163,11 +163,17 @@ class LastStep:
             )
         self.subject = subject
         self.name, self.init_knob = subject.name, subject.init_knob
+        self.own: set[Config] = set()  # points judged on the subject's own loss (`build`), any seed
 
     def build(self, config: Config) -> Built:
-        """The subject's last-step build; its own where it has none at this point (a model file whose
-        cell is called once, at seq_len 1: its own loss is on its last step)."""
-        return self.subject.last_step(config) or self.subject.build(config)
+        """The subject's last-step build; its own where it has none at this point, kept in `own` for
+        the map to say (a model file whose cell is called once, at seq_len 1, or whose calls stop
+        forming one chain at some knob value)."""
+        built = self.subject.last_step(config)
+        if built is None:
+            self.own.add(config.with_run(seed=0))
+            return self.subject.build(config)
+        return built
 
     def last_step(self, config: Config) -> Built | None:
         """None: judged on its last step already, it has no second reading."""
@@ -244,15 +250,32 @@ def phase_map(
             points=tuple(cache[k] for k in sorted(cache, key=lambda k: (k[1], k[0]))),
             explode=rows(explode),
             vanish=None if vanish is None else rows(vanish),
-            violations=tuple(notes),
+            violations=(*notes, *own_loss()),
             elapsed=time.monotonic() - began,
             interrupted=interrupted,
             stopped=stopped,
         )
 
+    def own_loss() -> tuple[str, ...]:
+        """A note naming the points a last-step map judged on the model's own loss (LastStep.build)."""
+        if not isinstance(judged, LastStep):
+            return ()
+        own = [(i, j) for i, j in sorted(cache) if base_point(i, j).with_run(seed=0) in judged.own]
+        if not own:
+            return ()
+        shown = ", ".join(f"{xa.name}={xa.values[i]} {ya.name}={ya.values[j]}" for i, j in own[:4])
+        return (
+            f"{len(own)} point{'s' * (len(own) != 1)} judged on the model's own loss, which has no last step "
+            f"beside it there (its block called once, or its calls not one chain): {shown}"
+            f"{' ...' * (len(own) > 4)}",
+        )
+
+    def base_point(i: int, j: int) -> Config:
+        return base.with_knobs(**{xa.name: xa.values[i], ya.name: ya.values[j]})
+
     def judge(i: int, j: int) -> Point:
         if (i, j) not in cache:
-            config = base.with_knobs(**{xa.name: xa.values[i], ya.name: ya.values[j]})
+            config = base_point(i, j)
             cache[i, j] = p = Point.of(i, j, assess(config, judged, lim, through_time=False, every=False))
             if progress is not None:
                 state = "explodes" if p.exploded else "vanishes" if p.vanished else "stable"

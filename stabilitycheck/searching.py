@@ -260,7 +260,8 @@ def try_remedies(
 
 
 def _with_through_time(j: Judgement, config: Config, subject: Subject, probes: SeedProbes) -> Judgement:
-    """The judgement with the through-time growth (loss on the last step) of a recurrent subject, over
+    """The judgement with the through-time growth (loss on the last step) of a recurrent subject (a zoo
+    family, a model file's cell stepped per token: seeds.stepped), over
     the seeds the verdict used, and its kind judged on it (seeds.over_tokens); a verdict that judged
     vanishing has both already."""
     if j.through_time is not None or not stepped(config, j.measurement):
@@ -308,8 +309,7 @@ def search(
     def result(cx: Counterexample | None) -> SearchResult:
         stable = prober.largest_stable()
         judged = prober.judged().get(stable) if stable is not None else None
-        if isinstance(judged, Judgement) and stable is not None and not interrupted:
-            judged = _with_through_time(judged, space.config(stable), subject, prober.cache)
+        judged = through.get(stable, judged) if stable is not None else judged
         corner = prober.seen.get(space.top())  # judged stable, not skipped: the space is not monotone
         return SearchResult(
             space=space,
@@ -328,6 +328,7 @@ def search(
         )
 
     cx: Counterexample | None = None
+    through: dict[Index, Judgement] = {}  # the largest stable point's judgement with its through-time
     at: Index | None = None  # cx's grid index
     rough = False  # the counterexample is the smallest exploding point seen, not a verified one
     unjudged: tuple[tuple[Config, str], ...] = ()
@@ -359,6 +360,9 @@ def search(
                 cx = replace(cx, remedies=tuple(remedies))
                 if on_result:
                     on_result(result(cx))
+        last = prober.largest_stable()
+        if last is not None and isinstance(judged_last := prober.judged().get(last), Judgement):
+            through[last] = _with_through_time(judged_last, space.config(last), subject, prober.cache)
     except KeyboardInterrupt:
         interrupted = True
         if cx is None:

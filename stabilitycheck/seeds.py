@@ -213,8 +213,9 @@ class SeedProbes:
 
     def last(self, config: Config, subject: Subject | None) -> Measurement | None:
         """The last-step probe of `config`, or None where its subject has none (a model file whose loss
-        is on the last step already: errors.NoLastStep), which is remembered."""
-        key = config.with_run(seeds=1, quantile=0.5)
+        is on the last step already, or whose calls do not form one chain: errors.NoLastStep), which is
+        remembered for every seed of the config: that is how the model is built, not what it draws."""
+        key = config.with_run(seed=0, seeds=1, quantile=0.5)
         if key in self.without:
             return None
         try:
@@ -233,8 +234,9 @@ def assess(
     every: bool = True,
 ) -> Judgement:
     """Probe `config` over up to run.seeds initialisations and judge the run.quantile of each criterion.
-    For recurrent subjects with a vanishing limit, vanishing is judged on the through-time growth (the
-    loss on the last step): a per-token loss hides it under gradients from later tokens. `probes`:
+    For recurrent subjects (`stepped`: a zoo family, a model file's cell stepped per token) with a
+    vanishing limit, vanishing is judged on the through-time growth (the loss on the last step): a
+    per-token loss hides it under gradients from later tokens. `probes`:
     a cache of per-seed probes to reuse (a search's). `through_time`: a recurrent subject's
     through-time growth is measured (a last-step probe per seed) and its kind judged on it, as the
     search's report does; False skips that where no vanishing limit needs it (a search's points).

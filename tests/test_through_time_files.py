@@ -285,3 +285,37 @@ def test_a_map_on_the_last_step_takes_a_single_call_s_own_loss(tmp_path: Path) -
     first = pm.point(0, 0)
     assert first is not None and not first.exploded and math.isclose(first.growth.mid, 5.0, rel_tol=1e-6)
     assert [pm.x.values[e.x] if e.x is not None else None for e in pm.explode] == [3]
+    own = [note for note in pm.violations if "judged on the model's own loss" in note]
+    assert len(own) == 1 and own[0].startswith("1 point ") and "seq_len=1 gain=5.0" in own[0], pm.violations
+
+
+def test_whether_a_file_has_a_last_step_is_found_once_for_all_seeds(tmp_path: Path) -> None:
+    """A head on the last h alone (no last step beside the model's loss): a verdict over seeds asks the
+    subject once, not once per seed (each ask builds the model and runs a copy's forward)."""
+    name = _file(tmp_path, "last.py", TORCH_CELL.replace("return torch.stack(hs, 1)", "return hs[-1]"))
+    subject = resolve(name)
+    asked: list[Config] = []
+    real = subject.last_step
+
+    def counted(config: Config) -> object:
+        asked.append(config)
+        return real(config)
+
+    subject.last_step = counted  # type: ignore[method-assign]
+    j = assess(Config.of(name, seeds=3), subject)
+    assert len(j.seeds) >= 2 and j.through_time is None and len(asked) == 1
+
+
+def test_a_stable_search_row_carries_the_through_time_growth(tmp_path: Path) -> None:
+    """A search of a linear cell that never explodes: its largest stable point's judgement has the
+    through-time growth g^(T-1) over the seeds its verdict used, and the kind it gives."""
+    from stabilitycheck.searching import search
+    from stabilitycheck.space import Space
+
+    name = _file(tmp_path, "cell.py", LINEAR_CELL)
+    subject = resolve(name)
+    base = subject.config(gain=0.95, dtype="float64", seeds=3)
+    result = search(Space(name, base, (Axis("seq_len", (10, 20, 30)),)), subject=subject, max_examples=5)
+    j = result.largest_stable_judgement
+    assert result.counterexample is None and j is not None and j.through_time is not None
+    assert math.isclose(j.through_time.mid, 0.95**29, rel_tol=1e-5) and j.kind.kind == "accumulated"

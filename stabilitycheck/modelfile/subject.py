@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from copy import deepcopy
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -21,7 +20,7 @@ from stabilitycheck.config import Config
 from stabilitycheck.errors import StabilityCheckError
 from stabilitycheck.families import Scalar
 from stabilitycheck.junctions import _feeds, _made_from
-from stabilitycheck.loops import looped_blocks
+from stabilitycheck.loops import looped_blocks, on_a_copy
 from stabilitycheck.losses import DefaultLoss, Inputs, LossFn, OutputLoss
 from stabilitycheck.memory import meta_bytes
 from stabilitycheck.modelfile.convention import (
@@ -190,17 +189,25 @@ class ModelFile:
         return self._built(config, self._make(config), self.loss_fn(config.run.seed))
 
     def last_step(self, config: Config) -> Built | None:
-        """Where the model's one block is called per step (a cell of its own, stepped per token): the
-        model with the default loss on that block's last call's output alone, whatever loss() the file
-        gives, so that each earlier call's gradient is the product of the Jacobians, which a per-token
-        loss adds every later token's gradient to; None for other models (`_stepped_beside`: calls that
-        do not chain, a Siamese model's), and where the model's output is made from that last call's
-        output alone (its loss is on the last step already)."""
+        """Where the model's one block is called per step along one chain (a cell of its own, stepped
+        per token) and its output is made from earlier calls too (`_reading` BESIDE): the model with
+        the default loss on that block's last call's output alone, whatever loss() the file gives, so
+        that each earlier call's gradient is the product of the Jacobians, which a per-token loss adds
+        every later token's gradient to. None for other models: their calls do not chain, or their
+        loss is on the last step already."""
         model, inputs, blocks, note = self._make(config)
-        if len(blocks) != 1 or not _stepped_beside(model, inputs, blocks[0][0]):
+        if self._reading(model, inputs, blocks) != BESIDE:
             return None
         loss = OutputLoss(DefaultLoss(derived(config.run.seed, SALT_LOSS)), self.given, guard=self.call_user)
         return self._built(config, (_LastCall(model, blocks[0][1]), inputs, blocks, note), loss)
+
+    @staticmethod
+    def _reading(model: nn.Module, inputs: Inputs, blocks: tuple[tuple[str, nn.Module], ...]) -> str:
+        """`_reading` of the model's one block; APART for several blocks, or a compiled model (hooks
+        put on at every forward would compile it again)."""
+        if len(blocks) != 1 or type(model).__name__ == "OptimizedModule":
+            return APART
+        return _reading(model, inputs, blocks[0][0])
 
     def _built(
         self,
@@ -287,15 +294,19 @@ class _LastCall(nn.Module):
         return last[min(fed)] if last and fed and min(fed) < len(last) else (last[0] if last else None)
 
 
-def _stepped_beside(model: nn.Module, inputs: Inputs, name: str) -> bool:
-    """Whether the model's block `name` is stepped along one chain, every call after the first taking
-    what the one before returned (not a Siamese model's shared tower, a cell run forward and then
-    backward from a fresh state, truncated backpropagation's detached state: a loss on the last call
-    would reach the last chain alone), and the model's output is made from an output of an earlier
-    call other than through the last call's (a head on every step's h): its loss then reaches earlier
-    calls beside the chain. Seen in one forward of a deep copy, as loops.looped_blocks sees its loops
-    (the model and the random states unchanged); a model that cannot be copied or run there is taken
-    not to be: its own loss is read alone."""
+BESIDE, LAST, APART = "beside", "last", "apart"  # what `_reading` finds
+
+
+def _reading(model: nn.Module, inputs: Inputs, name: str) -> str:
+    """How the model's block `name` runs and what its output is made from, seen in one forward of a
+    copy (loops.on_a_copy: the model and the random states unchanged). BESIDE: the block is stepped
+    along one chain, every call after the first taking what the one before returned, and the output is
+    made from an earlier call's output other than through the last call's (a head on every step's h):
+    its loss reaches earlier calls beside the chain. LAST: the block is called once, or the output is
+    made from the last call's output alone (a head on h_T): its loss is on the last step already.
+    APART: the calls do not chain (a Siamese model's shared tower, a second pass from a fresh state,
+    truncated backpropagation's windows: a loss on the last call would reach the last chain alone),
+    the block is never called, or the copy cannot be made or run (its own loss is then read alone)."""
     calls: list[list[torch.Tensor]] = []
     chained = [True]
 
@@ -304,21 +315,23 @@ def _stepped_beside(model: nn.Module, inputs: Inputs, name: str) -> bool:
             taken = tensors((args, kwargs))
             chained[0] = chained[0] and any(_feeds(t, out) for out in calls[-1] for t in taken)
 
-    devices = [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
+    def run(copy: nn.Module, given: Inputs) -> Any:
+        block = copy.get_submodule(name)
+        block.register_forward_pre_hook(before, with_kwargs=True)
+        block.register_forward_hook(lambda m, args, out: calls.append(_floating(out)))
+        return call_model(copy, given)
+
     try:
-        with torch.random.fork_rng(devices=devices), host_rng_kept(), torch.enable_grad():
-            copy, given = deepcopy((model, inputs))
-            block = copy.get_submodule(name)
-            block.register_forward_pre_hook(before, with_kwargs=True)
-            block.register_forward_hook(lambda m, args, out: calls.append(_floating(out)))
-            output = call_model(copy, given)
-    except Exception:
-        return False
-    if len(calls) < 2 or not chained[0]:
-        return False
+        output = on_a_copy(model, inputs, run)
+    except _PASS_THROUGH:
+        raise
+    except Exception:  # the probe's own forward says what is wrong, in its own words
+        return APART
+    if not calls or not chained[0]:
+        return APART
     past = {t.grad_fn for t in calls[-1] if t.grad_fn is not None}
     earlier = {t.grad_fn for made in calls[:-1] for t in made if t.grad_fn is not None}
-    return any(_made_from(t, earlier, past) for t in tensors(output))
+    return BESIDE if any(_made_from(t, earlier, past) for t in tensors(output)) else LAST
 
 
 def _materialize(model: nn.Module, inputs: Inputs) -> None:
