@@ -254,9 +254,8 @@ def assess(
         seeded = config.with_run(seed=used[-1])
         m = measure(seeded, subject)
         named = values(m)
-        last = (
-            measure.last(seeded, subject) if stepped(config, m) and (through_time or lim.vanishing) else None
-        )
+        wanted = stepped(config, m) and (through_time or lim.vanishing is not None)
+        last = measure.last(seeded, subject) if wanted else None
         if last is not None:
             through.append(last)
             if lim.vanishing is not None:
