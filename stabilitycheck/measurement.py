@@ -71,11 +71,12 @@ class Measurement:
 
     @property
     def per_call(self) -> bool:
-        """One block called again along one chain, each call taking what the one before returned (a
-        recurrent cell stepped per token): where a per-token loss adds every later call's gradient to
-        the product of Jacobians. Not where its calls start chains of their own (a Siamese model's
-        shared tower, a cell run forward and then backward, truncated backpropagation's windows): a
-        loss on the last call reaches only the last chain."""
+        """One block called two or more times, each call a block, with no chain starting among its
+        calls as the recorder read them (a recurrent cell stepped per token): where a per-token loss
+        may add every later call's gradient to the product of Jacobians. Truncated backpropagation's
+        windows start chains of their own, and a loss on the last call reaches only the last one;
+        whether every call takes what the one before returned (not a Siamese model's shared tower) is
+        the model file's own check (modelfile.subject._reading)."""
         calls = sum(n != INPUT for n in self.activation_names)
         return len(self.layer_names) == 1 and calls >= 2 and not self.chain_starts
 
