@@ -328,7 +328,7 @@ def search(
         )
 
     cx: Counterexample | None = None
-    through: dict[Index, Judgement] = {}  # the largest stable point's judgement with its through-time
+    through: dict[Index, Judgement] = {}  # a stable row's largest stable point, with its through-time
     at: Index | None = None  # cx's grid index
     rough = False  # the counterexample is the smallest exploding point seen, not a verified one
     unjudged: tuple[tuple[Config, str], ...] = ()
@@ -360,8 +360,12 @@ def search(
                 cx = replace(cx, remedies=tuple(remedies))
                 if on_result:
                     on_result(result(cx))
-        last = prober.largest_stable()
-        if last is not None and isinstance(judged_last := prober.judged().get(last), Judgement):
+        last = prober.largest_stable()  # a stable row's report shows its largest stable point's
+        if (
+            cx is None
+            and last is not None
+            and isinstance(judged_last := prober.judged().get(last), Judgement)
+        ):
             through[last] = _with_through_time(judged_last, space.config(last), subject, prober.cache)
     except KeyboardInterrupt:
         interrupted = True
