@@ -46,8 +46,16 @@ def _band(pm: PhaseMap, y: int, vanishing: bool) -> str:
 
 def _edge(pm: PhaseMap, e: Edge, th: Sequence[int | None] | None, vanishing: bool) -> list[str]:
     if e.how == "untraced":
-        return ["not traced", "", "" if th is None else _at(pm, th[e.y]), ""]
-    return [_at(pm, e.x), _band(pm, e.y, vanishing), "" if th is None else _at(pm, th[e.y]), e.how]
+        return ["not traced", *([] if vanishing else [""]), "", "" if th is None else _at(pm, th[e.y]), ""]
+    fired = [] if vanishing else [_fired(pm, e)]
+    return [_at(pm, e.x), *fired, _band(pm, e.y, vanishing), "" if th is None else _at(pm, th[e.y]), e.how]
+
+
+def _fired(pm: PhaseMap, e: Edge) -> str:
+    """The criteria the frontier's point fired on ('grad_norm' where the weight-gradient norm passed
+    its limit before the growth did: a frontier that is then not growth's), '-' where there is none."""
+    p = pm.point(e.x, e.y) if e.x is not None else None
+    return ", ".join(p.criteria) if p is not None and p.criteria else "-"
 
 
 def cost(pm: PhaseMap) -> str:
@@ -79,7 +87,7 @@ def _rows(pm: PhaseMap) -> list[tuple[str, list[str]]]:
 
 
 def _header(pm: PhaseMap) -> list[str]:
-    cols = [f"explodes at {pm.x.name}", SEEDS_FIRED, "mean field", "how"]
+    cols = [f"explodes at {pm.x.name}", "fired on", SEEDS_FIRED, "mean field", "how"]
     if pm.vanish is not None:
         cols += [f"vanishes at {pm.x.name}", SEEDS_FIRED, "mean field", "how"]
     return cols

@@ -319,3 +319,20 @@ def test_a_stable_search_row_carries_the_through_time_growth(tmp_path: Path) -> 
     j = result.largest_stable_judgement
     assert result.counterexample is None and j is not None and j.through_time is not None
     assert math.isclose(j.through_time.mid, 0.95**29, rel_tol=1e-5) and j.kind.kind == "accumulated"
+
+
+def test_a_map_says_which_criterion_its_frontier_fired_on(tmp_path: Path) -> None:
+    """With the default limits a linear cell's weight-gradient norm passes 1e3 before its growth
+    g^(T-1) passes 100 at g 1.1: the table's 'fired on' column says grad_norm, not growth."""
+    from stabilitycheck.maptext import text
+
+    name = _file(tmp_path, "cell.py", LINEAR_CELL)
+    pm = phase_map(
+        name, x=Axis("seq_len", tuple(range(2, 62, 4))), y=Axis("gain", (1.1,)), seeds=1, loss="last"
+    )
+    (edge,) = pm.explode
+    assert edge.x is not None
+    t = pm.x.values[edge.x]
+    assert isinstance(t, int) and 1.1 ** (t - 1) < 100
+    row = [line for line in text(pm).splitlines() if line.startswith("1.1 ")][-1]
+    assert row.split()[1:3] == [str(t), "grad_norm"], row
