@@ -21,7 +21,8 @@ class Remedy:
     apply; `fixed` says whether the re-judged Config stopped exploding, `growth` what it measured
     (the growth spread over seeds; for a recurrent subject also its through-time growth, on which
     vanishing is judged: 'not fixed (vanishing)' beside a per-token growth of 1.4 alone misleads);
-    `skipped` why the remedied model could not be judged (its code raised there), `fixed` then None."""
+    `skipped` why the remedied model could not be judged (its code raised there), `fixed` then None;
+    `why` why it does not apply, where `config` is None (`why_not`)."""
 
     name: str
     config: Config | None
@@ -29,10 +30,11 @@ class Remedy:
     still_fires: tuple[str, ...] = ()
     growth: str = ""
     skipped: str = ""
+    why: str = ""
 
     def describe(self) -> str:
         if self.config is None:
-            return f"{self.name}: n/a"
+            return f"{self.name}: n/a ({self.why})" if self.why else f"{self.name}: n/a"
         if self.skipped:
             return f"{self.name}: not judged ({self.skipped})"
         return f"{self.name}: {'fixed' if self.fixed else 'not fixed (' + ', '.join(self.still_fires) + ')'}"
@@ -45,13 +47,14 @@ class Remedy:
             "still_fires": list(self.still_fires),
             "growth": self.growth,
             "skipped": self.skipped,
+            "why": self.why,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Remedy:
         config = None if data["config"] is None else Config.from_dict(data["config"])
         fires, growth, skipped = tuple(data["still_fires"]), data.get("growth", ""), data.get("skipped", "")
-        return cls(data["name"], config, data["fixed"], fires, growth, skipped)
+        return cls(data["name"], config, data["fixed"], fires, growth, skipped, data.get("why", ""))
 
 
 def judged_on(limits: Limits) -> Limits:
@@ -96,6 +99,26 @@ RUN_REMEDIES: dict[str, Callable[[Config, Subject], Config | None]] = {
     "warmup": warmup,
     "float32": float32,
 }
+
+
+def why_not(name: str, c: Config, s: Subject) -> str:
+    """Why the remedy `name` does not apply to `c` (its function gave None), in a few words: a user
+    reading 'critical-init: n/a' could not tell an init already critical from a knob not found."""
+    run = c.run
+    if name == "clip":
+        return "no optimiser steps: --steps N" if run.steps == 0 else "clipping already: --clip"
+    if name == "warmup":
+        return "fewer than 2 optimiser steps: --steps N" if run.steps <= 1 else "a warmup already"
+    if name == "float32":
+        return f"{run.dtype} already, no autocast"
+    if name == "critical-init":
+        if s.init_knob is None or s.init_knob not in c.values:
+            return "no init knob: a model file names it, INIT = 'knob'"
+        target = s.critical_init(c)
+        if target is None:
+            return f"no critical value known for {s.init_knob}"
+        return f"{s.init_knob} is at its critical value, {target}"
+    return "does not apply to this model"
 
 
 def candidates(c: Config, s: Subject) -> dict[str, Config | None]:

@@ -38,7 +38,7 @@ from stabilitycheck.counterexample import SearchResult as SearchResult
 from stabilitycheck.errors import StabilityCheckError, UsageError, UserCodeError
 from stabilitycheck.growthkind import over_tokens
 from stabilitycheck.memory import free_memory
-from stabilitycheck.remedies import Remedy, candidates, judged_on
+from stabilitycheck.remedies import Remedy, candidates, judged_on, why_not
 from stabilitycheck.seeds import Judgement, SeedProbes, assess, stepped, through_kind, through_time
 from stabilitycheck.space import Space
 from stabilitycheck.subject import Subject
@@ -243,7 +243,7 @@ def try_remedies(
     judged = judged_on(limits)
     for name, changed in candidates(config, subject).items():
         if changed is None:
-            yield Remedy(name, None, None)
+            yield Remedy(name, None, None, why=why_not(name, config, subject))
             continue
         try:
             j = assess(changed, subject, judged, probes)

@@ -448,3 +448,27 @@ def test_a_block_output_read_sparsely_has_its_gradient_norm_taken_densely() -> N
     w = model.q.weight
     own = torch.autograd.grad(loss(model.b(nn.functional.embedding(model.idx, w)) * x, x), w)[0]
     assert m.activation_grad_norms[1] == pytest.approx(float(own.norm()), rel=1e-12)
+
+
+# ---------------------------------------------------------------- remedies.py: why one does not apply
+
+
+def test_a_remedy_that_does_not_apply_says_why() -> None:
+    """'critical-init: n/a' alone could not tell an init at its critical value from a knob not found;
+    each run remedy's reason follows the Config it was not made for."""
+    from stabilitycheck.config import Config
+    from stabilitycheck.remedies import Remedy, candidates, why_not
+    from stabilitycheck.zoo import Family
+
+    mlp = Family("mlp")
+    at_critical = Config.of("mlp", init_scale=1.0, activation="tanh")
+    assert candidates(at_critical, mlp)["critical-init"] is None
+    assert why_not("critical-init", at_critical, mlp) == "init_scale is at its critical value, 1.0"
+    assert why_not("clip", at_critical, mlp) == "no optimiser steps: --steps N"
+    assert why_not("warmup", at_critical.with_run(steps=1), mlp) == "fewer than 2 optimiser steps: --steps N"
+    assert why_not("float32", at_critical.with_run(dtype="float64"), mlp) == "float64 already, no autocast"
+    shown = Remedy("critical-init", None, None, why="x").describe()
+    assert (
+        shown == "critical-init: n/a (x)"
+        and Remedy.from_dict(Remedy("w", None, None, why="y").to_dict()).why == "y"
+    )
