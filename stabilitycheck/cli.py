@@ -275,7 +275,8 @@ def _searches(args: argparse.Namespace, limits: Any, outputs: Outputs, shown: Pr
             results.append(result)
             pending.clear()
             outputs.save(results)
-            spent = f"{result.points} points, {result.probes} probes in {result.elapsed:.1f} s"
+            last = f" (+{result.last_step_probes} on the last step)" if result.last_step_probes else ""
+            spent = f"{result.points} points, {result.probes} probes{last} in {result.elapsed:.1f} s"
             shown.say(f"  {spent}: {outcome(result)}")
             _stop_if_terminated()
             if result.interrupted:

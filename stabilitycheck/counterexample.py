@@ -68,6 +68,7 @@ class SearchResult:
     # it failed on alone (the screen's; None: on the full rule): the criteria are not monotone there,
     # and the point reported is 1-minimal, not the smallest
     below: tuple[Config, str, int | None] | None = None
+    last_step_probes: int = 0  # a recurrent subject's through-time probes, which `probes` leaves out
 
     @property
     def shown(self) -> Judgement | None:

@@ -480,6 +480,7 @@ def to_json(results: Sequence[SearchResult]) -> str:
         {
             "label": r.space.label,
             "probes": r.probes,
+            "last_step_probes": r.last_step_probes,
             "points": r.points,
             "skipped": [{"config": c.to_dict(), "reason": why} for c, why in r.skipped],
             "elapsed_s": r.elapsed,

@@ -325,6 +325,7 @@ def search(
             minimal=not rough,
             unjudged=unjudged,
             below=_failing_below(prober, at) if cx is not None and at is not None else None,
+            last_step_probes=prober.cache.made_last,
         )
 
     cx: Counterexample | None = None

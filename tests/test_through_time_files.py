@@ -336,3 +336,23 @@ def test_a_map_says_which_criterion_its_frontier_fired_on(tmp_path: Path) -> Non
     assert isinstance(t, int) and 1.1 ** (t - 1) < 100
     row = [line for line in text(pm).splitlines() if line.startswith("1.1 ")][-1]
     assert row.split()[1:3] == [str(t), "grad_norm"], row
+
+
+def test_a_search_counts_its_last_step_probes_apart(tmp_path: Path) -> None:
+    """A linear cell that explodes at its one configuration: the through-time growth takes one
+    last-step probe per seed the verdict used, which SearchResult.last_step_probes counts (`probes`
+    leaves them out) and the JSON writes."""
+    import json
+
+    from stabilitycheck.report import to_json
+    from stabilitycheck.searching import search
+    from stabilitycheck.space import Space
+
+    name = _file(tmp_path, "cell.py", LINEAR_CELL)
+    subject = resolve(name)
+    base = subject.config(gain=1.1, seq_len=60, dtype="float64")
+    result = search(Space(name, base, ()), subject=subject, max_examples=5)
+    assert result.counterexample is not None
+    used = result.counterexample.judgement.seeds
+    assert result.last_step_probes == len(used) >= 3 and result.probes == len(used)
+    assert json.loads(to_json([result]))[0]["last_step_probes"] == len(used)
