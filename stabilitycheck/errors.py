@@ -24,6 +24,14 @@ class NoLastStep(UsageError):
     """A last-step probe of a subject that has none (not a sequence subject, or a model file whose loss
     is on its last step already)."""
 
+    @staticmethod
+    def said(name: str) -> str:
+        """The one line saying so, for the probe's error and the map's."""
+        return (
+            f"{name} has no last-step loss (only recurrent zoo families do, and model files whose one "
+            "block is called per step beside a loss on more than its last call)"
+        )
+
 
 class ConfigError(UsageError, ValueError):
     """A Config or Space field holds a value outside what is allowed."""

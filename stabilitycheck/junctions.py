@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from stabilitycheck._tree import tensors
+
 
 def _feeds(x: Any, out: torch.Tensor) -> bool:
     """Whether `x` is `out` or is computed from it (a residual sum, a norm, a pooling, a transition
@@ -16,6 +18,14 @@ def _feeds(x: Any, out: torch.Tensor) -> bool:
     encoder-decoder's decoder taking its own embeddings, or a second tower taking the model's input,
     starts another."""
     return x is out or _made_from(x, {out.grad_fn} if out.grad_fn is not None else set())
+
+
+def _taken(outs: Sequence[torch.Tensor], args: Any) -> list[int]:
+    """The places of `outs`, one call's outputs, that a later call's arguments `args` (tuples, lists
+    and dicts at any depth) take, as they are or in what is computed from them (`_feeds`): empty
+    where that call starts afresh."""
+    given = tensors(args)
+    return [i for i, out in enumerate(outs) if any(_feeds(t, out) for t in given)]
 
 
 def _made_from(x: Any, targets: set[Any], past: Collection[Any] = ()) -> bool:

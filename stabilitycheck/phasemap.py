@@ -16,7 +16,7 @@ from typing import Any
 
 from stabilitycheck._validation import model_raised, raised_here
 from stabilitycheck.config import Config
-from stabilitycheck.errors import StabilityCheckError, UsageError, UserCodeError
+from stabilitycheck.errors import NoLastStep, StabilityCheckError, UsageError, UserCodeError
 from stabilitycheck.seeds import Judgement, assess
 from stabilitycheck.space import RUN_AXES, Axis, Space
 from stabilitycheck.spread import Spread
@@ -157,10 +157,7 @@ class LastStep:
 
     def __init__(self, subject: Subject) -> None:
         if subject.last_step(subject.config()) is None:
-            raise UsageError(
-                f"{subject.name} has no last-step loss (only recurrent zoo families do, and model files "
-                "whose one block is called per step beside a loss on more than its last call); drop --loss"
-            )
+            raise UsageError(f"{NoLastStep.said(subject.name)}; drop --loss")
         self.subject = subject
         self.name, self.init_knob = subject.name, subject.init_knob
         self.own: set[Config] = set()  # points judged on the subject's own loss (`build`), any seed

@@ -573,10 +573,7 @@ def probe(config: Config, subject: Subject | None = None, *, last_step: bool = F
 def _probe(config: Config, subject: Subject, last_step: bool) -> Measurement:
     built = subject.last_step(config) if last_step else subject.build(config)
     if built is None:
-        raise NoLastStep(
-            f"{config.subject} has no last-step loss (only recurrent subjects do, and model files whose one "
-            "block is called per step beside a loss on more than the last)"
-        )
+        raise NoLastStep(NoLastStep.said(config.subject))
     run = config.run
     m = probe_module(
         built.model,

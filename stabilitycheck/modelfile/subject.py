@@ -19,7 +19,7 @@ from stabilitycheck._validation import article, describe, raised_at
 from stabilitycheck.config import Config
 from stabilitycheck.errors import StabilityCheckError
 from stabilitycheck.families import Scalar
-from stabilitycheck.junctions import _feeds, _made_from
+from stabilitycheck.junctions import _made_from, _taken
 from stabilitycheck.loops import looped_blocks, on_a_copy
 from stabilitycheck.losses import DefaultLoss, Inputs, LossFn, OutputLoss
 from stabilitycheck.memory import meta_bytes
@@ -276,8 +276,7 @@ class _LastCall(nn.Module):
 
         def before(module: nn.Module, given: tuple[Any, ...], named: dict[str, Any]) -> None:
             if outs:
-                taken = tensors((given, named))
-                fed.update(i for i, out in enumerate(outs[-1]) if any(_feeds(t, out) for t in taken))
+                fed.update(_taken(outs[-1], (given, named)))
 
         def keep(module: nn.Module, given: Any, output: Any) -> None:
             outs.append(_floating(output))
@@ -312,8 +311,7 @@ def _reading(model: nn.Module, inputs: Inputs, name: str) -> str:
 
     def before(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if calls:
-            taken = tensors((args, kwargs))
-            chained[0] = chained[0] and any(_feeds(t, out) for out in calls[-1] for t in taken)
+            chained[0] = chained[0] and bool(_taken(calls[-1], (args, kwargs)))
 
     def run(copy: nn.Module, given: Inputs) -> Any:
         block = copy.get_submodule(name)
