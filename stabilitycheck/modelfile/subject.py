@@ -196,18 +196,12 @@ class ModelFile:
         every later token's gradient to. None for other models: their calls do not chain, or their
         loss is on the last step already."""
         model, inputs, blocks, note = self._make(config)
-        if self._reading(model, inputs, blocks) != BESIDE:
+        # one block; not a compiled model, whose forward the hooks put on at every call would compile again
+        compiled = type(model).__name__ == "OptimizedModule"
+        if len(blocks) != 1 or compiled or _reading(model, inputs, blocks[0][0]) != BESIDE:
             return None
         loss = OutputLoss(DefaultLoss(derived(config.run.seed, SALT_LOSS)), self.given, guard=self.call_user)
         return self._built(config, (_LastCall(model, blocks[0][1]), inputs, blocks, note), loss)
-
-    @staticmethod
-    def _reading(model: nn.Module, inputs: Inputs, blocks: tuple[tuple[str, nn.Module], ...]) -> str:
-        """`_reading` of the model's one block; APART for several blocks, or a compiled model (hooks
-        put on at every forward would compile it again)."""
-        if len(blocks) != 1 or type(model).__name__ == "OptimizedModule":
-            return APART
-        return _reading(model, inputs, blocks[0][0])
 
     def _built(
         self,
