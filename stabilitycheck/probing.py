@@ -89,10 +89,11 @@ def _backward(
         if made is not None
         else []
     )
+    fed = [run.rec.fed] if run.rec.fed is not None else []  # asked for, its gradient unread: see _Recorder
     try:
-        grads = list(
-            torch.autograd.grad(loss, [outputs[i] for i in wanted] + list(run.params), allow_unused=True)
-        )
+        asked = [outputs[i] for i in wanted] + list(run.params) + fed
+        grads = list(torch.autograd.grad(loss, asked, allow_unused=True))
+        del grads[len(grads) - len(fed) :]
     except CheckpointError as exc:  # a recomputation that differs from its forward: torch's several lines
         raise UsageError(
             f"{str(exc).splitlines()[0]} The probe gives block 0 a copy of its input that requires "

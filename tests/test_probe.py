@@ -1880,6 +1880,40 @@ def test_a_residual_around_block_0_with_the_norm_outside_it_is_in_its_gain(hand:
     assert m.gains[0] > 0.9  # the branch alone is about 0.3
 
 
+@pytest.mark.parametrize("hand", [False, True])
+@pytest.mark.parametrize("given", ["plain", "requires_grad"])
+def test_a_residual_with_the_norm_outside_on_a_raw_float_input_is_in_block_0s_gain(
+    hand: bool, given: str
+) -> None:
+    """The same layout on the model's own float input, no embedding before it: nothing else needed
+    that input's gradient, so the backward computed none into it, the taps read nothing and block 0
+    was read through its branch alone (growth 1.02 for the stream's 1.85, found by a theory audit;
+    0.24 for 1.16 at sigma_w 0.5, depth 8: a vanishing read where the gradient grows). Oracle:
+    torch's gradients of the input and of each sum, float64."""
+    torch.manual_seed(0)
+    model, x = _NormOutside(hand), torch.randn(2, 8, 16, dtype=torch.float64)
+    target = torch.randn(2, 8, 16, dtype=torch.float64)
+
+    def stream(h: torch.Tensor) -> list[torch.Tensor]:
+        out = [h]
+        for i, layer in enumerate(model.layers):
+            out.append(out[-1] + layer(model.norm(i, out[-1])))
+        return out
+
+    model.forward = lambda h: stream(h)[-1]  # type: ignore[method-assign]
+    blocks = [(f"layers.{i}", layer) for i, layer in enumerate(model.layers)]
+    m = probe_module(
+        model,
+        x.clone().requires_grad_(given == "requires_grad"),
+        lambda out, _: (out * target).sum(),
+        blocks=blocks,
+    )
+    sums = stream(x.clone().requires_grad_())
+    grads = [g.norm().item() for g in torch.autograd.grad((sums[-1] * target).sum(), sums)]
+    assert m.gains == pytest.approx([grads[i] / grads[i + 1] for i in range(4)], rel=1e-9)
+    assert m.growth == pytest.approx(grads[0] / grads[-1], rel=1e-9)
+
+
 def test_a_tensor_re_added_before_every_layer_is_no_residual_around_block_0() -> None:
     """h = layer_i(h + c), c a per-token embedding re-added before every layer: block 0 takes h + c
     and the next layer out_0 + c, an add of block 0's output and what its input was made from, as a
