@@ -36,7 +36,7 @@ from stabilitycheck.errors import NoLastStep
 from stabilitycheck.growthkind import Growth, kind_of, over_tokens
 from stabilitycheck.measurement import Measurement
 from stabilitycheck.probing import probe
-from stabilitycheck.spread import Spread, quantile
+from stabilitycheck.spread import Spread, quantile, rank
 from stabilitycheck.subject import Subject
 from stabilitycheck.verdicts import CRITERIA, Limits, Verdict, bound, criterion, fires, judge, values
 
@@ -144,7 +144,7 @@ def _settled(per_seed: list[dict[str, float]], lim: Limits, budget: int, q: floa
     """Per active criterion, whether its K-seed quantile is known to fire (True) or not (False) from the
     seeds so far, or None while that is open: by the counts (the module docstring's, r = ceil(q K)),
     or all at once by the margin (every seed far from every limit, on one side)."""
-    n, r = len(per_seed), max(1, math.ceil(q * budget))
+    n, r = len(per_seed), rank(q, budget)
     unseen = budget - n
     active = [c for c in CRITERIA if bound(c, lim) is not None]
     fire = {c: sum(fires(c, v[c], lim) for v in per_seed) for c in active}

@@ -7,13 +7,20 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from itertools import accumulate
 
 
+def rank(q: float, n: int) -> int:
+    """ceil(q n), at least 1, with q read as the decimal it prints as: in floating point 0.55 x 100 is
+    55.00000000000001 and 0.28 x 25 is 7.000000000000001, one rank too high (found by an audit)."""
+    return max(1, math.ceil(Fraction(repr(float(q))) * n))
+
+
 def quantile(xs: Sequence[float], q: float) -> float:
-    """Nearest-rank q-quantile (the ceil(q n)-th smallest); NaN sorts below every number."""
+    """Nearest-rank q-quantile (the `rank(q, n)`-th smallest); NaN sorts below every number."""
     ordered = sorted(xs, key=lambda x: -math.inf if math.isnan(x) else x)
-    return ordered[max(1, math.ceil(q * len(ordered))) - 1]
+    return ordered[rank(q, len(ordered)) - 1]
 
 
 @dataclass(frozen=True)
