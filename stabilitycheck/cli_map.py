@@ -63,7 +63,7 @@ def parser() -> argparse.ArgumentParser:
         "--loss",
         choices=("default", "last"),
         default="default",
-        help="'last': judge a recurrent subject on its last step alone (the through-time growth)",
+        help="'last': every criterion of a recurrent subject on its last-step loss (else growth, vanishing)",
     )
     add_limits(p)
     p.add_argument("--vanishing-limit", type=_limit, default=None, help="also trace growth < 1/X (off)")

@@ -1,12 +1,12 @@
-"""The kind of growth a stack shows (exponential, polynomial, irregular, flat, accumulated over
-tokens), fitted on its per-block backward gains over seeds (see Growth)."""
+"""The kind of growth a stack shows (exponential, polynomial, irregular, flat), fitted on its
+per-block backward gains over seeds (see Growth)."""
 
 from __future__ import annotations
 
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from stabilitycheck.spread import Spread, quantile
 
@@ -33,11 +33,8 @@ class Growth:
     rises then falls along the stack: no rate or exponent describes it); flat when the total growth is
     within x2 and so is the growth from every block to the output (`swing`: a non-normal recurrence
     whose gradient rises 1860x inside the stack and falls back to 1.7x at the input is no flat stack,
-    and reads irregular as one that ends at 4.4x does); accumulated when a recurrent subject's
-    through-time growth T (the loss on the last step: the exact product of the Jacobians) explains
-    less than half the log growth G,
-    ln T < ln(G) / 2: the rest is the gradient of early steps summed over every later token's loss,
-    whatever the limits. Quantiles and spreads over seeds."""
+    and reads irregular as one that ends at 4.4x does). A recurrent subject's is its through-time
+    growth's (seeds.assess). Quantiles and spreads over seeds."""
 
     kind: str
     rate: Spread
@@ -50,8 +47,6 @@ class Growth:
             return f"exponential, x{rate:.{digits}g}/block"
         if self.kind == "polynomial":
             return f"polynomial, ~depth^{self.exponent.mid:.2f}"
-        if self.kind == "accumulated":
-            return "accumulated over tokens"
         if self.kind == "irregular":
             return "irregular: no constant rate or depth law fits"
         return self.kind
@@ -170,16 +165,3 @@ def classify(
     if max(linear, log) < FIT_R2:
         return Growth("irregular", rate, exponent)
     return Growth("exponential" if linear >= log else "polynomial", rate, exponent)
-
-
-def over_tokens(kind: Growth, growth: float, through: float, exact: Growth) -> Growth:
-    """`kind`, or accumulated when it is growth (not flat, not n/a) of which the through-time product
-    explains less than half: ln(through) < ln(growth) / 2 (see Growth); else `exact`, the kind of
-    the through-time profile, where it has one: the product of the Jacobians, without what the
-    per-token losses add on top (a linear RNN at g = 1.1 grows g^(T-1) through time, and 2.4x that
-    under a per-token loss, which no rate law fits within x2: it read irregular)."""
-    if kind.kind in ("flat", "n/a") or not growth > 1 or math.isnan(through):
-        return kind
-    if through <= 0 or math.log(through) < 0.5 * math.log(growth):
-        return replace(kind, kind="accumulated")
-    return exact if exact.kind not in ("flat", "n/a") else kind

@@ -273,7 +273,7 @@ def phase_map(
     def judge(i: int, j: int) -> Point:
         if (i, j) not in cache:
             config = base_point(i, j)
-            cache[i, j] = p = Point.of(i, j, assess(config, judged, lim, through_time=False, every=False))
+            cache[i, j] = p = Point.of(i, j, assess(config, judged, lim, every=False))
             if progress is not None:
                 state = "explodes" if p.exploded else "vanishes" if p.vanished else "stable"
                 progress(

@@ -322,9 +322,9 @@ def details(results: Sequence[SearchResult]) -> str:
 def _measured(j: Judgement, q: float, limits: Limits | None = None, budget: int | None = None) -> str:
     """A judgement's growth, its brackets (`limits`: a counterexample's; `budget`: the seeds it could
     spend), kind (with the blocks measured), profile and first non-finite value: one line each."""
-    through = f"; through time (loss on the last step): {j.through_time.describe()}" if j.through_time else ""
+    own = f"; per token (its own loss): {j.per_token.describe()}" if j.per_token else ""
     return (
-        f"  growth    {j.summary()}; peak grad norm {j.grad_norm.describe()}{through}\n"
+        f"  growth    {j.summary()}; peak grad norm {j.grad_norm.describe()}{own}\n"
         + _bracket(j, q, limits, budget)
         + f"  kind      {j.kind.describe()}{_fitted(j, q)}; {j.measurement.blocks_note}\n"
         f"  profile   {profile(j, q)}\n" + _nonfinite_line(j.measurement)

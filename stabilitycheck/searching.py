@@ -36,10 +36,9 @@ from stabilitycheck.config import Config
 from stabilitycheck.counterexample import Counterexample as Counterexample
 from stabilitycheck.counterexample import SearchResult as SearchResult
 from stabilitycheck.errors import StabilityCheckError, UsageError, UserCodeError
-from stabilitycheck.growthkind import over_tokens
 from stabilitycheck.memory import free_memory
 from stabilitycheck.remedies import Remedy, candidates, judged_on, why_not
-from stabilitycheck.seeds import Judgement, SeedProbes, assess, stepped, through_kind, through_time
+from stabilitycheck.seeds import Judgement, SeedProbes, assess
 from stabilitycheck.space import Space
 from stabilitycheck.subject import Subject
 from stabilitycheck.subjects import resolve
@@ -96,10 +95,7 @@ class Prober:
         is off its 5-seed median by up to 55x on a GRU). Its probe there is reused, not rerun."""
         got = self(index)
         if isinstance(got, Judgement):
-            config = self.space.config(index)
-            self.screen_seed = next(
-                s for s in got.seeds if self.cache(config.with_run(seed=s), self.subject) is got.measurement
-            )
+            self.screen_seed = got.measured_seed
 
     def _show(self, index: Index, got: Judgement | str, how: str) -> None:
         shown = got.summary() if isinstance(got, Judgement) else f"skipped: {got}"
@@ -129,7 +125,7 @@ class Prober:
                     return (
                         f"too large ({need / 2**20:.0f} MiB estimated, {self.budget / 2**20:.0f} MiB allowed)"
                     )
-                return assess(config, self.subject, self.limits, self.cache, through_time=False, every=every)
+                return assess(config, self.subject, self.limits, self.cache, every=every)
         except ProbeTimeout:
             return f"too slow (over the {self.timeout:g} s probe budget)"
         except MemoryError as exc:
@@ -255,24 +251,7 @@ def try_remedies(
                 raise  # bad input, or a bug of this package: never a remedy left unjudged
             yield Remedy(name, changed, None, skipped=model_raised(exc))
             continue
-        through = f"; through time {j.through_time.describe()}" if j.through_time else ""
-        yield Remedy(name, changed, not j.exploded, j.verdict.names, j.growth.describe() + through)
-
-
-def _with_through_time(j: Judgement, config: Config, subject: Subject, probes: SeedProbes) -> Judgement:
-    """The judgement with the through-time growth (loss on the last step) of a recurrent subject (a zoo
-    family, a model file's cell stepped per token: seeds.stepped), over
-    the seeds the verdict used, and its kind judged on it (seeds.over_tokens); a verdict that judged
-    vanishing has both already."""
-    if j.through_time is not None or not stepped(config, j.measurement):
-        return j
-    spread = through_time(config, subject, config.run.quantile, j.seeds, probes)
-    if spread is None:
-        return j
-    kind = over_tokens(
-        j.kind, j.growth.mid, spread.mid, through_kind(config, subject, config.run.quantile, j.seeds, probes)
-    )
-    return replace(j, through_time=spread, kind=kind)
+        yield Remedy(name, changed, not j.exploded, j.verdict.names, j.growth.describe())
 
 
 def search(
@@ -309,7 +288,6 @@ def search(
     def result(cx: Counterexample | None) -> SearchResult:
         stable = prober.largest_stable()
         judged = prober.judged().get(stable) if stable is not None else None
-        judged = through.get(stable, judged) if stable is not None else judged
         corner = prober.seen.get(space.top())  # judged stable, not skipped: the space is not monotone
         return SearchResult(
             space=space,
@@ -329,7 +307,6 @@ def search(
         )
 
     cx: Counterexample | None = None
-    through: dict[Index, Judgement] = {}  # a stable row's largest stable point, with its through-time
     at: Index | None = None  # cx's grid index
     rough = False  # the counterexample is the smallest exploding point seen, not a verified one
     unjudged: tuple[tuple[Config, str], ...] = ()
@@ -352,7 +329,6 @@ def search(
             config = space.config(found)
             judged = prober.complete(found)
             assert isinstance(judged, Judgement)
-            judged = _with_through_time(judged, config, subject, prober.cache)
             cx, at = Counterexample(space.label, config, judged, limits, ()), found
             if on_result:
                 on_result(result(cx))
@@ -361,13 +337,6 @@ def search(
                 cx = replace(cx, remedies=tuple(remedies))
                 if on_result:
                     on_result(result(cx))
-        last = prober.largest_stable()  # a stable row's report shows its largest stable point's
-        if (
-            cx is None
-            and last is not None
-            and isinstance(judged_last := prober.judged().get(last), Judgement)
-        ):
-            through[last] = _with_through_time(judged_last, space.config(last), subject, prober.cache)
     except KeyboardInterrupt:
         interrupted = True
         if cx is None:

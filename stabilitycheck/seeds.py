@@ -12,14 +12,17 @@ the point explodes is (one criterion decided to fire, or all decided not to), na
 decided to fire. Before that, the seeds so far decide alone when every one of them lies on the same
 side of every limit by at least a factor MARGIN ** (1 / n) after n seeds: one seed 1000x from the
 limit, two both 31.6x, three 10x. Near the limit one seed's growth is off its 5-seed median by up to
-5.2x on a tanh MLP, 18x on a tanh RNN, 28x on a post-norm transformer and 760x on a GRU (756x above its
-median at 187 steps, 55x below; each zoo target at its crossing, 20 base seeds x 5 seeds); a seed
-1000x from the limit is beyond that spread, so the median cannot be on the other side (100x, the
-margin before, was not: a GRU seed 419x above its median sits in the zoo's table; 10x was not either:
-a GRU seed 12x below the limit had a median above it). Going non-finite is not on that continuous
-spread (one initialisation that stays finite says nothing of the next, and one NaN nothing of the
-others): while the nonfinite criterion is on (the default) every verdict is left to the counts, at
-least ceil(q K) seeds; the margin decides only growth-like criteria with nonfinite and divergence off
+5.2x on a tanh MLP and 28x on a post-norm transformer (each zoo target at its crossing, 20 base seeds
+x 5 seeds; 760x on a GRU's per-token growth, when recurrent subjects were judged on it); a seed 1000x
+from the limit is beyond that spread, so the median cannot be on the other side (100x, the margin
+before, was not; 10x was not either: a GRU seed 12x below the limit had a median above it). A
+recurrent subject's through-time growth, a product over up to 256 steps, spreads further: up to
+2200x-5000x at 64-256 steps of the zoo's RNN and GRU at sigma_w 4 (40-60 base seeds x 5), a GRU
+seed at 2.56e4 where its 5-seed median was 11.8; so its verdicts are left to the counts, as are
+all while going non-finite is judged: that is not on the continuous spread either (one
+initialisation that stays finite says nothing of the next, and one NaN nothing of the others).
+With the nonfinite criterion on (the default) every verdict waits for at least ceil(q K) seeds; the
+margin decides only growth-like criteria with nonfinite and divergence off
 (divergence's loss ratio of 1 without steps is never 1000x from its limit).
 """
 
@@ -33,7 +36,7 @@ from typing import Any
 from stabilitycheck.config import Config, kind
 from stabilitycheck.culprit import culprit_of
 from stabilitycheck.errors import NoLastStep
-from stabilitycheck.growthkind import Growth, kind_of, over_tokens
+from stabilitycheck.growthkind import Growth, kind_of
 from stabilitycheck.measurement import Measurement
 from stabilitycheck.probing import probe
 from stabilitycheck.spread import Spread, quantile, rank
@@ -61,7 +64,9 @@ class Judgement:
     skipped_steps: int
     culprit: str
     kind: Growth
-    through_time: Spread | None
+    # a recurrent subject's growth under its own loss, every later token's gradient summed in (None for
+    # others): its `growth` is the through-time growth, the loss on the last step (`assess`)
+    per_token: Spread | None
     measurement: Measurement  # the seed whose growth is the quantile: its per-block profile is shown
     measured_seed: int  # which seed `measurement` is
     values: tuple[dict[str, float], ...] = ()  # per seed spent, each criterion's value (verdicts.values)
@@ -69,6 +74,12 @@ class Judgement:
     @property
     def exploded(self) -> bool:
         return self.verdict.exploded
+
+    @property
+    def through_time(self) -> Spread | None:
+        """The through-time growth (the loss on the last step) where it was measured, the growth
+        judged then; None where it was not (no recurrent subject, or a file with no last step)."""
+        return self.growth if self.per_token is not None else None
 
     @property
     def failures(self) -> str:
@@ -84,9 +95,11 @@ class Judgement:
         return f"{self.exploded_seeds} {word}"
 
     def summary(self) -> str:
-        """'growth 36 (18-126) over 5 seeds, 2 exploded': what the numbers are."""
+        """'growth 36 (18-126) over 5 seeds, 2 exploded': what the numbers are ('growth through time'
+        where that is the growth judged: `per_token` holds the model's own)."""
         n = len(self.seeds)
-        return f"growth {self.growth.describe()} over {n} seed{'s' * (n != 1)}, {self.failures}"
+        what = "growth through time (loss on the last step)" if self.per_token else "growth"
+        return f"{what} {self.growth.describe()} over {n} seed{'s' * (n != 1)}, {self.failures}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -102,6 +115,7 @@ class Judgement:
                 "rate": vars(self.kind.rate),
                 "exponent": vars(self.kind.exponent),
             },
+            "per_token": None if self.per_token is None else vars(self.per_token),
             "through_time": None if self.through_time is None else vars(self.through_time),
             "measurement": self.measurement.to_dict(),
             "measured_seed": self.measured_seed,
@@ -120,7 +134,7 @@ class Judgement:
             skipped_steps=d["skipped_steps"],
             culprit=d["culprit"],
             kind=Growth(k["kind"], Spread.from_dict(k["rate"]), Spread.from_dict(k["exponent"])),
-            through_time=None if d["through_time"] is None else Spread.from_dict(d["through_time"]),
+            per_token=None if d.get("per_token") is None else Spread.from_dict(d["per_token"]),
             measurement=Measurement.from_dict(d["measurement"]),
             measured_seed=d["measured_seed"],
             values=tuple(
@@ -130,27 +144,37 @@ class Judgement:
 
 
 def _decided(
-    per_seed: list[dict[str, float]], lim: Limits, budget: int, q: float, every: bool = False
+    per_seed: list[dict[str, float]],
+    lim: Limits,
+    budget: int,
+    q: float,
+    every: bool = False,
+    margin: bool = True,
 ) -> bool:
     """Whether the K-seed quantile verdict is known from the seeds so far (see the module docstring):
-    whether the point explodes, or with `every`, which criteria fire too."""
-    settled = _settled(per_seed, lim, budget, q)
+    whether the point explodes, or with `every`, which criteria fire too; without `margin`, by the
+    counts alone."""
+    settled = _settled(per_seed, lim, budget, q, margin)
     if every:
         return None not in settled.values()
     return True in settled.values() or all(s is False for s in settled.values())
 
 
-def _settled(per_seed: list[dict[str, float]], lim: Limits, budget: int, q: float) -> dict[str, bool | None]:
+def _settled(
+    per_seed: list[dict[str, float]], lim: Limits, budget: int, q: float, margin: bool = True
+) -> dict[str, bool | None]:
     """Per active criterion, whether its K-seed quantile is known to fire (True) or not (False) from the
     seeds so far, or None while that is open: by the counts (the module docstring's, r = ceil(q K)),
-    or all at once by the margin (every seed far from every limit, on one side)."""
+    or, with `margin`, all at once by the margin (every seed far from every limit, on one side)."""
     n, r = len(per_seed), rank(q, budget)
     unseen = budget - n
     active = [c for c in CRITERIA if bound(c, lim) is not None]
     fire = {c: sum(fires(c, v[c], lim) for v in per_seed) for c in active}
     factor = MARGIN ** (1.0 / n)
-    far = all(_far(c, v[c], lim, factor) for c in active for v in per_seed) and all(
-        fire[c] in (0, n) for c in active
+    far = (
+        margin
+        and all(_far(c, v[c], lim, factor) for c in active for v in per_seed)
+        and all(fire[c] in (0, n) for c in active)
     )
 
     def known(c: str) -> bool | None:
@@ -230,18 +254,19 @@ def assess(
     subject: Subject | None = None,
     limits: Limits | None = None,
     probes: SeedProbes | None = None,
-    through_time: bool = True,
     every: bool = True,
 ) -> Judgement:
     """Probe `config` over up to run.seeds initialisations and judge the run.quantile of each criterion.
-    For recurrent subjects (`stepped`: a zoo family, a model file's cell stepped per token) with a
-    vanishing limit, vanishing is judged on the through-time growth (the loss on the last step): a
-    per-token loss hides it under gradients from later tokens. `probes`:
-    a cache of per-seed probes to reuse (a search's). `through_time`: a recurrent subject's
-    through-time growth is measured (a last-step probe per seed) and its kind judged on it, as the
-    search's report does; False skips that where no vanishing limit needs it (a search's points).
-    `every`: seeds are spent until every criterion's verdict is known; False stops once whether the
-    point explodes is (a search's points), and the verdict then names only the criteria known to fire."""
+    A recurrent subject (`stepped`: a zoo family, a model file's cell stepped per token) is judged on
+    its through-time growth, the loss on the last step alone (a second probe per seed), for growth and
+    vanishing: the product of the step Jacobians, whose norms above 1 make a gradient explode with
+    sequence length (Pascanu et al. 2013). Its own per-token loss adds every later token's gradient
+    to each step's: a linear cell at W = 0.999 I, whose product shrinks, read growth 101 > 100 at 106
+    tokens, and one at W = I, T at T tokens; that growth is kept as `per_token`; the weight-gradient
+    norm, going non-finite, divergence and stall stay the model's own loss's. `probes`: a cache of
+    per-seed probes to reuse (a search's). `every`: seeds are spent until every criterion's verdict is
+    known; False stops once whether the point explodes is (a search's points), and the verdict then
+    names only the criteria known to fire."""
     lim = limits or Limits()
     run = config.run
     measure = probes or SeedProbes()
@@ -254,15 +279,13 @@ def assess(
         seeded = config.with_run(seed=used[-1])
         m = measure(seeded, subject)
         named = values(m)
-        wanted = stepped(config, m) and (through_time or lim.vanishing is not None)
-        last = measure.last(seeded, subject) if wanted else None
+        last = measure.last(seeded, subject) if stepped(config, m) else None
         if last is not None:
             through.append(last)
-            if lim.vanishing is not None:
-                named["vanishing"] = last.growth
+            named["growth"] = named["vanishing"] = last.growth
         ms.append(m)
         per_seed.append(named)
-        if _decided(per_seed, lim, run.seeds, run.quantile, every):
+        if _decided(per_seed, lim, run.seeds, run.quantile, every, margin=not through):
             break
     return _judgement(ms, per_seed, through, tuple(used), lim, run.quantile, run.seeds)
 
@@ -280,13 +303,13 @@ def _judgement(
     budget (one whose quantile over the seeds spent passes its limit while its K-seed verdict is still
     open is not named: the seeds spent were enough to know the point explodes, not why)."""
     quantiles = {c: quantile([v[c] for v in per_seed], q) for c in CRITERIA}
-    settled = _settled(per_seed, lim, budget, q)
+    settled = _settled(per_seed, lim, budget, q, margin=not through)
     fired = tuple(criterion(c, quantiles[c], lim) for c in CRITERIA if settled.get(c) is True)
     known = Verdict(bool(fired), fired)
-    growth = [m.growth for m in ms]
+    judged = through or ms  # the probes the growth is judged on
+    growth = [m.growth for m in judged]
     mid = quantile(growth, q)
     at = next((i for i, g in enumerate(growth) if g == mid or (math.isnan(mid) and math.isnan(g))), 0)
-    exact = [m.growth for m in through]
     return Judgement(
         verdict=known,
         seeds=seeds,
@@ -294,12 +317,10 @@ def _judgement(
         growth=Spread.of(growth, q),
         grad_norm=Spread.of([v["grad_norm"] for v in per_seed], q),
         skipped_steps=sum(m.skipped_steps for m in ms),
-        culprit=culprit_of(ms),
-        kind=over_tokens(_kind(ms, q), mid, quantile(exact, q), _kind(through, q))
-        if through
-        else _kind(ms, q),
-        through_time=Spread.of(exact, q) if through else None,
-        measurement=ms[at],
+        culprit=culprit_of(judged),
+        kind=_kind(judged, q),
+        per_token=Spread.of([m.growth for m in ms], q) if through else None,
+        measurement=judged[at],
         measured_seed=seeds[at],
         values=tuple(per_seed),
     )
@@ -312,36 +333,6 @@ def stepped(config: Config, m: Measurement) -> bool:
     return config.recurrent or (kind(config.subject) == "file" and m.per_call)
 
 
-def through_time(
-    config: Config,
-    subject: Subject,
-    q: float,
-    seeds: Sequence[int] | None = None,
-    probes: SeedProbes | None = None,
-) -> Spread | None:
-    """The through-time growth (loss on the last step) of a recurrent subject over `seeds` (default:
-    every seed of the budget; a search passes the seeds its verdict used, so the spreads match); None
-    where it has none (a model file whose loss is on its last step already)."""
-    last = _last_steps(config, subject, seeds, probes)
-    return Spread.of([m.growth for m in last], q) if last else None
-
-
-def through_kind(
-    config: Config, subject: Subject, q: float, seeds: Sequence[int], probes: SeedProbes
-) -> Growth:
-    """The kind of the through-time growth of `through_time`'s probes (their gain profiles), which
-    `over_tokens` takes where it explains the growth."""
-    return _kind(_last_steps(config, subject, seeds, probes), q)
-
-
 def _kind(ms: Sequence[Measurement], q: float) -> Growth:
     """The kind of growth of these probes' gain profiles (growthkind.kind_of)."""
     return kind_of([m.law_gains for m in ms], [m.growth for m in ms], q)
-
-
-def _last_steps(
-    config: Config, subject: Subject, seeds: Sequence[int] | None, probes: SeedProbes | None
-) -> list[Measurement]:
-    measure = probes or SeedProbes()
-    used = seeds if seeds is not None else [seed_of(config.run.seed, i) for i in range(config.run.seeds)]
-    return [m for s in used if (m := measure.last(config.with_run(seed=s), subject)) is not None]

@@ -70,11 +70,8 @@ def test_counting_subject_counts_one_build_per_probe() -> None:
     probe(config, subject)
     probe(config, subject, last_step=True)
     assert subject.builds == 2
-    j = assess(config, subject, through_time=False)
-    assert subject.builds == 2 + len(j.seeds)
-    fresh = bench.Counting(bench.resolve("rnn"))
-    again = assess(config, fresh)  # with the through-time growth: a last-step probe per seed too
-    assert again.through_time is not None and fresh.builds == 2 * len(again.seeds)
+    j = assess(config, subject)  # judged through time: a last-step probe per seed beside its own
+    assert j.per_token is not None and subject.builds == 2 + 2 * len(j.seeds)
     assert subject.name == "rnn"  # everything else is the wrapped subject's
 
 

@@ -4,14 +4,12 @@ or just outside, every expected value worked by hand from the Growth and input_a
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import pytest
 
 from stabilitycheck.config import Config
-from stabilitycheck.growthkind import Growth, fit_growth, input_apart, kind_of, over_tokens
+from stabilitycheck.growthkind import fit_growth, input_apart, kind_of
 from stabilitycheck.seeds import assess
-from stabilitycheck.spread import Spread
 from stabilitycheck.verdicts import Limits
 
 
@@ -57,18 +55,6 @@ def test_a_short_stacks_rate_is_its_log_growth_per_block(gains: list[float], rat
     assert kind.kind == "n/a" and kind.rate.mid == pytest.approx(rate, rel=1e-12)
 
 
-@pytest.mark.parametrize(("share", "accumulated"), [(0.4, True), (0.49, True), (0.51, False), (0.6, False)])
-def test_growth_is_accumulated_where_the_through_time_product_explains_less_than_half(
-    share: float, accumulated: bool
-) -> None:
-    """Guards over_tokens' threshold, by hand from its rule ln T < ln(G) / 2: a per-token growth G =
-    e^10 with a through-time product T = e^(10 share) is accumulated over tokens below share 1/2."""
-    kind = Growth("exponential", Spread.of([1.2], 0.5), Spread.of([math.nan], 0.5))
-    exact = Growth("polynomial", Spread.of([1.1], 0.5), Spread.of([2.0], 0.5))
-    got = over_tokens(kind, math.exp(10), math.exp(10 * share), exact)
-    assert got == (replace(kind, kind="accumulated") if accumulated else exact)
-
-
 @pytest.mark.parametrize("g", [1.05, 1.1, 1.3])
 def test_a_linear_rnn_grows_exponentially_at_its_exact_rate_under_a_per_token_loss(g: float) -> None:
     """Oracle, exact: a linear RNN with W = g x orthogonal grows g^(T-1) through time, x g per step. Its
@@ -80,7 +66,7 @@ def test_a_linear_rnn_grows_exponentially_at_its_exact_rate_under_a_per_token_lo
     j = assess(c, limits=off)
     assert j.kind.kind == "exponential"
     assert math.exp(j.kind.rate.mid) == pytest.approx(g, rel=1e-4)
-    assert j.through_time is not None and j.through_time.mid == pytest.approx(g ** (60 - 1), rel=1e-3)
+    assert j.per_token is not None and j.growth.mid == pytest.approx(g ** (60 - 1), rel=1e-3)
 
 
 def _non_normal_profile(steps: int) -> list[float]:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from stabilitycheck.growthkind import FIT_R2, Growth, classify, fit_growth, kind_of, over_tokens, swing
+from stabilitycheck.growthkind import FIT_R2, classify, fit_growth, kind_of, swing
 from stabilitycheck.measurement import Measurement
 from stabilitycheck.readings import Step, growth_of, locate, unscored
 from stabilitycheck.spread import Spread
@@ -122,15 +122,6 @@ def test_flat_reads_the_growth_at_the_quantile_and_an_unknown_swing_as_none() ->
     fits = [_fit(0.0, 1.0, 0.0, 1.0)] * 3
     assert classify(fits, [1.0, 1.2, 50.0], 0.5).kind == "flat"
     assert classify(fits[:1], [1.5], 0.5, wide=NAN).kind == "flat"
-
-
-def test_a_vanishing_stack_is_never_accumulated_over_tokens() -> None:
-    """over_tokens by hand: growth 0.01 with a through-time growth of 1e-6 is no accumulation (that is
-    growth above 1 the through-time product explains under half of); the kind stays its own or the
-    through-time one's, never 'accumulated'."""
-    rate = Spread(math.log(0.6), math.log(0.6), math.log(0.6))
-    own = Growth("exponential", rate, Spread(NAN, NAN, NAN))
-    assert over_tokens(own, 0.01, 1e-6, own).kind == "exponential"
 
 
 # ---------------------------------------------------------------- verdicts.py
@@ -442,17 +433,26 @@ def test_going_non_finite_is_judged_against_an_infinite_limit() -> None:
     assert criterion("overflow", INF, Limits()).limit == INF
 
 
-def test_accumulation_is_read_on_the_through_time_quantile_not_its_largest() -> None:
-    """seeds._judgement by hand: per-token growths 1.2^30 = 237 on three seeds, through-time growths 2,
-    3 and 1e6: at the median the through-time product (3) explains under half the log growth
-    (ln 3 < ln(237) / 2), accumulated over tokens; the largest seed's (1e6) would have explained it."""
+def test_a_recurrent_judgement_reads_growth_kind_and_culprit_on_its_through_time_probes() -> None:
+    """seeds._judgement by hand: per-token growths 1.2^30 = 237 on three seeds, through-time profiles
+    of gain 0.9 per step on three seeds (growths 2, 3 and 1e6 set apart): the growth is the
+    through-time median, 3, the per-token one kept beside it (237), and the kind is the through-time
+    profile's, x0.9 per step, not the per-token x1.2."""
     from stabilitycheck.seeds import _judgement
     from stabilitycheck.verdicts import Limits, values
 
     ms = [_seed([1.2] * 30) for _ in range(3)]
-    through = [replace(_seed([1.0] * 30), growth=g) for g in (2.0, 3.0, 1e6)]
-    judged = _judgement(ms, [values(m) for m in ms], through, (0, 1, 2), Limits(), 0.5, 3)
-    assert judged.kind.kind == "accumulated"
+    through = [replace(_seed([0.9] * 30), growth=g) for g in (2.0, 3.0, 1e6)]
+    per_seed = [
+        {**values(m), "growth": t.growth, "vanishing": t.growth} for m, t in zip(ms, through, strict=True)
+    ]
+    judged = _judgement(ms, per_seed, through, (0, 1, 2), Limits(), 0.5, 3)
+    assert judged.growth.mid == 3.0 and judged.per_token is not None
+    assert judged.per_token.mid == pytest.approx(1.2**30, rel=1e-9)
+    assert judged.kind.kind == "exponential" and math.exp(judged.kind.rate.mid) == pytest.approx(
+        0.9, rel=1e-9
+    )
+    assert judged.measurement is through[1] and judged.measured_seed == 1
 
 
 def test_a_probe_is_reused_whatever_the_seeds_budget_or_quantile() -> None:
@@ -478,9 +478,10 @@ def test_a_recurrent_subjects_vanishing_reads_the_last_step_even_without_the_thr
     from stabilitycheck.verdicts import Limits
 
     config = Config.of("rnn", seq_len=6, width=8, batch_size=4, seeds=1)
-    judged = assess(config, limits=Limits(vanishing=100.0), through_time=False)
+    judged = assess(config, limits=Limits(vanishing=100.0))
     last = probe(config.with_run(seed=judged.seeds[0]), last_step=True)
-    assert judged.values[0]["vanishing"] == last.growth != judged.growth.mid
+    assert judged.values[0]["vanishing"] == last.growth == judged.growth.mid
+    assert judged.per_token is not None and judged.per_token.mid != last.growth
 
 
 def test_the_judgement_reads_every_quantile_at_q_and_sums_skipped_steps() -> None:
@@ -494,11 +495,13 @@ def test_the_judgement_reads_every_quantile_at_q_and_sums_skipped_steps() -> Non
     ms = [
         replace(_seed([1.0] * 4), growth=g, skipped_steps=k) for g, k in ((50.0, 1), (150.0, 2), (300.0, 3))
     ]
-    through = [replace(_seed([1.0] * 4), growth=g) for g in (2.0, 3.0, 4.0)]
-    judged = _judgement(ms, [values(m) for m in ms], through, (0, 1, 2), Limits(), 0.9, 3)
+    judged = _judgement(ms, [values(m) for m in ms], [], (0, 1, 2), Limits(), 0.9, 3)
     (fired,) = [c for c in judged.verdict.criteria if c.name == "growth"]
-    assert fired.value == 300.0 and judged.through_time is not None and judged.through_time.mid == 4.0
+    assert fired.value == 300.0 and judged.growth.mid == 300.0 and judged.per_token is None
     assert judged.skipped_steps == 6
+    through = [replace(_seed([1.0] * 4), growth=g) for g in (2.0, 3.0, 4.0)]  # the growths judged, ms beside
+    beside = _judgement(through, [values(m) for m in through], ms, (0, 1, 2), Limits(), 0.9, 3)
+    assert beside.per_token is not None and beside.per_token.mid == 4.0 and beside.growth.mid == 300.0
     fits = [_fit(r, 1.0, 0.0, 0.0) for r in (0.1, 0.2, 0.3)]
     assert classify(fits, [1e3] * 3, 0.9).rate.mid == 0.3
 

@@ -80,7 +80,7 @@ def test_the_counterexample_numbers_are_what_its_reproduction_line_prints(label:
     to a later seed before their answer."""
     cx = search(targets()[label], seed=0, database=None).counterexample
     assert cx is not None
-    fresh = assess(cx.config, limits=cx.limits, through_time=False)
+    fresh = assess(cx.config, limits=cx.limits)
     got = cx.judgement
     assert (got.seeds, got.growth, got.verdict) == (fresh.seeds, fresh.growth, fresh.verdict)
 
@@ -109,7 +109,6 @@ def test_critical_init_that_is_not_critical_is_not_fixed_but_vanishing() -> None
     A tanh RNN at spectral radius 1 with its input drive shrinks through time (tanh' < 1): also
     vanishing. The tanh MLP's sigma 1 (mean field chi_1 = 1) still fixes."""
     from stabilitycheck.searching import try_remedies
-    from stabilitycheck.seeds import through_time
     from stabilitycheck.verdicts import Limits
 
     cases = [
@@ -129,8 +128,7 @@ def test_critical_init_that_is_not_critical_is_not_fixed_but_vanishing() -> None
         assert remedy.still_fires == ("vanishing",)
         j = assess(remedy.config, limits=Limits(vanishing=100.0))
         if config.recurrent:  # judged on the last step's loss: the product of the Jacobians
-            spread = through_time(remedy.config, subject, 0.5, j.seeds)
-            assert spread is not None and spread.high < 1e-2
+            assert j.per_token is not None and j.growth.high < 1e-2
         else:
             gain = float(j.culprit.removeprefix("uniform, median gain x"))
             assert math.sqrt(0.5) < gain < 1 and j.growth.high < 1e-2, (j.culprit, j.growth)
@@ -167,8 +165,8 @@ def test_remedies_are_measured_and_not_applicable_ones_say_so() -> None:
         if r.config is not None:
             fresh = assess(r.config, limits=judged_on(cx.limits))
             assert r.fixed == (not fresh.exploded)
-            assert fresh.through_time is not None  # recurrent, judged on vanishing: both growths said
-            assert r.growth == f"{fresh.growth.describe()}; through time {fresh.through_time.describe()}"
+            assert fresh.per_token is not None  # recurrent: judged through time
+            assert r.growth == fresh.growth.describe()
 
 
 def test_configs_too_large_for_memory_are_skipped_and_reported(monkeypatch: pytest.MonkeyPatch) -> None:

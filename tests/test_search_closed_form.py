@@ -208,7 +208,7 @@ def test_the_counterexamples_judgement_is_a_fresh_verdicts_with_every_criterion_
     result = search(_space(subject, seeds=3), subject=subject, limits=limits, max_examples=10, seed=0)
     cx = result.counterexample
     assert cx is not None
-    fresh = assess(cx.config, subject, limits, through_time=False)
+    fresh = assess(cx.config, subject, limits)
     assert len(fresh.seeds) == 3
     got = cx.judgement
     assert (got.seeds, got.growth, got.verdict) == (fresh.seeds, fresh.growth, fresh.verdict)
