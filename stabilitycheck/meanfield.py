@@ -188,11 +188,11 @@ _RESIDUAL: dict[tuple[float, str, str], tuple[list[float], float]] = {}
 after block n."""
 
 
-def zoo_growth(family: str, knobs: Mapping[str, object], last_step: bool) -> float | None:
+def zoo_growth(family: str, knobs: Mapping[str, object]) -> float | None:
     """The growth mean-field theory predicts for a zoo Config, or None where it has no prediction:
     a bias-free mlp (tanh, relu, linear; inputs N(0, 1)) or resmlp (residual_log_growth) up to
-    MAX_DEPTH, or a linear rnn judged on its last step, where growth is exactly sigma^(T - 1) (the
-    recurrence is sigma x orthogonal)."""
+    MAX_DEPTH, or a linear rnn, whose growth through time (what it is judged on) is exactly
+    sigma^(T - 1) (the recurrence is sigma x orthogonal)."""
     act, sigma = knobs.get("activation"), knobs.get("init_scale")
     if not isinstance(sigma, int | float) or act not in ACTIVATIONS:
         return None
@@ -203,6 +203,6 @@ def zoo_growth(family: str, knobs: Mapping[str, object], last_step: bool) -> flo
         else:
             log = residual_log_growth(float(sigma), str(act), depth, str(knobs.get("norm")))
         return math.exp(log) if log < 709.0 else math.inf  # past float64's range: inf, not an error
-    if family == "rnn" and act == "linear" and last_step and isinstance(t := knobs.get("seq_len"), int):
+    if family == "rnn" and act == "linear" and isinstance(t := knobs.get("seq_len"), int):
         return float(sigma) ** (t - 1)
     return None

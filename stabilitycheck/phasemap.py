@@ -320,9 +320,7 @@ def theory(pm: PhaseMap, vanishing: bool = False) -> tuple[int | None, ...] | No
     for yv in pm.y.values:
         found: int | None = None
         for i, xv in enumerate(pm.x.values):
-            g = zoo_growth(
-                pm.base.subject, {**pm.base.values, pm.x.name: xv, pm.y.name: yv}, pm.loss == "last"
-            )
+            g = zoo_growth(pm.base.subject, {**pm.base.values, pm.x.name: xv, pm.y.name: yv})
             if g is None:
                 return None
             if (g < 1 / limit) if vanishing else (g > limit):

@@ -75,7 +75,7 @@ def _theory(ax: Any, pm: PhaseMap, ylog: bool) -> bool:
         row = []
         for xv in pm.x.values:
             knobs = {**pm.base.values, pm.x.name: xv, pm.y.name: type(ys[0])(yv)}
-            g = zoo_growth(pm.base.subject, knobs, pm.loss == "last")
+            g = zoo_growth(pm.base.subject, knobs)
             if g is None:
                 return False
             row.append(math.log10(g) if g > 0 else -300.0)

@@ -99,7 +99,7 @@ def test_the_linear_rnns_predicted_last_step_growth_is_torchs(sigma: float, seq_
     loss = built.loss_fn(built.model(built.inputs), built.inputs)
     handle.remove()
     grads = torch.autograd.grad(loss, hs)
-    predicted = meanfield.zoo_growth("rnn", dict(config.values), last_step=True)
+    predicted = meanfield.zoo_growth("rnn", dict(config.values))
     assert predicted == pytest.approx(float(grads[0].norm() / grads[-1].norm()), rel=1e-9)
 
 
@@ -109,5 +109,5 @@ def test_a_scale_whose_square_underflows_predicts_growth_0(activation: str) -> N
     prediction took ln 0, a ValueError (found by mutation testing). Oracle: the relu growth (sigma^2 /
     2)^(depth / 2), 1e-510 at depth 3, is 0.0 in float64; so is any activation's, whose chi <= sigma^2."""
     knobs = {"activation": activation, "init_scale": 1e-170, "depth": 3}
-    assert meanfield.zoo_growth("mlp", knobs, False) == 0.0
+    assert meanfield.zoo_growth("mlp", knobs) == 0.0
     assert (1e-170**2 / 2) ** 1.5 == 0.0

@@ -411,9 +411,9 @@ def test_the_theory_of_a_long_row_costs_one_pass_over_its_depths(monkeypatch: py
     knobs = {"activation": "tanh", "init_scale": 2.0}
     chain = meanfield.log_growths(2.0, "tanh", 40)
     for depth in (1, 7, 40):
-        got = meanfield.zoo_growth("mlp", {**knobs, "depth": depth}, False)
+        got = meanfield.zoo_growth("mlp", {**knobs, "depth": depth})
         assert got == pytest.approx(math.exp(chain[depth - 1]), rel=1e-12)
-    assert meanfield.zoo_growth("mlp", {**knobs, "depth": meanfield.MAX_DEPTH + 1}, False) is None
+    assert meanfield.zoo_growth("mlp", {**knobs, "depth": meanfield.MAX_DEPTH + 1}) is None
     row, real, steps = range(1, 20_001), meanfield.step, [0]
 
     def counted(sigma: float, activation: str, q: float) -> tuple[float, float]:
@@ -424,11 +424,11 @@ def test_the_theory_of_a_long_row_costs_one_pass_over_its_depths(monkeypatch: py
 
     monkeypatch.setattr(meanfield, "step", counted)
     for depth in row:  # the blocks the cache does not hold yet (other tests may have made some)
-        meanfield.zoo_growth("mlp", {**knobs, "depth": depth}, False)
+        meanfield.zoo_growth("mlp", {**knobs, "depth": depth})
     tracemalloc.start()
     try:
         for depth in row:  # every block cached now: a read is one lookup
-            meanfield.zoo_growth("mlp", {**knobs, "depth": depth}, False)
+            meanfield.zoo_growth("mlp", {**knobs, "depth": depth})
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -181,8 +181,8 @@ def test_the_first_blocks_gain_is_at_the_input_variance_times_sigma_squared(sigm
     chi0 = sigma**2 * _gauss(sech4, sigma)
     q1 = sigma**2 * _gauss(lambda h: torch.tanh(h) ** 2, sigma)
     chi1 = sigma**2 * _gauss(sech4, math.sqrt(q1))
-    one = zoo_growth("mlp", {"activation": "tanh", "init_scale": sigma, "depth": 1}, False)
-    two = zoo_growth("mlp", {"activation": "tanh", "init_scale": sigma, "depth": 2}, False)
+    one = zoo_growth("mlp", {"activation": "tanh", "init_scale": sigma, "depth": 1})
+    two = zoo_growth("mlp", {"activation": "tanh", "init_scale": sigma, "depth": 2})
     assert one == pytest.approx(math.sqrt(chi0), rel=1e-6)
     assert two == pytest.approx(math.sqrt(chi0 * chi1), rel=1e-6)
 

@@ -438,7 +438,7 @@ def test_mean_field_growth_matches_a_brute_force_integral(sigma, act, q_in) -> N
 
 def test_relu_growth_is_sigma_over_sqrt2_per_block() -> None:
     meanfield._CHAINS.clear()
-    got = meanfield.zoo_growth("mlp", {"activation": "relu", "init_scale": 2.0, "depth": 6}, False)
+    got = meanfield.zoo_growth("mlp", {"activation": "relu", "init_scale": 2.0, "depth": 6})
     assert got == pytest.approx((2.0 / math.sqrt(2)) ** 6, rel=1e-12)
 
 
@@ -459,7 +459,7 @@ def test_a_linear_rnns_last_step_growth_is_sigma_to_the_t_minus_1_as_probed() ->
 
     sigma, t = 1.3, 9
     c = Config.of("rnn", seq_len=t, width=16, init_scale=sigma, activation="linear", batch_size=4)
-    predicted = meanfield.zoo_growth("rnn", {"activation": "linear", "init_scale": sigma, "seq_len": t}, True)
+    predicted = meanfield.zoo_growth("rnn", {"activation": "linear", "init_scale": sigma, "seq_len": t})
     assert predicted == pytest.approx(sigma ** (t - 1), rel=1e-12, abs=0)
     assert probe(c, last_step=True).growth == pytest.approx(predicted, rel=1e-4, abs=0)
 
