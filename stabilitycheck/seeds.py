@@ -307,6 +307,8 @@ def _judgement(
     fired = tuple(criterion(c, quantiles[c], lim) for c in CRITERIA if settled.get(c) is True)
     known = Verdict(bool(fired), fired)
     judged = through or ms  # the probes the growth is judged on
+    # a non-finite value is named where the model's own loss met it (the verdict's nonfinite is its)
+    shown = ms if any(m.first_nonfinite is not None for m in ms) else judged
     growth = [m.growth for m in judged]
     mid = quantile(growth, q)
     at = next((i for i, g in enumerate(growth) if g == mid or (math.isnan(mid) and math.isnan(g))), 0)
@@ -317,10 +319,10 @@ def _judgement(
         growth=Spread.of(growth, q),
         grad_norm=Spread.of([v["grad_norm"] for v in per_seed], q),
         skipped_steps=sum(m.skipped_steps for m in ms),
-        culprit=culprit_of(judged),
+        culprit=culprit_of(shown),
         kind=_kind(judged, q),
         per_token=Spread.of([m.growth for m in ms], q) if through else None,
-        measurement=judged[at],
+        measurement=shown[at],
         measured_seed=seeds[at],
         values=tuple(per_seed),
     )

@@ -513,3 +513,22 @@ def test_a_growth_of_zero_is_far_from_every_limit() -> None:
     from stabilitycheck.verdicts import Limits
 
     assert _far("growth", 0.0, Limits(), 1000.0)
+
+
+def test_a_recurrent_judgement_names_a_non_finite_value_its_own_loss_met() -> None:
+    """seeds._judgement by hand: the per-token probes went non-finite in block b1 (seed 1), the
+    last-step ones stayed finite: the verdict's nonfinite is the model's own loss's, so the culprit
+    and the measurement shown are its probes' (b1 and seed 1's, as its growth is the median), while
+    the growth stays the through-time one."""
+    from stabilitycheck.measurement import NonFinite
+    from stabilitycheck.seeds import _judgement
+    from stabilitycheck.verdicts import Limits, values
+
+    bad = NonFinite(0, "b1", "activation", math.inf)
+    ms = [replace(_seed([2.0] * 4), first_nonfinite=bad if i == 1 else None) for i in range(3)]
+    through = [replace(_seed([0.9] * 4), growth=g) for g in (2.0, 3.0, 4.0)]
+    per_seed = [
+        {**values(m), "growth": t.growth, "vanishing": t.growth} for m, t in zip(ms, through, strict=True)
+    ]
+    judged = _judgement(ms, per_seed, through, (0, 1, 2), Limits(), 0.5, 3)
+    assert judged.culprit == "b1" and judged.measurement is ms[1] and judged.growth.mid == 3.0
