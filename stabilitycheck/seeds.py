@@ -329,9 +329,9 @@ def _judgement(
 
 
 def stepped(config: Config, m: Measurement) -> bool:
-    """Whether `config`'s subject has a through-time growth (the loss on the last step alone) beside
-    the growth `m` read: a zoo recurrent family, or a model file whose one block is called per step (a
-    cell of its own, stepped per token: its last-step loss reads the last call's output)."""
+    """Whether `config`'s subject is judged on a through-time growth (the loss on the last step alone)
+    in place of the growth `m` read: a zoo recurrent family, or a model file whose one block is called
+    per step (a cell of its own, stepped per token: its last-step loss reads the last call's output)."""
     return config.recurrent or (kind(config.subject) == "file" and m.per_call)
 
 
