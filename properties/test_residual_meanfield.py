@@ -40,10 +40,10 @@ def test_closed_forms_of_homogeneous_branches(act: str, sigma: float, depth: int
 
 def test_zoo_growth_reads_the_residual_stack_s_norm() -> None:
     knobs = {"activation": "relu", "init_scale": 1.0, "depth": 8}
-    assert meanfield.zoo_growth("resmlp", {**knobs, "norm": "pre"}, False) == pytest.approx(math.sqrt(1 + 4))
-    assert meanfield.zoo_growth("resmlp", {**knobs, "norm": "post"}, False) == pytest.approx(1.0)
-    assert meanfield.zoo_growth("resmlp", {**knobs, "norm": "none"}, False) == pytest.approx(1.5**4)
-    assert meanfield.zoo_growth("resmlp", {**knobs, "activation": "gelu", "norm": "pre"}, False) is None
+    assert meanfield.zoo_growth("resmlp", {**knobs, "norm": "pre"}) == pytest.approx(math.sqrt(1 + 4))
+    assert meanfield.zoo_growth("resmlp", {**knobs, "norm": "post"}) == pytest.approx(1.0)
+    assert meanfield.zoo_growth("resmlp", {**knobs, "norm": "none"}) == pytest.approx(1.5**4)
+    assert meanfield.zoo_growth("resmlp", {**knobs, "activation": "gelu", "norm": "pre"}) is None
     with pytest.raises(ValueError, match="norm"):
         meanfield.residual_log_growth(1.0, "relu", 4, "rms")
 
@@ -70,7 +70,7 @@ def test_probe_median_growth_matches_residual_mean_field(
         dtype="float64",
     )
     measured = statistics.median(probe(c.with_run(seed=s)).growth for s in range(4))
-    predicted = meanfield.zoo_growth("resmlp", c.values, False)
+    predicted = meanfield.zoo_growth("resmlp", c.values)
     assert predicted is not None
     assert abs(math.log(measured / predicted)) < math.log(1.25), (measured, predicted)
 

@@ -366,7 +366,7 @@ def _own_log_growth(sigma: float, act: str, depth: int) -> float:
 @pytest.mark.parametrize("sigma", [0.75, 1.25, 1.5, 2.5, 4.0])
 def test_zoo_mean_field_line_is_an_independent_chain(act: str, sigma: float) -> None:
     for depth in (1, 7, 30):
-        got = meanfield.zoo_growth("mlp", {"activation": act, "init_scale": sigma, "depth": depth}, False)
+        got = meanfield.zoo_growth("mlp", {"activation": act, "init_scale": sigma, "depth": depth})
         assert got is not None
         assert math.log(got) == pytest.approx(_own_log_growth(sigma, act, depth), abs=1e-6 * depth)
 
