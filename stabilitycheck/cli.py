@@ -36,7 +36,7 @@ def _devices(requested: list[list[str]]) -> list[str]:
 
     from stabilitycheck.errors import UsageError
 
-    names = [d for group in requested for d in group] or ["cpu"]
+    names = list(dict.fromkeys(d for group in requested for d in group)) or ["cpu"]  # each once
     if "all" in names:
         if not torch.cuda.is_available():
             sys.stderr.write("stabilitycheck: note: --device all: no CUDA device on this machine, CPU only\n")
@@ -73,7 +73,7 @@ def _spaces(args: argparse.Namespace) -> list[Any]:
         k: getattr(args, k) for k in ("steps", "lr", "optimizer", "clip") if getattr(args, k) is not None
     }
     run.update(seed=args.seed, seeds=args.seeds, quantile=args.quantile)
-    dtypes = [d for group in args.dtype for d in group]
+    dtypes = list(dict.fromkeys(d for group in args.dtype for d in group))  # float32,float32: one search
     from stabilitycheck.searching import check
 
     out = []

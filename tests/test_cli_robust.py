@@ -972,3 +972,20 @@ def test_two_blocks_of_one_name_exit_2(capsys: pytest.CaptureFixture[str], tmp_p
     )
     code, _, err = _run([str(path), "--database", "none"], capsys)
     assert code == cli.EXIT_USAGE and "two blocks are named 'a'" in err and err.count("\n") == 1
+
+
+def test_a_dtype_or_device_given_twice_is_searched_once() -> None:
+    """--dtype float32,float32 (or --device cpu --device cpu) searched the target twice and printed two
+    identical rows (found by a new user's trial). Oracle: the spaces the CLI would search, one per
+    distinct (device, dtype), in the order given."""
+    from stabilitycheck import cli
+    from stabilitycheck._options import parser
+
+    args = parser().parse_args(
+        ["mlp", "--dtype", "float32,float64,float32", "--device", "cpu", "--device", "cpu"]
+    )
+    spaces = cli._spaces(args)
+    assert [(s.base.run.device, s.base.run.dtype) for _, s in spaces] == [
+        ("cpu", "float32"),
+        ("cpu", "float64"),
+    ]
