@@ -68,7 +68,8 @@ other), groups of experts stay within the 4 experts (axk1's 8 groups of 0 failed
 NO_LAYERS = ", no chain of blocks to measure (its leaf modules run side by side); give it 1 or more"
 SMALL_HINT = (  # where a model type's own constraints do not hold at SMALL's values
     "; stabilitycheck's small defaults (2 layers, width 64, 2 heads of 32, feed-forward 128) may not fit "
-    "this model type: set the fields the error names with --knob NAME=VALUE"
+    "this model type: set the fields the error names with --knob NAME=VALUE (numbers and flags; a field "
+    "holding a tuple or a list, as Reformer's axial_pos_embds, is no knob: such a type cannot be searched)"
 )
 
 
