@@ -71,14 +71,14 @@ class Measurement:
 
     @property
     def per_call(self) -> bool:
-        """One block called two or more times, each call a block, with no chain starting among its
-        calls as the recorder read them (a recurrent cell stepped per token): where a per-token loss
-        may add every later call's gradient to the product of Jacobians. Truncated backpropagation's
-        windows start chains of their own, and a loss on the last call reaches only the last one;
-        whether every call takes what the one before returned (not a Siamese model's shared tower) is
-        the model file's own check (modelfile.subject._reading)."""
+        """More block calls than blocks, each call a block, with no chain starting among them as the
+        recorder read them (a recurrent cell stepped per token, stacked cells taking turns): where a
+        per-token loss may add every later call's gradient to the product of Jacobians. Truncated
+        backpropagation's windows start chains of their own, and a loss on the last call reaches only
+        the last one; whether every call takes what the one before returned (not a Siamese model's
+        shared tower) is the model file's own check (modelfile.subject._reading)."""
         calls = sum(n != INPUT for n in self.activation_names)
-        return len(self.layer_names) == 1 and calls >= 2 and not self.chain_starts
+        return calls > len(self.layer_names) >= 1 and not self.chain_starts
 
     @property
     def law_gains(self) -> tuple[float, ...]:

@@ -353,3 +353,72 @@ def test_a_search_counts_its_last_step_probes_apart(tmp_path: Path) -> None:
     used = result.counterexample.judgement.seeds
     assert result.last_step_probes == len(used) >= 3 and result.probes == len(used)
     assert json.loads(to_json([result]))[0]["last_step_probes"] == len(used)
+
+
+STACKED_CELLS = LINEAR_CELL.replace(
+    """class Net(nn.Module):
+    def __init__(self, width, gain):
+        super().__init__()
+        self.cell, self.width = Cell(width, gain), width
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[0], self.width)
+        ys = []
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], h)
+            ys.append(h)
+        return torch.stack(ys, 1)
+""",
+    """class Upper(Cell):
+    def __init__(self, width, gain):
+        super().__init__(width, gain)
+        self.u = nn.Linear(width, width, bias=False)
+
+
+class Net(nn.Module):
+    def __init__(self, width, gain):
+        super().__init__()
+        self.c0, self.c1, self.width = Cell(width, gain), Upper(width, gain), width
+
+    def stability_blocks(self):
+        return [("c0", self.c0), ("c1", self.c1)]
+
+    def forward(self, x):
+        h0 = h1 = x.new_zeros(x.shape[0], self.width)
+        ys = []
+        for t in range(x.shape[1]):
+            h0 = self.c0(x[:, t], h0)
+            h1 = self.c1(h0, h1)
+            ys.append(h1)
+        return torch.stack(ys, 1)
+""",
+)
+
+
+def test_stacked_cells_taking_turns_are_judged_on_torchs_last_step_gradients(tmp_path: Path) -> None:
+    """Two linear cells stacked, c0 then c1 at every token, a head on every h1: the calls form one
+    chain in call order (c0 at t + 1 takes c0's h at t, c1 takes c0's h and its own), so the growth
+    judged is |dL/dh0_1| / |dL/dh1_T| under the default loss on h1_T alone, by torch's autograd (it
+    was the per-token loss's, which read a stack at g = 1 exploding at 63 tokens: every later token's
+    gradient summed in)."""
+    assert STACKED_CELLS != LINEAR_CELL
+    name = _file(tmp_path, "stacked.py", STACKED_CELLS)
+    subject = resolve(name)
+    config = Config.of(name, gain=1.0, seq_len=12, dtype="float64", seed=5, seeds=1)
+    built = subject.build(config)
+    hs: list[torch.Tensor] = []
+
+    def keep(module: torch.nn.Module, args: object, out: torch.Tensor) -> None:
+        out.retain_grad()
+        hs.append(out)
+
+    handles = [built.model.get_submodule(b).register_forward_hook(keep) for b in ("c0", "c1")]
+    built.model(built.inputs)
+    for handle in handles:
+        handle.remove()
+    DefaultLoss(derived(5, SALT_LOSS))(hs[-1]).backward()
+    assert len(hs) == 24 and all(h.grad is not None for h in hs)
+    torch_growth = float(hs[0].grad.norm() / hs[-1].grad.norm())  # type: ignore[union-attr]
+    j = assess(config, subject)
+    assert j.per_token is not None and math.isclose(j.growth.mid, torch_growth, rel_tol=1e-9)
+    assert j.per_token.mid != j.growth.mid

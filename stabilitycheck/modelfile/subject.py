@@ -189,19 +189,19 @@ class ModelFile:
         return self._built(config, self._make(config), self.loss_fn(config.run.seed))
 
     def last_step(self, config: Config) -> Built | None:
-        """Where the model's one block is called per step along one chain (a cell of its own, stepped
-        per token) and its output is made from earlier calls too (`_reading` BESIDE): the model with
-        the default loss on that block's last call's output alone, whatever loss() the file gives, so
-        that each earlier call's gradient is the product of the Jacobians, which a per-token loss adds
-        every later token's gradient to. None for other models: their calls do not chain, or their
-        loss is on the last step already."""
+        """Where the model's blocks are called per step along one chain (a cell of its own stepped per
+        token, or stacked cells taking turns) and its output is made from earlier calls too
+        (`_reading` BESIDE): the model with the default loss on the last call's output alone, whatever
+        loss() the file gives, so that each earlier call's gradient is the product of the Jacobians,
+        which a per-token loss adds every later token's gradient to. None for other models: their
+        calls do not chain, or their loss is on the last step already."""
         model, inputs, blocks, note = self._make(config)
-        # one block; not a compiled model, whose forward the hooks put on at every call would compile again
+        # not a compiled model, whose forward the hooks put on at every call would compile again
         compiled = type(model).__name__ == "OptimizedModule"
-        if len(blocks) != 1 or compiled or _reading(model, inputs, blocks[0][0]) != BESIDE:
+        if compiled or _reading(model, inputs, [name for name, _ in blocks]) != BESIDE:
             return None
         loss = OutputLoss(DefaultLoss(derived(config.run.seed, SALT_LOSS)), self.given, guard=self.call_user)
-        return self._built(config, (_LastCall(model, blocks[0][1]), inputs, blocks, note), loss)
+        return self._built(config, (_LastCall(model, [m for _, m in blocks]), inputs, blocks, note), loss)
 
     def _built(
         self,
@@ -254,63 +254,96 @@ class ModelFile:
 
 
 class _LastCall(nn.Module):
-    """`model`, returning the tensor of the last call of `cell` in its forward that the chain runs
+    """`model`, returning the tensor of the last block call in its forward that the chain runs
     through (the model's own output is left unused): a loss on it is a loss on the last step alone.
-    That tensor is the first of a call's outputs that the next call takes, h of (h, c), h of (y, h)
-    (a loss on y, which h's chain does not read at the last call, read one Jacobian fewer)."""
+    That tensor is the first of the call's outputs that its block's next call takes, h of (h, c), h of
+    (y, h) (a loss on y, which h's chain does not read at the last call, read one Jacobian fewer)."""
 
-    def __init__(self, model: nn.Module, cell: nn.Module) -> None:
+    def __init__(self, model: nn.Module, blocks: list[nn.Module]) -> None:
         super().__init__()
         self.model = model
-        self.cell = (cell,)  # not a submodule: its parameters are the model's, named there
+        self.blocks = tuple(blocks)  # not submodules: their parameters are the model's, named there
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        outs: list[list[torch.Tensor]] = []  # each call's floating outputs
-        fed: set[int] = set()  # the places of a call's outputs that the next call took
+        last: list[torch.Tensor] = []  # the last call's floating outputs
+        kept: dict[int, list[torch.Tensor]] = {}  # per block, its last call's floating outputs
+        fed: dict[int, set[int]] = {}  # per block, the places of a call's outputs its next call took
+        lasts: list[int] = []  # the block of the last call
 
-        def before(module: nn.Module, given: tuple[Any, ...], named: dict[str, Any]) -> None:
-            if outs:
-                fed.update(_taken(outs[-1], (given, named)))
+        def before(b: int) -> Any:
+            def hook(module: nn.Module, given: tuple[Any, ...], named: dict[str, Any]) -> None:
+                if b in kept:
+                    fed.setdefault(b, set()).update(_taken(kept[b], (given, named)))
 
-        def keep(module: nn.Module, given: Any, output: Any) -> None:
-            outs.append(_floating(output))
+            return hook
+
+        def keep(b: int) -> Any:
+            def hook(module: nn.Module, given: Any, output: Any) -> None:
+                kept[b] = last[:] = _floating(output)
+                lasts[:] = [b]
+
+            return hook
 
         # registered at each call, after the probe's hooks: they see the call as the next one takes it
-        cell = self.cell[0]
-        handles = (cell.register_forward_pre_hook(before, with_kwargs=True), cell.register_forward_hook(keep))
+        handles = [
+            handle
+            for b, block in enumerate(self.blocks)
+            for handle in (
+                block.register_forward_pre_hook(before(b), with_kwargs=True),
+                block.register_forward_hook(keep(b)),
+            )
+        ]
         try:
             self.model(*args, **kwargs)
         finally:
             for handle in handles:
                 handle.remove()
-        last = outs[-1] if outs else []
-        return last[min(fed)] if last and fed and min(fed) < len(last) else (last[0] if last else None)
+        places = fed.get(lasts[0], set()) if lasts else set()
+        return (
+            last[min(places)] if last and places and min(places) < len(last) else (last[0] if last else None)
+        )
 
 
 BESIDE, LAST, APART = "beside", "last", "apart"  # what `_reading` finds
 
 
-def _reading(model: nn.Module, inputs: Inputs, name: str) -> str:
-    """How the model's block `name` runs and what its output is made from, seen in one forward of a
-    copy (loops.on_a_copy: the model and the random states unchanged). BESIDE: the block is stepped
-    along one chain, every call after the first taking what the one before returned, and the output is
-    made from an earlier call's output other than through the last call's (a head on every step's h):
-    its loss reaches earlier calls beside the chain. LAST: the block is called once, or the output is
-    made from the last call's output alone (a head on h_T): its loss is on the last step already.
-    APART: the calls do not chain (a Siamese model's shared tower, a second pass from a fresh state,
-    truncated backpropagation's windows: a loss on the last call would reach the last chain alone),
-    the block is never called, or the copy cannot be made or run (its own loss is then read alone)."""
+def _reading(model: nn.Module, inputs: Inputs, names: list[str]) -> str:
+    """How the model's blocks `names` run and what its output is made from, seen in one forward of a
+    copy (loops.on_a_copy: the model and the random states unchanged). BESIDE: a block is called
+    again along one chain, every call after the first taking what the call before it returned, or
+    what its own block's call before returned (stacked cells taking turns per token: c0 at t + 1
+    takes c0's h at t), and the output is made from an earlier call's output other than through the
+    last call's (a head on every step's h): its loss reaches earlier calls beside the chain. LAST:
+    each block is called once, or the output is made from the last call's output alone (a head on
+    h_T): its loss is on the last step already. APART: the calls do not chain (a Siamese model's
+    shared tower, a second pass from a fresh state, truncated backpropagation's windows: a loss on
+    the last call would reach the last chain alone), no block is called, or the copy cannot be made
+    or run (its own loss is then read alone)."""
     calls: list[list[torch.Tensor]] = []
+    mine: dict[str, list[torch.Tensor]] = {}  # per block, its last call's floating outputs
     chained = [True]
 
-    def before(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if calls:
-            chained[0] = chained[0] and bool(_taken(calls[-1], (args, kwargs)))
+    def before(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if calls:
+                given = (args, kwargs)
+                took = bool(_taken(calls[-1], given)) or (name in mine and bool(_taken(mine[name], given)))
+                chained[0] = chained[0] and took
+
+        return hook
+
+    def after(name: str) -> Any:
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            calls.append(_floating(out))
+            mine[name] = calls[-1]
+
+        return hook
 
     def run(copy: nn.Module, given: Inputs) -> Any:
-        block = copy.get_submodule(name)
-        block.register_forward_pre_hook(before, with_kwargs=True)
-        block.register_forward_hook(lambda m, args, out: calls.append(_floating(out)))
+        for name in names:
+            block = copy.get_submodule(name)
+            block.register_forward_pre_hook(before(name), with_kwargs=True)
+            block.register_forward_hook(after(name))
         return call_model(copy, given)
 
     try:
@@ -321,6 +354,8 @@ def _reading(model: nn.Module, inputs: Inputs, name: str) -> str:
         return APART
     if not calls or not chained[0]:
         return APART
+    if len(calls) == len(mine):  # each block called once: a stack, no steps
+        return LAST
     past = {t.grad_fn for t in calls[-1] if t.grad_fn is not None}
     earlier = {t.grad_fn for made in calls[:-1] for t in made if t.grad_fn is not None}
     return BESIDE if any(_made_from(t, earlier, past) for t in tensors(output)) else LAST
