@@ -108,7 +108,8 @@ def figure(results: Sequence[SearchResult], what: str = "--plot") -> tuple[Any, 
         else:
             right.semilogy([v if v > 0 else math.nan for v in m.layer_grad_norms], marker=".")
             _mark_nonfinite(right, m.layer_grad_norms)
-            right.set_title(f"weight-gradient norm per block (step 0, {seed})", fontsize=9)
+            loss = ", the loss on the last step" if j.per_token else ""  # a recurrent subject's profile
+            right.set_title(f"weight-gradient norm per block (step 0, {seed}{loss})", fontsize=9)
             right.set_xlabel("block (input side left)")
     fig.tight_layout()
     return fig, len(drawn)

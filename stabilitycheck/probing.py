@@ -549,8 +549,9 @@ def _never_called(names: Sequence[str]) -> UserCodeError:
 
 
 def probe(config: Config, subject: Subject | None = None, *, last_step: bool = False) -> Measurement:
-    """Build `config` with `subject` (default: the one its name resolves to) and probe it.
-    `last_step`: a sequence subject's loss on the last step alone (None where it has none)."""
+    """Build `config` with `subject` (default: the one its name resolves to) and probe it under its
+    own loss. `last_step`: a sequence subject's loss on the last step alone, the through-time growth a
+    recurrent subject's verdict judges (errors.NoLastStep where it has none)."""
     if not isinstance(config, Config):
         raise UsageError(
             f"probe takes a Config, got {type(config).__name__}; e.g. probe(Config.of('mlp', depth=8)); "

@@ -236,14 +236,16 @@ class SeedProbes:
         return self.done[key]
 
     def last(self, config: Config, subject: Subject | None) -> Measurement | None:
-        """The last-step probe of `config`, or None where its subject has none (a model file whose loss
+        """The last-step probe of `config` at init (no optimiser steps: the growth is read at step 0,
+        and steps on that loss would train a model no one trains, which went non-finite where the
+        model's own training did not), or None where its subject has none (a model file whose loss
         is on the last step already, or whose calls do not form one chain: errors.NoLastStep), which is
         remembered for every seed of the config: that is how the model is built, not what it draws."""
         key = config.with_run(seed=0, seeds=1, quantile=0.5)
         if key in self.without:
             return None
         try:
-            return self(config, subject, last_step=True)
+            return self(config.with_run(steps=0, warmup=0, clip=None), subject, last_step=True)
         except NoLastStep:
             self.without.add(key)
             return None

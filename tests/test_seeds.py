@@ -693,3 +693,15 @@ def test_a_recurrent_subjects_through_time_growth_is_never_decided_by_the_margin
     assert growths[0] > 1000 * 20 and statistics.median(growths) < 20
     j = assess(config, limits=limits)
     assert not j.exploded and len(j.seeds) >= 3
+
+
+def test_a_recurrent_subjects_last_step_is_read_at_init_whatever_its_steps() -> None:
+    """With optimiser steps the last-step probe trained on its own loss, a model no one trains: a
+    linear RNN at 1.1 x orthogonal, 42 steps, SGD 3 steps, showed that run going non-finite at step 1
+    (grad norm 1955, then 4e30) where the model's own training stays finite (peak 210; found in
+    review). The through-time growth is read at step 0 either way: exactly 1.1^41, from a probe with
+    no steps."""
+    j = assess(Config.of("rnn", seq_len=42, init_scale=1.1, activation="linear", steps=3))
+    assert not j.exploded and j.growth.mid == pytest.approx(1.1**41, rel=1e-4)
+    assert j.measurement.steps_run == 0 and j.measurement.first_nonfinite is None
+    assert j.grad_norm.high < 1e3  # the model's own training, judged
