@@ -54,11 +54,12 @@ def _to64(inputs: Inputs) -> Inputs:
 
 
 def _rounding_error(
-    model: nn.Module, inputs: Inputs, loss_fn: LossFn, grads: Named, seed: int
+    model: nn.Module, inputs: Inputs, loss_fn: LossFn, grads: Named, seed: int, scale: float = 1.0
 ) -> list[float]:
-    """Per tensor, how far `grads` (the c=1 gradients) are from a float64 re-run: the rounding error
-    they carry, capped at sqrt(eps) of their norm (beyond that it is not rounding). The model is
-    converted in place and back (exact), so its hooks and modules are the ones that ran."""
+    """Per tensor, how far `grads` (the gradients of scale x loss) are from a float64 re-run of the
+    same scale: the rounding error they carry, capped at sqrt(eps) of their norm (beyond that it is
+    not rounding). The model is converted in place and back (exact), so its hooks and modules are
+    the ones that ran: a backward that is not linear is so in float64 too, and no rounding."""
     tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
     if all(t.dtype == ACC for t in tensors):
         return [0.0] * len(grads)
@@ -67,7 +68,7 @@ def _rounding_error(
     try:
         for t in tensors:
             t.data = t.data.to(ACC)
-        _, exact = _gradients(model, _to64(inputs), loss_fn, 1.0, seed)
+        _, exact = _gradients(model, _to64(inputs), loss_fn, scale, seed)
     finally:
         for t, dtype in zip(tensors, dtypes, strict=True):
             t.data = t.data.to(dtype)
@@ -92,9 +93,11 @@ def assert_rescaling_equivariant(
     """Scaling the loss by c > 0 scales every gradient by c (direction kept): backward is linear in
     its upstream gradient. Fails for hooks or custom backwards that clamp, normalise or ignore it.
     Tolerance per tensor: c x (rtol of its norm + rtol of the total gradient norm + 4 x its rounding
-    error at c=1, measured against a float64 re-run and capped at sqrt(eps) of its norm), since a
-    gradient summed from cancelling terms carries more than rtol of its own norm, and the run at c
-    makes rounding errors of the same size.
+    error at c=1) + 4 x its rounding error at c, each measured against a float64 re-run of that scale
+    and capped at sqrt(eps) of its norm, since a gradient summed from cancelling terms carries more
+    than rtol of its own norm, and the run at c need not round alike: terms c x A and c x B that
+    cancel are rounded apart (an exactly linear float32 model, A - B at c = 1 exact, failed at c = 3
+    by 6.8e-4 of its norm against an allowance of 6.2e-5; found by a mutation round).
     The .grad fields and the buffers (a BatchNorm's running statistics) are restored."""
     __tracebackhide__ = True
     c = _positive("c", c)
@@ -121,6 +124,7 @@ def _check_rescaling(
     if not math.isfinite(loss):
         _fail(f"The loss is not finite ({loss}), so no gradient rescaling can be checked.")
     rounding = _rounding_error(model, inputs, loss_fn, g1, seed)
+    rounding_c = _rounding_error(model, inputs, loss_fn, gc, seed, c)
     # A gradient that cancels to (near) zero, e.g. a bias before a BatchNorm, is rounding noise on the
     # scale of the terms summed into it, not of its own norm: every tensor may be off by rtol of the
     # total gradient norm as well (a bug that matters moves a tensor by more than that).
@@ -133,7 +137,7 @@ def _check_rescaling(
         c,
         f"Scaling the loss by c={c:g} did not scale every gradient by {c:g}." + _subnormal_hint(g1, c),
         rtol,
-        [c * (4.0 * e + floor) for e in rounding],
+        [c * (4.0 * e + floor) + 4.0 * ec for e, ec in zip(rounding, rounding_c, strict=True)],
     )
 
 
