@@ -19,8 +19,8 @@ CLIP_NORM = 1.0
 class Remedy:
     """A remedy tried on a counterexample: `config` is None (and nothing was probed) where it does not
     apply; `fixed` says whether the re-judged Config stopped exploding, `growth` what it measured
-    (the growth spread over seeds; for a recurrent subject also its through-time growth, on which
-    vanishing is judged: 'not fixed (vanishing)' beside a per-token growth of 1.4 alone misleads);
+    (the growth spread over seeds, of a recurrent subject its through-time growth, on which growth
+    and vanishing are judged);
     `skipped` why the remedied model could not be judged (its code raised there), `fixed` then None;
     `why` why it does not apply, where `config` is None (`why_not`)."""
 
