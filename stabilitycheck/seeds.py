@@ -276,20 +276,22 @@ def assess(
     per_seed: list[dict[str, float]] = []
     through: list[Measurement] = []
     used: list[int] = []
+    margin = True  # none for a recurrent subject, judged through time or not (a map's last-step one)
     for i in range(run.seeds):
         used.append(seed_of(run.seed, i))
         seeded = config.with_run(seed=used[-1])
         m = measure(seeded, subject)
         named = values(m)
-        last = measure.last(seeded, subject) if stepped(config, m) else None
+        margin = margin and not stepped(config, m)
+        last = None if margin else measure.last(seeded, subject)
         if last is not None:
             through.append(last)
             named["growth"] = named["vanishing"] = last.growth
         ms.append(m)
         per_seed.append(named)
-        if _decided(per_seed, lim, run.seeds, run.quantile, every, margin=not through):
+        if _decided(per_seed, lim, run.seeds, run.quantile, every, margin):
             break
-    return _judgement(ms, per_seed, through, tuple(used), lim, run.quantile, run.seeds)
+    return _judgement(ms, per_seed, through, tuple(used), lim, run.quantile, run.seeds, margin)
 
 
 def _judgement(
@@ -300,12 +302,14 @@ def _judgement(
     lim: Limits,
     q: float,
     budget: int,
+    margin: bool = True,
 ) -> Judgement:
     """The Judgement of the seeds spent; the verdict names the criteria known to fire over the whole
     budget (one whose quantile over the seeds spent passes its limit while its K-seed verdict is still
-    open is not named: the seeds spent were enough to know the point explodes, not why)."""
+    open is not named: the seeds spent were enough to know the point explodes, not why); `margin`:
+    as `_decided`'s."""
     quantiles = {c: quantile([v[c] for v in per_seed], q) for c in CRITERIA}
-    settled = _settled(per_seed, lim, budget, q, margin=not through)
+    settled = _settled(per_seed, lim, budget, q, margin)
     fired = tuple(criterion(c, quantiles[c], lim) for c in CRITERIA if settled.get(c) is True)
     known = Verdict(bool(fired), fired)
     judged = through or ms  # the probes the growth is judged on

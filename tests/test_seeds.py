@@ -685,7 +685,7 @@ def test_a_recurrent_subjects_through_time_growth_is_never_decided_by_the_margin
     base's first seed reads 2.56e4, 1280x over a growth limit of 20, which the margin took for the
     5-seed verdict (exploded, one seed spent) where the median is 11.8, stable. Oracle: the median of
     the five seeds' last-step probes, judged by hand."""
-    from stabilitycheck.zoo import targets
+    from stabilitycheck.zoo import Family, targets
 
     config = targets()["gru"].base.with_knobs(seq_len=256, init_scale=4.0).with_run(seed=2036)
     limits = Limits(growth=20.0, nonfinite=False, divergence=None, grad_norm=None)
@@ -693,6 +693,10 @@ def test_a_recurrent_subjects_through_time_growth_is_never_decided_by_the_margin
     assert growths[0] > 1000 * 20 and statistics.median(growths) < 20
     j = assess(config, limits=limits)
     assert not j.exploded and len(j.seeds) >= 3
+    from stabilitycheck.phasemap import LastStep  # a map's --loss last: its own loss is the last step's
+
+    alone = assess(config, LastStep(Family("gru")), limits=limits)  # it spent one seed (found in review)
+    assert alone.per_token is None and not alone.exploded and len(alone.seeds) >= 3
 
 
 def test_a_recurrent_subjects_last_step_is_read_at_init_whatever_its_steps() -> None:
