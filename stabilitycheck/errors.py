@@ -28,8 +28,8 @@ class NoLastStep(UsageError):
     def said(name: str) -> str:
         """The one line saying so, for the probe's error and the map's."""
         return (
-            f"{name} has no last-step loss (only recurrent zoo families do, and model files whose one "
-            "block is called per step beside a loss on more than its last call)"
+            f"{name} has no last-step loss (only recurrent zoo families do, and model files whose blocks "
+            "are called per step along one chain beside a loss on more than its last call)"
         )
 
 

@@ -323,8 +323,9 @@ def _measured(j: Judgement, q: float, limits: Limits | None = None, budget: int 
     """A judgement's growth, its brackets (`limits`: a counterexample's; `budget`: the seeds it could
     spend), kind (with the blocks measured), profile and first non-finite value: one line each."""
     own = f"; per token (its own loss): {j.per_token.describe()}" if j.per_token else ""
+    peak = "peak grad norm (its own loss)" if j.per_token else "peak grad norm"
     return (
-        f"  growth    {j.summary()}; peak grad norm {j.grad_norm.describe()}{own}\n"
+        f"  growth    {j.summary()}; {peak} {j.grad_norm.describe()}{own}\n"
         + _bracket(j, q, limits, budget)
         + f"  kind      {j.kind.describe()}{_fitted(j, q)}; {j.measurement.blocks_note}\n"
         f"  profile   {profile(j, q)}\n" + _nonfinite_line(j.measurement)

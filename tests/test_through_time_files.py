@@ -1,4 +1,4 @@
-"""The through-time growth of a model file whose one block is called per step (a cell of its own,
+"""The through-time growth of a model file whose blocks are called per step (a cell of its own,
 an nn.RNNCell): the default loss on the last call's output alone. Oracles: a linear cell at
 g x orthogonal grows exactly g^(T-1) through time, whatever the per-token loss adds; torch's own
 gradients of every step's h under that loss."""
