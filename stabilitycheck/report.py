@@ -52,7 +52,10 @@ def _value(config: Config, name: str) -> object:
 
 
 def _spread(j: Judgement) -> str:
-    return f"{j.growth.describe()}, {len(j.seeds)} ({j.failures})"
+    """The growth column: quantile (min-max), seeds, failures; 'through time' where that is the growth
+    (a recurrent subject's: the row's weight-gradient norm stays its own loss's)."""
+    through = " through time" if j.per_token else ""
+    return f"{j.growth.describe()}{through}, {len(j.seeds)} ({j.failures})"
 
 
 def _precision(run: Run) -> str:
