@@ -410,3 +410,23 @@ def test_stacked_cells_taking_turns_are_judged_on_torchs_last_step_gradients(tmp
     j = assess(config, subject)
     assert j.per_token is not None and math.isclose(j.growth.mid, torch_growth, rel_tol=1e-9)
     assert j.per_token.mid != j.growth.mid
+
+
+def test_a_stepped_files_reading_is_found_once_for_all_seeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cell stepped per token with a head on every h: its last-step builds (one per seed) find how
+    the model runs once, not once per seed (each a forward of a deep copy)."""
+    from stabilitycheck.modelfile import subject as modelfile
+
+    name = _file(tmp_path, "cell.py", LINEAR_CELL)
+    found: list[str] = []
+    real = modelfile._reading
+
+    def counted(*args: object) -> str:
+        found.append(real(*args))  # type: ignore[arg-type]
+        return found[-1]
+
+    monkeypatch.setattr(modelfile, "_reading", counted)
+    j = assess(Config.of(name, gain=1.05, seeds=3), resolve(name))
+    assert j.through_time is not None and len(j.seeds) >= 2 and found == ["beside"]

@@ -80,6 +80,9 @@ class ModelFile:
                 "`def loss(output, inputs): return F.cross_entropy(output, labels)` (a scalar)"
             )
         self.user_loss: Callable[..., Any] | None = user_loss
+        # per Config (seed aside: how the model runs, not what it draws), `_reading`'s answer, which a
+        # copy's forward finds: a verdict's later seeds reuse it
+        self.readings: dict[Config, str] = {}
 
     def _init(self, declared: object) -> tuple[str, Knob]:
         """The init knob and its critical value: INIT = name or (name, value), else a known name."""
@@ -198,7 +201,12 @@ class ModelFile:
         model, inputs, blocks, note = self._make(config)
         # not a compiled model, whose forward the hooks put on at every call would compile again
         compiled = type(model).__name__ == "OptimizedModule"
-        if compiled or _reading(model, inputs, [name for name, _ in blocks]) != BESIDE:
+        if compiled:
+            return None
+        key = config.with_run(seed=0)
+        if key not in self.readings:
+            self.readings[key] = _reading(model, inputs, [name for name, _ in blocks])
+        if self.readings[key] != BESIDE:
             return None
         loss = OutputLoss(DefaultLoss(derived(config.run.seed, SALT_LOSS)), self.given, guard=self.call_user)
         return self._built(config, (_LastCall(model, [m for _, m in blocks]), inputs, blocks, note), loss)
