@@ -441,10 +441,16 @@ def unmeasured(results: Sequence[SearchResult]) -> list[str]:
                     )
                     continue
                 by = f"the backward of {names[dead + 1]}" if dead + 1 < len(names) else "the backward"
+                cut = (
+                    f", {names[dead]}'s output taken with no gradient (detach(), .data, torch.no_grad(), "
+                    "in its own forward or on the way: nothing before it learns)"
+                    if dead + 1 < len(names)
+                    else ""
+                )
                 out.append(
                     f"! {r.space.label}: growth 0: {by} passes no gradient (dL/d output is exactly 0 at "
                     f"{names[dead]} and before it: a dead layer, a ReLU whose inputs are all negative, a "
-                    "zero weight, or another tensor the block returns carries it: an nn.LSTMCell's c "
+                    f"zero weight{cut}, or another tensor the block returns carries it: an nn.LSTMCell's c "
                     "passed on as a copy, read on h alone), a vanishing the growth limit cannot fire on; "
                     "--vanishing-limit X judges it"
                 )
