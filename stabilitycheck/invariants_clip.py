@@ -22,6 +22,7 @@ from stabilitycheck.invariants_common import (
     _norms,
     _positive,
     _require_finite,
+    _require_kept,
     _total,
     reduction_error,
     rtol_of,
@@ -53,7 +54,8 @@ def assert_clipped_norm_bounded(
         )
     max_norm = _positive("max_norm", max_norm)
     norm_type = _norm_type(norm_type)
-    grads = _grads(parameters)
+    named = _named(parameters, "parameters")
+    grads = _grads(named)
     header = f"Gradients after clipping to max_norm={max_norm:g} are not clipped correctly."
     _require_finite(
         grads,
@@ -78,6 +80,7 @@ def assert_clipped_norm_bounded(
     slack = spacing * numel ** (1 / max(norm_type, 1.0))
     coef = math.nan
     if before is not None:
+        _require_kept(named, before, "Clipping")
         if len(before) != len(grads):
             zeros = sum(not bool(g.any()) for _, g in grads)
             made = len(grads) - len(before)
@@ -195,8 +198,10 @@ def assert_clipped_value_bounded(
     entry equals before.clamp(-clip_value, clip_value) (clamping is exact, no tolerance)."""
     __tracebackhide__ = True
     clip_value = _positive("clip_value", clip_value)
-    grads = _grads(parameters)
+    named = _named(parameters, "parameters")
+    grads = _grads(named)
     if before is not None:
+        _require_kept(named, before, "Value clipping")
         if len(before) != len(grads):
             raise UsageError(f"before has {len(before)} tensors but {len(grads)} parameters have a .grad")
         _require_finite(

@@ -95,6 +95,12 @@ def _grads(parameters: TensorsLike) -> Named:
     backward run)."""
     named = _named(parameters, "parameters")
     grads = [(name, p.grad) for name, p in named if p.grad is not None]
+    sparse = next((name for name, g in grads if g.layout != torch.strided), None)
+    if sparse is not None:
+        raise UsageError(
+            f"the gradient of {sparse!r} is sparse (nn.Embedding(sparse=True)), which these checks do not "
+            "read, as torch's clip_grad_norm_ does not clip it: pass the dense parameters only"
+        )
     if not grads:
         raise UsageError(
             f"none of the {len(named)} parameters given has a .grad, so there is nothing to check: pass "
@@ -152,6 +158,25 @@ def _positive(name: str, value: object) -> float:
 def _describe_nonfinite(name: str, t: torch.Tensor) -> str:
     nan, inf = _host([t.isnan().sum(), t.isinf().sum()])
     return f"{name!r} holds {int(nan)} NaN and {int(inf)} Inf of {t.numel()} values"
+
+
+def _require_kept(named: Named, before: Sequence[torch.Tensor], what: str) -> None:
+    """Fail where `before` held a gradient for each of the parameters `named` and the clip left some
+    with none (p.grad = None): dropping a gradient hides its blow-up and stops the parameter training
+    (a clip deleting the Inf one passed, or told the caller their `before` was wrong)."""
+    __tracebackhide__ = True
+    if len(before) != len(named):
+        return
+    gone = [(name, b) for (name, p), b in zip(named, before, strict=True) if p.grad is None]
+    if gone:
+        name, b = gone[0]
+        was = "finite" if bool(b.isfinite().all()) else "not finite: " + _describe_nonfinite("it", b)
+        _fail(
+            f"{what} removed the gradient of {len(gone)} parameter(s): .grad is None where it was set.",
+            f"First: {name!r}, whose gradient before was {was}",
+            "A clip scales every gradient and keeps it: one dropped hides a blow-up, and its parameter "
+            "stops training.",
+        )
 
 
 def _require_finite(named: Named, header: str, hint: str = "") -> None:

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from stabilitycheck.config import Config
-from stabilitycheck.errors import UsageError
-from stabilitycheck.invariants_common import _fail, _norms, _positive, state_kept
+from stabilitycheck.culprit import culprit_of
+from stabilitycheck.errors import StabilityError, UsageError
+from stabilitycheck.invariants_common import _fail, _host, _norms, _positive, state_kept
 from stabilitycheck.losses import Inputs, LossFn, differentiable_loss
 from stabilitycheck.measurement import Measurement
 from stabilitycheck.probing import probe, probe_module
@@ -133,7 +134,10 @@ def assert_bounded_growth(measurement: Measurement, limit: float, *, gain_limit:
         f"Layers over bound: {len(over)} / {len(m.gains)}",
     ]
     gains = [i for i in range(len(m.gains)) if taken(i)]
-    if gains:
+    nf = m.first_nonfinite
+    if nf is not None:  # NaN gains lie everywhere past it: the first of them named layers.0 (an audit)
+        lines.insert(0, f"First non-finite value: {nf.describe()}; made in {culprit_of([m])}")
+    elif gains:
         worst = max(gains, key=lambda i: math.inf if math.isnan(m.gains[i]) else m.gains[i])
         lines.append(
             f"Worst layer: {names[worst]!r} with gain {m.gains[worst]:.4g} (allowed: <= {per_layer:g})"
@@ -144,7 +148,9 @@ def assert_bounded_growth(measurement: Measurement, limit: float, *, gain_limit:
             f"at {m.activation_names[-1]!r}: {m.activation_grad_norms[-1]:.4g}"
         )
     headline = (
-        "Gradient growth could not be measured."
+        "A value went non-finite: the growth is not bounded."
+        if nf is not None
+        else "Gradient growth could not be measured."
         if unread and not over
         else "Gradient growth is above the limit."
     )
@@ -180,12 +186,13 @@ def _reference_step(
     optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None,
     lr: float,
     seed: int,
-) -> tuple[list[torch.Tensor], list[int], list[dict[str, Any]]]:
+    factor: float = 1.0,
+) -> tuple[list[torch.Tensor], list[int], list[dict[str, Any]], list[torch.Tensor | None]]:
     """One plain step (no scaler) of a copy of the model from its current state with a fresh
-    optimizer: the weights a correct scaler's clean step must give (scaling by the loss scale and
-    unscaling undo each other), the indices of the parameters the backward reaches, and each
-    parameter's optimizer state after it (Adam's first step does not depend on the gradient's scale;
-    its moments do)."""
+    optimizer, its gradients times `factor`: the weights a correct scaler's clean step must give
+    (scaling by the loss scale and unscaling undo each other), the indices of the parameters the
+    backward reaches, each parameter's optimizer state after it (Adam's first step does not depend on
+    the gradient's scale; its moments do) and the gradients it stepped on."""
     twin = copy.deepcopy(model)
     params = [p for p in twin.parameters() if p.requires_grad]
     opt = optimizer(params) if optimizer is not None else torch.optim.SGD(params, lr=lr)
@@ -195,8 +202,12 @@ def _reference_step(
         loss = differentiable_loss(loss_fn(call_model(twin, inputs), inputs))
     loss.backward()
     reached = [i for i, p in enumerate(params) if p.grad is not None]
+    if factor != 1.0:
+        for i in reached:
+            params[i].grad.mul_(factor)  # type: ignore[union-attr]
     opt.step()
-    return [p.detach() for p in params], reached, [dict(opt.state.get(p, {})) for p in params]
+    grads = [None if p.grad is None else p.grad.detach() for p in params]
+    return [p.detach() for p in params], reached, [dict(opt.state.get(p, {})) for p in params], grads
 
 
 def assert_gradscaler_guards(
@@ -300,7 +311,7 @@ def _check_guards(
             "This is the model's finding, not the scaler's: check its initialisation or loaded state.",
         )
     # skipped steps leave the weights and a fresh optimizer as they are: the clean step's answer
-    expected, reached, states = _reference_step(model, inputs, loss_fn, optimizer, lr, seed)
+    expected, reached, states, plain = _reference_step(model, inputs, loss_fn, optimizer, lr, seed)
     if not reached:
         raise UsageError("no parameter got a gradient, so none can be made non-finite")
     ends = [
@@ -335,8 +346,11 @@ def _check_guards(
                 f"{kind} skipped a step on {poison} but did not back off its scale.",
                 f"Scale before: {scale_before:g}, after: {scale_after:g} (allowed: < {scale_before:g})",
             )
-    _away_from_one(scaler, get_scale, kind, len(ends + between))
+    unseen = _away_from_one(scaler, get_scale, kind, len(ends + between))
     weights = [p.detach().clone() for p in params]
+    # what `_same_at_another_scale` restores (only a torch GradScaler's scale can be set)
+    grad_scaler = scaler.state_dict() if isinstance(scaler, torch.amp.GradScaler) else {}
+    held = (copy.deepcopy(opt.state_dict()), copy.deepcopy(grad_scaler))
     step(None)
     changed = [n for (n, p), w in zip(named, weights, strict=True) if not torch.equal(p.detach(), w)]
     nonfinite = [n for n, p in named if not bool(p.detach().isfinite().all())]
@@ -350,35 +364,145 @@ def _check_guards(
         )
     # the state first: a skipped step that stepped the optimizer shows there as such (Adam's step count),
     # where the clean step's update, bias-corrected by that count, only reads as a wrong update
-    _check_clean_state(named, opt, states, kind)
-    _check_clean_step(named, weights, expected, kind)
+    try:
+        _check_clean_state(named, opt, states, kind)
+        _check_clean_step(named, weights, expected, kind)
+    except StabilityError:
+
+        def reference(factor: float) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+            wanted, _, clipped, _ = _reference_step(model, inputs, loss_fn, optimizer, lr, seed, factor)
+            return wanted, clipped
+
+        if not _own_clip(named, weights, opt, scaler, (held, plain), reference, lambda: step(None)):
+            raise
+    if unseen:
+        raise UsageError(unseen)
+
+
+def _own_clip(
+    named: Sequence[tuple[str, nn.Parameter]],
+    weights: Sequence[torch.Tensor],
+    opt: torch.optim.Optimizer,
+    scaler: Any,
+    held: tuple[tuple[dict[str, Any], dict[str, Any]], Sequence[torch.Tensor | None]],
+    reference: Callable[[float], tuple[list[torch.Tensor], list[dict[str, Any]]]],
+    step: Callable[[], None],
+) -> bool:
+    """Whether a GradScaler's clean step that differs from the plain one is the plain step on its
+    gradients times one factor c in (0, 1), the gradients it stepped on pointing the same way (a norm
+    clip of the unscaled gradients, torch's recipe, which failed as 'must unscale' wherever the clip
+    was active), and moves the weights and the optimizer's state alike at 16x the scale
+    (`_same_at_another_scale`): unscaling twice or clipping before unscale_ also shrinks by a common
+    factor, but one that follows the scale."""
+    if not isinstance(scaler, torch.amp.GradScaler):
+        return False
+    params = [p for _, p in named]
+    shrink = _common_shrink(params, held[1])
+    if shrink is None:
+        return False
+    moved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, w in zip(params, weights, strict=True):
+            p.copy_(w)  # the reference copies the model as it was before the clean step
+    wanted, clipped = reference(shrink)
+    with torch.no_grad():
+        for p, m in zip(params, moved, strict=True):
+            p.copy_(m)
+    try:
+        _check_clean_state(named, opt, clipped, type(scaler).__name__)
+        _check_clean_step(named, weights, wanted, type(scaler).__name__)
+    except StabilityError:
+        return False
+    return _same_at_another_scale(params, weights, opt, scaler, held[0], step)
+
+
+def _common_shrink(params: Sequence[nn.Parameter], plain: Sequence[torch.Tensor | None]) -> float | None:
+    """The factor c of `params`' gradients (after the clean step: what the optimizer stepped on) over
+    the plain step's `plain`, by least squares, where it is in (0, 1) and they equal c x plain within
+    CLEAN_RTOL of its norm (one clip coefficient for every gradient); None otherwise."""
+    pairs = []
+    for p, g in zip(params, plain, strict=True):
+        if (p.grad is None) != (g is None):
+            return None
+        if p.grad is not None and g is not None:
+            pairs.append((p.grad.detach().double().flatten(), g.to(p.grad.device).double().flatten()))
+    dots = _host([torch.vdot(a, b) for a, b in pairs] + [torch.vdot(b, b) for _, b in pairs])
+    across, size = sum(dots[: len(pairs)]), sum(dots[len(pairs) :])
+    if not pairs or size <= 0 or not 0 < across / size < 1:
+        return None
+    c = across / size
+    off = math.sqrt(sum(float((a - c * b).square().sum()) for a, b in pairs))
+    return c if off <= CLEAN_RTOL * c * math.sqrt(size) else None
+
+
+def _same_at_another_scale(
+    params: Sequence[nn.Parameter],
+    weights: Sequence[torch.Tensor],
+    opt: torch.optim.Optimizer,
+    scaler: Any,
+    held: tuple[dict[str, Any], dict[str, Any]],
+    step: Callable[[], None],
+) -> bool:
+    """Whether the clean step, taken again from the same weights and states at 16x the loss scale,
+    moves the weights and the optimizer's state as it did (within CLEAN_RTOL): a step that unscales
+    once does not depend on the scale, and where it differs from a plain step the difference is its own
+    (torch's recipe, unscale_ then a clip of the unscaled gradients, failed as 'must unscale' wherever
+    the clip was active); a scaler that never unscales, unscales twice or clips before unscale_ moves
+    them by the scale's factor. Only a torch.amp.GradScaler can be set to another scale."""
+    if not isinstance(scaler, torch.amp.GradScaler):
+        return False
+    moved = [p.detach().clone() for p in params]
+    state = copy.deepcopy(opt.state_dict()["state"])
+    with torch.no_grad():
+        for p, w in zip(params, weights, strict=True):
+            p.copy_(w)
+    opt.load_state_dict(held[0])
+    scaler.load_state_dict(held[1])
+    scaler.update(16 * float(scaler.get_scale()))
+    step()
+    again = [p.detach() for p in params]
+    pairs = [(a - w, m - w) for a, m, w in zip(again, moved, weights, strict=True)]
+    for key, values in opt.state_dict()["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                pairs.append((value, state[key][name]))
+    return all(
+        float((a.double() - b.double()).norm())
+        <= CLEAN_RTOL * float(b.double().norm()) + torch.finfo(b.dtype).tiny
+        for a, b in pairs
+    )
 
 
 UNHIDDEN = 2.0**8  # the clean step's scale where the skipped steps backed it off to 1 or below
 
 
-def _away_from_one(scaler: Any, get_scale: Any, kind: str, skipped: int) -> None:
+def _away_from_one(scaler: Any, get_scale: Any, kind: str, skipped: int) -> str:
     """The clean step runs at a scale above 1, where a scaler that never unscales, or unscales
     twice, moves the update by the scale's factor, and the scaled gradients are larger than the
     unscaled ones: each skipped step halves it, and after 16 (a 3-layer MLP with biases) torch's
     2^16 reached 1, where both passed (found by a trial); past 16 it is below 1, where a step that
     clips the scaled gradients (clip_grad_norm_ before unscale_) never clips and passed (found by an
     audit: any model of more than 6 tensors, torch's default scaler). A torch.amp.GradScaler at 1 or
-    below is set to UNHIDDEN; another scaler at 1 is a usage error."""
+    below is set to UNHIDDEN; another scaler at 1 is a usage error, and one below 1 is judged there,
+    the usage error returned to be raised where it passes (a user's step wrapping a GradScaler, its
+    clip before unscale_, passed at 2^-10); '' where there is none."""
     __tracebackhide__ = True
     if not callable(get_scale):
-        return
+        return ""
     scale = float(get_scale())
+    if scale > 1.0 + 2 * CLEAN_RTOL:  # the scaled gradients are the larger: a factor the check sees
+        return ""
     if isinstance(scaler, torch.amp.GradScaler):
-        if scale <= 1.0 + 2 * CLEAN_RTOL:
-            scaler.update(UNHIDDEN)
-        return
-    if abs(scale - 1.0) > 2 * CLEAN_RTOL:  # a factor the check sees
-        return
-    raise UsageError(
-        f"{kind}'s scale is 1 after the {skipped} skipped steps, where a scaler that never unscales "
-        "cannot be told from one that does; start it at a larger scale (each skipped step backs it off) "
-        "or pass fewer poisons"
+        scaler.update(UNHIDDEN)
+        return ""
+    at = f"{kind}'s scale is {scale:g} after the {skipped} skipped steps"
+    start = f"start it at 2^{skipped + 8} or more (each skipped step halves it) or pass fewer poisons"
+    if abs(scale - 1.0) <= 2 * CLEAN_RTOL:
+        raise UsageError(
+            f"{at}, where a scaler that never unscales cannot be told from one that does; {start}"
+        )
+    return (
+        f"{at}: its clean step passed there, but a clip of the scaled gradients never fires below 1; {start}"
     )
 
 

@@ -145,6 +145,21 @@ def _severs(x: Any, out: torch.Tensor) -> bool:
     )
 
 
+def _taken_norm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """The L2 norm over every floating tensor a call takes, positional, by keyword or in a container
+    (a cell's h beside its x_t): non-finite where any is, so that a NaN the model's own code put into
+    a block's second argument is found outside the blocks (it named the healthy cell[6]). None where
+    the call takes none. Taken on exact re-runs only, which are rare: a norm per tensor is no cost."""
+    floats = [t.detach() for t in tensors((args, kwargs)) if t.is_floating_point()]
+    if not floats:
+        return None
+    if len(floats) == 1:
+        return floats[0]
+    norms = torch.stack([torch.linalg.vector_norm(t, dtype=torch.float64) for t in floats])
+    whole: torch.Tensor = torch.linalg.vector_norm(norms)
+    return whole
+
+
 def _stack_of(name: str) -> str:
     """The container a block's name puts it in (`encoder.layers.5`: encoder.layers; `stages.1.0`:
     stages.1; `encoder.enc0`: encoder); a model's own attribute is a stack of its own (two recurrent
@@ -412,8 +427,7 @@ class _Recorder:
                     if out.grad_fn is not None:
                         own.add(out.grad_fn)
                     if self.entering is not None:
-                        x = _first_tensor(args)
-                        self.entering.append(x.detach() if x is not None and x.is_floating_point() else None)
+                        self.entering.append(_taken_norm(args, kwargs))
             return swapped
 
         return on_forward

@@ -1,0 +1,281 @@
+"""Faults planted in one place of a healthy model or its training step, and what names each: two
+blocks amplifying alike, one block shrinking the gradient, a NaN the model's own code puts into a
+block's keyword argument or a cell's state, a clip that drops the gradient it cannot clip. Oracle: the
+construction (where the fault was planted)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from stabilitycheck.culprit import culprit_of
+from stabilitycheck.errors import StabilityError, UsageError
+from stabilitycheck.invariants import assert_clipped_norm_bounded, assert_clipped_value_bounded
+from stabilitycheck.probing import probe_module
+
+
+class Scale(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by `s` (a planted fault)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, s: float) -> torch.Tensor:
+        ctx.s = s  # type: ignore[attr-defined]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return g * ctx.s, None  # type: ignore[attr-defined]
+
+
+class Block(nn.Module):
+    """tanh(W x) at the critical init (gain ~0.85-1 per block), its backward scaled by `s`."""
+
+    def __init__(self, s: float = 1.0) -> None:
+        super().__init__()
+        self.lin, self.s = nn.Linear(32, 32, bias=False), s
+        nn.init.normal_(self.lin.weight, std=32**-0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.lin(x))
+        return Scale.apply(h, self.s) if self.s != 1.0 else h  # type: ignore[no-any-return]
+
+
+def _measured(planted: dict[int, float], seeds: int = 3) -> list:  # type: ignore[type-arg]
+    out = []
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        model = nn.Sequential(*(Block(planted.get(i, 1.0)) for i in range(8)))
+        x = torch.randn(8, 32)
+        out.append(probe_module(model, x, lambda o, _: (o * torch.linspace(-1, 1, 32)).sum()))
+    return out
+
+
+def test_two_blocks_amplifying_alike_are_both_named() -> None:
+    """x30 planted in blocks 1 and 6 (and 0 and 7): each stands out ln 30 over the stack's median in
+    every seed; the larger alone was named, and a user fixing it kept the other fault."""
+    assert culprit_of(_measured({1: 30.0, 6: 30.0})) == "1, 6"
+    assert culprit_of(_measured({0: 30.0, 7: 30.0})) == "0, 7"
+
+
+def test_a_block_shrinking_the_gradient_is_named_where_it_vanishes() -> None:
+    """x1e-4 planted in block 5's backward: the growth vanishes (below 1) and block 5 is the one whose
+    gain stands out below the rest in every seed; it read 'uniform, median gain x0.85'."""
+    ms = _measured({5: 1e-4})
+    assert all(m.growth < 1e-3 for m in ms)
+    assert culprit_of(ms) == "5"
+
+
+class Stack(nn.Module):
+    """Six blocks called by keyword; the model's own code makes Inf/NaN before block 3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(Block() for _ in range(6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, b in enumerate(self.layers):
+            if i == 3:
+                x = x / (x - x)
+            x = b(x=x)
+        return x
+
+
+class Cell(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w, self.u = nn.Linear(16, 16, bias=False), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.w(h) + self.u(x))
+
+
+class Loop(nn.Module):
+    """A cell stepped per token; the loop's own code puts a NaN into h after step 5."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = Cell()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(x.shape[0], 16)
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], h)
+            if t == 5:
+                h = h + float("nan")
+        return h
+
+
+def test_a_nan_made_between_blocks_in_an_argument_other_than_the_first_is_outside_the_blocks() -> None:
+    """Every block output before the named call is finite and a tensor the call takes is not: the
+    model's code between the blocks made it. Only the first positional argument was looked at, so
+    the healthy layers.3 (taking x by keyword) and cell[6] (taking h second) were named."""
+    torch.manual_seed(0)
+    nf = probe_module(Stack(), torch.randn(4, 32), lambda o, _: o.sum()).first_nonfinite
+    assert nf is not None and nf.layer == "(outside blocks, before layers.3)", nf
+    nf = probe_module(Loop(), torch.randn(4, 8, 16), lambda o, _: o.sum()).first_nonfinite
+    assert nf is not None and nf.layer == "(outside blocks, before cell[6])", nf
+
+
+def _grads_with_inf() -> tuple[nn.Sequential, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 1))
+    model(torch.randn(3, 4)).sum().backward()
+    params = list(model.parameters())
+    params[2].grad[0, 0] = math.inf  # type: ignore[index]
+    return model, [p.grad.detach().clone() for p in params if p.grad is not None]
+
+
+@pytest.mark.parametrize("check", ["norm", "value"])
+def test_a_clip_dropping_the_non_finite_gradient_fails(check: str) -> None:
+    """A clip that sets p.grad = None for a non-finite gradient, then clips the rest: the blow-up is
+    hidden and the parameter stops training. With `before`, the check passed (without it) or told the
+    caller their `before` was wrong; it fails naming the dropped parameter. Oracle: the construction
+    (the Inf planted in parameter 2, 1.weight)."""
+    model, before = _grads_with_inf()
+    params = list(model.parameters())
+    for p in params:
+        if p.grad is not None and not bool(p.grad.isfinite().all()):
+            p.grad = None
+    if check == "norm":
+        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], 1.0)
+        with pytest.raises(StabilityError, match=r"removed the gradient of 1 parameter\(s\)") as err:
+            assert_clipped_norm_bounded(model, 1.0, before=before)
+    else:
+        torch.nn.utils.clip_grad_value_([p for p in params if p.grad is not None], 0.1)
+        with pytest.raises(StabilityError, match=r"removed the gradient of 1 parameter\(s\)") as err:
+            assert_clipped_value_bounded(model, 0.1, before=before)
+    assert "'1.weight'" in str(err.value) and "not finite" in str(err.value)  # parameter 2
+
+
+def test_torchs_clip_on_the_same_gradients_is_not_called_a_drop() -> None:
+    """The control: torch's clip keeps every gradient; with the Inf it fails as non-finite, not as a drop."""
+    model, before = _grads_with_inf()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    with pytest.raises(StabilityError) as err:
+        assert_clipped_norm_bounded(model, 1.0, before=before)
+    assert "removed the gradient" not in str(err.value)
+
+
+def test_sparse_gradients_are_a_one_line_usage_error() -> None:
+    """nn.Embedding(sparse=True): the checks raised torch's multi-kilobyte NotImplementedError from
+    isfinite() on a sparse tensor; torch's own clip_grad_norm_ cannot clip it either."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 1))
+    model(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(UsageError, match=r"'0\.weight' is sparse") as err:
+        assert_clipped_norm_bounded(model, 1.0)
+    assert "\n" not in str(err.value)
+
+
+class _WrappedStep:
+    """A user's AMP step wrapping torch's GradScaler (composition, not a subclass), clipping before
+    unscale_ (the fault)."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self.inner, self.params = torch.amp.GradScaler("cpu"), params
+        self.get_scale = self.inner.get_scale
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.inner.scale(loss)
+
+    def step(self, opt: torch.optim.Optimizer) -> object:
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        return self.inner.step(opt)
+
+    def update(self) -> None:
+        self.inner.update()
+
+
+def test_a_wrapped_scaler_backed_off_below_1_is_refused_not_passed() -> None:
+    """16 trainable tensors: the 26 skipped steps take 2^16 to 2^-10, where the scaled gradients are
+    smaller than the unscaled ones and the clip before unscale_ (plain gradient norm 0.35 < 1, scaled
+    far above 1 at any scale over 3) never fires: it passed. A GradScaler is set back to 2^8; a scaler
+    the check cannot set is refused, saying what scale to start at."""
+    from stabilitycheck.invariants import assert_gradscaler_guards
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*(m for _ in range(8) for m in (nn.Linear(8, 8), nn.Tanh())))
+    x, z = torch.randn(4, 8), torch.randn(4, 8)
+
+    def loss(out: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+        return (out * z).sum() * 0.05
+
+    with pytest.raises(UsageError, match=r"scale is 0\.000976562 after the 26 skipped steps.*2\^34"):
+        assert_gradscaler_guards(model, x, loss, _WrappedStep(list(model.parameters())))  # type: ignore[arg-type]
+
+
+class _Recipe(torch.amp.GradScaler):
+    """torch's AMP recipe with clipping in its step: unscale_ then clip_grad_norm_ (correct), or the
+    clip before unscale_ (the fault), at `max_norm`."""
+
+    def __init__(self, unscales: bool, max_norm: float) -> None:
+        super().__init__("cpu")
+        self.unscales, self.max_norm = unscales, max_norm
+
+    def step(self, optimizer: torch.optim.Optimizer, *args: object, **kwargs: object) -> object:
+        if self.unscales:
+            self.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, self.max_norm)
+        return super().step(optimizer, *args, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("adam", [False, True])
+def test_torchs_recipe_with_an_active_clip_passes_and_a_clip_before_unscale_fails(adam: bool) -> None:
+    """A plain gradient of norm ~8.8 clipped to 1 at every step: the correct recipe's clean step differs
+    from an unclipped plain step by its own clip, and failed as 'a scaler must unscale' (a planted-fault
+    audit). It moves the weights and the optimizer's state alike at 16x the scale, so it passes; the
+    clip before unscale_ moves them by the scale's factor and still fails. Oracle: torch's recipe."""
+    from stabilitycheck.invariants import assert_gradscaler_guards
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+    x, z = torch.randn(4, 8), torch.randn(4, 8)
+
+    def loss(out: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+        return (out * z).sum()
+
+    loss(model(x), x).backward()
+    assert float(torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)) > 5.0  # the clip is active
+    model.zero_grad(set_to_none=True)
+    opt = (lambda ps: torch.optim.Adam(ps, lr=1e-3)) if adam else None
+    assert_gradscaler_guards(model, x, loss, _Recipe(True, 1.0), optimizer=opt)
+    with pytest.raises(StabilityError, match=r"within 1% of it|state"):
+        assert_gradscaler_guards(model, x, loss, _Recipe(False, 1.0), optimizer=opt)
+
+
+class _NaNBack(torch.autograd.Function):
+    """Identity forward; a NaN backward (a planted fault)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, g: torch.Tensor) -> torch.Tensor:
+        return g * math.nan
+
+
+class _Poisoned(Block):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _NaNBack.apply(super().forward(x))  # type: ignore[no-any-return]
+
+
+def test_bounded_growth_on_a_nan_names_it_and_its_block_not_the_first_layer() -> None:
+    """Block 3's backward makes a NaN: every gain from there on is NaN, and the check named the first
+    of them, layers.0, as the worst layer of a growth 'above the limit'. It says a value went non-finite
+    and names block 3 (dL/d output of block 2 is made by the backward of block 3). Oracle: the
+    construction."""
+    from stabilitycheck.invariants import assert_bounded_growth
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*(_Poisoned() if i == 3 else Block() for i in range(8)))
+    m = probe_module(model, torch.randn(8, 32), lambda o, _: o.sum())
+    with pytest.raises(StabilityError) as err:
+        assert_bounded_growth(m, 100.0)
+    text = str(err.value)
+    assert text.startswith("A value went non-finite") and "made in 3" in text, text
+    assert "Worst layer" not in text
