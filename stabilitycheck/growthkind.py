@@ -22,7 +22,9 @@ class Growth:
     the number of blocks L - j (a constant rate per block, e.g. a tanh MLP off criticality; so
     rate ** blocks must give the growth within x2), polynomial
     when it is linear in log(L / j) (growth ~ depth ** exponent, e.g. pre-norm residual stacks whose
-    per-block log-gain decays like 1 / j; so depth ** exponent must give the growth within x2),
+    per-block log-gain decays like 1 / j; so depth ** exponent must give the growth within x2) or in
+    log(L + 1 - j), the same law from the output side (a linear recurrence through a Jordan block of
+    size s at spectral radius 1: growth ~ T ** (s - 1)),
     whichever least-squares fit explains more of C, fitted on the seeds' typical stack (each gain the
     geometric mean over seeds) and without the input segment where its gain stands apart from the
     others' (`input_apart`: the input is not on the stack's fixed point, nor does it pass what runs
@@ -84,6 +86,12 @@ def fit_growth(gains: Sequence[float], apart: bool | None = None) -> Fit:
     if abs(exponent * math.log(n / (shape.start + 1)) - cumulative[shape.start]) > LAW_SLACK:
         r2_log = -math.inf  # a fitted shape whose depth law is not the growth: no law (depth^3.43 of 9
         # blocks is 1870, with a growth of 363: the fit's intercept carried the difference)
+    # the same law counted from the output: C linear in log(n - j), a per-block log-gain decaying like
+    # 1 / (distance to the output), as a recurrence's through a Jordan block, ||W^k|| ~ k^(size - 1)
+    # (W = I + N read 'irregular' where its growth doubles as T does)
+    back, r2_back = _least_squares([math.log(n - j) for j in shape], ys)
+    if abs(back * math.log(n - shape.start) - cumulative[shape.start]) <= LAW_SLACK and r2_back > r2_log:
+        exponent, r2_log = back, r2_back
     if abs(rate * (n - 1 - shape.start) - cumulative[shape.start]) > LAW_SLACK:
         r2_lin = -math.inf  # the same of a rate: gains rising from x1.04 to x2 along 24 blocks fit a
         # line, but x1.1/block gives 9.9 where the growth is 25

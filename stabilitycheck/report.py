@@ -427,11 +427,13 @@ def unmeasured(results: Sequence[SearchResult]) -> list[str]:
                 dead = max(i for i, g in enumerate(grads) if g == 0)
                 names = m.activation_names
                 config = r.counterexample.config if r.counterexample else r.largest_stable
-                # float16's smallest normal number, 6.1e-5, is a common gradient norm: no sign of underflow
-                plain = config is not None and config.run.amp == "none" and config.run.dtype != "float16"
+                plain = config is not None and config.run.amp == "none"
                 dtype = config.run.dtype if plain and config is not None else None
                 tiny = torch.finfo(torch_dtype(dtype)).tiny if dtype else 0.0
-                if dead + 1 < len(grads) and grads[dead + 1] < tiny:  # every element of it subnormal
+                subnormal = dead + 1 < len(grads) and grads[dead + 1] < tiny  # every element of it
+                # float16's smallest normal number, 6.1e-5, is a common gradient norm: its underflow is
+                # one of two readings there (a ReLU dead in every precision read 'underflowed')
+                if subnormal and dtype != "float16":
                     out.append(
                         f"! {r.space.label}: growth 0: the gradient underflowed to 0 in {dtype} "
                         f"(|dL/d out| is {grads[dead + 1]:.3g} at {names[dead + 1]}, below {dtype}'s "
@@ -447,12 +449,19 @@ def unmeasured(results: Sequence[SearchResult]) -> list[str]:
                     if dead + 1 < len(names)
                     else ""
                 )
+                under = (
+                    f"; or an underflow to 0 in float16: |dL/d out| is {grads[dead + 1]:.3g} at "
+                    f"{names[dead + 1]}, below its smallest normal number {tiny:.3g}, every element "
+                    "subnormal: --dtype float32 tells which"
+                    if subnormal
+                    else ""
+                )
                 out.append(
                     f"! {r.space.label}: growth 0: {by} passes no gradient (dL/d output is exactly 0 at "
                     f"{names[dead]} and before it: a dead layer, a ReLU whose inputs are all negative, a "
                     f"zero weight{cut}, or another tensor the block returns carries it: an nn.LSTMCell's c "
-                    "passed on as a copy, read on h alone), a vanishing the growth limit cannot fire on; "
-                    "--vanishing-limit X judges it"
+                    f"passed on as a copy, read on h alone{under}), a vanishing the growth limit cannot "
+                    "fire on; --vanishing-limit X judges it"
                 )
             if math.isnan(m.growth) and m.first_nonfinite is None:
                 out.append(

@@ -844,7 +844,29 @@ def test_a_dead_relu_in_float16_is_no_underflow(capsys: pytest.CaptureFixture[st
     assert code == 0 and "growth 0 (0-0)" in out
     code, out, _ = run(capsys, str(path), "--dtype", "float16", *FAST)
     (note,) = [line for line in out.splitlines() if line.startswith("! ") and "growth 0" in line]
-    assert "passes no gradient" in note and "underflow" not in note
+    assert "passes no gradient" in note and "underflowed to 0 in float16" not in note
+
+
+def test_a_float16_gradient_below_its_smallest_normal_names_underflow_beside_a_dead_layer(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A bias-free linear stack at sigma_w 0.25 in float16 (no dead layer): float64 reads growth 0.25^14
+    or so, float16 reads 0, its last nonzero gradient norm below float16's smallest normal number. The
+    note named a dead layer alone (a theory audit); it offers the underflow too, the two readings a
+    norm that small has in float16. Oracle: float64's growth is not 0."""
+    path = tmp_path / "linear16.py"
+    source = (
+        "import torch\nfrom torch import nn\n\nSPACE = {'depth': (14, 14)}\n\n\ndef build(depth=14):\n"
+        "    layers = [nn.Linear(64, 64, bias=False) for _ in range(depth)]\n    for lin in layers:\n"
+        "        nn.init.normal_(lin.weight, std=0.25 / 8)\n    return nn.Sequential(*layers)\n\n\n"
+        "def batch(model):\n    return torch.randn(4, 64)\n"
+    )
+    path.write_text(source)
+    code, out, _ = run(capsys, str(path), "--dtype", "float64", *FAST)
+    assert code == 0 and "growth 0 " not in out
+    code, out, _ = run(capsys, str(path), "--dtype", "float16", *FAST)
+    (note,) = [line for line in out.splitlines() if line.startswith("! ") and "growth 0" in line]
+    assert "passes no gradient" in note and "or an underflow to 0 in float16" in note, note
 
 
 def test_a_chain_no_gradient_reaches_is_said_unread(

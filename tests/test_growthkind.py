@@ -101,3 +101,33 @@ def test_a_stack_whose_every_partial_growth_is_within_x2_is_flat(wiggle: float) 
     take the growth from any block past x`wiggle` < 2 (oracle by hand)."""
     gains = [wiggle, 1 / wiggle] * 6
     assert kind_of([gains] * 3, [math.prod(gains)] * 3, 0.5).kind == "flat"
+
+
+def _jordan_gains(size: int, steps: int, seed: int) -> list[float]:
+    """The exact per-step backward gains of h' = W h through a Jordan block W = I + N of `size` at
+    spectral radius 1, input side first: ||G W^k|| / ||G W^(k-1)|| for a last-step gradient G, in
+    float64 (the closed form of what a probe of such a linear cell reads)."""
+    import torch
+
+    w = torch.eye(size, dtype=torch.float64) + torch.diag(torch.ones(size - 1, dtype=torch.float64), 1)
+    g = torch.randn(size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    norms = [float(g.norm())]
+    for _ in range(steps - 1):
+        g = g @ w
+        norms.append(float(g.norm()))
+    return [norms[k] / norms[k - 1] for k in range(len(norms) - 1, 0, -1)]
+
+
+@pytest.mark.parametrize(("size", "steps"), [(2, 64), (2, 128), (2, 256)])
+def test_a_jordan_block_at_radius_1_grows_as_a_power_of_the_steps(size: int, steps: int) -> None:
+    """Theory: ||G W^k|| ~ k^(size - 1) through a Jordan block at spectral radius 1, no exponential rate
+    (its per-step log-gain decays like 1 / distance to the output). It read 'irregular: no constant rate
+    or depth law fits' (a theory audit); the depth law from the output side fits, and its power gives the
+    growth within x2, as the kind promises. (Size 3 grows ~k^2 / 2 times |G_1| / |G|, a factor near 1/4
+    that no depth^p within x2 gives: irregular by that promise.)"""
+    profiles = [_jordan_gains(size, steps, seed) for seed in range(3)]
+    growths = [math.prod(p) for p in profiles]
+    got = kind_of(profiles, growths, 0.5)
+    assert got.kind == "polynomial", got.describe()
+    growth = sorted(growths)[1]
+    assert abs(got.exponent.mid * math.log(steps) - math.log(growth)) <= math.log(2)
