@@ -153,7 +153,13 @@ class Watcher:
         self._termination = Termination()  # SIGTERM unwinds to the watcher, which writes, then dies
         slots, check = grad_slots + weight_slots, self._termination.check
         self.capture = Capture(self.blocks, self.params, self.layout.width, slots, scale, check)
-        self.fused = bool(optimizer is not None and optimizer.defaults.get("fused"))
+        # fused, and its step takes found_inf as GradScaler hands it (torch marks those): a hand-written
+        # optimizer keeping torch's fused keyword in its defaults stepped on a flagged step, 'skipped'
+        self.fused = bool(
+            optimizer is not None
+            and optimizer.defaults.get("fused")
+            and getattr(optimizer, "_step_supports_amp_scaling", False)
+        )
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         check_modes(model, self.world, skip, bundle, compute_loss, optimizer, self.fused, hook_optimizer)
         check_optimizer_params(self.params, optimizer, self.skip)
@@ -197,6 +203,7 @@ class Watcher:
         self._step: Any = None
         self.report: Report | None = None
         self._versions: list[int] | None = None  # the parameters' version counters when the run began
+        self._unfilled: list[torch.Tensor] = []  # state a skipped fused step allocated: `_drop_unfilled`
 
     # ------------------------------------------------------------------------------------ hooks
 
@@ -222,6 +229,8 @@ class Watcher:
                 self._handles.append(self.optimizer.register_step_pre_hook(self._pre_hook))
             if self.snapshot is not None:
                 self._handles.append(self.optimizer.register_step_post_hook(lambda *_: self.after_step()))
+            if self.skip and self.fused:
+                self._handles.append(self.optimizer.register_step_post_hook(self._drop_unfilled))
         if self.scaler is not None:
             self._adopt(self.scaler)
         elif self.optimizer is not None:
@@ -458,6 +467,7 @@ class Watcher:
                 found = getattr(self.optimizer, "found_inf", None) if amp is not None else None
                 flag = flagged.float()
                 self.optimizer.found_inf = flag if found is None else torch.maximum(flag, found)  # type: ignore[attr-defined]
+                self._unfilled = self._first_state(self.optimizer)
             if self.snapshot is not None:
                 self.snapshot.on_flag(flagged)
         self.out.on_step(self._loss_seen, self.weights_measured, self.capture.fewer)
@@ -516,6 +526,39 @@ class Watcher:
             return original(*args, **kwargs)
 
         return update
+
+    def _first_state(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+        """Where a skipped step would leave its first state unfilled: torch's fused SGD allocates the
+        momentum buffers of a parameter's first step with empty_like, its kernel skips on found_inf
+        without filling them, and they are taken as momentum from then on (weights at 1e32 two steps
+        after a skipped first step). Without dampening, a zero buffer made before the step is the
+        same (0.9 x 0 + g is g, bit for bit, where the first step copies g) and a skipped step
+        leaves it 0: no host read. With dampening, the parameters without state where this step is
+        skipped (one counted host read, on such a step only), their state taken off after it
+        (`_drop_unfilled`)."""
+        if not isinstance(optimizer, torch.optim.SGD):
+            return []
+        fresh: list[torch.Tensor] = []
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None or group["momentum"] == 0 or "momentum_buffer" in optimizer.state[p]:
+                    continue
+                if group["dampening"] == 0:
+                    optimizer.state[p]["momentum_buffer"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format
+                    )
+                else:
+                    fresh.append(p)
+        if not fresh:
+            return []
+        self.host_reads += 1
+        return fresh if bool(optimizer.found_inf) else []  # type: ignore[attr-defined]
+
+    def _drop_unfilled(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        """After a skipped step: the state it allocated for parameters that had none (`_first_state`)."""
+        for p in self._unfilled:
+            optimizer.state.pop(p, None)
+        self._unfilled = []
 
     def after_step(self) -> None:
         """After the optimizer's update: the bundle's copy of 'the state before the next step'."""

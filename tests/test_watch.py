@@ -186,6 +186,45 @@ def test_a_skipped_step_leaves_parameters_and_optimizer_state_bit_identical(skip
     assert same == skip  # without skip the NaN step changes them: the check can fail
 
 
+@pytest.mark.parametrize(("nesterov", "dampening"), [(False, 0.0), (True, 0.0), (False, 0.5)])
+def test_a_skipped_first_step_of_a_fused_sgd_leaves_no_unfilled_momentum(
+    nesterov: bool, dampening: float
+) -> None:
+    """A NaN at step 0 under a fused SGD with momentum: torch's kernel, skipping on found_inf, leaves the
+    momentum buffers its first step allocated with empty_like unfilled, and the next steps took that
+    memory as momentum (weights at 1e32 two steps later; found in an audit). The watcher makes them
+    zero before the step (no dampening: the same first step, bit for bit) or takes them off after it
+    (dampening: one host read on that step). Oracle: a run whose step 0 is left out altogether, which
+    the skipped run must equal bit for bit."""
+
+    def sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD(
+            model.parameters(), lr=1e-2, momentum=0.9, nesterov=nesterov, dampening=dampening, fused=True
+        )
+
+    torch.manual_seed(0)
+    model = MLP(depth=3)
+    opt = sgd(model)
+    seen: list[list[float]] = []
+    opt.register_step_pre_hook(
+        lambda *_: seen.append([float(s["momentum_buffer"].abs().max()) for s in opt.state.values()])
+    )
+    w = train(model, 6, {1: Fault(0, "nan")}, optimizer=opt, skip=True)
+    assert report_of(w).skipped_steps == [0]
+    assert seen[1] == ([0.0] * len(list(model.parameters())) if dampening == 0 else [])  # before step 1
+    torch.manual_seed(0)
+    reference = MLP(depth=3)
+    opt = sgd(reference)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(6):
+        loss = compute_loss(reference, batch(gen, reference, 32))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if step:  # step 0's batch drawn, nothing stepped
+            opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters(), strict=True))
+
+
 def test_a_non_fused_optimizer_skips_with_one_counted_sync_per_step() -> None:
     torch.manual_seed(0)
     model = MLP(depth=3)
