@@ -156,6 +156,7 @@ def _replay(args: argparse.Namespace, limits: Any) -> list[Any]:
                 0.0,
                 None if j.exploded else config,
                 None if j.exploded else j,
+                limits=judged,
             )
         )
     if not results:

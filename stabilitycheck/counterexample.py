@@ -69,6 +69,7 @@ class SearchResult:
     # and the point reported is 1-minimal, not the smallest
     below: tuple[Config, str, int | None] | None = None
     last_step_probes: int = 0  # a recurrent subject's through-time probes, which `probes` leaves out
+    limits: Limits | None = None  # what it was judged on (a stable row's bracket says where it lies)
 
     @property
     def shown(self) -> Judgement | None:

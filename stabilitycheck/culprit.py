@@ -12,7 +12,8 @@ from stabilitycheck.measurement import AFTER_LAST, Measurement
 
 
 def culprit_of(ms: Sequence[Measurement]) -> str:
-    """The block to blame, over seeds: where the first non-finite value was made; else the blocks whose
+    """The block to blame, over seeds: where the first non-finite value was made, in half the seeds or
+    more (fewer: the rules below, on the finite seeds); else the blocks whose
     backward log-gain exceeds the stack's median log-gain by more than log 2 and by more than 3x the
     spread of the other blocks' excesses (the median of their absolute values, the lower of two), in
     the median over seeds (`_standing_out`); where the median growth over seeds is under 1
@@ -23,9 +24,11 @@ def culprit_of(ms: Sequence[Measurement]) -> str:
     A stack with fewer than three gains cannot show a uniform rate: there the seeds vote for their
     largest amplifying block, a tie going to the block of the earliest seed among the tied (a set's
     order, which varies with PYTHONHASHSEED, named layers.0 or layers.1 from one process to the next)."""
-    first = ms[0]
-    if any(m.first_nonfinite is not None for m in ms):
-        return _single(next(m for m in ms if m.first_nonfinite is not None))
+    bad = [m for m in ms if m.first_nonfinite is not None]
+    if bad and 2 * len(bad) >= len(ms):
+        return _single(bad[0])
+    ms = [m for m in ms if m.first_nonfinite is None]  # a minority's NaN named a block that the others'
+    first = ms[0]  # growth did not blame (an Inf in 1 seed of 4 over a x1000 block in every seed)
     logs = [[math.log(g) if g > 0 and math.isfinite(g) else math.nan for g in m.gains] for m in ms]
     if len(first.gains) < 3 or any(all(math.isnan(x) for x in row) for row in logs):
         votes = [_largest_gain(m) for m in ms]  # too few gains to tell a uniform stack from one block

@@ -8,6 +8,7 @@ overflows is never reported as non-finite.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
@@ -43,7 +44,7 @@ from stabilitycheck.norms import accumulator as accumulator
 from stabilitycheck.readings import Step, chains_of, cut_off, gains_of, growth_of, locate, unscored
 from stabilitycheck.recording import _Recorder
 from stabilitycheck.recording import call_model as call_model
-from stabilitycheck.rng import SALT_FORWARD, derived, rng_state, set_rng_state
+from stabilitycheck.rng import SALT_FORWARD, derived, numpy_seeded, rng_state, set_rng_state
 from stabilitycheck.subject import BYPASSED, Subject, find_blocks, own_blocks, shown_blocks
 from stabilitycheck.subjects import resolve
 from stabilitycheck.updates import optimizer_for, training_settings, update
@@ -580,18 +581,23 @@ def _probe(config: Config, subject: Subject, last_step: bool) -> Measurement:
     if built is None:
         raise NoLastStep(NoLastStep.said(config.subject))
     run = config.run
-    m = probe_module(
-        built.model,
-        built.inputs,
-        built.loss_fn,
-        blocks=built.blocks,
-        steps=run.steps,
-        lr=run.lr,
-        optimizer=run.optimizer,
-        clip=run.clip,
-        warmup=run.warmup,
-        amp=run.amp,
-        seed=run.seed,
-    )
+    # a model file's forward drawing from np.random (noise, a numpy dropout) reads the same numbers for
+    # the same seed in every process (it drew from wherever the process stood: another growth in each);
+    # numpy's global state is the caller's again after, at ~0.1 ms, on this path alone
+    drawing = getattr(subject, "draws_numpy", False)
+    with numpy_seeded(derived(run.seed, SALT_FORWARD)) if drawing else contextlib.nullcontext():
+        m = probe_module(
+            built.model,
+            built.inputs,
+            built.loss_fn,
+            blocks=built.blocks,
+            steps=run.steps,
+            lr=run.lr,
+            optimizer=run.optimizer,
+            clip=run.clip,
+            warmup=run.warmup,
+            amp=run.amp,
+            seed=run.seed,
+        )
     output = built.loss_fn.note if isinstance(built.loss_fn, OutputLoss) else ""  # the entry it used
     return dataclasses.replace(m, blocks_note="; ".join(n for n in (built.blocks_note, output) if n))

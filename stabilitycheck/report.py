@@ -260,17 +260,21 @@ def _below_note(r: SearchResult) -> str:
     if r.below is None:
         return ""
     config, read, seed = r.below
+    reported = (
+        "the point reported is 1-minimal (no knob one step lower fails)"
+        if r.minimal
+        else "the point reported was not verified 1-minimal (interrupted)"
+    )
     if seed is not None:  # one seed's failure: the verdict over seeds may differ there
         return (
             f"\n  note      {knobs(r, config)}, below it in every knob, failed on seed {seed} alone: {read} "
             "(one seed steers the search; that point was not judged over seeds): the criteria may not "
-            "be monotone in the knobs; the point reported is 1-minimal, not necessarily the smallest "
-            "failing one"
+            f"be monotone in the knobs; {reported}, not necessarily the smallest failing one"
         )
     return (
         f"\n  note      {knobs(r, config)}, below it in every knob, failed too (on the full rule: "
-        f"{read}): the criteria are not monotone in the knobs here; the point reported is 1-minimal "
-        "(no knob one step lower fails), not the smallest failing one"
+        f"{read}): the criteria are not monotone in the knobs here; {reported}, not the smallest "
+        "failing one"
     )
 
 
@@ -301,7 +305,7 @@ def details(results: Sequence[SearchResult]) -> str:
                 blocks.append(
                     f"{r.space.label} [{config.run.device}, {_precision(config.run)}]: stable at {where} "
                     f"(q={config.run.quantile:g} over seeds {', '.join(map(str, j.seeds))})\n"
-                    + _measured(j, config.run.quantile, budget=config.run.seeds).rstrip("\n")
+                    + _measured(j, config.run.quantile, r.limits, config.run.seeds).rstrip("\n")
                 )
             continue
         j = cx.judgement

@@ -304,6 +304,7 @@ def search(
             unjudged=unjudged,
             below=_failing_below(prober, at) if cx is not None and at is not None else None,
             last_step_probes=prober.cache.made_last,
+            limits=limits,
         )
 
     cx: Counterexample | None = None

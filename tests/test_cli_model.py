@@ -906,3 +906,101 @@ def test_a_model_vanishing_at_the_lowest_corner_is_said_to_vanish(
     assert code == 1
     (note,) = [line for line in out.splitlines() if "lowest corner" in line]
     assert "the model vanishes there already" in note and "explodes" not in note
+
+
+TANH_STACK = """
+import torch
+from torch import nn
+
+SPACE = {"depth": (1, 40)}
+@EXTRA@
+
+class Net(nn.Module):
+    def __init__(self, depth):
+        super().__init__()
+        blocks = [nn.Sequential(nn.Linear(32, 32, bias=False), nn.Tanh()) for _ in range(depth)]
+        self.layers = nn.ModuleList(blocks)
+        for blk in self.layers:
+            nn.init.normal_(blk[0].weight, std=2.5 / 32**0.5)
+
+    def forward(self, x):
+@FORWARD@
+        for blk in self.layers:
+            x = blk(x@NOISE@)
+        return x
+
+    def stability_blocks(self):
+        return [(f"layers.{i}", m) for i, m in enumerate(self.layers)]
+
+
+def build(depth=4):
+    return Net(depth)
+
+
+def batch(model):
+    return torch.randn(16, 32)
+
+
+def loss(output, inputs):
+    return (output * torch.randn(output.shape, generator=torch.Generator().manual_seed(1234))).sum()
+"""
+
+
+def _stack(extra: str = "", forward: str = "", noise: str = "") -> str:
+    return TANH_STACK.replace("@EXTRA@", extra).replace("@FORWARD@", forward).replace("@NOISE@", noise)
+
+
+def test_a_stable_rows_bracket_says_where_the_limit_lies_inside_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A tanh stack at sigma_w 2.5 to depth 21, where the median growth sits near 100 (98 over 1500
+    seeds, found in an audit): stable on seeds 0.., its bracket around the limit. An exploding row
+    says the limit lies inside its bracket; a stable one did not (it was given no limits). Oracle:
+    the line's own bracket against the limit 100."""
+    path = tmp_path / "stack.py"
+    path.write_text(_stack())
+    code, out, _ = run(capsys, str(path), "--knob", "depth=1:21", "--grad-norm-limit", "off", *FAST)
+    (line,) = [x for x in out.splitlines() if x.strip().startswith("bracket") and " growth " in x]
+    low, high = map(float, re.search(r"lies in ([0-9.e+]+)-([0-9.e+]+)", line).groups())  # type: ignore[union-attr]
+    assert code == 0 and low < 100 < high, line
+    assert "the limit 100 lies inside it" in line
+
+
+def test_an_interrupted_rows_note_does_not_call_it_1_minimal(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The model raises KeyboardInterrupt (as Ctrl-C) on its 20th forward: the row says it was not
+    verified minimal, and the note under it said 'the point reported is 1-minimal' (an audit)."""
+    path = tmp_path / "stopped.py"
+    forward = "        global CALLS\n        CALLS += 1\n        if CALLS == 20:\n"
+    forward += "            raise KeyboardInterrupt"
+    path.write_text(_stack(extra="CALLS = 0", forward=forward))
+    code, out, _ = run(capsys, str(path), "--knob", "depth=1:40", "--grad-norm-limit", "off", *FAST)
+    assert code == 130 and "not verified minimal" in out, out
+    notes = [x for x in out.splitlines() if x.strip().startswith("note")]
+    assert not any("is 1-minimal" in x for x in notes), notes
+
+
+def test_a_forward_drawing_from_numpy_reads_the_same_numbers_whatever_numpy_stood_at(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A forward scaling each block's input by np.random.uniform(0.8, 1.2): the same seed read other
+    growths in every process (numpy's global generator was seeded for build() and batch() only; found
+    in an audit). Oracle: two runs from two numpy states give the same JSON values."""
+    import numpy as np
+
+    path = tmp_path / "noisy.py"
+    path.write_text(_stack(extra="import numpy as np", noise=" * float(np.random.uniform(0.8, 1.2))"))
+    got = []
+    for state in (1, 2):
+        np.random.seed(state)
+        code, _, _ = run(
+            capsys, str(path), "--knob", "depth=1:30", "--json", str(tmp_path / f"{state}.json"), *FAST
+        )
+        assert code in (0, 1)
+        got.append(json.loads((tmp_path / f"{state}.json").read_text()))
+    assert _without_times(got[0]) == _without_times(got[1])
+
+
+def _without_times(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k not in ("elapsed_s",)} for r in results]

@@ -599,3 +599,36 @@ def test_a_knob_named_like_a_run_setting_is_refused_and_renamed_reaches_the_fact
     m = probe(subject.config(unroll=5), subject)
     assert m.steps_run == 0 and len(m.loss) == 1
     assert m.activation_names == ("(input)", *(f"cell[{t}]" for t in range(5)))
+
+
+FIXED_DRAWN = """
+import torch
+from torch import nn
+
+model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+example_input = torch.randn(4, 8)
+"""
+
+
+def test_a_module_level_model_is_drawn_again_under_each_seed(tmp_path: Path) -> None:
+    """Each seed of a verdict is an initialisation: the file run under seed s makes seed s's model and
+    input. One copy of the import's model gave every seed the same weights, the 'distribution' of its
+    verdict being the loss's readouts alone (found in an audit). Oracle: the file run by runpy under
+    stabilitycheck.rng.seed_all(s)."""
+    import runpy
+
+    from stabilitycheck.config import Config
+    from stabilitycheck.rng import seed_all
+    from stabilitycheck.subjects import resolve
+
+    path = tmp_path / "fixed.py"
+    path.write_text(FIXED_DRAWN)
+    config = Config.of(str(path))
+    subject = resolve(config.subject)
+    built = [subject.build(config.with_run(seed=s)) for s in (0, 7)]
+    for s, b in zip((0, 7), built, strict=True):
+        seed_all(s)
+        ns = runpy.run_path(str(path))
+        assert torch.equal(b.model[0].weight, ns["model"][0].weight)
+        assert torch.equal(b.inputs, ns["example_input"])
+    assert not torch.equal(built[0].model[0].weight, built[1].model[0].weight)

@@ -3,10 +3,10 @@ a module-level `model` with `example_input` (and SEQ_DIM); reading it into knobs
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import inspect
 import math
+import sys
 from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -17,7 +17,7 @@ from stabilitycheck._tree import tensors
 from stabilitycheck._validation import article, describe, is_number
 from stabilitycheck.config import RUN_FIELDS
 from stabilitycheck.losses import Inputs
-from stabilitycheck.modelfile.importer import ModelFileError, top_level_names
+from stabilitycheck.modelfile.importer import ModelFileError, import_file, top_level_names
 from stabilitycheck.modelfile.inputs import check_inputs, infer, resize
 
 if TYPE_CHECKING:
@@ -190,34 +190,37 @@ def check_blocks(owner: ModelFile, model: nn.Module) -> None:
 
 @dataclasses.dataclass
 class Fixed:
-    """A module-level `model` and `example_input`, copied on each build; `SEQ_DIM` adds seq_len."""
+    """A module-level `model` and `example_input`, the file run again on each build under the
+    verdict's seed, so that each seed is an initialisation, as a factory's (one copy of the import's
+    model gave every seed the same weights: a 'distribution' of the loss's readouts alone); a file
+    loading its weights reads the same model at every seed. `SEQ_DIM` adds seq_len."""
 
     model: nn.Module
     example_input: Inputs
     seq_dim: int | None
+    drawn: dict[int, Inputs] = dataclasses.field(default_factory=dict)  # per model built, its input
 
     def make_model(self, owner: ModelFile, values: Mapping[str, Knob]) -> nn.Module:
-        try:
-            return copy.deepcopy(self.model)
-        except Exception as exc:
-            raise ModelFileError(
-                f"{owner.given}: the module-level `model` cannot be copied ({describe(exc)}); "
-                "define a factory instead, e.g. `def build(): return MyModel()`"
-            ) from None
+        module = import_file(owner.path, owner.given, seeded=False)  # the caller seeded the draws
+        sys.modules.pop(module.__name__, None)  # one per build: it holds its model
+        model, inputs = _fixed_parts(owner.given, owner.attr, module)
+        self.drawn[id(model)] = inputs
+        return model
 
     def make_inputs(
         self, owner: ModelFile, model: nn.Module, values: Mapping[str, Knob], seed: int
     ) -> Inputs:
+        example = self.drawn.pop(id(model), self.example_input)
         if self.seq_dim is None:
-            return self.example_input
+            return example
         seq_len = int(values["seq_len"])
         if seq_len < 1:
             raise owner.error(f"knob seq_len={seq_len} must be >= 1; e.g. SPACE = {{'seq_len': (1, 512)}}")
-        return resize(self.example_input, self.seq_dim, seq_len)
+        return resize(example, self.seq_dim, seq_len)
 
 
-def fixed_source(given: str, attr: str, module: ModuleType) -> tuple[Fixed, dict[str, Knob]]:
-    """The module-level model, its example input and knobs (seq_len, with SEQ_DIM)."""
+def _fixed_parts(given: str, attr: str, module: ModuleType) -> tuple[nn.Module, Inputs]:
+    """The module-level model and its example input, checked."""
     model = getattr(module, attr)
     if not isinstance(model, nn.Module):
         raise ModelFileError(
@@ -228,7 +231,12 @@ def fixed_source(given: str, attr: str, module: ModuleType) -> tuple[Fixed, dict
         raise ModelFileError(
             f"{given}: defines `{attr}` but no `example_input`; add e.g. `example_input = torch.randn(8, 16)`"
         )
-    inputs = check_inputs(given, "example_input", module.example_input)
+    return model, check_inputs(given, "example_input", module.example_input)
+
+
+def fixed_source(given: str, attr: str, module: ModuleType) -> tuple[Fixed, dict[str, Knob]]:
+    """The module-level model, its example input and knobs (seq_len, with SEQ_DIM)."""
+    model, inputs = _fixed_parts(given, attr, module)
     knobs: dict[str, Knob] = {}
     seq_dim = getattr(module, "SEQ_DIM", None)
     if seq_dim is not None:

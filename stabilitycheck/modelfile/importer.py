@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import itertools
@@ -46,8 +47,10 @@ def _line_in(exc: BaseException, path: Path) -> int | None:
     return lines[-1] if lines else None
 
 
-def import_file(path: Path, given: str) -> ModuleType:
-    """Run the file as a fresh module (its directory on sys.path meanwhile, torch seeded to 0)."""
+def import_file(path: Path, given: str, seeded: bool = True) -> ModuleType:
+    """Run the file as a fresh module (its directory on sys.path meanwhile, torch seeded to 0; or, not
+    `seeded`, drawing from torch's generator as the caller left it: a module-level model drawn again
+    for each seed of a verdict)."""
     name = f"stabilitycheck_modelfile_{next(_counter)}_{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
@@ -57,8 +60,9 @@ def import_file(path: Path, given: str) -> ModuleType:
     folder = str(path.parent)
     sys.path.insert(0, folder)
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+        with torch.random.fork_rng(devices=[]) if seeded else contextlib.nullcontext():
+            if seeded:
+                torch.manual_seed(0)
             spec.loader.exec_module(module)
     except SyntaxError as exc:
         del sys.modules[name]
