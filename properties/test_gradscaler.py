@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from stabilitycheck.config import Config
 from stabilitycheck.invariants import assert_gradscaler_guards
-from stabilitycheck.invariants_training import UNHIDDEN
+from stabilitycheck.invariants_gradscaler import UNHIDDEN
 from stabilitycheck.strategies import configs
 from stabilitycheck.subject import Built
 from stabilitycheck.zoo import Family

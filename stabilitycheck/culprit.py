@@ -11,9 +11,11 @@ from collections.abc import Sequence
 from stabilitycheck.measurement import AFTER_LAST, Measurement
 
 
-def culprit_of(ms: Sequence[Measurement]) -> str:
-    """The block to blame, over seeds: where the first non-finite value was made, in half the seeds or
-    more (fewer: the rules below, on the finite seeds); else the blocks whose
+def culprit_of(ms: Sequence[Measurement], nonfinite: bool | None = None) -> str:
+    """The block to blame, over seeds: where the first non-finite value was made where `nonfinite` (the
+    verdict's nonfinite criterion fired: 2 of 5 seeds at q=0.9), or, None (no verdict says), where
+    half the seeds or more went non-finite; else the rules below, on the finite seeds (one seed's Inf
+    named a block on a growth verdict a x1000 block caused in every seed); else the blocks whose
     backward log-gain exceeds the stack's median log-gain by more than log 2 and by more than 3x the
     spread of the other blocks' excesses (the median of their absolute values, the lower of two), in
     the median over seeds (`_standing_out`); where the median growth over seeds is under 1
@@ -25,7 +27,8 @@ def culprit_of(ms: Sequence[Measurement]) -> str:
     largest amplifying block, a tie going to the block of the earliest seed among the tied (a set's
     order, which varies with PYTHONHASHSEED, named layers.0 or layers.1 from one process to the next)."""
     bad = [m for m in ms if m.first_nonfinite is not None]
-    if bad and 2 * len(bad) >= len(ms):
+    by_nan = 2 * len(bad) >= len(ms) if nonfinite is None else nonfinite
+    if bad and (by_nan or len(bad) == len(ms)):  # every seed non-finite: no finite one to read
         return _single(bad[0])
     ms = [m for m in ms if m.first_nonfinite is None]  # a minority's NaN named a block that the others'
     first = ms[0]  # growth did not blame (an Inf in 1 seed of 4 over a x1000 block in every seed)

@@ -17,13 +17,9 @@ from stabilitycheck.invariants_clip import (
     assert_direction_preserved,
 )
 from stabilitycheck.invariants_common import ACC, DTYPE_RTOL, Named, TensorsLike, rtol_of, subnormal_spacing
+from stabilitycheck.invariants_gradscaler import ScalerLike, assert_gradscaler_guards
 from stabilitycheck.invariants_rescaling import assert_rescaling_equivariant
-from stabilitycheck.invariants_training import (
-    ScalerLike,
-    assert_bounded_growth,
-    assert_finite_training,
-    assert_gradscaler_guards,
-)
+from stabilitycheck.invariants_training import assert_bounded_growth, assert_finite_training
 
 __all__ = [
     "ACC",

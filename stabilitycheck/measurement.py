@@ -68,6 +68,8 @@ class Measurement:
     chain_feeds: tuple[tuple[int, ...], ...] = ()  # per chain, the earlier chains whose outputs it takes
     profile_step: int = 0  # the step the per-block numbers are from (see probing.probe_module)
     state_end: bool = False  # the last reached call was read on a carried state: see `law_gains`
+    cut_before: tuple[int, ...] = ()  # calls (in activation_names) taking their input detached: no
+    # gradient reaches the blocks before them (readings.cut_before)
 
     @property
     def per_call(self) -> bool:

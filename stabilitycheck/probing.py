@@ -41,7 +41,7 @@ from stabilitycheck.measurement import ratio as ratio
 from stabilitycheck.norms import EXACT as EXACT
 from stabilitycheck.norms import STACK_MIN, dense, norm_values
 from stabilitycheck.norms import accumulator as accumulator
-from stabilitycheck.readings import Step, chains_of, cut_off, gains_of, growth_of, locate, unscored
+from stabilitycheck.readings import Step, chains_of, cut_before, gains_of, growth_of, locate, unscored
 from stabilitycheck.recording import _Recorder
 from stabilitycheck.recording import call_model as call_model
 from stabilitycheck.rng import SALT_FORWARD, derived, numpy_seeded, rng_state, set_rng_state
@@ -306,19 +306,17 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         aside = set(range(g + calls, g + n)) | {g + n + j for j, pos in enumerate(reached) if pos >= calls}
         own = [v for i, v in enumerate(host) if i not in aside]
         forward, backward, reached = _together(carried, calls, forward, backward, reached)
-    breaks = frozenset(run.rec.breaks) if hooks else frozenset()
-    severed = frozenset(run.rec.severed) if hooks else frozenset()
     return Step(
         loss=loss_value,
         scale=scale_value,
         grads=_scatter(host[:g], present, len(run.params)),
         weights=host[g + n + r :],
         calls=run.rec.call_names(run.names) if hooks else (),
-        breaks=breaks,
-        severed=severed,
+        breaks=frozenset(run.rec.breaks) if hooks else frozenset(),
+        severed=frozenset(run.rec.severed) if hooks else frozenset(),
         cuts=frozenset(run.rec.cuts) if hooks else frozenset(),
         feeds=dict(run.rec.feeds) if hooks else {},
-        unreached=frozenset(range(calls)) - frozenset(reached) - cut_off(severed, breaks, reached, calls),
+        unreached=frozenset(range(calls)) - frozenset(reached),
         forward=forward,
         backward=backward,
         entering=inputs,
@@ -525,6 +523,7 @@ def probe_module(
         chain_feeds=feeds if len(chains) > 1 else (),
         profile_step=profile_step,
         state_end=max((i for i in range(len(act)) if i not in unreached), default=-1) in first.carried,
+        cut_before=cut_before(first.severed, first.unreached),
         blocks_note=chosen,
         weight_norms=_per_block(last.weights, owner, len(names)) if last.weights else (),
         first_nonfinite=nonfinite,

@@ -33,7 +33,7 @@ class Step:
     made: tuple[int, ...] = ()  # parameters in the order the backward made their gradients (exact runs)
     carried: frozenset[int] = frozenset()  # calls read on a state they carry beside it (an LSTM's h, c)
     cuts: frozenset[int] = frozenset()  # breaks where a cell's call took its last output detached
-    severed: frozenset[int] = frozenset()  # calls taking their chain's input with no gradient (`cut_off`)
+    severed: frozenset[int] = frozenset()  # calls taking their chain's input with no gradient (cut_before)
 
 
 def chains_of(
@@ -67,21 +67,13 @@ def chains_of(
     return tuple(chains), tuple(feeders)
 
 
-def cut_off(
-    severed: frozenset[int], breaks: frozenset[int], reached: Sequence[int], n: int
-) -> frozenset[int]:
-    """The calls before a cut on their chain (`severed`: a call taking its input detached) where the
-    chain is reached at or after the cut: the loss takes their outputs' values but passes them no
-    gradient, exactly 0, the gradient dying on its way back (dropped as unreached, the stack's other
-    half read as the growth)."""
-    starts = sorted({0, *breaks})
-    out: set[int] = set()
-    for s in severed:
-        first = max(b for b in starts if b <= s)
-        end = min((b for b in starts if b > s), default=n)
-        if any(s <= i < end for i in reached):
-            out.update(range(first, s))
-    return frozenset(out)
+def cut_before(severed: frozenset[int], unreached: frozenset[int]) -> tuple[int, ...]:
+    """The calls taking their chain's input detached (`severed`) where the output before them got no
+    gradient at all while theirs did: the blocks before the cut do not learn from this loss (a frozen
+    backbone under a trained head, or a detach left in by mistake, which reads as the growth of the
+    part after it); not where the loss reaches them another way (an online probe on detached
+    features beside the main loss)."""
+    return tuple(sorted(s for s in severed if s - 1 in unreached and s not in unreached))
 
 
 def unscored(

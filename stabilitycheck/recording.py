@@ -4,6 +4,7 @@ shares of it, and calling a model on its inputs."""
 from __future__ import annotations
 
 import functools
+import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -134,8 +135,8 @@ def _same_data(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _severs(x: Any, out: torch.Tensor) -> bool:
     """Whether `x`, what a block takes as its chain's input, is the last block's output `out` or a view
     of its data, and carries no gradient while autograd records: a `detach()`, `.data` or a block run
-    under torch.no_grad() cuts the chain there, and no gradient reaches the blocks before it (read as
-    unreached, a 12-block stack cut at block 5 read growth 0.705 from its other half)."""
+    under torch.no_grad() cuts the chain there, and no gradient reaches the blocks before it through
+    it (a 12-block stack cut at block 5 read growth 0.705 from its other half, with no word of it)."""
     return (
         isinstance(x, torch.Tensor)
         and torch.is_grad_enabled()
@@ -146,18 +147,18 @@ def _severs(x: Any, out: torch.Tensor) -> bool:
 
 
 def _taken_norm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
-    """The L2 norm over every floating tensor a call takes, positional, by keyword or in a container
-    (a cell's h beside its x_t): non-finite where any is, so that a NaN the model's own code put into
-    a block's second argument is found outside the blocks (it named the healthy cell[6]). None where
-    the call takes none. Taken on exact re-runs only, which are rare: a norm per tensor is no cost."""
+    """The call's first floating tensor (its norm is taken with the others'), NaN where another floating
+    tensor it takes, by keyword or in a container, holds a NaN (a cell's h beside its x_t): a NaN the
+    model's own code put into a block's second argument is found outside the blocks (it named the
+    healthy cell[6]). Inf there is no finding: a causal attention mask holds -inf by design. None
+    where the call takes none. Taken on exact re-runs only, which are rare."""
     floats = [t.detach() for t in tensors((args, kwargs)) if t.is_floating_point()]
-    if not floats:
-        return None
-    if len(floats) == 1:
-        return floats[0]
-    norms = torch.stack([torch.linalg.vector_norm(t, dtype=torch.float64) for t in floats])
-    whole: torch.Tensor = torch.linalg.vector_norm(norms)
-    return whole
+    if len(floats) < 2:
+        return floats[0] if floats else None
+    poisoned = torch.stack([t.isnan().any() for t in floats[1:]]).any()
+    first = torch.linalg.vector_norm(floats[0], dtype=torch.float64)
+    marked: torch.Tensor = torch.where(poisoned, torch.full_like(first, math.nan), first)
+    return marked
 
 
 def _stack_of(name: str) -> str:
@@ -247,7 +248,7 @@ class _Recorder:
         self.feeds: dict[int, frozenset[int]] = {}  # per break, the starts of the chains its call takes
         self.cuts: set[int] = set()  # breaks where a cell took its last output detached (`_cut`)
         # calls taking, as their chain's input, the last output or a detached view of it that carries
-        # no gradient (`_severs`): the chain runs on in the forward, the gradient stops there
+        # no gradient (`_severs`): the gradient stops there (readings.cut_before says where it shows)
         self.severed: set[int] = set()
         self.stacks = [_stack_of(name) for name, _ in blocks]
         self.modules = [module for _, module in blocks]
@@ -335,8 +336,7 @@ class _Recorder:
                 # a packed nn.RNN's gain in no chain: growth 0.49 where torch's is 7814)
             entry = self.calls[0] < 0
             if _severs(x, self.outputs[-1]) and self._upstream_learns():
-                self.severed.add(at)
-                return
+                self.severed.add(at)  # read as before (a frozen backbone under a head is meant so); said
             if _feeds(x, self.outputs[-1]):
                 if self.breaks and x is not self.outputs[-1]:  # the chain runs on, unless what the
                     # call takes as its chain's input is made from another chain's output too: a

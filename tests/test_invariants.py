@@ -28,7 +28,7 @@ from stabilitycheck.invariants import (
     assert_gradscaler_guards,
     assert_rescaling_equivariant,
 )
-from stabilitycheck.invariants_training import UNHIDDEN
+from stabilitycheck.invariants_gradscaler import UNHIDDEN
 from stabilitycheck.probing import probe, probe_module
 from stabilitycheck.subject import Built
 from stabilitycheck.subjects import resolve

@@ -632,3 +632,23 @@ def test_a_module_level_model_is_drawn_again_under_each_seed(tmp_path: Path) -> 
         assert torch.equal(b.model[0].weight, ns["model"][0].weight)
         assert torch.equal(b.inputs, ns["example_input"])
     assert not torch.equal(built[0].model[0].weight, built[1].model[0].weight)
+
+
+def test_a_module_level_model_imported_from_a_sibling_module_is_read_at_every_seed(tmp_path: Path) -> None:
+    """`from netdef import model, example_input`: the sibling module is imported once, so the file run
+    again gives the same nn.Module object at each build, which the tool then changed in place ('Cannot
+    copy out of meta tensor' at the second build; a review). Each build copies it. Oracle: the growth
+    of two builds at two seeds, each the same model and input (the sibling's own)."""
+    from stabilitycheck.config import Config
+    from stabilitycheck.probing import probe
+
+    (tmp_path / "netdef.py").write_text(
+        "import torch\nfrom torch import nn\ntorch.manual_seed(123)\n"
+        "model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(16, 16, bias=False), nn.Tanh())])\n"
+        "example_input = torch.randn(8, 16)\n"
+    )
+    path = tmp_path / "viasib.py"
+    path.write_text("from netdef import model, example_input\n")
+    config = Config.of(str(path), init_scale=2.0)  # the weights scaled after the model's own init
+    grown = [probe(config.with_run(seed=s)).growth for s in (0, 1, 0)]
+    assert all(math.isfinite(g) and g > 0 for g in grown) and grown[0] == grown[2]

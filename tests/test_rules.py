@@ -273,7 +273,7 @@ def test_gradscaler_guards_catch_a_scaler_checking_every_other_entry() -> None:
     from torch import nn
 
     from stabilitycheck import StabilityError
-    from stabilitycheck.invariants_training import assert_gradscaler_guards
+    from stabilitycheck.invariants_gradscaler import assert_gradscaler_guards
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1, 5), nn.Tanh(), nn.Linear(5, 1))  # 5, 5, 5, 1 entries
@@ -436,7 +436,7 @@ def test_gradscaler_guards_poison_the_last_entry_of_the_last_gradient() -> None:
     other gradient's poisons (first entries, and odd middle ones short of the end): only the last
     entry of the last gradient can catch it. torch's GradScaler passes the same model."""
     from stabilitycheck import StabilityError
-    from stabilitycheck.invariants_training import assert_gradscaler_guards
+    from stabilitycheck.invariants_gradscaler import assert_gradscaler_guards
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(1, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))

@@ -3,6 +3,7 @@ a module-level `model` with `example_input` (and SEQ_DIM); reading it into knobs
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import math
@@ -198,19 +199,27 @@ class Fixed:
     model: nn.Module
     example_input: Inputs
     seq_dim: int | None
-    drawn: dict[int, Inputs] = dataclasses.field(default_factory=dict)  # per model built, its input
+    drawn: tuple[nn.Module, Inputs] | None = None  # the last model built and the input drawn with it
 
     def make_model(self, owner: ModelFile, values: Mapping[str, Knob]) -> nn.Module:
         module = import_file(owner.path, owner.given, seeded=False)  # the caller seeded the draws
         sys.modules.pop(module.__name__, None)  # one per build: it holds its model
-        model, inputs = _fixed_parts(owner.given, owner.attr, module)
-        self.drawn[id(model)] = inputs
+        found, inputs = _fixed_parts(owner.given, owner.attr, module)
+        try:  # a copy: a model the file imports from a module of its own is the same object each time
+            model = copy.deepcopy(found)
+        except Exception as exc:
+            raise ModelFileError(
+                f"{owner.given}: the module-level `model` cannot be copied ({describe(exc)}); "
+                "define a factory instead, e.g. `def build(): return MyModel()`"
+            ) from None
+        self.drawn = (model, inputs)
         return model
 
     def make_inputs(
         self, owner: ModelFile, model: nn.Module, values: Mapping[str, Knob], seed: int
     ) -> Inputs:
-        example = self.drawn.pop(id(model), self.example_input)
+        drawn, self.drawn = self.drawn, None
+        example = drawn[1] if drawn is not None and drawn[0] is model else self.example_input
         if self.seq_dim is None:
             return example
         seq_len = int(values["seq_len"])
