@@ -48,13 +48,14 @@ def _reference_step(
     optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None,
     lr: float,
     seed: int,
-    factor: float = 1.0,
+    stepped_on: Sequence[torch.Tensor | None] | None = None,
 ) -> tuple[list[torch.Tensor], list[int], list[dict[str, Any]], list[torch.Tensor | None]]:
     """One plain step (no scaler) of a copy of the model from its current state with a fresh
-    optimizer, its gradients times `factor`: the weights a correct scaler's clean step must give
-    (scaling by the loss scale and unscaling undo each other), the indices of the parameters the
-    backward reaches, each parameter's optimizer state after it (Adam's first step does not depend on
-    the gradient's scale; its moments do) and the gradients it stepped on."""
+    optimizer, on its own gradients or on `stepped_on` (a clipped step's): the weights a correct
+    scaler's clean step must give (scaling by the loss scale and unscaling undo each other), the
+    indices of the parameters the backward reaches, each parameter's optimizer state after it (Adam's
+    first step does not depend on the gradient's scale; its moments do) and the gradients it stepped
+    on."""
     twin = copy.deepcopy(model)
     params = [p for p in twin.parameters() if p.requires_grad]
     opt = optimizer(params) if optimizer is not None else torch.optim.SGD(params, lr=lr)
@@ -64,9 +65,10 @@ def _reference_step(
         loss = differentiable_loss(loss_fn(call_model(twin, inputs), inputs))
     loss.backward()
     reached = [i for i, p in enumerate(params) if p.grad is not None]
-    if factor != 1.0:
-        for i in reached:
-            params[i].grad.mul_(factor)  # type: ignore[union-attr]
+    if stepped_on is not None:
+        for p, given in zip(params, stepped_on, strict=True):
+            if p.grad is not None and given is not None:
+                p.grad.copy_(given)
     opt.step()
     grads = [None if p.grad is None else p.grad.detach() for p in params]
     return [p.detach() for p in params], reached, [dict(opt.state.get(p, {})) for p in params], grads
@@ -231,9 +233,11 @@ def _check_guards(
         _check_clean_step(named, weights, expected, kind)
     except StabilityError:
 
-        def reference(factor: float) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
-            wanted, _, clipped, _ = _reference_step(model, inputs, loss_fn, optimizer, lr, seed, factor)
-            return wanted, clipped
+        def reference(grads: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+            stepped = iter(grads)  # `grads` are the reached parameters', in order
+            on = [next(stepped) if g is not None else None for g in plain]
+            wanted, _, states, _ = _reference_step(model, inputs, loss_fn, optimizer, lr, seed, on)
+            return wanted, states
 
         if not _own_clip(named, weights, opt, scaler, (held, plain), reference, lambda: step(None)):
             raise
@@ -247,54 +251,58 @@ def _own_clip(
     opt: torch.optim.Optimizer,
     scaler: Any,
     held: tuple[tuple[dict[str, Any], dict[str, Any]], Sequence[torch.Tensor | None]],
-    reference: Callable[[float], tuple[list[torch.Tensor], list[dict[str, Any]]]],
+    reference: Callable[[Sequence[torch.Tensor]], tuple[list[torch.Tensor], list[dict[str, Any]]]],
     step: Callable[[], None],
 ) -> bool:
-    """Whether a GradScaler's clean step that differs from the plain one is the plain step on its
-    gradients times one factor c in (0, 1), the gradients it stepped on pointing the same way (a norm
-    clip of the unscaled gradients, torch's recipe, which failed as 'must unscale' wherever the clip
-    was active), and moves the weights and the optimizer's state alike at 16x the scale
-    (`_same_at_another_scale`): unscaling twice or clipping before unscale_ also shrinks by a common
-    factor, but one that follows the scale."""
+    """Whether a GradScaler's clean step that differs from the plain one is the plain step on the
+    gradients it stepped on, each entry of them the unscaled one's or a shrink of it with its sign (a
+    clip of the unscaled gradients: torch's recipe, by norm, by value, per group; it failed as 'must
+    unscale' wherever the clip was active), and moves the weights and the optimizer's state alike at
+    16x the scale (`_same_at_another_scale`): unscaling twice or clipping before unscale_ shrinks
+    them too, by a factor that follows the scale, and a step too long (5% over) is no shrink."""
     if not isinstance(scaler, torch.amp.GradScaler):
         return False
     params = [p for _, p in named]
-    shrink = _common_shrink(params, held[1])
-    if shrink is None:
+    clipped = _clipped(params, held[1])
+    if clipped is None:
         return False
     moved = [p.detach().clone() for p in params]
     with torch.no_grad():
         for p, w in zip(params, weights, strict=True):
             p.copy_(w)  # the reference copies the model as it was before the clean step
-    wanted, clipped = reference(shrink)
+    wanted, states = reference(clipped)
     with torch.no_grad():
         for p, m in zip(params, moved, strict=True):
             p.copy_(m)
     try:
-        _check_clean_state(named, opt, clipped, type(scaler).__name__)
+        _check_clean_state(named, opt, states, type(scaler).__name__)
         _check_clean_step(named, weights, wanted, type(scaler).__name__)
     except StabilityError:
         return False
     return _same_at_another_scale(params, weights, opt, scaler, held[0], step)
 
 
-def _common_shrink(params: Sequence[nn.Parameter], plain: Sequence[torch.Tensor | None]) -> float | None:
-    """The factor c of `params`' gradients (after the clean step: what the optimizer stepped on) over
-    the plain step's `plain`, by least squares, where it is in (0, 1) and they equal c x plain within
-    CLEAN_RTOL of its norm (one clip coefficient for every gradient); None otherwise."""
+def _clipped(
+    params: Sequence[nn.Parameter], plain: Sequence[torch.Tensor | None]
+) -> list[torch.Tensor] | None:
+    """`params`' gradients after the clean step (what the optimizer stepped on), where each entry has
+    the plain step's sign (or is 0) and a magnitude no larger than its, within CLEAN_RTOL: a clip of
+    the unscaled gradients; None otherwise (a parameter with a gradient in one and not the other)."""
     pairs = []
     for p, g in zip(params, plain, strict=True):
         if (p.grad is None) != (g is None):
             return None
         if p.grad is not None and g is not None:
-            pairs.append((p.grad.detach().double().flatten(), g.to(p.grad.device).double().flatten()))
-    dots = _host([torch.vdot(a, b) for a, b in pairs] + [torch.vdot(b, b) for _, b in pairs])
-    across, size = sum(dots[: len(pairs)]), sum(dots[len(pairs) :])
-    if not pairs or size <= 0 or not 0 < across / size < 1:
+            pairs.append((p.grad.detach().clone(), g.to(p.grad.device)))
+    if not pairs:
         return None
-    c = across / size
-    off = math.sqrt(sum(float((a - c * b).square().sum()) for a, b in pairs))
-    return c if off <= CLEAN_RTOL * c * math.sqrt(size) else None
+    shrunk = [
+        ((a * b >= 0) & (a.abs() <= b.abs() * (1 + CLEAN_RTOL) + torch.finfo(a.dtype).tiny)).all()
+        for a, b in pairs
+    ]
+    if not all(_host(shrunk)):
+        return None
+    return [a for a, _ in pairs]
 
 
 def _same_at_another_scale(

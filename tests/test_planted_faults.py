@@ -208,27 +208,39 @@ def test_a_wrapped_scaler_backed_off_below_1_is_refused_not_passed() -> None:
 
 
 class _Recipe(torch.amp.GradScaler):
-    """torch's AMP recipe with clipping in its step: unscale_ then clip_grad_norm_ (correct), or the
-    clip before unscale_ (the fault), at `max_norm`."""
+    """torch's AMP recipe with clipping in its step: unscale_ then the clip (correct), or the clip
+    before unscale_ (the fault): clip_grad_norm_ at 1 over every gradient ("norm"), per tensor
+    ("tensor"), or clip_grad_value_ at 0.05 ("value")."""
 
-    def __init__(self, unscales: bool, max_norm: float) -> None:
+    def __init__(self, unscales: bool, kind: str) -> None:
         super().__init__("cpu")
-        self.unscales, self.max_norm = unscales, max_norm
+        self.unscales, self.kind = unscales, kind
 
     def step(self, optimizer: torch.optim.Optimizer, *args: object, **kwargs: object) -> object:
         if self.unscales:
             self.unscale_(optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, self.max_norm)
+        if self.kind == "norm":
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+        elif self.kind == "tensor":
+            for p in params:
+                torch.nn.utils.clip_grad_norm_(p, 0.5)
+        else:
+            torch.nn.utils.clip_grad_value_(params, 0.05)
         return super().step(optimizer, *args, **kwargs)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("kind", ["norm", "tensor", "value"])
 @pytest.mark.parametrize("adam", [False, True])
-def test_torchs_recipe_with_an_active_clip_passes_and_a_clip_before_unscale_fails(adam: bool) -> None:
-    """A plain gradient of norm ~8.8 clipped to 1 at every step: the correct recipe's clean step differs
-    from an unclipped plain step by its own clip, and failed as 'a scaler must unscale' (a planted-fault
-    audit). It moves the weights and the optimizer's state alike at 16x the scale, so it passes; the
-    clip before unscale_ moves them by the scale's factor and still fails. Oracle: torch's recipe."""
+def test_torchs_recipe_with_an_active_clip_passes_and_a_clip_before_unscale_fails(
+    adam: bool, kind: str
+) -> None:
+    """A plain gradient of norm ~8.8 clipped at every step (by its norm, each tensor's, or by value):
+    the correct recipe's clean step differs from an unclipped plain step by its own clip, and failed as
+    'a scaler must unscale' (a planted-fault audit; the value and per-tensor clips, a review). It is the
+    plain step on the gradients it stepped on, each a shrink of the unscaled one, and moves the
+    weights and the optimizer's state alike at 16x the scale, so it passes; the clip before unscale_
+    moves them by the scale's factor and still fails. Oracle: torch's recipe."""
     from stabilitycheck.invariants import assert_gradscaler_guards
 
     torch.manual_seed(0)
@@ -242,9 +254,10 @@ def test_torchs_recipe_with_an_active_clip_passes_and_a_clip_before_unscale_fail
     assert float(torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)) > 5.0  # the clip is active
     model.zero_grad(set_to_none=True)
     opt = (lambda ps: torch.optim.Adam(ps, lr=1e-3)) if adam else None
-    assert_gradscaler_guards(model, x, loss, _Recipe(True, 1.0), optimizer=opt)
-    with pytest.raises(StabilityError, match=r"within 1% of it|state"):
-        assert_gradscaler_guards(model, x, loss, _Recipe(False, 1.0), optimizer=opt)
+    assert_gradscaler_guards(model, x, loss, _Recipe(True, kind), optimizer=opt)
+    # a value clip of the scaled gradients also makes their Inf finite: the poisoned step is taken
+    with pytest.raises(StabilityError, match=r"within 1% of it|state|stepped on a gradient holding"):
+        assert_gradscaler_guards(model, x, loss, _Recipe(False, kind), optimizer=opt)
 
 
 class _NaNBack(torch.autograd.Function):
