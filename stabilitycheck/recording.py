@@ -146,17 +146,25 @@ def _severs(x: Any, out: torch.Tensor) -> bool:
     )
 
 
-def _taken_norm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
-    """The call's first floating tensor (its norm is taken with the others'), NaN where another floating
-    tensor it takes, by keyword or in a container, holds a NaN (a cell's h beside its x_t): a NaN the
-    model's own code put into a block's second argument is found outside the blocks (it named the
-    healthy cell[6]). Inf there is no finding: a causal attention mask holds -inf by design. None
-    where the call takes none. Taken on exact re-runs only, which are rare."""
-    floats = [t.detach() for t in tensors((args, kwargs)) if t.is_floating_point()]
-    if len(floats) < 2:
-        return floats[0] if floats else None
-    poisoned = torch.stack([t.isnan().any() for t in floats[1:]]).any()
-    first = torch.linalg.vector_norm(floats[0], dtype=torch.float64)
+def _taken_norm(args: tuple[Any, ...], kwargs: dict[str, Any], returned: set[int]) -> torch.Tensor | None:
+    """The call's chain input (`_entry`; else its first positional floating tensor), its norm NaN where
+    another floating tensor it takes, by keyword or in a container, holds a NaN that no block call
+    returned (`returned`: their ids, this pass): a NaN the model's own code put into a cell's h beside
+    its x_t is found outside the blocks (it named the healthy cell[6]). Inf there is no finding (a
+    causal mask holds -inf), nor a tensor a block returned beside its chain (an LSTMCell's c: its NaN
+    is that block's, read where it shows as before). None where the call takes no floating tensor.
+    Taken on exact re-runs only, which are rare."""
+    x = _entry(args, kwargs)[1]
+    if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
+        x = _first_tensor(args)
+    if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
+        return None
+    floats = [t for t in tensors((args, kwargs)) if t.is_floating_point()]
+    others = [t.detach() for t in floats if t is not x and id(t) not in returned]
+    first: torch.Tensor = torch.linalg.vector_norm(x.detach(), dtype=torch.float64)
+    if not others:
+        return first
+    poisoned = torch.stack([t.isnan().any() for t in others]).any()
     marked: torch.Tensor = torch.where(poisoned, torch.full_like(first, math.nan), first)
     return marked
 
@@ -226,6 +234,8 @@ class _Recorder:
         self.calls: list[int] = []
         self.outputs: list[torch.Tensor] = []
         self.entering: list[torch.Tensor | None] | None = None  # per call, its floating input (on request)
+        self.returned: set[int] = set()  # with `entering`: the ids of what block calls returned this pass
+        self.held: list[torch.Tensor] = []  # and those tensors, kept alive until the next start
         self.entry: torch.Tensor | None = None  # block 0's input, until its first call returns
         self.version = 0  # the entry's version counter when block 0 received it
         self.key: str | None = None  # where the entry came from in block 0's call: see _entry
@@ -427,7 +437,9 @@ class _Recorder:
                     if out.grad_fn is not None:
                         own.add(out.grad_fn)
                     if self.entering is not None:
-                        self.entering.append(_taken_norm(args, kwargs))
+                        self.entering.append(_taken_norm(args, kwargs, self.returned))
+                        self.returned.update(id(t) for t in outs)
+                        self.held += outs  # alive while their ids stand for them
             return swapped
 
         return on_forward
@@ -505,6 +517,7 @@ class _Recorder:
         for ids in self.own.values():
             ids.clear()
         self.entering = [] if inputs else None
+        self.returned, self.held = set(), []
         self.alts.clear()
         self.last.clear()
         self.carrying.start()

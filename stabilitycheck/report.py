@@ -486,9 +486,10 @@ def unmeasured(results: Sequence[SearchResult]) -> list[str]:
 
 def cut(results: Sequence[SearchResult]) -> list[str]:
     """Lines naming each target whose shown measurement has a block taking the output before it with
-    no gradient (Measurement.cut_before): the blocks before get none from this loss and do not
-    learn, and the growth is read from the cut on (a detach left in a 12-block stack read stable,
-    growth 0.705, with no word of it; a frozen backbone under a trained head is meant so)."""
+    no gradient (Measurement.cut_before): that output gets none from this loss (nor those before it,
+    where no earlier output got any: a skip around the cut, a second loss term or a tied weight
+    reaches them), and the growth is read from the cut on (a detach left in a 12-block stack read
+    stable, growth 0.705, with no word of it; a frozen backbone under a trained head is meant so)."""
     out = []
     for r in results:
         m = r.shown.measurement if r.shown is not None else None
@@ -496,11 +497,12 @@ def cut(results: Sequence[SearchResult]) -> list[str]:
             continue
         names = m.activation_names
         for s in m.cut_before:
+            before = " or those before it" if not any(m.activation_grad_norms[:s]) else ""
             out.append(
-                f"! {r.space.label}: no gradient reaches {names[s - 1]} or the blocks before it: "
-                f"{names[s]} takes its output with no gradient (detach(), .data or torch.no_grad()), so "
-                f"they do not learn from this loss, and the growth is read from {names[s]} on; where "
-                "that is not meant, the gradient vanishes there (exactly 0) and no limit can fire on it"
+                f"! {r.space.label}: {names[s]} takes {names[s - 1]}'s output with no gradient (detach(), "
+                f".data or torch.no_grad()): no gradient reaches that output{before} from this loss, and "
+                f"the growth is read from {names[s]} on; where that is not meant, the gradient vanishes "
+                "there (exactly 0) and no limit can fire on it"
             )
     return out
 

@@ -652,3 +652,26 @@ def test_a_module_level_model_imported_from_a_sibling_module_is_read_at_every_se
     config = Config.of(str(path), init_scale=2.0)  # the weights scaled after the model's own init
     grown = [probe(config.with_run(seed=s)).growth for s in (0, 1, 0)]
     assert all(math.isfinite(g) and g > 0 for g in grown) and grown[0] == grown[2]
+
+
+def test_a_module_level_model_is_not_run_again_for_a_memory_estimate_on_meta(tmp_path: Path) -> None:
+    """The memory estimate builds on the meta device: running the file there printed torch's meta
+    warnings and lost module-level `.item()` values (a second review); it takes the import's model.
+    Oracle: the file writes a line each time it runs."""
+    from stabilitycheck.config import Config
+    from stabilitycheck.subjects import resolve
+
+    log = tmp_path / "ran.txt"
+    path = tmp_path / "fixed.py"
+    path.write_text(
+        f"import torch\nfrom torch import nn\nwith open({str(log)!r}, 'a') as f:\n    f.write('ran\\n')\n"
+        "model = nn.Sequential(nn.Linear(8, 8), nn.Tanh())\nexample_input = torch.randn(4, 8)\n"
+    )
+    config = Config.of(str(path))
+    subject = resolve(config.subject)
+    ran = log.read_text().count("ran")
+    with torch.device("meta"):
+        subject.source.make_model(subject, {})  # type: ignore[attr-defined]
+    assert log.read_text().count("ran") == ran
+    subject.build(config)
+    assert log.read_text().count("ran") == ran + 1  # a build runs it again, under its seed

@@ -242,5 +242,42 @@ def test_the_cli_says_where_the_cut_chain_gives_no_gradient(tmp_path: Path) -> N
     args = [sys.executable, "-m", "stabilitycheck", str(path), "--database", "none"]
     run = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
-    want = "no gradient reaches layers.3 or the blocks before it: layers.4 takes its output with no gradient"
+    want = "layers.4 takes layers.3's output with no gradient (detach(), .data or torch.no_grad()): no "
+    want += "gradient reaches that output or those before it from this loss"
     assert want in run.stdout, run.stdout
+
+
+SKIP = """
+import torch
+from torch import nn
+
+SPACE = {"depth": (4, 4)}
+
+
+def build(depth=4):
+    return Net()
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(4))
+
+    def forward(self, x):
+        skip = self.layers[0](x)
+        x = self.layers[1](skip).detach()
+        x = self.layers[3](self.layers[2](x))
+        return x + skip
+"""
+
+
+def test_the_cut_line_says_only_the_output_cut_where_a_skip_reaches_those_before(tmp_path: Path) -> None:
+    """A skip from layers.0's output around the cut after layers.1: layers.0 gets a gradient, so the
+    line must not say that none reaches the outputs before the cut (a second review: 'they do not
+    learn' was false there). Oracle: the construction (layers.0's output feeds the loss directly)."""
+    path = tmp_path / "skip.py"
+    path.write_text(textwrap.dedent(SKIP))
+    args = [sys.executable, "-m", "stabilitycheck", str(path), "--database", "none"]
+    run = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    (line,) = [x for x in run.stdout.splitlines() if "takes layers.1's output with no gradient" in x]
+    assert "no gradient reaches that output from this loss" in line and "those before it" not in line

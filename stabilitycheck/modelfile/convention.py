@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from stabilitycheck._tree import tensors
@@ -202,9 +203,12 @@ class Fixed:
     drawn: tuple[nn.Module, Inputs] | None = None  # the last model built and the input drawn with it
 
     def make_model(self, owner: ModelFile, values: Mapping[str, Knob]) -> nn.Module:
-        module = import_file(owner.path, owner.given, seeded=False)  # the caller seeded the draws
-        sys.modules.pop(module.__name__, None)  # one per build: it holds its model
-        found, inputs = _fixed_parts(owner.given, owner.attr, module)
+        if torch.get_default_device().type == "meta":  # a memory estimate's shapes: the import's model
+            found, inputs = self.model, self.example_input  # (the file run on meta warned, or failed)
+        else:
+            module = import_file(owner.path, owner.given, seeded=False)  # the caller seeded the draws
+            sys.modules.pop(module.__name__, None)  # one per build: it holds its model
+            found, inputs = _fixed_parts(owner.given, owner.attr, module)
         try:  # a copy: a model the file imports from a module of its own is the same object each time
             model = copy.deepcopy(found)
         except Exception as exc:
