@@ -49,15 +49,21 @@ def _reference_step(
     lr: float,
     seed: int,
     stepped_on: Sequence[torch.Tensor | None] | None = None,
+    start: Sequence[torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor], list[int], list[dict[str, Any]], list[torch.Tensor | None]]:
-    """One plain step (no scaler) of a copy of the model from its current state with a fresh
-    optimizer, on its own gradients or on `stepped_on` (a clipped step's): the weights a correct
+    """One plain step (no scaler) of a copy of the model from its current state, or with its trainable
+    parameters at `start`, with a fresh optimizer, on its own gradients or on `stepped_on` (a clipped
+    step's): the weights a correct
     scaler's clean step must give (scaling by the loss scale and unscaling undo each other), the
     indices of the parameters the backward reaches, each parameter's optimizer state after it (Adam's
     first step does not depend on the gradient's scale; its moments do) and the gradients it stepped
     on."""
     twin = copy.deepcopy(model)
     params = [p for p in twin.parameters() if p.requires_grad]
+    if start is not None:
+        with torch.no_grad():
+            for p, w in zip(params, start, strict=True):
+                p.copy_(w)
     opt = optimizer(params) if optimizer is not None else torch.optim.SGD(params, lr=lr)
     opt.zero_grad(set_to_none=True)
     with torch.random.fork_rng(devices=[]):
@@ -236,7 +242,7 @@ def _check_guards(
         def reference(grads: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
             stepped = iter(grads)  # `grads` are the reached parameters', in order
             on = [next(stepped) if g is not None else None for g in plain]
-            wanted, _, states, _ = _reference_step(model, inputs, loss_fn, optimizer, lr, seed, on)
+            wanted, _, states, _ = _reference_step(model, inputs, loss_fn, optimizer, lr, seed, on, weights)
             return wanted, states
 
         if not _own_clip(named, weights, opt, scaler, (held, plain), reference, lambda: step(None)):
@@ -266,14 +272,7 @@ def _own_clip(
     clipped = _clipped(params, held[1])
     if clipped is None:
         return False
-    moved = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, w in zip(params, weights, strict=True):
-            p.copy_(w)  # the reference copies the model as it was before the clean step
-    wanted, states = reference(clipped)
-    with torch.no_grad():
-        for p, m in zip(params, moved, strict=True):
-            p.copy_(m)
+    wanted, states = reference(clipped)  # from the weights before the clean step
     try:
         _check_clean_state(named, opt, states, type(scaler).__name__)
         _check_clean_step(named, weights, wanted, type(scaler).__name__)

@@ -541,7 +541,11 @@ class Watcher:
         fresh: list[torch.Tensor] = []
         for group in optimizer.param_groups:
             for p in group["params"]:
-                if p.grad is None or group["momentum"] == 0 or "momentum_buffer" in optimizer.state[p]:
+                if (
+                    p.grad is None
+                    or group["momentum"] == 0
+                    or "momentum_buffer" in optimizer.state.get(p, {})
+                ):
                     continue
                 if group["dampening"] == 0:
                     optimizer.state[p]["momentum_buffer"] = torch.zeros_like(
