@@ -106,7 +106,7 @@ def sizes(quick: bool) -> Sizes:
                 ),
             ),
             limits=Limits(growth=2.0),  # tiny models cannot pass the default growth limit
-            max_examples=20,  # 10 missed the 4-knob grid's exploding points (its top corner is stable)
+            max_examples=30,  # 20 missed the 4-knob grid's exploding points (its top corner is stable)
             seeds_targets={label: shrink(space) for label, space in zoo.targets().items()},
             seeds_rounds=3,
             seeds_max_examples=5,

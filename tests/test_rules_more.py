@@ -16,9 +16,11 @@ from closed_form import ScaledIdentity
 from torch import nn
 from torch.nn import functional as F
 
+from stabilitycheck.config import Config
 from stabilitycheck.counterexample import Counterexample
 from stabilitycheck.searching import search
 from stabilitycheck.space import Axis, Space
+from stabilitycheck.subject import Built
 from stabilitycheck.verdicts import Limits
 
 GROWTH_LIMIT = 100.0
@@ -295,17 +297,21 @@ def test_check_names_the_first_configuration_tried_where_every_one_fails() -> No
 
 def test_an_interrupted_search_does_not_call_a_top_corner_screened_on_one_seed_stable() -> None:
     """top_stable says the top corner was judged stable on the full rule over seeds (the space is not
-    monotone); interrupted while only the screen's seed had judged it, no such claim is made."""
-    subject = ScaledIdentity()
-    space = Space("cf", subject.config().with_run(seeds=3), (Axis.range("depth", 1, 2),))
-    top = space.config(space.top()).knob("depth")
+    monotone); interrupted while only one seed had judged it (the search judges it first, on the full
+    rule: interrupted at its second seed here), no such claim is made."""
+    space = Space("cf", ScaledIdentity().config().with_run(seeds=3), (Axis.range("depth", 1, 2),))
+    top = space.config(space.top())
 
-    def progress(line: str) -> None:
-        if f"depth={top}" in line and "alone" in line:  # the top corner judged on one seed alone
-            raise KeyboardInterrupt
+    class InterruptedAtTop(ScaledIdentity):
+        def build(self, config: Config) -> Built:
+            if config.with_run(seed=top.run.seed) == top and config.run.seed != top.run.seed:
+                raise KeyboardInterrupt
+            return super().build(config)
 
-    result = search(space, subject=subject, limits=Limits(growth=GROWTH_LIMIT), progress=progress)  # type: ignore[arg-type]
+    subject = InterruptedAtTop()
+    result = search(space, subject=subject, limits=Limits(growth=GROWTH_LIMIT))  # type: ignore[arg-type]
     assert result.interrupted and result.counterexample is None and not result.top_stable
+    assert subject.builds == {top: 1}  # the top corner's first seed alone was probed
 
 
 def test_a_results_shown_judgement_is_its_counterexamples() -> None:

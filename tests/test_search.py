@@ -359,10 +359,22 @@ def test_the_bracket_never_reads_certain_and_says_where_the_limit_lies_inside_it
 def test_an_interrupted_stable_row_says_when_it_stands_on_one_seed() -> None:
     """Ctrl-C before any explosion: the largest stable point seen was judged on the screen's seed
     alone, and the row said 'interrupted, stable (tried up to ...)' beside '1 (0 exploded)'. It says
-    'stable on one seed so far' where the judgement it shows has one seed of a larger budget."""
+    'stable on one seed so far' where the judgement it shows has one seed of a larger budget. The
+    top corner, judged first on the full rule, raises here: the screen's points are all there is."""
     space = Space(
         "mlp", Config.of("mlp", width=8, batch_size=4, init_scale=1.0), (Axis.range("depth", 1, 40),)
     )
+    mlp = resolve("mlp")
+
+    class RaisesAtTop:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(mlp, name)
+
+        def build(self, config: Config) -> Any:
+            if config.values["depth"] == 40:
+                raise ValueError("no model this deep")
+            return mlp.build(config)
+
     calls = []
 
     def progress(line: str) -> None:
@@ -370,7 +382,8 @@ def test_an_interrupted_stable_row_says_when_it_stands_on_one_seed() -> None:
         if len(calls) == 3:
             raise KeyboardInterrupt
 
-    result = search(space, max_examples=20, progress=progress)
+    result = search(space, subject=RaisesAtTop(), max_examples=20, progress=progress)  # type: ignore[arg-type]
+    assert "depth=40: skipped: " in calls[0]
     j = result.largest_stable_judgement
     assert result.interrupted and result.counterexample is None and j is not None and len(j.seeds) == 1
     assert report.row(result)[3].startswith("interrupted, stable on one seed so far (tried up to depth=")
