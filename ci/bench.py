@@ -34,7 +34,8 @@ from torch import nn
 
 from stabilitycheck import zoo
 from stabilitycheck.config import Config
-from stabilitycheck.probing import call_model, probe_module
+from stabilitycheck.losses import call_model
+from stabilitycheck.probing import probe_module
 from stabilitycheck.searching import SearchResult, boundary, search, sweep
 from stabilitycheck.space import INIT_SCALES, Axis, Space
 from stabilitycheck.subject import Built, Subject

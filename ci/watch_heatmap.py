@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from stabilitycheck.config import Config
-from stabilitycheck.probing import call_model
+from stabilitycheck.losses import call_model
 from stabilitycheck.watching import watch
 from stabilitycheck.zoo import build
 

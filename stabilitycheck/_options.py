@@ -186,19 +186,7 @@ def parser() -> argparse.ArgumentParser:
         default=100,
         help="Hypothesis examples per search (100); the canonical descent and the remedies come on top",
     )
-    p.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0, help="first seed of everything (0)")
-    p.add_argument(
-        "--seeds",
-        type=_number(int, 1, 1000),
-        default=5,
-        help="initialisations a verdict may spend (5; 1 = a single draw); more only near the limit",
-    )
-    p.add_argument(
-        "--quantile",
-        type=_number(float, 0, 1, open_lo=True),
-        default=0.5,
-        help="the quantile over seeds each criterion is judged on (0.5: the median)",
-    )
+    add_run_options(p)
     p.add_argument("--device", action="append", type=_csv, default=[], help="cpu, cuda, cuda:N or all")
     p.add_argument(
         "--dtype",
@@ -208,11 +196,6 @@ def parser() -> argparse.ArgumentParser:
         help="float32, float64, bfloat16, float16 (repeatable or comma-separated)",
     )
     p.add_argument(
-        "--steps", type=_number(int, 0, 10**6), help="optimiser steps per probe (default 0: at init)"
-    )
-    p.add_argument("--lr", type=_positive, help="learning rate of the steps")
-    p.add_argument("--optimizer", choices=("sgd", "adam"))
-    p.add_argument(
         "--amp",
         nargs="?",
         const="auto",
@@ -220,10 +203,6 @@ def parser() -> argparse.ArgumentParser:
         help="forward under torch.autocast (auto: bfloat16 on CPU, float16 + GradScaler on CUDA)",
     )
     p.add_argument("--clip", type=_positive, help="clip the total gradient norm during steps")
-    add_limits(p)
-    p.add_argument(
-        "--vanishing-limit", type=_ratio_limit, default=None, help="growth below 1/X fails (default off)"
-    )
     p.add_argument(
         "--stall-limit",
         type=_limit,
@@ -242,9 +221,40 @@ def parser() -> argparse.ArgumentParser:
         default=DEFAULT_DATABASE,
         help="Hypothesis example database directory, or 'none' (default %(default)s)",
     )
+    add_output_options(p)
+    return p
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """The seeds, training steps and limits of every verdict: the search's and the map's, alike."""
+    p.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0, help="first seed of everything (0)")
+    p.add_argument(
+        "--seeds",
+        type=_number(int, 1, 1000),
+        default=5,
+        help="initialisations a verdict may spend (5; 1 = a single draw); more only near the limit",
+    )
+    p.add_argument(
+        "--quantile",
+        type=_number(float, 0, 1, open_lo=True),
+        default=0.5,
+        help="the quantile over seeds each criterion is judged on (0.5: the median)",
+    )
+    p.add_argument(
+        "--steps", type=_number(int, 0, 10**6), help="optimiser steps per probe (default 0: at init)"
+    )
+    p.add_argument("--lr", type=_positive, help="learning rate of the steps")
+    p.add_argument("--optimizer", choices=("sgd", "adam"))
+    add_limits(p)
+    p.add_argument(
+        "--vanishing-limit", type=_ratio_limit, default=None, help="growth below 1/X fails (default off)"
+    )
+
+
+def add_output_options(p: argparse.ArgumentParser) -> None:
+    """--quiet and --debug, alike in every command."""
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
 
 
 def _database(text: str) -> str:

@@ -39,6 +39,24 @@ def model_raised(exc: BaseException) -> str:
     return f"the model raised {describe(exc)}{raised_at(exc)}"
 
 
+def model_failure(exc: BaseException) -> str | None:
+    """Why a point cannot be judged where `exc` is the model's doing: its code failed (a
+    UserCodeError, an exception raised outside this package), called sys.exit or ran out of memory;
+    None where it is bad input or a bug of this package, which the caller raises. The search, its
+    remedies and the map read failures by this one rule."""
+    from stabilitycheck.errors import StabilityCheckError, UserCodeError
+
+    if isinstance(exc, UserCodeError):
+        return str(exc)
+    if isinstance(exc, SystemExit):
+        return f"the model called sys.exit({exc.code!r})"
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return f"out of memory ({describe(exc)})"
+    if isinstance(exc, StabilityCheckError) or not isinstance(exc, Exception) or raised_here(exc):
+        return None
+    return model_raised(exc)
+
+
 def raised_here(exc: BaseException) -> bool:
     """Whether the innermost frame of `exc` is this package's own code: a bug of it, never a point
     skipped as the model's failure."""

@@ -10,13 +10,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import signal
 import sys
-import threading
-import traceback
 from collections.abc import Sequence
 from typing import Any
 
+from stabilitycheck._command import interrupted, require_devices, run_command, stop_if_signalled
 from stabilitycheck._options import EXIT_FOUND as EXIT_FOUND  # `X as X`: re-exported, these were defined here
 from stabilitycheck._options import EXIT_INTERNAL as EXIT_INTERNAL
 from stabilitycheck._options import EXIT_INTERRUPTED as EXIT_INTERRUPTED
@@ -25,16 +23,13 @@ from stabilitycheck._options import EXIT_TERMINATED as EXIT_TERMINATED
 from stabilitycheck._options import EXIT_USAGE as EXIT_USAGE
 from stabilitycheck._options import _apply_knobs, require_steps
 from stabilitycheck._options import parser as parser
-from stabilitycheck._outputs import PROGRESS_EVERY as PROGRESS_EVERY
 from stabilitycheck._outputs import Outputs as Outputs
 from stabilitycheck._outputs import Progress as Progress
-from stabilitycheck.alarms import in_gc_callback
 
 
 def _devices(requested: list[list[str]]) -> list[str]:
+    """The devices to search on: each --device once, 'all' as every one this machine has."""
     import torch
-
-    from stabilitycheck.errors import UsageError
 
     names = list(dict.fromkeys(d for group in requested for d in group)) or ["cpu"]  # each once
     if "all" in names:
@@ -42,9 +37,7 @@ def _devices(requested: list[list[str]]) -> list[str]:
             sys.stderr.write("stabilitycheck: note: --device all: no CUDA device on this machine, CPU only\n")
             return ["cpu"]
         return ["cpu", "cuda"]
-    for name in names:
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    require_devices(names)
     return names
 
 
@@ -221,7 +214,7 @@ def _searches(args: argparse.Namespace, limits: Any, outputs: Outputs, shown: Pr
     from stabilitycheck.errors import UsageError
 
     def progress_or_stop(message: str) -> None:
-        _stop_if_terminated()
+        stop_if_signalled()
         shown(message)
 
     if args.replay:
@@ -243,7 +236,7 @@ def _searches(args: argparse.Namespace, limits: Any, outputs: Outputs, shown: Pr
         ]
         sys.stderr.write(f"stabilitycheck: not searched (interrupted first): {', '.join(named)}\n")
         outputs.nothing()
-        return _interrupted()
+        return interrupted()
     results = list[Any]()
     pending = list[Any]()  # the latest partial result of the search under way (its counterexample)
     code = EXIT_OK
@@ -279,11 +272,11 @@ def _searches(args: argparse.Namespace, limits: Any, outputs: Outputs, shown: Pr
             last = f" (+{result.last_step_probes} on the last step)" if result.last_step_probes else ""
             spent = f"{result.points} points, {result.probes} probes{last} in {result.elapsed:.1f} s"
             shown.say(f"  {spent}: {outcome(result)}")
-            _stop_if_terminated()
+            stop_if_signalled()
             if result.interrupted:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
-        code = _interrupted()
+        code = interrupted()
         left = [space.label for _, space in spaces[len(results) + len(pending) :]]
         if left:  # on stderr even with --quiet: the table has no row for them
             sys.stderr.write(f"stabilitycheck: not searched (interrupted first): {', '.join(left)}\n")
@@ -301,69 +294,13 @@ def _searches(args: argparse.Namespace, limits: Any, outputs: Outputs, shown: Pr
     return EXIT_FOUND if any(r.counterexample for r in results) else EXIT_OK
 
 
-_SIGNALLED: list[int] = []
-"""The signals received. Each handler also raises, but an exception raised while Python runs a gc
-callback or a __del__ is printed and dropped, so the search checks this after every point as well."""
-
-
-def _on_signal(signum: int, frame: Any) -> None:
-    _SIGNALLED.append(signum)
-    if not in_gc_callback(frame):  # there a KeyboardInterrupt is printed as a traceback and dropped:
-        _stop_if_terminated()  # the search's check after the point raises it instead
-
-
-def _stop_if_terminated() -> None:
-    """SIGINT or SIGTERM (a CI timeout) stop the same way, as a KeyboardInterrupt, so the search keeps
-    what it found either way; only the exit code tells them apart (`_interrupted`)."""
-    if _SIGNALLED:
-        raise KeyboardInterrupt
-
-
-def _interrupted() -> int:
-    """The exit code of a stopped run: 143 after SIGTERM, 130 after Ctrl-C."""
-    return EXIT_TERMINATED if signal.SIGTERM in _SIGNALLED else EXIT_INTERRUPTED
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: one-line errors with exit code 2 for bad input, 3 for internal errors."""
-    from stabilitycheck.errors import UsageError
-
     if (given := sys.argv[1:] if argv is None else list(argv))[:1] == ["map"]:
-        from stabilitycheck.cli_map import main_map
+        from stabilitycheck import cli_map
 
-        return main_map(given[1:])
-    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
-    _SIGNALLED.clear()
-    on_main = threading.current_thread() is threading.main_thread()
-    # a signal the process was started ignoring (SIGINT in a shell script's `&` job) stays ignored
-    signals = (signal.SIGINT, signal.SIGTERM) if on_main else ()
-    handled = [s for s in signals if signal.getsignal(s) is not signal.SIG_IGN]
-    previous = {s: signal.signal(s, _on_signal) for s in handled}
-    try:
-        return run(argv)
-    except UsageError as exc:
-        if debug:
-            traceback.print_exc()
-        sys.stderr.write(f"stabilitycheck: error: {exc}\n")
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        return _interrupted()
-    except ModuleNotFoundError as exc:
-        sys.stderr.write(f"stabilitycheck: error: {exc.name} is not installed; pip install stabilitycheck\n")
-        return EXIT_USAGE
-    except Exception as exc:  # an internal error: say so, and how to get the traceback
-        if _SIGNALLED:  # library code that turned the signal's KeyboardInterrupt into its own error
-            return _interrupted()
-        if debug:
-            traceback.print_exc()
-        sys.stderr.write(
-            f"stabilitycheck: internal error: {type(exc).__name__}: {exc} "
-            "(rerun with --debug for the traceback)\n"
-        )
-        return EXIT_INTERNAL
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        return run_command("stabilitycheck map", cli_map.run, given[1:])
+    return run_command("stabilitycheck", run, argv)
 
 
 if __name__ == "__main__":

@@ -9,26 +9,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import signal
 import sys
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from stabilitycheck._command import interrupted, require_devices
 from stabilitycheck._json import strict_json
 from stabilitycheck._options import (
     EXIT_FOUND,
-    EXIT_INTERNAL,
-    EXIT_INTERRUPTED,
     EXIT_OK,
-    EXIT_TERMINATED,
     EXIT_USAGE,
     _apply_knobs,
-    _limit,
-    _number,
     _Parser,
-    add_limits,
+    add_output_options,
+    add_run_options,
     require_steps,
 )
 from stabilitycheck._outputs import Progress, _atomic_write, check_outputs
@@ -51,27 +46,19 @@ def parser() -> argparse.ArgumentParser:
         help="the grid of --x or --y (default: the target's search grid); NAME=VALUE fixes a knob "
         "(a word for a choice knob: activation=relu)",
     )
-    p.add_argument("--seeds", type=_number(int, 1, 1000), default=5, help="seeds per verdict (5)")
-    p.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0, help="first seed (0)")
-    p.add_argument("--quantile", type=_number(float, 0, 1, open_lo=True), default=0.5, help="(0.5)")
+    add_run_options(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (cpu)")
     p.add_argument("--dtype", default=None, help="float32, float64, bfloat16 or float16")
-    p.add_argument("--steps", type=_number(int, 0, 10**6), help="optimiser steps per probe (0)")
-    p.add_argument("--lr", type=_number(float, 0, open_lo=True), help="learning rate of the steps (0.01)")
-    p.add_argument("--optimizer", choices=("sgd", "adam"), help="optimiser of the steps (sgd)")
     p.add_argument(
         "--loss",
         choices=("default", "last"),
         default="default",
         help="'last': every criterion of a recurrent subject on its last-step loss (else growth, vanishing)",
     )
-    add_limits(p)
-    p.add_argument("--vanishing-limit", type=_limit, default=None, help="also trace growth < 1/X (off)")
     p.add_argument("--json", type=Path, help="write the map as JSON (rewritten after every verdict)")
     p.add_argument("--markdown", type=Path, help="write the frontier table as Markdown")
     p.add_argument("--png", type=Path, help="write the figure (extra: plot)")
-    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_output_options(p)
     return p
 
 
@@ -84,13 +71,7 @@ def _axes(args: argparse.Namespace, subject: Any) -> tuple[Any, Any, Any]:
     run: dict[str, Any] = {"seed": args.seed, "seeds": args.seeds, "quantile": args.quantile}
     given = {"device": args.device, "dtype": args.dtype, "steps": args.steps, "lr": args.lr}
     run.update({k: v for k, v in {**given, "optimizer": args.optimizer}.items() if v is not None})
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError(
-                f"--device {args.device}: CUDA is not available on this machine; use --device cpu"
-            )
+    require_devices([args.device])
     space = _apply_knobs(original.with_run(**run), args.knob, subject)
     given_knobs = {text.partition("=")[0]: text for text in args.knob}
     for name, text in given_knobs.items():
@@ -124,8 +105,8 @@ def _axes(args: argparse.Namespace, subject: Any) -> tuple[Any, Any, Any]:
     return space, axes[0], axes[1]
 
 
-def run(argv: Sequence[str]) -> int:
-    """Parse, trace, write, print; returns the exit code."""
+def run(argv: Sequence[str] | None) -> int:
+    """Parse, trace, write, print; returns the exit code (run by cli.main, as `stabilitycheck map`)."""
     args = parser().parse_args(argv)
     require_steps(args)
     from stabilitycheck.verdicts import Limits
@@ -148,27 +129,17 @@ def run(argv: Sequence[str]) -> int:
         if args.json:
             _atomic_write(args.json, strict_json(pm.to_dict()))
 
-    terminated: list[bool] = []
-
-    def on_term(signum: int, frame: Any) -> None:
-        terminated.append(True)
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_term)
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            pm = phase_map(
-                subject,
-                x=x,
-                y=y,
-                space=space,
-                limits=limits,
-                loss=args.loss,
-                progress=progress,
-                on_point=save,
-            )
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with contextlib.redirect_stdout(sys.stderr):
+        pm = phase_map(
+            subject,
+            x=x,
+            y=y,
+            space=space,
+            limits=limits,
+            loss=args.loss,
+            progress=progress,
+            on_point=save,
+        )
     save(pm)
     if args.markdown:
         args.markdown.write_text(maptext.markdown(pm))
@@ -182,28 +153,5 @@ def run(argv: Sequence[str]) -> int:
         sys.stderr.write(f"stabilitycheck map: error: {pm.stopped}\n")
         return EXIT_USAGE
     if pm.interrupted:
-        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+        return interrupted()
     return EXIT_FOUND if any(p.criteria for p in pm.points) else EXIT_OK  # as the search's CLI
-
-
-def main_map(argv: Sequence[str]) -> int:
-    """`stabilitycheck map ...`: one-line errors with exit code 2 for bad input, 3 for internal errors."""
-    from stabilitycheck.errors import StabilityCheckError
-
-    try:
-        return run(argv)
-    except StabilityCheckError as exc:
-        if "--debug" in argv:
-            traceback.print_exc()
-        sys.stderr.write(f"stabilitycheck map: error: {exc}\n")
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-    except Exception as exc:
-        if "--debug" in argv:
-            traceback.print_exc()
-        sys.stderr.write(
-            f"stabilitycheck map: internal error: {type(exc).__name__}: {exc} "
-            "(rerun with --debug for the traceback)\n"
-        )
-        return EXIT_INTERNAL

@@ -13,8 +13,7 @@ from torch import nn
 
 from stabilitycheck.errors import StabilityError, UsageError
 from stabilitycheck.invariants_common import _fail, _host, _norms, state_kept
-from stabilitycheck.losses import Inputs, LossFn, differentiable_loss
-from stabilitycheck.recording import call_model
+from stabilitycheck.losses import Inputs, LossFn, seeded_loss
 
 CLEAN_RTOL = 0.01  # a clean scaled step against a plain one: scales of 2^k undo exactly
 
@@ -66,10 +65,7 @@ def _reference_step(
                 p.copy_(w)
     opt = optimizer(params) if optimizer is not None else torch.optim.SGD(params, lr=lr)
     opt.zero_grad(set_to_none=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        loss = differentiable_loss(loss_fn(call_model(twin, inputs), inputs))
-    loss.backward()
+    seeded_loss(twin, inputs, loss_fn, seed).backward()
     reached = [i for i, p in enumerate(params) if p.grad is not None]
     if stepped_on is not None:
         for p, given in zip(params, stepped_on, strict=True):
@@ -164,10 +160,7 @@ def _check_guards(
 
     def step(poison: float | None, target: int = 0, inside: bool = False) -> None:
         opt.zero_grad(set_to_none=True)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            loss = differentiable_loss(loss_fn(call_model(model, inputs), inputs))
-        scaler.scale(loss).backward()
+        scaler.scale(seeded_loss(model, inputs, loss_fn, seed)).backward()
         if poison is not None:
             _poison(params, poison, target, inside)
         scaler.step(opt)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from stabilitycheck._tree import tree_map
 from stabilitycheck.errors import UsageError
 from stabilitycheck.invariants_common import (
     ACC,
@@ -21,8 +22,7 @@ from stabilitycheck.invariants_common import (
     rtol_of,
     state_kept,
 )
-from stabilitycheck.losses import Inputs, LossFn, differentiable_loss
-from stabilitycheck.recording import call_model
+from stabilitycheck.losses import Inputs, LossFn, seeded_loss
 
 
 def _gradients(
@@ -34,23 +34,15 @@ def _gradients(
         raise UsageError("the model has no parameters that require grad: there is no gradient to rescale")
     for _, p in params:
         p.grad = None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        loss = differentiable_loss(loss_fn(call_model(model, inputs), inputs))
+    loss = seeded_loss(model, inputs, loss_fn, seed)
     (loss * scale).backward()
     grads = [(n, p.grad.detach().clone()) for n, p in params if p.grad is not None]
     return float(loss.detach().to(ACC)), grads
 
 
 def _to64(inputs: Inputs) -> Inputs:
-    """`inputs` with every floating tensor in float64 (tensors, tuples, lists and dicts)."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs.to(ACC) if inputs.is_floating_point() else inputs
-    if isinstance(inputs, dict):
-        return {k: _to64(v) for k, v in inputs.items()}
-    if isinstance(inputs, tuple | list):
-        return type(inputs)(_to64(v) for v in inputs)
-    return inputs
+    """`inputs` with every floating tensor in float64, at any depth of its containers."""
+    return tree_map(lambda t: t.to(ACC) if t.is_floating_point() else t, inputs)
 
 
 def _rounding_error(

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from stabilitycheck.junctions import _taken
-from stabilitycheck.losses import Inputs
-from stabilitycheck.recording import _floating, _stack_of, call_model
+from stabilitycheck.losses import Inputs, call_model
+from stabilitycheck.recording import _floating, _stack_of
 from stabilitycheck.rng import host_rng_kept
 from stabilitycheck.subject import DECLARED_NOTE, LEAVES_NOTE, MIXED, Blocks
 

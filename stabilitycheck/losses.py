@@ -1,5 +1,6 @@
 """The one "which loss" (DESIGN.md): cross-entropy against fixed random labels, never the mean of
-squared outputs, whose gradient is aligned with the forward signal and reads as a false explosion."""
+squared outputs, whose gradient is aligned with the forward signal and reads as a false explosion;
+and how a model is called on its inputs and its loss taken."""
 
 from __future__ import annotations
 
@@ -172,3 +173,20 @@ def differentiable_loss(loss: Any) -> torch.Tensor:
             "model's parameters (was the output detached or computed under torch.no_grad()?)"
         )
     return loss
+
+
+def call_model(model: nn.Module, inputs: Inputs) -> Any:
+    """Call the model the way its inputs are packed: tensor, tuple/list (positional) or dict."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, tuple | list):
+        return model(*inputs)
+    return model(inputs)
+
+
+def seeded_loss(model: nn.Module, inputs: Inputs, loss_fn: LossFn, seed: int) -> torch.Tensor:
+    """The loss of one forward with torch's CPU generator seeded (the caller's state given back): the
+    same dropout masks at every call, so two calls differ only in what the caller changed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return differentiable_loss(loss_fn(call_model(model, inputs), inputs))

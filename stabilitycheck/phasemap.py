@@ -14,9 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from stabilitycheck._validation import model_raised, raised_here
+from stabilitycheck._validation import model_failure
 from stabilitycheck.config import Config
-from stabilitycheck.errors import NoLastStep, StabilityCheckError, UsageError, UserCodeError
+from stabilitycheck.errors import NoLastStep, UsageError
 from stabilitycheck.seeds import Judgement, assess
 from stabilitycheck.space import RUN_AXES, Axis, Space
 from stabilitycheck.spread import Spread
@@ -297,14 +297,11 @@ def phase_map(
             trace(lambda i, j: judge(i, j).vanished, nx, ny, vanish, notes, names)
     except KeyboardInterrupt:
         return snapshot(True)
-    except UserCodeError as exc:  # the model's code failed at a point: what was traced is kept
-        return snapshot(True, str(exc))
-    except StabilityCheckError:
-        raise
-    except Exception as exc:  # the model's own code raised there (a ValueError of its forward), as
-        if raised_here(exc):  # the search skips such a point; a bug of this package is raised
+    except (Exception, SystemExit) as exc:  # the model's code failed at a point: what was traced is
+        why = model_failure(exc)  # kept (the search skips such a point); a bug of this package or
+        if why is None:  # bad input is raised
             raise
-        return snapshot(True, model_raised(exc))
+        return snapshot(True, why)
     return snapshot(False)
 
 

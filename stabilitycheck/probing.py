@@ -31,7 +31,7 @@ from stabilitycheck.hooking import GRAPH_BREAK
 from stabilitycheck.layout import _layout, _per_block, _scatter, combined
 from stabilitycheck.layout import block_of as block_of
 from stabilitycheck.loops import looped_blocks
-from stabilitycheck.losses import Inputs, LossFn, OutputLoss, differentiable_loss
+from stabilitycheck.losses import Inputs, LossFn, OutputLoss, call_model, differentiable_loss
 from stabilitycheck.measurement import (
     TENSOR_KINDS as TENSOR_KINDS,  # `X as X`: re-exported, it was defined here
 )
@@ -43,7 +43,6 @@ from stabilitycheck.norms import STACK_MIN, dense, norm_values
 from stabilitycheck.norms import accumulator as accumulator
 from stabilitycheck.readings import Step, chains_of, cut_before, gains_of, growth_of, locate, unscored
 from stabilitycheck.recording import _Recorder
-from stabilitycheck.recording import call_model as call_model
 from stabilitycheck.rng import SALT_FORWARD, derived, numpy_seeded, rng_state, set_rng_state
 from stabilitycheck.subject import BYPASSED, Subject, find_blocks, own_blocks, shown_blocks
 from stabilitycheck.subjects import resolve

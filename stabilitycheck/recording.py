@@ -1,5 +1,5 @@
-"""The probe's recorder of block outputs and junctions (forward hooks on the blocks), what the watcher
-shares of it, and calling a model on its inputs."""
+"""The probe's recorder of block outputs and junctions (forward hooks on the blocks), and what the
+watcher shares of it."""
 
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ from stabilitycheck.junctions import (
     _stack_starts,
     _taken_chains,
 )
-from stabilitycheck.losses import Inputs
 from stabilitycheck.measurement import INPUT
 
 
@@ -653,12 +652,3 @@ class _Recorder:
         self.sum = self.fed = None
         for nodes in self.own.values():
             nodes.clear()
-
-
-def call_model(model: nn.Module, inputs: Inputs) -> Any:
-    """Call the model the way its inputs are packed: tensor, tuple/list (positional) or dict."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, tuple | list):
-        return model(*inputs)
-    return model(inputs)

@@ -25,7 +25,7 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from hypothesis.database import ExampleDatabase, InMemoryExampleDatabase
 
-from stabilitycheck._validation import describe, model_raised, raised_at, raised_here
+from stabilitycheck._validation import describe, model_failure, raised_at
 from stabilitycheck.alarms import ProbeTimeout, time_limit
 from stabilitycheck.canonical import Index as Index  # `X as X`: re-exported, these were defined here
 from stabilitycheck.canonical import boundary as boundary
@@ -35,7 +35,7 @@ from stabilitycheck.canonical import minimize as minimize
 from stabilitycheck.config import Config
 from stabilitycheck.counterexample import Counterexample as Counterexample
 from stabilitycheck.counterexample import SearchResult as SearchResult
-from stabilitycheck.errors import StabilityCheckError, UsageError, UserCodeError
+from stabilitycheck.errors import UsageError
 from stabilitycheck.memory import free_memory
 from stabilitycheck.remedies import Remedy, candidates, judged_on, why_not
 from stabilitycheck.seeds import Judgement, SeedProbes, assess
@@ -128,22 +128,11 @@ class Prober:
                 return assess(config, self.subject, self.limits, self.cache, every=every)
         except ProbeTimeout:
             return f"too slow (over the {self.timeout:g} s probe budget)"
-        except MemoryError as exc:
-            return f"out of memory ({describe(exc)})"
-        except UserCodeError as exc:
-            return str(exc)
-        except UsageError:
-            raise
-        except StabilityCheckError as exc:
-            return describe(exc)
-        except SystemExit as exc:
-            return f"the model called sys.exit({exc.code!r})"
-        except Exception as exc:
-            if type(exc).__name__ == "OutOfMemoryError":
-                return f"out of memory ({describe(exc)})"
-            if raised_here(exc):
-                raise  # a bug of this package, not the model's: an internal error, never a skipped point
-            return model_raised(exc)
+        except (Exception, SystemExit) as exc:
+            why = model_failure(exc)
+            if why is None:
+                raise  # bad input, or a bug of this package: never a skipped point
+            return why
 
     def explodes(self, index: Index) -> bool:
         got = self(index)
@@ -243,13 +232,11 @@ def try_remedies(
             continue
         try:
             j = assess(changed, subject, judged, probes)
-        except UserCodeError as exc:
-            yield Remedy(name, changed, None, skipped=str(exc))
-            continue
-        except Exception as exc:
-            if isinstance(exc, StabilityCheckError) or raised_here(exc):
+        except (Exception, SystemExit) as exc:
+            why = model_failure(exc)
+            if why is None:
                 raise  # bad input, or a bug of this package: never a remedy left unjudged
-            yield Remedy(name, changed, None, skipped=model_raised(exc))
+            yield Remedy(name, changed, None, skipped=why)
             continue
         yield Remedy(name, changed, not j.exploded, j.verdict.names, j.growth.describe())
 

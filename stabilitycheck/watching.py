@@ -298,9 +298,21 @@ class Watcher:
                 elif not self.out.graded:
                     self._no_gradient()
                 self.report = self.out.finish(self.host_reads)
+                self._draw(self.report)
         finally:
             self._termination.close()
         return self.report
+
+    def _draw(self, report: Report) -> None:
+        """The heatmap, last: a failure to draw it is a warning, never a crash of the training run."""
+        if self.out.heatmap is None or not self.out.columns:
+            return
+        from stabilitycheck.watchplot import heatmap
+
+        try:
+            heatmap(self.out.columns, self.out.blocks, report.first_spike, self.out.heatmap)
+        except Exception as error:  # whatever drawing raised
+            warnings.warn(f"watch: the heatmap could not be written ({error})", stacklevel=3)
 
     def _no_step(self) -> None:
         """No step was closed: say how steps are closed (in the report, and as a warning when the

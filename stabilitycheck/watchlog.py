@@ -305,19 +305,12 @@ class Log:
             warnings.warn(f"watch: the log could not be written ({error}); it stops here", stacklevel=3)
 
     def finish(self, host_reads: int) -> Report:
-        """Close the log, print the report, then draw the heatmap (a failure to write the log or
-        the heatmap is a warning: the report is out first); returns the report."""
+        """Close the log and print the report (a failure to write the log is a warning); returns
+        the report, which the heatmap is drawn after (Watcher.close)."""
         self.result.host_reads = host_reads
         self._close_log()
         if self.stream is not None:
             self.stream.write(self.result.text() + "\n")
-        if self.heatmap is not None and self.columns:
-            from stabilitycheck.watchplot import heatmap
-
-            try:
-                heatmap(self.columns, self.blocks, self.result, self.heatmap)
-            except Exception as error:  # whatever drawing it raised: never a crash of the training run
-                warnings.warn(f"watch: the heatmap could not be written ({error})", stacklevel=3)
         return self.result
 
 

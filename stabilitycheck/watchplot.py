@@ -8,13 +8,32 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from stabilitycheck.errors import UsageError
-from stabilitycheck.watchlog import Report
+from stabilitycheck.watchlog import Finding
 
 NAN_COLOUR, INF_COLOUR = "magenta", "orange"
+Grid = list[list[float]]
 
 
-def heatmap(columns: Sequence[Sequence[float]], blocks: Sequence[str], report: Report, path: Path) -> None:
-    """Write the PNG: one column per step; top panel block outputs, bottom panel their gradients."""
+def cells(columns: Sequence[Sequence[float]], n: int) -> list[tuple[Grid, Grid]]:
+    """Per panel (block outputs, their gradients), its blocks x steps grids: log10 of each finite
+    positive norm (else NaN, left blank), and the mark over it: 0 for a NaN norm, 1 for an Inf,
+    NaN (no mark) for the rest."""
+    out = []
+    for panel in range(2):
+        values = [[col[panel * n + b] for col in columns] for b in range(n)]
+        finite = [[math.log10(v) if math.isfinite(v) and v > 0 else math.nan for v in row] for row in values]
+        marks = [
+            [0.0 if math.isnan(v) else 1.0 if math.isinf(v) else math.nan for v in row] for row in values
+        ]
+        out.append((finite, marks))
+    return out
+
+
+def heatmap(
+    columns: Sequence[Sequence[float]], blocks: Sequence[str], spike: Finding | None, path: Path
+) -> list[tuple[Grid, Grid]]:
+    """Write the PNG: one column per step; top panel block outputs, bottom panel their gradients,
+    `spike` (the first flagged value) circled. Returns the `cells` it drew."""
     try:
         import matplotlib
 
@@ -29,20 +48,15 @@ def heatmap(columns: Sequence[Sequence[float]], blocks: Sequence[str], report: R
     n = len(blocks)
     fig, axes = plt.subplots(2, 1, figsize=(10, 1.5 + 0.5 * n), sharex=True, squeeze=False)
     special = ListedColormap([NAN_COLOUR, INF_COLOUR])
-    for panel, (ax, title) in enumerate(
-        zip(axes[:, 0], ("block output", "d loss / d block output"), strict=True)
+    drawn = cells(columns, n)
+    for panel, (ax, title, (finite, marks)) in enumerate(
+        zip(axes[:, 0], ("block output", "d loss / d block output"), drawn, strict=True)
     ):
-        values = [[col[panel * n + b] for col in columns] for b in range(n)]
-        finite = [[math.log10(v) if math.isfinite(v) and v > 0 else math.nan for v in row] for row in values]
-        marks = [
-            [0.0 if math.isnan(v) else 1.0 if math.isinf(v) else math.nan for v in row] for row in values
-        ]
         image = ax.imshow(finite, aspect="auto", interpolation="nearest", cmap="viridis")
         ax.imshow(marks, aspect="auto", interpolation="nearest", cmap=special, vmin=0, vmax=1)
         fig.colorbar(image, ax=ax, label="log10 norm")
         ax.set_yticks(range(n), list(blocks), fontsize=7)
         ax.set_title(title, fontsize=9)
-        spike = report.first_spike
         kind = ("activation", "activation_grad")[panel]
         if spike is not None and spike.tensor == kind and spike.block in blocks:
             ax.plot(spike.step, list(blocks).index(spike.block), marker="o", mfc="none", mec="red", ms=10)
@@ -59,3 +73,4 @@ def heatmap(columns: Sequence[Sequence[float]], blocks: Sequence[str], report: R
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return drawn

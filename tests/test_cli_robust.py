@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from signalled import stopped_when_marked
 
-from stabilitycheck import cli
+from stabilitycheck import _command, cli
 
 EXPLODING = """
 import torch
@@ -578,7 +578,7 @@ def test_a_signal_the_process_ignores_stays_ignored(signum: int, monkeypatch: py
     finally:
         signal.signal(signum, previous)
     seen.clear()
-    assert cli.main(["mlp"]) == cli.EXIT_OK and seen == [cli._on_signal]  # one not ignored is handled
+    assert cli.main(["mlp"]) == cli.EXIT_OK and seen == [_command._on_signal]  # one not ignored is handled
     assert signal.getsignal(signum) is previous
 
 
@@ -592,7 +592,7 @@ def test_a_signal_during_the_descent_keeps_the_failure_found(
     from stabilitycheck import searching
 
     def stopped(*args: object, **kwargs: object) -> object:
-        cli._on_signal(signum, None)  # what the handler does when the signal arrives here
+        _command._on_signal(signum, None)  # what the handler does when the signal arrives here
         raise AssertionError("the handler raises")
 
     monkeypatch.setattr(searching, "canonical", stopped)
@@ -740,12 +740,12 @@ def test_a_signal_inside_a_gc_callback_is_deferred_to_the_searchs_check() -> Non
 
     def callback(phase: str, info: dict[str, int]) -> None:
         try:
-            cli._on_signal(signal.SIGINT, sys._getframe())
+            _command._on_signal(signal.SIGINT, sys._getframe())
             outcomes.append("deferred")
         except KeyboardInterrupt:
             outcomes.append("raised")
 
-    cli._SIGNALLED.clear()
+    _command._SIGNALLED.clear()
     gc.callbacks.append(callback)
     try:
         gc.collect()
@@ -754,11 +754,11 @@ def test_a_signal_inside_a_gc_callback_is_deferred_to_the_searchs_check() -> Non
     try:
         assert outcomes and set(outcomes) == {"deferred"}
         with pytest.raises(KeyboardInterrupt):
-            cli._stop_if_terminated()
+            _command.stop_if_signalled()
         with pytest.raises(KeyboardInterrupt):  # outside a gc callback the handler raises at once
-            cli._on_signal(signal.SIGINT, sys._getframe())
+            _command._on_signal(signal.SIGINT, sys._getframe())
     finally:
-        cli._SIGNALLED.clear()
+        _command._SIGNALLED.clear()
 
 
 def test_two_outputs_naming_one_file_are_a_usage_error(

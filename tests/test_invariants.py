@@ -8,7 +8,7 @@ import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import broken
 import pytest
@@ -284,6 +284,36 @@ def test_rescaling_catches_a_loss_whose_backward_ignores_grad_output() -> None:
         "did not scale every gradient by 4" in message and "Tensors off the common factor 4: 4 / 4" in message
     )
     assert "scaled by 1 with cosine 1" in message
+
+
+class _State(NamedTuple):
+    x: torch.Tensor
+    h: torch.Tensor
+
+
+class _TakesState(nn.Module):
+    """A float32 model fed a namedtuple: the rescaling check's float64 re-run rebuilt it as
+    _State(generator) and raised TypeError (found by a code review)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, state: _State) -> torch.Tensor:
+        return torch.tanh(self.lin(state.x) + state.h)
+
+
+def test_rescaling_takes_a_namedtuple_input_and_still_catches_a_clamp() -> None:
+    torch.manual_seed(0)
+    model, state = _TakesState(), _State(torch.randn(8, 4), torch.randn(8, 4))
+
+    def loss_fn(out: torch.Tensor, _: Any) -> torch.Tensor:
+        return out.square().mean()
+
+    assert_rescaling_equivariant(model, (state,), loss_fn, 3.0)
+    broken.clamp_grad_hooks(model, bound=1e-4)
+    with pytest.raises(StabilityError, match=r"did not scale every gradient by 1000"):
+        assert_rescaling_equivariant(model, (state,), loss_fn, 1e3)
 
 
 def test_rescaling_catches_gradient_clamping_hooks() -> None:

@@ -311,6 +311,29 @@ def test_cli_map_bad_input_is_one_line_and_exit_2(
     assert says in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--vanishing-limit", "0.5"],  # the map took it: every point growing under 2 read 'vanishes'
+        ["--lr", "inf"],
+        ["--growth-limit", "0.5"],
+        ["--seeds", "0"],
+        ["--quantile", "1.5"],
+    ],
+)
+def test_the_map_refuses_what_the_search_refuses(
+    flags: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The map's run options are the search's, parsed alike: each value the search refuses, the map
+    refuses with the same line (its own copy of them took --vanishing-limit 0.5)."""
+    assert main(["mlp", *flags]) == 2
+    search_said = capsys.readouterr().err.split(": error: ", 1)[1]
+    assert main(["map", "mlp", "--x", "depth", "--y", "init_scale", *flags]) == 2
+    err = capsys.readouterr().err
+    mapped = search_said.replace("stabilitycheck --help", "stabilitycheck map --help")  # its own help
+    assert err == f"stabilitycheck map: error: {mapped}" and err.count("\n") == 1
+
+
 def test_map_of_the_transformer_example_runs_end_to_end(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

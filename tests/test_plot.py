@@ -104,6 +104,14 @@ def test_a_long_title_stays_inside_the_figure_and_the_limit_line_says_where_it_i
     assert line.get_ydata()[0] == pytest.approx(last * cx.limits.growth)  # type: ignore[index, operator]
     assert "x the last block's |dL/d out|" in str(line.get_label())
     assert rows == 1
+    # the curves are the measurement's: the profile (KNOWN explodes finite: every value drawn) on the
+    # left, the total grad norm and the loss per step on the right (KNOWN takes 2 steps)
+    m = cx.judgement.measurement
+    profile = left.get_lines()[0]
+    assert list(profile.get_ydata()) == list(m.activation_grad_norms)  # type: ignore[arg-type]
+    curves = {str(ln.get_label()): list(ln.get_ydata()) for ln in fig.axes[1].get_lines()}  # type: ignore[arg-type]
+    assert curves["total grad norm"] == list(m.grad_norm) and curves["loss"] == list(m.loss)
+    assert len(m.loss) == 3
     # both panels name the seed they show, the one whose growth is the verdict's quantile (a new
     # user's trial: the right panel named none)
     seed = f"seed {cx.judgement.measured_seed}: the q=0.5 growth's"

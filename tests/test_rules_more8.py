@@ -272,6 +272,7 @@ def test_a_step_capturing_more_elements_somewhere_and_fewer_nowhere_judges_its_l
     for twice in (None, 20):
         flags = _loss_flags(tmp_path / f"w{twice}.jsonl", twice=twice)
         assert _has_loss(flags[20]), twice
+        assert not any(_has_loss(f) for i, f in enumerate(flags) if i != 20), twice  # that step alone
 
 
 @pytest.mark.parametrize("skip", [False, True])

@@ -134,6 +134,44 @@ def test_critical_init_that_is_not_critical_is_not_fixed_but_vanishing() -> None
             assert math.sqrt(0.5) < gain < 1 and j.growth.high < 1e-2, (j.culprit, j.growth)
 
 
+@pytest.mark.parametrize("fails", ["exit", "raise"])
+def test_a_model_failing_at_a_remedy_leaves_it_unjudged_with_the_reason(fails: str) -> None:
+    """The model's code failing at a remedy's config, by sys.exit or an exception: the remedy is not
+    judged, and says why, as the search skips a point where it fails (sys.exit escaped the remedies:
+    it stopped the whole run, found in a code review). Its other remedies are judged as ever."""
+    import sys
+
+    from stabilitycheck.searching import try_remedies
+    from stabilitycheck.verdicts import Limits
+
+    mlp = resolve("mlp")
+
+    class Quits(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if fails == "exit":
+                sys.exit(4)
+            raise ValueError("no model at this init")
+
+    class FailsAtCritical:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(mlp, name)
+
+        def build(self, config: Config) -> Any:
+            built = mlp.build(config)
+            if config.knob("init_scale") == 1.0:
+                return dataclasses.replace(built, model=Quits(built.model))
+            return built
+
+    config = Config.of("mlp", depth=8, init_scale=4.0, width=8, batch_size=4, seeds=1)
+    (remedy,) = [r for r in try_remedies(config, FailsAtCritical(), Limits()) if r.name == "critical-init"]  # type: ignore[arg-type]
+    said = "the model called sys.exit(4)" if fails == "exit" else "the model raised ValueError: no model"
+    assert remedy.fixed is None and remedy.skipped.startswith(said), remedy
+
+
 @pytest.mark.parametrize("lr", [30.0, 100.0])
 def test_clipping_bounds_the_weight_drift_of_a_tanh_rnn_at_sigma_1_5(lr: float) -> None:
     # Each clipped SGD step moves the weights by at most lr * max_norm, so after k steps

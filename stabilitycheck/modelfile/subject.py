@@ -21,7 +21,7 @@ from stabilitycheck.errors import StabilityCheckError
 from stabilitycheck.families import Scalar
 from stabilitycheck.junctions import _made_from, _taken
 from stabilitycheck.loops import looped_blocks, on_a_copy
-from stabilitycheck.losses import DefaultLoss, Inputs, LossFn, OutputLoss
+from stabilitycheck.losses import DefaultLoss, Inputs, LossFn, OutputLoss, call_model
 from stabilitycheck.memory import meta_bytes
 from stabilitycheck.modelfile.convention import (
     Bound,
@@ -36,7 +36,7 @@ from stabilitycheck.modelfile.convention import (
 )
 from stabilitycheck.modelfile.importer import ModelFileError
 from stabilitycheck.modelfile.inputs import move
-from stabilitycheck.recording import _floating, call_model
+from stabilitycheck.recording import _floating
 from stabilitycheck.rng import SALT_BATCH, SALT_INFER, SALT_LOSS, derived, host_rng_kept, seed_all
 from stabilitycheck.space import INIT_SCALES, Axis, Space
 from stabilitycheck.subject import Built, find_blocks, torch_dtype

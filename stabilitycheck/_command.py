@@ -1,0 +1,86 @@
+"""How every `stabilitycheck` command runs: SIGINT and SIGTERM stop it as a KeyboardInterrupt (exit
+130 and 143), so what it found is still written; bad input is one line and exit 2, an internal error
+one line and exit 3 (--debug: the traceback). No torch at import."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from stabilitycheck._options import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE
+from stabilitycheck.alarms import in_gc_callback
+
+_SIGNALLED: list[int] = []
+"""The signals received. Each handler also raises, but an exception raised while Python runs a gc
+callback or a __del__ is printed and dropped, so a long command checks this after every point too."""
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    _SIGNALLED.append(signum)
+    if not in_gc_callback(frame):  # there a KeyboardInterrupt is printed as a traceback and dropped:
+        stop_if_signalled()  # the command's check after the point raises it instead
+
+
+def stop_if_signalled() -> None:
+    """SIGINT or SIGTERM (a CI timeout) stop the same way, as a KeyboardInterrupt, so a command keeps
+    what it found either way; only the exit code tells them apart (`interrupted`)."""
+    if _SIGNALLED:
+        raise KeyboardInterrupt
+
+
+def interrupted() -> int:
+    """The exit code of a stopped run: 143 after SIGTERM, 130 after Ctrl-C."""
+    return EXIT_TERMINATED if signal.SIGTERM in _SIGNALLED else EXIT_INTERRUPTED
+
+
+def require_devices(names: Sequence[str]) -> None:
+    """A CUDA device asked for on a machine without CUDA is bad input, one line."""
+    import torch
+
+    from stabilitycheck.errors import UsageError
+
+    for name in names:
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+
+
+def run_command(prog: str, run: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:
+    """`run(argv)` under the signal handlers, its errors mapped to exit codes with one line on stderr
+    named by `prog`."""
+    from stabilitycheck.errors import UsageError
+
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    _SIGNALLED.clear()
+    on_main = threading.current_thread() is threading.main_thread()
+    # a signal the process was started ignoring (SIGINT in a shell script's `&` job) stays ignored
+    signals = (signal.SIGINT, signal.SIGTERM) if on_main else ()
+    handled = [s for s in signals if signal.getsignal(s) is not signal.SIG_IGN]
+    previous = {s: signal.signal(s, _on_signal) for s in handled}
+    try:
+        return run(argv)
+    except UsageError as exc:
+        if debug:
+            traceback.print_exc()
+        sys.stderr.write(f"{prog}: error: {exc}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return interrupted()
+    except ModuleNotFoundError as exc:
+        sys.stderr.write(f"{prog}: error: {exc.name} is not installed; pip install stabilitycheck\n")
+        return EXIT_USAGE
+    except Exception as exc:  # an internal error: say so, and how to get the traceback
+        if _SIGNALLED:  # library code that turned the signal's KeyboardInterrupt into its own error
+            return interrupted()
+        if debug:
+            traceback.print_exc()
+        sys.stderr.write(
+            f"{prog}: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)\n"
+        )
+        return EXIT_INTERNAL
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
