@@ -68,7 +68,8 @@ def _number(kind: type, lo: float, hi: float = math.inf, open_lo: bool = False) 
             raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
         ok = math.isfinite(value) and (value > lo if open_lo else value >= lo) and value <= hi
         if not ok:
-            span = f"{'(' if open_lo else '['}{lo:g}, {hi:g}{']' if math.isfinite(hi) else ')'}"
+            ends = [str(kind(x)) if kind is int and math.isfinite(x) else f"{x:g}" for x in (lo, hi)]
+            span = f"{'(' if open_lo else '['}{ends[0]}, {ends[1]}{']' if math.isfinite(hi) else ')'}"
             raise argparse.ArgumentTypeError(f"must be a finite number in {span}, got {text}")
         return value
 

@@ -113,20 +113,25 @@ def _largest_gain(m: Measurement) -> str:
     return _single(m)
 
 
+def made_by(m: Measurement) -> str | None:
+    """Whose backward made a first non-finite dL/d(out_i): call i + 1's, or the loss's after the last
+    call; where call i + 1 starts a new chain, whichever blocks take out_i (an encoder's last output
+    feeds every decoder layer). None where the first non-finite value is no output gradient."""
+    nf = m.first_nonfinite
+    if nf is None or nf.tensor != "activation_grad" or nf.layer not in m.activation_names:
+        return None
+    i = m.activation_names.index(nf.layer) + 1
+    if i in m.chain_starts:
+        return f"(a block taking {nf.layer}'s output)"
+    return m.activation_names[i] if i < len(m.activation_names) else AFTER_LAST
+
+
 def _single(m: Measurement) -> str:
-    """One seed's culprit: the block that made the first non-finite value (a non-finite dL/d(out_i)
-    was made by the backward of call i + 1, or of the loss after the last call; where call i + 1
-    starts a new chain, by whichever blocks take out_i: an encoder's last output feeds every decoder
-    layer), else the block with the largest weight gradient (the growth was inside a block, e.g. an
-    nn.RNN over time)."""
+    """One seed's culprit: the block that made the first non-finite value (`made_by`), else the block
+    with the largest weight gradient (the growth was inside a block, e.g. an nn.RNN over time)."""
     nf = m.first_nonfinite
     if nf is not None:
-        if nf.tensor == "activation_grad" and nf.layer in m.activation_names:
-            i = m.activation_names.index(nf.layer) + 1
-            if i in m.chain_starts:
-                return f"(a block taking {nf.layer}'s output)"
-            return m.activation_names[i] if i < len(m.activation_names) else AFTER_LAST
-        return nf.layer
+        return made_by(m) or nf.layer
     weights = [(v, i) for i, v in enumerate(m.layer_grad_norms) if not math.isnan(v)]
     if weights:
         return m.layer_names[max(weights)[1]]

@@ -35,7 +35,7 @@ SMALL: dict[str, Knob] = {
     **dict.fromkeys(("n_embd", "hidden_size", "d_model", "dim", "emb_dim"), 64),
     **dict.fromkeys(("n_head", "num_attention_heads", "num_heads", "n_heads"), 2),
     **dict.fromkeys(("encoder_attention_heads", "decoder_attention_heads", "num_key_value_heads"), 2),
-    **dict.fromkeys(("intermediate_size", "d_ff", "hidden_dim", "ffn_dim"), 128),
+    **dict.fromkeys(("intermediate_size", "d_ff", "hidden_dim", "ffn_dim", "d_inner", "dff"), 128),
     **dict.fromkeys(("encoder_ffn_dim", "decoder_ffn_dim"), 128),
     "word_embed_proj_dim": 64,
     **dict.fromkeys(("d_kv", "head_dim"), 32),
@@ -49,10 +49,11 @@ SMALL: dict[str, Knob] = {
 }
 """Defaults that replace the config class's own, by field name: 2 layers, width 64, 2 heads of 32
 (rotary embeddings on 16 of their dimensions: GPT-J's default 64 is wider than the head), feed-forward
-128, 256 tokens, at most 4 experts of which 2 per token, in 1 group (qwen3_next's 512 made 103M
-parameters), every layer of 2 sparse (switch_transformers' 3 sparse layers of 2 made a step of
-2 // 3 = 0: a dense T5, no experts). Dropout fields default to 0.0 (the probe measures the network,
-not a mask). Every other int/float field keeps its config class's default."""
+128 (xlnet's and funnel's d_inner, ctrl's dff too), 256 tokens, at most 4 experts of which 2 per
+token, in 1 group (qwen3_next's 512 made 103M parameters), every layer of 2 sparse
+(switch_transformers' 3 sparse layers of 2 made a step of 2 // 3 = 0: a dense T5, no experts).
+Dropout fields default to 0.0 (the probe measures the network, not a mask). Every other int/float
+field keeps its config class's default."""
 AT_MOST = (
     "num_experts",
     "num_local_experts",

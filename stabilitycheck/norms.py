@@ -1,6 +1,6 @@
-"""L2 norms as the probe and the watcher take them: exact to float32 rounding or better for every
-finite tensor, many tensors in one fused call, and the values of a step brought to the host in one
-read."""
+"""L2 norms as the probe and the watcher take them: finite for every finite tensor and within 5e-5 of
+the float64 norm (float32 sums), many tensors in one fused call, and the values of a step brought to
+the host in one read."""
 
 from __future__ import annotations
 
@@ -79,7 +79,8 @@ CHUNK = 1 << 16  # elements: a larger float32 norm on the CPU is taken in pieces
 def _pieces_norm(tensor: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """The norm of a large CPU tensor from the norms of its CHUNK-element pieces. torch's float32 norm
     on the CPU accumulates each lane in order: 1e-5 relative error at 1M elements, 2e-3 at 33M; in
-    pieces 3e-8 for float32 data, at the same speed (float64 costs 30x). A tensor whose dimensions,
+    pieces at most that of one piece, 1e-7 to 4e-7 on random data and 4.6e-5 for one value repeated
+    (its equal squares round alike), at the same speed (float64 costs 30x). A tensor whose dimensions,
     put in memory order, are contiguous (a transposed weight, a channels_last activation) is taken as
     that view, never copied; another strided one is copied first."""
     strides = tensor.stride()

@@ -109,13 +109,14 @@ def _entry(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str | None, A
 def _chain_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str | None, torch.Tensor] | None:
     """The `_entry` of a block's call and its tensor, if floating and no other positional tensor has its
     shape. A recurrent cell's call (u_t, h) or (x_t, (h, c)) has two such tensors: which one is the
-    chain is not knowable from the call, so none is taken."""
+    chain is not knowable from the call, so none is taken. The entry passed again as itself (an
+    attention layer called as layer(h, h, h), Hugging Face's Funnel) is that one input, not another."""
     key, x = _entry(args, kwargs)
     if isinstance(x, nn.utils.rnn.PackedSequence):  # an nn.RNN's packed input: its data is the entry
         x = x.data
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         return None
-    if any(t.shape == x.shape for t in tensors(args[1:])):
+    if any(t.shape == x.shape and t is not x for t in tensors(args[1:])):
         return None
     return key, x
 
@@ -181,13 +182,17 @@ def _entering(
     args: tuple[Any, ...], kwargs: dict[str, Any], key: str | None, x: torch.Tensor
 ) -> tuple[torch.Tensor, tuple[tuple[Any, ...], dict[str, Any]]]:
     """A copy of block 0's input `x` that requires grad, and the call's arguments with it in x's place
-    (`key`: a keyword, None for the first positional argument): of an `x` that requires grad already
-    (a stem's or an embedding's output), a copy in its graph, so the gradient still reaches what made
-    it, while the copy's is the gradient through block 0 alone."""
+    (`key`: a keyword, None for the first positional argument) and wherever else the call passes x
+    itself (layer(h, h, h): the gradient through all of block 0's uses of its input, queries, keys and
+    values; with the copy in the first place alone, the other uses' gradients went uncounted): of an
+    `x` that requires grad already (a stem's or an embedding's output), a copy in its graph, so the
+    gradient still reaches what made it, while the copy's is the gradient through block 0 alone."""
     entry = x.clone() if x.requires_grad else x.detach().requires_grad_().clone()
     held = (args[0] if args else None) if key is None else kwargs.get(key)
     # a PackedSequence keeps its batch sizes and indices around the copy of its data
     placed = held._replace(data=entry) if isinstance(held, nn.utils.rnn.PackedSequence) else entry
+    args = tuple(entry if a is x else a for a in args)
+    kwargs = {k: entry if v is x else v for k, v in kwargs.items()}
     if key is None:
         return entry, ((placed, *args[1:]), kwargs)
     return entry, (args, {**kwargs, key: placed})

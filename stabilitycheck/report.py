@@ -15,7 +15,8 @@ from tabulate import tabulate
 from stabilitycheck._json import strict_json
 from stabilitycheck.config import Config, Run
 from stabilitycheck.counterexample import SearchResult
-from stabilitycheck.measurement import INPUT, Measurement
+from stabilitycheck.culprit import made_by
+from stabilitycheck.measurement import AFTER_LAST, INPUT, Measurement
 from stabilitycheck.seeds import Judgement
 from stabilitycheck.spread import bracket
 from stabilitycheck.subject import torch_dtype
@@ -285,7 +286,10 @@ def _nonfinite_line(m: Measurement) -> str:
     if nf is None:
         return ""
     overflow = "; float32 stays finite there: the dtype's range" if m.overflow is not None else ""
-    return f"  nonfinite {nf.describe()}, in the profile's seed{overflow}\n"
+    maker = made_by(m)  # the loss after the last call, a block taking the output, or a block's name
+    maker = "the loss after the last block" if maker == AFTER_LAST else (maker or "").strip("()")
+    made = f" (made by the backward of {maker})" if maker else ""
+    return f"  nonfinite {nf.describe()}{made}, in the profile's seed{overflow}\n"
 
 
 def details(results: Sequence[SearchResult]) -> str:

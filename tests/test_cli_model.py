@@ -211,6 +211,19 @@ def test_nonfinite_model_is_a_finding(capsys: pytest.CaptureFixture[str], name: 
     )
 
 
+def test_a_backward_nan_says_whose_backward_made_it(capsys: pytest.CaptureFixture[str]) -> None:
+    """The nonfinite line named layers.1's output gradient, the culprit column layers.2, with nothing
+    linking them (found by a user's trial): it says the backward that made it, as watch() does."""
+    code, out, _ = run(capsys, f"{FILES}/backward_nan.py", *FAST)
+    assert code == 1
+    (row,) = assert_header(out)
+    assert columns(row)[7] == "layers.2"
+    assert (
+        "\n  nonfinite step 0: activation_grad of layers.1, L2 norm nan (made by the backward of layers.2), "
+        "in the profile's seed\n" in out
+    )
+
+
 def test_a_stable_row_is_judged_on_every_seed_where_the_top_corner_is_skipped(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -989,3 +989,11 @@ def test_a_dtype_or_device_given_twice_is_searched_once() -> None:
         ("cpu", "float32"),
         ("cpu", "float64"),
     ]
+
+
+def test_an_integer_option_s_bounds_are_printed_as_integers(capsys: pytest.CaptureFixture[str]) -> None:
+    """--seed -1 said 'in [0, 4.29497e+09]', a bound no one can type back (found by a user's trial)."""
+    assert cli.main(["mlp", "--seed", "-1"]) == cli.EXIT_USAGE
+    assert "must be a finite number in [0, 4294967295], got -1" in capsys.readouterr().err
+    assert cli.main(["mlp", "--quantile", "2"]) == cli.EXIT_USAGE
+    assert "must be a finite number in (0, 1], got 2" in capsys.readouterr().err

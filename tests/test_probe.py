@@ -3273,3 +3273,51 @@ def test_a_merge_after_a_dropped_entry_is_fed_by_both_towers() -> None:
     m = probe_module(model, torch.randn(4, 8), lambda o, _: o.square().sum(), blocks=blocks)
     assert m.activation_names == ("a0", "a1", "b0", "m0") and m.chain_starts == (2, 3)
     assert m.chain_feeds == ((), (), (0, 1))
+
+
+class _QKV(nn.Module):
+    """A pre-norm block reading its input three times, as queries, keys and values."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.ln, self.f, self.g = nn.LayerNorm(d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return q + self.f(self.ln(q)) + self.g(self.ln(k)) * torch.tanh(v)
+
+
+class _CalledThrice(nn.Module):
+    """Each block called as layer(h, h, h) (Hugging Face's Funnel), on a small embedding that block 0's
+    LayerNorm amplifies: the README's block-0 culprit."""
+
+    def __init__(self, d: int = 32, depth: int = 6) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, d)
+        nn.init.normal_(self.emb.weight, std=0.01)
+        self.layers = nn.ModuleList(_QKV(d) for _ in range(depth))
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        for layer in self.layers:
+            h = layer(h, h, h)
+        return self.head(h)
+
+
+def test_an_entry_passed_to_block_0_three_times_is_its_one_input() -> None:
+    """layer(h, h, h) passes one tensor three times: the probe read it as several same-shaped inputs,
+    dropped the `(input)` entry and with it block 0's gain (growth 2.4 for 135 on a review's model,
+    hf:funnel's 1.14 for 1.19). Oracle: torch's dL/d(embedding output) through all of block 0's uses
+    of it, and dL/d(each block's output)."""
+    torch.manual_seed(0)
+    model, ids, z = _CalledThrice(), torch.randint(0, 50, (4, 7)), torch.randn(4, 7, 10)
+    m = probe_module(model, ids, lambda out, _: (out * z).sum())
+    h0 = model.emb(ids).detach().requires_grad_()
+    h, outs = h0, []
+    for layer in model.layers:
+        h = layer(h, h, h)
+        outs.append(h)
+    grads = torch.autograd.grad((model.head(h) * z).sum(), [h0, *outs])
+    assert m.activation_names[0] == "(input)" and len(m.activation_grad_norms) == 7
+    assert m.activation_grad_norms == pytest.approx([float(g.norm()) for g in grads], rel=1e-5)
+    assert m.growth == pytest.approx(float(grads[0].norm() / grads[-1].norm()), rel=1e-5) and m.growth > 100
