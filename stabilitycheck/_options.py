@@ -15,7 +15,7 @@ EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATE
 PREFIX = "--stability-"
 DEFAULT_DATABASE = ".hypothesis/stabilitycheck"
 DEVICES = ("cpu", "cuda", "all")
-PROFILES = ("quick", "ci", "thorough")  # stabilitycheck.strategies.PROFILES, kept import-free here
+PROFILES = ("quick", "ci", "thorough")  # the Hypothesis profiles strategies registers
 
 
 def add_options(addoption: Callable[..., Any], prefix: str = PREFIX) -> None:
@@ -36,7 +36,7 @@ def add_options(addoption: Callable[..., Any], prefix: str = PREFIX) -> None:
     )
     addoption(
         f"{prefix}seed",
-        type=_number(int, 0, 2**32 - 1),  # as the CLI's --seed: -1 and 2**40 were taken (found by a trial)
+        type=_number(int, 0, 2**32 - 1),  # as the CLI's --seed: -1 and 2**40 were taken
         default=None,
         help="seed every Hypothesis test from N and its test id (default: only under --stability-profile "
         "and for tests using the stabilitycheck fixtures, with a random seed shown in the header)",
@@ -261,7 +261,7 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
 def _database(text: str) -> str:
     """--database: a directory or 'none'; an empty value (an unset shell variable) would fill the
     current directory with Hypothesis' hash folders. A file, or a place no folder can be made in
-    (/proc, a read-only mount), was taken silently and nothing was kept (found by a trial)."""
+    (/proc, a read-only mount), was taken silently and nothing was kept."""
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a directory or 'none', got an empty value")
     if text in ("none", DEFAULT_DATABASE):  # the default is not checked: where it cannot be written,
@@ -289,7 +289,7 @@ def _knob(text: str) -> tuple[str, list[float]]:
     return name, numbers
 
 
-def _apply_knobs(space: Any, knobs: Sequence[str], subject: Any) -> Any:
+def _apply_knobs(space: Any, knobs: Sequence[str]) -> Any:
     """The Space with --knob axes: with any knob given a range, the searched axes are exactly those
     (nothing added behind the user's back); a single value fixes the knob, and so does a word for a
     choice knob (activation=relu, norm=post). Fixing knobs alone leaves the space's other axes

@@ -16,7 +16,6 @@ from typing import Any
 
 from stabilitycheck._command import interrupted, require_devices, run_command, stop_if_signalled
 from stabilitycheck._options import EXIT_FOUND as EXIT_FOUND  # `X as X`: re-exported, these were defined here
-from stabilitycheck._options import EXIT_INTERNAL as EXIT_INTERNAL
 from stabilitycheck._options import EXIT_INTERRUPTED as EXIT_INTERRUPTED
 from stabilitycheck._options import EXIT_OK as EXIT_OK
 from stabilitycheck._options import EXIT_TERMINATED as EXIT_TERMINATED
@@ -71,7 +70,7 @@ def _spaces(args: argparse.Namespace) -> list[Any]:
 
     out = []
     for subject, space in pairs:
-        space = _apply_knobs(space.with_run(**run), args.knob, subject)
+        space = _apply_knobs(space.with_run(**run), args.knob)
         if args.target != "zoo":  # the user's code, at the lowest corner of the space, else elsewhere
             check(subject, *(space.config(index) for index in space.spread_points()))
         for device in _devices(args.device):

@@ -72,7 +72,7 @@ def _axes(args: argparse.Namespace, subject: Any) -> tuple[Any, Any, Any]:
     given = {"device": args.device, "dtype": args.dtype, "steps": args.steps, "lr": args.lr}
     run.update({k: v for k, v in {**given, "optimizer": args.optimizer}.items() if v is not None})
     require_devices([args.device])
-    space = _apply_knobs(original.with_run(**run), args.knob, subject)
+    space = _apply_knobs(original.with_run(**run), args.knob)
     given_knobs = {text.partition("=")[0]: text for text in args.knob}
     for name, text in given_knobs.items():
         if name not in (args.x, args.y) and any(a.name == name for a in space.axes):

@@ -220,7 +220,10 @@ class Config:
             raise ConfigError(f"Config JSON has schema {data.get('schema')!r}; this version reads {SCHEMA}")
         unknown = set(data) - {"schema", "subject", "knobs", "run"}
         if unknown:
-            raise ConfigError(f"Config JSON has unknown keys {sorted(unknown)}")
+            raise ConfigError(
+                f"Config JSON has unknown keys {sorted(unknown)}; expected those Config.to_json writes: "
+                "schema, subject, knobs, run"
+            )
         run = data.get("run", {})
         if not isinstance(run, Mapping) or not isinstance(data.get("knobs", {}), Mapping):
             raise ConfigError("Config JSON: 'knobs' and 'run' must be objects")

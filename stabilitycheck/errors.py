@@ -41,8 +41,19 @@ class StabilityError(AssertionError):
     """An invariant failed: the message carries the numbers, like torch.testing.assert_close."""
 
 
-def did_you_mean(value: object, choices: Sequence[str]) -> str:
+def no_trainable(who: str) -> UsageError:
+    """The one error for a model with no parameter that requires grad, from `who` (probe_module, watch,
+    an invariant): nothing to differentiate, and where to look."""
+    return UsageError(
+        f"{who}: the model has no parameters that require grad, so there is no gradient to measure; check "
+        "requires_grad (a frozen model), or that its layers are registered as submodules (an nn.ModuleList, "
+        "not a Python list)"
+    )
+
+
+def did_you_mean(value: object, choices: Sequence[str], prefix: str = "") -> str:
     """' (did you mean 'x'?)' naming the choice closest to `value` (difflib's ratio, 0.6 or more: a
-    transposition, 'detph' for 'depth', or a slip, 'mpl' for 'mlp'), or '' where none is close."""
+    transposition, 'detph' for 'depth', or a slip, 'mpl' for 'mlp'), written after `prefix` ('hf:'),
+    or '' where none is close."""
     close = difflib.get_close_matches(str(value).lower(), list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return f" (did you mean {prefix + close[0]!r}?)" if close else ""

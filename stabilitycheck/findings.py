@@ -60,12 +60,6 @@ class Finding:
     def from_dict(cls, data: dict[str, Any]) -> Finding:
         return cls(**{**data, "knobs": tuple((str(k), v) for k, v in data["knobs"])})
 
-    def to_counterexample(self) -> Counterexample | None:
-        """The recorded Counterexample (None for a failing property's Config); imports torch."""
-        from stabilitycheck.counterexample import Counterexample
-
-        return None if self.counterexample is None else Counterexample.from_dict(self.counterexample)
-
 
 def _label(config: Config) -> str:
     norm = config.values.get("norm", "none")

@@ -8,7 +8,6 @@ loss. `transformers` is the optional extra `hf`, imported only when an HF subjec
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from types import ModuleType
 from typing import Any
@@ -18,7 +17,7 @@ from torch import nn
 
 from stabilitycheck._validation import describe
 from stabilitycheck.config import RUN_FIELDS, Config
-from stabilitycheck.errors import UsageError, UserCodeError
+from stabilitycheck.errors import UsageError, UserCodeError, did_you_mean
 from stabilitycheck.families import Scalar
 from stabilitycheck.losses import DefaultLoss, OutputLoss
 from stabilitycheck.memory import meta_bytes
@@ -172,8 +171,7 @@ class HFModel:
         transformers = _import(model_type)
         mapping = transformers.CONFIG_MAPPING
         if model_type not in mapping:
-            close = difflib.get_close_matches(model_type, list(mapping.keys()), n=1)
-            hint = f" (did you mean 'hf:{close[0]}'?)" if close else ""
+            hint = did_you_mean(model_type, list(mapping.keys()), "hf:")
             raise UsageError(
                 f"hf:{model_type} is not a transformers model type{hint}; expected a key of "
                 "transformers' CONFIG_MAPPING, e.g. hf:gpt2, hf:llama, hf:bert, hf:t5"
@@ -287,7 +285,8 @@ class HFModel:
         limit = min((int(values[n]) for n in POSITION_FIELDS if n in values), default=None)
         if limit is not None and values["seq_len"] > limit:
             raise UserCodeError(
-                f"{self.name}: seq_len={values['seq_len']} exceeds the model's {limit} positions"
+                f"{self.name}: seq_len={values['seq_len']} exceeds the model's {limit} positions; keep it "
+                f"within them, e.g. --knob seq_len=1:{limit}"
             )
         fields.update(DERIVED[self.model_type](values) if self.model_type in DERIVED else {})
         try:

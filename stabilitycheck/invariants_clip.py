@@ -203,7 +203,10 @@ def assert_clipped_value_bounded(
     if before is not None:
         _require_kept(named, before, "Value clipping")
         if len(before) != len(grads):
-            raise UsageError(f"before has {len(before)} tensors but {len(grads)} parameters have a .grad")
+            raise UsageError(
+                f"before has {len(before)} tensors but {len(grads)} parameters have a .grad; pass "
+                "[p.grad.detach().clone() for p in params if p.grad is not None] taken before clipping"
+            )
         _require_finite(
             [(name, b) for (name, _), b in zip(grads, before, strict=True)],
             "Gradients before value clipping are not finite; clipping hides that.",

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from stabilitycheck.errors import StabilityError, UsageError
+from stabilitycheck.errors import StabilityError, UsageError, no_trainable
 from stabilitycheck.invariants_common import _fail, _host, _norms, state_kept
 from stabilitycheck.losses import Inputs, LossFn, seeded_loss
 
@@ -146,7 +146,7 @@ def _check_guards(
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     if not params:
-        raise UsageError("the model has no parameters that require grad")
+        raise no_trainable("assert_gradscaler_guards")
     if scaler is None:
         scaler = torch.amp.GradScaler(params[0].device.type)
     if isinstance(scaler, torch.amp.GradScaler) and any(p.dtype == torch.float16 for p in params):
@@ -176,7 +176,10 @@ def _check_guards(
     # skipped steps leave the weights and a fresh optimizer as they are: the clean step's answer
     expected, reached, states, plain = _reference_step(model, inputs, loss_fn, optimizer, lr, seed)
     if not reached:
-        raise UsageError("no parameter got a gradient, so none can be made non-finite")
+        raise UsageError(
+            "no parameter got a gradient, so none can be made non-finite; check that loss_fn's value "
+            "depends on the model's output (a detached output or a constant loss gives no gradient)"
+        )
     ends = [
         (poison, i, inside)
         for poison in poisons
@@ -342,9 +345,9 @@ def _away_from_one(scaler: Any, get_scale: Any, kind: str, skipped: int) -> str:
     """The clean step runs at a scale above 1, where a scaler that never unscales, or unscales
     twice, moves the update by the scale's factor, and the scaled gradients are larger than the
     unscaled ones: each skipped step halves it, and after 16 (a 3-layer MLP with biases) torch's
-    2^16 reached 1, where both passed (found by a trial); past 16 it is below 1, where a step that
-    clips the scaled gradients (clip_grad_norm_ before unscale_) never clips and passed (found by an
-    audit: any model of more than 6 tensors, torch's default scaler). A torch.amp.GradScaler at 1 or
+    2^16 reached 1, where both passed; past 16 it is below 1, where a step that
+    clips the scaled gradients (clip_grad_norm_ before unscale_) never clips and passed (any model of
+    more than 6 tensors, torch's default scaler). A torch.amp.GradScaler at 1 or
     below is set to UNHIDDEN; another scaler at 1 is a usage error, and one below 1 is judged there,
     the usage error returned to be raised where it passes (a user's step wrapping a GradScaler, its
     clip before unscale_, passed at 2^-10); '' where there is none."""

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from stabilitycheck._tree import tree_map
-from stabilitycheck.errors import UsageError
+from stabilitycheck.errors import no_trainable
 from stabilitycheck.invariants_common import (
     ACC,
     Named,
@@ -31,7 +31,7 @@ def _gradients(
     """The loss and the parameter gradients of scale x loss, computed from fresh (None) grads."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not params:
-        raise UsageError("the model has no parameters that require grad: there is no gradient to rescale")
+        raise no_trainable("assert_rescaling_equivariant")
     for _, p in params:
         p.grad = None
     loss = seeded_loss(model, inputs, loss_fn, seed)
@@ -89,7 +89,7 @@ def assert_rescaling_equivariant(
     and capped at sqrt(eps) of its norm, since a gradient summed from cancelling terms carries more
     than rtol of its own norm, and the run at c need not round alike: terms c x A and c x B that
     cancel are rounded apart (an exactly linear float32 model, A - B at c = 1 exact, failed at c = 3
-    by 6.8e-4 of its norm against an allowance of 6.2e-5; found by a mutation round).
+    by 6.8e-4 of its norm against an allowance of 6.2e-5).
     The .grad fields and the buffers (a BatchNorm's running statistics) are restored."""
     __tracebackhide__ = True
     c = _positive("c", c)

@@ -130,7 +130,7 @@ def assert_bounded_growth(measurement: Measurement, limit: float, *, gain_limit:
     ]
     gains = [i for i in range(len(m.gains)) if taken(i)]
     nf = m.first_nonfinite
-    if nf is not None:  # NaN gains lie everywhere past it: the first of them named layers.0 (an audit)
+    if nf is not None:  # NaN gains lie everywhere past it: the first of them named layers.0
         lines.insert(0, f"First non-finite value: {nf.describe()}; made in {culprit_of([m])}")
     elif gains:
         worst = max(gains, key=lambda i: math.inf if math.isnan(m.gains[i]) else m.gains[i])

@@ -179,7 +179,7 @@ def _goes_on(args: tuple[Any, ...], add: Any, out: torch.Tensor) -> bool:
     """Whether a call's input (`args`) is made from an add, alpha 1, of `out` (the call before's
     output) and what is made from the sum `add` made, not through `out` (maybe behind a norm): the
     residual stream going on from block 0's sum, s2 = s1 + out1, or norm2(s1) + out1, or 0.5 * s1 +
-    out1 (those two read as no stream: 1.68 for 2.09, found in review). A tensor re-added before
+    out1 (those two read as no stream: 1.68 for 2.09). A tensor re-added before
     every layer, h = layer(h + c), gives out1 + c, c made before the sum."""
     x = args[0] if args else None
     if not isinstance(x, torch.Tensor) or x.grad_fn is None or out.grad_fn is None:

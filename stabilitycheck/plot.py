@@ -44,7 +44,7 @@ def _profile(m: Measurement) -> list[float]:
 
 def _mark_nonfinite(ax: Any, values: Sequence[float]) -> None:
     """A vertical red line at each non-finite value, which a log axis cannot draw (a NaN profile drew
-    two empty panels, found by a user's trial), over an x range that spans every value."""
+    two empty panels), over an x range that spans every value."""
     bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
     for k, i in enumerate(bad):
         ax.axvline(
@@ -70,7 +70,10 @@ def figure(results: Sequence[SearchResult], what: str = "--plot") -> tuple[Any, 
     rows = [(r, r.shown) for r in results]
     drawn = [(r, j) for r, j in rows if j is not None]
     if not drawn:
-        raise UsageError(f"{what}: nothing was measured, so there is no profile to draw")
+        raise UsageError(
+            f"{what}: nothing was measured (every configuration was skipped: the table says why), so there "
+            f"is no profile to draw; change the knob ranges, or drop {what}"
+        )
     fig, axes = plt.subplots(len(drawn), 2, figsize=(12, 3.6 * len(drawn)), squeeze=False)
     for (left, right), (r, j) in zip(axes, drawn, strict=True):
         cx = r.counterexample

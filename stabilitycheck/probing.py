@@ -26,21 +26,16 @@ from torch.utils.checkpoint import CheckpointError
 from stabilitycheck._tree import tensors as tensors_of
 from stabilitycheck._validation import article
 from stabilitycheck.config import Config
-from stabilitycheck.errors import NoLastStep, UsageError, UserCodeError
+from stabilitycheck.errors import NoLastStep, UsageError, UserCodeError, no_trainable
 from stabilitycheck.hooking import GRAPH_BREAK
 from stabilitycheck.layout import _layout, _per_block, _scatter, combined
-from stabilitycheck.layout import block_of as block_of
 from stabilitycheck.loops import looped_blocks
 from stabilitycheck.losses import Inputs, LossFn, OutputLoss, call_model, differentiable_loss
 from stabilitycheck.measurement import (
-    TENSOR_KINDS as TENSOR_KINDS,  # `X as X`: re-exported, it was defined here
+    Measurement as Measurement,  # `X as X`: re-exported, it was defined here
 )
-from stabilitycheck.measurement import Measurement as Measurement
-from stabilitycheck.measurement import NonFinite as NonFinite
-from stabilitycheck.measurement import ratio as ratio
-from stabilitycheck.norms import EXACT as EXACT
+from stabilitycheck.measurement import NonFinite
 from stabilitycheck.norms import STACK_MIN, dense, norm_values
-from stabilitycheck.norms import accumulator as accumulator
 from stabilitycheck.readings import Step, chains_of, cut_before, gains_of, growth_of, locate, unscored
 from stabilitycheck.recording import _Recorder
 from stabilitycheck.rng import SALT_FORWARD, derived, numpy_seeded, rng_state, set_rng_state
@@ -418,10 +413,7 @@ def probe_module(
     layout = _layout(model, blocks)
     params, owner = layout.params, layout.owner
     if not params:
-        raise UsageError(
-            "the model has no parameters that require grad: nothing to differentiate "
-            "(check requires_grad, or that layers are registered as submodules)"
-        )
+        raise no_trainable("probe_module")
     if not names:
         raise UsageError(
             "probe_module: no blocks to measure (an empty blocks= or stability_blocks()): the growth would "

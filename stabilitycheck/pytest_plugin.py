@@ -30,19 +30,14 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from stabilitycheck._options import DEVICES as DEVICES  # `X as X`: re-exported, these were defined here
-from stabilitycheck._options import PREFIX as PREFIX
-from stabilitycheck._options import PROFILES as PROFILES
-from stabilitycheck._options import add_options as add_options
-from stabilitycheck.findings import FAILURE_WIDTH as FAILURE_WIDTH
-from stabilitycheck.findings import HEADERS as HEADERS
-from stabilitycheck.findings import SIZE_KNOBS as SIZE_KNOBS
+from stabilitycheck._options import PREFIX
+from stabilitycheck._options import (
+    add_options as add_options,  # `X as X`: re-exported, these were defined here
+)
 from stabilitycheck.findings import Finding as Finding
-from stabilitycheck.findings import Scalar as Scalar
 from stabilitycheck.findings import _failing_configs, _failure_text, _leaves
 from stabilitycheck.findings import finding as finding
 from stabilitycheck.findings import summary as summary
-from stabilitycheck.invariants_stable import Unstable as Unstable
 from stabilitycheck.invariants_stable import assert_stable as assert_stable
 
 if TYPE_CHECKING:
@@ -307,7 +302,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 def _rerun(item: pytest.Item, state: _State, seeded: bool) -> str:
     """The line that runs the test again on the examples it ran: its id, the seed they came from (the
     plugin's, or --hypothesis-seed's where that was given: a line with the plugin's alone passed
-    where the test failed, found by a trial) and the profile; where nothing seeded a Hypothesis test,
+    where the test failed) and the profile; where nothing seeded a Hypothesis test,
     it says so (Hypothesis drew at random: the line may pass)."""
     line = f"pytest {shlex.quote(_from_here(item))}"
     given = _hypothesis_seed_option(item.config)

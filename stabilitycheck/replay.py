@@ -121,7 +121,10 @@ def replay(path: Path | str) -> Replayed:
     found = {} if meta.get("blocks_given") else dict(find_blocks(model)[0])
     missing = [name for name in meta["blocks"] if name not in modules and name not in found]
     if missing:
-        raise UsageError(f"replay {path}: the model has no blocks named {missing}")
+        raise UsageError(
+            f"replay {path}: the model has no blocks named {missing}; the bundle was written for another "
+            "model, or its blocks were renamed since: replay it with that model, or write the bundle again"
+        )
     blocks = [(name, found.get(name) or modules[name]) for name in meta["blocks"]]
     n = len(data["batches"])  # a format-3 bundle has no modes nor scales: training mode, unscaled
     scaler = _scaler(model, data.get("scales", [None] * n))
@@ -173,7 +176,7 @@ def replay(path: Path | str) -> Replayed:
 def _scaler(model: Any, scales: list[float | None]) -> Any:
     """A GradScaler at the loss scale the step ran with (None where it had none): the backward of
     the scaled loss rounds as the step's did (float16's gradients of the unscaled loss differed by
-    up to 5.6e-5, found by an audit), and the watcher divides the scale out as it did then."""
+    up to 5.6e-5), and the watcher divides the scale out as it did then."""
     import torch
 
     scale = next((s for s in scales if s is not None), None)
@@ -185,8 +188,8 @@ def _scaler(model: Any, scales: list[float | None]) -> Any:
 
 def _set_modes(model: Any, modes: list[bool] | None) -> None:
     """Each module's training mode as the micro-batch's forward ran it (a frozen BatchNorm kept in
-    eval in a training run: model.train() replayed its batch statistics, 63.4 for 18.9, found by an
-    audit); training throughout where none was seen (no model call before w.loss)."""
+    eval in a training run: model.train() replayed its batch statistics, 63.4 for 18.9); training
+    throughout where none was seen (no model call before w.loss)."""
     modules = list(model.modules())
     if modes is None or len(modes) != len(modules):
         model.train()

@@ -158,7 +158,7 @@ SPAN = math.log10(2.0)  # the least range the sparkline's levels span: values wi
 def sparkline(values: Sequence[float], width: int = 64) -> str:
     """A log-scale sparkline; non-finite values show as '!' (never hidden), zeros as ' '. Its levels
     span at least a factor 2 (SPAN): a flat profile is drawn flat (values 0.009% apart drew a full
-    ramp, found by a user's trial)."""
+    ramp)."""
     if len(values) > width:  # keep the largest of each bucket, so a spike is never averaged away,
         step = len(values) / width  # and a NaN first (max() kept one only in a bucket's first place)
         buckets = [values[int(k * step) : max(int((k + 1) * step), int(k * step) + 1)] for k in range(width)]
@@ -256,8 +256,8 @@ def _bottom_note(r: SearchResult) -> str:
 
 def _below_note(r: SearchResult) -> str:
     """Where a point below the one reported in every knob failed too: the criteria are not monotone
-    there, and 'smallest exploding' means 1-minimal (found by a user's trial: a stall limit fired at
-    depth 1, seen by the search, and the report named depth 21 with no word of it)."""
+    there, and 'smallest exploding' means 1-minimal (a stall limit firing at depth 1, seen by the
+    search, beside a report of depth 21)."""
     if r.below is None:
         return ""
     config, read, seed = r.below
@@ -423,7 +423,7 @@ def unmeasured(results: Sequence[SearchResult]) -> list[str]:
     output in the step the profile was read at (a zero-initialised head), so every gain is 0 / 0 and
     a stable row says only that nothing grew; or none reached one chain's (timm's RegNet, read on its
     leaf modules, whose branches end in zero-initialised norms), whose growth NaN read as stable with
-    no word of it (found in an audit)."""
+    no word of it."""
     out = []
     for r in results:
         m = r.shown.measurement if r.shown is not None else None

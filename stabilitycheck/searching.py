@@ -31,7 +31,6 @@ from stabilitycheck.canonical import Index as Index  # `X as X`: re-exported, th
 from stabilitycheck.canonical import boundary as boundary
 from stabilitycheck.canonical import canonical as canonical
 from stabilitycheck.canonical import lower
-from stabilitycheck.canonical import minimize as minimize
 from stabilitycheck.config import Config
 from stabilitycheck.counterexample import Counterexample as Counterexample
 from stabilitycheck.counterexample import SearchResult as SearchResult
@@ -224,7 +223,7 @@ def try_remedies(
     """Re-judge the counterexample with each remedy (on vanishing too: remedies.judged_on); yields
     fixed / not fixed as measured, or not judged where the model's code fails with the remedy (a
     model file raising at the critical init: the whole search stopped there, exit 2, its
-    counterexample lost; found by mutation testing's test)."""
+    counterexample lost)."""
     judged = judged_on(limits)
     for name, changed in candidates(config, subject).items():
         if changed is None:
@@ -379,7 +378,7 @@ def check(subject: Subject, config: Config, *others: Config) -> None:
     the failure there; one that runs at any is searched, and the points where it fails are skipped
     with the reason (a model raising at the lowest corner alone is no usage error). One the memory
     estimate puts over the search's budget is not built (`--knob depth=100000000` allocated for
-    minutes, found by a trial): the search skips it as too large, and says so where it skips all."""
+    minutes): the search skips it as too large, and says so where it skips all."""
     from stabilitycheck.probing import probe
 
     first: UsageError | None = None

@@ -95,7 +95,7 @@ class Space:
     def __post_init__(self) -> None:
         names = [a.name for a in self.axes]
         if len(set(names)) != len(names):
-            raise ConfigError(f"Space {self.label!r} repeats a knob: {names}")
+            raise ConfigError(f"Space {self.label!r} repeats a knob: {names}; give each Axis its own knob")
         for axis in self.axes:
             if axis.name not in RUN_AXES:
                 self.base.knob(axis.name)  # raises for a knob the Config does not have

@@ -169,9 +169,9 @@ def _decide(state: SpikeState, xs: torch.Tensor) -> None:
 
 def _unlog(state: SpikeState, x: torch.Tensor) -> None:
     """A series judged on its logarithm (a loss that started positive) taking a negative value is
-    judged on its values from then on, its window's ln values turned back into values: read as ln 1,
-    a loss of -0.008 after a window near 0.025 was flagged over 14 steps, and skipped with skip=True
-    (found in review)."""
+     judged on its values from then on, its window's ln values turned back into values: read as ln 1,
+     a loss of -0.008 after a window near 0.025 was flagged over 14 steps, and skipped with skip=True
+    ."""
     turns = state.logged & torch.isfinite(x) & (x < 0)
     state.values = torch.where(turns.unsqueeze(1), state.values.exp(), state.values)
     state.logged = state.logged & ~turns
@@ -216,7 +216,7 @@ def unmeasured(series: torch.Tensor, cols: slice, rows: torch.Tensor | None = No
     0, which the rule neither flags nor lets into its window: values not measured at a step (weight
     norms between `weights_every` steps). Judged, their stand-in, the last measured value repeated,
     filled the window with one value of no spread, and a weight norm that grew over 50 steps of a
-    clean SGD run was flagged, the step skipped under skip=True (found by an audit)."""
+    clean SGD run was flagged, the step skipped under skip=True."""
     return _unjudged(series, [cols], rows, finite_only=False)
 
 

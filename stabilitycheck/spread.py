@@ -13,7 +13,7 @@ from itertools import accumulate
 
 def rank(q: float, n: int) -> int:
     """ceil(q n), at least 1, with q read as the decimal it prints as: in floating point 0.55 x 100 is
-    55.00000000000001 and 0.28 x 25 is 7.000000000000001, one rank too high (found by an audit)."""
+    55.00000000000001 and 0.28 x 25 is 7.000000000000001, one rank too high."""
     return max(1, math.ceil(Fraction(repr(float(q))) * n))
 
 

@@ -8,7 +8,6 @@ does not import torch.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 import os
@@ -19,7 +18,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
+from stabilitycheck._options import PROFILES
 from stabilitycheck.config import OPTIMIZERS, Config, Run
+from stabilitycheck.errors import did_you_mean
 from stabilitycheck.families import ACTIVATIONS, FAMILIES, NORMS, Scalar, knob_specs
 
 T = TypeVar("T")
@@ -31,14 +32,13 @@ INIT_SCALES = (1.0, 0.75, 1.25, 0.5, 1.5, 2.0, 0.25, 3.0, 4.0)
 """The design's init_scale grid 0.25..4.0, ordered by distance from the critical 1.0 (tanh) so
 examples shrink towards the standard init."""
 
-PROFILES = ("quick", "ci", "thorough")
 """The user-facing profile names (--stability-profile); registered as PROFILE_PREFIX + name."""
 PROFILE_PREFIX = "stabilitycheck-"
 
 
 def _hint(value: object, allowed: Sequence[str]) -> str:
-    close = difflib.get_close_matches(str(value), list(allowed), n=1) if isinstance(value, str) else []
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    """errors.did_you_mean for a string value; '' for any other (a number is no misspelt name)."""
+    return did_you_mean(value, allowed) if isinstance(value, str) else ""
 
 
 def _check_int(name: str, value: object, lo: int) -> int:

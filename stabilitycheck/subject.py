@@ -132,7 +132,7 @@ def _mostly(children: Blocks) -> Blocks:
     module with children) and a head (at most one module before the blocks, one after), the blocks
     alone: torchvision's MobileNetV3 `features`, a stem, 11 InvertedResidual blocks and a head, was
     no stack, and the stacks inside two of its blocks were taken as the chain, their sub-layers
-    (growth 0.12 where the blocks' is 2.5e-8, found by an audit). Not of stages, containers
+    (growth 0.12 where the blocks' is 2.5e-8). Not of stages, containers
     (EfficientNet's and ConvNeXt's) or not (`_staged`): the blocks inside them are the chain; nor of
     leaf layers, which keep their activations between them (Linear, Tanh, Linear, ...: find_blocks'
     layers of a Sequential)."""
@@ -151,7 +151,7 @@ def _mostly(children: Blocks) -> Blocks:
 def _staged(module: nn.Module) -> bool:
     """Whether `module` holds a stack of two or more composite blocks with most of its parameters: a
     stage of a class of its own (timm's TinyVitStage: its blocks are the chain, not the stages, which
-    read growth 0.293 for 0.186, stage 0 as a stem; found in review). Of MobileNet's blocks only some
+    read growth 0.293 for 0.186, stage 0 as a stem). Of MobileNet's blocks only some
     do (three conv layers); an Annotated-Transformer layer's two SublayerConnection clones hold its
     norms alone, its attention and feed-forward beside them (taken for a stage, its 12 sublayers were
     the chain, found in a second review)."""
@@ -177,9 +177,9 @@ def _outweighs(composite: list[tuple[str, Blocks]], leaves: tuple[str, Blocks]) 
     """Whether stacks of composite blocks, together, hold both more blocks and more parameters than a
     longer stack of leaf layers: stages of blocks beside a few parallel convs (CoaT-lite's three
     depthwise convs in its first attention were the chain, growth 0.466 for the 8 serial blocks'
-    0.0875; 12 tanh blocks in 6 stages of 2 beside a stem's 3 Linears read 0.60, stable, for 623;
-    found in an audit), not small heads in lists beside a trunk of Linear layers (17 probe heads in
-    two lists beside 16 layers were taken for them in review, growth 1 for 399)."""
+    0.0875; 12 tanh blocks in 6 stages of 2 beside a stem's 3 Linears read 0.60, stable, for 623),
+    not small heads in lists beside a trunk of Linear layers (17 probe heads in two lists beside 16
+    layers were taken for them, growth 1 for 399)."""
 
     def weight(stacks: list[tuple[str, Blocks]]) -> int:
         return sum(p.numel() for _, pairs in stacks for _, m in pairs for p in m.parameters())
@@ -266,6 +266,10 @@ class Layer(nn.Module):
     def register_forward_hook(  # type: ignore[override]
         self, hook: Callable[..., Any], *, with_kwargs: bool = False
     ) -> RemovableHandle:
+        """Call `hook(self, the weighted module's input, the layer's output)` once per pass of the
+        container, from hooks on the weighted module, on `after` and on the container; the handle
+        removes all three. `after`'s calls are counted modulo its places in the container, so the
+        nth place's call is this layer's whichever way the container is run."""
         after, last, container, nth = self._after
         if with_kwargs:  # the layer's module with parameters is called positionally, as a Sequential does
             given_hook = hook

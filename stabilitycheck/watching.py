@@ -12,7 +12,6 @@ stabilitycheck.watchlog turns them into the log, the report and the heatmap.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import inspect
 import sys
 import types
@@ -29,7 +28,7 @@ from stabilitycheck import distributed
 from stabilitycheck.alarms import Termination, signals_held
 from stabilitycheck.carrying import _version
 from stabilitycheck.distributed import Layout
-from stabilitycheck.errors import UsageError
+from stabilitycheck.errors import UsageError, did_you_mean, no_trainable
 from stabilitycheck.layout import block_of
 from stabilitycheck.spikes import SpikeRule, noisier, unmeasured
 from stabilitycheck.subject import BYPASSED, find_blocks, own_blocks, shown_blocks
@@ -139,7 +138,7 @@ class Watcher:
         # weight norm (a frozen block's is its real norm, not 0)
         self.params = list(model.parameters())
         if not any(p.requires_grad for p in self.params):
-            raise UsageError("watch: the model has no parameters that require grad: nothing to watch")
+            raise no_trainable("watch")
         self.layout = Layout(len(self.blocks))
         self.device = self.params[0].device
         self.rank, self.world = distributed.world()
@@ -656,7 +655,6 @@ def watch(
     known = [name for name in inspect.signature(Watcher).parameters if name not in ("model", "optimizer")]
     unknown = sorted(set(options) - set(known))
     if unknown:
-        close = difflib.get_close_matches(unknown[0], known, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
+        hint = did_you_mean(unknown[0], known)
         raise UsageError(f"watch: no option {unknown[0]!r}{hint}; the options are {', '.join(known)}")
     return Watcher(model, optimizer, **options)

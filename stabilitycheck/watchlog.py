@@ -70,6 +70,8 @@ class Report:
     note: str | None = None
 
     def text(self) -> str:
+        """The report printed when the watcher closes: steps and flags, the first flagged and first
+        non-finite values, the steps skipped, the host reads."""
         lines = [f"stabilitycheck watch: {self.steps} steps, {len(self.flagged_steps)} flagged"]
         if self.first_spike is not None:
             lines.append(f"  first flagged value: {self.first_spike.describe()}")

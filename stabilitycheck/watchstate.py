@@ -77,7 +77,7 @@ def check_replayable(model: nn.Module, compute_loss: Any) -> None:
 def sources(model: nn.Module, compute_loss: Any) -> dict[str, str]:
     """A digest of the source of compute_loss and of each class of the model's modules defined
     outside torch, by qualified name: replay says which changed since the bundle was written (an
-    edited forward read as a step that does not reproduce, found by an audit). Code whose source
+    edited forward read as a step that does not reproduce). Code whose source
     cannot be read (built in, or its file gone) is left out."""
     found: dict[str, str] = {}
     for obj in (compute_loss, *dict.fromkeys(type(m) for m in model.modules())):
@@ -192,7 +192,7 @@ class Snapshot:
         found within PAIRED nodes of its graph; else the first call's state and the last call's modes.
         Read at the first call alone, a validation pass with gradients on before the forward
         (model.eval(), a call, model.train()) replayed the step in eval mode; at the last, one after
-        it did (found in review)."""
+        it did."""
         if not self._calls:
             return None, None, None
         owner = {node: i for i, (_, _, nodes, _) in enumerate(self._calls) for node in nodes}

@@ -467,7 +467,7 @@ def test_a_fixed_knob_stays_fixed_whether_or_not_a_range_is_given(
     from stabilitycheck.subjects import resolve
 
     subject = resolve("mlp")
-    space = _apply_knobs(subject.space(), knobs, subject)
+    space = _apply_knobs(subject.space(), knobs)
     assert [a.name for a in space.axes] == searched
     for text in knobs:
         name, _, value = text.partition("=")

@@ -367,7 +367,7 @@ BAD = [  # (arguments, options, what the message says)
     (("model", "opt"), {"scaler": 2.0**16}, "scaler must be a torch.amp.GradScaler"),
     (("model", "opt"), {"skip": "yes"}, "skip must be True or False, got 'yes'"),
     (("model", "opt"), {"blocks": ["blocks.0"]}, "blocks must be (name, module) pairs"),
-    (("model", "opt"), {"flushevery": 10}, "no option 'flushevery' (did you mean flush_every?)"),
+    (("model", "opt"), {"flushevery": 10}, "no option 'flushevery' (did you mean 'flush_every'?)"),
     (("model", "opt"), {"blocks": [("x", torch.nn.Linear(2, 2))]}, "of the model's own submodules"),
     (
         ("model", "opt"),

@@ -169,7 +169,7 @@ def test_a_misspelled_callback_option_is_a_one_line_usage_error() -> None:
 
     model = MLP()
     trainer = SimpleNamespace(optimizers=[torch.optim.SGD(model.parameters(), lr=0.01)])
-    with pytest.raises(UsageError, match="no option 'flushevery' \\(did you mean flush_every\\?\\)"):
+    with pytest.raises(UsageError, match="no option 'flushevery' \\(did you mean 'flush_every'\\?\\)"):
         WatchCallback(flushevery=10).on_train_start(trainer, model)  # type: ignore[arg-type]
 
 

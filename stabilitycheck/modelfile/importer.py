@@ -32,6 +32,7 @@ def split_spec(spec: str) -> tuple[str, str | None]:
 
 
 def check_path(given: str) -> Path:
+    """`given` as the path of an existing .py file, else a one-line UsageError saying what to pass."""
     path = Path(given)
     example = "e.g. `stabilitycheck examples/mlp.py` or `stabilitycheck model.py:build`"
     if not path.exists():
