@@ -8,6 +8,7 @@ import math
 
 import pytest
 from closed_form import LIMITS_KW, ScaledIdentity
+from sortedcontainers import SortedSet
 
 from stabilitycheck import searching
 from stabilitycheck.searching import Prober, search, sweep
@@ -212,3 +213,33 @@ def test_the_counterexamples_judgement_is_a_fresh_verdicts_with_every_criterion_
     assert len(fresh.seeds) == 3
     got = cx.judgement
     assert (got.seeds, got.growth, got.verdict) == (fresh.seeds, fresh.growth, fresh.verdict)
+
+
+def test_the_search_path_does_not_depend_on_the_literals_of_the_modules_loaded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Hypothesis draws some integers from the literals (from 100 up) in the source of the local modules
+    loaded: grid indices drawn from 0 made the path depend on what the caller had imported and how the
+    package was installed (the zoo's GRU, 256 lengths, ended stable from the command line and at
+    seq_len=221 from Python). Oracle: the same search with no such literals and with every index a
+    literal visits the same points (Hypothesis' pool of them replaced, as a module full of them would)."""
+    from hypothesis.internal.conjecture import providers
+
+    subject = ScaledIdentity()
+    space = Space(
+        "cf",
+        subject.config().with_run(seeds=1),
+        (Axis.range("depth", 1, 300), Axis("init_scale", tuple(0.9 + 0.01 * i for i in range(20)))),
+    )
+
+    def visited(literals: range) -> list[str]:
+        pool = providers.Constants(integers=SortedSet(literals))
+        monkeypatch.setattr(providers, "_get_local_constants", lambda: pool)
+        providers.CONSTANTS_CACHE.cache.clear()
+        lines: list[str] = []
+        limits = Limits(growth=1e300, **LIMITS_KW)  # nothing explodes: every example runs
+        search(space, subject=subject, limits=limits, max_examples=100, progress=lines.append)  # type: ignore[arg-type]
+        return lines
+
+    none = visited(range(0))
+    assert visited(range(100, 300)) == none and len(none) > 50
