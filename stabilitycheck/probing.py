@@ -57,6 +57,7 @@ class _Run:
     opt: torch.optim.Optimizer | None  # built only when an update or a GradScaler needs one
     autocast: torch.dtype | None
     scaler: torch.amp.GradScaler | None
+    ordered: bool = True  # False: step 0 raises _OutOfOrder where another block ran before block 0
 
     @property
     def device(self) -> torch.device:
@@ -241,6 +242,13 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         _restore(kept)
         plain = True
         loss = _forward(run, hooks=True, exact=exact, plain=True)
+    first = run.rec.calls[:1]
+    if hooks and not run.ordered and first and first[0] > 0:  # another block ran before block 0
+        order = list(dict.fromkeys(b for b in run.rec.calls if b >= 0))
+        run.rec.take()
+        set_rng_state(drawn)
+        _restore(kept)  # the forward updated BatchNorm's statistics: the probe again starts as this did
+        raise _OutOfOrder(order + [b for b in range(len(run.names)) if b not in order])
     changed = run.rec.changed() if hooks else frozenset()
     moved = hooks and run.rec.entry_moved()
     if changed or moved or (hooks and run.rec.carrying.discovered):
@@ -403,23 +411,59 @@ def probe_module(
         raise UsageError(
             f"probe_module: the first argument must be the model (an nn.Module), got {article(model)}"
         )
-    steps, warmup, seed, lr = training_settings(steps, warmup, seed, lr, optimizer, amp, clip)
+    settings = training_settings(steps, warmup, seed, lr, optimizer, amp, clip)
     chosen = ""  # how the blocks were found, where they were not given
     if blocks is None:
         blocks, chosen = looped_blocks(model, inputs, *find_blocks(model))
     else:
         blocks = own_blocks(model, blocks, "probe_module")
-    names = tuple(name for name, _ in blocks)
-    layout = _layout(model, blocks)
-    params, owner = layout.params, layout.owner
-    if not params:
+    if not any(p.requires_grad for p in model.parameters()):
         raise no_trainable("probe_module")
-    if not names:
+    if not blocks:
         raise UsageError(
             "probe_module: no blocks to measure (an empty blocks= or stability_blocks()): the growth would "
             "read 1, stable, whatever the model does; give the model's repeated blocks, e.g. "
             "blocks=[(f'layers.{i}', m) for i, m in enumerate(model.layers)]"
         )
+    run = (model, inputs, loss_fn, optimizer, clip, amp, chosen)
+    try:
+        return _measure(*run, tuple(blocks), *settings, ordered=False)
+    except _OutOfOrder as late:  # another block ran before block 0: its input is the chain's entry
+        return _measure(*run, tuple(blocks[i] for i in late.order), *settings, ordered=True)
+
+
+class _OutOfOrder(Exception):
+    """Step 0's forward called another block before block 0 (a stack run in reverse, blocks declared
+    output side first): block 0's input hook saw no entry, and the first block's gain went unread
+    (growth 2.31 for torch's 127 on a pre-norm stack run backwards). `order`: the blocks in the order
+    of their first calls (those never called after, as given), to probe again in."""
+
+    def __init__(self, order: list[int]) -> None:
+        super().__init__("blocks called out of order")
+        self.order = order
+
+
+def _measure(
+    model: nn.Module,
+    inputs: Inputs,
+    loss_fn: LossFn,
+    optimizer: str,
+    clip: float | None,
+    amp: str,
+    chosen: str,
+    blocks: Sequence[tuple[str, nn.Module]],
+    steps: int,
+    warmup: int,
+    seed: int,
+    lr: float,
+    *,
+    ordered: bool,
+) -> Measurement:
+    """probe_module's run on `blocks`; `ordered`: in the order of their calls already (else step 0
+    raises _OutOfOrder where another block ran before block 0)."""
+    names = tuple(name for name, _ in blocks)
+    layout = _layout(model, blocks)
+    params, owner = layout.params, layout.owner
     device = params[0].device
     scaler = torch.amp.GradScaler(device.type) if amp == "float16" else None
     opt = optimizer_for(optimizer, model, params, lr) if steps > 0 or scaler is not None else None
@@ -433,6 +477,7 @@ def probe_module(
         opt,
         AUTOCAST.get(amp),
         scaler,
+        ordered,
     )
     losses: list[float] = []
     totals: list[float] = []

@@ -368,8 +368,26 @@ class _Recorder:
                 # (router_logits, h)): the chain runs on, read on the tensor recorded
             own = self.own[stack] if self.stacks[self.calls[-1]] == stack else set()
             if not any(_made_from(t, own) for t in given):
+                self._fanned(b, x)
                 self.feeds[at] = _taken_chains(self.outputs, sorted(self.breaks), given, entry)
                 self.breaks.add(at)
+
+    def _fanned(self, b: int, x: Any) -> None:
+        """Where block b's call takes as its chain's input an earlier output `x` itself, of another
+        stack, that the call after it went on from, a block of b's stack (heads on one trunk's last
+        features, policy and value heads): that call was one branch of several, not the chain's next
+        block, and starts a chain of its own fed by x's. Read on, its gain divided dL/d x, every
+        branch's gradient, by its own output's alone (a trunk growing 1.28 read 160 > 100 under four
+        heads, the first weighted 0.005 in the loss). A stack going on beside taps of its outputs (an
+        FPN's stages, a head on each) stays one chain."""
+        p = next((i for i, out in enumerate(self.outputs) if out is x), None)
+        if p is None or p + 1 >= len(self.outputs) or p + 1 in self.breaks or self.calls[p] < 0:
+            return
+        q = p + 1
+        if not self.stacks[self.calls[q]] == self.stacks[b] != self.stacks[self.calls[p]]:
+            return
+        self.feeds[q] = _taken_chains(self.outputs[:q], sorted(self.breaks), [x], self.calls[0] < 0)
+        self.breaks.add(q)
 
     def _upstream_learns(self) -> bool:
         """Whether a gradient into the last output would reach something: it carries one, an earlier

@@ -102,10 +102,17 @@ def _reparametrizing(model: nn.Module, name: str) -> bool:
     return False
 
 
+TABLES = (nn.Embedding, nn.EmbeddingBag)
+"""Lookup tables: each takes ids, never another block's output, so a list of them is no chain (MarkupLM's
+50 xpath tables, MusicGen's codebooks, a tabular model's features side by side read growth 1 on every
+seed, the encoder after them unread)."""
+
+
 def _stacks(model: nn.Module) -> list[tuple[str, Blocks]]:
     """Outermost ModuleLists/Sequentials of >= 1 modules of one type that own parameters, as the
     modules a forward calls (`_called`: a list of lists of blocks, stages of a model, is its blocks);
-    of one whose modules are mostly of one composite type, those (`_mostly`)."""
+    of one whose modules are mostly of one composite type, those (`_mostly`). Not a list of lookup
+    tables (TABLES)."""
     found: list[tuple[str, Blocks]] = []
     for name, module in model.named_modules():
         if (
@@ -119,6 +126,7 @@ def _stacks(model: nn.Module) -> list[tuple[str, Blocks]]:
             not children
             or len({_kind(m) for _, m in children}) != 1
             or not any(True for _ in module.parameters())
+            or isinstance(children[0][1], TABLES)
         ):
             continue
         if any(name.startswith(f"{outer}.") or outer == "" for outer, _ in found):

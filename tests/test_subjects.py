@@ -1813,6 +1813,90 @@ def test_heads_side_by_side_are_no_chain_in_series(keyword: bool) -> None:
     assert m.growth == pytest.approx(max(m.chain_growths), rel=1e-9)
 
 
+class _TrunkAndHeads(nn.Module):
+    """A tanh trunk, then task heads side by side on its last features (multi-task heads, a policy
+    and a value head)."""
+
+    def __init__(self, heads: int, depth: int = 12, width: int = 32) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, width, bias=False), nn.Tanh()) for _ in range(depth)
+        )
+        for layer in self.layers:
+            nn.init.normal_(layer[0].weight, std=1.5 / width**0.5)
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 3)) for _ in range(heads)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return torch.stack([head(x) for head in self.heads], 1)
+
+
+@pytest.mark.parametrize("heads", [2, 4])
+@pytest.mark.parametrize("first_weight", [1.0, 0.005])
+def test_heads_on_one_trunk_s_features_are_branches_not_its_chain(heads: int, first_weight: float) -> None:
+    """The first head was read as the trunk's next block and the others as chains of their own: its
+    gain divided dL/d(trunk output), every head's gradient, by its own alone, so a head lightly
+    weighted in the loss read as an explosion (trunk growth 1.28, read 160 > 100; found by a review).
+    Every head starts a chain fed by the trunk's. Oracle: torch's |dL/d input| / |dL/d trunk output|."""
+    torch.manual_seed(0)
+    model, x = _TrunkAndHeads(heads), torch.randn(16, 32)
+    z = torch.randn(16, heads, 3)
+    z[:, 0] *= first_weight
+    loss = lambda out, _: (out * z).sum()  # noqa: E731
+    m = probe_module(model, x, loss)
+    assert m.chain_starts == tuple(range(13, 13 + heads))  # (input), 12 layers, then each head
+    given = x.clone().requires_grad_()
+    outs: list[torch.Tensor] = []
+    hook = model.layers[-1].register_forward_hook(lambda _m, _a, o: outs.append(o))
+    first, last = torch.autograd.grad(loss(model(given), x), [given, *outs])
+    hook.remove()
+    assert m.growth == pytest.approx((first.norm() / last.norm()).item(), rel=1e-5) and m.growth < 10
+
+
+class _TablesThenStack(nn.Module):
+    """`tables` embedding tables side by side, one per input feature, summed (MarkupLM's xpath tables, a
+    tabular model's features), then 16 tanh blocks at sigma_w 3."""
+
+    def __init__(self, tables: int, width: int = 32) -> None:
+        super().__init__()
+        self.embs = nn.ModuleList(nn.Embedding(20, width) for _ in range(tables))
+        for e in self.embs:
+            nn.init.normal_(e.weight, std=tables**-0.5)
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, width, bias=False), nn.Tanh()) for _ in range(16)
+        )
+        for layer in self.layers:
+            nn.init.normal_(layer[0].weight, std=3.0 / width**0.5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = sum(e(ids[..., k]) for k, e in enumerate(self.embs))
+        for layer in self.layers:
+            h = layer(h)
+        return h  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("tables", [4, 24])
+def test_a_list_of_embedding_tables_is_no_stack(tables: int) -> None:
+    """24 tables outnumbered the 16 blocks and were taken as the stack: each takes ids, never another
+    block's output, so every one started a chain, the growth read 1 on every seed and the blocks went
+    unread (hf:markuplm's 50 xpath tables; found by a review). Oracle: torch's |dL/d input of
+    layers.0| / |dL/d output of layers.15|."""
+    torch.manual_seed(0)
+    model, ids, z = _TablesThenStack(tables), torch.randint(0, 20, (4, 8, tables)), torch.randn(4, 8, 32)
+    loss = lambda out, _: (out * z).sum()  # noqa: E731
+    m = probe_module(model, ids, loss)
+    assert m.layer_names == tuple(f"layers.{i}" for i in range(16))
+    outs: list[torch.Tensor] = []
+    hooks = [model.layers[i].register_forward_hook(lambda _m, a, o: outs.extend([a[0], o])) for i in (0, 15)]
+    first, _, _, last = torch.autograd.grad(loss(model(ids), ids), outs)
+    for hook in hooks:
+        hook.remove()
+    assert m.growth == pytest.approx((first.norm() / last.norm()).item(), rel=1e-5) and m.growth > 50
+
+
 @pytest.mark.parametrize("keyword", [False, True])
 def test_a_decoder_whose_first_layer_was_dropped_starts_its_own_chain(keyword: bool) -> None:
     """LayerDrop drew decoder layer 0: layer 1 takes its own embeddings and the memory, not the
