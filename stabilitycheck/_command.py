@@ -17,18 +17,38 @@ from stabilitycheck.alarms import in_gc_callback
 _SIGNALLED: list[int] = []
 """The signals received. Each handler also raises, but an exception raised while Python runs a gc
 callback or a __del__ is printed and dropped, so a long command checks this after every point too."""
+_STATE = {"live": False, "raised": False}  # handlers installed by run_command; a stop raised since
+AGAIN_S = 0.05  # a signal landing in a gc callback is delivered again this much later
 
 
 def _on_signal(signum: int, frame: Any) -> None:
     _SIGNALLED.append(signum)
-    if not in_gc_callback(frame):  # there a KeyboardInterrupt is printed as a traceback and dropped:
-        stop_if_signalled()  # the command's check after the point raises it instead
+    if in_gc_callback(frame):  # there a KeyboardInterrupt is printed as a traceback and dropped
+        _again(signum)
+    else:
+        stop_if_signalled()
+
+
+def _again(signum: int) -> None:
+    """Deliver `signum` again AGAIN_S from now, from a thread, unless a stop was raised meanwhile or
+    the command is over: left to the command's next check, a SIGTERM landing in a gc callback while a
+    100,000-layer model was built for its memory estimate waited minutes, and the run was killed with
+    nothing written."""
+
+    def deliver() -> None:
+        if _STATE["live"] and not _STATE["raised"]:
+            signal.raise_signal(signum)
+
+    timer = threading.Timer(AGAIN_S, deliver)
+    timer.daemon = True
+    timer.start()
 
 
 def stop_if_signalled() -> None:
     """SIGINT or SIGTERM (a CI timeout) stop the same way, as a KeyboardInterrupt, so a command keeps
     what it found either way; only the exit code tells them apart (`interrupted`)."""
     if _SIGNALLED:
+        _STATE["raised"] = True
         raise KeyboardInterrupt
 
 
@@ -55,6 +75,7 @@ def run_command(prog: str, run: Callable[[Sequence[str] | None], int], argv: Seq
 
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     _SIGNALLED.clear()
+    _STATE.update(live=True, raised=False)
     on_main = threading.current_thread() is threading.main_thread()
     # a signal the process was started ignoring (SIGINT in a shell script's `&` job) stays ignored
     signals = (signal.SIGINT, signal.SIGTERM) if on_main else ()
@@ -82,5 +103,6 @@ def run_command(prog: str, run: Callable[[Sequence[str] | None], int], argv: Seq
         )
         return EXIT_INTERNAL
     finally:
+        _STATE["live"] = False
         for s, handler in previous.items():
             signal.signal(s, handler)

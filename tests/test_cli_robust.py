@@ -761,6 +761,38 @@ def test_a_signal_inside_a_gc_callback_is_deferred_to_the_searchs_check() -> Non
         _command._SIGNALLED.clear()
 
 
+def test_a_signal_deferred_in_a_gc_callback_is_delivered_again_soon() -> None:
+    """A SIGTERM deferred in a gc callback waited for the command's next check: minutes while a
+    100,000-layer model was built for its memory estimate, and a CI timeout then killed the run with
+    nothing written (found by a user's trial). It is delivered again AGAIN_S later, from a thread, and
+    raised then. Oracle: a KeyboardInterrupt in plain Python code, with no check, within a second."""
+    import gc
+    import sys
+    import time
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        _command._on_signal(signal.SIGINT, sys._getframe())
+
+    previous = signal.signal(signal.SIGINT, _command._on_signal)
+    _command._SIGNALLED.clear()
+    _command._STATE.update(live=True, raised=False)
+    gc.callbacks.append(callback)
+    try:
+        gc.collect()
+        gc.callbacks.remove(callback)
+        start = time.perf_counter()
+        with pytest.raises(KeyboardInterrupt):
+            while time.perf_counter() - start < 5.0:
+                sum(range(100))  # plain bytecode: where Python runs a signal's handler
+        assert time.perf_counter() - start < 1.0
+    finally:
+        if callback in gc.callbacks:
+            gc.callbacks.remove(callback)
+        _command._STATE.update(live=False, raised=False)
+        _command._SIGNALLED.clear()
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_two_outputs_naming_one_file_are_a_usage_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
