@@ -511,9 +511,36 @@ def cut(results: Sequence[SearchResult]) -> list[str]:
     return out
 
 
+def minority(results: Sequence[SearchResult]) -> list[str]:
+    """Lines naming each shown verdict where some seeds went non-finite but too few to fire at its
+    quantile (2 of 5 at the median): the row read stable, exit 0, with no word of them. Going
+    non-finite is all or nothing per initialisation, so such a model fails on some of its draws; the
+    quantile that would judge them is said."""
+    out = []
+    for r in results:
+        j = r.shown
+        if j is None or "nonfinite" in j.verdict.names or "overflow" in j.verdict.names:
+            continue
+        broken = sum(
+            math.isinf(v.get("nonfinite", 0.0)) or math.isinf(v.get("overflow", 0.0)) for v in j.values
+        )
+        if not broken:
+            continue
+        n, budget = len(j.seeds), r.space.base.run.seeds
+        config = r.counterexample.config if r.counterexample else r.largest_stable
+        where = f" at {knobs(r, config)}" if config is not None else ""
+        q = (budget - broken + 1) / budget  # the quantile whose verdict these seeds decide
+        out.append(
+            f"! {r.space.label}: {broken} of the {n} seeds spent went non-finite (NaN or Inf){where}, "
+            f"too few to fire at q={r.space.base.run.quantile:g}: the verdict is the other seeds'; the "
+            f"model fails on some of its initialisations (--quantile {q:.2g} judges them)"
+        )
+    return out
+
+
 def text(results: Sequence[SearchResult]) -> str:
     """The full terminal report."""
-    notes = one_sided(results) + skipped(results) + unmeasured(results) + cut(results)
+    notes = one_sided(results) + skipped(results) + unmeasured(results) + cut(results) + minority(results)
     parts = [table(results), "\n".join(notes), details(results)]
     return "\n\n".join(p for p in parts if p)
 

@@ -224,6 +224,31 @@ def test_a_backward_nan_says_whose_backward_made_it(capsys: pytest.CaptureFixtur
     )
 
 
+def test_seeds_going_non_finite_too_few_to_fire_are_said(capsys: pytest.CaptureFixture[str]) -> None:
+    """A NaN weight in some initialisations, too few to fire at the median: the row read stable, exit
+    0, with no word of them (found by a user's trial). A `!` line says how many, and the quantile that
+    judges them, which then fires. Oracle: each seed's own probe at the largest point tried."""
+    from stabilitycheck.config import Config
+    from stabilitycheck.probing import probe
+    from stabilitycheck.seeds import seed_of
+
+    path = f"{FILES}/nan_some_seeds.py"
+    code, out, _ = run(capsys, path, *FAST)
+    assert code == 0
+    (row,) = assert_header(out)
+    top = f"{ROOT / path}:build"
+    broken = sum(
+        probe(Config.of(top, init_scale=4.0, seed=seed_of(0, k), seeds=1)).first_nonfinite is not None
+        for k in range(5)
+    )
+    assert 0 < broken < 3 and columns(row)[3] == "stable (tried up to init_scale=4.0)"
+    q = (5 - broken + 1) / 5
+    said = f"! {path}: {broken} of the 5 seeds spent went non-finite (NaN or Inf) at init_scale=4.0, too few"
+    assert said in out and f"(--quantile {q:.2g} judges them)" in out
+    code, out, _ = run(capsys, path, *FAST, "--quantile", f"{q:.2g}")
+    assert code == 1 and re.search(r"\n\S+  +cpu  +float32  +init_scale=0.5  +nonfinite  ", out)
+
+
 def test_a_stable_row_is_judged_on_every_seed_where_the_top_corner_is_skipped(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
