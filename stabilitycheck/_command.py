@@ -12,18 +12,29 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from stabilitycheck._options import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE
-from stabilitycheck.alarms import in_gc_callback
+from stabilitycheck.alarms import in_dropping_frame
 
 _SIGNALLED: list[int] = []
 """The signals received. Each handler also raises, but an exception raised while Python runs a gc
 callback or a __del__ is printed and dropped, so a long command checks this after every point too."""
-_STATE = {"live": False, "raised": False}  # handlers installed by run_command; a stop raised since
-AGAIN_S = 0.05  # a signal landing in a gc callback is delivered again this much later
+
+
+class _State:
+    """Whether run_command's handlers are installed (`live`), a stop was raised since (`raised`), and
+    which run of it this is (`run`: a signal delivered again belongs to the run it was received in)."""
+
+    live = False
+    raised = False
+    run = 0
+
+
+_STATE = _State()
+AGAIN_S = 0.05  # a signal landing where a raise is dropped (alarms.in_dropping_frame) comes again then
 
 
 def _on_signal(signum: int, frame: Any) -> None:
     _SIGNALLED.append(signum)
-    if in_gc_callback(frame):  # there a KeyboardInterrupt is printed as a traceback and dropped
+    if in_dropping_frame(frame):  # a gc or weakref callback, a __del__: a raise there is printed, dropped
         _again(signum)
     else:
         stop_if_signalled()
@@ -35,8 +46,10 @@ def _again(signum: int) -> None:
     100,000-layer model was built for its memory estimate waited minutes, and the run was killed with
     nothing written."""
 
+    run = _STATE.run
+
     def deliver() -> None:
-        if _STATE["live"] and not _STATE["raised"]:
+        if _STATE.live and not _STATE.raised and _STATE.run == run:
             signal.raise_signal(signum)
 
     timer = threading.Timer(AGAIN_S, deliver)
@@ -48,7 +61,7 @@ def stop_if_signalled() -> None:
     """SIGINT or SIGTERM (a CI timeout) stop the same way, as a KeyboardInterrupt, so a command keeps
     what it found either way; only the exit code tells them apart (`interrupted`)."""
     if _SIGNALLED:
-        _STATE["raised"] = True
+        _STATE.raised = True
         raise KeyboardInterrupt
 
 
@@ -75,7 +88,7 @@ def run_command(prog: str, run: Callable[[Sequence[str] | None], int], argv: Seq
 
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     _SIGNALLED.clear()
-    _STATE.update(live=True, raised=False)
+    _STATE.live, _STATE.raised, _STATE.run = True, False, _STATE.run + 1
     on_main = threading.current_thread() is threading.main_thread()
     # a signal the process was started ignoring (SIGINT in a shell script's `&` job) stays ignored
     signals = (signal.SIGINT, signal.SIGTERM) if on_main else ()
@@ -103,6 +116,6 @@ def run_command(prog: str, run: Callable[[Sequence[str] | None], int], argv: Seq
         )
         return EXIT_INTERNAL
     finally:
-        _STATE["live"] = False
+        _STATE.live = False
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -15,12 +15,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+_WEAKREF_FILES = ("_weakrefset.py", "weakref.py")  # WeakSet's and WeakValueDictionary's callbacks
 
-def in_gc_callback(frame: Any) -> bool:
-    """Whether `frame` runs inside a gc callback (Hypothesis registers one), up its call chain."""
+
+def in_dropping_frame(frame: Any) -> bool:
+    """Whether `frame` runs, up its call chain, where Python prints an exception raised and drops it:
+    a gc callback (Hypothesis registers one), a __del__, or a weakref's callback (a WeakSet's removal
+    dropped a KeyboardInterrupt there). Where weakref's code runs otherwise too (a lookup), a signal
+    handler waiting for its check costs a moment, never the signal."""
     codes = {getattr(cb, "__code__", None) for cb in gc.callbacks}
     while frame is not None:
-        if frame.f_code in codes:
+        code = frame.f_code
+        if code in codes or code.co_name == "__del__" or code.co_filename.endswith(_WEAKREF_FILES):
             return True
         frame = frame.f_back
     return False
@@ -61,7 +67,7 @@ def time_limit(seconds: float | None) -> Iterator[None]:
         return
 
     def expire(signum: int, frame: Any) -> None:
-        if in_gc_callback(frame):  # an exception raised there is printed and dropped: retry just after
+        if in_dropping_frame(frame):  # an exception raised there is printed and dropped: retry just after
             signal.setitimer(signal.ITIMER_REAL, 0.01)
             return
         raise ProbeTimeout
@@ -104,7 +110,7 @@ class Termination:
         if self.fired or not self.installed:  # a second SIGTERM, or one after close: the default's
             _die()
         self.fired = True
-        if not (in_own_code(frame) or in_gc_callback(frame)):  # else `check` raises it
+        if not (in_own_code(frame) or in_dropping_frame(frame)):  # else `check` raises it
             raise Terminated
 
     def check(self) -> None:

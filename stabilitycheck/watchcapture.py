@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -74,6 +75,11 @@ class Capture:
         self.measured = False  # set once a block's forward hook ran with gradients on (Watcher.close)
         self.called = False  # set once the watched model was called with gradients on
         self.backward = False  # set once a backward reached a block output (Watcher._no_step)
+        # blocks a call of which took no tensor the block call before it returned, only what the
+        # model's code made of it (x * 50, a NaN, a residual add between blocks): a value flagged in
+        # such a block's output may have been made there (watchlog.Finding.after)
+        self.glued: set[int] = set()
+        self._prev: weakref.ref[torch.Tensor] | None = None  # the last block output of this pass
         n = len(blocks)
         self._pending: dict[int, list[torch.Tensor]] = {slot: [] for slot in range(1, 1 + 2 * n)}
         self._versions: list[tuple[torch.Tensor, int]] = []
@@ -122,6 +128,7 @@ class Capture:
         def on_call(module: nn.Module, args: Any) -> None:
             if torch.is_grad_enabled():
                 self.called = True
+                self._prev = None
                 self._passes.append(self._marks() if self._held or self._fwd_now else None)
                 self._hooked.append(False)
                 self._fed.append(False)
@@ -194,16 +201,21 @@ class Capture:
 
         def on_forward(module: nn.Module, args: Any, output: Any) -> None:
             try:
-                keep(output)
+                keep(args, output)
             finally:  # a SIGTERM that landed in the hook stops an evaluation too (no step closes there)
                 self.check()
 
-        def keep(output: Any) -> None:
+        def keep(args: Any, output: Any) -> None:
             self.seen = True
             self.measured = self.measured or torch.is_grad_enabled()
             out = _first_tensor(output, scalars=False)
             if out is None or not torch.is_grad_enabled():
                 return
+            if b > 0 and args and self._prev is not None:  # called by keyword alone: not known, not said
+                prev = self._prev()  # None: freed, so no argument is it (x = block(x); x = x * 50)
+                if prev is None or not any(a is prev for a in args):
+                    self.glued.add(b)
+            self._prev = weakref.ref(out)
             kept = out.detach()
             numel = kept.numel()
             self._counts[slot] = self._counts.get(slot, 0) + numel

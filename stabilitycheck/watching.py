@@ -184,6 +184,7 @@ class Watcher:
         self.state = self.rule.state(self.layout.n_series, self.device, logged) if on_device else None
         self.names = [name for name, _ in self.blocks]
         self.out = Log(self.layout, self.names, self.rule, log, heatmap, report, self.rank, self.world, skip)
+        self.out.glued = self.capture.glued  # one set: the capture fills it, the log reads it
         self.snapshot = (
             Snapshot(model, compute_loss, Path(bundle), given=blocks is not None)
             if bundle is not None

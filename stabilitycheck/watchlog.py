@@ -40,10 +40,17 @@ class Finding:
     threshold: float | None = None
     mean: float | None = None
     geometric: bool = False  # `mean` is the window's geometric mean: the rule ran on ln x (a norm)
+    after: str | None = None  # a block output flagged: the block before it, where the model's code
+    # between them made what this block took (Capture.glued), which may have made the value
 
     def describe(self) -> str:
         where = f" on rank {self.rank}" if self.rank is not None else ""
         made = f" (made by the backward of {self.made_by})" if self.made_by is not None else ""
+        if self.after is not None:
+            made += (
+                f" ({self.block} took what the model's code made of {self.after}'s output, not that output: "
+                "the value may have been made there)"
+            )
         what = "" if self.tensor == "loss" else "L2 norm "  # every series but the loss is a norm
         limit = ""
         if self.threshold is not None and self.mean is not None:
@@ -138,6 +145,7 @@ class Log:
             "weight": owners,
         }
         self.heatmap = _heatmap_path(heatmap) if heatmap is not None and self.writes else None
+        self.glued: set[int] = set()  # the watcher's Capture.glued: read when a finding is made
         self.stream = report if self.writes else None
         self.result = Report()
         self.first_flag_values: list[float] = []
@@ -222,10 +230,14 @@ class Log:
         kind, block = self.names[index]
         rank = nonfinite_rank(ranks, self.layout, index) if ranks is not None else None
         value, made_by = values[index], self.made_by.get(index)
+        b = self.blocks.index(block) if kind == "activation" else 0
+        after = self.blocks[b - 1] if b in self.glued else None
         if limits is None or not math.isfinite(value):  # a non-finite value is flagged for that alone
-            return Finding(step, kind, block, value, rank, made_by)
+            return Finding(step, kind, block, value, rank, made_by, after=after)
         geometric = kind != "loss" or bool(self.loss_logged)  # the rule's mode (SpikeRule.state)
-        return Finding(step, kind, block, value, rank, made_by, limits[1][index], limits[0][index], geometric)
+        return Finding(
+            step, kind, block, value, rank, made_by, limits[1][index], limits[0][index], geometric, after
+        )
 
     def _record(
         self,

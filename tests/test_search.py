@@ -254,12 +254,12 @@ def test_the_probe_timer_never_raises_inside_a_gc_callback() -> None:
     import gc
     import sys
 
-    from stabilitycheck.alarms import in_gc_callback
+    from stabilitycheck.alarms import in_dropping_frame
 
     seen: list[bool] = []
 
     def callback(phase: str, info: dict[str, int]) -> None:
-        seen.append(in_gc_callback(sys._getframe()))
+        seen.append(in_dropping_frame(sys._getframe()))
 
     gc.callbacks.append(callback)
     try:
@@ -267,7 +267,7 @@ def test_the_probe_timer_never_raises_inside_a_gc_callback() -> None:
     finally:
         gc.callbacks.remove(callback)
     assert seen and all(seen)
-    assert not in_gc_callback(sys._getframe())
+    assert not in_dropping_frame(sys._getframe())
 
 
 def test_json_report_is_strict_json_and_reads_back_nan_and_inf() -> None:

@@ -1708,3 +1708,49 @@ def test_a_block_returning_a_scalar_before_its_output_is_read_on_its_output(tmp_
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     for row, norms_of in zip(rows, want, strict=True):
         assert row["activation"] == pytest.approx(norms_of, rel=1e-6)
+
+
+class _Glued(nn.Module):
+    """Tanh blocks; the forward multiplies what it hands block `at` by `factor` at step `when` (NaN:
+    a NaN made between blocks), the step counted by the forward."""
+
+    def __init__(self, at: int, factor: float, when: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(6))
+        self.at, self.factor, self.when, self.step = at, factor, when, -1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.step += 1
+        for i, block in enumerate(self.blocks):
+            if self.step == self.when and i == self.at:
+                x = x * self.factor  # the model's own code between blocks at-1 and at
+            x = block(x)
+        return x
+
+
+@pytest.mark.parametrize("factor", [50.0, math.nan])
+def test_a_value_made_between_blocks_is_said_to_be_maybe_theirs(factor: float) -> None:
+    """The model's code between blocks 2 and 3 multiplies x by 50 (or makes a NaN): watch named
+    blocks.3, which only received it, where the probe says 'outside blocks, before blocks.3' (found by
+    a user's trial). The finding says blocks.3 took what the code made of blocks.2's output. A block
+    taking its predecessor's output as it came gets no such word."""
+    torch.manual_seed(0)
+    model = _Glued(at=3, factor=factor, when=60)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with watch(model, opt, report=None) as w:
+        for _ in range(70):
+            loss = model(torch.randn(8, 16)).square().mean()
+            w.loss(loss)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert w.report is not None
+    found = w.report.first_nonfinite if math.isnan(factor) else w.report.first_spike
+    assert found is not None and (found.step, found.tensor, found.block) == (60, "activation", "blocks.3")
+    assert found.after == "blocks.2" and "blocks.3 took what the model's code made of blocks.2's output" in (
+        found.describe()
+    )
+    torch.manual_seed(0)
+    clean = train(MLP(depth=4), 60, {2: Fault(40)})  # x50 on blocks.2's output, by a forward hook
+    assert clean.report is not None and clean.report.first_spike is not None
+    assert clean.report.first_spike.block == "blocks.2" and clean.report.first_spike.after is None
