@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from stabilitycheck._options import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE
-from stabilitycheck.alarms import in_dropping_frame
+from stabilitycheck.alarms import STOP, in_dropping_frame, stop_seen
 
 _SIGNALLED: list[int] = []
 """The signals received. Each handler also raises, but an exception raised while Python runs a gc
@@ -20,11 +20,10 @@ callback or a __del__ is printed and dropped, so a long command checks this afte
 
 
 class _State:
-    """Whether run_command's handlers are installed (`live`), a stop was raised since (`raised`), and
-    which run of it this is (`run`: a signal delivered again belongs to the run it was received in)."""
+    """Whether run_command's handlers are installed (`live`), and which run of it this is (`run`: a
+    signal delivered again belongs to the run it was received in)."""
 
     live = False
-    raised = False
     run = 0
 
 
@@ -34,22 +33,21 @@ AGAIN_S = 0.05  # a signal landing where a raise is dropped (alarms.in_dropping_
 
 def _on_signal(signum: int, frame: Any) -> None:
     _SIGNALLED.append(signum)
-    if in_dropping_frame(frame):  # a gc or weakref callback, a __del__: a raise there is printed, dropped
-        _again(signum)
-    else:
+    _again(signum)  # until a KeyboardInterrupt is seen: one raised in a weakref's callback is dropped
+    if not in_dropping_frame(frame):  # a gc or weakref callback, a __del__: a raise there is dropped
         stop_if_signalled()
 
 
 def _again(signum: int) -> None:
-    """Deliver `signum` again AGAIN_S from now, from a thread, unless a stop was raised meanwhile or
-    the command is over: left to the command's next check, a SIGTERM landing in a gc callback while a
-    100,000-layer model was built for its memory estimate waited minutes, and the run was killed with
-    nothing written."""
+    """Deliver `signum` again AGAIN_S from now, from a thread, unless a KeyboardInterrupt was seen
+    meanwhile (alarms.stop_seen) or the command is over: left to the command's next check, a SIGTERM
+    landing in a gc callback while a 100,000-layer model was built for its memory estimate waited
+    minutes, and the run was killed with nothing written."""
 
     run = _STATE.run
 
     def deliver() -> None:
-        if _STATE.live and not _STATE.raised and _STATE.run == run:
+        if _STATE.live and not STOP.seen and _STATE.run == run:
             signal.raise_signal(signum)
 
     timer = threading.Timer(AGAIN_S, deliver)
@@ -61,7 +59,6 @@ def stop_if_signalled() -> None:
     """SIGINT or SIGTERM (a CI timeout) stop the same way, as a KeyboardInterrupt, so a command keeps
     what it found either way; only the exit code tells them apart (`interrupted`)."""
     if _SIGNALLED:
-        _STATE.raised = True
         raise KeyboardInterrupt
 
 
@@ -88,7 +85,7 @@ def run_command(prog: str, run: Callable[[Sequence[str] | None], int], argv: Seq
 
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     _SIGNALLED.clear()
-    _STATE.live, _STATE.raised, _STATE.run = True, False, _STATE.run + 1
+    _STATE.live, _STATE.run, STOP.seen = True, _STATE.run + 1, False
     on_main = threading.current_thread() is threading.main_thread()
     # a signal the process was started ignoring (SIGINT in a shell script's `&` job) stays ignored
     signals = (signal.SIGINT, signal.SIGTERM) if on_main else ()
@@ -102,6 +99,7 @@ def run_command(prog: str, run: Callable[[Sequence[str] | None], int], argv: Seq
         sys.stderr.write(f"{prog}: error: {exc}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
+        stop_seen()
         return interrupted()
     except ModuleNotFoundError as exc:
         sys.stderr.write(f"{prog}: error: {exc.name} is not installed; pip install stabilitycheck\n")

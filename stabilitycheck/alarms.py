@@ -18,6 +18,23 @@ from typing import Any
 _WEAKREF_FILES = ("_weakrefset.py", "weakref.py")  # WeakSet's and WeakValueDictionary's callbacks
 
 
+class _Stop:
+    """Whether a KeyboardInterrupt reached code that handles it since the command began (`stop_seen`):
+    until then the command's signal handler delivers its signal again (_command)."""
+
+    seen = False
+
+
+STOP = _Stop()
+
+
+def stop_seen() -> None:
+    """Say that a KeyboardInterrupt reached code that handles it (a search, a map, the command line):
+    one raised where Python drops it (a callback of any weakref, not knowable from the frames) is
+    delivered again until one does."""
+    STOP.seen = True
+
+
 def in_dropping_frame(frame: Any) -> bool:
     """Whether `frame` runs, up its call chain, where Python prints an exception raised and drops it:
     a gc callback (Hypothesis registers one), a __del__, or a weakref's callback (a WeakSet's removal

@@ -24,6 +24,7 @@ from stabilitycheck._options import _apply_knobs, require_steps
 from stabilitycheck._options import parser as parser
 from stabilitycheck._outputs import Outputs as Outputs
 from stabilitycheck._outputs import Progress as Progress
+from stabilitycheck.alarms import stop_seen
 
 
 def _devices(requested: list[list[str]]) -> list[str]:
@@ -230,6 +231,7 @@ def _searches(args: argparse.Namespace, limits: Any, outputs: Outputs, shown: Pr
         db = None if args.database == "none" else DirectoryBasedExampleDatabase(args.database)
         spaces = _spaces(args)
     except KeyboardInterrupt:
+        stop_seen()
         named = [f for group in args.family for f in group] or [
             "every zoo target" if args.target == "zoo" else str(args.target)
         ]
@@ -275,6 +277,7 @@ def _searches(args: argparse.Namespace, limits: Any, outputs: Outputs, shown: Pr
             if result.interrupted:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
+        stop_seen()
         code = interrupted()
         left = [space.label for _, space in spaces[len(results) + len(pending) :]]
         if left:  # on stderr even with --quiet: the table has no row for them

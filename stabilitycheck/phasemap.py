@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stabilitycheck._validation import model_failure
+from stabilitycheck.alarms import stop_seen
 from stabilitycheck.config import Config
 from stabilitycheck.errors import NoLastStep, UsageError
 from stabilitycheck.seeds import Judgement, assess
@@ -296,6 +297,7 @@ def phase_map(
         if vanish is not None:
             trace(lambda i, j: judge(i, j).vanished, nx, ny, vanish, notes, names)
     except KeyboardInterrupt:
+        stop_seen()
         return snapshot(True)
     except (Exception, SystemExit) as exc:  # the model's code failed at a point: what was traced is
         why = model_failure(exc)  # kept (the search skips such a point); a bug of this package or

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from hypothesis.database import ExampleDatabase, InMemoryExampleDatabase
 
 from stabilitycheck._validation import describe, model_failure, raised_at
-from stabilitycheck.alarms import ProbeTimeout, time_limit
+from stabilitycheck.alarms import ProbeTimeout, stop_seen, time_limit
 from stabilitycheck.canonical import Index as Index  # `X as X`: re-exported, these were defined here
 from stabilitycheck.canonical import boundary as boundary
 from stabilitycheck.canonical import canonical as canonical
@@ -339,6 +339,7 @@ def search(
                 if on_result:
                     on_result(result(cx))
     except KeyboardInterrupt:
+        stop_seen()
         interrupted = True
         if cx is None:
             failing = [i for i, r in prober.seen.items() if isinstance(r, Judgement) and r.exploded]

@@ -764,32 +764,40 @@ def test_a_signal_inside_a_gc_callback_is_deferred_to_the_searchs_check() -> Non
 def test_a_signal_deferred_in_a_gc_callback_is_delivered_again_soon() -> None:
     """A SIGTERM deferred in a gc callback waited for the command's next check: minutes while a
     100,000-layer model was built for its memory estimate, and a CI timeout then killed the run with
-    nothing written (found by a user's trial). It is delivered again AGAIN_S later, from a thread, and
-    raised then. Oracle: a KeyboardInterrupt in plain Python code, with no check, within a second."""
+    nothing written (found by a user's trial). It is delivered again AGAIN_S later, from a thread, until
+    a KeyboardInterrupt is seen (one raised in a weakref's callback is dropped too). Oracle: a
+    KeyboardInterrupt in plain Python code, with no check, within a second."""
     import gc
     import sys
     import time
+
+    from stabilitycheck import alarms
 
     def callback(phase: str, info: dict[str, int]) -> None:
         _command._on_signal(signal.SIGINT, sys._getframe())
 
     previous = signal.signal(signal.SIGINT, _command._on_signal)
     _command._SIGNALLED.clear()
-    _command._STATE.live, _command._STATE.raised = True, False
+    _command._STATE.live, alarms.STOP.seen = True, False
     gc.callbacks.append(callback)
+    caught = False
     try:
         gc.collect()
         gc.callbacks.remove(callback)
         start = time.perf_counter()
-        with pytest.raises(KeyboardInterrupt):
+        try:
             while time.perf_counter() - start < 5.0:
                 sum(range(100))  # plain bytecode: where Python runs a signal's handler
-        assert time.perf_counter() - start < 1.0
+        except KeyboardInterrupt:
+            alarms.stop_seen()  # as the search does where it catches it
+            caught = True
+        assert caught and time.perf_counter() - start < 1.0
     finally:
         if callback in gc.callbacks:
             gc.callbacks.remove(callback)
-        _command._STATE.live, _command._STATE.raised = False, False
+        _command._STATE.live = False
         _command._STATE.run += 1  # a delivery still armed belongs to no run
+        alarms.STOP.seen = False
         _command._SIGNALLED.clear()
         signal.signal(signal.SIGINT, previous)
 
