@@ -24,7 +24,7 @@ from test_probe import NanBackward
 from test_watch_rule import reference_steps
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from watch_models import MLP, Fault, PreNorm, batch, compute_loss, report_of, train
+from watch_models import MLP, Fault, PreNorm, batch, compute_loss, report_of, squared_steps, train
 
 from stabilitycheck import norms
 from stabilitycheck.errors import UsageError
@@ -1301,12 +1301,7 @@ def test_blocks_that_ran_only_with_gradients_off_are_said(reentrant: bool) -> No
     stream = io.StringIO()
     with warnings.catch_warnings(record=True) as seen, watch(model, opt, report=stream) as w:
         warnings.simplefilter("always")
-        for _ in range(3):
-            loss = model(torch.randn(4, 8)).square().mean()
-            w.loss(loss)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        squared_steps(model, opt, w, 3, (4, 8))
     trained = not torch.equal(before, model.layers[0][0].weight)
     assert trained is not reentrant
     said = [str(m.message) for m in seen if "ran only with gradients off" in str(m.message)]
@@ -1738,12 +1733,7 @@ def test_a_value_made_between_blocks_is_said_to_be_maybe_theirs(factor: float) -
     model = _Glued(at=3, factor=factor, when=60)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with watch(model, opt, report=None) as w:
-        for _ in range(70):
-            loss = model(torch.randn(8, 16)).square().mean()
-            w.loss(loss)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        squared_steps(model, opt, w, 70, (8, 16))
     assert w.report is not None
     found = w.report.first_nonfinite if math.isnan(factor) else w.report.first_spike
     assert found is not None and (found.step, found.tensor, found.block) == (60, "activation", "blocks.3")

@@ -153,3 +153,15 @@ def train(
 def report_of(w: Watcher) -> Report:
     assert w.report is not None
     return w.report
+
+
+def squared_steps(
+    model: nn.Module, opt: torch.optim.Optimizer, w: Watcher, steps: int, shape: tuple[int, ...]
+) -> None:
+    """`steps` SGD steps under `w` of the mean squared output on fresh normal inputs of `shape`."""
+    for _ in range(steps):
+        loss = model(torch.randn(*shape)).square().mean()
+        w.loss(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
