@@ -191,7 +191,7 @@ def run(argv: Sequence[str] | None, progress: Progress | None = None) -> int:
     """Parse, search, report; returns the exit code."""
     given = list(sys.argv[1:] if argv is None else argv)
     if given[:1] == ["replay"]:  # `stabilitycheck replay BUNDLE`: re-run a watch bundle's flagged step
-        from stabilitycheck.replay import main as replay_main
+        from stabilitycheck.cli_replay import main as replay_main
 
         return replay_main(given[1:])
     args = parser().parse_args(argv)

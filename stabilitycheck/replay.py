@@ -1,6 +1,5 @@
-"""`stabilitycheck replay BUNDLE`: re-run the flagged step a `watch` bundle saved, and compare the
-norms it measures now with those measured during training (exit 0 when every one agrees within
-`--rtol`, 1 when one does not, 2 when the bundle cannot be used)."""
+"""Re-run the flagged step a `watch` bundle saved, and compare the norms it measures now with those
+measured during training (the command is cli_replay's: `stabilitycheck replay BUNDLE`)."""
 
 from __future__ import annotations
 
@@ -8,7 +7,6 @@ import json
 import math
 import pickle
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,18 @@ class Replayed:
             elif not (a == b or (math.isnan(a) and math.isnan(b))):
                 bad.append(i)
         return bad
+
+    def largest_difference(self) -> float:
+        """The largest relative difference between a recorded norm and its replay, over the pairs
+        that are both finite and not both 0."""
+        return max(
+            (
+                abs(a - b) / max(abs(a), abs(b))
+                for a, b in zip(self.recorded, self.replayed, strict=True)
+                if math.isfinite(a) and math.isfinite(b) and max(abs(a), abs(b)) > 0
+            ),
+            default=0.0,
+        )
 
 
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -221,35 +231,3 @@ def _as_passed(loss: Any, passed: Any) -> Any:
     if whole >= 2 and abs(ratio - whole) <= 1e-6 * ratio:
         return loss / whole
     return loss
-
-
-def main(argv: Sequence[str]) -> int:
-    """`stabilitycheck replay BUNDLE [--rtol R]`: print the comparison; exit 0 if it reproduces."""
-    from stabilitycheck._options import _number, _Parser
-
-    parser = _Parser(prog="stabilitycheck replay", description=__doc__)
-    parser.add_argument("bundle", type=Path)
-    parser.add_argument("--rtol", type=_number(float, 0), default=RTOL)
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parser.parse_args(argv)
-    result = replay(args.bundle)
-    bad = result.mismatches(args.rtol)
-    worst = 0.0
-    for a, b in zip(result.recorded, result.replayed, strict=True):
-        if math.isfinite(a) and math.isfinite(b) and max(abs(a), abs(b)) > 0:
-            worst = max(worst, abs(a - b) / max(abs(a), abs(b)))
-    print(f"replayed step {result.step}: {len(result.names)} norms, largest relative difference {worst:.3g}")
-    if result.changed:
-        print(f"  note: the code of {', '.join(result.changed)} changed since the bundle was written")
-    if bad and result.hooked:
-        print(
-            f"  note: in training, {', '.join(result.hooked)} had hooks of your own, which a bundle does not "
-            "save and the replay runs without: what they did (a fault a forward hook planted) is not replayed"
-        )
-    for i in bad:
-        kind, block = result.names[i]
-        print(
-            f"  differs: {kind} of {block}: recorded {result.recorded[i]:.9g}, "
-            f"replayed {result.replayed[i]:.9g}"
-        )
-    return 1 if bad else 0

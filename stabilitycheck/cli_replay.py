@@ -1,0 +1,38 @@
+"""`stabilitycheck replay BUNDLE`: re-run the flagged step a `watch` bundle saved, and compare the
+norms it measures now with those measured during training (exit 0 when every one agrees within
+`--rtol`, 1 when one does not, 2 when the bundle cannot be used)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from stabilitycheck._options import _number, _Parser
+from stabilitycheck.replay import RTOL, replay
+
+
+def main(argv: Sequence[str]) -> int:
+    """`stabilitycheck replay BUNDLE [--rtol R]`: print the comparison; exit 0 if it reproduces."""
+    parser = _Parser(prog="stabilitycheck replay", description=__doc__)
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--rtol", type=_number(float, 0), default=RTOL)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
+    result = replay(args.bundle)
+    bad = result.mismatches(args.rtol)
+    worst = result.largest_difference()
+    print(f"replayed step {result.step}: {len(result.names)} norms, largest relative difference {worst:.3g}")
+    if result.changed:
+        print(f"  note: the code of {', '.join(result.changed)} changed since the bundle was written")
+    if bad and result.hooked:
+        print(
+            f"  note: in training, {', '.join(result.hooked)} had hooks of your own, which a bundle does not "
+            "save and the replay runs without: what they did (a fault a forward hook planted) is not replayed"
+        )
+    for i in bad:
+        kind, block = result.names[i]
+        print(
+            f"  differs: {kind} of {block}: recorded {result.recorded[i]:.9g}, "
+            f"replayed {result.replayed[i]:.9g}"
+        )
+    return 1 if bad else 0
