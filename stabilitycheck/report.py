@@ -191,7 +191,8 @@ def profile(j: Judgement, q: float) -> str:
     span = f"{values[0]:.3g} .. {values[-1]:.3g}" if finite else "all non-finite"
     what = "|dL/d out|" if names[0] != INPUT else "|dL/d (input)|, then |dL/d out|"
     when = f" at step {m.profile_step} (none reached a block before)" if m.profile_step else ""
-    return f"{names[0]} {sparkline(values)} {names[-1]}   {what}{when} first .. last: {span}{whose}"
+    first, last = (f"block {n}" if n.isdigit() else n for n in (names[0], names[-1]))  # not a number
+    return f"{first} {sparkline(values)} {last}   {what}{when} first .. last: {span}{whose}"
 
 
 def _fitted(j: Judgement, q: float) -> str:
