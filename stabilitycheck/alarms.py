@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-_WEAKREF_FILES = ("_weakrefset.py", "weakref.py")  # WeakSet's and WeakValueDictionary's callbacks
+# the callbacks of WeakSet, WeakValueDictionary and torch's ExactWeakKeyDictionary
+_WEAKREF_FILES = ("_weakrefset.py", "weakref.py", "torch/utils/weak.py")
 
 
 class _Stop:

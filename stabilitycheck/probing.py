@@ -242,13 +242,13 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         _restore(kept)
         plain = True
         loss = _forward(run, hooks=True, exact=exact, plain=True)
-    first = run.rec.calls[:1]
-    if hooks and not run.ordered and first and first[0] > 0:  # another block ran before block 0
-        order = list(dict.fromkeys(b for b in run.rec.calls if b >= 0))
+    order = list(dict.fromkeys(b for b in run.rec.calls if b >= 0)) if hooks and not run.ordered else []
+    run.ordered = True  # step 0's first forward alone: later ones run on weights an update changed
+    if order and order[0] > 0 and order != sorted(order):  # another block ran before block 0
         run.rec.take()
         set_rng_state(drawn)
         _restore(kept)  # the forward updated BatchNorm's statistics: the probe again starts as this did
-        raise _OutOfOrder(order + [b for b in range(len(run.names)) if b not in order])
+        raise _OutOfOrder(_in_call_order(order, len(run.names)))
     changed = run.rec.changed() if hooks else frozenset()
     moved = hooks and run.rec.entry_moved()
     if changed or moved or (hooks and run.rec.carrying.discovered):
@@ -432,11 +432,22 @@ def probe_module(
         return _measure(*run, tuple(blocks[i] for i in late.order), *settings, ordered=True)
 
 
+def _in_call_order(order: list[int], n: int) -> list[int]:
+    """The n blocks in the order of their first calls (`order`), each never called just after the
+    block given before it (LayerDrop skipping one keeps its place)."""
+    out = list(order)
+    for b in range(n):
+        if b not in out:
+            out.insert(out.index(b - 1) + 1 if b > 0 else 0, b)
+    return out
+
+
 class _OutOfOrder(Exception):
-    """Step 0's forward called another block before block 0 (a stack run in reverse, blocks declared
-    output side first): block 0's input hook saw no entry, and the first block's gain went unread
-    (growth 2.31 for torch's 127 on a pre-norm stack run backwards). `order`: the blocks in the order
-    of their first calls (those never called after, as given), to probe again in."""
+    """Step 0's first forward called the blocks out of the order given, another one before block 0 (a
+    stack run in reverse, blocks declared output side first): block 0's input hook saw no entry, and
+    the first block's gain went unread (growth 2.31 for torch's 127 on a pre-norm stack run
+    backwards). `order`: the blocks in the order of their first calls, to probe again in. Raised
+    before any update (a LayerDrop draw at a later step changes nothing)."""
 
     def __init__(self, order: list[int]) -> None:
         super().__init__("blocks called out of order")

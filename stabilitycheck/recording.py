@@ -116,7 +116,12 @@ def _chain_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str | N
         x = x.data
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         return None
-    if any(t.shape == x.shape and t is not x for t in tensors(args[1:])):
+    # x itself again is allowed where `_entering` puts its copy, a positional argument; inside a
+    # container (layer(h, (h, h))) it would read its original's gradient, as another input would
+    nested = [t for a in args[1:] if not isinstance(a, torch.Tensor) for t in tensors(a)]
+    if any(t.shape == x.shape and t is not x for t in args[1:] if isinstance(t, torch.Tensor)) or any(
+        t.shape == x.shape for t in nested
+    ):
         return None
     return key, x
 
@@ -261,6 +266,8 @@ class _Recorder:
         self.breaks: set[int] = set()  # positions in `outputs` whose block does not take the last output
         self.feeds: dict[int, frozenset[int]] = {}  # per break, the starts of the chains its call takes
         self.cuts: set[int] = set()  # breaks where a cell took its last output detached (`_cut`)
+        # branches `_fanned` found: (position, the chains it takes, the stack it branched from)
+        self.fans: list[tuple[int, frozenset[int], str]] = []
         # calls taking, as their chain's input, the last output or a detached view of it that carries
         # no gradient (`_severs`): the gradient stops there (readings.cut_before says where it shows)
         self.severed: set[int] = set()
@@ -386,8 +393,19 @@ class _Recorder:
         q = p + 1
         if not self.stacks[self.calls[q]] == self.stacks[b] != self.stacks[self.calls[p]]:
             return
-        self.feeds[q] = _taken_chains(self.outputs[:q], sorted(self.breaks), [x], self.calls[0] < 0)
-        self.breaks.add(q)
+        fed = _taken_chains(self.outputs[:q], sorted(self.breaks), [x], self.calls[0] < 0)
+        self.fans.append((q, fed, self.stacks[self.calls[p]]))
+
+    def _settle_fans(self) -> None:
+        """Each branch `_fanned` found starts a chain where no later call of the stack it branched from
+        follows (heads at the end): an expert list between the layers of a mixer stack (x = h +
+        mean(expert(h) for ...)) goes on with that stack's chain, or every layer read as a chain of
+        one and an explosion of 616 (torch's) read 1.87."""
+        for q, fed, stack in self.fans:
+            if not any(self.stacks[c] == stack for c in self.calls[q + 1 :] if c >= 0):
+                self.feeds[q] = fed
+                self.breaks.add(q)
+        self.fans.clear()
 
     def _upstream_learns(self) -> bool:
         """Whether a gradient into the last output would reach something: it carries one, an earlier
@@ -534,6 +552,7 @@ class _Recorder:
         self.copied = copied
         self.breaks.clear()
         self.feeds.clear()
+        self.fans.clear()
         self.cuts.clear()
         self.severed.clear()
         for ids in self.own.values():
@@ -587,6 +606,7 @@ class _Recorder:
     def take(self) -> list[torch.Tensor]:
         """The recorded outputs, dropping the recorder's references to them (and the entry, where it is
         not the chain's: `calls`, `breaks` and `entering` then count from block 0's first output)."""
+        self._settle_fans()
         if self.dropped:
             self.dropped = False
             for held in (self.calls, self.outputs, self.versions):

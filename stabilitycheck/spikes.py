@@ -169,9 +169,8 @@ def _decide(state: SpikeState, xs: torch.Tensor) -> None:
 
 def _unlog(state: SpikeState, x: torch.Tensor) -> None:
     """A series judged on its logarithm (a loss that started positive) taking a negative value is
-     judged on its values from then on, its window's ln values turned back into values: read as ln 1,
-     a loss of -0.008 after a window near 0.025 was flagged over 14 steps, and skipped with skip=True
-    ."""
+    judged on its values from then on, its window's ln values turned back into values: read as ln 1,
+    a loss of -0.008 after a window near 0.025 was flagged over 14 steps, and skipped with skip=True."""
     turns = state.logged & torch.isfinite(x) & (x < 0)
     state.values = torch.where(turns.unsqueeze(1), state.values.exp(), state.values)
     state.logged = state.logged & ~turns

@@ -312,7 +312,7 @@ class Watcher:
         try:
             heatmap(self.out.columns, self.out.blocks, report.first_spike, self.out.heatmap)
         except Exception as error:  # whatever drawing raised
-            warnings.warn(f"watch: the heatmap could not be written ({error})", stacklevel=3)
+            warnings.warn(f"watch: the heatmap could not be written ({error})", stacklevel=4)
 
     def _no_step(self) -> None:
         """No step was closed: say how steps are closed (in the report, and as a warning when the

@@ -761,6 +761,7 @@ def test_a_signal_inside_a_gc_callback_is_deferred_to_the_searchs_check() -> Non
         _command._SIGNALLED.clear()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped raises
 def test_a_signal_deferred_in_a_gc_callback_is_delivered_again_soon() -> None:
     """A SIGTERM deferred in a gc callback waited for the command's next check: minutes while a
     100,000-layer model was built for its memory estimate, and a CI timeout then killed the run with
