@@ -433,13 +433,9 @@ def probe_module(
 
 
 def _in_call_order(order: list[int], n: int) -> list[int]:
-    """The n blocks in the order of their first calls (`order`), each never called just after the
-    block given before it (LayerDrop skipping one keeps its place)."""
-    out = list(order)
-    for b in range(n):
-        if b not in out:
-            out.insert(out.index(b - 1) + 1 if b > 0 else 0, b)
-    return out
+    """The n blocks in the order of their first calls (`order`), those never called after them (a
+    never-called block 0 first kept the entry's hook on a block that never runs)."""
+    return order + [b for b in range(n) if b not in order]
 
 
 class _OutOfOrder(Exception):

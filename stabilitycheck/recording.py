@@ -266,8 +266,6 @@ class _Recorder:
         self.breaks: set[int] = set()  # positions in `outputs` whose block does not take the last output
         self.feeds: dict[int, frozenset[int]] = {}  # per break, the starts of the chains its call takes
         self.cuts: set[int] = set()  # breaks where a cell took its last output detached (`_cut`)
-        # branches `_fanned` found: (position, the chains it takes, the stack it branched from)
-        self.fans: list[tuple[int, frozenset[int], str]] = []
         # calls taking, as their chain's input, the last output or a detached view of it that carries
         # no gradient (`_severs`): the gradient stops there (readings.cut_before says where it shows)
         self.severed: set[int] = set()
@@ -375,37 +373,8 @@ class _Recorder:
                 # (router_logits, h)): the chain runs on, read on the tensor recorded
             own = self.own[stack] if self.stacks[self.calls[-1]] == stack else set()
             if not any(_made_from(t, own) for t in given):
-                self._fanned(b, x)
                 self.feeds[at] = _taken_chains(self.outputs, sorted(self.breaks), given, entry)
                 self.breaks.add(at)
-
-    def _fanned(self, b: int, x: Any) -> None:
-        """Where block b's call takes as its chain's input an earlier output `x` itself, of another
-        stack, that the call after it went on from, a block of b's stack (heads on one trunk's last
-        features, policy and value heads): that call was one branch of several, not the chain's next
-        block, and starts a chain of its own fed by x's. Read on, its gain divided dL/d x, every
-        branch's gradient, by its own output's alone (a trunk growing 1.28 read 160 > 100 under four
-        heads, the first weighted 0.005 in the loss). A stack going on beside taps of its outputs (an
-        FPN's stages, a head on each) stays one chain."""
-        p = next((i for i, out in enumerate(self.outputs) if out is x), None)
-        if p is None or p + 1 >= len(self.outputs) or p + 1 in self.breaks or self.calls[p] < 0:
-            return
-        q = p + 1
-        if not self.stacks[self.calls[q]] == self.stacks[b] != self.stacks[self.calls[p]]:
-            return
-        fed = _taken_chains(self.outputs[:q], sorted(self.breaks), [x], self.calls[0] < 0)
-        self.fans.append((q, fed, self.stacks[self.calls[p]]))
-
-    def _settle_fans(self) -> None:
-        """Each branch `_fanned` found starts a chain where no later call of the stack it branched from
-        follows (heads at the end): an expert list between the layers of a mixer stack (x = h +
-        mean(expert(h) for ...)) goes on with that stack's chain, or every layer read as a chain of
-        one and an explosion of 616 (torch's) read 1.87."""
-        for q, fed, stack in self.fans:
-            if not any(self.stacks[c] == stack for c in self.calls[q + 1 :] if c >= 0):
-                self.feeds[q] = fed
-                self.breaks.add(q)
-        self.fans.clear()
 
     def _upstream_learns(self) -> bool:
         """Whether a gradient into the last output would reach something: it carries one, an earlier
@@ -552,7 +521,6 @@ class _Recorder:
         self.copied = copied
         self.breaks.clear()
         self.feeds.clear()
-        self.fans.clear()
         self.cuts.clear()
         self.severed.clear()
         for ids in self.own.values():
@@ -606,7 +574,6 @@ class _Recorder:
     def take(self) -> list[torch.Tensor]:
         """The recorded outputs, dropping the recorder's references to them (and the entry, where it is
         not the chain's: `calls`, `breaks` and `entering` then count from block 0's first output)."""
-        self._settle_fans()
         if self.dropped:
             self.dropped = False
             for held in (self.calls, self.outputs, self.versions):

@@ -3445,12 +3445,11 @@ class _MixersAndExperts(nn.Module):
 
 
 def test_experts_between_a_stack_s_layers_are_no_heads() -> None:
-    """Given as blocks, each layer's experts take the mixer's output itself, and the branch rule made
-    every first expert a chain of its own, then every mixer: chains of one block, growth 1.87 where
-    torch's is 616, an explosion read as stable (found in review). A branch starts a chain only where
-    no later call of the stack it branched from follows (heads at the end). Oracle: torch's
-    |dL/d input| / |dL/d output| passes the limit, and so does the growth read (over-read, as before:
-    the experts' junctions are no chain of one stack)."""
+    """Given as blocks, each layer's experts take the mixer's output itself; a rule splitting the first
+    expert off as a branch made every mixer a chain of one block too: growth 1.87 where torch's is
+    616, an explosion read as stable (found in review; the rule is withdrawn). Oracle: torch's
+    |dL/d input| / |dL/d output| passes the limit, and so does the growth read (over-read: the
+    experts' junctions are no chain of one stack)."""
     torch.manual_seed(0)
     model, x, z = _MixersAndExperts(), torch.randn(8, 16), torch.randn(8, 16)
     blocks = [
@@ -3501,3 +3500,33 @@ def test_the_entry_passed_again_inside_a_container_is_not_taken(pack: type) -> N
     model, ids, z = _PackedStack(pack), torch.randint(0, 50, (4, 7)), torch.randn(4, 7, 10)
     m = probe_module(model, ids, lambda out, _: (out * z).sum())
     assert m.activation_names[0] == "layers.0"
+
+
+class _SkipsBlock0Backwards(nn.Module):
+    """Four tanh blocks given in order; the forward runs 3, 2, 1 and never 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(4))
+        for layer in self.layers:
+            nn.init.normal_(layer[0].weight, std=2.0 / 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i in (3, 2, 1):
+            x = self.layers[i](x)
+        return x
+
+
+def test_a_block_never_called_goes_after_those_called() -> None:
+    """Blocks run out of order with block 0 never called: putting it first again kept the entry's hook on
+    a block that never runs, no (input), the restart's forward for nothing (found in review). Oracle:
+    torch's |dL/d input| / |dL/d output of layers.1|, and the blocks in call order, layers.0 last."""
+    torch.manual_seed(0)
+    model, x, z = _SkipsBlock0Backwards(), torch.randn(8, 16), torch.randn(8, 16)
+    m = probe_module(model, x, lambda out, _: (out * z).sum())
+    assert m.layer_names == ("layers.3", "layers.2", "layers.1", "layers.0")
+    given = x.clone().requires_grad_()
+    out = model(given)
+    first, last = torch.autograd.grad((out * z).sum(), [given, out])
+    assert m.activation_names[0] == "(input)"
+    assert m.growth == pytest.approx(float(first.norm() / last.norm()), rel=1e-5)
