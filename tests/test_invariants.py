@@ -1250,3 +1250,40 @@ def test_gradscaler_guards_catch_a_clip_of_the_scaled_gradients_with_torchs_defa
     assert_gradscaler_guards(model, x, loss, _ClipsTheScaledGradients(unscales=True))
     with pytest.raises(StabilityError, match="within 1% of it"):
         assert_gradscaler_guards(model, x, loss, _ClipsTheScaledGradients(unscales=False))
+
+
+def test_the_rtol_override_of_the_clip_and_direction_checks_is_applied() -> None:
+    """rtol= of assert_clipped_norm_bounded and assert_direction_preserved, passed by no test before
+    (found by a code review): a clip leaving the norm 1e-4 over max_norm, and one tensor's direction
+    1e-4 off, fail at the default float32 tolerance (1.3e-6) and pass at rtol=1e-3. Oracle: the
+    construction."""
+    params, before = with_grads()
+    torch.nn.utils.clip_grad_norm_(params, 0.05)
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(1 + 1e-4)  # the clipped norm 1e-4 over max_norm
+    with pytest.raises(StabilityError):
+        assert_clipped_norm_bounded(params, 0.05)
+    assert_clipped_norm_bounded(params, 0.05, rtol=1e-3)
+    after = [b.clone() * 0.5 for b in before]
+    after[0][0] *= 1 + 1e-4  # one entry of one tensor off the common factor
+    with pytest.raises(StabilityError):
+        assert_direction_preserved(before, after)
+    assert assert_direction_preserved(before, after, rtol=1e-3) == pytest.approx(0.5, rel=1e-3)
+
+
+def test_the_rtol_override_of_the_rescaling_check_is_applied() -> None:
+    """rtol= of assert_rescaling_equivariant, passed by no test before (found by a code review): a
+    gradient hook adding a constant 1e-4 of each gradient's mean magnitude (the same at every scale,
+    so 4x the loss gives 4g + o, not 4(g + o): 3e-4 off) fails at the default tolerance and passes at
+    rtol=1e-2. Oracle: the construction."""
+    b = zoo("mlp")
+    b.loss_fn(b.model(b.inputs), b.inputs).backward()
+    for p in b.model.parameters():
+        assert p.grad is not None
+        offset = 1e-4 * float(p.grad.abs().mean())
+        p.register_hook(lambda g, o=offset: g + o)
+        p.grad = None
+    with pytest.raises(StabilityError, match="did not scale every gradient by 4"):
+        assert_rescaling_equivariant(b.model, b.inputs, b.loss_fn, 4.0)
+    assert_rescaling_equivariant(b.model, b.inputs, b.loss_fn, 4.0, rtol=1e-2)
