@@ -314,8 +314,7 @@ def search(
         # the descent starts from the top corner where it explodes on the full rule, else from
         # `found`, which must then explode on it: Hypothesis confirms each failure there, looking on
         # past one that does not, in one run of max_examples examples (a first run that stopped at
-        # the screen's first failure, then a second from the start, judged 126 points of the zoo's
-        # GRU space for the 101 of one run)
+        # the screen's first failure, then a second from the start, could spend twice as many)
         top = prober.explodes(space.top())
         found = hypothesis_phase(prober, max_examples, seed, database, confirm=not top)
         if found is None and top:
