@@ -242,6 +242,12 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         _restore(kept)
         plain = True
         loss = _forward(run, hooks=True, exact=exact, plain=True)
+    if hooks and run.rec.quiet_found():  # blocks also run without grad: again, recording them with it
+        del loss
+        run.rec.take()
+        set_rng_state(drawn)
+        _restore(kept)
+        loss = _forward(run, hooks=True, exact=exact, plain=plain)
     order = list(dict.fromkeys(b for b in run.rec.calls if b >= 0)) if hooks and not run.ordered else []
     run.ordered = True  # step 0's first forward alone: later ones run on weights an update changed
     if order and order[0] > 0 and order != sorted(order):  # another block ran before block 0

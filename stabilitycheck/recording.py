@@ -312,10 +312,17 @@ class _Recorder:
         self.first = blocks[0][1] if input_side and blocks and not cell else None
         self.pre: Any = None  # the input pre-hook's handle, from start() to block 0's next call or `release`
         self.raw: torch.Tensor | None = None  # the input block 0's first call got a copy of, until release
+        # blocks whose calls without grad mode are not recorded: they also run with it in one pass (a
+        # target or teacher pass of the same blocks under torch.no_grad beside the trained one), whose
+        # outputs no gradient reaches (`quiet_found`); kept for the probe's later passes
+        self.quiet: set[int] = set()
+        self.muted: list[int] = []  # this pass, the positions in `outputs` recorded without grad mode
 
     def _on_input(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        if self._skipped(0):  # not recorded: the entry is block 0's first call with grad
+            return None
         if self.recheck:  # block 0's next call; its first output follows the entry, at position 1
             self.dropped |= self.active and _elsewhere(args, kwargs, self.key, self.outputs[1])
             self.recheck = False
@@ -337,6 +344,23 @@ class _Recorder:
         self.version = self.entry._version
         return replaced
 
+    def _skipped(self, b: int) -> bool:
+        """Whether this call of block b goes unrecorded: a `quiet` block's call without grad mode."""
+        return b in self.quiet and not torch.is_grad_enabled()
+
+    def quiet_found(self) -> bool:
+        """Whether this pass recorded calls without grad mode of a block that also ran with it (the
+        same blocks run under torch.no_grad for a target before the trained pass: their outputs took
+        the entry's place and started the call order: growth 3.43 for torch's 4.78). Those blocks
+        join `quiet`; the caller runs the pass again, which records their calls with grad alone. A
+        block that runs only without grad (a frozen backbone) is recorded as before: it is where the
+        chain is cut (`severed`)."""
+        muted = set(self.muted)
+        loud = {b for pos, b in enumerate(self.calls) if b >= 0 and pos not in muted}
+        found = {self.calls[pos] for pos in muted} & loud
+        self.quiet |= found
+        return bool(found)
+
     def _join(self, b: int) -> Any:
         def on_join(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             self._joins(b, args, kwargs)
@@ -347,7 +371,7 @@ class _Recorder:
         """Check that block b's call, taking `args` and `kwargs`, goes on with the chain; where it does
         not, record the junction: the chains it takes (`feeds`) and a break where its output goes."""
         stack = self.stacks[b]
-        if self.active and self.outputs:
+        if self.active and self.outputs and not self._skipped(b):
             at, x = len(self.outputs), _entry(args, kwargs)[1]
             if isinstance(x, tuple | list | Mapping):  # a call taking one container, an nn.RNN's
                 x = _first_tensor(x, scalars=False)  # PackedSequence or a block's (h, mask): its chain
@@ -391,7 +415,7 @@ class _Recorder:
 
         def on_forward(module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> Any:
             swapped = None
-            if self.active:
+            if self.active and not self._skipped(b):
                 outs = _floating(output)
                 pick = self.picks.get(b, 0)
                 out = outs[pick] if pick < len(outs) else _first_tensor(output, scalars=False)
@@ -431,6 +455,8 @@ class _Recorder:
                         self.breaks.add(len(outputs))  # a window of its own, beside the last
                         self.feeds[len(outputs)] = frozenset()
                         self.cuts.add(len(outputs))
+                    if not torch.is_grad_enabled():
+                        self.muted.append(len(outputs))
                     calls.append(b)
                     outputs.append(out)
                     self.versions.append(_version(out))
@@ -466,7 +492,7 @@ class _Recorder:
 
         def on_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             at = self.last.get(b)
-            held = None if at is None or not self.active else self.alts.get(at)
+            held = None if at is None or not self.active or self._skipped(b) else self.alts.get(at)
             if at is None or held is None:
                 return
             alts, _, passed = held
@@ -518,6 +544,7 @@ class _Recorder:
         self.calls.clear()
         self.outputs.clear()
         self.versions.clear()
+        self.muted.clear()
         self.copied = copied
         self.breaks.clear()
         self.feeds.clear()

@@ -281,3 +281,76 @@ def test_the_cut_line_says_only_the_output_cut_where_a_skip_reaches_those_before
     run = subprocess.run(args, capture_output=True, text=True, timeout=300)
     (line,) = [x for x in run.stdout.splitlines() if "takes layers.1's output with no gradient" in x]
     assert "no gradient reaches that output from this loss" in line and "those before it" not in line
+
+
+class Teacher(nn.Module):
+    """12 tanh blocks at sigma_w 2.5, also run without grad beside the trained pass: a target pass of
+    the same blocks under torch.no_grad before it ("before") or after it ("after"), or one block
+    called alone under torch.no_grad first ("one")."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(Block(False) for _ in range(12))
+        for layer in self.layers:
+            nn.init.normal_(layer.lin.weight, std=2.5 / 16**0.5)
+        self.how = how
+
+    def run(self, h: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            h = layer(h)
+        return h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "one":
+            with torch.no_grad():
+                self.layers[3](x)
+            return self.run(x)
+        with torch.no_grad() if self.how == "before" else contextlib.nullcontext():
+            first = self.run(0.5 * x)
+        with torch.no_grad() if self.how == "after" else contextlib.nullcontext():
+            second = self.run(0.5 * x)
+        return (second - first) if self.how == "before" else (first - second)
+
+
+@pytest.mark.parametrize("how", ["before", "after", "one"])
+def test_blocks_also_run_without_grad_are_read_on_their_calls_with_it(how: str) -> None:
+    """Calls of the blocks under torch.no_grad beside the trained pass (a target or teacher pass of the
+    same blocks) carry no gradient and are no part of the chain: run before it, they took the entry's
+    place and started the call order (growth 3.43 for torch's 4.78; one block called first read
+    13.50 for 14.61; after it, its calls were listed as 12 more, unreached). Oracle: torch's
+    |dL/d input| and |dL/d output| of each call of the trained pass."""
+    torch.manual_seed(0)
+    model, x = Teacher(how), torch.randn(8, 16)
+    m = probe_module(model, x, _loss)
+    with torch.no_grad():  # the trained pass's input: 0.5 * x where a pass of the stack is the target
+        given = x if how == "one" else 0.5 * x
+    want = _torchs_on(model, x, given)
+    assert m.activation_names == ("(input)", *(f"layers.{i}" for i in range(12)))
+    assert m.activation_grad_norms == pytest.approx(want, rel=1e-5)
+    assert m.growth == pytest.approx(want[0] / want[-1], rel=1e-5)
+
+
+def _torchs_on(model: Teacher, x: torch.Tensor, given: torch.Tensor) -> list[float]:
+    """|dL/d input| of the trained pass, `given`, then |dL/d output| of each of its block calls, by
+    torch.autograd.grad (calls under torch.no_grad are left alone: their outputs carry no grad)."""
+    outs: list[torch.Tensor] = []
+    taken: list[torch.Tensor] = []
+
+    def enter(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor] | None:
+        if not torch.is_grad_enabled():
+            return None
+        taken.append(args[0].detach().requires_grad_())
+        return (taken[-1],)
+
+    def keep(_m: nn.Module, _a: object, out: torch.Tensor) -> None:
+        if torch.is_grad_enabled():
+            outs.append(out)
+
+    hooks = [model.layers[0].register_forward_pre_hook(enter)]
+    hooks += [b.register_forward_hook(keep) for b in model.layers]
+    loss = _loss(model(x), None)
+    for h in hooks:
+        h.remove()
+    assert len(taken) == 1 and torch.equal(taken[0], given)
+    grads = torch.autograd.grad(loss, [taken[0], *outs])
+    return [float(g.norm()) for g in grads]
