@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
+from stabilitycheck.configprobe import probe
 from stabilitycheck.losses import NUM_CLASSES
+from stabilitycheck.measurement import Measurement
 from stabilitycheck.modelfile import load
-from stabilitycheck.probing import Measurement, probe
 from stabilitycheck.report import sparkline
 from stabilitycheck.verdicts import verdict
 

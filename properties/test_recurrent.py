@@ -27,8 +27,8 @@ import pytest
 from hypothesis import event, given, note
 
 from stabilitycheck.config import Config
+from stabilitycheck.configprobe import probe
 from stabilitycheck.invariants import assert_bounded_growth
-from stabilitycheck.probing import probe
 from stabilitycheck.strategies import configs
 
 long_sequences = configs(

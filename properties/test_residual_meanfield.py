@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from stabilitycheck import meanfield
 from stabilitycheck.config import Config
-from stabilitycheck.probing import probe
+from stabilitycheck.configprobe import probe
 
 A = {
     "relu": 0.5,

@@ -16,9 +16,10 @@ from torch import nn
 
 from stabilitycheck import meanfield
 from stabilitycheck.config import Config
+from stabilitycheck.configprobe import probe
 from stabilitycheck.errors import StabilityError
 from stabilitycheck.invariants import assert_clipped_norm_bounded
-from stabilitycheck.probing import probe, probe_module
+from stabilitycheck.probing import probe_module
 from stabilitycheck.seeds import assess
 from stabilitycheck.zoo import Family, orthogonal
 

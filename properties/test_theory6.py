@@ -26,8 +26,9 @@ from torch import nn
 
 from stabilitycheck import meanfield
 from stabilitycheck.config import Config
+from stabilitycheck.configprobe import probe
 from stabilitycheck.phasemap import phase_map
-from stabilitycheck.probing import probe, probe_module
+from stabilitycheck.probing import probe_module
 from stabilitycheck.seeds import assess
 from stabilitycheck.space import Axis
 from stabilitycheck.verdicts import Limits

@@ -24,7 +24,7 @@ _EXPORTS = {
     "StabilityError": "stabilitycheck.errors",
     "Measurement": "stabilitycheck.measurement",
     "NonFinite": "stabilitycheck.measurement",
-    "probe": "stabilitycheck.probing",
+    "probe": "stabilitycheck.configprobe",
     "probe_module": "stabilitycheck.probing",
     "Limits": "stabilitycheck.verdicts",
     "Space": "stabilitycheck.space",

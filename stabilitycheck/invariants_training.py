@@ -10,12 +10,13 @@ from typing import overload
 from torch import nn
 
 from stabilitycheck.config import Config
+from stabilitycheck.configprobe import probe
 from stabilitycheck.culprit import culprit_of
 from stabilitycheck.errors import UsageError
 from stabilitycheck.invariants_common import _fail, _positive
 from stabilitycheck.losses import Inputs, LossFn
 from stabilitycheck.measurement import Measurement
-from stabilitycheck.probing import probe, probe_module
+from stabilitycheck.probing import probe_module
 
 
 @overload

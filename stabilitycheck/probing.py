@@ -8,7 +8,6 @@ overflows is never reported as non-finite.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import random
@@ -25,12 +24,11 @@ from torch.utils.checkpoint import CheckpointError
 
 from stabilitycheck._tree import tensors as tensors_of
 from stabilitycheck._validation import article
-from stabilitycheck.config import Config
-from stabilitycheck.errors import NoLastStep, UsageError, UserCodeError, no_trainable
+from stabilitycheck.errors import UsageError, UserCodeError, no_trainable
 from stabilitycheck.hooking import GRAPH_BREAK
 from stabilitycheck.layout import _layout, _per_block, _scatter, combined
 from stabilitycheck.loops import looped_blocks
-from stabilitycheck.losses import Inputs, LossFn, OutputLoss, call_model, differentiable_loss
+from stabilitycheck.losses import Inputs, LossFn, call_model, differentiable_loss
 from stabilitycheck.measurement import (
     Measurement as Measurement,  # `X as X`: re-exported, it was defined here
 )
@@ -38,9 +36,8 @@ from stabilitycheck.measurement import NonFinite
 from stabilitycheck.norms import STACK_MIN, dense, norm_values
 from stabilitycheck.readings import Step, chains_of, cut_before, gains_of, growth_of, locate, unscored
 from stabilitycheck.recording import _Recorder
-from stabilitycheck.rng import SALT_FORWARD, derived, numpy_seeded, rng_state, set_rng_state
-from stabilitycheck.subject import BYPASSED, Subject, find_blocks, own_blocks, shown_blocks
-from stabilitycheck.subjects import resolve
+from stabilitycheck.rng import SALT_FORWARD, derived, rng_state, set_rng_state
+from stabilitycheck.subject import BYPASSED, find_blocks, own_blocks, shown_blocks
 from stabilitycheck.updates import optimizer_for, training_settings, update
 
 
@@ -598,54 +595,3 @@ def _never_called(names: Sequence[str]) -> UserCodeError:
         f"all), so no hook saw one and no gain can be measured: {BYPASSED}, or the blocks are not the "
         "modules the forward runs (pass the ones it calls: blocks=... or stability_blocks())"
     )
-
-
-def probe(config: Config, subject: Subject | None = None, *, last_step: bool = False) -> Measurement:
-    """Build `config` with `subject` (default: the one its name resolves to) and probe it under its
-    own loss. `last_step`: a sequence subject's loss on the last step alone, the through-time growth a
-    recurrent subject's verdict judges (errors.NoLastStep where it has none)."""
-    if not isinstance(config, Config):
-        raise UsageError(
-            f"probe takes a Config, got {type(config).__name__}; e.g. probe(Config.of('mlp', depth=8)); "
-            "for a module of your own, probe_module(model, inputs, loss_fn)"
-        )
-    if config.run.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(
-            f"Run.device={config.run.device!r} but CUDA is not available on this machine; use device='cpu'"
-        )
-    subject = subject or resolve(config.subject)
-    m = _probe(config, subject, last_step)
-    run = config.run
-    reduced = run.dtype in ("float16", "bfloat16") or run.amp != "none"
-    if reduced and m.first_nonfinite is not None:  # would float32 have stayed finite there?
-        wide = _probe(config.with_run(dtype="float32", amp="none"), subject, last_step)
-        if wide.first_nonfinite is None or wide.first_nonfinite.step > m.first_nonfinite.step:
-            m = dataclasses.replace(m, overflow=m.first_nonfinite)
-    return m
-
-
-def _probe(config: Config, subject: Subject, last_step: bool) -> Measurement:
-    built = subject.last_step(config) if last_step else subject.build(config)
-    if built is None:
-        raise NoLastStep(NoLastStep.said(config.subject))
-    run = config.run
-    # a model file's forward drawing from np.random (noise, a numpy dropout) reads the same numbers for
-    # the same seed in every process (it drew from wherever the process stood: another growth in each);
-    # numpy's global state is the caller's again after, at ~0.1 ms, on this path alone
-    drawing = getattr(subject, "draws_numpy", False)
-    with numpy_seeded(derived(run.seed, SALT_FORWARD)) if drawing else contextlib.nullcontext():
-        m = probe_module(
-            built.model,
-            built.inputs,
-            built.loss_fn,
-            blocks=built.blocks,
-            steps=run.steps,
-            lr=run.lr,
-            optimizer=run.optimizer,
-            clip=run.clip,
-            warmup=run.warmup,
-            amp=run.amp,
-            seed=run.seed,
-        )
-    output = built.loss_fn.note if isinstance(built.loss_fn, OutputLoss) else ""  # the entry it used
-    return dataclasses.replace(m, blocks_note="; ".join(n for n in (built.blocks_note, output) if n))

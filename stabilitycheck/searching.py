@@ -391,7 +391,7 @@ def check(subject: Subject, config: Config, *others: Config) -> None:
     with the reason (a model raising at the lowest corner alone is no usage error). One the memory
     estimate puts over the search's budget is not built (`--knob depth=100000000` allocated for
     minutes): the search skips it as too large, and says so where it skips all."""
-    from stabilitycheck.probing import probe
+    from stabilitycheck.configprobe import probe
 
     first: UsageError | None = None
     cause: BaseException | None = None  # the model's own exception behind `first`: --debug shows it

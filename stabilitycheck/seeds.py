@@ -34,11 +34,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from stabilitycheck.config import Config, kind
+from stabilitycheck.configprobe import probe
 from stabilitycheck.culprit import culprit_of
 from stabilitycheck.errors import NoLastStep
 from stabilitycheck.growthkind import Growth, kind_of
 from stabilitycheck.measurement import Measurement
-from stabilitycheck.probing import probe
 from stabilitycheck.spread import Spread, quantile, rank
 from stabilitycheck.subject import Subject
 from stabilitycheck.verdicts import CRITERIA, Limits, Verdict, bound, criterion, fires, judge, values

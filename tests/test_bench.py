@@ -62,7 +62,7 @@ def test_judged_seeds_derives_its_ratios_and_verdicts_from_the_rounds() -> None:
 def test_counting_subject_counts_one_build_per_probe() -> None:
     bench = load_bench()
     from stabilitycheck.config import Config
-    from stabilitycheck.probing import probe
+    from stabilitycheck.configprobe import probe
     from stabilitycheck.seeds import assess
 
     config = Config.of("rnn", width=4, seq_len=3, batch_size=2, seeds=3)

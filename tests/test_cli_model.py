@@ -229,7 +229,7 @@ def test_seeds_going_non_finite_too_few_to_fire_are_said(capsys: pytest.CaptureF
     0, with no word of them (found by a user's trial). A `!` line says how many, and the quantile that
     judges them, which then fires. Oracle: each seed's own probe at the largest point tried."""
     from stabilitycheck.config import Config
-    from stabilitycheck.probing import probe
+    from stabilitycheck.configprobe import probe
     from stabilitycheck.seeds import seed_of
 
     path = f"{FILES}/nan_some_seeds.py"

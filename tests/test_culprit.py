@@ -192,7 +192,7 @@ def test_an_lstm_s_last_step_read_on_its_state_is_no_vanishing_culprit() -> None
     the culprit named it, 'cell[7]', where the kind leaves it out (found by a user's trial). Oracle:
     each seed's own gains, the steps uniform, the last far below them."""
     from stabilitycheck.config import Config
-    from stabilitycheck.probing import probe
+    from stabilitycheck.configprobe import probe
     from stabilitycheck.seeds import assess
     from stabilitycheck.verdicts import Limits
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from stabilitycheck.config import Config
+from stabilitycheck.configprobe import probe
 from stabilitycheck.errors import UsageError
 from stabilitycheck.hf import HFModel
 from stabilitycheck.losses import NUM_CLASSES
-from stabilitycheck.probing import probe, probe_module
+from stabilitycheck.probing import probe_module
 from stabilitycheck.subject import Built
 from stabilitycheck.subjects import resolve
 

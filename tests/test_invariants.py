@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from stabilitycheck.config import RUN_FIELDS, Config
+from stabilitycheck.configprobe import probe
 from stabilitycheck.distributed import check_clip_grad_norm
 from stabilitycheck.errors import StabilityError, UsageError
 from stabilitycheck.families import knob_specs
@@ -29,7 +30,7 @@ from stabilitycheck.invariants import (
     assert_rescaling_equivariant,
 )
 from stabilitycheck.invariants_gradscaler import UNHIDDEN
-from stabilitycheck.probing import probe, probe_module
+from stabilitycheck.probing import probe_module
 from stabilitycheck.subject import Built
 from stabilitycheck.subjects import resolve
 

@@ -15,8 +15,9 @@ from test_probe import scripted_tanh
 from torch import nn
 
 from stabilitycheck.config import Config
+from stabilitycheck.configprobe import probe
 from stabilitycheck.loops import LOOPED_NOTE, looped_blocks
-from stabilitycheck.probing import probe, probe_module
+from stabilitycheck.probing import probe_module
 from stabilitycheck.subject import LEAVES_NOTE, find_blocks
 
 

@@ -12,10 +12,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from stabilitycheck.config import Config
+from stabilitycheck.configprobe import probe
 from stabilitycheck.errors import UsageError
 from stabilitycheck.losses import NUM_CLASSES, DefaultLoss, unpack
 from stabilitycheck.modelfile import ModelFile, ModelFileError, load
-from stabilitycheck.probing import probe
 from stabilitycheck.searching import check
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -640,7 +640,7 @@ def test_a_module_level_model_imported_from_a_sibling_module_is_read_at_every_se
     copy out of meta tensor' at the second build; a review). Each build copies it. Oracle: the growth
     of two builds at two seeds, each the same model and input (the sibling's own)."""
     from stabilitycheck.config import Config
-    from stabilitycheck.probing import probe
+    from stabilitycheck.configprobe import probe
 
     (tmp_path / "netdef.py").write_text(
         "import torch\nfrom torch import nn\ntorch.manual_seed(123)\n"

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from stabilitycheck.config import Config
+from stabilitycheck.configprobe import probe
 from stabilitycheck.errors import StabilityError
 from stabilitycheck.invariants import assert_bounded_growth
-from stabilitycheck.probing import probe
 from stabilitycheck.pytest_plugin import Finding, add_options, finding, summary
 
 pytest_plugins = ["pytester"]
@@ -21,7 +21,7 @@ pytest_plugins = ["pytester"]
 GROWTH_PROPERTY = """
 from hypothesis import Phase, given, settings
 from stabilitycheck.invariants import assert_bounded_growth
-from stabilitycheck.probing import probe
+from stabilitycheck.configprobe import probe
 from stabilitycheck.strategies import configs
 
 deep_linear = configs(

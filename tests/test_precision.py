@@ -13,8 +13,9 @@ import torch
 from stabilitycheck import report
 from stabilitycheck.cli import main
 from stabilitycheck.config import Config
+from stabilitycheck.configprobe import probe
 from stabilitycheck.culprit import culprit_of
-from stabilitycheck.probing import probe, probe_module
+from stabilitycheck.probing import probe_module
 from stabilitycheck.searching import SearchResult, search
 from stabilitycheck.seeds import assess
 from stabilitycheck.space import Axis, Space

@@ -24,11 +24,12 @@ from torch.utils.checkpoint import checkpoint
 
 from stabilitycheck import norms, recording
 from stabilitycheck.config import FAMILIES, RUN_FIELDS, Config
+from stabilitycheck.configprobe import probe
 from stabilitycheck.culprit import culprit_of
 from stabilitycheck.errors import UsageError
 from stabilitycheck.families import knob_specs
 from stabilitycheck.measurement import NonFinite
-from stabilitycheck.probing import Measurement, probe, probe_module
+from stabilitycheck.probing import Measurement, probe_module
 from stabilitycheck.rng import SALT_FORWARD, derived
 from stabilitycheck.subject import Built
 from stabilitycheck.subjects import resolve

@@ -13,9 +13,10 @@ from torch import nn
 from stabilitycheck import Config, meanfield, norms
 from stabilitycheck import invariants_common as ic
 from stabilitycheck import seeds as seeds_mod
+from stabilitycheck.configprobe import probe
 from stabilitycheck.errors import StabilityError
 from stabilitycheck.measurement import INPUT, Measurement, NonFinite, ratio
-from stabilitycheck.probing import probe, probe_module
+from stabilitycheck.probing import probe_module
 from stabilitycheck.readings import Step, chains_of, gains_of, growth_of, locate, paths_of, unscored
 from stabilitycheck.spread import Spread, quantile
 from stabilitycheck.tokens import token_ids
@@ -473,7 +474,7 @@ def test_fixed_points_at_the_edge() -> None:
 
 def test_a_linear_rnns_last_step_growth_is_sigma_to_the_t_minus_1_as_probed() -> None:
     from stabilitycheck import Config
-    from stabilitycheck.probing import probe
+    from stabilitycheck.configprobe import probe
 
     sigma, t = 1.3, 9
     c = Config.of("rnn", seq_len=t, width=16, init_scale=sigma, activation="linear", batch_size=4)

@@ -473,7 +473,7 @@ def test_a_recurrent_subjects_vanishing_reads_the_last_step_even_without_the_thr
     through-time growth, probed here by the test) also where the report's through-time line is not
     asked for (a search's points): a per-token loss hides the vanishing under later tokens' gradients."""
     from stabilitycheck.config import Config
-    from stabilitycheck.probing import probe
+    from stabilitycheck.configprobe import probe
     from stabilitycheck.seeds import assess
     from stabilitycheck.verdicts import Limits
 

@@ -13,8 +13,8 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 
 from stabilitycheck import report
 from stabilitycheck.config import Config
+from stabilitycheck.configprobe import probe
 from stabilitycheck.errors import UsageError
-from stabilitycheck.probing import probe
 from stabilitycheck.remedies import critical_init, judged_on
 from stabilitycheck.searching import boundary, search, sweep
 from stabilitycheck.seeds import assess

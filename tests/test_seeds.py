@@ -16,10 +16,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 from stabilitycheck.config import Config
+from stabilitycheck.configprobe import probe
 from stabilitycheck.culprit import culprit_of
 from stabilitycheck.growthkind import Growth, classify, fit_growth, kind_of
 from stabilitycheck.measurement import Measurement
-from stabilitycheck.probing import probe, probe_module
+from stabilitycheck.probing import probe_module
 from stabilitycheck.searching import search
 from stabilitycheck.seeds import _decided, assess, seed_of
 from stabilitycheck.space import Axis, Space

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from stabilitycheck.config import Config
+from stabilitycheck.configprobe import probe
 from stabilitycheck.losses import NUM_CLASSES
-from stabilitycheck.probing import probe, probe_module
+from stabilitycheck.probing import probe_module
 from stabilitycheck.rng import SALT_BATCH, SALT_FORWARD, SALT_INFER, SALT_LOSS, derived
 from stabilitycheck.seeds import SEED_MIX, seed_of
 

@@ -19,8 +19,9 @@ from chain_models import OrthogonalTowers, TutorialLoop, run_tower
 from torch import nn
 
 from stabilitycheck.config import Config
+from stabilitycheck.configprobe import probe
 from stabilitycheck.culprit import culprit_of
-from stabilitycheck.probing import probe, probe_module
+from stabilitycheck.probing import probe_module
 from stabilitycheck.report import reproduction, text
 from stabilitycheck.searching import search
 from stabilitycheck.seeds import assess

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from stabilitycheck.config import Config
+from stabilitycheck.configprobe import probe
 from stabilitycheck.losses import DefaultLoss
 from stabilitycheck.phasemap import phase_map
-from stabilitycheck.probing import probe
 from stabilitycheck.rng import SALT_LOSS, derived
 from stabilitycheck.seeds import assess
 from stabilitycheck.space import Axis

@@ -52,7 +52,7 @@ _PASS_THROUGH: tuple[type[BaseException], ...] = (StabilityCheckError, *_RESOURC
 class ModelFile:
     """A user's model file as a Subject. `knobs` are the defaults; `bounds` come from SPACE."""
 
-    draws_numpy = True  # its forward may draw from np.random, seeded per probe (probing._probe)
+    draws_numpy = True  # its forward may draw from np.random, seeded per probe (configprobe._probe)
 
     def __init__(self, given: str, attr: str, module: ModuleType, *, is_factory: bool = True) -> None:
         self.given = given
