@@ -1288,3 +1288,22 @@ def test_the_rtol_override_of_the_rescaling_check_is_applied() -> None:
     with pytest.raises(StabilityError, match="did not scale every gradient by 4"):
         assert_rescaling_equivariant(b.model, b.inputs, b.loss_fn, 4.0)
     assert_rescaling_equivariant(b.model, b.inputs, b.loss_fn, 4.0, rtol=1e-2)
+
+
+def test_the_rtol_override_of_the_clip_norm_check_is_applied(monkeypatch: pytest.MonkeyPatch) -> None:
+    """rtol= of distributed.check_clip_grad_norm, passed by no test before: a clip_grad_norm_ whose
+    total is 1e-4 off fails at the default tolerance (float32's, plus torch's own rounding of the
+    total) and passes at rtol=1e-3; a looser override never hides a total 1e-2 off at rtol=1e-3.
+    Oracle: the construction."""
+    params = _layer_grads([(64, 64), (64,)])
+    clip = torch.nn.utils.clip_grad_norm_
+    for factor in (1 + 1e-4, 1 + 1e-2):
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda ps, m, f=factor: clip(ps, m) * f)
+        with pytest.raises(StabilityError, match="full-model gradient norm"):
+            check_clip_grad_norm(params)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda ps, m: clip(ps, m) * (1 + 1e-4))
+    exact = math.sqrt(sum(float(p.grad.double().square().sum()) for p in params))  # type: ignore[union-attr]
+    assert check_clip_grad_norm(params, rtol=1e-3) == pytest.approx(exact * (1 + 1e-4), rel=1e-6)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda ps, m: clip(ps, m) * (1 + 1e-2))
+    with pytest.raises(StabilityError, match="full-model gradient norm"):
+        check_clip_grad_norm(params, rtol=1e-3)
