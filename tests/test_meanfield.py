@@ -8,33 +8,11 @@ import math
 
 import pytest
 import torch
+from meanfield_oracle import Z as _Z
+from meanfield_oracle import mean, tanh_fixed_point
 
 from stabilitycheck import meanfield
 from stabilitycheck.zoo import Family
-
-_Z = torch.linspace(-12, 12, 24_001, dtype=torch.float64)
-_S = torch.ones_like(_Z)
-_S[1:-1:2], _S[2:-1:2] = 4.0, 2.0
-_W = _S * (_Z[1] - _Z[0]) / 3 * torch.exp(-0.5 * _Z**2) / math.sqrt(2 * math.pi)
-"""Simpson weights of N(0, 1) on [-12, 12], step 1e-3."""
-
-
-def mean(values: torch.Tensor) -> float:
-    """E[f(z)], z ~ N(0, 1), from the values f(_Z)."""
-    return float((_W * values).sum())
-
-
-def tanh_fixed_point(sigma: float) -> float:
-    """The q > 0 with q = sigma^2 E[tanh(sqrt(q) z)^2] (sigma > 1), by bisection: below it the map
-    raises q, above it lowers q."""
-    lo, hi = 1e-12, sigma**2
-    for _ in range(50):
-        mid = 0.5 * (lo + hi)
-        if sigma**2 * mean(torch.tanh(math.sqrt(mid) * _Z) ** 2) > mid:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
 
 
 @pytest.mark.parametrize("sigma", [1.05, 1.3, 2.0, 4.0, 8.0, 20.0])

@@ -19,9 +19,9 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from meanfield_oracle import tanh_log_growth
 from signalled import stopped_when_marked
 
 from stabilitycheck import meanfield
@@ -38,23 +38,6 @@ from stabilitycheck.zoo import Family
 
 GROWTH_ONLY = Limits(growth=10.0, grad_norm=None, divergence=None)
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-# -- theory, computed here: Simpson's rule on [-10, 10] (step 1e-3), independent of stabilitycheck ----
-_Z = torch.linspace(-10, 10, 20_001, dtype=torch.float64)
-_S = torch.ones_like(_Z)
-_S[1:-1:2], _S[2:-1:2] = 4.0, 2.0
-_W = _S * (_Z[1] - _Z[0]) / 3 * torch.exp(-0.5 * _Z**2) / math.sqrt(2 * math.pi)
-
-
-def tanh_log_growth(sigma: float, depth: int) -> float:
-    """ln of the mean-field growth of a bias-free tanh net on N(0, 1) inputs, measured from the input:
-    sum over blocks 0..depth-1 of 0.5 ln chi_l, chi_l = sigma^2 E[tanh'(sqrt(q_l) z)^2], q_0 = sigma^2."""
-    q, total = sigma**2, 0.0
-    for _ in range(depth):
-        h = math.sqrt(q) * _Z
-        total += 0.5 * math.log(sigma**2 * float((_W * (1 - torch.tanh(h) ** 2) ** 2).sum()))
-        q = sigma**2 * float((_W * torch.tanh(h) ** 2).sum())
-    return total
 
 
 def first(depths: range, log_growth: object, limit: float, below: bool = False) -> int | None:

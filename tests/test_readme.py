@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from meanfield_oracle import tanh_chi1
 
 from stabilitycheck import Config, Limits, assess
 from stabilitycheck.report import headers
@@ -98,16 +99,8 @@ def _zoo_config(label: str, knobs: str) -> Config:
 
 def _mean_field_depth(sigma: float, limit: float = 100.0) -> int:
     """Oracle: the depth at which a bias-free tanh MLP's mean-field growth sqrt(chi_1)^depth (from the input)
-    first passes the limit (Poole et al. 2016), chi_1 from Gauss-Hermite quadrature at the fixed point."""
-    import numpy as np
-
-    z, w = np.polynomial.hermite_e.hermegauss(201)
-    w = w / w.sum()
-    q = 1.0
-    for _ in range(1000):
-        q = sigma**2 * float(np.sum(w * np.tanh(np.sqrt(q) * z) ** 2))
-    chi = sigma**2 * float(np.sum(w * (1 - np.tanh(np.sqrt(q) * z) ** 2) ** 2))
-    return math.floor(math.log(limit) / math.log(math.sqrt(chi))) + 1
+    first passes the limit (Poole et al. 2016), chi_1 at the fixed point (meanfield_oracle)."""
+    return math.floor(math.log(limit) / math.log(math.sqrt(tanh_chi1(sigma)))) + 1
 
 
 def test_the_zoo_table_shown_is_true_over_seeds() -> None:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from meanfield_oracle import tanh_chi1
 from torch import nn
 
 from stabilitycheck.config import Config
@@ -171,25 +172,11 @@ def test_a_uniform_stack_has_no_single_culprit() -> None:
     assert all(c.startswith("uniform, median gain x") for c in named), named
 
 
-def _tanh_chi1(sigma: float) -> float:
-    """Mean-field chi_1 of a bias-free tanh net (Poole et al. 2016): q* = sigma^2 E tanh(sqrt(q) z)^2
-    iterated to its fixed point, chi_1 = sigma^2 E tanh'(sqrt(q*) z)^2, by Gauss-Hermite quadrature."""
-    import numpy as np
-
-    z, w = np.polynomial.hermite_e.hermegauss(101)
-    w = w / w.sum()
-    q = 1.0
-    for _ in range(500):
-        q = sigma**2 * float(np.sum(w * np.tanh(np.sqrt(q) * z) ** 2))
-    return sigma**2 * float(np.sum(w * (1 - np.tanh(np.sqrt(q) * z) ** 2) ** 2))
-
-
 def test_a_tanh_mlp_is_exponential_at_half_log_chi1_per_block() -> None:
-    pytest.importorskip("numpy")
     j = assess(
         Config.of("mlp", depth=24, width=128, init_scale=2.5, batch_size=16, seeds=5), limits=GROWTH_ONLY
     )
-    theory = 0.5 * math.log(_tanh_chi1(2.5))
+    theory = 0.5 * math.log(tanh_chi1(2.5))
     assert j.kind.kind == "exponential"
     slack = max(j.kind.rate.high - j.kind.rate.low, 0.02)
     assert abs(j.kind.rate.mid - theory) <= slack, (j.kind.rate, theory)
@@ -235,13 +222,12 @@ def test_a_block_with_no_gain_in_any_seed_does_not_break_the_culprit_rule() -> N
     blocks' gains are 0/0 in every seed. The verdict is still made (it raised StatisticsError, which
     the search reported as the model's own failure), and the culprit is the uniform shrinking every
     block shares: mean field puts it at sqrt(chi_1) = 0.5 per block (tanh at sigma 0.5 near 0)."""
-    pytest.importorskip("numpy")
     c = Config.of("mlp", depth=54, init_scale=0.5, width=32, activation="tanh", batch_size=8, dtype="float16")
     j = assess(c, limits=Limits())
     assert any(math.isnan(g) for g in j.measurement.gains)
     prefix = "uniform, median gain x"
     assert j.culprit.startswith(prefix), j.culprit
-    assert float(j.culprit.removeprefix(prefix)) == pytest.approx(math.sqrt(_tanh_chi1(0.5)), rel=0.15)
+    assert float(j.culprit.removeprefix(prefix)) == pytest.approx(math.sqrt(tanh_chi1(0.5)), rel=0.15)
 
 
 def test_an_exponential_rate_near_1_keeps_its_digits() -> None:
