@@ -38,7 +38,7 @@ from stabilitycheck.readings import Step, chains_of, cut_before, gains_of, growt
 from stabilitycheck.recording import _Recorder
 from stabilitycheck.rng import SALT_FORWARD, derived, rng_state, set_rng_state
 from stabilitycheck.subject import BYPASSED, find_blocks, own_blocks, shown_blocks
-from stabilitycheck.updates import optimizer_for, training_settings, update
+from stabilitycheck.updates import Training, optimizer_for, training_settings, update
 
 
 @dataclass
@@ -428,11 +428,11 @@ def probe_module(
             "read 1, stable, whatever the model does; give the model's repeated blocks, e.g. "
             "blocks=[(f'layers.{i}', m) for i, m in enumerate(model.layers)]"
         )
-    run = (model, inputs, loss_fn, optimizer, clip, amp, chosen)
     try:
-        return _measure(*run, tuple(blocks), *settings, ordered=False)
+        return _measure(model, inputs, loss_fn, tuple(blocks), settings, chosen, ordered=False)
     except _OutOfOrder as late:  # another block ran before block 0: its input is the chain's entry
-        return _measure(*run, tuple(blocks[i] for i in late.order), *settings, ordered=True)
+        again = tuple(blocks[i] for i in late.order)
+        return _measure(model, inputs, loss_fn, again, settings, chosen, ordered=True)
 
 
 def _in_call_order(order: list[int], n: int) -> list[int]:
@@ -457,26 +457,22 @@ def _measure(
     model: nn.Module,
     inputs: Inputs,
     loss_fn: LossFn,
-    optimizer: str,
-    clip: float | None,
-    amp: str,
-    chosen: str,
     blocks: Sequence[tuple[str, nn.Module]],
-    steps: int,
-    warmup: int,
-    seed: int,
-    lr: float,
+    training: Training,
+    chosen: str,
     *,
     ordered: bool,
 ) -> Measurement:
-    """probe_module's run on `blocks`; `ordered`: in the order of their calls already (else step 0
-    raises _OutOfOrder where another block ran before block 0)."""
+    """probe_module's run on `blocks` under its checked `training` settings (`chosen`: how the blocks
+    were found, or ''); `ordered`: in the order of their calls already (else step 0 raises
+    _OutOfOrder where another block ran before block 0)."""
+    steps, seed, lr, amp = training.steps, training.seed, training.lr, training.amp
     names = tuple(name for name, _ in blocks)
     layout = _layout(model, blocks)
     params, owner = layout.params, layout.owner
     device = params[0].device
     scaler = torch.amp.GradScaler(device.type) if amp == "float16" else None
-    opt = optimizer_for(optimizer, model, params, lr) if steps > 0 or scaler is not None else None
+    opt = optimizer_for(training.optimizer, model, params, lr) if steps > 0 or scaler is not None else None
     run = _Run(
         model,
         inputs,
@@ -547,7 +543,7 @@ def _measure(
                     skipped += overflowed  # no update follows, but the scaler would have skipped it
                     break
                 assert opt is not None  # built whenever steps > 0
-                skipped += update(opt, scaler, params, step, totals[-1], (lr, clip, warmup), overflowed)
+                skipped += update(opt, scaler, params, step, totals[-1], training, overflowed)
     finally:
         run.rec.remove()
         random.setstate(caller)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,9 +16,22 @@ from stabilitycheck.config import AMPS, OPTIMIZERS, choice
 from stabilitycheck.errors import ConfigError, UsageError
 
 
+@dataclass(frozen=True)
+class Training:
+    """probe_module's training settings, checked (`training_settings`)."""
+
+    steps: int
+    warmup: int
+    seed: int
+    lr: float
+    optimizer: str
+    amp: str
+    clip: float | None
+
+
 def training_settings(
     steps: Any, warmup: Any, seed: Any, lr: Any, optimizer: Any, amp: Any, clip: Any
-) -> tuple[int, int, int, float]:
+) -> Training:
     """probe_module's settings checked, counts as ints and lr as a float (numpy scalars welcome): a
     misspelt optimizer or amp ran plain SGD in float32, a negative clip reversed the gradient."""
 
@@ -52,7 +66,7 @@ def training_settings(
             cap = math.nan
         if not (math.isfinite(cap) and cap > 0):
             raise bad(f"clip must be None or a finite number > 0, got {clip!r}")
-    return counts[0], counts[1], counts[2], rate
+    return Training(counts[0], counts[1], counts[2], rate, optimizer, amp, clip)
 
 
 def optimizer_for(
@@ -77,13 +91,13 @@ def update(
     params: Sequence[nn.Parameter],
     step: int,
     total: float,
-    settings: tuple[float, float | None, int],
+    settings: Training,
     overflowed: bool = False,
 ) -> int:
-    """One optimiser update of `params` (`settings`: lr, clip, warmup), clipped to the `total` norm,
-    warmed up, through the GradScaler; 1 if it was skipped (a non-finite total, or scaled gradients
+    """One optimiser update of `params`, clipped to the `total` norm, warmed up (`settings`' lr, clip
+    and warmup), through the GradScaler; 1 if it was skipped (a non-finite total, or scaled gradients
     that `overflowed`, whose unscaled total is finite)."""
-    lr, clip, warmup = settings
+    lr, clip, warmup = settings.lr, settings.clip, settings.warmup
     finite = math.isfinite(total) and not overflowed
     if clip is not None and finite:
         coef = min(1.0, clip / (total + 1e-6))  # torch's clip_grad_norm_ contract

@@ -566,7 +566,7 @@ def test_an_update_the_gradscaler_skips_is_counted_as_skipped(bad: bool, overflo
     Measurement.skipped_steps adds up. Skipped: a non-finite total, or scaled gradients that
     `overflowed` while the unscaled total the caller measured is finite (docstring). Oracle: torch's
     GradScaler's own record (it backs its scale off exactly on a skipped step), weights unchanged."""
-    from stabilitycheck.updates import update
+    from stabilitycheck.updates import Training, update
 
     p = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.SGD([p], lr=0.1)
@@ -576,7 +576,8 @@ def test_an_update_the_gradscaler_skips_is_counted_as_skipped(bad: bool, overflo
     assert p.grad is not None
     total = 1.0 if overflowed else float(torch.linalg.vector_norm(p.grad / scaler.get_scale()))
     before, weights = scaler.get_scale(), p.detach().clone()
-    skipped = update(opt, scaler, [p], 0, total, (0.1, 1.0, 0), overflowed=overflowed)
+    settings = Training(1, 0, 0, 0.1, "sgd", "none", 1.0)
+    skipped = update(opt, scaler, [p], 0, total, settings, overflowed=overflowed)
     backed_off = scaler.get_scale() < before
     assert skipped == int(backed_off) == int(bad)
     assert torch.equal(p.detach(), weights) == bad
@@ -586,9 +587,9 @@ def test_a_clip_of_zero_is_refused() -> None:
     """probe_module's clip must be None or a finite number > 0 (training_settings' contract and its
     message): a clip of 0 would zero every update. Oracle: that documented contract."""
     from stabilitycheck.errors import UsageError
-    from stabilitycheck.updates import training_settings
+    from stabilitycheck.updates import Training, training_settings
 
-    assert training_settings(1, 0, 0, 0.1, "sgd", "none", 0.5) == (1, 0, 0, 0.1)
+    assert training_settings(1, 0, 0, 0.1, "sgd", "none", 0.5) == Training(1, 0, 0, 0.1, "sgd", "none", 0.5)
     for bad in (0, 0.0, -1.0, math.inf, math.nan):
         with pytest.raises(UsageError, match="clip must be None or a finite number > 0"):
             training_settings(1, 0, 0, 0.1, "sgd", "none", bad)
