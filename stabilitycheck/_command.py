@@ -19,15 +19,6 @@ _SIGNALLED: list[int] = []
 callback or a __del__ is printed and dropped, so a long command checks this after every point too."""
 
 
-class _State:
-    """Whether run_command's handlers are installed (`live`), and which run of it this is (`run`: a
-    signal delivered again belongs to the run it was received in)."""
-
-    live = False
-    run = 0
-
-
-_STATE = _State()
 AGAIN_S = 0.05  # a signal landing where a raise is dropped (alarms.in_dropping_frame) comes again then
 
 
@@ -44,10 +35,10 @@ def _again(signum: int) -> None:
     landing in a gc callback while a 100,000-layer model was built for its memory estimate waited
     minutes, and the run was killed with nothing written."""
 
-    run = _STATE.run
+    run = STOP.run
 
     def deliver() -> None:
-        if _STATE.live and not STOP.seen and _STATE.run == run:
+        if STOP.live and not STOP.seen and STOP.run == run:
             signal.raise_signal(signum)
 
     timer = threading.Timer(AGAIN_S, deliver)
@@ -85,7 +76,7 @@ def run_command(prog: str, run: Callable[[Sequence[str] | None], int], argv: Seq
 
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     _SIGNALLED.clear()
-    _STATE.live, _STATE.run, STOP.seen = True, _STATE.run + 1, False
+    STOP.live, STOP.run, STOP.seen = True, STOP.run + 1, False
     on_main = threading.current_thread() is threading.main_thread()
     # a signal the process was started ignoring (SIGINT in a shell script's `&` job) stays ignored
     signals = (signal.SIGINT, signal.SIGTERM) if on_main else ()
@@ -114,6 +105,6 @@ def run_command(prog: str, run: Callable[[Sequence[str] | None], int], argv: Seq
         )
         return EXIT_INTERNAL
     finally:
-        _STATE.live = False
+        STOP.live = False
         for s, handler in previous.items():
             signal.signal(s, handler)

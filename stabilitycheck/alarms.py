@@ -20,9 +20,13 @@ _WEAKREF_FILES = ("_weakrefset.py", "weakref.py", "torch/utils/weak.py")
 
 
 class _Stop:
-    """Whether a KeyboardInterrupt reached code that handles it since the command began (`stop_seen`):
-    until then the command's signal handler delivers its signal again (_command)."""
+    """What a command's signal redelivery reads (_command), in one place: whether its handlers are
+    installed (`live`), which run of it this is (`run`: a signal delivered again belongs to the run
+    it was received in), and whether a KeyboardInterrupt reached code that handles it since the run
+    began (`seen`, `stop_seen`): until then the handler delivers its signal again."""
 
+    live = False
+    run = 0
     seen = False
 
 

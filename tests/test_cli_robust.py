@@ -779,7 +779,7 @@ def test_a_signal_deferred_in_a_gc_callback_is_delivered_again_soon() -> None:
 
     previous = signal.signal(signal.SIGINT, _command._on_signal)
     _command._SIGNALLED.clear()
-    _command._STATE.live, alarms.STOP.seen = True, False
+    alarms.STOP.live, alarms.STOP.seen = True, False
     gc.callbacks.append(callback)
     caught = False
     try:
@@ -796,8 +796,8 @@ def test_a_signal_deferred_in_a_gc_callback_is_delivered_again_soon() -> None:
     finally:
         if callback in gc.callbacks:
             gc.callbacks.remove(callback)
-        _command._STATE.live = False
-        _command._STATE.run += 1  # a delivery still armed belongs to no run
+        alarms.STOP.live = False
+        alarms.STOP.run += 1  # a delivery still armed belongs to no run
         alarms.STOP.seen = False
         _command._SIGNALLED.clear()
         signal.signal(signal.SIGINT, previous)
