@@ -36,7 +36,7 @@ def add_options(addoption: Callable[..., Any], prefix: str = PREFIX) -> None:
     )
     addoption(
         f"{prefix}seed",
-        type=_number(int, 0, 2**32 - 1),  # as the CLI's --seed: -1 and 2**40 were taken
+        type=number(int, 0, 2**32 - 1),  # as the CLI's --seed: -1 and 2**40 were taken
         default=None,
         help="seed every Hypothesis test from N and its test id (default: only under --stability-profile "
         "and for tests using the stabilitycheck fixtures, with a random seed shown in the header)",
@@ -49,7 +49,7 @@ def add_options(addoption: Callable[..., Any], prefix: str = PREFIX) -> None:
     )
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse that raises UsageError instead of exiting, so every error is one line + exit 2."""
 
     def error(self, message: str) -> Any:
@@ -58,7 +58,7 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def _number(kind: type, lo: float, hi: float = math.inf, open_lo: bool = False) -> Callable[[str], Any]:
+def number(kind: type, lo: float, hi: float = math.inf, open_lo: bool = False) -> Callable[[str], Any]:
     """An argparse type: a finite `kind` in [lo, hi] ((lo, hi] with open_lo), else a one-line error."""
 
     def parse(text: str) -> Any:
@@ -77,7 +77,7 @@ def _number(kind: type, lo: float, hi: float = math.inf, open_lo: bool = False) 
     return parse
 
 
-_positive = _number(float, 0, open_lo=True)
+_positive = number(float, 0, open_lo=True)
 
 
 def _limit(text: str) -> float | None:
@@ -159,7 +159,7 @@ def _csv(text: str) -> list[str]:
 
 def parser() -> argparse.ArgumentParser:
     """The command line, defined once."""
-    p = _Parser(
+    p = Parser(
         prog="stabilitycheck",
         description="Find the smallest configuration whose gradients explode, and what fixes it.",
         epilog=(
@@ -183,7 +183,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-examples",
-        type=_number(int, 1, 10**6),
+        type=number(int, 1, 10**6),
         default=100,
         help="Hypothesis examples per search (100); the canonical descent and the remedies come on top",
     )
@@ -228,21 +228,21 @@ def parser() -> argparse.ArgumentParser:
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
     """The seeds, training steps and limits of every verdict: the search's and the map's, alike."""
-    p.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0, help="first seed of everything (0)")
+    p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0, help="first seed of everything (0)")
     p.add_argument(
         "--seeds",
-        type=_number(int, 1, 1000),
+        type=number(int, 1, 1000),
         default=5,
         help="initialisations a verdict may spend (5; 1 = a single draw); more only near the limit",
     )
     p.add_argument(
         "--quantile",
-        type=_number(float, 0, 1, open_lo=True),
+        type=number(float, 0, 1, open_lo=True),
         default=0.5,
         help="the quantile over seeds each criterion is judged on (0.5: the median)",
     )
     p.add_argument(
-        "--steps", type=_number(int, 0, 10**6), help="optimiser steps per probe (default 0: at init)"
+        "--steps", type=number(int, 0, 10**6), help="optimiser steps per probe (default 0: at init)"
     )
     p.add_argument("--lr", type=_positive, help="learning rate of the steps")
     p.add_argument("--optimizer", choices=("sgd", "adam"))
@@ -289,7 +289,7 @@ def _knob(text: str) -> tuple[str, list[float]]:
     return name, numbers
 
 
-def _apply_knobs(space: Any, knobs: Sequence[str]) -> Any:
+def apply_knobs(space: Any, knobs: Sequence[str]) -> Any:
     """The Space with --knob axes: with any knob given a range, the searched axes are exactly those
     (nothing added behind the user's back); a single value fixes the knob, and so does a word for a
     choice knob (activation=relu, norm=post). Fixing knobs alone leaves the space's other axes

@@ -58,13 +58,13 @@ class Outputs:
         from stabilitycheck import report
 
         if self.args.json:
-            self._attempt("--json", lambda: _atomic_write(self.args.json, report.to_json(results)))
+            self._attempt("--json", lambda: atomic_write(self.args.json, report.to_json(results)))
 
     def nothing(self) -> None:
         """The JSON of a run stopped before its first search (an empty list), without importing the
         report, which imports torch: the stop may have landed in that import."""
         if self.args.json:
-            self._attempt("--json", lambda: _atomic_write(self.args.json, "[]"))
+            self._attempt("--json", lambda: atomic_write(self.args.json, "[]"))
         self._say_failures()
 
     def final(self, results: Sequence[Any]) -> None:
@@ -127,7 +127,7 @@ def check_outputs(named: Sequence[tuple[str, Path | None]]) -> None:
         check_image(flag, image)
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -1,6 +1,6 @@
 """A recurrent step's state beside its chain (an nn.LSTMCell's c beside h): which tensors of a block's
 output its next call takes as they came, the copies the forward hook hands on in their place, and
-whether they are state at all. The recorder (recording._Recorder) owns one per probe."""
+whether they are state at all. The recorder (recording.Recorder) owns one per probe."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from stabilitycheck._tree import tensors
-from stabilitycheck.junctions import _feeds, _made_from
+from stabilitycheck.junctions import _feeds, made_from
 
 # per module class, the tensors of its output its calls were seen to carry beside their chain (an
 # nn.LSTMCell's c from the start): a probe of a new model of that class carries them from its first
@@ -56,7 +56,7 @@ def _fed(given: Sequence[torch.Tensor], out: torch.Tensor, alts: Sequence[torch.
     """Whether a call taking `given` goes on from `out`, one of the tensors `alts` of a block's last
     output: takes it, or a tensor made from it other than another of `alts` as it came. Those are
     made by the same node where one op returns them all (oneDNN's LSTM on the CPU, y beside h_n and
-    c_n), and _made_from, which follows nodes, took h_n for one made from y: the step was read on y,
+    c_n), and made_from, which follows nodes, took h_n for one made from y: the step was read on y,
     h_n and c_n, its head's gradient as the state's."""
     siblings = {id(alt) for alt in alts if alt is not out}
     return any(t is out or (id(t) not in siblings and _feeds(t, out)) for t in given)
@@ -136,7 +136,7 @@ class Carrying:
         if held is None:
             return
         self.confirmed.add(b)
-        if not all(t.grad_fn is not None and _made_from(out, {t.grad_fn}) for t in held):
+        if not all(t.grad_fn is not None and made_from(out, {t.grad_fn}) for t in held):
             self._plain(b, calls)
 
     def _plain(self, b: int, calls: Sequence[int]) -> None:

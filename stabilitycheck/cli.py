@@ -20,7 +20,7 @@ from stabilitycheck._options import EXIT_INTERRUPTED as EXIT_INTERRUPTED
 from stabilitycheck._options import EXIT_OK as EXIT_OK
 from stabilitycheck._options import EXIT_TERMINATED as EXIT_TERMINATED
 from stabilitycheck._options import EXIT_USAGE as EXIT_USAGE
-from stabilitycheck._options import _apply_knobs, require_steps
+from stabilitycheck._options import apply_knobs, require_steps
 from stabilitycheck._options import parser as parser
 from stabilitycheck._outputs import Outputs as Outputs
 from stabilitycheck._outputs import Progress as Progress
@@ -71,7 +71,7 @@ def _spaces(args: argparse.Namespace) -> list[Any]:
 
     out = []
     for subject, space in pairs:
-        space = _apply_knobs(space.with_run(**run), args.knob)
+        space = apply_knobs(space.with_run(**run), args.knob)
         if args.target != "zoo":  # the user's code, at the lowest corner of the space, else elsewhere
             check(subject, *(space.config(index) for index in space.spread_points()))
         for device in _devices(args.device):

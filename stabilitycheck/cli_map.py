@@ -20,18 +20,18 @@ from stabilitycheck._options import (
     EXIT_FOUND,
     EXIT_OK,
     EXIT_USAGE,
-    _apply_knobs,
-    _Parser,
+    Parser,
     add_output_options,
     add_run_options,
+    apply_knobs,
     require_steps,
 )
-from stabilitycheck._outputs import Progress, _atomic_write, check_outputs
+from stabilitycheck._outputs import Progress, atomic_write, check_outputs
 
 
 def parser() -> argparse.ArgumentParser:
     """The `map` command line."""
-    p = _Parser(
+    p = Parser(
         prog="stabilitycheck map",
         description="Trace the frontier between stable and exploding configurations over two knobs.",
     )
@@ -72,7 +72,7 @@ def _axes(args: argparse.Namespace, subject: Any) -> tuple[Any, Any, Any]:
     given = {"device": args.device, "dtype": args.dtype, "steps": args.steps, "lr": args.lr}
     run.update({k: v for k, v in {**given, "optimizer": args.optimizer}.items() if v is not None})
     require_devices([args.device])
-    space = _apply_knobs(original.with_run(**run), args.knob)
+    space = apply_knobs(original.with_run(**run), args.knob)
     given_knobs = {text.partition("=")[0]: text for text in args.knob}
     for name, text in given_knobs.items():
         if name not in (args.x, args.y) and any(a.name == name for a in space.axes):
@@ -127,7 +127,7 @@ def run(argv: Sequence[str] | None) -> int:
 
     def save(pm: Any) -> None:
         if args.json:
-            _atomic_write(args.json, strict_json(pm.to_dict()))
+            atomic_write(args.json, strict_json(pm.to_dict()))
 
     with contextlib.redirect_stdout(sys.stderr):
         pm = phase_map(

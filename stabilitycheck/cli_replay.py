@@ -7,15 +7,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from stabilitycheck._options import _number, _Parser
+from stabilitycheck._options import Parser, number
 from stabilitycheck.replay import RTOL, replay
 
 
 def main(argv: Sequence[str]) -> int:
     """`stabilitycheck replay BUNDLE [--rtol R]`: print the comparison; exit 0 if it reproduces."""
-    parser = _Parser(prog="stabilitycheck replay", description=__doc__)
+    parser = Parser(prog="stabilitycheck replay", description=__doc__)
     parser.add_argument("bundle", type=Path)
-    parser.add_argument("--rtol", type=_number(float, 0), default=RTOL)
+    parser.add_argument("--rtol", type=number(float, 0), default=RTOL)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     result = replay(args.bundle)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from stabilitycheck.errors import StabilityError, UsageError
-from stabilitycheck.invariants_common import _coarsest, reduction_error, rtol_of
+from stabilitycheck.invariants_common import coarsest, reduction_error, rtol_of
 
 
 def world() -> tuple[int, int]:
@@ -202,7 +202,7 @@ def check_clip_grad_norm(parameters: Iterable[torch.Tensor], rtol: float | None 
     else:
         shards = [local(g)[0].detach() for g in grads]
         mine = math.sqrt(sum(float(t.double().pow(2).sum()) for t in shards))
-        rounding = rtol_of(_coarsest(shards)) + 2 * reduction_error(shards, 2.0, mine)
+        rounding = rtol_of(coarsest(shards)) + 2 * reduction_error(shards, 2.0, mine)
         tol = rtol if rtol is not None else rounding
         if math.isclose(value, expected, rel_tol=tol):
             return value

@@ -94,7 +94,7 @@ def _short(text: str, width: int = FAILURE_WIDTH) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _failure_text(exc: BaseException) -> str:
+def failure_text(exc: BaseException) -> str:
     """The header and first detail line of an assert_close-style message (or the first line)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     if not lines:
@@ -188,16 +188,16 @@ def summary(findings: list[Finding]) -> str:
     return table + "\n\n" + "\n".join(lines)
 
 
-def _leaves(exc: BaseException) -> Iterator[BaseException]:
+def leaves(exc: BaseException) -> Iterator[BaseException]:
     inner = getattr(exc, "exceptions", None)  # an ExceptionGroup (Hypothesis's report_multiple_bugs)
     if isinstance(inner, tuple | list):
         for e in inner:
-            yield from _leaves(e)
+            yield from leaves(e)
     else:
         yield exc
 
 
-def _failing_configs(exc: BaseException, codes: set[Any]) -> list[Config]:
+def failing_configs(exc: BaseException, codes: set[Any]) -> list[Config]:
     """The Configs among the arguments (else the locals) of the test's frame in the traceback."""
     from stabilitycheck.config import Config
 

@@ -12,19 +12,19 @@ from stabilitycheck.errors import UsageError
 from stabilitycheck.invariants_common import (
     ACC,
     TensorsLike,
-    _check_factor,
-    _coarsest,
-    _fail,
     _grads,
-    _host,
     _named,
     _norm_type,
     _norms,
-    _positive,
-    _require_finite,
-    _require_kept,
     _total,
+    check_factor,
+    coarsest,
+    fail,
+    host,
+    positive,
     reduction_error,
+    require_finite,
+    require_kept,
     rtol_of,
     subnormal_spacing,
 )
@@ -52,18 +52,18 @@ def assert_clipped_norm_bounded(
             "returned= is checked against the total norm before clipping: pass before= too, "
             "[p.grad.detach().clone() for p in params if p.grad is not None] taken before clipping"
         )
-    max_norm = _positive("max_norm", max_norm)
+    max_norm = positive("max_norm", max_norm)
     norm_type = _norm_type(norm_type)
     named = _named(parameters, "parameters")
     grads = _grads(named)
     header = f"Gradients after clipping to max_norm={max_norm:g} are not clipped correctly."
-    _require_finite(
+    require_finite(
         grads,
         "Gradients after clipping are not finite.",
         "A non-finite gradient is a finding, not something to clip: "
         "use clip_grad_norm_(..., error_if_nonfinite=True).",
     )
-    dtype = _coarsest(g for _, g in grads)
+    dtype = coarsest(g for _, g in grads)
     # torch rounds max_norm, the total, total + 1e-6, their quotient and each product in the gradient
     # dtype: up to 5 roundings of eps / 2, more than rtol alone allows in half precision.
     tol = rtol if rtol is not None else rtol_of(dtype) + 2.5 * torch.finfo(dtype).eps
@@ -80,7 +80,7 @@ def assert_clipped_norm_bounded(
     slack = spacing * numel ** (1 / max(norm_type, 1.0))
     coef = math.nan
     if before is not None:
-        _require_kept(named, before, "Clipping")
+        require_kept(named, before, "Clipping")
         if len(before) != len(grads):
             zeros = sum(not bool(g.any()) for _, g in grads)
             made = len(grads) - len(before)
@@ -97,7 +97,7 @@ def assert_clipped_norm_bounded(
             )
         pre = _named(list(before), "before")
         pre = [(name, b) for (name, _), (_, b) in zip(grads, pre, strict=True)]
-        _require_finite(
+        require_finite(
             pre,
             "Gradients before clipping are not finite, yet clipping returned finite ones.",
             "Clipping hid a blow-up: use clip_grad_norm_(..., error_if_nonfinite=True).",
@@ -111,7 +111,7 @@ def assert_clipped_norm_bounded(
     if total > bound:
         over = [i for i, n in enumerate(norms) if n > max_norm * (1 + tol) + slack]
         worst = max(range(len(norms)), key=lambda i: norms[i])
-        _fail(
+        fail(
             header,
             f"Total {norm_type:g}-norm after clipping: {total:.9g} (allowed: <= {bound:.9g}, "
             f"max_norm {max_norm:g} with rtol {tol:.2g}, torch's own rounding of the total included)",
@@ -130,7 +130,7 @@ def assert_clipped_norm_bounded(
             if not torch.equal(g, b.to(g.device, g.dtype))
         ]
         if changed:
-            _fail(
+            fail(
                 header,
                 f"The total norm before clipping was {total_before:.6g} <= max_norm {max_norm:g}, "
                 "so clipping must leave every gradient unchanged",
@@ -139,7 +139,7 @@ def assert_clipped_norm_bounded(
         return
     largest = max((float(b.abs().max()) for _, b in pre if b.numel()), default=0.0) * coef
     if total == 0 and total_before > 0 and largest >= spacing:  # else the right answer underflows to 0
-        _fail(
+        fail(
             header,
             f"Every gradient is zero after clipping, though the total norm before was "
             f"{total_before:.6g} (finite); expected them x {coef:.6g}",
@@ -151,7 +151,7 @@ def assert_clipped_norm_bounded(
     # the factor the gradients were scaled by (least squares) may lie anywhere between them
     exact = min(1.0, max_norm / total_before)
     pre_named = [(name, b) for (name, _), b in zip(grads, before, strict=True)]
-    _check_factor(
+    check_factor(
         pre_named,
         grads,
         min(max(_factor(pre_named, grads), coef), exact),
@@ -170,7 +170,7 @@ def _check_returned(
     if math.isinf(returned) and total_before > torch.finfo(dtype).max:
         return
     if not abs(returned - total_before) <= tol * total_before:
-        _fail(
+        fail(
             "The clip returned another value than the total norm before clipping.",
             f"Returned {returned:.9g}; the total {norm_type:g}-norm of before= is {total_before:.9g} "
             f"(allowed: within rtol {tol:.2g})",
@@ -185,7 +185,7 @@ def _factor(before: Sequence[tuple[str, torch.Tensor]], after: Sequence[tuple[st
         (a.detach().to(ACC).flatten(), b.detach().to(a.device, ACC).flatten())
         for (_, a), (_, b) in zip(after, before, strict=True)
     ]
-    dots = _host([torch.vdot(a, b) for a, b in pairs] + [torch.vdot(b, b) for _, b in pairs])
+    dots = host([torch.vdot(a, b) for a, b in pairs] + [torch.vdot(b, b) for _, b in pairs])
     bb = sum(dots[len(pairs) :])
     return sum(dots[: len(pairs)]) / bb if bb > 0 else 0.0
 
@@ -197,23 +197,23 @@ def assert_clipped_value_bounded(
     with `before`, also that non-finite entries were not clipped into finite ones and that each
     entry equals before.clamp(-clip_value, clip_value) (clamping is exact, no tolerance)."""
     __tracebackhide__ = True
-    clip_value = _positive("clip_value", clip_value)
+    clip_value = positive("clip_value", clip_value)
     named = _named(parameters, "parameters")
     grads = _grads(named)
     if before is not None:
-        _require_kept(named, before, "Value clipping")
+        require_kept(named, before, "Value clipping")
         if len(before) != len(grads):
             raise UsageError(
                 f"before has {len(before)} tensors but {len(grads)} parameters have a .grad; pass "
                 "[p.grad.detach().clone() for p in params if p.grad is not None] taken before clipping"
             )
-        _require_finite(
+        require_finite(
             [(name, b) for (name, _), b in zip(grads, before, strict=True)],
             "Gradients before value clipping are not finite; clipping hides that.",
             "clip_grad_value_ maps Inf to +-clip_value: check the gradients are finite before clipping.",
         )
-    _require_finite(grads, "Gradients after value clipping are not finite.")
-    dtype = _coarsest(g for _, g in grads)
+    require_finite(grads, "Gradients after value clipping are not finite.")
+    dtype = coarsest(g for _, g in grads)
     # clip_value itself rounds to the gradient dtype: relatively, or absolutely in the subnormal range
     rounded = torch.tensor(clip_value, dtype=torch.float64).to(dtype).item()
     bound = max(clip_value * (1 + rtol_of(dtype)), rounded)
@@ -221,7 +221,7 @@ def assert_clipped_value_bounded(
     over = [i for i, p in enumerate(peaks) if p > bound]
     if over:
         worst = max(over, key=lambda i: peaks[i])
-        _fail(
+        fail(
             f"Gradients after value clipping exceed clip_value={clip_value:g}.",
             f"Tensors over bound: {len(over)} / {len(grads)}",
             f"Worst: {grads[worst][0]!r} with largest |entry| {peaks[worst]:.6g} (allowed: <= {bound:.6g})",
@@ -234,7 +234,7 @@ def assert_clipped_value_bounded(
         if not torch.equal(g, b.to(g.device).clamp(-clip_value, clip_value).to(g.dtype))
     ]
     if wrong:
-        _fail(
+        fail(
             f"Gradients after value clipping differ from before.clamp(-{clip_value:g}, {clip_value:g}).",
             f"Tensors differing: {len(wrong)} / {len(grads)}; first: {wrong[0]!r}",
         )
@@ -262,6 +262,6 @@ def assert_direction_preserved(
         a = [(name, after[name]) for name, _ in b]
     elif isinstance(after, Mapping) and len(a) == len(b):
         b = [(name, t) for (name, _), (_, t) in zip(a, b, strict=True)]  # name both by after's keys
-    return _check_factor(
+    return check_factor(
         b, a, None, "Gradients were not rescaled by one common factor: direction changed.", rtol
     )

@@ -65,7 +65,7 @@ def state_kept(model: nn.Module) -> Iterator[None]:
                 t.copy_(before)
 
 
-def _fail(header: str, *lines: str) -> NoReturn:
+def fail(header: str, *lines: str) -> NoReturn:
     """Raise StabilityError with an assert_close-style message: a header, a blank line, the details.
     Like every helper that can fail, it hides its frame: a failure report ends at the user's call."""
     __tracebackhide__ = True
@@ -109,7 +109,7 @@ def _grads(parameters: TensorsLike) -> Named:
     return grads
 
 
-def _host(values: Sequence[torch.Tensor]) -> list[float]:
+def host(values: Sequence[torch.Tensor]) -> list[float]:
     """Scalars to Python floats with one host synchronisation per device."""
     out: list[float] = [0.0] * len(values)
     by_device: dict[torch.device, list[int]] = {}
@@ -125,7 +125,7 @@ def _norms(tensors: Sequence[torch.Tensor], ord: float = 2.0) -> list[float]:
     """Per-tensor norms in float64 as Python floats; 0.0 for an empty tensor (torch's infinity norm
     of one raises)."""
     full = [t.detach() for t in tensors if t.numel()]
-    values = iter(_host(list(torch._foreach_norm(full, ord, dtype=ACC)))) if full else iter(())
+    values = iter(host(list(torch._foreach_norm(full, ord, dtype=ACC)))) if full else iter(())
     return [next(values) if t.numel() else 0.0 for t in tensors]
 
 
@@ -143,24 +143,24 @@ def _total(norms: Sequence[float], ord: float) -> float:
     return float(torch.linalg.vector_norm(torch.tensor(norms, dtype=ACC), ord))
 
 
-def _coarsest(tensors: Iterable[torch.Tensor]) -> torch.dtype:
+def coarsest(tensors: Iterable[torch.Tensor]) -> torch.dtype:
     """The floating dtype with the largest tolerance among `tensors` (float64 if none is floating)."""
     dtypes = [t.dtype for t in tensors if t.is_floating_point()]
     return max(dtypes, key=rtol_of, default=torch.float64)
 
 
-def _positive(name: str, value: object) -> float:
+def positive(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not (0 < value < math.inf):
         raise UsageError(f"{name} must be a finite number > 0, got {name}={value!r}")
     return float(value)
 
 
 def _describe_nonfinite(name: str, t: torch.Tensor) -> str:
-    nan, inf = _host([t.isnan().sum(), t.isinf().sum()])
+    nan, inf = host([t.isnan().sum(), t.isinf().sum()])
     return f"{name!r} holds {int(nan)} NaN and {int(inf)} Inf of {t.numel()} values"
 
 
-def _require_kept(named: Named, before: Sequence[torch.Tensor], what: str) -> None:
+def require_kept(named: Named, before: Sequence[torch.Tensor], what: str) -> None:
     """Fail where `before` held a gradient for each of the parameters `named` and the clip left some
     with none (p.grad = None): dropping a gradient hides its blow-up and stops the parameter training
     (a clip deleting the Inf one passed, or told the caller their `before` was wrong)."""
@@ -171,7 +171,7 @@ def _require_kept(named: Named, before: Sequence[torch.Tensor], what: str) -> No
     if gone:
         name, b = gone[0]
         was = "finite" if bool(b.isfinite().all()) else "not finite: " + _describe_nonfinite("it", b)
-        _fail(
+        fail(
             f"{what} removed the gradient of {len(gone)} parameter(s): .grad is None where it was set.",
             f"First: {name!r}, whose gradient before was {was}",
             "A clip scales every gradient and keeps it: one dropped hides a blow-up, and its parameter "
@@ -179,20 +179,20 @@ def _require_kept(named: Named, before: Sequence[torch.Tensor], what: str) -> No
         )
 
 
-def _require_finite(named: Named, header: str, hint: str = "") -> None:
+def require_finite(named: Named, header: str, hint: str = "") -> None:
     """Fail with `header` when any tensor holds NaN or Inf, naming the first and counting them all."""
     __tracebackhide__ = True
     if not named:
         return
-    finite = _host([t.isfinite().all() for _, t in named])
+    finite = host([t.isfinite().all() for _, t in named])
     bad = [i for i, ok in enumerate(finite) if not ok]
     if bad:
         name, t = named[bad[0]]
         lines = [f"Non-finite tensors: {len(bad)} / {len(named)}", f"First: {_describe_nonfinite(name, t)}"]
-        _fail(header, *lines, *([hint] if hint else []))
+        fail(header, *lines, *([hint] if hint else []))
 
 
-def _check_factor(
+def check_factor(
     before: Named,
     after: Named,
     factor: float | None,
@@ -208,18 +208,18 @@ def _check_factor(
         raise UsageError(f"before has {len(before)} tensors but after has {len(after)}; pass them aligned")
     for (name, b), (_, a) in zip(before, after, strict=True):
         if b.shape != a.shape:
-            _fail(header, f"Shape changed: {name!r} was {tuple(b.shape)}, is {tuple(a.shape)}")
-    _require_finite(before, header + " (before is not finite, so no direction is defined)")
-    _require_finite(after, header + " (after is not finite)")
+            fail(header, f"Shape changed: {name!r} was {tuple(b.shape)}, is {tuple(a.shape)}")
+    require_finite(before, header + " (before is not finite, so no direction is defined)")
+    require_finite(after, header + " (after is not finite)")
     bs = [b.detach().to(ACC) for _, b in before]
     as_ = [a.detach().to(ACC).to(b.device) for (_, a), b in zip(after, bs, strict=True)]
-    dots = _host([torch.vdot(a.reshape(-1), b.reshape(-1)) for a, b in zip(as_, bs, strict=True)])
+    dots = host([torch.vdot(a.reshape(-1), b.reshape(-1)) for a, b in zip(as_, bs, strict=True)])
     nb, na = _norms(bs), _norms(as_)
     if factor is None:
         bb = sum(x * x for x in nb)
         factor = sum(dots) / bb if bb > 0 else 0.0
         if factor == 0 and bb > 0 and not any(na):
-            _fail(
+            fail(
                 header,
                 f"Every tensor is zero after, though before was finite and nonzero (total norm "
                 f"{math.sqrt(bb):.6g}): a factor of 0 keeps no direction",
@@ -227,8 +227,8 @@ def _check_factor(
             )
     s = factor
     resid = _norms([a - s * b for a, b in zip(as_, bs, strict=True)])
-    tol = rtol if rtol is not None else rtol_of(_coarsest(t for _, t in before + after))
-    spacing = subnormal_spacing(_coarsest(t for _, t in after))
+    tol = rtol if rtol is not None else rtol_of(coarsest(t for _, t in before + after))
+    spacing = subnormal_spacing(coarsest(t for _, t in after))
     extra = list(slack) if slack is not None else [0.0] * len(bs)
     allowed = [
         tol * abs(s) * n + spacing * math.sqrt(b.numel()) + x for n, b, x in zip(nb, bs, extra, strict=True)
@@ -239,7 +239,7 @@ def _check_factor(
         name = before[worst][0]
         ratio = na[worst] / nb[worst] if nb[worst] > 0 else math.inf
         cosine = dots[worst] / (na[worst] * nb[worst]) if na[worst] * nb[worst] > 0 else math.nan
-        _fail(
+        fail(
             header,
             f"Tensors off the common factor {s:.6g}: {len(over)} / {len(bs)}",
             f"Worst: {name!r} scaled by {ratio:.6g} with cosine {cosine:.6g} to before; "

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from stabilitycheck.errors import StabilityError, UsageError, no_trainable
-from stabilitycheck.invariants_common import _fail, _host, _norms, state_kept
+from stabilitycheck.invariants_common import _norms, fail, host, state_kept
 from stabilitycheck.losses import Inputs, LossFn, seeded_loss
 
 CLEAN_RTOL = 0.01  # a clean scaled step against a plain one: scales of 2^k undo exactly
@@ -168,7 +168,7 @@ def _check_guards(
 
     broken = [n for n, p in named if not bool(p.detach().isfinite().all())]
     if broken:
-        _fail(
+        fail(
             f"The model's weights hold NaN or Inf before any step, so no {kind} step can be judged.",
             f"Non-finite weight tensors: {len(broken)} / {len(named)}; first: {broken[0]!r}",
             "This is the model's finding, not the scaler's: check its initialisation or loaded state.",
@@ -200,7 +200,7 @@ def _check_guards(
             before_norm, after_norm = _norms(
                 [weights[[n for n, _ in named].index(first)], dict(named)[first]]
             )
-            _fail(
+            fail(
                 f"{kind} stepped on a gradient holding {poison} (in {where!r}): the step was not skipped.",
                 f"Weight tensors changed: {len(changed)} / {len(named)}; non-finite: "
                 f"{len(nonfinite)} / {len(named)}",
@@ -208,7 +208,7 @@ def _check_guards(
                 "(allowed: unchanged)",
             )
         if callable(get_scale) and not scale_after < scale_before:
-            _fail(
+            fail(
                 f"{kind} skipped a step on {poison} but did not back off its scale.",
                 f"Scale before: {scale_before:g}, after: {scale_after:g} (allowed: < {scale_before:g})",
             )
@@ -222,7 +222,7 @@ def _check_guards(
     nonfinite = [n for n, p in named if not bool(p.detach().isfinite().all())]
     moved = any(p.grad is not None and bool(p.grad.ne(0).any()) for p in params)
     if nonfinite or (moved and not changed):  # all-zero gradients (e.g. dead ReLUs) move nothing
-        _fail(
+        fail(
             f"{kind} did not take a clean step (finite gradients): it guards by never stepping.",
             f"Weight tensors changed: {len(changed)} / {len(named)}; "
             f"non-finite: {len(nonfinite)} / {len(named)}",
@@ -295,7 +295,7 @@ def _clipped(
         ((a * b >= 0) & (a.abs() <= b.abs() * (1 + CLEAN_RTOL) + torch.finfo(a.dtype).tiny)).all()
         for a, b in pairs
     ]
-    if not all(_host(shrunk)):
+    if not all(host(shrunk)):
         return None
     return [a for a, _ in pairs]
 
@@ -391,7 +391,7 @@ def _check_clean_state(
             a, b = value.detach().double().cpu(), ref.detach().double().cpu()
             off, size = float((a - b).norm()), float(b.norm())
             if a.shape != b.shape or off > CLEAN_RTOL * size + torch.finfo(torch.float32).tiny:
-                _fail(
+                fail(
                     f"{kind}'s steps left the optimizer state unlike one plain step on the unscaled "
                     "gradients.",
                     f"First: {name!r} state {key!r}: norm {float(a.norm()):.6g}, a plain step's {size:.6g} "
@@ -413,7 +413,7 @@ def _check_clean_step(
         got, ref = (p.detach() - w).double(), (want.to(w.device) - w).double()
         off, size = float((got - ref).norm()), float(ref.norm())
         if off > CLEAN_RTOL * size + torch.finfo(w.dtype).tiny:
-            _fail(
+            fail(
                 f"{kind}'s clean step did not update the weights as a step on the unscaled gradients does.",
                 f"First: {name!r}: update norm {float(got.norm()):.6g}, a plain step's {size:.6g} "
                 f"(allowed: within {CLEAN_RTOL:.0%} of it)",

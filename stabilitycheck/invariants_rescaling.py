@@ -14,11 +14,11 @@ from stabilitycheck.errors import no_trainable
 from stabilitycheck.invariants_common import (
     ACC,
     Named,
-    _check_factor,
-    _coarsest,
-    _fail,
     _norms,
-    _positive,
+    check_factor,
+    coarsest,
+    fail,
+    positive,
     rtol_of,
     state_kept,
 )
@@ -69,7 +69,7 @@ def _rounding_error(
     if [n for n, _ in exact] != [n for n, _ in grads]:
         return [0.0] * len(grads)
     errors = _norms([g.to(ACC) - e.to(g.device) for (_, g), (_, e) in zip(grads, exact, strict=True)])
-    cap = math.sqrt(torch.finfo(_coarsest(g for _, g in grads)).eps)
+    cap = math.sqrt(torch.finfo(coarsest(g for _, g in grads)).eps)
     return [min(e, cap * n) for e, n in zip(errors, _norms([g for _, g in grads]), strict=True)]
 
 
@@ -92,7 +92,7 @@ def assert_rescaling_equivariant(
     by 6.8e-4 of its norm against an allowance of 6.2e-5).
     The .grad fields and the buffers (a BatchNorm's running statistics) are restored."""
     __tracebackhide__ = True
-    c = _positive("c", c)
+    c = positive("c", c)
     with state_kept(model):
         _check_rescaling(model, inputs, loss_fn, c, seed, rtol)
 
@@ -109,21 +109,21 @@ def _check_rescaling(
         for p, g in saved:
             p.grad = g
     if [n for n, _ in g1] != [n for n, _ in gc]:
-        _fail(
+        fail(
             f"Scaling the loss by c={c:g} changed which parameters get a gradient.",
             f"At c=1: {len(g1)} tensors; at c={c:g}: {len(gc)} tensors",
         )
     if not math.isfinite(loss):
-        _fail(f"The loss is not finite ({loss}), so no gradient rescaling can be checked.")
+        fail(f"The loss is not finite ({loss}), so no gradient rescaling can be checked.")
     rounding = _rounding_error(model, inputs, loss_fn, g1, seed)
     rounding_c = _rounding_error(model, inputs, loss_fn, gc, seed, c)
     # A gradient that cancels to (near) zero, e.g. a bias before a BatchNorm, is rounding noise on the
     # scale of the terms summed into it, not of its own norm: every tensor may be off by rtol of the
     # total gradient norm as well (a bug that matters moves a tensor by more than that).
-    floor = (rtol if rtol is not None else rtol_of(_coarsest(g for _, g in g1))) * math.sqrt(
+    floor = (rtol if rtol is not None else rtol_of(coarsest(g for _, g in g1))) * math.sqrt(
         sum(n * n for n in _norms([g for _, g in g1]))
     )
-    _check_factor(
+    check_factor(
         g1,
         gc,
         c,
@@ -137,7 +137,7 @@ def _subnormal_hint(grads: Sequence[tuple[str, torch.Tensor]], c: float) -> str:
     """Where gradients times c < 1 fall below the smallest normal number of their floating dtype (any:
     float32's is 1.2e-38), they lose precision to subnormals, not to a non-linear backward: say so
     beside the failure."""
-    dtype = _coarsest(g for _, g in grads)
+    dtype = coarsest(g for _, g in grads)
     if c >= 1 or not dtype.is_floating_point:
         return ""
     tiny = torch.finfo(dtype).smallest_normal

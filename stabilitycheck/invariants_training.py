@@ -13,7 +13,7 @@ from stabilitycheck.config import Config
 from stabilitycheck.configprobe import probe
 from stabilitycheck.culprit import culprit_of
 from stabilitycheck.errors import UsageError
-from stabilitycheck.invariants_common import _fail, _positive
+from stabilitycheck.invariants_common import fail, positive
 from stabilitycheck.losses import Inputs, LossFn
 from stabilitycheck.measurement import Measurement
 from stabilitycheck.probing import probe_module
@@ -85,7 +85,7 @@ def assert_finite_training(
     if nf is not None:
         losses = ", ".join(f"{x:.4g}" for x in m.loss)
         norms = ", ".join(f"{x:.3g}" for x in m.grad_norm)
-        _fail(
+        fail(
             f"Training went non-finite within {steps} {optimizer} steps at lr={lr:g}.",
             f"Steps finite: {nf.step} / {steps + 1} (step 0 at init, then one per update)",
             f"First non-finite: step {nf.step}, layer {nf.layer!r}, tensor {nf.tensor!r} (norm {nf.value})",
@@ -107,8 +107,8 @@ def assert_bounded_growth(measurement: Measurement, limit: float, *, gain_limit:
             f"assert_bounded_growth takes a Measurement, got {type(measurement).__name__}: probe first, "
             "e.g. assert_bounded_growth(probe(config), 100) or probe_module(model, inputs, loss_fn)"
         )
-    limit = _positive("limit", limit)
-    per_layer = limit if gain_limit is None else _positive("gain_limit", gain_limit)
+    limit = positive("limit", limit)
+    per_layer = limit if gain_limit is None else positive("gain_limit", gain_limit)
     m = measurement
     names = m.activation_names[1:]  # gain i is across the block whose output is activation i + 1
     acts = m.activation_grad_norms
@@ -150,4 +150,4 @@ def assert_bounded_growth(measurement: Measurement, limit: float, *, gain_limit:
         if unread and not over
         else "Gradient growth is above the limit."
     )
-    _fail(headline, *lines)
+    fail(headline, *lines)

@@ -17,7 +17,7 @@ def _feeds(x: Any, out: torch.Tensor) -> bool:
     between loops): a block taking it continues the chain of the block that made `out`; an
     encoder-decoder's decoder taking its own embeddings, or a second tower taking the model's input,
     starts another."""
-    return x is out or _made_from(x, {out.grad_fn} if out.grad_fn is not None else set())
+    return x is out or made_from(x, {out.grad_fn} if out.grad_fn is not None else set())
 
 
 def _taken(outs: Sequence[torch.Tensor], args: Any) -> list[int]:
@@ -28,7 +28,7 @@ def _taken(outs: Sequence[torch.Tensor], args: Any) -> list[int]:
     return [i for i, out in enumerate(outs) if any(_feeds(t, out) for t in given)]
 
 
-def _made_from(x: Any, targets: set[Any], past: Collection[Any] = ()) -> bool:
+def made_from(x: Any, targets: set[Any], past: Collection[Any] = ()) -> bool:
     """Whether the autograd graph behind tensor `x` reaches one of the nodes `targets` by a path that
     does not go through one of the nodes `past`. Only nodes created after the earliest target are
     searched (a node's inputs are older than it): the search ends where the targets were made,
@@ -38,7 +38,7 @@ def _made_from(x: Any, targets: set[Any], past: Collection[Any] = ()) -> bool:
 
 
 def _node_made_from(start: Any, targets: set[Any], past: Collection[Any] = ()) -> bool:
-    """`_made_from` from the autograd node `start` (None: no graph)."""
+    """`made_from` from the autograd node `start` (None: no graph)."""
     if start is None or not targets or start in past:
         return False
     oldest = min(t._sequence_nr() for t in targets)
@@ -86,7 +86,7 @@ def _around(
         return (x.grad_fn, []) if x._version == 0 and torch.equal(x, raw + first) else None
 
 
-def _skips(args: tuple[Any, ...], raw: torch.Tensor, first: torch.Tensor) -> bool:
+def skips(args: tuple[Any, ...], raw: torch.Tensor, first: torch.Tensor) -> bool:
     """Whether the next block call's chain input (`args`) is made from block 0's input `raw` by a path
     around block 0's output `first`, where `_around` found no residual add it reads: x + 0.1 *
     tanh(block(x)), x + dropout(block(x)), cat(x, block(x)). dL/dx then holds the skip's gradient and
@@ -97,7 +97,7 @@ def _skips(args: tuple[Any, ...], raw: torch.Tensor, first: torch.Tensor) -> boo
     x = args[0] if args else None
     if raw.grad_fn is None or first.grad_fn is None:
         return False
-    return _made_from(x, {raw.grad_fn}, {first.grad_fn})
+    return made_from(x, {raw.grad_fn}, {first.grad_fn})
 
 
 def _residual_add(x: Any, raw: torch.Tensor, first: torch.Tensor) -> tuple[Any, Taps] | None:
@@ -199,7 +199,7 @@ def _edge(t: torch.Tensor) -> tuple[Any, int]:
     return edge.node, edge.output_nr
 
 
-def _taken_chains(
+def taken_chains(
     outputs: Sequence[torch.Tensor], breaks: Sequence[int], given: Sequence[Any], entry: bool
 ) -> frozenset[int]:
     """The chains so far (each by its first position in `outputs`; `breaks`: where each after the
@@ -216,14 +216,14 @@ def _taken_chains(
         outs = outputs[a + (entry and a == 0) : b]
         nodes = {out.grad_fn for out in outs if out.grad_fn is not None}
         if any(any(t is out for out in outs) for t in given) or any(
-            _made_from(t, nodes, later) for t in given
+            made_from(t, nodes, later) for t in given
         ):
             taken.add(a)
         later |= nodes
     return frozenset(taken)
 
 
-def _stack_starts(stacks: Sequence[str]) -> list[int]:
+def stack_starts(stacks: Sequence[str]) -> list[int]:
     """The first block of each stack (a run of blocks in one container), where the recorder checks
     in a pre-hook that a call continues the chain (a stack's later blocks it checks in their forward
     hook). From one stack to the next (`encoder.layers.5` then `decoder.layers.0`) a call does where

@@ -60,7 +60,7 @@ def combined(norms: Sequence[float]) -> float:
     return math.nan if any(map(math.isnan, norms)) else math.hypot(*norms)
 
 
-def _per_block(norms: Sequence[float], owner: Sequence[int], n_blocks: int) -> tuple[float, ...]:
+def per_block(norms: Sequence[float], owner: Sequence[int], n_blocks: int) -> tuple[float, ...]:
     """Combine per-parameter L2 norms into per-block L2 norms (`combined`)."""
     parts: list[list[float]] = [[] for _ in range(n_blocks)]
     for value, b in zip(norms, owner, strict=True):
@@ -69,7 +69,7 @@ def _per_block(norms: Sequence[float], owner: Sequence[int], n_blocks: int) -> t
     return tuple(combined(p) for p in parts)
 
 
-def _scatter(values: Sequence[float], where: Sequence[int], n: int) -> list[float]:
+def scatter(values: Sequence[float], where: Sequence[int], n: int) -> list[float]:
     """`values` put at the indices `where` of n zeros (0.0: a tensor no gradient reached)."""
     out = [0.0] * n
     for i, v in zip(where, values, strict=True):

@@ -16,7 +16,7 @@ from torch import nn
 
 from stabilitycheck.junctions import _taken
 from stabilitycheck.losses import Inputs, call_model
-from stabilitycheck.recording import _floating, _stack_of
+from stabilitycheck.recording import floating, stack_of
 from stabilitycheck.rng import host_rng_kept
 from stabilitycheck.subject import DECLARED_NOTE, LEAVES_NOTE, MIXED, Blocks
 
@@ -58,14 +58,14 @@ def looped_blocks(model: nn.Module, inputs: Inputs, blocks: Blocks, note: str) -
     if not found or found == stacks:
         return blocks, note
     if mixed:  # that list's own container looped (or a module holding it): else the list stands
-        inside = {_stack_of(name) for name, _ in blocks}
+        inside = {stack_of(name) for name, _ in blocks}
         if not any(c == f or c.startswith(f"{f}.") for c in inside for f in found):
             return blocks, note
     if not leaves:
-        kept = [b for stack in found for b in blocks if _stack_of(b[0]) == stack]
+        kept = [b for stack in found for b in blocks if stack_of(b[0]) == stack]
         if len(found) == len(stacks):
             parts = " + ".join(
-                f"{s or '(model)'} ({sum(_stack_of(n) == s for n, _ in blocks)})" for s in found
+                f"{s or '(model)'} ({sum(stack_of(n) == s for n, _ in blocks)})" for s in found
             )
             return tuple(kept), ORDER_NOTE.format(parts=parts)
         names = " + ".join(s or "(model)" for s in found)
@@ -88,12 +88,12 @@ def on_a_copy(model: nn.Module, inputs: Inputs, see: Callable[[nn.Module, Inputs
 
 
 def _stacks_of(blocks: Blocks) -> list[str]:
-    """The stacks (`_stack_of`) of `blocks` in order, where every block is composite (a module with
+    """The stacks (`stack_of`) of `blocks` in order, where every block is composite (a module with
     children: find_blocks takes several stacks together only of those, an encoder's and a decoder's);
     else none (recurrent cells side by side, leaf layers)."""
     if not all(any(True for _ in m.children()) for _, m in blocks):
         return []
-    return list(dict.fromkeys(_stack_of(name) for name, _ in blocks))
+    return list(dict.fromkeys(stack_of(name) for name, _ in blocks))
 
 
 def _apart(model: nn.Module, inputs: Inputs, names: list[str], stacks: list[str]) -> list[str]:
@@ -116,13 +116,13 @@ def _apart(model: nn.Module, inputs: Inputs, names: list[str], stacks: list[str]
 
         def after(module: nn.Module, args: Any, output: Any) -> None:
             order.append(stack)
-            last[stack] = _floating(output)
+            last[stack] = floating(output)
 
         return before, after
 
     for name in names:
         module = model.get_submodule(name)
-        before, after = hooks(_stack_of(name))
+        before, after = hooks(stack_of(name))
         module.register_forward_pre_hook(before, with_kwargs=True)
         module.register_forward_hook(after)
     call_model(model, inputs)
@@ -150,7 +150,7 @@ def _looped(model: nn.Module, inputs: Inputs) -> list[str]:
 
     def after(module: nn.Module, args: Any, output: Any) -> None:
         calls[id(module)] = calls.get(id(module), 0) + 1
-        last[id(module)] = _floating(output)
+        last[id(module)] = floating(output)
 
     for _, m in named:
         m.register_forward_pre_hook(before, with_kwargs=True)

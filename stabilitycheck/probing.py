@@ -26,7 +26,7 @@ from stabilitycheck._tree import tensors as tensors_of
 from stabilitycheck._validation import article
 from stabilitycheck.errors import UsageError, UserCodeError, no_trainable
 from stabilitycheck.hooking import GRAPH_BREAK
-from stabilitycheck.layout import _layout, _per_block, _scatter, combined
+from stabilitycheck.layout import _layout, combined, per_block, scatter
 from stabilitycheck.loops import looped_blocks
 from stabilitycheck.losses import Inputs, LossFn, call_model, differentiable_loss
 from stabilitycheck.measurement import (
@@ -35,7 +35,7 @@ from stabilitycheck.measurement import (
 from stabilitycheck.measurement import NonFinite
 from stabilitycheck.norms import STACK_MIN, dense, norm_values
 from stabilitycheck.readings import Step, chains_of, cut_before, gains_of, growth_of, locate, unscored
-from stabilitycheck.recording import _Recorder
+from stabilitycheck.recording import Recorder
 from stabilitycheck.rng import SALT_FORWARD, derived, rng_state, set_rng_state
 from stabilitycheck.subject import BYPASSED, find_blocks, own_blocks, shown_blocks
 from stabilitycheck.updates import Training, optimizer_for, training_settings, update
@@ -50,7 +50,7 @@ class _Run:
     loss_fn: LossFn
     names: tuple[str, ...]
     params: tuple[nn.Parameter, ...]
-    rec: _Recorder
+    rec: Recorder
     opt: torch.optim.Optimizer | None  # built only when an update or a GradScaler needs one
     autocast: torch.dtype | None
     scaler: torch.amp.GradScaler | None
@@ -82,7 +82,7 @@ def _backward(
         if made is not None
         else []
     )
-    fed = [run.rec.fed] if run.rec.fed is not None else []  # asked for, its gradient unread: see _Recorder
+    fed = [run.rec.fed] if run.rec.fed is not None else []  # asked for, its gradient unread: see Recorder
     try:
         asked = [outputs[i] for i in wanted] + list(run.params) + fed
         grads = list(torch.autograd.grad(loss, asked, allow_unused=True))
@@ -145,7 +145,7 @@ def _forward(
     plain: bool = False,
 ) -> torch.Tensor:
     """The loss of one forward pass, the block outputs recorded when `hooks` (`copied`, `entry`: see
-    _Recorder.start); the inputs as given where `plain` or not `entry`, else `_in_graph`'s copies."""
+    Recorder.start); the inputs as given where `plain` or not `entry`, else `_in_graph`'s copies."""
     if hooks:  # an exact re-run tells a NaN made between blocks from one made in one
         run.rec.start(inputs=exact, copied=copied, entry=entry)
     given = _in_graph(run.inputs) if hooks and entry and not plain else run.inputs
@@ -168,7 +168,7 @@ def _in_graph(inputs: Inputs) -> Inputs:
     """The model's inputs with each floating tensor that does not require grad (given as it is, or
     in tuples, lists and dicts, at any depth) replaced by a copy in a graph of its own, so autograd
     records its every use: a skip written around block 0 (x + 0.1 * tanh(block(x))) shows in the
-    graph, as behind a stem (recording._skips). A copy, not a leaf: the model may change it in place.
+    graph, as behind a stem (junctions.skips). A copy, not a leaf: the model may change it in place.
     No gradient of it is asked for, so none is computed. Other containers (a namedtuple such as a
     PackedSequence, whose class checks its fields) are passed as they are."""
     if not torch.is_grad_enabled():
@@ -300,11 +300,11 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
     loss_value, scale_value = host[0], host[1] if scaler else 1.0
     host = host[1 + len(extra) :]
     into = [i for i, x in enumerate(entering) if x is not None]
-    inputs = _scatter(host[len(host) - len(into) :], into, len(entering)) if into else [0.0] * len(entering)
+    inputs = scatter(host[len(host) - len(into) :], into, len(entering)) if into else [0.0] * len(entering)
     host = host[: len(host) - len(into)]
     if scaler:  # output gradients of the scaled loss, unscaled
         host[g + n : g + n + r] = [b / scale_value for b in host[g + n : g + n + r]]
-    forward, backward = host[g : g + n], _scatter(host[g + n : g + n + r], reached, n)
+    forward, backward = host[g : g + n], scatter(host[g + n : g + n + r], reached, n)
     calls = n - len(carried)
     own = host  # the norms a non-finite value counts in: not a carried tensor's (see _together)
     if carried:
@@ -314,7 +314,7 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
     return Step(
         loss=loss_value,
         scale=scale_value,
-        grads=_scatter(host[:g], present, len(run.params)),
+        grads=scatter(host[:g], present, len(run.params)),
         weights=host[g + n + r :],
         calls=run.rec.call_names(run.names) if hooks else (),
         breaks=frozenset(run.rec.breaks) if hooks else frozenset(),
@@ -479,7 +479,7 @@ def _measure(
         loss_fn,
         names,
         params,
-        _Recorder(blocks, input_side=True),
+        Recorder(blocks, input_side=True),
         opt,
         AUTOCAST.get(amp),
         scaler,
@@ -555,7 +555,7 @@ def _measure(
         activation_names=first.calls,
         loss=tuple(losses),
         grad_norm=tuple(totals),
-        layer_grad_norms=_per_block(first.grads, owner, len(names)),
+        layer_grad_norms=per_block(first.grads, owner, len(names)),
         activation_norms=tuple(first.forward),
         activation_grad_norms=act,
         gains=gains_of(act, first.breaks, unreached),
@@ -567,7 +567,7 @@ def _measure(
         state_end=max((i for i in range(len(act)) if i not in unreached), default=-1) in first.carried,
         cut_before=cut_before(first.severed, first.unreached),
         blocks_note=chosen,
-        weight_norms=_per_block(last.weights, owner, len(names)) if last.weights else (),
+        weight_norms=per_block(last.weights, owner, len(names)) if last.weights else (),
         first_nonfinite=nonfinite,
         steps_run=len(losses) - 1,
         loss_scale=tuple(scales) if scaler else (),

@@ -35,7 +35,7 @@ from stabilitycheck._options import (
     add_options as add_options,  # `X as X`: re-exported, these were defined here
 )
 from stabilitycheck.findings import Finding as Finding
-from stabilitycheck.findings import _failing_configs, _failure_text, _leaves
+from stabilitycheck.findings import failing_configs, failure_text, leaves
 from stabilitycheck.findings import finding as finding
 from stabilitycheck.findings import summary as summary
 from stabilitycheck.invariants_stable import assert_stable as assert_stable
@@ -287,7 +287,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if state is None:
         return
     codes = _test_codes(item)
-    for exc in _leaves(call.excinfo.value):
+    for exc in leaves(call.excinfo.value):
         if not isinstance(exc, AssertionError):
             continue
         cx = getattr(exc, "stability_counterexample", None)
@@ -295,8 +295,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             state.add(finding(cx, item.nodeid, knobs=getattr(exc, "stability_knobs", None)))
             continue
         again = _rerun(item, state, item.stash.get(_SEEDED, False))
-        for c in _failing_configs(exc, codes):
-            state.add(finding(c, item.nodeid, failure=_failure_text(exc), reproduce=again))
+        for c in failing_configs(exc, codes):
+            state.add(finding(c, item.nodeid, failure=failure_text(exc), reproduce=again))
 
 
 def _rerun(item: pytest.Item, state: _State, seeded: bool) -> str:

@@ -20,40 +20,40 @@ from stabilitycheck.junctions import (
     _around,
     _feeds,
     _goes_on,
-    _made_from,
-    _skips,
-    _stack_starts,
-    _taken_chains,
+    made_from,
+    skips,
+    stack_starts,
+    taken_chains,
 )
 from stabilitycheck.measurement import INPUT
 
 
-def _first_tensor(value: Any, scalars: bool = True) -> torch.Tensor | None:
+def first_tensor(value: Any, scalars: bool = True) -> torch.Tensor | None:
     """The first floating-point tensor of `value`, in order, inside tuples, lists and dicts; within
     them a 0-d one only with `scalars`. As a block's output (scalars False): LSTMCell's (h, c), a
     layer's (h, attention), {"aux_loss": l, "hidden": h}, (None, h) are read on h (element 0 alone
     missed the dict and (None, h): their blocks read 0); an integer output is none (no gradient); an
     MoE layer returning (router_logits, h) is read on its logits: declare a block that returns h. (The
-    probe's recorder reads a block called again on the tensors its next call takes: _Recorder._repick
+    probe's recorder reads a block called again on the tensors its next call takes: Recorder._repick
     and carrying.Carrying.found.)"""
     if isinstance(value, torch.Tensor):
         return value if value.is_floating_point() else None
     items = value.values() if isinstance(value, Mapping) else value if isinstance(value, tuple | list) else ()
     for item in items:
         if scalars or not isinstance(item, torch.Tensor) or item.dim() > 0:
-            found = _first_tensor(item, scalars)
+            found = first_tensor(item, scalars)
             if found is not None:
                 return found
     return None
 
 
-def _floating(value: Any) -> list[torch.Tensor]:
-    """Every floating-point tensor of a block's output with a dimension, in `_first_tensor`'s order
+def floating(value: Any) -> list[torch.Tensor]:
+    """Every floating-point tensor of a block's output with a dimension, in `first_tensor`'s order
     (the first is what it returns with scalars False)."""
     if isinstance(value, torch.Tensor):
         return [value] if value.is_floating_point() and value.dim() > 0 else []
     items = value.values() if isinstance(value, Mapping) else value if isinstance(value, tuple | list) else ()
-    return [t for item in items for t in _floating(item)]
+    return [t for item in items for t in floating(item)]
 
 
 def _cut(args: tuple[Any, ...], kwargs: dict[str, Any], prev: torch.Tensor) -> bool:
@@ -161,7 +161,7 @@ def _taken_norm(args: tuple[Any, ...], kwargs: dict[str, Any], returned: set[int
     Taken on exact re-runs only, which are rare."""
     x = _entry(args, kwargs)[1]
     if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
-        x = _first_tensor(args)
+        x = first_tensor(args)
     if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
         return None
     floats = [t for t in tensors((args, kwargs)) if t.is_floating_point()]
@@ -174,7 +174,7 @@ def _taken_norm(args: tuple[Any, ...], kwargs: dict[str, Any], returned: set[int
     return marked
 
 
-def _stack_of(name: str) -> str:
+def stack_of(name: str) -> str:
     """The container a block's name puts it in (`encoder.layers.5`: encoder.layers; `stages.1.0`:
     stages.1; `encoder.enc0`: encoder); a model's own attribute is a stack of its own (two recurrent
     cells `fwd` and `bwd` of a bidirectional reader: a junction between them), its Sequential layers
@@ -216,7 +216,7 @@ def _elsewhere(args: tuple[Any, ...], kwargs: dict[str, Any], key: str | None, f
     return any(_feeds(t, first) for t in tensors(others))
 
 
-class _Recorder:
+class Recorder:
     """Forward hooks on the blocks, collecting (block index, output) of every block call while active;
     dL/d(output) is then captured by the backward pass itself (torch.autograd.grad), no tensor hooks.
 
@@ -269,7 +269,7 @@ class _Recorder:
         # calls taking, as their chain's input, the last output or a detached view of it that carries
         # no gradient (`_severs`): the gradient stops there (readings.cut_before says where it shows)
         self.severed: set[int] = set()
-        self.stacks = [_stack_of(name) for name, _ in blocks]
+        self.stacks = [stack_of(name) for name, _ in blocks]
         self.modules = [module for _, module in blocks]
         self.own: dict[str, set[Any]] = {s: set() for s in self.stacks}  # its outputs' nodes this pass
         self.registrations = [  # made once; the hooks are on the model only from `start` to `remove`
@@ -288,7 +288,7 @@ class _Recorder:
                     blocks[b][1].register_forward_pre_hook, outside_graph(self._join(b)), with_kwargs=True
                 ),
             )
-            for b in _stack_starts(self.stacks)
+            for b in stack_starts(self.stacks)
         ]
         # a stack's later blocks are checked in their forward hook, on the arguments it gets (a pre-hook
         # per call cost ~14 us, 0.03x of a 16-block MLP's step)
@@ -374,7 +374,7 @@ class _Recorder:
         if self.active and self.outputs and not self._skipped(b):
             at, x = len(self.outputs), _entry(args, kwargs)[1]
             if isinstance(x, tuple | list | Mapping):  # a call taking one container, an nn.RNN's
-                x = _first_tensor(x, scalars=False)  # PackedSequence or a block's (h, mask): its chain
+                x = first_tensor(x, scalars=False)  # PackedSequence or a block's (h, mask): its chain
                 # is its first floating tensor, as a block's output is read (taken whole, a junction read
                 # a packed nn.RNN's gain in no chain: growth 0.49 where torch's is 7814)
             entry = self.calls[0] < 0
@@ -385,7 +385,7 @@ class _Recorder:
                     # call takes as its chain's input is made from another chain's output too: a
                     # merge (a head on two towers' outputs) starts a chain that takes both (memory
                     # in another argument, as every decoder layer takes, is no merge)
-                    taken = _taken_chains(self.outputs, sorted(self.breaks), [x], entry)
+                    taken = taken_chains(self.outputs, sorted(self.breaks), [x], entry)
                     if len(taken) > 1:
                         self.feeds[at] = taken
                         self.breaks.add(at)
@@ -396,8 +396,8 @@ class _Recorder:
                 return  # a later block taking another of its predecessor's tensors (its h of
                 # (router_logits, h)): the chain runs on, read on the tensor recorded
             own = self.own[stack] if self.stacks[self.calls[-1]] == stack else set()
-            if not any(_made_from(t, own) for t in given):
-                self.feeds[at] = _taken_chains(self.outputs, sorted(self.breaks), given, entry)
+            if not any(made_from(t, own) for t in given):
+                self.feeds[at] = taken_chains(self.outputs, sorted(self.breaks), given, entry)
                 self.breaks.add(at)
 
     def _upstream_learns(self) -> bool:
@@ -416,9 +416,9 @@ class _Recorder:
         def on_forward(module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> Any:
             swapped = None
             if self.active and not self._skipped(b):
-                outs = _floating(output)
+                outs = floating(output)
                 pick = self.picks.get(b, 0)
-                out = outs[pick] if pick < len(outs) else _first_tensor(output, scalars=False)
+                out = outs[pick] if pick < len(outs) else first_tensor(output, scalars=False)
                 if out is not None:
                     if b in self.later and (args or kwargs):
                         self._joins(b, args, kwargs)
@@ -440,7 +440,7 @@ class _Recorder:
                             ] or [add.register_prehook(self._through)]
                             self.sum = add if taps else None
                             self.fed = GradientEdge(*taps[0][0].next_functions[taps[0][1]]) if taps else None
-                        elif b != 0 and 1 not in self.copied and _skips(args, self.raw, outputs[1]):
+                        elif b != 0 and 1 not in self.copied and skips(args, self.raw, outputs[1]):
                             self.dropped = True  # the input is not on block 0's output's chain
                     elif len(calls) == 3 and self.sum is not None:  # does the stream go on from the sum?
                         self.goes_on = _goes_on(args, self.sum, outputs[2])

@@ -42,7 +42,7 @@ from stabilitycheck.norms import (
     norm,
     refine,
 )
-from stabilitycheck.recording import _first_tensor
+from stabilitycheck.recording import first_tensor
 
 PENDING_CAP = 1 << 22  # elements kept for lazy norms (16 MiB in float32) before they are normed
 # a capture larger than this (128 KiB in float32) is normed at once, while it is in cache: on the
@@ -208,7 +208,7 @@ class Capture:
         def keep(args: Any, output: Any) -> None:
             self.seen = True
             self.measured = self.measured or torch.is_grad_enabled()
-            out = _first_tensor(output, scalars=False)
+            out = first_tensor(output, scalars=False)
             if out is None or not torch.is_grad_enabled():
                 return
             if b > 0 and args and self._prev is not None:  # called by keyword alone: not known, not said

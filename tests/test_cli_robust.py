@@ -463,11 +463,11 @@ def test_a_fixed_knob_stays_fixed_whether_or_not_a_range_is_given(
     """--knob NAME=VALUE on a knob the space searches fixes it (it fell back to the default axes,
     depth included, when no range was left): the searched axes are the ranges given, else the
     space's own axes less the fixed ones, and every fixed value is in the base."""
-    from stabilitycheck._options import _apply_knobs
+    from stabilitycheck._options import apply_knobs
     from stabilitycheck.subjects import resolve
 
     subject = resolve("mlp")
-    space = _apply_knobs(subject.space(), knobs)
+    space = apply_knobs(subject.space(), knobs)
     assert [a.name for a in space.axes] == searched
     for text in knobs:
         name, _, value = text.partition("=")
@@ -914,7 +914,7 @@ def test_a_file_that_failed_is_still_said_when_a_second_ctrl_c_stops_the_plot(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(plot, "plot", interrupted)
-    monkeypatch.setattr(_outputs, "_atomic_write", full_disk)
+    monkeypatch.setattr(_outputs, "atomic_write", full_disk)
     args = [str(_file(tmp_path)), "--database", "none", "--seeds", "1", "--quiet"]
     code, out, err = _run(
         [*args, "--json", str(tmp_path / "o.json"), "--plot", str(tmp_path / "p.png")], capsys

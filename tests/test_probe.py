@@ -2253,9 +2253,9 @@ def test_no_hook_of_the_probe_is_left_on_a_graph_the_model_keeps_when_the_loss_r
         raise ValueError("the loss fails")
 
     ran: list[int] = []
-    through = recording._Recorder._through
+    through = recording.Recorder._through
     monkeypatch.setattr(
-        recording._Recorder, "_through", lambda rec, grads: (ran.append(1), through(rec, grads))[1]
+        recording.Recorder, "_through", lambda rec, grads: (ran.append(1), through(rec, grads))[1]
     )
     model, x = Keeps(), torch.randn(4, 8)
     probe_module(model, x, lambda o, _: o.square().sum())

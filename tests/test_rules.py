@@ -375,17 +375,17 @@ def test_a_call_taking_block_0s_input_takes_no_chain_when_it_is_the_entry() -> N
     """J3: with `entry`, outputs[0] is block 0's input, no output of chain 0: a second tower taking that
     input (or what is computed from it) runs beside the first and takes no chain; a call taking chain
     0's last output (or a sum on it) takes chain 0. Without `entry`, outputs[0] is chain 0's own."""
-    from stabilitycheck.junctions import _taken_chains
+    from stabilitycheck.junctions import taken_chains
 
     w = torch.randn(4, requires_grad=True)
     inp = w * 1.0
     out0 = torch.tanh(inp)
     out1 = torch.tanh(out0)
     outputs = [inp, out0, out1]
-    assert _taken_chains(outputs, [], (inp,), True) == frozenset()
-    assert _taken_chains(outputs, [], (torch.sin(inp),), True) == frozenset()
-    assert _taken_chains(outputs, [], (out1 + 1,), True) == frozenset({0})
-    assert _taken_chains(outputs, [], (inp,), False) == frozenset({0})
+    assert taken_chains(outputs, [], (inp,), True) == frozenset()
+    assert taken_chains(outputs, [], (torch.sin(inp),), True) == frozenset()
+    assert taken_chains(outputs, [], (out1 + 1,), True) == frozenset({0})
+    assert taken_chains(outputs, [], (inp,), False) == frozenset({0})
 
 
 # --- invariants_rescaling.py -----------------------------------------------------------------------

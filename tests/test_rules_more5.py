@@ -493,10 +493,10 @@ def test_rtols_and_spacings_per_dtype() -> None:
     assert ic.subnormal_spacing(torch.float64) == 2.0**-1074
     assert ic.subnormal_spacing(torch.float16) == 2.0**-24
     assert (
-        ic._coarsest([torch.ones(1), torch.ones(1, dtype=torch.bfloat16), torch.ones(1, dtype=torch.float64)])
+        ic.coarsest([torch.ones(1), torch.ones(1, dtype=torch.bfloat16), torch.ones(1, dtype=torch.float64)])
         == torch.bfloat16
     )
-    assert ic._coarsest([torch.ones(1, dtype=torch.int64)]) == torch.float64
+    assert ic.coarsest([torch.ones(1, dtype=torch.int64)]) == torch.float64
 
 
 def test_reduction_error_is_relative() -> None:
@@ -521,13 +521,13 @@ def test_check_factor_finds_the_least_squares_factor() -> None:
         ("v", torch.tensor([1.0, 0.0], dtype=torch.float64)),
     ]
     a = [(n, 2.5 * t) for n, t in b]
-    assert ic._check_factor(b, a, None, "h", None) == pytest.approx(2.5, rel=1e-15, abs=0)
+    assert ic.check_factor(b, a, None, "h", None) == pytest.approx(2.5, rel=1e-15, abs=0)
 
 
 def test_check_factor_refuses_a_negative_factor() -> None:
     b = [("w", torch.tensor([3.0, 4.0], dtype=torch.float64))]
     with pytest.raises(StabilityError, match="negative"):
-        ic._check_factor(b, [("w", -b[0][1])], None, "h", None)
+        ic.check_factor(b, [("w", -b[0][1])], None, "h", None)
 
 
 def test_check_factor_tolerance_scales_with_the_factor() -> None:
@@ -536,7 +536,7 @@ def test_check_factor_tolerance_scales_with_the_factor() -> None:
     b = torch.tensor([3.0, 4.0, 0.0], dtype=torch.float64)
     a = 1e-6 * b + torch.tensor([0.0, 0.0, 5e-10], dtype=torch.float64)
     with pytest.raises(StabilityError):
-        ic._check_factor([("w", b)], [("w", a)], None, "h", None)
+        ic.check_factor([("w", b)], [("w", a)], None, "h", None)
 
 
 def test_check_factor_counts_at_most_one_spacing_per_element_near_zero() -> None:
@@ -547,7 +547,7 @@ def test_check_factor_counts_at_most_one_spacing_per_element_near_zero() -> None
     a = b.clone()
     a[1:] = 2.0**-20
     with pytest.raises(StabilityError):
-        ic._check_factor([("w", b)], [("w", a)], None, "h", None)
+        ic.check_factor([("w", b)], [("w", a)], None, "h", None)
 
 
 def test_state_kept_restores_buffers_too() -> None:

@@ -328,7 +328,7 @@ class _CalledAgainOnAnotherInput(nn.Module):
 
 
 def test_only_calls_of_block_0_on_its_first_input_get_a_copy() -> None:
-    """_Recorder: until release, 'every call of block 0 on that same input' gets a copy; a call on
+    """Recorder: until release, 'every call of block 0 on that same input' gets a copy; a call on
     another tensor gets that tensor, so what the block does to it in place the model sees, as without
     the probe. Oracle: the model's own loss, computed by torch."""
     x = torch.randn(4, 8, dtype=F64, generator=torch.Generator().manual_seed(3))
@@ -405,7 +405,7 @@ class _TowerOnTheInputHandedOn(nn.Module):
 
 
 def test_a_tower_on_the_input_block_0_hands_on_runs_beside_the_chain() -> None:
-    """junctions._taken_chains: block 0's input (the `(input)` entry) is not an output of chain 0, 'a
+    """junctions.taken_chains: block 0's input (the `(input)` entry) is not an output of chain 0, 'a
     second tower taking that input too runs beside the first'; the tower's gradient reaches the input
     through 0.5 * x, never through the encoder, so no path crosses both. Oracle: the documented rule."""
     model = _TowerOnTheInputHandedOn()
@@ -450,7 +450,7 @@ class _HeadOnDecoderPlusSkip(nn.Module):
 
 
 def test_a_head_after_a_decoder_takes_the_decoders_chain_alone() -> None:
-    """junctions._taken_chains: 'a head after a decoder takes the decoder's alone (the encoder's reach
+    """junctions.taken_chains: 'a head after a decoder takes the decoder's alone (the encoder's reach
     it through the decoder)': the head's input, the decoder's output plus a skip, is no merge of two
     chains, so the head goes on with the decoder's chain. Oracle: the documented rule, and torch's
     |dL/d dec.0| / |dL/d head| for the decoder chain's growth."""
@@ -527,7 +527,7 @@ class _TwoHeadsOnTwoInputs(nn.Module):
 def test_block_1_not_taking_block_0s_output_starts_a_chain() -> None:
     """Every block but a lone block 0 is checked for a junction, a stack's later blocks too (a head per
     stage is a chain of its own): heads.1 takes b, not heads.0's output, so it starts a chain at call 2.
-    Oracle: the documented rule (_stack_starts' docstring)."""
+    Oracle: the documented rule (stack_starts' docstring)."""
     gen = torch.Generator().manual_seed(5)
     a, b = torch.randn(4, 8, dtype=F64, generator=gen), torch.randn(4, 8, dtype=F64, generator=gen)
     m = probe_module(_TwoHeadsOnTwoInputs(), (a, b), _square)
@@ -536,7 +536,7 @@ def test_block_1_not_taking_block_0s_output_starts_a_chain() -> None:
 
 
 def _starts_by_rule(stacks: list[str]) -> list[int]:
-    """_stack_starts' docstring, spelt out: the first block of each run of blocks in one container,
+    """stack_starts' docstring, spelt out: the first block of each run of blocks in one container,
     except block 0 where it is a one-block stack (a recurrent cell called per token)."""
     runs = [b for b in range(len(stacks)) if b == 0 or stacks[b] != stacks[b - 1]]
     return [b for b in runs if b > 0 or (len(stacks) > 1 and stacks[1] == stacks[0])]
@@ -555,10 +555,10 @@ def _starts_by_rule(stacks: list[str]) -> list[int]:
     ],
 )
 def test_the_blocks_checked_in_a_pre_hook_are_each_stacks_first_but_a_lone_block_0(stacks: list[str]) -> None:
-    """Oracle: the rule of junctions._stack_starts' docstring, spelt out by hand."""
-    from stabilitycheck.junctions import _stack_starts
+    """Oracle: the rule of junctions.stack_starts' docstring, spelt out by hand."""
+    from stabilitycheck.junctions import stack_starts
 
-    assert _stack_starts(stacks) == _starts_by_rule(stacks)
+    assert stack_starts(stacks) == _starts_by_rule(stacks)
 
 
 # ---------------------------------------------------------------- subject.py

@@ -19,7 +19,7 @@ from stabilitycheck._validation import article, describe, raised_at
 from stabilitycheck.config import Config
 from stabilitycheck.errors import StabilityCheckError
 from stabilitycheck.families import Scalar
-from stabilitycheck.junctions import _made_from, _taken
+from stabilitycheck.junctions import _taken, made_from
 from stabilitycheck.loops import looped_blocks, on_a_copy
 from stabilitycheck.losses import DefaultLoss, Inputs, LossFn, OutputLoss, call_model
 from stabilitycheck.memory import meta_bytes
@@ -36,7 +36,7 @@ from stabilitycheck.modelfile.convention import (
 )
 from stabilitycheck.modelfile.importer import ModelFileError
 from stabilitycheck.modelfile.inputs import move
-from stabilitycheck.recording import _floating
+from stabilitycheck.recording import floating
 from stabilitycheck.rng import SALT_BATCH, SALT_INFER, SALT_LOSS, derived, host_rng_kept, seed_all
 from stabilitycheck.space import INIT_SCALES, Axis, Space
 from stabilitycheck.subject import Built, find_blocks, torch_dtype
@@ -289,7 +289,7 @@ class _LastCall(nn.Module):
 
         def keep(b: int) -> Any:
             def hook(module: nn.Module, given: Any, output: Any) -> None:
-                kept[b] = last[:] = _floating(output)
+                kept[b] = last[:] = floating(output)
                 lasts[:] = [b]
 
             return hook
@@ -344,7 +344,7 @@ def _reading(model: nn.Module, inputs: Inputs, names: list[str]) -> str:
 
     def after(name: str) -> Any:
         def hook(module: nn.Module, args: Any, out: Any) -> None:
-            calls.append(_floating(out))
+            calls.append(floating(out))
             mine[name] = calls[-1]
 
         return hook
@@ -368,7 +368,7 @@ def _reading(model: nn.Module, inputs: Inputs, names: list[str]) -> str:
         return LAST
     past = {t.grad_fn for t in calls[-1] if t.grad_fn is not None}
     earlier = {t.grad_fn for made in calls[:-1] for t in made if t.grad_fn is not None}
-    return BESIDE if any(_made_from(t, earlier, past) for t in tensors(output)) else LAST
+    return BESIDE if any(made_from(t, earlier, past) for t in tensors(output)) else LAST
 
 
 def _materialize(model: nn.Module, inputs: Inputs) -> None:
