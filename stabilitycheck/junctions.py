@@ -235,6 +235,6 @@ def stack_starts(stacks: Sequence[str]) -> list[int]:
     stack too: a head per stage, each on its own stage's output, is a chain of its own (read as one
     chain, two unrelated heads' ratio was in the growth, 5128 for 45), and a decoder whose first layer
     LayerDrop skipped starts its chain at its next. A one-block stack, a recurrent cell called per
-    token, is not checked (a hook per token). `stacks`: each block's `_stack_of`."""
+    token, is not checked (a hook per token). `stacks`: each block's `stack_of`."""
     first = [b for b in range(len(stacks)) if b == 0 or stacks[b - 1] != stacks[b]]
     return [b for b in first if b > 0 or stacks[1:2] == stacks[:1]]

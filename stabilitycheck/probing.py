@@ -223,7 +223,19 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
     without the GradScaler (a re-run that only locates a non-finite value)."""
     scaler = None if exact else run.scaler
     drawn = rng_state() if hooks else None
+    drawn_py = random.getstate() if hooks else None  # a forward's LayerDrop drawn with `random`
     kept = _buffers(run.model) if hooks else []
+
+    def rewind() -> None:
+        """Back to where the step's forward started, to run it again: nothing recorded, the same
+        random draws (torch's and Python's: a LayerDrop drawing with `random` read another draw's
+        loss and profile), the buffers as they were."""
+        run.rec.take()
+        set_rng_state(drawn)
+        if drawn_py is not None:  # taken wherever the step hooks, as rewinding needs
+            random.setstate(drawn_py)
+        _restore(kept)
+
     plain = False  # the inputs as given, not `_in_graph`'s copies
     try:
         loss = _forward(run, hooks=hooks, exact=exact)
@@ -234,23 +246,18 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         # (Hugging Face's wav2vec2 feature encoder, in training): the forward again on the inputs as
         # given, whose uses autograd then does not record (a skip around block 0 is read as a plain
         # input's, junctions._around)
-        run.rec.take()
-        set_rng_state(drawn)
-        _restore(kept)
+        rewind()
         plain = True
         loss = _forward(run, hooks=True, exact=exact, plain=True)
     if hooks and run.rec.quiet_found():  # blocks also run without grad: again, recording them with it
         del loss
-        run.rec.take()
-        set_rng_state(drawn)
-        _restore(kept)
+        rewind()
+        run.rec = run.rec.renewed()
         loss = _forward(run, hooks=True, exact=exact, plain=plain)
     order = list(dict.fromkeys(b for b in run.rec.calls if b >= 0)) if hooks and not run.ordered else []
     run.ordered = True  # step 0's first forward alone: later ones run on weights an update changed
     if order and order[0] > 0 and order != sorted(order):  # another block ran before block 0
-        run.rec.take()
-        set_rng_state(drawn)
-        _restore(kept)  # the forward updated BatchNorm's statistics: the probe again starts as this did
+        rewind()  # the forward updated BatchNorm's statistics: the probe again starts as this did
         raise _OutOfOrder(_in_call_order(order, len(run.names)))
     changed = run.rec.changed() if hooks else frozenset()
     moved = hooks and run.rec.entry_moved()
@@ -264,9 +271,7 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         # or where a block's carried state became known after its first call (carrying.Carrying.found)
         shift = int(moved and run.rec.calls[:1] == [-1])
         del loss
-        run.rec.take()
-        set_rng_state(drawn)
-        _restore(kept)
+        rewind()
         copied = frozenset(p - shift for p in changed if p >= shift)
         loss = _forward(run, hooks=True, exact=exact, copied=copied, entry=not moved, plain=plain)
     outputs = run.rec.take() if hooks else []

@@ -239,6 +239,7 @@ class Recorder:
     """
 
     def __init__(self, blocks: Sequence[tuple[str, nn.Module]], input_side: bool = False) -> None:
+        self.blocks, self.input_side = tuple(blocks), input_side  # for `renewed`
         self.active = False
         self.calls: list[int] = []
         self.outputs: list[torch.Tensor] = []
@@ -314,8 +315,10 @@ class Recorder:
         self.raw: torch.Tensor | None = None  # the input block 0's first call got a copy of, until release
         # blocks whose calls without grad mode are not recorded: they also run with it in one pass (a
         # target or teacher pass of the same blocks under torch.no_grad beside the trained one), whose
-        # outputs no gradient reaches (`quiet_found`); kept for the probe's later passes
+        # outputs no gradient reaches (`quiet_found`); kept for the probe's later passes, but for an
+        # exact re-run (`start(inputs=True)`), which locates a non-finite value wherever it was made
         self.quiet: set[int] = set()
+        self.skipping = True
         self.muted: list[int] = []  # this pass, the positions in `outputs` recorded without grad mode
 
     def _on_input(
@@ -346,20 +349,30 @@ class Recorder:
 
     def _skipped(self, b: int) -> bool:
         """Whether this call of block b goes unrecorded: a `quiet` block's call without grad mode."""
-        return b in self.quiet and not torch.is_grad_enabled()
+        return self.skipping and b in self.quiet and not torch.is_grad_enabled()
 
     def quiet_found(self) -> bool:
-        """Whether this pass recorded calls without grad mode of a block that also ran with it (the
-        same blocks run under torch.no_grad for a target before the trained pass: their outputs took
-        the entry's place and started the call order: growth 3.43 for torch's 4.78). Those blocks
-        join `quiet`; the caller runs the pass again, which records their calls with grad alone. A
-        block that runs only without grad (a frozen backbone) is recorded as before: it is where the
-        chain is cut (`severed`)."""
+        """Whether this pass recorded calls without grad mode of a block that also ran with it, not
+        known before (the same blocks run under torch.no_grad for a target before the trained pass:
+        their outputs took the entry's place and started the call order: growth 3.43 for torch's
+        4.78). Those blocks join `quiet`; the caller runs the pass again on a `renewed` recorder,
+        which records their calls with grad alone. A block that runs only without grad (a frozen
+        backbone) is recorded as before: it is where the chain is cut (`severed`)."""
         muted = set(self.muted)
         loud = {b for pos, b in enumerate(self.calls) if b >= 0 and pos not in muted}
-        found = {self.calls[pos] for pos in muted} & loud
+        found = ({self.calls[pos] for pos in muted} & loud) - self.quiet
         self.quiet |= found
         return bool(found)
+
+    def renewed(self) -> Recorder:
+        """A recorder of the same blocks that knows their `quiet` calls and nothing else this one
+        learned from its calls: which tensor of a step's output its chain is (`_repick`) and what it
+        carries were read on calls a quiet one came between (a (y, h) step read growth NaN for 1.67,
+        an LSTMCell without its c). This one's hooks come off."""
+        self.remove()
+        fresh = Recorder(self.blocks, self.input_side)
+        fresh.quiet = set(self.quiet)
+        return fresh
 
     def _join(self, b: int) -> Any:
         def on_join(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -541,6 +554,7 @@ class Recorder:
         if not self.handles:
             self.handles = hooked(self.registrations)
         self.release()
+        self.skipping = not inputs
         self.calls.clear()
         self.outputs.clear()
         self.versions.clear()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import subprocess
 import sys
 import textwrap
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from stabilitycheck.probing import probe_module
+from stabilitycheck.rng import SALT_FORWARD, derived
 
 
 class Block(nn.Module):
@@ -354,3 +356,200 @@ def _torchs_on(model: Teacher, x: torch.Tensor, given: torch.Tensor) -> list[flo
     assert len(taken) == 1 and torch.equal(taken[0], given)
     grads = torch.autograd.grad(loss, [taken[0], *outs])
     return [float(g.norm()) for g in grads]
+
+
+class _Dropping(nn.Module):
+    """8 tanh layers at sigma_w 2.5: a target pass of all of them under torch.no_grad, then the
+    trained pass dropping each with probability 0.3 drawn from Python's `random` (a LayerDrop)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(16, 16, bias=False) for _ in range(8))
+        for layer in self.layers:
+            nn.init.normal_(layer.weight, std=2.5 / 16**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            t = 0.5 * x
+            for layer in self.layers:
+                t = torch.tanh(layer(t))
+        h = x
+        for layer in self.layers:
+            if random.random() >= 0.3:
+                h = torch.tanh(layer(h))
+        return h - t
+
+
+def test_a_target_pass_beside_a_layerdrop_on_pythons_random_is_read_on_the_seeded_draw() -> None:
+    """The run again without the target pass's calls draws what the first forward drew, from torch and
+    from Python's `random` (it drew other layers: losses[0] 2.999 for the seeded forward's 3.491,
+    growth 6.47 for torch's 12.07). Oracle: one forward seeded as probe_module seeds it, its calls'
+    gradients by torch.autograd.grad."""
+    torch.manual_seed(0)
+    model, x = _Dropping(), torch.randn(8, 16)
+    m = probe_module(model, x, _loss)
+    forward = derived(0, SALT_FORWARD)
+    torch.manual_seed(forward)
+    random.seed(forward)
+    calls: list[tuple[str, torch.Tensor]] = []
+    hooks = [
+        layer.register_forward_hook(
+            lambda _m, _a, o, i=i: calls.append((f"layers.{i}", o)) if torch.is_grad_enabled() else None
+        )
+        for i, layer in enumerate(model.layers)
+    ]
+    given = x.clone().requires_grad_()
+    loss = _loss(model(given), None)
+    for h in hooks:
+        h.remove()
+    assert m.loss[0] == pytest.approx(float(loss.detach()), rel=1e-6)
+    grads = torch.autograd.grad(loss, [given, *(o for _, o in calls)])
+    assert m.activation_names[1:] == tuple(name for name, _ in calls)
+    assert m.activation_grad_norms == pytest.approx([float(g.norm()) for g in grads], rel=1e-5)
+
+
+class _Exp(nn.Module):
+    """exp(W x) / 3 at sigma_w 0.3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 16, bias=False)
+        nn.init.normal_(self.lin.weight, std=0.3 / 16**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.exp(self.lin(x)) / 3
+
+
+class _Overflowing(nn.Module):
+    """8 _Exp blocks: finite on x, while a target pass on 200 x under torch.no_grad overflows in its
+    first block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_Exp() for _ in range(8))
+
+    def run(self, h: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            h = layer(h)
+        return h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            t = self.run(200.0 * x)
+        return self.run(x) - t
+
+
+def test_a_non_finite_value_made_in_a_target_pass_is_located_in_its_block() -> None:
+    """The exact re-run that locates a non-finite value records the calls without grad too: with them
+    unrecorded the Inf the target pass made in its first block read as the loss's own, after the last
+    block. Oracle: the construction (the target pass's layers.0 output is the first non-finite one,
+    the trained pass is finite)."""
+    torch.manual_seed(0)
+    model, x = _Overflowing(), torch.randn(8, 16)
+    with torch.no_grad():
+        assert not model.layers[0](200.0 * x).isfinite().all()
+        assert model.run(x).isfinite().all()
+    m = probe_module(model, x, _loss)
+    assert m.first_nonfinite is not None
+    assert m.first_nonfinite.describe() == "step 0: activation of layers.0[0], L2 norm inf"
+
+
+class _PairStep(nn.Module):
+    """y, h = o(cell(x, h)), cell(x, h): a step returning (y, h), its recurrent matrix x3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell, self.out = nn.RNNCell(16, 16), nn.Linear(16, 16)
+        with torch.no_grad():
+            self.cell.weight_hh.mul_(3)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.cell(x, h)
+        return self.out(h), h
+
+
+class _Stepped(nn.Module):
+    """The step over 10 tokens, a target step under torch.no_grad before each trained one where
+    `targets`; each trained step's h kept in `states` for the oracle."""
+
+    def __init__(self, targets: bool) -> None:
+        super().__init__()
+        self.step, self.targets = _PairStep(), targets
+        self.states: list[torch.Tensor] = []
+
+    def forward(self, xs: torch.Tensor) -> torch.Tensor:
+        h = t = xs.new_zeros(xs.shape[1], 16)
+        self.states, y = [], xs[0]
+        for x in xs:
+            if self.targets:
+                with torch.no_grad():
+                    _, t = self.step(0.5 * x, t)
+            y, h = self.step(x, h)
+            self.states.append(h)
+        return y
+
+
+def test_a_step_with_a_target_step_beside_each_token_is_read_as_without_it() -> None:
+    """Which tensor of a step's (y, h) its chain is, is seen at its next call; with a target step
+    between, the first forward saw it on that call, and the run again kept what it saw: every
+    call's gradient read 0 but the last's, growth NaN. Now the run again starts from what the
+    first learned of the quiet calls alone. Oracle: torch's |dL/d h_t|, and the model without the
+    target steps."""
+    torch.manual_seed(0)
+    model, xs = _Stepped(targets=True), torch.randn(10, 4, 16)
+    m = probe_module(model, xs, _loss, blocks=[("step", model.step)])
+    loss = _loss(model(xs), None)
+    want = [float(g.norm()) for g in torch.autograd.grad(loss, model.states)]
+    assert m.activation_grad_norms == pytest.approx(want, rel=1e-5)
+    model.targets = False
+    alone = probe_module(model, xs, _loss, blocks=[("step", model.step)])
+    assert m.activation_grad_norms == pytest.approx(alone.activation_grad_norms, rel=1e-12)
+    assert m.growth == pytest.approx(want[0] / want[-1], rel=1e-5)
+
+
+class _TwoStacks(nn.Module):
+    """An encoder and a decoder stack of 4 tanh layers at sigma_w 2.5; the decoder also run under
+    torch.no_grad on the encoder's output (a target), before its trained pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.ModuleList(Block(False) for _ in range(4))
+        self.dec = nn.ModuleList(Block(False) for _ in range(4))
+        for layer in [*self.enc, *self.dec]:
+            nn.init.normal_(layer.lin.weight, std=2.5 / 16**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.enc:
+            x = layer(x)
+        with torch.no_grad():
+            t = 0.5 * x
+            for layer in self.dec:
+                t = layer(t)
+        for layer in self.dec:
+            x = layer(x)
+        return x - t
+
+
+def test_a_target_pass_of_the_second_stack_makes_no_junction() -> None:
+    """The decoder's calls under torch.no_grad are not checked as junctions either: checked, the
+    decoder's first call with grad read as a branch off the target's (growth 3.47 for 6.78).
+    Oracle: torch's |dL/d input| and |dL/d output| of each call with grad."""
+    torch.manual_seed(0)
+    model, x = _TwoStacks(), torch.randn(8, 16)
+    blocks = [(f"enc.{i}", b) for i, b in enumerate(model.enc)] + [
+        (f"dec.{i}", b) for i, b in enumerate(model.dec)
+    ]
+    m = probe_module(model, x, _loss, blocks=blocks)
+    outs: list[torch.Tensor] = []
+    hooks = [
+        b.register_forward_hook(lambda _m, _a, o: outs.append(o) if torch.is_grad_enabled() else None)
+        for _, b in blocks
+    ]
+    given = x.clone().requires_grad_()
+    loss = _loss(model(given), None)
+    for h in hooks:
+        h.remove()
+    want = [float(g.norm()) for g in torch.autograd.grad(loss, [given, *outs])]
+    assert m.chain_starts == ()
+    assert m.activation_grad_norms == pytest.approx(want, rel=1e-5)
+    assert m.growth == pytest.approx(want[0] / want[-1], rel=1e-5)
