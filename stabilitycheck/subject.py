@@ -141,15 +141,23 @@ GROUP_MIN = 3  # composite modules of one class held as attributes, that many or
 def _attribute_stacks(model: nn.Module, stacks: list[tuple[str, Blocks]]) -> list[tuple[str, Blocks]]:
     """The model's repeated blocks where they are attributes, not in a list: of the first module (in
     named_modules' order, the outermost) with GROUP_MIN or more composite children of one class that
-    own parameters (GoogLeNet's inception3a..5b, a DLA's levels), each such group, in declaration
-    order, named 'first..last'. Taken only where every list stack found (`stacks`) lies inside their
-    members and no member is a stage (one list of two or more blocks: its blocks are the chain):
+    own parameters (GoogLeNet's inception3a..5b, a DLA's levels), the members of all such groups as one
+    stack in declaration order (NASNet's cells of two classes, interleaved), named 'first..last'; not
+    inside a list (the parts of a listed block, timm's DPN's four convs in each of its blocks, a chain
+    of one block's own). Taken only where every list stack found (`stacks`) lies inside their members
+    and no member is a stage (one list of two or more blocks):
     GoogLeNet's branches inside each inception module were taken as the blocks, each a chain of its
     own, and the growth left out every module's merge (12.4 for torch's 29.5 end to end); attribute
     levels beside a stem's Sequential, the stem (0.65 for 112). Else none: a trunk in a list with
     heads of one class beside it is read on the trunk, as before."""
+    listed: list[str] = []  # the lists met so far: named_modules gives a module after its containers
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList | nn.Sequential | nn.ModuleDict) or _reparametrizing(model, name):
+        if any(name.startswith(f"{outer}.") or outer == "" for outer in listed):
+            continue
+        if isinstance(module, nn.ModuleList | nn.Sequential | nn.ModuleDict):
+            listed.append(name)
+            continue
+        if _reparametrizing(model, name):
             continue
         by_kind: dict[type, list[tuple[str, nn.Module]]] = {}
         for key, child in module._modules.items():
@@ -166,8 +174,10 @@ def _attribute_stacks(model: nn.Module, stacks: list[tuple[str, Blocks]]) -> lis
         if not inside or staged:
             return []
         order = {n: k for k, n in enumerate(module._modules)}
-        groups.sort(key=lambda group: order[group[0][0].rpartition(".")[2]])
-        return [(f"{group[0][0]}..{group[-1][0]}", group) for group in groups]
+        stack = tuple(
+            sorted((pair for group in groups for pair in group), key=lambda p: order[p[0].rpartition(".")[2]])
+        )
+        return [(f"{stack[0][0]}..{stack[-1][0]}", stack)]
     return []
 
 
