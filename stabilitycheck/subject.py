@@ -135,52 +135,6 @@ def _stacks(model: nn.Module) -> list[tuple[str, Blocks]]:
     return found
 
 
-GROUP_MIN = 3  # composite modules of one class held as attributes, that many or more: a stack
-
-
-def _attribute_stacks(model: nn.Module, stacks: list[tuple[str, Blocks]]) -> list[tuple[str, Blocks]]:
-    """The model's repeated blocks where they are attributes, not in a list: of the first module (in
-    named_modules' order, the outermost) with GROUP_MIN or more composite children of one class that
-    own parameters (GoogLeNet's inception3a..5b, a DLA's levels), the members of all such groups as one
-    stack in declaration order (NASNet's cells of two classes, interleaved), named 'first..last'; not
-    inside a list (the parts of a listed block, timm's DPN's four convs in each of its blocks, a chain
-    of one block's own). Taken only where every list stack found (`stacks`) lies inside their members
-    and no member is a stage (one list of two or more blocks):
-    GoogLeNet's branches inside each inception module were taken as the blocks, each a chain of its
-    own, and the growth left out every module's merge (12.4 for torch's 29.5 end to end); attribute
-    levels beside a stem's Sequential, the stem (0.65 for 112). Else none: a trunk in a list with
-    heads of one class beside it is read on the trunk, as before."""
-    listed: list[str] = []  # the lists met so far: named_modules gives a module after its containers
-    for name, module in model.named_modules():
-        if any(name.startswith(f"{outer}.") or outer == "" for outer in listed):
-            continue
-        if isinstance(module, nn.ModuleList | nn.Sequential | nn.ModuleDict):
-            listed.append(name)
-            continue
-        if _reparametrizing(model, name):
-            continue
-        by_kind: dict[type, list[tuple[str, nn.Module]]] = {}
-        for key, child in module._modules.items():
-            if child is None or isinstance(child, (nn.ModuleList, nn.Sequential, nn.ModuleDict, *TABLES)):
-                continue
-            if any(True for _ in child.children()) and any(True for _ in child.parameters()):
-                by_kind.setdefault(_kind(child), []).append((f"{name}.{key}" if name else key, child))
-        groups = [tuple(members) for members in by_kind.values() if len(members) >= GROUP_MIN]
-        if not groups:
-            continue
-        names = [n for group in groups for n, _ in group]
-        inside = all(any(s == n or s.startswith(f"{n}.") for n in names) for s, _ in stacks)
-        staged = any(len(inner := _stacks(m)) == 1 and len(inner[0][1]) >= 2 for g in groups for _, m in g)
-        if not inside or staged:
-            return []
-        order = {n: k for k, n in enumerate(module._modules)}
-        stack = tuple(
-            sorted((pair for group in groups for pair in group), key=lambda p: order[p[0].rpartition(".")[2]])
-        )
-        return [(f"{stack[0][0]}..{stack[-1][0]}", stack)]
-    return []
-
-
 def _mostly(children: Blocks) -> Blocks:
     """`children`, or where they are a stem, three or more blocks of one type of composite module (a
     module with children) and a head (at most one module before the blocks, one after), the blocks
@@ -457,8 +411,7 @@ def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
     declared = getattr(model, "stability_blocks", None)
     if callable(declared):
         return tuple(declared()), DECLARED_NOTE
-    found = _stacks(model)
-    stacks = _attribute_stacks(model, found) or found
+    stacks = _stacks(model)
     if stacks:
         primary = max(stacks, key=_longest)
         composite = [s for s in stacks if list(s[1][0][1].children())]
