@@ -1835,19 +1835,13 @@ class _TrunkAndHeads(nn.Module):
         return torch.stack([head(x) for head in self.heads], 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known: the first head is read as the trunk's next block (Seen and left); splitting it off "
-    "at once cut experts between a mixer stack's layers into chains of one (an explosion read 1.87), "
-    "and at the end of the pass missed a trunk called twice per step (a Siamese pair read 4.8e4)",
-)
 @pytest.mark.parametrize("heads", [2, 4])
 @pytest.mark.parametrize("first_weight", [1.0, 0.005])
 def test_heads_on_one_trunk_s_features_are_branches_not_its_chain(heads: int, first_weight: float) -> None:
-    """The first head is read as the trunk's next block and the others as chains of their own: its
-    gain divides dL/d(trunk output), every head's gradient, by its own alone, so a head lightly
-    weighted in the loss reads as an explosion (trunk growth 1.28, read 160 > 100; found by a review).
-    Oracle: torch's |dL/d input| / |dL/d trunk output|. Expected to fail until the rule is found."""
+    """The first head was read as the trunk's next block and the others as chains of their own: its
+    gain divided dL/d(trunk output), every head's gradient, by its own alone, so a head lightly
+    weighted in the loss read as an explosion (trunk growth 1.28, read 160 > 100; found by a review).
+    Every head starts a chain fed by the trunk's. Oracle: torch's |dL/d input| / |dL/d trunk output|."""
     torch.manual_seed(0)
     model, x = _TrunkAndHeads(heads), torch.randn(16, 32)
     z = torch.randn(16, heads, 3)
@@ -1861,6 +1855,259 @@ def test_heads_on_one_trunk_s_features_are_branches_not_its_chain(heads: int, fi
     first, last = torch.autograd.grad(loss(model(given), x), [given, *outs])
     hook.remove()
     assert m.growth == pytest.approx((first.norm() / last.norm()).item(), rel=1e-5) and m.growth < 10
+
+
+class _SiameseTrunkAndHeads(_TrunkAndHeads):
+    """_TrunkAndHeads' trunk run on each of two inputs, its heads on each pass's last features."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        outs = []
+        for x in (a, b):
+            for layer in self.layers:
+                x = layer(x)
+            outs += [head(x) for head in self.heads]
+        return torch.stack(outs, 1)
+
+
+@pytest.mark.parametrize("first_weight", [1.0, 0.005])
+def test_heads_on_each_pass_of_a_twice_called_trunk_are_branches(first_weight: float) -> None:
+    """A trunk called twice per step, heads on both passes' features (a Siamese pair): the first head of
+    each pass was read as the trunk's next block, 89 for torch's 1.50 with the first head weighted
+    0.005 (a rule splitting heads off only where the trunk's stack was not called again missed it:
+    4.8e4 read for 1.41, found in review). Each pass is a chain of its own, each head one fed by it.
+    Oracle: torch's |dL/d input| / |dL/d first pass's last layer| and |dL/d second pass's layers.0| /
+    |dL/d its layers.11|, the growth the larger."""
+    torch.manual_seed(0)
+    model, a, b = _SiameseTrunkAndHeads(2), torch.randn(16, 32), torch.randn(16, 32)
+    z = torch.randn(16, 4, 3)
+    z[:, 0] *= first_weight
+    z[:, 2] *= first_weight
+    loss = lambda out, _: (out * z).sum()  # noqa: E731
+    m = probe_module(model, (a, b), loss)
+    assert m.chain_starts == (13, 14, 15, 27, 28)
+    assert m.chain_feeds == ((), (0,), (0,), (), (3,), (3,))
+    outs: list[torch.Tensor] = []
+    hooks = [model.layers[i].register_forward_hook(lambda _m, _a, o: outs.append(o)) for i in (0, 11)]
+    given = a.clone().requires_grad_()
+    grads = [float(g.norm()) for g in torch.autograd.grad(loss(model(given, b), a), [given, *outs])]
+    for hook in hooks:
+        hook.remove()
+    first, second = grads[0] / grads[2], grads[3] / grads[4]  # outs: layers.0, 11 of a, then of b
+    assert m.chain_growths == pytest.approx([first, 1, 1, second, 1, 1], rel=1e-5)
+    assert m.growth == pytest.approx(max(first, second), rel=1e-5) and m.growth < 10
+
+
+class _CellAndHeads(nn.Module):
+    """A GRU cell stepped per token, `heads` heads on each step's h_t (a policy and a value head)."""
+
+    def __init__(self, heads: int) -> None:
+        super().__init__()
+        self.cell = nn.GRUCell(8, 8)
+        self.heads = nn.ModuleList(nn.Linear(8, 3) for _ in range(heads))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, outs = torch.zeros(x.shape[0], 8), []
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], h)
+            outs += [head(h) for head in self.heads]
+        return torch.stack(outs, 1)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_a_cell_with_heads_on_every_step_goes_on_past_them(heads: int) -> None:
+    """The heads on h_t were read as the cell's chain, the cell's next step as the heads' next block:
+    each step's gain was a ratio across a head (|dL/d head(h_t)| / |dL/d h_t+1|, up to 48% off the
+    step's), and with two heads the cell's chain ran through the second head's chain, growth 1.65 for
+    torch's 1.40 (found in review: 4.9e31 read for 4.19 under a rule splitting heads off at the pass's
+    end). Each head starts a chain of its own fed by the cell's, which goes on from h_t to h_t+1; a
+    single head on the last step is the chain's next block, as any single head is. Oracle: torch's
+    |dL/d h_t-1| / |dL/d h_t| per step and the chain's first over last."""
+    torch.manual_seed(0)
+    model, x = _CellAndHeads(heads), torch.randn(4, 12, 8)
+    z = torch.randn(4, 12 * heads, 3)
+    loss = lambda out, _: (out * z).sum()  # noqa: E731
+    blocks = [("cell", model.cell), *((f"heads.{i}", h) for i, h in enumerate(model.heads))]
+    m = probe_module(model, x, loss, blocks=blocks)
+    cells = [i for i, name in enumerate(m.activation_names) if name.startswith("cell")]
+    starts = [i for i in range(len(m.activation_names)) if i not in cells]  # every head's call
+    assert len(cells) == 12 and m.chain_starts == tuple(starts[:-1] if heads == 1 else starts)
+    outs: list[torch.Tensor] = []
+    hooks = [module.register_forward_hook(lambda _m, _a, o: outs.append(o)) for _, module in blocks]
+    grads = [float(g.norm()) for g in torch.autograd.grad(loss(model(x), x), outs)]
+    for hook in hooks:
+        hook.remove()
+    assert [m.gains[i - 1] for i in cells[1:]] == pytest.approx(
+        [grads[i] / grads[j] for i, j in itertools.pairwise(cells)], rel=1e-5
+    )
+    last = len(grads) - 1 if heads == 1 else cells[-1]
+    assert m.growth == pytest.approx(grads[0] / grads[last], rel=1e-5)
+
+
+class _TwoCellsInTurn(nn.Module):
+    """Two GRU cells held as attributes, stepped in turn per token (the upper on the lower's h_t and
+    its own state), a head on the upper's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lower, self.upper, self.head = nn.GRUCell(8, 8), nn.GRUCell(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low = up = torch.zeros(x.shape[0], 8)
+        outs = []
+        for t in range(x.shape[1]):
+            low = self.lower(x[:, t], low)
+            up = self.upper(low, up)
+            outs.append(self.head(up))
+        return torch.stack(outs, 1)
+
+
+def test_a_second_cell_stepped_on_the_first_s_state_is_no_branch() -> None:
+    """The upper cell takes the lower's h_t, which the lower's next step takes too, as a head's sibling
+    would: but the upper's next step goes on from its own output, a state, not a branch (split off, each
+    upper step read as a chain of one and its through-time gains lost; found by mutation). One chain in
+    call order, as stacked cells are. Oracle: torch's |dL/d out_i| / |dL/d out_i+1| in call order."""
+    torch.manual_seed(0)
+    model, x, z = _TwoCellsInTurn(), torch.randn(4, 10, 8), torch.randn(4, 10, 3)
+    loss = lambda out, _: (out * z).sum()  # noqa: E731
+    blocks = [("lower", model.lower), ("upper", model.upper)]
+    m = probe_module(model, x, loss, blocks=blocks)
+    assert m.chain_starts == ()
+    outs: list[torch.Tensor] = []
+    hooks = [module.register_forward_hook(lambda _m, _a, o: outs.append(o)) for _, module in blocks]
+    grads = [float(g.norm()) for g in torch.autograd.grad(loss(model(x), x), outs)]
+    for hook in hooks:
+        hook.remove()
+    assert m.gains == pytest.approx([a / b for a, b in itertools.pairwise(grads)], rel=1e-5)
+
+
+class _ExitsOnEveryLayer(nn.Module):
+    """_TrunkAndHeads' trunk with an early exit on every layer's output (deep supervision), the next
+    layer taking that output too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = _TrunkAndHeads(1, depth=8).layers
+        self.exits = nn.ModuleList(nn.Linear(32, 3) for _ in range(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for layer, exit_ in zip(self.layers, self.exits, strict=True):
+            x = layer(x)
+            outs.append(exit_(x))
+        return torch.stack(outs, 1)
+
+
+def test_a_trunk_with_an_exit_on_every_layer_is_one_chain() -> None:
+    """Every layer after an exit was read as a chain of its own with that exit (the layer took not the
+    exit's output but the layer's before it): each chain's growth a ratio across an exit, their
+    product 6.76 for torch's 1.44, and the trunk's gains unread. Each exit but the last is a branch,
+    and the trunk's chain goes on past it. Oracle: torch's |dL/d layer i-1's output| / |dL/d layer
+    i's| and the input's over the last exit's."""
+    torch.manual_seed(0)
+    model, x, z = _ExitsOnEveryLayer(), torch.randn(16, 32), torch.randn(16, 8, 3)
+    loss = lambda out, _: (out * z).sum()  # noqa: E731
+    blocks = [(f"layers.{i}", layer) for i, layer in enumerate(model.layers)]
+    m = probe_module(
+        model, x, loss, blocks=[*blocks, *((f"exits.{i}", e) for i, e in enumerate(model.exits))]
+    )
+    assert m.chain_starts == (2, 4, 6, 8, 10, 12, 14)  # (input), then each layer and its exit
+    outs: list[torch.Tensor] = []
+    hooks = [module.register_forward_hook(lambda _m, _a, o: outs.append(o)) for module in model.layers]
+    hooks.append(model.exits[-1].register_forward_hook(lambda _m, _a, o: outs.append(o)))
+    given = x.clone().requires_grad_()
+    grads = [float(g.norm()) for g in torch.autograd.grad(loss(model(given), x), [given, *outs])]
+    for hook in hooks:
+        hook.remove()
+    assert [m.gains[i] for i in (0, 2, 4, 6, 8, 10, 12, 14)] == pytest.approx(
+        [grads[i] / grads[i + 1] for i in range(8)], rel=1e-5
+    )
+    assert m.growth == pytest.approx(grads[0] / grads[-1], rel=1e-5)
+
+
+class _HeadsThenMerge(nn.Module):
+    """_TrunkAndHeads' trunk, two tanh heads on its last features, their outputs weighted and added,
+    then a mixing stack of 4 tanh layers at sigma_w 2.5."""
+
+    def __init__(self, weight: float) -> None:
+        super().__init__()
+        self.layers = _TrunkAndHeads(1, depth=8).layers
+        self.heads = nn.ModuleList(nn.Sequential(nn.Linear(32, 32), nn.Tanh()) for _ in range(2))
+        self.mix = nn.ModuleList(nn.Sequential(nn.Linear(32, 32, bias=False), nn.Tanh()) for _ in range(4))
+        for layer in self.mix:
+            nn.init.normal_(layer[0].weight, std=2.5 / 32**0.5)
+        self.weight = weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        y = self.weight * self.heads[0](x) + self.heads[1](x)
+        for layer in self.mix:
+            y = layer(y)
+        return y
+
+
+@pytest.mark.parametrize("weight", [25.0, 0.04])
+def test_a_merge_after_heads_on_a_trunk_takes_the_heads_chains(weight: float) -> None:
+    """Two heads on a trunk's last features, merged into a mixing stack: the first head was read as the
+    trunk's next block, the trunk's growth a ratio to that head's output gradient, 0.56 for 1.00
+    under a weight of 25 on it and 16.7 for 1.18 under 0.04 (the model's 49.9 for 3.52); a rule
+    splitting the head off at the pass's end left the merge taking the trunk's chain (under-read up to
+    25x, found in review). Each head is a chain fed by the trunk's, and the merge takes the heads'.
+    Oracle: torch's |dL/d input| / |dL/d trunk output| times |dL/d mix.0| / |dL/d mix.3|, the one
+    path through the model."""
+    torch.manual_seed(0)
+    model, x, z = _HeadsThenMerge(weight), torch.randn(16, 32), torch.randn(16, 32)
+    loss = lambda out, _: (out * z).sum()  # noqa: E731
+    m = probe_module(model, x, loss)
+    assert m.chain_starts == (9, 10, 11) and m.chain_feeds == ((), (0,), (0,), (1, 2))
+    outs: list[torch.Tensor] = []
+    modules = (model.layers[-1], model.mix[0], model.mix[-1])
+    hooks = [module.register_forward_hook(lambda _m, _a, o: outs.append(o)) for module in modules]
+    given = x.clone().requires_grad_()
+    g = [float(t.norm()) for t in torch.autograd.grad(loss(model(given), x), [given, *outs])]
+    for hook in hooks:
+        hook.remove()
+    assert m.chain_growths == pytest.approx([g[0] / g[1], 1, 1, g[2] / g[3]], rel=1e-5)
+    assert m.growth == pytest.approx(g[0] / g[1] * g[2] / g[3], rel=1e-5)
+
+
+class _StagesAndLaterals(nn.Module):
+    """A ResNet's stages as stacks of their own (layer1, layer2, layer3, two tanh blocks each), then an
+    FPN's lateral on each stage's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for k in (1, 2, 3):
+            setattr(self, f"layer{k}", _TrunkAndHeads(1, depth=2).layers)
+        self.lateral = nn.ModuleList(nn.Linear(32, 8) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = []
+        for k in (1, 2, 3):
+            for block in getattr(self, f"layer{k}"):
+                x = block(x)
+            feats.append(x)
+        return torch.cat([lateral(f) for lateral, f in zip(self.lateral, feats, strict=True)], -1)
+
+
+def test_stages_of_their_own_under_laterals_stay_one_chain() -> None:
+    """layer2.0 goes on from layer1's output, which a lateral takes too, but one of another stack than
+    either: the next stage, not a branch (a ResNet under an FPN), the stages one chain, as before.
+    Oracle: torch's |dL/d input| / |dL/d layer3's output|."""
+    torch.manual_seed(0)
+    model, x, z = _StagesAndLaterals(), torch.randn(16, 32), torch.randn(16, 24)
+    loss = lambda out, _: (out * z).sum()  # noqa: E731
+    blocks = [(f"layer{k}.{i}", getattr(model, f"layer{k}")[i]) for k in (1, 2, 3) for i in (0, 1)]
+    m = probe_module(
+        model, x, loss, blocks=[*blocks, *((f"lateral.{i}", h) for i, h in enumerate(model.lateral))]
+    )
+    assert m.chain_starts == (7, 8, 9)
+    outs: list[torch.Tensor] = []
+    hook = model.layer3[-1].register_forward_hook(lambda _m, _a, o: outs.append(o))
+    given = x.clone().requires_grad_()
+    first, last = torch.autograd.grad(loss(model(given), x), [given, *outs])
+    hook.remove()
+    assert m.chain_growths[0] == pytest.approx((first.norm() / last.norm()).item(), rel=1e-5)
 
 
 class _TablesThenStack(nn.Module):
