@@ -120,13 +120,12 @@ def _largest_gain(m: Measurement) -> str:
 def made_by(m: Measurement) -> str | None:
     """Whose backward made a first non-finite dL/d(out_i): call i + 1's, or the loss's after the last
     call; where call i + 1 starts a new chain, whichever blocks take out_i (an encoder's last output
-    feeds every decoder layer), as where it goes on from an earlier call than i (a trunk's next layer
-    past a head: out_i is the head's). None where the first non-finite value is no output gradient."""
+    feeds every decoder layer). None where the first non-finite value is no output gradient."""
     nf = m.first_nonfinite
     if nf is None or nf.tensor != "activation_grad" or nf.layer not in m.activation_names:
         return None
     i = m.activation_names.index(nf.layer) + 1
-    if i in m.chain_starts or i in m.chain_links:
+    if i in m.chain_starts:
         return f"(a block taking {nf.layer}'s output)"
     return m.activation_names[i] if i < len(m.activation_names) else AFTER_LAST
 

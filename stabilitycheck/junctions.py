@@ -4,7 +4,7 @@ merge's chains, the loops' own-output test, a residual add written around block 
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -28,7 +28,7 @@ def _taken(outs: Sequence[torch.Tensor], args: Any) -> list[int]:
     return [i for i, out in enumerate(outs) if any(_feeds(t, out) for t in given)]
 
 
-def made_from(x: Any, targets: set[Any], past: Container[Any] = ()) -> bool:
+def made_from(x: Any, targets: set[Any], past: Collection[Any] = ()) -> bool:
     """Whether the autograd graph behind tensor `x` reaches one of the nodes `targets` by a path that
     does not go through one of the nodes `past`. Only nodes created after the earliest target are
     searched (a node's inputs are older than it): the search ends where the targets were made,
@@ -37,7 +37,7 @@ def made_from(x: Any, targets: set[Any], past: Container[Any] = ()) -> bool:
     return isinstance(x, torch.Tensor) and _node_made_from(x.grad_fn, targets, past)
 
 
-def _node_made_from(start: Any, targets: set[Any], past: Container[Any] = ()) -> bool:
+def _node_made_from(start: Any, targets: set[Any], past: Collection[Any] = ()) -> bool:
     """`made_from` from the autograd node `start` (None: no graph)."""
     if start is None or not targets or start in past:
         return False
@@ -199,43 +199,27 @@ def _edge(t: torch.Tensor) -> tuple[Any, int]:
     return edge.node, edge.output_nr
 
 
-class _Elsewhere:
-    """The autograd nodes of the chains other than `chain` (`owner`: each recorded output's node, by
-    its chain's first position), as a `past` for `made_from`."""
-
-    def __init__(self, owner: dict[Any, int], chain: int) -> None:
-        self.owner, self.chain = owner, chain
-
-    def __contains__(self, node: object) -> bool:
-        return self.owner.get(node, self.chain) != self.chain
-
-
 def taken_chains(
-    outputs: Sequence[torch.Tensor], heads: Sequence[int], given: Sequence[Any], entry: bool
+    outputs: Sequence[torch.Tensor], breaks: Sequence[int], given: Sequence[Any], entry: bool
 ) -> frozenset[int]:
-    """The chains so far (each by its first position in `outputs`; `heads`: per position, its chain's
-    first, readings.chain_heads) of which the call taking `given` takes an output, or what is computed
-    from one other than through another chain's outputs: a decoder takes its encoder's (through the
-    memory), a head its two towers'; a second tower takes none, it runs beside the first, and a head
-    after a decoder takes the decoder's alone (the encoder's reach it through the decoder); a head on
-    a trunk whose layers took the heads between them back in (experts between a mixer stack's layers)
-    takes the trunk's alone. With `entry`, outputs[0] is block 0's input, not an output of chain 0: a
-    second tower taking that input too (a stem's output, which needs no copy) runs beside the first."""
-    owner: dict[Any, int] = {}
-    chains: dict[int, list[torch.Tensor]] = {}
-    for i, (head, out) in enumerate(zip(heads, outputs, strict=False)):
-        chains.setdefault(head, [])
-        if not (entry and i == 0):
-            chains[head].append(out)
-            if out.grad_fn is not None:
-                owner.setdefault(out.grad_fn, head)
+    """The chains so far (each by its first position in `outputs`; `breaks`: where each after the
+    first starts) of which the call taking `given` takes an output, or what is computed from one other
+    than through a later chain's outputs: a decoder takes its encoder's (through the memory), a head
+    its two towers'; a second tower takes none, it runs beside the first, and a head after a decoder
+    takes the decoder's alone (the encoder's reach it through the decoder). With `entry`, outputs[0]
+    is block 0's input, not an output of chain 0: a second tower taking that input too (a stem's
+    output, which needs no copy) runs beside the first."""
     taken = set()
-    for a, outs in chains.items():
+    later: set[Any] = set()  # the nodes of the chains after the one looked at
+    spans = list(zip([0, *breaks], [*breaks, len(outputs)], strict=True))
+    for a, b in reversed(spans):
+        outs = outputs[a + (entry and a == 0) : b]
         nodes = {out.grad_fn for out in outs if out.grad_fn is not None}
         if any(any(t is out for out in outs) for t in given) or any(
-            made_from(t, nodes, _Elsewhere(owner, a)) for t in given
+            made_from(t, nodes, later) for t in given
         ):
             taken.add(a)
+        later |= nodes
     return frozenset(taken)
 
 

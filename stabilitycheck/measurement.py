@@ -66,8 +66,6 @@ class Measurement:
     chain_starts: tuple[int, ...] = ()  # calls (in activation_names) starting a new chain: no gain across
     chain_growths: tuple[float, ...] = ()  # each chain's own growth, where there are several
     chain_feeds: tuple[tuple[int, ...], ...] = ()  # per chain, the earlier chains whose outputs it takes
-    chain_links: tuple[int, ...] = ()  # calls going on from an earlier call of their chain than the one
-    # before them (a trunk's next layer past the heads on its output: readings.chain_heads)
     profile_step: int = 0  # the step the per-block numbers are from (see probing.probe_module)
     state_end: bool = False  # the last reached call was read on a carried state: see `law_gains`
     cut_before: tuple[int, ...] = ()  # calls (in activation_names) taking their input detached: no

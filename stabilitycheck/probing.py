@@ -326,7 +326,6 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         severed=frozenset(run.rec.severed) if hooks else frozenset(),
         cuts=frozenset(run.rec.cuts) if hooks else frozenset(),
         feeds=dict(run.rec.feeds) if hooks else {},
-        links=dict(run.rec.links) if hooks else {},
         unreached=frozenset(range(calls)) - frozenset(reached),
         forward=forward,
         backward=backward,
@@ -554,8 +553,8 @@ def _measure(
         run.rec.remove()
         random.setstate(caller)
     act = tuple(first.backward)
-    unreached = first.unreached | unscored(act, first.breaks, first.unreached, first.cuts, first.links)
-    chains, feeds = chains_of(act, first.breaks, unreached, first.feeds, first.links)
+    unreached = first.unreached | unscored(act, first.breaks, first.unreached, first.cuts)
+    chains, feeds = chains_of(act, first.breaks, unreached, first.feeds)
     return Measurement(
         layer_names=names,
         activation_names=first.calls,
@@ -564,12 +563,11 @@ def _measure(
         layer_grad_norms=per_block(first.grads, owner, len(names)),
         activation_norms=tuple(first.forward),
         activation_grad_norms=act,
-        gains=gains_of(act, first.breaks, unreached, first.links),
+        gains=gains_of(act, first.breaks, unreached),
         growth=growth_of(chains, feeds, len(act)),
         chain_starts=tuple(sorted(b for b in first.breaks if 0 < b < len(act))),
         chain_growths=chains if len(chains) > 1 else (),
         chain_feeds=feeds if len(chains) > 1 else (),
-        chain_links=tuple(sorted(first.links)),
         profile_step=profile_step,
         state_end=max((i for i in range(len(act)) if i not in unreached), default=-1) in first.carried,
         cut_before=cut_before(first.severed, first.unreached),

@@ -4,6 +4,7 @@ backward gain of each block, and the first non-finite value in the order it came
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,26 +34,6 @@ class Step:
     carried: frozenset[int] = frozenset()  # calls read on a state they carry beside it (an LSTM's h, c)
     cuts: frozenset[int] = frozenset()  # breaks where a cell's call took its last output detached
     severed: frozenset[int] = frozenset()  # calls taking their chain's input with no gradient (cut_before)
-    links: dict[int, int] = dataclasses.field(default_factory=dict)  # see chain_heads
-
-
-def chain_heads(n: int, breaks: frozenset[int], links: Mapping[int, int]) -> list[int]:
-    """Per call of `n`, the first call of its chain: a junction (`breaks`) starts one; any other call
-    goes on from the call before it, or from the earlier call `links` names (a trunk's next call after
-    heads on its last output: a GRU cell stepped past the heads on h_t goes on from h_t, its chain
-    running beside the heads' and not through them)."""
-    heads: list[int] = []
-    for i in range(n):
-        heads.append(i if i == 0 or i in breaks else heads[links.get(i, i - 1)])
-    return heads
-
-
-def _members(n: int, breaks: frozenset[int], links: Mapping[int, int]) -> dict[int, list[int]]:
-    """Each chain's calls in order, by its first call (`chain_heads`), chains in order of their first."""
-    chains: dict[int, list[int]] = {}
-    for i, head in enumerate(chain_heads(n, breaks, links)):
-        chains.setdefault(head, []).append(i)
-    return chains
 
 
 def chains_of(
@@ -60,7 +41,6 @@ def chains_of(
     breaks: frozenset[int],
     unreached: frozenset[int],
     feeds: Mapping[int, frozenset[int]],
-    links: Mapping[int, int] | None = None,
 ) -> tuple[tuple[float, ...], tuple[tuple[int, ...], ...]]:
     """Each chain's own growth, its first over its last output-gradient norm, and the earlier chains
     whose outputs it takes (`feeds`: per junction, the first positions of those chains): a junction
@@ -69,19 +49,17 @@ def chains_of(
     last output). Outputs the loss does not depend on (`unreached`: a block computed only for
     logging) have no gradient, not a zero one, and are left out; a chain of them alone has no growth,
     nor has one where a single output of several was reached (no gain between two of its outputs
-    could be read: its growth is unknown, not 1), and a chain taking one takes what that one took.
-    A chain's calls need not be adjacent (`links`, see chain_heads)."""
-    members = _members(len(act), breaks, links or {})
-    starts = list(members)
+    could be read: its growth is unknown, not 1), and a chain taking one takes what that one took."""
+    starts = [0, *sorted(b for b in breaks if 0 < b < len(act))]
     index: dict[int, int] = {}  # a readable chain's first position: its place in the result
     took: dict[int, set[int]] = {}  # per chain's first position, the readable chains it takes
     chains: list[float] = []
     feeders: list[tuple[int, ...]] = []
-    for k, (a, calls) in enumerate(members.items()):
+    for k, (a, b) in enumerate(itertools.pairwise([*starts, len(act)])):
         fed = feeds.get(a, frozenset(starts[k - 1 : k]))  # a junction of no record follows the last
         took[a] = set().union(*({index[f]} if f in index else took.get(f, set()) for f in fed))
-        chain = [act[i] for i in calls if i not in unreached]
-        if len(chain) > 1 or (chain and len(calls) == 1):  # one call alone grows by 1 (no gain to take);
+        chain = [act[i] for i in range(a, b) if i not in unreached]
+        if len(chain) > 1 or (chain and b - a == 1):  # one call alone grows by 1 (no gain to take);
             # one reached among several has no growth that could be read (a (y, h) step's y)
             index[a] = len(chains)
             chains.append(ratio(chain[0], chain[-1]))
@@ -103,7 +81,6 @@ def unscored(
     breaks: frozenset[int],
     unreached: frozenset[int],
     cuts: frozenset[int] = frozenset(),
-    links: Mapping[int, int] | None = None,
 ) -> frozenset[int]:
     """The outputs at each chain's output end whose gradient is exactly 0 while no later output of
     the chain has one: reached, but the loss takes nothing from them (an RNN's last step under a
@@ -115,14 +92,15 @@ def unscored(
     calls on the last output detached, truncated BPTT) where another chain has a gradient: the loss
     on the last token takes nothing from the windows before it, by design (their NaN read the
     model's growth as none)."""
+    starts = [0, *sorted(b for b in breaks if 0 < b < len(act))]
     live = any(act[i] for i in range(len(act)) if i not in unreached)
     out: set[int] = set()
-    for calls in _members(len(act), breaks, links or {}).values():
-        if not any(act[i] for i in calls if i not in unreached):
-            if live and calls[-1] + 1 in cuts:
-                out.update(i for i in calls if i not in unreached)
+    for a, b in itertools.pairwise([*starts, len(act)]):
+        if not any(act[i] for i in range(a, b) if i not in unreached):
+            if live and b in cuts:
+                out.update(i for i in range(a, b) if i not in unreached)
             continue  # else read as it is (0 / 0, no growth), not dropped
-        for i in reversed(calls):
+        for i in range(b - 1, a - 1, -1):
             if i in unreached:
                 continue
             if act[i] != 0.0:
@@ -166,22 +144,13 @@ def growth_of(chains: Sequence[float], feeds: Sequence[Sequence[int]], calls: in
     return largest if len(chains) > 1 and largest > max(worst, 1.0) else worst
 
 
-def gains_of(
-    act: Sequence[float],
-    breaks: frozenset[int],
-    unreached: frozenset[int],
-    links: Mapping[int, int] | None = None,
-) -> tuple[float, ...]:
-    """The backward gain of each entry's block after the first, act[i] / act[i + 1], or over the
-    output of the earlier call its chain goes on from (`links`: see chain_heads): NaN across a
+def gains_of(act: Sequence[float], breaks: frozenset[int], unreached: frozenset[int]) -> tuple[float, ...]:
+    """The backward gain of each entry's block after the first, act[i] / act[i + 1]: NaN across a
     junction (`breaks`) and next to an output no gradient reached (there is no gain to take)."""
-    links = links or {}
-    gains = []
-    for i in range(1, len(act)):
-        before = links.get(i, i - 1)
-        skip = i in breaks or before in unreached or i in unreached
-        gains.append(math.nan if skip else ratio(act[before], act[i]))
-    return tuple(gains)
+    return tuple(
+        math.nan if i + 1 in breaks or i in unreached or i + 1 in unreached else ratio(act[i], act[i + 1])
+        for i in range(len(act) - 1)
+    )
 
 
 def locate(

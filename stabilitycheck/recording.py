@@ -7,7 +7,6 @@ import functools
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,7 +26,6 @@ from stabilitycheck.junctions import (
     taken_chains,
 )
 from stabilitycheck.measurement import INPUT
-from stabilitycheck.readings import chain_heads
 
 
 def first_tensor(value: Any, scalars: bool = True) -> torch.Tensor | None:
@@ -218,30 +216,6 @@ def _elsewhere(args: tuple[Any, ...], kwargs: dict[str, Any], key: str | None, f
     return any(_feeds(t, first) for t in tensors(others))
 
 
-@dataclass
-class _Fork:
-    """A call `q` that went on from the call before it, `p`, a block of another stack (`stack`), taking
-    `x` (p's output, or what is computed from it) as its chain's input: the trunk's next block, or one
-    of several branches on its output (heads on a trunk's last features, a head on each step of a
-    recurrent cell). `sibling`: the first later call of q's stack (`branch`) or of p's took `x` too,
-    not one of a third stack (a lateral of an FPN on a ResNet stage's output, where the next stage goes
-    on with the chain); `joined`: that call of p's stack, where it took `x` or an output of q's chain
-    (the trunk going on past the branch); `carries`: that call of q's stack took an output of q's chain
-    (two recurrent cells held as attributes, stepped in turn: the second's state goes on, no branch).
-    `trunk_seen`, `branch_seen`: those first calls came."""
-
-    p: int
-    q: int
-    x: torch.Tensor
-    stack: str
-    branch: str
-    sibling: bool = False
-    joined: int | None = None
-    carries: bool = False
-    trunk_seen: bool = False
-    branch_seen: bool = False
-
-
 class Recorder:
     """Forward hooks on the blocks, collecting (block index, output) of every block call while active;
     dL/d(output) is then captured by the backward pass itself (torch.autograd.grad), no tensor hooks.
@@ -292,10 +266,6 @@ class Recorder:
         self.copied: frozenset[int] = frozenset()  # positions in `outputs` recorded as a copy (`_kept`)
         self.breaks: set[int] = set()  # positions in `outputs` whose block does not take the last output
         self.feeds: dict[int, frozenset[int]] = {}  # per break, the starts of the chains its call takes
-        self.given: dict[int, list[torch.Tensor]] = {}  # per break with feeds, the tensors its call took
-        self.links: dict[int, int] = {}  # per call going on from an earlier call than the one before it
-        self.forks: list[_Fork] = []  # this pass's (`_Fork`), settled at `take`
-        self.open: list[_Fork] = []  # those whose stack has not been called again
         self.cuts: set[int] = set()  # breaks where a cell took its last output detached (`_cut`)
         # calls taking, as their chain's input, the last output or a detached view of it that carries
         # no gradient (`_severs`): the gradient stops there (readings.cut_before says where it shows)
@@ -428,10 +398,9 @@ class Recorder:
                     # call takes as its chain's input is made from another chain's output too: a
                     # merge (a head on two towers' outputs) starts a chain that takes both (memory
                     # in another argument, as every decoder layer takes, is no merge)
-                    taken = taken_chains(self.outputs, self._heads(), [x], entry)
+                    taken = taken_chains(self.outputs, sorted(self.breaks), [x], entry)
                     if len(taken) > 1:
                         self.feeds[at] = taken
-                        self.given[at] = [x]
                         self.breaks.add(at)
                 return
             given = list(tensors((args, kwargs)))
@@ -441,106 +410,8 @@ class Recorder:
                 # (router_logits, h)): the chain runs on, read on the tensor recorded
             own = self.own[stack] if self.stacks[self.calls[-1]] == stack else set()
             if not any(made_from(t, own) for t in given):
-                self.feeds[at] = taken_chains(self.outputs, self._heads(), given, entry)
-                self.given[at] = given
+                self.feeds[at] = taken_chains(self.outputs, sorted(self.breaks), given, entry)
                 self.breaks.add(at)
-
-    def _heads(self) -> list[int]:
-        """Per recorded output, its chain's first position (readings.chain_heads)."""
-        return chain_heads(len(self.outputs), frozenset(self.breaks), self.links)
-
-    def _forking(self, b: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Before block b's call is recorded: what it says of this pass's open forks (`_Fork`), and
-        whether it is one itself. The first later call of the fork's own stack and the first of the
-        trunk's say what it is (`_Fork`): taking its `x`, a sibling (another head, the cell's next step
-        on h_t); of the trunk's, joining where it takes `x` or what is computed from an output of the
-        fork's chain (the layers of a mixer stack going on from the experts between them); of its own,
-        carrying where it takes that. Open until both came; `_settle` reads them at the pass's end."""
-        at = len(self.outputs)
-        if self.open:
-            given = list(tensors((args, kwargs)))
-            for fork in list(self.open):
-                trunk = self.stacks[b] == fork.stack and not fork.trunk_seen
-                branch = self.stacks[b] == fork.branch and not fork.branch_seen
-                if not (trunk or branch):
-                    continue
-                took = any(t is fork.x for t in given)
-                fork.sibling |= took
-                goes_on = any(made_from(t, self._branch_nodes(fork, at)) for t in given)
-                if trunk:
-                    fork.trunk_seen = True
-                    fork.joined = at if took or goes_on else None
-                if branch:
-                    fork.branch_seen = True
-                    fork.carries = goes_on
-                if fork.trunk_seen and fork.branch_seen:
-                    self.open.remove(fork)
-        last = self.calls[-1] if self.calls else -1
-        if last >= 0 and at not in self.breaks and self.stacks[last] != self.stacks[b]:
-            x = _entry(args, kwargs)[1]
-            if isinstance(x, torch.Tensor) and _feeds(x, self.outputs[-1]):
-                fork = _Fork(at - 1, at, x, self.stacks[last], self.stacks[b])
-                self.forks.append(fork)
-                self.open.append(fork)
-
-    def _branch_nodes(self, fork: _Fork, end: int) -> set[Any]:
-        """The autograd nodes of the outputs from the fork's call on, up to `end`, the next junction or
-        the next call of the trunk's stack: the chain the fork started, as recorded so far."""
-        nodes = set()
-        for i in range(fork.q, end):
-            if i > fork.q and (i in self.breaks or self.stacks[self.calls[i]] == fork.stack):
-                break
-            if self.outputs[i].grad_fn is not None:
-                nodes.add(self.outputs[i].grad_fn)
-        return nodes
-
-    def _settle(self) -> None:
-        """At the pass's end, each fork (`_Fork`) a sibling shows to be one of several calls on the same
-        output: a branch, starting a chain of its own fed by the trunk's, and the trunk's next call
-        (`joined`) goes on from the trunk's last output past it (`links`), where all it takes is the
-        trunk's chain and branches off its output (x = h + mean(expert(h)) between a mixer stack's
-        layers). Read on as the trunk's next block, the first head's gain divided dL/d(trunk output),
-        every branch's gradient, by its own alone: a head lightly weighted in the loss read as an
-        explosion (trunk growth 1.28 read 160), a cell with two heads on every step read each step's
-        gain across a head. A fork with no sibling is the chain's next block, as before (a ResNet's next
-        stage, a single head), as is one its own stack's next call goes on from (`carries`). Every
-        junction's feeds are then taken again on the chains as they stand (a merge after the heads takes
-        theirs, not the trunk's)."""
-        forks = [fork for fork in self.forks if fork.sibling and not fork.carries]
-        self.forks.clear()
-        self.open.clear()
-        if not forks:
-            return
-        entry = self.calls[0] < 0
-        for fork in forks:
-            self.breaks.add(fork.q)
-            self.given[fork.q] = [fork.x]
-        for fork in forks:
-            r = fork.joined
-            if r is None:
-                continue
-            if r in self.breaks:  # a merge: it goes on where it takes the trunk and its branches alone
-                heads = self._heads()
-                trunk = {heads[fork.p]}
-                for a in range(fork.p + 1, r):  # the chains started between, fed by the trunk alone
-                    fed = self._fed_by(a, heads, entry)
-                    if heads[a] == a and fed and fed <= trunk:
-                        trunk.add(a)
-                fed = self._fed_by(r, heads, entry)
-                if not fed or not fed <= trunk:
-                    continue
-                self.breaks.discard(r)
-                del self.feeds[r], self.given[r]
-            self.links[r] = fork.p
-        heads = self._heads()
-        for at in self.given:
-            self.feeds[at] = self._fed_by(at, heads, entry)
-
-    def _fed_by(self, at: int, heads: list[int], entry: bool) -> frozenset[int]:
-        """The chains before position `at` that the junction there takes (from its `given`; none where
-        there is no record), on the chains as `heads` has them."""
-        given = self.given.get(at, [])
-        return taken_chains(self.outputs[:at], heads, given, entry) if given else frozenset()
 
     def _upstream_learns(self) -> bool:
         """Whether a gradient into the last output would reach something: it carries one, an earlier
@@ -599,7 +470,6 @@ class Recorder:
                         self.cuts.add(len(outputs))
                     if not torch.is_grad_enabled():
                         self.muted.append(len(outputs))
-                    self._forking(b, args, kwargs)
                     calls.append(b)
                     outputs.append(out)
                     self.versions.append(_version(out))
@@ -692,10 +562,6 @@ class Recorder:
         self.copied = copied
         self.breaks.clear()
         self.feeds.clear()
-        self.given.clear()
-        self.links.clear()
-        self.forks.clear()
-        self.open.clear()
         self.cuts.clear()
         self.severed.clear()
         for ids in self.own.values():
@@ -748,10 +614,7 @@ class Recorder:
 
     def take(self) -> list[torch.Tensor]:
         """The recorded outputs, dropping the recorder's references to them (and the entry, where it is
-        not the chain's: `calls`, `breaks` and `entering` then count from block 0's first output), once
-        this pass's forks are settled (`_settle`)."""
-        self._settle()
-        self.given.clear()
+        not the chain's: `calls`, `breaks` and `entering` then count from block 0's first output)."""
         if self.dropped:
             self.dropped = False
             for held in (self.calls, self.outputs, self.versions):
@@ -762,7 +625,6 @@ class Recorder:
             self.cuts = {b - 1 for b in self.cuts}
             self.severed = {b - 1 for b in self.severed}
             self.feeds = {b - 1: frozenset(max(0, a - 1) for a in fed) for b, fed in self.feeds.items()}
-            self.links = {b - 1: a - 1 for b, a in self.links.items()}
             self.carrying.shift()
         outputs = self.outputs[:]
         self.outputs.clear()

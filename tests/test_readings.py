@@ -8,7 +8,7 @@ import math
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stabilitycheck.readings import chain_heads, chains_of, gains_of, paths_of, unscored
+from stabilitycheck.readings import chains_of, paths_of, unscored
 
 
 def _paths(feeds: list[tuple[int, ...]]) -> list[list[int]]:
@@ -94,18 +94,3 @@ def test_a_window_of_zeros_before_a_cut_is_unscored_beside_a_live_one() -> None:
     assert unscored([0.0, 0.0, 0.0, 4.0, 0.0, 0.0, 2.0], two, frozenset(), frozenset({6})) == {4, 5}
     chains, _ = chains_of(act, cut, unscored(act, cut, frozenset(), cut), {3: frozenset()})
     assert chains == (4.0,)
-
-
-def test_a_chain_going_on_past_a_branch_is_read_on_its_own_calls() -> None:
-    """A trunk's calls 0, 2, 4 with a head at 1 and 3 (a cell stepped past the head on h_t; `links`: 2
-    goes on from 0, 4 from 2) and a single head at 5 on the last: the trunk's chain 0, 2, 4, 5 grows
-    act[0] / act[5], each gain over the output its call goes on from, the heads' chains of one by 1;
-    a trailing zero is the trunk chain's own end, not the head's before it. Oracle: by hand."""
-    act = [64.0, 3.0, 16.0, 5.0, 4.0, 2.0]
-    breaks, links = frozenset({1, 3}), {2: 0, 4: 2}
-    assert chain_heads(6, breaks, links) == [0, 1, 0, 3, 0, 0]
-    chains, feeds = chains_of(act, breaks, frozenset(), {1: frozenset({0}), 3: frozenset({0})}, links)
-    assert chains == (32.0, 1.0, 1.0) and feeds == ((), (0,), (0,))
-    gains = gains_of(act, breaks, frozenset(), links)
-    assert math.isnan(gains[0]) and gains[1] == 4.0 and math.isnan(gains[2]) and gains[3:] == (4.0, 2.0)
-    assert unscored([*act[:5], 0.0], breaks, frozenset(), links=links) == frozenset({5})

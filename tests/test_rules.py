@@ -381,11 +381,11 @@ def test_a_call_taking_block_0s_input_takes_no_chain_when_it_is_the_entry() -> N
     inp = w * 1.0
     out0 = torch.tanh(inp)
     out1 = torch.tanh(out0)
-    outputs, heads = [inp, out0, out1], [0, 0, 0]  # one chain
-    assert taken_chains(outputs, heads, (inp,), True) == frozenset()
-    assert taken_chains(outputs, heads, (torch.sin(inp),), True) == frozenset()
-    assert taken_chains(outputs, heads, (out1 + 1,), True) == frozenset({0})
-    assert taken_chains(outputs, heads, (inp,), False) == frozenset({0})
+    outputs = [inp, out0, out1]
+    assert taken_chains(outputs, [], (inp,), True) == frozenset()
+    assert taken_chains(outputs, [], (torch.sin(inp),), True) == frozenset()
+    assert taken_chains(outputs, [], (out1 + 1,), True) == frozenset({0})
+    assert taken_chains(outputs, [], (inp,), False) == frozenset({0})
 
 
 # --- invariants_rescaling.py -----------------------------------------------------------------------
