@@ -216,14 +216,28 @@ def _restore(kept: Sequence[_Buffer]) -> None:
             t.copy_(copy)
 
 
-def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = False) -> Step:
+Draws = tuple[dict[str, Any], tuple[Any, ...]]  # torch's random state (rng.rng_state), Python's
+
+
+def _draws() -> Draws:
+    """The random states a forward draws from: torch's (dropout masks) and Python's `random` (a
+    LayerDrop), for a run again of the step to draw what it drew."""
+    return rng_state(), random.getstate()
+
+
+def _redraw(draws: Draws) -> None:
+    """Back to the random states `_draws` took."""
+    set_rng_state(draws[0])
+    random.setstate(draws[1])
+
+
+def _run_step(run: _Run, drawn: Draws, *, hooks: bool, exact: bool = False, weights: bool = False) -> Step:
     """Forward and backward once, then every norm of the step in one fused call and one copy to the
     host: the loss, every weight gradient (unscaled under a GradScaler), and on request the block
     outputs, their gradients and the weights. `exact` computes every norm in float64 and runs
-    without the GradScaler (a re-run that only locates a non-finite value)."""
+    without the GradScaler (a re-run that only locates a non-finite value). `drawn`: the random states
+    the step starts from (`_draws`), for its runs again."""
     scaler = None if exact else run.scaler
-    drawn = rng_state() if hooks else None
-    drawn_py = random.getstate() if hooks else None  # a forward's LayerDrop drawn with `random`
     kept = _buffers(run.model) if hooks else []
 
     def rewind() -> None:
@@ -231,9 +245,7 @@ def _run_step(run: _Run, *, hooks: bool, exact: bool = False, weights: bool = Fa
         random draws (torch's and Python's: a LayerDrop drawing with `random` read another draw's
         loss and profile), the buffers as they were."""
         run.rec.take()
-        set_rng_state(drawn)
-        if drawn_py is not None:  # taken wherever the step hooks, as rewinding needs
-            random.setstate(drawn_py)
+        _redraw(drawn)
         _restore(kept)
 
     plain = False  # the inputs as given, not `_in_graph`'s copies
@@ -509,18 +521,16 @@ def _measure(
             # weights are measured after the last update; at steps=0 they are the caller's own
             profiling = True  # until the per-block profile is read: see probe_module
             for step in range(steps + 1):
-                drawn = rng_state()  # a re-run of the step draws what it drew (dropout masks)
-                drawn_py = random.getstate()  # and what it drew with Python's random
+                drawn = _draws()  # a re-run of the step draws what it drew
                 hooked = profiling
-                last = _run_step(run, hooks=hooked, weights=0 < step == steps)
+                last = _run_step(run, drawn, hooks=hooked, weights=0 < step == steps)
                 if step == 0 and not last.calls:
                     raise _never_called(names)
                 scales.append(last.scale)
                 found = None if last.finite else locate(step, last, names, owner, scaler is None)
                 if found is not None:  # name it, in float64
-                    set_rng_state(drawn)
-                    random.setstate(drawn_py)
-                    exact = _run_step(run, hooks=True, exact=True, weights=True)
+                    _redraw(drawn)
+                    exact = _run_step(run, drawn, hooks=True, exact=True, weights=True)
                     nonfinite = locate(step, exact, names, owner, scaler is None)
                     if nonfinite is None:  # the re-run stayed finite: the model draws on what
                         # is not restored (a counter, Python's random); the step as it ran is the finding
@@ -534,9 +544,8 @@ def _measure(
                     # per-block profile too, while it is read) from an unscaled float64-norm re-run of the
                     # same step; non-finite there too, at scale 1, the dtype cannot hold the gradient: a
                     # finding
-                    set_rng_state(drawn)
-                    random.setstate(drawn_py)
-                    unscaled = _run_step(run, hooks=hooked, exact=True)
+                    _redraw(drawn)
+                    unscaled = _run_step(run, drawn, hooks=hooked, exact=True)
                     if not unscaled.finite:
                         nonfinite = locate(step, unscaled, names, owner)
                 if hooked and (step == 0 or found is not None or not _silent(unscaled)):

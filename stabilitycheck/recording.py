@@ -316,9 +316,9 @@ class Recorder:
         # blocks whose calls without grad mode are not recorded: they also run with it in one pass (a
         # target or teacher pass of the same blocks under torch.no_grad beside the trained one), whose
         # outputs no gradient reaches (`quiet_found`); kept for the probe's later passes, but for an
-        # exact re-run (`start(inputs=True)`), which locates a non-finite value wherever it was made
+        # exact re-run (`start(inputs=True)`, `entering` kept), which locates a non-finite value wherever
+        # it was made
         self.quiet: set[int] = set()
-        self.skipping = True
         self.muted: list[int] = []  # this pass, the positions in `outputs` recorded without grad mode
 
     def _on_input(
@@ -348,8 +348,9 @@ class Recorder:
         return replaced
 
     def _skipped(self, b: int) -> bool:
-        """Whether this call of block b goes unrecorded: a `quiet` block's call without grad mode."""
-        return self.skipping and b in self.quiet and not torch.is_grad_enabled()
+        """Whether this call of block b goes unrecorded: a `quiet` block's call without grad mode, but
+        in an exact re-run (its calls' inputs kept: `entering`)."""
+        return self.entering is None and b in self.quiet and not torch.is_grad_enabled()
 
     def quiet_found(self) -> bool:
         """Whether this pass recorded calls without grad mode of a block that also ran with it, not
@@ -554,7 +555,6 @@ class Recorder:
         if not self.handles:
             self.handles = hooked(self.registrations)
         self.release()
-        self.skipping = not inputs
         self.calls.clear()
         self.outputs.clear()
         self.versions.clear()
