@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from stabilitycheck._tree import tensors
-from stabilitycheck.junctions import _feeds, made_from
+from stabilitycheck.junctions import comes_from, made_from
 
 # per module class, the tensors of its output its calls were seen to carry beside their chain (an
 # nn.LSTMCell's c from the start): a probe of a new model of that class carries them from its first
@@ -21,7 +21,7 @@ _CARRIED: weakref.WeakKeyDictionary[type, tuple[int, ...]] = weakref.WeakKeyDict
 _CARRIED[nn.LSTMCell] = (1,)
 
 
-def _version(t: torch.Tensor) -> int:
+def version_of(t: torch.Tensor) -> int:
     """The tensor's version counter (bumped by each in-place change); -1 for an inference tensor, which
     has none (and cannot change in place outside inference mode). Read first, the rare case caught:
     half the cost of asking is_inference() first, on every output of every call."""
@@ -52,14 +52,14 @@ def _swapped(value: Any, swap: dict[int, torch.Tensor]) -> tuple[Any, int]:
     return value, 0
 
 
-def _fed(given: Sequence[torch.Tensor], out: torch.Tensor, alts: Sequence[torch.Tensor]) -> bool:
+def goes_on_from(given: Sequence[torch.Tensor], out: torch.Tensor, alts: Sequence[torch.Tensor]) -> bool:
     """Whether a call taking `given` goes on from `out`, one of the tensors `alts` of a block's last
     output: takes it, or a tensor made from it other than another of `alts` as it came. Those are
     made by the same node where one op returns them all (oneDNN's LSTM on the CPU, y beside h_n and
     c_n), and made_from, which follows nodes, took h_n for one made from y: the step was read on y,
     h_n and c_n, its head's gradient as the state's."""
     siblings = {id(alt) for alt in alts if alt is not out}
-    return any(t is out or (id(t) not in siblings and _feeds(t, out)) for t in given)
+    return any(t is out or (id(t) not in siblings and comes_from(t, out)) for t in given)
 
 
 class Carrying:
@@ -172,7 +172,7 @@ class Carrying:
             self._plain(b, calls)
             return None, outs
         self.carried[pos] = list(aliases.values())
-        self.versions[pos] = [_version(t) for t in self.carried[pos]]
+        self.versions[pos] = [version_of(t) for t in self.carried[pos]]
         return swapped, [aliases.get(id(t), t) for t in outs]
 
     def take(self, calls: Sequence[int]) -> list[tuple[int, torch.Tensor]]:
@@ -180,7 +180,9 @@ class Carrying:
         carried, dropping the references to them. None where the model changed one in place after the
         call returned it (`c.mul_(0.5)`): its values and gradient are no longer the state's, and the
         state is read on the chain's tensor alone."""
-        moved = any([_version(t) for t in extra] != self.versions[pos] for pos, extra in self.carried.items())
+        moved = any(
+            [version_of(t) for t in extra] != self.versions[pos] for pos, extra in self.carried.items()
+        )
         kept = sorted((pos, extra) for pos, extra in self.carried.items() if calls[pos] in self.confirmed)
         self.carried.clear()
         self.versions.clear()

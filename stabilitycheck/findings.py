@@ -61,7 +61,7 @@ class Finding:
         return cls(**{**data, "knobs": tuple((str(k), v) for k, v in data["knobs"])})
 
 
-def _label(config: Config) -> str:
+def target_label(config: Config) -> str:
     norm = config.values.get("norm", "none")
     name = config.subject.rpartition("/")[2]
     return name + ("" if norm == "none" else f"-{norm}")
@@ -143,7 +143,7 @@ def finding(
     if isinstance(found, Config):
         return Finding(
             test=test,
-            label=_label(found),
+            label=target_label(found),
             device=found.run.device,
             dtype=found.run.dtype,
             knobs=_knobs(found, knobs),

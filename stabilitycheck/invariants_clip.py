@@ -12,21 +12,21 @@ from stabilitycheck.errors import UsageError
 from stabilitycheck.invariants_common import (
     ACC,
     TensorsLike,
-    _grads,
-    _named,
-    _norm_type,
-    _norms,
-    _total,
     check_factor,
     coarsest,
     fail,
+    grads_of,
     host,
+    named_tensors,
+    norm_type_of,
+    norms_of,
     positive,
     reduction_error,
     require_finite,
     require_kept,
     rtol_of,
     subnormal_spacing,
+    total_of,
 )
 
 
@@ -53,9 +53,9 @@ def assert_clipped_norm_bounded(
             "[p.grad.detach().clone() for p in params if p.grad is not None] taken before clipping"
         )
     max_norm = positive("max_norm", max_norm)
-    norm_type = _norm_type(norm_type)
-    named = _named(parameters, "parameters")
-    grads = _grads(named)
+    norm_type = norm_type_of(norm_type)
+    named = named_tensors(parameters, "parameters")
+    grads = grads_of(named)
     header = f"Gradients after clipping to max_norm={max_norm:g} are not clipped correctly."
     require_finite(
         grads,
@@ -68,8 +68,8 @@ def assert_clipped_norm_bounded(
     # dtype: up to 5 roundings of eps / 2, more than rtol alone allows in half precision.
     tol = rtol if rtol is not None else rtol_of(dtype) + 2.5 * torch.finfo(dtype).eps
     spacing = subnormal_spacing(dtype)
-    norms = _norms([g for _, g in grads], norm_type)
-    total = _total(norms, norm_type)
+    norms = norms_of([g for _, g in grads], norm_type)
+    total = total_of(norms, norm_type)
     # torch sums the total in the gradients' dtype: over many elements its own rounding (1e-5 relative
     # for 1e6 float32 values, 1e-3 for an L1 norm of 4e6) moves the clipped norm off max_norm by as
     # much. Measured here on these gradients, with torch's own reduction, and allowed twice over.
@@ -95,14 +95,14 @@ def assert_clipped_norm_bounded(
                     else ""
                 )
             )
-        pre = _named(list(before), "before")
+        pre = named_tensors(list(before), "before")
         pre = [(name, b) for (name, _), (_, b) in zip(grads, pre, strict=True)]
         require_finite(
             pre,
             "Gradients before clipping are not finite, yet clipping returned finite ones.",
             "Clipping hid a blow-up: use clip_grad_norm_(..., error_if_nonfinite=True).",
         )
-        total_before = _total(_norms([b for _, b in pre], norm_type), norm_type)
+        total_before = total_of(norms_of([b for _, b in pre], norm_type), norm_type)
         rounding = max(rounding, reduction_error([b for _, b in pre], norm_type, total_before))
         coef = min(1.0, max_norm / (total_before + 1e-6))
         slack += spacing * total_before  # the coefficient itself rounds to a subnormal in half precision
@@ -198,8 +198,8 @@ def assert_clipped_value_bounded(
     entry equals before.clamp(-clip_value, clip_value) (clamping is exact, no tolerance)."""
     __tracebackhide__ = True
     clip_value = positive("clip_value", clip_value)
-    named = _named(parameters, "parameters")
-    grads = _grads(named)
+    named = named_tensors(parameters, "parameters")
+    grads = grads_of(named)
     if before is not None:
         require_kept(named, before, "Value clipping")
         if len(before) != len(grads):
@@ -217,7 +217,7 @@ def assert_clipped_value_bounded(
     # clip_value itself rounds to the gradient dtype: relatively, or absolutely in the subnormal range
     rounded = torch.tensor(clip_value, dtype=torch.float64).to(dtype).item()
     bound = max(clip_value * (1 + rtol_of(dtype)), rounded)
-    peaks = _norms([g for _, g in grads], math.inf)
+    peaks = norms_of([g for _, g in grads], math.inf)
     over = [i for i, p in enumerate(peaks) if p > bound]
     if over:
         worst = max(over, key=lambda i: peaks[i])
@@ -251,7 +251,7 @@ def assert_direction_preserved(
     of a nonzero `before` fails: it keeps no direction (s = 0 is allowed only when before is zero).
     Two mappings are paired by key (in any order)."""
     __tracebackhide__ = True
-    b, a = _named(before, "before"), _named(after, "after")
+    b, a = named_tensors(before, "before"), named_tensors(after, "after")
     if isinstance(after, Mapping) and isinstance(before, Mapping):  # paired by key, not by position
         if set(after) != set(before):
             missing, extra = sorted(set(before) - set(after)), sorted(set(after) - set(before))

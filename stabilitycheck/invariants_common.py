@@ -72,7 +72,7 @@ def fail(header: str, *lines: str) -> NoReturn:
     raise StabilityError("\n".join((header, "", *lines)))
 
 
-def _named(tensors: Any, what: str) -> Named:
+def named_tensors(tensors: Any, what: str) -> Named:
     """(name, tensor) pairs from a tensor, a Module (its named parameters), a Mapping, or an iterable
     of tensors or of (name, tensor) pairs; unnamed tensors are called '[i]'."""
     if isinstance(tensors, torch.Tensor):
@@ -89,11 +89,11 @@ def _named(tensors: Any, what: str) -> Named:
     return [(str(n), t) for n, t in items]
 
 
-def _grads(parameters: TensorsLike) -> Named:
+def grads_of(parameters: TensorsLike) -> Named:
     """The gradients of `parameters` that have one, named like the parameters; none at all is a
     UsageError (the check passed with nothing to check: gradients passed for their parameters, or no
     backward run)."""
-    named = _named(parameters, "parameters")
+    named = named_tensors(parameters, "parameters")
     grads = [(name, p.grad) for name, p in named if p.grad is not None]
     sparse = next((name for name, g in grads if g.layout != torch.strided), None)
     if sparse is not None:
@@ -121,7 +121,7 @@ def host(values: Sequence[torch.Tensor]) -> list[float]:
     return out
 
 
-def _norms(tensors: Sequence[torch.Tensor], ord: float = 2.0) -> list[float]:
+def norms_of(tensors: Sequence[torch.Tensor], ord: float = 2.0) -> list[float]:
     """Per-tensor norms in float64 as Python floats; 0.0 for an empty tensor (torch's infinity norm
     of one raises)."""
     full = [t.detach() for t in tensors if t.numel()]
@@ -129,14 +129,14 @@ def _norms(tensors: Sequence[torch.Tensor], ord: float = 2.0) -> list[float]:
     return [next(values) if t.numel() else 0.0 for t in tensors]
 
 
-def _norm_type(value: object) -> float:
+def norm_type_of(value: object) -> float:
     """A norm order torch's clip_grad_norm_ computes: a number > 0, or inf."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise UsageError(f"norm_type must be a number > 0 or math.inf (2.0: the L2 norm), got {value!r}")
     return float(value)
 
 
-def _total(norms: Sequence[float], ord: float) -> float:
+def total_of(norms: Sequence[float], ord: float) -> float:
     """The total norm of tensors with these per-tensor norms (NaN and Inf propagate)."""
     if not norms:
         return 0.0
@@ -214,7 +214,7 @@ def check_factor(
     bs = [b.detach().to(ACC) for _, b in before]
     as_ = [a.detach().to(ACC).to(b.device) for (_, a), b in zip(after, bs, strict=True)]
     dots = host([torch.vdot(a.reshape(-1), b.reshape(-1)) for a, b in zip(as_, bs, strict=True)])
-    nb, na = _norms(bs), _norms(as_)
+    nb, na = norms_of(bs), norms_of(as_)
     if factor is None:
         bb = sum(x * x for x in nb)
         factor = sum(dots) / bb if bb > 0 else 0.0
@@ -226,7 +226,7 @@ def check_factor(
                 "e.g. a clip coefficient max_norm / total that became 0 because the total overflowed",
             )
     s = factor
-    resid = _norms([a - s * b for a, b in zip(as_, bs, strict=True)])
+    resid = norms_of([a - s * b for a, b in zip(as_, bs, strict=True)])
     tol = rtol if rtol is not None else rtol_of(coarsest(t for _, t in before + after))
     spacing = subnormal_spacing(coarsest(t for _, t in after))
     extra = list(slack) if slack is not None else [0.0] * len(bs)

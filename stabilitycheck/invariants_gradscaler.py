@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from stabilitycheck.errors import StabilityError, UsageError, no_trainable
-from stabilitycheck.invariants_common import _norms, fail, host, state_kept
+from stabilitycheck.invariants_common import fail, host, norms_of, state_kept
 from stabilitycheck.losses import Inputs, LossFn, seeded_loss
 
 CLEAN_RTOL = 0.01  # a clean scaled step against a plain one: scales of 2^k undo exactly
@@ -197,7 +197,7 @@ def _check_guards(
         nonfinite = [n for n, p in named if not bool(p.detach().isfinite().all())]
         if changed or nonfinite:
             first = changed[0] if changed else nonfinite[0]
-            before_norm, after_norm = _norms(
+            before_norm, after_norm = norms_of(
                 [weights[[n for n, _ in named].index(first)], dict(named)[first]]
             )
             fail(

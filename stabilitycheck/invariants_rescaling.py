@@ -14,10 +14,10 @@ from stabilitycheck.errors import no_trainable
 from stabilitycheck.invariants_common import (
     ACC,
     Named,
-    _norms,
     check_factor,
     coarsest,
     fail,
+    norms_of,
     positive,
     rtol_of,
     state_kept,
@@ -68,9 +68,9 @@ def _rounding_error(
             p.grad = g
     if [n for n, _ in exact] != [n for n, _ in grads]:
         return [0.0] * len(grads)
-    errors = _norms([g.to(ACC) - e.to(g.device) for (_, g), (_, e) in zip(grads, exact, strict=True)])
+    errors = norms_of([g.to(ACC) - e.to(g.device) for (_, g), (_, e) in zip(grads, exact, strict=True)])
     cap = math.sqrt(torch.finfo(coarsest(g for _, g in grads)).eps)
-    return [min(e, cap * n) for e, n in zip(errors, _norms([g for _, g in grads]), strict=True)]
+    return [min(e, cap * n) for e, n in zip(errors, norms_of([g for _, g in grads]), strict=True)]
 
 
 def assert_rescaling_equivariant(
@@ -121,7 +121,7 @@ def _check_rescaling(
     # scale of the terms summed into it, not of its own norm: every tensor may be off by rtol of the
     # total gradient norm as well (a bug that matters moves a tensor by more than that).
     floor = (rtol if rtol is not None else rtol_of(coarsest(g for _, g in g1))) * math.sqrt(
-        sum(n * n for n in _norms([g for _, g in g1]))
+        sum(n * n for n in norms_of([g for _, g in g1]))
     )
     check_factor(
         g1,

@@ -12,7 +12,7 @@ import torch
 from stabilitycheck._tree import tensors
 
 
-def _feeds(x: Any, out: torch.Tensor) -> bool:
+def comes_from(x: Any, out: torch.Tensor) -> bool:
     """Whether `x` is `out` or is computed from it (a residual sum, a norm, a pooling, a transition
     between loops): a block taking it continues the chain of the block that made `out`; an
     encoder-decoder's decoder taking its own embeddings, or a second tower taking the model's input,
@@ -20,12 +20,12 @@ def _feeds(x: Any, out: torch.Tensor) -> bool:
     return x is out or made_from(x, {out.grad_fn} if out.grad_fn is not None else set())
 
 
-def _taken(outs: Sequence[torch.Tensor], args: Any) -> list[int]:
+def taken_outputs(outs: Sequence[torch.Tensor], args: Any) -> list[int]:
     """The places of `outs`, one call's outputs, that a later call's arguments `args` (tuples, lists
-    and dicts at any depth) take, as they are or in what is computed from them (`_feeds`): empty
+    and dicts at any depth) take, as they are or in what is computed from them (`comes_from`): empty
     where that call starts afresh."""
     given = tensors(args)
-    return [i for i, out in enumerate(outs) if any(_feeds(t, out) for t in given)]
+    return [i for i, out in enumerate(outs) if any(comes_from(t, out) for t in given)]
 
 
 def made_from(x: Any, targets: set[Any], past: Collection[Any] = ()) -> bool:
@@ -61,7 +61,7 @@ def _node_made_from(start: Any, targets: set[Any], past: Collection[Any] = ()) -
 Taps = list[tuple[Any, int]]  # (autograd node, input number): where a gradient enters a tensor
 
 
-def _around(
+def skip_around(
     args: tuple[Any, ...], raw: torch.Tensor, first: torch.Tensor, again: bool
 ) -> tuple[Any, Taps] | None:
     """A residual add written around block 0 in the model's forward, seen from the call after block
@@ -88,7 +88,7 @@ def _around(
 
 def skips(args: tuple[Any, ...], raw: torch.Tensor, first: torch.Tensor) -> bool:
     """Whether the next block call's chain input (`args`) is made from block 0's input `raw` by a path
-    around block 0's output `first`, where `_around` found no residual add it reads: x + 0.1 *
+    around block 0's output `first`, where `skip_around` found no residual add it reads: x + 0.1 *
     tanh(block(x)), x + dropout(block(x)), cat(x, block(x)). dL/dx then holds the skip's gradient and
     dL/d first the branch's alone, a ratio of two chains (a LayerScale of 0.1 read block 0's gain
     14.5 for about 1: a false explosion), so the chain starts at block 0's output. Seen where `raw`
@@ -102,7 +102,7 @@ def skips(args: tuple[Any, ...], raw: torch.Tensor, first: torch.Tensor) -> bool
 
 def _residual_add(x: Any, raw: torch.Tensor, first: torch.Tensor) -> tuple[Any, Taps] | None:
     """The add, alpha 1, of block 0's output `first` itself and its input `raw` or what `raw` was made
-    from (see `_around`), on the graph behind `x`, the next block call's chain input: a residual
+    from (see `skip_around`), on the graph behind `x`, the next block call's chain input: a residual
     written around block 0 in the model's forward, maybe behind a norm (XLM's LayerNorm(x +
     attention(x))). Its input side hands dL/d sum on as it is, the gradient along the chain that
     block 0's copy of its input does not see, and its `first` side the same to block 0's output,
@@ -154,7 +154,7 @@ def _taps(raw: torch.Tensor, edge: tuple[Any, int]) -> Taps:
     norm: one node, or several for one written by hand, x * rsqrt(mean(x^2)) * (1 + w)): the (node,
     input number) pairs whose gradients sum to what that graph hands x; [] where `raw` is not made
     from x. Only nodes made after x are searched, up to TAP_NODES; x may be a leaf (a Perceiver's
-    latent array), whose node has no age. Whether x is the stream the next call shows (`_goes_on`:
+    latent array), whose node has no age. Whether x is the stream the next call shows (`stream_goes_on`:
     x + c re-added before every layer is conditioning)."""
     source = edge[0]
     if source is None or raw.grad_fn is None:
@@ -175,7 +175,7 @@ def _taps(raw: torch.Tensor, edge: tuple[Any, int]) -> Taps:
     return taps
 
 
-def _goes_on(args: tuple[Any, ...], add: Any, out: torch.Tensor) -> bool:
+def stream_goes_on(args: tuple[Any, ...], add: Any, out: torch.Tensor) -> bool:
     """Whether a call's input (`args`) is made from an add, alpha 1, of `out` (the call before's
     output) and what is made from the sum `add` made, not through `out` (maybe behind a norm): the
     residual stream going on from block 0's sum, s2 = s1 + out1, or norm2(s1) + out1, or 0.5 * s1 +

@@ -38,7 +38,7 @@ def _same(a: Sequence[Any], b: Sequence[Any]) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
-def _layout(model: nn.Module, blocks: Sequence[tuple[str, nn.Module]]) -> _Layout:
+def layout_of(model: nn.Module, blocks: Sequence[tuple[str, nn.Module]]) -> _Layout:
     """The model's _Layout, from the cache while its trainable parameters and blocks are the same
     objects (checked on every call: a frozen, added or replaced parameter makes a new one). The cache
     holds nothing that holds the model: a leaf model is its own block, a flat Sequential's Layer

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from stabilitycheck.junctions import _taken
+from stabilitycheck.junctions import taken_outputs
 from stabilitycheck.losses import Inputs, call_model
 from stabilitycheck.recording import floating, stack_of
 from stabilitycheck.rng import host_rng_kept
@@ -112,7 +112,7 @@ def _apart(model: nn.Module, inputs: Inputs, names: list[str], stacks: list[str]
     def hooks(stack: str) -> tuple[Any, Any]:
         def before(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if stack in last:
-                chained[stack] = chained[stack] and bool(_taken(last[stack], (args, kwargs)))
+                chained[stack] = chained[stack] and bool(taken_outputs(last[stack], (args, kwargs)))
 
         def after(module: nn.Module, args: Any, output: Any) -> None:
             order.append(stack)
@@ -135,7 +135,7 @@ def _apart(model: nn.Module, inputs: Inputs, names: list[str], stacks: list[str]
 
 def _looped(model: nn.Module, inputs: Inputs) -> list[str]:
     """The names of the outermost modules owning parameters that a forward of `model` (run here)
-    calls two or more times, each later call taking what the one before returned (`_taken`)."""
+    calls two or more times, each later call taking what the one before returned (`taken_outputs`)."""
     named = [
         (name, m) for name, m in model.named_modules() if name and not isinstance(m, torch.jit.ScriptModule)
     ]
@@ -146,7 +146,7 @@ def _looped(model: nn.Module, inputs: Inputs) -> list[str]:
     def before(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         key = id(module)
         if key in last:
-            fed[key] = fed.get(key, True) and bool(_taken(last[key], (args, kwargs)))
+            fed[key] = fed.get(key, True) and bool(taken_outputs(last[key], (args, kwargs)))
 
     def after(module: nn.Module, args: Any, output: Any) -> None:
         calls[id(module)] = calls.get(id(module), 0) + 1

@@ -23,7 +23,7 @@ from stabilitycheck.verdicts import Limits
 TITLE_CHARS = 90  # a title line's length at fontsize 8 on a half-width (6 inch) panel: no cut-off
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     try:
         import matplotlib
 
@@ -57,7 +57,7 @@ def _mark_nonfinite(ax: Any, values: Sequence[float]) -> None:
 def plot(results: Sequence[SearchResult], path: Path) -> int:
     """Write one PNG with a row per result: a counterexample's profile with the limits it was judged on,
     or a stable result's profile at the largest configuration tried; returns how many rows were drawn."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, drawn = figure(results, f"--plot {path}")
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -66,7 +66,7 @@ def plot(results: Sequence[SearchResult], path: Path) -> int:
 
 def figure(results: Sequence[SearchResult], what: str = "--plot") -> tuple[Any, int]:
     """The matplotlib figure `plot` writes, and how many rows it has (`what` names it in errors)."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = [(r, r.shown) for r in results]
     drawn = [(r, j) for r, j in rows if j is not None]
     if not drawn:

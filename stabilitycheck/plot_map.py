@@ -12,7 +12,7 @@ from typing import Any
 
 from stabilitycheck.meanfield import zoo_growth
 from stabilitycheck.phasemap import PhaseMap
-from stabilitycheck.plot import _pyplot
+from stabilitycheck.plot import pyplot
 
 COLOURS = {"stable": "#d7e7f5", "explodes": "#f6d2cc", "vanishes": "#e3dcef"}
 LOG_KNOBS = ("lr", "init_scale")
@@ -126,7 +126,7 @@ def _frontier(ax: Any, pm: PhaseMap, vanishing: bool) -> None:
 
 def plot_map(pm: PhaseMap, path: Path) -> None:
     """Write the PhaseMap's figure to `path` (PNG)."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.colors import ListedColormap
     from matplotlib.ticker import NullLocator, ScalarFormatter
 

@@ -26,7 +26,7 @@ from stabilitycheck._tree import tensors as tensors_of
 from stabilitycheck._validation import article
 from stabilitycheck.errors import UsageError, UserCodeError, no_trainable
 from stabilitycheck.hooking import GRAPH_BREAK
-from stabilitycheck.layout import _layout, combined, per_block, scatter
+from stabilitycheck.layout import combined, layout_of, per_block, scatter
 from stabilitycheck.loops import looped_blocks
 from stabilitycheck.losses import Inputs, LossFn, call_model, differentiable_loss
 from stabilitycheck.measurement import (
@@ -67,7 +67,7 @@ def _backward(
     """Backward from `loss`, setting every parameter's .grad (None where none reached it) and
     returning dL/d(output) of each recorded output (None where the loss does not depend on it); the
     entry's (outputs[0], block 0's copy of its input) plus what a residual add written around block 0
-    hands its input (junctions._around), which the copy does not see, or, where the add takes what
+    hands its input (junctions.skip_around), which the copy does not see, or, where the add takes what
     the input was made from (x + block(norm(x))), the gradient of that instead. All from one
     torch.autograd.grad pass (measured cheaper than backward() with tensor hooks or retain_grad on
     many-call blocks, and no dearer on dense ones; see ci/bench.py). It runs no hook on the
@@ -257,7 +257,7 @@ def _run_step(run: _Run, drawn: Draws, *, hooks: bool, exact: bool = False, weig
         # the model sets requires_grad on (a view of) its input, which torch allows on a leaf alone
         # (Hugging Face's wav2vec2 feature encoder, in training): the forward again on the inputs as
         # given, whose uses autograd then does not record (a skip around block 0 is read as a plain
-        # input's, junctions._around)
+        # input's, junctions.skip_around)
         rewind()
         plain = True
         loss = _forward(run, hooks=True, exact=exact, plain=True)
@@ -485,7 +485,7 @@ def _measure(
     _OutOfOrder where another block ran before block 0)."""
     steps, seed, lr, amp = training.steps, training.seed, training.lr, training.amp
     names = tuple(name for name, _ in blocks)
-    layout = _layout(model, blocks)
+    layout = layout_of(model, blocks)
     params, owner = layout.params, layout.owner
     device = params[0].device
     scaler = torch.amp.GradScaler(device.type) if amp == "float16" else None

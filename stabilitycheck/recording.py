@@ -14,15 +14,15 @@ from torch import nn
 from torch.autograd.graph import GradientEdge
 
 from stabilitycheck._tree import tensors
-from stabilitycheck.carrying import Carrying, _fed, _version
+from stabilitycheck.carrying import Carrying, goes_on_from, version_of
 from stabilitycheck.hooking import hooked, outside_graph
 from stabilitycheck.junctions import (
-    _around,
-    _feeds,
-    _goes_on,
+    comes_from,
     made_from,
+    skip_around,
     skips,
     stack_starts,
+    stream_goes_on,
     taken_chains,
 )
 from stabilitycheck.measurement import INPUT
@@ -208,12 +208,12 @@ def _elsewhere(args: tuple[Any, ...], kwargs: dict[str, Any], key: str | None, f
     argument than the one its entry came from (`key`: see _entry), and not in that one: the chain of a
     recurrent cell called as cell(x_t, h), which runs through h."""
     at = (args[0] if args else None) if key is None else kwargs.get(key)
-    if _feeds(at, first):
+    if comes_from(at, first):
         return False
     others = (
         [*args[1:], *kwargs.values()] if key is None else [*args, *(v for k, v in kwargs.items() if k != key)]
     )
-    return any(_feeds(t, first) for t in tensors(others))
+    return any(comes_from(t, first) for t in tensors(others))
 
 
 class Recorder:
@@ -252,7 +252,7 @@ class Recorder:
         self.recheck = False  # block 0 took the entry: its next call is checked (`_elsewhere`)
         self.dropped = False  # the entry is not the chain's (block 0's next call): `take` drops it
         self.touched = False  # block 0 changed its copy of the input in place (`entry_moved`)
-        self.around: list[torch.Tensor] = []  # dL/d sum of a residual add around block 0 (`_around`),
+        self.around: list[torch.Tensor] = []  # dL/d sum of a residual add around block 0 (`skip_around`),
         # or what its taps hand the input the block's copy was made from
         self.around_hooks: list[Any] = []  # the node hooks that fill `around`, until release
         # the add's node where `around` holds taps' gradients (x + block(norm(x))), not one dL/d sum
@@ -394,7 +394,7 @@ class Recorder:
             entry = self.calls[0] < 0
             if _severs(x, self.outputs[-1]) and self._upstream_learns():
                 self.severed.add(at)  # read as before (a frozen backbone under a head is meant so); said
-            if _feeds(x, self.outputs[-1]):
+            if comes_from(x, self.outputs[-1]):
                 if self.breaks and x is not self.outputs[-1]:  # the chain runs on, unless what the
                     # call takes as its chain's input is made from another chain's output too: a
                     # merge (a head on two towers' outputs) starts a chain that takes both (memory
@@ -406,7 +406,7 @@ class Recorder:
                 return
             given = list(tensors((args, kwargs)))
             held = self.alts.get(at - 1) if b in self.later else None
-            if held is not None and any(_feeds(t, alt) for alt in held[0] for t in given):
+            if held is not None and any(comes_from(t, alt) for alt in held[0] for t in given):
                 return  # a later block taking another of its predecessor's tensors (its h of
                 # (router_logits, h)): the chain runs on, read on the tensor recorded
             own = self.own[stack] if self.stacks[self.calls[-1]] == stack else set()
@@ -446,7 +446,7 @@ class Recorder:
                             self.entering.append(None)
                         self.recheck = True  # see _on_input
                     if len(calls) == 2 and calls[0] < 0 and self.raw is not None:
-                        found = _around(args, self.raw, outputs[1], again=b == 0)
+                        found = skip_around(args, self.raw, outputs[1], again=b == 0)
                         if found is not None:
                             add, taps = found
                             self.around_hooks = [
@@ -457,7 +457,7 @@ class Recorder:
                         elif b != 0 and 1 not in self.copied and skips(args, self.raw, outputs[1]):
                             self.dropped = True  # the input is not on block 0's output's chain
                     elif len(calls) == 3 and self.sum is not None:  # does the stream go on from the sum?
-                        self.goes_on = _goes_on(args, self.sum, outputs[2])
+                        self.goes_on = stream_goes_on(args, self.sum, outputs[2])
                     carrying = self.carrying
                     if b in carrying.extras and b not in carrying.confirmed:
                         carrying.confirm(b, self.last.get(b), out, calls)
@@ -473,12 +473,12 @@ class Recorder:
                         self.muted.append(len(outputs))
                     calls.append(b)
                     outputs.append(out)
-                    self.versions.append(_version(out))
+                    self.versions.append(version_of(out))
                     self.last[b] = len(outputs) - 1
                     if len(outs) > 1 and self.repicking.get(b, True) is not None:
                         # which tensor continues the chain is seen at the block's next call, once
                         passed = {j for j, t in enumerate(outs) if any(t is a for a in tensors(args))}
-                        self.alts[len(outputs) - 1] = (outs, [_version(t) for t in outs], passed)
+                        self.alts[len(outputs) - 1] = (outs, [version_of(t) for t in outs], passed)
                         if b not in self.repicking:
                             self.repicking[b] = module.register_forward_pre_hook(
                                 outside_graph(self._repick(b)), with_kwargs=True, prepend=True
@@ -513,7 +513,7 @@ class Recorder:
             self.repicking[b].remove()  # one look per pass: a cell per token pays it once
             self.repicking[b] = None
             given = list(tensors((args, kwargs)))
-            fed = _fed(given, self.outputs[at], alts)
+            fed = goes_on_from(given, self.outputs[at], alts)
             if b not in self.alone and self.calls[-1] != b:
                 # a block of a stack with another called between: the chain runs on to it; where
                 # that tensor goes on to its own next call too, so does its state (stacked LSTMCells
@@ -523,7 +523,11 @@ class Recorder:
                 return
             if not fed:
                 for j, alt in enumerate(alts):
-                    if j not in passed and alt is not self.outputs[at] and any(_feeds(t, alt) for t in given):
+                    if (
+                        j not in passed
+                        and alt is not self.outputs[at]
+                        and any(comes_from(t, alt) for t in given)
+                    ):
                         self.picks[b] = j
                         for pos, (outs, versions, _) in self.alts.items():
                             if self.calls[pos] == b and len(outs) > j:
@@ -543,7 +547,7 @@ class Recorder:
         return frozenset(
             i
             for i, (b, out, version) in enumerate(zip(self.calls, self.outputs, self.versions, strict=True))
-            if b >= 0 and _version(out) != version
+            if b >= 0 and version_of(out) != version
         )
 
     def start(self, inputs: bool = False, copied: frozenset[int] = frozenset(), entry: bool = True) -> None:
@@ -585,7 +589,7 @@ class Recorder:
         which the model may read again (a skip around the stack), so the step is not the model's own
         until it is run again without the copy (a skip reading the input unchanged read loss 8.86 for
         29.98)."""
-        entry = bool(self.calls) and self.calls[0] < 0 and _version(self.outputs[0]) != self.versions[0]
+        entry = bool(self.calls) and self.calls[0] < 0 and version_of(self.outputs[0]) != self.versions[0]
         return self.touched or entry
 
     def stop(self) -> None:
@@ -607,7 +611,7 @@ class Recorder:
             self.pre = None
 
     def _unhook_around(self) -> None:
-        """Take the residual add's node hook (`_around`) off the pass's graph, which may outlive it."""
+        """Take the residual add's node hook (`skip_around`) off the pass's graph, which may outlive it."""
         for hook in self.around_hooks:
             hook.remove()
         self.around_hooks = []
@@ -637,12 +641,12 @@ class Recorder:
         return self.carrying.take(self.calls)
 
     def _through(self, grads: tuple[torch.Tensor | None, ...]) -> None:
-        """The residual add's node pre-hook (`_around`): keeps dL/d sum, changing nothing."""
+        """The residual add's node pre-hook (`skip_around`): keeps dL/d sum, changing nothing."""
         if grads[0] is not None:
             self.around.append(grads[0])
 
     def _tap(self, j: int, grad_inputs: tuple[torch.Tensor | None, ...], _: Any) -> None:
-        """A tap's node hook (`_around`): keeps the gradient it hands its input j, changing nothing."""
+        """A tap's node hook (`skip_around`): keeps the gradient it hands its input j, changing nothing."""
         grad = grad_inputs[j]
         if grad is not None:
             self.around.append(grad)
@@ -654,11 +658,11 @@ class Recorder:
         self.around.clear()
 
     def through(self) -> tuple[torch.Tensor | None, bool]:
-        """After the backward, what a residual add around block 0 (`_around`) hands the chain's input:
+        """After the backward, what a residual add around block 0 (`skip_around`) hands the chain's input:
         its dL/d sum, to add to the copy's gradient, or, from taps (x + block(norm(x))), dL/dx along the
         chain, to take in its place (True); None where there is none, or the entry is not the chain's. The
         taps' sum is x's gradient along the chain only where the stream goes on from the add's sum (the
-        call after block 0's next takes that sum plus its own output: `_goes_on`); a tensor re-added
+        call after block 0's next takes that sum plus its own output: `stream_goes_on`); a tensor re-added
         before every layer, h = layer(h + c), does not (read as a stream: growth 0.120 for 0.054),
         and block 0 is then read through its branch alone, as where no third call shows it. Other uses
         of x (a second tower, a skip around the whole stack) are not on this chain and leave it be."""

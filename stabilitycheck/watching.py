@@ -26,7 +26,7 @@ from torch import nn
 
 from stabilitycheck import distributed
 from stabilitycheck.alarms import Termination, signals_held
-from stabilitycheck.carrying import _version
+from stabilitycheck.carrying import version_of
 from stabilitycheck.distributed import Layout
 from stabilitycheck.errors import UsageError, did_you_mean, no_trainable
 from stabilitycheck.layout import block_of
@@ -212,7 +212,7 @@ class Watcher:
             raise UsageError("watch: a watcher runs once; make a new one with watch(...) for another run")
         self._handles += self.capture.attach(self.model)  # first: a block it cannot hook leaves nothing
         self._open = True
-        self._versions = [_version(p) for p in self.params]  # an update changes them: `_no_step`
+        self._versions = [version_of(p) for p in self.params]  # an update changes them: `_no_step`
         if self.world == 1:  # under torch.distributed a rank stopping alone would hang the others' flush
             self._termination.open()
         if self.snapshot is not None:
@@ -328,7 +328,9 @@ class Watcher:
         self.out.result.note = note
         versions = self._versions
         updated = (
-            self.capture.backward and versions is not None and [_version(p) for p in self.params] != versions
+            self.capture.backward
+            and versions is not None
+            and [version_of(p) for p in self.params] != versions
         )
         if self._loss is not None or updated or any(p.grad is not None for p in self.params):
             warnings.warn(f"watch: {note}", stacklevel=4)

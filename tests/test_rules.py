@@ -358,17 +358,17 @@ def test_only_an_add_of_alpha_one_is_a_residual_written_around_block_0() -> None
     """J1: the residual add around block 0 is the add, alpha 1, of block 0's output and its input (its
     input side hands dL/d sum on unchanged: torch's own AddBackward0 scales the second input by alpha).
     torch.add(raw, first, alpha=2) is an AddBackward0 too, but no identity: it is left unread."""
-    from stabilitycheck.junctions import _around
+    from stabilitycheck.junctions import skip_around
 
     w = torch.randn(4, requires_grad=True)
     raw = w * 1.0
     first = torch.tanh(raw)
     one = torch.add(raw, first)
-    found = _around((one,), raw, first, False)
+    found = skip_around((one,), raw, first, False)
     assert found is not None and found[0] is one.grad_fn
     two = torch.add(raw, first, alpha=2.0)
     assert type(two.grad_fn).__name__ == "AddBackward0"
-    assert _around((two,), raw, first, False) is None
+    assert skip_around((two,), raw, first, False) is None
 
 
 def test_a_call_taking_block_0s_input_takes_no_chain_when_it_is_the_entry() -> None:

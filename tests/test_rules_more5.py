@@ -509,10 +509,10 @@ def test_norms_in_float64_and_totals_of_any_order() -> None:
     g = torch.Generator().manual_seed(0)
     t = torch.randn(4097, generator=g) * 1e3
     want = _hypot(t)
-    assert ic._norms([t, torch.empty(0)]) == [pytest.approx(want, rel=1e-14, abs=0), 0.0]
-    assert ic._total([3.0, 4.0], math.inf) == 4.0
-    assert ic._total([3.0, 4.0], 1.0) == 7.0
-    assert ic._total([3.0, 4.0], 2.0) == 5.0
+    assert ic.norms_of([t, torch.empty(0)]) == [pytest.approx(want, rel=1e-14, abs=0), 0.0]
+    assert ic.total_of([3.0, 4.0], math.inf) == 4.0
+    assert ic.total_of([3.0, 4.0], 1.0) == 7.0
+    assert ic.total_of([3.0, 4.0], 2.0) == 5.0
 
 
 def test_check_factor_finds_the_least_squares_factor() -> None:

@@ -493,7 +493,7 @@ class _StartsFromALearnedState(nn.Module):
 
 
 def test_a_block_taking_the_leaf_the_block_before_returned_goes_on_with_its_chain() -> None:
-    """junctions._feeds: a call goes on with the chain where what it takes 'is out or is computed from
+    """junctions.comes_from: a call goes on with the chain where what it takes 'is out or is computed from
     it'; the learned state start returns is a leaf (no autograd node to trace back to), and layers.0
     takes it as it is. Oracle: the documented rule, and torch's |dL/d start| / |dL/d layers.2|."""
     model = _StartsFromALearnedState()

@@ -19,7 +19,7 @@ from stabilitycheck._validation import article, describe, raised_at
 from stabilitycheck.config import Config
 from stabilitycheck.errors import StabilityCheckError
 from stabilitycheck.families import Scalar
-from stabilitycheck.junctions import _taken, made_from
+from stabilitycheck.junctions import made_from, taken_outputs
 from stabilitycheck.loops import looped_blocks, on_a_copy
 from stabilitycheck.losses import DefaultLoss, Inputs, LossFn, OutputLoss, call_model
 from stabilitycheck.memory import meta_bytes
@@ -283,7 +283,7 @@ class _LastCall(nn.Module):
         def before(b: int) -> Any:
             def hook(module: nn.Module, given: tuple[Any, ...], named: dict[str, Any]) -> None:
                 if b in kept:
-                    fed.setdefault(b, set()).update(_taken(kept[b], (given, named)))
+                    fed.setdefault(b, set()).update(taken_outputs(kept[b], (given, named)))
 
             return hook
 
@@ -337,7 +337,9 @@ def _reading(model: nn.Module, inputs: Inputs, names: list[str]) -> str:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if calls:
                 given = (args, kwargs)
-                took = bool(_taken(calls[-1], given)) or (name in mine and bool(_taken(mine[name], given)))
+                took = bool(taken_outputs(calls[-1], given)) or (
+                    name in mine and bool(taken_outputs(mine[name], given))
+                )
                 chained[0] = chained[0] and took
 
         return hook
