@@ -166,8 +166,12 @@ class ModelFile:
             axes = (Axis(self.init_knob or SCALE, tuple(round(default * s, 12) for s in INIT_SCALES)),)
         return Space(self.given, self.config(), axes)
 
-    def _make(self, config: Config) -> tuple[nn.Module, Inputs, tuple[tuple[str, nn.Module], ...], str]:
-        """The user's model (weights scaled if asked), blocks and inputs, seeded from config.run.seed."""
+    def _make(
+        self, config: Config, find: bool = True
+    ) -> tuple[nn.Module, Inputs, tuple[tuple[str, nn.Module], ...], str]:
+        """The user's model (weights scaled if asked), blocks and inputs, seeded from config.run.seed;
+        without `find`, no blocks (the memory estimate: looking for loops runs a forward, on the meta
+        device an nn.LSTM's costs 1 s at 128 steps, every point of a search)."""
         values, seed = self.values(config), config.run.seed
         cuda = [torch.device(config.run.device)] if config.run.device.startswith("cuda") else []
         # the caller's random states given back: the file's draws are seeded, not theirs (a batch()
@@ -175,13 +179,16 @@ class ModelFile:
         with torch.random.fork_rng(devices=cuda), host_rng_kept():
             seed_all(seed)
             model = self.source.make_model(self, values)
-            check_blocks(self, model)
-            blocks, note = find_blocks(model)
-            self.check_eager(model, blocks)
+            blocks: tuple[tuple[str, nn.Module], ...] = ()
+            note = ""
+            if find:
+                check_blocks(self, model)
+                blocks, note = find_blocks(model)
+                self.check_eager(model, blocks)
             seed_all(derived(seed, SALT_BATCH))
             inputs = self.source.make_inputs(self, model, values, derived(seed, SALT_INFER))
             _materialize(model, inputs)  # drawn alike at every init_scale, which then scales them
-            looped, note = looped_blocks(model, inputs, blocks, note)
+            looped, note = looped_blocks(model, inputs, blocks, note) if find else (blocks, note)
             if looped != blocks:
                 self.check_eager(model, looped)
                 blocks = looped
@@ -236,7 +243,7 @@ class ModelFile:
         """Bytes from a build and forward on the meta device; None where the model cannot run there."""
 
         try:
-            return meta_bytes(lambda: self._make(config)[:2], call_model)
+            return meta_bytes(lambda: self._make(config, find=False)[:2], call_model)
         except (Exception, SystemExit):  # data-dependent code (.item(), numpy) cannot run on meta
             return None
 
