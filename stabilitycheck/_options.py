@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from stabilitycheck import __version__
 from stabilitycheck._validation import writable
 
 EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
@@ -168,6 +169,7 @@ def parser() -> argparse.ArgumentParser:
             "saved. Each takes --help."
         ),
     )
+    p.add_argument("--version", action="version", version=f"stabilitycheck {__version__}")
     p.add_argument(
         "target",
         nargs="?",
@@ -329,6 +331,8 @@ def apply_knobs(space: Any, knobs: Sequence[str]) -> Any:
                     f"e.g. --knob {name}=1:8"
                 )
             numbers = [int(x) for x in numbers]
+        elif isinstance(now, float):  # init_scale=1:4 is 16 points from 1.0 to 4.0, as 1.0:4.0 is (it
+            numbers = [float(x) for x in numbers]  # searched 1, 2, 3 and 4 alone: a new user's trial)
         if len(numbers) == 1:
             base = base.with_knobs(**{name: numbers[0]})
             fixed.add(name)

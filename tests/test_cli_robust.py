@@ -890,7 +890,7 @@ def test_what_a_model_file_prints_goes_to_stderr_and_stdout_holds_the_results(
             "--knob",
             "depth=1:6",
             "--knob",
-            "init_scale=1:3",
+            "init_scale=1:3:1",
             "--seeds",
             "1",
             "--quiet",
@@ -932,7 +932,16 @@ def test_a_map_whose_model_raises_at_a_point_still_prints_and_writes_what_it_tra
     path = _file(tmp_path, guard="if init_scale == 2.0: raise ValueError('too deep for me')")
     json_path, md_path = tmp_path / "map.json", tmp_path / "map.md"
     argv = ["map", str(path), "--x", "depth", "--y", "init_scale", "--knob", "depth=1:8"]
-    argv += ["--knob", "init_scale=1:3", "--seeds", "1", "--json", str(json_path), "--markdown", str(md_path)]
+    argv += [
+        "--knob",
+        "init_scale=1:3:1",
+        "--seeds",
+        "1",
+        "--json",
+        str(json_path),
+        "--markdown",
+        str(md_path),
+    ]
     code, out, err = _run(argv, capsys)
     assert code == cli.EXIT_USAGE
     assert "phase map of" in out and "depth" in md_path.read_text()
@@ -1039,3 +1048,35 @@ def test_an_integer_option_s_bounds_are_printed_as_integers(capsys: pytest.Captu
     assert "must be a finite number in [0, 4294967295], got -1" in capsys.readouterr().err
     assert cli.main(["mlp", "--quantile", "2"]) == cli.EXIT_USAGE
     assert "must be a finite number in (0, 1], got 2" in capsys.readouterr().err
+
+
+def test_version_prints_the_package_s_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """`stabilitycheck --version` (a new user's first command, 'unrecognized arguments' before): the
+    version the package and its metadata give, exit 0. Oracle: importlib.metadata."""
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exited:  # argparse's, as for --help
+        cli.main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.strip() == f"stabilitycheck {version('stabilitycheck')}"
+
+
+@pytest.mark.parametrize(
+    ("knob", "values"),
+    [
+        ("init_scale=1:4", [1.0 + 0.2 * k for k in range(16)]),
+        ("init_scale=1.0:4.0", [1.0 + 0.2 * k for k in range(16)]),
+        ("init_scale=1:4:1", [1.0, 2.0, 3.0, 4.0]),
+        ("depth=1:4", [1, 2, 3, 4]),
+    ],
+)
+def test_a_real_knob_given_whole_bounds_is_searched_on_its_real_grid(knob: str, values: list[float]) -> None:
+    """`--knob init_scale=1:4` searched 1, 2, 3 and 4 alone (integers parsed as a whole-number range),
+    where 1.0:4.0 searches 16 points: a new user's trial. A knob whose value is real gets the real grid
+    however its bounds are written; a whole-number knob steps by 1. Oracle: the README's rule by hand."""
+    from stabilitycheck._options import apply_knobs
+    from stabilitycheck.zoo import Family
+
+    (axis,) = apply_knobs(Family("mlp").space(), [knob]).axes
+    assert list(axis.values) == pytest.approx(values, rel=1e-12)
+    assert all(type(v) is type(values[0]) for v in axis.values)
