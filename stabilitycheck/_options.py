@@ -158,6 +158,21 @@ def _csv(text: str) -> list[str]:
     return items
 
 
+def _dtypes(text: str) -> list[str]:
+    """--dtype's comma-separated list, each a dtype the probe runs (said as the flag, not as the
+    Run field the value lands in: a new user read `Run.dtype='float8' is not allowed`)."""
+    from stabilitycheck.config import DTYPES
+    from stabilitycheck.errors import did_you_mean
+
+    items = _csv(text)
+    for item in items:
+        if item not in DTYPES:
+            raise argparse.ArgumentTypeError(
+                f"{item!r} is not a dtype it probes; expected {', '.join(DTYPES)}{did_you_mean(item, DTYPES)}"
+            )
+    return items
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line, defined once."""
     p = Parser(
@@ -194,7 +209,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype",
         action="append",
-        type=_csv,
+        type=_dtypes,
         default=[],
         help="float32, float64, bfloat16, float16 (repeatable or comma-separated)",
     )

@@ -102,8 +102,8 @@ def kind(subject: str) -> str:
         if not subject[3:]:
             raise ConfigError("Config.subject='hf:' names no model type; expected e.g. 'hf:gpt2'")
         return "hf"
-    if subject.partition(":")[0].endswith(".py") or "/" in subject:
-        return "file"
+    if "." in subject or "/" in subject:  # a path (no family's name has a dot): `notpy.txt` was said
+        return "file"  # to be no zoo family, where a path is told it is no .py file
     knob_specs(subject)
     return "zoo"
 

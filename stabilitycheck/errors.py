@@ -41,11 +41,13 @@ class StabilityError(AssertionError):
     """An invariant failed: the message carries the numbers, like torch.testing.assert_close."""
 
 
-def no_trainable(who: str) -> UsageError:
+def no_trainable(who: str = "") -> UsageError:
     """The one error for a model with no parameter that requires grad, from `who` (probe_module, watch,
-    an invariant): nothing to differentiate, and where to look."""
+    an invariant; none where the model came from a Config, whose name the caller says): nothing to
+    differentiate, and where to look."""
     return UsageError(
-        f"{who}: the model has no parameters that require grad, so there is no gradient to measure; check "
+        f"{who}{': ' * bool(who)}the model has no parameters that require grad, so there is no gradient to "
+        "measure; check "
         "requires_grad (a frozen model), or that its layers are registered as submodules (an nn.ModuleList, "
         "not a Python list)"
     )

@@ -307,7 +307,7 @@ ERRORS = [
     ("loss_vector", [f"{FILES}/loss_vector.py"], ["the loss must be a scalar", "(16,)"]),
     ("loss_detached", [f"{FILES}/loss_detached.py"], ["the loss does not require grad"]),
     ("no_parameters", [f"{FILES}/no_parameters.py"], ["no parameters that require grad"]),
-    ("frozen", [f"{FILES}/frozen.py"], ["no parameters that require grad"]),
+    ("frozen", [f"{FILES}/frozen.py"], ["error: the model has no parameters that require grad"]),
     ("model_not_module", [f"{FILES}/model_not_module.py"], ["`model` is a str, not an nn.Module"]),
     ("scripted", [f"{FILES}/scripted.py"], ["the model is a TorchScript module", "torch.jit.script(Net())"]),
     ("scripted_block", [f"{FILES}/scripted_block.py"], ["0 is a TorchScript module", "eager nn.Module"]),

@@ -1080,3 +1080,16 @@ def test_a_real_knob_given_whole_bounds_is_searched_on_its_real_grid(knob: str, 
     (axis,) = apply_knobs(Family("mlp").space(), [knob]).axes
     assert list(axis.values) == pytest.approx(values, rel=1e-12)
     assert all(type(v) is type(values[0]) for v in axis.values)
+
+
+def test_a_file_named_without_a_directory_is_read_as_a_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`stabilitycheck notes.txt` in the file's own directory was told "'notes.txt' is not a zoo
+    family", where `./notes.txt` was told it is no .py file (a new user's trial): a name with a dot is
+    a path, no family's name has one."""
+    (tmp_path / "notes.txt").write_text("hello\n")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _run(["notes.txt", "--quiet"], capsys)
+    assert code == cli.EXIT_USAGE and err.count("\n") == 1
+    assert "notes.txt: not a .py file" in err and "zoo family" not in err

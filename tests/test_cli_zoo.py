@@ -96,7 +96,8 @@ def test_same_seed_same_output(capsys: pytest.CaptureFixture[str]) -> None:
         (["zoo", "--knob", "depth"], "--knob 'depth' is malformed"),
         (["zoo", "--knob", "dept=1:4"], "'dept' is not a knob of mlp"),
         (["zoo", "--lr", "-1"], "argument --lr"),
-        (["zoo", "--dtype", "fp8"], "Run.dtype='fp8'"),
+        (["zoo", "--dtype", "fp8"], "argument --dtype: 'fp8' is not a dtype it probes"),
+        (["zoo", "--dtype", "float32,flaot16"], "(did you mean 'float16'?)"),
         (["zoo", "--replay", "/nonexistent.json"], "no such file"),
     ],
 )
