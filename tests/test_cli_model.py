@@ -132,6 +132,12 @@ def test_stable_example_exits_0_with_the_largest_config_tried(
     stable_at = f"stable at {smallest[len('stable (tried up to ') : -1]}, the largest point tried"
     assert stable_at in out
     assert re.search(r"\n  kind      .*; blocks: ", out) and f"growth {spread.split(',')[0]} over" in out
+    # and how much of the grid that is: the file's SPACE (or init knob's x0.5..x4, 16 values), by hand
+    from stabilitycheck.subjects import resolve
+
+    size = math.prod(len(a.values) for a in resolve(f"examples/{name}.py").space().axes)
+    judged = re.search(rf"\n  searched  (\d+) of the grid's {size} points judged: stable on those", out)
+    assert judged is not None and 1 <= int(judged.group(1)) <= min(size, 21)
 
 
 def test_a_stable_rows_judgement_is_in_the_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
