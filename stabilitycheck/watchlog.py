@@ -20,6 +20,7 @@ from stabilitycheck.spikes import SpikeRule, SpikeState, noisier, unmeasured
 OUTSIDE = "(outside blocks)"
 Limits = tuple[list[float], list[float]]  # per series, the window mean and the threshold of one step
 AFTER_LAST = "the loss after the last block"
+INPUT = "(input)"  # Finding.after of the first block's output: what it took is not read
 
 
 @dataclass(frozen=True)
@@ -41,12 +42,18 @@ class Finding:
     mean: float | None = None
     geometric: bool = False  # `mean` is the window's geometric mean: the rule ran on ln x (a norm)
     after: str | None = None  # a block output flagged: the block before it, where the model's code
-    # between them made what this block took (Capture.glued), which may have made the value
+    # between them made what this block took (Capture.glued), which may have made the value; INPUT
+    # for the first block's, whose input (the batch, or the code before it) the watcher does not read
 
     def describe(self) -> str:
         where = f" on rank {self.rank}" if self.rank is not None else ""
         made = f" (made by the backward of {self.made_by})" if self.made_by is not None else ""
-        if self.after is not None:
+        if self.after == INPUT:
+            made += (
+                f" ({self.block} is the first block: what it took, the batch or the model's code before it, "
+                "may hold the value; the watcher does not read it)"
+            )
+        elif self.after is not None:
             made += (
                 f" ({self.block} took what the model's code made of {self.after}'s output, not that output: "
                 "the value may have been made there)"
@@ -230,8 +237,8 @@ class Log:
         kind, block = self.names[index]
         rank = nonfinite_rank(ranks, self.layout, index) if ranks is not None else None
         value, made_by = values[index], self.made_by.get(index)
-        b = self.blocks.index(block) if kind == "activation" else 0
-        after = self.blocks[b - 1] if b in self.glued else None
+        b = self.blocks.index(block) if kind == "activation" else -1
+        after = INPUT if b == 0 else self.blocks[b - 1] if b in self.glued else None
         if limits is None or not math.isfinite(value):  # a non-finite value is flagged for that alone
             return Finding(step, kind, block, value, rank, made_by, after=after)
         geometric = kind != "loss" or bool(self.loss_logged)  # the rule's mode (SpikeRule.state)

@@ -1723,23 +1723,29 @@ class _Glued(nn.Module):
         return x
 
 
+@pytest.mark.parametrize("at", [3, 0])
 @pytest.mark.parametrize("factor", [50.0, math.nan])
-def test_a_value_made_between_blocks_is_said_to_be_maybe_theirs(factor: float) -> None:
+def test_a_value_made_between_blocks_is_said_to_be_maybe_theirs(factor: float, at: int) -> None:
     """The model's code between blocks 2 and 3 multiplies x by 50 (or makes a NaN): watch named
     blocks.3, which only received it, where the probe says 'outside blocks, before blocks.3' (found by
-    a user's trial). The finding says blocks.3 took what the code made of blocks.2's output. A block
-    taking its predecessor's output as it came gets no such word."""
+    a user's trial). The finding says blocks.3 took what the code made of blocks.2's output. Before
+    block 0 (a NaN in the batch) it blamed blocks.0 without a word (a new user's trial): the first
+    block's finding says what it took may hold the value. A block taking its predecessor's output as
+    it came gets no such word."""
     torch.manual_seed(0)
-    model = _Glued(at=3, factor=factor, when=60)
+    model = _Glued(at=at, factor=factor, when=60)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with watch(model, opt, report=None) as w:
         squared_steps(model, opt, w, 70, (8, 16))
     assert w.report is not None
     found = w.report.first_nonfinite if math.isnan(factor) else w.report.first_spike
-    assert found is not None and (found.step, found.tensor, found.block) == (60, "activation", "blocks.3")
-    assert found.after == "blocks.2" and "blocks.3 took what the model's code made of blocks.2's output" in (
-        found.describe()
+    assert found is not None and (found.step, found.tensor, found.block) == (60, "activation", f"blocks.{at}")
+    said = (
+        "blocks.0 is the first block: what it took, the batch or the model's code before it, may hold"
+        if at == 0
+        else "blocks.3 took what the model's code made of blocks.2's output"
     )
+    assert found.after == ("(input)" if at == 0 else "blocks.2") and said in found.describe()
     torch.manual_seed(0)
     clean = train(MLP(depth=4), 60, {2: Fault(40)})  # x50 on blocks.2's output, by a forward hook
     assert clean.report is not None and clean.report.first_spike is not None
