@@ -21,6 +21,7 @@ from stabilitycheck.measurement import Measurement
 from stabilitycheck.verdicts import Limits
 
 TITLE_CHARS = 90  # a title line's length at fontsize 8 on a half-width (6 inch) panel: no cut-off
+NAMED_BLOCKS = 12  # up to this many blocks, the weight-gradient panel names each under its point
 
 
 def pyplot() -> Any:
@@ -112,7 +113,13 @@ def figure(results: Sequence[SearchResult], what: str = "--plot") -> tuple[Any, 
             right.semilogy([v if v > 0 else math.nan for v in m.layer_grad_norms], marker=".")
             _mark_nonfinite(right, m.layer_grad_norms)
             loss = ", the loss on the last step" if j.per_token else ""  # a recurrent subject's profile
-            right.set_title(f"weight-gradient norm per block (step 0, {seed}{loss})", fontsize=9)
+            title = f"weight-gradient norm per block (step 0, {seed}{loss})"
+            right.set_title(textwrap.fill(title, TITLE_CHARS, break_long_words=True), fontsize=8)
             right.set_xlabel("block (input side left)")
+            if (
+                len(m.layer_names) <= NAMED_BLOCKS
+            ):  # a recurrent cell, one block, read as 'cell', not -0.4..0.4
+                right.set_xticks(range(len(m.layer_names)))
+                right.set_xticklabels(m.layer_names, rotation=30 if len(m.layer_names) > 4 else 0, fontsize=7)
     fig.tight_layout()
     return fig, len(drawn)

@@ -146,3 +146,26 @@ def test_a_non_finite_profile_is_marked_not_left_out() -> None:
     ]
     assert marked == bad and left.get_xlim() == (-0.5, len(values) - 0.5)
     assert "non-finite (Inf/NaN)" in [t.get_text() for t in left.get_legend().get_texts()]
+
+
+def test_a_recurrent_cell_s_weight_panel_names_its_block_and_keeps_its_title_inside() -> None:
+    """A recurrent subject is one block (its cell): the weight-gradient panel drew one dot over an axis
+    of -0.4..0.4 and its title ran past the figure (a new user's trial). Oracle: the measurement's
+    block names as the tick labels, the point at the measured norm, and matplotlib's own extents."""
+    pytest.importorskip("matplotlib")
+    from stabilitycheck.plot import figure
+
+    space = Space(
+        "rnn",
+        Config.of("rnn", width=8, batch_size=2, init_scale=4.0, seeds=1),
+        (Axis.range("seq_len", 2, 40),),
+    )
+    result = search(space, max_examples=5)
+    fig, _ = figure([result])
+    fig.canvas.draw()
+    right = fig.axes[1]
+    m = result.shown.measurement  # type: ignore[union-attr]
+    assert [t.get_text() for t in right.get_xticklabels()] == list(m.layer_names) == ["cell"]
+    assert list(right.get_lines()[0].get_ydata()) == list(m.layer_grad_norms)  # type: ignore[arg-type]
+    title = right.title.get_window_extent(fig.canvas.get_renderer())
+    assert fig.bbox.x0 <= title.x0 and title.x1 <= fig.bbox.x1, (title, fig.bbox)
