@@ -20,7 +20,7 @@ from stabilitycheck.config import RUN_FIELDS, Config
 from stabilitycheck.errors import UsageError, UserCodeError, did_you_mean
 from stabilitycheck.families import Scalar
 from stabilitycheck.losses import DefaultLoss, OutputLoss
-from stabilitycheck.memory import meta_bytes
+from stabilitycheck.memory import meta_bytes, parameter_bytes
 from stabilitycheck.rng import SALT_BATCH, SALT_LOSS, derived
 from stabilitycheck.space import Axis, Space
 from stabilitycheck.subject import LEAVES_NOTE, Built, find_blocks, torch_dtype
@@ -361,18 +361,23 @@ class HFModel:
         return Built(model, self.inputs(model, values, seed, device), loss, blocks, note)
 
     def memory_estimate(self, config: Config) -> int | None:
-        """Bytes from a build and forward on the meta device, None where the model cannot run there.
-        Eager attention (the attention weights are a module output, so counted) and token ids with,
-        then without, all-ones masks: transformers' mask code reads tensors on the host (`.all()`)
-        for bidirectional masks given, and for causal masks not given, which meta tensors cannot do."""
+        """Bytes from a build and forward on the meta device; where the model cannot run there, its
+        parameters' alone (memory.parameter_bytes); None where it cannot even be built there. Eager
+        attention (the attention weights are a module output, so counted) and token ids with, then
+        without, all-ones masks: transformers' mask code reads tensors on the host (`.all()`) for
+        bidirectional masks given, and for causal masks not given, which meta tensors cannot do."""
         values, seed = self.values(config), config.run.seed
         hf_config = self.hf_config(values)
         dtype = torch_dtype(config.run.dtype)
+
+        def model() -> nn.Module:
+            return self._model(hf_config, attn_implementation="eager").to(dtype=dtype)
+
         for masks in (False, True):
 
             def make(masks: bool = masks) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-                model = self._model(hf_config, attn_implementation="eager").to(dtype=dtype)
-                return model, self.inputs(model, values, seed, torch.device("meta"), masks)
+                built = model()
+                return built, self.inputs(built, values, seed, torch.device("meta"), masks)
 
             try:
                 return meta_bytes(make, _call)
@@ -380,7 +385,12 @@ class HFModel:
                 raise
             except Exception:  # host reads of tensor data, or an op without a meta kernel
                 continue
-        return None
+        try:
+            return parameter_bytes(model)
+        except UsageError:
+            raise
+        except Exception:  # a build that reads tensor data
+            return None
 
     def critical_init(self, config: Config) -> Scalar | None:
         return self.critical

@@ -40,6 +40,16 @@ def meta_bytes(make: Callable[[], tuple[nn.Module, Inputs]], call: Callable[[nn.
     return PER_PARAMETER * params + total
 
 
+def parameter_bytes(make: Callable[[], nn.Module]) -> int:
+    """Bytes of the parameters of a probe of the model `make()` builds under the meta device (x 4, as
+    `meta_bytes` counts them): its lower bound where the forward cannot run there (code reading tensor
+    data: .item(), numpy), which else went unchecked (hf:t5gemma's sub-configs, out of the small
+    defaults' reach, built 5.6e9 parameters, 21 GiB of float32 weights, and the process was killed)."""
+    with torch.device("meta"):
+        model = make().to("meta")
+    return PER_PARAMETER * sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def _one_step_shapes(rnn: nn.RNNBase) -> Callable[..., Any]:
     """`rnn`'s forward on the meta device run on the first step alone, its output widened to every step:
     the same shapes, in a fraction of the time (torch computes an nn.LSTM's meta forward step by step

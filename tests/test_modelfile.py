@@ -711,3 +711,27 @@ def test_a_memory_estimate_runs_the_model_once_and_finds_no_blocks(tmp_path: Pat
     params = 20 * 8 + 4 * 8 * (8 + 8) + 2 * 4 * 8 + 8 * 20 + 20
     outputs = b * t * w + (b * t * w + 2 * 1 * b * w) + 2 * b * t * v  # emb; lstm's (y, (h, c)); head, model
     assert need == 4 * (4 * params) + 2 * 4 * outputs
+
+
+def test_a_model_whose_forward_reads_data_is_estimated_by_its_parameters(tmp_path: Path) -> None:
+    """A forward reading tensor data (.item()) cannot run on the meta device, and the estimate was then
+    None: no size check at all, the model built at whatever size (hf:t5gemma, 5.6e9 parameters: the
+    process was killed, a third-party audit). The parameters' bytes (x 4: weight, gradient, two Adam
+    moments) are the lower bound it checks. Oracle: the count by hand."""
+    from stabilitycheck.config import Config
+    from stabilitycheck.subjects import resolve
+
+    path = tmp_path / "reads.py"
+    path.write_text(
+        "import torch\nfrom torch import nn\n"
+        "class Reads(nn.Module):\n"
+        "    def __init__(self, width):\n"
+        "        super().__init__()\n"
+        "        self.layer = nn.Linear(width, width)\n"
+        "    def forward(self, x):\n"
+        "        return self.layer(x) * float(x.abs().max().item() > 0)\n"
+        "def build(width=300):\n    return Reads(width)\n"
+        "def batch(model, batch_size=2):\n    return torch.randn(batch_size, 300)\n"
+    )
+    config = Config.of(str(path))
+    assert resolve(config.subject).memory_estimate(config) == 4 * 4 * (300 * 300 + 300)

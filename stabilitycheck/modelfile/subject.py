@@ -22,7 +22,7 @@ from stabilitycheck.families import Scalar
 from stabilitycheck.junctions import made_from, taken_outputs
 from stabilitycheck.loops import looped_blocks, on_a_copy
 from stabilitycheck.losses import DefaultLoss, Inputs, LossFn, OutputLoss, call_model
-from stabilitycheck.memory import meta_bytes
+from stabilitycheck.memory import meta_bytes, parameter_bytes
 from stabilitycheck.modelfile.convention import (
     Bound,
     Factory,
@@ -240,11 +240,16 @@ class ModelFile:
         return Built(model, move(inputs, device, dtype), loss, blocks, note)
 
     def memory_estimate(self, config: Config) -> int | None:
-        """Bytes from a build and forward on the meta device; None where the model cannot run there."""
+        """Bytes from a build and forward on the meta device; where the model cannot run there, its
+        parameters' alone (memory.parameter_bytes); None where it cannot even be built there."""
 
         try:
             return meta_bytes(lambda: self._make(config, find=False)[:2], call_model)
         except (Exception, SystemExit):  # data-dependent code (.item(), numpy) cannot run on meta
+            pass
+        try:
+            return parameter_bytes(lambda: self.source.make_model(self, self.values(config)))
+        except (Exception, SystemExit):
             return None
 
     def critical_init(self, config: Config) -> Scalar:
