@@ -147,15 +147,27 @@ def _worker(rank: int, out: str) -> None:
     assert w.report is not None
     result["nan"] = None if w.report.first_spike is None else w.report.first_spike.__dict__
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()  # both ranks' results are written before either tears its process group down
     dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    """Both ranks' results. A rank that gloo aborts ('terminate called without an active exception',
+    SIGABRT) once its results are written leaves them standing; one aborted before is run again, once:
+    seen in 2 of 3 full-suite runs on a loaded 2-core machine, never in 30 runs of this file alone, and
+    in torch's C++ teardown, not in this package's code, whose every figure is still asserted below."""
     if not dist.is_available() or sys.platform == "win32":
         pytest.skip("torch.distributed with gloo is not available here")
-    out = tmp_path_factory.mktemp("ranks")
-    mp.spawn(_worker, args=(str(out),), nprocs=2, join=True)
+    for attempt in range(2):
+        out = tmp_path_factory.mktemp("ranks")
+        try:
+            mp.spawn(_worker, args=(str(out),), nprocs=2, join=True)
+        except mp.ProcessExitedException:
+            if attempt == 1 and not all((out / f"rank{r}.json").exists() for r in range(2)):
+                raise
+        if all((out / f"rank{r}.json").exists() for r in range(2)):
+            break
     return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
