@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from stabilitycheck.config import Config
@@ -167,3 +168,44 @@ def test_a_non_normal_recurrence_grows_at_its_spectral_radius_past_its_constant(
     got = kind_of([gains] * 3, [growth] * 3, 0.5)
     assert got.kind == kind, got.describe()
     assert math.exp(got.rate.mid) == pytest.approx(rho, rel=2e-3)
+
+
+# Pinned where mutation testing found no other test failing: a law's slack is x2 (LAW_SLACK = ln 2),
+# 5% of the log growth only for a fit of r2 >= 0.999 (LAW_FIT). Oracle: numpy's own least-squares
+# line through the cumulative log growth C(j) against the blocks to the output; the exponential law
+# is rate ** blocks, which must give the growth (C at the input) within x2 where the line fits less.
+
+
+def _stack(lo: float, hi: float, blocks: int) -> list[float]:
+    """Gains rising geometrically from lo (input side) to hi (output side)."""
+    return [lo * (hi / lo) ** (j / (blocks - 1)) for j in range(blocks)]
+
+
+def _rate_miss(gains: list[float]) -> tuple[float, float]:
+    """|ln(rate ** blocks) - ln growth| of numpy's least-squares rate, and that line's r2."""
+    logs = np.log(gains)
+    blocks = len(gains)
+    cumulative = np.array([logs[j:].sum() for j in range(blocks)])
+    x = np.array([blocks - j for j in range(blocks)], dtype=float)
+    slope, intercept = np.polyfit(x, cumulative, 1)
+    resid = cumulative - (intercept + slope * x)
+    r2 = 1 - (resid**2).sum() / ((cumulative - cumulative.mean()) ** 2).sum()
+    return abs(slope * blocks - cumulative[0]), float(r2)
+
+
+def test_a_rate_missing_the_growth_by_2x_to_4x_is_no_exponential_law() -> None:
+    gains = _stack(1.5, 8.0, 16)
+    miss, r2 = _rate_miss(gains)
+    assert not input_apart(gains)
+    assert 0.9 < r2 < 0.999  # the line fits C well, not almost exactly ...
+    assert math.log(2) < miss < math.log(4)  # ... and its rate ** blocks is off the growth by 2.4x
+    assert miss < 0.05 * abs(math.log(math.prod(gains)))  # within 5% of the log: x2 holds it (LAW_FIT)
+    assert fit_growth(gains)[1] == -math.inf
+    assert kind_of([gains], [math.prod(gains)], 0.5).kind != "exponential"
+
+
+def test_a_rate_within_2x_of_the_growth_keeps_its_fit() -> None:
+    gains = _stack(1.04, 2.0, 24)
+    miss, r2 = _rate_miss(gains)
+    assert miss < math.log(2)
+    assert fit_growth(gains)[1] == pytest.approx(r2, rel=1e-9)
