@@ -8,7 +8,7 @@ import math
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stabilitycheck.readings import chains_of, paths_of, unscored
+from stabilitycheck.readings import chains_of, cut_before, paths_of, unscored
 
 
 def _paths(feeds: list[tuple[int, ...]]) -> list[list[int]]:
@@ -94,3 +94,20 @@ def test_a_window_of_zeros_before_a_cut_is_unscored_beside_a_live_one() -> None:
     assert unscored([0.0, 0.0, 0.0, 4.0, 0.0, 0.0, 2.0], two, frozenset(), frozenset({6})) == {4, 5}
     chains, _ = chains_of(act, cut, unscored(act, cut, frozenset(), cut), {3: frozenset()})
     assert chains == (4.0,)
+
+
+# Pinned where mutation testing found no other test failing: readings:
+# cut_before must look at the output *before* a severed call (s - 1), as its docstring says; oracle:
+# the definition, worked by hand on index sets.
+
+
+def test_a_cut_is_where_the_output_before_the_severed_call_got_no_gradient() -> None:
+    # calls 0, 1 unreached (a frozen backbone), call 2 takes its input detached and is reached:
+    # the output before it (1) got no gradient while its own did -> a cut at 2
+    assert cut_before(frozenset({2}), frozenset({0, 1})) == (2,)
+    # the output after it (3) being unreached says nothing of a cut at 2; the one before is reached
+    assert cut_before(frozenset({2}), frozenset({3})) == ()
+    # the severed call itself unreached: no cut (its output got no gradient either)
+    assert cut_before(frozenset({2}), frozenset({1, 2})) == ()
+    # several, sorted: 5 (4 unreached) and 2 (1 unreached); 7 has 6 reached
+    assert cut_before(frozenset({7, 5, 2}), frozenset({1, 4, 8})) == (2, 5)

@@ -1,0 +1,45 @@
+"""The parameter layout (layout), checked on its functions directly. Oracles: the docstrings (the
+*first* block owning a parameter; -1 for none; only trainable parameters; a cache rebuilt when a
+parameter is frozen) and math.hypot / torch's own total norm for per-block norms."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from stabilitycheck import layout
+
+layout_of = layout.layout_of
+
+
+def test_a_shared_parameter_belongs_to_the_first_block_owning_it() -> None:
+    shared = nn.Linear(2, 2)
+    other = nn.Linear(2, 2)
+    blocks = [("a", shared), ("b", nn.Sequential(shared, other))]
+    params = [*shared.parameters(), *other.parameters(), nn.Parameter(torch.zeros(1))]
+    assert layout.block_of(params, blocks) == [0, 0, 1, 1, -1]
+
+
+def test_block_0s_parameters_count_in_its_norm() -> None:
+    norms = [3.0, 4.0, 12.0, 7.0]
+    owner = [0, 0, 1, -1]
+    got = layout.per_block(norms, owner, 2)
+    assert got[0] == math.hypot(3.0, 4.0)  # 5
+    assert got[1] == 12.0
+    grads = [torch.full((1,), 3.0), torch.full((1,), 4.0)]
+    assert math.isclose(got[0], float(torch.linalg.vector_norm(torch.cat(grads))), rel_tol=1e-6)
+
+
+def test_the_layout_holds_trainable_parameters_and_follows_a_freeze() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    blocks = [("0", model[0]), ("1", model[1])]
+    first = layout_of(model, blocks)
+    assert len(first.params) == 4 and first.owner == (0, 0, 1, 1)
+    model[0].weight.requires_grad_(False)
+    frozen = layout_of(model, blocks)
+    assert [p is model[0].weight for p in frozen.params] == [False] * 3
+    assert frozen.owner == (0, 1, 1)
+    model[0].weight.requires_grad_(True)
+    assert layout_of(model, blocks).owner == (0, 0, 1, 1)
