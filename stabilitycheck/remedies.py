@@ -33,11 +33,16 @@ class Remedy:
     why: str = ""
 
     def describe(self) -> str:
+        """'float32: fixed at growth 98.4 (53.1-166)': the verdict, and where measured the growth it
+        was judged on, quantile (min-max) over seeds, so that a fix near the limit reads as one (a
+        float16 counterexample 'fixed by float32' at the depth where float32 explodes one block lower:
+        a new user's trial)."""
         if self.config is None:
             return f"{self.name}: n/a ({self.why})" if self.why else f"{self.name}: n/a"
         if self.skipped:
             return f"{self.name}: not judged ({self.skipped})"
-        return f"{self.name}: {'fixed' if self.fixed else 'not fixed (' + ', '.join(self.still_fires) + ')'}"
+        verdict = "fixed" if self.fixed else f"not fixed ({', '.join(self.still_fires)})"
+        return f"{self.name}: {verdict}" + (f" at growth {self.growth}" if self.growth else "")
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -382,6 +382,10 @@ def test_a_remedy_measured_and_still_failing_reads_not_fixed_with_what_still_fir
     )
     assert Remedy("clip", config, True).describe() == "clip: fixed"
     assert Remedy("float32", None, None).describe() == "float32: n/a"
+    # with the growth it was judged on, quantile (min-max) over seeds: a fix near the limit shows
+    assert Remedy("float32", config, True, (), "98.4 (53.1-166)").describe() == (
+        "float32: fixed at growth 98.4 (53.1-166)"
+    )
 
 
 def test_remedies_are_judged_on_vanishing_at_the_growth_limit_unless_one_is_set() -> None:
