@@ -192,7 +192,14 @@ def profile(j: Judgement, q: float) -> str:
     what = "|dL/d out|" if names[0] != INPUT else "|dL/d (input)|, then |dL/d out|"
     when = f" at step {m.profile_step} (none reached a block before)" if m.profile_step else ""
     first, last = (f"block {n}" if n.isdigit() else n for n in (names[0], names[-1]))  # not a number
-    return f"{first} {sparkline(values)} {last}   {what}{when} first .. last: {span}{whose}"
+    # several chains: first over last is no growth (bart's 117 .. 0.718 beside its growth 116: an audit)
+    chains = (
+        f"; chains from {', '.join(names[i] for i in m.chain_starts)} on: the growth is read per chain, "
+        "not first over last"
+        if m.chain_starts and values is m.activation_grad_norms
+        else ""
+    )
+    return f"{first} {sparkline(values)} {last}   {what}{when} first .. last: {span}{chains}{whose}"
 
 
 def _fitted(j: Judgement, q: float) -> str:

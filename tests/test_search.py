@@ -315,6 +315,22 @@ def test_the_profile_line_gives_its_first_and_last_values_as_they_are() -> None:
     assert line.endswith("first .. last: nan .. 0.139") and "!" in line
 
 
+def test_the_profile_line_says_where_chains_start() -> None:
+    """An encoder-decoder's profile runs across the junction: bart's '117 .. 0.718' sat beside its
+    growth 116 with nothing to say first over last is no growth there (a third-party audit). The line
+    names where each new chain starts. Oracle: the measurement's chain starts, by name."""
+    import dataclasses
+
+    from stabilitycheck.seeds import assess
+
+    j = assess(Config.of("mlp", depth=3, width=8, batch_size=4, seeds=1))
+    assert "chains from" not in report.profile(j, 0.5)
+    m = dataclasses.replace(j.measurement, chain_starts=(2,))
+    line = report.profile(dataclasses.replace(j, measurement=m), 0.5)
+    name = j.measurement.activation_names[2]
+    assert f"; chains from {name} on: the growth is read per chain, not first over last" in line
+
+
 @pytest.mark.parametrize("at", [0, 4, 5, 127])
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_a_bucketed_sparkline_shows_every_non_finite_value(at: int, bad: float) -> None:
