@@ -183,8 +183,9 @@ class HFModel:
         text = f"{model_type}_text_model"  # a vision-language model's text tower (hf:clip_text_model)
         self.pick = f"hf:{text}, its text part" if text in mapping else "a text model type, e.g. hf:gpt2"
         if not isinstance(fields.get("vocab_size"), int):
-            raise UsageError(
-                f"{self.name} has no vocab_size in its config, and stabilitycheck feeds HF models random "
+            unset = "leaves vocab_size unset (None)" if "vocab_size" in fields else "has no vocab_size"
+            raise UsageError(  # hf:esm, a token model, leaves it unset: not 'a model of images or sound'
+                f"{self.name} {unset} in its config, and stabilitycheck feeds HF models random "
                 f"token ids drawn below it (a model of images or sound has none; a translation model's "
                 f"two vocabularies, a character model's code points are not drawn); pick {self.pick}, "
                 "or probe the model in a model file (stabilitycheck model.py) with inputs of its own"

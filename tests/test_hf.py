@@ -183,6 +183,9 @@ def test_non_text_model_type_is_refused_naming_its_text_part_where_it_has_one() 
         HFModel("fsmt")
     assert "not a text model" not in str(err.value)
     assert HFModel("clip_text_model").model_type == "clip_text_model"  # what it names is a text model
+    # a token model whose config class leaves vocab_size None is told so, not that it has none (an audit)
+    with pytest.raises(UsageError, match=r"^hf:esm leaves vocab_size unset \(None\) in its config"):
+        HFModel("esm")
 
 
 def test_bad_knob_values_are_one_line_usage_errors() -> None:
