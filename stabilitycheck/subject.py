@@ -379,7 +379,11 @@ def own_blocks(model: nn.Module, blocks: Any, who: str) -> Blocks:
     return pairs
 
 
-BYPASSED = "a forward calling `block.forward(x)` bypasses module hooks (call `block(x)`)"  # no block seen
+BYPASSED = (  # no block seen; a library's own code (transformers' SqueezeBERT encoder) cannot be changed
+    "a forward calling `block.forward(x)` bypasses module hooks (call `block(x)`; where a library's "
+    "code does so, as hf:squeezebert's encoder, no hook sees its blocks: probe a model file whose forward "
+    "calls them)"
+)
 
 
 def shown_blocks(names: Sequence[str]) -> str:
