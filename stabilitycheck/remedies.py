@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from stabilitycheck.config import Config
+from stabilitycheck.families import Scalar
 from stabilitycheck.subject import Subject
 from stabilitycheck.verdicts import Limits
 
@@ -81,10 +82,23 @@ def critical_init(c: Config, s: Subject) -> Config | None:
     same value is a guess that can undershoot: GELU at sqrt(2) is ordered (chi_1 -> 1/2 as the
     activations shrink; bias-free GELU has no critical scale), a tanh RNN at 1 with its input drive
     shrinks the gradient x0.63 per step. Re-judged on vanishing (judged_on), it then says so."""
-    if s.init_knob is None or s.init_knob not in c.values:
+    value = init_value(c, s)
+    target = None if value is None else s.critical_init(c)
+    if target is None or value == target:
         return None
-    target = s.critical_init(c)
-    return None if target is None or c.knob(s.init_knob) == target else c.with_knobs(**{s.init_knob: target})
+    init = str(s.init_knob)
+    if init in c.values:
+        return c.with_knobs(**{init: target})
+    return replace(c, knobs=(*c.knobs, (init, target)))  # a Config naming some knobs alone: added
+
+
+def init_value(c: Config, s: Subject) -> Scalar | None:
+    """The value of the subject's init knob in `c`, its default where `c` does not give it (a Config of
+    a model file naming some knobs alone: assert_stable said 'no init knob' of a file at its critical
+    init_scale, where the CLI, whose Configs name every knob, said it is there); None without one."""
+    if s.init_knob is None:
+        return None
+    return c.values[s.init_knob] if s.init_knob in c.values else s.config().values.get(s.init_knob)
 
 
 def warmup(c: Config, s: Subject) -> Config | None:
@@ -117,7 +131,7 @@ def why_not(name: str, c: Config, s: Subject) -> str:
     if name == "float32":
         return f"{run.dtype} already, no autocast"
     if name == "critical-init":
-        if s.init_knob is None or s.init_knob not in c.values:
+        if init_value(c, s) is None:
             return "no init knob: a model file names it, INIT = 'knob'"
         target = s.critical_init(c)
         if target is None:

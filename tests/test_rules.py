@@ -569,3 +569,30 @@ def test_tanh_at_sigma_one_has_fixed_point_zero_and_is_exactly_critical() -> Non
     assert chi_1(1.0, "tanh") == pytest.approx(1.0, rel=1e-12)
     assert q_star(0.9, "tanh") == 0.0
     assert chi_1(0.9, "tanh") == pytest.approx(0.9**2, rel=1e-12)
+
+
+def test_a_model_file_config_without_its_init_knob_reads_it_at_its_default(tmp_path: Path) -> None:
+    """A Config naming some of a model file's knobs alone (as a user writes it for assert_stable) has
+    the init knob at the file's default: the critical-init remedy said 'n/a (no init knob ...)' there,
+    where the CLI, whose Configs name every knob, said the file's init_scale is at its critical value
+    (a new user's trial). Oracle: the file's own defaults (init_scale 1.0, critical by INIT; 2.0 not)."""
+    from stabilitycheck.config import Config
+    from stabilitycheck.remedies import critical_init, why_not
+    from stabilitycheck.subjects import resolve
+
+    for default, fixed in ((1.0, False), (2.0, True)):
+        path = tmp_path / f"init{int(default)}.py"
+        path.write_text(
+            "import torch\nfrom torch import nn\nINIT = ('init_scale', 1.0)\n"
+            f"def build(depth=3, init_scale={default}):\n"
+            "    return nn.Sequential(*(nn.Linear(8, 8) for _ in range(depth)))\n"
+            "def batch(model, batch_size=4):\n    return torch.randn(batch_size, 8)\n"
+        )
+        subject = resolve(str(path))
+        sparse = Config.of(str(path), depth=5)
+        remedy = critical_init(sparse, subject)
+        if fixed:
+            assert remedy is not None and remedy.knob("init_scale") == 1.0 and remedy.knob("depth") == 5
+        else:
+            assert remedy is None
+            assert why_not("critical-init", sparse, subject) == "init_scale is at its critical value, 1.0"
