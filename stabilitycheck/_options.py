@@ -158,19 +158,22 @@ def _csv(text: str) -> list[str]:
     return items
 
 
-def _dtypes(text: str) -> list[str]:
-    """--dtype's comma-separated list, each a dtype the probe runs (said as the flag, not as the
-    Run field the value lands in: a new user read `Run.dtype='float8' is not allowed`)."""
+def dtype(text: str) -> str:
+    """A --dtype value the probe runs (said as the flag, not as the Run field the value lands in: a
+    new user read `Run.dtype='float8' is not allowed`)."""
     from stabilitycheck.config import DTYPES
     from stabilitycheck.errors import did_you_mean
 
-    items = _csv(text)
-    for item in items:
-        if item not in DTYPES:
-            raise argparse.ArgumentTypeError(
-                f"{item!r} is not a dtype it probes; expected {', '.join(DTYPES)}{did_you_mean(item, DTYPES)}"
-            )
-    return items
+    if text not in DTYPES:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a dtype it probes; expected {', '.join(DTYPES)}{did_you_mean(text, DTYPES)}"
+        )
+    return text
+
+
+def _dtypes(text: str) -> list[str]:
+    """--dtype's comma-separated list, each a `dtype`."""
+    return [dtype(item) for item in _csv(text)]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -346,8 +349,9 @@ def apply_knobs(space: Any, knobs: Sequence[str]) -> Any:
                     f"e.g. --knob {name}=1:8"
                 )
             numbers = [int(x) for x in numbers]
-        elif isinstance(now, float):  # init_scale=1:4 is 16 points from 1.0 to 4.0, as 1.0:4.0 is (it
-            numbers = [float(x) for x in numbers]  # searched 1, 2, 3 and 4 alone: a new user's trial)
+        elif isinstance(now, float) or now is None:  # init_scale=1:4 is 16 points from 1.0 to 4.0, as
+            # 1.0:4.0 is (it searched 1, 2, 3 and 4 alone: a new user's trial); clip, off (None) by default
+            numbers = [float(x) for x in numbers]
         if len(numbers) == 1:
             base = base.with_knobs(**{name: numbers[0]})
             fixed.add(name)

@@ -150,6 +150,7 @@ def _replay(args: argparse.Namespace, limits: Any) -> list[Any]:
                 None if j.exploded else config,
                 None if j.exploded else j,
                 limits=judged,
+                replayed=True,
             )
         )
     if not results:

@@ -24,6 +24,7 @@ from stabilitycheck._options import (
     add_output_options,
     add_run_options,
     apply_knobs,
+    dtype,
     require_steps,
 )
 from stabilitycheck._outputs import Progress, atomic_write, check_outputs
@@ -48,7 +49,7 @@ def parser() -> argparse.ArgumentParser:
     )
     add_run_options(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (cpu)")
-    p.add_argument("--dtype", default=None, help="float32, float64, bfloat16 or float16")
+    p.add_argument("--dtype", type=dtype, default=None, help="float32, float64, bfloat16 or float16")
     p.add_argument(
         "--loss",
         choices=("default", "last"),

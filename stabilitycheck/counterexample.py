@@ -70,6 +70,7 @@ class SearchResult:
     below: tuple[Config, str, int | None] | None = None
     last_step_probes: int = 0  # a recurrent subject's through-time probes, which `probes` leaves out
     limits: Limits | None = None  # what it was judged on (a stable row's bracket says where it lies)
+    replayed: bool = False  # a stored counterexample judged again (--replay), no search
 
     @property
     def shown(self) -> Judgement | None:

@@ -217,7 +217,7 @@ class HFModel:
             return True
         # the same weights: shared across layers (ALBERT) the layers still run, so their activations
         # take memory; an ignored knob (Whisper's encoder_layers above) changes neither
-        memory = [self.memory_estimate(self.config(**{knob: n})) for n in (1, 2)]
+        memory = [self._forward_bytes(self.config(**{knob: n})) for n in (1, 2)]
         return None in memory or memory[0] != memory[1]
 
     def _inits(self, knob: str) -> bool:
@@ -362,22 +362,35 @@ class HFModel:
         return Built(model, self.inputs(model, values, seed, device), loss, blocks, note)
 
     def memory_estimate(self, config: Config) -> int | None:
-        """Bytes from a build and forward on the meta device; where the model cannot run there, its
-        parameters' alone (memory.parameter_bytes); None where it cannot even be built there. Eager
-        attention (the attention weights are a module output, so counted) and token ids with, then
-        without, all-ones masks: transformers' mask code reads tensors on the host (`.all()`) for
-        bidirectional masks given, and for causal masks not given, which meta tensors cannot do."""
+        """Bytes from a build and forward on the meta device (`_forward_bytes`); where the model cannot
+        run there, its parameters' alone (memory.parameter_bytes); None where it cannot even be built
+        there."""
+        found = self._forward_bytes(config)
+        if found is not None:
+            return found
+        try:
+            return parameter_bytes(lambda: self._eager(config))
+        except UsageError:
+            raise
+        except Exception:  # a build that reads tensor data
+            return None
+
+    def _eager(self, config: Config) -> nn.Module:
+        """The model of `config` with eager attention (its attention weights are a module output, so
+        counted), in the config's dtype."""
+        model = self._model(self.hf_config(self.values(config)), attn_implementation="eager")
+        return model.to(dtype=torch_dtype(config.run.dtype))
+
+    def _forward_bytes(self, config: Config) -> int | None:
+        """Bytes from a build and forward on the meta device, None where the model cannot run there:
+        token ids with, then without, all-ones masks (transformers' mask code reads tensors on the host,
+        `.all()`, for bidirectional masks given, and for causal masks not given, which meta tensors
+        cannot do)."""
         values, seed = self.values(config), config.run.seed
-        hf_config = self.hf_config(values)
-        dtype = torch_dtype(config.run.dtype)
-
-        def model() -> nn.Module:
-            return self._model(hf_config, attn_implementation="eager").to(dtype=dtype)
-
         for masks in (False, True):
 
             def make(masks: bool = masks) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-                built = model()
+                built = self._eager(config)
                 return built, self.inputs(built, values, seed, torch.device("meta"), masks)
 
             try:
@@ -386,12 +399,7 @@ class HFModel:
                 raise
             except Exception:  # host reads of tensor data, or an op without a meta kernel
                 continue
-        try:
-            return parameter_bytes(model)
-        except UsageError:
-            raise
-        except Exception:  # a build that reads tensor data
-            return None
+        return None
 
     def critical_init(self, config: Config) -> Scalar | None:
         return self.critical

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ from stabilitycheck.losses import Inputs
 
 PER_PARAMETER = 4  # weight, gradient and two Adam moments
 PER_ACTIVATION = 2  # the output kept for backward, and its gradient
+STEPPED = (nn.RNN.forward, nn.LSTM.forward, nn.GRU.forward)  # run on their first step alone on meta
 
 
 def meta_bytes(make: Callable[[], tuple[nn.Module, Inputs]], call: Callable[[nn.Module, Inputs], Any]) -> int:
@@ -26,10 +28,10 @@ def meta_bytes(make: Callable[[], tuple[nn.Module, Inputs]], call: Callable[[nn.
 
     with torch.device("meta"):
         model, inputs = make()
-        model = model.to("meta")
+        model = _on_meta(model)
         handles = [m.register_forward_hook(count) for m in model.modules()]
-        for m in model.modules():
-            if isinstance(m, nn.RNNBase):
+        for m in model.modules():  # torch's own recurrent forward: a subclass's may take other arguments
+            if isinstance(m, nn.RNNBase) and type(m).forward in STEPPED:
                 m.forward = _one_step_shapes(m)
         try:
             call(model, inputs)
@@ -46,8 +48,16 @@ def parameter_bytes(make: Callable[[], nn.Module]) -> int:
     data: .item(), numpy), which else went unchecked (hf:t5gemma's sub-configs, out of the small
     defaults' reach, built 5.6e9 parameters, 21 GiB of float32 weights, and the process was killed)."""
     with torch.device("meta"):
-        model = make().to("meta")
+        model = _on_meta(make())
     return PER_PARAMETER * sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _on_meta(model: nn.Module) -> nn.Module:
+    """`model` moved to the meta device, or a copy of it where it holds data: a factory returning one
+    object at every call (a module-level model) lost its weights to the estimate, and the build that
+    followed failed with 'Cannot copy out of meta tensor' (a review)."""
+    held = any(t.device.type != "meta" for t in (*model.parameters(), *model.buffers()))
+    return (copy.deepcopy(model) if held else model).to("meta")
 
 
 def _one_step_shapes(rnn: nn.RNNBase) -> Callable[..., Any]:

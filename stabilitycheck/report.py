@@ -236,7 +236,10 @@ def _unjudged_note(r: SearchResult, below: Config, why: str) -> str:
 def _searched(r: SearchResult) -> str:
     """How much of the grid a stable row's search judged: stable says no more than that where the
     verdict is not monotone in the knobs (the post-norm transformer's growth peaks at depth 5 and is 20
-    at 24, whose stable top corner and 10 examples read `stable`: a new user's trial)."""
+    at 24, whose stable top corner and 10 examples read `stable`: a new user's trial); none for a
+    stored counterexample judged again (--replay), which searched nothing."""
+    if r.replayed:
+        return ""
     return (
         f"  searched  {r.points} of the grid's {r.space.size} points judged: stable on those; where the "
         "verdict is not monotone in the knobs, a point not judged can explode (more --max-examples, or "
@@ -328,8 +331,9 @@ def details(results: Sequence[SearchResult]) -> str:
                 blocks.append(
                     f"{r.space.label} [{config.run.device}, {_precision(config.run)}]: stable at {where} "
                     f"(q={config.run.quantile:g} over seeds {', '.join(map(str, j.seeds))})\n"
-                    + _measured(j, config.run.quantile, r.limits, config.run.seeds)
-                    + _searched(r)
+                    + (_measured(j, config.run.quantile, r.limits, config.run.seeds) + _searched(r)).rstrip(
+                        "\n"
+                    )
                 )
             continue
         j = cx.judgement

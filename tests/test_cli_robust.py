@@ -1068,6 +1068,8 @@ def test_version_prints_the_package_s_version(capsys: pytest.CaptureFixture[str]
         ("init_scale=1.0:4.0", [1.0 + 0.2 * k for k in range(16)]),
         ("init_scale=1:4:1", [1.0, 2.0, 3.0, 4.0]),
         ("depth=1:4", [1, 2, 3, 4]),
+        ("clip=1:4", [1.0 + 0.2 * k for k in range(16)]),  # a run setting off by default (None): real
+        ("steps=1:3", [1, 2, 3]),
     ],
 )
 def test_a_real_knob_given_whole_bounds_is_searched_on_its_real_grid(knob: str, values: list[float]) -> None:
@@ -1093,3 +1095,26 @@ def test_a_file_named_without_a_directory_is_read_as_a_path(
     code, _, err = _run(["notes.txt", "--quiet"], capsys)
     assert code == cli.EXIT_USAGE and err.count("\n") == 1
     assert "notes.txt: not a .py file" in err and "zoo family" not in err
+
+
+def test_map_takes_a_dtype_said_as_its_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    """`map --dtype float8` was told `Run.dtype='float8' is not allowed` (a review): its own --dtype
+    is checked as the search's is, said as the flag with a did-you-mean."""
+    code, _, err = _run(["map", "mlp", "--x", "depth", "--y", "init_scale", "--dtype", "float8"], capsys)
+    assert code == cli.EXIT_USAGE and err.count("\n") == 1
+    assert "argument --dtype: 'float8' is not a dtype it probes" in err and "did you mean 'float64'" in err
+
+
+def test_a_replayed_row_found_stable_says_nothing_of_a_search(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A stored counterexample judged again under a limit it passes is a stable row, which said
+    'searched  1 of the grid's 960 points judged ... more --max-examples judges more' of a replay that
+    searched nothing (a review). Oracle: the replay judges one point, by construction."""
+    found = tmp_path / "found.json"
+    args = ["mlp", "--knob", "depth=1:30", "--knob", "init_scale=3.0", "--seeds", "1", "--quiet"]
+    code, _, _ = _run([*args, "--database", "none", "--json", str(found)], capsys)
+    assert code == cli.EXIT_FOUND
+    code, out, err = _run(["--replay", str(found), "--growth-limit", "1e30", "--quiet"], capsys)
+    assert code == cli.EXIT_OK, err
+    assert "stable at" in out and "searched" not in out

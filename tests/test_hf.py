@@ -164,6 +164,23 @@ def test_a_model_that_cannot_run_on_meta_is_estimated_by_its_parameters() -> Non
     )
 
 
+def test_a_shared_layer_knob_is_kept_where_the_forward_cannot_run_on_meta(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ALBERT shares one layer's weights across its layers: 1 and 2 layers count the same parameters,
+    and whether the layer knob moves the model is read on the meta forward's memory; where that forward
+    cannot run, that cannot be told, and the knob is kept. The parameters-alone estimate (equal at 1
+    and 2) read as 'it does not move' and dropped it (a review). Oracle: the forward made to fail."""
+    from stabilitycheck import hf
+
+    def fails(*_: object, **__: object) -> None:
+        raise RuntimeError("reads tensor data")
+
+    monkeypatch.setattr(hf, "_call", fails)
+    subject = HFModel("albert")
+    assert subject._moves("num_hidden_layers")
+
+
 def test_unknown_model_type_says_did_you_mean() -> None:
     with pytest.raises(UsageError) as err:
         resolve("hf:gtp2")

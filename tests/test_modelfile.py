@@ -730,8 +730,11 @@ def test_a_model_whose_forward_reads_data_is_estimated_by_its_parameters(tmp_pat
         "        self.layer = nn.Linear(width, width)\n"
         "    def forward(self, x):\n"
         "        return self.layer(x) * float(x.abs().max().item() > 0)\n"
-        "def build(width=300):\n    return Reads(width)\n"
+        "def build(width=300):\n    torch.manual_seed(7)\n    return Reads(width)\n"
         "def batch(model, batch_size=2):\n    return torch.randn(batch_size, 300)\n"
     )
     config = Config.of(str(path))
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
     assert resolve(config.subject).memory_estimate(config) == 4 * 4 * (300 * 300 + 300)
+    assert torch.equal(torch.get_rng_state(), state)  # the factory seeds torch; the caller's state is kept

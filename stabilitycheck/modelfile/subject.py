@@ -3,8 +3,9 @@ from batch() / example_input, the user's loss or the default one."""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -173,11 +174,7 @@ class ModelFile:
         without `find`, no blocks (the memory estimate: looking for loops runs a forward, on the meta
         device an nn.LSTM's costs 1 s at 128 steps, every point of a search)."""
         values, seed = self.values(config), config.run.seed
-        cuda = [torch.device(config.run.device)] if config.run.device.startswith("cuda") else []
-        # the caller's random states given back: the file's draws are seeded, not theirs (a batch()
-        # drawing with np.random drew from wherever the process stood: other inputs at every call)
-        with torch.random.fork_rng(devices=cuda), host_rng_kept():
-            seed_all(seed)
+        with self._seeded(config):
             model = self.source.make_model(self, values)
             blocks: tuple[tuple[str, nn.Module], ...] = ()
             note = ""
@@ -195,6 +192,21 @@ class ModelFile:
             if self.scales_weights and values[SCALE] != 1.0:
                 _scale_weights(model, float(values[SCALE]))
         return model, inputs, blocks, note
+
+    @contextlib.contextmanager
+    def _seeded(self, config: Config) -> Iterator[None]:
+        """The file's draws seeded from config.run.seed, and the caller's random states given back
+        after: not theirs (a batch() drawing with np.random drew from wherever the process stood:
+        other inputs at every call)."""
+        cuda = [torch.device(config.run.device)] if config.run.device.startswith("cuda") else []
+        with torch.random.fork_rng(devices=cuda), host_rng_kept():
+            seed_all(config.run.seed)
+            yield
+
+    def _model_alone(self, config: Config) -> nn.Module:
+        """The user's model of `config` alone, seeded as `_make` seeds it."""
+        with self._seeded(config):
+            return self.source.make_model(self, self.values(config))
 
     def build(self, config: Config) -> Built:
         """The model and inputs of `config` on its device and dtype, with the loss and blocks."""
@@ -248,7 +260,7 @@ class ModelFile:
         except (Exception, SystemExit):  # data-dependent code (.item(), numpy) cannot run on meta
             pass
         try:
-            return parameter_bytes(lambda: self.source.make_model(self, self.values(config)))
+            return parameter_bytes(lambda: self._model_alone(config))
         except (Exception, SystemExit):
             return None
 
