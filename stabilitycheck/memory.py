@@ -53,11 +53,18 @@ def parameter_bytes(make: Callable[[], nn.Module]) -> int:
 
 
 def _on_meta(model: nn.Module) -> nn.Module:
-    """`model` moved to the meta device, or a copy of it where it holds data: a factory returning one
+    """`model` moved to the meta device, or where it holds data a copy of it made on meta (its
+    parameters and buffers never copied: a large model costs no memory): a factory returning one
     object at every call (a module-level model) lost its weights to the estimate, and the build that
     followed failed with 'Cannot copy out of meta tensor' (a review)."""
-    held = any(t.device.type != "meta" for t in (*model.parameters(), *model.buffers()))
-    return (copy.deepcopy(model) if held else model).to("meta")
+    if all(t.device.type == "meta" for t in (*model.parameters(), *model.buffers())):
+        return model.to("meta")
+    memo: dict[int, Any] = {
+        id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+        for p in model.parameters()
+    }
+    memo.update({id(b): torch.empty_like(b, device="meta") for b in model.buffers()})
+    return copy.deepcopy(model, memo).to("meta")
 
 
 def _one_step_shapes(rnn: nn.RNNBase) -> Callable[..., Any]:
