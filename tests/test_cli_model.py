@@ -310,7 +310,11 @@ ERRORS = [
         [f"{FILES}/batch_not_tensors.py"],
         ["batch(model, batch_size=2) is a list", "not tensors"],
     ),
-    ("loss_vector", [f"{FILES}/loss_vector.py"], ["the loss must be a scalar", "(16,)"]),
+    (
+        "loss_vector",
+        [f"{FILES}/loss_vector.py"],
+        ["loss_vector.py: loss(output, inputs) (line", "shape (16,), not a scalar"],
+    ),
     ("loss_detached", [f"{FILES}/loss_detached.py"], ["the loss does not require grad"]),
     ("no_parameters", [f"{FILES}/no_parameters.py"], ["no parameters that require grad"]),
     ("frozen", [f"{FILES}/frozen.py"], ["error: the model has no parameters that require grad"]),

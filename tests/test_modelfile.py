@@ -449,7 +449,7 @@ def test_load_errors_are_one_line(name: str, fragments: tuple[str, ...]) -> None
 BUILD_ERRORS = [
     ("returns_int", ("build(width=8) returned an int, not an nn.Module",)),
     ("batch_not_tensors", ("batch(model, batch_size=2) is a list", "not tensors")),
-    ("loss_vector", ("the loss must be a scalar", "(16,)")),
+    ("loss_vector", ("loss_vector.py: loss(output, inputs) (line 11)", "shape (16,), not a scalar")),
     ("loss_detached", ("does not require grad",)),
     ("loss_raises", ("loss(output, inputs) raised AttributeError",)),
     ("no_parameters", ("no parameters that require grad",)),

@@ -284,7 +284,19 @@ class ModelFile:
         user = self.user_loss
         if user is None:
             return OutputLoss(DefaultLoss(derived(seed, SALT_LOSS)), self.given, guard=self.call_user)
-        return lambda output, inputs: self.call_user("loss(output, inputs)", user, output, inputs)
+        line = getattr(getattr(user, "__code__", None), "co_firstlineno", None)
+        where = f"loss(output, inputs) (line {line})" if line else "loss(output, inputs)"
+
+        def loss(output: Any, inputs: Any) -> Any:
+            value = self.call_user("loss(output, inputs)", user, output, inputs)
+            if isinstance(value, torch.Tensor) and value.numel() != 1:  # named here, where the file is known
+                raise self.error(
+                    f"{where} returned a tensor of shape {tuple(value.shape)}, not a scalar; return one, "
+                    "e.g. out.mean()"
+                )
+            return value
+
+        return loss
 
 
 class _LastCall(nn.Module):
