@@ -155,7 +155,7 @@ def _worker(rank: int, out: str) -> None:
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
     """Both ranks' results. A rank that gloo aborts ('terminate called without an active exception',
     SIGABRT) once its results are written leaves them standing; one aborted before is run again, once:
-    seen in 2 of 3 full-suite runs on a loaded 2-core machine, never in 30 runs of this file alone, and
+    seen in 2 of 3 full-suite runs on a loaded 2-core machine, never in 28 runs of this file alone, and
     in torch's C++ teardown, not in this package's code, whose every figure is still asserted below."""
     if not dist.is_available() or sys.platform == "win32":
         pytest.skip("torch.distributed with gloo is not available here")
