@@ -9,7 +9,7 @@ import dataclasses
 import torch
 
 from stabilitycheck.config import Config
-from stabilitycheck.errors import NoLastStep, UsageError, no_trainable
+from stabilitycheck.errors import NoLastStep, UsageError
 from stabilitycheck.losses import OutputLoss
 from stabilitycheck.measurement import Measurement
 from stabilitycheck.probing import probe_module
@@ -46,8 +46,6 @@ def _probe(config: Config, subject: Subject, last_step: bool) -> Measurement:
     built = subject.last_step(config) if last_step else subject.build(config)
     if built is None:
         raise NoLastStep(NoLastStep.said(config.subject))
-    if not any(p.requires_grad for p in built.model.parameters()):  # said without probe_module's name
-        raise no_trainable()
     run = config.run
     # a model file's forward drawing from np.random (noise, a numpy dropout) reads the same numbers for
     # the same seed in every process (it drew from wherever the process stood: another growth in each);

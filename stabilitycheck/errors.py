@@ -42,9 +42,9 @@ class StabilityError(AssertionError):
 
 
 def no_trainable(who: str = "") -> UsageError:
-    """The one error for a model with no parameter that requires grad, from `who` (probe_module, watch,
-    an invariant; none where the model came from a Config, whose name the caller says): nothing to
-    differentiate, and where to look."""
+    """The one error for a model with no parameter that requires grad, from `who` (watch, an invariant;
+    none from probe_module, which a Config's probe and the CLI reach too): nothing to differentiate, and
+    where to look."""
     return UsageError(
         f"{who}{': ' * bool(who)}the model has no parameters that require grad, so there is no gradient to "
         "measure; check "

@@ -116,9 +116,8 @@ def figure(results: Sequence[SearchResult], what: str = "--plot") -> tuple[Any, 
             title = f"weight-gradient norm per block (step 0, {seed}{loss})"
             right.set_title(textwrap.fill(title, TITLE_CHARS, break_long_words=True), fontsize=8)
             right.set_xlabel("block (input side left)")
-            if (
-                len(m.layer_names) <= NAMED_BLOCKS
-            ):  # a recurrent cell, one block, read as 'cell', not -0.4..0.4
+            # a recurrent cell, one block, read as 'cell', not on an axis of -0.4..0.4
+            if len(m.layer_names) <= NAMED_BLOCKS:
                 right.set_xticks(range(len(m.layer_names)))
                 right.set_xticklabels(m.layer_names, rotation=30 if len(m.layer_names) > 4 else 0, fontsize=7)
     fig.tight_layout()

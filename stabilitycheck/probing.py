@@ -437,8 +437,8 @@ def probe_module(
         blocks, chosen = looped_blocks(model, inputs, *find_blocks(model))
     else:
         blocks = own_blocks(model, blocks, "probe_module")
-    if not any(p.requires_grad for p in model.parameters()):
-        raise no_trainable("probe_module")
+    if not any(p.requires_grad for p in model.parameters()):  # unnamed: probe(config) and the CLI
+        raise no_trainable()  # come here too, where the user called no probe_module
     if not blocks:
         raise UsageError(
             "probe_module: no blocks to measure (an empty blocks= or stability_blocks()): the growth would "

@@ -328,12 +328,11 @@ def details(results: Sequence[SearchResult]) -> str:
                 point = knobs(r, config)
                 one = "its one configuration (every knob fixed)"
                 where = f"{point}, the largest point tried" if point else one
+                measured = _measured(j, config.run.quantile, r.limits, config.run.seeds) + _searched(r)
                 blocks.append(
                     f"{r.space.label} [{config.run.device}, {_precision(config.run)}]: stable at {where} "
                     f"(q={config.run.quantile:g} over seeds {', '.join(map(str, j.seeds))})\n"
-                    + (_measured(j, config.run.quantile, r.limits, config.run.seeds) + _searched(r)).rstrip(
-                        "\n"
-                    )
+                    + measured.rstrip("\n")
                 )
             continue
         j = cx.judgement
