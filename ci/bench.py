@@ -318,6 +318,23 @@ def norms_alone(built: Built, params: list[nn.Parameter], input_side: bool) -> V
     return run
 
 
+def input_grad(built: Built, params: list[nn.Parameter]) -> Variant | None:
+    """bare with the model's float input made to require grad: the gradient of block 0's input, which
+    the probe reads (block 0's gain) and a bare backward never computes (one matmul more on an MLP,
+    a 1 / (3 x depth) share of its FLOPs). None where the input is no float tensor (token ids)."""
+    x = built.inputs
+    if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
+        return None
+
+    def run() -> None:
+        for p in params:
+            p.grad = None
+        leaf = x.detach().requires_grad_()
+        built.loss_fn(call_model(built.model, leaf), leaf).backward()
+
+    return run
+
+
 def variants(config: Config) -> dict[str, Variant]:
     """Every variant of the table on one built model, each a callable that runs it once."""
     built = build(config)
@@ -348,6 +365,9 @@ def variants(config: Config) -> dict[str, Variant]:
         "lightning norms": lightning_norms(params, bare),
         "hooks + .item()": hooks_item(built.blocks, bare),
     }
+    given = input_grad(built, params) if not config.recurrent else None
+    if given is not None:
+        fns["input grad"] = given
     return fns
 
 
@@ -356,6 +376,7 @@ RATIOS = {  # column: (variant, the baseline it is divided by)
     "probe steps=1": ("probe steps=1", "bare x2 + step"),
     "floor": ("floor", "bare"),
     "norms alone": ("norms alone", "bare"),
+    "input grad": ("input grad", "bare"),
     "detect_anomaly": ("detect_anomaly", "bare"),
     "lightning norms": ("lightning norms", "bare"),
     "hooks + .item()": ("hooks + .item()", "bare"),
@@ -839,7 +860,9 @@ NOTES = {
         "same work unprobed. floor = hooks appending block outputs + one autograd.grad + one fused\n"
         "norm + one host copy, no bookkeeping; norms alone = that fused norm call and host copy by\n"
         "itself, over tensors of the same sizes (block outputs, as many output-gradient-sized ones,\n"
-        "weight gradients): the cost of reading every byte once, which any exact probe pays.\n"
+        "weight gradients): the cost of reading every byte once, which any exact probe pays;\n"
+        "input grad = bare with the float input requiring grad: dL/d(input), which block 0's gain\n"
+        "needs and bare never computes ('-': token ids or a recurrent row, no such gradient).\n"
         "detect_anomaly = bare under torch.autograd.detect_anomaly; lightning norms = bare +\n"
         "p.grad.norm().item() per parameter; hooks + .item() = bare with a forward hook per block\n"
         "logging ||output|| and, via a tensor hook, ||dL/d(output)|| with .item().\n"
