@@ -151,7 +151,11 @@ def _forward(
     given = _in_graph(run.inputs) if hooks and entry and not plain else run.inputs
     try:
         with torch.autocast(run.device.type, dtype=run.autocast, enabled=run.autocast is not None):
-            return differentiable_loss(run.loss_fn(call_model(run.model, given), run.inputs))
+            out = call_model(run.model, given)
+            loss = differentiable_loss(run.loss_fn(out, _left(run.inputs, given)))
+        if hooks:
+            run.rec.settle(loss)
+        return loss
     except Exception as exc:
         if not _refused_graph_break(exc):
             raise
@@ -185,6 +189,19 @@ def _in_graph(inputs: Inputs) -> Inputs:
         return x
 
     return copy(inputs)
+
+
+def _left(inputs: Inputs, given: Inputs) -> Inputs:
+    """The `inputs` with each of `_in_graph`'s copies in `given` as the forward left it, out of the
+    graph: what the loss is given, as a plain step gives it the inputs the model may have changed in
+    place (x.sub_(mean).div_(std): the loss read them as they came, 4010 where torch's is 119)."""
+    if given is inputs:
+        return inputs
+    if isinstance(given, torch.Tensor):
+        return given.detach()  # a copy: the original does not require grad
+    if isinstance(given, dict):
+        return {k: _left(v, given[k]) for k, v in inputs.items()}
+    return type(inputs)(_left(v, g) for v, g in zip(inputs, given, strict=True))
 
 
 LEAF_ONLY = "requires_grad flags of leaf variables"  # torch's refusal to set requires_grad on a non-leaf
@@ -525,7 +542,7 @@ def _measure(
                 hooked = profiling
                 last = _run_step(run, drawn, hooks=hooked, weights=0 < step == steps)
                 if step == 0 and not last.calls:
-                    raise _never_called(names)
+                    raise _never_called(names, sorted(run.rec.empty))
                 scales.append(last.scale)
                 found = None if last.finite else locate(step, last, names, owner, scaler is None)
                 if found is not None:  # name it, in float64
@@ -596,10 +613,18 @@ def _silent(step: Step) -> bool:
     return step.finite and bool(step.backward) and not any(step.backward)
 
 
-def _never_called(names: Sequence[str]) -> UserCodeError:
-    """No block's forward hook ran in the step's forward: its growth would read 1 (no gain measured),
-    stable, whatever the gradients did (a tanh stack at sigma_w 4, 30 layers deep, total gradient norm
-    3.6e3, read growth 1)."""
+def _never_called(names: Sequence[str], empty: Sequence[int]) -> UserCodeError:
+    """No block's forward hook recorded an output in the step's forward: its growth would read 1 (no
+    gain measured), stable, whatever the gradients did (a tanh stack at sigma_w 4, 30 layers deep,
+    total gradient norm 3.6e3, read growth 1). `empty`: the blocks that ran but returned no floating
+    tensor (None, updating a state dict), which were said to be bypassed."""
+    if empty:
+        ran = [names[b] for b in empty]
+        return UserCodeError(
+            f"the blocks ran but returned no floating-point tensor ({shown_blocks(ran)}: {len(ran)} of "
+            f"{len(names)}; None, or ints), so there is no output whose gradient to measure: declare "
+            "blocks that return their output tensor (blocks=... or stability_blocks())"
+        )
     return UserCodeError(
         f"no block ran through its __call__ in the model's forward ({shown_blocks(names)}: {len(names)} in "
         f"all), so no hook saw one and no gain can be measured: {BYPASSED}, or the blocks are not the "

@@ -3091,12 +3091,14 @@ def test_one_reached_output_of_a_chain_of_several_is_no_growth_of_1() -> None:
             super().__init__()
             self.lin, self.router = nn.Linear(8, 8), nn.Linear(8, 4)
 
-        def forward(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def forward(self, context: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             h = torch.tanh(self.lin(x) + context)
             return self.router(h), h
 
     class Routed(nn.Module):
-        """Each layer also takes the model's input as context, of x's shape: no input entry."""
+        """Each layer takes the model's input as context first, the chain second: which of its output's
+        tensors the chain goes on from is not knowable from the call (tests/test_chain_tensor.py has
+        the layer taking the chain first)."""
 
         def __init__(self) -> None:
             super().__init__()
@@ -3105,7 +3107,7 @@ def test_one_reached_output_of_a_chain_of_several_is_no_growth_of_1() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             h = x
             for layer in self.layers:
-                logits, h = layer(h, x)
+                logits, h = layer(x, h)
             return h.sum() + logits.sum()
 
     m = probe_module(Routed(), torch.randn(3, 8), lambda o, _: o, blocks=None)
@@ -3531,3 +3533,39 @@ def test_a_block_never_called_goes_after_those_called() -> None:
     first, last = torch.autograd.grad((out * z).sum(), [given, out])
     assert m.activation_names[0] == "(input)"
     assert m.growth == pytest.approx(float(first.norm() / last.norm()), rel=1e-5)
+
+
+def test_a_loss_reads_the_inputs_as_the_model_left_them() -> None:
+    """A model normalising its input in place (x.sub_(mean).div_(std)) and a loss reading the inputs
+    (an autoencoder's): a plain step's loss reads them normalised. The probe's step 0 gave the model a
+    copy and the loss the inputs as they came: loss 4010 for torch's 119, every gradient off."""
+    torch.manual_seed(0)
+    layers = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(4))
+
+    class Normalising(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = layers
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x.sub_(x.mean()).div_(x.std())
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    def loss_fn(out: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        return ((out - inputs) ** 2).sum()
+
+    model, x = Normalising(), 5.0 + 3.0 * torch.randn(16, 8)
+    mine = x.clone()
+    seen: list[torch.Tensor] = []
+    hooks = [layer.register_forward_hook(lambda _m, _a, out: seen.append(out)) for layer in layers]
+    loss = loss_fn(model(mine), mine)
+    for h in hooks:
+        h.remove()
+    params = list(model.parameters())
+    grads = torch.autograd.grad(loss, [*seen, *params])
+    m = probe_module(model, x.clone(), loss_fn, blocks=[(f"layers.{i}", b) for i, b in enumerate(layers)])
+    assert m.loss[0] == pytest.approx(loss.item(), rel=1e-5)
+    assert m.grad_norm[0] == pytest.approx(torch.stack([g.norm() for g in grads[4:]]).norm().item(), rel=1e-5)
+    assert list(m.activation_grad_norms[1:]) == pytest.approx([g.norm().item() for g in grads[:4]], rel=1e-5)
