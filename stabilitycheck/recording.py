@@ -67,7 +67,7 @@ def _items(value: Any) -> Iterable[Any]:
     return ()
 
 
-def _made(outs: Sequence[torch.Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+def made_first(outs: Sequence[torch.Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     """The first of a call's output tensors that it made, not one it got and returned as it came (a
     block handing on {"mask": m, "h": h} read on the mask, gradient 0), else the first."""
     given = {id(t) for t in tensors((args, kwargs))}
@@ -566,10 +566,10 @@ class Recorder:
     ) -> int:
         """Which of a call's output tensors `outs` block b's chain is read on: the one picked for it, or
         for another block of its stack (blocks alike: the last one has no next call to show it), else
-        the first the call made (`_made`)."""
+        the first the call made (`made_first`)."""
         j = self.picks.get(b)
         if j is None:
-            j = self.stack_picks.get(self.stacks[b], _made(outs, args, kwargs))
+            j = self.stack_picks.get(self.stacks[b], made_first(outs, args, kwargs))
             if j:  # block b's from now on, as every reader of picks takes it (Carrying.found)
                 self.picks[b] = j
         return j if j < len(outs) else 0

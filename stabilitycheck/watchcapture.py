@@ -42,7 +42,7 @@ from stabilitycheck.norms import (
     norm,
     refine,
 )
-from stabilitycheck.recording import first_tensor
+from stabilitycheck.recording import first_tensor, floating, made_first, stack_of
 
 PENDING_CAP = 1 << 22  # elements kept for lazy norms (16 MiB in float32) before they are normed
 # a capture larger than this (128 KiB in float32) is normed at once, while it is in cache: on the
@@ -80,6 +80,14 @@ class Capture:
         # such a block's output may have been made there (watchlog.Finding.after)
         self.glued: set[int] = set()
         self._prev: weakref.ref[torch.Tensor] | None = None  # the last block output of this pass
+        # which of a block's output tensors is its chain's where it returns several ((attn, h)), from
+        # its first call with gradients on (`_decide`)
+        self._picks: dict[int, int] = {}
+        self._stacks = [stack_of(name) for name, _ in blocks]
+        self._stack_picks: dict[str, int] = {}
+        # that call, its output tensors and what keeps the chosen one, until the next block call or
+        # the model's output shows which
+        self._undecided: tuple[int, list[torch.Tensor], Any, Callable[[torch.Tensor], None]] | None = None
         n = len(blocks)
         self._pending: dict[int, list[torch.Tensor]] = {slot: [] for slot in range(1, 1 + 2 * n)}
         self._versions: list[tuple[torch.Tensor, int]] = []
@@ -128,7 +136,7 @@ class Capture:
         def on_call(module: nn.Module, args: Any) -> None:
             if torch.is_grad_enabled():
                 self.called = True
-                self._prev = None
+                self._prev = self._undecided = None
                 self._passes.append(self._marks() if self._held or self._fwd_now else None)
                 self._hooked.append(False)
                 self._fed.append(False)
@@ -145,6 +153,7 @@ class Capture:
             k = len(self._passes) - 1
             if k < 0 or not torch.is_grad_enabled():
                 return
+            self._decide(output)  # the last block call, where it waits to be shown its chain tensor
 
             for out in tensors(output):
                 if out.grad_fn is not None:
@@ -208,9 +217,21 @@ class Capture:
         def keep(args: Any, output: Any) -> None:
             self.seen = True
             self.measured = self.measured or torch.is_grad_enabled()
-            out = first_tensor(output, scalars=False)
-            if out is None or not torch.is_grad_enabled():
+            if not torch.is_grad_enabled():
                 return
+            self._decide(args)  # the block call before, where it waits to be shown its chain tensor
+            outs = floating(output)
+            if len(outs) > 1:
+                if b not in self._picks:
+                    self._undecided = (b, outs, args, functools.partial(record, args))
+                    return
+                out: torch.Tensor | None = outs[self._picks[b] if self._picks[b] < len(outs) else 0]
+            else:
+                out = outs[0] if outs else first_tensor(output, scalars=False)
+            if out is not None:
+                record(args, out)
+
+        def record(args: Any, out: torch.Tensor) -> None:
             if b > 0 and args and self._prev is not None:  # called by keyword alone: not known, not said
                 prev = self._prev()  # None: freed, so no argument is it (x = block(x); x = x * 50)
                 if prev is None or not any(a is prev for a in args):
@@ -241,6 +262,25 @@ class Capture:
                     node.register_prehook(hook)
 
         return outside_graph(on_forward)
+
+    def _decide(self, taken: Any) -> None:
+        """Which tensor of the undecided block call's output is its chain's, kept now (before any
+        backward): the one `taken` (the next block call's arguments, or the model's output) holds as
+        it came, else the one picked for its stack (blocks alike: the last has no next call), else the
+        first the call made (recording.made_first). Read on its first tensor, a stack returning (attn,
+        h) was watched on its attention weights, which say nothing of a spike in h."""
+        if self._undecided is None:
+            return
+        b, outs, args, record = self._undecided
+        self._undecided = None
+        held = {id(t) for t in tensors(taken)}
+        j = next((j for j, t in enumerate(outs) if id(t) in held), None)
+        if j is not None:
+            self._stack_picks[self._stacks[b]] = j
+        else:
+            j = self._stack_picks.get(self._stacks[b], made_first(outs, args, {}))
+        self._picks[b] = j
+        record(outs[j])
 
     def _grad_hook(self, b: int, index: int, k: int) -> GradHook:
         """The hook keeping the gradient of output `index` of a node as block b's, output of pass k

@@ -247,3 +247,46 @@ def test_blocks_returning_nothing_are_said_to_return_nothing() -> None:
         match=r"ran but returned no floating-point tensor \(layers.0, layers.1, layers.2: 3 of 3",
     ):
         probe_module(model, torch.randn(4, 8), lambda out, _: out.sum(), blocks=blocks)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_watch_reads_a_block_returning_attention_then_h_on_h(steps: int) -> None:
+    """watch read every block on its first tensor, the attention weights: their norms (at most the
+    row count) and gradients said nothing of h, where a spike grows. The next block taking h as it
+    came shows h is the chain, at the first step already; the last block follows its stack. Oracle:
+    torch's norms of each h and of dL/dh on the same weights (lr 0) and batch."""
+    from stabilitycheck import watch
+
+    torch.manual_seed(5)
+    layers = nn.ModuleList(AttnFirst() for _ in range(4))
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = layers
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                _, h = layer(h)
+            return h
+
+    model, x, z = Model(), torch.randn(8, 16), torch.randn(8, 16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    blocks = [(f"layers.{i}", b) for i, b in enumerate(layers)]
+    with watch(model, opt, blocks=blocks, flush_every=1, report=None) as w:
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            loss = (model(x) * z).sum()
+            w.loss(loss)
+            loss.backward()
+            opt.step()
+        values = dict(zip(w.out.names, w.out.last_values, strict=True))
+    seen: list[torch.Tensor] = []
+    hooks = [layer.register_forward_hook(lambda _m, _a, out: seen.append(out[1])) for layer in layers]
+    loss = (model(x) * z).sum()
+    for h in hooks:
+        h.remove()
+    grads = torch.autograd.grad(loss, seen)
+    for i, (h, g) in enumerate(zip(seen, grads, strict=True)):
+        assert values[("activation", f"layers.{i}")] == pytest.approx(h.norm().item(), rel=1e-6)
+        assert values[("activation_grad", f"layers.{i}")] == pytest.approx(g.norm().item(), rel=1e-6)
