@@ -10,9 +10,10 @@ from stabilitycheck.phasemap import PhaseMap, theory
 from stabilitycheck.staircase import Edge
 
 SEEDS_FIRED = "measured: one seed-all seeds"
-"""The band column (PhaseMap.band): the smallest measured x where one of the seeds spent fired, and
-where all of them did; from the points the trace measured and the seeds their verdicts spent, not
-each seed's own frontier (which can lie outside it)."""
+"""The band column (PhaseMap.band): the smallest measured x where one of the seeds spent fired (the
+explosion's band: on a criterion other than vanishing), and where all of them did; from the points
+the trace measured and the seeds their verdicts spent, not each seed's own frontier (which can lie
+outside it)."""
 
 LEGEND = (
     "X explodes, V vanishes, o stable (measured); # explodes, ~ vanishes, . stable (inferred from the "

@@ -18,12 +18,13 @@ from stabilitycheck._validation import model_failure
 from stabilitycheck.alarms import stop_seen
 from stabilitycheck.config import Config
 from stabilitycheck.errors import NoLastStep, UsageError
-from stabilitycheck.seeds import Judgement, assess
+from stabilitycheck.seeds import Judgement, SeedProbes, assess
 from stabilitycheck.space import RUN_AXES, Axis, Space
 from stabilitycheck.spread import Spread
-from stabilitycheck.staircase import Edge, trace
+from stabilitycheck.staircase import Edge, recheck, trace
 from stabilitycheck.subject import Built, Subject
 from stabilitycheck.verdicts import Limits
+from stabilitycheck.verdicts import judge as judge_seed
 
 LOSSES = ("default", "last")
 
@@ -39,14 +40,16 @@ class Point:
     criteria: tuple[str, ...]
     growth: Spread
     seeds: int
-    fired_seeds: int  # seeds whose own verdict fired
+    fired_seeds: int  # seeds whose own verdict fired on a criterion other than vanishing
 
     @classmethod
-    def of(cls, x: int, y: int, j: Judgement) -> Point:
+    def of(cls, x: int, y: int, j: Judgement, limits: Limits) -> Point:
         names = j.verdict.names
         vanished = "vanishing" in names
         exploded = any(n != "vanishing" for n in names)
-        return cls(x, y, exploded, vanished, names, j.growth, len(j.seeds), j.exploded_seeds)
+        # a seed that fired on vanishing alone did not explode: the band's 'all seeds' end counted it
+        fired = sum(any(n != "vanishing" for n in judge_seed(v, limits).names) for v in j.values)
+        return cls(x, y, exploded, vanished, names, j.growth, len(j.seeds), fired)
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "criteria": list(self.criteria)}
@@ -94,21 +97,16 @@ class PhaseMap:
 
     def band(self, y: int, vanishing: bool = False) -> tuple[int | None, int | None]:
         """Where the seeds began to fire in row y: the smallest measured x where one of the seeds spent
-        fired, and where all of them did (None where no measured point did). Only the points the
-        trace measured and the seeds their verdicts spent: not each seed's own frontier."""
+        fired (exploded, or with `vanishing`, vanished), and where all of them did (None where no
+        measured point did). Only the points the trace measured and the seeds their verdicts spent:
+        not each seed's own frontier."""
         lim = self.limits.vanishing
         row = sorted((p for p in self.points if p.y == y), key=lambda p: p.x)
         if vanishing and lim is not None:
             some = [p.x for p in row if p.vanished or p.growth.low < 1 / lim]
             every = [p.x for p in row if p.growth.high < 1 / lim]
         else:
-            # a seed's verdict may have fired on vanishing; only a point no seed of which fell below
-            # 1/limit attributes its fired seeds to explosion
-            some = [
-                p.x
-                for p in row
-                if p.exploded or (p.fired_seeds > 0 and (lim is None or p.growth.low >= 1 / lim))
-            ]
+            some = [p.x for p in row if p.exploded or p.fired_seeds > 0]
             every = [p.x for p in row if p.exploded and p.fired_seeds == p.seeds]
         return (some[0] if some else None), (every[0] if every else None)
 
@@ -228,6 +226,15 @@ def phase_map(
     base = space.base if seeds is None else space.base.with_run(seeds=seeds)
     lim = limits or Limits()
     cache: dict[tuple[int, int], Point] = {}
+    probes = SeedProbes()  # each (point, seed) probed once: a frontier point's full verdict reuses them
+
+    def measured(what: str) -> dict[int, dict[int, bool]]:
+        """Per row, x -> whether each measured point there `what` ('exploded', 'vanished')."""
+        rows: dict[int, dict[int, bool]] = {}
+        for (i, j), p in cache.items():
+            rows.setdefault(j, {})[i] = getattr(p, what)
+        return rows
+
     explode: list[Edge] = []
     vanish: list[Edge] | None = [] if lim.vanishing is not None else None
     notes: list[str] = []
@@ -274,7 +281,9 @@ def phase_map(
     def judge(i: int, j: int) -> Point:
         if (i, j) not in cache:
             config = base_point(i, j)
-            cache[i, j] = p = Point.of(i, j, assess(config, judged, lim, every=False))
+            cache[i, j] = p = Point.of(
+                i, j, assess(config, judged, lim, probes, every=False, apart=True), lim
+            )
             if progress is not None:
                 state = "explodes" if p.exploded else "vanishes" if p.vanished else "stable"
                 progress(
@@ -295,7 +304,14 @@ def phase_map(
         names = (lambda i: f"{xa.name}={xa.values[i]}", lambda j: f"{ya.name}={ya.values[j]}")
         trace(lambda i, j: judge(i, j).exploded, nx, ny, explode, notes, names)
         if vanish is not None:
-            trace(lambda i, j: judge(i, j).vanished, nx, ny, vanish, notes, names)
+            trace(lambda i, j: judge(i, j).vanished, nx, ny, vanish, notes, names, "vanishes")
+            # each trace met points of the other's: a row is checked on every point measured in it
+            recheck(lambda i, j: judge(i, j).exploded, measured("exploded"), explode, notes, names)
+            recheck(lambda i, j: judge(i, j).vanished, measured("vanished"), vanish, notes, names, "vanishes")
+        for edge in explode:  # the frontier's point names every criterion it fires on, not the first
+            if edge.x is not None:
+                config = base_point(edge.x, edge.y)
+                cache[edge.x, edge.y] = Point.of(edge.x, edge.y, assess(config, judged, lim, probes), lim)
     except KeyboardInterrupt:
         stop_seen()
         return snapshot(True)

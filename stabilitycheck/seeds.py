@@ -150,13 +150,20 @@ def _decided(
     q: float,
     every: bool = False,
     margin: bool = True,
+    apart: bool = False,
 ) -> bool:
     """Whether the K-seed quantile verdict is known from the seeds so far (see the module docstring):
-    whether the point explodes, or with `every`, which criteria fire too; without `margin`, by the
+    whether the point explodes, or with `every`, which criteria fire too, or with `apart`, whether it
+    explodes on a criterion other than vanishing and whether it vanishes, each (a map traces both
+    frontiers: stopped at the first criterion known to fire, a point of a row whose vanishing was
+    still open read 'not vanishing', its frontier none where it was 37); without `margin`, by the
     counts alone."""
     settled = _settled(per_seed, lim, budget, q, margin)
     if every:
         return None not in settled.values()
+    if apart and "vanishing" in settled:
+        rest = [s for c, s in settled.items() if c != "vanishing"]
+        return settled["vanishing"] is not None and (True in rest or all(s is False for s in rest))
     return True in settled.values() or all(s is False for s in settled.values())
 
 
@@ -257,6 +264,7 @@ def assess(
     limits: Limits | None = None,
     probes: SeedProbes | None = None,
     every: bool = True,
+    apart: bool = False,
 ) -> Judgement:
     """Probe `config` over up to run.seeds initialisations and judge the run.quantile of each criterion.
     A recurrent subject (`stepped`: a zoo family, a model file's cell stepped per token) is judged on
@@ -268,7 +276,8 @@ def assess(
     norm, going non-finite, divergence and stall stay the model's own loss's. `probes`: a cache of
     per-seed probes to reuse (a search's). `every`: seeds are spent until every criterion's verdict is
     known; False stops once whether the point explodes is (a search's points), and the verdict then
-    names only the criteria known to fire."""
+    names only the criteria known to fire; with `apart`, once whether it vanishes is known too (a
+    map's points, `_decided`)."""
     lim = limits or Limits()
     run = config.run
     measure = probes or SeedProbes()
@@ -289,7 +298,7 @@ def assess(
             named["growth"] = named["vanishing"] = last.growth
         ms.append(m)
         per_seed.append(named)
-        if _decided(per_seed, lim, run.seeds, run.quantile, every, margin):
+        if _decided(per_seed, lim, run.seeds, run.quantile, every, margin, apart):
             break
     return _judgement(ms, per_seed, through, tuple(used), lim, run.quantile, run.seeds, margin)
 

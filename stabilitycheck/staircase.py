@@ -11,6 +11,7 @@ returned is a measured pair: x fires and x - 1 is quiet (or x = 0); None means t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -76,10 +77,11 @@ def trace(
         lambda x: f"x index {x}",
         lambda y: f"row {y}",
     ),
+    verb: str = "fires",
 ) -> None:
     """Append the frontier of every row to `edges` (see the module docstring) and what broke
-    monotonicity to `notes`, naming x and y values by `names`; `fires(x, y)` judges a point (cached
-    by the caller)."""
+    monotonicity to `notes`, naming x and y values by `names` and what a point does by `verb` (a map's
+    two traces: 'fires', 'vanishes'); `fires(x, y)` judges a point (cached by the caller)."""
     name_x, name_y = names
     start = 0
     for y in range(ny):
@@ -99,9 +101,41 @@ def trace(
         if bad is not None:
             f, how = _bisect(at, -1, bad[0]), "bisection"
             notes.append(
-                f"{name_y(y)}: {name_x(bad[0])} fires but {name_x(bad[1])} does not (not monotone in x); "
+                f"{name_y(y)}: {name_x(bad[0])} {verb} but {name_x(bad[1])} does not (not monotone in x); "
                 f"bisected the row below {name_x(bad[0])} for its lowest transition: "
                 + (name_x(f) if f is not None else "none")
             )
         edges.append(Edge(y, f, how))
         start = nx - 1 if f is None else f
+
+
+def _at_row(fires: Callable[[int, int], bool], y: int, x: int) -> bool:
+    return fires(x, y)
+
+
+def recheck(
+    fires: Callable[[int, int], bool],
+    measured: dict[int, dict[int, bool]],
+    edges: list[Edge],
+    notes: list[str],
+    names: tuple[Callable[[int], str], Callable[[int], str]],
+    verb: str = "fires",
+) -> None:
+    """Check each row's frontier in `edges` against every point measured in it (`measured`, per row
+    y, x -> fires), another trace's too: where one below the frontier fires (a map's vanishing trace
+    met points exploding where the explosion trace drew none), the row is bisected below it for its
+    lowest transition, as `trace` does, and `notes` say so."""
+    name_x, name_y = names
+    for k, edge in enumerate(edges):
+        below = [x for x, hit in measured.get(edge.y, {}).items() if hit and (edge.x is None or x < edge.x)]
+        if not below or edge.how == "untraced":
+            continue
+        lowest = min(below)
+        f = _bisect(functools.partial(_at_row, fires, edge.y), -1, lowest)
+        was = name_x(edge.x) if edge.x is not None else "none"
+        notes.append(
+            f"{name_y(edge.y)}: {name_x(lowest)} {verb}, below the frontier traced ({was}; measured by the "
+            f"other trace: not monotone in x); bisected the row below {name_x(lowest)} for its lowest "
+            f"transition: {name_x(f)}"
+        )
+        edges[k] = Edge(edge.y, f, "bisection")

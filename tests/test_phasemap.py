@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -27,6 +28,7 @@ from signalled import stopped_when_marked
 from stabilitycheck import meanfield
 from stabilitycheck._json import strict_json
 from stabilitycheck.cli import main
+from stabilitycheck.config import Config
 from stabilitycheck.maptext import markdown, text
 from stabilitycheck.phasemap import PhaseMap, phase_map, theory
 from stabilitycheck.seeds import assess
@@ -483,3 +485,80 @@ def test_a_model_raising_at_a_point_stops_the_map_with_what_was_traced(
     assert f"{model}:16 in forward" in pm.stopped
     captured = capsys.readouterr()
     assert "not traced" in captured.out and "internal error" not in captured.err
+
+
+GRAD_AND_VANISH = Limits(grad_norm=0.5, vanishing=10.0)  # an audit's limits: both fire near one point
+
+
+def full_rule(config: Any, limits: Limits) -> tuple[bool, bool]:
+    """Brute force: every seed of the budget probed, each criterion judged on its quantile; whether
+    a criterion other than vanishing fires, and whether vanishing does."""
+    from stabilitycheck.configprobe import probe
+    from stabilitycheck.seeds import seed_of
+    from stabilitycheck.spread import quantile
+    from stabilitycheck.verdicts import CRITERIA, judge, values
+
+    run = config.run
+    per_seed = [values(probe(config.with_run(seed=seed_of(run.seed, k)))) for k in range(run.seeds)]
+    names = judge({c: quantile([v[c] for v in per_seed], run.quantile) for c in CRITERIA}, limits).names
+    return any(n != "vanishing" for n in names), "vanishing" in names
+
+
+@pytest.mark.parametrize("depth", [25, 37])
+def test_a_map_point_decides_whether_it_explodes_and_whether_it_vanishes(depth: int) -> None:
+    """A map's point stopped spending seeds at the first criterion known to fire: at depth 37 (tanh,
+    width 16, sigma 1) grad_norm was, after 4 seeds, vanishing still open: read 'not vanishing', the
+    row's vanishing frontier none where the 5-seed median growth is 0.076 < 1/10; at 25 the other way.
+    Oracle: the full rule on all 5 seeds."""
+    config = Config.of("mlp", depth=depth, init_scale=1.0, width=16, batch_size=8)
+    got = assess(config, limits=GRAD_AND_VANISH, every=False, apart=True)
+    names = got.verdict.names
+    assert (any(n != "vanishing" for n in names), "vanishing" in names) == full_rule(config, GRAD_AND_VANISH)
+
+
+def test_a_row_is_checked_on_the_points_the_other_trace_measured() -> None:
+    """The vanishing trace measured depth 1 exploding (grad_norm) in rows whose explosion frontier had
+    read none, with no note; and the band's 'all seeds' end counted seeds that fired on vanishing
+    alone. Oracle: the full rule at the frontier points, and each seed's own verdict."""
+    from stabilitycheck.configprobe import probe
+    from stabilitycheck.seeds import seed_of
+    from stabilitycheck.verdicts import judge, values
+
+    pm = phase_map(
+        "mlp",
+        x=Axis.range("depth", 1, 30),
+        y=Axis("init_scale", (0.25, 0.5)),
+        space=Family("mlp").space(width=16, batch_size=8),
+        limits=GRAD_AND_VANISH,
+    )
+    for edge in pm.explode:
+        assert (
+            edge.x == 0
+            and full_rule(pm.base.with_knobs(depth=1, init_scale=pm.y.values[edge.y]), GRAD_AND_VANISH)[0]
+        )
+    assert sum("below the frontier traced" in n for n in pm.violations) == 2
+    for p in pm.points:
+        config = pm.base.with_knobs(depth=pm.x.values[p.x], init_scale=pm.y.values[p.y])
+        spent = [values(probe(config.with_run(seed=seed_of(0, k)))) for k in range(p.seeds)]
+        assert p.fired_seeds == sum(
+            any(n != "vanishing" for n in judge(v, GRAD_AND_VANISH).names) for v in spent
+        )
+
+
+def test_a_frontier_point_names_every_criterion_it_fires_on() -> None:
+    """The map's 'fired on' named what fired first: 'grad_norm' at a point whose growth over 4 seeds
+    was 215, the README's sign that the frontier is not the growth's. Oracle: assess's every verdict."""
+    pm = phase_map(
+        "mlp",
+        x=Axis.range("depth", 1, 40),
+        y=Axis("init_scale", (2.875, 3.125)),
+        space=Family("mlp").space(width=16, batch_size=8),
+        limits=Limits(grad_norm=60.0),
+    )
+    for edge in pm.explode:
+        assert edge.x is not None
+        point = pm.point(edge.x, edge.y)
+        assert point is not None
+        config = pm.base.with_knobs(depth=pm.x.values[edge.x], init_scale=pm.y.values[edge.y])
+        assert point.criteria == assess(config, limits=Limits(grad_norm=60.0)).verdict.names
+    assert any(len(pm.point(e.x, e.y).criteria) > 1 for e in pm.explode if e.x is not None)  # type: ignore[union-attr]

@@ -311,10 +311,13 @@ def test_a_point_where_growth_and_vanishing_both_fired_is_both_exploded_and_vani
     subject = ScaledIdentity()
     base = assess(subject.config().with_run(seeds=1), subject, Limits())  # type: ignore[arg-type]
     both = Verdict(True, (Criterion("growth", 1e3, 1e2), Criterion("vanishing", 1e-3, 1e-2)))
-    p = Point.of(0, 0, dataclasses.replace(base, verdict=both, exploded_seeds=1))
+    p = Point.of(0, 0, dataclasses.replace(base, verdict=both, exploded_seeds=1), Limits())
     assert p.exploded and p.vanished and p.criteria == ("growth", "vanishing")
     alone = Point.of(
-        0, 0, dataclasses.replace(base, verdict=Verdict(True, (Criterion("vanishing", 1e-3, 1e-2),)))
+        0,
+        0,
+        dataclasses.replace(base, verdict=Verdict(True, (Criterion("vanishing", 1e-3, 1e-2),))),
+        Limits(),
     )
     assert alone.vanished and not alone.exploded
 
