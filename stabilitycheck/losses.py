@@ -165,8 +165,12 @@ __all__ = ["NUM_CLASSES", "DefaultLoss", "Inputs", "LossFn", "OutputLoss", "nn",
 def differentiable_loss(loss: Any) -> torch.Tensor:
     """`loss` if it is a scalar float tensor that requires grad; else a one-line UsageError saying why."""
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
-        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise UsageError(f"the loss must be a scalar float tensor, got {shape}; return e.g. out.mean()")
+        got = (
+            f"a {str(loss.dtype).removeprefix('torch.')} tensor of shape {tuple(loss.shape)}"
+            if isinstance(loss, torch.Tensor)
+            else type(loss).__name__
+        )
+        raise UsageError(f"the loss must be a scalar float tensor, got {got}; return e.g. out.mean()")
     if not loss.requires_grad:
         raise UsageError(
             "the loss does not require grad: it is not differentiable with respect to the "

@@ -415,6 +415,11 @@ def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
     declared = getattr(model, "stability_blocks", None)
     if callable(declared):
         return tuple(declared()), DECLARED_NOTE
+    if declared is not None:  # a list given as the attribute was passed over for blocks found
+        raise UsageError(
+            f"the model's stability_blocks is a {type(declared).__name__}, not a method; define "
+            "`def stability_blocks(self): return [(name, module), ...]`, input side first"
+        )
     stacks = _stacks(model)
     if stacks:
         primary = max(stacks, key=_longest)

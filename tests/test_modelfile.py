@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -531,8 +532,12 @@ def test_config_params_must_be_knobs_of_the_file() -> None:
     assert_one_line(exc, "mlp.py", "depth=2.5 is not an int")
 
 
-def test_declared_stability_blocks_are_the_blocks_probed() -> None:
-    subject = load(f"{broken('blocks_declared')}:pairs")
+@pytest.mark.parametrize("factory", ["pairs", "generator"])
+def test_declared_stability_blocks_are_the_blocks_probed(factory: str) -> None:
+    """A generator of pairs too: probe_module(blocks=<generator>) took one, the model file's check
+    refused it."""
+    subject = load(f"{broken('blocks_declared')}:{factory}")
+    check_defaults(subject)
     assert probe(subject.config(), subject).layer_names[-2:] == ("a", "b")
 
 
@@ -543,6 +548,7 @@ def test_declared_stability_blocks_are_the_blocks_probed() -> None:
         ("module", "stability_blocks() returned a Linear; it must return a non-empty list of (name, module)"),
         ("empty", "stability_blocks() returned an empty list"),
         ("foreign", "stability_blocks() item 1 ('other') is not a submodule of the model"),
+        ("attribute", "stability_blocks is a list, not a method; define it as one"),  # it was passed over
     ],
 )
 def test_a_stability_blocks_of_the_wrong_shape_says_what_it_must_return(factory: str, says: str) -> None:
@@ -553,6 +559,26 @@ def test_a_stability_blocks_of_the_wrong_shape_says_what_it_must_return(factory:
         check_defaults(subject)
     assert_one_line(exc, "blocks_declared", says, "e.g. `return [(", kind=UsageError)
     assert "running the model" not in str(exc.value)
+
+
+def test_a_module_declared_twice_is_said_of_stability_blocks() -> None:
+    """Said as 'probe_module: blocks ...' to a user of the command line, who called no probe_module."""
+    subject = load(f"{broken('blocks_declared')}:twice")
+    with pytest.raises(UsageError) as exc:
+        check_defaults(subject)
+    assert_one_line(
+        exc, "blocks_declared", "stability_blocks(): blocks 'a' and 'b' are the same module", kind=UsageError
+    )
+    assert "probe_module" not in str(exc.value)
+
+
+def test_a_loss_of_the_wrong_dtype_is_said_so() -> None:
+    """A 0-d int64 or complex loss read 'the loss must be a scalar float tensor, got ()': a scalar."""
+    from stabilitycheck.losses import differentiable_loss
+
+    for loss, says in ((torch.tensor(3), "int64 tensor of shape ()"), (torch.tensor(1j), "complex64 tensor")):
+        with pytest.raises(UsageError, match=re.escape(f"got a {says}")):
+            differentiable_loss(loss)
 
 
 def test_an_error_in_the_models_own_forward_names_its_line_and_blames_no_input() -> None:

@@ -8,7 +8,7 @@ import dataclasses
 import inspect
 import math
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -18,9 +18,11 @@ from torch import nn
 from stabilitycheck._tree import tensors
 from stabilitycheck._validation import article, describe, is_number
 from stabilitycheck.config import RUN_FIELDS
+from stabilitycheck.errors import UsageError
 from stabilitycheck.losses import Inputs
 from stabilitycheck.modelfile.importer import ModelFileError, import_file, top_level_names
 from stabilitycheck.modelfile.inputs import check_inputs, infer, resize
+from stabilitycheck.subject import own_blocks
 
 if TYPE_CHECKING:
     from stabilitycheck.modelfile.subject import ModelFile
@@ -165,11 +167,15 @@ def check_blocks(owner: ModelFile, model: nn.Module) -> None:
     """The model's `stability_blocks()`, where it defines one, returns (name, module) pairs of its own
     submodules, input side first: anything else is a one-line error saying so, not a failed probe."""
     declared = getattr(model, "stability_blocks", None)
-    if not callable(declared):
+    if declared is None:
         return
-    got = owner.call_user("stability_blocks()", declared)
     example = 'e.g. `return [(f"layers.{i}", m) for i, m in enumerate(self.layers)]`'
-    items = list(got) if isinstance(got, list | tuple) else None
+    if not callable(declared):
+        raise owner.error(
+            f"stability_blocks is {article(declared)}, not a method; define it as one, {example}"
+        )
+    got = owner.call_user("stability_blocks()", declared)
+    items = list(got) if isinstance(got, list | tuple | Iterator) else None
     if not items:
         what = f"an empty {type(got).__name__}" if items == [] else article(got)
         raise owner.error(
@@ -188,6 +194,10 @@ def check_blocks(owner: ModelFile, model: nn.Module) -> None:
                 f"stability_blocks() item {i} ({item[0]!r}) is not a submodule of the model, so its "
                 f"gradients are never seen; return the model's own blocks, {example}"
             )
+    try:  # a module or a name listed twice: said of stability_blocks(), not of a call the user made
+        own_blocks(model, [tuple(item) for item in items], "stability_blocks()")
+    except UsageError as exc:
+        raise owner.error(str(exc)) from None
 
 
 @dataclasses.dataclass

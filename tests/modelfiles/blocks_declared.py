@@ -1,5 +1,6 @@
 """stability_blocks() returning pairs (accepted) and the shapes it must not return (each a one-line
-error naming the hook): bare modules, a module, an empty list, a module the model does not own; and a
+error naming the hook): bare modules, a module, an empty list, a module the model does not own, one
+module twice, a list given as the attribute (a generator is accepted); and a
 forward that fails in the user's own code (the error names its line)."""
 
 import torch
@@ -19,6 +20,8 @@ class Net(nn.Module):
             "module": self.a,
             "empty": [],
             "foreign": [("a", self.a), ("other", nn.Linear(8, 8))],
+            "twice": [("a", self.a), ("b", self.a)],
+            "generator": ((name, m) for name, m in (("a", self.a), ("b", self.b))),
         }[self.returns]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -45,6 +48,24 @@ def empty() -> nn.Module:
 
 def foreign() -> nn.Module:
     return Net("foreign")
+
+
+def twice() -> nn.Module:
+    return Net("twice")
+
+
+def generator() -> nn.Module:
+    return Net("generator")
+
+
+class Listed(Net):
+    def __init__(self) -> None:
+        super().__init__("pairs")
+        self.stability_blocks = [("a", self.a), ("b", self.b)]  # type: ignore[assignment,method-assign]
+
+
+def attribute() -> nn.Module:
+    return Listed()
 
 
 class Plain(Net):
