@@ -166,7 +166,7 @@ def differentiable_loss(loss: Any) -> torch.Tensor:
     """`loss` if it is a scalar float tensor that requires grad; else a one-line UsageError saying why."""
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
         got = (
-            f"a {str(loss.dtype).removeprefix('torch.')} tensor of shape {tuple(loss.shape)}"
+            f"a tensor of dtype {str(loss.dtype).removeprefix('torch.')} and shape {tuple(loss.shape)}"
             if isinstance(loss, torch.Tensor)
             else type(loss).__name__
         )

@@ -576,8 +576,8 @@ def test_a_loss_of_the_wrong_dtype_is_said_so() -> None:
     """A 0-d int64 or complex loss read 'the loss must be a scalar float tensor, got ()': a scalar."""
     from stabilitycheck.losses import differentiable_loss
 
-    for loss, says in ((torch.tensor(3), "int64 tensor of shape ()"), (torch.tensor(1j), "complex64 tensor")):
-        with pytest.raises(UsageError, match=re.escape(f"got a {says}")):
+    for loss, says in ((torch.tensor(3), "dtype int64 and shape ()"), (torch.tensor(1j), "dtype complex64")):
+        with pytest.raises(UsageError, match=re.escape(f"got a tensor of {says}")):
             differentiable_loss(loss)
 
 

@@ -735,7 +735,7 @@ def test_usage_errors_are_one_line_messages() -> None:
     x = torch.randn(2, 3)
     with pytest.raises(UsageError, match="no parameters that require grad"):
         probe_module(nn.ReLU(), x, lambda out, _: out.sum())
-    with pytest.raises(UsageError, match="scalar float tensor, got a float32 tensor of shape \\(2, 3\\)"):
+    with pytest.raises(UsageError, match="float tensor, got a tensor of dtype float32 and shape \\(2, 3\\)"):
         probe_module(nn.Linear(3, 3), x, lambda out, _: out)
     with pytest.raises(UsageError, match="does not require grad"):
         probe_module(nn.Linear(3, 3), x, lambda out, _: out.detach().sum())
