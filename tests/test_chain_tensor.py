@@ -28,6 +28,22 @@ class AttnFirst(nn.Module):
         return torch.softmax(y[:, :4], -1), y
 
 
+class Stack(nn.Module):
+    """Layers returning (attn, h), each taking the last h; the output h, or with `aux`, h plus aux x
+    the sum of the squared attention weights (their path in the graph even at aux 0)."""
+
+    def __init__(self, layers: nn.ModuleList, aux: float | None = None) -> None:
+        super().__init__()
+        self.layers, self.aux = layers, aux
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(())
+        for layer in self.layers:
+            a, h = layer(h)
+            total = total + (a * a).sum()
+        return h if self.aux is None else h + self.aux * total
+
+
 class DictOut(nn.Module):
     """A layer handing on {"mask": mask as it came, "h": h}: the chain is h, made by the call."""
 
@@ -65,20 +81,7 @@ def test_a_stack_returning_attention_then_h_is_read_on_h(aux: float) -> None:
     where torch's is 0.51 with the attention in the loss."""
     torch.manual_seed(0)
     layers = nn.ModuleList(AttnFirst() for _ in range(6))
-
-    class Model(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.layers = layers
-
-        def forward(self, h: torch.Tensor) -> torch.Tensor:
-            total = torch.zeros(())
-            for layer in self.layers:
-                a, h = layer(h)
-                total = total + (a * a).sum()
-            return h + aux * total
-
-    model, x, z = Model(), torch.randn(8, 16), torch.randn(8, 16)
+    model, x, z = Stack(layers, aux), torch.randn(8, 16), torch.randn(8, 16)
     m = probe_module(
         model, x, lambda out, _: (out * z).sum(), blocks=[(f"layers.{i}", b) for i, b in enumerate(layers)]
     )
@@ -259,18 +262,7 @@ def test_watch_reads_a_block_returning_attention_then_h_on_h(steps: int) -> None
 
     torch.manual_seed(5)
     layers = nn.ModuleList(AttnFirst() for _ in range(4))
-
-    class Model(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.layers = layers
-
-        def forward(self, h: torch.Tensor) -> torch.Tensor:
-            for layer in self.layers:
-                _, h = layer(h)
-            return h
-
-    model, x, z = Model(), torch.randn(8, 16), torch.randn(8, 16)
+    model, x, z = Stack(layers), torch.randn(8, 16), torch.randn(8, 16)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     blocks = [(f"layers.{i}", b) for i, b in enumerate(layers)]
     with watch(model, opt, blocks=blocks, flush_every=1, report=None) as w:
