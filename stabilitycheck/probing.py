@@ -8,6 +8,7 @@ overflows is never reported as non-finite.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import random
@@ -178,17 +179,25 @@ def _in_graph(inputs: Inputs) -> Inputs:
     if not torch.is_grad_enabled():
         return inputs
 
-    def copy(x: Any) -> Any:
+    def copied(x: Any) -> Any:
         if isinstance(x, torch.Tensor):
             floating = x.is_floating_point() and not x.requires_grad
             return x.detach().requires_grad_().clone() if floating else x
         if isinstance(x, dict):
-            return {k: copy(v) for k, v in x.items()}
+            return _refilled(x, {k: copied(v) for k, v in x.items()})
         if type(x) in (tuple, list):
-            return type(x)(copy(v) for v in x)
+            return type(x)(copied(v) for v in x)
         return x
 
-    return copy(inputs)
+    return copied(inputs)
+
+
+def _refilled(given: dict[Any, Any], values: dict[Any, Any]) -> dict[Any, Any]:
+    """A shallow copy of the dict `given`, of its own class (an attribute dict, an OrderedDict: a
+    plain dict lost a loss's `batch.y`), holding `values`."""
+    out = copy.copy(given)
+    out.update(values)
+    return out
 
 
 def _left(inputs: Inputs, given: Inputs) -> Inputs:
@@ -200,7 +209,7 @@ def _left(inputs: Inputs, given: Inputs) -> Inputs:
     if isinstance(given, torch.Tensor):
         return given.detach()  # a copy: the original does not require grad
     if isinstance(given, dict):
-        return {k: _left(v, given[k]) for k, v in inputs.items()}
+        return _refilled(inputs, {k: _left(v, given[k]) for k, v in inputs.items()})
     return type(inputs)(_left(v, g) for v, g in zip(inputs, given, strict=True))
 
 

@@ -3,18 +3,17 @@ watcher shares of it."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge
 
-from stabilitycheck._tree import tensors
+from stabilitycheck._tree import children, tensors
 from stabilitycheck.carrying import Carrying, goes_on_from, version_of
 from stabilitycheck.hooking import hooked, outside_graph
 from stabilitycheck.junctions import (
@@ -39,7 +38,7 @@ def first_tensor(value: Any, scalars: bool = True) -> torch.Tensor | None:
     _goes_on, _repick and carrying.Carrying.found; watch reads the first.)"""
     if isinstance(value, torch.Tensor):
         return value if value.is_floating_point() else None
-    for item in _items(value):
+    for item in children(value):
         if scalars or not isinstance(item, torch.Tensor) or item.dim() > 0:
             found = first_tensor(item, scalars)
             if found is not None:
@@ -52,26 +51,7 @@ def floating(value: Any) -> list[torch.Tensor]:
     (the first is what it returns with scalars False)."""
     if isinstance(value, torch.Tensor):
         return [value] if value.is_floating_point() and value.dim() > 0 else []
-    return [t for item in _items(value) for t in floating(item)]
-
-
-def _items(value: Any) -> Iterable[Any]:
-    """What a block's output holds, in order: a dict's values, a tuple's or list's items, a plain
-    dataclass's fields (one returning @dataclass Out(h) was dropped from the chain unsaid)."""
-    if isinstance(value, Mapping):
-        return value.values()
-    if isinstance(value, tuple | list):
-        return value
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return [getattr(value, f.name) for f in dataclasses.fields(value)]
-    return ()
-
-
-def made_first(outs: Sequence[torch.Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
-    """The first of a call's output tensors that it made, not one it got and returned as it came (a
-    block handing on {"mask": m, "h": h} read on the mask, gradient 0), else the first."""
-    given = {id(t) for t in tensors((args, kwargs))}
-    return next((j for j, t in enumerate(outs) if id(t) not in given), 0)
+    return [t for item in children(value) for t in floating(item)]
 
 
 def _cut(args: tuple[Any, ...], kwargs: dict[str, Any], prev: torch.Tensor) -> bool:
@@ -407,10 +387,10 @@ class Recorder:
         stack = self.stacks[b]
         if self.active and self.outputs and not self._skipped(b):
             at, x = len(self.outputs), _entry(args, kwargs)[1]
-            j = self._goes_on(floating(x))
-            if j is not None:  # the chain goes on from another tensor of the last call's output
-                self._pick(self.calls[-1], j)
-                return
+            if at - 1 in self.alts:  # the last call returned several tensors: which goes on?
+                j = self._goes_on(list(tensors((args, kwargs))), x if isinstance(x, torch.Tensor) else None)
+                if j is not None:  # another than the one recorded: read on that one, then checked as
+                    self._pick(self.calls[-1], j)  # any call is (a merge)
             if isinstance(x, tuple | list | Mapping):  # a call taking one container, an nn.RNN's
                 x = first_tensor(x, scalars=False)  # PackedSequence or a block's (h, mask): its chain
                 # is its first floating tensor, as a block's output is read (taken whole, a junction read
@@ -462,7 +442,7 @@ class Recorder:
                     if b in self.later and (args or kwargs):
                         self._joins(b, args, kwargs)  # before the pick: it may pick for this stack
                     if len(outs) > 1:
-                        out = outs[self._pick_of(b, outs, args, kwargs)]
+                        out = outs[self._pick_of(b, outs)]
                     entry, self.entry = self.entry, None
                     self.touched |= b == 0 and entry is not None and entry._version != self.version
                     if b == 0 and not calls and entry is not None and entry._version == self.version:
@@ -561,15 +541,13 @@ class Recorder:
 
         return on_call
 
-    def _pick_of(
-        self, b: int, outs: Sequence[torch.Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> int:
+    def _pick_of(self, b: int, outs: Sequence[torch.Tensor]) -> int:
         """Which of a call's output tensors `outs` block b's chain is read on: the one picked for it, or
         for another block of its stack (blocks alike: the last one has no next call to show it), else
-        the first the call made (`made_first`)."""
+        the first."""
         j = self.picks.get(b)
         if j is None:
-            j = self.stack_picks.get(self.stacks[b], made_first(outs, args, kwargs))
+            j = self.stack_picks.get(self.stacks[b], 0)
             if j:  # block b's from now on, as every reader of picks takes it (Carrying.found)
                 self.picks[b] = j
         return j if j < len(outs) else 0
@@ -587,23 +565,33 @@ class Recorder:
                 if outs[j].grad_fn is not None:
                     self.own[self.stacks[b]].add(outs[j].grad_fn)
 
-    def _goes_on(self, taken: Sequence[torch.Tensor]) -> int | None:
+    def _goes_on(self, taken: Sequence[torch.Tensor], entry: torch.Tensor | None = None) -> int | None:
         """Which other tensor of the last call's output the chain goes on from, where what comes next
-        (a call's chain input, or the loss) takes `taken`: none made from the tensor recorded, one made
-        from another (a block returning (attention, h) whose next block takes h: read on the attention
-        weights, an exploding stack read growth NaN, stable). One the call made comes before one it got
-        and returned as it came; None where the chain goes on from the tensor recorded, or no other."""
+        (a call, or the loss) takes `taken` (`entry`: the call's chain input, where known): that input
+        itself; else the one tensor of the output taken as it came (of several, the one the call made,
+        not got and returned as it came), where it is not the one recorded; else,
+        none taken as it came, the one what is taken is made from where it is not made from the one
+        recorded (a block returning (attention, h) whose next block takes h: read on the attention
+        weights, an exploding stack read growth NaN, stable). None where the chain goes on from the
+        tensor recorded, or where that is not known (two taken as they came)."""
         pos = len(self.outputs) - 1
         b, held = self.calls[pos], self.alts.get(pos)
         if b < 0 or held is None or b in self.carrying.extras:
             return None
         outs, _, passed = held
-        recorded = self.outputs[pos]
-        if any(comes_from(t, recorded) for t in taken):
+        # the tensor recorded, or the one a copy recorded was made of (recording._kept)
+        now = next((j for j, t in enumerate(outs) if t is self.outputs[pos]), self._pick_of(b, outs))
+        if entry is not None and any(t is entry for t in outs):
+            return None if entry is outs[now] else next(j for j, t in enumerate(outs) if t is entry)
+        ids = {id(t) for t in taken}
+        came = [j for j, t in enumerate(outs) if id(t) in ids]
+        if len(came) > 1:  # not one the call got and returned as it came (a mask handed on beside h)
+            came = [j for j in came if j not in passed]
+        if came:
+            return came[0] if came != [now] and len(came) == 1 else None
+        if any(comes_from(t, outs[now]) or comes_from(t, self.outputs[pos]) for t in taken):
             return None
-        hits = [
-            j for j, alt in enumerate(outs) if alt is not recorded and any(comes_from(t, alt) for t in taken)
-        ]
+        hits = [j for j, alt in enumerate(outs) if j != now and any(comes_from(t, alt) for t in taken)]
         made = [j for j in hits if j not in passed]
         return made[0] if made else hits[0] if hits else None
 
@@ -611,7 +599,8 @@ class Recorder:
         """At the end of a forward: where the loss goes on from another tensor of the last call's
         output than the one recorded, the block is read on that one (`_goes_on`); no call comes after
         it to show that (a last block returning (attention, h), the loss on h, read gradient 0)."""
-        if self.active and self.outputs:
+        b = self.calls[-1] if self.outputs else -1
+        if self.active and b >= 0 and b not in self.picks and self.stacks[b] not in self.stack_picks:
             j = self._goes_on([loss])
             if j is not None:
                 self._pick(self.calls[-1], j)

@@ -42,7 +42,7 @@ from stabilitycheck.norms import (
     norm,
     refine,
 )
-from stabilitycheck.recording import first_tensor, floating, made_first, stack_of
+from stabilitycheck.recording import first_tensor, floating, stack_of
 
 PENDING_CAP = 1 << 22  # elements kept for lazy norms (16 MiB in float32) before they are normed
 # a capture larger than this (128 KiB in float32) is normed at once, while it is in cache: on the
@@ -81,12 +81,12 @@ class Capture:
         self.glued: set[int] = set()
         self._prev: weakref.ref[torch.Tensor] | None = None  # the last block output of this pass
         # which of a block's output tensors is its chain's where it returns several ((attn, h)), from
-        # its first call with gradients on (`_decide`)
+        # its first call with gradients on (`_decide`), or its stack's
         self._picks: dict[int, int] = {}
         self._stacks = [stack_of(name) for name, _ in blocks]
         self._stack_picks: dict[str, int] = {}
-        # that call, its output tensors and what keeps the chosen one, until the next block call or
-        # the model's output shows which
+        # that first call, its output tensors and what keeps the chosen one, until the next block call
+        # shows which (or the pass, or the step, ends: its stack's pick, else the first)
         self._undecided: tuple[int, list[torch.Tensor], Any, Callable[[torch.Tensor], None]] | None = None
         n = len(blocks)
         self._pending: dict[int, list[torch.Tensor]] = {slot: [] for slot in range(1, 1 + 2 * n)}
@@ -136,7 +136,8 @@ class Capture:
         def on_call(module: nn.Module, args: Any) -> None:
             if torch.is_grad_enabled():
                 self.called = True
-                self._prev = self._undecided = None
+                self._decide(())  # a last block call of the pass before (its model output unseen)
+                self._prev = None
                 self._passes.append(self._marks() if self._held or self._fwd_now else None)
                 self._hooked.append(False)
                 self._fed.append(False)
@@ -153,7 +154,7 @@ class Capture:
             k = len(self._passes) - 1
             if k < 0 or not torch.is_grad_enabled():
                 return
-            self._decide(output)  # the last block call, where it waits to be shown its chain tensor
+            self._decide(())  # the last block call: no call comes after it to show its chain tensor
 
             for out in tensors(output):
                 if out.grad_fn is not None:
@@ -222,10 +223,11 @@ class Capture:
             self._decide(args)  # the block call before, where it waits to be shown its chain tensor
             outs = floating(output)
             if len(outs) > 1:
-                if b not in self._picks:
+                j = self._picks.get(b, self._stack_picks.get(self._stacks[b]))
+                if j is None:
                     self._undecided = (b, outs, args, functools.partial(record, args))
                     return
-                out: torch.Tensor | None = outs[self._picks[b] if self._picks[b] < len(outs) else 0]
+                out: torch.Tensor | None = outs[j if j < len(outs) else 0]
             else:
                 out = outs[0] if outs else first_tensor(output, scalars=False)
             if out is not None:
@@ -263,24 +265,27 @@ class Capture:
 
         return outside_graph(on_forward)
 
-    def _decide(self, taken: Any) -> None:
-        """Which tensor of the undecided block call's output is its chain's, kept now (before any
-        backward): the one `taken` (the next block call's arguments, or the model's output) holds as
-        it came, else the one picked for its stack (blocks alike: the last has no next call), else the
-        first the call made (recording.made_first). Read on its first tensor, a stack returning (attn,
-        h) was watched on its attention weights, which say nothing of a spike in h."""
+    def _decide(self, args: Any) -> None:
+        """Which tensor of the undecided block call's output is its chain's, kept now (before the
+        backward, where `args` are the next block call's): the one that call takes as its first
+        argument, else the one alone of them it takes as it came (of several, the one the call made,
+        not got and returned as it came: a mask handed on beside h), for its stack's blocks too (the
+        last has no next call); else the first. Read on its first tensor, a stack returning (attn, h)
+        was watched on its attention weights, which say nothing of a spike in h."""
         if self._undecided is None:
             return
-        b, outs, args, record = self._undecided
+        b, outs, got, record = self._undecided
         self._undecided = None
-        held = {id(t) for t in tensors(taken)}
-        j = next((j for j, t in enumerate(outs) if id(t) in held), None)
+        given = args if isinstance(args, tuple) else ()
+        came = [j for j, t in enumerate(outs) if any(t is a for a in tensors(given))]
+        if len(came) > 1:
+            came = [j for j in came if not any(outs[j] is a for a in tensors(got))]
+        first = [j for j, t in enumerate(outs) if given and t is given[0]]
+        j = first[0] if first else came[0] if len(came) == 1 else None
         if j is not None:
             self._stack_picks[self._stacks[b]] = j
-        else:
-            j = self._stack_picks.get(self._stacks[b], made_first(outs, args, {}))
-        self._picks[b] = j
-        record(outs[j])
+        self._picks[b] = j or 0
+        record(outs[j or 0])
 
     def _grad_hook(self, b: int, index: int, k: int) -> GradHook:
         """The hook keeping the gradient of output `index` of a node as block b's, output of pass k
@@ -361,6 +366,7 @@ class Capture:
     def close_step(self, row: torch.Tensor | None, loss: torch.Tensor | None) -> None:
         """Norm this step's captures and gradients and keep them (one stacked tensor) until `settle`;
         the weight norms, when `row` (this step's zeroed row) is given, are added into it at once."""
+        self._decide(())  # a loop calling model.forward runs no hook of the model's: decided here
         with torch.no_grad():
             got = [p.grad for p in self.params]
             grads = [

@@ -282,3 +282,284 @@ def test_watch_reads_a_block_returning_attention_then_h_on_h(steps: int) -> None
     for i, (h, g) in enumerate(zip(seen, grads, strict=True)):
         assert values[("activation", f"layers.{i}")] == pytest.approx(h.norm().item(), rel=1e-6)
         assert values[("activation_grad", f"layers.{i}")] == pytest.approx(g.norm().item(), rel=1e-6)
+
+
+# ------------------------------------------------------------------ a review's cases: what the first
+# version of the rule above read wrong (a tensor the call got, taken for one it did not make), each
+# against torch.autograd.grad of the chain tensor
+
+
+def probed_and_torch(
+    model: nn.Module,
+    x: Any,
+    loss: Callable[[Any], torch.Tensor],
+    layers: list[nn.Module],
+    pick: Callable[[Any], torch.Tensor],
+) -> tuple[list[float], list[float]]:
+    """The probe's activation-gradient norms and torch's (the chain's input first, where a tensor)."""
+    m = probe_module(
+        model, x, lambda out, _: loss(out), blocks=[(f"layers.{i}", b) for i, b in enumerate(layers)]
+    )
+    leaf = x.clone().requires_grad_() if isinstance(x, torch.Tensor) else x
+    return list(m.activation_grad_norms), chain_grads(model, leaf, loss, layers, pick)
+
+
+def test_a_layer_handing_on_h_as_it_came_called_by_keyword_is_read_on_h() -> None:
+    """Layers returning (h, attn), the odd ones skipped (h returned as it came), called as
+    layer(h=h, mask=m), the attention in the loss: read on attn, growth 1419 for torch's 0.595."""
+    torch.manual_seed(0)
+    mask = (torch.rand(8, 16) > 0.1).float()
+
+    class Layer(nn.Module):
+        def __init__(self, i: int) -> None:
+            super().__init__()
+            self.lin, self.i = nn.Linear(16, 16), i
+
+        def forward(self, h: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            y = h if self.i % 2 else torch.tanh(3 * self.lin(h) * mask)
+            return y, torch.softmax(y[:, :4], -1)
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(Layer(i) for i in range(8))
+
+        def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            aux = torch.zeros(())
+            for layer in self.layers:
+                h, a = layer(h=h, mask=mask)
+                aux = aux + (a * a.clamp_min(1e-6).log()).sum()
+            return h, aux
+
+    model, z = Model(), torch.randn(8, 16)
+    got, want = probed_and_torch(
+        model,
+        torch.randn(8, 16),
+        lambda o: (o[0] * z).sum() + 1e-3 * o[1],
+        list(model.layers),
+        lambda o: o[0],
+    )
+    assert got == pytest.approx(want[-len(got) :], rel=1e-5)
+
+
+def test_a_residual_added_in_place_is_read_on_h() -> None:
+    """h.add_(update); return h, attn: h is the argument the call got, changed in place."""
+    torch.manual_seed(0)
+
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv, self.o = nn.Linear(16, 48), nn.Linear(16, 16)
+
+        def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            q, k, v = self.qkv(h * 1.0).chunk(3, -1)  # a copy: h is changed in place below
+            a = torch.softmax(q @ k.transpose(-1, -2) / 4, -1)
+            h.add_(1.5 * self.o(a @ v))
+            return h, a
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(Attn() for _ in range(6))
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                h, _ = layer(h * 1.0)
+            return h
+
+    model, z = Model(), torch.randn(2, 5, 16)
+    got, want = probed_and_torch(
+        model, torch.randn(2, 5, 16), lambda o: (o * z).sum(), list(model.layers), lambda o: o[0]
+    )
+    assert got[-len(want) + 1 :] == pytest.approx(want[1:], rel=1e-5)
+
+
+def test_a_dataclass_state_handing_on_its_mask_is_read_on_h() -> None:
+    """State(mask, h) passed from block to block, the mask as it came: every gradient read 0 and
+    every block a chain of its own (growth 1.0 for torch's 54)."""
+
+    @dataclasses.dataclass
+    class State:
+        mask: torch.Tensor
+        h: torch.Tensor
+
+    class Layer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(16, 16)
+
+        def forward(self, state: State) -> State:
+            return State(state.mask, torch.tanh(2.5 * self.lin(state.h)) * state.mask)
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(Layer() for _ in range(6))
+
+        def forward(self, state: State) -> torch.Tensor:
+            for layer in self.layers:
+                state = layer(state)
+            return state.h
+
+    torch.manual_seed(6)
+    model, z = Model(), torch.randn(8, 16)
+    x = (State((torch.rand(8, 16) > 0.2).float(), torch.randn(8, 16)),)
+    got, want = probed_and_torch(model, x, lambda o: (o * z).sum(), list(model.layers), lambda o: o.h)
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_an_attribute_dict_batch_reaches_the_loss_as_itself() -> None:
+    """A loss reading batch.y of a dict subclass: the inputs as the forward left them were rebuilt as
+    a plain dict, AttributeError."""
+
+    class AttrDict(dict[str, torch.Tensor]):
+        __getattr__ = dict.__getitem__
+
+    torch.manual_seed(7)
+    layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = layers
+
+        def forward(self, batch: AttrDict) -> torch.Tensor:
+            h = batch["x"]
+            for layer in self.layers:
+                h = torch.tanh(layer(h))
+            return h
+
+    batch, model = AttrDict(x=torch.randn(4, 8), y=torch.randn(4, 8)), Model()
+    blocks = [(f"layers.{i}", b) for i, b in enumerate(layers)]
+    m = probe_module(model, (batch,), lambda out, inp: ((out - inp[0].y) ** 2).mean(), blocks=blocks)
+    assert m.loss[0] == pytest.approx(((model(batch) - batch.y) ** 2).mean().item(), rel=1e-6)
+
+
+class Attention(nn.Module):
+    """Self-attention returning (attention weights, h), h = x + o(attn @ v): h is made from the
+    attention weights, as in every real layer (a graph walk from h finds them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.o = nn.Linear(16, 48), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v = self.qkv(x).chunk(3, -1)
+        a = torch.softmax(q @ k.transpose(-1, -2) / 4, -1)
+        return a, x + 1.5 * self.o(a @ v)
+
+
+def test_real_attention_returning_its_weights_first_is_read_on_h() -> None:
+    """h made from the attention weights: the next layer's input comes from both, and the weights,
+    the tensor recorded, kept it (growth 1.008 for torch's 1.088). The next layer takes h as it came."""
+    torch.manual_seed(8)
+    layers = nn.ModuleList(Attention() for _ in range(4))
+    model, z = Stack(layers), torch.randn(2, 5, 16)
+    got, want = probed_and_torch(
+        model, torch.randn(2, 5, 16), lambda o: (o * z).sum(), list(layers), lambda o: o[1]
+    )
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_watch_of_a_model_returning_its_attentions_reads_the_last_layer_on_h() -> None:
+    """The model returns (head(h), attentions), the last layer's weights in it as they came: watch
+    read the last layer on them (|h| 17.2, watched 1.48). Oracle: torch's |h| per layer."""
+    from stabilitycheck import watch
+
+    torch.manual_seed(9)
+    layers = nn.ModuleList(Attention() for _ in range(3))
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers, self.head = layers, nn.Linear(16, 16)
+
+        def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            attentions = []
+            for layer in self.layers:
+                a, h = layer(h)
+                attentions.append(a)
+            return self.head(h), attentions
+
+    model, x, z = Model(), torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with watch(
+        model, opt, blocks=[(f"layers.{i}", b) for i, b in enumerate(layers)], flush_every=1, report=None
+    ) as w:
+        opt.zero_grad()
+        loss = (model(x)[0] * z).sum()
+        w.loss(loss)
+        loss.backward()
+        opt.step()
+        values = dict(zip(w.out.names, w.out.last_values, strict=True))
+    seen: list[torch.Tensor] = []
+    hooks = [layer.register_forward_hook(lambda _m, _a, o: seen.append(o[1])) for layer in layers]
+    model(x)
+    for hook in hooks:
+        hook.remove()
+    assert [values[("activation", f"layers.{i}")] for i in range(3)] == pytest.approx(
+        [h.norm().item() for h in seen], rel=1e-6
+    )
+
+
+def test_a_merge_after_a_switch_starts_a_chain() -> None:
+    """Two towers of (attn, h) layers, the second of one, into one head: the switch to h skipped the
+    merge check, a gain read across it. Oracle: the head a chain start, as where the towers return h alone."""
+    torch.manual_seed(0)
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.ModuleList(AttnFirst() for _ in range(3))
+            self.b = nn.ModuleList([AttnFirst()])
+            self.head = nn.ModuleList([nn.Linear(32, 16), nn.Linear(16, 16)])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            ha, hb = x[:, :16], x[:, 16:]
+            for layer in self.a:
+                _, ha = layer(ha)
+            for layer in self.b:
+                _, hb = layer(hb)
+            return self.head[1](torch.tanh(self.head[0](torch.cat([ha, hb], -1))))
+
+    model = Model()
+    blocks = [
+        *[(f"a.{i}", b) for i, b in enumerate(model.a)],
+        *[(f"b.{i}", b) for i, b in enumerate(model.b)],
+        *[(f"head.{i}", b) for i, b in enumerate(model.head)],
+    ]
+    z = torch.randn(8, 16)
+    m = probe_module(model, torch.randn(8, 32), lambda out, _: (out * z).sum(), blocks=blocks)
+    assert "head.0" in [m.activation_names[i] for i in m.chain_starts]
+
+
+def test_watch_of_a_loop_calling_forward_reads_each_step_alone() -> None:
+    """A loop calling model.forward(x) runs none of the model's hooks: the last layer's first call
+    waited to be shown its chain tensor into the next step (step 0 read 0, every later step x1.41).
+    Oracle: torch's |h| and |dL/dh| of the last layer, per step, lr 0."""
+    from stabilitycheck import watch
+
+    torch.manual_seed(0)
+    layers = nn.ModuleList(AttnFirst() for _ in range(3))
+    model, z = Stack(layers), torch.randn(8, 16)
+    xs = [torch.randn(8, 16) * (1 + 3 * i) for i in range(3)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    got = []
+    with watch(
+        model, opt, blocks=[(f"layers.{i}", b) for i, b in enumerate(layers)], flush_every=1, report=None
+    ) as w:
+        for x in xs:
+            opt.zero_grad()
+            loss = (model.forward(x) * z).sum()
+            w.loss(loss)
+            loss.backward()
+            opt.step()
+            v = dict(zip(w.out.names, w.out.last_values, strict=True))
+            got.append(v[("activation", "layers.2")])
+    seen: list[torch.Tensor] = []
+    hook = layers[2].register_forward_hook(lambda _m, _a, o: seen.append(o[1]))
+    for x in xs:
+        model.forward(x)
+    hook.remove()
+    want = [h.norm().item() for h in seen]
+    assert got == pytest.approx(want, rel=1e-6)

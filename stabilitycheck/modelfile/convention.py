@@ -8,7 +8,7 @@ import dataclasses
 import inspect
 import math
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -175,7 +175,10 @@ def check_blocks(owner: ModelFile, model: nn.Module) -> None:
             f"stability_blocks is {article(declared)}, not a method; define it as one, {example}"
         )
     got = owner.call_user("stability_blocks()", declared)
-    items = list(got) if isinstance(got, list | tuple | Iterator) else None
+    pairs = isinstance(got, Iterable) and not isinstance(
+        got, str | bytes | Mapping | nn.Module | torch.Tensor
+    )
+    items = list(got) if pairs else None  # a list, a generator, a dict's items()
     if not items:
         what = f"an empty {type(got).__name__}" if items == [] else article(got)
         raise owner.error(
