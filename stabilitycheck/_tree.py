@@ -3,8 +3,7 @@
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -24,25 +23,13 @@ def tree_map(fn: Callable[[torch.Tensor], Any], tree: Any) -> Any:
     return tree
 
 
-def children(tree: Any) -> Iterable[Any]:
-    """What a container holds, in order: a mapping's values, a tuple's or list's items, a plain
-    dataclass's fields (a block returning @dataclass Out(h) was dropped from the chain unsaid); else
-    nothing."""
-    if isinstance(tree, Mapping):
-        return tree.values()
-    if isinstance(tree, tuple | list):
-        return tree
-    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
-        return [getattr(tree, f.name) for f in dataclasses.fields(tree)]
-    return ()
-
-
 def tensors(tree: Any) -> list[torch.Tensor]:
     """Every tensor of `tree`, depth first in order. Read, never rebuilt: a namedtuple whose class
     checks its fields (a PackedSequence, an LSTM's usual input) raised when made again of Nones."""
     if isinstance(tree, torch.Tensor):
         return [tree]
-    return [t for item in children(tree) for t in tensors(item)]
+    items = tree.values() if isinstance(tree, Mapping) else tree if isinstance(tree, tuple | list) else ()
+    return [t for item in items for t in tensors(item)]
 
 
 def invalid_leaf(tree: Any) -> object | None:

@@ -153,10 +153,7 @@ def _forward(
     try:
         with torch.autocast(run.device.type, dtype=run.autocast, enabled=run.autocast is not None):
             out = call_model(run.model, given)
-            loss = differentiable_loss(run.loss_fn(out, _left(run.inputs, given)))
-        if hooks:
-            run.rec.settle(loss)
-        return loss
+            return differentiable_loss(run.loss_fn(out, _left(run.inputs, given)))
     except Exception as exc:
         if not _refused_graph_break(exc):
             raise
@@ -626,13 +623,14 @@ def _never_called(names: Sequence[str], empty: Sequence[int]) -> UserCodeError:
     """No block's forward hook recorded an output in the step's forward: its growth would read 1 (no
     gain measured), stable, whatever the gradients did (a tanh stack at sigma_w 4, 30 layers deep,
     total gradient norm 3.6e3, read growth 1). `empty`: the blocks that ran but returned no floating
-    tensor (None, updating a state dict), which were said to be bypassed."""
+    tensor the probe reads (None, updating a state dict; a dataclass), which were said to be bypassed."""
     if empty:
         ran = [names[b] for b in empty]
         return UserCodeError(
-            f"the blocks ran but returned no floating-point tensor ({shown_blocks(ran)}: {len(ran)} of "
-            f"{len(names)}; None, or ints), so there is no output whose gradient to measure: declare "
-            "blocks that return their output tensor (blocks=... or stability_blocks())"
+            f"the blocks ran but returned no floating-point tensor the probe reads ({shown_blocks(ran)}: "
+            f"{len(ran)} of {len(names)}; None, ints, or a dataclass: it reads tensors, tuples, lists and "
+            "dicts), so there is no output whose gradient to measure: declare blocks that return their "
+            "output (blocks=... or stability_blocks())"
         )
     return UserCodeError(
         f"no block ran through its __call__ in the model's forward ({shown_blocks(names)}: {len(names)} in "

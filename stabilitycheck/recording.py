@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge
 
-from stabilitycheck._tree import children, tensors
+from stabilitycheck._tree import tensors
 from stabilitycheck.carrying import Carrying, goes_on_from, version_of
 from stabilitycheck.hooking import hooked, outside_graph
 from stabilitycheck.junctions import (
@@ -29,16 +29,17 @@ from stabilitycheck.measurement import INPUT
 
 
 def first_tensor(value: Any, scalars: bool = True) -> torch.Tensor | None:
-    """The first floating-point tensor of `value`, in order, inside tuples, lists, dicts and
-    dataclasses; within
+    """The first floating-point tensor of `value`, in order, inside tuples, lists and dicts; within
     them a 0-d one only with `scalars`. As a block's output (scalars False): LSTMCell's (h, c), a
     layer's (h, attention), {"aux_loss": l, "hidden": h}, (None, h) are read on h (element 0 alone
-    missed the dict and (None, h): their blocks read 0); an integer output is none (no gradient). (The
-    probe's recorder reads a block on the tensor the next call or the loss goes on from: Recorder's
-    _goes_on, _repick and carrying.Carrying.found; watch reads the first.)"""
+    missed the dict and (None, h): their blocks read 0); an integer output is none (no gradient); an
+    MoE layer returning (router_logits, h) is read on its logits: declare a block that returns h. (The
+    probe's recorder reads a block called again on the tensors its next call takes: Recorder._repick
+    and carrying.Carrying.found.)"""
     if isinstance(value, torch.Tensor):
         return value if value.is_floating_point() else None
-    for item in children(value):
+    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, tuple | list) else ()
+    for item in items:
         if scalars or not isinstance(item, torch.Tensor) or item.dim() > 0:
             found = first_tensor(item, scalars)
             if found is not None:
@@ -51,7 +52,8 @@ def floating(value: Any) -> list[torch.Tensor]:
     (the first is what it returns with scalars False)."""
     if isinstance(value, torch.Tensor):
         return [value] if value.is_floating_point() and value.dim() > 0 else []
-    return [t for item in children(value) for t in floating(item)]
+    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, tuple | list) else ()
+    return [t for item in items for t in floating(item)]
 
 
 def _cut(args: tuple[Any, ...], kwargs: dict[str, Any], prev: torch.Tensor) -> bool:
@@ -294,7 +296,6 @@ class Recorder:
         self.later = {b for b in range(1, len(self.stacks)) if self.stacks[b - 1] == self.stacks[b]}
         self.handles: list[Any] = []
         self.picks: dict[int, int] = {}  # per block, which of its output's tensors is its chain's (_repick)
-        self.stack_picks: dict[str, int] = {}  # per stack, the last pick made for one of its blocks
         # the tensors a block's calls carry beside its chain, its next call taking them as they came
         self.carrying = Carrying([module for _, module in blocks])
         # per position in `outputs`, its call's tensors, their version counters as it returned them,
@@ -387,10 +388,6 @@ class Recorder:
         stack = self.stacks[b]
         if self.active and self.outputs and not self._skipped(b):
             at, x = len(self.outputs), _entry(args, kwargs)[1]
-            if at - 1 in self.alts:  # the last call returned several tensors: which goes on?
-                j = self._goes_on(list(tensors((args, kwargs))), x if isinstance(x, torch.Tensor) else None)
-                if j is not None:  # another than the one recorded: read on that one, then checked as
-                    self._pick(self.calls[-1], j)  # any call is (a merge)
             if isinstance(x, tuple | list | Mapping):  # a call taking one container, an nn.RNN's
                 x = first_tensor(x, scalars=False)  # PackedSequence or a block's (h, mask): its chain
                 # is its first floating tensor, as a block's output is read (taken whole, a junction read
@@ -411,8 +408,8 @@ class Recorder:
             given = list(tensors((args, kwargs)))
             held = self.alts.get(at - 1) if b in self.later else None
             if held is not None and any(comes_from(t, alt) for alt in held[0] for t in given):
-                return  # a later block taking another of its predecessor's tensors in a later
-                # argument than its chain's (layer(context, h)): the chain runs on, read on the one recorded
+                return  # a later block taking another of its predecessor's tensors (its h of
+                # (router_logits, h)): the chain runs on, read on the tensor recorded
             own = self.own[stack] if self.stacks[self.calls[-1]] == stack else set()
             if not any(made_from(t, own) for t in given):
                 self.feeds[at] = taken_chains(self.outputs, sorted(self.breaks), given, entry)
@@ -435,14 +432,13 @@ class Recorder:
             swapped = None
             if self.active and not self._skipped(b):
                 outs = floating(output)
-                out = outs[0] if outs else first_tensor(output, scalars=False)
+                pick = self.picks.get(b, 0)
+                out = outs[pick] if pick < len(outs) else first_tensor(output, scalars=False)
                 if out is None:
                     self.empty.add(b)
                 else:
                     if b in self.later and (args or kwargs):
-                        self._joins(b, args, kwargs)  # before the pick: it may pick for this stack
-                    if len(outs) > 1:
-                        out = outs[self._pick_of(b, outs)]
+                        self._joins(b, args, kwargs)
                     entry, self.entry = self.entry, None
                     self.touched |= b == 0 and entry is not None and entry._version != self.version
                     if b == 0 and not calls and entry is not None and entry._version == self.version:
@@ -535,75 +531,17 @@ class Recorder:
                         and alt is not self.outputs[at]
                         and any(comes_from(t, alt) for t in given)
                     ):
-                        self._pick(b, j)
+                        self.picks[b] = j
+                        for pos, (outs, versions, _) in self.alts.items():
+                            if self.calls[pos] == b and len(outs) > j:
+                                self.outputs[pos] = outs[j]
+                                self.versions[pos] = versions[j]  # as returned: a change since is re-run
+                                if outs[j].grad_fn is not None:
+                                    self.own[self.stacks[b]].add(outs[j].grad_fn)
                         break
             self.carrying.found(b, at, self.picks.get(b, 0), alts, passed, given, self.calls)
 
         return on_call
-
-    def _pick_of(self, b: int, outs: Sequence[torch.Tensor]) -> int:
-        """Which of a call's output tensors `outs` block b's chain is read on: the one picked for it, or
-        for another block of its stack (blocks alike: the last one has no next call to show it), else
-        the first."""
-        j = self.picks.get(b)
-        if j is None:
-            j = self.stack_picks.get(self.stacks[b], 0)
-            if j:  # block b's from now on, as every reader of picks takes it (Carrying.found)
-                self.picks[b] = j
-        return j if j < len(outs) else 0
-
-    def _pick(self, b: int, j: int) -> None:
-        """Block b's chain is tensor j of its output from now on, and the first guess for its stack's
-        other blocks: every call of it recorded so far is read on that one, with its version counter
-        as returned (a change in place since is re-run)."""
-        self.picks[b] = j
-        self.stack_picks[self.stacks[b]] = j
-        for pos, (outs, versions, _) in self.alts.items():
-            if self.calls[pos] == b and len(outs) > j:
-                self.outputs[pos] = outs[j]
-                self.versions[pos] = versions[j]
-                if outs[j].grad_fn is not None:
-                    self.own[self.stacks[b]].add(outs[j].grad_fn)
-
-    def _goes_on(self, taken: Sequence[torch.Tensor], entry: torch.Tensor | None = None) -> int | None:
-        """Which other tensor of the last call's output the chain goes on from, where what comes next
-        (a call, or the loss) takes `taken` (`entry`: the call's chain input, where known): that input
-        itself; else the one tensor of the output taken as it came (of several, the one the call made,
-        not got and returned as it came), where it is not the one recorded; else,
-        none taken as it came, the one what is taken is made from where it is not made from the one
-        recorded (a block returning (attention, h) whose next block takes h: read on the attention
-        weights, an exploding stack read growth NaN, stable). None where the chain goes on from the
-        tensor recorded, or where that is not known (two taken as they came)."""
-        pos = len(self.outputs) - 1
-        b, held = self.calls[pos], self.alts.get(pos)
-        if b < 0 or held is None or b in self.carrying.extras:
-            return None
-        outs, _, passed = held
-        # the tensor recorded, or the one a copy recorded was made of (recording._kept)
-        now = next((j for j, t in enumerate(outs) if t is self.outputs[pos]), self._pick_of(b, outs))
-        if entry is not None and any(t is entry for t in outs):
-            return None if entry is outs[now] else next(j for j, t in enumerate(outs) if t is entry)
-        ids = {id(t) for t in taken}
-        came = [j for j, t in enumerate(outs) if id(t) in ids]
-        if len(came) > 1:  # not one the call got and returned as it came (a mask handed on beside h)
-            came = [j for j in came if j not in passed]
-        if came:
-            return came[0] if came != [now] and len(came) == 1 else None
-        if any(comes_from(t, outs[now]) or comes_from(t, self.outputs[pos]) for t in taken):
-            return None
-        hits = [j for j, alt in enumerate(outs) if j != now and any(comes_from(t, alt) for t in taken)]
-        made = [j for j in hits if j not in passed]
-        return made[0] if made else hits[0] if hits else None
-
-    def settle(self, loss: torch.Tensor) -> None:
-        """At the end of a forward: where the loss goes on from another tensor of the last call's
-        output than the one recorded, the block is read on that one (`_goes_on`); no call comes after
-        it to show that (a last block returning (attention, h), the loss on h, read gradient 0)."""
-        b = self.calls[-1] if self.outputs else -1
-        if self.active and b >= 0 and b not in self.picks and self.stacks[b] not in self.stack_picks:
-            j = self._goes_on([loss])
-            if j is not None:
-                self._pick(self.calls[-1], j)
 
     def changed(self) -> frozenset[int]:
         """The positions in `outputs` of block outputs changed in place since their block returned them

@@ -505,8 +505,9 @@ def unmeasured(results: Sequence[SearchResult]) -> list[str]:
         )
         out.append(
             f"! {r.space.label}: growth not measured: no gradient reached any block output {when} (every "
-            f"dL/d output is 0, as behind a zero-initialised head, or where the loss does not depend on "
-            f"the blocks); {fix}"
+            f"dL/d output is 0, as behind a zero-initialised head, where the loss does not depend on "
+            f"the blocks, or where blocks return their chain's tensor after another, (attn, h), read on "
+            f"the first: return h first); {fix}"
         )
     return out
 

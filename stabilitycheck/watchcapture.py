@@ -42,7 +42,7 @@ from stabilitycheck.norms import (
     norm,
     refine,
 )
-from stabilitycheck.recording import first_tensor, floating, stack_of
+from stabilitycheck.recording import first_tensor
 
 PENDING_CAP = 1 << 22  # elements kept for lazy norms (16 MiB in float32) before they are normed
 # a capture larger than this (128 KiB in float32) is normed at once, while it is in cache: on the
@@ -80,14 +80,6 @@ class Capture:
         # such a block's output may have been made there (watchlog.Finding.after)
         self.glued: set[int] = set()
         self._prev: weakref.ref[torch.Tensor] | None = None  # the last block output of this pass
-        # which of a block's output tensors is its chain's where it returns several ((attn, h)), from
-        # its first call with gradients on (`_decide`), or its stack's
-        self._picks: dict[int, int] = {}
-        self._stacks = [stack_of(name) for name, _ in blocks]
-        self._stack_picks: dict[str, int] = {}
-        # that first call, its output tensors and what keeps the chosen one, until the next block call
-        # shows which (or the pass, or the step, ends: its stack's pick, else the first)
-        self._undecided: tuple[int, list[torch.Tensor], Any, Callable[[torch.Tensor], None]] | None = None
         n = len(blocks)
         self._pending: dict[int, list[torch.Tensor]] = {slot: [] for slot in range(1, 1 + 2 * n)}
         self._versions: list[tuple[torch.Tensor, int]] = []
@@ -136,7 +128,6 @@ class Capture:
         def on_call(module: nn.Module, args: Any) -> None:
             if torch.is_grad_enabled():
                 self.called = True
-                self._decide(())  # a last block call of the pass before (its model output unseen)
                 self._prev = None
                 self._passes.append(self._marks() if self._held or self._fwd_now else None)
                 self._hooked.append(False)
@@ -154,7 +145,6 @@ class Capture:
             k = len(self._passes) - 1
             if k < 0 or not torch.is_grad_enabled():
                 return
-            self._decide(())  # the last block call: no call comes after it to show its chain tensor
 
             for out in tensors(output):
                 if out.grad_fn is not None:
@@ -218,22 +208,9 @@ class Capture:
         def keep(args: Any, output: Any) -> None:
             self.seen = True
             self.measured = self.measured or torch.is_grad_enabled()
-            if not torch.is_grad_enabled():
+            out = first_tensor(output, scalars=False)
+            if out is None or not torch.is_grad_enabled():
                 return
-            self._decide(args)  # the block call before, where it waits to be shown its chain tensor
-            outs = floating(output)
-            if len(outs) > 1:
-                j = self._picks.get(b, self._stack_picks.get(self._stacks[b]))
-                if j is None:
-                    self._undecided = (b, outs, args, functools.partial(record, args))
-                    return
-                out: torch.Tensor | None = outs[j if j < len(outs) else 0]
-            else:
-                out = outs[0] if outs else first_tensor(output, scalars=False)
-            if out is not None:
-                record(args, out)
-
-        def record(args: Any, out: torch.Tensor) -> None:
             if b > 0 and args and self._prev is not None:  # called by keyword alone: not known, not said
                 prev = self._prev()  # None: freed, so no argument is it (x = block(x); x = x * 50)
                 if prev is None or not any(a is prev for a in args):
@@ -264,28 +241,6 @@ class Capture:
                     node.register_prehook(hook)
 
         return outside_graph(on_forward)
-
-    def _decide(self, args: Any) -> None:
-        """Which tensor of the undecided block call's output is its chain's, kept now (before the
-        backward, where `args` are the next block call's): the one that call takes as its first
-        argument, else the one alone of them it takes as it came (of several, the one the call made,
-        not got and returned as it came: a mask handed on beside h), for its stack's blocks too (the
-        last has no next call); else the first. Read on its first tensor, a stack returning (attn, h)
-        was watched on its attention weights, which say nothing of a spike in h."""
-        if self._undecided is None:
-            return
-        b, outs, got, record = self._undecided
-        self._undecided = None
-        given = args if isinstance(args, tuple) else ()
-        came = [j for j, t in enumerate(outs) if any(t is a for a in tensors(given))]
-        if len(came) > 1:
-            came = [j for j in came if not any(outs[j] is a for a in tensors(got))]
-        first = [j for j, t in enumerate(outs) if given and t is given[0]]
-        j = first[0] if first else came[0] if len(came) == 1 else None
-        if j is not None:
-            self._stack_picks[self._stacks[b]] = j
-        self._picks[b] = j or 0
-        record(outs[j or 0])
 
     def _grad_hook(self, b: int, index: int, k: int) -> GradHook:
         """The hook keeping the gradient of output `index` of a node as block b's, output of pass k
@@ -366,7 +321,6 @@ class Capture:
     def close_step(self, row: torch.Tensor | None, loss: torch.Tensor | None) -> None:
         """Norm this step's captures and gradients and keep them (one stacked tensor) until `settle`;
         the weight norms, when `row` (this step's zeroed row) is given, are added into it at once."""
-        self._decide(())  # a loop calling model.forward runs no hook of the model's: decided here
         with torch.no_grad():
             got = [p.grad for p in self.params]
             grads = [
