@@ -518,6 +518,49 @@ def _notes(capsys: pytest.CaptureFixture[str], path: Path, source: str) -> list[
     return [line for line in out.splitlines() if line.startswith("! ")]
 
 
+ATTN_FIRST = """
+import torch
+from torch import nn
+
+
+class Layer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, h):
+        y = torch.tanh(self.lin(h))
+        return torch.softmax(y[:, :4], -1), y
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(Layer() for _ in range(3))
+
+    def forward(self, x):
+        for layer in self.layers:
+            _, x = layer(x)
+        return x
+
+
+def build() -> nn.Module:
+    return Net()
+
+
+example_input = torch.randn(4, 8)
+"""
+
+
+def test_blocks_returning_their_chain_second_are_named_as_a_cause(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Layers returning (attn, h) are read on attn, which the loss does not reach: the note blamed a
+    zero-initialised head or a loss not depending on the blocks alone (an audit's case)."""
+    (note,) = _notes(capsys, tmp_path / "attn_first.py", ATTN_FIRST)
+    assert "growth not measured" in note and "(attn, h), read on the first: return h first" in note
+
+
 def test_a_zero_initialised_head_is_said_unmeasured_and_read_after_one_step(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
