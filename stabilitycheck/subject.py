@@ -365,6 +365,12 @@ def own_blocks(model: nn.Module, blocks: Any, who: str) -> Blocks:
             f"{who}: blocks must be (name, module) pairs of the model's own submodules, input side "
             f"first, got {got}; e.g. blocks=[(f'blocks.{{i}}', b) for i, b in enumerate(model.blocks)]"
         )
+    distinct(pairs, who)
+    return pairs
+
+
+def distinct(pairs: Sequence[tuple[str, nn.Module]], who: str) -> None:
+    """A one-line UsageError from `who` where (name, module) `pairs` list a module or a name twice."""
     first: dict[int, str] = {}  # a module listed twice is hooked twice: each call read as two blocks
     named: set[str] = set()
     for name, module in pairs:
@@ -376,7 +382,6 @@ def own_blocks(model: nn.Module, blocks: Any, who: str) -> Blocks:
         if name in named:  # the report, the culprit and the JSON name blocks by name
             raise UsageError(f"{who}: two blocks are named {name!r}; give each block a name of its own")
         named.add(name)
-    return pairs
 
 
 BYPASSED = (  # no block seen; a library's own code (transformers' SqueezeBERT encoder) cannot be changed

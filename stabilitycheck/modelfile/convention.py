@@ -22,7 +22,7 @@ from stabilitycheck.errors import UsageError
 from stabilitycheck.losses import Inputs
 from stabilitycheck.modelfile.importer import ModelFileError, import_file, top_level_names
 from stabilitycheck.modelfile.inputs import check_inputs, infer, resize
-from stabilitycheck.subject import own_blocks
+from stabilitycheck.subject import distinct
 
 if TYPE_CHECKING:
     from stabilitycheck.modelfile.subject import ModelFile
@@ -198,7 +198,7 @@ def check_blocks(owner: ModelFile, model: nn.Module) -> None:
                 f"gradients are never seen; return the model's own blocks, {example}"
             )
     try:  # a module or a name listed twice: said of stability_blocks(), not of a call the user made
-        own_blocks(model, [tuple(item) for item in items], "stability_blocks()")
+        distinct([(item[0], item[1]) for item in items], "stability_blocks()")
     except UsageError as exc:
         raise owner.error(str(exc)) from None
 
