@@ -6,7 +6,8 @@ float64 row (stabilitycheck.watchcapture: the hooks, and the norms in a few fuse
 Single-process, the spike rule (stabilitycheck.spikes) runs on the device too, so `skip=True` can
 skip a flagged step without a host sync. Rows are buffered on the device and read every
 `flush_every` steps (one read; under torch.distributed one all_gather before it);
-stabilitycheck.watchlog turns them into the log, the report and the heatmap.
+stabilitycheck.watchlog turns them into the log, the report and the heatmap; stabilitycheck.watchpatch
+closes each step from the user's optimizer and GradScaler.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import sys
-import types
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
@@ -43,20 +43,10 @@ from stabilitycheck.watchoptions import (
     check_skip,
     count,
 )
+from stabilitycheck.watchpatch import StepHooks
 from stabilitycheck.watchstate import Snapshot
 
 FLUSH_EVERY = 50  # one host read per 50 steps: < 1 us/step amortised, and a finding is out within 50 steps
-
-
-def _closure_of(
-    args: tuple[Any, ...], kwargs: dict[str, Any], at: int
-) -> tuple[Any, Callable[[Any], tuple[tuple[Any, ...], dict[str, Any]]]]:
-    """optimizer.step()'s closure, by keyword or as positional argument `at` (1 in a step pre-hook's
-    (optimizer, closure), 0 in a call of the bound step), and a function giving step()'s arguments
-    with another closure in its place, every other argument as step() got it."""
-    if "closure" not in kwargs and len(args) > at:
-        return args[at], lambda c: ((*args[:at], c, *args[at + 1 :]), kwargs)
-    return kwargs.get("closure"), lambda c: (args, {**kwargs, "closure": c})
 
 
 class _Stderr:
@@ -67,40 +57,6 @@ class _Stderr:
 
 
 STDERR = _Stderr()
-
-
-class _Seeking:
-    """The open watchers looking for their GradScaler: while there is one, GradScaler.step is wrapped
-    once and offers each call to them all. One wrapper per watcher, each restoring what it found,
-    left the first watcher's wrapper installed for good when two closed out of order."""
-
-    def __init__(self) -> None:
-        self.watchers: list[Watcher] = []
-        self.original: Any = None
-        self.wrapper: Any = None
-
-    def add(self, watcher: Watcher) -> None:
-        if vars(torch.amp.GradScaler).get("step") is not self.wrapper or self.wrapper is None:
-            cls = torch.amp.GradScaler
-            self.original = original = cls.step
-
-            def step(scaler: torch.amp.GradScaler, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
-                for seeker in list(self.watchers):
-                    seeker._offer(scaler, optimizer)
-                return original(scaler, optimizer, *args, **kwargs)
-
-            cls.step = self.wrapper = step  # type: ignore[method-assign, assignment]
-        self.watchers.append(watcher)
-
-    def discard(self, watcher: Watcher) -> None:
-        if watcher in self.watchers:
-            self.watchers.remove(watcher)
-            # restored unless wrapped since (by another library): our wrapper then passes through
-            if not self.watchers and vars(torch.amp.GradScaler).get("step") is self.wrapper:
-                torch.amp.GradScaler.step = self.original  # type: ignore[method-assign]
-
-
-_SEEKING = _Seeking()
 
 
 class Watcher:
@@ -172,14 +128,9 @@ class Watcher:
         self.buffer = torch.zeros(flush_every, width, dtype=torch.float64, device=self.device)
         self._passed = [0.0] * flush_every  # per buffered step, 1.0 if a loss was passed (host rule)
         # with a scaler, each step's factors on its squared norms (applied once they are settled)
-        self.factors: torch.Tensor | None = None  # allocated when a scaler is adopted (_adopt)
-        self._stepped = False  # a step was closed since the scaler's last update()
-        self._warned_closure = False  # an optimizer evaluating its closure more than once a step: said once
+        self.factors: torch.Tensor | None = None  # allocated when a scaler is adopted (adopt)
         self._not_skipped = torch.zeros(1, dtype=torch.float64, device=self.device)
         self._scaled = torch.tensor(self.layout.scaled(), device=self.device)  # Layout.scaled
-        self._original_update: Any = None
-        self._own_update: Any = None  # the scaler's own instance attribute `update`, if it had one
-        self._update: Any = None
         logged = self.layout.logged()
         self.state = self.rule.state(self.layout.n_series, self.device, logged) if on_device else None
         self.names = [name for name, _ in self.blocks]
@@ -199,11 +150,9 @@ class Watcher:
         self._last_weights = torch.zeros(0)
         self._handles: list[Any] = []
         self._open = False
-        self._original_step: Any = None
-        self._step: Any = None
         self.report: Report | None = None
         self._versions: list[int] | None = None  # the parameters' version counters when the run began
-        self._unfilled: list[torch.Tensor] = []  # state a skipped fused step allocated: `_drop_unfilled`
+        self.hooks = StepHooks(self, optimizer, self.skip, self.fused)  # on the optimizer and scaler
 
     # ------------------------------------------------------------------------------------ hooks
 
@@ -218,47 +167,33 @@ class Watcher:
         if self.snapshot is not None:
             self._handles.append(self.model.register_forward_pre_hook(self._on_model_call))
             self._handles.append(self.model.register_forward_hook(self._on_model_output))
-        if self.optimizer is not None:
-            if self.hook_optimizer and self.skip and not self.fused:
-                self._original_step = self.optimizer.step
-                # a method of the optimizer, not of the watcher: an LR scheduler created later takes
-                # step.__func__ and binds it to the optimizer again (its 'step called' tracking)
-                self._step = types.MethodType(self._synced_step_of(), self.optimizer)
-                self.optimizer.step = self._step  # type: ignore[method-assign]
-            elif self.hook_optimizer:
-                self._handles.append(self.optimizer.register_step_pre_hook(self._pre_hook))
-            if self.snapshot is not None:
-                self._handles.append(self.optimizer.register_step_post_hook(lambda *_: self.after_step()))
-            if self.skip and self.fused:
-                self._handles.append(self.optimizer.register_step_post_hook(self._drop_unfilled))
+        after = self.after_step if self.snapshot is not None else None
+        self._handles += self.hooks.attach(self.hook_optimizer, after)
         if self.scaler is not None:
-            self._adopt(self.scaler)
+            self.adopt(self.scaler)
         elif self.optimizer is not None:
-            self._find_scaler()
+            self.hooks.seek_scaler()
         return self
 
-    def _adopt(self, scaler: torch.amp.GradScaler) -> None:
+    def adopt(self, scaler: torch.amp.GradScaler) -> None:
         """Watch through `scaler` (passed as scaler=, or found stepping the watched optimizer): its
         update() ends every iteration, so it closes one whose optimizer step it skipped, and every
         step's norms are divided by its loss scale."""
-        self.scaler, self._stepped = scaler, False
+        self.scaler = scaler
         if self.state is None and self.factors is None:
             self.factors = torch.ones(
                 self.flush_every, self.layout.width, dtype=torch.float64, device=self.device
             )
-        self._original_update, self._own_update = scaler.update, vars(scaler).get("update")
-        self._update = self._scaler_update_of()
-        scaler.update = self._update  # type: ignore[method-assign]
+        self.hooks.wrap_update(scaler)
 
-    def _find_scaler(self) -> None:
-        """Without scaler=: while the watcher is open, GradScaler.step is wrapped (`_Seeking`), and
-        the scaler whose step() is first called with the watched optimizer is adopted there, before
-        that step closes its row (with float16 the first iterations are often skipped: none is missed)."""
-        _SEEKING.add(self)
+    @property
+    def is_open(self) -> bool:
+        """Entered and not closed yet: its hooks measure the steps."""
+        return self._open
 
-    def _offer(self, scaler: torch.amp.GradScaler, optimizer: Any) -> None:
-        if self._open and self.scaler is None and optimizer is self.optimizer and scaler.is_enabled():
-            self._adopt(scaler)
+    def close_skipped(self) -> None:
+        """Close the step the scaler skipped (its update() came with no optimizer step)."""
+        self._close_step(scaler_skipped=True)
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -275,17 +210,7 @@ class Watcher:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        # restored unless wrapped since (by an LR scheduler): the wrapper then passes through
-        if self._step is not None and vars(self.optimizer).get("step") is self._step:
-            self.optimizer.step = self._original_step  # type: ignore[method-assign, union-attr]
-        if self._update is not None and vars(self.scaler).get("update") is self._update:
-            if self._own_update is None:
-                del self.scaler.update  # type: ignore[union-attr]  # the class's method again
-            else:
-                self.scaler.update = self._own_update  # type: ignore[method-assign, union-attr]
-        _SEEKING.discard(self)
-        if self.fused and self.skip and self.optimizer is not None:
-            self.optimizer.__dict__.pop("found_inf", None)
+        self.hooks.detach()
         try:
             self.flush()
             if self.report is None:
@@ -440,7 +365,7 @@ class Watcher:
 
     def _close_step(self, scaler_skipped: bool) -> torch.Tensor | None:
         self._termination.check()
-        self._stepped = True
+        self.hooks.stepped = True
         self.weights_measured = self.step % self.weights_every == 0
         flagged = None
         slot = self._filled
@@ -477,11 +402,8 @@ class Watcher:
             judged_row = [series, flags.double(), judged.mean, judged.threshold, skipped]
             self.buffer[slot].copy_(torch.cat(judged_row))
             flagged = flags.any()
-            if self.skip and self.fused and self.optimizer is not None and not scaler_skipped:
-                found = getattr(self.optimizer, "found_inf", None) if amp is not None else None
-                flag = flagged.float()
-                self.optimizer.found_inf = flag if found is None else torch.maximum(flag, found)  # type: ignore[attr-defined]
-                self._unfilled = self._first_state(self.optimizer)
+            if self.skip and self.fused and not scaler_skipped:
+                self.hooks.skip_fused(flagged, scaled=amp is not None)
             if self.snapshot is not None:
                 self.snapshot.on_flag(flagged)
         self.out.on_step(self._loss_seen, self.weights_measured, self.capture.fewer)
@@ -493,116 +415,10 @@ class Watcher:
         self._termination.check()  # a SIGTERM deferred while the step closed (or flushed, held)
         return flagged
 
-    def _pre_hook(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Close the step before the optimizer's update; `args` are step()'s own, (optimizer, closure?)."""
-        closure, placed = _closure_of(args, kwargs, 1)
-        if closure is None:
-            self.before_step()
-            return None
-        # step(closure): the closure runs the step's forward and backward, so it runs first and the
-        # step closes after it; the optimizer gets its loss (see _closure_once)
-        once = self._closure_once(closure)
-        self.before_step()
-        return placed(once)
-
-    def _closure_once(self, closure: Any) -> Any:
-        """Run `closure` now (the step's passes, before the step closes); returns a closure giving that
-        loss at its first call, the real closure after (LBFGS re-evaluates: those passes are in the
-        next step's row, said once by a warning)."""
-        with torch.enable_grad():
-            loss = closure()
-        calls = [0]
-
-        def once() -> Any:
-            calls[0] += 1
-            if calls[0] == 1:
-                return loss
-            if not self._warned_closure:
-                self._warned_closure = True
-                warnings.warn(
-                    f"watch: {type(self.optimizer).__name__}.step(closure) evaluates the closure more than "
-                    "once per step: the passes after the first are counted in the next step's row",
-                    stacklevel=2,
-                )
-            return closure()
-
-        return once
-
-    def _scaler_update_of(self) -> Any:
-        """scaler.update, closing first an iteration whose optimizer step the scaler skipped (found
-        Inf/NaN gradients: a non-fused optimizer's step() is then never called)."""
-        original = self._original_update
-
-        def update(*args: Any, **kwargs: Any) -> Any:
-            if self._open and not self._stepped:
-                self._close_step(scaler_skipped=True)
-            self._stepped = False
-            return original(*args, **kwargs)
-
-        return update
-
-    def _first_state(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-        """Where a skipped step would leave its first state unfilled: torch's fused SGD allocates the
-        momentum buffers of a parameter's first step with empty_like, its kernel skips on found_inf
-        without filling them, and they are taken as momentum from then on (weights at 1e32 two steps
-        after a skipped first step). Without dampening, a zero buffer made before the step is the
-        same (0.9 x 0 + g is g, bit for bit, where the first step copies g) and a skipped step
-        leaves it 0: no host read. With dampening, the parameters without state where this step is
-        skipped (one counted host read, on such a step only), their state taken off after it
-        (`_drop_unfilled`)."""
-        if not isinstance(optimizer, torch.optim.SGD):
-            return []
-        fresh: list[torch.Tensor] = []
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if (
-                    p.grad is None
-                    or group["momentum"] == 0
-                    or "momentum_buffer" in optimizer.state.get(p, {})
-                ):
-                    continue
-                if group["dampening"] == 0:
-                    optimizer.state[p]["momentum_buffer"] = torch.zeros_like(
-                        p, memory_format=torch.preserve_format
-                    )
-                else:
-                    fresh.append(p)
-        if not fresh:
-            return []
-        self.host_reads += 1
-        return fresh if bool(optimizer.found_inf) else []  # type: ignore[attr-defined]
-
-    def _drop_unfilled(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
-        """After a skipped step: the state it allocated for parameters that had none (`_first_state`)."""
-        for p in self._unfilled:
-            optimizer.state.pop(p, None)
-        self._unfilled = []
-
     def after_step(self) -> None:
         """After the optimizer's update: the bundle's copy of 'the state before the next step'."""
         if self.snapshot is not None:
             self.snapshot.after_update()
-
-    def _synced_step_of(self) -> Any:
-        """optimizer.step for skip=True on a non-fused optimizer: one host sync to decide (a plain
-        call of the original step once the watcher is closed)."""
-        original = self._original_step
-
-        def step(optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
-            if self._open:
-                closure, placed = _closure_of(args, kwargs, 0)
-                once = self._closure_once(closure) if closure is not None else None
-                flagged = self.before_step()
-                self.host_reads += 1
-                if flagged is not None and bool(flagged):
-                    return None if once is None else once()
-                if once is not None:
-                    args, kwargs = placed(once)
-            return original(*args, **kwargs)
-
-        if hasattr(original, "_wrapped_by_lr_sched"):  # an LR scheduler's wrapper, which this calls:
-            step.__dict__["_wrapped_by_lr_sched"] = True  # it warned that step() was overridden
-        return step
 
     def flush(self) -> None:
         """Read the buffered steps (one host read; one all_gather first under torch.distributed).
