@@ -144,8 +144,11 @@ def _is_knob(name: str, default: object) -> bool:
     return number and not name.endswith("_token_id") and name not in RUN_FIELDS and name not in INPUTS
 
 
-def _auto_class(transformers: ModuleType, model_type: str, encoder_decoder: bool) -> Any:
-    """Seq2Seq LM for encoder-decoders, else masked LM (encoders), else causal LM, else the bare model."""
+def _auto_class(transformers: ModuleType, model_type: str, encoder_decoder: bool, config_class: type) -> Any:
+    """Seq2Seq LM for encoder-decoders, else masked LM (encoders), else causal LM, else the bare model:
+    AutoModel's, or where AutoModel has none, the model class named after the config class
+    (SiglipTextConfig: SiglipTextModel), as a vision-language model's text tower is (hf:siglip_text_model,
+    which hf:siglip's refusal points to, was refused in turn: AutoModel has no class for it)."""
     names = transformers.models.auto.modeling_auto
     order = (
         [("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "AutoModelForSeq2SeqLM")] if encoder_decoder else []
@@ -157,7 +160,15 @@ def _auto_class(transformers: ModuleType, model_type: str, encoder_decoder: bool
     for mapping, auto in order:
         if model_type in getattr(names, mapping, {}):
             return getattr(transformers, auto)
-    return transformers.AutoModel
+    named = getattr(transformers, config_class.__name__.removesuffix("Config") + "Model", None)
+    if model_type in getattr(names, "MODEL_MAPPING_NAMES", {}) or not _builds_from(named, config_class):
+        return transformers.AutoModel
+    return named
+
+
+def _builds_from(model_class: Any, config_class: type) -> bool:
+    """Whether `model_class` is a transformers model class built from `config_class`."""
+    return isinstance(model_class, type) and getattr(model_class, "config_class", None) is config_class
 
 
 class HFModel:
@@ -194,7 +205,7 @@ class HFModel:
         self.knobs: dict[str, Knob] = {**knobs, **INPUTS}
         self.token_ids = {n: d for n, d in fields.items() if n.endswith("_token_id") and isinstance(d, int)}
         self.encoder_decoder = bool(self.config_class().is_encoder_decoder)
-        self.auto = _auto_class(transformers, model_type, self.encoder_decoder)
+        self.auto = _auto_class(transformers, model_type, self.encoder_decoder, self.config_class)
         inits = [n for n in INIT_FIELDS if n in knobs]
         # where there are several (CLIP's text model: range and factor), the one its init reads
         self.init_knob: str | None = next((n for n in inits if len(inits) == 1 or self._inits(n)), None)
@@ -300,7 +311,9 @@ class HFModel:
 
     def _model(self, hf_config: Any, **options: Any) -> nn.Module:
         try:
-            model: nn.Module = self.auto.from_config(hf_config, **options)
+            # an Auto class's from_config, or the model class's own _from_config, which it calls
+            make = getattr(self.auto, "from_config", None) or self.auto._from_config
+            model: nn.Module = make(hf_config, **options)
         except (MemoryError, torch.cuda.OutOfMemoryError):
             raise
         except Exception as exc:

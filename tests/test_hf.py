@@ -12,7 +12,7 @@ from stabilitycheck.config import Config
 from stabilitycheck.configprobe import probe
 from stabilitycheck.errors import UsageError
 from stabilitycheck.hf import HFModel
-from stabilitycheck.losses import NUM_CLASSES
+from stabilitycheck.losses import NUM_CLASSES, call_model
 from stabilitycheck.probing import probe_module
 from stabilitycheck.subject import Built
 from stabilitycheck.subjects import resolve
@@ -373,11 +373,12 @@ def test_experts_and_the_other_stack_are_small_by_default() -> None:
 
 
 def test_a_model_type_no_knob_can_build_and_one_whose_constraints_the_defaults_miss_say_so() -> None:
-    """siglip_text_model has no AutoModel class: 'cannot be built from these knobs' sent users looking
-    for a knob; mamba2's head count x head size must equal width x expand, which the small defaults
-    miss: the error named values the user never set (found by a trial). Both stay one line."""
-    with pytest.raises(UsageError, match="has no model class for SiglipTextConfig") as caught:
-        built("siglip_text_model")
+    """kosmos_2_text_model has no AutoModel class, nor one named after its config class: 'cannot be
+    built from these knobs' sent users looking for a knob; mamba2's head count x head size must equal
+    width x expand, which the small defaults miss: the error named values the user never set (found
+    by a trial). Both stay one line."""
+    with pytest.raises(UsageError, match="has no model class for Kosmos2TextConfig") as caught:
+        built("kosmos_2_text_model")
     assert "\n" not in str(caught.value)
     with pytest.raises(UsageError, match=r"small defaults .* may not fit this model type") as caught:
         built("mamba2")
@@ -525,3 +526,25 @@ def test_clip_towers_are_read_in_the_order_its_forward_runs_them() -> None:
     assert found.activation_names[:2] == ("(input)", "vision_model.encoder.layers.0")
     assert found.activation_grad_norms == pytest.approx(ordered.activation_grad_norms, rel=1e-6)
     assert found.growth == pytest.approx(ordered.growth, rel=1e-6)
+
+
+@pytest.mark.parametrize("model_type", ["siglip_text_model", "align_text_model", "xclip_text_model"])
+def test_a_text_tower_automodel_has_no_class_for_is_built_from_its_own_class(model_type: str) -> None:
+    """hf:siglip's refusal points to hf:siglip_text_model, its text tower, which transformers'
+    AutoModel has no class for: it was refused in turn. It is built from the model class named after
+    its config class (SiglipTextConfig: SiglipTextModel). Oracle: torch's gradients of each layer's
+    output under the same loss, on the same model and token ids."""
+    b = built(model_type, num_hidden_layers=3)
+    named = type(b.model.config).__name__.removesuffix("Config") + "Model"
+    assert type(b.model) is getattr(transformers, named)
+    m = probe_module(b.model, b.inputs, b.loss_fn, blocks=b.blocks)
+    outs: list[torch.Tensor] = []
+    hooks = [
+        module.register_forward_hook(lambda _m, _a, o: outs.append(o[0] if isinstance(o, tuple) else o))
+        for _, module in b.blocks
+    ]
+    grads = torch.autograd.grad(b.loss_fn(call_model(b.model, b.inputs), b.inputs), outs)
+    for hook in hooks:
+        hook.remove()
+    assert len(b.blocks) == 3 and m.layer_names == tuple(name for name, _ in b.blocks)
+    assert m.activation_grad_norms[1:] == pytest.approx([g.norm().item() for g in grads], rel=1e-5)
