@@ -1,6 +1,9 @@
-"""Models with an exactly known chain, shared by the probe's and the subjects' tests."""
+"""Models with an exactly known chain, shared by the probe's and the subjects' tests, and torch's own
+gradient norm of each block call (_grads_of), the oracle the probe's and the junctions' tests share."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -79,3 +82,15 @@ class TutorialLoop(nn.Module):
             if self.scale != 1.0:
                 h.mul_(self.scale)
         return out
+
+
+def _grads_of(blocks: list[nn.Module], run: Callable[[], torch.Tensor]) -> list[float]:
+    """||dL/d output|| of each call of `blocks` in one forward `run()`, by torch."""
+    outs: list[torch.Tensor] = []
+    handles = [b.register_forward_hook(lambda _m, _a, o: outs.append(o)) for b in blocks]
+    try:
+        value = run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [float(g.norm()) for g in torch.autograd.grad(value, outs)]

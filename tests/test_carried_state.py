@@ -484,3 +484,41 @@ def test_an_lstm_module_stepped_per_token_is_read_on_its_state(head: str) -> Non
         math.hypot(h.norm().item(), c.norm().item()) for h, c in zip(states[::2], states[1::2], strict=True)
     ]
     assert list(m.activation_norms) == pytest.approx(forward, rel=1e-5)
+
+
+F64 = torch.float64
+
+
+class _OneStepChangesC(nn.Module):
+    """An nn.LSTMCell stepped over 6 tokens; after the third call only, c is halved, in place or out
+    of place (`inplace`)."""
+
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.cell, self.head = nn.LSTMCell(4, 5, dtype=F64), nn.Linear(5, 2, dtype=F64)
+        self.inplace = inplace
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = c = torch.zeros(3, 5, dtype=F64)
+        for t, x_t in enumerate(x.unbind(0)):
+            h, c = self.cell(x_t, (h, c))
+            if t == 2:
+                c = c.mul_(0.5) if self.inplace else c * 0.5
+        return self.head(h).pow(2).sum()
+
+
+def test_a_cell_state_changed_in_place_after_one_call_of_several_reads_every_call_on_h() -> None:
+    """carrying.take: c changed in place after any one call (here the third of six) makes every call read
+    on h alone. Oracle: torch's |dL/dh_t| in the same model changing c out of place."""
+    torch.manual_seed(0)
+    model, twin = _OneStepChangesC(True), _OneStepChangesC(False)
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(6, 3, 4, dtype=F64)
+    m = probe_module(model, x, lambda out, _: out, blocks=[("cell", model.cell)])
+    hs: list[torch.Tensor] = []
+    handle = twin.cell.register_forward_hook(lambda mod, args, out: hs.append(out[0]))
+    loss = twin(x)
+    handle.remove()
+    norms = [g.norm().item() for g in torch.autograd.grad(loss, hs)]
+    assert list(m.activation_grad_norms) == pytest.approx(norms, rel=1e-10)
+    assert list(m.activation_norms) == pytest.approx([h.norm().item() for h in hs], rel=1e-10)

@@ -1,12 +1,15 @@
 """The culprit rule (culprit_of) on per-seed gain stacks built so that each of its thresholds sits just
-inside or just outside, every expected name worked by hand from the rule's docstring."""
+inside or just outside, every expected name worked by hand from the rule's docstring.
+Also a block no gradient reached, a backward NaN at a chain's end, a spike beside junctions."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import pytest
+from measurements import _m_abc, _stack_seed
 
 from stabilitycheck.culprit import culprit_of
 from stabilitycheck.measurement import Measurement, NonFinite
@@ -273,3 +276,112 @@ def test_two_blocks_standing_out_within_the_square_root_of_the_largest_are_named
     c = math.log(2)
     ms = [_stack([c, c, c, c, c + second, c + 4.0])] * 5
     assert culprit_of(ms) == named
+
+
+def _m2(**kw: Any) -> Measurement:
+    """A two-block Measurement (blocks 'a' and 'b' after the input 'in'), every reading 1 unless given."""
+    two: dict[str, Any] = {
+        "layer_names": ("a", "b"),
+        "activation_names": ("in", "a", "b"),
+        "layer_grad_norms": (1.0, 1.0),
+        "activation_norms": (1.0, 1.0, 1.0),
+        "activation_grad_norms": (1.0, 1.0, 1.0),
+        "gains": (1.0, 1.0),
+    }
+    return _m_abc(**{**two, **kw})
+
+
+def test_a_gain_of_exactly_one_does_not_amplify_in_the_short_stack_vote() -> None:
+    """CU7: with fewer than three gains the seeds vote for their largest *amplifying* block (gain > 1).
+    A largest gain of exactly 1.0 amplifies nothing, so the vote falls back to the block with the
+    largest weight gradient ('b' here); one ulp above 1 the largest-gain block ('a') is named."""
+    from stabilitycheck.culprit import culprit_of
+
+    flat = _m2(gains=(1.0, 0.5), layer_grad_norms=(1.0, 5.0))
+    assert culprit_of([flat, flat]) == "b"
+    above = _m2(gains=(math.nextafter(1.0, 2.0), 0.5), layer_grad_norms=(1.0, 5.0))
+    assert culprit_of([above, above]) == "a"
+
+
+def test_a_block_no_gradient_reached_is_left_out_of_the_spread_a_culprit_must_pass() -> None:
+    """culprit_of: a block stands out past 3x the spread of the OTHER blocks' excesses, the median
+    of their absolute values, over the numbers among them (a NaN gain: 0/0, a block no gradient
+    reached, is no number). Here the excesses over the row median 1 are [2, 0, -2, NaN, 0, -2]: the
+    spread of the others is median(0, 2, 0, 2) = 1, so block 0's excess 2 is not past 3: no block is
+    named, the stack reads uniform at its median gain e^1. Oracle: the documented rule by hand."""
+    import statistics
+
+    from test_culprit import seed
+
+    from stabilitycheck.culprit import culprit_of
+
+    logs = [3.0, 1.0, -1.0, math.nan, 1.0, -1.0]
+    numbers = [x for x in logs if not math.isnan(x)]
+    mid = statistics.median(numbers)
+    others = [abs(x - mid) for x in logs[1:] if not math.isnan(x)]
+    assert logs[0] - mid <= max(math.log(2), 3 * statistics.median(others))  # does not stand out
+    assert (
+        culprit_of([seed(logs, growth=5.0) for _ in range(5)]) == f"uniform, median gain x{math.exp(mid):.3g}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("layer", "blamed"),
+    [("enc.1", "(a block taking enc.1's output)"), ("dec.0", "dec.1"), ("enc.0", "enc.1")],
+)
+def test_a_backward_nan_at_a_chains_last_output_is_blamed_on_the_blocks_taking_it(
+    layer: str, blamed: str
+) -> None:
+    """culprit._single: a non-finite dL/d(out_i) was made by the backward of call i + 1, or, where
+    call i + 1 starts a new chain, by whichever blocks take out_i (an encoder's last output feeds
+    every decoder layer). Oracle: that rule (README's culprit row) by hand on an encoder (enc.0,
+    enc.1) and a decoder (dec.0, dec.1) whose first call, index 3, starts the second chain."""
+    from stabilitycheck.culprit import culprit_of
+    from stabilitycheck.measurement import Measurement, NonFinite
+
+    names = ("(input)", "enc.0", "enc.1", "dec.0", "dec.1")
+    m = Measurement(
+        layer_names=names[1:],
+        activation_names=names,
+        loss=(math.nan,),
+        grad_norm=(math.nan,),
+        layer_grad_norms=(1.0,) * 4,
+        activation_norms=(1.0,) * 5,
+        activation_grad_norms=(1.0,) * 5,
+        gains=(1.0,) * 4,
+        growth=math.nan,
+        weight_norms=(),
+        first_nonfinite=NonFinite(0, layer, "activation_grad", math.nan),
+        steps_run=0,
+        chain_starts=(3,),
+    )
+    assert culprit_of([m]) == blamed
+
+
+NAN, INF = math.nan, math.inf
+
+
+SPIKE = [1.0, 1.0, 40.0, 1.0, 1.0, 1.0]
+
+
+def test_a_spike_is_named_whatever_a_seed_of_no_gains_or_a_junction_or_an_infinite_gain() -> None:
+    """Block b2 gains x40 among gain-1 blocks in every seed: it is the culprit (its gain the largest in
+    every seed). So it stays beside a seed no gradient reached (every gain NaN: the seeds vote on their
+    largest amplifying block), a seed with a junction first (NaN, below every number, never the
+    largest) and a seed with an infinite gain elsewhere (x / 0: no number, left out as NaN is)."""
+    from stabilitycheck.culprit import culprit_of
+
+    spike = _stack_seed(SPIKE)
+    assert culprit_of([spike, spike, _stack_seed([NAN] * 6)]) == "b2"
+    junction = _stack_seed([NAN, *SPIKE[1:]])
+    assert culprit_of([junction] * 3) == "b2"
+    infinite = _stack_seed([1.0, INF, 40.0, 1.0, 1.0, 1.0])
+    assert culprit_of([spike, spike, spike, infinite]) == "b2"
+
+
+def test_the_largest_weight_gradient_leaves_a_nan_one_out() -> None:
+    """A stack with no amplifying block (every gain 0.9, growth above 1 given) falls to the block with
+    the largest weight gradient; a NaN one (the first) is no number and not the largest."""
+    from stabilitycheck.culprit import _single
+
+    assert _single(_stack_seed([0.9, 0.9, 0.9], grads=(NAN, 5.0, 1.0))) == "b1"

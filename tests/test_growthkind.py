@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from stabilitycheck.config import Config
-from stabilitycheck.growthkind import fit_growth, input_apart, kind_of
+from stabilitycheck.growthkind import FIT_R2, classify, fit_growth, input_apart, kind_of, swing
 from stabilitycheck.seeds import assess
+from stabilitycheck.spread import Spread
 from stabilitycheck.verdicts import Limits
 
 
@@ -209,3 +210,165 @@ def test_a_rate_within_2x_of_the_growth_keeps_its_fit() -> None:
     miss, r2 = _rate_miss(gains)
     assert miss < math.log(2)
     assert fit_growth(gains)[1] == pytest.approx(r2, rel=1e-9)
+
+
+def test_a_vanishing_stack_is_not_flat() -> None:
+    """G3: 'flat when the total growth is within x2' -- both ways: a stack halving the gradient per
+    block (growth 2^-8) is exponential at x0.5/block, not flat."""
+    from stabilitycheck.growthkind import kind_of
+
+    profiles = [[0.5] * 8 for _ in range(3)]
+    kind = kind_of(profiles, [0.5**8] * 3, 0.5)
+    assert kind.kind == "exponential"
+    assert math.exp(kind.rate.mid) == pytest.approx(0.5)
+    assert kind_of([[1.3] * 2] * 3, [1.69] * 3, 0.5).kind == "flat"  # within x2 either way
+    assert kind_of([[0.77] * 2] * 3, [0.77**2] * 3, 0.5).kind == "flat"
+
+
+def test_the_typical_stack_is_the_geometric_mean_over_seeds() -> None:
+    """G6: seeds at 2a and 2/a per block have a geometric mean of exactly 2 everywhere: a clean
+    exponential at x2/block, whatever a is (an arithmetic mean, a + 1/a, is a kinked stack)."""
+    from stabilitycheck.growthkind import _typical_stack, kind_of
+
+    a = [1, 1, 1, 1, 1, 1, 1, 1, 8, 8, 8, 8]
+    profiles = [[2 * x for x in a], [2 / x for x in a]]
+    assert _typical_stack(profiles) == pytest.approx([2.0] * len(a))
+    kind = kind_of(profiles, [2.0 ** len(a)] * 2, 0.5)
+    assert kind.kind == "exponential"
+
+
+def test_the_input_segment_stands_apart_only_on_four_gains_or_more() -> None:
+    """G1: input_apart needs 4 blocks (gains) or more -- on 3, leaving the input out would leave 2
+    points to fit, which any line and any power law fit exactly. The same shape (input gain 1, the
+    rest 3: far past 3 sd of at least 0.05, and the rest carrying all the log growth) is apart on 4."""
+    from stabilitycheck.growthkind import input_apart
+
+    assert not input_apart([1.0, 3.0, 3.0])
+    assert input_apart([1.0, 3.0, 3.0, 3.0])
+
+
+def test_an_input_segment_that_is_the_growth_is_not_left_apart() -> None:
+    """G7: the input segment is apart only where the other blocks carry at least half the log growth
+    (else it is the growth, as one block's spike). Input x100 over gain-1 blocks: far from the others
+    (any sd), but the rest carries ~0 of ln 100, so not apart; with the rest at x3 each (3 ln 3 = 3.3
+    of a total 7.9: under half) still not apart; at x6 each (5.4 of 10.0: over half) apart."""
+    from stabilitycheck.growthkind import input_apart
+
+    assert not input_apart([100.0, 1.01, 0.99, 1.0])
+    assert not input_apart([100.0, 3.0, 3.0, 3.0])
+    assert input_apart([100.0, 6.0, 6.0, 6.0])
+
+
+@pytest.mark.parametrize(
+    ("rate", "shown"),
+    [
+        (1.00812, "x1.008/block"),
+        (0.99512, "x0.9951/block"),
+        (1.51234, "x1.51/block"),
+        (0.95123, "x0.951/block"),
+    ],
+)
+def test_an_exponential_rate_gets_four_digits_only_near_one_on_either_side(rate: float, shown: str) -> None:
+    """describe(): 4 significant digits where the rate is within 1% of 1 (x1.008/block over 128
+    blocks is 2.7, not x1), 3 elsewhere, above 1 or below it alike. Oracle: that documented rule,
+    with Python's own %g formatting of the rate."""
+    from stabilitycheck.growthkind import Growth
+    from stabilitycheck.spread import Spread
+
+    log_rate = math.log(rate)
+    g = Growth("exponential", Spread(log_rate, log_rate, log_rate), Spread(0.0, 0.0, 0.0))
+    digits = 4 if abs(rate - 1) < 0.01 else 3
+    assert g.describe() == f"exponential, x{rate:.{digits}g}/block" == f"exponential, {shown}"
+
+
+def test_the_typical_stack_has_nan_only_where_every_seed_has_a_junction() -> None:
+    """growthkind._typical_stack: each block's geometric mean over seeds; NaN where EVERY seed has
+    NaN there (a junction between chains, the same in every draw); None where a gain is otherwise
+    not a positive number (one seed's NaN: 0/0 in that draw alone). Oracle: that docstring, with
+    the geometric means by hand (sqrt(2 x 8) = 4)."""
+    from stabilitycheck.growthkind import _typical_stack
+
+    got = _typical_stack([[2.0, math.nan, 2.0], [8.0, math.nan, 2.0]])
+    assert got is not None and got[0] == pytest.approx(4.0, rel=1e-12) and math.isnan(got[1])
+    assert got[2] == pytest.approx(2.0, rel=1e-12)
+    assert _typical_stack([[2.0, 2.0, 2.0], [2.0, math.nan, 2.0]]) is None
+
+
+NAN, INF = math.nan, math.inf
+
+
+LN2 = math.log(2)
+
+
+def _fit(rate: float, r2_lin: float, exponent: float, r2_log: float) -> tuple[float, float, float, float]:
+    return (rate, r2_lin, exponent, r2_log)
+
+
+def test_a_fit_below_the_r2_threshold_is_irregular_and_above_it_a_law() -> None:
+    """FIT_R2 = 0.9 by hand: a rate whose fit explains 0.85 of the cumulative log growth is no law
+    (irregular), one that explains 0.95 is exponential."""
+    assert FIT_R2 == 0.9
+    assert classify([_fit(0.5, 0.85, 0.1, 0.2)], [40.0], 0.5).kind == "irregular"
+    assert classify([_fit(0.5, 0.95, 0.1, 0.2)], [40.0], 0.5).kind == "exponential"
+
+
+def test_a_depth_law_far_below_the_growth_is_no_law() -> None:
+    """Gains whose cumulative log growth is exactly A + p ln(n / (j + 1)) with A = 3 (a last gain of
+    e^3 on top of a depth law): the log fit is exact (r2 1), but depth^p gives e^3 x less than the
+    growth, beyond x2: no depth law (the check took the fit's excess only, not its shortfall)."""
+    n, p, offset = 10, 1.0, 3.0
+    cumulative = [offset + p * math.log(n / (j + 1)) for j in range(n - 1)] + [0.0]
+    gains = [math.exp(cumulative[j] - cumulative[j + 1]) for j in range(n - 1)]
+    _, _, exponent, r2_log = fit_growth(gains, apart=False)
+    assert exponent * math.log(n) < cumulative[0] - LN2 and r2_log == -INF
+
+
+def test_swing_reads_excursions_below_and_from_the_output() -> None:
+    """swing by hand, the largest |ln| growth from a block to the output: [10, 0.1] dips to 0.1 at the
+    output end and back to 1 (ln 10, a fall); [0.25, 4, 4] reads 16 from the middle block, 4 overall
+    (ln 16: from the input side it would read ln 4); a junction (NaN) counts as gain 1."""
+    assert math.isclose(swing([10.0, 0.1]), math.log(10))
+    assert math.isclose(swing([0.25, 4.0, 4.0]), math.log(16))
+    assert math.isclose(swing([2.0, NAN, 0.5]), LN2)
+
+
+def test_a_flat_typical_stack_is_flat_though_each_seed_swings() -> None:
+    """Two seeds whose excursions cancel in the typical stack (each block's geometric mean gain over
+    seeds, the stack the kind is read on): flat, though each seed alone swings x4."""
+    profiles = [[4.0, 0.25, 1.0, 1.0], [0.25, 4.0, 1.0, 1.0]]
+    assert kind_of(profiles, [1.0, 1.0], 0.5).kind == "flat"
+
+
+def test_a_vanishing_stack_is_exponential_not_flat() -> None:
+    """Gains 0.5 x 10 (growth 1e-3): flat needs the growth within x2 both ways; this falls x1000."""
+    kind = kind_of([[0.5] * 10], [0.5**10], 0.5)
+    assert kind.kind == "exponential" and math.isclose(math.exp(kind.rate.mid), 0.5)
+
+
+def test_flat_reads_the_growth_at_the_quantile_and_an_unknown_swing_as_none() -> None:
+    """classify by hand: growths 1.0, 1.2 and 50 at the median read 1.2, within x2: flat (the largest,
+    50, is not the verdict's); a NaN swing (a gain that is no positive number) leaves flat to the
+    ends alone."""
+    fits = [_fit(0.0, 1.0, 0.0, 1.0)] * 3
+    assert classify(fits, [1.0, 1.2, 50.0], 0.5).kind == "flat"
+    assert classify(fits[:1], [1.5], 0.5, wide=NAN).kind == "flat"
+
+
+def test_flat_is_within_x2_strictly() -> None:
+    """'Within x2' by hand: a growth of exactly 2, or a swing of exactly ln 2, is not flat; a NaN swing
+    leaves flat to the ends, and a growth of 0.01 is beyond x2 the other way."""
+    fits = [_fit(0.0, 1.0, 0.0, 1.0)]
+    assert classify(fits, [2.0], 0.5).kind != "flat"
+    assert classify(fits, [1.5], 0.5, wide=math.log(2)).kind != "flat"
+    assert classify(fits, [0.01], 0.5, wide=NAN).kind != "flat"
+
+
+def test_every_seed_leaves_the_input_segment_apart_as_the_typical_stack_does() -> None:
+    """The typical stack (geometric means [8, 1.22, 2.45, 1.22, 2.45]) has an input segment standing
+    apart; seed B's own ([8, 1, 4, 1, 4], its other gains spread wide) would not. Every seed is fitted
+    alike, without it: the rate spread is that of both seeds' fits with the segment left out."""
+    a, b = [8.0, 1.5, 1.5, 1.5, 1.5], [8.0, 1.0, 4.0, 1.0, 4.0]
+    kind = kind_of([a, b], [math.prod(a), math.prod(b)], 0.5)
+    expected = Spread.of([fit_growth(a, apart=True)[0], fit_growth(b, apart=True)[0]], 0.5)
+    assert kind.rate == expected
+    assert fit_growth(b, apart=True)[0] != fit_growth(b)[0]  # the seed alone would read otherwise

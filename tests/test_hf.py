@@ -548,3 +548,17 @@ def test_a_text_tower_automodel_has_no_class_for_is_built_from_its_own_class(mod
         hook.remove()
     assert len(b.blocks) == 3 and m.layer_names == tuple(name for name, _ in b.blocks)
     assert m.activation_grad_norms[1:] == pytest.approx([g.norm().item() for g in grads], rel=1e-5)
+
+
+def test_an_hf_sequence_as_long_as_the_models_positions_is_valid() -> None:
+    """seq_len may equal the model's position count (positions 0 .. n-1 are n tokens); one past it is
+    a UserCodeError naming the limit."""
+    pytest.importorskip("transformers")
+    from stabilitycheck.errors import UserCodeError
+    from stabilitycheck.hf import HFModel
+
+    model = HFModel("gpt2")
+    values = model.values(model.config(n_positions=16, seq_len=16))
+    assert model.hf_config(values).n_positions == 16
+    with pytest.raises(UserCodeError, match="seq_len=17 exceeds the model's 16 positions"):
+        model.hf_config({**values, "seq_len": 17})

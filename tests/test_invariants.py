@@ -1,5 +1,6 @@
 """Each invariant passes on PyTorch's own implementation and catches a deliberately broken one
-(tests/broken.py), with the numbers in its message."""
+(tests/broken.py), with the numbers in its message.
+Also the shared helpers (invariants_common: rtols, spacings, check_factor, state_kept) and assert_stable."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from stabilitycheck import invariants_common as ic
 from stabilitycheck.config import RUN_FIELDS, Config
 from stabilitycheck.configprobe import probe
 from stabilitycheck.distributed import check_clip_grad_norm
@@ -30,9 +32,13 @@ from stabilitycheck.invariants import (
     assert_rescaling_equivariant,
 )
 from stabilitycheck.invariants_gradscaler import UNHIDDEN
+from stabilitycheck.invariants_stable import Unstable, assert_stable
+from stabilitycheck.measurement import Measurement
 from stabilitycheck.probing import probe_module
+from stabilitycheck.space import Axis, Space
 from stabilitycheck.subject import Built
 from stabilitycheck.subjects import resolve
+from stabilitycheck.verdicts import Limits
 
 
 def build(config: Config) -> Built:
@@ -1307,3 +1313,495 @@ def test_the_rtol_override_of_the_clip_norm_check_is_applied(monkeypatch: pytest
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda ps, m: clip(ps, m) * (1 + 1e-2))
     with pytest.raises(StabilityError, match="full-model gradient norm"):
         check_clip_grad_norm(params, rtol=1e-3)
+
+
+class _PartialScaler:
+    """A broken loss scaler: checks only the entries `reads` of each gradient (flattened) for Inf/NaN
+    before stepping (every other one, or all but the last: off-by-ones torch's GradScaler, which reads
+    every entry, does not make). Otherwise a correct static-then-backoff scaler."""
+
+    def __init__(self, reads: slice) -> None:
+        self.s, self.reads = 2.0**16, reads
+
+    def get_scale(self) -> float:
+        return self.s
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.s
+
+    def step(self, opt: torch.optim.Optimizer) -> None:
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        for g in grads:
+            g.div_(self.s)
+        if any(not bool(g.view(-1)[self.reads].isfinite().all()) for g in grads):
+            self.s /= 2
+            return
+        opt.step()
+
+    def update(self) -> None:
+        pass
+
+
+def test_gradscaler_guards_catch_a_scaler_checking_every_other_entry() -> None:
+    """IT1: the 'inside' poison sits at an odd entry, so a scaler reading only even entries steps on it.
+    Every parameter here has 5 or 1 entries, so the end poisons (first and last entry) are even ones,
+    and numel // 2 is even: only the odd inside entry, (numel // 2) | 1, can catch this scaler."""
+    from torch import nn
+
+    from stabilitycheck import StabilityError
+    from stabilitycheck.invariants_gradscaler import assert_gradscaler_guards
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 5), nn.Tanh(), nn.Linear(5, 1))  # 5, 5, 5, 1 entries
+    x = torch.randn(4, 1)
+    with pytest.raises(StabilityError):
+        assert_gradscaler_guards(
+            model, x, lambda out, _: (out**2).mean(), _PartialScaler(slice(None, None, 2))
+        )
+
+
+def test_rescaling_runs_the_model_under_its_seed_not_the_global_random_state() -> None:
+    """IR3: every forward the check compares runs under `seed` (a dropout in training mode drops the
+    same units in each, whatever the caller's random state): the first number each forward draws is
+    torch's first draw after torch.manual_seed(seed), and the same after the global state moved."""
+    from stabilitycheck.invariants_rescaling import assert_rescaling_equivariant
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 64), torch.nn.Dropout(0.5), torch.nn.Linear(64, 4)
+    ).train()
+    inputs = torch.randn(8, 16)
+    draws: list[float] = []
+
+    def loss_fn(out: torch.Tensor, _inputs: Any) -> torch.Tensor:
+        return out.pow(2).mean()
+
+    def drawing(module: torch.nn.Module, args: Any) -> None:
+        draws.append(float(torch.rand(())))
+
+    model[0].register_forward_pre_hook(drawing)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        expected = float(torch.rand(()))
+    for state in (1, 2):
+        torch.manual_seed(state)
+        assert_rescaling_equivariant(model, inputs, loss_fn, 3.7, seed=5)
+    assert len(draws) >= 4 and all(d == expected for d in draws)
+
+    # --- invariants_training.py ------------------------------------------------------------------------
+
+    def update(self) -> None:
+        pass
+
+
+def _square_mean(out: torch.Tensor, _inputs: Any) -> torch.Tensor:
+    return (out**2).mean()
+
+
+def test_gradscaler_guards_poison_the_last_entry_of_the_last_gradient() -> None:
+    """IT4: the end poison of the last gradient sits at its last entry (the first gradient's at its
+    first), so a scaler that never reads a tensor's last entry steps on it. The last parameter here is
+    a bias of 3 entries: its inside poison, (3 // 2) | 1 = 1, is read by that scaler, as are every
+    other gradient's poisons (first entries, and odd middle ones short of the end): only the last
+    entry of the last gradient can catch it. torch's GradScaler passes the same model."""
+    from stabilitycheck import StabilityError
+    from stabilitycheck.invariants_gradscaler import assert_gradscaler_guards
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    assert [p.numel() for p in model.parameters()] == [5, 5, 15, 3]
+    x = torch.randn(4, 1)
+    assert_gradscaler_guards(model, x, _square_mean, torch.amp.GradScaler("cpu"))
+    with pytest.raises(StabilityError):
+        assert_gradscaler_guards(model, x, _square_mean, _PartialScaler(slice(None, -1)))
+
+
+def _hypot(t: torch.Tensor) -> float:
+    """Brute-force exact L2 norm: Python's math.hypot scales internally, correct for any finite values."""
+    return math.hypot(*t.double().flatten().tolist())
+
+
+def test_rtols_and_spacings_per_dtype() -> None:
+    assert ic.rtol_of(torch.int64) == ic.DTYPE_RTOL[torch.float64]
+    assert ic.rtol_of(torch.complex64) == ic.DTYPE_RTOL[torch.float64]
+    assert ic.subnormal_spacing(torch.float32) == 2.0**-149
+    assert ic.subnormal_spacing(torch.float64) == 2.0**-1074
+    assert ic.subnormal_spacing(torch.float16) == 2.0**-24
+    assert (
+        ic.coarsest([torch.ones(1), torch.ones(1, dtype=torch.bfloat16), torch.ones(1, dtype=torch.float64)])
+        == torch.bfloat16
+    )
+    assert ic.coarsest([torch.ones(1, dtype=torch.int64)]) == torch.float64
+
+
+def test_reduction_error_is_relative() -> None:
+    t = [torch.full((4,), 1.0), torch.full((9,), 1.0)]  # per-tensor norms 2 and 3: total sqrt(13)
+    assert ic.reduction_error(t, 2.0, 2 * math.sqrt(13)) == pytest.approx(0.5, rel=1e-6, abs=0)
+    assert ic.reduction_error(t, 2.0, 0.0) == 0.0
+
+
+def test_norms_in_float64_and_totals_of_any_order() -> None:
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(4097, generator=g) * 1e3
+    want = _hypot(t)
+    assert ic.norms_of([t, torch.empty(0)]) == [pytest.approx(want, rel=1e-14, abs=0), 0.0]
+    assert ic.total_of([3.0, 4.0], math.inf) == 4.0
+    assert ic.total_of([3.0, 4.0], 1.0) == 7.0
+    assert ic.total_of([3.0, 4.0], 2.0) == 5.0
+
+
+def test_check_factor_finds_the_least_squares_factor() -> None:
+    b = [
+        ("w", torch.tensor([3.0, 4.0], dtype=torch.float64)),
+        ("v", torch.tensor([1.0, 0.0], dtype=torch.float64)),
+    ]
+    a = [(n, 2.5 * t) for n, t in b]
+    assert ic.check_factor(b, a, None, "h", None) == pytest.approx(2.5, rel=1e-15, abs=0)
+
+
+def test_check_factor_refuses_a_negative_factor() -> None:
+    b = [("w", torch.tensor([3.0, 4.0], dtype=torch.float64))]
+    with pytest.raises(StabilityError, match="negative"):
+        ic.check_factor(b, [("w", -b[0][1])], None, "h", None)
+
+
+def test_check_factor_tolerance_scales_with_the_factor() -> None:
+    # after = 1e-6 * before plus an error 1e-4 relative to after: far beyond float64's rtol of the factor's
+    # size, though tiny next to before's norm
+    b = torch.tensor([3.0, 4.0, 0.0], dtype=torch.float64)
+    a = 1e-6 * b + torch.tensor([0.0, 0.0, 5e-10], dtype=torch.float64)
+    with pytest.raises(StabilityError):
+        ic.check_factor([("w", b)], [("w", a)], None, "h", None)
+
+
+def test_check_factor_counts_at_most_one_spacing_per_element_near_zero() -> None:
+    # float16: every one of 10^4 near-zero elements off by 16 subnormal spacings (2^-20) is not rounding
+    n = 10_000
+    b = torch.zeros(n, dtype=torch.float16)
+    b[0] = 1e-3
+    a = b.clone()
+    a[1:] = 2.0**-20
+    with pytest.raises(StabilityError):
+        ic.check_factor([("w", b)], [("w", a)], None, "h", None)
+
+
+def test_state_kept_restores_buffers_too() -> None:
+    bn = torch.nn.BatchNorm1d(3)
+    before = [t.clone() for t in (*bn.parameters(), *bn.buffers())]
+    with ic.state_kept(bn):
+        bn.train()
+        bn(torch.randn(8, 3, generator=torch.Generator().manual_seed(0)) + 5)
+        with torch.no_grad():
+            bn.weight.mul_(3)
+    after = [*bn.parameters(), *bn.buffers()]
+    assert all(torch.equal(x, y) for x, y in zip(before, after, strict=True))
+
+
+def test_clipping_whose_right_answer_underflows_to_zero_passes() -> None:
+    """assert_clipped_norm_bounded: all-zero gradients after clipping fail only where the clipped
+    entries would be representable (at least the dtype's subnormal spacing); at max_norm 1e-8 in
+    float16 the right answer (entries 1e-8 / 2 x 1 = 5e-9) is below float16's smallest subnormal
+    (6e-8) and rounds to 0. Oracle: torch.nn.utils.clip_grad_norm_ is the correct clipper, and the
+    exact product 5e-9 rounds to 0 in float16 (torch's own conversion)."""
+    from stabilitycheck.invariants import assert_clipped_norm_bounded
+
+    p = torch.nn.Parameter(torch.zeros(4, dtype=torch.float16))
+    p.grad = torch.ones(4, dtype=torch.float16)
+    before = [p.grad.clone()]
+    torch.nn.utils.clip_grad_norm_([p], 1e-8)
+    assert torch.tensor(1e-8 / 2, dtype=torch.float64).to(torch.float16).item() == 0.0
+    assert not bool(p.grad.any())
+    assert_clipped_norm_bounded([p], 1e-8, before=before)
+
+
+def test_a_scaler_checking_every_other_entry_is_caught_whatever_the_tensor_sizes() -> None:
+    """assert_gradscaler_guards poisons an ODD entry in a tensor's middle, so a scaler sampling every
+    other entry (the even ones) steps on it. Here every gradient (16, 4, 20, 5 entries) has numel // 2
+    even, and the end entries poisoned (the first of each, the last of the last: index 4) are even
+    too: only the odd middle entry tells this scaler apart. Oracle: the broken scaler is faulty by
+    construction (tests/broken.EvenEntriesScaler) and must be caught; torch's GradScaler passes."""
+    import broken
+
+    from stabilitycheck.errors import StabilityError
+    from stabilitycheck.invariants import assert_gradscaler_guards
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 5))
+    assert [p.numel() for p in model.parameters()] == [16, 4, 20, 5]
+    x, y = torch.randn(8, 4), torch.randn(8, 5)
+
+    def loss_fn(out: torch.Tensor, inputs: object) -> torch.Tensor:
+        return ((out - y) ** 2).mean()
+
+    assert_gradscaler_guards(model, x, loss_fn)  # torch's own GradScaler passes
+    with pytest.raises(StabilityError, match="EvenEntriesScaler stepped on a gradient holding"):
+        assert_gradscaler_guards(model, x, loss_fn, broken.EvenEntriesScaler())  # type: ignore[arg-type]
+
+
+def _linear_grads(dtype: torch.dtype = torch.float32) -> list[nn.Parameter]:
+    """A Linear(8, 4)'s weight and bias with gradients of total 2-norm ~ 10 (well above 1)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 4).to(dtype)
+    (layer(torch.randn(16, 8, dtype=dtype)) * 10).square().mean().backward()
+    return list(layer.parameters())
+
+
+def test_a_norm_clip_scaling_by_the_wrong_common_factor_is_caught_with_before() -> None:
+    """assert_clipped_norm_bounded's docstring: with `before`, clipping scaled every gradient by one
+    coefficient between torch's max_norm / (total + 1e-6) and the exact max_norm / total. A clip to
+    half of max_norm keeps the direction and the bound, but its factor is half torch's: caught.
+    Oracle: torch's clip_grad_norm_ passes the same check; the factor by hand."""
+    params = _linear_grads()
+    before = [p.grad.detach().clone() for p in params]
+    total = float(torch.linalg.vector_norm(torch.stack([g.double().norm() for g in before])))
+    assert total > 2.0
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    assert_clipped_norm_bounded(params, 1.0, before=before)
+    for p, b in zip(params, before, strict=True):
+        p.grad = b * (0.5 / total)  # every gradient x half the right factor
+    with pytest.raises(StabilityError):
+        assert_clipped_norm_bounded(params, 1.0, before=before)
+
+
+def test_value_clipping_to_a_clip_value_that_rounds_up_in_the_gradient_dtype_passes() -> None:
+    """assert_clipped_value_bounded's bound: clip_value itself rounds to the gradient dtype (in float16,
+    1e-7 is a subnormal and rounds to 2 x 2^-24 = 1.19e-7), and torch's clamp clamps to that. Oracle:
+    torch's clip_grad_value_ is correct; its result is before.clamp(...) entry for entry."""
+    params = _linear_grads(torch.float16)
+    before = [p.grad.detach().clone() for p in params]
+    torch.nn.utils.clip_grad_value_(params, 1e-7)
+    peak = max(float(p.grad.abs().max()) for p in params)
+    assert peak == 2 * 2.0**-24  # the rounded clip value, above 1e-7 by 19%
+    assert_clipped_value_bounded(params, 1e-7, before=before)
+
+
+def _clipped(grad: torch.Tensor, max_norm: float) -> tuple[nn.Parameter, list[torch.Tensor], torch.Tensor]:
+    """A parameter holding `grad`, clipped by torch: (parameter, before, what the clip returned)."""
+    p = nn.Parameter(torch.zeros_like(grad))
+    p.grad = grad.clone()
+    before = [p.grad.detach().clone()]
+    return p, before, torch.nn.utils.clip_grad_norm_([p], max_norm)
+
+
+def test_a_clip_returning_inf_for_a_finite_total_is_caught() -> None:
+    """The returned norm may be inf only where the total before clipping is past the dtype's range
+    (torch sums it in that dtype); a total of 1.5 in float32 returned as inf is a wrong return value.
+    Oracle: torch's own clip, whose return value passes."""
+    p, before, returned = _clipped(torch.tensor([1.0, 0.5, 1.0]), 0.5)
+    assert float(returned) == pytest.approx(1.5)
+    assert_clipped_norm_bounded([p], 0.5, before=before, returned=returned)
+    with pytest.raises(AssertionError, match="returned another value"):
+        assert_clipped_norm_bounded([p], 0.5, before=before, returned=math.inf)
+
+
+@pytest.mark.parametrize("value,max_norm", [(15.4765625, 0.5106287598609924), (46.59375, 0.2504548728466034)])
+def test_torchs_float16_clip_over_max_norm_by_more_than_rtol_passes(value: float, max_norm: float) -> None:
+    """torch rounds max_norm / (total + 1e-6) and the product to float16: one value clipped ends up to
+    1.2e-3 over max_norm, more than float16's rtol (1e-3) alone, within its documented allowance of
+    up to 5 roundings of eps / 2. Oracle: torch's own clip_grad_norm_, whose answer must pass."""
+    p, before, returned = _clipped(torch.tensor([value], dtype=torch.float16), max_norm)
+    assert float(p.grad.double().norm()) / max_norm - 1 > 1.1e-3  # over rtol: the case meant
+    assert_clipped_norm_bounded([p], max_norm, before=before, returned=returned)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_torchs_clip_of_a_total_exactly_at_max_norm_scales_by_its_coefficient_and_passes(
+    dtype: torch.dtype,
+) -> None:
+    """At total == max_norm torch still multiplies by max_norm / (total + 1e-6) < 1 (its clamp is at 1
+    only from above): the gradients change, by 1e-6 relative, and that is torch's contract, not a
+    clip of a gradient within max_norm. Oracle: torch's own clip and its coefficient by hand."""
+    grad = torch.tensor([0.6, 0.8], dtype=dtype)  # total norm 1 (exactly, in float64)
+    p, before, returned = _clipped(grad, 1.0)
+    coef = 1.0 / (float(grad.double().norm()) + 1e-6)
+    assert coef < 1.0
+    if dtype == torch.float64:
+        assert not torch.equal(p.grad, before[0])
+        torch.testing.assert_close(p.grad, before[0] * coef, rtol=1e-12, atol=0)
+    assert_clipped_norm_bounded([p], 1.0, before=before, returned=returned)
+
+
+def test_torchs_float16_clip_with_a_subnormal_coefficient_passes() -> None:
+    """max_norm / (total + 1e-6) = 0.0017 / 3358 = 5.1e-7 is a float16 subnormal (spacing 6e-8): torch
+    rounds it by up to 6%, and its clip of 3358 lands 4.5% over max_norm. That rounding is allowed (one
+    spacing x the total before). Oracle: torch's own clip and float16's spacing."""
+    max_norm = 0.0017232964038848878
+    p, before, returned = _clipped(torch.tensor([3358.0], dtype=torch.float16), max_norm)
+    f16 = torch.finfo(torch.float16)
+    assert max_norm / 3358.0 < f16.smallest_normal
+    assert float(p.grad.double().norm()) / max_norm - 1 > 0.04  # the case meant
+    assert_clipped_norm_bounded([p], max_norm, before=before, returned=returned)
+
+
+class _RoundsInBackward(torch.autograd.Function):
+    """y = s * a whose backward rounds like a float32 kernel with a large intermediate: (g a + 2^24) -
+    2^24, exact in float64 (the re-run) and off by up to one float32 spacing of 2^24 (2) otherwise."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a)
+        return s * a
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (a,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return (g * a + 2.0**24) - 2.0**24, None
+
+
+class _Float32WithAFloat64Buffer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.ones(1))
+        self.register_buffer("calibration", torch.ones(1, dtype=torch.float64))
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return _RoundsInBackward.apply(self.s, a).sum()
+
+
+def test_a_float32_model_with_one_float64_buffer_still_has_its_rounding_measured() -> None:
+    """The float64 re-run is skipped only where every tensor is float64 already. Here the float32
+    gradient at c=1 is fl(10000.5 + 2^24) - 2^24 = 10000 (0.5 off the float64 re-run's 10000.5) and at
+    c=3 fl(30001.5 + 2^24) - 2^24 = 30002, 2 off 3 x 10000: within c x 4 x 0.5 = 6 of rounding allowed,
+    far beyond rtol alone (0.08). Oracle: the float32 arithmetic above, done by hand."""
+    a = torch.tensor([10000.5])
+    assert float(torch.tensor(10000.5 + 2.0**24, dtype=torch.float32)) - 2.0**24 == 10000.0
+    assert float(torch.tensor(30001.5 + 2.0**24, dtype=torch.float32)) - 2.0**24 == 30002.0
+    assert_rescaling_equivariant(_Float32WithAFloat64Buffer(), a, lambda out, _: out, 3.0)
+
+
+class _Pair(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * y
+
+
+@pytest.mark.parametrize("packed", ["dict", "tuple", "list"])
+def test_the_float64_rerun_takes_inputs_packed_in_a_dict_tuple_or_list(packed: str) -> None:
+    """The rounding error is measured on a float64 re-run with every floating input in float64, however
+    the inputs are packed (a dict is passed by keyword, a tuple/list positionally). A float32 input left
+    beside float64 weights fails in F.linear. Oracle: torch's own dtype rule (linear takes one dtype)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4), torch.randn(5, 3)
+    with pytest.raises(RuntimeError):
+        nn.Linear(4, 3, dtype=torch.float64)(x)  # what a float32 input left behind meets
+    inputs = {"x": x, "y": y} if packed == "dict" else (x, y) if packed == "tuple" else [x, y]
+    assert_rescaling_equivariant(_Pair(), inputs, lambda out, _: out.square().sum(), 3.0)
+
+
+class _ThreeVectors(nn.Module):
+    """float64 parameters a, b, w with gradients u (norm 4), 0 and v (norm 3): a total norm of 5."""
+
+    def __init__(self, delta: float) -> None:
+        super().__init__()
+        self.a, self.b, self.w = (nn.Parameter(torch.zeros(2, dtype=torch.float64)) for _ in range(3))
+        self.b.register_hook(lambda g: g + delta)  # the same shift at any c: off by (c - 1) delta
+        self.u = torch.tensor([4.0, 0.0], dtype=torch.float64)
+        self.v = torch.tensor([0.0, 3.0], dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.a * self.u).sum() + (self.b * 0.0).sum() + (self.w * self.v).sum() + x
+
+
+@pytest.mark.parametrize("fraction,passes", [(0.9, True), (1.1, False)])
+def test_every_tensor_may_be_off_by_rtol_of_the_total_gradient_norm(fraction: float, passes: bool) -> None:
+    """Each tensor may be off by c x rtol of the TOTAL gradient norm (sqrt(4^2 + 3^2) = 5 here, not
+    the largest tensor's 4) beside rtol of its own: float64 (rtol 1e-7, nothing to round) at c = 2,
+    b's gradient shifted by a constant delta is off by delta, allowed 2 x 1e-7 x (5 + |delta|).
+    Oracle: the documented tolerance, by hand."""
+    allowed = 2 * 1e-7 * 5.0
+    delta = fraction * allowed / math.sqrt(2)  # per entry: the shift's norm is fraction x allowed
+    run = lambda: assert_rescaling_equivariant(  # noqa: E731
+        _ThreeVectors(delta), torch.zeros((), dtype=torch.float64), lambda out, _: out, 2.0
+    )
+    if passes:
+        run()
+    else:
+        with pytest.raises(AssertionError, match="did not scale every gradient"):
+            run()
+
+
+def _measured(acts: tuple[float, ...], gains: tuple[float, ...], growth: float) -> Measurement:
+    names = ("(input)", *(f"layers.{i}" for i in range(len(acts) - 1)))
+    return Measurement(
+        layer_names=names[1:],
+        activation_names=names,
+        loss=(1.0,),
+        grad_norm=(1.0,),
+        layer_grad_norms=(1.0,) * (len(acts) - 1),
+        activation_norms=(1.0,) * len(acts),
+        activation_grad_norms=acts,
+        gains=gains,
+        growth=growth,
+        weight_norms=(),
+        first_nonfinite=None,
+        steps_run=0,
+    )
+
+
+def test_a_nan_growth_is_hidden_only_where_both_ends_have_zero_gradient() -> None:
+    """assert_bounded_growth: NaN counts as over, except a ratio of two norms both exactly 0. A NaN
+    growth whose input-side norm is 0 but whose output-side norm is 1 is not that: it fails; with both
+    ends 0 it passes. Oracle: the documented rule, by hand."""
+    with pytest.raises(AssertionError, match="Overall growth: nan"):
+        assert_bounded_growth(_measured((0.0, 1.0, 1.0), (0.0, 1.0), math.nan), 100)
+    assert_bounded_growth(_measured((0.0, 0.0, 0.0), (math.nan, math.nan), math.nan), 100)
+
+
+def _linear_mlp(**knobs: Any) -> Config:
+    return Config.of("mlp", **{"width": 16, "activation": "linear", "batch_size": 4, "seeds": 1, **knobs})
+
+
+def test_assert_stable_judges_a_config_on_the_limits_given() -> None:
+    """A linear stack at sigma = 4 grows ~4^6 over 6 blocks: over the default growth limit 100, so
+    Unstable, whose message carries the culprit and the remedies it tried; with every criterion
+    switched off (Limits(None...)) nothing can fail. Oracle: mean field (growth sigma^depth) and the
+    documented message and Limits."""
+    config = _linear_mlp(depth=6, init_scale=4.0)
+    with pytest.raises(Unstable) as caught:
+        assert_stable(config)
+    lines = str(caught.value).splitlines()
+    assert lines[0].startswith("mlp explodes:") and "growth" in lines[0]
+    assert any(line.startswith("Culprit: ") for line in lines)
+    remedies = caught.value.stability_counterexample.remedies
+    assert remedies and f"Remedies: {remedies[0].describe()}" in str(caught.value)
+    assert_stable(config, Limits(grad_norm=None, growth=None, divergence=None, nonfinite=False))
+
+
+def test_assert_stable_on_a_space_raises_at_its_smallest_exploding_point_with_its_knobs() -> None:
+    """A Space of linear stacks (depth 1..6, sigma 1 or 4): growth ~sigma^depth passes the limit 100 first
+    at depth 4 (4^3 = 64, 4^4 = 256); the error carries that point and the Space's knob names (what
+    the plugin's summary lists). Oracle: mean field's sigma^depth and the documented error."""
+    space = Space("mlp", _linear_mlp(depth=2), (Axis.range("depth", 1, 6), Axis("init_scale", (1.0, 4.0))))
+    with pytest.raises(Unstable) as caught:
+        assert_stable(space, max_examples=10)
+    assert caught.value.stability_knobs == ("depth", "init_scale")
+    assert dict(caught.value.stability_counterexample.config.values)["depth"] == 4
+
+
+@pytest.mark.parametrize("c", [0.3, 3.0, 7.0])
+def test_an_exactly_linear_float32_model_whose_terms_cancel_passes_at_any_c(c: float) -> None:
+    """loss = (s * A).sum() - (s * B).sum() with A ~ 1000 and B = A (1 - 1e-3), float32: its backward
+    is linear (the float64 gradients scale by c exactly), but at c = 1 the gradient A - B is exact
+    while at c = 3 autograd rounds 3A and 3B apart before they cancel: 6.8e-4 of the norm off, over an
+    allowance of 6.2e-5 that assumed the run at c rounds as the run at 1 (found by a mutation round).
+    The run at c is measured against its own float64 re-run; a clamping hook still fails (below)."""
+
+    class Cancelling(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.s = nn.Parameter(torch.ones(64))
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return (self.s * a).sum() - (self.s * b).sum()
+
+    gen = torch.Generator().manual_seed(0)
+    a = (1000 + torch.rand(64, generator=gen, dtype=torch.float64)).float()
+    b = (a.double() * (1 - 1e-3)).float()
+    model = Cancelling()
+    assert_rescaling_equivariant(model, (a, b), lambda out, _: out, c)
+    model.s.register_hook(lambda g: g.clamp(max=1.0))  # the bug the invariant names
+    with pytest.raises(AssertionError):
+        assert_rescaling_equivariant(model, (a, b), lambda out, _: out, c)

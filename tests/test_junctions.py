@@ -1,14 +1,21 @@
 """The junction rules (junctions), each where a plausible bug passed every other test: a plain input's
 residual add around block 0 is read only where the next call's input is raw + first *to the last bit*
 (torch.equal), as the docstring says: a value merely close (allclose) is some other computation.
-Oracle: the docstring, on tensors built by hand."""
+Oracle: the docstring, on tensors built by hand.
+Also the chains a probe reads through a tower, a head, a leaf and a scaled add (probe_module)."""
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
+from chain_models import _grads_of
 from torch import nn
 
 from stabilitycheck import junctions
+from stabilitycheck.junctions import TAP_NODES, _edge, _taps
+from stabilitycheck.probing import probe_module
 
 skip_around = junctions.skip_around
 
@@ -82,3 +89,324 @@ def test_made_from_reaches_the_older_of_two_targets() -> None:
     assert junctions.made_from(x, {a.grad_fn, b.grad_fn})
     assert junctions.made_from(x, {a.grad_fn})
     assert not junctions.made_from(x, {b.grad_fn})
+
+
+def test_only_an_add_of_alpha_one_is_a_residual_written_around_block_0() -> None:
+    """J1: the residual add around block 0 is the add, alpha 1, of block 0's output and its input (its
+    input side hands dL/d sum on unchanged: torch's own AddBackward0 scales the second input by alpha).
+    torch.add(raw, first, alpha=2) is an AddBackward0 too, but no identity: it is left unread."""
+    from stabilitycheck.junctions import skip_around
+
+    w = torch.randn(4, requires_grad=True)
+    raw = w * 1.0
+    first = torch.tanh(raw)
+    one = torch.add(raw, first)
+    found = skip_around((one,), raw, first, False)
+    assert found is not None and found[0] is one.grad_fn
+    two = torch.add(raw, first, alpha=2.0)
+    assert type(two.grad_fn).__name__ == "AddBackward0"
+    assert skip_around((two,), raw, first, False) is None
+
+
+def test_a_call_taking_block_0s_input_takes_no_chain_when_it_is_the_entry() -> None:
+    """J3: with `entry`, outputs[0] is block 0's input, no output of chain 0: a second tower taking that
+    input (or what is computed from it) runs beside the first and takes no chain; a call taking chain
+    0's last output (or a sum on it) takes chain 0. Without `entry`, outputs[0] is chain 0's own."""
+    from stabilitycheck.junctions import taken_chains
+
+    w = torch.randn(4, requires_grad=True)
+    inp = w * 1.0
+    out0 = torch.tanh(inp)
+    out1 = torch.tanh(out0)
+    outputs = [inp, out0, out1]
+    assert taken_chains(outputs, [], (inp,), True) == frozenset()
+    assert taken_chains(outputs, [], (torch.sin(inp),), True) == frozenset()
+    assert taken_chains(outputs, [], (out1 + 1,), True) == frozenset({0})
+    assert taken_chains(outputs, [], (inp,), False) == frozenset({0})
+
+
+def _loss(out, _):
+    return out.pow(2).mean()
+
+
+class _ScaledSkip(nn.Module):
+    """stem, then x + 0.5 * block0(x) written as `mul` or as torch.add(..., alpha=0.5): the same function."""
+
+    def __init__(self, alpha_form: bool, width: int = 6) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(11)
+        self.stem = nn.Linear(width, width, bias=False)
+        self.layers = nn.ModuleList(nn.Linear(width, width, bias=False) for _ in range(3))
+        with torch.no_grad():
+            for m in (self.stem, *self.layers):
+                m.weight.copy_(torch.randn(width, width, generator=g) / math.sqrt(width))
+        self.alpha_form = alpha_form
+
+    def forward(self, inp: torch.Tensor) -> torch.Tensor:
+        x = self.stem(inp)
+        out = self.layers[0](x)
+        h = torch.add(x, out, alpha=0.5) if self.alpha_form else x + 0.5 * out
+        h = self.layers[1](torch.tanh(h))
+        return self.layers[2](torch.tanh(h))
+
+
+def test_an_add_with_alpha_reads_as_the_same_function_written_with_a_multiply() -> None:
+    inp = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    got = []
+    for alpha_form in (False, True):
+        model = _ScaledSkip(alpha_form)
+        blocks = [(f"layers.{i}", m) for i, m in enumerate(model.layers)]
+        got.append(probe_module(model, inp, _loss, blocks=blocks))
+    plain, alpha = got
+    assert alpha.activation_names == plain.activation_names
+    assert list(alpha.activation_grad_norms) == pytest.approx(
+        list(plain.activation_grad_norms), rel=1e-6, abs=0
+    )
+    assert alpha.growth == pytest.approx(plain.growth, rel=1e-6, abs=0)
+
+
+F64 = torch.float64
+
+
+def _square(out: torch.Tensor, _: object) -> torch.Tensor:
+    return out.square().sum()
+
+
+class _PassesItsInputOn(nn.Module):
+    """A layer returning its output and, beside it, half its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8, dtype=F64)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.tanh(self.lin(x)), 0.5 * x
+
+
+class _TowerOnTheInputHandedOn(nn.Module):
+    """An encoder of three such layers; a second tower of two layers runs on the half of the model's
+    input that encoder layer 0 hands on, not on anything the encoder computed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc = nn.ModuleList(_PassesItsInputOn() for _ in range(3))
+        self.tower = nn.ModuleList(nn.Sequential(nn.Linear(8, 8, dtype=F64), nn.Tanh()) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, side = self.enc[0](x)
+        for layer in self.enc[1:]:
+            h, _ = layer(h)
+        for layer in self.tower:
+            side = layer(side)
+        return h.sum() + side.sum()
+
+
+def test_a_tower_on_the_input_block_0_hands_on_runs_beside_the_chain() -> None:
+    """junctions.taken_chains: block 0's input (the `(input)` entry) is not an output of chain 0, 'a
+    second tower taking that input too runs beside the first'; the tower's gradient reaches the input
+    through 0.5 * x, never through the encoder, so no path crosses both. Oracle: the documented rule."""
+    model = _TowerOnTheInputHandedOn()
+    blocks = [(f"enc.{i}", b) for i, b in enumerate(model.enc)]
+    blocks += [(f"tower.{i}", b) for i, b in enumerate(model.tower)]
+    m = probe_module(model, torch.randn(4, 8, dtype=F64), lambda out, _: out, blocks=blocks)
+    assert m.activation_names == ("(input)", "enc.0", "enc.1", "enc.2", "tower.0", "tower.1")
+    assert m.chain_starts == (4,)
+    assert m.chain_feeds == ((), ())
+    assert m.growth == pytest.approx(max(m.chain_growths), rel=1e-12)
+
+
+class _Decoding(nn.Module):
+    """A decoder layer: its own input and the encoder's memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.own, self.mem = nn.Linear(8, 8, dtype=F64), nn.Linear(8, 8, dtype=F64)
+
+    def forward(self, y: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.own(y) + self.mem(memory))
+
+
+class _HeadOnDecoderPlusSkip(nn.Module):
+    """Two encoder layers, two decoder layers on the encoder's memory, and a head on the decoder's
+    output plus the decoder's own input (a skip around the decoder)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc = nn.ModuleList(nn.Sequential(nn.Linear(8, 8, dtype=F64), nn.Tanh()) for _ in range(2))
+        self.dec = nn.ModuleList(_Decoding() for _ in range(2))
+        self.head = nn.Linear(8, 4, dtype=F64)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        for layer in self.enc:
+            x = layer(x)
+        h = y
+        for layer in self.dec:
+            h = layer(h, x)
+        return self.head(h + y)  # type: ignore[no-any-return]
+
+
+def test_a_head_after_a_decoder_takes_the_decoders_chain_alone() -> None:
+    """junctions.taken_chains: 'a head after a decoder takes the decoder's alone (the encoder's reach
+    it through the decoder)': the head's input, the decoder's output plus a skip, is no merge of two
+    chains, so the head goes on with the decoder's chain. Oracle: the documented rule, and torch's
+    |dL/d dec.0| / |dL/d head| for the decoder chain's growth."""
+    model = _HeadOnDecoderPlusSkip()
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randn(4, 8, dtype=F64, generator=gen), torch.randn(4, 8, dtype=F64, generator=gen)
+    blocks = [(f"enc.{i}", b) for i, b in enumerate(model.enc)]
+    blocks += [*((f"dec.{i}", b) for i, b in enumerate(model.dec)), ("head", model.head)]
+    m = probe_module(model, (x, y), _square, blocks=blocks)
+    assert m.activation_names == ("(input)", "enc.0", "enc.1", "dec.0", "dec.1", "head")
+    assert m.chain_starts == (3,)
+    assert m.chain_feeds == ((), (0,))
+    dec0, _, head = _grads_of([*model.dec, model.head], lambda: _square(model(x, y), None))
+    assert m.chain_growths[1] == pytest.approx(dec0 / head, rel=1e-12)
+
+
+class _LearnedStart(nn.Module):
+    """A block returning its learned state as it is (a leaf: no autograd node), whatever it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state = nn.Parameter(torch.randn(4, 8, dtype=F64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.state
+
+
+class _StartsFromALearnedState(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.start = _LearnedStart()
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(8, 8, dtype=F64), nn.Tanh()) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.start(x)
+        for layer in self.layers:
+            h = layer(h)
+        return h
+
+
+def test_a_block_taking_the_leaf_the_block_before_returned_goes_on_with_its_chain() -> None:
+    """junctions.comes_from: a call goes on with the chain where what it takes 'is out or is computed from
+    it'; the learned state start returns is a leaf (no autograd node to trace back to), and layers.0
+    takes it as it is. Oracle: the documented rule, and torch's |dL/d start| / |dL/d layers.2|."""
+    model = _StartsFromALearnedState()
+    blocks = [("start", model.start), *((f"layers.{i}", b) for i, b in enumerate(model.layers))]
+    x = torch.randn(4, 8, dtype=F64)
+    m = probe_module(model, x, _square, blocks=blocks)
+    assert m.activation_names[-4:] == ("start", "layers.0", "layers.1", "layers.2")
+    assert m.chain_starts == ()
+    out: list[torch.Tensor] = []
+
+    def run() -> torch.Tensor:
+        out.append(_square(model(x), None))
+        return out[0]
+
+    start, *_, last = _grads_of([model.start, *model.layers], run)
+    assert m.growth == pytest.approx(start / last, rel=1e-12)
+
+
+class _TwoHeadsOnTwoInputs(nn.Module):
+    """A list of two heads, each on its own input: head 1 does not take head 0's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.heads = nn.ModuleList(nn.Sequential(nn.Linear(8, 8, dtype=F64), nn.Tanh()) for _ in range(2))
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.heads[0](a) + self.heads[1](b)  # type: ignore[no-any-return]
+
+
+def test_block_1_not_taking_block_0s_output_starts_a_chain() -> None:
+    """Every block but a lone block 0 is checked for a junction, a stack's later blocks too (a head per
+    stage is a chain of its own): heads.1 takes b, not heads.0's output, so it starts a chain at call 2.
+    Oracle: the documented rule (stack_starts' docstring)."""
+    gen = torch.Generator().manual_seed(5)
+    a, b = torch.randn(4, 8, dtype=F64, generator=gen), torch.randn(4, 8, dtype=F64, generator=gen)
+    m = probe_module(_TwoHeadsOnTwoInputs(), (a, b), _square)
+    assert m.activation_names == ("(input)", "heads.0", "heads.1")
+    assert m.chain_starts == (2,)
+
+
+def _starts_by_rule(stacks: list[str]) -> list[int]:
+    """stack_starts' docstring, spelt out: the first block of each run of blocks in one container,
+    except block 0 where it is a one-block stack (a recurrent cell called per token)."""
+    runs = [b for b in range(len(stacks)) if b == 0 or stacks[b] != stacks[b - 1]]
+    return [b for b in runs if b > 0 or (len(stacks) > 1 and stacks[1] == stacks[0])]
+
+
+@pytest.mark.parametrize(
+    "stacks",
+    [
+        ["cell"],
+        ["cell", "head"],
+        ["layers", "layers", "head"],
+        ["enc", "enc", "dec", "dec"],
+        ["stages.0", "stages.1", "stages.1", "heads", "heads"],
+        ["fwd", "bwd"],
+        ["a", "a", "b", "a", "a"],
+    ],
+)
+def test_the_blocks_checked_in_a_pre_hook_are_each_stacks_first_but_a_lone_block_0(stacks: list[str]) -> None:
+    """Oracle: the rule of junctions.stack_starts' docstring, spelt out by hand."""
+    from stabilitycheck.junctions import stack_starts
+
+    assert stack_starts(stacks) == _starts_by_rule(stacks)
+
+
+@pytest.mark.parametrize("nodes", [TAP_NODES - 1, TAP_NODES])
+def test_a_norm_graph_of_up_to_tap_nodes_nodes_is_searched(nodes: int) -> None:
+    """The taps search covers a graph of up to TAP_NODES nodes, its documented cap, and gives up on a
+    larger one: x scaled `nodes` times has one tap."""
+    x = torch.randn(3, requires_grad=True).clone()
+    raw = x
+    for _ in range(nodes):
+        raw = raw * 1.5
+    assert len(_taps(raw, _edge(x))) == 1
+    assert _taps(raw * 1.5 * 1.5, _edge(x)) == []  # TAP_NODES + 1 or more
+
+
+class _Inner(nn.Module):
+    """A block with its own residual add inside: its output is an AddBackward0 of its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8, dtype=F64)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + torch.tanh(self.lin(h))
+
+
+class _FromZeros(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_Inner() for _ in range(3))
+
+    def stream(self, h: torch.Tensor) -> list[torch.Tensor]:
+        outs = []
+        for layer in self.layers:
+            h = layer(h)
+            outs.append(h)
+        return outs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stream(torch.zeros_like(x))[-1] * x  # block 0's input made in the forward
+
+
+def test_the_next_block_taking_block_0s_own_output_is_no_residual_around_it() -> None:
+    """A block ending in its own add (h + f(h)) on a zero input made in the forward, taken as it is by the
+    next block, is no residual around block 0 (0 + out == out to the bit). Oracle: torch's gradients."""
+    torch.manual_seed(0)
+    model, x = _FromZeros(), torch.randn(4, 8, dtype=F64)
+    loss = lambda o, _: o.square().sum()  # noqa: E731
+    m = probe_module(model, x, loss)
+    h = torch.zeros_like(x).requires_grad_()
+    outs = model.stream(h)
+    norms = [g.norm().item() for g in torch.autograd.grad(loss(outs[-1] * x, x), [h, *outs])]
+    assert m.activation_grad_norms == pytest.approx(norms, rel=1e-9)
+    assert m.gains == pytest.approx([norms[i] / norms[i + 1] for i in range(3)], rel=1e-9)

@@ -43,3 +43,17 @@ def test_the_layout_holds_trainable_parameters_and_follows_a_freeze() -> None:
     assert frozen.owner == (0, 1, 1)
     model[0].weight.requires_grad_(True)
     assert layout_of(model, blocks).owner == (0, 0, 1, 1)
+
+
+def test_norms_combine_as_torchs_total_norm_does_nan_first() -> None:
+    """math.hypot reads inf beside NaN as inf; torch's total norm of such gradients is NaN, and so is
+    the probe's (found in review). Oracle: torch.nn.utils.get_total_norm."""
+    from stabilitycheck.layout import combined
+
+    for values in ([math.inf, math.nan], [math.nan, 2.0], [3.0, 4.0], [math.inf, 1.0]):
+        expect = float(
+            torch.nn.utils.get_total_norm([torch.tensor([v], dtype=torch.float64) for v in values])
+        )
+        got = combined(values)
+        assert got == expect or (math.isnan(got) and math.isnan(expect)), values
+    assert combined([1e200, 1e200]) == math.sqrt(2) * 1e200  # where torch's squares overflow

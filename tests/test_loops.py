@@ -1,11 +1,13 @@
 """Blocks a forward calls again on their own output (stabilitycheck.loops): a recurrent cell of the
 user's own, a weight-tied block looped over depth, found where the module tree has no stack, list or
 torch cell. Oracles: exact gains of linear maps W = g x orthogonal (||W^T v|| = g ||v||), torch's own
-gradients, and the model's state (buffers, modes, random state) compared before and after."""
+gradients, and the model's state (buffers, modes, random state) compared before and after.
+Also find_blocks' choice and order of stacks around looped blocks (first call, declared, heads apart)."""
 
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -494,3 +496,241 @@ def test_the_cut_check_reads_a_detached_alias_and_nothing_else() -> None:
     assert not _cut((h.detach(), h), {}, h)  # the chain goes on through h as it came
     sparse = torch.randn(2, 3).to_sparse().requires_grad_()
     assert not _cut((x, x), {}, sparse)
+
+
+class _EncoderThenHeads(nn.Module):
+    """Three chained encoder blocks, then three heads each reading the encoder's output (the calls of
+    the two stacks follow each other, never interleave)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.ModuleList(nn.Sequential(nn.Linear(4, 4), nn.Tanh()) for _ in range(3))
+        self.heads = nn.ModuleList(nn.Sequential(nn.Linear(4, 4)) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.enc:
+            x = block(x)
+        return torch.stack([head(x) for head in self.heads]).sum(0)
+
+
+def test_stacks_called_one_after_the_other_keep_find_blocks_choice() -> None:
+    """looped_blocks drops a stack whose calls do not chain only where another's calls fall between
+    them; an encoder's calls, then its heads' (no call between two of another stack's), keep both."""
+    from stabilitycheck.loops import looped_blocks
+    from stabilitycheck.subject import find_blocks
+
+    model = _EncoderThenHeads()
+    blocks, note = find_blocks(model)
+    assert [name for name, _ in blocks] == [f"enc.{i}" for i in range(3)] + [f"heads.{i}" for i in range(3)]
+    assert looped_blocks(model, torch.randn(2, 4), blocks, note) == (blocks, note)
+
+
+F64 = torch.float64
+
+
+class _DrawsPython(nn.Module):
+    """One Linear looped over depth (find_blocks' last resort: its leaf modules), whose forward draws
+    from Python's `random` (a stochastic depth written with it) without changing its output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Linear(8, 8, dtype=F64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(3):
+            keep = random.random() >= 0.0  # always True: a draw that changes nothing
+            x = torch.tanh(self.block(x)) if keep else x
+        return x
+
+
+def test_the_forward_that_finds_looped_blocks_puts_pythons_random_state_back() -> None:
+    """looped_blocks' docstring: the finding forward runs with the random states of torch, Python and
+    numpy put back. Oracle: random.getstate() before and after (the draw moves it)."""
+    model = _DrawsPython()
+    x = torch.randn(2, 8, dtype=F64)
+    random.seed(7)
+    before = random.getstate()
+    blocks, _ = looped_blocks(model, x, *find_blocks(model))
+    assert [name for name, _ in blocks] == ["block"]
+    assert random.getstate() == before
+
+
+class _SpareStackDeclaredFirst(nn.Module):
+    """Two stacks of composite blocks, the first declared never called (a spare tower the forward
+    skips), the second the chain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spare = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3))
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_a_stack_the_forward_never_calls_comes_after_the_ones_it_calls() -> None:
+    """looped_blocks takes the stacks in the order the forward first calls them, 'a stack never called
+    comes last' (loops._apart), with the order note. Oracle: the documented rule."""
+    model = _SpareStackDeclaredFirst()
+    assert [name for name, _ in find_blocks(model)[0]][:1] == ["spare.0"]  # declared order
+    blocks, note = looped_blocks(model, torch.randn(2, 8), *find_blocks(model))
+    want = [*(f"layers.{i}" for i in range(3)), *(f"spare.{i}" for i in range(3))]
+    assert [name for name, _ in blocks] == want
+    assert note == "blocks: layers (3) + spare (3) (in the order the forward calls them)"
+
+
+def _composite(n: int) -> nn.ModuleList:
+    return nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(n))
+
+
+class _Sandwich(nn.Module):
+    """Two stacks of composite blocks: `outer` opens and closes the forward around `inner`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outer, self.inner = _composite(2), _composite(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.outer[0](x)
+        for layer in self.inner:
+            x = layer(x)
+        return self.outer[1](x)  # type: ignore[no-any-return]
+
+
+def test_stacks_are_ordered_by_their_first_call_not_their_last() -> None:
+    """looped_blocks: 'the stacks in the order the forward first calls them' (block 0's input is the
+    chain's `(input)`): outer's first call comes before inner's, so the declared order stands, its
+    note unchanged. Oracle: the documented rule."""
+    model = _Sandwich()
+    chosen = find_blocks(model)
+    assert chosen[1] == "blocks: outer (2) + inner (3)"
+    assert looped_blocks(model, torch.randn(2, 8), *chosen) == chosen
+
+
+class _DeclaresItsBlocks(_Sandwich):
+    """The sandwich declaring inner's blocks first (its own choice, whatever the forward does)."""
+
+    def stability_blocks(self) -> list[tuple[str, nn.Module]]:
+        return [*((f"inner.{i}", b) for i, b in enumerate(self.inner)), ("outer.0", self.outer[0])]
+
+
+def test_declared_blocks_are_taken_as_declared() -> None:
+    """README: stability_blocks() 'returns its repeated blocks'; only blocks find_blocks chose itself are
+    reordered or dropped by what a forward shows. Oracle: the documented rule."""
+    model = _DeclaresItsBlocks()
+    chosen = find_blocks(model)
+    assert [name for name, _ in chosen[0]] == ["inner.0", "inner.1", "inner.2", "outer.0"]
+    assert looped_blocks(model, torch.randn(2, 8), *chosen) == chosen
+
+
+class _EncoderHeadsDecoder(nn.Module):
+    """Three stacks of composite blocks, declared decoder, encoder, heads; the forward runs the
+    encoder with a head after each of its layers (deep supervision, off the chain), then the decoder
+    on the encoder's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.decoder, self.encoder, self.heads = _composite(2), _composite(3), _composite(3)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outs = []
+        for layer, head in zip(self.encoder, self.heads, strict=True):
+            x = layer(x)
+            outs.append(head(x))
+        for layer in self.decoder:
+            x = layer(x)
+        return [*outs, x]
+
+
+def test_stacks_kept_apart_from_heads_are_in_the_order_the_forward_calls_them() -> None:
+    """The heads run between the encoder's calls, off the chain, and are left out; the two stacks kept
+    are 'in the order the forward first calls them' (loops._apart), the encoder's first, and the note
+    names them in that order. Oracle: the documented rule."""
+    model = _EncoderHeadsDecoder()
+    blocks, note = looped_blocks(model, torch.randn(2, 8), *find_blocks(model))
+    assert [name for name, _ in blocks] == ["encoder.0", "encoder.1", "encoder.2", "decoder.0", "decoder.1"]
+    assert note == "blocks: encoder + decoder (5; heads run between their calls, off the chain: not taken)"
+
+
+def test_a_module_looped_twice_and_modules_named_alike_are_found() -> None:
+    """loops._looped by construction: a cell called exactly twice on its own output is looped (two
+    calls are the least that make a loop); modules `f` and `ff` both looped are both found (`ff` is
+    no submodule of `f`, whose name it starts with)."""
+    from torch import nn
+
+    from stabilitycheck.loops import _looped
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for _ in range(2):
+                x = torch.tanh(self.cell(x))
+            return x
+
+    class Alike(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.f, self.ff = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in (self.f, self.ff):
+                for _ in range(3):
+                    x = torch.tanh(layer(x))
+            return x
+
+    x = torch.randn(2, 4)
+    assert _looped(Two(), (x,)) == ["cell"]
+    assert _looped(Alike(), (x,)) == ["f", "ff"]
+
+
+class _TwoTowersInterleaved(nn.Module):
+    """Two stacks of composite blocks, declared b then a; the forward calls a.i then b.i, each on the
+    model's input: neither stack's calls chain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b, self.a = _composite(3), _composite(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for a, b in zip(self.a, self.b, strict=True):
+            outs += [a(x), b(x)]
+        return torch.stack(outs).sum(0)
+
+
+def test_interleaved_stacks_none_of_which_chains_are_all_taken_in_first_call_order() -> None:
+    """loops._apart: where no stack's calls chain, all stacks are taken 'in the order the forward first
+    calls them', with the order note. Oracle: the documented rule."""
+    model = _TwoTowersInterleaved()
+    assert find_blocks(model)[1] == "blocks: b (3) + a (3)"  # declared order
+    blocks, note = looped_blocks(model, torch.randn(2, 8), *find_blocks(model))
+    assert [name for name, _ in blocks] == ["a.0", "a.1", "a.2", "b.0", "b.1", "b.2"]
+    assert note == "blocks: a (3) + b (3) (in the order the forward calls them)"
+
+
+class _LoopsAMixedList(nn.Module):
+    """A weight-tied Sequential of mixed types, one of them composite, looped on its own output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Tanh()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(4):
+            x = self.block(x)
+        return x
+
+
+def test_a_looped_mixed_list_holding_a_composite_module_is_one_block_per_call() -> None:
+    """A mixed-type list holding a composite module, looped on its own output, is one block per call
+    (`_stacks_of` is empty unless every block is composite). Oracle: the documented rule."""
+    model = _LoopsAMixedList()
+    assert find_blocks(model)[1] == "blocks: block (2, mixed module types)"
+    blocks, note = looped_blocks(model, torch.randn(2, 8), *find_blocks(model))
+    assert [name for name, _ in blocks] == ["block"]
+    assert note == LOOPED_NOTE.format(names="block")

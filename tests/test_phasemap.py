@@ -4,6 +4,7 @@ guarantees (exact on monotone grids, a measured transition on any grid, the cost
 
 The theory tests judge growth alone (grad_norm and divergence off): growth is what mean-field theory
 predicts; with the default limits a linear RNN's weight-gradient norm passes 1e3 first at small sigma.
+Also the staircase trace (staircase) on hand-made boolean rows: confirmations and bisection.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tracemalloc
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -562,3 +564,204 @@ def test_a_frontier_point_names_every_criterion_it_fires_on() -> None:
         config = pm.base.with_knobs(depth=pm.x.values[edge.x], init_scale=pm.y.values[edge.y])
         assert point.criteria == assess(config, limits=Limits(grad_norm=60.0)).verdict.names
     assert any(len(pm.point(e.x, e.y).criteria) > 1 for e in pm.explode if e.x is not None)  # type: ignore[union-attr]
+
+
+def test_theorys_frontier_is_strictly_above_the_limit_like_the_verdict() -> None:
+    """P3: the growth criterion fires on growth > limit (verdicts._above); a linear RNN's last-step growth
+    is exactly sigma^(T-1) = 10^2 = 100 at T = 3, on the limit: not past it. The frontier is T = 4."""
+    from stabilitycheck.phasemap import theory
+    from stabilitycheck.space import Axis
+    from stabilitycheck.verdicts import Limits
+
+    base = SimpleNamespace(family="rnn", subject="rnn", values={"activation": "linear", "init_scale": 10.0})
+    pm = SimpleNamespace(
+        limits=Limits(growth=100.0),
+        base=base,
+        loss="last",
+        x=Axis("seq_len", (1, 2, 3, 4, 5)),
+        y=Axis("init_scale", (10.0,)),
+    )
+    assert theory(pm) == (3,)  # index of T = 4
+
+
+def test_a_row_breaking_monotonicity_is_bisected_below_its_lowest_firing_point() -> None:
+    """ST5: a row whose measured points break monotonicity (x = 2 fires, x = 3 does not) is bisected
+    again below its lowest firing point for its lowest transition: here the frontier is x = 0, the
+    brute-force smallest x that fires in that row; a bisection up to the quiet point instead keeps
+    x = 2, above a firing point it measured."""
+    from stabilitycheck.staircase import trace
+
+    rows = [(False, False, False, False), (True, False, True, False)]
+    edges: list[Any] = []
+    notes: list[str] = []
+
+    def fires(x: int, y: int) -> bool:
+        return rows[y][x]
+
+    trace(fires, 4, 2, edges, notes)
+    assert [e.x for e in edges] == [None, min(x for x in range(4) if rows[1][x])]
+    assert edges[1].how == "bisection" and len(notes) == 1 and notes[0].startswith("row 1: x index 2 fires")
+
+
+def _trace_rows(rows: list[list[bool]]) -> tuple[list[object], list[str], dict[int, set[int]]]:
+    from stabilitycheck.staircase import trace
+
+    edges: list[object] = []
+    notes: list[str] = []
+    asked: dict[int, set[int]] = {}
+
+    def fires(x: int, y: int) -> bool:
+        asked.setdefault(y, set()).add(x)
+        return rows[y][x]
+
+    trace(fires, len(rows[0]), len(rows), edges, notes)
+    return edges, notes, asked
+
+
+def test_the_frontier_is_confirmed_by_a_second_quiet_point_below_it() -> None:
+    """Module docstring: both sides of a frontier are confirmed by one more point, two quiet below
+    it; a firing point two below the first-found frontier breaks monotonicity there, and the row is
+    bisected below it for its lowest transition. Oracle: brute force (the smallest firing x of a row
+    whose firing points are 2 and 4..7; the bisection on x = 7, 3, 5, 4 alone finds 4)."""
+    row = [x == 2 or x >= 4 for x in range(8)]
+    edges, notes, asked = _trace_rows([row])
+    assert {3, 2} <= asked[0]  # f - 1 and f - 2 of the first frontier (4)
+    assert edges[0].x == min(x for x in range(8) if row[x]) == 2  # type: ignore[attr-defined]
+    assert len(notes) == 1 and "x index 2 fires but x index 3 does not" in notes[0]
+
+
+def test_the_frontier_is_confirmed_by_a_second_firing_point_above_it() -> None:
+    """Module docstring: two firing points above the frontier; a quiet point right above the
+    first-found frontier breaks monotonicity and is said. Oracle: brute force on a row firing at 3
+    and 5..7 (the bisection on x = 7, 3, 1, 2 alone finds 3, never asking 4)."""
+    row = [x == 3 or x >= 5 for x in range(8)]
+    edges, notes, asked = _trace_rows([row])
+    assert 4 in asked[0]
+    assert edges[0].x == min(x for x in range(8) if row[x]) == 3  # type: ignore[attr-defined]
+    assert len(notes) == 1 and "x index 3 fires but x index 4 does not" in notes[0]
+
+
+def test_a_walked_row_is_bisected_below_its_lowest_measured_firing_point() -> None:
+    """Module docstring: a row whose measured points break monotonicity is bisected again below its
+    LOWEST firing point. Oracle: brute force over every row firing set of 6 points where the trace
+    says it broke monotonicity: the frontier then is a measured transition (x fires, x - 1 quiet or
+    x = 0) at or below every firing point the row measured."""
+    import itertools
+
+    for bits in itertools.product([False, True], repeat=6):
+        rows = [[x >= 3 for x in range(6)], list(bits)]
+        edges, _, asked = _trace_rows(rows)
+        f = edges[1].x  # type: ignore[attr-defined]
+        firing_asked = [x for x in asked[1] if rows[1][x]]
+        if f is None:
+            assert not firing_asked
+            continue
+        assert rows[1][f] and (f == 0 or (f - 1 in asked[1] and not rows[1][f - 1]))
+        assert f <= min(firing_asked)
+
+
+def test_a_rows_vanishing_band_ends_where_every_seed_fell_below_one_over_the_limit() -> None:
+    """PhaseMap.band(vanishing=True): the smallest measured x where one of the seeds fell below
+    1/limit (the lowest seed's growth), and where all of them did (the highest seed's growth below
+    it), not where the quantile did. Oracle: that docstring, by hand on the seeds' ranges."""
+    from stabilitycheck.phasemap import Point
+    from stabilitycheck.space import Axis
+    from stabilitycheck.spread import Spread
+
+    rows = [Spread(0.5, 1.0, 2.0), Spread(0.001, 0.005, 0.05), Spread(0.001, 0.002, 0.005)]
+    points = tuple(Point(x, 0, False, g.mid < 0.01, (), g, 5, 0) for x, g in enumerate(rows))
+    pm = _map(
+        Config.of("mlp"),
+        Axis("depth", (1, 2, 3)),
+        Axis("init_scale", (1.0,)),
+        Limits(vanishing=100.0),
+        points,
+    )
+    some = min(x for x, g in enumerate(rows) if g.low < 1 / 100.0)
+    every = min(x for x, g in enumerate(rows) if g.high < 1 / 100.0)
+    assert pm.band(0, vanishing=True) == (some, every) == (1, 2)
+
+
+def test_a_point_where_growth_and_vanishing_both_fired_is_both_exploded_and_vanished() -> None:
+    """phasemap.Point.of: `exploded` where a criterion other than vanishing fired, `vanished` where
+    vanishing fired, alone or not (an encoder growing beside a decoder vanishing fires both). Oracle:
+    the field comments, on a verdict naming both."""
+    import dataclasses
+
+    from closed_form import ScaledIdentity
+
+    from stabilitycheck.phasemap import Point
+    from stabilitycheck.seeds import assess
+    from stabilitycheck.verdicts import Criterion, Verdict
+
+    subject = ScaledIdentity()
+    base = assess(subject.config().with_run(seeds=1), subject, Limits())  # type: ignore[arg-type]
+    both = Verdict(True, (Criterion("growth", 1e3, 1e2), Criterion("vanishing", 1e-3, 1e-2)))
+    p = Point.of(0, 0, dataclasses.replace(base, verdict=both, exploded_seeds=1), Limits())
+    assert p.exploded and p.vanished and p.criteria == ("growth", "vanishing")
+    alone = Point.of(
+        0,
+        0,
+        dataclasses.replace(base, verdict=Verdict(True, (Criterion("vanishing", 1e-3, 1e-2),))),
+        Limits(),
+    )
+    assert alone.vanished and not alone.exploded
+
+
+def _map(
+    base: Config, x: object, y: object, limits: Limits, points: tuple[object, ...] = (), loss: str = "default"
+):  # type: ignore[no-untyped-def]
+    from stabilitycheck.phasemap import PhaseMap
+
+    return PhaseMap(
+        label="t",
+        base=base,
+        x=x,
+        y=y,
+        limits=limits,
+        loss=loss,
+        init_knob="init_scale",  # type: ignore[arg-type]
+        points=points,
+        explode=(),
+        vanish=None,
+        violations=(),
+        elapsed=0.0,
+        interrupted=False,  # type: ignore[arg-type]
+    )
+
+
+def test_the_theory_frontier_is_where_the_growth_passes_the_limit_strictly() -> None:
+    """phasemap.theory: per row the smallest x whose mean-field growth passes the limit, as the
+    verdict's growth criterion does: strictly above it (verdicts: value > limit). A linear RNN on its
+    last step grows exactly sigma^(T - 1): at sigma = 10 and limit 100, T = 3 gives 100.0 exactly
+    (not past it), T = 4 gives 1000. Oracle: that closed form and the strict comparison."""
+    from stabilitycheck.phasemap import theory
+    from stabilitycheck.space import Axis
+
+    base = Config.of("rnn", activation="linear", init_scale=10.0, seq_len=2)
+    pm = _map(
+        base,
+        Axis("seq_len", (1, 2, 3, 4, 5)),
+        Axis("init_scale", (2.0, 10.0)),
+        Limits(growth=100.0),
+        loss="last",
+    )
+    want = tuple(
+        next((i for i, t in enumerate((1, 2, 3, 4, 5)) if s ** (t - 1) > 100.0), None) for s in (2.0, 10.0)
+    )
+    assert want == (None, 3)
+    assert theory(pm) == want
+
+
+def test_a_maps_probes_are_every_seed_its_points_spent() -> None:
+    """PhaseMap.probes: the seeds probed in all, the sum over its points of the seeds each verdict
+    spent (fired or not). Oracle: that sum by hand."""
+    from stabilitycheck.phasemap import Point
+    from stabilitycheck.space import Axis
+    from stabilitycheck.spread import Spread
+
+    s = Spread(1.0, 1.0, 1.0)
+    points = (Point(0, 0, False, False, (), s, 3, 0), Point(1, 0, True, False, ("growth",), s, 5, 2))
+    pm = _map(Config.of("mlp"), Axis("depth", (1, 2)), Axis("init_scale", (1.0,)), Limits(), points)
+    assert pm.probes == 3 + 5 and pm.verdicts == 2
+    assert pm.to_dict()["probes"] == 8

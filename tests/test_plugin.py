@@ -516,3 +516,18 @@ def test_a_failing_configs_row_shows_every_knob_off_its_default() -> None:
     assert shown == failing and probe(shown).growth == probe(failing).growth
     plain = finding(Config.of("rnn", seq_len=24), "test_y", failure="x")
     assert plain is not None and "batch_size" not in dict(plain.knobs)
+
+
+def test_one_config_failing_in_two_tests_is_recorded_for_each() -> None:
+    """The session's findings are deduplicated per (test, Config): the same Config failing two tests
+    is two rows of the summary, one per test id."""
+    from stabilitycheck.config import Config
+    from stabilitycheck.findings import finding
+    from stabilitycheck.pytest_plugin import _State
+
+    state = _State(seed=0)
+    config = Config.of("mlp", depth=3)
+    assert state.add(finding(config, "test_a.py::test_one"))
+    assert state.add(finding(config, "test_a.py::test_two"))
+    assert not state.add(finding(config, "test_a.py::test_one"))
+    assert [f.test for f in state.findings] == ["test_a.py::test_one", "test_a.py::test_two"]

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
-from chain_models import OrthogonalTowers, run_tower
+from chain_models import OrthogonalTowers, _grads_of, run_tower
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
@@ -3567,3 +3567,620 @@ def test_a_loss_reads_the_inputs_as_the_model_left_them() -> None:
     assert m.loss[0] == pytest.approx(loss.item(), rel=1e-5)
     assert m.grad_norm[0] == pytest.approx(torch.stack([g.norm() for g in grads[4:]]).norm().item(), rel=1e-5)
     assert list(m.activation_grad_norms[1:]) == pytest.approx([g.norm().item() for g in grads[:4]], rel=1e-5)
+
+
+class _Chain(nn.Module):
+    """h -> tanh(W_k h) over k Linear blocks; `dead_last`: the last block's output reaches the loss x 0."""
+
+    def __init__(self, depth: int = 4, width: int = 8, scale: float = 2.0, dead_last: bool = False) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.layers = nn.ModuleList(nn.Linear(width, width, bias=False) for _ in range(depth))
+        for layer in self.layers:
+            with torch.no_grad():
+                layer.weight.copy_(torch.randn(width, width, generator=g) * scale / math.sqrt(width))
+        self.dead_last = dead_last
+
+    def forward(self, x: torch.Tensor, keep: list | None = None) -> torch.Tensor:
+        outs = []
+        h = x
+        for layer in self.layers:
+            z = layer(h)  # the block's output (the probe's hook sees it), before the tanh
+            if keep is not None:
+                z.retain_grad()
+            outs.append(z)
+            h = torch.tanh(z)
+        if keep is not None:
+            keep.extend(outs)
+        if self.dead_last:
+            return torch.tanh(outs[-2]) + 0.0 * outs[-1]
+        return h
+
+
+def _blocks(model: _Chain):
+    return [(f"layers.{i}", m) for i, m in enumerate(model.layers)]
+
+
+def _loss(out, _):
+    return out.pow(2).mean()
+
+
+def _autograd_gradient_norms(model: _Chain, x: torch.Tensor) -> tuple[float, list[float]]:
+    x = x.clone().requires_grad_()
+    keep: list[torch.Tensor] = []
+    _loss(model(x, keep), None).backward()
+    return x.grad.double().norm().item(), [h.grad.double().norm().item() for h in keep]
+
+
+def test_probe_growth_is_input_over_last_output_gradient_by_autograd() -> None:
+    model, x = _Chain(), torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    gx, gh = _autograd_gradient_norms(model, x)
+    m = probe_module(model, x, _loss, blocks=_blocks(model))
+    assert m.growth == pytest.approx(gx / gh[-1], rel=1e-5, abs=0)
+    assert list(m.activation_grad_norms) == pytest.approx([gx, *gh], rel=1e-5, abs=0)
+
+
+def test_a_last_output_reached_with_a_zero_gradient_is_not_the_chains_end() -> None:
+    model, x = _Chain(dead_last=True), torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    gx, gh = _autograd_gradient_norms(model, x)
+    assert gh[-1] == 0.0 and gh[-2] > 0
+    m = probe_module(model, x, _loss, blocks=_blocks(model))
+    assert m.growth == pytest.approx(gx / gh[-2], rel=1e-5, abs=0)
+
+
+def test_steps_run_and_weight_norms_follow_the_steps() -> None:
+    model, x = _Chain(scale=0.5), torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    m0 = probe_module(model, x, _loss, blocks=_blocks(model))
+    assert m0.steps_run == 0 and len(m0.loss) == 1 and m0.weight_norms == ()
+    m2 = probe_module(model, x, _loss, blocks=_blocks(model), steps=2)
+    assert m2.steps_run == 2 and len(m2.loss) == 3 and len(m2.weight_norms) == 4
+
+
+def test_output_gradients_under_a_gradscaler_are_unscaled() -> None:
+    model, x = _Chain(scale=1.0), torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    plain = probe_module(model, x, _loss, blocks=_blocks(model))
+    scaled = probe_module(
+        model, x, lambda o, _: o.float().pow(2).mean(), blocks=_blocks(model), amp="float16"
+    )
+    assert scaled.loss_scale and scaled.loss_scale[0] > 1
+    # float16 autocast rounds to ~1e-3; a scale left in would be off by 65536x
+    assert list(scaled.activation_grad_norms) == pytest.approx(
+        list(plain.activation_grad_norms), rel=3e-2, abs=0
+    )
+    assert scaled.grad_norm[0] == pytest.approx(plain.grad_norm[0], rel=3e-2, abs=0)
+
+
+class _InPlaceAfter(nn.Module):
+    """Linear blocks; the output of block `k` is multiplied by 3 in place after the block returns it."""
+
+    def __init__(self, k: int, depth: int = 3, width: int = 6) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.layers = nn.ModuleList(nn.Linear(width, width, bias=False) for _ in range(depth))
+        for layer in self.layers:
+            with torch.no_grad():
+                layer.weight.copy_(torch.randn(width, width, generator=g) / math.sqrt(width))
+        self.k = k
+
+    def forward(self, x: torch.Tensor, keep: list | None = None) -> torch.Tensor:
+        h = x
+        for i, layer in enumerate(self.layers):
+            z = layer(h)
+            if keep is not None:  # the oracle: out of place, dL/d(output as returned)
+                z.retain_grad()
+                keep.append(z)
+                h = torch.tanh(z * 3 if i == self.k else z)
+            else:
+                if i == self.k:
+                    z.mul_(3)
+                h = torch.tanh(z)
+        return h
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_a_block_output_changed_in_place_after_its_block_reads_the_gradient_as_returned(k: int) -> None:
+    model = _InPlaceAfter(k)
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    keep: list[torch.Tensor] = []
+    xr = x.clone().requires_grad_()
+    _loss(model(xr, keep), None).backward()
+    want = [xr.grad.double().norm().item(), *(z.grad.double().norm().item() for z in keep)]
+    m = probe_module(model, x, _loss, blocks=[(f"layers.{i}", layer) for i, layer in enumerate(model.layers)])
+    assert list(m.activation_grad_norms) == pytest.approx(want, rel=1e-5, abs=0)
+
+
+class _LinearDeadLast(nn.Module):
+    """Linear blocks, no activation; the last block's output reaches the loss times 0 (a zero gradient)."""
+
+    def __init__(self, width: int = 6) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(2)
+        self.layers = nn.ModuleList(nn.Linear(width, width, bias=False) for _ in range(3))
+        with torch.no_grad():
+            for m in self.layers:
+                m.weight.copy_(torch.randn(width, width, generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.layers[0](x)
+        b = self.layers[1](a)
+        c = self.layers[2](b)
+        return b + 0.0 * c
+
+
+def test_the_profile_stays_at_step_0_when_gradients_reached_there() -> None:
+    model = _LinearDeadLast()
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    m = probe_module(
+        model,
+        x,
+        _loss,
+        blocks=[(f"layers.{i}", layer) for i, layer in enumerate(model.layers)],
+        steps=6,
+        lr=1e6,
+    )
+    assert m.first_nonfinite is not None and m.first_nonfinite.step > 0  # it blows up after step 0
+    assert m.profile_step == 0  # gradients reached block outputs at step 0: the profile is step 0's
+
+
+F64 = torch.float64
+
+
+def _square(out: torch.Tensor, _: object) -> torch.Tensor:
+    return out.square().sum()
+
+
+class _MarksItsInputAfterDrawing(nn.Module):
+    """As Hugging Face's wav2vec2 feature encoder in training (it sets requires_grad on a view of its
+    raw input, which torch allows on a leaf alone, so the probe's in-graph copy makes it raise), but
+    before that line it draws noise from torch's generator and updates two buffers, one in place and
+    one re-assigned: the failed forward has drawn and counted once already."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv1d(1, 8, 5, stride=2, dtype=F64)
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(8, 8, dtype=F64), nn.Tanh()) for _ in range(3))
+        self.register_buffer("seen", torch.zeros((), dtype=F64))
+        self.register_buffer("kept", torch.zeros((), dtype=F64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn_like(x)
+        self.seen.add_(1.0)
+        self.kept = self.kept + 1.0
+        h = x[:, None]
+        h.requires_grad = True
+        h = self.conv(h * (1 + 0.5 * noise[:, None]) * self.seen * self.kept).transpose(1, 2)
+        for layer in self.layers:
+            h = layer(h)
+        return h
+
+
+def test_the_rerun_on_the_inputs_as_given_draws_and_counts_as_the_failed_forward_would_have() -> None:
+    """The step runs again on the inputs as given 'random state and buffers restored' (the commit and
+    probing._run_step): the re-run must be the model's one forward. Oracle: a twin built the same way,
+    run once by torch from the probe's seed, its loss and dL/d each layer's output; and the buffers
+    after the probe, one forward's worth (1, not 2)."""
+    x = torch.randn(2, 16, dtype=F64, generator=torch.Generator().manual_seed(1))
+    model, twin = _MarksItsInputAfterDrawing(), _MarksItsInputAfterDrawing()
+    blocks = [(f"layers.{i}", b) for i, b in enumerate(model.layers)]
+    m = probe_module(model, x, _square, blocks=blocks, seed=3)
+    torch.manual_seed(derived(3, SALT_FORWARD))  # the forward's own stream (rng.derived)
+    loss: list[torch.Tensor] = []
+
+    def run() -> torch.Tensor:
+        loss.append(_square(twin(x), None))
+        return loss[0]
+
+    expect = _grads_of(list(twin.layers), run)
+    assert m.activation_names == ("(input)", "layers.0", "layers.1", "layers.2")
+    assert m.loss[0] == pytest.approx(float(loss[0].detach()), rel=1e-12)
+    assert m.activation_grad_norms[1:] == pytest.approx(expect, rel=1e-12)
+    assert float(model.seen) == 1.0
+    assert float(model.kept) == 1.0
+
+
+class _TanhLayers(nn.Module):
+    """Three tanh layers, float64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(nn.Linear(8, 8, dtype=F64) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
+def test_an_input_that_requires_grad_is_given_to_the_model_as_it_is() -> None:
+    """probing._in_graph copies each floating input 'that does not require grad'; one that does is the
+    caller's own, which a loss may differentiate against (a gradient penalty on the inputs, as WGAN-GP
+    writes it): given a copy, the model's output was no function of it and torch.autograd.grad
+    raised. Oracle: torch's loss and dL/d each layer's output for the same penalty."""
+    model = _TanhLayers()
+    x = torch.randn(4, 8, dtype=F64, generator=torch.Generator().manual_seed(2)).requires_grad_()
+
+    def penalised(out: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
+        (slope,) = torch.autograd.grad(out.sum(), given, create_graph=True)
+        return out.square().sum() + slope.square().sum()
+
+    blocks = [(f"layers.{i}", b) for i, b in enumerate(model.layers)]
+    m = probe_module(model, x, penalised, blocks=blocks)
+    loss: list[torch.Tensor] = []
+
+    def run() -> torch.Tensor:
+        loss.append(penalised(model(x), x))
+        return loss[0]
+
+    expect = _grads_of(list(model.layers), run)
+    assert m.loss[0] == pytest.approx(float(loss[0].detach()), rel=1e-12)
+    assert m.activation_grad_norms[1:] == pytest.approx(expect, rel=1e-12)
+
+
+class _MarksItsInputAndChangesOutputs(nn.Module):
+    """Sets requires_grad on a view of its raw input (as wav2vec2 in training), and puts each layer's
+    output through an in-place leaky ReLU after the layer returned it: the step runs again on the
+    inputs as given, then again for the outputs changed in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv1d(1, 8, 5, stride=2, dtype=F64)
+        self.layers = nn.ModuleList(nn.Linear(8, 8, dtype=F64) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x[:, None]
+        h.requires_grad = True
+        h = self.conv(h).transpose(1, 2)
+        for layer in self.layers:
+            h = nn.functional.leaky_relu(layer(h), 0.2, inplace=True)
+        return h
+
+
+def test_outputs_changed_in_place_by_a_model_marking_its_input_are_read_as_returned() -> None:
+    """Both re-runs of _run_step at once: the one on the inputs as given (the model refuses the probe's
+    copy) and the one for outputs changed in place, which must stay on the inputs as given. Oracle:
+    torch's dL/d each layer's output as the layer returned it (retain_grad before the in-place ReLU)."""
+    x = torch.randn(2, 16, dtype=F64, generator=torch.Generator().manual_seed(1))
+    model = _MarksItsInputAndChangesOutputs()
+    blocks = [(f"layers.{i}", b) for i, b in enumerate(model.layers)]
+    m = probe_module(model, x, _square, blocks=blocks)
+    outs: list[torch.Tensor] = []
+
+    def kept(_m: nn.Module, _a: object, out: torch.Tensor) -> torch.Tensor:
+        outs.append(out)  # as the layer returned it; the model changes the copy in place after
+        return out * 1.0
+
+    handles = [b.register_forward_hook(kept) for b in model.layers]
+    loss = _square(model(x), None)
+    for handle in handles:
+        handle.remove()
+    expect = [float(g.norm()) for g in torch.autograd.grad(loss, outs)]
+    assert m.activation_names == ("(input)", "layers.0", "layers.1", "layers.2")
+    assert m.activation_grad_norms[1:] == pytest.approx(expect, rel=1e-12)
+
+
+class _DoublesWhenAsked(nn.Module):
+    """A block that, asked to, doubles its input in place before its layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8, dtype=F64)
+
+    def forward(self, x: torch.Tensor, double: bool) -> torch.Tensor:
+        if double:
+            x.mul_(2.0)
+        return torch.tanh(self.lin(x))
+
+
+class _CalledAgainOnAnotherInput(nn.Module):
+    """Block 0 called a second time, on another tensor (z), which it doubles in place; the model
+    reads z afterwards, doubled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.block, self.other = _DoublesWhenAsked(), _DoublesWhenAsked()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.block(x, False) + 1.0
+        return self.other(self.block(z, True), False) + z  # type: ignore[no-any-return]
+
+
+def test_only_calls_of_block_0_on_its_first_input_get_a_copy() -> None:
+    """Recorder: until release, 'every call of block 0 on that same input' gets a copy; a call on
+    another tensor gets that tensor, so what the block does to it in place the model sees, as without
+    the probe. Oracle: the model's own loss, computed by torch."""
+    x = torch.randn(4, 8, dtype=F64, generator=torch.Generator().manual_seed(3))
+    model = _CalledAgainOnAnotherInput()
+    m = probe_module(model, x, _square, blocks=[("block", model.block), ("other", model.other)])
+    assert m.activation_names == ("(input)", "block[0]", "block[1]", "other")
+    assert m.loss[0] == pytest.approx(float(_square(model(x.clone()), None).detach()), rel=1e-12)
+
+
+class _Biased(nn.Module):
+    """Block 0 of the model below: an embedding of integer ids plus a float bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return self.emb(x) + bias  # type: ignore[no-any-return]
+
+
+class _CallsBiasedByKeyword(nn.Module):
+    """Calls block 0 by keyword alone, the float bias first: block(bias=b, x=ids)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.biased, self.head, self.bias = _Biased(), nn.Linear(4, 4), torch.randn(4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.biased(bias=self.bias, x=ids))  # type: ignore[no-any-return]
+
+
+def test_a_keyword_call_of_two_tensors_has_no_input_side_whatever_their_order() -> None:
+    """recording._entry: called by keyword alone, the entry is `hidden_states` or else the call's one
+    tensor argument, '(None, None) where that is not one tensor': with the float bias given before the
+    integer ids, taking the first tensor read the bias as the chain's input. Oracle: the documented
+    rule (the block's own arguments: two tensors)."""
+    model = _CallsBiasedByKeyword()
+    blocks = [("biased", model.biased), ("head", model.head)]
+    m = probe_module(model, torch.randint(0, 10, (3, 5)), lambda o, _: o.square().mean(), blocks=blocks)
+    assert m.activation_names == ("biased", "head")
+
+
+class _DoubledInPlace(nn.Module):
+    """Three float64 Linears, each output doubled in place after its block returned (the probe then
+    runs the forward again, its buffers restored), plus a buffer made in inference mode or not."""
+
+    def __init__(self, inference: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.Linear(8, 8, dtype=torch.float64) for _ in range(3))
+        with torch.inference_mode(inference):
+            shift = torch.full((8,), 0.1, dtype=torch.float64)
+        self.register_buffer("shift", shift)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            h = block(x)
+            h.mul_(2.0)
+            x = torch.tanh(h + self.shift)
+        return x
+
+
+def test_an_inference_tensor_buffer_is_left_alone_when_the_probe_runs_the_forward_again() -> None:
+    """probing._buffers: an inference tensor, which no forward outside inference mode can update, is
+    not kept for `_restore` (copying into it there raises). Oracle: the same model with the buffer an
+    ordinary tensor, the same values, reads the same gains and growth."""
+    x = torch.randn(4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    read = []
+    for inference in (True, False):
+        model = _DoubledInPlace(inference)
+        assert model.shift.is_inference() is inference
+        blocks = [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)]
+        m = probe_module(model, x, lambda out, _: out.square().sum(), blocks=blocks)
+        read.append((m.gains, m.growth))
+    assert read[0] == read[1]
+
+
+def _call_grads_of(
+    model: torch.nn.Module, blocks: list[tuple[str, torch.nn.Module]], run: Any
+) -> list[float]:
+    """Torch's ||dL/d out|| of each block call, in call order: the oracle (retain_grad on each output)."""
+    outs: list[torch.Tensor] = []
+
+    def keep(_: Any, __: Any, out: Any) -> None:
+        first = out[0] if isinstance(out, tuple) else out
+        first.retain_grad()
+        outs.append(first)
+
+    handles = [m.register_forward_hook(keep) for _, m in blocks]
+    try:
+        run().backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [float(o.grad.norm()) if o.grad is not None else 0.0 for o in outs]
+
+
+def test_a_head_on_two_towers_one_of_one_cell_call_is_a_merge() -> None:
+    """Tower A is an RNN cell called once (block 0, whose input is no `(input)` entry), tower B two
+    Linear layers, a head on both: the head's call starts a chain that takes both towers (by
+    construction), and tower B's growth is torch's |dL/d b0| / |dL/d b1|."""
+    from torch import nn
+
+    from stabilitycheck.probing import probe_module
+
+    class Towers(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.RNNCell(4, 4)
+            self.b = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+            self.head = nn.Linear(8, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.cat([self.a(x), self.b(x)], -1))
+
+    torch.manual_seed(0)
+    x, model = torch.randn(2, 4), Towers()
+    blocks = [("a", model.a), ("b.0", model.b[0]), ("b.1", model.b[1]), ("head", model.head)]
+    m = probe_module(model, (x,), lambda out, _: out.pow(2).sum(), blocks=blocks)
+    assert m.chain_starts == (1, 3) and m.chain_feeds[-1] == (0, 1)
+    g = _call_grads_of(model, blocks, lambda: model(x).pow(2).sum())
+    assert m.chain_growths[1] == pytest.approx(g[1] / g[2], rel=1e-6)
+
+
+def test_an_lstm_cell_called_once_is_read_on_h() -> None:
+    """An nn.LSTMCell called once (a one-token step between two layers): no next call takes its c, so
+    its state is h alone: its norms are torch's ||h|| and ||dL/dh||."""
+    from torch import nn
+
+    from stabilitycheck.probing import probe_module
+
+    class Once(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.cell, self.out = nn.Linear(4, 4), nn.LSTMCell(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h, _ = self.cell(torch.tanh(self.inp(x)))
+            return self.out(h)  # type: ignore[no-any-return]
+
+    torch.manual_seed(0)
+    x, model = torch.randn(2, 4), Once()
+    blocks = [("inp", model.inp), ("cell", model.cell), ("out", model.out)]
+    m = probe_module(model, (x,), lambda out, _: out.pow(2).sum(), blocks=blocks)
+    h, _ = model.cell(torch.tanh(model.inp(x)))
+    at = m.activation_names.index("cell")
+    assert m.activation_norms[at] == pytest.approx(float(h.detach().norm()), rel=1e-6)
+    g = _call_grads_of(model, blocks, lambda: model(x).pow(2).sum())
+    assert m.activation_grad_norms[at] == pytest.approx(g[1], rel=1e-6)
+
+
+def test_a_loss_on_the_last_cell_state_reaches_the_last_call() -> None:
+    """An nn.LSTMCell over 5 tokens, the loss on c_T alone (an encoder handing its state on): the last
+    call's gradient comes through c alone, ||dL/dc_T|| = ||2 c_T||, and the call is reached (its gain
+    is read, not NaN)."""
+    from torch import nn
+
+    from stabilitycheck.probing import probe_module
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell = nn.LSTMCell(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = c = torch.zeros(2, 4)
+            for t in range(x.shape[1]):
+                h, c = self.cell(x[:, t], (h, c))
+            return c
+
+    torch.manual_seed(0)
+    x, model = torch.randn(2, 5, 4), Encoder()
+    m = probe_module(model, (x,), lambda out, _: out.pow(2).sum(), blocks=[("cell", model.cell)])
+    c_last = model(x)
+    assert m.activation_grad_norms[-1] == pytest.approx(float((2 * c_last).detach().norm()), rel=1e-6)
+    assert not any(math.isnan(g) for g in m.gains) and math.isfinite(m.growth)
+
+
+class _MaskedCell(nn.Module):
+    """A cell of the model's own returning (h, c), c's last two units held at exactly 0 (a where)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wx, self.wh = nn.Linear(4, 10, dtype=F64), nn.Linear(5, 10, dtype=F64)
+        self.keep = torch.tensor([True, True, True, False, False])
+
+    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        h, c = state
+        f, g = (self.wx(x) + self.wh(h)).chunk(2, 1)
+        c = torch.where(self.keep, torch.sigmoid(f) * c + torch.tanh(g), 0.0)
+        return torch.tanh(c) * 0.5, c
+
+
+class _SqrtOfLastC(nn.Module):
+    """The masked cell over 6 tokens, the loss reading sqrt of c's held zeros after the last call:
+    dL/dc_T is inf there, the where hands 0 on, every weight gradient is finite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = _MaskedCell()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = c = torch.zeros(3, 5, dtype=F64)
+        for x_t in x.unbind(0):
+            h, c = self.cell(x_t, (h, c))
+        return h.pow(2).sum() + c[:, 3:].sqrt().sum()
+
+
+def test_a_carried_state_whose_gradient_is_not_finite_is_left_out_of_the_calls_norm() -> None:
+    """probing._together: a carried c whose gradient norm is inf in a finite step is left out of that
+    call's norm. Oracle: torch's gradients of h_t and a copy of c_t, hypot where c's is finite."""
+    torch.manual_seed(0)
+    model, x = _SqrtOfLastC(), torch.randn(6, 3, 4, dtype=F64)
+    m = probe_module(model, x, lambda out, _: out, blocks=[("cell", model.cell)])
+    states: list[torch.Tensor] = []
+
+    def alias(module: nn.Module, args: object, out: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        h, c = out[0], out[1].clone()
+        states.extend((h, c))
+        return h, c
+
+    handle = model.cell.register_forward_hook(alias)
+    loss = model(x)
+    handle.remove()
+    grads = torch.autograd.grad(loss, states)
+    model.zero_grad()
+    model(x).backward()
+    assert all(bool(p.grad.isfinite().all()) for p in model.parameters())  # a finite step
+    hs, cs = [g.norm().item() for g in grads[::2]], [g.norm().item() for g in grads[1::2]]
+    assert not math.isfinite(cs[-1]) and all(map(math.isfinite, cs[:-1]))
+    want = [math.hypot(a, b) if math.isfinite(b) else a for a, b in zip(hs, cs, strict=True)]
+    assert list(m.activation_grad_norms) == pytest.approx(want, rel=1e-10)
+    assert m.growth == pytest.approx(want[0] / want[-1], rel=1e-10)
+
+
+class _SilentThenInfinite(nn.Module):
+    """Blocks whose outputs get no gradient (the loss takes them times 0: every step silent) beside a
+    parameter read through sqrt, which SGD at lr 2 takes from 1 to exactly 0: its gradient goes inf."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(2))
+        self.p = nn.Parameter(torch.ones(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x.sum() * 0 + self.p.sqrt().sum()
+
+
+def test_the_profile_of_a_silent_run_is_the_step_where_a_non_finite_value_shows() -> None:
+    """A run silent at every step takes its per-block profile from the step where a non-finite value
+    shows (probe_module's docstring). Oracle: the documented rule on the model's design."""
+    torch.manual_seed(0)
+    model = _SilentThenInfinite()
+    m = probe_module(model, torch.randn(4, 8), lambda out, _: out, steps=3, lr=2.0, amp="float16")
+    assert not any(m.activation_grad_norms)  # silent at every step
+    assert m.first_nonfinite is not None and m.first_nonfinite.step > 0
+    assert m.profile_step == m.first_nonfinite.step
+
+
+def test_a_block_output_read_sparsely_has_its_gradient_norm_taken_densely() -> None:
+    """A block returning a weight that the model reads with F.embedding(sparse=True): dL/d output is a
+    sparse tensor (the norm raised NotImplementedError); its norm is the dense gradient's, torch's."""
+
+    class Table(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(
+                torch.randn(10, 8, dtype=F64, generator=torch.Generator().manual_seed(0))
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.weight
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.b = Table(), nn.Sequential(nn.Linear(8, 8, dtype=F64), nn.Tanh())
+            self.idx = torch.tensor([1, 3, 3, 7])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(nn.functional.embedding(self.idx, self.q(x), sparse=True)) * x
+
+    model = Model()
+    x = torch.randn(4, 8, dtype=F64)
+
+    def loss(out: torch.Tensor, _: object) -> torch.Tensor:
+        return out.square().mean()
+
+    m = probe_module(model, x, loss, blocks=[("q", model.q), ("b", model.b)])
+    w = model.q.weight
+    own = torch.autograd.grad(loss(model.b(nn.functional.embedding(model.idx, w)) * x, x), w)[0]
+    assert m.activation_grad_norms[1] == pytest.approx(float(own.norm()), rel=1e-12)

@@ -1,14 +1,27 @@
 """The readings of one step's numbers (readings.py) where a probe cannot easily reach them: the paths
-of chains against brute force over every path, and a junction with no record of what it takes."""
+of chains against brute force over every path, and a junction with no record of what it takes.
+Also each reading on hand-made steps: gains, chains in series, unscored zeros, growth_of, locate."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stabilitycheck.readings import chains_of, cut_before, paths_of, unscored
+from stabilitycheck.measurement import INPUT
+from stabilitycheck.readings import (
+    Step,
+    chains_of,
+    cut_before,
+    gains_of,
+    growth_of,
+    locate,
+    paths_of,
+    unscored,
+)
 
 
 def _paths(feeds: list[tuple[int, ...]]) -> list[list[int]]:
@@ -111,3 +124,195 @@ def test_a_cut_is_where_the_output_before_the_severed_call_got_no_gradient() -> 
     assert cut_before(frozenset({2}), frozenset({1, 2})) == ()
     # several, sorted: 5 (4 unreached) and 2 (1 unreached); 7 has 6 reached
     assert cut_before(frozenset({7, 5, 2}), frozenset({1, 4, 8})) == (2, 5)
+
+
+NONE: frozenset[int] = frozenset()
+
+
+def test_one_chain_reads_first_over_last_output_gradient() -> None:
+    chains, feeds = chains_of([8.0, 4.0, 2.0, 1.0], NONE, NONE, {})
+    assert chains == (8.0,) and feeds == ((),)
+    # every entry counts: the last one too
+    chains, _ = chains_of([8.0, 4.0, 2.0, 0.5], NONE, NONE, {})
+    assert chains == (16.0,)
+
+
+def test_a_chain_where_one_of_several_outputs_was_reached_has_no_growth() -> None:
+    chains, _ = chains_of([3.0, 5.0, 7.0], frozenset({1}), frozenset({2}), {})
+    assert chains == (1.0,)  # a one-call chain grows by 1 (3/3); the (5, unreached 7) chain has none
+
+
+def test_chains_in_series_feed_each_other_by_default() -> None:
+    act = [8.0, 4.0, 2.0, 1.0]  # chain 0: 8/4 = 2, chain 1: 2/1 = 2
+    chains, feeds = chains_of(act, frozenset({2}), NONE, {})
+    assert chains == (2.0, 2.0) and feeds == ((), (0,))
+    assert growth_of(chains, feeds, len(act)) == 4.0  # in series: the product
+
+
+def test_only_zeros_at_a_chains_output_end_are_unscored() -> None:
+    assert unscored([4.0, 0.0, 2.0, 0.0, 0.0], NONE, NONE) == frozenset({3, 4})
+
+
+def _brute_paths(chains, feeds):
+    """Every path from a chain that takes none to one that no chain takes: its product."""
+    taken = {f for fed in feeds for f in fed}
+    products = []
+
+    def walk(k, acc):
+        acc *= chains[k]
+        if not feeds[k]:
+            products.append(acc)
+        for f in feeds[k]:
+            walk(f, acc)
+
+    for end in range(len(chains)):
+        if end not in taken:
+            walk(end, 1.0)
+    return max(products), min(products)
+
+
+@pytest.mark.parametrize(
+    "chains,feeds",
+    [
+        ((2.0, 0.5, 3.0), ((), (0,), (1,))),  # series: prefix 2 is not a path
+        ((4.0, 0.25, 10.0), ((), (), (0, 1))),  # two towers into a head
+        ((0.1, 5.0, 0.2, 2.0), ((), (), (0, 1), (2,))),
+        ((3.0, 0.01), ((), (0,))),
+    ],
+)
+def test_paths_of_matches_brute_force_over_every_path(chains, feeds) -> None:
+    assert paths_of(chains, feeds) == pytest.approx(_brute_paths(chains, feeds))
+
+
+def test_growth_of_a_flat_path_with_a_shrinking_chain_is_the_path() -> None:
+    # chains side by side: 0.5 and 0.8 (both shrink); the largest chain does not exceed 1: the path
+    assert growth_of((0.5, 0.8), ((), ()), 2) == 0.8
+    # an encoder growing 50 before a decoder at 0.01: the path reads 0.5, the chain 50 shows
+    assert growth_of((50.0, 0.01), ((), (0,)), 4) == 50.0
+    # a chain growing 0.9 and a path of 0.95: neither grows, the path is read
+    assert growth_of((0.9, 0.95), ((), ()), 2) == 0.95
+    # in series, 0.9 then 0.5: one path, 0.45; no chain grows, so no chain's own growth replaces it
+    assert growth_of((0.9, 0.5), ((), (0,)), 4) == pytest.approx(0.45, rel=1e-15, abs=0)
+
+
+def test_growth_with_calls_but_no_readable_chain_is_nan() -> None:
+    assert math.isnan(growth_of((), (), 3))
+    assert growth_of((), (), 0) == 1.0
+
+
+def test_gains_are_each_entry_over_the_next_and_nan_across_a_junction() -> None:
+    g = gains_of([8.0, 4.0, 1.0, 0.5], frozenset({2}), NONE)
+    assert g[0] == 2.0 and math.isnan(g[1]) and g[2] == 2.0
+
+
+def _step(**kw) -> Step:
+    base = dict(
+        loss=1.0,
+        grads=[1.0, 1.0, 1.0],
+        weights=[],
+        calls=(INPUT, "a", "b"),
+        breaks=NONE,
+        feeds={},
+        unreached=NONE,
+        forward=[1.0, 1.0, 1.0],
+        backward=[1.0, 1.0, 1.0],
+    )
+    base.update(kw)
+    return Step(**base)
+
+
+def test_locate_names_the_output_side_gradient_first() -> None:
+    nf = locate(0, _step(backward=[math.nan, 1.0, math.inf]), ["a", "b"], [0, 1, 1])
+    assert (nf.layer, nf.tensor, nf.value) == ("b", "activation_grad", math.inf)
+
+
+def test_locate_takes_weight_grads_output_side_first_when_the_order_is_unknown() -> None:
+    nf = locate(0, _step(grads=[math.nan, 1.0, math.inf]), ["a", "b"], [0, 0, 1])
+    assert (nf.layer, nf.tensor, nf.value) == ("b", "gradient", math.inf)
+
+
+def test_a_nonfinite_input_given_to_the_model_is_named_as_the_input() -> None:
+    given = locate(0, _step(forward=[math.nan, 1.0, 1.0], given_finite=False), ["a", "b"], [0, 1, 1])
+    made = locate(0, _step(forward=[math.nan, 1.0, 1.0], given_finite=True), ["a", "b"], [0, 1, 1])
+    assert given.layer == INPUT
+    assert made.layer == "(outside blocks, before a)"
+
+
+def test_a_chain_taking_an_unreadable_chain_takes_what_that_one_took() -> None:
+    """readings.chains_of: a chain of outputs no gradient reached has no growth, 'and a chain taking one
+    takes what that one took': chain 2 (from call 4) takes chain 1 (calls 2-3, unreached), which took
+    chain 0, so chain 2 is fed by chain 0. Oracle: the documented rule, by hand."""
+    from stabilitycheck.readings import chains_of
+
+    act = [8.0, 4.0, 0.0, 0.0, 6.0, 3.0]
+    chains, feeds = chains_of(
+        act, frozenset({2, 4}), frozenset({2, 3}), {2: frozenset({0}), 4: frozenset({2})}
+    )
+    assert chains == (2.0, 2.0)
+    assert feeds == ((), (0,))
+
+
+def test_under_a_gradscaler_a_non_finite_gradient_alone_is_no_finding() -> None:
+    """readings.locate: 'Under a GradScaler (grads_count False) non-finite gradients are a skipped
+    step, not a finding'; with grads counted they are one. Oracle: the documented rule."""
+    from stabilitycheck.measurement import INPUT
+    from stabilitycheck.readings import Step, locate
+
+    step = Step(
+        loss=1.0,
+        grads=[1.0, float("inf")],
+        weights=[],
+        calls=(INPUT, "a", "b"),
+        breaks=frozenset(),
+        feeds={},
+        unreached=frozenset(),
+        forward=[1.0, 1.0, 1.0],
+        backward=[1.0, float("nan"), 1.0],
+    )
+    assert locate(0, step, ["a", "b"], [0, 1], grads_count=False) is None
+    found = locate(0, step, ["a", "b"], [0, 1])
+    assert found is not None and found.tensor == "activation_grad"
+
+
+NAN, INF = math.nan, math.inf
+
+
+def test_an_unreached_last_output_does_not_end_the_scan_for_zeros_before_it() -> None:
+    """A chain [3, 0, U] whose last output no gradient reached (U) and whose middle one's is exactly 0:
+    the 0 is at the chain's output end all the same (unscored), or the growth reads 3 / 0 = inf."""
+    assert unscored([3.0, 0.0, 7.0], NONE, frozenset({2})) == frozenset({1})
+
+
+def test_a_nan_gradient_at_the_output_end_is_kept_not_unscored() -> None:
+    """Only an exact 0 is unscored: a NaN norm there is a finding, dropped it would hide it."""
+    assert unscored([3.0, NAN], NONE, NONE) == frozenset()
+
+
+def test_a_nan_chain_makes_the_growth_nan_in_any_order() -> None:
+    """A chain whose growth is NaN (0 / 0) beside another: the model's growth is unknown (NaN), not the
+    other chain's, whichever comes first (max() with a NaN depends on the order)."""
+    assert math.isnan(growth_of([2.0, NAN], [(), ()], 4))
+    assert math.isnan(growth_of([NAN, 2.0], [(), ()], 4))
+
+
+def _two_call_step(**kw: Any) -> Step:
+    base: dict[str, Any] = dict(
+        loss=1.0,
+        grads=[1.0],
+        weights=[],
+        calls=("a", "b"),
+        breaks=NONE,
+        feeds={},
+        unreached=NONE,
+        forward=[1.0, 1.0],
+        backward=[1.0, 1.0],
+    )
+    base.update(kw)
+    return Step(**base)
+
+
+def test_an_infinite_loss_is_located_at_the_loss() -> None:
+    """Every forward output finite and the loss inf (an overflowing reduction): the first non-finite
+    value is the loss's, not a later gradient's."""
+    found = locate(0, _two_call_step(loss=INF, backward=[NAN, NAN], grads=[NAN]), ("a", "b"), [0])
+    assert found is not None and found.tensor == "loss" and found.value == INF

@@ -1,4 +1,5 @@
-"""The search against an exhaustive grid sweep, its determinism, and the remedies."""
+"""The search against an exhaustive grid sweep, its determinism, and the remedies.
+Also the search's rules at their boundaries: interrupted searches, skipped points, the failure below."""
 
 from __future__ import annotations
 
@@ -9,17 +10,21 @@ from typing import Any
 
 import pytest
 import torch
+from closed_form import ScaledIdentity
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 from stabilitycheck import report
 from stabilitycheck.config import Config
 from stabilitycheck.configprobe import probe
+from stabilitycheck.counterexample import Counterexample
 from stabilitycheck.errors import UsageError
 from stabilitycheck.remedies import critical_init, judged_on
 from stabilitycheck.searching import boundary, search, sweep
 from stabilitycheck.seeds import assess
 from stabilitycheck.space import Axis, Space
+from stabilitycheck.subject import Built
 from stabilitycheck.subjects import resolve
+from stabilitycheck.verdicts import Limits
 from stabilitycheck.zoo import targets
 
 SMALL_SPACES = {
@@ -505,3 +510,242 @@ def test_search_refuses_a_timeout_that_is_no_positive_number_of_seconds(timeout:
     with pytest.raises(UsageError, match=said) as caught:
         search(space, timeout=timeout, max_examples=1)
     assert "\n" not in str(caught.value)
+
+
+GROWTH_LIMIT = 100.0
+
+
+def _explodes(config: object) -> bool:
+    """The closed form: init_scale ** depth over the growth limit (gain 1 on every seed)."""
+    return float(config.knob("init_scale")) ** int(config.knob("depth")) > GROWTH_LIMIT  # type: ignore[attr-defined]
+
+
+def test_an_interrupted_search_keeps_the_smallest_exploding_point_it_judged() -> None:
+    """Ctrl-C before the descent ends: the rough counterexample is the exploding point judged with the
+    smallest grid indices (sum, then lexicographic), found here by hand from the Configs built; the
+    largest one (a max for the min) reported a far larger point as the smallest exploding one."""
+    subject = ScaledIdentity()
+    depths, scales = Axis.range("depth", 1, 12), Axis("init_scale", (1.5, 2.0, 3.0))
+    space = Space("cf", subject.config().with_run(seeds=1), (depths, scales))
+    limits = Limits(growth=GROWTH_LIMIT, grad_norm=None, divergence=None)
+
+    def index(config: object) -> tuple[int, int]:
+        return (
+            list(depths.values).index(config.knob("depth")),  # type: ignore[attr-defined]
+            list(scales.values).index(config.knob("init_scale")),  # type: ignore[attr-defined]
+        )
+
+    exploding: set[tuple[int, int]] = set()
+
+    def progress(_: str) -> None:
+        exploding.update(index(c) for c in subject.builds if _explodes(c))
+        if len(exploding) >= 3:
+            raise KeyboardInterrupt
+
+    result = search(space, subject=subject, limits=limits, progress=progress, max_examples=60)
+    assert result.interrupted and not result.minimal and result.counterexample is not None
+    want = min(exploding, key=lambda i: (sum(i), i))
+    assert index(result.counterexample.config) == want
+
+
+class _VectorLoss(ScaledIdentity):
+    """ScaledIdentity whose loss is the output itself, (1, 2): no scalar loss at any point."""
+
+    def build(self, config: object) -> object:  # type: ignore[override]
+        built = super().build(config)  # type: ignore[arg-type]
+        return type(built)(built.model, built.inputs, lambda out, _: out, built.blocks)
+
+
+def test_a_search_whose_loss_is_not_a_scalar_is_a_usage_error_not_skipped_points() -> None:
+    """Bad input (a loss of shape (1, 2)) raises the one-line UsageError out of search(), as the CLI's
+    exit 2; taken as a point's failure, every point was 'skipped' and the row said nothing tested."""
+    from stabilitycheck.errors import UsageError
+
+    subject = _VectorLoss()
+    space = Space("cf", subject.config().with_run(seeds=1), (Axis.range("depth", 1, 3),))
+    with pytest.raises(UsageError, match="scalar float tensor"):
+        search(space, subject=subject, limits=Limits(growth=GROWTH_LIMIT), max_examples=5)  # type: ignore[arg-type]
+
+
+class _RaisesAt(ScaledIdentity):
+    """ScaledIdentity whose build raises ValueError at the depths in `bad` (the model's own failure)."""
+
+    def __init__(self, bad: set[int]) -> None:
+        super().__init__()
+        self.bad = bad
+
+    def build(self, config: object) -> object:  # type: ignore[override]
+        depth = int(config.knob("depth"))  # type: ignore[attr-defined]
+        if depth in self.bad:
+            raise ValueError(f"no model at depth {depth}")
+        return super().build(config)  # type: ignore[arg-type]
+
+
+def test_a_model_raising_at_some_points_has_them_skipped_with_the_reason() -> None:
+    """An exception from the subject's own code at depth 4 is that point's failure (skipped, reason
+    'the model raised ValueError: ...', and the 1-minimality claim says it is unverified there), not
+    an internal error of the package stopping the search."""
+    subject = _RaisesAt({4})
+    space = Space("cf", subject.config(init_scale=3.0).with_run(seeds=1), (Axis.range("depth", 1, 6),))
+    limits = Limits(growth=GROWTH_LIMIT, grad_norm=None, divergence=None)
+    result = search(space, subject=subject, limits=limits)  # type: ignore[arg-type]
+    reasons = {int(c.knob("depth")): why for c, why in result.skipped}
+    assert set(reasons) == {4} and reasons[4].startswith("the model raised ValueError: no model at depth 4")
+    # 3.0 ** 5 = 243 > 100: depth 5 explodes, its one lower neighbour (4) could not be judged
+    assert result.counterexample is not None and result.counterexample.config.knob("depth") == 5
+    assert [int(c.knob("depth")) for c, _ in result.unjudged] == [4]
+
+
+def test_check_names_the_first_configuration_tried_where_every_one_fails() -> None:
+    """check(subject, config, *others): where the model fails at all of them, the UsageError names
+    `config`, the one the user asked about, and its failure (not the last one tried)."""
+    from stabilitycheck.errors import UsageError
+    from stabilitycheck.searching import check
+
+    subject = _RaisesAt({1, 2, 3})
+    first, other = subject.config(depth=1), subject.config(depth=3)
+    with pytest.raises(UsageError) as caught:
+        check(subject, first, other)  # type: ignore[arg-type]
+    message = str(caught.value)
+    assert f"with {first.describe()} raised ValueError: no model at depth 1" in message
+    assert "depth 3" not in message
+
+
+def test_an_interrupted_search_does_not_call_a_top_corner_screened_on_one_seed_stable() -> None:
+    """top_stable says the top corner was judged stable on the full rule over seeds (the space is not
+    monotone); interrupted while only one seed had judged it (the search judges it first, on the full
+    rule: interrupted at its second seed here), no such claim is made."""
+    space = Space("cf", ScaledIdentity().config().with_run(seeds=3), (Axis.range("depth", 1, 2),))
+    top = space.config(space.top())
+
+    class InterruptedAtTop(ScaledIdentity):
+        def build(self, config: Config) -> Built:
+            if config.with_run(seed=top.run.seed) == top and config.run.seed != top.run.seed:
+                raise KeyboardInterrupt
+            return super().build(config)
+
+    subject = InterruptedAtTop()
+    result = search(space, subject=subject, limits=Limits(growth=GROWTH_LIMIT))  # type: ignore[arg-type]
+    assert result.interrupted and result.counterexample is None and not result.top_stable
+    assert subject.builds == {top: 1}  # the top corner's first seed alone was probed
+
+
+def test_a_results_shown_judgement_is_its_counterexamples() -> None:
+    """SearchResult.shown (what the row and its notes read): the counterexample's judgement where
+    there is one, even beside a largest stable point's."""
+    from stabilitycheck.counterexample import SearchResult
+    from stabilitycheck.seeds import assess
+
+    subject = ScaledIdentity()
+    space = Space("cf", subject.config(init_scale=3.0).with_run(seeds=1), (Axis.range("depth", 4, 5),))
+    limits = Limits(growth=GROWTH_LIMIT, grad_norm=None, divergence=None)
+    stable, bad = (assess(space.config((i,)), subject, limits) for i in (0, 1))  # type: ignore[arg-type]
+    assert bad.exploded and not stable.exploded  # 3 ** 5 = 243 > 100 > 3 ** 4 = 81
+    cx = Counterexample("cf", space.config((1,)), bad, limits, ())
+    result = SearchResult(space, cx, 2, 2, 0.0, space.config((0,)), stable)
+    assert result.shown is bad
+
+
+def _prober_with(judged: dict[tuple[int, int], bool], screened: dict[tuple[int, int], bool] | None = None):  # type: ignore[no-untyped-def]
+    """A Prober over depth 1..4 x init_scale (1, 2, 3) of the closed-form subject whose points were
+    judged as given (True: failed), on the full rule (`judged`) or on the screen's seed alone."""
+    import dataclasses
+
+    from closed_form import ScaledIdentity
+
+    from stabilitycheck.searching import Prober
+    from stabilitycheck.seeds import assess
+    from stabilitycheck.space import Axis, Space
+    from stabilitycheck.verdicts import Criterion, Verdict
+
+    subject = ScaledIdentity()
+    space = Space(
+        "cf",
+        subject.config().with_run(seeds=1),
+        (Axis.range("depth", 1, 4), Axis("init_scale", (1.0, 2.0, 3.0))),
+    )
+    prober = Prober(space, subject, Limits(), lambda _: None, None)  # type: ignore[arg-type]
+    base = assess(space.config((0, 0)), subject, Limits())  # type: ignore[arg-type]
+    fired = Verdict(True, (Criterion("growth", 1e3, 1e2),))
+    stable = Verdict(False, ())
+
+    def judgement(failed: bool, seed: int):  # type: ignore[no-untyped-def]
+        return dataclasses.replace(
+            base, verdict=fired if failed else stable, seeds=(seed,), exploded_seeds=int(failed)
+        )
+
+    prober.seen = {i: judgement(f, 0) for i, f in judged.items()}
+    prober.first = {(i, 7): judgement(f, 7) for i, f in (screened or {}).items()}
+    return prober, space
+
+
+def test_a_lower_neighbour_skipped_on_the_screens_seed_is_said_unjudged() -> None:
+    """_unjudged: the one-step-lower neighbours of the counterexample that were skipped, on the full
+    rule or on the screen's seed alone (Prober.judged: both); the descent took them as not
+    exploding, unverified. Oracle: that docstring, with one skip of each kind."""
+    from stabilitycheck.searching import _unjudged
+
+    prober, space = _prober_with({(2, 2): True, (1, 1): False})
+    prober.first[((2, 1), 7)] = "too large (9 MiB estimated, 1 MiB allowed)"
+    prober.seen[(1, 2)] = "the model raised ValueError: no"
+    got = dict(_unjudged(prober, (2, 2)))
+    assert got == {
+        space.config((2, 1)): "too large (9 MiB estimated, 1 MiB allowed)",
+        space.config((1, 2)): "the model raised ValueError: no",
+    }
+
+
+def test_a_skip_on_a_seed_outside_the_full_rule_does_not_skip_the_full_rule() -> None:
+    """Prober.__call__ reuses a screen's skip only where the screen ran the full rule's FIRST seed
+    (the base seed, where the full rule starts): a point skipped on a steered screen seed the full
+    rule never runs is judged by the full rule (Prober: a point is skipped where it cannot be
+    judged). Oracle: the closed-form subject runs at every seed, so the full rule judges it."""
+    from stabilitycheck.seeds import Judgement
+
+    prober, space = _prober_with({})
+    prober.space = space = type(space)(space.label, space.base.with_run(seeds=2), space.axes)
+    prober.screen_seed = 7
+    prober.first[((1, 1), 7)] = "the model raised ValueError: seed 7 alone"
+    got = prober((1, 1))
+    assert isinstance(got, Judgement) and got.seeds[0] == 0  # judged, from the base seed on
+    prober.first[((2, 1), 0)] = "the model raised ValueError: seed 0"  # the full rule's first seed
+    assert prober((2, 1)) == "the model raised ValueError: seed 0"
+
+
+def _brute_below(judged: dict[tuple[int, int], bool], at: tuple[int, int]) -> tuple[int, int] | None:
+    below = [
+        i for i, f in judged.items() if f and i != at and all(a <= b for a, b in zip(i, at, strict=True))
+    ]
+    return min(below, key=lambda i: (sum(i), i)) if below else None
+
+
+def test_the_failure_below_is_the_smallest_judged_point_at_or_below_in_every_knob() -> None:
+    """SearchResult.below (_failing_below): the smallest point (knob sum, then lexicographic) judged
+    at or below the counterexample IN EVERY KNOB, not itself, that failed. A failing point lower in
+    one knob but higher in another is not below it. Oracle: brute force over the judged points."""
+    from stabilitycheck.searching import _failing_below
+
+    at = (3, 1)
+    judged = {at: True, (0, 2): True, (2, 1): True, (1, 0): False, (3, 0): True, (0, 0): False}
+    prober, space = _prober_with(judged)
+    want = _brute_below(judged, at)
+    assert want == (2, 1)  # (0, 2) has the smaller sum but a higher init_scale
+    got = _failing_below(prober, at)
+    assert got is not None and got[0] == space.config(want) and got[2] is None  # judged on the full rule
+    judged[(1, 0)] = True  # now two lower failures: the smallest
+    prober, space = _prober_with(judged)
+    got = _failing_below(prober, at)
+    assert got is not None and got[0] == space.config(_brute_below(judged, at)) == space.config((1, 0))
+
+
+def test_a_failure_below_seen_on_the_screens_seed_alone_says_that_seed() -> None:
+    """The third field of `below`: the seed a point failed on alone where the screen judged it (one
+    seed, steering only), None where the full rule did (docstring of SearchResult.below)."""
+    from stabilitycheck.searching import _failing_below
+
+    prober, space = _prober_with({(3, 2): True}, screened={(1, 1): True})
+    got = _failing_below(prober, (3, 2))
+    assert got is not None and got[0] == space.config((1, 1)) and got[2] == 7
+    prober, space = _prober_with({(3, 2): True, (1, 1): True})
+    got = _failing_below(prober, (3, 2))
+    assert got is not None and got[0] == space.config((1, 1)) and got[2] is None

@@ -1,12 +1,15 @@
 """The verdict over the initialisation distribution: the sequential rule against the full budget, the
 reported smallest depth against a brute-force median over 20 seeds, culprit, growth kind and the
-through-time growth of recurrent subjects, each against an oracle."""
+through-time growth of recurrent subjects, each against an oracle.
+Also the rule's parts by hand: settled_by counts, the margin (_far), seed_of, the recurrent judgement."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,8 +17,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from meanfield_oracle import tanh_chi1
+from measurements import _stack_seed
 from torch import nn
 
+from stabilitycheck import seeds as seeds_mod
 from stabilitycheck.config import Config
 from stabilitycheck.configprobe import probe
 from stabilitycheck.culprit import culprit_of
@@ -26,8 +31,8 @@ from stabilitycheck.searching import search
 from stabilitycheck.seeds import _decided, _judgement, assess, seed_of
 from stabilitycheck.space import Axis, Space
 from stabilitycheck.spread import Spread, quantile, rank
+from stabilitycheck.verdicts import CRITERIA, Limits, fires, values
 from stabilitycheck.verdicts import CRITERIA as CRITERIA_NAMES
-from stabilitycheck.verdicts import Limits, values
 
 GROWTH_ONLY = Limits(grad_norm=None, divergence=None, nonfinite=False)
 
@@ -729,3 +734,212 @@ def test_a_nan_quantile_shows_a_seed_whose_growth_is_nan() -> None:
     assert math.isnan(j.growth.mid)
     assert j.measured_seed == 22
     assert math.isnan(j.measurement.growth)
+
+
+def _row(growth: float, vanishing: float) -> dict[str, float]:
+    row = {c: 0.0 for c in CRITERIA}
+    row.update(growth=growth, vanishing=vanishing, grad_norm=1.0, divergence=1.0, stall=1.0)
+    return row
+
+
+GROWTH_CLASSES = (math.nan, 1.0, 1e4)  # NaN, under the bound 100, over it
+
+
+VANISH_CLASSES = (math.nan, 1e-4, 1.0)  # NaN, under 1/100 (fires), above it
+
+
+def _k_seed_fires(values: list[float], name: str, lim: Limits, q: float) -> bool:
+    return fires(name, quantile(values, q), lim)
+
+
+@pytest.mark.parametrize("budget", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("q", [0.2, 0.5, 0.75, 1.0])
+def test_settled_by_counts_is_exactly_what_every_completion_agrees_on(budget: int, q: float) -> None:
+    """Curtailment is exact: brute force over every class of value the unseen seeds could take."""
+    lim = Limits(grad_norm=None, divergence=None, vanishing=100.0)  # nonfinite on: the margin decides nothing
+    for n in range(1, budget + 1):
+        for name, classes in (("growth", GROWTH_CLASSES), ("vanishing", VANISH_CLASSES)):
+            for seen in itertools.product(classes, repeat=n):
+                rows = [_row(v if name == "growth" else 1.0, v if name == "vanishing" else 1.0) for v in seen]
+                outcomes = {
+                    _k_seed_fires([*seen, *rest], name, lim, q)
+                    for rest in itertools.product(classes, repeat=budget - n)
+                }
+                want = outcomes.pop() if len(outcomes) == 1 else None
+                got = seeds_mod._settled(rows, lim, budget, q)[name]
+                assert got is want, (name, seen, budget, q)
+
+
+def test_the_margin_needs_every_seed_far_and_on_one_side() -> None:
+    lim = Limits(grad_norm=None, divergence=None, nonfinite=False)
+    # one seed 10x under the growth bound is not 1000x: not far, and 1 of 5 seeds decides nothing
+    assert seeds_mod._settled([_row(10.0, 1.0)], lim, 5, 0.5)["growth"] is None
+    # one seed 1000x under decides the pass
+    assert seeds_mod._settled([_row(0.1, 1.0)], lim, 5, 0.5)["growth"] is False
+    # one seed 1000x over decides the fire
+    assert seeds_mod._settled([_row(1e5, 1.0)], lim, 5, 0.5)["growth"] is True
+    # two seeds each far (10^4x) but on opposite sides: the counts decide, and 1 of 2 fires: open
+    assert seeds_mod._settled([_row(0.01, 1.0), _row(1e6, 1.0)], lim, 5, 0.5)["growth"] is None
+
+
+def test_far_is_symmetric_and_never_for_nan_or_going_nonfinite() -> None:
+    lim = Limits()
+    assert seeds_mod._far("growth", 0.1, lim, 1000.0)  # 100 / 0.1 = 1000
+    assert seeds_mod._far("growth", 1e5, lim, 1000.0)
+    assert not seeds_mod._far("growth", 1.0, lim, 1000.0)
+    assert not seeds_mod._far("growth", math.nan, lim, 1.0)
+    assert not seeds_mod._far("nonfinite", 0.0, lim, 1.0)
+    assert not seeds_mod._far("overflow", 0.0, lim, 1.0)
+
+
+def test_seed_of_starts_at_the_base_and_stays_in_32_bits() -> None:
+    for base in (0, 7, 3_000_000_000, 2**32 - 1):
+        assert seeds_mod.seed_of(base, 0) == base
+        got = [seeds_mod.seed_of(base, i) for i in range(50)]
+        assert all(0 <= s < 2**32 for s in got) and len(set(got)) == 50
+    # consecutive bases give different 2nd seeds (no base's seeds are another's shifted by one)
+    assert seeds_mod.seed_of(1, 1) != seeds_mod.seed_of(0, 2)
+
+
+def _linear_rnn(sigma: float, t: int) -> Config:
+    return Config.of("rnn", seq_len=t, width=16, init_scale=sigma, activation="linear", batch_size=4, seeds=1)
+
+
+def test_seed_probes_keep_last_step_probes_apart() -> None:
+    sigma, t = 0.7, 9
+    sp = seeds_mod.SeedProbes()
+    c = _linear_rnn(sigma, t)
+    per_token = sp(c, None)
+    last = sp(c, None, last_step=True)
+    assert last.growth == pytest.approx(sigma ** (t - 1), rel=1e-4, abs=0)  # exact for a linear rnn
+    assert (sp.made, sp.made_last) == (1, 1)
+    assert sp(c.with_run(seeds=7, quantile=0.9), None) is per_token  # what a probe does not read
+    assert (sp.made, sp.made_last) == (1, 1)
+
+
+def test_vanishing_of_a_recurrent_subject_is_judged_through_time() -> None:
+    sigma, t = 0.5, 9  # through time: 0.5^8 = 0.0039 < 1/100
+    lim = Limits(grad_norm=None, growth=None, divergence=None, vanishing=100.0)
+    j = seeds_mod.assess(_linear_rnn(sigma, t), limits=lim)
+    fired = {c.name: c.value for c in j.verdict.criteria}
+    assert fired["vanishing"] == pytest.approx(sigma ** (t - 1), rel=1e-4, abs=0)
+
+
+def test_the_measurement_shown_is_the_seed_at_the_quantile() -> None:
+    c = Config.of("mlp", depth=6, width=16, init_scale=1.5, batch_size=4, seeds=3, quantile=1.0)
+    lim = Limits(grad_norm=None, growth=1e6, divergence=None)
+    j = seeds_mod.assess(c, limits=lim)
+    assert len(j.seeds) == 3
+    growths = [probe(c.with_run(seed=s)).growth for s in j.seeds]
+    assert j.measurement.growth == max(growths)
+    assert j.measured_seed == j.seeds[growths.index(max(growths))]
+
+
+def _fit(rate: float, r2_lin: float, exponent: float, r2_log: float) -> tuple[float, float, float, float]:
+    return (rate, r2_lin, exponent, r2_log)
+
+
+def test_a_recurrent_judgement_reads_growth_kind_and_culprit_on_its_through_time_probes() -> None:
+    """seeds._judgement by hand: per-token growths 1.2^30 = 237 on three seeds, through-time profiles
+    of gain 0.9 per step on three seeds (growths 2, 3 and 1e6 set apart): the growth is the
+    through-time median, 3, the per-token one kept beside it (237), and the kind is the through-time
+    profile's, x0.9 per step, not the per-token x1.2."""
+    from stabilitycheck.seeds import _judgement
+    from stabilitycheck.verdicts import Limits, values
+
+    ms = [_stack_seed([1.2] * 30) for _ in range(3)]
+    through = [replace(_stack_seed([0.9] * 30), growth=g) for g in (2.0, 3.0, 1e6)]
+    per_seed = [
+        {**values(m), "growth": t.growth, "vanishing": t.growth} for m, t in zip(ms, through, strict=True)
+    ]
+    judged = _judgement(ms, per_seed, through, (0, 1, 2), Limits(), 0.5, 3)
+    assert judged.growth.mid == 3.0 and judged.per_token is not None
+    assert judged.per_token.mid == pytest.approx(1.2**30, rel=1e-9)
+    assert judged.kind.kind == "exponential" and math.exp(judged.kind.rate.mid) == pytest.approx(
+        0.9, rel=1e-9
+    )
+    assert judged.measurement is through[1] and judged.measured_seed == 1
+
+
+def test_a_probe_is_reused_whatever_the_seeds_budget_or_quantile() -> None:
+    """SeedProbes by hand: a probe reads neither the seeds budget nor the quantile, so the same point
+    and seed asked for under another budget or quantile is the probe already run (made once)."""
+    from stabilitycheck.config import Config
+    from stabilitycheck.seeds import SeedProbes
+
+    probes = SeedProbes()
+    config = Config.of("mlp", depth=2, width=8, batch_size=4)
+    first = probes(config, None)
+    again = probes(config.with_run(seeds=1, quantile=0.9), None)
+    assert probes.made == 1 and again is first
+
+
+def test_a_recurrent_subjects_vanishing_reads_the_last_step_even_without_the_through_time_line() -> None:
+    """assess by hand: an RNN with a vanishing limit judges vanishing on the loss on the last step (the
+    through-time growth, probed here by the test) also where the report's through-time line is not
+    asked for (a search's points): a per-token loss hides the vanishing under later tokens' gradients."""
+    from stabilitycheck.config import Config
+    from stabilitycheck.configprobe import probe
+    from stabilitycheck.seeds import assess
+    from stabilitycheck.verdicts import Limits
+
+    config = Config.of("rnn", seq_len=6, width=8, batch_size=4, seeds=1)
+    judged = assess(config, limits=Limits(vanishing=100.0))
+    last = probe(config.with_run(seed=judged.seeds[0]), last_step=True)
+    assert judged.values[0]["vanishing"] == last.growth == judged.growth.mid
+    assert judged.per_token is not None and judged.per_token.mid != last.growth
+
+
+def test_the_judgement_reads_every_quantile_at_q_and_sums_skipped_steps() -> None:
+    """seeds._judgement by hand at q = 0.9 over three seeds (nearest rank: the 3rd smallest): growths
+    50, 150 and 300 fire growth at 300, not at the median's 150; the through-time spread's quantile is
+    the largest of 2, 3 and 4; the steps a GradScaler skipped are every seed's, 1 + 2 + 3. The rate a
+    kind shows is the q-quantile of the seeds' fits too (classify: rates 0.1, 0.2, 0.3 read 0.3)."""
+    from stabilitycheck.seeds import _judgement
+    from stabilitycheck.verdicts import Limits, values
+
+    ms = [
+        replace(_stack_seed([1.0] * 4), growth=g, skipped_steps=k)
+        for g, k in ((50.0, 1), (150.0, 2), (300.0, 3))
+    ]
+    judged = _judgement(ms, [values(m) for m in ms], [], (0, 1, 2), Limits(), 0.9, 3)
+    (fired,) = [c for c in judged.verdict.criteria if c.name == "growth"]
+    assert fired.value == 300.0 and judged.growth.mid == 300.0 and judged.per_token is None
+    assert judged.skipped_steps == 6
+    through = [
+        replace(_stack_seed([1.0] * 4), growth=g) for g in (2.0, 3.0, 4.0)
+    ]  # the growths judged, ms beside
+    beside = _judgement(through, [values(m) for m in through], ms, (0, 1, 2), Limits(), 0.9, 3)
+    assert beside.per_token is not None and beside.per_token.mid == 4.0 and beside.growth.mid == 300.0
+    fits = [_fit(r, 1.0, 0.0, 0.0) for r in (0.1, 0.2, 0.3)]
+    assert classify(fits, [1e3] * 3, 0.9).rate.mid == 0.3
+
+
+def test_a_growth_of_zero_is_far_from_every_limit() -> None:
+    """seeds._far by hand: a growth of exactly 0 (no gradient came back) is infinitely far from a
+    limit in ratio, so one seed may decide on it (a ratio b / 0 raised)."""
+    from stabilitycheck.seeds import _far
+    from stabilitycheck.verdicts import Limits
+
+    assert _far("growth", 0.0, Limits(), 1000.0)
+
+
+def test_a_recurrent_judgement_names_a_non_finite_value_its_own_loss_met() -> None:
+    """seeds._judgement by hand: the per-token probes went non-finite in block b1 (seed 1), the
+    last-step ones stayed finite: the verdict's nonfinite is the model's own loss's, so the culprit
+    and the measurement shown are its probes' (seed 1's, as its growth is the median; the culprit read
+    on its finite ones, one seed of three a minority: their gains of 2, not the through-time 0.9),
+    while the growth stays the through-time one."""
+    from stabilitycheck.measurement import NonFinite
+    from stabilitycheck.seeds import _judgement
+    from stabilitycheck.verdicts import Limits, values
+
+    bad = NonFinite(0, "b1", "activation", math.inf)
+    ms = [replace(_stack_seed([2.0] * 4), first_nonfinite=bad if i == 1 else None) for i in range(3)]
+    through = [replace(_stack_seed([0.9] * 4), growth=g) for g in (2.0, 3.0, 4.0)]
+    per_seed = [
+        {**values(m), "growth": t.growth, "vanishing": t.growth} for m, t in zip(ms, through, strict=True)
+    ]
+    judged = _judgement(ms, per_seed, through, (0, 1, 2), Limits(), 0.5, 3)
+    assert judged.culprit == "uniform, median gain x2" and judged.measurement is ms[1]
+    assert judged.growth.mid == 3.0

@@ -1,4 +1,5 @@
-"""The strategies: lazy validation, shrinking towards the simplest Config, and replayable draws."""
+"""The strategies: lazy validation, shrinking towards the simplest Config, and replayable draws.
+Also a learning rate of zero refused and a profile loaded by its registered name."""
 
 from __future__ import annotations
 
@@ -170,3 +171,29 @@ def test_a_knob_narrowed_for_families_without_it_is_an_invalid_argument() -> Non
 def test_dtypes_takes_one_name_to_exclude(name: str) -> None:
     """exclude='float16' was iterated as letters: 'exclude contains "f"' (found by a trial)."""
     assert name != "float16"
+
+
+def test_a_learning_rate_of_zero_is_an_invalid_argument() -> None:
+    """lrs must be finite numbers > 0: lr=0 trains nothing, every divergence verdict vacuous."""
+    from hypothesis.errors import InvalidArgument
+
+    from stabilitycheck.strategies import configs
+
+    with pytest.raises(InvalidArgument, match="finite number > 0"):
+        configs(lrs=(0.0,)).validate()
+
+
+def test_a_profile_given_by_its_registered_name_loads_it() -> None:
+    """load_profile takes the user-facing name or the registered one ('stabilitycheck-ci', as
+    HYPOTHESIS_PROFILE may hold it): both load the ci profile and return 'ci'."""
+    from hypothesis import settings
+
+    from stabilitycheck.strategies import load_profile
+
+    before = settings._current_profile  # restored: the profile is global to the session
+    try:
+        assert load_profile("stabilitycheck-ci") == "ci"
+        assert settings._current_profile == "stabilitycheck-ci"
+        assert settings().max_examples == 50
+    finally:
+        settings.load_profile(before)

@@ -1,6 +1,7 @@
 """One Subject path: the same search, verdict and report on a zoo family, a model file and a Hugging Face
 model type; the model's real block chain (a 1-entry stack, both stacks of an encoder-decoder); the
-reproduction line reproducing a verdict judged on non-default limits."""
+reproduction line reproducing a verdict judged on non-default limits.
+Also find_blocks on parametrized models: the lists computing a weight are no stack."""
 
 from __future__ import annotations
 
@@ -1969,3 +1970,105 @@ def test_parametrized_layers_outside_any_list_are_the_leaf_blocks() -> None:
     assert m.activation_grad_norms[1:] == pytest.approx(
         torch_output_grads(model, (x,), [model.a, model.b]), rel=1e-6
     )
+
+
+class _Halved(nn.Module):
+    """A parametrization of a weight: w / 2 (torch.nn.utils.parametrize)."""
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w / 2
+
+
+class _StackAndReparametrizedHead(nn.Module):
+    """A two-layer stack and a head whose weight three parametrizations compute: the head's
+    `parametrizations.weight` list holds three modules of one type, longer than the stack."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+        self.head = nn.Linear(8, 4)
+        for _ in range(3):
+            nn.utils.parametrize.register_parametrization(self.head, "weight", _Halved())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return self.head(x)  # type: ignore[no-any-return]
+
+
+def test_the_lists_computing_a_weight_are_no_stack_even_where_longest() -> None:
+    """README: 'the lists computing its weight are no stack'; the blocks are the stack of layers.
+    Oracle: the documented rule."""
+    blocks, note = find_blocks(_StackAndReparametrizedHead())
+    assert [name for name, _ in blocks] == ["layers.0", "layers.1"]
+    assert note == "blocks: layers (2)"
+
+
+class _ListNamedParametrizations(nn.Module):
+    """A model of its own whose stack of three layers happens to be called `parametrizations` (no
+    torch.nn.utils.parametrize anywhere), and a shorter stack of two beside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parametrizations = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+        self.extra = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in [*self.parametrizations, *self.extra]:
+            x = torch.tanh(layer(x))
+        return x
+
+
+def test_a_stack_called_parametrizations_of_an_unparametrized_model_is_its_stack() -> None:
+    """Only a parametrized module's `parametrizations` lists compute a weight (subject._reparametrizing);
+    a list of that name elsewhere is a stack like any other, here the longest. Oracle: the documented
+    rule (the longest stack of same-type modules)."""
+    blocks, note = find_blocks(_ListNamedParametrizations())
+    assert [name for name, _ in blocks] == [f"parametrizations.{i}" for i in range(3)]
+    assert note == "blocks: parametrizations (3)"
+
+
+class _NormedStackBesideShorter(nn.Module):
+    """Four weight-normed layers in a list, and a plain two-layer list beside them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.utils.parametrizations.weight_norm(nn.Linear(8, 8)) for _ in range(4))
+        self.heads = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in [*self.layers, *self.heads]:
+            x = torch.tanh(layer(x))
+        return x
+
+
+def test_a_stack_of_parametrized_layers_is_a_stack_of_their_class() -> None:
+    """README: a layer reparametrized by weight_norm, which torch gives a class of its own (one per
+    instance), 'counts as its module's class': the four weight-normed Linears are one stack of four,
+    the longest, not four types. Oracle: the documented rule."""
+    blocks, note = find_blocks(_NormedStackBesideShorter())
+    assert [name for name, _ in blocks] == [f"layers.{i}" for i in range(4)]
+    assert note == "blocks: layers (4)"
+
+
+class _TwoLayersOneTwiceReparametrized(nn.Module):
+    """No stack: two Linear attributes, the second's weight computed by two parametrizations (its
+    `parametrizations.weight` list has two modules, the only list of two or more in the model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(8, 8), nn.Linear(8, 8)
+        for _ in range(2):
+            nn.utils.parametrize.register_parametrization(self.second, "weight", _Halved())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.tanh(self.first(x)))  # type: ignore[no-any-return]
+
+
+def test_without_a_stack_no_block_is_a_module_computing_a_weight() -> None:
+    """The parametrizations computing `second.weight` are no list of blocks either (they run inside
+    the weight's getter, never on the chain). Oracle: the documented rule ('the lists computing its
+    weight are no stack')."""
+    blocks, _ = find_blocks(_TwoLayersOneTwiceReparametrized())
+    assert not any("parametrizations" in name for name, _ in blocks)
+    assert not any(isinstance(m, _Halved) for _, m in blocks)

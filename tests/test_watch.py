@@ -1750,3 +1750,79 @@ def test_a_value_made_between_blocks_is_said_to_be_maybe_theirs(factor: float, a
     clean = train(MLP(depth=4), 60, {2: Fault(40)})  # x50 on blocks.2's output, by a forward hook
     assert clean.report is not None and clean.report.first_spike is not None
     assert clean.report.first_spike.block == "blocks.2" and clean.report.first_spike.after is None
+
+
+def test_a_watch_report_marks_a_cut_list_of_steps_only_where_it_cut_it() -> None:
+    """Up to 10 steps are listed whole; ' ...' follows only where more were cut (11 here)."""
+    from stabilitycheck.watchlog import Report
+
+    ten = Report(steps=20, skipped_steps=list(range(10))).text()
+    assert "  skipped steps: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9\n" in ten
+    eleven = Report(steps=20, skipped_steps=list(range(11))).text()
+    assert "  skipped steps: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9 ...\n" in eleven
+
+
+def _loss_fn(model: torch.nn.Module, batch: object) -> torch.Tensor:  # importable: a bundle pickles it
+    return model(batch).sum()
+
+
+def _watched_rows(tmp_path: object, **options: object) -> list[dict[str, object]]:
+    from pathlib import Path
+
+    from stabilitycheck import watch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    Path(str(tmp_path)).mkdir(parents=True, exist_ok=True)
+    log = Path(str(tmp_path)) / "w.jsonl"
+    with watch(model, opt, log=log, flush_every=4, report=None, **options) as w:  # type: ignore[arg-type]
+        for _ in range(6):
+            opt.zero_grad()
+            loss = _loss_fn(model, torch.randn(8, 4))
+            w.loss(loss)
+            loss.backward()
+            opt.step()
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_with_a_replay_bundle_the_weight_norms_are_measured_every_step(tmp_path: object) -> None:
+    """watch's weights_every defaults to once per flush, and to every step with a bundle (README:
+    'default: once per flush; every step with a bundle'): a replay re-runs any step, so each step's
+    weights are kept. Oracle: that documented default, read off the log (null: not measured)."""
+    from pathlib import Path
+
+    plain = _watched_rows(Path(str(tmp_path)) / "a")
+    assert [r["weight"] is not None for r in plain] == [True, False, False, False, True, False]
+    bundled = _watched_rows(
+        Path(str(tmp_path)) / "b", bundle=Path(str(tmp_path)) / "bundle", compute_loss=_loss_fn
+    )
+    assert all(r["weight"] is not None for r in bundled)
+
+
+def test_the_host_rule_leaves_a_short_batchs_loss_and_weight_gradients_unjudged_too() -> None:
+    """README: a step of fewer samples than the reference (an epoch's short last batch) leaves its
+    loss and weight gradients logged, not judged. skip=True judges on the device, skip=False at the
+    flush on the host: both read the step as fewer. Oracle: the documented rule; the same loop under
+    skip=True, which flags nothing either (batches of 256, then one of 2 at step 20, a quick rule)."""
+    flagged = []
+    for skip in (True, False):
+        torch.manual_seed(0)
+        blocks = [nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(4)]
+        model = nn.Sequential(*blocks, nn.Linear(16, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+        gen = torch.Generator().manual_seed(0)
+        rule = SpikeRule(window=16, warmup=8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with watch(model, opt, report=None, skip=skip, rule=rule) as w:
+                for step in range(22):
+                    x = torch.randn(2 if step == 20 else 256, 16, generator=gen)
+                    loss = nn.functional.mse_loss(model(x).squeeze(-1), x.sum(-1).sin())
+                    w.loss(loss)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+        assert w.report is not None
+        flagged.append(w.report.flagged_steps)
+    assert flagged == [[], []]

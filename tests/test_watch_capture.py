@@ -1,10 +1,12 @@
 """The watcher's lazy capture (stabilitycheck.watchcapture): norms taken late or in batches equal
-torch's own, and an output changed in place before its norm is taken is caught, not misreported."""
+torch's own, and an output changed in place before its norm is taken is caught, not misreported.
+Also the element counts a capture reads across batch sizes, micro-batches and no-grad passes."""
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from torch import nn
 from watch_models import MLP, batch, train
 
 from stabilitycheck import norms, watchcapture
+from stabilitycheck.spikes import SpikeRule
 from stabilitycheck.watching import watch
 
 
@@ -223,3 +226,200 @@ def test_the_watch_logs_huge_and_tiny_finite_norms_exactly(factor: float, loss_s
         )
     extreme = [v for v in values.values() if v > 1.8e19 or 0 < v < 1e-19]
     assert len(extreme) >= 2  # the ranges float32 squares cannot hold were measured
+
+
+def test_a_no_grad_evaluation_pass_is_not_in_the_steps_block_output_norms() -> None:
+    """A forward under torch.no_grad between training steps is no part of the step: each block's output
+    norm is that of the training pass alone (torch.linalg.vector_norm of the outputs seen by a hook)."""
+    from stabilitycheck.watching import watch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Sequential(nn.Linear(4, 4), nn.Tanh()) for _ in range(3)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    seen: list[float] = []
+    model[1].register_forward_hook(
+        lambda m, a, out: seen.append(float(torch.linalg.vector_norm(out.detach())))
+    )
+    x = torch.randn(8, 4)
+    with watch(model, opt, report=None, flush_every=1) as w:
+        loss = model(x).square().mean()
+        loss.backward()
+        with torch.no_grad():
+            model(10 * x)  # an evaluation pass on other data
+        opt.step()
+    assert len(seen) == 2
+    parts = w.layout.parts()["activation"]
+    assert math.isclose(w.out.last_values[parts][1], seen[0], rel_tol=1e-5)
+
+
+class _Blocks(nn.Module):
+    """Two Linear-Tanh blocks in a ModuleList (the blocks watch finds) and a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(2))
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def _logged_and_torchs(
+    path: Path, steps: list[tuple[list[int], int]]
+) -> list[tuple[list[float], list[float], list[float], list[float]]]:
+    """Per step (the micro-batch sizes, then the batch of a validation pass run with gradients on and
+    never backpropagated, 0 for none): the watcher's logged block output and output-gradient norms,
+    and torch's, read at the first step's sample count by the documented rule (an output's norm x
+    sqrt(n0 / n), its gradient's x sqrt(n / n0), n the samples the step backpropagated)."""
+    torch.manual_seed(0)
+    model = _Blocks()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    kept: list[torch.Tensor] = []
+    hooks = [b.register_forward_hook(lambda _m, _a, out: kept.append(out)) for b in model.blocks]
+    want = []
+    with watch(model, opt, log=path, report=None) as w:
+        for sizes, val in steps:
+            opt.zero_grad()
+            if val:
+                model(torch.randn(val, 16))  # a validation pass with gradients on: not in the row
+            kept.clear()
+            for n in sizes:
+                loss = model(torch.randn(n, 16)).square().mean()
+                for out in kept[-2:]:
+                    out.retain_grad()
+                w.loss(loss)
+                loss.backward()
+            outs = kept[-2 * len(sizes) :]
+            r = sum(sizes) / sum(steps[0][0])
+            acts = [
+                math.hypot(*(float(o.detach().norm()) for o in outs[b::2])) / math.sqrt(r) for b in (0, 1)
+            ]
+            grads = [math.hypot(*(float(o.grad.norm()) for o in outs[b::2])) * math.sqrt(r) for b in (0, 1)]
+            want.append((acts, grads))
+            opt.step()
+    for h in hooks:
+        h.remove()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [(row["activation"], row["activation_grad"], a, g) for row, (a, g) in zip(rows, want, strict=True)]
+
+
+@pytest.mark.parametrize("width", [16, 4096])
+def test_micro_batches_of_unequal_sizes_are_read_at_the_reference_sample_count(
+    tmp_path: Path, width: int
+) -> None:
+    """Gradient accumulation: a step's captures are every micro-batch's, its element count their sum
+    (a step of 16 + 4 samples after steps of 16 + 16 reads x sqrt(32 / 20), not as its last micro-batch
+    alone). Width 4096 x 16 elements puts each output over EAGER_NUMEL (normed at once). Oracle: torch's
+    norms of the block outputs and of their gradients, rescaled by the documented rule by hand."""
+    n = width
+    steps = [([n, n], 0), ([n, n], 0), ([n, n // 4], 0), ([n // 4, n], 0)]
+    for acts, grads, want_acts, want_grads in _logged_and_torchs(tmp_path / "w.jsonl", steps):
+        assert acts == pytest.approx(want_acts, rel=1e-5)
+        assert grads == pytest.approx(want_grads, rel=1e-5)
+
+
+@pytest.mark.parametrize("width", [16, 4096])
+def test_a_validation_pass_of_some_steps_is_not_counted_in_their_sample_count(
+    tmp_path: Path, width: int
+) -> None:
+    """A forward run with gradients on and never backpropagated is not part of the step (watchcapture
+    `_drop_unfed`): nor are its elements part of the step's element count, which a step with one and a
+    step without would otherwise read x sqrt(2) apart. Oracle: torch's norms of the backpropagated
+    pass's outputs and gradients, at the reference by the documented rule (here ratio 1)."""
+    n = width
+    steps = [([n], 0), ([n], n), ([n], 0), ([n], n)]
+    for acts, grads, want_acts, want_grads in _logged_and_torchs(tmp_path / "w.jsonl", steps):
+        assert acts == pytest.approx(want_acts, rel=1e-5)
+        assert grads == pytest.approx(want_grads, rel=1e-5)
+
+
+class _Twice(_Blocks):
+    """_Blocks whose block 1 runs twice where `twice` is set (a looped block's extra call)."""
+
+    twice = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks[1](self.blocks[0](x))
+        return self.head(self.blocks[1](x) if self.twice else x)
+
+
+def _loss_flags(path: Path, short: int | None = None, twice: int | None = None) -> list[list[str]]:
+    """30 SGD steps of batches of 64 (8 at step `short`; block 1 called twice at step `twice`) under a
+    quick rule (window 16, warm-up 4), the loss given to the watcher x100 at step 20 (its gradients
+    as they are); the series flagged at each step, from the log."""
+    torch.manual_seed(0)
+    model = _Twice()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    with watch(model, opt, log=path, report=None, rule=SpikeRule(window=16, warmup=4)) as w:
+        for step in range(30):
+            model.twice = step == twice
+            x = torch.randn(8 if step == short else 64, 16, generator=gen)
+            loss = nn.functional.mse_loss(model(x).squeeze(-1), x.sum(-1).sin())
+            w.loss(loss.detach() * 100 if step == 20 else loss)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return [json.loads(line)["flagged"] for line in path.read_text().splitlines()]
+
+
+def _has_loss(flagged: list[str]) -> bool:
+    return any(name.split(":")[0] == "loss" for name in flagged)
+
+
+def test_a_loss_spike_after_an_epochs_short_batch_is_flagged(tmp_path: Path) -> None:
+    """The short batch's loss and weight gradients are unjudged at that step alone (the step 'just
+    closed', watchcapture.fewer); a x100 loss 10 steps later, at the reference size, is judged and
+    flagged. Oracle: the documented rule (x100 is ln 100 = 4.6 above the window's mean on the
+    logarithm, past its floor ln 2), and the same loop without the short batch."""
+    for short in (None, 10):
+        flags = _loss_flags(tmp_path / f"w{short}.jsonl", short=short)
+        assert _has_loss(flags[20]), short
+        assert not any(_has_loss(f) for i, f in enumerate(flags) if i != 20), short
+
+
+def test_a_step_capturing_more_elements_somewhere_and_fewer_nowhere_judges_its_loss(tmp_path: Path) -> None:
+    """fewer is 'fewer elements than a reference somewhere': a step where block 1 runs twice (more of
+    its elements, as many of block 0's) is no short batch, and its x100 loss is flagged. Oracle: the
+    documented rule; the same loop without the extra call."""
+    for twice in (None, 20):
+        flags = _loss_flags(tmp_path / f"w{twice}.jsonl", twice=twice)
+        assert _has_loss(flags[20]), twice
+        assert not any(_has_loss(f) for i, f in enumerate(flags) if i != 20), twice  # that step alone
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_closure_stepped_under_no_grad_still_runs_its_backward(skip: bool) -> None:
+    """torch's optimizers run step(closure)'s closure with gradients on (SGD: `with
+    torch.enable_grad(): loss = closure()`), so a loop may call step under torch.no_grad(); the
+    watcher, which runs the closure first, must too. Oracle: the same SGD step unwatched, parameters
+    compared bit for bit."""
+
+    def run(watched: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = _Blocks()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x = torch.randn(8, 16)
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = model(x).square().mean()
+            loss.backward()
+            return loss
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if watched:
+                with watch(model, opt, report=None, skip=skip), torch.no_grad():
+                    for _ in range(3):
+                        opt.step(closure)
+            else:
+                with torch.no_grad():
+                    for _ in range(3):
+                        opt.step(closure)
+        return [p.detach().clone() for p in model.parameters()]
+
+    for got, want in zip(run(True), run(False), strict=True):
+        assert torch.equal(got, want)

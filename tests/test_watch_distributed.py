@@ -1,7 +1,8 @@
 """watch() under torch.distributed: 2 ranks on the CPU (gloo), DDP and FSDP2 `fully_shard`, against
 the same model trained in one process on the whole batch (float64, so rounding stays far below the
 1e-6 asked). Also: one collective per flush, none per step; the rank of a NaN named; and the
-clip_grad_norm_ invariant, which a local-shard norm fails."""
+clip_grad_norm_ invariant, which a local-shard norm fails.
+Also the merge of ranks' rows (to_series) and the full grad norm counting a replicated gradient once."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import spawn
 from watch_models import MLP, Fault, batch, compute_loss
 
 from stabilitycheck import distributed
@@ -233,3 +235,75 @@ def test_a_loss_passed_on_one_rank_alone_is_that_ranks_loss(ranks: Any) -> None:
     rows = _rows(out / "rank0.jsonl")
     assert [r["loss_passed"] for r in rows] == [True] * STEPS
     assert [r["loss"] for r in rows] == pytest.approx(results[0]["rank0_losses"], rel=1e-12)
+
+
+def test_to_series_combines_two_ranks_as_one_full_batch_would() -> None:
+    """D1: with the full-batch loss the mean of W rank losses, dL/d(out) on rank r is dL_r/d(out_r) / W:
+    output-gradient squares add up divided by W^2 (3^2 + 4^2 over 2^2: norm 2.5); block outputs and
+    weights add up as they are; the loss is the mean. Checked against torch autograd on a real split."""
+    from stabilitycheck.distributed import Layout, to_series
+
+    lay = Layout(n_blocks=1)
+    p = lay.parts()
+    rows = torch.zeros(2, lay.width, dtype=torch.float64)
+    rows[:, p["loss"]] = torch.tensor([[1.0], [3.0]], dtype=torch.float64)
+    rows[:, p["activation"]] = torch.tensor([[4.0], [5.0]], dtype=torch.float64)
+    rows[:, p["activation_grad"]] = torch.tensor([[9.0], [16.0]], dtype=torch.float64)
+    out = to_series(rows, lay)
+    assert float(out[p["loss"]]) == 2.0
+    assert float(out[p["activation"]]) == 3.0
+    assert float(out[p["activation_grad"]]) == pytest.approx(2.5)
+    # the same from autograd: a batch of two halves, loss = mean of the halves' losses
+    y = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    halves = [(y[r] ** 2).sum() * (r + 1) for r in range(2)]
+    (sum(halves) / 2).backward()
+    local = [torch.autograd.grad((y[r] ** 2).sum() * (r + 1), y)[0][r] for r in range(2)]
+    rows[:, p["activation_grad"]] = torch.stack([(g**2).sum() for g in local]).unsqueeze(1)
+    assert float(to_series(rows, lay)[p["activation_grad"]]) == pytest.approx(float(y.grad.norm()))
+
+
+def test_the_rank_behind_a_non_finite_total_grad_norm_is_the_first_with_a_bad_weight_gradient() -> None:
+    """D2: the total grad norm is the series after a row's last column (index width, parts()'s
+    grad_norm), which no rank logs: its culprit rank is the lowest whose weight-gradient entries hold a
+    non-finite value; a block series' own column is read for every other series."""
+    from stabilitycheck.distributed import Layout, nonfinite_rank
+
+    lay = Layout(n_blocks=2)
+    assert lay.parts()["grad_norm"] == slice(lay.width, lay.width + 1)
+    grad = lay.parts()["gradient"].start + 1
+    rows = [[1.0] * lay.width for _ in range(3)]
+    rows[2][grad] = math.inf
+    rows[1][0] = math.nan  # a loss column: not the total grad norm's
+    assert nonfinite_rank(rows, lay, lay.width) == 2
+    assert nonfinite_rank(rows, lay, 0) == 1
+    assert nonfinite_rank(rows, lay, grad) == 2
+    assert nonfinite_rank(rows, lay, 1) is None
+
+
+def _grad_norm_worker(rank: int, out: str) -> None:
+    """One of two gloo ranks holding the same plain (replicated, as under DDP) gradients: writes
+    full_grad_norm and torch's own norm of the one copy."""
+    from stabilitycheck.distributed import full_grad_norm
+
+    dist.init_process_group("gloo", init_method=(Path(out) / "store").as_uri(), rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)  # the same values on both ranks: one gradient, replicated
+    params: list[torch.Tensor] = [torch.nn.Parameter(torch.zeros(n, dtype=torch.float64)) for n in (3, 7)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    got = full_grad_norm(params)
+    want = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+    Path(out, f"rank{rank}.json").write_text(json.dumps([got, want]))
+    dist.destroy_process_group()
+
+
+def test_the_full_grad_norm_counts_a_replicated_gradient_once(tmp_path: Path) -> None:
+    """D3: a plain tensor's gradient is replicated on every rank (DDP), so each rank's squared norm is
+    divided by the world size before the all_reduce: on two ranks with the same gradients the full
+    norm is that gradient's norm (torch.nn.utils.get_total_norm of one copy), not sqrt(2) times it."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed with gloo is not available here")
+    spawn(_grad_norm_worker, args=(str(tmp_path),), nprocs=2, join=True)
+    for rank in range(2):
+        got, want = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got == pytest.approx(want, rel=1e-12)

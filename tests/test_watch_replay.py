@@ -1,4 +1,5 @@
-"""Replay bundles: `stabilitycheck replay DIR` re-runs the first flagged step and reproduces its norms."""
+"""Replay bundles: `stabilitycheck replay DIR` re-runs the first flagged step and reproduces its norms.
+Also a bundle's step check and the model state it replays from (watchstate)."""
 
 from __future__ import annotations
 
@@ -675,3 +676,134 @@ def test_a_model_file_that_does_not_parse_leaves_its_digest_out_not_the_bundle(t
         sys.modules.pop("editing", None)
     assert not any(name.startswith("editing.") for name in digests)
     assert any(name.endswith("compute_loss") for name in digests)
+
+
+def test_a_bundle_of_the_first_step_has_a_valid_step() -> None:
+    """Step 0 (a model exploding on its first step) is a step a bundle is written for."""
+    from stabilitycheck.replay import _check_meta
+
+    meta = {"step": 0, "blocks": ["0"], "values": [1.0, None], "import_roots": ["/tmp"]}
+    _check_meta(Path("b"), meta)  # no UsageError
+
+
+def _loss_fn(model: torch.nn.Module, batch: object) -> torch.Tensor:  # importable: a bundle pickles it
+    return model(batch).sum()
+
+
+def _two_calls(tmp_path: object) -> tuple[object, torch.nn.Module, list[torch.Tensor], list[torch.Tensor]]:
+    """A Snapshot that saw two model calls, torch drawing random numbers before each (dropout, a
+    mask): the CPU RNG state at each call, read by torch itself, and each call's output."""
+    from pathlib import Path
+
+    from stabilitycheck.watchstate import Snapshot
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 3)
+    snap = Snapshot(model, _loss_fn, Path(str(tmp_path)) / "bundle")
+    states, outputs = [], []
+    for mode in (True, False):  # the first call in training mode, the second in eval
+        model.train(mode)
+        torch.rand(5)  # a draw between the calls: each call starts from its own state
+        states.append(torch.get_rng_state())
+        snap.on_call()
+        out = model(torch.ones(2, 3))
+        snap.on_output(out)
+        outputs.append(out)
+    return snap, model, states, outputs
+
+
+def test_the_replay_state_is_the_first_model_call_the_loss_is_computed_from(tmp_path: object) -> None:
+    """Snapshot._made_by: the RNG state, modes and autocast dtype of the FIRST model call the loss is
+    computed from (a loss over two calls replays from the first: starting at the second's state
+    draws other dropout masks). Oracle: torch.get_rng_state() read at each call, and the modes set."""
+    snap, _, states, outputs = _two_calls(tmp_path)
+    rng, modes, amp = snap._made_by(outputs[0].sum() + outputs[1].sum())  # type: ignore[attr-defined]
+    assert torch.equal(rng["cpu"], states[0]) and not torch.equal(rng["cpu"], states[1])
+    assert modes == [True] and amp is None  # the Linear's mode at the first call
+    rng, modes, _ = snap._made_by(outputs[1].sum())  # type: ignore[attr-defined]
+    assert torch.equal(rng["cpu"], states[1]) and modes == [False]
+
+
+def test_a_loss_with_no_graph_replays_from_the_first_calls_state_and_the_last_calls_modes(
+    tmp_path: object,
+) -> None:
+    """Snapshot._made_by without a graph to follow (a loss passed detached or as a number): the first
+    call's RNG state and the last call's modes (docstring). Oracle: torch.get_rng_state() at each call."""
+    snap, _, states, outputs = _two_calls(tmp_path)
+    rng, modes, _ = snap._made_by(float(outputs[1].detach().sum()))  # type: ignore[attr-defined]
+    assert torch.equal(rng["cpu"], states[0]) and not torch.equal(rng["cpu"], states[1])
+    assert modes == [False]
+
+
+def test_a_micro_batch_replays_from_its_own_calls_not_an_earlier_micro_batchs(tmp_path: object) -> None:
+    """Snapshot: the calls it pairs a loss with are those since the last micro-batch (on_batch starts
+    afresh): a second micro-batch whose loss has no graph to follow replays from ITS first call's
+    RNG state, not the first micro-batch's. Oracle: torch.get_rng_state() read at each call."""
+    from pathlib import Path
+
+    from stabilitycheck.watchstate import Snapshot
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 3)
+    snap = Snapshot(model, _loss_fn, Path(str(tmp_path)) / "bundle")
+    states = []
+    for micro in range(2):
+        torch.rand(5)
+        states.append(torch.get_rng_state())
+        snap.on_call()
+        out = model(torch.ones(2, 3))
+        snap.on_output(out)
+        loss = out.sum()
+        snap.on_batch(0, None, loss.detach(), None, loss if micro == 0 else None)
+    (_, _, first, _, _, _), (_, _, second, _, _, _) = snap.batches[0]
+    assert torch.equal(first["cpu"], states[0]) and torch.equal(second["cpu"], states[1])
+
+
+def test_a_bundle_of_a_step_between_weight_measurements_keeps_the_last_measured_weight_norms(
+    tmp_path: object,
+) -> None:
+    """With weights_every=2, the weight norms of an unmeasured step are the last measured ones,
+    standing in (watching: 'the last measured weight norms stand in for this step's in its row'), as
+    the host rule's rows do: a replay bundle written for such a step keeps them, not zeros. Oracle:
+    torch.linalg.vector_norm of each block's weights at the last measured step (before its update)."""
+    from pathlib import Path
+
+    from stabilitycheck import watch
+    from stabilitycheck.spikes import SpikeRule
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    blocks = [("a", model[0]), ("b", model[2])]
+    bundle = Path(str(tmp_path)) / "bundle"
+    norms = []
+    with watch(
+        model,
+        opt,
+        blocks=blocks,
+        bundle=bundle,
+        compute_loss=_loss_fn,
+        weights_every=2,
+        rule=SpikeRule(window=8, warmup=2),
+        report=None,
+    ) as w:
+        for step in range(5):
+            opt.zero_grad()
+            with torch.no_grad():
+                norms.append(
+                    [
+                        float(torch.linalg.vector_norm(torch.cat([p.flatten() for p in m.parameters()])))
+                        for _, m in blocks
+                    ]
+                )
+            loss = _loss_fn(model, torch.ones(8, 4)) * (1e6 if step == 3 else 1.0)  # step 3: a spike
+            w.loss(loss)
+            loss.backward()
+            opt.step()
+    meta = json.loads((bundle / "meta.json").read_text())
+    assert meta["step"] == 3  # flagged first at step 3, whose weights were not measured (3 % 2)
+    from stabilitycheck.distributed import Layout
+
+    weight = Layout(len(blocks)).parts()["weight"]
+    got = meta["values"][weight]
+    assert got[:2] == pytest.approx(norms[2], rel=1e-6)  # step 2's: the last measured before step 3

@@ -1,7 +1,8 @@
 """The zoo's initialisation, as its module documents it: every weight matrix N(0, init_scale^2 /
 fan_in), every recurrent matrix (each gate's, for LSTM and GRU) init_scale x an orthogonal matrix.
 Oracles: torch's own fan-in (nn.init._calculate_fan_in_and_fan_out) and singular values
-(torch.linalg.svdvals)."""
+(torch.linalg.svdvals).
+Also the zoo's structure: the pre-norm variant offered for every norm, a residual block's layernorm."""
 
 from __future__ import annotations
 
@@ -67,3 +68,36 @@ def test_the_critical_init_scale_gives_a_backward_gain_of_one_per_block(activati
     phi = {"tanh": torch.tanh, "linear": lambda v: 1.0 * v, "relu": torch.relu}[activation]
     (slope,) = torch.autograd.grad(phi(h).sum(), h)
     assert sigma**2 * float((weights * slope**2).sum()) == pytest.approx(1.0, rel=1e-3)
+
+
+@pytest.mark.parametrize("norm,offered", [("post", True), ("none", True), ("pre", False)])
+def test_the_pre_norm_variant_is_offered_for_every_norm_but_pre(norm: str, offered: bool) -> None:
+    """Family.variants: the pre-norm remedy is the same Config with norm='pre', for a post-norm or
+    norm-free residual stack, and none where it is pre-norm already or has no norm knob (mlp)."""
+    config = Config.of("resmlp", depth=3, norm=norm)
+    got = Family("resmlp").variants(config)["pre-norm"]
+    assert got == (config.with_knobs(norm="pre") if offered else None)
+    assert Family("mlp").variants(Config.of("mlp", depth=3))["pre-norm"] is None
+
+
+@pytest.mark.parametrize("norm", ["pre", "post", "none"])
+def test_a_residual_block_places_its_layernorm_as_documented(norm: str) -> None:
+    """ResBlock: x + W2 act(W1 x) with the LayerNorm before the branch (pre: x + W2 act(W1 LN(x))),
+    after the sum (post: LN(x + W2 act(W1 x))) or none; the stack ends in a final LayerNorm only when
+    pre-norm (GPT-2). Oracle: the same sums by hand with torch's F.layer_norm, F.linear and tanh."""
+    built = Family("resmlp").build(
+        Config.of("resmlp", depth=2, width=8, norm=norm, batch_size=3, dtype="float64")
+    )
+    x, block = built.inputs, built.model.layers[0]
+    F = torch.nn.functional
+
+    def ln(h: torch.Tensor) -> torch.Tensor:  # a fresh LayerNorm: weight 1, bias 0
+        return F.layer_norm(h, (8,))
+
+    def branch(h: torch.Tensor) -> torch.Tensor:
+        return F.linear(torch.tanh(F.linear(h, block.w1)), block.w2)
+
+    want = {"pre": x + branch(ln(x)), "post": ln(x + branch(x)), "none": x + branch(x)}[norm]
+    torch.testing.assert_close(block(x), want, rtol=1e-12, atol=1e-12)
+    h = built.model.layers[1](block(x))
+    torch.testing.assert_close(built.model(x), ln(h) if norm == "pre" else h, rtol=1e-12, atol=1e-12)

@@ -1,0 +1,109 @@
+"""The report (report): sparklines and profiles, the reproduction line, and the notes a row reads
+(stable on one seed so far, not judged, no growth read, one-sided targets)."""
+
+from __future__ import annotations
+
+import math
+
+from closed_form import ScaledIdentity
+
+from stabilitycheck.counterexample import Counterexample
+from stabilitycheck.space import Axis, Space
+from stabilitycheck.verdicts import Limits
+
+GROWTH_LIMIT = 100.0
+
+
+def test_a_sparkline_of_more_values_than_its_width_keeps_a_lone_spike() -> None:
+    """Two values per character: each character shows its bucket's largest, so one spike among 127
+    ones is the top level; the bucket's first value alone showed a flat line."""
+    from stabilitycheck.report import SPARKS, sparkline
+
+    values = [1.0] * 128
+    values[77] = 1e6
+    line = sparkline(values, width=64)
+    assert len(line) == 64 and line[77 // 2] == SPARKS[-1] and line.count(SPARKS[-1]) == 1
+
+
+def test_a_flat_profile_is_drawn_flat_and_a_factor_of_two_spans_the_levels() -> None:
+    """Levels span at least a factor 2: values 0.009% apart drew the full ramp (found by a user's
+    trial); a profile falling by exactly 2x still reaches the top level, a 1.41x one halfway.
+    Oracle: log10 of the values over log10 2, by hand."""
+    from stabilitycheck.report import SPARKS, sparkline
+
+    assert sparkline([1.03e-5 * (1 + 2e-5 * k) for k in range(5)]) == SPARKS[0] * 5
+    assert sparkline([2.0, 1.0]) == SPARKS[-1] + SPARKS[0]
+    assert sparkline([2**0.5, 1.0]) == SPARKS[round(0.5 * (len(SPARKS) - 1))] + SPARKS[0]
+
+
+def test_the_reproduction_line_passes_the_limits_that_differ_from_the_defaults() -> None:
+    """The line re-judges on the limits the search used: the changed one is in it, the defaults not."""
+    from stabilitycheck.config import Config
+    from stabilitycheck.report import reproduction
+
+    line = reproduction(Config.of("mlp", depth=4), Limits(growth=10.0))
+    assert "sc.Limits(growth=10.0)" in line
+
+
+def _judged(depth: int, scale: float, seeds: int = 1) -> tuple[object, object]:
+    subject = ScaledIdentity()
+    config = subject.config(depth=depth, init_scale=scale).with_run(seeds=seeds)
+    from stabilitycheck.seeds import assess
+
+    return config, assess(config, subject, Limits(growth=GROWTH_LIMIT, grad_norm=None, divergence=None))  # type: ignore[arg-type]
+
+
+def test_an_interrupted_stable_row_of_a_one_seed_run_is_not_stable_on_one_seed_so_far() -> None:
+    """'stable on one seed so far' says the full rule over seeds was not reached; where the run has
+    one seed (seeds=1), its one seed is the full rule: the row says plainly 'stable'."""
+    from stabilitycheck.counterexample import SearchResult
+    from stabilitycheck.report import no_explosion
+
+    config, judged = _judged(2, 1.5)
+    space = Space("cf", config, (Axis.range("depth", 1, 2),))  # type: ignore[arg-type]
+    result = SearchResult(space, None, 1, 1, 0.0, config, judged, interrupted=True)  # type: ignore[arg-type]
+    assert no_explosion(result) == "interrupted, stable (tried up to depth=2)"
+
+
+def test_a_row_whose_only_remedy_could_not_be_judged_says_not_judged() -> None:
+    """'fixed by': a remedy whose model raised is 'not judged: NAME', never 'none of NAME' (which says
+    it was measured and did not fix it)."""
+    from stabilitycheck.counterexample import SearchResult
+    from stabilitycheck.remedies import Remedy
+    from stabilitycheck.report import row
+
+    config, judged = _judged(5, 3.0)
+    space = Space("cf", config, (Axis.range("depth", 1, 5),))  # type: ignore[arg-type]
+    remedy = Remedy("critical init", config, None, skipped="the model raised ValueError: x")  # type: ignore[arg-type]
+    cx = Counterexample("cf", config, judged, Limits(), (remedy,))  # type: ignore[arg-type]
+    cells = row(SearchResult(space, cx, 1, 1, 0.0, None))
+    assert cells[8] == "not judged: critical init"
+
+
+def test_a_nan_growth_from_an_overflow_is_no_growth_not_read_note() -> None:
+    """'growth not read' is for a chain whose every dL/d output is 0 (0 / 0); a NaN growth from a
+    value that overflowed (first_nonfinite set, reported on its own line) is not that."""
+    from stabilitycheck.counterexample import SearchResult
+    from stabilitycheck.report import unmeasured
+
+    config, judged = _judged(3, 1e30)  # float32: the output overflows to inf, its gradient NaN
+    m = judged.measurement  # type: ignore[attr-defined]
+    assert math.isnan(m.growth) and m.first_nonfinite is not None
+    space = Space("cf", config, (Axis.range("depth", 1, 3),))  # type: ignore[arg-type]
+    cx = Counterexample("cf", config, judged, Limits(), ())  # type: ignore[arg-type]
+    assert unmeasured([SearchResult(space, cx, 1, 1, 0.0, None)]) == []
+
+
+def test_a_target_exploding_on_every_device_and_precision_is_not_one_sided() -> None:
+    """one_sided names a target that explodes on some devices or precisions and not on others; one
+    that explodes on all it ran on (here its one row) gets no line."""
+    from stabilitycheck.counterexample import SearchResult
+    from stabilitycheck.report import one_sided
+
+    config, judged = _judged(5, 3.0)
+    space = Space("cf", config, (Axis.range("depth", 1, 5),))  # type: ignore[arg-type]
+    cx = Counterexample("cf", config, judged, Limits(), ())  # type: ignore[arg-type]
+    exploding = SearchResult(space, cx, 1, 1, 0.0, None)
+    stable = SearchResult(space.with_run(dtype="float64"), None, 1, 1, 0.0, config, judged)  # type: ignore[arg-type]
+    assert one_sided([exploding]) == []
+    assert one_sided([exploding, stable]) == ["! cf explodes only on cpu/float32 (stable on cpu/float64)"]
