@@ -23,6 +23,7 @@ from typing import Any, TextIO
 
 import torch
 from torch import nn
+from torch.amp.grad_scaler import OptState
 
 from stabilitycheck import distributed
 from stabilitycheck.alarms import Termination, signals_held
@@ -184,7 +185,20 @@ class Watcher:
             self.factors = torch.ones(
                 self.flush_every, self.layout.width, dtype=torch.float64, device=self.device
             )
-        self.hooks.wrap_update(scaler)
+        closed = self.hooks.wrap_update(scaler)
+        if closed and self._filled > 0 and self.factors is not None:
+            # found at scaler.step() after the caller closed this iteration's step (before_step()
+            # first, as the Lightning callback does): that row's factors and skip, from this scaler
+            amp = self._loss_scale(scaler_skipped=False)
+            assert amp is not None  # the scaler is enabled: it was adopted
+            self.factors[self._filled - 1].copy_(amp[0])
+            self.buffer[self._filled - 1, -1].copy_(amp[1])
+        elif closed:
+            warnings.warn(
+                "watch: the GradScaler was found at its first step(), after that iteration's step was "
+                "closed and judged: that step's norms are not divided by its loss scale; pass scaler=",
+                stacklevel=4,
+            )
 
     @property
     def is_open(self) -> bool:
@@ -346,21 +360,32 @@ class Watcher:
     def _loss_scale(self, scaler_skipped: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
         """With a GradScaler: this step's factors on its squared norms (1/scale^2 on what the loss
         scale multiplied: the output gradients always, the weight gradients while the scaler has not
-        unscaled them, as for a fused optimizer) and whether the scaler skips the step (0-d 0/1)."""
+        unscaled them, as for a fused optimizer, or where the step is closed before scaler.step()
+        with no unscale_()) and whether the scaler skips the step (0-d 0/1)."""
         scale = self.scaler._get_scale_async() if self.scaler is not None else None
         if scale is None:
             return None
         parts = self.layout.parts()
         factors = torch.ones(self.layout.width, dtype=torch.float64, device=self.device)
-        factors[parts["activation_grad"]] = scale.to(self.device, torch.float64).reciprocal().square()
+        inverse = scale.to(self.device, torch.float64).reciprocal().square()
+        factors[parts["activation_grad"]] = inverse
         grad_scale = getattr(self.optimizer, "grad_scale", None)  # set by scaler.step for a fused one
+        # the scaler's record of this optimizer in this iteration: unscaled (scaler.step does it before
+        # a non-fused step, a caller before clipping), with the infs it found, or not yet
+        record = getattr(self.scaler, "_per_optimizer_states", {}).get(id(self.optimizer), {})
+        unscaled = record.get("stage") == OptState.UNSCALED
+        infs = list(record.get("found_inf_per_device", {}).values()) if unscaled else []
         if grad_scale is not None:
             factors[parts["gradient"]] = grad_scale.to(self.device, torch.float64).reciprocal().square()
+        elif self.optimizer is not None and not unscaled and not scaler_skipped:
+            factors[parts["gradient"]] = inverse  # closed by the caller before scaler.step(): scaled
         found = getattr(self.optimizer, "found_inf", None) if hasattr(self.optimizer, "grad_scale") else None
-        if scaler_skipped or found is None:
+        if scaler_skipped or (found is None and not infs):
             skipped = torch.full((), float(scaler_skipped), dtype=torch.float64, device=self.device)
-        else:  # a fused optimizer is stepped, and skips on the scaler's found_inf itself
+        elif found is not None:  # a fused optimizer is stepped, and skips on the scaler's found_inf itself
             skipped = (found.to(self.device) > 0).double()
+        else:  # unscaled before the step closed: scaler.step() skips it where it found an Inf/NaN
+            skipped = (torch.stack([f.to(self.device) for f in infs]).sum() > 0).double()
         return factors, skipped
 
     def _close_step(self, scaler_skipped: bool) -> torch.Tensor | None:

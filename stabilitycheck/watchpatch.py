@@ -82,6 +82,7 @@ class StepHooks:
     ) -> None:
         self.watcher, self.optimizer, self.skip, self.fused = watcher, optimizer, skip, fused
         self.stepped = False  # a step was closed since the scaler's last update()
+        self.hook_optimizer = True  # the step is closed at the optimizer's step() (`attach`)
         self.scaler: torch.amp.GradScaler | None = None
         self._warned_closure = False  # an optimizer evaluating its closure more than once a step: said once
         self._original_step: Any = None
@@ -95,6 +96,7 @@ class StepHooks:
         """Close each step at the optimizer's step() (unless `hook_optimizer` is False: a callback
         closes it); `after_step` runs after each update. Returns the hooks' handles."""
         optimizer, handles = self.optimizer, []
+        self.hook_optimizer = hook_optimizer
         if optimizer is None:
             return []
         if hook_optimizer and self.skip and not self.fused:
@@ -127,10 +129,14 @@ class StepHooks:
         ):
             self.watcher.adopt(scaler)
 
-    def wrap_update(self, scaler: torch.amp.GradScaler) -> None:
+    def wrap_update(self, scaler: torch.amp.GradScaler) -> bool:
         """scaler.update, closing first an iteration whose optimizer step the scaler skipped (found
-        Inf/NaN gradients: a non-fused optimizer's step() is then never called)."""
-        self.scaler, self.stepped = scaler, False
+        Inf/NaN gradients: a non-fused optimizer's step() is then never called). Returns whether
+        this iteration's step is closed already: a caller closing it (before_step() with
+        hook_optimizer=False) does so before scaler.step(), where a scaler is found; the optimizer's
+        hook closes it after (a closed step seen then is the last iteration's)."""
+        closed = self.stepped and not self.hook_optimizer
+        self.scaler, self.stepped = scaler, closed
         self._original_update, self._own_update = scaler.update, vars(scaler).get("update")
         original = self._original_update
 
@@ -142,6 +148,7 @@ class StepHooks:
 
         self._update = update
         scaler.update = update  # type: ignore[method-assign]
+        return closed
 
     def detach(self) -> None:
         """Restore the optimizer's step() and the scaler's update(), stop seeking a scaler, and drop

@@ -210,3 +210,80 @@ def test_a_bundle_of_a_scaled_step_replays_its_norms(tmp_path: Path) -> None:
     first = report_of(w).first_spike
     assert first is not None and (first.step, first.block) == (40, "blocks.1")
     assert replay(tmp_path / "b").mismatches(1e-6) == []
+
+
+def caller_closed_run(
+    steps: int, scaler: torch.amp.GradScaler | None, log: Path, half: bool, given: bool, unscale: bool = True
+) -> tuple[Watcher, list[bool]]:
+    """`steps` iterations with the step closed by the caller (hook_optimizer=False), in the Lightning
+    callback's order: backward, unscale_ (where `unscale`), before_step(), then scaler.step() and
+    update(); the scaler passed when `given`, else found at its first step(). Returns the watcher
+    and whether the scaler skipped each iteration (its scale went down)."""
+    torch.manual_seed(0)
+    model = MLP(depth=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    skipped = []
+    passed = scaler if given else None
+    with watch(model, opt, scaler=passed, hook_optimizer=False, log=log, report=None, flush_every=7) as w:
+        for _ in range(steps):
+            with torch.autocast("cpu", dtype=torch.float16, enabled=half):
+                loss = compute_loss(model, batch(gen, model))
+            w.loss(loss)
+            opt.zero_grad()
+            if scaler is None:
+                loss.backward()
+                w.before_step()
+                opt.step()
+                continue
+            before = scaler.get_scale()
+            scaler.scale(loss).backward()
+            if unscale:
+                scaler.unscale_(opt)
+            w.before_step()
+            scaler.step(opt)
+            scaler.update()
+            skipped.append(scaler.get_scale() < before)
+    return w, skipped
+
+
+@pytest.mark.parametrize(("given", "unscale"), [(True, True), (False, True), (True, False)])
+def test_a_step_the_caller_closes_before_the_scaler_steps_is_one_row_divided_by_the_scale(
+    given: bool, unscale: bool, tmp_path: Path
+) -> None:
+    """The step closed by the caller before scaler.step() (the Lightning callback's order): a scaler
+    found at that step() reset the watcher's record of the closed step, so update() closed a second
+    row the scaler never skipped (26 steps for 25, every later row one step late), and the first row
+    was not divided by the loss scale (x256); closed with no unscale_(), the weight gradients were
+    still scaled and read x256 on every row. Oracle: the same run without a scaler (float32 and a
+    power-of-two scale: exact)."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_factor=4.0, growth_interval=10)
+    w, skipped = caller_closed_run(25, scaler, tmp_path / "a.jsonl", half=False, given=given, unscale=unscale)
+    assert scaler.get_scale() == 2.0**12 and not any(skipped)
+    bare, _ = caller_closed_run(25, None, tmp_path / "b.jsonl", half=False, given=True)
+    scaled = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    plain = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert report_of(w).steps == 25 == len(scaled) == len(plain)
+    for a, b in zip(scaled, plain, strict=True):
+        assert a["skipped_by"] is None
+        for kind in ("grad_norm", "activation_grad", "gradient", "activation", "loss"):
+            assert a[kind] == pytest.approx(b[kind], rel=1e-6), (a["step"], kind)
+    assert report_of(w).flagged_steps == [] == report_of(bare).flagged_steps
+
+
+@pytest.mark.parametrize("given", [True, False])
+def test_a_step_the_scaler_skips_after_the_caller_closed_it_is_marked_skipped(
+    given: bool, tmp_path: Path
+) -> None:
+    """Closed by the caller after unscale_(), a step whose gradients overflowed float16 is one the
+    scaler then skips: its row says so, and its Inf gradients (the scaler's handling) are no finding;
+    they were flagged as the first non-finite value. Oracle: the scaler's own record of each skip."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=4)
+    w, skipped = caller_closed_run(12, scaler, tmp_path / "w.jsonl", half=True, given=given)
+    rows = [json.loads(line) for line in (tmp_path / "w.jsonl").read_text().splitlines()]
+    assert any(skipped) and not all(skipped)
+    assert [r["step"] for r in rows] == list(range(12))
+    assert [r["skipped_by"] == "scaler" for r in rows] == skipped
+    report = report_of(w)
+    assert report.scaler_skipped_steps == [i for i, s in enumerate(skipped) if s]
+    assert report.flagged_steps == [] and report.first_nonfinite is None

@@ -168,7 +168,8 @@ def test_a_misspelled_callback_option_is_a_one_line_usage_error() -> None:
     from stabilitycheck.integrations.lightning import WatchCallback
 
     model = MLP()
-    trainer = SimpleNamespace(optimizers=[torch.optim.SGD(model.parameters(), lr=0.01)])
+    optimizers = [torch.optim.SGD(model.parameters(), lr=0.01)]
+    trainer = SimpleNamespace(optimizers=optimizers, precision_plugin=SimpleNamespace(scaler=None))
     with pytest.raises(UsageError, match="no option 'flushevery' \\(did you mean 'flush_every'\\?\\)"):
         WatchCallback(flushevery=10).on_train_start(trainer, model)  # type: ignore[arg-type]
 
@@ -216,3 +217,58 @@ def test_lightning_with_two_optimizers_is_refused_in_one_line(tmp_path: Any) -> 
     with pytest.raises(UsageError, match="watches one optimizer's steps and the trainer has 2") as caught:
         trainer.fit(Two(), loader)
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+def test_lightning_16_mixed_passes_its_scaler_and_marks_the_steps_it_skips(tmp_path: Any) -> None:
+    """Lightning's 16-mixed precision closes each step (on_before_optimizer_step) before its
+    GradScaler's step(): found there, the scaler came a step late (an extra row, the first one not
+    divided by the scale), and the steps it skipped on float16 overflow were flagged as non-finite
+    gradients. The callback passes the precision plugin's scaler. Oracle: the scaler's own record,
+    its scale after each batch (down where it skipped)."""
+    lightning = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.plugins import MixedPrecision
+
+    from stabilitycheck.integrations.lightning import WatchCallback
+
+    class Module(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = MLP()
+
+        def training_step(self, data: Any, index: int) -> torch.Tensor:
+            x, y = data
+            return ((self.net(x) - y) ** 2).mean()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    class Scales(lightning.Callback):
+        def __init__(self) -> None:
+            self.scales: list[float] = []
+
+        def on_train_batch_end(self, trainer: Any, *_: Any) -> None:
+            self.scales.append(trainer.precision_plugin.scaler.get_scale())
+
+    torch.manual_seed(0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=4)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*_data(12)), batch_size=32)
+    callback, scales = WatchCallback(report=None, log=tmp_path / "watch.jsonl"), Scales()
+    trainer = lightning.Trainer(
+        max_steps=12,
+        accelerator="cpu",
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback, scales],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(Module(), loader)
+    skipped = [now < before for before, now in zip([2.0**20, *scales.scales], scales.scales, strict=False)]
+    assert len(skipped) == 12 and any(skipped) and not all(skipped)
+    report = callback.report
+    assert report is not None and report.steps == 12
+    assert report.scaler_skipped_steps == [i for i, s in enumerate(skipped) if s]
+    assert report.flagged_steps == [] and report.first_nonfinite is None

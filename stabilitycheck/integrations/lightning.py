@@ -31,7 +31,10 @@ class WatchCallback(pl.Callback):
                 "(manual optimization); watch one of them in your module instead: open "
                 "stabilitycheck.watch(self.generator, opt_g) in on_train_start and close() it in on_train_end"
             )
-        self.watcher = watch(pl_module, optimizer, hook_optimizer=False, **self.options).__enter__()
+        # its precision plugin's GradScaler ('16-mixed'), given: the callback closes each step before
+        # the scaler's step(), where a scaler found would come a step late
+        options = {"scaler": getattr(trainer.precision_plugin, "scaler", None), **self.options}
+        self.watcher = watch(pl_module, optimizer, hook_optimizer=False, **options).__enter__()
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
         if self.watcher is not None:
