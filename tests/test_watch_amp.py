@@ -213,19 +213,27 @@ def test_a_bundle_of_a_scaled_step_replays_its_norms(tmp_path: Path) -> None:
 
 
 def caller_closed_run(
-    steps: int, scaler: torch.amp.GradScaler | None, log: Path, half: bool, given: bool, unscale: bool = True
+    steps: int,
+    scaler: torch.amp.GradScaler | None,
+    log: Path,
+    half: bool,
+    given: bool,
+    unscale: bool = True,
+    **options: object,
 ) -> tuple[Watcher, list[bool]]:
     """`steps` iterations with the step closed by the caller (hook_optimizer=False), in the Lightning
     callback's order: backward, unscale_ (where `unscale`), before_step(), then scaler.step() and
-    update(); the scaler passed when `given`, else found at its first step(). Returns the watcher
-    and whether the scaler skipped each iteration (its scale went down)."""
+    update(); the scaler passed when `given`, else found at its first step(); `options` for watch.
+    Returns the watcher and whether the scaler skipped each iteration (its scale went down)."""
     torch.manual_seed(0)
     model = MLP(depth=4)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     gen = torch.Generator().manual_seed(0)
     skipped = []
     passed = scaler if given else None
-    with watch(model, opt, scaler=passed, hook_optimizer=False, log=log, report=None, flush_every=7) as w:
+    with watch(
+        model, opt, scaler=passed, hook_optimizer=False, log=log, report=None, flush_every=7, **options
+    ) as w:
         for _ in range(steps):
             with torch.autocast("cpu", dtype=torch.float16, enabled=half):
                 loss = compute_loss(model, batch(gen, model))
@@ -287,3 +295,15 @@ def test_a_step_the_scaler_skips_after_the_caller_closed_it_is_marked_skipped(
     report = report_of(w)
     assert report.scaler_skipped_steps == [i for i, s in enumerate(skipped) if s]
     assert report.flagged_steps == [] and report.first_nonfinite is None
+
+
+def test_a_scaler_found_after_a_judged_step_says_to_pass_it(tmp_path: Path) -> None:
+    """With a bundle the rule judges each step as it closes: a scaler found at its first step(),
+    after the caller closed that step, cannot give it its scale any more, and a warning says so
+    (at the caller's scaler.step() line) rather than leaving a row x256 unsaid."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    with pytest.warns(UserWarning, match="found at its first step.*pass scaler=") as caught:
+        caller_closed_run(
+            2, scaler, tmp_path / "w.jsonl", False, False, bundle=tmp_path / "b", compute_loss=compute_loss
+        )
+    assert [w.filename for w in caught] == [__file__]
