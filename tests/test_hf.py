@@ -537,6 +537,12 @@ def test_a_text_tower_automodel_has_no_class_for_is_built_from_its_own_class(mod
     b = built(model_type, num_hidden_layers=3)
     named = type(b.model.config).__name__.removesuffix("Config") + "Model"
     assert type(b.model) is getattr(transformers, named)
+    assert len(b.blocks) == 3
+    _agrees_with_torch(b)
+
+
+def _agrees_with_torch(b: Built) -> None:
+    """The probe's per-block output-gradient norms on `b` equal torch.autograd.grad's under its loss."""
     m = probe_module(b.model, b.inputs, b.loss_fn, blocks=b.blocks)
     outs: list[torch.Tensor] = []
     hooks = [
@@ -546,8 +552,29 @@ def test_a_text_tower_automodel_has_no_class_for_is_built_from_its_own_class(mod
     grads = torch.autograd.grad(b.loss_fn(call_model(b.model, b.inputs), b.inputs), outs)
     for hook in hooks:
         hook.remove()
-    assert len(b.blocks) == 3 and m.layer_names == tuple(name for name, _ in b.blocks)
+    assert m.layer_names == tuple(name for name, _ in b.blocks)
     assert m.activation_grad_norms[1:] == pytest.approx([g.norm().item() for g in grads], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "small"),
+    [
+        ("perceiver", {"d_latents": 64, "num_latents": 16}),
+        ("luke", {"entity_vocab_size": 256}),
+        ("bamba", {"mamba_n_heads": 16, "mamba_d_state": 16, "mamba_chunk_size": 16}),
+    ],
+)
+def test_latents_entities_and_mamba_mixers_are_small_by_default(
+    model_type: str, small: dict[str, int]
+) -> None:
+    """perceiver's 256 latents of width 1280 and luke's 500,000 entities were built at full size
+    (260M and 129M parameters, 20 s and 6 GB a probe), bamba's Mamba mixers at 128 heads with a state
+    and chunks of 256 (2.8 GB at 2 layers). Built at the small defaults, and measured right there.
+    Oracle: the fields as built, a parameter count, torch's gradients."""
+    b = built(model_type)
+    assert {k: getattr(b.model.config, k) for k in small} == small
+    assert sum(p.numel() for p in b.model.parameters()) < 2_000_000
+    _agrees_with_torch(b)
 
 
 def test_an_hf_sequence_as_long_as_the_models_positions_is_valid() -> None:
