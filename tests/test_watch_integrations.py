@@ -19,11 +19,8 @@ def _data(n: int = STEPS) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(xs), torch.cat(ys)
 
 
-# lightning's own pytree code uses a torch API that torch 2.13 deprecates: not ours to fix
-@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
-def test_lightning_fit_names_the_planted_fault(tmp_path: Any) -> None:
-    lightning = pytest.importorskip("lightning.pytorch")
-    from stabilitycheck.integrations.lightning import WatchCallback
+def _regression(lightning: Any) -> Any:
+    """A LightningModule fitting the MLP to a squared error with SGD (lightning: the imported package)."""
 
     class Module(lightning.LightningModule):
         def __init__(self) -> None:
@@ -37,8 +34,17 @@ def test_lightning_fit_names_the_planted_fault(tmp_path: Any) -> None:
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=0.01)
 
+    return Module()
+
+
+# lightning's own pytree code uses a torch API that torch 2.13 deprecates: not ours to fix
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+def test_lightning_fit_names_the_planted_fault(tmp_path: Any) -> None:
+    lightning = pytest.importorskip("lightning.pytorch")
+    from stabilitycheck.integrations.lightning import WatchCallback
+
     torch.manual_seed(0)
-    module = Module()
+    module = _regression(lightning)
     module.net.blocks[BLOCK].register_forward_hook(Fault(AT, count=True))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*_data()), batch_size=32)
     callback = WatchCallback(report=None, log=tmp_path / "watch.jsonl")
@@ -231,18 +237,6 @@ def test_lightning_16_mixed_passes_its_scaler_and_marks_the_steps_it_skips(tmp_p
 
     from stabilitycheck.integrations.lightning import WatchCallback
 
-    class Module(lightning.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = MLP()
-
-        def training_step(self, data: Any, index: int) -> torch.Tensor:
-            x, y = data
-            return ((self.net(x) - y) ** 2).mean()
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.01)
-
     class Scales(lightning.Callback):
         def __init__(self) -> None:
             self.scales: list[float] = []
@@ -265,7 +259,7 @@ def test_lightning_16_mixed_passes_its_scaler_and_marks_the_steps_it_skips(tmp_p
         callbacks=[callback, scales],
         default_root_dir=tmp_path,
     )
-    trainer.fit(Module(), loader)
+    trainer.fit(_regression(lightning), loader)
     skipped = [now < before for before, now in zip([2.0**20, *scales.scales], scales.scales, strict=False)]
     assert len(skipped) == 12 and any(skipped) and not all(skipped)
     report = callback.report
