@@ -91,6 +91,28 @@ def _gpt_neo(values: dict[str, Knob]) -> dict[str, Any]:
 DERIVED = {"gpt_neo": _gpt_neo}
 """Per model type, config fields that follow the knobs (not knobs themselves)."""
 
+
+def _fill_unset(made: Any) -> None:
+    """Fields a config class leaves None that its model reads as numbers (ministral's and hunyuan's
+    head_dim, nemotron's num_key_value_heads, deepseek_v2's num_experts_per_tok: none of them built),
+    set to what a model deriving them takes (hidden width / heads, the head count; SMALL's experts a
+    token), so they follow the knobs; mixtral, which derives its head_dim so, builds the same model.
+    A field the config reads per layer (gemma4's head_dim raises read whole) is left as it is."""
+    heads, width = getattr(made, "num_attention_heads", None), getattr(made, "hidden_size", None)
+    derived: dict[str, Any] = {
+        "head_dim": width // heads if isinstance(width, int) and isinstance(heads, int) and heads else None,
+        "num_key_value_heads": heads,
+        "num_experts_per_tok": SMALL["num_experts_per_tok"],
+    }
+    for name, value in derived.items():
+        try:
+            unset = name in vars(made) and getattr(made, name) is None
+        except Exception:  # a per-layer field: read it per layer, as the model does
+            continue
+        if unset and value is not None:
+            setattr(made, name, value)
+
+
 INPUTS: dict[str, Knob] = {"batch_size": 4, "seq_len": 16}
 """Knobs of the random token ids fed to the model (not config fields)."""
 
@@ -315,6 +337,7 @@ class HFModel:
             raise UserCodeError(f"{self.name} rejects these knobs: {describe(exc)}{SMALL_HINT}") from None
         if hasattr(made, "use_cache"):
             made.use_cache = False  # the probe wants the logits, not a key/value cache
+        _fill_unset(made)
         return made
 
     def _model(self, hf_config: Any, **options: Any) -> nn.Module:

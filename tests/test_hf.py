@@ -589,3 +589,38 @@ def test_an_hf_sequence_as_long_as_the_models_positions_is_valid() -> None:
     assert model.hf_config(values).n_positions == 16
     with pytest.raises(UserCodeError, match="seq_len=17 exceeds the model's 16 positions"):
         model.hf_config({**values, "seq_len": 17})
+
+
+@pytest.mark.parametrize(
+    ("model_type", "field", "value"),
+    [
+        ("ministral", "head_dim", 32),
+        ("hunyuan_v1_dense", "head_dim", 32),
+        ("nemotron", "num_key_value_heads", 2),
+        ("deepseek_v2", "num_experts_per_tok", 2),
+    ],
+)
+def test_a_field_the_config_leaves_unset_is_derived_as_its_model_would(
+    model_type: str, field: str, value: int
+) -> None:
+    """ministral's and hunyuan's head_dim, nemotron's num_key_value_heads and deepseek_v2's
+    num_experts_per_tok default to None, which their models read as numbers: none of them built
+    (head_dim ** -0.5 on None, topk(k=None)). Each is set to what a model deriving it takes (width 64
+    / 2 heads, the 2 heads, 2 experts a token). Oracle: torch's gradients on the model built."""
+    b = built(model_type)
+    assert getattr(b.model.config, field) == value
+    _agrees_with_torch(b)
+
+
+def test_a_model_deriving_the_unset_field_itself_is_built_as_before() -> None:
+    """mixtral leaves head_dim None and derives it as width / heads: the field set changes nothing.
+    Oracle: its own rule, 2 heads of 64 / 2 in the query projection, and the growth of a model built
+    from a config with head_dim None again (the same seed: the same weights)."""
+    b = built("mixtral")
+    assert b.model.model.layers[0].self_attn.q_proj.weight.shape == (2 * (64 // 2), 64)
+    config = b.model.config
+    torch.manual_seed(0)
+    own = type(b.model)(type(config)(**{**config.to_dict(), "head_dim": None}))
+    torch.manual_seed(0)
+    ours = type(b.model)(config)
+    assert all(torch.equal(a, c) for a, c in zip(own.parameters(), ours.parameters(), strict=True))
