@@ -1826,3 +1826,28 @@ def test_the_host_rule_leaves_a_short_batchs_loss_and_weight_gradients_unjudged_
         assert w.report is not None
         flagged.append(w.report.flagged_steps)
     assert flagged == [[], []]
+
+
+def test_an_optimizer_evaluating_its_closure_again_is_said_once_at_the_callers_step() -> None:
+    """LBFGS evaluates its closure several times in one step(): the passes after the first are counted
+    in the next step's row, said once by a warning, which pointed into torch's own wrappers
+    (torch/utils/_contextlib.py), not at the loop's opt.step(closure) line. Oracle: the step count
+    (one row per step() call) and the warning's file."""
+    torch.manual_seed(0)
+    model = MLP(depth=2)
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=3)
+    data = batch(torch.Generator().manual_seed(0), model)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = compute_loss(model, data)
+        loss.backward()
+        return loss
+
+    said_once = pytest.warns(UserWarning, match="evaluates the closure more than once")
+    with said_once as caught, watch(model, opt, report=None) as w:
+        for _ in range(3):
+            opt.step(closure)
+    said = [c for c in caught if "closure" in str(c.message)]
+    assert len(said) == 1 and said[0].filename == __file__
+    assert report_of(w).steps == 3
