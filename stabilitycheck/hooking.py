@@ -4,6 +4,7 @@ UsageError naming it. The probe's recorder and the watcher both register their h
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -52,6 +53,20 @@ def outside_graph(hook: Hook) -> Hook:
         return _eager()(hook, *args, **kwargs) if torch.compiler.is_compiling() else hook(*args, **kwargs)
 
     return run  # type: ignore[return-value]
+
+
+_OURS = tuple(os.path.join(os.path.dirname(f), "") for f in (torch.__file__, __file__))  # torch/, ours/
+
+
+def callers_level() -> int:
+    """The stacklevel of the first frame outside torch and this package, for a warnings.warn in the
+    function calling this: the line of the caller's own code that led to it (a hook runs under
+    torch's frames, an optimizer calls a closure through its wrappers: a fixed level pointed into
+    torch/utils/_contextlib.py or this package)."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_OURS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def hooked(registrations: Sequence[tuple[str, nn.Module, Callable[[], Any]]]) -> list[Any]:

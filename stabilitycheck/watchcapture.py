@@ -30,7 +30,7 @@ from torch import nn
 
 from stabilitycheck import distributed
 from stabilitycheck._tree import tensors
-from stabilitycheck.hooking import hooked, outside_graph
+from stabilitycheck.hooking import callers_level, hooked, outside_graph
 from stabilitycheck.norms import (
     STACK_MIN,
     STACK_NUMEL,
@@ -291,7 +291,7 @@ class Capture:
                     "watch: a block's output was modified in place after the block returned; its norm "
                     "is that of the modified values this step, and output norms are taken eagerly "
                     "(at each block call, which costs more) from now on",
-                    stacklevel=2,
+                    stacklevel=callers_level(),
                 )
                 self.eager = True
         for norms, slots in ((self._fwd_now, self._fwd_now_slots), (self._now, self._now_slots)):

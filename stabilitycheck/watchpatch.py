@@ -5,14 +5,14 @@ watcher seeks its scaler, and the first state a skipped fused SGD step would lea
 
 from __future__ import annotations
 
-import os
-import sys
 import types
 import warnings
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
+
+from stabilitycheck.hooking import callers_level
 
 
 class Closer(Protocol):
@@ -39,19 +39,6 @@ def closure_of(
     if "closure" not in kwargs and len(args) > at:
         return args[at], lambda c: ((*args[:at], c, *args[at + 1 :]), kwargs)
     return kwargs.get("closure"), lambda c: (args, {**kwargs, "closure": c})
-
-
-_OURS = tuple(os.path.join(os.path.dirname(f), "") for f in (torch.__file__, __file__))  # torch/, ours/
-
-
-def _callers_level() -> int:
-    """The stacklevel of the first frame outside torch and this package, for a warnings.warn in the
-    function calling this: the line of the caller's loop (an optimizer calls the closure through
-    torch's own wrappers, a fixed level pointed into torch/utils/_contextlib.py)."""
-    frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_OURS):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 class _Seeking:
@@ -217,7 +204,7 @@ class StepHooks:
                 warnings.warn(
                     f"watch: {type(self.optimizer).__name__}.step(closure) evaluates the closure more than "
                     "once per step: the passes after the first are counted in the next step's row",
-                    stacklevel=_callers_level(),
+                    stacklevel=callers_level(),
                 )
             return closure()
 

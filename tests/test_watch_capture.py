@@ -68,18 +68,21 @@ class Doubling(nn.Module):
 
 
 def test_an_output_changed_in_place_is_caught_and_later_steps_are_exact(tmp_path: Path) -> None:
-    """Step 0 norms the doubled outputs (kept until the step's end) and warns; from step 1 on the
-    norms are taken at each block call, so they are the outputs as the blocks returned them."""
+    """Step 0 norms the doubled outputs (kept until the step's end) and warns, at the loop's
+    opt.step() line (it pointed into this package); from step 1 on the norms are taken at each block
+    call, so they are the outputs as the blocks returned them."""
     torch.manual_seed(0)
     model = Doubling()
     x = torch.randn(8, 16)
     log = tmp_path / "watch.jsonl"
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the same weights at both steps
-    with pytest.warns(UserWarning, match="modified in place"), watch(model, opt, log=log, report=None):
+    said = pytest.warns(UserWarning, match="modified in place")
+    with said as caught, watch(model, opt, log=log, report=None):
         for _ in range(2):
             opt.zero_grad()
             model(x).pow(2).mean().backward()
             opt.step()
+    assert [w.filename for w in caught if "in place" in str(w.message)] == [__file__]
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     with torch.no_grad():
         h, returned = x, []
