@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import sys
 import warnings
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ from stabilitycheck.carrying import version_of
 from stabilitycheck.distributed import Layout
 from stabilitycheck.errors import UsageError, did_you_mean, no_trainable
 from stabilitycheck.layout import block_of
+from stabilitycheck.norms import dense
 from stabilitycheck.spikes import SpikeRule, noisier, unmeasured
 from stabilitycheck.subject import BYPASSED, find_blocks, own_blocks, shown_blocks
 from stabilitycheck.watchcapture import Capture
@@ -370,23 +372,26 @@ class Watcher:
         inverse = scale.to(self.device, torch.float64).reciprocal().square()
         factors[parts["activation_grad"]] = inverse
         grad_scale = getattr(self.optimizer, "grad_scale", None)  # set by scaler.step for a fused one
+        found = getattr(self.optimizer, "found_inf", None) if hasattr(self.optimizer, "grad_scale") else None
         # the scaler's record of this optimizer in this iteration: unscaled (scaler.step does it before
         # a non-fused step, a caller before clipping), with the infs it found, or not yet
         record = getattr(self.scaler, "_per_optimizer_states", {}).get(id(self.optimizer), {})
         unscaled = record.get("stage") == OptState.UNSCALED
-        infs = list(record.get("found_inf_per_device", {}).values()) if unscaled else []
         if grad_scale is not None:
             factors[parts["gradient"]] = grad_scale.to(self.device, torch.float64).reciprocal().square()
-        elif self.optimizer is not None and not unscaled and not scaler_skipped:
-            factors[parts["gradient"]] = inverse  # closed by the caller before scaler.step(): scaled
-        found = getattr(self.optimizer, "found_inf", None) if hasattr(self.optimizer, "grad_scale") else None
-        if scaler_skipped or (found is None and not infs):
-            skipped = torch.full((), float(scaler_skipped), dtype=torch.float64, device=self.device)
-        elif found is not None:  # a fused optimizer is stepped, and skips on the scaler's found_inf itself
-            skipped = (found.to(self.device) > 0).double()
-        else:  # unscaled before the step closed: scaler.step() skips it where it found an Inf/NaN
-            skipped = (torch.stack([f.to(self.device) for f in infs]).sum() > 0).double()
-        return factors, skipped
+        if scaler_skipped or self.optimizer is None:
+            return factors, torch.full((), float(scaler_skipped), dtype=torch.float64, device=self.device)
+        if found is not None:  # a fused optimizer is stepped, and skips on the scaler's found_inf itself
+            return factors, (found.to(self.device) > 0).double()
+        if unscaled:  # scaler.step() skips it where unscale_() found an Inf/NaN
+            infs = [f.to(self.device) for f in record.get("found_inf_per_device", {}).values()]
+            return factors, (torch.stack([*infs, torch.zeros((), device=self.device)]).sum() > 0).double()
+        # closed by the caller before scaler.step() and any unscale_() (a fused optimizer under
+        # Lightning): the gradients are still scaled, and the scaler skips where one is not finite
+        factors[parts["gradient"]] = inverse
+        grads = [dense(p.grad) for p in self.params if p.grad is not None]
+        largest = torch.stack(torch._foreach_norm(grads, math.inf)).max() if grads else torch.zeros(())
+        return factors, (~torch.isfinite(largest)).double().to(self.device)
 
     def _close_step(self, scaler_skipped: bool) -> torch.Tensor | None:
         self._termination.check()

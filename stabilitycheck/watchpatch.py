@@ -93,6 +93,7 @@ class StepHooks:
         self._own_update: Any = None  # the scaler's own instance attribute `update`, if it had one
         self._update: Any = None
         self._unfilled: list[torch.Tensor] = []  # state a skipped fused step allocated: `_drop_unfilled`
+        self._flag: torch.Tensor | None = None  # the flag handed to a fused step the caller closed
 
     def attach(self, hook_optimizer: bool, after_step: Callable[[], None] | None) -> list[Any]:
         """Close each step at the optimizer's step() (unless `hook_optimizer` is False: a callback
@@ -112,6 +113,8 @@ class StepHooks:
         if after_step is not None:
             handles.append(optimizer.register_step_post_hook(lambda *_: after_step()))
         if self.skip and self.fused:
+            if not hook_optimizer:  # the caller's flag, again after a GradScaler set its own found_inf
+                handles.append(optimizer.register_step_pre_hook(self._flag_again))
             handles.append(optimizer.register_step_post_hook(self._drop_unfilled))
         return handles
 
@@ -171,9 +174,20 @@ class StepHooks:
         `scaled`): its kernel skips the update on the device, no host sync."""
         assert self.optimizer is not None  # skip on a fused optimizer needs one
         found = getattr(self.optimizer, "found_inf", None) if scaled else None
-        flag = flagged.float()
+        self._flag = flag = flagged.float()
         self.optimizer.found_inf = flag if found is None else torch.maximum(flag, found)  # type: ignore[attr-defined]
         self._unfilled = self._first_state(self.optimizer)
+
+    def _flag_again(self, optimizer: Any, *_: Any) -> None:
+        """Before a fused step whose step the caller closed (hook_optimizer=False): the flag handed
+        then, with the found_inf a GradScaler's step() set since in its place (a flagged step was
+        reported skipped and updated the weights: 7e-4 off)."""
+        if self._flag is None:
+            return
+        found = getattr(optimizer, "found_inf", None)
+        flag = self._flag.to(found.device) if found is not None else self._flag
+        optimizer.found_inf = flag if found is None else torch.maximum(flag, found)
+        self._flag = None
 
     def _pre_hook(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Close the step before the optimizer's update; `args` are step()'s own, (optimizer, closure?)."""

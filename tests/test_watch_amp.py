@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from watch_models import MLP, autocast_loss, batch, compute_loss, report_of
+from watch_models import MLP, Fault, autocast_loss, batch, compute_loss, report_of
 
 from stabilitycheck.replay import replay
 from stabilitycheck.watching import Watcher, watch
@@ -219,15 +219,21 @@ def caller_closed_run(
     half: bool,
     given: bool,
     unscale: bool = True,
+    fused: bool = False,
     **options: object,
 ) -> tuple[Watcher, list[bool]]:
     """`steps` iterations with the step closed by the caller (hook_optimizer=False), in the Lightning
     callback's order: backward, unscale_ (where `unscale`), before_step(), then scaler.step() and
-    update(); the scaler passed when `given`, else found at its first step(); `options` for watch.
+    update(); the scaler passed when `given`, else found at its first step(); SGD, or a fused AdamW
+    where `fused`; `options` for watch.
     Returns the watcher and whether the scaler skipped each iteration (its scale went down)."""
     torch.manual_seed(0)
     model = MLP(depth=4)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    opt = (
+        torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        if fused
+        else torch.optim.SGD(model.parameters(), lr=0.01)
+    )
     gen = torch.Generator().manual_seed(0)
     skipped = []
     passed = scaler if given else None
@@ -307,3 +313,53 @@ def test_a_scaler_found_after_a_judged_step_says_to_pass_it(tmp_path: Path) -> N
             2, scaler, tmp_path / "w.jsonl", False, False, bundle=tmp_path / "b", compute_loss=compute_loss
         )
     assert [w.filename for w in caught] == [__file__]
+
+
+@pytest.mark.parametrize("given", [True, False])
+@pytest.mark.parametrize("opt_of", ["sgd", "fused"])
+def test_a_step_closed_before_any_unscale_is_marked_skipped_where_the_scaler_skips_it(
+    opt_of: str, given: bool, tmp_path: Path
+) -> None:
+    """Closed before scaler.step() and any unscale_() (Lightning leaves a fused optimizer's gradients
+    to its step), the scaler had not looked at the gradients: the steps it then skipped on float16
+    overflow were flagged as Inf gradients, the first non-finite value. Oracle: the scaler's own
+    record of each skip."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=4)
+    w, skipped = caller_closed_run(
+        12, scaler, tmp_path / "w.jsonl", half=True, given=given, unscale=False, fused=opt_of == "fused"
+    )
+    rows = [json.loads(line) for line in (tmp_path / "w.jsonl").read_text().splitlines()]
+    assert any(skipped) and not all(skipped)
+    assert [r["skipped_by"] == "scaler" for r in rows] == skipped
+    report = report_of(w)
+    assert report.scaler_skipped_steps == [i for i, s in enumerate(skipped) if s]
+    assert report.flagged_steps == [] and report.first_nonfinite is None
+
+
+def test_a_flagged_fused_step_the_caller_closed_is_skipped_though_the_scaler_sets_its_found_inf() -> None:
+    """skip=True on a fused optimizer, the step closed by the caller before scaler.step(): the flag
+    went into the optimizer's found_inf, which scaler.step() then set to its own, so a flagged step
+    was reported skipped and updated the weights. Oracle: the weights before and after that step,
+    bit for bit, and the steps around it moving them."""
+    torch.manual_seed(0)
+    model = MLP(depth=4)
+    fault = Fault(50, count=True)
+    model.blocks[2].register_forward_hook(fault)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    gen = torch.Generator().manual_seed(0)
+    moved = []
+    with watch(model, opt, scaler=scaler, hook_optimizer=False, skip=True, report=None) as w:
+        for _ in range(54):
+            loss = compute_loss(model, batch(gen, model))
+            w.loss(loss)
+            opt.zero_grad()
+            scaler.scale(loss).backward()
+            before = [p.detach().clone() for p in model.parameters()]
+            w.before_step()
+            scaler.step(opt)
+            scaler.update()
+            moved.append(any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True)))
+    report = report_of(w)
+    assert 50 in report.flagged_steps and 50 in report.skipped_steps
+    assert not moved[50] and moved[49] and moved[51]

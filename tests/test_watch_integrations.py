@@ -3,6 +3,7 @@ planted x50 fault, named at its step and block by the same watcher."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -230,8 +231,10 @@ def test_lightning_16_mixed_passes_its_scaler_and_marks_the_steps_it_skips(tmp_p
     """Lightning's 16-mixed precision closes each step (on_before_optimizer_step) before its
     GradScaler's step(): found there, the scaler came a step late (an extra row, the first one not
     divided by the scale), and the steps it skipped on float16 overflow were flagged as non-finite
-    gradients. The callback passes the precision plugin's scaler. Oracle: the scaler's own record,
-    its scale after each batch (down where it skipped)."""
+    gradients; the loss logged was the scaled one Lightning hands on_before_backward (x2^20). The
+    callback passes the precision plugin's scaler and divides the loss by its scale. Oracle: the
+    scaler's own record, its scale after each batch (down where it skipped), and each batch's loss
+    as training_step returned it."""
     lightning = pytest.importorskip("lightning.pytorch")
     from lightning.pytorch.plugins import MixedPrecision
 
@@ -240,9 +243,11 @@ def test_lightning_16_mixed_passes_its_scaler_and_marks_the_steps_it_skips(tmp_p
     class Scales(lightning.Callback):
         def __init__(self) -> None:
             self.scales: list[float] = []
+            self.losses: list[float] = []
 
-        def on_train_batch_end(self, trainer: Any, *_: Any) -> None:
+        def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, *_: Any) -> None:
             self.scales.append(trainer.precision_plugin.scaler.get_scale())
+            self.losses.append(float(outputs["loss"]))
 
     torch.manual_seed(0)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=4)
@@ -266,3 +271,5 @@ def test_lightning_16_mixed_passes_its_scaler_and_marks_the_steps_it_skips(tmp_p
     assert report is not None and report.steps == 12
     assert report.scaler_skipped_steps == [i for i, s in enumerate(skipped) if s]
     assert report.flagged_steps == [] and report.first_nonfinite is None
+    rows = [json.loads(line) for line in (tmp_path / "watch.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows] == pytest.approx(scales.losses, rel=1e-6)  # not x the loss scale

@@ -38,7 +38,9 @@ class WatchCallback(pl.Callback):
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
         if self.watcher is not None:
-            self.watcher.loss(loss)
+            # at 16-mixed Lightning hands the loss scaled by its GradScaler: the loss is that / the scale
+            scaler = self.watcher.scaler
+            self.watcher.loss(loss if scaler is None else loss / scaler._get_scale_async())
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
