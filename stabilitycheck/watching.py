@@ -387,9 +387,11 @@ class Watcher:
             infs = [f.to(self.device) for f in record.get("found_inf_per_device", {}).values()]
             return factors, (torch.stack([*infs, torch.zeros((), device=self.device)]).sum() > 0).double()
         # closed by the caller before scaler.step() and any unscale_() (a fused optimizer under
-        # Lightning): the gradients are still scaled, and the scaler skips where one is not finite
+        # Lightning): the gradients are still scaled, and the scaler skips where one of the optimizer's
+        # is not finite (its own check; a parameter of the model it does not step is no skip)
         factors[parts["gradient"]] = inverse
-        grads = [dense(p.grad) for p in self.params if p.grad is not None]
+        stepped = [p for group in self.optimizer.param_groups for p in group["params"]]  # as the scaler
+        grads = [dense(p.grad) for p in stepped if p.grad is not None]
         largest = torch.stack(torch._foreach_norm(grads, math.inf)).max() if grads else torch.zeros(())
         return factors, (~torch.isfinite(largest)).double().to(self.device)
 

@@ -363,3 +363,31 @@ def test_a_flagged_fused_step_the_caller_closed_is_skipped_though_the_scaler_set
     report = report_of(w)
     assert 50 in report.flagged_steps and 50 in report.skipped_steps
     assert not moved[50] and moved[49] and moved[51]
+
+
+def test_a_gradient_the_optimizer_does_not_step_is_no_skip_of_the_scaler(tmp_path: Path) -> None:
+    """Closed before any unscale_(), a step is the scaler's to skip where one of the optimizer's
+    gradients is not finite, as the scaler checks them: an Inf in the gradient of a model parameter
+    the optimizer does not step (block 0, frozen out of it) was read as the scaler's skip, and the
+    Inf went unreported. Oracle: the scaler's scale (unchanged: it did not skip) and the planted Inf."""
+    torch.manual_seed(0)
+    model = MLP(depth=4)
+    first = set(model.blocks[0].parameters())
+    opt = torch.optim.SGD([p for p in model.parameters() if p not in first], lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    gen = torch.Generator().manual_seed(0)
+    with watch(model, opt, scaler=scaler, hook_optimizer=False, report=None) as w:
+        for step in range(6):
+            loss = compute_loss(model, batch(gen, model))
+            w.loss(loss)
+            model.zero_grad()
+            scaler.scale(loss).backward()
+            if step == 3:
+                model.blocks[0][0].weight.grad[0, 0] = math.inf
+            w.before_step()
+            scaler.step(opt)
+            scaler.update()
+    assert scaler.get_scale() == 2.0**8  # the scaler skipped nothing
+    report = report_of(w)
+    assert report.scaler_skipped_steps == [] and report.first_nonfinite is not None
+    assert (report.first_nonfinite.step, report.first_nonfinite.block) == (3, "blocks.0")
