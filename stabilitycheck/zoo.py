@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from stabilitycheck.config import Config
 from stabilitycheck.families import RECURRENT, Scalar, knob_specs
 from stabilitycheck.losses import NUM_CLASSES, generator, readout_loss
+from stabilitycheck.memory import PER_PARAMETER
 from stabilitycheck.space import INIT_SCALES, Axis, Space
 from stabilitycheck.subject import Built, torch_dtype
 
@@ -209,6 +210,10 @@ class TransformerBlock(nn.Module):
         return self.ln2(x + self.mlp(x))  # type: ignore[no-any-return]
 
 
+MATRICES = {"mlp": 1, "resmlp": 2, "rnn": 2, "lstm": 8, "gru": 6, "transformer": 12}
+"""Weights per layer of each family, in width x width matrices (a transformer's qkv 3, proj 1 and MLP
+4 + 4; an LSTM's 4 gates' input and recurrent weights; LayerNorms and the readout are smaller)."""
+
 BUILDERS: dict[str, Block] = {
     "mlp": lambda c, gen, dtype: Stack(c, gen, dtype, Dense),
     "resmlp": lambda c, gen, dtype: Stack(c, gen, dtype, ResBlock),
@@ -282,12 +287,16 @@ class Family:
         return self.build(config, last=True) if self.name in RECURRENT else None
 
     def memory_estimate(self, config: Config) -> int:
-        """Bytes of float64 activations kept for backward: tensors per block x their size."""
+        """Bytes of float64 activations kept for backward (tensors per block x their size) and of the
+        weights in float64, x4 (weight, gradient, two Adam moments): `--knob width=20000` at 8 layers
+        (3.2e9 weights) was built, its activations' 7-59 MiB under the budget, and the process killed."""
         k = Knobs.of(config)
         per_block = 12 if k.family == "transformer" else 6
         tokens = k.batch_size * (k.seq_len if k.family in (*RECURRENT, "transformer") else 1)
         blocks = k.seq_len if k.family in RECURRENT else k.depth
-        return 8 * per_block * tokens * k.width * blocks
+        layers = 1 if k.family in RECURRENT else k.depth  # one recurrent layer, its cell called per step
+        weights = MATRICES[k.family] * k.width * k.width * layers
+        return 8 * per_block * tokens * k.width * blocks + PER_PARAMETER * 8 * weights
 
     def critical_init(self, config: Config) -> float:
         return CRITICAL_SCALE[Knobs.of(config).activation] if "activation" in config.values else 1.0

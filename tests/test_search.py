@@ -218,8 +218,9 @@ def test_configs_too_large_for_memory_are_skipped_and_reported(monkeypatch: pyte
     space = Space(
         "mlp", Config.of("mlp", width=16, batch_size=4, init_scale=1.0), (Axis.range("depth", 1, 64),)
     )
-    # half of this "free memory" fits depths up to ~21 (6 tensors x 4 x 16 x 8 bytes per block)
-    monkeypatch.setattr(searching, "free_memory", lambda device: 2 * 6 * 4 * 16 * 8 * 21)
+    # half of this "free memory" fits depths up to 21 (per block: 6 activations x 4 x 16 x 8 bytes, and
+    # its 16 x 16 weights x 4 (weight, gradient, two Adam moments) x 8 bytes)
+    monkeypatch.setattr(searching, "free_memory", lambda device: 2 * (6 * 4 * 16 * 8 + 4 * 8 * 16 * 16) * 21)
     result = search(space.with_run(seeds=1), max_examples=20)
     assert result.skipped and all(c.knob("depth") > 21 and "too large" in why for c, why in result.skipped)
     assert "configuration(s) skipped" in report.text([result]) and "too large" in report.text([result])
