@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
+from stabilitycheck._validation import article
 from stabilitycheck.config import Config
 from stabilitycheck.errors import UsageError
 from stabilitycheck.families import Scalar
@@ -384,6 +385,21 @@ def distinct(pairs: Sequence[tuple[str, nn.Module]], who: str) -> None:
         named.add(name)
 
 
+DECLARE_EXAMPLE = 'e.g. `return [(f"layers.{i}", m) for i, m in enumerate(self.layers)]`'
+
+
+def declared_blocks(model: nn.Module) -> Callable[[], Any] | None:
+    """The model's `stability_blocks` method, None where it has none; a one-line UsageError where the
+    attribute is no method (a list given there was passed over for the blocks found)."""
+    declared = getattr(model, "stability_blocks", None)
+    if declared is not None and not callable(declared):
+        raise UsageError(
+            f"the model's stability_blocks is {article(declared)}, not a method; define it as one, "
+            f"{DECLARE_EXAMPLE}"
+        )
+    return cast("Callable[[], Any] | None", declared)
+
+
 BYPASSED = (  # no block seen; a library's own code (transformers' SqueezeBERT encoder) cannot be changed
     "a forward calling `block.forward(x)` bypasses module hooks (call `block(x)`; where a library's "
     "code does so, as hf:squeezebert's encoder, no hook sees its blocks: probe a model file whose forward "
@@ -417,14 +433,9 @@ def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
     inner = getattr(model, "_orig_mod", None)
     if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
         return find_blocks(inner)
-    declared = getattr(model, "stability_blocks", None)
-    if callable(declared):
+    declared = declared_blocks(model)
+    if declared is not None:
         return tuple(declared()), DECLARED_NOTE
-    if declared is not None:  # a list given as the attribute was passed over for blocks found
-        raise UsageError(
-            f"the model's stability_blocks is a {type(declared).__name__}, not a method; define "
-            "`def stability_blocks(self): return [(name, module), ...]`, input side first"
-        )
     stacks = _stacks(model)
     if stacks:
         primary = max(stacks, key=_longest)

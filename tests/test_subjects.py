@@ -22,6 +22,7 @@ from torch import nn
 from stabilitycheck.config import Config
 from stabilitycheck.configprobe import probe
 from stabilitycheck.culprit import culprit_of
+from stabilitycheck.errors import UsageError
 from stabilitycheck.probing import probe_module
 from stabilitycheck.report import reproduction, text
 from stabilitycheck.searching import search
@@ -2072,3 +2073,13 @@ def test_without_a_stack_no_block_is_a_module_computing_a_weight() -> None:
     blocks, _ = find_blocks(_TwoLayersOneTwiceReparametrized())
     assert not any("parametrizations" in name for name, _ in blocks)
     assert not any(isinstance(m, _Halved) for _, m in blocks)
+
+
+def test_stability_blocks_given_as_a_list_is_a_one_line_error_not_passed_over() -> None:
+    """A list in place of the method was passed over for the blocks found (probe_module, watch); a
+    model file's check says the same in its own words (one function serves both)."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    model.stability_blocks = [("0", model[0])]  # type: ignore[assignment]
+    with pytest.raises(UsageError, match=r"^the model's stability_blocks is a list, not a method") as exc:
+        find_blocks(model)
+    assert "\n" not in str(exc.value)

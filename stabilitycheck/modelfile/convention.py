@@ -22,7 +22,7 @@ from stabilitycheck.errors import UsageError
 from stabilitycheck.losses import Inputs
 from stabilitycheck.modelfile.importer import ModelFileError, import_file, top_level_names
 from stabilitycheck.modelfile.inputs import check_inputs, infer, resize
-from stabilitycheck.subject import distinct
+from stabilitycheck.subject import DECLARE_EXAMPLE, declared_blocks, distinct
 
 if TYPE_CHECKING:
     from stabilitycheck.modelfile.subject import ModelFile
@@ -166,14 +166,12 @@ class Factory:
 def check_blocks(owner: ModelFile, model: nn.Module) -> None:
     """The model's `stability_blocks()`, where it defines one, returns (name, module) pairs of its own
     submodules, input side first: anything else is a one-line error saying so, not a failed probe."""
-    declared = getattr(model, "stability_blocks", None)
+    try:  # a list given as the attribute: said of the model file
+        declared = declared_blocks(model)
+    except UsageError as exc:
+        raise owner.error(str(exc)) from None
     if declared is None:
         return
-    example = 'e.g. `return [(f"layers.{i}", m) for i, m in enumerate(self.layers)]`'
-    if not callable(declared):
-        raise owner.error(
-            f"stability_blocks is {article(declared)}, not a method; define it as one, {example}"
-        )
     got = owner.call_user("stability_blocks()", declared)
     pairs = isinstance(got, Iterable) and not isinstance(
         got, str | bytes | Mapping | nn.Module | torch.Tensor
@@ -183,19 +181,20 @@ def check_blocks(owner: ModelFile, model: nn.Module) -> None:
         what = f"an empty {type(got).__name__}" if items == [] else article(got)
         raise owner.error(
             f"stability_blocks() returned {what}; it must return a non-empty list of "
-            f"(name, module) pairs, input side first, {example}"
+            f"(name, module) pairs, input side first, {DECLARE_EXAMPLE}"
         )
     own = {id(m) for m in model.modules()}
     for i, item in enumerate(items):
         pair = isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[0], str)
         if not pair or not isinstance(item[1], nn.Module):
             raise owner.error(
-                f"stability_blocks() item {i} is {article(item)}, not a (name, module) pair; {example}"
+                f"stability_blocks() item {i} is {article(item)}, not a (name, module) pair; "
+                f"{DECLARE_EXAMPLE}"
             )
         if id(item[1]) not in own:
             raise owner.error(
                 f"stability_blocks() item {i} ({item[0]!r}) is not a submodule of the model, so its "
-                f"gradients are never seen; return the model's own blocks, {example}"
+                f"gradients are never seen; return the model's own blocks, {DECLARE_EXAMPLE}"
             )
     try:  # a module or a name listed twice: said of stability_blocks(), not of a call the user made
         distinct([(item[0], item[1]) for item in items], "stability_blocks()")
