@@ -29,6 +29,13 @@ def main(argv: Sequence[str]) -> int:
             f"  note: in training, {', '.join(result.hooked)} had hooks of your own, which a bundle does not "
             "save and the replay runs without: what they did (a fault a forward hook planted) is not replayed"
         )
+    factor = result.gradient_factor(args.rtol)
+    if factor is not None:
+        print(
+            f"  note: every weight gradient that differs reads x{factor:.4g} the replay's and all else "
+            "agrees, as torch.nn.utils.clip_grad_norm_ after backward leaves them: if your loop clips, pass "
+            "watch(..., clip_grad_norm=max_norm) and the replay clips alike"
+        )
     for i in bad:
         kind, block = result.names[i]
         print(

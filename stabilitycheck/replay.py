@@ -26,6 +26,7 @@ class Replayed:
     replayed: list[float]
     changed: tuple[str, ...] = ()  # code (compute_loss, the model's classes) edited since the bundle
     hooked: tuple[str, ...] = ()  # modules with hooks of the user's own in training, not saved
+    clipped: bool = False  # the replay clipped the gradients as the bundle says the loop did
 
     def mismatches(self, rtol: float = RTOL) -> list[int]:
         """Series where the two differ by more than rtol (relative), or differ in finiteness."""
@@ -37,6 +38,19 @@ class Replayed:
             elif not (a == b or (math.isnan(a) and math.isnan(b))):
                 bad.append(i)
         return bad
+
+    def gradient_factor(self, rtol: float = RTOL) -> float | None:
+        """Where the weight gradients alone differ, and each by one factor below 1 (to 1e-5): that
+        factor, as gradient-norm clipping after backward leaves them (a loop calling clip_grad_norm_
+        before its step, not told to watch); else None."""
+        bad = self.mismatches(rtol)
+        if self.clipped or not bad or any(self.names[i][0] not in ("gradient", "grad_norm") for i in bad):
+            return None
+        ratios = [self.recorded[i] / self.replayed[i] for i in bad if self.replayed[i] > 0]
+        if len(ratios) < len(bad) or not all(math.isfinite(r) for r in ratios):
+            return None
+        low, high = min(ratios), max(ratios)
+        return low if high < 1 and high - low <= 1e-5 * high else None
 
     def largest_difference(self) -> float:
         """The largest relative difference between a recorded norm and its replay, over the pairs
@@ -101,6 +115,8 @@ def _check_meta(path: Path, meta: dict[str, Any]) -> None:
         "import_roots (a list of paths)": _is_list(meta.get("import_roots"), str),
         "sizes (element counts by slot)": isinstance(sizes := meta.get("sizes", {}), dict)
         and all(k.isdigit() and isinstance(v, int) and not isinstance(v, bool) for k, v in sizes.items()),
+        "clip_grad_norm (null or a number > 0)": (clip := meta.get("clip_grad_norm")) is None
+        or (isinstance(clip, int | float) and not isinstance(clip, bool) and clip > 0),
     }
     for field, ok in valid.items():
         if not ok:
@@ -168,6 +184,9 @@ def replay(path: Path | str) -> Replayed:
             (loss if scaler is None else scaler.scale(loss)).backward()
         if scaler is not None:  # the weight gradients unscaled in place, as scaler.step did before
             scaler.unscale_(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0))
+        clip = meta.get("clip_grad_norm")
+        if clip is not None:  # clipped as the loop clipped them before its step (norms read after it)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         watcher.before_step()
     names = watcher.out.names
     values = [math.nan if v is None else float(v) for v in meta["values"]]  # strict JSON: NaN is null
@@ -180,7 +199,7 @@ def replay(path: Path | str) -> Replayed:
     now = sources(model, data["compute_loss"])
     changed = tuple(sorted(name for name, digest in written.items() if now.get(name, digest) != digest))
     hooked = tuple(meta.get("user_hooks", ()))
-    return Replayed(meta["step"], names, values, watcher.out.last_values, changed, hooked)
+    return Replayed(meta["step"], names, values, watcher.out.last_values, changed, hooked, clip is not None)
 
 
 def _scaler(model: Any, scales: list[float | None]) -> Any:

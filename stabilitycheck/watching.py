@@ -40,6 +40,7 @@ from stabilitycheck.watchlog import Log, Report
 from stabilitycheck.watchoptions import (
     MAX_FLUSH_EVERY,
     check_arguments,
+    check_clip,
     check_loss,
     check_modes,
     check_optimizer_params,
@@ -82,6 +83,7 @@ class Watcher:
         report: TextIO | _Stderr | None = STDERR,
         hook_optimizer: bool = True,
         scaler: torch.amp.GradScaler | None = None,
+        clip_grad_norm: float | None = None,
     ) -> None:
         if isinstance(report, _Stderr):  # sys.stderr when watch is called, not when this module was
             report = sys.stderr  # imported (a test's captured stream then, closed since)
@@ -120,6 +122,7 @@ class Watcher:
         )
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         check_modes(model, self.world, skip, bundle, compute_loss, optimizer, self.fused, hook_optimizer)
+        clip = check_clip(clip_grad_norm)
         check_optimizer_params(self.params, optimizer, self.skip)
         # skip= and bundle= need each step's flag on the device: the rule runs there, per step; else
         # it runs at the flush on the host, vectorised over the flushed steps (spikes.update_many)
@@ -140,7 +143,7 @@ class Watcher:
         self.out = Log(self.layout, self.names, self.rule, log, heatmap, report, self.rank, self.world, skip)
         self.out.glued = self.capture.glued  # one set: the capture fills it, the log reads it
         self.snapshot = (
-            Snapshot(model, compute_loss, Path(bundle), given=blocks is not None)
+            Snapshot(model, compute_loss, Path(bundle), blocks is not None, clip)
             if bundle is not None
             else None
         )
@@ -326,6 +329,15 @@ class Watcher:
         if torch.is_grad_enabled() and self.snapshot is not None:
             self.snapshot.on_output(output)
 
+    def batch_start(self, autocast: torch.dtype | None = None) -> None:
+        """A micro-batch begins: for a loop that reaches the model by another way than the watched
+        module's forward (the Lightning callback calls it: training_step calls self.net), so a replay
+        bundle takes the state before the step and the RNG state and modes the micro-batch began with;
+        `autocast`, the dtype of the torch.autocast the loop will run it under (None: none)."""
+        self._check_open("batch_start")
+        if self.snapshot is not None:
+            self.snapshot.on_start(autocast)
+
     def loss(self, loss: torch.Tensor, batch: Any = None) -> None:
         """Record this step's loss (summed over micro-batches) and, for a replay bundle, its batch."""
         self._check_open("loss")
@@ -501,7 +513,9 @@ def watch(
     on the device for fused optimizers), report (a stream for the report at exit; None for none),
     hook_optimizer (False when a callback calls before_step, as the Lightning and HF adapters do),
     scaler (the torch.amp.GradScaler stepping the optimizer: a step it skips is a row marked so, and
-    gradient norms are divided by the loss scale; not given, the one whose step() gets the optimizer).
+    gradient norms are divided by the loss scale; not given, the one whose step() gets the optimizer),
+    clip_grad_norm (the max_norm the loop passes torch.nn.utils.clip_grad_norm_ before each step: the
+    gradients measured are the clipped ones, and a bundle's replay clips alike).
     """
     known = [name for name in inspect.signature(Watcher).parameters if name not in ("model", "optimizer")]
     unknown = sorted(set(options) - set(known))

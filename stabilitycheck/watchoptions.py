@@ -53,6 +53,18 @@ def check_arguments(model: Any, optimizer: Any, rule: Any, report: Any, scaler: 
         raise UsageError(f"watch: scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
 
 
+def check_clip(max_norm: Any) -> float | None:
+    """clip_grad_norm= as a positive finite number, or None."""
+    if max_norm is None:
+        return None
+    if isinstance(max_norm, bool) or not isinstance(max_norm, int | float) or not 0 < max_norm < float("inf"):
+        raise UsageError(
+            "watch: clip_grad_norm must be the max_norm your loop passes to "
+            f"torch.nn.utils.clip_grad_norm_ before each step (a number > 0), got {max_norm!r}"
+        )
+    return float(max_norm)
+
+
 def check_skip(skip: Any) -> bool:
     """skip= as a bool (True or False, not a truthy string)."""
     if not isinstance(skip, bool):

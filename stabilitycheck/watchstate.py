@@ -33,8 +33,9 @@ from stabilitycheck.errors import UsageError
 from stabilitycheck.rng import rng_state
 
 PAIRED = 512  # autograd nodes searched from a loss for the model call it came from
-FORMAT = "stabilitycheck-watch-bundle/4"  # 2: micro-batches, losses; 3: RNG; 4: modes, scale, autocast
-OLDER = ("stabilitycheck-watch-bundle/3",)  # replayed too: in training mode, unscaled, as written then
+FORMAT = "stabilitycheck-watch-bundle/5"  # 2: micro-batches, losses; 3: RNG; 4: modes, scale, autocast;
+# 5: the gradient clipping
+OLDER = ("stabilitycheck-watch-bundle/3", "stabilitycheck-watch-bundle/4")  # replayed as written then
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
@@ -146,9 +147,12 @@ class Snapshot:
     by torch.where on the device flag); the batches (each step's micro-batches, with the losses passed
     for them) and RNG states of the steps not yet flushed stay as references."""
 
-    def __init__(self, model: nn.Module, compute_loss: Any, path: Path, given: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, compute_loss: Any, path: Path, given: bool = False, clip: float | None = None
+    ) -> None:
         self.model, self.compute_loss, self.path = model, compute_loss, path
         self.given = given  # the blocks are the user's (blocks=): replay takes them by module name
+        self.clip = clip  # the max_norm the loop clips the gradients to before each step: replay does too
         self.tensors = [t for t in (*model.parameters(), *model.buffers())]
         self.prev = [t.detach().clone() for t in self.tensors]
         self.stale = True  # `prev` is taken again at the next model call
@@ -164,23 +168,31 @@ class Snapshot:
         self._start = rng_state()  # since the last micro-batch or update: draws before the model call
         self.written = False
 
-    def on_call(self) -> None:
+    def on_call(self, autocast: torch.dtype | None = None, told: bool = False) -> None:
         """The RNG state, the modules' modes and the autocast dtype at a model call (what the replay
         restores before the micro-batch: the loop may draw random numbers between micro-batches,
         batches or augmentations, and open torch.autocast around compute_loss), and at the first call
-        of a step the state its forward begins with."""
+        of a step the state its forward begins with. `told`: the autocast dtype is `autocast` (None:
+        off), as the loop will run the micro-batch, not the one open now (`on_start`)."""
         if self.stale:
             torch._foreach_copy_(self.prev, [t.detach() for t in self.tensors])
             self.stale = False
         kind = self.tensors[0].device.type
-        amp = (
-            str(torch.get_autocast_dtype(kind)).removeprefix("torch.")
-            if torch.is_autocast_enabled(kind)
-            else None
-        )
+        if not told:
+            autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+        amp = None if autocast is None else str(autocast).removeprefix("torch.")
         self._calls.append(
             ({**rng_state(), "start": self._start}, [m.training for m in self.modules], set(), amp)
         )
+
+    def on_start(self, autocast: torch.dtype | None) -> None:
+        """A micro-batch begins, told by a loop that calls the model by another way than its forward
+        (a LightningModule's training_step calling self.net, where no model call is seen: the state
+        before the step was never taken and each step replayed the first's weights): the RNG state
+        compute_loss starts from, and `on_call`'s record of a model call, under the autocast dtype the
+        loop will run it with (Lightning opens its autocast after telling)."""
+        self._start = rng_state()
+        self.on_call(autocast, told=True)
 
     def on_output(self, output: Any) -> None:
         """The autograd nodes of a model call's outputs (`_made_by` finds the loss's call by them)."""
@@ -278,6 +290,7 @@ class Snapshot:
             "import_roots": sorted(r for r in roots if r is not None),
             "has_batch": bool(micro) and all(batch is not None for batch, *_ in micro),
             "micro_batches": len(micro),
+            "clip_grad_norm": self.clip,
             "sources": sources(self.model, self.compute_loss),
         }
         data = {

@@ -38,6 +38,20 @@ def _regression(lightning: Any) -> Any:
     return Module()
 
 
+def _trainer(lightning: Any, tmp_path: Any, *callbacks: Any, **arguments: Any) -> Any:
+    """A quiet CPU Lightning Trainer with `callbacks` (no logger, checkpoints, bars or summary)."""
+    return lightning.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+        default_root_dir=tmp_path,
+        **arguments,
+    )
+
+
 # lightning's own pytree code uses a torch API that torch 2.13 deprecates: not ours to fix
 @pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
 def test_lightning_fit_names_the_planted_fault(tmp_path: Any) -> None:
@@ -49,21 +63,50 @@ def test_lightning_fit_names_the_planted_fault(tmp_path: Any) -> None:
     module.net.blocks[BLOCK].register_forward_hook(Fault(AT, count=True))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*_data()), batch_size=32)
     callback = WatchCallback(report=None, log=tmp_path / "watch.jsonl")
-    trainer = lightning.Trainer(
-        max_steps=STEPS,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[callback],
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(module, loader)
+    _trainer(lightning, tmp_path, callback, max_steps=STEPS).fit(module, loader)
     assert callback.report is not None and callback.report.steps == STEPS
     first = callback.report.first_spike
     assert first is not None, callback.report.text()
     assert (first.step, first.tensor, first.block) == (AT, "activation", f"net.blocks.{BLOCK}")
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+@pytest.mark.parametrize(
+    ("accumulate", "precision", "own_loss"), [(1, "32-true", False), (2, "16-mixed", True)]
+)
+def test_a_lightning_bundle_replays_the_flagged_step(
+    tmp_path: Any, accumulate: int, precision: str, own_loss: bool
+) -> None:
+    """training_step calls self.net, not the module's forward, adds noise from the global RNG and runs
+    under the precision plugin's autocast: the bundle has each micro-batch, the weights the flagged
+    step began with, its RNG state and autocast dtype, and replays the step's norms exactly, with
+    the module's own training_step or a compute_loss given; at 16-mixed (float16 on CPU, its
+    GradScaler at 2^8) the replay scales and autocasts as the step did."""
+    lightning = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.plugins import MixedPrecision
+    from lightning_models import NoisyRegression, squared_error
+
+    from stabilitycheck.integrations.lightning import WatchCallback
+    from stabilitycheck.replay import replay
+
+    torch.manual_seed(0)
+    x, y = _data(STEPS * accumulate)
+    y[AT * accumulate * 32 : (AT * accumulate + 1) * 32] *= 50  # the flagged step's first micro-batch
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    given = {"compute_loss": squared_error} if own_loss else {}
+    callback = WatchCallback(report=None, bundle=tmp_path / "bundle", **given)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    plugins = [MixedPrecision(precision, "cpu", scaler=scaler)] if precision == "16-mixed" else []
+    trainer = _trainer(
+        lightning, tmp_path, callback, max_steps=STEPS, accumulate_grad_batches=accumulate, plugins=plugins
+    )
+    trainer.fit(NoisyRegression(), loader)
+    assert callback.report is not None and callback.report.first_spike is not None
+    assert callback.report.first_spike.step == AT
+    meta = json.loads((tmp_path / "bundle" / "meta.json").read_text())
+    assert (meta["step"], meta["micro_batches"], meta["has_batch"]) == (AT, accumulate, True)
+    replayed = replay(tmp_path / "bundle")
+    assert replayed.step == AT and replayed.mismatches() == [], replayed.largest_difference()
 
 
 class HFModel(nn.Module):
@@ -81,10 +124,12 @@ class HFModel(nn.Module):
         return result
 
 
-def _hf_trainer(model: nn.Module, callback: Any, tmp_path: Any, **arguments: Any) -> Any:
+def _hf_trainer(model: nn.Module, callback: Any, tmp_path: Any, spikes: int = 0, **arguments: Any) -> Any:
+    """A Trainer fitting `model` to the MLP's data; `spikes` samples' targets x50."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     x, y = _data()
+    y[torch.randperm(len(y), generator=torch.Generator().manual_seed(1))[:spikes]] *= 50
     dataset = [{"x": x[i], "labels": y[i]} for i in range(len(x))]
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path),
@@ -115,6 +160,30 @@ def test_hf_trainer_names_the_planted_fault(tmp_path: Any) -> None:
     first = callback.report.first_spike
     assert first is not None, callback.report.text()
     assert (first.step, first.tensor, first.block) == (AT, "activation", f"net.blocks.{BLOCK}")
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_an_hf_trainer_bundle_replays_the_flagged_step(tmp_path: Any, accumulation: int) -> None:
+    """Trainer's callbacks see no batch: the callback passes each micro-batch's loss as its backward
+    reached it with the inputs the model was called with, and the bundle replays the model on them
+    (no compute_loss given): the first flagged step's norms exactly, each micro-batch's loss divided
+    as Trainer divided it."""
+    pytest.importorskip("transformers")
+    from stabilitycheck.integrations.hf import WatchCallback
+    from stabilitycheck.replay import replay
+    from stabilitycheck.spikes import SpikeRule
+
+    torch.manual_seed(0)
+    # where Trainer's shuffle puts the 2 samples is its own: a short warm-up lets either be flagged
+    callback = WatchCallback(report=None, bundle=tmp_path / "bundle", rule=SpikeRule(warmup=8))
+    trainer = _hf_trainer(HFModel(), callback, tmp_path, spikes=2, gradient_accumulation_steps=accumulation)
+    trainer.train()
+    first = callback.report.first_spike if callback.report is not None else None
+    assert first is not None
+    meta = json.loads((tmp_path / "bundle" / "meta.json").read_text())
+    assert (meta["step"], meta["micro_batches"], meta["has_batch"]) == (first.step, accumulation, True)
+    replayed = replay(tmp_path / "bundle")
+    assert replayed.step == first.step and replayed.mismatches() == [], replayed.largest_difference()
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
@@ -211,16 +280,7 @@ def test_lightning_with_two_optimizers_is_refused_in_one_line(tmp_path: Any) -> 
             ]
 
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*_data(2)), batch_size=32)
-    trainer = lightning.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[WatchCallback(report=None)],
-        default_root_dir=tmp_path,
-    )
+    trainer = _trainer(lightning, tmp_path, WatchCallback(report=None), max_epochs=1)
     with pytest.raises(UsageError, match="watches one optimizer's steps and the trainer has 2") as caught:
         trainer.fit(Two(), loader)
     assert "\n" not in str(caught.value)
@@ -253,17 +313,8 @@ def test_lightning_16_mixed_passes_its_scaler_and_marks_the_steps_it_skips(tmp_p
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=4)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*_data(12)), batch_size=32)
     callback, scales = WatchCallback(report=None, log=tmp_path / "watch.jsonl"), Scales()
-    trainer = lightning.Trainer(
-        max_steps=12,
-        accelerator="cpu",
-        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[callback, scales],
-        default_root_dir=tmp_path,
-    )
+    plugins = [MixedPrecision("16-mixed", "cpu", scaler=scaler)]
+    trainer = _trainer(lightning, tmp_path, callback, scales, max_steps=12, plugins=plugins)
     trainer.fit(_regression(lightning), loader)
     skipped = [now < before for before, now in zip([2.0**20, *scales.scales], scales.scales, strict=False)]
     assert len(skipped) == 12 and any(skipped) and not all(skipped)

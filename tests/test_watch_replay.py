@@ -807,3 +807,74 @@ def test_a_bundle_of_a_step_between_weight_measurements_keeps_the_last_measured_
     weight = Layout(len(blocks)).parts()["weight"]
     got = meta["values"][weight]
     assert got[:2] == pytest.approx(norms[2], rel=1e-6)  # step 2's: the last measured before step 3
+
+
+def _clipped_run(path: Path, **options: Any) -> int:
+    """44 steps of a loop clipping the gradient norm to 1.0 before each step, step 40's targets x50;
+    the flagged step (40)."""
+    torch.manual_seed(0)
+    model, gen = MLP(), torch.Generator().manual_seed(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with watch(model, opt, bundle=path, compute_loss=compute_loss, report=None, **options) as w:
+        for step in range(44):
+            x, y = batch(gen, model)
+            opt.zero_grad()
+            loss = compute_loss(model, (x, y if step != 40 else 50 * y))
+            w.loss(loss, batch=(x, y if step != 40 else 50 * y))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+    first = report_of(w).first_spike
+    assert first is not None
+    return first.step
+
+
+def test_a_loop_that_clips_replays_with_clip_grad_norm_and_is_named_without(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The watcher reads the gradients at the optimizer's step, after the loop's clip_grad_norm_; a
+    replay, which never clipped, read every weight gradient of the flagged step x4.13 (its loss x2500
+    passes the clip). Told clip_grad_norm=1.0, the bundle says so and the replay clips alike: every
+    norm equal to the step's own. Not told, the replay differs (exit 1) and says that every weight
+    gradient reads one factor below 1 and all else agrees, as clipping leaves them."""
+    assert _clipped_run(tmp_path / "told", clip_grad_norm=1.0) == 40
+    assert json.loads((tmp_path / "told" / "meta.json").read_text())["clip_grad_norm"] == 1.0
+    told = replay(tmp_path / "told")
+    assert told.step == 40 and told.mismatches(1e-6) == [] and told.gradient_factor() is None
+    assert main(["replay", str(tmp_path / "told")]) == 0
+
+    assert _clipped_run(tmp_path / "untold") == 40
+    untold = replay(tmp_path / "untold")
+    kinds = {untold.names[i][0] for i in untold.mismatches()}
+    assert kinds == {"gradient", "grad_norm"}
+    factor = untold.gradient_factor()
+    assert factor is not None and factor < 1
+    total = untold.names.index(("grad_norm", "(all)"))  # the recorded total is the clip's max_norm
+    assert untold.recorded[total] == pytest.approx(1.0, rel=1e-5)
+    assert factor == pytest.approx(1.0 / untold.replayed[total], rel=1e-5)
+    capsys.readouterr()
+    assert main(["replay", str(tmp_path / "untold")]) == 1
+    assert "clip_grad_norm=max_norm" in capsys.readouterr().out
+
+
+def test_a_differing_loss_is_no_gradient_factor() -> None:
+    """gradient_factor names clipping only where the weight gradients alone differ, each by one
+    factor below 1: not where the loss differs too, nor where the factors differ, nor above 1."""
+    names = [("loss", "(loss)"), ("gradient", "a"), ("gradient", "b"), ("grad_norm", "(all)")]
+
+    def factor(recorded: list[float], replayed: list[float]) -> float | None:
+        return Replayed(0, names, recorded, replayed).gradient_factor()
+
+    assert factor([1.0, 0.5, 0.25, 0.6], [1.0, 1.0, 0.5, 1.2]) == 0.5
+    assert factor([2.0, 0.5, 0.25, 0.6], [1.0, 1.0, 0.5, 1.2]) is None  # the loss differs
+    assert factor([1.0, 0.5, 0.3, 0.6], [1.0, 1.0, 0.5, 1.2]) is None  # two factors
+    assert factor([1.0, 2.0, 1.0, 2.4], [1.0, 1.0, 0.5, 1.2]) is None  # above 1
+    clipped = Replayed(0, names, [1.0, 0.5, 0.25, 0.6], [1.0, 1.0, 0.5, 1.2], clipped=True)
+    assert clipped.gradient_factor() is None  # the replay clipped already
+
+
+@pytest.mark.parametrize("max_norm", [0, -1.0, math.inf, math.nan, "1.0", True])
+def test_a_clip_grad_norm_that_is_no_positive_number_is_a_one_line_usage_error(max_norm: Any) -> None:
+    with pytest.raises(UsageError, match="clip_grad_norm must be the max_norm") as caught:
+        watch(MLP(), None, clip_grad_norm=max_norm)
+    assert "\n" not in str(caught.value)

@@ -5,7 +5,9 @@ by the accumulation steps (or not, where the model normalises over the accumulat
 followed, the GradScaler's loss scale divided out, and a forward that no backward follows (an
 evaluation with labels) adds nothing. The step is closed in `on_pre_optimizer_step`, which Trainer
 calls after its gradient clipping, so the weight-gradient norms are the clipped ones (the activation norms and
-their gradients are not affected by clipping).
+their gradients are not affected by clipping). Each micro-batch's loss is passed as its backward
+reaches it, with the inputs the model was called with as its batch (a replay bundle's; without
+compute_loss the bundle replays the model on them, `output_loss`).
 
 Trainer has no callback event for a failed train() (transformers' TrainerCallback has none), so a
 run that raises never reaches `on_train_end`: use the callback as a context manager around
@@ -27,6 +29,18 @@ from stabilitycheck.watching import Watcher, watch
 from stabilitycheck.watchlog import Report
 
 
+def _loss_of(output: Any) -> Any:
+    """The loss a model's output holds (a ModelOutput's or a dict's 'loss'), else None."""
+    return output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+
+
+def output_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """The default compute_loss of a bundle: the model called on the inputs as Trainer calls it
+    (`model(**inputs)`), its output's loss."""
+    loss: torch.Tensor = _loss_of(model(**batch))
+    return loss
+
+
 class WatchCallback(TrainerCallback):  # type: ignore[misc, unused-ignore]  # untyped before transformers 5
     """`Trainer(..., callbacks=[cb := WatchCallback(log="watch.jsonl")])`, then `with cb: trainer.train()`
     (so a failed run is closed too); takes `watch`'s options."""
@@ -36,30 +50,34 @@ class WatchCallback(TrainerCallback):  # type: ignore[misc, unused-ignore]  # un
         self.watcher: Watcher | None = None
         self.report: Report | None = None
         self._handle: Any = None
-        self._parts: list[torch.Tensor] = []  # this step's losses as they went into backward()
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         model: nn.Module = kwargs["model"]
         wrapper = kwargs.get("optimizer")
         optimizer = getattr(wrapper, "optimizer", wrapper)  # accelerate's wrapper holds the torch one
         options = {"scaler": getattr(wrapper, "scaler", None), **self.options}  # accelerate's, if any
+        if options.get("bundle") is not None and options.get("compute_loss") is None:
+            options["compute_loss"] = output_loss
+        if args.max_grad_norm is not None and args.max_grad_norm > 0:  # Trainer clips before the step
+            options.setdefault("clip_grad_norm", args.max_grad_norm)
         self.watcher = watch(model, optimizer, hook_optimizer=False, **options).__enter__()
-        self._handle = model.register_forward_hook(self._on_output)
+        self._handle = model.register_forward_hook(self._on_output, with_kwargs=True)
 
-    def _on_output(self, module: nn.Module, args: Any, output: Any) -> None:
-        loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+    def _on_output(self, module: nn.Module, args: Any, inputs: dict[str, Any], output: Any) -> None:
+        loss = _loss_of(output)
         if self.watcher is not None and isinstance(loss, torch.Tensor) and loss.requires_grad:
-            value = loss.detach()
-            loss.register_hook(lambda grad: self._parts.append(value * grad))
+            value, batch = loss.detach(), None if args else dict(inputs)
+            loss.register_hook(lambda grad: self._passed(value * grad, batch))
+
+    def _passed(self, loss: torch.Tensor, batch: dict[str, Any] | None) -> None:
+        """A micro-batch's loss as its backward reached it, the loss scale divided out."""
+        if self.watcher is not None:
+            scaler = self.watcher.scaler
+            scale = scaler._get_scale_async() if scaler is not None else None
+            self.watcher.loss(loss if scale is None else loss / scale, batch=batch)
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.watcher is not None:
-            if self._parts:
-                total = torch.stack(self._parts).sum()
-                scaler = self.watcher.scaler
-                scale = scaler._get_scale_async() if scaler is not None else None
-                self.watcher.loss(total / scale if scale is not None else total)
-                self._parts = []
             self.watcher.before_step()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

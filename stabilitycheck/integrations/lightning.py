@@ -2,26 +2,55 @@
 
 The loss comes from `on_before_backward`, the step is closed in `on_before_optimizer_step` (after
 the closure's backward, before the update), so the norms are those the optimizer is about to use.
+With bundle=, each micro-batch is told to the watcher at `on_train_batch_start` (training_step
+reaches the model through its own modules, not the LightningModule's forward) and passed with its
+loss; without compute_loss the bundle replays the module's own training_step (`training_step_loss`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
+import torch
 
 from stabilitycheck.errors import UsageError
 from stabilitycheck.watching import Watcher, watch
 from stabilitycheck.watchlog import Report
 
 
+class StepBatch(NamedTuple):
+    """A bundle's batch where its compute_loss is `training_step_loss`: training_step's arguments."""
+
+    batch: Any
+    batch_idx: int
+
+
+def training_step_loss(model: pl.LightningModule, batch: StepBatch) -> torch.Tensor:
+    """The default compute_loss of a bundle: the module's own training_step on the batch, given its
+    index where training_step takes one, as Lightning calls it; its loss (a dict's 'loss')."""
+    takes_index = len(inspect.signature(model.training_step).parameters) >= 2
+    output = model.training_step(*((batch.batch, batch.batch_idx) if takes_index else (batch.batch,)))
+    loss = output["loss"] if isinstance(output, Mapping) else output
+    if not isinstance(loss, torch.Tensor):
+        raise UsageError(
+            f"replay: training_step returned {type(output).__name__}, no loss tensor; pass "
+            "WatchCallback(compute_loss=fn) with fn(model, batch) -> the loss, a module-level function"
+        )
+    return loss
+
+
 class WatchCallback(pl.Callback):
-    """`Trainer(callbacks=[WatchCallback(log="watch.jsonl")])`; takes `watch`'s options."""
+    """`Trainer(callbacks=[WatchCallback(log="watch.jsonl")])`; takes `watch`'s options (with bundle=,
+    compute_loss defaults to the module's training_step)."""
 
     def __init__(self, **options: Any) -> None:
         self.options = options
         self.watcher: Watcher | None = None
         self.report: Report | None = None
+        self._batch: Any = None  # this micro-batch, for a bundle
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
@@ -34,13 +63,27 @@ class WatchCallback(pl.Callback):
         # its precision plugin's GradScaler ('16-mixed'), given: the callback closes each step before
         # the scaler's step(), where a scaler found would come a step late
         options = {"scaler": getattr(trainer.precision_plugin, "scaler", None), **self.options}
+        if options.get("bundle") is not None and options.get("compute_loss") is None:
+            options["compute_loss"] = training_step_loss
         self.watcher = watch(pl_module, optimizer, hook_optimizer=False, **options).__enter__()
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.watcher is not None and self.watcher.snapshot is not None:
+            # training_step runs under the precision plugin's autocast, opened after this hook
+            context = getattr(trainer.precision_plugin, "autocast_context_manager", None)
+            self.watcher.batch_start(context().fast_dtype if context is not None else None)
+            default = self.watcher.snapshot.compute_loss is training_step_loss
+            self._batch = StepBatch(batch, batch_idx) if default else batch
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
         if self.watcher is not None:
             # at 16-mixed Lightning hands the loss scaled by its GradScaler: the loss is that / the scale
             scaler = self.watcher.scaler
-            self.watcher.loss(loss if scaler is None else loss / scaler._get_scale_async())
+            unscaled = loss if scaler is None else loss / scaler._get_scale_async()
+            self.watcher.loss(unscaled, batch=self._batch)
+            self._batch = None
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any

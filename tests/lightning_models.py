@@ -1,0 +1,31 @@
+"""A LightningModule defined at the top level of a module, so that a replay bundle can load its
+class by name (lightning is imported here: import this module after pytest.importorskip)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from watch_models import MLP
+
+
+class NoisyRegression(pl.LightningModule):
+    """The watch tests' MLP fitted to a squared error with SGD; training_step adds noise to the input
+    from the global RNG and calls self.net, never the module's own forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = MLP()
+
+    def training_step(self, data: Any, index: int) -> torch.Tensor:
+        return squared_error(self, data)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def squared_error(model: NoisyRegression, data: Any) -> torch.Tensor:
+    """The module's loss on one batch (x, y), as a user's own compute_loss for a bundle."""
+    x, y = data
+    return ((model.net(x + 0.01 * torch.randn_like(x)) - y) ** 2).mean()
