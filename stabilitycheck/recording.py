@@ -56,6 +56,16 @@ def floating(value: Any) -> list[torch.Tensor]:
     return [t for item in items for t in floating(item)]
 
 
+def _passes_on(args: tuple[Any, ...], kwargs: dict[str, Any], prev: torch.Tensor) -> bool:
+    """Whether a call takes `prev` itself, as an argument or in a tuple or list among them (a cell's
+    (x, h) or (x, (h, c))): it goes on with prev's chain, no junction to look for (the look cost
+    ~17 us a token, x1.4 an RNN's probe at 256 tokens)."""
+    return any(
+        a is prev or (isinstance(a, tuple | list) and any(t is prev for t in a))
+        for a in (*args, *kwargs.values())
+    )
+
+
 def _cut(args: tuple[Any, ...], kwargs: dict[str, Any], prev: torch.Tensor) -> bool:
     """Whether a cell's call takes its last output `prev` detached (`h = h.detach()` every K tokens:
     truncated backpropagation through time) and not as it came: no gradient crosses from this call
@@ -294,6 +304,10 @@ class Recorder:
         # a stack's later blocks are checked in their forward hook, on the arguments it gets (a pre-hook
         # per call cost ~14 us, 0.03x of a 16-block MLP's step)
         self.later = {b for b in range(1, len(self.stacks)) if self.stacks[b - 1] == self.stacks[b]}
+        # block 0 as a stack of its own (a model attribute, a cell called per token) has no pre-hook:
+        # its calls after the first are checked in its forward hook too (a shared tower of attributes
+        # run on a second input, a cell run again from a fresh state, read as one chain: 0.53 for 0.96)
+        self.lone = bool(blocks) and 0 not in stack_starts(self.stacks)
         self.handles: list[Any] = []
         self.picks: dict[int, int] = {}  # per block, which of its output's tensors is its chain's (_repick)
         # the tensors a block's calls carry beside its chain, its next call taking them as they came
@@ -410,10 +424,18 @@ class Recorder:
             if held is not None and any(comes_from(t, alt) for alt in held[0] for t in given):
                 return  # a later block taking another of its predecessor's tensors (its h of
                 # (router_logits, h)): the chain runs on, read on the tensor recorded
-            own = self.own[stack] if self.stacks[self.calls[-1]] == stack else set()
+            # block 0 alone in its stack goes on where it takes its own output (the lower of two
+            # stacked attribute cells, c1 called between its calls), as a stack entered again does
+            mine = self.stacks[self.calls[-1]] == stack or (b == 0 and self.lone)
+            own = self.own[stack] if mine else set()
             if not any(made_from(t, own) for t in given):
                 self.feeds[at] = taken_chains(self.outputs, sorted(self.breaks), given, entry)
                 self.breaks.add(at)
+                if b == 0 and self.lone and self.calls[-1] == 0 and not self.feeds[at]:
+                    # a cell run on from a fresh state (reset every K tokens) ends its window as a
+                    # detach does (`_cut`): a loss on the last token takes nothing from the windows
+                    # before it (their 0 / 0 read the model's growth as none, for g^(K-1))
+                    self.cuts.add(at)
 
     def _upstream_learns(self) -> bool:
         """Whether a gradient into the last output would reach something: it carries one, an earlier
@@ -437,7 +459,10 @@ class Recorder:
                 if out is None:
                     self.empty.add(b)
                 else:
-                    if b in self.later and (args or kwargs):
+                    again, mine = b == 0 and self.lone and calls, self.last.get(0)
+                    if again and mine is not None and _passes_on(args, kwargs, outputs[mine]):
+                        again = False  # a cell called on its own last output: the chain goes on
+                    if (b in self.later or again) and (args or kwargs):
                         self._joins(b, args, kwargs)
                     entry, self.entry = self.entry, None
                     self.touched |= b == 0 and entry is not None and entry._version != self.version

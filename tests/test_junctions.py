@@ -410,3 +410,110 @@ def test_the_next_block_taking_block_0s_own_output_is_no_residual_around_it() ->
     norms = [g.norm().item() for g in torch.autograd.grad(loss(outs[-1] * x, x), [h, *outs])]
     assert m.activation_grad_norms == pytest.approx(norms, rel=1e-9)
     assert m.gains == pytest.approx([norms[i] / norms[i + 1] for i in range(3)], rel=1e-9)
+
+
+def _orthogonal(g: float, width: int = 16) -> torch.Tensor:
+    """g x a random orthogonal matrix: ||W^T v|| = g ||v|| for every v, so a chain of k such linear maps
+    grows g^k exactly, whatever gradient reaches it."""
+    q, _ = torch.linalg.qr(torch.randn(width, width, dtype=torch.float64))
+    return g * q
+
+
+class _AttributeTower(nn.Module):
+    """A shared tower of three linear blocks held as attributes (`a0`, `a1`, `a2`: each a stack of its
+    own), or the first alone in a list (`layout='lists'`), run on two inputs; the loss weighs the
+    second output x20."""
+
+    def __init__(self, g: float, layout: str) -> None:
+        super().__init__()
+        blocks = [nn.Linear(16, 16, bias=False, dtype=torch.float64) for _ in range(3)]
+        for block in blocks:
+            block.weight.data = _orthogonal(g)
+        if layout == "attributes":
+            self.a0, self.a1, self.a2 = blocks
+        else:
+            self.first, self.rest = nn.ModuleList(blocks[:1]), nn.ModuleList(blocks[1:])
+
+    def tower(self) -> list[nn.Module]:
+        return [self.a0, self.a1, self.a2] if hasattr(self, "a0") else [self.first[0], *self.rest]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for half in x.chunk(2, dim=-1):
+            for block in self.tower():
+                half = block(half)
+            outs.append(half)
+        return torch.cat([outs[0], 20 * outs[1]], -1)
+
+
+@pytest.mark.parametrize("layout", ["attributes", "lists"])
+def test_a_shared_tower_whose_first_block_is_a_stack_of_its_own_is_two_chains(layout: str) -> None:
+    """Oracle: each pass is a chain of three maps g x orthogonal, growing g^3 exactly. Block 0 alone
+    in its stack (an attribute, or alone in its list) was never checked for a junction: its second
+    call, on the second input, continued the first pass's chain, and the growth read g^3 x the ratio
+    of the two outputs' unrelated gradients: 0.0041 for 1.3^3 = 2.197."""
+    torch.manual_seed(0)
+    model = _AttributeTower(1.3, layout)
+    names = {id(m): name for name, m in model.named_modules()}
+    blocks = [(names[id(block)], block) for block in model.tower()]
+    x = torch.randn(4, 32, dtype=torch.float64)
+    m = probe_module(model, x, lambda out, _: out.square().sum(), blocks=blocks)
+    assert m.chain_starts == (4,)  # the first from the input (block 0's gain too), the second from a0
+    assert m.chain_growths == pytest.approx((1.3**3, 1.3**2), rel=1e-12)
+    assert m.growth == pytest.approx(1.3**3, rel=1e-12)
+
+
+class _Cell(nn.Module):
+    def __init__(self, g: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(_orthogonal(g))
+
+    def forward(self, u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return u + h @ self.weight.T
+
+
+class _FreshStates(nn.Module):
+    """One linear cell over T tokens, its state reset to zeros every `every` tokens (or run a second
+    time over the reversed tokens from zeros: `twice`); returns every state."""
+
+    def __init__(self, g: float, every: int, twice: bool = False) -> None:
+        super().__init__()
+        self.cell, self.every, self.twice = _Cell(g), every, twice
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        states = []
+        orders = [range(x.shape[1]), reversed(range(x.shape[1]))] if self.twice else [range(x.shape[1])]
+        h = torch.zeros_like(x[:, 0])
+        for order in orders:
+            for i, t in enumerate(order):
+                h = torch.zeros_like(h) if i % self.every == 0 else h
+                h = self.cell(x[:, t], h)
+                states.append(h)
+        return torch.stack(states, 1)
+
+
+def test_a_cell_run_again_from_a_fresh_state_starts_a_chain() -> None:
+    """Oracle: a window of k calls of the cell u + W h, W = g x orthogonal, grows g^(k-1) exactly
+    (the first call's gain through h, k - 1 of them). A cell is block 0 and a stack of its own: its
+    calls were never checked, so a state reset to zeros every 4 tokens continued the chain, and under
+    a loss on the last token the windows before, which it takes nothing from, read the model's growth
+    as 0 (for 1.3^3); a second pass over the reversed tokens, its loss x20, read 0.18 for 1.2^7 = 3.58."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, 16, dtype=torch.float64)
+    reset = _FreshStates(1.3, every=4)
+    last = probe_module(reset, x, lambda out, _: out[:, -1].sum(), blocks=[("cell", reset.cell)])
+    assert last.chain_starts == (4, 8, 12)
+    assert last.growth == pytest.approx(1.3**3, rel=1e-12)
+    every = probe_module(reset, x, lambda out, _: out.square().sum(), blocks=[("cell", reset.cell)])
+    states: list[torch.Tensor] = []
+    handle = reset.cell.register_forward_hook(lambda module, args, out: states.append(out))
+    loss = reset(x).square().sum()
+    handle.remove()
+    grads = [g.norm().item() for g in torch.autograd.grad(loss, states)]  # brute force, per window
+    assert every.chain_growths == pytest.approx([grads[i] / grads[i + 3] for i in range(0, 16, 4)], rel=1e-12)
+
+    both = _FreshStates(1.2, every=8, twice=True)
+    ends = lambda out, _: out[:, 7].sum() + 20 * out[:, 15].sum()  # noqa: E731  # each pass's last state
+    two = probe_module(both, x[:, :8], ends, blocks=[("cell", both.cell)])
+    assert two.chain_starts == (8,)
+    assert two.chain_growths == pytest.approx((1.2**7, 1.2**7), rel=1e-12)
