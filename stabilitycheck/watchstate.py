@@ -190,8 +190,10 @@ class Snapshot:
         (a LightningModule's training_step calling self.net, where no model call is seen: the state
         before the step was never taken and each step replayed the first's weights): the RNG state
         compute_loss starts from, and `on_call`'s record of a model call, under the autocast dtype the
-        loop will run it with (Lightning opens its autocast after telling)."""
+        loop will run it with (Lightning opens its autocast after telling). Model calls told before
+        it belong to no micro-batch (a training_step returning None: no backward, no loss passed)."""
         self._start = rng_state()
+        self._calls = []
         self.on_call(autocast, told=True)
 
     def on_output(self, output: Any) -> None:

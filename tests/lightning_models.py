@@ -29,3 +29,14 @@ def squared_error(model: NoisyRegression, data: Any) -> torch.Tensor:
     """The module's loss on one batch (x, y), as a user's own compute_loss for a bundle."""
     x, y = data
     return ((model.net(x + 0.01 * torch.randn_like(x)) - y) ** 2).mean()
+
+
+class SkipsABatch(NoisyRegression):
+    """NoisyRegression whose training_step returns None at batch `skipped`: Lightning then runs no
+    backward and no optimizer step for it, after its noise was drawn."""
+
+    skipped = 45
+
+    def training_step(self, data: Any, index: int) -> torch.Tensor | None:
+        loss = super().training_step(data, index)
+        return None if index == self.skipped else loss
