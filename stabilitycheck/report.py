@@ -237,11 +237,14 @@ def _searched(r: SearchResult) -> str:
     """How much of the grid a stable row's search judged: stable says no more than that where the
     verdict is not monotone in the knobs (the post-norm transformer's growth peaks at depth 5 and is 20
     at 24, whose stable top corner and 10 examples read `stable`: a new user's trial); none for a
-    stored counterexample judged again (--replay), which searched nothing."""
+    stored counterexample judged again (--replay), which searched nothing. Points skipped (the model
+    raised there, too large, too slow) are no judged ones: they read 'judged: stable' (19 for 10)."""
     if r.replayed:
         return ""
+    judged, skipped = r.points - len(r.skipped), len(r.skipped)
+    more = f" ({skipped} more skipped)" if skipped else ""
     return (
-        f"  searched  {r.points} of the grid's {r.space.size} points judged: stable on those; where the "
+        f"  searched  {judged} of the grid's {r.space.size} points judged{more}: stable on those; where the "
         "verdict is not monotone in the knobs, a point not judged can explode (more --max-examples, or "
         "`stabilitycheck map` over two knobs, judges more)"
     )

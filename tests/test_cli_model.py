@@ -140,6 +140,48 @@ def test_stable_example_exits_0_with_the_largest_config_tried(
     assert judged is not None and 1 <= int(judged.group(1)) <= min(size, 21)
 
 
+RAISES_PAST_10 = """
+from torch import nn
+
+SPACE = {"depth": (1, 20)}
+
+
+class M(nn.Module):
+    def __init__(self, depth):
+        super().__init__()
+        self.depth, self.layers = depth, nn.ModuleList(nn.Linear(8, 8) for _ in range(depth))
+
+    def forward(self, x):
+        if self.depth > 10:
+            raise RuntimeError("too deep")
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def build(depth=4):
+    return M(depth)
+"""
+
+
+def test_points_skipped_are_not_counted_as_judged_stable(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A model that raises past depth 10 of a 20-point grid: at most the 10 points where it runs are
+    judged. The stable row's 'searched' line read '19 of the grid's 20 points judged: stable on those'
+    where 9 of them had raised (found by a new user's trial)."""
+    (tmp_path / "deep.py").write_text(RAISES_PAST_10)
+    js = tmp_path / "deep.json"
+    code, out, _ = run(capsys, str(tmp_path / "deep.py"), *FAST, "--json", str(js))
+    assert code == 0
+    (entry,) = json.loads(js.read_text())
+    skipped = len(entry["skipped"])
+    assert skipped >= 1 and all("too deep" in s["reason"] for s in entry["skipped"])
+    judged = entry["points"] - skipped
+    assert 1 <= judged <= 10
+    assert f"searched  {judged} of the grid's 20 points judged ({skipped} more skipped): stable" in out
+
+
 def test_a_stable_rows_judgement_is_in_the_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """The largest point tried of a stable row: its judgement (seeds, growth spread, measurement with
     the blocks it was read over), as the table row shows it."""

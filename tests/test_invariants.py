@@ -517,6 +517,14 @@ def test_finite_training_of_a_config_uses_its_steps_lr_and_optimizer() -> None:
         assert_finite_training(c, b.inputs, b.loss_fn)  # type: ignore[call-overload]
     with pytest.raises(UsageError, match="pass inputs and loss_fn too"):
         assert_finite_training(b.model)  # type: ignore[call-overload]
+    # a run setting beside a Config is refused, not ignored (steps=50, lr=1e30 passed after the
+    # Config's 20 steps at 0.01, found by a new user's trial); a module still takes them
+    for setting in ({"steps": 50, "lr": 1e30}, {"optimizer": "adam"}, {"seed": 3}, {"clip": 1.0}):
+        with pytest.raises(UsageError, match=rf"from the Config, not {next(iter(setting))}=") as caught:
+            assert_finite_training(c, **setting)  # type: ignore[call-overload]
+        assert "\n" not in str(caught.value)
+    with pytest.raises(StabilityError, match=r"within 20 sgd steps at lr=1e\+30"):
+        assert_finite_training(b.model, b.inputs, b.loss_fn, steps=20, lr=1e30, optimizer="sgd")
 
 
 def test_gradscaler_guards_pass_for_torch_gradscaler() -> None:
