@@ -28,14 +28,28 @@ class ScalerLike(Protocol):
     def update(self) -> Any: ...
 
 
+STRIDES = range(2, 8)  # a scaler checking every k-th entry alone steps on `_inside`'s
+
+
+def _inside(n: int) -> int:
+    """An entry from the middle of n on that no stride in STRIDES reaches from the first entry, nor,
+    where one is found, strides from 3 on from the last (of an even n, one of i and n - 1 - i is
+    even): the middle's odd entry, (n // 2) | 1, was every third one's wherever n = 3k + 1 (all powers
+    of 4: a width-64 MLP's every matrix and bias), so a scaler checking every third entry passed."""
+    middle = min((n // 2) | 1, n - 1)
+    missed = [i for i in range(middle, n) if all(i % k for k in STRIDES)]
+    both = [i for i in missed if all((n - 1 - i) % k for k in STRIDES[1:])]
+    return (both or missed or [middle])[0]
+
+
 def _poison(params: Sequence[nn.Parameter], value: float, target: int, inside: bool) -> None:
     """Put `value` into gradient `target`: at its first entry (the last of the last gradient), or
-    `inside` at an odd entry in its middle (a scaler checking only a tensor's ends, or every other
-    entry, steps on it)."""
+    `inside` at an entry in its middle that strided samples miss (`_inside`: a scaler checking only a
+    tensor's ends, or every k-th entry, steps on it)."""
     grad = params[target].grad
     assert grad is not None  # targets are the parameters a clean backward reaches (_reference_step)
     flat = grad.view(-1)
-    at = min((flat.numel() // 2) | 1, flat.numel() - 1) if inside else -1 if target == len(params) - 1 else 0
+    at = _inside(flat.numel()) if inside else -1 if target == len(params) - 1 else 0
     with torch.no_grad():
         flat[at] = value
 
@@ -243,8 +257,40 @@ def _check_guards(
 
         if not _own_clip(named, weights, opt, scaler, (held, plain), reference, lambda: step(None)):
             raise
+    _check_skip_after_clean(named, opt, kind, lambda: step(poisons[0], reached[0], True), poisons[0])
     if unseen:
         raise UsageError(unseen)
+
+
+def _same_state(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two optimizer states of one parameter hold the same keys and values, tensors bit-equal."""
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a
+    )
+
+
+def _check_skip_after_clean(
+    named: Sequence[tuple[str, nn.Parameter]],
+    opt: torch.optim.Optimizer,
+    kind: str,
+    poisoned: Callable[[], None],
+    poison: float,
+) -> None:
+    """A step skipped after a clean one leaves the weights and the optimizer's state bit-identical:
+    every other poisoned step runs before any clean one, on an optimizer with no state, so a scaler
+    that steps on the last clean gradients, or clears Adam's moments, on a skip passed."""
+    __tracebackhide__ = True
+    weights = [p.detach().clone() for _, p in named]
+    states = [copy.deepcopy(dict(opt.state[p])) for _, p in named]
+    poisoned()
+    changed = [n for (n, p), w in zip(named, weights, strict=True) if not torch.equal(p.detach(), w)]
+    moved = [n for (n, p), st in zip(named, states, strict=True) if not _same_state(st, dict(opt.state[p]))]
+    if changed or moved:
+        fail(
+            f"{kind} changed the model on a step it skipped ({poison} in a gradient) after a clean step.",
+            f"Weight tensors changed: {len(changed)} / {len(named)}; optimizer states changed: "
+            f"{len(moved)} / {len(named)}; first: {(changed or moved)[0]!r} (allowed: bit-identical)",
+        )
 
 
 def _own_clip(

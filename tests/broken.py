@@ -180,6 +180,46 @@ class EvenEntriesScaler(_Guarded):
         return super().bad([g.reshape(-1)[::2] for g in grads])
 
 
+class ThirdEntriesScaler(_Guarded):
+    """Checks every third entry of each gradient: a NaN elsewhere is stepped on."""
+
+    def bad(self, grads: list[torch.Tensor]) -> bool:
+        return super().bad([g.reshape(-1)[::3] for g in grads])
+
+
+class StaleOnSkipScaler(_Guarded):
+    """On a step it should skip, steps on the last clean step's gradients (kept for 'resuming')."""
+
+    def __init__(self, init_scale: float = 2.0**16) -> None:
+        super().__init__(init_scale)
+        self.last: list[torch.Tensor] | None = None
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grads = [p.grad for p in params if p.grad is not None]
+        if not self.bad(grads):
+            self.unscale(grads)
+            self.last = [g.clone() for g in grads]
+        elif self.last is None:
+            self._scale /= 2.0
+            return
+        else:
+            self._scale /= 2.0
+            for p, g in zip(params, self.last, strict=True):
+                p.grad = g.clone()
+        optimizer.step()
+
+
+class ClearsStateOnSkipScaler(_Guarded):
+    """Skips a step on Inf/NaN but resets the optimizer's state there (Adam's moments and step count)."""
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if self.bad(grads):
+            optimizer.state.clear()
+        super().step(optimizer)
+
+
 class WeightsOnlyScaler(_Guarded):
     """Checks only the gradients of matrices (dim >= 2): a NaN in a bias is stepped on."""
 

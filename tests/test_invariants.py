@@ -535,7 +535,8 @@ def test_gradscaler_guards_pass_for_torch_gradscaler() -> None:
     n = sum(p.requires_grad for p in b.model.parameters())
     poisoned = 3 * 2 * 2 + n - 2  # Inf, -Inf, NaN x first, last gradient x end, middle; one between
     halved = 1024.0 * 0.5**poisoned  # backed off once per poisoned step, then set to 2^8 where that
-    assert scaler.get_scale() == (UNHIDDEN if halved <= 1.0 else halved)  # left it at 1 or below
+    # left at 1 or below, set above it for the clean step; one more skip after that halves it again
+    assert scaler.get_scale() == (UNHIDDEN if halved <= 1.0 else halved) / 2
 
 
 def test_gradscaler_guards_catch_a_scaler_checking_only_the_middle_tensors_it_skips() -> None:
@@ -553,6 +554,40 @@ def test_gradscaler_guards_catch_a_scaler_checking_only_the_ends_of_each_tensor(
     for scaler in (broken.EndsOnlyScaler(), broken.EvenEntriesScaler()):
         with pytest.raises(StabilityError, match=f"{type(scaler).__name__} stepped on a gradient holding"):
             assert_gradscaler_guards(b.model, b.inputs, b.loss_fn, scaler)  # type: ignore[arg-type]
+
+
+def test_gradscaler_guards_catch_a_scaler_checking_every_third_entry_at_powers_of_4() -> None:
+    """Every matrix and bias of a width-64 MLP has 4^k entries, 3j + 1: the first, last and middle odd
+    entry poisoned were all every third one's, and a scaler checking every third entry passed (found
+    by an audit). The entry inside is one no stride from 2 to 7 reaches from the first; torch's
+    GradScaler passes."""
+    b = build(Config.of("mlp", width=64, depth=3, batch_size=4))
+    assert all(p.numel() in (4**3, 4**6) for p in b.model.parameters())
+    assert_gradscaler_guards(b.model, b.inputs, b.loss_fn)
+    with pytest.raises(StabilityError, match="ThirdEntriesScaler stepped on a gradient holding"):
+        assert_gradscaler_guards(b.model, b.inputs, b.loss_fn, broken.ThirdEntriesScaler())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+@pytest.mark.parametrize("scaler", [broken.StaleOnSkipScaler, broken.ClearsStateOnSkipScaler])
+def test_gradscaler_guards_catch_a_skip_that_changes_the_model_after_a_clean_step(
+    scaler: type[broken.UnguardedScaler], opt: str
+) -> None:
+    """Every poisoned step ran before any clean one, on an optimizer with no state: a scaler stepping
+    on the last clean gradients, or clearing Adam's moments, where it should skip passed (found by an
+    audit). A skip after the clean step is checked too: weights and optimizer state bit-identical."""
+    b = zoo("mlp")
+
+    def make(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return (
+            torch.optim.Adam(params, lr=1e-3)
+            if opt == "adam"
+            else torch.optim.SGD(params, lr=0.01, momentum=0.9)
+        )
+
+    assert_gradscaler_guards(b.model, b.inputs, b.loss_fn, optimizer=make)
+    with pytest.raises(StabilityError, match=f"{scaler.__name__} changed the model on a step it skipped"):
+        assert_gradscaler_guards(b.model, b.inputs, b.loss_fn, scaler(), optimizer=make)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("scaler", [broken.NeverUnscalesScaler(), broken.UnscalesTwiceScaler()])
