@@ -527,6 +527,27 @@ def test_finite_training_of_a_config_uses_its_steps_lr_and_optimizer() -> None:
         assert_finite_training(b.model, b.inputs, b.loss_fn, steps=20, lr=1e30, optimizer="sgd")
 
 
+def test_rescaling_of_a_model_whose_hooks_cast_to_float32_is_judged_not_a_crash() -> None:
+    """A parameter hook `g.float()` is linear, and correct on a float32 model; the check's float64
+    re-run (the rounding error it allows) made autograd raise 'hook has changed the type of value',
+    a RuntimeError out of the check (found by an audit). The rounding error is then taken at its cap:
+    the model passes, and a hook of the same cast returning the first gradient it saw (stale, not
+    x c) still fails, named."""
+    b = zoo("resmlp", norm="pre")
+    handles = [p.register_hook(lambda g: g.float()) for p in b.model.parameters()]
+    assert_rescaling_equivariant(b.model, b.inputs, b.loss_fn, 4.0)
+    for h in handles:
+        h.remove()
+
+    def stale(kept: dict[str, torch.Tensor]) -> Any:
+        return lambda g: kept.setdefault("g", g.detach().clone()).float()
+
+    for p in b.model.parameters():
+        p.register_hook(stale({}))
+    with pytest.raises(StabilityError, match=r"did not scale every gradient by 4"):
+        assert_rescaling_equivariant(b.model, b.inputs, b.loss_fn, 4.0)
+
+
 def test_gradscaler_guards_pass_for_torch_gradscaler() -> None:
     b = zoo("resmlp", norm="pre")
     assert_gradscaler_guards(b.model, b.inputs, b.loss_fn)  # torch.amp.GradScaler("cpu")
