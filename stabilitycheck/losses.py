@@ -153,6 +153,12 @@ class OutputLoss:
                 f"{self.what}: the model's output is a {type(output).__name__} with no tensor in it; return "
                 "a tensor (e.g. logits), a tuple/dict holding one, or define `def loss(output, inputs)`"
             )
+        if not (tensor.is_floating_point() or tensor.is_complex()):  # read as a detached output before
+            raise UsageError(
+                f"{self.what}: the model's output has dtype {str(tensor.dtype).removeprefix('torch.')}, "
+                "which carries no gradient; return the float tensor it is made from (the logits before "
+                ".long() or .argmax()), or define `def loss(output, inputs)`"
+            )
         if self.guard is None:
             return self.default(tensor)
         loss: torch.Tensor = self.guard("the default loss", self.default, tensor)

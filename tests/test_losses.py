@@ -63,3 +63,23 @@ def test_unpack_skips_a_0d_auxiliary_loss_takes_1d_logits_and_notes_only_several
     assert unpack({"hidden": hidden, "logits": logits})[0] is logits  # logits first, wherever it is
     alone = unpack((hidden,))
     assert alone[0] is hidden and alone[1:] == (None, "")
+
+
+def test_an_integer_output_is_named_as_such_not_as_a_detached_one() -> None:
+    """A model returning self.l(x).long() got 'the loss does not require grad ... (was the output
+    detached or computed under torch.no_grad()?)': the default loss made a float loss of the integers,
+    with no graph (found by a new user's trial). Its dtype is named, in one line."""
+    import pytest
+
+    from stabilitycheck.errors import UsageError
+    from stabilitycheck.losses import OutputLoss
+
+    loss = OutputLoss(DefaultLoss(0), "model.py")
+    out = torch.nn.Linear(4, 4)(torch.randn(3, 4))
+    assert loss(out, None).requires_grad  # the float output, as before
+    for dtype in (torch.long, torch.int32, torch.bool):
+        with pytest.raises(
+            UsageError, match=f"output has dtype {str(dtype)[6:]}, which carries no gradient"
+        ) as e:
+            loss(out.to(dtype), None)
+        assert "\n" not in str(e.value)
