@@ -139,7 +139,7 @@ def _replay(args: argparse.Namespace, limits: Any) -> list[Any]:
         j = assess(config, subject, judged)
         label = str(entry.get("label", config.subject))
         found = Counterexample(label, config, j, judged, tuple(try_remedies(config, subject, judged)))
-        space = Space(label, config, _searched_axes(label, subject))
+        space = Space(label, config, _searched_axes(label, subject, config, entry.get("searched")))
         results.append(
             SearchResult(
                 space,
@@ -180,12 +180,22 @@ def _stored_limits(cx: dict[str, Any], where: str, given: dict[str, Any]) -> Any
     return Limits(**{**stored, **given})
 
 
-def _searched_axes(label: str, subject: Any) -> tuple[Any, ...]:
-    """The axes a replayed row names its knobs by: the zoo target's, else the subject's own space."""
+def _searched_axes(label: str, subject: Any, config: Any, searched: Any) -> tuple[Any, ...]:
+    """The axes a replayed row names its knobs by: those the search had (`searched`, the names the JSON
+    stores: a knob searched with --knob beside a file's SPACE was left out, and the row read as if the
+    default explodes), each at its stored value where the subject's own space has no such axis; in a
+    file written before they were stored, the zoo target's, else the subject's own space."""
+    from stabilitycheck.config import RUN_FIELDS
+    from stabilitycheck.space import Axis
     from stabilitycheck.zoo import targets
 
     zoo = targets()
-    return tuple(zoo[label].axes if label in zoo else subject.space().axes)
+    own = tuple(zoo[label].axes if label in zoo else subject.space().axes)
+    if not isinstance(searched, list) or not all(isinstance(n, str) for n in searched):
+        return own
+    axes = {a.name: a for a in own}
+    values = {**{f: getattr(config.run, f) for f in RUN_FIELDS}, **config.values}
+    return tuple(axes.get(n) or Axis(n, (values[n],)) for n in searched if n in axes or n in values)
 
 
 def run(argv: Sequence[str] | None, progress: Progress | None = None) -> int:

@@ -577,6 +577,7 @@ def to_json(results: Sequence[SearchResult]) -> str:
     data: list[dict[str, Any]] = [
         {
             "label": r.space.label,
+            "searched": [a.name for a in r.space.axes],  # the knobs searched (--replay names them)
             "probes": r.probes,
             "last_step_probes": r.last_step_probes,
             "points": r.points,

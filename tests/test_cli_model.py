@@ -241,6 +241,44 @@ def test_replay_of_a_model_file_prints_the_same_row(
     assert columns(row2)[-1] == seeds  # one verdict re-judged over the same seeds, no search
 
 
+GAINED = """
+import torch
+from torch import nn
+
+SPACE = {"depth": (1, 24)}
+
+
+def build(depth=4, gain=1.0):
+    layers = [nn.Sequential(nn.Linear(16, 16, bias=False), nn.Tanh()) for _ in range(depth)]
+    with torch.no_grad():
+        for layer in layers:
+            layer[0].weight.mul_(gain * 3**0.5)  # sigma_w = gain
+    return nn.Sequential(*layers)
+"""
+
+
+def test_replay_names_a_knob_searched_that_the_files_space_lacks(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A knob searched with --knob that the file's SPACE lacks was left out of the replayed row's
+    'smallest exploding' (its axes came from the file's SPACE alone), which then read as if the
+    default of that knob explodes (found by a new user's trial); the JSON stores the knobs searched."""
+    (tmp_path / "gained.py").write_text(GAINED)
+    js, name = tmp_path / "gained.json", str(tmp_path / "gained.py")
+    knobs = ["--knob", "depth=1:24", "--knob", "gain=1.0:4.0"]  # the knobs given are the space
+    code, out, _ = run(capsys, name, *FAST, *knobs, "--json", str(js))
+    assert code == 1
+    (row,) = assert_header(out)
+    (entry,) = json.loads(js.read_text())
+    searched = entry["searched"]
+    assert searched == ["depth", "gain"]
+    assert set(knob_values(columns(row)[3])) == set(searched)
+    code2, out2, _ = run(capsys, name, "--replay", str(js), *FAST)
+    assert code2 == 1
+    (row2,) = assert_header(out2)
+    assert columns(row2)[3] == columns(row)[3]
+
+
 # --- findings: NaN and Inf -----------------------------------------------------------------------
 
 
