@@ -82,6 +82,7 @@ class Report:
     scaler_skipped_steps: list[int] = field(default_factory=list)
     host_reads: int = 0
     note: str | None = None
+    warmup: int = 0  # the rule's warm-up: values each series accepts before it is judged
 
     def text(self) -> str:
         """The report printed when the watcher closes: steps and flags, the first flagged and first
@@ -100,6 +101,12 @@ class Report:
                 lines.append(f"  {what}: {shown}{' ...' if len(steps) > 10 else ''}")
         if self.note is not None:
             lines.append(f"  note: {self.note}")
+        if self.first_spike is None and self.warmup:  # a spike at step 30 of 60 read '0 flagged' alone
+            lines.append(
+                f"  warm-up: each series is judged from its value {self.warmup + 1} on (SpikeRule(warmup="
+                f"{self.warmup})): a finite spike among its first {self.warmup} is not flagged, a NaN or "
+                "Inf always is"
+            )
         lines.append(f"  host reads: {self.host_reads}")
         return "\n".join(lines)
 
@@ -154,7 +161,7 @@ class Log:
         self.heatmap = _heatmap_path(heatmap) if heatmap is not None and self.writes else None
         self.glued: set[int] = set()  # the watcher's Capture.glued: read when a finding is made
         self.stream = report if self.writes else None
-        self.result = Report()
+        self.result = Report(warmup=rule.warmup)
         self.first_flag_values: list[float] = []
         self.last_values: list[float] = []
         self.columns: list[list[float]] = []

@@ -1762,6 +1762,20 @@ def test_a_watch_report_marks_a_cut_list_of_steps_only_where_it_cut_it() -> None
     assert "  skipped steps: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9 ...\n" in eleven
 
 
+def test_a_report_with_nothing_flagged_says_what_the_warm_up_leaves_unjudged() -> None:
+    """A x50 fault at step 20 of 60, inside the rule's 32-value warm-up, read '60 steps, 0 flagged'
+    and nothing else (found by a new user's trial): the report says from which value each series is
+    judged; the same fault at step 40 is flagged, and that line is not there."""
+    early = train(MLP(depth=4), 60, {2: Fault(20)})
+    assert early.report is not None and early.report.first_spike is None
+    assert (
+        "  warm-up: each series is judged from its value 33 on (SpikeRule(warmup=32))" in early.report.text()
+    )
+    custom = train(MLP(depth=4), 60, {2: Fault(20)}, rule=SpikeRule(warmup=10))
+    assert custom.report is not None and custom.report.first_spike is not None
+    assert custom.report.first_spike.step == 20 and "warm-up" not in custom.report.text()
+
+
 def _loss_fn(model: torch.nn.Module, batch: object) -> torch.Tensor:  # importable: a bundle pickles it
     return model(batch).sum()
 
