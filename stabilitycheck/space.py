@@ -59,6 +59,12 @@ class Axis:
     values: Sequence[Scalar]
 
     def __post_init__(self) -> None:
+        try:
+            len(self.values)
+        except OverflowError:  # len() of 2^63 values or more: 'internal error', exit 3, before
+            raise ConfigError(
+                f"knob {self.name!r} has 2^63 grid values or more; narrow its range or take a coarser step"
+            ) from None
         if len(self.values) == 0:
             raise ConfigError(f"knob {self.name!r} has an empty range; give LO <= HI, e.g. {self.name}=1:8")
         lazy = isinstance(self.values, range | FloatGrid)

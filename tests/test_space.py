@@ -86,3 +86,15 @@ def test_spread_points_take_the_nearest_index_to_a_quarter_half_and_three_quarte
     assert points[2][0] in (4, 5) and points[2][1] in (1, 2)
     assert points[3:] == [(2, 1), (7, 2)]
     assert space.size == 40 == len(list(space.grid()))
+
+
+@pytest.mark.parametrize(("lo", "hi", "step"), [(1, 10**19, None), (1, 2**70, 3), (1.0, 2.0, 1e-30)])
+def test_a_grid_of_2_to_the_63_values_or_more_is_a_config_error(
+    lo: float, hi: float, step: float | None
+) -> None:
+    """len() of such a grid overflows: `--knob depth=1:1e30` was 'internal error: OverflowError', exit 3
+    (found by an audit); a config error is exit 2 with one line. 2^63 - 2 values still make a grid."""
+    with pytest.raises(ConfigError, match="has 2\\^63 grid values or more") as caught:
+        Axis.range("depth", lo, hi, step)
+    assert "\n" not in str(caught.value)
+    assert len(Axis.range("depth", 1, 2**63 - 2).values) == 2**63 - 2
