@@ -138,7 +138,8 @@ def _replay(args: argparse.Namespace, limits: Any) -> list[Any]:
         judged = _stored_limits(cx, where, args.limits_given) or limits
         j = assess(config, subject, judged)
         label = str(entry.get("label", config.subject))
-        found = Counterexample(label, config, j, judged, tuple(try_remedies(config, subject, judged)))
+        remedies = tuple(try_remedies(config, subject, judged, fired=j.verdict.names))
+        found = Counterexample(label, config, j, judged, remedies)
         space = Space(label, config, _searched_axes(label, subject, config, entry.get("searched")))
         results.append(
             SearchResult(

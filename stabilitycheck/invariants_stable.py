@@ -66,5 +66,5 @@ def assert_stable(
     subject = resolve(target.subject)
     j = assess(target, subject, limits)
     if j.exploded:
-        remedies = tuple(try_remedies(target, subject, limits))
+        remedies = tuple(try_remedies(target, subject, limits, fired=j.verdict.names))
         raise Unstable(Counterexample(target_label(target), target, j, limits, remedies))

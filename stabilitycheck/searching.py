@@ -17,7 +17,7 @@ import hashlib
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 
 from hypothesis import HealthCheck, Phase, event, given, note, settings, target
@@ -39,6 +39,7 @@ from stabilitycheck.memory import free_memory
 from stabilitycheck.remedies import Remedy, candidates, judged_on, why_not
 from stabilitycheck.seeds import Judgement, SeedProbes, assess
 from stabilitycheck.space import Space
+from stabilitycheck.spread import Spread
 from stabilitycheck.subject import Subject
 from stabilitycheck.subjects import resolve
 from stabilitycheck.verdicts import Limits
@@ -229,14 +230,23 @@ def hypothesis_phase(
     return None
 
 
+MEASURED = ("grad_norm", "divergence", "stall")  # criteria a remedy also reads beside the growth
+
+
 def try_remedies(
-    config: Config, subject: Subject, limits: Limits, probes: SeedProbes | None = None
+    config: Config,
+    subject: Subject,
+    limits: Limits,
+    probes: SeedProbes | None = None,
+    fired: Sequence[str] = (),
 ) -> Iterator[Remedy]:
     """Re-judge the counterexample with each remedy (on vanishing too: remedies.judged_on); yields
     fixed / not fixed as measured, or not judged where the model's code fails with the remedy (a
     model file raising at the critical init: the whole search stopped there, exit 2, its
-    counterexample lost)."""
+    counterexample lost). `fired`: the counterexample's criteria, the first of MEASURED among them
+    read under each remedy too (a stall fixed by warmup read the growth at init alone)."""
     judged = judged_on(limits)
+    own = next((c for c in fired if c in MEASURED), None)
     for name, changed in candidates(config, subject).items():
         if changed is None:
             yield Remedy(name, None, None, why=why_not(name, config, subject))
@@ -249,7 +259,9 @@ def try_remedies(
                 raise  # bad input, or a bug of this package: never a remedy left unjudged
             yield Remedy(name, changed, None, skipped=why)
             continue
-        yield Remedy(name, changed, not j.exploded, j.verdict.names, j.growth.describe())
+        spread = None if own is None else Spread.of([v[own] for v in j.values], changed.run.quantile)
+        measured = "" if spread is None else f"{own} {spread.describe()}"
+        yield Remedy(name, changed, not j.exploded, j.verdict.names, j.growth.describe(), measured=measured)
 
 
 def search(
@@ -332,7 +344,7 @@ def search(
             cx, at = Counterexample(space.label, config, judged, limits, ()), found
             if on_result:
                 on_result(result(cx))
-            for remedy in try_remedies(config, subject, limits, prober.cache):
+            for remedy in try_remedies(config, subject, limits, prober.cache, judged.verdict.names):
                 remedies.append(remedy)
                 cx = replace(cx, remedies=tuple(remedies))
                 if on_result:

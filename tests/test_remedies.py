@@ -170,3 +170,28 @@ def test_a_remedy_that_does_not_apply_says_why() -> None:
         shown == "critical-init: n/a (x)"
         and Remedy.from_dict(Remedy("w", None, None, why="y").to_dict()).why == "y"
     )
+
+
+def test_a_remedy_reads_the_counterexamples_own_criterion_beside_the_growth() -> None:
+    """A stall 'fixed by warmup' was shown 'at growth 0.705 (0.554-1.16)', the growth at init, which
+    says nothing of the stall (found by a new user's trial). The counterexample's criterion, where it
+    is not the growth, is read under each remedy too. Oracle: assess of each remedied Config on the
+    remedies' limits, that criterion's quantile (min-max) over its seeds."""
+    from stabilitycheck.remedies import Remedy, judged_on
+    from stabilitycheck.searching import try_remedies
+    from stabilitycheck.seeds import assess
+    from stabilitycheck.spread import Spread
+    from stabilitycheck.subjects import resolve
+
+    c = Config.of("mlp", depth=3, width=8, batch_size=4, steps=4, lr=0.5, optimizer="sgd", seeds=3)
+    subject, limits = resolve("mlp"), Limits(divergence=1.5)
+    measured = [r for r in try_remedies(c, subject, limits, fired=("divergence",)) if r.config is not None]
+    assert measured and all(r.measured.startswith("divergence ") for r in measured)
+    for r in measured:
+        assert r.config is not None
+        j = assess(r.config, subject, judged_on(limits))
+        assert r.measured == f"divergence {Spread.of([v['divergence'] for v in j.values], 0.5).describe()}"
+        assert r.describe().endswith(f" at {r.measured}, growth {j.growth.describe()}")
+        assert Remedy.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+    growth_only = [r for r in try_remedies(c, subject, limits, fired=("growth",)) if r.config is not None]
+    assert all(not r.measured and " at growth " in r.describe() for r in growth_only)
