@@ -37,6 +37,15 @@ def made_from(x: Any, targets: set[Any], past: Collection[Any] = ()) -> bool:
     return isinstance(x, torch.Tensor) and _node_made_from(x.grad_fn, targets, past)
 
 
+def near(x: Any, targets: set[Any]) -> bool:
+    """Whether tensor `x`'s autograd node, or a node it takes, is one of `targets`: the look before
+    `made_from`'s search, over a call's every argument (a cell's `h * keep` beside another cell's
+    state, searched first back to the first token, made a probe quadratic in the tokens: x12 a bare
+    step at 512)."""
+    node = x.grad_fn if isinstance(x, torch.Tensor) else None
+    return node is not None and (node in targets or any(c in targets for c, _ in node.next_functions))
+
+
 def _node_made_from(start: Any, targets: set[Any], past: Collection[Any] = ()) -> bool:
     """`made_from` from the autograd node `start` (None: no graph)."""
     if start is None or not targets or start in past:

@@ -19,6 +19,7 @@ from stabilitycheck.hooking import hooked, outside_graph
 from stabilitycheck.junctions import (
     comes_from,
     made_from,
+    near,
     skip_around,
     skips,
     stack_starts,
@@ -428,10 +429,10 @@ class Recorder:
             # stacked attribute cells, c1 called between its calls), as a stack entered again does
             mine = self.stacks[self.calls[-1]] == stack or (b == 0 and self.lone)
             own = self.own[stack] if mine else set()
-            if not any(made_from(t, own) for t in given):
+            if not any(near(t, own) for t in given) and not any(made_from(t, own) for t in given):
                 self.feeds[at] = taken_chains(self.outputs, sorted(self.breaks), given, entry)
                 self.breaks.add(at)
-                if b == 0 and self.lone and self.calls[-1] == 0 and not self.feeds[at]:
+                if b == 0 and self.lone and not self.feeds[at]:
                     # a cell run on from a fresh state (reset every K tokens) ends its window as a
                     # detach does (`_cut`): a loss on the last token takes nothing from the windows
                     # before it (their 0 / 0 read the model's growth as none, for g^(K-1))

@@ -517,3 +517,82 @@ def test_a_cell_run_again_from_a_fresh_state_starts_a_chain() -> None:
     two = probe_module(both, x[:, :8], ends, blocks=[("cell", both.cell)])
     assert two.chain_starts == (8,)
     assert two.chain_growths == pytest.approx((1.2**7, 1.2**7), rel=1e-12)
+
+
+class _StackedCells(nn.Module):
+    """Two linear cells held as attributes, c0 then c1 at every token, both states reset to zeros every
+    `every` tokens; returns every h1."""
+
+    def __init__(self, g: float, every: int) -> None:
+        super().__init__()
+        self.c0, self.c1, self.every = _Cell(g), _Cell(g), every
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h0 = h1 = torch.zeros_like(x[:, 0])
+        states = []
+        for t in range(x.shape[1]):
+            if t % self.every == 0:
+                h0, h1 = torch.zeros_like(h0), torch.zeros_like(h1)
+            h0 = self.c0(x[:, t], h0)
+            h1 = self.c1(h0, h1)
+            states.append(h1)
+        return torch.stack(states, 1)
+
+
+def test_stacked_attribute_cells_reset_every_k_tokens_read_the_last_window() -> None:
+    """Oracle: autograd's gradients of every call's output, the last window's first over its last.
+    c0's restart came after c1's call, not its own, and was no cut: under a loss on the last token the
+    windows before, which get no gradient, read the growth NaN (found by a review)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 12, 16, dtype=torch.float64)
+    model = _StackedCells(1.3, every=4)
+    blocks = [("c0", model.c0), ("c1", model.c1)]
+    m = probe_module(model, x, lambda out, _: out[:, -1].sum(), blocks=blocks)
+    outs: list[torch.Tensor] = []
+    handles = [
+        c.register_forward_hook(lambda module, args, out: outs.append(out)) for c in (model.c0, model.c1)
+    ]
+    loss = model(x)[:, -1].sum()
+    for h in handles:
+        h.remove()
+    grads = [g.norm().item() for g in torch.autograd.grad(loss, outs)]
+    assert m.chain_starts == (8, 16)
+    assert m.growth == pytest.approx(grads[16] / grads[23], rel=1e-12)
+
+
+class _BesideAnotherCell(nn.Module):
+    """Cell `a` (the block) per token takes [x_t, h_b] and its own state times a mask; cell `b`, no
+    block, runs beside it: h_b's graph reaches back to the first token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.GRUCell(16, 8), nn.GRUCell(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ha = hb = torch.zeros(x.shape[0], 8)
+        keep, states = torch.ones(8), []
+        for t in range(x.shape[1]):
+            hb = self.b(x[:, t], hb)
+            ha = self.a(torch.cat([x[:, t], hb], -1), ha * keep)
+            states.append(ha)
+        return torch.stack(states, 1)
+
+
+def test_a_cells_junction_check_searches_no_graph_where_its_state_is_one_node_away(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The check of block 0's later calls searched each argument's graph in turn: h_b's first, back to
+    the first token at every token, a probe quadratic in the tokens (x12 a bare step at 512, found by
+    a review). `ha * keep` takes block 0's last output one node away: no search at all."""
+    from stabilitycheck import recording
+
+    searched: list[int] = []
+    real = recording.made_from
+    monkeypatch.setattr(recording, "made_from", lambda *a: searched.append(1) or real(*a))
+    torch.manual_seed(0)
+    model = _BesideAnotherCell()
+    m = probe_module(
+        model, torch.randn(2, 64, 8), lambda out, _: out.square().mean(), blocks=[("a", model.a)]
+    )
+    assert m.chain_starts == () and math.isfinite(m.growth)
+    assert searched == []
