@@ -40,3 +40,42 @@ class SkipsABatch(NoisyRegression):
     def training_step(self, data: Any, index: int) -> torch.Tensor | None:
         loss = super().training_step(data, index)
         return None if index == self.skipped else loss
+
+
+class EditsItsBatch(NoisyRegression):
+    """training_step takes a dict batch and writes the noisy input back into it."""
+
+    def training_step(self, data: Any, index: int) -> torch.Tensor:
+        data["x"] = data["x"] + 0.01 * torch.randn_like(data["x"])
+        return ((self.net(data["x"]) - data["y"]) ** 2).mean()
+
+
+class TakesKeywords(NoisyRegression):
+    """training_step(self, batch, **kwargs): Lightning passes the batch alone."""
+
+    def training_step(self, data: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
+        return squared_error(self, data)
+
+
+class ReadsItsTrainer(NoisyRegression):
+    """training_step reads self.trainer, which a replay has none of."""
+
+    def training_step(self, data: Any, index: int) -> torch.Tensor:
+        assert self.trainer.optimizers
+        return squared_error(self, data)
+
+
+class Manual(NoisyRegression):
+    """Manual optimization: training_step steps the optimizer itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, data: Any, index: int) -> torch.Tensor:
+        opt = self.optimizers()
+        loss = squared_error(self, data)
+        opt.zero_grad()  # type: ignore[union-attr]
+        self.manual_backward(loss)
+        opt.step()  # type: ignore[union-attr]
+        return loss

@@ -137,6 +137,80 @@ def test_a_lightning_bundle_after_a_batch_training_step_skipped_replays(tmp_path
     assert replayed.step == AT + 1 and replayed.mismatches() == [], replayed.largest_difference()
 
 
+class _DictLoader(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
+    """The MLP's data as dicts {'x', 'y'}, one sample each, targets x50 at `spiked`."""
+
+    def __init__(self, n: int, spiked: range) -> None:
+        self.x, self.y = _data(n)
+        self.y[spiked.start * 32 : spiked.stop * 32] *= 50
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "y": self.y[i]}
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+@pytest.mark.parametrize("module", ["EditsItsBatch", "TakesKeywords"])
+def test_a_lightning_bundle_replays_a_step_that_edits_its_batch_or_takes_keywords(
+    tmp_path: Any, module: str
+) -> None:
+    """A training_step writing its noisy input back into a dict batch: the bundle kept the dict it
+    edited, and the replay added the noise twice (21 of 28 norms off); one declared
+    training_step(self, batch, **kwargs) was passed the index and raised. Found by a review."""
+    lightning = pytest.importorskip("lightning.pytorch")
+    import lightning_models
+
+    from stabilitycheck.integrations.lightning import WatchCallback
+    from stabilitycheck.replay import replay
+
+    torch.manual_seed(0)
+    data = _DictLoader(STEPS, range(AT, AT + 1))
+    loader = torch.utils.data.DataLoader(data, batch_size=32)
+    callback = WatchCallback(report=None, bundle=tmp_path / "bundle")
+    if module == "TakesKeywords":  # its batches as (x, y), as squared_error reads them
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.x, data.y), batch_size=32)
+    _trainer(lightning, tmp_path, callback, max_steps=STEPS).fit(getattr(lightning_models, module)(), loader)
+    assert callback.report is not None and callback.report.first_spike is not None
+    replayed = replay(tmp_path / "bundle")
+    assert replayed.step == AT and replayed.mismatches() == [], replayed.largest_difference()
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+def test_a_lightning_bundle_that_cannot_replay_its_training_step_is_one_line(tmp_path: Any) -> None:
+    """Manual optimization (training_step steps the optimizer) is refused with a bundle and no
+    compute_loss when training starts; a training_step reading self.trainer fails its replay in one
+    line naming compute_loss= (it was 'internal error: RuntimeError ... not attached to a Trainer').
+    clip_grad_norm= is refused: the callback reads the gradients before Lightning clips them."""
+    lightning = pytest.importorskip("lightning.pytorch")
+    import lightning_models
+
+    from stabilitycheck.errors import UsageError
+    from stabilitycheck.integrations.lightning import WatchCallback
+    from stabilitycheck.replay import replay
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*_data(STEPS)), batch_size=32)
+    for options, expected in (
+        ({"bundle": tmp_path / "m"}, "under manual optimization needs compute_loss=fn"),
+        ({"clip_grad_norm": 1.0}, "drop clip_grad_norm="),
+    ):
+        refused = _trainer(lightning, tmp_path, WatchCallback(report=None, **options), max_steps=2)
+        module = lightning_models.Manual() if "bundle" in options else lightning_models.NoisyRegression()
+        with pytest.raises(UsageError, match=expected) as caught:
+            refused.fit(module, loader)
+        assert "\n" not in str(caught.value)
+    torch.manual_seed(0)
+    x, y = _data(STEPS)
+    y[AT * 32 : (AT + 1) * 32] *= 50
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    callback = WatchCallback(report=None, bundle=tmp_path / "b")
+    _trainer(lightning, tmp_path, callback, max_steps=STEPS).fit(lightning_models.ReadsItsTrainer(), loader)
+    with pytest.raises(UsageError, match="training_step raised RuntimeError outside its Trainer") as caught:
+        replay(tmp_path / "b")
+    assert "\n" not in str(caught.value) and "compute_loss=fn" in str(caught.value)
+
+
 class HFModel(nn.Module):
     """A plain module shaped like a Hugging Face model: forward(x, labels) -> {'loss', 'logits'}."""
 

@@ -9,12 +9,13 @@ loss; without compute_loss the bundle replays the module's own training_step (`t
 
 from __future__ import annotations
 
-import inspect
+import copy
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 
 from stabilitycheck.errors import UsageError
 from stabilitycheck.watching import Watcher, watch
@@ -31,8 +32,14 @@ class StepBatch(NamedTuple):
 def training_step_loss(model: pl.LightningModule, batch: StepBatch) -> torch.Tensor:
     """The default compute_loss of a bundle: the module's own training_step on the batch, given its
     index where training_step takes one, as Lightning calls it; its loss (a dict's 'loss')."""
-    takes_index = len(inspect.signature(model.training_step).parameters) >= 2
-    output = model.training_step(*((batch.batch, batch.batch_idx) if takes_index else (batch.batch,)))
+    takes_index = is_param_in_hook_signature(model.training_step, "batch_idx", min_args=2)  # as Lightning
+    try:
+        output = model.training_step(*((batch.batch, batch.batch_idx) if takes_index else (batch.batch,)))
+    except Exception as exc:  # a step reading self.trainer, which a replay has none of
+        raise UsageError(
+            f"replay: the module's training_step raised {type(exc).__name__} outside its Trainer ({exc}); "
+            "write the bundle with WatchCallback(compute_loss=fn), fn(model, batch) -> the loss"
+        ) from None
     loss = output["loss"] if isinstance(output, Mapping) else output
     if not isinstance(loss, torch.Tensor):
         raise UsageError(
@@ -63,7 +70,18 @@ class WatchCallback(pl.Callback):
         # its precision plugin's GradScaler ('16-mixed'), given: the callback closes each step before
         # the scaler's step(), where a scaler found would come a step late
         options = {"scaler": getattr(trainer.precision_plugin, "scaler", None), **self.options}
+        if options.get("clip_grad_norm") is not None:
+            raise UsageError(
+                "WatchCallback reads the gradients before Lightning clips them (gradient_clip_val), so a "
+                "replay must not clip: drop clip_grad_norm="
+            )
         if options.get("bundle") is not None and options.get("compute_loss") is None:
+            if not pl_module.automatic_optimization:  # its training_step steps the optimizer itself
+                raise UsageError(
+                    "WatchCallback(bundle=...) under manual optimization needs compute_loss=fn, "
+                    "fn(model, batch) -> the loss (a module-level function): training_step steps the "
+                    "optimizer itself, which a replay must not"
+                )
             options["compute_loss"] = training_step_loss
         self.watcher = watch(pl_module, optimizer, hook_optimizer=False, **options).__enter__()
 
@@ -75,6 +93,7 @@ class WatchCallback(pl.Callback):
             context = getattr(trainer.precision_plugin, "autocast_context_manager", None)
             self.watcher.batch_start(context().fast_dtype if context is not None else None)
             default = self.watcher.snapshot.compute_loss is training_step_loss
+            batch = copy.copy(batch) if isinstance(batch, dict | list) else batch  # as training_step got it
             self._batch = StepBatch(batch, batch_idx) if default else batch
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
