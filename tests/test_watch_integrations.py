@@ -264,12 +264,13 @@ def test_hf_trainer_names_the_planted_fault(tmp_path: Any) -> None:
     assert (first.step, first.tensor, first.block) == (AT, "activation", f"net.blocks.{BLOCK}")
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_an_hf_trainer_bundle_replays_the_flagged_step(tmp_path: Any, accumulation: int) -> None:
+@pytest.mark.parametrize(("accumulation", "bf16"), [(1, False), (2, False), (2, True)])
+def test_an_hf_trainer_bundle_replays_the_flagged_step(tmp_path: Any, accumulation: int, bf16: bool) -> None:
     """Trainer's callbacks see no batch: the callback passes each micro-batch's loss as its backward
     reached it with the inputs the model was called with, and the bundle replays the model on them
     (no compute_loss given): the first flagged step's norms exactly, each micro-batch's loss divided
-    as Trainer divided it."""
+    as Trainer divided it. In bf16, accelerate opens its autocast inside the model's forward: the
+    bundle had none, and the replay in float32 read 20 of 28 norms off (found by a review)."""
     pytest.importorskip("transformers")
     from stabilitycheck.integrations.hf import WatchCallback
     from stabilitycheck.replay import replay
@@ -278,7 +279,9 @@ def test_an_hf_trainer_bundle_replays_the_flagged_step(tmp_path: Any, accumulati
     torch.manual_seed(0)
     # where Trainer's shuffle puts the 2 samples is its own: a short warm-up lets either be flagged
     callback = WatchCallback(report=None, bundle=tmp_path / "bundle", rule=SpikeRule(warmup=8))
-    trainer = _hf_trainer(HFModel(), callback, tmp_path, spikes=2, gradient_accumulation_steps=accumulation)
+    trainer = _hf_trainer(
+        HFModel(), callback, tmp_path, spikes=2, gradient_accumulation_steps=accumulation, bf16=bf16
+    )
     trainer.train()
     first = callback.report.first_spike if callback.report is not None else None
     assert first is not None

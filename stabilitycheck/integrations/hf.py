@@ -49,7 +49,8 @@ class WatchCallback(TrainerCallback):  # type: ignore[misc, unused-ignore]  # un
         self.options = options
         self.watcher: Watcher | None = None
         self.report: Report | None = None
-        self._handle: Any = None
+        self._handles: list[Any] = []
+        self._autocast: torch.dtype | None = None  # the mixed precision Trainer runs the model under
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         model: nn.Module = kwargs["model"]
@@ -61,7 +62,16 @@ class WatchCallback(TrainerCallback):  # type: ignore[misc, unused-ignore]  # un
         if args.max_grad_norm is not None and args.max_grad_norm > 0:  # Trainer clips before the step
             options.setdefault("clip_grad_norm", args.max_grad_norm)
         self.watcher = watch(model, optimizer, hook_optimizer=False, **options).__enter__()
-        self._handle = model.register_forward_hook(self._on_output, with_kwargs=True)
+        self._handles.append(model.register_forward_hook(self._on_output, with_kwargs=True))
+        if self.watcher.snapshot is not None:
+            # accelerate opens its autocast inside the model's forward, after any pre-hook: the bundle
+            # is told the dtype at the call (a bf16 step replayed in float32 read 20 of 28 norms off)
+            self._autocast = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+            self._handles.append(model.register_forward_pre_hook(self._on_call, prepend=True))
+
+    def _on_call(self, module: nn.Module, args: Any) -> None:
+        if self.watcher is not None and torch.is_grad_enabled():
+            self.watcher.batch_start(self._autocast)
 
     def _on_output(self, module: nn.Module, args: Any, inputs: dict[str, Any], output: Any) -> None:
         loss = _loss_of(output)
@@ -86,9 +96,9 @@ class WatchCallback(TrainerCallback):  # type: ignore[misc, unused-ignore]  # un
     def close(self) -> Report | None:
         """Close the watcher (its hooks off, the log and report written); idempotent. Returns the
         report (None if training never began)."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
         if self.watcher is not None:
             self.report = self.watcher.close()
             self.watcher = None
