@@ -36,6 +36,13 @@ def main(argv: Sequence[str]) -> int:
             "agrees, as torch.nn.utils.clip_grad_norm_ after backward leaves them: if your loop clips, pass "
             "watch(..., clip_grad_norm=max_norm) and the replay clips alike"
         )
+    over = result.over_the_clip()
+    if bad and over is not None:
+        print(
+            f"  note: the step's total gradient norm was {over:.6g}, above clip_grad_norm={result.clip:g}, "
+            "which the bundle says your loop clipped to and the replay did: the loop did not clip to it; "
+            "write the bundle with the max_norm your loop clips to, or without clip_grad_norm= if it does not"
+        )
     for i in bad:
         kind, block = result.names[i]
         print(

@@ -26,7 +26,7 @@ class Replayed:
     replayed: list[float]
     changed: tuple[str, ...] = ()  # code (compute_loss, the model's classes) edited since the bundle
     hooked: tuple[str, ...] = ()  # modules with hooks of the user's own in training, not saved
-    clipped: bool = False  # the replay clipped the gradients as the bundle says the loop did
+    clip: float | None = None  # the max_norm the replay clipped to, as the bundle says the loop did
 
     def mismatches(self, rtol: float = RTOL) -> list[int]:
         """Series where the two differ by more than rtol (relative), or differ in finiteness."""
@@ -44,13 +44,24 @@ class Replayed:
         factor, as gradient-norm clipping after backward leaves them (a loop calling clip_grad_norm_
         before its step, not told to watch); else None."""
         bad = self.mismatches(rtol)
-        if self.clipped or not bad or any(self.names[i][0] not in ("gradient", "grad_norm") for i in bad):
+        weights_alone = all(self.names[i][0] in ("gradient", "grad_norm") for i in bad)
+        if self.clip is not None or not bad or not weights_alone:
             return None
         ratios = [self.recorded[i] / self.replayed[i] for i in bad if self.replayed[i] > 0]
         if len(ratios) < len(bad) or not all(math.isfinite(r) for r in ratios):
             return None
         low, high = min(ratios), max(ratios)
         return low if high < 1 and high - low <= 1e-5 * high else None
+
+    def over_the_clip(self) -> float | None:
+        """The recorded total gradient norm where it is above the clip the bundle says the loop clipped
+        to (by more than float32's rounding): the loop did not clip to it (clip_grad_norm= given to
+        watch for a loop that does not clip), so the replay that clipped differs; else None."""
+        total = self.names.index(("grad_norm", "(all)")) if ("grad_norm", "(all)") in self.names else None
+        if self.clip is None or total is None:
+            return None
+        recorded = self.recorded[total]
+        return recorded if math.isfinite(recorded) and recorded > self.clip * (1 + 1e-5) else None
 
     def largest_difference(self) -> float:
         """The largest relative difference between a recorded norm and its replay, over the pairs
@@ -199,7 +210,7 @@ def replay(path: Path | str) -> Replayed:
     now = sources(model, data["compute_loss"])
     changed = tuple(sorted(name for name, digest in written.items() if now.get(name, digest) != digest))
     hooked = tuple(meta.get("user_hooks", ()))
-    return Replayed(meta["step"], names, values, watcher.out.last_values, changed, hooked, clip is not None)
+    return Replayed(meta["step"], names, values, watcher.out.last_values, changed, hooked, clip)
 
 
 def _scaler(model: Any, scales: list[float | None]) -> Any:

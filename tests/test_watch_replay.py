@@ -809,7 +809,7 @@ def test_a_bundle_of_a_step_between_weight_measurements_keeps_the_last_measured_
     assert got[:2] == pytest.approx(norms[2], rel=1e-6)  # step 2's: the last measured before step 3
 
 
-def _clipped_run(path: Path, **options: Any) -> int:
+def _clipped_run(path: Path, clips: bool = True, **options: Any) -> int:
     """44 steps of a loop clipping the gradient norm to 1.0 before each step, step 40's targets x50;
     the flagged step (40)."""
     torch.manual_seed(0)
@@ -822,7 +822,8 @@ def _clipped_run(path: Path, **options: Any) -> int:
             loss = compute_loss(model, (x, y if step != 40 else 50 * y))
             w.loss(loss, batch=(x, y if step != 40 else 50 * y))
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if clips:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
     first = report_of(w).first_spike
     assert first is not None
@@ -857,6 +858,23 @@ def test_a_loop_that_clips_replays_with_clip_grad_norm_and_is_named_without(
     assert "clip_grad_norm=max_norm" in capsys.readouterr().out
 
 
+def test_clip_grad_norm_told_for_a_loop_that_does_not_clip_is_named_by_the_replay(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Told clip_grad_norm=1.0 by a loop that does not clip, the replay clipped and differed with no
+    word of why (found by a review): the step's recorded total gradient norm is above the clip, which
+    the replay names."""
+    assert _clipped_run(tmp_path / "b", clips=False, clip_grad_norm=1.0) == 40
+    result = replay(tmp_path / "b")
+    total = result.recorded[result.names.index(("grad_norm", "(all)"))]
+    assert result.mismatches() and total > 1.0 and result.over_the_clip() == total
+    capsys.readouterr()
+    assert main(["replay", str(tmp_path / "b")]) == 1
+    assert f"total gradient norm was {total:.6g}, above clip_grad_norm=1" in capsys.readouterr().out
+    assert _clipped_run(tmp_path / "c", clip_grad_norm=1.0) == 40
+    assert replay(tmp_path / "c").over_the_clip() is None  # clipped: the total is the clip's
+
+
 def test_a_differing_loss_is_no_gradient_factor() -> None:
     """gradient_factor names clipping only where the weight gradients alone differ, each by one
     factor below 1: not where the loss differs too, nor where the factors differ, nor above 1."""
@@ -869,7 +887,7 @@ def test_a_differing_loss_is_no_gradient_factor() -> None:
     assert factor([2.0, 0.5, 0.25, 0.6], [1.0, 1.0, 0.5, 1.2]) is None  # the loss differs
     assert factor([1.0, 0.5, 0.3, 0.6], [1.0, 1.0, 0.5, 1.2]) is None  # two factors
     assert factor([1.0, 2.0, 1.0, 2.4], [1.0, 1.0, 0.5, 1.2]) is None  # above 1
-    clipped = Replayed(0, names, [1.0, 0.5, 0.25, 0.6], [1.0, 1.0, 0.5, 1.2], clipped=True)
+    clipped = Replayed(0, names, [1.0, 0.5, 0.25, 0.6], [1.0, 1.0, 0.5, 1.2], clip=1.0)
     assert clipped.gradient_factor() is None  # the replay clipped already
 
 
