@@ -77,8 +77,10 @@ def _entries(output: object, path: str = "") -> list[tuple[str, torch.Tensor]]:
 def unpack(output: object) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
     """(output tensor, model-computed loss, note) of a model output: a tensor, tuple/list, dict or
     object (Hugging Face style: its `loss`, else its `logits`). Without `logits` the tensor is the
-    first with a dimension (a 0-d auxiliary loss is no output; nor is the largest, which may be a
-    hidden state beside the logits), else the first; `note` names it when the output held several."""
+    first floating one with a dimension (a 0-d auxiliary loss is no output; nor is the largest, which
+    may be a hidden state beside the logits; nor integer predictions beside the logits, which carry no
+    gradient: `(preds, logits)` was refused as an int64 output), else the first with a dimension, else
+    the first; `note` names it when the output held several."""
     if isinstance(output, torch.Tensor):
         return output, None, ""
     fields = output if isinstance(output, Mapping) else None
@@ -89,14 +91,15 @@ def unpack(output: object) -> tuple[torch.Tensor | None, torch.Tensor | None, st
     loss = loss if isinstance(loss, torch.Tensor) else None
     if isinstance(logits, torch.Tensor) and logits.dim() >= 1:
         return logits, loss, ""
-    shaped = [(path, t) for path, t in found if t.dim() >= 1] or found[:1]
+    shaped = [(path, t) for path, t in found if t.dim() >= 1]
+    shaped = [(path, t) for path, t in shaped if t.is_floating_point()] or shaped or found[:1]
     if not shaped:
         return None, loss, ""
     path, tensor = shaped[0]
     others = [p for p, _ in found]
     note = (
         f"loss on output{path} (of {len(found)} tensors {', '.join(others[:4])}{'...' * (len(found) > 4)}: "
-        "the first with a dimension; a `logits` entry would be used first)"
+        "the first floating one with a dimension; a `logits` entry would be used first)"
     )
     return tensor, loss, note if len(found) > 1 and loss is None else ""
 

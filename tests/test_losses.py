@@ -83,3 +83,20 @@ def test_an_integer_output_is_named_as_such_not_as_a_detached_one() -> None:
         ) as e:
             loss(out.to(dtype), None)
         assert "\n" not in str(e.value)
+
+
+def test_integer_predictions_beside_the_logits_are_not_the_output_read() -> None:
+    """An output (preds, logits), preds an int64 argmax, was read on preds and refused as an integer
+    output though the float logits were there (found by a review): the first floating tensor with a
+    dimension is read; integers alone are still refused."""
+    import pytest
+
+    from stabilitycheck.errors import UsageError
+    from stabilitycheck.losses import OutputLoss
+
+    logits = torch.nn.Linear(4, 4)(torch.randn(3, 4))
+    tensor, _, note = unpack((logits.argmax(-1), logits))
+    assert tensor is logits and "output[1]" in note
+    assert OutputLoss(DefaultLoss(0), "model.py")((logits.argmax(-1), logits), None).requires_grad
+    with pytest.raises(UsageError, match="output has dtype int64"):
+        OutputLoss(DefaultLoss(0), "model.py")((logits.argmax(-1), logits.argmax(-1)), None)
