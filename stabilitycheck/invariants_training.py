@@ -62,7 +62,7 @@ def assert_finite_training(
         given = (steps, lr, optimizer, clip, blocks, seed)
         names = ("steps", "lr", "optimizer", "clip", "blocks", "seed")
         passed = [name for name, value in zip(names, given, strict=True) if value is not None]
-        if passed == ["blocks"]:  # no Config holds blocks: they are the built model's own
+        if "blocks" in passed:  # no Config holds blocks: they are the built model's own
             raise UsageError(
                 "assert_finite_training(config) reads the blocks of the model the Config builds, not "
                 "blocks=; for blocks of your own, call it on the module: "

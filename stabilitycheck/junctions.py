@@ -37,13 +37,22 @@ def made_from(x: Any, targets: set[Any], past: Collection[Any] = ()) -> bool:
     return isinstance(x, torch.Tensor) and _node_made_from(x.grad_fn, targets, past)
 
 
+NEAR = 32  # autograd nodes `near` looks at behind one tensor
+
+
 def near(x: Any, targets: set[Any]) -> bool:
-    """Whether tensor `x`'s autograd node, or a node it takes, is one of `targets`: the look before
-    `made_from`'s search, over a call's every argument (a cell's `h * keep` beside another cell's
-    state, searched first back to the first token, made a probe quadratic in the tokens: x12 a bare
-    step at 512)."""
+    """Whether one of `targets` is among the NEAR nodes nearest behind tensor `x` (breadth first): the
+    look before `made_from`'s search, over a call's every argument (a cell's `h * keep`, or a clamp of
+    it, beside another cell's state, searched first back to the first token, made a probe quadratic in
+    the tokens: x12 a bare step at 512)."""
     node = x.grad_fn if isinstance(x, torch.Tensor) else None
-    return node is not None and (node in targets or any(c in targets for c, _ in node.next_functions))
+    frontier, seen = [node] if node is not None else [], 0
+    while frontier and seen < NEAR:
+        node, frontier, seen = frontier[0], frontier[1:], seen + 1
+        if node in targets:
+            return True
+        frontier += [child for child, _ in node.next_functions if child is not None]
+    return False
 
 
 def _node_made_from(start: Any, targets: set[Any], past: Collection[Any] = ()) -> bool:

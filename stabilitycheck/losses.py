@@ -99,7 +99,7 @@ def unpack(output: object) -> tuple[torch.Tensor | None, torch.Tensor | None, st
     others = [p for p, _ in found]
     note = (
         f"loss on output{path} (of {len(found)} tensors {', '.join(others[:4])}{'...' * (len(found) > 4)}: "
-        "the first floating one with a dimension; a `logits` entry would be used first)"
+        "the first with a dimension, floating ones first; a `logits` entry would be used first)"
     )
     return tensor, loss, note if len(found) > 1 and loss is None else ""
 

@@ -167,6 +167,7 @@ class Snapshot:
         self._calls: list[tuple[dict[str, Any], list[bool], set[Any], str | None]] = []
         self._start = rng_state()  # since the last micro-batch or update: draws before the model call
         self.written = False
+        self.under: tuple[torch.dtype | None] | None = None  # `run_under`'s autocast; None: the open one
 
     def on_call(self, autocast: torch.dtype | None = None, told: bool = False) -> None:
         """The RNG state, the modules' modes and the autocast dtype at a model call (what the replay
@@ -178,12 +179,19 @@ class Snapshot:
             torch._foreach_copy_(self.prev, [t.detach() for t in self.tensors])
             self.stale = False
         kind = self.tensors[0].device.type
-        if not told:
+        if not told and self.under is not None:
+            autocast = self.under[0]
+        elif not told:
             autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
         amp = None if autocast is None else str(autocast).removeprefix("torch.")
         self._calls.append(
             ({**rng_state(), "start": self._start}, [m.training for m in self.modules], set(), amp)
         )
+
+    def run_under(self, autocast: torch.dtype | None) -> None:
+        """Every model call runs under this autocast dtype, opened where no hook sees it (accelerate
+        opens Trainer's inside the model's forward: a bf16 step replayed in float32)."""
+        self.under = (autocast,)
 
     def on_start(self, autocast: torch.dtype | None) -> None:
         """A micro-batch begins, told by a loop that calls the model by another way than its forward

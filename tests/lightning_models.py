@@ -79,3 +79,11 @@ class Manual(NoisyRegression):
         self.manual_backward(loss)
         opt.step()  # type: ignore[union-attr]
         return loss
+
+
+class EditsInPlace(NoisyRegression):
+    """training_step adds its noise to the batch's input tensor in place."""
+
+    def training_step(self, data: Any, index: int) -> torch.Tensor:
+        data["x"] += 0.01 * torch.randn_like(data["x"])
+        return ((self.net(data["x"]) - data["y"]) ** 2).mean()

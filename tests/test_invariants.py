@@ -523,9 +523,10 @@ def test_finite_training_of_a_config_uses_its_steps_lr_and_optimizer() -> None:
         with pytest.raises(UsageError, match=rf"from the Config, not {next(iter(setting))}=") as caught:
             assert_finite_training(c, **setting)  # type: ignore[call-overload]
         assert "\n" not in str(caught.value)
-    with pytest.raises(UsageError, match="call it on the module") as caught:  # no Config holds blocks
-        assert_finite_training(c, blocks=b.blocks)  # type: ignore[call-overload]
-    assert "\n" not in str(caught.value)
+    for also in ({}, {"steps": 5}, {"seed": 1}):  # no Config holds blocks, with another setting too
+        with pytest.raises(UsageError, match="call it on the module") as caught:
+            assert_finite_training(c, blocks=b.blocks, **also)  # type: ignore[call-overload]
+        assert "\n" not in str(caught.value)
     with pytest.raises(StabilityError, match=r"within 20 sgd steps at lr=1e\+30"):
         assert_finite_training(b.model, b.inputs, b.loss_fn, steps=20, lr=1e30, optimizer="sgd")
 

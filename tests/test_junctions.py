@@ -573,7 +573,8 @@ class _BesideAnotherCell(nn.Module):
         keep, states = torch.ones(8), []
         for t in range(x.shape[1]):
             hb = self.b(x[:, t], hb)
-            ha = self.a(torch.cat([x[:, t], hb], -1), ha * keep)
+            state = (ha * keep).clamp(-10, 10) if getattr(self, "two", False) else ha * keep
+            ha = self.a(torch.cat([x[:, t], hb], -1), state)
             states.append(ha)
         return torch.stack(states, 1)
 
@@ -590,9 +591,26 @@ def test_a_cells_junction_check_searches_no_graph_where_its_state_is_one_node_aw
     real = recording.made_from
     monkeypatch.setattr(recording, "made_from", lambda *a: searched.append(1) or real(*a))
     torch.manual_seed(0)
-    model = _BesideAnotherCell()
+    model = _BesideAnotherCell()  # and its state two nodes away, (h * keep).clamp(...): as near
+    model.two = True
     m = probe_module(
         model, torch.randn(2, 64, 8), lambda out, _: out.square().mean(), blocks=[("a", model.a)]
     )
     assert m.chain_starts == () and math.isfinite(m.growth)
     assert searched == []
+
+
+def test_a_tower_pass_behind_a_zero_gate_says_it_has_no_growth_not_dropped() -> None:
+    """A shared tower of attribute blocks, its first pass behind a gate at 0: that chain gets no
+    gradient, and its growth 0 / 0 is said (NaN), as a list-held tower's is; a review found it
+    dropped as a cell's window (a restart is a cut only for a block 0 called more than once before)."""
+    torch.manual_seed(0)
+    model = _AttributeTower(1.3, "attributes")
+    names = {id(m): name for name, m in model.named_modules()}
+    blocks = [(names[id(block)], block) for block in model.tower()]
+    x = torch.randn(4, 32, dtype=torch.float64)
+    m = probe_module(
+        model, x, lambda out, _: (0.0 * out[:, :16]).sum() + out[:, 16:].square().sum(), blocks=blocks
+    )
+    assert m.chain_starts == (4,)
+    assert math.isnan(m.chain_growths[0]) and m.chain_growths[1] == pytest.approx(1.3**2, rel=1e-12)

@@ -152,12 +152,13 @@ class _DictLoader(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
 
 
 @pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
-@pytest.mark.parametrize("module", ["EditsItsBatch", "TakesKeywords"])
+@pytest.mark.parametrize("module", ["EditsItsBatch", "EditsInPlace", "TakesKeywords"])
 def test_a_lightning_bundle_replays_a_step_that_edits_its_batch_or_takes_keywords(
     tmp_path: Any, module: str
 ) -> None:
     """A training_step writing its noisy input back into a dict batch: the bundle kept the dict it
-    edited, and the replay added the noise twice (21 of 28 norms off); one declared
+    edited, and the replay added the noise twice (21 of 28 norms off; a copy of the dict alone missed
+    a tensor edited in place); one declared
     training_step(self, batch, **kwargs) was passed the index and raised. Found by a review."""
     lightning = pytest.importorskip("lightning.pytorch")
     import lightning_models
@@ -289,6 +290,50 @@ def test_an_hf_trainer_bundle_replays_the_flagged_step(tmp_path: Any, accumulati
     assert (meta["step"], meta["micro_batches"], meta["has_batch"]) == (first.step, accumulation, True)
     replayed = replay(tmp_path / "bundle")
     assert replayed.step == first.step and replayed.mismatches() == [], replayed.largest_difference()
+
+
+class _Dropped(HFModel):
+    """HFModel with dropout on its input: each call draws from the global RNG."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return super().forward(self.drop(x), labels)
+
+
+def two_calls(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """An R-Drop-style loss: the model called twice on the batch (two dropout masks), the second's loss."""
+    first = model(x=batch["x"])["logits"]
+    out = model(**batch)
+    return out["loss"] + 0.0 * ((first - out["logits"]) ** 2).mean()
+
+
+def test_an_hf_bundle_of_a_loss_calling_the_model_twice_replays(tmp_path: Any) -> None:
+    """A Trainer whose compute_loss calls a dropout model twice per micro-batch: the callback told the
+    watcher a new micro-batch at every model call, which dropped the first call's RNG state, and the
+    replay drew other masks (20 of 28 norms off; found by a review). The autocast is told once."""
+    transformers = pytest.importorskip("transformers")
+    from stabilitycheck.integrations.hf import WatchCallback
+    from stabilitycheck.replay import replay
+    from stabilitycheck.spikes import SpikeRule
+
+    class TwoCalls(transformers.Trainer):  # type: ignore[misc]
+        def compute_loss(self, model: nn.Module, inputs: Any, return_outputs: bool = False, **kw: Any) -> Any:
+            return two_calls(model, inputs)
+
+    torch.manual_seed(0)
+    callback = WatchCallback(
+        report=None, bundle=tmp_path / "b", rule=SpikeRule(warmup=8), compute_loss=two_calls
+    )
+    plain = _hf_trainer(_Dropped(), callback, tmp_path, spikes=2)
+    TwoCalls(
+        model=plain.model, args=plain.args, train_dataset=plain.train_dataset, callbacks=[callback]
+    ).train()
+    assert callback.report is not None and callback.report.first_spike is not None
+    replayed = replay(tmp_path / "b")
+    assert replayed.mismatches() == [], replayed.largest_difference()
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])

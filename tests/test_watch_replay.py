@@ -873,6 +873,9 @@ def test_clip_grad_norm_told_for_a_loop_that_does_not_clip_is_named_by_the_repla
     assert f"total gradient norm was {total:.6g}, above clip_grad_norm=1" in capsys.readouterr().out
     assert _clipped_run(tmp_path / "c", clip_grad_norm=1.0) == 40
     assert replay(tmp_path / "c").over_the_clip() is None  # clipped: the total is the clip's
+    names = [("grad_norm", "(all)")]  # bfloat16 gradients clipped to 1.0 read up to 1.0049: clipped
+    assert Replayed(0, names, [1.0049], [1.0], clip=1.0).over_the_clip() is None
+    assert Replayed(0, names, [1.02], [1.0], clip=1.0).over_the_clip() == 1.02
 
 
 def test_a_differing_loss_is_no_gradient_factor() -> None:

@@ -50,7 +50,6 @@ class WatchCallback(TrainerCallback):  # type: ignore[misc, unused-ignore]  # un
         self.watcher: Watcher | None = None
         self.report: Report | None = None
         self._handles: list[Any] = []
-        self._autocast: torch.dtype | None = None  # the mixed precision Trainer runs the model under
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         model: nn.Module = kwargs["model"]
@@ -63,15 +62,10 @@ class WatchCallback(TrainerCallback):  # type: ignore[misc, unused-ignore]  # un
             options.setdefault("clip_grad_norm", args.max_grad_norm)
         self.watcher = watch(model, optimizer, hook_optimizer=False, **options).__enter__()
         self._handles.append(model.register_forward_hook(self._on_output, with_kwargs=True))
-        if self.watcher.snapshot is not None:
-            # accelerate opens its autocast inside the model's forward, after any pre-hook: the bundle
-            # is told the dtype at the call (a bf16 step replayed in float32 read 20 of 28 norms off)
-            self._autocast = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
-            self._handles.append(model.register_forward_pre_hook(self._on_call, prepend=True))
-
-    def _on_call(self, module: nn.Module, args: Any) -> None:
-        if self.watcher is not None and torch.is_grad_enabled():
-            self.watcher.batch_start(self._autocast)
+        if self.watcher.snapshot is not None and (args.bf16 or args.fp16):
+            # accelerate opens its autocast inside the model's forward, after any hook: the bundle is
+            # told the dtype (a bf16 step replayed in float32 read 20 of 28 norms off)
+            self.watcher.snapshot.run_under(torch.bfloat16 if args.bf16 else torch.float16)
 
     def _on_output(self, module: nn.Module, args: Any, inputs: dict[str, Any], output: Any) -> None:
         loss = _loss_of(output)

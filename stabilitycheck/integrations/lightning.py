@@ -49,6 +49,16 @@ def training_step_loss(model: pl.LightningModule, batch: StepBatch) -> torch.Ten
     return loss
 
 
+def _kept(batch: Any) -> Any:
+    """A copy of the batch as training_step gets it, which may edit it, in place too (`data["x"] +=
+    noise`, in a dict or a UserDict such as a BatchEncoding: a reference replayed the noise twice, 21
+    of 28 norms off); the batch itself where it cannot be copied."""
+    try:
+        return copy.deepcopy(batch)
+    except Exception:  # an object deepcopy refuses: kept as it is, as any loop's batch= is
+        return batch
+
+
 class WatchCallback(pl.Callback):
     """`Trainer(callbacks=[WatchCallback(log="watch.jsonl")])`; takes `watch`'s options (with bundle=,
     compute_loss defaults to the module's training_step)."""
@@ -93,7 +103,7 @@ class WatchCallback(pl.Callback):
             context = getattr(trainer.precision_plugin, "autocast_context_manager", None)
             self.watcher.batch_start(context().fast_dtype if context is not None else None)
             default = self.watcher.snapshot.compute_loss is training_step_loss
-            batch = copy.copy(batch) if isinstance(batch, dict | list) else batch  # as training_step got it
+            batch = _kept(batch)
             self._batch = StepBatch(batch, batch_idx) if default else batch
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
