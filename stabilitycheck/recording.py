@@ -432,7 +432,8 @@ class Recorder:
             if not any(near(t, own) for t in given) and not any(made_from(t, own) for t in given):
                 self.feeds[at] = taken_chains(self.outputs, sorted(self.breaks), given, entry)
                 self.breaks.add(at)
-                if b == 0 and self.lone and not self.feeds[at] and self.calls.count(0) > 1:
+                restart = self.calls[-1] == 0 or self.calls.count(0) > 1  # a cell's: not a tower's 2nd pass
+                if b == 0 and self.lone and not self.feeds[at] and restart:
                     # a cell run on from a fresh state (reset every K tokens) ends its window as a
                     # detach does (`_cut`): a loss on the last token takes nothing from the windows
                     # before it (their 0 / 0 read the model's growth as none, for g^(K-1)); a tower's

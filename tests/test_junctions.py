@@ -504,6 +504,8 @@ def test_a_cell_run_again_from_a_fresh_state_starts_a_chain() -> None:
     last = probe_module(reset, x, lambda out, _: out[:, -1].sum(), blocks=[("cell", reset.cell)])
     assert last.chain_starts == (4, 8, 12)
     assert last.growth == pytest.approx(1.3**3, rel=1e-12)
+    each = _FreshStates(1.3, every=1)  # a window of one call, g^0: its first restart is a cut too
+    assert probe_module(each, x, lambda out, _: out[:, -1].sum(), blocks=[("cell", each.cell)]).growth == 1.0
     every = probe_module(reset, x, lambda out, _: out.square().sum(), blocks=[("cell", reset.cell)])
     states: list[torch.Tensor] = []
     handle = reset.cell.register_forward_hook(lambda module, args, out: states.append(out))
