@@ -188,6 +188,13 @@ class Snapshot:
             ({**rng_state(), "start": self._start}, [m.training for m in self.modules], set(), amp)
         )
 
+    def between(self) -> None:
+        """Between micro-batches, told by a loop whose loss carries no graph to its model call (the HF
+        callback's): the model calls told so far belong to none (a metric's with gradients after a
+        step was taken for the next micro-batch's: 20 norms off on replay)."""
+        self._calls = []
+        self._start = rng_state()
+
     def run_under(self, autocast: torch.dtype | None) -> None:
         """Every model call runs under this autocast dtype, opened where no hook sees it (accelerate
         opens Trainer's inside the model's forward: a bf16 step replayed in float32)."""

@@ -336,6 +336,48 @@ def test_an_hf_bundle_of_a_loss_calling_the_model_twice_replays(tmp_path: Any) -
     assert replayed.mismatches() == [], replayed.largest_difference()
 
 
+def test_an_hf_bundle_with_a_model_call_between_steps_replays(tmp_path: Any) -> None:
+    """A callback calling the model with gradients on after each step (a metric): the loss, which
+    carries no graph to its call, was paired with that call's RNG state, and the replay drew other
+    dropout masks (20 norms off; found by a review). The callback pairs each loss with its own call."""
+    transformers = pytest.importorskip("transformers")
+    from stabilitycheck.integrations.hf import WatchCallback
+    from stabilitycheck.replay import replay
+    from stabilitycheck.spikes import SpikeRule
+
+    class Metric(transformers.TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+            with torch.enable_grad():
+                model(x=torch.randn(4, 16))["logits"].sum()
+
+    torch.manual_seed(0)
+    callback = WatchCallback(report=None, bundle=tmp_path / "b", rule=SpikeRule(warmup=8))
+    trainer = _hf_trainer(_Dropped(), callback, tmp_path, spikes=2)
+    trainer.add_callback(Metric())
+    trainer.train()
+    assert callback.report is not None and callback.report.first_spike is not None
+    replayed = replay(tmp_path / "b")
+    assert replayed.mismatches() == [], replayed.largest_difference()
+
+
+def test_a_lightning_batch_is_kept_as_its_own_elements_and_containers() -> None:
+    """The batch a bundle keeps: each tensor's own elements (a deepcopy of a 64-element view copied the
+    100 MB it views; found by a review), unchanged by an edit in place, its containers of their own
+    type (a UserDict stays one), anything deepcopy refuses (a lock) kept as it is beside."""
+    pytest.importorskip("lightning.pytorch")
+    import threading
+    from collections import UserDict
+
+    from stabilitycheck.integrations.lightning import _kept
+
+    big, lock = torch.zeros(1000, 64), threading.Lock()
+    batch = UserDict({"x": big[3:4], "extra": lock, "pair": (big[5:6], 2)})
+    kept = _kept(batch)
+    batch["x"] += 1
+    assert type(kept) is UserDict and kept["extra"] is lock and kept["pair"][1] == 2
+    assert kept["x"].untyped_storage().nbytes() == 64 * 4 and float(kept["x"].abs().sum()) == 0.0
+
+
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_hf_trainer_losses_are_what_went_into_backward(tmp_path: Any, accumulation: int) -> None:
     """Oracle: Trainer's own training_loss, the mean over steps of each step's loss as backward got

@@ -80,6 +80,18 @@ class WatchCallback(TrainerCallback):  # type: ignore[misc, unused-ignore]  # un
             scale = scaler._get_scale_async() if scaler is not None else None
             self.watcher.loss(loss if scale is None else loss / scale, batch=batch)
 
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._between()
+
+    def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._between()
+
+    def _between(self) -> None:
+        """A micro-batch begins: the loss passed carries no graph to its model call, so the bundle
+        takes the first call since here (not one made between steps, a metric's with gradients)."""
+        if self.watcher is not None and self.watcher.snapshot is not None:
+            self.watcher.snapshot.between()
+
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.watcher is not None:
             self.watcher.before_step()

@@ -10,7 +10,7 @@ loss; without compute_loss the bundle replays the module's own training_step (`t
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
@@ -52,11 +52,19 @@ def training_step_loss(model: pl.LightningModule, batch: StepBatch) -> torch.Ten
 def _kept(batch: Any) -> Any:
     """A copy of the batch as training_step gets it, which may edit it, in place too (`data["x"] +=
     noise`, in a dict or a UserDict such as a BatchEncoding: a reference replayed the noise twice, 21
-    of 28 norms off); the batch itself where it cannot be copied."""
-    try:
-        return copy.deepcopy(batch)
-    except Exception:  # an object deepcopy refuses: kept as it is, as any loop's batch= is
-        return batch
+    of 28 norms off): each tensor's own elements (a deepcopy of a view copied the whole dataset it
+    views, 100 MB a step), its containers of their own type, anything else as it is."""
+    if isinstance(batch, torch.Tensor):
+        return batch.detach().clone()
+    if isinstance(batch, MutableMapping):
+        kept = copy.copy(batch)  # its own type: a UserDict, a BatchEncoding
+        for key in list(kept):
+            kept[key] = _kept(batch[key])
+        return kept
+    if isinstance(batch, tuple | list):
+        items = [_kept(item) for item in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)  # a namedtuple
+    return batch
 
 
 class WatchCallback(pl.Callback):
