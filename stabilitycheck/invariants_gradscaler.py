@@ -37,17 +37,11 @@ def _inside(n: int) -> int:
     even): the middle's odd entry, (n // 2) | 1, was every third one's wherever n = 3k + 1 (all powers
     of 4: a width-64 MLP's every matrix and bias), so a scaler checking every third entry passed."""
     middle = min((n // 2) | 1, n - 1)
-    missed = (i for i in range(middle, n) if all(i % k for k in STRIDES))
-    first = next(missed, None)  # within a few entries of the middle: never a walk over the tensor
-    both = next(
-        (
-            i
-            for i in range(middle, min(n, middle + 1000))
-            if all(i % k for k in STRIDES) and all((n - 1 - i) % k for k in STRIDES[1:])
-        ),
-        None,
-    )
-    return both if both is not None else first if first is not None else middle
+    # one in every 210 entries misses every stride from the first: a window of 1000 holds one (never
+    # a walk over the tensor: 13.8 s for a 38.6M-entry embedding)
+    missed = [i for i in range(middle, min(n, middle + 1000)) if all(i % k for k in STRIDES)]
+    both = [i for i in missed if all((n - 1 - i) % k for k in STRIDES[1:])]
+    return (both or missed or [middle])[0]
 
 
 def _poison(params: Sequence[nn.Parameter], value: float, target: int, inside: bool) -> None:

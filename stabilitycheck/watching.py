@@ -329,14 +329,13 @@ class Watcher:
         if torch.is_grad_enabled() and self.snapshot is not None:
             self.snapshot.on_output(output)
 
-    def batch_start(self, autocast: torch.dtype | None = None) -> None:
+    def batch_start(self) -> None:
         """A micro-batch begins: for a loop that reaches the model by another way than the watched
         module's forward (the Lightning callback calls it: training_step calls self.net), so a replay
-        bundle takes the state before the step and the RNG state and modes the micro-batch began with;
-        `autocast`, the dtype of the torch.autocast the loop will run it under (None: none)."""
+        bundle takes the state before the step and the RNG state and modes the micro-batch began with."""
         self._check_open("batch_start")
         if self.snapshot is not None:
-            self.snapshot.on_start(autocast)
+            self.snapshot.on_start()
 
     def loss(self, loss: torch.Tensor, batch: Any = None) -> None:
         """Record this step's loss (summed over micro-batches) and, for a replay bundle, its batch."""

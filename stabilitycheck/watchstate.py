@@ -169,19 +169,19 @@ class Snapshot:
         self.written = False
         self.under: tuple[torch.dtype | None] | None = None  # `run_under`'s autocast; None: the open one
 
-    def on_call(self, autocast: torch.dtype | None = None, told: bool = False) -> None:
+    def on_call(self) -> None:
         """The RNG state, the modules' modes and the autocast dtype at a model call (what the replay
         restores before the micro-batch: the loop may draw random numbers between micro-batches,
-        batches or augmentations, and open torch.autocast around compute_loss), and at the first call
-        of a step the state its forward begins with. `told`: the autocast dtype is `autocast` (None:
-        off), as the loop will run the micro-batch, not the one open now (`on_start`)."""
+        batches or augmentations, and open torch.autocast around compute_loss; the dtype `run_under`
+        told, where the loop opens it out of a hook's sight), and at the first call of a step the
+        state its forward begins with."""
         if self.stale:
             torch._foreach_copy_(self.prev, [t.detach() for t in self.tensors])
             self.stale = False
         kind = self.tensors[0].device.type
-        if not told and self.under is not None:
+        if self.under is not None:
             autocast = self.under[0]
-        elif not told:
+        else:
             autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
         amp = None if autocast is None else str(autocast).removeprefix("torch.")
         self._calls.append(
@@ -197,19 +197,18 @@ class Snapshot:
 
     def run_under(self, autocast: torch.dtype | None) -> None:
         """Every model call runs under this autocast dtype, opened where no hook sees it (accelerate
-        opens Trainer's inside the model's forward: a bf16 step replayed in float32)."""
+        opens Trainer's inside the model's forward, Lightning its precision plugin's after the batch
+        is told: a bf16 step replayed in float32)."""
         self.under = (autocast,)
 
-    def on_start(self, autocast: torch.dtype | None) -> None:
+    def on_start(self) -> None:
         """A micro-batch begins, told by a loop that calls the model by another way than its forward
         (a LightningModule's training_step calling self.net, where no model call is seen: the state
-        before the step was never taken and each step replayed the first's weights): the RNG state
-        compute_loss starts from, and `on_call`'s record of a model call, under the autocast dtype the
-        loop will run it with (Lightning opens its autocast after telling). Model calls told before
-        it belong to no micro-batch (a training_step returning None: no backward, no loss passed)."""
-        self._start = rng_state()
-        self._calls = []
-        self.on_call(autocast, told=True)
+        before the step was never taken and each step replayed the first's weights): `between`, then
+        `on_call`'s record of a model call (model calls told before belong to no micro-batch: a
+        training_step returning None runs no backward and passes no loss)."""
+        self.between()
+        self.on_call()
 
     def on_output(self, output: Any) -> None:
         """The autograd nodes of a model call's outputs (`_made_by` finds the loss's call by them)."""

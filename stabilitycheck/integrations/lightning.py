@@ -102,14 +102,16 @@ class WatchCallback(pl.Callback):
                 )
             options["compute_loss"] = training_step_loss
         self.watcher = watch(pl_module, optimizer, hook_optimizer=False, **options).__enter__()
+        context = getattr(trainer.precision_plugin, "autocast_context_manager", None)
+        if self.watcher.snapshot is not None and context is not None:
+            # training_step runs under the precision plugin's autocast, opened after each batch is told
+            self.watcher.snapshot.run_under(context().fast_dtype)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self.watcher is not None and self.watcher.snapshot is not None:
-            # training_step runs under the precision plugin's autocast, opened after this hook
-            context = getattr(trainer.precision_plugin, "autocast_context_manager", None)
-            self.watcher.batch_start(context().fast_dtype if context is not None else None)
+            self.watcher.batch_start()
             default = self.watcher.snapshot.compute_loss is training_step_loss
             batch = _kept(batch)
             self._batch = StepBatch(batch, batch_idx) if default else batch
