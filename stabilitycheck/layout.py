@@ -38,12 +38,28 @@ def _same(a: Sequence[Any], b: Sequence[Any]) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
-def layout_of(model: nn.Module, blocks: Sequence[tuple[str, nn.Module]]) -> _Layout:
-    """The model's _Layout, from the cache while its trainable parameters and blocks are the same
-    objects (checked on every call: a frozen, added or replaced parameter makes a new one). The cache
-    holds nothing that holds the model: a leaf model is its own block, a flat Sequential's Layer
-    blocks hold it, and either kept the model alive for good."""
-    params = tuple(p for p in model.parameters() if p.requires_grad)
+def trainable(modules: Sequence[nn.Module]) -> tuple[nn.Parameter, ...]:
+    """The trainable parameters of the modules `model.modules()` gave, each once, in the order of
+    `model.parameters()`: one walk of the model serves the probe's every use of it (a walk builds
+    every submodule's dotted name; three of them cost ~0.1 ms a probe of a 16-block MLP)."""
+    seen: set[int] = set()
+    out = []
+    for module in modules:
+        for p in module._parameters.values():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                if p.requires_grad:
+                    out.append(p)
+    return tuple(out)
+
+
+def layout_of(
+    model: nn.Module, blocks: Sequence[tuple[str, nn.Module]], params: tuple[nn.Parameter, ...]
+) -> _Layout:
+    """The model's _Layout for its trainable `params` (`trainable`), from the cache while they and the
+    blocks are the same objects (checked on every call: a frozen, added or replaced parameter makes a
+    new one). The cache holds nothing that holds the model: a leaf model is its own block, a flat
+    Sequential's Layer blocks hold it, and either kept the model alive for good."""
     modules = tuple(module for _, module in blocks)
     cached = _LAYOUTS.get(model)
     if cached is not None and _same(cached.params, params) and _same([r() for r in cached.blocks], modules):

@@ -27,7 +27,7 @@ from stabilitycheck._tree import tensors as tensors_of
 from stabilitycheck._validation import article
 from stabilitycheck.errors import UsageError, UserCodeError, no_trainable
 from stabilitycheck.hooking import GRAPH_BREAK
-from stabilitycheck.layout import combined, layout_of, per_block, scatter
+from stabilitycheck.layout import combined, layout_of, per_block, scatter, trainable
 from stabilitycheck.loops import looped_blocks
 from stabilitycheck.losses import Inputs, LossFn, call_model, differentiable_loss
 from stabilitycheck.measurement import (
@@ -47,6 +47,7 @@ class _Run:
     """What every step of one probe shares: the model and its data, optimiser, hooks and AMP."""
 
     model: nn.Module
+    modules: tuple[nn.Module, ...]  # model.modules(), walked once
     inputs: Inputs
     loss_fn: LossFn
     names: tuple[str, ...]
@@ -215,14 +216,14 @@ LEAF_ONLY = "requires_grad flags of leaf variables"  # torch's refusal to set re
 _Buffer = tuple[dict[str, Any], str, torch.Tensor, torch.Tensor]
 
 
-def _buffers(model: nn.Module) -> list[_Buffer]:
-    """Each buffer of the model as (its module's buffers, name, tensor, copy): what a forward may
+def _buffers(modules: Sequence[nn.Module]) -> list[_Buffer]:
+    """Each buffer of the model's `modules` as (its module's buffers, name, tensor, copy): what a forward may
     update (BatchNorm's running statistics, spectral_norm's power-iteration vectors), for `_restore`
     (an inference tensor, which no forward outside inference mode can update, is left out, as is a
     lazy module's buffer before its first forward, which has no values to copy)."""
     kept = []
     with torch.no_grad():
-        for module in model.modules():
+        for module in modules:
             where = module._buffers
             for name, t in where.items():
                 if t is not None and not is_lazy(t) and not t.is_inference():
@@ -261,7 +262,7 @@ def _run_step(run: _Run, drawn: Draws, *, hooks: bool, exact: bool = False, weig
     without the GradScaler (a re-run that only locates a non-finite value). `drawn`: the random states
     the step starts from (`_draws`), for its runs again."""
     scaler = None if exact else run.scaler
-    kept = _buffers(run.model) if hooks else []
+    kept = _buffers(run.modules) if hooks else []
 
     def rewind() -> None:
         """Back to where the step's forward started, to run it again: nothing recorded, the same
@@ -456,12 +457,13 @@ def probe_module(
         )
     settings = training_settings(steps, warmup, seed, lr, optimizer, amp, clip)
     chosen = ""  # how the blocks were found, where they were not given
+    modules = tuple(model.modules())  # the one walk of the model: see layout.trainable
     if blocks is None:
         blocks, chosen = looped_blocks(model, inputs, *find_blocks(model))
     else:
-        blocks = own_blocks(model, blocks, "probe_module")
-    if not any(p.requires_grad for p in model.parameters()):  # unnamed: probe(config) and the CLI
-        raise no_trainable()  # come here too, where the user called no probe_module
+        blocks = own_blocks(model, blocks, "probe_module", modules)
+    if not trainable(modules):  # unnamed: probe(config) and the CLI come here too, where the user
+        raise no_trainable()  # called no probe_module
     if not blocks:
         raise UsageError(
             "probe_module: no blocks to measure (an empty blocks= or stability_blocks()): the growth would "
@@ -469,10 +471,10 @@ def probe_module(
             "blocks=[(f'layers.{i}', m) for i, m in enumerate(model.layers)]"
         )
     try:
-        return _measure(model, inputs, loss_fn, tuple(blocks), settings, chosen, ordered=False)
+        return _measure(model, modules, inputs, loss_fn, tuple(blocks), settings, chosen, ordered=False)
     except _OutOfOrder as late:  # another block ran before block 0: its input is the chain's entry
         again = tuple(blocks[i] for i in late.order)
-        return _measure(model, inputs, loss_fn, again, settings, chosen, ordered=True)
+        return _measure(model, modules, inputs, loss_fn, again, settings, chosen, ordered=True)
 
 
 def _in_call_order(order: list[int], n: int) -> list[int]:
@@ -495,6 +497,7 @@ class _OutOfOrder(Exception):
 
 def _measure(
     model: nn.Module,
+    modules: tuple[nn.Module, ...],
     inputs: Inputs,
     loss_fn: LossFn,
     blocks: Sequence[tuple[str, nn.Module]],
@@ -503,18 +506,19 @@ def _measure(
     *,
     ordered: bool,
 ) -> Measurement:
-    """probe_module's run on `blocks` under its checked `training` settings (`chosen`: how the blocks
-    were found, or ''); `ordered`: in the order of their calls already (else step 0 raises
-    _OutOfOrder where another block ran before block 0)."""
+    """probe_module's run on `blocks` of the model (whose `modules` are given) under its checked
+    `training` settings (`chosen`: how the blocks were found, or ''); `ordered`: in the order of
+    their calls already (else step 0 raises _OutOfOrder where another block ran before block 0)."""
     steps, seed, lr, amp = training.steps, training.seed, training.lr, training.amp
     names = tuple(name for name, _ in blocks)
-    layout = layout_of(model, blocks)
+    layout = layout_of(model, blocks, trainable(modules))
     params, owner = layout.params, layout.owner
     device = params[0].device
     scaler = torch.amp.GradScaler(device.type) if amp == "float16" else None
     opt = optimizer_for(training.optimizer, model, params, lr) if steps > 0 or scaler is not None else None
     run = _Run(
         model,
+        modules,
         inputs,
         loss_fn,
         names,

@@ -463,9 +463,9 @@ class Recorder:
                 if out is None:
                     self.empty.add(b)
                 else:
-                    again, mine = b == 0 and self.lone and calls, self.last.get(0)
-                    if again and mine is not None and _passes_on(args, kwargs, outputs[mine]):
-                        again = False  # a cell called on its own last output: the chain goes on
+                    again, mine = b == 0 and self.lone and bool(calls), self.last.get(0)
+                    passes = again and mine is not None and _passes_on(args, kwargs, outputs[mine])
+                    again = again and not passes  # a cell called on its own last output: the chain goes on
                     if (b in self.later or again) and (args or kwargs):
                         self._joins(b, args, kwargs)
                     entry, self.entry = self.entry, None
@@ -497,7 +497,9 @@ class Recorder:
                         swapped, outs = carrying.carry(b, len(outputs), output, outs, (args, kwargs), calls)
                     if len(outputs) in self.copied:  # the model changes `out`, the copy stays as returned
                         out = _kept(out)
-                    if calls and calls[-1] == b and b not in self.later and _cut(args, kwargs, outputs[-1]):
+                    # a call taking its last output as it came took it undetached (`_cut`'s first check)
+                    cut = calls and calls[-1] == b and b not in self.later and not passes
+                    if cut and _cut(args, kwargs, outputs[-1]):
                         self.breaks.add(len(outputs))  # a window of its own, beside the last
                         self.feeds[len(outputs)] = frozenset()
                         self.cuts.add(len(outputs))

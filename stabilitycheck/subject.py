@@ -347,12 +347,12 @@ def _nth_uses(mods: list[nn.Module]) -> list[int]:
     return out
 
 
-def own_blocks(model: nn.Module, blocks: Any, who: str) -> Blocks:
-    """`blocks` as (name, module) pairs of the model's own submodules, input side first; anything
-    else is a one-line UsageError from `who` (a block the model never calls would read as a flat,
-    stable chain)."""
+def own_blocks(model: nn.Module, blocks: Any, who: str, modules: Sequence[nn.Module] = ()) -> Blocks:
+    """`blocks` as (name, module) pairs of the model's own submodules (`modules`, where the caller
+    walked them already), input side first; anything else is a one-line UsageError from `who` (a
+    block the model never calls would read as a flat, stable chain)."""
     pairs = tuple(tuple(pair) if isinstance(pair, list) else pair for pair in blocks)
-    owned = {id(m) for m in model.modules()}
+    owned = {id(m) for m in (modules or model.modules())}
     for pair in pairs:
         shaped = isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)
         if shaped and isinstance(pair[1], nn.Module):

@@ -11,7 +11,9 @@ from torch import nn
 
 from stabilitycheck import layout
 
-layout_of = layout.layout_of
+
+def layout_of(model: nn.Module, blocks: list[tuple[str, nn.Module]]) -> layout._Layout:
+    return layout.layout_of(model, blocks, layout.trainable(tuple(model.modules())))
 
 
 def test_a_shared_parameter_belongs_to_the_first_block_owning_it() -> None:
@@ -30,6 +32,22 @@ def test_block_0s_parameters_count_in_its_norm() -> None:
     assert got[1] == 12.0
     grads = [torch.full((1,), 3.0), torch.full((1,), 4.0)]
     assert math.isclose(got[0], float(torch.linalg.vector_norm(torch.cat(grads))), rel_tol=1e-6)
+
+
+def test_trainable_is_model_parameters_less_the_frozen() -> None:
+    """One walk of model.modules() gives model.parameters()' trainable ones in its order, each once:
+    a parameter shared by two modules, a module at two places, a frozen one, a None slot.
+    Oracle: torch's own model.parameters()."""
+    shared = nn.Linear(3, 3)
+    model = nn.Sequential(nn.Linear(2, 3), shared, nn.ReLU(), shared, nn.Linear(3, 1, bias=False))
+    model[4].register_parameter("extra", None)
+    tied = nn.Linear(3, 3)
+    tied.weight = model[0].weight  # the same tensor again, later in the walk
+    model.append(tied)
+    model[0].bias.requires_grad_(False)
+    expect = [p for p in model.parameters() if p.requires_grad]
+    got = layout.trainable(tuple(model.modules()))
+    assert len(got) == len(expect) == 5 and all(a is b for a, b in zip(got, expect, strict=True))
 
 
 def test_the_layout_holds_trainable_parameters_and_follows_a_freeze() -> None:
