@@ -8,6 +8,7 @@ import statistics
 from collections import Counter
 from collections.abc import Sequence
 
+from stabilitycheck.growthkind import input_apart, typical_stack
 from stabilitycheck.measurement import AFTER_LAST, Measurement
 
 
@@ -40,17 +41,24 @@ def culprit_of(ms: Sequence[Measurement], nonfinite: bool | None = None) -> str:
     if n < 3 or any(all(math.isnan(x) for x in row) for row in logs):
         votes = [_largest_gain(m) for m in ms]  # too few gains to tell a uniform stack from one block
         return max(votes, key=Counter(votes).__getitem__)  # a tie: the earliest seed's, never set order
+    # where the model applies a function between blocks (Measurement.between), the input segment's gain
+    # apart from a stack that carries the growth (amplifying) is left out, as the kind's fit leaves it
+    # out (growthkind.input_apart): a tanh MLP whose blocks are its Linear layers has a first gain of
+    # sigma_w with no tanh' in it, 2.5x the others at 4, and named 'layers.0' where every layer is alike
+    stack = typical_stack([m.law_gains[:n] for m in ms]) if all(m.between for m in ms) else None
+    skip = int(stack is not None and input_apart(stack) and math.prod(stack[1:]) > 1)
+    logs = [row[skip:] for row in logs]
     excess = []
     for row in logs:
         mid = _median(row)
         excess.append([x - mid for x in row])
-    named = _standing_out(first, excess, len(ms))
+    named = _standing_out(first, excess, len(ms), skip)
     if named is not None:
         return named
     typical = statistics.median_low(_median(row) for row in logs)
     vanishing = _median([m.growth for m in ms]) < 1
     if vanishing:  # a block that shrinks the gradient far more than the rest: by the same rules, below
-        named = _standing_out(first, [[-x for x in e] for e in excess], len(ms))
+        named = _standing_out(first, [[-x for x in e] for e in excess], len(ms), skip)
         if named is not None:
             return named
     if typical <= 0 and not vanishing:  # no block amplifies: the growth was inside a block (an nn.RNN)
@@ -58,8 +66,9 @@ def culprit_of(ms: Sequence[Measurement], nonfinite: bool | None = None) -> str:
     return f"uniform, median gain x{math.exp(typical):.3g}"
 
 
-def _standing_out(first: Measurement, excess: Sequence[Sequence[float]], seeds: int) -> str | None:
-    """The blocks whose log-gain over the stack's median (`excess`, per seed) stands out (`culprit_of`,
+def _standing_out(first: Measurement, excess: Sequence[Sequence[float]], seeds: int, skip: int) -> str | None:
+    """The blocks whose log-gain over the stack's median (`excess`, per seed, from gain `skip` on)
+    stands out (`culprit_of`,
     each past the spread of those outside them): those standing out alike (each past half the largest
     excess: a gain within the square root of the largest's) where they are two to a third of the
     stack and hold the largest excess in 80% of the seeds (two blocks planted at x30 each were named
@@ -78,7 +87,7 @@ def _standing_out(first: Measurement, excess: Sequence[Sequence[float]], seeds: 
     groups += [ranked[:1], ranked[:k]] if 1 < k <= third else [ranked[:1]]
     for group in groups:
         if k and sum(1 for i in largest if i in group) >= math.ceil(0.8 * seeds):
-            return ", ".join(first.activation_names[i + 1] for i in sorted(group))
+            return ", ".join(first.activation_names[i + 1 + skip] for i in sorted(group))
     return None
 
 

@@ -68,6 +68,9 @@ class Measurement:
     chain_feeds: tuple[tuple[int, ...], ...] = ()  # per chain, the earlier chains whose outputs it takes
     profile_step: int = 0  # the step the per-block numbers are from (see probing.probe_module)
     state_end: bool = False  # the last reached call was read on a carried state: see `law_gains`
+    # every later block took a function of the block output before it (x = tanh(layer(x)) around bare
+    # Linear blocks), not that output: the input segment's gain alone lacks that function's Jacobian
+    between: bool = False
     cut_before: tuple[int, ...] = ()  # calls (in activation_names) taking their input detached: no
     # gradient reaches the blocks before them (readings.cut_before)
 

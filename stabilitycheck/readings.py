@@ -34,6 +34,7 @@ class Step:
     carried: frozenset[int] = frozenset()  # calls read on a state they carry beside it (an LSTM's h, c)
     cuts: frozenset[int] = frozenset()  # breaks where a cell's call took its last output detached
     severed: frozenset[int] = frozenset()  # calls taking their chain's input with no gradient (cut_before)
+    between: bool = False  # see Measurement.between
 
 
 def chains_of(

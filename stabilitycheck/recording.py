@@ -148,6 +148,17 @@ def _same_data(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
+def _as_returned(x: Any, out: torch.Tensor) -> bool:
+    """Whether `x`, computed from the last block output `out` (junctions.comes_from), holds its values
+    as they are: `out` itself or a view of all its data (a reshape between blocks has gain 1)."""
+    return x is out or (
+        isinstance(x, torch.Tensor)
+        and x.layout == out.layout == torch.strided
+        and x.data_ptr() == out.data_ptr()
+        and x.numel() == out.numel()
+    )
+
+
 def _severs(x: Any, out: torch.Tensor) -> bool:
     """Whether `x`, what a block takes as its chain's input, is the last block's output `out` or a view
     of its data, and carries no gradient while autograd records: a `detach()`, `.data` or a block run
@@ -336,6 +347,9 @@ class Recorder:
         self.quiet: set[int] = set()
         self.empty: set[int] = set()  # blocks that ran this pass returning no floating tensor (None)
         self.muted: list[int] = []  # this pass, the positions in `outputs` recorded without grad mode
+        # this pass, the later blocks' calls taking the last output as returned (or a view of its data)
+        # and those taking a function of it (`between`)
+        self.as_returned, self.transformed = 0, 0
 
     def _on_input(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -411,6 +425,10 @@ class Recorder:
             if _severs(x, self.outputs[-1]) and self._upstream_learns():
                 self.severed.add(at)  # read as before (a frozen backbone under a head is meant so); said
             if comes_from(x, self.outputs[-1]):
+                if _as_returned(x, self.outputs[-1]):
+                    self.as_returned += 1
+                else:
+                    self.transformed += 1
                 if self.breaks and x is not self.outputs[-1]:  # the chain runs on, unless what the
                     # call takes as its chain's input is made from another chain's output too: a
                     # merge (a head on two towers' outputs) starts a chain that takes both (memory
@@ -574,6 +592,12 @@ class Recorder:
 
         return on_call
 
+    def between(self) -> bool:
+        """Whether this pass's later blocks each took a function of the block output before them (a
+        tanh the model applies between bare Linear blocks), none that output itself: block 0's gain,
+        from the model's input, is the one that has no such function in it (Measurement.between)."""
+        return self.transformed > 0 and self.as_returned == 0
+
     def changed(self) -> frozenset[int]:
         """The positions in `outputs` of block outputs changed in place since their block returned them
         (their version counter moved: an in-place ReLU or x.mul_() after the block), whose recorded
@@ -597,6 +621,7 @@ class Recorder:
         self.outputs.clear()
         self.versions.clear()
         self.muted.clear()
+        self.as_returned, self.transformed = 0, 0
         self.empty.clear()
         self.copied = copied
         self.breaks.clear()

@@ -385,3 +385,32 @@ def test_the_largest_weight_gradient_leaves_a_nan_one_out() -> None:
     from stabilitycheck.culprit import _single
 
     assert _single(_stack_seed([0.9, 0.9, 0.9], grads=(NAN, 5.0, 1.0))) == "b1"
+
+
+def _between(logs: list[float], between: bool) -> Measurement:
+    return dataclasses.replace(seed(logs), between=between)
+
+
+@pytest.mark.parametrize("between", [True, False])
+def test_an_input_segment_without_the_function_between_blocks_is_left_out(between: bool) -> None:
+    """A stack whose blocks are bare Linear layers with tanh between them: block 0's gain, from the
+    model's input, has no tanh' in it (sigma_w = 4 against ~1.6 for the others), and the kind's fit
+    leaves it out (growthkind.input_apart). Oracle by hand: without it the rest is uniform at x1.6 (up
+    to a seed's 1% jitter), which carries 8 ln 1.6 = 3.8 of the 5.2 log growth; where the blocks take
+    the output itself (no function between: `between` False) block 0's 4x stands out and is named."""
+    ms = [
+        _between([math.log(4.0), *(math.log(1.6) + 0.01 * ((i + s) % 3) for i in range(8))], between)
+        for s in range(5)
+    ]
+    assert culprit_of(ms) == ("uniform, median gain x1.62" if between else "b0")
+
+
+def test_a_hot_block_0_carrying_the_growth_is_named_with_a_function_between_blocks() -> None:
+    """Block 0 at x50 over a stack of gain 1.05 carries most of the log growth: no input segment set
+    apart (input_apart needs the rest to carry half), so it stands out and is named. Oracle: by
+    construction."""
+    ms = [
+        _between([math.log(50.0), *(math.log(1.05) + 0.01 * ((i + s) % 3) for i in range(8))], True)
+        for s in range(5)
+    ]
+    assert culprit_of(ms) == "b0"

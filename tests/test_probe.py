@@ -4184,3 +4184,50 @@ def test_a_block_output_read_sparsely_has_its_gradient_norm_taken_densely() -> N
     w = model.q.weight
     own = torch.autograd.grad(loss(model.b(nn.functional.embedding(model.idx, w)) * x, x), w)[0]
     assert m.activation_grad_norms[1] == pytest.approx(float(own.norm()), rel=1e-12)
+
+
+class TanhBetween(nn.Module):
+    """Bare Linear blocks, tanh applied between them by the model (examples/mlp.py's shape); `hot`
+    scales one block's weights; `view` reshapes the output between blocks instead (gain 1)."""
+
+    def __init__(self, depth: int, sigma: float, hot: int = -1, view: bool = False) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(64, 64, bias=False) for _ in range(depth))
+        for i, layer in enumerate(self.layers):
+            nn.init.normal_(layer.weight, std=sigma * (8.0 if i == hot else 1.0) / 8.0)
+        self.view = view
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x).view(16, 64) if self.view else torch.tanh(layer(x))
+        return x
+
+
+def _culprit_over_seeds(**kw: Any) -> tuple[str, list[Measurement]]:
+    ms = []
+    for s in range(5):
+        torch.manual_seed(s)
+        model = TanhBetween(9, **kw)
+        blocks = [(f"layers.{i}", m) for i, m in enumerate(model.layers)]
+        ms.append(probe_module(model, torch.randn(16, 64), lambda out, _: out.pow(2).mean(), blocks=blocks))
+    return culprit_of(ms), ms
+
+
+@pytest.mark.parametrize(
+    ("sigma", "hot", "named"), [(4.0, -1, "uniform"), (1.0, 4, "layers.4"), (1.0, 0, "layers.0")]
+)
+def test_the_culprit_of_bare_linear_blocks_with_tanh_between(sigma: float, hot: int, named: str) -> None:
+    """Every layer alike at sigma_w 4: block 0's gain from the input is sigma_w with no tanh' (2.5x
+    the rest) and read 'layers.0' (examples/mlp.py's search said so); it is a uniform stack. A block
+    planted at x8 on a critical stack is still named, block 0 too. Oracle: the construction."""
+    got, ms = _culprit_over_seeds(sigma=sigma, hot=hot)
+    assert all(m.between for m in ms)
+    assert got.startswith(named), got
+
+
+def test_a_reshape_between_blocks_is_no_function_between_them() -> None:
+    """A view of all of the last output's data holds its values (gain 1): the blocks take the output as
+    returned, and block 0's gain is compared with the rest's. Oracle: the recorder's own flag on a
+    model whose blocks take out.view(...), against the tanh one's."""
+    _, ms = _culprit_over_seeds(sigma=1.0, view=True)
+    assert not any(m.between for m in ms)
