@@ -8,25 +8,25 @@ import statistics
 from collections import Counter
 from collections.abc import Sequence
 
-from stabilitycheck.growthkind import input_apart, typical_stack
-from stabilitycheck.measurement import AFTER_LAST, Measurement
+from stabilitycheck.measurement import AFTER_LAST, INPUT, Measurement
 
 
 def culprit_of(ms: Sequence[Measurement], nonfinite: bool | None = None) -> str:
     """The block to blame, over seeds: where the first non-finite value was made where `nonfinite` (the
-    verdict's nonfinite criterion fired: 2 of 5 seeds at q=0.9), or, None (no verdict says), where
-    half the seeds or more went non-finite; else the rules below, on the finite seeds (one seed's Inf
-    named a block on a growth verdict a x1000 block caused in every seed); else the blocks whose
-    backward log-gain exceeds the stack's median log-gain by more than log 2 and by more than 3x the
-    spread of the other blocks' excesses (the median of their absolute values, the lower of two), in
-    the median over seeds (`_standing_out`); where the median growth over seeds is under 1
-    (vanishing), the same below the median (a block whose backward passes 1e-4 of the gradient, beside
-    gains of 0.85, read 'uniform'); else, when the typical gain G (the nearest-rank median over seeds,
-    as the verdict's quantiles, of each stack's median) is over 1, or the growth vanishes, 'uniform,
-    median gain xG'; else the block with the largest weight gradient (the growth was inside a block).
-    A stack with fewer than three gains cannot show a uniform rate: there the seeds vote for their
-    largest amplifying block, a tie going to the block of the earliest seed among the tied (a set's
-    order, which varies with PYTHONHASHSEED, named layers.0 or layers.1 from one process to the next)."""
+    verdict's nonfinite criterion fired: 2 of 5 seeds at q=0.9), or, None (no verdict says), where half the
+    seeds or more went non-finite; else the rules below, on the finite seeds (one seed's Inf named a block
+    on a growth verdict a x1000 block caused in every seed); else the blocks whose backward log-gain exceeds
+    the stack's median log-gain by more than log 2 and by more than 3x the spread of the other blocks'
+    excesses (the median of their absolute values, the lower of two), in the median over seeds
+    (`_standing_out`), block 0's gain from the input times the median gain of what the model computes
+    between blocks (Measurement.between_gain), which it has none of; where the median growth over seeds is
+    under 1 (vanishing), the same below the median (a block whose backward passes 1e-4 of the gradient,
+    beside gains of 0.85, read 'uniform'); else, when the typical gain G (the nearest-rank median over
+    seeds, as the verdict's quantiles, of each stack's median) is over 1, or the growth vanishes, 'uniform,
+    median gain xG'; else the block with the largest weight gradient (the growth was inside a block). A
+    stack with fewer than three gains cannot show a uniform rate: there the seeds vote for their largest
+    amplifying block, a tie going to the block of the earliest seed among the tied (a set's order, which
+    varies with PYTHONHASHSEED, named layers.0 or layers.1 from one process to the next)."""
     bad = [m for m in ms if m.first_nonfinite is not None]
     by_nan = 2 * len(bad) >= len(ms) if nonfinite is None else nonfinite
     if bad and (by_nan or len(bad) == len(ms)):  # every seed non-finite: no finite one to read
@@ -41,24 +41,25 @@ def culprit_of(ms: Sequence[Measurement], nonfinite: bool | None = None) -> str:
     if n < 3 or any(all(math.isnan(x) for x in row) for row in logs):
         votes = [_largest_gain(m) for m in ms]  # too few gains to tell a uniform stack from one block
         return max(votes, key=Counter(votes).__getitem__)  # a tie: the earliest seed's, never set order
-    # where the model applies a function between blocks (Measurement.between), the input segment's gain
-    # apart from a stack that carries the growth (amplifying) is left out, as the kind's fit leaves it
-    # out (growthkind.input_apart): a tanh MLP whose blocks are its Linear layers has a first gain of
-    # sigma_w with no tanh' in it, 2.5x the others at 4, and named 'layers.0' where every layer is alike
-    stack = typical_stack([m.law_gains[:n] for m in ms]) if all(m.between for m in ms) else None
-    skip = int(stack is not None and input_apart(stack) and math.prod(stack[1:]) > 1)
-    logs = [row[skip:] for row in logs]
+    # block 0's gain from the model's input has none of what the model computes between blocks in it
+    # (a tanh around bare Linear blocks: its first gain is sigma_w, 2.5x the others at 4, and read
+    # 'layers.0' where every layer is alike); it is compared as if that ran before block 0 too, times the
+    # median gain of what runs between the later blocks (Measurement.between_gain; 1 where they take the
+    # output as returned: a residual stream, a Sequential)
+    for m, row in zip(ms, logs, strict=True):
+        if m.activation_names[:1] == (INPUT,) and 0 < m.between_gain < math.inf:
+            row[0] += math.log(m.between_gain)
     excess = []
     for row in logs:
         mid = _median(row)
         excess.append([x - mid for x in row])
-    named = _standing_out(first, excess, len(ms), skip)
+    named = _standing_out(first, excess, len(ms))
     if named is not None:
         return named
     typical = statistics.median_low(_median(row) for row in logs)
     vanishing = _median([m.growth for m in ms]) < 1
     if vanishing:  # a block that shrinks the gradient far more than the rest: by the same rules, below
-        named = _standing_out(first, [[-x for x in e] for e in excess], len(ms), skip)
+        named = _standing_out(first, [[-x for x in e] for e in excess], len(ms))
         if named is not None:
             return named
     if typical <= 0 and not vanishing:  # no block amplifies: the growth was inside a block (an nn.RNN)
@@ -66,9 +67,8 @@ def culprit_of(ms: Sequence[Measurement], nonfinite: bool | None = None) -> str:
     return f"uniform, median gain x{math.exp(typical):.3g}"
 
 
-def _standing_out(first: Measurement, excess: Sequence[Sequence[float]], seeds: int, skip: int) -> str | None:
-    """The blocks whose log-gain over the stack's median (`excess`, per seed, from gain `skip` on)
-    stands out (`culprit_of`,
+def _standing_out(first: Measurement, excess: Sequence[Sequence[float]], seeds: int) -> str | None:
+    """The blocks whose log-gain over the stack's median (`excess`, per seed) stands out (`culprit_of`,
     each past the spread of those outside them): those standing out alike (each past half the largest
     excess: a gain within the square root of the largest's) where they are two to a third of the
     stack and hold the largest excess in 80% of the seeds (two blocks planted at x30 each were named
@@ -87,7 +87,7 @@ def _standing_out(first: Measurement, excess: Sequence[Sequence[float]], seeds: 
     groups += [ranked[:1], ranked[:k]] if 1 < k <= third else [ranked[:1]]
     for group in groups:
         if k and sum(1 for i in largest if i in group) >= math.ceil(0.8 * seeds):
-            return ", ".join(first.activation_names[i + 1 + skip] for i in sorted(group))
+            return ", ".join(first.activation_names[i + 1] for i in sorted(group))
     return None
 
 

@@ -138,7 +138,7 @@ def input_apart(gains: Sequence[float]) -> bool:
     return far and abs(sum(rest)) >= abs(sum(logs)) / 2
 
 
-def typical_stack(profiles: Sequence[Sequence[float]]) -> list[float] | None:
+def _typical_stack(profiles: Sequence[Sequence[float]]) -> list[float] | None:
     """Each block's geometric-mean gain over the seeds; NaN where every seed has NaN there (a junction
     between chains, the same in every draw); None where the stacks differ in length or a gain is
     otherwise not a positive number."""
@@ -160,8 +160,8 @@ def kind_of(profiles: Sequence[Sequence[float]], growths: Sequence[float], q: fl
     typical stack, each block's gain the geometric mean over seeds (a block's noise between
     initialisations averages out: at width 15 one seed's gains spread 0.5-2.5 around a tanh MLP's
     1.5), whose input segment is left apart or not for every seed alike; on the quantile of the
-    per-seed fits where there is no typical stack (typical_stack)."""
-    typical = typical_stack(profiles)
+    per-seed fits where there is no typical stack (_typical_stack)."""
+    typical = _typical_stack(profiles)
     apart = input_apart(typical) if typical else None
     fits = [fit_growth(p, apart) for p in profiles]
     wide = swing(typical) if typical else quantile([swing(p) for p in profiles], q)

@@ -37,6 +37,27 @@ def made_from(x: Any, targets: set[Any], past: Collection[Any] = ()) -> bool:
     return isinstance(x, torch.Tensor) and _node_made_from(x.grad_fn, targets, past)
 
 
+UNARY = 8  # autograd nodes `alone_from` follows
+
+
+def alone_from(x: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether `x` is computed from `out` alone, node by node within UNARY nodes, each on the way taking
+    one input that is no parameter (tanh(out), dropout(out), layer_norm(out) with its weight and bias):
+    then dL/d out is that function's Jacobian applied to dL/dx, and nothing else is added to it (the
+    sum of a residual stream, x + out, hands out the gradient of every later use of the sum)."""
+    node, target = x.grad_fn, out.grad_fn
+    for _ in range(UNARY):
+        if node is None or target is None:
+            return False
+        if node is target:
+            return True
+        inputs = [f for f, _ in node.next_functions if f is not None and type(f).__name__ != "AccumulateGrad"]
+        if len(inputs) != 1:
+            return False
+        node = inputs[0]
+    return False
+
+
 NEAR = 32  # autograd nodes `near` looks at behind one tensor
 
 

@@ -35,7 +35,16 @@ from stabilitycheck.measurement import (
 )
 from stabilitycheck.measurement import NonFinite
 from stabilitycheck.norms import STACK_MIN, dense, norm_values
-from stabilitycheck.readings import Step, chains_of, cut_before, gains_of, growth_of, locate, unscored
+from stabilitycheck.readings import (
+    Step,
+    between_gain,
+    chains_of,
+    cut_before,
+    gains_of,
+    growth_of,
+    locate,
+    unscored,
+)
 from stabilitycheck.recording import Recorder
 from stabilitycheck.rng import SALT_FORWARD, derived, rng_state, set_rng_state
 from stabilitycheck.subject import BYPASSED, find_blocks, own_blocks, shown_blocks
@@ -64,10 +73,15 @@ class _Run:
 
 
 def _backward(
-    run: _Run, loss: torch.Tensor, outputs: list[torch.Tensor], made: list[int] | None = None
-) -> list[torch.Tensor | None]:
+    run: _Run,
+    loss: torch.Tensor,
+    outputs: list[torch.Tensor],
+    made: list[int] | None = None,
+    taken: Sequence[torch.Tensor] = (),
+) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
     """Backward from `loss`, setting every parameter's .grad (None where none reached it) and
-    returning dL/d(output) of each recorded output (None where the loss does not depend on it); the
+    returning dL/d(output) of each recorded output (None where the loss does not depend on it), and
+    dL/d of each tensor `taken` (what later blocks took, computed from the output before them); the
     entry's (outputs[0], block 0's copy of its input) plus what a residual add written around block 0
     hands its input (junctions.skip_around), which the copy does not see, or, where the add takes what
     the input was made from (x + block(norm(x))), the gradient of that instead. All from one
@@ -86,9 +100,10 @@ def _backward(
     )
     fed = [run.rec.fed] if run.rec.fed is not None else []  # asked for, its gradient unread: see Recorder
     try:
-        asked = [outputs[i] for i in wanted] + list(run.params) + fed
-        grads = list(torch.autograd.grad(loss, asked, allow_unused=True))
-        del grads[len(grads) - len(fed) :]
+        asked = [outputs[i] for i in wanted] + list(run.params) + fed + list(taken)
+        grads: list[torch.Tensor | None] = list(torch.autograd.grad(loss, asked, allow_unused=True))
+        crossed = grads[len(grads) - len(taken) :] if taken else []
+        del grads[len(grads) - len(fed) - len(taken) :]
     except CheckpointError as exc:  # a recomputation that differs from its forward: torch's several lines
         raise UsageError(
             f"{str(exc).splitlines()[0]} The probe gives block 0 a copy of its input that requires "
@@ -127,7 +142,7 @@ def _backward(
         ):
             g = g.clone()
         captured[i] = g
-    return captured
+    return captured, crossed
 
 
 def _refused_graph_break(exc: Exception) -> bool:
@@ -313,9 +328,11 @@ def _run_step(run: _Run, drawn: Draws, *, hooks: bool, exact: bool = False, weig
     outputs = run.rec.take() if hooks else []
     carried = run.rec.take_carried() if hooks else []  # state beside the chain's: an LSTMCell's c
     outputs += [t for _, t in carried]
+    taken, as_returned = run.rec.take_between() if hooks else ([], 0)
     try:
         made: list[int] | None = [] if exact else None  # the order of the weight gradients, to locate
-        captured = _backward(run, scaler.scale(loss) if scaler else loss, outputs, made)
+        scaled_loss = scaler.scale(loss) if scaler else loss
+        captured, crossed = _backward(run, scaled_loss, outputs, made, [x for _, x in taken])
     finally:
         run.rec.release()
         if hooks:
@@ -332,14 +349,18 @@ def _run_step(run: _Run, drawn: Draws, *, hooks: bool, exact: bool = False, weig
         tensors += run.params if weights else ()
         entering = run.rec.take_entering() if hooks else []
         tensors += [x for x in entering if x is not None]
+        across = [at for (at, _), d in zip(taken, crossed, strict=True) if d is not None]
+        tensors += [dense(d) for d in crossed if d is not None]
         g, n, r = len(present), len(outputs), len(reached)
         extra = [scaler.scale(torch.ones((), device=run.device))] if scaler else []
         owners = [*run.rec.calls, *(-2 - run.rec.calls[pos] for pos, _ in carried)]  # see _groups
         groups = _groups(owners, g, reached) if hooks else []
         host = norm_values(tensors, exact, [loss.detach().reshape(()), *extra], groups)  # one host read
-    del outputs, captured, tensors
+    del outputs, captured, tensors, taken, crossed
     loss_value, scale_value = host[0], host[1] if scaler else 1.0
     host = host[1 + len(extra) :]
+    crossing = [v / scale_value for v in host[len(host) - len(across) :]] if across else []
+    host = host[: len(host) - len(across)]
     into = [i for i, x in enumerate(entering) if x is not None]
     inputs = scatter(host[len(host) - len(into) :], into, len(entering)) if into else [0.0] * len(entering)
     host = host[: len(host) - len(into)]
@@ -361,7 +382,7 @@ def _run_step(run: _Run, drawn: Draws, *, hooks: bool, exact: bool = False, weig
         breaks=frozenset(run.rec.breaks) if hooks else frozenset(),
         severed=frozenset(run.rec.severed) if hooks else frozenset(),
         cuts=frozenset(run.rec.cuts) if hooks else frozenset(),
-        between=hooks and run.rec.between(),
+        between=between_gain(backward, list(zip(across, crossing, strict=True)), as_returned),
         feeds=dict(run.rec.feeds) if hooks else {},
         unreached=frozenset(range(calls)) - frozenset(reached),
         forward=forward,
@@ -607,7 +628,7 @@ def _measure(
         chain_feeds=feeds if len(chains) > 1 else (),
         profile_step=profile_step,
         state_end=max((i for i in range(len(act)) if i not in unreached), default=-1) in first.carried,
-        between=first.between,
+        between_gain=first.between,
         cut_before=cut_before(first.severed, first.unreached),
         blocks_note=chosen,
         weight_norms=per_block(last.weights, owner, len(names)) if last.weights else (),

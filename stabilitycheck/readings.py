@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -34,7 +35,18 @@ class Step:
     carried: frozenset[int] = frozenset()  # calls read on a state they carry beside it (an LSTM's h, c)
     cuts: frozenset[int] = frozenset()  # breaks where a cell's call took its last output detached
     severed: frozenset[int] = frozenset()  # calls taking their chain's input with no gradient (cut_before)
-    between: bool = False  # see Measurement.between
+    between: float = 1.0  # see Measurement.between_gain
+
+
+def between_gain(backward: Sequence[float], crossed: Sequence[tuple[int, float]], as_returned: int) -> float:
+    """The median backward gain, over the later block calls, of what the model computes between a
+    block's output and the next block's input: ||dL/d out_i-1|| / ||dL/d x_i|| for each call that
+    took x_i computed from the output before it (`crossed`: (its position, ||dL/d x_i||)), 1 for each
+    that took that output as returned (`as_returned` of them); 1 where no ratio is a positive finite
+    number (no later call, or no gradient crossed)."""
+    gains = [ratio(backward[at - 1], v) for at, v in crossed if 0 < at <= len(backward)]
+    gains = [x for x in gains if 0 < x < math.inf] + [1.0] * as_returned
+    return statistics.median(gains) if gains else 1.0
 
 
 def chains_of(

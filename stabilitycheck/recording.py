@@ -17,6 +17,7 @@ from stabilitycheck._tree import tensors
 from stabilitycheck.carrying import Carrying, goes_on_from, version_of
 from stabilitycheck.hooking import hooked, outside_graph
 from stabilitycheck.junctions import (
+    alone_from,
     comes_from,
     made_from,
     near,
@@ -347,9 +348,10 @@ class Recorder:
         self.quiet: set[int] = set()
         self.empty: set[int] = set()  # blocks that ran this pass returning no floating tensor (None)
         self.muted: list[int] = []  # this pass, the positions in `outputs` recorded without grad mode
-        # this pass, the later blocks' calls taking the last output as returned (or a view of its data)
-        # and those taking a function of it (`between`)
-        self.as_returned, self.transformed = 0, 0
+        # this pass, how many later block calls took the last output as returned (or a view of all its
+        # data), and (position, input) of those taking a function of it alone: see `take_between`
+        self.as_returned = 0
+        self.between: list[tuple[int, torch.Tensor]] = []
 
     def _on_input(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -427,8 +429,8 @@ class Recorder:
             if comes_from(x, self.outputs[-1]):
                 if _as_returned(x, self.outputs[-1]):
                     self.as_returned += 1
-                else:
-                    self.transformed += 1
+                elif isinstance(x, torch.Tensor) and x.requires_grad and alone_from(x, self.outputs[-1]):
+                    self.between.append((at, x))  # a function of the output alone: its gain is one
                 if self.breaks and x is not self.outputs[-1]:  # the chain runs on, unless what the
                     # call takes as its chain's input is made from another chain's output too: a
                     # merge (a head on two towers' outputs) starts a chain that takes both (memory
@@ -592,11 +594,14 @@ class Recorder:
 
         return on_call
 
-    def between(self) -> bool:
-        """Whether this pass's later blocks each took a function of the block output before them (a
-        tanh the model applies between bare Linear blocks), none that output itself: block 0's gain,
-        from the model's input, is the one that has no such function in it (Measurement.between)."""
-        return self.transformed > 0 and self.as_returned == 0
+    def take_between(self) -> tuple[list[tuple[int, torch.Tensor]], int]:
+        """The later block calls that took a function of the block output before them alone (a tanh
+        the model applies between bare Linear blocks; junctions.alone_from), as (position in `take`'s
+        outputs, the tensor taken), and how many took that output as returned; dropping the recorder's
+        references. Block 0's gain, from the model's input, has no such function in it
+        (Measurement.between_gain)."""
+        between, self.between = self.between, []
+        return between, self.as_returned
 
     def changed(self) -> frozenset[int]:
         """The positions in `outputs` of block outputs changed in place since their block returned them
@@ -621,7 +626,8 @@ class Recorder:
         self.outputs.clear()
         self.versions.clear()
         self.muted.clear()
-        self.as_returned, self.transformed = 0, 0
+        self.as_returned = 0
+        self.between = []
         self.empty.clear()
         self.copied = copied
         self.breaks.clear()
@@ -689,6 +695,7 @@ class Recorder:
             self.cuts = {b - 1 for b in self.cuts}
             self.severed = {b - 1 for b in self.severed}
             self.feeds = {b - 1: frozenset(max(0, a - 1) for a in fed) for b, fed in self.feeds.items()}
+            self.between = [(at - 1, x) for at, x in self.between]
             self.carrying.shift()
         outputs = self.outputs[:]
         self.outputs.clear()

@@ -387,30 +387,29 @@ def test_the_largest_weight_gradient_leaves_a_nan_one_out() -> None:
     assert _single(_stack_seed([0.9, 0.9, 0.9], grads=(NAN, 5.0, 1.0))) == "b1"
 
 
-def _between(logs: list[float], between: bool) -> Measurement:
-    return dataclasses.replace(seed(logs), between=between)
+def _between(logs: list[float], gain: float) -> Measurement:
+    return dataclasses.replace(seed(logs), between_gain=gain)
 
 
-@pytest.mark.parametrize("between", [True, False])
-def test_an_input_segment_without_the_function_between_blocks_is_left_out(between: bool) -> None:
-    """A stack whose blocks are bare Linear layers with tanh between them: block 0's gain, from the
-    model's input, has no tanh' in it (sigma_w = 4 against ~1.6 for the others), and the kind's fit
-    leaves it out (growthkind.input_apart). Oracle by hand: without it the rest is uniform at x1.6 (up
-    to a seed's 1% jitter), which carries 8 ln 1.6 = 3.8 of the 5.2 log growth; where the blocks take
-    the output itself (no function between: `between` False) block 0's 4x stands out and is named."""
-    ms = [
-        _between([math.log(4.0), *(math.log(1.6) + 0.01 * ((i + s) % 3) for i in range(8))], between)
-        for s in range(5)
-    ]
-    assert culprit_of(ms) == ("uniform, median gain x1.62" if between else "b0")
+def _stack_of(first: float, rest: float, s: int) -> list[float]:
+    """Log-gains: block 0's `first`, then 8 blocks at `rest` with a seed's 1% jitter."""
+    return [math.log(first), *(math.log(rest) + 0.01 * ((i + s) % 3) for i in range(8))]
 
 
-def test_a_hot_block_0_carrying_the_growth_is_named_with_a_function_between_blocks() -> None:
-    """Block 0 at x50 over a stack of gain 1.05 carries most of the log growth: no input segment set
-    apart (input_apart needs the rest to carry half), so it stands out and is named. Oracle: by
-    construction."""
-    ms = [
-        _between([math.log(50.0), *(math.log(1.05) + 0.01 * ((i + s) % 3) for i in range(8))], True)
-        for s in range(5)
-    ]
-    assert culprit_of(ms) == "b0"
+@pytest.mark.parametrize(("gain", "named"), [(0.4, "uniform, median gain x1.62"), (1.0, "b0")])
+def test_block_0_is_compared_as_if_the_function_between_blocks_ran_before_it(gain: float, named: str) -> None:
+    """Bare Linear blocks with tanh between them at sigma_w 4: block 0's gain from the input is 4,
+    with no tanh' in it, the others ~1.6 = 4 x E-ish[tanh'] 0.4. Times the between gain 0.4 it is 1.6,
+    one of a uniform stack; with nothing between the blocks (between gain 1) its 2.5x stands out.
+    Oracle by hand."""
+    assert culprit_of([_between(_stack_of(4.0, 1.6, s), gain) for s in range(5)]) == named
+
+
+@pytest.mark.parametrize(("first", "rest", "gain"), [(50.0, 1.05, 0.7), (21.4, 1.5, 0.7), (3.29, 1.08, 1.0)])
+def test_a_block_0_that_amplifies_past_the_function_between_is_named(
+    first: float, rest: float, gain: float
+) -> None:
+    """A planted block 0 (x50 over gains of 1.05; a ReLU stack's x10, 21.4 beside 1.5, ReLU's between
+    gain ~0.7) and a pre-norm branch's block 0 (3.29 beside 1.08, the residual add's between gain 1)
+    stand out after the lift: 35, 15 and 3.29 against the rest. Oracle: by construction."""
+    assert culprit_of([_between(_stack_of(first, rest, s), gain) for s in range(5)]) == "b0"

@@ -225,14 +225,14 @@ def test_a_vanishing_stack_is_not_flat() -> None:
     assert kind_of([[0.77] * 2] * 3, [0.77**2] * 3, 0.5).kind == "flat"
 
 
-def test_thetypical_stack_is_the_geometric_mean_over_seeds() -> None:
+def test_the_typical_stack_is_the_geometric_mean_over_seeds() -> None:
     """G6: seeds at 2a and 2/a per block have a geometric mean of exactly 2 everywhere: a clean
     exponential at x2/block, whatever a is (an arithmetic mean, a + 1/a, is a kinked stack)."""
-    from stabilitycheck.growthkind import kind_of, typical_stack
+    from stabilitycheck.growthkind import _typical_stack, kind_of
 
     a = [1, 1, 1, 1, 1, 1, 1, 1, 8, 8, 8, 8]
     profiles = [[2 * x for x in a], [2 / x for x in a]]
-    assert typical_stack(profiles) == pytest.approx([2.0] * len(a))
+    assert _typical_stack(profiles) == pytest.approx([2.0] * len(a))
     kind = kind_of(profiles, [2.0 ** len(a)] * 2, 0.5)
     assert kind.kind == "exponential"
 
@@ -281,17 +281,17 @@ def test_an_exponential_rate_gets_four_digits_only_near_one_on_either_side(rate:
     assert g.describe() == f"exponential, x{rate:.{digits}g}/block" == f"exponential, {shown}"
 
 
-def test_thetypical_stack_has_nan_only_where_every_seed_has_a_junction() -> None:
-    """growthkind.typical_stack: each block's geometric mean over seeds; NaN where EVERY seed has
+def test_the_typical_stack_has_nan_only_where_every_seed_has_a_junction() -> None:
+    """growthkind._typical_stack: each block's geometric mean over seeds; NaN where EVERY seed has
     NaN there (a junction between chains, the same in every draw); None where a gain is otherwise
     not a positive number (one seed's NaN: 0/0 in that draw alone). Oracle: that docstring, with
     the geometric means by hand (sqrt(2 x 8) = 4)."""
-    from stabilitycheck.growthkind import typical_stack
+    from stabilitycheck.growthkind import _typical_stack
 
-    got = typical_stack([[2.0, math.nan, 2.0], [8.0, math.nan, 2.0]])
+    got = _typical_stack([[2.0, math.nan, 2.0], [8.0, math.nan, 2.0]])
     assert got is not None and got[0] == pytest.approx(4.0, rel=1e-12) and math.isnan(got[1])
     assert got[2] == pytest.approx(2.0, rel=1e-12)
-    assert typical_stack([[2.0, 2.0, 2.0], [2.0, math.nan, 2.0]]) is None
+    assert _typical_stack([[2.0, 2.0, 2.0], [2.0, math.nan, 2.0]]) is None
 
 
 NAN, INF = math.nan, math.inf
@@ -332,7 +332,7 @@ def test_swing_reads_excursions_below_and_from_the_output() -> None:
     assert math.isclose(swing([2.0, NAN, 0.5]), LN2)
 
 
-def test_a_flattypical_stack_is_flat_though_each_seed_swings() -> None:
+def test_a_flat_typical_stack_is_flat_though_each_seed_swings() -> None:
     """Two seeds whose excursions cancel in the typical stack (each block's geometric mean gain over
     seeds, the stack the kind is read on): flat, though each seed alone swings x4."""
     profiles = [[4.0, 0.25, 1.0, 1.0], [0.25, 4.0, 1.0, 1.0]]
@@ -363,7 +363,7 @@ def test_flat_is_within_x2_strictly() -> None:
     assert classify(fits, [0.01], 0.5, wide=NAN).kind != "flat"
 
 
-def test_every_seed_leaves_the_input_segment_apart_as_thetypical_stack_does() -> None:
+def test_every_seed_leaves_the_input_segment_apart_as_the_typical_stack_does() -> None:
     """The typical stack (geometric means [8, 1.22, 2.45, 1.22, 2.45]) has an input segment standing
     apart; seed B's own ([8, 1, 4, 1, 4], its other gains spread wide) would not. Every seed is fitted
     alike, without it: the rate spread is that of both seeds' fits with the segment left out."""

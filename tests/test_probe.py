@@ -10,6 +10,7 @@ import itertools
 import json
 import math
 import re
+import statistics
 import warnings
 import weakref
 from collections import namedtuple
@@ -4186,48 +4187,79 @@ def test_a_block_output_read_sparsely_has_its_gradient_norm_taken_densely() -> N
     assert m.activation_grad_norms[1] == pytest.approx(float(own.norm()), rel=1e-12)
 
 
-class TanhBetween(nn.Module):
-    """Bare Linear blocks, tanh applied between them by the model (examples/mlp.py's shape); `hot`
-    scales one block's weights; `view` reshapes the output between blocks instead (gain 1)."""
+class ActBetween(nn.Module):
+    """Bare Linear blocks, `act` applied between them by the model (examples/mlp.py's shape, tanh);
+    `hot` scales one block's weights x`hot_by`; act 'view' reshapes the output between blocks (gain 1),
+    'residual' adds each block's output to a stream the next block takes (x = x + block(x))."""
 
-    def __init__(self, depth: int, sigma: float, hot: int = -1, view: bool = False) -> None:
+    def __init__(
+        self, depth: int, sigma: float, act: str = "tanh", hot: int = -1, hot_by: float = 8.0
+    ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(nn.Linear(64, 64, bias=False) for _ in range(depth))
         for i, layer in enumerate(self.layers):
-            nn.init.normal_(layer.weight, std=sigma * (8.0 if i == hot else 1.0) / 8.0)
-        self.view = view
+            nn.init.normal_(layer.weight, std=sigma * (hot_by if i == hot else 1.0) / 8.0)
+        self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
-            x = layer(x).view(16, 64) if self.view else torch.tanh(layer(x))
+            if self.act == "residual":
+                x = x + layer(F.layer_norm(x, (64,)))
+            elif self.act == "view":
+                x = layer(x).view(16, 64)
+            else:
+                x = torch.tanh(layer(x)) if self.act == "tanh" else F.relu(layer(x))
         return x
 
 
-def _culprit_over_seeds(**kw: Any) -> tuple[str, list[Measurement]]:
+def _between_seeds(depth: int = 9, **kw: Any) -> tuple[str, list[Measurement]]:
     ms = []
     for s in range(5):
         torch.manual_seed(s)
-        model = TanhBetween(9, **kw)
+        model = ActBetween(depth, **kw)
         blocks = [(f"layers.{i}", m) for i, m in enumerate(model.layers)]
         ms.append(probe_module(model, torch.randn(16, 64), lambda out, _: out.pow(2).mean(), blocks=blocks))
     return culprit_of(ms), ms
 
 
 @pytest.mark.parametrize(
-    ("sigma", "hot", "named"), [(4.0, -1, "uniform"), (1.0, 4, "layers.4"), (1.0, 0, "layers.0")]
+    ("kw", "named"),
+    [
+        ({"sigma": 4.0}, "uniform"),
+        ({"sigma": 1.0, "hot": 4}, "layers.4"),
+        ({"sigma": 1.0, "hot": 0}, "layers.0"),
+        ({"sigma": 2.12, "act": "relu", "hot": 0, "hot_by": 10.0, "depth": 12}, "layers.0"),
+        ({"sigma": 2.0, "act": "residual", "depth": 12}, "layers.0"),
+    ],
 )
-def test_the_culprit_of_bare_linear_blocks_with_tanh_between(sigma: float, hot: int, named: str) -> None:
-    """Every layer alike at sigma_w 4: block 0's gain from the input is sigma_w with no tanh' (2.5x
-    the rest) and read 'layers.0' (examples/mlp.py's search said so); it is a uniform stack. A block
-    planted at x8 on a critical stack is still named, block 0 too. Oracle: the construction."""
-    got, ms = _culprit_over_seeds(sigma=sigma, hot=hot)
-    assert all(m.between for m in ms)
+def test_the_culprit_of_bare_linear_blocks_with_a_function_between(kw: dict[str, Any], named: str) -> None:
+    """Every layer alike at sigma_w 4 with tanh between: block 0's gain from the input is sigma_w with
+    no tanh' in it (2.5x the rest) and read 'layers.0' (examples/mlp.py's search said so); it is a
+    uniform stack. A block planted at x8 on a critical stack is named, block 0 too; so is block 0 at x10
+    with ReLU between in a He x1.5 stack 12 deep, and the first branch of a pre-norm residual stream,
+    which takes the unit-scale input to a larger stream (3.3x, the rest ~1.1; a rule that left block 0
+    out where it stood apart named neither). Oracle: the construction."""
+    got, _ = _between_seeds(**kw)
     assert got.startswith(named), got
 
 
-def test_a_reshape_between_blocks_is_no_function_between_them() -> None:
-    """A view of all of the last output's data holds its values (gain 1): the blocks take the output as
-    returned, and block 0's gain is compared with the rest's. Oracle: the recorder's own flag on a
-    model whose blocks take out.view(...), against the tanh one's."""
-    _, ms = _culprit_over_seeds(sigma=1.0, view=True)
-    assert not any(m.between for m in ms)
+def test_the_between_gain_is_dL_d_output_over_dL_d_the_next_blocks_input() -> None:
+    """Measurement.between_gain: the median over the later blocks of ||dL/d out_i-1|| / ||dL/d
+    tanh(out_i-1)||; 1 where the blocks take a reshape of the output or a residual stream the add hands
+    the same gradient. Oracle: torch.autograd.grad on the same model, input and loss."""
+    torch.manual_seed(0)
+    model, x = ActBetween(9, 4.0), torch.randn(16, 64)
+    m = probe_module(model, x, lambda out, _: out.pow(2).mean(), blocks=list(model.layers.named_children()))
+    outs, ins = [], []
+    h = x
+    for layer in model.layers:
+        if outs:
+            ins.append(torch.tanh(outs[-1]))
+            h = ins[-1]
+        outs.append(layer(h))
+    grads = torch.autograd.grad(torch.tanh(outs[-1]).pow(2).mean(), outs[:-1] + ins)
+    ratios = [float(a.norm() / b.norm()) for a, b in zip(grads[:8], grads[8:], strict=True)]
+    assert m.between_gain == pytest.approx(statistics.median(ratios), rel=1e-5)
+    for act in ("view", "residual"):
+        _, ms = _between_seeds(sigma=1.0, act=act)
+        assert [m.between_gain for m in ms] == [1.0] * 5
