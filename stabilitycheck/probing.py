@@ -484,8 +484,14 @@ def probe_module(
         blocks, chosen = looped_blocks(model, inputs, *find_blocks(model))
     else:
         blocks = own_blocks(model, blocks, "probe_module", modules)
-    if not trainable(modules):  # unnamed: probe(config) and the CLI come here too, where the user
-        raise no_trainable()  # called no probe_module
+    params = trainable(modules)
+    if not params:  # unnamed: probe(config) and the CLI come here too, where the user called no
+        raise no_trainable()  # probe_module
+    if any(t.device.type == "meta" for t in (*tensors_of(inputs), *params)):
+        raise UsageError(  # an embedding lookup of meta ids in CPU weights read memory never written
+            "probe_module: the model or its inputs are on the meta device (shapes, no values): nothing "
+            "can be measured there; build them on a real device (cpu, cuda)"
+        )
     if not blocks:
         raise UsageError(
             "probe_module: no blocks to measure (an empty blocks= or stability_blocks()): the growth would "

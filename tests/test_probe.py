@@ -1314,6 +1314,38 @@ def test_a_block_listed_twice_is_a_usage_error() -> None:
         probe_module(built.model, built.inputs, built.loss_fn, blocks=twice)
 
 
+def test_a_block_inside_another_is_a_usage_error() -> None:
+    """A block and its own submodule (GPT-2's h.0 with h.0.attn) were reordered and read as one chain,
+    growth 0.0064 where the stack's is 1.23 (an audit on Hugging Face models): refused in one line,
+    whichever comes first; blocks side by side still probe. Oracle: the module tree."""
+    model = nn.Sequential(
+        nn.Sequential(nn.Linear(4, 4), nn.Tanh()), nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+    )
+    x = torch.randn(2, 4)
+    for blocks in (
+        [("0", model[0]), ("0.0", model[0][0]), ("1", model[1])],
+        [("0.0", model[0][0]), ("0", model[0])],
+    ):
+        with pytest.raises(UsageError, match=r"probe_module: block '0.0' is inside block '0', which runs it"):
+            probe_module(model, x, lambda out, _: out.pow(2).mean(), blocks=blocks)
+    side = probe_module(model, x, lambda out, _: out.pow(2).mean(), blocks=[("0", model[0]), ("1", model[1])])
+    assert len(side.gains) == 2
+
+
+@pytest.mark.parametrize("where", ["inputs", "model"])
+def test_a_model_or_inputs_on_the_meta_device_is_a_usage_error(where: str) -> None:
+    """Meta tensors hold no values: an embedding lookup of meta ids in CPU weights read memory never
+    written (growth 1.02, 1.30, NaN from one call to the next, an audit found); refused in one line."""
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 8))
+    ids = torch.randint(0, 10, (2, 3))
+    if where == "model":
+        model = model.to("meta")
+    else:
+        ids = ids.to("meta")
+    with pytest.raises(UsageError, match=r"probe_module: the model or its inputs are on the meta device"):
+        probe_module(model, ids, lambda out, _: out.pow(2).mean(), blocks=[("1", model[1]), ("2", model[2])])
+
+
 @pytest.mark.parametrize(
     ("options", "said"),
     [
