@@ -37,25 +37,34 @@ def made_from(x: Any, targets: set[Any], past: Collection[Any] = ()) -> bool:
     return isinstance(x, torch.Tensor) and _node_made_from(x.grad_fn, targets, past)
 
 
-UNARY = 8  # autograd nodes `alone_from` follows
+ALONE = 64  # autograd nodes `alone_from` looks at between a block's output and the next block's input
 
 
 def alone_from(x: torch.Tensor, out: torch.Tensor) -> bool:
-    """Whether `x` is computed from `out` alone, node by node within UNARY nodes, each on the way taking
-    one input that is no parameter (tanh(out), dropout(out), layer_norm(out) with its weight and bias):
-    then dL/d out is that function's Jacobian applied to dL/dx, and nothing else is added to it (the
-    sum of a residual stream, x + out, hands out the gradient of every later use of the sum)."""
-    node, target = x.grad_fn, out.grad_fn
-    for _ in range(UNARY):
-        if node is None or target is None:
-            return False
+    """Whether `x` is computed from `out` and parameters alone: every path back from x's node reaches
+    out's node or a parameter's leaf without a node made before out's (a node's inputs are older than
+    it), within ALONE nodes: tanh(out), x / (1 + |x|) (out twice), an RMSNorm, layer_norm with its
+    weight and bias. Then dL/d out is that function's Jacobian applied to dL/dx, nothing else added to
+    it (a residual stream, x + out, hands out the gradient of every later use of the sum). Of a copy_
+    (a block output the model changes in place, recorded as a copy: recording._kept), the source
+    alone: what it overwrote gets no gradient."""
+    start, target = x.grad_fn, out.grad_fn
+    if start is None or target is None:
+        return False
+    oldest = target._sequence_nr()
+    frontier, seen = [start], {start}
+    while frontier:
+        node = frontier.pop()
         if node is target:
-            return True
-        inputs = [f for f, _ in node.next_functions if f is not None and type(f).__name__ != "AccumulateGrad"]
-        if len(inputs) != 1:
+            continue
+        if len(seen) > ALONE or node._sequence_nr() < oldest:
             return False
-        node = inputs[0]
-    return False
+        edges = node.next_functions[1:] if type(node).__name__ == "CopyBackwards" else node.next_functions
+        for child, _ in edges:
+            if child is not None and child not in seen and type(child).__name__ != "AccumulateGrad":
+                seen.add(child)
+                frontier.append(child)
+    return True
 
 
 NEAR = 32  # autograd nodes `near` looks at behind one tensor

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import random
 import sys
@@ -34,6 +35,7 @@ from stabilitycheck.measurement import (
     Measurement as Measurement,  # `X as X`: re-exported, it was defined here
 )
 from stabilitycheck.measurement import NonFinite
+from stabilitycheck.nesting import refused_inside
 from stabilitycheck.norms import STACK_MIN, dense, norm_values
 from stabilitycheck.readings import (
     Step,
@@ -328,7 +330,7 @@ def _run_step(run: _Run, drawn: Draws, *, hooks: bool, exact: bool = False, weig
     outputs = run.rec.take() if hooks else []
     carried = run.rec.take_carried() if hooks else []  # state beside the chain's: an LSTMCell's c
     outputs += [t for _, t in carried]
-    taken, as_returned = run.rec.take_between() if hooks else ([], 0)
+    taken, as_returned = run.rec.take_between() if hooks else ([], [])
     try:
         made: list[int] | None = [] if exact else None  # the order of the weight gradients, to locate
         scaled_loss = scaler.scale(loss) if scaler else loss
@@ -373,16 +375,17 @@ def _run_step(run: _Run, drawn: Draws, *, hooks: bool, exact: bool = False, weig
         aside = set(range(g + calls, g + n)) | {g + n + j for j, pos in enumerate(reached) if pos >= calls}
         own = [v for i, v in enumerate(host) if i not in aside]
         forward, backward, reached = _together(carried, calls, forward, backward, reached)
+    breaks = frozenset(run.rec.breaks) if hooks else frozenset()
     return Step(
         loss=loss_value,
         scale=scale_value,
         grads=scatter(host[:g], present, len(run.params)),
         weights=host[g + n + r :],
         calls=run.rec.call_names(run.names) if hooks else (),
-        breaks=frozenset(run.rec.breaks) if hooks else frozenset(),
+        breaks=breaks,
         severed=frozenset(run.rec.severed) if hooks else frozenset(),
         cuts=frozenset(run.rec.cuts) if hooks else frozenset(),
-        between=between_gain(backward, list(zip(across, crossing, strict=True)), as_returned),
+        between=between_gain(backward, list(zip(across, crossing, strict=True)), as_returned, breaks),
         feeds=dict(run.rec.feeds) if hooks else {},
         unreached=frozenset(range(calls)) - frozenset(reached),
         forward=forward,
@@ -480,6 +483,12 @@ def probe_module(
     settings = training_settings(steps, warmup, seed, lr, optimizer, amp, clip)
     chosen = ""  # how the blocks were found, where they were not given
     modules = tuple(model.modules())  # the one walk of the model: see layout.trainable
+    if any(t.device.type == "meta" for t in (*tensors_of(inputs), *_tensors_of(modules))):
+        raise UsageError(  # before any forward (finding blocks runs one): an embedding lookup of meta
+            # ids in CPU weights read memory never written, another growth at each call
+            "probe_module: the model or its inputs are on the meta device (shapes, no values): nothing "
+            "can be measured there; build them on a real device (cpu, cuda)"
+        )
     if blocks is None:
         blocks, chosen = looped_blocks(model, inputs, *find_blocks(model))
     else:
@@ -487,22 +496,25 @@ def probe_module(
     params = trainable(modules)
     if not params:  # unnamed: probe(config) and the CLI come here too, where the user called no
         raise no_trainable()  # probe_module
-    if any(t.device.type == "meta" for t in (*tensors_of(inputs), *params)):
-        raise UsageError(  # an embedding lookup of meta ids in CPU weights read memory never written
-            "probe_module: the model or its inputs are on the meta device (shapes, no values): nothing "
-            "can be measured there; build them on a real device (cpu, cuda)"
-        )
     if not blocks:
         raise UsageError(
             "probe_module: no blocks to measure (an empty blocks= or stability_blocks()): the growth would "
             "read 1, stable, whatever the model does; give the model's repeated blocks, e.g. "
             "blocks=[(f'layers.{i}', m) for i, m in enumerate(model.layers)]"
         )
-    try:
-        return _measure(model, modules, inputs, loss_fn, tuple(blocks), settings, chosen, ordered=False)
-    except _OutOfOrder as late:  # another block ran before block 0: its input is the chain's entry
-        again = tuple(blocks[i] for i in late.order)
-        return _measure(model, modules, inputs, loss_fn, again, settings, chosen, ordered=True)
+    run = functools.partial(
+        _measure, model, modules, params, inputs, loss_fn, settings=settings, chosen=chosen
+    )
+    with refused_inside(blocks, "probe_module"):
+        try:
+            return run(tuple(blocks), ordered=False)
+        except _OutOfOrder as late:  # another block ran before block 0: its input is the chain's entry
+            return run(tuple(blocks[i] for i in late.order), ordered=True)
+
+
+def _tensors_of(modules: Sequence[nn.Module]) -> list[torch.Tensor]:
+    """Every parameter and buffer of the modules."""
+    return [t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
 
 
 def _in_call_order(order: list[int], n: int) -> list[int]:
@@ -526,24 +538,25 @@ class _OutOfOrder(Exception):
 def _measure(
     model: nn.Module,
     modules: tuple[nn.Module, ...],
+    params: tuple[nn.Parameter, ...],
     inputs: Inputs,
     loss_fn: LossFn,
     blocks: Sequence[tuple[str, nn.Module]],
-    training: Training,
-    chosen: str,
     *,
+    settings: Training,
+    chosen: str,
     ordered: bool,
 ) -> Measurement:
-    """probe_module's run on `blocks` of the model (whose `modules` are given) under its checked
-    `training` settings (`chosen`: how the blocks were found, or ''); `ordered`: in the order of
+    """probe_module's run on `blocks` of the model (whose `modules` and trainable `params` are given)
+    under its checked `settings` (`chosen`: how the blocks were found, or ''); `ordered`: in the order of
     their calls already (else step 0 raises _OutOfOrder where another block ran before block 0)."""
-    steps, seed, lr, amp = training.steps, training.seed, training.lr, training.amp
+    steps, seed, lr, amp = settings.steps, settings.seed, settings.lr, settings.amp
     names = tuple(name for name, _ in blocks)
-    layout = layout_of(model, blocks, trainable(modules))
+    layout = layout_of(model, blocks, params)
     params, owner = layout.params, layout.owner
     device = params[0].device
     scaler = torch.amp.GradScaler(device.type) if amp == "float16" else None
-    opt = optimizer_for(training.optimizer, model, params, lr) if steps > 0 or scaler is not None else None
+    opt = optimizer_for(settings.optimizer, model, params, lr) if steps > 0 or scaler is not None else None
     run = _Run(
         model,
         modules,
@@ -612,7 +625,7 @@ def _measure(
                     skipped += overflowed  # no update follows, but the scaler would have skipped it
                     break
                 assert opt is not None  # built whenever steps > 0
-                skipped += update(opt, scaler, params, step, totals[-1], training, overflowed)
+                skipped += update(opt, scaler, params, step, totals[-1], settings, overflowed)
     finally:
         run.rec.remove()
         random.setstate(caller)

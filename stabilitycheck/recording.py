@@ -348,9 +348,10 @@ class Recorder:
         self.quiet: set[int] = set()
         self.empty: set[int] = set()  # blocks that ran this pass returning no floating tensor (None)
         self.muted: list[int] = []  # this pass, the positions in `outputs` recorded without grad mode
-        # this pass, how many later block calls took the last output as returned (or a view of all its
-        # data), and (position, input) of those taking a function of it alone: see `take_between`
-        self.as_returned = 0
+        # this pass, the positions of later block calls that took the last output as returned (or a
+        # view of all its data), and (position, input) of those taking a function of it alone: see
+        # `take_between`
+        self.as_returned: list[int] = []
         self.between: list[tuple[int, torch.Tensor]] = []
 
     def _on_input(
@@ -428,7 +429,7 @@ class Recorder:
                 self.severed.add(at)  # read as before (a frozen backbone under a head is meant so); said
             if comes_from(x, self.outputs[-1]):
                 if _as_returned(x, self.outputs[-1]):
-                    self.as_returned += 1
+                    self.as_returned.append(at)
                 elif isinstance(x, torch.Tensor) and x.requires_grad and alone_from(x, self.outputs[-1]):
                     self.between.append((at, x))  # a function of the output alone: its gain is one
                 if self.breaks and x is not self.outputs[-1]:  # the chain runs on, unless what the
@@ -594,12 +595,12 @@ class Recorder:
 
         return on_call
 
-    def take_between(self) -> tuple[list[tuple[int, torch.Tensor]], int]:
+    def take_between(self) -> tuple[list[tuple[int, torch.Tensor]], list[int]]:
         """The later block calls that took a function of the block output before them alone (a tanh
         the model applies between bare Linear blocks; junctions.alone_from), as (position in `take`'s
-        outputs, the tensor taken), and how many took that output as returned; dropping the recorder's
-        references. Block 0's gain, from the model's input, has no such function in it
-        (Measurement.between_gain)."""
+        outputs, the tensor taken), and the positions of those that took that output as returned;
+        dropping the recorder's references. Block 0's gain, from the model's input, has no such
+        function in it (Measurement.between_gain). Call after `take`."""
         between, self.between = self.between, []
         return between, self.as_returned
 
@@ -626,7 +627,7 @@ class Recorder:
         self.outputs.clear()
         self.versions.clear()
         self.muted.clear()
-        self.as_returned = 0
+        self.as_returned = []
         self.between = []
         self.empty.clear()
         self.copied = copied
@@ -696,6 +697,7 @@ class Recorder:
             self.severed = {b - 1 for b in self.severed}
             self.feeds = {b - 1: frozenset(max(0, a - 1) for a in fed) for b, fed in self.feeds.items()}
             self.between = [(at - 1, x) for at, x in self.between]
+            self.as_returned = [at - 1 for at in self.as_returned]
             self.carrying.shift()
         outputs = self.outputs[:]
         self.outputs.clear()

@@ -367,30 +367,7 @@ def own_blocks(model: nn.Module, blocks: Any, who: str, modules: Sequence[nn.Mod
             f"first, got {got}; e.g. blocks=[(f'blocks.{{i}}', b) for i, b in enumerate(model.blocks)]"
         )
     distinct(pairs, who)
-    nested = _nested(pairs)
-    if nested is not None:
-        raise UsageError(
-            f"{who}: block {nested[0]!r} is inside block {nested[1]!r}, which runs it: its output and the "
-            "outer block's would read as two steps of one chain (a gain between unrelated tensors); list "
-            "blocks none of which holds another, e.g. the model's repeated layers"
-        )
     return pairs
-
-
-def _nested(pairs: Sequence[tuple[str, nn.Module]]) -> tuple[str, str] | None:
-    """(inner, outer): the names of a block that is a submodule of another block, or None. A walk of
-    the blocks' children (a Layer's are its weighted module's alone: the model it reads is no child)."""
-    owner = {id(module): name for name, module in pairs}
-    for name, module in pairs:
-        below = list(module._modules.values())
-        while below:
-            sub = below.pop()
-            if sub is None:
-                continue
-            if owner.get(id(sub), name) != name:
-                return owner[id(sub)], name
-            below.extend(sub._modules.values())
-    return None
 
 
 def distinct(pairs: Sequence[tuple[str, nn.Module]], who: str) -> None:

@@ -1314,10 +1314,11 @@ def test_a_block_listed_twice_is_a_usage_error() -> None:
         probe_module(built.model, built.inputs, built.loss_fn, blocks=twice)
 
 
-def test_a_block_inside_another_is_a_usage_error() -> None:
+def test_a_block_run_inside_another_is_a_usage_error() -> None:
     """A block and its own submodule (GPT-2's h.0 with h.0.attn) were reordered and read as one chain,
     growth 0.0064 where the stack's is 1.23 (an audit on Hugging Face models): refused in one line,
-    whichever comes first; blocks side by side still probe. Oracle: the module tree."""
+    whichever comes first; blocks side by side still probe, and no hook is left. Oracle: the module
+    tree."""
     model = nn.Sequential(
         nn.Sequential(nn.Linear(4, 4), nn.Tanh()), nn.Sequential(nn.Linear(4, 4), nn.Tanh())
     )
@@ -1326,24 +1327,69 @@ def test_a_block_inside_another_is_a_usage_error() -> None:
         [("0", model[0]), ("0.0", model[0][0]), ("1", model[1])],
         [("0.0", model[0][0]), ("0", model[0])],
     ):
-        with pytest.raises(UsageError, match=r"probe_module: block '0.0' is inside block '0', which runs it"):
+        with pytest.raises(
+            UsageError, match=r"probe_module: block '0.0' runs inside block '0', which holds it"
+        ):
             probe_module(model, x, lambda out, _: out.pow(2).mean(), blocks=blocks)
+    assert not model[0]._forward_pre_hooks and not model[0][0]._forward_hooks
     side = probe_module(model, x, lambda out, _: out.pow(2).mean(), blocks=[("0", model[0]), ("1", model[1])])
     assert len(side.gains) == 2
 
 
-@pytest.mark.parametrize("where", ["inputs", "model"])
-def test_a_model_or_inputs_on_the_meta_device_is_a_usage_error(where: str) -> None:
+def test_a_block_held_but_not_run_by_another_probes() -> None:
+    """A tied autoencoder's decoder layer holds its encoder layer (for its weight) and never runs it,
+    and a layer's child holds that layer back (a loop in the module tree): both probe as blocks (the
+    first was refused, the second hung, a review found). Oracle: torch.autograd.grad."""
+
+    class Enc(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(self.lin(x))
+
+    class Dec(nn.Module):
+        def __init__(self, enc: Enc) -> None:
+            super().__init__()
+            self.enc = enc
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(F.linear(x, self.enc.lin.weight.t()))
+
+    enc = [Enc() for _ in range(3)]
+    model = nn.Sequential(*enc, *(Dec(e) for e in reversed(enc)))
+    model[0].lin.back = model[0]  # a registered child holding its parent
+    blocks = [(str(i), m) for i, m in enumerate(model)]
+    x = torch.randn(4, 8)
+    m = probe_module(model, x, lambda out, _: out.pow(2).mean(), blocks=blocks)
+    outs, h = [], x.detach().requires_grad_()
+    for layer in model:
+        h = layer(h)
+        outs.append(h)
+    grads = torch.autograd.grad(h.pow(2).mean(), outs)
+    assert m.activation_grad_norms[1:] == pytest.approx([float(g.norm()) for g in grads], rel=1e-5)
+
+
+@pytest.mark.parametrize("where", ["inputs", "model", "frozen", "buffer"])
+@pytest.mark.parametrize("found", [True, False])
+def test_a_model_or_inputs_on_the_meta_device_is_a_usage_error(where: str, found: bool) -> None:
     """Meta tensors hold no values: an embedding lookup of meta ids in CPU weights read memory never
-    written (growth 1.02, 1.30, NaN from one call to the next, an audit found); refused in one line."""
+    written (growth 1.02, 1.30, NaN from one call to the next, an audit found); refused in one line,
+    before the forward that finding blocks runs, of a frozen table and a buffer too."""
     model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 8))
     ids = torch.randint(0, 10, (2, 3))
     if where == "model":
         model = model.to("meta")
+    elif where == "frozen":
+        model[0] = nn.Embedding(10, 8, device="meta").requires_grad_(False)
+    elif where == "buffer":
+        model[1].register_buffer("scale", torch.ones(8, device="meta"))
     else:
         ids = ids.to("meta")
+    blocks = None if found else [("1", model[1]), ("2", model[2])]
     with pytest.raises(UsageError, match=r"probe_module: the model or its inputs are on the meta device"):
-        probe_module(model, ids, lambda out, _: out.pow(2).mean(), blocks=[("1", model[1]), ("2", model[2])])
+        probe_module(model, ids, lambda out, _: out.pow(2).mean(), blocks=blocks)
 
 
 @pytest.mark.parametrize(
@@ -4240,8 +4286,17 @@ class ActBetween(nn.Module):
             elif self.act == "view":
                 x = layer(x).view(16, 64)
             else:
-                x = torch.tanh(layer(x)) if self.act == "tanh" else F.relu(layer(x))
+                x = ACTS[self.act](layer(x))
         return x
+
+
+ACTS = {  # what the model applies between blocks: one node, several (out used twice), in place
+    "tanh": torch.tanh,
+    "relu": F.relu,
+    "softsign": F.softsign,
+    "rmsnorm": lambda h: h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6),
+    "tanh_": torch.Tensor.tanh_,
+}
 
 
 def _between_seeds(depth: int = 9, **kw: Any) -> tuple[str, list[Measurement]]:
@@ -4295,3 +4350,68 @@ def test_the_between_gain_is_dL_d_output_over_dL_d_the_next_blocks_input() -> No
     for act in ("view", "residual"):
         _, ms = _between_seeds(sigma=1.0, act=act)
         assert [m.between_gain for m in ms] == [1.0] * 5
+
+
+@pytest.mark.parametrize("act", ["softsign", "rmsnorm", "tanh_"])
+def test_the_between_gain_of_a_function_of_several_nodes_or_in_place(act: str) -> None:
+    """softsign and an RMSNorm written by hand use the output twice (several autograd nodes); tanh_
+    changes it in place (the probe records a copy the model writes back). Each between gain is the
+    out-of-place function's, and the stack, every layer alike at sigma_w 4, reads uniform (it read
+    between gain 1 and 'layers.0', a review found). Oracle: torch.autograd.grad on the same seed's
+    model, tanh out of place for tanh_."""
+    got, ms = _between_seeds(sigma=4.0, act=act)
+    assert got.startswith("uniform"), got
+    torch.manual_seed(0)
+    model, x = ActBetween(9, 4.0, act=act), torch.randn(16, 64)
+    f = torch.tanh if act == "tanh_" else ACTS[act]
+    outs, ins, h = [], [], x
+    for layer in model.layers:
+        if outs:
+            ins.append(f(outs[-1]))
+            h = ins[-1]
+        outs.append(layer(h))
+    grads = torch.autograd.grad(f(outs[-1]).pow(2).mean(), outs[:-1] + ins)
+    ratios = [float(a.norm() / b.norm()) for a, b in zip(grads[:8], grads[8:], strict=True)]
+    assert ms[0].between_gain == pytest.approx(statistics.median(ratios), rel=1e-5)
+
+
+def test_the_between_gain_is_block_0s_chains_alone() -> None:
+    """An encoder taking each output as returned, a decoder with tanh between its blocks: the decoder's
+    between gain is none of the encoder's block 0, which a x6 plant makes the culprit (one median over
+    both chains read 'uniform', a review found). Oracle: the construction."""
+
+    class Dec(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.mem = nn.Linear(64, 64, bias=False), nn.Linear(64, 64, bias=False)
+            nn.init.normal_(self.lin.weight, std=0.5)
+
+        def forward(self, y: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+            return self.lin(y) + 0.1 * self.mem(memory)
+
+    class EncDec(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = nn.ModuleList(nn.Linear(64, 64, bias=False) for _ in range(4))
+            for i, layer in enumerate(self.enc):
+                nn.init.orthogonal_(layer.weight, gain=6.0 if i == 0 else 1.2)
+            self.dec = nn.ModuleList(Dec() for _ in range(8))
+            self.tgt = nn.Parameter(torch.randn(16, 64))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.enc:
+                x = layer(x)
+            y = self.tgt
+            for i, layer in enumerate(self.dec):
+                y = layer(torch.tanh(y) if i else y, memory=x)
+            return y
+
+    ms = []
+    for s in range(5):
+        torch.manual_seed(s)
+        model = EncDec()
+        blocks = [("enc." + n, m) for n, m in model.enc.named_children()]
+        blocks += [("dec." + n, m) for n, m in model.dec.named_children()]
+        ms.append(probe_module(model, torch.randn(16, 64), lambda out, _: out.pow(2).mean(), blocks=blocks))
+    assert [m.between_gain for m in ms] == [1.0] * 5 and all(m.chain_starts for m in ms)
+    assert culprit_of(ms) == "enc.0"
