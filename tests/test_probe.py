@@ -4415,3 +4415,37 @@ def test_the_between_gain_is_block_0s_chains_alone() -> None:
         ms.append(probe_module(model, torch.randn(16, 64), lambda out, _: out.pow(2).mean(), blocks=blocks))
     assert [m.between_gain for m in ms] == [1.0] * 5 and all(m.chain_starts for m in ms)
     assert culprit_of(ms) == "enc.0"
+
+
+def test_sparse_block_outputs_are_normed_as_their_dense_values() -> None:
+    """A block returning a sparse tensor: its forward norm is its values' (torch's vector_norm takes
+    no sparse tensor: the probe crashed, a review found). Oracle: the same tensors made dense."""
+
+    class Sparse(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x.to_dense() if x.is_sparse else x).to_sparse()
+
+    torch.manual_seed(0)
+    layers = nn.ModuleList(Sparse() for _ in range(4))
+
+    def run(x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        outs = []
+        for layer in layers:
+            x = layer(x)
+            outs.append(x)
+        return x.to_dense(), outs
+
+    model = nn.Module()
+    model.layers = layers
+    model.forward = lambda x: run(x)[0]  # type: ignore[method-assign]
+    x = torch.randn(3, 8)
+    m = probe_module(model, x, lambda out, _: out.pow(2).mean(), blocks=list(layers.named_children()))
+    y, outs = run(x)
+    grads = torch.autograd.grad(y.pow(2).mean(), outs)
+    dense = [float(o.detach().to_dense().norm()) for o in outs]
+    assert m.activation_norms[1:] == pytest.approx(dense, rel=1e-6)
+    assert m.activation_grad_norms[1:] == pytest.approx([float(g.to_dense().norm()) for g in grads], rel=1e-6)
