@@ -46,7 +46,7 @@ def alone_from(x: torch.Tensor, out: torch.Tensor) -> bool:
     it), within ALONE nodes: tanh(out), x / (1 + |x|) (out twice), an RMSNorm, layer_norm with its
     weight and bias. Then dL/d out is that function's Jacobian applied to dL/dx, nothing else added to
     it (a residual stream, x + out, hands out the gradient of every later use of the sum). Of a copy_
-    (a block output the model changes in place, recorded as a copy: recording._kept), the source
+    (a block output the model changes in place, recorded as a copy: blockcalls.kept), the source
     alone: what it overwrote gets no gradient."""
     start, target = x.grad_fn, out.grad_fn
     if start is None or target is None:

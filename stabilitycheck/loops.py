@@ -14,9 +14,9 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from stabilitycheck.blockcalls import floating, stack_of
 from stabilitycheck.junctions import taken_outputs
 from stabilitycheck.losses import Inputs, call_model
-from stabilitycheck.recording import floating, stack_of
 from stabilitycheck.rng import host_rng_kept
 from stabilitycheck.subject import DECLARED_NOTE, LEAVES_NOTE, MIXED, Blocks
 

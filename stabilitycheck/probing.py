@@ -318,7 +318,7 @@ def _run_step(run: _Run, drawn: Draws, *, hooks: bool, exact: bool = False, weig
         # the model changed a block's output in place after the block returned (an in-place ReLU after
         # it): the recorded tensor holds the changed values, and its gradient is theirs (x3 off under
         # mul_(3)). The forward again, with the same random draws, recording a copy of each that the
-        # model computes from and never changes (recording._kept), from the buffers it started from
+        # model computes from and never changes (blockcalls.kept), from the buffers it started from
         # (spectral_norm's vectors iterated twice moved step 0's gradients and every later step); where
         # it changed block 0's copy of its input, without that copy (no `(input)`: positions shift);
         # or where a block's carried state became known after its first call (carrying.Carrying.found)

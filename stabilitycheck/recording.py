@@ -1,10 +1,9 @@
-"""The probe's recorder of block outputs and junctions (forward hooks on the blocks), and what the
-watcher shares of it."""
+"""The probe's recorder of block outputs and junctions: forward hooks on the blocks, reading each
+call through blockcalls."""
 
 from __future__ import annotations
 
 import functools
-import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -13,6 +12,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge
 
+from stabilitycheck import blockcalls
 from stabilitycheck._tree import tensors
 from stabilitycheck.carrying import Carrying, goes_on_from, version_of
 from stabilitycheck.hooking import hooked, outside_graph
@@ -30,227 +30,13 @@ from stabilitycheck.junctions import (
 from stabilitycheck.measurement import INPUT
 
 
-def first_tensor(value: Any, scalars: bool = True) -> torch.Tensor | None:
-    """The first floating-point tensor of `value`, in order, inside tuples, lists and dicts; within
-    them a 0-d one only with `scalars`. As a block's output (scalars False): LSTMCell's (h, c), a
-    layer's (h, attention), {"aux_loss": l, "hidden": h}, (None, h) are read on h (element 0 alone
-    missed the dict and (None, h): their blocks read 0); an integer output is none (no gradient); an
-    MoE layer returning (router_logits, h) is read on its logits: declare a block that returns h. (The
-    probe's recorder reads a block called again on the tensors its next call takes: Recorder._repick
-    and carrying.Carrying.found.)"""
-    if isinstance(value, torch.Tensor):
-        return value if value.is_floating_point() else None
-    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, tuple | list) else ()
-    for item in items:
-        if scalars or not isinstance(item, torch.Tensor) or item.dim() > 0:
-            found = first_tensor(item, scalars)
-            if found is not None:
-                return found
-    return None
-
-
-def floating(value: Any) -> list[torch.Tensor]:
-    """Every floating-point tensor of a block's output with a dimension, in `first_tensor`'s order
-    (the first is what it returns with scalars False)."""
-    if isinstance(value, torch.Tensor):
-        return [value] if value.is_floating_point() and value.dim() > 0 else []
-    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, tuple | list) else ()
-    return [t for item in items for t in floating(item)]
-
-
-def _passes_on(args: tuple[Any, ...], kwargs: dict[str, Any], prev: torch.Tensor) -> bool:
-    """Whether a call takes `prev` itself, as an argument or in a tuple or list among them (a cell's
-    (x, h) or (x, (h, c))): it goes on with prev's chain, no junction to look for (the look cost
-    ~17 us a token, x1.4 an RNN's probe at 256 tokens)."""
-    for given in (args, kwargs.values()) if kwargs else (args,):  # loops: generators cost ~1 us a call
-        for a in given:
-            if a is prev:
-                return True
-            if isinstance(a, tuple | list):
-                for t in a:
-                    if t is prev:
-                        return True
-    return False
-
-
-def _cut(args: tuple[Any, ...], kwargs: dict[str, Any], prev: torch.Tensor) -> bool:
-    """Whether a cell's call takes its last output `prev` detached (`h = h.detach()` every K tokens:
-    truncated backpropagation through time) and not as it came: no gradient crosses from this call
-    to that one, and a gain across the cut is no Jacobian's (a loss on the last token read the
-    window before it as growth 0, a dead layer). Arguments and one level of tuples in them: (x, h)
-    and (x, (h, c)); a few checks a call, the cheapest that tell a detached alias."""
-    if not prev.requires_grad or prev.layout != torch.strided:  # a sparse tensor has no data_ptr
-        return False
-    found = False
-    for a in (*args, *kwargs.values()):
-        for t in a if isinstance(a, tuple | list) else (a,):
-            if t is prev:
-                return False
-            found = found or (
-                isinstance(t, torch.Tensor)
-                and not t.requires_grad
-                and t.layout == torch.strided
-                and t.data_ptr() == prev.data_ptr()
-                and t.shape == prev.shape
-            )
-    return found
-
-
-def _kept(out: torch.Tensor) -> torch.Tensor:
-    """A copy of a block's output `out` that the model never sees, written back into `out` in place, so
-    that everything the model computes from `out` afterwards (from `out` itself, its views, its base,
-    another reference to it) is computed from the copy: dL/d(copy) is dL/d(output as returned), and the
-    model's own in-place changes go into `out`, aliases and all, as without the probe. `out` itself
-    where it cannot be written (a view of a leaf that requires grad, one of several views returned
-    by one function: an in-place change by the model would have raised too)."""
-    kept = out.clone()
-    try:
-        out.copy_(kept)
-    except RuntimeError:
-        return out
-    return kept
-
-
-def _entry(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str | None, Any]:
-    """Where a block's chain enters its call (a keyword, None for the first positional argument) and
-    what is there: its first positional argument, or called by keyword alone, `hidden_states` (HF's
-    name) or else its one tensor argument; (None, None) where that is not one tensor."""
-    if args:
-        return None, args[0]
-    if "hidden_states" in kwargs:
-        return "hidden_states", kwargs["hidden_states"]
-    given = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
-    return (given[0], kwargs[given[0]]) if len(given) == 1 else (None, None)
-
-
-def _chain_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str | None, torch.Tensor] | None:
-    """The `_entry` of a block's call and its tensor, if floating and no other positional tensor has its
-    shape. A recurrent cell's call (u_t, h) or (x_t, (h, c)) has two such tensors: which one is the
-    chain is not knowable from the call, so none is taken. The entry passed again as itself (an
-    attention layer called as layer(h, h, h), Hugging Face's Funnel) is that one input, not another."""
-    key, x = _entry(args, kwargs)
-    if isinstance(x, nn.utils.rnn.PackedSequence):  # an nn.RNN's packed input: its data is the entry
-        x = x.data
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        return None
-    # x itself again is allowed where `_entering` puts its copy, a positional argument; inside a
-    # container (layer(h, (h, h))) it would read its original's gradient, as another input would
-    nested = [t for a in args[1:] if not isinstance(a, torch.Tensor) for t in tensors(a)]
-    if any(t.shape == x.shape and t is not x for t in args[1:] if isinstance(t, torch.Tensor)) or any(
-        t.shape == x.shape for t in nested
-    ):
-        return None
-    return key, x
-
-
-def _same_data(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """The same values in the same memory: `a` is `b`, or a view made again the same way (a checkpointed
-    function reshaping its input makes a new tensor object on its recomputation)."""
-    return a is b or (
-        a.data_ptr() == b.data_ptr()
-        and a.shape == b.shape
-        and a.stride() == b.stride()
-        and a.dtype == b.dtype
-    )
-
-
-def _as_returned(x: Any, out: torch.Tensor) -> bool:
-    """Whether `x`, computed from the last block output `out` (junctions.comes_from), holds its values
-    as they are: `out` itself or a view of all its data (a reshape between blocks has gain 1)."""
-    return x is out or (
-        isinstance(x, torch.Tensor)
-        and x.layout == out.layout == torch.strided
-        and x.data_ptr() == out.data_ptr()
-        and x.numel() == out.numel()
-    )
-
-
-def _severs(x: Any, out: torch.Tensor) -> bool:
-    """Whether `x`, what a block takes as its chain's input, is the last block's output `out` or a view
-    of its data, and carries no gradient while autograd records: a `detach()`, `.data` or a block run
-    under torch.no_grad() cuts the chain there, and no gradient reaches the blocks before it through
-    it (a 12-block stack cut at block 5 read growth 0.705 from its other half, with no word of it)."""
-    return (
-        isinstance(x, torch.Tensor)
-        and torch.is_grad_enabled()
-        and x.is_floating_point()
-        and not x.requires_grad
-        and _same_data(x, out)
-    )
-
-
-def _taken_norm(args: tuple[Any, ...], kwargs: dict[str, Any], returned: set[int]) -> torch.Tensor | None:
-    """The call's chain input (`_entry`; else its first positional floating tensor), its norm NaN where
-    another floating tensor it takes, by keyword or in a container, holds a NaN that no block call
-    returned (`returned`: their ids, this pass): a NaN the model's own code put into a cell's h beside
-    its x_t is found outside the blocks (it named the healthy cell[6]). Inf there is no finding (a
-    causal mask holds -inf), nor a tensor a block returned beside its chain (an LSTMCell's c: its NaN
-    is that block's, read where it shows as before). None where the call takes no floating tensor.
-    Taken on exact re-runs only, which are rare."""
-    x = _entry(args, kwargs)[1]
-    if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
-        x = first_tensor(args)
-    if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
-        return None
-    floats = [t for t in tensors((args, kwargs)) if t.is_floating_point()]
-    others = [t.detach() for t in floats if t is not x and id(t) not in returned]
-    first: torch.Tensor = torch.linalg.vector_norm(x.detach(), dtype=torch.float64)
-    if not others:
-        return first
-    poisoned = torch.stack([t.isnan().any() for t in others]).any()
-    marked: torch.Tensor = torch.where(poisoned, torch.full_like(first, math.nan), first)
-    return marked
-
-
-def stack_of(name: str) -> str:
-    """The container a block's name puts it in (`encoder.layers.5`: encoder.layers; `stages.1.0`:
-    stages.1; `encoder.enc0`: encoder); a model's own attribute is a stack of its own (two recurrent
-    cells `fwd` and `bwd` of a bidirectional reader: a junction between them), its Sequential layers
-    (`0`, `1`, ...) one stack."""
-    parent, _, last = name.rpartition(".")
-    return parent if parent or last.isdigit() else last
-
-
-def _entering(
-    args: tuple[Any, ...], kwargs: dict[str, Any], key: str | None, x: torch.Tensor
-) -> tuple[torch.Tensor, tuple[tuple[Any, ...], dict[str, Any]]]:
-    """A copy of block 0's input `x` that requires grad, and the call's arguments with it in x's place
-    (`key`: a keyword, None for the first positional argument) and wherever else the call passes x
-    itself (layer(h, h, h): the gradient through all of block 0's uses of its input, queries, keys and
-    values; with the copy in the first place alone, the other uses' gradients went uncounted): of an
-    `x` that requires grad already (a stem's or an embedding's output), a copy in its graph, so the
-    gradient still reaches what made it, while the copy's is the gradient through block 0 alone."""
-    entry = x.clone() if x.requires_grad else x.detach().requires_grad_().clone()
-    held = (args[0] if args else None) if key is None else kwargs.get(key)
-    # a PackedSequence keeps its batch sizes and indices around the copy of its data
-    placed = held._replace(data=entry) if isinstance(held, nn.utils.rnn.PackedSequence) else entry
-    args = tuple(entry if a is x else a for a in args)
-    kwargs = {k: entry if v is x else v for k, v in kwargs.items()}
-    if key is None:
-        return entry, ((placed, *args[1:]), kwargs)
-    return entry, (args, {**kwargs, key: placed})
-
-
-def _elsewhere(args: tuple[Any, ...], kwargs: dict[str, Any], key: str | None, first: torch.Tensor) -> bool:
-    """Whether a call of block 0 takes its `first` output (or what is computed from it) in another
-    argument than the one its entry came from (`key`: see _entry), and not in that one: the chain of a
-    recurrent cell called as cell(x_t, h), which runs through h."""
-    at = (args[0] if args else None) if key is None else kwargs.get(key)
-    if comes_from(at, first):
-        return False
-    others = (
-        [*args[1:], *kwargs.values()] if key is None else [*args, *(v for k, v in kwargs.items() if k != key)]
-    )
-    return any(comes_from(t, first) for t in tensors(others))
-
-
 class Recorder:
     """Forward hooks on the blocks, collecting (block index, output) of every block call while active;
     dL/d(output) is then captured by the backward pass itself (torch.autograd.grad), no tensor hooks.
 
     With `input_side`, block 0's input is the chain's first entry (index -1, named INPUT), so block
     0's own gain is measured: taken on block 0's first call when no block has run before it, its
-    input is the chain's entry (`_chain_input`) and the block did not modify its input in place (its
+    input is the chain's entry (`blockcalls.chain_input`) and the block did not modify its input in place (its
     version counter). The shapes may differ (an nn.RNN from input to hidden width, a stem widening
     the channels): under fan-in init a layer's backward gain does not depend on its widths, and for
     a whole-sequence recurrent block it is where the growth through time shows. The input is replaced
@@ -276,8 +62,8 @@ class Recorder:
         self.held: list[torch.Tensor] = []  # and those tensors, kept alive until the next start
         self.entry: torch.Tensor | None = None  # block 0's input, until its first call returns
         self.version = 0  # the entry's version counter when block 0 received it
-        self.key: str | None = None  # where the entry came from in block 0's call: see _entry
-        self.recheck = False  # block 0 took the entry: its next call is checked (`_elsewhere`)
+        self.key: str | None = None  # where the entry came from in block 0's call: see blockcalls.entry
+        self.recheck = False  # block 0 took the entry: its next call is checked (`blockcalls.elsewhere`)
         self.dropped = False  # the entry is not the chain's (block 0's next call): `take` drops it
         self.touched = False  # block 0 changed its copy of the input in place (`entry_moved`)
         self.around: list[torch.Tensor] = []  # dL/d sum of a residual add around block 0 (`skip_around`),
@@ -291,14 +77,16 @@ class Recorder:
         self.fed: Any = None
         self.goes_on = False  # the call after block 0's next takes the add's sum plus that call's output
         self.versions: list[int] = []  # per recorded output, its version counter when recorded
-        self.copied: frozenset[int] = frozenset()  # positions in `outputs` recorded as a copy (`_kept`)
+        self.copied: frozenset[int] = (
+            frozenset()
+        )  # positions in `outputs` recorded as a copy (`blockcalls.kept`)
         self.breaks: set[int] = set()  # positions in `outputs` whose block does not take the last output
         self.feeds: dict[int, frozenset[int]] = {}  # per break, the starts of the chains its call takes
-        self.cuts: set[int] = set()  # breaks where a cell took its last output detached (`_cut`)
+        self.cuts: set[int] = set()  # breaks where a cell took its last output detached (`blockcalls.cut`)
         # calls taking, as their chain's input, the last output or a detached view of it that carries
-        # no gradient (`_severs`): the gradient stops there (readings.cut_before says where it shows)
+        # no gradient (`blockcalls.severs`): the gradient stops there (readings.cut_before says where)
         self.severed: set[int] = set()
-        self.stacks = [stack_of(name) for name, _ in blocks]
+        self.stacks = [blockcalls.stack_of(name) for name, _ in blocks]
         self.modules = [module for _, module in blocks]
         self.own: dict[str, set[Any]] = {s: set() for s in self.stacks}  # its outputs' nodes this pass
         self.registrations = [  # made once; the hooks are on the model only from `start` to `remove`
@@ -365,23 +153,23 @@ class Recorder:
         if self._skipped(0):  # not recorded: the entry is block 0's first call with grad
             return None
         if self.recheck:  # block 0's next call; its first output follows the entry, at position 1
-            self.dropped |= self.active and _elsewhere(args, kwargs, self.key, self.outputs[1])
+            self.dropped |= self.active and blockcalls.elsewhere(args, kwargs, self.key, self.outputs[1])
             self.recheck = False
             if self.raw is None:
                 self._unhook()
                 return None
-        chain = _chain_input(args, kwargs) if torch.is_grad_enabled() else None
+        chain = blockcalls.chain_input(args, kwargs) if torch.is_grad_enabled() else None
         if self.raw is not None:  # the first call's input again: each call gets a copy, so that a
             # checkpoint's recomputation in the backward saves what its forward saved
-            again = chain is not None and _same_data(chain[1], self.raw)
-            return _entering(args, kwargs, *chain)[1] if again and chain is not None else None
+            again = chain is not None and blockcalls.same_data(chain[1], self.raw)
+            return blockcalls.entering(args, kwargs, *chain)[1] if again and chain is not None else None
         first = chain is not None and self.active and not self.calls
         if chain is None or not first:  # block 0's first call only: a recurrent cell is called once
             self._unhook()  # per token
             return None
         self.raw = chain[1]  # the hook stays: a checkpoint may call block 0 on it again in the backward
         self.key = chain[0]
-        self.entry, replaced = _entering(args, kwargs, *chain)
+        self.entry, replaced = blockcalls.entering(args, kwargs, *chain)
         self.version = self.entry._version
         return replaced
 
@@ -424,16 +212,18 @@ class Recorder:
         not, record the junction: the chains it takes (`feeds`) and a break where its output goes."""
         stack = self.stacks[b]
         if self.active and self.outputs and not self._skipped(b):
-            at, x = len(self.outputs), _entry(args, kwargs)[1]
+            at, x = len(self.outputs), blockcalls.entry(args, kwargs)[1]
             if isinstance(x, tuple | list | Mapping):  # a call taking one container, an nn.RNN's
-                x = first_tensor(x, scalars=False)  # PackedSequence or a block's (h, mask): its chain
+                x = blockcalls.first_tensor(
+                    x, scalars=False
+                )  # PackedSequence or a block's (h, mask): its chain
                 # is its first floating tensor, as a block's output is read (taken whole, a junction read
                 # a packed nn.RNN's gain in no chain: growth 0.49 where torch's is 7814)
             entry = self.calls[0] < 0
-            if _severs(x, self.outputs[-1]) and self._upstream_learns():
+            if blockcalls.severs(x, self.outputs[-1]) and self._upstream_learns():
                 self.severed.add(at)  # read as before (a frozen backbone under a head is meant so); said
             if comes_from(x, self.outputs[-1]):
-                if _as_returned(x, self.outputs[-1]):
+                if blockcalls.as_returned(x, self.outputs[-1]):
                     self.as_returned.append(at)
                 elif isinstance(x, torch.Tensor) and x.requires_grad and alone_from(x, self.outputs[-1]):
                     self.between.append((at, x))  # a function of the output alone: its gain is one
@@ -461,7 +251,7 @@ class Recorder:
                 restart = self.calls[-1] == 0 or self.calls.count(0) > 1  # a cell's: not a tower's 2nd pass
                 if b == 0 and self.lone and not self.feeds[at] and restart:
                     # a cell run on from a fresh state (reset every K tokens) ends its window as a
-                    # detach does (`_cut`): a loss on the last token takes nothing from the windows
+                    # detach does (`blockcalls.cut`): a loss on the last token takes nothing from the windows
                     # before it (their 0 / 0 read the model's growth as none, for g^(K-1)); a tower's
                     # second pass (block 0 called once before) is no window: one behind a zero gate
                     # says so (0 / 0), as a list-held tower's does
@@ -483,14 +273,14 @@ class Recorder:
         def on_forward(module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> Any:
             swapped = None
             if self.active and not self._skipped(b):
-                outs = floating(output)
+                outs = blockcalls.floating(output)
                 pick = self.picks.get(b, 0)
-                out = outs[pick] if pick < len(outs) else first_tensor(output, scalars=False)
+                out = outs[pick] if pick < len(outs) else blockcalls.first_tensor(output, scalars=False)
                 if out is None:
                     self.empty.add(b)
                 else:
                     again, mine = b == 0 and self.lone and bool(calls), self.last.get(0)
-                    passes = again and mine is not None and _passes_on(args, kwargs, outputs[mine])
+                    passes = again and mine is not None and blockcalls.passes_on(args, kwargs, outputs[mine])
                     again = again and not passes  # a cell called on its own last output: the chain goes on
                     if (b in self.later or again) and (args or kwargs):
                         self._joins(b, args, kwargs)
@@ -522,10 +312,10 @@ class Recorder:
                     if b in carrying.extras:
                         swapped, outs = carrying.carry(b, len(outputs), output, outs, (args, kwargs), calls)
                     if len(outputs) in self.copied:  # the model changes `out`, the copy stays as returned
-                        out = _kept(out)
-                    # a call taking its last output as it came took it undetached (`_cut`'s first check)
+                        out = blockcalls.kept(out)
+                    # taking its last output as it came, it took it undetached (blockcalls.cut's first look)
                     cut = calls and calls[-1] == b and b not in self.later and not passes
-                    if cut and _cut(args, kwargs, outputs[-1]):
+                    if cut and blockcalls.cut(args, kwargs, outputs[-1]):
                         self.breaks.add(len(outputs))  # a window of its own, beside the last
                         self.feeds[len(outputs)] = frozenset()
                         self.cuts.add(len(outputs))
@@ -546,7 +336,7 @@ class Recorder:
                     if out.grad_fn is not None:
                         own.add(out.grad_fn)
                     if self.entering is not None:
-                        self.entering.append(_taken_norm(args, kwargs, self.returned))
+                        self.entering.append(blockcalls.taken_norm(args, kwargs, self.returned))
                         self.returned.update(id(t) for t in outs)
                         self.held += outs  # alive while their ids stand for them
             return swapped
@@ -622,9 +412,9 @@ class Recorder:
     def start(self, inputs: bool = False, copied: frozenset[int] = frozenset(), entry: bool = True) -> None:
         """Hook the blocks and record from now on; with `inputs`, each call's floating input too
         (`entering`); the outputs at positions `copied` are recorded as a copy the model computes from
-        and never changes (`_kept`: a re-run of a step whose model changed them in place, `changed`);
-        without `entry`, block 0's input is left as it is, no copy, no `(input)` (a re-run of a step
-        whose model changed the copy in place: `entry_moved`)."""
+        and never changes (`blockcalls.kept`: a re-run of a step whose model changed them in place,
+        `changed`); without `entry`, block 0's input is left as it is, no copy, no `(input)` (a re-run
+        of a step whose model changed the copy in place: `entry_moved`)."""
         if not self.handles:
             self.handles = hooked(self.registrations)
         self.release()

@@ -30,6 +30,7 @@ from torch import nn
 
 from stabilitycheck import distributed
 from stabilitycheck._tree import tensors
+from stabilitycheck.blockcalls import first_tensor
 from stabilitycheck.hooking import callers_level, hooked, outside_graph
 from stabilitycheck.norms import (
     STACK_MIN,
@@ -42,7 +43,6 @@ from stabilitycheck.norms import (
     norm,
     refine,
 )
-from stabilitycheck.recording import first_tensor
 
 PENDING_CAP = 1 << 22  # elements kept for lazy norms (16 MiB in float32) before they are normed
 # a capture larger than this (128 KiB in float32) is normed at once, while it is in cache: on the

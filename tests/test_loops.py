@@ -485,9 +485,9 @@ def test_a_truncated_bptt_window_is_a_chain_of_its_own(carried: bool, last: bool
 
 
 def test_the_cut_check_reads_a_detached_alias_and_nothing_else() -> None:
-    """recording._cut by hand: the last output detached is a cut, as it came or a copy is not; a
+    """blockcalls.cut by hand: the last output detached is a cut, as it came or a copy is not; a
     sparse output, which has no data pointer to compare, is none (the check raised on it)."""
-    from stabilitycheck.recording import _cut
+    from stabilitycheck.blockcalls import cut as _cut
 
     x = torch.randn(2, 3)
     h = torch.randn(2, 3, requires_grad=True) * 1.0

@@ -4001,7 +4001,7 @@ class _CallsBiasedByKeyword(nn.Module):
 
 
 def test_a_keyword_call_of_two_tensors_has_no_input_side_whatever_their_order() -> None:
-    """recording._entry: called by keyword alone, the entry is `hidden_states` or else the call's one
+    """blockcalls.entry: called by keyword alone, the entry is `hidden_states` or else the call's one
     tensor argument, '(None, None) where that is not one tensor': with the float bias given before the
     integer ids, taking the first tensor read the bias as the chain's input. Oracle: the documented
     rule (the block's own arguments: two tensors)."""

@@ -13,10 +13,10 @@ from stabilitycheck.probing import probe_module
 
 
 def test_the_cut_check_reads_lists_and_a_slice_is_no_cut() -> None:
-    """recording._cut by hand: a state passed as a list, [h.detach(), c], is cut as a tuple is; a
+    """blockcalls.cut by hand: a state passed as a list, [h.detach(), c], is cut as a tuple is; a
     detached slice of h at its start (the same data pointer, another shape) beside a live view of h
     is no cut: the gradient reaches h through the view."""
-    from stabilitycheck.recording import _cut
+    from stabilitycheck.blockcalls import cut as _cut
 
     x = torch.randn(2, 3)
     h = torch.randn(2, 3, requires_grad=True) * 1.0
@@ -59,7 +59,7 @@ class _FirstTakesTwo(nn.Module):
 
 def test_block_0_taking_a_second_positional_tensor_of_its_inputs_shape_has_no_entry() -> None:
     """Block 0 called as (x, h0), two tensors of one shape: which is the chain is unknowable, so its input
-    is not taken (recording._chain_input). Oracle: torch's gradients of the block outputs."""
+    is not taken (blockcalls.chain_input). Oracle: torch's gradients of the block outputs."""
     torch.manual_seed(0)
     model, x = _FirstTakesTwo(), torch.randn(4, 8, dtype=F64)
     loss = lambda o, _: o.square().sum()  # noqa: E731

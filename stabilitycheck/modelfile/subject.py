@@ -17,6 +17,7 @@ from torch.nn.parameter import UninitializedParameter
 
 from stabilitycheck._tree import tensors
 from stabilitycheck._validation import article, describe, raised_at
+from stabilitycheck.blockcalls import floating
 from stabilitycheck.config import Config
 from stabilitycheck.errors import StabilityCheckError
 from stabilitycheck.families import Scalar
@@ -37,7 +38,6 @@ from stabilitycheck.modelfile.convention import (
 )
 from stabilitycheck.modelfile.importer import ModelFileError
 from stabilitycheck.modelfile.inputs import move
-from stabilitycheck.recording import floating
 from stabilitycheck.rng import SALT_BATCH, SALT_INFER, SALT_LOSS, derived, host_rng_kept, seed_all
 from stabilitycheck.space import INIT_SCALES, Axis, Space
 from stabilitycheck.subject import Built, find_blocks, torch_dtype
