@@ -6,9 +6,8 @@ weight and never runs it)."""
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
@@ -40,14 +39,14 @@ def held(pairs: Sequence[tuple[str, nn.Module]]) -> dict[int, list[int]]:
     return holders
 
 
-@contextlib.contextmanager
-def refused_inside(pairs: Sequence[tuple[str, nn.Module]], who: str) -> Iterator[None]:
-    """While open, a block called inside the call of a block holding it raises a one-line UsageError
-    from `who` naming both. No hook where no block holds another (the usual case: nothing to pay)."""
+def refusing_inside(pairs: Sequence[tuple[str, nn.Module]], who: str) -> list[Any]:
+    """Hooks under which a block called inside the call of a block holding it raises a one-line
+    UsageError from `who` naming both; none where no block holds another (the usual case: nothing to
+    pay). The caller removes them. A holder's call counts as over even where its forward raised (a
+    model that catches that and goes on read its next pass as inside it)."""
     holders = held(pairs)
     if not holders:
-        yield
-        return
+        return []
     running: Counter[int] = Counter()
 
     def enter(outer: int) -> Any:
@@ -71,10 +70,6 @@ def refused_inside(pairs: Sequence[tuple[str, nn.Module]], who: str) -> Iterator
 
     outers = sorted({outer for found in holders.values() for outer in found})
     handles = [pairs[o][1].register_forward_pre_hook(enter(o)) for o in outers]
-    handles += [pairs[o][1].register_forward_hook(leave(o)) for o in outers]
+    handles += [pairs[o][1].register_forward_hook(leave(o), always_call=True) for o in outers]
     handles += [pairs[i][1].register_forward_hook(check(i)) for i in holders]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    return handles

@@ -35,7 +35,7 @@ from stabilitycheck.measurement import (
     Measurement as Measurement,  # `X as X`: re-exported, it was defined here
 )
 from stabilitycheck.measurement import NonFinite
-from stabilitycheck.nesting import refused_inside
+from stabilitycheck.nesting import refusing_inside
 from stabilitycheck.norms import STACK_MIN, dense, norm_values
 from stabilitycheck.readings import (
     Step,
@@ -502,14 +502,15 @@ def probe_module(
             "read 1, stable, whatever the model does; give the model's repeated blocks, e.g. "
             "blocks=[(f'layers.{i}', m) for i, m in enumerate(model.layers)]"
         )
-    run = functools.partial(
-        _measure, model, modules, params, inputs, loss_fn, settings=settings, chosen=chosen
-    )
-    with refused_inside(blocks, "probe_module"):
-        try:
-            return run(tuple(blocks), ordered=False)
-        except _OutOfOrder as late:  # another block ran before block 0: its input is the chain's entry
-            return run(tuple(blocks[i] for i in late.order), ordered=True)
+    run = functools.partial(_measure, model, modules, inputs, loss_fn, settings=settings, chosen=chosen)
+    handles = refusing_inside(blocks, "probe_module")
+    try:
+        return run(tuple(blocks), ordered=False)
+    except _OutOfOrder as late:  # another block ran before block 0: its input is the chain's entry
+        return run(tuple(blocks[i] for i in late.order), ordered=True)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _tensors_of(modules: Sequence[nn.Module]) -> list[torch.Tensor]:
@@ -538,7 +539,6 @@ class _OutOfOrder(Exception):
 def _measure(
     model: nn.Module,
     modules: tuple[nn.Module, ...],
-    params: tuple[nn.Parameter, ...],
     inputs: Inputs,
     loss_fn: LossFn,
     blocks: Sequence[tuple[str, nn.Module]],
@@ -547,12 +547,12 @@ def _measure(
     chosen: str,
     ordered: bool,
 ) -> Measurement:
-    """probe_module's run on `blocks` of the model (whose `modules` and trainable `params` are given)
-    under its checked `settings` (`chosen`: how the blocks were found, or ''); `ordered`: in the order of
+    """probe_module's run on `blocks` of the model (whose `modules` are given) under its checked
+    `settings` (`chosen`: how the blocks were found, or ''); `ordered`: in the order of
     their calls already (else step 0 raises _OutOfOrder where another block ran before block 0)."""
     steps, seed, lr, amp = settings.steps, settings.seed, settings.lr, settings.amp
     names = tuple(name for name, _ in blocks)
-    layout = layout_of(model, blocks, params)
+    layout = layout_of(model, blocks, trainable(modules))  # again: a lazy layer's first call made its own
     params, owner = layout.params, layout.owner
     device = params[0].device
     scaler = torch.amp.GradScaler(device.type) if amp == "float16" else None

@@ -32,6 +32,7 @@ from stabilitycheck.carrying import version_of
 from stabilitycheck.distributed import Layout
 from stabilitycheck.errors import UsageError, did_you_mean, no_trainable
 from stabilitycheck.layout import block_of
+from stabilitycheck.nesting import refusing_inside
 from stabilitycheck.norms import dense
 from stabilitycheck.spikes import SpikeRule, noisier, unmeasured
 from stabilitycheck.subject import BYPASSED, find_blocks, own_blocks, shown_blocks
@@ -166,6 +167,7 @@ class Watcher:
         if self._open or self.report is not None:
             raise UsageError("watch: a watcher runs once; make a new one with watch(...) for another run")
         self._handles += self.capture.attach(self.model)  # first: a block it cannot hook leaves nothing
+        self._handles += refusing_inside(self.blocks, "watch")
         self._open = True
         self._versions = [version_of(p) for p in self.params]  # an update changes them: `_no_step`
         if self.world == 1:  # under torch.distributed a rank stopping alone would hang the others' flush

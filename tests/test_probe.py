@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import gc
 import inspect
+import io
 import itertools
 import json
 import math
@@ -4449,3 +4450,90 @@ def test_sparse_block_outputs_are_normed_as_their_dense_values() -> None:
     dense = [float(o.detach().to_dense().norm()) for o in outs]
     assert m.activation_norms[1:] == pytest.approx(dense, rel=1e-6)
     assert m.activation_grad_norms[1:] == pytest.approx([float(g.to_dense().norm()) for g in grads], rel=1e-6)
+
+
+def test_a_holders_call_that_raises_does_not_leave_its_blocks_inside_it() -> None:
+    """A decoder layer holding its encoder layer (never running it) raises once and the model falls
+    back: the holder's call is over all the same, and the next pass's encoder calls are not read as
+    inside it (they were refused, a review found). Oracle: the probe runs, no hook is left."""
+
+    class Enc(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(self.lin(x))
+
+    class Dec(nn.Module):
+        def __init__(self, enc: Enc) -> None:
+            super().__init__()
+            self.enc, self.fast = enc, True
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.fast:
+                self.fast = False
+                raise RuntimeError("fused kernel unavailable")
+            return torch.tanh(F.linear(x, self.enc.lin.weight.t()))
+
+    class AE(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = nn.ModuleList(Enc() for _ in range(3))
+            self.dec = nn.ModuleList(Dec(e) for e in reversed(self.enc))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for e in self.enc:
+                x = e(x)
+            for d in self.dec:
+                try:
+                    x = d(x)
+                except RuntimeError:
+                    x = d(x)
+            return x
+
+    model = AE()
+    blocks = [(f"enc.{i}", e) for i, e in enumerate(model.enc)] + [
+        (f"dec.{i}", d) for i, d in enumerate(model.dec)
+    ]
+    m = probe_module(model, torch.randn(4, 8), lambda out, _: out.pow(2).mean(), blocks=blocks, steps=2)
+    assert m.steps_run == 2 and not any(b._forward_hooks or b._forward_pre_hooks for _, b in blocks)
+
+
+def test_a_block_run_inside_another_under_watch_is_a_usage_error() -> None:
+    """watch() refuses a block run inside a block that holds it, as the probe does (the check moved
+    from the blocks' list to their calls, and watch had lost it, a review found)."""
+    import stabilitycheck
+
+    model = nn.Sequential(
+        nn.Sequential(nn.Linear(4, 4), nn.Tanh()), nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    blocks = [("0", model[0]), ("0.0", model[0][0]), ("1", model[1])]
+    said = r"watch: block '0.0' runs inside block '0', which holds it"
+    with (
+        pytest.raises(UsageError, match=said),
+        stabilitycheck.watch(model, opt, blocks=blocks, report=io.StringIO()),
+    ):
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+
+
+def test_a_block_that_makes_its_weight_at_its_first_call_is_measured_out_of_order_too() -> None:
+    """A layer creating its weight at its first call, blocks given out of call order: the probe's
+    second run, in call order, reads the weights made by then (it read 0 for both, a review found)."""
+
+    class Lazy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w: nn.Parameter | None = None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.w is None:
+                self.w = nn.Parameter(torch.randn(x.shape[-1], 8) / 3)
+            return torch.tanh(x @ self.w)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), Lazy(), nn.Linear(8, 8), Lazy(), nn.Linear(8, 8))
+    blocks = [("3", model[3]), ("1", model[1]), ("4", model[4])]  # called 1, 3, 4
+    m = probe_module(model, torch.randn(4, 8), lambda out, _: out.pow(2).mean(), blocks=blocks, steps=3)
+    assert m.layer_names == ("1", "3", "4") and all(w > 0 for w in m.weight_norms), m.weight_norms
