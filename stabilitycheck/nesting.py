@@ -42,8 +42,9 @@ def held(pairs: Sequence[tuple[str, nn.Module]]) -> dict[int, list[int]]:
 def refusing_inside(pairs: Sequence[tuple[str, nn.Module]], who: str) -> list[Any]:
     """Hooks under which a block called inside the call of a block holding it raises a one-line
     UsageError from `who` naming both; none where no block holds another (the usual case: nothing to
-    pay). The caller removes them. A holder's call counts as over even where its forward raised (a
-    model that catches that and goes on read its next pass as inside it)."""
+    pay). The caller removes them. A holder's call counts as begun before its other pre-hooks and as
+    over even where its forward or a pre-hook raised (a model that catches that and goes on read its
+    next pass as inside it, or as never inside it again)."""
     holders = held(pairs)
     if not holders:
         return []
@@ -53,7 +54,10 @@ def refusing_inside(pairs: Sequence[tuple[str, nn.Module]], who: str) -> list[An
         return lambda *_: running.update((outer,))
 
     def leave(outer: int) -> Any:
-        return lambda *_: running.subtract((outer,))
+        def hook(*_: Any) -> None:  # never below 0: a pre-hook of the model's raising before `enter`
+            running[outer] = max(running[outer] - 1, 0)
+
+        return hook
 
     def check(inner: int) -> Any:
         def hook(*_: Any) -> None:
@@ -69,7 +73,7 @@ def refusing_inside(pairs: Sequence[tuple[str, nn.Module]], who: str) -> list[An
         return hook
 
     outers = sorted({outer for found in holders.values() for outer in found})
-    handles = [pairs[o][1].register_forward_pre_hook(enter(o)) for o in outers]
+    handles = [pairs[o][1].register_forward_pre_hook(enter(o), prepend=True) for o in outers]
     handles += [pairs[o][1].register_forward_hook(leave(o), always_call=True) for o in outers]
     handles += [pairs[i][1].register_forward_hook(check(i)) for i in holders]
     return handles

@@ -4537,3 +4537,34 @@ def test_a_block_that_makes_its_weight_at_its_first_call_is_measured_out_of_orde
     blocks = [("3", model[3]), ("1", model[1]), ("4", model[4])]  # called 1, 3, 4
     m = probe_module(model, torch.randn(4, 8), lambda out, _: out.pow(2).mean(), blocks=blocks, steps=3)
     assert m.layer_names == ("1", "3", "4") and all(w > 0 for w in m.weight_norms), m.weight_norms
+
+
+def test_a_holders_pre_hook_that_raises_does_not_turn_the_nesting_check_off() -> None:
+    """The model's own pre-hook on a holder raises once and the model calls it again: the holder's call
+    is counted from before that hook, so the count never goes below 0 and the nesting is still
+    refused (it went to -1 and was read as one chain, a review found)."""
+
+    class Retry(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blk, self.o = nn.Sequential(nn.Linear(4, 4), nn.Tanh()), nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            try:
+                x = self.blk(x)
+            except RuntimeError:
+                x = self.blk(x)
+            return self.o(x)
+
+    calls = [0]
+
+    def busy_once(module: nn.Module, args: Any) -> None:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise RuntimeError("busy")
+
+    model = Retry()
+    model.blk.register_forward_pre_hook(busy_once)
+    blocks = [("blk", model.blk), ("blk.0", model.blk[0]), ("o", model.o)]
+    with pytest.raises(UsageError, match=r"block 'blk.0' runs inside block 'blk'"):
+        probe_module(model, torch.randn(8, 4), lambda out, _: out.pow(2).mean(), blocks=blocks)
