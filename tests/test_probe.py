@@ -1337,29 +1337,39 @@ def test_a_block_run_inside_another_is_a_usage_error() -> None:
     assert len(side.gains) == 2
 
 
+class TiedEnc(nn.Module):
+    """An encoder layer of a tied autoencoder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(x))
+
+
+class TiedDec(nn.Module):
+    """Its decoder layer: holds the encoder layer for its weight, never runs it; with `fails_once`, its
+    first call raises (a fused path the model then falls back from)."""
+
+    def __init__(self, enc: TiedEnc, fails_once: bool = False) -> None:
+        super().__init__()
+        self.enc, self.fails = enc, fails_once
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fails:
+            self.fails = False
+            raise RuntimeError("fused kernel unavailable")
+        return torch.tanh(F.linear(x, self.enc.lin.weight.t()))
+
+
 def test_a_block_held_but_not_run_by_another_probes() -> None:
     """A tied autoencoder's decoder layer holds its encoder layer (for its weight) and never runs it,
     and a layer's child holds that layer back (a loop in the module tree): both probe as blocks (the
     first was refused, the second hung, a review found). Oracle: torch.autograd.grad."""
 
-    class Enc(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = nn.Linear(8, 8)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.tanh(self.lin(x))
-
-    class Dec(nn.Module):
-        def __init__(self, enc: Enc) -> None:
-            super().__init__()
-            self.enc = enc
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.tanh(F.linear(x, self.enc.lin.weight.t()))
-
-    enc = [Enc() for _ in range(3)]
-    model = nn.Sequential(*enc, *(Dec(e) for e in reversed(enc)))
+    enc = [TiedEnc() for _ in range(3)]
+    model = nn.Sequential(*enc, *(TiedDec(e) for e in reversed(enc)))
     model[0].lin.back = model[0]  # a registered child holding its parent
     blocks = [(str(i), m) for i, m in enumerate(model)]
     x = torch.randn(4, 8)
@@ -4457,30 +4467,11 @@ def test_a_holders_call_that_raises_does_not_leave_its_blocks_inside_it() -> Non
     back: the holder's call is over all the same, and the next pass's encoder calls are not read as
     inside it (they were refused, a review found). Oracle: the probe runs, no hook is left."""
 
-    class Enc(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = nn.Linear(8, 8)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.tanh(self.lin(x))
-
-    class Dec(nn.Module):
-        def __init__(self, enc: Enc) -> None:
-            super().__init__()
-            self.enc, self.fast = enc, True
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if self.fast:
-                self.fast = False
-                raise RuntimeError("fused kernel unavailable")
-            return torch.tanh(F.linear(x, self.enc.lin.weight.t()))
-
     class AE(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.enc = nn.ModuleList(Enc() for _ in range(3))
-            self.dec = nn.ModuleList(Dec(e) for e in reversed(self.enc))
+            self.enc = nn.ModuleList(TiedEnc() for _ in range(3))
+            self.dec = nn.ModuleList(TiedDec(e, fails_once=True) for e in reversed(self.enc))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             for e in self.enc:
