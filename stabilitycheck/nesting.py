@@ -62,9 +62,10 @@ def refusing_inside(pairs: Sequence[tuple[str, nn.Module]], who: str) -> list[An
     def check(inner: int) -> Any:
         def hook(*_: Any) -> None:
             inside = [outer for outer in holders[inner] if running[outer] > 0]
-            if inside:
+            if inside:  # named: the innermost, held by the most blocks, whatever the list's order
+                outer = max(inside, key=lambda o: len(holders.get(o, ())))
                 raise UsageError(
-                    f"{who}: block {pairs[inner][0]!r} runs inside block {pairs[inside[0]][0]!r}, which "
+                    f"{who}: block {pairs[inner][0]!r} runs inside block {pairs[outer][0]!r}, which "
                     "holds it: its output and the outer block's would read as two steps of one chain (a "
                     "gain between unrelated tensors); list blocks none of which runs another, e.g. the "
                     "model's repeated layers"

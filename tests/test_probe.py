@@ -4559,3 +4559,15 @@ def test_a_holders_pre_hook_that_raises_does_not_turn_the_nesting_check_off() ->
     blocks = [("blk", model.blk), ("blk.0", model.blk[0]), ("o", model.o)]
     with pytest.raises(UsageError, match=r"block 'blk.0' runs inside block 'blk'"):
         probe_module(model, torch.randn(8, 4), lambda out, _: out.pow(2).mean(), blocks=blocks)
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (2, 1, 0)])
+def test_a_block_run_inside_two_holders_names_the_innermost(order: tuple[int, ...]) -> None:
+    """A ⊃ A.0 ⊃ A.0.0: the refusal names the block A.0.0 runs inside directly, whichever order the
+    blocks are listed in (it named A listed outer-first, A.0 inner-first, a review found)."""
+    model = nn.Sequential(nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Tanh())), nn.Linear(4, 4))
+    pairs = [("A", model[0]), ("A.0", model[0][0]), ("A.0.0", model[0][0][0])]
+    with pytest.raises(UsageError, match=r"block 'A.0.0' runs inside block 'A.0', "):
+        probe_module(
+            model, torch.randn(2, 4), lambda out, _: out.pow(2).mean(), blocks=[pairs[i] for i in order]
+        )
