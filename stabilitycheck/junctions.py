@@ -37,6 +37,36 @@ def made_from(x: Any, targets: set[Any], past: Collection[Any] = ()) -> bool:
     return isinstance(x, torch.Tensor) and _node_made_from(x.grad_fn, targets, past)
 
 
+ALONE = 64  # autograd nodes `alone_from` looks at between a block's output and the next block's input
+
+
+def alone_from(x: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether `x` is computed from `out` and parameters alone: every path back from x's node reaches
+    out's node or a parameter's leaf without a node made before out's (a node's inputs are older than
+    it), within ALONE nodes: tanh(out), x / (1 + |x|) (out twice), an RMSNorm, layer_norm with its
+    weight and bias. Then dL/d out is that function's Jacobian applied to dL/dx, nothing else added to
+    it (a residual stream, x + out, hands out the gradient of every later use of the sum). Of a copy_
+    (a block output the model changes in place, recorded as a copy: blockcalls.kept), the source
+    alone: what it overwrote gets no gradient."""
+    start, target = x.grad_fn, out.grad_fn
+    if start is None or target is None:
+        return False
+    oldest = target._sequence_nr()
+    frontier, seen = [start], {start}
+    while frontier:
+        node = frontier.pop()
+        if node is target:
+            continue
+        if len(seen) > ALONE or node._sequence_nr() < oldest:
+            return False
+        edges = node.next_functions[1:] if type(node).__name__ == "CopyBackwards" else node.next_functions
+        for child, _ in edges:
+            if child is not None and child not in seen and type(child).__name__ != "AccumulateGrad":
+                seen.add(child)
+                frontier.append(child)
+    return True
+
+
 NEAR = 32  # autograd nodes `near` looks at behind one tensor
 
 

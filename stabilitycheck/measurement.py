@@ -69,9 +69,9 @@ class Measurement:
     profile_step: int = 0  # the step the per-block numbers are from (see probing.probe_module)
     state_end: bool = False  # the last reached call was read on a carried state: see `law_gains`
     # the median backward gain over the later block calls of block 0's chain of what the model computes
-    # between a block's output and the next block's input (readings.between_gain: x = tanh(layer(x))
-    # around bare Linear blocks, ~E[tanh']), 1 for a call taking the output as returned; block 0's gain
-    # from the model's input has none of it (culprit.culprit_of)
+    # between a block's output and the next block's input from that output alone, ||dL/d out_i-1|| /
+    # ||dL/d x_i|| (x = tanh(layer(x)) around bare Linear blocks: ~E[tanh']), 1 for a call taking the
+    # output as returned; block 0's gain from the model's input has none of it (culprit.culprit_of)
     between_gain: float = 1.0
     cut_before: tuple[int, ...] = ()  # calls (in activation_names) taking their input detached: no
     # gradient reaches the blocks before them (readings.cut_before)

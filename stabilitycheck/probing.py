@@ -79,12 +79,11 @@ def _backward(
     loss: torch.Tensor,
     outputs: list[torch.Tensor],
     made: list[int] | None = None,
-    taken: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+    taken: Sequence[torch.Tensor] = (),
 ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
     """Backward from `loss`, setting every parameter's .grad (None where none reached it) and
     returning dL/d(output) of each recorded output (None where the loss does not depend on it), and
-    dL/dx of each (x, out) `taken` (what a later block took, computed from the output before it), the
-    graph kept for `_share`; the
+    dL/d of each tensor `taken` (what later blocks took, computed from the output before them); the
     entry's (outputs[0], block 0's copy of its input) plus what a residual add written around block 0
     hands its input (junctions.skip_around), which the copy does not see, or, where the add takes what
     the input was made from (x + block(norm(x))), the gradient of that instead. All from one
@@ -103,10 +102,8 @@ def _backward(
     )
     fed = [run.rec.fed] if run.rec.fed is not None else []  # asked for, its gradient unread: see Recorder
     try:
-        asked = [outputs[i] for i in wanted] + list(run.params) + fed + [x for x, _ in taken]
-        grads: list[torch.Tensor | None] = list(
-            torch.autograd.grad(loss, asked, allow_unused=True, retain_graph=bool(taken))
-        )
+        asked = [outputs[i] for i in wanted] + list(run.params) + fed + list(taken)
+        grads: list[torch.Tensor | None] = list(torch.autograd.grad(loss, asked, allow_unused=True))
         crossed = grads[len(grads) - len(taken) :] if taken else []
         del grads[len(grads) - len(fed) - len(taken) :]
     except CheckpointError as exc:  # a recomputation that differs from its forward: torch's several lines
@@ -148,22 +145,6 @@ def _backward(
             g = g.clone()
         captured[i] = g
     return captured, crossed
-
-
-def _share(
-    x: torch.Tensor, out: torch.Tensor, grad: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(grad, J^T grad), J the Jacobian of x in `out`: dL/dx and the share of dL/d out that comes
-    through x, from the graph the backward kept; None where there is no grad, or autograd cannot take
-    it (a checkpointed function recomputed). The share is dL/d out where out reaches the loss through
-    x alone."""
-    if grad is None:
-        return None
-    try:
-        share = torch.autograd.grad(x, out, grad, retain_graph=True, allow_unused=True)[0]
-    except RuntimeError:
-        return None
-    return None if share is None else (grad, share)
 
 
 def _refused_graph_break(exc: Exception) -> bool:
@@ -353,14 +334,11 @@ def _run_step(run: _Run, drawn: Draws, *, hooks: bool, exact: bool = False, weig
     try:
         made: list[int] | None = [] if exact else None  # the order of the weight gradients, to locate
         scaled_loss = scaler.scale(loss) if scaler else loss
-        pairs = [(x, outputs[at - 1]) for at, x in taken]  # what a later block took, and from what
-        captured, grads = _backward(run, scaled_loss, outputs, made, pairs)
+        captured, crossed = _backward(run, scaled_loss, outputs, made, [x for _, x in taken])
     finally:
         run.rec.release()
         if hooks:
             run.rec.remove()  # steps after the first run with no hooks on the model
-    # after the recorder's node hooks are off: `_share`'s passes run through the same nodes
-    crossed = [_share(x, out, g) for (x, out), g in zip(pairs, grads, strict=True)]
     if scaler:
         assert run.opt is not None  # built whenever there is a GradScaler
         scaler.unscale_(run.opt)
@@ -373,18 +351,18 @@ def _run_step(run: _Run, drawn: Draws, *, hooks: bool, exact: bool = False, weig
         tensors += run.params if weights else ()
         entering = run.rec.take_entering() if hooks else []
         tensors += [x for x in entering if x is not None]
-        across = [at for (at, _), both in zip(taken, crossed, strict=True) if both is not None]
-        tensors += [dense(t) for both in crossed if both is not None for t in both]
+        across = [at for (at, _), d in zip(taken, crossed, strict=True) if d is not None]
+        tensors += [dense(d) for d in crossed if d is not None]
         g, n, r = len(present), len(outputs), len(reached)
         extra = [scaler.scale(torch.ones((), device=run.device))] if scaler else []
         owners = [*run.rec.calls, *(-2 - run.rec.calls[pos] for pos, _ in carried)]  # see _groups
         groups = _groups(owners, g, reached) if hooks else []
         host = norm_values(tensors, exact, [loss.detach().reshape(()), *extra], groups)  # one host read
-    del outputs, captured, tensors, taken, crossed, pairs, grads
+    del outputs, captured, tensors, taken, crossed
     loss_value, scale_value = host[0], host[1] if scaler else 1.0
     host = host[1 + len(extra) :]
-    crossing = [v / scale_value for v in host[len(host) - 2 * len(across) :]] if across else []
-    host = host[: len(host) - 2 * len(across)]
+    crossing = [v / scale_value for v in host[len(host) - len(across) :]] if across else []
+    host = host[: len(host) - len(across)]
     into = [i for i, x in enumerate(entering) if x is not None]
     inputs = scatter(host[len(host) - len(into) :], into, len(entering)) if into else [0.0] * len(entering)
     host = host[: len(host) - len(into)]
@@ -407,9 +385,7 @@ def _run_step(run: _Run, drawn: Draws, *, hooks: bool, exact: bool = False, weig
         breaks=breaks,
         severed=frozenset(run.rec.severed) if hooks else frozenset(),
         cuts=frozenset(run.rec.cuts) if hooks else frozenset(),
-        between=between_gain(
-            backward, list(zip(across, crossing[::2], crossing[1::2], strict=True)), as_returned, breaks
-        ),
+        between=between_gain(backward, list(zip(across, crossing, strict=True)), as_returned, breaks),
         feeds=dict(run.rec.feeds) if hooks else {},
         unreached=frozenset(range(calls)) - frozenset(reached),
         forward=forward,

@@ -38,26 +38,20 @@ class Step:
     between: float = 1.0  # see Measurement.between_gain
 
 
-THROUGH = 0.05  # a function's gain is read where all of dL/d out, within this share, comes through it
-
-
 def between_gain(
     backward: Sequence[float],
-    crossed: Sequence[tuple[int, float, float]],
+    crossed: Sequence[tuple[int, float]],
     as_returned: Sequence[int],
     breaks: frozenset[int],
 ) -> float:
     """The median backward gain, over the later block calls of block 0's chain (up to the first break:
     a decoder's function between its blocks is none of an encoder's), of what the model computes
-    between a block's output and the next block's input: ||J^T dL/dx_i|| / ||dL/dx_i|| for each call
-    that took x_i computed from the output before it (`crossed`: (its position, ||dL/dx_i||, ||J^T
-    dL/dx_i||)) where that is all of ||dL/d out_i-1|| within THROUGH (out reaches the loss through x_i
-    alone: not a residual stream's sum, nor an output a skip takes again), 1 for each that took that
-    output as returned (their positions `as_returned`); 1 where no ratio is a positive finite number
-    (no later call, or no gradient crossed)."""
+    between a block's output and the next block's input: ||dL/d out_i-1|| / ||dL/d x_i|| for each call
+    that took x_i computed from the output before it (`crossed`: (its position, ||dL/d x_i||)), 1 for
+    each that took that output as returned (their positions `as_returned`); 1 where no ratio is a
+    positive finite number (no later call, or no gradient crossed)."""
     end = min((b for b in breaks if b > 0), default=len(backward))
-    alone = [(v, j) for at, v, j in crossed if 0 < at < end and abs(j - backward[at - 1]) <= THROUGH * j]
-    gains = [ratio(j, v) for v, j in alone]
+    gains = [ratio(backward[at - 1], v) for at, v in crossed if 0 < at < end]
     gains = [x for x in gains if 0 < x < math.inf] + [1.0 for at in as_returned if at < end]
     return statistics.median(gains) if gains else 1.0
 

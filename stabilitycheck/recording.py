@@ -17,6 +17,7 @@ from stabilitycheck._tree import tensors
 from stabilitycheck.carrying import Carrying, goes_on_from, version_of
 from stabilitycheck.hooking import hooked, outside_graph
 from stabilitycheck.junctions import (
+    alone_from,
     comes_from,
     made_from,
     near,
@@ -141,7 +142,7 @@ class Recorder:
         self.empty: set[int] = set()  # blocks that ran this pass returning no floating tensor (None)
         self.muted: list[int] = []  # this pass, the positions in `outputs` recorded without grad mode
         # this pass, the positions of later block calls that took the last output as returned (or a
-        # view of all its data), and (position, input) of those taking a function of it: see
+        # view of all its data), and (position, input) of those taking a function of it alone: see
         # `take_between`
         self.as_returned: list[int] = []
         self.between: list[tuple[int, torch.Tensor]] = []
@@ -213,18 +214,19 @@ class Recorder:
         if self.active and self.outputs and not self._skipped(b):
             at, x = len(self.outputs), blockcalls.entry(args, kwargs)[1]
             if isinstance(x, tuple | list | Mapping):  # a call taking one container, an nn.RNN's
-                # PackedSequence or a block's (h, mask): its chain is its first floating tensor, as a
-                # block's output is read (taken whole, a junction read a packed nn.RNN's gain in no
-                # chain: growth 0.49 where torch's is 7814)
-                x = blockcalls.first_tensor(x, scalars=False)
+                x = blockcalls.first_tensor(
+                    x, scalars=False
+                )  # PackedSequence or a block's (h, mask): its chain
+                # is its first floating tensor, as a block's output is read (taken whole, a junction read
+                # a packed nn.RNN's gain in no chain: growth 0.49 where torch's is 7814)
             entry = self.calls[0] < 0
             if blockcalls.severs(x, self.outputs[-1]) and self._upstream_learns():
                 self.severed.add(at)  # read as before (a frozen backbone under a head is meant so); said
             if comes_from(x, self.outputs[-1]):
                 if blockcalls.as_returned(x, self.outputs[-1]):
                     self.as_returned.append(at)
-                elif isinstance(x, torch.Tensor) and x.requires_grad:
-                    self.between.append((at, x))  # a function of it: probing._share reads its gain
+                elif isinstance(x, torch.Tensor) and x.requires_grad and alone_from(x, self.outputs[-1]):
+                    self.between.append((at, x))  # a function of the output alone: its gain is one
                 if self.breaks and x is not self.outputs[-1]:  # the chain runs on, unless what the
                     # call takes as its chain's input is made from another chain's output too: a
                     # merge (a head on two towers' outputs) starts a chain that takes both (memory
@@ -389,9 +391,9 @@ class Recorder:
         return on_call
 
     def take_between(self) -> tuple[list[tuple[int, torch.Tensor]], list[int]]:
-        """The later block calls that took a function of the block output before them (a tanh the
-        model applies between bare Linear blocks), as (position in `take`'s outputs, the tensor
-        taken), and the positions of those that took that output as returned;
+        """The later block calls that took a function of the block output before them alone (a tanh
+        the model applies between bare Linear blocks; junctions.alone_from), as (position in `take`'s
+        outputs, the tensor taken), and the positions of those that took that output as returned;
         dropping the recorder's references. Block 0's gain, from the model's input, has no such
         function in it (Measurement.between_gain). Call after `take`."""
         between, self.between = self.between, []

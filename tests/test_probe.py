@@ -4279,8 +4279,7 @@ def test_a_block_output_read_sparsely_has_its_gradient_norm_taken_densely() -> N
 class ActBetween(nn.Module):
     """Bare Linear blocks, `act` applied between them by the model (examples/mlp.py's shape, tanh);
     `hot` scales one block's weights x`hot_by`; act 'view' reshapes the output between blocks (gain 1),
-    'residual' adds each block's output to a stream the next block takes (x = x + block(x)), 'tanh_pos'
-    adds a tensor made before the outputs after the tanh."""
+    'residual' adds each block's output to a stream the next block takes (x = x + block(x))."""
 
     def __init__(
         self, depth: int, sigma: float, act: str = "tanh", hot: int = -1, hot_by: float = 8.0
@@ -4290,15 +4289,11 @@ class ActBetween(nn.Module):
         for i, layer in enumerate(self.layers):
             nn.init.normal_(layer.weight, std=sigma * (hot_by if i == hot else 1.0) / 8.0)
         self.act = act
-        self.pos = nn.Parameter(torch.linspace(-0.1, 0.1, 64))  # no draw: the other acts' seeds as they were
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pos = self.pos * 1.0
         for layer in self.layers:
             if self.act == "residual":
                 x = x + layer(F.layer_norm(x, (64,)))
-            elif self.act == "tanh_pos":  # a tensor made before the outputs, added after the tanh
-                x = torch.tanh(layer(x)) + pos
             elif self.act == "view":
                 x = layer(x).view(16, 64)
             else:
@@ -4368,18 +4363,18 @@ def test_the_between_gain_is_dL_d_output_over_dL_d_the_next_blocks_input() -> No
         assert [m.between_gain for m in ms] == [1.0] * 5
 
 
-@pytest.mark.parametrize("act", ["softsign", "rmsnorm", "tanh_", "tanh_pos"])
+@pytest.mark.parametrize("act", ["softsign", "rmsnorm", "tanh_"])
 def test_the_between_gain_of_a_function_of_several_nodes_or_in_place(act: str) -> None:
     """softsign and an RMSNorm written by hand use the output twice (several autograd nodes); tanh_
-    changes it in place (the probe records a copy the model writes back); tanh(out) + a tensor made
-    before the outputs. Each between gain is the out-of-place function's, and the stack, every layer
-    alike at sigma_w 4, reads uniform (each read between gain 1 and 'layers.0', two reviews found).
-    Oracle: torch.autograd.grad on the same seed's model, tanh out of place for tanh_."""
+    changes it in place (the probe records a copy the model writes back). Each between gain is the
+    out-of-place function's, and the stack, every layer alike at sigma_w 4, reads uniform (it read
+    between gain 1 and 'layers.0', a review found). Oracle: torch.autograd.grad on the same seed's
+    model, tanh out of place for tanh_."""
     got, ms = _between_seeds(sigma=4.0, act=act)
     assert got.startswith("uniform"), got
     torch.manual_seed(0)
     model, x = ActBetween(9, 4.0, act=act), torch.randn(16, 64)
-    f = {"tanh_": torch.tanh, "tanh_pos": lambda h: torch.tanh(h) + model.pos}.get(act) or ACTS[act]
+    f = torch.tanh if act == "tanh_" else ACTS[act]
     outs, ins, h = [], [], x
     for layer in model.layers:
         if outs:
