@@ -214,11 +214,10 @@ class Recorder:
         if self.active and self.outputs and not self._skipped(b):
             at, x = len(self.outputs), blockcalls.entry(args, kwargs)[1]
             if isinstance(x, tuple | list | Mapping):  # a call taking one container, an nn.RNN's
-                x = blockcalls.first_tensor(
-                    x, scalars=False
-                )  # PackedSequence or a block's (h, mask): its chain
-                # is its first floating tensor, as a block's output is read (taken whole, a junction read
-                # a packed nn.RNN's gain in no chain: growth 0.49 where torch's is 7814)
+                # PackedSequence or a block's (h, mask): its chain is its first floating tensor, as a
+                # block's output is read (taken whole, a junction read a packed nn.RNN's gain in no
+                # chain: growth 0.49 where torch's is 7814)
+                x = blockcalls.first_tensor(x, scalars=False)
             entry = self.calls[0] < 0
             if blockcalls.severs(x, self.outputs[-1]) and self._upstream_learns():
                 self.severed.add(at)  # read as before (a frozen backbone under a head is meant so); said
