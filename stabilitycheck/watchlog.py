@@ -339,6 +339,9 @@ class Log:
         self._close_log()
         if self.stream is not None:
             self.stream.write(self.result.text() + "\n")
+            flush = getattr(self.stream, "flush", None)  # any object with a write() is taken
+            if callable(flush):  # handed to the OS now: a file of the caller's, left unflushed, read
+                flush()  # 0 bytes after a SIGTERM (which ends the process without flushing it)
         return self.result
 
 
