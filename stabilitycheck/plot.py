@@ -99,6 +99,8 @@ def figure(results: Sequence[SearchResult], what: str = "--plot") -> tuple[Any, 
         left.set_title(textwrap.fill(title, TITLE_CHARS, break_long_words=True), fontsize=8)
         left.set_xlabel("block call (input side left)")
         seed = f"seed {j.measured_seed}: the q={r.space.base.run.quantile:g} growth's"
+        if j.own_loss:
+            seed = f"seed {j.measured_seed}, under its own loss: non-finite"
         left.set_ylabel(f"|dL/d output| ({seed})", fontsize=8)
         left.legend(fontsize=7)
         if m.steps_run > 0:

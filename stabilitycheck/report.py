@@ -178,10 +178,13 @@ def sparkline(values: Sequence[float], width: int = 64) -> str:
 
 
 def profile(j: Judgement, q: float) -> str:
-    """The per-block gradient-norm profile of the seed whose growth is the q-quantile, input side
-    first, naming that seed where there are several."""
+    """The per-block gradient-norm profile of the seed whose growth is the q-quantile (or a recurrent
+    subject's own-loss probe that went non-finite: Judgement.own_loss), input side first, naming that
+    seed where there are several."""
     m = j.measurement
     whose = f" (seed {j.measured_seed}: the q={q:g} growth of {len(j.seeds)})" if len(j.seeds) > 1 else ""
+    if j.own_loss:
+        whose = f" (seed {j.measured_seed}'s probe under its own loss, where it went non-finite)"
     values = m.activation_grad_norms or m.layer_grad_norms
     names = m.activation_names or m.layer_names
     if not values:

@@ -70,6 +70,10 @@ class Judgement:
     measurement: Measurement  # the seed whose growth is the quantile: its per-block profile is shown
     measured_seed: int  # which seed `measurement` is
     values: tuple[dict[str, float], ...] = ()  # per seed spent, each criterion's value (verdicts.values)
+    # True where `measurement` is a recurrent subject's probe under its own loss, which went non-finite
+    # (the quantile seed's, or where the verdict fired on it, the first seed's that did), shown for
+    # where; else the quantile seed's probe of the growth judged (through time, for a recurrent one)
+    own_loss: bool = False
 
     @property
     def exploded(self) -> bool:
@@ -120,6 +124,7 @@ class Judgement:
             "measurement": self.measurement.to_dict(),
             "measured_seed": self.measured_seed,
             "values": [dict(v) for v in self.values],
+            "own_loss": self.own_loss,
         }
 
     @classmethod
@@ -140,6 +145,7 @@ class Judgement:
             values=tuple(
                 {k: math.nan if x is None else x for k, x in v.items()} for v in d.get("values", [])
             ),
+            own_loss=d.get("own_loss", False),
         )
 
 
@@ -327,6 +333,13 @@ def _judgement(
     growth = [m.growth for m in judged]
     mid = quantile(growth, q)
     at = next((i for i, g in enumerate(growth) if g == mid or (math.isnan(mid) and math.isnan(g))), 0)
+    # the profile is the quantile seed's probe of the growth judged (its own-loss probe was shown,
+    # labelled the q growth's, whose first over last read that seed's per-token growth: an audit), but
+    # where a recurrent subject's own loss met a non-finite value, to say where: that seed's own-loss
+    # probe if it met one, else, where the verdict fired on one, the first seed's that did
+    own_loss = bool(through) and (ms[at].first_nonfinite is not None or "nonfinite" in known.names)
+    if own_loss and ms[at].first_nonfinite is None:
+        at = next(i for i, m in enumerate(ms) if m.first_nonfinite is not None)
     return Judgement(
         verdict=known,
         seeds=seeds,
@@ -337,9 +350,10 @@ def _judgement(
         culprit=culprit_of(shown, "nonfinite" in known.names if known.exploded else None),
         kind=_kind(judged, q),
         per_token=Spread.of([m.growth for m in ms], q) if through else None,
-        measurement=shown[at],
+        measurement=ms[at] if own_loss else judged[at],
         measured_seed=seeds[at],
         values=tuple(per_seed),
+        own_loss=own_loss,
     )
 
 

@@ -861,6 +861,44 @@ def test_a_recurrent_judgement_reads_growth_kind_and_culprit_on_its_through_time
     assert judged.measurement is through[1] and judged.measured_seed == 1
 
 
+def test_a_recurrent_profile_is_its_through_time_probe_unless_its_own_loss_fired_nonfinite() -> None:
+    """seeds._judgement by hand, three seeds, the through-time median seed 11's: one own-loss probe
+    non-finite, seed 10's (the verdict's nonfinite does not fire), showed seed 11's own-loss probe,
+    labelled the q growth's, its first over last the per-token growth (an audit); now seed 11's
+    through-time probe. Seeds 10 and 12 non-finite (nonfinite fires, K - r + 1 = 2): the first of
+    them under its own loss, and the label says so (the median seed's where it is one: below)."""
+    from stabilitycheck.measurement import NonFinite
+    from stabilitycheck.report import profile
+    from stabilitycheck.seeds import _judgement
+    from stabilitycheck.verdicts import Limits, values
+
+    nan = NonFinite(step=0, layer="layers.3", tensor="activation_grad", value=math.inf)
+    through = [replace(_stack_seed([0.9] * 30), growth=g) for g in (2.0, 3.0, 5.0)]
+    for bad in ((0,), (0, 2)):
+        ms = [_stack_seed([1.2] * 30) for _ in range(3)]
+        ms = [replace(m, first_nonfinite=nan) if i in bad else m for i, m in enumerate(ms)]
+        per_seed = [{**values(m), "growth": t.growth} for m, t in zip(ms, through, strict=True)]
+        judged = _judgement(ms, per_seed, through, (10, 11, 12), Limits(), 0.5, 3)
+        fired = "nonfinite" in judged.verdict.names
+        assert fired == (len(bad) == 2) and judged.own_loss == fired
+        assert judged.measurement is (ms[0] if fired else through[1])
+        assert judged.measured_seed == (10 if fired else 11)
+        said = profile(judged, 0.5)
+        assert ("probe under its own loss" in said) == fired and ("the q=0.5 growth of 3" in said) != fired
+        assert type(judged).from_dict(judged.to_dict()).own_loss == fired
+
+
+def test_a_recurrent_profile_reads_the_growth_it_is_labelled_with() -> None:
+    """The zoo's ReLU RNN at sigma_w 4, 80 tokens (an audit's case): one seed's own loss goes
+    non-finite, so its profile showed the median seed's own-loss probe, first over last 1.13e33
+    labelled the q growth's for a through-time growth of 8.29e32. Oracle: the profile's probe is a
+    through-time probe whose growth is the judged median."""
+    c = Config.of("rnn", activation="relu", seq_len=80, init_scale=4.0, width=32, batch_size=8)
+    j = seeds_mod.assess(c.with_run(seed=seeds_mod.seed_of(0, 3)))
+    assert any(math.isnan(v["grad_norm"]) for v in j.values) and not j.own_loss
+    assert j.measurement.growth == j.growth.mid and j.per_token is not None
+
+
 def test_a_probe_is_reused_whatever_the_seeds_budget_or_quantile() -> None:
     """SeedProbes by hand: a probe reads neither the seeds budget nor the quantile, so the same point
     and seed asked for under another budget or quantile is the probe already run (made once)."""
@@ -942,4 +980,4 @@ def test_a_recurrent_judgement_names_a_non_finite_value_its_own_loss_met() -> No
     ]
     judged = _judgement(ms, per_seed, through, (0, 1, 2), Limits(), 0.5, 3)
     assert judged.culprit == "uniform, median gain x2" and judged.measurement is ms[1]
-    assert judged.growth.mid == 3.0
+    assert judged.own_loss and judged.growth.mid == 3.0
