@@ -9,8 +9,9 @@ to once r do not; vanishing, which fires below its bound, once r seeds lie below
 NaN possible, not to once r are NaN or too few seeds are left to put r below. A verdict stops once
 every criterion is decided; a search's points once whether
 the point explodes is (one criterion decided to fire, or all decided not to), naming only the criteria
-decided to fire. Before that, the seeds so far decide alone when every one of them lies on the same
-side of every limit by at least a factor MARGIN ** (1 / n) after n seeds: one seed 1000x from the
+decided to fire. Before that, the seeds so far decide alone that no criterion fires when every one
+of them lies below every limit it could pass (above vanishing's) by at least a factor MARGIN ** (1 / n)
+after n seeds: one seed 1000x from the
 limit, two both 31.6x, three 10x. Near the limit one seed's growth is off its 5-seed median by up to
 5.2x on a tanh MLP and 28x on a post-norm transformer (each zoo target at its crossing, 20 base seeds
 x 5 seeds; 760x on a GRU's per-token growth, when recurrent subjects were judged on it); a seed 1000x
@@ -23,7 +24,13 @@ all while going non-finite is judged: that is not on the continuous spread eithe
 initialisation that stays finite says nothing of the next, and one NaN nothing of the others).
 With the nonfinite criterion on (the default) every verdict waits for at least ceil(q K) seeds; the
 margin decides only growth-like criteria with nonfinite and divergence off
-(divergence's loss ratio of 1 without steps is never 1000x from its limit).
+(divergence's loss ratio of 1 without steps is never 1000x from its limit). It never decides that a
+criterion fires: a seed still to come may go NaN (an overflow, which counts with nonfinite off too),
+which sorts lowest and never fires, so two seeds 31.6x over the limit could not say that the
+5-seed median fires (a float16 ReLU stack: 2.64e4, 7494, then three NaN; an audit); that no
+criterion fires, NaN cannot undo. A growth of exactly 0 (no gradient came back: a dead ReLU layer)
+is never far either: it is no point on that spread (one seed's 0 beside 2164, 140, 359 and 1774
+decided 'stable' for a median of 359; the same audit).
 """
 
 from __future__ import annotations
@@ -178,7 +185,8 @@ def _settled(
 ) -> dict[str, bool | None]:
     """Per active criterion, whether its K-seed quantile is known to fire (True) or not (False) from the
     seeds so far, or None while that is open: by the counts (the module docstring's, r = ceil(q K)),
-    or, with `margin`, all at once by the margin (every seed far from every limit, on one side)."""
+    or, with `margin`, all at once by the margin (every seed far from every limit, none firing: then
+    none fires)."""
     n, r = len(per_seed), rank(q, budget)
     unseen = budget - n
     active = [c for c in CRITERIA if bound(c, lim) is not None]
@@ -187,12 +195,12 @@ def _settled(
     far = (
         margin
         and all(_far(c, v[c], lim, factor) for c in active for v in per_seed)
-        and all(fire[c] in (0, n) for c in active)
+        and not any(fire.values())
     )
 
     def known(c: str) -> bool | None:
         if far:
-            return fire[c] == n
+            return False
         if c == "vanishing":  # fires below its bound: on the r-th smallest value, NaN sorting lowest
             nan = sum(math.isnan(v[c]) for v in per_seed)
             if nan + fire[c] >= r and nan + unseen < r:  # r-th smallest below, whatever comes
@@ -214,15 +222,15 @@ def _far(name: str, value: float, lim: Limits, factor: float) -> bool:
     far). Going non-finite is all or nothing, no point on the continuous spread between seeds that
     the margin relies on (one initialisation that stays finite says nothing of the next): while the
     nonfinite or overflow criterion is on, no seed is far from it, so a verdict waits for the counts;
-    a NaN value is never far either."""
+    a NaN value is never far either, nor exactly 0 (no gradient came back: see the module docstring)."""
     b = bound(name, lim)
     if b is None:
         return True
     if name in ("overflow", "nonfinite"):
         return False
-    if math.isnan(value):
+    if math.isnan(value) or value == 0:
         return False
-    if b == 0 or value == 0 or math.isinf(value):
+    if b == 0 or math.isinf(value):
         return True
     return max(value / b, b / value) >= factor  # ratios, not logs: exact where the factor is
 

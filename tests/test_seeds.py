@@ -28,7 +28,7 @@ from stabilitycheck.growthkind import Growth, classify, fit_growth, kind_of
 from stabilitycheck.measurement import Measurement
 from stabilitycheck.probing import probe_module
 from stabilitycheck.searching import search
-from stabilitycheck.seeds import _decided, _judgement, assess, seed_of
+from stabilitycheck.seeds import _decided, _judgement, _settled, assess, seed_of
 from stabilitycheck.space import Axis, Space
 from stabilitycheck.spread import Spread, quantile, rank
 from stabilitycheck.verdicts import CRITERIA, Limits, fires, values
@@ -379,13 +379,13 @@ def test_a_non_finite_seed_never_decides_alone() -> None:
         ([7.6e4], False),  # 760x over: a GRU seed was 756x over its median at 187 steps
         ([0.09], True),  # 1111x below: beyond the 760x measured spread
         ([317.0, 487.0], False),  # 3.2x and 4.9x over: a tanh RNN whose 5-seed median was 75.7
-        ([3200.0, 4000.0], True),  # both at least 31.6x over (1000 ** (1 / 2))
-        ([1001.0, 1500.0], False),  # both 10x over: two seeds need 31.6x each
+        ([3200.0, 4000.0], False),  # both 31.6x over (1000 ** (1 / 2)): no fire is decided by the
+        ([1e5], False),  # margin (seeds to come may be NaN, which never fires: see the next test)
+        ([1001.0, 1500.0], False),  # both 10x over
         ([math.nan], False),  # no number is not far
-        ([1e5], True),  # exactly 1000x over: "at least" the margin
+        ([0.0], False),  # no gradient came back: no point on the spread (a dead ReLU layer)
         ([1e4], False),  # 100x over
-        ([3200.0, 3200.0], True),  # both 32x over
-        ([0.1], True),  # exactly 1000x below
+        ([0.1], True),  # exactly 1000x below: "at least" the margin
         ([3.0, 3.0], True),  # both 33x below
         ([10.0, 10.0], False),  # both 10x below: two seeds need 31.6x
         ([1.0, 1.0, 1.0], True),  # three seeds 100x below: 10x each suffices
@@ -395,6 +395,34 @@ def test_the_margin_exceeds_the_measured_spread_between_seeds(growths: list[floa
     lim = Limits(growth=100.0, grad_norm=None, divergence=None, nonfinite=False)
     per_seed = [dict.fromkeys(CRITERIA_NAMES, 0.0) | {"growth": g, "vanishing": g} for g in growths]
     assert _decided(per_seed, lim, 5, 0.5) is decided
+
+
+@pytest.mark.parametrize(
+    ("first", "rest"),
+    [
+        ([2.64e4, 7494.0], [math.nan] * 3),  # float16 ReLU, depth 10, sigma_w 3.75: three overflow
+        ([0.0], [2164.0, 139.9, 358.7, 1774.0]),  # ReLU, depth 8, width 6: one seed's layer dead
+    ],
+)
+def test_the_margin_never_decides_what_the_seeds_to_come_overturn(
+    first: list[float], rest: list[float]
+) -> None:
+    """An audit's two cases (growth alone judged, nonfinite off): the margin decided after the first
+    seeds, 'explodes' where the 5-seed median is NaN (never firing: the last three seeds overflowed)
+    and 'stable' where it is 359 (the first seed's growth of exactly 0). Oracle: the 5-seed rule by
+    hand (the nearest-rank median, NaN lowest) disagrees with what the margin decided; now nothing is
+    decided after the first seeds, and all five give the rule's verdict."""
+    lim = Limits(growth=100.0, grad_norm=None, divergence=None, nonfinite=False)
+
+    def rows(growths: list[float]) -> list[dict[str, float]]:
+        return [dict.fromkeys(CRITERIA_NAMES, 0.0) | {"growth": g, "vanishing": g} for g in growths]
+
+    every = first + rest
+    median = sorted(every, key=lambda g: (not math.isnan(g), g))[2]
+    fires = not math.isnan(median) and median > 100.0
+    assert fires != (first[0] > 100.0)  # what the margin had read from the first seeds
+    assert not _decided(rows(first), lim, 5, 0.5)
+    assert _settled(rows(every), lim, 5, 0.5)["growth"] is fires
 
 
 def test_a_polynomial_kind_is_a_depth_law_that_gives_the_growth() -> None:
@@ -568,7 +596,7 @@ def test_far_seeds_on_both_sides_of_a_limit_leave_the_verdict_open() -> None:
     assert outcomes == {True, False}
     assert _settled(seeds(1e5, 0.1), lim, 3, 0.5)["growth"] is None
     assert not _decided(seeds(1e5, 0.1), lim, 3, 0.5)
-    assert _settled(seeds(1e5, 1e6), lim, 3, 0.5)["growth"] is True  # both far over: the margin
+    assert _settled(seeds(1e5, 1e6), lim, 3, 0.5)["growth"] is True  # the counts: 2 of 3 fire
 
 
 def test_exploded_seeds_counts_every_seed_spent_that_explodes_on_its_own() -> None:
@@ -776,8 +804,8 @@ def test_the_margin_needs_every_seed_far_and_on_one_side() -> None:
     assert seeds_mod._settled([_row(10.0, 1.0)], lim, 5, 0.5)["growth"] is None
     # one seed 1000x under decides the pass
     assert seeds_mod._settled([_row(0.1, 1.0)], lim, 5, 0.5)["growth"] is False
-    # one seed 1000x over decides the fire
-    assert seeds_mod._settled([_row(1e5, 1.0)], lim, 5, 0.5)["growth"] is True
+    # one seed 1000x over decides nothing: the margin decides no fire (a NaN to come never fires)
+    assert seeds_mod._settled([_row(1e5, 1.0)], lim, 5, 0.5)["growth"] is None
     # two seeds each far (10^4x) but on opposite sides: the counts decide, and 1 of 2 fires: open
     assert seeds_mod._settled([_row(0.01, 1.0), _row(1e6, 1.0)], lim, 5, 0.5)["growth"] is None
 
@@ -953,13 +981,14 @@ def test_the_judgement_reads_every_quantile_at_q_and_sums_skipped_steps() -> Non
     assert classify(fits, [1e3] * 3, 0.9).rate.mid == 0.3
 
 
-def test_a_growth_of_zero_is_far_from_every_limit() -> None:
-    """seeds._far by hand: a growth of exactly 0 (no gradient came back) is infinitely far from a
-    limit in ratio, so one seed may decide on it (a ratio b / 0 raised)."""
+def test_a_growth_of_zero_is_never_far() -> None:
+    """seeds._far by hand: a growth of exactly 0 (no gradient came back) is no point on the spread
+    between seeds the margin relies on (it was taken for infinitely far: a dead ReLU layer decided a
+    verdict alone, above), and a ratio b / 0 is never taken (it raised once)."""
     from stabilitycheck.seeds import _far
     from stabilitycheck.verdicts import Limits
 
-    assert _far("growth", 0.0, Limits(), 1000.0)
+    assert not _far("growth", 0.0, Limits(), 1000.0)
 
 
 def test_a_recurrent_judgement_names_a_non_finite_value_its_own_loss_met() -> None:
