@@ -105,12 +105,17 @@ class Layout:
 
     def causal_order(self) -> list[int]:
         """Series indices in the order their values come to be within a step: weights (from the last
-        update), block outputs input side first, the loss, output gradients output side first, weight
-        gradients, the total gradient norm."""
+        update), block outputs input side first, the loss, then output side first each block's output
+        gradient and its weight gradient (both before the block's input gets its gradient: weight
+        gradients listed input side first after every output gradient named block 2 first where the
+        backward made block 4's Inf first; a user's trial), those of parameters outside the blocks, the
+        total gradient norm."""
         p = self.parts()
         span = {k: list(range(s.start, s.stop)) for k, s in p.items()}
         order = span["weight"] + span["activation"] + span["loss"]
-        return order + span["activation_grad"][::-1] + span["gradient"] + span["grad_norm"]
+        for b in reversed(range(self.n_blocks)):
+            order += [span["activation_grad"][b], span["gradient"][b]]
+        return order + span["gradient"][self.n_blocks :] + span["grad_norm"]
 
 
 def to_series(rows: torch.Tensor, layout: Layout, passed: torch.Tensor | None = None) -> torch.Tensor:

@@ -103,6 +103,47 @@ def test_a_planted_fault_is_named_at_its_step_and_block(
         assert (math.isnan if kind == "nan" else math.isinf)(report.first_nonfinite.value)
 
 
+def test_weight_gradients_going_inf_name_the_block_whose_backward_made_the_first() -> None:
+    """A step whose block inputs are ~1e30 (float32) and whose float64 loss hands each output a
+    gradient of 1e10: every output gradient is finite, every weight gradient g^T x overflows. The
+    backward makes the last block's first, yet watch named block 0 (weight gradients were ordered
+    input side first after every output gradient; block 2 for 4 in a user's fp16 run). Oracle: the
+    order in which torch accumulates them (post-accumulate-grad hooks), and finite output gradients."""
+
+    class Linear3(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Linear(4, 4, bias=False) for _ in range(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    torch.manual_seed(0)
+    model = Linear3()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.weight.copy_(torch.eye(4))  # x passes unchanged: ~1e30 at every block
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    made: list[int] = []
+    for b, block in enumerate(model.blocks):
+        block.weight.register_post_accumulate_grad_hook(
+            lambda p, b=b: made.append(b) if not torch.isfinite(p.grad).all() else None
+        )
+    with watch(model, opt, report=None) as w:
+        for step in range(3):
+            x = torch.full((2, 4), 1e30 if step == 2 else 1.0)
+            loss = (model(x).double() * 1e10).sum()  # finite in float64: 1e10 per output element
+            w.loss(loss)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert made == [2, 1, 0]  # the backward's order: output side first
+    found = report_of(w).first_nonfinite
+    assert found is not None and (found.step, found.tensor, found.block) == (2, "gradient", "blocks.2")
+
+
 def test_the_norms_are_torchs_own() -> None:
     """One step's logged norms against torch.linalg.vector_norm of what the model computes."""
     torch.manual_seed(0)
