@@ -33,6 +33,7 @@ class Remedy:
     skipped: str = ""
     why: str = ""
     measured: str = ""  # the counterexample's own criterion where it is not the growth: 'stall 0.05 (..)'
+    over: str = ""  # what those spreads are: 'q=0.5 over 3 seeds', ', through time' where it was so
 
     def describe(self) -> str:
         """'float32: fixed at growth 98.4 (53.1-166)': the verdict, and where measured the growth it
@@ -40,14 +41,16 @@ class Remedy:
         float16 counterexample 'fixed by float32' at the depth where float32 explodes one block lower:
         a new user's trial); first the counterexample's own criterion where that is not the growth
         ('warmup: fixed at stall 0.0499 (0.0383-0.128), growth 0.705 (0.554-1.16)': it read the
-        growth at init alone)."""
+        growth at init alone); then what the spreads are, `over` ('(q=0.5 over 3 seeds, through
+        time)': an audit found remedies' figures unlabelled)."""
         if self.config is None:
             return f"{self.name}: n/a ({self.why})" if self.why else f"{self.name}: n/a"
         if self.skipped:
             return f"{self.name}: not judged ({self.skipped})"
         verdict = "fixed" if self.fixed else f"not fixed ({', '.join(self.still_fires)})"
         shown = ", ".join(x for x in (self.measured, f"growth {self.growth}" if self.growth else "") if x)
-        return f"{self.name}: {verdict}" + (f" at {shown}" if shown else "")
+        over = f" ({self.over})" if shown and self.over else ""
+        return f"{self.name}: {verdict}" + (f" at {shown}{over}" if shown else "")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -59,14 +62,15 @@ class Remedy:
             "skipped": self.skipped,
             "why": self.why,
             "measured": self.measured,
+            "over": self.over,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Remedy:
         config = None if data["config"] is None else Config.from_dict(data["config"])
         fires, growth, skipped = tuple(data["still_fires"]), data.get("growth", ""), data.get("skipped", "")
-        why, measured = data.get("why", ""), data.get("measured", "")
-        return cls(data["name"], config, data["fixed"], fires, growth, skipped, why, measured)
+        why, measured, over = data.get("why", ""), data.get("measured", ""), data.get("over", "")
+        return cls(data["name"], config, data["fixed"], fires, growth, skipped, why, measured, over)
 
 
 def judged_on(limits: Limits) -> Limits:

@@ -259,9 +259,16 @@ def try_remedies(
                 raise  # bad input, or a bug of this package: never a remedy left unjudged
             yield Remedy(name, changed, None, skipped=why)
             continue
-        spread = None if own is None else Spread.of([v[own] for v in j.values], changed.run.quantile)
+        q = changed.run.quantile
+        spread = None if own is None else Spread.of([v[own] for v in j.values], q)
         measured = "" if spread is None else f"{own} {spread.describe()}"
-        yield Remedy(name, changed, not j.exploded, j.verdict.names, j.growth.describe(), measured=measured)
+        n = len(j.seeds)
+        over = f"q={q:g} over {n} seed{'s' * (n != 1)}" + (
+            ", through time" if j.through_time is not None else ""
+        )
+        yield Remedy(
+            name, changed, not j.exploded, j.verdict.names, j.growth.describe(), measured=measured, over=over
+        )
 
 
 def search(

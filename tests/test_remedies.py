@@ -137,6 +137,11 @@ def test_a_remedy_measured_and_still_failing_reads_not_fixed_with_what_still_fir
     assert Remedy("float32", config, True, (), "98.4 (53.1-166)").describe() == (
         "float32: fixed at growth 98.4 (53.1-166)"
     )
+    said = Remedy("lstm", config, False, ("vanishing",), "0.0017 (0.0013-0.002)", over="q=0.5 over 3 seeds")
+    assert (
+        said.describe() == "lstm: not fixed (vanishing) at growth 0.0017 (0.0013-0.002) (q=0.5 over 3 seeds)"
+    )
+    assert Remedy.from_dict(said.to_dict()) == said
 
 
 def test_remedies_are_judged_on_vanishing_at_the_growth_limit_unless_one_is_set() -> None:
@@ -191,7 +196,9 @@ def test_a_remedy_reads_the_counterexamples_own_criterion_beside_the_growth() ->
         assert r.config is not None
         j = assess(r.config, subject, judged_on(limits))
         assert r.measured == f"divergence {Spread.of([v['divergence'] for v in j.values], 0.5).describe()}"
-        assert r.describe().endswith(f" at {r.measured}, growth {j.growth.describe()}")
+        n = len(j.seeds)
+        over = f"(q=0.5 over {n} seed{'s' * (n != 1)})"
+        assert r.describe().endswith(f" at {r.measured}, growth {j.growth.describe()} {over}")
         assert Remedy.from_dict(json.loads(json.dumps(r.to_dict()))) == r
     growth_only = [r for r in try_remedies(c, subject, limits, fired=("growth",)) if r.config is not None]
     assert all(not r.measured and " at growth " in r.describe() for r in growth_only)

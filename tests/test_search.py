@@ -210,6 +210,8 @@ def test_remedies_are_measured_and_not_applicable_ones_say_so() -> None:
             assert r.fixed == (not fresh.exploded)
             assert fresh.per_token is not None  # recurrent: judged through time
             assert r.growth == fresh.growth.describe()
+            n = len(fresh.seeds)  # what the spreads are is said (an audit found them unlabelled)
+            assert r.over == f"q=0.5 over {n} seed{'s' * (n != 1)}, through time" and r.over in r.describe()
 
 
 def test_configs_too_large_for_memory_are_skipped_and_reported(monkeypatch: pytest.MonkeyPatch) -> None:
