@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from stabilitycheck.phasemap import PhaseMap, theory
 from stabilitycheck.staircase import Edge
+from stabilitycheck.verdicts import limits_text
 
 SEEDS_FIRED = "measured: one seed-all seeds"
 """The band column (PhaseMap.band): the smallest measured x where one of the seeds spent fired (the
@@ -75,6 +76,23 @@ def cost(pm: PhaseMap) -> str:
     )
 
 
+def judged(pm: PhaseMap) -> str:
+    """What each point's verdict is and what the columns read: the quantile over how many seeds, on
+    which limits, and the mean-field column's meaning (an audit found the map said none of it)."""
+    run = pm.base.run
+    seeds = f"up to {run.seeds} seeds, stopping once they decide it" if run.seeds > 1 else "1 seed"
+    under = " (vanishing: under 1 / its limit)" if pm.vanish is not None else ""
+    theory_said = (
+        f"; mean field: the first {pm.x.name} where infinite-width signal propagation puts the growth "
+        f"past its limit{under}"
+        if theory(pm) is not None
+        else ""
+    )
+    return (
+        f"each point: the q={run.quantile:g} verdict over {seeds}, on {limits_text(pm.limits)}{theory_said}"
+    )
+
+
 def _rows(pm: PhaseMap) -> list[tuple[str, list[str]]]:
     """Per y: its value, and the columns of the frontier table."""
     th, tv = theory(pm), theory(pm, vanishing=True) if pm.vanish is not None else None
@@ -109,7 +127,7 @@ def text(pm: PhaseMap) -> str:
     table = [head, *([v, *c] for v, c in _rows(pm))]
     widths = [max(len(r[i]) for r in table) for i in range(len(head))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
-    lines += ["", *(f"note: {v}" for v in pm.violations), cost(pm)]
+    lines += ["", judged(pm), *(f"note: {v}" for v in pm.violations), cost(pm)]
     return "\n".join(lines)
 
 
@@ -123,5 +141,5 @@ def markdown(pm: PhaseMap) -> str:
         "|" + "---|" * len(head),
     ]
     lines += ["| " + " | ".join([v, *c]) + " |" for v, c in _rows(pm)]
-    lines += ["", *(f"- {v}" for v in pm.violations), "", cost(pm), ""]
+    lines += ["", judged(pm), "", *(f"- {v}" for v in pm.violations), "", cost(pm), ""]
     return "\n".join(lines)

@@ -147,6 +147,18 @@ def bound(name: str, lim: Limits) -> float | None:
     return limit
 
 
+def limits_text(lim: Limits) -> str:
+    """The active criteria and their bounds, as a verdict compares them: 'growth > 100, grad_norm >
+    1000, divergence > 2, nonfinite' ('overflow' is nonfinite's float32 check, not listed apart)."""
+    parts = []
+    for name in CRITERIA:
+        b = bound(name, lim)
+        if b is None or name == "overflow":
+            continue
+        parts.append(name if name == "nonfinite" else f"{name} {'<' if name == 'vanishing' else '>'} {b:g}")
+    return ", ".join(parts) or "none"
+
+
 def fires(name: str, value: float, lim: Limits) -> bool:
     """Whether a criterion's value passes its bound (vanishing: below it; NaN never fires)."""
     b = bound(name, lim)

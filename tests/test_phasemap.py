@@ -31,7 +31,7 @@ from stabilitycheck import meanfield
 from stabilitycheck._json import strict_json
 from stabilitycheck.cli import main
 from stabilitycheck.config import Config
-from stabilitycheck.maptext import markdown, text
+from stabilitycheck.maptext import judged, markdown, text
 from stabilitycheck.phasemap import PhaseMap, phase_map, theory
 from stabilitycheck.seeds import assess
 from stabilitycheck.space import Axis, Space
@@ -236,6 +236,25 @@ def test_theory_is_offered_for_zoo_mlps_and_not_for_model_files() -> None:
         {**pm.to_dict(), "base": {**pm.base.to_dict(), "knobs": {**pm.base.values, "activation": "gelu"}}}
     )
     assert theory(other) is None
+
+
+def test_the_map_says_what_each_point_is_and_what_mean_field_reads() -> None:
+    """The map's text named no quantile, seeds or limits, and 'mean field' said not what it predicts
+    (an audit). Oracle: the map's own run and limits, each active criterion with its bound, and the
+    mean-field clause where theory() offers a column (a zoo MLP) and not where it does not."""
+    limits = Limits(growth=10.0, grad_norm=None, divergence=None, vanishing=50.0)
+    space = Space("mlp", Family("mlp").config(width=16, batch_size=4, seeds=3), small_space().axes)
+    pm = phase_map("mlp", x="depth", y="init_scale", space=space, limits=limits)
+    said = next(line for line in text(pm).splitlines() if line.startswith("each point:"))
+    run = pm.base.run
+    assert f"the q={run.quantile:g} verdict over up to {run.seeds} seeds" in said
+    assert "nonfinite, growth > 10, vanishing < 0.02;" in said and "grad_norm" not in said
+    assert "mean field: the first depth where" in said and "(vanishing: under 1 / its limit)" in said
+    assert said in markdown(pm)
+    other = PhaseMap.from_dict(
+        {**pm.to_dict(), "base": {**pm.base.to_dict(), "knobs": {**pm.base.values, "activation": "gelu"}}}
+    )
+    assert theory(other) is None and "mean field" not in judged(other)
 
 
 def test_cli_map_writes_json_markdown_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
