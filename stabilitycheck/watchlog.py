@@ -96,9 +96,10 @@ class Report:
             ("skipped steps", self.skipped_steps),
             ("steps the GradScaler skipped (Inf/NaN gradients)", self.scaler_skipped_steps),
         ):
-            if steps:
+            if steps:  # the first 10, and how many in all where there are more (an audit)
                 shown = ", ".join(map(str, steps[:10]))
-                lines.append(f"  {what}: {shown}{' ...' if len(steps) > 10 else ''}")
+                more = f" ... ({len(steps)} in all)" if len(steps) > 10 else ""
+                lines.append(f"  {what}: {shown}{more}")
         if self.note is not None:
             lines.append(f"  note: {self.note}")
         if self.first_spike is None and self.warmup:  # a spike at step 30 of 60 read '0 flagged' alone

@@ -1840,13 +1840,16 @@ def test_a_value_made_between_blocks_is_said_to_be_maybe_theirs(factor: float, a
 
 
 def test_a_watch_report_marks_a_cut_list_of_steps_only_where_it_cut_it() -> None:
-    """Up to 10 steps are listed whole; ' ...' follows only where more were cut (11 here)."""
+    """Up to 10 steps are listed whole; ' ...' and how many in all follow only where more were cut (11
+    here; the count was missing: 29 steps a GradScaler skipped read as 10 and '...', an audit)."""
     from stabilitycheck.watchlog import Report
 
     ten = Report(steps=20, skipped_steps=list(range(10))).text()
     assert "  skipped steps: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9\n" in ten
     eleven = Report(steps=20, skipped_steps=list(range(11))).text()
-    assert "  skipped steps: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9 ...\n" in eleven
+    assert "  skipped steps: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9 ... (11 in all)\n" in eleven
+    scaled = Report(steps=40, scaler_skipped_steps=list(range(0, 58, 2))).text()
+    assert "(Inf/NaN gradients): 0, 2, 4, 6, 8, 10, 12, 14, 16, 18 ... (29 in all)\n" in scaled
 
 
 def test_a_report_with_nothing_flagged_says_what_the_warm_up_leaves_unjudged() -> None:
