@@ -83,6 +83,11 @@ class Report:
     host_reads: int = 0
     note: str | None = None
     warmup: int = 0  # the rule's warm-up: values each series accepts before it is judged
+    # torch.nn.utils.clip_grad_norm_ heard (watchclip): on how many steps, on how many of them its
+    # norm before clipping passed max_norm, and the largest of those norms (step, norm, max_norm)
+    clip_steps: int = 0
+    clipped_steps: int = 0
+    clip_peak: tuple[int, float, float] | None = None
 
     def text(self) -> str:
         """The report printed when the watcher closes: steps and flags, the first flagged and first
@@ -100,6 +105,13 @@ class Report:
                 shown = ", ".join(map(str, steps[:10]))
                 more = f" ... ({len(steps)} in all)" if len(steps) > 10 else ""
                 lines.append(f"  {what}: {shown}{more}")
+        if self.clip_peak is not None:
+            step, norm, max_norm = self.clip_peak
+            lines.append(
+                f"  before clipping (the total gradient norm clip_grad_norm_ returned): largest {norm:.4g} "
+                f"at step {step}; above max_norm at {self.clipped_steps} of the {self.clip_steps} steps "
+                f"it was called (max_norm {max_norm:g} there)"
+            )
         if self.note is not None:
             lines.append(f"  note: {self.note}")
         if self.first_spike is None and self.warmup:  # a spike at step 30 of 60 read '0 flagged' alone
@@ -172,6 +184,7 @@ class Log:
         self.last_weights: torch.Tensor | None = None
         self.host_state: SpikeState | None = None
         self.loss_logged: bool | None = None  # the loss judged on its logarithm (its first value > 0)
+        self.clips: dict[int, tuple[float, float]] = {}  # the flush's steps' clip_grad_norm_ calls
 
     @property
     def first_flag(self) -> int | None:
@@ -281,6 +294,13 @@ class Log:
                 r.skipped_steps.append(step)
         if scaler_skipped:
             r.scaler_skipped_steps.append(step)
+        clip = self.clips.get(step)
+        if clip is not None:
+            norm, max_norm = clip
+            r.clip_steps += 1
+            r.clipped_steps += norm > max_norm
+            if r.clip_peak is None or (not math.isnan(r.clip_peak[1]) and not norm <= r.clip_peak[1]):
+                r.clip_peak = (step, norm, max_norm)  # a NaN is the largest: the first one stands
         if r.first_nonfinite is None and not math.isfinite(sum(values)):  # a fast check first
             for index in self.order:
                 if not math.isfinite(values[index]) and not (scaler_skipped and self.scaled[index]):
@@ -297,6 +317,7 @@ class Log:
                 "loss": values[0] if self.loss_seen[step] else None,
                 "loss_passed": self.loss_seen[step],  # null above: NaN if passed, else none was
                 "grad_norm": values[parts["grad_norm"].start],
+                "grad_norm_before_clip": clip[0] if clip is not None else None,
                 "skipped": scaler_skipped or (self.skip and found is not None),
                 "skipped_by": "scaler" if scaler_skipped else "watch" if self.skip and found else None,
                 "flagged": [":".join(self.names[i]) for i in self.order if flags[i]],

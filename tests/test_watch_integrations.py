@@ -71,6 +71,46 @@ def test_lightning_fit_names_the_planted_fault(tmp_path: Any) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+def test_lightning_clips_after_the_step_closes_so_its_norms_are_before_clipping(tmp_path: Any) -> None:
+    """gradient_clip_val: Lightning clips after on_before_optimizer_step, where the callback closes
+    the step, so the watcher's own norms are the gradient's before clipping, and the clip it hears
+    then is that step's, no later one's: no row takes it. Oracle: the grad_norm logged passes the
+    clip value (a clipped norm could not)."""
+    lightning = pytest.importorskip("lightning.pytorch")
+    from stabilitycheck.integrations.lightning import WatchCallback
+
+    torch.manual_seed(0)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*_data()), batch_size=32)
+    callback = WatchCallback(report=None, log=tmp_path / "watch.jsonl")
+    trainer = _trainer(lightning, tmp_path, callback, max_steps=STEPS, gradient_clip_val=0.01)
+    trainer.fit(_regression(lightning), loader)
+    rows = [json.loads(line) for line in (tmp_path / "watch.jsonl").read_text().splitlines()]
+    assert len(rows) == STEPS and all(row["grad_norm_before_clip"] is None for row in rows)
+    assert min(row["grad_norm"] for row in rows) > 0.01
+
+
+def test_hf_trainer_clips_before_the_step_closes_and_the_norm_before_it_is_logged(tmp_path: Any) -> None:
+    """The Trainer clips to max_grad_norm (its default 1.0) before on_pre_optimizer_step closes the
+    step: the watcher's norms are the clipped ones, the norm before clipping is heard and logged.
+    Oracle, clip_grad_norm_'s own rule: where the norm before it is at most 1 the gradient is as it
+    was (the logged grad_norm equals it), above 1 it is scaled to 1."""
+    pytest.importorskip("transformers")
+    from stabilitycheck.integrations.hf import WatchCallback
+
+    torch.manual_seed(0)
+    model = HFModel()
+    model.net.blocks[BLOCK].register_forward_hook(Fault(AT, count=True))  # x50: a norm past 1
+    callback = WatchCallback(report=None, log=str(tmp_path / "watch.jsonl"))
+    _hf_trainer(model, callback, tmp_path).train()
+    rows = [json.loads(line) for line in (tmp_path / "watch.jsonl").read_text().splitlines()]
+    assert len(rows) == STEPS
+    before = [row["grad_norm_before_clip"] for row in rows]
+    assert all(b is not None for b in before) and max(before) > 1.0
+    for row, b in zip(rows, before, strict=True):
+        assert row["grad_norm"] == pytest.approx(min(b, 1.0), rel=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
 @pytest.mark.parametrize(
     ("accumulate", "precision", "own_loss"), [(1, "32-true", False), (2, "16-mixed", True)]
 )

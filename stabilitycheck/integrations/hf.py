@@ -5,7 +5,8 @@ by the accumulation steps (or not, where the model normalises over the accumulat
 followed, the GradScaler's loss scale divided out, and a forward that no backward follows (an
 evaluation with labels) adds nothing. The step is closed in `on_pre_optimizer_step`, which Trainer
 calls after its gradient clipping, so the weight-gradient norms are the clipped ones (the activation norms and
-their gradients are not affected by clipping). Each micro-batch's loss is passed as its backward
+their gradients are not affected by clipping); the norm before clipping is heard from the clip call
+(watchclip) and logged beside them. Each micro-batch's loss is passed as its backward
 reaches it, with the inputs the model was called with as its batch (a replay bundle's; without
 compute_loss the bundle replays the model on them, `output_loss`).
 
