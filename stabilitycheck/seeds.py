@@ -28,9 +28,11 @@ margin decides only growth-like criteria with nonfinite and divergence off
 criterion fires: a seed still to come may go NaN (an overflow, which counts with nonfinite off too),
 which sorts lowest and never fires, so two seeds 31.6x over the limit could not say that the
 5-seed median fires (a float16 ReLU stack: 2.64e4, 7494, then three NaN; an audit); that no
-criterion fires, NaN cannot undo. A growth of exactly 0 (no gradient came back: a dead ReLU layer)
-is never far either: it is no point on that spread (one seed's 0 beside 2164, 140, 359 and 1774
-decided 'stable' for a median of 359; the same audit).
+criterion fires, NaN cannot undo, but for vanishing, which NaN sorting lowest counts towards: with
+vanishing on, the margin decides nothing (seeds at 1, 1 then NaN, NaN, 0 read a median of 0: a
+review). A growth of exactly 0 (no gradient came back: a dead ReLU layer) is never far either: it
+is no point on that spread (one seed's 0 beside 2164, 140, 359 and 1774 decided 'stable' for a
+median of 359; the same audit).
 """
 
 from __future__ import annotations
@@ -194,6 +196,7 @@ def _settled(
     factor = MARGIN ** (1.0 / n)
     far = (
         margin
+        and "vanishing" not in active  # NaN sorts lowest: seeds to come could make it fire
         and all(_far(c, v[c], lim, factor) for c in active for v in per_seed)
         and not any(fire.values())
     )
@@ -345,7 +348,8 @@ def _judgement(
     # labelled the q growth's, whose first over last read that seed's per-token growth: an audit), but
     # where a recurrent subject's own loss met a non-finite value, to say where: that seed's own-loss
     # probe if it met one, else, where the verdict fired on one, the first seed's that did
-    own_loss = bool(through) and (ms[at].first_nonfinite is not None or "nonfinite" in known.names)
+    went = "nonfinite" in known.names or "overflow" in known.names  # overflow: nonfinite's, in float16
+    own_loss = bool(through) and (ms[at].first_nonfinite is not None or went)
     if own_loss and ms[at].first_nonfinite is None:
         at = next(i for i, m in enumerate(ms) if m.first_nonfinite is not None)
     return Judgement(

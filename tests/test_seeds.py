@@ -425,6 +425,22 @@ def test_the_margin_never_decides_what_the_seeds_to_come_overturn(
     assert _settled(rows(every), lim, 5, 0.5)["growth"] is fires
 
 
+def test_with_vanishing_on_the_margin_decides_nothing() -> None:
+    """A review's case: growth and vanishing judged (nonfinite off), two seeds at growth 1, 100x from
+    both bounds, decided 'nothing fires'; three more seeds at NaN, NaN and 0 give a 5-seed median of
+    0 (NaN sorting lowest), and vanishing fires. Oracle: that median by hand."""
+    lim = Limits(growth=100.0, grad_norm=None, divergence=None, nonfinite=False, vanishing=100.0)
+    rows = [dict.fromkeys(CRITERIA_NAMES, 0.0) | {"growth": g, "vanishing": g} for g in (1.0, 1.0)]
+    later = [
+        dict.fromkeys(CRITERIA_NAMES, 0.0) | {"growth": g, "vanishing": g} for g in (math.nan, math.nan, 0.0)
+    ]
+    median = sorted([1.0, 1.0, math.nan, math.nan, 0.0], key=lambda g: (not math.isnan(g), g))[2]
+    assert median == 0.0 and _settled(rows + later, lim, 5, 0.5)["vanishing"] is True
+    assert not _decided(rows, lim, 5, 0.5)
+    without = Limits(growth=100.0, grad_norm=None, divergence=None, nonfinite=False)
+    assert _decided(rows, without, 5, 0.5)  # vanishing off: both 100x under the growth limit decide
+
+
 def test_a_polynomial_kind_is_a_depth_law_that_gives_the_growth() -> None:
     """Oracle, exact laws: gains ((j + 1) / j) ** 1.5 along 12 blocks are growth ~ depth ** 1.5 (the
     fitted exponent, and 12 ** 1.5 the growth); the same gains with the last block x0.2 fit that
@@ -902,12 +918,12 @@ def test_a_recurrent_profile_is_its_through_time_probe_unless_its_own_loss_fired
 
     nan = NonFinite(step=0, layer="layers.3", tensor="activation_grad", value=math.inf)
     through = [replace(_stack_seed([0.9] * 30), growth=g) for g in (2.0, 3.0, 5.0)]
-    for bad in ((0,), (0, 2)):
+    for bad, overflow in (((0,), None), ((0, 2), None), ((0, 2), nan)):  # overflow: float16's nonfinite
         ms = [_stack_seed([1.2] * 30) for _ in range(3)]
-        ms = [replace(m, first_nonfinite=nan) if i in bad else m for i, m in enumerate(ms)]
+        ms = [replace(m, first_nonfinite=nan, overflow=overflow) if i in bad else m for i, m in enumerate(ms)]
         per_seed = [{**values(m), "growth": t.growth} for m, t in zip(ms, through, strict=True)]
         judged = _judgement(ms, per_seed, through, (10, 11, 12), Limits(), 0.5, 3)
-        fired = "nonfinite" in judged.verdict.names
+        fired = bool({"nonfinite", "overflow"} & set(judged.verdict.names))
         assert fired == (len(bad) == 2) and judged.own_loss == fired
         assert judged.measurement is (ms[0] if fired else through[1])
         assert judged.measured_seed == (10 if fired else 11)
