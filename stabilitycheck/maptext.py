@@ -81,16 +81,16 @@ def judged(pm: PhaseMap) -> str:
     which limits, and the mean-field column's meaning (an audit found the map said none of it)."""
     run = pm.base.run
     seeds = f"up to {run.seeds} seeds, stopping once they decide it" if run.seeds > 1 else "1 seed"
+    through = " (growth through time, the loss on the last step)" if pm.base.recurrent else ""
     under = " (vanishing: under 1 / its limit)" if pm.vanish is not None else ""
+    how = "the exact product sigma^(T-1)" if pm.base.recurrent else "infinite-width signal propagation"
     theory_said = (
-        f"; mean field: the first {pm.x.name} where infinite-width signal propagation puts the growth "
-        f"past its limit{under}"
+        f"; mean field: the first {pm.x.name} where {how} puts the growth past its limit{under}"
         if theory(pm) is not None
         else ""
     )
-    return (
-        f"each point: the q={run.quantile:g} verdict over {seeds}, on {limits_text(pm.limits)}{theory_said}"
-    )
+    limits = limits_text(pm.limits)
+    return f"each point: the q={run.quantile:g} verdict over {seeds}, on {limits}{through}{theory_said}"
 
 
 def _rows(pm: PhaseMap) -> list[tuple[str, list[str]]]:

@@ -148,8 +148,9 @@ def bound(name: str, lim: Limits) -> float | None:
 
 
 def limits_text(lim: Limits) -> str:
-    """The active criteria and their bounds, as a verdict compares them: 'growth > 100, grad_norm >
-    1000, divergence > 2, nonfinite' ('overflow' is nonfinite's float32 check, not listed apart)."""
+    """The active criteria and their bounds, as a verdict compares them, in CRITERIA order: 'nonfinite,
+    grad_norm > 1000, growth > 100, divergence > 2' ('overflow' is nonfinite's float32 check, not
+    listed apart)."""
     parts = []
     for name in CRITERIA:
         b = bound(name, lim)

@@ -118,6 +118,9 @@ def test_linear_rnn_seq_len_frontier_is_exact_and_costs_under_15_percent_of_the_
         assert got == exact, f"sigma {s}: traced T* {got}, exact {exact}"
     assert pm.verdicts <= 0.15 * pm.grid, pm.verdicts
     assert pm.verdicts == len({(p.x, p.y) for p in pm.points})
+    said = judged(pm)  # what its points and its theory column are (a review: it said mean field's)
+    assert "(growth through time, the loss on the last step)" in said and "the exact product" in said
+    assert "infinite-width" not in said
 
 
 def test_vanishing_frontier_below_critical_sigma_matches_mean_field() -> None:
