@@ -62,6 +62,7 @@ class Layout:
     the same with square roots taken, the ranks combined, and the total gradient norm appended."""
 
     n_blocks: int
+    head: bool = False  # the parameters outside the blocks are a head's (watching._a_head): see causal_order
 
     @property
     def width(self) -> int:
@@ -108,14 +109,17 @@ class Layout:
         update), block outputs input side first, the loss, then output side first each block's output
         gradient and its weight gradient (both before the block's input gets its gradient: weight
         gradients listed input side first after every output gradient named block 2 first where the
-        backward made block 4's Inf first; a user's trial), those of parameters outside the blocks, the
-        total gradient norm."""
+        backward made block 4's Inf first; a user's trial), then those of parameters outside the
+        blocks, the total gradient norm. A head's (`head`) come right after the loss, where the
+        backward makes them (an LM head's Inf named the blocks' after it: a review); the rest, an
+        embedding's or of parameters on both sides, after the blocks'."""
         p = self.parts()
         span = {k: list(range(s.start, s.stop)) for k, s in p.items()}
-        order = span["weight"] + span["activation"] + span["loss"]
+        outside = span["gradient"][self.n_blocks :]
+        order = span["weight"] + span["activation"] + span["loss"] + (outside if self.head else [])
         for b in reversed(range(self.n_blocks)):
             order += [span["activation_grad"][b], span["gradient"][b]]
-        return order + span["gradient"][self.n_blocks :] + span["grad_norm"]
+        return order + ([] if self.head else outside) + span["grad_norm"]
 
 
 def to_series(rows: torch.Tensor, layout: Layout, passed: torch.Tensor | None = None) -> torch.Tensor:

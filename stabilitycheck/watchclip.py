@@ -2,23 +2,39 @@
 returns, or that torch.nn.utils.clip_grads_with_norm_ is given (accelerate's clipping, the Hugging
 Face Trainer's, computes it with get_total_norm and calls that), is the gradient's before clipping,
 which the watcher's own norms, read at the optimizer step, cannot see (a clipped run's logged
-grad_norm read max_norm at every step while the norm before it reached 4e8: a user's trial). One
-wrapper of each serves every open watcher; each is put back once the last one closes, unless
-something else has replaced it since (then that is left alone). A function bound before the watcher
-opened (`from torch.nn.utils import clip_grad_norm_` at import) is not heard."""
+grad_norm read max_norm at every step while the norm before it reached 4e8: a user's trial).
+
+The wrappers below stand in for torch's two functions while any watcher is open, and tell each
+listener which parameters were clipped, the total norm (a plain tensor copy: a DTensor's full value)
+and max_norm (a copy, where a tensor). Each is put back once the last listener goes, unless
+something else has replaced it since (then that is left alone); one left behind (a mock.patch
+restored after the watcher closed) is found again, not wrapped twice. A function bound before the
+watcher opened (`from torch.nn.utils import clip_grad_norm_` at import) is not heard."""
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-from typing import Any
+import math
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 import torch
 
-Listener = Callable[[torch.Tensor, Any], None]  # (the total norm before clipping, the max_norm given)
+Clipped = list[torch.Tensor]
+
+
+class Listener(Protocol):
+    """Told of each clip: `wants` before it (the gradients as they were), `take` after, if it did."""
+
+    def wants(self, clipped: Clipped, max_norm: Any, given: bool) -> bool: ...
+
+    def take(self, total: torch.Tensor, max_norm: Any) -> None: ...
+
 
 _LISTENERS: list[Listener] = []
-_WRAPPED: dict[str, Callable[..., Any]] = {}  # torch.nn.utils' functions the wrappers call
+_WRAPPED: dict[str, Callable[..., Any]] = {}  # what each wrapper calls while installed
+_NAMES = ("clip_grad_norm_", "clip_grads_with_norm_")
+_TORCH: dict[str, Callable[..., Any]] = {name: getattr(torch.nn.utils, name) for name in _NAMES}  # torch's
 
 
 class Listening:
@@ -37,35 +53,135 @@ class Listening:
                 _uninstall()
 
 
-def _tell(total: Any, max_norm: Any) -> None:
-    if isinstance(total, torch.Tensor):
-        for listener in list(_LISTENERS):
-            listener(total, max_norm)
+def _listed(parameters: Any) -> Clipped:
+    """The parameters as a list (a generator, model.parameters(), is read once: torch gets the list)."""
+    return [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+
+
+def _takers(params: Clipped, max_norm: Any, given: bool) -> list[Listener]:
+    """The listeners that want this clip, asked before it changes the gradients."""
+    return [listener for listener in list(_LISTENERS) if listener.wants(params, max_norm, given)]
+
+
+def _tell(takers: list[Listener], total: Any, max_norm: Any) -> None:
+    """Each taker gets a copy of the total (a DTensor's full value: its .tolist() raises) and of a
+    tensor max_norm (a schedule may change it in place before the watcher reads it)."""
+    if not takers or not isinstance(total, torch.Tensor):
+        return
+    full = getattr(total, "full_tensor", None)
+    value = (full() if callable(full) else total).detach().clone()
+    limit = max_norm.detach().clone() if isinstance(max_norm, torch.Tensor) else max_norm
+    for listener in takers:
+        listener.take(value, limit)
+
+
+def clip_grad_norm_(
+    parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm: Any, *args: Any, **kwargs: Any
+) -> Any:
+    """torch.nn.utils.clip_grad_norm_, heard by the open watchers (its total: before clipping)."""
+    params = _listed(parameters)
+    takers = _takers(params, max_norm, False)
+    total = _WRAPPED.get("clip_grad_norm_", _TORCH["clip_grad_norm_"])(params, max_norm, *args, **kwargs)
+    _tell(takers, total, max_norm)
+    return total
+
+
+def clip_grads_with_norm_(
+    parameters: Iterable[torch.Tensor] | torch.Tensor,
+    max_norm: Any,
+    total_norm: Any,
+    *args: Any,
+    **kwargs: Any,
+) -> Any:
+    """torch.nn.utils.clip_grads_with_norm_, heard by the open watchers (the total it is given)."""
+    params = _listed(parameters)
+    _tell(_takers(params, max_norm, True), total_norm, max_norm)
+    return _WRAPPED.get("clip_grads_with_norm_", _TORCH["clip_grads_with_norm_"])(
+        params, max_norm, total_norm, *args, **kwargs
+    )
+
+
+_OURS: dict[str, Callable[..., Any]] = {
+    "clip_grad_norm_": clip_grad_norm_,
+    "clip_grads_with_norm_": clip_grads_with_norm_,
+}
 
 
 def _install() -> None:
-    utils = torch.nn.utils
-    norm_, with_norm_ = utils.clip_grad_norm_, utils.clip_grads_with_norm_
-
-    @functools.wraps(norm_)
-    def clip_grad_norm_(parameters: Any, max_norm: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        total = norm_(parameters, max_norm, *args, **kwargs)
-        _tell(total, max_norm)
-        return total
-
-    @functools.wraps(with_norm_)
-    def clip_grads_with_norm_(
-        parameters: Any, max_norm: Any, total_norm: Any, *args: Any, **kwargs: Any
-    ) -> Any:
-        _tell(total_norm, max_norm)
-        return with_norm_(parameters, max_norm, total_norm, *args, **kwargs)
-
-    _WRAPPED.update(clip_grad_norm_=norm_, clip_grads_with_norm_=with_norm_)
-    utils.clip_grad_norm_, utils.clip_grads_with_norm_ = clip_grad_norm_, clip_grads_with_norm_
+    for name, ours in _OURS.items():
+        current = getattr(torch.nn.utils, name)
+        _WRAPPED[name] = _TORCH[name] if current is ours else current
+        setattr(torch.nn.utils, name, ours)
 
 
 def _uninstall() -> None:
     for name, original in _WRAPPED.items():
-        if getattr(getattr(torch.nn.utils, name), "__wrapped__", None) is original:
+        if getattr(torch.nn.utils, name) is _OURS[name]:
             setattr(torch.nn.utils, name, original)
     _WRAPPED.clear()
+
+
+class ClipLog:
+    """A watcher's clips, one per step and row of its buffer: the first call of a step that clips its
+    model's trainable parameters (all of them; with a total given, clip_grads_with_norm_'s, any: a
+    caller clipping per device mesh gives each group the same total), so that a second call logging
+    the clipped norm (max_norm inf), another model's clip (a GAN's critic) or a clip per submodule
+    (a part's norm, not the total) is not taken for it; max_norm inf measures, it clips nothing. A
+    call that clips what the last closed step measured (the same gradient, unchanged since: the
+    step was closed before the clip, as Lightning's callback closes it) is that step's, not taken:
+    its norms are before clipping already."""
+
+    def __init__(self, params: list[torch.nn.Parameter], rows: int) -> None:
+        self.params = params
+        self.rows: list[tuple[torch.Tensor, Any] | None] = [None] * rows
+        self.now: tuple[torch.Tensor, Any] | None = None
+        self.closed: tuple[Any, int] | None = None  # (weakref to a gradient, its version) at the close
+
+    def wants(self, clipped: Clipped, max_norm: Any, given: bool) -> bool:
+        """Whether this clip is the step's, asked before it changes the gradients."""
+        if self.now is not None or (isinstance(max_norm, int | float) and math.isinf(max_norm)):
+            return False
+        if self.closed is not None:
+            grad, version = self.closed[0](), self.closed[1]
+            if grad is not None and grad._version == version:
+                return False  # no backward since the step closed
+        mine = {id(p) for p in self.params if p.requires_grad}
+        ids = {id(p) for p in clipped}
+        return bool(ids & mine) if given else mine <= ids
+
+    def take(self, total: torch.Tensor, max_norm: Any) -> None:
+        self.now = (total, max_norm)
+
+    def close_row(self, row: int) -> None:
+        """The step closes into `row`: its clip, and a mark of the gradient it measured."""
+        self.rows[row], self.now = self.now, None
+        grad = next((p.grad for p in self.params if p.requires_grad and p.grad is not None), None)
+        self.closed = (weakref.ref(grad), grad._version) if grad is not None else None
+
+    def values(self, n: int, device: torch.device) -> list[torch.Tensor]:
+        """The first n rows' clip norms, and their tensor max_norms, to read with the flush."""
+        out = []
+        for clip in self.rows[:n]:
+            if clip is not None:
+                out.append(clip[0].to(device, torch.float64).reshape(()))
+                if isinstance(clip[1], torch.Tensor):
+                    out.append(clip[1].to(device, torch.float64).reshape(()))
+        return out
+
+    def read(self, first: int, n: int, read: list[float]) -> dict[int, tuple[float, float]]:
+        """{step: (norm before clipping, max_norm)} of the first n rows from `read` (what `values`
+        gave, as read), the rows emptied; a max_norm read as inf clipped nothing: left out."""
+        out: dict[int, tuple[float, float]] = {}
+        at = 0
+        for i, clip in enumerate(self.rows[:n]):
+            if clip is None:
+                continue
+            norm, at = read[at], at + 1
+            if isinstance(clip[1], torch.Tensor):
+                limit, at = read[at], at + 1
+            else:
+                limit = float(clip[1])
+            if not math.isinf(limit):
+                out[first + i] = (norm, limit)
+        self.rows[:n] = [None] * n
+        return out

@@ -37,7 +37,7 @@ from stabilitycheck.norms import dense
 from stabilitycheck.spikes import SpikeRule, noisier, unmeasured
 from stabilitycheck.subject import BYPASSED, find_blocks, own_blocks, shown_blocks
 from stabilitycheck.watchcapture import Capture
-from stabilitycheck.watchclip import Listening
+from stabilitycheck.watchclip import ClipLog, Listening
 from stabilitycheck.watchlog import Log, Report
 from stabilitycheck.watchoptions import (
     MAX_FLUSH_EVERY,
@@ -102,12 +102,12 @@ class Watcher:
         self.params = list(model.parameters())
         if not any(p.requires_grad for p in self.params):
             raise no_trainable("watch")
-        self.layout = Layout(len(self.blocks))
+        n = len(self.blocks)
+        self.owner = [b if b >= 0 else n for b in block_of(self.params, self.blocks)]
+        self.layout = Layout(n, head=_a_head(self.owner, n))
         self.device = self.params[0].device
         self.rank, self.world = distributed.world()
         self.flush_every, self.skip, self.hook_optimizer = flush_every, check_skip(skip), hook_optimizer
-        n = len(self.blocks)
-        self.owner = [b if b >= 0 else n for b in block_of(self.params, self.blocks)]
         copies = [distributed.local(p)[1] for p in self.params]
         grad_slots = [self.layout.parts()["gradient"].start + b for b in self.owner]
         weight_slots = [self.layout.parts()["weight"].start + b for b in self.owner]
@@ -152,8 +152,7 @@ class Watcher:
         self.step = 0  # optimizer steps seen
         self.host_reads = 0
         self._filled = 0
-        self._clip: tuple[torch.Tensor, Any] | None = None  # this step's clip_grad_norm_ (watchclip)
-        self._clips: list[tuple[torch.Tensor, Any] | None] = [None] * len(self.buffer)  # per row
+        self.clips = ClipLog(self.params, len(self.buffer))  # the norm before clipping, per step
         self._loss: torch.Tensor | None = None
         self._loss_seen = False
         self.weights_measured = True
@@ -171,7 +170,7 @@ class Watcher:
             raise UsageError("watch: a watcher runs once; make a new one with watch(...) for another run")
         self._handles += self.capture.attach(self.model)  # first: a block it cannot hook leaves nothing
         self._handles += refusing_inside(self.blocks, "watch")
-        self._handles.append(Listening(self._on_clip))
+        self._handles.append(Listening(self.clips))
         self._open = True
         self._versions = [version_of(p) for p in self.params]  # an update changes them: `_no_step`
         if self.world == 1:  # under torch.distributed a rank stopping alone would hang the others' flush
@@ -210,16 +209,6 @@ class Watcher:
                 "closed and judged: that step's norms are not divided by its loss scale; pass scaler=",
                 stacklevel=4,
             )
-
-    def _on_clip(self, total: torch.Tensor, max_norm: Any) -> None:
-        """torch.nn.utils.clip_grad_norm_ returned `total`, the norm before clipping, for this step
-        (the last call of the step stands, as the last clip before an update does). One after a step
-        closed and before the model's next call clips what that step measured already, before the
-        clip (Lightning's callback closes it first): it is no later step's. So a call counts where a
-        backward reached a block output since the last step closed, or none ever did (blocks whose
-        gradients are not seen: every call)."""
-        if self.capture.fed or not self.capture.backward:
-            self._clip = (total.detach(), max_norm)
 
     @property
     def is_open(self) -> bool:
@@ -428,7 +417,7 @@ class Watcher:
         self.weights_measured = self.step % self.weights_every == 0
         flagged = None
         slot = self._filled
-        self._clips[slot], self._clip = self._clip, None
+        self.clips.close_row(slot)
         amp = self._loss_scale(scaler_skipped)
         if self.state is None:
             measured = self.weights_measured  # the row was zeroed at the last flush
@@ -475,24 +464,6 @@ class Watcher:
         self._termination.check()  # a SIGTERM deferred while the step closed (or flushed, held)
         return flagged
 
-    def _read_clips(self, first: int, n: int) -> dict[int, tuple[float, float]]:
-        """The flushed rows' clip_grad_norm_ calls, {step: (norm before clipping, max_norm)}: one more
-        host read, where any step of them clipped."""
-        held = [(i, clip) for i, clip in enumerate(self._clips[:n]) if clip is not None]
-        self._clips[:n] = [None] * n
-        if not held:
-            return {}
-        f64 = torch.float64
-        pairs = [
-            torch.stack(
-                [norm.to(self.device, f64).reshape(()), torch.as_tensor(m, dtype=f64).to(self.device)]
-            )
-            for _, (norm, m) in held
-        ]
-        self.host_reads += 1
-        read = torch.stack(pairs).tolist()
-        return {first + i: (norm, max_norm) for (i, _), (norm, max_norm) in zip(held, read, strict=True)}
-
     def after_step(self) -> None:
         """After the optimizer's update: the bundle's copy of 'the state before the next step'."""
         if self.snapshot is not None:
@@ -519,11 +490,13 @@ class Watcher:
                 norms *= self.factors[:n]
             data = distributed.gather(data)
         self.host_reads += 1
-        host = data.tolist()  # the one host read of this flush
+        clips = self.clips.values(n, data.device)  # read with the rows: the flush's one host read
+        flat = torch.cat([data.reshape(-1), *(c.reshape(1) for c in clips)]).tolist() if clips else None
+        host = data.tolist() if flat is None else _nested(flat[: data.numel()], list(data.shape))
         if self.state is None:
             self.buffer.zero_()  # before_step adds each step's squares into its zeroed row
         first = self.out.result.steps  # the steps logged so far: derived, never off by a step cut short
-        self.out.clips = self._read_clips(first, n)
+        self.out.clips = self.clips.read(first, n, flat[data.numel() :] if flat is not None else [])
         if self.state is None:
             self.out.add_ranks(first, host)
         else:
@@ -532,6 +505,22 @@ class Watcher:
             self.snapshot.write_if_flagged(
                 self.out.first_flag, first, n, self.out.first_flag_values, self.names, self.capture.sizes
             )
+
+
+def _a_head(owner: list[int], n: int) -> bool:
+    """Whether the parameters outside the n blocks all come after every block's in the model's order
+    (`owner`: each parameter's block, n outside): a head, whose gradients the backward makes first."""
+    inside = [i for i, b in enumerate(owner) if b < n]
+    outside = [i for i, b in enumerate(owner) if b == n]
+    return bool(inside and outside) and min(outside) > max(inside)
+
+
+def _nested(flat: list[float], shape: list[int]) -> Any:
+    """`flat` in the nested lists .tolist() gives for a tensor of `shape` (row-major)."""
+    if len(shape) == 1:
+        return flat
+    step = len(flat) // shape[0]
+    return [_nested(flat[i * step : (i + 1) * step], shape[1:]) for i in range(shape[0])]
 
 
 def watch(
@@ -551,8 +540,8 @@ def watch(
     gradient norms are divided by the loss scale; not given, the one whose step() gets the optimizer),
     clip_grad_norm (the max_norm the loop passes torch.nn.utils.clip_grad_norm_ before each step: the
     gradients measured are the clipped ones, and a bundle's replay clips alike). Whatever it is
-    given, the norm a clip call returns (the gradient's before clipping) is logged as
-    grad_norm_before_clip and summed up in the report (stabilitycheck.watchclip).
+    given, the total norm clipping measured (the gradient's before clipping) is logged as
+    grad_norm_before_clip and summed up in the report (stabilitycheck.watchclip.ClipLog).
     """
     known = [name for name in inspect.signature(Watcher).parameters if name not in ("model", "optimizer")]
     unknown = sorted(set(options) - set(known))

@@ -108,7 +108,7 @@ class Report:
         if self.clip_peak is not None:
             step, norm, max_norm = self.clip_peak
             lines.append(
-                f"  before clipping (the total gradient norm clip_grad_norm_ returned): largest {norm:.4g} "
+                f"  before clipping (the total gradient norm the clip measured): largest {norm:.4g} "
                 f"at step {step}; above max_norm at {self.clipped_steps} of the {self.clip_steps} steps "
                 f"it was called (max_norm {max_norm:g} there)"
             )

@@ -144,6 +144,44 @@ def test_weight_gradients_going_inf_name_the_block_whose_backward_made_the_first
     assert found is not None and (found.step, found.tensor, found.block) == (2, "gradient", "blocks.2")
 
 
+def test_a_heads_gradient_going_inf_first_is_named_before_the_blocks() -> None:
+    """A head outside the blocks (registered after them) whose weight gradient the backward makes Inf
+    first, block 0's last, every output gradient finite: the outside slot came after every block, so
+    watch named blocks.0's (a review). Oracle: the order torch accumulates the weight gradients."""
+
+    class Headed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+            self.head = nn.Linear(8, 1)
+            with torch.no_grad():
+                self.blocks[0].weight.mul_(1e-31)  # input 1e32 to a normal output: its weight gradient Inf
+                self.head.weight.fill_(1e-30)  # the blocks' output gradients stay small, finite
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                x = block(x)
+            return self.head(x.abs() + 1).squeeze(-1)
+
+    torch.manual_seed(0)
+    model = Headed()
+    made: list[str] = []
+    for name, p in model.named_parameters():
+        p.register_post_accumulate_grad_hook(
+            lambda p, name=name: made.append(name) if not torch.isfinite(p.grad).all() else None
+        )
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with watch(model, opt, report=None) as w:
+        loss = (model(torch.full((8, 8), 1e32)).double() * (1e38 / 8 * 3)).sum()
+        w.loss(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert made[0] == "head.weight" and made[-1] == "blocks.0.weight"
+    found = report_of(w).first_nonfinite
+    assert found is not None and (found.tensor, found.block) == ("gradient", "(outside blocks)")
+
+
 def test_the_norms_are_torchs_own() -> None:
     """One step's logged norms against torch.linalg.vector_norm of what the model computes."""
     torch.manual_seed(0)

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 from watch_models import MLP, batch, compute_loss
 
@@ -74,8 +77,16 @@ def test_torchs_functions_are_given_back_whatever_order_the_watchers_close_in() 
     utils = torch.nn.utils
     original, with_norm = utils.clip_grad_norm_, utils.clip_grads_with_norm_
     heard: list[tuple[float, float]] = []
+
+    class Hears:
+        def wants(self, clipped: list[torch.Tensor], max_norm: float, given: bool) -> bool:
+            return True
+
+        def take(self, total: torch.Tensor, max_norm: float) -> None:
+            heard.append((float(total), max_norm))
+
     for order in ((0, 1), (1, 0)):
-        both = [Listening(lambda t, m: heard.append((float(t), m))) for _ in range(2)]
+        both = [Listening(Hears()) for _ in range(2)]
         assert utils.clip_grad_norm_ is not original and utils.clip_grads_with_norm_ is not with_norm
         p = torch.nn.Parameter(torch.ones(4))
         p.grad = torch.full((4,), 3.0)
@@ -88,10 +99,114 @@ def test_torchs_functions_are_given_back_whatever_order_the_watchers_close_in() 
             both[i].remove()
             both[i].remove()  # twice is once
         assert utils.clip_grad_norm_ is original and utils.clip_grads_with_norm_ is with_norm
-    listening = Listening(lambda t, m: None)
+    listening = Listening(Hears())
     try:
         utils.clip_grad_norm_ = lambda *a, **k: torch.zeros(())  # someone else's, later
         listening.remove()
         assert utils.clip_grad_norm_ is not original and utils.clip_grads_with_norm_ is with_norm
+    finally:
+        utils.clip_grad_norm_ = original
+
+
+def _two_block_run(log: Path, clip: Callable[[MLP, MLP], None], steps: int = 4) -> tuple[list[float], Report]:
+    """`steps` SGD steps of a 2-block MLP under watch, `clip(model, other)` between backward and the
+    step (`other`: an unwatched model with gradients of its own); the norm before any clip by hand."""
+    torch.manual_seed(0)
+    model, other = MLP(depth=2), MLP(depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    by_hand = []
+    w: Watcher
+    with watch(model, opt, log=log, report=None) as w:
+        for step in range(steps):
+            data = batch(torch.Generator().manual_seed(step), model)
+            loss = compute_loss(model, data) * 100
+            w.loss(loss)
+            opt.zero_grad()
+            loss.backward()
+            other.zero_grad()
+            (compute_loss(other, data) * 1e4).backward()
+            by_hand.append(
+                torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()
+            )
+            clip(model, other)
+            opt.step()
+    assert w.report is not None
+    return by_hand, w.report
+
+
+def _logged(log: Path) -> list[float | None]:
+    return [json.loads(line)["grad_norm_before_clip"] for line in log.read_text().splitlines()]
+
+
+def test_only_the_first_clip_of_the_watched_models_parameters_is_its_norm_before_clipping(
+    tmp_path: Path,
+) -> None:
+    """A review's cases, each call taken for the step's norm before: a second call logging the clipped
+    norm (max_norm inf) read 1.0, another model's clip 1.99e4, a clip per submodule a part's norm.
+    Now the first clip over all the watched model's trainable parameters alone is taken; max_norm inf
+    clips nothing and is never taken. Oracle: the norm by hand before any clip."""
+    utils = torch.nn.utils
+
+    def then_logged(model: MLP, other: MLP) -> None:
+        utils.clip_grad_norm_(model.parameters(), 1.0)
+        utils.clip_grad_norm_(model.parameters(), math.inf)  # logging the clipped norm
+
+    def other_first(model: MLP, other: MLP) -> None:
+        utils.clip_grad_norm_(other.parameters(), 1.0)  # a critic's, say
+        utils.clip_grad_norm_(model.parameters(), 1.0)
+
+    def per_part(model: MLP, other: MLP) -> None:
+        for part in (model.blocks, model.head):
+            utils.clip_grad_norm_(part.parameters(), 1.0)
+
+    def measured_only(model: MLP, other: MLP) -> None:
+        utils.clip_grad_norm_(model.parameters(), math.inf)
+
+    for clip, taken in ((then_logged, True), (other_first, True), (per_part, False), (measured_only, False)):
+        by_hand, report = _two_block_run(tmp_path / f"{clip.__name__}.jsonl", clip)
+        logged = _logged(tmp_path / f"{clip.__name__}.jsonl")
+        if taken:
+            assert logged == pytest.approx(by_hand, rel=1e-6), clip.__name__
+            assert report.clip_steps == 4 and report.clipped_steps == sum(n > 1.0 for n in by_hand)
+        else:
+            assert logged == [None] * 4 and report.clip_steps == 0, clip.__name__
+
+
+def test_a_tensor_max_norm_is_read_as_it_was_at_the_clip(tmp_path: Path) -> None:
+    """A schedule changing a tensor max_norm in place after the clip: the report read the value at
+    the flush (a review). Oracle: the schedule's values, step by step."""
+    limit = torch.tensor(0.5)
+
+    def scheduled(model: MLP, other: MLP) -> None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), limit)
+        limit.add_(1.0)  # 0.5, 1.5, 2.5, 3.5 at the clips
+
+    by_hand, report = _two_block_run(tmp_path / "w.jsonl", scheduled)
+    assert report.clipped_steps == sum(n > 0.5 + k for k, n in enumerate(by_hand))
+    assert report.clip_peak is not None
+    step = report.clip_peak[0]
+    assert report.clip_peak[1:] == (pytest.approx(max(by_hand), rel=1e-6), 0.5 + step)
+
+
+def test_a_wrapper_left_behind_is_not_wrapped_again_and_pickles(tmp_path: Path) -> None:
+    """A mock.patch opened inside a watcher and restored after it closed left the wrapper installed:
+    the next watcher heard every clip twice and never gave torch's function back (a review). Now it
+    takes the wrapper for torch's own, hears once, and gives torch's back; the function pickles while
+    a watcher is open (functools.wraps had it claim torch's name: 'not the same object')."""
+    utils = torch.nn.utils
+    original = utils.clip_grad_norm_
+    left: list[object] = []
+
+    def leaves_it(model: MLP, other: MLP) -> None:
+        left.append(utils.clip_grad_norm_)
+        assert pickle.loads(pickle.dumps(utils.clip_grad_norm_)) is utils.clip_grad_norm_
+        utils.clip_grad_norm_(model.parameters(), 1.0)
+
+    _two_block_run(tmp_path / "a.jsonl", leaves_it, steps=1)
+    try:
+        utils.clip_grad_norm_ = left[0]  # type: ignore[assignment]  # as a mock.patch restores it
+        by_hand, report = _two_block_run(tmp_path / "b.jsonl", leaves_it, steps=2)
+        assert report.clip_steps == 2 and _logged(tmp_path / "b.jsonl") == pytest.approx(by_hand, rel=1e-6)
+        assert utils.clip_grad_norm_ is original
     finally:
         utils.clip_grad_norm_ = original

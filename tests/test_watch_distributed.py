@@ -48,9 +48,11 @@ def _run(
     rank: int | None,
     fault: Fault | None = None,
     passed: list[float] | None = None,
+    clipped: list[float] | None = None,
 ) -> Watcher:
     """STEPS SGD steps on the whole batch (rank None) or on this rank's half of it; with `passed`,
-    the loss is given to w.loss() on rank 0 alone and kept there in `passed`."""
+    the loss is given to w.loss() on rank 0 alone and kept there in `passed`; with `clipped`, the
+    gradients are clipped to 0.01 before each step, the total norm clip_grad_norm_ returns kept."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     inner = getattr(model, "module", model)  # DDP's forward must run (it syncs the gradients)
     handle = inner.blocks[1].register_forward_hook(fault) if fault is not None else None
@@ -69,6 +71,10 @@ def _run(
                 passed.append(loss.item())
             opt.zero_grad()
             loss.backward()
+            if clipped is not None:  # under FSDP2 a DTensor: its full value
+                total = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+                full = getattr(total, "full_tensor", None)
+                clipped.append(float(full() if full is not None else total))
             opt.step()
     if handle is not None:
         handle.remove()
@@ -125,6 +131,8 @@ def _worker(rank: int, out: str) -> None:
     fully_shard(model)
     _run(model, Path(out) / "fsdp.jsonl" if rank == 0 else None, rank)
     result["fsdp_phases"] = dict(phases)
+    result["fsdp_clipped"] = clipped = []
+    _run(model, Path(out) / "fsdp_clipped.jsonl" if rank == 0 else None, rank, clipped=clipped)
     torch.manual_seed(0)
     result["rank0_losses"] = losses = []
     log = Path(out) / "rank0.jsonl" if rank == 0 else None
@@ -225,6 +233,16 @@ def test_clip_grad_norm_returns_the_full_model_norm_under_fsdp2(ranks: Any) -> N
     assert results[0]["clip"] == pytest.approx(results[1]["clip"], rel=1e-12)
     for result in results:
         assert result["broken_clip"].startswith("clip_grad_norm_ returned")
+
+
+def test_a_clipped_fsdp2_loop_logs_the_norm_before_clipping(ranks: Any) -> None:
+    """Under FSDP2 clip_grad_norm_ returns a DTensor, whose .tolist() raises: read at the flush, it
+    stopped the training loop (a review). Oracle: the full value of what clip_grad_norm_ returned, at
+    each step, and each step clipped (0.01 is under every norm here)."""
+    out, results = ranks
+    logged = [row["grad_norm_before_clip"] for row in _rows(out / "fsdp_clipped.jsonl")]
+    assert logged == pytest.approx(results[0]["fsdp_clipped"], rel=1e-12) and len(logged) == STEPS
+    assert min(logged) > 0.01
 
 
 def test_a_loss_passed_on_one_rank_alone_is_that_ranks_loss(ranks: Any) -> None:

@@ -71,11 +71,15 @@ def test_lightning_fit_names_the_planted_fault(tmp_path: Any) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
-def test_lightning_clips_after_the_step_closes_so_its_norms_are_before_clipping(tmp_path: Any) -> None:
+@pytest.mark.parametrize("frozen", [False, True])
+def test_lightning_clips_after_the_step_closes_so_its_norms_are_before_clipping(
+    tmp_path: Any, frozen: bool
+) -> None:
     """gradient_clip_val: Lightning clips after on_before_optimizer_step, where the callback closes
     the step, so the watcher's own norms are the gradient's before clipping, and the clip it hears
-    then is that step's, no later one's: no row takes it. Oracle: the grad_norm logged passes the
-    clip value (a clipped norm could not)."""
+    then is that step's, no later one's: no row takes it, also where the blocks are frozen and only
+    the head trains (no gradient reaches a block output: each clip landed a row late, a review).
+    Oracle: the grad_norm logged passes the clip value (a clipped norm could not)."""
     lightning = pytest.importorskip("lightning.pytorch")
     from stabilitycheck.integrations.lightning import WatchCallback
 
@@ -83,7 +87,10 @@ def test_lightning_clips_after_the_step_closes_so_its_norms_are_before_clipping(
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*_data()), batch_size=32)
     callback = WatchCallback(report=None, log=tmp_path / "watch.jsonl")
     trainer = _trainer(lightning, tmp_path, callback, max_steps=STEPS, gradient_clip_val=0.01)
-    trainer.fit(_regression(lightning), loader)
+    module = _regression(lightning)
+    if frozen:
+        module.net.blocks.requires_grad_(False)
+    trainer.fit(module, loader)
     rows = [json.loads(line) for line in (tmp_path / "watch.jsonl").read_text().splitlines()]
     assert len(rows) == STEPS and all(row["grad_norm_before_clip"] is None for row in rows)
     assert min(row["grad_norm"] for row in rows) > 0.01
