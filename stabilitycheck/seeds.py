@@ -23,8 +23,9 @@ seed at 2.56e4 where its 5-seed median was 11.8; so its verdicts are left to the
 all while going non-finite is judged: that is not on the continuous spread either (one
 initialisation that stays finite says nothing of the next, and one NaN nothing of the others).
 With the nonfinite criterion on (the default) every verdict waits for at least ceil(q K) seeds; the
-margin decides only growth-like criteria with nonfinite and divergence off
-(divergence's loss ratio of 1 without steps is never 1000x from its limit). It never decides that a
+margin decides only with nonfinite off, and with divergence off or optimiser steps run (without
+them divergence reads NaN, never far; with them a loss ratio of 1 is 2x from its limit of 2, far
+from 10 seeds on: a review). It never decides that a
 criterion fires: a seed still to come may go NaN (an overflow, which counts with nonfinite off too),
 which sorts lowest and never fires, so two seeds 31.6x over the limit could not say that the
 5-seed median fires (a float16 ReLU stack: 2.64e4, 7494, then three NaN; an audit); that no

@@ -13,9 +13,10 @@ watcher opened (`from torch.nn.utils import clip_grad_norm_` at import) is not h
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import torch
@@ -26,7 +27,7 @@ Clipped = list[torch.Tensor]
 class Listener(Protocol):
     """Told of each clip: `wants` before it (the gradients as they were), `take` after, if it did."""
 
-    def wants(self, clipped: Clipped, max_norm: Any, given: bool) -> bool: ...
+    def wants(self, clipped: Clipped, max_norm: Any) -> bool: ...
 
     def take(self, total: torch.Tensor, max_norm: Any) -> None: ...
 
@@ -53,14 +54,25 @@ class Listening:
                 _uninstall()
 
 
+def _no_limit(max_norm: Any) -> bool:
+    """max_norm is infinite (it clips nothing): a number, or a tensor on the CPU (read at no sync; one
+    on a device is read with the flush, and its row dropped there)."""
+    if isinstance(max_norm, torch.Tensor):
+        return max_norm.device.type == "cpu" and max_norm.numel() == 1 and math.isinf(float(max_norm))
+    try:
+        return math.isinf(float(max_norm))
+    except (TypeError, ValueError):
+        return False
+
+
 def _listed(parameters: Any) -> Clipped:
     """The parameters as a list (a generator, model.parameters(), is read once: torch gets the list)."""
     return [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
 
 
-def _takers(params: Clipped, max_norm: Any, given: bool) -> list[Listener]:
+def _takers(params: Clipped, max_norm: Any) -> list[Listener]:
     """The listeners that want this clip, asked before it changes the gradients."""
-    return [listener for listener in list(_LISTENERS) if listener.wants(params, max_norm, given)]
+    return [listener for listener in list(_LISTENERS) if listener.wants(params, max_norm)]
 
 
 def _tell(takers: list[Listener], total: Any, max_norm: Any) -> None:
@@ -80,8 +92,11 @@ def clip_grad_norm_(
 ) -> Any:
     """torch.nn.utils.clip_grad_norm_, heard by the open watchers (its total: before clipping)."""
     params = _listed(parameters)
-    takers = _takers(params, max_norm, False)
-    total = _WRAPPED.get("clip_grad_norm_", _TORCH["clip_grad_norm_"])(params, max_norm, *args, **kwargs)
+    if _CALLING:  # entered again through a wrapper of ours left behind: torch's own, not told twice
+        return _TORCH["clip_grad_norm_"](params, max_norm, *args, **kwargs)
+    takers = _takers(params, max_norm)
+    with _calling():
+        total = _WRAPPED.get("clip_grad_norm_", _TORCH["clip_grad_norm_"])(params, max_norm, *args, **kwargs)
     _tell(takers, total, max_norm)
     return total
 
@@ -95,10 +110,26 @@ def clip_grads_with_norm_(
 ) -> Any:
     """torch.nn.utils.clip_grads_with_norm_, heard by the open watchers (the total it is given)."""
     params = _listed(parameters)
-    _tell(_takers(params, max_norm, True), total_norm, max_norm)
-    return _WRAPPED.get("clip_grads_with_norm_", _TORCH["clip_grads_with_norm_"])(
-        params, max_norm, total_norm, *args, **kwargs
-    )
+    if _CALLING:
+        return _TORCH["clip_grads_with_norm_"](params, max_norm, total_norm, *args, **kwargs)
+    _tell(_takers(params, max_norm), total_norm, max_norm)
+    with _calling():
+        return _WRAPPED.get("clip_grads_with_norm_", _TORCH["clip_grads_with_norm_"])(
+            params, max_norm, total_norm, *args, **kwargs
+        )
+
+
+_CALLING: list[bool] = []  # a wrapper of ours is running: one left behind, wrapped by another tool and
+# that wrapped by ours again, recursed for good (a review)
+
+
+@contextlib.contextmanager
+def _calling() -> Iterator[None]:
+    _CALLING.append(True)
+    try:
+        yield
+    finally:
+        _CALLING.pop()
 
 
 _OURS: dict[str, Callable[..., Any]] = {
@@ -122,41 +153,48 @@ def _uninstall() -> None:
 
 
 class ClipLog:
-    """A watcher's clips, one per step and row of its buffer: the first call of a step that clips its
-    model's trainable parameters (all of them; with a total given, clip_grads_with_norm_'s, any: a
-    caller clipping per device mesh gives each group the same total), so that a second call logging
-    the clipped norm (max_norm inf), another model's clip (a GAN's critic) or a clip per submodule
-    (a part's norm, not the total) is not taken for it; max_norm inf measures, it clips nothing. A
-    call that clips what the last closed step measured (the same gradient, unchanged since: the
-    step was closed before the clip, as Lightning's callback closes it) is that step's, not taken:
-    its norms are before clipping already."""
+    """A watcher's clips, one per step and row of its buffer: the first call of a step that clips all
+    its model's trainable parameters, so that a second call logging the clipped norm (max_norm inf),
+    another model's clip (a GAN's critic) or a clip per submodule or group (a part's norm, not the
+    total) is not taken for it; max_norm inf measures, it clips nothing. A call after the step
+    closed and before the next backward clips what that step measured (the step was closed before
+    the clip, as Lightning's callback closes it): that step's, not taken, its norms are before
+    clipping already. `fed` says whether a backward reached a block output since the last close, or
+    None where none ever did (frozen blocks under a trained head): then whether the gradient the close
+    measured is still a parameter's, unchanged (its version; an edit in place, gradient noise after
+    the close, reads as a backward there)."""
 
-    def __init__(self, params: list[torch.nn.Parameter], rows: int) -> None:
-        self.params = params
+    def __init__(self, params: list[torch.nn.Parameter], rows: int, fed: Callable[[], bool | None]) -> None:
+        self.params, self.fed = params, fed
         self.rows: list[tuple[torch.Tensor, Any] | None] = [None] * rows
         self.now: tuple[torch.Tensor, Any] | None = None
-        self.closed: tuple[Any, int] | None = None  # (weakref to a gradient, its version) at the close
+        self.closed: tuple[torch.nn.Parameter, Any, int] | None = None  # (param, weakref(.grad), version)
 
-    def wants(self, clipped: Clipped, max_norm: Any, given: bool) -> bool:
+    def wants(self, clipped: Clipped, max_norm: Any) -> bool:
         """Whether this clip is the step's, asked before it changes the gradients."""
-        if self.now is not None or (isinstance(max_norm, int | float) and math.isinf(max_norm)):
+        if self.now is not None or _no_limit(max_norm) or not self._backward_since():
             return False
-        if self.closed is not None:
-            grad, version = self.closed[0](), self.closed[1]
-            if grad is not None and grad._version == version:
-                return False  # no backward since the step closed
         mine = {id(p) for p in self.params if p.requires_grad}
-        ids = {id(p) for p in clipped}
-        return bool(ids & mine) if given else mine <= ids
+        return mine <= {id(p) for p in clipped}
+
+    def _backward_since(self) -> bool:
+        fed = self.fed()
+        if fed is not None or self.closed is None:
+            return fed is not False
+        param, grad, version = self.closed
+        return param.grad is not grad() or param.grad is None or param.grad._version != version
 
     def take(self, total: torch.Tensor, max_norm: Any) -> None:
         self.now = (total, max_norm)
 
     def close_row(self, row: int) -> None:
-        """The step closes into `row`: its clip, and a mark of the gradient it measured."""
+        """The step closes into `row`: its clip, and a mark of a gradient it measured."""
         self.rows[row], self.now = self.now, None
-        grad = next((p.grad for p in self.params if p.requires_grad and p.grad is not None), None)
-        self.closed = (weakref.ref(grad), grad._version) if grad is not None else None
+        param = next((p for p in self.params if p.requires_grad and p.grad is not None), None)
+        grad = param.grad if param is not None else None
+        self.closed = (
+            (param, weakref.ref(grad), grad._version) if param is not None and grad is not None else None
+        )
 
     def values(self, n: int, device: torch.device) -> list[torch.Tensor]:
         """The first n rows' clip norms, and their tensor max_norms, to read with the flush."""

@@ -104,7 +104,7 @@ class Watcher:
             raise no_trainable("watch")
         n = len(self.blocks)
         self.owner = [b if b >= 0 else n for b in block_of(self.params, self.blocks)]
-        self.layout = Layout(n, head=_a_head(self.owner, n))
+        self.layout = Layout(n, head=_a_head(self.owner, [p.requires_grad for p in self.params], n))
         self.device = self.params[0].device
         self.rank, self.world = distributed.world()
         self.flush_every, self.skip, self.hook_optimizer = flush_every, check_skip(skip), hook_optimizer
@@ -152,7 +152,11 @@ class Watcher:
         self.step = 0  # optimizer steps seen
         self.host_reads = 0
         self._filled = 0
-        self.clips = ClipLog(self.params, len(self.buffer))  # the norm before clipping, per step
+        # the norm before clipping, per step; `fed`: a backward reached a block output since the last
+        # close (None: none ever did)
+        self.clips = ClipLog(
+            self.params, len(self.buffer), lambda: self.capture.fed if self.capture.backward else None
+        )
         self._loss: torch.Tensor | None = None
         self._loss_seen = False
         self.weights_measured = True
@@ -507,11 +511,13 @@ class Watcher:
             )
 
 
-def _a_head(owner: list[int], n: int) -> bool:
-    """Whether the parameters outside the n blocks all come after every block's in the model's order
-    (`owner`: each parameter's block, n outside): a head, whose gradients the backward makes first."""
+def _a_head(owner: list[int], trains: list[bool], n: int) -> bool:
+    """Whether the trainable parameters outside the n blocks all come after every block's in the
+    model's order (`owner`: each parameter's block, n outside; `trains`: whether it requires grad): a
+    head, whose gradients the backward makes first. Registration order is a proxy for the forward's:
+    an embedding registered after the blocks reads as a head."""
     inside = [i for i, b in enumerate(owner) if b < n]
-    outside = [i for i, b in enumerate(owner) if b == n]
+    outside = [i for i, b in enumerate(owner) if b == n and trains[i]]
     return bool(inside and outside) and min(outside) > max(inside)
 
 

@@ -11,6 +11,7 @@ import math
 import pickle
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -79,7 +80,7 @@ def test_torchs_functions_are_given_back_whatever_order_the_watchers_close_in() 
     heard: list[tuple[float, float]] = []
 
     class Hears:
-        def wants(self, clipped: list[torch.Tensor], max_norm: float, given: bool) -> bool:
+        def wants(self, clipped: list[torch.Tensor], max_norm: float) -> bool:
             return True
 
         def take(self, total: torch.Tensor, max_norm: float) -> None:
@@ -162,7 +163,24 @@ def test_only_the_first_clip_of_the_watched_models_parameters_is_its_norm_before
     def measured_only(model: MLP, other: MLP) -> None:
         utils.clip_grad_norm_(model.parameters(), math.inf)
 
-    for clip, taken in ((then_logged, True), (other_first, True), (per_part, False), (measured_only, False)):
+    def measured_first(model: MLP, other: MLP) -> None:  # a tensor inf: clips nothing either
+        utils.clip_grad_norm_(model.parameters(), torch.tensor(math.inf))
+        utils.clip_grad_norm_(model.parameters(), 1.0)
+
+    def per_group_given(model: MLP, other: MLP) -> None:  # each group's own total: a part's norm
+        for part in (model.blocks, model.head):
+            grads = [p.grad for p in part.parameters()]
+            utils.clip_grads_with_norm_(part.parameters(), 1.0, utils.get_total_norm(grads))
+
+    cases = (
+        (then_logged, True),
+        (other_first, True),
+        (per_part, False),
+        (measured_only, False),
+        (measured_first, True),
+        (per_group_given, False),
+    )
+    for clip, taken in cases:
         by_hand, report = _two_block_run(tmp_path / f"{clip.__name__}.jsonl", clip)
         logged = _logged(tmp_path / f"{clip.__name__}.jsonl")
         if taken:
@@ -208,5 +226,59 @@ def test_a_wrapper_left_behind_is_not_wrapped_again_and_pickles(tmp_path: Path) 
         by_hand, report = _two_block_run(tmp_path / "b.jsonl", leaves_it, steps=2)
         assert report.clip_steps == 2 and _logged(tmp_path / "b.jsonl") == pytest.approx(by_hand, rel=1e-6)
         assert utils.clip_grad_norm_ is original
+    finally:
+        utils.clip_grad_norm_ = original
+
+
+def test_frozen_blocks_and_gradients_held_from_the_last_step_still_take_each_clip(tmp_path: Path) -> None:
+    """Blocks frozen under a trained head (no gradient reaches a block output, so whether a backward
+    came since the close is read on a gradient's identity and version) and a loop holding on to the
+    last step's gradients (zero_grad(set_to_none=True)): the held one stood for 'no backward since',
+    null on 11 of 12 steps (a review). Oracle: the norm by hand before the clip."""
+    torch.manual_seed(0)
+    model = MLP(depth=2)
+    model.blocks.requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    by_hand, held = [], []
+    with watch(model, opt, log=tmp_path / "w.jsonl", report=None) as w:
+        for step in range(6):
+            loss = compute_loss(model, batch(torch.Generator().manual_seed(step), model))
+            w.loss(loss)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            held.append(grads)  # kept alive
+            by_hand.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+            opt.step()
+    assert _logged(tmp_path / "w.jsonl") == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_a_wrapper_left_behind_and_wrapped_by_another_tool_does_not_recurse(tmp_path: Path) -> None:
+    """Ours left behind by a restored mock.patch, then wrapped by another tool whose wrapper calls it:
+    the next watcher's wrapper called theirs, theirs ours, ours theirs, until RecursionError ended the
+    training run (a review). Oracle: the norm by hand, heard once, and theirs called once a clip."""
+    utils = torch.nn.utils
+    original = utils.clip_grad_norm_
+    left: list[Any] = []
+
+    def leaves_it(model: MLP, other: MLP) -> None:
+        left.append(utils.clip_grad_norm_)
+        utils.clip_grad_norm_(model.parameters(), 1.0)
+
+    _two_block_run(tmp_path / "a.jsonl", leaves_it, steps=1)
+    theirs_called: list[int] = []
+
+    def theirs(*args: Any, **kwargs: Any) -> Any:
+        theirs_called.append(1)
+        return left[0](*args, **kwargs)
+
+    try:
+        utils.clip_grad_norm_ = theirs  # type: ignore[assignment]
+        by_hand, report = _two_block_run(
+            tmp_path / "b.jsonl", lambda m, o: utils.clip_grad_norm_(m.parameters(), 1.0)
+        )
+        assert _logged(tmp_path / "b.jsonl") == pytest.approx(by_hand, rel=1e-6) and report.clip_steps == 4
+        assert len(theirs_called) == 4 and utils.clip_grad_norm_ is theirs
     finally:
         utils.clip_grad_norm_ = original

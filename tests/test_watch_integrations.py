@@ -71,14 +71,15 @@ def test_lightning_fit_names_the_planted_fault(tmp_path: Any) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
-@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize(("frozen", "edits"), [(False, False), (True, False), (False, True)])
 def test_lightning_clips_after_the_step_closes_so_its_norms_are_before_clipping(
-    tmp_path: Any, frozen: bool
+    tmp_path: Any, frozen: bool, edits: bool
 ) -> None:
     """gradient_clip_val: Lightning clips after on_before_optimizer_step, where the callback closes
     the step, so the watcher's own norms are the gradient's before clipping, and the clip it hears
     then is that step's, no later one's: no row takes it, also where the blocks are frozen and only
-    the head trains (no gradient reaches a block output: each clip landed a row late, a review).
+    the head trains (no gradient reaches a block output: each clip landed a row late, a review), or
+    the module edits its gradients in place after the close (a row late too: a second review).
     Oracle: the grad_norm logged passes the clip value (a clipped norm could not)."""
     lightning = pytest.importorskip("lightning.pytorch")
     from stabilitycheck.integrations.lightning import WatchCallback
@@ -90,6 +91,8 @@ def test_lightning_clips_after_the_step_closes_so_its_norms_are_before_clipping(
     module = _regression(lightning)
     if frozen:
         module.net.blocks.requires_grad_(False)
+    if edits:  # gradients changed in place after the close, before Lightning's clip (noise, a rescale)
+        module.on_before_optimizer_step = lambda optimizer: [p.grad.mul_(1.0) for p in module.parameters()]
     trainer.fit(module, loader)
     rows = [json.loads(line) for line in (tmp_path / "watch.jsonl").read_text().splitlines()]
     assert len(rows) == STEPS and all(row["grad_norm_before_clip"] is None for row in rows)
