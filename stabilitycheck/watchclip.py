@@ -153,10 +153,10 @@ def _uninstall() -> None:
 
 
 class ClipLog:
-    """A watcher's clips, one per step and row of its buffer: the first call of a step that clips all
-    its model's trainable parameters, so that a second call logging the clipped norm (max_norm inf),
-    another model's clip (a GAN's critic) or a clip per submodule or group (a part's norm, not the
-    total) is not taken for it; max_norm inf measures, it clips nothing. A call after the step
+    """A watcher's clips, one per step and row of its buffer: the last call of a step that clips all
+    its model's trainable parameters, so that another model's clip (a GAN's critic) or a clip per
+    submodule or group (a part's norm, not the total) is not taken for it; max_norm inf measures,
+    it clips nothing (a second call logging the clipped norm). A call after the step
     closed and before the next backward clips what that step measured (the step was closed before
     the clip, as Lightning's callback closes it): that step's, not taken, its norms are before
     clipping already. `fed` says whether a backward reached a block output since the last close, or
@@ -171,8 +171,11 @@ class ClipLog:
         self.closed: tuple[torch.nn.Parameter, Any, int] | None = None  # (param, weakref(.grad), version)
 
     def wants(self, clipped: Clipped, max_norm: Any) -> bool:
-        """Whether this clip is the step's, asked before it changes the gradients."""
-        if self.now is not None or _no_limit(max_norm) or not self._backward_since():
+        """Whether this clip may be the step's, asked before it changes the gradients; the last such
+        call of a step stands (the one before its update: an update the loop skipped after its clip,
+        a micro-batch's clip before the last), and the log keeps it only where the gradient the step
+        measured is what it left (watchlog.clipped_to)."""
+        if _no_limit(max_norm) or not self._backward_since():
             return False
         mine = {id(p) for p in self.params if p.requires_grad}
         return mine <= {id(p) for p in clipped}

@@ -124,6 +124,21 @@ class Report:
         return "\n".join(lines)
 
 
+CLIPPED_RTOL = 1e-3  # float32 gradients normed in float64 by the watcher, by torch in float32
+
+
+def clipped_to(measured: float, before: float, max_norm: float) -> bool:
+    """Whether the step's total gradient norm as the watcher measured it at the optimizer step is what
+    a clip of `before` to `max_norm` leaves (torch's rule: times min(1, max_norm / (before + 1e-6))):
+    the clip heard is the one that step's gradient went through. A clip heard for the wrong step (the
+    call of an update the loop then skipped, another optimizer's over the same model, one after the
+    step closed: reviews) leaves another norm. A non-finite norm before leaves a non-finite gradient."""
+    if not math.isfinite(before):
+        return not math.isfinite(measured)
+    left = before * min(1.0, max_norm / (before + 1e-6))
+    return math.isclose(measured, left, rel_tol=CLIPPED_RTOL, abs_tol=1e-12)
+
+
 def series_names(layout: Layout, blocks: list[str]) -> list[tuple[str, str]]:
     """(tensor kind, block) of each series index."""
     names: list[tuple[str, str]] = [("", "")] * layout.n_series
@@ -295,6 +310,8 @@ class Log:
         if scaler_skipped:
             r.scaler_skipped_steps.append(step)
         clip = self.clips.get(step)
+        if clip is not None and not clipped_to(values[self.total], *clip):
+            clip = None  # not the clip this step's gradient went through: null, not a wrong number
         if clip is not None:
             norm, max_norm = clip
             r.clip_steps += 1

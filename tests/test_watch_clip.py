@@ -282,3 +282,70 @@ def test_a_wrapper_left_behind_and_wrapped_by_another_tool_does_not_recurse(tmp_
         assert len(theirs_called) == 4 and utils.clip_grad_norm_ is theirs
     finally:
         utils.clip_grad_norm_ = original
+
+
+def _norm(params: list[torch.nn.Parameter]) -> float:
+    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])).item()
+
+
+@pytest.mark.filterwarnings("ignore:watch. LBFGS.step.closure. evaluates the closure:UserWarning")
+@pytest.mark.parametrize("loop", ["skips_a_spike", "two_optimizers", "clips_each_micro_batch", "lbfgs"])
+def test_each_step_logs_the_clip_its_update_went_through(loop: str, tmp_path: Path) -> None:
+    """A third review's loops, where a clip not the step's own was taken (the first call of a step
+    stood, and a clip after the close went to the next row): an update skipped after its clip (the
+    spike's norm logged on the next step), a second optimizer clipping the whole model after the
+    watched one (the previous phase's norm on 9 of 10 rows), a clip after each micro-batch (the first
+    one's partial norm), LBFGS clipping in its closure (the line search's last clip on the next row).
+    Now the last call before the update stands, kept only where the gradient the step measured is what
+    it left. Oracle: the norm by hand before the clip the update went through."""
+    torch.manual_seed(0)
+    model = MLP(depth=2)
+    params = list(model.parameters())
+    opt: torch.optim.Optimizer = (
+        torch.optim.LBFGS(params, lr=0.1, max_iter=4) if loop == "lbfgs" else torch.optim.SGD(params, lr=0.05)
+    )
+    other = torch.optim.SGD(params, lr=0.05)
+    expected: list[float] = []
+
+    def clip(parameters: Any, max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)  # looked up at the call, as loops do
+
+    def data(i: int, k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch(torch.Generator().manual_seed(100 * i + k), model)
+
+    with watch(model, opt, log=tmp_path / "w.jsonl", report=None) as w:
+        for i in range(10):
+            if loop == "lbfgs":
+                first: list[float] = []
+
+                def closure(i: int = i, first: list[float] = first) -> torch.Tensor:
+                    opt.zero_grad()
+                    loss = compute_loss(model, data(i))
+                    loss.backward()
+                    first.append(_norm(params))
+                    clip(model.parameters(), 0.5)
+                    return loss
+
+                opt.step(closure)  # type: ignore[arg-type]
+                expected.append(first[0])
+                continue
+            opt.zero_grad()
+            for k in range(3 if loop == "clips_each_micro_batch" else 1):
+                loss = compute_loss(model, data(i, k)) * (100.0 if i == 5 else 1.0)  # a spike at step 5
+                w.loss(loss)
+                loss.backward()
+                before = _norm(params)
+                total = clip(model.parameters(), 0.5)
+            if loop == "skips_a_spike" and total > 5.0:
+                opt.zero_grad()
+                continue  # the update is skipped: no step
+            expected.append(before)
+            opt.step()
+            if loop == "two_optimizers":  # a generator's phase over the same model, clipped whole
+                other.zero_grad()
+                (-compute_loss(model, data(i, 1))).backward()
+                clip(model.parameters(), 0.5)
+                other.step()
+    logged = _logged(tmp_path / "w.jsonl")
+    assert len(logged) == len(expected) and logged == pytest.approx(expected, rel=1e-5), loop
+    assert len(expected) == (9 if loop == "skips_a_spike" else 10)  # the spike's update alone skipped
