@@ -94,7 +94,8 @@ def clip_grad_norm_(
     params = _listed(parameters)
     if _CALLING:  # entered again through a wrapper of ours left behind: torch's own, not told twice
         return _TORCH["clip_grad_norm_"](params, max_norm, *args, **kwargs)
-    takers = _takers(params, max_norm)
+    norm_type = kwargs.get("norm_type", args[0] if args else 2.0)
+    takers = _takers(params, max_norm) if float(norm_type) == 2.0 else []  # the watcher's norms are L2
     with _calling():
         total = _WRAPPED.get("clip_grad_norm_", _TORCH["clip_grad_norm_"])(params, max_norm, *args, **kwargs)
     _tell(takers, total, max_norm)

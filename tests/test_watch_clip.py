@@ -139,13 +139,14 @@ def _logged(log: Path) -> list[float | None]:
     return [json.loads(line)["grad_norm_before_clip"] for line in log.read_text().splitlines()]
 
 
-def test_only_the_first_clip_of_the_watched_models_parameters_is_its_norm_before_clipping(
+def test_a_clip_of_another_model_of_a_part_or_of_no_limit_is_not_the_steps(
     tmp_path: Path,
 ) -> None:
     """A review's cases, each call taken for the step's norm before: a second call logging the clipped
     norm (max_norm inf) read 1.0, another model's clip 1.99e4, a clip per submodule a part's norm.
-    Now the first clip over all the watched model's trainable parameters alone is taken; max_norm inf
-    clips nothing and is never taken. Oracle: the norm by hand before any clip."""
+    Now only a clip over all the watched model's trainable parameters is taken; max_norm inf clips
+    nothing and is never taken, nor a clip in another norm than L2 (the watcher's norms are L2: its
+    total is no norm the log names). Oracle: the norm by hand before any clip."""
     utils = torch.nn.utils
 
     def then_logged(model: MLP, other: MLP) -> None:
@@ -172,7 +173,15 @@ def test_only_the_first_clip_of_the_watched_models_parameters_is_its_norm_before
             grads = [p.grad for p in part.parameters()]
             utils.clip_grads_with_norm_(part.parameters(), 1.0, utils.get_total_norm(grads))
 
+    def max_norm_clip(model: MLP, other: MLP) -> None:
+        utils.clip_grad_norm_(model.parameters(), 1.0, norm_type=math.inf)
+
+    def l2_given_positionally(model: MLP, other: MLP) -> None:
+        utils.clip_grad_norm_(model.parameters(), 1.0, 2.0)
+
     cases = (
+        (max_norm_clip, False),
+        (l2_given_positionally, True),
         (then_logged, True),
         (other_first, True),
         (per_part, False),
