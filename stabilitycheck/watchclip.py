@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
@@ -65,6 +66,14 @@ def _no_limit(max_norm: Any) -> bool:
         return False
 
 
+def _is_two(norm_type: Any) -> bool:
+    """norm_type is 2 (L2); anything else, whatever torch makes of it, is not."""
+    try:
+        return float(norm_type) == 2.0
+    except (TypeError, ValueError):
+        return False
+
+
 def _listed(parameters: Any) -> Clipped:
     """The parameters as a list (a generator, model.parameters(), is read once: torch gets the list)."""
     return [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
@@ -94,8 +103,8 @@ def clip_grad_norm_(
     params = _listed(parameters)
     if _CALLING:  # entered again through a wrapper of ours left behind: torch's own, not told twice
         return _TORCH["clip_grad_norm_"](params, max_norm, *args, **kwargs)
-    norm_type = kwargs.get("norm_type", args[0] if args else 2.0)
-    takers = _takers(params, max_norm) if float(norm_type) == 2.0 else []  # the watcher's norms are L2
+    l2 = _is_two(kwargs.get("norm_type", args[0] if args else 2.0))
+    takers = _takers(params, max_norm) if l2 else []  # the watcher's norms are L2
     with _calling():
         total = _WRAPPED.get("clip_grad_norm_", _TORCH["clip_grad_norm_"])(params, max_norm, *args, **kwargs)
     _tell(takers, total, max_norm)
@@ -120,17 +129,26 @@ def clip_grads_with_norm_(
         )
 
 
-_CALLING: list[bool] = []  # a wrapper of ours is running: one left behind, wrapped by another tool and
-# that wrapped by ours again, recursed for good (a review)
+class _Calling(threading.local):
+    """Whether a wrapper of ours is running in this thread: one left behind, wrapped by another tool
+    and that wrapped by ours again, recursed for good (a review)."""
+
+    depth = 0
+
+    def __bool__(self) -> bool:
+        return self.depth > 0
+
+
+_CALLING = _Calling()
 
 
 @contextlib.contextmanager
 def _calling() -> Iterator[None]:
-    _CALLING.append(True)
+    _CALLING.depth += 1
     try:
         yield
     finally:
-        _CALLING.pop()
+        _CALLING.depth -= 1
 
 
 _OURS: dict[str, Callable[..., Any]] = {
