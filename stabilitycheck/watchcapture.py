@@ -75,7 +75,7 @@ class Capture:
         self.measured = False  # set once a block's forward hook ran with gradients on (Watcher.close)
         self.called = False  # set once the watched model was called with gradients on
         self.backward = False  # set once a backward reached a block output (Watcher._no_step)
-        self.fed = False  # a backward reached a block output since the last step closed
+        self.fed = 0  # gradients that reached block outputs so far: a count that moves with each backward
         # blocks a call of which took no tensor the block call before it returned, only what the
         # model's code made of it (x * 50, a NaN, a residual add between blocks): a value flagged in
         # such a block's output may have been made there (watchlog.Finding.after)
@@ -253,7 +253,8 @@ class Capture:
             grad = grads[index] if isinstance(grads, tuple) else grads
             if grad is None:
                 return
-            self.backward = self.fed = True
+            self.backward = True
+            self.fed += 1
             self._feed(k)
             numel = grad.numel()
             self._counts[slot] = self._counts.get(slot, 0) + numel
@@ -333,7 +334,6 @@ class Capture:
             if self.sharded:
                 grads = [distributed.local(g)[0] for g in grads]
             self._drop_unfed()
-            self.fed = False
             tensors, codes = self._taken(grads, codes)
             largest = max(tensors, key=torch.Tensor.numel, default=self._no_loss)
             norms = accumulated(tensors, False)

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import torch
 
+CLIPPED_RTOL = 1e-3  # the watcher's float64 norm against torch's float32 total (`ClipLog.take`)
 Clipped = list[torch.Tensor]
 
 
@@ -172,51 +173,65 @@ def _uninstall() -> None:
 
 
 class ClipLog:
-    """A watcher's clips, one per step and row of its buffer: the last call of a step that clips all
-    its model's trainable parameters, so that another model's clip (a GAN's critic) or a clip per
-    submodule or group (a part's norm, not the total) is not taken for it; max_norm inf measures,
-    it clips nothing (a second call logging the clipped norm). A call after the step
+    """A watcher's clips, one per step and row of its buffer: the first call after the step's last
+    backward that clips all its model's trainable parameters in L2 with a finite max_norm. So not
+    another model's clip (a GAN's critic) nor a clip per submodule or group (a part's norm); not a
+    second clip of the same gradients (a logging call, a callback's clip after the Trainer's: they
+    see the clipped norm, and so read max_norm for a spike: a review); not a clip of an update the
+    loop then skipped, nor an earlier micro-batch's (a later backward came). A clip after the step
     closed and before the next backward clips what that step measured (the step was closed before
     the clip, as Lightning's callback closes it): that step's, not taken, its norms are before
-    clipping already. `fed` says whether a backward reached a block output since the last close, or
-    None where none ever did (frozen blocks under a trained head): then whether the gradient the close
-    measured is still a parameter's, unchanged (its version; an edit in place, gradient noise after
-    the close, reads as a backward there)."""
+    clipping already. Whether a backward came is read on the count of gradients that reached block
+    outputs (`fed`), or, where none ever did (frozen blocks under a trained head), on a gradient's
+    identity and version after the last close or clip taken. The log keeps a clip only where the
+    gradient the step measured is what it left (watchlog.clipped_to)."""
 
-    def __init__(self, params: list[torch.nn.Parameter], rows: int, fed: Callable[[], bool | None]) -> None:
+    def __init__(self, params: list[torch.nn.Parameter], rows: int, fed: Callable[[], int | None]) -> None:
         self.params, self.fed = params, fed
-        self.rows: list[tuple[torch.Tensor, Any] | None] = [None] * rows
-        self.now: tuple[torch.Tensor, Any] | None = None
-        self.closed: tuple[torch.nn.Parameter, Any, int] | None = None  # (param, weakref(.grad), version)
+        self.rows: list[tuple[torch.Tensor, Any, float] | None] = [None] * rows
+        self.now: tuple[torch.Tensor, Any, float] | None = None
+        self.seen: Any = None  # the backward mark at the last close or clip taken (`_mark`)
 
     def wants(self, clipped: Clipped, max_norm: Any) -> bool:
-        """Whether this clip may be the step's, asked before it changes the gradients; the last such
-        call of a step stands (the one before its update: an update the loop skipped after its clip,
-        a micro-batch's clip before the last), and the log keeps it only where the gradient the step
-        measured is what it left (watchlog.clipped_to)."""
-        if _no_limit(max_norm) or not self._backward_since():
-            return False
+        """Whether this clip is the step's, asked before it changes the gradients."""
+        if _no_limit(max_norm) or self._same(self._mark()):
+            return False  # no backward since the last close or clip taken
         mine = {id(p) for p in self.params if p.requires_grad}
         return mine <= {id(p) for p in clipped}
 
-    def _backward_since(self) -> bool:
+    def _mark(self) -> Any:
+        """What moves with each backward: the count of block-output gradients, or, where blocks get
+        none, (a parameter, its gradient, that gradient's version)."""
         fed = self.fed()
-        if fed is not None or self.closed is None:
-            return fed is not False
-        param, grad, version = self.closed
-        return param.grad is not grad() or param.grad is None or param.grad._version != version
+        if fed is not None:
+            return fed
+        param = next((p for p in self.params if p.requires_grad and p.grad is not None), None)
+        return (
+            None
+            if param is None or param.grad is None
+            else (param, weakref.ref(param.grad), param.grad._version)
+        )
+
+    def _same(self, mark: Any) -> bool:
+        if self.seen is None or mark is None or type(mark) is not type(self.seen):
+            return False
+        if isinstance(mark, int):
+            return bool(mark == self.seen)
+        return bool(mark[0] is self.seen[0] and mark[1]() is self.seen[1]() and mark[2] == self.seen[2])
 
     def take(self, total: torch.Tensor, max_norm: Any) -> None:
-        self.now = (total, max_norm)
+        """The clip's total, its max_norm and the tolerance its check gets: its gradients' precision
+        (bfloat16 parameters are clipped on a bfloat16 total, 0.2% off the watcher's float64 one)."""
+        eps = max(
+            torch.finfo(p.dtype).eps for p in self.params if p.requires_grad and p.dtype.is_floating_point
+        )
+        self.now = (total, max_norm, max(CLIPPED_RTOL, 2 * eps))
+        self.seen = self._mark()  # after the clip: its own change in place is no backward
 
     def close_row(self, row: int) -> None:
-        """The step closes into `row`: its clip, and a mark of a gradient it measured."""
+        """The step closes into `row`: its clip, and the backward mark of what it measured."""
         self.rows[row], self.now = self.now, None
-        param = next((p for p in self.params if p.requires_grad and p.grad is not None), None)
-        grad = param.grad if param is not None else None
-        self.closed = (
-            (param, weakref.ref(grad), grad._version) if param is not None and grad is not None else None
-        )
+        self.seen = self._mark()
 
     def values(self, n: int, device: torch.device) -> list[torch.Tensor]:
         """The first n rows' clip norms, and their tensor max_norms, to read with the flush."""
@@ -228,10 +243,10 @@ class ClipLog:
                     out.append(clip[1].to(device, torch.float64).reshape(()))
         return out
 
-    def read(self, first: int, n: int, read: list[float]) -> dict[int, tuple[float, float]]:
-        """{step: (norm before clipping, max_norm)} of the first n rows from `read` (what `values`
-        gave, as read), the rows emptied; a max_norm read as inf clipped nothing: left out."""
-        out: dict[int, tuple[float, float]] = {}
+    def read(self, first: int, n: int, read: list[float]) -> dict[int, tuple[float, float, float]]:
+        """{step: (norm before clipping, max_norm, rtol)} of the first n rows from `read` (what
+        `values` gave, as read), the rows emptied; a max_norm read as inf clipped nothing: left out."""
+        out: dict[int, tuple[float, float, float]] = {}
         at = 0
         for i, clip in enumerate(self.rows[:n]):
             if clip is None:
@@ -242,6 +257,6 @@ class ClipLog:
             else:
                 limit = float(clip[1])
             if not math.isinf(limit):
-                out[first + i] = (norm, limit)
+                out[first + i] = (norm, limit, clip[2])
         self.rows[:n] = [None] * n
         return out

@@ -152,8 +152,8 @@ class Watcher:
         self.step = 0  # optimizer steps seen
         self.host_reads = 0
         self._filled = 0
-        # the norm before clipping, per step; `fed`: a backward reached a block output since the last
-        # close (None: none ever did)
+        # the norm before clipping, per step; `fed`: gradients that reached block outputs so far (None:
+        # none ever did)
         self.clips = ClipLog(
             self.params, len(self.buffer), lambda: self.capture.fed if self.capture.backward else None
         )

@@ -124,10 +124,7 @@ class Report:
         return "\n".join(lines)
 
 
-CLIPPED_RTOL = 1e-3  # float32 gradients normed in float64 by the watcher, by torch in float32
-
-
-def clipped_to(measured: float, before: float, max_norm: float) -> bool:
+def clipped_to(measured: float, before: float, max_norm: float, rtol: float) -> bool:
     """Whether the step's total gradient norm as the watcher measured it at the optimizer step is what
     a clip of `before` to `max_norm` leaves (torch's rule: times min(1, max_norm / (before + 1e-6))):
     the clip heard is the one that step's gradient went through. A clip heard for the wrong step (the
@@ -136,7 +133,7 @@ def clipped_to(measured: float, before: float, max_norm: float) -> bool:
     if not math.isfinite(before):
         return not math.isfinite(measured)
     left = before * min(1.0, max_norm / (before + 1e-6))
-    return math.isclose(measured, left, rel_tol=CLIPPED_RTOL, abs_tol=1e-12)
+    return math.isclose(measured, left, rel_tol=rtol, abs_tol=1e-12)
 
 
 def series_names(layout: Layout, blocks: list[str]) -> list[tuple[str, str]]:
@@ -199,7 +196,7 @@ class Log:
         self.last_weights: torch.Tensor | None = None
         self.host_state: SpikeState | None = None
         self.loss_logged: bool | None = None  # the loss judged on its logarithm (its first value > 0)
-        self.clips: dict[int, tuple[float, float]] = {}  # the flush's steps' clip_grad_norm_ calls
+        self.clips: dict[int, tuple[float, float, float]] = {}  # the flush's steps' clips (watchclip)
 
     @property
     def first_flag(self) -> int | None:
@@ -313,7 +310,7 @@ class Log:
         if clip is not None and not clipped_to(values[self.total], *clip):
             clip = None  # not the clip this step's gradient went through: null, not a wrong number
         if clip is not None:
-            norm, max_norm = clip
+            norm, max_norm, _ = clip
             r.clip_steps += 1
             r.clipped_steps += norm > max_norm
             if r.clip_peak is None or (not math.isnan(r.clip_peak[1]) and not norm <= r.clip_peak[1]):

@@ -142,8 +142,10 @@ def _logged(log: Path) -> list[float | None]:
 def test_a_clip_of_another_model_of_a_part_or_of_no_limit_is_not_the_steps(
     tmp_path: Path,
 ) -> None:
-    """A review's cases, each call taken for the step's norm before: a second call logging the clipped
-    norm (max_norm inf) read 1.0, another model's clip 1.99e4, a clip per submodule a part's norm.
+    """Reviews' cases, each call taken for the step's norm before: a second call logging the clipped
+    norm read 1.0 (max_norm inf, then 1e6: max_norm for a spike), another model's clip 1.99e4, a clip
+    per submodule a part's norm. A clip after the first of a step's gradients sees its result: not
+    taken (two clips, 1 then 0.5: null, the measured norm is neither's).
     Now only a clip over all the watched model's trainable parameters is taken; max_norm inf clips
     nothing and is never taken, nor a clip in another norm than L2 (the watcher's norms are L2: its
     total is no norm the log names). Oracle: the norm by hand before any clip."""
@@ -179,7 +181,17 @@ def test_a_clip_of_another_model_of_a_part_or_of_no_limit_is_not_the_steps(
     def l2_given_positionally(model: MLP, other: MLP) -> None:
         utils.clip_grad_norm_(model.parameters(), 1.0, 2.0)
 
+    def then_read(model: MLP, other: MLP) -> None:  # the clipped norm read with a large max_norm
+        utils.clip_grad_norm_(model.parameters(), 1.0)
+        utils.clip_grad_norm_(model.parameters(), 1e6)
+
+    def clipped_twice(model: MLP, other: MLP) -> None:  # the second clip sees the first's result
+        utils.clip_grad_norm_(model.parameters(), 1.0)
+        utils.clip_grad_norm_(model.parameters(), 0.5)
+
     cases = (
+        (then_read, True),
+        (clipped_twice, False),
         (max_norm_clip, False),
         (l2_given_positionally, True),
         (then_logged, True),
@@ -358,3 +370,29 @@ def test_each_step_logs_the_clip_its_update_went_through(loop: str, tmp_path: Pa
     logged = _logged(tmp_path / "w.jsonl")
     assert len(logged) == len(expected) and logged == pytest.approx(expected, rel=1e-5), loop
     assert len(expected) == (9 if loop == "skips_a_spike" else 10)  # the spike's update alone skipped
+
+
+def test_bfloat16_parameters_are_checked_at_their_own_precision(tmp_path: Path) -> None:
+    """Parameters in bfloat16 (not autocast): torch clips on a bfloat16 total, 0.2% off the watcher's
+    float64 norm, and half the rows were nulled at a 1e-3 tolerance (a review); the check's tolerance
+    is the gradients' precision. Oracle: the float32 norm by hand, within bfloat16's precision."""
+    torch.manual_seed(0)
+    model = MLP(depth=2).to(torch.bfloat16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    by_hand = []
+    with watch(model, opt, log=tmp_path / "w.jsonl", report=None) as w:
+        for step in range(8):
+            x, y = batch(torch.Generator().manual_seed(step), model)
+            loss = compute_loss(model, (x.bfloat16(), y.bfloat16()))
+            w.loss(loss)
+            opt.zero_grad()
+            loss.backward()
+            by_hand.append(
+                torch.linalg.vector_norm(
+                    torch.stack([p.grad.float().norm() for p in model.parameters()])
+                ).item()
+            )
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            opt.step()
+    logged = _logged(tmp_path / "w.jsonl")
+    assert None not in logged and logged == pytest.approx(by_hand, rel=2 * torch.finfo(torch.bfloat16).eps)
