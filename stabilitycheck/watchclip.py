@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
@@ -130,26 +129,18 @@ def clip_grads_with_norm_(
         )
 
 
-class _Calling(threading.local):
-    """Whether a wrapper of ours is running in this thread: one left behind, wrapped by another tool
-    and that wrapped by ours again, recursed for good (a review)."""
-
-    depth = 0
-
-    def __bool__(self) -> bool:
-        return self.depth > 0
-
-
-_CALLING = _Calling()
+_CALLING: list[bool] = []  # a wrapper of ours is running: one left behind, wrapped by another tool and
+# that wrapped by ours again, recursed for good (a review); a list, which torch.compile traces (a
+# threading.local subclass stopped a compiled clip with InternalTorchDynamoError: a review)
 
 
 @contextlib.contextmanager
 def _calling() -> Iterator[None]:
-    _CALLING.depth += 1
+    _CALLING.append(True)
     try:
         yield
     finally:
-        _CALLING.depth -= 1
+        _CALLING.pop()
 
 
 _OURS: dict[str, Callable[..., Any]] = {
@@ -181,10 +172,10 @@ class ClipLog:
     loop then skipped, nor an earlier micro-batch's (a later backward came). A clip after the step
     closed and before the next backward clips what that step measured (the step was closed before
     the clip, as Lightning's callback closes it): that step's, not taken, its norms are before
-    clipping already. Whether a backward came is read on the count of gradients that reached block
-    outputs (`fed`), or, where none ever did (frozen blocks under a trained head), on a gradient's
-    identity and version after the last close or clip taken. The log keeps a clip only where the
-    gradient the step measured is what it left (watchlog.clipped_to)."""
+    clipping already. A backward came where both the count of gradients that reached block outputs
+    (`fed`; None where none ever did: frozen blocks under a trained head) and a parameter's gradient
+    (its identity and version) moved since the last close or clip taken (`_same`). The log keeps a
+    clip only where the gradient the step measured is what it left (watchlog.clipped_to)."""
 
     def __init__(self, params: list[torch.nn.Parameter], rows: int, fed: Callable[[], int | None]) -> None:
         self.params, self.fed = params, fed
@@ -200,24 +191,25 @@ class ClipLog:
         return mine <= {id(p) for p in clipped}
 
     def _mark(self) -> Any:
-        """What moves with each backward: the count of block-output gradients, or, where blocks get
-        none, (a parameter, its gradient, that gradient's version)."""
-        fed = self.fed()
-        if fed is not None:
-            return fed
+        """(the count of block-output gradients, None where blocks get none; and (a parameter, its
+        gradient, that gradient's version), None where no parameter has one)."""
         param = next((p for p in self.params if p.requires_grad and p.grad is not None), None)
-        return (
-            None
-            if param is None or param.grad is None
-            else (param, weakref.ref(param.grad), param.grad._version)
-        )
+        grad = param.grad if param is not None else None
+        return self.fed(), None if grad is None else (param, weakref.ref(grad), grad._version)
 
     def _same(self, mark: Any) -> bool:
-        if self.seen is None or mark is None or type(mark) is not type(self.seen):
+        """No backward since `seen`: the block-output count has not moved, or the parameters' gradient
+        has not. A pass moving the count and no .grad (torch.autograd.grad of the input, a saliency
+        map) is no backward: a clip after it saw the clipped gradients, 0.1 logged for 0.24 (a
+        review); an edit in place after the close moves the version, not the count."""
+        if self.seen is None:
             return False
-        if isinstance(mark, int):
-            return bool(mark == self.seen)
-        return bool(mark[0] is self.seen[0] and mark[1]() is self.seen[1]() and mark[2] == self.seen[2])
+        (fed, grad), (fed_seen, grad_seen) = mark, self.seen
+        if fed is not None and fed == fed_seen:
+            return True
+        if grad is None or grad_seen is None:
+            return False
+        return bool(grad[0] is grad_seen[0] and grad[1]() is grad_seen[1]() and grad[2] == grad_seen[2])
 
     def take(self, total: torch.Tensor, max_norm: Any) -> None:
         """The clip's total, its max_norm and the tolerance its check gets: its gradients' precision

@@ -189,8 +189,15 @@ def test_a_clip_of_another_model_of_a_part_or_of_no_limit_is_not_the_steps(
         utils.clip_grad_norm_(model.parameters(), 1.0)
         utils.clip_grad_norm_(model.parameters(), 0.5)
 
+    def then_a_saliency_pass(model: MLP, other: MLP) -> None:  # a gradient pass moving no .grad
+        utils.clip_grad_norm_(model.parameters(), 1.0)
+        x = batch(torch.Generator().manual_seed(9), model)[0].requires_grad_()
+        torch.autograd.grad(model(x).sum(), x)
+        utils.clip_grad_norm_(model.parameters(), 1e6)
+
     cases = (
         (then_read, True),
+        (then_a_saliency_pass, True),
         (clipped_twice, False),
         (max_norm_clip, False),
         (l2_given_positionally, True),
@@ -307,6 +314,16 @@ def test_a_wrapper_left_behind_and_wrapped_by_another_tool_does_not_recurse(tmp_
 
 def _norm(params: list[torch.nn.Parameter]) -> float:
     return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])).item()
+
+
+def test_a_clip_inside_a_compiled_function_is_heard(tmp_path: Path) -> None:
+    """torch.compile traces the wrapper: a threading.local guard in it raised InternalTorchDynamoError
+    out of the user's compiled step (a review). Oracle: the norm by hand before the clip."""
+    clip = torch.compile(
+        lambda model: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0), backend="eager"
+    )
+    by_hand, report = _two_block_run(tmp_path / "w.jsonl", lambda model, other: clip(model))
+    assert _logged(tmp_path / "w.jsonl") == pytest.approx(by_hand, rel=1e-6) and report.clip_steps == 4
 
 
 @pytest.mark.filterwarnings("ignore:watch. LBFGS.step.closure. evaluates the closure:UserWarning")
