@@ -76,9 +76,10 @@ def cost(pm: PhaseMap) -> str:
     )
 
 
-def judged(pm: PhaseMap) -> str:
+def judged(pm: PhaseMap, th: Sequence[int | None] | None) -> str:
     """What each point's verdict is and what the columns read: the quantile over how many seeds, on
-    which limits, and the mean-field column's meaning (an audit found the map said none of it)."""
+    which limits, and the mean-field column's meaning where there is one (`th`: theory(pm), which the
+    table computed already; an audit found the map said none of it)."""
     run = pm.base.run
     seeds = f"up to {run.seeds} seeds, stopping once they decide it" if run.seeds > 1 else "1 seed"
     through = " (growth through time, the loss on the last step)" if pm.base.recurrent else ""
@@ -86,16 +87,16 @@ def judged(pm: PhaseMap) -> str:
     how = "the exact product sigma^(T-1)" if pm.base.recurrent else "infinite-width signal propagation"
     theory_said = (
         f"; mean field: the first {pm.x.name} where {how} puts the growth past its limit{under}"
-        if theory(pm) is not None
+        if th is not None
         else ""
     )
     limits = limits_text(pm.limits)
     return f"each point: the q={run.quantile:g} verdict over {seeds}, on {limits}{through}{theory_said}"
 
 
-def _rows(pm: PhaseMap) -> list[tuple[str, list[str]]]:
-    """Per y: its value, and the columns of the frontier table."""
-    th, tv = theory(pm), theory(pm, vanishing=True) if pm.vanish is not None else None
+def _rows(pm: PhaseMap, th: Sequence[int | None] | None) -> list[tuple[str, list[str]]]:
+    """Per y: its value, and the columns of the frontier table (`th`: theory(pm))."""
+    tv = theory(pm, vanishing=True) if pm.vanish is not None else None
     rows = []
     for y, yv in enumerate(pm.y.values):
         cols = _edge(pm, pm.explode[y], th, False)
@@ -124,10 +125,11 @@ def text(pm: PhaseMap) -> str:
         lines.append(f"{pm.y.values[y]!s:>{width}} {cells}")
     lines.append("")
     head = [pm.y.name, *_header(pm)]
-    table = [head, *([v, *c] for v, c in _rows(pm))]
+    th = theory(pm)
+    table = [head, *([v, *c] for v, c in _rows(pm, th))]
     widths = [max(len(r[i]) for r in table) for i in range(len(head))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
-    lines += ["", judged(pm), *(f"note: {v}" for v in pm.violations), cost(pm)]
+    lines += ["", judged(pm, th), *(f"note: {v}" for v in pm.violations), cost(pm)]
     return "\n".join(lines)
 
 
@@ -140,6 +142,7 @@ def markdown(pm: PhaseMap) -> str:
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
-    lines += ["| " + " | ".join([v, *c]) + " |" for v, c in _rows(pm)]
-    lines += ["", judged(pm), "", *(f"- {v}" for v in pm.violations), "", cost(pm), ""]
+    th = theory(pm)
+    lines += ["| " + " | ".join([v, *c]) + " |" for v, c in _rows(pm, th)]
+    lines += ["", judged(pm, th), "", *(f"- {v}" for v in pm.violations), "", cost(pm), ""]
     return "\n".join(lines)

@@ -118,7 +118,9 @@ def test_linear_rnn_seq_len_frontier_is_exact_and_costs_under_15_percent_of_the_
         assert got == exact, f"sigma {s}: traced T* {got}, exact {exact}"
     assert pm.verdicts <= 0.15 * pm.grid, pm.verdicts
     assert pm.verdicts == len({(p.x, p.y) for p in pm.points})
-    said = judged(pm)  # what its points and its theory column are (a review: it said mean field's)
+    said = judged(
+        pm, theory(pm)
+    )  # what its points and its theory column are (a review: it said mean field's)
     assert "(growth through time, the loss on the last step)" in said and "the exact product" in said
     assert "infinite-width" not in said
 
@@ -257,7 +259,7 @@ def test_the_map_says_what_each_point_is_and_what_mean_field_reads() -> None:
     other = PhaseMap.from_dict(
         {**pm.to_dict(), "base": {**pm.base.to_dict(), "knobs": {**pm.base.values, "activation": "gelu"}}}
     )
-    assert theory(other) is None and "mean field" not in judged(other)
+    assert theory(other) is None and "mean field" not in judged(other, theory(other))
 
 
 def test_cli_map_writes_json_markdown_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
