@@ -25,6 +25,11 @@ from stabilitycheck.watchlog import Report
 SPIKE = 45
 
 
+def _norm(params: list[torch.nn.Parameter]) -> float:
+    """The total L2 norm of the parameters' gradients, by hand: the oracle."""
+    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])).item()
+
+
 def _clipped_run(log: Path, clip: float | None) -> tuple[list[float], Report]:
     """60 SGD steps of the MLP, the loss x1e6 at step SPIKE, clipped to `clip` (None: not clipped);
     the total gradient norm before the clip by hand at every step, and the watcher."""
@@ -41,7 +46,7 @@ def _clipped_run(log: Path, clip: float | None) -> tuple[list[float], Report]:
             w.loss(loss)
             opt.zero_grad()
             loss.backward()
-            by_hand.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item())
+            by_hand.append(_norm(params))
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             opt.step()
@@ -126,9 +131,7 @@ def _two_block_run(log: Path, clip: Callable[[MLP, MLP], None], steps: int = 4) 
             loss.backward()
             other.zero_grad()
             (compute_loss(other, data) * 1e4).backward()
-            by_hand.append(
-                torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()
-            )
+            by_hand.append(_norm(list(model.parameters())))
             clip(model, other)
             opt.step()
     assert w.report is not None
@@ -276,7 +279,7 @@ def test_frozen_blocks_and_gradients_held_from_the_last_step_still_take_each_cli
             loss.backward()
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             held.append(grads)  # kept alive
-            by_hand.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+            by_hand.append(_norm(list(model.parameters())))
             torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
             opt.step()
     assert _logged(tmp_path / "w.jsonl") == pytest.approx(by_hand, rel=1e-6)
@@ -310,10 +313,6 @@ def test_a_wrapper_left_behind_and_wrapped_by_another_tool_does_not_recurse(tmp_
         assert len(theirs_called) == 4 and utils.clip_grad_norm_ is theirs
     finally:
         utils.clip_grad_norm_ = original
-
-
-def _norm(params: list[torch.nn.Parameter]) -> float:
-    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])).item()
 
 
 def test_a_clip_inside_a_compiled_function_is_heard(tmp_path: Path) -> None:
