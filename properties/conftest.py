@@ -7,6 +7,9 @@ from __future__ import annotations
 import gc
 import math
 import os
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +19,18 @@ from stabilitycheck.strategies import load_profile
 def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("--stability-profile", None) is None:  # None also under -p no:stabilitycheck
         load_profile()
+
+
+@pytest.fixture
+def model_file(tmp_path: Path) -> Callable[[str, str], str]:
+    """Write a model file (name, source) under tmp_path; its spec `path:build` for Config.of."""
+
+    def write(name: str, body: str) -> str:
+        path = tmp_path / f"{name}.py"
+        path.write_text(textwrap.dedent(body))
+        return f"{path}:build"
+
+    return write
 
 
 DURATIONS = "stabilitycheck/durations"

@@ -1,4 +1,5 @@
-"""Norm and value clipping over every zoo family: torch's clipping contract, held as properties."""
+"""Norm and value clipping over every zoo family: torch's clipping contract, held as properties; and norm
+clipping done wrong, five ways, each caught by the invariant given the gradients before clipping."""
 
 from __future__ import annotations
 
@@ -125,3 +126,66 @@ def test_nonfinite_gradients_raise_with_error_if_nonfinite_and_are_named_without
     torch.nn.utils.clip_grad_norm_(params, 1.0)  # the default: no error, NaN everywhere it can
     with pytest.raises(StabilityError, match="Gradients after clipping are not finite"):
         assert_clipped_norm_bounded(model, 1.0, before=poisoned)
+
+
+def _grads(seed: int, micro: int = 1) -> tuple[list[nn.Parameter], list[list[torch.Tensor]]]:
+    """A float64 MLP's parameters and the gradients of `micro` micro-batches (inputs x1, x1.5, ...)."""
+    c = Config.of("mlp", depth=3, width=16, batch_size=4, init_scale=1.0).with_run(seed=seed, dtype="float64")
+    b = build(c)
+    params = list(b.model.parameters())
+    per = []
+    for k in range(micro):
+        for p in params:
+            p.grad = None
+        b.loss_fn(b.model(b.inputs * (1 + 0.5 * k)), b.inputs).backward()
+        per.append([p.grad.detach().clone() for p in params])  # type: ignore[union-attr]
+    return params, per
+
+
+def _clip(gs: list[torch.Tensor], m: float) -> list[torch.Tensor]:
+    """torch's norm clipping written out: every gradient times min(1, m / (total + 1e-6))."""
+    c = min(1.0, m / (total_norm(gs, 2.0) + 1e-6))
+    return [g * c for g in gs]
+
+
+MUTANTS = {  # norm clipping done wrong, as one might write it
+    "per_parameter": lambda gs, m: [g * min(1.0, m / (float(g.norm()) + 1e-6)) for g in gs],
+    "by_max_abs": lambda gs, m: [g * min(1.0, m / (total_norm(gs, math.inf) + 1e-6)) for g in gs],
+    "unclamped": lambda gs, m: [g * (m / (total_norm(gs, 2.0) + 1e-6)) for g in gs],
+    "value_as_norm": lambda gs, m: [g.clamp(-m, m) for g in gs],
+}
+
+
+CASES = [
+    *((name, frac) for name in ("per_parameter", "by_max_abs", "value_as_norm") for frac in (0.05, 0.5, 0.9)),
+    *(("clip_before_last_accumulation", frac) for frac in (0.05, 0.5, 0.9)),
+    ("unclamped", 1.5),  # the coefficient max_norm / total > 1 scales small gradients up
+    ("unclamped", 3.0),
+]
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize(("name", "frac"), CASES)
+def test_broken_norm_clipping_is_caught_with_before(seed: int, frac: float, name: str) -> None:
+    """Pascanu et al. 2013's rescaling of the whole gradient, against clipping per parameter, by the largest
+    entry, without the min(1, .), by value, or before the last micro-batch's gradient is added: each leaves
+    gradients that differ from torch's, and the invariant given the gradients before clipping fails them."""
+    params, (g1, g2) = _grads(seed, micro=2)
+    full = [a + b for a, b in zip(g1, g2, strict=True)]
+    m = total_norm(full, 2.0) * frac
+    ref = _clip(full, m)
+    if name == "clip_before_last_accumulation":
+        after = [a + b for a, b in zip(_clip(g1, m), g2, strict=True)]
+    else:
+        after = MUTANTS[name](full, m)
+    differs = total_norm([a - r for a, r in zip(after, ref, strict=True)], 2.0)
+    assert differs > 1e-4 * m  # from torch's
+    for p, a in zip(params, after, strict=True):
+        p.grad = a.clone()
+    with pytest.raises(StabilityError):
+        assert_clipped_norm_bounded(params, m, before=full)
+    # and torch's own clip of the same gradients passes
+    for p, g in zip(params, full, strict=True):
+        p.grad = g.clone()
+    torch.nn.utils.clip_grad_norm_(params, m)
+    assert_clipped_norm_bounded(params, m, before=full)

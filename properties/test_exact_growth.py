@@ -9,7 +9,8 @@ sigma x orthogonal and the loss on h_T alone has growth ||dL/dh_1|| / ||dL/dh_T|
 for the same reason (Pascanu et al. 2013: the gradient over T steps scales as the T-th power of W's
 singular value). The loss is linear, L = <v, y> with a fixed random v, so dL/dy = v is never zero
 (a cross-entropy saturates at growth 2 ** 33 and its gradient rounds to 0: growth 0/0). Everything
-is float64, so the only error is rounding: about n ulps.
+is float64, so the only error is rounding: about n ulps; in float32 and bfloat16 the growth is the
+float64 product of the weights as rounded to the dtype.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch import nn
 
 from stabilitycheck.config import Config
 from stabilitycheck.losses import LossFn, generator
@@ -81,3 +83,35 @@ def test_linear_rnn_grows_by_exactly_sigma_per_step(c: Config) -> None:
     seq_len = int(c.knob("seq_len"))
     assert len(m.activation_grad_norms) == seq_len
     assert m.growth == pytest.approx(float(c.knob("init_scale")) ** (seq_len - 1), rel=RTOL)
+
+
+class _Lin(nn.Module):
+    """x @ W^T with W given."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T
+
+
+@pytest.mark.parametrize(
+    ("dtype", "rtol"), [(torch.float64, 1e-12), (torch.float32, 1e-6), (torch.bfloat16, 3e-3)]
+)
+def test_deep_linear_orthogonal_growth_is_g_to_the_depth(dtype: torch.dtype, rtol: float) -> None:
+    """32 layers of g x orthogonal under a loss linear in the output: growth is g^32, and exactly the float64
+    product of the weights as rounded to the dtype."""
+    gen = torch.Generator().manual_seed(0)
+    g, depth, n = 1.1, 32, 64
+    ws = [orthogonal(n, g, gen).to(dtype) for _ in range(depth)]
+    model = nn.Sequential(*[_Lin(w) for w in ws])
+    x = torch.randn(4, n, generator=gen, dtype=torch.float64).to(dtype)
+    v = torch.randn(4, n, generator=gen, dtype=torch.float64)
+    blocks = [(str(i), b) for i, b in enumerate(model)]
+    m = probe_module(model, x, lambda out, _: (out.double() * v).sum(), blocks=blocks)
+    exact = v.clone()
+    for w in reversed(ws):  # dL/dx = v W_L ... W_1 on the rounded weights, in float64
+        exact = exact @ w.double()
+    assert m.growth == pytest.approx(float(exact.norm() / v.norm()), rel=rtol)
+    assert m.growth == pytest.approx(g**depth, rel=max(rtol, 2e-3 if dtype == torch.bfloat16 else rtol))
