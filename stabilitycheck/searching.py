@@ -407,7 +407,8 @@ def check(subject: Subject, config: Config, *others: Config) -> None:
     """Probe `config` once before a search (then each of `others` while they all fail): a model that
     cannot run at any of them is a one-line UsageError naming the subject, its knobs at `config` and
     the failure there; one that runs at any is searched, and the points where it fails are skipped
-    with the reason (a model raising at the lowest corner alone is no usage error). One the memory
+    with the reason (a model raising at the lowest corner alone is no usage error). What is not the
+    model's failure (_validation.model_failure: a bug of this package) is raised as it is. One the memory
     estimate puts over the search's budget is not built (`--knob depth=100000000` allocated for
     minutes): the search skips it as too large, and says so where it skips all."""
     from stabilitycheck.configprobe import probe
@@ -432,6 +433,8 @@ def check(subject: Subject, config: Config, *others: Config) -> None:
             if first is None:
                 first, cause = UsageError(f"{exc} (with {tried.describe()})"), exc
         except (Exception, SystemExit) as exc:
+            if model_failure(exc) is None:  # a bug of this package: never read as the model's failure
+                raise
             what = (
                 f"called sys.exit({exc.code!r})" if isinstance(exc, SystemExit) else f"raised {describe(exc)}"
             )

@@ -255,6 +255,22 @@ def test_a_bug_of_the_package_is_raised_not_reported_as_the_models(monkeypatch: 
         search(SMALL_SPACES["tanh-mlp"], max_examples=5)
 
 
+def test_a_bug_of_the_package_in_the_first_probe_is_raised_not_reported_as_the_models(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same in check(), the one probe before a search: it read a bug of ours (planted in the
+    probe's growth) as a UsageError, 'running the model ... raised IndexError; its code may not
+    accept these knob values'."""
+    from stabilitycheck import probing
+    from stabilitycheck.searching import check
+    from stabilitycheck.spread import quantile
+
+    monkeypatch.setattr(probing, "growth_of", lambda *_: quantile([], 0.5))
+    config = SMALL_SPACES["tanh-mlp"].base
+    with pytest.raises(IndexError):
+        check(resolve(config.subject), config)
+
+
 def test_the_probe_timer_never_raises_inside_a_gc_callback() -> None:
     """An exception raised in a gc callback (Hypothesis registers one) is printed and dropped, so the
     time limit lost its ProbeTimeout there: the timer sees the callback up the frame chain (and retries
