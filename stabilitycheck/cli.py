@@ -104,6 +104,7 @@ def _replay(args: argparse.Namespace, limits: Any) -> list[Any]:
     (a counterexample found under --growth-limit 50 read stable on the default 100, exit 0: a CI job
     replaying it passed), but for a limit the command line sets. Replay is data, not code: a model
     file named in the JSON is imported only when the command line names that same file as the target."""
+    from stabilitycheck._validation import describe
     from stabilitycheck.config import Config, kind
     from stabilitycheck.errors import UsageError
     from stabilitycheck.searching import Counterexample, SearchResult, try_remedies
@@ -117,7 +118,10 @@ def _replay(args: argparse.Namespace, limits: Any) -> list[Any]:
     try:
         stored = json.loads(args.replay.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{where}: cannot read it as UTF-8 JSON ({type(exc).__name__}: {exc})") from None
+        raise UsageError(
+            f"{where}: cannot read it as UTF-8 JSON ({describe(exc)}); give the JSON file a run wrote with "
+            "--json FILE"
+        ) from None
     if not isinstance(stored, list) or not all(isinstance(e, dict) for e in stored):
         raise UsageError(f"{where}: expected the list written by --json, got {type(stored).__name__}")
     target = resolve(args.target) if args.target not in (None, "zoo") else None

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from stabilitycheck._validation import describe
 from stabilitycheck.errors import ConfigError, did_you_mean
 from stabilitycheck.families import FAMILIES, RECURRENT, Scalar, knob_specs
 
@@ -235,7 +236,9 @@ class Config:
         try:
             return cls(str(data.get("subject", "")), tuple(data.get("knobs", {}).items()), Run(**run))
         except TypeError as exc:
-            raise ConfigError(f"Config JSON is malformed: {exc}") from None
+            raise ConfigError(
+                f"Config JSON is malformed: {describe(exc)}; give what Config.to_json writes"
+            ) from None
 
     @classmethod
     def from_json(cls, text: str) -> Config:
@@ -243,7 +246,9 @@ class Config:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"Config JSON is not valid JSON: {exc}") from None
+            raise ConfigError(
+                f"Config JSON is not valid JSON: {describe(exc)}; give what Config.to_json writes"
+            ) from None
         return cls.from_dict(data)
 
 

@@ -5,8 +5,8 @@ one table per dtype, plus the rounding a dtype makes near zero (its subnormal sp
 figure is torch's clip epsilon 1e-6, which widens the coefficients a clip may use at totals near it.
 All figures in messages are Python floats computed in float64.
 
-One import for all of them; they live by theme in invariants_clip.py, invariants_rescaling.py and
-invariants_training.py, on the tolerances and checks of invariants_common.py.
+One import for all of them; they live by theme in invariants_clip.py, invariants_gradscaler.py,
+invariants_rescaling.py and invariants_training.py, on the tolerances and checks of invariants_common.py.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stabilitycheck._validation import describe
 from stabilitycheck.errors import UsageError
 
 RTOL = 1e-6
@@ -85,7 +86,10 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         meta = json.loads((path / "meta.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise UsageError(f"replay {path}: not a watch bundle directory (meta.json: {exc})") from None
+        raise UsageError(
+            f"replay {path}: not a watch bundle directory (meta.json: {describe(exc)}); give the directory "
+            "watch(..., bundle=DIR) wrote"
+        ) from None
     found = meta.get("format") if isinstance(meta, dict) else None
     if found != FORMAT and found not in OLDER:
         raise UsageError(f"replay {path}: unknown bundle format {found!r}, expected {FORMAT!r}")
@@ -102,12 +106,12 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         data = torch.load(path / "data.pt", map_location=location, weights_only=False)
     except (OSError, ImportError, AttributeError, RuntimeError) as exc:
         raise UsageError(
-            f"replay {path}: cannot load data.pt ({type(exc).__name__}: {exc}); the model class and "
+            f"replay {path}: cannot load data.pt ({describe(exc)}); the model class and "
             "compute_loss must be importable from the roots in meta.json"
         ) from None
     except (ValueError, EOFError, pickle.UnpicklingError) as exc:
         raise UsageError(
-            f"replay {path}: data.pt is not as watch wrote it ({type(exc).__name__}: {exc}); write the "
+            f"replay {path}: data.pt is not as watch wrote it ({describe(exc)}); write the "
             "bundle again with watch(..., bundle=...)"
         ) from None
     return meta, data

@@ -1,5 +1,6 @@
 """The host side of `watch`: flushed rows turned into findings, the JSONL log, the report at exit
-and the heatmap. Everything here runs on Python floats after the flush's one host read."""
+and the heatmap's columns (watchplot draws them). Everything here runs on Python floats after the
+flush's one host read."""
 
 from __future__ import annotations
 
@@ -91,7 +92,8 @@ class Report:
 
     def text(self) -> str:
         """The report printed when the watcher closes: steps and flags, the first flagged and first
-        non-finite values, the steps skipped, the host reads."""
+        non-finite values, the steps skipped, the norm before clipping, a note, the warm-up where
+        nothing was flagged, the host reads."""
         lines = [f"stabilitycheck watch: {self.steps} steps, {len(self.flagged_steps)} flagged"]
         if self.first_spike is not None:
             lines.append(f"  first flagged value: {self.first_spike.describe()}")
@@ -101,7 +103,7 @@ class Report:
             ("skipped steps", self.skipped_steps),
             ("steps the GradScaler skipped (Inf/NaN gradients)", self.scaler_skipped_steps),
         ):
-            if steps:  # the first 10, and how many in all where there are more (an audit)
+            if steps:  # the first 10, and how many in all where there are more
                 shown = ", ".join(map(str, steps[:10]))
                 more = f" ... ({len(steps)} in all)" if len(steps) > 10 else ""
                 lines.append(f"  {what}: {shown}{more}")

@@ -29,6 +29,7 @@ from torch import nn
 
 from stabilitycheck._json import strict_json
 from stabilitycheck._tree import tensors
+from stabilitycheck._validation import describe
 from stabilitycheck.errors import UsageError
 from stabilitycheck.rng import rng_state
 
@@ -48,7 +49,7 @@ def check_loadable(compute_loss: Any) -> str | None:
     try:
         pickle.dumps(compute_loss)
     except Exception as exc:
-        return f"{name!r} cannot be pickled by name ({type(exc).__name__}: {exc})"
+        return f"{name!r} cannot be pickled by name ({describe(exc)})"
     return None
 
 
@@ -284,7 +285,7 @@ class Snapshot:
             except Exception as exc:  # the user's training goes on: a bundle is never worth a crash
                 warnings.warn(
                     f"watch: the replay bundle for step {flagged} could not be written to {self.path} "
-                    f"({type(exc).__name__}: {exc}); training goes on without it",
+                    f"({describe(exc)}); training goes on without it",
                     stacklevel=2,
                 )
         for step in [s for s in self.batches if s < first + n]:

@@ -55,7 +55,7 @@ def test_from_json_rejects_other_schemas_unknown_keys_and_non_objects() -> None:
         Config.from_dict({**record, "run": {"stpes": 3}})
     with pytest.raises(ConfigError, match="must be a JSON object"):
         Config.from_json("[1]")
-    with pytest.raises(ConfigError, match="not valid JSON"):
+    with pytest.raises(ConfigError, match=r"not valid JSON: JSONDecodeError: .*; give what Config.to_json"):
         Config.from_json("{")
 
 
