@@ -13,14 +13,12 @@ A `.to_local()` norm of a sharded gradient is never reported as the model's norm
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from stabilitycheck.errors import StabilityError, UsageError
-from stabilitycheck.invariants_common import coarsest, reduction_error, rtol_of
+from stabilitycheck.errors import UsageError
 
 
 def world() -> tuple[int, int]:
@@ -177,45 +175,3 @@ def full_grad_norm(parameters: list[torch.Tensor]) -> float:
     if world()[1] > 1:
         dist.all_reduce(total)
     return float(total.sqrt())
-
-
-def check_clip_grad_norm(parameters: Iterable[torch.Tensor], rtol: float | None = None) -> float:
-    """Invariant: torch.nn.utils.clip_grad_norm_ (with an infinite max norm: nothing is scaled) returns
-    the full-model gradient norm on every rank: within torch's own rounding of it (its per-tensor norms
-    then their norm, measured on this rank's gradients and allowed twice, plus the dtype's tolerance)
-    unless `rtol` is given; a non-finite norm as non-finite (inf for Inf gradients, NaN for NaN). The
-    gradients are left as they were (an infinite max norm multiplies them by inf / inf = NaN when one
-    is non-finite). Raises StabilityError with both numbers if not, and a UsageError where torch's
-    clip cannot handle the parameters (e.g. DTensors on different meshes)."""
-    params = list(parameters)  # a generator would be used up by the first norm
-    grads = [p.grad for p in params if p.grad is not None]
-    saved = [g.detach().clone() for g in grads]
-    expected = full_grad_norm(params)
-    try:
-        got = torch.nn.utils.clip_grad_norm_(params, math.inf)
-    except (RuntimeError, ValueError, NotImplementedError) as exc:
-        raise UsageError(
-            f"clip_grad_norm_ cannot combine these parameters ({str(exc).splitlines()[0]}); group them "
-            "by mesh and clip each group, or compute the norm with stabilitycheck.distributed"
-        ) from None
-    finally:
-        with torch.no_grad():
-            for grad, before in zip(grads, saved, strict=True):
-                grad.copy_(before)
-    from torch.distributed.tensor import DTensor
-
-    value = float(got.full_tensor() if isinstance(got, DTensor) else got)
-    if not math.isfinite(expected):
-        if math.isnan(value) == math.isnan(expected) and (math.isnan(value) or value == expected):
-            return value
-    else:
-        shards = [local(g)[0].detach() for g in grads]
-        mine = math.sqrt(sum(float(t.double().pow(2).sum()) for t in shards))
-        rounding = rtol_of(coarsest(shards)) + 2 * reduction_error(shards, 2.0, mine)
-        tol = rtol if rtol is not None else rounding
-        if math.isclose(value, expected, rel_tol=tol):
-            return value
-    raise StabilityError(
-        f"clip_grad_norm_ returned {value:.9g} but the full-model gradient norm is {expected:.9g} "
-        f"(rank {world()[0]} of {world()[1]}; a local-shard norm?)"
-    )

@@ -15,6 +15,7 @@ from stabilitycheck.invariants_clip import (
     assert_clipped_norm_bounded,
     assert_clipped_value_bounded,
     assert_direction_preserved,
+    check_clip_grad_norm,
 )
 from stabilitycheck.invariants_common import ACC, DTYPE_RTOL, Named, TensorsLike, rtol_of, subnormal_spacing
 from stabilitycheck.invariants_gradscaler import ScalerLike, assert_gradscaler_guards
@@ -34,6 +35,7 @@ __all__ = [
     "assert_finite_training",
     "assert_gradscaler_guards",
     "assert_rescaling_equivariant",
+    "check_clip_grad_norm",
     "rtol_of",
     "subnormal_spacing",
 ]

@@ -248,7 +248,7 @@ class Family:
     """One zoo family as a Subject (`Family("mlp")`): its knobs come from `families.FAMILIES`."""
 
     def __init__(self, name: str) -> None:
-        self.specs = knob_specs(name)
+        knob_specs(name)  # a ConfigError, with a 'did you mean', where `name` is no zoo family
         self.name = name
         self.init_knob: str | None = "init_scale"
 

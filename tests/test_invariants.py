@@ -19,7 +19,6 @@ from torch import nn
 from stabilitycheck import invariants_common as ic
 from stabilitycheck.config import RUN_FIELDS, Config
 from stabilitycheck.configprobe import probe
-from stabilitycheck.distributed import check_clip_grad_norm
 from stabilitycheck.errors import StabilityError, UsageError
 from stabilitycheck.families import knob_specs
 from stabilitycheck.invariants import (
@@ -30,6 +29,7 @@ from stabilitycheck.invariants import (
     assert_finite_training,
     assert_gradscaler_guards,
     assert_rescaling_equivariant,
+    check_clip_grad_norm,
 )
 from stabilitycheck.invariants_gradscaler import UNHIDDEN
 from stabilitycheck.invariants_stable import Unstable, assert_stable
@@ -1365,7 +1365,7 @@ def test_the_rtol_override_of_the_rescaling_check_is_applied() -> None:
 
 
 def test_the_rtol_override_of_the_clip_norm_check_is_applied(monkeypatch: pytest.MonkeyPatch) -> None:
-    """rtol= of distributed.check_clip_grad_norm, passed by no test before: a clip_grad_norm_ whose
+    """rtol= of check_clip_grad_norm, passed by no test before: a clip_grad_norm_ whose
     total is 1e-4 off fails at the default tolerance (float32's, plus torch's own rounding of the
     total) and passes at rtol=1e-3; a looser override never hides a total 1e-2 off at rtol=1e-3.
     Oracle: the construction."""
