@@ -193,6 +193,12 @@ class Config:
         """'mlp depth=8 init_scale=2.0 ...': the subject and its knobs, for labels and messages."""
         return " ".join([self.subject, *(f"{k}={v}" for k, v in self.knobs)])
 
+    def label(self) -> str:
+        """The subject as a summary's target column names it: a file's last path part, with the norm
+        where there is one ('resmlp-post')."""
+        norm = self.values.get("norm", "none")
+        return self.subject.rpartition("/")[2] + ("" if norm == "none" else f"-{norm}")
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict with the schema version."""
         return {

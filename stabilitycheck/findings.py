@@ -61,12 +61,6 @@ class Finding:
         return cls(**{**data, "knobs": tuple((str(k), v) for k, v in data["knobs"])})
 
 
-def target_label(config: Config) -> str:
-    norm = config.values.get("norm", "none")
-    name = config.subject.rpartition("/")[2]
-    return name + ("" if norm == "none" else f"-{norm}")
-
-
 def _knobs(config: Config, names: tuple[str, ...] | None) -> tuple[tuple[str, Scalar], ...]:
     """The knobs a row shows: `names` (a search's axes), else a family's size knobs and activation
     (a linear MLP read as the default tanh without it) and any other knob off its default (an rnn's
@@ -143,7 +137,7 @@ def finding(
     if isinstance(found, Config):
         return Finding(
             test=test,
-            label=target_label(found),
+            label=found.label(),
             device=found.run.device,
             dtype=found.run.dtype,
             knobs=_knobs(found, knobs),

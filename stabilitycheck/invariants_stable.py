@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from stabilitycheck.errors import StabilityError, UsageError
-from stabilitycheck.findings import target_label
 
 if TYPE_CHECKING:
     from stabilitycheck.config import Config
@@ -67,4 +66,4 @@ def assert_stable(
     j = assess(target, subject, limits)
     if j.exploded:
         remedies = tuple(try_remedies(target, subject, limits, fired=j.verdict.names))
-        raise Unstable(Counterexample(target_label(target), target, j, limits, remedies))
+        raise Unstable(Counterexample(target.label(), target, j, limits, remedies))

@@ -219,3 +219,10 @@ def test_package_import_is_cheap_and_exports_resolve() -> None:
         "sc.probe(Config.of('mlp', depth=2, width=4)); assert 'torch._dynamo' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_label_is_the_subjects_last_path_part_with_its_norm() -> None:
+    assert Config.of("resmlp", norm="post").label() == "resmlp-post"
+    assert Config.of("resmlp", norm="none").label() == "resmlp"
+    assert Config.of("mlp").label() == "mlp"
+    assert Config("models/deep/net.py:build", ()).label() == "net.py:build"
