@@ -350,7 +350,7 @@ def apply_knobs(space: Any, knobs: Sequence[str]) -> Any:
                 )
             numbers = [int(x) for x in numbers]
         elif isinstance(now, float) or now is None:  # init_scale=1:4 is 16 points from 1.0 to 4.0, as
-            # 1.0:4.0 is (it searched 1, 2, 3 and 4 alone: a new user's trial); clip, off (None) by default
+            # 1.0:4.0 is (it searched 1, 2, 3 and 4 alone); clip, off (None) by default
             numbers = [float(x) for x in numbers]
         if len(numbers) == 1:
             base = base.with_knobs(**{name: numbers[0]})

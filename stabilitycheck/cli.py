@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from stabilitycheck._command import interrupted, require_devices, run_command, stop_if_signalled
-from stabilitycheck._options import EXIT_FOUND as EXIT_FOUND  # `X as X`: re-exported, these were defined here
+from stabilitycheck._options import EXIT_FOUND as EXIT_FOUND  # `X as X`: public here (exit codes, parser)
 from stabilitycheck._options import EXIT_INTERRUPTED as EXIT_INTERRUPTED
 from stabilitycheck._options import EXIT_OK as EXIT_OK
 from stabilitycheck._options import EXIT_TERMINATED as EXIT_TERMINATED

@@ -107,9 +107,9 @@ class Layout:
         update), block outputs input side first, the loss, then output side first each block's output
         gradient and its weight gradient (both before the block's input gets its gradient: weight
         gradients listed input side first after every output gradient named block 2 first where the
-        backward made block 4's Inf first; a user's trial), then those of parameters outside the
+        backward made block 4's Inf first), then those of parameters outside the
         blocks, the total gradient norm. A head's (`head`) come right after the loss, where the
-        backward makes them (an LM head's Inf named the blocks' after it: a review); the rest, an
+        backward makes them (an LM head's Inf named the blocks' after it); the rest, an
         embedding's or of parameters on both sides, after the blocks'."""
         p = self.parts()
         span = {k: list(range(s.start, s.stop)) for k, s in p.items()}

@@ -79,7 +79,7 @@ def cost(pm: PhaseMap) -> str:
 def judged(pm: PhaseMap, th: Sequence[int | None] | None) -> str:
     """What each point's verdict is and what the columns read: the quantile over how many seeds, on
     which limits, and the mean-field column's meaning where there is one (`th`: theory(pm), which the
-    table computed already; an audit found the map said none of it)."""
+    table computed already)."""
     run = pm.base.run
     seeds = f"up to {run.seeds} seeds, stopping once they decide it" if run.seeds > 1 else "1 seed"
     through = " (growth through time, the loss on the last step)" if pm.base.recurrent else ""

@@ -56,7 +56,7 @@ def _on_meta(model: nn.Module) -> nn.Module:
     """`model` moved to the meta device, or where it holds data a copy of it made on meta (its
     parameters and buffers never copied: a large model costs no memory): a factory returning one
     object at every call (a module-level model) lost its weights to the estimate, and the build that
-    followed failed with 'Cannot copy out of meta tensor' (a review)."""
+    followed failed with 'Cannot copy out of meta tensor'."""
     if all(t.device.type == "meta" for t in (*model.parameters(), *model.buffers())):
         return model.to("meta")
     memo: dict[int, Any] = {

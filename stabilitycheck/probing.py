@@ -32,7 +32,7 @@ from stabilitycheck.layout import combined, layout_of, per_block, scatter, train
 from stabilitycheck.loops import looped_blocks
 from stabilitycheck.losses import Inputs, LossFn, call_model, differentiable_loss
 from stabilitycheck.measurement import (
-    Measurement as Measurement,  # `X as X`: re-exported, it was defined here
+    Measurement as Measurement,  # `X as X`: what probe_module returns
 )
 from stabilitycheck.measurement import NonFinite
 from stabilitycheck.nesting import refusing_inside

@@ -32,7 +32,7 @@ import pytest
 
 from stabilitycheck._options import PREFIX
 from stabilitycheck._options import (
-    add_options as add_options,  # `X as X`: re-exported, these were defined here
+    add_options as add_options,  # `X as X`: the plugin's public names
 )
 from stabilitycheck.findings import Finding as Finding
 from stabilitycheck.findings import failing_configs, failure_text, leaves

@@ -38,11 +38,11 @@ class Remedy:
     def describe(self) -> str:
         """'float32: fixed at growth 98.4 (53.1-166)': the verdict, and where measured the growth it
         was judged on, quantile (min-max) over seeds, so that a fix near the limit reads as one (a
-        float16 counterexample 'fixed by float32' at the depth where float32 explodes one block lower:
-        a new user's trial); first the counterexample's own criterion where that is not the growth
+        float16 counterexample 'fixed by float32' at the depth where float32 explodes one block
+        lower); first the counterexample's own criterion where that is not the growth
         ('warmup: fixed at stall 0.0499 (0.0383-0.128), growth 0.705 (0.554-1.16)': it read the
         growth at init alone); then what the spreads are, `over` ('(q=0.5 over 3 seeds, through
-        time)': an audit found remedies' figures unlabelled)."""
+        time)')."""
         if self.config is None:
             return f"{self.name}: n/a ({self.why})" if self.why else f"{self.name}: n/a"
         if self.skipped:

@@ -195,7 +195,7 @@ def profile(j: Judgement, q: float) -> str:
     what = "|dL/d out|" if names[0] != INPUT else "|dL/d (input)|, then |dL/d out|"
     when = f" at step {m.profile_step} (none reached a block before)" if m.profile_step else ""
     first, last = (f"block {n}" if n.isdigit() else n for n in (names[0], names[-1]))  # not a number
-    # several chains: first over last is no growth (bart's 117 .. 0.718 beside its growth 116: an audit)
+    # several chains: first over last is no growth (bart's 117 .. 0.718 beside its growth 116)
     chains = (
         f"; chains from {', '.join(names[i] for i in m.chain_starts)} on: the growth is read per chain, "
         "not first over last"
@@ -239,7 +239,7 @@ def _unjudged_note(r: SearchResult, below: Config, why: str) -> str:
 def _searched(r: SearchResult) -> str:
     """How much of the grid a stable row's search judged: stable says no more than that where the
     verdict is not monotone in the knobs (the post-norm transformer's growth peaks at depth 5 and is 20
-    at 24, whose stable top corner and 10 examples read `stable`: a new user's trial); none for a
+    at 24, whose stable top corner and 10 examples read `stable`); none for a
     stored counterexample judged again (--replay), which searched nothing. Points skipped (the model
     raised there, too large, too slow) are no judged ones: they read 'judged: stable' (19 for 10)."""
     if r.replayed:

@@ -27,7 +27,7 @@ from hypothesis.database import ExampleDatabase, InMemoryExampleDatabase
 
 from stabilitycheck._validation import describe, model_failure, raised_at
 from stabilitycheck.alarms import ProbeTimeout, stop_seen, time_limit
-from stabilitycheck.canonical import Index as Index  # `X as X`: re-exported, these were defined here
+from stabilitycheck.canonical import Index as Index  # `X as X`: the search's public names
 from stabilitycheck.canonical import boundary as boundary
 from stabilitycheck.canonical import canonical as canonical
 from stabilitycheck.canonical import lower

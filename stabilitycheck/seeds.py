@@ -15,8 +15,8 @@ after n seeds: one seed 1000x from the
 limit, two both 31.6x, three 10x. Near the limit one seed's growth is off its 5-seed median by up to
 5.2x on a tanh MLP and 28x on a post-norm transformer (each zoo target at its crossing, 20 base seeds
 x 5 seeds; 760x on a GRU's per-token growth, when recurrent subjects were judged on it); a seed 1000x
-from the limit is beyond that spread, so the median cannot be on the other side (100x, the margin
-before, was not; 10x was not either: a GRU seed 12x below the limit had a median above it). A
+from the limit is beyond that spread, so the median cannot be on the other side (100x is not; nor
+is 10x: a GRU seed 12x below the limit had a median above it). A
 recurrent subject's through-time growth, a product over up to 256 steps, spreads further: up to
 2200x-5000x at 64-256 steps of the zoo's RNN and GRU at sigma_w 4 (40-60 base seeds x 5), a GRU
 seed at 2.56e4 where its 5-seed median was 11.8; so its verdicts are left to the counts, as are
@@ -25,10 +25,10 @@ initialisation that stays finite says nothing of the next, and one NaN nothing o
 With the nonfinite criterion on (the default) every verdict waits for at least ceil(q K) seeds; the
 margin decides only with nonfinite off, and with divergence off or optimiser steps run (without
 them divergence reads NaN, never far; with them a loss ratio of 1 is 2x from its limit of 2, far
-from 10 seeds on: a review). It never decides that a
+from 10 seeds on). It never decides that a
 criterion fires: a seed still to come may go NaN (an overflow, which counts with nonfinite off too),
 which sorts lowest and never fires, so two seeds 31.6x over the limit could not say that the
-5-seed median fires (a float16 ReLU stack: 2.64e4, 7494, then three NaN; an audit); that no
+5-seed median fires (a float16 ReLU stack: 2.64e4, 7494, then three NaN); that no
 criterion fires, NaN cannot undo, but for vanishing, which NaN sorting lowest counts towards: with
 vanishing on, the margin decides nothing (seeds at 1, 1 then NaN, NaN, 0 read a median of 0: a
 review). A growth of exactly 0 (no gradient came back: a dead ReLU layer) is never far either: it
@@ -346,7 +346,7 @@ def _judgement(
     mid = quantile(growth, q)
     at = next((i for i, g in enumerate(growth) if g == mid or (math.isnan(mid) and math.isnan(g))), 0)
     # the profile is the quantile seed's probe of the growth judged (its own-loss probe was shown,
-    # labelled the q growth's, whose first over last read that seed's per-token growth: an audit), but
+    # labelled the q growth's, whose first over last read that seed's per-token growth), but
     # where a recurrent subject's own loss met a non-finite value, to say where: that seed's own-loss
     # probe if it met one, else, where the verdict fired on one, the first seed's that did
     went = "nonfinite" in known.names or "overflow" in known.names  # overflow: nonfinite's, in float16

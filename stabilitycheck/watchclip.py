@@ -2,7 +2,7 @@
 returns, or that torch.nn.utils.clip_grads_with_norm_ is given (accelerate's clipping, the Hugging
 Face Trainer's, computes it with get_total_norm and calls that), is the gradient's before clipping,
 which the watcher's own norms, read at the optimizer step, cannot see (a clipped run's logged
-grad_norm read max_norm at every step while the norm before it reached 4e8: a user's trial).
+grad_norm read max_norm at every step while the norm before it reached 4e8).
 
 The wrappers below stand in for torch's two functions while any watcher is open, and tell each
 listener which parameters were clipped, the total norm (a plain tensor copy: a DTensor's full value)
@@ -130,8 +130,8 @@ def clip_grads_with_norm_(
 
 
 _CALLING: list[bool] = []  # a wrapper of ours is running: one left behind, wrapped by another tool and
-# that wrapped by ours again, recursed for good (a review); a list, which torch.compile traces (a
-# threading.local subclass stopped a compiled clip with InternalTorchDynamoError: a review)
+# that wrapped by ours again, recursed for good; a list, which torch.compile traces (a
+# threading.local subclass stopped a compiled clip with InternalTorchDynamoError)
 
 
 @contextlib.contextmanager
@@ -168,7 +168,7 @@ class ClipLog:
     backward that clips all its model's trainable parameters in L2 with a finite max_norm. So not
     another model's clip (a GAN's critic) nor a clip per submodule or group (a part's norm); not a
     second clip of the same gradients (a logging call, a callback's clip after the Trainer's: they
-    see the clipped norm, and so read max_norm for a spike: a review); not a clip of an update the
+    see the clipped norm, and so read max_norm for a spike); not a clip of an update the
     loop then skipped, nor an earlier micro-batch's (a later backward came). A clip after the step
     closed and before the next backward clips what that step measured (the step was closed before
     the clip, as Lightning's callback closes it): that step's, not taken, its norms are before
