@@ -75,6 +75,22 @@ def article(value: object) -> str:
     return f"an {name}" if name[:1].lower() in "aeiou" else f"a {name}"
 
 
+def knob_value(name: str, value: object, default: int | float) -> int | float | None:
+    """`value` as the type of a numeric knob's `default`: an int knob takes integral numbers only, a
+    float knob any number; None where it is no such number (knob_refusal says why)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if isinstance(default, float):
+            return float(value)
+        if float(value).is_integer():
+            return int(value)
+    return None
+
+
+def knob_refusal(name: str, value: object, default: int | float) -> str:
+    """Why knob_value refused `value`, and an example of what it takes."""
+    return f"knob {name}={value!r} is not {article(default)}; expected e.g. {name}={default!r}"
+
+
 def is_number(value: object) -> bool:
     """An int or float, not a bool."""
     return isinstance(value, int | float) and not isinstance(value, bool)

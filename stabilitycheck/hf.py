@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from stabilitycheck._validation import describe
+from stabilitycheck._validation import describe, knob_refusal, knob_value
 from stabilitycheck.config import RUN_FIELDS, Config
 from stabilitycheck.errors import UsageError, UserCodeError, did_you_mean
 from stabilitycheck.families import Scalar
@@ -467,11 +467,8 @@ def _small(name: str, default: Knob) -> Knob:
 
 
 def _coerce(subject: str, name: str, value: object, default: Knob) -> Knob:
-    """`value` as the type of the knob's default: an int knob takes integral numbers only."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        if isinstance(default, float):
-            return float(value)
-        if float(value).is_integer():
-            return int(value)
-    kind = type(default).__name__
-    raise UsageError(f"{subject} knob {name}={value!r} is not {'an' if kind == 'int' else 'a'} {kind}")
+    """`value` as the type of the knob's default, or a one-line UsageError (_validation.knob_value)."""
+    got = knob_value(name, value, default)
+    if got is None:
+        raise UsageError(f"{subject} {knob_refusal(name, value, default)}")
+    return got

@@ -14,6 +14,9 @@ AFTER_LAST = "(after the last block)"
 """Where a non-finite value no block made came from: the model's code after its last block (a head, a
 log) or the loss function; the loss is the first value found non-finite."""
 
+AFTER_LAST_SAID = "the loss after the last block"
+"""AFTER_LAST in a sentence: what made a value, where no block did."""
+
 TENSOR_KINDS = ("weight", "activation", "loss", "activation_grad", "gradient")
 
 INPUT = "(input)"

@@ -16,7 +16,7 @@ from stabilitycheck._json import strict_json
 from stabilitycheck.config import Config, Run
 from stabilitycheck.counterexample import SearchResult
 from stabilitycheck.culprit import made_by
-from stabilitycheck.measurement import AFTER_LAST, INPUT, Measurement
+from stabilitycheck.measurement import AFTER_LAST, AFTER_LAST_SAID, INPUT, Measurement
 from stabilitycheck.seeds import Judgement
 from stabilitycheck.spread import bracket
 from stabilitycheck.subject import torch_dtype
@@ -315,7 +315,7 @@ def _nonfinite_line(m: Measurement) -> str:
         return ""
     overflow = "; float32 stays finite there: the dtype's range" if m.overflow is not None else ""
     maker = made_by(m)  # the loss after the last call, a block taking the output, or a block's name
-    maker = "the loss after the last block" if maker == AFTER_LAST else (maker or "").strip("()")
+    maker = AFTER_LAST_SAID if maker == AFTER_LAST else (maker or "").strip("()")
     made = f" (made by the backward of {maker})" if maker else ""
     return f"  nonfinite {nf.describe()}{made}, in the profile's seed{overflow}\n"
 

@@ -16,12 +16,11 @@ from stabilitycheck._json import strict_json
 from stabilitycheck._validation import check_image, writable
 from stabilitycheck.distributed import Layout, nonfinite_rank, to_series
 from stabilitycheck.errors import UsageError
+from stabilitycheck.measurement import AFTER_LAST_SAID, INPUT
 from stabilitycheck.spikes import SpikeRule, SpikeState, noisier, unmeasured
 
 OUTSIDE = "(outside blocks)"
 Limits = tuple[list[float], list[float]]  # per series, the window mean and the threshold of one step
-AFTER_LAST = "the loss after the last block"
-INPUT = "(input)"  # Finding.after of the first block's output: what it took is not read
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,7 @@ class Finding:
     def describe(self) -> str:
         where = f" on rank {self.rank}" if self.rank is not None else ""
         made = f" (made by the backward of {self.made_by})" if self.made_by is not None else ""
-        if self.after == INPUT:
+        if self.after == INPUT:  # the first block's output: what it took is not read
             made += (
                 f" ({self.block} is the first block: what it took, the batch or the model's code before it, "
                 "may hold the value; the watcher does not read it)"
@@ -173,7 +172,7 @@ class Log:
         self.graded = False  # set once a step's total gradient norm is not 0 (a NaN or Inf is not)
         grads = parts["activation_grad"]
         # the backward that made each output gradient: the next block's, the loss's after the last
-        self.made_by = {grads.start + i: name for i, name in enumerate([*blocks[1:], AFTER_LAST])}
+        self.made_by = {grads.start + i: name for i, name in enumerate([*blocks[1:], AFTER_LAST_SAID])}
         self.order, self.scaled = layout.causal_order(), layout.scaled()
         self.writes = rank == 0  # under torch.distributed rank 0 writes; every rank gets the report
         self.file = _open_log(log) if log is not None and self.writes else None

@@ -16,7 +16,7 @@ from torch.jit import ScriptModule
 from torch.nn.parameter import UninitializedParameter
 
 from stabilitycheck._tree import tensors
-from stabilitycheck._validation import article, describe, raised_at
+from stabilitycheck._validation import article, describe, knob_refusal, knob_value, raised_at
 from stabilitycheck.blockcalls import floating
 from stabilitycheck.config import Config
 from stabilitycheck.errors import StabilityCheckError
@@ -150,13 +150,11 @@ class ModelFile:
         return values
 
     def _coerce(self, name: str, value: object, default: Knob) -> Knob:
-        """`value` as the knob's type: an int knob takes ints (or integral floats), a float knob numbers."""
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            if isinstance(default, float):
-                return float(value)
-            if float(value).is_integer():
-                return int(value)
-        raise self.error(f"knob {name}={value!r} is not {article(default)}; expected e.g. {name}={default!r}")
+        """`value` as the knob's type (_validation.knob_value), or a one-line ModelFileError."""
+        got = knob_value(name, value, default)
+        if got is None:
+            raise self.error(knob_refusal(name, value, default))
+        return got
 
     def space(self) -> Space:
         """SPACE's bounds as axes (in SPACE order); without SPACE, the init knob over x0.5..x4 its
