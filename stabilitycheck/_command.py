@@ -13,6 +13,7 @@ from typing import Any
 
 from stabilitycheck._options import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE
 from stabilitycheck.alarms import STOP, in_dropping_frame, stop_seen
+from stabilitycheck.errors import UsageError
 
 _SIGNALLED: list[int] = []
 """The signals received. Each handler also raises, but an exception raised while Python runs a gc
@@ -34,7 +35,6 @@ def _again(signum: int) -> None:
     meanwhile (alarms.stop_seen) or the command is over: left to the command's next check, a SIGTERM
     landing in a gc callback while a 100,000-layer model was built for its memory estimate waited
     minutes, and the run was killed with nothing written."""
-
     run = STOP.run
 
     def deliver() -> None:
@@ -62,8 +62,6 @@ def require_devices(names: Sequence[str]) -> None:
     """A CUDA device asked for on a machine without CUDA is bad input, one line."""
     import torch
 
-    from stabilitycheck.errors import UsageError
-
     for name in names:
         if name.startswith("cuda") and not torch.cuda.is_available():
             raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
@@ -72,8 +70,6 @@ def require_devices(names: Sequence[str]) -> None:
 def run_command(prog: str, run: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:
     """`run(argv)` under the signal handlers, its errors mapped to exit codes with one line on stderr
     named by `prog`."""
-    from stabilitycheck.errors import UsageError
-
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     _SIGNALLED.clear()
     STOP.live, STOP.run, STOP.seen = True, STOP.run + 1, False

@@ -11,6 +11,7 @@ from typing import Any
 
 from stabilitycheck import __version__
 from stabilitycheck._validation import writable
+from stabilitycheck.errors import UsageError, did_you_mean
 
 EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
 PREFIX = "--stability-"
@@ -54,7 +55,6 @@ class Parser(argparse.ArgumentParser):
     """argparse that raises UsageError instead of exiting, so every error is one line + exit 2."""
 
     def error(self, message: str) -> Any:
-        from stabilitycheck.errors import UsageError
 
         raise UsageError(f"{message} (see {self.prog} --help)")
 
@@ -130,8 +130,6 @@ def require_steps(args: argparse.Namespace) -> None:
     checked: the losses they compare are the ones before and after the steps; --lr, --optimizer or
     --clip, or a --knob over lr, warmup or clip (an axis along which nothing could change), would
     change nothing. One line, exit 2; a limit `off` is accepted (it turns off what would not run)."""
-    from stabilitycheck.errors import UsageError
-
     if args.steps or any(k.partition("=")[0] == "steps" for k in args.knob):
         return
     given = sorted(set(getattr(args, "step_limits", [])))
@@ -162,7 +160,6 @@ def dtype(text: str) -> str:
     """A --dtype value the probe runs (said as the flag, not as the Run field the value lands in: a
     new user read `Run.dtype='float8' is not allowed`)."""
     from stabilitycheck.config import DTYPES
-    from stabilitycheck.errors import did_you_mean
 
     if text not in DTYPES:
         raise argparse.ArgumentTypeError(
@@ -297,8 +294,6 @@ def _database(text: str) -> str:
 
 def _knob(text: str) -> tuple[str, list[float]]:
     """Parse NAME=LO:HI[:STEP] or NAME=VALUE into the name and its numbers."""
-    from stabilitycheck.errors import UsageError
-
     name, sep, spec = text.partition("=")
     try:
         numbers = [float(x) if any(c in x for c in ".eEn") else int(x) for x in spec.split(":")]
@@ -316,7 +311,6 @@ def apply_knobs(space: Any, knobs: Sequence[str]) -> Any:
     searched; a fixed knob is never an axis, and a knob given twice is an error (which one was meant?)."""
     import dataclasses
 
-    from stabilitycheck.errors import UsageError
     from stabilitycheck.space import RUN_AXES, Axis
 
     if not knobs:

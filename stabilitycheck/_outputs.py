@@ -11,7 +11,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from stabilitycheck._validation import check_image, writable
+from stabilitycheck._validation import check_image, describe, writable
+from stabilitycheck.errors import UsageError
 
 PROGRESS_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
 
@@ -98,8 +99,6 @@ class Outputs:
             sys.stderr.write(f"stabilitycheck: error: {failure}\n")
 
     def _attempt(self, what: str, write: Callable[[], object]) -> None:
-        from stabilitycheck._validation import describe
-
         try:
             write()
         except Exception as exc:
@@ -109,8 +108,6 @@ class Outputs:
 def check_outputs(named: Sequence[tuple[str, Path | None]]) -> None:
     """Before any work: each output path given is writable, and matplotlib is there for the last one
     (the image); else a one-line UsageError naming the flag."""
-    from stabilitycheck.errors import UsageError
-
     seen: dict[Path, str] = {}
     for flag, path in named:
         if path is None:

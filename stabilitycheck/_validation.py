@@ -5,6 +5,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from stabilitycheck.errors import StabilityCheckError, UsageError, UserCodeError
+
 MAX_MESSAGE = 300  # characters kept of a user exception's message
 
 
@@ -44,8 +46,6 @@ def model_failure(exc: BaseException) -> str | None:
     UserCodeError, an exception raised outside this package), called sys.exit or ran out of memory;
     None where it is bad input or a bug of this package, which the caller raises. The search, its
     remedies and the map read failures by this one rule."""
-    from stabilitycheck.errors import StabilityCheckError, UserCodeError
-
     if isinstance(exc, UserCodeError):
         return str(exc)
     if isinstance(exc, SystemExit):
@@ -99,8 +99,6 @@ def is_number(value: object) -> bool:
 def check_image(flag: str, image: Path) -> None:
     """matplotlib is installed and writes `image`'s format (told by its suffix); else a one-line
     UsageError naming `flag`, before any work rather than when the image is drawn at the end."""
-    from stabilitycheck.errors import UsageError
-
     try:
         import matplotlib  # noqa: F401
         from matplotlib.figure import Figure

@@ -25,6 +25,7 @@ from stabilitycheck._options import parser as parser
 from stabilitycheck._outputs import Outputs as Outputs
 from stabilitycheck._outputs import Progress as Progress
 from stabilitycheck.alarms import stop_seen
+from stabilitycheck.errors import UsageError
 
 
 def _devices(requested: list[list[str]]) -> list[str]:
@@ -43,7 +44,6 @@ def _devices(requested: list[list[str]]) -> list[str]:
 
 def _spaces(args: argparse.Namespace) -> list[Any]:
     """Every Space to search: target x device x dtype, with the CLI's overrides."""
-    from stabilitycheck.errors import UsageError
     from stabilitycheck.subjects import resolve
 
     if args.target is None:
@@ -106,7 +106,6 @@ def _replay(args: argparse.Namespace, limits: Any) -> list[Any]:
     file named in the JSON is imported only when the command line names that same file as the target."""
     from stabilitycheck._validation import describe
     from stabilitycheck.config import Config, kind
-    from stabilitycheck.errors import UsageError
     from stabilitycheck.searching import Counterexample, SearchResult, try_remedies
     from stabilitycheck.seeds import assess
     from stabilitycheck.space import Space
@@ -169,7 +168,6 @@ def _replay(args: argparse.Namespace, limits: Any) -> list[Any]:
 def _stored_limits(cx: dict[str, Any], where: str, given: dict[str, Any]) -> Any:
     """The Limits a stored counterexample was judged on, with those the command line sets in their
     place; None where it stores none (a file written before limits were stored)."""
-    from stabilitycheck.errors import UsageError
     from stabilitycheck.verdicts import Limits
 
     stored = cx.get("limits")
@@ -227,7 +225,6 @@ def run(argv: Sequence[str] | None, progress: Progress | None = None) -> int:
 
 def _searches(args: argparse.Namespace, limits: Any, outputs: Outputs, shown: Progress) -> int:
     """Search every space the arguments name (or re-judge a --replay file) and write the results."""
-    from stabilitycheck.errors import UsageError
 
     def progress_or_stop(message: str) -> None:
         stop_if_signalled()

@@ -28,6 +28,7 @@ from stabilitycheck._options import (
     require_steps,
 )
 from stabilitycheck._outputs import Progress, atomic_write, check_outputs
+from stabilitycheck.errors import UsageError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -66,8 +67,6 @@ def parser() -> argparse.ArgumentParser:
 def _axes(args: argparse.Namespace, subject: Any) -> tuple[Any, Any, Any]:
     """The Space (with --knob and run settings) and the Axes of --x and --y: a --knob range, else the
     target's own search grid of that knob."""
-    from stabilitycheck.errors import UsageError
-
     original = subject.space()
     run: dict[str, Any] = {"seed": args.seed, "seeds": args.seeds, "quantile": args.quantile}
     given = {"device": args.device, "dtype": args.dtype, "steps": args.steps, "lr": args.lr}

@@ -678,11 +678,11 @@ def test_a_model_file_that_does_not_parse_leaves_its_digest_out_not_the_bundle(t
     assert any(name.endswith("compute_loss") for name in digests)
 
 
-def test_a_bundle_of_the_first_step_has_a_valid_step() -> None:
+def test_a_bundle_of_the_first_step_has_a_valid_step(tmp_path: Path) -> None:
     """Step 0 (a model exploding on its first step) is a step a bundle is written for."""
     from stabilitycheck.replay import _check_meta
 
-    meta = {"step": 0, "blocks": ["0"], "values": [1.0, None], "import_roots": ["/tmp"]}
+    meta = {"step": 0, "blocks": ["0"], "values": [1.0, None], "import_roots": [str(tmp_path)]}
     _check_meta(Path("b"), meta)  # no UsageError
 
 
