@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from stabilitycheck.blockcalls import floating, stack_of
+from stabilitycheck.blocks import DECLARED_NOTE, LEAVES_NOTE, MIXED, Blocks
 from stabilitycheck.junctions import taken_outputs
 from stabilitycheck.losses import Inputs, call_model
 from stabilitycheck.rng import host_rng_kept
-from stabilitycheck.subject import DECLARED_NOTE, LEAVES_NOTE, MIXED, Blocks
 
 T = TypeVar("T")
 LOOPED_NOTE = "blocks: {names} (called again on their own output: a block per call)"

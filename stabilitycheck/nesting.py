@@ -12,8 +12,8 @@ from typing import Any
 
 from torch import nn
 
+from stabilitycheck.blocks import Layer
 from stabilitycheck.errors import UsageError
-from stabilitycheck.subject import Layer
 
 
 def held(pairs: Sequence[tuple[str, nn.Module]]) -> dict[int, list[int]]:

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import CheckpointError
 
 from stabilitycheck._tree import tensors as tensors_of
 from stabilitycheck._validation import article
+from stabilitycheck.blocks import BYPASSED, find_blocks, own_blocks, shown_blocks
 from stabilitycheck.errors import UsageError, UserCodeError, no_trainable
 from stabilitycheck.hooking import GRAPH_BREAK
 from stabilitycheck.layout import combined, layout_of, per_block, scatter, trainable
@@ -49,7 +50,6 @@ from stabilitycheck.readings import (
 )
 from stabilitycheck.recording import Recorder
 from stabilitycheck.rng import SALT_FORWARD, derived, rng_state, set_rng_state
-from stabilitycheck.subject import BYPASSED, find_blocks, own_blocks, shown_blocks
 from stabilitycheck.updates import Training, optimizer_for, training_settings, update
 
 

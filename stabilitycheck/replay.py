@@ -144,8 +144,8 @@ def replay(path: Path | str) -> Replayed:
     each from the RNG state its forward began with."""
     import torch
 
+    from stabilitycheck.blocks import find_blocks
     from stabilitycheck.rng import set_rng_state
-    from stabilitycheck.subject import find_blocks
     from stabilitycheck.watching import Watcher
     from stabilitycheck.watchstate import sources
 

@@ -28,6 +28,7 @@ from torch.amp.grad_scaler import OptState
 
 from stabilitycheck import distributed
 from stabilitycheck.alarms import Termination, signals_held
+from stabilitycheck.blocks import BYPASSED, find_blocks, own_blocks, shown_blocks
 from stabilitycheck.carrying import version_of
 from stabilitycheck.distributed import Layout
 from stabilitycheck.errors import UsageError, did_you_mean, no_trainable
@@ -35,7 +36,6 @@ from stabilitycheck.layout import block_of
 from stabilitycheck.nesting import refusing_inside
 from stabilitycheck.norms import dense
 from stabilitycheck.spikes import SpikeRule, noisier, unmeasured
-from stabilitycheck.subject import BYPASSED, find_blocks, own_blocks, shown_blocks
 from stabilitycheck.watchcapture import Capture
 from stabilitycheck.watchclip import ClipLog, Listening
 from stabilitycheck.watchlog import Log, Report

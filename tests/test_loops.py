@@ -16,11 +16,11 @@ from chain_models import TutorialCell, TutorialLoop
 from test_probe import scripted_tanh
 from torch import nn
 
+from stabilitycheck.blocks import LEAVES_NOTE, find_blocks
 from stabilitycheck.config import Config
 from stabilitycheck.configprobe import probe
 from stabilitycheck.loops import LOOPED_NOTE, looped_blocks
 from stabilitycheck.probing import probe_module
-from stabilitycheck.subject import LEAVES_NOTE, find_blocks
 
 
 def orthogonal(g: float, n: int) -> torch.Tensor:
@@ -516,8 +516,8 @@ class _EncoderThenHeads(nn.Module):
 def test_stacks_called_one_after_the_other_keep_find_blocks_choice() -> None:
     """looped_blocks drops a stack whose calls do not chain only where another's calls fall between
     them; an encoder's calls, then its heads' (no call between two of another stack's), keep both."""
+    from stabilitycheck.blocks import find_blocks
     from stabilitycheck.loops import looped_blocks
-    from stabilitycheck.subject import find_blocks
 
     model = _EncoderThenHeads()
     blocks, note = find_blocks(model)

@@ -19,6 +19,7 @@ import torch
 from chain_models import OrthogonalTowers, TutorialLoop, run_tower
 from torch import nn
 
+from stabilitycheck.blocks import LEAVES_NOTE, find_blocks
 from stabilitycheck.config import Config
 from stabilitycheck.configprobe import probe
 from stabilitycheck.culprit import culprit_of
@@ -28,7 +29,6 @@ from stabilitycheck.report import reproduction, text
 from stabilitycheck.searching import search
 from stabilitycheck.seeds import assess
 from stabilitycheck.space import Axis, Space
-from stabilitycheck.subject import LEAVES_NOTE, find_blocks
 from stabilitycheck.subjects import resolve
 from stabilitycheck.verdicts import Limits
 
@@ -2021,7 +2021,7 @@ class _ListNamedParametrizations(nn.Module):
 
 
 def test_a_stack_called_parametrizations_of_an_unparametrized_model_is_its_stack() -> None:
-    """Only a parametrized module's `parametrizations` lists compute a weight (subject._reparametrizing);
+    """Only a parametrized module's `parametrizations` lists compute a weight (blocks._reparametrizing);
     a list of that name elsewhere is a stack like any other, here the longest. Oracle: the documented
     rule (the longest stack of same-type modules)."""
     blocks, note = find_blocks(_ListNamedParametrizations())

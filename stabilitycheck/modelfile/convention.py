@@ -17,12 +17,12 @@ from torch import nn
 
 from stabilitycheck._tree import tensors
 from stabilitycheck._validation import article, describe, is_number
+from stabilitycheck.blocks import DECLARE_EXAMPLE, declared_blocks, distinct
 from stabilitycheck.config import RUN_FIELDS
 from stabilitycheck.errors import UsageError
 from stabilitycheck.losses import Inputs
 from stabilitycheck.modelfile.importer import ModelFileError, import_file, top_level_names
 from stabilitycheck.modelfile.inputs import check_inputs, infer, resize
-from stabilitycheck.subject import DECLARE_EXAMPLE, declared_blocks, distinct
 
 if TYPE_CHECKING:
     from stabilitycheck.modelfile.subject import ModelFile

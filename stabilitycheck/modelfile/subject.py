@@ -18,6 +18,7 @@ from torch.nn.parameter import UninitializedParameter
 from stabilitycheck._tree import tensors
 from stabilitycheck._validation import article, describe, knob_refusal, knob_value, raised_at
 from stabilitycheck.blockcalls import floating
+from stabilitycheck.blocks import find_blocks
 from stabilitycheck.config import Config
 from stabilitycheck.errors import StabilityCheckError
 from stabilitycheck.families import Scalar
@@ -40,7 +41,7 @@ from stabilitycheck.modelfile.importer import ModelFileError
 from stabilitycheck.modelfile.inputs import move
 from stabilitycheck.rng import SALT_BATCH, SALT_INFER, SALT_LOSS, derived, host_rng_kept, seed_all
 from stabilitycheck.space import INIT_SCALES, Axis, Space
-from stabilitycheck.subject import Built, find_blocks, torch_dtype
+from stabilitycheck.subject import Built, torch_dtype
 
 SCALE = "init_scale"
 INIT_NAMES = (SCALE, "initializer_range", "init_std", "initializer_factor", "init_gain")
