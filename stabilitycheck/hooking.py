@@ -34,9 +34,9 @@ def _eager() -> Callable[..., Any]:
     imports torch._dynamo (~1.5 s), which only a compiled model needs, and which has it loaded."""
     if not _EAGER:
         try:
-            _EAGER.append(torch.compiler.disable(stabilitycheck_hook, reason=GRAPH_BREAK))
+            _EAGER.append(torch.compiler.disable(stabilitycheck_hook, reason=GRAPH_BREAK))  # type: ignore[no-untyped-call]
         except TypeError:  # torch before 2.8 takes no reason; its error then names this function alone
-            _EAGER.append(torch.compiler.disable(stabilitycheck_hook))
+            _EAGER.append(torch.compiler.disable(stabilitycheck_hook))  # type: ignore[no-untyped-call]
     return _EAGER[0]
 
 

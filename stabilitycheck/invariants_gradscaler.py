@@ -81,7 +81,7 @@ def _reference_step(
                 p.copy_(w)
     opt = optimizer(params) if optimizer is not None else torch.optim.SGD(params, lr=lr)
     opt.zero_grad(set_to_none=True)
-    seeded_loss(twin, inputs, loss_fn, seed).backward()
+    seeded_loss(twin, inputs, loss_fn, seed).backward()  # type: ignore[no-untyped-call]
     reached = [i for i, p in enumerate(params) if p.grad is not None]
     if stepped_on is not None:
         for p, given in zip(params, stepped_on, strict=True):
@@ -176,7 +176,7 @@ def _check_guards(
 
     def step(poison: float | None, target: int = 0, inside: bool = False) -> None:
         opt.zero_grad(set_to_none=True)
-        scaler.scale(seeded_loss(model, inputs, loss_fn, seed)).backward()
+        scaler.scale(seeded_loss(model, inputs, loss_fn, seed)).backward()  # type: ignore[no-untyped-call]
         if poison is not None:
             _poison(params, poison, target, inside)
         scaler.step(opt)

@@ -35,7 +35,7 @@ def _gradients(
     for _, p in params:
         p.grad = None
     loss = seeded_loss(model, inputs, loss_fn, seed)
-    (loss * scale).backward()
+    (loss * scale).backward()  # type: ignore[no-untyped-call]
     grads = [(n, p.grad.detach().clone()) for n, p in params if p.grad is not None]
     return float(loss.detach().to(ACC)), grads
 

@@ -96,7 +96,7 @@ def _backward(
     wanted = [i for i, out in enumerate(outputs) if out.requires_grad]
     run.rec.backward_starts()
     hooks = (
-        [p.register_hook(lambda _, i=i: made.append(i)) for i, p in enumerate(run.params)]
+        [p.register_hook(lambda _, i=i: made.append(i)) for i, p in enumerate(run.params)]  # type: ignore[no-untyped-call]
         if made is not None
         else []
     )

@@ -38,7 +38,7 @@ def seed_all(seed: int) -> None:
 
 def rng_state() -> dict[str, Any]:
     """The CPU's and, where CUDA is in use, every GPU's random state (`set_rng_state` restores it)."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None  # type: ignore[no-untyped-call]
     return {"cpu": torch.get_rng_state(), "cuda": cuda}
 
 

@@ -237,7 +237,7 @@ class Capture:
                 if hook is None:
                     hook = grad_hooks[index, k] = self._grad_hook(b, index, k)
                 if node is None:  # a leaf: only a tensor hook sees its gradient
-                    out.register_hook(hook)
+                    out.register_hook(hook)  # type: ignore[no-untyped-call]
                 else:
                     node.register_prehook(hook)
 

@@ -142,7 +142,7 @@ class Recurrent(nn.Module):
         else:
             cls = nn.LSTMCell if c.family == "lstm" else nn.GRUCell
             gates = 4 if c.family == "lstm" else 3
-            cell = torch.nn.utils.skip_init(cls, c.width, c.width, bias=False, dtype=dtype)
+            cell = torch.nn.utils.skip_init(cls, c.width, c.width, bias=False, dtype=dtype)  # type: ignore[no-untyped-call]
             with torch.no_grad():
                 cell.weight_ih.copy_(gaussian(gates * c.width, c.width, c.init_scale, gen))
                 for g in range(gates):  # each gate's recurrent matrix is scale x orthogonal
@@ -194,7 +194,7 @@ class TransformerBlock(nn.Module):
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape  # (batch, seq_len, width)
-        q, k, v = F.linear(x, self.qkv).split(d, dim=-1)  # 3 x (batch, seq_len, width)
+        q, k, v = F.linear(x, self.qkv).split(d, dim=-1)  # type: ignore[no-untyped-call]  # 3 x (batch, seq_len, width)
         q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v)  # (batch, heads, seq_len, head_dim)
         return F.linear(y.transpose(1, 2).reshape(b, t, d), self.proj)  # (batch, seq_len, width)

@@ -72,7 +72,7 @@ class WatchCallback(TrainerCallback):  # type: ignore[misc, unused-ignore]  # un
         loss = _loss_of(output)
         if self.watcher is not None and isinstance(loss, torch.Tensor) and loss.requires_grad:
             value, batch = loss.detach(), None if args else dict(inputs)
-            loss.register_hook(lambda grad: self._passed(value * grad, batch))
+            loss.register_hook(lambda grad: self._passed(value * grad, batch))  # type: ignore[no-untyped-call]
 
     def _passed(self, loss: torch.Tensor, batch: dict[str, Any] | None) -> None:
         """A micro-batch's loss as its backward reached it, the loss scale divided out."""
