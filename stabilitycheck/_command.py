@@ -8,7 +8,8 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from stabilitycheck._options import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE
@@ -20,11 +21,16 @@ _SIGNALLED: list[int] = []
 callback or a __del__ is printed and dropped, so a long command checks this after every point too."""
 
 
+_WRITING: list[bool] = []
+"""Non-empty while a command writes what it found (`uninterrupted`): a signal then is kept for after."""
+
 AGAIN_S = 0.05  # a signal landing where a raise is dropped (alarms.in_dropping_frame) comes again then
 
 
 def _on_signal(signum: int, frame: Any) -> None:
     _SIGNALLED.append(signum)
+    if _WRITING:
+        return  # raised when the writing is done (uninterrupted)
     _again(signum)  # until a KeyboardInterrupt is seen: one raised in a weakref's callback is dropped
     if not in_dropping_frame(frame):  # a gc or weakref callback, a __del__: a raise there is dropped
         stop_if_signalled()
@@ -50,6 +56,21 @@ def stop_if_signalled() -> None:
     """SIGINT or SIGTERM (a CI timeout) stop the same way, as a KeyboardInterrupt, so a command keeps
     what it found either way; only the exit code tells them apart (`interrupted`)."""
     if _SIGNALLED:
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Write what a run found whole: SIGINT and SIGTERM landing in the block are kept, and raised as a
+    KeyboardInterrupt once it is done (one landing in the report's Markdown lost it and the report on
+    stdout, exit 143 with nothing printed after a finished search)."""
+    before = len(_SIGNALLED)
+    _WRITING.append(True)
+    try:
+        yield
+    finally:
+        _WRITING.pop()
+    if len(_SIGNALLED) > before:
         raise KeyboardInterrupt
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from stabilitycheck._command import uninterrupted
 from stabilitycheck._validation import check_image, describe, writable
 from stabilitycheck.errors import UsageError
 
@@ -69,24 +70,26 @@ class Outputs:
         self._say_failures()
 
     def final(self, results: Sequence[Any]) -> None:
-        """Everything: JSON, Markdown, the report on stdout (a closed pipe loses only that), then the
-        plot, the slowest (a second Ctrl-C while it draws loses only the image)."""
+        """Everything: JSON, Markdown, the report on stdout (a closed pipe loses only that), whole
+        under a signal (_command.uninterrupted), then the plot, the slowest (a second Ctrl-C while it
+        draws loses only the image)."""
         from stabilitycheck import report
 
         try:
-            self.save(results)
-            md = report.markdown(results) if self.args.markdown or self.summary else ""
-            summary = Path(self.summary).resolve() if self.summary else None
-            # --markdown "$GITHUB_STEP_SUMMARY", the CI recipe's, however spelt: appended once, as the
-            # step summary is (written over, it lost the step's earlier content)
-            if self.args.markdown and self.args.markdown.resolve() != summary:
-                self._attempt("--markdown", lambda: self.args.markdown.write_text(md))
-            if summary is not None:
-                self._attempt("GITHUB_STEP_SUMMARY", lambda: _append(summary, md))
-            try:
-                print(report.text(results), file=self.stdout, flush=True)
-            except BrokenPipeError:
-                self.stdout = open(os.devnull, "w")  # noqa: SIM115 (the CLI makes it sys.stdout, flushed at exit)
+            with uninterrupted():  # a signal now stops the run after these, before the plot
+                self.save(results)
+                md = report.markdown(results) if self.args.markdown or self.summary else ""
+                summary = Path(self.summary).resolve() if self.summary else None
+                # --markdown "$GITHUB_STEP_SUMMARY", the CI recipe's, however spelt: appended once, as
+                # the step summary is (written over, it lost the step's earlier content)
+                if self.args.markdown and self.args.markdown.resolve() != summary:
+                    self._attempt("--markdown", lambda: self.args.markdown.write_text(md))
+                if summary is not None:
+                    self._attempt("GITHUB_STEP_SUMMARY", lambda: _append(summary, md))
+                try:
+                    print(report.text(results), file=self.stdout, flush=True)
+                except BrokenPipeError:
+                    self.stdout = open(os.devnull, "w")  # noqa: SIM115 (the CLI makes it sys.stdout, flushed at exit)
             if self.args.plot:
                 from stabilitycheck.plot import plot
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from stabilitycheck._command import interrupted, require_devices
+from stabilitycheck._command import interrupted, require_devices, uninterrupted
 from stabilitycheck._json import strict_json
 from stabilitycheck._options import (
     EXIT_FOUND,
@@ -140,11 +140,12 @@ def run(argv: Sequence[str] | None) -> int:
             progress=progress,
             on_point=save,
         )
-    save(pm)
-    if args.markdown:
-        args.markdown.write_text(maptext.markdown(pm))
-    progress.say(maptext.cost(pm))
-    print(maptext.text(pm), flush=True)
+    with uninterrupted():  # the map's outputs whole: a signal now stops the run after them
+        save(pm)
+        if args.markdown:
+            args.markdown.write_text(maptext.markdown(pm))
+        progress.say(maptext.cost(pm))
+        print(maptext.text(pm), flush=True)
     if args.png:  # the slowest, last: a second Ctrl-C while it draws loses only the image
         from stabilitycheck.plot_map import plot_map
 

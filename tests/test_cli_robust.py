@@ -147,6 +147,63 @@ def test_ctrl_c_during_the_remedies_keeps_the_counterexample(
     assert data[0]["interrupted"] and cx is not None and len(cx["remedies"]) == 1
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_the_report_is_written_loses_none_of_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, signum: int
+) -> None:
+    """A signal landing while a finished search's Markdown is built: the Markdown, the JSON and the
+    report on stdout are all written, then the run stops with the signal's exit code (it exited 143
+    with nothing on stdout and no Markdown)."""
+    from stabilitycheck import report
+
+    real = report.markdown
+
+    def signalled(results: object) -> str:
+        signal.raise_signal(signum)
+        return real(results)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(report, "markdown", signalled)
+    out_json, out_md = tmp_path / "out.json", tmp_path / "out.md"
+    argv = [str(_file(tmp_path)), "--database", "none", "--seeds", "1", "--quiet"]
+    code, out, _ = _run([*argv, "--json", str(out_json), "--markdown", str(out_md)], capsys)
+    assert code == (cli.EXIT_TERMINATED if signum == signal.SIGTERM else cli.EXIT_INTERRUPTED)
+    assert "depth=" in out and "depth=" in out_md.read_text()
+    assert json.loads(out_json.read_text())[0]["counterexample"] is not None
+
+
+def test_a_signal_while_a_map_is_written_loses_none_of_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same for `map`: its JSON, Markdown and text are written, then exit 143."""
+    from stabilitycheck import maptext
+
+    real = maptext.markdown
+
+    def signalled(pm: object) -> str:
+        signal.raise_signal(signal.SIGTERM)
+        return real(pm)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(maptext, "markdown", signalled)
+    out_json, out_md = tmp_path / "map.json", tmp_path / "map.md"
+    argv = [
+        "map",
+        "mlp",
+        "--x",
+        "depth",
+        "--y",
+        "init_scale",
+        "--knob",
+        "depth=1:3",
+        "--knob",
+        "init_scale=1:2",
+    ]
+    code, out, _ = _run(
+        [*argv, "--seeds", "1", "--quiet", "--json", str(out_json), "--markdown", str(out_md)], capsys
+    )
+    assert code == cli.EXIT_TERMINATED
+    assert out.strip() and out_md.read_text().strip() and json.loads(out_json.read_text())["points"]
+
+
 def test_a_model_failing_at_some_depths_keeps_the_findings_below(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
