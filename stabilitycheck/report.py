@@ -20,7 +20,7 @@ from stabilitycheck.measurement import AFTER_LAST, AFTER_LAST_SAID, INPUT, Measu
 from stabilitycheck.seeds import Judgement
 from stabilitycheck.spread import bracket
 from stabilitycheck.subject import torch_dtype
-from stabilitycheck.verdicts import Limits, bound
+from stabilitycheck.verdicts import Limits, bound, limits_text
 
 SPARKS = "▁▂▃▄▅▆▇█"
 HEADERS = (
@@ -335,9 +335,10 @@ def details(results: Sequence[SearchResult]) -> str:
                 one = "its one configuration (every knob fixed)"
                 where = f"{point}, the largest point tried" if point else one
                 measured = _measured(j, config.run.quantile, r.limits, config.run.seeds) + _searched(r)
+                judged_on = f"; limits {limits_text(r.limits)}" if r.limits is not None else ""
                 blocks.append(
                     f"{r.space.label} [{config.run.device}, {_precision(config.run)}]: stable at {where} "
-                    f"(q={config.run.quantile:g} over seeds {', '.join(map(str, j.seeds))})\n"
+                    f"(q={config.run.quantile:g} over seeds {', '.join(map(str, j.seeds))}{judged_on})\n"
                     + measured.rstrip("\n")
                 )
             continue
@@ -587,6 +588,7 @@ def to_json(results: Sequence[SearchResult]) -> str:
             "skipped": [{"config": c.to_dict(), "reason": why} for c, why in r.skipped],
             "elapsed_s": r.elapsed,
             "interrupted": r.interrupted,
+            "limits": vars(r.limits) if r.limits is not None else None,  # what every point was judged on
             "top_stable": r.top_stable,
             "minimal": r.minimal if r.counterexample else None,  # verified 1-minimal; none: no claim
             "unjudged": [{"config": c.to_dict(), "reason": why} for c, why in r.unjudged],

@@ -1175,3 +1175,16 @@ def test_a_replayed_row_found_stable_says_nothing_of_a_search(
     code, out, err = _run(["--replay", str(found), "--growth-limit", "1e30", "--quiet"], capsys)
     assert code == cli.EXIT_OK, err
     assert "stable at" in out and "searched" not in out
+
+
+def test_a_stable_row_says_the_limits_it_was_judged_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A stable verdict names its limits in the text and the JSON: with --growth-limit 500 it read
+    the same as on the default 100, so a stored 'stable' could not say what it passed."""
+    out_json = tmp_path / "out.json"
+    argv = ["mlp", "--knob", "depth=1:2", "--knob", "init_scale=0.5", "--seeds", "1", "--database", "none"]
+    code, out, _ = _run([*argv, "--growth-limit", "500", "--json", str(out_json)], capsys)
+    assert code == cli.EXIT_OK
+    assert "limits nonfinite, grad_norm > 1000, growth > 500, divergence > 2)" in out
+    assert json.loads(out_json.read_text())[0]["limits"]["growth"] == 500.0
