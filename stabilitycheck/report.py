@@ -607,8 +607,12 @@ def to_json(results: Sequence[SearchResult]) -> str:
 
 
 def markdown(results: Sequence[SearchResult]) -> str:
-    """A Markdown summary for a CI job: the table and each reproduction line in a code block."""
+    """A Markdown summary for a CI job: the table, the limits each row was judged on, and each
+    reproduction line in a code block."""
     parts = ["## stabilitycheck", "", table(results, fmt="github")]
+    judged = dict.fromkeys(limits_text(r.limits) for r in results if r.limits is not None)
+    if judged:
+        parts += ["", f"Judged on the limits {' / '.join(judged)}."]
     for r in results:
         if r.counterexample is not None:
             parts += [
