@@ -2,8 +2,8 @@
 terminal summary of the counterexamples found in the session, gathered from pytest-xdist workers too.
 
 It changes nothing unasked: Hypothesis tests are seeded only under --stability-seed or
---stability-profile (and tests that use its fixtures), and torch's thread count only under
---stability-threads.
+--stability-profile (and tests that use its fixtures), torch's thread count only under
+--stability-threads, and SIGTERM ends the session as Ctrl-C does only under --stability-profile.
 
 Cheap to import: torch, Hypothesis and the rest of stabilitycheck load lazily inside the hooks that need
 them. Counterexamples get into the summary three ways: the `stability_record` fixture; `assert_stable`,
@@ -23,7 +23,9 @@ import json
 import os
 import random
 import shlex
+import signal
 import sys
+import threading
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -67,6 +69,7 @@ class _State:
     findings: list[Finding] = field(default_factory=list)
     seen: set[tuple[str, str]] = field(default_factory=set)
     previous_profile: str | None = None
+    previous_sigterm: Any = None  # SIGTERM's handler before the session's (`_sigterm_interrupts`)
     profile: str | None = None  # --stability-profile, as given (a reproduction line repeats it)
     current: str = ""  # the node id of the test running now (stability_record names its findings by it)
     rerun: str = ""  # the line that runs it again (`_rerun`): a Config it records reproduces by it
@@ -157,16 +160,37 @@ def pytest_configure(config: pytest.Config) -> None:
         state.profile = profile
         state.previous_profile = settings.get_current_profile_name()
         load_profile(profile)
+        if workerinput is None:
+            state.previous_sigterm = _sigterm_interrupts()
     config.stash[_STATE] = state
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _sigterm_interrupts() -> Any:
+    """SIGTERM (a CI job's timeout) stops the session as Ctrl-C does, so the summary still lists the
+    counterexamples found so far (by default the process died and printed none). Only in the main
+    thread of the main process (an xdist worker's findings reach it as they are made), and only where
+    SIGTERM has its default action; the handler before, to put back, else None."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+    return signal.signal(signal.SIGTERM, _interrupt)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
-    """Put back the Hypothesis profile that was loaded before --stability-profile (nested pytester runs)."""
+    """Put back the Hypothesis profile that was loaded before --stability-profile (nested pytester runs)
+    and SIGTERM's handler."""
     state = config.stash.get(_STATE, None)
     if state is not None and state.previous_profile is not None:
         from hypothesis import settings
 
         settings.load_profile(state.previous_profile)
+    if state is not None and state.previous_sigterm is not None:
+        signal.signal(signal.SIGTERM, state.previous_sigterm)
 
 
 @pytest.hookimpl(optionalhook=True)

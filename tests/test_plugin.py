@@ -179,6 +179,32 @@ def test_the_reproduction_line_repeats_the_profile(pytester: pytest.Pytester) ->
     assert next(x for x in again.outlines if x.startswith("1 ")) == row
 
 
+TERMINATED = (
+    UNSTABLE_RESIDUAL
+    + """
+
+def test_then_a_timeout():
+    import os, signal, time
+
+    os.kill(os.getpid(), signal.SIGTERM)  # a CI job's timeout
+    time.sleep(60)
+"""
+)
+
+
+def test_sigterm_under_a_profile_still_prints_the_counterexamples_found(pytester: pytest.Pytester) -> None:
+    """Under --stability-profile, SIGTERM ends the session as Ctrl-C does: the summary lists what was
+    found before it (the process died with no summary, exit -15)."""
+    pytester.makepyfile(test_timeout=TERMINATED)
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--stability-profile", "quick", timeout=300
+    )
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines(
+        ["*= stabilitycheck: 1 counterexample*", "1 *test_residual_is_stable*resmlp*"]
+    )
+
+
 def test_summary_shows_a_failing_property(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_prop=GROWTH_PROPERTY)
     result = pytester.runpytest("-p", "no:cacheprovider")
