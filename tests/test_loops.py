@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from chain_models import TutorialCell, TutorialLoop
-from test_probe import scripted_tanh
+from probe_models import scripted_tanh
 from torch import nn
 
 from stabilitycheck.blocks import LEAVES_NOTE, find_blocks

@@ -991,7 +991,7 @@ def test_a_nan_made_in_the_backward_of_a_decoders_use_of_the_encoder_is_not_blam
     dL/d(enc1's output); the culprit rule 'call i + 1 made it' named dec0, whose own output gradient is
     finite (found by a trial on blenderbot). Past a junction the culprit is the blocks taking that
     output. Oracle: the planted fault, and dec0's finite output gradient."""
-    from test_probe import NanBackward
+    from probe_models import NanBackward
 
     from stabilitycheck.culprit import culprit_of
 

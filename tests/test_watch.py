@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 import torch
+from probe_models import NanBackward
 from signalled import stopped_when_marked
-from test_probe import NanBackward
 from test_watch_rule import reference_steps
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -916,7 +916,7 @@ def test_a_watcher_not_open_refuses_a_loss_or_a_step_in_one_line() -> None:
 def test_a_watcher_refusing_a_block_leaves_no_hook_and_no_signal_handler() -> None:
     """A block torch cannot hook (a scripted module) is a one-line UsageError at entry; the hooks put
     on the blocks before it and the SIGTERM handler were left on the process before."""
-    from test_probe import _Tanh, scripted_tanh
+    from probe_models import _Tanh, scripted_tanh
 
     model = nn.Sequential(_Tanh(), scripted_tanh())
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
