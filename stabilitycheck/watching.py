@@ -27,7 +27,8 @@ from torch import nn
 from torch.amp.grad_scaler import OptState
 
 from stabilitycheck import distributed
-from stabilitycheck.alarms import Termination, signals_held
+from stabilitycheck._validation import describe
+from stabilitycheck.alarms import Terminated, Termination, signals_held
 from stabilitycheck.blocks import BYPASSED, find_blocks, own_blocks, shown_blocks
 from stabilitycheck.carrying import version_of
 from stabilitycheck.distributed import Layout
@@ -226,6 +227,8 @@ class Watcher:
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if exc is not None and self.report is None:  # the report says the run did not end on its own
+            self.out.result.stopped = "SIGTERM" if isinstance(exc, Terminated) else describe(exc)
         self._shut()  # as deep as close()'s: a warning of _shut points at the with block
 
     def close(self) -> Report:

@@ -88,12 +88,16 @@ class Report:
     clip_steps: int = 0
     clipped_steps: int = 0
     clip_peak: tuple[int, float, float] | None = None
+    # what ended the run inside the watcher's with block ('SIGTERM', 'KeyboardInterrupt', 'ValueError: ...')
+    stopped: str | None = None
 
     def text(self) -> str:
-        """The report printed when the watcher closes: steps and flags, the first flagged and first
-        non-finite values, the steps skipped, the norm before clipping, a note, the warm-up where
-        nothing was flagged, the host reads."""
+        """The report printed when the watcher closes: steps and flags, what stopped the run early,
+        the first flagged and first non-finite values, the steps skipped, the norm before clipping, a
+        note, the warm-up where nothing was flagged, the host reads."""
         lines = [f"stabilitycheck watch: {self.steps} steps, {len(self.flagged_steps)} flagged"]
+        if self.stopped is not None:
+            lines.append(f"  stopped early by {self.stopped}: what follows is of the steps closed before it")
         if self.first_spike is not None:
             lines.append(f"  first flagged value: {self.first_spike.describe()}")
         if self.first_nonfinite is not None:

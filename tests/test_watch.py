@@ -1101,7 +1101,19 @@ def test_a_report_written_to_a_file_of_the_callers_survives_a_sigterm_or_an_inte
         timeout=300,
     )
     assert proc.returncode == (-signal.SIGTERM if stop == "sigterm" else 1), proc.stderr
-    assert report.read_text().startswith("stabilitycheck watch: 7 steps"), proc.stderr
+    said = report.read_text().splitlines()
+    assert said[0].startswith("stabilitycheck watch: 7 steps"), proc.stderr
+    # and that the run did not end on its own (it read '7 steps, 0 flagged' alone: an audit)
+    stopper = "SIGTERM" if stop == "sigterm" else "KeyboardInterrupt"
+    assert said[1] == f"  stopped early by {stopper}: what follows is of the steps closed before it"
+
+
+def test_a_run_ending_on_its_own_says_nothing_of_stopping(tmp_path: Path) -> None:
+    model = MLP(depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with watch(model, opt, report=None) as w:
+        _steps(w, model, opt, range(2))
+    assert w.report is not None and w.report.stopped is None and "stopped" not in w.report.text()
 
 
 def test_a_watcher_closed_from_another_thread_closes(tmp_path: Path) -> None:
