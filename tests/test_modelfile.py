@@ -764,3 +764,21 @@ def test_a_model_whose_forward_reads_data_is_estimated_by_its_parameters(tmp_pat
     state = torch.get_rng_state()
     assert resolve(config.subject).memory_estimate(config) == 4 * 4 * (300 * 300 + 300)
     assert torch.equal(torch.get_rng_state(), state)  # the factory seeds torch; the caller's state is kept
+
+
+EMPTY_AT_ZERO = """
+from torch import nn
+def build(depth=2):
+    return nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(depth)])
+"""
+
+
+def test_a_model_built_empty_is_said_to_be_empty(tmp_path: Path) -> None:
+    """At depth 0 the model has no layer: the reason read 'its first layer is not nn.Linear or
+    nn.Embedding, so the inputs cannot be inferred' (a user's trial, --knob depth=-3:5)."""
+    path = tmp_path / "empty.py"
+    path.write_text(EMPTY_AT_ZERO)
+    subject = load(str(path))
+    subject.build(subject.config(depth=1))  # inputs inferred from its first Linear
+    with pytest.raises(ModelFileError, match=r"the model it built has no parameters, .*depth at 0 or below"):
+        subject.build(subject.config(depth=0))

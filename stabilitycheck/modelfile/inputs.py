@@ -65,6 +65,11 @@ def resize(inputs: Inputs, dim: int, n: int) -> Inputs:
 
 def infer(given: str, model: nn.Module, batch_size: int, seq_len: int, seed: int) -> torch.Tensor:
     """Inputs for a model without batch() or example_input, read off its first layer."""
+    if next(model.parameters(), None) is None:  # not 'its first layer is not nn.Linear': it has none
+        raise ModelFileError(
+            f"{given}: the model it built has no parameters, so there is nothing to measure (an empty "
+            "model: a knob such as depth at 0 or below?); give knob values it builds layers at"
+        )
     gen = generator(seed)
     for module in model.modules():
         if isinstance(module, nn.Linear):
