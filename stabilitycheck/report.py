@@ -425,17 +425,30 @@ def _ordinal(k: int) -> str:
 
 
 def one_sided(results: Sequence[SearchResult]) -> list[str]:
-    """Lines naming each target that explodes on some devices or precisions but not on others."""
+    """Lines naming each target that explodes on some devices or precisions but not on others: stable
+    on those a search finished with points judged, not judged on those where every point was skipped
+    or the search was interrupted (a row that tested nothing was called stable)."""
     out = []
     for label in dict.fromkeys(r.space.label for r in results):
         rows = [r for r in results if r.space.label == label]
-        bad = {f"{r.space.base.run.device}/{row(r)[2]}" for r in rows if r.counterexample}
-        good = {f"{r.space.base.run.device}/{row(r)[2]}" for r in rows if not r.counterexample}
-        if bad and good:
-            out.append(
-                f"! {label} explodes only on {', '.join(sorted(bad))} (stable on {', '.join(sorted(good))})"
-            )
+        where = {id(r): f"{r.space.base.run.device}/{row(r)[2]}" for r in rows}
+        bad = {where[id(r)] for r in rows if r.counterexample}
+        judged = {where[id(r)] for r in rows if not r.counterexample and _stable(r)}
+        unjudged = {where[id(r)] for r in rows if not r.counterexample and not _stable(r)}
+        others = [
+            f"{what} on {', '.join(sorted(s))}"
+            for what, s in (("stable", judged), ("not judged", unjudged))
+            if s
+        ]
+        if bad and others:
+            only = "" if unjudged else " only"
+            out.append(f"! {label} explodes{only} on {', '.join(sorted(bad))} ({'; '.join(others)})")
     return out
+
+
+def _stable(r: SearchResult) -> bool:
+    """A search without a counterexample that judged points and finished: its target is stable there."""
+    return r.largest_stable is not None and not r.interrupted
 
 
 def skipped(results: Sequence[SearchResult]) -> list[str]:

@@ -107,3 +107,10 @@ def test_a_target_exploding_on_every_device_and_precision_is_not_one_sided() -> 
     stable = SearchResult(space.with_run(dtype="float64"), None, 1, 1, 0.0, config, judged)  # type: ignore[arg-type]
     assert one_sided([exploding]) == []
     assert one_sided([exploding, stable]) == ["! cf explodes only on cpu/float32 (stable on cpu/float64)"]
+    # a row where every point was skipped, or one interrupted, tested nothing to the end: never 'stable'
+    untested = SearchResult(space.with_run(dtype="float64"), None, 0, 3, 0.0, None)
+    assert one_sided([exploding, untested]) == ["! cf explodes on cpu/float32 (not judged on cpu/float64)"]
+    cut = SearchResult(space.with_run(dtype="bfloat16"), None, 1, 1, 0.0, config, judged, interrupted=True)  # type: ignore[arg-type]
+    assert one_sided([exploding, stable, cut]) == [
+        "! cf explodes on cpu/float32 (stable on cpu/float64; not judged on cpu/bfloat16)"
+    ]
