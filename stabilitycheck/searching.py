@@ -75,6 +75,8 @@ class Prober:
         if index not in self.seen:
             skipped = self.first.get((index, self.space.base.run.seed))  # the full rule's first seed
             config = self.space.config(index)
+            if not isinstance(skipped, str):
+                self._starts(index, "")
             self.seen[index] = skipped if isinstance(skipped, str) else self._judge(config)
             self._show(index, self.seen[index], "")
         return self.seen[index]
@@ -85,6 +87,7 @@ class Prober:
             return self(index)  # one seed: the screen is the full rule
         key = (index, self.screen_seed)
         if key not in self.first:
+            self._starts(index, f" (seed {key[1]} alone)")
             self.first[key] = self._judge(self.space.config(index).with_run(seed=key[1], seeds=1))
             self._show(index, self.first[key], f" (seed {key[1]} alone)")
         return self.first[key]
@@ -96,6 +99,13 @@ class Prober:
         got = self(index)
         if isinstance(got, Judgement):
             self.screen_seed = got.measured_seed
+
+    def _starts(self, index: Index, how: str) -> None:
+        """Say which point is being judged: building a large one (its memory estimate builds the
+        model too) can take minutes, which read as a hang after the search's first line."""
+        counted = index in self.seen or any(i == index for i, _ in self.first)  # as `points` counts
+        n = self.points + (not counted)
+        self.progress(f"{self.space.label}: point {n} {self.knobs(index)}{how}: judging")
 
     def _show(self, index: Index, got: Judgement | str, how: str) -> None:
         shown = got.summary() if isinstance(got, Judgement) else f"skipped: {got}"

@@ -456,7 +456,8 @@ def test_an_interrupted_stable_row_says_when_it_stands_on_one_seed() -> None:
     calls = []
 
     def progress(line: str) -> None:
-        calls.append(line)
+        if not line.endswith(": judging"):  # a point judged, not one starting
+            calls.append(line)
         if len(calls) == 3:
             raise KeyboardInterrupt
 
@@ -768,3 +769,14 @@ def test_a_failure_below_seen_on_the_screens_seed_alone_says_that_seed() -> None
     prober, space = _prober_with({(3, 2): True, (1, 1): True})
     got = _failing_below(prober, (3, 2))
     assert got is not None and got[0] == space.config((1, 1)) and got[2] is None
+
+
+def test_the_progress_says_which_point_is_being_judged_before_it_is() -> None:
+    """Each point is named when its judgement starts: building a huge one (--knob depth=1:1e6 on a model
+    file, whose memory estimate builds it) ran minutes after the search's first line with nothing said."""
+    seen: list[str] = []
+    search(SMALL_SPACES["tanh-mlp"].with_run(seeds=3), max_examples=10, progress=seen.append)
+    starts = [line for line in seen if line.endswith(": judging")]
+    assert starts and seen.index(starts[0]) == 0 and starts[0].startswith("tanh-mlp: point 1 ")
+    judged = [line for line in seen if not line.endswith(": judging")]
+    assert [s.removesuffix(": judging") for s in starts] == [j.rpartition(": ")[0] for j in judged]
