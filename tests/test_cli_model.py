@@ -359,6 +359,7 @@ def test_a_stable_row_is_judged_on_every_seed_where_the_top_corner_is_skipped(
 ERRORS = [
     ("missing", ["{tmp}/nope.py"], ["nope.py: no such file", "e.g. `stabilitycheck examples/mlp.py`"]),
     ("not_py", ["{tmp}/model.txt"], ["model.txt: not a .py file"]),
+    ("empty_factory", [f"{FILES}/no_factory.py:"], ["no_factory.py:: no factory name after ':'"]),
     ("syntax", ["{tmp}/syntax.py"], ["syntax.py:3: syntax error"]),
     (
         "raises_on_import",

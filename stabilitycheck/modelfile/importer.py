@@ -36,6 +36,8 @@ def check_path(given: str) -> Path:
     path = Path(given)
     example = "e.g. `stabilitycheck examples/mlp.py` or `stabilitycheck model.py:build`"
     if not path.exists():
+        if given.endswith(":") and Path(given[:-1]).is_file():  # `model.py:`: the file is there
+            raise ModelFileError(f"{given}: no factory name after ':'; {example}")
         raise ModelFileError(f"{given}: no such file; expected a path to a Python model file, {example}")
     if not path.is_file() or path.suffix != ".py":
         raise ModelFileError(f"{given}: not a .py file; expected a Python model file, {example}")
