@@ -105,11 +105,16 @@ class Prober:
         model too) can take minutes, which read as a hang after the search's first line."""
         counted = index in self.seen or any(i == index for i, _ in self.first)  # as `points` counts
         n = self.points + (not counted)
-        self.progress(f"{self.space.label}: point {n} {self.knobs(index)}{how}: judging")
+        self.progress(f"{self.space.label}: point {n}{self._at(index)}{how}: judging")
+
+    def _at(self, index: Index) -> str:
+        """' depth=12 width=8': the point's knobs for a progress line ('' where every knob is fixed)."""
+        knobs = self.knobs(index)
+        return f" {knobs}" if knobs else ""
 
     def _show(self, index: Index, got: Judgement | str, how: str) -> None:
         shown = got.summary() if isinstance(got, Judgement) else f"skipped: {got}"
-        self.progress(f"{self.space.label}: point {self.points} {self.knobs(index)}{how}: {shown}")
+        self.progress(f"{self.space.label}: point {self.points}{self._at(index)}{how}: {shown}")
 
     def _judge(self, config: Config, every: bool = False) -> Judgement | str:
         before = self.cache.made
