@@ -4,7 +4,7 @@ test was called with. Cheap to import: torch and the rest of stabilitycheck load
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -14,7 +14,6 @@ from stabilitycheck.errors import StabilityError
 if TYPE_CHECKING:
     from stabilitycheck.config import Config
     from stabilitycheck.counterexample import Counterexample, SearchResult
-    from stabilitycheck.remedies import Remedy
 
 SIZE_KNOBS = ("depth", "width", "init_scale", "seq_len")
 """The zoo knobs shown (and summed for the order) when a counterexample does not say which were searched;
@@ -110,6 +109,7 @@ def finding(
     (default: a search's axes)."""
     from stabilitycheck.config import Config
     from stabilitycheck.counterexample import Counterexample, SearchResult
+    from stabilitycheck.remedies import fixed_by
     from stabilitycheck.report import reproduction
 
     failure = _one_line(failure) if failure else None
@@ -120,7 +120,6 @@ def finding(
         found = found.counterexample
     if isinstance(found, Counterexample):
         c = found.config
-        fixed = [r.name for r in found.remedies if r.fixed]
         return Finding(
             test=test,
             label=found.label,
@@ -129,7 +128,7 @@ def finding(
             knobs=_knobs(c, knobs),
             failure=failure or ", ".join(x.describe() for x in found.judgement.verdict.criteria) or "-",
             culprit=found.culprit,
-            fixed_by=", ".join(fixed) or _unfixed(found.remedies),
+            fixed_by=fixed_by(found.remedies),
             reproduce=reproduction(c, found.limits),
             config=c.to_dict(),
             counterexample=found.to_dict(),
@@ -207,12 +206,3 @@ def failing_configs(exc: BaseException, codes: set[Any]) -> list[Config]:
             configs = list(dict.fromkeys(found)) or configs
         tb = tb.tb_next
     return configs
-
-
-def _unfixed(remedies: Sequence[Remedy]) -> str:
-    """The 'fixed by' cell where no remedy fixed it: 'none' where some were judged, 'not judged: ...'
-    where every one tried failed in the model's code (Remedy.skipped), '-' where none was tried."""
-    if any(r.config is not None and not r.skipped for r in remedies):
-        return "none"
-    unjudged = [r.name for r in remedies if r.skipped]
-    return f"not judged: {', '.join(unjudged)}" if unjudged else "none" if remedies else "-"

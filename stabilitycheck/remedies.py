@@ -4,7 +4,7 @@ init knob; architecture remedies (pre-norm, LSTM in place of RNN) come from the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -155,3 +155,17 @@ def candidates(c: Config, s: Subject) -> dict[str, Config | None]:
     out = {name: fn(c, s) for name, fn in RUN_REMEDIES.items()}
     out.update(s.variants(c))
     return out
+
+
+def fixed_by(remedies: Sequence[Remedy]) -> str:
+    """The 'fixed by' cell of a counterexample, in the CLI's table and the pytest summary alike: the
+    remedies that fixed it; else 'none of ...' (those judged), 'not judged: ...' (every one tried
+    failed in the model's code: Remedy.skipped), or 'none applies' (none is for this subject)."""
+    fixed = [r.name for r in remedies if r.fixed]
+    attempted = [r.name for r in remedies if r.config is not None and not r.skipped]
+    unjudged = [r.name for r in remedies if r.skipped]
+    if fixed:
+        return ", ".join(fixed)
+    if attempted:
+        return f"none of {', '.join(attempted)}"
+    return f"not judged: {', '.join(unjudged)}" if unjudged else "none applies"

@@ -17,6 +17,7 @@ from stabilitycheck.config import Config, Run
 from stabilitycheck.counterexample import SearchResult
 from stabilitycheck.culprit import made_by
 from stabilitycheck.measurement import AFTER_LAST, AFTER_LAST_SAID, INPUT, Measurement
+from stabilitycheck.remedies import fixed_by
 from stabilitycheck.seeds import Judgement
 from stabilitycheck.spread import bracket
 from stabilitycheck.subject import torch_dtype
@@ -116,16 +117,8 @@ def row(result: SearchResult) -> list[str]:
         ]
     j = cx.judgement
     fixed = [r.name for r in cx.remedies if r.fixed]
-    attempted = [r.name for r in cx.remedies if r.config is not None and not r.skipped]
-    unjudged = [r.name for r in cx.remedies if r.skipped]  # the model's code failed with it
     skipped = f", {j.skipped_steps} skipped steps" if j.skipped_steps else ""
-    remedies = ", ".join(fixed) or (
-        f"none of {', '.join(attempted)}"
-        if attempted
-        else f"not judged: {', '.join(unjudged)}"
-        if unjudged
-        else "none applies"
-    )
+    remedies = fixed_by(cx.remedies)
     if result.interrupted:  # the descent or the remedies were cut short: say so in the row itself
         remedies = ", ".join(fixed) + " (interrupted)" if fixed else "not tried (interrupted)"
     interrupted = _unverified(result)

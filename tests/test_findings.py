@@ -16,7 +16,8 @@ def _counterexample(remedies: tuple[object, ...]) -> object:
 
 def test_a_remedy_judged_not_fixed_is_not_in_fixed_by() -> None:
     """'fixed by' names the remedies whose re-judged Config stopped exploding (fixed True) alone; a
-    remedy measured and still exploding (fixed False) leaves it 'none'."""
+    remedy measured and still exploding (fixed False) leaves it 'none of' those, as the CLI's table
+    says it."""
     from stabilitycheck.config import Config
     from stabilitycheck.findings import finding
     from stabilitycheck.remedies import Remedy
@@ -24,4 +25,4 @@ def test_a_remedy_judged_not_fixed_is_not_in_fixed_by() -> None:
     changed = Config.of("mlp", depth=1)
     cx = _counterexample((Remedy("critical init", changed, False, ("growth",)),))
     got = finding(cx, "t::test")  # type: ignore[arg-type]
-    assert got is not None and got.fixed_by == "none"
+    assert got is not None and got.fixed_by == "none of critical init"

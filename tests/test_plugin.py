@@ -508,16 +508,15 @@ def test_the_example_properties_markers_need_no_registration_of_the_users(pytest
 def test_the_fixed_by_cell_says_when_no_remedy_could_be_judged() -> None:
     """A remedy whose model raised is not judged (Remedy.skipped): where every one tried was, the
     summary's 'fixed by' said 'none', as if each had been tried and failed (found in review)."""
-    from stabilitycheck.findings import _unfixed
-    from stabilitycheck.remedies import Remedy
+    from stabilitycheck.remedies import Remedy, fixed_by
 
     config = Config.of("mlp")
     raised = Remedy("critical-init", config, None, skipped="build raised ValueError")
     tried = Remedy("pre-norm", config, False, ("growth",))
     absent = Remedy("lstm", None, None)
-    assert _unfixed([raised, absent]) == "not judged: critical-init"
-    assert _unfixed([raised, tried]) == "none"
-    assert _unfixed([absent]) == "none" and _unfixed([]) == "-"
+    assert fixed_by([raised, absent]) == "not judged: critical-init"
+    assert fixed_by([raised, tried]) == "none of pre-norm"  # as the CLI's table says it
+    assert fixed_by([absent]) == "none applies" and fixed_by([]) == "none applies"
 
 
 @pytest.mark.parametrize("value", ["-1", str(2**40), "x"])
