@@ -33,7 +33,8 @@ def heatmap(
     columns: Sequence[Sequence[float]], blocks: Sequence[str], spike: Finding | None, path: Path
 ) -> list[tuple[Grid, Grid]]:
     """Write the PNG: one column per step; top panel block outputs, bottom panel their gradients,
-    `spike` (the first flagged value) circled. Returns the `cells` it drew."""
+    `spike` (the first flagged value) circled where it is a block output or its gradient; the legend
+    says where else it is (a weight, the total norm: in neither panel). Returns the `cells` it drew."""
     try:
         import matplotlib
 
@@ -61,12 +62,18 @@ def heatmap(
         if spike is not None and spike.tensor == kind and spike.block in blocks:
             ax.plot(spike.step, list(blocks).index(spike.block), marker="o", mfc="none", mec="red", ms=10)
     axes[-1, 0].set_xlabel("step")
+    shown = spike is not None and spike.tensor in ("activation", "activation_grad") and spike.block in blocks
+    elsewhere = (
+        f"first flagged: {spike.tensor} of {spike.block} at step {spike.step} (in neither panel)"
+        if spike is not None and not shown
+        else None
+    )
     axes[0, 0].legend(
         handles=[
             Patch(color=NAN_COLOUR, label="NaN"),
             Patch(color=INF_COLOUR, label="Inf"),
-            Patch(fill=False, edgecolor="red", label="first flagged value"),
-        ],
+            Patch(fill=False, edgecolor="red", label=elsewhere or "first flagged value"),
+        ][: 3 if spike is not None else 2],
         fontsize=7,
         loc="upper left",
     )

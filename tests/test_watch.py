@@ -2005,3 +2005,31 @@ def test_an_optimizer_evaluating_its_closure_again_is_said_once_at_the_callers_s
     said = [c for c in caught if "closure" in str(c.message)]
     assert len(said) == 1 and said[0].filename == __file__
     assert report_of(w).steps == 3
+
+
+def test_the_heatmap_legend_says_where_a_first_flag_it_cannot_circle_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first flag on a weight (or the total norm) is in neither panel: the legend named a 'first
+    flagged value' no circle showed (a user's trial). It now says which value it is; a circled one
+    keeps the plain label, and with none flagged the legend has no such entry."""
+    import matplotlib.axes
+
+    from stabilitycheck import watchplot
+    from stabilitycheck.watchlog import Finding
+
+    labels: list[str] = []
+    real = matplotlib.axes.Axes.legend
+
+    def legend(self: Any, *args: Any, handles: Any = (), **kwargs: Any) -> Any:
+        labels[:] = [h.get_label() for h in handles]
+        return real(self, *args, handles=handles, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "legend", legend)
+    columns, blocks = [[1.0] * 6 for _ in range(10)], ["0", "1", "2"]
+    watchplot.heatmap(columns, blocks, Finding(5, "weight", "1", 9.0), tmp_path / "h.png")
+    assert labels[-1] == "first flagged: weight of 1 at step 5 (in neither panel)"
+    watchplot.heatmap(columns, blocks, Finding(5, "activation", "1", 9.0), tmp_path / "h.png")
+    assert labels[-1] == "first flagged value"
+    watchplot.heatmap(columns, blocks, None, tmp_path / "h.png")
+    assert labels == ["NaN", "Inf"]
