@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from stabilitycheck._options import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE
-from stabilitycheck.alarms import STOP, in_dropping_frame, stop_seen
+from stabilitycheck.alarms import STOP, in_dropping_frame, stop_seen, to_main_thread
 from stabilitycheck.errors import UsageError
 
 _SIGNALLED: list[int] = []
@@ -21,33 +21,38 @@ _SIGNALLED: list[int] = []
 callback or a __del__ is printed and dropped, so a long command checks this after every point too."""
 
 
-_WRITING: list[bool] = []
-"""Non-empty while a command writes what it found (`uninterrupted`): a signal then is kept for after."""
+_WRITING: list[list[int]] = []
+"""While a command writes what it found (`uninterrupted`): the signals held for after the writing."""
 
 AGAIN_S = 0.05  # a signal landing where a raise is dropped (alarms.in_dropping_frame) comes again then
+WRITE_GRACE_S = 5.0  # how long a held signal waits for the writing: a blocked write (a FIFO) ends then
 
 
 def _on_signal(signum: int, frame: Any) -> None:
     _SIGNALLED.append(signum)
-    if _WRITING:
-        return  # raised when the writing is done (uninterrupted)
+    if _WRITING and not _WRITING[0]:  # the first while writing: held, raised when the writing is done
+        held = _WRITING[0]
+        held.append(signum)
+        _again(signum, WRITE_GRACE_S, lambda: any(h is held for h in _WRITING))  # still writing then: raised
+        return  # a second signal, or this one again, is raised as any other
     _again(signum)  # until a KeyboardInterrupt is seen: one raised in a weakref's callback is dropped
     if not in_dropping_frame(frame):  # a gc or weakref callback, a __del__: a raise there is dropped
         stop_if_signalled()
 
 
-def _again(signum: int) -> None:
-    """Deliver `signum` again AGAIN_S from now, from a thread, unless a KeyboardInterrupt was seen
-    meanwhile (alarms.stop_seen) or the command is over: left to the command's next check, a SIGTERM
-    landing in a gc callback while a 100,000-layer model was built for its memory estimate waited
-    minutes, and the run was killed with nothing written."""
+def _again(signum: int, after: float = AGAIN_S, still: Callable[[], bool] | None = None) -> None:
+    """Deliver `signum` again `after` seconds from now, from a thread, unless the command is over or,
+    without `still`, a KeyboardInterrupt was seen meanwhile (alarms.stop_seen); with it, while it
+    holds (a write still under way). Left to the command's next check, a SIGTERM landing in a gc
+    callback while a 100,000-layer model was built for its memory estimate waited minutes, and the
+    run was killed with nothing written."""
     run = STOP.run
 
     def deliver() -> None:
-        if STOP.live and not STOP.seen and STOP.run == run:
-            signal.raise_signal(signum)
+        if STOP.live and STOP.run == run and (still() if still is not None else not STOP.seen):
+            to_main_thread(signum)
 
-    timer = threading.Timer(AGAIN_S, deliver)
+    timer = threading.Timer(after, deliver)
     timer.daemon = True
     timer.start()
 
@@ -61,16 +66,21 @@ def stop_if_signalled() -> None:
 
 @contextmanager
 def uninterrupted() -> Iterator[None]:
-    """Write what a run found whole: SIGINT and SIGTERM landing in the block are kept, and raised as a
-    KeyboardInterrupt once it is done (one landing in the report's Markdown lost it and the report on
-    stdout, exit 143 with nothing printed after a finished search)."""
-    before = len(_SIGNALLED)
-    _WRITING.append(True)
+    """Write what a run found whole: the first SIGINT or SIGTERM landing in the block is held, and
+    raised as a KeyboardInterrupt once it is done (one landing in the report's Markdown lost it and
+    the report on stdout, exit 143 with nothing printed after a finished search); a second one, or
+    the first again WRITE_GRACE_S later (a write blocked on a FIFO no one reads), is raised at once.
+    Nested, the outer block holds."""
+    if _WRITING:
+        yield
+        return
+    held: list[int] = []
+    _WRITING.append(held)
     try:
         yield
     finally:
-        _WRITING.pop()
-    if len(_SIGNALLED) > before:
+        _WRITING.clear()
+    if held:
         raise KeyboardInterrupt
 
 

@@ -33,6 +33,17 @@ class _Stop:
 STOP = _Stop()
 
 
+def to_main_thread(signum: int) -> None:
+    """Send `signum` to the main thread, from any thread: its handler runs there, and a system call
+    it is blocked in (a write to a FIFO no one reads, a sleep) is interrupted for it. raise_signal from
+    another thread is that thread's, and left the main thread blocked."""
+    ident = threading.main_thread().ident
+    if hasattr(signal, "pthread_kill") and ident is not None:
+        signal.pthread_kill(ident, signum)
+    else:  # no pthreads (Windows)
+        signal.raise_signal(signum)
+
+
 def stop_seen() -> None:
     """Say that a KeyboardInterrupt reached code that handles it (a search, a map, the command line):
     one raised where Python drops it (a callback of any weakref, not knowable from the frames) is

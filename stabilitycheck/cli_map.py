@@ -146,12 +146,13 @@ def run(argv: Sequence[str] | None) -> int:
             args.markdown.write_text(maptext.markdown(pm))
         progress.say(maptext.cost(pm))
         print(maptext.text(pm), flush=True)
+        if pm.stopped:  # the model's code failed at a point: the map so far is out, then the reason
+            sys.stderr.write(f"stabilitycheck map: error: {pm.stopped}\n")
     if args.png:  # the slowest, last: a second Ctrl-C while it draws loses only the image
         from stabilitycheck.plot_map import plot_map
 
         plot_map(pm, args.png)
-    if pm.stopped:  # the model's code failed at a point: the map so far is out, then the reason
-        sys.stderr.write(f"stabilitycheck map: error: {pm.stopped}\n")
+    if pm.stopped:
         return EXIT_USAGE
     if pm.interrupted:
         return interrupted()

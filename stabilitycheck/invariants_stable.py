@@ -58,9 +58,11 @@ def assert_stable(
         )
     limits = limits or Limits()
     if isinstance(target, Space):
-        cx = search(target, limits=limits, max_examples=max_examples, seed=seed).counterexample
-        if cx is not None:
-            raise Unstable(cx, tuple(a.name for a in target.axes))
+        result = search(target, limits=limits, max_examples=max_examples, seed=seed)
+        if result.counterexample is not None and not result.interrupted:
+            raise Unstable(result.counterexample, tuple(a.name for a in target.axes))
+        if result.interrupted:  # the search keeps what it found and returns; the test must not pass
+            raise KeyboardInterrupt
         return
     subject = resolve(target.subject)
     j = assess(target, subject, limits)

@@ -32,10 +32,12 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from stabilitycheck._command import AGAIN_S
 from stabilitycheck._options import PREFIX
 from stabilitycheck._options import (
     add_options as add_options,  # `X as X`: the plugin's public names
 )
+from stabilitycheck.alarms import in_dropping_frame, to_main_thread
 from stabilitycheck.findings import Finding as Finding
 from stabilitycheck.findings import failing_configs, failure_text, leaves
 from stabilitycheck.findings import finding as finding
@@ -72,6 +74,7 @@ class _State:
     previous_sigterm: Any = None  # SIGTERM's handler before the session's (`_sigterm_interrupts`)
     profile: str | None = None  # --stability-profile, as given (a reproduction line repeats it)
     current: str = ""  # the node id of the test running now (stability_record names its findings by it)
+    sent: int = 0  # an xdist worker: the findings already attached to a report (`_hand_over`)
     rerun: str = ""  # the line that runs it again (`_rerun`): a Config it records reproduces by it
 
     def add(self, f: Finding | None) -> bool:
@@ -160,20 +163,28 @@ def pytest_configure(config: pytest.Config) -> None:
         state.profile = profile
         state.previous_profile = settings.get_current_profile_name()
         load_profile(profile)
-        if workerinput is None:
-            state.previous_sigterm = _sigterm_interrupts()
+        state.previous_sigterm = _sigterm_interrupts()
     config.stash[_STATE] = state
+    if workerinput is None:
+        config.pluginmanager.register(_Collector(state), f"stabilitycheck-collector-{id(config)}")
 
 
 def _interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM as Ctrl-C; where Python would drop the raise (a gc callback, which Hypothesis
+    registers, a __del__), delivered again a moment later."""
+    if in_dropping_frame(frame):
+        timer = threading.Timer(AGAIN_S, to_main_thread, (signum,))
+        timer.daemon = True
+        timer.start()
+        return
     raise KeyboardInterrupt
 
 
 def _sigterm_interrupts() -> Any:
     """SIGTERM (a CI job's timeout) stops the session as Ctrl-C does, so the summary still lists the
-    counterexamples found so far (by default the process died and printed none). Only in the main
-    thread of the main process (an xdist worker's findings reach it as they are made), and only where
-    SIGTERM has its default action; the handler before, to put back, else None."""
+    counterexamples found so far (by default the process died and printed none). In each process's
+    main thread (an xdist worker, stopped so, hands its findings over as its session ends), and only
+    where SIGTERM has its default action; the handler before, to put back, else None."""
     if threading.current_thread() is not threading.main_thread():
         return None
     if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
@@ -303,12 +314,43 @@ def _test_codes(item: pytest.Item) -> set[Any]:
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
     """Record the counterexample of a test failing with an AssertionError: the one an Unstable carries,
-    else each Config among the test's arguments at the failing call (Hypothesis's shrunk example)."""
-    yield
-    if call.when != "call" or call.excinfo is None or "stabilitycheck.config" not in sys.modules:
-        return
+    else each Config among the test's arguments at the failing call (Hypothesis's shrunk example); on
+    an xdist worker, hand what was recorded over with the report (`_hand_over`)."""
+    outcome = yield
     state = item.config.stash.get(_STATE, None)
     if state is None:
+        return
+    _record(item, call, state)
+    if getattr(item.config, "workerinput", None) is not None and len(state.findings) > state.sent:
+        _hand_over(outcome.get_result(), state)
+
+
+FINDINGS_ATTRIBUTE = "stabilitycheck_findings"
+"""A report's attribute holding, as JSON, the findings a worker recorded since its last report
+(xdist sends a report's attributes to the controller; user_properties would land in JUnit XML): they
+reach the controller as the test ends, not only when the worker's session does (a worker stopped by
+SIGTERM, a CI timeout, sent none)."""
+
+
+def _hand_over(report: pytest.TestReport, state: _State) -> None:
+    setattr(report, FINDINGS_ATTRIBUTE, json.dumps([f.to_dict() for f in state.findings[state.sent :]]))
+    state.sent = len(state.findings)
+
+
+class _Collector:
+    """xdist controller: the findings each worker's reports carry (FINDINGS_ATTRIBUTE), into the session's."""
+
+    def __init__(self, state: _State) -> None:
+        self.state = state
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        carried = getattr(report, FINDINGS_ATTRIBUTE, None)
+        for item in json.loads(carried) if isinstance(carried, str) else ():
+            self.state.add(Finding.from_dict(item))
+
+
+def _record(item: pytest.Item, call: pytest.CallInfo[None], state: _State) -> None:
+    if call.when != "call" or call.excinfo is None or "stabilitycheck.config" not in sys.modules:
         return
     codes = _test_codes(item)
     for exc in leaves(call.excinfo.value):

@@ -1197,3 +1197,61 @@ def test_the_markdown_says_the_limits_too(tmp_path: Path, capsys: pytest.Capture
     assert code == cli.EXIT_OK
     said = "Judged on the limits nonfinite, grad_norm > 1000, growth > 500, divergence > 2."
     assert said in out_md.read_text()
+
+
+def test_a_second_signal_while_writing_stops_at_once() -> None:
+    """The first signal while a run writes is held for after the writing; a second one is raised at
+    once: with every signal held, a write blocked on a FIFO no one read ignored SIGTERM and Ctrl-C
+    alike, and only SIGKILL ended the run (a review)."""
+    from stabilitycheck import _command
+
+    steps: list[str] = []
+
+    def run(argv: object) -> int:
+        with _command.uninterrupted():
+            signal.raise_signal(signal.SIGTERM)
+            steps.append("held")
+            signal.raise_signal(signal.SIGTERM)
+            steps.append("not reached")
+        return cli.EXIT_OK
+
+    assert _command.run_command("t", run, []) == cli.EXIT_TERMINATED and steps == ["held"]
+
+
+def test_a_held_signal_ends_a_write_still_blocked_after_the_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One signal alone ends a write still under way WRITE_GRACE_S later (a CI timeout's single
+    SIGTERM before its SIGKILL): here a 30 s sleep standing for the blocked write."""
+    import time
+
+    from stabilitycheck import _command
+
+    monkeypatch.setattr(_command, "WRITE_GRACE_S", 0.2)
+    steps: list[str] = []
+
+    def run(argv: object) -> int:
+        with _command.uninterrupted():
+            signal.raise_signal(signal.SIGINT)
+            time.sleep(30)
+            steps.append("not reached")
+        return cli.EXIT_OK
+
+    start = time.monotonic()
+    assert _command.run_command("t", run, []) == cli.EXIT_INTERRUPTED
+    assert steps == [] and time.monotonic() - start < 10
+
+
+def test_nested_writing_is_held_by_the_outer_block() -> None:
+    from stabilitycheck import _command
+
+    steps: list[str] = []
+
+    def run(argv: object) -> int:
+        with _command.uninterrupted():
+            with _command.uninterrupted():
+                signal.raise_signal(signal.SIGTERM)
+                steps.append("inner")
+            steps.append("outer")
+        steps.append("not reached")
+        return cli.EXIT_OK
+
+    assert _command.run_command("t", run, []) == cli.EXIT_TERMINATED and steps == ["inner", "outer"]
