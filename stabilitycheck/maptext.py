@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from stabilitycheck.phasemap import PhaseMap, theory
+from stabilitycheck.space import trains
 from stabilitycheck.staircase import Edge
 from stabilitycheck.verdicts import limits_text
 
@@ -90,7 +91,7 @@ def judged(pm: PhaseMap, th: Sequence[int | None] | None) -> str:
         if th is not None
         else ""
     )
-    limits = limits_text(pm.limits)
+    limits = limits_text(pm.limits, trains(pm.base, (pm.x, pm.y)))
     return f"each point: the q={run.quantile:g} verdict over {seeds}, on {limits}{through}{theory_said}"
 
 

@@ -328,7 +328,8 @@ def details(results: Sequence[SearchResult]) -> str:
                 one = "its one configuration (every knob fixed)"
                 where = f"{point}, the largest point tried" if point else one
                 measured = _measured(j, config.run.quantile, r.limits, config.run.seeds) + _searched(r)
-                judged_on = f"; limits {limits_text(r.limits)}" if r.limits is not None else ""
+                lim = r.limits
+                judged_on = f"; limits {limits_text(lim, r.space.trains())}" if lim is not None else ""
                 blocks.append(
                     f"{r.space.label} [{config.run.device}, {_precision(config.run)}]: stable at {where} "
                     f"(q={config.run.quantile:g} over seeds {', '.join(map(str, j.seeds))}{judged_on})\n"
@@ -616,7 +617,7 @@ def markdown(results: Sequence[SearchResult]) -> str:
     """A Markdown summary for a CI job: the table, the limits each row was judged on, and each
     reproduction line in a code block."""
     parts = ["## stabilitycheck", "", table(results, fmt="github")]
-    judged = dict.fromkeys(limits_text(r.limits) for r in results if r.limits is not None)
+    judged = dict.fromkeys(limits_text(r.limits, r.space.trains()) for r in results if r.limits is not None)
     if judged:
         parts += ["", f"Judged on the limits {' / '.join(judged)}."]
     for r in results:

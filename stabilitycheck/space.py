@@ -90,6 +90,13 @@ class Axis:
         return cls(name, FloatGrid(float(lo), float(step), n + 1))
 
 
+def trains(base: Config, axes: Sequence[Axis]) -> bool:
+    """Whether any point of `axes` around `base` runs optimiser steps (`steps` above 0 in the base or
+    along an axis): the criteria read after them are judged only then (verdicts.TRAINED)."""
+    tops = [a.values[-1] for a in axes if a.name == "steps" and len(a.values)]  # ascending: the largest
+    return base.run.steps > 0 or any(isinstance(v, int | float) and v > 0 for v in tops)
+
+
 @dataclass(frozen=True)
 class Space:
     """A base Config and the axes to vary; `label` names it in reports (e.g. 'mlp', 'model.py')."""
@@ -144,6 +151,10 @@ class Space:
                 yield from rec((*prefix, i), rest[1:])
 
         return rec((), self.axes)
+
+    def trains(self) -> bool:
+        """Whether any point runs optimiser steps."""
+        return trains(self.base, self.axes)
 
     def with_run(self, **changes: Any) -> Space:
         """The same axes around a base Config with run settings replaced (device, dtype, steps...)."""

@@ -147,14 +147,17 @@ def bound(name: str, lim: Limits) -> float | None:
     return limit
 
 
-def limits_text(lim: Limits) -> str:
+TRAINED = ("divergence", "stall")  # criteria read after optimiser steps: without any, never judged
+
+
+def limits_text(lim: Limits, trained: bool = True) -> str:
     """The active criteria and their bounds, as a verdict compares them, in CRITERIA order: 'nonfinite,
     grad_norm > 1000, growth > 100, divergence > 2' ('overflow' is nonfinite's float32 check, not
-    listed apart)."""
+    listed apart); without `trained` (no optimiser step run), those of TRAINED left out."""
     parts = []
     for name in CRITERIA:
         b = bound(name, lim)
-        if b is None or name == "overflow":
+        if b is None or name == "overflow" or (name in TRAINED and not trained):
             continue
         parts.append(name if name == "nonfinite" else f"{name} {'<' if name == 'vanishing' else '>'} {b:g}")
     return ", ".join(parts) or "none"

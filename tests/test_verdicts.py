@@ -201,3 +201,18 @@ def test_going_non_finite_is_judged_against_an_infinite_limit() -> None:
 
     assert criterion("nonfinite", INF, Limits()).limit == INF
     assert criterion("overflow", INF, Limits()).limit == INF
+
+
+def test_limits_text_names_the_criteria_read_after_steps_only_where_steps_ran() -> None:
+    from stabilitycheck.config import Config
+    from stabilitycheck.space import Axis, Space
+    from stabilitycheck.verdicts import limits_text
+
+    lim = Limits(stall=0.5)
+    assert limits_text(lim) == "nonfinite, grad_norm > 1000, growth > 100, divergence > 2, stall > 0.5"
+    assert limits_text(lim, trained=False) == "nonfinite, grad_norm > 1000, growth > 100"
+    base = Config.of("mlp")
+    assert not Space("s", base, (Axis.range("depth", 1, 3),)).trains()
+    assert Space("s", base, (Axis.range("steps", 0, 2),)).trains()
+    assert not Space("s", base, (Axis.range("steps", 0, 0),)).trains()
+    assert Space("s", base.with_run(steps=1), ()).trains()
