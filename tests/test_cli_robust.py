@@ -204,6 +204,37 @@ def test_a_signal_while_a_map_is_written_loses_none_of_it(
     assert out.strip() and out_md.read_text().strip() and json.loads(out_json.read_text())["points"]
 
 
+def test_a_map_stopped_by_the_model_says_why_even_under_a_signal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A map whose model fails at a point ends with a line saying why; a signal held while the map was
+    written raised before that line was printed (a review): it is printed with the map."""
+    from stabilitycheck import maptext
+
+    real = maptext.markdown
+
+    def signalled(pm: object) -> str:
+        signal.raise_signal(signal.SIGTERM)
+        return real(pm)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(maptext, "markdown", signalled)
+    path = _file(tmp_path, "if depth >= 3: raise RuntimeError('cannot be this deep')")
+    argv = [
+        "map",
+        str(path),
+        "--x",
+        "depth",
+        "--y",
+        "init_scale",
+        "--knob",
+        "depth=1:4",
+        "--knob",
+        "init_scale=1:2",
+    ]
+    code, _, err = _run([*argv, "--seeds", "1", "--quiet", "--markdown", str(tmp_path / "map.md")], capsys)
+    assert code == cli.EXIT_TERMINATED and "cannot be this deep" in err
+
+
 def test_a_model_failing_at_some_depths_keeps_the_findings_below(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
