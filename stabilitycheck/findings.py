@@ -113,10 +113,12 @@ def finding(
     from stabilitycheck.report import reproduction
 
     failure = _one_line(failure) if failure else None
+    interrupted = False  # a search cut short: its remedies say so
     if isinstance(found, SearchResult):
         if found.counterexample is None:
             return None
         knobs = knobs or tuple(a.name for a in found.space.axes)
+        interrupted = found.interrupted
         found = found.counterexample
     if isinstance(found, Counterexample):
         c = found.config
@@ -128,7 +130,7 @@ def finding(
             knobs=_knobs(c, knobs),
             failure=failure or ", ".join(x.describe() for x in found.judgement.verdict.criteria) or "-",
             culprit=found.culprit,
-            fixed_by=fixed_by(found.remedies),
+            fixed_by=fixed_by(found.remedies, interrupted),
             reproduce=reproduction(c, found.limits),
             config=c.to_dict(),
             counterexample=found.to_dict(),

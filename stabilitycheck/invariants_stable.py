@@ -62,7 +62,9 @@ def assert_stable(
         if result.counterexample is not None and not result.interrupted:
             raise Unstable(result.counterexample, tuple(a.name for a in target.axes))
         if result.interrupted:  # the search keeps what it found and returns; the test must not pass
-            raise KeyboardInterrupt
+            stop = KeyboardInterrupt()
+            stop.stability_counterexample = result  # type: ignore[attr-defined]  # the plugin records it
+            raise stop
         return
     subject = resolve(target.subject)
     j = assess(target, subject, limits)

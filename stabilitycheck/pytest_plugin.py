@@ -163,7 +163,8 @@ def pytest_configure(config: pytest.Config) -> None:
         state.profile = profile
         state.previous_profile = settings.get_current_profile_name()
         load_profile(profile)
-        state.previous_sigterm = _sigterm_interrupts()
+        if workerinput is None:  # a worker's findings go with each report: one stopped loses none
+            state.previous_sigterm = _sigterm_interrupts()
     config.stash[_STATE] = state
     if workerinput is None:
         config.pluginmanager.register(_Collector(state), f"stabilitycheck-collector-{id(config)}")
@@ -182,9 +183,10 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 def _sigterm_interrupts() -> Any:
     """SIGTERM (a CI job's timeout) stops the session as Ctrl-C does, so the summary still lists the
-    counterexamples found so far (by default the process died and printed none). In each process's
-    main thread (an xdist worker, stopped so, hands its findings over as its session ends), and only
-    where SIGTERM has its default action; the handler before, to put back, else None."""
+    counterexamples found so far (by default the process died and printed none). In the main process's
+    main thread (an xdist worker keeps the default: one killed alone is restarted, as before, and its
+    findings reached the controller with its reports), and only where SIGTERM has its default action;
+    the handler before, to put back, else None."""
     if threading.current_thread() is not threading.main_thread():
         return None
     if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
@@ -293,7 +295,11 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, None]:
     if state is not None:
         state.rerun = _rerun(item, state, seeded)
     try:
-        yield
+        outcome = yield
+        stopped = outcome.excinfo[1] if outcome.excinfo else None
+        found = getattr(stopped, "stability_counterexample", None)
+        if isinstance(stopped, KeyboardInterrupt) and found is not None and state is not None:
+            state.add(finding(found, item.nodeid))  # assert_stable interrupted: what it had found
     finally:
         if seeded:
             setattr(test, SEED_ATTRIBUTE, None)  # the function outlives this session (pytester nests)

@@ -116,11 +116,8 @@ def row(result: SearchResult) -> list[str]:
             str(result.probes),
         ]
     j = cx.judgement
-    fixed = [r.name for r in cx.remedies if r.fixed]
     skipped = f", {j.skipped_steps} skipped steps" if j.skipped_steps else ""
-    remedies = fixed_by(cx.remedies)
-    if result.interrupted:  # the descent or the remedies were cut short: say so in the row itself
-        remedies = ", ".join(fixed) + " (interrupted)" if fixed else "not tried (interrupted)"
+    remedies = fixed_by(cx.remedies, result.interrupted)  # cut short: the row itself says so
     interrupted = _unverified(result)
     return [
         result.space.label,

@@ -232,6 +232,65 @@ def test_not_run():
 """
 
 
+INTERRUPTED_SEARCH = """
+import os, signal, time
+from stabilitycheck import searching
+from stabilitycheck.config import Config
+from stabilitycheck.space import Axis, Space
+from stabilitycheck.pytest_plugin import assert_stable
+
+real = searching.try_remedies
+
+def timed_out_remedies(*args, **kwargs):  # a CI timeout while the remedies are judged
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)
+    yield from real(*args, **kwargs)
+
+def test_deep_resmlp_is_stable(monkeypatch):
+    monkeypatch.setattr(searching, "try_remedies", timed_out_remedies)
+    base = Config.of("resmlp", width=16, init_scale=3.0, batch_size=8, seeds=1)
+    assert_stable(Space("resmlp", base, (Axis.range("depth", 1, 14),)), max_examples=5)
+"""
+
+
+def test_an_interrupted_assert_stable_still_lists_what_it_found(pytester: pytest.Pytester) -> None:
+    """assert_stable(space) interrupted after its search found a counterexample: the session ends and
+    the summary lists it, remedies 'not tried (interrupted)' (the bare KeyboardInterrupt raised to end
+    the session lost it: a review)."""
+    pytester.makepyfile(test_cut=INTERRUPTED_SEARCH)
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--stability-profile", "quick", timeout=300
+    )
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines(
+        [
+            "*= stabilitycheck: 1 counterexample*",
+            "1 *test_deep_resmlp_is_stable*resmlp*not tried (interrupted)*",
+        ]
+    )
+
+
+WORKER_KILLED = """
+import os, signal
+
+def test_killed():
+    os.kill(os.getpid(), signal.SIGTERM)  # an OOM killer's pick: this worker alone
+
+def test_a(): pass
+def test_b(): pass
+"""
+
+
+def test_a_worker_killed_alone_is_restarted_as_without_the_plugin(pytester: pytest.Pytester) -> None:
+    """SIGTERM to one xdist worker (an OOM killer's) crashes that worker, which xdist replaces, and
+    the session goes on: the plugin's SIGTERM handling is the controller's alone (in the workers too,
+    it stopped the whole session: a review)."""
+    pytester.makepyfile(test_worker=WORKER_KILLED)
+    argv = ["-p", "no:cacheprovider", "-p", "no:randomly", "--stability-profile", "quick", "-n", "1"]
+    result = pytester.runpytest_subprocess(*argv, timeout=300)
+    result.assert_outcomes(passed=2, failed=1)
+
+
 def test_a_sigterm_landing_in_a_del_still_ends_the_session(pytester: pytest.Pytester) -> None:
     """The handler's KeyboardInterrupt raised in a __del__ was dropped: the session went on, exit 0
     (a review); it is delivered again a moment later, where it ends the session."""
@@ -555,6 +614,8 @@ def test_the_fixed_by_cell_says_when_no_remedy_could_be_judged() -> None:
     assert fixed_by([raised, absent]) == "not judged: critical-init"
     assert fixed_by([raised, tried]) == "none of pre-norm"  # as the CLI's table says it
     assert fixed_by([absent]) == "none applies" and fixed_by([]) == "none applies"
+    assert fixed_by([], interrupted=True) == "not tried (interrupted)"  # not 'none applies' (a review)
+    assert fixed_by([Remedy("pre-norm", config, True)], interrupted=True) == "pre-norm (interrupted)"
 
 
 @pytest.mark.parametrize("value", ["-1", str(2**40), "x"])
