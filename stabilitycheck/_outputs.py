@@ -62,12 +62,27 @@ class Outputs:
         if self.args.json:
             self._attempt("--json", lambda: atomic_write(self.args.json, report.to_json(results)))
 
-    def nothing(self) -> None:
-        """The JSON of a run stopped before its first search (an empty list), without importing the
-        report, which imports torch: the stop may have landed in that import."""
-        if self.args.json:
-            self._attempt("--json", lambda: atomic_write(self.args.json, "[]"))
+    def nothing(self, named: str) -> None:
+        """The outputs of a run stopped before its first search, without importing the report, which
+        imports torch (the stop may have landed in that import): the JSON's empty list, and a
+        Markdown (and CI step summary) saying that `named` was not searched, so a CI summary does not
+        stay silent."""
+        md = f"## stabilitycheck\n\nInterrupted before any search: {named} not searched, nothing tested.\n"
+        with uninterrupted():
+            if self.args.json:
+                self._attempt("--json", lambda: atomic_write(self.args.json, "[]"))
+            self._markdown(md)
         self._say_failures()
+
+    def _markdown(self, md: str) -> None:
+        """Write `md` to --markdown and append it to the CI step summary: --markdown "$GITHUB_STEP_SUMMARY",
+        the CI recipe's, however spelt, is appended once, as the step summary is (written over, it lost
+        the step's earlier content)."""
+        summary = Path(self.summary).resolve() if self.summary else None
+        if self.args.markdown and self.args.markdown.resolve() != summary:
+            self._attempt("--markdown", lambda: self.args.markdown.write_text(md))
+        if summary is not None:
+            self._attempt("GITHUB_STEP_SUMMARY", lambda: _append(summary, md))
 
     def final(self, results: Sequence[Any]) -> None:
         """Everything: JSON, Markdown, the report on stdout (a closed pipe loses only that), whole
@@ -78,14 +93,8 @@ class Outputs:
         try:
             with uninterrupted():  # a signal now stops the run after these, before the plot
                 self.save(results)
-                md = report.markdown(results) if self.args.markdown or self.summary else ""
-                summary = Path(self.summary).resolve() if self.summary else None
-                # --markdown "$GITHUB_STEP_SUMMARY", the CI recipe's, however spelt: appended once, as
-                # the step summary is (written over, it lost the step's earlier content)
-                if self.args.markdown and self.args.markdown.resolve() != summary:
-                    self._attempt("--markdown", lambda: self.args.markdown.write_text(md))
-                if summary is not None:
-                    self._attempt("GITHUB_STEP_SUMMARY", lambda: _append(summary, md))
+                if self.args.markdown or self.summary:
+                    self._markdown(report.markdown(results))
                 try:
                     print(report.text(results), file=self.stdout, flush=True)
                 except BrokenPipeError:

@@ -249,7 +249,7 @@ def _searches(args: argparse.Namespace, limits: Any, outputs: Outputs, shown: Pr
             "every zoo target" if args.target == "zoo" else str(args.target)
         ]
         sys.stderr.write(f"stabilitycheck: not searched (interrupted first): {', '.join(named)}\n")
-        outputs.nothing()
+        outputs.nothing(", ".join(named))
         return interrupted()
     results = list[Any]()
     pending = list[Any]()  # the latest partial result of the search under way (its counterexample)

@@ -938,12 +938,18 @@ def test_a_stop_before_the_first_search_still_writes_the_json_and_names_what_was
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "_spaces", stopped)
-    out_json = tmp_path / "out.json"
+    out_json, out_md, summary = tmp_path / "out.json", tmp_path / "out.md", tmp_path / "summary.md"
+    summary.write_text("earlier steps\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
     name = "zoo" if target == "zoo" else str(_file(tmp_path))
-    code, out, err = _run([name, "--json", str(out_json), "--quiet"], capsys)
+    code, out, err = _run([name, "--json", str(out_json), "--markdown", str(out_md), "--quiet"], capsys)
     assert code == cli.EXIT_INTERRUPTED and json.loads(out_json.read_text()) == []
     named = "every zoo target" if target == "zoo" else name
     assert err == f"stabilitycheck: not searched (interrupted first): {named}\n" and not out
+    # the Markdown and the CI step summary say so (they were left unwritten: an audit)
+    said = f"Interrupted before any search: {named} not searched, nothing tested."
+    assert said in out_md.read_text() and summary.read_text().startswith("earlier steps\n")
+    assert said in summary.read_text()
 
 
 def test_replay_takes_debug_as_documented_and_its_errors_point_to_its_own_help(
