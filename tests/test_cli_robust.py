@@ -171,6 +171,9 @@ def test_a_signal_while_the_report_is_written_loses_none_of_it(
     assert json.loads(out_json.read_text())[0]["counterexample"] is not None
 
 
+MAP_AXES = ["--x", "depth", "--y", "init_scale"]
+
+
 def test_a_signal_while_a_map_is_written_loses_none_of_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -185,18 +188,7 @@ def test_a_signal_while_a_map_is_written_loses_none_of_it(
 
     monkeypatch.setattr(maptext, "markdown", signalled)
     out_json, out_md = tmp_path / "map.json", tmp_path / "map.md"
-    argv = [
-        "map",
-        "mlp",
-        "--x",
-        "depth",
-        "--y",
-        "init_scale",
-        "--knob",
-        "depth=1:3",
-        "--knob",
-        "init_scale=1:2",
-    ]
+    argv = ["map", "mlp", *MAP_AXES, "--knob", "depth=1:3", "--knob", "init_scale=1:2"]
     code, out, _ = _run(
         [*argv, "--seeds", "1", "--quiet", "--json", str(out_json), "--markdown", str(out_md)], capsys
     )
@@ -219,18 +211,7 @@ def test_a_map_stopped_by_the_model_says_why_even_under_a_signal(
 
     monkeypatch.setattr(maptext, "markdown", signalled)
     path = _file(tmp_path, "if depth >= 3: raise RuntimeError('cannot be this deep')")
-    argv = [
-        "map",
-        str(path),
-        "--x",
-        "depth",
-        "--y",
-        "init_scale",
-        "--knob",
-        "depth=1:4",
-        "--knob",
-        "init_scale=1:2",
-    ]
+    argv = ["map", str(path), *MAP_AXES, "--knob", "depth=1:4", "--knob", "init_scale=1:2"]
     code, _, err = _run([*argv, "--seeds", "1", "--quiet", "--markdown", str(tmp_path / "map.md")], capsys)
     assert code == cli.EXIT_TERMINATED and "cannot be this deep" in err
 
