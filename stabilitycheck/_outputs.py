@@ -68,11 +68,13 @@ class Outputs:
         Markdown (and CI step summary) saying that `named` was not searched, so a CI summary does not
         stay silent."""
         md = f"## stabilitycheck\n\nInterrupted before any search: {named} not searched, nothing tested.\n"
-        with uninterrupted():
-            if self.args.json:
-                self._attempt("--json", lambda: atomic_write(self.args.json, "[]"))
-            self._markdown(md)
-        self._say_failures()
+        try:
+            with uninterrupted():
+                if self.args.json:
+                    self._attempt("--json", lambda: atomic_write(self.args.json, "[]"))
+                self._markdown(md)
+        finally:  # a held signal raised at the block's end still hears of a file that failed
+            self._say_failures()
 
     def _markdown(self, md: str) -> None:
         """Write `md` to --markdown and append it to the CI step summary: --markdown "$GITHUB_STEP_SUMMARY",

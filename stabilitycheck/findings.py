@@ -113,12 +113,13 @@ def finding(
     from stabilitycheck.report import reproduction
 
     failure = _one_line(failure) if failure else None
-    interrupted = False  # a search cut short: its remedies say so
+    interrupted, unverified = False, ""  # a search cut short: its remedies and minimality say so
     if isinstance(found, SearchResult):
         if found.counterexample is None:
             return None
         knobs = knobs or tuple(a.name for a in found.space.axes)
         interrupted = found.interrupted
+        unverified = "" if found.minimal else " (interrupted: not verified minimal)"
         found = found.counterexample
     if isinstance(found, Counterexample):
         c = found.config
@@ -128,7 +129,8 @@ def finding(
             device=c.run.device,
             dtype=c.run.dtype,
             knobs=_knobs(c, knobs),
-            failure=failure or ", ".join(x.describe() for x in found.judgement.verdict.criteria) or "-",
+            failure=(failure or ", ".join(x.describe() for x in found.judgement.verdict.criteria) or "-")
+            + unverified,
             culprit=found.culprit,
             fixed_by=fixed_by(found.remedies, interrupted),
             reproduce=reproduction(c, found.limits),

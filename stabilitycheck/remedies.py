@@ -161,12 +161,14 @@ def fixed_by(remedies: Sequence[Remedy], interrupted: bool = False) -> str:
     """The 'fixed by' cell of a counterexample, in the CLI's table and the pytest summary alike: the
     remedies that fixed it; else 'none of ...' (those judged), 'not judged: ...' (every one tried
     failed in the model's code: Remedy.skipped), or 'none applies' (none is for this subject); of an
-    `interrupted` search, those that fixed it '(interrupted)', else 'not tried (interrupted)'."""
+    `interrupted` search, the same of those judged before it, '(interrupted)', else 'not tried
+    (interrupted)'."""
     fixed = [r.name for r in remedies if r.fixed]
     attempted = [r.name for r in remedies if r.config is not None and not r.skipped]
     unjudged = [r.name for r in remedies if r.skipped]
     if interrupted:
-        return ", ".join(fixed) + " (interrupted)" if fixed else "not tried (interrupted)"
+        judged = ", ".join(fixed) or (f"none of {', '.join(attempted)}" if attempted else "")
+        return f"{judged} (interrupted)" if judged else "not tried (interrupted)"
     if fixed:
         return ", ".join(fixed)
     if attempted:

@@ -1274,3 +1274,27 @@ def test_nested_writing_is_held_by_the_outer_block() -> None:
         return cli.EXIT_OK
 
     assert _command.run_command("t", run, []) == cli.EXIT_TERMINATED and steps == ["inner", "outer"]
+
+
+def test_a_failed_write_is_said_even_when_a_signal_lands_during_an_early_stops_writing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run stopped before its first search, a step summary that cannot be written (a directory) and
+    a SIGTERM landing while the JSON is written: the failed write is still said (the held signal,
+    raised at the block's end, skipped the line: a review)."""
+    from stabilitycheck import _outputs
+
+    def stopped(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    real = _outputs.atomic_write
+
+    def signalled(path: Path, text: str) -> None:
+        signal.raise_signal(signal.SIGTERM)
+        real(path, text)
+
+    monkeypatch.setattr(cli, "_spaces", stopped)
+    monkeypatch.setattr(_outputs, "atomic_write", signalled)
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(tmp_path))
+    code, _, err = _run(["zoo", "--json", str(tmp_path / "out.json"), "--quiet"], capsys)
+    assert code == cli.EXIT_TERMINATED and "GITHUB_STEP_SUMMARY: writing it failed" in err

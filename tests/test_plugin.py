@@ -616,6 +616,7 @@ def test_the_fixed_by_cell_says_when_no_remedy_could_be_judged() -> None:
     assert fixed_by([absent]) == "none applies" and fixed_by([]) == "none applies"
     assert fixed_by([], interrupted=True) == "not tried (interrupted)"  # not 'none applies' (a review)
     assert fixed_by([Remedy("pre-norm", config, True)], interrupted=True) == "pre-norm (interrupted)"
+    assert fixed_by([tried], interrupted=True) == "none of pre-norm (interrupted)"  # judged before it
 
 
 @pytest.mark.parametrize("value", ["-1", str(2**40), "x"])
