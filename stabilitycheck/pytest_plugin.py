@@ -163,7 +163,7 @@ def pytest_configure(config: pytest.Config) -> None:
         state.profile = profile
         state.previous_profile = settings.get_current_profile_name()
         load_profile(profile)
-        if workerinput is None:  # a worker's findings go with each report: one stopped loses none
+        if workerinput is None:  # a worker hands its findings over with each report (`_hand_over`)
             state.previous_sigterm = _sigterm_interrupts()
     config.stash[_STATE] = state
     if workerinput is None:
