@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stabilitycheck.config import Config
+from stabilitycheck.judgement import Judgement
 from stabilitycheck.remedies import Remedy
-from stabilitycheck.seeds import Judgement
 from stabilitycheck.space import Space
 from stabilitycheck.verdicts import Limits
 

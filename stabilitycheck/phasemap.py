@@ -18,7 +18,8 @@ from stabilitycheck._validation import model_failure
 from stabilitycheck.alarms import stop_seen
 from stabilitycheck.config import Config
 from stabilitycheck.errors import NoLastStep, UsageError
-from stabilitycheck.seeds import Judgement, SeedProbes, assess
+from stabilitycheck.judgement import Judgement
+from stabilitycheck.seeds import SeedProbes, assess
 from stabilitycheck.space import RUN_AXES, Axis, Space
 from stabilitycheck.spread import Spread
 from stabilitycheck.staircase import Edge, recheck, trace

@@ -16,9 +16,9 @@ from stabilitycheck._json import strict_json
 from stabilitycheck.config import Config, Run
 from stabilitycheck.counterexample import SearchResult
 from stabilitycheck.culprit import made_by
+from stabilitycheck.judgement import Judgement
 from stabilitycheck.measurement import AFTER_LAST, AFTER_LAST_SAID, INPUT, Measurement
 from stabilitycheck.remedies import fixed_by
-from stabilitycheck.seeds import Judgement
 from stabilitycheck.spread import bracket
 from stabilitycheck.subject import torch_dtype
 from stabilitycheck.verdicts import Limits, bound, limits_text

@@ -35,9 +35,10 @@ from stabilitycheck.config import Config
 from stabilitycheck.counterexample import Counterexample as Counterexample
 from stabilitycheck.counterexample import SearchResult as SearchResult
 from stabilitycheck.errors import UsageError
+from stabilitycheck.judgement import Judgement
 from stabilitycheck.memory import free_memory
 from stabilitycheck.remedies import Remedy, candidates, judged_on, why_not
-from stabilitycheck.seeds import Judgement, SeedProbes, assess
+from stabilitycheck.seeds import SeedProbes, assess
 from stabilitycheck.space import Space
 from stabilitycheck.spread import Spread
 from stabilitycheck.subject import Subject

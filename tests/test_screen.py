@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 
 from stabilitycheck.canonical import Index, boundary, canonical, crossing
 from stabilitycheck.config import Config
+from stabilitycheck.judgement import Judgement
 from stabilitycheck.searching import Prober, search, sweep
-from stabilitycheck.seeds import Judgement, SeedProbes, assess
+from stabilitycheck.seeds import SeedProbes, assess
 from stabilitycheck.space import Axis, Space
 from stabilitycheck.subjects import resolve
 from stabilitycheck.verdicts import Limits

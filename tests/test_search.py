@@ -720,7 +720,7 @@ def test_a_skip_on_a_seed_outside_the_full_rule_does_not_skip_the_full_rule() ->
     (the base seed, where the full rule starts): a point skipped on a steered screen seed the full
     rule never runs is judged by the full rule (Prober: a point is skipped where it cannot be
     judged). Oracle: the closed-form subject runs at every seed, so the full rule judges it."""
-    from stabilitycheck.seeds import Judgement
+    from stabilitycheck.judgement import Judgement
 
     prober, space = _prober_with({})
     prober.space = space = type(space)(space.label, space.base.with_run(seeds=2), space.axes)
