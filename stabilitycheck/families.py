@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from stabilitycheck.errors import ConfigError, did_you_mean
 
 Scalar = int | float | bool | str
+Knob = int | float  # a numeric knob: a model file's or a Hugging Face model type's
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from stabilitycheck.errors import StabilityError
+from stabilitycheck.families import Scalar
 
 if TYPE_CHECKING:
     from stabilitycheck.config import Config
@@ -20,8 +21,6 @@ SIZE_KNOBS = ("depth", "width", "init_scale", "seq_len")
 other subjects show all their numeric knobs."""
 HEADERS = ("#", "test", "target", "device", "dtype", "knobs", "failure", "culprit", "fixed by")
 FAILURE_WIDTH = 90
-
-Scalar = int | float | bool | str
 
 
 @dataclass(frozen=True)

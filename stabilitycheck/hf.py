@@ -19,15 +19,13 @@ from stabilitycheck._validation import describe, knob_refusal, knob_value
 from stabilitycheck.blocks import LEAVES_NOTE, find_blocks
 from stabilitycheck.config import RUN_FIELDS, Config
 from stabilitycheck.errors import UsageError, UserCodeError, did_you_mean
-from stabilitycheck.families import Scalar
+from stabilitycheck.families import Knob, Scalar
 from stabilitycheck.losses import DefaultLoss, OutputLoss
 from stabilitycheck.memory import meta_bytes, parameter_bytes
 from stabilitycheck.rng import SALT_BATCH, SALT_LOSS, derived
 from stabilitycheck.space import Axis, Space
 from stabilitycheck.subject import Built, torch_dtype
 from stabilitycheck.tokens import token_ids
-
-Knob = int | float
 
 SMALL: dict[str, Knob] = {
     **dict.fromkeys(("n_layer", "num_hidden_layers", "num_layers", "n_layers"), 2),

@@ -20,6 +20,7 @@ from stabilitycheck._validation import article, describe, is_number
 from stabilitycheck.blocks import DECLARE_EXAMPLE, declared_blocks, distinct
 from stabilitycheck.config import RUN_FIELDS
 from stabilitycheck.errors import UsageError
+from stabilitycheck.families import Knob
 from stabilitycheck.losses import Inputs
 from stabilitycheck.modelfile.importer import ModelFileError, import_file, top_level_names
 from stabilitycheck.modelfile.inputs import check_inputs, infer, resize
@@ -27,7 +28,6 @@ from stabilitycheck.modelfile.inputs import check_inputs, infer, resize
 if TYPE_CHECKING:
     from stabilitycheck.modelfile.subject import ModelFile
 
-Knob = int | float
 Bound = tuple[Knob, ...]  # (lo, hi) or (lo, hi, step)
 
 FACTORY = "build"

@@ -21,7 +21,7 @@ from stabilitycheck.blockcalls import floating
 from stabilitycheck.blocks import find_blocks
 from stabilitycheck.config import Config
 from stabilitycheck.errors import StabilityCheckError
-from stabilitycheck.families import Scalar
+from stabilitycheck.families import Knob, Scalar
 from stabilitycheck.junctions import made_from, taken_outputs
 from stabilitycheck.loops import looped_blocks, on_a_copy
 from stabilitycheck.losses import DefaultLoss, Inputs, LossFn, OutputLoss, call_model
@@ -30,7 +30,6 @@ from stabilitycheck.modelfile.convention import (
     Bound,
     Factory,
     Fixed,
-    Knob,
     check_blocks,
     check_bounds,
     factory_source,
