@@ -109,16 +109,16 @@ def finding(
     from stabilitycheck.config import Config
     from stabilitycheck.counterexample import Counterexample, SearchResult
     from stabilitycheck.remedies import fixed_by
-    from stabilitycheck.report import reproduction
+    from stabilitycheck.report import reproduction, unverified
 
     failure = _one_line(failure) if failure else None
-    interrupted, unverified = False, ""  # a search cut short: its remedies and minimality say so
+    interrupted, cut = False, ""  # a search cut short: its remedies and minimality say so
     if isinstance(found, SearchResult):
         if found.counterexample is None:
             return None
         knobs = knobs or tuple(a.name for a in found.space.axes)
         interrupted = found.interrupted
-        unverified = "" if found.minimal else " (interrupted: not verified minimal)"
+        cut = unverified(found)
         found = found.counterexample
     if isinstance(found, Counterexample):
         c = found.config
@@ -129,7 +129,7 @@ def finding(
             dtype=c.run.dtype,
             knobs=_knobs(c, knobs),
             failure=(failure or ", ".join(x.describe() for x in found.judgement.verdict.criteria) or "-")
-            + unverified,
+            + cut,
             culprit=found.culprit,
             fixed_by=fixed_by(found.remedies, interrupted),
             reproduce=reproduction(c, found.limits),

@@ -88,10 +88,10 @@ def outcome(result: SearchResult) -> str:
     cx = result.counterexample
     if cx is None:
         return no_explosion(result)
-    return f"{cx.judgement.verdict.how} at {cx.config.describe()}{_unverified(result)}"
+    return f"{cx.judgement.verdict.how} at {cx.config.describe()}{unverified(result)}"
 
 
-def _unverified(result: SearchResult) -> str:
+def unverified(result: SearchResult) -> str:
     """What a counterexample cut short before its descent ended says beside it."""
     return " (interrupted: not verified minimal)" if not result.minimal else ""
 
@@ -118,7 +118,7 @@ def row(result: SearchResult) -> list[str]:
     j = cx.judgement
     skipped = f", {j.skipped_steps} skipped steps" if j.skipped_steps else ""
     remedies = fixed_by(cx.remedies, result.interrupted)  # cut short: the row itself says so
-    interrupted = _unverified(result)
+    interrupted = unverified(result)
     return [
         result.space.label,
         run.device,
