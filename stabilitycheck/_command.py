@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from stabilitycheck._options import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE
-from stabilitycheck.alarms import STOP, in_dropping_frame, stop_seen, to_main_thread
+from stabilitycheck.alarms import STOP, deliver_later, in_dropping_frame, stop_seen
 from stabilitycheck.errors import UsageError
 
 _SIGNALLED: list[int] = []
@@ -47,14 +47,11 @@ def _again(signum: int, after: float = AGAIN_S, still: Callable[[], bool] | None
     callback while a 100,000-layer model was built for its memory estimate waited minutes, and the
     run was killed with nothing written."""
     run = STOP.run
-
-    def deliver() -> None:
-        if STOP.live and STOP.run == run and (still() if still is not None else not STOP.seen):
-            to_main_thread(signum)
-
-    timer = threading.Timer(after, deliver)
-    timer.daemon = True
-    timer.start()
+    deliver_later(
+        signum,
+        after,
+        lambda: STOP.live and STOP.run == run and (still() if still is not None else not STOP.seen),
+    )
 
 
 def stop_if_signalled() -> None:

@@ -11,7 +11,7 @@ import gc
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -33,15 +33,24 @@ class _Stop:
 STOP = _Stop()
 
 
-def to_main_thread(signum: int) -> None:
-    """Send `signum` to the main thread, from any thread: its handler runs there, and a system call
-    it is blocked in (a write to a FIFO no one reads, a sleep) is interrupted for it. raise_signal from
-    another thread is that thread's, and left the main thread blocked."""
-    ident = threading.main_thread().ident
-    if hasattr(signal, "pthread_kill") and ident is not None:
-        signal.pthread_kill(ident, signum)
-    else:  # no pthreads (Windows)
-        signal.raise_signal(signum)
+def deliver_later(signum: int, after: float, still: Callable[[], bool] = lambda: True) -> None:
+    """Send `signum` to the main thread `after` seconds from now, from a daemon thread, where `still()`
+    holds then: its handler runs there, and a system call the main thread is blocked in (a write to a
+    FIFO no one reads, a sleep) is interrupted for it. raise_signal from another thread is that
+    thread's, and left the main thread blocked."""
+
+    def deliver() -> None:
+        if not still():
+            return
+        ident = threading.main_thread().ident
+        if hasattr(signal, "pthread_kill") and ident is not None:
+            signal.pthread_kill(ident, signum)
+        else:  # no pthreads (Windows)
+            signal.raise_signal(signum)
+
+    timer = threading.Timer(after, deliver)
+    timer.daemon = True
+    timer.start()
 
 
 def stop_seen() -> None:

@@ -37,7 +37,7 @@ from stabilitycheck._options import PREFIX
 from stabilitycheck._options import (
     add_options as add_options,  # `X as X`: the plugin's public names
 )
-from stabilitycheck.alarms import in_dropping_frame, to_main_thread
+from stabilitycheck.alarms import deliver_later, in_dropping_frame
 from stabilitycheck.findings import Finding as Finding
 from stabilitycheck.findings import failing_configs, failure_text, leaves
 from stabilitycheck.findings import finding as finding
@@ -174,9 +174,7 @@ def _interrupt(signum: int, frame: Any) -> None:
     """SIGTERM as Ctrl-C; where Python would drop the raise (a gc callback, which Hypothesis
     registers, a __del__), delivered again a moment later."""
     if in_dropping_frame(frame):
-        timer = threading.Timer(AGAIN_S, to_main_thread, (signum,))
-        timer.daemon = True
-        timer.start()
+        deliver_later(signum, AGAIN_S)
         return
     raise KeyboardInterrupt
 
