@@ -50,6 +50,8 @@ def heatmap(
     fig, axes = plt.subplots(2, 1, figsize=(10, 1.5 + 0.5 * n), sharex=True, squeeze=False)
     special = ListedColormap([NAN_COLOUR, INF_COLOUR])
     drawn = cells(columns, n)
+    kinds = ("activation", "activation_grad")  # the panels' tensors, top to bottom
+    shown = spike is not None and spike.tensor in kinds and spike.block in blocks  # circled in a panel
     for panel, (ax, title, (finite, marks)) in enumerate(
         zip(axes[:, 0], ("block output", "d loss / d block output"), drawn, strict=True)
     ):
@@ -58,11 +60,9 @@ def heatmap(
         fig.colorbar(image, ax=ax, label="log10 norm")
         ax.set_yticks(range(n), list(blocks), fontsize=7)
         ax.set_title(title, fontsize=9)
-        kind = ("activation", "activation_grad")[panel]
-        if spike is not None and spike.tensor == kind and spike.block in blocks:
+        if shown and spike is not None and spike.tensor == kinds[panel]:
             ax.plot(spike.step, list(blocks).index(spike.block), marker="o", mfc="none", mec="red", ms=10)
     axes[-1, 0].set_xlabel("step")
-    shown = spike is not None and spike.tensor in ("activation", "activation_grad") and spike.block in blocks
     elsewhere = (
         f"first flagged: {spike.tensor} of {spike.block} at step {spike.step} (in neither panel)"
         if spike is not None and not shown
