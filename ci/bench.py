@@ -70,6 +70,7 @@ class Sizes:
     limits: Limits
     max_examples: int
     seeds_targets: dict[str, Space]  # the zoo's searches (run.seeds = the default budget)
+    seeds_bases: tuple[int, ...]  # the verdicts' base seeds (run.seed) each target is searched at
     seeds_rounds: int  # interleaved repeats of each search of the seeds section
     seeds_max_examples: int  # Hypothesis examples of each of its searches
     pytest_target: tuple[str, ...]  # pytest's arguments: () runs the whole suite, as the README does
@@ -109,6 +110,7 @@ def sizes(quick: bool) -> Sizes:
             limits=Limits(growth=2.0),  # tiny models cannot pass the default growth limit
             max_examples=30,  # 20 missed the 4-knob grid's exploding points (its top corner is stable)
             seeds_targets={label: shrink(space) for label, space in zoo.targets().items()},
+            seeds_bases=(0, 1),
             seeds_rounds=3,
             seeds_max_examples=5,
             pytest_target=("tests/test_config.py",),
@@ -158,7 +160,8 @@ def sizes(quick: bool) -> Sizes:
         limits=Limits(),
         max_examples=60,
         seeds_targets=zoo.targets(),
-        seeds_rounds=5,
+        seeds_bases=tuple(range(8)),  # one base's search is one draw of the path: 1.5x-6x on the RNN
+        seeds_rounds=2,
         seeds_max_examples=100,  # what `stabilitycheck zoo` runs by default
         pytest_target=(),
         pytest_timeout=1800.0,
@@ -631,76 +634,113 @@ def _one(values: Sequence[Any]) -> Any:
 
 
 def seeds_vs_one(s: Sizes) -> list[Row]:
-    """Each zoo target searched with the space's seeds budget and with seeds=1, the 2 x 8 searches
-    interleaved round by round; per target the probes, points and CPU time of both and their ratios,
-    then the totals."""
+    """Each zoo target searched at each base seed with the space's seeds budget and with seeds=1, all
+    the searches interleaved round by round; per target the probes, points and CPU time of both summed
+    over the bases, their ratios and the per-base ratios' spread, then the totals."""
     fns: dict[str, Variant] = {}
-    got: dict[tuple[str, int], Searched] = {}
+    got: dict[tuple[str, int, int], Searched] = {}
     budgets: dict[str, int] = {}
     for label, space in s.seeds_targets.items():
         budgets[label] = space.base.run.seeds
-        for k, sp in ((budgets[label], space), (1, space.with_run(seeds=1))):
-            got[label, k] = Searched([], [], [], [])
-            fns[f"{label} seeds={k}"] = run_search(sp, s.limits, s.seeds_max_examples, got[label, k])
-    t = interleaved(fns, s.seeds_rounds, warmup=1)
-    for searched in got.values():  # the warm-up round's counts go, as its times did
+        for base in s.seeds_bases:
+            at = space.with_run(seed=base)
+            for k, sp in ((budgets[label], at), (1, at.with_run(seeds=1))):
+                got[label, base, k] = Searched([], [], [], [])
+                fns[f"{label} base {base} seeds={k}"] = run_search(
+                    sp, s.limits, s.seeds_max_examples, got[label, base, k]
+                )
+    for (_, base, _), fn in zip(got, fns.values(), strict=True):
+        if base == s.seeds_bases[0]:
+            fn()  # the warm-up: each target once at the first base (its counts dropped below)
+    t = interleaved(fns, s.seeds_rounds, warmup=0)
+    for searched in got.values():
         for values in vars(searched).values():
             del values[: -s.seeds_rounds]
     rows: list[Row] = []
-    many_cpu = [0.0] * s.seeds_rounds
-    one_cpu = [0.0] * s.seeds_rounds
     for label, k in budgets.items():
-        many, one = got[label, k], got[label, 1]
-        cpu_many = [x[1] for x in t[f"{label} seeds={k}"]]
-        cpu_one = [x[1] for x in t[f"{label} seeds=1"]]
-        many_cpu = [a + b for a, b in zip(many_cpu, cpu_many, strict=True)]
-        one_cpu = [a + b for a, b in zip(one_cpu, cpu_one, strict=True)]
-        rows.append(seeds_row(label, k, many, one, cpu_many, cpu_one))
-    rows.append(seeds_total(rows, many_cpu, one_cpu))
+        per_base = [
+            (
+                got[label, b, k],
+                got[label, b, 1],
+                t[f"{label} base {b} seeds={k}"],
+                t[f"{label} base {b} seeds=1"],
+            )
+            for b in s.seeds_bases
+        ]
+        rows.append(seeds_row(label, k, per_base, s.seeds_rounds))
+    rows.append(seeds_total(rows))
     return rows
 
 
+Times = list[tuple[float, float]]  # (wall, CPU) seconds of each round
+
+
 def seeds_row(
-    label: str, k: int, many: Searched, one: Searched, cpu_many: list[float], cpu_one: list[float]
+    label: str, k: int, per_base: Sequence[tuple[Searched, Searched, Times, Times]], rounds: int
 ) -> Row:
-    """One target's row: counts (the median over rounds; every round should agree) and CPU time."""
-    row: Row = {"space": label, "seeds": k}
+    """One target's row: counts and CPU seconds summed over the bases round by round, and per base the
+    ratios of seeds to one seed (counts: a search is deterministic, every round agrees; CPU: the
+    median of per-round ratios)."""
+    row: Row = {"space": label, "seeds": k, "bases": len(per_base)}
     for key, field in (("points", "points"), ("probes", "probes"), ("all probes", "builds")):
-        row[f"{key} rounds"] = getattr(many, field)
-        row[f"{key} 1 seed rounds"] = getattr(one, field)
-    row["found"] = _one(many.found)
-    row["found 1 seed"] = _one(one.found)
-    return judged_seeds(row, cpu_many, cpu_one)
+        for side, at in ((f"{key} rounds", 0), (f"{key} 1 seed rounds", 1)):
+            row[side] = [sum(getattr(b[at], field)[r] for b in per_base) for r in range(rounds)]
+    row["CPU rounds"] = [sum(b[2][r][1] for b in per_base) for r in range(rounds)]
+    row["CPU 1 seed rounds"] = [sum(b[3][r][1] for b in per_base) for r in range(rounds)]
+    row["probes per base"] = [_one(m.probes) for m, _, _, _ in per_base]
+    row["probes 1 seed per base"] = [_one(o.probes) for _, o, _, _ in per_base]
+    row["probe x per base"] = [
+        m / o for m, o in zip(row["probes per base"], row["probes 1 seed per base"], strict=True)
+    ]
+    row["CPU x per base"] = [
+        statistics.median(a[1] / b[1] for a, b in zip(tm, to, strict=True)) for _, _, tm, to in per_base
+    ]
+    row["same point per base"] = [_one(m.found) == _one(o.found) for m, o, _, _ in per_base]
+    return judged_seeds(row)
 
 
-def seeds_total(rows: Sequence[Row], cpu_many: list[float], cpu_one: list[float]) -> Row:
-    """The totals over the targets: counts summed round by round, CPU time summed round by round."""
-    row: Row = {"space": f"total ({len(rows)} targets)", "seeds": "-"}
-    for key in ("points", "probes", "all probes"):
+def seeds_total(rows: Sequence[Row]) -> Row:
+    """The totals over the targets: counts and CPU seconds summed round by round."""
+    row: Row = {"space": f"total ({len(rows)} targets)", "seeds": "-", "bases": rows[0]["bases"]}
+    for key in ("points", "probes", "all probes", "CPU"):
         for side in (f"{key} rounds", f"{key} 1 seed rounds"):
             row[side] = [sum(col) for col in zip(*(r[side] for r in rows), strict=True)]
-    row["found"] = row["found 1 seed"] = ""
-    return judged_seeds(row, cpu_many, cpu_one)
+    for key in ("probes per base", "probes 1 seed per base", "probe x per base", "CPU x per base"):
+        row[key] = []
+    row["same point per base"] = [same for r in rows for same in r["same point per base"]]
+    return judged_seeds(row)
 
 
-def judged_seeds(row: Row, cpu_many: list[float], cpu_one: list[float]) -> Row:
-    """Medians and ratios of a seeds row from its per-round lists, and whether it meets the targets."""
+def over_bases(ratios: Sequence[float]) -> str:
+    """'median [min, max]' of per-base ratios ('-' where there are none: the totals' row, whose bases
+    are the targets' own)."""
+    if not ratios:
+        return "-"
+    return f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}, {max(ratios):.2f}]"
+
+
+def judged_seeds(row: Row) -> Row:
+    """Medians and ratios of a seeds row from its per-round sums, and whether it meets the targets
+    (on the sums over the bases: one base's search is one draw of the search's path)."""
     for key in ("points", "probes", "all probes"):
         row[key] = statistics.median(row[f"{key} rounds"])
         row[f"{key} 1 seed"] = statistics.median(row[f"{key} 1 seed rounds"])
     row["probe x"] = row["probes"] / row["probes 1 seed"]
     row["all probe x"] = row["all probes"] / row["all probes 1 seed"]
-    row["CPU rounds"], row["CPU 1 seed rounds"] = cpu_many, cpu_one
+    cpu_many, cpu_one = row["CPU rounds"], row["CPU 1 seed rounds"]
     row["CPU s"], row["CPU s 1 seed"] = statistics.median(cpu_many), statistics.median(cpu_one)
     ratios = [a / b for a, b in zip(cpu_many, cpu_one, strict=True)]
     row["CPU x"] = spread(ratios)
     row["CPU ratio"] = statistics.median(ratios)
+    row["probe x: bases"] = over_bases(row["probe x per base"])
+    row["CPU x: bases"] = over_bases(row["CPU x per base"])
+    over = sum(x > SEEDS_COST_TARGET for x in row["probe x per base"])
+    row["bases > 2x probes"] = f"{over}/{len(row['probe x per base'])}" if row["probe x per base"] else "-"
     row["#14: probes <= 3x"] = "yes" if row["probe x"] <= SEEDS_PROBES_TARGET else "NO"
     ok = row["probe x"] <= SEEDS_COST_TARGET and row["CPU ratio"] <= SEEDS_COST_TARGET
     row["#18: probes, CPU <= 2x"] = "yes" if ok else "NO"
-    found = (row.pop("found"), row.pop("found 1 seed"))
-    row["same point"] = "-" if not found[0] else ("yes" if found[0] == found[1] else "no")
-    row["found (seeds, 1 seed)"] = list(found)  # a list: kept in the JSON, not in the table
+    same = row["same point per base"]
+    row["same point"] = f"{sum(same)}/{len(same)}"
     return row
 
 
@@ -892,20 +932,23 @@ NOTES = {
         "Target: <= 10% of the sweep's probes and time on the 4-knob space."
     ),
     "seeds": (
-        "Each of the zoo's targets (zoo.targets(); shrunk by --quick) searched twice: with its seeds\n"
-        "budget (run.seeds, the verdict over seeds, stopping early where the seeds so far decide) and\n"
-        "with seeds=1; Hypothesis seed 0, max_examples={seeds_max_examples}, database=None, the default\n"
-        "limits (--quick: growth limit 2, as above).\n"
-        "All searches run once per round in a rotated order, {seeds_rounds} rounds after one warm-up\n"
-        "round, in this process. points = configurations judged, on one seed (the screen the\n"
-        "search steers on) or the full rule (SearchResult.points); probes = every (configuration,\n"
-        "seed) probed to judge them, each once: the full rule reuses the screen's probes\n"
-        "(SearchResult.probes); all probes = every model built, remedies and recurrent last-step\n"
-        "probes included. Counts are medians over rounds (a search is\n"
-        "deterministic, so every round agrees). CPU s = median CPU seconds of one whole search;\n"
-        "CPU x = median of per-round ratios [quartiles]; the total's CPU x is over per-round sums.\n"
-        "'same point': the counterexample with seeds is the single-seed one. Targets: probes <= 3x\n"
-        "(issue 14); probes and CPU time <= 2x (issue 18)."
+        "Each of the zoo's targets (zoo.targets(); shrunk by --quick) searched at each of {seeds_bases}\n"
+        "base seeds (run.seed 0, 1, ...: where the verdict's seeds start) twice: with its seeds budget\n"
+        "(run.seeds, the verdict over seeds, stopping early where the seeds so far decide) and with\n"
+        "seeds=1; Hypothesis seed 0, max_examples={seeds_max_examples}, database=None, the default limits\n"
+        "(--quick: growth limit 2, as above). One base's search is one draw of the search's path (the\n"
+        "seeds a point is judged on change where the descent goes), so a target's figures are summed\n"
+        "over its bases. All searches run once per round in a rotated order, {seeds_rounds} rounds after\n"
+        "one warm-up search of each target at the first base, in this process. points = configurations\n"
+        "judged, on one seed (the screen the search steers on) or the full rule (SearchResult.points);\n"
+        "probes = every (configuration, seed) probed to judge them, each once: the full rule reuses the\n"
+        "screen's probes (SearchResult.probes); all probes = every model built, remedies and recurrent\n"
+        "last-step probes included. Counts are summed over the bases (a search is deterministic, so\n"
+        "every round agrees); CPU s = median over rounds of the CPU seconds of all the bases' searches;\n"
+        "CPU x = median of per-round ratios of those sums [quartiles]; 'probe x: bases' and 'CPU x:\n"
+        "bases' = median [min, max] over the bases of one base's ratio; 'bases > 2x probes' counts them.\n"
+        "'same point': bases whose counterexample with seeds is the single-seed one. Targets, on the\n"
+        "sums: probes <= 3x (issue 14); probes and CPU time <= 2x (issue 18)."
     ),
     "scaling": (
         "CPU ms of probe_module(steps=0) on a prebuilt model (one forward + backward with hooks and\n"
@@ -960,6 +1003,7 @@ def run(quick: bool, only: Sequence[str] = SECTIONS) -> dict[str, Any]:
             rounds=s.rounds,
             max_examples=s.max_examples,
             seeds_rounds=s.seeds_rounds,
+            seeds_bases=len(s.seeds_bases),
             seeds_max_examples=s.seeds_max_examples,
             scaling_rounds=max(3, s.rounds // 2),
             timeout=s.pytest_timeout,

@@ -44,19 +44,23 @@ def test_paired_ratio_is_the_median_of_per_round_ratios() -> None:
     assert bench.med(num, 0) == 3000.0
 
 
-def test_judged_seeds_derives_its_ratios_and_verdicts_from_the_rounds() -> None:
+def test_judged_seeds_derives_its_ratios_and_verdicts_from_the_sums_over_bases() -> None:
     bench = load_bench()
-    row = {"space": "x", "seeds": 5}
+    row = {"space": "x", "seeds": 5, "bases": 2}
     for key, many, one in (("points", 10, 12), ("probes", 25, 12), ("all probes", 30, 14)):
         row[f"{key} rounds"], row[f"{key} 1 seed rounds"] = [many] * 3, [one] * 3
-    row["found"], row["found 1 seed"] = "mlp depth=3", "mlp depth=3"
-    got = bench.judged_seeds(row, [3.0, 1.0, 2.0], [1.0, 1.0, 1.0])
+    row["CPU rounds"], row["CPU 1 seed rounds"] = [3.0, 1.0, 2.0], [1.0, 1.0, 1.0]
+    row["probe x per base"], row["CPU x per base"] = [2.5, 1.5], [3.0, 1.0]
+    row["same point per base"] = [True, False]
+    got = bench.judged_seeds(row)
     assert got["probe x"] == 25 / 12 and got["all probe x"] == 30 / 14
     assert got["CPU ratio"] == 2.0 and got["CPU s"] == 2.0 and got["CPU s 1 seed"] == 1.0
     assert got["CPU x"].startswith("2.000x [")
+    assert got["probe x: bases"] == "2.00x [1.50, 2.50]" and got["CPU x: bases"] == "2.00x [1.00, 3.00]"
+    assert got["bases > 2x probes"] == "1/2"
     assert got["#14: probes <= 3x"] == "yes"  # 2.08x
     assert got["#18: probes, CPU <= 2x"] == "NO"  # 2.08x > 2
-    assert got["same point"] == "yes"
+    assert got["same point"] == "1/2"
 
 
 def test_counting_subject_counts_one_build_per_probe() -> None:
@@ -188,10 +192,21 @@ def check_seeds(rows: list[dict[str, Any]]) -> None:
             sums = [sum(col) for col in zip(*(r[side] for r in per_target), strict=True)]
             assert total[side] == pytest.approx(sums), side
     for row in per_target:
-        assert row["seeds"] == 5
+        assert row["seeds"] == 5 and row["bases"] == 2
         # a search is deterministic: every round judged the same points with the same probes
         for key in ("points rounds", "probes rounds", "all probes rounds", "points 1 seed rounds"):
             assert len(set(row[key])) == 1, (key, row)
+        # the counts are the bases' sums, and each base's ratio is its own counts'
+        assert sum(row["probes per base"]) == row["probes"]
+        assert sum(row["probes 1 seed per base"]) == row["probes 1 seed"]
+        ratios = [a / b for a, b in zip(row["probes per base"], row["probes 1 seed per base"], strict=True)]
+        assert row["probe x per base"] == ratios and len(row["CPU x per base"]) == 2
+        for key in ("probe x", "CPU x"):
+            got = row[f"{key} per base"]
+            assert row[f"{key}: bases"] == f"{statistics.median(got):.2f}x [{min(got):.2f}, {max(got):.2f}]"
+        assert row["bases > 2x probes"] == f"{sum(x > 2 for x in ratios)}/2"
+        assert row["same point"] == f"{sum(row['same point per base'])}/2"
+    assert total["same point"] == f"{sum(sum(r['same point per base']) for r in per_target)}/16"
 
 
 @pytest.mark.slow
