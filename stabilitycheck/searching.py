@@ -3,13 +3,15 @@ old ones first); a deterministic pass then descends to a canonical point and ver
 then every remedy is re-judged.
 
 Seeds. The search steers on a screen, one seed alone: Hypothesis' property on the first seed, the
-descent on the seed whose growth is the full rule's quantile where it starts (a typical seed, where
-the first can be far off). The full rule over seeds (seeds.assess) is spent only where a claim is
-made: the top corner or the failure the descent starts from, the descent's answer, the 1-minimality
-check and the remedies (canonical.canonical). Sound because the screen only chooses where the full
-rule is asked: the point reported explodes on the full rule and each one-step-lower neighbour does
-not, whatever the screen said. Cheap because a (Config, seed) is probed once (seeds.SeedProbes): the
-full rule starts from the screen's probes."""
+descent on the first seed too where it starts from the top corner on the screen alone, else on the
+seed whose growth is the full rule's quantile where it starts (a typical seed, where the first can
+be far off), and on the quantile's seed at each answer the full rule finds stable. The full rule
+over seeds (seeds.assess) is spent only where a claim is made: the failure the descent starts from
+(the top corner only where the screen is stable there, or where the descent's second way needs it),
+the descent's answers, the 1-minimality check and the remedies (canonical.canonical). Sound because
+the screen only chooses where the full rule is asked: the point reported explodes on the full rule
+and each one-step-lower neighbour does not, whatever the screen said. Cheap because a (Config, seed)
+is probed once (seeds.SeedProbes): the full rule starts from the screen's probes."""
 
 from __future__ import annotations
 
@@ -246,6 +248,22 @@ def hypothesis_phase(
     return None
 
 
+def _failure(
+    prober: Prober, max_examples: int, seed: int, database: ExampleDatabase | None, top: bool
+) -> Index | None:
+    """Where the descent starts: Hypothesis' failure (confirmed on the full rule unless the top corner
+    explodes, `top`), else the top corner where it explodes (Hypothesis missed a corner region), else
+    the point a stable row stands on, where it explodes on the full rule; None where none does."""
+    found = hypothesis_phase(prober, max_examples, seed, database, confirm=not top)
+    if found is None and top:
+        return prober.space.top()
+    if found is None and not top and (stable := prober.largest_stable()) is not None:
+        # the point a stable row stands on is judged on the full rule, as the top corner is
+        # (which may be skipped: the model rejecting its largest knob values)
+        return stable if prober.explodes(stable) else None
+    return found
+
+
 MEASURED = ("grad_norm", "divergence", "stall")  # criteria a remedy also reads beside the growth
 
 
@@ -299,9 +317,11 @@ def search(
     timeout: float | None = None,
     on_result: Callable[[SearchResult], None] | None = None,
 ) -> SearchResult:
-    """Find the smallest exploding Config of `space`: the top corner is judged, Hypothesis finds a
-    failure (where the top corner is stable, one exploding on the full rule), the canonical pass makes
-    it the smallest and 1-minimal, then every remedy is re-judged.
+    """Find the smallest exploding Config of `space`: the top corner is judged (on the full rule where
+    the screen is stable there), Hypothesis finds a failure (where the top corner is stable, one
+    exploding on the full rule), the canonical pass makes it the smallest and 1-minimal (starting
+    again from a failure on the full rule where the top corner exploded on the screen alone), then
+    every remedy is re-judged.
     `on_result` gets the result as soon as the counterexample is known, then after each remedy, so an
     interrupted run still has it. Ctrl-C returns what was found, marked interrupted. `database` None:
     one in memory, for this search alone (Hypothesis generates differently with a database than
@@ -346,20 +366,19 @@ def search(
     rough = False  # the counterexample is the smallest exploding point seen, not a verified one
     unjudged: tuple[tuple[Config, str], ...] = ()
     try:
-        # the descent starts from the top corner where it explodes on the full rule, else from
-        # `found`, which must then explode on it: Hypothesis confirms each failure there, looking on
-        # past one that does not, in one run of max_examples examples (a first run that stopped at
-        # the screen's first failure, then a second from the start, could spend twice as many)
-        top = prober.explodes(space.top())
-        found = hypothesis_phase(prober, max_examples, seed, database, confirm=not top)
-        if found is None and top:
-            found = space.top()  # Hypothesis missed a corner region
-        if found is None and not top and (stable := prober.largest_stable()) is not None:
-            # the point a stable row stands on is judged on the full rule, as the top corner is
-            # (which may be skipped: the model rejecting its largest knob values)
-            found = stable if prober.explodes(stable) else None
+        # the descent starts from the top corner where it explodes on the screen (its full rule
+        # asked only if the descent needs it) or on the full rule, else from `found`, which must then
+        # explode on the full rule: Hypothesis confirms each failure there, looking on past one that
+        # does not, in one run of max_examples examples (a first run that stopped at the screen's
+        # first failure, then a second from the start, could spend twice as many)
+        top = prober.screens(space.top()) or prober.explodes(space.top())
+        found = _failure(prober, max_examples, seed, database, top)
         if found is not None:
             found = canonical(prober, found)
+            if found is None:  # the top corner exploded on the screen's seed alone, not on all seeds
+                found = _failure(prober, max_examples, seed, database, top=False)
+                found = canonical(prober, found, screened_top=False) if found is not None else None
+        if found is not None:
             unjudged = _unjudged(prober, found)
             config = space.config(found)
             judged = prober.complete(found)

@@ -39,8 +39,8 @@ SPACE = Space("grid", Config.of("mlp"), (Axis.range("depth", 1, DEPTHS), Axis.ra
 
 class Grid:
     """A prober over a fixed full-rule grid whose screen is a list of grids (default: the full rule
-    itself): the first through the descent's first `steer` (at its start), the next one after each
-    later `steer`, the last one from then on. Records the points the full rule was asked at."""
+    itself): the first until the descent's first `steer`, the next one after each `steer`, the last
+    one from then on. Records the points the full rule was asked at."""
 
     def __init__(self, space: Space, full: dict[Index, bool], *screens: dict[Index, bool]) -> None:
         self.space, self.full = space, full
@@ -53,7 +53,7 @@ class Grid:
         return self.full[index]
 
     def screens(self, index: Index) -> bool:
-        return self.screens_after[min(max(self.steered - 1, 0), len(self.screens_after) - 1)][index]
+        return self.screens_after[min(self.steered, len(self.screens_after) - 1)][index]
 
     def steer(self, index: Index) -> None:
         self.steered += 1
@@ -110,7 +110,7 @@ def test_a_screen_crossing_early_is_steered_to_the_full_rules_smallest_exploding
         first = {(d, w): full[min(d + early, DEPTHS - 1), w] for d, w in full}
         grid = Grid(SPACE, full, first, full)
         assert canonical(grid, SPACE.top()) == min(i for i, bad in full.items() if bad)
-        climbs += grid.steered > 1
+        climbs += grid.steered >= 1
     assert climbs >= 100  # the early answer was stable on the full rule and climbed from
 
 

@@ -438,7 +438,7 @@ def test_an_interrupted_stable_row_says_when_it_stands_on_one_seed() -> None:
     """Ctrl-C before any explosion: the largest stable point seen was judged on the screen's seed
     alone, and the row said 'interrupted, stable (tried up to ...)' beside '1 (0 exploded)'. It says
     'stable on one seed so far' where the judgement it shows has one seed of a larger budget. The
-    top corner, judged first on the full rule, raises here: the screen's points are all there is."""
+    top corner, screened first, raises here: the screen's points are all there is."""
     space = Space(
         "mlp", Config.of("mlp", width=8, batch_size=4, init_scale=1.0), (Axis.range("depth", 1, 40),)
     )
@@ -462,7 +462,7 @@ def test_an_interrupted_stable_row_says_when_it_stands_on_one_seed() -> None:
             raise KeyboardInterrupt
 
     result = search(space, subject=RaisesAtTop(), max_examples=20, progress=progress)  # type: ignore[arg-type]
-    assert "depth=40: skipped: " in calls[0]
+    assert "depth=40 (seed 0 alone): skipped: " in calls[0]
     j = result.largest_stable_judgement
     assert result.interrupted and result.counterexample is None and j is not None and len(j.seeds) == 1
     assert report.row(result)[3].startswith("interrupted, stable on one seed so far (tried up to depth=")
@@ -633,8 +633,9 @@ def test_check_names_the_first_configuration_tried_where_every_one_fails() -> No
 
 def test_an_interrupted_search_does_not_call_a_top_corner_screened_on_one_seed_stable() -> None:
     """top_stable says the top corner was judged stable on the full rule over seeds (the space is not
-    monotone); interrupted while only one seed had judged it (the search judges it first, on the full
-    rule: interrupted at its second seed here), no such claim is made."""
+    monotone); interrupted while only one seed had judged it (the search screens it first, then, the
+    screen stable there, judges it on the full rule: interrupted at its second seed here), no such
+    claim is made."""
     space = Space("cf", ScaledIdentity().config().with_run(seeds=3), (Axis.range("depth", 1, 2),))
     top = space.config(space.top())
 
@@ -647,7 +648,21 @@ def test_an_interrupted_search_does_not_call_a_top_corner_screened_on_one_seed_s
     subject = InterruptedAtTop()
     result = search(space, subject=subject, limits=Limits(growth=GROWTH_LIMIT))  # type: ignore[arg-type]
     assert result.interrupted and result.counterexample is None and not result.top_stable
-    assert subject.builds == {top: 1}  # the top corner's first seed alone was probed
+    assert subject.builds == {top.with_run(seeds=1): 1}  # the top corner's first seed alone, the screen's
+
+
+def test_a_top_corner_exploding_on_the_first_seed_alone_is_judged_on_all_before_any_claim() -> None:
+    """Oracle: the closed form. The first seed's gain 2 explodes from depth 7 (2^7 = 128 > 100), the
+    others' 1.1 nowhere up to depth 40 (1.1^40 = 45): the median of 3 is stable everywhere. The search
+    screens the top corner on the first seed (exploding), descends on it, finds every answer stable
+    on all seeds, then judges the top corner on all seeds (stable) and starts again from Hypothesis'
+    failures confirmed on all seeds: none, so no counterexample, and the top corner stable."""
+    subject = ScaledIdentity(gain=lambda seed: 2.0 if seed == 0 else 1.1)
+    space = Space("cf", subject.config().with_run(seeds=3), (Axis.range("depth", 1, 40),))
+    limits = Limits(growth=GROWTH_LIMIT, grad_norm=None, divergence=None)
+    result = search(space, subject=subject, limits=limits, max_examples=20)  # type: ignore[arg-type]
+    assert subject.growth(space.config(space.top())) > GROWTH_LIMIT  # the first seed's screen explodes
+    assert result.counterexample is None and result.top_stable and not result.interrupted
 
 
 def test_a_results_shown_judgement_is_its_counterexamples() -> None:
