@@ -36,20 +36,21 @@ def canonical(prober: Explodes, found: Index, screened_top: bool = True) -> Inde
     screen is stable there or the second way below needs it (the space's largest models, its dearest
     probes: the answer's own verdict makes the claim); None where that second way then finds it
     stable (the screen's seed alone exploded there: start again from a failure on the full rule, with
-    `screened_top` False). Where the full rule started, the
-    screen is steered to the seed whose growth is its quantile there (`steer`). The descent runs on
-    the screen alone: axis by axis, the smallest value where it explodes with the later axes at their
-    upper values. Its answer is checked on the full rule; where the full
-    rule is stable there (the seed crossed before the quantile), the screen is steered to the
-    quantile's seed at that answer and climbs to where that seed explodes (`_climb`), up to STEERS
-    answers. An answer exploding on the full rule is lowered knob by knob while it still explodes
-    (`minimize`): the full rule is asked at the answers and at the neighbours that verify the claim,
-    the fewest points a 1-minimal claim needs. Where no answer explodes, the descent is run again with
-    the full rule settling each axis next to the screen's answer (`crossing`). Where explosions grow
+    `screened_top` False). Where the full rule started, the screen is steered to the seed whose
+    growth is its quantile there (`steer`). The descent runs on the screen alone: axis by axis, the
+    smallest value where it explodes with the later axes at their upper values. Its answer is
+    checked on the full rule; where the full rule is stable there (the seed crossed before the
+    quantile), the screen is steered to the quantile's seed at that answer and climbs to where that
+    seed explodes (`_climb`), up to STEERS answers. An answer exploding on the full rule is lowered
+    knob by knob while it still explodes (`minimize`): the full rule is asked at the answers and at
+    the neighbours that verify the claim, the fewest points a 1-minimal claim needs. Where no answer
+    explodes, the descent is run again with the full rule settling each axis next to the screen's
+    answer (`crossing`). Where explosions grow
     with every knob the answer is the lexicographically smallest exploding point in axis order, of a
     typical seed's verdict or, on the second way, of the full rule (up to where a verdict is not
-    monotone along an axis). It depends on the space, never on `found` when the top corner explodes:
-    the example database and concurrency change how fast it comes, not what."""
+    monotone along an axis). It depends on the space, never on `found` when the top corner explodes
+    (on the screen or on the full rule): the example database and concurrency change how fast it
+    comes, not what."""
     top = prober.space.top()
     screened = screened_top and prober.screens(top)
     upper = top if screened or prober.explodes(top) else found

@@ -258,8 +258,8 @@ def _failure(
     if found is None and top:
         return prober.space.top()
     if found is None and not top and (stable := prober.largest_stable()) is not None:
-        # the point a stable row stands on is judged on the full rule, as the top corner is
-        # (which may be skipped: the model rejecting its largest knob values)
+        # the point a stable row stands on is judged on the full rule, as a top corner the screen
+        # finds stable is (which may be skipped: the model rejecting its largest knob values)
         return stable if prober.explodes(stable) else None
     return found
 
