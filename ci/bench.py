@@ -651,7 +651,7 @@ def seeds_vs_one(s: Sizes) -> list[Row]:
                 )
     for (_, base, _), fn in zip(got, fns.values(), strict=True):
         if base == s.seeds_bases[0]:
-            fn()  # the warm-up: each target once at the first base (its counts dropped below)
+            fn()  # the warm-up: each target's two searches at the first base (counts dropped below)
     t = interleaved(fns, s.seeds_rounds, warmup=0)
     for searched in got.values():
         for values in vars(searched).values():
@@ -939,7 +939,7 @@ NOTES = {
         "(--quick: growth limit 2, as above). One base's search is one draw of the search's path (the\n"
         "seeds a point is judged on change where the descent goes), so a target's figures are summed\n"
         "over its bases. All searches run once per round in a rotated order, {seeds_rounds} rounds after\n"
-        "one warm-up search of each target at the first base, in this process. points = configurations\n"
+        "a warm-up (each target's two searches at the first base), in this process. points = configurations\n"
         "judged, on one seed (the screen the search steers on) or the full rule (SearchResult.points);\n"
         "probes = every (configuration, seed) probed to judge them, each once: the full rule reuses the\n"
         "screen's probes (SearchResult.probes); all probes = every model built, remedies and recurrent\n"
