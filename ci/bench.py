@@ -610,6 +610,9 @@ class Searched:
     found: list[str]  # the counterexample's knobs, or 'none found'
 
 
+NONE_FOUND = "none found"
+
+
 def run_search(space: Space, limits: Limits, max_examples: int, into: Searched) -> Variant:
     """One search of `space` (Hypothesis seed 0, no database) recording what it spent into `into`."""
 
@@ -622,7 +625,7 @@ def run_search(space: Space, limits: Limits, max_examples: int, into: Searched) 
         into.probes.append(result.probes)
         into.points.append(result.points)
         into.builds.append(subject.builds)
-        into.found.append(cx.config.describe() if cx else "none found")
+        into.found.append(cx.config.describe() if cx else NONE_FOUND)
         return result
 
     return go
@@ -695,7 +698,8 @@ def seeds_row(
     row["CPU x per base"] = [
         statistics.median(a[1] / b[1] for a, b in zip(tm, to, strict=True)) for _, _, tm, to in per_base
     ]
-    row["same point per base"] = [_one(m.found) == _one(o.found) for m, o, _, _ in per_base]
+    row["found per base"] = [[_one(m.found), _one(o.found)] for m, o, _, _ in per_base]  # seeds, 1 seed
+    row["same point per base"] = [m == o for m, o in row["found per base"] if m != NONE_FOUND]
     return judged_seeds(row)
 
 
@@ -740,7 +744,7 @@ def judged_seeds(row: Row) -> Row:
     ok = row["probe x"] <= SEEDS_COST_TARGET and row["CPU ratio"] <= SEEDS_COST_TARGET
     row["#18: probes, CPU <= 2x"] = "yes" if ok else "NO"
     same = row["same point per base"]
-    row["same point"] = f"{sum(same)}/{len(same)}"
+    row["same point"] = f"{sum(same)}/{len(same)}" if same else "-"
     return row
 
 
@@ -947,8 +951,9 @@ NOTES = {
         "every round agrees); CPU s = median over rounds of the CPU seconds of all the bases' searches;\n"
         "CPU x = median of per-round ratios of those sums [quartiles]; 'probe x: bases' and 'CPU x:\n"
         "bases' = median [min, max] over the bases of one base's ratio; 'bases > 2x probes' counts them.\n"
-        "'same point': bases whose counterexample with seeds is the single-seed one. Targets, on the\n"
-        "sums: probes <= 3x (issue 14); probes and CPU time <= 2x (issue 18)."
+        "'same point': of the bases where the search with seeds found a counterexample, those where it\n"
+        "is the single-seed one ('-': none found). Targets, on the sums: probes <= 3x (issue 14);\n"
+        "probes and CPU time <= 2x (issue 18)."
     ),
     "scaling": (
         "CPU ms of probe_module(steps=0) on a prebuilt model (one forward + backward with hooks and\n"

@@ -92,8 +92,17 @@ def outcome(result: SearchResult) -> str:
 
 
 def unverified(result: SearchResult) -> str:
-    """What a counterexample cut short before its descent ended says beside it."""
-    return " (interrupted: not verified minimal)" if not result.minimal else ""
+    """What a counterexample cut short before its descent ended says beside it: one exploding on the
+    screen's seed alone (nothing exploded on all seeds yet) says that too."""
+    if result.minimal:
+        return ""
+    cx = result.counterexample
+    alone = cx is not None and len(cx.judgement.seeds) == 1 < result.space.base.run.seeds
+    return (
+        " (interrupted: on one seed alone, not verified minimal)"
+        if alone
+        else " (interrupted: not verified minimal)"
+    )
 
 
 def row(result: SearchResult) -> list[str]:

@@ -376,6 +376,7 @@ def search(
         if found is not None:
             found = canonical(prober, found)
             if found is None:  # the top corner exploded on the screen's seed alone, not on all seeds
+                prober.screen_seed = space.base.run.seed  # Hypothesis' examples run on the first seed
                 found = _failure(prober, max_examples, seed, database, top=False)
                 found = canonical(prober, found, screened_top=False) if found is not None else None
         if found is not None:
@@ -394,11 +395,13 @@ def search(
     except KeyboardInterrupt:
         stop_seen()
         interrupted = True
-        if cx is None:
-            failing = [i for i, r in prober.seen.items() if isinstance(r, Judgement) and r.exploded]
+        if cx is None:  # the smallest explosion seen on all seeds, else on the screen's seed alone
+            seen = prober.judged()  # (the top corner is screened first: it may be all there is)
+            exploded = [i for i, r in seen.items() if isinstance(r, Judgement) and r.exploded]
+            failing = [i for i in exploded if i in prober.seen] or exploded
             if failing:
                 best = min(failing, key=lambda i: (sum(i), i))
-                judged = prober.seen[best]
+                judged = seen[best]
                 assert isinstance(judged, Judgement)
                 cx, rough = Counterexample(space.label, space.config(best), judged, limits, ()), True
                 at = best

@@ -20,7 +20,7 @@ from stabilitycheck.counterexample import Counterexample
 from stabilitycheck.errors import UsageError
 from stabilitycheck.remedies import critical_init, judged_on
 from stabilitycheck.searching import boundary, search, sweep
-from stabilitycheck.seeds import assess
+from stabilitycheck.seeds import assess, seed_of
 from stabilitycheck.space import Axis, Space
 from stabilitycheck.subject import Built
 from stabilitycheck.subjects import resolve
@@ -663,6 +663,73 @@ def test_a_top_corner_exploding_on_the_first_seed_alone_is_judged_on_all_before_
     result = search(space, subject=subject, limits=limits, max_examples=20)  # type: ignore[arg-type]
     assert subject.growth(space.config(space.top())) > GROWTH_LIMIT  # the first seed's screen explodes
     assert result.counterexample is None and result.top_stable and not result.interrupted
+
+
+class ByDepth(ScaledIdentity):
+    """Growth given per (depth, the seed's place in the verdict), each layer scaled by its root."""
+
+    def __init__(self, rows: dict[int, tuple[float, ...]]) -> None:
+        super().__init__()
+        self.rows = rows
+        self.place = {seed_of(0, i): i for i in range(len(next(iter(rows.values()))))}
+
+    def growth(self, config: Config) -> float:
+        return self.rows[int(config.knob("depth"))][self.place[config.run.seed]]
+
+    def build(self, config: Config) -> Built:
+        per_layer = self.growth(config) ** (1 / int(config.knob("depth")))
+        self.gain = lambda seed: per_layer
+        return super().build(config)
+
+
+def test_a_rerun_after_a_top_corner_misread_by_the_first_seed_screens_on_the_first_seed() -> None:
+    """Oracle: the rows, by hand (found by a review). The first seed explodes at the top corner, the
+    median of 3 does not (1e4, 10, 10); only depth 4 explodes on the median (128 of 128, 1.9, 508).
+    The descent, steered to the second seed (stable at every depth), finds nothing; the rerun of
+    Hypothesis must screen on the first seed, as its examples do, not on that one (it reported no
+    counterexample)."""
+    rows = {
+        1: (0.2, 3.6, 75.4),
+        2: (7.5, 2.3, 7.7),
+        3: (201.4, 50.4, 11.0),
+        4: (128.4, 1.9, 508.2),
+        5: (846.8, 22.7, 15.4),
+        6: (1e4, 10.0, 10.0),
+    }
+    space = Space("t", ByDepth(rows).config().with_run(seeds=3), (Axis.range("depth", 1, 6),))
+    limits = Limits(growth=GROWTH_LIMIT, grad_norm=None, divergence=None)
+    assert boundary(sweep(space, subject=ByDepth(rows), limits=limits)) == {(3,)}  # type: ignore[arg-type]
+    for seed in (0, 53):
+        result = search(space, subject=ByDepth(rows), limits=limits, seed=seed)  # type: ignore[arg-type]
+        assert result.counterexample is not None, seed
+        assert result.counterexample.config.knob("depth") == 4 and result.top_stable
+
+
+def test_an_interrupted_search_names_an_explosion_seen_on_one_seed_alone() -> None:
+    """Every seed explodes from depth 5 (10^2.5 > 100): interrupted before any verdict on all seeds
+    (the top corner is screened first, on the first seed), the row named no explosion ('stable on
+    one seed so far, tried up to depth=3' where that seed had exploded at depth 6: a review). It now
+    shows the smallest explosion seen, said to be on one seed alone."""
+    subject_rows = {d: (10.0 ** (d / 2),) * 3 for d in range(1, 7)}
+
+    class Stops(ByDepth):
+        def __init__(self) -> None:
+            super().__init__(subject_rows)
+            self.calls = 0
+
+        def build(self, config: Config) -> Built:
+            self.calls += 1
+            if self.calls == 3:
+                raise KeyboardInterrupt
+            return super().build(config)
+
+    space = Space("t", Stops().config().with_run(seeds=3), (Axis.range("depth", 1, 6),))
+    limits = Limits(growth=GROWTH_LIMIT, grad_norm=None, divergence=None)
+    result = search(space, subject=Stops(), limits=limits)  # type: ignore[arg-type]
+    cx = result.counterexample
+    assert result.interrupted and cx is not None and len(cx.judgement.seeds) == 1 and cx.judgement.exploded
+    assert int(cx.config.knob("depth")) >= 5  # an explosion that seed saw: 10^(d/2) > 100
+    assert report.row(result)[3].endswith("(interrupted: on one seed alone, not verified minimal)")
 
 
 def test_a_results_shown_judgement_is_its_counterexamples() -> None:
