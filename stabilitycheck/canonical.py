@@ -44,13 +44,12 @@ def canonical(prober: Explodes, found: Index, screened_top: bool = True) -> Inde
     knob by knob while it still explodes (`minimize`): the full rule is asked at the answers and at
     the neighbours that verify the claim, the fewest points a 1-minimal claim needs. Where no answer
     explodes, the descent is run again with the full rule settling each axis next to the screen's
-    answer (`crossing`). Where explosions grow
-    with every knob the answer is the lexicographically smallest exploding point in axis order, of a
-    typical seed's verdict or, on the second way, of the full rule (up to where a verdict is not
-    monotone along an axis). It depends on the space, never on `found` when the top corner explodes
-    on the full rule, or on the screen with an answer that explodes on the full rule (where it returns
-    None, the search's rerun starts from its own failure): the example database and concurrency change
-    how fast it comes, not what."""
+    answer (`crossing`). Where explosions grow with every knob the answer is the lexicographically
+    smallest exploding point in axis order, of a typical seed's verdict or, on the second way, of the
+    full rule (up to where a verdict is not monotone along an axis). It depends on the space, never
+    on `found` when the top corner explodes on the full rule, or on the screen with an answer that
+    explodes on the full rule (where it returns None, the search's rerun starts from its own
+    failure): the example database and concurrency change how fast it comes, not what."""
     top = prober.space.top()
     screened = screened_top and prober.screens(top)
     upper = top if screened or prober.explodes(top) else found
