@@ -699,7 +699,7 @@ def seeds_row(
         statistics.median(a[1] / b[1] for a, b in zip(tm, to, strict=True)) for _, _, tm, to in per_base
     ]
     row["found per base"] = [[_one(m.found), _one(o.found)] for m, o, _, _ in per_base]  # seeds, 1 seed
-    row["same point per base"] = [m == o for m, o in row["found per base"] if m != NONE_FOUND]
+    row["same point per base"] = [m == o != "varies" for m, o in row["found per base"] if m != NONE_FOUND]
     return judged_seeds(row)
 
 

@@ -96,13 +96,18 @@ def unverified(result: SearchResult) -> str:
     screen's seed alone (nothing exploded on all seeds yet) says that too."""
     if result.minimal:
         return ""
-    cx = result.counterexample
-    alone = cx is not None and len(cx.judgement.seeds) == 1 < result.space.base.run.seeds
     return (
         " (interrupted: on one seed alone, not verified minimal)"
-        if alone
+        if alone(result)
         else " (interrupted: not verified minimal)"
     )
+
+
+def alone(result: SearchResult) -> bool:
+    """Whether the counterexample exploded on one seed alone, the search interrupted before any point
+    exploded on all seeds (its config then holds that seed and seeds=1, so it reproduces)."""
+    cx = result.counterexample
+    return cx is not None and cx.config.run.seeds == 1 < result.space.base.run.seeds
 
 
 def row(result: SearchResult) -> list[str]:
@@ -427,14 +432,15 @@ def _ordinal(k: int) -> str:
 def one_sided(results: Sequence[SearchResult]) -> list[str]:
     """Lines naming each target that explodes on some devices or precisions but not on others: stable
     on those a search finished with points judged, not judged on those where every point was skipped
-    or the search was interrupted (a row that tested nothing was called stable)."""
+    or the search was interrupted (a row that tested nothing was called stable), and where it exploded
+    on one seed alone (`alone`: on all seeds it may be stable)."""
     out = []
     for label in dict.fromkeys(r.space.label for r in results):
         rows = [r for r in results if r.space.label == label]
         where = {id(r): f"{r.space.base.run.device}/{row(r)[2]}" for r in rows}
-        bad = {where[id(r)] for r in rows if r.counterexample}
+        bad = {where[id(r)] for r in rows if r.counterexample and not alone(r)}
         judged = {where[id(r)] for r in rows if not r.counterexample and _stable(r)}
-        unjudged = {where[id(r)] for r in rows if not r.counterexample and not _stable(r)}
+        unjudged = {where[id(r)] for r in rows if alone(r) or (not r.counterexample and not _stable(r))}
         others = [
             f"{what} on {', '.join(sorted(s))}"
             for what, s in (("stable", judged), ("not judged", unjudged))

@@ -403,7 +403,10 @@ def search(
                 best = min(failing, key=lambda i: (sum(i), i))
                 judged = seen[best]
                 assert isinstance(judged, Judgement)
-                cx, rough = Counterexample(space.label, space.config(best), judged, limits, ()), True
+                config = space.config(best)
+                if best not in prober.seen:  # one seed's: its config says so, and reproduces it
+                    config = config.with_run(seed=judged.seeds[0], seeds=1)
+                cx, rough = Counterexample(space.label, config, judged, limits, ()), True
                 at = best
     return result(cx)
 

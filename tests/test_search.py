@@ -706,15 +706,17 @@ def test_a_rerun_after_a_top_corner_misread_by_the_first_seed_screens_on_the_fir
 
 
 def test_an_interrupted_search_names_an_explosion_seen_on_one_seed_alone() -> None:
-    """Every seed explodes from depth 5 (10^2.5 > 100): interrupted before any verdict on all seeds
-    (the top corner is screened first, on the first seed), the row named no explosion ('stable on
-    one seed so far, tried up to depth=3' where that seed had exploded at depth 6: a review). It now
-    shows the smallest explosion seen, said to be on one seed alone."""
-    subject_rows = {d: (10.0 ** (d / 2),) * 3 for d in range(1, 7)}
+    """The first seed explodes from depth 5 (10^2.5 > 100), the others nowhere: interrupted before any
+    verdict on all seeds (the top corner is screened first, on the first seed), the row named no
+    explosion ('stable on one seed so far, tried up to depth=3' where that seed had exploded at depth
+    6: a review). It now shows the smallest explosion seen, said to be on one seed alone, with a
+    config of that seed alone, so that its reproduce line explodes (on all seeds it reads stable);
+    beside a finished stable row of the same target, no 'explodes only on' line (a second review)."""
+    rows = {d: (10.0 ** (d / 2), 1.0, 1.0) for d in range(1, 7)}
 
     class Stops(ByDepth):
         def __init__(self) -> None:
-            super().__init__(subject_rows)
+            super().__init__(rows)
             self.calls = 0
 
         def build(self, config: Config) -> Built:
@@ -727,9 +729,16 @@ def test_an_interrupted_search_names_an_explosion_seen_on_one_seed_alone() -> No
     limits = Limits(growth=GROWTH_LIMIT, grad_norm=None, divergence=None)
     result = search(space, subject=Stops(), limits=limits)  # type: ignore[arg-type]
     cx = result.counterexample
-    assert result.interrupted and cx is not None and len(cx.judgement.seeds) == 1 and cx.judgement.exploded
+    assert result.interrupted and cx is not None and cx.judgement.exploded and report.alone(result)
+    assert cx.config.run.seeds == 1 and cx.config.run.seed == cx.judgement.seeds[0] == 0
     assert int(cx.config.knob("depth")) >= 5  # an explosion that seed saw: 10^(d/2) > 100
     assert report.row(result)[3].endswith("(interrupted: on one seed alone, not verified minimal)")
+    assert assess(cx.config, ByDepth(rows), limits).exploded  # type: ignore[arg-type]
+    assert not assess(cx.config.with_run(seeds=3), ByDepth(rows), limits).exploded  # type: ignore[arg-type]
+    other = Space("t", space.base.with_run(dtype="float64"), space.axes)
+    stable = search(other, subject=ByDepth({d: (1.0,) * 3 for d in rows}), limits=limits)  # type: ignore[arg-type]
+    assert stable.counterexample is None and not stable.interrupted
+    assert report.one_sided([result, stable]) == []
 
 
 def test_a_results_shown_judgement_is_its_counterexamples() -> None:
