@@ -131,7 +131,7 @@ def _replay(args: argparse.Namespace, limits: Any) -> list[Any]:
             continue
         if not isinstance(cx, dict) or "config" not in cx:
             raise UsageError(f"{where}: a counterexample has no 'config'; expected the output of --json")
-        config = Config.from_dict(cx["config"])
+        config = _judged_config(Config.from_dict(cx["config"]), entry.get("alone"), where)
         if kind(config.subject) == "file" and (target is None or target.name != config.subject):
             raise UsageError(
                 f"{where} names the model file {config.subject}; replaying would run its code, so name "
@@ -163,6 +163,19 @@ def _replay(args: argparse.Namespace, limits: Any) -> list[Any]:
             "empty); replay re-judges the exploding rows a --json file recorded"
         )
     return results
+
+
+def _judged_config(config: Any, alone: Any, where: str) -> Any:
+    """The stored counterexample's config, or, where the search saw it explode on one seed alone (an
+    interrupted search: `alone` holds its run's seed and seeds), that point on all those seeds: a
+    replay judges the claim a finished search would have made, not one draw."""
+    if alone is None:
+        return config
+    if not isinstance(alone, dict) or not all(isinstance(alone.get(k), int) for k in ("seed", "seeds")):
+        raise UsageError(
+            f"{where}: 'alone' must hold the integers 'seed' and 'seeds'; expected --json's output"
+        )
+    return config.with_run(seed=alone["seed"], seeds=alone["seeds"])
 
 
 def _stored_limits(cx: dict[str, Any], where: str, given: dict[str, Any]) -> Any:

@@ -270,7 +270,7 @@ def _top_note(r: SearchResult) -> str:
 def _bottom_note(r: SearchResult) -> str:
     """Where the point reported is the lowest corner of the space: nothing smaller was searched."""
     cx = r.counterexample
-    if cx is None or not r.space.axes or cx.config != r.space.config((0,) * len(r.space.axes)):
+    if cx is None or not r.space.axes or cx.config.knobs != r.space.config((0,) * len(r.space.axes)).knobs:
         return ""  # no axis searched (every knob fixed): no corner to speak of
     nf = cx.judgement.measurement.first_nonfinite
     if nf is not None and nf.layer == INPUT and nf.step == 0:
@@ -610,6 +610,8 @@ def to_json(results: Sequence[SearchResult]) -> str:
             "limits": vars(r.limits) if r.limits is not None else None,  # what every point was judged on
             "top_stable": r.top_stable,
             "minimal": r.minimal if r.counterexample else None,  # verified 1-minimal; none: no claim
+            # seen on one seed alone (its config holds that seed): the run the search judged on all seeds
+            "alone": {"seed": r.space.base.run.seed, "seeds": r.space.base.run.seeds} if alone(r) else None,
             "unjudged": [{"config": c.to_dict(), "reason": why} for c, why in r.unjudged],
             "below": None
             if r.below is None

@@ -741,6 +741,44 @@ def test_an_interrupted_search_names_an_explosion_seen_on_one_seed_alone() -> No
     assert report.one_sided([result, stable]) == []
 
 
+def test_a_one_seed_counterexample_keeps_its_corner_note_and_replays_on_all_seeds() -> None:
+    """The first seed explodes at depth 1 already, the others nowhere; interrupted at the third build
+    (a third review): the lowest-corner note is still written (it compared the whole config, whose
+    run now holds the one seed), the JSON says which run the search judged on all seeds, and --replay
+    judges that point on all of them (it read the one seed's explosion as a failure, exit 1)."""
+    import json
+
+    from stabilitycheck import cli
+
+    rows = {d: (1e3, 1.0, 1.0) for d in range(1, 4)}
+
+    class Stops(ByDepth):
+        def __init__(self) -> None:
+            super().__init__(rows)
+            self.calls = 0
+
+        def build(self, config: Config) -> Built:
+            self.calls += 1
+            if self.calls == 3:
+                raise KeyboardInterrupt
+            return super().build(config)
+
+    space = Space("t", Stops().config().with_run(seeds=3), (Axis.range("depth", 1, 3),))
+    limits = Limits(growth=GROWTH_LIMIT, grad_norm=None, divergence=None)
+    result = search(space, subject=Stops(), limits=limits)  # type: ignore[arg-type]
+    cx = result.counterexample
+    assert cx is not None and report.alone(result) and int(cx.config.knob("depth")) == 1
+    assert "the lowest corner" in report.text([result])
+    (entry,) = json.loads(report.to_json([result]))
+    assert entry["alone"] == {"seed": 0, "seeds": 3}
+    stored = Config.from_dict(entry["counterexample"]["config"])
+    again = cli._judged_config(stored, entry["alone"], "--replay x.json")
+    assert again == space.config((0,)) and not assess(again, ByDepth(rows), limits).exploded  # type: ignore[arg-type]
+    assert cli._judged_config(stored, None, "--replay x.json") == stored
+    with pytest.raises(UsageError, match="'alone' must hold the integers"):
+        cli._judged_config(stored, {"seed": "0"}, "--replay x.json")
+
+
 def test_a_results_shown_judgement_is_its_counterexamples() -> None:
     """SearchResult.shown (what the row and its notes read): the counterexample's judgement where
     there is one, even beside a largest stable point's."""
