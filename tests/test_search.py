@@ -705,6 +705,20 @@ def test_a_rerun_after_a_top_corner_misread_by_the_first_seed_screens_on_the_fir
         assert result.counterexample.config.knob("depth") == 4 and result.top_stable
 
 
+class StopsAtThird(ByDepth):
+    """A ByDepth whose third build raises KeyboardInterrupt (as Ctrl-C)."""
+
+    def __init__(self, rows: dict[int, tuple[float, ...]]) -> None:
+        super().__init__(rows)
+        self.calls = 0
+
+    def build(self, config: Config) -> Built:
+        self.calls += 1
+        if self.calls == 3:
+            raise KeyboardInterrupt
+        return super().build(config)
+
+
 def test_an_interrupted_search_names_an_explosion_seen_on_one_seed_alone() -> None:
     """The first seed explodes from depth 5 (10^2.5 > 100), the others nowhere: interrupted before any
     verdict on all seeds (the top corner is screened first, on the first seed), the row named no
@@ -714,20 +728,9 @@ def test_an_interrupted_search_names_an_explosion_seen_on_one_seed_alone() -> No
     beside a finished stable row of the same target, no 'explodes only on' line (a second review)."""
     rows = {d: (10.0 ** (d / 2), 1.0, 1.0) for d in range(1, 7)}
 
-    class Stops(ByDepth):
-        def __init__(self) -> None:
-            super().__init__(rows)
-            self.calls = 0
-
-        def build(self, config: Config) -> Built:
-            self.calls += 1
-            if self.calls == 3:
-                raise KeyboardInterrupt
-            return super().build(config)
-
-    space = Space("t", Stops().config().with_run(seeds=3), (Axis.range("depth", 1, 6),))
+    space = Space("t", StopsAtThird(rows).config().with_run(seeds=3), (Axis.range("depth", 1, 6),))
     limits = Limits(growth=GROWTH_LIMIT, grad_norm=None, divergence=None)
-    result = search(space, subject=Stops(), limits=limits)  # type: ignore[arg-type]
+    result = search(space, subject=StopsAtThird(rows), limits=limits)  # type: ignore[arg-type]
     cx = result.counterexample
     assert result.interrupted and cx is not None and cx.judgement.exploded and report.alone(result)
     assert cx.config.run.seeds == 1 and cx.config.run.seed == cx.judgement.seeds[0] == 0
@@ -752,20 +755,9 @@ def test_a_one_seed_counterexample_keeps_its_corner_note_and_replays_on_all_seed
 
     rows = {d: (1e3, 1.0, 1.0) for d in range(1, 4)}
 
-    class Stops(ByDepth):
-        def __init__(self) -> None:
-            super().__init__(rows)
-            self.calls = 0
-
-        def build(self, config: Config) -> Built:
-            self.calls += 1
-            if self.calls == 3:
-                raise KeyboardInterrupt
-            return super().build(config)
-
-    space = Space("t", Stops().config().with_run(seeds=3), (Axis.range("depth", 1, 3),))
+    space = Space("t", StopsAtThird(rows).config().with_run(seeds=3), (Axis.range("depth", 1, 3),))
     limits = Limits(growth=GROWTH_LIMIT, grad_norm=None, divergence=None)
-    result = search(space, subject=Stops(), limits=limits)  # type: ignore[arg-type]
+    result = search(space, subject=StopsAtThird(rows), limits=limits)  # type: ignore[arg-type]
     cx = result.counterexample
     assert cx is not None and report.alone(result) and int(cx.config.knob("depth")) == 1
     assert "the lowest corner" in report.text([result])
