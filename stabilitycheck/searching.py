@@ -210,6 +210,7 @@ def hypothesis_phase(
     canonical pass that follows finds the smallest point deterministically.
     """
     space = prober.space
+    prober.screen_seed = space.base.run.seed  # whatever seed a descent before it was steered to
     failures: list[Index] = []
 
     def stable(data: st.DataObject) -> None:
@@ -257,7 +258,7 @@ def _failure(
     found = hypothesis_phase(prober, max_examples, seed, database, confirm=not top)
     if found is None and top:
         return prober.space.top()
-    if found is None and not top and (stable := prober.largest_stable()) is not None:
+    if found is None and (stable := prober.largest_stable()) is not None:
         # the point a stable row stands on is judged on the full rule, as a top corner the screen
         # finds stable is (which may be skipped: the model rejecting its largest knob values)
         return stable if prober.explodes(stable) else None
@@ -376,7 +377,6 @@ def search(
         if found is not None:
             found = canonical(prober, found)
             if found is None:  # the top corner exploded on the screen's seed alone, not on all seeds
-                prober.screen_seed = space.base.run.seed  # Hypothesis' examples run on the first seed
                 found = _failure(prober, max_examples, seed, database, top=False)
                 found = canonical(prober, found, screened_top=False) if found is not None else None
         if found is not None:
