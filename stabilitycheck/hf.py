@@ -239,6 +239,7 @@ class HFModel:
         # where there are several (CLIP's text model: range and factor), the one its init reads
         self.init_knob: str | None = next((n for n in inits if len(inits) == 1 or self._inits(n)), None)
         self.critical: Knob | None = fields[self.init_knob] if self.init_knob else None
+        self.critical_note = "the config's default, which critical-init takes as critical"
         self.layers_knob = next((n for n in LAYER_FIELDS if n in knobs and self._moves(n)), None)
 
     def _moves(self, knob: str) -> bool:

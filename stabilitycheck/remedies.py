@@ -146,7 +146,7 @@ def why_not(name: str, c: Config, s: Subject) -> str:
         target = s.critical_init(c)
         if target is None:
             return f"no critical value known for {s.init_knob}"
-        return f"{s.init_knob} is at its critical value, {target}"
+        return f"{s.init_knob} is at {target}, {s.critical_note}"
     return "does not apply to this model"
 
 

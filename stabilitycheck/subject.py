@@ -36,6 +36,9 @@ class Subject(Protocol):
 
     name: str  # what Config.subject holds, e.g. "mlp", "/abs/model.py:build", "hf:gpt2"
     init_knob: str | None  # the knob that scales the initialisation, if any
+    # what critical_init's value is, for the critical-init remedy's 'n/a' beside it: a value known
+    # to be critical, or the model's own init taken as one (a model file's default, a config's)
+    critical_note: str
 
     def config(self, **values: Scalar) -> Config:
         """A Config of this subject: every knob at its default unless given (run settings by name)."""

@@ -251,6 +251,7 @@ class Family:
         knob_specs(name)  # a ConfigError, with a 'did you mean', where `name` is no zoo family
         self.name = name
         self.init_knob: str | None = "init_scale"
+        self.critical_note = "its critical value"
 
     def __repr__(self) -> str:
         return f"Family({self.name!r})"

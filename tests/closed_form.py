@@ -27,6 +27,7 @@ class ScaledIdentity:
 
     name = NAME
     init_knob = "init_scale"
+    critical_note = "its critical value"
 
     def __init__(
         self,

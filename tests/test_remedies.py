@@ -70,7 +70,37 @@ def test_a_model_file_config_without_its_init_knob_reads_it_at_its_default(tmp_p
             assert remedy is not None and remedy.knob("init_scale") == 1.0 and remedy.knob("depth") == 5
         else:
             assert remedy is None
-            assert why_not("critical-init", sparse, subject) == "init_scale is at its critical value, 1.0"
+            reason = why_not("critical-init", sparse, subject)
+            assert reason == "init_scale is at 1.0, its critical value (INIT)"
+
+
+def test_a_model_files_own_init_is_not_called_a_known_critical_value(tmp_path: Path) -> None:
+    """A file that declares no critical value (no INIT, or INIT naming the knob alone) has its own
+    init taken as critical: its 'n/a' says so and how to name one, where it read 'init_scale is at
+    its critical value, 1.0' of a factory hard-coding sigma_w = 2 (an audit); a declared value is
+    called critical. Oracle: what each file declares."""
+    from stabilitycheck.config import Config
+    from stabilitycheck.remedies import why_not
+    from stabilitycheck.subjects import resolve
+
+    body = (
+        "import torch\nfrom torch import nn\n{init}"
+        "def build(depth=3, gain=1.0):\n"
+        "    return nn.Sequential(*(nn.Linear(8, 8) for _ in range(depth)))\n"
+        "def batch(model, batch_size=4):\n    return torch.randn(batch_size, 8)\n"
+    )
+    said = {
+        "": "init_scale is at 1.0, the model's own init, which critical-init takes as critical; "
+        "INIT = ('init_scale', value) in the file names the critical value",
+        "INIT = 'gain'\n": "gain is at 1.0, the model's own init, which critical-init takes as critical; "
+        "INIT = ('gain', value) in the file names the critical value",
+        "INIT = ('gain', 1.0)\n": "gain is at 1.0, its critical value (INIT)",
+    }
+    for i, (init, expected) in enumerate(said.items()):
+        path = tmp_path / f"own{i}.py"
+        path.write_text(body.format(init=init))
+        subject = resolve(str(path))
+        assert why_not("critical-init", Config.of(str(path)), subject) == expected
 
 
 def test_clipping_is_offered_only_where_there_are_steps_to_clip() -> None:
@@ -166,7 +196,7 @@ def test_a_remedy_that_does_not_apply_says_why() -> None:
     mlp = Family("mlp")
     at_critical = Config.of("mlp", init_scale=1.0, activation="tanh")
     assert candidates(at_critical, mlp)["critical-init"] is None
-    assert why_not("critical-init", at_critical, mlp) == "init_scale is at its critical value, 1.0"
+    assert why_not("critical-init", at_critical, mlp) == "init_scale is at 1.0, its critical value"
     assert why_not("clip", at_critical, mlp) == "no optimiser steps: --steps N"
     assert why_not("warmup", at_critical.with_run(steps=1), mlp) == "fewer than 2 optimiser steps: --steps N"
     assert why_not("float32", at_critical.with_run(dtype="float64"), mlp) == "float64 already, no autocast"

@@ -70,7 +70,14 @@ class ModelFile:
             self.source, self.knobs = fixed_source(given, attr, module)
             label = f"the module-level `{attr}` (its knob is seq_len, with SEQ_DIM)"
         self.init_knob: str | None
-        self.init_knob, self.critical = self._init(getattr(module, "INIT", None))
+        declared = getattr(module, "INIT", None)
+        self.init_knob, self.critical = self._init(declared)
+        self.critical_note = (  # a file's own init at sigma_w 2 read 'at its critical value' (an audit)
+            "its critical value (INIT)"
+            if isinstance(declared, tuple) and len(declared) == 2 and isinstance(declared[1], int | float)
+            else f"the model's own init, which critical-init takes as critical; INIT = ({self.init_knob!r}, "
+            "value) in the file names the critical value"
+        )
         self.scales_weights = self.init_knob == SCALE and SCALE not in self.knobs
         if self.scales_weights:
             self.knobs[SCALE] = 1.0  # multiplies every weight of rank >= 2 after the model's own init
