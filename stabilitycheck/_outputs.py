@@ -126,6 +126,10 @@ def check_outputs(named: Sequence[tuple[str, Path | None]]) -> None:
     for flag, path in named:
         if path is None:
             continue
+        if path.is_dir():
+            raise UsageError(f"{flag} {path}: is a directory; give a file path, e.g. {path / 'results'}")
+        if path.exists() and not path.is_file():  # renamed over, /dev/full became a JSON file
+            raise UsageError(f"{flag} {path}: is no regular file (a device or a pipe); give a file path")
         if not writable(path):
             raise UsageError(f"{flag} {path}: cannot write there (no such directory or no permission)")
         same = seen.setdefault(path.resolve(), flag)
@@ -139,6 +143,10 @@ def check_outputs(named: Sequence[tuple[str, Path | None]]) -> None:
 
 
 def atomic_write(path: Path, text: str) -> None:
+    """Write `text` to `path` whole (a reader never sees half of it): a temporary file beside the
+    file, renamed over it; beside the file a link points to, so the link stays (renamed over, the
+    link became a file and its target kept the old text)."""
+    path = path.resolve()
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -893,6 +893,34 @@ def test_an_output_whose_folder_takes_no_new_file_is_refused_before_the_search(
     assert err.count("\n") == 1 and not out
 
 
+def test_an_output_that_is_a_directory_or_no_regular_file_is_refused_before_the_search(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The JSON is written through a temporary file renamed over the path: renamed over /dev/full (as
+    root) it became a JSON file, over a named pipe a plain file its reader never saw; a directory
+    read 'no such directory or no permission'. Each is one line, exit 2, the path as it was."""
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    for path, said in ((tmp_path, "is a directory"), (pipe, "is no regular file")):
+        code, out, err = _run([str(_file(tmp_path)), "--json", str(path), "--quiet"], capsys)
+        assert code == cli.EXIT_USAGE and f"--json {path}: {said}" in err
+        assert err.count("\n") == 1 and not out
+    assert pipe.is_fifo()
+
+
+def test_the_json_through_a_link_is_written_into_the_file_it_points_to(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Renamed over the path, a link to the results file became a file of its own, and the file it
+    pointed to kept its old text. Oracle: the link is still one, and its target holds the JSON."""
+    real, link = tmp_path / "real.json", tmp_path / "link.json"
+    real.write_text("old")
+    link.symlink_to(real)
+    code, _, _ = _run([str(_file(tmp_path)), "--json", str(link), "--quiet", "--max-examples", "5"], capsys)
+    assert code in (cli.EXIT_OK, cli.EXIT_FOUND) and link.is_symlink()
+    assert isinstance(json.loads(real.read_text()), list)
+
+
 def test_the_table_is_printed_before_the_plot_is_drawn(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
