@@ -244,6 +244,12 @@ def _readout(k: Knobs, gen: torch.Generator, last: bool) -> Callable[..., torch.
     return lambda output, inputs: per_step(output[:, -1], inputs)
 
 
+# width-sized tensors a block call keeps per row, about twice what autograd saves (the probe keeps
+# outputs and their gradients too): saved 1.5-3 on the MLPs and the RNN, 8.2-8.7 on the LSTM and GRU
+# cells, 14.2 on a transformer block (its attention saves no seq_len^2 matrix)
+SAVED_PER_ROW = {"lstm": 18, "gru": 18, "transformer": 30}
+
+
 class Family:
     """One zoo family as a Subject (`Family("mlp")`): its knobs come from `families.FAMILIES`."""
 
@@ -288,12 +294,16 @@ class Family:
         return self.build(config, last=True) if self.name in RECURRENT else None
 
     def memory_estimate(self, config: Config) -> int:
-        """Bytes of float64 activations kept for backward (tensors per block x their size) and of the
-        weights in float64, x4 (weight, gradient, two Adam moments): `--knob width=20000` at 8 layers
-        (3.2e9 weights) was built, its activations' 7-59 MiB under the budget, and the process killed."""
+        """Bytes of float64 activations kept for backward (SAVED_PER_ROW x the rows and width of every
+        block call) and of the weights in float64, x4 (weight, gradient, two Adam moments): `--knob
+        width=20000` at 8 layers (3.2e9 weights) was built, its activations' 7-59 MiB under the budget,
+        and the process killed."""
         k = Knobs.of(config)
-        per_block = 12 if k.family == "transformer" else 6
-        tokens = k.batch_size * (k.seq_len if k.family in (*RECURRENT, "transformer") else 1)
+        per_block = SAVED_PER_ROW.get(k.family, 6)
+        # rows a block's call takes: a recurrent cell's, one step's (its seq_len calls are the blocks:
+        # counting every token in each read seq_len^2, 12 GiB for a width-256 RNN at 256 steps that
+        # peaks at ~0.3 GiB, skipped as too large)
+        tokens = k.batch_size * (k.seq_len if k.family == "transformer" else 1)
         blocks = k.seq_len if k.family in RECURRENT else k.depth
         layers = 1 if k.family in RECURRENT else k.depth  # one recurrent layer, its cell called per step
         weights = MATRICES[k.family] * k.width * k.width * layers

@@ -117,3 +117,37 @@ def test_the_memory_estimate_counts_every_weight(family: str) -> None:
     weights = sum(p.numel() for p in built.model.parameters())
     one, two = (subject.memory_estimate(Config.of(family, batch_size=b, **knobs)) for b in (1, 2))
     assert 2 * one - two == 4 * 8 * weights
+
+
+@pytest.mark.parametrize("family", sorted(MATRICES))
+def test_the_activation_estimate_bounds_what_autograd_saves(family: str) -> None:
+    """A recurrent family counted every token in each of its seq_len step calls (seq_len^2): a
+    width-256 RNN at 256 steps read 12 GiB, skipped as too large, where it peaks at ~0.3 GiB; and an
+    LSTM's or GRU's cell saves more per row than the 6 tensors counted. Oracle: the bytes autograd
+    itself saves for the backward (torch.autograd.graph.saved_tensors_hooks, parameters aside, which
+    the estimate counts apart), in float64 at two sequence lengths or depths: the activation part of
+    the estimate lies between 1x and 5x of them."""
+    from stabilitycheck.memory import PER_PARAMETER
+
+    subject = resolve(family)
+    recurrent = family in ("rnn", "lstm", "gru")
+    for size in (30, 120):
+        knobs: dict[str, int] = {"width": 32, "batch_size": 4}
+        knobs.update({"seq_len": size} if recurrent else {"depth": size // 15})
+        if family == "transformer":
+            knobs["seq_len"] = size
+        config = Config.of(family, dtype="float64", **knobs)
+        built = subject.build(config)
+        own = {p.untyped_storage().data_ptr() for p in built.model.parameters()}
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor, saved: dict[int, int] = saved) -> torch.Tensor:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            built.loss_fn(built.model(built.inputs), built.inputs)
+        kept = sum(n for ptr, n in saved.items() if ptr not in own)
+        weights = sum(p.numel() for p in built.model.parameters())
+        activations = subject.memory_estimate(config) - PER_PARAMETER * 8 * weights
+        assert kept <= activations <= 5 * kept, (size, kept, activations)
