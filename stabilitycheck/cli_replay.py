@@ -15,13 +15,26 @@ def main(argv: Sequence[str]) -> int:
     """`stabilitycheck replay BUNDLE [--rtol R]`: print the comparison; exit 0 if it reproduces."""
     parser = Parser(prog="stabilitycheck replay", description=__doc__)
     parser.add_argument("bundle", type=Path)
-    parser.add_argument("--rtol", type=number(float, 0), default=RTOL)
+    parser.add_argument(
+        "--rtol",
+        type=number(float, 0),
+        default=RTOL,
+        help=f"largest |recorded - replayed| / the larger that agrees, in [0, 1) (default {RTOL:g})",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
+    if args.rtol >= 1:  # the difference is at most 1: --rtol 5 read any change of the model as agreeing
+        parser.error(
+            f"argument --rtol: must be below 1, got {args.rtol:g}: the difference is |recorded - replayed| "
+            "/ the larger of the two, at most 1, so 1 or more accepts any pair"
+        )
     result = replay(args.bundle)
     bad = result.mismatches(args.rtol)
     worst = result.largest_difference()
-    print(f"replayed step {result.step}: {len(result.names)} norms, largest relative difference {worst:.3g}")
+    print(
+        f"replayed step {result.step}: {len(result.names)} norms, largest relative difference {worst:.3g} "
+        "(|recorded - replayed| / the larger)"
+    )
     if result.changed:
         print(f"  note: the code of {', '.join(result.changed)} changed since the bundle was written")
     if bad and result.hooked:

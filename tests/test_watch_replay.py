@@ -104,6 +104,25 @@ def test_a_bundle_whose_norms_differ_is_exit_1(tmp_path: Path) -> None:
     assert main(["replay", str(tmp_path / "bundle")]) == 1
 
 
+def test_an_rtol_of_1_or_more_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The difference is |recorded - replayed| / the larger, at most 1: --rtol 1 or 5 read a bundle
+    whose norms were off by x2600 (the model's tanh edited to relu) as agreeing, exit 0 (a new user's
+    trial). Oracle: a norm doubled differs by 0.5, refused at 0.4, accepted at 0.6; rtol 1 is a usage
+    error, one line, exit 2."""
+    _bundle(tmp_path / "bundle")
+    meta_path = tmp_path / "bundle" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["values"][2] *= 2
+    meta_path.write_text(json.dumps(meta))
+    argv = ["replay", str(tmp_path / "bundle"), "--rtol"]
+    assert main([*argv, "0.4"]) == 1 and main([*argv, "0.6"]) == 0
+    capsys.readouterr()
+    for rtol in ("1", "5"):
+        assert main([*argv, rtol]) == 2
+        err = capsys.readouterr().err
+        assert "--rtol: must be below 1" in err and err.count("\n") == 1
+
+
 def test_a_missing_bundle_is_a_one_line_usage_error(tmp_path: Path, capsys: object) -> None:
     assert main(["replay", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err  # type: ignore[attr-defined]
