@@ -99,6 +99,32 @@ def _limits_given(argv: Sequence[str] | None) -> dict[str, Any]:
     return {field: given[dest] for field, dest in LIMIT_FIELDS.items() if given[dest] is not unset}
 
 
+REPLAY_TAKES = {  # the options a replay uses; and the search's budget and example store, which change
+    # no verdict (a CI step replaying with its search's arguments passes them)
+    *("replay", "target", "json", "markdown", "plot", "quiet", "debug", "max_examples", "database"),
+    *LIMIT_FIELDS.values(),
+}
+
+
+def _replay_alone(args: argparse.Namespace) -> None:
+    """--replay beside an option it does not use (a knob, the seeds, the dtype, the family): a
+    UsageError naming them, where each was ignored in silence (--dtype float64 --seeds 1 replayed
+    in float32 on 3 seeds, and printed 'clip: n/a (no optimiser steps: --steps N)' after --steps 5)."""
+    p = parser()
+    flags = {a.dest: a.option_strings[0] for a in p._actions if a.option_strings}
+    ignored = [
+        flags[d]
+        for d, v in vars(args).items()
+        if d in flags and d not in REPLAY_TAKES and v != p.get_default(d)
+    ]
+    if ignored:
+        raise UsageError(
+            f"{', '.join(ignored)} has no effect with --replay: a replay re-judges each stored "
+            "counterexample as it was found (its knobs, seeds and run settings), on its stored limits or "
+            "the limit options given; drop them, or search again without --replay"
+        )
+
+
 def _replay(args: argparse.Namespace, limits: Any) -> list[Any]:
     """Re-judge the counterexamples stored in a --json file, each on the limits it was found under
     (a counterexample found under --growth-limit 50 read stable on the default 100, exit 0: a CI job
@@ -156,6 +182,12 @@ def _replay(args: argparse.Namespace, limits: Any) -> list[Any]:
                 limits=judged,
                 replayed=True,
             )
+        )
+    named = {r.space.base.subject for r in results}
+    if target is not None and results and target.name not in named:  # its rows were replayed instead
+        raise UsageError(
+            f"{where} holds no counterexample of {args.target} (its rows are of {', '.join(sorted(named))}); "
+            f"replay it without naming {args.target}, or give a --json file a run of {args.target} wrote"
         )
     if not results:
         raise UsageError(
@@ -226,6 +258,7 @@ def run(argv: Sequence[str] | None, progress: Progress | None = None) -> int:
 
     limits = Limits(**{field: getattr(args, dest) for field, dest in LIMIT_FIELDS.items()})
     if args.replay:  # each counterexample is re-judged on its own limits, but for those given here
+        _replay_alone(args)
         args.limits_given = _limits_given(argv)
     outputs = Outputs(args)
     shown = progress or Progress(args.quiet)

@@ -63,6 +63,28 @@ def test_replay_judges_each_counterexample_on_the_limits_it_was_found_under(
     assert code == 0
 
 
+def test_a_replay_refuses_the_options_it_does_not_use(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """--replay re-judges each stored counterexample as found: --dtype float64 --seeds 1 --steps 5
+    were ignored in silence (float32, 3 seeds, 'clip: n/a (no optimiser steps: --steps N)'), and a
+    target naming none of the file's rows replayed those rows (a new user's trial). Each is now one
+    line, exit 2, naming what has no effect; the search's budget (--max-examples, --database) and the
+    limits are still taken."""
+    js = tmp_path / "r.json"
+    assert run(capsys, "zoo", "--family", "mlp", *FAST, "--json", str(js))[0] == 1
+    for extra, said in (
+        (["--dtype", "float64", "--seeds", "1", "--steps", "5"], "--seeds, --steps, --dtype has no effect"),
+        (["--family", "rnn"], "--family has no effect"),
+        (["--knob", "depth=1:3"], "--knob has no effect"),
+    ):
+        code, out, err = run(capsys, "zoo", "--replay", str(js), *extra)
+        assert code == 2 and said in err and err.count("\n") == 1 and not out, err
+    code, out, err = run(capsys, "rnn", "--replay", str(js))
+    assert code == 2 and "holds no counterexample of rnn (its rows are of mlp)" in err
+    assert run(capsys, "mlp", "--replay", str(js), *FAST, "--growth-limit", "100")[0] == 1
+
+
 def test_a_replay_file_whose_limits_are_not_numbers_exits_2(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
