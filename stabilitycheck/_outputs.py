@@ -55,12 +55,12 @@ class Outputs:
         self.failures: dict[str, str] = {}  # per output its first failure (each rewrite fails alike)
         check_outputs((("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)))
 
-    def save(self, results: Sequence[Any]) -> None:
-        """Rewrite the JSON (atomically) with what is known so far."""
+    def save(self, results: Sequence[Any], left: Sequence[str] = ()) -> None:
+        """Rewrite the JSON (atomically) with what is known so far (`left`: targets not searched)."""
         from stabilitycheck import report
 
         if self.args.json:
-            self._attempt("--json", lambda: atomic_write(self.args.json, report.to_json(results)))
+            self._attempt("--json", lambda: atomic_write(self.args.json, report.to_json(results, left)))
 
     def nothing(self, named: str) -> None:
         """The outputs of a run stopped before its first search, without importing the report, which
@@ -86,17 +86,17 @@ class Outputs:
         if summary is not None:
             self._attempt("GITHUB_STEP_SUMMARY", lambda: _append(summary, md))
 
-    def final(self, results: Sequence[Any]) -> None:
+    def final(self, results: Sequence[Any], left: Sequence[str] = ()) -> None:
         """Everything: JSON, Markdown, the report on stdout (a closed pipe loses only that), whole
         under a signal (_command.uninterrupted), then the plot, the slowest (a second Ctrl-C while it
-        draws loses only the image)."""
+        draws loses only the image). `left`: the targets an interrupt left unsearched."""
         from stabilitycheck import report
 
         try:
             with uninterrupted():  # a signal now stops the run after these, before the plot
-                self.save(results)
+                self.save(results, left)
                 if self.args.markdown or self.summary:
-                    self._markdown(report.markdown(results))
+                    self._markdown(report.markdown(results, left))
                 try:
                     print(report.text(results), file=self.stdout, flush=True)
                 except BrokenPipeError:

@@ -299,6 +299,7 @@ def _searches(args: argparse.Namespace, limits: Any, outputs: Outputs, shown: Pr
         return interrupted()
     results = list[Any]()
     pending = list[Any]()  # the latest partial result of the search under way (its counterexample)
+    left: list[str] = []  # the targets an interrupt left unsearched
     code = EXIT_OK
     try:
         for subject, space in spaces:
@@ -339,10 +340,11 @@ def _searches(args: argparse.Namespace, limits: Any, outputs: Outputs, shown: Pr
         stop_seen()
         code = interrupted()
         left = [space.label for _, space in spaces[len(results) + len(pending) :]]
-        if left:  # on stderr even with --quiet: the table has no row for them
+        if left:  # on stderr even with --quiet: the table has no row for them (the JSON and Markdown
+            # name them too)
             sys.stderr.write(f"stabilitycheck: not searched (interrupted first): {', '.join(left)}\n")
     finally:
-        outputs.final(results + pending)
+        outputs.final(results + pending, left)
     if code != EXIT_OK:
         return code
     for r in results:

@@ -704,7 +704,8 @@ def test_an_interrupted_zoo_says_what_is_not_minimal_and_what_was_not_searched(
 ) -> None:
     """Ctrl-C during the second target's descent: its row shows the smallest exploding point seen,
     marked not verified minimal, remedies 'not tried (interrupted)' (it read 'none applies'); the
-    targets never started are named on stderr (they were missing without a word)."""
+    targets never started are named on stderr (they were missing without a word), and in the JSON and
+    Markdown, where a CI summary read as if the zoo were those rows alone (a new user's trial)."""
     from stabilitycheck import searching
 
     real, calls = searching.canonical, []
@@ -716,13 +717,17 @@ def test_an_interrupted_zoo_says_what_is_not_minimal_and_what_was_not_searched(
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(searching, "canonical", descent)
+    js, md = tmp_path / "r.json", tmp_path / "r.md"
     args = ["zoo", "--family", "mlp,rnn,gru", "--database", "none", "--seeds", "1", "--quiet"]
-    code, out, err = _run(args, capsys)
+    code, out, err = _run([*args, "--json", str(js), "--markdown", str(md)], capsys)
     assert code == cli.EXIT_INTERRUPTED
     rows = out.splitlines()[2:4]
     assert "interrupted" not in rows[0] and "(interrupted: not verified minimal)" in rows[1]
     assert "not tried (interrupted)" in rows[1] and "none applies" not in rows[1]
     assert "not searched (interrupted first): gru" in err
+    stored = json.loads(js.read_text())
+    assert [e["label"] for e in stored] == ["mlp", "rnn", "gru"] and "not_searched" in stored[2]
+    assert "Not searched (interrupted before its search): gru." in md.read_text()
 
 
 @pytest.mark.parametrize("flags", [["--lr", "0.1"], ["--optimizer", "adam"], ["--clip", "1"]])
