@@ -130,7 +130,12 @@ def row(result: SearchResult) -> list[str]:
             str(result.probes),
         ]
     j = cx.judgement
-    skipped = f", {j.skipped_steps} skipped steps" if j.skipped_steps else ""
+    # the GradScaler's (an overflow at its scale: no update), summed over the seeds judged
+    skipped = (
+        f", {j.skipped_steps} steps the GradScaler skipped over {len(j.seeds)} seeds"
+        if j.skipped_steps
+        else ""
+    )
     remedies = fixed_by(cx.remedies, result.interrupted)  # cut short: the row itself says so
     interrupted = unverified(result)
     return [

@@ -114,3 +114,21 @@ def test_a_target_exploding_on_every_device_and_precision_is_not_one_sided() -> 
     assert one_sided([exploding, stable, cut]) == [
         "! cf explodes on cpu/float32 (stable on cpu/float64; not judged on cpu/bfloat16)"
     ]
+
+
+def test_a_rows_skipped_steps_say_whose_and_over_how_many_seeds() -> None:
+    """', 4 skipped steps' beside the criterion said neither who skipped them nor over what (a new
+    user's trial: the GradScaler's overflow at step 0 of each of 4 seeds). Oracle: the judgement's
+    own sum and seed count."""
+    from dataclasses import replace
+
+    from stabilitycheck.counterexample import SearchResult
+    from stabilitycheck.report import row
+
+    config, judged = _judged(5, 3.0, seeds=3)
+    judged = replace(judged, skipped_steps=4)  # type: ignore[type-var]
+    space = Space("cf", config, (Axis.range("depth", 1, 5),))  # type: ignore[arg-type]
+    cx = Counterexample("cf", config, judged, Limits(), ())  # type: ignore[arg-type]
+    cells = row(SearchResult(space, cx, 1, 1, 0.0, None))
+    seeds = len(judged.seeds)  # type: ignore[attr-defined]
+    assert f", 4 steps the GradScaler skipped over {seeds} seeds" in cells[4]
