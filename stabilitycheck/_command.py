@@ -4,6 +4,7 @@ one line and exit 3 (--debug: the traceback). No torch at import."""
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 import threading
@@ -86,11 +87,15 @@ def interrupted() -> int:
     return EXIT_TERMINATED if signal.SIGTERM in _SIGNALLED else EXIT_INTERRUPTED
 
 
-def require_devices(names: Sequence[str]) -> None:
-    """A CUDA device asked for on a machine without CUDA is bad input, one line."""
+def require_devices(names: Sequence[str], more: str = "") -> None:
+    """A device that is none (--device tpu read "Run.device='tpu' is not allowed", naming no option),
+    or a CUDA device on a machine without CUDA, is bad input, one line; `more`: the other values the
+    command takes, said beside the devices."""
     import torch
 
     for name in names:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+            raise UsageError(f"--device {name!r}: expected cpu, cuda or cuda:N{more}")
         if name.startswith("cuda") and not torch.cuda.is_available():
             raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
 

@@ -38,7 +38,7 @@ def _devices(requested: list[list[str]]) -> list[str]:
             sys.stderr.write("stabilitycheck: note: --device all: no CUDA device on this machine, CPU only\n")
             return ["cpu"]
         return ["cpu", "cuda"]
-    require_devices(names)
+    require_devices(names, " (or all)")
     return names
 
 
@@ -52,7 +52,7 @@ def _spaces(args: argparse.Namespace) -> list[Any]:
         from stabilitycheck.zoo import targets
 
         zoo = targets()
-        names = [f for group in args.family for f in group] or list(zoo)
+        names = list(dict.fromkeys(f for group in args.family for f in group)) or list(zoo)  # each once
         unknown = [n for n in names if n not in zoo]
         if unknown:
             raise UsageError(f"--family {unknown[0]!r} is not a zoo target; expected one of {', '.join(zoo)}")

@@ -1150,6 +1150,26 @@ def test_a_dtype_or_device_given_twice_is_searched_once() -> None:
     ]
 
 
+def test_a_zoo_family_given_twice_is_searched_once() -> None:
+    """--family mlp,mlp searched mlp twice and printed two identical rows, where --dtype
+    float32,float32 is searched once (a new user's trial). Oracle: the distinct families, in order."""
+    from stabilitycheck._options import parser
+
+    args = parser().parse_args(["zoo", "--family", "mlp,rnn,mlp", "--family", "rnn"])
+    assert [s.label for _, s in cli._spaces(args)] == ["mlp", "rnn"]
+
+
+def test_a_device_that_is_none_names_the_option_and_the_devices(capsys: pytest.CaptureFixture[str]) -> None:
+    """--device tpu read "Run.device='tpu' is not allowed", an internal field's name, and left out
+    'all' (a new user's trial); the map takes no 'all'."""
+    assert cli.main(["zoo", "--device", "tpu", "--quiet"]) == cli.EXIT_USAGE
+    assert capsys.readouterr().err == (
+        "stabilitycheck: error: --device 'tpu': expected cpu, cuda or cuda:N (or all)\n"
+    )
+    assert cli.main(["map", "mlp", "--x", "depth", "--y", "init_scale", "--device", "tpu"]) == cli.EXIT_USAGE
+    assert capsys.readouterr().err.endswith("--device 'tpu': expected cpu, cuda or cuda:N\n")
+
+
 def test_an_integer_option_s_bounds_are_printed_as_integers(capsys: pytest.CaptureFixture[str]) -> None:
     """--seed -1 said 'in [0, 4.29497e+09]', a bound no one can type back (found by a user's trial)."""
     assert cli.main(["mlp", "--seed", "-1"]) == cli.EXIT_USAGE
