@@ -147,6 +147,11 @@ def _replay(args: argparse.Namespace, limits: Any) -> list[Any]:
             f"{where}: cannot read it as UTF-8 JSON ({describe(exc)}); give the JSON file a run wrote with "
             "--json FILE"
         ) from None
+    if isinstance(stored, dict) and {"x", "y", "points"} <= set(stored):  # `map --json`'s: no rows
+        raise UsageError(
+            f"{where}: it is a phase map's JSON (stabilitycheck map --json), which --replay does not take; "
+            "--replay takes the list a search's --json writes (stabilitycheck zoo/model.py --json FILE)"
+        )
     if not isinstance(stored, list) or not all(isinstance(e, dict) for e in stored):
         raise UsageError(f"{where}: expected the list written by --json, got {type(stored).__name__}")
     target = resolve(args.target) if args.target not in (None, "zoo") else None

@@ -106,6 +106,8 @@ def test_replay_never_imports_a_model_file_it_is_not_told_to(
         ('[{"counterexample": {"x": 1}}]', "no 'config'"),
         ("[]", "holds no counterexample to replay"),  # printed a header-only table, exit 0
         ('[{"counterexample": null}]', "holds no counterexample to replay"),
+        # a map's JSON read 'expected the list written by --json, got dict', though --json wrote it
+        ('{"label": "mlp", "x": {}, "y": {}, "points": []}', "it is a phase map's JSON"),
     ],
 )
 def test_replay_json_of_the_wrong_shape_is_exit_2(
