@@ -55,6 +55,19 @@ def _mark_nonfinite(ax: Any, values: Sequence[float]) -> None:
         ax.set_xlim(-0.5, len(values) - 0.5)
 
 
+LEGEND_ROOM = 0.7  # a horizontal limit line lies at most this far up its log axis: the legend above
+
+
+def _room_above(ax: Any, y: float) -> None:
+    """Raise the top of the log axis so that the line at `y` lies at most LEGEND_ROOM of the way up:
+    the legend, placed at the top, covered a limit line drawn across the whole panel (a stable LSTM's
+    growth limit, listed in the legend and never seen)."""
+    bottom, top = (math.log10(v) for v in ax.get_ylim())
+    need = bottom + (math.log10(y) - bottom) / LEGEND_ROOM
+    if need > top:
+        ax.set_ylim(top=10**need)
+
+
 def plot(results: Sequence[SearchResult], path: Path) -> int:
     """Write one PNG with a row per result: a counterexample's profile with the limits it was judged on,
     or a stable result's profile at the largest configuration tried; returns how many rows were drawn."""
@@ -93,6 +106,7 @@ def figure(results: Sequence[SearchResult], what: str = "--plot") -> tuple[Any, 
                 linestyle="--",
                 label=f"growth limit {limits.growth:g} x the last block's |dL/d out|",
             )
+            _room_above(left, last * limits.growth)
         what = ", ".join(c.describe() for c in j.verdict.criteria) if cx else "stable (largest tried)"
         knobs = config.describe() if config else r.space.label
         title = f"{knobs} [{r.space.base.run.device}, {r.space.base.run.dtype}]: {what}"
@@ -109,6 +123,7 @@ def figure(results: Sequence[SearchResult], what: str = "--plot") -> tuple[Any, 
             _mark_nonfinite(right, [g + x for g, x in zip(m.grad_norm, m.loss, strict=True)])
             if limits.grad_norm is not None:
                 right.axhline(limits.grad_norm, color="black", linestyle="--", label="grad-norm limit")
+                _room_above(right, limits.grad_norm)
             right.set_xlabel(f"step ({seed})")
             right.legend(fontsize=7)
         else:

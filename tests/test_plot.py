@@ -169,3 +169,28 @@ def test_a_recurrent_cell_s_weight_panel_names_its_block_and_keeps_its_title_ins
     assert list(right.get_lines()[0].get_ydata()) == list(m.layer_grad_norms)  # type: ignore[arg-type]
     title = right.title.get_window_extent(fig.canvas.get_renderer())
     assert fig.bbox.x0 <= title.x0 and title.x1 <= fig.bbox.x1, (title, fig.bbox)
+
+
+def test_every_limit_line_lies_below_its_legend() -> None:
+    """A stable LSTM's growth limit line, drawn across the panel, lay under the legend at the top
+    (listed there, never seen: a new user's trial). Oracle: matplotlib's own rendered extents: on every
+    panel, each dashed limit line lies below the legend's box; the stable LSTM (its limit line above a
+    profile that rises to the right) and a counterexample with steps (the grad-norm limit too)."""
+    pytest.importorskip("matplotlib")
+    from stabilitycheck import zoo
+    from stabilitycheck.plot import figure
+
+    lstm = zoo.targets()["lstm"]
+    small = Space("lstm", lstm.base.with_knobs(width=8, batch_size=2), (Axis("seq_len", (64,)),))
+    results = [search(small, max_examples=1), search(KNOWN, max_examples=5)]
+    fig, _ = figure(results)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    checked = 0
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        for line in (ln for ln in ax.get_lines() if ln.get_linestyle() == "--"):
+            y = ax.transData.transform((0, line.get_ydata()[0]))[1]  # type: ignore[index]
+            assert ax.bbox.y0 <= y < legend.get_window_extent(renderer).y0, (ax.get_title(), line.get_label())
+            checked += 1
+    assert checked == 3  # the LSTM's growth limit, KNOWN's growth and grad-norm limits
