@@ -160,9 +160,9 @@ def test_a_signal_while_the_report_is_written_loses_none_of_it(
 
     real = report.markdown
 
-    def signalled(results: object) -> str:
+    def signalled(results: object, left: object = ()) -> str:
         signal.raise_signal(signum)
-        return real(results)  # type: ignore[arg-type]
+        return real(results, left)  # type: ignore[arg-type]
 
     monkeypatch.setattr(report, "markdown", signalled)
     out_json, out_md = tmp_path / "out.json", tmp_path / "out.md"
