@@ -23,6 +23,13 @@ INPUT = "(input)"
 """The name of block 0's input, the first entry of a chain (activation_names) when the probe took it."""
 
 
+def shown(names: str) -> str:
+    """Block names ('a, b' for a group) as a message shows them: each quoted where it starts with a
+    digit (an nn.Sequential's children '0', '70', called again '0[3]'), which bare read as a count or
+    an index (culprit '1', 'weight of 0', 'block 70' beside '36 layers')."""
+    return ", ".join(repr(n) if n[:1].isdigit() else n for n in names.split(", "))
+
+
 @dataclass(frozen=True)
 class NonFinite:
     """The first NaN/Inf seen: its step, the block, which tensor, and the offending norm."""
@@ -42,7 +49,7 @@ class NonFinite:
             else " (a re-run of the step stayed finite: the model draws on state the probe does not "
             "restore, Python's or numpy's random, a counter)"
         )
-        return f"step {self.step}: {self.tensor} of {self.layer}, {what}{self.value:.4g}{again}"
+        return f"step {self.step}: {self.tensor} of {shown(self.layer)}, {what}{self.value:.4g}{again}"
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from stabilitycheck.config import Config, Run
 from stabilitycheck.counterexample import SearchResult
 from stabilitycheck.culprit import made_by
 from stabilitycheck.judgement import Judgement
-from stabilitycheck.measurement import AFTER_LAST, AFTER_LAST_SAID, INPUT, Measurement
+from stabilitycheck.measurement import AFTER_LAST, AFTER_LAST_SAID, INPUT, Measurement, shown
 from stabilitycheck.remedies import fixed_by
 from stabilitycheck.spread import bracket
 from stabilitycheck.subject import torch_dtype
@@ -148,7 +148,7 @@ def row(result: SearchResult) -> list[str]:
         (j.verdict.criteria[0].describe() if j.verdict.criteria else "-") + skipped,
         _spread(j),
         j.kind.describe(),
-        cx.culprit,
+        shown(cx.culprit),
         remedies,
         str(result.probes),
     ]
@@ -203,7 +203,7 @@ def profile(j: Judgement, q: float) -> str:
     span = f"{values[0]:.3g} .. {values[-1]:.3g}" if finite else "all non-finite"
     what = "|dL/d out|" if names[0] != INPUT else "|dL/d (input)|, then |dL/d out|"
     when = f" at step {m.profile_step} (none reached a block before)" if m.profile_step else ""
-    first, last = (f"block {n}" if n.isdigit() else n for n in (names[0], names[-1]))  # not a number
+    first, last = (f"block {shown(n)}" if n[:1].isdigit() else n for n in (names[0], names[-1]))
     # several chains: first over last is no growth (bart's 117 .. 0.718 beside its growth 116)
     chains = (
         f"; chains from {', '.join(names[i] for i in m.chain_starts)} on: the growth is read per chain, "

@@ -16,7 +16,7 @@ from stabilitycheck._json import strict_json
 from stabilitycheck._validation import check_image, writable
 from stabilitycheck.distributed import Layout, nonfinite_rank, to_series
 from stabilitycheck.errors import UsageError
-from stabilitycheck.measurement import AFTER_LAST_SAID, INPUT
+from stabilitycheck.measurement import AFTER_LAST_SAID, INPUT, shown
 from stabilitycheck.spikes import SpikeRule, SpikeState, noisier, unmeasured
 
 OUTSIDE = "(outside blocks)"
@@ -47,23 +47,24 @@ class Finding:
 
     def describe(self) -> str:
         where = f" on rank {self.rank}" if self.rank is not None else ""
-        made = f" (made by the backward of {self.made_by})" if self.made_by is not None else ""
+        block = shown(self.block)
+        made = f" (made by the backward of {shown(self.made_by)})" if self.made_by is not None else ""
         if self.after == INPUT:  # the first block's output: what it took is not read
             made += (
-                f" ({self.block} is the first block: what it took, the batch or the model's code before it, "
+                f" ({block} is the first block: what it took, the batch or the model's code before it, "
                 "may hold the value; the watcher does not read it)"
             )
         elif self.after is not None:
             made += (
-                f" ({self.block} took what the model's code made of {self.after}'s output, not that output: "
-                "the value may have been made there)"
+                f" ({block} took what the model's code made of {shown(self.after)}'s output, not that "
+                "output: the value may have been made there)"
             )
         what = "" if self.tensor == "loss" else "L2 norm "  # every series but the loss is a norm
         limit = ""
         if self.threshold is not None and self.mean is not None:
             mean = "geometric mean" if self.geometric else "mean"
             limit = f" > threshold {self.threshold:.4g} (window {mean} {self.mean:.4g})"
-        return f"step {self.step}: {self.tensor} of {self.block}, {what}{self.value:.4g}{limit}{where}{made}"
+        return f"step {self.step}: {self.tensor} of {block}, {what}{self.value:.4g}{limit}{where}{made}"
 
 
 @dataclass

@@ -43,3 +43,15 @@ def test_nonfinite_describe_reads_a_norm_except_for_the_loss() -> None:
         == "step 1: activation of layers.2, L2 norm nan"
     )
     assert NonFinite(0, "x", "loss", math.inf).describe() == "step 0: loss of x, inf"
+
+
+def test_a_block_name_starting_with_a_digit_is_quoted_where_it_is_shown() -> None:
+    """An nn.Sequential's children are named '0', '1', ...: bare, the culprit '1', 'weight of 0' and
+    'block 70' beside '36 layers' read as counts or indexes (a new user's trial). Each name of a group
+    is quoted alone; other names and the culprit's sentences are shown as they are."""
+    from stabilitycheck.measurement import shown
+
+    assert shown("70") == "'70'" and shown("0[3]") == "'0[3]'" and shown("1, 6") == "'1', '6'"
+    assert shown("layers.0") == "layers.0" and shown("layer4.0, layer4.1") == "layer4.0, layer4.1"
+    assert shown("uniform, median gain x1.52") == "uniform, median gain x1.52"
+    assert NonFinite(0, "0", "weight", math.nan).describe() == "step 0: weight of '0', L2 norm nan"

@@ -704,7 +704,7 @@ def test_a_finding_says_its_value_is_an_l2_norm_except_the_loss() -> None:
     """The report's value is what the series holds: an L2 norm for activations, their gradients and the
     weights and their gradients; the loss itself for the loss."""
     norm = Finding(step=70, tensor="activation", block="5", value=232.7).describe()
-    assert norm == "step 70: activation of 5, L2 norm 232.7"
+    assert norm == "step 70: activation of '5', L2 norm 232.7"  # a Sequential's child, quoted
     loss = Finding(step=3, tensor="loss", block="(model)", value=4.5).describe()
     assert "L2 norm" not in loss and loss.endswith(", 4.5")
 
