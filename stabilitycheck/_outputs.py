@@ -119,18 +119,25 @@ class Outputs:
             self.failures.setdefault(what, f"{what}: writing it failed: {describe(exc)}")
 
 
+SUFFIX = {"--json": ".json", "--markdown": ".md"}  # an example file name's, per flag; an image's .png
+
+
 def check_outputs(named: Sequence[tuple[str, Path | None]]) -> None:
     """Before any work: each output path given is writable, and matplotlib is there for the last one
-    (the image); else a one-line UsageError naming the flag."""
+    (the image); else a one-line UsageError naming the flag. --json, written by a rename over the file
+    (`atomic_write`), where a link points, takes a regular file alone (renamed over, /dev/full became
+    a JSON file); the others are written into, /dev/stdout too."""
     seen: dict[Path, str] = {}
     for flag, path in named:
         if path is None:
             continue
         if path.is_dir():
-            raise UsageError(f"{flag} {path}: is a directory; give a file path, e.g. {path / 'results'}")
-        if path.exists() and not path.is_file():  # renamed over, /dev/full became a JSON file
+            example = path / f"results{SUFFIX.get(flag, '.png')}"
+            raise UsageError(f"{flag} {path}: is a directory; give a file path, e.g. {example}")
+        if flag == "--json" and path.exists() and not path.is_file():
             raise UsageError(f"{flag} {path}: is no regular file (a device or a pipe); give a file path")
-        if not writable(path):
+        # the JSON's rename happens where a link points (a link into a missing folder failed at the end)
+        if not writable(path.resolve() if flag == "--json" else path):
             raise UsageError(f"{flag} {path}: cannot write there (no such directory or no permission)")
         same = seen.setdefault(path.resolve(), flag)
         if same != flag:

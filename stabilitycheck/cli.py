@@ -90,13 +90,24 @@ LIMIT_FIELDS = {  # the command line's limit options by Limits field (`run` and 
 }
 
 
-def _limits_given(argv: Sequence[str] | None) -> dict[str, Any]:
-    """The limits the command line sets itself (a default is not given), by Limits field."""
+def _given(argv: Sequence[str] | None) -> dict[str, Any]:
+    """The options the command line gives itself, by dest, with their values: one given at its
+    default value is given (--seeds 5), one left out is not."""
     unset = object()  # not a string: argparse would parse a string default as if it were given
     p = parser()
-    p.set_defaults(**dict.fromkeys(LIMIT_FIELDS.values(), unset))
-    given = vars(p.parse_args(argv))
-    return {field: given[dest] for field, dest in LIMIT_FIELDS.items() if given[dest] is not unset}
+    options = [a for a in p._actions if a.option_strings and a.dest != "help"]
+    # an appending option's default must be a list or None (argparse appends to it): None stands out
+    p.set_defaults(**{a.dest: None if isinstance(a, argparse._AppendAction) else unset for a in options})
+    parsed = vars(p.parse_args(argv))
+    return {
+        a.dest: parsed[a.dest] for a in options if parsed[a.dest] is not unset and parsed[a.dest] is not None
+    }
+
+
+def _limits_given(argv: Sequence[str] | None) -> dict[str, Any]:
+    """The limits the command line sets itself (a default is not given), by Limits field."""
+    given = _given(argv)
+    return {field: given[dest] for field, dest in LIMIT_FIELDS.items() if dest in given}
 
 
 REPLAY_TAKES = {  # the options a replay uses; and the search's budget and example store, which change
@@ -106,20 +117,17 @@ REPLAY_TAKES = {  # the options a replay uses; and the search's budget and examp
 }
 
 
-def _replay_alone(args: argparse.Namespace) -> None:
-    """--replay beside an option it does not use (a knob, the seeds, the dtype, the family): a
-    UsageError naming them, where each was ignored in silence (--dtype float64 --seeds 1 replayed
-    in float32 on 3 seeds, and printed 'clip: n/a (no optimiser steps: --steps N)' after --steps 5)."""
-    p = parser()
-    flags = {a.dest: a.option_strings[0] for a in p._actions if a.option_strings}
-    ignored = [
-        flags[d]
-        for d, v in vars(args).items()
-        if d in flags and d not in REPLAY_TAKES and v != p.get_default(d)
-    ]
+def _replay_alone(argv: Sequence[str] | None) -> None:
+    """--replay beside an option it does not use (a knob, the seeds, the dtype, the family), given at
+    any value: a UsageError naming them, where each was ignored in silence (--dtype float64 --seeds 1
+    replayed in float32 on 3 seeds, and printed 'clip: n/a (no optimiser steps: --steps N)' after
+    --steps 5)."""
+    flags = {a.dest: a.option_strings[0] for a in parser()._actions if a.option_strings}
+    ignored = [flags[d] for d in _given(argv) if d not in REPLAY_TAKES]
     if ignored:
+        verb = "has" if len(ignored) == 1 else "have"
         raise UsageError(
-            f"{', '.join(ignored)} has no effect with --replay: a replay re-judges each stored "
+            f"{', '.join(ignored)} {verb} no effect with --replay: a replay re-judges each stored "
             "counterexample as it was found (its knobs, seeds and run settings), on its stored limits or "
             "the limit options given; drop them, or search again without --replay"
         )
@@ -128,8 +136,9 @@ def _replay_alone(args: argparse.Namespace) -> None:
 def _replay(args: argparse.Namespace, limits: Any) -> list[Any]:
     """Re-judge the counterexamples stored in a --json file, each on the limits it was found under
     (a counterexample found under --growth-limit 50 read stable on the default 100, exit 0: a CI job
-    replaying it passed), but for a limit the command line sets. Replay is data, not code: a model
-    file named in the JSON is imported only when the command line names that same file as the target."""
+    replaying it passed), but for a limit the command line sets; a target named replays its own rows
+    alone. Replay is data, not code: a model file named in the JSON is imported only when the command
+    line names that same file as the target."""
     from stabilitycheck._validation import describe
     from stabilitycheck.config import Config, kind
     from stabilitycheck.searching import Counterexample, SearchResult, try_remedies
@@ -155,20 +164,36 @@ def _replay(args: argparse.Namespace, limits: Any) -> list[Any]:
     if not isinstance(stored, list) or not all(isinstance(e, dict) for e in stored):
         raise UsageError(f"{where}: expected the list written by --json, got {type(stored).__name__}")
     target = resolve(args.target) if args.target not in (None, "zoo") else None
-    results = []
+    rows = []  # (entry, its counterexample, the config to judge), all read before any is judged
     for entry in stored:
         cx = entry.get("counterexample")
         if not cx:
             continue
         if not isinstance(cx, dict) or "config" not in cx:
             raise UsageError(f"{where}: a counterexample has no 'config'; expected the output of --json")
-        config = _judged_config(Config.from_dict(cx["config"]), entry.get("alone"), where)
-        if kind(config.subject) == "file" and (target is None or target.name != config.subject):
+        rows.append((entry, cx, _judged_config(Config.from_dict(cx["config"]), entry.get("alone"), where)))
+    if not rows:
+        raise UsageError(
+            f"{where}: it holds no counterexample to replay (every result in it was stable or not searched, "
+            "or it is empty); replay re-judges the exploding rows a --json file recorded"
+        )
+    named = sorted({config.subject for _, _, config in rows})
+    if target is not None:  # a target named replays its own rows alone (mlp --replay zoo.json: the mlp's)
+        rows = [row for row in rows if row[2].subject == target.name]
+        if not rows:  # checked before any is judged: it said so after replaying every row
+            raise UsageError(
+                f"{where} holds no counterexample of {args.target} (its rows are of {', '.join(named)}); "
+                f"replay it without naming {args.target}, or give a --json file a run of {args.target} wrote"
+            )
+    for _, _, config in rows:
+        if kind(config.subject) == "file" and target is None:
             raise UsageError(
                 f"{where} names the model file {config.subject}; replaying would run its code, so name "
                 f"it on the command line: stabilitycheck {config.subject} --replay {args.replay}"
             )
-        subject = target if target is not None and target.name == config.subject else resolve(config.subject)
+    results = []
+    for entry, cx, config in rows:
+        subject = target if target is not None else resolve(config.subject)
         judged = _stored_limits(cx, where, args.limits_given) or limits
         j = assess(config, subject, judged)
         label = str(entry.get("label", config.subject))
@@ -187,17 +212,6 @@ def _replay(args: argparse.Namespace, limits: Any) -> list[Any]:
                 limits=judged,
                 replayed=True,
             )
-        )
-    named = {r.space.base.subject for r in results}
-    if target is not None and results and target.name not in named:  # its rows were replayed instead
-        raise UsageError(
-            f"{where} holds no counterexample of {args.target} (its rows are of {', '.join(sorted(named))}); "
-            f"replay it without naming {args.target}, or give a --json file a run of {args.target} wrote"
-        )
-    if not results:
-        raise UsageError(
-            f"{where}: it holds no counterexample to replay (every result in it was stable, or it is "
-            "empty); replay re-judges the exploding rows a --json file recorded"
         )
     return results
 
@@ -263,7 +277,7 @@ def run(argv: Sequence[str] | None, progress: Progress | None = None) -> int:
 
     limits = Limits(**{field: getattr(args, dest) for field, dest in LIMIT_FIELDS.items()})
     if args.replay:  # each counterexample is re-judged on its own limits, but for those given here
-        _replay_alone(args)
+        _replay_alone(argv)
         args.limits_given = _limits_given(argv)
     outputs = Outputs(args)
     shown = progress or Progress(args.quiet)

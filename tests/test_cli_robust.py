@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -908,11 +909,33 @@ def test_an_output_that_is_a_directory_or_no_regular_file_is_refused_before_the_
     read 'no such directory or no permission'. Each is one line, exit 2, the path as it was."""
     pipe = tmp_path / "pipe"
     os.mkfifo(pipe)
-    for path, said in ((tmp_path, "is a directory"), (pipe, "is no regular file")):
+    dangling = tmp_path / "dangling.json"  # a link into a folder that is missing: the search ran, then
+    dangling.symlink_to(tmp_path / "nowhere" / "x.json")  # the write failed, exit 0 (a review)
+    for path, said in (
+        (tmp_path, f"is a directory; give a file path, e.g. {tmp_path / 'results.json'}"),
+        (pipe, "is no regular file"),
+        (dangling, "cannot write there"),
+    ):
         code, out, err = _run([str(_file(tmp_path)), "--json", str(path), "--quiet"], capsys)
         assert code == cli.EXIT_USAGE and f"--json {path}: {said}" in err
         assert err.count("\n") == 1 and not out
     assert pipe.is_fifo()
+
+
+def test_the_markdown_is_written_into_a_pipe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Only --json is renamed over its path; --markdown /dev/stdout | cat printed the Markdown until
+    the refusal of pipes and devices took every output (a review). Oracle: what a reader of the pipe
+    gets is the Markdown the run writes."""
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(pipe.read_text()), daemon=True)
+    reader.start()
+    code, _, _ = _run([str(_file(tmp_path)), "--markdown", str(pipe), "--quiet", "--seeds", "1"], capsys)
+    if not got and reader.is_alive():  # refused, nothing opened the pipe: end the reader's wait
+        os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+    reader.join(timeout=60)
+    assert code == cli.EXIT_FOUND and got and got[0].startswith("## stabilitycheck")
 
 
 def test_the_json_through_a_link_is_written_into_the_file_it_points_to(

@@ -74,15 +74,33 @@ def test_a_replay_refuses_the_options_it_does_not_use(
     js = tmp_path / "r.json"
     assert run(capsys, "zoo", "--family", "mlp", *FAST, "--json", str(js))[0] == 1
     for extra, said in (
-        (["--dtype", "float64", "--seeds", "1", "--steps", "5"], "--seeds, --steps, --dtype has no effect"),
+        (["--dtype", "float64", "--seeds", "1", "--steps", "5"], "--seeds, --steps, --dtype have no effect"),
         (["--family", "rnn"], "--family has no effect"),
         (["--knob", "depth=1:3"], "--knob has no effect"),
+        (["--seeds", "5", "--seed", "0"], "--seed, --seeds have no effect"),  # at their defaults: a review
     ):
         code, out, err = run(capsys, "zoo", "--replay", str(js), *extra)
         assert code == 2 and said in err and err.count("\n") == 1 and not out, err
     code, out, err = run(capsys, "rnn", "--replay", str(js))
     assert code == 2 and "holds no counterexample of rnn (its rows are of mlp)" in err
     assert run(capsys, "mlp", "--replay", str(js), *FAST, "--growth-limit", "100")[0] == 1
+
+
+def test_a_target_named_beside_replay_replays_its_own_rows_alone(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`mlp --replay zoo.json` replayed every family's rows; and a target naming none of them was
+    refused only after every row had been judged (a review). Oracle: the rows judged, counted."""
+    from stabilitycheck import seeds
+
+    js = tmp_path / "r.json"
+    assert run(capsys, "zoo", "--family", "mlp,rnn", *FAST, "--json", str(js))[0] == 1
+    judged: list[str] = []
+    real = seeds.assess
+    monkeypatch.setattr(seeds, "assess", lambda c, *a, **k: judged.append(c.subject) or real(c, *a, **k))
+    code, out, _ = run(capsys, "mlp", "--replay", str(js))
+    assert code == 1 and judged == ["mlp"] and len(out.split("\n\n")[0].splitlines()) == 3
+    assert run(capsys, "gru", "--replay", str(js))[0] == 2 and judged == ["mlp"]
 
 
 def test_a_replay_file_whose_limits_are_not_numbers_exits_2(
