@@ -4,6 +4,7 @@ summary), each written on its own so one failing never stops the others."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -16,6 +17,13 @@ from stabilitycheck._validation import check_image, describe, writable
 from stabilitycheck.errors import UsageError
 
 PROGRESS_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
+Unsearched = tuple[str, str, str]  # a search an interrupt left undone: its target, device and dtype
+
+
+def _unsearched(label: str, device: str | None = None, dtype: str | None = None) -> dict[str, Any]:
+    """The JSON's entry for a target not searched: an interrupt came first (device and dtype None
+    where it came before the searches were set up)."""
+    return {"label": label, "device": device, "dtype": dtype, "not_searched": "interrupted first"}
 
 
 class Progress:
@@ -55,23 +63,27 @@ class Outputs:
         self.failures: dict[str, str] = {}  # per output its first failure (each rewrite fails alike)
         check_outputs((("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)))
 
-    def save(self, results: Sequence[Any], left: Sequence[str] = ()) -> None:
-        """Rewrite the JSON (atomically) with what is known so far (`left`: targets not searched)."""
+    def save(self, results: Sequence[Any], left: Sequence[Unsearched] = ()) -> None:
+        """Rewrite the JSON (atomically) with what is known so far (`left`: the searches an interrupt
+        left undone, each as its target, device and dtype)."""
         from stabilitycheck import report
 
         if self.args.json:
-            self._attempt("--json", lambda: atomic_write(self.args.json, report.to_json(results, left)))
+            unsearched = [_unsearched(label, device, dtype) for label, device, dtype in left]
+            self._attempt("--json", lambda: atomic_write(self.args.json, report.to_json(results, unsearched)))
 
-    def nothing(self, named: str) -> None:
+    def nothing(self, named: Sequence[str]) -> None:
         """The outputs of a run stopped before its first search, without importing the report, which
-        imports torch (the stop may have landed in that import): the JSON's empty list, and a
-        Markdown (and CI step summary) saying that `named` was not searched, so a CI summary does not
-        stay silent."""
-        md = f"## stabilitycheck\n\nInterrupted before any search: {named} not searched, nothing tested.\n"
+        imports torch (the stop may have landed in that import): the JSON names the targets `named`
+        as not searched, and a Markdown (and CI step summary) says so, so a CI summary does not stay
+        silent."""
+        said = ", ".join(named)
+        md = f"## stabilitycheck\n\nInterrupted before any search: {said} not searched, nothing tested.\n"
+        text = json.dumps([_unsearched(name) for name in named], indent=2)
         try:
             with uninterrupted():
                 if self.args.json:
-                    self._attempt("--json", lambda: atomic_write(self.args.json, "[]"))
+                    self._attempt("--json", lambda: atomic_write(self.args.json, text))
                 self._markdown(md)
         finally:  # a held signal raised at the block's end still hears of a file that failed
             self._say_failures()
@@ -86,7 +98,7 @@ class Outputs:
         if summary is not None:
             self._attempt("GITHUB_STEP_SUMMARY", lambda: _append(summary, md))
 
-    def final(self, results: Sequence[Any], left: Sequence[str] = ()) -> None:
+    def final(self, results: Sequence[Any], left: Sequence[Unsearched] = ()) -> None:
         """Everything: JSON, Markdown, the report on stdout (a closed pipe loses only that), whole
         under a signal (_command.uninterrupted), then the plot, the slowest (a second Ctrl-C while it
         draws loses only the image). `left`: the targets an interrupt left unsearched."""
@@ -96,7 +108,8 @@ class Outputs:
             with uninterrupted():  # a signal now stops the run after these, before the plot
                 self.save(results, left)
                 if self.args.markdown or self.summary:
-                    self._markdown(report.markdown(results, left))
+                    named = [f"{label} [{device}, {dtype}]" for label, device, dtype in left]
+                    self._markdown(report.markdown(results, named))
                 try:
                     print(report.text(results), file=self.stdout, flush=True)
                 except BrokenPipeError:

@@ -24,6 +24,7 @@ from stabilitycheck._options import apply_knobs, require_steps
 from stabilitycheck._options import parser as parser
 from stabilitycheck._outputs import Outputs as Outputs
 from stabilitycheck._outputs import Progress as Progress
+from stabilitycheck._outputs import Unsearched
 from stabilitycheck.alarms import stop_seen
 from stabilitycheck.errors import UsageError
 
@@ -310,15 +311,15 @@ def _searches(args: argparse.Namespace, limits: Any, outputs: Outputs, shown: Pr
         spaces = _spaces(args)
     except KeyboardInterrupt:
         stop_seen()
-        named = [f for group in args.family for f in group] or [
+        named = list(dict.fromkeys(f for group in args.family for f in group)) or [
             "every zoo target" if args.target == "zoo" else str(args.target)
         ]
         sys.stderr.write(f"stabilitycheck: not searched (interrupted first): {', '.join(named)}\n")
-        outputs.nothing(", ".join(named))
+        outputs.nothing(named)
         return interrupted()
     results = list[Any]()
     pending = list[Any]()  # the latest partial result of the search under way (its counterexample)
-    left: list[str] = []  # the targets an interrupt left unsearched
+    left: list[Unsearched] = []  # the searches an interrupt left undone
     code = EXIT_OK
     try:
         for subject, space in spaces:
@@ -358,10 +359,13 @@ def _searches(args: argparse.Namespace, limits: Any, outputs: Outputs, shown: Pr
     except KeyboardInterrupt:
         stop_seen()
         code = interrupted()
-        left = [space.label for _, space in spaces[len(results) + len(pending) :]]
+        left = [
+            (s.label, s.base.run.device, s.base.run.dtype) for _, s in spaces[len(results) + len(pending) :]
+        ]
         if left:  # on stderr even with --quiet: the table has no row for them (the JSON and Markdown
             # name them too)
-            sys.stderr.write(f"stabilitycheck: not searched (interrupted first): {', '.join(left)}\n")
+            undone = ", ".join(f"{label} [{device}, {dtype}]" for label, device, dtype in left)
+            sys.stderr.write(f"stabilitycheck: not searched (interrupted first): {undone}\n")
     finally:
         outputs.final(results + pending, left)
     if code != EXIT_OK:

@@ -10,6 +10,7 @@ norm per block, of the same seed. Rendering only, no probing.
 from __future__ import annotations
 
 import math
+import sys
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -64,7 +65,7 @@ def _room_above(ax: Any, y: float) -> None:
     growth limit, listed in the legend and never seen)."""
     bottom, top = (math.log10(v) for v in ax.get_ylim())
     need = bottom + (math.log10(y) - bottom) / LEGEND_ROOM
-    if need > top:
+    if top < need < math.log10(sys.float_info.max):  # beyond (a line at 1e300, or inf): left as it is
         ax.set_ylim(top=10**need)
 
 

@@ -131,11 +131,8 @@ def row(result: SearchResult) -> list[str]:
         ]
     j = cx.judgement
     # the GradScaler's (an overflow at its scale: no update), summed over the seeds judged
-    skipped = (
-        f", {j.skipped_steps} steps the GradScaler skipped over {len(j.seeds)} seeds"
-        if j.skipped_steps
-        else ""
-    )
+    n, k = j.skipped_steps, len(j.seeds)
+    skipped = f", the GradScaler skipped {n} step{'s' * (n != 1)} over {k} seed{'s' * (k != 1)}" if n else ""
     remedies = fixed_by(cx.remedies, result.interrupted)  # cut short: the row itself says so
     interrupted = unverified(result)
     return [
@@ -600,9 +597,9 @@ def text(results: Sequence[SearchResult]) -> str:
     return "\n\n".join(p for p in parts if p)
 
 
-def to_json(results: Sequence[SearchResult], left: Sequence[str] = ()) -> str:
-    """Machine-readable results; each counterexample's `config` replays with --replay. The targets
-    `left` unsearched (interrupted first) follow, each as its label and why."""
+def to_json(results: Sequence[SearchResult], left: Sequence[dict[str, Any]] = ()) -> str:
+    """Machine-readable results; each counterexample's `config` replays with --replay. The entries
+    `left` (the targets an interrupt left unsearched) follow as they are."""
     data: list[dict[str, Any]] = [
         {
             "label": r.space.label,
@@ -630,11 +627,7 @@ def to_json(results: Sequence[SearchResult], left: Sequence[str] = ()) -> str:
         }
         for r in results
     ]
-    data += [{"label": label, "not_searched": NOT_SEARCHED} for label in left]
-    return strict_json(data)
-
-
-NOT_SEARCHED = "interrupted before its search"
+    return strict_json([*data, *left])
 
 
 def markdown(results: Sequence[SearchResult], left: Sequence[str] = ()) -> str:
@@ -642,7 +635,7 @@ def markdown(results: Sequence[SearchResult], left: Sequence[str] = ()) -> str:
     reproduction line in a code block, and the targets `left` unsearched (interrupted first)."""
     parts = ["## stabilitycheck", "", table(results, fmt="github")]
     if left:  # no row of theirs: a summary of 5 of 8 zoo targets read as the whole zoo
-        parts += ["", f"Not searched ({NOT_SEARCHED}): {', '.join(left)}."]
+        parts += ["", f"Not searched (interrupted first): {', '.join(left)}."]
     judged = dict.fromkeys(limits_text(r.limits, r.space.trains()) for r in results if r.limits is not None)
     if judged:
         parts += ["", f"Judged on the limits {' / '.join(judged)}."]

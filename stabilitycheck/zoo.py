@@ -257,7 +257,8 @@ class Family:
         knob_specs(name)  # a ConfigError, with a 'did you mean', where `name` is no zoo family
         self.name = name
         self.init_knob: str | None = "init_scale"
-        self.critical_note = "its critical value"
+        # critical for a bias-free MLP; a guess elsewhere (GELU, the recurrent cells: remedies.critical_init)
+        self.critical_note = "its activation's mean-field critical value"
 
     def __repr__(self) -> str:
         return f"Family({self.name!r})"

@@ -727,10 +727,16 @@ def test_an_interrupted_zoo_says_what_is_not_minimal_and_what_was_not_searched(
     rows = out.splitlines()[2:4]
     assert "interrupted" not in rows[0] and "(interrupted: not verified minimal)" in rows[1]
     assert "not tried (interrupted)" in rows[1] and "none applies" not in rows[1]
-    assert "not searched (interrupted first): gru" in err
+    assert "not searched (interrupted first): gru [cpu, float32]" in err
     stored = json.loads(js.read_text())
-    assert [e["label"] for e in stored] == ["mlp", "rnn", "gru"] and "not_searched" in stored[2]
-    assert "Not searched (interrupted before its search): gru." in md.read_text()
+    assert [e["label"] for e in stored] == ["mlp", "rnn", "gru"]
+    assert stored[2] == {
+        "label": "gru",
+        "device": "cpu",
+        "dtype": "float32",
+        "not_searched": "interrupted first",
+    }
+    assert "Not searched (interrupted first): gru [cpu, float32]." in md.read_text()
 
 
 @pytest.mark.parametrize("flags", [["--lr", "0.1"], ["--optimizer", "adam"], ["--clip", "1"]])
@@ -982,8 +988,11 @@ def test_a_stop_before_the_first_search_still_writes_the_json_and_names_what_was
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
     name = "zoo" if target == "zoo" else str(_file(tmp_path))
     code, out, err = _run([name, "--json", str(out_json), "--markdown", str(out_md), "--quiet"], capsys)
-    assert code == cli.EXIT_INTERRUPTED and json.loads(out_json.read_text()) == []
     named = "every zoo target" if target == "zoo" else name
+    # the JSON names them (it held [], which read as a run that found nothing to search: a review)
+    assert code == cli.EXIT_INTERRUPTED and json.loads(out_json.read_text()) == [
+        {"label": named, "device": None, "dtype": None, "not_searched": "interrupted first"}
+    ]
     assert err == f"stabilitycheck: not searched (interrupted first): {named}\n" and not out
     # the Markdown and the CI step summary say so (they were left unwritten: an audit)
     said = f"Interrupted before any search: {named} not searched, nothing tested."

@@ -194,3 +194,24 @@ def test_every_limit_line_lies_below_its_legend() -> None:
             assert ax.bbox.y0 <= y < legend.get_window_extent(renderer).y0, (ax.get_title(), line.get_label())
             checked += 1
     assert checked == 3  # the LSTM's growth limit, KNOWN's growth and grad-norm limits
+
+
+def test_room_above_a_line_near_the_top_of_the_float_range_keeps_the_axis() -> None:
+    """Raising the axis over a limit line at 1e300 overflowed (10 ** 430) and lost the whole PNG, as
+    did a line at inf (a review). Oracle: the axis as it was, no exception; a line in range still
+    lies at most LEGEND_ROOM up its raised axis."""
+    pytest.importorskip("matplotlib")
+    import math
+
+    from stabilitycheck.plot import LEGEND_ROOM, _room_above, pyplot
+
+    fig, ax = pyplot().subplots()
+    ax.semilogy([1e200, 1e300])
+    before = ax.get_ylim()
+    for y in (1e300, math.inf):
+        _room_above(ax, y)
+        assert ax.get_ylim() == before
+    _room_above(ax, 1e250)  # in range, half way up 1e200..1e300 once matplotlib's margins are taken
+    bottom, top = (math.log10(v) for v in ax.get_ylim())
+    assert (250 - bottom) / (top - bottom) <= LEGEND_ROOM + 1e-9
+    pyplot().close(fig)

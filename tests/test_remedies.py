@@ -196,7 +196,8 @@ def test_a_remedy_that_does_not_apply_says_why() -> None:
     mlp = Family("mlp")
     at_critical = Config.of("mlp", init_scale=1.0, activation="tanh")
     assert candidates(at_critical, mlp)["critical-init"] is None
-    assert why_not("critical-init", at_critical, mlp) == "init_scale is at 1.0, its critical value"
+    said = "init_scale is at 1.0, its activation's mean-field critical value"
+    assert why_not("critical-init", at_critical, mlp) == said
     assert why_not("clip", at_critical, mlp) == "no optimiser steps: --steps N"
     assert why_not("warmup", at_critical.with_run(steps=1), mlp) == "fewer than 2 optimiser steps: --steps N"
     assert why_not("float32", at_critical.with_run(dtype="float64"), mlp) == "float64 already, no autocast"

@@ -131,4 +131,7 @@ def test_a_rows_skipped_steps_say_whose_and_over_how_many_seeds() -> None:
     cx = Counterexample("cf", config, judged, Limits(), ())  # type: ignore[arg-type]
     cells = row(SearchResult(space, cx, 1, 1, 0.0, None))
     seeds = len(judged.seeds)  # type: ignore[attr-defined]
-    assert f", 4 steps the GradScaler skipped over {seeds} seeds" in cells[4]
+    assert f", the GradScaler skipped 4 steps over {seeds} seeds" in cells[4] and seeds > 1
+    one = replace(judged, skipped_steps=1, seeds=judged.seeds[:1])  # type: ignore[attr-defined]
+    cx = Counterexample("cf", config, one, Limits(), ())  # type: ignore[arg-type]
+    assert ", the GradScaler skipped 1 step over 1 seed" in row(SearchResult(space, cx, 1, 1, 0.0, None))[4]
