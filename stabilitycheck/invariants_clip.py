@@ -4,6 +4,7 @@ the full-model norm under torch.distributed."""
 
 from __future__ import annotations
 
+import functools as ft
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -12,22 +13,23 @@ import torch
 from stabilitycheck.distributed import full_grad_norm, local, world
 from stabilitycheck.errors import StabilityError, UsageError
 from stabilitycheck.invariants_common import (
-    ACC,
     TensorsLike,
     check_factor,
     coarsest,
     fail,
     grads_of,
-    host,
     named_tensors,
     norm_type_of,
     norms_of,
     positive,
     reduction_error,
+    require_aligned,
+    require_dense,
     require_finite,
     require_kept,
     rtol_of,
     subnormal_spacing,
+    torch_total,
     total_of,
 )
 
@@ -99,6 +101,7 @@ def assert_clipped_norm_bounded(
             )
         pre = named_tensors(list(before), "before")
         pre = [(name, b) for (name, _), (_, b) in zip(grads, pre, strict=True)]
+        require_aligned(grads, [b for _, b in pre])
         require_finite(
             pre,
             "Gradients before clipping are not finite, yet clipping returned finite ones.",
@@ -123,7 +126,8 @@ def assert_clipped_norm_bounded(
     if before is None:
         return
     if returned is not None:
-        _check_returned(float(returned), total_before, norm_type, tol, dtype)
+        overflowed = not math.isfinite(torch_total([b for _, b in pre], norm_type))
+        _check_returned(float(returned), total_before, norm_type, tol, overflowed)
     # torch's clip_coef saturates at 1; an all-zero gradient is zero after any clip
     if total_before == 0 or max_norm >= (total_before + 1e-6) * (1 + 4 * tol):
         changed = [
@@ -150,26 +154,36 @@ def assert_clipped_norm_bounded(
             "wider dtype",
         )
     # torch's coefficient max_norm / (total + 1e-6) and the exact max_norm / total are both right:
-    # the factor the gradients were scaled by (least squares) may lie anywhere between them
+    # the factor the gradients were scaled by (least squares) may lie anywhere between them, or off
+    # them by the coefficient's own rounding (the total's, measured, and its dtype's: every tensor's
+    # alike); each tensor may then be off that one factor by its own dtype's rounding alone
     exact = min(1.0, max_norm / total_before)
+    wide = ft.reduce(torch.promote_types, (g.dtype for _, g in grads))  # the total's and coefficient's
+    band = 2 * rounding + (rtol if rtol is not None else 2.5 * torch.finfo(wide).eps)
     pre_named = [(name, b) for (name, _), b in zip(grads, before, strict=True)]
+    own = [rtol if rtol is not None else rtol_of(g.dtype) + 2.5 * torch.finfo(g.dtype).eps for _, g in grads]
     check_factor(
         pre_named,
         grads,
-        min(max(_factor(pre_named, grads), coef), exact),
+        None,
         f"{header} Expected every gradient x c, c from {coef:.6g} = max_norm / (total before "
         f"{total_before:.6g} + 1e-6) (torch's) to {exact:.6g} = max_norm / total (exact).",
-        tol + spacing / coef if coef > 0 else tol,
+        [
+            t + subnormal_spacing(g.dtype) / coef if coef > 0 else t
+            for t, (_, g) in zip(own, grads, strict=True)
+        ],
+        band=(coef * (1 - band), exact * (1 + band)),
     )
 
 
 def _check_returned(
-    returned: float, total_before: float, norm_type: float, tol: float, dtype: torch.dtype
+    returned: float, total_before: float, norm_type: float, tol: float, overflowed: bool
 ) -> None:
     """The clip's return value is the total norm before clipping, within `tol` (torch's own rounding
-    of it included); inf only where that total is past the gradient dtype's range, as torch sums it
-    in that dtype (float16 past 65504)."""
-    if math.isinf(returned) and total_before > torch.finfo(dtype).max:
+    of it included); inf only where torch's own total overflows (`torch_total`: float16 past 65504,
+    float32 squares past 3.4e38), which zeroes every gradient, a failure said below as such (an inf
+    here read as 'a clip returning the norm after it')."""
+    if math.isinf(returned) and overflowed:
         return
     if not abs(returned - total_before) <= tol * total_before:
         fail(
@@ -179,17 +193,6 @@ def _check_returned(
             "clip_grad_norm_ returns the norm before clipping, what a log of gradient spikes reads: a "
             "clip returning the norm after it shows every spike capped at max_norm",
         )
-
-
-def _factor(before: Sequence[tuple[str, torch.Tensor]], after: Sequence[tuple[str, torch.Tensor]]) -> float:
-    """The least-squares s of after = s x before, in float64 (0 for an all-zero before)."""
-    pairs = [
-        (a.detach().to(ACC).flatten(), b.detach().to(a.device, ACC).flatten())
-        for (_, a), (_, b) in zip(after, before, strict=True)
-    ]
-    dots = host([torch.vdot(a, b) for a, b in pairs] + [torch.vdot(b, b) for _, b in pairs])
-    bb = sum(dots[len(pairs) :])
-    return sum(dots[: len(pairs)]) / bb if bb > 0 else 0.0
 
 
 def assert_clipped_value_bounded(
@@ -209,6 +212,7 @@ def assert_clipped_value_bounded(
                 f"before has {len(before)} tensors but {len(grads)} parameters have a .grad; pass "
                 "[p.grad.detach().clone() for p in params if p.grad is not None] taken before clipping"
             )
+        require_aligned(grads, before)
         require_finite(
             [(name, b) for (name, _), b in zip(grads, before, strict=True)],
             "Gradients before value clipping are not finite; clipping hides that.",
@@ -254,6 +258,8 @@ def assert_direction_preserved(
     Two mappings are paired by key (in any order)."""
     __tracebackhide__ = True
     b, a = named_tensors(before, "before"), named_tensors(after, "after")
+    require_dense(b, "before's")
+    require_dense(a, "after's")
     if isinstance(after, Mapping) and isinstance(before, Mapping):  # paired by key, not by position
         if set(after) != set(before):
             missing, extra = sorted(set(before) - set(after)), sorted(set(after) - set(before))
@@ -305,6 +311,14 @@ def check_clip_grad_norm(parameters: Iterable[torch.Tensor], rtol: float | None 
         tol = rtol if rtol is not None else rounding
         if math.isclose(value, expected, rel_tol=tol):
             return value
+    grads_here = [local(g)[0].detach() for g in grads]
+    if math.isinf(value) and math.isfinite(expected) and not math.isfinite(torch_total(grads_here, 2.0)):
+        raise StabilityError(
+            f"clip_grad_norm_ returned {value:.9g} but the full-model gradient norm is {expected:.9g}: "
+            "torch's total overflowed the gradients' dtype (its per-tensor norms square the values: in "
+            "float32, a norm past 1.8e19 reads inf), and a clip by it zeroes every gradient; compute the "
+            "norm in float64 or scale the loss down"
+        )
     raise StabilityError(
         f"clip_grad_norm_ returned {value:.9g} but the full-model gradient norm is {expected:.9g} "
         f"(rank {world()[0]} of {world()[1]}; a local-shard norm?)"

@@ -40,15 +40,20 @@ def subnormal_spacing(dtype: torch.dtype) -> float:
     return float(info.smallest_normal * info.eps)
 
 
+def torch_total(tensors: Sequence[torch.Tensor], norm_type: float) -> float:
+    """The total norm as clip_grad_norm_ computes it: each tensor's norm in its own dtype, then the
+    norm of those (inf where float32 squares overflow: a total past 1.8e19, far below float32's max)."""
+    norms = [torch.linalg.vector_norm(t.detach(), norm_type) for t in tensors]
+    dtype, device = norms[0].dtype, norms[0].device
+    return float(torch.linalg.vector_norm(torch.stack([n.to(device, dtype) for n in norms]), norm_type))
+
+
 def reduction_error(tensors: Sequence[torch.Tensor], norm_type: float, exact: float) -> float:
-    """How far the total norm torch computes (each tensor's norm in its own dtype, then the norm of
-    those, as clip_grad_norm_ does) is from `exact`, relative; 0 for an exact total of 0 or inf."""
+    """How far the total norm torch computes (`torch_total`) is from `exact`, relative; 0 for an
+    exact total of 0 or inf, or where torch's overflows."""
     if not tensors or exact == 0 or not math.isfinite(exact):
         return 0.0
-    norms = [torch.linalg.vector_norm(t.detach(), norm_type) for t in tensors]
-    dtype = norms[0].dtype
-    device = norms[0].device
-    got = float(torch.linalg.vector_norm(torch.stack([n.to(device, dtype) for n in norms]), norm_type))
+    got = torch_total(tensors, norm_type)
     return abs(got - exact) / exact if math.isfinite(got) else 0.0
 
 
@@ -95,12 +100,7 @@ def grads_of(parameters: TensorsLike) -> Named:
     backward run)."""
     named = named_tensors(parameters, "parameters")
     grads = [(name, p.grad) for name, p in named if p.grad is not None]
-    sparse = next((name for name, g in grads if g.layout != torch.strided), None)
-    if sparse is not None:
-        raise UsageError(
-            f"the gradient of {sparse!r} is sparse (nn.Embedding(sparse=True)), which these checks do not "
-            "read, as torch's clip_grad_norm_ does not clip it: pass the dense parameters only"
-        )
+    require_dense(grads, "the gradient of")
     if not grads:
         raise UsageError(
             f"none of the {len(named)} parameters given has a .grad, so there is nothing to check: pass "
@@ -160,6 +160,29 @@ def _describe_nonfinite(name: str, t: torch.Tensor) -> str:
     return f"{name!r} holds {int(nan)} NaN and {int(inf)} Inf of {t.numel()} values"
 
 
+def require_aligned(grads: Named, before: Sequence[torch.Tensor]) -> None:
+    """`before` holds one tensor of each gradient's shape, in order: a UsageError where one does not
+    (a wrong before= read as a clip that changed a gradient, or raised torch's own size error)."""
+    for i, ((name, g), b) in enumerate(zip(grads, before, strict=True)):
+        if not isinstance(b, torch.Tensor) or b.shape != g.shape:
+            shape = tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
+            raise UsageError(
+                f"before[{i}] is {shape}, but the gradient of {name!r} it stands for is {tuple(g.shape)}: "
+                "pass [p.grad.detach().clone() for p in params if p.grad is not None] taken before clipping"
+            )
+
+
+def require_dense(named: Named, what: str) -> None:
+    """A sparse tensor among `named` is a one-line UsageError (torch's ops on them raised
+    NotImplementedError from inside a check)."""
+    sparse = next((name for name, t in named if t.layout != torch.strided), None)
+    if sparse is not None:
+        raise UsageError(
+            f"{what} {sparse!r} is sparse (nn.Embedding(sparse=True)), which these checks do not read, as "
+            "torch's clip_grad_norm_ does not clip it: pass the dense tensors only"
+        )
+
+
 def require_kept(named: Named, before: Sequence[torch.Tensor], what: str) -> None:
     """Fail where `before` held a gradient for each of the parameters `named` and the clip left some
     with none (p.grad = None): dropping a gradient hides its blow-up and stops the parameter training
@@ -197,12 +220,17 @@ def check_factor(
     after: Named,
     factor: float | None,
     header: str,
-    rtol: float | None,
+    rtol: float | Sequence[float] | None,
     slack: Sequence[float] | None = None,
+    band: tuple[float, float] | None = None,
 ) -> float:
-    """Check after[i] == s * before[i] for one common s >= 0 (`factor`, or the least-squares one);
-    returns s. Each tensor may be off by rtol of its norm, a subnormal spacing per element, and
-    `slack[i]` (an absolute allowance in after's units)."""
+    """Check after[i] == s * before[i] for one common s >= 0 (`factor`, or the least-squares one,
+    each tensor weighted by 1 / its rtol squared, within `band` where given); returns s. Each tensor
+    may be off by rtol of its norm (one for all, one per tensor, or, None, its own dtype's: one
+    bfloat16 tensor held every float32 one to bfloat16's 1.6%, a float32 gradient 3% off the clip's
+    factor passing; unweighted, a bfloat16 bias's own rounding pulled s off the float32 tensors'), a
+    subnormal spacing of its dtype per element, and `slack[i]` (an absolute allowance in after's
+    units)."""
     __tracebackhide__ = True
     if len(before) != len(after):
         raise UsageError(f"before has {len(before)} tensors but after has {len(after)}; pass them aligned")
@@ -215,9 +243,21 @@ def check_factor(
     as_ = [a.detach().to(ACC).to(b.device) for (_, a), b in zip(after, bs, strict=True)]
     dots = host([torch.vdot(a.reshape(-1), b.reshape(-1)) for a, b in zip(as_, bs, strict=True)])
     nb, na = norms_of(bs), norms_of(as_)
+    pairs = list(zip(before, after, strict=True))
+    if rtol is None:
+        tols = [rtol_of(coarsest((b, a))) for (_, b), (_, a) in pairs]
+    else:
+        tols = list(rtol) if isinstance(rtol, Sequence) else [rtol] * len(pairs)
     if factor is None:
         bb = sum(x * x for x in nb)
-        factor = sum(dots) / bb if bb > 0 else 0.0
+        least = min(
+            (t for t in tols if t > 0), default=1.0
+        )  # the finest tensors weigh 1: alike, as unweighted
+        weights = [(least / t) ** 2 if t > 0 else 1.0 for t in tols]
+        wbb = sum(w * x * x for w, x in zip(weights, nb, strict=True))
+        factor = sum(w * d for w, d in zip(weights, dots, strict=True)) / wbb if wbb > 0 else 0.0
+        if band is not None:
+            factor = min(max(factor, band[0]), band[1])
         if factor == 0 and bb > 0 and not any(na):
             fail(
                 header,
@@ -227,11 +267,11 @@ def check_factor(
             )
     s = factor
     resid = norms_of([a - s * b for a, b in zip(as_, bs, strict=True)])
-    tol = rtol if rtol is not None else rtol_of(coarsest(t for _, t in before + after))
-    spacing = subnormal_spacing(coarsest(t for _, t in after))
+    spacings = [subnormal_spacing(coarsest((a,))) for _, (_, a) in pairs]
     extra = list(slack) if slack is not None else [0.0] * len(bs)
     allowed = [
-        tol * abs(s) * n + spacing * math.sqrt(b.numel()) + x for n, b, x in zip(nb, bs, extra, strict=True)
+        tol * abs(s) * n + spacing * math.sqrt(b.numel()) + x
+        for tol, spacing, n, b, x in zip(tols, spacings, nb, bs, extra, strict=True)
     ]
     over = [i for i in range(len(bs)) if resid[i] > allowed[i]]
     if s < 0 or over:

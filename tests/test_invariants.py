@@ -1885,3 +1885,76 @@ def test_the_poison_inside_a_gradient_is_found_near_its_middle_at_any_size() -> 
         i = _inside(n)
         assert n // 2 <= i < n // 2 + 100
         assert all(i % k for k in range(2, 8)) and all((n - 1 - i) % k for k in range(3, 8))
+
+
+def _mixed_grads() -> tuple[nn.Module, list[torch.Tensor]]:
+    """A float32 MLP whose last Linear is bfloat16, its gradients set by one backward; and a copy of
+    them taken before any clip."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1))
+    model[-1].to(torch.bfloat16)
+    h = model[:-1](torch.randn(32, 8))
+    model[-1](h.to(torch.bfloat16)).float().pow(2).mean().backward()
+    return model, [p.grad.detach().clone() for p in model.parameters()]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("off", [1.0, 1.02, 0.98])
+def test_a_bfloat16_tensor_loosens_no_float32_ones_check(off: float) -> None:
+    """One bfloat16 Linear among float32 ones held every tensor to bfloat16's rtol (1.6%): float32
+    gradients 2-3% off the clip's common factor passed both checks, caught at 0.2% on an all-float32
+    model (an audit with faults of its own). Each tensor is now held to its own dtype's, the common
+    factor fitted on the finest tensors first (unweighted, a bfloat16 bias's own rounding pulled it
+    off the float32 tensors': torch's own clip then failed). Oracle: torch's clip_grad_norm_, then
+    the float32 gradients scaled by `off` (1: torch's clip as it is, which passes)."""
+    model, before = _mixed_grads()
+    params = list(model.parameters())
+    returned = torch.nn.utils.clip_grad_norm_(params, 0.1)
+    for p in params:
+        if p.grad is not None and p.grad.dtype == torch.float32:
+            p.grad.mul_(off)
+    checks = (
+        lambda: assert_clipped_norm_bounded(model, 0.1, before=before, returned=returned),
+        lambda: assert_direction_preserved(before, [p.grad for p in params]),  # type: ignore[misc]
+    )
+    for check in checks:
+        if off == 1.0:
+            check()
+        else:
+            with pytest.raises(StabilityError, match="Tensors off the common factor"):
+                check()
+
+
+def test_a_before_of_another_shape_or_a_sparse_tensor_is_a_usage_error() -> None:
+    """before= of the wrong shape raised torch's own size error from inside the check (clip active)
+    or read as a clip that changed a gradient (inactive); a sparse tensor given to the direction
+    check raised NotImplementedError (an audit). Each is a one-line UsageError."""
+    p = nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 2.0)
+    for max_norm in (0.1, 1e9):
+        with pytest.raises(UsageError, match=r"before\[0\] is \(4,\), but the gradient of .* is \(3,\)"):
+            assert_clipped_norm_bounded([p], max_norm, before=[torch.ones(4)])
+    with pytest.raises(UsageError, match=r"before\[0\] is \(4,\)"):
+        assert_clipped_value_bounded([p], 1.0, before=[torch.ones(4)])
+    sparse = torch.ones(3).to_sparse()
+    with pytest.raises(UsageError, match="is sparse"):
+        assert_direction_preserved([sparse], [sparse])
+
+
+def test_a_float32_total_past_its_squares_range_is_said_to_overflow() -> None:
+    """torch's clip_grad_norm_ squares float32 values: a total past ~1.8e19 reads inf (far below
+    float32's max 3.4e38), and the clip zeroes every gradient. The returned= check read that inf as 'a
+    clip returning the norm after it', check_clip_grad_norm as 'a local-shard norm?' (an audit). Oracle:
+    the float64 total of the gradients (1e19 x sqrt(8), finite), torch's own returned inf."""
+    from stabilitycheck.invariants import check_clip_grad_norm
+
+    p = nn.Parameter(torch.zeros(8))
+    p.grad = torch.full((8,), 1e19)
+    assert not math.isfinite(float(torch.linalg.vector_norm(p.grad)))  # the case: torch's squares overflow
+    with pytest.raises(StabilityError, match=r"clip_grad_norm_ returned inf .* torch's total overflowed"):
+        check_clip_grad_norm([p])
+    before = [p.grad.clone()]
+    returned = torch.nn.utils.clip_grad_norm_([p], 1.0)
+    assert math.isinf(float(returned))
+    with pytest.raises(StabilityError, match="Every gradient is zero after clipping") as raised:
+        assert_clipped_norm_bounded([p], 1.0, before=before, returned=returned)
+    assert "returned another value" not in str(raised.value)
