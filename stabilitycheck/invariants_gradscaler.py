@@ -233,6 +233,7 @@ def _check_guards(
     # what `_same_at_another_scale` restores (only a torch GradScaler's scale can be set)
     grad_scaler = scaler.state_dict() if isinstance(scaler, torch.amp.GradScaler) else {}
     held = (copy.deepcopy(opt.state_dict()), copy.deepcopy(grad_scaler))
+    at = float(get_scale()) if callable(get_scale) else math.nan  # the clean step's loss scale
     step(None)
     changed = [n for (n, p), w in zip(named, weights, strict=True) if not torch.equal(p.detach(), w)]
     nonfinite = [n for n, p in named if not bool(p.detach().isfinite().all())]
@@ -249,7 +250,7 @@ def _check_guards(
     try:
         _check_clean_state(named, opt, states, kind)
         _check_clean_step(named, weights, expected, kind)
-    except StabilityError:
+    except StabilityError as exc:
 
         def reference(grads: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
             stepped = iter(grads)  # `grads` are the reached parameters', in order
@@ -258,7 +259,15 @@ def _check_guards(
             return wanted, states
 
         if not _own_clip(named, weights, opt, scaler, (held, plain), reference, lambda: step(None)):
-            raise
+            if isinstance(scaler, torch.amp.GradScaler) or not _shrunk(params, plain, at):
+                raise
+            raise StabilityError(  # a shrink: a wrong unscale, or torch's recipe with its clip active
+                f"{exc}\nIts step shrank the unscaled gradients: if it clips after unscale_ (torch's "
+                "recipe), this check cannot tell that from a wrong unscale on a scaler that is no "
+                "torch.amp.GradScaler (only a GradScaler's scale can be set, to take the step again at "
+                "another): pass the GradScaler, a subclass clipping in its step, or check with the clip "
+                "inactive (a max_norm above the gradients')"
+            ) from None
     _check_skip_after_clean(named, opt, kind, lambda: step(poisons[0], reached[0], True), poisons[0])
     if unseen:
         raise UsageError(unseen)
@@ -323,6 +332,19 @@ def _own_clip(
     except StabilityError:
         return False
     return _same_at_another_scale(params, weights, opt, scaler, held[0], step)
+
+
+def _shrunk(params: Sequence[nn.Parameter], plain: Sequence[torch.Tensor | None], at: float) -> bool:
+    """Whether the clean step stepped on a shrink of the unscaled gradients (`_clipped`) other than
+    by 1 / the loss scale `at` (within 1%: unscaling twice, a fault the check can name): torch's recipe
+    with its clip active, or a wrong unscale, which a step again at another scale alone tells apart."""
+    got = _clipped(params, plain)
+    if got is None:
+        return False
+    pairs = [(a.double(), b.double()) for a, b in zip(got, (g for g in plain if g is not None), strict=True)]
+    bb = sum(float(b.pow(2).sum()) for _, b in pairs)
+    ratio = sum(float((a * b.to(a.device)).sum()) for a, b in pairs) / bb if bb > 0 else math.nan
+    return not (at > 0 and abs(ratio * at - 1) <= 0.01)
 
 
 def _clipped(

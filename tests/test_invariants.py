@@ -1958,3 +1958,52 @@ def test_a_float32_total_past_its_squares_range_is_said_to_overflow() -> None:
     with pytest.raises(StabilityError, match="Every gradient is zero after clipping") as raised:
         assert_clipped_norm_bounded([p], 1.0, before=before, returned=returned)
     assert "returned another value" not in str(raised.value)
+
+
+class _Wrapped:
+    """A user's step object around a torch GradScaler (no subclass): torch's recipe, unscale_ then
+    clip_grad_norm_ at `max_norm`, or, `twice`, unscaling twice (a fault) before it."""
+
+    def __init__(self, max_norm: float, twice: bool = False) -> None:
+        self.inner = torch.amp.GradScaler("cpu", init_scale=2.0**24)
+        self.max_norm, self.twice = max_norm, twice
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.inner.scale(loss)
+
+    def get_scale(self) -> float:
+        return self.inner.get_scale()
+
+    def update(self) -> None:
+        self.inner.update()
+
+    def step(self, opt: torch.optim.Optimizer) -> None:
+        params = [p for g in opt.param_groups for p in g["params"]]
+        self.inner.unscale_(opt)
+        if self.twice:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.div_(self.inner.get_scale())
+        torch.nn.utils.clip_grad_norm_(params, self.max_norm)
+        self.inner.step(opt)
+
+
+def test_a_wrapped_scaler_whose_step_shrinks_the_gradients_is_told_what_the_check_cannot_tell() -> None:
+    """torch's recipe (unscale_, then an active clip) in a user's wrapper failed as 'must unscale
+    once', as a clip before unscale_ does, with no word of why (an audit): only a GradScaler's scale
+    can be set to take the step again at another. The failure now says so where the step shrank the
+    gradients; a wrapper unscaling twice (its step 2^24 too short, a factor the check can name) gets
+    no such line; the clip inactive, the recipe passes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(3))
+
+    def loss(out: torch.Tensor, _: object) -> torch.Tensor:
+        return out.square().mean()
+
+    with pytest.raises(StabilityError, match="cannot tell that from a wrong unscale"):
+        assert_gradscaler_guards(model, x, loss, _Wrapped(1e-3))
+    with pytest.raises(StabilityError, match="must unscale") as raised:
+        assert_gradscaler_guards(model, x, loss, _Wrapped(1e3, twice=True))
+    assert "cannot tell" not in str(raised.value)
+    assert_gradscaler_guards(model, x, loss, _Wrapped(1e3))
