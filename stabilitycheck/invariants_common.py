@@ -263,7 +263,8 @@ def check_factor(
                 header,
                 f"Every tensor is zero after, though before was finite and nonzero (total norm "
                 f"{math.sqrt(bb):.6g}): a factor of 0 keeps no direction",
-                "e.g. a clip coefficient max_norm / total that became 0 because the total overflowed",
+                "e.g. a clip coefficient max_norm / total that became 0: the total overflowed, or the "
+                "coefficient or its products underflowed (max_norm 1e-30 on gradients of 1e-30)",
             )
     s = factor
     resid = norms_of([a - s * b for a, b in zip(as_, bs, strict=True)])
