@@ -149,8 +149,10 @@ def check_outputs(named: Sequence[tuple[str, Path | None]]) -> None:
             raise UsageError(f"{flag} {path}: is a directory; give a file path, e.g. {example}")
         if flag == "--json" and path.exists() and not path.is_file():
             raise UsageError(f"{flag} {path}: is no regular file (a device or a pipe); give a file path")
-        # the JSON's rename happens where a link points (a link into a missing folder failed at the end)
-        if not writable(path.resolve() if flag == "--json" else path):
+        # the JSON's rename happens where a link points (a link into a missing folder failed at the end);
+        # the others are written into: a device or pipe (/dev/stdout) is tried as it is, not its folder
+        into = flag != "--json" and path.exists() and not path.is_file()
+        if not (os.access(path, os.W_OK) if into else writable(path.resolve() if flag == "--json" else path)):
             raise UsageError(f"{flag} {path}: cannot write there (no such directory or no permission)")
         same = seen.setdefault(path.resolve(), flag)
         if same != flag:

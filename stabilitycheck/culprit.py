@@ -8,7 +8,7 @@ import statistics
 from collections import Counter
 from collections.abc import Sequence
 
-from stabilitycheck.measurement import AFTER_LAST, INPUT, Measurement
+from stabilitycheck.measurement import AFTER_LAST, INPUT, Measurement, shown
 
 
 def culprit_of(ms: Sequence[Measurement], nonfinite: bool | None = None) -> str:
@@ -135,7 +135,7 @@ def made_by(m: Measurement) -> str | None:
         return None
     i = m.activation_names.index(nf.layer) + 1
     if i in m.chain_starts:
-        return f"(a block taking {nf.layer}'s output)"
+        return f"(a block taking {shown(nf.layer)}'s output)"
     return m.activation_names[i] if i < len(m.activation_names) else AFTER_LAST
 
 

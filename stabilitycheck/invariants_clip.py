@@ -172,7 +172,7 @@ def assert_clipped_norm_bounded(
             t + subnormal_spacing(g.dtype) / coef if coef > 0 else t
             for t, (_, g) in zip(own, grads, strict=True)
         ],
-        band=(coef * (1 - band), exact * (1 + band)),
+        band=(coef / (1 + band), exact * (1 + band)),  # above 0 however far torch's total rounded
     )
 
 
@@ -315,9 +315,9 @@ def check_clip_grad_norm(parameters: Iterable[torch.Tensor], rtol: float | None 
     if math.isinf(value) and math.isfinite(expected) and not math.isfinite(torch_total(grads_here, 2.0)):
         raise StabilityError(
             f"clip_grad_norm_ returned {value:.9g} but the full-model gradient norm is {expected:.9g}: "
-            "torch's total overflowed the gradients' dtype (its per-tensor norms square the values: in "
-            "float32, a norm past 1.8e19 reads inf), and a clip by it zeroes every gradient; compute the "
-            "norm in float64 or scale the loss down"
+            "torch's total overflowed (its per-tensor norms, taken in the gradients' dtypes, read inf of "
+            "finite gradients: float32 squares past 3.4e38, a float16 norm past 65504), and a clip by it "
+            "zeroes every gradient; compute the norm in float64 or scale the loss down"
         )
     raise StabilityError(
         f"clip_grad_norm_ returned {value:.9g} but the full-model gradient norm is {expected:.9g} "

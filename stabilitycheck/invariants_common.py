@@ -44,8 +44,8 @@ def torch_total(tensors: Sequence[torch.Tensor], norm_type: float) -> float:
     """The total norm as clip_grad_norm_ computes it: each tensor's norm in its own dtype, then the
     norm of those (inf where float32 squares overflow: a total past 1.8e19, far below float32's max)."""
     norms = [torch.linalg.vector_norm(t.detach(), norm_type) for t in tensors]
-    dtype, device = norms[0].dtype, norms[0].device
-    return float(torch.linalg.vector_norm(torch.stack([n.to(device, dtype) for n in norms]), norm_type))
+    device = norms[0].device  # stack promotes to the widest dtype, as clip_grad_norm_'s does
+    return float(torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type))
 
 
 def reduction_error(tensors: Sequence[torch.Tensor], norm_type: float, exact: float) -> float:
@@ -224,13 +224,11 @@ def check_factor(
     slack: Sequence[float] | None = None,
     band: tuple[float, float] | None = None,
 ) -> float:
-    """Check after[i] == s * before[i] for one common s >= 0 (`factor`, or the least-squares one,
-    each tensor weighted by 1 / its rtol squared, within `band` where given); returns s. Each tensor
-    may be off by rtol of its norm (one for all, one per tensor, or, None, its own dtype's: one
-    bfloat16 tensor held every float32 one to bfloat16's 1.6%, a float32 gradient 3% off the clip's
-    factor passing; unweighted, a bfloat16 bias's own rounding pulled s off the float32 tensors'), a
-    subnormal spacing of its dtype per element, and `slack[i]` (an absolute allowance in after's
-    units)."""
+    """Check after[i] == s * before[i] for one common s >= 0 (`factor`, or fitted: `_fitted`, within
+    `band` where given); returns s. Each tensor may be off by rtol of its norm (one for all, one per
+    tensor, or, None, its own dtype's: one bfloat16 tensor held every float32 one to bfloat16's 1.6%,
+    a float32 gradient 3% off the clip's factor passing), a subnormal spacing of its dtype per element,
+    and `slack[i]` (an absolute allowance in after's units)."""
     __tracebackhide__ = True
     if len(before) != len(after):
         raise UsageError(f"before has {len(before)} tensors but after has {len(after)}; pass them aligned")
@@ -241,23 +239,21 @@ def check_factor(
     require_finite(after, header + " (after is not finite)")
     bs = [b.detach().to(ACC) for _, b in before]
     as_ = [a.detach().to(ACC).to(b.device) for (_, a), b in zip(after, bs, strict=True)]
-    dots = host([torch.vdot(a.reshape(-1), b.reshape(-1)) for a, b in zip(as_, bs, strict=True)])
+    flat = [(a.reshape(-1), b.reshape(-1)) for a, b in zip(as_, bs, strict=True)]
+    products = host([torch.vdot(a, b) for a, b in flat] + [torch.vdot(b, b) for _, b in flat])
+    dots, squares = products[: len(flat)], products[len(flat) :]
     nb, na = norms_of(bs), norms_of(as_)
     pairs = list(zip(before, after, strict=True))
     if rtol is None:
         tols = [rtol_of(coarsest((b, a))) for (_, b), (_, a) in pairs]
     else:
         tols = list(rtol) if isinstance(rtol, Sequence) else [rtol] * len(pairs)
+    spacings = [subnormal_spacing(coarsest((a,))) for _, (_, a) in pairs]
+    extra = list(slack) if slack is not None else [0.0] * len(bs)
+    floors = [sp * math.sqrt(b.numel()) + x for sp, b, x in zip(spacings, bs, extra, strict=True)]
     if factor is None:
-        bb = sum(x * x for x in nb)
-        least = min(
-            (t for t in tols if t > 0), default=1.0
-        )  # the finest tensors weigh 1: alike, as unweighted
-        weights = [(least / t) ** 2 if t > 0 else 1.0 for t in tols]
-        wbb = sum(w * x * x for w, x in zip(weights, nb, strict=True))
-        factor = sum(w * d for w, d in zip(weights, dots, strict=True)) / wbb if wbb > 0 else 0.0
-        if band is not None:
-            factor = min(max(factor, band[0]), band[1])
+        factor = _fitted(dots, squares, tols, floors, band)
+        bb = sum(squares)
         if factor == 0 and bb > 0 and not any(na):
             fail(
                 header,
@@ -268,12 +264,7 @@ def check_factor(
             )
     s = factor
     resid = norms_of([a - s * b for a, b in zip(as_, bs, strict=True)])
-    spacings = [subnormal_spacing(coarsest((a,))) for _, (_, a) in pairs]
-    extra = list(slack) if slack is not None else [0.0] * len(bs)
-    allowed = [
-        tol * abs(s) * n + spacing * math.sqrt(b.numel()) + x
-        for tol, spacing, n, b, x in zip(tols, spacings, nb, bs, extra, strict=True)
-    ]
+    allowed = [tol * abs(s) * n + f for tol, n, f in zip(tols, nb, floors, strict=True)]
     over = [i for i in range(len(bs)) if resid[i] > allowed[i]]
     if s < 0 or over:
         worst = max(range(len(bs)), key=lambda i: resid[i] / allowed[i]) if over else 0
@@ -290,6 +281,35 @@ def check_factor(
             f"Ratios after/before: {_ratios(na, nb)}",
         )
     return s
+
+
+def _fitted(
+    dots: Sequence[float],
+    squares: Sequence[float],
+    tols: Sequence[float],
+    floors: Sequence[float],
+    band: tuple[float, float] | None,
+) -> float:
+    """The common factor s of after = s x before: each tensor's own ratio <a, b> / <b, b>, weighted by
+    how finely it tells s (1 / its relative allowance squared: rtol, and its absolute floor over the
+    size s gives it, at the unweighted least-squares s), within `band`. Unweighted, a bfloat16
+    tensor's own rounding pulled s off the float32 tensors' beside it (torch's own clip failed), and a
+    tensor whose scaled values underflow to 0 told s nothing yet counted. Equal ratios give that
+    ratio exactly (x 0.5 reads 0.5)."""
+    bb = sum(squares)
+    first = sum(dots) / bb if bb > 0 else 0.0
+    if band is not None:
+        first = min(max(first, band[0]), band[1])
+    ratios = [d / q if q > 0 else math.nan for d, q in zip(dots, squares, strict=True)]
+    weights = []
+    for r, q, tol, floor in zip(ratios, squares, tols, floors, strict=True):
+        relative = tol + floor / (abs(first) * math.sqrt(q)) if first != 0 and q > 0 else math.inf
+        weights.append(1 / relative**2 if math.isfinite(r) and 0 < relative < math.inf else 0.0)
+    total = sum(weights)
+    if total > 0:
+        ref = ratios[max(range(len(weights)), key=weights.__getitem__)]  # exact where all agree
+        first = ref + sum(w * (r - ref) for w, r in zip(weights, ratios, strict=True) if w > 0) / total
+    return min(max(first, band[0]), band[1]) if band is not None else first
 
 
 def _ratios(na: Sequence[float], nb: Sequence[float], most: int = 8) -> str:

@@ -335,16 +335,18 @@ def _own_clip(
 
 
 def _shrunk(params: Sequence[nn.Parameter], plain: Sequence[torch.Tensor | None], at: float) -> bool:
-    """Whether the clean step stepped on a shrink of the unscaled gradients (`_clipped`) other than
-    by 1 / the loss scale `at` (within 1%: unscaling twice, a fault the check can name): torch's recipe
-    with its clip active, or a wrong unscale, which a step again at another scale alone tells apart."""
+    """Whether the clean step stepped on a shrink of the unscaled gradients (`_clipped`, by a common
+    factor below 1) other than by 1 / the loss scale `at` (unscaling twice, a fault the check can
+    name; each within CLEAN_RTOL): torch's recipe with its clip active, or a wrong unscale, which a
+    step again at another scale alone tells apart."""
     got = _clipped(params, plain)
     if got is None:
         return False
     pairs = [(a.double(), b.double()) for a, b in zip(got, (g for g in plain if g is not None), strict=True)]
     bb = sum(float(b.pow(2).sum()) for _, b in pairs)
     ratio = sum(float((a * b.to(a.device)).sum()) for a, b in pairs) / bb if bb > 0 else math.nan
-    return not (at > 0 and abs(ratio * at - 1) <= 0.01)
+    # a step on the unscaled gradients as they are (ratio 1) is no shrink: its fault lies elsewhere
+    return ratio < 1 - CLEAN_RTOL and not (at > 0 and abs(ratio * at - 1) <= CLEAN_RTOL)
 
 
 def _clipped(

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from stabilitycheck.errors import StabilityError, UsageError
+from stabilitycheck.measurement import shown
 
 if TYPE_CHECKING:
     from stabilitycheck.config import Config
@@ -29,7 +30,7 @@ class Unstable(StabilityError):
                     f"{cx.label} explodes: {', '.join(c.describe() for c in cx.judgement.verdict.criteria)}",
                     f"Seeds: {cx.judgement.summary()}",
                     f"Config: {cx.config.describe()}",
-                    f"Culprit: {cx.culprit}",
+                    f"Culprit: {shown(cx.culprit)}",
                     f"Remedies: {remedies}",
                     f"Reproduce: {reproduction(cx.config, cx.limits)}",
                 )

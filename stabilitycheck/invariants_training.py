@@ -15,7 +15,7 @@ from stabilitycheck.culprit import culprit_of
 from stabilitycheck.errors import UsageError
 from stabilitycheck.invariants_common import fail, positive
 from stabilitycheck.losses import Inputs, LossFn
-from stabilitycheck.measurement import Measurement
+from stabilitycheck.measurement import Measurement, shown
 from stabilitycheck.probing import probe_module
 
 
@@ -149,7 +149,7 @@ def assert_bounded_growth(measurement: Measurement, limit: float, *, gain_limit:
     gains = [i for i in range(len(m.gains)) if taken(i)]
     nf = m.first_nonfinite
     if nf is not None:  # NaN gains lie everywhere past it: the first of them named layers.0
-        lines.insert(0, f"First non-finite value: {nf.describe()}; made in {culprit_of([m])}")
+        lines.insert(0, f"First non-finite value: {nf.describe()}; made in {shown(culprit_of([m]))}")
     elif gains:
         worst = max(gains, key=lambda i: math.inf if math.isnan(m.gains[i]) else m.gains[i])
         lines.append(

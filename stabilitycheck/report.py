@@ -203,8 +203,8 @@ def profile(j: Judgement, q: float) -> str:
     first, last = (f"block {shown(n)}" if n[:1].isdigit() else n for n in (names[0], names[-1]))
     # several chains: first over last is no growth (bart's 117 .. 0.718 beside its growth 116)
     chains = (
-        f"; chains from {', '.join(names[i] for i in m.chain_starts)} on: the growth is read per chain, "
-        "not first over last"
+        f"; chains from {shown(', '.join(names[i] for i in m.chain_starts))} on: the growth is read per "
+        "chain, not first over last"
         if m.chain_starts and values is m.activation_grad_norms
         else ""
     )
@@ -322,7 +322,7 @@ def _nonfinite_line(m: Measurement) -> str:
     overflow = "; float32 stays finite there: the dtype's range" if m.overflow is not None else ""
     maker = made_by(m)  # the loss after the last call, a block taking the output, or a block's name
     maker = AFTER_LAST_SAID if maker == AFTER_LAST else (maker or "").strip("()")
-    made = f" (made by the backward of {maker})" if maker else ""
+    made = f" (made by the backward of {shown(maker)})" if maker else ""
     return f"  nonfinite {nf.describe()}{made}, in the profile's seed{overflow}\n"
 
 

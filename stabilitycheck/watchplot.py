@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from stabilitycheck.errors import UsageError
+from stabilitycheck.measurement import shown as quoted
 from stabilitycheck.watchlog import Finding
 
 NAN_COLOUR, INF_COLOUR = "magenta", "orange"
@@ -64,7 +65,7 @@ def heatmap(
             ax.plot(spike.step, list(blocks).index(spike.block), marker="o", mfc="none", mec="red", ms=10)
     axes[-1, 0].set_xlabel("step")
     elsewhere = (
-        f"first flagged: {spike.tensor} of {spike.block} at step {spike.step} (in neither panel)"
+        f"first flagged: {spike.tensor} of {quoted(spike.block)} at step {spike.step} (in neither panel)"
         if spike is not None and not shown
         else None
     )

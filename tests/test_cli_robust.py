@@ -928,6 +928,23 @@ def test_an_output_that_is_a_directory_or_no_regular_file_is_refused_before_the_
     assert pipe.is_fifo()
 
 
+def test_a_pipe_in_a_folder_that_takes_no_new_file_is_still_an_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--markdown /dev/stdout was refused for a user who cannot make files in /dev (its folder was
+    tried, not the device: a review). A device or pipe written into is tried itself; a file still
+    needs a folder a file can be made in. Oracle: `writable` made to refuse every folder, as /dev does
+    to a non-root user."""
+    from stabilitycheck import _outputs
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    monkeypatch.setattr(_outputs, "writable", lambda path: False)
+    _outputs.check_outputs((("--json", None), ("--markdown", pipe), ("--plot", None)))
+    with pytest.raises(cli.UsageError, match="cannot write there"):
+        _outputs.check_outputs((("--json", None), ("--markdown", tmp_path / "out.md"), ("--plot", None)))
+
+
 def test_the_markdown_is_written_into_a_pipe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Only --json is renamed over its path; --markdown /dev/stdout | cat printed the Markdown until
     the refusal of pipes and devices took every output (a review). Oracle: what a reader of the pipe

@@ -5,6 +5,7 @@ Also the shared helpers (invariants_common: rtols, spacings, check_factor, state
 from __future__ import annotations
 
 import math
+import random
 import re
 import warnings
 from collections.abc import Callable
@@ -1964,9 +1965,9 @@ class _Wrapped:
     """A user's step object around a torch GradScaler (no subclass): torch's recipe, unscale_ then
     clip_grad_norm_ at `max_norm`, or, `twice`, unscaling twice (a fault) before it."""
 
-    def __init__(self, max_norm: float, twice: bool = False) -> None:
+    def __init__(self, max_norm: float, twice: bool = False, double_step: bool = False) -> None:
         self.inner = torch.amp.GradScaler("cpu", init_scale=2.0**24)
-        self.max_norm, self.twice = max_norm, twice
+        self.max_norm, self.twice, self.double_step = max_norm, twice, double_step
 
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
         return self.inner.scale(loss)
@@ -1985,6 +1986,8 @@ class _Wrapped:
                 if p.grad is not None:
                     p.grad.div_(self.inner.get_scale())
         torch.nn.utils.clip_grad_norm_(params, self.max_norm)
+        if self.double_step and all(p.grad is None or bool(p.grad.isfinite().all()) for p in params):
+            opt.step()  # a fault of another kind: the update taken twice
         self.inner.step(opt)
 
 
@@ -1992,8 +1995,9 @@ def test_a_wrapped_scaler_whose_step_shrinks_the_gradients_is_told_what_the_chec
     """torch's recipe (unscale_, then an active clip) in a user's wrapper failed as 'must unscale
     once', as a clip before unscale_ does, with no word of why (an audit): only a GradScaler's scale
     can be set to take the step again at another. The failure now says so where the step shrank the
-    gradients; a wrapper unscaling twice (its step 2^24 too short, a factor the check can name) gets
-    no such line; the clip inactive, the recipe passes."""
+    gradients; a wrapper unscaling twice (its step 2^24 too short, a factor the check can name), or
+    stepping twice on the unscaled gradients (no shrink), gets no such line; the clip inactive, the
+    recipe passes."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
     x = torch.randn(16, 8, generator=torch.Generator().manual_seed(3))
@@ -2003,7 +2007,90 @@ def test_a_wrapped_scaler_whose_step_shrinks_the_gradients_is_told_what_the_chec
 
     with pytest.raises(StabilityError, match="cannot tell that from a wrong unscale"):
         assert_gradscaler_guards(model, x, loss, _Wrapped(1e-3))
-    with pytest.raises(StabilityError, match="must unscale") as raised:
-        assert_gradscaler_guards(model, x, loss, _Wrapped(1e3, twice=True))
-    assert "cannot tell" not in str(raised.value)
+    for fault in ({"twice": True}, {"double_step": True}):  # no shrink the line is about (a review)
+        with pytest.raises(StabilityError, match="must unscale") as raised:
+            assert_gradscaler_guards(model, x, loss, _Wrapped(1e3, **fault))
+        assert "cannot tell" not in str(raised.value)
     assert_gradscaler_guards(model, x, loss, _Wrapped(1e3))
+
+
+def _torch_clip_cases(n: int) -> list[tuple[list[torch.Tensor], float, float]]:
+    """n seeded mixes of dtypes (float32, bfloat16, float16, float64), sizes (1-1000), magnitudes
+    (1e-8-1e8; 1e-3-1e3 with float16), zero tensors and norm types: (gradients, max_norm, norm_type)."""
+    rng = random.Random(0)
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+    cases = []
+    for trial in range(n):
+        gen = torch.Generator().manual_seed(trial)
+        chosen = [rng.choice(dtypes) for _ in range(rng.choice([1, 2, 3, 5]))]
+        mag = 10 ** (rng.uniform(-3, 3) if torch.float16 in chosen else rng.uniform(-8, 8))
+        grads = [
+            (
+                torch.zeros(n)
+                if rng.random() < 0.1
+                else torch.randn(n, generator=gen) * mag * 10 ** rng.uniform(-2, 2)
+            ).to(d)
+            for d, n in ((d, rng.choice([1, 3, 50, 1000])) for d in chosen)
+        ]
+        total = float(torch.linalg.vector_norm(torch.stack([g.double().norm() for g in grads])))
+        cases.append(
+            (grads, max(total, 1e-30) * 10 ** rng.uniform(-2, 0.5), rng.choice([1.0, 2.0, 3.0, math.inf]))
+        )
+    return cases
+
+
+@pytest.mark.parametrize(("grads", "max_norm", "norm_type"), _torch_clip_cases(40))
+def test_torch_s_own_clip_passes_both_checks_whatever_its_dtypes(
+    grads: list[torch.Tensor], max_norm: float, norm_type: float
+) -> None:
+    """Held to its own dtype's tolerance each, a float32 bias of 0.1 beside a bfloat16 weight of 10
+    failed the direction check on torch's own clip (12 of 100 seeds), the common factor pulled onto
+    the bfloat16 tensor's rounded ratio; mixes of float16, float32 and float64 failed both checks
+    (a review). The factor is now each tensor's ratio weighted by how finely it tells it. Oracle:
+    torch's clip_grad_norm_ itself, on 40 seeded mixes of dtypes, sizes, magnitudes and norm types."""
+    params = [nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g.clone()
+    returned = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+    if not all(bool(p.grad.isfinite().all()) for p in params if p.grad is not None):
+        pytest.skip("torch's clip made a non-finite gradient: a finding of its own, not this test's case")
+    if any(bool(g.any()) for g in grads) and not any(
+        bool(p.grad.any()) for p in params if p.grad is not None
+    ):
+        pytest.skip(
+            "torch's clip zeroed every gradient (its total overflowed or underflowed): its own finding"
+        )
+    assert_clipped_norm_bounded(params, max_norm, norm_type, before=grads, returned=returned)
+    assert_direction_preserved(grads, [p.grad for p in params])  # type: ignore[misc]
+
+
+def test_a_bfloat16_weight_beside_a_small_float32_bias_passes_torch_s_clip() -> None:
+    """The review's case, over 30 seeds: a bfloat16 weight of 1000 values ~10 beside a float32 bias
+    of 10 values ~0.1, torch's clip at max_norm 1."""
+    for seed in range(30):
+        gen = torch.Generator().manual_seed(seed)
+        weight = nn.Parameter(torch.zeros(1000, dtype=torch.bfloat16))
+        bias = nn.Parameter(torch.zeros(10))
+        weight.grad = (torch.randn(1000, generator=gen) * 10).to(torch.bfloat16)
+        bias.grad = torch.randn(10, generator=gen) * 0.1
+        before = [weight.grad.clone(), bias.grad.clone()]
+        returned = torch.nn.utils.clip_grad_norm_([weight, bias], 1.0)
+        assert_clipped_norm_bounded([weight, bias], 1.0, before=before, returned=returned)
+        assert_direction_preserved(before, [weight.grad, bias.grad])
+
+
+def test_a_clip_whose_right_answer_underflows_to_zero_passes_the_clip_check() -> None:
+    """float32 gradients of 1e-30 clipped to max_norm 1e-30: torch's float32 total underflows (its
+    squares, 1e-60) and its coefficient 1e-24 takes the gradients to 1e-54, below float32's smallest
+    subnormal: 0, the right answer in float32. The band the common factor is fitted in went below 0
+    and the check failed ('a factor of 0'); beside a float64 tensor, scaled exactly, the zeroed float32
+    one pulled the fit off it (a review). Oracle: torch's clip_grad_norm_ itself."""
+    tiny = nn.Parameter(torch.zeros(4))
+    wide = nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    for params in ([tiny], [tiny, wide]):
+        for p in params:
+            p.grad = torch.full((4,), 1e-30, dtype=p.dtype)
+        before = [p.grad.clone() for p in params]  # type: ignore[union-attr]
+        returned = torch.nn.utils.clip_grad_norm_(params, 1e-30)
+        assert not bool(tiny.grad.any())  # type: ignore[union-attr]  # the case: float32's answer is 0
+        assert_clipped_norm_bounded(params, 1e-30, before=before, returned=returned)

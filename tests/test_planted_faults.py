@@ -290,7 +290,7 @@ def test_bounded_growth_on_a_nan_names_it_and_its_block_not_the_first_layer() ->
     with pytest.raises(StabilityError) as err:
         assert_bounded_growth(m, 100.0)
     text = str(err.value)
-    assert text.startswith("A value went non-finite") and "made in 3" in text, text
+    assert text.startswith("A value went non-finite") and "made in '3'" in text, text  # a digit name, quoted
     assert "Worst layer" not in text
 
 

@@ -2028,7 +2028,7 @@ def test_the_heatmap_legend_says_where_a_first_flag_it_cannot_circle_is(
     monkeypatch.setattr(matplotlib.axes.Axes, "legend", legend)
     columns, blocks = [[1.0] * 6 for _ in range(10)], ["0", "1", "2"]
     watchplot.heatmap(columns, blocks, Finding(5, "weight", "1", 9.0), tmp_path / "h.png")
-    assert labels[-1] == "first flagged: weight of 1 at step 5 (in neither panel)"
+    assert labels[-1] == "first flagged: weight of '1' at step 5 (in neither panel)"  # a digit name, quoted
     watchplot.heatmap(columns, blocks, Finding(5, "activation", "1", 9.0), tmp_path / "h.png")
     assert labels[-1] == "first flagged value"
     watchplot.heatmap(columns, blocks, None, tmp_path / "h.png")
