@@ -71,7 +71,7 @@ def assert_clipped_norm_bounded(
     # torch rounds max_norm, the total, total + 1e-6, their quotient and each product in the gradient
     # dtype: up to 5 roundings of eps / 2, more than rtol alone allows in half precision.
     tol = rtol if rtol is not None else rtol_of(dtype) + 2.5 * torch.finfo(dtype).eps
-    spacing = subnormal_spacing(dtype)
+    spacing = max(subnormal_spacing(g.dtype) for _, g in grads)  # float16's, beside bfloat16's finer one
     norms = norms_of([g for _, g in grads], norm_type)
     total = total_of(norms, norm_type)
     # torch sums the total in the gradients' dtype: over many elements its own rounding (1e-5 relative
@@ -161,7 +161,9 @@ def assert_clipped_norm_bounded(
     wide = ft.reduce(torch.promote_types, (g.dtype for _, g in grads))  # the total's and coefficient's
     band = 2 * rounding + (rtol if rtol is not None else 2.5 * torch.finfo(wide).eps)
     pre_named = [(name, b) for (name, _), b in zip(grads, before, strict=True)]
-    own = [rtol if rtol is not None else rtol_of(g.dtype) + 2.5 * torch.finfo(g.dtype).eps for _, g in grads]
+    # each product rounds once in the gradient's dtype (the coefficient's roundings are in the band):
+    # 2.5 eps of bfloat16 beside its rtol let a bfloat16 gradient 3.5% off pass
+    own = [(rtol if rtol is not None else rtol_of(g.dtype)) + torch.finfo(g.dtype).eps / 2 for _, g in grads]
     check_factor(
         pre_named,
         grads,

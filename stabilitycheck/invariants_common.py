@@ -239,10 +239,16 @@ def check_factor(
     require_finite(after, header + " (after is not finite)")
     bs = [b.detach().to(ACC) for _, b in before]
     as_ = [a.detach().to(ACC).to(b.device) for (_, a), b in zip(after, bs, strict=True)]
-    flat = [(a.reshape(-1), b.reshape(-1)) for a, b in zip(as_, bs, strict=True)]
+    # each pair over before's largest |entry| (the ratio is unchanged): float64 squares overflowed past
+    # 1e154 (a NaN factor, any after passing) and underflowed below 1e-162 (a tensor of weight 0 held
+    # to its rtol against the others' factor)
+    peaks = host([b.abs().max() if b.numel() else torch.zeros((), dtype=ACC) for b in bs])
+    flat = [
+        (a.reshape(-1) / p, b.reshape(-1) / p) if p > 0 else (a.reshape(-1), b.reshape(-1))
+        for a, b, p in zip(as_, bs, peaks, strict=True)
+    ]
     products = host([torch.vdot(a, b) for a, b in flat] + [torch.vdot(b, b) for _, b in flat])
     dots, squares = products[: len(flat)], products[len(flat) :]
-    nb, na = norms_of(bs), norms_of(as_)
     pairs = list(zip(before, after, strict=True))
     if rtol is None:
         tols = [rtol_of(coarsest((b, a))) for (_, b), (_, a) in pairs]
@@ -252,22 +258,29 @@ def check_factor(
     extra = list(slack) if slack is not None else [0.0] * len(bs)
     floors = [sp * math.sqrt(b.numel()) + x for sp, b, x in zip(spacings, bs, extra, strict=True)]
     if factor is None:
-        factor = _fitted(dots, squares, tols, floors, band)
-        bb = sum(squares)
-        if factor == 0 and bb > 0 and not any(na):
+        factor = _fitted(
+            dots, squares, [f / p if p > 0 else f for f, p in zip(floors, peaks, strict=True)], tols, band
+        )
+        if factor == 0 and sum(squares) > 0 and not any(bool(a.any()) for a, _ in flat):
             fail(
                 header,
                 f"Every tensor is zero after, though before was finite and nonzero (total norm "
-                f"{math.sqrt(bb):.6g}): a factor of 0 keeps no direction",
+                f"{total_of(norms_of(bs), 2.0):.6g}): a factor of 0 keeps no direction",
                 "e.g. a clip coefficient max_norm / total that became 0: the total overflowed, or the "
                 "coefficient or its products underflowed (max_norm 1e-30 on gradients of 1e-30)",
             )
     s = factor
-    resid = norms_of([a - s * b for a, b in zip(as_, bs, strict=True)])
-    allowed = [tol * abs(s) * n + f for tol, n, f in zip(tols, nb, floors, strict=True)]
-    over = [i for i in range(len(bs)) if resid[i] > allowed[i]]
-    if s < 0 or over:
-        worst = max(range(len(bs)), key=lambda i: resid[i] / allowed[i]) if over else 0
+    units = [p if p > 0 else 1.0 for p in peaks]  # each pair is in units of before's largest |entry|
+    resid = norms_of([a - s * b for a, b in flat])
+    nb, na = norms_of([b for _, b in flat]), norms_of([a for a, _ in flat])
+    allowed = [tol * abs(s) * n + f / u for tol, n, f, u in zip(tols, nb, floors, units, strict=True)]
+    over = [i for i in range(len(bs)) if not resid[i] <= allowed[i]]  # a NaN is over
+    if not s >= 0 or over:
+        worst = (
+            max(range(len(bs)), key=lambda i: resid[i] / allowed[i] if allowed[i] > 0 else math.inf)
+            if over
+            else 0
+        )
         name = before[worst][0]
         ratio = na[worst] / nb[worst] if nb[worst] > 0 else math.inf
         cosine = dots[worst] / (na[worst] * nb[worst]) if na[worst] * nb[worst] > 0 else math.nan
@@ -275,8 +288,8 @@ def check_factor(
             header,
             f"Tensors off the common factor {s:.6g}: {len(over)} / {len(bs)}",
             f"Worst: {name!r} scaled by {ratio:.6g} with cosine {cosine:.6g} to before; "
-            f"deviation {resid[worst]:.3g} "
-            f"(allowed: factor {s:.6g}, cosine 1, deviation <= {allowed[worst]:.3g})",
+            f"deviation {resid[worst] * units[worst]:.3g} "
+            f"(allowed: factor {s:.6g}, cosine 1, deviation <= {allowed[worst] * units[worst]:.3g})",
             *([f"The common factor {s:.6g} is negative: the gradients were flipped"] if s < 0 else []),
             f"Ratios after/before: {_ratios(na, nb)}",
         )
@@ -286,8 +299,8 @@ def check_factor(
 def _fitted(
     dots: Sequence[float],
     squares: Sequence[float],
-    tols: Sequence[float],
     floors: Sequence[float],
+    tols: Sequence[float],
     band: tuple[float, float] | None,
 ) -> float:
     """The common factor s of after = s x before: each tensor's own ratio <a, b> / <b, b>, weighted by
@@ -301,10 +314,12 @@ def _fitted(
     if band is not None:
         first = min(max(first, band[0]), band[1])
     ratios = [d / q if q > 0 else math.nan for d, q in zip(dots, squares, strict=True)]
-    weights = []
-    for r, q, tol, floor in zip(ratios, squares, tols, floors, strict=True):
-        relative = tol + floor / (abs(first) * math.sqrt(q)) if first != 0 and q > 0 else math.inf
-        weights.append(1 / relative**2 if math.isfinite(r) and 0 < relative < math.inf else 0.0)
+    relative = [
+        tol + floor / (abs(first) * math.sqrt(q)) if first != 0 and q > 0 and math.isfinite(r) else math.inf
+        for r, q, tol, floor in zip(ratios, squares, tols, floors, strict=True)
+    ]
+    finest = min((x for x in relative if x > 0), default=math.inf)  # scale-free: an rtol of 0 or 1e-160
+    weights = [(finest / x) ** 2 if 0 < x < math.inf else (1.0 if x == 0 else 0.0) for x in relative]
     total = sum(weights)
     if total > 0:
         ref = ratios[max(range(len(weights)), key=weights.__getitem__)]  # exact where all agree

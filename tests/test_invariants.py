@@ -2094,3 +2094,88 @@ def test_a_clip_whose_right_answer_underflows_to_zero_passes_the_clip_check() ->
         returned = torch.nn.utils.clip_grad_norm_(params, 1e-30)
         assert not bool(tiny.grad.any())  # type: ignore[union-attr]  # the case: float32's answer is 0
         assert_clipped_norm_bounded(params, 1e-30, before=before, returned=returned)
+
+
+@pytest.mark.parametrize("mag", [1e160, 1e-170])
+def test_direction_holds_for_float64_values_whose_squares_leave_the_range(mag: float) -> None:
+    """float64 values past 1e154 (or below 1e-162) overflow (underflow) their squares: the factor
+    read NaN and any after passed, a sign flip and a x3 tensor too (a review). Each pair is taken in
+    units of before's largest entry. Oracle: exact rescalings pass, faults fail."""
+    gen = torch.Generator().manual_seed(0)
+    b = [
+        torch.randn(100, dtype=torch.float64, generator=gen) * mag,
+        torch.randn(10, dtype=torch.float64, generator=gen) * mag,
+    ]
+    assert assert_direction_preserved(b, [0.5 * t for t in b]) == 0.5
+    for wrong in ([-t for t in b], [b[0], 3 * b[1]], [torch.randn_like(t) * mag for t in b]):
+        with pytest.raises(StabilityError):
+            assert_direction_preserved(b, wrong)
+
+
+@pytest.mark.parametrize("rtol", [0.0, 1e-160])
+def test_an_rtol_of_zero_or_tiny_is_exact_not_a_crash(rtol: float) -> None:
+    """rtol=0 raised ZeroDivisionError, rtol=1e-160 made the factor NaN and let a sign flip pass (a
+    review): the fit's weights are scale-free. Oracle: an exact x0.5 returns 0.5; faults fail."""
+    b = [
+        torch.randn(50, dtype=torch.float64, generator=torch.Generator().manual_seed(1)),
+        torch.ones(3, dtype=torch.float64),
+    ]
+    assert assert_direction_preserved(b, [0.5 * t for t in b], rtol=rtol) == 0.5
+    for wrong in ([-t for t in b], [b[0], 3 * b[1]]):
+        with pytest.raises(StabilityError):
+            assert_direction_preserved(b, wrong, rtol=rtol)
+
+
+def test_a_bfloat16_gradient_three_percent_off_the_clip_fails_the_clip_check() -> None:
+    """Each bfloat16 tensor was allowed rtol + 2.5 eps (3.55%), though torch rounds each product once
+    (the coefficient's roundings are common, in the band): 3% off passed the clip check while the
+    direction check caught it (a review). Oracle: torch's clip, then the bfloat16 gradient between two
+    float32 ones x1.03."""
+    gen = torch.Generator().manual_seed(2)
+    dtypes = (torch.float32, torch.bfloat16, torch.float32)
+    params = [nn.Parameter(torch.zeros(64, dtype=d)) for d in dtypes]
+    for p in params:
+        p.grad = torch.randn(64, generator=gen).to(p.dtype)
+    before = [p.grad.clone() for p in params]  # type: ignore[union-attr]
+    returned = torch.nn.utils.clip_grad_norm_(params, 0.5)
+    assert_clipped_norm_bounded(params, 0.5, before=before, returned=returned)  # torch's own passes
+    params[1].grad.mul_(1.03)  # type: ignore[union-attr]
+    with pytest.raises(StabilityError, match="Tensors off the common factor"):
+        assert_clipped_norm_bounded(params, 0.5, before=before, returned=returned)
+
+
+def test_a_float16_gradient_among_its_subnormals_beside_bfloat16_passes_torch_s_clip() -> None:
+    """The bound's absolute slack was the subnormal spacing of the coarsest dtype by rtol (bfloat16's,
+    9e-41), not float16's (6e-8): torch's clip of a float16 gradient into float16's subnormals failed
+    beside a bfloat16 one, and passed alone (a review). Oracle: torch's clip_grad_norm_."""
+    params = [
+        nn.Parameter(torch.zeros(1, dtype=torch.float16)),
+        nn.Parameter(torch.zeros(1, dtype=torch.bfloat16)),
+    ]
+    params[0].grad = torch.tensor([1.0], dtype=torch.float16)
+    params[1].grad = torch.tensor([0.01], dtype=torch.bfloat16)
+    before = [p.grad.clone() for p in params]  # type: ignore[union-attr]
+    returned = torch.nn.utils.clip_grad_norm_(params, 5e-8)
+    assert_clipped_norm_bounded(params, 5e-8, before=before, returned=returned)
+
+
+def test_rescaling_through_a_float16_layer_whose_gradient_underflows_passes() -> None:
+    """A float32 -> float16 -> float32 MLP at c = 2^-20: the first layer's gradient underflows to 0
+    through the float16 layer, and held to float32's spacing it failed (a review). Each gradient may
+    carry the coarsest layer's subnormal spacing. Oracle: the backward is exactly linear in c."""
+    from stabilitycheck.invariants import assert_rescaling_equivariant
+
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(8, 16), nn.Linear(16, 16).half(), nn.Linear(16, 16)])
+            self.head = nn.Linear(16, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                x = torch.tanh(layer(x.to(layer.weight.dtype)))
+            return self.head(x.to(self.head.weight.dtype))  # type: ignore[no-any-return]
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 8) * 1e-3
+    assert_rescaling_equivariant(Mixed(), (x,), lambda out, _: out.float().square().mean(), 2.0**-20)
