@@ -288,7 +288,7 @@ def check_factor(
             header,
             f"Tensors off the common factor {s:.6g}: {len(over)} / {len(bs)}",
             f"Worst: {name!r} scaled by {ratio:.6g} with cosine {cosine:.6g} to before; "
-            f"deviation {resid[worst] * units[worst]:.3g} "
+            f"deviation {norms_of([as_[worst] - s * bs[worst]])[0]:.3g} "  # as it is: scaled, it may overflow
             f"(allowed: factor {s:.6g}, cosine 1, deviation <= {allowed[worst] * units[worst]:.3g})",
             *([f"The common factor {s:.6g} is negative: the gradients were flipped"] if s < 0 else []),
             f"Ratios after/before: {_ratios(na, nb)}",

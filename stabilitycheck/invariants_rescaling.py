@@ -48,16 +48,17 @@ def _to64(inputs: Inputs) -> Inputs:
 
 def _rounding_error(
     model: nn.Module, inputs: Inputs, loss_fn: LossFn, grads: Named, seed: int, scale: float = 1.0
-) -> list[float]:
+) -> tuple[list[float], list[float]]:
     """Per tensor, how far `grads` (the gradients of scale x loss) are from a float64 re-run of the
     same scale: the rounding error they carry, capped at sqrt(eps) of their norm (beyond that it is
-    not rounding). The model is converted in place and back (exact), so its hooks and modules are
+    not rounding), and the error uncapped (a gradient that underflowed to 0 through a float16 layer:
+    all of it). The model is converted in place and back (exact), so its hooks and modules are
     the ones that ran: a backward that is not linear is so in float64 too, and no rounding. Where the
     model cannot run in float64 (a hook casting its gradient to float32: autograd refuses the changed
     type), the error is taken at its cap: that model is no finding of this check."""
     tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
     if all(t.dtype == ACC for t in tensors):
-        return [0.0] * len(grads)
+        return [0.0] * len(grads), [0.0] * len(grads)
     dtypes = [t.dtype for t in tensors]
     saved = [(p, p.grad) for p in model.parameters()]
     cap = math.sqrt(torch.finfo(coarsest(g for _, g in grads)).eps)
@@ -67,16 +68,16 @@ def _rounding_error(
             t.data = t.data.to(ACC)
         _, exact = _gradients(model, _to64(inputs), loss_fn, scale, seed)
     except (RuntimeError, TypeError):
-        return [cap * n for n in sizes]
+        return [cap * n for n in sizes], [cap * n for n in sizes]
     finally:
         for t, dtype in zip(tensors, dtypes, strict=True):
             t.data = t.data.to(dtype)
         for p, g in saved:
             p.grad = g
     if [n for n, _ in exact] != [n for n, _ in grads]:
-        return [0.0] * len(grads)
+        return [0.0] * len(grads), [0.0] * len(grads)
     errors = norms_of([g.to(ACC) - e.to(g.device) for (_, g), (_, e) in zip(grads, exact, strict=True)])
-    return [min(e, cap * n) for e, n in zip(errors, sizes, strict=True)]
+    return [min(e, cap * n) for e, n in zip(errors, sizes, strict=True)], errors
 
 
 def assert_rescaling_equivariant(
@@ -121,19 +122,22 @@ def _check_rescaling(
         )
     if not math.isfinite(loss):
         fail(f"The loss is not finite ({loss}), so no gradient rescaling can be checked.")
-    rounding = _rounding_error(model, inputs, loss_fn, g1, seed)
-    rounding_c = _rounding_error(model, inputs, loss_fn, gc, seed, c)
+    rounding, _ = _rounding_error(model, inputs, loss_fn, g1, seed)
+    rounding_c, lost = _rounding_error(model, inputs, loss_fn, gc, seed, c)
     # A gradient that cancels to (near) zero, e.g. a bias before a BatchNorm, is rounding noise on the
     # scale of the terms summed into it, not of its own norm: every tensor may be off by rtol of the
     # total gradient norm as well (a bug that matters moves a tensor by more than that).
     floor = (rtol if rtol is not None else rtol_of(coarsest(g for _, g in g1))) * math.sqrt(
         sum(n * n for n in norms_of([g for _, g in g1]))
     )
-    # a gradient that passed through a coarser layer carries that layer's underflow: a float32 one
-    # behind a float16 layer went to 0 at c = 2^-20, held to float32's spacing (a review)
+    # a gradient that passed through a coarser layer carries that layer's underflow, as far as the
+    # float64 re-run measures it (a float32 one behind a float16 layer went to 0 at c = 2^-20, held to
+    # float32's spacing), up to the coarsest spacing per element: not more, and not to a gradient no
+    # coarse layer touched (the model-wide spacing hid a hook halving a float32 head's gradient)
     spacing = max(
         (subnormal_spacing(t.dtype) for t in model.parameters() if t.is_floating_point()), default=0.0
     )
+    underflow = [min(spacing * math.sqrt(g.numel()), e) for e, (_, g) in zip(lost, gc, strict=True)]
     check_factor(
         g1,
         gc,
@@ -141,8 +145,8 @@ def _check_rescaling(
         f"Scaling the loss by c={c:g} did not scale every gradient by {c:g}." + _subnormal_hint(g1, c),
         rtol,
         [
-            c * (4.0 * e + floor) + 4.0 * ec + spacing * math.sqrt(g.numel())
-            for e, ec, (_, g) in zip(rounding, rounding_c, g1, strict=True)
+            c * (4.0 * e + floor) + 4.0 * ec + u
+            for e, ec, u in zip(rounding, rounding_c, underflow, strict=True)
         ],
     )
 

@@ -2179,3 +2179,27 @@ def test_rescaling_through_a_float16_layer_whose_gradient_underflows_passes() ->
     torch.manual_seed(0)
     x = torch.randn(32, 8) * 1e-3
     assert_rescaling_equivariant(Mixed(), (x,), lambda out, _: out.float().square().mean(), 2.0**-20)
+
+
+def test_a_float16_module_elsewhere_hides_no_fault_on_a_float32_gradient() -> None:
+    """The rescaling check's allowance for underflow through a float16 layer was the float16 spacing
+    for every gradient of the model: with an unused float16 module beside it, a hook halving a float32
+    head's small gradients passed at c = 2^-30 and 2^-20 (a review). The allowance is now what the
+    float64 re-run measures, up to that spacing. Oracle: the hook's own fault, the model linear."""
+    from stabilitycheck.invariants import assert_rescaling_equivariant
+
+    class WithAux(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1, self.head = nn.Linear(8, 16), nn.Linear(16, 1)
+            self.aux = nn.Linear(4, 4).half()  # never called: an auxiliary head
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.tanh(self.l1(x)))  # type: ignore[no-any-return]
+
+    torch.manual_seed(0)
+    model, x = WithAux(), torch.randn(32, 8)
+    model.head.weight.register_hook(lambda g: g * 0.5 if g.abs().max() < 1e-6 else g)
+    for c in (2.0**-30, 2.0**-20):
+        with pytest.raises(StabilityError, match=r"head\.weight"):
+            assert_rescaling_equivariant(model, (x,), lambda out, _: out.square().mean(), c)
