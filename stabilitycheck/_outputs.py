@@ -20,6 +20,11 @@ PROGRESS_EVERY = 5.0  # seconds between progress lines when stderr is not a term
 Unsearched = tuple[str, str, str]  # a search an interrupt left undone: its target, device and dtype
 
 
+def said(left: Sequence[Unsearched]) -> list[str]:
+    """Each search an interrupt left undone as a report names it: 'label [device, dtype]'."""
+    return [f"{label} [{device}, {dtype}]" for label, device, dtype in left]
+
+
 def _unsearched(label: str, device: str | None = None, dtype: str | None = None) -> dict[str, Any]:
     """The JSON's entry for a target not searched: an interrupt came first (device and dtype None
     where it came before the searches were set up)."""
@@ -77,8 +82,10 @@ class Outputs:
         imports torch (the stop may have landed in that import): the JSON names the targets `named`
         as not searched, and a Markdown (and CI step summary) says so, so a CI summary does not stay
         silent."""
-        said = ", ".join(named)
-        md = f"## stabilitycheck\n\nInterrupted before any search: {said} not searched, nothing tested.\n"
+        md = (
+            f"## stabilitycheck\n\nInterrupted before any search: {', '.join(named)} not searched, "
+            "nothing tested.\n"
+        )
         text = json.dumps([_unsearched(name) for name in named], indent=2)
         try:
             with uninterrupted():
@@ -108,8 +115,7 @@ class Outputs:
             with uninterrupted():  # a signal now stops the run after these, before the plot
                 self.save(results, left)
                 if self.args.markdown or self.summary:
-                    named = [f"{label} [{device}, {dtype}]" for label, device, dtype in left]
-                    self._markdown(report.markdown(results, named))
+                    self._markdown(report.markdown(results, said(left)))
                 try:
                     print(report.text(results), file=self.stdout, flush=True)
                 except BrokenPipeError:
@@ -147,12 +153,14 @@ def check_outputs(named: Sequence[tuple[str, Path | None]]) -> None:
         if path.is_dir():
             example = path / f"results{SUFFIX.get(flag, '.png')}"
             raise UsageError(f"{flag} {path}: is a directory; give a file path, e.g. {example}")
-        if flag == "--json" and path.exists() and not path.is_file():
+        special = path.exists() and not path.is_file()  # a device or a pipe
+        if flag == "--json" and special:
             raise UsageError(f"{flag} {path}: is no regular file (a device or a pipe); give a file path")
-        # the JSON's rename happens where a link points (a link into a missing folder failed at the end);
-        # the others are written into: a device or pipe (/dev/stdout) is tried as it is, not its folder
-        into = flag != "--json" and path.exists() and not path.is_file()
-        if not (os.access(path, os.W_OK) if into else writable(path.resolve() if flag == "--json" else path)):
+        if flag == "--json":  # its rename happens where a link points (a link into a missing folder)
+            ok = writable(path.resolve())
+        else:  # written into: a device or pipe (/dev/stdout) is tried itself, not its folder
+            ok = os.access(path, os.W_OK) if special else writable(path)
+        if not ok:
             raise UsageError(f"{flag} {path}: cannot write there (no such directory or no permission)")
         same = seen.setdefault(path.resolve(), flag)
         if same != flag:

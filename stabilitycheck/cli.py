@@ -24,7 +24,7 @@ from stabilitycheck._options import apply_knobs, require_steps
 from stabilitycheck._options import parser as parser
 from stabilitycheck._outputs import Outputs as Outputs
 from stabilitycheck._outputs import Progress as Progress
-from stabilitycheck._outputs import Unsearched
+from stabilitycheck._outputs import Unsearched, said
 from stabilitycheck.alarms import stop_seen
 from stabilitycheck.errors import UsageError
 
@@ -43,6 +43,11 @@ def _devices(requested: list[list[str]]) -> list[str]:
     return names
 
 
+def _families(args: argparse.Namespace) -> list[str]:
+    """The zoo targets --family names (repeatable, comma-separated), each once, in order."""
+    return list(dict.fromkeys(f for group in args.family for f in group))
+
+
 def _spaces(args: argparse.Namespace) -> list[Any]:
     """Every Space to search: target x device x dtype, with the CLI's overrides."""
     from stabilitycheck.subjects import resolve
@@ -53,7 +58,7 @@ def _spaces(args: argparse.Namespace) -> list[Any]:
         from stabilitycheck.zoo import targets
 
         zoo = targets()
-        names = list(dict.fromkeys(f for group in args.family for f in group)) or list(zoo)  # each once
+        names = _families(args) or list(zoo)
         unknown = [n for n in names if n not in zoo]
         if unknown:
             raise UsageError(f"--family {unknown[0]!r} is not a zoo target; expected one of {', '.join(zoo)}")
@@ -105,9 +110,8 @@ def _given(argv: Sequence[str] | None) -> dict[str, Any]:
     }
 
 
-def _limits_given(argv: Sequence[str] | None) -> dict[str, Any]:
-    """The limits the command line sets itself (a default is not given), by Limits field."""
-    given = _given(argv)
+def _limits_given(given: dict[str, Any]) -> dict[str, Any]:
+    """Of the options `given` (`_given`), the limits, by Limits field."""
     return {field: given[dest] for field, dest in LIMIT_FIELDS.items() if dest in given}
 
 
@@ -118,13 +122,13 @@ REPLAY_TAKES = {  # the options a replay uses; and the search's budget and examp
 }
 
 
-def _replay_alone(argv: Sequence[str] | None) -> None:
+def _replay_alone(given: dict[str, Any]) -> None:
     """--replay beside an option it does not use (a knob, the seeds, the dtype, the family), given at
-    any value: a UsageError naming them, where each was ignored in silence (--dtype float64 --seeds 1
-    replayed in float32 on 3 seeds, and printed 'clip: n/a (no optimiser steps: --steps N)' after
-    --steps 5)."""
+    any value (`given`: `_given`'s): a UsageError naming them, where each was ignored in silence
+    (--dtype float64 --seeds 1 replayed in float32 on 3 seeds, and printed 'clip: n/a (no optimiser
+    steps: --steps N)' after --steps 5)."""
     flags = {a.dest: a.option_strings[0] for a in parser()._actions if a.option_strings}
-    ignored = [flags[d] for d in _given(argv) if d not in REPLAY_TAKES]
+    ignored = [flags[d] for d in given if d not in REPLAY_TAKES]
     if ignored:
         verb = "has" if len(ignored) == 1 else "have"
         raise UsageError(
@@ -278,8 +282,9 @@ def run(argv: Sequence[str] | None, progress: Progress | None = None) -> int:
 
     limits = Limits(**{field: getattr(args, dest) for field, dest in LIMIT_FIELDS.items()})
     if args.replay:  # each counterexample is re-judged on its own limits, but for those given here
-        _replay_alone(argv)
-        args.limits_given = _limits_given(argv)
+        options = _given(argv)
+        _replay_alone(options)
+        args.limits_given = _limits_given(options)
     outputs = Outputs(args)
     shown = progress or Progress(args.quiet)
     try:
@@ -311,9 +316,7 @@ def _searches(args: argparse.Namespace, limits: Any, outputs: Outputs, shown: Pr
         spaces = _spaces(args)
     except KeyboardInterrupt:
         stop_seen()
-        named = list(dict.fromkeys(f for group in args.family for f in group)) or [
-            "every zoo target" if args.target == "zoo" else str(args.target)
-        ]
+        named = _families(args) or ["every zoo target" if args.target == "zoo" else str(args.target)]
         sys.stderr.write(f"stabilitycheck: not searched (interrupted first): {', '.join(named)}\n")
         outputs.nothing(named)
         return interrupted()
@@ -364,8 +367,7 @@ def _searches(args: argparse.Namespace, limits: Any, outputs: Outputs, shown: Pr
         ]
         if left:  # on stderr even with --quiet: the table has no row for them (the JSON and Markdown
             # name them too)
-            undone = ", ".join(f"{label} [{device}, {dtype}]" for label, device, dtype in left)
-            sys.stderr.write(f"stabilitycheck: not searched (interrupted first): {undone}\n")
+            sys.stderr.write(f"stabilitycheck: not searched (interrupted first): {', '.join(said(left))}\n")
     finally:
         outputs.final(results + pending, left)
     if code != EXIT_OK:

@@ -68,7 +68,8 @@ def _rounding_error(
             t.data = t.data.to(ACC)
         _, exact = _gradients(model, _to64(inputs), loss_fn, scale, seed)
     except (RuntimeError, TypeError):
-        return [cap * n for n in sizes], [cap * n for n in sizes]
+        capped = [cap * n for n in sizes]
+        return capped, capped
     finally:
         for t, dtype in zip(tensors, dtypes, strict=True):
             t.data = t.data.to(dtype)
