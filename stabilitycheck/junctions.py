@@ -8,6 +8,7 @@ from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 from stabilitycheck._tree import tensors
 
@@ -135,17 +136,39 @@ def skip_around(
 
 
 def skips(args: tuple[Any, ...], raw: torch.Tensor, first: torch.Tensor) -> bool:
-    """Whether the next block call's chain input (`args`) is made from block 0's input `raw` by a path
-    around block 0's output `first`, where `skip_around` found no residual add it reads: x + 0.1 *
-    tanh(block(x)), x + dropout(block(x)), cat(x, block(x)). dL/dx then holds the skip's gradient and
-    dL/d first the branch's alone, a ratio of two chains (a LayerScale of 0.1 read block 0's gain
-    14.5 for about 1: a false explosion), so the chain starts at block 0's output. Seen where `raw`
-    is in the graph (a stem's or an embedding's output, the probe's copy of a float input); a plain
-    input's uses are not recorded."""
+    """Whether the next block call's chain input (`args`) is made from block 0's input `raw`, or from
+    what `raw` was made from (`sources`), by a path around block 0's output `first`, where
+    `skip_around` found no residual add it reads: x + 0.1 * tanh(block(x)), x + dropout(block(x)),
+    cat(x, block(x)), x + 0.1 * block(norm(x)). dL/d raw then holds the skip's gradient, or is the
+    branch's alone where the skip starts before a norm, and dL/d first the branch's, a ratio of two
+    chains (a LayerScale of 0.1 read block 0's gain 14.5 for about 1, and 200 for 1.03 outside a norm:
+    false explosions), so the chain starts at block 0's output. Seen where `raw` is in the graph (a
+    stem's or an embedding's output, the probe's copy of a float input); a plain input's uses are not
+    recorded."""
     x = args[0] if args else None
     if raw.grad_fn is None or first.grad_fn is None:
         return False
-    return made_from(x, {raw.grad_fn}, {first.grad_fn})
+    return made_from(x, sources(raw), {first.grad_fn})
+
+
+def sources(raw: torch.Tensor) -> set[Any]:
+    """`raw`'s autograd node and the NEAR nodes nearest behind it (breadth first), a parameter's leaf
+    apart: what `raw` was made from, a norm's input among them (a leaf too: the probe's copy of a
+    float input). A parameter is not made from anything a block's input is made of (the next block
+    reading the same norm weight is no path around block 0)."""
+    start: Any = raw.grad_fn
+    found, frontier = {start}, [start]
+    while frontier and len(found) < NEAR:
+        node, frontier = frontier[0], frontier[1:]
+        for child, _ in node.next_functions:
+            if (
+                child is not None
+                and child not in found
+                and not isinstance(getattr(child, "variable", None), nn.Parameter)
+            ):
+                found.add(child)
+                frontier.append(child)
+    return found
 
 
 def _residual_add(x: Any, raw: torch.Tensor, first: torch.Tensor) -> tuple[Any, Taps] | None:

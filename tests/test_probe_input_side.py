@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from stabilitycheck.probing import Measurement, probe_module
-from stabilitycheck.verdicts import verdict
+from stabilitycheck.verdicts import Limits, verdict
 
 
 class _Doubling(nn.Module):
@@ -566,6 +566,52 @@ def test_a_layer_scale_around_block_0_on_a_nested_input_is_no_false_explosion(se
     oracle = (grads[0].norm() / grads[-1].norm()).item()
     assert m.activation_names[0] == "inner.blocks.0"
     assert oracle / 1.5 < m.growth < oracle * 1.5
+
+
+class _ScaledAroundNorm(nn.Module):
+    """h = h + gamma * W(norm(h)) written in the forward, the norms and the linear blocks in two
+    lists: the skip starts at h, before the norm, and the branch (gain ~sigma through the norm) is far
+    above 1 where the stream's gain is about 1 + gamma sigma."""
+
+    def __init__(self, depth: int, gamma: float, stem: bool) -> None:
+        super().__init__()
+        self.inp = nn.Linear(16, 32) if stem else nn.Identity()
+        self.norms = nn.ModuleList(nn.LayerNorm(32) for _ in range(depth))
+        self.layers = nn.ModuleList(nn.Linear(32, 32, bias=False) for _ in range(depth))
+        for layer in self.layers:
+            nn.init.normal_(layer.weight, std=200.0 / 32**0.5)
+        self.gamma = gamma
+
+    def forward(self, x: torch.Tensor, stream: list[torch.Tensor] | None = None) -> torch.Tensor:
+        h = self.inp(x)
+        for norm, layer in zip(self.norms, self.layers, strict=True):
+            if stream is not None:
+                stream.append(h)
+            h = h + self.gamma * layer(norm(h))
+        if stream is not None:
+            stream.append(h)
+        return h
+
+
+@pytest.mark.parametrize("stem", [False, True])
+@pytest.mark.parametrize("gamma", [1e-1, 1e-3])
+def test_a_scaled_residual_around_a_norm_and_block_0_is_no_false_explosion(gamma: float, stem: bool) -> None:
+    """The skip of x + gamma * block(norm(x)) starts at x, behind block 0's input norm(x): the probe
+    read dL/d norm(x), the branch's gradient alone, as block 0's input side, a gain of ~200 where the
+    stream's is 1.03 (gamma 1e-3; 21 at 1e-1): growth 211-512, exploding, with block 0 the culprit
+    (found by an audit). The chain starts at block 0's output, whose gradient is gamma x the stream's
+    after it, so every gain is the stream's from block 1 on. Oracle: torch's stream gradients."""
+    torch.manual_seed(0)
+    model = _ScaledAroundNorm(6, gamma, stem).double()
+    x = torch.randn(16, 16 if stem else 32, dtype=torch.float64)
+    loss = lambda o, _: o.square().mean()  # noqa: E731
+    blocks = [(f"layers.{i}", layer) for i, layer in enumerate(model.layers)]
+    m = probe_module(model, x, loss, blocks=blocks)
+    stream: list[torch.Tensor] = []
+    grads = torch.autograd.grad(loss(model(x.clone().requires_grad_(), stream), x), stream)
+    along = [(grads[i] / grads[i + 1].norm()).norm().item() for i in range(1, len(grads) - 1)]
+    assert m.activation_names[0] == "layers.0" and m.growth < Limits().growth
+    assert m.gains == pytest.approx(along, rel=1e-9)
 
 
 def test_a_cell_fed_its_input_plus_its_state_is_no_residual_whatever_the_tokens() -> None:
