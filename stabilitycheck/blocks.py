@@ -14,6 +14,7 @@ from torch.utils.hooks import RemovableHandle
 
 from stabilitycheck._validation import article
 from stabilitycheck.errors import UsageError
+from stabilitycheck.measurement import shown
 
 Blocks = tuple[tuple[str, nn.Module], ...]
 
@@ -341,9 +342,10 @@ BYPASSED = (  # no block seen; a library's own code (transformers' SqueezeBERT e
 )
 
 
-def shown_blocks(names: Sequence[str]) -> str:
-    """The first three block names, then '...' where there are more: a message's list of blocks."""
-    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+def shown_blocks(names: Sequence[str], most: int = 3) -> str:
+    """The first `most` block names, as a message shows them (measurement.shown), then '...' where
+    there are more: a message's list of blocks."""
+    return ", ".join(shown(n) for n in names[:most]) + (", ..." if len(names) > most else "")
 
 
 LEAVES_NOTE = "blocks: leaf modules with parameters"  # the last resort of find_blocks

@@ -13,6 +13,7 @@ A `.to_local()` norm of a sharded gradient is never reported as the model's norm
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -102,7 +103,7 @@ class Layout:
             mask[p[kind]] = [True] * (p[kind].stop - p[kind].start)
         return mask
 
-    def causal_order(self) -> list[int]:
+    def causal_order(self, calls: Sequence[int] | None = None) -> list[int]:
         """Series indices in the order their values come to be within a step: weights (from the last
         update), block outputs input side first, the loss, then output side first each block's output
         gradient and its weight gradient (both before the block's input gets its gradient: weight
@@ -110,12 +111,15 @@ class Layout:
         backward made block 4's Inf first), then those of parameters outside the
         blocks, the total gradient norm. A head's (`head`) come right after the loss, where the
         backward makes them (an LM head's Inf named the blocks' after it); the rest, an
-        embedding's or of parameters on both sides, after the blocks'."""
+        embedding's or of parameters on both sides, after the blocks'. `calls`: the blocks in the
+        order the forward calls them, where that is not their order (two lists called in turn)."""
         p = self.parts()
         span = {k: list(range(s.start, s.stop)) for k, s in p.items()}
+        calls = list(calls) if calls is not None else list(range(self.n_blocks))
         outside = span["gradient"][self.n_blocks :]
-        order = span["weight"] + span["activation"] + span["loss"] + (outside if self.head else [])
-        for b in reversed(range(self.n_blocks)):
+        activations = [span["activation"][b] for b in calls]
+        order = span["weight"] + activations + span["loss"] + (outside if self.head else [])
+        for b in reversed(calls):
             order += [span["activation_grad"][b], span["gradient"][b]]
         return order + ([] if self.head else outside) + span["grad_norm"]
 

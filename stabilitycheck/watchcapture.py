@@ -80,6 +80,10 @@ class Capture:
         # model's code made of it (x * 50, a NaN, a residual add between blocks): a value flagged in
         # such a block's output may have been made there (watchlog.Finding.after)
         self.glued: set[int] = set()
+        # the blocks in the order of their first calls, on the first step that called one with
+        # gradients on (`ordered` once that step closed): the order findings are located in
+        self.calls: list[int] = []
+        self.ordered = False
         self._prev: weakref.ref[torch.Tensor] | None = None  # the last block output of this pass
         n = len(blocks)
         self._pending: dict[int, list[torch.Tensor]] = {slot: [] for slot in range(1, 1 + 2 * n)}
@@ -217,6 +221,8 @@ class Capture:
                 if prev is None or not any(a is prev for a in args):
                     self.glued.add(b)
             self._prev = weakref.ref(out)
+            if not self.ordered and b not in self.calls:
+                self.calls.append(b)
             kept = out.detach()
             numel = kept.numel()
             self._counts[slot] = self._counts.get(slot, 0) + numel

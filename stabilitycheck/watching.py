@@ -98,6 +98,7 @@ class Watcher:
         self.weights_every = default if weights_every is None else count("weights_every", weights_every)
         self.model, self.optimizer, self.rule = model, optimizer, rule or SpikeRule()
         self.blocks = own_blocks(model, blocks, "watch") if blocks is not None else find_blocks(model)[0]
+        self._blocks_given = blocks is not None
         # frozen parameters too: they have no gradient, but their weights count in their block's
         # weight norm (a frozen block's is its real norm, not 0)
         self.params = list(model.parameters())
@@ -328,10 +329,16 @@ class Watcher:
             "ZeRO keeps its own), the model did not train: a zero_grad() between backward() and step()?"
         )
 
-    def _say(self, note: str) -> None:
-        """`note` in the report and as a warning pointing at the caller's close() or with block."""
-        self.out.result.note = note
-        warnings.warn(f"watch: {note}", stacklevel=5)
+    def _say(self, note: str, stacklevel: int = 5) -> None:
+        """`note` in the report and as a warning pointing at the caller's close() or with block
+        (`stacklevel`)."""
+        self._note(note)
+        warnings.warn(f"watch: {note}", stacklevel=stacklevel)
+
+    def _note(self, note: str) -> None:
+        """`note` in the report, after any before it."""
+        before = self.out.result.note
+        self.out.result.note = note if before is None else f"{before}; {note}"
 
     def _on_model_call(self, module: nn.Module, args: Any) -> None:
         if torch.is_grad_enabled() and self.snapshot is not None:
@@ -367,6 +374,25 @@ class Watcher:
         measured this step, is its zeroed row (see Layout)."""
         self.capture.close_step(row, self._loss)
         self._loss_seen, self._loss = self._loss is not None, None
+        if self.capture.calls and not self.capture.ordered:
+            self.capture.ordered = True
+            self._called_in(self.capture.calls)
+
+    def _called_in(self, calls: list[int]) -> None:
+        """The first step called the blocks in `calls`' order: findings are located in it, and where
+        that is not the order given (or found), the report says so."""
+        self.out.called_in(calls)
+        if calls != sorted(calls):
+            said = shown_blocks([self.names[b] for b in calls], most=6)
+            listed = "blocks= lists them" if self._blocks_given else "the model registers them"
+            note = (
+                f"the forward called the blocks in another order than {listed} ({said}): findings "
+                "are located in the order it called them"
+            )
+            if self._blocks_given:  # a list given input side first, as documented, was not
+                self._say(note, stacklevel=2)
+            else:  # two lists called in turn: as the model is written
+                self._note(note)
 
     def before_step(self) -> torch.Tensor | None:
         """Close the step: measure, apply the rule on the device (single process), buffer the row.

@@ -4,6 +4,7 @@ flush's one host read."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -175,10 +176,8 @@ class Log:
         parts = layout.parts()
         self.total = parts["grad_norm"].start  # the total gradient norm's index in a row
         self.graded = False  # set once a step's total gradient norm is not 0 (a NaN or Inf is not)
-        grads = parts["activation_grad"]
-        # the backward that made each output gradient: the next block's, the loss's after the last
-        self.made_by = {grads.start + i: name for i, name in enumerate([*blocks[1:], AFTER_LAST_SAID])}
-        self.order, self.scaled = layout.causal_order(), layout.scaled()
+        self.scaled = layout.scaled()
+        self.called_in(list(range(len(blocks))))
         self.writes = rank == 0  # under torch.distributed rank 0 writes; every rank gets the report
         self.file = _open_log(log) if log is not None and self.writes else None
         self.lines: list[str] = []  # the rows of the flush being read, written together at its end
@@ -203,6 +202,20 @@ class Log:
         self.host_state: SpikeState | None = None
         self.loss_logged: bool | None = None  # the loss judged on its logarithm (its first value > 0)
         self.clips: dict[int, tuple[float, float, float]] = {}  # the flush's steps' clips (watchclip)
+
+    def called_in(self, calls: list[int]) -> None:
+        """Locate findings in the order the forward calls the blocks (`calls`, block indices; those
+        never called after them): a block's output gradient is made by the backward of the block
+        called after it (the loss's, after the last), and the block called first takes the input.
+        Two lists called in turn, attention then feed-forward, were read list after list, and a x50
+        on ffns.2's output was named in attns.3."""
+        calls = calls + [b for b in range(len(self.blocks)) if b not in calls]
+        grads = self.layout.parts()["activation_grad"]
+        after = [*(self.blocks[b] for b in calls[1:]), AFTER_LAST_SAID]
+        self.made_by = {grads.start + b: name for b, name in zip(calls, after, strict=True)}
+        self.before = {b: self.blocks[a] for a, b in itertools.pairwise(calls)}  # the block called before b
+        self.first_called = calls[0] if calls else -1
+        self.order = self.layout.causal_order(calls)
 
     @property
     def first_flag(self) -> int | None:
@@ -277,7 +290,8 @@ class Log:
         rank = nonfinite_rank(ranks, self.layout, index) if ranks is not None else None
         value, made_by = values[index], self.made_by.get(index)
         b = self.blocks.index(block) if kind == "activation" else -1
-        after = INPUT if b == 0 else self.blocks[b - 1] if b in self.glued else None
+        first = b >= 0 and b == self.first_called
+        after = INPUT if first else self.before.get(b) if b in self.glued else None
         if limits is None or not math.isfinite(value):  # a non-finite value is flagged for that alone
             return Finding(step, kind, block, value, rank, made_by, after=after)
         geometric = kind != "loss" or bool(self.loss_logged)  # the rule's mode (SpikeRule.state)

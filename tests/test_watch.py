@@ -24,7 +24,18 @@ from signalled import stopped_when_marked
 from test_watch_rule import reference_steps
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from watch_models import MLP, Fault, PreNorm, batch, compute_loss, report_of, squared_steps, train
+from watch_models import (
+    MLP,
+    Fault,
+    Interleaved,
+    PreNorm,
+    Reversed,
+    batch,
+    compute_loss,
+    report_of,
+    squared_steps,
+    train,
+)
 
 from stabilitycheck import norms
 from stabilitycheck.errors import UsageError
@@ -614,6 +625,54 @@ def test_a_nan_made_by_a_backward_names_the_block_whose_backward_made_it(where: 
     assert found is not None and found.step == 8, report.text()
     assert (found.tensor, found.block, found.made_by) == ("activation_grad", block, expect)
     assert f"made by the backward of {expect}" in report.text()
+
+
+@pytest.mark.parametrize(
+    ("made", "planted", "blocks"),
+    [
+        (Interleaved, "ffns.2", None),
+        (Interleaved, "attns.1", None),
+        (Reversed, "blocks.4", None),
+        (Reversed, "blocks.0", None),
+        (MLP, "blocks.1", "reversed"),
+    ],
+)
+def test_a_fault_is_named_in_its_block_where_the_forward_calls_the_blocks_in_another_order(
+    made: type[nn.Module], planted: str, blocks: str | None
+) -> None:
+    """Blocks located in the order the model registers them (or blocks= lists them) named a x50 on
+    ffns.2's output, in a model calling attns.i then ffns.i, in attns.3, and one on blocks.4 of a
+    model calling its blocks last first in blocks.0, 'the first block', 'what it took' (found by an
+    audit). Located in the order the first step called them: the planted block, and a note."""
+    torch.manual_seed(0)
+    model = made()
+    listed = [(f"blocks.{i}", b) for i, b in enumerate(getattr(model, "blocks", []))]
+    given = listed[::-1] if blocks else None
+    fault = Fault(40, count=True)
+    model.get_submodule(planted).register_forward_hook(fault)
+    if blocks:
+        with pytest.warns(UserWarning, match="in another order than blocks= lists them"):
+            report = report_of(train(model, 42, blocks=given))
+    else:
+        report = report_of(train(model, 42))
+    first = report.first_spike
+    assert first is not None, report.text()
+    assert (first.step, first.tensor, first.block) == (40, "activation", planted)
+    assert first.after is None  # it took the block called before it's output as it came
+    order = "blocks= lists them" if blocks else "the model registers them"
+    assert f"called the blocks in another order than {order}" in report.text()
+
+
+def test_a_nan_made_by_a_backward_names_the_block_called_after_it_where_the_order_is_not_listed() -> None:
+    """dL/d(attns.2's output) is made by the backward of ffns.2, the block the forward called after
+    it (read in the registered order: by ffns.1's, and named in ffns.1)."""
+    torch.manual_seed(0)
+    model = Interleaved()
+    model.ffns[2] = torch.nn.Sequential(PoisonBackward(8), *model.ffns[2])
+    report = report_of(train(model, 10))
+    found = report.first_nonfinite
+    assert found is not None and found.step == 8, report.text()
+    assert (found.tensor, found.block, found.made_by) == ("activation_grad", "attns.2", "ffns.2")
 
 
 def test_a_run_that_closes_no_step_says_how_steps_are_closed() -> None:

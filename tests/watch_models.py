@@ -66,6 +66,31 @@ class PreNorm(nn.Module):
         return self.head(x).squeeze(-1).mean(-1)
 
 
+class Interleaved(nn.Module):
+    """Two lists of Linear + tanh blocks called in turn, attns.0, ffns.0, attns.1, ...: the order
+    of the calls is not the order the model registers its blocks in (attns.*, then ffns.*)."""
+
+    def __init__(self, depth: int = 4, width: int = WIDTH) -> None:
+        super().__init__()
+        self.attns = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(depth))
+        self.ffns = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(depth))
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for a, f in zip(self.attns, self.ffns, strict=True):
+            x = f(a(x))
+        return self.head(x).squeeze(-1)
+
+
+class Reversed(MLP):
+    """The MLP with its blocks called last first."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in reversed(self.blocks):
+            x = block(x)
+        return self.head(x).squeeze(-1)
+
+
 class Fault:
     """A forward hook that changes one block's output at one step: x`factor`, NaN or +Inf. The loop
     sets `step`, or with `count=True` the hook counts its own calls (one per training step)."""
