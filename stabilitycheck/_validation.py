@@ -70,7 +70,9 @@ _PACKAGE = Path(__file__).resolve().parent
 
 
 def article(value: object) -> str:
-    """The type of `value` with its article: 'an int', 'a str'."""
+    """The type of `value` with its article: 'an int', 'a str'; None as 'None'."""
+    if value is None:
+        return "None"
     name = type(value).__name__
     return f"an {name}" if name[:1].lower() in "aeiou" else f"a {name}"
 

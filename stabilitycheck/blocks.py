@@ -5,9 +5,10 @@ Sequential's layers, leaf modules with parameters as a last resort), declared by
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeGuard, cast
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
@@ -335,6 +336,38 @@ def declared_blocks(model: nn.Module) -> Callable[[], Any] | None:
     return cast("Callable[[], Any] | None", declared)
 
 
+def declared_pairs(model: nn.Module, got: Any) -> Blocks:
+    """What the model's `stability_blocks()` returned (`got`), checked: a non-empty list (or any
+    iterable) of (name, module) pairs of its own submodules, each listed once; anything else is a
+    one-line UsageError saying which item is wrong (None raised a TypeError out of the probe, a
+    module that is no submodule was dropped in silence, one listed twice read a gain of exactly 1)."""
+    scalar = (str, bytes, Mapping, nn.Module, torch.Tensor)
+    pairs = isinstance(got, Iterable) and not isinstance(got, scalar)
+    items = list(got) if pairs else None  # a list, a generator, a dict's items()
+    if not items:
+        what = f"an empty {type(got).__name__}" if items == [] else article(got)
+        raise UsageError(
+            f"stability_blocks() returned {what}; it must return a non-empty list of "
+            f"(name, module) pairs, input side first, {DECLARE_EXAMPLE}"
+        )
+    own = {id(m) for m in model.modules()}
+    for i, item in enumerate(items):
+        pair = isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[0], str)
+        if not pair or not isinstance(item[1], nn.Module):
+            raise UsageError(
+                f"stability_blocks() item {i} is {article(item)}, not a (name, module) pair; "
+                f"{DECLARE_EXAMPLE}"
+            )
+        if id(item[1]) not in own:
+            raise UsageError(
+                f"stability_blocks() item {i} ({item[0]!r}) is not a submodule of the model, so its "
+                f"gradients are never seen; return the model's own blocks, {DECLARE_EXAMPLE}"
+            )
+    checked = tuple((item[0], item[1]) for item in items)
+    distinct(checked, "stability_blocks()")
+    return checked
+
+
 BYPASSED = (  # no block seen; a library's own code (transformers' SqueezeBERT encoder) cannot be changed
     "a forward calling `block.forward(x)` bypasses module hooks (call `block(x)`; where a library's "
     "code does so, as hf:squeezebert's encoder, no hook sees its blocks: probe a model file whose forward "
@@ -371,7 +404,7 @@ def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
         return find_blocks(inner)
     declared = declared_blocks(model)
     if declared is not None:
-        return tuple(declared()), DECLARED_NOTE
+        return declared_pairs(model, declared()), DECLARED_NOTE
     stacks = _stacks(model)
     if stacks:
         primary = max(stacks, key=_longest)

@@ -8,6 +8,7 @@ import gc
 import inspect
 import io
 import math
+import re
 import warnings
 import weakref
 from typing import Any, ClassVar
@@ -730,3 +731,39 @@ def test_a_block_run_inside_two_holders_names_the_innermost(order: tuple[int, ..
         probe_module(
             model, torch.randn(2, 4), lambda out, _: out.pow(2).mean(), blocks=[pairs[i] for i in order]
         )
+
+
+class _Declaring(nn.Module):
+    """Four Linear + tanh layers whose stability_blocks() returns what `declared` makes of them."""
+
+    def __init__(self, declared: Any) -> None:
+        super().__init__()
+        self.declared = declared
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    def stability_blocks(self) -> Any:
+        return self.declared(self)
+
+
+@pytest.mark.parametrize(
+    ("declared", "said"),
+    [
+        (lambda m: None, "stability_blocks() returned None; it must return a non-empty list"),
+        (lambda m: [], "stability_blocks() returned an empty list"),
+        (lambda m: list(m.layers), "stability_blocks() item 0 is a Sequential, not a (name, module) pair"),
+        (lambda m: [("x", nn.Linear(8, 8))], "item 0 ('x') is not a submodule of the model"),
+        (lambda m: [("a", m.layers[0]), ("b", m.layers[0])], "blocks 'a' and 'b' are the same module"),
+        (lambda m: [("a", m.layers[0]), ("a", m.layers[1])], "two blocks are named 'a'"),
+    ],
+)
+def test_a_malformed_stability_blocks_is_a_usage_error_of_the_api_too(declared: Any, said: str) -> None:
+    """The model-file CLI refused each in one line; probe_module raised TypeError on None and
+    AttributeError on bare modules, dropped a module that is no submodule in silence and read one
+    listed twice as two blocks with a gain of exactly 1 (found by an audit)."""
+    with pytest.raises(UsageError, match=re.escape(said)):
+        probe_module(_Declaring(declared), torch.randn(4, 8), lambda o, _: o.square().mean())

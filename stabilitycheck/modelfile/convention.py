@@ -8,7 +8,7 @@ import dataclasses
 import inspect
 import math
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +17,7 @@ from torch import nn
 
 from stabilitycheck._tree import tensors
 from stabilitycheck._validation import article, describe, is_number
-from stabilitycheck.blocks import DECLARE_EXAMPLE, declared_blocks, distinct
+from stabilitycheck.blocks import declared_blocks, declared_pairs
 from stabilitycheck.config import RUN_FIELDS
 from stabilitycheck.errors import UsageError
 from stabilitycheck.families import Knob
@@ -173,31 +173,8 @@ def check_blocks(owner: ModelFile, model: nn.Module) -> None:
     if declared is None:
         return
     got = owner.call_user("stability_blocks()", declared)
-    pairs = isinstance(got, Iterable) and not isinstance(
-        got, str | bytes | Mapping | nn.Module | torch.Tensor
-    )
-    items = list(got) if pairs else None  # a list, a generator, a dict's items()
-    if not items:
-        what = f"an empty {type(got).__name__}" if items == [] else article(got)
-        raise owner.error(
-            f"stability_blocks() returned {what}; it must return a non-empty list of "
-            f"(name, module) pairs, input side first, {DECLARE_EXAMPLE}"
-        )
-    own = {id(m) for m in model.modules()}
-    for i, item in enumerate(items):
-        pair = isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[0], str)
-        if not pair or not isinstance(item[1], nn.Module):
-            raise owner.error(
-                f"stability_blocks() item {i} is {article(item)}, not a (name, module) pair; "
-                f"{DECLARE_EXAMPLE}"
-            )
-        if id(item[1]) not in own:
-            raise owner.error(
-                f"stability_blocks() item {i} ({item[0]!r}) is not a submodule of the model, so its "
-                f"gradients are never seen; return the model's own blocks, {DECLARE_EXAMPLE}"
-            )
-    try:  # a module or a name listed twice: said of stability_blocks(), not of a call the user made
-        distinct([(item[0], item[1]) for item in items], "stability_blocks()")
+    try:  # said of stability_blocks(), not of a call the user made
+        declared_pairs(model, got)
     except UsageError as exc:
         raise owner.error(str(exc)) from None
 
