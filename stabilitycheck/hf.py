@@ -301,7 +301,14 @@ class HFModel:
             what = f"knob {unknown[0]!r}" if unknown else f"subject {config.subject!r}"
             raise UsageError(f"{self.name} has no {what}; its knobs are {sorted(self.knobs)}")
         given = config.values
-        return {n: _coerce(self.name, n, given.get(n, d), d) for n, d in self.knobs.items()}
+        values = {n: _coerce(self.name, n, given.get(n, d), d) for n, d in self.knobs.items()}
+        for name in (*INPUTS, "vocab_size"):  # a tensor of -3 tokens, ids modulo 0: no model's error
+            if name in values and values[name] < 1:
+                raise UsageError(
+                    f"{self.name} knob {name}={values[name]} must be >= 1 (the inputs are batch_size x "
+                    "seq_len token ids below vocab_size)"
+                )
+        return values
 
     def hf_config(self, values: dict[str, Knob]) -> Any:
         """The transformers config of these knob values (no cache; special token ids past the vocab

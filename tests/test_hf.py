@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from stabilitycheck.cli import main
 from stabilitycheck.config import Config
 from stabilitycheck.configprobe import probe
 from stabilitycheck.errors import UsageError
@@ -216,6 +217,19 @@ def test_bad_knob_values_are_one_line_usage_errors() -> None:
     with pytest.raises(UsageError) as err:
         subject.build(subject.config(n_embd=65))  # 65 is not divisible by 2 heads
     assert "\n" not in str(err.value) and "cannot be built from these knobs" in str(err.value)
+
+
+@pytest.mark.parametrize("knob", ["seq_len=-3", "batch_size=-1", "vocab_size=0", "seq_len=0"])
+def test_input_sizes_below_1_are_one_line_usage_errors_of_the_command(
+    knob: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """seq_len=-3 and batch_size=-1 made torch raise on a tensor of negative size, vocab_size=0 a
+    ZeroDivisionError wrapping token ids: 'internal error', exit 3 (found by an audit); 0 tokens
+    failed in the model's own reshape."""
+    code = main(["hf:gpt2", "--knob", knob, "--quiet", "--max-examples", "2", "--database", "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"knob {knob} must be >= 1" in err
 
 
 @pytest.mark.slow
