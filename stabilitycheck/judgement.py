@@ -35,6 +35,8 @@ class Judgement:
     # (the quantile seed's, or where the verdict fired on it, the first seed's that did), shown for
     # where; else the quantile seed's probe of the growth judged (through time, for a recurrent one)
     own_loss: bool = False
+    # the criteria any one seed fired on by itself, in CRITERIA's order (the words of `failures`)
+    seeds_fired: tuple[str, ...] = ()
 
     @property
     def exploded(self) -> bool:
@@ -48,15 +50,18 @@ class Judgement:
 
     @property
     def failures(self) -> str:
-        """'2 exploded', '2 diverged' where the verdict fired on divergence alone (the loss rose: no
-        gradient need have grown), or '2 failed' where on vanishing, stall or divergence, and no
-        explosion (the gradient shrank or the loss stalled): how many seeds failed on their own."""
-        names = set(self.verdict.names)
-        word = "exploded"
+        """'2 exploded' (a loss that rose beside it included), '2 diverged' where the seeds fired on
+        divergence alone (the loss rose: no gradient need have grown), or '2 failed' where on
+        vanishing or stall (the gradient shrank or the loss stalled), beside an explosion or not: how
+        many seeds failed on their own, worded by what they fired on (worded by the verdict, a stable
+        one called a seed that vanished 'exploded'; JSON written before `seeds_fired` still is)."""
+        names = set(self.seeds_fired or self.verdict.names)
         if names and names <= {"divergence"}:
             word = "diverged"
-        elif names and names <= {"vanishing", "stall", "divergence"}:
+        elif names & {"vanishing", "stall"}:
             word = "failed"
+        else:
+            word = "exploded"
         return f"{self.exploded_seeds} {word}"
 
     def summary(self) -> str:
@@ -86,6 +91,7 @@ class Judgement:
             "measured_seed": self.measured_seed,
             "values": [dict(v) for v in self.values],
             "own_loss": self.own_loss,
+            "seeds_fired": list(self.seeds_fired),
         }
 
     @classmethod
@@ -107,4 +113,5 @@ class Judgement:
                 {k: math.nan if x is None else x for k, x in v.items()} for v in d.get("values", [])
             ),
             own_loss=d.get("own_loss", False),
+            seeds_fired=tuple(d.get("seeds_fired", ())),
         )

@@ -260,6 +260,7 @@ def _judgement(
         verdict=known,
         seeds=seeds,
         exploded_seeds=sum(judge(v, lim).exploded for v in per_seed),
+        seeds_fired=tuple(c for c in CRITERIA if any(fires(c, v[c], lim) for v in per_seed)),
         growth=Spread.of(growth, q),
         grad_norm=Spread.of([v["grad_norm"] for v in per_seed], q),
         skipped_steps=sum(m.skipped_steps for m in ms),

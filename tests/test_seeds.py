@@ -25,13 +25,14 @@ from stabilitycheck.config import Config
 from stabilitycheck.configprobe import probe
 from stabilitycheck.culprit import culprit_of
 from stabilitycheck.growthkind import Growth, classify, fit_growth, kind_of
+from stabilitycheck.judgement import Judgement
 from stabilitycheck.measurement import Measurement
 from stabilitycheck.probing import probe_module
 from stabilitycheck.searching import search
 from stabilitycheck.seeds import _decided, _judgement, _settled, assess, seed_of
 from stabilitycheck.space import Axis, Space
 from stabilitycheck.spread import Spread, quantile, rank
-from stabilitycheck.verdicts import CRITERIA, Limits, fires, values
+from stabilitycheck.verdicts import CRITERIA, Limits, fires, judge, values
 from stabilitycheck.verdicts import CRITERIA as CRITERIA_NAMES
 
 GROWTH_ONLY = Limits(grad_norm=None, divergence=None, nonfinite=False)
@@ -333,6 +334,20 @@ def test_a_vanishing_verdict_counts_failed_seeds_not_exploded_ones() -> None:
     assert j.summary().endswith(f", {j.exploded_seeds} failed") and j.exploded_seeds > 0
     loud = assess(c.with_knobs(init_scale=3.0, depth=24), limits=GROWTH_ONLY)
     assert loud.verdict.names == ("growth",) and loud.summary().endswith(f", {loud.exploded_seeds} exploded")
+
+
+def test_a_stable_verdict_words_the_seeds_that_fired_by_what_they_fired_on() -> None:
+    """A tanh MLP near the vanishing limit: one seed of four vanished on its own, the median did not;
+    the count was worded by the stable verdict, '1 exploded' (found by an audit). Oracle: each seed's
+    own judgement of its values."""
+    lim = Limits(vanishing=100.0)
+    c = Config.of("mlp", depth=13, width=16, init_scale=0.75, batch_size=8, seeds=5)
+    j = assess(c, limits=lim)
+    fired = [judge(v, lim).names for v in j.values]
+    assert not j.exploded and fired.count(("vanishing",)) == j.exploded_seeds > 0, fired
+    assert all(f in ((), ("vanishing",)) for f in fired)
+    assert j.summary().endswith(f", {j.exploded_seeds} failed")
+    assert Judgement.from_dict(j.to_dict()).summary() == j.summary()
 
 
 def test_a_divergence_verdict_counts_diverged_seeds_not_exploded_ones() -> None:
