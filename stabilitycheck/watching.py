@@ -97,7 +97,11 @@ class Watcher:
         default = 1 if bundle is not None else flush_every
         self.weights_every = default if weights_every is None else count("weights_every", weights_every)
         self.model, self.optimizer, self.rule = model, optimizer, rule or SpikeRule()
-        self.blocks = own_blocks(model, blocks, "watch") if blocks is not None else find_blocks(model)[0]
+        if blocks is not None:
+            self.blocks, chosen = own_blocks(model, blocks, "watch"), "given by blocks="
+        else:
+            self.blocks, found = find_blocks(model)
+            chosen = f"as found, {found.removeprefix('blocks: ')}; blocks= watches others"
         self._blocks_given = blocks is not None
         # frozen parameters too: they have no gradient, but their weights count in their block's
         # weight norm (a frozen block's is its real norm, not 0)
@@ -146,6 +150,7 @@ class Watcher:
         self.names = [name for name, _ in self.blocks]
         self.out = Log(self.layout, self.names, self.rule, log, heatmap, report, self.rank, self.world, skip)
         self.out.glued = self.capture.glued  # one set: the capture fills it, the log reads it
+        self.out.result.blocks = f"{shown_blocks(self.names, most=6)} ({chosen})"
         self.snapshot = (
             Snapshot(model, compute_loss, Path(bundle), blocks is not None, clip)
             if bundle is not None

@@ -92,11 +92,14 @@ class Report:
     clip_peak: tuple[int, float, float] | None = None
     # what ended the run inside the watcher's with block ('SIGTERM', 'KeyboardInterrupt', 'ValueError: ...')
     stopped: str | None = None
+    # the blocks watched and which rule chose them: a value made outside them is located by what it
+    # reached (the loss), so a choice covering part of the model is said (blocks.find_blocks' note)
+    blocks: str = ""
 
     def text(self) -> str:
         """The report printed when the watcher closes: steps and flags, what stopped the run early,
         the first flagged and first non-finite values, the steps skipped, the norm before clipping, a
-        note, the warm-up where nothing was flagged, the host reads."""
+        note, the warm-up where nothing was flagged, the blocks watched, the host reads."""
         lines = [f"stabilitycheck watch: {self.steps} steps, {len(self.flagged_steps)} flagged"]
         if self.stopped is not None:
             lines.append(f"  stopped early by {self.stopped}: what follows is of the steps closed before it")
@@ -127,6 +130,8 @@ class Report:
                 f"{self.warmup})): a finite spike among its first {self.warmup} is not flagged, a NaN or "
                 "Inf always is"
             )
+        if self.blocks:
+            lines.append(f"  blocks watched: {self.blocks}")
         lines.append(f"  host reads: {self.host_reads}")
         return "\n".join(lines)
 

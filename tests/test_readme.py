@@ -89,6 +89,23 @@ def test_model_file_example_prints_what_the_readme_shows(tmp_path: Path) -> None
     assert not assess(Config.of(subject, depth=depth - 1), limits=Limits()).exploded
 
 
+def test_the_watch_example_prints_the_report_the_readme_shows(capsys: pytest.CaptureFixture[str]) -> None:
+    """The report under the watch example is what it prints (to stderr), its decimals apart (the
+    norms' last digits may differ between machines): it showed block 5 unquoted after messages had
+    come to quote digit-start names, and no line naming the blocks watched."""
+    (source,) = [s for s in PYTHON if "stabilitycheck.watch(model, opt, skip=True)" in s]
+    after = README.index(source) + len(source)
+    start = README.index("```text\n", after) + len("```text\n")
+    shown = README[start : README.index("```", start)]
+    exec(compile(source, "<README.md python block>", "exec"), {})
+    printed = capsys.readouterr().err
+
+    def masked(text: str) -> str:
+        return re.sub(r"\d+\.\d+", "N", text).strip()
+
+    assert masked(printed) == masked(shown)
+
+
 def _zoo_config(label: str, knobs: str) -> Config:
     """The Config of a README zoo row: the target's base with the knobs the row shows."""
     from stabilitycheck.zoo import targets

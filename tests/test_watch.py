@@ -26,6 +26,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from watch_models import (
     MLP,
+    WIDTH,
     Fault,
     Interleaved,
     PreNorm,
@@ -673,6 +674,31 @@ def test_a_nan_made_by_a_backward_names_the_block_called_after_it_where_the_orde
     found = report.first_nonfinite
     assert found is not None and found.step == 8, report.text()
     assert (found.tensor, found.block, found.made_by) == ("activation_grad", "attns.2", "ffns.2")
+
+
+class _Attributes(nn.Module):
+    """Three Linear + tanh Sequentials held as attributes: the longest list found is l1 alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2, self.l3 = (nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh()) for _ in range(3))
+        self.head = nn.Linear(WIDTH, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.l3(self.l2(self.l1(x)))).squeeze(-1)
+
+
+def test_the_report_names_the_blocks_watched_and_how_they_were_chosen() -> None:
+    """A x50 on l3, outside the blocks found (l1's layers), was named 'loss of (loss)' with nothing
+    saying l2 and l3 were never watched (found by an audit): the report names the blocks and the rule
+    that chose them, and that blocks= watches others; given, it says so."""
+    torch.manual_seed(0)
+    model = _Attributes()
+    found = report_of(train(model, 3)).text()
+    said = "(as found, l1 (2, mixed module types); blocks= watches others)"
+    assert f"  blocks watched: l1.0, l1.1 {said}" in found
+    given = report_of(train(model, 3, blocks=[("l1", model.l1), ("l2", model.l2), ("l3", model.l3)]))
+    assert "  blocks watched: l1, l2, l3 (given by blocks=)" in given.text()
 
 
 def test_a_run_that_closes_no_step_says_how_steps_are_closed() -> None:
