@@ -87,3 +87,18 @@ class EditsInPlace(NoisyRegression):
     def training_step(self, data: Any, index: int) -> torch.Tensor:
         data["x"] += 0.01 * torch.randn_like(data["x"])
         return ((self.net(data["x"]) - data["y"]) ** 2).mean()
+
+
+class ChangesAtBatchStart(NoisyRegression):
+    """Its own on_train_batch_start, at batch `at`, scales block 1's weight x50 (`what` 'weight') or
+    its batch's inputs x100 in place ('batch'); Lightning runs it after the callbacks' hook of the
+    same name."""
+
+    at, what = 45, "weight"
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if batch_idx == self.at and self.what == "weight":
+            with torch.no_grad():
+                self.net.blocks[1][0].weight.mul_(50.0)
+        if batch_idx == self.at and self.what == "batch":
+            batch[0].mul_(100.0)

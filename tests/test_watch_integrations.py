@@ -229,6 +229,32 @@ def test_a_lightning_bundle_replays_a_step_that_edits_its_batch_or_takes_keyword
 
 
 @pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+@pytest.mark.parametrize("what", ["weight", "batch"])
+def test_a_lightning_bundle_holds_what_the_modules_batch_start_hook_changed(tmp_path: Any, what: str) -> None:
+    """The module's own on_train_batch_start runs after the callback's: a weight x50 (or a batch x100
+    in place) there was missing from the bundle, taken at the callback's hook, and its replay was off
+    by 0.995 (found by an audit). The micro-batch is told as the strategy's training_step begins."""
+    lightning = pytest.importorskip("lightning.pytorch")
+    from lightning_models import ChangesAtBatchStart
+
+    from stabilitycheck.integrations.lightning import WatchCallback
+    from stabilitycheck.replay import replay
+
+    torch.manual_seed(0)
+    x, y = _data(STEPS)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    module = ChangesAtBatchStart()
+    module.at, module.what = AT, what
+    callback = WatchCallback(report=None, bundle=tmp_path / "bundle")
+    _trainer(lightning, tmp_path, callback, max_steps=STEPS).fit(module, loader)
+    assert callback.report is not None and callback.report.first_spike is not None
+    assert callback.report.first_spike.step == AT
+    assert vars(module.trainer.strategy).get("training_step") is None  # the strategy as it was
+    replayed = replay(tmp_path / "bundle")
+    assert replayed.step == AT and replayed.mismatches() == [], replayed.largest_difference()
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
 def test_a_lightning_bundle_that_cannot_replay_its_training_step_is_one_line(tmp_path: Any) -> None:
     """Manual optimization (training_step steps the optimizer) is refused with a bundle and no
     compute_loss when training starts; a training_step reading self.trainer fails its replay in one

@@ -2,9 +2,11 @@
 
 The loss comes from `on_before_backward`, the step is closed in `on_before_optimizer_step` (after
 the closure's backward, before the update), so the norms are those the optimizer is about to use.
-With bundle=, each micro-batch is told to the watcher at `on_train_batch_start` (training_step
-reaches the model through its own modules, not the LightningModule's forward) and passed with its
-loss; without compute_loss the bundle replays the module's own training_step (`training_step_loss`).
+With bundle=, each micro-batch is told to the watcher as the strategy's training_step begins
+(training_step reaches the model through its own modules, not the LightningModule's forward; told at
+the callback's `on_train_batch_start`, the module's own hook ran after it, and weights or a batch it
+changed there were missing from the bundle: replays off by 0.995) and passed with its loss; without
+compute_loss the bundle replays the module's own training_step (`training_step_loss`).
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ class WatchCallback(pl.Callback):
         self.watcher: Watcher | None = None
         self.report: Report | None = None
         self._batch: Any = None  # this micro-batch, for a bundle
+        self._strategy: Any = None  # the strategy whose training_step tells the micro-batches (bundle=)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
@@ -106,15 +109,24 @@ class WatchCallback(pl.Callback):
         if self.watcher.snapshot is not None and context is not None:
             # training_step runs under the precision plugin's autocast, opened after each batch is told
             self.watcher.snapshot.run_under(context().fast_dtype)
+        if self.watcher.snapshot is not None:
+            self._strategy = trainer.strategy
+            step = type(self._strategy).training_step.__get__(self._strategy)
 
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
+            def told(*args: Any, **kwargs: Any) -> Any:
+                self._tell(*args, **kwargs)
+                return step(*args, **kwargs)
+
+            self._strategy.training_step = told  # an attribute of this instance, removed at the end
+
+    def _tell(self, batch: Any = None, batch_idx: int = 0, *_: Any, **kwargs: Any) -> None:
+        """A micro-batch begins: training_step's batch and index (Lightning passes them by position),
+        after every hook of the batch, the module's own on_train_batch_start too."""
         if self.watcher is not None and self.watcher.snapshot is not None:
             self.watcher.batch_start()
+            batch = _kept(kwargs.get("batch", batch))
             default = self.watcher.snapshot.compute_loss is training_step_loss
-            batch = _kept(batch)
-            self._batch = StepBatch(batch, batch_idx) if default else batch
+            self._batch = StepBatch(batch, kwargs.get("batch_idx", batch_idx)) if default else batch
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
         if self.watcher is not None:
@@ -131,6 +143,9 @@ class WatchCallback(pl.Callback):
             self.watcher.before_step()
 
     def _close(self) -> None:
+        if self._strategy is not None:
+            vars(self._strategy).pop("training_step", None)
+            self._strategy = None
         if self.watcher is not None:
             self.report = self.watcher.close()
             self.watcher = None
