@@ -152,23 +152,47 @@ def skips(args: tuple[Any, ...], raw: torch.Tensor, first: torch.Tensor) -> bool
 
 
 def sources(raw: torch.Tensor) -> set[Any]:
-    """`raw`'s autograd node and the NEAR nodes nearest behind it (breadth first), a parameter's leaf
-    apart: what `raw` was made from, a norm's input among them (a leaf too: the probe's copy of a
-    float input). A parameter is not made from anything a block's input is made of (the next block
-    reading the same norm weight is no path around block 0)."""
+    """`raw`'s autograd node and, among the NEAR nodes nearest behind it, each that every path back
+    from it goes through (parameters' leaves apart): the tensor a norm or a dropout took, x of
+    norm(x) (a leaf too: the probe's copy of a float input), and those behind it in turn. Past a node
+    of two inputs, emb + pos, none: either alone is a side input that later blocks may take again
+    (positions re-added at every layer), no path around block 0, whose input gradient is the chain's."""
     start: Any = raw.grad_fn
-    found, frontier = {start}, [start]
-    while frontier and len(found) < NEAR:
-        node, frontier = frontier[0], frontier[1:]
-        for child, _ in node.next_functions:
-            if (
-                child is not None
-                and child not in found
-                and not isinstance(getattr(child, "variable", None), nn.Parameter)
-            ):
-                found.add(child)
-                frontier.append(child)
-    return found
+    window, order = {start}, [start]
+    for node in order:  # breadth first, the list growing as it is read
+        for child in _inputs(node):
+            if child not in window and len(window) < NEAR:
+                window.add(child)
+                order.append(child)
+    return {start, *(d for d in order[1:] if not _escapes(start, d, window))}
+
+
+def _inputs(node: Any) -> list[Any]:
+    """The autograd nodes `node` takes its inputs from, parameters' leaves apart."""
+    return [
+        child
+        for child, _ in node.next_functions
+        if child is not None and not isinstance(getattr(child, "variable", None), nn.Parameter)
+    ]
+
+
+def _escapes(start: Any, avoid: Any, window: set[Any]) -> bool:
+    """Whether a path back from `start` that does not go through `avoid` reaches a node of no inputs
+    (a leaf, or one made from parameters alone) or leaves `window`."""
+    frontier, seen = [start], {start}
+    while frontier:
+        node = frontier.pop()
+        inputs = _inputs(node)
+        if not inputs and node is not start:
+            return True
+        for child in inputs:
+            if child is avoid or child in seen:
+                continue
+            if child not in window:
+                return True
+            seen.add(child)
+            frontier.append(child)
+    return False
 
 
 def _residual_add(x: Any, raw: torch.Tensor, first: torch.Tensor) -> tuple[Any, Taps] | None:

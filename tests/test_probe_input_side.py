@@ -614,6 +614,46 @@ def test_a_scaled_residual_around_a_norm_and_block_0_is_no_false_explosion(gamma
     assert m.gains == pytest.approx(along, rel=1e-9)
 
 
+class _PositionsReAdded(nn.Module):
+    """h = x + p, then h = tanh(W h) + p at every layer: positions p (an embedding's rows) re-added,
+    a side input later blocks take again, no path around block 0 (whose input is x + p)."""
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        self.pe = nn.Embedding(4, 16)
+        self.layers = nn.ModuleList(nn.Linear(16, 16, bias=False) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor, taken: list[torch.Tensor] | None = None) -> torch.Tensor:
+        p = self.pe(torch.arange(4))
+        h = x + p
+        for layer in self.layers:
+            out = layer(h)
+            if taken is not None:
+                taken.append(h)
+                taken.append(out)
+            h = torch.tanh(out) + p
+        return h
+
+
+def test_a_side_input_re_added_at_every_layer_keeps_block_0s_input_side() -> None:
+    """What block 0's input was made from counts as the start of a path around it only where every
+    path back from that input goes through it (x of norm(x)): positions re-added after each layer are
+    one of two summands of x + p, and block 0's input gradient is still its chain's. Oracle: torch's
+    gradients of block 0's input and of each block's output."""
+    torch.manual_seed(0)
+    model = _PositionsReAdded(4).double()
+    x = torch.randn(4, 16, dtype=torch.float64)
+    loss = lambda o, _: o.square().mean()  # noqa: E731
+    blocks = [(f"layers.{i}", layer) for i, layer in enumerate(model.layers)]
+    m = probe_module(model, x, loss, blocks=blocks)
+    taken: list[torch.Tensor] = []
+    out = model(x.clone().requires_grad_(), taken)
+    grads = torch.autograd.grad(loss(out, x), [taken[0], *taken[1::2]])
+    norms = [g.norm().item() for g in grads]
+    assert m.activation_names[0] == "(input)"
+    assert m.activation_grad_norms == pytest.approx(norms, rel=1e-9)
+
+
 def test_a_cell_fed_its_input_plus_its_state_is_no_residual_whatever_the_tokens() -> None:
     """A cell called per token on x_t + h (input feeding): no residual around block 0, but where
     x_1 equals x_0 by value (a repeated token), x_1 + h_1 equalled block 0's input plus its output
