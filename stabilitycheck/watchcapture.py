@@ -83,6 +83,7 @@ class Capture:
         # the blocks in the order of their first calls, on the first step that called one with
         # gradients on (`ordered` once that step closed): the order findings are located in
         self.calls: list[int] = []
+        self.again: set[int] = set()  # blocks called again after another block, that step
         self.ordered = False
         self._prev: weakref.ref[torch.Tensor] | None = None  # the last block output of this pass
         n = len(blocks)
@@ -221,8 +222,11 @@ class Capture:
                 if prev is None or not any(a is prev for a in args):
                     self.glued.add(b)
             self._prev = weakref.ref(out)
-            if not self.ordered and b not in self.calls:
-                self.calls.append(b)
+            if not self.ordered:
+                if b not in self.calls:
+                    self.calls.append(b)
+                elif self.calls[-1] != b:  # a cell called per token is called again by itself
+                    self.again.add(b)
             kept = out.detach()
             numel = kept.numel()
             self._counts[slot] = self._counts.get(slot, 0) + numel

@@ -381,12 +381,21 @@ class Watcher:
         self._loss_seen, self._loss = self._loss is not None, None
         if self.capture.calls and not self.capture.ordered:
             self.capture.ordered = True
-            self._called_in(self.capture.calls)
+            self._called_in(self.capture.calls, self.capture.again)
 
-    def _called_in(self, calls: list[int]) -> None:
+    def _called_in(self, calls: list[int], again: set[int]) -> None:
         """The first step called the blocks in `calls`' order: findings are located in it, and where
-        that is not the order given (or found), the report says so."""
+        that is not the order given (or found), the report says so; as it does of blocks called
+        again after others (`again`), whose norms add up their calls while they are located at
+        their first: a x50 on b in c, a, b, a was named in a, whose second call took it."""
         self.out.called_in(calls)
+        if again:
+            said = shown_blocks([self.names[b] for b in sorted(again)], most=6)
+            self._note(
+                f"{said} {'is' if len(again) == 1 else 'are'} called again after other blocks in a step: "
+                "a block's norms add up its calls and it is located at its first, so a value flagged "
+                "there may have come from a block called between"
+            )
         if calls != sorted(calls):
             said = shown_blocks([self.names[b] for b in calls], most=6)
             listed = "blocks= lists them" if self._blocks_given else "the model registers them"

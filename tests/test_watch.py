@@ -701,6 +701,29 @@ def test_the_report_names_the_blocks_watched_and_how_they_were_chosen() -> None:
     assert "  blocks watched: l1, l2, l3 (given by blocks=)" in given.text()
 
 
+class _Reused(nn.Module):
+    """Blocks c, a, b, then a again: a is called after b and takes its output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = (nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh()) for _ in range(3))
+        self.head = nn.Linear(WIDTH, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.a(self.b(self.a(self.c(x))))).squeeze(-1)
+
+
+def test_a_block_called_again_after_others_is_said_in_the_report() -> None:
+    """A x50 on b, between a's two calls, is named in a, located at its first call, whose norms add up
+    both (found by an audit): the report says a is called again and what that means for a finding."""
+    torch.manual_seed(0)
+    model = _Reused()
+    given = [("c", model.c), ("a", model.a), ("b", model.b)]
+    text = report_of(train(model, 3, blocks=given)).text()
+    assert "a is called again after other blocks in a step" in text
+    assert "called again" not in report_of(train(MLP(), 3)).text()
+
+
 def test_a_run_that_closes_no_step_says_how_steps_are_closed() -> None:
     """watch(model) without an optimizer: the loop trains, nothing closes a step; with
     w.before_step() each step is measured (its loss the one recorded)."""
