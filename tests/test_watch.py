@@ -676,16 +676,20 @@ def test_a_nan_made_by_a_backward_names_the_block_called_after_it_where_the_orde
     assert (found.tensor, found.block, found.made_by) == ("activation_grad", "attns.2", "ffns.2")
 
 
-class _Attributes(nn.Module):
-    """Three Linear + tanh Sequentials held as attributes: the longest list found is l1 alone."""
+class _Three(nn.Module):
+    """Three Linear + tanh Sequentials held as attributes `names`, called in the order `calls`."""
 
-    def __init__(self) -> None:
+    def __init__(self, names: tuple[str, ...], calls: tuple[str, ...]) -> None:
         super().__init__()
-        self.l1, self.l2, self.l3 = (nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh()) for _ in range(3))
+        for name in names:
+            self.add_module(name, nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh()))
         self.head = nn.Linear(WIDTH, 1)
+        self.calls = calls
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.l3(self.l2(self.l1(x)))).squeeze(-1)
+        for name in self.calls:
+            x = self.get_submodule(name)(x)
+        return self.head(x).squeeze(-1)
 
 
 def test_the_report_names_the_blocks_watched_and_how_they_were_chosen() -> None:
@@ -693,32 +697,20 @@ def test_the_report_names_the_blocks_watched_and_how_they_were_chosen() -> None:
     saying l2 and l3 were never watched (found by an audit): the report names the blocks and the rule
     that chose them, and that blocks= watches others; given, it says so."""
     torch.manual_seed(0)
-    model = _Attributes()
+    model = _Three(("l1", "l2", "l3"), ("l1", "l2", "l3"))  # the longest list found is l1 alone
     found = report_of(train(model, 3)).text()
     said = "(as found, l1 (2, mixed module types); blocks= watches others)"
     assert f"  blocks watched: l1.0, l1.1 {said}" in found
-    given = report_of(train(model, 3, blocks=[("l1", model.l1), ("l2", model.l2), ("l3", model.l3)]))
+    given = report_of(train(model, 3, blocks=[(n, model.get_submodule(n)) for n in ("l1", "l2", "l3")]))
     assert "  blocks watched: l1, l2, l3 (given by blocks=)" in given.text()
-
-
-class _Reused(nn.Module):
-    """Blocks c, a, b, then a again: a is called after b and takes its output."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b, self.c = (nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh()) for _ in range(3))
-        self.head = nn.Linear(WIDTH, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.a(self.b(self.a(self.c(x))))).squeeze(-1)
 
 
 def test_a_block_called_again_after_others_is_said_in_the_report() -> None:
     """A x50 on b, between a's two calls, is named in a, located at its first call, whose norms add up
     both (found by an audit): the report says a is called again and what that means for a finding."""
     torch.manual_seed(0)
-    model = _Reused()
-    given = [("c", model.c), ("a", model.a), ("b", model.b)]
+    model = _Three(("a", "b", "c"), ("c", "a", "b", "a"))
+    given = [(n, model.get_submodule(n)) for n in ("c", "a", "b")]
     text = report_of(train(model, 3, blocks=given)).text()
     assert "a is called again after other blocks in a step" in text
     assert "called again" not in report_of(train(MLP(), 3)).text()
