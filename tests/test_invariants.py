@@ -876,6 +876,42 @@ def test_rescaling_check_leaves_batchnorm_statistics_as_they_were() -> None:
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+class _ClampsInFloat32(torch.autograd.Function):
+    """Identity forward; a backward that clamps its gradient at 1e-3 in float32 alone (a low-precision
+    kernel's bug), exact in float64, the dtype the check's rounding re-run uses."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        return g.clamp(-1e-3, 1e-3) if g.dtype == torch.float32 else g
+
+
+@pytest.mark.parametrize("c", [3.0, 7.3, 0.5, 1e-3, 1024.0])
+def test_rescaling_catches_a_backward_fault_in_the_models_dtype_alone(c: float) -> None:
+    """The float64 re-run that measures rounding never sees a fault of the float32 path alone, so
+    it must not be taken as rounding whole: an uncapped allowance where the re-runs scaled by c missed
+    this clamp at every c (a review). Oracle: the clamp bites at c = 1 and at c, unequally."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(8, 16), nn.Linear(16, 4)
+    model = nn.Sequential(a, nn.Tanh(), _Apply(_ClampsInFloat32), b)
+    with pytest.raises(StabilityError, match=rf"did not scale every gradient by {c:g}"):
+        assert_rescaling_equivariant(model, torch.randn(32, 8), lambda out, _: out.square().mean(), c)
+
+
+class _Apply(nn.Module):
+    """A module applying an autograd Function."""
+
+    def __init__(self, fn: type[torch.autograd.Function]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn.apply(x)  # type: ignore[no-any-return]
+
+
 def test_torchs_own_backward_passes_where_c_puts_its_gradients_among_the_subnormals() -> None:
     """float16 gradients x 1e-4 and float32 gradients x 1e-38 fall among the subnormals and lose
     precision there: torch's own backward, linear, failed the check (float32: 4.1e-44 off, 2.8e-44
