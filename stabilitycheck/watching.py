@@ -33,13 +33,14 @@ from stabilitycheck.blocks import BYPASSED, find_blocks, own_blocks, shown_block
 from stabilitycheck.carrying import version_of
 from stabilitycheck.distributed import Layout
 from stabilitycheck.errors import UsageError, did_you_mean, no_trainable
+from stabilitycheck.hooking import callers_level
 from stabilitycheck.layout import block_of
 from stabilitycheck.nesting import refusing_inside
 from stabilitycheck.norms import dense
 from stabilitycheck.spikes import SpikeRule, noisier, unmeasured
 from stabilitycheck.watchcapture import Capture
 from stabilitycheck.watchclip import ClipLog, Listening
-from stabilitycheck.watchlog import Log, Report
+from stabilitycheck.watchlog import Log, Report, in_call_order
 from stabilitycheck.watchoptions import (
     MAX_FLUSH_EVERY,
     check_arguments,
@@ -388,6 +389,7 @@ class Watcher:
         that is not the order given (or found), the report says so; as it does of blocks called
         again after others (`again`), whose norms add up their calls while they are located at
         their first: a x50 on b in c, a, b, a was named in a, whose second call took it."""
+        calls = in_call_order(calls, len(self.blocks))
         self.out.called_in(calls)
         if again:
             said = shown_blocks([self.names[b] for b in sorted(again)], most=6)
@@ -404,7 +406,7 @@ class Watcher:
                 "are located in the order it called them"
             )
             if self._blocks_given:  # a list given input side first, as documented, was not
-                self._say(note, stacklevel=2)
+                self._say(note, stacklevel=callers_level() + 1)  # from _say: one frame more
             else:  # two lists called in turn: as the model is written
                 self._note(note)
 

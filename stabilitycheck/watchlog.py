@@ -148,6 +148,17 @@ def clipped_to(measured: float, before: float, max_norm: float, rtol: float) -> 
     return math.isclose(measured, left, rel_tol=rtol, abs_tol=1e-12)
 
 
+def in_call_order(calls: list[int], n: int) -> list[int]:
+    """The n blocks in the order of their first calls (`calls`), each block not called placed right
+    after the one registered before it (a layer LayerDrop skipped on the first step, put last, moved
+    every finding after it: a x50 on blocks.2 named in blocks.3)."""
+    order = list(calls)
+    for b in range(n):
+        if b not in order:
+            order.insert(order.index(b - 1) + 1 if b > 0 else 0, b)
+    return order
+
+
 def series_names(layout: Layout, blocks: list[str]) -> list[tuple[str, str]]:
     """(tensor kind, block) of each series index."""
     names: list[tuple[str, str]] = [("", "")] * layout.n_series
@@ -214,7 +225,7 @@ class Log:
         called after it (the loss's, after the last), and the block called first takes the input.
         Two lists called in turn, attention then feed-forward, were read list after list, and a x50
         on ffns.2's output was named in attns.3."""
-        calls = calls + [b for b in range(len(self.blocks)) if b not in calls]
+        calls = in_call_order(calls, len(self.blocks))
         grads = self.layout.parts()["activation_grad"]
         after = [*(self.blocks[b] for b in calls[1:]), AFTER_LAST_SAID]
         self.made_by = {grads.start + b: name for b, name in zip(calls, after, strict=True)}
