@@ -102,3 +102,11 @@ class ChangesAtBatchStart(NoisyRegression):
                 self.net.blocks[1][0].weight.mul_(50.0)
         if batch_idx == self.at and self.what == "batch":
             batch[0].mul_(100.0)
+
+
+class DrawsItsOwn(NoisyRegression):
+    """training_step(self, dataloader_iter): it draws its batch itself."""
+
+    def training_step(self, dataloader_iter: Any) -> torch.Tensor:  # type: ignore[override]
+        data, _, _ = next(dataloader_iter)
+        return squared_error(self, data)

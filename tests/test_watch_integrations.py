@@ -255,6 +255,51 @@ def test_a_lightning_bundle_holds_what_the_modules_batch_start_hook_changed(tmp_
 
 
 @pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+def test_a_strategys_training_step_wrapped_by_the_user_is_called_and_kept(tmp_path: Any) -> None:
+    """The callback wrapped the strategy class's training_step, bypassing a wrapper the user had put
+    on the strategy instance (called 0 times in 50 steps), and removed it at the end (a review)."""
+    lightning = pytest.importorskip("lightning.pytorch")
+    from lightning_models import NoisyRegression
+
+    from stabilitycheck.integrations.lightning import WatchCallback
+
+    torch.manual_seed(0)
+    x, y = _data(STEPS)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    trainer = _trainer(lightning, tmp_path, WatchCallback(report=None, bundle=tmp_path / "b"), max_steps=10)
+    calls: list[int] = []
+    own = trainer.strategy.training_step
+
+    def mine(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return own(*args, **kwargs)
+
+    trainer.strategy.training_step = mine
+    trainer.fit(NoisyRegression(), loader)
+    assert len(calls) == 10 and vars(trainer.strategy)["training_step"] is mine
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+@pytest.mark.filterwarnings("ignore:You are using the `dataloader_iter` step flavor")
+@pytest.mark.filterwarnings("ignore:Found `dataloader_iter` argument")
+def test_a_bundle_of_a_training_step_drawing_its_own_batches_is_refused_in_one_line(tmp_path: Any) -> None:
+    """training_step(self, dataloader_iter) draws its batches out of the callback's sight: the bundle
+    kept the iterator, and writing it failed on a closure of the callback's (a review)."""
+    lightning = pytest.importorskip("lightning.pytorch")
+    from lightning_models import DrawsItsOwn
+
+    from stabilitycheck.errors import UsageError
+    from stabilitycheck.integrations.lightning import WatchCallback
+
+    x, y = _data(STEPS)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    trainer = _trainer(lightning, tmp_path, WatchCallback(report=None, bundle=tmp_path / "b"), max_steps=3)
+    with pytest.raises(UsageError, match=r"training_step\(dataloader_iter\) draws its own") as caught:
+        trainer.fit(DrawsItsOwn(), loader)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
 def test_a_lightning_bundle_that_cannot_replay_its_training_step_is_one_line(tmp_path: Any) -> None:
     """Manual optimization (training_step steps the optimizer) is refused with a bundle and no
     compute_loss when training starts; a training_step reading self.trainer fails its replay in one

@@ -79,6 +79,7 @@ class WatchCallback(pl.Callback):
         self.report: Report | None = None
         self._batch: Any = None  # this micro-batch, for a bundle
         self._strategy: Any = None  # the strategy whose training_step tells the micro-batches (bundle=)
+        self._own: Any = None  # what its instance held as training_step before, put back at the end
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
@@ -96,6 +97,14 @@ class WatchCallback(pl.Callback):
                 "WatchCallback reads the gradients before Lightning clips them (gradient_clip_val), so a "
                 "replay must not clip: drop clip_grad_norm="
             )
+        if options.get("bundle") is not None and is_param_in_hook_signature(
+            pl_module.training_step, "dataloader_iter", explicit=True
+        ):  # it draws its own batches, which no callback sees
+            raise UsageError(
+                "WatchCallback(bundle=...) keeps each micro-batch, and a training_step(dataloader_iter) "
+                "draws its own, out of the callback's sight; take batches as training_step(batch, "
+                "batch_idx), or drop bundle="
+            )
         if options.get("bundle") is not None and options.get("compute_loss") is None:
             if not pl_module.automatic_optimization:  # its training_step steps the optimizer itself
                 raise UsageError(
@@ -111,13 +120,14 @@ class WatchCallback(pl.Callback):
             self.watcher.snapshot.run_under(context().fast_dtype)
         if self.watcher.snapshot is not None:
             self._strategy = trainer.strategy
-            step = type(self._strategy).training_step.__get__(self._strategy)
+            self._own = vars(self._strategy).get("training_step")  # a wrapper of the user's, kept
+            step = self._strategy.training_step
 
             def told(*args: Any, **kwargs: Any) -> Any:
                 self._tell(*args, **kwargs)
                 return step(*args, **kwargs)
 
-            self._strategy.training_step = told  # an attribute of this instance, removed at the end
+            self._strategy.training_step = told  # on this instance, for the run
 
     def _tell(self, batch: Any = None, batch_idx: int = 0, *_: Any, **kwargs: Any) -> None:
         """A micro-batch begins: training_step's batch and index (Lightning passes them by position),
@@ -144,8 +154,11 @@ class WatchCallback(pl.Callback):
 
     def _close(self) -> None:
         if self._strategy is not None:
-            vars(self._strategy).pop("training_step", None)
-            self._strategy = None
+            if self._own is None:
+                vars(self._strategy).pop("training_step", None)
+            else:
+                self._strategy.training_step = self._own
+            self._strategy = self._own = None
         if self.watcher is not None:
             self.report = self.watcher.close()
             self.watcher = None
