@@ -55,10 +55,15 @@ class Judgement:
         vanishing or stall (the gradient shrank or the loss stalled), beside an explosion or not: how
         many seeds failed on their own, worded by what they fired on (worded by the verdict, a stable
         one called a seed that vanished 'exploded'; JSON written before `seeds_fired` still is)."""
-        names = set(self.seeds_fired or self.verdict.names)
+        if self.seeds_fired:
+            names = set(self.seeds_fired)
+            failed = bool(names & {"vanishing", "stall"})
+        else:  # JSON written before seeds_fired: worded by its verdict, as it was then
+            names = set(self.verdict.names)
+            failed = bool(names) and names <= {"vanishing", "stall", "divergence"}
         if names and names <= {"divergence"}:
             word = "diverged"
-        elif names & {"vanishing", "stall"}:
+        elif failed:
             word = "failed"
         else:
             word = "exploded"

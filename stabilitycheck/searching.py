@@ -165,15 +165,12 @@ class Prober:
 
     def largest_stable(self, full: bool = False) -> Index | None:
         """The stable index judged with the largest grid indices (sum, then lexicographic); the full
-        rule's judgement where there is one. With `full`, among the points the full rule judged where
-        there are any (a search's result: a point stable on the screen's seed alone was given as the
-        largest stable one beside a counterexample, where all seeds exploded, growth 1.6e3 for 21.7)."""
-
-        def stable(judged: dict[Index, Judgement | str]) -> list[Index]:
-            return [i for i, r in judged.items() if isinstance(r, Judgement) and not r.exploded]
-
-        found = (full and stable(self.seen)) or stable(self.judged())
-        return max(found, key=lambda i: (sum(i), i)) if found else None
+        rule's judgement where there is one. With `full`, among the points the full rule judged alone
+        (beside a counterexample: a point stable on the screen's seed alone was given as the largest
+        stable one, where all seeds exploded, growth 1.6e3 for 21.7)."""
+        judged = self.seen if full else self.judged()
+        stable = [i for i, r in judged.items() if isinstance(r, Judgement) and not r.exploded]
+        return max(stable, key=lambda i: (sum(i), i)) if stable else None
 
     def judged(self) -> dict[Index, Judgement | str]:
         """Every point judged: the full rule's judgement, else a seed's alone."""
@@ -346,7 +343,7 @@ def search(
     remedies: list[Remedy] = []
 
     def result(cx: Counterexample | None) -> SearchResult:
-        stable = prober.largest_stable(full=True)
+        stable = prober.largest_stable(full=cx is not None)  # else maybe one seed's, said as such
         judged = prober.judged().get(stable) if stable is not None else None
         corner = prober.seen.get(space.top())  # judged stable, not skipped: the space is not monotone
         return SearchResult(

@@ -32,7 +32,7 @@ from stabilitycheck.searching import search
 from stabilitycheck.seeds import _decided, _judgement, _settled, assess, seed_of
 from stabilitycheck.space import Axis, Space
 from stabilitycheck.spread import Spread, quantile, rank
-from stabilitycheck.verdicts import CRITERIA, Limits, fires, judge, values
+from stabilitycheck.verdicts import CRITERIA, Criterion, Limits, Verdict, fires, judge, values
 from stabilitycheck.verdicts import CRITERIA as CRITERIA_NAMES
 
 GROWTH_ONLY = Limits(grad_norm=None, divergence=None, nonfinite=False)
@@ -348,6 +348,22 @@ def test_a_stable_verdict_words_the_seeds_that_fired_by_what_they_fired_on() -> 
     assert all(f in ((), ("vanishing",)) for f in fired)
     assert j.summary().endswith(f", {j.exploded_seeds} failed")
     assert Judgement.from_dict(j.to_dict()).summary() == j.summary()
+
+
+@pytest.mark.parametrize(
+    ("fired", "word"),
+    [(("grad_norm", "stall"), "exploded"), (("vanishing",), "failed"), (("divergence",), "diverged")],
+)
+def test_a_judgement_written_before_seeds_fired_is_worded_by_its_verdict_as_it_was(
+    fired: tuple[str, ...], word: str
+) -> None:
+    """JSON written before `seeds_fired` loads with none: worded by the verdict, as then (a verdict
+    on grad_norm and stall read '2 failed' where it had read '2 exploded': a review)."""
+    j = assess(Config.of("mlp", depth=4, width=8, batch_size=4, seeds=2))
+    criteria = tuple(Criterion(name, 1.0, 2.0) for name in fired)
+    d = replace(j, verdict=Verdict(True, criteria), exploded_seeds=2).to_dict()
+    d.pop("seeds_fired")
+    assert Judgement.from_dict(d).failures == f"2 {word}"
 
 
 def test_a_divergence_verdict_counts_diverged_seeds_not_exploded_ones() -> None:
