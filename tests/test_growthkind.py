@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from stabilitycheck.config import Config
-from stabilitycheck.growthkind import FIT_R2, classify, fit_growth, input_apart, kind_of, swing
+from stabilitycheck.growthkind import FIT_R2, classify, explains, fit_growth, input_apart, kind_of, swing
 from stabilitycheck.seeds import assess
 from stabilitycheck.spread import Spread
 from stabilitycheck.verdicts import Limits
@@ -372,3 +372,21 @@ def test_every_seed_leaves_the_input_segment_apart_as_the_typical_stack_does() -
     expected = Spread.of([fit_growth(a, apart=True)[0], fit_growth(b, apart=True)[0]], 0.5)
     assert kind.rate == expected
     assert fit_growth(b, apart=True)[0] != fit_growth(b)[0]  # the seed alone would read otherwise
+
+
+@pytest.mark.parametrize(
+    ("law", "growth", "r2", "explained"),
+    [
+        (20.0 - 0.69, 20.0, 0.5, True),  # within x2, whatever the fit
+        (20.0 - 0.8, 20.0, 0.9995, True),  # past x2, within 5% of the log, on a near-perfect fit
+        (20.0 - 0.8, 20.0, 0.998, False),  # the same miss on a fit below r2 0.999
+        (20.0 - 1.5, 20.0, 0.9995, False),  # 7.5% of the log: a law off by x4.5 explains nothing
+        (-131.0 + 1.31, -131.0, 0.99999, True),  # the docstring's RNN: C = 0.27 on a growth of 1e-57
+    ],
+)
+def test_a_law_explains_a_growth_within_x2_or_within_5_percent_of_its_log_on_a_clean_fit(
+    law: float, growth: float, r2: float, explained: bool
+) -> None:
+    """explains() as documented, at the edges of both rules (a share of 0.5 in place of 0.05 passed
+    a law 7.5% off the log growth as 'exponential': a mutant no test killed)."""
+    assert explains(law, growth, r2) is explained

@@ -2239,3 +2239,58 @@ def test_a_float16_module_elsewhere_hides_no_fault_on_a_float32_gradient() -> No
     for c in (2.0**-30, 2.0**-20):
         with pytest.raises(StabilityError, match=r"head\.weight"):
             assert_rescaling_equivariant(model, (x,), lambda out, _: out.square().mean(), c)
+
+
+class _NegatingScaler(torch.amp.GradScaler):
+    """A GradScaler whose unscale_ also flips every gradient's sign: gradient ascent."""
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        super().unscale_(optimizer)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.neg_()
+
+
+def test_gradscaler_guards_catch_an_unscale_that_flips_the_gradients() -> None:
+    """A flipped gradient has the plain step's magnitudes, so a check of magnitudes alone reads it as
+    a clip of the unscaled gradients and passes the ascent (a mutant no test killed): each entry must
+    keep the plain step's sign too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    with pytest.raises(StabilityError, match="did not update the weights as a step on the unscaled"):
+        assert_gradscaler_guards(
+            model, torch.randn(16, 8), lambda out, _: out.square().mean(), _NegatingScaler("cpu")
+        )
+
+
+def _float64_grads(total: float) -> list[torch.Tensor]:
+    """Two float64 gradients of total 2-norm `total` (3-4-5 shaped: exact)."""
+    return [torch.full((1,), share * total, dtype=torch.float64) for share in (0.6, 0.8)]
+
+
+def _holding(grads: list[torch.Tensor]) -> list[nn.Parameter]:
+    """Parameters whose .grad are `grads`."""
+    params = [nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    return params
+
+
+def test_a_clip_that_scales_gradients_just_below_max_norm_fails() -> None:
+    """A total 2e-6 below max_norm must leave every gradient as it was: scaled by 0.99 there, the
+    clip keeps the direction and the bound, and only the unchanged check catches it (read from 40 x
+    the float64 tolerance, 4e-6, a mutant no test killed, it was skipped there)."""
+    before = _float64_grads(1.0 - 2e-6)
+    with pytest.raises(StabilityError, match="unchanged"):
+        assert_clipped_norm_bounded(_holding([g * 0.99 for g in before]), 1.0, before=before)
+
+
+def test_a_clip_returning_a_total_off_by_5x_its_tolerance_fails() -> None:
+    """The returned total norm is the one before clipping within the dtype's tolerance (float64's
+    1e-7 here): 5e-7 off fails (read within 10 x that, a mutant no test killed, it passed)."""
+    before = _float64_grads(10.0)
+    after = _holding([g / 10.0 for g in before])  # clipped to max_norm 1, exactly
+    assert_clipped_norm_bounded(after, 1.0, before=before, returned=10.0)
+    with pytest.raises(StabilityError, match="returned another value than the total norm before"):
+        assert_clipped_norm_bounded(after, 1.0, before=before, returned=10.0 * (1 + 5e-7))
