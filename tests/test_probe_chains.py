@@ -990,6 +990,52 @@ def test_the_between_gain_is_dL_d_output_over_dL_d_the_next_blocks_input() -> No
         assert [m.between_gain for m in ms] == [1.0] * 5
 
 
+def test_the_between_gain_under_float16_autocast_is_the_unscaled_ones() -> None:
+    """Under float16 autocast the GradScaler's loss scale (2^16) multiplies every gradient, the ones
+    the between gain reads too: each is unscaled (left scaled, a mutant no test killed, the gain was
+    off by the scale, and the culprit's input correction with it). Oracle: the same model and input
+    without autocast, within float16's rounding."""
+    torch.manual_seed(0)
+    model, x = ActBetween(9, 4.0), torch.randn(16, 64)
+    blocks = list(model.layers.named_children())
+    wide = probe_module(model, x, lambda out, _: out.pow(2).mean(), blocks=blocks)
+    half = probe_module(model, x, lambda out, _: out.float().pow(2).mean(), blocks=blocks, amp="float16")
+    assert wide.between_gain != 1.0 and half.between_gain == pytest.approx(wide.between_gain, rel=0.02)
+
+
+class _SkipThenActs(ActBetween):
+    """ActBetween whose block 0 sits in x + 0.5 * tanh(block(x)), a skip the graph shows (the chain
+    starts at block 0's output), then tanh between the later blocks."""
+
+    def forward(self, x: torch.Tensor, seen: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """`seen` gets each block's output and, after blocks 1 on, the tanh of it, in turn."""
+        kept = seen if seen is not None else []
+        kept.append(self.layers[0](x))
+        x = x + 0.5 * torch.tanh(kept[-1])
+        for layer in self.layers[1:]:
+            kept.append(layer(x))
+            x = torch.tanh(kept[-1])
+            kept.append(x)
+        return x
+
+
+def test_the_between_gain_where_the_chain_starts_at_block_0s_output() -> None:
+    """Where no (input) is taken, the places of the functions between blocks count from block 0's
+    output too (left as they were, a mutant no test killed, each was divided by the next output's
+    gradient). Oracle: torch.autograd.grad of each output and of tanh of it, blocks 1 to 7."""
+    torch.manual_seed(0)
+    model, x = _SkipThenActs(9, 4.0), torch.randn(16, 64)
+    loss = lambda out, _: out.pow(2).mean()  # noqa: E731
+    m = probe_module(model, x, loss, blocks=list(model.layers.named_children()))
+    assert m.activation_names[0] == "0"
+    seen: list[torch.Tensor] = []
+    final = model(x, seen)
+    outs, acts = seen[1:-2:2], seen[2:-2:2]  # blocks 1 to 7 and the tanh after each
+    grads = torch.autograd.grad(loss(final, x), outs + acts)
+    ratios = [float(a.norm() / b.norm()) for a, b in zip(grads[:7], grads[7:], strict=True)]
+    assert m.between_gain == pytest.approx(statistics.median(ratios), rel=1e-5)
+
+
 @pytest.mark.parametrize("act", ["softsign", "rmsnorm", "tanh_"])
 def test_the_between_gain_of_a_function_of_several_nodes_or_in_place(act: str) -> None:
     """softsign and an RMSNorm written by hand use the output twice (several autograd nodes); tanh_
