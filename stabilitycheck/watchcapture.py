@@ -82,9 +82,9 @@ class Capture:
         self.glued: set[int] = set()
         # the blocks in the order of their first calls, on the first step that called one with
         # gradients on (`ordered` once that step closed): the order findings are located in
-        self.calls: list[int] = []
-        self.again: set[int] = set()  # blocks called again after another block in one model call
-        self._pass_calls: list[int] = []  # the blocks called in this model call, while not `ordered`
+        # this step's blocks in the order of their first calls, gradients on or off (frozen first
+        # layers run under no_grad), until `ordered` (the watcher merges them: watchlog.merged_calls)
+        self.step_calls: list[int] = []
         self.ordered = False
         self._prev: weakref.ref[torch.Tensor] | None = None  # the last block output of this pass
         n = len(blocks)
@@ -133,7 +133,6 @@ class Capture:
         """A pre-hook on the watched model: each call starts a pass (see `_drop_unfed`)."""
 
         def on_call(module: nn.Module, args: Any) -> None:
-            self._pass_calls = []
             if torch.is_grad_enabled():
                 self.called = True
                 self._prev = None
@@ -216,12 +215,8 @@ class Capture:
         def keep(args: Any, output: Any) -> None:
             self.seen = True
             self.measured = self.measured or torch.is_grad_enabled()
-            if not self.ordered:  # gradients on or off: frozen first layers run under no_grad
-                if b not in self.calls:
-                    self.calls.append(b)
-                if b in self._pass_calls and self._pass_calls[-1] != b:  # not a cell's next token
-                    self.again.add(b)
-                self._pass_calls.append(b)
+            if not self.ordered and b not in self.step_calls:
+                self.step_calls.append(b)
             out = first_tensor(output, scalars=False)
             if out is None or not torch.is_grad_enabled():
                 return

@@ -40,7 +40,7 @@ from stabilitycheck.norms import dense
 from stabilitycheck.spikes import SpikeRule, noisier, unmeasured
 from stabilitycheck.watchcapture import Capture
 from stabilitycheck.watchclip import ClipLog, Listening
-from stabilitycheck.watchlog import Log, Report, in_call_order
+from stabilitycheck.watchlog import Log, Report, in_call_order, merged_calls
 from stabilitycheck.watchoptions import (
     MAX_FLUSH_EVERY,
     check_arguments,
@@ -104,6 +104,7 @@ class Watcher:
             self.blocks, found = find_blocks(model)
             chosen = f"as found, {found.removeprefix('blocks: ')}; blocks= watches others"
         self._blocks_given = blocks is not None
+        self._calls: list[int] = []  # the blocks' first calls, merged over the steps until the first flush
         # frozen parameters too: they have no gradient, but their weights count in their block's
         # weight norm (a frozen block's is its real norm, not 0)
         self.params = list(model.parameters())
@@ -380,24 +381,15 @@ class Watcher:
         measured this step, is its zeroed row (see Layout)."""
         self.capture.close_step(row, self._loss)
         self._loss_seen, self._loss = self._loss is not None, None
-        if self.capture.calls and not self.capture.ordered:
-            self.capture.ordered = True
-            self._called_in(self.capture.calls, self.capture.again)
+        if not self.capture.ordered:
+            self._calls = merged_calls(self._calls, self.capture.step_calls)
+            self.capture.step_calls = []
 
-    def _called_in(self, calls: list[int], again: set[int]) -> None:
-        """The first step called the blocks in `calls`' order: findings are located in it, and where
-        that is not the order given (or found), the report says so; as it does of blocks called
-        again after others (`again`), whose norms add up their calls while they are located at
-        their first: a x50 on b in c, a, b, a was named in a, whose second call took it."""
+    def _called_in(self, calls: list[int]) -> None:
+        """The steps before the first flush called the blocks in `calls`' order: findings are located
+        in it, and where that is not the order given (or found), the report says so."""
         calls = in_call_order(calls, len(self.blocks))
         self.out.called_in(calls)
-        if again:
-            said = shown_blocks([self.names[b] for b in sorted(again)], most=6)
-            self._note(
-                f"{said} {'is' if len(again) == 1 else 'are'} called again after other blocks in a step: "
-                "a block's norms add up its calls and it is located at its first, so a value flagged "
-                "there may have come from a block called between"
-            )
         if calls != sorted(calls):
             said = shown_blocks([self.names[b] for b in calls], most=6)
             listed = "blocks= lists them" if self._blocks_given else "the model registers them"
@@ -530,6 +522,9 @@ class Watcher:
         n, self._filled = self._filled, 0
         if n == 0:
             return
+        if not self.capture.ordered:  # findings are located from here on: the order is taken
+            self.capture.ordered = True
+            self._called_in(self._calls)
         data = self.buffer[:n]
         if self.state is None:
             data[:, -2].copy_(torch.tensor(self._passed[:n], dtype=torch.float64))

@@ -148,10 +148,23 @@ def clipped_to(measured: float, before: float, max_norm: float, rtol: float) -> 
     return math.isclose(measured, left, rel_tol=rtol, abs_tol=1e-12)
 
 
+def merged_calls(order: list[int], step: list[int]) -> list[int]:
+    """`order` with each block of `step` (one step's first calls, in order) it lacks put right after
+    the block that step called before it (first where none): a layer LayerDrop skipped on the first
+    step takes its place from the step that calls it (put at its registered place, ffns.0 of two
+    lists called in turn landed after attns.1)."""
+    out = list(order)
+    for i, b in enumerate(step):
+        if b not in out:
+            before = next((step[j] for j in range(i - 1, -1, -1) if step[j] in out), None)
+            out.insert(out.index(before) + 1 if before is not None else 0, b)
+    return out
+
+
 def in_call_order(calls: list[int], n: int) -> list[int]:
-    """The n blocks in the order of their first calls (`calls`), each block not called placed right
-    after the one registered before it (a layer LayerDrop skipped on the first step, put last, moved
-    every finding after it: a x50 on blocks.2 named in blocks.3)."""
+    """The n blocks in the order of their first calls (`calls`), each block never called placed right
+    after the one registered before it (put last, a layer no step called moved every finding after
+    it: a x50 on blocks.2 named in blocks.3)."""
     order = list(calls)
     for b in range(n):
         if b not in order:
