@@ -168,12 +168,25 @@ def sources(raw: torch.Tensor) -> set[Any]:
 
 
 def _inputs(node: Any) -> list[Any]:
-    """The autograd nodes `node` takes its inputs from, parameters' leaves apart."""
-    return [
-        child
-        for child, _ in node.next_functions
-        if child is not None and not isinstance(getattr(child, "variable", None), nn.Parameter)
-    ]
+    """The autograd nodes `node` takes its inputs from, parameters apart (their leaves and what is
+    computed from them alone: Gemma's 1 + weight, nn.Linear's weight.t(); read as inputs, a norm
+    x_n * (1 + w) had two and no dominator, and a stem written x @ W.t() read other than x @ W)."""
+    return [child for child, _ in node.next_functions if child is not None and not _parametric(child)]
+
+
+LOOKUPS = ("EmbeddingBackward", "EmbeddingBagBackward", "IndexBackward", "IndexSelectBackward")
+"""Nodes made from a parameter and data autograd does not see (token ids): data, not a parameter."""
+
+
+def _parametric(node: Any, depth: int = 0) -> bool:
+    """Whether `node` is a parameter's leaf or computed from parameters alone (within 8 nodes): not
+    from data, but for a lookup (LOOKUPS: an embedding's rows, chosen by the ids)."""
+    if isinstance(getattr(node, "variable", None), nn.Parameter):
+        return True
+    if depth >= 8 or not node.next_functions or type(node).__name__.startswith(LOOKUPS):
+        return False
+    children = [child for child, _ in node.next_functions if child is not None]
+    return bool(children) and all(_parametric(child, depth + 1) for child in children)
 
 
 def _escapes(start: Any, avoid: Any, window: set[Any]) -> bool:

@@ -573,10 +573,10 @@ class _ScaledAroundNorm(nn.Module):
     lists: the skip starts at h, before the norm, and the branch (gain ~sigma through the norm) is far
     above 1 where the stream's gain is about 1 + gamma sigma."""
 
-    def __init__(self, depth: int, gamma: float, stem: bool) -> None:
+    def __init__(self, depth: int, gamma: float, stem: bool, gemma: bool = False) -> None:
         super().__init__()
         self.inp = nn.Linear(16, 32) if stem else nn.Identity()
-        self.norms = nn.ModuleList(nn.LayerNorm(32) for _ in range(depth))
+        self.norms = nn.ModuleList((_GemmaNorm() if gemma else nn.LayerNorm(32)) for _ in range(depth))
         self.layers = nn.ModuleList(nn.Linear(32, 32, bias=False) for _ in range(depth))
         for layer in self.layers:
             nn.init.normal_(layer.weight, std=200.0 / 32**0.5)
@@ -593,16 +593,31 @@ class _ScaledAroundNorm(nn.Module):
         return h
 
 
+class _GemmaNorm(nn.Module):
+    """Gemma's RMSNorm: x / rms(x) * (1 + w), w a parameter starting at 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
+
+
+@pytest.mark.parametrize("gemma", [False, True])
 @pytest.mark.parametrize("stem", [False, True])
 @pytest.mark.parametrize("gamma", [1e-1, 1e-3])
-def test_a_scaled_residual_around_a_norm_and_block_0_is_no_false_explosion(gamma: float, stem: bool) -> None:
+def test_a_scaled_residual_around_a_norm_and_block_0_is_no_false_explosion(
+    gamma: float, stem: bool, gemma: bool
+) -> None:
     """The skip of x + gamma * block(norm(x)) starts at x, behind block 0's input norm(x): the probe
     read dL/d norm(x), the branch's gradient alone, as block 0's input side, a gain of ~200 where the
     stream's is 1.03 (gamma 1e-3; 21 at 1e-1): growth 211-512, exploding, with block 0 the culprit
-    (found by an audit). The chain starts at block 0's output, whose gradient is gamma x the stream's
+    (found by an audit; with Gemma's norm, x_n * (1 + w), a second review: 1 + w read as a second
+    input of the norm). The chain starts at block 0's output, whose gradient is gamma x the stream's
     after it, so every gain is the stream's from block 1 on. Oracle: torch's stream gradients."""
     torch.manual_seed(0)
-    model = _ScaledAroundNorm(6, gamma, stem).double()
+    model = _ScaledAroundNorm(6, gamma, stem, gemma).double()
     x = torch.randn(16, 16 if stem else 32, dtype=torch.float64)
     loss = lambda o, _: o.square().mean()  # noqa: E731
     blocks = [(f"layers.{i}", layer) for i, layer in enumerate(model.layers)]
