@@ -280,6 +280,31 @@ def test_a_strategys_training_step_wrapped_by_the_user_is_called_and_kept(tmp_pa
 
 
 @pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+def test_two_bundle_callbacks_each_tell_every_micro_batch_once(tmp_path: Any) -> None:
+    """Two WatchCallbacks with bundle= wrap the strategy in turn; the first, closed under the
+    second's wrapper, left its own inside it, and reused on that trainer it told each micro-batch
+    twice (100 tells in 50 steps: a second review). A wrapper of an ended run now tells nothing."""
+    lightning = pytest.importorskip("lightning.pytorch")
+    from lightning_models import NoisyRegression
+
+    from stabilitycheck.integrations.lightning import WatchCallback
+
+    torch.manual_seed(0)
+    x, y = _data(STEPS)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    first, second = (WatchCallback(report=None, bundle=tmp_path / name) for name in ("b1", "b2"))
+    trainer = _trainer(lightning, tmp_path, first, second, max_steps=5)
+    module = NoisyRegression()
+    trainer.fit(module, loader)
+    told: list[int] = []
+    tell = first._tell
+    first._tell = lambda *a, **k: (told.append(1), tell(*a, **k))[1]  # type: ignore[method-assign]
+    trainer.fit_loop.epoch_loop.max_steps = 10
+    trainer.fit(module, loader)
+    assert len(told) == 5 and first.report is not None and first.report.steps == 5
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
 @pytest.mark.filterwarnings("ignore:You are using the `dataloader_iter` step flavor")
 @pytest.mark.filterwarnings("ignore:Found `dataloader_iter` argument")
 def test_a_bundle_of_a_training_step_drawing_its_own_batches_is_refused_in_one_line(tmp_path: Any) -> None:

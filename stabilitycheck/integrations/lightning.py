@@ -80,6 +80,7 @@ class WatchCallback(pl.Callback):
         self._batch: Any = None  # this micro-batch, for a bundle
         self._strategy: Any = None  # the strategy whose training_step tells the micro-batches (bundle=)
         self._own: Any = None  # what its instance held as training_step before, put back at the end
+        self._told: Any = None  # the wrapper this run put there
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
@@ -124,10 +125,11 @@ class WatchCallback(pl.Callback):
             step = self._strategy.training_step
 
             def told(*args: Any, **kwargs: Any) -> Any:
-                self._tell(*args, **kwargs)
+                if self._told is told:  # this run's: one left inside another's wrapper says nothing
+                    self._tell(*args, **kwargs)
                 return step(*args, **kwargs)
 
-            self._strategy.training_step = told  # on this instance, for the run
+            self._strategy.training_step = self._told = told  # on this instance, for the run
 
     def _tell(self, batch: Any = None, batch_idx: int = 0, *_: Any, **kwargs: Any) -> None:
         """A micro-batch begins: training_step's batch and index (Lightning passes them by position),
@@ -154,11 +156,13 @@ class WatchCallback(pl.Callback):
 
     def _close(self) -> None:
         if self._strategy is not None:
-            if self._own is None:
+            if vars(self._strategy).get("training_step") is not self._told:
+                pass  # wrapped again since (another callback's): left to it, ours inert inside it
+            elif self._own is None:
                 vars(self._strategy).pop("training_step", None)
             else:
                 self._strategy.training_step = self._own
-            self._strategy = self._own = None
+            self._strategy = self._own = self._told = None
         if self.watcher is not None:
             self.report = self.watcher.close()
             self.watcher = None
