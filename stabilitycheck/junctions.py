@@ -168,10 +168,12 @@ def sources(raw: torch.Tensor) -> set[Any]:
 
 
 def _inputs(node: Any) -> list[Any]:
-    """The autograd nodes `node` takes its inputs from, parameters apart (their leaves and what is
-    computed from them alone: Gemma's 1 + weight, nn.Linear's weight.t(); read as inputs, a norm
-    x_n * (1 + w) had two and no dominator, and a stem written x @ W.t() read other than x @ W)."""
-    return [child for child, _ in node.next_functions if child is not None and not _parametric(child)]
+    """The autograd nodes `node` takes its inputs from, parameters' leaves apart."""
+    return [
+        child
+        for child, _ in node.next_functions
+        if child is not None and not isinstance(getattr(child, "variable", None), nn.Parameter)
+    ]
 
 
 LOOKUPS = ("EmbeddingBackward", "EmbeddingBagBackward", "IndexBackward", "IndexSelectBackward")
@@ -179,24 +181,26 @@ LOOKUPS = ("EmbeddingBackward", "EmbeddingBagBackward", "IndexBackward", "IndexS
 
 
 def _parametric(node: Any, depth: int = 0) -> bool:
-    """Whether `node` is a parameter's leaf or computed from parameters alone (within 8 nodes): not
-    from data, but for a lookup (LOOKUPS: an embedding's rows, chosen by the ids)."""
+    """Whether `node` is computed from parameters and data that requires no grad alone, no lookup
+    among them (within 8 nodes): Gemma's 1 + weight, nn.Linear's weight.t(), a stem on an int input,
+    a latent array's expand. A path back that ends there reaches no other tensor the chain is made
+    from (read as one, a norm x_n * (1 + w) had no dominator, and a stem x @ W.t() read other than
+    x @ W); an embedding's lookup is data (emb + pos: either summand a side input)."""
     if isinstance(getattr(node, "variable", None), nn.Parameter):
         return True
     if depth >= 8 or not node.next_functions or type(node).__name__.startswith(LOOKUPS):
         return False
-    children = [child for child, _ in node.next_functions if child is not None]
-    return bool(children) and all(_parametric(child, depth + 1) for child in children)
+    return all(child is None or _parametric(child, depth + 1) for child, _ in node.next_functions)
 
 
 def _escapes(start: Any, avoid: Any, window: set[Any]) -> bool:
     """Whether a path back from `start` that does not go through `avoid` reaches a node of no inputs
-    (a leaf, or one made from parameters alone) or leaves `window`."""
+    but parameters' leaves that is data (a leaf, a lookup: not `_parametric`) or leaves `window`."""
     frontier, seen = [start], {start}
     while frontier:
         node = frontier.pop()
         inputs = _inputs(node)
-        if not inputs and node is not start:
+        if not inputs and node is not start and not _parametric(node):
             return True
         for child in inputs:
             if child is avoid or child in seen:

@@ -573,9 +573,11 @@ class _ScaledAroundNorm(nn.Module):
     lists: the skip starts at h, before the norm, and the branch (gain ~sigma through the norm) is far
     above 1 where the stream's gain is about 1 + gamma sigma."""
 
-    def __init__(self, depth: int, gamma: float, stem: bool, gemma: bool = False) -> None:
+    def __init__(self, depth: int, gamma: float, stem: str, gemma: bool = False) -> None:
         super().__init__()
-        self.inp = nn.Linear(16, 32) if stem else nn.Identity()
+        self.stem = stem  # none, linear (on float inputs), intcast (on int inputs), latent (a parameter)
+        self.inp = nn.Linear(16, 32) if stem in ("linear", "intcast") else nn.Identity()
+        self.latent = nn.Parameter(torch.randn(1, 32))
         self.norms = nn.ModuleList((_GemmaNorm() if gemma else nn.LayerNorm(32)) for _ in range(depth))
         self.layers = nn.ModuleList(nn.Linear(32, 32, bias=False) for _ in range(depth))
         for layer in self.layers:
@@ -583,7 +585,8 @@ class _ScaledAroundNorm(nn.Module):
         self.gamma = gamma
 
     def forward(self, x: torch.Tensor, stream: list[torch.Tensor] | None = None) -> torch.Tensor:
-        h = self.inp(x)
+        latent = self.latent.expand(x.shape[0], 32)
+        h = latent if self.stem == "latent" else self.inp(x.to(self.latent.dtype))
         for norm, layer in zip(self.norms, self.layers, strict=True):
             if stream is not None:
                 stream.append(h)
@@ -604,26 +607,31 @@ class _GemmaNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
 
 
-@pytest.mark.parametrize("gemma", [False, True])
-@pytest.mark.parametrize("stem", [False, True])
+STEMS_AND_NORMS = [("none", False), ("linear", False), ("none", True), ("linear", True)]
+
+
+@pytest.mark.parametrize(("stem", "gemma"), [*STEMS_AND_NORMS, ("intcast", False), ("latent", False)])
 @pytest.mark.parametrize("gamma", [1e-1, 1e-3])
 def test_a_scaled_residual_around_a_norm_and_block_0_is_no_false_explosion(
-    gamma: float, stem: bool, gemma: bool
+    gamma: float, stem: str, gemma: bool
 ) -> None:
     """The skip of x + gamma * block(norm(x)) starts at x, behind block 0's input norm(x): the probe
     read dL/d norm(x), the branch's gradient alone, as block 0's input side, a gain of ~200 where the
     stream's is 1.03 (gamma 1e-3; 21 at 1e-1): growth 211-512, exploding, with block 0 the culprit
     (found by an audit; with Gemma's norm, x_n * (1 + w), a second review: 1 + w read as a second
-    input of the norm). The chain starts at block 0's output, whose gradient is gamma x the stream's
+    input of the norm; behind a stem on an int input or a latent array, a third: read as parameters).
+    The chain starts at block 0's output, whose gradient is gamma x the stream's
     after it, so every gain is the stream's from block 1 on. Oracle: torch's stream gradients."""
     torch.manual_seed(0)
     model = _ScaledAroundNorm(6, gamma, stem, gemma).double()
-    x = torch.randn(16, 16 if stem else 32, dtype=torch.float64)
+    width = 16 if stem in ("linear", "intcast") else 32
+    x = torch.randint(0, 3, (16, width)) if stem == "intcast" else torch.randn(16, width).double()
     loss = lambda o, _: o.square().mean()  # noqa: E731
     blocks = [(f"layers.{i}", layer) for i, layer in enumerate(model.layers)]
     m = probe_module(model, x, loss, blocks=blocks)
     stream: list[torch.Tensor] = []
-    grads = torch.autograd.grad(loss(model(x.clone().requires_grad_(), stream), x), stream)
+    given = x.clone().requires_grad_() if stem in ("none", "linear") else x  # an int or unused input: none
+    grads = torch.autograd.grad(loss(model(given, stream), x), stream)
     along = [(grads[i] / grads[i + 1].norm()).norm().item() for i in range(1, len(grads) - 1)]
     assert m.activation_names[0] == "layers.0" and m.growth < Limits().growth
     assert m.gains == pytest.approx(along, rel=1e-9)
