@@ -104,7 +104,8 @@ class Watcher:
             self.blocks, found = find_blocks(model)
             chosen = f"as found, {found.removeprefix('blocks: ')}; blocks= watches others"
         self._blocks_given = blocks is not None
-        self._calls: list[int] = []  # the blocks' first calls, merged over the steps until the first flush
+        self._calls: list[int] = []  # the blocks' first calls, merged over the steps (merged_calls)
+        self._flushes = 0  # flushes while the order is not final
         # frozen parameters too: they have no gradient, but their weights count in their block's
         # weight norm (a frozen block's is its real norm, not 0)
         self.params = list(model.parameters())
@@ -385,12 +386,12 @@ class Watcher:
             self._calls = merged_calls(self._calls, self.capture.step_calls)
             self.capture.step_calls = []
 
-    def _called_in(self, calls: list[int]) -> None:
-        """The steps before the first flush called the blocks in `calls`' order: findings are located
-        in it, and where that is not the order given (or found), the report says so."""
+    def _called_in(self, calls: list[int], final: bool) -> None:
+        """The steps so far called the blocks in `calls`' order: findings are located in it, and once
+        it is `final`, where that is not the order given (or found), the report says so."""
         calls = in_call_order(calls, len(self.blocks))
         self.out.called_in(calls)
-        if calls != sorted(calls):
+        if final and calls != sorted(calls):
             said = shown_blocks([self.names[b] for b in calls], most=6)
             listed = "blocks= lists them" if self._blocks_given else "the model registers them"
             note = (
@@ -522,9 +523,14 @@ class Watcher:
         n, self._filled = self._filled, 0
         if n == 0:
             return
-        if not self.capture.ordered:  # findings are located from here on: the order is taken
-            self.capture.ordered = True
-            self._called_in(self._calls)
+        if not self.capture.ordered:  # findings are located from here: in the order merged so far
+            self._flushes += 1
+            # final once every block was called, by the 4th flush (a block no step calls keeps its
+            # registered place) or at the end: an early flush (flush_every=1) left a block skipped
+            # there misplaced
+            final = len(self._calls) == len(self.blocks) or self._flushes >= 4 or not self._open
+            self.capture.ordered = final
+            self._called_in(self._calls, final)
         data = self.buffer[:n]
         if self.state is None:
             data[:, -2].copy_(torch.tensor(self._passed[:n], dtype=torch.float64))

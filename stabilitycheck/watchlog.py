@@ -149,15 +149,22 @@ def clipped_to(measured: float, before: float, max_norm: float, rtol: float) -> 
 
 
 def merged_calls(order: list[int], step: list[int]) -> list[int]:
-    """`order` with each block of `step` (one step's first calls, in order) it lacks put right after
-    the block that step called before it (first where none): a layer LayerDrop skipped on the first
-    step takes its place from the step that calls it (put at its registered place, ffns.0 of two
-    lists called in turn landed after attns.1)."""
+    """`order` with each block of `step` (one step's first calls, in order) it lacks put between the
+    blocks that step called before and after it, among the blocks there (which that step did not
+    call) by registered index: a layer LayerDrop skipped on one step takes its place from a step
+    that calls it (put at its registered place, ffns.0 of two lists called in turn landed after
+    attns.1; put right after the block called before it, blocks 1 and 2 skipped on two steps read
+    0, 2, 1, 3)."""
     out = list(order)
     for i, b in enumerate(step):
-        if b not in out:
-            before = next((step[j] for j in range(i - 1, -1, -1) if step[j] in out), None)
-            out.insert(out.index(before) + 1 if before is not None else 0, b)
+        if b in out:
+            continue
+        before = next((out.index(c) for c in reversed(step[:i]) if c in out), -1)
+        after = next((out.index(c) for c in step[i + 1 :] if c in out), len(out))
+        k = before + 1
+        while k < after and out[k] < b:
+            k += 1
+        out.insert(k, b)
     return out
 
 

@@ -708,17 +708,18 @@ def test_the_report_names_the_blocks_watched_and_how_they_were_chosen() -> None:
 
 
 class _SkipsFirst(MLP):
-    """The MLP with the blocks `skipped` left out of its first training call (LayerDrop's draw), and
-    the first `frozen` blocks run under no_grad (fine-tuning the top of a stack)."""
+    """The MLP with the blocks `skipped` left out of its first training call (LayerDrop's draw; with
+    `then`, those left out of its second), and the first `frozen` blocks run under no_grad
+    (fine-tuning the top of a stack)."""
 
-    def __init__(self, skipped: tuple[int, ...] = (), frozen: int = 0) -> None:
+    def __init__(self, skipped: tuple[int, ...] = (), frozen: int = 0, then: tuple[int, ...] = ()) -> None:
         super().__init__()
-        self.skipped, self.frozen, self.calls = skipped, frozen, 0
+        self.skipped, self.frozen, self.then, self.calls = skipped, frozen, then, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         for i, block in enumerate(self.blocks):
-            if self.calls == 1 and i in self.skipped:
+            if (self.calls == 1 and i in self.skipped) or (self.calls == 2 and i in self.then):
                 continue
             if i < self.frozen:
                 with torch.no_grad():
@@ -756,16 +757,33 @@ class _InterleavedSkipsFirst(Interleaved):
         return self.head(x).squeeze(-1)
 
 
-def test_a_block_the_first_step_skips_takes_its_place_from_the_step_that_calls_it() -> None:
+@pytest.mark.parametrize("flush_every", [1, 50])
+def test_a_block_the_first_step_skips_takes_its_place_from_the_step_that_calls_it(flush_every: int) -> None:
     """Put at its registered place, ffns.0 of two lists called in turn landed after attns.3, and a x50
     on its output was named in attns.1 (a review): the order is merged over the steps before the
     first flush, each block placed after the one called before it."""
     torch.manual_seed(0)
     model = _InterleavedSkipsFirst()
     model.ffns[0].register_forward_hook(Fault(39, count=True))  # its 40th call: step 40
-    report = report_of(train(model, 42))
+    report = report_of(train(model, 42, flush_every=flush_every))
     first = report.first_spike
     assert first is not None and (first.step, first.block) == (40, "ffns.0"), report.text()
+
+
+@pytest.mark.parametrize("flush_every", [1, 50])
+def test_blocks_skipped_on_different_steps_and_an_early_flush_keep_the_order(flush_every: int) -> None:
+    """Blocks 2 then 1 left out of the first two steps: each placed right after the block its step
+    called before it, the order read 0, 2, 1, 3, ... and a NaN made by blocks.2's backward was
+    blocks.3's; with a flush every step the order was final before blocks.2 was ever called (a third
+    review). Oracle: the construction (the NaN enters dL/d blocks.1's output in blocks.2's backward)."""
+    torch.manual_seed(0)
+    model = _SkipsFirst((2,), then=(1,))
+    model.blocks[2] = torch.nn.Sequential(PoisonBackward(8), *model.blocks[2])
+    report = report_of(train(model, 10, flush_every=flush_every))
+    found = report.first_nonfinite
+    assert found is not None, report.text()
+    assert (found.tensor, found.block, found.made_by) == ("activation_grad", "blocks.1", "blocks.2")
+    assert "another order" not in report.text()
 
 
 def test_blocks_run_without_gradients_keep_their_place_in_the_order() -> None:
