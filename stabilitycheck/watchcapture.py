@@ -80,11 +80,10 @@ class Capture:
         # model's code made of it (x * 50, a NaN, a residual add between blocks): a value flagged in
         # such a block's output may have been made there (watchlog.Finding.after)
         self.glued: set[int] = set()
-        # the blocks in the order of their first calls, on the first step that called one with
-        # gradients on (`ordered` once that step closed): the order findings are located in
         # this step's blocks in the order of their first calls, gradients on or off (frozen first
         # layers run under no_grad), until `ordered` (the watcher merges them: watchlog.merged_calls)
         self.step_calls: list[int] = []
+        self.step_seen: set[int] = set()
         self.ordered = False
         self._prev: weakref.ref[torch.Tensor] | None = None  # the last block output of this pass
         n = len(blocks)
@@ -215,7 +214,8 @@ class Capture:
         def keep(args: Any, output: Any) -> None:
             self.seen = True
             self.measured = self.measured or torch.is_grad_enabled()
-            if not self.ordered and b not in self.step_calls:
+            if not self.ordered and b not in self.step_seen:
+                self.step_seen.add(b)
                 self.step_calls.append(b)
             out = first_tensor(output, scalars=False)
             if out is None or not torch.is_grad_enabled():

@@ -384,7 +384,7 @@ class Watcher:
         self._loss_seen, self._loss = self._loss is not None, None
         if not self.capture.ordered:
             self._calls = merged_calls(self._calls, self.capture.step_calls)
-            self.capture.step_calls = []
+            self.capture.step_calls, self.capture.step_seen = [], set()
 
     def _called_in(self, calls: list[int], final: bool) -> None:
         """The steps so far called the blocks in `calls`' order: findings are located in it, and once

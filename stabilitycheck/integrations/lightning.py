@@ -156,12 +156,12 @@ class WatchCallback(pl.Callback):
 
     def _close(self) -> None:
         if self._strategy is not None:
-            if vars(self._strategy).get("training_step") is not self._told:
-                pass  # wrapped again since (another callback's): left to it, ours inert inside it
-            elif self._own is None:
-                vars(self._strategy).pop("training_step", None)
-            else:
-                self._strategy.training_step = self._own
+            # wrapped again since (another callback's), ours stays inside it, inert
+            if vars(self._strategy).get("training_step") is self._told:
+                if self._own is None:
+                    vars(self._strategy).pop("training_step", None)
+                else:
+                    self._strategy.training_step = self._own
             self._strategy = self._own = self._told = None
         if self.watcher is not None:
             self.report = self.watcher.close()
