@@ -106,6 +106,7 @@ class Watcher:
         self._blocks_given = blocks is not None
         self._calls: list[int] = []  # the blocks' first calls, merged over the steps (merged_calls)
         self._flushes = 0  # flushes while the order is not final
+        self._complete = False  # a step called every block: `_calls` is its order
         # frozen parameters too: they have no gradient, but their weights count in their block's
         # weight norm (a frozen block's is its real norm, not 0)
         self.params = list(model.parameters())
@@ -382,9 +383,13 @@ class Watcher:
         measured this step, is its zeroed row (see Layout)."""
         self.capture.close_step(row, self._loss)
         self._loss_seen, self._loss = self._loss is not None, None
-        if not self.capture.ordered:
-            self._calls = merged_calls(self._calls, self.capture.step_calls)
-            self.capture.step_calls, self.capture.step_seen = [], set()
+        if not self.capture.ordered and not self._complete:
+            steps = self.capture.step_calls
+            # a step calling every block gives the order whole; merged, steps skipping different
+            # blocks of two lists called in turn placed a block wrongly, for good
+            self._complete = len(steps) == len(self.blocks)
+            self._calls = steps if self._complete else merged_calls(self._calls, steps)
+        self.capture.step_calls, self.capture.step_seen = [], set()
 
     def _called_in(self, calls: list[int], final: bool) -> None:
         """The steps so far called the blocks in `calls`' order: findings are located in it, and once
@@ -525,10 +530,10 @@ class Watcher:
             return
         if not self.capture.ordered:  # findings are located from here: in the order merged so far
             self._flushes += 1
-            # final once every block was called, by the 4th flush (a block no step calls keeps its
-            # registered place) or at the end: an early flush (flush_every=1) left a block skipped
-            # there misplaced
-            final = len(self._calls) == len(self.blocks) or self._flushes >= 4 or not self._open
+            # final once a step called every block, by the 4th flush (merged: a block no step calls
+            # keeps its registered place) or at the end: an early flush (flush_every=1) left a
+            # block skipped there misplaced
+            final = self._complete or self._flushes >= 4 or not self._open
             self.capture.ordered = final
             self._called_in(self._calls, final)
         data = self.buffer[:n]

@@ -757,6 +757,37 @@ class _InterleavedSkipsFirst(Interleaved):
         return self.head(x).squeeze(-1)
 
 
+class _InterleavedSkips(Interleaved):
+    """Interleaved (3 of each) with attns.1 left out of its first training call and ffns.0 and
+    ffns.1 out of its second (LayerDrop's draws)."""
+
+    calls = 0
+
+    def __init__(self) -> None:
+        super().__init__(depth=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        skipped = {1: {"attns.1"}, 2: {"ffns.0", "ffns.1"}}.get(self.calls, set())
+        for i, (a, f) in enumerate(zip(self.attns, self.ffns, strict=True)):
+            x = x if f"attns.{i}" in skipped else a(x)
+            x = x if f"ffns.{i}" in skipped else f(x)
+        return self.head(x).squeeze(-1)
+
+
+@pytest.mark.parametrize("flush_every", [1, 50])
+def test_two_lists_skipping_different_blocks_take_the_order_of_a_step_calling_all(flush_every: int) -> None:
+    """Merged, the first two steps' calls placed attns.1 among the ffns skipped beside it, for good
+    (a0 a1 f0 f1 ...): a x50 on ffns.0's output was named in attns.1 (a fourth review). A step that
+    calls every block gives the order whole."""
+    torch.manual_seed(0)
+    model = _InterleavedSkips()
+    model.ffns[0].register_forward_hook(Fault(39, count=True))  # its 40th call (skipped once): step 40
+    report = report_of(train(model, 42, flush_every=flush_every))
+    first = report.first_spike
+    assert first is not None and (first.step, first.block) == (40, "ffns.0"), report.text()
+
+
 @pytest.mark.parametrize("flush_every", [1, 50])
 def test_a_block_the_first_step_skips_takes_its_place_from_the_step_that_calls_it(flush_every: int) -> None:
     """Put at its registered place, ffns.0 of two lists called in turn landed after attns.3, and a x50
