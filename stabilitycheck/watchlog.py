@@ -246,12 +246,22 @@ class Log:
         Two lists called in turn, attention then feed-forward, were read list after list, and a x50
         on ffns.2's output was named in attns.3."""
         calls = in_call_order(calls, len(self.blocks))
-        grads = self.layout.parts()["activation_grad"]
-        after = [*(self.blocks[b] for b in calls[1:]), AFTER_LAST_SAID]
-        self.made_by = {grads.start + b: name for b, name in zip(calls, after, strict=True)}
         self.before = {b: self.blocks[a] for a, b in itertools.pairwise(calls)}  # the block called before b
         self.first_called = calls[0] if calls else -1
+        self.calls = calls
         self.order = self.layout.causal_order(calls)
+
+    def _made_by(self, index: int, values: list[float]) -> str | None:
+        """The backward that made the output gradient at series `index` (None for another series):
+        the next block in the call order that ran on this step (an output norm of 0: LayerDrop
+        skipped it, and a NaN blocks.4's backward made, blocks 1-3 skipped, read made by blocks.1),
+        else the loss's after the last."""
+        parts = self.layout.parts()
+        grads, outputs = parts["activation_grad"], parts["activation"].start
+        if not grads.start <= index < grads.stop:
+            return None
+        later = self.calls[self.calls.index(index - grads.start) + 1 :]
+        return next((self.blocks[c] for c in later if values[outputs + c] != 0), AFTER_LAST_SAID)
 
     @property
     def first_flag(self) -> int | None:
@@ -324,7 +334,7 @@ class Log:
     ) -> Finding:
         kind, block = self.names[index]
         rank = nonfinite_rank(ranks, self.layout, index) if ranks is not None else None
-        value, made_by = values[index], self.made_by.get(index)
+        value, made_by = values[index], self._made_by(index, values)
         b = self.blocks.index(block) if kind == "activation" else -1
         first = b >= 0 and b == self.first_called
         after = INPUT if first else self.before.get(b) if b in self.glued else None

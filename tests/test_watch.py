@@ -817,6 +817,19 @@ def test_blocks_skipped_on_different_steps_and_an_early_flush_keep_the_order(flu
     assert "another order" not in report.text()
 
 
+def test_a_nan_made_on_a_step_that_skipped_blocks_names_the_backward_that_ran() -> None:
+    """Blocks 1-3 left out of step 1: the NaN blocks.4's backward makes enters blocks.0's output
+    gradient, and was said made by blocks.1's, next in the order but not run that step (a fourth
+    review). Oracle: the construction."""
+    torch.manual_seed(0)
+    model = _SkipsFirst(then=(1, 2, 3))
+    model.blocks[4] = torch.nn.Sequential(PoisonBackward(1), *model.blocks[4])
+    report = report_of(train(model, 4))
+    found = report.first_nonfinite
+    assert found is not None and found.step == 1, report.text()
+    assert (found.tensor, found.block, found.made_by) == ("activation_grad", "blocks.0", "blocks.4")
+
+
 def test_blocks_run_without_gradients_keep_their_place_in_the_order() -> None:
     """Frozen first blocks run under no_grad were put last: a NaN the head's backward made in
     blocks.5's output gradient was said to be made by blocks.0's backward (a review); it is the
