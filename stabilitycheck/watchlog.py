@@ -4,7 +4,6 @@ flush's one host read."""
 
 from __future__ import annotations
 
-import itertools
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -246,8 +245,6 @@ class Log:
         Two lists called in turn, attention then feed-forward, were read list after list, and a x50
         on ffns.2's output was named in attns.3."""
         calls = in_call_order(calls, len(self.blocks))
-        self.before = {b: self.blocks[a] for a, b in itertools.pairwise(calls)}  # the block called before b
-        self.first_called = calls[0] if calls else -1
         self.calls = calls
         self.order = self.layout.causal_order(calls)
 
@@ -336,8 +333,8 @@ class Log:
         rank = nonfinite_rank(ranks, self.layout, index) if ranks is not None else None
         value, made_by = values[index], self._made_by(index, values)
         b = self.blocks.index(block) if kind == "activation" else -1
-        first = b >= 0 and b == self.first_called
-        after = INPUT if first else self.before.get(b) if b in self.glued else None
+        at = self.calls.index(b) if b >= 0 else -1  # in the call order
+        after = INPUT if at == 0 else self.blocks[self.calls[at - 1]] if b in self.glued else None
         if limits is None or not math.isfinite(value):  # a non-finite value is flagged for that alone
             return Finding(step, kind, block, value, rank, made_by, after=after)
         geometric = kind != "loss" or bool(self.loss_logged)  # the rule's mode (SpikeRule.state)
