@@ -193,18 +193,14 @@ def _in_graph(inputs: Inputs) -> Inputs:
     PackedSequence, whose class checks its fields) are passed as they are."""
     if not torch.is_grad_enabled():
         return inputs
-
-    def copied(x: Any) -> Any:
-        if isinstance(x, torch.Tensor):
-            floating = x.is_floating_point() and not x.requires_grad
-            return x.detach().requires_grad_().clone() if floating else x
-        if isinstance(x, dict):
-            return _refilled(x, {k: copied(v) for k, v in x.items()})
-        if type(x) in (tuple, list):
-            return type(x)(copied(v) for v in x)
-        return x
-
-    return copied(inputs)
+    if isinstance(inputs, torch.Tensor):
+        floating = inputs.is_floating_point() and not inputs.requires_grad
+        return inputs.detach().requires_grad_().clone() if floating else inputs
+    if isinstance(inputs, dict):
+        return _refilled(inputs, {k: _in_graph(v) for k, v in inputs.items()})
+    if type(inputs) in (tuple, list):
+        return type(inputs)(_in_graph(v) for v in inputs)
+    return inputs
 
 
 def _refilled(given: dict[Any, Any], values: dict[Any, Any]) -> dict[Any, Any]:
