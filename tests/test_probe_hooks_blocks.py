@@ -49,6 +49,34 @@ def test_the_probe_leaves_no_hook_on_the_model(fails: bool) -> None:
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in modules)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        Config.of("mlp", depth=2, width=4, batch_size=2),
+        Config.of("rnn", width=4, seq_len=4, batch_size=2),
+        Config.of("transformer", depth=2, width=8, seq_len=4, batch_size=2),
+    ],
+    ids=["mlp", "rnn", "transformer"],
+)
+def test_a_probe_leaves_no_reference_cycle_for_the_collector(config: Config) -> None:
+    """A probe's objects are freed as its call returns, none left in a reference cycle: each probe
+    left 272 (the recorder and its hooks' closures) for the garbage collector, 0.1 ms of collections
+    a call on a 16x256 MLP. Oracle: gc.DEBUG_SAVEALL, which keeps what a collection finds
+    unreachable."""
+    built = resolve(config.subject).build(config)
+    probe_module(built.model, built.inputs, built.loss_fn, blocks=built.blocks)  # lazy imports, caches
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        probe_module(built.model, built.inputs, built.loss_fn, blocks=built.blocks)
+        gc.collect()
+        left = sorted({type(o).__qualname__ for o in gc.garbage})
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert left == []
+
+
 def test_steps_after_the_first_run_with_no_probe_hook_on_the_model() -> None:
     """Per-block numbers come from step 0 alone, so the later steps' forwards carry no hook of the
     probe (each cost ~10 us a block call). Oracle: the blocks' own hook dicts, read by the loss."""
