@@ -120,7 +120,7 @@ def skip_around(
     copy's gradient; else where the gradient enters that x (`_taps`), whose sum is dL/dx along the
     chain, the copy's through the norm in it. Of an input that requires grad, that add behind the
     call's input (`_residual_add`: behind a norm too; the probe's copy of a float input requires grad,
-    probing._in_graph); of a plain input (made in the forward, or in a container the probe leaves as it is),
+    probestep._in_graph); of a plain input (made in the forward, or in a container the probe leaves as it is),
     whose uses autograd does not record, only the call's input itself when it is `raw` + `first` to
     the last bit and the call is another block's (a cell called per token on x_t + h, x_1 equal to
     x_0 by value, would read as one). None otherwise (x + 0.5 * block(x): left unread)."""

@@ -877,7 +877,7 @@ class _SqrtOfLastC(nn.Module):
 
 
 def test_a_carried_state_whose_gradient_is_not_finite_is_left_out_of_the_calls_norm() -> None:
-    """probing._together: a carried c whose gradient norm is inf in a finite step is left out of that
+    """probestep._together: a carried c whose gradient norm is inf in a finite step is left out of that
     call's norm. Oracle: torch's gradients of h_t and a copy of c_t, hypot where c's is finite."""
     torch.manual_seed(0)
     model, x = _SqrtOfLastC(), torch.randn(6, 3, 4, dtype=F64)

@@ -803,7 +803,7 @@ class _MarksItsInputAfterDrawing(nn.Module):
 
 def test_the_rerun_on_the_inputs_as_given_draws_and_counts_as_the_failed_forward_would_have() -> None:
     """The step runs again on the inputs as given 'random state and buffers restored' (the commit and
-    probing._run_step): the re-run must be the model's one forward. Oracle: a twin built the same way,
+    probestep.run_step): the re-run must be the model's one forward. Oracle: a twin built the same way,
     run once by torch from the probe's seed, its loss and dL/d each layer's output; and the buffers
     after the probe, one forward's worth (1, not 2)."""
     x = torch.randn(2, 16, dtype=F64, generator=torch.Generator().manual_seed(1))
@@ -840,7 +840,7 @@ class _TanhLayers(nn.Module):
 
 
 def test_an_input_that_requires_grad_is_given_to_the_model_as_it_is() -> None:
-    """probing._in_graph copies each floating input 'that does not require grad'; one that does is the
+    """probestep._in_graph copies each floating input 'that does not require grad'; one that does is the
     caller's own, which a loss may differentiate against (a gradient penalty on the inputs, as WGAN-GP
     writes it): given a copy, the model's output was no function of it and torch.autograd.grad
     raised. Oracle: torch's loss and dL/d each layer's output for the same penalty."""
@@ -885,7 +885,7 @@ class _MarksItsInputAndChangesOutputs(nn.Module):
 
 
 def test_outputs_changed_in_place_by_a_model_marking_its_input_are_read_as_returned() -> None:
-    """Both re-runs of _run_step at once: the one on the inputs as given (the model refuses the probe's
+    """Both re-runs of run_step at once: the one on the inputs as given (the model refuses the probe's
     copy) and the one for outputs changed in place, which must stay on the inputs as given. Oracle:
     torch's dL/d each layer's output as the layer returned it (retain_grad before the in-place ReLU)."""
     x = torch.randn(2, 16, dtype=F64, generator=torch.Generator().manual_seed(1))
@@ -966,7 +966,7 @@ class _DoubledInPlace(nn.Module):
 
 
 def test_an_inference_tensor_buffer_is_left_alone_when_the_probe_runs_the_forward_again() -> None:
-    """probing._buffers: an inference tensor, which no forward outside inference mode can update, is
+    """probestep._buffers: an inference tensor, which no forward outside inference mode can update, is
     not kept for `_restore` (copying into it there raises). Oracle: the same model with the buffer an
     ordinary tensor, the same values, reads the same gains and growth."""
     x = torch.randn(4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
