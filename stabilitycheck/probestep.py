@@ -234,37 +234,39 @@ def _restore(kept: Sequence[_Buffer]) -> None:
             t.copy_(copy)
 
 
-Draws = tuple[dict[str, Any], tuple[Any, ...]]  # torch's random state (rng.rng_state), Python's
+Start = tuple[dict[str, Any], tuple[Any, ...], list[_Buffer]]  # torch's random state, Python's, buffers
 
 
-def draws() -> Draws:
-    """The random states a forward draws from: torch's (dropout masks) and Python's `random` (a
-    LayerDrop), for a run again of the step to draw what it drew."""
-    return rng_state(), random.getstate()
+def start_of(modules: Sequence[nn.Module]) -> Start:
+    """Where a step's forward starts, for a run again of the step to start there too: the random
+    states it draws from (torch's: dropout masks; Python's `random`: a LayerDrop) and the buffers of
+    the model's `modules` (`_buffers`). A re-run that locates a non-finite value started from the
+    buffers the step's forward had updated: BatchNorm's statistics updated twice, spectral_norm's
+    vectors iterated again (output norms 10% off those of the step that ran)."""
+    return rng_state(), random.getstate(), _buffers(modules)
 
 
-def redraw(draws: Draws) -> None:
-    """Back to the random states `draws` took."""
-    set_rng_state(draws[0])
-    random.setstate(draws[1])
+def back_to(start: Start) -> None:
+    """Back to where `start_of` was taken: the random states and every buffer."""
+    set_rng_state(start[0])
+    random.setstate(start[1])
+    _restore(start[2])
 
 
-def run_step(run: Run, drawn: Draws, *, hooks: bool, exact: bool = False, weights: bool = False) -> Step:
+def run_step(run: Run, start: Start, *, hooks: bool, exact: bool = False, weights: bool = False) -> Step:
     """Forward and backward once, then every norm of the step in one fused call and one copy to the
     host: the loss, every weight gradient (unscaled under a GradScaler), and on request the block
     outputs, their gradients and the weights. `exact` computes every norm in float64 and runs
-    without the GradScaler (a re-run that only locates a non-finite value). `drawn`: the random states
-    the step starts from (`draws`), for its runs again."""
+    without the GradScaler (a re-run that only locates a non-finite value). `start`: where the
+    step's forward starts (`start_of`), for its runs again."""
     scaler = None if exact else run.scaler
-    kept = _buffers(run.modules) if hooks else []
 
     def rewind() -> None:
         """Back to where the step's forward started, to run it again: nothing recorded, the same
         random draws (torch's and Python's: a LayerDrop drawing with `random` read another draw's
         loss and profile), the buffers as they were."""
         run.rec.take()
-        redraw(drawn)
-        _restore(kept)
+        back_to(start)
 
     plain = False  # the inputs as given, not `_in_graph`'s copies
     try:

@@ -25,7 +25,7 @@ from stabilitycheck.measurement import (
 )
 from stabilitycheck.measurement import NonFinite
 from stabilitycheck.nesting import refusing_inside
-from stabilitycheck.probestep import OutOfOrder, Run, draws, redraw, run_step
+from stabilitycheck.probestep import OutOfOrder, Run, back_to, run_step, start_of
 from stabilitycheck.readings import (
     Step,
     chains_of,
@@ -165,16 +165,16 @@ def _measure(
             # weights are measured after the last update; at steps=0 they are the caller's own
             profiling = True  # until the per-block profile is read: see probe_module
             for step in range(steps + 1):
-                drawn = draws()  # a re-run of the step draws what it drew
+                start = start_of(modules)  # a re-run of the step starts where it did
                 hooked = profiling
-                last = run_step(run, drawn, hooks=hooked, weights=0 < step == steps)
+                last = run_step(run, start, hooks=hooked, weights=0 < step == steps)
                 if step == 0 and not last.calls:
                     raise _never_called(names, sorted(run.rec.empty))
                 scales.append(last.scale)
                 found = None if last.finite else locate(step, last, names, owner, scaler is None)
                 if found is not None:  # name it, in float64
-                    redraw(drawn)
-                    exact = run_step(run, drawn, hooks=True, exact=True, weights=True)
+                    back_to(start)
+                    exact = run_step(run, start, hooks=True, exact=True, weights=True)
                     nonfinite = locate(step, exact, names, owner, scaler is None)
                     if nonfinite is None:  # the re-run stayed finite: the model draws on what
                         # is not restored (a counter, Python's random); the step as it ran is the finding
@@ -188,8 +188,8 @@ def _measure(
                     # per-block profile too, while it is read) from an unscaled float64-norm re-run of the
                     # same step; non-finite there too, at scale 1, the dtype cannot hold the gradient: a
                     # finding
-                    redraw(drawn)
-                    unscaled = run_step(run, drawn, hooks=hooked, exact=True)
+                    back_to(start)
+                    unscaled = run_step(run, start, hooks=hooked, exact=True)
                     if not unscaled.finite:
                         nonfinite = locate(step, unscaled, names, owner)
                 if hooked and (step == 0 or found is not None or not _silent(unscaled)):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Any
@@ -403,3 +404,76 @@ def test_the_profile_of_a_silent_run_is_the_step_where_a_non_finite_value_shows(
     assert not any(m.activation_grad_norms)  # silent at every step
     assert m.first_nonfinite is not None and m.first_nonfinite.step > 0
     assert m.profile_step == m.first_nonfinite.step
+
+
+def _normed() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 1)
+    )
+
+
+@pytest.mark.parametrize("rerun", ["non-finite", "float16 overflow"])
+def test_a_step_run_again_starts_from_the_buffers_its_forward_started_from(rerun: str) -> None:
+    """The re-runs of a step (in float64, to locate a non-finite value; unscaled, where the float16
+    GradScaler's gradients overflowed) start from the buffers the step started from: BatchNorm's
+    statistics are updated once by a steps=0 probe, as by one forward (they were updated twice).
+    Oracle: a twin's one plain forward in train mode (under the probe's autocast)."""
+    model, twin, x = _normed(), _normed(), torch.randn(16, 8)
+    with torch.autocast("cpu", dtype=torch.float16, enabled=rerun != "non-finite"):
+        twin(x)
+    blocks = [("0", model[0]), ("2", model[2])]
+    if rerun == "non-finite":
+        m = probe_module(model, x, lambda out, _: (out * 1e38).sum() * 1e38, blocks=blocks)
+        assert m.first_nonfinite is not None
+    else:
+        m = probe_module(model, x, lambda out, _: out.float().sum() * 1e3, blocks=blocks, amp="float16")
+        assert m.skipped_steps == 1
+    for bn, plain in ((model[1], twin[1]), (model[3], twin[3])):
+        assert int(bn.num_batches_tracked) == 1
+        assert torch.equal(bn.running_mean, plain.running_mean)
+        assert torch.equal(bn.running_var, plain.running_var)
+
+
+def test_a_later_step_run_again_to_locate_a_non_finite_value_updates_the_buffers_once() -> None:
+    """A NaN at step 2 (a step run without hooks) is located by a re-run from that step's buffers:
+    three forwards' worth of BatchNorm updates after the probe, not four."""
+    model, x = _normed(), torch.randn(16, 8)
+
+    def loss(out: torch.Tensor, _: object) -> torch.Tensor:  # Inf from the third forward on
+        return out.sum() * (math.inf if int(model[1].num_batches_tracked) >= 3 else 1.0)
+
+    m = probe_module(model, x, loss, blocks=[("0", model[0]), ("2", model[2])], steps=3, lr=1e-3)
+    assert m.first_nonfinite is not None and m.first_nonfinite.step == 2 and m.first_nonfinite.reproduced
+    assert int(model[1].num_batches_tracked) == 3
+
+
+def test_the_profile_of_a_step_run_again_is_that_of_the_step_that_ran() -> None:
+    """spectral_norm iterates its vectors at each forward: the float64 re-run locating an Inf ran on
+    vectors iterated twice, its output norms 10% off the step's. Oracle: a deep copy's one forward."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    class Boom(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * math.inf
+
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Sequential(spectral_norm(nn.Linear(16, 16)), nn.Tanh()) for _ in range(3)]
+    with torch.no_grad():  # vectors far from converged: each iteration moves them
+        for layer in layers:
+            p = layer[0].parametrizations.weight[0]  # type: ignore[index]
+            p._u.copy_(F.normalize(torch.randn(16), dim=0))
+            p._v.copy_(F.normalize(torch.randn(16), dim=0))
+    model = nn.Sequential(*layers, nn.Sequential(nn.Linear(16, 16), Boom()))
+    twin, x = copy.deepcopy(model), torch.randn(8, 16)
+    m = probe_module(model, x, lambda out, _: out.sum(), blocks=[(str(i), model[i]) for i in range(4)])
+    assert m.first_nonfinite is not None
+    norms = [float(x.norm())]
+    handles = [
+        twin[i].register_forward_hook(lambda _m, _a, out: norms.append(float(out.detach().norm())))
+        for i in range(4)
+    ]
+    twin(x)
+    for h in handles:
+        h.remove()
+    assert m.activation_norms[:4] == pytest.approx(norms[:4], rel=1e-6)
