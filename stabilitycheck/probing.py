@@ -231,8 +231,27 @@ def _measure(
         steps_run=len(losses) - 1,
         loss_scale=tuple(scales) if scaler else (),
         skipped_steps=skipped,
-        allow_tf32=bool(torch.backends.cuda.matmul.allow_tf32) if device.type == "cuda" else False,
+        allow_tf32=tf32_allowed(modules, device),
     )
+
+
+def tf32_allowed(modules: Sequence[nn.Module], device: torch.device) -> bool:
+    """Whether torch may run the model's float32 work on `device` in TF32: CUDA matmuls set to it, or
+    cuDNN set to it (its default) where the model has a convolution or a recurrent module, which run
+    through cuDNN. Read from torch's fp32_precision settings where it has them: its allow_tf32 flags
+    raise once those are set ("a mix of the legacy and new APIs"), after the whole run."""
+    if device.type != "cuda":
+        return False
+    backends = torch.backends
+    if hasattr(backends.cuda.matmul, "fp32_precision"):  # torch 2.9 on
+        matmul = backends.cuda.matmul.fp32_precision == "tf32"
+        conv = backends.cudnn.conv.fp32_precision == "tf32"  # type: ignore[attr-defined]
+        rnn = backends.cudnn.rnn.fp32_precision == "tf32"  # type: ignore[attr-defined]
+    else:
+        matmul, conv = bool(backends.cuda.matmul.allow_tf32), bool(backends.cudnn.allow_tf32)
+        rnn = conv
+    convs = conv and any(isinstance(m, nn.modules.conv._ConvNd) for m in modules)
+    return matmul or convs or (rnn and any(isinstance(m, nn.RNNBase) for m in modules))
 
 
 def _silent(step: Step) -> bool:

@@ -335,3 +335,42 @@ def test_a_step_the_scaler_skips_reads_its_unscaled_gradient_norm() -> None:
     want = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
     assert m.skipped_steps == 1 and m.first_nonfinite is None  # the scaled step overflowed, no finding
     assert m.grad_norm[0] == pytest.approx(want, rel=1e-2)
+
+
+TF32_CASES = """
+import json, sys
+import torch
+from torch import nn
+from stabilitycheck.probing import tf32_allowed
+
+cuda, cpu = torch.device("cuda"), torch.device("cpu")
+mlp, conv, lstm = nn.Sequential(nn.Linear(2, 2)), nn.Sequential(nn.Conv2d(2, 2, 3)), nn.LSTM(2, 2)
+def read():
+    models = (("mlp", mlp), ("conv", conv), ("lstm", lstm))
+    return {name: tf32_allowed(list(m.modules()), cuda) for name, m in models}
+out = {"defaults": read(), "cpu": tf32_allowed(list(conv.modules()), cpu)}
+torch.backends.cudnn.conv.fp32_precision = "ieee"
+out["conv ieee"] = read()
+torch.backends.cuda.matmul.fp32_precision = "tf32"  # torch's allow_tf32 read raises from here on
+out["matmul tf32"] = read()
+json.dump(out, sys.stdout)
+"""
+
+
+@pytest.mark.skipif(
+    not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch without fp32_precision settings"
+)
+def test_tf32_is_read_from_torchs_precision_settings_without_raising() -> None:
+    """Measurement.allow_tf32 on CUDA: reading torch.backends.cuda.matmul.allow_tf32 raised once TF32
+    was set through torch's fp32_precision settings (after the whole run), and cuDNN, TF32 by
+    default, ran a conv stack's convolutions in TF32 while allow_tf32 read False. Oracle: torch's own
+    settings, set one by one in a process of their own (they are global)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", TF32_CASES], capture_output=True, text=True, check=True)
+    got = json.loads(done.stdout)
+    assert got["defaults"] == {"mlp": False, "conv": True, "lstm": True}  # cuDNN's TF32 is on by default
+    assert got["cpu"] is False
+    assert got["conv ieee"] == {"mlp": False, "conv": False, "lstm": True}
+    assert got["matmul tf32"] == {"mlp": True, "conv": True, "lstm": True}
