@@ -782,3 +782,22 @@ def test_a_model_built_empty_is_said_to_be_empty(tmp_path: Path) -> None:
     subject.build(subject.config(depth=1))  # inputs inferred from its first Linear
     with pytest.raises(ModelFileError, match=r"the model it built has no parameters, .*depth at 0 or below"):
         subject.build(subject.config(depth=0))
+
+
+CONV_FIRST = """
+from torch import nn
+def build(depth=2):
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.Tanh(), nn.Flatten(), nn.LazyLinear(4))
+"""
+
+
+def test_inputs_that_cannot_be_inferred_are_asked_for_in_the_first_layers_shape(tmp_path: Path) -> None:
+    """A model file whose first layer is a Conv2d and has no batch(): the hint gave a Linear's input,
+    torch.randn(batch_size, 16), the wrong shape for it. Oracle: the Conv2d's own in_channels and
+    kernel dimensions (channels first, two spatial sizes)."""
+    path = tmp_path / "conv.py"
+    path.write_text(CONV_FIRST)
+    subject = load(str(path))
+    hint = r"first layer \(Conv2d\) is not nn.Linear.*return torch.randn\(batch_size, 3, 32, 32\)`"
+    with pytest.raises(ModelFileError, match=hint):
+        subject.build(subject.config())

@@ -71,14 +71,21 @@ def infer(given: str, model: nn.Module, batch_size: int, seq_len: int, seed: int
             "model: a knob such as depth at 0 or below?); give knob values it builds layers at"
         )
     gen = generator(seed)
+    first: nn.Module | None = None
     for module in model.modules():
         if isinstance(module, nn.Linear):
             return torch.randn(batch_size, module.in_features, generator=gen)
         if isinstance(module, nn.Embedding):
             return token_ids(module.num_embeddings, [module.padding_idx], (batch_size, seq_len), gen)
         if not list(module.children()) and any(True for _ in module.parameters(recurse=False)):
+            first = module
             break
+    example = "torch.randn(batch_size, 16)"
+    if isinstance(first, nn.modules.conv._ConvNd):  # channels first, then its spatial sizes
+        sizes = [first.in_channels] + [32] * len(first.kernel_size)
+        example = f"torch.randn(batch_size, {', '.join(map(str, sizes))})"
+    named = f" ({type(first).__name__})" if first is not None else ""
     raise ModelFileError(
-        f"{given}: has no batch() and its first layer is not nn.Linear or nn.Embedding, so the inputs "
-        "cannot be inferred; add e.g. `def batch(model, batch_size=8): return torch.randn(batch_size, 16)`"
+        f"{given}: has no batch() and its first layer{named} is not nn.Linear or nn.Embedding, so the inputs "
+        f"cannot be inferred; add e.g. `def batch(model, batch_size=8): return {example}`"
     )
