@@ -429,8 +429,8 @@ class Recorder:
     def _registrations(self) -> list[tuple[str, nn.Module, Any]]:
         """Per hook on a block, (block name, module, its registration): made each time the hooks go on,
         not kept, so that once they come off nothing holds the recorder in a reference cycle (its
-        hooks' closures hold it): the cycles a probe left were ~0.5 ms of garbage collection a call,
-        5% of a 16x256 MLP's step."""
+        hooks' closures hold it): a probe left 272 objects to the garbage collector, ~0.1 ms of its
+        collections a call on a 16x256 MLP (~1% of its step)."""
         return [
             (
                 name,
