@@ -289,6 +289,7 @@ def run_step(run: Run, start: Start, *, hooks: bool, exact: bool = False, weight
     order = list(dict.fromkeys(b for b in run.rec.calls if b >= 0)) if hooks and not run.ordered else []
     run.ordered = True  # step 0's first forward alone: later ones run on weights an update changed
     if order and order[0] > 0 and order != sorted(order):  # another block ran before block 0
+        del loss  # before the outputs `rewind` lets go of: see the end
         rewind()  # the forward updated BatchNorm's statistics: the probe again starts as this did
         raise OutOfOrder(in_call_order(order, len(run.names)))
     changed = run.rec.changed() if hooks else frozenset()
@@ -337,6 +338,11 @@ def run_step(run: Run, start: Start, *, hooks: bool, exact: bool = False, weight
         owners = [*run.rec.calls, *(-2 - run.rec.calls[pos] for pos, _ in carried)]  # see _groups
         groups = _groups(owners, g, reached) if hooks else []
         host = norm_values(tensors, exact, [loss.detach().reshape(()), *extra], groups)  # one host read
+    # the loss first, then the lists, each of which lets its tensors go last first (CPython's order):
+    # the graph goes a call's part at a time. Let go of last, the loss took every node with it at
+    # once, in a C recursion through their Python wrappers (the junction checks read each output's
+    # grad_fn): a segmentation fault past ~25,000 block calls
+    del loss, scaled_loss
     del outputs, captured, tensors, taken, crossed
     loss_value, scale_value = host[0], host[1] if scaler else 1.0
     host = host[1 + len(extra) :]
