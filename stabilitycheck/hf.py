@@ -48,12 +48,14 @@ SMALL: dict[str, Knob] = {
     "num_latents": 16,
     "entity_vocab_size": 256,
     **dict.fromkeys(("mamba_n_heads", "mamba_d_state", "mamba_chunk_size"), 16),
+    "first_k_dense_replace": 0,
 }
 """Defaults that replace the config class's own, by field name: 2 layers, width 64, 2 heads of 32
 (rotary embeddings on 16 of their dimensions: GPT-J's default 64 is wider than the head), feed-forward
 128 (xlnet's and funnel's d_inner, ctrl's dff too), 256 tokens, at most 4 experts of which 2 per
-token, in 1 group (qwen3_next's 512 made 103M parameters), every layer of 2 sparse
-(switch_transformers' 3 sparse layers of 2 made a step of 2 // 3 = 0: a dense T5, no experts);
+token, in 1 group (qwen3_next's 512 made 103M parameters), every layer with experts
+(switch_transformers' 3 sparse layers of 2 made a step of 2 // 3 = 0: a dense T5, no experts; and
+deepseek_v3's first 3 layers dense made every model of up to 3 layers a dense one);
 16 latents of width 64 and 256 entities (perceiver's 256 latents of 1280 and luke's 500,000 entities
 made 260M and 129M parameters: 20 s and 6 GB a probe), Mamba mixers of 16 heads, a state of 16 and
 chunks of 16 (bamba's, falcon_h1's and granitemoehybrid's 128 heads, state and chunks of 256: bamba
@@ -61,6 +63,7 @@ took 2.8 GB at 2 layers).
 Dropout fields default to 0.0 (the probe measures the network, not a mask). Every other int/float
 field keeps its config class's default."""
 AT_MOST = (
+    "first_k_dense_replace",
     "num_experts",
     "num_local_experts",
     "n_routed_experts",
@@ -70,6 +73,15 @@ AT_MOST = (
 )
 """SMALL fields that only lower the class's default: top-1 routing stays top-1 (zaya allows no
 other), groups of experts stay within the 4 experts (axk1's 8 groups of 0 failed)."""
+
+
+SMALL_BY_TYPE: dict[str, dict[str, Knob]] = {
+    "mamba2": {"num_heads": 4, "n_groups": 1, "state_size": 16, "chunk_size": 16},
+}
+"""Per model type, SMALL defaults of its own, where a field of a shared name means another thing:
+Mamba2's num_heads are its state-space heads, which must fill hidden_size x expand (128 at SMALL's
+width) with heads of head_dim 32, in groups dividing them (SMALL's 2 heads and its 8 groups: no
+default point built)."""
 
 
 NO_LAYERS = ", no chain of blocks to measure (its leaf modules run side by side); give it 1 or more"
@@ -87,7 +99,18 @@ def _gpt_neo(values: dict[str, Knob]) -> dict[str, Any]:
     return {"attention_types": [[["global", "local"], n // 2]] + ([[["global"], 1]] if n % 2 else [])}
 
 
-DERIVED = {"gpt_neo": _gpt_neo}
+def _switch(values: dict[str, Knob]) -> dict[str, Any]:
+    """Switch Transformers' sparse layers, at most as many as there are layers: its config makes every
+    (layers // sparse)-th layer sparse, and 2 sparse layers of 1 made a step of 0, a dense T5 with no
+    experts (where a search's smallest point lands)."""
+    encoder, decoder = int(values["num_layers"]), int(values["num_decoder_layers"])
+    return {
+        "num_sparse_encoder_layers": min(int(values["num_sparse_encoder_layers"]), encoder),
+        "num_sparse_decoder_layers": min(int(values["num_sparse_decoder_layers"]), decoder),
+    }
+
+
+DERIVED = {"gpt_neo": _gpt_neo, "switch_transformers": _switch}
 """Per model type, config fields that follow the knobs (not knobs themselves)."""
 
 
@@ -230,7 +253,8 @@ class HFModel:
                 f"two vocabularies, a character model's code points are not drawn); pick {self.pick}, "
                 "or probe the model in a model file (stabilitycheck model.py) with inputs of its own"
             )
-        knobs = {n: _small(n, d) for n, d in fields.items() if _is_knob(n, d)}
+        own = SMALL_BY_TYPE.get(model_type, {})
+        knobs = {n: own.get(n, _small(n, d)) for n, d in fields.items() if _is_knob(n, d)}
         self.knobs: dict[str, Knob] = {**knobs, **INPUTS}
         self.token_ids = {n: d for n, d in fields.items() if n.endswith("_token_id") and isinstance(d, int)}
         self.encoder_decoder = bool(self.config_class().is_encoder_decoder)

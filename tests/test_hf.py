@@ -388,16 +388,26 @@ def test_experts_and_the_other_stack_are_small_by_default() -> None:
 
 def test_a_model_type_no_knob_can_build_and_one_whose_constraints_the_defaults_miss_say_so() -> None:
     """kosmos_2_text_model has no AutoModel class, nor one named after its config class: 'cannot be
-    built from these knobs' sent users looking for a knob; mamba2's head count x head size must equal
-    width x expand, which the small defaults miss: the error named values the user never set (found
-    by a trial). Both stay one line."""
+    built from these knobs' sent users looking for a knob; zamba's layer types must number its
+    layers, which the small defaults miss: the error named values the user never set (found by a
+    trial). Both stay one line."""
     with pytest.raises(UsageError, match="has no model class for Kosmos2TextConfig") as caught:
         built("kosmos_2_text_model")
     assert "\n" not in str(caught.value)
     with pytest.raises(UsageError, match=r"small defaults .* may not fit this model type") as caught:
-        built("mamba2")
+        built("zamba")
     assert "\n" not in str(caught.value)
-    assert built("mamba2", num_heads=4, n_groups=2).blocks  # the knobs the error names fix it
+
+
+def test_mamba2_builds_at_its_own_small_defaults() -> None:
+    """Mamba2's num_heads are its state-space heads, which must fill hidden_size x expand with heads
+    of head_dim, in groups dividing them: SMALL's 2 attention heads and its config's 8 groups built
+    no default point (found by an audit). Oracle: transformers' own check, passed, and the mixer's
+    sizes read off the built model."""
+    model = built("mamba2").model
+    mixer = model.backbone.layers[0].mixer
+    assert (mixer.num_heads, mixer.head_dim, mixer.n_groups, mixer.ssm_state_size) == (4, 32, 1, 16)
+    assert mixer.num_heads * mixer.head_dim == model.config.expand * model.config.hidden_size
 
 
 def test_a_mixture_of_experts_type_probes_in_float64_as_in_float32() -> None:
@@ -429,6 +439,29 @@ def test_random_token_ids_leave_out_the_pad_tokens(model_type: str) -> None:
     assert pads and set(ids.unique().tolist()) == set(range(int(values["vocab_size"]))) - pads
     growths = [probe(subject.config(seed=s), subject).growth for s in range(6)]
     assert all(0.5 < g < 2.0 for g in growths), growths
+
+
+@pytest.mark.parametrize(
+    ("model_type", "values", "sparse"),
+    [
+        ("switch_transformers", {"num_layers": 1, "num_decoder_layers": 1}, 2),
+        ("switch_transformers", {"num_layers": 1}, 3),
+        ("deepseek_v3", {}, 2),
+        ("deepseek_v3", {"num_hidden_layers": 1}, 1),
+        ("deepseek_v2", {}, 2),
+    ],
+)
+def test_a_mixture_of_experts_type_has_experts_in_every_layer_at_any_depth(
+    model_type: str, values: dict[str, float], sparse: int
+) -> None:
+    """deepseek_v3 keeps its config's first 3 layers dense: up to 3 layers, no expert at all; and
+    switch_transformers' 2 sparse layers of 1 made a step of 1 // 2 = 0, a dense T5 where a search's
+    smallest point lands (found by an audit). Oracle: transformers' own modules, an expert list (or
+    sparse MLP) in every layer."""
+    model = built(model_type, **values).model
+    kinds = ("SwitchTransformersSparseMLP", "DeepseekV3MoE", "DeepseekV2Moe", "DeepseekV2MoE")
+    found = [n for n, m in model.named_modules() if type(m).__name__ in kinds]
+    assert len(found) == sparse, found
 
 
 def test_switch_transformers_has_its_experts_at_the_small_defaults() -> None:
