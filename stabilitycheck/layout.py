@@ -25,11 +25,19 @@ _LAYOUTS: weakref.WeakKeyDictionary[nn.Module, _Layout] = weakref.WeakKeyDiction
 """Per model, its last _Layout: the owner map is rebuilt only when the parameters or blocks change."""
 
 
-def block_of(params: Sequence[nn.Parameter], blocks: Sequence[tuple[str, nn.Module]]) -> list[int]:
-    """For each parameter, the index of the first block owning it, or -1."""
+def block_of(
+    params: Sequence[nn.Parameter], blocks: Sequence[tuple[str, nn.Module]], ran: frozenset[int] | None = None
+) -> list[int]:
+    """For each parameter, the index of the first block owning it, or -1; with `ran`, the first of
+    those blocks that ran, where one did: a weight shared by blocks of which the first never runs
+    (Zamba2's shared adapters, each list held by every hybrid layer, one adapter called by each) is
+    the block's that used it (its gradient was put on a block that never ran, the one that ran read 0)."""
     owner: dict[int, int] = {}
-    for b, (_, module) in enumerate(blocks):
-        for p in module.parameters():
+    order = list(range(len(blocks)))
+    if ran is not None:
+        order = [*(b for b in order if b in ran), *(b for b in order if b not in ran)]
+    for b in order:
+        for p in blocks[b][1].parameters():
             owner.setdefault(id(p), b)
     return [owner.get(id(p), -1) for p in params]
 

@@ -381,6 +381,7 @@ def run_step(run: Run, start: Start, *, hooks: bool, exact: bool = False, weight
         finite=math.isfinite(loss_value) and all(map(math.isfinite, own)),
         made=tuple(made or ()),
         carried=frozenset(pos for pos, _ in carried),
+        ran=frozenset(b for b in run.rec.calls if b >= 0) if hooks else frozenset(),
     )
 
 

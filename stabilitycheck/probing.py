@@ -17,7 +17,7 @@ from stabilitycheck._tree import tensors as tensors_of
 from stabilitycheck._validation import article
 from stabilitycheck.blocks import BYPASSED, find_blocks, own_blocks, shown_blocks
 from stabilitycheck.errors import UsageError, UserCodeError, no_trainable
-from stabilitycheck.layout import combined, layout_of, per_block, trainable
+from stabilitycheck.layout import block_of, combined, layout_of, per_block, trainable
 from stabilitycheck.loops import looped_blocks
 from stabilitycheck.losses import Inputs, LossFn
 from stabilitycheck.measurement import (
@@ -208,12 +208,13 @@ def _measure(
     act = tuple(first.backward)
     unreached = first.unreached | unscored(act, first.breaks, first.unreached, first.cuts)
     chains, feeds = chains_of(act, first.breaks, unreached, first.feeds)
+    credit = _credited(params, blocks, owner, first.ran)  # the block each weight's norms count in
     return Measurement(
         layer_names=names,
         activation_names=first.calls,
         loss=tuple(losses),
         grad_norm=tuple(totals),
-        layer_grad_norms=per_block(first.grads, owner, len(names)),
+        layer_grad_norms=per_block(first.grads, credit, len(names)),
         activation_norms=tuple(first.forward),
         activation_grad_norms=act,
         gains=gains_of(act, first.breaks, unreached),
@@ -226,7 +227,7 @@ def _measure(
         between_gain=first.between,
         cut_before=cut_before(first.severed, first.unreached),
         blocks_note=chosen,
-        weight_norms=per_block(last.weights, owner, len(names)) if last.weights else (),
+        weight_norms=per_block(last.weights, credit, len(names)) if last.weights else (),
         first_nonfinite=nonfinite,
         steps_run=len(losses) - 1,
         loss_scale=tuple(scales) if scaler else (),
@@ -252,6 +253,17 @@ def tf32_allowed(modules: Sequence[nn.Module], device: torch.device) -> bool:
         rnn = conv
     convs = conv and any(isinstance(m, nn.modules.conv._ConvNd) for m in modules)
     return matmul or convs or (rnn and any(isinstance(m, nn.RNNBase) for m in modules))
+
+
+def _credited(
+    params: Sequence[nn.Parameter],
+    blocks: Sequence[tuple[str, nn.Module]],
+    owner: Sequence[int],
+    ran: frozenset[int],
+) -> Sequence[int]:
+    """The block each parameter's gradient norm counts in: its first owner, or, where blocks never
+    ran in the profile's step, its first owner that ran (layout.block_of)."""
+    return owner if len(ran) == len(blocks) or not ran else block_of(params, blocks, ran)
 
 
 def _silent(step: Step) -> bool:

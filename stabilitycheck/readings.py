@@ -36,6 +36,7 @@ class Step:
     cuts: frozenset[int] = frozenset()  # breaks where a cell's call took its last output detached
     severed: frozenset[int] = frozenset()  # calls taking their chain's input with no gradient (cut_before)
     between: float = 1.0  # see Measurement.between_gain
+    ran: frozenset[int] = frozenset()  # the blocks a recorded call was made of (hooked runs)
 
 
 def between_gain(

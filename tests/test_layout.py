@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -75,3 +76,37 @@ def test_norms_combine_as_torchs_total_norm_does_nan_first() -> None:
         got = combined(values)
         assert got == expect or (math.isnan(got) and math.isnan(expect)), values
     assert combined([1e200, 1e200]) == math.sqrt(2) * 1e200  # where torch's squares overflow
+
+
+def test_a_shared_parameter_counts_in_the_first_of_its_blocks_that_ran() -> None:
+    """Tied adapter lists, one per layer, each layer calling one adapter of its own list (Zamba2's):
+    a tied weight's gradient was put on the first list's copy, which never ran, and the adapter that
+    ran read 0 (found by an audit of hf:zamba2). Oracle: torch's own .grad of each tied weight, on
+    the block that called it; 0 on the copies that never ran."""
+    from stabilitycheck.probing import probe_module
+
+    torch.manual_seed(0)
+    lists = [nn.ModuleList(nn.Linear(4, 4) for _ in range(3)) for _ in range(3)]
+    for other in lists[1:]:
+        for a, b in zip(other, lists[0], strict=True):
+            a.weight, a.bias = b.weight, b.bias
+
+    class Layer(nn.Module):
+        def __init__(self, adapters: nn.ModuleList, i: int) -> None:
+            super().__init__()
+            self.adapters, self.i = adapters, i
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(self.adapters[self.i](x))
+
+    model = nn.Sequential(*(Layer(lists[i], i) for i in range(3)))
+    blocks = [(f"a{k}.{i}", lists[k][i]) for k in range(3) for i in range(3)]
+    x = torch.randn(2, 4)
+    m = probe_module(model, x, lambda out, _: out.sum(), blocks=blocks)
+    model.zero_grad()
+    model(x).sum().backward()
+    torchs = [math.hypot(*(float(p.grad.norm()) for p in lists[0][i].parameters())) for i in range(3)]
+    got = dict(zip(m.layer_names, m.layer_grad_norms, strict=True))
+    assert [got["a0.0"], got["a1.1"], got["a2.2"]] == [pytest.approx(t, rel=1e-6) for t in torchs]
+    assert all(v == 0.0 for name, v in got.items() if name not in ("a0.0", "a1.1", "a2.2"))
+    assert layout.block_of(list(lists[0][1].parameters()), blocks, frozenset({0, 4, 8})) == [4, 4]
