@@ -13,6 +13,7 @@ import copy
 import math
 import random
 import sys
+import traceback
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -225,6 +226,7 @@ def _buffers(modules: Sequence[nn.Module]) -> list[_Buffer]:
     return kept
 
 
+
 def _restore(kept: Sequence[_Buffer]) -> None:
     """Put back every buffer as `_buffers` kept it, each one: BatchNorm updates its running statistics
     without moving their version counter, so which ones a forward changed is not knowable."""
@@ -265,7 +267,7 @@ def run_step(run: Run, start: Start, *, hooks: bool, exact: bool = False, weight
         """Back to where the step's forward started, to run it again: nothing recorded, the same
         random draws (torch's and Python's: a LayerDrop drawing with `random` read another draw's
         loss and profile), the buffers as they were."""
-        run.rec.take()
+        run.rec.let_go()
         back_to(start)
 
     plain = False  # the inputs as given, not `_in_graph`'s copies
@@ -311,10 +313,19 @@ def run_step(run: Run, start: Start, *, hooks: bool, exact: bool = False, weight
     carried = run.rec.take_carried() if hooks else []  # state beside the chain's: an LSTMCell's c
     outputs += [t for _, t in carried]
     taken, as_returned = run.rec.take_between() if hooks else ([], [])
+    scaled_loss = loss
     try:
         made: list[int] | None = [] if exact else None  # the order of the weight gradients, to locate
         scaled_loss = scaler.scale(loss) if scaler else loss
         captured, crossed = _backward(run, scaled_loss, outputs, made, [x for _, x in taken])
+    except BaseException as exc:  # the model's backward raised: let go of the graph as at the end
+        traceback.clear_frames(exc.__traceback__)  # the frames it passed through held the loss
+        del loss, scaled_loss
+        run.rec.let_go()  # its node sets, while `outputs` still holds the graph
+        taken.clear()
+        carried.clear()
+        outputs.clear()
+        raise
     finally:
         run.rec.release()
         if hooks:
@@ -343,7 +354,8 @@ def run_step(run: Run, start: Start, *, hooks: bool, exact: bool = False, weight
     # once, in a C recursion through their Python wrappers (the junction checks read each output's
     # grad_fn): a segmentation fault past ~25,000 block calls
     del loss, scaled_loss
-    del outputs, captured, tensors, taken, crossed
+    del captured, crossed, tensors, taken
+    del outputs  # last: every other list held a part of the graph they hold too
     loss_value, scale_value = host[0], host[1] if scaler else 1.0
     host = host[1 + len(extra) :]
     crossing = [v / scale_value for v in host[len(host) - len(across) :]] if across else []
