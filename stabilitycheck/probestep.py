@@ -215,16 +215,23 @@ def _buffers(modules: Sequence[nn.Module]) -> list[_Buffer]:
     """Each buffer of the model's `modules` as (its module's buffers, name, tensor, copy): what a forward may
     update (BatchNorm's running statistics, spectral_norm's power-iteration vectors), for `_restore`
     (an inference tensor, which no forward outside inference mode can update, is left out, as is a
-    lazy module's buffer before its first forward, which has no values to copy)."""
+    lazy module's buffer before its first forward, which has no values to copy, and an expanded one,
+    whose elements share memory: no in-place write, the forward's or a copy back, can go into it)."""
     kept = []
     with torch.no_grad():
         for module in modules:
             where = module._buffers
             for name, t in where.items():
-                if t is not None and not is_lazy(t) and not t.is_inference():
+                if t is not None and not is_lazy(t) and not t.is_inference() and not _expanded(t):
                     kept.append((where, name, t, t.clone()))
     return kept
 
+
+def _expanded(t: torch.Tensor) -> bool:
+    """Whether elements of `t` share memory (a dimension of stride 0 over 2 or more: `expand`)."""
+    if t.is_nested or t.layout != torch.strided:
+        return False
+    return any(n > 1 and step == 0 for n, step in zip(t.shape, t.stride(), strict=True))
 
 
 def _restore(kept: Sequence[_Buffer]) -> None:

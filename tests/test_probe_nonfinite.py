@@ -477,3 +477,32 @@ def test_the_profile_of_a_step_run_again_is_that_of_the_step_that_ran() -> None:
     for h in handles:
         h.remove()
     assert m.activation_norms[:4] == pytest.approx(norms[:4], rel=1e-6)
+
+
+@pytest.mark.parametrize("rerun", ["non-finite", "float16 overflow"])
+def test_a_step_run_again_leaves_an_expanded_buffer_as_it_is(rerun: str) -> None:
+    """A buffer made with expand (a position table broadcast over the batch) shares memory between
+    its elements: copying it back before a step's re-run raised 'more than one element of the
+    written-to tensor refers to a single memory location' (found by a review). No forward can write
+    into it in place either: it is not kept. Oracle: the re-run's finding, and the buffer unchanged."""
+
+    class Table(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+            self.register_buffer("pe", torch.ones(1, 8).expand(16, 8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x + self.pe)
+
+    torch.manual_seed(0)
+    model, x = Table(), torch.randn(16, 8)
+    if rerun == "non-finite":
+        m = probe_module(model, x, lambda out, _: (out * 1e38).sum() * 1e38, blocks=[("lin", model.lin)])
+        assert m.first_nonfinite is not None
+    else:
+        m = probe_module(
+            model, x, lambda out, _: out.float().sum() * 1e5, blocks=[("lin", model.lin)], amp="float16"
+        )
+        assert m.skipped_steps == 1
+    assert model.pe.stride() == (0, 1) and bool((model.pe == 1).all())
