@@ -801,3 +801,8 @@ def test_inputs_that_cannot_be_inferred_are_asked_for_in_the_first_layers_shape(
     hint = r"first layer \(Conv2d\) is not nn.Linear.*return torch.randn\(batch_size, 3, 32, 32\)`"
     with pytest.raises(ModelFileError, match=hint):
         subject.build(subject.config())
+    for first, shape in (("nn.LazyConv2d(8, 3)", "3, 32, 32"), ("nn.Conv1d(4, 8, 64)", "4, 64")):
+        path.write_text(CONV_FIRST.replace("nn.Conv2d(3, 8, 3)", first))
+        subject = load(str(path))
+        with pytest.raises(ModelFileError, match=rf"return torch.randn\(batch_size, {shape}\)`"):
+            subject.build(subject.config())  # a lazy conv's 0 channels, a kernel longer than 32

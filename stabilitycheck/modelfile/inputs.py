@@ -82,7 +82,9 @@ def infer(given: str, model: nn.Module, batch_size: int, seq_len: int, seed: int
             break
     example = "torch.randn(batch_size, 16)"
     if isinstance(first, nn.modules.conv._ConvNd):  # channels first, then its spatial sizes
-        sizes = [first.in_channels] + [32] * len(first.kernel_size)
+        # a lazy conv's channels are 0 until its first call; each size at least its kernel's reach
+        reach = [d * (k - 1) + 1 for d, k in zip(first.dilation, first.kernel_size, strict=True)]
+        sizes = [first.in_channels or 3] + [max(32, r) for r in reach]
         example = f"torch.randn(batch_size, {', '.join(map(str, sizes))})"
     named = f" ({type(first).__name__})" if first is not None else ""
     raise ModelFileError(
