@@ -9,6 +9,7 @@ import inspect
 import io
 import math
 import re
+import subprocess
 import sys
 import warnings
 import weakref
@@ -798,7 +799,28 @@ def test_a_malformed_stability_blocks_is_a_usage_error_of_the_api_too(declared: 
         probe_module(_Declaring(declared), torch.randn(4, 8), lambda o, _: o.square().mean())
 
 
-STACK = 1 << 19  # 512 KiB: a chain of a few thousand nodes freed at once overflows it
+SMALL_STACK = """
+import sys
+import threading
+
+import torch  # imported on the main thread's own stack
+import stabilitycheck.probing
+
+threading.stack_size(1 << 19)  # 512 KiB: a chain of a few thousand nodes freed at once overflows it
+body, sys.argv = sys.argv[1], sys.argv[1:]
+run = threading.Thread(target=exec, args=(compile(body, "<deep>", "exec"), {"__name__": "__main__"}))
+run.start()
+run.join()
+"""
+
+
+def _on_a_small_stack(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`script` run with `args` in a process of its own, on a thread with a 512 KiB stack: a C
+    recursion a level per node overflows it within a few thousand block calls, not ~25,000."""
+    return subprocess.run(
+        [sys.executable, "-c", SMALL_STACK, script, *args], capture_output=True, text=True, timeout=300
+    )
+
 
 DEEP = """
 import torch
@@ -871,27 +893,17 @@ except ValueError as exc:
 """
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="the stack limit is set with resource, POSIX only")
 def test_a_deep_graph_is_let_go_of_without_overflowing_the_stack() -> None:
     """The probe reads every block output's grad_fn (the junction checks), which gives each node a
     Python wrapper, and torch frees such a chain of nodes in a C recursion, one level per node: the
     loss let go of last took the whole graph at once, a segmentation fault past ~25,000 block calls
     (a 30,000-block stack, an LSTMCell over 30,000 tokens; fewer under a small stack, used here to
     keep the test short). Oracle: the process's exit status and its output."""
-    import resource
-    import subprocess
-
-    def small_stack() -> None:
-        resource.setrlimit(resource.RLIMIT_STACK, (STACK, resource.getrlimit(resource.RLIMIT_STACK)[1]))
-
-    done = subprocess.run(
-        [sys.executable, "-c", DEEP], capture_output=True, text=True, preexec_fn=small_stack, timeout=300
-    )
+    done = _on_a_small_stack(DEEP)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["4001", "4000"]  # (input) and 4,000 blocks; 4,000 calls of the cell
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="the stack limit is set with resource, POSIX only")
 @pytest.mark.parametrize(
     ("path", "out"),
     [
@@ -905,18 +917,6 @@ def test_a_deep_graph_is_let_go_of_a_call_at_a_time_on_every_path(path: str, out
     its block) and a backward that raises let go of the graph a call at a time too: the recorder's
     node sets, cleared in hash order after the outputs, or the frames the exception passed through,
     held the graph last (found by a review). Oracle: exit status and output, under a small stack."""
-    import resource
-    import subprocess
-
-    def small_stack() -> None:
-        resource.setrlimit(resource.RLIMIT_STACK, (STACK, resource.getrlimit(resource.RLIMIT_STACK)[1]))
-
-    done = subprocess.run(
-        [sys.executable, "-c", DEEPER, path],
-        capture_output=True,
-        text=True,
-        preexec_fn=small_stack,
-        timeout=300,
-    )
+    done = _on_a_small_stack(DEEPER, path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == out
