@@ -300,7 +300,7 @@ def run_step(run: Run, start: Start, *, hooks: bool, exact: bool = False, weight
     if order and order[0] > 0 and order != sorted(order):  # another block ran before block 0
         del loss  # before the outputs `rewind` lets go of: see the end
         rewind()  # the forward updated BatchNorm's statistics: the probe again starts as this did
-        raise OutOfOrder(in_call_order(order, len(run.names)))
+        raise OutOfOrder(_in_call_order(order, len(run.names)))
     changed = run.rec.changed() if hooks else frozenset()
     moved = hooks and run.rec.entry_moved()
     if changed or moved or (hooks and run.rec.carrying.discovered):
@@ -450,7 +450,7 @@ def _groups(calls: Sequence[int], g: int, reached: Sequence[int]) -> list[list[i
     return [*outputs.values(), *grads.values()]
 
 
-def in_call_order(order: list[int], n: int) -> list[int]:
+def _in_call_order(order: list[int], n: int) -> list[int]:
     """The n blocks in the order of their first calls (`order`), those never called after them (a
     never-called block 0 first kept the entry's hook on a block that never runs)."""
     return order + [b for b in range(n) if b not in order]
