@@ -309,7 +309,7 @@ def _searches(args: argparse.Namespace, limits: Any, outputs: Outputs, shown: Pr
     try:  # importing torch and checking the model take seconds: a stop there still leaves the JSON
         from hypothesis.database import DirectoryBasedExampleDatabase
 
-        from stabilitycheck.report import outcome
+        from stabilitycheck.reporttable import outcome
         from stabilitycheck.searching import search
 
         db = None if args.database == "none" else DirectoryBasedExampleDatabase(args.database)

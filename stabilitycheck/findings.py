@@ -109,7 +109,8 @@ def finding(
     from stabilitycheck.config import Config
     from stabilitycheck.counterexample import Counterexample, SearchResult
     from stabilitycheck.remedies import fixed_by
-    from stabilitycheck.report import reproduction, unverified
+    from stabilitycheck.report import reproduction
+    from stabilitycheck.reporttable import unverified
 
     failure = _one_line(failure) if failure else None
     interrupted, cut = False, ""  # a search cut short: its remedies and minimality say so

@@ -1,4 +1,5 @@
-"""Reports: render search results as a table, sparklines, reproduction lines, JSON and Markdown.
+"""Reports: the whole terminal report (the table, its notes, then each row's details: spread, growth
+kind, remedies, sparkline profile, reproduction line), JSON and Markdown.
 
 Rendering only: every number shown was computed by the probe or the search.
 """
@@ -9,155 +10,18 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-from tabulate import tabulate
-
 from stabilitycheck._json import strict_json
 from stabilitycheck.config import Config, Run
 from stabilitycheck.counterexample import SearchResult
 from stabilitycheck.culprit import made_by
 from stabilitycheck.judgement import Judgement
 from stabilitycheck.measurement import AFTER_LAST, AFTER_LAST_SAID, INPUT, Measurement, shown
-from stabilitycheck.remedies import fixed_by
+from stabilitycheck.reportnotes import notes
+from stabilitycheck.reporttable import alone, knobs, precision_of, table
 from stabilitycheck.spread import bracket
-from stabilitycheck.subject import torch_dtype
 from stabilitycheck.verdicts import Limits, bound, limits_text
 
 SPARKS = "▁▂▃▄▅▆▇█"
-HEADERS = (
-    "target",
-    "device",
-    "precision",
-    "smallest exploding",
-    "criterion ({q})",
-    "growth: {q} (min-max), seeds",
-    "kind (rate: {q})",
-    "culprit",
-    "fixed by",
-    "probes",
-)
-
-
-def headers(q: float | None) -> tuple[str, ...]:
-    """HEADERS naming the quantile over seeds the rows were judged on (q=0.8; q alone where the rows
-    were judged on different ones, None)."""
-    return tuple(h.format(q="q" if q is None else f"q={q:g}") for h in HEADERS)
-
-
-def knobs(result: SearchResult, config: Config) -> str:
-    """The searched knobs of a Config, e.g. 'depth=18 init_scale=2.5'."""
-    return " ".join(f"{a.name}={_value(config, a.name)}" for a in result.space.axes)
-
-
-def _value(config: Config, name: str) -> object:
-    return config.values[name] if name in config.values else getattr(config.run, name)
-
-
-def _spread(j: Judgement) -> str:
-    """The growth column: quantile (min-max), seeds, failures; 'through time' where that is the growth
-    (a recurrent subject's: the row's weight-gradient norm stays its own loss's)."""
-    through = " through time" if j.per_token else ""
-    return f"{j.growth.describe()}{through}, {len(j.seeds)} ({j.failures})"
-
-
-def _precision(run: Run) -> str:
-    """The dtype, or `amp:<dtype>` under autocast: the table's column and the detail heading alike."""
-    return run.dtype if run.amp == "none" else f"amp:{run.amp}"
-
-
-def no_explosion(result: SearchResult) -> str:
-    """What a search that found no counterexample can say: stable up to its largest stable point,
-    or nothing tested (every point skipped), or interrupted (maybe on one seed alone so far)."""
-    tried = knobs(result, result.largest_stable) if result.largest_stable else "-"
-    j = result.largest_stable_judgement
-    stable = "stable " + (f"(tried up to {tried})" if tried else "(its one configuration: every knob fixed)")
-    if result.interrupted and result.largest_stable is None:
-        return "interrupted before any verdict"
-    if result.largest_stable is None and result.points and len(result.skipped) == result.points:
-        return f"nothing tested (every configuration tried, {result.points}, was skipped)"
-    if result.interrupted:  # the point may be judged on the screen's seed alone: say so
-        alone = j is not None and len(j.seeds) == 1 and result.space.base.run.seeds > 1
-        return "interrupted, " + (
-            stable.replace("stable", "stable on one seed so far", 1) if alone else stable
-        )
-    return stable
-
-
-def outcome(result: SearchResult) -> str:
-    """A search's result in one line (the CLI's summary after each search)."""
-    cx = result.counterexample
-    if cx is None:
-        return no_explosion(result)
-    return f"{cx.judgement.verdict.how} at {cx.config.describe()}{unverified(result)}"
-
-
-def unverified(result: SearchResult) -> str:
-    """What a counterexample cut short before its descent ended says beside it: one exploding on the
-    screen's seed alone (nothing exploded on all seeds yet) says that too."""
-    if result.minimal:
-        return ""
-    return (
-        " (interrupted: on one seed alone, not verified minimal)"
-        if alone(result)
-        else " (interrupted: not verified minimal)"
-    )
-
-
-def alone(result: SearchResult) -> bool:
-    """Whether the counterexample exploded on one seed alone, the search interrupted before any point
-    exploded on all seeds (its config then holds that seed and seeds=1, so it reproduces)."""
-    cx = result.counterexample
-    return cx is not None and cx.config.run.seeds == 1 < result.space.base.run.seeds
-
-
-def row(result: SearchResult) -> list[str]:
-    """One table row: the counterexample, or the largest stable Config tried."""
-    run = result.space.base.run
-    cx = result.counterexample
-    precision = _precision(run)
-    if cx is None:
-        j = result.largest_stable_judgement
-        return [
-            result.space.label,
-            run.device,
-            precision,
-            no_explosion(result),
-            "-",
-            _spread(j) if j else "-",
-            j.kind.describe() if j else "-",
-            "-",
-            "-",
-            str(result.probes),
-        ]
-    j = cx.judgement
-    # the GradScaler's (an overflow at its scale: no update), summed over the seeds judged
-    n, k = j.skipped_steps, len(j.seeds)
-    skipped = f", the GradScaler skipped {n} step{'s' * (n != 1)} over {k} seed{'s' * (k != 1)}" if n else ""
-    remedies = fixed_by(cx.remedies, result.interrupted)  # cut short: the row itself says so
-    interrupted = unverified(result)
-    return [
-        result.space.label,
-        run.device,
-        precision,
-        (knobs(result, cx.config) or "its one configuration (every knob fixed)")
-        + (" (vanishes)" if j.verdict.how == "vanishes" else "")
-        + interrupted,
-        (j.verdict.criteria[0].describe() if j.verdict.criteria else "-") + skipped,
-        _spread(j),
-        j.kind.describe(),
-        shown(cx.culprit),
-        remedies,
-        str(result.probes),
-    ]
-
-
-def table(results: Sequence[SearchResult], fmt: str = "simple") -> str:
-    """The table of smallest exploding configurations, one row per target x device x dtype."""
-    qs = {r.space.base.run.quantile for r in results}
-    shown = headers(qs.pop() if len(qs) == 1 else None)
-    return tabulate([row(r) for r in results], headers=shown, tablefmt=fmt, disable_numparse=True)
-
-
 SPAN = math.log10(2.0)  # the least range the sparkline's levels span: values within 2x of each other
 
 
@@ -344,7 +208,7 @@ def details(results: Sequence[SearchResult]) -> str:
                 lim = r.limits
                 judged_on = f"; limits {limits_text(lim, r.space.trains())}" if lim is not None else ""
                 blocks.append(
-                    f"{r.space.label} [{config.run.device}, {_precision(config.run)}]: stable at {where} "
+                    f"{r.space.label} [{config.run.device}, {precision_of(config.run)}]: stable at {where} "
                     f"(q={config.run.quantile:g} over seeds {', '.join(map(str, j.seeds))}{judged_on})\n"
                     + measured.rstrip("\n")
                 )
@@ -353,7 +217,7 @@ def details(results: Sequence[SearchResult]) -> str:
         remedies = "; ".join(x.describe() for x in cx.remedies) or "not tried (interrupted)"
         q = cx.config.run.quantile
         blocks.append(
-            f"{r.space.label} [{cx.config.run.device}, {_precision(cx.config.run)}]: "
+            f"{r.space.label} [{cx.config.run.device}, {precision_of(cx.config.run)}]: "
             f"{', '.join(c.describe() for c in j.verdict.criteria)} "
             f"(q={q:g} over seeds {', '.join(map(str, j.seeds))})\n"
             + _measured(j, q, cx.limits, cx.config.run.seeds)
@@ -431,169 +295,9 @@ def _ordinal(k: int) -> str:
     return f"{k}{suffix}"
 
 
-def one_sided(results: Sequence[SearchResult]) -> list[str]:
-    """Lines naming each target that explodes on some devices or precisions but not on others: stable
-    on those a search finished with points judged, not judged on those where every point was skipped
-    or the search was interrupted (a row that tested nothing was called stable), and where it exploded
-    on one seed alone (`alone`: on all seeds it may be stable)."""
-    out = []
-    for label in dict.fromkeys(r.space.label for r in results):
-        rows = [r for r in results if r.space.label == label]
-        where = {id(r): f"{r.space.base.run.device}/{row(r)[2]}" for r in rows}
-        bad = {where[id(r)] for r in rows if r.counterexample and not alone(r)}
-        judged = {where[id(r)] for r in rows if not r.counterexample and _stable(r)}
-        unjudged = {where[id(r)] for r in rows if alone(r) or (not r.counterexample and not _stable(r))}
-        others = [
-            f"{what} on {', '.join(sorted(s))}"
-            for what, s in (("stable", judged), ("not judged", unjudged))
-            if s
-        ]
-        if bad and others:
-            only = "" if unjudged else " only"
-            out.append(f"! {label} explodes{only} on {', '.join(sorted(bad))} ({'; '.join(others)})")
-    return out
-
-
-def _stable(r: SearchResult) -> bool:
-    """A search without a counterexample that judged points and finished: its target is stable there."""
-    return r.largest_stable is not None and not r.interrupted
-
-
-def skipped(results: Sequence[SearchResult]) -> list[str]:
-    """Lines naming the configurations skipped (too large, too slow, failing in user code)."""
-    return [
-        f"! {r.space.label}: {len(r.skipped)} configuration(s) skipped, e.g. "
-        f"{knobs(r, r.skipped[-1][0]) or r.skipped[-1][0].describe()}: {r.skipped[-1][1]}"  # no axis: all
-        for r in results
-        if r.skipped
-    ]
-
-
-def unmeasured(results: Sequence[SearchResult]) -> list[str]:
-    """Lines naming each target whose reported growth no gradient could show: none reached any block
-    output in the step the profile was read at (a zero-initialised head), so every gain is 0 / 0 and
-    a stable row says only that nothing grew; or none reached one chain's (timm's RegNet, read on its
-    leaf modules, whose branches end in zero-initialised norms), whose growth NaN read as stable with
-    no word of it."""
-    out = []
-    for r in results:
-        m = r.shown.measurement if r.shown is not None else None
-        if m is None or not m.activation_grad_norms:
-            continue
-        if any(m.activation_grad_norms):
-            grads = m.activation_grad_norms
-            if m.growth == 0 and m.first_nonfinite is None and grads[0] == 0:
-                dead = max(i for i, g in enumerate(grads) if g == 0)
-                names = m.activation_names
-                config = r.counterexample.config if r.counterexample else r.largest_stable
-                plain = config is not None and config.run.amp == "none"
-                dtype = config.run.dtype if plain and config is not None else None
-                tiny = torch.finfo(torch_dtype(dtype)).tiny if dtype else 0.0
-                subnormal = dead + 1 < len(grads) and grads[dead + 1] < tiny  # every element of it
-                # float16's smallest normal number, 6.1e-5, is a common gradient norm: its underflow is
-                # one of two readings there (a ReLU dead in every precision read 'underflowed')
-                if subnormal and dtype != "float16":
-                    out.append(
-                        f"! {r.space.label}: growth 0: the gradient underflowed to 0 in {dtype} "
-                        f"(|dL/d out| is {grads[dead + 1]:.3g} at {names[dead + 1]}, below {dtype}'s "
-                        f"smallest normal number {tiny:.3g}, and 0 at {names[dead]} and before it): a "
-                        "gradient that vanishes, which the growth limit cannot fire on (--vanishing-limit "
-                        "X judges it); --dtype float64 reads how far"
-                    )
-                    continue
-                by = f"the backward of {names[dead + 1]}" if dead + 1 < len(names) else "the backward"
-                under = (
-                    f"; or an underflow to 0 in float16: |dL/d out| is {grads[dead + 1]:.3g} at "
-                    f"{names[dead + 1]}, below its smallest normal number {tiny:.3g}, every element "
-                    "subnormal: --dtype float32 tells which"
-                    if subnormal
-                    else ""
-                )
-                out.append(
-                    f"! {r.space.label}: growth 0: {by} passes no gradient (dL/d output is exactly 0 at "
-                    f"{names[dead]} and before it: a dead layer, a ReLU whose inputs are all negative, a "
-                    "zero weight, or another tensor the block returns carries it: an nn.LSTMCell's c "
-                    f"passed on as a copy, read on h alone{under}), a vanishing the growth limit cannot "
-                    "fire on; --vanishing-limit X judges it"
-                )
-            if math.isnan(m.growth) and m.first_nonfinite is None:
-                out.append(
-                    f"! {r.space.label}: growth not read: every dL/d output of a chain of its blocks is 0 "
-                    "(its gains 0 / 0: a branch behind a zero-initialised norm or scale, a tower the loss "
-                    "does not use), so the growth criterion cannot fire; declare the blocks of the main "
-                    "chain (blocks=... or stability_blocks()), or --steps 1 reads them after one update"
-                )
-            continue
-        if m.first_nonfinite is not None:  # its nonfinite line says why: an Inf divided by passes 0
-            continue
-        when, fix = (
-            (f"in any of its {m.steps_run + 1} steps", "initialise the head")
-            if m.steps_run
-            else ("at step 0", "--steps 1 reads it after one update, or initialise the head")
-        )
-        out.append(
-            f"! {r.space.label}: growth not measured: no gradient reached any block output {when} (every "
-            f"dL/d output is 0, as behind a zero-initialised head, where the loss does not depend on "
-            f"the blocks, or where blocks return their chain's tensor after another, (attn, h), read on "
-            f"the first: return h first); {fix}"
-        )
-    return out
-
-
-def cut(results: Sequence[SearchResult]) -> list[str]:
-    """Lines naming each target whose shown measurement has a block taking the output before it with
-    no gradient (Measurement.cut_before): that output gets none from this loss (nor those before it,
-    where no earlier output got any: a skip around the cut, a second loss term or a tied weight
-    reaches them), and the growth is read from the cut on (a detach left in a 12-block stack read
-    stable, growth 0.705, with no word of it; a frozen backbone under a trained head is meant so)."""
-    out = []
-    for r in results:
-        m = r.shown.measurement if r.shown is not None else None
-        if m is None:
-            continue
-        names = m.activation_names
-        for s in m.cut_before:
-            before = " or those before it" if not any(m.activation_grad_norms[:s]) else ""
-            out.append(
-                f"! {r.space.label}: {names[s]} takes {names[s - 1]}'s output with no gradient (detach(), "
-                f".data or torch.no_grad()): no gradient reaches that output{before} from this loss, and "
-                f"the growth is read from {names[s]} on; where that is not meant, the gradient vanishes "
-                "there (exactly 0) and no limit can fire on it"
-            )
-    return out
-
-
-def minority(results: Sequence[SearchResult]) -> list[str]:
-    """Lines naming each shown verdict where some seeds went non-finite but too few to fire at its
-    quantile (2 of 5 at the median): the row read stable, exit 0, with no word of them. Going
-    non-finite is all or nothing per initialisation, so such a model fails on some of its draws; the
-    quantile that would judge them is said."""
-    out = []
-    for r in results:
-        j = r.shown
-        if j is None or "nonfinite" in j.verdict.names or "overflow" in j.verdict.names:
-            continue
-        broken = sum(
-            math.isinf(v.get("nonfinite", 0.0)) or math.isinf(v.get("overflow", 0.0)) for v in j.values
-        )
-        if not broken:
-            continue
-        n, budget = len(j.seeds), r.space.base.run.seeds
-        config = r.counterexample.config if r.counterexample else r.largest_stable
-        where = f" at {knobs(r, config)}" if config is not None else ""
-        q = (budget - broken + 1) / budget  # the quantile whose verdict these seeds decide
-        out.append(
-            f"! {r.space.label}: {broken} of the {n} seeds spent went non-finite (NaN or Inf){where}, "
-            f"too few to fire at q={r.space.base.run.quantile:g}: the verdict is the other seeds'; the "
-            f"model fails on some of its initialisations (--quantile {q:.2g} judges them)"
-        )
-    return out
-
-
 def text(results: Sequence[SearchResult]) -> str:
     """The full terminal report."""
-    notes = one_sided(results) + skipped(results) + unmeasured(results) + cut(results) + minority(results)
-    parts = [table(results), "\n".join(notes), details(results)]
+    parts = [table(results), "\n".join(notes(results)), details(results)]
     return "\n\n".join(p for p in parts if p)
 
 

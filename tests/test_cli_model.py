@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from stabilitycheck.cli import main
-from stabilitycheck.report import headers
+from stabilitycheck.reporttable import headers
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = "tests/modelfiles"

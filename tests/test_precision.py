@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from stabilitycheck import report
+from stabilitycheck import report, reporttable
 from stabilitycheck.cli import main
 from stabilitycheck.config import Config
 from stabilitycheck.configprobe import probe
@@ -131,7 +131,7 @@ def test_cli_amp_flag_labels_the_precision(tmp_path: Path) -> None:
     run = judged(result)["run"]
     assert (result["label"], run["device"], run["dtype"], run["amp"]) == ("mlp", "cpu", "float32", "bfloat16")
     space = Space("mlp", Config.from_dict(judged(result)), ())
-    assert report.row(SearchResult(space, None, 0, 0, 0.0, None))[2] == "amp:bfloat16"  # the table's label
+    assert reporttable.row(SearchResult(space, None, 0, 0, 0.0, None))[2] == "amp:bfloat16"  # its label
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none on this machine")

@@ -13,7 +13,7 @@ import pytest
 from meanfield_oracle import tanh_chi1
 
 from stabilitycheck import Config, Limits, assess
-from stabilitycheck.report import headers
+from stabilitycheck.reporttable import headers
 
 README = (Path(__file__).parents[1] / "README.md").read_text()
 PYTHON = re.findall(r"```python\n(.*?)```", README, re.S)

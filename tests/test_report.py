@@ -57,7 +57,7 @@ def test_an_interrupted_stable_row_of_a_one_seed_run_is_not_stable_on_one_seed_s
     """'stable on one seed so far' says the full rule over seeds was not reached; where the run has
     one seed (seeds=1), its one seed is the full rule: the row says plainly 'stable'."""
     from stabilitycheck.counterexample import SearchResult
-    from stabilitycheck.report import no_explosion
+    from stabilitycheck.reporttable import no_explosion
 
     config, judged = _judged(2, 1.5)
     space = Space("cf", config, (Axis.range("depth", 1, 2),))  # type: ignore[arg-type]
@@ -70,7 +70,7 @@ def test_a_row_whose_only_remedy_could_not_be_judged_says_not_judged() -> None:
     it was measured and did not fix it)."""
     from stabilitycheck.counterexample import SearchResult
     from stabilitycheck.remedies import Remedy
-    from stabilitycheck.report import row
+    from stabilitycheck.reporttable import row
 
     config, judged = _judged(5, 3.0)
     space = Space("cf", config, (Axis.range("depth", 1, 5),))  # type: ignore[arg-type]
@@ -84,7 +84,7 @@ def test_a_nan_growth_from_an_overflow_is_no_growth_not_read_note() -> None:
     """'growth not read' is for a chain whose every dL/d output is 0 (0 / 0); a NaN growth from a
     value that overflowed (first_nonfinite set, reported on its own line) is not that."""
     from stabilitycheck.counterexample import SearchResult
-    from stabilitycheck.report import unmeasured
+    from stabilitycheck.reportnotes import unmeasured
 
     config, judged = _judged(3, 1e30)  # float32: the output overflows to inf, its gradient NaN
     m = judged.measurement  # type: ignore[attr-defined]
@@ -98,7 +98,7 @@ def test_a_target_exploding_on_every_device_and_precision_is_not_one_sided() -> 
     """one_sided names a target that explodes on some devices or precisions and not on others; one
     that explodes on all it ran on (here its one row) gets no line."""
     from stabilitycheck.counterexample import SearchResult
-    from stabilitycheck.report import one_sided
+    from stabilitycheck.reportnotes import one_sided
 
     config, judged = _judged(5, 3.0)
     space = Space("cf", config, (Axis.range("depth", 1, 5),))  # type: ignore[arg-type]
@@ -123,7 +123,7 @@ def test_a_rows_skipped_steps_say_whose_and_over_how_many_seeds() -> None:
     from dataclasses import replace
 
     from stabilitycheck.counterexample import SearchResult
-    from stabilitycheck.report import row
+    from stabilitycheck.reporttable import row
 
     config, judged = _judged(5, 3.0, seeds=3)
     judged = replace(judged, skipped_steps=4)  # type: ignore[type-var]

@@ -13,7 +13,7 @@ import torch
 from closed_form import ScaledIdentity
 from hypothesis.database import DirectoryBasedExampleDatabase
 
-from stabilitycheck import report
+from stabilitycheck import report, reportnotes, reporttable
 from stabilitycheck.config import Config
 from stabilitycheck.configprobe import probe
 from stabilitycheck.counterexample import Counterexample
@@ -96,7 +96,7 @@ def test_stable_space_reports_no_counterexample_and_the_largest_tried() -> None:
     assert result.counterexample is None
     assert result.largest_stable is not None and result.largest_stable.knob("seq_len") <= 24
     assert result.largest_stable_judgement is not None and not result.largest_stable_judgement.exploded
-    assert "stable (tried up to seq_len=" in report.table([result])
+    assert "stable (tried up to seq_len=" in reporttable.table([result])
 
 
 def test_critical_init_fixes_the_deep_tanh_mlp() -> None:
@@ -465,7 +465,7 @@ def test_an_interrupted_stable_row_says_when_it_stands_on_one_seed() -> None:
     assert "depth=40 (seed 0 alone): skipped: " in calls[0]
     j = result.largest_stable_judgement
     assert result.interrupted and result.counterexample is None and j is not None and len(j.seeds) == 1
-    assert report.row(result)[3].startswith("interrupted, stable on one seed so far (tried up to depth=")
+    assert reporttable.row(result)[3].startswith("interrupted, stable on one seed so far (tried up to depth=")
 
 
 STALLS = """
@@ -732,16 +732,16 @@ def test_an_interrupted_search_names_an_explosion_seen_on_one_seed_alone() -> No
     limits = Limits(growth=GROWTH_LIMIT, grad_norm=None, divergence=None)
     result = search(space, subject=StopsAtThird(rows), limits=limits)  # type: ignore[arg-type]
     cx = result.counterexample
-    assert result.interrupted and cx is not None and cx.judgement.exploded and report.alone(result)
+    assert result.interrupted and cx is not None and cx.judgement.exploded and reporttable.alone(result)
     assert cx.config.run.seeds == 1 and cx.config.run.seed == cx.judgement.seeds[0] == 0
     assert int(cx.config.knob("depth")) >= 5  # an explosion that seed saw: 10^(d/2) > 100
-    assert report.row(result)[3].endswith("(interrupted: on one seed alone, not verified minimal)")
+    assert reporttable.row(result)[3].endswith("(interrupted: on one seed alone, not verified minimal)")
     assert assess(cx.config, ByDepth(rows), limits).exploded  # type: ignore[arg-type]
     assert not assess(cx.config.with_run(seeds=3), ByDepth(rows), limits).exploded  # type: ignore[arg-type]
     other = Space("t", space.base.with_run(dtype="float64"), space.axes)
     stable = search(other, subject=ByDepth({d: (1.0,) * 3 for d in rows}), limits=limits)  # type: ignore[arg-type]
     assert stable.counterexample is None and not stable.interrupted
-    assert report.one_sided([result, stable]) == []
+    assert reportnotes.one_sided([result, stable]) == []
 
 
 def test_a_one_seed_counterexample_keeps_its_corner_note_and_replays_on_all_seeds() -> None:
@@ -759,7 +759,7 @@ def test_a_one_seed_counterexample_keeps_its_corner_note_and_replays_on_all_seed
     limits = Limits(growth=GROWTH_LIMIT, grad_norm=None, divergence=None)
     result = search(space, subject=StopsAtThird(rows), limits=limits)  # type: ignore[arg-type]
     cx = result.counterexample
-    assert cx is not None and report.alone(result) and int(cx.config.knob("depth")) == 1
+    assert cx is not None and reporttable.alone(result) and int(cx.config.knob("depth")) == 1
     assert "the lowest corner" in report.text([result])
     (entry,) = json.loads(report.to_json([result]))
     assert entry["alone"] == {"seed": 0, "seeds": 3}
