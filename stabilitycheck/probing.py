@@ -238,9 +238,10 @@ def _measure(
 
 def tf32_allowed(modules: Sequence[nn.Module], device: torch.device) -> bool:
     """Whether torch may run the model's float32 work on `device` in TF32: CUDA matmuls set to it, or
-    cuDNN set to it (its default) where the model has a convolution or a recurrent module, which run
-    through cuDNN. Read from torch's fp32_precision settings where it has them: its allow_tf32 flags
-    raise once those are set ("a mix of the legacy and new APIs"), after the whole run."""
+    cuDNN enabled and set to it (its default) where the model has a convolution or a recurrent module,
+    which run through cuDNN. Read from torch's fp32_precision settings where it has them: its
+    allow_tf32 flags raise once those are set ("a mix of the legacy and new APIs"), after the whole
+    run. A convolution called as a function (F.conv2d) with no such module is not seen."""
     if device.type != "cuda":
         return False
     backends = torch.backends
@@ -251,6 +252,7 @@ def tf32_allowed(modules: Sequence[nn.Module], device: torch.device) -> bool:
     else:
         matmul, conv = bool(backends.cuda.matmul.allow_tf32), bool(backends.cudnn.allow_tf32)
         rnn = conv
+    conv, rnn = conv and backends.cudnn.enabled, rnn and backends.cudnn.enabled  # off: torch's own kernels
     convs = conv and any(isinstance(m, nn.modules.conv._ConvNd) for m in modules)
     return matmul or convs or (rnn and any(isinstance(m, nn.RNNBase) for m in modules))
 

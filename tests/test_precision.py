@@ -351,6 +351,9 @@ def read():
 out = {"defaults": read(), "cpu": tf32_allowed(list(conv.modules()), cpu)}
 torch.backends.cudnn.conv.fp32_precision = "ieee"
 out["conv ieee"] = read()
+torch.backends.cudnn.conv.fp32_precision = "tf32"
+torch.backends.cudnn.enabled = False  # no cuDNN: convolutions and recurrences run torch's own kernels
+out["cudnn off"] = read()
 torch.backends.cuda.matmul.fp32_precision = "tf32"  # torch's allow_tf32 read raises from here on
 out["matmul tf32"] = read()
 json.dump(out, sys.stdout)
@@ -363,7 +366,8 @@ json.dump(out, sys.stdout)
 def test_tf32_is_read_from_torchs_precision_settings_without_raising() -> None:
     """Measurement.allow_tf32 on CUDA: reading torch.backends.cuda.matmul.allow_tf32 raised once TF32
     was set through torch's fp32_precision settings (after the whole run), and cuDNN, TF32 by
-    default, ran a conv stack's convolutions in TF32 while allow_tf32 read False. Oracle: torch's own
+    default, ran a conv stack's convolutions in TF32 while allow_tf32 read False (and read True with
+    cuDNN disabled, where they run torch's own kernels: a review). Oracle: torch's own
     settings, set one by one in a process of their own (they are global)."""
     import subprocess
     import sys
@@ -373,4 +377,5 @@ def test_tf32_is_read_from_torchs_precision_settings_without_raising() -> None:
     assert got["defaults"] == {"mlp": False, "conv": True, "lstm": True}  # cuDNN's TF32 is on by default
     assert got["cpu"] is False
     assert got["conv ieee"] == {"mlp": False, "conv": False, "lstm": True}
+    assert got["cudnn off"] == {"mlp": False, "conv": False, "lstm": False}
     assert got["matmul tf32"] == {"mlp": True, "conv": True, "lstm": True}
