@@ -794,7 +794,8 @@ def build(depth=2):
 def test_inputs_that_cannot_be_inferred_are_asked_for_in_the_first_layers_shape(tmp_path: Path) -> None:
     """A model file whose first layer is a Conv2d and has no batch(): the hint gave a Linear's input,
     torch.randn(batch_size, 16), the wrong shape for it. Oracle: the Conv2d's own in_channels and
-    kernel dimensions (channels first, two spatial sizes)."""
+    kernel dimensions (channels first, two spatial sizes); a norm first, its own features (a review:
+    a BatchNorm2d first was given the Linear's hint)."""
     path = tmp_path / "conv.py"
     path.write_text(CONV_FIRST)
     subject = load(str(path))
@@ -806,3 +807,15 @@ def test_inputs_that_cannot_be_inferred_are_asked_for_in_the_first_layers_shape(
         subject = load(str(path))
         with pytest.raises(ModelFileError, match=rf"return torch.randn\(batch_size, {shape}\)`"):
             subject.build(subject.config())  # a lazy conv's 0 channels, a kernel longer than 32
+    norms = (
+        ("nn.BatchNorm2d(3)", "3, 32, 32"),
+        ("nn.LazyBatchNorm2d()", "3, 32, 32"),
+        ("nn.BatchNorm1d(5)", "5"),
+        ("nn.LayerNorm([4, 6])", "4, 6"),
+        ("nn.GroupNorm(2, 6)", "6, 32, 32"),
+    )
+    for first, shape in norms:  # a norm first: its features (and the spatial sizes of its kind)
+        path.write_text(CONV_FIRST.replace("nn.Conv2d(3, 8, 3)", first))
+        subject = load(str(path))
+        with pytest.raises(ModelFileError, match=rf"return torch.randn\(batch_size, {shape}\)`"):
+            subject.build(subject.config())

@@ -80,14 +80,31 @@ def infer(given: str, model: nn.Module, batch_size: int, seq_len: int, seed: int
         if not list(module.children()) and any(True for _ in module.parameters(recurse=False)):
             first = module
             break
-    example = "torch.randn(batch_size, 16)"
-    if isinstance(first, nn.modules.conv._ConvNd):  # channels first, then its spatial sizes
-        # a lazy conv's channels are 0 until its first call; each size at least its kernel's reach
-        reach = [d * (k - 1) + 1 for d, k in zip(first.dilation, first.kernel_size, strict=True)]
-        sizes = [first.in_channels or 3] + [max(32, r) for r in reach]
-        example = f"torch.randn(batch_size, {', '.join(map(str, sizes))})"
+    sizes = _sizes_taken(first) if first is not None else None
+    example = f"torch.randn(batch_size, {', '.join(map(str, sizes or [16]))})"
     named = f" ({type(first).__name__})" if first is not None else ""
     raise ModelFileError(
         f"{given}: has no batch() and its first layer{named} is not nn.Linear or nn.Embedding, so the inputs "
         f"cannot be inferred; add e.g. `def batch(model, batch_size=8): return {example}`"
     )
+
+
+SPATIAL = {nn.BatchNorm2d: [32, 32], nn.BatchNorm3d: [16, 16, 16], nn.GroupNorm: [32, 32]}  # 1d: none
+
+
+def _sizes_taken(first: nn.Module) -> list[int] | None:
+    """An input's sizes after the batch for a first layer that is no nn.Linear or nn.Embedding: a conv's
+    channels, then its spatial sizes (a lazy conv's channels are 0 until its first call: 3; each size
+    at least its kernel's reach); a norm's features, then spatial sizes for its kind (a LayerNorm's
+    normalized shape); None where the layer does not tell."""
+    if isinstance(first, nn.modules.conv._ConvNd):
+        reach = [d * (k - 1) + 1 for d, k in zip(first.dilation, first.kernel_size, strict=True)]
+        return [first.in_channels or 3] + [max(32, r) for r in reach]
+    if isinstance(first, nn.LayerNorm):
+        return list(first.normalized_shape)
+    if isinstance(first, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
+        features = first.num_channels if isinstance(first, nn.GroupNorm) else first.num_features
+        kind = getattr(first, "cls_to_become", None) or type(first)  # a lazy norm's is set on its call
+        spatial = next((v for k, v in SPATIAL.items() if issubclass(kind, k)), [])
+        return [features or 3, *spatial]
+    return None
