@@ -189,10 +189,12 @@ def differentiable_loss(loss: Any) -> torch.Tensor:
 
 
 def call_model(model: nn.Module, inputs: Inputs) -> Any:
-    """Call the model the way its inputs are packed: tensor, tuple/list (positional) or dict."""
+    """Call the model the way its inputs are packed: tensor, tuple/list (positional, a namedtuple's
+    fields too) or dict. A PackedSequence, a namedtuple of one sequence's parts, is one input
+    (spread, it made 4 arguments)."""
     if isinstance(inputs, dict):
         return model(**inputs)
-    if isinstance(inputs, tuple | list):
+    if isinstance(inputs, tuple | list) and not isinstance(inputs, nn.utils.rnn.PackedSequence):
         return model(*inputs)
     return model(inputs)
 

@@ -978,3 +978,33 @@ def test_an_inference_tensor_buffer_is_left_alone_when_the_probe_runs_the_forwar
         m = probe_module(model, x, lambda out, _: out.square().sum(), blocks=blocks)
         read.append((m.gains, m.growth))
     assert read[0] == read[1]
+
+
+class _PackedLSTMs(nn.Module):
+    """Three nn.LSTMs over a PackedSequence, then a head on the padded output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.LSTM(8, 8, dtype=F64) for _ in range(3))
+        self.head = nn.Linear(8, 5, dtype=F64)
+
+    def forward(self, packed: nn.utils.rnn.PackedSequence) -> torch.Tensor:
+        for layer in self.layers:
+            packed, _ = layer(packed)
+        return self.head(nn.utils.rnn.pad_packed_sequence(packed)[0])  # type: ignore[no-any-return]
+
+
+def test_a_packed_sequence_given_as_the_inputs_is_one_argument() -> None:
+    """A PackedSequence is a namedtuple: given as `inputs`, it was spread into the model's positional
+    arguments (4 of them: TypeError), as another namedtuple's fields are (found by an audit). Oracle:
+    torch's gradients of the same loss through the model called on it."""
+    torch.manual_seed(0)
+    model = _PackedLSTMs()
+    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(9, 3, 8, dtype=F64), torch.tensor([9, 6, 3]))
+    loss = lambda out, _: out.square().sum()  # noqa: E731
+    m = probe_module(model, packed, loss)
+    model.zero_grad()
+    loss(model(packed), packed).backward()
+    want = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    assert m.grad_norm[0] == pytest.approx(want.item(), rel=1e-12)
+    assert m.layer_names == ("layers.0", "layers.1", "layers.2")
