@@ -734,3 +734,49 @@ def test_a_looped_mixed_list_holding_a_composite_module_is_one_block_per_call() 
     blocks, note = looped_blocks(model, torch.randn(2, 8), *find_blocks(model))
     assert [name for name, _ in blocks] == ["block"]
     assert note == LOOPED_NOTE.format(names="block")
+
+
+class _OwnCell(nn.Module):
+    """h' = W h + U x_t, W = g x orthogonal: a cell of the user's own (no torch cell, no list)."""
+
+    def __init__(self, g: float) -> None:
+        super().__init__()
+        self.w = nn.Linear(16, 16, bias=False, dtype=torch.float64)
+        self.u = nn.Linear(16, 16, bias=False, dtype=torch.float64)
+        with torch.no_grad():
+            self.w.weight.copy_(orthogonal(g, 16))
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return self.w(h) + self.u(x)  # type: ignore[no-any-return]
+
+
+class _Windowed(nn.Module):
+    """_OwnCell over the tokens, its state detached (or started afresh) every `k` tokens, a head on the
+    last state."""
+
+    def __init__(self, k: int, fresh: bool) -> None:
+        super().__init__()
+        self.cell, self.head = _OwnCell(2.0), nn.Linear(16, 3, dtype=torch.float64)
+        self.k, self.fresh = k, fresh
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.new_zeros(x.shape[0], 16)
+        for t in range(x.shape[1]):
+            if t and t % self.k == 0:
+                h = x.new_zeros(x.shape[0], 16) if self.fresh else h.detach()
+            h = self.cell(x[:, t], h)
+        return self.head(h)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("fresh", [False, True], ids=["detached", "fresh"])
+def test_a_cell_of_truncated_backpropagation_is_found_though_some_calls_start_afresh(fresh: bool) -> None:
+    """Every later call had to take the previous output for a module to be looped: a cell whose state
+    is detached (or made afresh) every 5 tokens was no loop, its W and U were read as leaves, each
+    call a chain of its own, growth 1 (found by an audit). Oracle: the last window's exact growth,
+    g^(k-1) = 16 at g = 2, the same as with the cell declared."""
+    torch.manual_seed(0)
+    model, x = _Windowed(5, fresh), torch.randn(4, 20, 16, dtype=torch.float64)
+    z = torch.randn(4, 3, dtype=torch.float64)
+    m = probe_module(model, x, lambda out, _: (out * z).sum())
+    assert m.layer_names == ("cell",) and m.chain_starts == (5, 10, 15)
+    assert m.growth == pytest.approx(2.0**4, rel=1e-12)
