@@ -108,6 +108,16 @@ class Measurement:
         reached = [i for i, g in enumerate(self.gains) if not math.isnan(g)]
         return self.gains[: reached[-1]] if reached else self.gains
 
+    @property
+    def fitted_gains(self) -> tuple[float, ...]:
+        """`law_gains` from the last chain start before which every gain is 0 / 0 (NaN): chains that
+        no gradient reached, as truncated backpropagation's earlier windows under a loss on the last
+        token, measured no gain, and fitted as gains of 1 they read a cell at exactly x2 a step, 30 of
+        39 calls unreached, 'irregular'. The laws of growthkind are fitted on these."""
+        gains = self.law_gains
+        dead = [s for s in self.chain_starts if s <= len(gains) and all(math.isnan(g) for g in gains[:s])]
+        return gains[max(dead) :] if dead else gains
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (non-finite floats are kept: report.strict_json writes NaN as null)."""
         return dataclasses.asdict(self)

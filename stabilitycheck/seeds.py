@@ -282,5 +282,6 @@ def stepped(config: Config, m: Measurement) -> bool:
 
 
 def _kind(ms: Sequence[Measurement], q: float) -> Growth:
-    """The kind of growth of these probes' gain profiles (growthkind.kind_of)."""
-    return kind_of([m.law_gains for m in ms], [m.growth for m in ms], q)
+    """The kind of growth of these probes' gain profiles from the first chain reached on
+    (Measurement.fitted_gains, growthkind.kind_of)."""
+    return kind_of([m.fitted_gains for m in ms], [m.growth for m in ms], q)

@@ -4,6 +4,7 @@ or just outside, every expected value worked by hand from the Growth and input_a
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -390,3 +391,52 @@ def test_a_law_explains_a_growth_within_x2_or_within_5_percent_of_its_log_on_a_c
     """explains() as documented, at the edges of both rules (a share of 0.5 in place of 0.05 passed
     a law 7.5% off the log growth as 'exponential': a mutant no test killed)."""
     assert explains(law, growth, r2) is explained
+
+
+TRUNCATED = """
+import torch
+from torch import nn
+
+class Cell(nn.Module):
+    def __init__(self, gain):
+        super().__init__()
+        self.w, self.u = nn.Linear(16, 16, bias=False), nn.Linear(16, 16, bias=False)
+        q, _ = torch.linalg.qr(torch.randn(16, 16))
+        with torch.no_grad():
+            self.w.weight.copy_(gain * q)
+
+    def forward(self, x, h):
+        return self.w(h) + self.u(x)
+
+class Net(nn.Module):
+    def __init__(self, gain, window):
+        super().__init__()
+        self.cell, self.head, self.window = Cell(gain), nn.Linear(16, 3), window
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[0], 16)
+        for t in range(x.shape[1]):
+            if t and t % self.window == 0:
+                h = h.detach()
+            h = self.cell(x[:, t], h)
+        return self.head(h)
+
+def build(gain=2.0, window=10):
+    return Net(gain, window)
+
+def batch(model, seq_len=40, batch_size=4):
+    return torch.randn(batch_size, seq_len, 16)
+"""
+
+
+@pytest.mark.parametrize("window", [10, 40])
+def test_truncated_backpropagation_grows_at_its_cells_exact_rate(tmp_path: Path, window: int) -> None:
+    """A linear cell W = 2 Q (Q orthogonal: every step multiplies the gradient's norm by exactly 2), its
+    state detached every 10 of 40 tokens: the loss on the last token reaches the last window alone,
+    growth 2^9, and the windows before it measured no gain (0 / 0), which entered the fit as gains of
+    1 and read 'irregular' (found by an audit). Oracle: the exact rate 2 per step, as without windows."""
+    path = tmp_path / "truncated.py"
+    path.write_text(TRUNCATED)
+    j = assess(Config.of(f"{path}:build", window=window, dtype="float64"), limits=Limits(grad_norm=None))
+    assert j.growth.mid == pytest.approx(2.0 ** (min(window, 40) - 1), rel=1e-5)  # Q: a float32 QR
+    assert j.kind.kind == "exponential" and j.kind.rate.mid == pytest.approx(math.log(2.0), rel=1e-6)
