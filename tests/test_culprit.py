@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
 from measurements import _m_abc, _stack_seed
 
+from stabilitycheck.config import Config
+from stabilitycheck.configprobe import probe
 from stabilitycheck.culprit import culprit_of
 from stabilitycheck.measurement import Measurement, NonFinite
+from stabilitycheck.seeds import assess
+from stabilitycheck.verdicts import Limits
 
 C = math.log(2)  # every stack below is shifted by ln 2: a block with no excess has gain 2
 
@@ -413,3 +418,34 @@ def test_a_block_0_that_amplifies_past_the_function_between_is_named(
     gain ~0.7) and a pre-norm branch's block 0 (3.29 beside 1.08, the residual add's between gain 1)
     stand out after the lift: 35, 15 and 3.29 against the rest. Oracle: by construction."""
     assert culprit_of([_between(_stack_of(first, rest, s), gain) for s in range(5)]) == "b0"
+
+
+ORTHOGONAL = """
+import torch
+from torch import nn
+
+def build(depth=17, init_scale=1.8):
+    layers = [nn.Linear(32, 32, bias=False) for _ in range(depth)]
+    for layer in layers:
+        nn.init.orthogonal_(layer.weight, gain=init_scale)
+    return nn.Sequential(*layers)
+
+def batch(model, batch_size=8):
+    return torch.randn(batch_size, 32)
+"""
+
+
+def test_a_float16_overflow_verdict_names_the_block_that_overflowed(tmp_path: Path) -> None:
+    """A linear stack at gain 1.8 a layer overflows float16's 65504 in its last layer on most seeds:
+    the verdict is `overflow` (float16's non-finite), but only `nonfinite` verdicts had their culprit
+    read on the seeds that went non-finite, so the row read 'uniform' from the one finite seed
+    (found by an audit). Oracle: each seed's own first non-finite value, as the float32 verdict names
+    it."""
+    path = tmp_path / "orthogonal.py"
+    path.write_text(ORTHOGONAL)
+    j = assess(Config.of(f"{path}:build", dtype="float16"), limits=Limits(grad_norm=None, growth=None))
+    assert j.verdict.names == ("overflow",)
+    made = [probe(Config.of(f"{path}:build", dtype="float16", seed=s)).first_nonfinite for s in j.seeds]
+    blocks = {nf.layer for nf in made if nf is not None}
+    assert 2 * sum(nf is not None for nf in made) >= len(made) and len(blocks) == 1
+    assert j.culprit == blocks.pop()
