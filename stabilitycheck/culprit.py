@@ -9,9 +9,10 @@ from collections import Counter
 from collections.abc import Sequence
 
 from stabilitycheck.measurement import AFTER_LAST, INPUT, Measurement, shown
+from stabilitycheck.spread import quantile
 
 
-def culprit_of(ms: Sequence[Measurement], nonfinite: bool | None = None) -> str:
+def culprit_of(ms: Sequence[Measurement], nonfinite: bool | None = None, q: float = 0.5) -> str:
     """The block to blame, over seeds: where the first non-finite value was made where `nonfinite` (the
     verdict's nonfinite criterion fired: 2 of 5 seeds at q=0.9), or, None (no verdict says), where half the
     seeds or more went non-finite; else the rules below, on the finite seeds (one seed's Inf named a block
@@ -19,11 +20,12 @@ def culprit_of(ms: Sequence[Measurement], nonfinite: bool | None = None) -> str:
     the stack's median log-gain by more than log 2 and by more than 3x the spread of the other blocks'
     excesses (the median of their absolute values, the lower of two), in the median over seeds
     (`_standing_out`), block 0's gain from the input times the median gain of what the model computes
-    between blocks (Measurement.between_gain), which it has none of; where the median growth over seeds is
-    under 1 (vanishing), the same below the median (a block whose backward passes 1e-4 of the gradient,
-    beside gains of 0.85, read 'uniform'); else, when the typical gain G (the nearest-rank median over
-    seeds, as the verdict's quantiles, of each stack's median) is over 1, or the growth vanishes, 'uniform,
-    median gain xG'; else the block with the largest weight gradient (the growth was inside a block). A
+    between blocks (Measurement.between_gain), which it has none of; where the growth over seeds (its
+    q-quantile, the verdict's) is under 1 (vanishing), the same below the median (a block whose
+    backward passes 1e-4 of the gradient, beside gains of 0.85, read 'uniform'); else, when the typical
+    gain G (the nearest-rank median over seeds, as the verdict's quantiles, of each stack's median) is
+    over 1, or the growth vanishes, 'uniform, median gain xG'; else `_beside_gains_of_one`'s block,
+    or 'uniform, median gain xG' where it has none. A
     stack with fewer than three gains cannot show a uniform rate: there the seeds vote for their largest
     amplifying block, a tie going to the block of the earliest seed among the tied (a set's order, which
     varies with PYTHONHASHSEED, named layers.0 or layers.1 from one process to the next)."""
@@ -57,14 +59,31 @@ def culprit_of(ms: Sequence[Measurement], nonfinite: bool | None = None) -> str:
     if named is not None:
         return named
     typical = statistics.median_low(_median(row) for row in logs)
-    vanishing = _median([m.growth for m in ms]) < 1
+    growth = quantile([m.growth for m in ms], q)  # the verdict's: an interpolated median read 1.01 for 0.95
+    vanishing = growth < 1
     if vanishing:  # a block that shrinks the gradient far more than the rest: by the same rules, below
         named = _standing_out(first, [[-x for x in e] for e in excess], len(ms))
         if named is not None:
             return named
-    if typical <= 0 and not vanishing:  # no block amplifies: the growth was inside a block (an nn.RNN)
-        return _single(first)
+    if typical <= 0 and not vanishing:  # no typical block amplifies
+        return _beside_gains_of_one(first, logs, growth) or f"uniform, median gain x{math.exp(typical):.3g}"
     return f"uniform, median gain x{math.exp(typical):.3g}"
+
+
+def _beside_gains_of_one(first: Measurement, logs: Sequence[Sequence[float]], growth: float) -> str | None:
+    """Where no typical block amplifies: the block whose median gain over seeds makes half the log
+    growth or more (x1.9 among gains of exactly 1, not twice their median: blamed on the largest
+    weight gradient, a block of gain 1); else, where one block's weight gradient is over twice every
+    other's or there is one block, that block (the growth was inside it: an nn.RNN over time); else
+    None (gains of 1 alike, weight gradients equal but for rounding, which named one: an audit)."""
+    per_block = [_median([row[i] for row in logs]) for i in range(len(logs[0]))]
+    top = max(range(len(per_block)), key=lambda i: _ordered(per_block[i]))
+    if growth > 1 and per_block[top] > 0 and per_block[top] >= math.log(growth) / 2:
+        return first.activation_names[top + 1]
+    weights = sorted((v for v in first.layer_grad_norms if not math.isnan(v)), reverse=True)
+    if len(first.layer_names) == 1 or (len(weights) > 1 and weights[0] > 2 * weights[1]):
+        return _single(first)
+    return None
 
 
 def _standing_out(first: Measurement, excess: Sequence[Sequence[float]], seeds: int) -> str | None:

@@ -264,7 +264,7 @@ def _judgement(
         growth=Spread.of(growth, q),
         grad_norm=Spread.of([v["grad_norm"] for v in per_seed], q),
         skipped_steps=sum(m.skipped_steps for m in ms),
-        culprit=culprit_of(shown, went if known.exploded else None),
+        culprit=culprit_of(shown, went if known.exploded else None, q),
         kind=_kind(judged, q),
         per_token=Spread.of([m.growth for m in ms], q) if through else None,
         measurement=ms[at] if own_loss else judged[at],
