@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 from chain_models import OrthogonalTowers, run_tower
-from probe_models import F64, _blocks, _Chain, _loss, culprit
+from probe_models import F64, _blocks, _Chain, _loss, _square_mean, culprit
 from torch import nn
 from torch.nn import functional as F
 
@@ -1120,3 +1120,69 @@ def test_a_block_that_makes_its_weight_at_its_first_call_is_measured_out_of_orde
     blocks = [("3", model[3]), ("1", model[1]), ("4", model[4])]  # called 1, 3, 4
     m = probe_module(model, torch.randn(4, 8), lambda out, _: out.pow(2).mean(), blocks=blocks, steps=3)
     assert m.layer_names == ("1", "3", "4") and all(w > 0 for w in m.weight_norms), m.weight_norms
+
+
+class _LinearUNet(nn.Module):
+    """Three tanh Linear blocks down, three up, each up block taking the matching down block's output
+    (a skip) beside the last output, in that order where `skip_first` (a U-Net's up(skip, x))."""
+
+    def __init__(self, skip_first: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.downs = nn.ModuleList(_Down() for _ in range(3))
+        self.ups = nn.ModuleList(_Up(skip_first) for _ in range(3))
+        self.skip_first = skip_first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for down in self.downs:
+            x = down(x)
+            skips.append(x)
+        skips.pop()
+        skips.insert(0, x)  # the bottleneck's own output, once more, for the first up block's skip
+        for up in self.ups:
+            skip = skips.pop()
+            x = up(skip, x) if self.skip_first else up(x, skip)
+        return x
+
+
+class _Down(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8, dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(2.0 * self.lin(x))
+
+
+class _Up(nn.Module):
+    def __init__(self, skip_first: bool) -> None:
+        super().__init__()
+        self.lin, self.skip_first = nn.Linear(16, 8, dtype=torch.float64), skip_first
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        x, skip = (b, a) if self.skip_first else (a, b)
+        return torch.tanh(2.0 * self.lin(torch.cat([x, skip], -1)))
+
+
+def test_an_up_block_taking_its_skip_first_continues_the_chain_as_taking_it_second() -> None:
+    """up(skip, x) read its first argument, a skip from an earlier output, as its chain's input, and
+    started a chain there where up(x, skip) continued it (growth 4.16 for 3.5e-4 on a U-Net: an
+    audit). Oracle: the two models compute the same function with the same weights, and torch's
+    |dL/d input| / |dL/d output| over the whole chain."""
+    x = torch.randn(4, 8, dtype=torch.float64)
+    readings = []
+    for skip_first in (False, True):
+        model = _LinearUNet(skip_first)
+        readings.append(probe_module(model, x, _square_mean))
+    second, first = readings
+    assert first.chain_starts == second.chain_starts == ()
+    assert first.growth == pytest.approx(second.growth, rel=1e-12)
+    given = x.clone().requires_grad_()
+    outs: list[torch.Tensor] = []
+    model = _LinearUNet(True)
+    hook = model.ups[-1].register_forward_hook(lambda _m, _a, o: outs.append(o))
+    loss = _square_mean(model(given), given)
+    hook.remove()
+    g_in, g_out = torch.autograd.grad(loss, [given, outs[0]])
+    assert first.growth == pytest.approx((g_in.norm() / g_out.norm()).item(), rel=1e-9)
