@@ -4,6 +4,7 @@ Also the shared helpers (invariants_common: rtols, spacings, check_factor, state
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import re
@@ -734,6 +735,78 @@ def test_rescaling_passes_a_bias_whose_exact_gradient_is_zero(dtype: torch.dtype
         assert_rescaling_equivariant(model, x, lambda out, _: nn.functional.cross_entropy(out, y), c)
     nn.functional.cross_entropy(model(x), y).backward()  # the .grad fields were restored to None
     assert float(model[0].bias.grad.norm()) < 1e-6 * float(model[0].weight.grad.norm())  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rescaling_passes_torchs_backward_through_a_batchnorm_at_any_input_scale(
+    scale: float, dtype: torch.dtype
+) -> None:
+    """At inputs x 1e-3 the bias before a BatchNorm (exact gradient 0) is rounding noise larger than
+    sqrt(eps) of its own norm, where its measured rounding error was capped: torch's own backward
+    failed on 10 of 10 seeds in float32 (an audit). Oracle: torch's backward is linear; the float64
+    run of the same model scales every gradient by c to 1e-12 of the total."""
+    y = torch.arange(8) % 4
+
+    def loss(out: torch.Tensor, _: object) -> torch.Tensor:
+        return nn.functional.cross_entropy(out.to(torch.promote_types(out.dtype, torch.float32)), y)
+
+    for seed in range(4):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+        x = torch.randn(8, 16) * scale
+        wide = copy.deepcopy(model).double()
+        g1 = torch.autograd.grad(loss(wide(x.double()), None), list(wide.parameters()))
+        g3 = torch.autograd.grad(3.0 * loss(wide(x.double()), None), list(wide.parameters()))
+        total = math.sqrt(sum(float(a.norm()) ** 2 for a in g1))
+        assert all(float((b - 3.0 * a).norm()) <= 1e-12 * total for a, b in zip(g1, g3, strict=True))
+        assert_rescaling_equivariant(model.to(dtype), x.to(dtype), loss, 3.0, seed=seed)
+
+
+class _ResidualTanh(nn.Module):
+    """x + tanh(fc(norm(x))), fc's weights at std 1/sqrt(16)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(16), nn.Linear(16, 16)
+        nn.init.normal_(self.fc.weight, std=0.25)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.tanh(self.fc(self.norm(x)))
+
+
+def _clamp_input_grads(_m: nn.Module, grads: Any, _out: Any) -> tuple[torch.Tensor | None, ...]:
+    return tuple(g.clamp(-1e-3, 1e-3) if g is not None else None for g in grads)
+
+
+@pytest.mark.parametrize("c", [0.5, 3.0])
+@pytest.mark.parametrize("clamped", [True, False])
+def test_rescaling_catches_a_clamping_hook_on_a_small_share_of_a_bfloat16_gradient(
+    clamped: bool, c: float
+) -> None:
+    """Every tensor was allowed rtol of the total gradient norm, bfloat16's 1.6%: a hook clamping the
+    gradient into block 1, whose tensors before it are 0.25% of the total and off c x by 66-95%,
+    passed (an audit). Where a float64 re-run measures the rounding, that share is the dtype's eps.
+    Oracle: the clamp binds (the first layer's gradients are not c x theirs, compared directly), and
+    without it the same model passes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(16, 16), _ResidualTanh(), _ResidualTanh(), _ResidualTanh(), nn.Linear(16, 10)
+    )
+    model = model.to(torch.bfloat16)
+    if clamped:
+        model[2].register_full_backward_hook(_clamp_input_grads)
+    x, y = torch.randn(8, 16, dtype=torch.bfloat16), torch.arange(8) % 10
+    loss = lambda out, _: nn.functional.cross_entropy(out.float(), y)  # noqa: E731
+    if not clamped:
+        assert_rescaling_equivariant(model, x, loss, c)
+        return
+    g1 = torch.autograd.grad(loss(model(x), x), list(model[0].parameters()))
+    gc = torch.autograd.grad(c * loss(model(x), x), list(model[0].parameters()))
+    pairs = zip(g1, gc, strict=True)
+    assert max(float((b.double() - c * a.double()).norm() / (c * a.double()).norm()) for a, b in pairs) > 0.3
+    with pytest.raises(StabilityError, match="did not scale every gradient"):
+        assert_rescaling_equivariant(model, x, loss, c)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
