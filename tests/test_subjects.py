@@ -308,6 +308,53 @@ def test_blocks_in_a_module_dict_are_named_by_their_keys() -> None:
     assert all(model.get_submodule(n) is b for n, b in blocks)
 
 
+class _Held(nn.Module):
+    """12 Sequential(Linear, Tanh) layers at sigma_w 4, held as numbered attributes (l0 ... l11), in
+    a ModuleDict, or as attributes named otherwise (`way`)."""
+
+    def __init__(self, way: str) -> None:
+        super().__init__()
+        layers = [nn.Sequential(nn.Linear(32, 32, bias=False), nn.Tanh()) for _ in range(12)]
+        for layer in layers:
+            nn.init.normal_(layer[0].weight, std=4.0 / 32**0.5)
+        names = [f"l{i}" for i in range(12)] if way != "named" else [f"l{chr(97 + i)}" for i in range(12)]
+        if way == "dict":
+            self.layers = nn.ModuleDict(dict(zip(names, layers, strict=True)))
+        else:
+            for name, layer in zip(names, layers, strict=True):
+                self.add_module(name, layer)
+        self.order = names
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        held = self.layers if hasattr(self, "layers") else self
+        for name in self.order:
+            x = held.get_submodule(name)(x)
+        return x
+
+
+@pytest.mark.parametrize("way", ["numbered", "dict"])
+def test_layers_held_as_numbered_attributes_or_in_a_module_dict_are_the_blocks(way: str) -> None:
+    """Layers no ModuleList holds were read on the first one's own modules alone: growth 0.74 (numbered
+    attributes) and 1.56 (a ModuleDict) where the stack's is 78 and 80 (found by an audit). Oracle:
+    torch's |dL/d input| / |dL/d output| over the 12 layers."""
+    torch.manual_seed(0)
+    model, x, z = _Held(way), torch.randn(8, 32), torch.randn(8, 32)
+    loss = lambda out, _: (out * z).sum()  # noqa: E731
+    m = probe_module(model, x, loss)
+    prefix = "layers." if way == "dict" else ""
+    assert m.layer_names == tuple(f"{prefix}l{i}" for i in range(12))
+    given = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(loss(model(given), x), [given])
+    assert m.growth == pytest.approx((g.norm() / z.norm()).item(), rel=1e-5)
+
+
+def test_attributes_of_one_kind_named_otherwise_are_no_found_stack() -> None:
+    """Only numbered attributes make a chain of their own: of one class but named otherwise (a cell and
+    its EMA copy, two towers), find_blocks keeps its other rules (here the first's layers)."""
+    blocks, note = find_blocks(_Held("named"))
+    assert [n for n, _ in blocks] == ["la.0", "la.1"] and "numbered" not in note
+
+
 def test_a_module_list_of_mixed_layers_has_every_module_recorded() -> None:
     """Mixed layers in a ModuleList run by the model's own loop: layers were hooked on the list itself,
     never called, so the last layer was never recorded and its pass counter never reset (the float64
