@@ -135,9 +135,10 @@ def _hypothesis_seed_option(config: pytest.Config) -> str | None:
     return None if value is None else str(value)
 
 
-MARKERS = ("slow: takes more than a few seconds", "cuda: needs a CUDA device")
+MARKERS = ("slow: takes more than a few seconds", "cuda: needs a CUDA device; skips where none is available")
 """The markers the example properties use: registered, so copied into a project run with
 --strict-markers they still collect."""
+NO_CUDA = "CUDA is not available here (torch.cuda.is_available() is False)"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -190,6 +191,16 @@ def _sigterm_interrupts() -> Any:
     if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         return None
     return signal.signal(signal.SIGTERM, _interrupt)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked `cuda` skips, saying why, where CUDA is not available (it ran, and failed, on a
+    machine without: a trial); torch is imported only for such a test."""
+    if item.get_closest_marker("cuda") is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip(f"marked cuda: {NO_CUDA}")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -447,8 +458,7 @@ def stability_device(request: pytest.FixtureRequest) -> str:
         import torch
 
         if not torch.cuda.is_available():
-            reason = "CUDA is not available here (torch.cuda.is_available() is False)"
-            pytest.skip(f"{PREFIX}device cuda: {reason}")
+            pytest.skip(f"{PREFIX}device cuda: {NO_CUDA}")
     return device
 
 

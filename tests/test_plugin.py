@@ -595,11 +595,21 @@ def test_a_recorded_config_reproduces_by_its_test_and_a_given_hypothesis_seed_is
 
 def test_the_example_properties_markers_need_no_registration_of_the_users(pytester: pytest.Pytester) -> None:
     """properties/ is offered as examples to copy; their @pytest.mark.slow failed collection under
-    --strict-markers in a project that had not registered it (found by a trial)."""
+    --strict-markers in a project that had not registered it (found by a trial). A test marked cuda
+    ran where CUDA is not available, and failed there (a trial): it skips, saying why. Oracle:
+    torch.cuda.is_available() in this process."""
+    import torch
+
     pytester.makepyfile(
-        test_copied="import pytest\n\n@pytest.mark.slow\n@pytest.mark.cuda\ndef test_x():\n    pass\n"
+        test_copied="import pytest\n\n@pytest.mark.slow\ndef test_x():\n    pass\n\n"
+        "@pytest.mark.cuda\ndef test_y():\n    import torch\n    torch.zeros(1, device='cuda')\n"
     )
-    pytester.runpytest_subprocess("-p", "no:cacheprovider", "--strict-markers").assert_outcomes(passed=1)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--strict-markers", "-rs")
+    if torch.cuda.is_available():
+        result.assert_outcomes(passed=2)
+    else:
+        result.assert_outcomes(passed=1, skipped=1)
+        result.stdout.fnmatch_lines(["*marked cuda: CUDA is not available here*"])
 
 
 def test_the_fixed_by_cell_says_when_no_remedy_could_be_judged() -> None:
