@@ -383,20 +383,32 @@ def _record(item: pytest.Item, call: pytest.CallInfo[None], state: _State) -> No
 def _rerun(item: pytest.Item, state: _State, seeded: bool) -> str:
     """The line that runs the test again on the examples it ran: its id, the seed they came from (the
     plugin's, or --hypothesis-seed's where that was given: a line with the plugin's alone passed
-    where the test failed) and the profile; where nothing seeded a Hypothesis test,
-    it says so (Hypothesis drew at random: the line may pass)."""
+    where the test failed), or for a derandomised test (Hypothesis' 'ci' profile, loaded where CI is
+    set) the Hypothesis profile that made it so (the plugin's seed, unused there, drew other examples
+    on a machine without CI: a trial), and the profile; where nothing seeded a Hypothesis test, it
+    says so (Hypothesis drew at random: the line may pass); where the example database is on, that a
+    failure it replayed needs it (a fresh checkout's run of the line passed: a trial)."""
+    from hypothesis import settings
+
     line = f"pytest {shlex.quote(_from_here(item))}"
     given = _hypothesis_seed_option(item.config)
+    test = getattr(item, "obj", None)
+    hypothesis = getattr(test, "is_hypothesis_test", False)
+    derandomized = hypothesis and given is None and _derandomized(getattr(test, "__func__", test))
     if given is not None:
         line += f" --hypothesis-seed={given}"
+    elif derandomized:  # never seeded by the plugin: its examples come from the test and the profile
+        line += f" --hypothesis-profile={settings.get_current_profile_name()}"  # CI's, where CI is set
     elif seeded or state.seed_all:
         line += f" {PREFIX}seed={state.seed}"
     line += f" {PREFIX}profile={state.profile}" if state.profile is not None else ""  # its examples
-    test = getattr(item, "obj", None)
-    drawn = getattr(test, "is_hypothesis_test", False) and given is None and not (seeded or state.seed_all)
-    if drawn and not _derandomized(getattr(test, "__func__", test)):
+    if hypothesis and given is None and not (seeded or state.seed_all or derandomized):
         return f"{line}  # the test's own assertion; its examples were drawn unseeded: add {PREFIX}seed"
-    return f"{line}  # the test's own assertion, on this config"
+    kept = hypothesis and settings().database is not None  # a failure the database replayed, first
+    return f"{line}  # the test's own assertion, on this config" + (DATABASE_NOTE if kept else "")
+
+
+DATABASE_NOTE = " (or replayed from the example database, .hypothesis/: run it where that is)"
 
 
 def _from_here(item: pytest.Item) -> str:

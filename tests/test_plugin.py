@@ -14,7 +14,7 @@ from stabilitycheck.config import Config
 from stabilitycheck.configprobe import probe
 from stabilitycheck.errors import StabilityError
 from stabilitycheck.invariants import assert_bounded_growth
-from stabilitycheck.pytest_plugin import Finding, add_options, assert_stable, finding, summary
+from stabilitycheck.pytest_plugin import DATABASE_NOTE, Finding, add_options, assert_stable, finding, summary
 
 pytest_plugins = ["pytester"]
 
@@ -564,6 +564,50 @@ def test_a_test_the_plugin_seeded_for_its_fixtures_gets_the_seed_in_its_reproduc
     monkeypatch.setenv("DRAWN", str(second))
     pytester.runpytest("-p", "no:cacheprovider", "-p", "no:randomly", *line.split("#")[0].split()[1:])
     assert first.read_text().splitlines()[0] == second.read_text().splitlines()[0]
+
+
+DRAWN_ON_CI = """
+import os
+from hypothesis import Phase, given, settings, strategies as st
+from stabilitycheck.config import Config
+
+@settings(max_examples=20, phases=[Phase.generate])
+@given(st.integers(1, 10**6))
+def test_fails(n):
+    with open(os.environ["DRAWN"], "a") as f:
+        f.write(f"{n}\\n")
+    with open(os.environ["DRAWN"]) as f:
+        drawn = len(f.read().split())
+    c = Config.of("mlp", depth=n)
+    assert drawn < 6, c  # the 6th example fails: the 5 before it are the seed's
+"""
+
+
+def test_a_reproduction_line_from_ci_names_hypothesis_ci_profile_not_an_unused_seed(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With CI set, Hypothesis loads its derandomised 'ci' profile and the plugin seeds nothing, yet
+    the line said --stability-seed=3, which on a machine without CI draws other examples (a trial):
+    it names --hypothesis-profile=ci. Run without CI, the database on, the line says a replayed
+    failure needs the database. Oracle: the examples drawn, on CI and by the line run without it."""
+    pytester.makepyfile(test_drawn=DRAWN_ON_CI)
+    first, second = pytester.path / "first.txt", pytester.path / "second.txt"
+    monkeypatch.setenv("DRAWN", str(first))
+    monkeypatch.setenv("CI", "true")
+    plain = ("-p", "no:cacheprovider", "-p", "no:randomly")
+    result = pytester.runpytest_subprocess(*plain, "--stability-seed=3")
+    result.assert_outcomes(failed=1)
+    line = next(x for x in result.outlines if x.lstrip().startswith("pytest test_drawn.py::"))
+    assert "--hypothesis-profile=ci" in line and "--stability-seed" not in line and "database" not in line
+    monkeypatch.delenv("CI")
+    monkeypatch.setenv("DRAWN", str(second))
+    again = pytester.runpytest_subprocess(*plain, *line.split("#")[0].split()[1:])
+    again.assert_outcomes(failed=1)
+    assert first.read_text().split() == second.read_text().split()
+    monkeypatch.setenv("DRAWN", str(pytester.path / "third.txt"))
+    seeded = pytester.runpytest_subprocess(*plain, "--stability-seed=3")
+    line = next(x for x in seeded.outlines if x.lstrip().startswith("pytest test_drawn.py::"))
+    assert "--stability-seed=3" in line and line.endswith(DATABASE_NOTE)
 
 
 RECORDED = """
