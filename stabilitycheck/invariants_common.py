@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 import torch
 from torch import nn
 
+from stabilitycheck._tree import tree_map
 from stabilitycheck.errors import StabilityError, UsageError
 
 ACC = torch.float64
@@ -119,6 +120,11 @@ def host(values: Sequence[torch.Tensor]) -> list[float]:
         for i, f in zip(idx, torch.stack([values[i].reshape(()) for i in idx]).tolist(), strict=True):
             out[i] = float(f)
     return out
+
+
+def to64(inputs: Any) -> Any:
+    """`inputs` with every floating tensor in float64 (ACC), at any depth of its containers."""
+    return tree_map(lambda t: t.to(ACC) if t.is_floating_point() else t, inputs)
 
 
 def norms_of(tensors: Sequence[torch.Tensor], ord: float = 2.0) -> list[float]:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from stabilitycheck.errors import StabilityError, UsageError, no_trainable
-from stabilitycheck.invariants_common import fail, host, norms_of, state_kept
+from stabilitycheck.invariants_common import ACC, fail, host, norms_of, state_kept, to64
 from stabilitycheck.losses import Inputs, LossFn, seeded_loss
 
 CLEAN_RTOL = 0.01  # a clean scaled step against a plain one: scales of 2^k undo exactly
@@ -90,6 +90,32 @@ def _reference_step(
     opt.step()
     grads = [None if p.grad is None else p.grad.detach() for p in params]
     return [p.detach() for p in params], reached, [dict(opt.state.get(p, {})) for p in params], grads
+
+
+def _power_of_two(scale: float) -> bool:
+    """A positive finite power of two (NaN, a scaler with no get_scale: not known to be one)."""
+    return math.isfinite(scale) and scale > 0 and math.frexp(scale)[0] == 0.5
+
+
+def _rounding_alone(
+    model: nn.Module, inputs: Inputs, loss_fn: LossFn, seed: int, grads: Sequence[torch.Tensor | None]
+) -> frozenset[int]:
+    """The parameters whose gradient `grads` (a plain step's) is mostly rounding: further from a
+    float64 re-run's than that is from 0 (terms that cancel: a bias before a BatchNorm, exactly 0).
+    Scaled by a loss scale that is no power of two and unscaled, such a gradient rounds to other
+    noise, its Adam moments and update unlike the plain step's, with no scaler at fault (torch's own
+    GradScaler failed at a scale of 768: a trial). None where the model cannot run in float64."""
+    twin = copy.deepcopy(model).to(ACC)
+    params = [p for p in twin.parameters() if p.requires_grad]
+    try:
+        seeded_loss(twin, to64(inputs), loss_fn, seed).backward()  # type: ignore[no-untyped-call]
+    except (RuntimeError, TypeError):
+        return frozenset()
+    return frozenset(
+        i
+        for i, (g, p) in enumerate(zip(grads, params, strict=True))
+        if g is not None and p.grad is not None and float((g.to(ACC) - p.grad).norm()) > float(p.grad.norm())
+    )
 
 
 def assert_gradscaler_guards(
@@ -247,9 +273,11 @@ def _check_guards(
         )
     # the state first: a skipped step that stepped the optimizer shows there as such (Adam's step count),
     # where the clean step's update, bias-corrected by that count, only reads as a wrong update
+    # a scale that is no power of two rounds a gradient of rounding alone to other noise
+    noise = frozenset() if _power_of_two(at) else _rounding_alone(model, inputs, loss_fn, seed, plain)
     try:
-        _check_clean_state(named, opt, states, kind)
-        _check_clean_step(named, weights, expected, kind)
+        _check_clean_state(named, opt, states, kind, noise)
+        _check_clean_step(named, weights, expected, kind, noise)
     except StabilityError as exc:
 
         def reference(grads: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
@@ -258,7 +286,7 @@ def _check_guards(
             wanted, _, states, _ = _reference_step(model, inputs, loss_fn, optimizer, lr, seed, on, weights)
             return wanted, states
 
-        if not _own_clip(named, weights, opt, scaler, (held, plain), reference, lambda: step(None)):
+        if not _own_clip(named, weights, opt, scaler, (held, plain), reference, lambda: step(None), noise):
             if isinstance(scaler, torch.amp.GradScaler) or not _shrunk(params, plain, at):
                 raise
             raise StabilityError(  # a shrink: a wrong unscale, or torch's recipe with its clip active
@@ -312,6 +340,7 @@ def _own_clip(
     held: tuple[tuple[dict[str, Any], dict[str, Any]], Sequence[torch.Tensor | None]],
     reference: Callable[[Sequence[torch.Tensor]], tuple[list[torch.Tensor], list[dict[str, Any]]]],
     step: Callable[[], None],
+    noise: frozenset[int],
 ) -> bool:
     """Whether a GradScaler's clean step that differs from the plain one is the plain step on the
     gradients it stepped on, each entry of them the unscaled one's or a shrink of it with its sign (a
@@ -327,8 +356,8 @@ def _own_clip(
         return False
     wanted, states = reference(clipped)  # from the weights before the clean step
     try:
-        _check_clean_state(named, opt, states, type(scaler).__name__)
-        _check_clean_step(named, weights, wanted, type(scaler).__name__)
+        _check_clean_state(named, opt, states, type(scaler).__name__, noise)
+        _check_clean_step(named, weights, wanted, type(scaler).__name__, noise)
     except StabilityError:
         return False
     return _same_at_another_scale(params, weights, opt, scaler, held[0], step)
@@ -448,13 +477,16 @@ def _check_clean_state(
     opt: torch.optim.Optimizer,
     expected: Sequence[dict[str, Any]],
     kind: str,
+    noise: frozenset[int],
 ) -> None:
     """After the skipped steps and the clean one, each parameter's optimizer state equals the plain
     step's (`_reference_step`) within CLEAN_RTOL: one step counted, moments of the unscaled gradients
     (a scaler that never unscales, or steps on zeroed gradients, leaves Adam's weights as a correct
-    one does, not its moments or its step count)."""
+    one does, not its moments or its step count). Not the parameters in `noise` (`_rounding_alone`)."""
     __tracebackhide__ = True
-    for (name, p), want in zip(named, expected, strict=True):
+    for i, ((name, p), want) in enumerate(zip(named, expected, strict=True)):
+        if i in noise:
+            continue
         got = opt.state.get(p, {})
         for key, ref in want.items():
             value = got.get(key)
@@ -477,11 +509,15 @@ def _check_clean_step(
     before: Sequence[torch.Tensor],
     expected: Sequence[torch.Tensor],
     kind: str,
+    noise: frozenset[int],
 ) -> None:
     """The clean step's update of each weight equals the plain step's (`_reference_step`) within
-    CLEAN_RTOL of its norm (power-of-two loss scales undo exactly; other scales round)."""
+    CLEAN_RTOL of its norm (power-of-two loss scales undo exactly; other scales round), but the
+    parameters in `noise`, whose gradient is rounding alone (`_rounding_alone`)."""
     __tracebackhide__ = True
-    for (name, p), w, want in zip(named, before, expected, strict=True):
+    for i, ((name, p), w, want) in enumerate(zip(named, before, expected, strict=True)):
+        if i in noise:
+            continue
         got, ref = (p.detach() - w).double(), (want.to(w.device) - w).double()
         off, size = float((got - ref).norm()), float(ref.norm())
         if off > CLEAN_RTOL * size + torch.finfo(w.dtype).tiny:

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from stabilitycheck._tree import tree_map
 from stabilitycheck.errors import no_trainable
 from stabilitycheck.invariants_common import (
     ACC,
@@ -22,6 +21,7 @@ from stabilitycheck.invariants_common import (
     rtol_of,
     state_kept,
     subnormal_spacing,
+    to64,
 )
 from stabilitycheck.losses import Inputs, LossFn, seeded_loss
 
@@ -39,11 +39,6 @@ def _gradients(
     (loss * scale).backward()  # type: ignore[no-untyped-call]
     grads = [(n, p.grad.detach().clone()) for n, p in params if p.grad is not None]
     return float(loss.detach().to(ACC)), grads
-
-
-def _to64(inputs: Inputs) -> Inputs:
-    """`inputs` with every floating tensor in float64, at any depth of its containers."""
-    return tree_map(lambda t: t.to(ACC) if t.is_floating_point() else t, inputs)
 
 
 def _rounding_error(
@@ -66,7 +61,7 @@ def _rounding_error(
     try:
         for t in tensors:
             t.data = t.data.to(ACC)
-        _, exact = _gradients(model, _to64(inputs), loss_fn, scale, seed)
+        _, exact = _gradients(model, to64(inputs), loss_fn, scale, seed)
     except (RuntimeError, TypeError):
         capped = [cap * n for n in sizes]
         return capped, capped
