@@ -250,7 +250,7 @@ def test_a_bug_of_the_package_is_raised_not_reported_as_the_models(monkeypatch: 
     and the point skipped, so a bug of ours read as the user's model failing."""
     from stabilitycheck import seeds
 
-    monkeypatch.setattr(seeds, "culprit_of", lambda ms, nonfinite: seeds.quantile([], 0.5))
+    monkeypatch.setattr(seeds, "culprit_of", lambda ms, nonfinite, q: seeds.quantile([], q))
     with pytest.raises(IndexError):
         search(SMALL_SPACES["tanh-mlp"], max_examples=5)
 
