@@ -16,7 +16,14 @@ from stabilitycheck.subject import torch_dtype
 
 def notes(results: Sequence[SearchResult]) -> list[str]:
     """Every note on `results`, one line each, in the order the report prints them."""
-    return one_sided(results) + skipped(results) + unmeasured(results) + cut(results) + minority(results)
+    return (
+        one_sided(results)
+        + skipped(results)
+        + unmeasured(results)
+        + cut(results)
+        + unreached(results)
+        + minority(results)
+    )
 
 
 def one_sided(results: Sequence[SearchResult]) -> list[str]:
@@ -149,6 +156,43 @@ def cut(results: Sequence[SearchResult]) -> list[str]:
                 "there (exactly 0) and no limit can fire on it"
             )
     return out
+
+
+def unreached(results: Sequence[SearchResult]) -> list[str]:
+    """Lines naming each target whose shown measurement has a chain ending in an output no gradient
+    reached (exactly 0) before a chain that got one, not cut by a detach (`cut` says those): the
+    growth up to it is not measured. An encoder nn.RNN handing its final state to a decoder is read
+    on its output sequence, which the loss does not use: growth 1 where the encoder's through time
+    was 1.5^39, with no word of it (an audit). Not between calls of one block: a cell's windows that
+    truncated backpropagation starts afresh, which a loss on the last token leaves unreached."""
+    out = []
+    for r in results:
+        m = r.shown.measurement if r.shown is not None else None
+        if m is None or m.first_nonfinite is not None or math.isnan(m.growth):  # unmeasured's 'not read'
+            continue
+        grads, names = m.activation_grad_norms, m.activation_names
+        ends = [
+            s - 1
+            for s in m.chain_starts
+            if s not in m.cut_before
+            and grads[s - 1] == 0
+            and any(grads[s:])
+            and _block(names[s - 1]) != _block(names[s])  # a cell's windows: truncated backpropagation's
+        ]
+        if ends:
+            out.append(
+                f"! {r.space.label}: no gradient reaches {names[ends[0]]}'s output (exactly 0) where the "
+                f"chain after it, from {names[ends[0] + 1]}, gets one: the growth up to it is not measured "
+                "(a tower the loss does not use; or a later block takes another tensor it returns, an "
+                "RNN's final state beside its output sequence, which the probe does not read: declare "
+                "blocks that return that tensor first, stability_blocks() or blocks=)"
+            )
+    return out
+
+
+def _block(call: str) -> str:
+    """The block a call's name is of: `cell` of `cell[9]`."""
+    return call.split("[", 1)[0]
 
 
 def minority(results: Sequence[SearchResult]) -> list[str]:

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import torch
 from closed_form import ScaledIdentity
 
 from stabilitycheck.counterexample import Counterexample
@@ -135,3 +137,55 @@ def test_a_rows_skipped_steps_say_whose_and_over_how_many_seeds() -> None:
     one = replace(judged, skipped_steps=1, seeds=judged.seeds[:1])  # type: ignore[attr-defined]
     cx = Counterexample("cf", config, one, Limits(), ())  # type: ignore[arg-type]
     assert ", the GradScaler skipped 1 step over 1 seed" in row(SearchResult(space, cx, 1, 1, 0.0, None))[4]
+
+
+SEQ2SEQ = """
+import torch
+from torch import nn
+
+class Seq2Seq(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec, self.head = nn.RNN(8, 8), nn.RNN(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        _, h = self.enc(x[:6])
+        y, _ = self.dec(x[6:], h)
+        return self.head(y)
+
+    def stability_blocks(self):
+        return [("enc", self.enc), ("dec", self.dec)]
+
+def build():
+    return Seq2Seq()
+
+def batch(model, batch_size=4):
+    return torch.randn(9, batch_size, 8)
+"""
+
+
+def test_a_chain_ending_in_an_output_no_gradient_reached_is_said(tmp_path: Path) -> None:
+    """An encoder nn.RNN handing its final state to a decoder is read on its output sequence, which
+    the loss does not use: dL/d out is exactly 0 there, the decoder starts a chain of its own, and the
+    growth read 1 with no word of it (found by an audit). Oracle: torch's gradient of the encoder's
+    output sequence is exactly 0 and its final state's is not."""
+    from stabilitycheck.config import Config
+    from stabilitycheck.counterexample import SearchResult
+    from stabilitycheck.reportnotes import unreached
+    from stabilitycheck.seeds import assess
+    from stabilitycheck.subjects import resolve
+
+    path = tmp_path / "seq2seq.py"
+    path.write_text(SEQ2SEQ)
+    config = Config.of(f"{path}:build", seeds=1)
+    judged = assess(config, limits=Limits(grad_norm=None))
+    built = resolve(config.subject).build(config)
+    out, h = built.model.enc(built.inputs[:6])
+    y, _ = built.model.dec(built.inputs[6:], h)
+    g_out, g_h = torch.autograd.grad(
+        built.loss_fn(built.model.head(y), built.inputs), [out, h], allow_unused=True
+    )
+    assert (g_out is None or not g_out.any()) and bool(g_h.any())
+    space = Space(str(path), config, ())
+    notes = unreached([SearchResult(space, None, 1, 1, 0.0, config, judged)])
+    assert len(notes) == 1 and "no gradient reaches enc's output (exactly 0)" in notes[0]
