@@ -763,6 +763,26 @@ def test_rescaling_passes_torchs_backward_through_a_batchnorm_at_any_input_scale
         assert_rescaling_equivariant(model.to(dtype), x.to(dtype), loss, 3.0, seed=seed)
 
 
+def test_rescaling_catches_a_hook_normalising_the_gradient_of_a_bias_before_a_batchnorm() -> None:
+    """That bias's gradient is rounding alone, whose error is not capped at sqrt(eps) of its own norm:
+    a hook normalising it to unit norm made a float64 gradient of unit norm, 'smaller than the error',
+    and the bug passed (a review). Uncapped only where the float64 gradient is also a rounding's
+    share of the total. Oracle: the hooked bias's gradient has norm 1 at c = 1 and at c = 3."""
+    y = torch.arange(8) % 4
+    loss = lambda out, _: nn.functional.cross_entropy(out, y)  # noqa: E731
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+        model[0].bias.register_hook(lambda g: g / g.norm().clamp_min(1e-30))
+        x = torch.randn(8, 16)
+        norms = [
+            float(torch.autograd.grad(c * loss(model(x), x), [model[0].bias])[0].norm()) for c in (1.0, 3.0)
+        ]
+        assert norms == pytest.approx([1.0, 1.0])
+        with pytest.raises(StabilityError, match="did not scale every gradient"):
+            assert_rescaling_equivariant(model, x, loss, 3.0, seed=seed)
+
+
 class _ResidualTanh(nn.Module):
     """x + tanh(fc(norm(x))), fc's weights at std 1/sqrt(16)."""
 
