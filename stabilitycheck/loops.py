@@ -135,22 +135,23 @@ def _apart(model: nn.Module, inputs: Inputs, names: list[str], stacks: list[str]
 
 def _looped(model: nn.Module, inputs: Inputs) -> list[str]:
     """The names of the outermost modules owning parameters that a forward of `model` (run here)
-    calls two or more times, most later calls taking what the one before returned (`taken_outputs`):
-    not every one, as truncated backpropagation through time runs a cell on from a detached or fresh
-    state every K tokens (taken for no loop, the cell's W and U read as leaves, each call a chain of
-    its own: growth 1 for g^(K-1)); not half or fewer (a tower run on two inputs, a projection per
-    token)."""
+    calls two or more times, two thirds or more of its later calls taking what the one before
+    returned (`taken_outputs`): not every one, as truncated backpropagation through time runs a cell
+    on from a detached or fresh state every K tokens, K >= 3 (taken for no loop, the cell's W and U
+    read as leaves, each call a chain of its own: growth 1 for g^(K-1)); not fewer (a tower run on
+    two inputs; a projection called per token on x_t and on h_t, its calls fed one in two, taken with
+    the cell: a review)."""
     named = [
         (name, m) for name, m in model.named_modules() if name and not isinstance(m, torch.jit.ScriptModule)
     ]
     calls: dict[int, int] = {}
-    fed: dict[int, int] = {}  # later calls taking the one before's output, less those that do not
+    fed: dict[int, int] = {}  # 1 per later call taking the one before's output, -2 per one that does not
     last: dict[int, list[torch.Tensor]] = {}
 
     def before(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         key = id(module)
         if key in last:
-            fed[key] = fed.get(key, 0) + (1 if taken_outputs(last[key], (args, kwargs)) else -1)
+            fed[key] = fed.get(key, 0) + (1 if taken_outputs(last[key], (args, kwargs)) else -2)
 
     def after(module: nn.Module, args: Any, output: Any) -> None:
         calls[id(module)] = calls.get(id(module), 0) + 1
@@ -163,6 +164,6 @@ def _looped(model: nn.Module, inputs: Inputs) -> list[str]:
     looped = [
         name
         for name, m in named
-        if calls.get(id(m), 0) >= 2 and fed.get(id(m), 0) > 0 and any(True for _ in m.parameters())
+        if calls.get(id(m), 0) >= 2 and fed.get(id(m), -1) >= 0 and any(True for _ in m.parameters())
     ]
     return [name for name in looped if not any(name.startswith(f"{other}.") for other in looped)]
