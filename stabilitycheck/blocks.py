@@ -5,7 +5,6 @@ Sequential's layers, leaf modules with parameters as a last resort), declared by
 from __future__ import annotations
 
 import inspect
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeGuard, cast
 
@@ -47,15 +46,14 @@ seed, the encoder after them unread)."""
 
 
 def _stacks(model: nn.Module) -> list[tuple[str, Blocks]]:
-    """Outermost ModuleLists/Sequentials/ModuleDicts of >= 1 modules of one type that own parameters,
-    as the modules a forward calls (`_called`: a list of lists of blocks, stages of a model, is its
-    blocks); of one whose modules are mostly of one composite type, those (`_mostly`). Not a list of
-    lookup tables (TABLES). A ModuleDict of layers was read on its first entry's own modules alone
-    (growth 1.56 for 80: an audit)."""
+    """Outermost ModuleLists/Sequentials of >= 1 modules of one type that own parameters, as the
+    modules a forward calls (`_called`: a list of lists of blocks, stages of a model, is its blocks);
+    of one whose modules are mostly of one composite type, those (`_mostly`). Not a list of lookup
+    tables (TABLES)."""
     found: list[tuple[str, Blocks]] = []
     for name, module in model.named_modules():
         if (
-            not isinstance(module, nn.ModuleList | nn.Sequential | nn.ModuleDict)
+            not isinstance(module, nn.ModuleList | nn.Sequential)
             or _reparametrizing(model, name)
             or len(module) == 0
         ):
@@ -64,7 +62,7 @@ def _stacks(model: nn.Module) -> list[tuple[str, Blocks]]:
         if (
             not children
             or len({_kind(m) for _, m in children}) != 1
-            or not _owns(module)
+            or not any(True for _ in module.parameters())
             or isinstance(children[0][1], TABLES)
         ):
             continue
@@ -386,8 +384,6 @@ def shown_blocks(names: Sequence[str], most: int = 3) -> str:
 LEAVES_NOTE = "blocks: leaf modules with parameters"  # the last resort of find_blocks
 DECLARED_NOTE = "blocks: declared by stability_blocks()"
 MIXED = "mixed module"  # in the note of blocks taken from a list of mixed module types
-ATTRIBUTES = "numbered attributes of one kind, in no list"  # in the note of blocks found by `_attributes`
-NUMBERED = re.compile(r"(.*?)(\d+)")  # an attribute's name as a stem and its number: l0, block_12
 
 
 def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
@@ -420,19 +416,15 @@ def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
     lists = [
         (name, _called(name, m))
         for name, m in model.named_modules()
-        if isinstance(m, nn.ModuleList | nn.Sequential | nn.ModuleDict)
+        if isinstance(m, nn.ModuleList | nn.Sequential)
         and not _reparametrizing(model, name)
         and len(m) >= 2
+        and not _repeated(model, name, m)
     ]
-    longest = max(lists, key=lambda s: len(s[1])) if lists else None
-    attributes = _attributes(model)
-    if len(attributes) > (len(longest[1]) if longest else 0):
-        names = shown_blocks([n for n, _ in attributes])
-        return attributes, f"blocks: {names} ({len(attributes)} {ATTRIBUTES})"
-    if longest is not None:
-        name, blocks = longest
+    if lists:
+        name, blocks = max(lists, key=lambda s: len(s[1]))
         mods = [m for _, m in blocks]
-        weighted = [(n, m) for n, m in blocks if _owns(m)]
+        weighted = [(n, m) for n, m in blocks if any(True for _ in m.parameters())]
         label = name or "(model)"
         container = dict(model.named_modules())[name]
         # layers of a Sequential (called, or looped over by the model: every place runs each pass); a
@@ -465,44 +457,22 @@ def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
     return leaves, f"{LEAVES_NOTE} (no repeated stack found)"
 
 
-def _attributes(model: nn.Module) -> Blocks:
-    """The longest run (two or more) of one module's consecutive attributes numbered in turn (l0, l1
-    ...; block_1, block_2 ...) that are composite modules of one layout (`_layout`) owning parameters:
-    layers no list holds (each a Sequential(Linear, Tanh), or of one class). They were read on the
-    first one's own modules alone (growth 0.74 for 78: an audit). Numbered, as a model's own
-    sequence is: attributes of one class named otherwise (`cell` and its `ema` copy, two towers, an
-    encoder and a decoder) are no chain. The first run found of the longest."""
-    best: Blocks = ()
-    for name, module in model.named_modules():
-        if _reparametrizing(model, name):
-            continue
-        run: list[tuple[str, nn.Module]] = []
-        last: tuple[str, int] | None = None  # the run's last attribute's name as (stem, number)
-        for key, child in module._modules.items():
-            number = NUMBERED.fullmatch(key)
-            at = (number[1], int(number[2])) if number else None
-            if child is None or at is None:
-                run, last = [], None
-                continue
-            entry = (f"{name}.{key}" if name else key, child)
-            if last is not None and at == (last[0], last[1] + 1) and _layout(child) == _layout(run[-1][1]):
-                run.append(entry)
-            else:
-                run = [entry] if any(True for _ in child.children()) and _owns(child) else []
-            last = at if run else None
-            if len(run) >= 2 and len(run) > len(best):
-                best = tuple(run)
-    return best
-
-
-def _owns(module: nn.Module) -> bool:
-    """Whether `module` or a module inside it has a parameter."""
-    return any(True for _ in module.parameters())
+def _repeated(model: nn.Module, name: str, container: nn.Module) -> bool:
+    """Whether `container` is one of several units of one layout side by side, another of its
+    parent's modules laid out alike (`_layout`): layers held as attributes (l0 ... l11, each a
+    Sequential(Linear, Tanh)) or in a ModuleDict, whose first alone was read as the model's list
+    (growth 0.74 and 1.56 for 78 and 80: an audit), or two towers alike. No one of them is the
+    model's chain; the leaf modules are, whose calls a forward puts in order (loops.looped_blocks)."""
+    if not name:
+        return False
+    parent = model.get_submodule(name.rpartition(".")[0])
+    shape = _layout(container)
+    return any(c is not container and c is not None and _layout(c) == shape for c in parent._modules.values())
 
 
 def _layout(module: nn.Module) -> tuple[type, ...]:
     """A module's kind, and for a container (Sequential, ModuleList, ModuleDict) its children's kinds:
-    two Sequentials of other layers are no repeated layer."""
+    two Sequentials of other layers are no repeated unit."""
     if isinstance(module, nn.Sequential | nn.ModuleList | nn.ModuleDict):
         return (_kind(module), *(_kind(c) for c in module.children()))
     return (_kind(module),)

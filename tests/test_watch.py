@@ -697,18 +697,15 @@ class _Three(nn.Module):
 def test_the_report_names_the_blocks_watched_and_how_they_were_chosen() -> None:
     """A x50 on l3, outside the blocks found (l1's layers), was named 'loss of (loss)' with nothing
     saying l2 and l3 were never watched (found by an audit): the report names the blocks and the rule
-    that chose them, and that blocks= watches others; given, it says so. Numbered attributes (l1, l2,
-    l3) are now found as the blocks; named otherwise, the longest list found is the first's layers."""
+    that chose them, and that blocks= watches others; given, it says so. Three Sequentials laid out
+    alike are no one list's chain now: their leaf modules are watched, every layer's Linear."""
     torch.manual_seed(0)
     model = _Three(("l1", "l2", "l3"), ("l1", "l2", "l3"))
     found = report_of(train(model, 3)).text()
-    assert "  blocks watched: l1, l2, l3 (as found, l1, l2, l3 (3 numbered attributes" in found
-    model = _Three(("up", "mid", "down"), ("up", "mid", "down"))  # the longest list found is `up` alone
-    found = report_of(train(model, 3)).text()
-    said = "(as found, up (2, mixed module types); blocks= watches others)"
-    assert f"  blocks watched: up.0, up.1 {said}" in found
-    given = report_of(train(model, 3, blocks=[(n, model.get_submodule(n)) for n in ("up", "mid", "down")]))
-    assert "  blocks watched: up, mid, down (given by blocks=)" in given.text()
+    said = "(as found, leaf modules with parameters (no repeated stack found); blocks= watches others)"
+    assert f"  blocks watched: l1.0, l2.0, l3.0, head {said}" in found
+    given = report_of(train(model, 3, blocks=[(n, model.get_submodule(n)) for n in ("l1", "l2", "l3")]))
+    assert "  blocks watched: l1, l2, l3 (given by blocks=)" in given.text()
 
 
 class _SkipsFirst(MLP):
