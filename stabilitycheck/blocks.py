@@ -392,7 +392,8 @@ def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
     included), and where its blocks are composite, every other stack of composite blocks beside it (an
     encoder-decoder's two stacks; a longest stack of leaf layers stands alone, unless the stacks of
     composite blocks outweigh it: `_outweighs`);
-    else the longest ModuleList/Sequential of >= 2 modules, in a Sequential those owning parameters
+    else the longest ModuleList/Sequential of >= 2 modules (not one laid out as another of its
+    parent's modules: `_repeated`), in a Sequential those owning parameters
     where there are two or more (Linear, Tanh, Linear, ...: each gain is then a whole layer's,
     activation included, not alternately a weight's x2 and an activation's x0.5); else its recurrent
     cells (nn.RNNCell, LSTMCell, GRUCell: each call a block); else its leaf modules that own

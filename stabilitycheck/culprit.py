@@ -72,14 +72,17 @@ def culprit_of(ms: Sequence[Measurement], nonfinite: bool | None = None, q: floa
 
 def _beside_gains_of_one(first: Measurement, logs: Sequence[Sequence[float]], growth: float) -> str | None:
     """Where no typical block amplifies: the block whose median gain over seeds makes half the log
-    growth or more (x1.9 among gains of exactly 1, not twice their median: blamed on the largest
-    weight gradient, a block of gain 1); else, where one block's weight gradient is over twice every
-    other's or there is one block, that block (the growth was inside it: an nn.RNN over time); else
-    None (gains of 1 alike, weight gradients equal but for rounding, which named one: an audit)."""
+    growth or more, no other's log-gain over half its own (x1.9 among gains of exactly 1, not twice
+    their median: blamed on the largest weight gradient, a block of gain 1); else, where one block's
+    weight gradient is over twice every other's or there is one block, that block (the growth was
+    inside it: an nn.RNN over time); else None (gains of 1 alike, weight gradients equal but for
+    rounding, which named one: an audit)."""
     per_block = [_median([row[i] for row in logs]) for i in range(len(logs[0]))]
-    top = max(range(len(per_block)), key=lambda i: _ordered(per_block[i]))
-    if growth > 1 and per_block[top] > 0 and per_block[top] >= math.log(growth) / 2:
-        return first.activation_names[top + 1]
+    ranked = sorted(range(len(per_block)), key=lambda i: _ordered(per_block[i]), reverse=True)
+    top, second = per_block[ranked[0]], per_block[ranked[1]] if len(ranked) > 1 else -math.inf
+    alone = not second > top / 2  # not one of several alike (four at x1.5 beside shrinking ones: a review)
+    if growth > 1 and top > 0 and top >= math.log(growth) / 2 and alone:
+        return first.activation_names[ranked[0] + 1]
     weights = sorted((v for v in first.layer_grad_norms if not math.isnan(v)), reverse=True)
     if len(first.layer_names) == 1 or (len(weights) > 1 and weights[0] > 2 * weights[1]):
         return _single(first)

@@ -189,6 +189,10 @@ def test_a_stack_of_gain_exactly_one_blames_a_block_only_where_one_stands_out() 
     lone = [0.0] * 10
     lone[3] = math.log(1.9)
     assert culprit_of([seed(lone)] * 3) == "b3"
+    alike = [0.0] * 10  # four blocks at x1.5, a growth of 1.2 (shrinking elsewhere): no one of them
+    for i in (1, 3, 5, 8):
+        alike[i] = math.log(1.5)
+    assert culprit_of([seed(alike, growth=1.2)] * 3) == "uniform, median gain x1"  # (a review)
 
 
 def test_vanishing_is_read_on_the_verdicts_quantile_of_the_growth() -> None:
