@@ -200,11 +200,11 @@ class Recorder:
                 # block's output is read (taken whole, a junction read a packed nn.RNN's gain in no
                 # chain: growth 0.49 where torch's is 7814)
                 x = blockcalls.first_tensor(x, scalars=False)
-            x = self._chain_argument(x, args, kwargs)
+            x, goes_on = self._chain_argument(x, args, kwargs)
             entry = self.calls[0] < 0
             if blockcalls.severs(x, self.outputs[-1]) and self._upstream_learns():
                 self.severed.add(at)  # read as before (a frozen backbone under a head is meant so); said
-            if comes_from(x, self.outputs[-1]):
+            if goes_on:
                 if blockcalls.as_returned(x, self.outputs[-1]):
                     self.as_returned.append(at)
                 elif isinstance(x, torch.Tensor) and x.requires_grad and alone_from(x, self.outputs[-1]):
@@ -239,8 +239,10 @@ class Recorder:
                     # says so (0 / 0), as a list-held tower's does
                     self.cuts.add(at)
 
-    def _chain_argument(self, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """The tensor a call continues the chain on: `x`, its first floating argument, or where that is
+    def _chain_argument(self, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, bool]:
+        """The tensor a call continues the chain on, and whether it comes from the last output (one
+        search of the graph, not two, for a residual stream's every call): `x`, its first floating
+        argument, or where that is
         a skip from an earlier output (a U-Net's up(skip, x)) and another argument comes from the last
         output, that one: up(skip, x) read a junction there, up(x, skip) none, for the same function
         (an audit). An encoder-decoder's first decoder layer, taking the encoder's output beside its
@@ -248,11 +250,14 @@ class Recorder:
         made from it within `near`'s reach (a crop, a pool): no search back through the graph, which
         a cell's call beside another cell's state would make at every token."""
         last, earlier = self.outputs[-1], self.outputs[:-1]
-        if not earlier or not isinstance(x, torch.Tensor) or x.grad_fn is None or comes_from(x, last):
-            return x
+        if comes_from(x, last):
+            return x, True
+        if not earlier or not isinstance(x, torch.Tensor) or x.grad_fn is None:
+            return x, False
         if not near(x, {o.grad_fn for o in earlier if o.grad_fn is not None}):
-            return x
-        return next((t for t in tensors((args, kwargs)) if t is not x and comes_from(t, last)), x)
+            return x, False
+        other = next((t for t in tensors((args, kwargs)) if t is not x and comes_from(t, last)), None)
+        return (x, False) if other is None else (other, True)
 
     def _upstream_learns(self) -> bool:
         """Whether a gradient into the last output would reach something: it carries one, an earlier
