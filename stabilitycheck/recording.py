@@ -86,6 +86,9 @@ class Recorder:
         # calls taking, as their chain's input, the last output or a detached view of it that carries
         # no gradient (`blockcalls.severs`): the gradient stops there (readings.cut_before says where)
         self.severed: set[int] = set()
+        # a call that went on from the output before it while the next call took that output too
+        # (`_branches`): its position until the calls after it say whether it is a branch
+        self.branch: int | None = None
         self.stacks = [blockcalls.stack_of(name) for name, _ in blocks]
         self.modules = [module for _, module in blocks]
         self.own: dict[str, set[Any]] = {s: set() for s in self.stacks}  # its outputs' nodes this pass
@@ -202,6 +205,8 @@ class Recorder:
                 x = blockcalls.first_tensor(x, scalars=False)
             x, goes_on = self._chain_argument(x, args, kwargs)
             entry = self.calls[0] < 0
+            if self.branch is not None:
+                self._settle(x, list(tensors((args, kwargs))))
             if blockcalls.severs(x, self.outputs[-1]) and self._upstream_learns():
                 self.severed.add(at)  # read as before (a frozen backbone under a head is meant so); said
             if goes_on:
@@ -230,6 +235,7 @@ class Recorder:
             if not any(near(t, own) for t in given) and not any(made_from(t, own) for t in given):
                 self.feeds[at] = taken_chains(self.outputs, sorted(self.breaks), given, entry)
                 self.breaks.add(at)
+                self._branches(at, x)
                 restart = self.calls[-1] == 0 or self.calls.count(0) > 1  # a cell's: not a tower's 2nd pass
                 if b == 0 and self.lone and not self.feeds[at] and restart:
                     # a cell run on from a fresh state (reset every K tokens) ends its window as a
@@ -238,6 +244,55 @@ class Recorder:
                     # second pass (block 0 called once before) is no window: one behind a zero gate
                     # says so (0 / 0), as a list-held tower's does
                     self.cuts.add(at)
+
+    def _branches(self, at: int, x: Any) -> None:
+        """Call `at`, a junction, takes as its chain's input what the call before it took, the output
+        before that (two heads on a trunk's last features, two experts on a mixer's output): the call
+        before it went on with the chain only if what it returned goes on with the model's flow. Its
+        place is kept (`branch`) until `_settle` sees the calls after these siblings."""
+        p = at - 1
+        if (
+            self.branch is None
+            and p >= 2
+            and p not in self.breaks
+            and min(self.calls[p - 1 : p + 1]) >= 0
+            and comes_from(x, self.outputs[p - 1])
+        ):
+            self.branch = p
+
+    def _settle(self, x: Any, given: list[torch.Tensor] | None) -> None:
+        """Whether the first of two or more siblings (`branch`, `_branches`) went on with the chain,
+        seen at the first later call that is not another sibling (`x`: its chain's input, `given`: its
+        tensors), or at the end of the pass (None: on the outputs recorded since). Where that call
+        takes what one of the siblings made (the experts' mean added back to a mixer's stream, which
+        the next mixer takes; a layer after an aux head on its predecessor's output), the chain runs
+        on as read. Where none does (the pass ended: task heads on a trunk's last features), every
+        sibling is a branch: the first too is a chain of its own taking the trunk's. Read as the
+        trunk's next block, its gain divided dL/d(trunk output), every head's gradient, by its own:
+        a head lightly weighted in the loss read as an explosion (160 where the trunk's growth is
+        1.28). Decided at the next call, not at the end of the pass: a trunk run again on a second
+        input (a Siamese pair) comes between."""
+        p = self.branch
+        assert p is not None
+        if given is not None:
+            made = self.outputs[p:]
+            nodes = {o.grad_fn for o in made if o.grad_fn is not None}
+            if any(any(t is o for o in made) or made_from(t, nodes) for t in given):
+                self.branch = None  # the siblings' outputs go on: read as before
+                return
+            if comes_from(x, self.outputs[p - 1]) and not comes_from(x, self.outputs[-1]):
+                return  # another sibling
+        else:  # the end of the pass: a call `_joins` did not see may have taken a sibling's output
+            made = self.outputs[p:]
+            for q in range(1, len(made)):
+                nodes = {o.grad_fn for o in made[:q] if o.grad_fn is not None}
+                if any(made[q] is o for o in made[:q]) or made_from(made[q], nodes):
+                    self.branch = None
+                    return
+        start = max((s for s in self.breaks if s < p), default=0)
+        self.breaks.add(p)
+        self.feeds[p] = frozenset({start})
+        self.branch = None
 
     def _chain_argument(self, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, bool]:
         """The tensor a call continues the chain on, and whether it comes from the last output (one
@@ -432,6 +487,7 @@ class Recorder:
         self.feeds.clear()
         self.cuts.clear()
         self.severed.clear()
+        self.branch = None
         for ids in self.own.values():
             ids.clear()
         self.entering = [] if inputs else None
@@ -483,6 +539,8 @@ class Recorder:
         return self.touched or entry
 
     def stop(self) -> None:
+        if self.active and self.branch is not None:
+            self._settle(None, None)
         self.active = False
         self.entry = None
         if self.raw is None:  # else kept for a recomputation in the backward, until `release`
