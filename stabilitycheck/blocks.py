@@ -45,7 +45,7 @@ TABLES = (nn.Embedding, nn.EmbeddingBag)
 seed, the encoder after them unread)."""
 
 
-def _stacks(model: nn.Module) -> list[tuple[str, Blocks]]:
+def stacks_in(model: nn.Module) -> list[tuple[str, Blocks]]:
     """Outermost ModuleLists/Sequentials of >= 1 modules of one type that own parameters, as the
     modules a forward calls (`_called`: a list of lists of blocks, stages of a model, is its blocks);
     of one whose modules are mostly of one composite type, those (`_mostly`). Not a list of lookup
@@ -105,7 +105,7 @@ def _staged(module: nn.Module) -> bool:
         len(pairs) >= 2
         and any(True for _ in pairs[0][1].children())
         and 2 * sum(p.numel() for _, m in pairs for p in m.parameters()) > total
-        for _, pairs in _stacks(module)
+        for _, pairs in stacks_in(module)
     )
 
 
@@ -406,7 +406,7 @@ def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
     declared = declared_blocks(model)
     if declared is not None:
         return declared_pairs(model, declared()), DECLARED_NOTE
-    stacks = _stacks(model)
+    stacks = stacks_in(model)
     if stacks:
         primary = max(stacks, key=_longest)
         composite = [s for s in stacks if list(s[1][0][1].children())]

@@ -782,6 +782,73 @@ def test_a_cell_of_truncated_backpropagation_is_found_though_some_calls_start_af
     assert m.growth == pytest.approx(2.0**4, rel=1e-12)
 
 
+class _TrunkAndLeafHeads(nn.Module):
+    """A trunk of 12 Sequential(Linear, Tanh) blocks at sigma_w 4, then 16 leaf heads (nn.Linear(32, 2)
+    each) side by side on its output: the heads' list is the longest stack."""
+
+    def __init__(self, heads: int = 16, depth: int = 12, width: int = 32) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(depth))
+        for layer in self.layers:
+            nn.init.normal_(layer[0].weight, std=4.0 / width**0.5)
+        self.heads = nn.ModuleList(nn.Linear(width, 2) for _ in range(heads))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return torch.stack([head(x) for head in self.heads], 1)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_leaf_heads_side_by_side_on_a_trunk_are_no_chain_the_trunk_is(seed: int) -> None:
+    """16 Linear heads on a trunk of 12 composite blocks outnumber it: find_blocks took the heads, each
+    a chain of one, growth 1 whatever the trunk did (75 and 195 here; found by an audit). A forward
+    shows none of the heads takes another's output while the trunk's blocks chain: the trunk is
+    taken. Oracle: torch's |dL/d input| / |dL/d trunk output|."""
+    torch.manual_seed(seed)
+    model, x = _TrunkAndLeafHeads().double(), torch.randn(16, 32, dtype=torch.float64)
+    z = torch.randn(16, 16, 2, dtype=torch.float64)
+    loss = lambda out, _: (out * z).sum()  # noqa: E731
+    assert find_blocks(model)[1] == "blocks: heads (16)"
+    m = probe_module(model, x, loss)
+    assert m.layer_names == tuple(f"layers.{i}" for i in range(12))
+    assert (
+        m.blocks_note
+        == "blocks: layers (12) (heads: side by side, no call taking another's output: not taken)"
+    )
+    given = x.clone().requires_grad_()
+    outs: list[torch.Tensor] = []
+    hook = model.layers[-1].register_forward_hook(lambda _m, _a, o: outs.append(o))
+    first, last = torch.autograd.grad(loss(model(given), x), [given, *outs])
+    hook.remove()
+    assert m.growth == pytest.approx((first.norm() / last.norm()).item(), rel=1e-9) and m.growth > 20
+
+
+def test_a_leaf_trunk_that_chains_keeps_find_blocks_choice_beside_composite_heads() -> None:
+    """The opposite case: 16 Linear layers that chain beside 4 composite heads side by side on their
+    output stay the blocks (`_outweighs`); only a leaf stack none of whose calls takes another's
+    output gives way."""
+    torch.manual_seed(0)
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(16))
+            self.heads = nn.ModuleList(nn.Sequential(nn.Linear(16, 8), nn.Tanh()) for _ in range(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                x = torch.tanh(layer(x))
+            return torch.stack([head(x) for head in self.heads], 1)
+
+    model = Model()
+    blocks, note = find_blocks(model)
+    assert (
+        looped_blocks(model, torch.randn(4, 16), blocks, note) == (blocks, note)
+        and note == "blocks: layers (16)"
+    )
+
+
 class _SharedProjection(nn.Module):
     """A cell of its own over 10 tokens, one Linear `proj` called per token on x_t (its input) and on
     h_t (the readout): proj's later calls take the one before's output one in two."""
