@@ -83,9 +83,10 @@ def looped_blocks(model: nn.Module, inputs: Inputs, blocks: Blocks, note: str) -
 def _chain_beside(model: nn.Module, inputs: Inputs, blocks: Blocks, note: str) -> tuple[Blocks, str] | None:
     """Where find_blocks took one stack of leaf layers as the longest (`blocks`) over stacks of
     composite blocks, and a forward (on a copy: `on_a_copy`) shows that none of the leaf stack's calls
-    takes what its call before returned (task heads side by side on a trunk's features, a head per
-    layer) while the calls of one or more composite stacks chain (each after the first takes what
-    the one before returned, or what is computed from it): those composite stacks, with a note.
+    takes what its call before returned (task heads side by side on a trunk's features, one task's
+    head alone, a head per layer) while the calls of one or more composite stacks chain (each after
+    the first takes what the one before returned, or what is computed from it): those composite
+    stacks, with a note.
     16 Linear heads on a trunk of 12 Sequential(Linear, Tanh) blocks were the chain, each head a
     chain of one, growth 1 whatever the trunk did (~20-300 at sigma_w 4). A leaf stack that chains
     (a trunk of Linear layers beside small composite probe heads: `_outweighs`) stays. None where
@@ -105,7 +106,8 @@ def _chain_beside(model: nn.Module, inputs: Inputs, blocks: Blocks, note: str) -
     except Exception:  # the probe's own forward will say what is wrong, in its own words
         return None
     calls, chained, taken, first = seen
-    if calls[0] < 2 or taken[0]:  # the leaf stack: called twice or more, no call on another's output
+    if calls[0] < 1 or taken[0]:  # the leaf stack: called, no call on another's output (one alone: a
+        # task's head of 16, growth 1 where the trunk's was 33.8: a review)
         return None
     order = sorted((k for k in range(1, len(groups)) if calls[k] >= 2 and chained[k]), key=first.__getitem__)
     if not order:

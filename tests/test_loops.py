@@ -784,10 +784,11 @@ def test_a_cell_of_truncated_backpropagation_is_found_though_some_calls_start_af
 
 class _TrunkAndLeafHeads(nn.Module):
     """A trunk of 12 Sequential(Linear, Tanh) blocks at sigma_w 4, then 16 leaf heads (nn.Linear(32, 2)
-    each) side by side on its output: the heads' list is the longest stack."""
+    each) side by side on its output, or the `task`'s alone: the heads' list is the longest stack."""
 
-    def __init__(self, heads: int = 16, depth: int = 12, width: int = 32) -> None:
+    def __init__(self, heads: int = 16, depth: int = 12, width: int = 32, task: int | None = None) -> None:
         super().__init__()
+        self.task = task
         self.layers = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(depth))
         for layer in self.layers:
             nn.init.normal_(layer[0].weight, std=4.0 / width**0.5)
@@ -796,18 +797,25 @@ class _TrunkAndLeafHeads(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
             x = layer(x)
+        if self.task is not None:
+            return self.heads[self.task](x)  # type: ignore[no-any-return]
         return torch.stack([head(x) for head in self.heads], 1)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_leaf_heads_side_by_side_on_a_trunk_are_no_chain_the_trunk_is(seed: int) -> None:
+@pytest.mark.parametrize(("seed", "task"), [(0, None), (1, None), (0, 3)])
+def test_leaf_heads_side_by_side_on_a_trunk_are_no_chain_the_trunk_is(seed: int, task: int | None) -> None:
     """16 Linear heads on a trunk of 12 composite blocks outnumber it: find_blocks took the heads, each
     a chain of one, growth 1 whatever the trunk did (75 and 195 here; found by an audit). A forward
     shows none of the heads takes another's output while the trunk's blocks chain: the trunk is
-    taken. Oracle: torch's |dL/d input| / |dL/d trunk output|."""
+    taken; so too where the forward calls one task's head alone (growth 1 after the first fix: a
+    review). Oracle: torch's |dL/d input| / |dL/d trunk output|."""
     torch.manual_seed(seed)
-    model, x = _TrunkAndLeafHeads().double(), torch.randn(16, 32, dtype=torch.float64)
-    z = torch.randn(16, 16, 2, dtype=torch.float64)
+    model, x = _TrunkAndLeafHeads(task=task).double(), torch.randn(16, 32, dtype=torch.float64)
+    z = (
+        torch.randn(16, 2, dtype=torch.float64)
+        if task is not None
+        else torch.randn(16, 16, 2, dtype=torch.float64)
+    )
     loss = lambda out, _: (out * z).sum()  # noqa: E731
     assert find_blocks(model)[1] == "blocks: heads (16)"
     m = probe_module(model, x, loss)
