@@ -832,6 +832,41 @@ def test_leaf_heads_side_by_side_on_a_trunk_are_no_chain_the_trunk_is(seed: int,
     assert m.growth == pytest.approx((first.norm() / last.norm()).item(), rel=1e-9) and m.growth > 20
 
 
+class _SiameseLeafHeads(_TrunkAndLeafHeads):
+    """_TrunkAndLeafHeads run on two inputs in turn (a Siamese pair), the 16 heads on each pass."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([super().forward(x), super().forward(0.5 * x.flip(0))], 1)
+
+
+def test_leaf_heads_on_each_pass_of_a_siamese_trunk_give_way_to_the_trunk() -> None:
+    """The trunk's second pass starts on another input, so not every call of it took the one before's
+    output and it read as no chain: the heads stayed the blocks, growth 1 (a review). Two thirds of
+    its calls chain. Oracle: torch's |dL/d input| / |dL/d trunk output| of the first pass (its input
+    made a leaf of its own), the first chain's growth."""
+    torch.manual_seed(0)
+    model, x = _SiameseLeafHeads().double(), torch.randn(16, 32, dtype=torch.float64)
+    z = torch.randn(16, 32, 2, dtype=torch.float64)
+    loss = lambda out, _: (out * z).sum()  # noqa: E731
+    m = probe_module(model, x, loss)
+    assert m.layer_names == tuple(f"layers.{i}" for i in range(12))
+    ins: list[torch.Tensor] = []  # each pass's input to layers.0, as a leaf: x reaches both passes
+    outs: list[torch.Tensor] = []
+
+    def leaf(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
+        ins.append(args[0].detach().requires_grad_())
+        return (ins[-1],)
+
+    hooks = [
+        model.layers[0].register_forward_pre_hook(leaf),
+        model.layers[-1].register_forward_hook(lambda _m, _a, o: outs.append(o)),
+    ]
+    first, last = torch.autograd.grad(loss(model(x), x), [ins[0], outs[0]])
+    for hook in hooks:
+        hook.remove()
+    assert m.chain_growths[0] == pytest.approx((first.norm() / last.norm()).item(), rel=1e-9)
+
+
 def test_a_leaf_trunk_that_chains_keeps_find_blocks_choice_beside_composite_heads() -> None:
     """The opposite case: 16 Linear layers that chain beside 4 composite heads side by side on their
     output stay the blocks (`_outweighs`); only a leaf stack none of whose calls takes another's
