@@ -123,37 +123,53 @@ def _chaining(
 ) -> tuple[list[int], list[bool], list[bool], list[int]]:
     """Per group of blocks (names in `model`, run here), in one forward: how many calls, whether two
     thirds or more of the calls after the first take what the group's call before returned or what is
-    computed from it (`taken_outputs`: a trunk run twice, a Siamese pair, starts its second pass on
+    computed from it (`_chains`: a trunk run twice, a Siamese pair, starts its second pass on
     another input, and read as no chain its leaf heads were taken, growth 1 for 37.4: a review),
     whether any does, and when the group was first called."""
-    calls, fed, taken = [0] * len(groups), [0] * len(groups), [False] * len(groups)
-    first = [1 << 30] * len(groups)
-    last: dict[int, list[torch.Tensor]] = {}
-    clock = [0]
+    order, fed = _calls(model, inputs, {name: k for k, (_, pairs) in enumerate(groups) for name, _ in pairs})
+    ks = range(len(groups))
+    first = [order.index(k) if k in order else 1 << 30 for k in ks]
+    return (
+        [order.count(k) for k in ks],
+        [_chains(fed.get(k, [])) for k in ks],
+        [any(fed.get(k, [])) for k in ks],
+        first,
+    )
 
-    def hooks(k: int) -> tuple[Any, Any]:
+
+def _calls(model: nn.Module, inputs: Inputs, keys: dict[str, Any]) -> tuple[list[Any], dict[Any, list[bool]]]:
+    """One forward of `model` (run here), each module named in `keys` hooked: the keys of the calls in
+    the order they return, and per key, for each call after its first, whether it took what the key's
+    call before returned or what is computed from it (`taken_outputs`)."""
+    order: list[Any] = []
+    fed: dict[Any, list[bool]] = {}
+    last: dict[Any, list[torch.Tensor]] = {}
+
+    def hooks(key: Any) -> tuple[Any, Any]:
         def before(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if k in last:
-                goes_on = bool(taken_outputs(last[k], (args, kwargs)))
-                fed[k] += 1 if goes_on else -2  # as loops._looped weighs them
-                taken[k] = taken[k] or goes_on
+            if key in last:
+                fed.setdefault(key, []).append(bool(taken_outputs(last[key], (args, kwargs))))
 
         def after(module: nn.Module, args: Any, output: Any) -> None:
-            calls[k] += 1
-            first[k] = min(first[k], clock[0])
-            clock[0] += 1
-            last[k] = floating(output)
+            order.append(key)
+            last[key] = floating(output)
 
         return before, after
 
-    for k, (_, pairs) in enumerate(groups):
-        for name, _ in pairs:
-            module = model.get_submodule(name)
-            before, after = hooks(k)
-            module.register_forward_pre_hook(before, with_kwargs=True)
-            module.register_forward_hook(after)
+    for name, key in keys.items():
+        module = model.get_submodule(name)
+        before, after = hooks(key)
+        module.register_forward_pre_hook(before, with_kwargs=True)
+        module.register_forward_hook(after)
     call_model(model, inputs)
-    return calls, [f >= 0 for f in fed], taken, first
+    return order, fed
+
+
+def _chains(fed: list[bool]) -> bool:
+    """Whether calls go on from the one before in two thirds or more of them (`_calls`' flags): a
+    cell that truncated backpropagation detaches every K >= 3 tokens does, a module called on x_t and
+    on h_t by turns does not (see `_looped`)."""
+    return 2 * fed.count(False) <= fed.count(True)
 
 
 def on_a_copy(model: nn.Module, inputs: Inputs, see: Callable[[nn.Module, Inputs], T]) -> T:
@@ -185,27 +201,8 @@ def _apart(model: nn.Module, inputs: Inputs, names: list[str], stacks: list[str]
     across the head before it, growth 1.24 for 1.55); else all (the calls of each stack follow each
     other, an encoder's, then a decoder's; or every stack chains, a decoder layer after each encoder
     layer; or none does). A stack never called comes last."""
-    order: list[str] = []
-    chained = dict.fromkeys(stacks, True)
-    last: dict[str, list[torch.Tensor]] = {}
-
-    def hooks(stack: str) -> tuple[Any, Any]:
-        def before(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if stack in last:
-                chained[stack] = chained[stack] and bool(taken_outputs(last[stack], (args, kwargs)))
-
-        def after(module: nn.Module, args: Any, output: Any) -> None:
-            order.append(stack)
-            last[stack] = floating(output)
-
-        return before, after
-
-    for name in names:
-        module = model.get_submodule(name)
-        before, after = hooks(stack_of(name))
-        module.register_forward_pre_hook(before, with_kwargs=True)
-        module.register_forward_hook(after)
-    call_model(model, inputs)
+    order, fed = _calls(model, inputs, {name: stack_of(name) for name in names})
+    chained = {stack: all(fed.get(stack, [])) for stack in stacks}
     runs = [stack for i, stack in enumerate(order) if i == 0 or order[i - 1] != stack]
     first = {stack: i for i, stack in reversed(list(enumerate(order)))}
     called = sorted(stacks, key=lambda stack: first.get(stack, len(order)))
@@ -224,26 +221,8 @@ def _looped(model: nn.Module, inputs: Inputs) -> list[str]:
     named = [
         (name, m) for name, m in model.named_modules() if name and not isinstance(m, torch.jit.ScriptModule)
     ]
-    calls: dict[int, int] = {}
-    fed: dict[int, int] = {}  # 1 per later call taking the one before's output, -2 per one that does not
-    last: dict[int, list[torch.Tensor]] = {}
-
-    def before(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        key = id(module)
-        if key in last:
-            fed[key] = fed.get(key, 0) + (1 if taken_outputs(last[key], (args, kwargs)) else -2)
-
-    def after(module: nn.Module, args: Any, output: Any) -> None:
-        calls[id(module)] = calls.get(id(module), 0) + 1
-        last[id(module)] = floating(output)
-
-    for _, m in named:
-        m.register_forward_pre_hook(before, with_kwargs=True)
-        m.register_forward_hook(after)
-    call_model(model, inputs)
+    _, fed = _calls(model, inputs, {name: name for name, _ in named})
     looped = [
-        name
-        for name, m in named
-        if calls.get(id(m), 0) >= 2 and fed.get(id(m), -1) >= 0 and any(True for _ in m.parameters())
+        name for name, m in named if name in fed and _chains(fed[name]) and any(True for _ in m.parameters())
     ]
     return [name for name in looped if not any(name.startswith(f"{other}.") for other in looped)]
