@@ -77,7 +77,7 @@ def _beside_gains_of_one(first: Measurement, logs: Sequence[Sequence[float]], gr
     weight gradient is over twice every other's or there is one block, that block (the growth was
     inside it: an nn.RNN over time); else None (gains of 1 alike, weight gradients equal but for
     rounding, which named one: an audit)."""
-    per_block = [_median([row[i] for row in logs]) for i in range(len(logs[0]))]
+    per_block = _per_block(logs)
     ranked = sorted(range(len(per_block)), key=lambda i: _ordered(per_block[i]), reverse=True)
     top, second = per_block[ranked[0]], per_block[ranked[1]] if len(ranked) > 1 else -math.inf
     alone = not second > top / 2  # not one of several alike (four at x1.5 beside shrinking ones: a review)
@@ -97,7 +97,7 @@ def _standing_out(first: Measurement, excess: Sequence[Sequence[float]], seeds: 
     as the larger alone, a fault left behind); else the largest alone where it does (100x beside
     others' 2.5x); else every one standing out, up to a third of the stack, taking turns at the largest
     (a ResNet's two last blocks, 12-28 each against 1.3 elsewhere: 'layer4.0, layer4.1'); else None."""
-    per_block = [_median([e[i] for e in excess]) for i in range(len(excess[0]))]
+    per_block = _per_block(excess)
     ranked = sorted(range(len(per_block)), key=lambda i: _ordered(per_block[i]), reverse=True)
     largest = [max(range(len(e)), key=lambda i: _ordered(e[i])) for e in excess]  # per seed
     k = 0  # the blocks ranked[:k] stand out
@@ -126,6 +126,11 @@ def _stands_out(per_block: Sequence[float], group: Sequence[int]) -> bool:
         statistics.median_low(others) if len(others) == 2 else statistics.median(others) if others else 0.0
     )
     return per_block[group[-1]] > max(math.log(2), 3 * spread)
+
+
+def _per_block(rows: Sequence[Sequence[float]]) -> list[float]:
+    """Each block's median over the seeds' rows (one row per seed, a value per block)."""
+    return [_median([row[i] for row in rows]) for i in range(len(rows[0]))]
 
 
 def _median(xs: Sequence[float]) -> float:
