@@ -274,8 +274,8 @@ class Recorder:
         input (a Siamese pair) comes between."""
         p = self.branch
         assert p is not None
+        made = self.outputs[p:]
         if given is not None:
-            made = self.outputs[p:]
             nodes = {o.grad_fn for o in made if o.grad_fn is not None}
             if any(any(t is o for o in made) or made_from(t, nodes) for t in given):
                 self.branch = None  # the siblings' outputs go on: read as before
@@ -283,10 +283,12 @@ class Recorder:
             if comes_from(x, self.outputs[p - 1]) and not comes_from(x, self.outputs[-1]):
                 return  # another sibling
         else:  # the end of the pass: a call `_joins` did not see may have taken a sibling's output
-            made = self.outputs[p:]
+            before: set[Any] = set()  # the nodes of the outputs before made[q]
             for q in range(1, len(made)):
-                nodes = {o.grad_fn for o in made[:q] if o.grad_fn is not None}
-                if any(made[q] is o for o in made[:q]) or made_from(made[q], nodes):
+                node = made[q - 1].grad_fn
+                if node is not None:
+                    before.add(node)
+                if any(made[q] is o for o in made[:q]) or made_from(made[q], before):
                     self.branch = None
                     return
         start = max((s for s in self.breaks if s < p), default=0)
@@ -297,13 +299,13 @@ class Recorder:
     def _chain_argument(self, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, bool]:
         """The tensor a call continues the chain on, and whether it comes from the last output (one
         search of the graph, not two, for a residual stream's every call): `x`, its first floating
-        argument, or where that is
-        a skip from an earlier output (a U-Net's up(skip, x)) and another argument comes from the last
-        output, that one: up(skip, x) read a junction there, up(x, skip) none, for the same function
-        (an audit). An encoder-decoder's first decoder layer, taking the encoder's output beside its
-        own embeddings (no block output), still starts a chain. A skip is an earlier output or what is
-        made from it within `near`'s reach (a crop, a pool): no search back through the graph, which
-        a cell's call beside another cell's state would make at every token."""
+        argument, or where that is a skip from an earlier output (a U-Net's up(skip, x)) and another
+        argument comes from the last output, that one: up(skip, x) read a junction there, up(x, skip)
+        none, for the same function (an audit). An encoder-decoder's first decoder layer, taking the
+        encoder's output beside its own embeddings (no block output), still starts a chain. A skip is
+        an earlier output or what is made from it within `near`'s reach (a crop, a pool): no search
+        back through the graph, which a cell's call beside another cell's state would make at every
+        token."""
         last, earlier = self.outputs[-1], self.outputs[:-1]
         if comes_from(x, last):
             return x, True
