@@ -104,7 +104,7 @@ def _rounding_alone(
     float64 re-run's than that is from 0 (terms that cancel: a bias before a BatchNorm, exactly 0).
     Scaled by a loss scale that is no power of two and unscaled, such a gradient rounds to other
     noise, its Adam moments and update unlike the plain step's, with no scaler at fault (torch's own
-    GradScaler failed at a scale of 768: a trial). None where the model cannot run in float64."""
+    GradScaler failed at a scale of 768: a trial). Empty where the model cannot run in float64."""
     twin = copy.deepcopy(model).to(ACC)
     params = [p for p in twin.parameters() if p.requires_grad]
     try:
