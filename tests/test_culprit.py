@@ -46,12 +46,18 @@ def seed(logs: list[float], growth: float | None = None) -> Measurement:
 UNIFORM_X2 = "uniform, median gain x2"
 
 
+def none_alone(low: float, high: float, median: float) -> str:
+    """The reading of a stack no block of which is named, whose blocks' median gains over the seeds
+    spread from `low` to `high`, past culprit.SPREAD."""
+    return f"no block alone, gains x{low:.3g}-x{high:.3g}, median gain x{median:.3g}"
+
+
 @pytest.mark.parametrize(("factor", "named"), [(1.01, True), (0.99, False)])
 def test_a_block_is_named_only_past_3x_the_spread_of_the_others(factor: float, named: bool) -> None:
     """Guards the 3x-spread rule; oracle by hand: log-gains ln 2 + (-1, -1, 0, 1, T) have median ln 2,
     excesses (-1, -1, 0, 1, T), the others' spread median(1, 1, 0, 1) = 1, so b4 is named iff T > 3."""
     ms = [seed([C - 1, C - 1, C, C + 1, C + 3 * factor])] * 5
-    assert culprit_of(ms) == ("b4" if named else UNIFORM_X2)
+    assert culprit_of(ms) == ("b4" if named else none_alone(2 / math.e, 2 * math.exp(3 * factor), 2))
 
 
 @pytest.mark.parametrize(("spike", "named"), [(2.2, True), (1.9, False)])
@@ -75,9 +81,13 @@ def _voters(n: int, wins: int) -> list[Measurement]:
 def test_a_block_is_named_only_where_it_is_largest_in_at_least_80_percent_of_seeds(n: int) -> None:
     """Guards the 80%-of-seeds rule, the boundary included (4 of 5, 8 of 10, 19 of 24 not); oracle: the
     count in exact integers, wins / n >= 4 / 5 iff 5 wins >= 4 n, over every majority of n <= 25 seeds
-    (b4's median excess ln 8 passes the other rules whatever the count, b3's median excess is 0)."""
+    (b4's median excess ln 8 passes the other rules whatever the count, b3's median excess is 0: the
+    blocks' median gains are 2 and b4's 16)."""
     for wins in range(n // 2 + 1, n + 1):
-        assert culprit_of(_voters(n, wins)) == ("b4" if 5 * wins >= 4 * n else UNIFORM_X2), (n, wins)
+        assert culprit_of(_voters(n, wins)) == ("b4" if 5 * wins >= 4 * n else none_alone(2, 16, 2)), (
+            n,
+            wins,
+        )
 
 
 def test_two_gains_vote_for_the_largest_amplifying_block_and_three_show_a_uniform_rate() -> None:
@@ -163,7 +173,7 @@ def test_blocks_that_stand_out_together_are_named_together() -> None:
     three of 7 stand out as much but are more than a third of the stack: none."""
     assert culprit_of(_alternating(8, [3, 5])) == "b3, b5"
     assert culprit_of(_alternating(9, [2, 4, 8])) == "b2, b4, b8"
-    assert culprit_of(_alternating(7, [2, 4, 5])) == UNIFORM_X2
+    assert culprit_of(_alternating(7, [2, 4, 5])) == none_alone(2, 16, 2)
     assert culprit_of(_alternating(8, [5])) == "b5"  # one block alone, as before
 
 
@@ -203,7 +213,7 @@ def test_vanishing_is_read_on_the_verdicts_quantile_of_the_growth() -> None:
     logs[2] = math.log(1e-4)
     ms = [seed(logs, growth=g) for g in (0.9, 0.95, 1.08, 1.2)]
     assert culprit_of(ms) == "b2"
-    assert culprit_of(ms, q=0.75) == "uniform, median gain x0.85"  # the 3rd smallest, 1.08: no vanishing
+    assert culprit_of(ms, q=0.75) == none_alone(1e-4, 0.85, 0.85)  # the 3rd smallest, 1.08: no vanishing
 
 
 def test_a_tie_between_two_seeds_votes_goes_to_the_earlier_seed() -> None:
@@ -334,10 +344,11 @@ def test_a_block_no_gradient_reached_is_left_out_of_the_spread_a_culprit_must_pa
     of their absolute values, over the numbers among them (a NaN gain: 0/0, a block no gradient
     reached, is no number). Here the excesses over the row median 1 are [2, 0, -2, NaN, 0, -2]: the
     spread of the others is median(0, 2, 0, 2) = 1, so block 0's excess 2 is not past 3: no block is
-    named, the stack reads uniform at its median gain e^1. Oracle: the documented rule by hand."""
+    named, and the stack, its gains from e^-1 to e^3, reads at its median gain e^1 with that range.
+    Oracle: the documented rule by hand."""
     import statistics
 
-    from test_culprit import seed
+    from test_culprit import none_alone, seed
 
     from stabilitycheck.culprit import culprit_of
 
@@ -346,8 +357,8 @@ def test_a_block_no_gradient_reached_is_left_out_of_the_spread_a_culprit_must_pa
     mid = statistics.median(numbers)
     others = [abs(x - mid) for x in logs[1:] if not math.isnan(x)]
     assert logs[0] - mid <= max(math.log(2), 3 * statistics.median(others))  # does not stand out
-    assert (
-        culprit_of([seed(logs, growth=5.0) for _ in range(5)]) == f"uniform, median gain x{math.exp(mid):.3g}"
+    assert culprit_of([seed(logs, growth=5.0) for _ in range(5)]) == none_alone(
+        1 / math.e, math.e**3, math.exp(mid)
     )
 
 
@@ -470,3 +481,16 @@ def test_a_float16_overflow_verdict_names_the_block_that_overflowed(tmp_path: Pa
     blocks = {nf.layer for nf in made if nf is not None}
     assert 2 * sum(nf is not None for nf in made) >= len(made) and len(blocks) == 1
     assert j.culprit == blocks.pop()
+
+
+@pytest.mark.parametrize(("high", "uniform"), [(4.0, True), (4.01, False), (10.0, False)])
+def test_a_stack_whose_gains_spread_past_4x_is_read_with_their_range(high: float, uniform: bool) -> None:
+    """Gains of 1, H, H, 1 over 5 seeds: no block stands out (two of four are over a third of the
+    stack), and the stack read 'uniform, median gain x3.16' at H = 10 (an audit). Blocks whose median
+    gains lie within 4x of each other read uniform, past it with their range. Oracle by hand: the
+    row median is sqrt(H)."""
+    logs = [0.0, math.log(high), math.log(high), 0.0]
+    got = culprit_of([seed(logs)] * 5)
+    assert got == (
+        f"uniform, median gain x{math.sqrt(high):.3g}" if uniform else none_alone(1, high, math.sqrt(high))
+    )
