@@ -305,7 +305,10 @@ class Recorder:
         encoder's output beside its own embeddings (no block output), still starts a chain. A skip is
         an earlier output or what is made from it within `near`'s reach (a crop, a pool): no search
         back through the graph, which a cell's call beside another cell's state would make at every
-        token."""
+        token. Arguments themselves only: a block taking a list of branches [x0, x1] (CrossViT's,
+        HRNet's stages) is read on its first output, so its chain comes in on x0; chained on x1, from
+        the last output, its gain divided one branch's gradient by another's (HRNet read growth 467
+        where torch's is 32 end to end: an audit)."""
         last, earlier = self.outputs[-1], self.outputs[:-1]
         if comes_from(x, last):
             return x, True
@@ -313,7 +316,12 @@ class Recorder:
             return x, False
         if not near(x, {o.grad_fn for o in earlier if o.grad_fn is not None}):
             return x, False
-        other = next((t for t in tensors((args, kwargs)) if t is not x and comes_from(t, last)), None)
+        top = [*args, *kwargs.values()]
+        if not any(a is x for a in top):
+            return x, False
+        other = next(
+            (t for t in top if isinstance(t, torch.Tensor) and t is not x and comes_from(t, last)), None
+        )
         return (x, False) if other is None else (other, True)
 
     def _upstream_learns(self) -> bool:

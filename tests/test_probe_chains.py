@@ -1186,3 +1186,66 @@ def test_an_up_block_taking_its_skip_first_continues_the_chain_as_taking_it_seco
     hook.remove()
     g_in, g_out = torch.autograd.grad(loss, [given, outs[0]])
     assert first.growth == pytest.approx((g_in.norm() / g_out.norm()).item(), rel=1e-9)
+
+
+class _TwoBranches(nn.Module):
+    """Two embeddings of the input, then blocks each taking the list [x0, x1] and returning [y0, y1]
+    with a little of the other branch mixed in (CrossViT's and HRNet's stages): the first embedding
+    is an earlier block output, the second the last one, when blocks.0 is called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.ModuleList(nn.Linear(8, 8, dtype=torch.float64) for _ in range(2))
+        self.blocks = nn.ModuleList(_Mix() for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xs = [self.embed[0](x), 5.0 * self.embed[1](x)]  # branch 1's gradient 5x smaller than 0's
+        for block in self.blocks:
+            xs = block(xs)
+        return xs[0] + xs[1]
+
+
+class _Mix(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.own = nn.ModuleList(nn.Linear(8, 8, dtype=torch.float64) for _ in range(2))
+        self.cross = nn.ModuleList(nn.Linear(8, 8, dtype=torch.float64) for _ in range(2))
+
+    def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        x0, x1 = xs
+        return [
+            torch.tanh(2.0 * self.own[0](x0) + 0.1 * self.cross[0](x1)),
+            torch.tanh(2.0 * self.own[1](x1) + 0.1 * self.cross[1](x0)),
+        ]
+
+
+def test_a_block_taking_a_list_of_branches_is_chained_on_the_branch_it_is_read_on() -> None:
+    """A block output is read on its first tensor, so its chain must come in on its first argument's
+    branch too: blocks.0 of a list [x0, x1] was chained on x1, from the last block output, and its
+    gain divided branch 1's gradient by branch 0's (HRNet read growth 467 for torch's 32, CrossViT 1
+    for 0.03: an audit). Oracle: torch's gradients of each block's outputs; every gain the probe
+    reads is a ratio on one branch, branch 0."""
+    model = _TwoBranches()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    given = [(f"embed.{i}", model.embed[i]) for i in range(2)] + [
+        (f"blocks.{i}", model.blocks[i]) for i in range(3)
+    ]
+    m = probe_module(model, x, _square_mean, blocks=given)  # as CrossViT's found: patch_embed + blocks
+    names = m.activation_names
+    assert names[-5:] == ("embed.0", "embed.1", "blocks.0", "blocks.1", "blocks.2"), names
+    outs: dict[str, list[torch.Tensor]] = {}
+    for name in names[-5:]:
+        model.get_submodule(name).register_forward_hook(
+            lambda _m, _a, o, name=name: outs.__setitem__(name, o if isinstance(o, list) else [o])
+        )
+    loss = _square_mean(model(x), x)
+    order = list(outs)
+    grads = torch.autograd.grad(loss, [outs[n][0] for n in order])
+    branch0 = {n: g.norm().item() for n, g in zip(order, grads, strict=True)}
+    for i, name in enumerate(names[1:]):
+        if name == "blocks.0" and i + 1 in m.chain_starts:
+            continue  # its input is no output before it in the chain
+        before = "embed.0" if name == "blocks.0" else names[i]
+        if name.startswith("blocks"):
+            assert m.gains[i] == pytest.approx(branch0[before] / branch0[name], rel=1e-9), (name, m.gains)
