@@ -226,7 +226,7 @@ def _measure(
         state_end=max((i for i in range(len(act)) if i not in unreached), default=-1) in first.carried,
         between_gain=first.between,
         cut_before=cut_before(first.severed, first.unreached),
-        blocks_note=chosen,
+        blocks_note="; ".join(n for n in (chosen, _uncalled(names, first.ran | run.rec.empty)) if n),
         weight_norms=per_block(last.weights, credit, len(names)) if last.weights else (),
         first_nonfinite=nonfinite,
         steps_run=len(losses) - 1,
@@ -266,6 +266,20 @@ def _credited(
     """The block each parameter's gradient norm counts in: its first owner, or, where blocks never
     ran in the profile's step, its first owner that ran (layout.block_of)."""
     return owner if len(ran) == len(blocks) or not ran else block_of(params, blocks, ran)
+
+
+def _uncalled(names: Sequence[str], ran: frozenset[int]) -> str:
+    """A note naming the blocks no hook saw in the profile's step, where others ran: unmeasured, and
+    unsaid before (HRNet's downsampling blocks, called as `down.forward(y)`: 3 of 15, and the chain
+    they were on fell into chains of one: an audit)."""
+    missing = [name for b, name in enumerate(names) if b not in ran]
+    if not missing or not ran:
+        return ""
+    return (
+        f"{len(missing)} of {len(names)} blocks not called through __call__ in the measured step "
+        f"({shown_blocks(missing)}), not measured: a forward calling `block.forward(x)` bypasses module "
+        "hooks, or the model skips them"
+    )
 
 
 def _silent(step: Step) -> bool:
