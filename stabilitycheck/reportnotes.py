@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from stabilitycheck.counterexample import SearchResult
+from stabilitycheck.measurement import Measurement
 from stabilitycheck.reporttable import alone, knobs, row
 from stabilitycheck.subject import torch_dtype
 
@@ -187,7 +188,28 @@ def unreached(results: Sequence[SearchResult]) -> list[str]:
                 "RNN's final state beside its output sequence, which the probe does not read: declare "
                 "blocks that return that tensor first, stability_blocks() or blocks=)"
             )
+        elif _last_unread(m):
+            out.append(
+                f"! {r.space.label}: no gradient reaches {names[-1]}'s output (exactly 0), read on the first "
+                "tensor it returns, though its weights get one: the loss takes another tensor it returns, "
+                "which the probe does not read, and the growth is measured only up to the last output a "
+                "gradient reached (declare blocks that return that tensor first, stability_blocks() or "
+                "blocks=)"
+            )
     return out
+
+
+def _last_unread(m: Measurement) -> bool:
+    """The last call's output got exactly 0 where an earlier one got a gradient and the last block's
+    weights did too: the model's loss reads another tensor the block returns (PiT's stages return
+    (x, cls_tokens), its head reads cls_tokens: growth 1.41 over one stage of three, unsaid: an
+    audit). Not a cell's truncated windows (the same block's calls before it)."""
+    grads, names = m.activation_grad_norms, m.activation_names
+    last = _block(names[-1]) if names else ""
+    if not grads or grads[-1] != 0 or last not in m.layer_names:
+        return False
+    weights = m.layer_grad_norms[m.layer_names.index(last)]
+    return weights > 0 and any(g for g, n in zip(grads, names, strict=True) if _block(n) != last)
 
 
 def _block(call: str) -> str:

@@ -189,3 +189,63 @@ def test_a_chain_ending_in_an_output_no_gradient_reached_is_said(tmp_path: Path)
     space = Space(str(path), config, ())
     notes = unreached([SearchResult(space, None, 1, 1, 0.0, config, judged)])
     assert len(notes) == 1 and "no gradient reaches enc's output (exactly 0)" in notes[0]
+
+
+STAGES_WITH_CLS = """
+import torch
+from torch import nn
+
+class Stage(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mix = nn.Linear(16, 16)
+
+    def forward(self, x, cls):  # the tokens and the class token mixed, then split (PiT's stages)
+        joint = torch.tanh(2.0 * self.mix(torch.cat([x, cls], -1)))
+        return joint[:, :8], joint[:, 8:]
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stages = nn.ModuleList(Stage() for _ in range(3))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        cls = torch.zeros_like(x)
+        for stage in self.stages:
+            x, cls = stage(x, cls)
+        return self.head(cls)
+
+def build():
+    return Model()
+
+def batch(model, batch_size=4):
+    return torch.randn(batch_size, 8)
+"""
+
+
+def test_a_last_block_whose_first_output_the_loss_does_not_take_is_said(tmp_path: Path) -> None:
+    """Stages returning (x, cls), the head reading the last stage's cls (timm's PiT): the probe reads
+    each stage on x, whose gradient at the last stage is exactly 0, and the growth covered one stage
+    of three with no word of it (an audit). Oracle: torch's gradient of the last stage's x is exactly
+    0 (or None), its weights' is not."""
+    from stabilitycheck.config import Config
+    from stabilitycheck.counterexample import SearchResult
+    from stabilitycheck.reportnotes import unreached
+    from stabilitycheck.seeds import assess
+    from stabilitycheck.subjects import resolve
+
+    path = tmp_path / "stages.py"
+    path.write_text(STAGES_WITH_CLS)
+    config = Config.of(f"{path}:build", seeds=1)
+    judged = assess(config, limits=Limits(grad_norm=None))
+    model = resolve(config.subject).build(config).model
+    outs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    model.stages[-1].register_forward_hook(lambda _m, _a, o: outs.append(o))
+    x = torch.randn(4, 8)
+    loss = model(x).pow(2).sum()
+    g_x, g_w = torch.autograd.grad(loss, [outs[0][0], model.stages[-1].mix.weight], allow_unused=True)
+    assert (g_x is None or not g_x.any()) and bool(g_w.any())
+    space = Space(str(path), config, ())
+    notes = unreached([SearchResult(space, None, 1, 1, 0.0, config, judged)])
+    assert len(notes) == 1 and "no gradient reaches stages.2's output (exactly 0)" in notes[0], notes
