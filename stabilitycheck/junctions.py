@@ -111,28 +111,36 @@ Taps = list[tuple[Any, int]]  # (autograd node, input number): where a gradient 
 
 
 def skip_around(
-    args: tuple[Any, ...], raw: torch.Tensor, first: torch.Tensor, again: bool
-) -> tuple[Any, Taps] | None:
+    args: tuple[Any, ...],
+    raw: torch.Tensor,
+    first: torch.Tensor,
+    again: bool,
+    beside: Sequence[torch.Tensor] = (),
+) -> tuple[Any, Taps, bool] | None:
     """A residual add written around block 0 in the model's forward, seen from the call after block
     0's first (`args`; `again`: block 0 again): the add, alpha 1, of block 0's output `first` and its
     input `raw` (x = x + block(x)), or what `raw` was made from (x = x + block(norm(x))), on the chain
-    too. As (add node, taps): taps empty where the add takes `raw` itself, its dL/d sum added to the
-    copy's gradient; else where the gradient enters that x (`_taps`), whose sum is dL/dx along the
-    chain, the copy's through the norm in it. Of an input that requires grad, that add behind the
-    call's input (`_residual_add`: behind a norm too; the probe's copy of a float input requires grad,
-    probestep._in_graph); of a plain input (made in the forward, or in a container the probe leaves as it is),
-    whose uses autograd does not record, only the call's input itself when it is `raw` + `first` to
-    the last bit and the call is another block's (a cell called per token on x_t + h, x_1 equal to
-    x_0 by value, would read as one). None otherwise (x + 0.5 * block(x): left unread)."""
+    too. As (add node, taps, instead): taps empty where the add takes `raw` itself and nothing else
+    on the way to the call reads it, its dL/d sum added to the copy's gradient; else where the
+    gradient enters that x (`_taps`, and `_beside` for parallel branches reading it too, x + attn(x)
+    + mlp(x)), whose sum is dL/dx along the chain, added to the copy's where x is `raw` itself, else
+    (`instead`) the copy's through the norm in it; `beside`: the outputs of block 0's parallel
+    siblings, whose sum with `first` the add may take (x + (attn + mlp)). Of an input that requires
+    grad, that add behind the call's input (`_residual_add`: behind a norm too; the probe's copy of a
+    float input requires grad, probestep._in_graph); of a plain input (made in the forward, or in a
+    container the probe leaves as it is), whose uses autograd does not record, only the call's input
+    itself when it is `raw` + `first` to the last bit and the call is another block's (a cell called
+    per token on x_t + h, x_1 equal to x_0 by value, would read as one). None otherwise (x + 0.5 *
+    block(x): left unread)."""
     x = args[0] if args else None
     if not isinstance(x, torch.Tensor) or x is first:
         return None
     if raw.requires_grad:
-        return _residual_add(x, raw, first)
+        return _residual_add(x, raw, first, beside)
     if again or type(x.grad_fn).__name__ != "AddBackward0" or x.shape != first.shape or x.shape != raw.shape:
         return None
     with torch.no_grad():
-        return (x.grad_fn, []) if x._version == 0 and torch.equal(x, raw + first) else None
+        return (x.grad_fn, [], False) if x._version == 0 and torch.equal(x, raw + first) else None
 
 
 def skips(args: tuple[Any, ...], raw: torch.Tensor, first: torch.Tensor) -> bool:
@@ -212,7 +220,9 @@ def _escapes(start: Any, avoid: Any, window: set[Any]) -> bool:
     return False
 
 
-def _residual_add(x: Any, raw: torch.Tensor, first: torch.Tensor) -> tuple[Any, Taps] | None:
+def _residual_add(
+    x: Any, raw: torch.Tensor, first: torch.Tensor, beside: Sequence[torch.Tensor] = ()
+) -> tuple[Any, Taps, bool] | None:
     """The add, alpha 1, of block 0's output `first` itself and its input `raw` or what `raw` was made
     from (see `skip_around`), on the graph behind `x`, the next block call's chain input: a residual
     written around block 0 in the model's forward, maybe behind a norm (XLM's LayerNorm(x +
@@ -221,7 +231,8 @@ def _residual_add(x: Any, raw: torch.Tensor, first: torch.Tensor) -> tuple[Any, 
     whose gradient is the gain's denominator (an add of what is computed from the output, x + 0.1 *
     block(x), read the stream's gain / 0.1). `raw` requires grad (a stem's or an embedding's output:
     its gradient edge names it). None where there is none, or the shapes differ (a broadcast add is
-    no identity)."""
+    no identity). Parallel branches beside block 0 on the way to `x` (`_beside`) add their taps; the
+    add may take block 0's output summed with theirs (`beside`) first, an add of two of them."""
     if (
         not isinstance(x, torch.Tensor)
         or x.grad_fn is None
@@ -230,16 +241,22 @@ def _residual_add(x: Any, raw: torch.Tensor, first: torch.Tensor) -> tuple[Any, 
     ):
         return None
     mine, given = _edge(first), _edge(raw)
-    for node in _adds_behind(x, first.grad_fn):
+    made = {mine, *(_edge(out) for out in beside)}  # the outputs' edges, then those of their sums
+    for node in sorted(_adds_behind(x, first.grad_fn), key=lambda node: node._sequence_nr()):
         edges = node.next_functions
-        if mine not in edges:
+        inside = [edge in made for edge in edges]
+        if all(inside) and edges[0] != edges[1]:  # attn + mlp, before x is added
+            made.add((node, 0))
+        if inside.count(True) != 1:
             continue
-        other = edges[1 - edges.index(mine)]
-        if other == given and other != mine:
-            return node, []
-        taps = _taps(raw, other) if other != mine else []
+        other = edges[inside.index(False)]
+        own = (node, edges.index(other))
+        branches = [tap for tap in _beside(x, other, first.grad_fn) if tap != own]
+        if other == given:
+            return (node, [own, *branches], False) if branches else (node, [], False)
+        taps = _taps(raw, other)
         if taps:
-            return node, [(node, edges.index(other)), *taps]
+            return node, [own, *taps, *(tap for tap in branches if tap not in taps)], True
     return None
 
 
@@ -285,6 +302,44 @@ def _taps(raw: torch.Tensor, edge: tuple[Any, int]) -> Taps:
         if len(seen) > TAP_NODES:
             return []
     return taps
+
+
+def _beside(x: torch.Tensor, edge: tuple[Any, int], avoid: Any) -> Taps:
+    """Where the gradient enters the tensor behind `edge` from the graph behind `x` (a call's input),
+    not through the node `avoid` (block 0's output): the residual add's own tap, and those of parallel
+    branches reading that tensor too, whose outputs the stream adds (x + attn(ln1(x)) + mlp(ln2(x)):
+    read without mlp's, block 0's input gradient missed a branch, growth 3.52 for torch's 4.01).
+    Only nodes made after that tensor are searched, up to TAP_NODES; [] past that (the add's own tap
+    is then read alone, as before)."""
+    source = edge[0]
+    if source is None or x.grad_fn is None:
+        return []
+    oldest = source._sequence_nr() if source.next_functions else -1  # a leaf: no age
+    taps: Taps = []
+    frontier, seen = [x.grad_fn], {x.grad_fn, avoid}
+    while frontier:
+        node = frontier.pop()
+        for j, child in enumerate(node.next_functions):
+            if child == edge:
+                taps.append((node, j))
+            elif child[0] is not None and child[0] not in seen and child[0]._sequence_nr() > oldest:
+                seen.add(child[0])
+                frontier.append(child[0])
+        if len(seen) > TAP_NODES:
+            return []
+    return taps
+
+
+def summed(x: Any, outs: Sequence[torch.Tensor]) -> bool:
+    """Whether the graph behind `x` adds, alpha 1, each of `outs` itself (parallel branches added into
+    a stream, x + attn + mlp, or averaged first, x + 0.5 * (attn + mlp)): their gradients are then one,
+    that of the sum. Not where they are concatenated (Inception) or weighted apart."""
+    nodes = [out.grad_fn for out in outs if out.grad_fn is not None]
+    if not isinstance(x, torch.Tensor) or x.grad_fn is None or not outs or len(nodes) < len(outs):
+        return False
+    since = min(nodes, key=lambda node: node._sequence_nr())
+    edges = {edge for node in _adds_behind(x, since) for edge in node.next_functions}
+    return all(_edge(out) in edges for out in outs)
 
 
 def stream_goes_on(args: tuple[Any, ...], add: Any, out: torch.Tensor) -> bool:

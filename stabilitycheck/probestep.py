@@ -153,6 +153,8 @@ def _forward(
     try:
         with torch.autocast(run.device.type, dtype=run.autocast, enabled=run.autocast is not None):
             out = call_model(run.model, given)
+            if hooks:
+                run.rec.ended(out)
             return differentiable_loss(run.loss_fn(out, _left(run.inputs, given)))
     except Exception as exc:
         if not _refused_graph_break(exc):

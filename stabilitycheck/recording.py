@@ -23,8 +23,10 @@ from stabilitycheck.junctions import (
     near,
     skip_around,
     skips,
+    sources,
     stack_starts,
     stream_goes_on,
+    summed,
     taken_chains,
 )
 from stabilitycheck.measurement import INPUT
@@ -76,6 +78,8 @@ class Recorder:
         # read through the branch alone, growth 1.02 for 1.85)
         self.fed: Any = None
         self.goes_on = False  # the call after block 0's next takes the add's sum plus that call's output
+        self.checked = 0  # the position of the call `skip_around` looked at; `goes_on` is read after it
+        self.sided = False  # nothing more to read of the entry's side this pass (`_entry_side`)
         self.versions: list[int] = []  # per recorded output, its version counter when recorded
         self.copied: frozenset[int] = (
             frozenset()
@@ -89,6 +93,15 @@ class Recorder:
         # a call that went on from the output before it while the next call took that output too
         # (`_branches`): its position until the calls after it say whether it is a branch
         self.branch: int | None = None
+        # parallel branches on one stream value (x + attn(ln1(x)) + mlp(ln2(x))): the positions of a
+        # call and the later calls reading what it read (`_kin`), until `_resolve`; `stream`: the nodes
+        # of that value; `twins`: the later ones found links of the chain this pass; `unsure`: block
+        # 0's entry is dropped should its siblings be none (`skips`, as a second tower's reading)
+        self.kin: list[int] = []
+        self.stream: set[Any] = set()
+        self.twins: set[int] = set()
+        self.unsure = False
+        self.given: tuple[Any, Any] | None = None  # the last call's (args, kwargs), for `_kin`
         self.stacks = [blockcalls.stack_of(name) for name, _ in blocks]
         self.modules = [module for _, module in blocks]
         self.own: dict[str, set[Any]] = {s: set() for s in self.stacks}  # its outputs' nodes this pass
@@ -205,6 +218,11 @@ class Recorder:
                 x = blockcalls.first_tensor(x, scalars=False)
             x, goes_on = self._chain_argument(x, args, kwargs)
             entry = self.calls[0] < 0
+            kin = None if goes_on else self._kin(b, at, x)
+            if self.kin and (kin is None or kin[0] != self.kin[0]):
+                self._resolve(list(tensors((args, kwargs))))
+            if kin is not None:
+                self.kin = kin
             if self.branch is not None:
                 self._settle(x, list(tensors((args, kwargs))))
             if blockcalls.severs(x, self.outputs[-1]) and self._upstream_learns():
@@ -244,6 +262,92 @@ class Recorder:
                     # second pass (block 0 called once before) is no window: one behind a zero gate
                     # says so (0 / 0), as a list-held tower's does
                     self.cuts.add(at)
+
+    def _kin(self, b: int, at: int, x: Any) -> list[int] | None:
+        """Where call `at`, of block b, not on the last output, reads the stream value the call before
+        read (or its siblings: `kin`), by a path around their outputs and from none of them (mlp's
+        ln2(x) beside attn's ln1(x)): the siblings with it, else None. Not where that value is a block
+        output or a function of one alone (heads on a trunk's output, experts on a mixer's:
+        `_branches`), nor for a block called again right after itself (a cell per token beside
+        another cell's state: no search back through the tokens)."""
+        p = at - 1
+        if not isinstance(x, torch.Tensor) or x.grad_fn is None or self.calls[p] in (-1, b):
+            return None
+        going = bool(self.kin) and self.kin[-1] == p
+        stream = self.stream if going else self._stream(p)
+        kin = self.kin if going else [p]
+        mine = {self.outputs[k].grad_fn for k in kin}
+        if not stream or None in mine or made_from(x, mine) or not made_from(x, stream, mine):
+            return None
+        if not going:
+            self.stream = stream
+        return [*kin, at]
+
+    def _stream(self, p: int) -> set[Any]:
+        """The nodes of the value call p read (`sources`: a norm's input too): block 0's input where
+        p is block 0's entered call; empty where it is a block output or made from one alone."""
+        entered = p == 1 and self.calls[0] < 0
+        x = self.raw if entered else blockcalls.entry(*self.given)[1] if self.given is not None else None
+        if not isinstance(x, torch.Tensor) or x.grad_fn is None:
+            return set()
+        before = self.outputs[p - 1] if p > 0 and not entered else None
+        return set() if before is not None and (x is before or alone_from(x, before)) else sources(x)
+
+    def _resolve(self, given: Sequence[Any]) -> None:
+        """The siblings in `kin` are links of one chain (`twins`: no junction between them, their
+        gradients all dL/d of the stream's next value) where one of `given` (a later call's tensors,
+        or the model's output) is made from an add of each one's output, the residual stream going
+        on (x + attn + mlp: every call a chain of its own, growth 1 for torch's 3.02). Else they stay
+        as read: heads on one stream value, Inception's branches concatenated."""
+        kin, self.kin = self.kin, []
+        outs = [self.outputs[k] for k in kin]
+        if any(summed(t, outs) for t in given):
+            self.twins.update(kin[1:])
+            for k in kin[1:]:
+                self.breaks.discard(k)
+                self.feeds.pop(k, None)
+            if self.branch in kin:
+                self.branch = None  # its output goes on, summed
+        elif kin[0] == 1 and self.calls[0] < 0:
+            self.dropped |= self.unsure  # as read at block 0's next call, no residual add found there
+            self.sided = True
+        self.unsure = False
+
+    def _after(self, k: int) -> int:
+        """The position of the first call after call k that is not one of its siblings (`twins`,
+        `kin`): where what the model makes of their outputs shows."""
+        q = k + 1
+        while q in self.twins or q in self.kin[1:]:
+            q += 1
+        return q
+
+    def _entry_side(self, b: int, args: tuple[Any, ...]) -> None:
+        """Block 0's entry, read at the call after block 0's first and its siblings: a residual add
+        around block 0 (`skip_around`), or a path around it that drops the entry (`skips`); then,
+        at the call after that one, whether the stream goes on from the add's sum (`stream_goes_on`)."""
+        at, raw, first = len(self.outputs), self.raw, self.outputs[1]
+        assert raw is not None
+        if at == self._after(1):
+            self.checked = at
+            found = skip_around(args, raw, first, again=b == 0, beside=self.outputs[2:at])
+            if found is not None:
+                self._read_add(*found)
+            elif b != 0 and 1 not in self.copied and skips(args, raw, first):
+                self.dropped = True  # the input is not on block 0's output's chain
+            self.sided = self.sum is None
+        elif at == 2 and self.kin[:2] == [1, 2]:  # a sibling of block 0's: decided at `_resolve`
+            self.unsure = b != 0 and 1 not in self.copied and skips(args, raw, first)
+        elif self.sum is not None and at == self._after(self.checked):  # does the stream go on?
+            self.goes_on = stream_goes_on(args, self.sum, self.outputs[-1])
+            self.sided = True
+
+    def _read_add(self, add: Any, taps: Any, instead: bool) -> None:
+        """Hook the residual add around block 0 that `skip_around` found: its taps, or its dL/d sum."""
+        self.around_hooks = [node.register_hook(functools.partial(self._tap, j)) for node, j in taps] or [
+            add.register_prehook(self._through)
+        ]
+        self.sum = add if instead else None
+        self.fed = GradientEdge(*taps[0][0].next_functions[taps[0][1]]) if taps else None
 
     def _branches(self, at: int, x: Any) -> None:
         """Call `at`, a junction, takes as its chain's input what the call before it took, the output
@@ -360,19 +464,8 @@ class Recorder:
                         if self.entering is not None:
                             self.entering.append(None)
                         self.recheck = True  # see _on_input
-                    if len(calls) == 2 and calls[0] < 0 and self.raw is not None:
-                        found = skip_around(args, self.raw, outputs[1], again=b == 0)
-                        if found is not None:
-                            add, taps = found
-                            self.around_hooks = [
-                                node.register_hook(functools.partial(self._tap, j)) for node, j in taps
-                            ] or [add.register_prehook(self._through)]
-                            self.sum = add if taps else None
-                            self.fed = GradientEdge(*taps[0][0].next_functions[taps[0][1]]) if taps else None
-                        elif b != 0 and 1 not in self.copied and skips(args, self.raw, outputs[1]):
-                            self.dropped = True  # the input is not on block 0's output's chain
-                    elif len(calls) == 3 and self.sum is not None:  # does the stream go on from the sum?
-                        self.goes_on = stream_goes_on(args, self.sum, outputs[2])
+                    if len(calls) >= 2 and calls[0] < 0 and self.raw is not None and not self.sided:
+                        self._entry_side(b, args)
                     carrying = self.carrying
                     if b in carrying.extras and b not in carrying.confirmed:
                         carrying.confirm(b, self.last.get(b), out, calls)
@@ -406,6 +499,7 @@ class Recorder:
                         self.entering.append(blockcalls.taken_norm(args, kwargs, self.returned))
                         self.returned.update(id(t) for t in outs)
                         self.held += outs  # alive while their ids stand for them
+                self.given = (args, kwargs)
             return swapped
 
         return on_forward
@@ -498,6 +592,8 @@ class Recorder:
         self.cuts.clear()
         self.severed.clear()
         self.branch = None
+        self.kin, self.stream, self.twins, self.unsure, self.given = [], set(), set(), False, None
+        self.checked, self.sided = 0, False
         for ids in self.own.values():
             ids.clear()
         self.entering = [] if inputs else None
@@ -548,10 +644,31 @@ class Recorder:
         entry = bool(self.calls) and self.calls[0] < 0 and version_of(self.outputs[0]) != self.versions[0]
         return self.touched or entry
 
+    def ended(self, output: Any) -> None:
+        """The model returned `output`: siblings still in `kin` (the last layer's branches) are links
+        of the chain where it is made from an add of their outputs (`_resolve`). Where block 0 and its
+        siblings were the last calls (one layer), the residual add around them is read on the output,
+        where the stream ends (its taps' sum dL/dx; through block 0's branch alone, 2.48 for 2.63)."""
+        if not self.active:
+            return
+        if self.kin:
+            self._resolve(tensors(output))
+        if 2 not in self.twins or self.raw is None or self.sided or len(self.outputs) != self._after(1):
+            return
+        out, first = blockcalls.first_tensor(output, scalars=False), self.outputs[1]
+        found = None if out is None else skip_around((out,), self.raw, first, False, self.outputs[2:])
+        if found is not None:
+            self._read_add(*found)
+            self.goes_on = True
+        self.sided = True
+
     def stop(self) -> None:
+        if self.active and self.kin:
+            self._resolve([])
         if self.active and self.branch is not None:
             self._settle(None, None)
         self.active = False
+        self.given, self.stream = None, set()
         self.entry = None
         if self.raw is None:  # else kept for a recomputation in the backward, until `release`
             self._unhook()
@@ -641,12 +758,15 @@ class Recorder:
         call after block 0's next takes that sum plus its own output: `stream_goes_on`); a tensor re-added
         before every layer, h = layer(h + c), does not (read as a stream: growth 0.120 for 0.054),
         and block 0 is then read through its branch alone, as where no third call shows it. Other uses
-        of x (a second tower, a skip around the whole stack) are not on this chain and leave it be."""
+        of x (a second tower, a skip around the whole stack) are not on this chain and leave it be. Taps
+        on `raw` itself (the add's and parallel branches', x + attn(x) + mlp(x)) are added, their sum."""
         kept, self.around = self.around, []
         if self.calls[:1] != [-1] or not kept:
             return None, False
         if self.sum is not None:
             return (functools.reduce(torch.add, kept), True) if self.goes_on else (None, False)
+        if self.fed is not None:
+            return functools.reduce(torch.add, kept), False
         return (kept[0] if len(kept) == 1 else None), False
 
     def take_entering(self) -> list[torch.Tensor | None]:
