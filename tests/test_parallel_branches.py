@@ -23,7 +23,8 @@ def _branch(activation: nn.Module, dtype: torch.dtype) -> nn.Sequential:
 class _Parallel(nn.Module):
     """`layers` layers of `k` parallel branches, each kind of branch (and its norm) a ModuleList of its
     own: x = x + br0(ln0(x)) + br1(ln1(x)) + ... (`grouped`: x + (br0 + br1 + ...); `averaged`: x + the
-    branches' mean; `norms=False`: each branch takes x itself)."""
+    branches' mean; `norms=False`: each branch takes x itself; `keyword`: each called by keyword, as
+    GPT-J's and Phi's attention, attn(hidden_states=...))."""
 
     def __init__(
         self,
@@ -33,9 +34,11 @@ class _Parallel(nn.Module):
         grouped: bool = False,
         averaged: bool = False,
         dtype: torch.dtype = torch.float64,
+        keyword: bool = False,
     ) -> None:
         super().__init__()
         self.k, self.norms, self.grouped, self.averaged = k, norms, grouped, averaged
+        self.keyword = keyword
         for j in range(k):
             setattr(self, f"ln{j}", nn.ModuleList(nn.LayerNorm(D, dtype=dtype) for _ in range(layers)))
             kind = nn.GELU() if j % 2 == 0 else nn.Tanh()
@@ -49,10 +52,9 @@ class _Parallel(nn.Module):
 
     def forward(self, x: torch.Tensor, keep: list[torch.Tensor] | None = None) -> torch.Tensor:
         for i in range(self.layers):
-            outs = [
-                getattr(self, f"br{j}")[i](getattr(self, f"ln{j}")[i](x) if self.norms else x)
-                for j in range(self.k)
-            ]
+            given = [getattr(self, f"ln{j}")[i](x) if self.norms else x for j in range(self.k)]
+            branches = [getattr(self, f"br{j}")[i] for j in range(self.k)]
+            outs = [br(input=h) if self.keyword else br(h) for br, h in zip(branches, given, strict=True)]
             if self.averaged:
                 x = x + sum(outs[1:], outs[0]) / self.k
             elif self.grouped:
@@ -89,16 +91,19 @@ def _layer_gains(m: Measurement, k: int) -> list[float]:
 @pytest.mark.parametrize("k", [2, 3])
 @pytest.mark.parametrize("norms", [True, False])
 @pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize(("layers", "keyword"), [(6, False), (2, False), (6, True)])
 def test_parallel_branches_in_separate_lists_read_the_residual_streams_growth(
-    k: int, norms: bool, grouped: bool
+    k: int, norms: bool, grouped: bool, layers: int, keyword: bool
 ) -> None:
     """find_blocks takes every branch's list; the calls alternate br0.0, br1.0, br0.1, ... and each
     started a chain of its own (no call takes the one before's output): growth 1 where torch's is
     2.69 (2 branches, norms; 5.48 without), a silent "stable". Every branch's output gets dL/d x_i+1:
     the chain is the stream, each layer's first branch carrying the layer's gain, the others 1.
-    Oracle: torch's ||dL/d x_i|| of the stream."""
+    Two layers, whose stream's going on from the residual add is read on the model's output (0.565
+    for 1.49), and branches called by keyword (1.07 for 2.70) read block 0 through its branch alone:
+    a review. Oracle: torch's ||dL/d x_i|| of the stream."""
     torch.manual_seed(0)
-    model = _Parallel(k=k, norms=norms, grouped=grouped)
+    model = _Parallel(layers=layers, k=k, norms=norms, grouped=grouped, keyword=keyword)
     x = torch.randn(8, D, dtype=torch.float64)
     m = probe_module(model, x, _loss)
     stream = _stream(model, x)
@@ -225,3 +230,34 @@ def test_concatenated_branches_keep_their_junctions() -> None:
     blocks = [(f"branches.{i}.{j}", b) for i, stage in enumerate(model.branches) for j, b in enumerate(stage)]
     m = probe_module(model, torch.randn(8, D, dtype=torch.float64), _loss, blocks=blocks)
     assert m.chain_starts == tuple(range(1, 9))
+
+
+class _Ensemble(nn.Module):
+    """Branches on one input summed, with no residual add: b0(x) + b1(x) + b2(x)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(_branch(nn.Tanh(), torch.float64) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [branch(x) for branch in self.branches]
+        return outs[0] + outs[1] + outs[2]
+
+
+def test_summed_branches_with_no_residual_add_are_not_read_through_block_0s_branch_alone() -> None:
+    """An ensemble's branches are siblings summed, each output's gradient the sum's (gains of exactly
+    1, torch's); with no residual add, block 0's input gradient is its branch's alone, which read
+    growth 0.47 for torch's 0.83 (a review): the entry is dropped instead. Oracle: torch's gradients
+    of the three outputs are one."""
+    torch.manual_seed(0)
+    model = _Ensemble()
+    x = torch.randn(8, D, dtype=torch.float64)
+    m = probe_module(model, x, _loss)
+    outs: list[torch.Tensor] = []
+    hooks = [b.register_forward_hook(lambda _m, _a, out: outs.append(out)) for b in model.branches]
+    grads = torch.autograd.grad(_loss(model(x)), outs)
+    for hook in hooks:
+        hook.remove()
+    assert all(torch.equal(g, grads[0]) for g in grads)
+    assert m.activation_names == ("branches.0", "branches.1", "branches.2") and m.chain_starts == ()
+    assert m.gains == pytest.approx((1.0, 1.0), rel=1e-12)
