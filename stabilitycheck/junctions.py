@@ -122,7 +122,7 @@ def skip_around(
     input `raw` (x = x + block(x)), or what `raw` was made from (x = x + block(norm(x))), on the chain
     too. As (add node, taps, instead): taps empty where the add takes `raw` itself and nothing else
     on the way to the call reads it, its dL/d sum added to the copy's gradient; else where the
-    gradient enters that x (`_taps`, and `_beside` for parallel branches reading it too, x + attn(x)
+    gradient enters that x (`_taps`, from `raw` and, for parallel branches reading it too, from x, x + attn(x)
     + mlp(x)), whose sum is dL/dx along the chain, added to the copy's where x is `raw` itself, else
     (`instead`) the copy's through the norm in it; `beside`: the outputs of block 0's parallel
     siblings, whose sum with `first` the add may take (x + (attn + mlp)). Of an input that requires
@@ -231,7 +231,7 @@ def _residual_add(
     whose gradient is the gain's denominator (an add of what is computed from the output, x + 0.1 *
     block(x), read the stream's gain / 0.1). `raw` requires grad (a stem's or an embedding's output:
     its gradient edge names it). None where there is none, or the shapes differ (a broadcast add is
-    no identity). Parallel branches beside block 0 on the way to `x` (`_beside`) add their taps; the
+    no identity). Parallel branches beside block 0 on the way to `x` (`_taps` from x) add their taps; the
     add may take block 0's output summed with theirs (`beside`) first, an add of two of them."""
     if (
         not isinstance(x, torch.Tensor)
@@ -251,7 +251,7 @@ def _residual_add(
             continue
         other = edges[inside.index(False)]
         own = (node, edges.index(other))
-        branches = [tap for tap in _beside(x, other, first.grad_fn) if tap != own]
+        branches = [tap for tap in _taps(x, other, first.grad_fn) if tap != own]
         if other == given:
             return (node, [own, *branches], False) if branches else (node, [], False)
         taps = _taps(raw, other)
@@ -278,45 +278,22 @@ def _adds_behind(x: torch.Tensor, since: Any) -> Iterator[Any]:
 TAP_NODES = 256  # a norm written by hand is a dozen autograd nodes: a larger graph is taken for no norm
 
 
-def _taps(raw: torch.Tensor, edge: tuple[Any, int]) -> Taps:
-    """Where the gradient enters the tensor behind `edge` (x) from the graph that made `raw` from it (a
-    norm: one node, or several for one written by hand, x * rsqrt(mean(x^2)) * (1 + w)): the (node,
-    input number) pairs whose gradients sum to what that graph hands x; [] where `raw` is not made
-    from x. Only nodes made after x are searched, up to TAP_NODES; x may be a leaf (a Perceiver's
-    latent array), whose node has no age. Whether x is the stream the next call shows (`stream_goes_on`:
-    x + c re-added before every layer is conditioning)."""
+def _taps(start: torch.Tensor, edge: tuple[Any, int], avoid: Any = None) -> Taps:
+    """Where the gradient enters the tensor behind `edge` (x) from the graph behind `start`, not through
+    the node `avoid`: the (node, input number) pairs whose gradients sum to what that graph hands x.
+    From `raw` made from x (a norm: one node, or several for one written by hand, x * rsqrt(mean(x^2))
+    * (1 + w)), [] where it is not made from x; from a call's input, avoiding block 0's output, the
+    residual add's own tap and those of parallel branches reading x too, whose outputs the stream adds
+    (x + attn(ln1(x)) + mlp(ln2(x)): read without mlp's, block 0's input gradient missed a branch,
+    growth 3.52 for torch's 4.01). Only nodes made after x are searched, up to TAP_NODES; [] past
+    that; x may be a leaf (a Perceiver's latent array), whose node has no age. Whether x is the stream
+    the next call shows (`stream_goes_on`: x + c re-added before every layer is conditioning)."""
     source = edge[0]
-    if source is None or raw.grad_fn is None:
+    if source is None or start.grad_fn is None:
         return []
     oldest = source._sequence_nr() if source.next_functions else -1  # a leaf: no age
     taps: Taps = []
-    frontier, seen = [raw.grad_fn], {raw.grad_fn}
-    while frontier:
-        node = frontier.pop()
-        for j, child in enumerate(node.next_functions):
-            if child == edge:
-                taps.append((node, j))
-            elif child[0] is not None and child[0] not in seen and child[0]._sequence_nr() > oldest:
-                seen.add(child[0])
-                frontier.append(child[0])
-        if len(seen) > TAP_NODES:
-            return []
-    return taps
-
-
-def _beside(x: torch.Tensor, edge: tuple[Any, int], avoid: Any) -> Taps:
-    """Where the gradient enters the tensor behind `edge` from the graph behind `x` (a call's input),
-    not through the node `avoid` (block 0's output): the residual add's own tap, and those of parallel
-    branches reading that tensor too, whose outputs the stream adds (x + attn(ln1(x)) + mlp(ln2(x)):
-    read without mlp's, block 0's input gradient missed a branch, growth 3.52 for torch's 4.01).
-    Only nodes made after that tensor are searched, up to TAP_NODES; [] past that (the add's own tap
-    is then read alone, as before)."""
-    source = edge[0]
-    if source is None or x.grad_fn is None:
-        return []
-    oldest = source._sequence_nr() if source.next_functions else -1  # a leaf: no age
-    taps: Taps = []
-    frontier, seen = [x.grad_fn], {x.grad_fn, avoid}
+    frontier, seen = [start.grad_fn], {start.grad_fn} if avoid is None else {start.grad_fn, avoid}
     while frontier:
         node = frontier.pop()
         for j, child in enumerate(node.next_functions):
