@@ -75,9 +75,9 @@ def culprit_of(ms: Sequence[Measurement], nonfinite: bool | None = None, q: floa
 def _none_alone(logs: Sequence[Sequence[float]], typical: float) -> str:
     """What is said where no block is named: 'uniform, median gain xG' where each block's median gain
     over the seeds is within SPREAD of every other's, else with their range ('no block alone, gains
-    xA-xB, median gain xG'): gains of 1, 10, 10, 1 read 'uniform, median gain x3.16', of a stack that is not
-    (an audit). The zoo's uniform stacks spread x1.15-x2.9 at and past their crossings (3 seeds each);
-    a post-norm transformer's gains fall from x3.5 at its input to x0.4 at its last layer."""
+    xA-xB, median gain xG'): gains of 1, 10, 10, 1 read 'uniform, median gain x3.16', of a stack
+    that is not. The zoo's uniform stacks spread x1.15-x2.9 at and past their crossings (3 seeds
+    each); a post-norm transformer's gains fall from x3.5 at its input to x0.4 at its last layer."""
     per_block = [x for x in _per_block(logs) if not math.isnan(x)]
     low, high = (min(per_block), max(per_block)) if per_block else (typical, typical)
     median = f"median gain x{math.exp(typical):.3g}"

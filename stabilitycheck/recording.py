@@ -349,8 +349,8 @@ class Recorder:
     def _entry_read(self) -> bool:
         """Whether block 0's input gradient is read whole: a residual add around it found, its taps'
         sum added where they are on the input itself, or its dL/d sum where the stream goes on. Beside
-        siblings, read otherwise it is block 0's branch's alone (an ensemble, b0(x) + b1(x) + b2(x),
-        with no residual add: 0.47 for torch's 0.83, a review), and the entry is dropped."""
+        siblings, where it is not, it would be block 0's branch's alone (an ensemble, b0(x) + b1(x) +
+        b2(x), with no residual add: 0.47 for torch's 0.83, a review): the entry is dropped."""
         return bool(self.around_hooks) and (self.sum is None or self.goes_on)
 
     def _read_add(self, add: Any, taps: Any, instead: bool) -> None:
