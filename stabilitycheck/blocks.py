@@ -428,8 +428,8 @@ def find_blocks(model: nn.Module) -> tuple[Blocks, str]:
         mods = [m for _, m in blocks]
         weighted = [(n, m) for n, m in blocks if any(True for _ in m.parameters())]
         label = name or "(model)"
-        small = _small_share(model, dict(model.named_modules())[name])
         container = dict(model.named_modules())[name]
+        small = _small_share(model, container)
         # layers of a Sequential (called, or looped over by the model: every place runs each pass); a
         # ModuleList's modules may run in any order, each a block
         if len(weighted) >= 2 and len(weighted) < len(blocks) and isinstance(container, nn.Sequential):

@@ -667,11 +667,12 @@ class Recorder:
             self._resolve(tensors(output))
         if 2 not in self.twins or self.raw is None or self.sided:
             return
+        out = blockcalls.first_tensor(output, scalars=False)
         if len(self.outputs) != self._after(1):
-            self._ends_stream(blockcalls.first_tensor(output, scalars=False))
+            self._ends_stream(out)
             return
-        out, first = blockcalls.first_tensor(output, scalars=False), self.outputs[1]
-        found = None if out is None else skip_around((out,), self.raw, first, False, self.outputs[2:])
+        first, beside = self.outputs[1], self.outputs[2:]
+        found = None if out is None else skip_around((out,), self.raw, first, False, beside)
         if found is not None:
             self._read_add(*found)
             self.goes_on = True
