@@ -1,20 +1,30 @@
-"""The spike rule: a value is flagged when it is non-finite, or, once its series has warmed up,
-above the mean of the last `window` accepted values by more than max(sigmas x std, floor x |mean|).
-A norm is judged so on its logarithm, the floor then ln(1 + floor): its noise is a factor, and a
-weight gradient's right tail is long (block 0's of a clean pre-norm transformer reached 2.7-3.8x its
-window mean; on the values, 21 of 32 clean 2,000-step runs, two models at batch 32 and 128, flagged
-one, on the logarithm none). So is a loss whose first value is positive (a batch-32 squared error
-reached 2.6-3.2x its window mean: 6 of those runs flagged it on its values); a loss that starts
-negative is judged on its values, OLMo-core's rule, and so is one from its first negative value on.
-A value of exactly 0 is no measurement (the gradient of a frozen block, a part that did not run): it is
-never flagged and never enters the window, which a run of zeros would leave with mean and std 0, so
-that the first real value, and every one after it, was flagged.
+"""The spike rule: a value is flagged when it is non-finite, or, once its series has warmed up, above
+what the trend of its recent values expects by more than max(sigmas x noise, floor x |expected|).
+Expected is the least-squares line through the last `trend` accepted values, read one step on, or
+the smaller of the last two values where that is higher (a line through a fall that has just
+levelled off reads below the level: synthetic norms falling x100 over 30 steps, then flat with 5%
+noise, were flagged at the turn in 5 of 5 runs without it); the noise is the spread of the
+differences between successive values over the last `window` (sqrt(mean d^2 / 2), the standard
+deviation for independent noise, which a trend moves little). A norm is judged so on its logarithm,
+the floor then ln(1 + floor): its noise is a factor, and a weight gradient's right tail is long (on
+the logged series of 24 clean 2,000-step runs, ci/spike_rule.py, the rule on the values flagged a
+weight gradient in 9 runs, on the logarithm none). So is a loss whose first value is positive (on
+its values, the loss of 3 of those runs' 8 batch-32 squared errors was flagged); a loss that starts
+negative is judged on its values, and so is one from its first negative value on. A value of exactly
+0 is no measurement (the gradient of a frozen block, a part that did not run): it is never flagged
+and never enters the window, which a run of zeros would leave with no noise, so that the first real
+value, and every one after it, was flagged.
 
-Two fixes over the rule as OLMo-core publishes it (mean + 6 sigma of the last 128 losses): a
+Three changes over the rule as OLMo-core publishes it (mean + 6 sigma of the last 128 losses): a
 non-finite value never enters the window (one NaN would otherwise poison the mean for the next 128
-steps), and a flagged value enters clamped to the threshold (a x10 spike would otherwise inflate the
-std so much that a x4 spike 20 steps later passes). The rule is written in torch ops on a vector of
-series, so it runs on the device inside a training step (no host sync) or on the host at a flush.
+steps); a flagged value enters clamped to the threshold (a x10 spike would otherwise inflate the std
+so much that a x4 spike 20 steps later passes); and the level and noise are the trend's, not the
+window's mean and std, which a series still trending early in training widens (a norm that fell x50
+over 60 steps held the threshold near x100 its level 90 steps later, and a x50 spike passed; on
+those 24 runs a x50 at steps 40-150 was missed on a block's output 41 times in 720, on its gradient
+73, on a weight gradient 195 in 864, by the trend's rule 0, 0 and 50, neither rule flagging a clean
+value). The rule is written in torch ops on a vector of series, so it runs on the device inside a
+training step (no host sync) or on the host at a flush.
 """
 
 from __future__ import annotations
@@ -32,18 +42,21 @@ from stabilitycheck.errors import ConfigError
 class SpikeRule:
     """Defaults: `window` 128 and `sigmas` 6 are OLMo-core's published values (rare enough on a
     clean run's noise that 2,000 steps raise nothing); `warmup` 32 accepted values before a finite
-    value can be flagged (a std from fewer is itself too noisy); `floor` 1.0: the excess must also be
-    at least |mean|, i.e. only values above twice the recent mean are spikes (a norm's: twice its
-    geometric mean), so a series with almost no noise (a normalised activation) is not flagged for
-    drifting by a few percent."""
+    value can be flagged (a spread from fewer is itself too noisy); `floor` 1.0: the excess must also
+    be at least |expected|, i.e. only values above twice what the trend expects are spikes (a norm's:
+    on its logarithm, twice), so a series with almost no noise (a normalised activation) is not
+    flagged for drifting by a few percent; `trend` 32: the values the trend's line goes through (on
+    the 24 runs of the module docstring, 64 lagged behind norms rising x150 over the first 80 steps
+    of training and flagged 19 clean values, 16 one; 32 none, and none at 5 sigma either)."""
 
     window: int = 128
     sigmas: float = 6.0
     warmup: int = 32
     floor: float = 1.0
+    trend: int = 32
 
     def __post_init__(self) -> None:
-        for name in ("window", "warmup"):
+        for name in ("window", "warmup", "trend"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"SpikeRule needs a whole number for {name}, got {value!r}")
@@ -51,10 +64,11 @@ class SpikeRule:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ConfigError(f"SpikeRule needs a number for {name}, got {value!r}")
-        if self.window < 2 or not 1 <= self.warmup <= self.window:
+        if self.window < 2 or not 1 <= self.warmup <= self.window or self.trend < 1:
             raise ConfigError(
-                f"SpikeRule needs window >= 2 and 1 <= warmup <= window, got window={self.window}, "
-                f"warmup={self.warmup}"
+                "SpikeRule needs window >= 2, 1 <= warmup <= window and trend >= 1 (a trend longer than "
+                f"the window goes through the window), got window={self.window}, warmup={self.warmup}, "
+                f"trend={self.trend}"
             )
         if not (0 < self.sigmas < math.inf and 0 <= self.floor < math.inf):  # NaN fails too
             raise ConfigError(
@@ -76,24 +90,42 @@ class SpikeRule:
             pending=torch.tensor([m is None for m in modes], dtype=torch.bool, device=device),
         )
 
-    def _threshold(self, mean: torch.Tensor, var: torch.Tensor, logged: torch.Tensor) -> torch.Tensor:
-        floor = torch.where(logged, math.log1p(self.floor), self.floor * mean.abs())
-        return mean + torch.maximum(self.sigmas * var.clamp(min=0).sqrt(), floor)
+    def _threshold(self, expected: torch.Tensor, noise: torch.Tensor, logged: torch.Tensor) -> torch.Tensor:
+        floor = torch.where(logged, math.log1p(self.floor), self.floor * expected.abs())
+        return expected + torch.maximum(self.sigmas * noise, floor)
+
+    def _level(self, state: SpikeState) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per series, what the trend expects next and the noise, from its window (the last n accepted
+        values): the least-squares line through the last min(n, trend) values read one position on
+        (flat through one value), or the smaller of the last two where that is higher, and
+        sqrt(sum d^2 / (2 (n - 1))) over the n - 1 successive differences d of the n values (0 for
+        one value)."""
+        w, values, count, slots = self.window, state.values, state.count, state.slots
+        n = count.unsqueeze(1)
+        d = values[:, 1:] - values[:, :-1]
+        pairs = torch.where(slots[1:] > w - n, d * d, 0.0).sum(1)
+        noise = (pairs / (2 * (count - 1).clamp(min=1))).sqrt()
+        c = count.clamp(max=self.trend).unsqueeze(1)
+        inside = slots >= w - c
+        size = c.squeeze(1).clamp(min=1).to(torch.float64)
+        mean = torch.where(inside, values, 0.0).sum(1) / size
+        mid = (size - 1) / 2  # the mean position, positions 0 .. size - 1
+        pos = (slots - (w - c)).to(torch.float64)
+        sxy = torch.where(inside, (pos - mid.unsqueeze(1)) * (values - mean.unsqueeze(1)), 0.0).sum(1)
+        line = mean + _slope(sxy, size) * (size - mid)
+        return _at_least_recent(line, values[:, -1], values[:, -2], count), noise
 
     def update(self, state: SpikeState, x: torch.Tensor) -> Judged:
         """Flag each entry of `x` (one value per series) and let the accepted ones (finite, non-zero)
-        enter the window;
-        with the mean and threshold each was judged against. Only tensor ops: no host synchronisation."""
+        enter the window; with what the trend expected of each and the threshold it was judged
+        against. Only tensor ops: no host synchronisation."""
         x = x.to(torch.float64)
         _decide(state, x.unsqueeze(0))
         _unlog(state, x)
         y = _units(state.logged, x)
         finite = torch.isfinite(x)
-        valid = state.slots >= self.window - state.count.unsqueeze(1)
-        n = state.count.clamp(min=1).to(torch.float64)
-        mean = torch.where(valid, state.values, 0.0).sum(1) / n
-        var = torch.where(valid, (state.values - mean.unsqueeze(1)) ** 2, 0.0).sum(1) / n
-        threshold = self._threshold(mean, var, state.logged)
+        expected, noise = self._level(state)
+        threshold = self._threshold(expected, noise, state.logged)
         warm = state.count >= self.warmup
         flagged = ~finite | (warm & (y > threshold) & (x != 0))
         entering = torch.where(warm, torch.minimum(y, threshold), y)
@@ -101,17 +133,17 @@ class SpikeRule:
         accepted = finite & (x != 0)
         state.values = torch.where(accepted.unsqueeze(1), shifted, state.values)
         state.count = (state.count + accepted.long()).clamp(max=self.window)
-        return Judged(flagged, _shown(state.logged, mean), _shown(state.logged, threshold))
+        return Judged(flagged, _shown(state.logged, expected), _shown(state.logged, threshold))
 
     def update_many(self, state: SpikeState, xs: torch.Tensor) -> Judged:
         """`update` over the rows of xs (steps x series), with the same flags, in a few vectorised
-        passes: each assumes every later value enters the window as it is (rolling sums over the
-        window and the new values), which holds up to the first step flagging anything; that step
-        is then run through `update`, and the next pass starts after it. Reads the host (once per
-        pass), so it is for host tensors: 1 + (flagged steps) passes."""
+        passes: each assumes every later value enters the window as it is (prefix sums over the
+        window's and the new accepted values, in order), which holds up to the first step flagging
+        anything; that step is then run through `update`, and the next pass starts after it. Reads the
+        host (once per pass), so it is for host tensors: 1 + (flagged steps) passes."""
         xs = xs.to(torch.float64)
         flags = torch.zeros(xs.shape, dtype=torch.bool, device=xs.device)
-        means, thresholds = torch.full_like(xs, math.nan), torch.full_like(xs, math.nan)
+        expects, thresholds = torch.full_like(xs, math.nan), torch.full_like(xs, math.nan)
         w, start = self.window, 0
         while start < xs.shape[0]:
             rest = xs[start:]
@@ -125,35 +157,75 @@ class SpikeRule:
             # before a non-finite value (it is flagged)
             accepted = torch.cat([valid, torch.isfinite(x) & (x != 0)], 1)
             seq = torch.where(accepted, torch.cat([state.values, y], 1) - ref.unsqueeze(1), 0.0)
-            zero = torch.zeros(seq.shape[0], 1, dtype=torch.float64, device=seq.device)
-            s1 = torch.cat([zero, seq.cumsum(1)], 1)
-            s2 = torch.cat([zero, (seq * seq).cumsum(1)], 1)
-            taken = torch.cat([zero.long(), accepted.long().cumsum(1)], 1)  # accepted before each column
-            end = (w + torch.arange(m, device=xs.device)).expand(seq.shape[0], m)
-            sizes = taken.gather(1, end).clamp(max=w)  # window size at each step
-            # where each step's window starts: the column after which `sizes` accepted values remain
-            first = torch.searchsorted(taken, taken.gather(1, end) - sizes)
-            n = sizes.clamp(min=1).to(torch.float64)
-            mean_shift = (s1.gather(1, end) - s1.gather(1, first)) / n
-            var = (s2.gather(1, end) - s2.gather(1, first)) / n - mean_shift**2
-            mean = torch.where(sizes > 0, ref.unsqueeze(1) + mean_shift, 0.0)
-            threshold = self._threshold(mean, var, logged)
+            # the accepted values in order, right-aligned (a stable sort puts them last): each step's
+            # window is the run of them before its own column
+            order = torch.sort(accepted.to(torch.uint8), dim=1, stable=True).indices
+            line = seq.gather(1, order)
+            taken = accepted.long().cumsum(1)
+            before = taken[:, w - 1 : w - 1 + m]  # accepted before each step's own column
+            end = line.shape[1] - taken[:, -1:] + before  # where each step's window ends in `line`
+            sizes = before.clamp(max=w)
+            expected, noise = self._levels(line, end, sizes)
+            expected = ref.unsqueeze(1) + expected
+            threshold = self._threshold(expected, noise, logged)
             pass_flags = ~torch.isfinite(x) | ((sizes >= self.warmup) & (y > threshold) & (x != 0))
             turns = logged & torch.isfinite(x) & (x < 0)  # `update` takes that step: _unlog
             hit = (pass_flags | turns).any(0).nonzero()
             stop = int(hit[0, 0]) if hit.numel() else m  # the pass's only host read
-            if stop:  # the accepted values, in order, right-aligned (a stable sort puts them last)
-                order = torch.sort(accepted[:, : w + stop].to(torch.uint8), dim=1, stable=True).indices
-                state.values = torch.cat([state.values, y[:, :stop]], 1).gather(1, order)[:, -w:]
-                state.count = taken[:, w + stop].clamp(max=w)
-                means[start : start + stop] = _shown(logged, mean)[:, :stop].T
+            if stop:
+                kept = torch.sort(accepted[:, : w + stop].to(torch.uint8), dim=1, stable=True).indices
+                state.values = torch.cat([state.values, y[:, :stop]], 1).gather(1, kept)[:, -w:]
+                state.count = taken[:, w + stop - 1].clamp(max=w)
+                expects[start : start + stop] = _shown(logged, expected)[:, :stop].T
                 thresholds[start : start + stop] = _shown(logged, threshold)[:, :stop].T
             if stop < m:
                 judged = self.update(state, rest[stop])
                 flags[start + stop] = judged.flags
-                means[start + stop], thresholds[start + stop] = judged.mean, judged.threshold
+                expects[start + stop], thresholds[start + stop] = judged.expected, judged.threshold
             start += stop + 1
-        return Judged(flags, means, thresholds)
+        return Judged(flags, expects, thresholds)
+
+    def _levels(
+        self, line: torch.Tensor, end: torch.Tensor, sizes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_level` at many steps at once: per series and step, the window is line[end - sizes : end]
+        (`line` the accepted values in order), from prefix sums of the values, of position x value and
+        of the squared successive differences."""
+        zero = torch.zeros(line.shape[0], 1, dtype=torch.float64, device=line.device)
+        pos = torch.arange(line.shape[1], device=line.device, dtype=torch.float64)
+        sums = torch.cat([zero, line.cumsum(1)], 1)
+        moments = torch.cat([zero, (line * pos).cumsum(1)], 1)
+        d = line[:, 1:] - line[:, :-1]
+        squares = torch.cat([zero, zero, (d * d).cumsum(1)], 1)  # squares[k]: differences ending before k
+        c = sizes.clamp(max=self.trend)
+        size = c.clamp(min=1).to(torch.float64)
+        first = end - c
+        total = sums.gather(1, end) - sums.gather(1, first)
+        mean = total / size
+        mid = (size - 1) / 2
+        # sum over the trend's values of (position from its first) x value, minus mid x their sum
+        sxy = moments.gather(1, end) - moments.gather(1, first) - (first.to(torch.float64) + mid) * total
+        pairs = squares.gather(1, end) - squares.gather(1, (end - sizes + 1).clamp(max=end))
+        noise = (pairs / (2 * (sizes - 1).clamp(min=1))).sqrt()
+        trend = mean + _slope(sxy, size) * (size - mid)
+        last, before = line.gather(1, (end - 1).clamp(min=0)), line.gather(1, (end - 2).clamp(min=0))
+        return _at_least_recent(trend, last, before, sizes), noise
+
+
+def _at_least_recent(
+    trend: torch.Tensor, last: torch.Tensor, before: torch.Tensor, count: torch.Tensor
+) -> torch.Tensor:
+    """What the trend expects, or the smaller of the window's last two values (`last`, and `before`
+    it, read where the window holds two) where that is higher; the trend's alone in an empty window."""
+    recent = torch.where(count >= 2, torch.minimum(last, before), last)
+    return torch.where(count >= 1, torch.maximum(trend, recent), trend)
+
+
+def _slope(sxy: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """The least-squares slope through `size` values at positions 0 .. size - 1 whose centred
+    cross-product with the positions is `sxy` (0 through a single value)."""
+    sxx = size * (size * size - 1) / 12
+    return torch.where(sxx > 0, sxy / torch.where(sxx > 0, sxx, 1.0), 0.0)
 
 
 def _decide(state: SpikeState, xs: torch.Tensor) -> None:
@@ -183,18 +255,19 @@ def _units(logged: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _shown(logged: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """A mean or threshold in the series' own units: a logged series' geometric mean, its threshold."""
+    """An expected value or threshold in the series' own units (a logged series' exp of it)."""
     return torch.where(logged, t.exp(), t)
 
 
 @dataclass(frozen=True)
 class Judged:
-    """What the rule said of values (one per series, or steps x series): `flags`, and the `mean` of
-    the window each was judged against and its `threshold` (mean + max(sigmas x std, floor x |mean|);
-    a flagged finite value is above it, a report shows both beside it)."""
+    """What the rule said of values (one per series, or steps x series): `flags`, what the trend of
+    its window `expected` of each and the `threshold` it was judged against (expected + max(sigmas x
+    noise, floor x |expected|), a norm's on its logarithm, both given back in its units); a flagged
+    finite value is above it, a report shows both beside it."""
 
     flags: torch.Tensor
-    mean: torch.Tensor
+    expected: torch.Tensor
     threshold: torch.Tensor
 
 

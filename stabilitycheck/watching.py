@@ -139,9 +139,9 @@ class Watcher:
         # skip= and bundle= need each step's flag on the device: the rule runs there, per step; else
         # it runs at the flush on the host, vectorised over the flushed steps (spikes.update_many)
         on_device = self.skip or bundle is not None
-        # a row: the series, their flags, and the mean and threshold each was judged against (on the
-        # device), or the squared norms and 1.0 if a loss was passed (the mean loss is over the ranks
-        # that passed one); then 1.0 if the scaler skipped it
+        # a row: the series, their flags, what each one's trend expected and the threshold it was judged
+        # against (on the device), or the squared norms and 1.0 if a loss was passed (the mean loss is
+        # over the ranks that passed one); then 1.0 if the scaler skipped it
         width = (self.layout.n_series * 4 if on_device else self.layout.width + 1) + 1
         self.buffer = torch.zeros(flush_every, width, dtype=torch.float64, device=self.device)
         self._passed = [0.0] * flush_every  # per buffered step, 1.0 if a loss was passed (host rule)
@@ -495,7 +495,7 @@ class Watcher:
                 off = amp[1].bool() & self._scaled  # and none of them enters the window
                 judged = self.rule.update(self.state, torch.where(off, torch.nan, values))
                 flags, skipped = judged.flags & ~off, amp[1].reshape(1)
-            judged_row = [series, flags.double(), judged.mean, judged.threshold, skipped]
+            judged_row = [series, flags.double(), judged.expected, judged.threshold, skipped]
             self.buffer[slot].copy_(torch.cat(judged_row))
             flagged = flags.any()
             if self.skip and self.fused and not scaler_skipped:

@@ -20,7 +20,7 @@ from stabilitycheck.measurement import AFTER_LAST_SAID, INPUT, shown
 from stabilitycheck.spikes import SpikeRule, SpikeState, noisier, unmeasured
 
 OUTSIDE = "(outside blocks)"
-Limits = tuple[list[float], list[float]]  # per series, the window mean and the threshold of one step
+Limits = tuple[list[float], list[float]]  # per series, what its trend expected and the threshold, one step
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,8 @@ class Finding:
     block, the value, under torch.distributed the lowest rank holding a non-finite value, for an
     output gradient the code that made it: dL/d(output of block i) is made by the backward of block
     i + 1, or of the loss after the last block (the probe's rule), so that is the block to look at;
-    and for a finite spike the threshold it passed and the mean of the window it was judged on (a
-    norm's geometric mean: its rule is on ln x)."""
+    and for a finite spike the threshold it passed and what the trend of its window expected there
+    (spikes.SpikeRule; a norm's read on ln x, given back as a norm)."""
 
     step: int
     tensor: str
@@ -39,8 +39,7 @@ class Finding:
     rank: int | None = None
     made_by: str | None = None
     threshold: float | None = None
-    mean: float | None = None
-    geometric: bool = False  # `mean` is the window's geometric mean: the rule ran on ln x (a norm)
+    expected: float | None = None
     after: str | None = None  # a block output flagged: the block before it, where the model's code
     # between them made what this block took (Capture.glued), which may have made the value; INPUT
     # for the first block's, whose input (the batch, or the code before it) the watcher does not read
@@ -61,9 +60,8 @@ class Finding:
             )
         what = "" if self.tensor == "loss" else "L2 norm "  # every series but the loss is a norm
         limit = ""
-        if self.threshold is not None and self.mean is not None:
-            mean = "geometric mean" if self.geometric else "mean"
-            limit = f" > threshold {self.threshold:.4g} (window {mean} {self.mean:.4g})"
+        if self.threshold is not None and self.expected is not None:
+            limit = f" > threshold {self.threshold:.4g} (its trend expected {self.expected:.4g})"
         return f"step {self.step}: {self.tensor} of {block}, {what}{self.value:.4g}{limit}{where}{made}"
 
 
@@ -235,7 +233,6 @@ class Log:
         self.fewer: list[bool] = []  # per step, fewer samples than the reference (spikes.noisier)
         self.last_weights: torch.Tensor | None = None
         self.host_state: SpikeState | None = None
-        self.loss_logged: bool | None = None  # the loss judged on its logarithm (its first value > 0)
         self.clips: dict[int, tuple[float, float, float]] = {}  # the flush's steps' clips (watchclip)
 
     def called_in(self, calls: list[int]) -> None:
@@ -270,8 +267,8 @@ class Log:
         self.fewer.append(fewer)
 
     def add(self, first: int, host: list[list[float]]) -> None:
-        """Single process: rows of series, flags (0/1), the means and thresholds they were judged
-        against and 'skipped by the scaler' (0/1), as the device computed them."""
+        """Single process: rows of series, flags (0/1), what their trends expected and the thresholds
+        they were judged against and 'skipped by the scaler' (0/1), as the device computed them."""
         n = self.layout.n_series
         for i, row in enumerate(host):
             flags = [v != 0.0 for v in row[n : 2 * n]]
@@ -314,11 +311,11 @@ class Log:
             ),
         )
         flags = (judged.flags & ~off).tolist()
-        means, thresholds = judged.mean.tolist(), judged.threshold.tolist()
+        expected, thresholds = judged.expected.tolist(), judged.threshold.tolist()
         values, skipped = series.tolist(), off.any(1).tolist()
         for i in range(rows.shape[0]):
             ranks = [r[i] for r in host] if self.world > 1 else None
-            self._record(first + i, values[i], flags[i], (means[i], thresholds[i]), ranks, skipped[i])
+            self._record(first + i, values[i], flags[i], (expected[i], thresholds[i]), ranks, skipped[i])
         self._write_lines()
 
     def _finding(
@@ -337,10 +334,7 @@ class Log:
         after = INPUT if at == 0 else self.blocks[self.calls[at - 1]] if b in self.glued else None
         if limits is None or not math.isfinite(value):  # a non-finite value is flagged for that alone
             return Finding(step, kind, block, value, rank, made_by, after=after)
-        geometric = kind != "loss" or bool(self.loss_logged)  # the rule's mode (SpikeRule.state)
-        return Finding(
-            step, kind, block, value, rank, made_by, limits[1][index], limits[0][index], geometric, after
-        )
+        return Finding(step, kind, block, value, rank, made_by, limits[1][index], limits[0][index], after)
 
     def _record(
         self,
@@ -352,8 +346,6 @@ class Log:
         scaler_skipped: bool,
     ) -> None:
         self.graded = self.graded or values[self.total] != 0
-        if math.isfinite(values[0]) and values[0] != 0 and self.loss_logged is not False:
-            self.loss_logged = values[0] > 0  # as the rule decides it: its first value, its first < 0
         found: Finding | None = None
         for index in self.order if any(flags) else ():
             if flags[index]:

@@ -1,43 +1,32 @@
-"""The spike rule's defaults (spikes): the default window is OLMo-core's published 128 values (a change to 100
-passed every test, whose references read rule.window). Oracle: the docstring's defaults, and the rule's
-mean and population std over the last 128 accepted values computed with numpy.
-Also noisier and unmeasured columns, masked rows, a warmup as long as the window, a negative loss."""
+"""The spike rule's defaults (spikes): window 128, sigmas 6, warm-up 32 and floor 1 (OLMo-core's
+published window and sigmas), trend 32. Oracle: the docstring's defaults. Also noisier and unmeasured
+columns, masked rows, a warmup as long as the window, a negative loss."""
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
 from stabilitycheck.spikes import SpikeRule, noisier, unmeasured
 
 
-def test_the_defaults_are_olmo_cores_published_values() -> None:
+def test_the_defaults_are_the_documented_ones() -> None:
     rule = SpikeRule()
-    assert (rule.window, rule.sigmas, rule.warmup, rule.floor) == (128, 6.0, 32, 1.0)
+    assert (rule.window, rule.sigmas, rule.warmup, rule.floor, rule.trend) == (128, 6.0, 32, 1.0, 32)
 
 
-def test_the_default_window_reaches_128_values_back() -> None:
-    """40 values of 10, then 100 of 1, then 3 (judged on values): the last 128 hold 28 tens, so 3 is
-    far under mean + 6 std; a window of the last 100 alone (all ones, std 0) would flag it (> 2)."""
-    rule = SpikeRule()
-    series = [10.0] * 40 + [1.0] * 100
-    window = np.array(series[-128:])
-    mean, std = window.mean(), window.std()  # population std, as the rule's docstring
-    threshold = mean + max(6 * std, abs(mean))
-    last100 = np.array(series[-100:])
-    assert threshold > 3.0 > last100.mean() + max(6 * last100.std(), abs(last100.mean()))  # 128 vs 100
-    state = rule.state(1)
-    for x in series:
-        assert not bool(rule.update(state, torch.tensor([x])).flags[0])
-    judged = rule.update(state, torch.tensor([3.0]))
-    assert not bool(judged.flags[0])
-    assert abs(float(judged.mean[0]) - mean) < 1e-9
-    assert abs(float(judged.threshold[0]) - threshold) < 1e-9
-    many = rule.update_many(rule.state(1), torch.tensor([*series, 3.0]).unsqueeze(1))
-    assert not bool(many.flags.any())
+def test_a_trend_under_one_is_refused_and_one_longer_than_the_window_goes_through_the_window() -> None:
+    """trend=0 and 2.5 are refused; SpikeRule(window=16) keeps the default trend of 32 and reads
+    exactly as trend=16 (a window holds at most 16 values)."""
+    for trend in (0, 2.5):
+        with pytest.raises(ValueError, match="trend"):
+            SpikeRule(trend=trend)  # type: ignore[arg-type]
+    series = torch.tensor([1.0 + 0.1 * k + 0.05 * (-1) ** k for k in range(40)] + [30.0]).unsqueeze(1)
+    short, wide = SpikeRule(window=16, warmup=8), SpikeRule(window=16, warmup=8, trend=16)
+    got, want = short.update_many(short.state(1), series), wide.update_many(wide.state(1), series)
+    assert torch.equal(got.threshold, want.threshold) and bool(got.flags[-1, 0])
 
 
 def test_a_loss_above_one_gone_negative_is_judged_on_its_values_in_any_chunking() -> None:
