@@ -101,19 +101,19 @@ class SpikeRule:
         sqrt(sum d^2 / (2 (n - 1))) over the n - 1 successive differences d of the n values (0 for
         one value)."""
         w, values, count, slots = self.window, state.values, state.count, state.slots
-        n = count.unsqueeze(1)
         d = values[:, 1:] - values[:, :-1]
-        pairs = torch.where(slots[1:] > w - n, d * d, 0.0).sum(1)
+        pairs = torch.where(slots[1:] > (w - count).unsqueeze(1), d * d, 0.0).sum(1)
         noise = (pairs / (2 * (count - 1).clamp(min=1))).sqrt()
-        c = count.clamp(max=self.trend).unsqueeze(1)
-        inside = slots >= w - c
-        size = c.squeeze(1).clamp(min=1).to(torch.float64)
-        mean = torch.where(inside, values, 0.0).sum(1) / size
+        t = min(self.trend, w)  # the trend's values: the last c of the window's last t slots
+        c = count.clamp(max=t)
+        start = (t - c).unsqueeze(1)
+        line = torch.where(slots[:t] >= start, values[:, w - t :], 0.0)
+        size = c.clamp(min=1).to(torch.float64)
+        total = line.sum(1)
         mid = (size - 1) / 2  # the mean position, positions 0 .. size - 1
-        pos = (slots - (w - c)).to(torch.float64)
-        sxy = torch.where(inside, (pos - mid.unsqueeze(1)) * (values - mean.unsqueeze(1)), 0.0).sum(1)
-        line = mean + _slope(sxy, size) * (size - mid)
-        return _at_least_recent(line, values[:, -1], values[:, -2], count), noise
+        sxy = (line * (slots[:t] - start)).sum(1) - mid * total  # sum of (position - mid) x value
+        trend = total / size + _slope(sxy, size) * (size - mid)
+        return _at_least_recent(trend, values[:, -1], values[:, -2], count), noise
 
     def update(self, state: SpikeState, x: torch.Tensor) -> Judged:
         """Flag each entry of `x` (one value per series) and let the accepted ones (finite, non-zero)
