@@ -13,15 +13,16 @@ import torch
 
 from stabilitycheck.config import Config
 from stabilitycheck.losses import call_model
+from stabilitycheck.subjects import resolve
 from stabilitycheck.watching import watch
-from stabilitycheck.zoo import build
 
 STEPS, SPIKE, NAN = 240, (150, 2), (200, 4)
 
 
 def main(path: Path) -> None:
     torch.manual_seed(0)
-    built = build(Config(family="transformer", depth=6, width=32, seq_len=16, norm="pre", batch_size=8))
+    config = Config.of("transformer", depth=6, width=32, seq_len=16, norm="pre", batch_size=8)
+    built = resolve(config.subject).build(config)
     model, inputs, loss_fn = built.model, built.inputs, built.loss_fn
     opt = torch.optim.SGD(model.parameters(), lr=0.05, fused=True)
     step = 0
