@@ -3,7 +3,7 @@ it catches one logged value multiplied x3, x10 or x50, early in training (steps 
 against the rule it replaced (the window's mean and std, with the same clamping, non-finite and zero
 handling: OLMo-core's rule with two fixes).
 
-Run `python ci/spike_rule.py [--steps N] [--seeds N] [--logs DIR]`. It trains 6 setups x `--seeds`
+Run `python ci/spike_rule.py [--steps N] [--seeds N] [--logs DIR]`. It trains 7 setups x `--seeds`
 seeds for `--steps` steps under `stabilitycheck.watch` (one JSONL log each, kept in --logs; runs
 already there are reused), then replays every logged series: the trend's rule is the package's
 SpikeRule (its thresholds at every step, on the series' clean history), the window's rule is written
@@ -39,7 +39,7 @@ KINDS = ("activation", "activation_grad", "gradient")  # block outputs, their gr
 PLANTED_AT = (40, 60, 80, 100, 120, 150, 200, 250, 400, 800, 1500)
 EARLY = 150  # planted at or before this step: early in training
 FACTORS = (3.0, 10.0, 50.0)
-SETUPS = ("mlp-reg", "prenorm-reg", "cmlp-adam", "cmlp-tanh-sgd", "ctrans-warm", "cnn-sgd")
+SETUPS = ("mlp-reg", "prenorm-reg", "readme", "cmlp-adam", "cmlp-tanh-sgd", "ctrans-warm", "cnn-sgd")
 
 
 class Classifier(nn.Module):
@@ -111,6 +111,15 @@ def train(setup: str, seed: int, steps: int, log: Path) -> None:
 
         def step_loss() -> torch.Tensor:
             return watch_models.compute_loss(model, watch_models.batch(gen, model))
+
+    elif setup == "readme":  # the README's watch example: 8 Linear + Tanh blocks and a head, AdamW
+        layers = [nn.Sequential(nn.Linear(32, 32), nn.Tanh()) for _ in range(8)]
+        model = nn.Sequential(*layers, nn.Linear(32, 1))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+        def step_loss() -> torch.Tensor:
+            x = torch.randn(64, 32, generator=gen)
+            return nn.functional.mse_loss(model(x).squeeze(-1), x.sum(-1).sin())
 
     else:  # a teacher's classes, batch 64, cross-entropy
         shapes = {"cmlp": ("mlp", (32,)), "ctrans": ("transformer", (8, 16)), "cnn": ("cnn", (3, 12, 12))}

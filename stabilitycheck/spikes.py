@@ -1,28 +1,31 @@
 """The spike rule: a value is flagged when it is non-finite, or, once its series has warmed up, above
 what the trend of its recent values expects by more than max(sigmas x noise, floor x |expected|).
-Expected is the least-squares line through the last `trend` accepted values, read one step on, or
-the smaller of the last two values where that is higher (a line through a fall that has just
-levelled off reads below the level: synthetic norms falling x100 over 30 steps, then flat with 5%
-noise, were flagged at the turn in 5 of 5 runs without it); the noise is the spread of the
-differences between successive values over the last `window` (sqrt(mean d^2 / 2), the standard
-deviation for independent noise, which a trend moves little). A norm is judged so on its logarithm,
-the floor then ln(1 + floor): its noise is a factor, and a weight gradient's right tail is long (on
-the logged series of 24 clean 2,000-step runs, ci/spike_rule.py, the rule on the values flagged a
-weight gradient in 9 runs, on the logarithm none). So is a loss whose first value is positive (on
-its values, the loss of 3 of those runs' 8 batch-32 squared errors was flagged); a loss that starts
-negative is judged on its values, and so is one from its first negative value on. A value of exactly
-0 is no measurement (the gradient of a frozen block, a part that did not run): it is never flagged
-and never enters the window, which a run of zeros would leave with no noise, so that the first real
-value, and every one after it, was flagged.
+Expected is the least-squares line through the last `trend` accepted values, read one step on, or the
+smaller of the last two values where that is higher (a line through a fall that has just levelled off
+reads below the level: synthetic norms falling x100 over 30 steps, then flat with 5% noise, were
+flagged at the turn in 5 of 5 runs without it). The noise is the spread of the differences between
+successive values over the last `window` (sqrt(mean d^2 / 2), the standard deviation for independent
+noise, which a trend moves little), or the standard deviation of the line's values about it where
+that is larger: a norm that wanders slowly (the output of the README example's head, each step's ln
+x 0.93-0.99 correlated with the last) has small differences, and without it an ordinary climb back
+from a dip passed twice what the line expected (31 clean steps flagged over 10 runs of 1,000 steps:
+a review). A norm is judged so on its logarithm, the floor then ln(1 + floor): its noise is a factor,
+and a weight gradient's right tail is long (on the logged series of 28 clean 2,000-step runs,
+ci/spike_rule.py, the rule on the values flagged a weight gradient in 12 runs, on the logarithm
+none). So is a loss whose first value is positive (on its values the loss was flagged in 3 of those
+runs); a loss that starts negative is judged on its values, and so is one from its first negative
+value on. A value of exactly 0 is no measurement (the gradient of a frozen block, a part that did not
+run): it is never flagged and never enters the window, which a run of zeros would leave with no
+noise, so that the first real value, and every one after it, was flagged.
 
 Three changes over the rule as OLMo-core publishes it (mean + 6 sigma of the last 128 losses): a
 non-finite value never enters the window (one NaN would otherwise poison the mean for the next 128
 steps); a flagged value enters clamped to the threshold (a x10 spike would otherwise inflate the std
 so much that a x4 spike 20 steps later passes); and the level and noise are the trend's, not the
 window's mean and std, which a series still trending early in training widens (a norm that fell x50
-over 60 steps held the threshold near x100 its level 90 steps later, and a x50 spike passed; on
-those 24 runs a x50 at steps 40-150 was missed on a block's output 41 times in 720, on its gradient
-73, on a weight gradient 195 in 864, by the trend's rule 0, 0 and 50, neither rule flagging a clean
+over 60 steps held the threshold near x100 its level 90 steps later, and a x50 spike passed; on those
+28 runs a x50 at steps 40-150 was missed on a block's output 56 times in 936, on its gradient 73, on
+a weight gradient 304 in 1,080, by the trend's rule 13, 0 and 153, neither rule flagging a clean
 value). The rule is written in torch ops on a vector of series, so it runs on the device inside a
 training step (no host sync) or on the host at a flush.
 """
@@ -37,6 +40,8 @@ import torch
 
 from stabilitycheck.errors import ConfigError
 
+PASS = 1024  # steps of one vectorised pass of update_many at most
+
 
 @dataclass(frozen=True)
 class SpikeRule:
@@ -46,8 +51,10 @@ class SpikeRule:
     be at least |expected|, i.e. only values above twice what the trend expects are spikes (a norm's:
     on its logarithm, twice), so a series with almost no noise (a normalised activation) is not
     flagged for drifting by a few percent; `trend` 32: the values the trend's line goes through (on
-    the 24 runs of the module docstring, 64 lagged behind norms rising x150 over the first 80 steps
-    of training and flagged 19 clean values, 16 one; 32 none, and none at 5 sigma either)."""
+    the 28 runs of the module docstring none of 16, 32 and 64 flags a clean value; a line through
+    64 lags behind norms rising x150 over the first 80 steps of training, catching a x3 on an output
+    gradient at steps 40-150 850 times in 936 where 32 catch 924; 16 catch 934, but flag a second
+    clean step of the ViT run the README names)."""
 
     window: int = 128
     sigmas: float = 6.0
@@ -97,9 +104,9 @@ class SpikeRule:
     def _level(self, state: SpikeState) -> tuple[torch.Tensor, torch.Tensor]:
         """Per series, what the trend expects next and the noise, from its window (the last n accepted
         values): the least-squares line through the last min(n, trend) values read one position on
-        (flat through one value), or the smaller of the last two where that is higher, and
+        (flat through one value), or the smaller of the last two where that is higher; and
         sqrt(sum d^2 / (2 (n - 1))) over the n - 1 successive differences d of the n values (0 for
-        one value)."""
+        one value), or the standard deviation of the line's values about it where that is larger."""
         w, values, count, slots = self.window, state.values, state.count, state.slots
         d = values[:, 1:] - values[:, :-1]
         pairs = torch.where(slots[1:] > (w - count).unsqueeze(1), d * d, 0.0).sum(1)
@@ -112,8 +119,9 @@ class SpikeRule:
         total = line.sum(1)
         mid = (size - 1) / 2  # the mean position, positions 0 .. size - 1
         sxy = (line * (slots[:t] - start)).sum(1) - mid * total  # sum of (position - mid) x value
-        trend = total / size + _slope(sxy, size) * (size - mid)
-        return _at_least_recent(trend, values[:, -1], values[:, -2], count), noise
+        syy = (line * line).sum(1) - total * total / size
+        trend, off = _fit(total, sxy, syy, size)
+        return _at_least_recent(trend, values[:, -1], values[:, -2], count), torch.maximum(noise, off)
 
     def update(self, state: SpikeState, x: torch.Tensor) -> Judged:
         """Flag each entry of `x` (one value per series) and let the accepted ones (finite, non-zero)
@@ -139,14 +147,16 @@ class SpikeRule:
         """`update` over the rows of xs (steps x series), with the same flags, in a few vectorised
         passes: each assumes every later value enters the window as it is (prefix sums over the
         window's and the new accepted values, in order), which holds up to the first step flagging
-        anything; that step is then run through `update`, and the next pass starts after it. Reads the
-        host (once per pass), so it is for host tensors: 1 + (flagged steps) passes."""
+        anything (or a loss turning negative); that step is then run through `update`, and the next
+        pass starts after it. A pass spans at most PASS steps (a prefix sum's rounding grows with its
+        length: 1.7e-6 relative off `update` after 100,000 steps in one pass, 2e-12 in passes of 50).
+        Reads the host once per pass, so it is for host tensors."""
         xs = xs.to(torch.float64)
         flags = torch.zeros(xs.shape, dtype=torch.bool, device=xs.device)
         expects, thresholds = torch.full_like(xs, math.nan), torch.full_like(xs, math.nan)
         w, start = self.window, 0
         while start < xs.shape[0]:
-            rest = xs[start:]
+            rest = xs[start : start + PASS]  # prefix sums over a bounded run: their rounding too
             _decide(state, rest)
             m, y = rest.shape[0], _units(state.logged, rest).T
             logged = state.logged.unsqueeze(1)  # series x steps, as the pass holds them
@@ -182,19 +192,20 @@ class SpikeRule:
                 judged = self.update(state, rest[stop])
                 flags[start + stop] = judged.flags
                 expects[start + stop], thresholds[start + stop] = judged.expected, judged.threshold
-            start += stop + 1
+            start += stop + 1 if stop < m else m
         return Judged(flags, expects, thresholds)
 
     def _levels(
         self, line: torch.Tensor, end: torch.Tensor, sizes: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`_level` at many steps at once: per series and step, the window is line[end - sizes : end]
-        (`line` the accepted values in order), from prefix sums of the values, of position x value and
-        of the squared successive differences."""
+        (`line` the accepted values in order), from prefix sums of the values, their squares, position
+        x value and the squared successive differences."""
         zero = torch.zeros(line.shape[0], 1, dtype=torch.float64, device=line.device)
         pos = torch.arange(line.shape[1], device=line.device, dtype=torch.float64)
         sums = torch.cat([zero, line.cumsum(1)], 1)
         moments = torch.cat([zero, (line * pos).cumsum(1)], 1)
+        powers = torch.cat([zero, (line * line).cumsum(1)], 1)
         d = line[:, 1:] - line[:, :-1]
         squares = torch.cat([zero, zero, (d * d).cumsum(1)], 1)  # squares[k]: differences ending before k
         c = sizes.clamp(max=self.trend)
@@ -207,9 +218,10 @@ class SpikeRule:
         sxy = moments.gather(1, end) - moments.gather(1, first) - (first.to(torch.float64) + mid) * total
         pairs = squares.gather(1, end) - squares.gather(1, (end - sizes + 1).clamp(max=end))
         noise = (pairs / (2 * (sizes - 1).clamp(min=1))).sqrt()
-        trend = mean + _slope(sxy, size) * (size - mid)
+        syy = powers.gather(1, end) - powers.gather(1, first) - total * mean
+        trend, off = _fit(total, sxy, syy, size)
         last, before = line.gather(1, (end - 1).clamp(min=0)), line.gather(1, (end - 2).clamp(min=0))
-        return _at_least_recent(trend, last, before, sizes), noise
+        return _at_least_recent(trend, last, before, sizes), torch.maximum(noise, off)
 
 
 def _at_least_recent(
@@ -221,11 +233,20 @@ def _at_least_recent(
     return torch.where(count >= 1, torch.maximum(trend, recent), trend)
 
 
-def _slope(sxy: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
-    """The least-squares slope through `size` values at positions 0 .. size - 1 whose centred
-    cross-product with the positions is `sxy` (0 through a single value)."""
+def _fit(
+    total: torch.Tensor, sxy: torch.Tensor, syy: torch.Tensor, size: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The least-squares line through `size` values at positions 0 .. size - 1, from their sum, their
+    centred cross-product with the positions `sxy` and their centred sum of squares `syy`: its value
+    one position on (flat through a single value), and the standard deviation of the values about it
+    (sqrt(residual sum of squares / (size - 2)); 0 through two values or fewer)."""
     sxx = size * (size * size - 1) / 12
-    return torch.where(sxx > 0, sxy / torch.where(sxx > 0, sxx, 1.0), 0.0)
+    fitted = sxx > 0
+    slope = torch.where(fitted, sxy / torch.where(fitted, sxx, 1.0), 0.0)
+    residual = (syy - slope * sxy).clamp(min=0)  # syy - sxy^2 / sxx
+    off = torch.where(size > 2, residual / (size - 2).clamp(min=1), 0.0).sqrt()
+    mid = (size - 1) / 2
+    return total / size + slope * (size - mid), off
 
 
 def _decide(state: SpikeState, xs: torch.Tensor) -> None:
@@ -297,7 +318,7 @@ def noisier(series: torch.Tensor, cols: Sequence[slice], rows: torch.Tensor | No
     a non-finite one is still flagged), in every row or the `rows` masked: the loss and weight
     gradients of a step of fewer samples than the reference (an epoch's short last batch), means
     over fewer samples and noisier (a batch of 8 after batches of 512: block 0's weight gradient read
-    x6.6 its window's geometric mean), logged but not judged."""
+    x6.6 the geometric mean of its last 128 values), logged but not judged."""
     return _unjudged(series, cols, rows, finite_only=True)
 
 

@@ -60,8 +60,9 @@ def test_a_loss_summed_over_a_growing_batch_is_still_flagged_at_the_ramp() -> No
 
 def test_an_epochs_short_last_batch_is_neither_flagged_nor_skipped() -> None:
     """Batches of 512, then one of 8 (drop_last=False): its weight gradients, a mean over 8 samples,
-    read x6.6 their window's geometric mean on block 0 (the noise of a mean grows as 1/sqrt(n)), and the step
-    was flagged and skipped; its loss and weight gradients are now logged, not judged."""
+    read x6.6 the geometric mean of their last 128 on block 0 (the noise of a mean grows as
+    1/sqrt(n)), and the step was flagged and skipped; its loss and weight gradients are now logged,
+    not judged."""
     report = _loop(lambda step: 8 if step == CHANGE else 512, skip=True)
     assert report.flagged_steps == [] and report.skipped_steps == []
 
