@@ -190,10 +190,11 @@ def window_rule(rule: SpikeRule, values: Sequence[float], logged: bool) -> tuple
 
 def trend_rule(rule: SpikeRule, values: Sequence[float], logged: bool) -> tuple[list[float], list[bool]]:
     """The package's rule on one series: per step the threshold and the flag."""
-    column = torch.tensor(values, dtype=torch.float64).unsqueeze(1)
-    judged = rule.update_many(rule.state(1, logged=[logged]), column)
-    warm = rule.warmup <= torch.cumsum((column[:, 0] != 0) & column[:, 0].isfinite(), 0) - 1
-    thresholds = torch.where(warm & (column[:, 0] != 0), judged.threshold[:, 0], math.nan)
+    column = torch.tensor(values, dtype=torch.float64)
+    judged = rule.update_many(rule.state(1, logged=[logged]), column.unsqueeze(1))
+    accepted = (column != 0) & column.isfinite()
+    judged_at = accepted & (torch.cumsum(accepted, 0) - accepted.long() >= rule.warmup)  # as window_rule
+    thresholds = torch.where(judged_at, judged.threshold[:, 0], math.nan)
     return thresholds.tolist(), judged.flags[:, 0].tolist()
 
 

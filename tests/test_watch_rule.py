@@ -367,10 +367,7 @@ def test_a_value_exactly_at_the_threshold_is_not_a_spike(level: float) -> None:
 
 def _last(rule: SpikeRule, series: list[float], logged: bool = False) -> Step:
     """The rule's (flag, expected, threshold) for the last value of `series`, step by step."""
-    state = rule.state(1, logged=[logged])
-    for x in series:
-        judged = rule.update(state, torch.tensor([x], dtype=torch.float64))
-    return bool(judged.flags[0]), float(judged.expected[0]), float(judged.threshold[0])
+    return run_steps(rule, [series], logged)[0][-1]
 
 
 def test_the_default_rule_is_the_documented_one_window_128_warmup_32_trend_32_six_sigma_floor_1() -> None:
