@@ -38,6 +38,7 @@ from stabilitycheck.layout import block_of
 from stabilitycheck.nesting import refusing_inside
 from stabilitycheck.norms import dense
 from stabilitycheck.spikes import SpikeRule, noisier, unmeasured
+from stabilitycheck.watchbuffers import Buffers
 from stabilitycheck.watchcapture import Capture
 from stabilitycheck.watchclip import ClipLog, Listening
 from stabilitycheck.watchlog import Log, Report, in_call_order, merged_calls
@@ -177,6 +178,7 @@ class Watcher:
         self.report: Report | None = None
         self._versions: list[int] | None = None  # the parameters' version counters when the run began
         self.hooks = StepHooks(self, optimizer, self.skip, self.fused)  # on the optimizer and scaler
+        self.buffers = Buffers(model) if self.skip else None  # what a skipped step's forward wrote
 
     # ------------------------------------------------------------------------------------ hooks
 
@@ -190,8 +192,9 @@ class Watcher:
         self._versions = [version_of(p) for p in self.params]  # an update changes them: `_no_step`
         if self.world == 1:  # under torch.distributed a rank stopping alone would hang the others' flush
             self._termination.open()
-        if self.snapshot is not None:
+        if self.snapshot is not None or self.buffers:
             self._handles.append(self.model.register_forward_pre_hook(self._on_model_call))
+        if self.snapshot is not None:
             self._handles.append(self.model.register_forward_hook(self._on_model_output))
         after = self.after_step if self.snapshot is not None else None
         self._handles += self.hooks.attach(self.hook_optimizer, after)
@@ -350,6 +353,8 @@ class Watcher:
         self.out.result.note = note if before is None else f"{before}; {note}"
 
     def _on_model_call(self, module: nn.Module, args: Any) -> None:
+        if self.buffers:  # with gradients off too: a forward in train mode writes BatchNorm's statistics
+            self.buffers.take()
         if torch.is_grad_enabled() and self.snapshot is not None:
             self.snapshot.on_call()
 
@@ -362,6 +367,8 @@ class Watcher:
         module's forward (the Lightning callback calls it: training_step calls self.net), so a replay
         bundle takes the state before the step and the RNG state and modes the micro-batch began with."""
         self._check_open("batch_start")
+        if self.buffers:
+            self.buffers.take()
         if self.snapshot is not None:
             self.snapshot.on_start()
 
@@ -500,6 +507,8 @@ class Watcher:
             flagged = flags.any()
             if self.skip and self.fused and not scaler_skipped:
                 self.hooks.skip_fused(flagged, scaled=amp is not None)
+            if self.buffers:  # skip=True: a flagged step is skipped, by this or by the scaler
+                self.buffers.close(flagged)
             if self.snapshot is not None:
                 self.snapshot.on_flag(flagged)
         self.out.on_step(self._loss_seen, self.weights_measured, self.capture.fewer)

@@ -71,6 +71,32 @@ def test_lightning_fit_names_the_planted_fault(tmp_path: Any) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+def test_lightning_skip_puts_back_the_batchnorm_statistics_of_a_skipped_step(tmp_path: Any) -> None:
+    """WatchCallback(skip=True) with a fused optimizer: training_step reaches the net through its own
+    modules, so the callback tells each batch's start, where the buffers are taken; a NaN at step 45
+    is skipped and the BatchNorm statistics stay what they were before it (without the tell they went
+    NaN). Oracle: the buffers read by a step pre-hook at step 45 and at step 46, bit for bit."""
+    lightning = pytest.importorskip("lightning.pytorch")
+    from watch_models import BatchNormed
+
+    from stabilitycheck.integrations.lightning import WatchCallback
+
+    torch.manual_seed(0)
+    module = _regression(lightning)
+    module.net = BatchNormed()
+    module.configure_optimizers = lambda: torch.optim.AdamW(module.parameters(), lr=1e-3, fused=True)
+    module.net.blocks[1].register_forward_hook(Fault(AT, "nan", count=True))
+    seen: list[list[torch.Tensor]] = []
+    module.on_train_batch_start = lambda *_: seen.append([b.clone() for b in module.net.buffers()])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*_data()), batch_size=32)
+    callback = WatchCallback(report=None, skip=True)
+    _trainer(lightning, tmp_path, callback, max_steps=STEPS).fit(module, loader)
+    assert callback.report is not None and callback.report.skipped_steps == [AT]
+    assert all(torch.equal(a, b) for a, b in zip(seen[AT], seen[AT + 1], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(seen[AT - 1], seen[AT], strict=True))  # can fail
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
 @pytest.mark.parametrize(("frozen", "edits"), [(False, False), (True, False), (False, True)])
 def test_lightning_clips_after_the_step_closes_so_its_norms_are_before_clipping(
     tmp_path: Any, frozen: bool, edits: bool

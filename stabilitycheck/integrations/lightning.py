@@ -2,7 +2,8 @@
 
 The loss comes from `on_before_backward`, the step is closed in `on_before_optimizer_step` (after
 the closure's backward, before the update), so the norms are those the optimizer is about to use.
-With bundle=, each micro-batch is told to the watcher as the strategy's training_step begins
+With bundle= (or skip= on a model with buffers), each micro-batch is told to the watcher as the
+strategy's training_step begins
 (training_step reaches the model through its own modules, not the LightningModule's forward; told at
 the callback's `on_train_batch_start`, the module's own hook ran after it, and weights or a batch it
 changed there were missing from the bundle: replays off by 0.995) and passed with its loss; without
@@ -119,7 +120,7 @@ class WatchCallback(pl.Callback):
         if self.watcher.snapshot is not None and context is not None:
             # training_step runs under the precision plugin's autocast, opened after each batch is told
             self.watcher.snapshot.run_under(context().fast_dtype)
-        if self.watcher.snapshot is not None:
+        if self.watcher.snapshot is not None or self.watcher.buffers:  # bundle=, or skip= with buffers
             self._strategy = trainer.strategy
             self._own = vars(self._strategy).get("training_step")  # a wrapper of the user's, kept
             step = self._strategy.training_step
@@ -134,8 +135,9 @@ class WatchCallback(pl.Callback):
     def _tell(self, batch: Any = None, batch_idx: int = 0, *_: Any, **kwargs: Any) -> None:
         """A micro-batch begins: training_step's batch and index (Lightning passes them by position),
         after every hook of the batch, the module's own on_train_batch_start too."""
+        if self.watcher is not None and (self.watcher.snapshot is not None or self.watcher.buffers):
+            self.watcher.batch_start()  # the state a skipped step's buffers are put back to, too
         if self.watcher is not None and self.watcher.snapshot is not None:
-            self.watcher.batch_start()
             batch = _kept(kwargs.get("batch", batch))
             default = self.watcher.snapshot.compute_loss is training_step_loss
             self._batch = StepBatch(batch, kwargs.get("batch_idx", batch_idx)) if default else batch

@@ -1,0 +1,63 @@
+"""The buffers a skipped step's forward wrote: with skip=True, what the model keeps outside its
+parameters (BatchNorm's running statistics and batch count, spectral_norm's vectors) is put back as
+the step's first model call found it, so a skipped step leaves the model as it was (a NaN in one
+block's output at a skipped step of timm's resnet18 left 14 BatchNorm buffers NaN, and the model in
+eval() gave NaN from then on)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Buffers:
+    """The model's buffers as the current step's first model call found them, one flat copy per device
+    and dtype, put back where the step is flagged, on the device (no host read). A buffer the forward
+    replaces by a new tensor, rather than writing it in place as BatchNorm does, is not put back."""
+
+    def __init__(self, model: nn.Module) -> None:
+        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for t in model.buffers():
+            groups.setdefault((t.device, t.dtype), []).append(t)
+        self.tensors: list[torch.Tensor] = []
+        self.kept: list[torch.Tensor] = []  # views of the copy taken at the step's first model call
+        self.now: list[torch.Tensor] = []  # views of a scratch for the values at the step's close
+        self.flats: list[tuple[torch.Tensor, torch.Tensor]] = []  # per group, those two flat tensors
+        for (device, dtype), group in groups.items():
+            n = sum(t.numel() for t in group)
+            kept, now = (torch.empty(n, dtype=dtype, device=device) for _ in range(2))
+            self.flats.append((kept, now))
+            self.tensors += group
+            self.kept += _views(kept, group)
+            self.now += _views(now, group)
+        self.taken = False  # a model call of this step was seen: `kept` is this step's
+
+    def __bool__(self) -> bool:
+        return bool(self.tensors)
+
+    def take(self) -> None:
+        """At each model call: the first of a step copies the buffers (one multi-tensor copy)."""
+        if not self.taken and self.tensors:
+            with torch.no_grad():
+                torch._foreach_copy_(self.kept, self.tensors)
+            self.taken = True
+
+    def close(self, flagged: torch.Tensor) -> None:
+        """At the step's close: where `flagged` (0-d, on the device) is set, every buffer is made what
+        the step's first model call found (nothing where no model call was seen since the last close)."""
+        if self.taken:
+            with torch.no_grad():
+                torch._foreach_copy_(self.now, self.tensors)
+                for kept, now in self.flats:
+                    torch.where(flagged.to(kept.device), kept, now, out=now)
+                torch._foreach_copy_(self.tensors, self.now)
+        self.taken = False
+
+
+def _views(flat: torch.Tensor, group: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`flat` cut into views shaped as the tensors of `group`, in order."""
+    views, at = [], 0
+    for t in group:
+        views.append(flat[at : at + t.numel()].view(t.shape))
+        at += t.numel()
+    return views
