@@ -42,16 +42,24 @@ class Buffers:
                 torch._foreach_copy_(self.kept, self.tensors)
             self.taken = True
 
-    def close(self, flagged: torch.Tensor) -> None:
+    def close(self, flagged: torch.Tensor) -> int:
         """At the step's close: where `flagged` (0-d, on the device) is set, every buffer is made what
-        the step's first model call found (nothing where no model call was seen since the last close)."""
+        the step's first model call found (nothing where no model call was seen since the last close).
+        Returns the host reads it made: one where a buffer is on the CPU and the flag is not (a model
+        moved to the GPU keeping a buffer assigned after), which the flag must be copied to."""
+        reads = 0
         if self.taken:
+            on = {flagged.device: flagged}
             with torch.no_grad():
                 torch._foreach_copy_(self.now, self.tensors)
                 for kept, now in self.flats:
-                    torch.where(flagged.to(kept.device), kept, now, out=now)
+                    if kept.device not in on:
+                        on[kept.device] = flagged.to(kept.device)
+                        reads += kept.device.type == "cpu"
+                    torch.where(on[kept.device], kept, now, out=now)
                 torch._foreach_copy_(self.tensors, self.now)
         self.taken = False
+        return reads
 
 
 def _views(flat: torch.Tensor, group: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -508,7 +508,7 @@ class Watcher:
             if self.skip and self.fused and not scaler_skipped:
                 self.hooks.skip_fused(flagged, scaled=amp is not None)
             if self.buffers:  # skip=True: a flagged step is skipped, by this or by the scaler
-                self.buffers.close(flagged)
+                self.host_reads += self.buffers.close(flagged)
             if self.snapshot is not None:
                 self.snapshot.on_flag(flagged)
         self.out.on_step(self._loss_seen, self.weights_measured, self.capture.fewer)

@@ -3,6 +3,7 @@ dtype, and nothing put back where no model call was seen or the step was not fla
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -65,3 +66,19 @@ def test_nothing_is_put_back_where_no_model_call_was_seen_since_the_last_close()
 
 def test_a_model_without_buffers_has_nothing_to_take() -> None:
     assert not Buffers(nn.Linear(2, 2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none on this machine")
+def test_a_buffer_left_on_the_cpu_of_a_cuda_model_costs_one_counted_read_per_step() -> None:
+    """The flag is on the GPU; putting back a CPU buffer needs it on the host: one read, counted,
+    and the buffers of both devices put back."""
+    model = _Kinds().cuda()
+    model.count = torch.tensor(7)  # assigned after .cuda(): stays on the CPU
+    buffers = Buffers(model)
+    before = _values(model)
+    buffers.take()
+    model.write()
+    assert buffers.close(torch.tensor(True, device="cuda")) == 1
+    assert _same(_values(model), before)
+    buffers.take()
+    assert buffers.close(torch.tensor(False, device="cuda")) == 1
