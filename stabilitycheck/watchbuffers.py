@@ -8,17 +8,30 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 
 class Buffers:
     """The model's buffers as the current step's first model call found them, one flat copy per device
     and dtype, put back where the step is flagged, on the device (no host read). A buffer the forward
-    replaces by a new tensor, rather than writing it in place as BatchNorm does, is not put back."""
+    replaces by a new tensor, rather than writing it in place as BatchNorm does, is not put back; nor
+    one no dense copy can hold or write back (`_copyable`); one resized in place (a quantization
+    observer's first call) or materialised (a lazy module's) is taken at its new size from the next
+    step, and that step puts nothing back."""
 
     def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.taken = False  # a model call of this step was seen: `kept` is this step's
+        self._lay_out()
+
+    def _lay_out(self) -> None:
+        """The copyable buffers grouped by device and dtype, a flat copy and a flat scratch per group."""
         groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-        for t in model.buffers():
-            groups.setdefault((t.device, t.dtype), []).append(t)
+        listed = list(self.model.buffers())
+        self.lazy = any(is_lazy(t) for t in listed)  # laid out again at each step until materialised
+        for t in listed:
+            if _copyable(t):
+                groups.setdefault((t.device, t.dtype), []).append(t)
         self.tensors: list[torch.Tensor] = []
         self.kept: list[torch.Tensor] = []  # views of the copy taken at the step's first model call
         self.now: list[torch.Tensor] = []  # views of a scratch for the values at the step's close
@@ -30,25 +43,40 @@ class Buffers:
             self.tensors += group
             self.kept += _views(kept, group)
             self.now += _views(now, group)
-        self.taken = False  # a model call of this step was seen: `kept` is this step's
+        self.shapes = [t.shape for t in self.tensors]
+
+    def _moved(self) -> bool:
+        """A buffer was resized in place, or a lazy one may have been materialised, since the layout
+        (shapes only: no host read)."""
+        return self.lazy or [t.shape for t in self.tensors] != self.shapes
 
     def __bool__(self) -> bool:
-        return bool(self.tensors)
+        return bool(self.tensors) or self.lazy
 
     def take(self) -> None:
         """At each model call: the first of a step copies the buffers (one multi-tensor copy)."""
-        if not self.taken and self.tensors:
+        if self.taken:
+            return
+        if self._moved():
+            self._lay_out()
+        if self.tensors:
             with torch.no_grad():
                 torch._foreach_copy_(self.kept, self.tensors)
-            self.taken = True
+        self.taken = True
+
+    def forget(self) -> None:
+        """After the optimizer's update: the next model call is the next step's (an LBFGS closure
+        evaluated again inside step(), after the step closed, is this step's)."""
+        self.taken = False
 
     def close(self, flagged: torch.Tensor) -> int:
         """At the step's close: where `flagged` (0-d, on the device) is set, every buffer is made what
-        the step's first model call found (nothing where no model call was seen since the last close).
-        Returns the host reads it made: one where a buffer is on the CPU and the flag is not (a model
-        moved to the GPU keeping a buffer assigned after), which the flag must be copied to."""
+        the step's first model call found (nothing where no model call was seen since the last update,
+        nor where a buffer changed its shape during the step). Returns the host reads it made: one where
+        a buffer is on the CPU and the flag is not (a model moved to the GPU keeping a buffer assigned
+        after), which the flag must be copied to."""
         reads = 0
-        if self.taken:
+        if self.taken and self.tensors and not self._moved():
             on = {flagged.device: flagged}
             with torch.no_grad():
                 torch._foreach_copy_(self.now, self.tensors)
@@ -60,6 +88,19 @@ class Buffers:
                 torch._foreach_copy_(self.tensors, self.now)
         self.taken = False
         return reads
+
+
+def _copyable(t: torch.Tensor) -> bool:
+    """A buffer a flat dense copy can hold and write back in place: not a lazy module's uninitialised
+    one (its numel() raises), not sparse (a graph's adjacency: its dense copy is n^2), not an inference
+    tensor (written in place outside inference mode, it raises), no elements sharing memory (an
+    expand(): written back, it raises)."""
+    return (
+        not is_lazy(t)
+        and t.layout == torch.strided
+        and not t.is_inference()
+        and torch._debug_has_internal_overlap(t) != 1
+    )
 
 
 def _views(flat: torch.Tensor, group: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -198,6 +198,8 @@ class Watcher:
             self._handles.append(self.model.register_forward_hook(self._on_model_output))
         after = self.after_step if self.snapshot is not None else None
         self._handles += self.hooks.attach(self.hook_optimizer, after)
+        if self.buffers and self.optimizer is not None:  # model calls inside step() are this step's
+            self._handles.append(self.optimizer.register_step_post_hook(self._after_update))
         if self.scaler is not None:
             self.adopt(self.scaler)
         elif self.optimizer is not None:
@@ -352,8 +354,14 @@ class Watcher:
         before = self.out.result.note
         self.out.result.note = note if before is None else f"{before}; {note}"
 
+    def _after_update(self, *_: Any) -> None:
+        if self.buffers is not None:
+            self.buffers.forget()
+
     def _on_model_call(self, module: nn.Module, args: Any) -> None:
-        if self.buffers:  # with gradients off too: a forward in train mode writes BatchNorm's statistics
+        # with gradients on, as the bundle's: a pass under no_grad after the update (a metric in train
+        # mode) is not the next step's
+        if self.buffers and torch.is_grad_enabled():
             self.buffers.take()
         if torch.is_grad_enabled() and self.snapshot is not None:
             self.snapshot.on_call()
