@@ -75,8 +75,9 @@ def _entries(output: object, path: str = "") -> list[tuple[str, torch.Tensor]]:
 
 
 def unpack(output: object) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
-    """(output tensor, model-computed loss, note) of a model output: a tensor, tuple/list, dict or
-    object (Hugging Face style: its `loss`, else its `logits`). Without `logits` the tensor is the
+    """(output tensor, model-computed loss, note) of a model output: a tensor, tuple/list, dict,
+    namedtuple or object (Hugging Face style: its `loss`, else its `logits`, by name in a namedtuple
+    too: torchvision's InceptionOutputs). Without `logits` the tensor is the
     first floating one with a dimension (a 0-d auxiliary loss is no output; nor is the largest, which
     may be a hidden state beside the logits; nor integer predictions beside the logits, which carry no
     gradient: `(preds, logits)` was refused as an int64 output), else the first with a dimension, else
@@ -84,7 +85,9 @@ def unpack(output: object) -> tuple[torch.Tensor | None, torch.Tensor | None, st
     if isinstance(output, torch.Tensor):
         return output, None, ""
     fields = output if isinstance(output, Mapping) else None
-    if fields is None and not isinstance(output, tuple | list) and hasattr(output, "__dict__"):
+    if isinstance(output, tuple) and hasattr(output, "_asdict"):  # a namedtuple: its fields by name
+        fields = output._asdict()
+    elif fields is None and not isinstance(output, tuple | list) and hasattr(output, "__dict__"):
         fields = vars(output)
     found = _entries(dict(fields) if fields is not None else output)
     loss, logits = (fields.get("loss"), fields.get("logits")) if fields is not None else (None, None)

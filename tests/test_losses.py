@@ -65,6 +65,27 @@ def test_unpack_skips_a_0d_auxiliary_loss_takes_1d_logits_and_notes_only_several
     assert alone[0] is hidden and alone[1:] == (None, "")
 
 
+def test_a_namedtuple_is_read_by_its_field_names_as_a_dict_is() -> None:
+    """A namedtuple (aux_logits, logits) was read by position, its loss on aux_logits, where a dict or
+    an object with the same fields is read on logits (found by an audit of torchvision's models, whose
+    InceptionOutputs hold logits first). Its `logits` and `loss` fields are read by name."""
+    from typing import NamedTuple
+
+    class Outputs(NamedTuple):
+        aux_logits: torch.Tensor
+        logits: torch.Tensor
+
+    class WithLoss(NamedTuple):
+        loss: torch.Tensor
+        hidden: torch.Tensor
+
+    aux, logits, hidden, total = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 2), torch.tensor(1.5)
+    tensor, loss, note = unpack(Outputs(aux, logits))
+    assert tensor is logits and loss is None and note == ""
+    tensor, loss, _ = unpack(WithLoss(total, hidden))
+    assert tensor is hidden and loss is total
+
+
 def test_an_integer_output_is_named_as_such_not_as_a_detached_one() -> None:
     """A model returning self.l(x).long() got 'the loss does not require grad ... (was the output
     detached or computed under torch.no_grad()?)': the default loss made a float loss of the integers,
