@@ -117,7 +117,8 @@ def assert_bounded_growth(measurement: Measurement, limit: float, *, gain_limit:
     every per-layer gain (or <= gain_limit). NaN and Inf count as over: never hidden; but a ratio of
     two gradient norms that are both exactly 0 (no gradient reached there: dead ReLUs) is no growth,
     nor is a gain the probe does not take (NaN between finite norms: across an encoder-decoder's
-    junction, or next to an output the loss does not depend on)."""
+    junction, or next to an output the loss does not depend on). Where no gradient reached any block
+    output, nothing was measured: that fails, saying so."""
     __tracebackhide__ = True
     if not isinstance(measurement, Measurement):
         raise UsageError(
@@ -137,11 +138,19 @@ def assert_bounded_growth(measurement: Measurement, limit: float, *, gain_limit:
         return not (math.isnan(m.gains[i]) and math.isfinite(acts[i]) and math.isfinite(acts[i + 1]))
 
     over = [i for i, g in enumerate(m.gains) if not g <= per_layer and not silent(i, i + 1) and taken(i)]
-    growth_bad = not m.growth <= limit and not (acts and silent(0, -1))
+    # no gradient reached any block output (a zero-initialised head at steps=0, a loss that does not
+    # depend on the blocks): nothing was measured, which is no pass (torchvision's ViT passed any limit)
+    none = bool(acts) and all(a == 0.0 for a in acts)
+    growth_bad = none or not m.growth <= limit
     if not over and not growth_bad:
         return
     unread = math.isnan(m.growth) and all(math.isfinite(a) for a in acts)  # readings.chains_of
-    why = "; unmeasured: the loss reaches one block output of a chain of several, no gain between two"
+    why = (
+        "; unmeasured: no gradient reached any block output (every dL/d output is 0: a zero-initialised "
+        "head, or a loss that does not depend on the blocks); probe with steps=1 to read it after one update"
+        if none
+        else "; unmeasured: the loss reaches one block output of a chain of several, no gain between two"
+    )
     lines = [
         f"Overall growth: {m.growth:.4g} (allowed: <= {limit:g}){why if unread else ''}",
         f"Layers over bound: {len(over)} / {len(m.gains)}",

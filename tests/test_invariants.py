@@ -460,7 +460,9 @@ def test_bounded_growth_passes_the_gains_the_probe_does_not_take() -> None:
     assert_bounded_growth(t, 1e3)
 
 
-def test_bounded_growth_counts_layers_over_a_gain_limit_and_nan_but_not_a_silent_gradient() -> None:
+def test_bounded_growth_counts_layers_over_a_gain_limit_and_nan_and_fails_where_nothing_was_measured() -> (
+    None
+):
     m = probe_built(broken.disguised_prenorm(DEEP.with_knobs(activation="tanh")))
     with pytest.raises(StabilityError, match=r"Layers over bound: \d+ / 48"):
         assert_bounded_growth(m, 1e9, gain_limit=1.5)  # type: ignore[arg-type]
@@ -468,7 +470,21 @@ def test_bounded_growth_counts_layers_over_a_gain_limit_and_nan_but_not_a_silent
     net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2))
     silent = probe_module(net, torch.ones(1, 2), lambda o, _: o.sum() * 0)
     assert math.isnan(silent.growth) and all(g == 0.0 for g in silent.activation_grad_norms)
-    assert_bounded_growth(silent, 10.0)  # no gradient reached any block (0 / 0): nothing grew
+    # no gradient reached any block (0 / 0): nothing was measured, which passed any limit (an audit:
+    # torchvision's ViT, its head zero-initialised); with steps=1 the growth is read after one update
+    with pytest.raises(
+        StabilityError, match=r"(?s)could not be measured.*no gradient reached any block output"
+    ):
+        assert_bounded_growth(silent, 10.0)
+    head = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 2))
+    nn.init.zeros_(head[4].weight)
+    blocks = [("0", head[0]), ("2", head[2])]
+    zero = probe_module(head, torch.ones(3, 2), lambda o, _: o.pow(2).sum(), blocks=blocks)
+    with pytest.raises(StabilityError, match="steps=1"):
+        assert_bounded_growth(zero, 10.0)
+    assert_bounded_growth(
+        probe_module(head, torch.ones(3, 2), lambda o, _: o.pow(2).sum(), blocks=blocks, steps=1), 10.0
+    )
     with torch.no_grad():
         net[1].weight[0, 0] = math.nan
     nan = probe_module(net, torch.ones(1, 2), lambda o, _: o.sum())
@@ -1963,13 +1979,15 @@ def _measured(acts: tuple[float, ...], gains: tuple[float, ...], growth: float) 
     )
 
 
-def test_a_nan_growth_is_hidden_only_where_both_ends_have_zero_gradient() -> None:
-    """assert_bounded_growth: NaN counts as over, except a ratio of two norms both exactly 0. A NaN
-    growth whose input-side norm is 0 but whose output-side norm is 1 is not that: it fails; with both
-    ends 0 it passes. Oracle: the documented rule, by hand."""
+def test_a_nan_growth_is_never_hidden_and_no_gradient_at_all_is_no_pass() -> None:
+    """assert_bounded_growth: NaN counts as over. A NaN growth whose input-side norm is 0 but whose
+    output-side norm is 1 fails; so does one where no gradient reached any block output (every norm 0:
+    nothing measured), which passed before (an audit: a zero-initialised head passed any limit), saying
+    why. Oracle: the documented rule, by hand."""
     with pytest.raises(AssertionError, match="Overall growth: nan"):
         assert_bounded_growth(_measured((0.0, 1.0, 1.0), (0.0, 1.0), math.nan), 100)
-    assert_bounded_growth(_measured((0.0, 0.0, 0.0), (math.nan, math.nan), math.nan), 100)
+    with pytest.raises(AssertionError, match="unmeasured: no gradient reached any block output"):
+        assert_bounded_growth(_measured((0.0, 0.0, 0.0), (math.nan, math.nan), math.nan), 100)
 
 
 def _linear_mlp(**knobs: Any) -> Config:
