@@ -587,11 +587,11 @@ def test_a_cells_junction_check_searches_no_graph_where_its_state_is_one_node_aw
     """The check of block 0's later calls searched each argument's graph in turn: h_b's first, back to
     the first token at every token, a probe quadratic in the tokens (x12 a bare step at 512, found by
     a review). `ha * keep` takes block 0's last output one node away: no search at all."""
-    from stabilitycheck import recording
+    from stabilitycheck import chaining
 
     searched: list[int] = []
-    real = recording.made_from
-    monkeypatch.setattr(recording, "made_from", lambda *a: searched.append(1) or real(*a))
+    real = chaining.made_from
+    monkeypatch.setattr(chaining, "made_from", lambda *a: searched.append(1) or real(*a))
     torch.manual_seed(0)
     model = _BesideAnotherCell()  # and its state two nodes away, (h * keep).clamp(...): as near
     model.two = True

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from stabilitycheck import recording
+from stabilitycheck import chaining
 from stabilitycheck.blocks import find_blocks
 from stabilitycheck.config import Config
 from stabilitycheck.errors import UsageError
@@ -538,9 +538,9 @@ def test_no_hook_of_the_probe_is_left_on_a_graph_the_model_keeps_when_the_loss_r
         raise ValueError("the loss fails")
 
     ran: list[int] = []
-    through = recording.Recorder._through
+    through = chaining.Chaining._through
     monkeypatch.setattr(
-        recording.Recorder, "_through", lambda rec, grads: (ran.append(1), through(rec, grads))[1]
+        chaining.Chaining, "_through", lambda rec, grads: (ran.append(1), through(rec, grads))[1]
     )
     model, x = Keeps(), torch.randn(4, 8)
     probe_module(model, x, lambda o, _: o.square().sum())
