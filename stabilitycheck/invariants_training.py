@@ -112,6 +112,27 @@ def assert_finite_training(
     return m
 
 
+def _nothing_reached(m: Measurement) -> str:
+    """Why no gradient reached any block output, and what to do: a loss at exactly 0 (saturated: a
+    cross-entropy on one sample whose logits grew far apart) gives no gradient, however many steps;
+    else a zero-initialised head, which one update makes non-zero, or a loss that does not read the
+    blocks."""
+    said = "unmeasured: no gradient reached any block output (every dL/d output is 0"
+    if m.loss and m.loss[min(m.profile_step, len(m.loss) - 1)] == 0.0:
+        return (
+            f"{said}: the loss is exactly 0, saturated or multiplied by 0); use a batch of more than one "
+            "sample or a loss linear in the output"
+        )
+    if m.steps_run == 0:
+        return (
+            f"{said}: a zero-initialised head, or a loss that does not depend on the blocks); probe with "
+            "steps=1 to read it after one update"
+        )
+    return (
+        f"{said} after {m.steps_run} steps: a loss that does not depend on the blocks, or a head kept at 0)"
+    )
+
+
 def assert_bounded_growth(measurement: Measurement, limit: float, *, gain_limit: float | None = None) -> None:
     """The overall growth (input-side over output-side activation-gradient norm) is <= limit and so is
     every per-layer gain (or <= gain_limit). NaN and Inf count as over: never hidden; but a ratio of
@@ -146,8 +167,7 @@ def assert_bounded_growth(measurement: Measurement, limit: float, *, gain_limit:
         return
     unread = math.isnan(m.growth) and all(math.isfinite(a) for a in acts)  # readings.chains_of
     why = (
-        "; unmeasured: no gradient reached any block output (every dL/d output is 0: a zero-initialised "
-        "head, or a loss that does not depend on the blocks); probe with steps=1 to read it after one update"
+        f"; {_nothing_reached(m)}"
         if none
         else "; unmeasured: the loss reaches one block output of a chain of several, no gain between two"
     )

@@ -89,7 +89,8 @@ def unpack(output: object) -> tuple[torch.Tensor | None, torch.Tensor | None, st
         fields = output._asdict()
     elif fields is None and not isinstance(output, tuple | list) and hasattr(output, "__dict__"):
         fields = vars(output)
-    found = _entries(dict(fields) if fields is not None else output)
+    # a namedtuple's entries by position: `output[1]` indexes it, `output['logits']` would not
+    found = _entries(dict(fields) if fields is not None and not isinstance(output, tuple) else output)
     loss, logits = (fields.get("loss"), fields.get("logits")) if fields is not None else (None, None)
     loss = loss if isinstance(loss, torch.Tensor) else None
     if isinstance(logits, torch.Tensor) and logits.dim() >= 1:

@@ -16,8 +16,8 @@ class Buffers:
     and dtype, put back where the step is flagged, on the device (no host read). A buffer the forward
     replaces by a new tensor, rather than writing it in place as BatchNorm does, is not put back; nor
     one no dense copy can hold or write back (`_copyable`); one resized in place (a quantization
-    observer's first call) or materialised (a lazy module's) is taken at its new size from the next
-    step, and that step puts nothing back."""
+    observer's first call) or materialised (a lazy module's, the same tensor made dense in place) is
+    taken at its new size from the next step, and that step puts nothing back."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -28,7 +28,7 @@ class Buffers:
         """The copyable buffers grouped by device and dtype, a flat copy and a flat scratch per group."""
         groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         listed = list(self.model.buffers())
-        self.lazy = any(is_lazy(t) for t in listed)  # laid out again at each step until materialised
+        self.waiting = [t for t in listed if is_lazy(t)]  # a lazy module's, until materialised
         for t in listed:
             if _copyable(t):
                 groups.setdefault((t.device, t.dtype), []).append(t)
@@ -48,10 +48,11 @@ class Buffers:
     def _moved(self) -> bool:
         """A buffer was resized in place, or a lazy one may have been materialised, since the layout
         (shapes only: no host read)."""
-        return self.lazy or [t.shape for t in self.tensors] != self.shapes
+        # materialize() turns the same tensor object into a dense one in place
+        return any(not is_lazy(t) for t in self.waiting) or [t.shape for t in self.tensors] != self.shapes
 
     def __bool__(self) -> bool:
-        return bool(self.tensors) or self.lazy
+        return bool(self.tensors) or bool(self.waiting)
 
     def take(self) -> None:
         """At each model call: the first of a step copies the buffers (one multi-tensor copy)."""

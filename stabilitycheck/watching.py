@@ -372,8 +372,9 @@ class Watcher:
 
     def batch_start(self) -> None:
         """A micro-batch begins: for a loop that reaches the model by another way than the watched
-        module's forward (the Lightning callback calls it: training_step calls self.net), so a replay
-        bundle takes the state before the step and the RNG state and modes the micro-batch began with."""
+        module's forward (the Lightning callback calls it: training_step calls self.net), or whose step
+        begins with a pass under no_grad: a replay bundle takes the state before the step and the RNG
+        state and modes the micro-batch began with, and skip=True the buffers a skipped step puts back."""
         self._check_open("batch_start")
         if self.buffers:
             self.buffers.take()

@@ -1979,6 +1979,17 @@ def _measured(acts: tuple[float, ...], gains: tuple[float, ...], growth: float) 
     )
 
 
+def test_a_saturated_loss_is_named_as_such_not_as_a_zero_head() -> None:
+    """The zoo's readout cross-entropy on one sample of a ReLU stack at sigma_w 4 is exactly 0: no
+    gradient at all, at any step, so 'probe with steps=1' would not help (found by a review): the
+    failure says the loss is 0 and what to change."""
+    m = probe(Config.of("mlp", depth=8, width=16, init_scale=4.0, batch_size=1, activation="relu"))
+    assert m.loss[0] == 0.0 and all(a == 0.0 for a in m.activation_grad_norms)
+    with pytest.raises(StabilityError, match=r"the loss is exactly 0, saturated.*more than one sample") as e:
+        assert_bounded_growth(m, 1e3)
+    assert "steps=1" not in str(e.value)
+
+
 def test_a_nan_growth_is_never_hidden_and_no_gradient_at_all_is_no_pass() -> None:
     """assert_bounded_growth: NaN counts as over. A NaN growth whose input-side norm is 0 but whose
     output-side norm is 1 fails; so does one where no gradient reached any block output (every norm 0:

@@ -85,6 +85,14 @@ def test_a_namedtuple_is_read_by_its_field_names_as_a_dict_is() -> None:
     tensor, loss, _ = unpack(WithLoss(total, hidden))
     assert tensor is hidden and loss is total
 
+    # without logits, the note names the entry read as it indexes a namedtuple: by position
+    class Plain(NamedTuple):
+        aux: torch.Tensor
+        hidden: torch.Tensor
+
+    tensor, _, note = unpack(Plain(total, hidden))
+    assert tensor is hidden and "loss on output[1] " in note
+
 
 def test_an_integer_output_is_named_as_such_not_as_a_detached_one() -> None:
     """A model returning self.l(x).long() got 'the loss does not require grad ... (was the output

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 from watch_models import MLP, WIDTH, BatchNormed, Fault, batch, compute_loss
 
 from stabilitycheck.watchbuffers import Buffers
@@ -150,8 +151,16 @@ def _lazy() -> nn.Module:
     return model
 
 
+def _lazy_unused() -> nn.Module:
+    """BatchNorm beside a lazy module the training forward never calls (an evaluation-only head): its
+    buffers stay uninitialised, and the others were never put back while one did (found by a review)."""
+    model = BatchNormed()
+    model.unused = nn.LazyBatchNorm1d(affine=False)
+    return model
+
+
 def _state(model: nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
-    tensors = [t.detach().clone() for t in model.state_dict().values() if not t.is_sparse]
+    tensors = [t.detach().clone() for t in model.state_dict().values() if not t.is_sparse and not is_lazy(t)]
     return tensors + [v.clone() for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
 
 
@@ -202,6 +211,7 @@ def _adam(fused: bool) -> Any:
     [
         (_resized, _adam(True), False, False),  # a buffer resized at the first call: crashed
         (_lazy, _adam(True), False, False),  # a lazy module's buffers: crashed at watch()
+        (_lazy_unused, _adam(True), False, False),  # one never materialised: nothing was put back
         (_Odd, _adam(True), False, False),  # expand(), inference, sparse buffers: crashed
         (_Odd, _adam(False), False, False),
         # LBFGS evaluates the closure again after the step closed: those passes are the step's
