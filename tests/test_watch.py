@@ -279,45 +279,6 @@ def test_a_skipped_step_leaves_parameters_and_optimizer_state_bit_identical(skip
     assert same == skip  # without skip the NaN step changes them: the check can fail
 
 
-@pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("kind", ["nan", "scale"])
-def test_a_skipped_step_leaves_the_batchnorm_statistics_as_a_run_without_that_step(
-    fused: bool, kind: str
-) -> None:
-    """skip=True puts back what a skipped step's forward wrote to the model's buffers (BatchNorm's
-    running statistics and batch count): a NaN there left every later BatchNorm's statistics NaN, and
-    the model in eval() gave NaN. Oracle: a run in which step 40's batch is drawn and never run, equal
-    bit for bit (parameters, buffers, optimizer state), on the device path (fused) and the synced one."""
-
-    def adam(model: torch.nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
-
-    torch.manual_seed(0)
-    model = BatchNormed()
-    opt = adam(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the non-fused optimizer's one sync per step, said
-        w = train(model, 45, {1: Fault(40, kind)}, optimizer=opt, skip=True)
-    assert report_of(w).skipped_steps == [40]
-    torch.manual_seed(0)
-    reference = BatchNormed()
-    ref_opt = adam(reference)
-    gen = torch.Generator().manual_seed(0)
-    for step in range(45):
-        data = batch(gen, reference, 32)
-        if step == 40:  # step 40's batch drawn, nothing run
-            continue
-        loss = compute_loss(reference, data)
-        ref_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        ref_opt.step()
-    got, want = model.state_dict(), reference.state_dict()
-    assert [k for k in want if not torch.equal(got[k], want[k])] == []
-    assert all(torch.equal(a, b) for a, b in zip(_state(model, opt), _state(reference, ref_opt), strict=True))
-    model.eval()
-    assert torch.isfinite(model(batch(gen, model, 8)[0])).all()
-
-
 @pytest.mark.parametrize(("nesterov", "dampening"), [(False, 0.0), (True, 0.0), (False, 0.5)])
 def test_a_skipped_first_step_of_a_fused_sgd_leaves_no_unfilled_momentum(
     nesterov: bool, dampening: float
