@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from stabilitycheck.measurement import INPUT
 from stabilitycheck.readings import (
     Step,
+    between_gain,
     chains_of,
     cut_before,
     gains_of,
@@ -316,3 +317,54 @@ def test_an_infinite_loss_is_located_at_the_loss() -> None:
     value is the loss's, not a later gradient's."""
     found = locate(0, _two_call_step(loss=INF, backward=[NAN, NAN], grads=[NAN]), ("a", "b"), [0])
     assert found is not None and found.tensor == "loss" and found.value == INF
+
+
+def test_the_between_gain_is_the_median_over_block_0s_chain_of_positive_finite_ratios() -> None:
+    """By hand, Measurement.between_gain's rule: ||dL/d out_at-1|| / ||dL/d x_at|| for each call `at`
+    after the first and before the first junction past call 0 (breaks 6 and 7; a break at 0 starts
+    nothing), 1 for each call that took the output as returned; a ratio of 0 or inf (no gradient
+    crossed) is left out. Kept: at 1, 8 / 4 = 2; as returned at 4: 1; median 1.5. Left out: at 0 (no
+    output before it), at 2 (4 / 0), at 3 (0 / 1), at 6 and 7 (past the junction: 0.5 and 25)."""
+    backward = [8.0, 4.0, 0.0, 1.0, 2.0, 0.5, 0.25, 0.1]
+    crossed = [(0, 1.0), (1, 4.0), (2, 0.0), (3, 1.0), (6, 1.0), (7, 0.01)]
+    assert between_gain(backward, crossed, [4], frozenset({0, 6, 7})) == 1.5
+    # a call taking the output as returned at or past the junction is left out too
+    assert between_gain(backward, [(1, 4.0)], [4, 6, 7], frozenset({6})) == 1.5
+    # nothing to take a ratio of: 1
+    assert between_gain(backward, [(2, 0.0), (7, 0.01)], [], frozenset({6})) == 1.0
+
+
+def test_a_chain_growing_between_1_and_2_is_not_hidden_by_a_shrinking_one_after_it() -> None:
+    """growth_of: a chain whose own growth is above 1 (1.5) in series with one at 0.1 (path 0.15) reads
+    its own 1.5; one at exactly 1 does not grow, and the path (0.5) is read."""
+    assert growth_of((1.5, 0.1), ((), (0,)), 4) == 1.5
+    assert growth_of((1.0, 0.5), ((), (0,)), 4) == 0.5
+
+
+def test_chains_with_no_feeds_recorded_are_in_series() -> None:
+    """paths_of without feeds: each chain takes the one before it, one path, the product (3 = 2 x 3 x
+    0.5)."""
+    assert paths_of([2.0, 3.0, 0.5], []) == (3.0, 3.0)
+
+
+def test_locate_names_block_0_as_the_owner_of_a_non_finite_weight_or_gradient() -> None:
+    """Block 0's weights and gradients are named after block 0 (names[0]), not as outside the blocks."""
+    weight = locate(2, _step(weights=[1.0, INF, 1.0]), ["a", "b"], [0, 0, 1])
+    gradient = locate(0, _step(grads=[1.0, NAN, 1.0]), ["a", "b"], [0, 0, 1])
+    assert (weight.step, weight.layer, weight.tensor) == (2, "a", "weight")
+    assert (gradient.layer, gradient.tensor) == ("a", "gradient")
+    outside = locate(0, _step(grads=[1.0, NAN, 1.0]), ["a", "b"], [0, -1, 1])
+    assert outside.layer == "(outside blocks)"
+
+
+def test_a_nan_made_before_the_only_block_is_named_before_it() -> None:
+    """The entry's copy of a finite input non-finite with one block after it: the model's code made it
+    before that block (the rule needs a call after the entry, and one is enough)."""
+    found = locate(0, _two_call_step(calls=(INPUT, "a"), forward=[NAN, 1.0]), ("a",), [0])
+    assert found is not None and found.layer == "(outside blocks, before a)"
+
+
+def test_zeros_in_a_chain_of_their_own_after_a_junction_at_call_1_are_kept() -> None:
+    """A junction at call 1: [3] and [0] are two chains, and the 0 is a whole chain of zeros (kept,
+    reading no growth), not the output end of a chain [3, 0]."""
+    assert unscored([3.0, 0.0], frozenset({1}), NONE) == frozenset()

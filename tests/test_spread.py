@@ -103,6 +103,20 @@ def test_the_bracket_is_the_most_confident_of_the_narrowest_pairs() -> None:
                     break
 
 
+def test_the_bracket_of_few_seeds_is_their_least_and_largest_or_none() -> None:
+    """By hand: 2 seeds at the median hold it between them with probability 1/2 (one draw below, one
+    above: 2 x 1/4); 5 seeds, 1 - 2 / 32 = 93.75%, the least and largest; one value, or a NaN among
+    them, brackets nothing."""
+    from stabilitycheck.spread import Bracket, bracket
+
+    assert bracket([2.0, 1.0], 0.5) == Bracket(1.0, 2.0, 1, 2, 2, 0.5)
+    five = bracket([5.0, 1.0, 4.0, 2.0, 3.0], 0.5)
+    assert five is not None and (five.low, five.high, five.i, five.j) == (1.0, 5.0, 1, 5)
+    assert five.confidence == pytest.approx(0.9375, rel=1e-12)
+    assert bracket([3.0], 0.5) is None
+    assert bracket([1.0, NAN, 2.0], 0.5) is None
+
+
 def test_a_spread_of_nan_values_only_names_no_count() -> None:
     """Spread.describe by hand: the NaN count is said beside the range of the other seeds; where every
     seed is NaN there is no range of others to say it beside."""
