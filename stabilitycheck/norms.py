@@ -1,6 +1,7 @@
-"""L2 norms as the probe and the watcher take them: finite for every finite tensor and within 5e-5 of
-the float64 norm (float32 sums), many tensors in one fused call, and the values of a step brought to
-the host in one read."""
+"""L2 norms as the probe and the watcher take them: finite for every finite tensor (but, in the watch
+mode on CUDA, a float64 one's above 1.3e154: see `refine`) and within 5e-5 of the float64 norm
+(float32 sums), many tensors in one fused call, and the values of a step brought to the host in one
+read."""
 
 from __future__ import annotations
 
@@ -60,15 +61,25 @@ def _in_float32(tensor: torch.Tensor, norm: torch.Tensor) -> bool:
     return tensor.dtype in RANGED and norm.dtype != EXACT
 
 
+def _checked(tensor: torch.Tensor, norm: torch.Tensor) -> bool:
+    """Whether `refine` checks `norm` of `tensor`: a float32 sum (`_in_float32`, on the CPU alone), or
+    a float64 tensor's on the CPU, where reading it costs nothing (on CUDA, a host read per step)."""
+    return _in_float32(tensor, norm) or (tensor.dtype == EXACT and tensor.device.type == "cpu")
+
+
 def refine(tensors: Sequence[torch.Tensor], norms: list[torch.Tensor]) -> list[torch.Tensor]:
-    """`norms` with each float32 norm of a RANGED tensor that is `_spoiled` taken again in float64.
-    One host read when there are such norms: on the CPU, where it costs nothing and a float64 sum is
-    10-40x slower than a float32 one (on CUDA these norms are float64 already)."""
-    summed = [i for i, (t, n) in enumerate(zip(tensors, norms, strict=True)) if _in_float32(t, n)]
+    """`norms` with each float32 norm of a RANGED tensor that is `_spoiled` taken again in float64, and
+    each float64 tensor's on the CPU that is `_spoiled_wide` scaled by its largest value. One host
+    read when there are such norms: on the CPU, where it costs nothing and a float64 sum is 10-40x
+    slower than a float32 one (on CUDA the RANGED norms are float64 already, and a float64 tensor's
+    above 1.3e154 stays inf: the watch mode reads it as non-finite, the probe as it is)."""
+    summed = [i for i, (t, n) in enumerate(zip(tensors, norms, strict=True)) if _checked(t, n)]
     if summed:
         values = torch.stack([norms[i] for i in summed]).tolist()
         for i, value in zip(summed, values, strict=True):
-            if _spoiled(value, tensors[i]):
+            if _spoiled_wide(value, tensors[i]):
+                norms[i] = torch.tensor(_scaled_norms([tensors[i]])[0], dtype=EXACT)
+            elif tensors[i].dtype != EXACT and _spoiled(value, tensors[i]):
                 norms[i] = torch.linalg.vector_norm(tensors[i], dtype=EXACT)
     return norms
 
@@ -105,9 +116,7 @@ def norm(tensor: torch.Tensor) -> torch.Tensor:
     value = (
         _pieces_norm(tensor, acc) if _in_pieces(tensor, acc) else torch.linalg.vector_norm(tensor, dtype=acc)
     )
-    if tensor.dtype in RANGED and value.dtype != EXACT and _spoiled(value.item(), tensor):
-        value = torch.linalg.vector_norm(tensor, dtype=EXACT)
-    return value
+    return refine([tensor], [value])[0]
 
 
 def fused_norms(tensors: list[torch.Tensor], exact: bool) -> list[torch.Tensor]:
@@ -143,9 +152,10 @@ def accumulated(tensors: list[torch.Tensor], exact: bool) -> list[torch.Tensor]:
 
 
 def narrow(tensors: Sequence[torch.Tensor], norms: Sequence[torch.Tensor]) -> bool:
-    """Whether a norm of `tensors` was summed in float32 from float32 squares (on the CPU; on CUDA
-    they are summed in float64): the ones `clean` must vouch for."""
-    return any(_in_float32(t, n) for t, n in zip(tensors, norms, strict=True))
+    """Whether a norm of `tensors` is one `refine` checks (summed in float32 from float32 squares, on
+    the CPU; on CUDA they are summed in float64; or a float64 tensor's on the CPU): the ones `clean`
+    must vouch for."""
+    return any(_checked(t, n) for t, n in zip(tensors, norms, strict=True))
 
 
 def clean(values: Sequence[float], largest: int) -> bool:

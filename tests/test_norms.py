@@ -196,3 +196,21 @@ def test_a_stacked_groups_norm_spoiled_by_float32_squares_is_taken_again_in_floa
     assert norm_values(tensors, False, groups=[list(range(STACK_MIN))]) == pytest.approx(
         want, rel=1e-9, abs=0
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_tensor_holding_inf_has_an_infinite_norm_and_one_holding_nan_a_nan_one(dtype: torch.dtype) -> None:
+    """The first non-finite value is reported with its value: a tensor holding +-inf has norm inf, not
+    NaN (the scaled float64 path divides by the largest magnitude, inf / inf), and one holding NaN,
+    NaN; beside them a finite tensor whose float64 squares overflow (norm 5e200) is still read exactly."""
+    inf = torch.tensor([1.0, -math.inf], dtype=dtype)
+    nan = torch.tensor([1.0, math.nan], dtype=dtype)
+    big = torch.tensor([3e200, 4e200], dtype=torch.float64)
+    tiny = torch.full((100,), 1e-170, dtype=torch.float64)  # squares 1e-340: below float64's range
+    values = [float(v) for v in norms.fused_norms([inf, nan, big, tiny], exact=False)]
+    assert values[0] == math.inf and math.isnan(values[1])
+    assert values[2] == pytest.approx(5e200, rel=1e-15)
+    assert values[3] == pytest.approx(1e-169, rel=1e-15)
+    assert [float(norm(t)) for t in (big, tiny)] == pytest.approx([5e200, 1e-169], rel=1e-15)
+    # the watch mode's step: its float64 norms on the CPU are among those `refine` is asked to check
+    assert norms.narrow([big], accumulated([big], exact=False))
