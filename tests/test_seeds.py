@@ -1057,3 +1057,24 @@ def test_a_recurrent_judgement_names_a_non_finite_value_its_own_loss_met() -> No
     judged = _judgement(ms, per_seed, through, (0, 1, 2), Limits(), 0.5, 3)
     assert judged.culprit == "uniform, median gain x2" and judged.measurement is ms[1]
     assert judged.own_loss and judged.growth.mid == 3.0
+
+
+def test_a_maps_point_is_decided_once_vanishing_is_and_whether_it_explodes_otherwise() -> None:
+    """_decided(apart=True), a phase map's point, by the counts (budget 5, median: r = 3): three seeds
+    whose growth is 1e4 settle 'growth fires' (3 of 5 above the limit) and 'does not vanish' (no more
+    than 2 of 5 can lie below 1/10): decided; with one seed of 1 among them growth is still open;
+    three seeds of 1 settle every criterion 'not firing': decided. Oracle: the ranks by hand."""
+    lim = Limits(grad_norm=None, divergence=None, vanishing=10.0)
+
+    def rows(growths: list[float]) -> list[dict[str, float]]:
+        return [dict.fromkeys(CRITERIA_NAMES, 0.0) | {"growth": g, "vanishing": g} for g in growths]
+
+    assert _decided(rows([1e4, 1e4, 1e4]), lim, 5, 0.5, apart=True)
+    assert not _decided(rows([1e4, 1.0, 1e4]), lim, 5, 0.5, apart=True)
+    assert _decided(rows([1.0, 1.0, 1.0]), lim, 5, 0.5, apart=True)
+    # vanishing still open (two seeds below 1/10, one above: the median may lie either side), growth
+    # known not to fire: a map waits for the vanishing frontier, a search's point (not apart) does not
+    assert not _decided(rows([0.01, 0.01, 1.0]), lim, 5, 0.5, apart=True)
+    # growth known to fire while vanishing is open: a search's point is decided, a map's is not
+    fired = [r | {"growth": 1e4} for r in rows([0.01, 0.01, 1.0])]
+    assert _decided(fired, lim, 5, 0.5) and not _decided(fired, lim, 5, 0.5, apart=True)

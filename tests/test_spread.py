@@ -113,6 +113,17 @@ def test_the_bracket_of_few_seeds_is_their_least_and_largest_or_none() -> None:
     five = bracket([5.0, 1.0, 4.0, 2.0, 3.0], 0.5)
     assert five is not None and (five.low, five.high, five.i, five.j) == (1.0, 5.0, 1, 5)
     assert five.confidence == pytest.approx(0.9375, rel=1e-12)
+    # far from the median 5 seeds reach no 90%: the least and largest, at 1 - q^5 - (1 - q)^5 (not a
+    # rank past either end, which the wider pairs (0, 2) at q 0.1 and (4, 6) at q 0.9 would reach)
+    for q in (0.1, 0.9):
+        tail = bracket([5.0, 1.0, 4.0, 2.0, 3.0], q)
+        assert tail is not None and (tail.low, tail.high, tail.i, tail.j) == (1.0, 5.0, 1, 5)
+        assert tail.confidence == pytest.approx(1 - q**5 - (1 - q) ** 5, rel=1e-12)
+    # 6 seeds at q 0.6: no 3 ranks apart reach 90%; of 4 apart, the 2nd and 6th smallest (the largest):
+    # draws below the quantile 2 to 5 of 6, 0.13824 + 0.27648 + 0.31104 + 0.186624
+    upper = bracket([6.0, 1.0, 5.0, 2.0, 4.0, 3.0], 0.6)
+    assert upper is not None and (upper.low, upper.high, upper.i, upper.j) == (2.0, 6.0, 2, 6)
+    assert upper.confidence == pytest.approx(0.912384, rel=1e-12)
     assert bracket([3.0], 0.5) is None
     assert bracket([1.0, NAN, 2.0], 0.5) is None
 

@@ -216,3 +216,25 @@ def test_limits_text_names_the_criteria_read_after_steps_only_where_steps_ran() 
     assert Space("s", base, (Axis.range("steps", 0, 2),)).trains()
     assert not Space("s", base, (Axis.range("steps", 0, 0),)).trains()
     assert Space("s", base.with_run(steps=1), ()).trains()
+
+
+def test_a_verdict_read_back_from_strict_json_keeps_its_numbers_and_nan_for_null() -> None:
+    """Verdict.to_dict / from_dict: the values and limits come back as written; where strict JSON wrote
+    a NaN value as null, NaN comes back (and a null name or field other than value/limit stays null)."""
+    from stabilitycheck.verdicts import Criterion, Verdict
+
+    v = Verdict(True, (Criterion("growth", 314.0, 100.0), Criterion("nonfinite", math.inf, math.inf)))
+    assert Verdict.from_dict(v.to_dict()) == v
+    data = {"exploded": True, "criteria": [{"name": "grad_norm", "value": None, "limit": 1000.0}]}
+    (c,) = Verdict.from_dict(data).criteria
+    assert c.name == "grad_norm" and math.isnan(c.value) and c.limit == 1000.0
+
+
+def test_a_criterion_prints_3_significant_digits_or_as_many_as_tell_it_from_its_limit() -> None:
+    """Criterion.describe's rule: 3 significant digits, more only where 3 would print the value as its
+    limit."""
+    from stabilitycheck.verdicts import Criterion
+
+    assert Criterion("growth", 123456.0, 100.0).describe() == "growth 1.23e+05 > 100"
+    assert Criterion("growth", 100.06, 100.0).describe() == "growth 100.1 > 100"
+    assert Criterion("grad_norm", 1000.5, 1000.0).describe() == "grad_norm 1000.5 > 1000"
