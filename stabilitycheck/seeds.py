@@ -137,9 +137,7 @@ def _far(name: str, value: float, lim: Limits, factor: float) -> bool:
         return False
     if math.isnan(value) or value == 0:
         return False
-    if b == 0 or math.isinf(value):
-        return True
-    return max(value / b, b / value) >= factor  # ratios, not logs: exact where the factor is
+    return max(value / b, b / value) >= factor  # ratios, not logs: exact where the factor is; inf: far
 
 
 class SeedProbes:

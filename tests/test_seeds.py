@@ -1078,3 +1078,14 @@ def test_a_maps_point_is_decided_once_vanishing_is_and_whether_it_explodes_other
     # growth known to fire while vanishing is open: a search's point is decided, a map's is not
     fired = [r | {"growth": 1e4} for r in rows([0.01, 0.01, 1.0])]
     assert _decided(fired, lim, 5, 0.5) and not _decided(fired, lim, 5, 0.5, apart=True)
+
+
+def test_an_infinite_value_is_far_from_any_bound_and_nan_or_0_never() -> None:
+    """seeds._far by its rule: inf is beyond any factor from a finite bound; NaN and 0 are no point on
+    the spread between seeds; a value 1000x under the growth limit is exactly the margin's 1000."""
+    from stabilitycheck.seeds import _far
+
+    lim = Limits()
+    assert _far("growth", math.inf, lim, 1e300)
+    assert not _far("growth", math.nan, lim, 1.0) and not _far("growth", 0.0, lim, 1.0)
+    assert _far("growth", 0.1, lim, 1000.0) and not _far("growth", 0.1001, lim, 1000.0)
