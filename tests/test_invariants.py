@@ -949,6 +949,33 @@ def test_clip_grad_norm_check_leaves_non_finite_gradients_as_they_were(bad: floa
         assert torch.equal(p.grad.nan_to_num(), b.nan_to_num())  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("returned", [5.0, math.nan])
+def test_clip_grad_norm_check_fails_a_clip_that_reads_inf_gradients_as_finite_or_nan(
+    returned: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gradients holding an Inf have an infinite total norm: a clip_grad_norm_ that returns a finite
+    number for them (one leaving the non-finite entries out) or NaN fails the check; torch's own
+    passes (the test above). Oracle: the construction."""
+    params = _layer_grads([(16, 16), (16,)])
+    params[0].grad[3, 4] = math.inf  # type: ignore[index]
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda ps, m: torch.tensor(returned))
+    with pytest.raises(StabilityError, match="full-model gradient norm is inf"):
+        check_clip_grad_norm(params)
+
+
+def test_clip_grad_norm_check_blames_an_overflow_only_where_torchs_total_overflowed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A total off by half on finite gradients whose norm torch can take is a wrong reduction (a
+    local-shard norm?), not torch's total overflowing; the message must not say it overflowed."""
+    params = _layer_grads([(16, 16), (16,)])
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda ps, m: clip(ps, m) * 0.5)
+    with pytest.raises(StabilityError, match="local-shard norm") as err:
+        check_clip_grad_norm(params)
+    assert "overflowed" not in str(err.value)
+
+
 def test_clip_grad_norm_check_takes_a_generator_of_parameters() -> None:
     """model.parameters(), as clip_grad_norm_ accepts: the first norm used it up, so torch's clip saw
     no parameters and returned 0."""
